@@ -1,0 +1,134 @@
+"""The regional API: wiring of settings, adapters and slices into one Litestar app.
+
+This and :mod:`firstmile.cli` are the only modules that read the environment.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from typing import Any
+
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.middleware import DefineMiddleware
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
+from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from firstmile import __version__
+from firstmile.kit import telemetry
+from firstmile.kit.auth import ApiKeyMiddleware, KeyResolver
+from firstmile.kit.db import create_engine
+from firstmile.kit.errors import exception_handlers
+from firstmile.kit.health import HealthController, metrics
+from firstmile.onboarding.api import OnboardingController
+from firstmile.onboarding.catalog import CatalogCache
+from firstmile.onboarding.service import OnboardingService
+from firstmile.settings import Settings, get_settings
+
+PUBLIC_PATHS = ["^/health", "^/metrics", "^/schema"]
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,128}$")
+
+
+class RequestContextMiddleware:
+    """Request id, log context and latency metrics around everything else."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), None)
+        request_id = incoming if incoming and _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        rid_token = telemetry.request_id_var.set(request_id)
+        tenant_token = telemetry.tenant_var.set(None)
+        status = 500
+        began = time.perf_counter()
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode()))
+                message["headers"] = headers
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("path_template") or "unmatched"
+            telemetry.API_LATENCY.labels(scope["method"], route, str(status)).observe(time.perf_counter() - began)
+            telemetry.request_id_var.reset(rid_token)
+            telemetry.tenant_var.reset(tenant_token)
+
+
+def create_app(settings: Settings, database_url: str, pepper: bytes, engine: AsyncEngine | None = None) -> Litestar:
+    """Build the API for one region. ``engine`` lets tests share one pool."""
+    telemetry.configure_logging(settings.log_level, settings.log_format)
+    provider = telemetry.configure_tracing(settings.service_name, settings.otel_exporter, settings.otel_endpoint)
+    owns_engine = engine is None
+    state = State({"settings": settings, "onboarding": OnboardingService(CatalogCache())})
+
+    async def on_startup(app: Litestar) -> None:
+        eng = engine or create_engine(
+            database_url,
+            pool_size=settings.database_pool_size,
+            max_overflow=settings.database_max_overflow,
+            statement_timeout_ms=settings.database_statement_timeout_ms,
+            application_name=settings.service_name,
+        )
+        app.state.engine = eng
+        app.state.key_resolver = KeyResolver(eng, pepper, settings.region, settings.api_key_cache_ttl_seconds)
+
+    async def on_shutdown(app: Litestar) -> None:
+        if owns_engine:
+            await app.state.engine.dispose()
+
+    return Litestar(
+        route_handlers=[HealthController, metrics, OnboardingController],
+        state=state,
+        on_startup=[on_startup],
+        on_shutdown=[on_shutdown],
+        middleware=[
+            RequestContextMiddleware,
+            DefineMiddleware(ApiKeyMiddleware, exclude=PUBLIC_PATHS),
+        ],
+        plugins=[OpenTelemetryPlugin(OpenTelemetryConfig(tracer_provider=provider,
+                                                         exclude=PUBLIC_PATHS))],
+        exception_handlers=exception_handlers(),
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=OpenAPIConfig(
+            title="Firstmile API",
+            version=__version__,
+            path="/schema",
+            components=Components(security_schemes={
+                "apiKey": SecurityScheme(type="http", scheme="bearer", bearer_format="fm_…",
+                                         description="Tenant API key from `firstmile keys create`"),
+            }),
+            security=[{"apiKey": []}],
+        ),
+        debug=False,
+    )
+
+
+def app_factory() -> Litestar:
+    """Entry point for ``uvicorn --factory``: settings and secrets from the environment.
+
+    ``firstmile serve`` resolves the embedded database and pepper first and
+    passes them down as ``FIRSTMILE_*`` variables, so every worker agrees.
+    """
+    from firstmile.kit.embedded import resolve_database, resolve_pepper
+
+    settings = get_settings()
+    urls = resolve_database(settings)
+    return create_app(settings, urls.app, resolve_pepper(settings))
+
+

@@ -1,0 +1,298 @@
+"""The ``firstmile`` command: serve, migrate, tenants, keys, bench."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from sqlalchemy import text
+
+from firstmile.kit.db import create_engine
+from firstmile.kit.embedded import DatabaseUrls, resolve_database, resolve_pepper
+from firstmile.settings import Settings, get_settings
+
+T = TypeVar("T")
+
+
+def _run(factory: Callable[[], Awaitable[T]]) -> T:
+    return asyncio.run(factory())  # type: ignore[arg-type]
+
+
+def _urls(settings: Settings) -> DatabaseUrls:
+    try:
+        return resolve_database(settings)
+    except Exception as exc:  # pgserver and URL problems surface as one clear line
+        raise click.ClickException(f"database: {exc}") from exc
+
+
+async def _with_admin_engine(urls: DatabaseUrls, work: Callable[[Any], Awaitable[T]]) -> T:
+    engine = create_engine(urls.admin, pool_size=1, max_overflow=0, application_name="firstmile-cli")
+    try:
+        return await work(engine)
+    finally:
+        await engine.dispose()
+
+
+def migrate_database(settings: Settings, urls: DatabaseUrls) -> None:
+    """Apply migrations; in embedded mode also let the application role log in."""
+    from firstmile.kit.migrate import upgrade
+
+    upgrade(urls.admin, settings.database_app_role)
+    if urls.embedded:
+        async def login(engine: Any) -> None:
+            async with engine.begin() as conn:
+                await conn.execute(text(f"ALTER ROLE {settings.database_app_role} LOGIN"))
+
+        _run(lambda: _with_admin_engine(urls, login))
+
+
+@click.group()
+@click.version_option(package_name="firstmile")
+def main() -> None:
+    """Firstmile: adaptive onboarding for B2B SaaS."""
+
+
+@main.command()
+def migrate() -> None:
+    """Apply database migrations (idempotent)."""
+    settings = get_settings()
+    urls = _urls(settings)
+    migrate_database(settings, urls)
+    click.echo("database is at the latest migration")
+
+
+def _manifest_files(paths: tuple[Path, ...]) -> list[Path]:
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(sorted(p for p in path.glob("*.yaml") if not p.name.startswith(".")))
+        else:
+            files.append(path)
+    if not files:
+        raise click.ClickException("no manifest files found")
+    return files
+
+
+@main.group()
+def tenants() -> None:
+    """Tenant manifests: plan, apply, schema."""
+
+
+def _apply(paths: tuple[Path, ...], dry_run: bool) -> None:
+    from firstmile.tenancy.manifest import ManifestError, load_manifest
+    from firstmile.tenancy.service import TenancyError, apply_manifest
+
+    try:
+        manifests = [load_manifest(f) for f in _manifest_files(paths)]
+    except ManifestError as exc:
+        raise click.ClickException(str(exc)) from exc
+    settings = get_settings()
+    urls = _urls(settings)
+
+    async def work(engine: Any) -> None:
+        for manifest in manifests:
+            try:
+                result = await apply_manifest(engine, manifest, dry_run=dry_run)
+            except TenancyError as exc:
+                raise click.ClickException(str(exc)) from exc
+            verb = "would change" if dry_run else "changed"
+            if not result.changes:
+                click.echo(f"tenant {result.slug}: up to date")
+            for change in result.changes:
+                click.echo(f"tenant {result.slug}: {verb}: {change}")
+
+    _run(lambda: _with_admin_engine(urls, work))
+
+
+@tenants.command("apply")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+def tenants_apply(paths: tuple[Path, ...]) -> None:
+    """Make the platform match the manifests (files or folders of *.yaml)."""
+    _apply(paths, dry_run=False)
+
+
+@tenants.command("plan")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+def tenants_plan(paths: tuple[Path, ...]) -> None:
+    """Print what `tenants apply` would change, changing nothing."""
+    _apply(paths, dry_run=True)
+
+
+@tenants.command("schema")
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="Write to this file instead of stdout.")
+def tenants_schema(output: Path | None) -> None:
+    """Print the manifest's JSON Schema."""
+    import json
+
+    from firstmile.tenancy.manifest import json_schema
+
+    doc = json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
+    if output:
+        output.write_text(doc, encoding="utf-8")
+    else:
+        click.echo(doc, nl=False)
+
+
+@main.group()
+def keys() -> None:
+    """Tenant API keys: create, list, revoke."""
+
+
+@keys.command("create")
+@click.option("--tenant", required=True, help="Tenant slug.")
+@click.option("--scope", "scopes", multiple=True, required=True, help="Scope; repeat for several.")
+@click.option("--name", default="default", show_default=True, help="A label for the key.")
+def keys_create(tenant: str, scopes: tuple[str, ...], name: str) -> None:
+    """Create a key; it is printed once and only its keyed hash is stored."""
+    from firstmile.tenancy.service import TenancyError, create_key
+
+    settings = get_settings()
+    urls = _urls(settings)
+    pepper = resolve_pepper(settings)
+    try:
+        created = _run(lambda: _with_admin_engine(urls, lambda e: create_key(e, pepper, tenant, list(scopes), name)))
+    except TenancyError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(created.key)
+    click.echo(f"key id {created.key_id} for tenant {created.tenant_slug} in {created.region}, "
+               f"scopes {' '.join(created.scopes)} (shown once: store it now)", err=True)
+
+
+@keys.command("list")
+@click.option("--tenant", required=True)
+def keys_list(tenant: str) -> None:
+    """List a tenant's keys (prefix, scopes, state); never the keys themselves."""
+    from firstmile.tenancy.service import TenancyError, list_keys
+
+    urls = _urls(get_settings())
+    try:
+        rows = _run(lambda: _with_admin_engine(urls, lambda e: list_keys(e, tenant)))
+    except TenancyError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for r in rows:
+        state = f"revoked {r.revoked_at:%Y-%m-%d %H:%M}" if r.revoked_at else "active"
+        click.echo(f"{r.id}  {r.prefix}…  {r.name}  {','.join(r.scopes)}  {r.region}  {state}")
+
+
+@keys.command("revoke")
+@click.option("--tenant", required=True)
+@click.option("--key-id", required=True, type=click.UUID)
+def keys_revoke(tenant: str, key_id: uuid.UUID) -> None:
+    """Revoke a key; processes stop accepting it within the key cache TTL."""
+    from firstmile.tenancy.service import TenancyError, revoke_key
+
+    urls = _urls(get_settings())
+    try:
+        done = _run(lambda: _with_admin_engine(urls, lambda e: revoke_key(e, tenant, key_id)))
+    except TenancyError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if not done:
+        raise click.ClickException(f"no active key {key_id} for tenant {tenant}")
+    click.echo(f"revoked {key_id}")
+
+
+def _export_for_workers(settings: Settings, urls: DatabaseUrls, pepper: bytes) -> None:
+    """Pass the resolved embedded database and pepper to worker processes."""
+    os.environ["FIRSTMILE_DATABASE_URL"] = urls.app
+    os.environ["FIRSTMILE_DATABASE_ADMIN_URL"] = urls.admin
+    os.environ["FIRSTMILE_API_KEY_PEPPER"] = pepper.decode("utf-8")
+    get_settings.cache_clear()
+
+
+def _serve(host: str, port: int, workers: int) -> None:
+    import tempfile
+
+    import uvicorn
+
+    settings = get_settings()
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="firstmile-metrics-")
+    click.echo(f"serving region {settings.region} on http://{host}:{port} with {workers} worker(s)", err=True)
+    uvicorn.run("firstmile.app:app_factory", factory=True, host=host, port=port, workers=workers,
+                log_level="warning", access_log=False, lifespan="on")
+
+
+@main.command()
+@click.option("--host", default=None, help="Bind address (default from FIRSTMILE_HOST).")
+@click.option("--port", default=None, type=int, help="Port (default from FIRSTMILE_PORT).")
+@click.option("--workers", default=None, type=int, help="Worker processes (default from FIRSTMILE_WORKERS).")
+def serve(host: str | None, port: int | None, workers: int | None) -> None:
+    """Serve the API. Embedded mode migrates the embedded database first."""
+    settings = get_settings()
+    urls = _urls(settings)
+    if urls.embedded:
+        migrate_database(settings, urls)
+    _export_for_workers(settings, urls, resolve_pepper(settings))
+    _serve(host or settings.host, port or settings.port, workers or settings.workers)
+
+
+@main.command()
+@click.option("--manifest", default=Path("tenants/demo.yaml"), type=click.Path(exists=True, path_type=Path),
+              show_default=True)
+@click.option("--port", default=None, type=int)
+def dev(manifest: Path, port: int | None) -> None:
+    """What `make run` does: migrate, apply the demo manifest, print a demo key, serve."""
+    from firstmile.tenancy.manifest import load_manifest
+    from firstmile.tenancy.service import apply_manifest, create_key
+
+    settings = get_settings()
+    urls = _urls(settings)
+    migrate_database(settings, urls)
+    spec = load_manifest(manifest)
+    pepper = resolve_pepper(settings)
+
+    async def setup(engine: Any) -> str:
+        result = await apply_manifest(engine, spec)
+        for change in result.changes:
+            click.echo(f"tenant {result.slug}: {change}", err=True)
+        stored = settings.data_dir / "secrets" / f"{spec.tenant.slug}_api_key"
+        if stored.exists():
+            return stored.read_text(encoding="utf-8").strip()
+        created = await create_key(engine, pepper, spec.tenant.slug,
+                                   ["onboarding:write", "events:write", "analytics:read"], "demo")
+        stored.write_text(created.key, encoding="utf-8")
+        stored.chmod(0o600)
+        return created.key
+
+    key = _run(lambda: _with_admin_engine(urls, setup))
+    listen_port = port or settings.port
+    click.echo("")
+    click.echo(f"Firstmile is starting on http://{settings.host}:{listen_port}  (region {settings.region})")
+    click.echo(f"Demo API key for tenant {spec.tenant.slug}: {key}")
+    click.echo(f"Try: curl -s -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' "
+               f"-d '{{\"user_id\":\"u1\",\"traits\":{{\"persona\":\"developer\"}}}}' "
+               f"http://{settings.host}:{listen_port}/v1/onboarding/start")
+    click.echo("")
+    sys.stdout.flush()
+    _export_for_workers(settings, urls, pepper)
+    _serve(settings.host, listen_port, settings.workers)
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks (see docs/benchmarks.md)."""
+
+
+@bench.command("api")
+@click.option("--duration", default=10, show_default=True, help="Seconds per measured run.")
+@click.option("--connections", default=32, show_default=True, help="Concurrent clients.")
+@click.option("--workers", default=2, show_default=True, help="Server worker processes.")
+@click.option("--output", type=click.Path(path_type=Path), default=None, help="Write the markdown report here.")
+def bench_api(duration: int, connections: int, workers: int, output: Path | None) -> None:
+    """API throughput and latency vs a bare Litestar endpoint, and RLS vs BYPASSRLS."""
+    from firstmile.bench import run_api_benchmark
+
+    report = run_api_benchmark(duration=duration, connections=connections, workers=workers)
+    click.echo(report)
+    if output:
+        output.write_text(report, encoding="utf-8")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

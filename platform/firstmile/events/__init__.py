@@ -1,0 +1,1 @@
+"""Domain events: the transactional outbox (relay and consumers come later)."""

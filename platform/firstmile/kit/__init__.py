@@ -1,0 +1,1 @@
+"""Shared infrastructure: database, errors, auth guards, telemetry."""

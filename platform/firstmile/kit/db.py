@@ -1,0 +1,80 @@
+"""Database engine, metadata and the tenant-scoped transaction.
+
+Row-level security is the second wall: every tenant-owned table has a policy
+``tenant_id = (select current_setting('firstmile.tenant_id'))``. The setting is
+applied with ``set_config(..., is_local => true)``, the function form of
+``SET LOCAL``, so it dies with the transaction and a pooled connection can never
+carry one tenant's context into another's request.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, NewType
+
+from sqlalchemy import MetaData, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+TenantId = NewType("TenantId", uuid.UUID)
+"""A tenant id that has been authorised. Minted only by :func:`authorise_tenant`."""
+
+TENANT_SETTING = "firstmile.tenant_id"
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+"""All tables of the platform; each slice's ``models.py`` adds its own."""
+
+_SET_TENANT = text("SELECT set_config('firstmile.tenant_id', :tenant, true)")
+
+
+def authorise_tenant(tenant_id: uuid.UUID) -> TenantId:
+    """The one place a plain UUID becomes a :data:`TenantId`.
+
+    Called by the authentication guard after an API key resolved to this tenant,
+    and by the operator CLI, which acts on a tenant named on its command line.
+    """
+    return TenantId(tenant_id)
+
+
+def create_engine(url: str, *, pool_size: int = 10, max_overflow: int = 10,
+                  statement_timeout_ms: int | None = None,
+                  application_name: str = "firstmile") -> AsyncEngine:
+    """An asyncpg-backed engine with a pool that is checked before use."""
+    server_settings = {"application_name": application_name}
+    if statement_timeout_ms is not None:
+        server_settings["statement_timeout"] = str(statement_timeout_ms)
+    connect_args: dict[str, Any] = {"server_settings": server_settings}
+    return create_async_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_pre_ping=False,
+        pool_recycle=1800,
+        connect_args=connect_args,
+    )
+
+
+async def set_tenant(conn: AsyncConnection, tenant_id: TenantId) -> None:
+    """Bind the transaction on ``conn`` to ``tenant_id`` (transaction-local)."""
+    await conn.execute(_SET_TENANT, {"tenant": str(tenant_id)})
+
+
+@asynccontextmanager
+async def tenant_transaction(engine: AsyncEngine, tenant_id: TenantId) -> AsyncIterator[AsyncConnection]:
+    """A transaction in which row-level security sees exactly ``tenant_id``.
+
+    Commits when the block ends normally, rolls back on any exception: services
+    never commit, the owner of the unit of work does.
+    """
+    async with engine.begin() as conn:
+        await set_tenant(conn, tenant_id)
+        yield conn

@@ -1,0 +1,67 @@
+"""Embedded defaults: a pgserver PostgreSQL under ``<data_dir>/pg`` and generated secrets.
+
+Called by the CLI when no external database is configured, never at import.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from firstmile.settings import Settings
+
+log = logging.getLogger("firstmile.embedded")
+EMBEDDED_DB = "firstmile"
+
+
+@dataclass(frozen=True)
+class DatabaseUrls:
+    app: str
+    admin: str
+    embedded: bool
+
+
+def resolve_database(settings: Settings) -> DatabaseUrls:
+    """The URLs the API and the operator commands use; starts pgserver if embedded."""
+    if settings.database_url is not None:
+        app = settings.database_url.get_secret_value()
+        admin = settings.database_admin_url.get_secret_value() if settings.database_admin_url else app
+        return DatabaseUrls(app=app, admin=admin, embedded=False)
+    import pgserver  # imported lazily: only embedded mode needs it
+
+    pg_dir = settings.data_dir / "pg"
+    pg_dir.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(pg_dir, cleanup_mode=None)
+    exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{EMBEDDED_DB}';")
+    if "(1 row)" not in exists:
+        server.psql(f"CREATE DATABASE {EMBEDDED_DB};")
+        log.info("created embedded database", extra={"fields": {"dir": str(pg_dir)}})
+    host = f"?host={pg_dir}"
+    return DatabaseUrls(
+        app=f"postgresql+asyncpg://{settings.database_app_role}@/{EMBEDDED_DB}{host}",
+        admin=f"postgresql+asyncpg://postgres@/{EMBEDDED_DB}{host}",
+        embedded=True,
+    )
+
+
+def resolve_pepper(settings: Settings) -> bytes:
+    """The API key pepper: configured, or generated once into the data dir (embedded only)."""
+    if settings.api_key_pepper is not None:
+        return settings.api_key_pepper.get_secret_value().encode("utf-8")
+    if settings.database_url is not None:
+        raise RuntimeError("FIRSTMILE_API_KEY_PEPPER must be set when FIRSTMILE_DATABASE_URL is")
+    path = secret_file(settings.data_dir, "api_key_pepper")
+    return path.read_text(encoding="utf-8").strip().encode("utf-8")
+
+
+def secret_file(data_dir: Path, name: str) -> Path:
+    """``<data_dir>/secrets/<name>``, created with 32 random bytes (hex) and mode 0600 if absent."""
+    folder = data_dir / "secrets"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = folder / name
+    if not path.exists():
+        path.write_text(secrets.token_hex(32), encoding="utf-8")
+        path.chmod(0o600)
+    return path

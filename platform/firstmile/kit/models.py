@@ -1,0 +1,18 @@
+"""Import every slice's tables so :data:`firstmile.kit.db.metadata` is complete.
+
+Used by Alembic and by tests that walk the schema; the app imports slices directly.
+"""
+
+from __future__ import annotations
+
+from firstmile.events import models as _events  # noqa: F401
+from firstmile.kit.db import metadata
+from firstmile.onboarding import models as _onboarding  # noqa: F401
+from firstmile.tenancy import models as _tenancy  # noqa: F401
+
+TENANT_OWNED_TABLES: tuple[str, ...] = tuple(
+    sorted(name for name, table in metadata.tables.items() if "tenant_id" in table.c)
+)
+"""Every table with a ``tenant_id`` column; each must have forced RLS and a policy."""
+
+__all__ = ["TENANT_OWNED_TABLES", "metadata"]

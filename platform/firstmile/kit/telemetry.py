@@ -1,0 +1,130 @@
+"""Logs, metrics and traces.
+
+* Logs are JSON lines with the request id and tenant of the request that wrote
+  them (context variables set by :class:`firstmile.app.RequestContextMiddleware`).
+* Metrics are Prometheus instruments scraped at ``/metrics``. With several
+  worker processes, ``PROMETHEUS_MULTIPROC_DIR`` is set by ``firstmile serve``
+  and the scrape aggregates all workers.
+* Traces use the OpenTelemetry SDK; the exporter is chosen by settings.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import os
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+tenant_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("tenant", default=None)
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+API_LATENCY = Histogram(
+    "firstmile_api_request_duration_seconds",
+    "API request latency by route template, method and status.",
+    ["method", "route", "status"],
+    buckets=_LATENCY_BUCKETS,
+)
+PATH_SELECTION_LATENCY = Histogram(
+    "firstmile_path_selection_duration_seconds",
+    "Time the path planner took to decide, by how it decided.",
+    ["selected_by"],
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1),
+)
+ONBOARDING_STARTS = Counter(
+    "firstmile_onboarding_starts_total", "Onboardings started, by how the path was chosen.",
+    ["selected_by"],
+)
+STEP_COMPLETIONS = Counter("firstmile_step_completions_total", "Steps completed (first completion only).")
+ACTIVATIONS = Counter("firstmile_activations_total", "Users who completed their path's activation step.")
+ERRORS = Counter("firstmile_errors_total", "Problem responses sent, by problem type and status.",
+                 ["type", "status"])
+
+
+def metrics_payload() -> bytes:
+    """The Prometheus text exposition for this process, or all workers."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
+    return generate_latest()
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, with request context when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        request_id = request_id_var.get()
+        if request_id:
+            entry["request_id"] = request_id
+        tenant = tenant_var.get()
+        if tenant:
+            entry["tenant"] = tenant
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            entry["trace_id"] = format(span.trace_id, "032x")
+        extra = getattr(record, "fields", None)
+        if isinstance(extra, dict):
+            entry.update(extra)
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
+    """Route the root logger to stderr in the chosen format (idempotent)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_firstmile", False):
+            root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler._firstmile = True  # type: ignore[attr-defined]
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+_provider: TracerProvider | None = None
+
+
+def configure_tracing(service_name: str, exporter: str, endpoint: str | None,
+                      extra_exporter: SpanExporter | None = None) -> TracerProvider:
+    """Install the process's tracer provider once; later calls reuse it."""
+    global _provider
+    if _provider is None:
+        _provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+        if exporter == "console":
+            _provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+        elif exporter == "otlp":
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            kwargs = {"endpoint": endpoint.rstrip("/") + "/v1/traces"} if endpoint else {}
+            _provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(**kwargs)))
+        trace.set_tracer_provider(_provider)
+    if extra_exporter is not None:
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+        _provider.add_span_processor(SimpleSpanProcessor(extra_exporter))
+    return _provider
+
+
+tracer = trace.get_tracer("firstmile")

@@ -1,0 +1,1 @@
+"""Onboarding paths, progress, the path planner and the onboarding API."""

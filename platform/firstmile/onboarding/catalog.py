@@ -1,0 +1,71 @@
+"""Per-process cache of each tenant's path definitions, keyed by tenant revision.
+
+``firstmile tenants apply`` bumps the tenant's revision whenever a path
+changes; the revision arrives with the resolved API key, so a new revision
+reloads the catalog. Old path versions stay immutable and are loaded on demand
+for users still on them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from firstmile.kit.db import TenantId
+from firstmile.onboarding.domain import PathDef
+from firstmile.onboarding.models import onboarding_paths
+from firstmile.tenancy.models import tenants
+
+
+@dataclass(frozen=True, slots=True)
+class PathCatalog:
+    revision: int
+    default_key: str
+    current: tuple[PathDef, ...]
+
+
+class CatalogCache:
+    """Catalogs and path versions for all tenants this process has served."""
+
+    def __init__(self) -> None:
+        self._catalogs: dict[TenantId, PathCatalog] = {}
+        self._versions: dict[tuple[TenantId, str, int], PathDef] = {}
+
+    async def catalog(self, conn: AsyncConnection, tenant_id: TenantId, revision: int) -> PathCatalog:
+        cached = self._catalogs.get(tenant_id)
+        if cached is not None and cached.revision >= revision:
+            return cached
+        default_key = (await conn.execute(
+            select(tenants.c.manifest["default_path"].astext, tenants.c.revision).where(tenants.c.id == tenant_id)
+        )).one()
+        rows = await conn.execute(
+            select(onboarding_paths.c.path_key, onboarding_paths.c.version, onboarding_paths.c.definition)
+            .where(onboarding_paths.c.tenant_id == tenant_id, onboarding_paths.c.is_current)
+        )
+        current = tuple(PathDef.from_definition(r[0], r[1], r[2]) for r in rows)
+        for path in current:
+            self._versions[(tenant_id, path.key, path.version)] = path
+        catalog = PathCatalog(revision=int(default_key[1]), default_key=str(default_key[0]), current=current)
+        self._catalogs[tenant_id] = catalog
+        return catalog
+
+    async def version(self, conn: AsyncConnection, tenant_id: TenantId, key: str, version: int) -> PathDef:
+        cached = self._versions.get((tenant_id, key, version))
+        if cached is not None:
+            return cached
+        row = (await conn.execute(
+            select(onboarding_paths.c.definition).where(
+                onboarding_paths.c.tenant_id == tenant_id,
+                onboarding_paths.c.path_key == key,
+                onboarding_paths.c.version == version,
+            )
+        )).one()
+        path = PathDef.from_definition(key, version, row[0])
+        self._versions[(tenant_id, key, version)] = path
+        return path
+
+    def clear(self) -> None:
+        self._catalogs.clear()
+        self._versions.clear()

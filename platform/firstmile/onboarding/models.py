@@ -1,0 +1,85 @@
+"""Tables of the onboarding slice. ``tenant_id`` leads every key and index."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+
+from firstmile.kit.db import metadata
+
+onboarding_paths = Table(
+    "onboarding_paths",
+    metadata,
+    Column("tenant_id", UUID(as_uuid=True), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("path_key", Text, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("definition", JSONB, nullable=False),
+    Column("content_hash", Text, nullable=False),
+    Column("is_current", Boolean, nullable=False, server_default=text("true")),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("tenant_id", "path_key", "version"),
+    Index("ix_onboarding_paths_tenant_id_is_current", "tenant_id", "is_current"),
+)
+
+end_users = Table(
+    "end_users",
+    metadata,
+    Column("tenant_id", UUID(as_uuid=True), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("user_id", Text, nullable=False),
+    Column("traits", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("tenant_id", "user_id"),
+)
+
+user_progress = Table(
+    "user_progress",
+    metadata,
+    Column("tenant_id", UUID(as_uuid=True), nullable=False),
+    Column("user_id", Text, nullable=False),
+    Column("path_key", Text, nullable=False),
+    Column("path_version", Integer, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("current_step", Text, nullable=True),
+    Column("decision", JSONB, nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("activated_at", DateTime(timezone=True), nullable=True),
+    Column("completed_at", DateTime(timezone=True), nullable=True),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    PrimaryKeyConstraint("tenant_id", "user_id"),
+    ForeignKeyConstraint(["tenant_id", "user_id"], ["end_users.tenant_id", "end_users.user_id"],
+                         ondelete="CASCADE"),
+    ForeignKeyConstraint(["tenant_id", "path_key", "path_version"],
+                         ["onboarding_paths.tenant_id", "onboarding_paths.path_key",
+                          "onboarding_paths.version"]),
+    Index("ix_user_progress_tenant_id_path_key_path_version", "tenant_id", "path_key", "path_version"),
+)
+
+step_completions = Table(
+    "step_completions",
+    metadata,
+    Column("tenant_id", UUID(as_uuid=True), nullable=False),
+    Column("user_id", Text, nullable=False),
+    Column("step_id", Text, nullable=False),
+    Column("path_key", Text, nullable=False),
+    Column("path_version", Integer, nullable=False),
+    Column("completed_at", DateTime(timezone=True), nullable=False),
+    Column("occurred_at", DateTime(timezone=True), nullable=False),
+    Column("source", Text, nullable=False),
+    PrimaryKeyConstraint("tenant_id", "user_id", "step_id"),
+    ForeignKeyConstraint(["tenant_id", "user_id"], ["user_progress.tenant_id", "user_progress.user_id"],
+                         ondelete="CASCADE"),
+)

@@ -1,0 +1,55 @@
+"""The path planner: which path a new user starts on (pure, rule-based).
+
+Targeted paths are tried by descending priority (the manifest forces distinct
+priorities among them, so the choice is deterministic); the first whose
+predicates all hold wins. Nothing matches: the tenant's default path. The ML
+planner of the inference issue slots in ahead of the rules with these as its
+fallback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from firstmile.onboarding.domain import PathDef
+from firstmile.onboarding.rules import describe, matches
+
+PLANNER_VERSION = "rules-1"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The planner's decision record: what was chosen, how, and why."""
+
+    path_key: str
+    path_version: int
+    selected_by: str  # "rules" | "default"
+    rule: str | None
+    priority: int | None
+    candidates: int
+    planner: str = PLANNER_VERSION
+
+    def as_record(self) -> dict[str, Any]:
+        return {
+            "selected_by": self.selected_by,
+            "rule": self.rule,
+            "priority": self.priority,
+            "candidates_evaluated": self.candidates,
+            "planner": self.planner,
+            "fallback": None if self.selected_by == "rules" else "default_path",
+        }
+
+
+def plan(paths: Sequence[PathDef], default_key: str, traits: Mapping[str, Any]) -> Decision:
+    """Choose a path for a user with ``traits`` among the current ``paths``."""
+    targeted = sorted((p for p in paths if p.targeting), key=lambda p: (-p.priority, p.key))
+    for evaluated, path in enumerate(targeted, start=1):
+        if all(matches(r["field"], r.get("op", "eq"), r.get("value"), traits) for r in path.targeting):
+            rule = " AND ".join(describe(r["field"], r.get("op", "eq"), r.get("value")) for r in path.targeting)
+            return Decision(path.key, path.version, "rules", f"{path.key}: {rule}", path.priority, evaluated)
+    default = next((p for p in paths if p.key == default_key), None)
+    if default is None:
+        raise LookupError(f"default path {default_key!r} is not among the current paths")
+    return Decision(default.key, default.version, "default", None, None, len(targeted))

@@ -1,0 +1,77 @@
+"""Wire types of the onboarding API (msgspec structs; ORM rows never leave repositories)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+
+UserId = Annotated[
+    str,
+    Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@+\-]*$",
+         description="The tenant's own id for the user: letters, digits and . _ : @ + -"),
+]
+TraitValue = str | int | float | bool | None
+
+
+class StartRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Start (or resume) a user's onboarding."""
+
+    user_id: UserId
+    traits: dict[str, TraitValue] = msgspec.field(default_factory=dict)
+
+
+class CompleteRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Optional body of a step completion."""
+
+    occurred_at: datetime | None = None
+
+
+class PathRef(msgspec.Struct):
+    id: str
+    version: int
+    name: str
+    activation_step: str
+
+
+class StepState(msgspec.Struct):
+    id: str
+    title: str
+    description: str
+    optional: bool
+    prerequisites: list[str]
+    completed: bool
+    completed_at: datetime | None
+    available: bool
+
+
+class ProgressSummary(msgspec.Struct):
+    completed_required: int
+    required: int
+    percent: int
+
+
+class DecisionRecord(msgspec.Struct):
+    selected_by: str
+    rule: str | None
+    priority: int | None
+    planner: str
+    fallback: str | None
+    candidates_evaluated: int
+    decided_at: datetime
+
+
+class OnboardingState(msgspec.Struct):
+    user_id: str
+    path: PathRef
+    status: str
+    current_step: str | None
+    activated: bool
+    activated_at: datetime | None
+    started_at: datetime
+    completed_at: datetime | None
+    progress: ProgressSummary
+    steps: list[StepState]
+    decision: DecisionRecord

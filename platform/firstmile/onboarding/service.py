@@ -1,0 +1,190 @@
+"""Onboarding service: start a user on a path, complete steps, read state.
+
+The caller owns the transaction (``conn`` is already bound to the tenant); this
+module never commits.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from firstmile.kit import telemetry
+from firstmile.kit.db import TenantId
+from firstmile.kit.errors import ProblemError
+from firstmile.onboarding import domain, planner
+from firstmile.onboarding import repository as repo
+from firstmile.onboarding.catalog import CatalogCache
+from firstmile.onboarding.domain import PathDef
+from firstmile.onboarding.schemas import (
+    DecisionRecord,
+    OnboardingState,
+    PathRef,
+    ProgressSummary,
+    StepState,
+)
+from firstmile.tenancy.manifest import COMPANY_SIZES, KNOWN_TRAITS
+
+MAX_TRAITS = 50
+MAX_TRAIT_STRING = 256
+_TRAIT_KEY = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+MAX_CLOCK_SKEW = timedelta(minutes=5)
+
+
+def validate_traits(traits: Mapping[str, Any]) -> dict[str, Any]:
+    """Check the known traits' types and values and the custom traits' shape; 400 on the first fault."""
+    errors: list[dict[str, str]] = []
+    if len(traits) > MAX_TRAITS:
+        errors.append({"key": "traits", "message": f"at most {MAX_TRAITS} traits"})
+    for key, value in traits.items():
+        where = f"traits.{key}"
+        if not _TRAIT_KEY.match(key):
+            errors.append({"key": where, "message": "trait names are lower-case letters, digits and _, max 64"})
+        elif key in KNOWN_TRAITS and value is not None and not isinstance(value, str):
+            errors.append({"key": where, "message": f"Expected `str`, got `{type(value).__name__}`"})
+        elif isinstance(value, str) and len(value) > MAX_TRAIT_STRING:
+            errors.append({"key": where, "message": f"at most {MAX_TRAIT_STRING} characters"})
+        elif key == "company_size" and value is not None and value not in COMPANY_SIZES:
+            errors.append({"key": where, "message": f"must be one of {list(COMPANY_SIZES)}"})
+    if errors:
+        first = errors[0]
+        raise ProblemError(400, "validation-error", f"{first['message']} (at {first['key']})", errors=errors)
+    return {k: v for k, v in traits.items() if v is not None}
+
+
+@dataclass(frozen=True, slots=True)
+class StartOutcome:
+    state: OnboardingState
+    created: bool
+
+
+def _event(event_type: str, payload: dict[str, Any]) -> repo.OutboxEvent:
+    return repo.OutboxEvent(event_type=event_type, payload=payload, event_id=uuid.uuid4())
+
+
+def render_state(user_id: str, path: PathDef, row: repo.ProgressRow) -> OnboardingState:
+    """The API view of a user's progress."""
+    done = row.completions
+    progress = domain.evaluate(path, done)
+    steps = [
+        StepState(
+            id=s.id, title=s.title, description=s.description, optional=s.optional,
+            prerequisites=list(s.prerequisites), completed=s.id in done,
+            completed_at=done.get(s.id), available=domain.is_available(path, s, done),
+        )
+        for s in path.steps
+    ]
+    d = row.decision
+    return OnboardingState(
+        user_id=user_id,
+        path=PathRef(id=path.key, version=path.version, name=path.name, activation_step=path.activation_step),
+        status=row.status,
+        current_step=row.current_step,
+        activated=row.activated_at is not None,
+        activated_at=row.activated_at,
+        started_at=row.started_at,
+        completed_at=row.completed_at,
+        progress=ProgressSummary(progress.completed_required, progress.required, progress.percent),
+        steps=steps,
+        decision=DecisionRecord(
+            selected_by=d["selected_by"], rule=d.get("rule"), priority=d.get("priority"),
+            planner=d["planner"], fallback=d.get("fallback"),
+            candidates_evaluated=int(d.get("candidates_evaluated", 0)),
+            decided_at=datetime.fromisoformat(d["decided_at"]),
+        ),
+    )
+
+
+class OnboardingService:
+    """Start, complete and read, within the caller's tenant-bound transaction."""
+
+    def __init__(self, catalogs: CatalogCache) -> None:
+        self.catalogs = catalogs
+
+    async def start(self, conn: AsyncConnection, tenant_id: TenantId, revision: int, user_id: str,
+                    traits: Mapping[str, Any]) -> StartOutcome:
+        clean = validate_traits(traits)
+        catalog = await self.catalogs.catalog(conn, tenant_id, revision)
+        began = time.perf_counter()
+        decision = planner.plan(catalog.current, catalog.default_key, clean)
+        telemetry.PATH_SELECTION_LATENCY.labels(decision.selected_by).observe(time.perf_counter() - began)
+        path = next(p for p in catalog.current if p.key == decision.path_key)
+        now = datetime.now(UTC)
+        record = decision.as_record() | {"decided_at": now.isoformat()}
+        first = domain.evaluate(path, ()).current_step
+        event = _event("onboarding.started", {
+            "user_id": user_id, "path_id": path.key, "path_version": path.version,
+            "current_step": first, "decision": record, "traits": clean,
+        })
+        created = await repo.insert_start(conn, tenant_id, user_id, clean, path.key, path.version, first,
+                                          record, now, [event])
+        if created:
+            telemetry.ONBOARDING_STARTS.labels(decision.selected_by).inc()
+            row = repo.ProgressRow(path.key, path.version, "in_progress", first, record, now, None, None, {})
+            return StartOutcome(render_state(user_id, path, row), created=True)
+        return StartOutcome(await self.get(conn, tenant_id, user_id), created=False)
+
+    async def get(self, conn: AsyncConnection, tenant_id: TenantId, user_id: str) -> OnboardingState:
+        row = await repo.get_progress(conn, tenant_id, user_id)
+        if row is None:
+            raise ProblemError(404, "user-not-found", f"user {user_id!r} has not started onboarding")
+        path = await self.catalogs.version(conn, tenant_id, row.path_key, row.path_version)
+        return render_state(user_id, path, row)
+
+    async def complete(self, conn: AsyncConnection, tenant_id: TenantId, user_id: str, step_id: str,
+                       occurred_at: datetime | None = None, source: str = "api") -> OnboardingState:
+        now = datetime.now(UTC)
+        if occurred_at is not None:
+            if occurred_at.tzinfo is None:
+                raise ProblemError(400, "validation-error", "occurred_at needs a time zone (at occurred_at)",
+                                   errors=[{"key": "occurred_at", "message": "time zone required"}])
+            if occurred_at > now + MAX_CLOCK_SKEW:
+                raise ProblemError(400, "validation-error", "occurred_at is in the future (at occurred_at)",
+                                   errors=[{"key": "occurred_at", "message": "in the future"}])
+        row = await repo.get_progress(conn, tenant_id, user_id, for_update=True)
+        if row is None:
+            raise ProblemError(404, "user-not-found", f"user {user_id!r} has not started onboarding")
+        path = await self.catalogs.version(conn, tenant_id, row.path_key, row.path_version)
+        if path.step(step_id) is None:
+            raise ProblemError(404, "step-not-found",
+                               f"step {step_id!r} is not on path {path.key} v{path.version}",
+                               path_id=path.key, path_version=path.version,
+                               steps=[s.id for s in path.steps])
+        if step_id in row.completions:
+            return render_state(user_id, path, row)
+        missing = domain.missing_prerequisites(path, step_id, row.completions)
+        if missing:
+            raise ProblemError(409, "step-prerequisites-unmet",
+                               f"step {step_id!r} needs {', '.join(missing)} first", missing=missing)
+        completions = {**row.completions, step_id: now}
+        progress = domain.evaluate(path, completions)
+        activated_now = step_id == path.activation_step and row.activated_at is None
+        activated_at = now if activated_now else row.activated_at
+        completed_at = now if progress.status == "completed" and row.completed_at is None else row.completed_at
+        base = {"user_id": user_id, "path_id": path.key, "path_version": path.version}
+        events = [_event("onboarding.step_completed", base | {
+            "step_id": step_id, "occurred_at": (occurred_at or now).isoformat(), "source": source,
+            "current_step": progress.current_step,
+        })]
+        if activated_now:
+            events.append(_event("onboarding.activated", base | {"step_id": step_id}))
+        if completed_at is not None and row.completed_at is None:
+            events.append(_event("onboarding.completed", base))
+        inserted = await repo.insert_completion(
+            conn, tenant_id, user_id, step_id, path.key, path.version, now, occurred_at or now, source,
+            progress.current_step, progress.status, activated_at, completed_at, events,
+        )
+        if inserted:
+            telemetry.STEP_COMPLETIONS.inc()
+            if activated_now:
+                telemetry.ACTIVATIONS.inc()
+        new_row = repo.ProgressRow(path.key, path.version, progress.status, progress.current_step,
+                                   row.decision, row.started_at, activated_at, completed_at, completions)
+        return render_state(user_id, path, new_row)

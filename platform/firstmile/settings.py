@@ -1,0 +1,108 @@
+"""One settings tree, loaded once, from ``FIRSTMILE_*`` environment variables.
+
+Nothing here connects to anything or reads a secret file at import time: the
+embedded defaults (the ``pgserver`` database under ``.firstmile/``) are resolved
+by :mod:`firstmile.kit.embedded` when the CLI or the app starts.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REGION_PATTERN = r"^[a-z]{2}(-[a-z]+)+-\d$"
+
+
+class Settings(BaseSettings):
+    """Every setting of the platform; documented in ``docs/configuration.md``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FIRSTMILE_",
+        env_file=None,
+        extra="ignore",
+        frozen=True,
+    )
+
+    region: str = Field(
+        default="eu-west-1",
+        pattern=REGION_PATTERN,
+        description="The one region this process serves; tenants homed elsewhere get 421.",
+    )
+    data_dir: Path = Field(
+        default=Path(".firstmile"),
+        description="Folder for embedded state: the pgserver cluster, generated secrets.",
+    )
+    database_url: SecretStr | None = Field(
+        default=None,
+        description=(
+            "SQLAlchemy URL (postgresql+asyncpg://…) the API connects with, as the "
+            "application role (no BYPASSRLS, owns no table). Unset: embedded pgserver."
+        ),
+    )
+    database_admin_url: SecretStr | None = Field(
+        default=None,
+        description=(
+            "URL of the role that owns the schema; used by `firstmile migrate`, "
+            "`tenants apply` and `keys`. Unset: same server as database_url, "
+            "embedded superuser in embedded mode."
+        ),
+    )
+    database_app_role: str = Field(
+        default="firstmile_app",
+        pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+        description="Name of the application role the migrations grant privileges to.",
+    )
+    database_pool_size: int = Field(default=10, ge=1, le=200)
+    database_max_overflow: int = Field(default=10, ge=0, le=200)
+    database_statement_timeout_ms: int = Field(
+        default=5000, ge=10, description="statement_timeout applied to every API session."
+    )
+    api_key_pepper: SecretStr | None = Field(
+        default=None,
+        description=(
+            "Secret key of the HMAC that API keys are stored under. Unset: generated "
+            "once into <data_dir>/secrets/api_key_pepper (embedded only)."
+        ),
+    )
+    api_key_cache_ttl_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        le=300,
+        description="How long a resolved API key is cached per process; revocation takes effect within it.",
+    )
+    max_body_bytes: int = Field(
+        default=64 * 1024, ge=1024, description="Largest request body the onboarding API accepts."
+    )
+    host: str = Field(default="127.0.0.1", description="Bind address of `firstmile serve`.")
+    port: int = Field(default=8000, ge=1, le=65535)
+    workers: int = Field(default=1, ge=1, le=64, description="Worker processes of `firstmile serve`.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "console"] = "json"
+    otel_exporter: Literal["none", "console", "otlp"] = Field(
+        default="none",
+        description="Where traces go: nowhere (spans still made), stdout, or OTLP/HTTP.",
+    )
+    otel_endpoint: str | None = Field(
+        default=None, description="OTLP/HTTP endpoint, e.g. http://otel-collector:4318."
+    )
+    service_name: str = "firstmile-api"
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @property
+    def embedded(self) -> bool:
+        """True when no external database is configured."""
+        return self.database_url is None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment on first use."""
+    return Settings()

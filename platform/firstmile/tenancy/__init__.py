@@ -1,0 +1,1 @@
+"""Tenants, manifests, API keys and regions."""

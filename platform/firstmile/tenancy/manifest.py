@@ -1,0 +1,183 @@
+"""The tenant manifest (``tenants/<slug>.yaml``): a validated, documented model.
+
+Its JSON Schema is exported to ``tenants/manifest.schema.json`` by
+``firstmile tenants schema`` and checked by the tests, so editors can validate
+manifests as they are written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from firstmile.onboarding.rules import Operator
+from firstmile.settings import REGION_PATTERN
+
+Slug = Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,62}[a-z0-9]$", description="Lower-case id: letters, digits, dashes.")]
+Scalar = str | int | float | bool
+KNOWN_TRAITS: tuple[str, ...] = ("persona", "signup_source", "company_size", "use_case", "role")
+COMPANY_SIZES: tuple[str, ...] = ("1-10", "11-50", "51-200", "201-1000", "1001+")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Predicate(_Model):
+    """One condition over a mapping (traits or event properties), addressed by dotted name."""
+
+    field: str = Field(min_length=1, max_length=128, description="Trait or property name; dots address nested values.")
+    op: Operator = Field(default="eq", description="Comparison operator.")
+    value: Scalar | list[Scalar] | None = Field(default=None, description="Value to compare with; a list for in/not_in.")
+
+    @model_validator(mode="after")
+    def _value_fits_operator(self) -> Predicate:
+        if self.op in ("in", "not_in") and not isinstance(self.value, list):
+            raise ValueError(f"operator {self.op} needs a list value")
+        if self.op not in ("in", "not_in", "exists") and (self.value is None or isinstance(self.value, list)):
+            raise ValueError(f"operator {self.op} needs a single value")
+        if self.op == "exists" and not isinstance(self.value, bool):
+            raise ValueError("operator exists needs true or false")
+        return self
+
+
+class Completion(_Model):
+    """When a tracked event completes the step: its name and property predicates (all must hold)."""
+
+    event: str = Field(min_length=1, max_length=200, description="Tracked event name, e.g. 'Project Created'.")
+    where: tuple[Predicate, ...] = Field(default=(), description="Predicates over the event's properties.")
+
+
+class Step(_Model):
+    """One step of a path."""
+
+    id: Slug
+    title: str = Field(min_length=1, max_length=200)
+    description: str = Field(default="", max_length=2000)
+    optional: bool = Field(default=False, description="Optional steps never block progress.")
+    prerequisites: tuple[str, ...] | None = Field(
+        default=None,
+        description=(
+            "Step ids that must be complete first. Omitted: the previous required step "
+            "(the path's order). An empty list: no prerequisites."
+        ),
+    )
+    completion: Completion
+
+
+class Path(_Model):
+    """An onboarding path: ordered steps, who it targets, and which step means activated."""
+
+    id: Slug
+    name: str = Field(min_length=1, max_length=200)
+    description: str = Field(default="", max_length=2000)
+    priority: int = Field(default=0, ge=0, le=10_000, description="Higher wins when several paths' targeting matches.")
+    targeting: tuple[Predicate, ...] = Field(
+        default=(), description="Predicates over the user's traits; all must hold. Empty: never chosen by rules."
+    )
+    activation_step: Slug = Field(description="The step whose completion marks the user activated.")
+    steps: tuple[Step, ...] = Field(min_length=4, max_length=8)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Path:
+        ids = [step.id for step in self.steps]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"path {self.id}: step ids must be unique")
+        seen: set[str] = set()
+        for step in self.steps:
+            for pre in step.prerequisites or ():
+                if pre not in ids:
+                    raise ValueError(f"path {self.id}: step {step.id} names unknown prerequisite {pre}")
+                if pre not in seen:
+                    raise ValueError(f"path {self.id}: step {step.id} prerequisite {pre} must come before it")
+            seen.add(step.id)
+        activation = next((s for s in self.steps if s.id == self.activation_step), None)
+        if activation is None:
+            raise ValueError(f"path {self.id}: activation_step {self.activation_step} is not one of its steps")
+        if activation.optional:
+            raise ValueError(f"path {self.id}: activation_step {self.activation_step} cannot be optional")
+        for pred in self.targeting:
+            if pred.field == "company_size" and pred.op in ("eq", "ne", "in", "not_in"):
+                values = pred.value if isinstance(pred.value, list) else [pred.value]
+                unknown = [v for v in values if v not in COMPANY_SIZES]
+                if unknown:
+                    raise ValueError(f"path {self.id}: company_size values {unknown} not in {list(COMPANY_SIZES)}")
+        return self
+
+    def content_hash(self) -> str:
+        """Stable hash of the definition: equal hashes mean the same version."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class Tenant(_Model):
+    """Who the tenant is and where its data lives."""
+
+    slug: Slug
+    name: str = Field(min_length=1, max_length=200)
+    home_region: str = Field(pattern=REGION_PATTERN, description="The region that stores and serves this tenant.")
+
+
+class TenantManifest(_Model):
+    """A tenant, declaratively: ``firstmile tenants apply`` makes the platform match it."""
+
+    api_version: Literal["firstmile/v1"] = "firstmile/v1"
+    tenant: Tenant
+    default_path: Slug = Field(description="Path for users no targeting rule matches; must have no targeting.")
+    paths: tuple[Path, ...] = Field(min_length=1, max_length=100)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TenantManifest:
+        ids = [p.id for p in self.paths]
+        if len(set(ids)) != len(ids):
+            raise ValueError("path ids must be unique")
+        default = next((p for p in self.paths if p.id == self.default_path), None)
+        if default is None:
+            raise ValueError(f"default_path {self.default_path} is not one of the paths")
+        if default.targeting:
+            raise ValueError(f"default_path {self.default_path} must not have targeting rules")
+        targeted = [p for p in self.paths if p.targeting]
+        priorities = [p.priority for p in targeted]
+        clashes = sorted({x for x in priorities if priorities.count(x) > 1})
+        if clashes:
+            raise ValueError(
+                f"targeted paths need distinct priorities so the choice is deterministic; repeated: {clashes}"
+            )
+        return self
+
+    def content_hash(self) -> str:
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class ManifestError(ValueError):
+    """A manifest file that cannot be read or does not validate; the message says where."""
+
+
+def load_manifest(path: Path) -> TenantManifest:
+    """Read and validate one manifest file."""
+    try:
+        raw: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ManifestError(f"{path}: {exc}") from exc
+    try:
+        return TenantManifest.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"{path}: invalid manifest"]
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            lines.append(f"  {where}: {err['msg']}")
+        raise ManifestError("\n".join(lines)) from exc
+
+
+def json_schema() -> dict[str, Any]:
+    """The manifest's JSON Schema (draft 2020-12, as pydantic writes it)."""
+    schema = TenantManifest.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://firstmile.dev/schemas/tenant-manifest.json"
+    return schema

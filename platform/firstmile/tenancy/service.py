@@ -1,0 +1,142 @@
+"""Tenant provisioning from manifests and API key management (operator side).
+
+These run as the schema owner (``firstmile migrate``'s role) from the CLI; the
+API never calls them. Each function is one transaction: all or nothing.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from firstmile.kit.db import TenantId, authorise_tenant, set_tenant
+from firstmile.tenancy import keys as keylib
+from firstmile.tenancy import repository as repo
+from firstmile.tenancy.manifest import TenantManifest
+
+
+class TenancyError(ValueError):
+    """An operator request that cannot be carried out; the message says why."""
+
+
+@dataclass
+class ApplyResult:
+    tenant_id: TenantId
+    slug: str
+    changes: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.changes)
+
+
+class _DryRun(Exception):
+    pass
+
+
+async def apply_manifest(engine: AsyncEngine, manifest: TenantManifest, *, dry_run: bool = False) -> ApplyResult:
+    """Make the database match ``manifest``; idempotent.
+
+    A path whose definition changed becomes a new version; users already on the
+    old version stay on it (their progress names the version). A path that left
+    the manifest is retired: no new users, existing ones keep it.
+    """
+    spec = manifest.tenant
+    manifest_doc = manifest.model_dump(mode="json")
+    manifest_hash = manifest.content_hash()
+    result: ApplyResult | None = None
+    try:
+        async with engine.begin() as conn:
+            existing = await repo.tenant_by_slug(conn, spec.slug)
+            if existing is None:
+                tenant_id = authorise_tenant(uuid.uuid4())
+                await set_tenant(conn, tenant_id)
+                await repo.insert_tenant(conn, tenant_id, spec.slug, spec.name, spec.home_region,
+                                         manifest_doc, manifest_hash)
+                result = ApplyResult(tenant_id, spec.slug, [f"create tenant {spec.slug} in {spec.home_region}"])
+            else:
+                tenant_id = existing.id
+                await set_tenant(conn, tenant_id)
+                if existing.home_region != spec.home_region:
+                    raise TenancyError(
+                        f"tenant {spec.slug} is homed in {existing.home_region}; moving it to "
+                        f"{spec.home_region} is a data migration, not a manifest change"
+                    )
+                result = ApplyResult(tenant_id, spec.slug)
+            current = await repo.current_path_hashes(conn, tenant_id)
+            latest = await repo.latest_versions(conn, tenant_id)
+            wanted = {p.id: p for p in manifest.paths}
+            for key, path in wanted.items():
+                digest = path.content_hash()
+                if key in current and current[key][1] == digest:
+                    continue
+                version = latest.get(key, 0) + 1
+                if key in current:
+                    await repo.retire_path(conn, tenant_id, key)
+                    result.changes.append(f"path {key}: new version {version} (was {current[key][0]})")
+                else:
+                    result.changes.append(f"path {key}: create version {version}")
+                await repo.insert_path_version(conn, tenant_id, key, version, path.model_dump(mode="json"), digest)
+            for key in sorted(set(current) - set(wanted)):
+                await repo.retire_path(conn, tenant_id, key)
+                result.changes.append(f"path {key}: retire version {current[key][0]}")
+            if existing is not None and (existing.manifest_hash != manifest_hash or result.changes):
+                if existing.name != spec.name:
+                    result.changes.append(f"tenant {spec.slug}: rename to {spec.name!r}")
+                if existing.manifest_hash != manifest_hash and not result.changes:
+                    result.changes.append(f"tenant {spec.slug}: manifest settings updated")
+                await repo.update_tenant(conn, tenant_id, spec.name, manifest_doc, manifest_hash)
+            if dry_run:
+                raise _DryRun
+    except _DryRun:
+        pass
+    assert result is not None
+    return result
+
+
+@dataclass(frozen=True)
+class CreatedKey:
+    key: str
+    key_id: uuid.UUID
+    tenant_slug: str
+    scopes: tuple[str, ...]
+    region: str
+
+
+async def _tenant(conn: AsyncConnection, slug: str) -> repo.TenantRow:
+    row = await repo.tenant_by_slug(conn, slug)
+    if row is None:
+        raise TenancyError(f"no tenant {slug!r}; apply its manifest first (firstmile tenants apply)")
+    return row
+
+
+async def create_key(engine: AsyncEngine, pepper: bytes, tenant_slug: str, scopes: list[str],
+                     name: str = "default") -> CreatedKey:
+    """Create a key bound to the tenant and its home region; returns the plaintext once."""
+    try:
+        valid = keylib.validate_scopes(scopes)
+    except ValueError as exc:
+        raise TenancyError(str(exc)) from exc
+    key = keylib.generate_key()
+    async with engine.begin() as conn:
+        tenant = await _tenant(conn, tenant_slug)
+        await set_tenant(conn, tenant.id)
+        key_id = await repo.insert_key(conn, tenant.id, name, keylib.display_prefix(key),
+                                       keylib.hash_key(pepper, key), valid, tenant.home_region)
+    return CreatedKey(key, key_id, tenant_slug, valid, tenant.home_region)
+
+
+async def revoke_key(engine: AsyncEngine, tenant_slug: str, key_id: uuid.UUID) -> bool:
+    async with engine.begin() as conn:
+        tenant = await _tenant(conn, tenant_slug)
+        await set_tenant(conn, tenant.id)
+        return await repo.revoke_key(conn, tenant.id, key_id)
+
+
+async def list_keys(engine: AsyncEngine, tenant_slug: str) -> list[repo.KeyRow]:
+    async with engine.begin() as conn:
+        tenant = await _tenant(conn, tenant_slug)
+        await set_tenant(conn, tenant.id)
+        return await repo.list_keys(conn, tenant.id)
