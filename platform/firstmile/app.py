@@ -8,7 +8,6 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from typing import Any
 
 from litestar import Litestar
 from litestar.datastructures import State
@@ -16,6 +15,7 @@ from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
+from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -41,7 +41,7 @@ class RequestContextMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != ScopeType.HTTP:
             await self.app(scope, receive, send)
             return
         incoming = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), None)
@@ -65,7 +65,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             route = scope.get("path_template") or "unmatched"
-            telemetry.API_LATENCY.labels(scope["method"], route, str(status)).observe(time.perf_counter() - began)
+            telemetry.API_LATENCY.labels(scope.get("method", "GET"), route, str(status)).observe(time.perf_counter() - began)
             telemetry.request_id_var.reset(rid_token)
             telemetry.tenant_var.reset(tenant_token)
 
@@ -101,18 +101,23 @@ def create_app(settings: Settings, database_url: str, pepper: bytes, engine: Asy
             RequestContextMiddleware,
             DefineMiddleware(ApiKeyMiddleware, exclude=PUBLIC_PATHS),
         ],
-        plugins=[OpenTelemetryPlugin(OpenTelemetryConfig(tracer_provider=provider,
-                                                         exclude=PUBLIC_PATHS))],
+        plugins=[OpenTelemetryPlugin(OpenTelemetryConfig(tracer_provider=provider, exclude=PUBLIC_PATHS))],
         exception_handlers=exception_handlers(),
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(
             title="Firstmile API",
             version=__version__,
             path="/schema",
-            components=Components(security_schemes={
-                "apiKey": SecurityScheme(type="http", scheme="bearer", bearer_format="fm_…",
-                                         description="Tenant API key from `firstmile keys create`"),
-            }),
+            components=Components(
+                security_schemes={
+                    "apiKey": SecurityScheme(
+                        type="http",
+                        scheme="bearer",
+                        bearer_format="fm_…",
+                        description="Tenant API key from `firstmile keys create`",
+                    ),
+                }
+            ),
             security=[{"apiKey": []}],
         ),
         debug=False,
@@ -130,5 +135,3 @@ def app_factory() -> Litestar:
     settings = get_settings()
     urls = resolve_database(settings)
     return create_app(settings, urls.app, resolve_pepper(settings))
-
-

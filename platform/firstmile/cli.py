@@ -45,6 +45,7 @@ def migrate_database(settings: Settings, urls: DatabaseUrls) -> None:
 
     upgrade(urls.admin, settings.database_app_role)
     if urls.embedded:
+
         async def login(engine: Any) -> None:
             async with engine.begin() as conn:
                 await conn.execute(text(f"ALTER ROLE {settings.database_app_role} LOGIN"))
@@ -160,8 +161,11 @@ def keys_create(tenant: str, scopes: tuple[str, ...], name: str) -> None:
     except TenancyError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(created.key)
-    click.echo(f"key id {created.key_id} for tenant {created.tenant_slug} in {created.region}, "
-               f"scopes {' '.join(created.scopes)} (shown once: store it now)", err=True)
+    click.echo(
+        f"key id {created.key_id} for tenant {created.tenant_slug} in {created.region}, "
+        f"scopes {' '.join(created.scopes)} (shown once: store it now)",
+        err=True,
+    )
 
 
 @keys.command("list")
@@ -214,8 +218,16 @@ def _serve(host: str, port: int, workers: int) -> None:
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="firstmile-metrics-")
     click.echo(f"serving region {settings.region} on http://{host}:{port} with {workers} worker(s)", err=True)
-    uvicorn.run("firstmile.app:app_factory", factory=True, host=host, port=port, workers=workers,
-                log_level="warning", access_log=False, lifespan="on")
+    uvicorn.run(
+        "firstmile.app:app_factory",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+    )
 
 
 @main.command()
@@ -233,8 +245,9 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
 
 
 @main.command()
-@click.option("--manifest", default=Path("tenants/demo.yaml"), type=click.Path(exists=True, path_type=Path),
-              show_default=True)
+@click.option(
+    "--manifest", default=Path("tenants/demo.yaml"), type=click.Path(exists=True, path_type=Path), show_default=True
+)
 @click.option("--port", default=None, type=int)
 def dev(manifest: Path, port: int | None) -> None:
     """What `make run` does: migrate, apply the demo manifest, print a demo key, serve."""
@@ -254,8 +267,9 @@ def dev(manifest: Path, port: int | None) -> None:
         stored = settings.data_dir / "secrets" / f"{spec.tenant.slug}_api_key"
         if stored.exists():
             return stored.read_text(encoding="utf-8").strip()
-        created = await create_key(engine, pepper, spec.tenant.slug,
-                                   ["onboarding:write", "events:write", "analytics:read"], "demo")
+        created = await create_key(
+            engine, pepper, spec.tenant.slug, ["onboarding:write", "events:write", "analytics:read"], "demo"
+        )
         stored.write_text(created.key, encoding="utf-8")
         stored.chmod(0o600)
         return created.key
@@ -265,9 +279,11 @@ def dev(manifest: Path, port: int | None) -> None:
     click.echo("")
     click.echo(f"Firstmile is starting on http://{settings.host}:{listen_port}  (region {settings.region})")
     click.echo(f"Demo API key for tenant {spec.tenant.slug}: {key}")
-    click.echo(f"Try: curl -s -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' "
-               f"-d '{{\"user_id\":\"u1\",\"traits\":{{\"persona\":\"developer\"}}}}' "
-               f"http://{settings.host}:{listen_port}/v1/onboarding/start")
+    click.echo(
+        f"Try: curl -s -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' "
+        f'-d \'{{"user_id":"u1","traits":{{"persona":"developer"}}}}\' '
+        f"http://{settings.host}:{listen_port}/v1/onboarding/start"
+    )
     click.echo("")
     sys.stdout.flush()
     _export_for_workers(settings, urls, pepper)

@@ -86,9 +86,7 @@ class Settings(BaseSettings):
         default="none",
         description="Where traces go: nowhere (spans still made), stdout, or OTLP/HTTP.",
     )
-    otel_endpoint: str | None = Field(
-        default=None, description="OTLP/HTTP endpoint, e.g. http://otel-collector:4318."
-    )
+    otel_endpoint: str | None = Field(default=None, description="OTLP/HTTP endpoint, e.g. http://otel-collector:4318.")
     service_name: str = "firstmile-api"
 
     @field_validator("data_dir")

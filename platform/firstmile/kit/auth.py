@@ -69,25 +69,43 @@ class KeyResolver:
 
     async def principal(self, authorization: str | None) -> Principal:
         if not authorization:
-            raise ProblemError(401, "unauthenticated", "send an API key as 'Authorization: Bearer fm_…'",
-                               headers={"WWW-Authenticate": 'Bearer realm="firstmile"'})
+            raise ProblemError(
+                401,
+                "unauthenticated",
+                "send an API key as 'Authorization: Bearer fm_…'",
+                headers={"WWW-Authenticate": 'Bearer realm="firstmile"'},
+            )
         scheme, _, token = authorization.partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not keylib.looks_like_key(token):
-            raise ProblemError(401, "unauthenticated", "the Authorization header is not a Firstmile API key",
-                               headers={"WWW-Authenticate": 'Bearer realm="firstmile", error="invalid_token"'})
+            raise ProblemError(
+                401,
+                "unauthenticated",
+                "the Authorization header is not a Firstmile API key",
+                headers={"WWW-Authenticate": 'Bearer realm="firstmile", error="invalid_token"'},
+            )
         resolved = await self._lookup(keylib.hash_key(self.pepper, token))
         if resolved is None or resolved.revoked:
-            raise ProblemError(401, "unauthenticated", "the API key is unknown or revoked",
-                               headers={"WWW-Authenticate": 'Bearer realm="firstmile", error="invalid_token"'})
+            raise ProblemError(
+                401,
+                "unauthenticated",
+                "the API key is unknown or revoked",
+                headers={"WWW-Authenticate": 'Bearer realm="firstmile", error="invalid_token"'},
+            )
         if resolved.home_region != self.region:
-            raise ProblemError(421, "wrong-region",
-                               f"tenant {resolved.tenant_slug} is homed in {resolved.home_region}; "
-                               f"this is {self.region}", home_region=resolved.home_region)
+            raise ProblemError(
+                421,
+                "wrong-region",
+                f"tenant {resolved.tenant_slug} is homed in {resolved.home_region}; this is {self.region}",
+                home_region=resolved.home_region,
+            )
         if resolved.key_region != self.region:
-            raise ProblemError(421, "wrong-region",
-                               f"this key was issued for {resolved.key_region}; this is {self.region}",
-                               home_region=resolved.home_region)
+            raise ProblemError(
+                421,
+                "wrong-region",
+                f"this key was issued for {resolved.key_region}; this is {self.region}",
+                home_region=resolved.home_region,
+            )
         return Principal(
             tenant_id=authorise_tenant(resolved.tenant_id),
             tenant_slug=resolved.tenant_slug,
@@ -103,11 +121,21 @@ class KeyResolver:
 class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
     """Authenticates every request outside the excluded (public) paths."""
 
-    def __init__(self, app: ASGIApp, exclude: str | list[str] | None = None,
-                 exclude_from_auth_key: str = "exclude_from_auth",
-                 exclude_http_methods: list[Any] | None = None, scopes: Scopes | None = None) -> None:
-        super().__init__(app=app, exclude=exclude, exclude_from_auth_key=exclude_from_auth_key,
-                         exclude_http_methods=exclude_http_methods, scopes=scopes)
+    def __init__(
+        self,
+        app: ASGIApp,
+        exclude: str | list[str] | None = None,
+        exclude_from_auth_key: str = "exclude_from_auth",
+        exclude_http_methods: list[Any] | None = None,
+        scopes: Scopes | None = None,
+    ) -> None:
+        super().__init__(
+            app=app,
+            exclude=exclude,
+            exclude_from_auth_key=exclude_from_auth_key,
+            exclude_http_methods=exclude_http_methods,
+            scopes=scopes,
+        )
 
     async def authenticate_request(self, connection: ASGIConnection[Any, Any, Any, Any]) -> AuthenticationResult:
         resolver: KeyResolver = connection.app.state.key_resolver

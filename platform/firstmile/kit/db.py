@@ -45,9 +45,14 @@ def authorise_tenant(tenant_id: uuid.UUID) -> TenantId:
     return TenantId(tenant_id)
 
 
-def create_engine(url: str, *, pool_size: int = 10, max_overflow: int = 10,
-                  statement_timeout_ms: int | None = None,
-                  application_name: str = "firstmile") -> AsyncEngine:
+def create_engine(
+    url: str,
+    *,
+    pool_size: int = 10,
+    max_overflow: int = 10,
+    statement_timeout_ms: int | None = None,
+    application_name: str = "firstmile",
+) -> AsyncEngine:
     """An asyncpg-backed engine with a pool that is checked before use."""
     server_settings = {"application_name": application_name}
     if statement_timeout_ms is not None:

@@ -33,7 +33,7 @@ def resolve_database(settings: Settings) -> DatabaseUrls:
 
     pg_dir = settings.data_dir / "pg"
     pg_dir.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(pg_dir, cleanup_mode=None)
+    server = pgserver.get_server(pg_dir, cleanup_mode=None)  # type: ignore[attr-defined]
     exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{EMBEDDED_DB}';")
     if "(1 row)" not in exists:
         server.psql(f"CREATE DATABASE {EMBEDDED_DB};")

@@ -50,8 +50,9 @@ _TITLES: dict[str, str] = {
 class ProblemError(Exception):
     """Raise anywhere in a request to answer with a problem document."""
 
-    def __init__(self, status: int, slug: str, detail: str, *,
-                 headers: dict[str, str] | None = None, **extensions: Any) -> None:
+    def __init__(
+        self, status: int, slug: str, detail: str, *, headers: dict[str, str] | None = None, **extensions: Any
+    ) -> None:
         super().__init__(detail)
         self.status = status
         self.slug = slug
@@ -64,8 +65,14 @@ class ProblemError(Exception):
         return PROBLEM_BASE + self.slug
 
 
-def problem_response(request: Request[Any, Any, Any], status: int, slug: str, detail: str,
-                     headers: dict[str, str] | None = None, **extensions: Any) -> Response[bytes]:
+def problem_response(
+    request: Request[Any, Any, Any],
+    status: int,
+    slug: str,
+    detail: str,
+    headers: dict[str, str] | None = None,
+    **extensions: Any,
+) -> Response[bytes]:
     """Build the ``application/problem+json`` response for one problem."""
     body: dict[str, Any] = {
         "type": PROBLEM_BASE + slug,
@@ -98,8 +105,7 @@ def _on_validation(request: Request[Any, Any, Any], exc: ValidationException) ->
     if _is_malformed_json(exc):
         return problem_response(request, 400, "malformed-json", f"Request body is not valid JSON: {detail}")
     errors = exc.extra if isinstance(exc.extra, list) else []
-    return problem_response(request, 400, "validation-error", _first_message(detail, errors),
-                            errors=errors)
+    return problem_response(request, 400, "validation-error", _first_message(detail, errors), errors=errors)
 
 
 def _first_message(detail: str, errors: list[Any]) -> str:

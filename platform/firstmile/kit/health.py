@@ -29,8 +29,9 @@ class HealthController(Controller):
                 async with engine.connect() as conn:
                     await conn.execute(text("SELECT 1"))
         except Exception as exc:
-            raise ProblemError(503, "service-unavailable", f"database: {type(exc).__name__}",
-                               checks={"database": "down"}) from exc
+            raise ProblemError(
+                503, "service-unavailable", f"database: {type(exc).__name__}", checks={"database": "down"}
+            ) from exc
         return {"status": "ok", "region": request.app.state.settings.region, "checks": {"database": "ok"}}
 
 

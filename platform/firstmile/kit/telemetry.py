@@ -42,13 +42,13 @@ PATH_SELECTION_LATENCY = Histogram(
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1),
 )
 ONBOARDING_STARTS = Counter(
-    "firstmile_onboarding_starts_total", "Onboardings started, by how the path was chosen.",
+    "firstmile_onboarding_starts_total",
+    "Onboardings started, by how the path was chosen.",
     ["selected_by"],
 )
 STEP_COMPLETIONS = Counter("firstmile_step_completions_total", "Steps completed (first completion only).")
 ACTIVATIONS = Counter("firstmile_activations_total", "Users who completed their path's activation step.")
-ERRORS = Counter("firstmile_errors_total", "Problem responses sent, by problem type and status.",
-                 ["type", "status"])
+ERRORS = Counter("firstmile_errors_total", "Problem responses sent, by problem type and status.", ["type", "status"])
 
 
 def metrics_payload() -> bytes:
@@ -106,8 +106,9 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
 _provider: TracerProvider | None = None
 
 
-def configure_tracing(service_name: str, exporter: str, endpoint: str | None,
-                      extra_exporter: SpanExporter | None = None) -> TracerProvider:
+def configure_tracing(
+    service_name: str, exporter: str, endpoint: str | None, extra_exporter: SpanExporter | None = None
+) -> TracerProvider:
     """Install the process's tracer provider once; later calls reuse it."""
     global _provider
     if _provider is None:
@@ -117,8 +118,8 @@ def configure_tracing(service_name: str, exporter: str, endpoint: str | None,
         elif exporter == "otlp":
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-            kwargs = {"endpoint": endpoint.rstrip("/") + "/v1/traces"} if endpoint else {}
-            _provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(**kwargs)))
+            traces_url = endpoint.rstrip("/") + "/v1/traces" if endpoint else None
+            _provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=traces_url)))
         trace.set_tracer_provider(_provider)
     if extra_exporter is not None:
         from opentelemetry.sdk.trace.export import SimpleSpanProcessor

@@ -30,8 +30,12 @@ async def request_transaction(request: Request[Principal, Any, Any]) -> AsyncIte
 
 def _check(value: str, pattern: re.Pattern[str], name: str) -> str:
     if not pattern.match(value):
-        raise ProblemError(400, "validation-error", f"{name} {value[:140]!r} is not a valid id (at {name})",
-                           errors=[{"key": name, "message": "invalid id", "source": "path"}])
+        raise ProblemError(
+            400,
+            "validation-error",
+            f"{name} {value[:140]!r} is not a valid id (at {name})",
+            errors=[{"key": name, "message": "invalid id", "source": "path"}],
+        )
     return value
 
 
@@ -40,17 +44,23 @@ class OnboardingController(Controller):
     tags = ["onboarding"]
     guards = [require_scope("onboarding:write")]
 
-    @post("/start", status_code=201, summary="Start a user's onboarding",
-          description="Chooses a path for the user and returns its state: 201 when new, "
-                      "200 with the existing state when the user already started.")
+    @post(
+        "/start",
+        status_code=201,
+        summary="Start a user's onboarding",
+        description="Chooses a path for the user and returns its state: 201 when new, "
+        "200 with the existing state when the user already started.",
+    )
     async def start(
-        self, request: Request[Principal, Any, Any],
+        self,
+        request: Request[Principal, Any, Any],
         data: Annotated[StartRequest, Body(description="The user and their traits")],
     ) -> Response[OnboardingState]:
         service: OnboardingService = request.app.state.onboarding
         async with request_transaction(request) as conn:
-            outcome = await service.start(conn, request.user.tenant_id, request.user.tenant_revision,
-                                          data.user_id, data.traits)
+            outcome = await service.start(
+                conn, request.user.tenant_id, request.user.tenant_revision, data.user_id, data.traits
+            )
         return Response(outcome.state, status_code=201 if outcome.created else 200)
 
     @get("/{user_id:str}", summary="A user's onboarding state")
@@ -60,10 +70,17 @@ class OnboardingController(Controller):
         async with request_transaction(request) as conn:
             return await service.get(conn, request.user.tenant_id, user_id)
 
-    @post("/{user_id:str}/steps/{step_id:str}/complete", status_code=200, summary="Complete a step",
-          description="Idempotent: completing a completed step returns the unchanged state.")
+    @post(
+        "/{user_id:str}/steps/{step_id:str}/complete",
+        status_code=200,
+        summary="Complete a step",
+        description="Idempotent: completing a completed step returns the unchanged state.",
+    )
     async def complete(
-        self, request: Request[Principal, Any, Any], user_id: str, step_id: str,
+        self,
+        request: Request[Principal, Any, Any],
+        user_id: str,
+        step_id: str,
         data: Annotated[CompleteRequest | None, Body(description="Optional: when it happened")] = None,
     ) -> OnboardingState:
         _check(user_id, _USER_ID, "user_id")

@@ -37,12 +37,15 @@ class CatalogCache:
         cached = self._catalogs.get(tenant_id)
         if cached is not None and cached.revision >= revision:
             return cached
-        default_key = (await conn.execute(
-            select(tenants.c.manifest["default_path"].astext, tenants.c.revision).where(tenants.c.id == tenant_id)
-        )).one()
+        default_key = (
+            await conn.execute(
+                select(tenants.c.manifest["default_path"].astext, tenants.c.revision).where(tenants.c.id == tenant_id)
+            )
+        ).one()
         rows = await conn.execute(
-            select(onboarding_paths.c.path_key, onboarding_paths.c.version, onboarding_paths.c.definition)
-            .where(onboarding_paths.c.tenant_id == tenant_id, onboarding_paths.c.is_current)
+            select(onboarding_paths.c.path_key, onboarding_paths.c.version, onboarding_paths.c.definition).where(
+                onboarding_paths.c.tenant_id == tenant_id, onboarding_paths.c.is_current
+            )
         )
         current = tuple(PathDef.from_definition(r[0], r[1], r[2]) for r in rows)
         for path in current:
@@ -55,13 +58,15 @@ class CatalogCache:
         cached = self._versions.get((tenant_id, key, version))
         if cached is not None:
             return cached
-        row = (await conn.execute(
-            select(onboarding_paths.c.definition).where(
-                onboarding_paths.c.tenant_id == tenant_id,
-                onboarding_paths.c.path_key == key,
-                onboarding_paths.c.version == version,
+        row = (
+            await conn.execute(
+                select(onboarding_paths.c.definition).where(
+                    onboarding_paths.c.tenant_id == tenant_id,
+                    onboarding_paths.c.path_key == key,
+                    onboarding_paths.c.version == version,
+                )
             )
-        )).one()
+        ).one()
         path = PathDef.from_definition(key, version, row[0])
         self._versions[(tenant_id, key, version)] = path
         return path

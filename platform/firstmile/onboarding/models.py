@@ -60,11 +60,11 @@ user_progress = Table(
     Column("completed_at", DateTime(timezone=True), nullable=True),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     PrimaryKeyConstraint("tenant_id", "user_id"),
-    ForeignKeyConstraint(["tenant_id", "user_id"], ["end_users.tenant_id", "end_users.user_id"],
-                         ondelete="CASCADE"),
-    ForeignKeyConstraint(["tenant_id", "path_key", "path_version"],
-                         ["onboarding_paths.tenant_id", "onboarding_paths.path_key",
-                          "onboarding_paths.version"]),
+    ForeignKeyConstraint(["tenant_id", "user_id"], ["end_users.tenant_id", "end_users.user_id"], ondelete="CASCADE"),
+    ForeignKeyConstraint(
+        ["tenant_id", "path_key", "path_version"],
+        ["onboarding_paths.tenant_id", "onboarding_paths.path_key", "onboarding_paths.version"],
+    ),
     Index("ix_user_progress_tenant_id_path_key_path_version", "tenant_id", "path_key", "path_version"),
 )
 
@@ -80,6 +80,7 @@ step_completions = Table(
     Column("occurred_at", DateTime(timezone=True), nullable=False),
     Column("source", Text, nullable=False),
     PrimaryKeyConstraint("tenant_id", "user_id", "step_id"),
-    ForeignKeyConstraint(["tenant_id", "user_id"], ["user_progress.tenant_id", "user_progress.user_id"],
-                         ondelete="CASCADE"),
+    ForeignKeyConstraint(
+        ["tenant_id", "user_id"], ["user_progress.tenant_id", "user_progress.user_id"], ondelete="CASCADE"
+    ),
 )

@@ -59,8 +59,7 @@ _START = text(
     " ON CONFLICT (tenant_id, user_id) DO NOTHING RETURNING 1"
     "), o AS (" + _OUTBOX_FROM + " WHERE EXISTS (SELECT 1 FROM p) RETURNING 1"
     ") SELECT (SELECT count(*) FROM p), (SELECT count(*) FROM u)"
-).bindparams(bindparam("traits", type_=JSONB), bindparam("decision", type_=JSONB),
-             bindparam("events", type_=JSONB))
+).bindparams(bindparam("traits", type_=JSONB), bindparam("decision", type_=JSONB), bindparam("events", type_=JSONB))
 
 _GET = text(
     "SELECT p.path_key, p.path_version, p.status, p.current_step, p.decision, p.started_at,"
@@ -90,39 +89,85 @@ def _parse_ts(value: str) -> datetime:
     return datetime.fromisoformat(value)
 
 
-async def insert_start(conn: AsyncConnection, tenant_id: TenantId, user_id: str, traits: dict[str, Any],
-                       path_key: str, path_version: int, current_step: str | None,
-                       decision: dict[str, Any], now: datetime, events: list[OutboxEvent]) -> bool:
+async def insert_start(
+    conn: AsyncConnection,
+    tenant_id: TenantId,
+    user_id: str,
+    traits: dict[str, Any],
+    path_key: str,
+    path_version: int,
+    current_step: str | None,
+    decision: dict[str, Any],
+    now: datetime,
+    events: list[OutboxEvent],
+) -> bool:
     """Create the user, their progress and the outbox events; False when the user already had a path."""
-    row = (await conn.execute(_START, {
-        "tid": tenant_id, "uid": user_id, "traits": traits, "path_key": path_key,
-        "path_version": path_version, "current_step": current_step, "decision": decision,
-        "now": now, "pkey": f"{tenant_id}:{user_id}", "events": [e.as_json() for e in events],
-    })).one()
+    row = (
+        await conn.execute(
+            _START,
+            {
+                "tid": tenant_id,
+                "uid": user_id,
+                "traits": traits,
+                "path_key": path_key,
+                "path_version": path_version,
+                "current_step": current_step,
+                "decision": decision,
+                "now": now,
+                "pkey": f"{tenant_id}:{user_id}",
+                "events": [e.as_json() for e in events],
+            },
+        )
+    ).one()
     return bool(row[0])
 
 
-async def get_progress(conn: AsyncConnection, tenant_id: TenantId, user_id: str, *,
-                       for_update: bool = False) -> ProgressRow | None:
-    row = (await conn.execute(_GET_FOR_UPDATE if for_update else _GET,
-                              {"tid": tenant_id, "uid": user_id})).first()
+async def get_progress(
+    conn: AsyncConnection, tenant_id: TenantId, user_id: str, *, for_update: bool = False
+) -> ProgressRow | None:
+    row = (await conn.execute(_GET_FOR_UPDATE if for_update else _GET, {"tid": tenant_id, "uid": user_id})).first()
     if row is None:
         return None
     completions = {k: _parse_ts(v) for k, v in row[8].items()}
     return ProgressRow(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], completions)
 
 
-async def insert_completion(conn: AsyncConnection, tenant_id: TenantId, user_id: str, step_id: str,
-                            path_key: str, path_version: int, now: datetime, occurred_at: datetime,
-                            source: str, current_step: str | None, status: str,
-                            activated_at: datetime | None, completed_at: datetime | None,
-                            events: list[OutboxEvent]) -> bool:
+async def insert_completion(
+    conn: AsyncConnection,
+    tenant_id: TenantId,
+    user_id: str,
+    step_id: str,
+    path_key: str,
+    path_version: int,
+    now: datetime,
+    occurred_at: datetime,
+    source: str,
+    current_step: str | None,
+    status: str,
+    activated_at: datetime | None,
+    completed_at: datetime | None,
+    events: list[OutboxEvent],
+) -> bool:
     """Record one completion, update progress, write events; False if it was already recorded."""
-    row = (await conn.execute(_COMPLETE, {
-        "tid": tenant_id, "uid": user_id, "step_id": step_id, "path_key": path_key,
-        "path_version": path_version, "now": now, "occurred_at": occurred_at, "source": source,
-        "current_step": current_step, "status": status, "activated_at": activated_at,
-        "completed_at": completed_at, "pkey": f"{tenant_id}:{user_id}",
-        "events": [e.as_json() for e in events],
-    })).one()
+    row = (
+        await conn.execute(
+            _COMPLETE,
+            {
+                "tid": tenant_id,
+                "uid": user_id,
+                "step_id": step_id,
+                "path_key": path_key,
+                "path_version": path_version,
+                "now": now,
+                "occurred_at": occurred_at,
+                "source": source,
+                "current_step": current_step,
+                "status": status,
+                "activated_at": activated_at,
+                "completed_at": completed_at,
+                "pkey": f"{tenant_id}:{user_id}",
+                "events": [e.as_json() for e in events],
+            },
+        )
+    ).one()
     return bool(row[0])

@@ -10,8 +10,12 @@ from msgspec import Meta
 
 UserId = Annotated[
     str,
-    Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@+\-]*$",
-         description="The tenant's own id for the user: letters, digits and . _ : @ + -"),
+    Meta(
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@+\-]*$",
+        description="The tenant's own id for the user: letters, digits and . _ : @ + -",
+    ),
 ]
 TraitValue = str | int | float | bool | None
 

@@ -75,9 +75,14 @@ def render_state(user_id: str, path: PathDef, row: repo.ProgressRow) -> Onboardi
     progress = domain.evaluate(path, done)
     steps = [
         StepState(
-            id=s.id, title=s.title, description=s.description, optional=s.optional,
-            prerequisites=list(s.prerequisites), completed=s.id in done,
-            completed_at=done.get(s.id), available=domain.is_available(path, s, done),
+            id=s.id,
+            title=s.title,
+            description=s.description,
+            optional=s.optional,
+            prerequisites=list(s.prerequisites),
+            completed=s.id in done,
+            completed_at=done.get(s.id),
+            available=domain.is_available(path, s, done),
         )
         for s in path.steps
     ]
@@ -94,8 +99,11 @@ def render_state(user_id: str, path: PathDef, row: repo.ProgressRow) -> Onboardi
         progress=ProgressSummary(progress.completed_required, progress.required, progress.percent),
         steps=steps,
         decision=DecisionRecord(
-            selected_by=d["selected_by"], rule=d.get("rule"), priority=d.get("priority"),
-            planner=d["planner"], fallback=d.get("fallback"),
+            selected_by=d["selected_by"],
+            rule=d.get("rule"),
+            priority=d.get("priority"),
+            planner=d["planner"],
+            fallback=d.get("fallback"),
             candidates_evaluated=int(d.get("candidates_evaluated", 0)),
             decided_at=datetime.fromisoformat(d["decided_at"]),
         ),
@@ -108,8 +116,9 @@ class OnboardingService:
     def __init__(self, catalogs: CatalogCache) -> None:
         self.catalogs = catalogs
 
-    async def start(self, conn: AsyncConnection, tenant_id: TenantId, revision: int, user_id: str,
-                    traits: Mapping[str, Any]) -> StartOutcome:
+    async def start(
+        self, conn: AsyncConnection, tenant_id: TenantId, revision: int, user_id: str, traits: Mapping[str, Any]
+    ) -> StartOutcome:
         clean = validate_traits(traits)
         catalog = await self.catalogs.catalog(conn, tenant_id, revision)
         began = time.perf_counter()
@@ -119,12 +128,20 @@ class OnboardingService:
         now = datetime.now(UTC)
         record = decision.as_record() | {"decided_at": now.isoformat()}
         first = domain.evaluate(path, ()).current_step
-        event = _event("onboarding.started", {
-            "user_id": user_id, "path_id": path.key, "path_version": path.version,
-            "current_step": first, "decision": record, "traits": clean,
-        })
-        created = await repo.insert_start(conn, tenant_id, user_id, clean, path.key, path.version, first,
-                                          record, now, [event])
+        event = _event(
+            "onboarding.started",
+            {
+                "user_id": user_id,
+                "path_id": path.key,
+                "path_version": path.version,
+                "current_step": first,
+                "decision": record,
+                "traits": clean,
+            },
+        )
+        created = await repo.insert_start(
+            conn, tenant_id, user_id, clean, path.key, path.version, first, record, now, [event]
+        )
         if created:
             telemetry.ONBOARDING_STARTS.labels(decision.selected_by).inc()
             row = repo.ProgressRow(path.key, path.version, "in_progress", first, record, now, None, None, {})
@@ -138,53 +155,102 @@ class OnboardingService:
         path = await self.catalogs.version(conn, tenant_id, row.path_key, row.path_version)
         return render_state(user_id, path, row)
 
-    async def complete(self, conn: AsyncConnection, tenant_id: TenantId, user_id: str, step_id: str,
-                       occurred_at: datetime | None = None, source: str = "api") -> OnboardingState:
+    async def complete(
+        self,
+        conn: AsyncConnection,
+        tenant_id: TenantId,
+        user_id: str,
+        step_id: str,
+        occurred_at: datetime | None = None,
+        source: str = "api",
+    ) -> OnboardingState:
         now = datetime.now(UTC)
         if occurred_at is not None:
             if occurred_at.tzinfo is None:
-                raise ProblemError(400, "validation-error", "occurred_at needs a time zone (at occurred_at)",
-                                   errors=[{"key": "occurred_at", "message": "time zone required"}])
+                raise ProblemError(
+                    400,
+                    "validation-error",
+                    "occurred_at needs a time zone (at occurred_at)",
+                    errors=[{"key": "occurred_at", "message": "time zone required"}],
+                )
             if occurred_at > now + MAX_CLOCK_SKEW:
-                raise ProblemError(400, "validation-error", "occurred_at is in the future (at occurred_at)",
-                                   errors=[{"key": "occurred_at", "message": "in the future"}])
+                raise ProblemError(
+                    400,
+                    "validation-error",
+                    "occurred_at is in the future (at occurred_at)",
+                    errors=[{"key": "occurred_at", "message": "in the future"}],
+                )
         row = await repo.get_progress(conn, tenant_id, user_id, for_update=True)
         if row is None:
             raise ProblemError(404, "user-not-found", f"user {user_id!r} has not started onboarding")
         path = await self.catalogs.version(conn, tenant_id, row.path_key, row.path_version)
         if path.step(step_id) is None:
-            raise ProblemError(404, "step-not-found",
-                               f"step {step_id!r} is not on path {path.key} v{path.version}",
-                               path_id=path.key, path_version=path.version,
-                               steps=[s.id for s in path.steps])
+            raise ProblemError(
+                404,
+                "step-not-found",
+                f"step {step_id!r} is not on path {path.key} v{path.version}",
+                path_id=path.key,
+                path_version=path.version,
+                steps=[s.id for s in path.steps],
+            )
         if step_id in row.completions:
             return render_state(user_id, path, row)
         missing = domain.missing_prerequisites(path, step_id, row.completions)
         if missing:
-            raise ProblemError(409, "step-prerequisites-unmet",
-                               f"step {step_id!r} needs {', '.join(missing)} first", missing=missing)
+            raise ProblemError(
+                409, "step-prerequisites-unmet", f"step {step_id!r} needs {', '.join(missing)} first", missing=missing
+            )
         completions = {**row.completions, step_id: now}
         progress = domain.evaluate(path, completions)
         activated_now = step_id == path.activation_step and row.activated_at is None
         activated_at = now if activated_now else row.activated_at
         completed_at = now if progress.status == "completed" and row.completed_at is None else row.completed_at
         base = {"user_id": user_id, "path_id": path.key, "path_version": path.version}
-        events = [_event("onboarding.step_completed", base | {
-            "step_id": step_id, "occurred_at": (occurred_at or now).isoformat(), "source": source,
-            "current_step": progress.current_step,
-        })]
+        events = [
+            _event(
+                "onboarding.step_completed",
+                base
+                | {
+                    "step_id": step_id,
+                    "occurred_at": (occurred_at or now).isoformat(),
+                    "source": source,
+                    "current_step": progress.current_step,
+                },
+            )
+        ]
         if activated_now:
             events.append(_event("onboarding.activated", base | {"step_id": step_id}))
         if completed_at is not None and row.completed_at is None:
             events.append(_event("onboarding.completed", base))
         inserted = await repo.insert_completion(
-            conn, tenant_id, user_id, step_id, path.key, path.version, now, occurred_at or now, source,
-            progress.current_step, progress.status, activated_at, completed_at, events,
+            conn,
+            tenant_id,
+            user_id,
+            step_id,
+            path.key,
+            path.version,
+            now,
+            occurred_at or now,
+            source,
+            progress.current_step,
+            progress.status,
+            activated_at,
+            completed_at,
+            events,
         )
         if inserted:
             telemetry.STEP_COMPLETIONS.inc()
             if activated_now:
                 telemetry.ACTIVATIONS.inc()
-        new_row = repo.ProgressRow(path.key, path.version, progress.status, progress.current_step,
-                                   row.decision, row.started_at, activated_at, completed_at, completions)
+        new_row = repo.ProgressRow(
+            path.key,
+            path.version,
+            progress.status,
+            progress.current_step,
+            row.decision,
+            row.started_at,
+            activated_at,
+            completed_at,
+            completions,
+        )
         return render_state(user_id, path, new_row)

@@ -18,7 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from firstmile.onboarding.rules import Operator
 from firstmile.settings import REGION_PATTERN
 
-Slug = Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,62}[a-z0-9]$", description="Lower-case id: letters, digits, dashes.")]
+Slug = Annotated[
+    str, Field(pattern=r"^[a-z][a-z0-9-]{0,62}[a-z0-9]$", description="Lower-case id: letters, digits, dashes.")
+]
 Scalar = str | int | float | bool
 KNOWN_TRAITS: tuple[str, ...] = ("persona", "signup_source", "company_size", "use_case", "role")
 COMPANY_SIZES: tuple[str, ...] = ("1-10", "11-50", "51-200", "201-1000", "1001+")
@@ -33,7 +35,9 @@ class Predicate(_Model):
 
     field: str = Field(min_length=1, max_length=128, description="Trait or property name; dots address nested values.")
     op: Operator = Field(default="eq", description="Comparison operator.")
-    value: Scalar | list[Scalar] | None = Field(default=None, description="Value to compare with; a list for in/not_in.")
+    value: Scalar | list[Scalar] | None = Field(
+        default=None, description="Value to compare with; a list for in/not_in."
+    )
 
     @model_validator(mode="after")
     def _value_fits_operator(self) -> Predicate:
@@ -70,7 +74,7 @@ class Step(_Model):
     completion: Completion
 
 
-class Path(_Model):
+class PathSpec(_Model):
     """An onboarding path: ordered steps, who it targets, and which step means activated."""
 
     id: Slug
@@ -84,7 +88,7 @@ class Path(_Model):
     steps: tuple[Step, ...] = Field(min_length=4, max_length=8)
 
     @model_validator(mode="after")
-    def _consistent(self) -> Path:
+    def _consistent(self) -> PathSpec:
         ids = [step.id for step in self.steps]
         if len(set(ids)) != len(ids):
             raise ValueError(f"path {self.id}: step ids must be unique")
@@ -129,7 +133,7 @@ class TenantManifest(_Model):
     api_version: Literal["firstmile/v1"] = "firstmile/v1"
     tenant: Tenant
     default_path: Slug = Field(description="Path for users no targeting rule matches; must have no targeting.")
-    paths: tuple[Path, ...] = Field(min_length=1, max_length=100)
+    paths: tuple[PathSpec, ...] = Field(min_length=1, max_length=100)
 
     @model_validator(mode="after")
     def _consistent(self) -> TenantManifest:

@@ -67,22 +67,51 @@ async def tenant_by_slug(conn: AsyncConnection, slug: str) -> TenantRow | None:
     row = (await conn.execute(select(tenants).where(tenants.c.slug == slug))).mappings().first()
     if row is None:
         return None
-    return TenantRow(TenantId(row["id"]), row["slug"], row["name"], row["home_region"],
-                     row["manifest_hash"], row["revision"], row["manifest"])
+    return TenantRow(
+        TenantId(row["id"]),
+        row["slug"],
+        row["name"],
+        row["home_region"],
+        row["manifest_hash"],
+        row["revision"],
+        row["manifest"],
+    )
 
 
-async def insert_tenant(conn: AsyncConnection, tenant_id: TenantId, slug: str, name: str, region: str,
-                        manifest: dict[str, Any], manifest_hash: str) -> None:
-    await conn.execute(insert(tenants).values(id=tenant_id, slug=slug, name=name, home_region=region,
-                                              manifest=manifest, manifest_hash=manifest_hash, revision=1))
-
-
-async def update_tenant(conn: AsyncConnection, tenant_id: TenantId, name: str,
-                        manifest: dict[str, Any], manifest_hash: str) -> None:
+async def insert_tenant(
+    conn: AsyncConnection,
+    tenant_id: TenantId,
+    slug: str,
+    name: str,
+    region: str,
+    manifest: dict[str, Any],
+    manifest_hash: str,
+) -> None:
     await conn.execute(
-        update(tenants).where(tenants.c.id == tenant_id).values(
-            name=name, manifest=manifest, manifest_hash=manifest_hash,
-            revision=tenants.c.revision + 1, updated_at=func.now(),
+        insert(tenants).values(
+            id=tenant_id,
+            slug=slug,
+            name=name,
+            home_region=region,
+            manifest=manifest,
+            manifest_hash=manifest_hash,
+            revision=1,
+        )
+    )
+
+
+async def update_tenant(
+    conn: AsyncConnection, tenant_id: TenantId, name: str, manifest: dict[str, Any], manifest_hash: str
+) -> None:
+    await conn.execute(
+        update(tenants)
+        .where(tenants.c.id == tenant_id)
+        .values(
+            name=name,
+            manifest=manifest,
+            manifest_hash=manifest_hash,
+            revision=tenants.c.revision + 1,
+            updated_at=func.now(),
         )
     )
 
@@ -90,8 +119,9 @@ async def update_tenant(conn: AsyncConnection, tenant_id: TenantId, name: str,
 async def current_path_hashes(conn: AsyncConnection, tenant_id: TenantId) -> dict[str, tuple[int, str]]:
     """``{path_key: (version, content_hash)}`` of the tenant's current paths."""
     rows = await conn.execute(
-        select(onboarding_paths.c.path_key, onboarding_paths.c.version, onboarding_paths.c.content_hash)
-        .where(onboarding_paths.c.tenant_id == tenant_id, onboarding_paths.c.is_current)
+        select(onboarding_paths.c.path_key, onboarding_paths.c.version, onboarding_paths.c.content_hash).where(
+            onboarding_paths.c.tenant_id == tenant_id, onboarding_paths.c.is_current
+        )
     )
     return {r[0]: (r[1], r[2]) for r in rows}
 
@@ -105,36 +135,68 @@ async def latest_versions(conn: AsyncConnection, tenant_id: TenantId) -> dict[st
     return {r[0]: r[1] for r in rows}
 
 
-async def insert_path_version(conn: AsyncConnection, tenant_id: TenantId, key: str, version: int,
-                              definition: dict[str, Any], content_hash: str) -> None:
-    await conn.execute(insert(onboarding_paths).values(
-        tenant_id=tenant_id, path_key=key, version=version, definition=definition,
-        content_hash=content_hash, is_current=True,
-    ))
+async def insert_path_version(
+    conn: AsyncConnection, tenant_id: TenantId, key: str, version: int, definition: dict[str, Any], content_hash: str
+) -> None:
+    await conn.execute(
+        insert(onboarding_paths).values(
+            tenant_id=tenant_id,
+            path_key=key,
+            version=version,
+            definition=definition,
+            content_hash=content_hash,
+            is_current=True,
+        )
+    )
 
 
 async def retire_path(conn: AsyncConnection, tenant_id: TenantId, key: str) -> None:
     await conn.execute(
         update(onboarding_paths)
-        .where(onboarding_paths.c.tenant_id == tenant_id, onboarding_paths.c.path_key == key,
-               onboarding_paths.c.is_current)
+        .where(
+            onboarding_paths.c.tenant_id == tenant_id, onboarding_paths.c.path_key == key, onboarding_paths.c.is_current
+        )
         .values(is_current=False)
     )
 
 
-async def insert_key(conn: AsyncConnection, tenant_id: TenantId, name: str, prefix: str,
-                     key_hash: bytes, scopes: tuple[str, ...], region: str) -> uuid.UUID:
+async def insert_key(
+    conn: AsyncConnection,
+    tenant_id: TenantId,
+    name: str,
+    prefix: str,
+    key_hash: bytes,
+    scopes: tuple[str, ...],
+    region: str,
+) -> uuid.UUID:
     key_id = uuid.uuid4()
-    await conn.execute(insert(api_keys).values(id=key_id, tenant_id=tenant_id, name=name, prefix=prefix,
-                                               key_hash=key_hash, scopes=list(scopes), region=region))
+    await conn.execute(
+        insert(api_keys).values(
+            id=key_id,
+            tenant_id=tenant_id,
+            name=name,
+            prefix=prefix,
+            key_hash=key_hash,
+            scopes=list(scopes),
+            region=region,
+        )
+    )
     return key_id
 
 
 async def list_keys(conn: AsyncConnection, tenant_id: TenantId) -> list[KeyRow]:
     rows = await conn.execute(
-        select(api_keys.c.id, api_keys.c.name, api_keys.c.prefix, api_keys.c.scopes, api_keys.c.region,
-               api_keys.c.created_at, api_keys.c.revoked_at)
-        .where(api_keys.c.tenant_id == tenant_id).order_by(api_keys.c.created_at)
+        select(
+            api_keys.c.id,
+            api_keys.c.name,
+            api_keys.c.prefix,
+            api_keys.c.scopes,
+            api_keys.c.region,
+            api_keys.c.created_at,
+            api_keys.c.revoked_at,
+        )
+        .where(api_keys.c.tenant_id == tenant_id)
+        .order_by(api_keys.c.created_at)
     )
     return [KeyRow(r[0], r[1], r[2], tuple(r[3]), r[4], r[5], r[6]) for r in rows]
 

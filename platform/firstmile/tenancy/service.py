@@ -32,7 +32,7 @@ class ApplyResult:
         return bool(self.changes)
 
 
-class _DryRun(Exception):
+class _DryRunError(Exception):
     pass
 
 
@@ -53,8 +53,9 @@ async def apply_manifest(engine: AsyncEngine, manifest: TenantManifest, *, dry_r
             if existing is None:
                 tenant_id = authorise_tenant(uuid.uuid4())
                 await set_tenant(conn, tenant_id)
-                await repo.insert_tenant(conn, tenant_id, spec.slug, spec.name, spec.home_region,
-                                         manifest_doc, manifest_hash)
+                await repo.insert_tenant(
+                    conn, tenant_id, spec.slug, spec.name, spec.home_region, manifest_doc, manifest_hash
+                )
                 result = ApplyResult(tenant_id, spec.slug, [f"create tenant {spec.slug} in {spec.home_region}"])
             else:
                 tenant_id = existing.id
@@ -89,8 +90,8 @@ async def apply_manifest(engine: AsyncEngine, manifest: TenantManifest, *, dry_r
                     result.changes.append(f"tenant {spec.slug}: manifest settings updated")
                 await repo.update_tenant(conn, tenant_id, spec.name, manifest_doc, manifest_hash)
             if dry_run:
-                raise _DryRun
-    except _DryRun:
+                raise _DryRunError
+    except _DryRunError:
         pass
     assert result is not None
     return result
@@ -112,8 +113,9 @@ async def _tenant(conn: AsyncConnection, slug: str) -> repo.TenantRow:
     return row
 
 
-async def create_key(engine: AsyncEngine, pepper: bytes, tenant_slug: str, scopes: list[str],
-                     name: str = "default") -> CreatedKey:
+async def create_key(
+    engine: AsyncEngine, pepper: bytes, tenant_slug: str, scopes: list[str], name: str = "default"
+) -> CreatedKey:
     """Create a key bound to the tenant and its home region; returns the plaintext once."""
     try:
         valid = keylib.validate_scopes(scopes)
@@ -123,8 +125,9 @@ async def create_key(engine: AsyncEngine, pepper: bytes, tenant_slug: str, scope
     async with engine.begin() as conn:
         tenant = await _tenant(conn, tenant_slug)
         await set_tenant(conn, tenant.id)
-        key_id = await repo.insert_key(conn, tenant.id, name, keylib.display_prefix(key),
-                                       keylib.hash_key(pepper, key), valid, tenant.home_region)
+        key_id = await repo.insert_key(
+            conn, tenant.id, name, keylib.display_prefix(key), keylib.hash_key(pepper, key), valid, tenant.home_region
+        )
     return CreatedKey(key, key_id, tenant_slug, valid, tenant.home_region)
 
 

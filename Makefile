@@ -1,0 +1,59 @@
+# Firstmile: `make run` serves the demo on embedded defaults; `make test` runs everything.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PG := deploy/local/postgres.sh
+PYTEST_WORKERS ?= 2
+
+.PHONY: help run install test lint typecheck pytest services services-stop bench clean
+
+help: ## Show the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@test -x $(BIN)/uv || $(BIN)/pip install -q uv
+	$(BIN)/uv pip install --python $(BIN)/python -q -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install Firstmile with its dev tools (idempotent)
+
+run: $(STAMP) ## Migrate the embedded PostgreSQL, apply tenants/demo.yaml, print a demo key, serve on 127.0.0.1:8000
+	$(BIN)/firstmile dev
+
+services: ## Install (apt) and start the PostgreSQL the tests use
+	@$(PG) start test
+
+services-stop: ## Stop the test services
+	@$(PG) stop test
+
+lint: $(STAMP) ## ruff check and format check
+	$(BIN)/ruff check platform inference tests
+	$(BIN)/ruff format --check platform inference tests
+
+typecheck: $(STAMP) ## mypy --strict on the packages and tests
+	$(BIN)/mypy
+
+pytest: $(STAMP) services ## The test suite (PostgreSQL must be running: make services)
+	FIRSTMILE_TEST_ADMIN_URL=$$($(PG) url test) $(BIN)/pytest -n $(PYTEST_WORKERS)
+
+test: $(STAMP) ## Everything the tests need, then ruff, mypy and the whole suite; services stopped at the end
+	@$(PG) start test
+	@status=0; \
+	  $(MAKE) --no-print-directory lint typecheck || status=$$?; \
+	  if [ $$status -eq 0 ]; then \
+	    FIRSTMILE_TEST_ADMIN_URL=$$($(PG) url test) $(BIN)/pytest -n $(PYTEST_WORKERS) || status=$$?; \
+	  fi; \
+	  $(PG) stop test; exit $$status
+
+bench: $(STAMP) ## API benchmark (docs/benchmarks.md)
+	@$(PG) start bench
+	FIRSTMILE_BENCH_ADMIN_URL=$$($(PG) url bench) $(BIN)/firstmile bench api --output docs/benchmarks-latest.md; \
+	  status=$$?; $(PG) stop bench; exit $$status
+
+clean: ## Remove the venv and all local state (embedded database included)
+	-$(PG) stop test; $(PG) stop bench
+	rm -rf $(VENV) .firstmile .mypy_cache .ruff_cache .pytest_cache
