@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, get, post
-from litestar.params import Body
+from litestar.params import Body, FromPath
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from firstmile.kit.auth import Principal, require_scope
@@ -64,7 +64,7 @@ class OnboardingController(Controller):
         return Response(outcome.state, status_code=201 if outcome.created else 200)
 
     @get("/{user_id:str}", summary="A user's onboarding state")
-    async def state(self, request: Request[Principal, Any, Any], user_id: str) -> OnboardingState:
+    async def state(self, request: Request[Principal, Any, Any], user_id: FromPath[str]) -> OnboardingState:
         _check(user_id, _USER_ID, "user_id")
         service: OnboardingService = request.app.state.onboarding
         async with request_transaction(request) as conn:
@@ -79,8 +79,8 @@ class OnboardingController(Controller):
     async def complete(
         self,
         request: Request[Principal, Any, Any],
-        user_id: str,
-        step_id: str,
+        user_id: FromPath[str],
+        step_id: FromPath[str],
         data: Annotated[CompleteRequest | None, Body(description="Optional: when it happened")] = None,
     ) -> OnboardingState:
         _check(user_id, _USER_ID, "user_id")

@@ -1,0 +1,142 @@
+"""Shared fixtures: a real PostgreSQL database per test worker, migrated once.
+
+``make test`` starts PostgreSQL (deploy/local/postgres.sh) and exports
+``FIRSTMILE_TEST_ADMIN_URL`` (a superuser URL on loopback). Each xdist worker
+gets its own database; tests isolate from each other by tenant, which every
+factory takes as a required argument.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import pytest
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from firstmile.app import create_app
+from firstmile.kit.migrate import upgrade
+from firstmile.settings import Settings
+from firstmile.tenancy.manifest import TenantManifest
+from firstmile.tenancy.service import apply_manifest, create_key
+from tests.factories import manifest_for
+
+REGION = "eu-west-1"
+PEPPER = b"test-pepper-0123456789abcdef"
+
+
+@dataclass(frozen=True)
+class Database:
+    admin_url: str
+    app_url: str
+    name: str
+
+
+def _admin_server_url() -> str:
+    url = os.environ.get("FIRSTMILE_TEST_ADMIN_URL")
+    if not url:
+        pytest.exit("FIRSTMILE_TEST_ADMIN_URL is not set: run `make test` (it starts PostgreSQL)", returncode=2)
+    return url
+
+
+@pytest.fixture(scope="session")
+def database(worker_id: str) -> Iterator[Database]:
+    """A freshly migrated database for this worker; the app role can log in."""
+    import asyncio
+
+    server = make_url(_admin_server_url())
+    name = f"firstmile_test_{worker_id}"
+
+    async def create() -> None:
+        engine = create_async_engine(server, isolation_level="AUTOCOMMIT")
+        async with engine.connect() as conn:
+            await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            await conn.execute(text(f'CREATE DATABASE "{name}"'))
+        await engine.dispose()
+
+    asyncio.run(create())
+    admin_url = server.set(database=name).render_as_string(hide_password=False)
+    upgrade(admin_url, "firstmile_app")
+
+    async def allow_login() -> None:
+        engine = create_async_engine(admin_url)
+        async with engine.begin() as conn:
+            await conn.execute(text("ALTER ROLE firstmile_app LOGIN"))
+        await engine.dispose()
+
+    asyncio.run(allow_login())
+    app_url = server.set(database=name, username="firstmile_app", password=None).render_as_string(
+        hide_password=False
+    )
+    yield Database(admin_url=admin_url, app_url=app_url, name=name)
+
+
+@pytest.fixture(scope="session")
+async def admin_engine(database: Database) -> AsyncIterator[AsyncEngine]:
+    engine = create_async_engine(database.admin_url, pool_size=2)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture(scope="session")
+async def app_engine(database: Database) -> AsyncIterator[AsyncEngine]:
+    engine = create_async_engine(database.app_url, pool_size=5)
+    yield engine
+    await engine.dispose()
+
+
+def make_settings(**overrides: object) -> Settings:
+    values: dict[str, object] = {"region": REGION, "api_key_cache_ttl_seconds": 0, "log_format": "json"}
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def app(database: Database) -> Litestar:
+    # The app owns its pool: the test client may run it on another event loop than the tests'.
+    return create_app(make_settings(), database.app_url, PEPPER)
+
+
+@pytest.fixture(scope="session")
+async def client(app: Litestar) -> AsyncIterator[AsyncTestClient[Litestar]]:
+    async with AsyncTestClient(app=app, raise_server_exceptions=False) as c:
+        yield c
+
+
+@dataclass(frozen=True)
+class TenantFixture:
+    id: uuid.UUID
+    slug: str
+    key: str
+    manifest: TenantManifest
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+
+async def new_tenant(admin_engine: AsyncEngine, *, region: str = REGION,
+                     scopes: tuple[str, ...] = ("onboarding:write",)) -> TenantFixture:
+    """Apply a fresh tenant's manifest and give it a key."""
+    slug = f"t-{secrets.token_hex(5)}"
+    manifest = manifest_for(slug, region)
+    result = await apply_manifest(admin_engine, manifest)
+    created = await create_key(admin_engine, PEPPER, slug, list(scopes), "test")
+    return TenantFixture(result.tenant_id, slug, created.key, manifest)
+
+
+@pytest.fixture
+async def tenant(admin_engine: AsyncEngine) -> TenantFixture:
+    return await new_tenant(admin_engine)
+
+
+@pytest.fixture
+async def other_tenant(admin_engine: AsyncEngine) -> TenantFixture:
+    return await new_tenant(admin_engine)

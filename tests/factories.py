@@ -1,0 +1,48 @@
+"""Test data: manifests and database snapshots, always for an explicit tenant."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import yaml
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from firstmile.kit.models import TENANT_OWNED_TABLES
+from firstmile.tenancy.manifest import TenantManifest
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_MANIFEST = ROOT / "tenants" / "demo.yaml"
+
+
+def demo_document() -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load(DEMO_MANIFEST.read_text(encoding="utf-8"))
+    return doc
+
+
+def manifest_for(slug: str, region: str, document: dict[str, Any] | None = None) -> TenantManifest:
+    """The demo manifest's paths under another tenant identity."""
+    doc = document if document is not None else demo_document()
+    doc["tenant"] = {"slug": slug, "name": f"Tenant {slug}", "home_region": region}
+    return TenantManifest.model_validate(doc)
+
+
+async def db_snapshot(admin_engine: AsyncEngine, tenant_id: uuid.UUID) -> dict[str, str]:
+    """A digest of every row the tenant owns, per table: equal snapshots mean nothing changed."""
+    snapshot: dict[str, str] = {}
+    async with admin_engine.connect() as conn:
+        for table in (*TENANT_OWNED_TABLES, "tenants"):
+            column = "id" if table == "tenants" else "tenant_id"
+            row = (
+                await conn.execute(
+                    text(
+                        f"SELECT count(*), coalesce(md5(string_agg(t::text, '|' ORDER BY t::text)), '') "
+                        f"FROM {table} t WHERE {column} = :tid"
+                    ),
+                    {"tid": tenant_id},
+                )
+            ).one()
+            snapshot[table] = f"{row[0]}:{row[1]}"
+    return snapshot

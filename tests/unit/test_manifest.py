@@ -1,0 +1,94 @@
+"""The tenant manifest schema: what it accepts, what it refuses, and its exported JSON Schema."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from firstmile.tenancy.manifest import ManifestError, TenantManifest, json_schema, load_manifest
+from tests.factories import DEMO_MANIFEST, ROOT, demo_document
+
+
+def test_demo_manifest_meets_the_product_requirements() -> None:
+    manifest = load_manifest(DEMO_MANIFEST)
+    targeted = [p for p in manifest.paths if p.targeting]
+    fields = {pred.field for p in targeted for pred in p.targeting}
+    assert len(targeted) >= 6
+    assert {"persona", "use_case"} <= fields
+    assert manifest.default_path == "generic"
+    assert all(4 <= len(p.steps) <= 8 for p in manifest.paths)
+    assert any(s.optional for p in manifest.paths for s in p.steps)
+    assert any(s.completion.where for p in manifest.paths for s in p.steps)
+
+
+def test_exported_schema_is_up_to_date() -> None:
+    on_disk = json.loads((ROOT / "tenants" / "manifest.schema.json").read_text(encoding="utf-8"))
+    assert on_disk == json_schema(), "run: firstmile tenants schema -o tenants/manifest.schema.json"
+
+
+def _mutated(change: Any) -> dict[str, Any]:
+    doc = demo_document()
+    change(doc)
+    return doc
+
+
+def _path(doc: dict[str, Any], key: str) -> dict[str, Any]:
+    found: dict[str, Any] = next(p for p in doc["paths"] if p["id"] == key)
+    return found
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d.update(surprise=1), "Extra inputs are not permitted"),
+        (lambda d: d.update(default_path="nope"), "default_path nope is not one of the paths"),
+        (lambda d: _path(d, "generic").update(targeting=[{"field": "persona", "value": "x"}]), "must not have"),
+        (lambda d: _path(d, "analyst-reports").update(priority=100), "distinct priorities"),
+        (lambda d: _path(d, "generic").update(steps=_path(d, "generic")["steps"][:3]), "at least 4"),
+        (lambda d: _path(d, "generic").update(activation_step="invite-teammate"), "cannot be optional"),
+        (lambda d: _path(d, "generic").update(activation_step="missing"), "is not one of its steps"),
+        (lambda d: _path(d, "generic")["steps"][0].update(prerequisites=["take-tour"]), "must come before"),
+        (lambda d: _path(d, "generic")["steps"][1].update(prerequisites=["ghost"]), "unknown prerequisite"),
+        (lambda d: _path(d, "generic")["steps"][1].update(id="complete-profile"), "unique"),
+        (lambda d: d["tenant"].update(home_region="mars"), "String should match pattern"),
+        (lambda d: _path(d, "developer-quickstart")["targeting"][0].update(op="in"), "needs a list"),
+        (lambda d: _path(d, "developer-quickstart")["targeting"][0].update(op="like"), "Input should be"),
+        (
+            lambda d: _path(d, "enterprise-rollout")["targeting"][0].update(value=["huge"]),
+            "company_size values ['huge']",
+        ),
+    ],
+)
+def test_invalid_manifests_are_refused_with_the_reason(change: Any, message: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        TenantManifest.model_validate(_mutated(change))
+    assert message in str(err.value)
+
+
+def test_load_manifest_reports_file_and_location(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("api_version: firstmile/v1\ntenant: {slug: x1, name: X, home_region: eu-west-1}\n")
+    with pytest.raises(ManifestError) as err:
+        load_manifest(bad)
+    assert str(bad) in str(err.value)
+    assert "paths: Field required" in str(err.value)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("paths: [unclosed")
+    with pytest.raises(ManifestError):
+        load_manifest(broken)
+
+
+def test_content_hash_changes_only_with_content() -> None:
+    a = TenantManifest.model_validate(demo_document())
+    b = TenantManifest.model_validate(demo_document())
+    assert a.content_hash() == b.content_hash()
+    assert a.paths[0].content_hash() == b.paths[0].content_hash()
+    changed = demo_document()
+    changed["paths"][0]["steps"][0]["title"] = "Something else"
+    c = TenantManifest.model_validate(changed)
+    assert c.paths[0].content_hash() != a.paths[0].content_hash()
+    assert c.paths[1].content_hash() == a.paths[1].content_hash()
