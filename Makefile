@@ -56,4 +56,5 @@ bench: $(STAMP) ## API benchmark (docs/benchmarks.md)
 
 clean: ## Remove the venv and all local state (embedded database included)
 	-$(PG) stop test; $(PG) stop bench
+	-test -x $(BIN)/firstmile && $(BIN)/firstmile embedded stop
 	rm -rf $(VENV) .firstmile .mypy_cache .ruff_cache .pytest_cache

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import secrets
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
@@ -47,7 +47,7 @@ def _admin_server_url() -> str:
 
 
 @pytest.fixture(scope="session")
-def database(worker_id: str) -> Iterator[Database]:
+def database(worker_id: str) -> Database:
     """A freshly migrated database for this worker; the app role can log in."""
     import asyncio
 
@@ -72,10 +72,8 @@ def database(worker_id: str) -> Iterator[Database]:
         await engine.dispose()
 
     asyncio.run(allow_login())
-    app_url = server.set(database=name, username="firstmile_app", password=None).render_as_string(
-        hide_password=False
-    )
-    yield Database(admin_url=admin_url, app_url=app_url, name=name)
+    app_url = server.set(database=name, username="firstmile_app", password=None).render_as_string(hide_password=False)
+    return Database(admin_url=admin_url, app_url=app_url, name=name)
 
 
 @pytest.fixture(scope="session")
@@ -122,8 +120,9 @@ class TenantFixture:
         return {"Authorization": f"Bearer {self.key}"}
 
 
-async def new_tenant(admin_engine: AsyncEngine, *, region: str = REGION,
-                     scopes: tuple[str, ...] = ("onboarding:write",)) -> TenantFixture:
+async def new_tenant(
+    admin_engine: AsyncEngine, *, region: str = REGION, scopes: tuple[str, ...] = ("onboarding:write",)
+) -> TenantFixture:
     """Apply a fresh tenant's manifest and give it a key."""
     slug = f"t-{secrets.token_hex(5)}"
     manifest = manifest_for(slug, region)

@@ -5,17 +5,18 @@ This and :mod:`firstmile.cli` are the only modules that read the environment.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 import uuid
 
 from litestar import Litestar
 from litestar.datastructures import State
+from litestar.enums import ScopeType
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
-from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -31,6 +32,7 @@ from firstmile.onboarding.service import OnboardingService
 from firstmile.settings import Settings, get_settings
 
 PUBLIC_PATHS = ["^/health", "^/metrics", "^/schema"]
+_access_log = logging.getLogger("firstmile.access")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,128}$")
 
 
@@ -64,8 +66,23 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            elapsed = time.perf_counter() - began
             route = scope.get("path_template") or "unmatched"
-            telemetry.API_LATENCY.labels(scope.get("method", "GET"), route, str(status)).observe(time.perf_counter() - began)
+            method = scope.get("method", "GET")
+            telemetry.API_LATENCY.labels(method, route, str(status)).observe(elapsed)
+            if _access_log.isEnabledFor(logging.INFO):
+                _access_log.info(
+                    "request",
+                    extra={
+                        "fields": {
+                            "method": method,
+                            "path": scope["path"],
+                            "route": route,
+                            "status": status,
+                            "duration_ms": round(elapsed * 1000, 2),
+                        }
+                    },
+                )
             telemetry.request_id_var.reset(rid_token)
             telemetry.tenant_var.reset(tenant_token)
 
@@ -120,6 +137,7 @@ def create_app(settings: Settings, database_url: str, pepper: bytes, engine: Asy
             ),
             security=[{"apiKey": []}],
         ),
+        logging_config=None,  # logging is ours: JSON lines via telemetry.configure_logging
         debug=False,
     )
 

@@ -291,6 +291,20 @@ def dev(manifest: Path, port: int | None) -> None:
 
 
 @main.group()
+def embedded() -> None:
+    """The embedded (pgserver) database of `make run`."""
+
+
+@embedded.command("stop")
+def embedded_stop() -> None:
+    """Stop the embedded PostgreSQL (it keeps running between `make run`s otherwise)."""
+    from firstmile.kit.embedded import stop_embedded
+
+    settings = get_settings()
+    click.echo("stopped" if stop_embedded(settings.data_dir) else "not running")
+
+
+@main.group()
 def bench() -> None:
     """Benchmarks (see docs/benchmarks.md)."""
 

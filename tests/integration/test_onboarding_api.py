@@ -18,13 +18,15 @@ PROBLEM = "https://firstmile.dev/problems/"
 
 
 async def start(client: Client, tenant: TenantFixture, user_id: str, **traits: Any) -> Any:
-    return await client.post("/v1/onboarding/start", json={"user_id": user_id, "traits": traits},
-                             headers=tenant.headers)
+    return await client.post(
+        "/v1/onboarding/start", json={"user_id": user_id, "traits": traits}, headers=tenant.headers
+    )
 
 
 async def complete(client: Client, tenant: TenantFixture, user_id: str, step: str, **body: Any) -> Any:
-    return await client.post(f"/v1/onboarding/{user_id}/steps/{step}/complete", json=body or None,
-                             headers=tenant.headers)
+    return await client.post(
+        f"/v1/onboarding/{user_id}/steps/{step}/complete", json=body or None, headers=tenant.headers
+    )
 
 
 async def outbox(admin_engine: AsyncEngine, tenant: TenantFixture) -> list[tuple[str, dict[str, Any]]]:
@@ -41,8 +43,12 @@ async def test_start_chooses_a_path_by_rules_and_writes_the_event(
     response = await start(client, tenant, "u-1", persona="developer", company_size="11-50", plan="pro")
     assert response.status_code == 201, response.text
     body = response.json()
-    assert body["path"] == {"id": "developer-quickstart", "version": 1, "name": "Developer quickstart",
-                            "activation_step": "send-first-event"}
+    assert body["path"] == {
+        "id": "developer-quickstart",
+        "version": 1,
+        "name": "Developer quickstart",
+        "activation_step": "send-first-event",
+    }
     assert body["current_step"] == "create-api-key"
     assert body["decision"]["selected_by"] == "rules"
     assert body["decision"]["rule"] == "developer-quickstart: persona eq 'developer'"
@@ -96,8 +102,11 @@ async def test_walk_a_path_to_activation_and_completion(
     assert all(s["completed"] and s["completed_at"] for s in steps.values())
     types = [e[0] for e in await outbox(admin_engine, tenant)]
     assert types == ["onboarding.started"] + ["onboarding.step_completed"] * 3 + [
-        "onboarding.activated", "onboarding.step_completed", "onboarding.completed",
-        "onboarding.step_completed"]
+        "onboarding.activated",
+        "onboarding.step_completed",
+        "onboarding.completed",
+        "onboarding.step_completed",
+    ]
 
 
 async def test_completion_is_idempotent(client: Client, tenant: TenantFixture, admin_engine: AsyncEngine) -> None:
@@ -110,20 +119,27 @@ async def test_completion_is_idempotent(client: Client, tenant: TenantFixture, a
     assert await db_snapshot(admin_engine, tenant.id) == before
 
 
-async def test_completion_records_the_occurrence_time(client: Client, tenant: TenantFixture,
-                                                      admin_engine: AsyncEngine) -> None:
+async def test_completion_records_the_occurrence_time(
+    client: Client, tenant: TenantFixture, admin_engine: AsyncEngine
+) -> None:
     await start(client, tenant, "timed", persona="developer")
     response = await complete(client, tenant, "timed", "create-api-key", occurred_at="2026-01-02T03:04:05Z")
     assert response.status_code == 200
     async with admin_engine.connect() as conn:
-        occurred = (await conn.execute(text(
-            "SELECT occurred_at, completed_at FROM step_completions WHERE tenant_id = :t AND user_id = 'timed'"
-        ), {"t": tenant.id})).one()
+        occurred = (
+            await conn.execute(
+                text(
+                    "SELECT occurred_at, completed_at FROM step_completions WHERE tenant_id = :t AND user_id = 'timed'"
+                ),
+                {"t": tenant.id},
+            )
+        ).one()
     assert occurred[0].isoformat() == "2026-01-02T03:04:05+00:00"
     assert occurred[1] > occurred[0]
 
 
 # ---- refusals: each is a precise problem+json and leaves the database unchanged ----
+
 
 def _assert_problem(response: Any, status: int, slug: str) -> dict[str, Any]:
     assert response.status_code == status, response.text
@@ -144,19 +160,25 @@ BAD_STARTS: list[tuple[str, bytes, str, str]] = [
     ("bad user id", b'{"user_id": "a b"}', "validation-error", "user_id"),
     ("empty user id", b'{"user_id": ""}', "validation-error", "user_id"),
     ("known trait type", b'{"user_id": "a", "traits": {"persona": 3}}', "validation-error", "traits.persona"),
-    ("company size", b'{"user_id": "a", "traits": {"company_size": "huge"}}', "validation-error",
-     "traits.company_size"),
+    (
+        "company size",
+        b'{"user_id": "a", "traits": {"company_size": "huge"}}',
+        "validation-error",
+        "traits.company_size",
+    ),
     ("nested trait", b'{"user_id": "a", "traits": {"x": {"y": 1}}}', "validation-error", "traits"),
     ("bad trait key", b'{"user_id": "a", "traits": {"Bad Key": "v"}}', "validation-error", "traits.Bad Key"),
 ]
 
 
 @pytest.mark.parametrize(("case", "body", "slug", "needle"), BAD_STARTS, ids=[c[0] for c in BAD_STARTS])
-async def test_bad_start_bodies_are_refused(client: Client, tenant: TenantFixture, admin_engine: AsyncEngine,
-                                            case: str, body: bytes, slug: str, needle: str) -> None:
+async def test_bad_start_bodies_are_refused(
+    client: Client, tenant: TenantFixture, admin_engine: AsyncEngine, case: str, body: bytes, slug: str, needle: str
+) -> None:
     before = await db_snapshot(admin_engine, tenant.id)
-    response = await client.post("/v1/onboarding/start", content=body,
-                                 headers=tenant.headers | {"content-type": "application/json"})
+    response = await client.post(
+        "/v1/onboarding/start", content=body, headers=tenant.headers | {"content-type": "application/json"}
+    )
     problem = _assert_problem(response, 400, slug)
     assert needle in problem["detail"] or needle in str(problem.get("errors")), problem
     assert await db_snapshot(admin_engine, tenant.id) == before
@@ -165,8 +187,9 @@ async def test_bad_start_bodies_are_refused(client: Client, tenant: TenantFixtur
 async def test_oversized_body_is_refused(client: Client, tenant: TenantFixture, admin_engine: AsyncEngine) -> None:
     before = await db_snapshot(admin_engine, tenant.id)
     huge = b'{"user_id": "big", "traits": {"note": "' + b"x" * 70_000 + b'"}}'
-    response = await client.post("/v1/onboarding/start", content=huge,
-                                 headers=tenant.headers | {"content-type": "application/json"})
+    response = await client.post(
+        "/v1/onboarding/start", content=huge, headers=tenant.headers | {"content-type": "application/json"}
+    )
     _assert_problem(response, 413, "payload-too-large")
     assert await db_snapshot(admin_engine, tenant.id) == before
 
@@ -186,8 +209,9 @@ async def test_too_many_traits_and_long_values(client: Client, tenant: TenantFix
         ("Bearer not-a-key", "not a Firstmile API key"),
     ],
 )
-async def test_bad_credentials_are_401(client: Client, tenant: TenantFixture, admin_engine: AsyncEngine,
-                                       header: str | None, detail: str) -> None:
+async def test_bad_credentials_are_401(
+    client: Client, tenant: TenantFixture, admin_engine: AsyncEngine, header: str | None, detail: str
+) -> None:
     before = await db_snapshot(admin_engine, tenant.id)
     headers = {"authorization": header} if header else {}
     response = await client.post("/v1/onboarding/start", json={"user_id": "x"}, headers=headers)
@@ -212,8 +236,9 @@ async def test_unknown_user_and_step(client: Client, tenant: TenantFixture, admi
 async def test_prerequisites_are_enforced(client: Client, tenant: TenantFixture, admin_engine: AsyncEngine) -> None:
     await start(client, tenant, "eager", persona="developer")
     before = await db_snapshot(admin_engine, tenant.id)
-    problem = _assert_problem(await complete(client, tenant, "eager", "send-first-event"), 409,
-                              "step-prerequisites-unmet")
+    problem = _assert_problem(
+        await complete(client, tenant, "eager", "send-first-event"), 409, "step-prerequisites-unmet"
+    )
     assert problem["missing"] == ["install-sdk"]
     assert await db_snapshot(admin_engine, tenant.id) == before
 
@@ -221,12 +246,19 @@ async def test_prerequisites_are_enforced(client: Client, tenant: TenantFixture,
 async def test_bad_completion_bodies(client: Client, tenant: TenantFixture, admin_engine: AsyncEngine) -> None:
     await start(client, tenant, "cb", persona="developer")
     before = await db_snapshot(admin_engine, tenant.id)
-    _assert_problem(await complete(client, tenant, "cb", "create-api-key", occurred_at="yesterday"), 400,
-                    "validation-error")
-    _assert_problem(await complete(client, tenant, "cb", "create-api-key", occurred_at="2999-01-01T00:00:00Z"),
-                    400, "validation-error")
-    _assert_problem(await complete(client, tenant, "cb", "create-api-key", occurred_at="2026-01-01T00:00:00"),
-                    400, "validation-error")
+    _assert_problem(
+        await complete(client, tenant, "cb", "create-api-key", occurred_at="yesterday"), 400, "validation-error"
+    )
+    _assert_problem(
+        await complete(client, tenant, "cb", "create-api-key", occurred_at="2999-01-01T00:00:00Z"),
+        400,
+        "validation-error",
+    )
+    _assert_problem(
+        await complete(client, tenant, "cb", "create-api-key", occurred_at="2026-01-01T00:00:00"),
+        400,
+        "validation-error",
+    )
     _assert_problem(await complete(client, tenant, "cb", "create-api-key", when="now"), 400, "validation-error")
     assert await db_snapshot(admin_engine, tenant.id) == before
 

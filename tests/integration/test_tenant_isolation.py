@@ -20,11 +20,13 @@ Client = AsyncTestClient[Litestar]
 
 
 async def _seed(client: Client, tenant: TenantFixture, user: str) -> None:
-    response = await client.post("/v1/onboarding/start", json={"user_id": user, "traits": {"persona": "developer"}},
-                                 headers=tenant.headers)
+    response = await client.post(
+        "/v1/onboarding/start", json={"user_id": user, "traits": {"persona": "developer"}}, headers=tenant.headers
+    )
     assert response.status_code == 201
-    assert (await client.post(f"/v1/onboarding/{user}/steps/create-api-key/complete",
-                              headers=tenant.headers)).status_code == 200
+    assert (
+        await client.post(f"/v1/onboarding/{user}/steps/create-api-key/complete", headers=tenant.headers)
+    ).status_code == 200
 
 
 async def _visible(conn: AsyncConnection, table: str) -> set[uuid.UUID]:
@@ -67,7 +69,9 @@ async def test_pooled_connection_does_not_carry_context(
         async with engine.connect() as conn:  # same physical connection, next checkout
             assert (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one() == pid
             assert (await conn.execute(text("SELECT current_setting('firstmile.tenant_id', true)"))).scalar_one() in (
-                None, "")
+                None,
+                "",
+            )
             assert (await conn.execute(text("SELECT count(*) FROM end_users"))).scalar_one() == 0
         # a transaction that fails does not leak its context either
         with pytest.raises(RuntimeError):
@@ -80,15 +84,21 @@ async def test_pooled_connection_does_not_carry_context(
 
 
 async def test_cannot_write_into_another_tenant(
-    client: Client, tenant: TenantFixture, other_tenant: TenantFixture, app_engine: AsyncEngine,
+    client: Client,
+    tenant: TenantFixture,
+    other_tenant: TenantFixture,
+    app_engine: AsyncEngine,
     admin_engine: AsyncEngine,
 ) -> None:
     await _seed(client, other_tenant, "victim")
     before = await db_snapshot(admin_engine, other_tenant.id)
     attacks = [
         ("INSERT INTO end_users (tenant_id, user_id) VALUES (:other, 'planted')", DBAPIError),
-        ("INSERT INTO outbox (event_id, tenant_id, event_type, partition_key, payload) "
-         "VALUES (gen_random_uuid(), :other, 'x', 'x', '{}')", DBAPIError),
+        (
+            "INSERT INTO outbox (event_id, tenant_id, event_type, partition_key, payload) "
+            "VALUES (gen_random_uuid(), :other, 'x', 'x', '{}')",
+            DBAPIError,
+        ),
         ("UPDATE end_users SET tenant_id = :other WHERE user_id = 'nobody'", None),
     ]
     for sql, error in attacks:
@@ -118,12 +128,15 @@ async def test_moving_own_rows_to_another_tenant_is_refused(
 
 async def test_app_role_cannot_escape(app_engine: AsyncEngine, tenant: TenantFixture) -> None:
     async with app_engine.connect() as conn:
-        role = (await conn.execute(text(
-            "SELECT rolbypassrls, rolsuper FROM pg_roles WHERE rolname = current_user"))).one()
+        role = (
+            await conn.execute(text("SELECT rolbypassrls, rolsuper FROM pg_roles WHERE rolname = current_user"))
+        ).one()
         assert tuple(role) == (False, False)
-        owned = (await conn.execute(text(
-            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tableowner = current_user"
-        ))).scalar_one()
+        owned = (
+            await conn.execute(
+                text("SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tableowner = current_user")
+            )
+        ).scalar_one()
         assert owned == 0
     refused = [
         (["ALTER TABLE end_users DISABLE ROW LEVEL SECURITY"], "must be owner"),
@@ -155,23 +168,41 @@ async def test_key_resolver_is_the_only_door_to_other_tenants_keys(
 async def test_every_tenant_table_has_forced_rls_and_a_policy(admin_engine: AsyncEngine) -> None:
     """Meta-test: find tenant-owned tables from the live catalog, not from a list we maintain."""
     async with admin_engine.connect() as conn:
-        tables = [r[0] for r in await conn.execute(text(
-            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = 'tenant_id' AND NOT a.attisdropped "
-            "WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') ORDER BY 1"))]
+        tables = [
+            r[0]
+            for r in await conn.execute(
+                text(
+                    "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                    "JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = 'tenant_id' AND NOT a.attisdropped "
+                    "WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') ORDER BY 1"
+                )
+            )
+        ]
         assert set(tables) == set(TENANT_OWNED_TABLES)
         for table in [*tables, "tenants"]:
-            enabled, forced = (await conn.execute(text(
-                "SELECT relrowsecurity, relforcerowsecurity FROM pg_class WHERE relname = :t"), {"t": table})).one()
+            enabled, forced = (
+                await conn.execute(
+                    text("SELECT relrowsecurity, relforcerowsecurity FROM pg_class WHERE relname = :t"), {"t": table}
+                )
+            ).one()
             assert enabled and forced, table
-            policy = (await conn.execute(text(
-                "SELECT qual FROM pg_policies WHERE tablename = :t AND policyname = 'tenant_isolation'"),
-                {"t": table})).scalar_one()
+            policy = (
+                await conn.execute(
+                    text("SELECT qual FROM pg_policies WHERE tablename = :t AND policyname = 'tenant_isolation'"),
+                    {"t": table},
+                )
+            ).scalar_one()
             assert "current_setting('firstmile.tenant_id'" in policy, table
             # tenant_id leads the primary key or an index of every tenant table
             if table != "tenants":
-                lead = (await conn.execute(text(
-                    "SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid "
-                    "JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = i.indkey[0] "
-                    "WHERE c.relname = :t AND a.attname = 'tenant_id'"), {"t": table})).scalar_one()
+                lead = (
+                    await conn.execute(
+                        text(
+                            "SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid "
+                            "JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = i.indkey[0] "
+                            "WHERE c.relname = :t AND a.attname = 'tenant_id'"
+                        ),
+                        {"t": table},
+                    )
+                ).scalar_one()
                 assert lead >= 1, table

@@ -65,3 +65,32 @@ def secret_file(data_dir: Path, name: str) -> Path:
         path.write_text(secrets.token_hex(32), encoding="utf-8")
         path.chmod(0o600)
     return path
+
+
+def stop_embedded(data_dir: Path, timeout: float = 30.0) -> bool:
+    """Fast-stop the embedded PostgreSQL under ``data_dir`` if it runs; True if one was stopped.
+
+    Uses PostgreSQL's own contract (the first line of ``postmaster.pid`` is the
+    postmaster's pid; SIGINT is a fast shutdown) rather than pgserver internals.
+    """
+    import os
+    import signal
+    import time
+
+    pid_file = data_dir / "pg" / "postmaster.pid"
+    try:
+        pid = int(pid_file.read_text(encoding="utf-8").splitlines()[0])
+    except (OSError, ValueError, IndexError):
+        return False
+    try:
+        os.kill(pid, signal.SIGINT)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    raise TimeoutError(f"embedded PostgreSQL (pid {pid}) did not stop within {timeout}s")

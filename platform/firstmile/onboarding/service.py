@@ -122,7 +122,10 @@ class OnboardingService:
         clean = validate_traits(traits)
         catalog = await self.catalogs.catalog(conn, tenant_id, revision)
         began = time.perf_counter()
-        decision = planner.plan(catalog.current, catalog.default_key, clean)
+        with telemetry.tracer.start_as_current_span("path_planner.plan") as span:
+            decision = planner.plan(catalog.current, catalog.default_key, clean)
+            span.set_attribute("firstmile.selected_by", decision.selected_by)
+            span.set_attribute("firstmile.path", f"{decision.path_key}@{decision.path_version}")
         telemetry.PATH_SELECTION_LATENCY.labels(decision.selected_by).observe(time.perf_counter() - began)
         path = next(p for p in catalog.current if p.key == decision.path_key)
         now = datetime.now(UTC)

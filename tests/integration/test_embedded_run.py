@@ -1,0 +1,123 @@
+"""`make run`'s path: `firstmile dev` on the pgserver-embedded database, from an empty data dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from firstmile.kit.embedded import stop_embedded
+from tests.factories import DEMO_MANIFEST, ROOT
+
+pytestmark = pytest.mark.embedded
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _call(method: str, url: str, key: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.fixture
+def data_dir(worker_id: str) -> Iterator[Path]:
+    # pgserver runs PostgreSQL as an unprivileged user when we are root: the folder must be
+    # reachable by it, which pytest's 0700 tmp folders are not.
+    path = ROOT / ".firstmile" / f"test-embedded-{worker_id}"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    yield path
+    stop_embedded(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _dev(data_dir: Path, port: int) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FIRSTMILE_")}
+    env |= {"FIRSTMILE_DATA_DIR": str(data_dir), "FIRSTMILE_PORT": str(port), "FIRSTMILE_LOG_LEVEL": "WARNING"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "firstmile.cli", "dev", "--manifest", str(DEMO_MANIFEST)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+    )
+
+
+def _wait_for_key(proc: subprocess.Popen[str], port: int) -> str:
+    assert proc.stdout is not None
+    key = ""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not key:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            raise AssertionError(f"firstmile dev exited with {proc.returncode}")
+        if line.startswith("Demo API key"):
+            key = line.rsplit(" ", 1)[-1].strip()
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=2) as response:
+                if response.status == 200:
+                    return key
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError("server did not become ready")
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+def test_dev_serves_the_demo_on_the_embedded_database(data_dir: Path) -> None:
+    port = _free_port()
+    proc = _dev(data_dir, port)
+    try:
+        key = _wait_for_key(proc, port)
+        base = f"http://127.0.0.1:{port}"
+        status, state = _call(
+            "POST", f"{base}/v1/onboarding/start", key, {"user_id": "demo-1", "traits": {"persona": "developer"}}
+        )
+        assert status == 201 and state["path"]["id"] == "developer-quickstart"
+        status, state = _call("POST", f"{base}/v1/onboarding/demo-1/steps/create-api-key/complete", key)
+        assert status == 200 and state["current_step"] == "install-sdk"
+    finally:
+        _stop(proc)
+    # a second run reuses the database, the manifest (no changes) and the printed key
+    port = _free_port()
+    proc = _dev(data_dir, port)
+    try:
+        assert _wait_for_key(proc, port) == key
+        status, state = _call("GET", f"http://127.0.0.1:{port}/v1/onboarding/demo-1", key)
+        assert status == 200 and state["progress"]["completed_required"] == 1
+    finally:
+        _stop(proc)
