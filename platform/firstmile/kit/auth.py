@@ -59,6 +59,8 @@ class KeyResolver:
             if hit is not None and hit[0] > time.monotonic():
                 return hit[1]
         async with self.engine.connect() as conn:
+            # one statement, read-only: no BEGIN/ROLLBACK round trips around it
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
             resolved = await tenancy_repo.resolve_key(conn, digest)
         if resolved is not None and self.ttl > 0:
             self._cache[digest] = (time.monotonic() + self.ttl, resolved)

@@ -37,7 +37,7 @@ class CatalogCache:
         cached = self._catalogs.get(tenant_id)
         if cached is not None and cached.revision >= revision:
             return cached
-        default_key = (
+        tenant_row = (
             await conn.execute(
                 select(tenants.c.manifest["default_path"].astext, tenants.c.revision).where(tenants.c.id == tenant_id)
             )
@@ -50,7 +50,7 @@ class CatalogCache:
         current = tuple(PathDef.from_definition(r[0], r[1], r[2]) for r in rows)
         for path in current:
             self._versions[(tenant_id, path.key, path.version)] = path
-        catalog = PathCatalog(revision=int(default_key[1]), default_key=str(default_key[0]), current=current)
+        catalog = PathCatalog(revision=int(tenant_row[1]), default_key=str(tenant_row[0]), current=current)
         self._catalogs[tenant_id] = catalog
         return catalog
 
