@@ -316,9 +316,12 @@ def bench() -> None:
 @click.option("--output", type=click.Path(path_type=Path), default=None, help="Write the markdown report here.")
 def bench_api(duration: int, connections: int, workers: int, output: Path | None) -> None:
     """API throughput and latency vs a bare Litestar endpoint, and RLS vs BYPASSRLS."""
-    from firstmile.bench import run_api_benchmark
+    from firstmile.bench import BenchError, run_api_benchmark
 
-    report = run_api_benchmark(duration=duration, connections=connections, workers=workers)
+    try:
+        report = run_api_benchmark(duration=duration, connections=connections, workers=workers)
+    except BenchError as exc:
+        raise click.ClickException(str(exc)) from exc
     click.echo(report)
     if output:
         output.write_text(report, encoding="utf-8")
