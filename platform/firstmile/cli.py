@@ -251,7 +251,9 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
 @click.option("--port", default=None, type=int)
 def dev(manifest: Path, port: int | None) -> None:
     """What `make run` does: migrate, apply the demo manifest, print a demo key, serve."""
+    from firstmile.tenancy.keys import hash_key
     from firstmile.tenancy.manifest import load_manifest
+    from firstmile.tenancy.repository import resolve_key
     from firstmile.tenancy.service import apply_manifest, create_key
 
     settings = get_settings()
@@ -266,7 +268,12 @@ def dev(manifest: Path, port: int | None) -> None:
             click.echo(f"tenant {result.slug}: {change}", err=True)
         stored = settings.data_dir / "secrets" / f"{spec.tenant.slug}_api_key"
         if stored.exists():
-            return stored.read_text(encoding="utf-8").strip()
+            key = stored.read_text(encoding="utf-8").strip()
+            async with engine.connect() as conn:
+                resolved = await resolve_key(conn, hash_key(pepper, key))
+            if resolved is not None and not resolved.revoked:
+                return key
+            click.echo("stored demo key is no longer valid here; creating a new one", err=True)
         created = await create_key(
             engine, pepper, spec.tenant.slug, ["onboarding:write", "events:write", "analytics:read"], "demo"
         )

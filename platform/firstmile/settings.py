@@ -47,8 +47,8 @@ class Settings(BaseSettings):
         default=None,
         description=(
             "URL of the role that owns the schema; used by `firstmile migrate`, "
-            "`tenants apply` and `keys`. Unset: same server as database_url, "
-            "embedded superuser in embedded mode."
+            "`tenants apply` and `keys`. Must be set with an external database (the "
+            "application role cannot migrate); embedded mode uses the pgserver superuser."
         ),
     )
     database_app_role: str = Field(
@@ -56,7 +56,12 @@ class Settings(BaseSettings):
         pattern=r"^[a-z_][a-z0-9_]{0,62}$",
         description="Name of the application role the migrations grant privileges to.",
     )
-    database_pool_size: int = Field(default=10, ge=1, le=200)
+    database_pool_size: int = Field(
+        default=20,
+        ge=1,
+        le=200,
+        description="Connections each worker keeps open; size it to the requests in flight per worker.",
+    )
     database_max_overflow: int = Field(default=10, ge=0, le=200)
     database_statement_timeout_ms: int = Field(
         default=5000, ge=10, description="statement_timeout applied to every API session."

@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from firstmile.app import create_app
 from firstmile.kit import telemetry
-from tests.conftest import PEPPER, TenantFixture, make_settings
+from tests.conftest import PEPPER, Database, TenantFixture, make_settings
 
 Client = AsyncTestClient[Litestar]
 
@@ -81,14 +81,33 @@ async def test_logs_are_json_with_request_id_and_tenant(
     logging.getLogger().setLevel(logging.WARNING)
 
 
-async def test_requests_are_traced(client: Client, tenant: TenantFixture) -> None:
+async def test_requests_are_traced(database: Database, tenant: TenantFixture) -> None:
     exporter = InMemorySpanExporter()
     telemetry.configure_tracing("firstmile-test", "none", None, extra_exporter=exporter)
-    await client.post("/v1/onboarding/start", json={"user_id": "traced"}, headers=tenant.headers)
+    traced = create_app(make_settings(otel_exporter="console"), database.app_url, PEPPER)
+    async with AsyncTestClient(app=traced, raise_server_exceptions=False) as client:
+        await client.post("/v1/onboarding/start", json={"user_id": "traced"}, headers=tenant.headers)
     spans = exporter.get_finished_spans()
     server = [s for s in spans if s.kind.name == "SERVER"]
     assert server, [s.name for s in spans]
-    assert any(s.attributes and s.attributes.get("http.route") == "/v1/onboarding/start" for s in server) or any(
-        "/v1/onboarding/start" in s.name for s in server
-    )
+    assert any("/v1/onboarding/start" in s.name for s in server), [s.name for s in server]
     assert any(s.name == "path_planner.plan" for s in spans)
+
+
+async def test_no_server_spans_without_an_exporter(client: Client, tenant: TenantFixture) -> None:
+    exporter = InMemorySpanExporter()
+    telemetry.configure_tracing("firstmile-test", "none", None, extra_exporter=exporter)
+    await client.post("/v1/onboarding/start", json={"user_id": "untraced"}, headers=tenant.headers)
+    assert not [s for s in exporter.get_finished_spans() if s.kind.name == "SERVER"]
+
+
+async def test_auth_failures_carry_request_id_and_real_status(client: Client) -> None:
+    refused = await client.post("/v1/onboarding/start", json={"user_id": "x"}, headers={"x-request-id": "rid-401"})
+    assert refused.status_code == 401
+    assert refused.headers["x-request-id"] == "rid-401"
+    assert refused.json()["request_id"] == "rid-401"
+    missing = await client.get("/v1/no-such-route", headers={"x-request-id": "rid-404"})
+    assert missing.headers["x-request-id"] == "rid-404"
+    assert missing.json()["request_id"] == "rid-404"
+    metrics = (await client.get("/metrics")).text
+    assert 'route="/v1/onboarding/start",status="401"' in metrics

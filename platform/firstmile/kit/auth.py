@@ -149,7 +149,8 @@ class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
 def require_scope(scope: str) -> Guard:
     """A guard that lets the request through only if its key has ``scope``."""
 
-    def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    # async on purpose: Litestar runs sync guards in a worker thread on every request
+    async def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
         principal = connection.user
         if not isinstance(principal, Principal) or scope not in principal.scopes:
             raise ProblemError(403, "forbidden", f"this key lacks the scope {scope}", required_scope=scope)

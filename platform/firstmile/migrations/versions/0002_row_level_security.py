@@ -110,7 +110,11 @@ def upgrade() -> None:
         $$
         """
     )
+    # A new owner needs CREATE on the schema (PostgreSQL 15+ no longer grants it on public);
+    # it keeps it only for the hand-over.
+    op.execute(f"GRANT CREATE ON SCHEMA public TO {RESOLVER}")
     op.execute(f"ALTER FUNCTION firstmile_resolve_api_key(bytea) OWNER TO {RESOLVER}")
+    op.execute(f"REVOKE CREATE ON SCHEMA public FROM {RESOLVER}")
     op.execute("REVOKE ALL ON FUNCTION firstmile_resolve_api_key(bytea) FROM PUBLIC")
     op.execute(f"GRANT EXECUTE ON FUNCTION firstmile_resolve_api_key(bytea) TO {app}")
 
