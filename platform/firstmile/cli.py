@@ -216,7 +216,12 @@ def _serve(host: str, port: int, workers: int) -> None:
 
     settings = get_settings()
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="firstmile-metrics-")
+        import atexit
+        import shutil
+
+        metrics_dir = tempfile.mkdtemp(prefix="firstmile-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        atexit.register(shutil.rmtree, metrics_dir, ignore_errors=True)
     click.echo(f"serving region {settings.region} on http://{host}:{port} with {workers} worker(s)", err=True)
     uvicorn.run(
         "firstmile.app:app_factory",

@@ -87,6 +87,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class ConsoleFormatter(logging.Formatter):
+    """Human-readable lines that keep the structured fields as ``key=value``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = dict(getattr(record, "fields", None) or {})
+        for name, var in (("request_id", request_id_var), ("tenant", tenant_var)):
+            if var.get():
+                fields[name] = var.get()
+        return line + "".join(f" {k}={v}" for k, v in fields.items())
+
+
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     """Route the root logger to stderr in the chosen format (idempotent)."""
     root = logging.getLogger()
@@ -98,7 +110,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        handler.setFormatter(ConsoleFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     root.addHandler(handler)
     root.setLevel(level)
 

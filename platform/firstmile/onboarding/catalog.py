@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from firstmile.kit.db import TenantId
 from firstmile.onboarding.domain import PathDef
 from firstmile.onboarding.models import onboarding_paths
-from firstmile.tenancy.models import tenants
+from firstmile.tenancy.service import path_settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,11 +37,7 @@ class CatalogCache:
         cached = self._catalogs.get(tenant_id)
         if cached is not None and cached.revision >= revision:
             return cached
-        tenant_row = (
-            await conn.execute(
-                select(tenants.c.manifest["default_path"].astext, tenants.c.revision).where(tenants.c.id == tenant_id)
-            )
-        ).one()
+        default_key, tenant_revision = await path_settings(conn, tenant_id)
         rows = await conn.execute(
             select(onboarding_paths.c.path_key, onboarding_paths.c.version, onboarding_paths.c.definition).where(
                 onboarding_paths.c.tenant_id == tenant_id, onboarding_paths.c.is_current
@@ -50,7 +46,7 @@ class CatalogCache:
         current = tuple(PathDef.from_definition(r[0], r[1], r[2]) for r in rows)
         for path in current:
             self._versions[(tenant_id, path.key, path.version)] = path
-        catalog = PathCatalog(revision=int(tenant_row[1]), default_key=str(tenant_row[0]), current=current)
+        catalog = PathCatalog(revision=tenant_revision, default_key=default_key, current=current)
         self._catalogs[tenant_id] = catalog
         return catalog
 

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, text
+from sqlalchemy import bindparam, func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from firstmile.kit.db import TenantId
+from firstmile.onboarding.models import onboarding_paths
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,3 +172,50 @@ async def insert_completion(
         )
     ).one()
     return bool(row[0])
+
+
+# ---- path versions (written by `tenants apply` through firstmile.onboarding.paths) ----
+
+
+async def current_path_hashes(conn: AsyncConnection, tenant_id: TenantId) -> dict[str, tuple[int, str]]:
+    """``{path_key: (version, content_hash)}`` of the tenant's current paths."""
+    rows = await conn.execute(
+        select(onboarding_paths.c.path_key, onboarding_paths.c.version, onboarding_paths.c.content_hash).where(
+            onboarding_paths.c.tenant_id == tenant_id, onboarding_paths.c.is_current
+        )
+    )
+    return {r[0]: (r[1], r[2]) for r in rows}
+
+
+async def latest_versions(conn: AsyncConnection, tenant_id: TenantId) -> dict[str, int]:
+    rows = await conn.execute(
+        select(onboarding_paths.c.path_key, func.max(onboarding_paths.c.version))
+        .where(onboarding_paths.c.tenant_id == tenant_id)
+        .group_by(onboarding_paths.c.path_key)
+    )
+    return {r[0]: r[1] for r in rows}
+
+
+async def insert_path_version(
+    conn: AsyncConnection, tenant_id: TenantId, key: str, version: int, definition: dict[str, Any], content_hash: str
+) -> None:
+    await conn.execute(
+        insert(onboarding_paths).values(
+            tenant_id=tenant_id,
+            path_key=key,
+            version=version,
+            definition=definition,
+            content_hash=content_hash,
+            is_current=True,
+        )
+    )
+
+
+async def retire_path(conn: AsyncConnection, tenant_id: TenantId, key: str) -> None:
+    await conn.execute(
+        update(onboarding_paths)
+        .where(
+            onboarding_paths.c.tenant_id == tenant_id, onboarding_paths.c.path_key == key, onboarding_paths.c.is_current
+        )
+        .values(is_current=False)
+    )

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from firstmile.kit.db import TenantId, authorise_tenant, set_tenant
+from firstmile.onboarding.paths import sync_paths
 from firstmile.tenancy import keys as keylib
 from firstmile.tenancy import repository as repo
 from firstmile.tenancy.manifest import TenantManifest
@@ -37,12 +38,7 @@ class _DryRunError(Exception):
 
 
 async def apply_manifest(engine: AsyncEngine, manifest: TenantManifest, *, dry_run: bool = False) -> ApplyResult:
-    """Make the database match ``manifest``; idempotent.
-
-    A path whose definition changed becomes a new version; users already on the
-    old version stay on it (their progress names the version). A path that left
-    the manifest is retired: no new users, existing ones keep it.
-    """
+    """Make the database match ``manifest``; idempotent (paths: :func:`sync_paths`)."""
     spec = manifest.tenant
     manifest_doc = manifest.model_dump(mode="json")
     manifest_hash = manifest.content_hash()
@@ -66,23 +62,7 @@ async def apply_manifest(engine: AsyncEngine, manifest: TenantManifest, *, dry_r
                         f"{spec.home_region} is a data migration, not a manifest change"
                     )
                 result = ApplyResult(tenant_id, spec.slug)
-            current = await repo.current_path_hashes(conn, tenant_id)
-            latest = await repo.latest_versions(conn, tenant_id)
-            wanted = {p.id: p for p in manifest.paths}
-            for key, path in wanted.items():
-                digest = path.content_hash()
-                if key in current and current[key][1] == digest:
-                    continue
-                version = latest.get(key, 0) + 1
-                if key in current:
-                    await repo.retire_path(conn, tenant_id, key)
-                    result.changes.append(f"path {key}: new version {version} (was {current[key][0]})")
-                else:
-                    result.changes.append(f"path {key}: create version {version}")
-                await repo.insert_path_version(conn, tenant_id, key, version, path.model_dump(mode="json"), digest)
-            for key in sorted(set(current) - set(wanted)):
-                await repo.retire_path(conn, tenant_id, key)
-                result.changes.append(f"path {key}: retire version {current[key][0]}")
+            result.changes.extend(await sync_paths(conn, tenant_id, manifest.paths))
             if existing is not None and (existing.manifest_hash != manifest_hash or result.changes):
                 if existing.name != spec.name:
                     result.changes.append(f"tenant {spec.slug}: rename to {spec.name!r}")
@@ -143,3 +123,8 @@ async def list_keys(engine: AsyncEngine, tenant_slug: str) -> list[repo.KeyRow]:
         tenant = await _tenant(conn, tenant_slug)
         await set_tenant(conn, tenant.id)
         return await repo.list_keys(conn, tenant.id)
+
+
+async def path_settings(conn: AsyncConnection, tenant_id: TenantId) -> tuple[str, int]:
+    """The tenant's default path and manifest revision, for the onboarding catalog."""
+    return await repo.path_settings(conn, tenant_id)
