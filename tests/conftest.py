@@ -26,7 +26,7 @@ from firstmile.kit.migrate import upgrade
 from firstmile.settings import Settings
 from firstmile.tenancy.manifest import TenantManifest
 from firstmile.tenancy.service import apply_manifest, create_key
-from tests.factories import manifest_for
+from tests.factories import manifest_for, recreate_database
 
 REGION = "eu-west-1"
 PEPPER = b"test-pepper-0123456789abcdef"
@@ -54,15 +54,7 @@ def database(worker_id: str) -> Database:
     server = make_url(_admin_server_url())
     name = f"firstmile_test_{worker_id}"
 
-    async def create() -> None:
-        engine = create_async_engine(server, isolation_level="AUTOCOMMIT")
-        async with engine.connect() as conn:
-            await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            await conn.execute(text(f'CREATE DATABASE "{name}"'))
-        await engine.dispose()
-
-    asyncio.run(create())
-    admin_url = server.set(database=name).render_as_string(hide_password=False)
+    admin_url = recreate_database(server, name)
     upgrade(admin_url, "firstmile_app")
 
     async def allow_login() -> None:

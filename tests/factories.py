@@ -8,7 +8,8 @@ from typing import Any
 
 import yaml
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from firstmile.kit.models import TENANT_OWNED_TABLES
 from firstmile.tenancy.manifest import TenantManifest
@@ -46,3 +47,18 @@ async def db_snapshot(admin_engine: AsyncEngine, tenant_id: uuid.UUID) -> dict[s
             ).one()
             snapshot[table] = f"{row[0]}:{row[1]}"
     return snapshot
+
+
+def recreate_database(server: URL, name: str) -> str:
+    """Drop and create database ``name`` on ``server``; returns its URL (blocking)."""
+    import asyncio
+
+    async def run() -> None:
+        engine = create_async_engine(server.set(database="postgres"), isolation_level="AUTOCOMMIT")
+        async with engine.connect() as conn:
+            await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            await conn.execute(text(f'CREATE DATABASE "{name}"'))
+        await engine.dispose()
+
+    asyncio.run(run())
+    return server.set(database=name).render_as_string(hide_password=False)

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from alembic import command
-from sqlalchemy import text
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from firstmile.kit.migrate import alembic_config, check, upgrade
 from tests.conftest import Database
+from tests.factories import recreate_database
 
 
 def test_models_match_migrations(database: Database) -> None:
@@ -21,15 +18,7 @@ def test_downgrade_and_upgrade_roundtrip(database: Database) -> None:
     scratch = f"{database.name}_scratch"
     server = make_url(database.admin_url)
 
-    async def recreate() -> None:
-        engine = create_async_engine(server.set(database="postgres"), isolation_level="AUTOCOMMIT")
-        async with engine.connect() as conn:
-            await conn.execute(text(f'DROP DATABASE IF EXISTS "{scratch}" WITH (FORCE)'))
-            await conn.execute(text(f'CREATE DATABASE "{scratch}"'))
-        await engine.dispose()
-
-    asyncio.run(recreate())
-    url = server.set(database=scratch).render_as_string(hide_password=False)
+    url = recreate_database(server, scratch)
     upgrade(url)
     command.downgrade(alembic_config(url), "base")
     upgrade(url)

@@ -1,0 +1,237 @@
+"""``firstmile bench api``: HTTP throughput and latency, and the cost of row-level security.
+
+What one run does (``make bench`` starts the durable PostgreSQL it needs):
+
+1. Recreates the database ``firstmile_bench`` on the server of
+   ``FIRSTMILE_BENCH_ADMIN_URL``, migrates it, applies ``tenants/demo.yaml`` and
+   creates an ``onboarding:write`` key, as an operator would.
+2. Serves a bare Litestar app (:mod:`firstmile.bench_bare`) and then the real
+   API (``firstmile serve --workers N``) as subprocesses, and drives each with
+   ``wrk`` through generated Lua scripts: the bare JSON endpoint, then
+   ``POST /v1/onboarding/start`` (a new user per request) and
+   ``POST /v1/onboarding/{user}/steps/create-api-key/complete`` (a first
+   completion per request, on users started before).
+3. Times the progress read of GET/complete (``_GET`` of the onboarding
+   repository) as ``firstmile_app`` through RLS and as a BYPASSRLS role.
+4. Returns a markdown report; progress goes to stderr.
+
+Nothing here runs in the API or in the tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import secrets
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from firstmile.bench.common import (
+    APP_ROLE,
+    BENCH_DB,
+    BYPASS_ROLE,
+    PASS_THROUGH,
+    PATH_KEY,
+    RLS_ITERATIONS,
+    STEP,
+    BenchError,
+    _log,
+)
+from firstmile.bench.cpu import CpuUse, _measure
+from firstmile.bench.database import (
+    _asyncpg_dsn,
+    _count,
+    _execute,
+    _fetch_column,
+    _postmaster_pid,
+    _provision,
+    _recreate_database,
+    _sqlalchemy_url,
+    _uncompleted,
+)
+from firstmile.bench.report import RunFacts, _command, _machine, _pool_description, _report
+from firstmile.bench.rls import _measure_rls
+from firstmile.bench.servers import _free_port, _http_json, _start_server, _stop_server
+from firstmile.bench.wrk import _complete_script, _ensure_wrk, _new_users_script, _run_wrk
+
+__all__ = ["BenchError", "run_api_benchmark"]
+
+
+def run_api_benchmark(duration: int, connections: int, workers: int) -> str:
+    """Run the whole benchmark against ``FIRSTMILE_BENCH_ADMIN_URL``; return the markdown report."""
+    if duration < 1 or connections < 1 or workers < 1:
+        raise BenchError("duration, connections and workers must be at least 1")
+    admin = os.environ.get("FIRSTMILE_BENCH_ADMIN_URL")
+    if not admin:
+        raise BenchError(
+            "set FIRSTMILE_BENCH_ADMIN_URL to a PostgreSQL superuser URL, or run `make bench`, "
+            "which starts a local durable PostgreSQL (deploy/local/postgres.sh start bench)"
+        )
+    began, started_at = time.monotonic(), datetime.now(UTC)
+    wrk = _ensure_wrk()
+    machine = _machine()
+    threads = max(1, min(connections, int(machine["cores"]) // 2))
+    warmup = max(2, min(5, duration // 3))
+    manifest = Path(__file__).resolve().parents[2] / "tenants" / "demo.yaml"
+    if not manifest.exists():
+        manifest = Path.cwd() / "tenants" / "demo.yaml"
+
+    admin_dsn = _asyncpg_dsn(admin)
+    bench_admin_url = _sqlalchemy_url(admin, database=BENCH_DB)
+    bench_admin_dsn = _asyncpg_dsn(admin, database=BENCH_DB)
+    app_url = _sqlalchemy_url(admin, database=BENCH_DB, user=APP_ROLE)
+
+    _log(f"recreating database {BENCH_DB}")
+    pg = asyncio.run(_recreate_database(admin_dsn))
+    postmaster = _postmaster_pid(pg.data_directory)
+    _log("migrating")
+    from firstmile.kit.migrate import upgrade
+
+    upgrade(bench_admin_url, APP_ROLE)
+    pepper = secrets.token_hex(32)
+    _log(f"applying {manifest.name}, creating an API key and the {BYPASS_ROLE} role")
+    key, tenant_id = asyncio.run(_provision(bench_admin_url, pepper.encode(), manifest))
+
+    cpu: dict[str, CpuUse] = {}
+    with tempfile.TemporaryDirectory(prefix="firstmile-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith("FIRSTMILE_") and k != "PROMETHEUS_MULTIPROC_DIR"
+        }
+        tuning = {k: os.environ[k] for k in PASS_THROUGH if k in os.environ}
+
+        # -- baseline: the bare Litestar app
+        port = _free_port()
+        bare_argv = [sys.executable, "-m", "uvicorn", "firstmile.bench_bare:app", "--host", "127.0.0.1"]
+        bare_argv += ["--port", str(port), "--workers", str(workers), "--log-level", "warning", "--no-access-log"]
+        server = _start_server("bare Litestar app", bare_argv, env, port, tmp / "bare.log")
+        try:
+            script = _new_users_script(tmp, "bare", key, "/v1/bare/start", "bare-")
+            _log(f"warming up bare ({warmup}s)")
+            _run_wrk(wrk, script, server.base, threads, connections, warmup)
+            _log(f"measuring bare ({duration}s, {connections} connections)")
+            bare, cpu["bare"] = _measure(
+                wrk, script, server, threads, connections, duration, db=bench_admin_dsn, postmaster=postmaster
+            )
+        finally:
+            _stop_server(server)
+
+        # -- the real API
+        port = _free_port()
+        app_env = (
+            env
+            | {
+                "FIRSTMILE_DATABASE_URL": app_url,
+                "FIRSTMILE_DATABASE_ADMIN_URL": bench_admin_url,
+                "FIRSTMILE_API_KEY_PEPPER": pepper,
+                "FIRSTMILE_REGION": "eu-west-1",
+                "FIRSTMILE_LOG_LEVEL": "WARNING",
+                "FIRSTMILE_PORT": str(port),
+                "FIRSTMILE_DATA_DIR": str(tmp / "data"),
+            }
+            | tuning
+        )
+        if workers > 1:
+            (tmp / "metrics").mkdir()
+            app_env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp / "metrics")
+        app_argv = [sys.executable, "-m", "firstmile.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+        app_argv += ["--workers", str(workers)]
+        server = _start_server("firstmile API", app_argv, app_env, port, tmp / "api.log")
+        try:
+            _log("checking start and complete once")
+            status, body = _http_json(
+                f"{server.base}/v1/onboarding/start",
+                key,
+                {"user_id": "bench-check", "traits": {"persona": "developer"}},
+            )
+            if status != 201 or body.get("path", {}).get("id") != PATH_KEY:
+                raise BenchError(f"start answered {status}: {body}")
+            status, body = _http_json(f"{server.base}/v1/onboarding/bench-check/steps/{STEP}/complete", key, None)
+            if status != 200:
+                raise BenchError(f"complete answered {status}: {body}")
+
+            start_script = _new_users_script(tmp, "start-warmup", key, "/v1/onboarding/start", "w-")
+            _log(f"warming up start ({warmup}s)")
+            _run_wrk(wrk, start_script, server.base, threads, connections, warmup)
+            start_script = _new_users_script(tmp, "start", key, "/v1/onboarding/start", "s-")
+            _log(f"measuring start ({duration}s, {connections} connections)")
+            start, cpu["start"] = _measure(
+                wrk, start_script, server, threads, connections, duration, db=bench_admin_dsn, postmaster=postmaster
+            )
+            started_in_db = _count(
+                bench_admin_dsn, "SELECT count(*) FROM end_users WHERE tenant_id = $1 AND user_id LIKE 's-%'", tenant_id
+            )
+
+            pool = _uncompleted(bench_admin_dsn, tenant_id)
+            script = _complete_script(tmp, "complete-warmup", key, pool, threads)
+            _log(f"warming up complete ({warmup}s, {len(pool):,} users to draw on)")
+            warm = _run_wrk(wrk, script, server.base, threads, connections, warmup)
+            pool = _uncompleted(bench_admin_dsn, tenant_id)
+            needed = int(warm.rps * duration * 1.5) + 1000
+            topped_up = 0
+            if len(pool) < needed and start.rps > 0:
+                seconds = min(10 * duration, math.ceil((needed - len(pool)) / start.rps * 1.3) + 1)
+                _log(f"starting more users for the complete run ({seconds}s, unmeasured)")
+                script = _new_users_script(tmp, "top-up", key, "/v1/onboarding/start", "t-")
+                _run_wrk(wrk, script, server.base, threads, connections, seconds)
+                before = len(pool)
+                pool = _uncompleted(bench_admin_dsn, tenant_id)
+                topped_up = len(pool) - before
+            script = _complete_script(tmp, "complete", key, pool, threads)
+            done_before = _count(bench_admin_dsn, "SELECT count(*) FROM step_completions WHERE step_id = $1", STEP)
+            _log(f"measuring complete ({duration}s, {connections} connections, {len(pool):,} users to draw on)")
+            complete, cpu["complete"] = _measure(
+                wrk, script, server, threads, connections, duration, db=bench_admin_dsn, postmaster=postmaster
+            )
+            completed_in_db = (
+                _count(bench_admin_dsn, "SELECT count(*) FROM step_completions WHERE step_id = $1", STEP) - done_before
+            )
+        finally:
+            _stop_server(server)
+
+    _log(f"timing the progress read through RLS and as {BYPASS_ROLE} ({RLS_ITERATIONS} iterations each)")
+    users = asyncio.run(
+        _fetch_column(
+            bench_admin_dsn,
+            "SELECT user_id FROM user_progress WHERE tenant_id = $1 AND path_key = $2",
+            tenant_id,
+            PATH_KEY,
+        )
+    )
+    dsns = {
+        "firstmile_app (RLS)": _asyncpg_dsn(admin, database=BENCH_DB, user=APP_ROLE),
+        f"{BYPASS_ROLE} (BYPASSRLS)": _asyncpg_dsn(admin, database=BENCH_DB, user=BYPASS_ROLE),
+    }
+    try:
+        rls = asyncio.run(_measure_rls(dsns, tenant_id, [str(u) for u in users], RLS_ITERATIONS))
+    finally:  # the BYPASSRLS role exists for this measurement only: it may not log in afterwards
+        asyncio.run(_execute(bench_admin_dsn, f"ALTER ROLE {BYPASS_ROLE} NOLOGIN"))
+    _log("done")
+    return _report(
+        RunFacts(
+            started_at=started_at,
+            duration=duration,
+            warmup=warmup,
+            connections=connections,
+            workers=workers,
+            threads=threads,
+            machine=machine,
+            pg=pg,
+            bare=bare,
+            start=start,
+            complete=complete,
+            cpu=cpu,
+            started_in_db=started_in_db,
+            completed_in_db=completed_in_db,
+            complete_pool=len(pool),
+            topped_up=topped_up,
+            rls=rls,
+            command=_command(duration, connections, workers, tuning),
+            elapsed_s=time.monotonic() - began,
+            pool=_pool_description(tuning),
+        )
+    )

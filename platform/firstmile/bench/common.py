@@ -1,0 +1,30 @@
+"""Constants and helpers shared by the benchmark modules."""
+
+from __future__ import annotations
+
+import sys
+
+BENCH_DB = "firstmile_bench"
+APP_ROLE = "firstmile_app"
+BYPASS_ROLE = "firstmile_bench_bypass"
+TENANT = "demo"
+PATH_KEY = "developer-quickstart"
+STEP = "create-api-key"
+RLS_ITERATIONS = 3000
+RLS_ROUND = 100
+WRK_TIMEOUT = "10s"
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 10.0
+PASS_THROUGH = ("FIRSTMILE_DATABASE_POOL_SIZE", "FIRSTMILE_DATABASE_MAX_OVERFLOW")
+"""Server settings taken from the environment (to try other pool sizes); all others are fixed."""
+MARKER = "FIRSTMILE_BENCH "
+MARKER_BAD = "FIRSTMILE_BENCH_FIRST_BAD "
+
+
+class BenchError(RuntimeError):
+    """The benchmark could not run; the message says why."""
+
+
+def _log(message: str) -> None:
+    sys.stderr.write(f"[bench] {message}\n")
+    sys.stderr.flush()

@@ -1,0 +1,120 @@
+"""Setting up the benchmark database and reading it back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg  # type: ignore[import-untyped]
+from sqlalchemy.engine import make_url
+
+from firstmile.bench.common import APP_ROLE, BENCH_DB, BYPASS_ROLE, PATH_KEY, STEP, TENANT
+
+
+def _url(url: str, driver: str, *, database: str | None = None, user: str | None = None) -> str:
+    parsed = make_url(url).set(drivername=driver)
+    if database is not None:
+        parsed = parsed.set(database=database)
+    if user is not None:
+        parsed = parsed.set(username=user, password=None)
+    return parsed.render_as_string(hide_password=False)
+
+
+def _asyncpg_dsn(url: str, *, database: str | None = None, user: str | None = None) -> str:
+    """A plain libpq URL for asyncpg."""
+    return _url(url, "postgresql", database=database, user=user)
+
+
+def _sqlalchemy_url(url: str, *, database: str | None = None, user: str | None = None) -> str:
+    """The same server for SQLAlchemy with asyncpg."""
+    return _url(url, "postgresql+asyncpg", database=database, user=user)
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    version: str
+    settings: dict[str, str]
+    data_directory: str
+
+
+async def _recreate_database(admin_dsn: str) -> ServerInfo:
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        version = str(await conn.fetchval("SELECT version()"))
+        settings = {
+            name: str(await conn.fetchval(f"SELECT current_setting('{name}')"))
+            for name in ("server_version", "shared_buffers", "fsync", "synchronous_commit", "max_connections")
+        }
+        data_dir = str(await conn.fetchval("SELECT current_setting('data_directory')"))
+        await conn.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
+        await conn.execute(f"CREATE DATABASE {BENCH_DB}")
+    finally:
+        await conn.close()
+    return ServerInfo(version, settings, data_dir)
+
+
+def _postmaster_pid(data_dir: str) -> int | None:
+    """The PostgreSQL server's pid (readable when it runs on this machine), for CPU accounting."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return int(Path(data_dir, "postmaster.pid").read_text(encoding="utf-8").splitlines()[0])
+    return None
+
+
+async def _provision(admin_url: str, pepper: bytes, manifest: Path) -> tuple[str, uuid.UUID]:
+    """Let the app role log in, apply the demo manifest, create a key, create the BYPASSRLS role."""
+    from sqlalchemy import text
+
+    from firstmile.kit.db import create_engine
+    from firstmile.tenancy.manifest import load_manifest
+    from firstmile.tenancy.service import apply_manifest, create_key
+
+    engine = create_engine(admin_url, pool_size=1, max_overflow=0, application_name="firstmile-bench")
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text(f"ALTER ROLE {APP_ROLE} LOGIN"))
+            exists = (await conn.execute(text(f"SELECT 1 FROM pg_roles WHERE rolname = '{BYPASS_ROLE}'"))).first()
+            if exists is None:
+                await conn.execute(text(f"CREATE ROLE {BYPASS_ROLE} LOGIN BYPASSRLS"))
+            await conn.execute(text(f"ALTER ROLE {BYPASS_ROLE} LOGIN BYPASSRLS"))
+            await conn.execute(text(f"GRANT USAGE ON SCHEMA public TO {BYPASS_ROLE}"))
+            await conn.execute(text(f"GRANT SELECT ON user_progress, step_completions TO {BYPASS_ROLE}"))
+        applied = await apply_manifest(engine, load_manifest(manifest))
+        created = await create_key(engine, pepper, TENANT, ["onboarding:write"], "bench")
+    finally:
+        await engine.dispose()
+    return created.key, applied.tenant_id
+
+
+async def _fetch_column(dsn: str, sql: str, *args: Any) -> list[Any]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return [r[0] for r in await conn.fetch(sql, *args)]
+    finally:
+        await conn.close()
+
+
+_UNCOMPLETED = (
+    "SELECT p.user_id FROM user_progress p WHERE p.tenant_id = $1 AND p.path_key = $2 AND NOT EXISTS "
+    "(SELECT 1 FROM step_completions c WHERE c.tenant_id = p.tenant_id AND c.user_id = p.user_id "
+    "AND c.step_id = $3) ORDER BY p.started_at, p.user_id"
+)
+
+
+def _uncompleted(dsn: str, tenant_id: uuid.UUID) -> list[str]:
+    return [str(u) for u in asyncio.run(_fetch_column(dsn, _UNCOMPLETED, tenant_id, PATH_KEY, STEP))]
+
+
+async def _execute(dsn: str, sql: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def _count(dsn: str, sql: str, *args: Any) -> int:
+    return int(asyncio.run(_fetch_column(dsn, sql, *args))[0])

@@ -1,0 +1,225 @@
+"""The markdown report."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import platform
+import shlex
+import sys
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from firstmile.bench.common import BYPASS_ROLE, RLS_ROUND, STEP
+from firstmile.bench.cpu import CpuUse
+from firstmile.bench.database import ServerInfo
+from firstmile.bench.rls import RlsResult, _pct
+from firstmile.bench.wrk import WrkResult
+
+
+def _machine() -> dict[str, str]:
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    memory = "unknown"
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("MemTotal:"):
+                memory = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+                break
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return {
+        "cores": str(cores),
+        "cpu": model,
+        "memory": memory,
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+    }
+
+
+def _command(duration: int, connections: int, workers: int, tuning: dict[str, str]) -> str:
+    argv0 = Path(sys.argv[0]).name if sys.argv else ""
+    if argv0 == "firstmile" and len(sys.argv) > 2 and sys.argv[1:3] == ["bench", "api"]:
+        cli = "firstmile " + shlex.join(sys.argv[1:])
+    else:
+        cli = f"firstmile bench api --duration {duration} --connections {connections} --workers {workers}"
+    env = "".join(f"{k}={v} " for k, v in tuning.items())
+    if os.environ.get("MAKELEVEL"):
+        return f"{env}make bench   # runs: FIRSTMILE_BENCH_ADMIN_URL=… {cli}"
+    return f"FIRSTMILE_BENCH_ADMIN_URL=… {env}{cli}"
+
+
+def _pool_description(tuning: dict[str, str]) -> str:
+    from firstmile.settings import Settings
+
+    fields = Settings.model_fields
+    size = tuning.get("FIRSTMILE_DATABASE_POOL_SIZE", str(fields["database_pool_size"].default))
+    overflow = tuning.get("FIRSTMILE_DATABASE_MAX_OVERFLOW", str(fields["database_max_overflow"].default))
+    source = "from the environment" if tuning else "the defaults"
+    return f"{size} + {overflow} overflow ({source})"
+
+
+def _versions() -> str:
+    from importlib.metadata import version
+
+    parts = []
+    for dist in ("litestar", "uvicorn", "uvloop", "httptools", "sqlalchemy", "asyncpg", "msgspec"):
+        with contextlib.suppress(Exception):
+            parts.append(f"{dist} {version(dist)}")
+    return ", ".join(parts)
+
+
+def _row(name: str, r: WrkResult) -> str:
+    return (
+        f"| {name} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p95_ms:.2f} | {r.p99_ms:.2f} | {r.max_ms:.1f} "
+        f"| {r.requests:,} | {r.errors} |"
+    )
+
+
+def _cpu_row(name: str, cpu: CpuUse, r: WrkResult) -> str:
+    per = 1e6 / max(1, r.requests)
+    return (
+        f"| {name} | {cpu.busy_s / cpu.wall_s:.2f} | {cpu.server_s / cpu.wall_s:.2f} | "
+        f"{cpu.postgres_s / cpu.wall_s:.2f} | {cpu.wrk_s / cpu.wall_s:.2f} | {cpu.other_s / cpu.wall_s:.2f} | "
+        f"{cpu.server_s * per:.0f} | {cpu.postgres_s * per:.0f} | {cpu.new_sessions} | "
+        f"{' / '.join(f'{c / cpu.wall_s:.2f}' for c in cpu.server_split)} |"
+    )
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    started_at: datetime
+    duration: int
+    warmup: int
+    connections: int
+    workers: int
+    threads: int
+    machine: dict[str, str]
+    pg: ServerInfo
+    bare: WrkResult
+    start: WrkResult
+    complete: WrkResult
+    cpu: dict[str, CpuUse]
+    started_in_db: int
+    completed_in_db: int
+    complete_pool: int
+    topped_up: int
+    rls: RlsResult
+    command: str
+    elapsed_s: float
+    pool: str
+
+
+def _report(f: RunFacts) -> str:
+    ratio = f.start.rps / f.bare.rps if f.bare.rps else math.nan
+    complete_ratio = f.complete.rps / f.bare.rps if f.bare.rps else math.nan
+    rls, byp = f.rls.sides["firstmile_app (RLS)"], f.rls.sides[f"{BYPASS_ROLE} (BYPASSRLS)"]
+    rls_p95, byp_p95 = _pct(rls.query_s, 95), _pct(byp.query_s, 95)
+    rls_ratio = rls_p95 / byp_p95 if byp_p95 else math.nan
+    m = f.machine
+    out = [
+        "## API benchmark",
+        "",
+        f"- Date: {f.started_at:%Y-%m-%d %H:%M} UTC (run took {f.elapsed_s:.0f} s)",
+        f"- Machine: {m['cores']} cores ({m['cpu']}), {m['memory']} RAM, {m['os']}, Python {m['python']}",
+        f"- PostgreSQL: {f.pg.settings.get('server_version', '?')} on 127.0.0.1, same machine "
+        f"(shared_buffers {f.pg.settings.get('shared_buffers', '?')}, fsync {f.pg.settings.get('fsync', '?')}, "
+        f"synchronous_commit {f.pg.settings.get('synchronous_commit', '?')})",
+        f"- Server: uvicorn, {f.workers} worker process(es), access log off, log level WARNING, "
+        f"database pool {f.pool} per worker; {_versions()}",
+        f"- Load: wrk, {f.threads} thread(s), {f.connections} connections, {f.warmup} s warm-up then "
+        f"{f.duration} s measured per endpoint; client, server and PostgreSQL share the same cores",
+        f"- Command: `{f.command}`",
+        "",
+        "### HTTP throughput and latency",
+        "",
+        "| endpoint | req/s | p50 ms | p95 ms | p99 ms | max ms | requests | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        _row("bare Litestar `POST /v1/bare/start` (baseline)", f.bare),
+        _row("`POST /v1/onboarding/start` (new user each)", f.start),
+        _row(f"`POST /v1/onboarding/{{user}}/steps/{STEP}/complete`", f.complete),
+        "",
+        "Errors are non-2xx responses plus socket errors and timeouts.",
+        f"Users created by the measured start run (counted in the database): {f.started_in_db:,}. "
+        f"The complete run drew on {f.complete_pool:,} started, not yet completed users"
+        + (f" ({f.topped_up:,} of them started by an unmeasured top-up run)" if f.topped_up else "")
+        + f"; first completions recorded in the database: {f.completed_in_db:,}; "
+        f"repeated (idempotent) completions sent: {f.complete.repeats:,}.",
+        "",
+    ]
+    for name, r in (("bare", f.bare), ("start", f.start), ("complete", f.complete)):
+        if r.first_bad:
+            out += [f"First non-2xx response of {name}: `{r.first_bad[:300]}`", ""]
+    out += [
+        "| ratio | value | target | |",
+        "|---|---:|---:|---|",
+        f"| start req/s ÷ bare req/s | {ratio:.1%} | ≥ 25% | {_verdict(ratio >= 0.25)} |",
+        f"| complete req/s ÷ bare req/s | {complete_ratio:.1%} | — | |",
+        f"| start p95 at {f.connections} connections | {f.start.p95_ms:.1f} ms | ≤ 25 ms | "
+        f"{_verdict(f.start.p95_ms <= 25) if f.connections == 32 else '(target is for 32 connections)'} |",
+        "",
+        "### Where the CPU went (during each measured run)",
+        "",
+        "Cores busy on average (whole machine, then by process tree: the uvicorn processes, the PostgreSQL "
+        "server, wrk, anything else), CPU microseconds per request, and PostgreSQL sessions opened during the "
+        "run (from `pg_stat_database.sessions`; a pool that is big enough opens none). The last column splits "
+        "the server's cores by process: uvicorn's workers share one listening socket and wrk keeps its "
+        "connections open, so how the connections were spread over the workers at the start stays for the run.",
+        "",
+        "| run | machine | server | PostgreSQL | wrk | other | server µs/req | PostgreSQL µs/req | new sessions "
+        "| server cores by process |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        _cpu_row("bare", f.cpu["bare"], f.bare),
+        _cpu_row("start", f.cpu["start"], f.start),
+        _cpu_row("complete", f.cpu["complete"], f.complete),
+        "",
+        "### Row-level security: the progress read",
+        "",
+        f"The query of `GET /v1/onboarding/{{user}}` and of complete (`_GET` in "
+        f"`firstmile/onboarding/repository.py`), prepared, run {f.rls.iterations:,} times per role on "
+        f"{f.rls.users:,} distinct existing users, interleaved in rounds of {RLS_ROUND}, each in its own "
+        "transaction after `set_config('firstmile.tenant_id', …, true)`; asyncpg, one connection per role. "
+        "Query = the statement's round trip; transaction = BEGIN, set_config, query, COMMIT.",
+        "",
+        "| role | query p50 µs | query p95 µs | query p99 µs | transaction p50 µs | transaction p95 µs |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for side in (rls, byp):
+        out.append(
+            f"| {side.role} | {_pct(side.query_s, 50) * 1e6:.0f} | {_pct(side.query_s, 95) * 1e6:.0f} | "
+            f"{_pct(side.query_s, 99) * 1e6:.0f} | {_pct(side.txn_s, 50) * 1e6:.0f} | "
+            f"{_pct(side.txn_s, 95) * 1e6:.0f} |"
+        )
+    rls_p50_ratio = _pct(rls.query_s, 50) / _pct(byp.query_s, 50)
+    out += [
+        "",
+        f"RLS ÷ BYPASSRLS: p50 {rls_p50_ratio:.2f}x, p95 {rls_ratio:.2f}x (target ≤ 1.2x on p95: "
+        f"{_verdict(rls_ratio <= 1.2)}). Rows of `user_progress` visible without a tenant set: "
+        + ", ".join(f"{k} {v:,}" for k, v in f.rls.visible_without_tenant.items())
+        + ".",
+        "",
+    ]
+    for side in (rls, byp):
+        out += [
+            "<details><summary>EXPLAIN ANALYZE as " + side.role + "</summary>",
+            "",
+            "```",
+            side.explain,
+            "```",
+            "",
+            "</details>",
+            "",
+        ]
+    return "\n".join(out)
