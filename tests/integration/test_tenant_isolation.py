@@ -206,3 +206,36 @@ async def test_every_tenant_table_has_forced_rls_and_a_policy(admin_engine: Asyn
                     )
                 ).scalar_one()
                 assert lead >= 1, table
+
+
+async def test_failed_unit_of_work_leaves_nothing_and_the_connection_serves_on(
+    tenant: TenantFixture, database: Database, admin_engine: AsyncEngine
+) -> None:
+    engine = create_async_engine(database.app_url, pool_size=1, max_overflow=0)
+    try:
+        with pytest.raises(DBAPIError, match="duplicate key"):
+            async with tenant_transaction(engine, authorise_tenant(tenant.id)) as conn:
+                await conn.execute(
+                    text("INSERT INTO end_users (tenant_id, user_id) VALUES (:t, 'ghost')"), {"t": tenant.id}
+                )
+                await conn.execute(
+                    text("INSERT INTO end_users (tenant_id, user_id) VALUES (:t, 'ghost')"), {"t": tenant.id}
+                )
+        with pytest.raises(RuntimeError):
+            async with tenant_transaction(engine, authorise_tenant(tenant.id)) as conn:
+                await conn.execute(
+                    text("INSERT INTO end_users (tenant_id, user_id) VALUES (:t, 'ghost2')"), {"t": tenant.id}
+                )
+                raise RuntimeError("handler failed after writing")
+        async with tenant_transaction(engine, authorise_tenant(tenant.id)) as conn:
+            await conn.execute(text("INSERT INTO end_users (tenant_id, user_id) VALUES (:t, 'kept')"), {"t": tenant.id})
+        async with admin_engine.connect() as conn:
+            users = {
+                r[0]
+                for r in await conn.execute(
+                    text("SELECT user_id FROM end_users WHERE tenant_id = :t"), {"t": tenant.id}
+                )
+            }
+        assert users == {"kept"}
+    finally:
+        await engine.dispose()

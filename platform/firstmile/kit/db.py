@@ -79,7 +79,24 @@ async def tenant_transaction(engine: AsyncEngine, tenant_id: TenantId) -> AsyncI
 
     Commits when the block ends normally, rolls back on any exception: services
     never commit, the owner of the unit of work does.
+
+    ``BEGIN`` and the tenant setting travel in one simple-protocol round trip on
+    the driver connection; SQLAlchemy runs in autocommit mode inside it, so it
+    adds no ``BEGIN`` of its own. The tenant id is a :class:`uuid.UUID`, whose
+    text form is safe to inline.
     """
-    async with engine.begin() as conn:
-        await set_tenant(conn, tenant_id)
-        yield conn
+    tenant = uuid.UUID(str(tenant_id))
+    async with engine.connect() as conn:
+        await conn.execution_options(isolation_level="AUTOCOMMIT")
+        raw = (await conn.get_raw_connection()).driver_connection
+        assert raw is not None
+        await raw.execute(f"BEGIN; SELECT set_config('{TENANT_SETTING}', '{tenant}', true)")
+        try:
+            yield conn
+        except BaseException:
+            try:
+                await raw.execute("ROLLBACK")
+            except Exception:  # a broken or busy connection must not go back to the pool
+                await conn.invalidate()
+            raise
+        await raw.execute("COMMIT")
