@@ -20,7 +20,7 @@ from litestar.types import ASGIApp, Guard, Scopes
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from firstmile.kit import telemetry
-from firstmile.kit.db import TenantId, authorise_tenant
+from firstmile.kit.db import TenantId, authorise_tenant, retry_transient
 from firstmile.kit.errors import ProblemError
 from firstmile.tenancy import keys as keylib
 from firstmile.tenancy import repository as tenancy_repo
@@ -58,10 +58,14 @@ class KeyResolver:
             hit = self._cache.get(digest)
             if hit is not None and hit[0] > time.monotonic():
                 return hit[1]
-        async with self.engine.connect() as conn:
-            # one statement, read-only: no BEGIN/ROLLBACK round trips around it
-            await conn.execution_options(isolation_level="AUTOCOMMIT")
-            resolved = await tenancy_repo.resolve_key(conn, digest)
+
+        async def lookup() -> tenancy_repo.ResolvedKey | None:
+            async with self.engine.connect() as conn:
+                # one statement, read-only: no BEGIN/ROLLBACK round trips around it
+                await conn.execution_options(isolation_level="AUTOCOMMIT")
+                return await tenancy_repo.resolve_key(conn, digest)
+
+        resolved = await retry_transient(lookup)
         if resolved is not None and self.ttl > 0:
             self._cache[digest] = (time.monotonic() + self.ttl, resolved)
             self._cache.move_to_end(digest)

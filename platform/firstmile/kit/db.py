@@ -9,13 +9,19 @@ carry one tenant's context into another's request.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, NewType
+from typing import Any, NewType, TypeVar
 
 from sqlalchemy import MetaData, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+T = TypeVar("T")
+log = logging.getLogger("firstmile.db")
 
 TenantId = NewType("TenantId", uuid.UUID)
 """A tenant id that has been authorised. Minted only by :func:`authorise_tenant`."""
@@ -100,3 +106,64 @@ async def tenant_transaction(engine: AsyncEngine, tenant_id: TenantId) -> AsyncI
                 await conn.invalidate()
             raise
         await raw.execute("COMMIT")
+
+
+_RETRYABLE_SQLSTATES = frozenset({"40001", "40P01", "57P01", "08000", "08003", "08006"})
+"""Serialization failure, deadlock, admin shutdown of the backend, connection exceptions."""
+
+
+class DatabaseUnavailableError(RuntimeError):
+    """The database kept failing transiently through every retry."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying the whole unit of work may succeed: a lost connection or a conflict."""
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+        return sqlstate in _RETRYABLE_SQLSTATES
+    return isinstance(exc, (ConnectionError, OSError, asyncio.TimeoutError))
+
+
+async def retry_transient(operation: Callable[[], Awaitable[T]], *, attempts: int = 3, base_delay: float = 0.05) -> T:
+    """Run ``operation``, retrying transient database failures with exponential backoff.
+
+    The seed design's recovery rule for progress writes: a failed database call is
+    retried (0.05 s, then 0.1 s later here) and given up after ``attempts`` with
+    :class:`DatabaseUnavailableError`, which the API answers with 503. A dead pooled
+    connection is invalidated by SQLAlchemy, so the retry gets a fresh one.
+    """
+    from firstmile.kit import telemetry
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return await operation()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            telemetry.DB_RETRIES.inc()
+            if attempt == attempts:
+                raise DatabaseUnavailableError(f"database failed {attempts} times: {type(exc).__name__}") from exc
+            log.warning(
+                "transient database failure, retrying",
+                extra={"fields": {"attempt": attempt, "error": type(exc).__name__}},
+            )
+            await asyncio.sleep(base_delay * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def run_in_tenant_transaction(
+    engine: AsyncEngine, tenant_id: TenantId, work: Callable[[AsyncConnection], Awaitable[T]]
+) -> T:
+    """Run ``work`` in a tenant transaction, retried whole on transient failures.
+
+    ``work`` must be idempotent, as the onboarding writes are (ON CONFLICT DO
+    NOTHING): a commit whose answer was lost may have landed.
+    """
+
+    async def once() -> T:
+        async with tenant_transaction(engine, tenant_id) as conn:
+            return await work(conn)
+
+    return await retry_transient(once)

@@ -23,6 +23,8 @@ from litestar.exceptions import (
 )
 from litestar.types import ExceptionHandlersMap
 
+from firstmile.kit.db import DatabaseUnavailableError
+
 PROBLEM_BASE = "https://firstmile.dev/problems/"
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 
@@ -152,6 +154,13 @@ def _on_http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[by
     return problem_response(request, status, slug, detail, exc.headers)
 
 
+def _on_database_unavailable(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    log.error("database unavailable", exc_info=exc)
+    return problem_response(
+        request, 503, "service-unavailable", "the database is unavailable; retry later", headers={"Retry-After": "1"}
+    )
+
+
 def _on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     log.exception("unhandled error", exc_info=exc)
     return problem_response(request, 500, "internal-error", "The server could not handle this request")
@@ -168,6 +177,7 @@ def exception_handlers() -> ExceptionHandlersMap:
         NotFoundException: _on_http,
         MethodNotAllowedException: _on_http,
         HTTPException: _on_http,
+        DatabaseUnavailableError: _on_database_unavailable,
         Exception: _on_unexpected,
     }
 

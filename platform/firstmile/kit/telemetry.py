@@ -48,6 +48,7 @@ ONBOARDING_STARTS = Counter(
 )
 STEP_COMPLETIONS = Counter("firstmile_step_completions_total", "Steps completed (first completion only).")
 ACTIVATIONS = Counter("firstmile_activations_total", "Users who completed their path's activation step.")
+DB_RETRIES = Counter("firstmile_db_retries_total", "Units of work retried after a transient database failure.")
 ERRORS = Counter("firstmile_errors_total", "Problem responses sent, by problem type and status.", ["type", "status"])
 
 

@@ -3,29 +3,28 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
 
 from litestar import Controller, Request, Response, get, post
 from litestar.params import Body, FromPath
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from firstmile.kit.auth import Principal, require_scope
-from firstmile.kit.db import tenant_transaction
+from firstmile.kit.db import run_in_tenant_transaction
 from firstmile.kit.errors import ProblemError
 from firstmile.onboarding.schemas import CompleteRequest, OnboardingState, StartRequest
 from firstmile.onboarding.service import OnboardingService
 
+T = TypeVar("T")
 _USER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+\-]{0,127}$")
 _STEP_ID = re.compile(r"^[a-z][a-z0-9-]{0,62}[a-z0-9]$")
 
 
-@asynccontextmanager
-async def request_transaction(request: Request[Principal, Any, Any]) -> AsyncIterator[AsyncConnection]:
-    """The request's unit of work, bound to the caller's tenant: commit on success, else roll back."""
-    async with tenant_transaction(request.app.state.engine, request.user.tenant_id) as conn:
-        yield conn
+async def unit_of_work(request: Request[Principal, Any, Any], work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+    """The request's unit of work, bound to the caller's tenant: committed on success, rolled
+    back on error, retried on transient database failures (503 once they persist)."""
+    return await run_in_tenant_transaction(request.app.state.engine, request.user.tenant_id, work)
 
 
 def _check(value: str, pattern: re.Pattern[str], name: str) -> str:
@@ -57,18 +56,18 @@ class OnboardingController(Controller):
         data: Annotated[StartRequest, Body(description="The user and their traits")],
     ) -> Response[OnboardingState]:
         service: OnboardingService = request.app.state.onboarding
-        async with request_transaction(request) as conn:
-            outcome = await service.start(
-                conn, request.user.tenant_id, request.user.tenant_revision, data.user_id, data.traits
-            )
+        user = request.user
+        outcome = await unit_of_work(
+            request, lambda conn: service.start(conn, user.tenant_id, user.tenant_revision, data.user_id, data.traits)
+        )
         return Response(outcome.state, status_code=201 if outcome.created else 200)
 
     @get("/{user_id:str}", summary="A user's onboarding state")
     async def state(self, request: Request[Principal, Any, Any], user_id: FromPath[str]) -> OnboardingState:
         _check(user_id, _USER_ID, "user_id")
         service: OnboardingService = request.app.state.onboarding
-        async with request_transaction(request) as conn:
-            return await service.get(conn, request.user.tenant_id, user_id)
+        tenant_id = request.user.tenant_id
+        return await unit_of_work(request, lambda conn: service.get(conn, tenant_id, user_id))
 
     @post(
         "/{user_id:str}/steps/{step_id:str}/complete",
@@ -87,5 +86,7 @@ class OnboardingController(Controller):
         _check(step_id, _STEP_ID, "step_id")
         service: OnboardingService = request.app.state.onboarding
         occurred_at = data.occurred_at if data is not None else None
-        async with request_transaction(request) as conn:
-            return await service.complete(conn, request.user.tenant_id, user_id, step_id, occurred_at)
+        tenant_id = request.user.tenant_id
+        return await unit_of_work(
+            request, lambda conn: service.complete(conn, tenant_id, user_id, step_id, occurred_at)
+        )
