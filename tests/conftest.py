@@ -8,6 +8,7 @@ factory takes as a required argument.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import uuid
@@ -26,7 +27,7 @@ from firstmile.kit.migrate import upgrade
 from firstmile.settings import Settings
 from firstmile.tenancy.manifest import TenantManifest
 from firstmile.tenancy.service import apply_manifest, create_key
-from tests.factories import manifest_for, recreate_database
+from tests.factories import ROOT, manifest_for, recreate_database
 
 REGION = "eu-west-1"
 PEPPER = b"test-pepper-0123456789abcdef"
@@ -55,7 +56,6 @@ def database(worker_id: str) -> Database:
     name = f"firstmile_test_{worker_id}"
 
     admin_url = recreate_database(server, name)
-    upgrade(admin_url, "firstmile_app")
 
     async def allow_login() -> None:
         engine = create_async_engine(admin_url)
@@ -63,7 +63,17 @@ def database(worker_id: str) -> Database:
             await conn.execute(text("ALTER ROLE firstmile_app LOGIN"))
         await engine.dispose()
 
-    asyncio.run(allow_login())
+    # Roles and their grants are cluster-wide: xdist workers migrate one at a time, or
+    # concurrent GRANT/ALTER ROLE on the same role fail with "tuple concurrently updated".
+    lock_path = ROOT / ".firstmile" / "test-migrate.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            upgrade(admin_url, "firstmile_app")
+            asyncio.run(allow_login())
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
     app_url = server.set(database=name, username="firstmile_app", password=None).render_as_string(hide_password=False)
     return Database(admin_url=admin_url, app_url=app_url, name=name)
 

@@ -42,12 +42,14 @@ def _app_role() -> str:
 
 
 def _ensure_role(name: str) -> None:
+    # Roles are cluster-wide: migrations of two databases at once may race to create one.
     op.execute(
         f"""
         DO $$ BEGIN
           IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{name}') THEN
             CREATE ROLE {name} NOLOGIN NOBYPASSRLS;
           END IF;
+        EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
         END $$;
         """
     )
