@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from firstmile.kit.db import TenantId
+from firstmile.onboarding import repository as repo
 from firstmile.onboarding.domain import PathDef
-from firstmile.onboarding.models import onboarding_paths
 from firstmile.tenancy.service import path_settings
 
 
@@ -38,12 +37,8 @@ class CatalogCache:
         if cached is not None and cached.revision >= revision:
             return cached
         default_key, tenant_revision = await path_settings(conn, tenant_id)
-        rows = await conn.execute(
-            select(onboarding_paths.c.path_key, onboarding_paths.c.version, onboarding_paths.c.definition).where(
-                onboarding_paths.c.tenant_id == tenant_id, onboarding_paths.c.is_current
-            )
-        )
-        current = tuple(PathDef.from_definition(r[0], r[1], r[2]) for r in rows)
+        rows = await repo.current_path_definitions(conn, tenant_id)
+        current = tuple(PathDef.from_definition(key, version, definition) for key, version, definition in rows)
         for path in current:
             self._versions[(tenant_id, path.key, path.version)] = path
         catalog = PathCatalog(revision=tenant_revision, default_key=default_key, current=current)
@@ -54,16 +49,7 @@ class CatalogCache:
         cached = self._versions.get((tenant_id, key, version))
         if cached is not None:
             return cached
-        row = (
-            await conn.execute(
-                select(onboarding_paths.c.definition).where(
-                    onboarding_paths.c.tenant_id == tenant_id,
-                    onboarding_paths.c.path_key == key,
-                    onboarding_paths.c.version == version,
-                )
-            )
-        ).one()
-        path = PathDef.from_definition(key, version, row[0])
+        path = PathDef.from_definition(key, version, await repo.path_definition(conn, tenant_id, key, version))
         self._versions[(tenant_id, key, version)] = path
         return path
 

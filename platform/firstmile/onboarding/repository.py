@@ -219,3 +219,28 @@ async def retire_path(conn: AsyncConnection, tenant_id: TenantId, key: str) -> N
         )
         .values(is_current=False)
     )
+
+
+async def current_path_definitions(conn: AsyncConnection, tenant_id: TenantId) -> list[tuple[str, int, dict[str, Any]]]:
+    """``(path_key, version, definition)`` of the tenant's current paths."""
+    rows = await conn.execute(
+        select(onboarding_paths.c.path_key, onboarding_paths.c.version, onboarding_paths.c.definition).where(
+            onboarding_paths.c.tenant_id == tenant_id, onboarding_paths.c.is_current
+        )
+    )
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
+async def path_definition(conn: AsyncConnection, tenant_id: TenantId, key: str, version: int) -> dict[str, Any]:
+    """One stored path version's definition (versions are immutable)."""
+    row = (
+        await conn.execute(
+            select(onboarding_paths.c.definition).where(
+                onboarding_paths.c.tenant_id == tenant_id,
+                onboarding_paths.c.path_key == key,
+                onboarding_paths.c.version == version,
+            )
+        )
+    ).one()
+    definition: dict[str, Any] = row[0]
+    return definition
