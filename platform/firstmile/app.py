@@ -18,7 +18,6 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from firstmile import __version__
 from firstmile.kit import telemetry
@@ -87,27 +86,25 @@ class RequestContextMiddleware:
             telemetry.tenant_var.reset(tenant_token)
 
 
-def create_app(settings: Settings, database_url: str, pepper: bytes, engine: AsyncEngine | None = None) -> Litestar:
-    """Build the API for one region. ``engine`` lets tests share one pool."""
+def create_app(settings: Settings, database_url: str, pepper: bytes) -> Litestar:
+    """Build the API for one region; its connection pool opens at startup and closes at shutdown."""
     telemetry.configure_logging(settings.log_level, settings.log_format)
     provider = telemetry.configure_tracing(settings.service_name, settings.otel_exporter, settings.otel_endpoint)
-    owns_engine = engine is None
     state = State({"settings": settings, "onboarding": OnboardingService(CatalogCache())})
 
     async def on_startup(app: Litestar) -> None:
-        eng = engine or create_engine(
+        engine = create_engine(
             database_url,
             pool_size=settings.database_pool_size,
             max_overflow=settings.database_max_overflow,
             statement_timeout_ms=settings.database_statement_timeout_ms,
             application_name=settings.service_name,
         )
-        app.state.engine = eng
-        app.state.key_resolver = KeyResolver(eng, pepper, settings.region, settings.api_key_cache_ttl_seconds)
+        app.state.engine = engine
+        app.state.key_resolver = KeyResolver(engine, pepper, settings.region, settings.api_key_cache_ttl_seconds)
 
     async def on_shutdown(app: Litestar) -> None:
-        if owns_engine:
-            await app.state.engine.dispose()
+        await app.state.engine.dispose()
 
     app = Litestar(
         route_handlers=[HealthController, metrics, OnboardingController],

@@ -201,7 +201,7 @@ def keys_revoke(tenant: str, key_id: uuid.UUID) -> None:
     click.echo(f"revoked {key_id}")
 
 
-def _export_for_workers(settings: Settings, urls: DatabaseUrls, pepper: bytes) -> None:
+def _export_for_workers(urls: DatabaseUrls, pepper: bytes) -> None:
     """Pass the resolved embedded database and pepper to worker processes."""
     os.environ["FIRSTMILE_DATABASE_URL"] = urls.app
     os.environ["FIRSTMILE_DATABASE_ADMIN_URL"] = urls.admin
@@ -245,7 +245,7 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
     urls = _urls(settings)
     if urls.embedded:
         migrate_database(settings, urls)
-    _export_for_workers(settings, urls, resolve_pepper(settings))
+    _export_for_workers(urls, resolve_pepper(settings))
     _serve(host or settings.host, port or settings.port, workers or settings.workers)
 
 
@@ -298,7 +298,7 @@ def dev(manifest: Path, port: int | None) -> None:
     )
     click.echo("")
     sys.stdout.flush()
-    _export_for_workers(settings, urls, pepper)
+    _export_for_workers(urls, pepper)
     _serve(settings.host, listen_port, settings.workers)
 
 

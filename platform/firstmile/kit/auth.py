@@ -35,7 +35,6 @@ class Principal:
     tenant_revision: int
     scopes: frozenset[str]
     key_id: uuid.UUID
-    kind: str = "api_key"
 
 
 class KeyResolver:
@@ -119,9 +118,6 @@ class KeyResolver:
             scopes=frozenset(resolved.scopes),
             key_id=resolved.key_id,
         )
-
-    def forget(self) -> None:
-        self._cache.clear()
 
 
 class ApiKeyMiddleware(AbstractAuthenticationMiddleware):

@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 import msgspec
-from litestar import MediaType, Request, Response
+from litestar import Request, Response
 from litestar.exceptions import (
     HTTPException,
     MethodNotAllowedException,
@@ -23,6 +23,7 @@ from litestar.exceptions import (
 )
 from litestar.types import ExceptionHandlersMap
 
+from firstmile.kit import telemetry
 from firstmile.kit.db import DatabaseUnavailableError
 
 PROBLEM_BASE = "https://firstmile.dev/problems/"
@@ -87,8 +88,6 @@ def problem_response(
     if request_id:
         body["request_id"] = request_id
     body.update(extensions)
-    from firstmile.kit import telemetry
-
     telemetry.ERRORS.labels(type=slug, status=str(status)).inc()
     return Response(
         content=msgspec.json.encode(body),
@@ -185,7 +184,6 @@ def exception_handlers() -> ExceptionHandlersMap:
 __all__ = [
     "PROBLEM_BASE",
     "PROBLEM_MEDIA_TYPE",
-    "MediaType",
     "ProblemError",
     "exception_handlers",
     "problem_response",

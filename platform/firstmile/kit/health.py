@@ -15,7 +15,6 @@ from firstmile.kit.telemetry import metrics_payload
 class HealthController(Controller):
     path = "/health"
     tags = ["operations"]
-    include_in_schema = True
 
     @get("/live", summary="The process is up")
     async def live(self) -> dict[str, str]:

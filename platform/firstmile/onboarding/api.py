@@ -13,12 +13,19 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from firstmile.kit.auth import Principal, require_scope
 from firstmile.kit.db import run_in_tenant_transaction
 from firstmile.kit.errors import ProblemError
-from firstmile.onboarding.schemas import CompleteRequest, OnboardingState, StartRequest
+from firstmile.onboarding.schemas import (
+    USER_ID_MAX_LENGTH,
+    USER_ID_PATTERN,
+    CompleteRequest,
+    OnboardingState,
+    StartRequest,
+)
 from firstmile.onboarding.service import OnboardingService
+from firstmile.tenancy.manifest import SLUG_PATTERN
 
 T = TypeVar("T")
-_USER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+\-]{0,127}$")
-_STEP_ID = re.compile(r"^[a-z][a-z0-9-]{0,62}[a-z0-9]$")
+_USER_ID = re.compile(USER_ID_PATTERN)
+_STEP_ID = re.compile(SLUG_PATTERN)  # step ids are manifest slugs
 
 
 async def unit_of_work(request: Request[Principal, Any, Any], work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
@@ -28,7 +35,7 @@ async def unit_of_work(request: Request[Principal, Any, Any], work: Callable[[As
 
 
 def _check(value: str, pattern: re.Pattern[str], name: str) -> str:
-    if not pattern.match(value):
+    if len(value) > USER_ID_MAX_LENGTH or not pattern.match(value):
         raise ProblemError(
             400,
             "validation-error",

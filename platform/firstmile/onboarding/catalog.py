@@ -52,7 +52,3 @@ class CatalogCache:
         path = PathDef.from_definition(key, version, await repo.path_definition(conn, tenant_id, key, version))
         self._versions[(tenant_id, key, version)] = path
         return path
-
-    def clear(self) -> None:
-        self._catalogs.clear()
-        self._versions.clear()

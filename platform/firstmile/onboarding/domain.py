@@ -6,7 +6,7 @@ completed steps on one path version, from which everything else derives.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,6 +119,6 @@ def missing_prerequisites(path: PathDef, step_id: str, completed: Iterable[str])
     return [p for p in step.prerequisites if p not in done]
 
 
-def is_available(path: PathDef, step: StepDef, completed: Iterable[str]) -> bool:
-    done = set(completed)
+def is_available(step: StepDef, done: Collection[str]) -> bool:
+    """Not yet complete, and every prerequisite is."""
     return step.id not in done and all(p in done for p in step.prerequisites)

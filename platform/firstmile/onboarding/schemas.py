@@ -8,12 +8,15 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
+USER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@+\-]*$"
+USER_ID_MAX_LENGTH = 128
+
 UserId = Annotated[
     str,
     Meta(
         min_length=1,
-        max_length=128,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@+\-]*$",
+        max_length=USER_ID_MAX_LENGTH,
+        pattern=USER_ID_PATTERN,
         description="The tenant's own id for the user: letters, digits and . _ : @ + -",
     ),
 ]

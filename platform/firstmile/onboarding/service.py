@@ -82,7 +82,7 @@ def render_state(user_id: str, path: PathDef, row: repo.ProgressRow) -> Onboardi
             prerequisites=list(s.prerequisites),
             completed=s.id in done,
             completed_at=done.get(s.id),
-            available=domain.is_available(path, s, done),
+            available=domain.is_available(s, done),
         )
         for s in path.steps
     ]
@@ -207,7 +207,8 @@ class OnboardingService:
         progress = domain.evaluate(path, completions)
         activated_now = step_id == path.activation_step and row.activated_at is None
         activated_at = now if activated_now else row.activated_at
-        completed_at = now if progress.status == "completed" and row.completed_at is None else row.completed_at
+        completed_now = progress.status == "completed" and row.completed_at is None
+        completed_at = now if completed_now else row.completed_at
         base = {"user_id": user_id, "path_id": path.key, "path_version": path.version}
         events = [
             _event(
@@ -223,7 +224,7 @@ class OnboardingService:
         ]
         if activated_now:
             events.append(_event("onboarding.activated", base | {"step_id": step_id}))
-        if completed_at is not None and row.completed_at is None:
+        if completed_now:
             events.append(_event("onboarding.completed", base))
         inserted = await repo.insert_completion(
             conn,

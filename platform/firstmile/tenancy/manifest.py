@@ -18,9 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from firstmile.onboarding.rules import Operator
 from firstmile.settings import REGION_PATTERN
 
-Slug = Annotated[
-    str, Field(pattern=r"^[a-z][a-z0-9-]{0,62}[a-z0-9]$", description="Lower-case id: letters, digits, dashes.")
-]
+SLUG_PATTERN = r"^[a-z][a-z0-9-]{0,62}[a-z0-9]$"
+Slug = Annotated[str, Field(pattern=SLUG_PATTERN, description="Lower-case id: letters, digits, dashes.")]
 Scalar = str | int | float | bool
 KNOWN_TRAITS: tuple[str, ...] = ("persona", "signup_source", "company_size", "use_case", "role")
 COMPANY_SIZES: tuple[str, ...] = ("1-10", "11-50", "51-200", "201-1000", "1001+")

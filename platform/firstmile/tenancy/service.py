@@ -33,18 +33,17 @@ class ApplyResult:
         return bool(self.changes)
 
 
-class _DryRunError(Exception):
-    pass
-
-
 async def apply_manifest(engine: AsyncEngine, manifest: TenantManifest, *, dry_run: bool = False) -> ApplyResult:
-    """Make the database match ``manifest``; idempotent (paths: :func:`sync_paths`)."""
+    """Make the database match ``manifest``; idempotent (paths: :func:`sync_paths`).
+
+    ``dry_run`` does all the work and rolls it back: the changes are what `plan` prints.
+    """
     spec = manifest.tenant
     manifest_doc = manifest.model_dump(mode="json")
     manifest_hash = manifest.content_hash()
-    result: ApplyResult | None = None
-    try:
-        async with engine.begin() as conn:
+    async with engine.connect() as conn:
+        transaction = await conn.begin()
+        try:
             existing = await repo.tenant_by_slug(conn, spec.slug)
             if existing is None:
                 tenant_id = authorise_tenant(uuid.uuid4())
@@ -63,17 +62,20 @@ async def apply_manifest(engine: AsyncEngine, manifest: TenantManifest, *, dry_r
                     )
                 result = ApplyResult(tenant_id, spec.slug)
             result.changes.extend(await sync_paths(conn, tenant_id, manifest.paths))
-            if existing is not None and (existing.manifest_hash != manifest_hash or result.changes):
+            # the paths are part of the manifest: any change above also changed its hash
+            if existing is not None and existing.manifest_hash != manifest_hash:
                 if existing.name != spec.name:
                     result.changes.append(f"tenant {spec.slug}: rename to {spec.name!r}")
-                if existing.manifest_hash != manifest_hash and not result.changes:
+                if not result.changes:
                     result.changes.append(f"tenant {spec.slug}: manifest settings updated")
                 await repo.update_tenant(conn, tenant_id, spec.name, manifest_doc, manifest_hash)
-            if dry_run:
-                raise _DryRunError
-    except _DryRunError:
-        pass
-    assert result is not None
+        except BaseException:
+            await transaction.rollback()
+            raise
+        if dry_run:
+            await transaction.rollback()
+        else:
+            await transaction.commit()
     return result
 
 
