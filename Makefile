@@ -6,6 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PG := deploy/local/postgres.sh
+KAFKA := deploy/local/kafka.sh
 PYTEST_WORKERS ?= 2
 
 .PHONY: help run install test lint typecheck pytest services services-stop bench clean
@@ -24,10 +25,12 @@ install: $(STAMP) ## Create .venv and install Firstmile with its dev tools (idem
 run: $(STAMP) ## Migrate the embedded PostgreSQL, apply tenants/demo.yaml, print a demo key, serve on 127.0.0.1:8000
 	$(BIN)/firstmile dev
 
-services: ## Install (apt) and start the PostgreSQL the tests use
+services: ## Install (apt) and start the PostgreSQL and Kafka the tests use
 	@$(PG) start test
+	@$(KAFKA) start test
 
 services-stop: ## Stop the test services
+	@$(KAFKA) stop test
 	@$(PG) stop test
 
 lint: $(STAMP) ## ruff check and format check
@@ -38,16 +41,19 @@ typecheck: $(STAMP) ## mypy --strict on the packages and tests
 	$(BIN)/mypy
 
 pytest: $(STAMP) services ## The test suite (PostgreSQL must be running: make services)
-	FIRSTMILE_TEST_ADMIN_URL=$$($(PG) url test) $(BIN)/pytest -n $(PYTEST_WORKERS)
+	FIRSTMILE_TEST_ADMIN_URL=$$($(PG) url test) FIRSTMILE_TEST_KAFKA=$$($(KAFKA) url test) \
+	  $(BIN)/pytest -n $(PYTEST_WORKERS)
 
 test: $(STAMP) ## Everything the tests need, then ruff, mypy and the whole suite; services stopped at the end
 	@$(PG) start test
+	@$(KAFKA) start test
 	@status=0; \
 	  $(MAKE) --no-print-directory lint typecheck || status=$$?; \
 	  if [ $$status -eq 0 ]; then \
-	    FIRSTMILE_TEST_ADMIN_URL=$$($(PG) url test) $(BIN)/pytest -n $(PYTEST_WORKERS) || status=$$?; \
+	    FIRSTMILE_TEST_ADMIN_URL=$$($(PG) url test) FIRSTMILE_TEST_KAFKA=$$($(KAFKA) url test) \
+	      $(BIN)/pytest -n $(PYTEST_WORKERS) || status=$$?; \
 	  fi; \
-	  $(PG) stop test; exit $$status
+	  $(KAFKA) stop test; $(PG) stop test; exit $$status
 
 bench: $(STAMP) ## API benchmark (docs/benchmarks.md)
 	@$(PG) start bench
@@ -55,6 +61,6 @@ bench: $(STAMP) ## API benchmark (docs/benchmarks.md)
 	  status=$$?; $(PG) stop bench; exit $$status
 
 clean: ## Remove the venv and all local state (embedded database included)
-	-$(PG) stop test; $(PG) stop bench
+	-$(PG) stop test; $(PG) stop bench; $(KAFKA) stop test; $(KAFKA) stop bench
 	-test -x $(BIN)/firstmile && $(BIN)/firstmile embedded stop
 	rm -rf $(VENV) .firstmile .mypy_cache .ruff_cache .pytest_cache
