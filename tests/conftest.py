@@ -11,8 +11,9 @@ from __future__ import annotations
 import fcntl
 import os
 import secrets
+import shutil
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -22,6 +23,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from firstmile.analytics.chdb_store import ChdbStore
 from firstmile.app import create_app
 from firstmile.kit.migrate import upgrade
 from firstmile.settings import Settings
@@ -78,6 +80,60 @@ def database(worker_id: str) -> Database:
     return Database(admin_url=admin_url, app_url=app_url, name=name)
 
 
+@dataclass(frozen=True)
+class EventsDatabase(Database):
+    relay_url: str
+
+
+RELAY_LOGIN = "firstmile_relay_test"
+
+
+@pytest.fixture(scope="session")
+def events_database(worker_id: str) -> EventsDatabase:
+    """A second migrated database for tests that run the outbox relay (it drains every tenant's
+    outbox), with a login role that has exactly the relay's privileges."""
+    import asyncio
+
+    server = make_url(_admin_server_url())
+    name = f"firstmile_test_{worker_id}_events"
+    admin_url = recreate_database(server, name)
+
+    async def roles() -> None:
+        engine = create_async_engine(admin_url)
+        async with engine.begin() as conn:
+            await conn.execute(text("ALTER ROLE firstmile_app LOGIN"))
+            await conn.execute(
+                text(
+                    f"DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{RELAY_LOGIN}') THEN "
+                    f"CREATE ROLE {RELAY_LOGIN} LOGIN IN ROLE firstmile_relay; END IF; END $$"
+                )
+            )
+        await engine.dispose()
+
+    lock_path = ROOT / ".firstmile" / "test-migrate.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            upgrade(admin_url, "firstmile_app")
+            asyncio.run(roles())
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def as_role(role: str) -> str:
+        return server.set(database=name, username=role, password=None).render_as_string(hide_password=False)
+
+    return EventsDatabase(admin_url, as_role("firstmile_app"), name, as_role(RELAY_LOGIN))
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> str:
+    bootstrap = os.environ.get("FIRSTMILE_TEST_KAFKA")
+    if not bootstrap:
+        pytest.exit("FIRSTMILE_TEST_KAFKA is not set: run `make test` (it starts Kafka)", returncode=2)
+    return bootstrap
+
+
 @pytest.fixture(scope="session")
 async def admin_engine(database: Database) -> AsyncIterator[AsyncEngine]:
     engine = create_async_engine(database.admin_url, pool_size=2)
@@ -99,9 +155,20 @@ def make_settings(**overrides: object) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def app(database: Database) -> Litestar:
+def analytics_store(worker_id: str) -> Iterator[ChdbStore]:
+    """This worker's chdb store (chdb admits one data folder per process); tests isolate by tenant."""
+    path = ROOT / ".firstmile" / "test-chdb" / worker_id
+    shutil.rmtree(path, ignore_errors=True)
+    store = ChdbStore(path)
+    store.ensure_schema()
+    yield store
+    store.close()
+
+
+@pytest.fixture(scope="session")
+def app(database: Database, analytics_store: ChdbStore) -> Litestar:
     # The app owns its pool: the test client may run it on another event loop than the tests'.
-    return create_app(make_settings(), database.app_url, PEPPER)
+    return create_app(make_settings(), database.app_url, PEPPER, analytics=analytics_store)
 
 
 @pytest.fixture(scope="session")

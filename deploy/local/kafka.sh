@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A single-node Apache Kafka broker (KRaft) from Maven Central jars, on loopback, under .firstmile/services/.
-#   deploy/local/kafka.sh start [test|bench]   fetch jars once (mvn), format once, start (idempotent)
+#   deploy/local/kafka.sh start [test|bench|fault]   fetch jars once (mvn), format once, start (idempotent)
 #   deploy/local/kafka.sh stop  [test|bench]
 #   deploy/local/kafka.sh url   [test|bench]   print the bootstrap servers
 # The jars are cached in .firstmile/services/kafka-libs (and Maven's ~/.m2); the broker needs Java 17+.
@@ -15,7 +15,8 @@ dir="$root/.firstmile/services/kafka-$name"
 case "$name" in
   test) port=${FIRSTMILE_TEST_KAFKA_PORT:-59092} ;;
   bench) port=${FIRSTMILE_BENCH_KAFKA_PORT:-59192} ;;
-  *) echo "unknown broker '$name' (test or bench)" >&2; exit 2 ;;
+  fault) port=${FIRSTMILE_FAULT_KAFKA_PORT:-59292} ;;  # the fault tests stop and restart this one
+  *) echo "unknown broker '$name' (test, bench or fault)" >&2; exit 2 ;;
 esac
 controller_port=$((port + 1))
 

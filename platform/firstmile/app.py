@@ -5,10 +5,15 @@ This and :mod:`firstmile.cli` are the only modules that read the environment.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import threading
 import time
 import uuid
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any
 
 from litestar import Litestar
 from litestar.datastructures import State
@@ -20,6 +25,16 @@ from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlu
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from firstmile import __version__
+from firstmile.analytics.api import AnalyticsController
+from firstmile.analytics.rows import AnalyticsEvent
+from firstmile.analytics.service import AnalyticsService
+from firstmile.analytics.sql import Params
+from firstmile.analytics.store import AnalyticsStore
+from firstmile.events.api import EventsController
+from firstmile.events.bus import Consumer
+from firstmile.events.consumers import AnalyticsSink, AutoCompletion, FeatureHook
+from firstmile.events.dispatch import InProcessPublisher
+from firstmile.events.relay import OutboxRelay
 from firstmile.kit import telemetry
 from firstmile.kit.auth import ApiKeyMiddleware, KeyResolver
 from firstmile.kit.db import create_engine
@@ -86,11 +101,78 @@ class RequestContextMiddleware:
             telemetry.tenant_var.reset(tenant_token)
 
 
-def create_app(settings: Settings, database_url: str, pepper: bytes) -> Litestar:
-    """Build the API for one region; its connection pool opens at startup and closes at shutdown."""
+def open_analytics_store(settings: Settings) -> AnalyticsStore:
+    """The configured analytics store: chdb under the data dir, or a ClickHouse server."""
+    if settings.analytics_backend == "clickhouse":
+        if settings.clickhouse_url is None:
+            raise RuntimeError("FIRSTMILE_CLICKHOUSE_URL must be set when FIRSTMILE_ANALYTICS_BACKEND=clickhouse")
+        from firstmile.analytics.clickhouse_store import ClickHouseStore
+
+        store: AnalyticsStore = ClickHouseStore(settings.clickhouse_url.get_secret_value())
+    else:
+        from firstmile.analytics.chdb_store import ChdbStore
+
+        store = ChdbStore(settings.analytics_path or settings.data_dir / "analytics")
+    store.ensure_schema()
+    return store
+
+
+class LazyStore:
+    """Opens the analytics store on first use, so a worker that never touches analytics never
+    opens it (chdb admits one process per data folder; use ClickHouse with several workers)."""
+
+    def __init__(self, opener: Callable[[], AnalyticsStore]) -> None:
+        self._opener = opener
+        self._store: AnalyticsStore | None = None
+        self._lock = threading.Lock()
+
+    def _get(self) -> AnalyticsStore:
+        with self._lock:
+            if self._store is None:
+                self._store = self._opener()
+            return self._store
+
+    def ensure_schema(self) -> None:
+        self._get().ensure_schema()
+
+    def insert(self, rows: Sequence[AnalyticsEvent]) -> int:
+        return self._get().insert(rows)
+
+    def bulk_load(self, rows: Sequence[AnalyticsEvent]) -> int:
+        return self._get().bulk_load(rows)
+
+    def query(self, sql: str, params: Params) -> list[dict[str, Any]]:
+        return self._get().query(sql, params)
+
+    def erase_user(self, tenant_id: uuid.UUID, user_id: str) -> None:
+        self._get().erase_user(tenant_id, user_id)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+
+
+def create_app(
+    settings: Settings,
+    database_url: str,
+    pepper: bytes,
+    *,
+    analytics: AnalyticsStore | None = None,
+    relay_database_url: str | None = None,
+) -> Litestar:
+    """Build the API for one region; its connection pool opens at startup and closes at shutdown.
+
+    ``analytics`` is the analytics store (opened from the settings when omitted).
+    With ``relay_database_url`` and no Kafka configured, the process also runs the
+    outbox relay and dispatches events to the consumers in-process (embedded mode).
+    """
     telemetry.configure_logging(settings.log_level, settings.log_format)
     provider = telemetry.configure_tracing(settings.service_name, settings.otel_exporter, settings.otel_endpoint)
     state = State({"settings": settings, "onboarding": OnboardingService(CatalogCache())})
+    stop = asyncio.Event()
+    background: list[asyncio.Task[None]] = []
 
     async def on_startup(app: Litestar) -> None:
         engine = create_engine(
@@ -102,12 +184,34 @@ def create_app(settings: Settings, database_url: str, pepper: bytes) -> Litestar
         )
         app.state.engine = engine
         app.state.key_resolver = KeyResolver(engine, pepper, settings.region, settings.api_key_cache_ttl_seconds)
+        store = analytics if analytics is not None else LazyStore(lambda: open_analytics_store(settings))
+        app.state.analytics_store = store
+        app.state.analytics = AnalyticsService(store, settings.analytics_query_timeout_seconds)
+        if relay_database_url is not None and settings.kafka_bootstrap_servers is None:
+            consumers: list[Consumer] = [
+                AnalyticsSink(store),
+                AutoCompletion(engine, app.state.onboarding),
+                FeatureHook(),
+            ]
+            relay = OutboxRelay(
+                relay_database_url,
+                InProcessPublisher(consumers, settings.data_dir / "dead-letters"),
+                batch_size=settings.relay_batch_size,
+                dedupe_window=timedelta(days=settings.event_dedupe_days),
+            )
+            app.state.relay = relay
+            background.append(asyncio.create_task(relay.run(stop), name="outbox-relay"))
 
     async def on_shutdown(app: Litestar) -> None:
+        stop.set()
+        if background:
+            await asyncio.gather(*background, return_exceptions=True)
         await app.state.engine.dispose()
+        if analytics is None and getattr(app.state, "analytics_store", None) is not None:
+            await asyncio.to_thread(app.state.analytics_store.close)
 
     app = Litestar(
-        route_handlers=[HealthController, metrics, OnboardingController],
+        route_handlers=[HealthController, metrics, OnboardingController, EventsController, AnalyticsController],
         state=state,
         on_startup=[on_startup],
         on_shutdown=[on_shutdown],
@@ -153,4 +257,5 @@ def app_factory() -> Litestar:
 
     settings = get_settings()
     urls = resolve_database(settings)
-    return create_app(settings, urls.app, resolve_pepper(settings))
+    relay_url = settings.relay_database_url.get_secret_value() if settings.relay_database_url else urls.admin
+    return create_app(settings, urls.app, resolve_pepper(settings), relay_database_url=relay_url)

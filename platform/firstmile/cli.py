@@ -341,3 +341,98 @@ def bench_api(duration: int, connections: int, workers: int, output: Path | None
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+def _relay_url(settings: Settings, urls: DatabaseUrls) -> str:
+    return settings.relay_database_url.get_secret_value() if settings.relay_database_url else urls.admin
+
+
+@main.command()
+def relay() -> None:
+    """Publish the outbox to Kafka (one active relay per region; others wait as standbys)."""
+    from firstmile.events.runtime import run_relay
+    from firstmile.kit import telemetry
+
+    settings = get_settings()
+    telemetry.configure_logging(settings.log_level, settings.log_format)
+    urls = _urls(settings)
+    try:
+        published = _run(lambda: run_relay(settings, _relay_url(settings, urls)))
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"relay stopped after publishing {published} events", err=True)
+
+
+@main.command()
+@click.argument("names", nargs=-1, type=click.Choice(["analytics", "progress", "features"]))
+def consume(names: tuple[str, ...]) -> None:
+    """Run consumer groups of the region's event topic (default: all three)."""
+    from firstmile.events.runtime import CONSUMER_NAMES, run_consumers
+    from firstmile.kit import telemetry
+
+    settings = get_settings()
+    telemetry.configure_logging(settings.log_level, settings.log_format)
+    urls = _urls(settings)
+    try:
+        _run(lambda: run_consumers(settings, urls.app, names or CONSUMER_NAMES))
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.group()
+def events() -> None:
+    """The event stream: dead-letter replay."""
+
+
+@events.command("replay-dlq")
+@click.option("--dry-run", is_flag=True, help="List the dead letters without replaying or committing.")
+def events_replay_dlq(dry_run: bool) -> None:
+    """Re-publish the region's dead letters onto its events topic (consumers are idempotent)."""
+    from firstmile.events.runtime import replay_dead_letters
+
+    settings = get_settings()
+    try:
+        letters = replay_dead_letters(settings, dry_run=dry_run)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for letter in letters:
+        click.echo(f"{letter['event_id'] or '-'}\t{letter['consumer']}\t{letter['reason']}")
+    click.echo(f"{'would replay' if dry_run else 'replayed'} {len(letters)} dead letter(s)", err=True)
+
+
+@main.group()
+def webhooks() -> None:
+    """Inbound webhooks (Segment)."""
+
+
+@webhooks.command("secret")
+@click.option("--tenant", required=True, help="Tenant slug.")
+def webhooks_secret(tenant: str) -> None:
+    """Set a new shared secret for the tenant's Segment webhook and print it once."""
+    import secrets as secrets_mod
+
+    settings = get_settings()
+    urls = _urls(settings)
+    secret = secrets_mod.token_urlsafe(32)
+
+    async def work(engine: Any) -> bool:
+        async with engine.begin() as conn:
+            row = (await conn.execute(text("SELECT id FROM tenants WHERE slug = :s"), {"s": tenant})).first()
+            if row is None:
+                return False
+            await conn.execute(
+                text(
+                    "INSERT INTO webhook_secrets (tenant_id, source, secret) VALUES (:t, 'segment', :s)"
+                    " ON CONFLICT (tenant_id, source) DO UPDATE SET secret = excluded.secret, created_at = now()"
+                ),
+                {"t": row[0], "s": secret},
+            )
+            return True
+
+    if not _run(lambda: _with_admin_engine(urls, work)):
+        raise click.ClickException(f"no tenant {tenant!r}")
+    click.echo(secret)
+    click.echo(
+        f"Set it as the shared secret of a Segment webhook to {settings.region} …/v1/webhooks/segment/{tenant}",
+        err=True,
+    )

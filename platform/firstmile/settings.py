@@ -82,6 +82,43 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=64 * 1024, ge=1024, description="Largest request body the onboarding API accepts."
     )
+    event_dedupe_days: int = Field(
+        default=7, ge=1, le=90, description="How long a Segment messageId is remembered for deduplication."
+    )
+    kafka_bootstrap_servers: str | None = Field(
+        default=None,
+        description=(
+            "Kafka bootstrap servers (host:port,…). Unset: embedded mode, the API process relays "
+            "the outbox to the consumers in-process."
+        ),
+    )
+    kafka_topic_prefix: str = Field(
+        default="firstmile",
+        pattern=r"^[a-zA-Z0-9._-]{1,100}$",
+        description="Topics are <prefix>.<region>.events and <prefix>.<region>.events.dlq.",
+    )
+    kafka_partitions: int = Field(default=12, ge=1, le=1000, description="Partitions of a new events topic.")
+    relay_database_url: SecretStr | None = Field(
+        default=None,
+        description=(
+            "URL of a login role granted firstmile_relay, for `firstmile relay` (reads and deletes "
+            "all tenants' outbox rows). Unset: FIRSTMILE_DATABASE_ADMIN_URL, or the embedded superuser."
+        ),
+    )
+    relay_batch_size: int = Field(default=2000, ge=1, le=50_000, description="Outbox rows published per batch.")
+    analytics_backend: Literal["chdb", "clickhouse"] = Field(
+        default="chdb", description="chdb (the ClickHouse engine in-process) or a ClickHouse server."
+    )
+    analytics_path: Path | None = Field(
+        default=None, description="chdb data folder (one process at a time). Unset: <data_dir>/analytics."
+    )
+    clickhouse_url: SecretStr | None = Field(
+        default=None,
+        description="ClickHouse DSN for clickhouse-connect, e.g. http://user:pass@clickhouse:8123/firstmile.",
+    )
+    analytics_query_timeout_seconds: float = Field(
+        default=5.0, gt=0, le=300, description="An analytics query slower than this answers with the cached result."
+    )
     host: str = Field(default="127.0.0.1", description="Bind address of `firstmile serve`.")
     port: int = Field(default=8000, ge=1, le=65535)
     workers: int = Field(default=1, ge=1, le=64, description="Worker processes of `firstmile serve`.")

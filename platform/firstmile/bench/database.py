@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import asyncpg  # type: ignore[import-untyped]
+import asyncpg
 from sqlalchemy.engine import make_url
 
 from firstmile.bench.common import APP_ROLE, BENCH_DB, BYPASS_ROLE, PATH_KEY, STEP, TENANT

@@ -1,12 +1,14 @@
 """Authentication of tenant apps by API key, the typed principal, scope guards.
 
-The middleware resolves ``Authorization: Bearer fm_…`` to a :class:`Principal`
+The middleware resolves ``Authorization: Bearer fm_…`` (or Segment's ``Basic``
+with the key as user name) to a :class:`Principal`
 before any handler runs, so an unknown key is refused before the body is even
 read. The tenant's home region is checked here too: a process serves one region.
 """
 
 from __future__ import annotations
 
+import base64
 import time
 import uuid
 from collections import OrderedDict
@@ -82,7 +84,12 @@ class KeyResolver:
             )
         scheme, _, token = authorization.partition(" ")
         token = token.strip()
-        if scheme.lower() != "bearer" or not keylib.looks_like_key(token):
+        if scheme.lower() == "basic":
+            # Segment's convention: the write key is the Basic user name, the password empty.
+            token = _basic_user(token)
+        elif scheme.lower() != "bearer":
+            token = ""
+        if not keylib.looks_like_key(token):
             raise ProblemError(
                 401,
                 "unauthenticated",
@@ -118,6 +125,14 @@ class KeyResolver:
             scopes=frozenset(resolved.scopes),
             key_id=resolved.key_id,
         )
+
+
+def _basic_user(credentials: str) -> str:
+    try:
+        decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return ""
+    return decoded.partition(":")[0]
 
 
 class ApiKeyMiddleware(AbstractAuthenticationMiddleware):

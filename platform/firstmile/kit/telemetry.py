@@ -22,7 +22,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 tenant_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("tenant", default=None)
@@ -49,6 +49,16 @@ ONBOARDING_STARTS = Counter(
 STEP_COMPLETIONS = Counter("firstmile_step_completions_total", "Steps completed (first completion only).")
 ACTIVATIONS = Counter("firstmile_activations_total", "Users who completed their path's activation step.")
 DB_RETRIES = Counter("firstmile_db_retries_total", "Units of work retried after a transient database failure.")
+EVENTS_INGESTED = Counter("firstmile_events_ingested_total", "Segment messages ingested, by outcome.", ["outcome"])
+EVENTS_REJECTED = Counter("firstmile_events_rejected_total", "Segment messages rejected, by field.", ["field"])
+RELAY_PUBLISHED = Counter("firstmile_relay_published_total", "Outbox rows acknowledged by the event bus.")
+RELAY_BACKLOG = Gauge(
+    "firstmile_relay_backlog", "Outbox rows seen unpublished at the last relay poll.", multiprocess_mode="max"
+)
+CONSUMED = Counter(
+    "firstmile_events_consumed_total", "Events handled by a consumer, by consumer and outcome.", ["consumer", "outcome"]
+)
+DEAD_LETTERS = Counter("firstmile_dead_letters_total", "Events dead-lettered, by consumer.", ["consumer"])
 ERRORS = Counter("firstmile_errors_total", "Problem responses sent, by problem type and status.", ["type", "status"])
 
 

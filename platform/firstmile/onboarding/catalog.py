@@ -36,6 +36,10 @@ class CatalogCache:
         cached = self._catalogs.get(tenant_id)
         if cached is not None and cached.revision >= revision:
             return cached
+        return await self.reload(conn, tenant_id)
+
+    async def reload(self, conn: AsyncConnection, tenant_id: TenantId) -> PathCatalog:
+        """Read the tenant's current catalog (for callers that do not know the revision)."""
         default_key, tenant_revision = await path_settings(conn, tenant_id)
         rows = await repo.current_path_definitions(conn, tenant_id)
         current = tuple(PathDef.from_definition(key, version, definition) for key, version, definition in rows)

@@ -210,22 +210,23 @@ class OnboardingService:
         completed_now = progress.status == "completed" and row.completed_at is None
         completed_at = now if completed_now else row.completed_at
         base = {"user_id": user_id, "path_id": path.key, "path_version": path.version}
+        at = (occurred_at or now).isoformat()
         events = [
             _event(
                 "onboarding.step_completed",
                 base
                 | {
                     "step_id": step_id,
-                    "occurred_at": (occurred_at or now).isoformat(),
+                    "occurred_at": at,
                     "source": source,
                     "current_step": progress.current_step,
                 },
             )
         ]
         if activated_now:
-            events.append(_event("onboarding.activated", base | {"step_id": step_id}))
+            events.append(_event("onboarding.activated", base | {"step_id": step_id, "occurred_at": at}))
         if completed_now:
-            events.append(_event("onboarding.completed", base))
+            events.append(_event("onboarding.completed", base | {"occurred_at": at}))
         inserted = await repo.insert_completion(
             conn,
             tenant_id,

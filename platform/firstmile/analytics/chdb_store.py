@@ -1,0 +1,173 @@
+"""The embedded analytics store: the ClickHouse engine in-process through ``chdb``.
+
+chdb runs one embedded server per process, bound to one data path: a second
+``Session`` on another path fails ("EmbeddedServer already initialized with path
+…"). So this module keeps a process-wide registry: every :class:`ChdbStore` on the
+same path shares one session (reference-counted; the last ``close()`` closes
+it), and asking for another path while one is open raises
+:class:`ChdbPathInUseError`, which says which path holds the process.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from firstmile.analytics import sql
+from firstmile.analytics.rows import AnalyticsEvent
+from firstmile.analytics.store import AnalyticsStoreError
+
+_APPEND_BYTES = 8 * 1024 * 1024
+"""Bulk loads stream the encoded rows to the engine in chunks of about this size."""
+
+
+class ChdbPathInUseError(RuntimeError):
+    """This process already has a chdb store open on another data path."""
+
+
+@dataclass
+class _Engine:
+    path: str
+    session: Any  # chdb.session.Session (untyped)
+    lock: threading.RLock
+    refs: int
+
+
+_registry_lock = threading.Lock()
+_engine: _Engine | None = None
+
+
+def _acquire(path: Path) -> _Engine:
+    global _engine
+    resolved = str(path.expanduser().resolve())
+    with _registry_lock:
+        if _engine is not None:
+            if _engine.path != resolved:
+                raise ChdbPathInUseError(
+                    f"chdb allows one data path per process: {_engine.path} is open, {resolved} was asked for; "
+                    "close every store on the first path first, or use the same path"
+                )
+            _engine.refs += 1
+            return _engine
+        from chdb.session import Session
+
+        Path(resolved).mkdir(parents=True, exist_ok=True)
+        try:
+            session = Session(resolved)  # type: ignore[no-untyped-call]
+        except RuntimeError as exc:  # another chdb user in this process holds a different path
+            raise ChdbPathInUseError(f"chdb could not open {resolved}: {exc}") from exc
+        _engine = _Engine(path=resolved, session=session, lock=threading.RLock(), refs=1)
+        return _engine
+
+
+def _release(engine: _Engine) -> None:
+    global _engine
+    with _registry_lock:
+        engine.refs -= 1
+        if engine.refs == 0:
+            with engine.lock:
+                engine.session.close()
+            if _engine is engine:
+                _engine = None
+
+
+def open_path() -> str | None:
+    """The data path chdb is bound to in this process, if a store is open."""
+    with _registry_lock:
+        return _engine.path if _engine is not None else None
+
+
+class ChdbStore:
+    """:class:`~firstmile.analytics.store.AnalyticsStore` on an embedded chdb database at ``path``.
+
+    Thread-safe: one re-entrant lock per data path serialises statements, so the
+    dedupe lookup and the insert that follows it are atomic in this process (the
+    only process that can open the path).
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self._engine = _acquire(Path(path))
+        self._closed = False
+        self.path = Path(self._engine.path)
+
+    # -- port -------------------------------------------------------------------------------------
+
+    def ensure_schema(self) -> None:
+        with self._engine.lock:
+            for statement in sql.DDL:
+                self._run(statement, {})
+
+    def insert(self, rows: Sequence[AnalyticsEvent]) -> int:
+        if not rows:
+            return 0
+        with self._engine.lock:
+            fresh: list[AnalyticsEvent] = []
+            for tenant_id, batch in sql.unique_new(rows).items():
+                existing = self._existing(tenant_id, [str(r.event_id) for r in batch])
+                fresh.extend(r for r in batch if str(r.event_id) not in existing)
+            self._insert(fresh)
+            return len(fresh)
+
+    def bulk_load(self, rows: Sequence[AnalyticsEvent]) -> int:
+        """Insert ``rows`` as they are: no dedupe lookup (see the port). For a fresh store only."""
+        with self._engine.lock:
+            self._insert(rows)
+        return len(rows)
+
+    def query(self, statement: str, params: sql.Params) -> list[dict[str, Any]]:
+        with self._engine.lock:
+            return sql.decode_json_each_row(self._run(statement, params))
+
+    def erase_user(self, tenant_id: uuid.UUID, user_id: str) -> None:
+        with self._engine.lock:
+            self._run(sql.ERASE_USER, {"tenant": str(tenant_id), "user": user_id})
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            _release(self._engine)
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _session(self) -> Any:
+        if self._closed:
+            raise AnalyticsStoreError("the analytics store is closed")
+        return self._engine.session
+
+    def _run(self, statement: str, params: sql.Params) -> bytes:
+        try:
+            result = self._session().query(statement, "JSONEachRow", params=sql.encode_params(params) or None)
+        except RuntimeError as exc:  # chdb's ChdbError is a RuntimeError
+            raise AnalyticsStoreError(str(exc)) from exc
+        data: bytes = result.bytes()
+        return data
+
+    def _existing(self, tenant_id: uuid.UUID, ids: list[str]) -> set[str]:
+        found: set[str] = set()
+        for start in range(0, len(ids), sql.LOOKUP_CHUNK):
+            chunk = ids[start : start + sql.LOOKUP_CHUNK]
+            rows = sql.decode_json_each_row(self._run(sql.EXISTING_EVENT_IDS, {"tenant": str(tenant_id), "ids": chunk}))
+            found.update(str(r["id"]) for r in rows)
+        return found
+
+    def _insert(self, rows: Sequence[AnalyticsEvent]) -> None:
+        if not rows:
+            return
+        step = max(1, _APPEND_BYTES // 256)  # ~256 bytes a row
+        try:
+            with self._session().send_insert(sql.INSERT_EVENTS_PREFIX, sql.INSERT_FORMAT) as inserter:
+                for start in range(0, len(rows), step):
+                    inserter.append(sql.encode_rows(rows[start : start + step]))
+                inserter.finish()
+        except RuntimeError as exc:
+            raise AnalyticsStoreError(str(exc)) from exc
+
+    def __enter__(self) -> ChdbStore:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()

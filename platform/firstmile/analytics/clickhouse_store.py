@@ -1,0 +1,129 @@
+"""The production analytics store: a ClickHouse server through ``clickhouse-connect``.
+
+Runs the statements of :mod:`firstmile.analytics.sql` unchanged (the ones the
+chdb adapter runs), sends rows in the same ``JSONCompactEachRow`` bytes, and
+reads results in the same ``JSONEachRow`` format through the same parser.
+
+On top of the tenant filter every query carries, a row policy
+(:data:`firstmile.analytics.sql.ROW_POLICY`) limits the connecting role to the
+tenant named in the custom setting ``SQL_firstmile_tenant``, which this adapter
+sends with every tenant-scoped statement (taken from the ``tenant`` parameter
+that the query builder puts in every query).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from firstmile.analytics import sql
+from firstmile.analytics.rows import AnalyticsEvent
+from firstmile.analytics.store import AnalyticsStoreError
+
+_ROLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+class ClickHouseStore:
+    """:class:`~firstmile.analytics.store.AnalyticsStore` on a ClickHouse server.
+
+    ``client`` is a ``clickhouse_connect`` client (use :meth:`connect` for a URL).
+    ``policy_role``: the role :meth:`ensure_schema` binds the row policy to (None:
+    no policy is created, e.g. when an operator manages it). ``tenant_setting``:
+    send ``SQL_firstmile_tenant`` with each statement (turn off only for engines
+    without custom settings, such as clickhouse-connect's in-process chdb
+    interface that the contract tests use).
+    """
+
+    def __init__(self, client: Any, *, policy_role: str | None = None, tenant_setting: bool = True) -> None:
+        if policy_role is not None and not _ROLE.match(policy_role):
+            raise ValueError(f"invalid ClickHouse role name {policy_role!r}")
+        self._client = client
+        self._policy_role = policy_role
+        self._tenant_setting = tenant_setting
+        self._write_lock = threading.Lock()
+
+    @classmethod
+    def connect(cls, url: str, *, policy_role: str | None = "firstmile_analytics") -> ClickHouseStore:
+        """A store on the server at ``url`` (``http[s]://user:password@host:8123/database``)."""
+        import clickhouse_connect
+
+        # No session: a clickhouse-connect session serialises queries; the API runs several at once.
+        client = clickhouse_connect.get_client(dsn=url, autogenerate_session_id=False)
+        return cls(client, policy_role=policy_role)
+
+    def _settings(self, tenant: str | None) -> dict[str, str] | None:
+        if tenant is None or not self._tenant_setting:
+            return None
+        return {sql.TENANT_SETTING: tenant}
+
+    def ensure_schema(self) -> None:
+        try:
+            for statement in sql.DDL:
+                self._client.command(statement)
+            if self._policy_role is not None:
+                self._client.command(sql.ROW_POLICY.format(role=self._policy_role))
+        except Exception as exc:
+            raise AnalyticsStoreError(f"clickhouse: {exc}") from exc
+
+    def insert(self, rows: Sequence[AnalyticsEvent]) -> int:
+        if not rows:
+            return 0
+        # The lock makes lookup + insert atomic within this process; across processes the
+        # ReplacingMergeTree engine folds the rare concurrent duplicate away (see docs/analytics.md).
+        with self._write_lock:
+            fresh: list[AnalyticsEvent] = []
+            for tenant_id, batch in sql.unique_new(rows).items():
+                existing = self._existing(tenant_id, [str(r.event_id) for r in batch])
+                fresh.extend(r for r in batch if str(r.event_id) not in existing)
+            self._insert(fresh)
+        return len(fresh)
+
+    def bulk_load(self, rows: Sequence[AnalyticsEvent]) -> int:
+        with self._write_lock:
+            self._insert(rows)
+        return len(rows)
+
+    def query(self, statement: str, params: sql.Params) -> list[dict[str, Any]]:
+        tenant = params.get("tenant")
+        try:
+            data = self._client.raw_query(
+                statement,
+                parameters=dict(params) or None,
+                settings=self._settings(tenant if isinstance(tenant, str) else None),
+                fmt="JSONEachRow",
+            )
+        except Exception as exc:
+            raise AnalyticsStoreError(f"clickhouse: {exc}") from exc
+        return sql.decode_json_each_row(data)
+
+    def erase_user(self, tenant_id: uuid.UUID, user_id: str) -> None:
+        tenant = str(tenant_id)
+        try:
+            self._client.command(
+                sql.ERASE_USER, parameters={"tenant": tenant, "user": user_id}, settings=self._settings(tenant)
+            )
+        except Exception as exc:
+            raise AnalyticsStoreError(f"clickhouse: {exc}") from exc
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _existing(self, tenant_id: uuid.UUID, ids: list[str]) -> set[str]:
+        found: set[str] = set()
+        for start in range(0, len(ids), sql.LOOKUP_CHUNK):
+            rows = self.query(
+                sql.EXISTING_EVENT_IDS, {"tenant": str(tenant_id), "ids": ids[start : start + sql.LOOKUP_CHUNK]}
+            )
+            found.update(str(r["id"]) for r in rows)
+        return found
+
+    def _insert(self, rows: Sequence[AnalyticsEvent]) -> None:
+        if not rows:
+            return
+        try:
+            self._client.raw_insert(sql.TABLE, list(sql.COLUMNS), sql.encode_rows(rows), fmt=sql.INSERT_FORMAT)
+        except Exception as exc:
+            raise AnalyticsStoreError(f"clickhouse: {exc}") from exc

@@ -1,0 +1,478 @@
+"""The analytics queries: funnel, drop-off, cohort retention, time to activation, step completion, activation rate.
+
+Tenant-scoped by construction: SQL is built only through :class:`_Builder`, whose
+one way to name the ``events`` table (:meth:`_Builder.events`) writes
+``tenant_id = {tenant:UUID}`` in front of every condition, and whose
+:meth:`_Builder.build` refuses a statement that reads ``events`` any other way.
+Every public function takes the :data:`~firstmile.kit.db.TenantId` first.
+
+The cohort of users a query looks at is defined by their ``onboarding.started``
+events: a user belongs to it when they have a start that matches the filters
+(start time in ``[start, end)``, and the path, path version, experiment variant and
+persona when given), and the earliest such start is the user's start time ``t0``.
+The exact semantics of each query are in docs/analytics.md; the tests check them
+against an independent computation in plain Python over the raw rows.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from firstmile.analytics.rows import ACTIVATED, STARTED, STEP_COMPLETED
+from firstmile.analytics.sql import TABLE, ParamValue, timestamp
+from firstmile.analytics.store import AnalyticsStore
+from firstmile.kit.db import TenantId
+
+DT = "DateTime64(3, 'UTC')"
+TENANT_FILTER = "tenant_id = {tenant:UUID}"
+SCOPED_FROM = f"FROM {TABLE} WHERE {TENANT_FILTER} AND "
+"""How every built statement reads the events table (the unit tests check every statement for it)."""
+
+_TABLE_WORD = re.compile(rf"\b{TABLE}\b")
+
+MEDIAN = 0.5
+P90 = 0.9
+
+
+@dataclass(frozen=True, slots=True)
+class Filters:
+    """Which users a query looks at: those whose start matches all of these."""
+
+    start: datetime  # inclusive, tz-aware
+    end: datetime  # exclusive, tz-aware
+    path_key: str | None = None
+    path_version: int | None = None
+    variant: str | None = None
+    persona: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.start.tzinfo is None or self.end.tzinfo is None:
+            raise ValueError("filter bounds must be timezone-aware")
+        if self.start >= self.end:
+            raise ValueError("filter start must be before its end")
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """One built statement: SQL with ``{name:Type}`` placeholders and its parameter values."""
+
+    sql: str
+    params: dict[str, ParamValue]
+
+
+class UnscopedQueryError(AssertionError):
+    """A statement reads the events table without the tenant filter (a bug in this module)."""
+
+
+class _Builder:
+    """Collects parameters; the only way the statements here name the events table."""
+
+    def __init__(self, tenant: TenantId) -> None:
+        if not isinstance(tenant, uuid.UUID):
+            raise TypeError("queries need the tenant id as a UUID (a TenantId)")
+        self.params: dict[str, ParamValue] = {"tenant": str(tenant)}
+
+    def param(self, name: str, type_: str, value: ParamValue) -> str:
+        if name in self.params and self.params[name] != value:
+            raise ValueError(f"parameter {name} bound twice with different values")
+        self.params[name] = value
+        return "{" + name + ":" + type_ + "}"
+
+    def events(self, where: str) -> str:
+        """``FROM events WHERE tenant_id = {tenant:UUID} AND (where)``: the tenant filter comes first, always."""
+        return f"{SCOPED_FROM}({where})"
+
+    def build(self, statement: str) -> Query:
+        reads = len(_TABLE_WORD.findall(statement))
+        if reads == 0 or reads != statement.count(SCOPED_FROM):
+            raise UnscopedQueryError("every read of the events table must go through _Builder.events")
+        return Query(statement, dict(self.params))
+
+    def start_condition(self, f: Filters) -> str:
+        """A row is a start of the cohort: an ``onboarding.started`` matching every filter."""
+        conds = [
+            f"event_type = '{STARTED}'",
+            f"occurred_at >= {self.param('date_from', DT, timestamp(f.start))}",
+            f"occurred_at < {self.param('date_to', DT, timestamp(f.end))}",
+        ]
+        if f.path_key is not None:
+            conds.append(f"path_key = {self.param('path', 'String', f.path_key)}")
+        if f.path_version is not None:
+            conds.append(f"path_version = {self.param('version', 'UInt32', f.path_version)}")
+        if f.variant is not None:
+            conds.append(f"variant = {self.param('variant', 'String', f.variant)}")
+        if f.persona is not None:
+            conds.append(f"persona = {self.param('persona', 'String', f.persona)}")
+        return " AND ".join(conds)
+
+    def scan(self, f: Filters, *conditions: str, path: bool = True) -> str:
+        """The rows a query reads: ``conditions``, the path (when filtered on), nothing before the earliest start."""
+        conds = list(conditions)
+        if path and f.path_key is not None:
+            conds.append(f"path_key = {self.param('path', 'String', f.path_key)}")
+        conds.append(f"occurred_at >= {self.param('date_from', DT, timestamp(f.start))}")
+        return " AND ".join(conds)
+
+
+def _types(*types: str) -> str:
+    return "event_type IN (" + ", ".join(f"'{t}'" for t in types) + ")"
+
+
+def _ms(window: timedelta) -> int:
+    return int(window / timedelta(milliseconds=1))
+
+
+# -- results ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FunnelStep:
+    step_id: str
+    users: int
+    conversion_from_previous: float | None
+    conversion_from_start: float | None
+    median_seconds_from_previous: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Funnel:
+    started: int
+    steps: tuple[FunnelStep, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DropoffStep:
+    step_id: str
+    reached_previous: int
+    reached: int
+    dropped: int
+    share: float | None  # dropped / reached_previous
+
+
+@dataclass(frozen=True, slots=True)
+class Dropoff:
+    started: int
+    steps: tuple[DropoffStep, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CohortWeek:
+    week: int
+    week_start: str  # ISO date of that week's Monday
+    users: int
+    retention: float
+
+
+@dataclass(frozen=True, slots=True)
+class Cohort:
+    cohort_week: str  # ISO date of the signup week's Monday (UTC)
+    users: int
+    weeks: tuple[CohortWeek, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Cohorts:
+    weeks: int
+    cohorts: tuple[Cohort, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TimeToActivation:
+    users: int
+    activated: int
+    p50_seconds: float | None
+    p90_seconds: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class StepRate:
+    step_id: str
+    completed: int
+    rate: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class StepCompletion:
+    started: int
+    steps: tuple[StepRate, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PathActivation:
+    path_key: str
+    users: int
+    activated: int
+    rate: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class ActivationRate:
+    users: int
+    activated: int
+    rate: float | None
+    paths: tuple[PathActivation, ...]
+
+
+def ratio(part: int, whole: int) -> float | None:
+    return part / whole if whole else None
+
+
+# -- builders --------------------------------------------------------------------------------------
+
+
+def build_funnel(tenant: TenantId, f: Filters, steps: Sequence[str], window: timedelta) -> Query:
+    """Per user: ``t0``, then ``t_i`` = the earliest completion of step *i* with ``t_{i-1} <= t_i <= t0 + window``."""
+    if f.path_key is None:
+        raise ValueError("a funnel needs a path")
+    if not steps:
+        raise ValueError("a funnel needs at least one step")
+    if window <= timedelta(0):
+        raise ValueError("the conversion window must be positive")
+    b = _Builder(tenant)
+    start = b.start_condition(f)
+    window_ms = b.param("window_ms", "Int64", _ms(window))
+    until = b.param("until", DT, timestamp(f.end + window))
+    lists = "".join(
+        f",\n        arraySort(groupArrayIf(occurred_at, event_type = '{STEP_COMPLETED}' "
+        f"AND step_id = {b.param(f'step_{i}', 'String', step)})) AS c{i}"
+        for i, step in enumerate(steps, 1)
+    )
+    reached = "".join(
+        f",\n      arrayFirstOrNull(x -> x >= t{i - 1} AND x <= deadline, c{i}) AS t{i}"
+        for i in range(1, len(steps) + 1)
+    )
+    counts = "".join(
+        f",\n  countIf(t{i} IS NOT NULL) AS reached_{i}"
+        f",\n  quantileExactIf({MEDIAN})(dateDiff('millisecond', assumeNotNull(t{i - 1}), assumeNotNull(t{i})), "
+        f"t{i} IS NOT NULL) AS median_ms_{i}"
+        for i in range(1, len(steps) + 1)
+    )
+    scan = b.scan(f, _types(STARTED, STEP_COMPLETED), f"occurred_at < {until}")
+    statement = f"""
+SELECT count() AS started{counts}
+FROM (
+    SELECT t0, t0 + toIntervalMillisecond({window_ms}) AS deadline{reached}
+    FROM (
+        SELECT user_id, minIf(occurred_at, {start}) AS t0{lists}
+        {b.events(scan)}
+        GROUP BY user_id
+        HAVING countIf({start}) > 0
+    )
+)""".strip()
+    return b.build(statement)
+
+
+def build_cohorts(tenant: TenantId, f: Filters, weeks: int) -> Query:
+    """Rows ``(cohort_week, week, users)``: users of the signup week active in week ``week`` after it."""
+    if weeks < 0:
+        raise ValueError("weeks must be >= 0")
+    b = _Builder(tenant)
+    start = b.start_condition(f)
+    last = monday(f.end) + timedelta(weeks=weeks + 1)
+    until = b.param("until", DT, timestamp(datetime(last.year, last.month, last.day, tzinfo=UTC)))
+    n = b.param("weeks", "UInt16", weeks)
+    statement = f"""
+SELECT toString(cohort) AS cohort_week, week, count() AS users
+FROM (
+    SELECT toMonday(t0) AS cohort,
+        arrayFilter(w -> w >= 0 AND w <= {n}, arrayMap(m -> intDiv(toInt32(m - cohort), 7), active)) AS offsets
+    FROM (
+        SELECT user_id, minIf(occurred_at, {start}) AS t0, groupUniqArray(toMonday(occurred_at)) AS active
+        {b.events(b.scan(f, f"occurred_at < {until}", path=False))}
+        GROUP BY user_id
+        HAVING countIf({start}) > 0
+    )
+)
+ARRAY JOIN offsets AS week
+GROUP BY cohort_week, week
+ORDER BY cohort_week, week""".strip()
+    return b.build(statement)
+
+
+def build_time_to_activation(tenant: TenantId, f: Filters) -> Query:
+    """Per user: ``t0`` and the earliest ``onboarding.activated`` at or after it (on the path, when one is given)."""
+    b = _Builder(tenant)
+    start = b.start_condition(f)
+    statement = f"""
+SELECT count() AS users, countIf(ta IS NOT NULL) AS activated,
+    quantilesExactIf({MEDIAN}, {P90})(dateDiff('millisecond', t0, assumeNotNull(ta)), ta IS NOT NULL) AS quantiles_ms
+FROM (
+    SELECT t0, arrayFirstOrNull(x -> x >= t0, acts) AS ta
+    FROM (
+        SELECT user_id, minIf(occurred_at, {start}) AS t0,
+            arraySort(groupArrayIf(occurred_at, event_type = '{ACTIVATED}')) AS acts
+        {b.events(b.scan(f, _types(STARTED, ACTIVATED)))}
+        GROUP BY user_id
+        HAVING countIf({start}) > 0
+    )
+)""".strip()
+    return b.build(statement)
+
+
+def build_step_completion(tenant: TenantId, f: Filters, steps: Sequence[str]) -> Query:
+    """Per step: users of the cohort with a completion of it at or after their ``t0`` (any order, no window)."""
+    if f.path_key is None:
+        raise ValueError("step completion needs a path")
+    if not steps:
+        raise ValueError("step completion needs at least one step")
+    b = _Builder(tenant)
+    start = b.start_condition(f)
+    lists = "".join(
+        f",\n            groupArrayIf(occurred_at, event_type = '{STEP_COMPLETED}' "
+        f"AND step_id = {b.param(f'step_{i}', 'String', step)}) AS c{i}"
+        for i, step in enumerate(steps, 1)
+    )
+    counts = "".join(
+        f",\n    countIf(arrayExists(x -> x >= t0, c{i})) AS completed_{i}" for i in range(1, len(steps) + 1)
+    )
+    scan = b.scan(f, _types(STARTED, STEP_COMPLETED))
+    statement = f"""
+SELECT count() AS started{counts}
+FROM (
+    SELECT user_id, minIf(occurred_at, {start}) AS t0{lists}
+    {b.events(scan)}
+    GROUP BY user_id
+    HAVING countIf({start}) > 0
+)""".strip()
+    return b.build(statement)
+
+
+def build_activation_rate(tenant: TenantId, f: Filters, *, per_path: bool) -> Query:
+    """Users of the cohort (per path: per path of their start) with an activation at or after ``t0``."""
+    b = _Builder(tenant)
+    start = b.start_condition(f)
+    group = "path_key, user_id" if per_path else "user_id"
+    outer = "path_key, " if per_path else ""
+    tail = "\nGROUP BY path_key\nORDER BY path_key" if per_path else ""
+    statement = f"""
+SELECT {outer}count() AS users, countIf(activated) AS activated
+FROM (
+    SELECT {group}, minIf(occurred_at, {start}) AS t0,
+        arrayExists(x -> x >= t0, groupArrayIf(occurred_at, event_type = '{ACTIVATED}')) AS activated
+    {b.events(b.scan(f, _types(STARTED, ACTIVATED)))}
+    GROUP BY {group}
+    HAVING countIf({start}) > 0
+){tail}""".strip()
+    return b.build(statement)
+
+
+def monday(moment: datetime) -> date:
+    """The Monday (UTC) of the week holding ``moment``: ClickHouse's ``toMonday``."""
+    day = moment.astimezone(UTC).date()
+    return day - timedelta(days=day.weekday())
+
+
+# -- running ---------------------------------------------------------------------------------------
+
+
+def _int(value: Any) -> int:
+    return int(value)  # 64-bit integers may arrive quoted (output_format_json_quote_64bit_integers)
+
+
+class AnalyticsQueries:
+    """The queries on one store; synchronous (the service runs them on worker threads)."""
+
+    def __init__(self, store: AnalyticsStore) -> None:
+        self.store = store
+
+    def _one(self, query: Query) -> dict[str, Any]:
+        rows = self.store.query(query.sql, query.params)
+        if len(rows) != 1:
+            raise RuntimeError(f"expected one row, got {len(rows)}")
+        return rows[0]
+
+    def funnel(self, tenant: TenantId, f: Filters, steps: Sequence[str], window: timedelta) -> Funnel:
+        row = self._one(build_funnel(tenant, f, steps, window))
+        started = _int(row["started"])
+        out: list[FunnelStep] = []
+        previous = started
+        for i, step in enumerate(steps, 1):
+            users = _int(row[f"reached_{i}"])
+            out.append(
+                FunnelStep(
+                    step_id=step,
+                    users=users,
+                    conversion_from_previous=ratio(users, previous),
+                    conversion_from_start=ratio(users, started),
+                    median_seconds_from_previous=_int(row[f"median_ms_{i}"]) / 1000 if users else None,
+                )
+            )
+            previous = users
+        return Funnel(started=started, steps=tuple(out))
+
+    def dropoff(self, tenant: TenantId, f: Filters, steps: Sequence[str], window: timedelta) -> Dropoff:
+        return dropoff_from(self.funnel(tenant, f, steps, window))
+
+    def cohorts(self, tenant: TenantId, f: Filters, weeks: int, as_of: datetime | None = None) -> Cohorts:
+        """``as_of``: leave out the weeks that start after it (they have no data yet)."""
+        counts: dict[str, dict[int, int]] = {}
+        for row in self.store.query(*_unpack(build_cohorts(tenant, f, weeks))):
+            counts.setdefault(str(row["cohort_week"]), {})[_int(row["week"])] = _int(row["users"])
+        return cohorts_from(counts, weeks, as_of)
+
+    def time_to_activation(self, tenant: TenantId, f: Filters) -> TimeToActivation:
+        row = self._one(build_time_to_activation(tenant, f))
+        activated = _int(row["activated"])
+        q = [_int(v) / 1000 for v in row["quantiles_ms"]] if activated else [None, None]
+        return TimeToActivation(users=_int(row["users"]), activated=activated, p50_seconds=q[0], p90_seconds=q[1])
+
+    def step_completion(self, tenant: TenantId, f: Filters, steps: Sequence[str]) -> StepCompletion:
+        row = self._one(build_step_completion(tenant, f, steps))
+        started = _int(row["started"])
+        rates = tuple(
+            StepRate(step, _int(row[f"completed_{i}"]), ratio(_int(row[f"completed_{i}"]), started))
+            for i, step in enumerate(steps, 1)
+        )
+        return StepCompletion(started=started, steps=rates)
+
+    def activation_rate(self, tenant: TenantId, f: Filters) -> ActivationRate:
+        overall = self._one(build_activation_rate(tenant, f, per_path=False))
+        paths = tuple(
+            PathActivation(
+                str(r["path_key"]),
+                _int(r["users"]),
+                _int(r["activated"]),
+                ratio(_int(r["activated"]), _int(r["users"])),
+            )
+            for r in self.store.query(*_unpack(build_activation_rate(tenant, f, per_path=True)))
+        )
+        users, activated = _int(overall["users"]), _int(overall["activated"])
+        return ActivationRate(users=users, activated=activated, rate=ratio(activated, users), paths=paths)
+
+
+def _unpack(query: Query) -> tuple[str, dict[str, ParamValue]]:
+    return query.sql, query.params
+
+
+def dropoff_from(funnel: Funnel) -> Dropoff:
+    """Users who reached the previous step (or started, for the first) but not this one."""
+    out: list[DropoffStep] = []
+    previous = funnel.started
+    for step in funnel.steps:
+        dropped = previous - step.users
+        out.append(DropoffStep(step.step_id, previous, step.users, dropped, ratio(dropped, previous)))
+        previous = step.users
+    return Dropoff(started=funnel.started, steps=tuple(out))
+
+
+def cohorts_from(counts: dict[str, dict[int, int]], weeks: int, as_of: datetime | None) -> Cohorts:
+    """The retention grid from ``{cohort_week: {week: users}}`` (week 0 holds every user of the cohort)."""
+    cohorts: list[Cohort] = []
+    for cohort_week in sorted(counts):
+        by_week = counts[cohort_week]
+        size = by_week.get(0, 0)
+        first = date.fromisoformat(cohort_week)
+        cells: list[CohortWeek] = []
+        for w in range(weeks + 1):
+            week_start = first + timedelta(weeks=w)
+            if as_of is not None and week_start > as_of.astimezone(UTC).date():
+                break
+            users = by_week.get(w, 0)
+            cells.append(CohortWeek(w, week_start.isoformat(), users, users / size if size else 0.0))
+        cohorts.append(Cohort(cohort_week=cohort_week, users=size, weeks=tuple(cells)))
+    return Cohorts(weeks=weeks, cohorts=tuple(cohorts))

@@ -1,0 +1,121 @@
+"""Wire types of the analytics API (msgspec structs)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import msgspec
+
+
+class AppliedFilters(msgspec.Struct):
+    """The filters the numbers are for, after defaults: users whose onboarding start matches them."""
+
+    from_: datetime = msgspec.field(name="from")
+    to: datetime
+    path: str | None
+    path_version: int | None
+    variant: str | None
+    persona: str | None
+
+
+class FunnelStepOut(msgspec.Struct):
+    step_id: str
+    title: str
+    users: int
+    conversion_from_previous: float | None
+    conversion_from_start: float | None
+    median_seconds_from_previous: float | None
+
+
+class FunnelResponse(msgspec.Struct):
+    filters: AppliedFilters
+    steps_version: int
+    window_hours: int
+    started: int
+    steps: list[FunnelStepOut]
+    stale: bool
+    computed_at: datetime
+
+
+class DropoffStepOut(msgspec.Struct):
+    step_id: str
+    title: str
+    reached_previous: int
+    reached: int
+    dropped: int
+    share: float | None
+
+
+class DropoffResponse(msgspec.Struct):
+    filters: AppliedFilters
+    steps_version: int
+    window_hours: int
+    started: int
+    steps: list[DropoffStepOut]
+    stale: bool
+    computed_at: datetime
+
+
+class CohortWeekOut(msgspec.Struct):
+    week: int
+    week_start: str
+    users: int
+    retention: float
+
+
+class CohortOut(msgspec.Struct):
+    cohort_week: str
+    users: int
+    weeks: list[CohortWeekOut]
+
+
+class CohortsResponse(msgspec.Struct):
+    filters: AppliedFilters
+    weeks: int
+    cohorts: list[CohortOut]
+    stale: bool
+    computed_at: datetime
+
+
+class TimeToActivationResponse(msgspec.Struct):
+    filters: AppliedFilters
+    users: int
+    activated: int
+    p50_seconds: float | None
+    p90_seconds: float | None
+    stale: bool
+    computed_at: datetime
+
+
+class StepRateOut(msgspec.Struct):
+    step_id: str
+    title: str
+    optional: bool
+    completed: int
+    rate: float | None
+
+
+class StepCompletionResponse(msgspec.Struct):
+    filters: AppliedFilters
+    steps_version: int
+    started: int
+    steps: list[StepRateOut]
+    stale: bool
+    computed_at: datetime
+
+
+class PathActivationOut(msgspec.Struct):
+    path: str
+    users: int
+    activated: int
+    rate: float | None
+
+
+class ActivationRateResponse(msgspec.Struct):
+    filters: AppliedFilters
+    users: int
+    activated: int
+    rate: float | None
+    paths: list[PathActivationOut]
+    stale: bool
+    computed_at: datetime

@@ -1,0 +1,50 @@
+"""The analytics store port: what the sink, the queries and erasure need from the events engine.
+
+Two adapters: :class:`firstmile.analytics.chdb_store.ChdbStore` (the ClickHouse
+engine in-process; embedded mode and tests) and
+:class:`firstmile.analytics.clickhouse_store.ClickHouseStore` (a ClickHouse
+server through ``clickhouse-connect``). Both run the statements of
+:mod:`firstmile.analytics.sql` unchanged.
+
+Every method is synchronous and safe to call from several threads; async callers
+use ``asyncio.to_thread`` (the :class:`~firstmile.analytics.service.AnalyticsService`
+runs queries on its own small thread pool).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from firstmile.analytics.rows import AnalyticsEvent
+from firstmile.analytics.sql import Params
+
+
+class AnalyticsStoreError(RuntimeError):
+    """The store failed to run a statement (engine error, connection lost, timeout)."""
+
+
+@runtime_checkable
+class AnalyticsStore(Protocol):
+    def ensure_schema(self) -> None:
+        """Create the ``events`` table (and, on ClickHouse, the row policy) if missing. Idempotent."""
+
+    def insert(self, rows: Sequence[AnalyticsEvent]) -> int:
+        """Store the rows not stored yet; returns how many were inserted.
+
+        Rows whose ``(tenant_id, event_id)`` is already stored, and repeats within
+        the batch, are skipped: at-least-once redelivery never makes two rows.
+        """
+
+    def bulk_load(self, rows: Sequence[AnalyticsEvent]) -> int:
+        """Insert without the dedupe lookup (benchmarks and seeding a fresh store only)."""
+
+    def query(self, sql: str, params: Params) -> list[dict[str, Any]]:
+        """Run one SELECT with server-side ``{name:Type}`` parameters; rows as dicts of JSON values."""
+
+    def erase_user(self, tenant_id: uuid.UUID, user_id: str) -> None:
+        """Delete every row of one user of one tenant (GDPR erasure)."""
+
+    def close(self) -> None:
+        """Release the engine or connection; the store is unusable afterwards."""

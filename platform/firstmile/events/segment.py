@@ -1,0 +1,198 @@
+"""Segment-spec messages (``track``, ``identify``, ``page``): parsing and validation.
+
+A batch is validated message by message: a bad message is rejected with the
+field and the reason, the rest are accepted (Segment's own semantics). Limits
+follow Segment's HTTP tracking API: 32 KB a message, 500 KB a batch.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgspec
+
+from firstmile.onboarding.schemas import USER_ID_MAX_LENGTH, USER_ID_PATTERN
+
+MAX_MESSAGE_BYTES = 32 * 1024
+MAX_BATCH_BYTES = 500 * 1024
+MAX_BATCH_MESSAGES = 2500
+MAX_MESSAGE_ID = 128
+MAX_EVENT_NAME = 200
+MAX_CLOCK_SKEW = timedelta(minutes=5)
+TYPES = ("track", "identify", "page")
+_USER_ID = re.compile(USER_ID_PATTERN)
+_encoder = msgspec.json.Encoder()
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    index: int
+    message_id: str | None
+    field: str
+    reason: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"index": self.index, "messageId": self.message_id, "field": self.field, "reason": self.reason}
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A valid message, normalised: ids as strings, timestamp tz-aware UTC."""
+
+    index: int
+    type: str
+    message_id: str
+    event_id: uuid.UUID
+    user_id: str | None
+    anonymous_id: str | None
+    event: str | None
+    timestamp: datetime
+    payload: dict[str, Any]
+
+    @property
+    def subject(self) -> str:
+        return self.user_id or self.anonymous_id or ""
+
+
+class _InvalidError(Exception):
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(reason)
+        self.field = field
+        self.reason = reason
+
+
+def event_id_for(tenant_id: uuid.UUID, message_id: str) -> uuid.UUID:
+    """The event id of a Segment message: stable per tenant and messageId, so redelivery dedupes everywhere."""
+    return uuid.uuid5(tenant_id, message_id)
+
+
+def _id(raw: dict[str, Any], key: str) -> str | None:
+    value = raw.get(key)
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise _InvalidError(key, f"{key} must be a string, got {type(value).__name__}")
+    text = str(value)
+    if len(text) > USER_ID_MAX_LENGTH or not _USER_ID.match(text):
+        raise _InvalidError(key, f"{key} must be 1-{USER_ID_MAX_LENGTH} characters of letters, digits and ._:@+-")
+    return text
+
+
+def _object(raw: dict[str, Any], key: str) -> dict[str, Any]:
+    value = raw.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _InvalidError(key, f"{key} must be an object, got {type(value).__name__}")
+    return value
+
+
+def _timestamp(raw: dict[str, Any], now: datetime) -> datetime:
+    value = raw.get("timestamp")
+    if value is None:
+        return now
+    if not isinstance(value, str):
+        raise _InvalidError("timestamp", f"timestamp must be an ISO-8601 string, got {type(value).__name__}")
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise _InvalidError("timestamp", f"timestamp {value[:40]!r} is not ISO-8601") from None
+    if parsed.tzinfo is None:
+        raise _InvalidError("timestamp", "timestamp needs a time zone")
+    if parsed > now + MAX_CLOCK_SKEW:
+        raise _InvalidError("timestamp", "timestamp is more than 5 minutes in the future")
+    return parsed.astimezone(UTC)
+
+
+def _message(tenant_id: uuid.UUID, index: int, raw: Any, now: datetime) -> Message:
+    if not isinstance(raw, dict):
+        raise _InvalidError("", f"a message must be an object, got {type(raw).__name__}")
+    size = len(_encoder.encode(raw))
+    if size > MAX_MESSAGE_BYTES:
+        raise _InvalidError("", f"message is {size} bytes; the limit is {MAX_MESSAGE_BYTES} (32 KB)")
+    kind = raw.get("type")
+    if kind not in TYPES:
+        raise _InvalidError("type", f"type must be one of {', '.join(TYPES)}, got {kind!r}")
+    message_id = raw.get("messageId")
+    if not isinstance(message_id, str) or not message_id:
+        raise _InvalidError("messageId", "messageId is required: a non-empty string")
+    if len(message_id) > MAX_MESSAGE_ID:
+        raise _InvalidError("messageId", f"messageId is longer than {MAX_MESSAGE_ID} characters")
+    user_id = _id(raw, "userId")
+    anonymous_id = _id(raw, "anonymousId")
+    if user_id is None and anonymous_id is None:
+        raise _InvalidError("userId", "userId or anonymousId is required")
+    event: str | None = None
+    if kind == "track":
+        event = raw.get("event")
+        if not isinstance(event, str) or not event.strip():
+            raise _InvalidError("event", "track needs an event name: a non-empty string")
+        if len(event) > MAX_EVENT_NAME:
+            raise _InvalidError("event", f"event name is longer than {MAX_EVENT_NAME} characters")
+    name = raw.get("name")
+    if kind == "page":
+        if name is not None and not isinstance(name, str):
+            raise _InvalidError("name", f"name must be a string, got {type(name).__name__}")
+        event = name or ""
+    properties = _object(raw, "properties")
+    traits = _object(raw, "traits")
+    context = _object(raw, "context")
+    timestamp = _timestamp(raw, now)
+    payload: dict[str, Any] = {
+        "type": kind,
+        "messageId": message_id,
+        "userId": user_id,
+        "anonymousId": anonymous_id,
+        "timestamp": timestamp.isoformat(),
+        "receivedAt": now.isoformat(),
+        "context": context,
+    }
+    if kind == "track":
+        payload |= {"event": event, "properties": properties}
+    elif kind == "page":
+        payload |= {"name": name, "properties": properties}
+    else:
+        payload |= {"traits": traits}
+    return Message(
+        index=index,
+        type=kind,
+        message_id=message_id,
+        event_id=event_id_for(tenant_id, message_id),
+        user_id=user_id,
+        anonymous_id=anonymous_id,
+        event=event,
+        timestamp=timestamp,
+        payload=payload,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedBatch:
+    messages: list[Message]
+    rejected: list[Rejection]
+    duplicates_in_batch: int
+
+
+def parse_batch(tenant_id: uuid.UUID, messages: list[Any], now: datetime) -> ParsedBatch:
+    """Validate each message; the same messageId twice in a batch is kept once."""
+    accepted: list[Message] = []
+    rejected: list[Rejection] = []
+    seen: set[str] = set()
+    duplicates = 0
+    for index, raw in enumerate(messages):
+        try:
+            message = _message(tenant_id, index, raw, now)
+        except _InvalidError as bad:
+            mid = raw.get("messageId") if isinstance(raw, dict) else None
+            rejected.append(Rejection(index, mid if isinstance(mid, str) else None, bad.field, bad.reason))
+            continue
+        if message.message_id in seen:
+            duplicates += 1
+            continue
+        seen.add(message.message_id)
+        accepted.append(message)
+    return ParsedBatch(accepted, rejected, duplicates)

@@ -1,0 +1,186 @@
+"""Fault tests, bounded in time: broker stopped and restarted mid-stream, relay and consumer
+killed with SIGKILL mid-stream and restarted. Afterwards analytics holds every event exactly once.
+
+They run on a broker of their own (``deploy/local/kafka.sh start fault``), so stopping it
+cannot disturb the tests running beside them, and the relay and consumer run as the real
+``firstmile relay`` / ``firstmile consume`` processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import Consumer as KafkaConsumer
+from confluent_kafka import TopicPartition
+from litestar.testing import AsyncTestClient
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from firstmile.analytics.chdb_store import ChdbStore
+from firstmile.app import create_app
+from firstmile.events.bus import topic_for
+from firstmile.tenancy.service import apply_manifest, create_key
+from tests.conftest import PEPPER, REGION, EventsDatabase, make_settings
+from tests.factories import ROOT, manifest_for
+
+KAFKA_SH = ROOT / "deploy" / "local" / "kafka.sh"
+FIRSTMILE = Path(sys.executable).with_name("firstmile")
+FAULT_BROKER = f"127.0.0.1:{os.environ.get('FIRSTMILE_FAULT_KAFKA_PORT', '59292')}"
+
+
+@pytest.fixture(scope="module")
+def fault_broker(kafka_bootstrap: str) -> Iterator[str]:
+    subprocess.run([str(KAFKA_SH), "start", "fault"], check=True, timeout=180)
+    yield FAULT_BROKER
+    subprocess.run([str(KAFKA_SH), "stop", "fault"], check=False, timeout=60)
+
+
+def _spawn(command: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            [str(FIRSTMILE), command, *(["analytics"] if command == "consume" else [])],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def _lag(bootstrap: str, topic: str, group: str) -> int:
+    consumer = KafkaConsumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        tps = [TopicPartition(topic, p) for p in partitions]
+        committed = consumer.committed(tps, timeout=10)
+        lag = 0
+        for tp in committed:
+            high = consumer.get_watermark_offsets(TopicPartition(topic, tp.partition), timeout=10)[1]
+            lag += high - max(tp.offset, 0)
+        return lag
+    finally:
+        consumer.close()
+
+
+def _count_in_chdb(path: Path, tenant_id: uuid.UUID) -> dict[str, Any]:
+    """Count in a separate process: chdb admits one data folder per process."""
+    code = (
+        "import json, sys, uuid\n"
+        "from firstmile.analytics.chdb_store import ChdbStore\n"
+        "s = ChdbStore(sys.argv[1])\n"
+        "r = s.query('SELECT count() AS n, uniqExact(event_id) AS u FROM events WHERE tenant_id = {t:UUID}',"
+        " {'t': sys.argv[2]})\n"
+        "print(json.dumps(r[0]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(path), str(tenant_id)], check=True, capture_output=True, timeout=120
+    )
+    result: dict[str, Any] = json.loads(out.stdout.decode().strip().splitlines()[-1])
+    return result
+
+
+async def test_broker_outage_and_killed_processes_lose_and_duplicate_nothing(
+    events_database: EventsDatabase, fault_broker: str, analytics_store: ChdbStore, tmp_path: Path
+) -> None:
+    prefix = f"fault{secrets.token_hex(4)}"
+    work = ROOT / ".firstmile" / "test-faults" / prefix
+    work.mkdir(parents=True)
+    env = {
+        **os.environ,
+        "FIRSTMILE_REGION": REGION,
+        "FIRSTMILE_DATA_DIR": str(work),
+        "FIRSTMILE_DATABASE_URL": events_database.app_url,
+        "FIRSTMILE_DATABASE_ADMIN_URL": events_database.admin_url,
+        "FIRSTMILE_RELAY_DATABASE_URL": events_database.relay_url,
+        "FIRSTMILE_API_KEY_PEPPER": PEPPER.decode(),
+        "FIRSTMILE_KAFKA_BOOTSTRAP_SERVERS": fault_broker,
+        "FIRSTMILE_KAFKA_TOPIC_PREFIX": prefix,
+        "FIRSTMILE_KAFKA_PARTITIONS": "3",
+        "FIRSTMILE_ANALYTICS_PATH": str(work / "chdb"),
+        "FIRSTMILE_RELAY_BATCH_SIZE": "50",
+        "FIRSTMILE_LOG_LEVEL": "WARNING",
+    }
+    admin = create_async_engine(events_database.admin_url, pool_size=2)
+    slug = f"t-{secrets.token_hex(5)}"
+    tenant_id = (await apply_manifest(admin, manifest_for(slug, REGION))).tenant_id
+    key = (await create_key(admin, PEPPER, slug, ["events:write"], "test")).key
+    app = create_app(make_settings(), events_database.app_url, PEPPER, analytics=analytics_store)
+    relay = _spawn("relay", env, work / "relay.log")
+    consumer = _spawn("consume", env, work / "consumer.log")
+    batches, per_batch = 40, 50
+    sent = 0
+    try:
+        async with AsyncTestClient(app=app) as client:
+            for i in range(batches):
+                batch = [
+                    {
+                        "type": "track",
+                        "messageId": uuid.uuid4().hex,
+                        "userId": f"u{j % 17}",
+                        "event": "Tick",
+                        "properties": {"batch": i, "j": j},
+                    }
+                    for j in range(per_batch)
+                ]
+                resp = await client.post(
+                    "/v1/events", json={"batch": batch}, headers={"Authorization": f"Bearer {key}"}
+                )
+                assert resp.status_code == 202, resp.text
+                sent += resp.json()["accepted"]
+                if i == 8:
+                    await asyncio.to_thread(subprocess.run, [str(KAFKA_SH), "stop", "fault"], check=True, timeout=60)
+                if i == 14:
+                    await asyncio.to_thread(subprocess.run, [str(KAFKA_SH), "start", "fault"], check=True, timeout=120)
+                if i == 20:
+                    relay.send_signal(signal.SIGKILL)
+                    relay.wait(10)
+                    relay = _spawn("relay", env, work / "relay.log")
+                if i == 28:
+                    consumer.send_signal(signal.SIGKILL)
+                    consumer.wait(10)
+                    consumer = _spawn("consume", env, work / "consumer.log")
+                await asyncio.sleep(0.05)
+        assert sent == batches * per_batch
+
+        deadline = time.monotonic() + 120
+        while True:
+            async with admin.connect() as conn:
+                left = (
+                    await conn.execute(text("SELECT count(*) FROM outbox WHERE tenant_id = :t"), {"t": tenant_id})
+                ).scalar_one()
+            topic = topic_for(prefix, REGION)
+            lag = await asyncio.to_thread(_lag, fault_broker, topic, f"{prefix}.{REGION}.analytics") if not left else -1
+            if left == 0 and lag == 0:
+                break
+            assert time.monotonic() < deadline, f"not drained: outbox {left}, lag {lag}; see {work}"
+            assert relay.poll() is None and consumer.poll() is None, f"a process died; see {work}"
+            await asyncio.sleep(0.5)
+    finally:
+        _stop(consumer)
+        _stop(relay)
+        await admin.dispose()
+    counted = await asyncio.to_thread(_count_in_chdb, work / "chdb", tenant_id)
+    assert (int(counted["n"]), int(counted["u"])) == (sent, sent)
+    shutil.rmtree(work, ignore_errors=True)  # kept for inspection when the test fails

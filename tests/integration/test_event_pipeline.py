@@ -1,0 +1,305 @@
+"""The event path on the real broker and PostgreSQL: outbox → relay → Kafka → consumers.
+
+Each test uses its own topic prefix and consumer groups; the relay runs against a
+database of its own (it drains every tenant's outbox).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import pytest
+from confluent_kafka import Consumer as KafkaConsumer
+from confluent_kafka import Producer
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from firstmile.analytics.chdb_store import ChdbStore
+from firstmile.app import create_app
+from firstmile.events.bus import Consumer, dead_letter_topic_for, topic_for
+from firstmile.events.consumers import AnalyticsSink, AutoCompletion, FeatureHook
+from firstmile.events.envelope import Envelope
+from firstmile.events.kafka import KafkaConsumerRunner, KafkaPublisher, ensure_topics
+from firstmile.events.relay import OutboxRelay
+from firstmile.kit.db import create_engine
+from firstmile.onboarding.catalog import CatalogCache
+from firstmile.onboarding.service import OnboardingService
+from firstmile.tenancy.service import apply_manifest, create_key
+from tests.conftest import PEPPER, REGION, EventsDatabase, TenantFixture, make_settings
+from tests.factories import manifest_for
+
+Client = AsyncTestClient[Litestar]
+SCOPES = ["onboarding:write", "events:write", "analytics:read"]
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{what} not reached within {within} s")
+
+
+@dataclass
+class Stack:
+    client: Client
+    admin: AsyncEngine
+    store: ChdbStore
+    bootstrap: str
+    topic: str
+    dlq: str
+
+    async def tenant(self) -> TenantFixture:
+        slug = f"t-{secrets.token_hex(5)}"
+        manifest = manifest_for(slug, REGION)
+        result = await apply_manifest(self.admin, manifest)
+        created = await create_key(self.admin, PEPPER, slug, SCOPES, "test")
+        return TenantFixture(result.tenant_id, slug, created.key, manifest)
+
+    async def analytics_rows(self, tenant: TenantFixture) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(
+            self.store.query,
+            "SELECT event_id, event_type, event_name, user_id, step_id, properties FROM events"
+            " WHERE tenant_id = {t:UUID} ORDER BY occurred_at, event_id",
+            {"t": str(tenant.id)},
+        )
+
+    async def outbox_size(self, tenant: TenantFixture) -> int:
+        async with self.admin.connect() as conn:
+            return int(
+                (
+                    await conn.execute(text("SELECT count(*) FROM outbox WHERE tenant_id = :t"), {"t": tenant.id})
+                ).scalar_one()
+            )
+
+
+@pytest.fixture
+async def stack(
+    events_database: EventsDatabase, kafka_bootstrap: str, analytics_store: ChdbStore
+) -> AsyncIterator[Stack]:
+    """API + relay + the three consumer groups, on a fresh topic."""
+    prefix = f"test{secrets.token_hex(4)}"
+    topic, dlq = topic_for(prefix, REGION), dead_letter_topic_for(prefix, REGION)
+    await asyncio.to_thread(ensure_topics, kafka_bootstrap, {topic: 3, dlq: 1})
+    admin = create_async_engine(events_database.admin_url, pool_size=2)
+    app = create_app(make_settings(), events_database.app_url, PEPPER, analytics=analytics_store)
+    engine = create_engine(events_database.app_url, pool_size=4, max_overflow=0)
+    stop = asyncio.Event()
+    publisher = KafkaPublisher(kafka_bootstrap, topic)
+    relay = OutboxRelay(events_database.relay_url, publisher, batch_size=500, idle_interval=0.02)
+    handlers: list[Consumer] = [
+        AnalyticsSink(analytics_store),
+        AutoCompletion(engine, OnboardingService(CatalogCache())),
+        FeatureHook(),
+    ]
+    runners = [
+        KafkaConsumerRunner(kafka_bootstrap, topic, dlq, f"{prefix}.{h.name}", h, poll_timeout=0.05) for h in handlers
+    ]
+    tasks = [asyncio.create_task(relay.run(stop))] + [asyncio.create_task(r.run(stop)) for r in runners]
+    async with AsyncTestClient(app=app, raise_server_exceptions=False) as client:
+        yield Stack(client, admin, analytics_store, kafka_bootstrap, topic, dlq)
+    stop.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    await publisher.close()
+    await engine.dispose()
+    await admin.dispose()
+
+
+def track(user: str, event: str, **properties: Any) -> dict[str, Any]:
+    return {"type": "track", "messageId": uuid.uuid4().hex, "userId": user, "event": event, "properties": properties}
+
+
+async def send(stack: Stack, tenant: TenantFixture, batch: list[dict[str, Any]]) -> dict[str, Any]:
+    resp = await stack.client.post("/v1/events", json={"batch": batch}, headers=tenant.headers)
+    assert resp.status_code == 202, resp.text
+    body: dict[str, Any] = resp.json()
+    return body
+
+
+def read_topic(bootstrap: str, topic: str, count: int, timeout: float = 20.0) -> list[Any]:
+    """Every message of ``topic`` from the start, with a throwaway group."""
+    consumer = KafkaConsumer(
+        {"bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4().hex}", "auto.offset.reset": "earliest"}
+    )
+    consumer.subscribe([topic])
+    found: list[Any] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(found) < count and time.monotonic() < deadline:
+            found.extend(m for m in consumer.consume(500, 0.2) if m.error() is None)
+    finally:
+        consumer.close()
+    return found
+
+
+async def test_each_users_events_arrive_in_order_and_exactly_once_in_analytics(stack: Stack) -> None:
+    tenant = await stack.tenant()
+    users = [f"user-{i}" for i in range(5)]
+    sent = 0
+    for round_ in range(6):
+        batch = [track(u, "Page Viewed", seq=round_ * 10 + i) for i, u in enumerate(users) for _ in range(4)]
+        for i, message in enumerate(batch):
+            message["properties"]["seq"] = round_ * 100 + i
+        sent += (await send(stack, tenant, batch))["accepted"]
+    assert sent == 120
+
+    async def all_stored() -> bool:
+        return len(await stack.analytics_rows(tenant)) == sent
+
+    await eventually(all_stored, what="120 events in analytics")
+    assert await stack.outbox_size(tenant) == 0
+    messages = await asyncio.to_thread(read_topic, stack.bootstrap, stack.topic, sent)
+    per_key: dict[bytes, list[int]] = {}
+    for m in messages:
+        envelope = msgspec.json.decode(m.value(), type=Envelope)
+        if envelope.tenant_id == tenant.id:
+            per_key.setdefault(m.key(), []).append(envelope.payload["properties"]["seq"])
+    assert sorted(per_key) == sorted(f"{tenant.id}:{u}".encode() for u in users)
+    for seqs in per_key.values():
+        assert seqs == sorted(seqs) and len(seqs) == 24
+    rows = await stack.analytics_rows(tenant)
+    assert len({r["event_id"] for r in rows}) == sent
+
+
+async def test_redelivered_events_are_stored_once(stack: Stack) -> None:
+    tenant = await stack.tenant()
+    batch = [track("dup-user", "Clicked", n=i) for i in range(10)]
+    await send(stack, tenant, batch)
+
+    async def ten() -> bool:
+        return len(await stack.analytics_rows(tenant)) == 10
+
+    await eventually(ten, what="10 events")
+    # Replay the topic's copies of these events, as a relay that crashed before deleting would.
+    messages = await asyncio.to_thread(read_topic, stack.bootstrap, stack.topic, 10)
+    producer = Producer({"bootstrap.servers": stack.bootstrap})
+    for m in messages:
+        producer.produce(stack.topic, m.value(), m.key())
+    producer.flush(10)
+    await send(stack, tenant, [track("dup-user", "Marker")])
+
+    async def eleven() -> bool:
+        return len(await stack.analytics_rows(tenant)) >= 11
+
+    await eventually(eleven, what="marker event")
+    await asyncio.sleep(0.5)
+    rows = await stack.analytics_rows(tenant)
+    assert len(rows) == 11
+    assert len({r["event_id"] for r in rows}) == 11
+
+
+async def test_tracked_events_complete_steps_when_their_criteria_match(stack: Stack) -> None:
+    tenant = await stack.tenant()
+    headers = tenant.headers
+    started = await stack.client.post(
+        "/v1/onboarding/start", json={"user_id": "dev-1", "traits": {"persona": "developer"}}, headers=headers
+    )
+    assert started.json()["path"]["id"] == "developer-quickstart"
+
+    async def state() -> dict[str, Any]:
+        resp = await stack.client.get("/v1/onboarding/dev-1", headers=headers)
+        body: dict[str, Any] = resp.json()
+        return body
+
+    async def completed(step: str) -> bool:
+        return any(s["id"] == step and s["completed"] for s in (await state())["steps"])
+
+    # Wrong environment, then a step whose prerequisite is not met: neither completes anything.
+    await send(stack, tenant, [track("dev-1", "API Key Created"), track("dev-1", "Event Received", environment="x")])
+    await eventually(lambda: completed("create-api-key"), what="create-api-key completed")
+    await send(stack, tenant, [track("dev-1", "Event Received", environment="production")])
+    await send(stack, tenant, [track("dev-1", "Unrelated Event")])
+
+    async def seen_marker() -> bool:
+        return any(r["event_name"] == "Unrelated Event" for r in await stack.analytics_rows(tenant))
+
+    await eventually(seen_marker, what="marker")
+    await asyncio.sleep(0.3)
+    assert not await completed("send-first-event")  # install-sdk comes first
+    await send(
+        stack,
+        tenant,
+        [track("dev-1", "SDK Installed"), track("dev-1", "Event Received", environment="production")],
+    )
+    await eventually(lambda: completed("send-first-event"), what="activation by event")
+    final = await state()
+    assert final["activated"] is True
+    assert {s["id"] for s in final["steps"] if s["completed"]} == {"create-api-key", "install-sdk", "send-first-event"}
+
+    async def activation_in_analytics() -> bool:
+        return any(r["event_type"] == "onboarding.activated" for r in await stack.analytics_rows(tenant))
+
+    await eventually(activation_in_analytics, what="onboarding.activated in analytics")
+
+
+async def test_unprocessable_events_go_to_the_dead_letter_topic_with_the_reason(stack: Stack) -> None:
+    tenant = await stack.tenant()
+    async with stack.admin.begin() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO outbox (event_id, tenant_id, event_type, partition_key, payload)"
+                " VALUES (:e, :t, 'onboarding.started', :k, '{\"user_id\": \"x\"}'::jsonb)"
+            ),
+            {"e": uuid.uuid4(), "t": tenant.id, "k": f"{tenant.id}:x"},
+        )
+    producer = Producer({"bootstrap.servers": stack.bootstrap})
+    producer.produce(stack.topic, b"this is not an envelope", b"garbage")
+    producer.flush(10)
+    await send(stack, tenant, [track("fine", "Still Flowing")])
+
+    async def flowing() -> bool:
+        return any(r["event_name"] == "Still Flowing" for r in await stack.analytics_rows(tenant))
+
+    await eventually(flowing, what="later events still processed")
+    letters = await asyncio.to_thread(read_topic, stack.bootstrap, stack.dlq, 4)
+    reasons = {(dict(m.headers())["consumer"].decode(), dict(m.headers())["reason"].decode()) for m in letters}
+    assert ("analytics", "analytics: onboarding.started needs user_id, path_id and path_version") in reasons
+    assert any(c == "analytics" and r.startswith("undecodable envelope") for c, r in reasons)
+    assert any(c == "progress" and r.startswith("undecodable envelope") for c, r in reasons)
+    assert await stack.outbox_size(tenant) == 0
+
+
+async def test_embedded_mode_relays_in_process(
+    events_database: EventsDatabase, analytics_store: ChdbStore, admin_engine: AsyncEngine
+) -> None:
+    admin = create_async_engine(events_database.admin_url, pool_size=2)
+    slug = f"t-{secrets.token_hex(5)}"
+    result = await apply_manifest(admin, manifest_for(slug, REGION))
+    key = (await create_key(admin, PEPPER, slug, SCOPES, "test")).key
+    headers = {"Authorization": f"Bearer {key}"}
+    app = create_app(
+        make_settings(),
+        events_database.app_url,
+        PEPPER,
+        analytics=analytics_store,
+        relay_database_url=events_database.relay_url,
+    )
+    async with AsyncTestClient(app=app, raise_server_exceptions=False) as client:
+        await client.post("/v1/onboarding/start", json={"user_id": "e1", "traits": {}}, headers=headers)
+        began = time.monotonic()
+        resp = await client.post("/v1/events", json={"batch": [track("e1", "Workspace Created")]}, headers=headers)
+        assert resp.status_code == 202
+
+        async def visible() -> bool:
+            rows = await asyncio.to_thread(
+                analytics_store.query,
+                "SELECT count() AS n FROM events WHERE tenant_id = {t:UUID} AND event_type = 'track'",
+                {"t": str(result.tenant_id)},
+            )
+            return int(rows[0]["n"]) == 1
+
+        await eventually(visible, within=10, what="event queryable")
+        assert time.monotonic() - began < 5
+        state = (await client.get("/v1/onboarding/e1", headers=headers)).json()
+        assert state["path"]["id"] == "generic"
+    await admin.dispose()

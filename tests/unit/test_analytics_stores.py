@@ -1,0 +1,287 @@
+"""The analytics store port: both adapters on the real engine (chdb), dedupe, erasure, the shared SQL.
+
+The ClickHouse adapter runs here through clickhouse-connect's in-process chdb
+interface, on the same engine as the chdb adapter: the same statements, the same
+insert bytes, the same result parsing. Only the row policy and its tenant setting
+need a ClickHouse server; for those one test drives the adapter with a client
+object that records its calls (the only fake in these tests).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import clickhouse_connect
+import pytest
+from clickhouse_connect.driver.binding import bind_query
+
+from firstmile.analytics import sql
+from firstmile.analytics.chdb_store import ChdbPathInUseError, ChdbStore
+from firstmile.analytics.clickhouse_store import ClickHouseStore
+from firstmile.analytics.rows import AnalyticsEvent
+from firstmile.analytics.store import AnalyticsStore, AnalyticsStoreError
+from tests.unit.analytics_support import open_test_store
+
+NOW = datetime(2025, 3, 3, 12, 0, 0, 123456, tzinfo=UTC)
+
+
+@pytest.fixture(scope="session")
+def analytics_store(worker_id: str) -> Iterator[ChdbStore]:
+    store = open_test_store(worker_id)
+    yield store
+    store.close()
+
+
+@pytest.fixture(scope="session")
+def clickhouse_over_chdb(analytics_store: ChdbStore) -> Iterator[ClickHouseStore]:
+    client = clickhouse_connect.get_client(dsn=f"chdb://{analytics_store.path}")
+    store = ClickHouseStore(client, tenant_setting=False)  # chdb has no custom settings (and no row policies)
+    store.ensure_schema()
+    yield store
+    store.close()
+
+
+@pytest.fixture(params=["chdb", "clickhouse-connect"])
+def store(request: pytest.FixtureRequest) -> AnalyticsStore:
+    name = "analytics_store" if request.param == "chdb" else "clickhouse_over_chdb"
+    chosen: AnalyticsStore = request.getfixturevalue(name)
+    return chosen
+
+
+def event(tenant: uuid.UUID, user: str = "u-1", *, at: datetime = NOW, **fields: Any) -> AnalyticsEvent:
+    values: dict[str, Any] = {
+        "tenant_id": tenant,
+        "event_id": uuid.uuid4(),
+        "event_type": "track",
+        "event_name": "Report Viewed",
+        "user_id": user,
+        "anonymous_id": "",
+        "occurred_at": at,
+        "received_at": at + timedelta(milliseconds=30),
+    }
+    values.update(fields)
+    return AnalyticsEvent(**values)
+
+
+def count(store: AnalyticsStore, tenant: uuid.UUID) -> int:
+    return int(store.query(sql.COUNT_TENANT, {"tenant": str(tenant)})[0]["events"])
+
+
+def test_both_adapters_satisfy_the_port(analytics_store: ChdbStore, clickhouse_over_chdb: ClickHouseStore) -> None:
+    assert isinstance(analytics_store, AnalyticsStore)
+    assert isinstance(clickhouse_over_chdb, AnalyticsStore)
+
+
+def test_rows_round_trip_with_every_column(store: AnalyticsStore) -> None:
+    tenant = uuid.uuid4()
+    row = event(
+        tenant,
+        "user:ü'\\\t\"x",
+        event_type="onboarding.step_completed",
+        event_name="",
+        anonymous_id="anon-1",
+        path_key="developer-quickstart",
+        path_version=3,
+        step_id="install-sdk",
+        variant="treatment",
+        persona="developer",
+        properties='{"a": "b\\n", "n": 1}',
+    )
+    assert store.insert([row]) == 1
+    got = store.query(
+        "SELECT toString(event_id) AS id, event_type, event_name, user_id, anonymous_id, toString(occurred_at) AS at, "
+        "toString(received_at) AS received, path_key, path_version, step_id, variant, persona, properties "
+        "FROM events WHERE tenant_id = {tenant:UUID}",
+        {"tenant": str(tenant)},
+    )
+    assert got == [
+        {
+            "id": str(row.event_id),
+            "event_type": "onboarding.step_completed",
+            "event_name": "",
+            "user_id": "user:ü'\\\t\"x",
+            "anonymous_id": "anon-1",
+            "at": "2025-03-03 12:00:00.123",  # milliseconds, truncated
+            "received": "2025-03-03 12:00:00.153",
+            "path_key": "developer-quickstart",
+            "path_version": 3,
+            "step_id": "install-sdk",
+            "variant": "treatment",
+            "persona": "developer",
+            "properties": '{"a": "b\\n", "n": 1}',
+        }
+    ]
+
+
+def test_redelivery_never_makes_two_rows(store: AnalyticsStore) -> None:
+    tenant, other = uuid.uuid4(), uuid.uuid4()
+    batch = [event(tenant, f"u-{i}") for i in range(50)]
+    assert store.insert(batch + batch[:10]) == 50  # repeats within the batch
+    assert store.insert(batch) == 0  # the whole batch again
+    fresh = [event(tenant, "u-new") for _ in range(5)]
+    assert store.insert(batch[20:30] + fresh) == 5  # a mixed redelivery
+    # The same event id under another tenant is another event: ids are unique per tenant.
+    assert store.insert([AnalyticsEvent(**{**_fields(batch[0]), "tenant_id": other})]) == 1
+    assert count(store, tenant) == 55
+    assert count(store, other) == 1
+    assert store.insert([]) == 0
+
+
+def _fields(row: AnalyticsEvent) -> dict[str, Any]:
+    return {name: getattr(row, name) for name in sql.COLUMNS}
+
+
+def test_dedupe_spans_lookup_chunks(analytics_store: ChdbStore) -> None:
+    tenant = uuid.uuid4()
+    batch = [event(tenant, f"u-{i}") for i in range(sql.LOOKUP_CHUNK + 7)]
+    assert analytics_store.insert(batch) == len(batch)
+    assert analytics_store.insert(batch[::-1]) == 0
+    assert count(analytics_store, tenant) == len(batch)
+
+
+def test_the_table_folds_duplicates_that_slip_past_the_lookup(analytics_store: ChdbStore) -> None:
+    """bulk_load skips the lookup; ReplacingMergeTree is the backstop (after a merge, or with FINAL)."""
+    tenant = uuid.uuid4()
+    row = event(tenant)
+    analytics_store.bulk_load([row])
+    analytics_store.bulk_load([row])
+    assert count(analytics_store, tenant) == 2
+    final = analytics_store.query(
+        "SELECT count() AS n FROM events FINAL WHERE tenant_id = {tenant:UUID}", {"tenant": str(tenant)}
+    )
+    assert final == [{"n": 1}]
+
+
+def test_erase_user_removes_only_that_users_rows(store: AnalyticsStore) -> None:
+    tenant, other = uuid.uuid4(), uuid.uuid4()
+    store.insert([event(tenant, "gone"), event(tenant, "gone"), event(tenant, "stays"), event(other, "gone")])
+    store.erase_user(tenant, "gone")
+    rows = store.query(
+        "SELECT user_id, count() AS n FROM events WHERE tenant_id = {tenant:UUID} GROUP BY user_id",
+        {"tenant": str(tenant)},
+    )
+    assert rows == [{"user_id": "stays", "n": 1}]
+    assert count(store, other) == 1
+
+
+def test_parameters_are_bound_server_side_never_spliced(store: AnalyticsStore) -> None:
+    tenant = uuid.uuid4()
+    store.insert([event(tenant, "o'brien\\")])
+    hostile = "x' OR 1=1 OR user_id != '"
+    q = "SELECT count() AS n FROM events WHERE tenant_id = {tenant:UUID} AND user_id = {user:String}"
+    assert store.query(q, {"tenant": str(tenant), "user": hostile}) == [{"n": 0}]
+    assert store.query(q, {"tenant": str(tenant), "user": "o'brien\\"}) == [{"n": 1}]
+    listed = "SELECT count() AS n FROM events WHERE tenant_id = {tenant:UUID} AND user_id IN {users:Array(String)}"
+    assert store.query(listed, {"tenant": str(tenant), "users": ["a", "o'brien\\", "\t\n"]}) == [{"n": 1}]
+
+
+def test_engine_errors_surface_as_store_errors(store: AnalyticsStore) -> None:
+    with pytest.raises(AnalyticsStoreError):
+        store.query("SELECT no_such_column FROM events WHERE tenant_id = {tenant:UUID}", {"tenant": str(uuid.uuid4())})
+
+
+def test_naive_timestamps_are_refused() -> None:
+    with pytest.raises(ValueError, match="timezone-aware"):
+        sql.encode_rows([event(uuid.uuid4(), at=datetime(2025, 1, 1))])  # noqa: DTZ001
+
+
+def test_one_chdb_path_per_process(analytics_store: ChdbStore, tmp_path: Any) -> None:
+    again = ChdbStore(analytics_store.path)  # the same path: shares the open engine
+    assert again.query("SELECT 1 AS one", {}) == [{"one": 1}]
+    again.close()
+    assert analytics_store.query("SELECT 1 AS one", {}) == [{"one": 1}]  # still open: reference-counted
+    with pytest.raises(ChdbPathInUseError, match="one data path per process"):
+        ChdbStore(tmp_path / "elsewhere")
+    with pytest.raises(AnalyticsStoreError, match="closed"):
+        again.query("SELECT 1", {})
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "plain",
+        "o'brien",
+        "back\\slash",
+        "tab\there",
+        "new\nline",
+        "tick`",
+        "ünïcode",
+        "",
+        42,
+        -7,
+        0,
+        ["a", "b'c", "d\\e", ""],
+        [],
+    ],
+)
+def test_parameter_encoding_matches_clickhouse_connect(value: sql.ParamValue) -> None:
+    """The chdb adapter sends what clickhouse-connect sends for the same Python value."""
+    query = "SELECT {v:String}" if not isinstance(value, list) else "SELECT {v:Array(String)}"
+    _, bound = bind_query(query, {"v": value})
+    assert bound == {"param_v": sql.encode_param(value)}
+
+
+class RecordingClient:
+    """Stands in for a ClickHouse server's client, only to see what the adapter sends it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+
+    def command(self, *args: Any, **kwargs: Any) -> None:
+        self.calls.append(("command", args, kwargs))
+
+    def raw_query(self, *args: Any, **kwargs: Any) -> bytes:
+        self.calls.append(("raw_query", args, kwargs))
+        return b""
+
+    def raw_insert(self, *args: Any, **kwargs: Any) -> None:
+        self.calls.append(("raw_insert", args, kwargs))
+
+    def close(self) -> None:
+        self.calls.append(("close", (), {}))
+
+
+def test_clickhouse_adapter_sends_the_shared_sql_and_the_tenant_setting() -> None:
+    client = RecordingClient()
+    store = ClickHouseStore(client, policy_role="firstmile_analytics")
+    tenant = uuid.uuid4()
+    store.ensure_schema()
+    assert client.calls[: len(sql.DDL)] == [("command", (ddl,), {}) for ddl in sql.DDL]
+    assert client.calls[len(sql.DDL)] == (
+        "command",
+        (
+            "CREATE ROW POLICY IF NOT EXISTS tenant_isolation ON events "
+            "USING tenant_id = toUUID(getSetting('SQL_firstmile_tenant')) TO firstmile_analytics",
+        ),
+        {},
+    )
+    client.calls.clear()
+
+    rows = [event(tenant), event(tenant)]
+    assert store.insert(rows) == 2
+    lookup, insert = client.calls
+    assert lookup == (
+        "raw_query",
+        (sql.EXISTING_EVENT_IDS,),
+        {
+            "parameters": {"tenant": str(tenant), "ids": [str(r.event_id) for r in rows]},
+            "settings": {"SQL_firstmile_tenant": str(tenant)},
+            "fmt": "JSONEachRow",
+        },
+    )
+    assert insert == ("raw_insert", ("events", list(sql.COLUMNS), sql.encode_rows(rows)), {"fmt": sql.INSERT_FORMAT})
+    client.calls.clear()
+
+    store.query("SELECT 1 FROM events WHERE tenant_id = {tenant:UUID}", {"tenant": str(tenant)})
+    assert client.calls[0][2]["settings"] == {"SQL_firstmile_tenant": str(tenant)}
+    store.erase_user(tenant, "u-1")
+    assert client.calls[1] == (
+        "command",
+        (sql.ERASE_USER,),
+        {"parameters": {"tenant": str(tenant), "user": "u-1"}, "settings": {"SQL_firstmile_tenant": str(tenant)}},
+    )
+    with pytest.raises(ValueError, match="invalid ClickHouse role"):
+        ClickHouseStore(client, policy_role="x; DROP TABLE events")
