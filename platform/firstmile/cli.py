@@ -287,6 +287,7 @@ def dev(manifest: Path, port: int | None) -> None:
         return created.key
 
     key = _run(lambda: _with_admin_engine(urls, setup))
+    _seed_demo_analytics(settings, urls, spec.tenant.slug, users=2000, only_if_empty=True)
     listen_port = port or settings.port
     click.echo("")
     click.echo(f"Firstmile is starting on http://{settings.host}:{listen_port}  (region {settings.region})")
@@ -300,6 +301,55 @@ def dev(manifest: Path, port: int | None) -> None:
     sys.stdout.flush()
     _export_for_workers(urls, pepper)
     _serve(settings.host, listen_port, settings.workers)
+
+
+def _seed_demo_analytics(
+    settings: Settings, urls: DatabaseUrls, slug: str, *, users: int, only_if_empty: bool, seed: int = 7
+) -> int:
+    """Synthetic history (8 weeks of starts, completions, activations, product events) for one tenant."""
+    from firstmile.analytics.synthetic import seed_demo
+    from firstmile.app import open_analytics_store
+    from firstmile.kit.db import authorise_tenant
+    from firstmile.onboarding.domain import PathDef
+    from firstmile.onboarding.repository import current_path_definitions
+
+    async def paths(engine: Any) -> tuple[Any, list[PathDef]]:
+        async with engine.connect() as conn:
+            row = (await conn.execute(text("SELECT id FROM tenants WHERE slug = :s"), {"s": slug})).first()
+            if row is None:
+                raise click.ClickException(f"no tenant {slug!r}")
+            tenant_id = authorise_tenant(row[0])
+            found = await current_path_definitions(conn, tenant_id)
+        return tenant_id, [PathDef.from_definition(k, v, d) for k, v, d in found]
+
+    tenant_id, defs = _run(lambda: _with_admin_engine(urls, paths))
+    store = open_analytics_store(settings)
+    try:
+        if only_if_empty:
+            held = store.query("SELECT count() AS n FROM events WHERE tenant_id = {t:UUID}", {"t": str(tenant_id)})
+            if int(held[0]["n"]) > 0:
+                return 0
+        click.echo(f"seeding synthetic analytics for {slug}: {users} users over 8 weeks …", err=True)
+        inserted = seed_demo(store, tenant_id, defs, users=users, seed=seed)
+        click.echo(f"seeded {inserted} events", err=True)
+        return inserted
+    finally:
+        store.close()
+
+
+@main.group()
+def analytics() -> None:
+    """The analytics store."""
+
+
+@analytics.command("seed")
+@click.option("--tenant", default="demo", show_default=True, help="Tenant slug.")
+@click.option("--users", default=2000, show_default=True, type=click.IntRange(1, 1_000_000))
+@click.option("--seed", default=7, show_default=True, help="Random seed; the same seed adds nothing twice.")
+def analytics_seed(tenant: str, users: int, seed: int) -> None:
+    """Add synthetic onboarding history for a tenant (demo data; never for a real tenant)."""
+    settings = get_settings()
+    _seed_demo_analytics(settings, _urls(settings), tenant, users=users, only_if_empty=False, seed=seed)
 
 
 @main.group()

@@ -303,3 +303,73 @@ async def test_embedded_mode_relays_in_process(
         state = (await client.get("/v1/onboarding/e1", headers=headers)).json()
         assert state["path"]["id"] == "generic"
     await admin.dispose()
+
+
+class _FlakyPublisher:
+    """Acknowledges only the first ``ack`` records of each batch (a broker that failed mid-batch)."""
+
+    def __init__(self, ack: int) -> None:
+        self.ack = ack
+        self.seen: list[uuid.UUID] = []
+
+    async def publish(self, records: Any) -> int:
+        self.seen.extend(r.event_id for r in records)
+        return min(self.ack, len(records))
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_the_relay_deletes_only_the_acknowledged_prefix_and_prunes_old_receipts(
+    events_database: EventsDatabase,
+) -> None:
+    admin = create_async_engine(events_database.admin_url, pool_size=2)
+    slug = f"t-{secrets.token_hex(5)}"
+    tenant_id = (await apply_manifest(admin, manifest_for(slug, REGION))).tenant_id
+    ids = [uuid.uuid4() for _ in range(5)]
+    async with admin.begin() as conn:
+        await conn.execute(text("DELETE FROM outbox"))  # this database belongs to the relay tests
+        for event_id in ids:
+            await conn.execute(
+                text(
+                    "INSERT INTO outbox (event_id, tenant_id, event_type, partition_key, payload)"
+                    " VALUES (:e, :t, 'track', :k, '{}'::jsonb)"
+                ),
+                {"e": event_id, "t": tenant_id, "k": f"{tenant_id}:u"},
+            )
+        await conn.execute(
+            text(
+                "INSERT INTO event_receipts (tenant_id, message_id, event_id, received_at) VALUES"
+                " (:t, 'old', :e1, now() - interval '8 days'), (:t, 'new', :e2, now() - interval '6 days')"
+            ),
+            {"t": tenant_id, "e1": uuid.uuid4(), "e2": uuid.uuid4()},
+        )
+    publisher = _FlakyPublisher(ack=3)
+    relay = OutboxRelay(events_database.relay_url, publisher)
+    try:
+        assert await relay.run_once() == 3
+        assert publisher.seen == ids
+        async with admin.connect() as conn:
+            left = (await conn.execute(text("SELECT event_id FROM outbox ORDER BY id"))).scalars().all()
+        assert left == ids[3:]  # the unacknowledged rest stays, in order, for the next batch
+        assert await relay.prune_receipts() == 1
+        async with admin.connect() as conn:
+            kept = (
+                (
+                    await conn.execute(
+                        text("SELECT message_id FROM event_receipts WHERE tenant_id = :t"), {"t": tenant_id}
+                    )
+                )
+                .scalars()
+                .all()
+            )
+        assert kept == ["new"]
+        # The relay role can do exactly this: it cannot read the tenants' users.
+        relay_engine = create_async_engine(events_database.relay_url)
+        with pytest.raises(Exception, match="permission denied"):
+            async with relay_engine.connect() as conn:
+                await conn.execute(text("SELECT * FROM end_users"))
+        await relay_engine.dispose()
+    finally:
+        await relay._close_conn()
+        await admin.dispose()

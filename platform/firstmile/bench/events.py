@@ -34,11 +34,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import os
 import random
-import resource
 import secrets
 import select
 import shlex
@@ -51,7 +51,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -91,6 +91,7 @@ CONTEXT: dict[str, Any] = {
     "userAgent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0 Safari/537.36",
 }
 _COUNT = "SELECT count() AS n FROM events WHERE tenant_id = {t:UUID}"
+_Headers = list[tuple[str, str | bytes | None]]
 _ONE = "SELECT count() AS n FROM events WHERE tenant_id = {t:UUID} AND event_id = {e:UUID}"
 
 
@@ -146,7 +147,7 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
 
 
 async def _drive(
-    host: str, port: int, key: str, bodies: list[bytes], connections: int, timeout: float
+    host: str, port: int, key: str, bodies: list[bytes], connections: int, limit_s: float
 ) -> dict[str, Any]:
     """Post every body once over ``connections`` keep-alive connections; timings on the system-wide monotonic clock."""
     head = (
@@ -189,7 +190,7 @@ async def _drive(
                 await writer.wait_closed()
 
     cpu0 = time.process_time()
-    await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(connections))), timeout)
+    await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(connections))), limit_s)
     latencies.sort()
 
     def pct(q: float) -> float:
@@ -411,12 +412,15 @@ async def _outbox_records(dsn: str) -> list[Record]:
 def _listener_pid(port: int) -> int | None:
     """The pid of the process listening on 127.0.0.1:``port`` (the Kafka broker), from /proc."""
     inode = None
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/net/tcp").read_text(encoding="utf-8").splitlines()[1:]:
-            parts = line.split()
-            if parts[3] == "0A" and int(parts[1].split(":")[1], 16) == port:
-                inode = parts[9]
-                break
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):  # Java listens on IPv6 sockets (IPv4-mapped)
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            for line in Path(table).read_text(encoding="utf-8").splitlines()[1:]:
+                parts = line.split()
+                if parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == port:
+                    inode = parts[9]
+                    break
+        if inode is not None:
+            break
     if inode is None:
         return None
     target = f"socket:[{inode}]"
@@ -493,6 +497,8 @@ class ProduceRun:
     publish_s: float = 0.0
     """Relay only: time inside the publisher (produce + wait for every ack), the rest is fetch, encode, delete."""
     batches: int = 0
+    gaps_s: tuple[float, ...] = ()
+    """Relay only: between consecutive publishes (delete of one batch, fetch and to_record of the next)."""
 
     @property
     def rate(self) -> float:
@@ -507,7 +513,7 @@ def _bare_produce(bootstrap: str, topic: str, records: Sequence[Record], timeout
 
     producer = Producer({"bootstrap.servers": bootstrap, **PRODUCER_DEFAULTS})
     producer.list_topics(topic, timeout=10)  # connected, metadata known: as the relay's producer after a batch
-    messages = [
+    messages: list[tuple[bytes, bytes, _Headers]] = [
         (r.value, r.key.encode(), [("event_type", r.event_type.encode()), ("tenant_id", str(r.tenant_id).encode())])
         for r in records
     ]
@@ -544,8 +550,16 @@ class _TimedPublisher:
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
-        self.seconds = 0.0
-        self.batches = 0
+        self.calls: list[tuple[float, float]] = []
+        """(start, end) of each publish call."""
+
+    @property
+    def seconds(self) -> float:
+        return sum(end - start for start, end in self.calls)
+
+    def gaps(self) -> list[float]:
+        """Time between one publish's end and the next one's start: delete, fetch and to_record of a batch."""
+        return [b[0] - a[1] for a, b in itertools.pairwise(self.calls)]
 
     async def publish(self, records: Sequence[Record]) -> int:
         began = time.monotonic()
@@ -553,15 +567,14 @@ class _TimedPublisher:
             acked: int = await self.inner.publish(records)
             return acked
         finally:
-            self.seconds += time.monotonic() - began
-            self.batches += 1
+            self.calls.append((began, time.monotonic()))
 
     async def close(self) -> None:
         await self.inner.close()
 
 
 async def _relay_run(
-    relay_url: str, bootstrap: str, topic: str, batch_size: int, expect: int, timeout: float, cpu: CpuMeter
+    relay_url: str, bootstrap: str, topic: str, batch_size: int, expect: int, limit_s: float, cpu: CpuMeter
 ) -> ProduceRun:
     from firstmile.events.kafka import KafkaPublisher
     from firstmile.events.relay import OutboxRelay
@@ -579,8 +592,8 @@ async def _relay_run(
             if task.done():
                 task.result()
                 raise BenchError(f"the relay stopped after {relay.published} of {expect} rows")
-            if time.monotonic() - began > timeout:
-                raise BenchError(f"the relay published {relay.published} of {expect} rows in {timeout:.0f}s")
+            if time.monotonic() - began > limit_s:
+                raise BenchError(f"the relay published {relay.published} of {expect} rows in {limit_s:.0f}s")
             await asyncio.sleep(0.002)
         seconds = time.monotonic() - began
         cpu.stop()
@@ -598,7 +611,8 @@ async def _relay_run(
         await asyncio.to_thread(_topic_size, bootstrap, topic),
         cpu,
         publish_s=publisher.seconds,
-        batches=publisher.batches,
+        batches=len(publisher.calls),
+        gaps_s=tuple(publisher.gaps()),
     )
 
 
@@ -677,10 +691,12 @@ class _InProcessServer:
         while time.monotonic() < deadline:
             if not self.thread.is_alive():
                 raise BenchError("the in-process API exited during start-up")
-            with contextlib.suppress(urllib.error.URLError, OSError):
-                with urllib.request.urlopen(f"{self.base}/health/live", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
+            with (
+                contextlib.suppress(urllib.error.URLError, OSError),
+                urllib.request.urlopen(f"{self.base}/health/live", timeout=2) as resp,
+            ):
+                if resp.status == 200:
+                    return
             time.sleep(0.2)
         raise BenchError(f"the in-process API was not ready within {READY_TIMEOUT_S:.0f}s")
 
@@ -752,7 +768,7 @@ async def _watch(
     tenant_id: uuid.UUID,
     events: int,
     admin_dsn: str,
-    timeout: float,
+    limit_s: float,
     cpu: CpuMeter,
     check: Callable[[], None],
 ) -> EndToEnd:
@@ -794,13 +810,13 @@ async def _watch(
             if visible_at is not None:
                 break
             check()
-            if now - began > timeout:
-                raise BenchError(f"{mode}: {n:,} of {target:,} events in analytics after {timeout:.0f}s")
+            if now - began > limit_s:
+                raise BenchError(f"{mode}: {n:,} of {target:,} events in analytics after {limit_s:.0f}s")
             await asyncio.sleep(0.05)
     finally:
         await conn.close()
     load = gen.result
-    assert load is not None and visible_at is not None
+    assert load is not None and visible_at is not None and api_done_at is not None
     first = load.first_send
     return EndToEnd(
         mode=mode,
@@ -968,7 +984,7 @@ def run_events_benchmark(
             "set FIRSTMILE_BENCH_ADMIN_URL to a PostgreSQL superuser URL (deploy/local/postgres.sh start bench; "
             "deploy/local/postgres.sh url bench prints it)"
         )
-    from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
+    from confluent_kafka.admin import AdminClient
 
     try:
         AdminClient({"bootstrap.servers": kafka}).list_topics(timeout=10)
@@ -1014,9 +1030,21 @@ def run_events_benchmark(
             _relay_phase(facts, kafka, db_admin_dsn, relay_url, tenant_id, run_id, relay_batch_sizes, timeout, roots)
         if "kafka" in phases or "embedded" in phases:
             _end_to_end_phases(
-                facts, phases, kafka, db_admin_url, db_admin_dsn, app_url, relay_url, pepper, key, tenant_id, run_id,
-                timeout, freshness_samples, roots,
-            )  # fmt: skip
+                facts,
+                phases,
+                kafka,
+                db_admin_url,
+                db_admin_dsn,
+                app_url,
+                relay_url,
+                pepper,
+                key,
+                tenant_id,
+                run_id,
+                timeout,
+                freshness_samples,
+                roots,
+            )
     finally:
         with contextlib.suppress(Exception):  # the relay's login exists for the run only
             asyncio.run(_scalar(db_admin_dsn, f"ALTER ROLE {RELAY_ROLE} NOLOGIN"))
@@ -1069,8 +1097,9 @@ def _relay_phase(
     records = asyncio.run(_refill_and_read(db_admin_dsn, tenant_id, f"bench-{run_id}-last", m))
     _log("relay: bare producer again")
     run = _bare_produce(kafka, f"bench-{run_id}.bare-2", records, timeout, CpuMeter(dict(roots)))
-    facts.produce.append(ProduceRun("bare producer (again, after the relays)", None, run.messages, run.seconds,
-                                    run.in_topic, run.cpu))  # fmt: skip
+    facts.produce.append(
+        ProduceRun("bare producer (again, after the relays)", None, run.messages, run.seconds, run.in_topic, run.cpu)
+    )
     asyncio.run(_scalar(db_admin_dsn, "DELETE FROM outbox"))
 
 
@@ -1103,11 +1132,27 @@ def _end_to_end_phases(
         try:
             store.ensure_schema()
             if "kafka" in phases:
-                _kafka_phase(facts, kafka, app_url, db_admin_url, relay_url, db_admin_dsn, pepper, key, tenant_id, run_id,
-                             timeout, samples, roots, store, tmp)  # fmt: skip
+                _kafka_phase(
+                    facts,
+                    kafka,
+                    app_url,
+                    db_admin_url,
+                    relay_url,
+                    db_admin_dsn,
+                    pepper,
+                    key,
+                    tenant_id,
+                    run_id,
+                    timeout,
+                    samples,
+                    roots,
+                    store,
+                    tmp,
+                )
             if "embedded" in phases:
-                _embedded_phase(facts, app_url, relay_url, db_admin_dsn, pepper, key, tenant_id, timeout, samples,
-                                roots, store, tmp)  # fmt: skip
+                _embedded_phase(
+                    facts, app_url, relay_url, db_admin_dsn, pepper, key, tenant_id, timeout, samples, roots, store, tmp
+                )
         finally:
             store.close()
 
@@ -1195,7 +1240,7 @@ def _kafka_phase(
                 meter,
                 tmp,
                 check,
-            )  # fmt: skip
+            )
         )
         facts.freshness.append(_freshness("kafka", base, key, store, tenant_id, samples, check))
     finally:
@@ -1256,7 +1301,7 @@ def _embedded_phase(
                 meter,
                 tmp,
                 check,
-            )  # fmt: skip
+            )
         )
         facts.freshness.append(_freshness("embedded", server.base, key, store, tenant_id, samples, check))
     finally:
@@ -1364,7 +1409,8 @@ def _report(f: Facts) -> str:
             "| outbox empty → all in analytics | "
             + (f"{run.outbox_empty_to_visible_s:.1f} s |" if run.outbox_empty_to_visible_s is not None else "— |"),
             "",
-            "Cores used during the run (CPU seconds ÷ wall seconds, first POST to all in analytics), and CPU per event:",
+            "Cores used during the run (CPU seconds ÷ wall seconds, first POST to all in analytics), "
+            "and CPU per event:",
             "",
             "| " + " | ".join(names) + " | machine |",
             "|" + "---:|" * (len(names) + 1),
@@ -1388,7 +1434,7 @@ def _report(f: Facts) -> str:
         out += [
             "### Freshness: ingest to queryable",
             "",
-            "After each end-to-end run, single-event batches posted one at a time (20–120 ms apart); latency from "
+            "After each end-to-end run, single-event batches posted one at a time (20 to 120 ms apart); latency from "
             "just before the POST until the event is counted in the analytics store (polled every 10 ms).",
             "",
             "| mode | samples | p50 ms | p95 ms | max ms | POST p50 ms |",
