@@ -43,6 +43,7 @@ import secrets
 import select
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -1315,6 +1316,14 @@ def _verdict(ok: bool) -> str:
     return "met" if ok else "**not met**"
 
 
+def _gap_cell(gaps: Sequence[float]) -> str:
+    """Median gap of the first and of the last few batches: ``first → last``."""
+    if not gaps:
+        return "—"
+    k = max(1, min(5, len(gaps) // 3))
+    return f"{statistics.median(gaps[:k]) * 1000:.0f} → {statistics.median(gaps[-k:]) * 1000:.0f}"
+
+
 def _cpu_cells(cpu: CpuMeter, names: Sequence[str]) -> str:
     return " | ".join(f"{cpu.cores(n):.2f}" for n in names)
 
@@ -1346,16 +1355,16 @@ def _report(f: Facts) -> str:
             "empty. Messages in the topic are counted from its watermarks afterwards. Cores: CPU seconds per "
             "second of the run, by process (the bench process is the producer or the relay).",
             "",
-            "| run | msgs/s | ÷ bare | seconds | in topic | publish share | batches | "
+            "| run | msgs/s | ÷ bare | seconds | in topic | publish share | batches | between batches ms | "
             + " | ".join(f"{n} cores" for n in rows)
             + " | machine cores |",
-            "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(rows) + "---:|",
+            "|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(rows) + "---:|",
         ]
         for r in f.produce:
             share = f"{r.publish_s / r.seconds:.0%}" if r.batch_size else "—"
             out.append(
                 f"| {r.name} | {r.rate:,.0f} | {r.rate / bare.rate:.1%} | {r.seconds:.2f} | {r.in_topic:,} | "
-                f"{share} | {r.batches or '—'} | {_cpu_cells(r.cpu, rows)} | "
+                f"{share} | {r.batches or '—'} | {_gap_cell(r.gaps_s)} | {_cpu_cells(r.cpu, rows)} | "
                 f"{r.cpu.busy_s / r.cpu.wall_s if r.cpu.wall_s else 0:.2f} |"
             )
         out += [
@@ -1363,7 +1372,9 @@ def _report(f: Facts) -> str:
             f"Filling the outbox (`INSERT … SELECT generate_series`, then `ANALYZE`): "
             f"{', '.join(f'{s:.1f}' for s in f.fill_s)} s. `to_record` plus the fetch of all rows: "
             f"{f.encode_us:.1f} µs a row. Publish share: time inside `KafkaPublisher.publish` (produce and wait "
-            "for every acknowledgement of the batch); the rest is the fetch, `to_record` and the delete.",
+            "for every acknowledgement of the batch); the rest is the fetch, `to_record` and the delete. Between "
+            "batches: from one publish's end to the next one's start (the delete of a batch, the fetch and "
+            "`to_record` of the next), median of the first few batches → of the last few.",
             "",
         ]
     kafka_run = next((r for r in f.end_to_end if r.mode == "kafka"), None)
@@ -1407,7 +1418,11 @@ def _report(f: Facts) -> str:
             "| last answer → outbox empty | "
             + (f"{run.api_done_to_outbox_empty_s:.1f} s |" if run.api_done_to_outbox_empty_s is not None else "— |"),
             "| outbox empty → all in analytics | "
-            + (f"{run.outbox_empty_to_visible_s:.1f} s |" if run.outbox_empty_to_visible_s is not None else "— |"),
+            + (
+                f"{max(0.0, run.outbox_empty_to_visible_s):.1f} s |"
+                if run.outbox_empty_to_visible_s is not None
+                else "— |"
+            ),
             "",
             "Cores used during the run (CPU seconds ÷ wall seconds, first POST to all in analytics), "
             "and CPU per event:",

@@ -22,7 +22,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from firstmile.analytics.rows import AnalyticsEvent
 from firstmile.events.bus import DeadLetter
 from firstmile.events.envelope import Envelope
-from firstmile.kit import telemetry
 from firstmile.kit.db import TenantId, authorise_tenant, is_transient, run_in_tenant_transaction
 from firstmile.kit.errors import ProblemError
 from firstmile.onboarding import repository as onboarding_repo
@@ -161,14 +160,18 @@ class AutoCompletion:
         self._names: OrderedDict[TenantId, tuple[float, frozenset[str]]] = OrderedDict()
         self.completed = 0
 
-    async def _event_names(self, conn: AsyncConnection, tenant_id: TenantId) -> frozenset[str]:
+    async def _event_names(self, tenant_id: TenantId) -> frozenset[str]:
         """The event names any current step completes on (cached; refreshed every ``names_ttl``)."""
         cached = self._names.get(tenant_id)
         now = time.monotonic()
         if cached is not None and now - cached[0] < self.names_ttl:
             return cached[1]
-        catalog = await self.catalogs.reload(conn, tenant_id)
-        names = frozenset(str(s.completion.get("event")) for p in catalog.current for s in p.steps)
+
+        async def load(conn: AsyncConnection) -> frozenset[str]:
+            catalog = await self.catalogs.reload(conn, tenant_id)
+            return frozenset(str(s.completion.get("event")) for p in catalog.current for s in p.steps)
+
+        names = await run_in_tenant_transaction(self.engine, tenant_id, load)
         self._names[tenant_id] = (now, names)
         if len(self._names) > 10_000:
             self._names.popitem(last=False)
@@ -177,12 +180,11 @@ class AutoCompletion:
     async def _complete_for(self, tenant_id: TenantId, event: Envelope) -> int:
         p = event.payload
         user_id = str(p["userId"])
-        name = p.get("event")
+        name = str(p["event"])
         properties = p.get("properties") or {}
+        occurred_at = _ts(p.get("timestamp"), "timestamp")
 
         async def work(conn: AsyncConnection) -> int:
-            if name not in await self._event_names(conn, tenant_id):
-                return 0
             progress = await onboarding_repo.get_progress(conn, tenant_id, user_id)
             if progress is None:
                 return 0
@@ -193,12 +195,7 @@ class AutoCompletion:
                     continue
                 try:
                     await self.service.complete(
-                        conn,
-                        tenant_id,
-                        user_id,
-                        step_id,
-                        occurred_at=_ts(p.get("timestamp"), "timestamp"),
-                        source=f"event:{event.event_id}",
+                        conn, tenant_id, user_id, step_id, occurred_at=occurred_at, source=f"event:{event.event_id}"
                     )
                 except ProblemError as exc:
                     if exc.status == 409:  # prerequisites not met yet: a later event may complete it
@@ -216,16 +213,18 @@ class AutoCompletion:
             p = event.payload
             if event.event_type != "track" or not p.get("userId") or not isinstance(p.get("event"), str):
                 continue
+            tenant_id = authorise_tenant(event.tenant_id)
+            if p["event"] not in await self._event_names(tenant_id):
+                continue  # most product events complete nothing: no database round trip for them
             if not isinstance(p.get("properties") or {}, dict):
                 dead.append(DeadLetter(event, b"", "progress: properties is not an object"))
                 continue
             try:
-                self.completed += await self._complete_for(authorise_tenant(event.tenant_id), event)
+                self.completed += await self._complete_for(tenant_id, event)
             except Exception as exc:
                 if is_transient(exc) or not isinstance(exc, (ProblemError, UnprocessableEventError, ValueError)):
                     raise  # the batch is retried
                 dead.append(DeadLetter(event, b"", f"progress: {exc}"))
-                telemetry.CONSUMED.labels(self.name, "dead").inc()
         return dead
 
 
