@@ -46,6 +46,11 @@ _TITLES: dict[str, str] = {
     "method-not-allowed": "Method not allowed",
     "conflict": "Conflicting request",
     "service-unavailable": "A dependency is unavailable",
+    "invalid-events": "No message in the batch is valid",
+    "invalid-signature": "Webhook signature missing or wrong",
+    "malformed-body": "Request body cannot be decoded",
+    "path-not-found": "Path not found",
+    "analytics-unavailable": "Analytics are unavailable and nothing is cached",
     "internal-error": "Internal server error",
 }
 
