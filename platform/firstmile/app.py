@@ -108,7 +108,9 @@ def open_analytics_store(settings: Settings) -> AnalyticsStore:
             raise RuntimeError("FIRSTMILE_CLICKHOUSE_URL must be set when FIRSTMILE_ANALYTICS_BACKEND=clickhouse")
         from firstmile.analytics.clickhouse_store import ClickHouseStore
 
-        store: AnalyticsStore = ClickHouseStore(settings.clickhouse_url.get_secret_value())
+        store: AnalyticsStore = ClickHouseStore.connect(
+            settings.clickhouse_url.get_secret_value(), policy_role=settings.clickhouse_policy_role or None
+        )
     else:
         from firstmile.analytics.chdb_store import ChdbStore
 
@@ -207,6 +209,7 @@ def create_app(
         if background:
             await asyncio.gather(*background, return_exceptions=True)
         await app.state.engine.dispose()
+        app.state.analytics.close(close_store=False)
         if analytics is None and getattr(app.state, "analytics_store", None) is not None:
             await asyncio.to_thread(app.state.analytics_store.close)
 

@@ -371,6 +371,26 @@ def bench() -> None:
     """Benchmarks (see docs/benchmarks.md)."""
 
 
+@bench.command("analytics")
+@click.option("--events", default=10_000_000, show_default=True, type=click.IntRange(10_000, 100_000_000))
+@click.option("--tenants", default=5, show_default=True, type=click.IntRange(1, 100))
+@click.option("--weeks", default=26, show_default=True, type=click.IntRange(1, 104))
+@click.option("--runs", default=5, show_default=True, type=click.IntRange(1, 100))
+@click.option("--keep", is_flag=True, help="Keep the chdb folder under the data dir.")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path))
+def bench_analytics(events: int, tenants: int, weeks: int, runs: int, keep: bool, output: Path | None) -> None:
+    """Analytics queries over N synthetic events (chdb), against scans in the same run."""
+    from firstmile.bench.analytics import run_analytics_benchmark
+
+    report = run_analytics_benchmark(
+        events=events, tenants=tenants, weeks=weeks, runs=runs, data_dir=get_settings().data_dir, keep=keep
+    )
+    text = report.markdown(f"firstmile bench analytics --events {events}")
+    click.echo(text)
+    if output is not None:
+        output.write_text(text + "\n", encoding="utf-8")
+
+
 @bench.command("api")
 @click.option("--duration", default=10, show_default=True, help="Seconds per measured run.")
 @click.option("--connections", default=32, show_default=True, help="Concurrent clients.")

@@ -116,6 +116,11 @@ class Settings(BaseSettings):
         default=None,
         description="ClickHouse DSN for clickhouse-connect, e.g. http://user:pass@clickhouse:8123/firstmile.",
     )
+    clickhouse_policy_role: str = Field(
+        default="firstmile_analytics",
+        pattern=r"^([a-zA-Z_][a-zA-Z0-9_]{0,62})?$",
+        description="ClickHouse role the tenant row policy is bound to (the API's role); empty: no policy.",
+    )
     analytics_query_timeout_seconds: float = Field(
         default=5.0, gt=0, le=300, description="An analytics query slower than this answers with the cached result."
     )

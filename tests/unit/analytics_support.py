@@ -7,12 +7,13 @@ written from the definitions in docs/analytics.md and sharing no code with
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
-from firstmile.analytics.chdb_store import ChdbStore
 from firstmile.analytics.queries import (
     ActivationRate,
     Cohort,
@@ -29,21 +30,12 @@ from firstmile.analytics.queries import (
     TimeToActivation,
 )
 from firstmile.analytics.rows import AnalyticsEvent
-from tests.factories import ROOT
+from firstmile.analytics.sql import Params
+from firstmile.analytics.store import AnalyticsStore, AnalyticsStoreError
 
 STARTED = "onboarding.started"
 STEP_COMPLETED = "onboarding.step_completed"
 ACTIVATED = "onboarding.activated"
-
-
-def open_test_store(worker_id: str) -> ChdbStore:
-    """The chdb store of this test process: one data path per process (chdb's rule), one per xdist worker.
-
-    Tests isolate by tenant: every test writes under fresh tenant ids and nothing is truncated.
-    """
-    store = ChdbStore(ROOT / ".firstmile" / "test-chdb" / worker_id)
-    store.ensure_schema()
-    return store
 
 
 # -- the reference ---------------------------------------------------------------------------------
@@ -262,3 +254,36 @@ def activation_rate(rows: Sequence[AnalyticsEvent], tenant: uuid.UUID, f: Filter
         rate=n_overall / len(overall) if overall else None,
         paths=tuple(paths),
     )
+
+
+class FlakyStore:
+    """A real store whose queries can be made slow or failing: the fault injection of the service tests."""
+
+    def __init__(self, inner: AnalyticsStore, delay: float = 1.0) -> None:
+        self.inner = inner
+        self.mode = "ok"  # ok | slow | fail
+        self.delay = delay
+        self.queries = 0
+
+    def ensure_schema(self) -> None:
+        self.inner.ensure_schema()
+
+    def insert(self, rows: Sequence[AnalyticsEvent]) -> int:
+        return self.inner.insert(rows)
+
+    def bulk_load(self, rows: Sequence[AnalyticsEvent]) -> int:
+        return self.inner.bulk_load(rows)
+
+    def query(self, sql: str, params: Params) -> list[dict[str, Any]]:
+        self.queries += 1
+        if self.mode == "slow":
+            time.sleep(self.delay)
+        elif self.mode == "fail":
+            raise AnalyticsStoreError("injected: the engine is down")
+        return self.inner.query(sql, params)
+
+    def erase_user(self, tenant_id: uuid.UUID, user_id: str) -> None:
+        self.inner.erase_user(tenant_id, user_id)
+
+    def close(self) -> None:
+        """The inner store belongs to the test session."""

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import clickhouse_connect
 import pytest
 from clickhouse_connect.driver.binding import bind_query
 
@@ -23,22 +22,14 @@ from firstmile.analytics.chdb_store import ChdbPathInUseError, ChdbStore
 from firstmile.analytics.clickhouse_store import ClickHouseStore
 from firstmile.analytics.rows import AnalyticsEvent
 from firstmile.analytics.store import AnalyticsStore, AnalyticsStoreError
-from tests.unit.analytics_support import open_test_store
 
 NOW = datetime(2025, 3, 3, 12, 0, 0, 123456, tzinfo=UTC)
 
 
 @pytest.fixture(scope="session")
-def analytics_store(worker_id: str) -> Iterator[ChdbStore]:
-    store = open_test_store(worker_id)
-    yield store
-    store.close()
-
-
-@pytest.fixture(scope="session")
 def clickhouse_over_chdb(analytics_store: ChdbStore) -> Iterator[ClickHouseStore]:
-    client = clickhouse_connect.get_client(dsn=f"chdb://{analytics_store.path}")
-    store = ClickHouseStore(client, tenant_setting=False)  # chdb has no custom settings (and no row policies)
+    # A URL, as the wiring passes FIRSTMILE_CLICKHOUSE_URL; chdb has no custom settings and no row policies.
+    store = ClickHouseStore(f"chdb://{analytics_store.path}", policy_role=None, tenant_setting=False)
     store.ensure_schema()
     yield store
     store.close()

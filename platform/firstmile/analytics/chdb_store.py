@@ -75,12 +75,6 @@ def _release(engine: _Engine) -> None:
                 _engine = None
 
 
-def open_path() -> str | None:
-    """The data path chdb is bound to in this process, if a store is open."""
-    with _registry_lock:
-        return _engine.path if _engine is not None else None
-
-
 class ChdbStore:
     """:class:`~firstmile.analytics.store.AnalyticsStore` on an embedded chdb database at ``path``.
 

@@ -26,10 +26,18 @@ from firstmile.analytics.store import AnalyticsStoreError
 _ROLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 
+def _connect(url: str) -> Any:
+    import clickhouse_connect
+
+    # No session: a clickhouse-connect session serialises queries; the API runs several at once.
+    return clickhouse_connect.get_client(dsn=url, autogenerate_session_id=False)
+
+
 class ClickHouseStore:
     """:class:`~firstmile.analytics.store.AnalyticsStore` on a ClickHouse server.
 
-    ``client`` is a ``clickhouse_connect`` client (use :meth:`connect` for a URL).
+    ``client`` is a ``clickhouse_connect`` client, or a URL (``http[s]://user:password@host:8123/database``)
+    to connect to as :meth:`connect` does.
     ``policy_role``: the role :meth:`ensure_schema` binds the row policy to (None:
     no policy is created, e.g. when an operator manages it). ``tenant_setting``:
     send ``SQL_firstmile_tenant`` with each statement (turn off only for engines
@@ -37,10 +45,12 @@ class ClickHouseStore:
     interface that the contract tests use).
     """
 
-    def __init__(self, client: Any, *, policy_role: str | None = None, tenant_setting: bool = True) -> None:
+    def __init__(
+        self, client: Any, *, policy_role: str | None = "firstmile_analytics", tenant_setting: bool = True
+    ) -> None:
         if policy_role is not None and not _ROLE.match(policy_role):
             raise ValueError(f"invalid ClickHouse role name {policy_role!r}")
-        self._client = client
+        self._client = _connect(client) if isinstance(client, str) else client
         self._policy_role = policy_role
         self._tenant_setting = tenant_setting
         self._write_lock = threading.Lock()
@@ -48,11 +58,7 @@ class ClickHouseStore:
     @classmethod
     def connect(cls, url: str, *, policy_role: str | None = "firstmile_analytics") -> ClickHouseStore:
         """A store on the server at ``url`` (``http[s]://user:password@host:8123/database``)."""
-        import clickhouse_connect
-
-        # No session: a clickhouse-connect session serialises queries; the API runs several at once.
-        client = clickhouse_connect.get_client(dsn=url, autogenerate_session_id=False)
-        return cls(client, policy_role=policy_role)
+        return cls(_connect(url), policy_role=policy_role)
 
     def _settings(self, tenant: str | None) -> dict[str, str] | None:
         if tenant is None or not self._tenant_setting:

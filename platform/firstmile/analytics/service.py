@@ -104,7 +104,8 @@ class AnalyticsService:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, self.store.insert, rows)
 
-    def close(self) -> None:
-        """Stop the worker threads (without waiting for a running query) and close the store."""
+    def close(self, *, close_store: bool = True) -> None:
+        """Stop the worker threads (without waiting for a running query) and, unless told not to, close the store."""
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self.store.close()
+        if close_store:
+            self.store.close()

@@ -1,0 +1,319 @@
+"""The analytics queries on the real engine (chdb) against the plain-Python reference, and their tenant scoping.
+
+One synthetic tenant (several paths, versions, variants and personas over ten
+weeks), hand-made edge cases on top (completions at the start instant and at the
+window's edge, out of order, on another path, before the start; a user with two
+starts; redelivered events), and a second tenant with the same user ids and
+paths that must never leak into the first one's numbers.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import clickhouse_connect
+import pytest
+
+from firstmile.analytics import queries
+from firstmile.analytics.chdb_store import ChdbStore
+from firstmile.analytics.clickhouse_store import ClickHouseStore
+from firstmile.analytics.queries import AnalyticsQueries, Filters, UnscopedQueryError, _Builder
+from firstmile.analytics.rows import ACTIVATED, STARTED, STEP_COMPLETED, AnalyticsEvent
+from firstmile.analytics.store import AnalyticsStore
+from firstmile.analytics.synthetic import SyntheticPath, generate
+from firstmile.kit.db import TenantId
+from tests.unit import analytics_support as ref
+
+END = datetime(2025, 3, 5, 15, 30, tzinfo=UTC)  # a Wednesday afternoon
+BEGIN = END - timedelta(weeks=10)
+DEV = SyntheticPath("dev", 2, ("key", "sdk", "event", "live", "invite"), "event", frozenset({"invite"}))
+DEV_V1 = SyntheticPath("dev", 1, ("key", "sdk", "event", "live"), "sdk")
+ANALYST = SyntheticPath("analyst", 1, ("source", "report", "dashboard", "share"), "report")
+ADMIN = SyntheticPath("admin", 1, ("workspace", "invite", "roles", "billing"), "invite")
+PATHS = (DEV, ANALYST, ADMIN, DEV_V1)
+DEV_STEPS = DEV.required
+
+
+@dataclass(frozen=True)
+class Dataset:
+    tenant: TenantId
+    other: TenantId
+    rows: list[AnalyticsEvent]  # every row inserted, both tenants, duplicates included
+
+
+def _fact(tenant: uuid.UUID, event_type: str, user: str, at: datetime, step: str = "", **fields: Any) -> AnalyticsEvent:
+    values: dict[str, Any] = {
+        "path_key": "dev",
+        "path_version": 2,
+        "variant": "control",
+        "persona": "developer",
+        **fields,
+    }
+    return AnalyticsEvent(
+        tenant_id=tenant,
+        event_id=uuid.uuid4(),
+        event_type=event_type,
+        event_name="",
+        user_id=user,
+        anonymous_id="",
+        occurred_at=at,
+        received_at=at,
+        step_id=step,
+        **values,
+    )
+
+
+def edge_cases(tenant: uuid.UUID) -> list[AnalyticsEvent]:
+    t = datetime(2025, 2, 10, 9, 0, tzinfo=UTC)
+    week = timedelta(days=7)
+    ms = timedelta(milliseconds=1)
+    return [
+        # completes the first step at the start instant, the second exactly at the 7-day edge, the third just after
+        _fact(tenant, STARTED, "edge-1", t),
+        _fact(tenant, STEP_COMPLETED, "edge-1", t, "key"),
+        _fact(tenant, STEP_COMPLETED, "edge-1", t + week, "sdk"),
+        _fact(tenant, STEP_COMPLETED, "edge-1", t + week + ms, "event"),
+        # out of order: sdk before key, then sdk again after key
+        _fact(tenant, STARTED, "edge-2", t),
+        _fact(tenant, STEP_COMPLETED, "edge-2", t + timedelta(hours=1), "sdk"),
+        _fact(tenant, STEP_COMPLETED, "edge-2", t + timedelta(hours=2), "key"),
+        _fact(tenant, STEP_COMPLETED, "edge-2", t + timedelta(hours=3), "sdk"),
+        _fact(tenant, STEP_COMPLETED, "edge-2", t + timedelta(hours=3), "event"),  # same instant as the previous
+        _fact(tenant, ACTIVATED, "edge-2", t - timedelta(hours=1), "event"),  # before the start: never counts
+        _fact(tenant, ACTIVATED, "edge-2", t + timedelta(hours=3), "event"),
+        # two starts: control, then treatment a day later; a completion between them
+        _fact(tenant, STARTED, "edge-3", t),
+        _fact(tenant, STARTED, "edge-3", t + timedelta(days=1), variant="treatment"),
+        _fact(tenant, STEP_COMPLETED, "edge-3", t + timedelta(hours=12), "key"),
+        _fact(tenant, STEP_COMPLETED, "edge-3", t + timedelta(days=2), "sdk"),
+        # a completion on another path, and a start on the boundaries of the range
+        _fact(tenant, STARTED, "edge-4", t),
+        _fact(tenant, STEP_COMPLETED, "edge-4", t + timedelta(hours=1), "key", path_key="analyst"),
+        _fact(tenant, STARTED, "edge-5", BEGIN),
+        _fact(tenant, STARTED, "edge-6", END - ms),
+        _fact(tenant, STARTED, "edge-7", END),
+        # sub-millisecond parts are truncated by the store, the reference does the same
+        _fact(tenant, STARTED, "edge-8", t + timedelta(microseconds=999)),
+        _fact(tenant, STEP_COMPLETED, "edge-8", t + timedelta(microseconds=500), "key"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def dataset(analytics_store: ChdbStore) -> Dataset:
+    tenant, other = TenantId(uuid.uuid4()), TenantId(uuid.uuid4())
+    mine = list(generate(tenant, PATHS, users=1200, weeks=10, end=END, seed=11)) + edge_cases(tenant)
+    theirs = list(generate(other, PATHS, users=600, weeks=10, end=END, seed=12)) + edge_cases(other)
+    assert analytics_store.insert(mine + theirs) == len(mine) + len(theirs)
+    redelivered = mine[::7] + theirs[::5]
+    assert analytics_store.insert(redelivered) == 0
+    return Dataset(tenant, other, mine + theirs + redelivered)
+
+
+@pytest.fixture(scope="module")
+def clickhouse_over_chdb(analytics_store: ChdbStore) -> Iterator[ClickHouseStore]:
+    client = clickhouse_connect.get_client(dsn=f"chdb://{analytics_store.path}")
+    store = ClickHouseStore(client, policy_role=None, tenant_setting=False)
+    yield store
+    store.close()
+
+
+@pytest.fixture(params=["chdb", "clickhouse-connect"])
+def q(request: pytest.FixtureRequest) -> AnalyticsQueries:
+    name = "analytics_store" if request.param == "chdb" else "clickhouse_over_chdb"
+    store: AnalyticsStore = request.getfixturevalue(name)
+    return AnalyticsQueries(store)
+
+
+ALL = Filters(BEGIN, END)
+FILTERS: dict[str, Filters] = {
+    "everything": ALL,
+    "path": replace(ALL, path_key="dev"),
+    "path-version": replace(ALL, path_key="dev", path_version=2),
+    "old-version": replace(ALL, path_key="dev", path_version=1),
+    "variant": replace(ALL, path_key="dev", variant="treatment"),
+    "no-variant": replace(ALL, variant=""),
+    "persona": replace(ALL, persona="developer"),
+    "narrow-range": Filters(datetime(2025, 2, 3, tzinfo=UTC), datetime(2025, 2, 17, 12, tzinfo=UTC), path_key="dev"),
+    "combined": Filters(
+        BEGIN + timedelta(weeks=2), END, path_key="analyst", variant="control", persona="analyst", path_version=1
+    ),
+    "nobody": replace(ALL, persona="astronaut"),
+}
+PATH_FILTERS = [k for k, f in FILTERS.items() if f.path_key is not None]
+
+
+def _steps(f: Filters) -> tuple[str, ...]:
+    return {"dev": DEV_STEPS, "analyst": ANALYST.required}[f.path_key or "dev"]
+
+
+@pytest.mark.parametrize("name", PATH_FILTERS)
+@pytest.mark.parametrize("window", [timedelta(days=7), timedelta(hours=3)])
+def test_funnel_matches_the_reference(dataset: Dataset, q: AnalyticsQueries, name: str, window: timedelta) -> None:
+    f = FILTERS[name]
+    got = q.funnel(dataset.tenant, f, _steps(f), window)
+    assert got == ref.funnel(dataset.rows, dataset.tenant, f, _steps(f), window)
+    if name == "path":
+        assert got.started > 100 and got.steps[-1].users > 10  # the data exercises every step
+
+
+@pytest.mark.parametrize("name", PATH_FILTERS)
+def test_dropoff_matches_the_reference(dataset: Dataset, q: AnalyticsQueries, name: str) -> None:
+    f = FILTERS[name]
+    window = timedelta(days=2)
+    got = q.dropoff(dataset.tenant, f, _steps(f), window)
+    assert got == ref.dropoff(dataset.rows, dataset.tenant, f, _steps(f), window)
+    funnel = q.funnel(dataset.tenant, f, _steps(f), window)
+    reached = [funnel.started, *(s.users for s in funnel.steps)]
+    assert [s.dropped for s in got.steps] == [reached[i] - reached[i + 1] for i in range(len(funnel.steps))]
+
+
+@pytest.mark.parametrize("name", list(FILTERS))
+@pytest.mark.parametrize(("weeks", "as_of"), [(8, None), (3, None), (10, datetime(2025, 2, 20, tzinfo=UTC))])
+def test_cohorts_match_the_reference(
+    dataset: Dataset, q: AnalyticsQueries, name: str, weeks: int, as_of: datetime | None
+) -> None:
+    f = FILTERS[name]
+    got = q.cohorts(dataset.tenant, f, weeks, as_of)
+    assert got == ref.cohorts(dataset.rows, dataset.tenant, f, weeks, as_of)
+    if name == "everything" and as_of is None:
+        assert len(got.cohorts) == 11
+        assert all(c.weeks[0].retention == 1.0 for c in got.cohorts)
+        assert 0 < got.cohorts[0].weeks[3].retention < 1
+
+
+@pytest.mark.parametrize("name", list(FILTERS))
+def test_time_to_activation_matches_the_reference(dataset: Dataset, q: AnalyticsQueries, name: str) -> None:
+    f = FILTERS[name]
+    got = q.time_to_activation(dataset.tenant, f)
+    assert got == ref.time_to_activation(dataset.rows, dataset.tenant, f)
+    if name == "everything":
+        assert got.activated > 100
+        assert got.p50_seconds is not None and got.p90_seconds is not None
+        assert got.p50_seconds < got.p90_seconds
+
+
+@pytest.mark.parametrize("name", PATH_FILTERS)
+def test_step_completion_matches_the_reference(dataset: Dataset, q: AnalyticsQueries, name: str) -> None:
+    f = FILTERS[name]
+    steps = DEV.steps if f.path_key == "dev" else ANALYST.steps
+    got = q.step_completion(dataset.tenant, f, steps)
+    assert got == ref.step_completion(dataset.rows, dataset.tenant, f, steps)
+
+
+@pytest.mark.parametrize("name", list(FILTERS))
+def test_activation_rate_matches_the_reference(dataset: Dataset, q: AnalyticsQueries, name: str) -> None:
+    f = FILTERS[name]
+    got = q.activation_rate(dataset.tenant, f)
+    assert got == ref.activation_rate(dataset.rows, dataset.tenant, f)
+    if name == "everything":
+        assert {p.path_key for p in got.paths} == {"dev", "analyst", "admin"}
+
+
+def test_edge_cases_count_as_documented(dataset: Dataset, q: AnalyticsQueries) -> None:
+    """The hand-made users, counted by hand (not only against the reference)."""
+    day = Filters(
+        datetime(2025, 2, 10, tzinfo=UTC), datetime(2025, 2, 11, tzinfo=UTC), path_key="dev", persona="developer"
+    )
+    week = timedelta(days=7)
+    edges = [r for r in dataset.rows if r.tenant_id == dataset.tenant and r.user_id.startswith("edge-")]
+    # started: edge-1, -2, -3 (its control start), -4, -8; edge-4's completion is on another path
+    assert set(ref.starts(edges, day)) == {"edge-1", "edge-2", "edge-3", "edge-4", "edge-8"}
+    assert ref.funnel(edges, dataset.tenant, day, DEV_STEPS, week).steps[:3] == (
+        # gaps 0 s (edge-1), 7200 s, 43200 s, 0 s (edge-8: t0 and key in the same ms): element 2 of 4 sorted
+        queries.FunnelStep("key", 4, 4 / 5, 4 / 5, 7200.0),
+        # 604800 s (edge-1, exactly at the window's edge), 3600 s (edge-2's second sdk), 129600 s (edge-3)
+        queries.FunnelStep("sdk", 3, 3 / 4, 3 / 5, 129600.0),
+        # edge-2 at the same instant as its sdk; edge-1's is 1 ms past the window
+        queries.FunnelStep("event", 1, 1 / 3, 1 / 5, 0.0),
+    )
+    # edge-3's treatment start is a day later than its control start; its 'key' came between them
+    treatment = replace(day, variant="treatment", end=day.end + timedelta(days=2))
+    edge_treatment = ref.funnel(edges, dataset.tenant, treatment, DEV_STEPS, week)
+    assert edge_treatment.started == 1 and edge_treatment.steps[0].users == 0
+    for f in (day, treatment):
+        assert q.funnel(dataset.tenant, f, DEV_STEPS, week) == ref.funnel(
+            dataset.rows, dataset.tenant, f, DEV_STEPS, week
+        )
+    # edge-2 activated an hour before its start (ignored) and at 3 h: 10800 s
+    assert ref.time_to_activation(edges, dataset.tenant, day) == queries.TimeToActivation(5, 1, 10800.0, 10800.0)
+
+
+def test_range_bounds_are_inclusive_exclusive(dataset: Dataset, q: AnalyticsQueries) -> None:
+    users = ref.starts([r for r in dataset.rows if r.tenant_id == dataset.tenant], ALL)
+    assert "edge-5" in users and "edge-6" in users and "edge-7" not in users
+    got = q.activation_rate(dataset.tenant, ALL)
+    assert got.users == len(users)
+
+
+def test_another_tenants_rows_never_count(dataset: Dataset, q: AnalyticsQueries) -> None:
+    f = FILTERS["path"]
+    mine = q.funnel(dataset.tenant, f, DEV_STEPS, timedelta(days=7))
+    only_mine = [r for r in dataset.rows if r.tenant_id == dataset.tenant]
+    assert mine == ref.funnel(only_mine, dataset.tenant, f, DEV_STEPS, timedelta(days=7))
+    theirs = q.funnel(dataset.other, f, DEV_STEPS, timedelta(days=7))
+    assert theirs == ref.funnel(dataset.rows, dataset.other, f, DEV_STEPS, timedelta(days=7))
+    assert theirs.started != mine.started  # same user ids and paths, different numbers
+    nobody = TenantId(uuid.uuid4())
+    assert q.funnel(nobody, f, DEV_STEPS, timedelta(days=7)).started == 0
+    assert q.cohorts(nobody, ALL, 4).cohorts == ()
+    assert q.time_to_activation(nobody, ALL) == queries.TimeToActivation(0, 0, None, None)
+    assert q.step_completion(nobody, f, DEV.steps).steps[0] == queries.StepRate("key", 0, None)
+    assert q.activation_rate(nobody, ALL) == queries.ActivationRate(0, 0, None, ())
+
+
+# -- tenant scoping by construction ----------------------------------------------------------------
+
+
+def _every_built_statement(tenant: TenantId) -> list[queries.Query]:
+    built: list[queries.Query] = []
+    for f in FILTERS.values():
+        with_path = f if f.path_key is not None else replace(f, path_key="dev")
+        built += [
+            queries.build_funnel(tenant, with_path, DEV_STEPS, timedelta(days=7)),
+            queries.build_cohorts(tenant, f, 8),
+            queries.build_time_to_activation(tenant, f),
+            queries.build_step_completion(tenant, with_path, DEV.steps),
+            queries.build_activation_rate(tenant, f, per_path=False),
+            queries.build_activation_rate(tenant, f, per_path=True),
+        ]
+    return built
+
+
+def test_every_built_statement_filters_on_the_tenant() -> None:
+    tenant = TenantId(uuid.uuid4())
+    for query in _every_built_statement(tenant):
+        reads = re.findall(r"\bevents\b", query.sql)
+        assert reads, query.sql
+        assert query.sql.count("FROM events WHERE tenant_id = {tenant:UUID} AND (") == len(reads), query.sql
+        assert query.params["tenant"] == str(tenant)
+        placeholders = set(re.findall(r"\{(\w+):", query.sql))
+        assert placeholders == set(query.params), "every placeholder bound, nothing extra"
+
+
+def test_the_builder_refuses_unscoped_statements() -> None:
+    b = _Builder(TenantId(uuid.uuid4()))
+    with pytest.raises(UnscopedQueryError):
+        b.build("SELECT count() FROM events")
+    with pytest.raises(UnscopedQueryError):
+        b.build(f"SELECT count() {b.events('1')} UNION ALL SELECT count() FROM events")
+    with pytest.raises(TypeError):
+        _Builder("not-a-uuid")  # type: ignore[arg-type]
+
+
+def test_bad_query_arguments_are_refused() -> None:
+    tenant = TenantId(uuid.uuid4())
+    with pytest.raises(ValueError, match="needs a path"):
+        queries.build_funnel(tenant, ALL, DEV_STEPS, timedelta(days=1))
+    with pytest.raises(ValueError, match="at least one step"):
+        queries.build_funnel(tenant, FILTERS["path"], (), timedelta(days=1))
+    with pytest.raises(ValueError, match="positive"):
+        queries.build_funnel(tenant, FILTERS["path"], DEV_STEPS, timedelta(0))
+    with pytest.raises(ValueError, match="before its end"):
+        Filters(END, BEGIN)
+    with pytest.raises(ValueError, match="timezone-aware"):
+        Filters(datetime(2025, 1, 1), END)  # noqa: DTZ001
