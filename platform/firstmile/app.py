@@ -13,9 +13,9 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
-from litestar import Litestar
+from litestar import Litestar, Request, Response
 from litestar.datastructures import State
 from litestar.enums import ScopeType
 from litestar.middleware import DefineMiddleware
@@ -30,6 +30,9 @@ from firstmile.analytics.rows import AnalyticsEvent
 from firstmile.analytics.service import AnalyticsService
 from firstmile.analytics.sql import Params
 from firstmile.analytics.store import AnalyticsStore
+from firstmile.audit.api import AuditController
+from firstmile.audit.service import AuditService, Checkpointer
+from firstmile.audit.signing import resolve_signer
 from firstmile.events.api import EventsController
 from firstmile.events.bus import Consumer
 from firstmile.events.consumers import AnalyticsSink, AutoCompletion, FeatureHook
@@ -38,11 +41,13 @@ from firstmile.events.relay import OutboxRelay
 from firstmile.kit import telemetry
 from firstmile.kit.auth import ApiKeyMiddleware, KeyResolver
 from firstmile.kit.db import create_engine
-from firstmile.kit.errors import exception_handlers
+from firstmile.kit.errors import exception_handlers, problem_response
 from firstmile.kit.health import HealthController, metrics
 from firstmile.onboarding.api import OnboardingController
 from firstmile.onboarding.catalog import CatalogCache
 from firstmile.onboarding.service import OnboardingService
+from firstmile.security.datakeys import DataKeyService, ManifestProviders
+from firstmile.security.keys import KeyConfig, KeyProviderError
 from firstmile.settings import Settings, get_settings
 
 PUBLIC_PATHS = ["^/health", "^/metrics", "^/schema"]
@@ -119,6 +124,18 @@ def open_analytics_store(settings: Settings) -> AnalyticsStore:
     return store
 
 
+def _on_key_provider_error(request: Request[Any, Any, Any], exc: KeyProviderError) -> Response[bytes]:
+    """The tenant's key provider cannot be reached or refuses: nothing was written (no plaintext fallback)."""
+    logging.getLogger("firstmile.keys").error("key provider failed", extra={"fields": {"error": str(exc)}})
+    return problem_response(
+        request,
+        503,
+        "key-provider-unavailable",
+        "the tenant's key provider is unavailable; nothing was written, retry later",
+        headers={"Retry-After": "5"},
+    )
+
+
 class LazyStore:
     """Opens the analytics store on first use, so a worker that never touches analytics never
     opens it (chdb admits one process per data folder; use ClickHouse with several workers)."""
@@ -172,7 +189,14 @@ def create_app(
     """
     telemetry.configure_logging(settings.log_level, settings.log_format)
     provider = telemetry.configure_tracing(settings.service_name, settings.otel_exporter, settings.otel_endpoint)
-    state = State({"settings": settings, "onboarding": OnboardingService(CatalogCache())})
+    signer = resolve_signer(settings)
+    state = State(
+        {
+            "settings": settings,
+            "onboarding": OnboardingService(CatalogCache()),
+            "audit": AuditService.create(signer),
+        }
+    )
     stop = asyncio.Event()
     background: list[asyncio.Task[None]] = []
 
@@ -186,6 +210,19 @@ def create_app(
         )
         app.state.engine = engine
         app.state.key_resolver = KeyResolver(engine, pepper, settings.region, settings.api_key_cache_ttl_seconds)
+        app.state.keyring = DataKeyService.from_config(engine, KeyConfig.from_settings(settings))
+        background.append(
+            asyncio.create_task(
+                Checkpointer(
+                    engine,
+                    signer,
+                    app.state.audit.cache,
+                    every_entries=settings.audit_checkpoint_every_entries,
+                    every_seconds=settings.audit_checkpoint_every_seconds,
+                ).run(stop),
+                name="audit-checkpointer",
+            )
+        )
         store = analytics if analytics is not None else LazyStore(lambda: open_analytics_store(settings))
         app.state.analytics_store = store
         app.state.analytics = AnalyticsService(store, settings.analytics_query_timeout_seconds)
@@ -210,11 +247,19 @@ def create_app(
             await asyncio.gather(*background, return_exceptions=True)
         await app.state.engine.dispose()
         app.state.analytics.close(close_store=False)
+        cast(ManifestProviders, app.state.keyring.providers).registry.close()
         if analytics is None and getattr(app.state, "analytics_store", None) is not None:
             await asyncio.to_thread(app.state.analytics_store.close)
 
     app = Litestar(
-        route_handlers=[HealthController, metrics, OnboardingController, EventsController, AnalyticsController],
+        route_handlers=[
+            HealthController,
+            metrics,
+            OnboardingController,
+            EventsController,
+            AnalyticsController,
+            AuditController,
+        ],
         state=state,
         on_startup=[on_startup],
         on_shutdown=[on_shutdown],
@@ -223,7 +268,7 @@ def create_app(
         plugins=[OpenTelemetryPlugin(OpenTelemetryConfig(tracer_provider=provider, exclude=PUBLIC_PATHS))]
         if settings.otel_exporter != "none"
         else [],
-        exception_handlers=exception_handlers(),
+        exception_handlers={**exception_handlers(), KeyProviderError: _on_key_provider_error},
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(
             title="Firstmile API",

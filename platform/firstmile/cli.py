@@ -13,8 +13,10 @@ from typing import Any, TypeVar
 import click
 from sqlalchemy import text
 
+from firstmile.audit.cli import audit
 from firstmile.kit.db import create_engine
 from firstmile.kit.embedded import DatabaseUrls, resolve_database, resolve_pepper
+from firstmile.security.cli import rotate as rotate_key
 from firstmile.settings import Settings, get_settings
 
 T = TypeVar("T")
@@ -168,6 +170,10 @@ def keys_create(tenant: str, scopes: tuple[str, ...], name: str) -> None:
     )
 
 
+keys.add_command(rotate_key)
+main.add_command(audit)
+
+
 @keys.command("list")
 @click.option("--tenant", required=True)
 def keys_list(tenant: str) -> None:
@@ -202,7 +208,19 @@ def keys_revoke(tenant: str, key_id: uuid.UUID) -> None:
 
 
 def _export_for_workers(urls: DatabaseUrls, pepper: bytes) -> None:
-    """Pass the resolved embedded database and pepper to worker processes."""
+    """Pass the resolved embedded database, pepper and key files to worker processes."""
+    if urls.embedded:
+        from firstmile.kit.embedded import secret_file
+        from firstmile.security.keys import KeyConfig, LocalKekProvider
+
+        settings = get_settings()
+        if settings.audit_signing_key_file is None:
+            signing = secret_file(settings.data_dir, "audit_signing_key")
+            os.environ["FIRSTMILE_AUDIT_SIGNING_KEY_FILE"] = str(signing)
+        if settings.kek_file is None:
+            kek = KeyConfig.from_settings(settings).kek_path
+            LocalKekProvider(kek, create=True)  # generated once, before workers share it
+            os.environ["FIRSTMILE_KEK_FILE"] = str(kek)
     os.environ["FIRSTMILE_DATABASE_URL"] = urls.app
     os.environ["FIRSTMILE_DATABASE_ADMIN_URL"] = urls.admin
     os.environ["FIRSTMILE_API_KEY_PEPPER"] = pepper.decode("utf-8")

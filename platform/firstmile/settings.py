@@ -124,6 +124,48 @@ class Settings(BaseSettings):
     analytics_query_timeout_seconds: float = Field(
         default=5.0, gt=0, le=300, description="An analytics query slower than this answers with the cached result."
     )
+    key_provider: Literal["local", "vault"] = Field(
+        default="local", description="Key provider for tenants whose manifest has no keys section."
+    )
+    kek_file: Path | None = Field(
+        default=None,
+        description=(
+            "Local KEK keyring (hex, one version per line, 0600). Unset: <data_dir>/secrets/kek, "
+            "generated only in embedded mode."
+        ),
+    )
+    data_key_cache_ttl_seconds: float = Field(
+        default=300.0,
+        ge=0,
+        le=86_400,
+        description="How long an unwrapped tenant data key is cached per process; 0 disables the cache.",
+    )
+    data_key_cache_max_uses: int = Field(
+        default=100_000, ge=1, description="Operations with a cached tenant data key before it is unwrapped again."
+    )
+    vault_addr: str | None = Field(default=None, description="The platform Vault, for key_provider=vault.")
+    vault_namespace: str | None = Field(default=None, description="Vault Enterprise namespace of the platform Vault.")
+    vault_mount: str = Field(default="transit", pattern=r"^[A-Za-z0-9_-]{1,64}(/[A-Za-z0-9_-]{1,64}){0,7}$")
+    vault_role_id: str | None = Field(default=None, description="AppRole role_id of the platform Vault.")
+    vault_secret_id_file: Path | None = Field(
+        default=None, description="File holding the AppRole secret_id, read at each login."
+    )
+    vault_timeout_seconds: float = Field(
+        default=5.0, gt=0, le=60, description="Per-request timeout for every Vault call."
+    )
+    audit_signing_key_file: Path | None = Field(
+        default=None,
+        description=(
+            "Ed25519 key that signs audit checkpoints (32-byte seed, hex). Unset: "
+            "<data_dir>/secrets/audit_signing_key, generated only in embedded mode."
+        ),
+    )
+    audit_checkpoint_every_entries: int = Field(
+        default=1000, ge=1, le=1_000_000, description="Sign a checkpoint after this many unsigned entries."
+    )
+    audit_checkpoint_every_seconds: float = Field(
+        default=60.0, gt=0, le=86_400, description="…or when the oldest unsigned entry is this old."
+    )
     host: str = Field(default="127.0.0.1", description="Bind address of `firstmile serve`.")
     port: int = Field(default=8000, ge=1, le=65535)
     workers: int = Field(default=1, ge=1, le=64, description="Worker processes of `firstmile serve`.")

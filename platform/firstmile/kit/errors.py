@@ -50,6 +50,9 @@ _TITLES: dict[str, str] = {
     "invalid-signature": "Webhook signature missing or wrong",
     "malformed-body": "Request body cannot be decoded",
     "path-not-found": "Path not found",
+    "key-provider-unavailable": "The tenant's key provider is unavailable",
+    "not-checkpointed": "No signed checkpoint covers this yet",
+    "audit-integrity": "The audit log failed an integrity check",
     "analytics-unavailable": "Analytics are unavailable and nothing is cached",
     "internal-error": "Internal server error",
 }

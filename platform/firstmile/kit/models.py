@@ -5,9 +5,11 @@ Used by Alembic and by tests that walk the schema; the app imports slices direct
 
 from __future__ import annotations
 
+from firstmile.audit import models as _audit  # noqa: F401
 from firstmile.events import models as _events  # noqa: F401
 from firstmile.kit.db import metadata
 from firstmile.onboarding import models as _onboarding  # noqa: F401
+from firstmile.security import models as _security  # noqa: F401
 from firstmile.tenancy import models as _tenancy  # noqa: F401
 
 TENANT_OWNED_TABLES: tuple[str, ...] = tuple(

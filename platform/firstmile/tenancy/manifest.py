@@ -126,6 +126,72 @@ class Tenant(_Model):
     home_region: str = Field(pattern=REGION_PATTERN, description="The region that stores and serves this tenant.")
 
 
+VAULT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+VAULT_MOUNT_PATTERN = r"^[A-Za-z0-9_-]{1,64}(/[A-Za-z0-9_-]{1,64}){0,7}$"
+
+
+class AppRoleSpec(_Model):
+    """How Firstmile logs in to the tenant's Vault: an AppRole whose secret_id stays out of the manifest."""
+
+    role_id: str = Field(
+        min_length=1, max_length=256, description="The AppRole's role_id (an identifier, not a secret)."
+    )
+    secret_id_env: str | None = Field(
+        default=None,
+        pattern=r"^[A-Z_][A-Z0-9_]{0,127}$",
+        description="Name of the environment variable that holds the secret_id.",
+    )
+    secret_id_file: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=1024,
+        description="Path of a file that holds the secret_id (e.g. a mounted secret).",
+    )
+    mount: str = Field(
+        default="approle", pattern=VAULT_MOUNT_PATTERN, description="Mount path of the AppRole auth method."
+    )
+
+    @model_validator(mode="after")
+    def _one_secret_source(self) -> AppRoleSpec:
+        if (self.secret_id_env is None) == (self.secret_id_file is None):
+            raise ValueError("approle needs exactly one of secret_id_env or secret_id_file (never the secret itself)")
+        return self
+
+
+class KeysSpec(_Model):
+    """Where the tenant's key-encryption key lives: the platform's local KEK, or the tenant's own Vault."""
+
+    provider: Literal["local", "vault"] = Field(
+        default="local", description="local: the platform's KEK file. vault: a Vault Transit key (bring your own key)."
+    )
+    address: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^\s/]+(/.*)?$",
+        description="Vault address, e.g. https://vault.acme.example:8200.",
+    )
+    namespace: str | None = Field(
+        default=None, min_length=1, max_length=256, description="Vault Enterprise namespace (X-Vault-Namespace)."
+    )
+    mount: str = Field(default="transit", pattern=VAULT_MOUNT_PATTERN, description="Mount path of the Transit engine.")
+    key_name: str | None = Field(
+        default=None, pattern=VAULT_NAME_PATTERN, description="Transit key name. Omitted: firstmile-<tenant id>."
+    )
+    approle: AppRoleSpec | None = Field(default=None, description="AppRole credentials for the Vault login.")
+    tls_ca_file: str | None = Field(
+        default=None, min_length=1, max_length=1024, description="CA bundle that signs the Vault server's certificate."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> KeysSpec:
+        vault_fields = ("address", "namespace", "key_name", "approle", "tls_ca_file")
+        if self.provider == "vault":
+            if self.address is None or self.approle is None:
+                raise ValueError("keys: provider vault needs address and approle")
+        elif any(getattr(self, name) is not None for name in vault_fields):
+            raise ValueError("keys: provider local takes no Vault settings")
+        return self
+
+
 class TenantManifest(_Model):
     """A tenant, declaratively: ``firstmile tenants apply`` makes the platform match it."""
 
@@ -133,6 +199,10 @@ class TenantManifest(_Model):
     tenant: Tenant
     default_path: Slug = Field(description="Path for users no targeting rule matches; must have no targeting.")
     paths: tuple[PathSpec, ...] = Field(min_length=1, max_length=100)
+    keys: KeysSpec | None = Field(
+        default=None,
+        description="Key management for the tenant's data keys. Omitted: the default (FIRSTMILE_KEY_PROVIDER).",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> TenantManifest:
@@ -154,7 +224,9 @@ class TenantManifest(_Model):
         return self
 
     def content_hash(self) -> str:
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        # Sections added later are left out while unset, so existing manifests keep their hash.
+        unset = {name for name in ("keys",) if getattr(self, name) is None}
+        canonical = json.dumps(self.model_dump(mode="json", exclude=unset), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 

@@ -1,0 +1,236 @@
+"""The audit API (auditors and the admin UI, API key with ``audit:read``).
+
+Every endpoint answers for the caller's tenant only. Needs ``app.state.audit``
+(an :class:`~firstmile.audit.service.AuditService`) and ``app.state.engine``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Annotated, Any, TypeVar
+
+from litestar import Controller, Request, get
+from litestar.params import FromPath, QueryParameter
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from firstmile.audit import repository as repo
+from firstmile.audit import schemas
+from firstmile.audit.service import (
+    KIND_PATTERN,
+    MAX_TEXT,
+    AuditIntegrityError,
+    AuditNotFoundError,
+    AuditService,
+    NotCheckpointedError,
+    consistency_proof,
+    inclusion_proof,
+)
+from firstmile.kit.auth import Principal, require_scope
+from firstmile.kit.db import run_in_tenant_transaction
+from firstmile.kit.errors import ProblemError
+
+T = TypeVar("T")
+MAX_LIMIT = 1000
+DEFAULT_LIMIT = 100
+MAX_SEQ = (1 << 63) - 1
+_INT = re.compile(r"^[0-9]{1,19}$")
+
+Str = Annotated[str | None, QueryParameter()]
+
+
+class _Errors:
+    def __init__(self, source: str = "query") -> None:
+        self.items: list[dict[str, str]] = []
+        self.source = source
+
+    def add(self, key: str, message: str) -> None:
+        self.items.append({"key": key, "message": message, "source": self.source})
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            first = self.items[0]
+            raise ProblemError(
+                400, "validation-error", f"{first['message']} (at {first['key']})", errors=list(self.items)
+            )
+
+    def integer(self, value: str | None, key: str, low: int, high: int = MAX_SEQ) -> int | None:
+        if value is None:
+            return None
+        if not _INT.match(value) or not low <= int(value) <= high:
+            self.add(key, f"must be an integer in {low}..{high}")
+            return None
+        return int(value)
+
+    def moment(self, value: str | None, key: str) -> datetime | None:
+        if value is None:
+            return None
+        try:
+            moment = datetime.fromisoformat(value.strip().replace(" ", "+").replace("Z", "+00:00"))
+        except ValueError:
+            self.add(key, "must be an RFC 3339 / ISO 8601 datetime")
+            return None
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+    def text(self, value: str | None, key: str) -> str | None:
+        if value is not None and (len(value) > MAX_TEXT or "\x00" in value):
+            self.add(key, f"must be at most {MAX_TEXT} characters")
+            return None
+        return value
+
+
+async def _read(request: Request[Principal, Any, Any], work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+    try:
+        return await run_in_tenant_transaction(request.app.state.engine, request.user.tenant_id, work)
+    except AuditNotFoundError as exc:
+        raise ProblemError(404, "not-found", str(exc), resource=exc.what) from exc
+    except NotCheckpointedError as exc:
+        raise ProblemError(409, "not-checkpointed", str(exc)) from exc
+    except AuditIntegrityError as exc:
+        raise ProblemError(500, "audit-integrity", f"the stored audit log failed a check: {exc}") from exc
+
+
+def _service(request: Request[Principal, Any, Any]) -> AuditService:
+    service: AuditService = request.app.state.audit
+    return service
+
+
+class AuditController(Controller):
+    path = "/v1/audit"
+    tags = ["audit"]
+    guards = [require_scope("audit:read")]
+
+    @get(
+        "/entries",
+        summary="List audit entries",
+        description="Entries in seq order, filtered; cursor pagination with `after_seq` (`next_after_seq`).",
+    )
+    async def entries(
+        self,
+        request: Request[Principal, Any, Any],
+        kind: Str = None,
+        actor: Str = None,
+        subject: Str = None,
+        from_: Annotated[str | None, QueryParameter(name="from", description="created_at >= (RFC 3339)")] = None,
+        to: Annotated[str | None, QueryParameter(description="created_at < (RFC 3339)")] = None,
+        after_seq: Annotated[str | None, QueryParameter(description="Only entries with a larger seq")] = None,
+        limit: Annotated[str | None, QueryParameter(description=f"1..{MAX_LIMIT}, default {DEFAULT_LIMIT}")] = None,
+    ) -> schemas.EntryPage:
+        errors = _Errors()
+        if kind is not None and not KIND_PATTERN.match(kind):
+            errors.add("kind", f"must match {KIND_PATTERN.pattern}")
+        where = repo.EntryFilter(
+            kind=kind,
+            actor=errors.text(actor, "actor"),
+            subject=errors.text(subject, "subject"),
+            created_from=errors.moment(from_, "from"),
+            created_to=errors.moment(to, "to"),
+            after_seq=errors.integer(after_seq, "after_seq", 0),
+        )
+        size = errors.integer(limit, "limit", 1, MAX_LIMIT) or DEFAULT_LIMIT
+        errors.raise_if_any()
+        tenant = request.user.tenant_id
+        rows = await _read(request, lambda conn: repo.list_entries(conn, tenant, where, size + 1))
+        more = len(rows) > size
+        rows = rows[:size]
+        return schemas.EntryPage(
+            entries=[schemas.entry_out(r) for r in rows], next_after_seq=rows[-1].seq if more else None
+        )
+
+    @get(
+        "/entries/{seq:str}/proof",
+        summary="An entry's inclusion proof",
+        description="RFC 9162 audit path of the entry in the checkpoint of `tree_size` (default: the latest). "
+        "404 for an unknown entry or checkpoint size, 409 when no checkpoint covers the entry yet.",
+    )
+    async def proof(
+        self,
+        request: Request[Principal, Any, Any],
+        seq: FromPath[str],
+        tree_size: Annotated[str | None, QueryParameter(description="A checkpoint's tree size")] = None,
+    ) -> schemas.InclusionProof:
+        errors = _Errors()
+        size = errors.integer(tree_size, "tree_size", 1)
+        path_errors = _Errors("path")
+        index = path_errors.integer(seq, "seq", 0)
+        path_errors.items.extend(errors.items)
+        path_errors.raise_if_any()
+        assert index is not None
+        tenant = request.user.tenant_id
+        cache = _service(request).cache
+        found = await _read(request, lambda conn: inclusion_proof(conn, tenant, index, size, cache))
+        return schemas.InclusionProof(
+            leaf_index=index,
+            tree_size=found.checkpoint.tree_size,
+            leaf_hash=found.entry.leaf_hash.hex(),
+            audit_path=[p.hex() for p in found.path],
+            root_hash=found.checkpoint.root_hash.hex(),
+            entry=schemas.entry_out(found.entry),
+            checkpoint=schemas.checkpoint_out(found.checkpoint),
+        )
+
+    @get("/checkpoints", summary="Signed checkpoints", description="In tree-size order, with the region's public key.")
+    async def checkpoints(
+        self,
+        request: Request[Principal, Any, Any],
+        after_size: Annotated[str | None, QueryParameter(description="Only larger tree sizes")] = None,
+        limit: Annotated[str | None, QueryParameter(description=f"1..{MAX_LIMIT}, default {DEFAULT_LIMIT}")] = None,
+    ) -> schemas.CheckpointPage:
+        errors = _Errors()
+        after = errors.integer(after_size, "after_size", 0)
+        size = errors.integer(limit, "limit", 1, MAX_LIMIT) or DEFAULT_LIMIT
+        errors.raise_if_any()
+        tenant = request.user.tenant_id
+        rows = await _read(
+            request, lambda conn: repo.list_checkpoints(conn, tenant, -1 if after is None else after, size + 1)
+        )
+        more = len(rows) > size
+        rows = rows[:size]
+        signer = _service(request).signer
+        return schemas.CheckpointPage(
+            checkpoints=[schemas.checkpoint_out(r) for r in rows],
+            next_after_size=rows[-1].tree_size if more else None,
+            algorithm="Ed25519",
+            key_id=signer.key_id,
+            public_key=signer.public_key_raw.hex(),
+        )
+
+    @get(
+        "/consistency",
+        summary="Consistency proof between two checkpoints",
+        description="RFC 9162 consistency proof from the checkpoint of size `first` to that of size `second`.",
+    )
+    async def consistency(
+        self,
+        request: Request[Principal, Any, Any],
+        first: Annotated[str | None, QueryParameter(description="The smaller checkpoint tree size")] = None,
+        second: Annotated[str | None, QueryParameter(description="The larger checkpoint tree size")] = None,
+    ) -> schemas.ConsistencyProof:
+        errors = _Errors()
+        low = errors.integer(first, "first", 1)
+        high = errors.integer(second, "second", 1)
+        if first is None:
+            errors.add("first", "is required")
+        if second is None:
+            errors.add("second", "is required")
+        if low is not None and high is not None and low > high:
+            errors.add("first", "must not exceed second")
+        errors.raise_if_any()
+        assert low is not None and high is not None
+        tenant = request.user.tenant_id
+        cache = _service(request).cache
+        found = await _read(request, lambda conn: consistency_proof(conn, tenant, low, high, cache))
+        return schemas.ConsistencyProof(
+            first=low,
+            second=high,
+            first_root=found.first.root_hash.hex(),
+            second_root=found.second.root_hash.hex(),
+            proof=[p.hex() for p in found.path],
+            first_checkpoint=schemas.checkpoint_out(found.first),
+            second_checkpoint=schemas.checkpoint_out(found.second),
+        )
+
+    @get("/public-key", summary="The region's checkpoint signing public key")
+    async def public_key(self, request: Request[Principal, Any, Any]) -> schemas.PublicKey:
+        return schemas.public_key_out(_service(request).signer)

@@ -1,0 +1,1 @@
+"""Security: key management, field encryption, PII guardrail."""

@@ -1,0 +1,271 @@
+"""The audit log on the real PostgreSQL: appends, transactions, concurrency, privileges, checkpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from firstmile.audit import repository as repo
+from firstmile.audit.canonical import GENESIS, CanonicalError, entry_hash, leaf_hash
+from firstmile.audit.service import (
+    AuditError,
+    Checkpointer,
+    TreeCache,
+    append,
+    create_checkpoint,
+    maybe_checkpoint,
+)
+from firstmile.audit.signing import AuditSigner, checkpoint_body, verify_signature
+from firstmile.audit.verify import verify_tenant
+from firstmile.kit.db import TenantId, authorise_tenant, tenant_transaction
+from tests.conftest import Database, new_tenant
+from tests.unit.test_audit_rfc9162 import rfc_mth
+
+SIGNER = AuditSigner(Ed25519PrivateKey.generate())
+
+
+async def _tenant(admin_engine: AsyncEngine) -> TenantId:
+    return authorise_tenant((await new_tenant(admin_engine)).id)
+
+
+async def _entries(admin_engine: AsyncEngine, tenant: TenantId) -> list[repo.AuditEntry]:
+    async with admin_engine.connect() as conn:
+        return await repo.scan_entries(conn, tenant, None, 100_000)
+
+
+async def test_append_chains_and_recomputes(app_engine: AsyncEngine, admin_engine: AsyncEngine) -> None:
+    tenant = await _tenant(admin_engine)
+    payloads = [
+        {"model": "planner-v3", "confidence": 0.87, "inputs": {"persona": "dev"}, "fallback": None},
+        {"n": 1e21, "small": 1.5e-7, "big": 2.437432259388968e18, "text": '\u20ac\n"q" \U0001f600', "list": []},
+        [],
+    ]
+    async with tenant_transaction(app_engine, tenant) as conn:
+        made = [await append(conn, tenant, "decision", "agent:planner", f"user:{i}", p) for i, p in enumerate(payloads)]
+    stored = await _entries(admin_engine, tenant)
+    assert [e.seq for e in stored] == [0, 1, 2] == [e.seq for e in made]
+    prev = GENESIS
+    for entry, returned in zip(stored, made, strict=True):
+        canonical = entry.canonical()
+        assert entry.prev_hash == prev
+        assert entry.entry_hash == entry_hash(prev, canonical) == returned.entry_hash
+        assert entry.leaf_hash == leaf_hash(canonical) == returned.leaf_hash
+        assert entry.created_at == returned.created_at
+        prev = entry.entry_hash
+    assert stored[1].payload["big"] == 2.437432259388968e18  # jsonb keeps 2437432259388968000; read back as the double
+    report = await verify_tenant(admin_engine, tenant, [SIGNER.public_key])
+    assert report.ok, report.summary()
+
+
+async def test_append_rolls_back_with_the_change(app_engine: AsyncEngine, admin_engine: AsyncEngine) -> None:
+    tenant = await _tenant(admin_engine)
+    async with tenant_transaction(app_engine, tenant) as conn:
+        await append(conn, tenant, "admin", "op", "kept", {})
+    with pytest.raises(RuntimeError, match="the change failed"):
+        async with tenant_transaction(app_engine, tenant) as conn:
+            await conn.execute(text("INSERT INTO end_users (tenant_id, user_id) VALUES (:t, 'ghost')"), {"t": tenant})
+            await append(conn, tenant, "admin", "op", "ghost", {})
+            raise RuntimeError("the change failed")
+    async with tenant_transaction(app_engine, tenant) as conn:
+        after = await append(conn, tenant, "admin", "op", "next", {})
+        users = (await conn.execute(text("SELECT count(*) FROM end_users WHERE user_id = 'ghost'"))).scalar_one()
+    assert users == 0
+    assert after.seq == 1  # the rolled-back entry left no hole: head and entry went together
+    assert [e.subject for e in await _entries(admin_engine, tenant)] == ["kept", "next"]
+
+
+async def test_invalid_input_is_refused_before_writing(app_engine: AsyncEngine, admin_engine: AsyncEngine) -> None:
+    tenant = await _tenant(admin_engine)
+    async with tenant_transaction(app_engine, tenant) as conn:
+        for kind, actor, payload in (
+            ("Bad Kind", "a", {}),
+            ("admin", "a\x00", {}),
+            ("admin", "a", {"x": float("nan")}),
+        ):
+            with pytest.raises(ValueError):
+                await append(conn, tenant, kind, actor, "s", payload)
+        for number in (2**53, -(2**60)):  # outside I-JSON, even where a double holds it exactly
+            with pytest.raises(CanonicalError):
+                await append(conn, tenant, "admin", "a", "s", {"too big": number})
+    assert await _entries(admin_engine, tenant) == []
+
+
+async def test_concurrent_appends_stay_one_chain(database: Database, admin_engine: AsyncEngine) -> None:
+    tenant = await _tenant(admin_engine)  # fresh: the first appends also race to create the head row
+    engine = create_async_engine(database.app_url, pool_size=12, max_overflow=0)
+    try:
+
+        async def one(i: int) -> int:
+            async with tenant_transaction(engine, tenant) as conn:
+                entry = await append(conn, tenant, "auth", f"worker:{i % 7}", f"login:{i}", {"i": i})
+                await asyncio.sleep(0)  # hold the head lock across a scheduling point
+                return entry.seq
+
+        seqs = await asyncio.gather(*(one(i) for i in range(60)))
+    finally:
+        await engine.dispose()
+    assert sorted(seqs) == list(range(60))
+    stored = await _entries(admin_engine, tenant)
+    assert [e.seq for e in stored] == list(range(60))
+    assert {e.payload["i"] for e in stored} == set(range(60))
+    report = await verify_tenant(admin_engine, tenant, [SIGNER.public_key])
+    assert report.ok, report.summary()
+
+
+async def test_tenants_have_separate_chains(app_engine: AsyncEngine, admin_engine: AsyncEngine) -> None:
+    one, two = await _tenant(admin_engine), await _tenant(admin_engine)
+    for tenant in (one, two, one):
+        async with tenant_transaction(app_engine, tenant) as conn:
+            await append(conn, tenant, "admin", "op", "x", {})
+    assert [e.seq for e in await _entries(admin_engine, one)] == [0, 1]
+    assert [e.seq for e in await _entries(admin_engine, two)] == [0]
+    async with tenant_transaction(app_engine, one) as conn:  # RLS: the other tenant's rows are invisible
+        seen = (await conn.execute(text("SELECT DISTINCT tenant_id FROM audit_entries"))).scalars().all()
+        assert set(seen) == {one}
+    with pytest.raises(DBAPIError, match="row-level security"):
+        async with tenant_transaction(app_engine, one) as conn:
+            await append(conn, two, "admin", "op", "x", {})
+
+
+@pytest.mark.parametrize("table", ["audit_entries", "audit_checkpoints"])
+async def test_app_role_may_only_select_and_insert(
+    table: str, app_engine: AsyncEngine, admin_engine: AsyncEngine
+) -> None:
+    tenant = await _tenant(admin_engine)
+    async with tenant_transaction(app_engine, tenant) as conn:
+        await append(conn, tenant, "admin", "op", "x", {})
+    async with tenant_transaction(app_engine, tenant) as conn:
+        assert await create_checkpoint(conn, tenant, SIGNER) is not None
+    for statement in (f"UPDATE {table} SET tenant_id = tenant_id", f"DELETE FROM {table}", f"TRUNCATE {table}"):
+        with pytest.raises(DBAPIError, match="permission denied"):
+            async with tenant_transaction(app_engine, tenant) as conn:
+                await conn.execute(text(statement))
+
+
+@pytest.mark.parametrize("table", ["audit_entries", "audit_checkpoints"])
+async def test_trigger_refuses_changes_by_the_owner_and_superuser(
+    table: str, app_engine: AsyncEngine, admin_engine: AsyncEngine
+) -> None:
+    tenant = await _tenant(admin_engine)
+    async with tenant_transaction(app_engine, tenant) as conn:
+        await append(conn, tenant, "admin", "op", "x", {})
+    async with tenant_transaction(app_engine, tenant) as conn:
+        await create_checkpoint(conn, tenant, SIGNER)
+    async with admin_engine.connect() as conn:
+        superuser = (await conn.execute(text("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"))).scalar()
+        owner = (
+            await conn.execute(text("SELECT tableowner FROM pg_tables WHERE tablename = :t"), {"t": table})
+        ).scalar()
+        assert superuser or owner == (await conn.execute(text("SELECT current_user"))).scalar()
+    for statement in (
+        f"UPDATE {table} SET tenant_id = tenant_id WHERE tenant_id = :t",
+        f"DELETE FROM {table} WHERE tenant_id = :t",
+        f"TRUNCATE {table}",
+    ):
+        with pytest.raises(DBAPIError, match="append-only"):
+            async with admin_engine.begin() as conn:
+                await conn.execute(text(statement), {"t": tenant})
+    assert len(await _entries(admin_engine, tenant)) == 1
+
+
+async def test_checkpoints_sign_the_rfc9162_root(app_engine: AsyncEngine, admin_engine: AsyncEngine) -> None:
+    tenant = await _tenant(admin_engine)
+    cache = TreeCache()
+    async with tenant_transaction(app_engine, tenant) as conn:
+        assert await create_checkpoint(conn, tenant, SIGNER, cache) is None  # empty log
+        for i in range(5):
+            await append(conn, tenant, "key", "kms", f"key:{i}", {"version": i})
+    async with tenant_transaction(app_engine, tenant) as conn:
+        first = await create_checkpoint(conn, tenant, SIGNER, cache)
+    async with tenant_transaction(app_engine, tenant) as conn:
+        assert await create_checkpoint(conn, tenant, SIGNER, cache) is None  # nothing new
+        for i in range(6):
+            await append(conn, tenant, "key", "kms", f"key:{i}", {"version": i})
+    async with tenant_transaction(app_engine, tenant) as conn:
+        second = await create_checkpoint(conn, tenant, SIGNER, cache)
+    assert first is not None and second is not None
+    assert (first.tree_size, second.tree_size) == (5, 11)
+    leaves = [leaf_hash(e.canonical()) for e in await _entries(admin_engine, tenant)]
+    assert first.root_hash == rfc_mth(leaves[:5])
+    assert second.root_hash == rfc_mth(leaves)
+    async with admin_engine.connect() as conn:
+        stored = await repo.list_checkpoints(conn, tenant)
+    assert [c.tree_size for c in stored] == [5, 11]
+    for cp in stored:
+        body = checkpoint_body(tenant, cp.tree_size, cp.root_hash, cp.signed_at)
+        assert verify_signature(SIGNER.public_key, cp.signature, body)
+        assert cp.key_id == SIGNER.key_id
+
+
+async def test_checkpoint_refuses_a_transaction_that_wrote(app_engine: AsyncEngine, admin_engine: AsyncEngine) -> None:
+    tenant = await _tenant(admin_engine)
+    with pytest.raises(AuditError, match="has not written"):
+        async with tenant_transaction(app_engine, tenant) as conn:
+            await append(conn, tenant, "admin", "op", "x", {})
+            await create_checkpoint(conn, tenant, SIGNER)
+
+
+async def test_maybe_checkpoint_every_n_entries_or_t_seconds(
+    app_engine: AsyncEngine, admin_engine: AsyncEngine
+) -> None:
+    tenant = await _tenant(admin_engine)
+
+    async def add(count: int) -> None:
+        async with tenant_transaction(app_engine, tenant) as conn:
+            for _ in range(count):
+                await append(conn, tenant, "admin", "op", "x", {})
+
+    async def maybe(every_entries: int, every_seconds: float) -> int | None:
+        async with tenant_transaction(app_engine, tenant) as conn:
+            cp = await maybe_checkpoint(conn, tenant, SIGNER, every_entries=every_entries, every_seconds=every_seconds)
+        return None if cp is None else cp.tree_size
+
+    await add(2)
+    assert await maybe(10, 3600) is None  # 2 < 10 entries, none an hour old
+    assert await maybe(10, 0) == 2  # the oldest unsigned entry is old enough (T = 0 s)
+    await add(3)
+    assert await maybe(10, 3600) is None
+    await add(7)
+    assert await maybe(10, 3600) == 12  # 10 unsigned entries
+    await add(1)
+    assert await maybe(10, 0) == 13
+    assert await maybe(1, 0) is None  # nothing unsigned
+
+
+async def test_checkpointer_loop_signs_due_tenants(app_engine: AsyncEngine, admin_engine: AsyncEngine) -> None:
+    tenant = await _tenant(admin_engine)
+    async with tenant_transaction(app_engine, tenant) as conn:
+        for i in range(3):
+            await append(conn, tenant, "auth", "sso", f"login:{i}", {})
+    checkpointer = Checkpointer(app_engine, SIGNER, every_entries=1000, every_seconds=0, poll_seconds=0.01)
+    stop = asyncio.Event()
+    task = asyncio.create_task(checkpointer.run(stop))
+    try:
+        for _ in range(500):
+            async with admin_engine.connect() as conn:
+                latest = await repo.latest_checkpoint(conn, tenant)
+            if latest is not None:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    assert latest is not None and latest.tree_size == 3
+    assert all(c.tenant_id != tenant for c in await checkpointer.run_once())  # nothing new to sign
+
+
+async def test_pending_function_reveals_only_counts(app_engine: AsyncEngine, admin_engine: AsyncEngine) -> None:
+    tenant = await _tenant(admin_engine)
+    async with tenant_transaction(app_engine, tenant) as conn:
+        await append(conn, tenant, "admin", "op", "x", {"secret": "s3cr3t"})
+    async with app_engine.connect() as conn:  # no tenant context
+        rows = await repo.pending_tenants(conn, 1, 0)
+        assert (uuid.UUID(str(tenant)), 1, 0) in rows
+        assert (uuid.UUID(str(tenant)), 1, 0) not in await repo.pending_tenants(conn, 2, 3600)  # not due yet
+        assert (await conn.execute(text("SELECT count(*) FROM audit_entries"))).scalar_one() == 0
