@@ -143,7 +143,8 @@ async def admin_engine(database: Database) -> AsyncIterator[AsyncEngine]:
 
 @pytest.fixture(scope="session")
 async def app_engine(database: Database) -> AsyncIterator[AsyncEngine]:
-    engine = create_async_engine(database.app_url, pool_size=5)
+    # pre-ping: the database fault tests kill every backend of the app role, these included
+    engine = create_async_engine(database.app_url, pool_size=5, pool_pre_ping=True)
     yield engine
     await engine.dispose()
 

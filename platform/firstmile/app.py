@@ -46,8 +46,10 @@ from firstmile.kit.health import HealthController, metrics
 from firstmile.onboarding.api import OnboardingController
 from firstmile.onboarding.catalog import CatalogCache
 from firstmile.onboarding.service import OnboardingService
+from firstmile.privacy.api import UsersController
 from firstmile.security.datakeys import DataKeyService, ManifestProviders
 from firstmile.security.keys import KeyConfig, KeyProviderError
+from firstmile.security.pii import RedactingFilter
 from firstmile.settings import Settings, get_settings
 
 PUBLIC_PATHS = ["^/health", "^/metrics", "^/schema"]
@@ -187,7 +189,8 @@ def create_app(
     With ``relay_database_url`` and no Kafka configured, the process also runs the
     outbox relay and dispatches events to the consumers in-process (embedded mode).
     """
-    telemetry.configure_logging(settings.log_level, settings.log_format)
+    # Every log line passes the PII redactor; if it fails, the line says so instead of leaking.
+    telemetry.configure_logging(settings.log_level, settings.log_format, filters=[RedactingFilter()])
     provider = telemetry.configure_tracing(settings.service_name, settings.otel_exporter, settings.otel_endpoint)
     signer = resolve_signer(settings)
     state = State(
@@ -211,6 +214,7 @@ def create_app(
         app.state.engine = engine
         app.state.key_resolver = KeyResolver(engine, pepper, settings.region, settings.api_key_cache_ttl_seconds)
         app.state.keyring = DataKeyService.from_config(engine, KeyConfig.from_settings(settings))
+        app.state.onboarding.keyring = app.state.keyring
         background.append(
             asyncio.create_task(
                 Checkpointer(
@@ -259,6 +263,7 @@ def create_app(
             EventsController,
             AnalyticsController,
             AuditController,
+            UsersController,
         ],
         state=state,
         on_startup=[on_startup],

@@ -440,9 +440,10 @@ def relay() -> None:
     """Publish the outbox to Kafka (one active relay per region; others wait as standbys)."""
     from firstmile.events.runtime import run_relay
     from firstmile.kit import telemetry
+    from firstmile.security.pii import RedactingFilter
 
     settings = get_settings()
-    telemetry.configure_logging(settings.log_level, settings.log_format)
+    telemetry.configure_logging(settings.log_level, settings.log_format, filters=[RedactingFilter()])
     urls = _urls(settings)
     try:
         published = _run(lambda: run_relay(settings, _relay_url(settings, urls)))
@@ -457,9 +458,10 @@ def consume(names: tuple[str, ...]) -> None:
     """Run consumer groups of the region's event topic (default: all three)."""
     from firstmile.events.runtime import CONSUMER_NAMES, run_consumers
     from firstmile.kit import telemetry
+    from firstmile.security.pii import RedactingFilter
 
     settings = get_settings()
-    telemetry.configure_logging(settings.log_level, settings.log_format)
+    telemetry.configure_logging(settings.log_level, settings.log_format, filters=[RedactingFilter()])
     urls = _urls(settings)
     try:
         _run(lambda: run_consumers(settings, urls.app, names or CONSUMER_NAMES))

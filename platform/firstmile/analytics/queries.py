@@ -476,3 +476,16 @@ def cohorts_from(counts: dict[str, dict[int, int]], weeks: int, as_of: datetime 
             cells.append(CohortWeek(w, week_start.isoformat(), users, users / size if size else 0.0))
         cohorts.append(Cohort(cohort_week=cohort_week, users=size, weeks=tuple(cells)))
     return Cohorts(weeks=weeks, cohorts=tuple(cohorts))
+
+
+def build_user_events(tenant: TenantId, user_id: str, limit: int = 10_000) -> Query:
+    """One user's rows, oldest first (the data-subject export)."""
+    b = _Builder(tenant)
+    user = b.param("user", "String", user_id)
+    cap = b.param("limit", "UInt32", limit)
+    return b.build(
+        "SELECT toString(event_id) AS event_id, event_type, event_name, path_key, path_version, step_id,"
+        " variant, persona, properties, toString(occurred_at) AS occurred_at "
+        + b.events(f"user_id = {user}")
+        + f" ORDER BY occurred_at, event_id LIMIT {cap}"
+    )

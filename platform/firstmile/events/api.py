@@ -10,6 +10,7 @@ shared secret (``X-Signature``: hex HMAC-SHA1 of the body).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import hmac
 import re
@@ -19,15 +20,19 @@ from typing import Any
 
 import msgspec
 from litestar import Controller, Request, Response, post
+from litestar.datastructures import State
 from litestar.params import FromPath
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from firstmile.events import ingest as ingestion
-from firstmile.events.segment import MAX_BATCH_BYTES, MAX_BATCH_MESSAGES, MAX_MESSAGE_BYTES, parse_batch
+from firstmile.events.segment import MAX_BATCH_BYTES, MAX_BATCH_MESSAGES, MAX_MESSAGE_BYTES, Message, parse_batch
 from firstmile.kit import telemetry
 from firstmile.kit.auth import Principal, require_scope
 from firstmile.kit.db import TenantId, authorise_tenant, retry_transient, run_in_tenant_transaction
 from firstmile.kit.errors import ProblemError
+from firstmile.onboarding.pii import extract_message_pii
+from firstmile.security.crypto import FieldContext
+from firstmile.security.datakeys import DataKeyService
 from firstmile.settings import Settings
 from firstmile.tenancy.manifest import SLUG_PATTERN
 
@@ -81,7 +86,23 @@ def _messages(raw: bytes) -> list[Any]:
     return batch
 
 
-async def accept(engine: Any, tenant_id: TenantId, messages: list[Any], *, all_or_nothing: bool = False) -> BatchResult:
+async def _seal_personal_data(
+    conn: AsyncConnection, state: State, tenant_id: TenantId, revision: int, messages: list[Message]
+) -> None:
+    """Move each message's personal fields into one ciphertext under its user's key (``payload.pii``)."""
+    catalog = await state.onboarding.catalogs.catalog(conn, tenant_id, revision)
+    keyring: DataKeyService = state.keyring
+    for message in messages:
+        found = extract_message_pii(message.payload, catalog.pii_traits)
+        if found:
+            key = await keyring.user_key(conn, tenant_id, message.subject, create=True)
+            context = FieldContext(tenant_id, "events", "pii", str(message.event_id))
+            message.payload["pii"] = key.encrypt(msgspec.json.encode(found), context)
+
+
+async def accept(
+    state: State, tenant_id: TenantId, revision: int, messages: list[Any], *, all_or_nothing: bool = False
+) -> BatchResult:
     """Validate and store a batch: 202 content, or 400 when nothing in it is valid."""
     now = datetime.now(UTC)
     parsed = parse_batch(tenant_id, messages, now)
@@ -99,9 +120,11 @@ async def accept(engine: Any, tenant_id: TenantId, messages: list[Any], *, all_o
         )
 
     async def work(conn: AsyncConnection) -> ingestion.IngestResult:
-        return await ingestion.ingest(conn, tenant_id, parsed.messages, now)
+        fresh = copy.deepcopy(parsed.messages)  # a retried unit of work starts from the clear payloads
+        await _seal_personal_data(conn, state, tenant_id, revision, fresh)
+        return await ingestion.ingest(conn, tenant_id, fresh, now)
 
-    result = await run_in_tenant_transaction(engine, tenant_id, work)
+    result = await run_in_tenant_transaction(state.engine, tenant_id, work)
     return BatchResult(
         accepted=result.accepted, duplicates=result.duplicates + parsed.duplicates_in_batch, rejected=rejected
     )
@@ -124,7 +147,8 @@ class EventsController(Controller):
     )
     async def batch(self, request: Request[Principal, Any, Any]) -> Response[BatchResult]:
         messages = _messages(await _body(request, _BODY_LIMIT))
-        result = await accept(request.app.state.engine, request.user.tenant_id, messages)
+        user = request.user
+        result = await accept(request.app.state, user.tenant_id, user.tenant_revision, messages)
         return Response(result, status_code=202)
 
     @post(
@@ -169,6 +193,6 @@ class EventsController(Controller):
         except msgspec.DecodeError as exc:
             raise ProblemError(400, "malformed-json", f"Request body is not valid JSON: {exc}") from None
         result = await accept(
-            request.app.state.engine, authorise_tenant(found.tenant_id), [message], all_or_nothing=True
+            request.app.state, authorise_tenant(found.tenant_id), found.revision, [message], all_or_nothing=True
         )
         return Response(result, status_code=202)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -28,6 +29,7 @@ from firstmile.onboarding import repository as onboarding_repo
 from firstmile.onboarding.catalog import CatalogCache
 from firstmile.onboarding.rules import matches
 from firstmile.onboarding.service import OnboardingService
+from firstmile.privacy.service import ERASED
 
 log = logging.getLogger("firstmile.consumers")
 _json = msgspec.json.Encoder()
@@ -104,6 +106,8 @@ def to_analytics(event: Envelope) -> AnalyticsEvent:
 class AnalyticsStoreLike(Protocol):
     def insert(self, rows: Sequence[AnalyticsEvent]) -> int: ...
 
+    def erase_user(self, tenant_id: uuid.UUID, user_id: str) -> None: ...
+
 
 class AnalyticsSink:
     """Batched inserts into the analytics store; the store skips event ids it already holds."""
@@ -117,13 +121,20 @@ class AnalyticsSink:
     async def handle(self, events: Sequence[Envelope]) -> list[DeadLetter]:
         rows: list[AnalyticsEvent] = []
         dead: list[DeadLetter] = []
+        erased: list[tuple[uuid.UUID, str]] = []
         for event in events:
+            if event.event_type == ERASED:
+                erased.append((event.tenant_id, str(event.payload.get("user_id", ""))))
+                continue
             try:
                 rows.append(to_analytics(event))
             except (UnprocessableEventError, KeyError, TypeError, ValueError) as exc:
                 dead.append(DeadLetter(event, b"", f"analytics: {exc}"))
         if rows:
             self.inserted += await asyncio.to_thread(self.store.insert, rows)
+        for tenant_id, user_id in erased:  # after the batch's inserts: nothing of theirs stays behind
+            if user_id:
+                await asyncio.to_thread(self.store.erase_user, tenant_id, user_id)
         return dead
 
 

@@ -76,9 +76,10 @@ _RESOLVE_WEBHOOK = text("SELECT tenant_id, home_region, tenant_revision, secret 
 class WebhookTenant:
     tenant_id: uuid.UUID
     home_region: str
+    revision: int
     secret: str
 
 
 async def resolve_webhook(conn: AsyncConnection, slug: str, source: str) -> WebhookTenant | None:
     row = (await conn.execute(_RESOLVE_WEBHOOK, {"s": slug, "k": source})).first()
-    return None if row is None else WebhookTenant(row[0], row[1], row[3])
+    return None if row is None else WebhookTenant(row[0], row[1], int(row[2]), row[3])

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -110,8 +111,8 @@ class ConsoleFormatter(logging.Formatter):
         return line + "".join(f" {k}={v}" for k, v in fields.items())
 
 
-def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
-    """Route the root logger to stderr in the chosen format (idempotent)."""
+def configure_logging(level: str = "INFO", fmt: str = "json", filters: Sequence[logging.Filter] = ()) -> None:
+    """Route the root logger to stderr in the chosen format (idempotent); ``filters`` see every record."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         if getattr(handler, "_firstmile", False):
@@ -122,6 +123,8 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(ConsoleFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    for log_filter in filters:
+        handler.addFilter(log_filter)
     root.addHandler(handler)
     root.setLevel(level)
 

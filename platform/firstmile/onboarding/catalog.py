@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from firstmile.kit.db import TenantId
 from firstmile.onboarding import repository as repo
 from firstmile.onboarding.domain import PathDef
+from firstmile.onboarding.pii import BUILTIN_PII_TRAITS
 from firstmile.tenancy.service import path_settings
 
 
@@ -23,6 +24,7 @@ class PathCatalog:
     revision: int
     default_key: str
     current: tuple[PathDef, ...]
+    pii_traits: frozenset[str] = frozenset()
 
 
 class CatalogCache:
@@ -40,12 +42,17 @@ class CatalogCache:
 
     async def reload(self, conn: AsyncConnection, tenant_id: TenantId) -> PathCatalog:
         """Read the tenant's current catalog (for callers that do not know the revision)."""
-        default_key, tenant_revision = await path_settings(conn, tenant_id)
+        default_key, tenant_revision, pii_traits = await path_settings(conn, tenant_id)
         rows = await repo.current_path_definitions(conn, tenant_id)
         current = tuple(PathDef.from_definition(key, version, definition) for key, version, definition in rows)
         for path in current:
             self._versions[(tenant_id, path.key, path.version)] = path
-        catalog = PathCatalog(revision=tenant_revision, default_key=default_key, current=current)
+        catalog = PathCatalog(
+            revision=tenant_revision,
+            default_key=default_key,
+            current=current,
+            pii_traits=BUILTIN_PII_TRAITS | frozenset(pii_traits),
+        )
         self._catalogs[tenant_id] = catalog
         return catalog
 

@@ -10,6 +10,7 @@ from sqlalchemy import (
     ForeignKeyConstraint,
     Index,
     Integer,
+    LargeBinary,
     PrimaryKeyConstraint,
     Table,
     Text,
@@ -40,9 +41,17 @@ end_users = Table(
     Column("tenant_id", UUID(as_uuid=True), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
     Column("user_id", Text, nullable=False),
     Column("traits", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("pii", Text, nullable=True),  # fm1 ciphertext of the personal traits, under the user's key
+    Column("email_index", LargeBinary, nullable=True),  # keyed blind index of the email
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     PrimaryKeyConstraint("tenant_id", "user_id"),
+    Index(
+        "ix_end_users_tenant_id_email_index",
+        "tenant_id",
+        "email_index",
+        postgresql_where=text("email_index IS NOT NULL"),
+    ),
 )
 
 user_progress = Table(

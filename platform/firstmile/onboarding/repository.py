@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select, text, update
+from sqlalchemy import LargeBinary, Text, bindparam, func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -51,8 +51,9 @@ _OUTBOX_FROM = (
 
 _START = text(
     "WITH u AS ("
-    " INSERT INTO end_users (tenant_id, user_id, traits, created_at, updated_at)"
-    " VALUES (:tid, :uid, :traits, :now, :now) ON CONFLICT (tenant_id, user_id) DO NOTHING RETURNING 1"
+    " INSERT INTO end_users (tenant_id, user_id, traits, pii, email_index, created_at, updated_at)"
+    " VALUES (:tid, :uid, :traits, :pii, :email_index, :now, :now)"
+    " ON CONFLICT (tenant_id, user_id) DO NOTHING RETURNING 1"
     "), p AS ("
     " INSERT INTO user_progress (tenant_id, user_id, path_key, path_version, status, current_step,"
     "  decision, started_at, updated_at)"
@@ -60,7 +61,13 @@ _START = text(
     " ON CONFLICT (tenant_id, user_id) DO NOTHING RETURNING 1"
     "), o AS (" + _OUTBOX_FROM + " WHERE EXISTS (SELECT 1 FROM p) RETURNING 1"
     ") SELECT (SELECT count(*) FROM p), (SELECT count(*) FROM u)"
-).bindparams(bindparam("traits", type_=JSONB), bindparam("decision", type_=JSONB), bindparam("events", type_=JSONB))
+).bindparams(
+    bindparam("traits", type_=JSONB),
+    bindparam("decision", type_=JSONB),
+    bindparam("events", type_=JSONB),
+    bindparam("pii", type_=Text),
+    bindparam("email_index", type_=LargeBinary),
+)
 
 _GET = text(
     "SELECT p.path_key, p.path_version, p.status, p.current_step, p.decision, p.started_at,"
@@ -101,8 +108,13 @@ async def insert_start(
     decision: dict[str, Any],
     now: datetime,
     events: list[OutboxEvent],
+    pii: str | None = None,
+    email_index: bytes | None = None,
 ) -> bool:
-    """Create the user, their progress and the outbox events; False when the user already had a path."""
+    """Create the user, their progress and the outbox events; False when the user already had a path.
+
+    ``traits`` must hold no personal data: that goes encrypted in ``pii``.
+    """
     row = (
         await conn.execute(
             _START,
@@ -110,6 +122,8 @@ async def insert_start(
                 "tid": tenant_id,
                 "uid": user_id,
                 "traits": traits,
+                "pii": pii,
+                "email_index": email_index,
                 "path_key": path_key,
                 "path_version": path_version,
                 "current_step": current_step,

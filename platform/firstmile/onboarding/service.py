@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from firstmile.audit import service as audit
 from firstmile.kit import telemetry
 from firstmile.kit.db import TenantId
 from firstmile.kit.errors import ProblemError
@@ -23,6 +25,7 @@ from firstmile.onboarding import domain, planner
 from firstmile.onboarding import repository as repo
 from firstmile.onboarding.catalog import CatalogCache
 from firstmile.onboarding.domain import PathDef
+from firstmile.onboarding.pii import split_traits, valid_email
 from firstmile.onboarding.schemas import (
     DecisionRecord,
     OnboardingState,
@@ -30,7 +33,11 @@ from firstmile.onboarding.schemas import (
     ProgressSummary,
     StepState,
 )
+from firstmile.security.crypto import FieldContext
+from firstmile.security.datakeys import DataKeyService
 from firstmile.tenancy.manifest import COMPANY_SIZES, KNOWN_TRAITS
+
+_json = msgspec.json.Encoder()
 
 MAX_TRAITS = 50
 MAX_TRAIT_STRING = 256
@@ -111,16 +118,43 @@ def render_state(user_id: str, path: PathDef, row: repo.ProgressRow) -> Onboardi
 
 
 class OnboardingService:
-    """Start, complete and read, within the caller's tenant-bound transaction."""
+    """Start, complete and read, within the caller's tenant-bound transaction.
 
-    def __init__(self, catalogs: CatalogCache) -> None:
+    ``keyring`` encrypts personal traits (set by the app at startup); without one,
+    a start that carries personal data is refused rather than stored in clear.
+    """
+
+    def __init__(self, catalogs: CatalogCache, keyring: DataKeyService | None = None) -> None:
         self.catalogs = catalogs
+        self.keyring = keyring
+
+    async def _seal(
+        self, conn: AsyncConnection, tenant_id: TenantId, user_id: str, personal: dict[str, Any]
+    ) -> tuple[str | None, bytes | None]:
+        """The personal traits as one ciphertext under the user's key, and the email's blind index."""
+        if not personal:
+            return None, None
+        if self.keyring is None:
+            raise RuntimeError("personal traits need a keyring; none is configured")
+        key = await self.keyring.user_key(conn, tenant_id, user_id, create=True)
+        sealed = key.encrypt(_json.encode(personal), FieldContext(tenant_id, "end_users", "pii", user_id))
+        email = personal.get("email")
+        index = await self.keyring.blind_index(conn, tenant_id, "email", email) if isinstance(email, str) else None
+        return sealed, index
 
     async def start(
         self, conn: AsyncConnection, tenant_id: TenantId, revision: int, user_id: str, traits: Mapping[str, Any]
     ) -> StartOutcome:
         clean = validate_traits(traits)
         catalog = await self.catalogs.catalog(conn, tenant_id, revision)
+        plain, personal = split_traits(clean, catalog.pii_traits)
+        if "email" in personal and not valid_email(personal["email"]):
+            raise ProblemError(
+                400,
+                "validation-error",
+                "not an email address (at traits.email)",
+                errors=[{"key": "traits.email", "message": "not an email address"}],
+            )
         began = time.perf_counter()
         with telemetry.tracer.start_as_current_span("path_planner.plan") as span:
             decision = planner.plan(catalog.current, catalog.default_key, clean)
@@ -139,13 +173,43 @@ class OnboardingService:
                 "path_version": path.version,
                 "current_step": first,
                 "decision": record,
-                "traits": clean,
+                "traits": plain,
             },
         )
+        sealed, email_index = await self._seal(conn, tenant_id, user_id, personal)
         created = await repo.insert_start(
-            conn, tenant_id, user_id, clean, path.key, path.version, first, record, now, [event]
+            conn,
+            tenant_id,
+            user_id,
+            plain,
+            path.key,
+            path.version,
+            first,
+            record,
+            now,
+            [event],
+            pii=sealed,
+            email_index=email_index,
         )
         if created:
+            await audit.append(
+                conn,
+                tenant_id,
+                "decision",
+                "path_planner",
+                user_id,
+                {
+                    "decision": "path_selection",
+                    "inputs": {"traits": plain, "personal_traits": sorted(personal)},
+                    "output": {"path_id": path.key, "path_version": path.version},
+                    "model": decision.planner,
+                    "model_version": decision.planner,
+                    "confidence": None,
+                    "selected_by": decision.selected_by,
+                    "fallback": record.get("fallback"),
+                    "event_id": str(event.event_id),
+                },
+            )
             telemetry.ONBOARDING_STARTS.labels(decision.selected_by).inc()
             row = repo.ProgressRow(path.key, path.version, "in_progress", first, record, now, None, None, {})
             return StartOutcome(render_state(user_id, path, row), created=True)
@@ -243,6 +307,23 @@ class OnboardingService:
             completed_at,
             events,
         )
+        if inserted and source != "api":
+            # An automated decision (a tracked event completed the step): it goes on the record.
+            await audit.append(
+                conn,
+                tenant_id,
+                "decision",
+                "progress_evaluator",
+                user_id,
+                {
+                    "decision": "step_completion",
+                    "inputs": {"source": source, "occurred_at": at},
+                    "output": {"path_id": path.key, "path_version": path.version, "step_id": step_id},
+                    "model_version": "completion-criteria-1",
+                    "confidence": None,
+                    "fallback": None,
+                },
+            )
         if inserted:
             telemetry.STEP_COMPLETIONS.inc()
             if activated_now:

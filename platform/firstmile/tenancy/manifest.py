@@ -203,6 +203,13 @@ class TenantManifest(_Model):
         default=None,
         description="Key management for the tenant's data keys. Omitted: the default (FIRSTMILE_KEY_PROVIDER).",
     )
+    pii_traits: tuple[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")], ...] | None = Field(
+        default=None,
+        description=(
+            "Further trait names that hold personal data, encrypted like email, name, first_name, "
+            "last_name, phone and company (always PII)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> TenantManifest:
@@ -225,7 +232,7 @@ class TenantManifest(_Model):
 
     def content_hash(self) -> str:
         # Sections added later are left out while unset, so existing manifests keep their hash.
-        unset = {name for name in ("keys",) if getattr(self, name) is None}
+        unset = {name for name in ("keys", "pii_traits") if getattr(self, name) is None}
         canonical = json.dumps(self.model_dump(mode="json", exclude=unset), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 

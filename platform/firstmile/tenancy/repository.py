@@ -165,11 +165,13 @@ async def revoke_key(conn: AsyncConnection, tenant_id: TenantId, key_id: uuid.UU
     return bool(result.rowcount)
 
 
-async def path_settings(conn: AsyncConnection, tenant_id: TenantId) -> tuple[str, int]:
-    """The tenant's default path key and its revision (bumped by every manifest change)."""
+async def path_settings(conn: AsyncConnection, tenant_id: TenantId) -> tuple[str, int, tuple[str, ...]]:
+    """The tenant's default path key, its revision (bumped by every manifest change) and its PII traits."""
     row = (
         await conn.execute(
-            select(tenants.c.manifest["default_path"].astext, tenants.c.revision).where(tenants.c.id == tenant_id)
+            select(
+                tenants.c.manifest["default_path"].astext, tenants.c.revision, tenants.c.manifest["pii_traits"]
+            ).where(tenants.c.id == tenant_id)
         )
     ).one()
-    return str(row[0]), int(row[1])
+    return str(row[0]), int(row[1]), tuple(row[2] or ())

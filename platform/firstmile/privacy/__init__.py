@@ -1,0 +1,1 @@
+"""Data-subject rights: erasure (crypto-shredding), export, lookup by email."""
