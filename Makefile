@@ -9,7 +9,7 @@ PG := deploy/local/postgres.sh
 KAFKA := deploy/local/kafka.sh
 PYTEST_WORKERS ?= 2
 
-.PHONY: help run install test lint typecheck pytest services services-stop bench clean
+.PHONY: help run install test lint typecheck pytest services services-stop bench bench-security bench-analytics bench-events clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -59,6 +59,15 @@ bench: $(STAMP) ## API benchmark (docs/benchmarks.md)
 	@$(PG) start bench
 	FIRSTMILE_BENCH_ADMIN_URL=$$($(PG) url bench) $(BIN)/firstmile bench api --output docs/benchmarks-latest.md; \
 	  status=$$?; $(PG) stop bench; exit $$status
+
+bench-security: $(STAMP) ## Crypto, audit (1M entries) and PII redaction benchmarks (docs/benchmarks.md)
+	@$(PG) start bench
+	FIRSTMILE_BENCH_ADMIN_URL=$$($(PG) url bench) $(BIN)/firstmile bench crypto; \
+	  FIRSTMILE_BENCH_ADMIN_URL=$$($(PG) url bench) $(BIN)/firstmile bench audit; \
+	  $(BIN)/firstmile bench pii; status=$$?; $(PG) stop bench; exit $$status
+
+bench-analytics: $(STAMP) ## Analytics queries over 10M synthetic events (chdb)
+	$(BIN)/firstmile bench analytics
 
 clean: ## Remove the venv and all local state (embedded database included)
 	-$(PG) stop test; $(PG) stop bench; $(KAFKA) stop test; $(KAFKA) stop bench

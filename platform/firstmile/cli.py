@@ -298,7 +298,11 @@ def dev(manifest: Path, port: int | None) -> None:
                 return key
             click.echo("stored demo key is no longer valid here; creating a new one", err=True)
         created = await create_key(
-            engine, pepper, spec.tenant.slug, ["onboarding:write", "events:write", "analytics:read"], "demo"
+            engine,
+            pepper,
+            spec.tenant.slug,
+            ["onboarding:write", "events:write", "analytics:read", "users:admin", "audit:read"],
+            "demo",
         )
         stored.write_text(created.key, encoding="utf-8")
         stored.chmod(0o600)
@@ -407,6 +411,52 @@ def bench_analytics(events: int, tenants: int, weeks: int, runs: int, keep: bool
     click.echo(text)
     if output is not None:
         output.write_text(text + "\n", encoding="utf-8")
+
+
+def _bench_admin_url() -> str:
+    url = os.environ.get("FIRSTMILE_BENCH_ADMIN_URL")
+    if not url:
+        raise click.ClickException(
+            "FIRSTMILE_BENCH_ADMIN_URL is not set: `make bench-security` starts the bench PostgreSQL and sets it"
+        )
+    return url
+
+
+def _emit(text_: str, output: Path | None) -> None:
+    click.echo(text_)
+    if output is not None:
+        output.write_text(text_ + "\n", encoding="utf-8")
+
+
+@bench.command("audit")
+@click.option("--entries", default=1_000_000, show_default=True, type=click.IntRange(2, 100_000_000))
+@click.option("--appends", default=2000, show_default=True, type=click.IntRange(100, 1_000_000))
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path))
+def bench_audit(entries: int, appends: int, output: Path | None) -> None:
+    """Audit append rate, proof generation and verification at N entries (needs the bench PostgreSQL)."""
+    from firstmile.audit.bench import run_audit_benchmark
+
+    _emit(run_audit_benchmark(_bench_admin_url(), entries=entries, appends=appends), output)
+
+
+@bench.command("crypto")
+@click.option("--records", default=5000, show_default=True, type=click.IntRange(1000, 1_000_000))
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path))
+def bench_crypto(records: int, output: Path | None) -> None:
+    """Field encryption with cached and uncached data keys; provider calls per 1,000 records written."""
+    from firstmile.security.bench import run_crypto_benchmark
+
+    _emit(run_crypto_benchmark(os.environ.get("FIRSTMILE_BENCH_ADMIN_URL"), records=records), output)
+
+
+@bench.command("pii")
+@click.option("--lines", default=1000, show_default=True, type=click.IntRange(10, 1_000_000))
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path))
+def bench_pii(lines: int, output: Path | None) -> None:
+    """PII redaction throughput on log lines, against a single email-regex pass."""
+    from firstmile.security.pii_bench import bench_redaction
+
+    _emit(bench_redaction(n_lines=lines), output)
 
 
 @bench.command("api")
