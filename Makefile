@@ -66,6 +66,13 @@ bench-security: $(STAMP) ## Crypto, audit (1M entries) and PII redaction benchma
 	  FIRSTMILE_BENCH_ADMIN_URL=$$($(PG) url bench) $(BIN)/firstmile bench audit; \
 	  $(BIN)/firstmile bench pii; status=$$?; $(PG) stop bench; exit $$status
 
+bench-events: $(STAMP) ## Event path: relay vs bare producer, end to end (Kafka, embedded), freshness
+	@$(PG) start bench
+	@$(KAFKA) start bench
+	FIRSTMILE_BENCH_ADMIN_URL=$$($(PG) url bench) FIRSTMILE_BENCH_KAFKA=$$($(KAFKA) url bench) \
+	  $(BIN)/firstmile bench events --output docs/benchmarks-latest.md; \
+	  status=$$?; $(KAFKA) stop bench; $(PG) stop bench; exit $$status
+
 bench-analytics: $(STAMP) ## Analytics queries over 10M synthetic events (chdb)
 	$(BIN)/firstmile bench analytics
 

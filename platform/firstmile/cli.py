@@ -393,6 +393,78 @@ def bench() -> None:
     """Benchmarks (see docs/benchmarks.md)."""
 
 
+@bench.command("events")
+@click.option(
+    "--messages", default=200_000, show_default=True, help="Outbox rows per relay run (relay vs bare producer)."
+)
+@click.option("--events", default=200_000, show_default=True, help="Events per ingestion and end-to-end run.")
+@click.option(
+    "--relay-batch",
+    "relay_batch_sizes",
+    multiple=True,
+    type=int,
+    default=(2000, 10000),
+    show_default=True,
+    help="Relay batch size to measure (repeat for several).",
+)
+@click.option("--connections", default=4, show_default=True, help="Load generator connections.")
+@click.option("--workers", default=1, show_default=True, help="`firstmile serve` workers in the Kafka runs.")
+@click.option("--freshness", "freshness_samples", default=50, show_default=True, help="Single-event probes per mode.")
+@click.option("--repeat", default=3, show_default=True, help="Rounds of the relay-vs-bare runs.")
+@click.option(
+    "--kafka",
+    default="127.0.0.1:59192",
+    envvar="FIRSTMILE_BENCH_KAFKA",
+    show_default=True,
+    help="Kafka bootstrap servers (deploy/local/kafka.sh start bench).",
+)
+@click.option("--timeout", default=600.0, show_default=True, help="Seconds each measured run may take.")
+@click.option(
+    "--phase",
+    "phases",
+    multiple=True,
+    type=click.Choice(["relay", "kafka", "embedded"]),
+    help="Run only this phase (repeat for several; default: all).",
+)
+@click.option("--output", type=click.Path(path_type=Path), default=None, help="Write the markdown report here.")
+def bench_events(
+    messages: int,
+    events: int,
+    relay_batch_sizes: tuple[int, ...],
+    connections: int,
+    workers: int,
+    freshness_samples: int,
+    repeat: int,
+    kafka: str,
+    timeout: float,
+    phases: tuple[str, ...],
+    output: Path | None,
+) -> None:
+    """Event path: relay vs a bare producer, end-to-end throughput (Kafka, embedded), freshness."""
+    from firstmile.bench import BenchError
+    from firstmile.bench.events import run_events_benchmark
+
+    try:
+        report = run_events_benchmark(
+            messages=messages,
+            events=events,
+            relay_batch_sizes=relay_batch_sizes,
+            connections=connections,
+            workers=workers,
+            freshness_samples=freshness_samples,
+            repeat=repeat,
+            kafka=kafka,
+            timeout=timeout,
+            phases=phases or ("relay", "kafka", "embedded"),
+            argv=sys.argv[1:],
+        )
+    except BenchError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(report)
+    if output:
+        output.write_text(report, encoding="utf-8")
+
+
 @bench.command("analytics")
 @click.option("--events", default=10_000_000, show_default=True, type=click.IntRange(10_000, 100_000_000))
 @click.option("--tenants", default=5, show_default=True, type=click.IntRange(1, 100))
@@ -475,10 +547,6 @@ def bench_api(duration: int, connections: int, workers: int, output: Path | None
     click.echo(report)
     if output:
         output.write_text(report, encoding="utf-8")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()
 
 
 def _relay_url(settings: Settings, urls: DatabaseUrls) -> str:
@@ -576,3 +644,7 @@ def webhooks_secret(tenant: str) -> None:
         f"Set it as the shared secret of a Segment webhook to {settings.region} …/v1/webhooks/segment/{tenant}",
         err=True,
     )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

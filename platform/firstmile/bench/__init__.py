@@ -61,6 +61,13 @@ from firstmile.bench.wrk import _complete_script, _ensure_wrk, _new_users_script
 __all__ = ["BenchError", "run_api_benchmark"]
 
 
+def _secret(path: Path) -> Path:
+    """32 random bytes, hex, mode 0600: a throwaway key for one benchmark run."""
+    path.touch(mode=0o600)
+    path.write_text(secrets.token_hex(32), encoding="ascii")
+    return path
+
+
 def run_api_benchmark(duration: int, connections: int, workers: int) -> str:
     """Run the whole benchmark against ``FIRSTMILE_BENCH_ADMIN_URL``; return the markdown report."""
     if duration < 1 or connections < 1 or workers < 1:
@@ -132,6 +139,9 @@ def run_api_benchmark(duration: int, connections: int, workers: int) -> str:
                 "FIRSTMILE_LOG_LEVEL": "WARNING",
                 "FIRSTMILE_PORT": str(port),
                 "FIRSTMILE_DATA_DIR": str(tmp / "data"),
+                # an external database needs provisioned key files (only embedded mode generates them)
+                "FIRSTMILE_AUDIT_SIGNING_KEY_FILE": str(_secret(tmp / "audit_signing_key")),
+                "FIRSTMILE_KEK_FILE": str(_secret(tmp / "kek")),
             }
             | tuning
         )

@@ -13,16 +13,18 @@ start bench`` start local ones):
    confluent-kafka ``Producer`` (``PRODUCER_DEFAULTS``) to a fresh topic until all
    are acknowledged; then refills the outbox and runs :class:`OutboxRelay` with a
    :class:`KafkaPublisher` until it is empty, once per batch size. msgs/s each.
-3. **End to end through Kafka**: ``firstmile serve`` and ``firstmile relay`` as
+3. **Through Kafka**: ``firstmile serve`` and ``firstmile relay`` as
    subprocesses, the analytics consumer (:class:`KafkaConsumerRunner` +
    :class:`AnalyticsSink` on a :class:`ChdbStore`) in this process; a load
    generator subprocess posts Segment batches of unique-messageId ``track``
-   events to ``/v1/batch``; throughput is the events over the time from the first
-   POST to the moment all of them can be counted in the analytics store. The
-   API's own accept rate over the same run is the baseline.
-4. **Embedded end to end**: ``create_app`` with ``relay_database_url`` and no
-   Kafka (in-process relay and the three consumers) served by uvicorn in a
-   thread of this process, same load.
+   events to ``/v1/batch``. Three runs: *ingestion only* (the API alone, its
+   accept rate is the baseline), *backlog drain* (relay and consumer started on
+   what that run left in the outbox), *end to end* (everything running: events
+   over the time from the first POST to the moment all of them can be counted
+   in the analytics store).
+4. **Embedded**: the same three runs with ``create_app`` and no Kafka (the API
+   alone without ``relay_database_url``, then with it: in-process relay and the
+   three consumers), served by uvicorn in a thread of this process.
 5. **Freshness** after each end-to-end run: single-event batches posted one at
    a time, the analytics store polled every 10 ms until the event is there.
 
@@ -78,7 +80,7 @@ RELAY_ROLE = "firstmile_bench_relay"
 REGION = "eu-west-1"
 PARTITIONS = 12
 USERS = 5000
-EVENT_NAME = "Dashboard Viewed"  # completes no step of the demo paths: the progress consumer only looks
+EVENT_NAME = "Dashboard Viewed"  # completes no step of the demo paths: the progress consumer checks and skips it
 SEGMENT_BATCH = 500
 WARMUP_EVENTS = 1000
 FRESHNESS_TIMEOUT_S = 30.0
@@ -91,8 +93,9 @@ CONTEXT: dict[str, Any] = {
     "page": {"path": "/dashboards", "title": "Dashboards", "referrer": "https://app.example.com/home"},
     "userAgent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0 Safari/537.36",
 }
-_COUNT = "SELECT count() AS n FROM events WHERE tenant_id = {t:UUID}"
+_SEALED_CONTEXT = {k: v for k, v in CONTEXT.items() if k != "ip"}
 _Headers = list[tuple[str, str | bytes | None]]
+_COUNT = "SELECT count() AS n FROM events WHERE tenant_id = {t:UUID}"
 _ONE = "SELECT count() AS n FROM events WHERE tenant_id = {t:UUID} AND event_id = {e:UUID}"
 
 
@@ -112,13 +115,15 @@ def _segment_event(prefix: str, i: int, timestamp: str) -> dict[str, Any]:
     }
 
 
-# The same message as ingestion normalises it into the outbox (firstmile.events.segment._message).
+# The same message as ingestion writes it to the outbox (firstmile.events.segment._message, then the
+# personal-data sealing of firstmile.events.api: context.ip moves into an encrypted "pii" field).
 _FILL_OUTBOX = """
 INSERT INTO outbox (event_id, tenant_id, event_type, partition_key, payload, occurred_at)
 SELECT gen_random_uuid(), $1::uuid, 'track', $1::text || ':user-' || (g % $5::int),
   jsonb_build_object(
     'type', 'track', 'messageId', $2::text || '-' || g, 'userId', 'user-' || (g % $5::int), 'anonymousId', NULL,
     'timestamp', $4::text, 'receivedAt', $4::text, 'context', $6::jsonb, 'event', $7::text,
+    'pii', 'fm1:' || substr(md5(g::text) || md5((g + 1)::text) || md5((g + 2)::text), 1, 82),
     'properties', jsonb_build_object('dashboard_id', 'd-' || (g % 97), 'widgets', g % 12, 'source', 'sidebar',
                                      'plan', 'team')),
   now()
@@ -380,7 +385,7 @@ async def _fill_outbox(dsn: str, tenant_id: uuid.UUID, prefix: str, rows: int) -
         began = time.monotonic()
         stamp = datetime.now(UTC).isoformat()
         await conn.execute(
-            _FILL_OUTBOX, tenant_id, prefix, rows, stamp, USERS, json.dumps(CONTEXT), EVENT_NAME, timeout=600
+            _FILL_OUTBOX, tenant_id, prefix, rows, stamp, USERS, json.dumps(_SEALED_CONTEXT), EVENT_NAME, timeout=600
         )
         await conn.execute("ANALYZE outbox")
         return time.monotonic() - began
@@ -445,6 +450,8 @@ class CpuMeter:
     wall_s: float = 0.0
     busy_s: float = 0.0
     spent: dict[str, float] = field(default_factory=dict)
+    others: list[tuple[str, float]] = field(default_factory=list)
+    """The busiest processes outside the measured ones: (name, CPU seconds), largest first."""
     _before: dict[int, tuple[int, float]] = field(default_factory=dict)
     _busy0: float = 0.0
     _self0: float = 0.0
@@ -459,13 +466,27 @@ class CpuMeter:
         self.wall_s = time.monotonic() - self._t0
         self.busy_s = _busy_seconds() - self._busy0
         self.spent = {"bench process": time.process_time() - self._self0}
+        measured = {os.getpid()}
         for name, root in self.roots.items():
+            tree = _tree(after, root)
+            measured |= tree
             gone = _tree(self._before, root) - set(after)
-            alive = sum(after[p][1] - self._before.get(p, (0, 0.0))[1] for p in _tree(after, root))
+            alive = sum(after[p][1] - self._before.get(p, (0, 0.0))[1] for p in tree)
             self.spent[name] = alive - sum(self._before[p][1] for p in gone)
+        unmeasured = [(after[p][1] - self._before.get(p, (0, 0.0))[1], p) for p in set(after) - measured]
+        for seconds, pid in sorted(unmeasured, reverse=True)[:3]:
+            if seconds >= 0.05 * self.wall_s:
+                with contextlib.suppress(OSError):
+                    comm = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    self.others.append((f"{pid} {comm.strip()[:80]}", seconds))
 
     def cores(self, name: str) -> float:
         return self.spent.get(name, 0.0) / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def other_s(self) -> float:
+        """Busy CPU seconds of the machine not spent by the measured processes (other work on the machine)."""
+        return max(0.0, self.busy_s - sum(self.spent.values()))
 
 
 # ---- Kafka helpers -------------------------------------------------------------------------------
@@ -506,7 +527,20 @@ class ProduceRun:
         return self.messages / self.seconds if self.seconds > 0 else 0.0
 
 
-def _bare_produce(bootstrap: str, topic: str, records: Sequence[Record], timeout: float, cpu: CpuMeter) -> ProduceRun:
+_Message = tuple[bytes, bytes, _Headers]
+
+
+def _wire_messages(records: Sequence[Record]) -> list[_Message]:
+    """What KafkaPublisher sends for each record: value, key, headers (built before the bare producer's clock)."""
+    return [
+        (r.value, r.key.encode(), [("event_type", r.event_type.encode()), ("tenant_id", str(r.tenant_id).encode())])
+        for r in records
+    ]
+
+
+def _bare_produce(
+    bootstrap: str, topic: str, messages: Sequence[_Message], timeout: float, cpu: CpuMeter, name: str
+) -> ProduceRun:
     """A bare confluent-kafka Producer with the relay's configuration: produce everything, wait for every ack."""
     from confluent_kafka import KafkaError, Message, Producer
 
@@ -514,10 +548,6 @@ def _bare_produce(bootstrap: str, topic: str, records: Sequence[Record], timeout
 
     producer = Producer({"bootstrap.servers": bootstrap, **PRODUCER_DEFAULTS})
     producer.list_topics(topic, timeout=10)  # connected, metadata known: as the relay's producer after a batch
-    messages: list[tuple[bytes, bytes, _Headers]] = [
-        (r.value, r.key.encode(), [("event_type", r.event_type.encode()), ("tenant_id", str(r.tenant_id).encode())])
-        for r in records
-    ]
     counts = {"ok": 0, "failed": 0}
 
     def report(err: KafkaError | None, _msg: Message) -> None:
@@ -543,7 +573,7 @@ def _bare_produce(bootstrap: str, topic: str, records: Sequence[Record], timeout
     cpu.stop()
     if counts["failed"] or counts["ok"] != len(messages):
         raise BenchError(f"bare producer: {counts['ok']} delivered, {counts['failed']} failed of {len(messages)}")
-    return ProduceRun("bare producer", None, len(messages), seconds, _topic_size(bootstrap, topic), cpu)
+    return ProduceRun(name, None, len(messages), seconds, _topic_size(bootstrap, topic), cpu)
 
 
 class _TimedPublisher:
@@ -575,7 +605,7 @@ class _TimedPublisher:
 
 
 async def _relay_run(
-    relay_url: str, bootstrap: str, topic: str, batch_size: int, expect: int, limit_s: float, cpu: CpuMeter
+    relay_url: str, bootstrap: str, topic: str, batch_size: int, expect: int, limit_s: float, cpu: CpuMeter, name: str
 ) -> ProduceRun:
     from firstmile.events.kafka import KafkaPublisher
     from firstmile.events.relay import OutboxRelay
@@ -605,7 +635,7 @@ async def _relay_run(
         with contextlib.suppress(Exception):
             await asyncio.wait_for(publisher.close(), STOP_TIMEOUT_S)
     return ProduceRun(
-        f"relay, batch {batch_size:,}",
+        name,
         batch_size,
         relay.published,
         seconds,
@@ -832,26 +862,17 @@ async def _watch(
     )
 
 
-def _throughput(
-    mode: str,
-    port: int,
-    key: str,
-    store: ChdbStore,
-    tenant_id: uuid.UUID,
-    events: int,
-    connections: int,
-    admin_dsn: str,
-    timeout: float,
-    cpu: CpuMeter,
-    tmp: Path,
-    check: Callable[[], None],
-) -> EndToEnd:
-    prefix = f"{mode}-{secrets.token_hex(3)}"
-    gen = _LoadGen(port, key, events, connections, prefix, timeout, tmp / f"loadgen-{mode}.log")
+def _throughput(ctx: _Ctx, mode: str, port: int, cpu: CpuMeter, check: Callable[[], None]) -> EndToEnd:
+    events, connections = ctx.facts.events, ctx.facts.connections
+    gen = _LoadGen(
+        port, ctx.key, events, connections, f"{mode}-{ctx.run_id}", ctx.timeout, ctx.tmp / f"loadgen-{mode}.log"
+    )
     try:
         gen.wait_ready(120)
-        _log(f"{mode}: posting {events:,} events in batches of {SEGMENT_BATCH} over {connections} connections")
-        result = asyncio.run(_watch(mode, gen, store, tenant_id, events, admin_dsn, timeout, cpu, check))
+        _log(f"{mode}: end to end, {events:,} events in batches of {SEGMENT_BATCH} over {connections} connections")
+        result = asyncio.run(
+            _watch(mode, gen, ctx.store, ctx.tenant_id, events, ctx.db_admin_dsn, ctx.timeout, cpu, check)
+        )
     finally:
         gen.stop()
     cpu.spent["load generator"] = result.load.cpu_s
@@ -920,9 +941,13 @@ class Facts:
     connections: int
     workers: int
     command: str
+    code: str
+    idle_load: float
     produce: list[ProduceRun] = field(default_factory=list)
     fill_s: list[float] = field(default_factory=list)
     encode_us: float = 0.0
+    ingest_only: dict[str, tuple[LoadResult, CpuMeter]] = field(default_factory=dict)
+    drain: dict[str, Drain] = field(default_factory=dict)
     end_to_end: list[EndToEnd] = field(default_factory=list)
     freshness: list[Freshness] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -945,6 +970,25 @@ def _kafka_version(root: Path) -> str:
     return "Kafka"
 
 
+def _code_state(root: Path) -> str:
+    """The commit and whether the working tree differs from it (the numbers belong to the code as it was)."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--", "platform"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"commit {head or '?'}" + (
+        f" plus uncommitted changes in {len(dirty)} path(s) under platform/" if dirty else ""
+    )
+
+
 def _command(argv: Sequence[str] | None) -> str:
     if argv:
         return "FIRSTMILE_BENCH_ADMIN_URL=… firstmile " + shlex.join(argv)
@@ -965,6 +1009,7 @@ def run_events_benchmark(
     connections: int = 4,
     workers: int = 1,
     freshness_samples: int = 50,
+    repeat: int = 3,
     kafka: str = "127.0.0.1:59192",
     timeout: float = 600.0,
     phases: Sequence[str] = ("relay", "kafka", "embedded"),
@@ -972,10 +1017,13 @@ def run_events_benchmark(
 ) -> str:
     """Run the event-path benchmark against ``FIRSTMILE_BENCH_ADMIN_URL`` and ``kafka``; the markdown report.
 
-    ``timeout`` bounds each measured phase (seconds); ``argv`` is the CLI's arguments, for the report.
+    ``repeat``: rounds of the relay-vs-bare runs; ``timeout`` bounds each measured run (seconds);
+    ``argv`` is the CLI's arguments, for the report.
     """
-    if messages < 1 or events < SEGMENT_BATCH or connections < 1 or workers < 1 or freshness_samples < 1:
-        raise BenchError(f"messages ≥ 1, events ≥ {SEGMENT_BATCH}, connections, workers and samples ≥ 1")
+    if min(messages, connections, workers, freshness_samples, repeat) < 1 or events < SEGMENT_BATCH:
+        raise BenchError(f"events must be ≥ {SEGMENT_BATCH}; messages, connections, workers, samples, repeat ≥ 1")
+    if any(not 1 <= size <= 50_000 for size in relay_batch_sizes):
+        raise BenchError("relay batch sizes must be between 1 and 50,000 (FIRSTMILE_RELAY_BATCH_SIZE's range)")
     unknown = set(phases) - {"relay", "kafka", "embedded"}
     if unknown or not phases:
         raise BenchError(f"phases are relay, kafka and embedded; got {', '.join(sorted(unknown)) or 'none'}")
@@ -992,6 +1040,11 @@ def run_events_benchmark(
     except Exception as exc:
         raise BenchError(f"Kafka at {kafka} does not answer ({exc}); deploy/local/kafka.sh start bench") from exc
 
+    busy0 = _busy_seconds()
+    time.sleep(2.0)
+    idle_load = (_busy_seconds() - busy0) / 2.0
+    if idle_load > 0.3:
+        _log(f"warning: the machine is already busy ({idle_load:.2f} cores) before the run; the numbers will suffer")
     began, started_at = time.monotonic(), datetime.now(UTC)
     root = _repo_root()
     admin_dsn = _asyncpg_dsn(admin)
@@ -1025,10 +1078,14 @@ def run_events_benchmark(
         connections=connections,
         workers=workers,
         command=_command(argv),
+        code=_code_state(root),
+        idle_load=idle_load,
     )
     try:
         if "relay" in phases:
-            _relay_phase(facts, kafka, db_admin_dsn, relay_url, tenant_id, run_id, relay_batch_sizes, timeout, roots)
+            _relay_phase(
+                facts, kafka, db_admin_dsn, relay_url, tenant_id, run_id, relay_batch_sizes, repeat, timeout, roots
+            )
         if "kafka" in phases or "embedded" in phases:
             _end_to_end_phases(
                 facts,
@@ -1062,51 +1119,79 @@ def _relay_phase(
     tenant_id: uuid.UUID,
     run_id: str,
     batch_sizes: Sequence[int],
+    repeat: int,
     timeout: float,
     roots: dict[str, int | None],
 ) -> None:
+    """Rounds of: bare producer, then the relay at each batch size (the outbox refilled before each)."""
     from firstmile.events.kafka import ensure_topics
 
     m = facts.messages
-    topics = {f"bench-{run_id}.bare-{n}": PARTITIONS for n in (1, 2)}
-    topics |= {f"bench-{run_id}.relay-{size}": PARTITIONS for size in batch_sizes}
-    ensure_topics(kafka, topics)
-    _log(f"relay: filling the outbox with {m:,} track rows")
-    facts.fill_s.append(asyncio.run(_fill_outbox(db_admin_dsn, tenant_id, f"bench-{run_id}-0", m)))
+    names = ["warmup"] + [f"bare-{r}" for r in range(repeat)]
+    names += [f"relay-{size}-{r}" for size in batch_sizes for r in range(repeat)]
+    ensure_topics(kafka, {f"bench-{run_id}.{name}": PARTITIONS for name in names})
+    fills = itertools.count()
+
+    def fill() -> None:
+        _log(f"relay: filling the outbox with {m:,} track rows")
+        facts.fill_s.append(asyncio.run(_fill_outbox(db_admin_dsn, tenant_id, f"bench-{run_id}-{next(fills)}", m)))
+
+    fill()
     encode_began = time.monotonic()
     records = asyncio.run(_outbox_records(db_admin_dsn))
     facts.encode_us = (time.monotonic() - encode_began) / max(1, len(records)) * 1e6
     size = sum(len(r.value) for r in records) / max(1, len(records))
     facts.notes.append(f"envelope: {size:.0f} bytes on average (value), key `<tenant>:user-N`, two headers")
-    _log(f"relay: bare producer, {m:,} messages of ~{size:.0f} bytes")
-    facts.produce.append(_bare_produce(kafka, f"bench-{run_id}.bare-1", records, timeout, CpuMeter(dict(roots))))
-    _log(f"relay: bare producer {facts.produce[-1].rate:,.0f} msgs/s")
+    messages = _wire_messages(records)
     del records
-    for index, batch_size in enumerate(batch_sizes):
-        if index:
-            _log(f"relay: refilling the outbox with {m:,} rows")
-            facts.fill_s.append(asyncio.run(_fill_outbox(db_admin_dsn, tenant_id, f"bench-{run_id}-{index}", m)))
-        _log(f"relay: OutboxRelay batch {batch_size:,} as {RELAY_ROLE}")
-        topic = f"bench-{run_id}.relay-{batch_size}"
-        run = asyncio.run(_relay_run(relay_url, kafka, topic, batch_size, m, timeout, CpuMeter(dict(roots))))
-        left = int(asyncio.run(_scalar(db_admin_dsn, "SELECT count(*) FROM outbox")))
-        if left:
-            raise BenchError(f"the relay left {left} rows in the outbox")
+    _log(f"relay: warming the broker up ({min(m, 50_000):,} messages to a scratch topic, not measured)")
+    _bare_produce(kafka, f"bench-{run_id}.warmup", messages[:50_000], timeout, CpuMeter({}), "warm-up")
+    outbox_full = True
+    for r in range(repeat):
+        _log(f"relay: round {r + 1}/{repeat}: bare producer, {m:,} messages of ~{size:.0f} bytes")
+        run = _bare_produce(
+            kafka, f"bench-{run_id}.bare-{r}", messages, timeout, CpuMeter(dict(roots)), f"bare producer #{r + 1}"
+        )
         facts.produce.append(run)
-        _log(f"relay: batch {batch_size:,}: {run.rate:,.0f} msgs/s")
-    # the bare baseline once more, after the relays, to see the broker's drift over the phase
-    records = asyncio.run(_refill_and_read(db_admin_dsn, tenant_id, f"bench-{run_id}-last", m))
-    _log("relay: bare producer again")
-    run = _bare_produce(kafka, f"bench-{run_id}.bare-2", records, timeout, CpuMeter(dict(roots)))
-    facts.produce.append(
-        ProduceRun("bare producer (again, after the relays)", None, run.messages, run.seconds, run.in_topic, run.cpu)
-    )
-    asyncio.run(_scalar(db_admin_dsn, "DELETE FROM outbox"))
+        _log(f"relay: bare producer {run.rate:,.0f} msgs/s (other load {run.cpu.other_s / run.cpu.wall_s:.2f} cores)")
+        for batch_size in batch_sizes:
+            if not outbox_full:
+                fill()
+            _log(f"relay: round {r + 1}/{repeat}: OutboxRelay batch {batch_size:,} as {RELAY_ROLE}")
+            topic = f"bench-{run_id}.relay-{batch_size}-{r}"
+            name = f"relay, batch {batch_size:,} #{r + 1}"
+            run = asyncio.run(_relay_run(relay_url, kafka, topic, batch_size, m, timeout, CpuMeter(dict(roots)), name))
+            outbox_full = False
+            left = int(asyncio.run(_scalar(db_admin_dsn, "SELECT count(*) FROM outbox")))
+            if left:
+                raise BenchError(f"the relay left {left} rows in the outbox")
+            facts.produce.append(run)
+            _log(f"relay: {run.rate:,.0f} msgs/s (other load {run.cpu.other_s / run.cpu.wall_s:.2f} cores)")
 
 
-async def _refill_and_read(dsn: str, tenant_id: uuid.UUID, prefix: str, rows: int) -> list[Record]:
-    await _fill_outbox(dsn, tenant_id, prefix, rows)
-    return await _outbox_records(dsn)
+@dataclass(frozen=True)
+class _Ctx:
+    """What the end-to-end phases share."""
+
+    facts: Facts
+    kafka: str
+    db_admin_url: str
+    db_admin_dsn: str
+    app_url: str
+    relay_url: str
+    pepper: str
+    key: str
+    tenant_id: uuid.UUID
+    run_id: str
+    timeout: float
+    samples: int
+    roots: dict[str, int | None]
+    store: ChdbStore
+    tmp: Path
+    signing_key: Path
+    """A throwaway audit signing key (the API refuses to start on an external database without one)."""
+    kek_file: Path
+    """A throwaway local KEK keyring shared by every API process of the run (tenant data keys)."""
 
 
 def _end_to_end_phases(
@@ -1130,78 +1215,169 @@ def _end_to_end_phases(
     with tempfile.TemporaryDirectory(prefix="firstmile-bench-events-") as tmp_name:
         tmp = Path(tmp_name)
         store = ChdbStore(tmp / "analytics")
+        signing_key, kek_file = tmp / "audit_signing_key", tmp / "kek"
+        for secret in (signing_key, kek_file):
+            secret.touch(mode=0o600)
+            secret.write_text(secrets.token_hex(32), encoding="ascii")
         try:
             store.ensure_schema()
+            ctx = _Ctx(
+                facts,
+                kafka,
+                db_admin_url,
+                db_admin_dsn,
+                app_url,
+                relay_url,
+                pepper,
+                key,
+                tenant_id,
+                run_id,
+                timeout,
+                samples,
+                roots,
+                store,
+                tmp,
+                signing_key,
+                kek_file,
+            )
             if "kafka" in phases:
-                _kafka_phase(
-                    facts,
-                    kafka,
-                    app_url,
-                    db_admin_url,
-                    relay_url,
-                    db_admin_dsn,
-                    pepper,
-                    key,
-                    tenant_id,
-                    run_id,
-                    timeout,
-                    samples,
-                    roots,
-                    store,
-                    tmp,
-                )
+                _kafka_phase(ctx)
             if "embedded" in phases:
-                _embedded_phase(
-                    facts, app_url, relay_url, db_admin_dsn, pepper, key, tenant_id, timeout, samples, roots, store, tmp
-                )
+                _embedded_phase(ctx)
         finally:
             store.close()
 
 
-def _kafka_phase(
-    facts: Facts,
-    kafka: str,
-    app_url: str,
-    db_admin_url: str,
-    relay_url: str,
-    db_admin_dsn: str,
-    pepper: str,
-    key: str,
-    tenant_id: uuid.UUID,
-    run_id: str,
-    timeout: float,
-    samples: int,
-    roots: dict[str, int | None],
-    store: ChdbStore,
-    tmp: Path,
-) -> None:
+@dataclass(frozen=True)
+class Drain:
+    """The pipeline catching up with a backlog the API wrote while nothing consumed it."""
+
+    events: int
+    startup_s: float
+    """From starting the pipeline to the first event in analytics."""
+    seconds: float
+    """From the first event in analytics to the last."""
+    steady_events: int
+    cpu: CpuMeter
+
+    @property
+    def rate(self) -> float:
+        return self.steady_events / self.seconds if self.seconds > 0 else 0.0
+
+
+def _ingest_only(ctx: _Ctx, mode: str, port: int, cpu: CpuMeter) -> LoadResult:
+    """The API alone (nothing relays or consumes): the accept rate, the baseline of the end-to-end ratio."""
+    events, connections = ctx.facts.events, ctx.facts.connections
+    gen = _LoadGen(
+        port,
+        ctx.key,
+        events,
+        connections,
+        f"{mode}-ingest-{ctx.run_id}",
+        ctx.timeout,
+        ctx.tmp / f"loadgen-{mode}-ingest.log",
+    )
+    try:
+        gen.wait_ready(120)
+        _log(f"{mode}: ingestion only, {events:,} events in batches of {SEGMENT_BATCH} over {connections} connections")
+        cpu.start()
+        gen.go()
+        deadline = time.monotonic() + ctx.timeout
+        while not gen.finished():
+            if time.monotonic() > deadline:
+                raise BenchError(f"{mode}: ingestion of {events:,} events did not finish in {ctx.timeout:.0f}s")
+            time.sleep(0.05)
+        cpu.stop()
+    finally:
+        gen.stop()
+    load = gen.result
+    assert load is not None
+    cpu.spent["load generator"] = load.cpu_s
+    if load.accepted != events:
+        raise BenchError(f"{mode}: {load.accepted:,} of {events:,} accepted ({load.non2xx} non-2xx): {load.first_bad}")
+    _log(f"{mode}: the API alone accepted {load.accepted:,} events at {load.ingest_rate:,.0f}/s")
+    return load
+
+
+def _drain(
+    ctx: _Ctx, mode: str, before: int, expected: int, began: float, cpu: CpuMeter, check: Callable[[], None]
+) -> Drain:
+    """Wait until the backlog is in analytics; the steady rate counts from the first event seen there."""
+    cpu_started = False
+    first_at, first_n = 0.0, 0
+    deadline = began + ctx.timeout
+    next_log = time.monotonic() + 5
+    while True:
+        n = _visible(ctx.store, ctx.tenant_id) - before
+        now = time.monotonic()
+        if n > 0 and not cpu_started:
+            first_at, first_n, cpu_started = now, n, True
+            cpu.start()
+        if n >= expected:
+            cpu.stop()
+            break
+        check()
+        if now > deadline:
+            raise BenchError(f"{mode}: {n:,} of the {expected:,} backlog events in analytics after {ctx.timeout:.0f}s")
+        if now >= next_log:
+            _log(f"{mode}: draining the backlog, {n:,}/{expected:,} in analytics")
+            next_log = now + 5
+        time.sleep(0.05)
+    drain = Drain(expected, first_at - began, now - first_at, n - first_n, cpu)
+    _log(f"{mode}: backlog drained at {drain.rate:,.0f} events/s (first event after {drain.startup_s:.1f}s)")
+    return drain
+
+
+def _kafka_phase(ctx: _Ctx) -> None:
     from firstmile.events.bus import dead_letter_topic_for, topic_for
     from firstmile.events.kafka import ensure_topics
     from firstmile.settings import Settings
 
-    prefix = f"bench-{run_id}"
+    facts, tmp = ctx.facts, ctx.tmp
+    prefix = f"bench-{ctx.run_id}"
     topic, dlq = topic_for(prefix, REGION), dead_letter_topic_for(prefix, REGION)
-    ensure_topics(kafka, {topic: PARTITIONS, dlq: 1})
+    ensure_topics(ctx.kafka, {topic: PARTITIONS, dlq: 1})
     batch_size = Settings.model_fields["relay_batch_size"].default
     port = _free_port()
-    common = {
-        "FIRSTMILE_DATABASE_URL": app_url,
-        "FIRSTMILE_DATABASE_ADMIN_URL": db_admin_url,
-        "FIRSTMILE_API_KEY_PEPPER": pepper,
-        "FIRSTMILE_REGION": REGION,
-        "FIRSTMILE_LOG_LEVEL": "WARNING",
-        "FIRSTMILE_KAFKA_BOOTSTRAP_SERVERS": kafka,
-        "FIRSTMILE_KAFKA_TOPIC_PREFIX": prefix,
-        "FIRSTMILE_RELAY_DATABASE_URL": relay_url,
-    }
+    env = _subprocess_env(
+        {
+            "FIRSTMILE_DATABASE_URL": ctx.app_url,
+            "FIRSTMILE_DATABASE_ADMIN_URL": ctx.db_admin_url,
+            "FIRSTMILE_API_KEY_PEPPER": ctx.pepper,
+            "FIRSTMILE_REGION": REGION,
+            "FIRSTMILE_LOG_LEVEL": "WARNING",
+            "FIRSTMILE_KAFKA_BOOTSTRAP_SERVERS": ctx.kafka,
+            "FIRSTMILE_KAFKA_TOPIC_PREFIX": prefix,
+            "FIRSTMILE_RELAY_DATABASE_URL": ctx.relay_url,
+            "FIRSTMILE_AUDIT_SIGNING_KEY_FILE": str(ctx.signing_key),
+            "FIRSTMILE_KEK_FILE": str(ctx.kek_file),
+        }
+    )
     servers: list[Server] = []
     consumer: _ConsumerThread | None = None
-    env = _subprocess_env(common)
+
+    def check() -> None:
+        if consumer is not None:
+            consumer.check()
+        for server in servers:
+            if server.proc.poll() is not None:
+                raise BenchError(f"{server.name} exited with {server.proc.returncode}:\n{server.log_tail()}")
+
     try:
         api_argv = [sys.executable, "-m", "firstmile.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
         api_argv += ["--workers", str(facts.workers)]
         api_env = env | {"FIRSTMILE_DATA_DIR": str(tmp / "api")}
         servers.append(_start_server("firstmile API (Kafka mode)", api_argv, api_env, port, tmp / "api.log"))
+        api_pid = servers[0].proc.pid
+        before = _visible(ctx.store, ctx.tenant_id)
+        meter = CpuMeter(dict(ctx.roots) | {"API (uvicorn)": api_pid})
+        load = _ingest_only(ctx, "kafka", port, meter)
+        facts.ingest_only["kafka"] = (load, meter)
+
+        _log("kafka: starting the analytics consumer and the relay on the backlog")
+        began = time.monotonic()
+        consumer = _ConsumerThread(ctx.kafka, topic, dlq, f"{prefix}.{REGION}.analytics", ctx.store, batch_size)
+        consumer.start()
         relay_argv = [sys.executable, "-c", "from firstmile.cli import main; main()", "relay"]
         _log(f"starting firstmile relay: {shlex.join(relay_argv)}")
         with (tmp / "relay.log").open("wb") as sink:
@@ -1212,38 +1388,15 @@ def _kafka_phase(
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        relay = Server("firstmile relay", relay_proc, 0, tmp / "relay.log")
-        servers.append(relay)
-        consumer = _ConsumerThread(kafka, topic, dlq, f"{prefix}.{REGION}.analytics", store, batch_size)
-        consumer.start()
-
-        def check() -> None:
-            consumer.check()
-            for server in servers:
-                if server.proc.poll() is not None:
-                    raise BenchError(f"{server.name} exited with {server.proc.returncode}:\n{server.log_tail()}")
+        servers.append(Server("firstmile relay", relay_proc, 0, tmp / "relay.log"))
+        pipeline = dict(ctx.roots) | {"API (uvicorn)": api_pid, "relay": relay_proc.pid}
+        facts.drain["kafka"] = _drain(ctx, "kafka", before, load.accepted, began, CpuMeter(dict(pipeline)), check)
 
         base = f"http://127.0.0.1:{port}"
-        _log("kafka: warming up (consumer group join, pools)")
-        _warm_up(base, key, store, tenant_id, f"kafka-warm-{run_id}", check)
-        meter = CpuMeter(dict(roots) | {"API (uvicorn)": servers[0].proc.pid, "relay": relay_proc.pid})
-        facts.end_to_end.append(
-            _throughput(
-                "kafka",
-                port,
-                key,
-                store,
-                tenant_id,
-                facts.events,
-                facts.connections,
-                db_admin_dsn,
-                timeout,
-                meter,
-                tmp,
-                check,
-            )
-        )
-        facts.freshness.append(_freshness("kafka", base, key, store, tenant_id, samples, check))
+        _log("kafka: warming up")
+        _warm_up(base, ctx.key, ctx.store, ctx.tenant_id, f"kafka-warm-{ctx.run_id}", check)
+        facts.end_to_end.append(_throughput(ctx, "kafka", port, CpuMeter(dict(pipeline)), check))
+        facts.freshness.append(_freshness("kafka", base, ctx.key, ctx.store, ctx.tenant_id, ctx.samples, check))
     finally:
         for server in reversed(servers):
             _stop_server(server)
@@ -1251,65 +1404,89 @@ def _kafka_phase(
             consumer.stop()
 
 
-def _embedded_phase(
-    facts: Facts,
-    app_url: str,
-    relay_url: str,
-    db_admin_dsn: str,
-    pepper: str,
-    key: str,
-    tenant_id: uuid.UUID,
-    timeout: float,
-    samples: int,
-    roots: dict[str, int | None],
-    store: ChdbStore,
-    tmp: Path,
-) -> None:
+def _embedded_phase(ctx: _Ctx) -> None:
     from firstmile.app import create_app
     from firstmile.settings import Settings
 
+    facts = ctx.facts
     settings = Settings(
         region=REGION,
-        data_dir=tmp / "embedded",
+        data_dir=ctx.tmp / "embedded",
         log_level="WARNING",
         kafka_bootstrap_servers=None,
         otel_exporter="none",
+        audit_signing_key_file=ctx.signing_key,
+        kek_file=ctx.kek_file,
     )
-    app = create_app(settings, app_url, pepper.encode(), analytics=store, relay_database_url=relay_url)
+    pepper = ctx.pepper.encode()
+    # the API alone first: no relay_database_url, so no in-process relay
     port = _free_port()
-    server = _InProcessServer(app, port)
+    server = _InProcessServer(create_app(settings, ctx.app_url, pepper, analytics=ctx.store), port)
+    before = _visible(ctx.store, ctx.tenant_id)
     try:
         server.start()
+        meter = CpuMeter(dict(ctx.roots))
+        load = _ingest_only(ctx, "embedded", port, meter)
+        facts.ingest_only["embedded"] = (load, meter)
+    finally:
+        server.stop()
 
-        def check() -> None:
-            if not server.thread.is_alive():
-                raise BenchError("the in-process API stopped")
+    port = _free_port()
+    app = create_app(settings, ctx.app_url, pepper, analytics=ctx.store, relay_database_url=ctx.relay_url)
+    server = _InProcessServer(app, port)
 
-        _log("embedded: warming up")
-        _warm_up(server.base, key, store, tenant_id, f"embedded-warm-{secrets.token_hex(3)}", check)
-        meter = CpuMeter(dict(roots))
-        facts.end_to_end.append(
-            _throughput(
-                "embedded",
-                port,
-                key,
-                store,
-                tenant_id,
-                facts.events,
-                facts.connections,
-                db_admin_dsn,
-                timeout,
-                meter,
-                tmp,
-                check,
-            )
+    def check() -> None:
+        if not server.thread.is_alive():
+            raise BenchError("the in-process API stopped")
+
+    try:
+        _log("embedded: starting the API with its in-process relay on the backlog")
+        began = time.monotonic()
+        server.start()
+        facts.drain["embedded"] = _drain(
+            ctx, "embedded", before, load.accepted, began, CpuMeter(dict(ctx.roots)), check
         )
-        facts.freshness.append(_freshness("embedded", server.base, key, store, tenant_id, samples, check))
+        _log("embedded: warming up")
+        _warm_up(server.base, ctx.key, ctx.store, ctx.tenant_id, f"embedded-warm-{ctx.run_id}", check)
+        facts.end_to_end.append(_throughput(ctx, "embedded", port, CpuMeter(dict(ctx.roots)), check))
+        facts.freshness.append(
+            _freshness("embedded", server.base, ctx.key, ctx.store, ctx.tenant_id, ctx.samples, check)
+        )
     finally:
         server.stop()
 
 
 # ---- the report ------------------------------------------------------------------------------------
+
+
+DISTURBED_CORES = 0.25
+"""A run during which the rest of the machine used more than this many cores was disturbed."""
+
+
+def _produce_summary(runs: Sequence[ProduceRun]) -> list[tuple[str, int, float, str]]:
+    """(label, batch size or 0, median msgs/s, which runs) for the bare producer first, then each relay batch size.
+
+    The median is over the undisturbed runs of a configuration when it has any, else over all of them.
+    """
+    if not runs:
+        return []
+    out: list[tuple[str, int, float, str]] = []
+    sizes = sorted({r.batch_size for r in runs if r.batch_size})
+    for size in [0, *sizes]:
+        group = [r for r in runs if (r.batch_size or 0) == size]
+        calm = [r for r in group if r.cpu.wall_s and r.cpu.other_s / r.cpu.wall_s <= DISTURBED_CORES]
+        used = calm or group
+        note = f"{len(used)} of {len(group)}" + ("" if calm else " (all disturbed)")
+        label = "bare producer" if not size else f"relay, batch {size:,}"
+        out.append((label, size, statistics.median(r.rate for r in used), note))
+    return out
+
+
+def _others(cpu: CpuMeter) -> str:
+    """The busiest unmeasured processes of a run, for the report."""
+    if not cpu.others:
+        return "no single process stands out"
+    return ", ".join(f"`{name}` {seconds / cpu.wall_s:.2f} cores" for name, seconds in cpu.others)
 
 
 def _verdict(ok: bool) -> str:
@@ -1340,31 +1517,39 @@ def _report(f: Facts) -> str:
         f"synchronous_commit {f.pg.settings.get('synchronous_commit', '?')})",
         f"- Kafka: {f.kafka}; topics of {PARTITIONS} partitions, fresh for each run",
         f"- Command: `{f.command}`",
+        f"- Code: {f.code}",
+        f"- Machine load before the run (2 s, nothing of the bench running): {f.idle_load:.2f} cores busy",
         "- Everything (load generator, API, relay, consumers, chdb, PostgreSQL, Kafka) shares the same cores.",
         "",
     ]
     rows = ["bench process", "PostgreSQL", "Kafka broker"]
+    summary = _produce_summary(f.produce)
     if f.produce:
-        bare = max((r for r in f.produce if r.batch_size is None), key=lambda r: r.rate)
+        bare_rate = summary[0][2]
         out += [
             "### Relay vs bare producer",
             "",
             f"{f.messages:,} `track` envelopes per run ({'; '.join(f.notes)}). Bare: a confluent-kafka `Producer` "
             "with `PRODUCER_DEFAULTS`, the same keys, values and headers, produce all then wait for every ack. "
-            "Relay: `OutboxRelay` + `KafkaPublisher` as the `firstmile_relay` login role, until the outbox is "
-            "empty. Messages in the topic are counted from its watermarks afterwards. Cores: CPU seconds per "
-            "second of the run, by process (the bench process is the producer or the relay).",
+            "Relay: `OutboxRelay` + `KafkaPublisher` in the bench process as a login role granted "
+            "`firstmile_relay`, until the outbox is empty. Before them, 50,000 unmeasured messages warm the "
+            "broker up. Messages in the topic are counted from its watermarks afterwards. Cores: CPU seconds per "
+            "second of the run, by process (the bench process is the producer or the relay; other: the rest of "
+            f"the machine's busy time). Runs with more than {DISTURBED_CORES} other cores were disturbed by other "
+            "work on the machine and are left out of the medians below when undisturbed runs exist. ÷ bare: to "
+            "the median bare rate.",
             "",
             "| run | msgs/s | ÷ bare | seconds | in topic | publish share | batches | between batches ms | "
             + " | ".join(f"{n} cores" for n in rows)
-            + " | machine cores |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(rows) + "---:|",
+            + " | other cores | machine cores |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(rows) + "---:|---:|",
         ]
         for r in f.produce:
             share = f"{r.publish_s / r.seconds:.0%}" if r.batch_size else "—"
             out.append(
-                f"| {r.name} | {r.rate:,.0f} | {r.rate / bare.rate:.1%} | {r.seconds:.2f} | {r.in_topic:,} | "
+                f"| {r.name} | {r.rate:,.0f} | {r.rate / bare_rate:.1%} | {r.seconds:.2f} | {r.in_topic:,} | "
                 f"{share} | {r.batches or '—'} | {_gap_cell(r.gaps_s)} | {_cpu_cells(r.cpu, rows)} | "
+                f"{r.cpu.other_s / r.cpu.wall_s if r.cpu.wall_s else 0:.2f} | "
                 f"{r.cpu.busy_s / r.cpu.wall_s if r.cpu.wall_s else 0:.2f} |"
             )
         out += [
@@ -1376,6 +1561,16 @@ def _report(f: Facts) -> str:
             "batches: from one publish's end to the next one's start (the delete of a batch, the fetch and "
             "`to_record` of the next), median of the first few batches → of the last few.",
             "",
+            *(
+                f"Disturbed: {r.name} ({_others(r.cpu)})."
+                for r in f.produce
+                if r.cpu.wall_s and r.cpu.other_s / r.cpu.wall_s > DISTURBED_CORES
+            ),
+            "",
+            "| configuration | median msgs/s | ÷ bare | runs in the median |",
+            "|---|---:|---:|---|",
+            *(f"| {label} | {rate:,.0f} | {rate / bare_rate:.1%} | {used} |" for label, _size, rate, used in summary),
+            "",
         ]
     kafka_run = next((r for r in f.end_to_end if r.mode == "kafka"), None)
     for run in f.end_to_end:
@@ -1385,58 +1580,99 @@ def _report(f: Facts) -> str:
             title = "### End to end through Kafka: API → outbox → relay → Kafka → analytics"
             where = (
                 f"`firstmile serve --workers {f.workers}` and `firstmile relay` as subprocesses; the analytics "
-                "consumer (`KafkaConsumerRunner` + `AnalyticsSink` on `ChdbStore`) in the bench process"
+                "consumer (`KafkaConsumerRunner` + `AnalyticsSink` on `ChdbStore`, batches of 2,000) in the bench "
+                "process (so its CPU column is the consumer, chdb and the bench's own polling)"
             )
         else:
             title = "### Embedded end to end: API → outbox → in-process relay → consumers → analytics"
             where = (
                 "`create_app(…, analytics=store, relay_database_url=…)` without Kafka, served by uvicorn (one "
                 "worker) in a thread of the bench process: relay and the analytics, progress and features "
-                "consumers in-process"
+                "consumers in-process (so the bench process column is all of these plus chdb)"
             )
         load = run.load
+        alone = f.ingest_only.get(run.mode)
+        drain = f.drain.get(run.mode)
+        baseline = alone[0].ingest_rate if alone else math.nan
         out += [
             title,
             "",
-            f"{where}. Load: {load.events:,} unique `track` events in {load.requests:,} `POST /v1/batch` of "
+            f"{where}. Load: {load.events:,} unique `track` events of {USERS:,} users (a Segment `context` with "
+            f"`ip`, which ingestion seals under the user's key) in {load.requests:,} `POST /v1/batch` of "
             f"{SEGMENT_BATCH} ({load.body_bytes / max(1, load.requests) / 1024:.0f} KB each) over "
-            f"{f.connections} keep-alive connections from a load generator subprocess. End to end: from the "
-            "first POST to the moment all accepted events are counted in the analytics store (polled every 50 ms).",
+            f"{f.connections} keep-alive connections from a load generator subprocess. Three runs in this order: "
+            "**ingestion only** (the API alone, nothing relays or consumes: its accept rate is the baseline), "
+            "**backlog drain** (the relay and consumers started on the backlog that run left: their rate from "
+            "the first event in analytics to the last), then, after a warm-up, **end to end** (everything "
+            "running; from the first POST to the moment all accepted events are counted in the analytics store, "
+            "polled every 50 ms).",
             "",
             "| measure | value |",
             "|---|---:|",
-            f"| API accept rate (baseline: accepted ÷ first POST to last answer) | {load.ingest_rate:,.0f} events/s |",
-            f"| end-to-end rate (events ÷ first POST to all in analytics) | {run.rate:,.0f} events/s |",
-            f"| end to end ÷ accept rate | {run.rate / load.ingest_rate if load.ingest_rate else math.nan:.1%} |",
+        ]
+        if alone:
+            out.append(
+                f"| ingestion only: API accept rate (baseline) | {baseline:,.0f} events/s "
+                f"(POST p50 {alone[0].p50_s * 1000:.0f} ms, p95 {alone[0].p95_s * 1000:.0f} ms) |"
+            )
+        if drain:
+            out.append(
+                f"| backlog drain: pipeline alone | {drain.rate:,.0f} events/s ({drain.events:,} events; first in "
+                f"analytics {drain.startup_s:.1f} s after the start) |"
+            )
+        out += [
+            f"| **end to end** (events ÷ first POST to all in analytics) | **{run.rate:,.0f} events/s** |",
+            f"| end to end ÷ ingestion only | {run.rate / baseline if baseline else math.nan:.1%} |",
+            f"| API accept rate during the end-to-end run | {load.ingest_rate:,.0f} events/s |",
             f"| accepted / duplicates / rejected / non-2xx | {load.accepted:,} / {load.duplicates:,} / "
             f"{load.rejected:,} / {load.non2xx:,} |",
             f"| POST latency p50 / p95 / max | {load.p50_s * 1000:.0f} / {load.p95_s * 1000:.0f} / "
             f"{load.max_s * 1000:.0f} ms |",
-            f"| API busy (first POST to last answer) | {load.ingest_s:.1f} s |",
-            f"| first POST to all in analytics | {run.e2e_s:.1f} s |",
+            f"| first POST to last answer / to all in analytics | {load.ingest_s:.1f} s / {run.e2e_s:.1f} s |",
             f"| outbox rows at most (sampled each second) | {run.outbox_peak:,} |",
             "| last answer → outbox empty | "
             + (f"{run.api_done_to_outbox_empty_s:.1f} s |" if run.api_done_to_outbox_empty_s is not None else "— |"),
-            "| outbox empty → all in analytics | "
-            + (
-                f"{max(0.0, run.outbox_empty_to_visible_s):.1f} s |"
-                if run.outbox_empty_to_visible_s is not None
-                else "— |"
-            ),
             "",
-            "Cores used during the run (CPU seconds ÷ wall seconds, first POST to all in analytics), "
-            "and CPU per event:",
+            "CPU by process: cores used (CPU seconds ÷ wall seconds) and CPU per event, for each run "
+            "(other: the rest of the machine's busy time).",
             "",
-            "| " + " | ".join(names) + " | machine |",
-            "|" + "---:|" * (len(names) + 1),
-            "| "
-            + " | ".join(f"{run.cpu.cores(n):.2f}" for n in names)
-            + f" | {run.cpu.busy_s / run.cpu.wall_s if run.cpu.wall_s else 0:.2f} |",
-            "| "
-            + " | ".join(f"{run.cpu.spent.get(n, 0.0) / max(1, run.expected) * 1e6:.0f} µs" for n in names)
-            + f" | {run.cpu.busy_s / max(1, run.expected) * 1e6:.0f} µs |",
+            "| run | " + " | ".join(names) + " | other | machine |",
+            "|---|" + "---:|" * (len(names) + 2),
+        ]
+        runs: list[tuple[str, CpuMeter, int]] = []
+        if alone:
+            runs.append(("ingestion only", alone[1], alone[0].accepted))
+        if drain:
+            runs.append(("backlog drain", drain.cpu, drain.steady_events))
+        runs.append(("end to end", run.cpu, run.expected))
+        for label, cpu, count in runs:
+            wall = cpu.wall_s or math.nan
+            out.append(
+                f"| {label}, cores | "
+                + " | ".join(f"{cpu.cores(n):.2f}" for n in names)
+                + f" | {cpu.other_s / wall:.2f} | {cpu.busy_s / wall:.2f} |"
+            )
+            out.append(
+                f"| {label}, µs/event | "
+                + " | ".join(f"{cpu.spent.get(n, 0.0) / max(1, count) * 1e6:.0f}" for n in names)
+                + f" | {cpu.other_s / max(1, count) * 1e6:.0f} | {cpu.busy_s / max(1, count) * 1e6:.0f} |"
+            )
+        disturbed = [
+            f"{label} ({_others(cpu)})"
+            for label, cpu, _ in runs
+            if cpu.wall_s and cpu.other_s / cpu.wall_s > DISTURBED_CORES
+        ]
+        if disturbed:
+            out += [
+                "",
+                f"**Disturbed:** other work on the machine used more than {DISTURBED_CORES} cores during: "
+                + "; ".join(disturbed)
+                + ".",
+            ]
+        out += [
             "",
-            "<details><summary>Timeline (seconds since the first POST: outbox rows, rows in analytics)</summary>",
+            "<details><summary>End-to-end timeline (seconds since the first POST: outbox rows, rows in "
+            "analytics)</summary>",
             "",
             "```",
             *(f"{t:6.1f}s  outbox {o:>9,}  analytics {v:>9,}" for t, o, v in run.timeline),
@@ -1463,12 +1699,9 @@ def _report(f: Facts) -> str:
             )
         out.append("")
     out += ["### Targets", "", "| target | measured | |", "|---|---:|---|"]
-    if f.produce:
-        bare = max((r for r in f.produce if r.batch_size is None), key=lambda r: r.rate)
-        for r in f.produce:
-            if r.batch_size:
-                ratio = r.rate / bare.rate
-                out.append(f"| relay (batch {r.batch_size:,}) ≥ 20% of bare | {ratio:.1%} | {_verdict(ratio >= 0.2)} |")
+    for _label, size, rate, _used in summary[1:]:
+        ratio = rate / summary[0][2]
+        out.append(f"| relay (batch {size:,}) ≥ 20% of bare (medians) | {ratio:.1%} | {_verdict(ratio >= 0.2)} |")
     if kafka_run is not None:
         out.append(
             f"| end to end through Kafka ≥ 10,000 events/s | {kafka_run.rate:,.0f} /s | "

@@ -10,7 +10,7 @@ shared secret (``X-Signature``: hex HMAC-SHA1 of the body).
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import hashlib
 import hmac
 import re
@@ -31,8 +31,8 @@ from firstmile.kit.auth import Principal, require_scope
 from firstmile.kit.db import TenantId, authorise_tenant, retry_transient, run_in_tenant_transaction
 from firstmile.kit.errors import ProblemError
 from firstmile.onboarding.pii import extract_message_pii
-from firstmile.security.crypto import FieldContext
-from firstmile.security.datakeys import DataKeyService
+from firstmile.security.crypto import FieldContext, FieldKey
+from firstmile.security.datakeys import DataKeyService, UserKeyMissingError
 from firstmile.settings import Settings
 from firstmile.tenancy.manifest import SLUG_PATTERN
 
@@ -86,18 +86,37 @@ def _messages(raw: bytes) -> list[Any]:
     return batch
 
 
+def _stripped(message: Message, pii_names: frozenset[str]) -> tuple[Message, dict[str, Any]]:
+    """The message without its personal fields (copied where changed; the parsed batch is not touched)."""
+    payload = dict(message.payload)
+    if isinstance(payload.get("context"), dict):
+        payload["context"] = dict(payload["context"])
+    found = extract_message_pii(payload, pii_names)
+    return (dataclasses.replace(message, payload=payload), found) if found else (message, found)
+
+
 async def _seal_personal_data(
     conn: AsyncConnection, state: State, tenant_id: TenantId, revision: int, messages: list[Message]
-) -> None:
-    """Move each message's personal fields into one ciphertext under its user's key (``payload.pii``)."""
+) -> list[Message]:
+    """Each message with its personal fields moved into one ciphertext under its user's key (``payload.pii``)."""
     catalog = await state.onboarding.catalogs.catalog(conn, tenant_id, revision)
     keyring: DataKeyService = state.keyring
+    keys: dict[str, FieldKey] = {}  # one key look-up per user and batch
+    sealed: list[Message] = []
     for message in messages:
-        found = extract_message_pii(message.payload, catalog.pii_traits)
+        clean, found = _stripped(message, catalog.pii_traits)
         if found:
-            key = await keyring.user_key(conn, tenant_id, message.subject, create=True)
+            key = keys.get(message.subject)
+            if key is None:
+                try:  # most users already have a key: read it rather than draw and wrap a new one
+                    key = await keyring.user_key(conn, tenant_id, message.subject)
+                except UserKeyMissingError:
+                    key = await keyring.user_key(conn, tenant_id, message.subject, create=True)
+                keys[message.subject] = key
             context = FieldContext(tenant_id, "events", "pii", str(message.event_id))
-            message.payload["pii"] = key.encrypt(msgspec.json.encode(found), context)
+            clean.payload["pii"] = key.encrypt(msgspec.json.encode(found), context)
+        sealed.append(clean)
+    return sealed
 
 
 async def accept(
@@ -120,9 +139,8 @@ async def accept(
         )
 
     async def work(conn: AsyncConnection) -> ingestion.IngestResult:
-        fresh = copy.deepcopy(parsed.messages)  # a retried unit of work starts from the clear payloads
-        await _seal_personal_data(conn, state, tenant_id, revision, fresh)
-        return await ingestion.ingest(conn, tenant_id, fresh, now)
+        sealed = await _seal_personal_data(conn, state, tenant_id, revision, parsed.messages)
+        return await ingestion.ingest(conn, tenant_id, sealed, now)
 
     result = await run_in_tenant_transaction(state.engine, tenant_id, work)
     return BatchResult(

@@ -27,7 +27,16 @@ _FETCH = (
     "SELECT id, event_id, tenant_id, event_type, partition_key, payload::text, occurred_at"
     " FROM outbox ORDER BY id LIMIT $1"
 )
+_FETCH_AFTER = (
+    "SELECT id, event_id, tenant_id, event_type, partition_key, payload::text, occurred_at"
+    " FROM outbox WHERE id > $1 ORDER BY id LIMIT $2"
+)
 _DELETE = "DELETE FROM outbox WHERE id = ANY($1::bigint[])"
+_BACKLOG = "SELECT count(*) FROM outbox"
+HEAD_EVERY = 16
+"""While batches are full the next one is prefetched past the current one; every HEAD_EVERY
+batches the relay reads from the head again, so a row committed late with a lower id waits
+at most that long."""
 _PRUNE = "DELETE FROM event_receipts WHERE received_at < now() - $1::interval"
 _str = msgspec.json.Encoder()
 
@@ -80,6 +89,7 @@ class OutboxRelay:
         self.published = 0
         self._conn: asyncpg.Connection | None = None
         self._last_prune = 0.0
+        self._last_backlog = 0.0
 
     async def _connect(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
@@ -97,19 +107,46 @@ class OutboxRelay:
         return False
 
     async def run_once(self) -> int:
-        """Publish one batch; the number of rows that left the outbox."""
+        """Publish from the head of the outbox while batches are full; the rows that left it.
+
+        While batch N is being acknowledged, batch N+1 is fetched (rows after N's last id)
+        on the same connection, so the database and the broker work at the same time.
+        A batch leaves the outbox only once acknowledged; on a partial acknowledgement the
+        prefetched batch is dropped and the next call starts again from the head.
+        """
         conn = await self._connect()
         rows = await conn.fetch(_FETCH, self.batch_size)
-        telemetry.RELAY_BACKLOG.set(len(rows))
-        if not rows:
-            return 0
-        records = [to_record(r) for r in rows]
-        acked = await self.publisher.publish(records)
-        if acked:
-            await conn.execute(_DELETE, [r.outbox_id for r in records[:acked]])
-            telemetry.RELAY_PUBLISHED.inc(acked)
-            self.published += acked
-        return acked
+        moved = 0
+        rounds = 0
+        while rows:
+            records = [to_record(r) for r in rows]
+            full = len(rows) == self.batch_size
+            rounds += 1
+            prefetch = (
+                asyncio.create_task(conn.fetch(_FETCH_AFTER, rows[-1][0], self.batch_size))
+                if full and rounds % HEAD_EVERY
+                else None
+            )
+            try:
+                acked = await self.publisher.publish(records)
+            finally:
+                following = await prefetch if prefetch is not None else None
+            if acked:
+                await conn.execute(_DELETE, [r.outbox_id for r in records[:acked]])
+                telemetry.RELAY_PUBLISHED.inc(acked)
+                self.published += acked
+                moved += acked
+            if acked < len(records) or not full:
+                break
+            rows = following if following is not None else await conn.fetch(_FETCH, self.batch_size)
+        return moved
+
+    async def measure_backlog(self) -> int:
+        """Rows waiting in the outbox (the ``firstmile_relay_backlog`` gauge)."""
+        conn = await self._connect()
+        backlog = int(await conn.fetchval(_BACKLOG))
+        telemetry.RELAY_BACKLOG.set(backlog)
+        return backlog
 
     async def prune_receipts(self) -> int:
         conn = await self._connect()
@@ -125,12 +162,15 @@ class OutboxRelay:
                     break
                 while not stop.is_set():
                     moved = await self.run_once()
+                    if time.monotonic() - self._last_backlog > 5.0:
+                        self._last_backlog = time.monotonic()
+                        await self.measure_backlog()
                     if time.monotonic() - self._last_prune > self.prune_interval:
                         self._last_prune = time.monotonic()
                         await self.prune_receipts()
                     backoff = 0.1
-                    if moved < self.batch_size:
-                        await wait_for_stop(stop, self.idle_interval if not moved else 0.001)
+                    if not moved:
+                        await wait_for_stop(stop, self.idle_interval)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("relay interrupted, retrying", extra={"fields": {"error": repr(exc), "backoff": backoff}})
                 await self._close_conn()

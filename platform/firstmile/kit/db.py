@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, NewType, TypeVar
 
+import msgspec
 from sqlalchemy import MetaData, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -71,7 +72,14 @@ def create_engine(
         pool_pre_ping=False,
         pool_recycle=1800,
         connect_args=connect_args,
+        # msgspec: ~10x faster than the json module for the JSONB batches of the hot paths
+        json_serializer=_json_text,
+        json_deserializer=msgspec.json.decode,
     )
+
+
+def _json_text(value: Any) -> str:
+    return msgspec.json.encode(value).decode()
 
 
 async def set_tenant(conn: AsyncConnection, tenant_id: TenantId) -> None:

@@ -41,7 +41,7 @@ def valid_email(value: Any) -> bool:
 def extract_message_pii(payload: dict[str, Any], pii_names: frozenset[str]) -> dict[str, Any]:
     """Remove personal fields from a normalised Segment payload, in place; returns them by location.
 
-    Looks at ``traits``, ``properties``, ``context.traits`` and ``context.ip``.
+    Looks at ``traits``, ``properties`` and ``context.traits``; ``context.ip`` is dropped.
     """
     found: dict[str, Any] = {}
     for where in ("traits", "properties"):
@@ -59,6 +59,6 @@ def extract_message_pii(payload: dict[str, Any], pii_names: frozenset[str]) -> d
             if personal:
                 context["traits"] = plain
                 found["context.traits"] = personal
-        if "ip" in context:
-            found["context.ip"] = context.pop("ip")
+        # Data minimisation: nothing here needs the client's IP address, so it is dropped, not kept.
+        context.pop("ip", None)
     return found
