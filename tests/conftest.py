@@ -201,6 +201,30 @@ async def new_tenant(
     return TenantFixture(result.tenant_id, slug, created.key, manifest)
 
 
+async def unaudited_tenant(
+    admin_engine: AsyncEngine, *, region: str = REGION, scopes: tuple[str, ...] = ("onboarding:write",)
+) -> TenantFixture:
+    """A tenant and key written straight through the repository, so its audit chain starts empty
+    (``new_tenant`` goes through ``tenants apply`` and ``keys create``, which are audited)."""
+    from firstmile.kit.db import authorise_tenant, set_tenant
+    from firstmile.tenancy import keys as keylib
+    from firstmile.tenancy import repository as tenancy_repo
+
+    slug = f"t-{secrets.token_hex(5)}"
+    manifest = manifest_for(slug, region)
+    tenant_id = authorise_tenant(uuid.uuid4())
+    key = keylib.generate_key()
+    async with admin_engine.begin() as conn:
+        await set_tenant(conn, tenant_id)
+        await tenancy_repo.insert_tenant(
+            conn, tenant_id, slug, slug, region, manifest.model_dump(mode="json"), manifest.content_hash()
+        )
+        await tenancy_repo.insert_key(
+            conn, tenant_id, "test", keylib.display_prefix(key), keylib.hash_key(PEPPER, key), scopes, region
+        )
+    return TenantFixture(tenant_id, slug, key, manifest)
+
+
 @pytest.fixture
 async def tenant(admin_engine: AsyncEngine) -> TenantFixture:
     return await new_tenant(admin_engine)

@@ -18,7 +18,7 @@ from firstmile.audit.canonical import canonical_entry, leaf_hash, parse_timestam
 from firstmile.audit.service import AuditService, append, create_checkpoint
 from firstmile.audit.signing import AuditSigner
 from firstmile.kit.db import TenantId, authorise_tenant, tenant_transaction
-from tests.conftest import PEPPER, Database, TenantFixture, make_settings, new_tenant
+from tests.conftest import PEPPER, Database, TenantFixture, make_settings, unaudited_tenant
 from tests.unit.analytics_support import FlakyStore
 from tests.unit.test_audit_rfc9162 import rfc_verify_consistency, rfc_verify_inclusion
 
@@ -44,7 +44,7 @@ def _signer(client: Client) -> AuditSigner:
 
 
 async def _tenant(admin_engine: AsyncEngine) -> TenantFixture:
-    return await new_tenant(admin_engine, scopes=("audit:read",))
+    return await unaudited_tenant(admin_engine, scopes=("audit:read",))
 
 
 async def _append(app_engine: AsyncEngine, tenant: TenantFixture, count: int, start: int = 0) -> None:
@@ -87,7 +87,7 @@ def _public_key(body: dict[str, Any]) -> Ed25519PublicKey:
 
 
 async def test_scope_is_required(client: Client, admin_engine: AsyncEngine) -> None:
-    tenant = await new_tenant(admin_engine, scopes=("onboarding:write",))
+    tenant = await unaudited_tenant(admin_engine, scopes=("onboarding:write",))
     for path in ("/entries", "/entries/0/proof", "/checkpoints", "/consistency?first=1&second=1", "/public-key"):
         response = await client.get(f"/v1/audit{path}", headers=tenant.headers)
         assert response.status_code == 403, path

@@ -19,7 +19,7 @@ from firstmile.audit.schemas import checkpoint_out
 from firstmile.audit.service import append
 from firstmile.audit.signing import AuditSigner
 from firstmile.kit.db import authorise_tenant, tenant_transaction
-from tests.conftest import Database, TenantFixture, new_tenant
+from tests.conftest import Database, TenantFixture, unaudited_tenant
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def env(database: Database, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
 
 
 async def _log(app_engine: AsyncEngine, admin_engine: AsyncEngine, count: int) -> TenantFixture:
-    tenant = await new_tenant(admin_engine)
+    tenant = await unaudited_tenant(admin_engine)
     tid = authorise_tenant(tenant.id)
     async with tenant_transaction(app_engine, tid) as conn:
         for i in range(count):

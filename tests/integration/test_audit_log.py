@@ -24,14 +24,14 @@ from firstmile.audit.service import (
 from firstmile.audit.signing import AuditSigner, checkpoint_body, verify_signature
 from firstmile.audit.verify import verify_tenant
 from firstmile.kit.db import TenantId, authorise_tenant, tenant_transaction
-from tests.conftest import Database, new_tenant
+from tests.conftest import Database, unaudited_tenant
 from tests.unit.test_audit_rfc9162 import rfc_mth
 
 SIGNER = AuditSigner(Ed25519PrivateKey.generate())
 
 
 async def _tenant(admin_engine: AsyncEngine) -> TenantId:
-    return authorise_tenant((await new_tenant(admin_engine)).id)
+    return authorise_tenant((await unaudited_tenant(admin_engine)).id)
 
 
 async def _entries(admin_engine: AsyncEngine, tenant: TenantId) -> list[repo.AuditEntry]:

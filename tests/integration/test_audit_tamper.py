@@ -29,7 +29,7 @@ from firstmile.audit.service import append, create_checkpoint
 from firstmile.audit.signing import AuditSigner
 from firstmile.audit.verify import VerifyReport, load_checkpoints, verify_tenant
 from firstmile.kit.db import TenantId, authorise_tenant, tenant_transaction
-from tests.conftest import new_tenant
+from tests.conftest import unaudited_tenant
 
 SIGNER = AuditSigner(Ed25519PrivateKey.generate())
 SEEDS = range(3)
@@ -45,7 +45,7 @@ class Log:
 
 async def _build(app_engine: AsyncEngine, admin_engine: AsyncEngine, seed: int) -> Log:
     rng = random.Random(seed)
-    tenant = authorise_tenant((await new_tenant(admin_engine)).id)
+    tenant = authorise_tenant((await unaudited_tenant(admin_engine)).id)
     size = rng.randint(24, 48)
     first = rng.randint(4, size // 2)
     second = size - rng.randint(0, 4)  # a few entries may stay unsigned

@@ -13,6 +13,7 @@ from typing import Any
 import click
 from sqlalchemy import text
 
+from firstmile.audit import service as audit
 from firstmile.security.datakeys import ManifestProviders, rotate_tenant
 from firstmile.security.keys import KeyConfig, KeyProviderError, ProviderRegistry
 from firstmile.settings import Settings, get_settings
@@ -49,6 +50,9 @@ async def rotate_tenant_keys(
             tenant = authorise_tenant(row[0])
             await set_tenant(conn, tenant)
             result = await rotate_tenant(conn, tenant, ManifestProviders(registry), new_data_key=new_data_key)
+            await audit.append(
+                conn, tenant, "key", "operator:cli", tenant_slug, {"action": "keys.rotate", **result.as_dict()}
+            )
     finally:
         await engine.dispose()
         registry.close()

@@ -11,11 +11,15 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from firstmile.audit import service as audit
 from firstmile.kit.db import TenantId, authorise_tenant, set_tenant
 from firstmile.onboarding.paths import sync_paths
 from firstmile.tenancy import keys as keylib
 from firstmile.tenancy import repository as repo
 from firstmile.tenancy.manifest import TenantManifest
+
+OPERATOR = "operator:cli"
+"""The actor of audit entries written by operator commands (a person at the CLI, as the schema owner)."""
 
 
 class TenancyError(ValueError):
@@ -69,6 +73,15 @@ async def apply_manifest(engine: AsyncEngine, manifest: TenantManifest, *, dry_r
                 if not result.changes:
                     result.changes.append(f"tenant {spec.slug}: manifest settings updated")
                 await repo.update_tenant(conn, tenant_id, spec.name, manifest_doc, manifest_hash)
+            if result.changes and not dry_run:
+                await audit.append(
+                    conn,
+                    tenant_id,
+                    "admin",
+                    OPERATOR,
+                    spec.slug,
+                    {"action": "tenants.apply", "changes": result.changes, "manifest_hash": manifest_hash},
+                )
         except BaseException:
             await transaction.rollback()
             raise
@@ -110,6 +123,14 @@ async def create_key(
         key_id = await repo.insert_key(
             conn, tenant.id, name, keylib.display_prefix(key), keylib.hash_key(pepper, key), valid, tenant.home_region
         )
+        await audit.append(
+            conn,
+            tenant.id,
+            "admin",
+            OPERATOR,
+            f"api_key:{key_id}",
+            {"action": "keys.create", "name": name, "scopes": list(valid), "region": tenant.home_region},
+        )
     return CreatedKey(key, key_id, tenant_slug, valid, tenant.home_region)
 
 
@@ -117,7 +138,10 @@ async def revoke_key(engine: AsyncEngine, tenant_slug: str, key_id: uuid.UUID) -
     async with engine.begin() as conn:
         tenant = await _tenant(conn, tenant_slug)
         await set_tenant(conn, tenant.id)
-        return await repo.revoke_key(conn, tenant.id, key_id)
+        revoked = await repo.revoke_key(conn, tenant.id, key_id)
+        if revoked:
+            await audit.append(conn, tenant.id, "admin", OPERATOR, f"api_key:{key_id}", {"action": "keys.revoke"})
+        return revoked
 
 
 async def list_keys(engine: AsyncEngine, tenant_slug: str) -> list[repo.KeyRow]:
