@@ -24,7 +24,7 @@ from firstmile.onboarding.service import OnboardingService
 from firstmile.tenancy.manifest import SLUG_PATTERN
 
 T = TypeVar("T")
-_USER_ID = re.compile(USER_ID_PATTERN)
+USER_ID_RE = re.compile(USER_ID_PATTERN)
 _STEP_ID = re.compile(SLUG_PATTERN)  # step ids are manifest slugs
 
 
@@ -34,7 +34,8 @@ async def unit_of_work(request: Request[Principal, Any, Any], work: Callable[[As
     return await run_in_tenant_transaction(request.app.state.engine, request.user.tenant_id, work)
 
 
-def _check(value: str, pattern: re.Pattern[str], name: str) -> str:
+def check_id(value: str, pattern: re.Pattern[str], name: str) -> str:
+    """A path parameter id, or 400 ``validation-error`` naming it."""
     if len(value) > USER_ID_MAX_LENGTH or not pattern.match(value):
         raise ProblemError(
             400,
@@ -71,7 +72,7 @@ class OnboardingController(Controller):
 
     @get("/{user_id:str}", summary="A user's onboarding state")
     async def state(self, request: Request[Principal, Any, Any], user_id: FromPath[str]) -> OnboardingState:
-        _check(user_id, _USER_ID, "user_id")
+        check_id(user_id, USER_ID_RE, "user_id")
         service: OnboardingService = request.app.state.onboarding
         tenant_id = request.user.tenant_id
         return await unit_of_work(request, lambda conn: service.get(conn, tenant_id, user_id))
@@ -89,8 +90,8 @@ class OnboardingController(Controller):
         step_id: FromPath[str],
         data: Annotated[CompleteRequest | None, Body(description="Optional: when it happened")] = None,
     ) -> OnboardingState:
-        _check(user_id, _USER_ID, "user_id")
-        _check(step_id, _STEP_ID, "step_id")
+        check_id(user_id, USER_ID_RE, "user_id")
+        check_id(step_id, _STEP_ID, "step_id")
         service: OnboardingService = request.app.state.onboarding
         occurred_at = data.occurred_at if data is not None else None
         tenant_id = request.user.tenant_id

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 from typing import Any
 
 import msgspec
@@ -15,22 +14,13 @@ from firstmile.analytics.queries import build_user_events
 from firstmile.kit.auth import Principal, require_scope
 from firstmile.kit.db import run_in_tenant_transaction
 from firstmile.kit.errors import ProblemError
+from firstmile.onboarding.api import USER_ID_RE, check_id
 from firstmile.onboarding.pii import valid_email
-from firstmile.onboarding.schemas import USER_ID_MAX_LENGTH, USER_ID_PATTERN
 from firstmile.privacy import service
-
-_USER_ID = re.compile(USER_ID_PATTERN)
 
 
 def _user_id(value: str) -> str:
-    if len(value) > USER_ID_MAX_LENGTH or not _USER_ID.match(value):
-        raise ProblemError(
-            400,
-            "validation-error",
-            f"user_id {value[:140]!r} is not a valid id (at user_id)",
-            errors=[{"key": "user_id", "message": "invalid id", "source": "path"}],
-        )
-    return value
+    return check_id(value, USER_ID_RE, "user_id")
 
 
 def _actor(principal: Principal) -> str:
