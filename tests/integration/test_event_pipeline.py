@@ -58,6 +58,7 @@ class Stack:
     bootstrap: str
     topic: str
     dlq: str
+    prefix: str = ""
 
     async def tenant(self) -> TenantFixture:
         slug = f"t-{secrets.token_hex(5)}"
@@ -107,7 +108,7 @@ async def stack(
     ]
     tasks = [asyncio.create_task(relay.run(stop))] + [asyncio.create_task(r.run(stop)) for r in runners]
     async with AsyncTestClient(app=app, raise_server_exceptions=False) as client:
-        yield Stack(client, admin, analytics_store, kafka_bootstrap, topic, dlq)
+        yield Stack(client, admin, analytics_store, kafka_bootstrap, topic, dlq, prefix)
     stop.set()
     await asyncio.wait_for(asyncio.gather(*tasks), 30)
     await publisher.close()
@@ -373,3 +374,29 @@ async def test_the_relay_deletes_only_the_acknowledged_prefix_and_prunes_old_rec
     finally:
         await relay._close_conn()
         await admin.dispose()
+
+
+async def test_dead_letters_can_be_listed_and_replayed_once(stack: Stack) -> None:
+    from firstmile.events.runtime import replay_dead_letters
+
+    tenant = await stack.tenant()
+    async with stack.admin.begin() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO outbox (event_id, tenant_id, event_type, partition_key, payload)"
+                " VALUES (:e, :t, 'mystery.event', :k, '{}'::jsonb)"
+            ),
+            {"e": uuid.uuid4(), "t": tenant.id, "k": f"{tenant.id}:x"},
+        )
+    letters = await asyncio.to_thread(read_topic, stack.bootstrap, stack.dlq, 1)
+    assert letters, "the unknown event type is dead-lettered by the analytics consumer"
+    settings = make_settings(kafka_bootstrap_servers=stack.bootstrap, kafka_topic_prefix=stack.prefix)
+    listed = await asyncio.to_thread(replay_dead_letters, settings, dry_run=True, idle_seconds=1.0)
+    assert [letter["reason"] for letter in listed] == ["analytics: unknown event type 'mystery.event'"]
+    before = len(await asyncio.to_thread(read_topic, stack.bootstrap, stack.topic, 10_000, 3.0))
+    replayed = await asyncio.to_thread(replay_dead_letters, settings, dry_run=False, idle_seconds=1.0)
+    assert len(replayed) == 1
+    after = await asyncio.to_thread(read_topic, stack.bootstrap, stack.topic, before + 1, 10.0)
+    assert len(after) == before + 1  # the letter is back on the events topic, once
+    # The cause is not fixed, so the analytics consumer dead-letters it again: a new letter,
+    # which the next replay would pick up; this one stopped at the letters it started with.

@@ -103,7 +103,7 @@ async def run_consumers(settings: Settings, database_url: str, names: Sequence[s
 def replay_dead_letters(settings: Settings, *, dry_run: bool, idle_seconds: float = 3.0) -> list[dict[str, str]]:
     """Copy the dead-letter topic back onto the events topic (once per letter; see docs/events.md)."""
     from confluent_kafka import Consumer as KafkaConsumer
-    from confluent_kafka import Producer
+    from confluent_kafka import Producer, TopicPartition
 
     from firstmile.events.kafka import PRODUCER_DEFAULTS
 
@@ -119,13 +119,21 @@ def replay_dead_letters(settings: Settings, *, dry_run: bool, idle_seconds: floa
     )
     producer = Producer({"bootstrap.servers": bootstrap, **PRODUCER_DEFAULTS})
     replayed: list[dict[str, str]] = []
+    # Only the letters there when the replay starts: a letter that fails again is dead-lettered
+    # again, and replaying up to a moving end would never stop.
+    partitions = consumer.list_topics(dlq, timeout=10).topics[dlq].partitions
+    ends = {p: consumer.get_watermark_offsets(TopicPartition(dlq, p), timeout=10)[1] for p in partitions}
+    done: dict[int, int] = {}
     consumer.subscribe([dlq])
     try:
-        while True:
-            messages = [m for m in consumer.consume(500, idle_seconds) if m.error() is None]
-            if not messages:
+        while any(done.get(p, -1) + 1 < end for p, end in ends.items() if end > 0):
+            batch = [m for m in consumer.consume(500, idle_seconds) if m.error() is None]
+            if not batch:
                 break
-            for m in messages:
+            for m in batch:
+                partition, offset = m.partition(), m.offset()
+                if partition is None or offset is None or offset >= ends.get(partition, 0):
+                    continue
                 raw_headers = m.headers() or []
                 pairs = raw_headers.items() if isinstance(raw_headers, dict) else raw_headers
                 headers = {k: v.decode(errors="replace") if isinstance(v, bytes) else str(v or "") for k, v in pairs}
@@ -138,11 +146,12 @@ def replay_dead_letters(settings: Settings, *, dry_run: bool, idle_seconds: floa
                 )
                 if not dry_run:
                     producer.produce(topic, m.value(), m.key(), headers=[("replayed_from", dlq.encode())])
+                done[partition] = max(done.get(partition, -1), offset)
             if dry_run:
-                break
+                continue
             while len(producer) > 0:
                 producer.flush(1.0)
-            consumer.commit(asynchronous=False)
+            consumer.commit(offsets=[TopicPartition(dlq, p, o + 1) for p, o in done.items()], asynchronous=False)
     finally:
         consumer.close()
     return replayed
