@@ -41,7 +41,8 @@ class ServerInfo:
     data_directory: str
 
 
-async def _recreate_database(admin_dsn: str) -> ServerInfo:
+async def _recreate_database(admin_dsn: str, name: str = BENCH_DB) -> ServerInfo:
+    """Drop and create database ``name``; returns the server's version and settings."""
     conn = await asyncpg.connect(admin_dsn)
     try:
         version = str(await conn.fetchval("SELECT version()"))
@@ -50,8 +51,8 @@ async def _recreate_database(admin_dsn: str) -> ServerInfo:
             for name in ("server_version", "shared_buffers", "fsync", "synchronous_commit", "max_connections")
         }
         data_dir = str(await conn.fetchval("SELECT current_setting('data_directory')"))
-        await conn.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
-        await conn.execute(f"CREATE DATABASE {BENCH_DB}")
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
     return ServerInfo(version, settings, data_dir)

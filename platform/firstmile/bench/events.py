@@ -65,7 +65,7 @@ import msgspec
 
 from firstmile.bench.common import APP_ROLE, READY_TIMEOUT_S, STOP_TIMEOUT_S, TENANT, BenchError, _log
 from firstmile.bench.cpu import _busy_seconds, _proc_table, _tree
-from firstmile.bench.database import ServerInfo, _asyncpg_dsn, _postmaster_pid, _sqlalchemy_url
+from firstmile.bench.database import ServerInfo, _asyncpg_dsn, _postmaster_pid, _recreate_database, _sqlalchemy_url
 from firstmile.bench.report import _machine
 from firstmile.bench.servers import Server, _free_port, _start_server, _stop_server
 
@@ -334,22 +334,6 @@ class _LoadGen:
 
 
 # ---- database ---------------------------------------------------------------------------------
-
-
-async def _recreate_database(admin_dsn: str) -> ServerInfo:
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        version = str(await conn.fetchval("SELECT version()"))
-        settings = {
-            name: str(await conn.fetchval(f"SELECT current_setting('{name}')"))
-            for name in ("server_version", "shared_buffers", "fsync", "synchronous_commit", "max_connections")
-        }
-        data_dir = str(await conn.fetchval("SELECT current_setting('data_directory')"))
-        await conn.execute(f"DROP DATABASE IF EXISTS {EVENTS_DB} WITH (FORCE)")
-        await conn.execute(f"CREATE DATABASE {EVENTS_DB}")
-    finally:
-        await conn.close()
-    return ServerInfo(version, settings, data_dir)
 
 
 async def _provision(admin_url: str, pepper: bytes, manifest: Path) -> tuple[str, uuid.UUID]:
@@ -1056,7 +1040,7 @@ def run_events_benchmark(
     kafka_port = int(kafka.split(",")[0].rsplit(":", 1)[1])
 
     _log(f"recreating database {EVENTS_DB}")
-    pg = asyncio.run(_recreate_database(admin_dsn))
+    pg = asyncio.run(_recreate_database(admin_dsn, EVENTS_DB))
     roots: dict[str, int | None] = {
         "PostgreSQL": _postmaster_pid(pg.data_directory),
         "Kafka broker": _listener_pid(kafka_port),
