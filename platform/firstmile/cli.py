@@ -329,8 +329,8 @@ def _seed_demo_analytics(
     settings: Settings, urls: DatabaseUrls, slug: str, *, users: int, only_if_empty: bool, seed: int = 7
 ) -> int:
     """Synthetic history (8 weeks of starts, completions, activations, product events) for one tenant."""
+    from firstmile.analytics.factory import open_analytics_store
     from firstmile.analytics.synthetic import seed_demo
-    from firstmile.app import open_analytics_store
     from firstmile.kit.db import authorise_tenant
     from firstmile.onboarding.domain import PathDef
     from firstmile.onboarding.repository import current_path_definitions

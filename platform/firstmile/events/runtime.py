@@ -62,7 +62,7 @@ async def run_relay(settings: Settings, relay_url: str, stop: asyncio.Event | No
 
 async def run_consumers(settings: Settings, database_url: str, names: Sequence[str]) -> None:
     """Run the named consumer groups in this process until stopped."""
-    from firstmile.app import open_analytics_store
+    from firstmile.analytics.factory import open_analytics_store
     from firstmile.events.consumers import AnalyticsSink, AutoCompletion, FeatureHook
     from firstmile.kit.db import create_engine
     from firstmile.onboarding.catalog import CatalogCache
