@@ -17,7 +17,7 @@ help: ## Show the targets
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@test -x $(BIN)/uv || $(BIN)/pip install -q uv
-	$(BIN)/uv pip install --python $(BIN)/python -q -e '.[dev]'
+	$(BIN)/uv pip install --python $(BIN)/python -q -e '.[inference,dev]'
 	@touch $(STAMP)
 
 install: $(STAMP) ## Create .venv and install Firstmile with its dev tools (idempotent)
