@@ -40,6 +40,8 @@ from firstmile.kit.auth import ApiKeyMiddleware, KeyResolver
 from firstmile.kit.db import create_engine
 from firstmile.kit.errors import exception_handlers, problem_response
 from firstmile.kit.health import HealthController, metrics
+from firstmile.ml.inference import GuardedInference, InProcessClient, StageReader, default_registry_uri, open_inference
+from firstmile.ml.planner import PATH_MODEL, AdaptivePlanner
 from firstmile.onboarding.api import OnboardingController
 from firstmile.onboarding.catalog import CatalogCache
 from firstmile.onboarding.service import OnboardingService
@@ -124,12 +126,15 @@ def create_app(
     *,
     analytics: AnalyticsStore | None = None,
     relay_database_url: str | None = None,
+    inference: tuple[GuardedInference, StageReader] | None = None,
 ) -> Litestar:
     """Build the API for one region; its connection pool opens at startup and closes at shutdown.
 
     ``analytics`` is the analytics store (opened from the settings when omitted).
     With ``relay_database_url`` and no Kafka configured, the process also runs the
     outbox relay and dispatches events to the consumers in-process (embedded mode).
+    ``inference`` is the guarded model client and the registry's stage reader (opened
+    from the settings when omitted: Ray Serve at ``inference_url``, else in-process).
     """
     # Every log line passes the PII redactor; if it fails, the line says so instead of leaking.
     telemetry.configure_logging(settings.log_level, settings.log_format, filters=[RedactingFilter()])
@@ -157,6 +162,19 @@ def create_app(
         app.state.key_resolver = KeyResolver(engine, pepper, settings.region, settings.api_key_cache_ttl_seconds)
         app.state.keyring = DataKeyService.from_config(engine, KeyConfig.from_settings(settings))
         app.state.onboarding.keyring = app.state.keyring
+        guarded, stages = inference or open_inference(
+            default_registry_uri(settings.data_dir, settings.model_registry_uri),
+            settings.inference_url,
+            timeout_s=settings.inference_timeout_ms / 1000,
+            failures=settings.inference_breaker_failures,
+            reset_s=settings.inference_breaker_reset_seconds,
+        )
+        app.state.inference = guarded
+        app.state.model_stages = stages
+        app.state.onboarding.planner = AdaptivePlanner(guarded, stages, None)
+        if isinstance(guarded.client, InProcessClient):
+            # Load the staged models on a worker thread; until then the planner falls back to the rules.
+            guarded.client.warm([PATH_MODEL])
         background.append(
             asyncio.create_task(
                 Checkpointer(
@@ -192,6 +210,8 @@ def create_app(
         if background:
             await asyncio.gather(*background, return_exceptions=True)
         await app.state.engine.dispose()
+        if inference is None:
+            await app.state.inference.close()
         app.state.analytics.close(close_store=False)
         cast(ManifestProviders, app.state.keyring.providers).registry.close()
         if analytics is None and getattr(app.state, "analytics_store", None) is not None:

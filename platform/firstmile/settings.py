@@ -166,6 +166,47 @@ class Settings(BaseSettings):
     audit_checkpoint_every_seconds: float = Field(
         default=60.0, gt=0, le=86_400, description="…or when the oldest unsigned entry is this old."
     )
+    model_registry_uri: str | None = Field(
+        default=None,
+        description=(
+            "Model registry (file:///dir or a path) holding the trained models and their stages. "
+            "Unset: <data_dir>/models."
+        ),
+    )
+    inference_url: str | None = Field(
+        default=None,
+        description=(
+            "Base URL of the Ray Serve application (http://ray-serve:8100). Unset: the models run "
+            "in-process from the registry (embedded mode)."
+        ),
+    )
+    inference_timeout_ms: float = Field(
+        default=100, gt=0, le=10_000, description="Hard timeout of one path-planner inference call."
+    )
+    inference_breaker_failures: int = Field(
+        default=5, ge=1, le=1000, description="Consecutive inference failures that open the circuit breaker."
+    )
+    inference_breaker_reset_seconds: float = Field(
+        default=30, gt=0, le=3600, description="How long an open breaker sends every call to the fallback."
+    )
+    stuck_scan_interval_seconds: float = Field(
+        default=300,
+        ge=0,
+        le=86_400,
+        description="How often the API process looks for stuck users (0: never; run `firstmile stuck scan`).",
+    )
+    stuck_after_hours: float = Field(
+        default=24,
+        gt=0,
+        le=24 * 90,
+        description="The time-based stuck rule: no activity for this long (used when the stuck detector fails).",
+    )
+    stuck_min_idle_hours: float = Field(
+        default=1,
+        ge=0,
+        le=24 * 30,
+        description="Users idle for less than this are never asked about (keeps the scan small).",
+    )
     host: str = Field(default="127.0.0.1", description="Bind address of `firstmile serve`.")
     port: int = Field(default=8000, ge=1, le=65535)
     workers: int = Field(default=1, ge=1, le=64, description="Worker processes of `firstmile serve`.")

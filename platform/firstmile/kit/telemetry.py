@@ -60,6 +60,16 @@ CONSUMED = Counter(
     "firstmile_events_consumed_total", "Events handled by a consumer, by consumer and outcome.", ["consumer", "outcome"]
 )
 DEAD_LETTERS = Counter("firstmile_dead_letters_total", "Events dead-lettered, by consumer.", ["consumer"])
+PLANNER_FALLBACKS = Counter(
+    "firstmile_planner_fallbacks_total", "Path decisions where the model was not used, by reason.", ["reason"]
+)
+INFERENCE_LATENCY = Histogram(
+    "firstmile_inference_seconds",
+    "Model calls from the platform, by model and outcome.",
+    ["model", "outcome"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
+STUCK_DETECTED = Counter("firstmile_stuck_detected_total", "Users flagged stuck, by detector.", ["detected_by"])
 ERRORS = Counter("firstmile_errors_total", "Problem responses sent, by problem type and status.", ["type", "status"])
 
 

@@ -25,6 +25,7 @@ class PathCatalog:
     default_key: str
     current: tuple[PathDef, ...]
     pii_traits: frozenset[str] = frozenset()
+    planner_model: str | None = None  # the registry model the planner asks first; None: rules only
 
 
 class CatalogCache:
@@ -42,7 +43,7 @@ class CatalogCache:
 
     async def reload(self, conn: AsyncConnection, tenant_id: TenantId) -> PathCatalog:
         """Read the tenant's current catalog (for callers that do not know the revision)."""
-        default_key, tenant_revision, pii_traits = await path_settings(conn, tenant_id)
+        default_key, tenant_revision, pii_traits, planner_model = await path_settings(conn, tenant_id)
         rows = await repo.current_path_definitions(conn, tenant_id)
         current = tuple(PathDef.from_definition(key, version, definition) for key, version, definition in rows)
         for path in current:
@@ -52,6 +53,7 @@ class CatalogCache:
             default_key=default_key,
             current=current,
             pii_traits=BUILTIN_PII_TRAITS | frozenset(pii_traits),
+            planner_model=planner_model,
         )
         self._catalogs[tenant_id] = catalog
         return catalog

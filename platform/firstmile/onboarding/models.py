@@ -68,6 +68,8 @@ user_progress = Table(
     Column("activated_at", DateTime(timezone=True), nullable=True),
     Column("completed_at", DateTime(timezone=True), nullable=True),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("stuck_step", Text, nullable=True),  # the step the user was last flagged stuck on
+    Column("stuck_at", DateTime(timezone=True), nullable=True),
     PrimaryKeyConstraint("tenant_id", "user_id"),
     ForeignKeyConstraint(["tenant_id", "user_id"], ["end_users.tenant_id", "end_users.user_id"], ondelete="CASCADE"),
     ForeignKeyConstraint(
@@ -75,6 +77,9 @@ user_progress = Table(
         ["onboarding_paths.tenant_id", "onboarding_paths.path_key", "onboarding_paths.version"],
     ),
     Index("ix_user_progress_tenant_id_path_key_path_version", "tenant_id", "path_key", "path_version"),
+    Index(
+        "ix_user_progress_tenant_id_idle", "tenant_id", "updated_at", postgresql_where=text("status = 'in_progress'")
+    ),
 )
 
 step_completions = Table(

@@ -10,7 +10,7 @@ fallback.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from firstmile.onboarding.domain import PathDef
@@ -30,16 +30,43 @@ class Decision:
     priority: int | None
     candidates: int
     planner: str = PLANNER_VERSION
+    # Set by the adaptive planner (firstmile.ml.planner) when a model was asked:
+    model: str | None = None
+    model_version: str | None = None
+    confidence: float | None = None
+    fallback_reason: str | None = None  # why the model's answer was not used
+    details: Mapping[str, Any] = field(default_factory=dict)  # features, scores, stage, shadow, latency
+
+    @property
+    def fallback(self) -> str | None:
+        """Which fallback fired: ``rules`` (model failed), ``default_path`` (nothing matched), or none."""
+        if self.selected_by == "default":
+            return "default_path"
+        if self.selected_by == "rules" and self.fallback_reason is not None:
+            return "rules"
+        return None
+
+    def after_model_failure(self, model: str, reason: str, **details: Any) -> Decision:
+        """This rule-based decision, recorded as the fallback of a model that could not be used."""
+        return replace(self, model=model, fallback_reason=reason, details={**self.details, **details})
 
     def as_record(self) -> dict[str, Any]:
-        return {
+        record: dict[str, Any] = {
             "selected_by": self.selected_by,
             "rule": self.rule,
             "priority": self.priority,
             "candidates_evaluated": self.candidates,
             "planner": self.planner,
-            "fallback": None if self.selected_by == "rules" else "default_path",
+            "fallback": self.fallback,
         }
+        if self.model is not None:
+            record |= {
+                "model": self.model,
+                "model_version": self.model_version,
+                "confidence": self.confidence,
+                "fallback_reason": self.fallback_reason,
+            }
+        return record | dict(self.details)
 
 
 def plan(paths: Sequence[PathDef], default_key: str, traits: Mapping[str, Any]) -> Decision:

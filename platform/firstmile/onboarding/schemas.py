@@ -61,6 +61,10 @@ class ProgressSummary(msgspec.Struct):
 
 
 class DecisionRecord(msgspec.Struct):
+    """How the path was chosen: ``selected_by`` model, rules or default; ``fallback`` names the
+    fallback that fired (``rules`` when the model could not be used, ``default_path`` when no rule
+    matched) and ``fallback_reason`` why the model was not used."""
+
     selected_by: str
     rule: str | None
     priority: int | None
@@ -68,6 +72,10 @@ class DecisionRecord(msgspec.Struct):
     fallback: str | None
     candidates_evaluated: int
     decided_at: datetime
+    model: str | None = None
+    model_version: str | None = None
+    confidence: float | None = None
+    fallback_reason: str | None = None
 
 
 class OnboardingState(msgspec.Struct):

@@ -21,6 +21,7 @@ from firstmile.audit import service as audit
 from firstmile.kit import telemetry
 from firstmile.kit.db import TenantId
 from firstmile.kit.errors import ProblemError
+from firstmile.ml.planner import AdaptivePlanner
 from firstmile.onboarding import domain, planner
 from firstmile.onboarding import repository as repo
 from firstmile.onboarding.catalog import CatalogCache
@@ -113,6 +114,10 @@ def render_state(user_id: str, path: PathDef, row: repo.ProgressRow) -> Onboardi
             fallback=d.get("fallback"),
             candidates_evaluated=int(d.get("candidates_evaluated", 0)),
             decided_at=datetime.fromisoformat(d["decided_at"]),
+            model=d.get("model"),
+            model_version=d.get("model_version"),
+            confidence=d.get("confidence"),
+            fallback_reason=d.get("fallback_reason"),
         ),
     )
 
@@ -124,9 +129,15 @@ class OnboardingService:
     a start that carries personal data is refused rather than stored in clear.
     """
 
-    def __init__(self, catalogs: CatalogCache, keyring: DataKeyService | None = None) -> None:
+    def __init__(
+        self,
+        catalogs: CatalogCache,
+        keyring: DataKeyService | None = None,
+        planner: AdaptivePlanner | None = None,
+    ) -> None:
         self.catalogs = catalogs
         self.keyring = keyring
+        self.planner = planner
 
     async def _seal(
         self, conn: AsyncConnection, tenant_id: TenantId, user_id: str, personal: dict[str, Any]
@@ -156,13 +167,18 @@ class OnboardingService:
                 errors=[{"key": "traits.email", "message": "not an email address"}],
             )
         began = time.perf_counter()
+        now = datetime.now(UTC)
         with telemetry.tracer.start_as_current_span("path_planner.plan") as span:
-            decision = planner.plan(catalog.current, catalog.default_key, clean)
+            if self.planner is not None:
+                decision = await self.planner.plan(str(tenant_id), user_id, catalog, clean, now)
+            else:
+                decision = planner.plan(catalog.current, catalog.default_key, clean)
             span.set_attribute("firstmile.selected_by", decision.selected_by)
             span.set_attribute("firstmile.path", f"{decision.path_key}@{decision.path_version}")
+            if decision.fallback_reason is not None:
+                span.set_attribute("firstmile.fallback_reason", decision.fallback_reason)
         telemetry.PATH_SELECTION_LATENCY.labels(decision.selected_by).observe(time.perf_counter() - began)
         path = next(p for p in catalog.current if p.key == decision.path_key)
-        now = datetime.now(UTC)
         record = decision.as_record() | {"decided_at": now.isoformat()}
         first = domain.evaluate(path, ()).current_step
         event = _event(
@@ -200,13 +216,19 @@ class OnboardingService:
                 user_id,
                 {
                     "decision": "path_selection",
-                    "inputs": {"traits": plain, "personal_traits": sorted(personal)},
+                    "inputs": {
+                        "traits": plain,
+                        "personal_traits": sorted(personal),
+                        "features": record.get("features"),
+                    },
                     "output": {"path_id": path.key, "path_version": path.version},
-                    "model": decision.planner,
-                    "model_version": decision.planner,
-                    "confidence": None,
+                    "model": decision.model or decision.planner,
+                    "model_version": decision.model_version or decision.planner,
+                    "confidence": decision.confidence,
                     "selected_by": decision.selected_by,
                     "fallback": record.get("fallback"),
+                    "fallback_reason": decision.fallback_reason,
+                    "shadow": record.get("shadow"),
                     "event_id": str(event.event_id),
                 },
             )

@@ -158,6 +158,18 @@ class AppRoleSpec(_Model):
         return self
 
 
+class PlannerSpec(_Model):
+    """How the path planner chooses: a registered model first (rules and the default path as fallbacks)."""
+
+    model: Literal["path_classifier"] | None = Field(
+        default="path_classifier",
+        description=(
+            "Registry name of the path model to ask first; null: the targeting rules alone decide. "
+            "The model's answer is limited to this manifest's paths."
+        ),
+    )
+
+
 class KeysSpec(_Model):
     """Where the tenant's key-encryption key lives: the platform's local KEK, or the tenant's own Vault."""
 
@@ -203,6 +215,10 @@ class TenantManifest(_Model):
         default=None,
         description="Key management for the tenant's data keys. Omitted: the default (FIRSTMILE_KEY_PROVIDER).",
     )
+    planner: PlannerSpec | None = Field(
+        default=None,
+        description="Adaptive path selection. Omitted: the targeting rules alone decide.",
+    )
     pii_traits: tuple[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")], ...] | None = Field(
         default=None,
         description=(
@@ -232,7 +248,7 @@ class TenantManifest(_Model):
 
     def content_hash(self) -> str:
         # Sections added later are left out while unset, so existing manifests keep their hash.
-        unset = {name for name in ("keys", "pii_traits") if getattr(self, name) is None}
+        unset = {name for name in ("keys", "pii_traits", "planner") if getattr(self, name) is None}
         canonical = json.dumps(self.model_dump(mode="json", exclude=unset), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 

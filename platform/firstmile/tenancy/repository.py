@@ -165,13 +165,17 @@ async def revoke_key(conn: AsyncConnection, tenant_id: TenantId, key_id: uuid.UU
     return bool(result.rowcount)
 
 
-async def path_settings(conn: AsyncConnection, tenant_id: TenantId) -> tuple[str, int, tuple[str, ...]]:
-    """The tenant's default path key, its revision (bumped by every manifest change) and its PII traits."""
+async def path_settings(conn: AsyncConnection, tenant_id: TenantId) -> tuple[str, int, tuple[str, ...], str | None]:
+    """The tenant's default path key, its revision (bumped by every manifest change), its PII traits and
+    the path model its planner asks first (``None``: rules only)."""
     row = (
         await conn.execute(
             select(
-                tenants.c.manifest["default_path"].astext, tenants.c.revision, tenants.c.manifest["pii_traits"]
+                tenants.c.manifest["default_path"].astext,
+                tenants.c.revision,
+                tenants.c.manifest["pii_traits"],
+                tenants.c.manifest["planner"]["model"].astext,
             ).where(tenants.c.id == tenant_id)
         )
     ).one()
-    return str(row[0]), int(row[1]), tuple(row[2] or ())
+    return str(row[0]), int(row[1]), tuple(row[2] or ()), row[3]

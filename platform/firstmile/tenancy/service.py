@@ -151,6 +151,6 @@ async def list_keys(engine: AsyncEngine, tenant_slug: str) -> list[repo.KeyRow]:
         return await repo.list_keys(conn, tenant.id)
 
 
-async def path_settings(conn: AsyncConnection, tenant_id: TenantId) -> tuple[str, int, tuple[str, ...]]:
-    """The tenant's default path, manifest revision and PII trait names, for the onboarding catalog."""
+async def path_settings(conn: AsyncConnection, tenant_id: TenantId) -> tuple[str, int, tuple[str, ...], str | None]:
+    """The tenant's default path, manifest revision, PII trait names and path model, for the onboarding catalog."""
     return await repo.path_settings(conn, tenant_id)

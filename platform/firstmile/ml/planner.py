@@ -1,0 +1,184 @@
+"""The path planner agent: the model's choice first, then the rules, then the default path.
+
+Recovery, as the seed design and ARCHITECTURE.md §4 state it, in code:
+
+1. the tenant's manifest names no model → the rules decide (nothing is attempted);
+2. online features: fresh from the feature store, else cached (≤ 5 min old, marked
+   stale); the store down with nothing cached → the rules
+   (``feature_store_unavailable``); a user with no events yet is not a failure:
+   the model sees the request's traits and zero behaviour;
+3. the model, behind a hard timeout and a circuit breaker (:mod:`firstmile.ml.inference`):
+   timeout, open breaker, model down or not deployed, or an answer naming a path
+   the tenant does not have → the rules, with the reason on the record;
+4. no targeting rule matches → the tenant's default path.
+
+Canary: a deterministic slice of users (by tenant and user id) is served by the
+canary version. Shadow: the shadow version is asked concurrently, its answer is
+recorded beside production's and never reaches the user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal, Protocol
+
+from firstmile.kit import telemetry
+from firstmile.ml.inference import GuardedInference, InferenceError, Prediction, Stage, StageReader, in_canary
+from firstmile.onboarding import planner as rules
+from firstmile.onboarding.catalog import PathCatalog
+
+PATH_MODEL = "path_classifier"
+NUMERIC_DEFAULTS: Mapping[str, float] = {
+    "engagement_score": 0.0,
+    "time_since_signup": 0.0,
+    "steps_completed": 0.0,
+    "session_count": 0.0,
+    "avg_session_duration": 0.0,
+}
+TRAIT_FEATURES: Mapping[str, str] = {
+    "persona": "user_persona",
+    "signup_source": "signup_source",
+    "company_size": "company_size",
+    "use_case": "use_case",
+}
+
+FeatureSourceKind = Literal["fresh", "stale", "absent"]
+
+
+class FeatureStoreUnavailable(Exception):  # noqa: N818 (the name the seed design uses)
+    """The feature store failed and nothing recent enough is cached."""
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureReading:
+    """A user's model features (the nine keys, or ``None`` when the user has no events yet)."""
+
+    features: Mapping[str, Any] | None
+    source: FeatureSourceKind
+    age_s: float = 0.0
+
+
+class FeatureReader(Protocol):
+    async def read(self, tenant_id: str, user_id: str, now: datetime) -> FeatureReading:
+        """Raises :class:`FeatureStoreUnavailable` when neither the store nor the cache can answer."""
+        ...
+
+
+def model_instance(traits: Mapping[str, Any], reading: FeatureReading | None) -> dict[str, Any]:
+    """The path classifier's nine features: the request's traits win over stored ones; absent behaviour is 0."""
+    stored = dict(reading.features) if reading is not None and reading.features is not None else {}
+    instance: dict[str, Any] = {}
+    for trait, feature in TRAIT_FEATURES.items():
+        value = traits.get(trait)
+        instance[feature] = value if isinstance(value, str) else stored.get(feature)
+    for feature, default in NUMERIC_DEFAULTS.items():
+        value = stored.get(feature, default)
+        instance[feature] = float(value) if isinstance(value, int | float) else default
+    return instance
+
+
+class AdaptivePlanner:
+    """Chooses a user's path: model → rules → default path, and says which one decided and why."""
+
+    def __init__(
+        self,
+        inference: GuardedInference | None,
+        stages: StageReader | None,
+        features: FeatureReader | None,
+    ) -> None:
+        self.inference = inference
+        self.stages = stages
+        self.features = features
+
+    async def plan(
+        self, tenant_id: str, user_id: str, catalog: PathCatalog, traits: Mapping[str, Any], now: datetime
+    ) -> rules.Decision:
+        by_rules = rules.plan(catalog.current, catalog.default_key, traits)
+        model = catalog.planner_model
+        if model is None:
+            return by_rules
+        if self.inference is None:
+            return self._fallback(by_rules, model, "not_deployed")
+        reading: FeatureReading | None = None
+        if self.features is not None:
+            try:
+                reading = await self.features.read(tenant_id, user_id, now)
+            except FeatureStoreUnavailable as exc:
+                return self._fallback(by_rules, model, "feature_store_unavailable", error=str(exc)[:200])
+        instance = model_instance(traits, reading)
+        candidates = [p.key for p in catalog.current]
+        request = instance | {"candidates": candidates}
+        info = self.stages.stages(model) if self.stages is not None else None
+        stage: Stage = "production"
+        if info is not None and info.canary is not None and in_canary(info.canary_weight, tenant_id, user_id):
+            stage = "canary"
+        shadow_call = None
+        if info is not None and info.shadow is not None:
+            shadow_call = asyncio.ensure_future(self.inference.predict(model, [request], stage="shadow", count=False))
+        began = time.perf_counter()
+        outcome = "ok"
+        try:
+            prediction = await self.inference.predict(model, [request], stage=stage)
+        except InferenceError as exc:
+            outcome = exc.reason
+            prediction = None
+            failure = exc
+        finally:
+            telemetry.INFERENCE_LATENCY.labels(model, outcome).observe(time.perf_counter() - began)
+        latency_ms = round((time.perf_counter() - began) * 1000, 2)
+        details: dict[str, Any] = {
+            "stage": stage,
+            "features": instance,
+            "feature_source": reading.source if reading is not None else "absent",
+            "inference": self.inference.client.kind,
+            "latency_ms": latency_ms,
+        }
+        if shadow_call is not None:
+            details["shadow"] = await _shadow_result(shadow_call, info.shadow if info else None)
+        if prediction is None:
+            return self._fallback(by_rules, model, failure.reason, error=failure.detail[:200], **details)
+        chosen = prediction.predictions[0] if prediction.predictions else {}
+        path_key = chosen.get("path")
+        path = next((p for p in catalog.current if p.key == path_key), None)
+        if path is None:
+            return self._fallback(by_rules, model, "invalid_prediction", predicted=str(path_key)[:80], **details)
+        scores = chosen.get("scores") or {}
+        top = sorted(scores.items(), key=lambda kv: -float(kv[1]))[:3]
+        details["scores"] = {k: round(float(v), 4) for k, v in top}
+        confidence = float(chosen.get("confidence", scores.get(path.key, 0.0)))
+        return rules.Decision(
+            path_key=path.key,
+            path_version=path.version,
+            selected_by="model",
+            rule=None,
+            priority=None,
+            candidates=len(candidates),
+            planner=f"{model}@{prediction.version}",
+            model=model,
+            model_version=prediction.version,
+            confidence=round(confidence, 4),
+            details=details,
+        )
+
+    @staticmethod
+    def _fallback(decision: rules.Decision, model: str, reason: str, **details: Any) -> rules.Decision:
+        telemetry.PLANNER_FALLBACKS.labels(reason).inc()
+        return decision.after_model_failure(model, reason, **details)
+
+
+async def _shadow_result(call: asyncio.Future[Prediction], version: str | None) -> dict[str, Any]:
+    try:
+        result = await call
+    except InferenceError as exc:
+        return {"version": version, "error": exc.reason}
+    chosen = result.predictions[0] if result.predictions else {}
+    confidence = chosen.get("confidence")
+    return {
+        "version": result.version,
+        "path": chosen.get("path"),
+        "confidence": round(float(confidence), 4) if isinstance(confidence, int | float) else None,
+    }
