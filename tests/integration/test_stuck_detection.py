@@ -32,7 +32,8 @@ async def _idle(admin_engine: AsyncEngine, tenant: TenantFixture, user_id: str, 
     async with admin_engine.begin() as conn:
         await conn.execute(
             text(
-                "UPDATE user_progress SET updated_at = now() - make_interval(secs => :s) WHERE tenant_id = :t AND user_id = :u"
+                "UPDATE user_progress SET updated_at = now() - make_interval(secs => :s)"
+                " WHERE tenant_id = :t AND user_id = :u"
             ),
             {"s": hours * 3600, "t": tenant.id, "u": user_id},
         )
@@ -42,7 +43,8 @@ async def _stuck_events(admin_engine: AsyncEngine, tenant: TenantFixture) -> lis
     async with admin_engine.connect() as conn:
         rows = await conn.execute(
             text(
-                "SELECT payload, partition_key FROM outbox WHERE tenant_id = :t AND event_type = 'onboarding.stuck' ORDER BY id"
+                "SELECT payload, partition_key FROM outbox"
+                " WHERE tenant_id = :t AND event_type = 'onboarding.stuck' ORDER BY id"
             ),
             {"t": tenant.id},
         )
