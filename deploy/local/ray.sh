@@ -1,0 +1,230 @@
+#!/usr/bin/env bash
+# A private single-node Ray cluster with Firstmile's Ray Serve application, on loopback.
+#   deploy/local/ray.sh start  [test|bench|dev]   start the head node (idempotent)
+#   deploy/local/ray.sh deploy [test|bench|dev] [REGISTRY] [key=value ...]
+#                                                 deploy inference/serve_config.yaml with this registry
+#                                                 ($FIRSTMILE_MODEL_REGISTRY_URI when not given) and
+#                                                 wait until the application is RUNNING; key=value
+#                                                 and FIRSTMILE_SERVE_<KEY> override the file's args.
+#                                                 Deploying again reloads the models (after a promotion).
+#   deploy/local/ray.sh status [test|bench|dev]   the node and the application's status
+#   deploy/local/ray.sh url    [test|bench|dev]   print the HTTP base URL of the application
+#   deploy/local/ray.sh stop   [test|bench|dev]   stop this instance only (idempotent)
+#
+# Ports: each instance owns a block of 100 from its GCS port (test 57100, bench 57200, dev 57000):
+# +1 client server, +2 dashboard (API server only, no UI), +3/+4 dashboard agent, +5 runtime-env
+# agent, +6 metrics export (Prometheus), +7 node manager, +8 object manager, +20..+99 workers.
+# HTTP (Serve's proxy): test 58100, bench 58200, dev 8100 (8000 is the Firstmile API).
+#
+# Loopback only: Ray on Linux replaces 127.0.0.1 by the machine's address and listens on all
+# interfaces unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which this script sets for the node and
+# for every driver it runs (any other driver that connects must set it too).
+#
+# Ray's temporary folder (sockets, logs) is /tmp/fm-ray-<name>, not .firstmile/services/: a unix
+# socket path is limited to 107 bytes and Ray's sockets sit three folders below it
+# (<temp>/session_<date>_<time>_<pid>/sockets/plasma_store). .firstmile/services/ray-<name>/ holds
+# this script's state: the session id file, start.log, the generated serve config, a logs link.
+#
+# `ray stop` kills every Ray process of the user on the machine, other instances included, so this
+# script starts each instance in its own process session (setsid) and stops exactly the processes
+# of that session (SIGTERM, then SIGKILL after FIRSTMILE_RAY_STOP_GRACE seconds, default 3:
+# the GCS server and raylet take longer than that to exit on SIGTERM, and the instance holds
+# nothing worth a graceful shutdown).
+#
+# Environment: FIRSTMILE_RAY_NUM_CPUS (logical CPUs, default 4: the test app's replicas ask for
+# 0.5 each, so they fit on a 2-core machine), FIRSTMILE_RAY_NUM_GPUS (default: Ray detects them),
+# FIRSTMILE_RAY_OBJECT_STORE_MB (default 256), FIRSTMILE_RAY_DEPLOY_TIMEOUT (seconds, default 300).
+set -euo pipefail
+
+cmd=${1:-start}
+name=${2:-test}
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+dir="$root/.firstmile/services/ray-$name"
+tmp="/tmp/fm-ray-$name"
+case "$name" in
+  test) gcs=${FIRSTMILE_TEST_RAY_PORT:-57100}; http=${FIRSTMILE_TEST_SERVE_PORT:-58100} ;;
+  bench) gcs=${FIRSTMILE_BENCH_RAY_PORT:-57200}; http=${FIRSTMILE_BENCH_SERVE_PORT:-58200} ;;
+  dev) gcs=${FIRSTMILE_DEV_RAY_PORT:-57000}; http=${FIRSTMILE_DEV_SERVE_PORT:-8100} ;;
+  *) echo "unknown instance '$name' (test, bench or dev)" >&2; exit 2 ;;
+esac
+app=firstmile
+
+if [ -x "$root/.venv/bin/ray" ]; then bin="$root/.venv/bin"; else bin=$(dirname "$(command -v ray || echo /usr/bin/ray)"); fi
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 RAY_DEDUP_LOGS=0
+
+elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# The processes of this instance: those in the process session recorded at start.
+session_pids() {
+  [ -f "$dir/session.id" ] || return 0
+  local sid
+  sid=$(cat "$dir/session.id")
+  ps -e -o pid=,sid=,stat= | awk -v s="$sid" '$2 == s && $3 !~ /^Z/ { print $1 }'  # zombies are gone already
+}
+
+running() { [ -n "$(session_pids)" ] && port_open "$gcs"; }
+
+# Python run as a Ray driver against this instance (exit codes: 0 ok, 1 failed, 2 not yet).
+driver() {
+  "$bin/python" - "$@" <<'PY'
+import os, sys, time, warnings
+warnings.simplefilter("ignore")
+import ray
+from ray import serve
+
+mode, address, app, timeout = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+ray.init(address=address, logging_level="ERROR", log_to_driver=False, configure_logging=False)
+deadline = time.monotonic() + timeout
+last = None
+while True:
+    status = serve.status()
+    state = status.applications.get(app)
+    phase = str(state.status.value if hasattr(state.status, "value") else state.status) if state else "NOT_STARTED"
+    if mode == "status":
+        print(f"serve application {app}: {phase}")
+        if state:
+            for dep_name, dep in state.deployments.items():
+                print(f"  {dep_name}: {dep.status} {dict(dep.replica_states)} {dep.message}".rstrip())
+        sys.exit(0)
+    if phase != last:
+        print(f"serve application {app}: {phase}", file=sys.stderr)
+        last = phase
+    if phase == "RUNNING":
+        sys.exit(0)
+    if phase in ("DEPLOY_FAILED", "UNHEALTHY"):
+        print(state.message, file=sys.stderr)
+        for dep_name, dep in state.deployments.items():
+            if dep.message:
+                print(f"  {dep_name}: {dep.status}: {dep.message}", file=sys.stderr)
+        sys.exit(1)
+    if time.monotonic() > deadline:
+        print(f"not RUNNING after {timeout:.0f} s", file=sys.stderr)
+        sys.exit(2)
+    time.sleep(0.5)
+PY
+}
+
+stop_instance() {
+  local pids
+  pids=$(session_pids)
+  if [ -z "$pids" ]; then rm -f "$dir/session.id"; return 0; fi
+  # shellcheck disable=SC2086
+  kill -TERM $pids 2>/dev/null || true
+  for _ in $(seq 1 $(( ${FIRSTMILE_RAY_STOP_GRACE:-3} * 4 ))); do
+    [ -z "$(session_pids)" ] && break
+    sleep 0.25
+  done
+  pids=$(session_pids)
+  # shellcheck disable=SC2086
+  [ -n "$pids" ] && kill -KILL $pids 2>/dev/null || true
+  for _ in $(seq 1 20); do
+    [ -z "$(session_pids)" ] && break
+    sleep 0.25
+  done
+  rm -f "$dir/session.id"
+  echo "ray ($name) stopped" >&2
+}
+
+case "$cmd" in
+  url)
+    echo "http://127.0.0.1:$http"
+    ;;
+  start)
+    if running; then echo "ray ($name) already running, GCS 127.0.0.1:$gcs" >&2; exit 0; fi
+    stop_instance  # leftovers of a half-dead instance
+    [ -x "$bin/ray" ] || { echo "ray is not installed (make install: the inference extra)" >&2; exit 1; }
+    for p in "$gcs" "$http"; do
+      if port_open "$p"; then echo "port 127.0.0.1:$p is taken; ray ($name) cannot start" >&2; exit 1; fi
+    done
+    mkdir -p "$dir"
+    rm -rf "$tmp"
+    ln -sfn "$tmp/session_latest/logs" "$dir/logs"
+    gpus=()
+    if [ -n "${FIRSTMILE_RAY_NUM_GPUS:-}" ]; then gpus=(--num-gpus="$FIRSTMILE_RAY_NUM_GPUS"); fi
+    started=$(date +%s.%N)
+    # setsid: the instance gets its own process session, which `stop` kills and nothing else.
+    if ! setsid --wait bash -c 'echo $$ > "$0"; exec "$@"' "$dir/session.id" \
+      "$bin/ray" start --head --node-ip-address=127.0.0.1 --port="$gcs" \
+      --num-cpus="${FIRSTMILE_RAY_NUM_CPUS:-4}" "${gpus[@]}" \
+      --object-store-memory=$(( ${FIRSTMILE_RAY_OBJECT_STORE_MB:-256} * 1024 * 1024 )) \
+      --include-dashboard=false --dashboard-host=127.0.0.1 --disable-usage-stats --temp-dir="$tmp" \
+      --ray-client-server-port=$((gcs + 1)) --dashboard-port=$((gcs + 2)) \
+      --dashboard-agent-listen-port=$((gcs + 3)) --dashboard-agent-grpc-port=$((gcs + 4)) \
+      --runtime-env-agent-port=$((gcs + 5)) --metrics-export-port=$((gcs + 6)) \
+      --node-manager-port=$((gcs + 7)) --object-manager-port=$((gcs + 8)) \
+      --min-worker-port=$((gcs + 20)) --max-worker-port=$((gcs + 99)) \
+      >"$dir/start.log" 2>&1 </dev/null; then
+      echo "ray ($name) failed to start; see $dir/start.log" >&2; tail -n 20 "$dir/start.log" >&2 || true
+      stop_instance; exit 1
+    fi
+    for _ in $(seq 1 60); do
+      if running; then
+        echo "ray ($name) started in $(elapsed "$started") s, GCS 127.0.0.1:$gcs, logs $dir/logs" >&2
+        exit 0
+      fi
+      sleep 0.5
+    done
+    echo "ray ($name) did not come up; see $dir/start.log and $tmp" >&2; stop_instance; exit 1
+    ;;
+  deploy)
+    running || { echo "ray ($name) is not running: $0 start $name" >&2; exit 1; }
+    shift 2 || true
+    registry=${FIRSTMILE_MODEL_REGISTRY_URI:-}
+    if [ $# -gt 0 ] && [[ "$1" != *=* ]]; then registry=$1; shift; fi
+    [ -n "$registry" ] || { echo "usage: $0 deploy $name REGISTRY [key=value ...] (or set FIRSTMILE_MODEL_REGISTRY_URI)" >&2; exit 2; }
+    mkdir -p "$dir"
+    # The config file with this instance's port, the registry, a fresh reload token and the overrides.
+    "$bin/python" - "$root/inference/serve_config.yaml" "$dir/serve_config.yaml" "$http" "$registry" "$@" <<'PY'
+import os, sys, time, yaml
+src, dst, port, registry, *pairs = sys.argv[1:]
+with open(src) as fh:
+    config = yaml.safe_load(fh)
+config["http_options"].update(host="127.0.0.1", port=int(port))
+(application,) = config["applications"]
+args = application.setdefault("args", {})
+args["registry_uri"] = registry
+args["reload_token"] = f"{time.time():.6f}"
+for key, value in os.environ.items():
+    if key.startswith("FIRSTMILE_SERVE_"):
+        args[key.removeprefix("FIRSTMILE_SERVE_").lower()] = value
+for pair in pairs:
+    key, sep, value = pair.partition("=")
+    if not sep:
+        sys.exit(f"expected key=value, got {pair!r}")
+    args[key] = yaml.safe_load(value)
+# Per-deployment settings may only name deployments the application has.
+models = args.get("models")
+if isinstance(models, str):
+    models = [m.strip() for m in models.split(",") if m.strip()]
+if models:
+    keep = {"router", *models}
+    application["deployments"] = [d for d in application.get("deployments", []) if d["name"] in keep]
+with open(dst, "w") as fh:
+    yaml.safe_dump(config, fh, sort_keys=False)
+PY
+    started=$(date +%s.%N)
+    (cd "$root" && "$bin/serve" run --non-blocking --address="127.0.0.1:$gcs" "$dir/serve_config.yaml") \
+      >"$dir/deploy.log" 2>&1 || { echo "serve run failed; see $dir/deploy.log" >&2; tail -n 20 "$dir/deploy.log" >&2; exit 1; }
+    set +e
+    driver wait "127.0.0.1:$gcs" "$app" "${FIRSTMILE_RAY_DEPLOY_TIMEOUT:-300}"
+    status=$?
+    set -e
+    if [ $status -ne 0 ]; then
+      echo "the application did not reach RUNNING; replica logs: $dir/logs/serve/" >&2; exit 1
+    fi
+    echo "serve ($name) RUNNING in $(elapsed "$started") s at http://127.0.0.1:$http (registry $registry)" >&2
+    ;;
+  status)
+    if ! running; then echo "ray ($name) is not running"; exit 3; fi
+    echo "ray ($name) running, GCS 127.0.0.1:$gcs, session $(cat "$dir/session.id"), $(session_pids | wc -l) processes"
+    driver status "127.0.0.1:$gcs" "$app" 0
+    ;;
+  stop)
+    stop_instance
+    ;;
+  *)
+    echo "usage: $0 start|stop|status|deploy|url [test|bench|dev]" >&2; exit 2 ;;
+esac
