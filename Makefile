@@ -7,6 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PG := deploy/local/postgres.sh
 KAFKA := deploy/local/kafka.sh
+REDIS := deploy/local/redis.sh
 PYTEST_WORKERS ?= 2
 
 .PHONY: help run install test lint typecheck pytest services services-stop bench bench-security bench-analytics bench-events clean
@@ -25,11 +26,13 @@ install: $(STAMP) ## Create .venv and install Firstmile with its dev tools (idem
 run: $(STAMP) ## Migrate the embedded PostgreSQL, apply tenants/demo.yaml, print a demo key, serve on 127.0.0.1:8000
 	$(BIN)/firstmile dev
 
-services: ## Install (apt) and start the PostgreSQL and Kafka the tests use
+services: ## Install (apt) and start the PostgreSQL, Kafka and Redis the tests use
 	@$(PG) start test
 	@$(KAFKA) start test
+	@$(REDIS) start test
 
 services-stop: ## Stop the test services
+	@$(REDIS) stop test
 	@$(KAFKA) stop test
 	@$(PG) stop test
 
@@ -42,18 +45,19 @@ typecheck: $(STAMP) ## mypy --strict on the packages and tests
 
 pytest: $(STAMP) services ## The test suite (PostgreSQL must be running: make services)
 	FIRSTMILE_TEST_ADMIN_URL=$$($(PG) url test) FIRSTMILE_TEST_KAFKA=$$($(KAFKA) url test) \
-	  $(BIN)/pytest -n $(PYTEST_WORKERS)
+	  FIRSTMILE_TEST_REDIS=$$($(REDIS) url test) $(BIN)/pytest -n $(PYTEST_WORKERS)
 
 test: $(STAMP) ## Everything the tests need, then ruff, mypy and the whole suite; services stopped at the end
 	@$(PG) start test
 	@$(KAFKA) start test
+	@$(REDIS) start test
 	@status=0; \
 	  $(MAKE) --no-print-directory lint typecheck || status=$$?; \
 	  if [ $$status -eq 0 ]; then \
 	    FIRSTMILE_TEST_ADMIN_URL=$$($(PG) url test) FIRSTMILE_TEST_KAFKA=$$($(KAFKA) url test) \
-	      $(BIN)/pytest -n $(PYTEST_WORKERS) || status=$$?; \
+	      FIRSTMILE_TEST_REDIS=$$($(REDIS) url test) $(BIN)/pytest -n $(PYTEST_WORKERS) || status=$$?; \
 	  fi; \
-	  $(KAFKA) stop test; $(PG) stop test; exit $$status
+	  $(REDIS) stop test; $(KAFKA) stop test; $(PG) stop test; exit $$status
 
 bench: $(STAMP) ## API benchmark (docs/benchmarks.md)
 	@$(PG) start bench
@@ -77,6 +81,6 @@ bench-analytics: $(STAMP) ## Analytics queries over 10M synthetic events (chdb)
 	$(BIN)/firstmile bench analytics
 
 clean: ## Remove the venv and all local state (embedded database included)
-	-$(PG) stop test; $(PG) stop bench; $(KAFKA) stop test; $(KAFKA) stop bench
+	-$(PG) stop test; $(PG) stop bench; $(KAFKA) stop test; $(KAFKA) stop bench; $(REDIS) stop test; $(REDIS) stop bench
 	-test -x $(BIN)/firstmile && $(BIN)/firstmile embedded stop
 	rm -rf $(VENV) .firstmile .mypy_cache .ruff_cache .pytest_cache

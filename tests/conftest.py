@@ -1,7 +1,8 @@
 """Shared fixtures: a real PostgreSQL database per test worker, migrated once.
 
 ``make test`` starts PostgreSQL (deploy/local/postgres.sh) and exports
-``FIRSTMILE_TEST_ADMIN_URL`` (a superuser URL on loopback). Each xdist worker
+``FIRSTMILE_TEST_ADMIN_URL`` (a superuser URL on loopback); likewise Kafka
+(``FIRSTMILE_TEST_KAFKA``) and Redis (``FIRSTMILE_TEST_REDIS``). Each xdist worker
 gets its own database; tests isolate from each other by tenant, which every
 factory takes as a required argument.
 """
@@ -132,6 +133,31 @@ def kafka_bootstrap() -> str:
     if not bootstrap:
         pytest.exit("FIRSTMILE_TEST_KAFKA is not set: run `make test` (it starts Kafka)", returncode=2)
     return bootstrap
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The test Redis (``deploy/local/redis.sh``); tests keep to their own keys, never flush the database."""
+    url = os.environ.get("FIRSTMILE_TEST_REDIS")
+    if not url:
+        pytest.exit("FIRSTMILE_TEST_REDIS is not set: run `make test` (it starts Redis)", returncode=2)
+    return url
+
+
+@pytest.fixture
+async def redis_region(redis_url: str, worker_id: str) -> AsyncIterator[str]:
+    """A region name of this test's own (feature keys are ``fm:<region>:…``); its keys are deleted afterwards."""
+    from redis.asyncio import Redis
+
+    region = f"test-{worker_id}-{secrets.token_hex(4)}"
+    yield region
+    client = Redis.from_url(redis_url)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"fm:{region}:*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture(scope="session")
