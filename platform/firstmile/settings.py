@@ -124,6 +124,22 @@ class Settings(BaseSettings):
     analytics_query_timeout_seconds: float = Field(
         default=5.0, gt=0, le=300, description="An analytics query slower than this answers with the cached result."
     )
+    redis_url: SecretStr | None = Field(
+        default=None,
+        description="Redis URL (redis://host:6379/0) of the online feature store. Unset: an in-process store.",
+    )
+    feature_ttl_days: int = Field(
+        default=90, ge=1, le=3650, description="A user's online features expire this long after their last event."
+    )
+    feature_store_timeout_ms: float = Field(
+        default=50, gt=0, le=10_000, description="Timeout of one feature read for a decision."
+    )
+    feature_max_staleness_seconds: float = Field(
+        default=300,
+        ge=0,
+        le=86_400,
+        description="When the feature store fails, cached features younger than this are used (marked stale).",
+    )
     key_provider: Literal["local", "vault"] = Field(
         default="local", description="Key provider for tenants whose manifest has no keys section."
     )

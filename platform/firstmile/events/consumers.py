@@ -260,10 +260,10 @@ class FeatureHook:
 
     async def handle(self, events: Sequence[Envelope]) -> list[DeadLetter]:
         fresh = [e for e in events if e.event_id not in self._seen]
+        if fresh and self.sink is not None:
+            await self.sink.update(fresh)  # a failure retries the batch: remember nothing of it yet
         for e in fresh:
             self._seen[e.event_id] = None
         while len(self._seen) > self.remember:
             self._seen.popitem(last=False)
-        if fresh and self.sink is not None:
-            await self.sink.update(fresh)
         return []
