@@ -40,6 +40,8 @@ from firstmile.kit.auth import ApiKeyMiddleware, KeyResolver
 from firstmile.kit.db import create_engine
 from firstmile.kit.errors import exception_handlers, problem_response
 from firstmile.kit.health import HealthController, metrics
+from firstmile.ml.feature_reader import ResilientFeatureReader
+from firstmile.ml.feature_stores import FeatureStoreSink, open_feature_store
 from firstmile.ml.inference import GuardedInference, InProcessClient, StageReader, default_registry_uri, open_inference
 from firstmile.ml.planner import PATH_MODEL, AdaptivePlanner
 from firstmile.onboarding.api import OnboardingController
@@ -162,6 +164,13 @@ def create_app(
         app.state.key_resolver = KeyResolver(engine, pepper, settings.region, settings.api_key_cache_ttl_seconds)
         app.state.keyring = DataKeyService.from_config(engine, KeyConfig.from_settings(settings))
         app.state.onboarding.keyring = app.state.keyring
+        # Online features: Redis, or in-process (then shared by the in-process consumers below).
+        app.state.features = open_feature_store(settings)
+        app.state.feature_reader = ResilientFeatureReader(
+            app.state.features,
+            timeout_s=settings.feature_store_timeout_ms / 1000,
+            max_staleness_s=settings.feature_max_staleness_seconds,
+        )
         guarded, stages = inference or open_inference(
             default_registry_uri(settings.data_dir, settings.model_registry_uri),
             settings.inference_url,
@@ -194,7 +203,7 @@ def create_app(
             consumers: list[Consumer] = [
                 AnalyticsSink(store),
                 AutoCompletion(engine, app.state.onboarding),
-                FeatureHook(),
+                FeatureHook(FeatureStoreSink(app.state.features)),
             ]
             relay = OutboxRelay(
                 relay_database_url,
@@ -210,6 +219,7 @@ def create_app(
         if background:
             await asyncio.gather(*background, return_exceptions=True)
         await app.state.engine.dispose()
+        await app.state.features.close()
         if inference is None:
             await app.state.inference.close()
         app.state.analytics.close(close_store=False)

@@ -65,6 +65,8 @@ async def run_consumers(settings: Settings, database_url: str, names: Sequence[s
     from firstmile.analytics.factory import open_analytics_store
     from firstmile.events.consumers import AnalyticsSink, AutoCompletion, FeatureHook
     from firstmile.kit.db import create_engine
+    from firstmile.ml.feature_stores import FeatureStoreSink, open_feature_store
+    from firstmile.ml.features import FeatureStore
     from firstmile.onboarding.catalog import CatalogCache
     from firstmile.onboarding.service import OnboardingService
 
@@ -73,6 +75,7 @@ async def run_consumers(settings: Settings, database_url: str, names: Sequence[s
     topic, dlq = await asyncio.to_thread(ensure_region_topics, settings)
     engine = None
     store = None
+    features: FeatureStore | None = None
     handlers: list[Consumer] = []
     for name in names:
         if name == "analytics":
@@ -82,7 +85,8 @@ async def run_consumers(settings: Settings, database_url: str, names: Sequence[s
             engine = create_engine(database_url, pool_size=4, max_overflow=0, application_name="firstmile-consumer")
             handlers.append(AutoCompletion(engine, OnboardingService(CatalogCache())))
         elif name == "features":
-            handlers.append(FeatureHook())
+            features = open_feature_store(settings)
+            handlers.append(FeatureHook(FeatureStoreSink(features)))
         else:
             raise ValueError(f"unknown consumer {name!r}; known: {', '.join(CONSUMER_NAMES)}")
     group = f"{settings.kafka_topic_prefix}.{settings.region}"
@@ -98,6 +102,8 @@ async def run_consumers(settings: Settings, database_url: str, names: Sequence[s
             await engine.dispose()
         if store is not None:
             await asyncio.to_thread(store.close)
+        if features is not None:
+            await features.close()
 
 
 def replay_dead_letters(settings: Settings, *, dry_run: bool, idle_seconds: float = 3.0) -> list[dict[str, str]]:
