@@ -176,7 +176,14 @@ async def app_engine(database: Database) -> AsyncIterator[AsyncEngine]:
 
 
 def make_settings(**overrides: object) -> Settings:
-    values: dict[str, object] = {"region": REGION, "api_key_cache_ttl_seconds": 0, "log_format": "json"}
+    values: dict[str, object] = {
+        "region": REGION,
+        "api_key_cache_ttl_seconds": 0,
+        "log_format": "json",
+        # No models unless a test brings its own registry; no background stuck scans.
+        "model_registry_uri": str(ROOT / ".firstmile" / "test-no-models"),
+        "stuck_scan_interval_seconds": 0,
+    }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
 

@@ -43,10 +43,12 @@ from firstmile.kit.health import HealthController, metrics
 from firstmile.ml.feature_reader import ResilientFeatureReader
 from firstmile.ml.feature_stores import FeatureStoreSink, open_feature_store
 from firstmile.ml.inference import GuardedInference, InProcessClient, StageReader, default_registry_uri, open_inference
+from firstmile.ml.online import PlannerFeatures, StoreActivity
 from firstmile.ml.planner import PATH_MODEL, AdaptivePlanner
 from firstmile.onboarding.api import OnboardingController
 from firstmile.onboarding.catalog import CatalogCache
 from firstmile.onboarding.service import OnboardingService
+from firstmile.onboarding.stuck import STUCK_MODEL, StuckScanner
 from firstmile.privacy.api import UsersController
 from firstmile.security.datakeys import DataKeyService, ManifestProviders
 from firstmile.security.keys import KeyConfig, KeyProviderError
@@ -180,10 +182,22 @@ def create_app(
         )
         app.state.inference = guarded
         app.state.model_stages = stages
-        app.state.onboarding.planner = AdaptivePlanner(guarded, stages, None)
+        app.state.onboarding.planner = AdaptivePlanner(guarded, stages, PlannerFeatures(app.state.feature_reader))
         if isinstance(guarded.client, InProcessClient):
             # Load the staged models on a worker thread; until then the planner falls back to the rules.
-            guarded.client.warm([PATH_MODEL])
+            guarded.client.warm([PATH_MODEL, STUCK_MODEL])
+        if settings.stuck_scan_interval_seconds > 0:
+            scanner = StuckScanner(
+                engine,
+                app.state.onboarding.catalogs,
+                guarded,
+                StoreActivity(app.state.features),
+                after=timedelta(hours=settings.stuck_after_hours),
+                min_idle=timedelta(hours=settings.stuck_min_idle_hours),
+            )
+            background.append(
+                asyncio.create_task(scanner.run(stop, settings.stuck_scan_interval_seconds), name="stuck-scan")
+            )
         background.append(
             asyncio.create_task(
                 Checkpointer(

@@ -27,9 +27,12 @@ from datetime import datetime
 from typing import Any, Literal, Protocol
 
 from firstmile.kit import telemetry
+from firstmile.ml.features import FeatureStoreUnavailable
 from firstmile.ml.inference import GuardedInference, InferenceError, Prediction, Stage, StageReader, in_canary
 from firstmile.onboarding import planner as rules
 from firstmile.onboarding.catalog import PathCatalog
+
+__all__ = ["AdaptivePlanner", "FeatureReader", "FeatureReading", "FeatureStoreUnavailable", "model_instance"]
 
 PATH_MODEL = "path_classifier"
 NUMERIC_DEFAULTS: Mapping[str, float] = {
@@ -47,10 +50,6 @@ TRAIT_FEATURES: Mapping[str, str] = {
 }
 
 FeatureSourceKind = Literal["fresh", "stale", "absent"]
-
-
-class FeatureStoreUnavailable(Exception):  # noqa: N818 (the name the seed design uses)
-    """The feature store failed and nothing recent enough is cached."""
 
 
 @dataclass(frozen=True, slots=True)
