@@ -16,6 +16,7 @@ from sqlalchemy import text
 from firstmile.audit.cli import audit
 from firstmile.kit.db import create_engine
 from firstmile.kit.embedded import DatabaseUrls, resolve_database, resolve_pepper
+from firstmile.ml.cli import models, stuck
 from firstmile.security.cli import rotate as rotate_key
 from firstmile.settings import Settings, get_settings
 
@@ -172,6 +173,8 @@ def keys_create(tenant: str, scopes: tuple[str, ...], name: str) -> None:
 
 keys.add_command(rotate_key)
 main.add_command(audit)
+main.add_command(models)
+main.add_command(stuck)
 
 
 @keys.command("list")

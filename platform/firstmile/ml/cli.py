@@ -1,0 +1,305 @@
+"""``firstmile models train|evaluate|promote|list|drift`` and ``firstmile stuck scan``.
+
+Training and evaluation run :mod:`firstmile_inference` on simulated onboarding
+(the platform only adds its real rules planner as the baseline and the database
+side of drift). Every command takes ``--registry`` (default
+``FIRSTMILE_MODEL_REGISTRY_URI``, else ``<data_dir>/models``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from firstmile.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from firstmile_inference.registry import Registry
+    from firstmile_inference.simulate import Dataset
+
+MODEL_NAMES = ("path_classifier", "stuck_detector", "nudge_response_predictor")
+DOC_BEGIN = "<!-- evaluation:begin (written by `firstmile models evaluate --write-docs`) -->"
+DOC_END = "<!-- evaluation:end -->"
+DEMO_MANIFEST = Path("tenants/demo.yaml")
+
+
+def _say(line: str) -> None:
+    click.echo(line)
+    sys.stdout.flush()
+
+
+def registry_uri(settings: Settings, given: str | None) -> str:
+    from firstmile.ml.inference import default_registry_uri
+
+    return given or default_registry_uri(settings.data_dir, settings.model_registry_uri)
+
+
+def _registry(given: str | None) -> Registry:
+    from firstmile_inference.registry import Registry
+
+    return Registry(registry_uri(get_settings(), given))
+
+
+def rules_policy(manifest: Path) -> Callable[[Mapping[str, Any]], str]:
+    """The platform's own targeting-rules planner over ``manifest``'s paths, as an evaluation policy."""
+    from firstmile.onboarding.domain import PathDef
+    from firstmile.onboarding.planner import plan
+    from firstmile.tenancy.manifest import load_manifest
+
+    loaded = load_manifest(manifest)
+    paths = [PathDef.from_definition(p.id, 1, p.model_dump(mode="json", exclude_none=True)) for p in loaded.paths]
+
+    def choose(traits: Mapping[str, Any]) -> str:
+        return plan(paths, loaded.default_path, traits).path_key
+
+    return choose
+
+
+def activation_accuracy(data: Dataset, scores: Sequence[Mapping[str, Any]]) -> float:
+    """Share of sessions where the predicted activation of the *logged* path (≥ 0.5) matches the outcome.
+
+    The one accuracy that can be measured live (the oracle path is never observed),
+    so it is the reference that ``models drift`` compares live traffic against.
+    """
+    keys = data.path_keys
+    hits = 0
+    for i, prediction in enumerate(scores):
+        p = float(prediction["scores"][keys[int(data.assigned[i])]])
+        hits += int((p >= 0.5) == bool(data.activated[i]))
+    return hits / max(1, len(scores))
+
+
+@click.group()
+def models() -> None:
+    """Train, evaluate, promote and watch the models (docs/models.md)."""
+
+
+@models.command("train")
+@click.option("--registry", "registry_arg", default=None, help="Registry URI (default: the configured one).")
+@click.option("--sessions", type=click.IntRange(1_000, 2_000_000), default=50_000, show_default=True)
+@click.option("--seed", type=int, default=7, show_default=True, help="Seed of the simulated data and of training.")
+@click.option("--exploration", type=click.FloatRange(0.05, 1.0), default=0.4, show_default=True)
+@click.option(
+    "--promote",
+    type=click.Choice(["shadow", "canary", "production"]),
+    default=None,
+    help="Also move the new versions into this stage (forced: skips the order).",
+)
+@click.option("--model", "only", multiple=True, type=click.Choice(MODEL_NAMES), help="Train only these (repeatable).")
+def models_train(
+    registry_arg: str | None, sessions: int, seed: int, exploration: float, promote: str | None, only: tuple[str, ...]
+) -> None:
+    """Simulate SESSIONS onboarding sessions, train the models on them and register new versions."""
+    from firstmile_inference.simulate import generate
+    from firstmile_inference.train import register_all, train_all
+
+    registry = _registry(registry_arg)
+    began = time.perf_counter()
+    _say(f"simulating {sessions} sessions (seed {seed}, exploration {exploration})")
+    data = generate(sessions, seed=seed, exploration=exploration)
+    _say(f"simulated in {time.perf_counter() - began:.1f}s")
+    trained = train_all(data, seed=seed, progress=_say, models=only or MODEL_NAMES)
+    if "path_classifier" in trained:
+        # The live-measurable accuracy, on sessions the model never saw, for `models drift`.
+        check = generate(max(2_000, sessions // 10), seed=seed + 50_000, exploration=exploration)
+        predictor = trained["path_classifier"].predictor()
+        instances = [dict(check.user_features(i)) for i in range(check.n)]
+        acc = activation_accuracy(check, predictor.predict(instances))
+        trained["path_classifier"].metrics["activation_accuracy"] = round(acc, 4)
+        _say(f"path_classifier activation accuracy on {check.n} unseen sessions: {acc:.3f}")
+    versions = register_all(registry, trained, promote_to=promote)
+    for name, mv in versions.items():
+        stage = f", now {promote}" if promote else " (no stage: `firstmile models promote`)"
+        _say(f"registered {name} {mv.version}{stage}")
+    _say(f"done in {time.perf_counter() - began:.1f}s; registry {registry_uri(get_settings(), registry_arg)}")
+
+
+@models.command("evaluate")
+@click.option("--registry", "registry_arg", default=None, help="Registry URI (default: the configured one).")
+@click.option("--stage", type=click.Choice(["production", "canary", "shadow"]), default="production", show_default=True)
+@click.option("--sessions", type=click.IntRange(500, 1_000_000), default=10_000, show_default=True)
+@click.option("--seed", type=int, default=1_007, show_default=True, help="Held-out seed (never a training seed).")
+@click.option("--manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=DEMO_MANIFEST)
+@click.option("--write-docs", type=click.Path(dir_okay=False, path_type=Path), default=None, help="docs/models.md")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def models_evaluate(
+    registry_arg: str | None, stage: str, sessions: int, seed: int, manifest: Path, write_docs: Path | None,
+    as_json: bool,
+) -> None:  # fmt: skip
+    """Evaluate the staged models on a held-out simulated set against the rules planner and random choice."""
+    from firstmile_inference.evaluate import evaluate
+    from firstmile_inference.models import load_predictor
+    from firstmile_inference.simulate import generate
+
+    registry = _registry(registry_arg)
+    predictors = {}
+    for name in MODEL_NAMES:
+        mv = registry.resolve(name, stage)
+        if mv is None:
+            raise click.ClickException(f"no {stage} version of {name}; train and promote first (docs/models.md)")
+        predictors[name] = load_predictor(mv, device="cpu")
+        _say(f"{name} {mv.version} ({stage})")
+    _say(f"simulating {sessions} held-out sessions (seed {seed})")
+    heldout = generate(sessions, seed=seed)
+    command = f"firstmile models evaluate --sessions {sessions} --seed {seed} --stage {stage}"
+    report = evaluate(
+        heldout,
+        predictors,
+        rules_policy=rules_policy(manifest),
+        commands=[command + (f" --write-docs {write_docs}" if write_docs else "")],
+        train_seconds={
+            n: float(registry.resolve(n, stage).metrics.get("train_seconds", 0.0))  # type: ignore[union-attr]
+            for n in MODEL_NAMES
+        },
+        progress=_say,
+    )
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2, sort_keys=True))
+    else:
+        click.echo(report.to_markdown())
+    if write_docs is not None:
+        replace_section(write_docs, report.to_markdown())
+        _say(f"wrote the evaluation into {write_docs}")
+
+
+def replace_section(doc: Path, body: str) -> None:
+    """Put ``body`` between the evaluation markers of ``doc`` (appended with markers when absent)."""
+    text = doc.read_text(encoding="utf-8") if doc.exists() else ""
+    block = f"{DOC_BEGIN}\n{body.rstrip()}\n{DOC_END}"
+    if DOC_BEGIN in text and DOC_END in text:
+        text = re.sub(re.escape(DOC_BEGIN) + r".*?" + re.escape(DOC_END), lambda _m: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    doc.write_text(text, encoding="utf-8")
+
+
+@models.command("promote")
+@click.argument("name", type=click.Choice(MODEL_NAMES))
+@click.argument("version")
+@click.option("--to", "stage", type=click.Choice(["shadow", "canary", "production"]), required=True)
+@click.option("--weight", type=click.FloatRange(0.0, 1.0, min_open=True), default=None, help="Canary share.")
+@click.option("--force", is_flag=True, help="Skip the shadow → canary → production order (rollbacks).")
+@click.option("--registry", "registry_arg", default=None, help="Registry URI (default: the configured one).")
+def models_promote(
+    name: str, version: str, stage: str, weight: float | None, force: bool, registry_arg: str | None
+) -> None:
+    """Move VERSION of NAME into a stage: shadow → canary → production."""
+    from firstmile_inference.registry import PromotionError
+
+    registry = _registry(registry_arg)
+    try:
+        stages = registry.promote(name, version, stage, weight=weight, actor="cli", force=force)
+    except (PromotionError, KeyError, ValueError) as exc:
+        raise click.ClickException(str(exc).strip("'\"")) from exc
+    click.echo(json.dumps({"model": name, **stages.to_json()}, sort_keys=True))
+
+
+@models.command("list")
+@click.option("--registry", "registry_arg", default=None, help="Registry URI (default: the configured one).")
+def models_list(registry_arg: str | None) -> None:
+    """Every registered version with its stage, key metrics and retraining flags."""
+    registry = _registry(registry_arg)
+    for name in MODEL_NAMES:
+        stages = registry.stages(name)
+        flagged = {f["version"] for f in registry.flags(name)}
+        for mv in registry.versions(name):
+            stage = stages.stage_of(mv.version) or "-"
+            shown = {k: v for k, v in mv.metrics.items() if isinstance(v, float) and k != "train_seconds"}
+            metrics = " ".join(f"{k}={v:.3f}" for k, v in sorted(shown.items()))
+            flag = "  RETRAIN" if mv.version in flagged else ""
+            click.echo(f"{name:26} {mv.version:8} {stage:10} {metrics}{flag}")
+
+
+@models.command("drift")
+@click.option("--registry", "registry_arg", default=None, help="Registry URI (default: the configured one).")
+@click.option("--tenant", default=None, help="Only this tenant's decisions (slug).")
+@click.option("--days", type=click.FloatRange(0.01, 365), default=7.0, show_default=True, help="Recent window.")
+@click.option(
+    "--outcome-days", type=click.FloatRange(0.0, 365), default=14.0, show_default=True,
+    help="Decisions at least this old count for live accuracy (activated within it or not).",
+)  # fmt: skip
+@click.option("--flag/--no-flag", default=True, show_default=True, help="Flag the model for retraining on a drop.")
+@click.option("--json", "as_json", is_flag=True)
+def models_drift(
+    registry_arg: str | None, tenant: str | None, days: float, outcome_days: float, flag: bool, as_json: bool
+) -> None:
+    """PSI per feature (training vs recent decisions) and live accuracy against outcomes."""
+    from firstmile.cli import _urls
+    from firstmile.ml.drift import DriftInputs, assess, load_inputs
+
+    settings = get_settings()
+    registry = _registry(registry_arg)
+    production = registry.resolve("path_classifier", "production")
+    if production is None:
+        raise click.ClickException("no production path_classifier to compare against")
+    inputs: DriftInputs = asyncio.run(
+        load_inputs(_urls(settings).admin, tenant, timedelta(days=days), timedelta(days=outcome_days))
+    )
+    result = assess(production, inputs)
+    if flag and result.retrain:
+        registry.flag("path_classifier", production.version, result.reason)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2, sort_keys=True))
+    else:
+        click.echo(result.to_text())
+
+
+@click.group()
+def stuck() -> None:
+    """Stuck-user detection (docs/models.md)."""
+
+
+@stuck.command("scan")
+def stuck_scan() -> None:
+    """Scan every tenant of this region once; flagged users become onboarding.stuck events."""
+    from firstmile.ml.online import StoreActivity
+    from firstmile.onboarding.catalog import CatalogCache
+    from firstmile.onboarding.stuck import StuckScanner
+
+    settings = get_settings()
+
+    async def scan() -> list[dict[str, Any]]:
+        from firstmile.cli import _urls
+        from firstmile.kit.db import create_engine
+        from firstmile.ml.feature_stores import open_feature_store
+        from firstmile.ml.inference import InProcessClient, open_inference
+
+        engine = create_engine(_urls(settings).app, pool_size=2, max_overflow=0, application_name="firstmile-stuck")
+        guarded, _ = open_inference(
+            registry_uri(settings, None),
+            settings.inference_url,
+            timeout_s=max(2.0, settings.inference_timeout_ms / 1000),
+            failures=settings.inference_breaker_failures,
+            reset_s=settings.inference_breaker_reset_seconds,
+        )
+        if isinstance(guarded.client, InProcessClient):
+            guarded.client.warm(["stuck_detector"], wait_s=60)
+        features = open_feature_store(settings)
+        try:
+            scanner = StuckScanner(
+                engine,
+                CatalogCache(),
+                guarded,
+                StoreActivity(features),
+                after=timedelta(hours=settings.stuck_after_hours),
+                min_idle=timedelta(hours=settings.stuck_min_idle_hours),
+            )
+            flags = await scanner.run_once()
+            return [dataclasses.asdict(f) for f in flags]
+        finally:
+            await features.close()
+            await guarded.close()
+            await engine.dispose()
+
+    for row in asyncio.run(scan()):
+        click.echo(json.dumps(row, sort_keys=True, default=str))
