@@ -16,6 +16,7 @@ import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from litestar import Litestar
@@ -133,6 +134,20 @@ def kafka_bootstrap() -> str:
     if not bootstrap:
         pytest.exit("FIRSTMILE_TEST_KAFKA is not set: run `make test` (it starts Kafka)", returncode=2)
     return bootstrap
+
+
+@pytest.fixture(scope="session")
+def tiny_registry(worker_id: str) -> Path:
+    """Small models trained once per worker on 3,000 simulated sessions, all in production (about 10 s)."""
+    from firstmile_inference.registry import Registry
+    from firstmile_inference.simulate import generate
+    from firstmile_inference.train import register_all, train_all
+
+    root = ROOT / ".firstmile" / "test-models" / worker_id
+    shutil.rmtree(root, ignore_errors=True)
+    data = generate(3_000, seed=11)
+    register_all(Registry(root), train_all(data, seed=11, threads=1), promote_to="production")
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -76,6 +76,7 @@ class ActivitySource(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class StuckFlag:
+    tenant_id: str
     user_id: str
     path_id: str
     step_id: str
@@ -182,7 +183,7 @@ class StuckScanner:
             )
         verdicts = await self._detect(instances, idle_hours)
         flags = [
-            StuckFlag(row[0], row[1], row[3], by, version, prob, round(idle, 2), reason)
+            StuckFlag(str(tenant_id), row[0], row[1], row[3], by, version, prob, round(idle, 2), reason)
             for row, idle, (stuck, by, version, prob, reason) in zip(rows, idle_hours, verdicts, strict=True)
             if stuck
         ]
