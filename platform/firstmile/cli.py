@@ -16,7 +16,7 @@ from sqlalchemy import text
 from firstmile.audit.cli import audit
 from firstmile.kit.db import create_engine
 from firstmile.kit.embedded import DatabaseUrls, resolve_database, resolve_pepper
-from firstmile.ml.cli import models, stuck
+from firstmile.ml.cli import ensure_demo_models, models, stuck
 from firstmile.security.cli import rotate as rotate_key
 from firstmile.settings import Settings, get_settings
 
@@ -313,6 +313,7 @@ def dev(manifest: Path, port: int | None) -> None:
 
     key = _run(lambda: _with_admin_engine(urls, setup))
     _seed_demo_analytics(settings, urls, spec.tenant.slug, users=2000, only_if_empty=True)
+    ensure_demo_models(settings)
     listen_port = port or settings.port
     click.echo("")
     click.echo(f"Firstmile is starting on http://{settings.host}:{listen_port}  (region {settings.region})")

@@ -54,9 +54,11 @@ def data_dir(worker_id: str) -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _dev(data_dir: Path, port: int) -> subprocess.Popen[str]:
+def _dev(data_dir: Path, port: int, models: Path) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FIRSTMILE_")}
     env |= {"FIRSTMILE_DATA_DIR": str(data_dir), "FIRSTMILE_PORT": str(port), "FIRSTMILE_LOG_LEVEL": "WARNING"}
+    # Already-trained models: `dev` trains the full set only when the registry has none in production.
+    env["FIRSTMILE_MODEL_REGISTRY_URI"] = str(models)
     return subprocess.Popen(
         [sys.executable, "-m", "firstmile.cli", "dev", "--manifest", str(DEMO_MANIFEST)],
         env=env,
@@ -98,26 +100,38 @@ def _stop(proc: subprocess.Popen[str]) -> None:
         proc.stdout.close()
 
 
-def test_dev_serves_the_demo_on_the_embedded_database(data_dir: Path) -> None:
+def test_dev_serves_the_demo_on_the_embedded_database(data_dir: Path, tiny_registry: Path) -> None:
     port = _free_port()
-    proc = _dev(data_dir, port)
+    proc = _dev(data_dir, port, tiny_registry)
     try:
         key = _wait_for_key(proc, port)
         base = f"http://127.0.0.1:{port}"
-        status, state = _call(
-            "POST", f"{base}/v1/onboarding/start", key, {"user_id": "demo-1", "traits": {"persona": "developer"}}
-        )
-        assert status == 201 and state["path"]["id"] == "developer-quickstart"
-        status, state = _call("POST", f"{base}/v1/onboarding/demo-1/steps/create-api-key/complete", key)
-        assert status == 200 and state["current_step"] == "install-sdk"
+        # The demo is adaptive: the path model decides (it loads in the background, and until it
+        # has, starts are decided by the rules with fallback_reason not_deployed).
+        deadline = time.monotonic() + 60
+        user = 0
+        while True:
+            user += 1
+            body = {"user_id": f"demo-{user}", "traits": {"persona": "developer"}}
+            status, state = _call("POST", f"{base}/v1/onboarding/start", key, body)
+            assert status == 201, state
+            decision = state["decision"]
+            if decision["selected_by"] == "model" or time.monotonic() > deadline:
+                break
+            assert decision["fallback_reason"] == "not_deployed"
+            time.sleep(0.5)
+        assert (decision["selected_by"], decision["model"]) == ("model", "path_classifier")
+        first = state["current_step"]
+        status, state = _call("POST", f"{base}/v1/onboarding/demo-{user}/steps/{first}/complete", key)
+        assert status == 200 and state["current_step"] != first
     finally:
         _stop(proc)
     # a second run reuses the database, the manifest (no changes) and the printed key
     port = _free_port()
-    proc = _dev(data_dir, port)
+    proc = _dev(data_dir, port, tiny_registry)
     try:
         assert _wait_for_key(proc, port) == key
-        status, state = _call("GET", f"http://127.0.0.1:{port}/v1/onboarding/demo-1", key)
+        status, state = _call("GET", f"http://127.0.0.1:{port}/v1/onboarding/demo-{user}", key)
         assert status == 200 and state["progress"]["completed_required"] == 1
     finally:
         _stop(proc)

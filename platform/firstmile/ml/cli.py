@@ -100,6 +100,19 @@ def models_train(
     registry_arg: str | None, sessions: int, seed: int, exploration: float, promote: str | None, only: tuple[str, ...]
 ) -> None:
     """Simulate SESSIONS onboarding sessions, train the models on them and register new versions."""
+    train_models(registry_arg, sessions=sessions, seed=seed, exploration=exploration, promote=promote, only=only)
+
+
+def train_models(
+    registry_arg: str | None,
+    *,
+    sessions: int = 50_000,
+    seed: int = 7,
+    exploration: float = 0.4,
+    promote: str | None = None,
+    only: Sequence[str] = (),
+) -> None:
+    """Simulate, train, measure the activation accuracy on unseen sessions, register (and stage)."""
     from firstmile_inference.simulate import generate
     from firstmile_inference.train import register_all, train_all
 
@@ -108,7 +121,7 @@ def models_train(
     _say(f"simulating {sessions} sessions (seed {seed}, exploration {exploration})")
     data = generate(sessions, seed=seed, exploration=exploration)
     _say(f"simulated in {time.perf_counter() - began:.1f}s")
-    trained = train_all(data, seed=seed, progress=_say, models=only or MODEL_NAMES)
+    trained = train_all(data, seed=seed, progress=_say, models=tuple(only) or MODEL_NAMES)
     if "path_classifier" in trained:
         # The live-measurable accuracy, on sessions the model never saw, for `models drift`.
         check = generate(max(2_000, sessions // 10), seed=seed + 50_000, exploration=exploration)
@@ -252,6 +265,22 @@ def models_drift(
         click.echo(json.dumps(result.to_json(), indent=2, sort_keys=True))
     else:
         click.echo(result.to_text())
+
+
+def ensure_demo_models(settings: Settings) -> None:
+    """`make run`: with no production models in the registry, train them once (about a minute) so the
+    demo is adaptive from its first request; later runs reuse them."""
+    try:
+        from firstmile_inference.registry import Registry
+    except ImportError:
+        _say("firstmile_inference is not installed (pip install '.[inference]'): paths are chosen by rules")
+        return
+    uri = registry_uri(settings, None)
+    registry = Registry(uri)
+    if all(registry.resolve(name, "production") is not None for name in MODEL_NAMES):
+        return
+    _say(f"no production models in {uri}: training them once on simulated onboarding (progress below)")
+    train_models(None, promote="production")
 
 
 @click.group()
