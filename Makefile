@@ -45,7 +45,7 @@ typecheck: $(STAMP) ## mypy --strict on the packages and tests
 
 pytest: $(STAMP) services ## The test suite (PostgreSQL must be running: make services)
 	FIRSTMILE_TEST_ADMIN_URL=$$($(PG) url test) FIRSTMILE_TEST_KAFKA=$$($(KAFKA) url test) \
-	  FIRSTMILE_TEST_REDIS=$$($(REDIS) url test) $(BIN)/pytest -n $(PYTEST_WORKERS)
+	  FIRSTMILE_TEST_REDIS=$$($(REDIS) url test) $(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup
 
 test: $(STAMP) ## Everything the tests need, then ruff, mypy and the whole suite; services stopped at the end
 	@$(PG) start test
@@ -55,7 +55,7 @@ test: $(STAMP) ## Everything the tests need, then ruff, mypy and the whole suite
 	  $(MAKE) --no-print-directory lint typecheck || status=$$?; \
 	  if [ $$status -eq 0 ]; then \
 	    FIRSTMILE_TEST_ADMIN_URL=$$($(PG) url test) FIRSTMILE_TEST_KAFKA=$$($(KAFKA) url test) \
-	      FIRSTMILE_TEST_REDIS=$$($(REDIS) url test) $(BIN)/pytest -n $(PYTEST_WORKERS) || status=$$?; \
+	      FIRSTMILE_TEST_REDIS=$$($(REDIS) url test) $(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup || status=$$?; \
 	  fi; \
 	  $(REDIS) stop test; $(KAFKA) stop test; $(PG) stop test; exit $$status
 

@@ -281,3 +281,24 @@ async def tenant(admin_engine: AsyncEngine) -> TenantFixture:
 @pytest.fixture
 async def other_tenant(admin_engine: AsyncEngine) -> TenantFixture:
     return await new_tenant(admin_engine)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Keep ``xdist_group`` marks working under ``--dist loadgroup``.
+
+    pytest-xdist (3.8) groups tests by renaming them ``<nodeid>@<group>`` through
+    ``item._nodeid``, which pytest 9 no longer reads (a node's id is ``item._id``),
+    so the groups were silently ignored and e.g. the Ray Serve tests ran on two
+    workers at once. Do the same renaming where pytest reads it; a no-op where
+    xdist's own renaming took effect or without ``--dist loadgroup``.
+    """
+    if not getattr(config.option, "loadgroup", False):
+        return
+    for item in items:
+        groups = sorted(
+            {str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in item.iter_markers("xdist_group")}
+        )
+        if groups and item.nodeid.rfind("@") <= item.nodeid.rfind("]"):
+            node_id = item._id
+            item._id = type(node_id).parse(f"{item.nodeid}@{'_'.join(groups)}")

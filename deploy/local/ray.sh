@@ -6,7 +6,8 @@
 #                                                 ($FIRSTMILE_MODEL_REGISTRY_URI when not given) and
 #                                                 wait until the application is RUNNING; key=value
 #                                                 and FIRSTMILE_SERVE_<KEY> override the file's args.
-#                                                 Deploying again reloads the models (after a promotion).
+#                                                 Deploying again reloads the models in place (after a
+#                                                 promotion): a fresh reload_token in each model's user_config.
 #   deploy/local/ray.sh status [test|bench|dev]   the node and the application's status
 #   deploy/local/ray.sh url    [test|bench|dev]   print the HTTP base URL of the application
 #   deploy/local/ray.sh stop   [test|bench|dev]   stop this instance only (idempotent)
@@ -76,6 +77,7 @@ import ray
 from ray import serve
 
 mode, address, app, timeout = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+since = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0  # wait for a deploy submitted after this
 ray.init(address=address, logging_level="ERROR", log_to_driver=False, configure_logging=False)
 deadline = time.monotonic() + timeout
 last = None
@@ -87,8 +89,11 @@ while True:
         print(f"serve application {app}: {phase}")
         if state:
             for dep_name, dep in state.deployments.items():
-                print(f"  {dep_name}: {dep.status} {dict(dep.replica_states)} {dep.message}".rstrip())
+                dep_status = getattr(dep.status, "value", dep.status)
+                print(f"  {dep_name}: {dep_status} {dict(dep.replica_states)} {dep.message}".rstrip())
         sys.exit(0)
+    if state and state.last_deployed_time_s < since - 1:
+        phase = "SUBMITTED"  # the controller has not taken this deploy yet
     if phase != last:
         print(f"serve application {app}: {phase}", file=sys.stderr)
         last = phase
@@ -98,7 +103,7 @@ while True:
         print(state.message, file=sys.stderr)
         for dep_name, dep in state.deployments.items():
             if dep.message:
-                print(f"  {dep_name}: {dep.status}: {dep.message}", file=sys.stderr)
+                print(f"  {dep_name}: {getattr(dep.status, 'value', dep.status)}: {dep.message}", file=sys.stderr)
         sys.exit(1)
     if time.monotonic() > deadline:
         print(f"not RUNNING after {timeout:.0f} s", file=sys.stderr)
@@ -186,7 +191,6 @@ config["http_options"].update(host="127.0.0.1", port=int(port))
 (application,) = config["applications"]
 args = application.setdefault("args", {})
 args["registry_uri"] = registry
-args["reload_token"] = f"{time.time():.6f}"
 for key, value in os.environ.items():
     if key.startswith("FIRSTMILE_SERVE_"):
         args[key.removeprefix("FIRSTMILE_SERVE_").lower()] = value
@@ -196,12 +200,20 @@ for pair in pairs:
         sys.exit(f"expected key=value, got {pair!r}")
     args[key] = yaml.safe_load(value)
 # Per-deployment settings may only name deployments the application has.
-models = args.get("models")
+models = args.get("models") or ["path_classifier", "stuck_detector", "nudge_response_predictor"]
 if isinstance(models, str):
     models = [m.strip() for m in models.split(",") if m.strip()]
-if models:
-    keep = {"router", *models}
-    application["deployments"] = [d for d in application.get("deployments", []) if d["name"] in keep]
+deployments = [d for d in application.get("deployments", []) if d["name"] in {"router", *models}]
+# A fresh reload_token in each model's user_config: Serve reconfigures the running replicas in place
+# (they re-read the registry's stages); a change in args would replace every replica instead.
+token = f"{time.time():.6f}"
+for model in models:
+    entry = next((d for d in deployments if d["name"] == model), None)
+    if entry is None:
+        entry = {"name": model}
+        deployments.append(entry)
+    entry["user_config"] = {**(entry.get("user_config") or {}), "reload_token": token}
+application["deployments"] = deployments
 with open(dst, "w") as fh:
     yaml.safe_dump(config, fh, sort_keys=False)
 PY
@@ -209,7 +221,7 @@ PY
     (cd "$root" && "$bin/serve" run --non-blocking --address="127.0.0.1:$gcs" "$dir/serve_config.yaml") \
       >"$dir/deploy.log" 2>&1 || { echo "serve run failed; see $dir/deploy.log" >&2; tail -n 20 "$dir/deploy.log" >&2; exit 1; }
     set +e
-    driver wait "127.0.0.1:$gcs" "$app" "${FIRSTMILE_RAY_DEPLOY_TIMEOUT:-300}"
+    driver wait "127.0.0.1:$gcs" "$app" "${FIRSTMILE_RAY_DEPLOY_TIMEOUT:-300}" "$started"
     status=$?
     set -e
     if [ $status -ne 0 ]; then

@@ -27,10 +27,11 @@ the canary slice per user and mirrors to the shadow itself): it asks for
 
 Run: ``serve run firstmile_inference.serve:build_app registry_uri=/abs/dir`` or
 ``serve deploy inference/serve_config.yaml``; locally ``deploy/local/ray.sh``.
-After a promotion in the registry, deploy again (``deploy/local/ray.sh deploy``
-writes a fresh ``reload_token`` into the arguments, so Serve calls
-``reconfigure`` on every running replica without restarting it), or set
-``registry_poll_s`` and let each replica re-read the stages on its own.
+After a promotion in the registry, deploy again with a new ``reload_token`` in
+each model deployment's ``user_config`` (``deploy/local/ray.sh deploy`` writes
+one): Serve calls ``reconfigure`` on every running replica, which loads the newly
+staged versions in place, without a restart. Or set ``registry_poll_s`` and let
+each replica re-read the stages on its own.
 """
 
 from __future__ import annotations
@@ -137,7 +138,6 @@ class ServeSettings:
     health_check_timeout_s: float = 30.0  # a check slower than this counts as failed
     max_instances: int = 1024  # instances per HTTP request (more: 400)
     registry_poll_s: float = 0.0  # re-read the registry's stages this often (0: only on reconfigure)
-    reload_token: str = ""  # any new value makes a redeploy reload every replica's models
 
     @classmethod
     def from_args(
@@ -191,15 +191,20 @@ class ServeSettings:
     def effective_max_ongoing_requests(self) -> int:
         return self.max_ongoing_requests or max(64, 2 * self.max_batch_size)
 
-    def user_config(self) -> dict[str, Any]:
-        """What a model replica needs at run time (Serve hands it to ``reconfigure``)."""
+    def runtime_config(self) -> dict[str, Any]:
+        """What a model replica reads at run time; a deployment's ``user_config`` overrides any of it in place."""
         return {
             "registry_uri": self.registry_uri,
             "max_batch_size": self.max_batch_size,
             "batch_wait_timeout_s": self.batch_wait_timeout_s,
             "registry_poll_s": self.registry_poll_s,
-            "reload_token": self.reload_token,
         }
+
+
+# Keys a model deployment's ``user_config`` may set (``deployments[].user_config`` in the Serve config).
+# Serve applies a changed user_config to running replicas (``reconfigure``) without restarting them,
+# while a change of the application's ``args`` rebuilds the application and replaces every replica.
+USER_CONFIG_KEYS: Final = ("reload_token", "registry_uri", "max_batch_size", "batch_wait_timeout_s", "registry_poll_s")
 
 
 def _coerce(name: str, raw: Any, default: Any) -> Any:
@@ -507,11 +512,12 @@ def open_registry(uri: str) -> RegistryLike:
 class ModelServer:
     """One model: its staged versions, loaded, behind a dynamic batch queue (a Serve deployment per model)."""
 
-    def __init__(self, name: str, num_gpus: float = 0.0) -> None:
+    def __init__(self, name: str, num_gpus: float = 0.0, base_config: Mapping[str, Any] | None = None) -> None:
         self.name = name
         self.device = choose_device(num_gpus)
         self.models = ModelSet(name)
-        self.config: dict[str, Any] = {}
+        self.base_config = dict(base_config or {})
+        self.config: dict[str, Any] = dict(self.base_config)
         self.stats = BatchStats()
         self.errors = 0
         self.failures = 0
@@ -524,8 +530,15 @@ class ModelServer:
     # -- lifecycle --
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Serve calls this when a replica starts and whenever ``user_config`` changes (a redeploy)."""
-        self.config = dict(user_config)
+        """Serve calls this when a replica starts and whenever ``user_config`` changes (a redeploy).
+
+        ``user_config`` overrides the application's arguments (``USER_CONFIG_KEYS``); any
+        change, ``reload_token`` alone included, re-reads the registry's stages.
+        """
+        unknown = sorted(set(user_config or {}) - set(USER_CONFIG_KEYS))
+        if unknown:
+            raise ValueError(f"unknown user_config keys {unknown}; allowed: {list(USER_CONFIG_KEYS)}")
+        self.config = {**self.base_config, **(user_config or {})}
         batched = cast(_BatchControls, self._batched)
         batched.set_max_batch_size(int(self.config.get("max_batch_size", 32)))
         batched.set_batch_wait_timeout_s(float(self.config.get("batch_wait_timeout_s", 0.005)))
@@ -683,9 +696,9 @@ def build_app(args: dict[str, Any]) -> Application:
             max_ongoing_requests=settings.effective_max_ongoing_requests,
             health_check_period_s=settings.health_check_period_s,
             health_check_timeout_s=settings.health_check_timeout_s,
-            user_config=settings.user_config(),
+            user_config={"reload_token": ""},  # set: Serve calls reconfigure when a replica starts
         )
-        handles[name] = deployment.bind(name, settings.num_gpus)
+        handles[name] = deployment.bind(name, settings.num_gpus, settings.runtime_config())
     router = serve.deployment()(Router).options(
         name="router",
         num_replicas=settings.router_replicas,

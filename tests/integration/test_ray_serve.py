@@ -1,0 +1,449 @@
+"""The Ray Serve application against a private Ray (deploy/local/ray.sh start test), and its pure parts.
+
+The module fixture trains three tiny models into a temporary registry, stages
+them, starts Ray once (it is the slow part: about a minute on two cores) and
+stops it at the end, failures included. Every test of this module runs on one
+xdist worker (``--dist loadgroup``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from firstmile_inference.registry import Registry
+from firstmile_inference.schema import MODEL_NAMES
+from firstmile_inference.serve import (
+    PROBES,
+    BatchStats,
+    Item,
+    ModelServer,
+    ModelSet,
+    ProblemError,
+    ServeSettings,
+    load_model_set,
+    parse_predict_body,
+    predict_grouped,
+)
+from tests.factories import ROOT
+
+pytestmark = pytest.mark.xdist_group("ray")
+
+RAY_SH = ROOT / "deploy" / "local" / "ray.sh"
+PROBLEM = "application/problem+json"
+
+
+# ---------------------------------------------------------------- test doubles (pure parts)
+
+
+class EchoPredictor:
+    """A Predictor that echoes ``x`` and rejects instances holding ``bad`` (naming the index, as real ones do)."""
+
+    def __init__(self, version: str, name: str = "path_classifier", fail: bool = False) -> None:
+        self.name = name
+        self.version = version
+        self.device = "cpu"
+        self.fail = fail
+        self.calls: list[int] = []
+
+    def predict(self, instances: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        self.calls.append(len(instances))
+        if self.fail:
+            raise RuntimeError("weights on fire")
+        for i, instance in enumerate(instances):
+            if "bad" in instance:
+                raise ValueError(f"instance {i}: field 'bad' is not allowed")
+        return [{"x": instance.get("x"), "version": self.version} for instance in instances]
+
+
+@dataclass
+class FakeVersion:
+    name: str
+    version: str
+
+
+@dataclass
+class FakeStages:
+    production: str | None = None
+    canary: str | None = None
+    canary_weight: float = 0.0
+    shadow: str | None = None
+
+
+class FakeRegistry:
+    def __init__(self, stages: FakeStages) -> None:
+        self._stages = stages
+
+    def resolve(self, name: str, stage: str) -> FakeVersion | None:
+        version = getattr(self._stages, stage)
+        return None if version is None else FakeVersion(name, version)
+
+    def stages(self, name: str) -> FakeStages:
+        return self._stages
+
+
+# ---------------------------------------------------------------- pure parts
+
+
+def test_settings_from_args_coerce_strings_and_read_the_environment() -> None:
+    s = ServeSettings.from_args(
+        {"registry_uri": "/r", "num_gpus": "1", "max_batch_size": "16", "models": "path_classifier"},
+        environ={"FIRSTMILE_SERVE_BATCH_WAIT_TIMEOUT_S": "0.02", "FIRSTMILE_SERVE_NUM_GPUS": "0"},
+    )
+    assert (s.num_gpus, s.max_batch_size, s.batch_wait_timeout_s, s.models) == (1.0, 16, 0.02, ("path_classifier",))
+    assert s.effective_max_ongoing_requests == 64
+    assert s.runtime_config()["registry_uri"] == "/r"
+    env_only = ServeSettings.from_args({}, environ={"FIRSTMILE_SERVE_REGISTRY_URI": "file:///m"})
+    assert env_only.registry_uri == "file:///m"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({}, "registry_uri is required"),
+        ({"registry_uri": "/r", "bogus": 1}, "unknown application arguments ['bogus']"),
+        ({"registry_uri": "/r", "max_batch_size": "2.5"}, "max_batch_size"),
+        ({"registry_uri": "/r", "min_replicas": 3, "max_replicas": 2}, "min_replicas <= max_replicas"),
+        ({"registry_uri": "/r", "models": "path_classifier,nope"}, "models must be"),
+        ({"registry_uri": "/r", "num_gpus": 1.5}, "whole number"),
+    ],
+)
+def test_settings_refuse_bad_arguments(args: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        ServeSettings.from_args(args, environ={})
+
+
+@pytest.mark.parametrize(
+    ("raw", "slug", "detail"),
+    [
+        (b"{", "malformed-json", "not JSON"),
+        (b"[]", "validation-error", "JSON object"),
+        (b'{"instances": []}', "validation-error", "non-empty list"),
+        (b'{"instances": [1]}', "validation-error", "instances[0] must be an object"),
+        (b'{"instances": [{}], "stage": "staging"}', "validation-error", "'stage' must be one of"),
+        (b'{"instances": [{}], "version": 3}', "validation-error", "'version' must be"),
+        (b'{"instances": [{}], "instance": {}}', "validation-error", "unknown fields ['instance']"),
+        (b'{"instances": [{}, {}, {}]}', "validation-error", "at most 2"),
+    ],
+)
+def test_predict_body_problems(raw: bytes, slug: str, detail: str) -> None:
+    with pytest.raises(ProblemError) as caught:
+        parse_predict_body(raw, max_instances=2)
+    assert caught.value.status == 400
+    body = caught.value.body()
+    assert body["type"].endswith("/" + slug)
+    assert detail in body["detail"]
+
+
+def test_model_set_selects_by_version_and_stage() -> None:
+    prod, canary = EchoPredictor("1.0.0"), EchoPredictor("1.1.0")
+    models = ModelSet("path_classifier", {"1.0.0": prod, "1.1.0": canary}, {"production": "1.0.0", "canary": "1.1.0"})
+    assert models.select(None, None) == (prod, "production")
+    assert models.select(None, "canary") == (canary, "canary")
+    assert models.select("1.1.0", None) == (canary, "canary")
+    assert models.select("1.0.0", "production") == (prod, "production")
+    for version, stage, slug in [
+        (None, "shadow", "stage-empty"),
+        ("9.9.9", None, "version-not-loaded"),
+        ("1.0.0", "canary", "stage-empty"),
+    ]:
+        with pytest.raises(ProblemError) as caught:
+            models.select(version, stage)
+        assert (caught.value.status, caught.value.slug) == (404, slug)
+
+
+def test_batches_run_one_call_per_version_and_isolate_bad_instances() -> None:
+    a, b = EchoPredictor("1.0.0"), EchoPredictor("1.1.0")
+    items = [Item(a, {"x": 1}), Item(b, {"x": 2}), Item(a, {"x": 3}), Item(a, {"bad": 1, "x": 4})]
+    out = predict_grouped(items)
+    assert [o.prediction for o in out[:3]] == [
+        {"x": 1, "version": "1.0.0"},
+        {"x": 2, "version": "1.1.0"},
+        {"x": 3, "version": "1.0.0"},
+    ]
+    assert out[3].error == "field 'bad' is not allowed"  # the single-instance retry's "instance 0: " is dropped
+    assert b.calls == [1]
+    assert a.calls == [3, 1, 1, 1]  # the group failed on the bad one, then one at a time
+
+    broken = predict_grouped([Item(EchoPredictor("2.0.0", fail=True), {"x": 1})])
+    assert broken[0].failure == "RuntimeError: weights on fire"
+
+
+def test_reload_reuses_loaded_versions_and_reads_the_canary_weight() -> None:
+    loaded: list[str] = []
+
+    def load(mv: Any) -> EchoPredictor:
+        loaded.append(mv.version)
+        return EchoPredictor(mv.version)
+
+    first = load_model_set(FakeRegistry(FakeStages(production="1.0.0")), "path_classifier", load)
+    second = load_model_set(
+        FakeRegistry(FakeStages(production="1.0.0", canary="1.1.0", canary_weight=0.2, shadow="1.1.0")),
+        "path_classifier",
+        load,
+        first,
+    )
+    assert loaded == ["1.0.0", "1.1.0"]
+    assert second.predictors["1.0.0"] is first.predictors["1.0.0"]
+    assert second.canary_weight == 0.2
+    described = second.describe()
+    assert described["stages"] == {"production": "1.0.0", "canary": "1.1.0", "shadow": "1.1.0", "canary_weight": 0.2}
+    assert described["versions"][1] == {"version": "1.1.0", "stages": ["canary", "shadow"], "device": "cpu"}
+
+
+def test_health_check_needs_a_production_model_that_predicts() -> None:
+    server = ModelServer("path_classifier")
+    with pytest.raises(ProblemError, match="no production version"):
+        server.check_health()
+    server.models = ModelSet("path_classifier", {"1.0.0": EchoPredictor("1.0.0", fail=True)}, {"production": "1.0.0"})
+    with pytest.raises(RuntimeError, match="weights on fire"):
+        server.check_health()
+    server.models = ModelSet("path_classifier", {"1.0.0": EchoPredictor("1.0.0")}, {"production": "1.0.0"})
+    server.check_health()
+
+
+def test_batch_stats_histogram() -> None:
+    stats = BatchStats()
+    for size in (1, 3, 3, 40):
+        stats.record(size)
+    body = stats.as_dict()
+    assert (body["batches"], body["instances"], body["max_batch_size_seen"]) == (4, 47, 40)
+    assert (body["histogram"]["le_1"], body["histogram"]["le_4"], body["histogram"]["le_64"]) == (1, 3, 4)
+
+
+# ---------------------------------------------------------------- against Ray Serve
+
+
+@dataclass(frozen=True)
+class Served:
+    url: str
+    registry: Registry
+    registry_dir: Path
+
+
+def _ray(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", str(RAY_SH), *args], capture_output=True, text=True, timeout=600, check=False, cwd=ROOT
+    )
+
+
+def _check(result: subprocess.CompletedProcess[str]) -> None:
+    assert result.returncode == 0, f"{result.args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+
+
+def _train_tiny(registry: Registry) -> None:
+    from firstmile_inference.simulate import generate
+    from firstmile_inference.train import Hyper, register_all, train_all
+
+    data = generate(400, seed=11)
+    hyper: dict[str, Hyper] = {name: Hyper(epochs=1, batch_size=256, hidden=(16,)) for name in MODEL_NAMES}
+    trained = train_all(data, seed=11, hyper=hyper, threads=1)
+    register_all(registry, trained, promote_to="production")  # 1.0.0 of each
+    # a second path classifier (same weights, its own version) as the canary
+    pc = trained["path_classifier"]
+    mv = registry.register(
+        "path_classifier", weights=pc.state_dict, config=pc.config, metrics=pc.metrics, reference=pc.reference
+    )
+    registry.promote("path_classifier", mv.version, "canary", weight=0.25, force=True)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    registry_dir = tmp_path_factory.mktemp("registry")
+    registry = Registry(registry_dir)
+    _train_tiny(registry)
+    try:
+        _check(_ray("start", "test"))
+        # one replica per model, so the batching counters of GET /v1/models are the whole story
+        _check(
+            _ray(
+                "deploy",
+                "test",
+                f"file://{registry_dir}",
+                "min_replicas=1",
+                "max_replicas=1",
+                "batch_wait_timeout_s=0.02",
+                "health_check_period_s=2",
+            )
+        )
+        url = _ray("url", "test").stdout.strip()
+        yield Served(url, registry, registry_dir)
+    finally:
+        stopped = _ray("stop", "test")
+        assert stopped.returncode == 0, stopped.stderr
+
+
+@pytest.fixture
+def client(served: Served) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=served.url, timeout=30) as c:
+        yield c
+
+
+def _problem(response: httpx.Response, status: int, slug: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == PROBLEM
+    body: dict[str, Any] = response.json()
+    assert set(body) >= {"type", "title", "status", "detail"}
+    assert body["type"] == f"https://firstmile.dev/problems/{slug}"
+    assert body["status"] == status
+    return body
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_predict_each_model_over_http(client: httpx.Client, name: str) -> None:
+    instances = [PROBES[name], {**PROBES[name], "engagement_score": 90.0}, {}]
+    response = client.post(f"/v1/models/{name}/predict", json={"instances": instances})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["model"], body["version"], body["stage"]) == (name, "1.0.0", "production")
+    assert len(body["predictions"]) == 3
+    first = body["predictions"][0]
+    if name == "path_classifier":
+        assert first["path"] in first["scores"] and 0.0 <= first["confidence"] <= 1.0
+    elif name == "stuck_detector":
+        assert isinstance(first["stuck"], bool) and 0.0 <= first["stuck_probability"] <= 1.0
+    else:
+        assert 0.0 <= first["response_probability"] <= 1.0
+
+
+def test_path_classifier_candidates(client: httpx.Client) -> None:
+    candidates = ["analyst-reports", "generic"]
+    response = client.post(
+        "/v1/models/path_classifier/predict",
+        json={"instances": [{**PROBES["path_classifier"], "candidates": candidates}]},
+    )
+    assert response.status_code == 200, response.text
+    (prediction,) = response.json()["predictions"]
+    assert set(prediction["scores"]) == set(candidates) and prediction["path"] in candidates
+
+
+def test_version_and_stage_selection(client: httpx.Client) -> None:
+    instance = PROBES["path_classifier"]
+    url = "/v1/models/path_classifier/predict"
+    canary = client.post(url, json={"instances": [instance], "stage": "canary"}).json()
+    assert (canary["version"], canary["stage"]) == ("1.1.0", "canary")
+    by_version = client.post(url, json={"instances": [instance], "version": "1.1.0"}).json()
+    assert (by_version["version"], by_version["stage"]) == ("1.1.0", "canary")
+    production = client.post(url, json={"instances": [instance], "version": "1.0.0", "stage": "production"}).json()
+    assert (production["version"], production["stage"]) == ("1.0.0", "production")
+    # same weights under two versions: same scores
+    assert canary["predictions"] == production["predictions"]
+
+    listing = client.get("/v1/models").json()["models"]
+    assert [m["name"] for m in listing] == list(MODEL_NAMES)
+    pc = client.get("/v1/models/path_classifier").json()
+    assert pc["stages"] == {"production": "1.0.0", "canary": "1.1.0", "shadow": None, "canary_weight": 0.25}
+    assert [v["version"] for v in pc["versions"]] == ["1.0.0", "1.1.0"]
+    assert pc["device"] == "cpu"
+
+
+def test_problems(client: httpx.Client) -> None:
+    url = "/v1/models/path_classifier/predict"
+    _problem(client.post("/v1/models/nope/predict", json={"instances": [{}]}), 404, "model-not-found")
+    _problem(client.get("/v1/models/nope"), 404, "model-not-found")
+    _problem(client.post(url, json={"instances": [{}], "stage": "shadow"}), 404, "stage-empty")
+    _problem(client.post(url, json={"instances": [{}], "version": "7.0.0"}), 404, "version-not-loaded")
+    _problem(client.post(url, content=b"{nope", headers={"content-type": "application/json"}), 400, "malformed-json")
+    _problem(client.post(url, json={"instances": {}}), 400, "validation-error")
+    _problem(client.post(url, json={"instances": [{}], "stage": "qa"}), 400, "validation-error")
+    bad = _problem(
+        client.post(url, json={"instances": [PROBES["path_classifier"], {"engagement_score": "lots"}]}),
+        400,
+        "validation-error",
+    )
+    assert bad["detail"].startswith("instances[1]: ") and "engagement_score" in bad["detail"]
+    assert [e["index"] for e in bad["errors"]] == [1]
+    not_allowed = client.get(url)
+    _problem(not_allowed, 405, "method-not-allowed")
+    assert not_allowed.headers["allow"] == "POST"
+    _problem(client.get("/v2/anything"), 404, "not-found")
+
+
+def test_health(client: httpx.Client) -> None:
+    response = client.get("/-/healthz")
+    assert response.status_code == 200
+    status = _ray("status", "test")
+    _check(status)
+    assert "serve application firstmile: RUNNING" in status.stdout
+    for name in (*MODEL_NAMES, "router"):
+        assert f"{name}: HEALTHY" in status.stdout, status.stdout
+
+
+async def test_concurrent_requests_share_batches(served: Served) -> None:
+    """Single-instance requests in flight together are answered from shared batches."""
+    name = "nudge_response_predictor"
+    async with httpx.AsyncClient(base_url=served.url, timeout=60, limits=httpx.Limits(max_connections=64)) as c:
+        before = (await c.get(f"/v1/models/{name}")).json()["batching"]
+        responses = await asyncio.gather(
+            *(c.post(f"/v1/models/{name}/predict", json={"instances": [PROBES[name]]}) for _ in range(96))
+        )
+        assert {r.status_code for r in responses} == {200}
+        after = (await c.get(f"/v1/models/{name}")).json()["batching"]
+    instances = after["instances"] - before["instances"]
+    batches = after["batches"] - before["batches"]
+    assert instances == 96
+    assert batches < instances, f"{batches} batches for {instances} instances: nothing was batched"
+    assert after["max_batch_size_seen"] > 1
+    assert after["max_batch_size_seen"] <= after["max_batch_size"]
+
+
+def test_one_request_with_many_instances_is_batched(client: httpx.Client) -> None:
+    name = "stuck_detector"
+    before = client.get(f"/v1/models/{name}").json()["batching"]
+    response = client.post(f"/v1/models/{name}/predict", json={"instances": [PROBES[name]] * 40})
+    assert response.status_code == 200 and len(response.json()["predictions"]) == 40
+    after = client.get(f"/v1/models/{name}").json()["batching"]
+    assert after["instances"] - before["instances"] == 40
+    assert after["batches"] - before["batches"] < 40  # at most 32 a batch: two batches, barring timing
+
+
+def test_promotion_reaches_serving_after_a_redeploy(served: Served, client: httpx.Client) -> None:
+    name = "stuck_detector"
+    current = served.registry.resolve(name, "production")
+    assert current is not None
+    mv = served.registry.register(
+        name,
+        weights=current.weights_path.read_bytes(),
+        config=current.config,
+        metrics=current.metrics,
+        reference=current.reference(),
+    )
+    served.registry.promote(name, mv.version, "production", force=True)
+    before = client.get(f"/v1/models/{name}").json()
+    assert before["stages"]["production"] == "1.0.0"  # not before a reconfigure
+    _check(
+        _ray(
+            "deploy",
+            "test",
+            f"file://{served.registry_dir}",
+            "min_replicas=1",
+            "max_replicas=1",
+            "batch_wait_timeout_s=0.02",
+            "health_check_period_s=2",
+        )
+    )
+    described = client.get(f"/v1/models/{name}").json()
+    assert described["stages"]["production"] == mv.version
+    assert [v["version"] for v in described["versions"]] == [mv.version]  # 1.0.0 was let go
+    response = client.post(f"/v1/models/{name}/predict", json={"instances": [PROBES[name]]})
+    assert response.json()["version"] == mv.version
+    assert described["replica"] == before["replica"]  # reconfigured in place, not replaced
+
+
+def test_deploy_writes_the_config_it_deployed(served: Served) -> None:
+    config = yaml.safe_load((ROOT / ".firstmile" / "services" / "ray-test" / "serve_config.yaml").read_text())
+    assert (config["http_options"]["host"], config["http_options"]["port"]) == ("127.0.0.1", int(served.url[-5:]))
+    (application,) = config["applications"]
+    assert application["import_path"] == "firstmile_inference.serve:build_app"
+    args = application["args"]
+    assert (args["registry_uri"], args["max_replicas"], args["num_gpus"]) == (f"file://{served.registry_dir}", 1, 0)
+    tokens = {d["name"]: d["user_config"]["reload_token"] for d in application["deployments"] if "user_config" in d}
+    assert set(tokens) == set(MODEL_NAMES) and len(set(tokens.values())) == 1 and float(tokens["path_classifier"]) > 0
