@@ -31,10 +31,10 @@ Observed at the moment a path is chosen (the nine features of ``schema.UserFeatu
 * ``time_since_signup`` (hours): with probability 0.3 + 0.4 motivation the user starts
   within the first hour (Exponential, mean 0.3 h), else LogNormal(median 20 h, sigma 1.2),
   capped at 30 days;
-* ``steps_completed``: Poisson(0.45 e^{0.45 skill} (1 + 0.35 log1p(time_since_signup))
+* ``steps_completed``: Poisson(0.45 e^{0.6 skill} (1 + 0.35 log1p(time_since_signup))
   (0.5 + engagement/100)), product actions done before onboarding started;
 * ``session_count``: 1 + Poisson(0.7 log1p(time_since_signup) (0.4 + motivation));
-* ``avg_session_duration`` (seconds): LogNormal(log 240 + 0.3 skill + 0.25 (engagement-50)/20, 0.45).
+* ``avg_session_duration`` (seconds): LogNormal(log 240 + 0.45 skill + 0.25 (engagement-50)/20, 0.35).
 
 Paths and activation
 --------------------
@@ -156,6 +156,7 @@ Policy = Callable[[Mapping[str, Any]], str]
 
 # ---------------------------------------------------------------- the world
 STEP_BASE: Final = 1.2
+FIT_SCALE: Final = 1.25  # multiplies every categorical affinity and interaction of the catalog
 SKILL_WEIGHT: Final = 0.55
 LATE_WEIGHT: Final = 0.35
 STUCK_HORIZON_H: Final = 48.0
@@ -207,18 +208,20 @@ MOTIVATION_SOURCE_SHIFT: Final = {
 
 NUDGE_BASE: Final = -0.9
 CHANNEL_AFFINITY: Final = {  # channel → persona → logit shift
-    "email": {"developer": -0.4, "analyst": 0.6, "admin": 0.9, "marketer": 0.1, "executive": 0.4,
-              "product_manager": 0.2},
-    "sms": {"developer": -1.3, "analyst": -0.7, "admin": 0.0, "marketer": 0.4, "executive": 1.0,
-            "product_manager": -0.4},
-    "in_app": {"developer": 0.9, "analyst": 0.4, "admin": -0.2, "marketer": -0.3, "executive": -0.9,
-               "product_manager": 0.6},
-    "push": {"developer": -0.4, "analyst": -0.4, "admin": -0.7, "marketer": 0.9, "executive": 0.3,
-             "product_manager": 0.4},
+    "email": {"developer": -0.5, "analyst": 0.75, "admin": 1.1, "marketer": 0.1, "executive": 0.5,
+              "product_manager": 0.25},
+    "sms": {"developer": -1.6, "analyst": -0.9, "admin": 0.0, "marketer": 0.5, "executive": 1.25,
+            "product_manager": -0.5},
+    "in_app": {"developer": 1.1, "analyst": 0.5, "admin": -0.25, "marketer": -0.4, "executive": -1.1,
+               "product_manager": 0.75},
+    "push": {"developer": -0.5, "analyst": -0.5, "admin": -0.9, "marketer": 1.1, "executive": 0.4,
+             "product_manager": 0.5},
 }  # fmt: skip
 
 
 # ---------------------------------------------------------------- catalog
+_INTERACTION_FIELDS: Final = ("persona", "use_case", "company_size", "signup_source")
+
 @dataclass(frozen=True)
 class StepSpec:
     """One required step: ``difficulty`` lowers the completion logit, ``technical`` scales the skill effect."""
@@ -243,10 +246,17 @@ class PathSpec:
     engagement: float = 0.0
     experience: float = 0.0
     late: float = 0.0
+    interactions: dict[str, float] = field(default_factory=dict)  # "persona=executive,company_size=1-10" → shift
 
     def __post_init__(self) -> None:
         if not 0 <= self.activation_index < len(self.steps):
             raise ValueError(f"path {self.key!r}: activation_index {self.activation_index} outside its steps")
+        for key in self.interactions:
+            for term in key.split(","):
+                name, _, value = term.partition("=")
+                if name not in _INTERACTION_FIELDS or not value:
+                    raise ValueError(f"path {self.key!r}: bad interaction term {term!r} (field=value, fields: "
+                                     f"{', '.join(_INTERACTION_FIELDS)})")  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -322,7 +332,7 @@ DEMO_CATALOG: Final = Catalog(
             base=0.2,
             persona={"developer": 1.2, "analyst": -0.4, "admin": -0.6, "marketer": -1.6, "executive": -1.6,
                      "product_manager": -0.3},
-            use_case={"data_engineering": 0.6, "product_analytics": -0.3, "reporting": -0.5, "marketing": -0.9,
+            use_case={"data_engineering": 0.6, "product_analytics": -0.7, "reporting": -0.5, "marketing": -0.9,
                       "customer_success": -0.6},
             company_size=_sizes(0.25, 0.2, 0.0, -0.2, -0.4),
             signup_source={"organic": 0.3, "referral": 0.1, "sales_led": -0.3},
@@ -342,9 +352,10 @@ DEMO_CATALOG: Final = Catalog(
             persona={"analyst": 1.1, "executive": 0.35, "product_manager": 0.15, "admin": -0.1, "developer": -0.3,
                      "marketer": -0.3},
             use_case={"reporting": 0.8, "customer_success": 0.2, "data_engineering": 0.1, "marketing": -0.3,
-                      "product_analytics": -0.1},
+                      "product_analytics": -0.5},
             company_size=_sizes(-0.3, 0.0, 0.2, 0.2, 0.0),
             signup_source={"partner": 0.2},
+            interactions={"persona=executive,company_size=201-1000": 0.5, "persona=executive,company_size=1001+": 0.6},
             engagement=0.15,
         ),
         PathSpec(
@@ -362,6 +373,8 @@ DEMO_CATALOG: Final = Catalog(
             use_case={"customer_success": 0.35, "reporting": 0.1, "data_engineering": -0.2},
             company_size=_sizes(-0.5, 0.55, 0.45, 0.0, -0.7),
             signup_source={"referral": 0.2},
+            interactions={"persona=executive,company_size=1-10": 1.0, "persona=executive,company_size=11-50": 0.5,
+                          "persona=executive,company_size=1001+": -0.5},
             engagement=0.05,
         ),
         PathSpec(
@@ -409,7 +422,7 @@ DEMO_CATALOG: Final = Catalog(
                 StepSpec("create-first-project", 0.4, 0.0),
             ),
             activation_index=2,
-            base=-0.05,
+            base=0.15,
             engagement=-0.25,
             experience=-0.45,
             late=0.0,
@@ -637,14 +650,26 @@ def step_logits(catalog: Catalog, persona: NDArray[np.str_], use_case: NDArray[n
     engagement = (numeric[:, 0] - 50.0) / 20.0
     late = np.log1p(numeric[:, 1]) / math.log1p(168.0)
     experience = np.log1p(numeric[:, 2])
+    by_field = {"persona": persona, "use_case": use_case, "company_size": company_size, "signup_source": signup_source}
     out: list[FloatArray] = []
     for spec in catalog.paths:
-        fit = (
-            spec.base
+        interaction = np.zeros(len(persona))
+        for key, shift in spec.interactions.items():
+            hit = np.ones(len(persona), dtype=np.bool_)
+            for term in key.split(","):
+                name, _, value = term.partition("=")
+                hit &= by_field[name] == value
+            interaction += shift * hit
+        affinity = (
+            interaction
             + np.array([spec.persona.get(str(v), 0.0) for v in persona])
             + np.array([spec.use_case.get(str(v), 0.0) for v in use_case])
             + np.array([spec.company_size.get(str(v), 0.0) for v in company_size])
             + np.array([spec.signup_source.get(str(v), 0.0) for v in signup_source])
+        )
+        fit = (
+            spec.base
+            + FIT_SCALE * affinity
             + spec.engagement * engagement
             + spec.experience * experience
             - (LATE_WEIGHT + spec.late) * late
@@ -732,11 +757,11 @@ def generate(
     tss = np.where(quick, rng.exponential(0.3, n), np.exp(math.log(20.0) + 1.2 * rng.normal(0.0, 1.0, n)))
     tss = np.round(np.minimum(tss, 720.0), 2)
     steps_done = rng.poisson(
-        0.45 * np.exp(0.45 * skill) * (1 + 0.35 * np.log1p(tss)) * (0.5 + engagement / 100.0)
+        0.45 * np.exp(0.6 * skill) * (1 + 0.35 * np.log1p(tss)) * (0.5 + engagement / 100.0)
     ).astype(np.float64)
     sessions = 1.0 + rng.poisson(0.7 * np.log1p(tss) * (0.4 + motivation)).astype(np.float64)
     duration = np.round(
-        np.exp(math.log(240.0) + 0.3 * skill + 0.25 * (engagement - 50.0) / 20.0 + 0.45 * rng.normal(0.0, 1.0, n)),
+        np.exp(math.log(240.0) + 0.45 * skill + 0.25 * (engagement - 50.0) / 20.0 + 0.35 * rng.normal(0.0, 1.0, n)),
         1,
     )
     numeric = np.stack([engagement, tss, steps_done, sessions, duration], axis=1)
@@ -855,7 +880,7 @@ def _simulate_sessions(
             st.append(t)
             done = k < fail_at and u_complete[i, k] < probs[k]
             if done:
-                q_pause = 0.10 + 0.12 * low_eng + 0.04 * step.difficulty
+                q_pause = 0.20 + 0.15 * low_eng + 0.05 * step.difficulty
                 q_recover = 0.05 + 0.08 * max(step.difficulty, 0.0) + 0.04 * max(-float(skill[i]), 0.0) * step.technical
                 u = u_kind[i, k]
                 if u < q_pause:
@@ -939,15 +964,15 @@ def _snapshots(
 
 
 def _timing(channel: str, hour: float) -> float:
-    """The time-of-day effect on a nudge's response logit."""
+    """The time-of-day effect on a nudge's response logit (local hour)."""
     night = hour < 7.0 or hour >= 23.0
-    if channel == "email":
-        return 0.6 if 8.0 <= hour < 18.0 else (-0.9 if night else -0.2)
-    if channel == "push":
-        return 0.9 if 18.0 <= hour < 23.0 else (-1.2 if night else 0.0)
-    if channel == "sms":
-        return 0.4 if 10.0 <= hour < 20.0 else (-1.5 if night else -0.4)
-    return -0.4 if night else 0.1  # in_app
+    if channel == "email":  # business hours
+        return 0.75 if 8.0 <= hour < 18.0 else (-1.1 if night else -0.25)
+    if channel == "push":  # evenings
+        return 1.1 if 18.0 <= hour < 23.0 else (-1.5 if night else 0.0)
+    if channel == "sms":  # daytime, never at night
+        return 0.5 if 10.0 <= hour < 20.0 else (-1.9 if night else -0.5)
+    return -0.5 if night else 0.1  # in_app
 
 
 def _nudges(

@@ -57,8 +57,8 @@ class Hyper:
 
 
 DEFAULT_HYPER: Final = {
-    "path_classifier": Hyper(epochs=12),
-    "stuck_detector": Hyper(epochs=8, batch_size=1024),
+    "path_classifier": Hyper(epochs=8, hidden=(32, 32), weight_decay=5e-4),
+    "stuck_detector": Hyper(epochs=8, batch_size=1024, val_fraction=0.2),
     "nudge_response_predictor": Hyper(epochs=8, batch_size=1024),
 }
 
@@ -264,7 +264,8 @@ def train_stuck_detector(
     with torch.inference_mode():
         scores = torch.sigmoid(net.logits(x_all.rows(v_idx))[:, 0]).numpy()
     labels = data.stuck_label[val_rows]
-    operating = threshold_for_precision(scores, labels, stuck_model.TARGET_PRECISION)
+    target = stuck_model.TARGET_PRECISION + stuck_model.PRECISION_MARGIN
+    operating = threshold_for_precision(scores, labels, target)
     metrics = {
         "val_auc": history[-1]["val_auc"],
         "val_loss": history[-1]["val_loss"],
@@ -272,6 +273,7 @@ def train_stuck_detector(
         "precision": operating.precision,
         "recall": operating.recall,
         "target_precision": stuck_model.TARGET_PRECISION,
+        "precision_margin": stuck_model.PRECISION_MARGIN,
         "target_met": operating.met,
         "val_snapshots": len(val_rows),
         "val_stuck_rate": float(labels.mean()),
@@ -281,6 +283,7 @@ def train_stuck_detector(
     config["paths"] = keys
     config["threshold"] = operating.threshold
     config["target_precision"] = stuck_model.TARGET_PRECISION
+    config["threshold_rule"] = f"lowest threshold whose validation precision >= {target:.2f} (target plus margin)"
     return TrainedModel("stuck_detector", _state(net), config, metrics, _reference(encoder, train_cols), history)
 
 
