@@ -8,9 +8,11 @@ STAMP := $(VENV)/.installed
 PG := deploy/local/postgres.sh
 KAFKA := deploy/local/kafka.sh
 REDIS := deploy/local/redis.sh
+RAY := deploy/local/ray.sh
+BENCH_REGISTRY := .firstmile/bench-registry
 PYTEST_WORKERS ?= 2
 
-.PHONY: help run install test lint typecheck pytest services services-stop bench bench-security bench-analytics bench-events clean
+.PHONY: help run install test lint typecheck pytest services services-stop bench bench-security bench-analytics bench-events bench-inference clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -80,7 +82,21 @@ bench-events: $(STAMP) ## Event path: relay vs bare producer, end to end (Kafka,
 bench-analytics: $(STAMP) ## Analytics queries over 10M synthetic events (chdb)
 	$(BIN)/firstmile bench analytics
 
+bench-inference: $(STAMP) ## Path classifier in-process vs Ray Serve over HTTP, on CPU (docs/serving.md)
+	@test -f $(BENCH_REGISTRY)/path_classifier/stages.json || \
+	  $(BIN)/python -m firstmile_inference.train --registry $(BENCH_REGISTRY) --sessions 20000 --promote production
+	@$(RAY) start bench
+	@status=0; \
+	  $(RAY) deploy bench $(abspath $(BENCH_REGISTRY)) models=path_classifier min_replicas=1 max_replicas=1 \
+	    num_cpus=1 max_batch_size=64 || status=$$?; \
+	  if [ $$status -eq 0 ]; then \
+	    $(BIN)/python -m firstmile_inference.bench --registry $(BENCH_REGISTRY) --num-gpus 0 \
+	      --url $$($(RAY) url bench) --output .firstmile/bench/inference.md || status=$$?; \
+	  fi; \
+	  $(RAY) stop bench; exit $$status
+
 clean: ## Remove the venv and all local state (embedded database included)
 	-$(PG) stop test; $(PG) stop bench; $(KAFKA) stop test; $(KAFKA) stop bench; $(REDIS) stop test; $(REDIS) stop bench
+	-$(RAY) stop test; $(RAY) stop bench; $(RAY) stop dev
 	-test -x $(BIN)/firstmile && $(BIN)/firstmile embedded stop
 	rm -rf $(VENV) .firstmile .mypy_cache .ruff_cache .pytest_cache

@@ -21,6 +21,10 @@
 # interfaces unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which this script sets for the node and
 # for every driver it runs (any other driver that connects must set it too).
 #
+# Ray's token authentication is on, with a token per instance in .firstmile/services/ray-<name>/auth_token
+# (RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=...: a driver such as `serve status` needs both). The HTTP
+# API of the application is not behind it.
+#
 # Ray's temporary folder (sockets, logs) is /tmp/fm-ray-<name>, not .firstmile/services/: a unix
 # socket path is limited to 107 bytes and Ray's sockets sit three folders below it
 # (<temp>/session_<date>_<time>_<pid>/sockets/plasma_store). .firstmile/services/ray-<name>/ holds
@@ -53,6 +57,9 @@ app=firstmile
 
 if [ -x "$root/.venv/bin/ray" ]; then bin="$root/.venv/bin"; else bin=$(dirname "$(command -v ray || echo /usr/bin/ray)"); fi
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 RAY_DEDUP_LOGS=0
+# Token authentication with this instance's own token (not ~/.ray/auth_token, which Ray would
+# otherwise create and share between every cluster of the user): the node and every driver here.
+export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$dir/auth_token"
 
 elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
 
@@ -146,6 +153,9 @@ case "$cmd" in
     done
     mkdir -p "$dir"
     rm -rf "$tmp"
+    if [ ! -s "$dir/auth_token" ]; then
+      (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$dir/auth_token")
+    fi
     ln -sfn "$tmp/session_latest/logs" "$dir/logs"
     gpus=()
     if [ -n "${FIRSTMILE_RAY_NUM_GPUS:-}" ]; then gpus=(--num-gpus="$FIRSTMILE_RAY_NUM_GPUS"); fi

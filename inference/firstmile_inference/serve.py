@@ -129,7 +129,7 @@ class ServeSettings:
     router_num_cpus: float = 0.1  # logical CPUs of the HTTP ingress replica
     router_replicas: int = 1  # ingress replicas (stateless; more for more HTTP throughput)
     max_batch_size: int = 32  # instances per model call, across requests
-    batch_wait_timeout_s: float = 0.005  # how long a partial batch waits for more instances
+    batch_wait_timeout_s: float = 0.0  # how long a partial batch waits for more (0: takes what is queued)
     max_ongoing_requests: int = 0  # requests in flight per model replica (0: 2 x max_batch_size, at least 64)
     min_replicas: int = 1  # autoscaling floor per model
     max_replicas: int = 2  # autoscaling ceiling per model
@@ -541,7 +541,7 @@ class ModelServer:
         self.config = {**self.base_config, **(user_config or {})}
         batched = cast(_BatchControls, self._batched)
         batched.set_max_batch_size(int(self.config.get("max_batch_size", 32)))
-        batched.set_batch_wait_timeout_s(float(self.config.get("batch_wait_timeout_s", 0.005)))
+        batched.set_batch_wait_timeout_s(float(self.config.get("batch_wait_timeout_s", 0.0)))
         self.reload()
         poll = float(self.config.get("registry_poll_s", 0.0))
         if self._poller is not None:
@@ -579,7 +579,7 @@ class ModelServer:
 
     # -- requests --
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)  # reconfigure sets both from the config
     async def _batched(self, items: list[Item]) -> list[Outcome]:
         self.stats.record(len(items))
         return predict_grouped(items)

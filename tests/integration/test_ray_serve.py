@@ -447,3 +447,21 @@ def test_deploy_writes_the_config_it_deployed(served: Served) -> None:
     assert (args["registry_uri"], args["max_replicas"], args["num_gpus"]) == (f"file://{served.registry_dir}", 1, 0)
     tokens = {d["name"]: d["user_config"]["reload_token"] for d in application["deployments"] if "user_config" in d}
     assert set(tokens) == set(MODEL_NAMES) and len(set(tokens.values())) == 1 and float(tokens["path_classifier"]) > 0
+
+
+def test_bench_summaries() -> None:
+    from firstmile_inference import bench
+
+    point = bench.summarise("serve", 4, [0.010, 0.012, 0.011, 0.020], wall_s=0.053)
+    assert (point.calls, point.p50_ms, point.instances_per_s) == (4, 11.5, round(16 / 0.053, 1))
+    base = bench.summarise("in-process", 4, [0.001, 0.001, 0.001, 0.001], wall_s=0.004)
+    (row,) = bench.overhead([base], [point])
+    assert (row["overhead_p50_ms"], row["ratio_p50"]) == (10.5, 11.5)
+    hist = {f"le_{b}": 0 for b in (1, 2, 4, 8)}
+    before = {"batches": 1, "instances": 1, "max_batch_size_seen": 1, "max_batch_size": 8, "batch_wait_timeout_s": 0.0}
+    after = {**before, "batches": 4, "instances": 9}
+    delta = bench._delta(
+        {**before, "histogram": {**hist, "le_1": 1, "le_2": 1, "le_4": 1, "le_8": 1}},
+        {**after, "histogram": {**hist, "le_1": 1, "le_2": 2, "le_4": 4, "le_8": 4}},
+    )
+    assert (delta["batches"], delta["mean_batch_size"], delta["largest_batch_at_most"]) == (3, 2.67, 4)
