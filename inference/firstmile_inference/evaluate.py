@@ -178,8 +178,8 @@ class EvaluationReport:
             "",
             "### Nudge response",
             "",
-            f"AUC {self.nudge_auc:.3f} (the simulator's true response probabilities reach {self.nudge_ceiling_auc:.3f}, "
-            "the ceiling any model can reach on these outcomes).",
+            f"AUC {self.nudge_auc:.3f} (the simulator's true response probabilities reach "
+            f"{self.nudge_ceiling_auc:.3f}, the ceiling any model can reach on these outcomes).",
         ]
         if self.train_seconds:
             total = sum(self.train_seconds.values())

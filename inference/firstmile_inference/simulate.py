@@ -41,15 +41,20 @@ Paths and activation
 A :class:`Catalog` lists the tenant's paths (default :data:`DEMO_CATALOG`, the
 seven paths of ``tenants/demo.yaml``): per path its required steps (each with a
 *difficulty* and a *technical* weight), the index of the activation step among
-them, and the path's *fit* to a user: additive affinities for persona, use
-case, company size and signup source, plus weights on standardised engagement
-``e = (engagement_score - 50) / 20``, on prior experience ``log1p(steps_completed)``
-and on a late start ``l = log1p(time_since_signup) / log1p(168)``.
+them, and the path's *fit* to a user::
 
-The probability that a user completes required step ``k`` of path ``P`` once they
-reach it is::
+    fit_P(user) = base_P + FIT_SCALE * (persona_P[persona] + use_case_P[use_case] + size_P[company_size]
+                                        + source_P[signup_source] + interactions_P[...])
+                  + engagement_P * e + experience_P * log1p(steps_completed) - (LATE_WEIGHT + late_P) * l
 
-    p_k = sigmoid(STEP_BASE + fit_P(user) - difficulty_k + SKILL_WEIGHT * technical_k * skill - LATE_WEIGHT * l)
+with standardised engagement ``e = (engagement_score - 50) / 20`` and a late
+start ``l = log1p(time_since_signup) / log1p(168)``. Interactions are shifts for
+combinations (e.g. executives at companies of 1-10 people fit the workspace
+setup: founders inviting their team; executives at large companies fit the
+reports path). The probability that a user completes required step ``k`` of
+path ``P`` once they reach it is::
+
+    p_k = sigmoid(STEP_BASE + fit_P(user) - difficulty_k + SKILL_WEIGHT * technical_k * skill)
 
 and the exact expected activation probability of a user on a path is::
 
@@ -77,47 +82,69 @@ unconfounded given the features.
 
 Sessions after the start: progress and stuck episodes
 -----------------------------------------------------
-Time runs in hours from the start. A user *commits* with probability
-``motivation``; an uncommitted user abandons at a uniformly chosen step up to
-the activation step. A committed user completes each required step ``k`` with
-probability ``p_k`` (so activation is exactly Bernoulli(P(activate)) above), and
-stops at the first step they fail. Each step is one *episode* of kind:
+Time runs in hours from the start of onboarding. A user *commits* with
+probability ``motivation``; an uncommitted user gives up at a uniformly chosen
+step ``f`` up to the activation step (completing the steps before it as anyone
+would). A committed user completes each required step ``k`` with probability
+``p_k`` and stops at the first step they fail; so activation is exactly
+Bernoulli(P(activate | user, assigned path)). Each reached step is one
+*episode* of one kind:
 
-* ``smooth`` (completes): a burst of visits over LogNormal(median 0.4 + 1.2 difficulty h, 0.8), then completion;
-* ``pause`` (completes): a few visits, then a silence of LogNormal(median 30 h, sigma 0.45)
-  (a busy day, a weekend), then a short return session and completion. *Not stuck*;
-  this is the false positive of a pure time rule;
-* ``recover`` (completes): visits every ~6 h without completing for LogNormal(median 60 h, 0.5),
-  then completion on their own;
-* ``struggle`` (fails): visits every ~5 h for LogNormal(median 20 h, 0.7), then silence for good;
+* ``smooth`` (completes): 1 + Poisson(2 + 2 sqrt(D)) visits over D ~ LogNormal(median 0.4 + 1.2 difficulty h,
+  sigma 0.8), then completion;
+* ``pause`` (completes): one to three visits, then a silence of LogNormal(median 30 h, sigma 0.45)
+  (a busy day, a weekend), then a short return session and completion. *Not stuck*
+  (they come back within 48 h): the false positive of a pure time rule;
+* ``recover`` (completes): 1 + Poisson(R / 6) visits without completing over R ~ LogNormal(median 60 h,
+  sigma 0.5), then completion on their own;
+* ``struggle`` (fails): 1 + Poisson(S / 5) visits over S ~ LogNormal(median 20 h, sigma 0.7), then silence
+  for good;
 * ``silent`` (fails): zero to two visits within the first hour, then silence for good.
 
-Among completions the shares of ``pause`` and ``recover`` grow with difficulty and
-low engagement; among failures ``struggle`` has probability 0.45.
+A completing episode is a ``pause`` with probability ``0.20 + 0.15 low + 0.05
+difficulty`` (``low = clip((60 - engagement_score) / 60, 0, 1)``), else a
+``recover`` with probability ``0.05 + 0.08 max(difficulty, 0) + 0.04 max(-skill,
+0) technical``, else ``smooth``; a failing one is a ``struggle`` with probability
+0.45, else ``silent``.
 
-Stuck snapshots are taken at two uniform times per session in the first 7 days
-while the user is mid-path (the platform's periodic sweep). Features are
-``schema.StuckFeatures``: the user's nine features, the path, the current step's
-index, the required steps, hours since the last activity, hours on the current
-step and events in the last 24 h. The label *stuck now* is: the user's next
-step completion is more than 48 h away, or never, absent intervention.
+Stuck snapshots are taken at two uniform times per session between 15 minutes
+and the end of the path or 7 days, whichever comes first (the platform's
+periodic sweep). Features are ``schema.StuckFeatures``: the user's nine
+features, the path, the current step's index, the number of required steps,
+hours since the last activity (the start of the current step counts as
+activity), hours on the current step and events in the last 24 h. The label
+*stuck now* is: the user's next step completion is more than 48 h away
+(``STUCK_HORIZON_H``), or never, absent intervention.
 
 Nudges
 ------
-The historical nudge system nudged users it took for stuck (silent for 12 h or
-more, or on the same step for 24 h or more) at 1-3 random times within the
-stuck episode, on a uniformly random channel (a randomized channel test). A
-row is ``schema.NudgeFeatures`` (user features, channel, local hour of day,
-nudges already sent, hours since the last activity) and the label is whether
-the user responded (came back within 24 h). The response is Bernoulli with::
+The historical nudge system nudged users it took for stuck: in one of the
+session's episodes that is not ``smooth`` (pausers included: they look stuck),
+one to three nudges at uniform times from 12 h after the step began until the
+step completed (or 7 days), each on a uniformly random channel (a randomised
+channel test). A row is ``schema.NudgeFeatures`` (user features, channel,
+local hour of day, nudges already sent in the episode, hours since the last
+activity) and the label is whether the user responded (came back within 24 h).
+The response is Bernoulli with::
 
     logit = NUDGE_BASE + CHANNEL_AFFINITY[channel][persona] + timing(channel, hour)
-            - 0.6 nudges_sent - recency(channel, hours_since_last_activity)
+            - 0.6 nudges_sent - 0.25 log1p(hours_since_last_activity / 24) (x3 for in_app)
             + 0.4 e + 0.8 (motivation - 0.7) + N(0, 0.3) (responsiveness)
 
-``timing`` favours business hours for email, evenings for push, daytime for SMS
-and penalises nights; ``in_app`` only reaches users who come back, so it decays
-with silence. Responses are counterfactual: they do not change the timeline.
+``timing`` favours business hours (8-18 h) for email, evenings (18-23 h) for
+push and daytime (10-20 h) for SMS and penalises nights (23-7 h), SMS most;
+``in_app`` only reaches users who come back, so it decays fastest with
+silence. The local clock starts at a Normal(13 h, 4 h) hour. Responses are
+counterfactual: they do not change the timeline.
+
+Tuning
+------
+The constants were tuned on development seeds (training seed 7, evaluation
+seeds 555 and 556), never on the held-out seed the evaluation reports (1007),
+so that the goals are reachable but not trivially true: the rules policy is
+right for about 63% of users, about 7.5% of users have a best and second-best
+path within 0.02 of each other, and the latent skill decides some developers'
+and analysts' best path.
 """
 
 from __future__ import annotations
@@ -221,6 +248,7 @@ CHANNEL_AFFINITY: Final = {  # channel → persona → logit shift
 
 # ---------------------------------------------------------------- catalog
 _INTERACTION_FIELDS: Final = ("persona", "use_case", "company_size", "signup_source")
+
 
 @dataclass(frozen=True)
 class StepSpec:
