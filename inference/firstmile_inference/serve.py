@@ -644,7 +644,8 @@ class Router:
             return problem_response(problem, {"Allow": str(allow)} if allow else None)
         except Exception as exc:
             log.exception("request %s %s failed", request.method, request.url.path)
-            return problem_response(ProblemError(503, "service-unavailable", f"{type(exc).__name__}: {exc}"))
+            detail = f"{type(exc).__name__}: {exc}"[:500]  # a RayTaskError carries the remote traceback
+            return problem_response(ProblemError(503, "service-unavailable", detail))
 
     async def _route(self, request: Request) -> Response:
         parts = [p for p in request.url.path.split("/") if p]
