@@ -102,6 +102,7 @@ class EvaluationReport:
     nudge_ceiling_auc: float
     nudge_rows: int
     train_seconds: dict[str, float] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)  # the path classifier's training record, if known
     commands: tuple[str, ...] = ()
     seconds: float = 0.0
 
@@ -134,6 +135,16 @@ class EvaluationReport:
             f"{self.stuck_snapshots:,} stuck snapshots, {self.nudge_rows:,} nudges. "
             "Models: " + ", ".join(f"`{n}` {v}" for n, v in self.versions.items()) + ".",
             "",
+        ]
+        if self.training:
+            t = self.training
+            lines += [
+                f"Training set: {t.get('sessions', 0):,} simulated sessions (seed {t.get('data_seed')}, "
+                f"{100 * float(t.get('exploration', 0)):.0f}% uniformly random logged paths); "
+                "the held-out seed was never used for training or tuning.",
+                "",
+            ]
+        lines += [
             "### Goals",
             "",
             "| Goal | Target | Measured | Met |",
@@ -227,6 +238,7 @@ def evaluate(
     policies: Mapping[str, Policy] | None = None,
     commands: Sequence[str] = (),
     train_seconds: Mapping[str, float] | None = None,
+    training: Mapping[str, Any] | None = None,
     progress: Progress | None = None,
 ) -> EvaluationReport:
     """Evaluate the three predictors (keyed by model name) on ``heldout``; see the module docstring.
@@ -296,6 +308,7 @@ def evaluate(
         nudge_ceiling_auc=roc_auc(heldout.nudge_probability, heldout.nudge_label),
         nudge_rows=len(heldout.nudge_label),
         train_seconds=dict(train_seconds or {}),
+        training=dict(training or {}),
         commands=tuple(commands),
         seconds=time.perf_counter() - started,
     )
@@ -330,12 +343,21 @@ def evaluate_registry(
         seconds = registry.get(name, predictor.version).metrics.get("train_seconds")
         if isinstance(seconds, int | float):
             train_seconds[name] = float(seconds)
+    path_version = registry.get("path_classifier", predictors["path_classifier"].version)
+    training = path_version.config.get("training", {})
+    if training and not commands:
+        commands = [
+            f"python -m firstmile_inference.train --registry {registry.root} --sessions {training.get('sessions')} "
+            f"--seed {training.get('seed')}",
+            f"python -m firstmile_inference.evaluate --registry {registry.root} --sessions {sessions} --seed {seed}",
+        ]
     return evaluate(
         heldout,
         predictors,
         rules_policy=rules_policy,
         commands=commands,
         train_seconds=train_seconds,
+        training=training,
         progress=progress,
     )
 
@@ -349,15 +371,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--markdown", help="also write the report as Markdown here")
     parser.add_argument("--json", help="also write the report as JSON here")
     args = parser.parse_args(argv)
-    command = "python -m firstmile_inference.evaluate " + " ".join(argv if argv is not None else sys.argv[1:])
 
     def say(line: str) -> None:
         sys.stderr.write(line + "\n")
 
     report = evaluate_registry(
-        Registry(args.registry), sessions=args.sessions, seed=args.seed, stage=args.stage, commands=[command],
-        progress=say,
-    )  # fmt: skip
+        Registry(args.registry), sessions=args.sessions, seed=args.seed, stage=args.stage, progress=say
+    )
     text = report.to_markdown()
     sys.stdout.write(text)
     if args.markdown:

@@ -149,7 +149,6 @@ and analysts' best path.
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import math
@@ -1063,12 +1062,3 @@ def _nudges(
         p,
         labels,
     )
-
-
-def save_jsonl_gz(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
-    """Write rows as gzipped JSON lines (for inspection or exports)."""
-    target = Path(path)
-    with gzip.open(target, "wt", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, sort_keys=True) + "\n")
-    return target

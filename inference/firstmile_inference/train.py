@@ -156,7 +156,7 @@ def _fit(
         _emit(
             progress,
             f"{name} epoch {epoch}/{hyper.epochs} loss {record['loss']:.3f} "
-            f"val_loss {val_loss:.3f} val_auc {val_auc:.2f}",
+            f"val_auc {val_auc:.2f} val_loss {val_loss:.3f}",
         )
     return history
 
@@ -385,6 +385,33 @@ def register_all(
     return out
 
 
+def train_registry(
+    registry: Registry,
+    *,
+    sessions: int = 50_000,
+    seed: int = 7,
+    exploration: float = 0.4,
+    promote_to: str | None = None,
+    progress: Progress | None = None,
+    threads: int | None = None,
+    save_data: str | None = None,
+) -> dict[str, ModelVersion]:
+    """Simulate ``sessions``, train all three models and register them (what ``firstmile models train`` runs)."""
+    started = time.perf_counter()
+    data = generate(sessions, seed=seed, exploration=exploration)
+    _emit(progress, f"simulated {data.n} sessions (seed {seed}) in {time.perf_counter() - started:.1f}s")
+    if save_data:
+        _emit(progress, f"dataset written to {data.save(save_data)}")
+    t0 = time.perf_counter()
+    trained = train_all(data, seed=seed, progress=progress, threads=threads)
+    _emit(progress, f"trained all three in {time.perf_counter() - t0:.1f}s")
+    versions = register_all(registry, trained, promote_to=promote_to)
+    for name, mv in versions.items():
+        staged = f", promoted to {promote_to}" if promote_to else ""
+        _emit(progress, f"registered {name} {mv.version} at {mv.path}{staged}")
+    return versions
+
+
 # ---------------------------------------------------------------- command line
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m firstmile_inference.train", description=__doc__.split("\n")[0])
@@ -401,19 +428,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
 
-    started = time.perf_counter()
-    data = generate(args.sessions, seed=args.seed, exploration=args.exploration)
-    say(f"simulated {data.n} sessions (seed {args.seed}) in {time.perf_counter() - started:.1f}s")
-    if args.save_data:
-        say(f"dataset written to {data.save(args.save_data)}")
-    t0 = time.perf_counter()
-    trained = train_all(data, seed=args.seed, progress=say, threads=args.threads)
-    seconds = time.perf_counter() - t0
-    versions = register_all(Registry(args.registry), trained, promote_to=args.promote)
-    say(f"trained all three in {seconds:.1f}s")
-    summary = {
-        name: {"version": mv.version, "path": str(mv.path), "metrics": mv.metrics} for name, mv in versions.items()
-    }
+    versions = train_registry(
+        Registry(args.registry),
+        sessions=args.sessions,
+        seed=args.seed,
+        exploration=args.exploration,
+        promote_to=args.promote,
+        progress=say,
+        threads=args.threads,
+        save_data=args.save_data,
+    )
+    summary = {name: {"version": mv.version, "metrics": mv.metrics} for name, mv in versions.items()}
     say(json.dumps(summary, indent=2, sort_keys=True))
     return 0
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from firstmile_inference.models import load_predictor
 from firstmile_inference.predictor import Predictor
 from firstmile_inference.registry import Registry
@@ -39,3 +41,21 @@ def test_generate_train_register_load_predict(tmp_path: Path) -> None:
     assert all(set(p) == {"stuck_probability", "stuck"} for p in stuck)
     nudge = load_predictor(registry.get("nudge_response_predictor", "1.0.0")).predict(data.nudge_rows()[:5])
     assert all(0.0 <= p["response_probability"] <= 1.0 for p in nudge)
+
+
+def test_command_line_entry_points(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from firstmile_inference import evaluate, train
+
+    assert (
+        train.main(["--registry", str(tmp_path), "--sessions", "1200", "--seed", "4", "--promote", "production"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "path_classifier epoch 8/8 loss" in out and "registered stuck_detector 1.0.0" in out
+    assert Registry(tmp_path).stages("nudge_response_predictor").production == "1.0.0"
+    report = tmp_path / "report.md"
+    assert (
+        evaluate.main(["--registry", str(tmp_path), "--sessions", "500", "--seed", "5", "--markdown", str(report)]) == 0
+    )
+    text = capsys.readouterr().out
+    assert text == report.read_text()
+    assert "--sessions 1200 --seed 4" in text and "--sessions 500 --seed 5" in text
