@@ -139,14 +139,11 @@ def kafka_bootstrap() -> str:
 @pytest.fixture(scope="session")
 def tiny_registry(worker_id: str) -> Path:
     """Small models trained once per worker on 3,000 simulated sessions, all in production (about 10 s)."""
-    from firstmile_inference.registry import Registry
-    from firstmile_inference.simulate import generate
-    from firstmile_inference.train import register_all, train_all
+    from firstmile.ml.cli import train_models
 
     root = ROOT / ".firstmile" / "test-models" / worker_id
     shutil.rmtree(root, ignore_errors=True)
-    data = generate(3_000, seed=11)
-    register_all(Registry(root), train_all(data, seed=11, threads=1), promote_to="production")
+    train_models(str(root), sessions=3_000, seed=11, promote="production")  # as `firstmile models train` does
     return root
 
 

@@ -165,11 +165,17 @@ def models_evaluate(
     _say(f"simulating {sessions} held-out sessions (seed {seed})")
     heldout = generate(sessions, seed=seed)
     command = f"firstmile models evaluate --sessions {sessions} --seed {seed} --stage {stage}"
+    trained_by = registry.resolve("path_classifier", stage)
+    training = trained_by.config.get("training", {}) if trained_by is not None else {}
+    train_command = (
+        f"firstmile models train --sessions {training.get('sessions', '?')} --seed {training.get('seed', '?')} "
+        f"--exploration {training.get('exploration', '?')} --promote production   # the models evaluated"
+    )
     report = evaluate(
         heldout,
         predictors,
         rules_policy=rules_policy(manifest),
-        commands=[command + (f" --write-docs {write_docs}" if write_docs else "")],
+        commands=[train_command, command + (f" --write-docs {write_docs}" if write_docs else "")],
         train_seconds={
             n: float(registry.resolve(n, stage).metrics.get("train_seconds", 0.0))  # type: ignore[union-attr]
             for n in MODEL_NAMES

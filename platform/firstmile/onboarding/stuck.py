@@ -169,7 +169,10 @@ class StuckScanner:
             if seen is not None and seen.hours_since_last_activity is not None:
                 idle = min(idle, seen.hours_since_last_activity)
             idle_hours.append(idle)
-            features = dict(seen.features) if seen is not None else dict(decided_features or {})
+            # The detector was trained on the nine features as they were when onboarding started
+            # (what the path decision recorded), plus live progress and activity below.
+            stored = decided_features or (seen.features if seen is not None else {})
+            features = dict(stored)
             instances.append(
                 features
                 | {
