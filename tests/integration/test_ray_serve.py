@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,13 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from firstmile.analytics.chdb_store import ChdbStore
+from firstmile.app import create_app
 from firstmile_inference.registry import Registry
 from firstmile_inference.schema import MODEL_NAMES
 from firstmile_inference.serve import (
@@ -33,7 +40,9 @@ from firstmile_inference.serve import (
     parse_predict_body,
     predict_grouped,
 )
+from tests.conftest import PEPPER, Database, TenantFixture, make_settings
 from tests.factories import ROOT
+from tests.integration.test_adaptive_planner import adaptive_tenant
 
 pytestmark = pytest.mark.xdist_group("ray")
 
@@ -465,3 +474,70 @@ def test_bench_summaries() -> None:
         {**after, "histogram": {**hist, "le_1": 1, "le_2": 2, "le_4": 4, "le_8": 4}},
     )
     assert (delta["batches"], delta["mean_batch_size"], delta["largest_batch_at_most"]) == (3, 2.67, 4)
+
+
+# ---------------------------------------------------------------- the platform's planner through Ray Serve
+# Keep these last in the module: the final test kills this module's Ray.
+
+
+async def _ray_app(served: Served, database: Database, analytics_store: ChdbStore) -> Litestar:
+    settings = make_settings(model_registry_uri=str(served.registry_dir), inference_url=served.url)
+    return create_app(settings, database.app_url, PEPPER, analytics=analytics_store)
+
+
+async def _start_user(client: AsyncTestClient[Litestar], tenant: TenantFixture, user_id: str) -> dict[str, Any]:
+    response = await client.post(
+        "/v1/onboarding/start",
+        json={"user_id": user_id, "traits": {"persona": "developer", "company_size": "11-50"}},
+        headers=tenant.headers,
+    )
+    assert response.status_code == 201, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def test_a_start_request_is_decided_by_the_model_through_ray_serve(
+    served: Served, database: Database, analytics_store: ChdbStore, admin_engine: AsyncEngine
+) -> None:
+    tenant = await adaptive_tenant(admin_engine)
+    app = await _ray_app(served, database, analytics_store)
+    async with AsyncTestClient(app=app, raise_server_exceptions=False) as client:
+        body = await _start_user(client, tenant, "through-ray")
+    decision = body["decision"]
+    assert decision["selected_by"] == "model"
+    assert decision["model_version"] == served.registry.stages("path_classifier").production
+    assert decision["fallback"] is None
+    async with admin_engine.connect() as conn:
+        stored = (
+            await conn.execute(
+                text("SELECT decision FROM user_progress WHERE tenant_id = :t AND user_id = 'through-ray'"),
+                {"t": tenant.id},
+            )
+        ).one()[0]
+    assert stored["inference"] == "ray-serve"
+    assert stored["latency_ms"] < 10_000
+
+
+async def test_with_ray_killed_starts_still_succeed_through_the_fallback(
+    served: Served, database: Database, analytics_store: ChdbStore, admin_engine: AsyncEngine
+) -> None:
+    tenant = await adaptive_tenant(admin_engine)
+    app = await _ray_app(served, database, analytics_store)
+    async with AsyncTestClient(app=app, raise_server_exceptions=False) as client:
+        assert (await _start_user(client, tenant, "before-kill"))["decision"]["selected_by"] == "model"
+        stopped = _ray("stop", "test")  # SIGTERM, then SIGKILL: the whole Ray node goes away
+        assert stopped.returncode == 0, stopped.stderr
+        reasons = []
+        for i in range(7):
+            began = time.perf_counter()
+            body = await _start_user(client, tenant, f"after-kill-{i}")
+            took = time.perf_counter() - began
+            decision = body["decision"]
+            assert (decision["selected_by"], body["path"]["id"]) == ("rules", "developer-quickstart")
+            assert decision["fallback"] == "rules"
+            assert decision["model"] == "path_classifier"
+            # bounded by the inference timeout (100 ms) plus the request's own work, not by Ray
+            assert took < 5, f"start took {took:.2f} s with Ray down"
+            reasons.append(decision["fallback_reason"])
+    assert set(reasons[:5]) <= {"unavailable", "timeout"}
+    assert reasons[5:] == ["circuit_open", "circuit_open"]
