@@ -4,11 +4,13 @@
 #   deploy/local/ray.sh deploy [test|bench|dev] [REGISTRY] [key=value ...]
 #                                                 deploy inference/serve_config.yaml with this registry
 #                                                 ($FIRSTMILE_MODEL_REGISTRY_URI when not given) and
-#                                                 wait until the application is RUNNING; key=value
-#                                                 and FIRSTMILE_SERVE_<KEY> override the file's args.
+#                                                 wait until every application (one per model, and
+#                                                 the index) is RUNNING; key=value and
+#                                                 FIRSTMILE_SERVE_<KEY> override the file's args
+#                                                 (models=a,b deploys those models' applications only).
 #                                                 Deploying again reloads the models in place (after a
 #                                                 promotion): a fresh reload_token in each model's user_config.
-#   deploy/local/ray.sh status [test|bench|dev]   the node and the application's status
+#   deploy/local/ray.sh status [test|bench|dev]   the node and the applications' status
 #   deploy/local/ray.sh url    [test|bench|dev]   print the HTTP base URL of the application
 #   deploy/local/ray.sh stop   [test|bench|dev]   stop this instance only (idempotent)
 #
@@ -53,8 +55,6 @@ case "$name" in
   dev) gcs=${FIRSTMILE_DEV_RAY_PORT:-57000}; http=${FIRSTMILE_DEV_SERVE_PORT:-8100} ;;
   *) echo "unknown instance '$name' (test, bench or dev)" >&2; exit 2 ;;
 esac
-app=firstmile
-
 if [ -x "$root/.venv/bin/ray" ]; then bin="$root/.venv/bin"; else bin=$(dirname "$(command -v ray || echo /usr/bin/ray)"); fi
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 RAY_DEDUP_LOGS=0
 # Token authentication with this instance's own token (not ~/.ray/auth_token, which Ray would
@@ -83,37 +83,49 @@ warnings.simplefilter("ignore")
 import ray
 from ray import serve
 
-mode, address, app, timeout = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+mode, address, apps, timeout = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 since = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0  # wait for a deploy submitted after this
 ray.init(address=address, logging_level="ERROR", log_to_driver=False, configure_logging=False)
 deadline = time.monotonic() + timeout
-last = None
+last = {}
+
+def phase_of(state):
+    if state is None:
+        return "NOT_STARTED"
+    return str(state.status.value if hasattr(state.status, "value") else state.status)
+
 while True:
     status = serve.status()
-    state = status.applications.get(app)
-    phase = str(state.status.value if hasattr(state.status, "value") else state.status) if state else "NOT_STARTED"
-    if mode == "status":
-        print(f"serve application {app}: {phase}")
-        if state:
+    if mode == "status":  # every application there is
+        if not status.applications:
+            print("serve: no applications")
+        for app, state in sorted(status.applications.items()):
+            print(f"serve application {app}: {phase_of(state)}")
             for dep_name, dep in state.deployments.items():
                 dep_status = getattr(dep.status, "value", dep.status)
                 print(f"  {dep_name}: {dep_status} {dict(dep.replica_states)} {dep.message}".rstrip())
         sys.exit(0)
-    if state and state.last_deployed_time_s < since - 1:
-        phase = "SUBMITTED"  # the controller has not taken this deploy yet
-    if phase != last:
-        print(f"serve application {app}: {phase}", file=sys.stderr)
-        last = phase
-    if phase == "RUNNING":
+    phases = {}
+    for app in apps.split(","):
+        state = status.applications.get(app)
+        phase = phase_of(state)
+        if state and state.last_deployed_time_s < since - 1:
+            phase = "SUBMITTED"  # the controller has not taken this deploy yet
+        phases[app] = phase
+        if phase != last.get(app):
+            print(f"serve application {app}: {phase}", file=sys.stderr)
+        if phase in ("DEPLOY_FAILED", "UNHEALTHY"):
+            print(state.message, file=sys.stderr)
+            for dep_name, dep in state.deployments.items():
+                if dep.message:
+                    print(f"  {dep_name}: {getattr(dep.status, 'value', dep.status)}: {dep.message}", file=sys.stderr)
+            sys.exit(1)
+    last = phases
+    if all(phase == "RUNNING" for phase in phases.values()):
         sys.exit(0)
-    if phase in ("DEPLOY_FAILED", "UNHEALTHY"):
-        print(state.message, file=sys.stderr)
-        for dep_name, dep in state.deployments.items():
-            if dep.message:
-                print(f"  {dep_name}: {getattr(dep.status, 'value', dep.status)}: {dep.message}", file=sys.stderr)
-        sys.exit(1)
     if time.monotonic() > deadline:
-        print(f"not RUNNING after {timeout:.0f} s", file=sys.stderr)
+        waiting = [f"{app} {phase}" for app, phase in phases.items() if phase != "RUNNING"]
+        print(f"not RUNNING after {timeout:.0f} s: {', '.join(waiting)}", file=sys.stderr)
         sys.exit(2)
     time.sleep(0.5)
 PY
@@ -191,58 +203,75 @@ case "$cmd" in
     if [ $# -gt 0 ] && [[ "$1" != *=* ]]; then registry=$1; shift; fi
     [ -n "$registry" ] || { echo "usage: $0 deploy $name REGISTRY [key=value ...] (or set FIRSTMILE_MODEL_REGISTRY_URI)" >&2; exit 2; }
     mkdir -p "$dir"
-    # The config file with this instance's port, the registry, a fresh reload token and the overrides.
-    "$bin/python" - "$root/inference/serve_config.yaml" "$dir/serve_config.yaml" "$http" "$registry" "$@" <<'PY'
-import os, sys, time, yaml
+    # The config file with this instance's port, the registry, a fresh reload token and the overrides;
+    # prints the names of the applications it holds.
+    apps=$("$bin/python" - "$root/inference/serve_config.yaml" "$dir/serve_config.yaml" "$http" "$registry" "$@" <<'PY'
+import copy, os, sys, time, yaml
 src, dst, port, registry, *pairs = sys.argv[1:]
 with open(src) as fh:
-    config = yaml.safe_load(fh)
+    config = yaml.safe_load(fh)  # resolves the file's `<<: *args` merges
 config["http_options"].update(host="127.0.0.1", port=int(port))
-(application,) = config["applications"]
-args = application.setdefault("args", {})
-args["registry_uri"] = registry
+overrides = {}
 for key, value in os.environ.items():
     if key.startswith("FIRSTMILE_SERVE_"):
-        args[key.removeprefix("FIRSTMILE_SERVE_").lower()] = value
+        overrides[key.removeprefix("FIRSTMILE_SERVE_").lower()] = value
 for pair in pairs:
     key, sep, value = pair.partition("=")
     if not sep:
         sys.exit(f"expected key=value, got {pair!r}")
-    args[key] = yaml.safe_load(value)
-# Per-deployment settings may only name deployments the application has.
-models = args.get("models") or ["path_classifier", "stuck_detector", "nudge_response_predictor"]
+    overrides[key] = yaml.safe_load(value)
+if "model" in overrides:
+    sys.exit("`model` is per application; use models=a,b to choose the model applications")
+overrides["registry_uri"] = registry
+index = next(a for a in config["applications"] if "model" not in (a.get("args") or {}))
+models = overrides.get("models") or index.get("args", {}).get("models") or [
+    "path_classifier", "stuck_detector", "nudge_response_predictor"]
 if isinstance(models, str):
     models = [m.strip() for m in models.split(",") if m.strip()]
-deployments = [d for d in application.get("deployments", []) if d["name"] in {"router", *models}]
+overrides["models"] = models
+known = {a["args"]["model"] for a in config["applications"] if "model" in (a.get("args") or {})}
+if set(models) - known:
+    sys.exit(f"no application for {sorted(set(models) - known)} in the config file")
 # A fresh reload_token in each model's user_config: Serve reconfigures the running replicas in place
-# (they re-read the registry's stages); a change in args would replace every replica instead.
+# (they re-read the registry's stages); a change in args would replace the application's replicas.
 token = f"{time.time():.6f}"
-for model in models:
-    entry = next((d for d in deployments if d["name"] == model), None)
-    if entry is None:
-        entry = {"name": model}
-        deployments.append(entry)
-    entry["user_config"] = {**(entry.get("user_config") or {}), "reload_token": token}
-application["deployments"] = deployments
+applications = []
+for application in config["applications"]:
+    args = application.setdefault("args", {})
+    model = args.get("model")
+    if model is not None and model not in models:
+        continue  # that model is not deployed (the index does not list it either)
+    application["args"] = {**copy.deepcopy(args), **copy.deepcopy(overrides)}
+    if model is not None:
+        deployments = application.setdefault("deployments", [])
+        entry = next((d for d in deployments if d["name"] == model), None)
+        if entry is None:
+            entry = {"name": model}
+            deployments.append(entry)
+        entry["user_config"] = {**(entry.get("user_config") or {}), "reload_token": token}
+    applications.append(application)
+config["applications"] = applications
 with open(dst, "w") as fh:
     yaml.safe_dump(config, fh, sort_keys=False)
+print(",".join(a["name"] for a in applications))
 PY
+)
     started=$(date +%s.%N)
     (cd "$root" && "$bin/serve" run --non-blocking --address="127.0.0.1:$gcs" "$dir/serve_config.yaml") \
       >"$dir/deploy.log" 2>&1 || { echo "serve run failed; see $dir/deploy.log" >&2; tail -n 20 "$dir/deploy.log" >&2; exit 1; }
     set +e
-    driver wait "127.0.0.1:$gcs" "$app" "${FIRSTMILE_RAY_DEPLOY_TIMEOUT:-300}" "$started"
+    driver wait "127.0.0.1:$gcs" "$apps" "${FIRSTMILE_RAY_DEPLOY_TIMEOUT:-300}" "$started"
     status=$?
     set -e
     if [ $status -ne 0 ]; then
-      echo "the application did not reach RUNNING; replica logs: $dir/logs/serve/" >&2; exit 1
+      echo "the applications did not all reach RUNNING; replica logs: $dir/logs/serve/" >&2; exit 1
     fi
-    echo "serve ($name) RUNNING in $(elapsed "$started") s at http://127.0.0.1:$http (registry $registry)" >&2
+    echo "serve ($name) RUNNING in $(elapsed "$started") s at http://127.0.0.1:$http: $apps (registry $registry)" >&2
     ;;
   status)
     if ! running; then echo "ray ($name) is not running"; exit 3; fi
     echo "ray ($name) running, GCS 127.0.0.1:$gcs, session $(cat "$dir/session.id"), $(session_pids | wc -l) processes"
-    driver status "127.0.0.1:$gcs" "$app" 0
+    driver status "127.0.0.1:$gcs" - 0
     ;;
   stop)
     stop_instance

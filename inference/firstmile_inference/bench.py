@@ -9,8 +9,9 @@ throughput (instances/s) of
 - **in-process**: ``load_predictor(registry version, device).predict(batch)``,
   one call after another;
 - **serve**: ``POST /v1/models/path_classifier/predict`` carrying the batch, one
-  request after another, over loopback (HTTP proxy → router → model replica →
-  dynamic batch queue → the same predictor code on the same device);
+  request after another, over loopback on one keep-alive connection (HTTP
+  proxy → the model's replica, the ingress of its own application → dynamic
+  batch queue → the same predictor code on the same device);
 
 and reports Ray Serve's overhead at p50 (serve p50 - in-process p50, in ms and
 as a ratio). A concurrency run then keeps many single-instance requests in
@@ -296,7 +297,7 @@ class PrivateServe:
         import ray
         from ray import serve
 
-        from firstmile_inference.serve import build_app
+        from firstmile_inference.serve import applications
 
         started = time.perf_counter()
         ray.init(
@@ -310,7 +311,7 @@ class PrivateServe:
             log_to_driver=False,
         )
         serve.start(http_options={"host": "127.0.0.1", "port": self.args.port})
-        app = build_app(
+        specs = applications(
             {
                 "registry_uri": str(self.args.registry),
                 "models": MODEL,
@@ -322,7 +323,8 @@ class PrivateServe:
                 "max_replicas": 1,
             }
         )
-        serve.run(app, name="firstmile", route_prefix="/")
+        for spec in specs:  # the model's application and the index
+            serve.run(spec.app, name=spec.name, route_prefix=spec.route_prefix)
         self.startup_s = time.perf_counter() - started
         self.say(f"private Ray + Serve up in {self.startup_s:.1f} s at {self.url}")
         return self
@@ -519,7 +521,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "batch_wait_timeout_s": batching["batch_wait_timeout_s"],
             "description": (
                 f"one {MODEL} replica on {served_on}, max_batch_size {batching['max_batch_size']}, "
-                f"batch_wait_timeout_s {batching['batch_wait_timeout_s']}, HTTP over loopback through the router"
+                f"batch_wait_timeout_s {batching['batch_wait_timeout_s']}, HTTP over loopback straight to the replica"
             ),
         },
         "in_process": [asdict(p) for p in in_process],

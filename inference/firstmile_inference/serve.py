@@ -1,21 +1,27 @@
-"""Firstmile's models behind Ray Serve: one application, one HTTP ingress, one deployment per model.
+"""Firstmile's models behind Ray Serve: one Serve application per model, each its own HTTP ingress.
 
-The application (``build_app``) has four deployments:
+Serve's HTTP proxy routes a request straight to the replica of the model it
+names (longest route prefix wins), so a prediction is one hop: proxy -> model
+replica. The applications:
 
-- ``path_classifier``, ``stuck_detector``, ``nudge_response_predictor``: one
-  :class:`ModelServer` each. A replica loads, from the model registry, the
-  versions staged as production, canary and shadow (whichever exist) with
-  ``load_predictor`` (on ``cuda`` when the deployment asks for GPUs and one is
-  visible, else ``cpu``) and answers predictions with dynamic batching: every
-  instance of every request in flight joins one queue (``@serve.batch``), and a
-  batch is run grouped by model version.
-- ``router``: the HTTP ingress (:class:`Router`), a small JSON API that validates
-  requests and forwards them to the model deployments through DeploymentHandles.
+- ``path_classifier``, ``stuck_detector``, ``nudge_response_predictor``
+  (``build_model_app``, route prefix ``/v1/models/<name>``): one
+  :class:`ModelServer` deployment each, which answers HTTP itself. A replica
+  loads, from the model registry, the versions staged as production, canary and
+  shadow (whichever exist) with ``load_predictor`` (on ``cuda`` when the
+  deployment asks for GPUs and one is visible, else ``cpu``) and answers
+  predictions with dynamic batching: every request in flight joins one queue
+  (``@serve.batch``, sized in instances), and a batch is run grouped by model
+  version.
+- ``index`` (``build_index_app``, route prefix ``/``): a tiny :class:`ModelIndex`
+  that answers what no model application matches: ``GET /v1/models`` (it asks
+  each model application through a DeploymentHandle; not on the prediction
+  path), and problem documents for unknown models and paths.
 
 HTTP API (JSON; errors are ``application/problem+json``, RFC 9457)::
 
-    GET  /v1/models                      the loaded models, versions, stages and batching counters
-    GET  /v1/models/{name}               one of them
+    GET  /v1/models                      the loaded models, versions, stages and batching counters (index)
+    GET  /v1/models/{name}               one of them (the model's own application)
     POST /v1/models/{name}/predict       {"instances": [...], "version"?: "1.2.0", "stage"?: "production"}
                                       -> {"model", "version", "stage", "predictions": [...]}
     GET  /-/healthz                      Ray Serve's own (the HTTP proxy is up)
@@ -25,8 +31,8 @@ Canary and shadow traffic is the caller's decision (the platform's planner picks
 the canary slice per user and mirrors to the shadow itself): it asks for
 ``"stage": "canary"`` or ``"stage": "shadow"`` explicitly.
 
-Run: ``serve run firstmile_inference.serve:build_app registry_uri=/abs/dir`` or
-``serve deploy inference/serve_config.yaml``; locally ``deploy/local/ray.sh``.
+Run: ``serve deploy inference/serve_config.yaml`` (every application), locally
+``deploy/local/ray.sh``; from Python, ``serve.run`` each of ``applications(args)``.
 After a promotion in the registry, deploy again with a new ``reload_token`` in
 each model deployment's ``user_config`` (``deploy/local/ray.sh deploy`` writes
 one): Serve calls ``reconfigure`` on every running replica, which loads the newly
@@ -37,7 +43,6 @@ each replica re-read the stages on its own.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import os
@@ -46,11 +51,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Final, Protocol, cast
 
+import msgspec
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from firstmile_inference.predictor import Predictor
 from firstmile_inference.schema import MODEL_NAMES
@@ -61,6 +67,8 @@ STAGES: Final = ("production", "canary", "shadow")
 PROBLEM_BASE: Final = "https://firstmile.dev/problems/"
 PROBLEM_MEDIA_TYPE: Final = "application/problem+json"
 ENV_PREFIX: Final = "FIRSTMILE_SERVE_"
+JSON_MEDIA_TYPE: Final = "application/json"
+INDEX_APP: Final = "index"  # the application answering GET /v1/models and unknown paths, at route prefix /
 
 # A valid instance per model: the health check predicts it with the production version.
 PROBES: Final[dict[str, dict[str, Any]]] = {
@@ -115,7 +123,9 @@ PROBES: Final[dict[str, dict[str, Any]]] = {
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """The application's arguments (``build_app(args)``); each also reads ``FIRSTMILE_SERVE_<NAME>``.
+    """The applications' arguments (``build_model_app(args)``, ``build_index_app(args)``).
+
+    Each also reads ``FIRSTMILE_SERVE_<NAME>``.
 
     Precedence: an argument, else the environment variable of the process that
     builds the application (for ``serve deploy`` the Serve controller, which
@@ -123,11 +133,12 @@ class ServeSettings:
     """
 
     registry_uri: str = ""  # file:///abs/dir or /abs/dir (required)
-    models: tuple[str, ...] = MODEL_NAMES  # which model deployments the application has
+    model: str = ""  # the model a model application serves (build_model_app; required there)
+    models: tuple[str, ...] = MODEL_NAMES  # the model applications deployed (the index lists these)
     num_gpus: float = 0.0  # GPUs per model replica (fractions share one GPU: 0.3 fits three models on one)
     num_cpus: float = 0.5  # logical CPUs per model replica
-    router_num_cpus: float = 0.1  # logical CPUs of the HTTP ingress replica
-    router_replicas: int = 1  # ingress replicas (stateless; more for more HTTP throughput)
+    index_num_cpus: float = 0.05  # logical CPUs of the index replica (GET /v1/models, unknown paths)
+    torch_threads: int = 0  # torch intra-op threads per CPU model replica (0: floor(num_cpus), at least 1)
     max_batch_size: int = 32  # instances per model call, across requests
     batch_wait_timeout_s: float = 0.0  # how long a partial batch waits for more (0: takes what is queued)
     max_ongoing_requests: int = 0  # requests in flight per model replica (0: 2 x max_batch_size, at least 64)
@@ -141,7 +152,11 @@ class ServeSettings:
 
     @classmethod
     def from_args(
-        cls, args: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+        cls,
+        args: Mapping[str, Any] | None = None,
+        environ: Mapping[str, str] | None = None,
+        *,
+        require_registry: bool = True,
     ) -> ServeSettings:
         args = dict(args or {})
         env = os.environ if environ is None else environ
@@ -160,22 +175,24 @@ class ServeSettings:
                 continue
             values[name] = _coerce(name, raw, getattr(cls, name))
         settings = cls(**values)
-        settings.validate()
+        settings.validate(require_registry=require_registry)
         return settings
 
-    def validate(self) -> None:
+    def validate(self, *, require_registry: bool = True) -> None:
         problems: list[str] = []
-        if not self.registry_uri:
+        if require_registry and not self.registry_uri:
             problems.append("registry_uri is required (file:///abs/dir or /abs/dir)")
         bad_models = [m for m in self.models if m not in MODEL_NAMES]
         if bad_models or not self.models:
             problems.append(f"models must be a non-empty subset of {list(MODEL_NAMES)}, got {list(self.models)}")
-        if self.num_gpus < 0 or self.num_cpus < 0 or self.router_num_cpus < 0:
-            problems.append("num_gpus, num_cpus and router_num_cpus must be >= 0")
+        if self.model and self.model not in MODEL_NAMES:
+            problems.append(f"model must be one of {list(MODEL_NAMES)}, got {self.model!r}")
+        if self.num_gpus < 0 or self.num_cpus < 0 or self.index_num_cpus < 0 or self.torch_threads < 0:
+            problems.append("num_gpus, num_cpus, index_num_cpus and torch_threads must be >= 0")
         if self.num_gpus > 1 and not float(self.num_gpus).is_integer():
             problems.append("num_gpus above 1 must be a whole number")
-        if self.max_batch_size < 1 or self.max_instances < 1 or self.router_replicas < 1:
-            problems.append("max_batch_size, max_instances and router_replicas must be >= 1")
+        if self.max_batch_size < 1 or self.max_instances < 1:
+            problems.append("max_batch_size and max_instances must be >= 1")
         if self.batch_wait_timeout_s < 0 or self.registry_poll_s < 0:
             problems.append("batch_wait_timeout_s and registry_poll_s must be >= 0")
         if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
@@ -191,6 +208,10 @@ class ServeSettings:
     def effective_max_ongoing_requests(self) -> int:
         return self.max_ongoing_requests or max(64, 2 * self.max_batch_size)
 
+    @property
+    def effective_torch_threads(self) -> int:
+        return self.torch_threads or max(1, int(self.num_cpus))
+
     def runtime_config(self) -> dict[str, Any]:
         """What a model replica reads at run time; a deployment's ``user_config`` overrides any of it in place."""
         return {
@@ -198,6 +219,8 @@ class ServeSettings:
             "max_batch_size": self.max_batch_size,
             "batch_wait_timeout_s": self.batch_wait_timeout_s,
             "registry_poll_s": self.registry_poll_s,
+            "max_instances": self.max_instances,
+            "torch_threads": self.effective_torch_threads,
         }
 
 
@@ -270,10 +293,33 @@ class ProblemError(Exception):
         return cls(int(body["status"]), str(body["type"]).removeprefix(PROBLEM_BASE), str(body["detail"]), **extensions)
 
 
-def problem_response(problem: ProblemError, headers: Mapping[str, str] | None = None) -> Response:
+def problem_response(problem: ProblemError) -> Response:
+    """The problem document; a 405 carries ``Allow`` (from the problem's ``allow`` extension, not in the body)."""
+    body = problem.body()
+    allow = body.pop("allow", None)
     return Response(
-        json.dumps(problem.body()), status_code=problem.status, media_type=PROBLEM_MEDIA_TYPE, headers=headers
+        msgspec.json.encode(body),
+        status_code=problem.status,
+        media_type=PROBLEM_MEDIA_TYPE,
+        headers={"Allow": str(allow)} if allow else None,
     )
+
+
+def json_response(body: Any) -> Response:
+    # msgspec: several times faster than the stdlib json that starlette's JSONResponse uses
+    return Response(msgspec.json.encode(body), media_type=JSON_MEDIA_TYPE)
+
+
+def allow_only(method: str, allowed: str, path: str) -> None:
+    if method != allowed:
+        raise ProblemError(405, "method-not-allowed", f"{path} allows {allowed} only", allow=allowed)
+
+
+def route_path(scope: Mapping[str, Any]) -> str:
+    """The request path below the application's route prefix (Serve puts the prefix in ``root_path``)."""
+    path = str(scope.get("path", ""))
+    root = str(scope.get("root_path", ""))
+    return path[len(root) :] if root and path.startswith(root) else path
 
 
 # ---- requests ----
@@ -289,8 +335,8 @@ class PredictRequest:
 def parse_predict_body(raw: bytes, max_instances: int) -> PredictRequest:
     """The body of ``POST /v1/models/{name}/predict``, or a 400 problem saying what is wrong."""
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        body = msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
         raise ProblemError(400, "malformed-json", f"the body is not JSON: {exc}") from exc
     if not isinstance(body, dict):
         raise ProblemError(400, "validation-error", "the body must be a JSON object with an 'instances' list")
@@ -459,6 +505,30 @@ def _predict_one(predictor: Predictor, instance: Mapping[str, Any]) -> Outcome:
         return Outcome(failure=f"{type(exc).__name__}: {exc}")
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """A request's instances (at most ``max_batch_size`` of them) waiting in the batch queue as one item."""
+
+    predictor: Predictor
+    instances: Sequence[Mapping[str, Any]]
+
+
+def chunk_instances(chunks: Sequence[Chunk]) -> int:
+    """``@serve.batch``'s ``batch_size_fn``: a batch's size is its instances, not its requests."""
+    return sum(len(chunk.instances) for chunk in chunks)
+
+
+def predict_chunks(chunks: Sequence[Chunk]) -> list[list[Outcome]]:
+    """Run a batch of chunks as one batch of instances (:func:`predict_grouped`); outcomes per chunk."""
+    outcomes = predict_grouped([Item(chunk.predictor, instance) for chunk in chunks for instance in chunk.instances])
+    out: list[list[Outcome]] = []
+    start = 0
+    for chunk in chunks:
+        out.append(outcomes[start : start + len(chunk.instances)])
+        start += len(chunk.instances)
+    return out
+
+
 BATCH_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -510,7 +580,7 @@ def open_registry(uri: str) -> RegistryLike:
 
 
 class ModelServer:
-    """One model: its staged versions, loaded, behind a dynamic batch queue (a Serve deployment per model)."""
+    """One model: its staged versions, loaded, behind a dynamic batch queue; the HTTP ingress of its application."""
 
     def __init__(self, name: str, num_gpus: float = 0.0, base_config: Mapping[str, Any] | None = None) -> None:
         self.name = name
@@ -518,10 +588,18 @@ class ModelServer:
         self.models = ModelSet(name)
         self.base_config = dict(base_config or {})
         self.config: dict[str, Any] = dict(self.base_config)
+        self.max_instances = int(self.base_config.get("max_instances", 1024))
         self.stats = BatchStats()
         self.errors = 0
         self.failures = 0
         self._poller: asyncio.Task[None] | None = None
+        threads = int(self.base_config.get("torch_threads", 0))
+        if threads > 0 and self.device == "cpu":
+            import torch
+
+            # Ray sets OMP_NUM_THREADS from num_cpus; say it to torch too: on a small or shared CPU node
+            # more threads than cores make every small batch slower.
+            torch.set_num_threads(threads)
         try:
             self.replica = str(serve.get_replica_context().replica_id.unique_id)
         except Exception:  # outside a replica (unit tests)
@@ -577,22 +655,56 @@ class ModelServer:
         if len(predictions) != 1:
             raise RuntimeError(f"{self.name} {predictor.version}: probe gave {len(predictions)} predictions")
 
+    # -- HTTP (the application's route prefix is /v1/models/<name>) --
+
+    async def __call__(self, request: Request) -> Response:
+        """``GET /v1/models/<name>`` and ``POST /v1/models/<name>/predict``, straight from Serve's HTTP proxy."""
+        try:
+            rest = route_path(request.scope).strip("/")
+            if rest == "predict":
+                allow_only(request.method, "POST", request.scope["path"])
+                body = parse_predict_body(await request.body(), self.max_instances)
+                answer = await self.predict(body.instances, body.version, body.stage)
+                if "problem" in answer:
+                    raise ProblemError.from_body(answer["problem"])
+                return json_response(answer)
+            if rest == "":
+                allow_only(request.method, "GET", request.scope["path"])
+                return json_response(await self.describe())
+            raise ProblemError(404, "not-found", f"no route {request.scope['path']}; see GET /v1/models")
+        except ProblemError as problem:
+            return problem_response(problem)
+        except Exception as exc:
+            log.exception("request %s %s failed", request.method, request.scope.get("path"))
+            return problem_response(ProblemError(500, "internal-error", f"{type(exc).__name__}: {exc}"[:500]))
+
     # -- requests --
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)  # reconfigure sets both from the config
-    async def _batched(self, items: list[Item]) -> list[Outcome]:
-        self.stats.record(len(items))
-        return predict_grouped(items)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, batch_size_fn=chunk_instances)  # reconfigure sets both
+    async def _batched(self, chunks: list[Chunk]) -> list[list[Outcome]]:
+        self.stats.record(chunk_instances(chunks))
+        return predict_chunks(chunks)
 
     async def predict(
         self, instances: list[dict[str, Any]], version: str | None = None, stage: str | None = None
     ) -> dict[str, Any]:
-        """Predictions for a request, or ``{"problem": {...}}``; each instance joins the batch queue."""
+        """Predictions for a request, or ``{"problem": {...}}``.
+
+        The request joins the batch queue as one item per ``max_batch_size`` instances; a batch
+        holds at most ``max_batch_size`` instances, from as many requests as fit.
+        """
         try:
             predictor, answered_as = self.models.select(version, stage)
         except ProblemError as problem:
             return {"problem": problem.body()}
-        outcomes = await asyncio.gather(*(self._batched(Item(predictor, instance)) for instance in instances))
+        size = max(1, int(self.config.get("max_batch_size", 32)))
+        if len(instances) <= size:
+            outcomes = await self._batched(Chunk(predictor, instances))
+        else:
+            parts = await asyncio.gather(
+                *(self._batched(Chunk(predictor, instances[i : i + size])) for i in range(0, len(instances), size))
+            )
+            outcomes = [o for part in parts for o in part]
         failures = [o.failure for o in outcomes if o.failure is not None]
         if failures:
             self.failures += 1
@@ -629,81 +741,111 @@ class ModelServer:
         }
 
 
-class Router:
-    """The HTTP ingress: validates JSON, forwards to the model deployments, answers problems."""
+class ModelIndex:
+    """The ``index`` application (route prefix ``/``): what no model application's prefix matches.
 
-    def __init__(self, models: dict[str, DeploymentHandle[Any]], max_instances: int = 1024) -> None:
-        self.models = models
-        self.max_instances = max_instances
+    ``GET /v1/models`` asks each model application for its description (a DeploymentHandle
+    call per model: the index is never on the prediction path); any other path under
+    ``/v1/models/<name>`` reaching it names a model that is not served (or not routed yet):
+    404 ``model-not-found``, which the platform reads as "not deployed".
+    """
+
+    def __init__(self, models: Sequence[str], timeout_s: float = 10.0) -> None:
+        self.models = tuple(models)
+        self.timeout_s = timeout_s
+        self._handles: dict[str, DeploymentHandle[Any]] = {}
+
+    def handle(self, name: str) -> DeploymentHandle[Any]:
+        handle = self._handles.get(name)
+        if handle is None:
+            handle = self._handles[name] = serve.get_deployment_handle(name, app_name=name)
+        return handle
 
     async def __call__(self, request: Request) -> Response:
+        path = str(request.scope.get("path", ""))
         try:
-            return await self._route(request)
+            return await self._route(request.method, path)
         except ProblemError as problem:
-            allow = problem.extensions.pop("allow", None)
-            return problem_response(problem, {"Allow": str(allow)} if allow else None)
+            return problem_response(problem)
         except Exception as exc:
-            log.exception("request %s %s failed", request.method, request.url.path)
+            log.exception("request %s %s failed", request.method, path)
             detail = f"{type(exc).__name__}: {exc}"[:500]  # a RayTaskError carries the remote traceback
             return problem_response(ProblemError(503, "service-unavailable", detail))
 
-    async def _route(self, request: Request) -> Response:
-        parts = [p for p in request.url.path.split("/") if p]
+    async def _route(self, method: str, path: str) -> Response:
+        parts = [p for p in path.split("/") if p]
         if parts[:2] != ["v1", "models"] or len(parts) > 4:
-            raise ProblemError(404, "not-found", f"no route {request.url.path}; see GET /v1/models")
+            raise ProblemError(404, "not-found", f"no route {path}; see GET /v1/models")
         if len(parts) == 2:
-            self._allow(request, "GET")
-            described = await asyncio.gather(*(h.describe.remote() for h in self.models.values()))
-            return JSONResponse({"models": list(described)})
+            allow_only(method, "GET", path)
+            described = await asyncio.wait_for(
+                asyncio.gather(*(self.handle(name).describe.remote() for name in self.models)), self.timeout_s
+            )
+            return json_response({"models": list(described)})
         name = parts[2]
-        handle = self.models.get(name)
-        if handle is None:
-            raise ProblemError(404, "model-not-found", f"no model {name!r}; served: {sorted(self.models)}")
-        if len(parts) == 3:
-            self._allow(request, "GET")
-            return JSONResponse(await handle.describe.remote())
-        if parts[3] != "predict":
-            raise ProblemError(404, "not-found", f"no route {request.url.path}")
-        self._allow(request, "POST")
-        body = parse_predict_body(await request.body(), self.max_instances)
-        answer: dict[str, Any] = await handle.predict.remote(body.instances, body.version, body.stage)
-        if "problem" in answer:
-            raise ProblemError.from_body(answer["problem"])
-        return JSONResponse(answer)
-
-    @staticmethod
-    def _allow(request: Request, method: str) -> None:
-        if request.method != method:
-            raise ProblemError(405, "method-not-allowed", f"{request.url.path} allows {method} only", allow=method)
+        if name in self.models:
+            # the model's own application answers its paths; reaching here, it is not running (yet)
+            raise ProblemError(404, "model-not-found", f"{name} is not running here (deploying, or it failed)")
+        raise ProblemError(404, "model-not-found", f"no model {name!r}; served: {sorted(self.models)}")
 
 
-# ---- the application ----
+# ---- the applications ----
 
 
-def build_app(args: dict[str, Any]) -> Application:
-    """``serve run firstmile_inference.serve:build_app registry_uri=...``, or ``import_path`` in a config file."""
+def model_route_prefix(name: str) -> str:
+    return f"/v1/models/{name}"
+
+
+def build_model_app(args: dict[str, Any]) -> Application:
+    """One model's application: ``import_path: firstmile_inference.serve:build_model_app`` with ``model: <name>``.
+
+    Deploy it with ``route_prefix: /v1/models/<name>`` and the application name ``<name>`` (the
+    index finds it by that name).
+    """
     settings = ServeSettings.from_args(args)
-    handles: dict[str, Application] = {}
-    for name in settings.models:
-        deployment = serve.deployment()(ModelServer).options(
-            name=name,
-            ray_actor_options={"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus},
-            autoscaling_config={
-                "min_replicas": settings.min_replicas,
-                "initial_replicas": max(1, settings.min_replicas),
-                "max_replicas": settings.max_replicas,
-                "target_ongoing_requests": settings.target_ongoing_requests,
-            },
-            max_ongoing_requests=settings.effective_max_ongoing_requests,
-            health_check_period_s=settings.health_check_period_s,
-            health_check_timeout_s=settings.health_check_timeout_s,
-            user_config={"reload_token": ""},  # set: Serve calls reconfigure when a replica starts
-        )
-        handles[name] = deployment.bind(name, settings.num_gpus, settings.runtime_config())
-    router = serve.deployment()(Router).options(
-        name="router",
-        num_replicas=settings.router_replicas,
-        ray_actor_options={"num_cpus": settings.router_num_cpus},
-        max_ongoing_requests=max(256, 4 * settings.effective_max_ongoing_requests),
+    if not settings.model:
+        raise ValueError(f"model is required: the model this application serves, one of {list(MODEL_NAMES)}")
+    deployment = serve.deployment()(ModelServer).options(
+        name=settings.model,
+        ray_actor_options={"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus},
+        autoscaling_config={
+            "min_replicas": settings.min_replicas,
+            "initial_replicas": max(1, settings.min_replicas),
+            "max_replicas": settings.max_replicas,
+            "target_ongoing_requests": settings.target_ongoing_requests,
+        },
+        max_ongoing_requests=settings.effective_max_ongoing_requests,
+        health_check_period_s=settings.health_check_period_s,
+        health_check_timeout_s=settings.health_check_timeout_s,
+        user_config={"reload_token": ""},  # set: Serve calls reconfigure when a replica starts
     )
-    return router.bind(handles, settings.max_instances)
+    return deployment.bind(settings.model, settings.num_gpus, settings.runtime_config())
+
+
+def build_index_app(args: dict[str, Any]) -> Application:
+    """The index: ``import_path: firstmile_inference.serve:build_index_app``, ``route_prefix: /``, name ``index``."""
+    settings = ServeSettings.from_args(args, require_registry=False)
+    index = serve.deployment()(ModelIndex).options(
+        name=INDEX_APP,
+        num_replicas=1,
+        ray_actor_options={"num_cpus": settings.index_num_cpus},
+        max_ongoing_requests=64,
+    )
+    return index.bind(settings.models)
+
+
+@dataclass(frozen=True)
+class AppSpec:
+    name: str
+    route_prefix: str
+    app: Application
+
+
+def applications(args: dict[str, Any]) -> list[AppSpec]:
+    """Every application of the config file, for ``serve.run(spec.app, name=spec.name, route_prefix=...)``."""
+    settings = ServeSettings.from_args(args)
+    specs = [
+        AppSpec(name, model_route_prefix(name), build_model_app({**args, "model": name})) for name in settings.models
+    ]
+    specs.append(AppSpec(INDEX_APP, "/", build_index_app(args)))
+    return specs

@@ -31,14 +31,19 @@ from firstmile_inference.schema import MODEL_NAMES
 from firstmile_inference.serve import (
     PROBES,
     BatchStats,
+    Chunk,
     Item,
     ModelServer,
     ModelSet,
     ProblemError,
     ServeSettings,
+    applications,
+    chunk_instances,
     load_model_set,
     parse_predict_body,
+    predict_chunks,
     predict_grouped,
+    route_path,
 )
 from tests.conftest import PEPPER, Database, TenantFixture, make_settings
 from tests.factories import ROOT
@@ -110,8 +115,24 @@ def test_settings_from_args_coerce_strings_and_read_the_environment() -> None:
     assert (s.num_gpus, s.max_batch_size, s.batch_wait_timeout_s, s.models) == (1.0, 16, 0.02, ("path_classifier",))
     assert s.effective_max_ongoing_requests == 64
     assert s.runtime_config()["registry_uri"] == "/r"
+    assert (s.effective_torch_threads, ServeSettings(num_cpus=2.5).effective_torch_threads) == (1, 2)
     env_only = ServeSettings.from_args({}, environ={"FIRSTMILE_SERVE_REGISTRY_URI": "file:///m"})
     assert env_only.registry_uri == "file:///m"
+    index_only = ServeSettings.from_args({"models": "stuck_detector"}, environ={}, require_registry=False)
+    assert index_only.models == ("stuck_detector",)
+
+
+def test_one_application_per_model_plus_the_index() -> None:
+    specs = applications({"registry_uri": "/r", "models": "path_classifier,stuck_detector"})
+    assert [(s.name, s.route_prefix) for s in specs] == [
+        ("path_classifier", "/v1/models/path_classifier"),
+        ("stuck_detector", "/v1/models/stuck_detector"),
+        ("index", "/"),
+    ]
+    assert route_path({"path": "/v1/models/path_classifier/predict", "root_path": "/v1/models/path_classifier"}) == (
+        "/predict"
+    )
+    assert route_path({"path": "/predict", "root_path": ""}) == "/predict"
 
 
 @pytest.mark.parametrize(
@@ -123,6 +144,8 @@ def test_settings_from_args_coerce_strings_and_read_the_environment() -> None:
         ({"registry_uri": "/r", "min_replicas": 3, "max_replicas": 2}, "min_replicas <= max_replicas"),
         ({"registry_uri": "/r", "models": "path_classifier,nope"}, "models must be"),
         ({"registry_uri": "/r", "num_gpus": 1.5}, "whole number"),
+        ({"registry_uri": "/r", "model": "nope"}, "model must be one of"),
+        ({"registry_uri": "/r", "router_replicas": 2}, "unknown application arguments ['router_replicas']"),
     ],
 )
 def test_settings_refuse_bad_arguments(args: dict[str, Any], message: str) -> None:
@@ -184,6 +207,18 @@ def test_batches_run_one_call_per_version_and_isolate_bad_instances() -> None:
 
     broken = predict_grouped([Item(EchoPredictor("2.0.0", fail=True), {"x": 1})])
     assert broken[0].failure == "RuntimeError: weights on fire"
+
+
+def test_a_batch_of_requests_is_one_batch_of_instances() -> None:
+    a, b = EchoPredictor("1.0.0"), EchoPredictor("1.1.0")
+    chunks = [Chunk(a, [{"x": 1}, {"x": 2}]), Chunk(b, [{"x": 3}]), Chunk(a, [{"x": 4}, {"bad": 1}])]
+    assert chunk_instances(chunks) == 5
+    out = predict_chunks(chunks)
+    assert [len(o) for o in out] == [2, 1, 2]
+    assert [o.prediction["x"] for o in out[0] if o.prediction] == [1, 2]
+    assert out[1][0].prediction == {"x": 3, "version": "1.1.0"}
+    assert out[2][0].prediction is not None and out[2][1].error == "field 'bad' is not allowed"
+    assert (a.calls[0], b.calls) == (4, [1])  # one call per version for the whole batch
 
 
 def test_reload_reuses_loaded_versions_and_reads_the_canary_weight() -> None:
@@ -374,6 +409,10 @@ def test_problems(client: httpx.Client) -> None:
     _problem(not_allowed, 405, "method-not-allowed")
     assert not_allowed.headers["allow"] == "POST"
     _problem(client.get("/v2/anything"), 404, "not-found")
+    _problem(client.get("/v1/models/path_classifier/explain"), 404, "not-found")
+    not_allowed = client.post("/v1/models/path_classifier", json={})
+    _problem(not_allowed, 405, "method-not-allowed")
+    assert not_allowed.headers["allow"] == "GET"
 
 
 def test_health(client: httpx.Client) -> None:
@@ -381,9 +420,13 @@ def test_health(client: httpx.Client) -> None:
     assert response.status_code == 200
     status = _ray("status", "test")
     _check(status)
-    assert "serve application firstmile: RUNNING" in status.stdout
-    for name in (*MODEL_NAMES, "router"):
+    for app in ("index", *MODEL_NAMES):
+        assert f"serve application {app}: RUNNING" in status.stdout, status.stdout
+    for name in (*MODEL_NAMES, "index"):
         assert f"{name}: HEALTHY" in status.stdout, status.stdout
+    # each model is its own application's HTTP ingress: no router in between
+    routes = client.get("/-/routes").json()
+    assert routes == {"/": "index", **{f"/v1/models/{name}": name for name in MODEL_NAMES}}
 
 
 async def test_concurrent_requests_share_batches(served: Served) -> None:
@@ -450,12 +493,24 @@ def test_promotion_reaches_serving_after_a_redeploy(served: Served, client: http
 def test_deploy_writes_the_config_it_deployed(served: Served) -> None:
     config = yaml.safe_load((ROOT / ".firstmile" / "services" / "ray-test" / "serve_config.yaml").read_text())
     assert (config["http_options"]["host"], config["http_options"]["port"]) == ("127.0.0.1", int(served.url[-5:]))
-    (application,) = config["applications"]
-    assert application["import_path"] == "firstmile_inference.serve:build_app"
-    args = application["args"]
-    assert (args["registry_uri"], args["max_replicas"], args["num_gpus"]) == (f"file://{served.registry_dir}", 1, 0)
-    tokens = {d["name"]: d["user_config"]["reload_token"] for d in application["deployments"] if "user_config" in d}
-    assert set(tokens) == set(MODEL_NAMES) and len(set(tokens.values())) == 1 and float(tokens["path_classifier"]) > 0
+    apps = {a["name"]: a for a in config["applications"]}
+    assert list(apps) == ["index", *MODEL_NAMES]
+    assert (apps["index"]["import_path"], apps["index"]["route_prefix"]) == (
+        "firstmile_inference.serve:build_index_app",
+        "/",
+    )
+    tokens = {}
+    for name in MODEL_NAMES:
+        app = apps[name]
+        assert app["import_path"] == "firstmile_inference.serve:build_model_app"
+        assert (app["route_prefix"], app["args"]["model"]) == (f"/v1/models/{name}", name)
+        (deployment,) = app["deployments"]
+        tokens[name] = deployment["user_config"]["reload_token"]
+    for app in apps.values():
+        args = app["args"]
+        assert (args["registry_uri"], args["max_replicas"], args["num_gpus"]) == (f"file://{served.registry_dir}", 1, 0)
+        assert args["models"] == list(MODEL_NAMES)
+    assert len(set(tokens.values())) == 1 and float(tokens["path_classifier"]) > 0
 
 
 def test_bench_summaries() -> None:
