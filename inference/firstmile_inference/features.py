@@ -12,7 +12,9 @@ Validation (:meth:`Encoder.encode`): a numeric value that is not a number (a
 string, a boolean, a list, NaN or infinity), a negative count or duration, an
 engagement score outside 0..100 or an hour outside [0, 24) raises
 ``ValueError`` naming the instance's index and the field. An absent numeric
-(or ``None``) is 0, as the schema says. A categorical value that is not a string
+(or ``None``) is *unknown* and imputed with the training mean (0 after
+standardisation): a platform that has not seen a user's sessions yet says so
+instead of claiming zero engagement. A categorical value that is not a string
 (a number, a list) is an error too; an unknown string is not.
 """
 
@@ -175,6 +177,7 @@ class Encoder:
         """Validate and encode JSON instances; a bad one raises ``ValueError`` naming its index and field."""
         cats = np.zeros((len(instances), len(self.categorical)), dtype=np.int64)
         nums = np.zeros((len(instances), len(self.numeric)), dtype=np.float64)
+        missing = np.zeros((len(instances), len(self.numeric)), dtype=bool)
         for i, instance in enumerate(instances):
             if not isinstance(instance, Mapping):
                 raise ValueError(f"instance {i}: expected a JSON object, got {type(instance).__name__}")
@@ -186,8 +189,12 @@ class Encoder:
                     raise ValueError(f"instance {i}: field {name!r} must be a string or null, got {value!r}")
                 cats[i, c] = self._lookup[name].get(value, 0)
             for j, spec in enumerate(self.numeric):
-                nums[i, j] = self._validated(i, spec, instance.get(spec.name))
-        return self._finish(cats, nums)
+                value = instance.get(spec.name)
+                if value is None:
+                    missing[i, j] = True
+                else:
+                    nums[i, j] = self._validated(i, spec, value)
+        return self._finish(cats, nums, missing)
 
     def encode_columns(self, columns: Mapping[str, Any]) -> Encoded:
         """Encode trusted columnar data (a simulated dataset): categoricals as string lists, numerics as arrays."""
@@ -230,10 +237,17 @@ class Encoder:
                 parts.append(column[:, None])
         return np.concatenate(parts, axis=1) if parts else np.zeros((len(nums), 0))
 
-    def _finish(self, cats: NDArray[np.int64], nums: NDArray[np.float64]) -> Encoded:
+    def _finish(
+        self, cats: NDArray[np.int64], nums: NDArray[np.float64], missing: NDArray[np.bool_] | None = None
+    ) -> Encoded:
         if not self.fitted:
             raise ValueError("the encoder has no fitted statistics: call fit() on training data first")
         values = (self._transform(nums) - np.asarray(self.mean)) / np.asarray(self.std)
+        if missing is not None and missing.any():
+            offset = 0
+            for j, spec in enumerate(self.numeric):  # unknown: the training mean, 0 once standardised
+                values[missing[:, j], offset : offset + spec.width] = 0.0
+                offset += spec.width
         return Encoded(torch.from_numpy(cats), torch.from_numpy(values.astype(np.float32)))
 
 

@@ -58,12 +58,17 @@ def test_numerics_are_log_transformed_and_standardised(encoder: Encoder) -> None
     assert torch.equal(encoder.encode(rows).categorical, encoded.categorical[:50])
 
 
-def test_absent_numerics_are_zero(encoder: Encoder) -> None:
+def test_absent_numerics_are_imputed_with_the_training_mean(encoder: Encoder) -> None:
     absent = {k: v for k, v in BASE.items() if k != "steps_completed"}
     explicit_none = {**BASE, "steps_completed": None}
     zero = {**BASE, "steps_completed": 0}
     a, b, c = (encoder.encode([r]).numeric for r in (absent, explicit_none, zero))
-    assert torch.equal(a, c) and torch.equal(b, c)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)  # unknown is not "none at all"
+    column = sum(spec.width for spec in encoder.numeric[: [s.name for s in encoder.numeric].index("steps_completed")])
+    assert a[0, column].item() == 0.0  # the training mean, standardised
+    others = [i for i in range(a.shape[1]) if i != column]
+    assert torch.equal(a[0, others], c[0, others])  # the other features are untouched
 
 
 @pytest.mark.parametrize(

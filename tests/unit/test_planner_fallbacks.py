@@ -234,7 +234,8 @@ def test_model_instance_prefers_request_traits() -> None:
     assert instance["use_case"] == "marketing"
     assert instance["company_size"] == "1-10"
     assert instance["session_count"] == 4.0
-    assert instance["avg_session_duration"] == 0.0
+    assert instance["avg_session_duration"] is None  # unknown, not zero
+    assert model_instance({}, None)["engagement_score"] is None
     assert set(instance) == {
         "user_persona",
         "signup_source",

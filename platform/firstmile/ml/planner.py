@@ -6,7 +6,8 @@ Recovery, as the seed design and ARCHITECTURE.md §4 state it, in code:
 2. online features: fresh from the feature store, else cached (≤ 5 min old, marked
    stale); the store down with nothing cached → the rules
    (``feature_store_unavailable``); a user with no events yet is not a failure:
-   the model sees the request's traits and zero behaviour;
+   the model sees the request's traits and *unknown* behaviour (imputed with the
+   training means by the model's encoder, not claimed to be zero);
 3. the model, behind a hard timeout and a circuit breaker (:mod:`firstmile.ml.inference`):
    timeout, open breaker, model down or not deployed, or an answer naming a path
    the tenant does not have → the rules, with the reason on the record;
@@ -35,13 +36,13 @@ from firstmile.onboarding.catalog import PathCatalog
 __all__ = ["AdaptivePlanner", "FeatureReader", "FeatureReading", "FeatureStoreUnavailable", "model_instance"]
 
 PATH_MODEL = "path_classifier"
-NUMERIC_DEFAULTS: Mapping[str, float] = {
-    "engagement_score": 0.0,
-    "time_since_signup": 0.0,
-    "steps_completed": 0.0,
-    "session_count": 0.0,
-    "avg_session_duration": 0.0,
-}
+NUMERIC_FEATURES: tuple[str, ...] = (
+    "engagement_score",
+    "time_since_signup",
+    "steps_completed",
+    "session_count",
+    "avg_session_duration",
+)
 TRAIT_FEATURES: Mapping[str, str] = {
     "persona": "user_persona",
     "signup_source": "signup_source",
@@ -68,15 +69,16 @@ class FeatureReader(Protocol):
 
 
 def model_instance(traits: Mapping[str, Any], reading: FeatureReading | None) -> dict[str, Any]:
-    """The path classifier's nine features: the request's traits win over stored ones; absent behaviour is 0."""
+    """The path classifier's nine features: the request's traits win over stored ones; behaviour the
+    store does not know is ``None`` (unknown)."""
     stored = dict(reading.features) if reading is not None and reading.features is not None else {}
     instance: dict[str, Any] = {}
     for trait, feature in TRAIT_FEATURES.items():
         value = traits.get(trait)
         instance[feature] = value if isinstance(value, str) else stored.get(feature)
-    for feature, default in NUMERIC_DEFAULTS.items():
-        value = stored.get(feature, default)
-        instance[feature] = float(value) if isinstance(value, int | float) else default
+    for feature in NUMERIC_FEATURES:
+        value = stored.get(feature)
+        instance[feature] = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
     return instance
 
 
