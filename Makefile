@@ -10,9 +10,10 @@ KAFKA := deploy/local/kafka.sh
 REDIS := deploy/local/redis.sh
 RAY := deploy/local/ray.sh
 BENCH_REGISTRY := .firstmile/bench-registry
+BENCH_MODELS := .firstmile/bench-models/registry
 PYTEST_WORKERS ?= 2
 
-.PHONY: help run install test lint typecheck pytest services services-stop bench bench-security bench-analytics bench-events bench-inference clean
+.PHONY: help run install test lint typecheck pytest services services-stop bench bench-security bench-analytics bench-events bench-inference bench-planner clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -94,6 +95,24 @@ bench-inference: $(STAMP) ## Path classifier in-process vs Ray Serve over HTTP, 
 	      --url $$($(RAY) url bench) --output .firstmile/bench/inference.md || status=$$?; \
 	  fi; \
 	  $(RAY) stop bench; exit $$status
+
+bench-planner: $(STAMP) ## Path planner: start latency with the model (in-process, Ray Serve) vs the rules
+	@pg_port=$$($(PG) url bench | sed -E 's#.*:([0-9]+)/.*#\1#'); \
+	  pg_up=; (exec 3<>/dev/tcp/127.0.0.1/$$pg_port) 2>/dev/null && pg_up=1; \
+	  ray_up=; $(RAY) status bench >/dev/null 2>&1 && ray_up=1; \
+	  cleanup() { [ -n "$$ray_up" ] || $(RAY) stop bench; [ -n "$$pg_up" ] || $(PG) stop bench; }; \
+	  trap cleanup EXIT; trap 'exit 130' INT TERM; \
+	  set -e; \
+	  if ! grep -qs '"production": "' $(BENCH_MODELS)/path_classifier/stages.json; then \
+	    $(BIN)/firstmile models train --registry $(BENCH_MODELS) --promote production; \
+	  fi; \
+	  $(PG) start bench; \
+	  $(RAY) start bench; \
+	  $(RAY) deploy bench $(abspath $(BENCH_MODELS)) models=path_classifier min_replicas=1 max_replicas=1 \
+	    num_cpus=1 max_batch_size=64; \
+	  FIRSTMILE_BENCH_ADMIN_URL=$$($(PG) url bench) $(BIN)/firstmile bench planner \
+	    --registry $(abspath $(BENCH_MODELS)) --inference-url $$($(RAY) url bench) \
+	    --output .firstmile/bench/planner.md
 
 clean: ## Remove the venv and all local state (embedded database included)
 	-$(PG) stop test; $(PG) stop bench; $(KAFKA) stop test; $(KAFKA) stop bench; $(REDIS) stop test; $(REDIS) stop bench

@@ -553,6 +553,58 @@ def bench_api(duration: int, connections: int, workers: int, output: Path | None
         output.write_text(report, encoding="utf-8")
 
 
+@bench.command("planner")
+@click.option(
+    "--registry",
+    required=True,
+    help="Model registry (file:///dir or a dir) with a production path_classifier (make bench-planner trains one).",
+)
+@click.option(
+    "--inference-url",
+    default=None,
+    help="Ray Serve base URL (deploy/local/ray.sh url bench); without it only the in-process model is measured.",
+)
+@click.option("--duration", default=10, show_default=True, type=click.IntRange(1, 300), help="Seconds per run.")
+@click.option("--low", default=4, show_default=True, type=click.IntRange(1, 1024), help="Connections for latency.")
+@click.option("--high", default=32, show_default=True, type=click.IntRange(1, 1024), help="Connections at saturation.")
+@click.option("--rounds", default=2, show_default=True, type=click.IntRange(1, 10), help="Rules/model pairs per level.")
+@click.option("--timeout", default=900.0, show_default=True, help="Seconds the whole run may take.")
+@click.option(
+    "--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Report file (default: stdout)."
+)
+def bench_planner(
+    registry: str,
+    inference_url: str | None,
+    duration: int,
+    low: int,
+    high: int,
+    rounds: int,
+    timeout: float,
+    output: Path | None,
+) -> None:
+    """Start latency and throughput with the path model (in-process, Ray Serve) vs the rules (bench PostgreSQL)."""
+    from firstmile.bench import BenchError
+    from firstmile.bench.planner import run_planner_benchmark
+
+    try:
+        report = run_planner_benchmark(
+            registry=registry,
+            inference_url=inference_url,
+            duration=duration,
+            low=low,
+            high=high,
+            rounds=rounds,
+            timeout=timeout,
+        )
+    except BenchError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if output is None:
+        click.echo(report)
+    else:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(report, encoding="utf-8")
+
+
 def _relay_url(settings: Settings, urls: DatabaseUrls) -> str:
     return settings.relay_database_url.get_secret_value() if settings.relay_database_url else urls.admin
 
