@@ -7,6 +7,7 @@ and in-process adapters are exercised in tests/integration/test_ml_*.py).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -247,3 +248,22 @@ def test_model_instance_prefers_request_traits() -> None:
         "session_count",
         "avg_session_duration",
     }
+
+
+class BlockingClient(FakeClient):
+    """Computes on the event loop without yielding (as the in-process client does for small batches)."""
+
+    async def predict(self, model: str, instances: Sequence[Mapping[str, Any]], *, stage: Stage) -> Prediction:
+        time.sleep(self.delay)  # noqa: ASYNC251 (blocking on purpose: that is the case under test)
+        return await FakeClient(self.path).predict(model, instances, stage=stage)
+
+
+async def test_an_answer_computed_past_the_timeout_is_discarded() -> None:
+    slow = await planner(BlockingClient(delay=0.08), timeout_s=0.03).plan(
+        "t", "u", CATALOG, {"persona": "developer"}, NOW
+    )
+    assert (slow.selected_by, slow.fallback_reason) == ("rules", "timeout")
+    fast = await planner(BlockingClient(delay=0.0), timeout_s=0.03).plan(
+        "t", "u", CATALOG, {"persona": "developer"}, NOW
+    )
+    assert (fast.selected_by, fast.fallback_reason) == ("model", None)
