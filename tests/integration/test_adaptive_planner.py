@@ -200,3 +200,26 @@ async def test_the_stuck_detector_decides_in_the_scan(
         flag = flags[0]
         assert (flag.detected_by, flag.model_version, flag.fallback_reason) == ("stuck_detector", "1.0.0", None)
         assert flag.probability is not None and flag.probability >= 0.5
+
+
+async def test_feature_store_down_means_rules_and_the_record_says_why(
+    database: Database, analytics_store: ChdbStore, admin_engine: AsyncEngine, registry: Path, tmp_path: Path
+) -> None:
+    from tests.integration.test_feature_store import PrivateRedis
+
+    redis = PrivateRedis(tmp_path)
+    redis.start()
+    try:
+        tenant = await adaptive_tenant(admin_engine)
+        settings = make_settings(model_registry_uri=str(registry), redis_url=redis.url)
+        app = create_app(settings, database.app_url, PEPPER, analytics=analytics_store)
+        async for client in running(app):
+            up = await _start(client, tenant, "redis-up", persona="analyst")
+            assert up["decision"]["selected_by"] == "model"
+            assert (await _stored_decision(admin_engine, tenant, "redis-up"))["feature_source"] == "absent"
+            redis.stop()  # the real server goes away
+            down = await _start(client, tenant, "redis-down", persona="analyst")
+            assert (down["decision"]["selected_by"], down["path"]["id"]) == ("rules", "analyst-reports")
+            assert down["decision"]["fallback_reason"] == "feature_store_unavailable"
+    finally:
+        redis.stop()
