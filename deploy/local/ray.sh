@@ -17,7 +17,7 @@
 # Ports: each instance owns a block of 100 from its GCS port (test 57100, bench 57200, dev 57000):
 # +1 client server, +2 dashboard (API server only, no UI), +3/+4 dashboard agent, +5 runtime-env
 # agent, +6 metrics export (Prometheus), +7 node manager, +8 object manager, +20..+99 workers.
-# HTTP (Serve's proxy): test 58100, bench 58200, dev 8100 (8000 is the Firstmile API).
+# HTTP (HAProxy, or Serve's proxy with FIRSTMILE_RAY_INGRESS=proxy): test 58100, bench 58200, dev 8100 (8000 is the Firstmile API).
 #
 # Loopback only: Ray on Linux replaces 127.0.0.1 by the machine's address and listens on all
 # interfaces unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which this script sets for the node and
@@ -40,7 +40,8 @@
 #
 # Environment: FIRSTMILE_RAY_NUM_CPUS (logical CPUs, default 4: the test app's replicas ask for
 # 0.5 each, so they fit on a 2-core machine), FIRSTMILE_RAY_NUM_GPUS (default: Ray detects them),
-# FIRSTMILE_RAY_OBJECT_STORE_MB (default 256), FIRSTMILE_RAY_DEPLOY_TIMEOUT (seconds, default 300).
+# FIRSTMILE_RAY_OBJECT_STORE_MB (default 256), FIRSTMILE_RAY_DEPLOY_TIMEOUT (seconds, default 300),
+# FIRSTMILE_RAY_INGRESS (haproxy, the default, or proxy; below).
 set -euo pipefail
 
 cmd=${1:-start}
@@ -60,6 +61,29 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 RAY_DEDUP_L
 # Token authentication with this instance's own token (not ~/.ray/auth_token, which Ray would
 # otherwise create and share between every cluster of the user): the node and every driver here.
 export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$dir/auth_token"
+# Ingress (FIRSTMILE_RAY_INGRESS, read at start; the node's processes inherit it):
+#   haproxy (default): Serve's direct ingress behind HAProxy (Ray 2.60 feature flags). Each
+#     application's ingress replica runs its own HTTP server on a port of HTTP+10..+39 (gRPC
+#     +40..+69) and HAProxy listens on the HTTP port and routes by route prefix straight to them:
+#     no Python proxy, no actor call back to it for the request body. Batch-1 p50 on the 2-core
+#     box: ~2.1 ms against ~11 ms through the proxy (docs/serving.md). HAProxy's stats and
+#     metrics ports (HTTP+1, +2) and files ($tmp/haproxy) are per instance: Ray's defaults
+#     (8404, 9101, /tmp/haproxy-serve) would be shared by every instance on the machine.
+#   proxy: Serve's Python HTTP proxy (Ray's default).
+# The same functions in Python: firstmile_inference.serve.ingress_environment (bench.py --start-ray).
+ingress=${FIRSTMILE_RAY_INGRESS:-haproxy}
+case "$ingress" in
+  haproxy)
+    export RAY_SERVE_ENABLE_DIRECT_INGRESS=1 RAY_SERVE_ENABLE_HA_PROXY=1 \
+      RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=$((http + 10)) RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=$((http + 39)) \
+      RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT=$((http + 40)) RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT=$((http + 69)) \
+      RAY_SERVE_HAPROXY_STATS_PORT=$((http + 1)) RAY_SERVE_HAPROXY_METRICS_PORT=$((http + 2)) \
+      RAY_SERVE_HAPROXY_CONFIG_FILE_LOC="$tmp/haproxy/haproxy.cfg" RAY_SERVE_HAPROXY_SOCKET_PATH="$tmp/haproxy/admin.sock" \
+      RAY_SERVE_HAPROXY_SERVER_STATE_BASE="$tmp/haproxy" RAY_SERVE_HAPROXY_SERVER_STATE_FILE="$tmp/haproxy/server-state" \
+      RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH="$tmp/haproxy/metrics.sock" ;;
+  proxy) ;;
+  *) echo "FIRSTMILE_RAY_INGRESS must be haproxy or proxy, got '$ingress'" >&2; exit 2 ;;
+esac
 
 elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
 
@@ -165,6 +189,7 @@ case "$cmd" in
     done
     mkdir -p "$dir"
     rm -rf "$tmp"
+    mkdir -p "$tmp/haproxy"
     if [ ! -s "$dir/auth_token" ]; then
       (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$dir/auth_token")
     fi
@@ -189,7 +214,7 @@ case "$cmd" in
     fi
     for _ in $(seq 1 60); do
       if running; then
-        echo "ray ($name) started in $(elapsed "$started") s, GCS 127.0.0.1:$gcs, logs $dir/logs" >&2
+        echo "ray ($name) started in $(elapsed "$started") s, GCS 127.0.0.1:$gcs, ingress $ingress, logs $dir/logs" >&2
         exit 0
       fi
       sleep 0.5

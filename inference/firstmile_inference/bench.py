@@ -9,8 +9,8 @@ throughput (instances/s) of
 - **in-process**: ``load_predictor(registry version, device).predict(batch)``,
   one call after another;
 - **serve**: ``POST /v1/models/path_classifier/predict`` carrying the batch, one
-  request after another, over loopback on one keep-alive connection (HTTP
-  proxy → the model's replica, the ingress of its own application → dynamic
+  request after another, over loopback on one keep-alive connection (HAProxy,
+  or Serve's HTTP proxy with ``--ingress proxy``, → the model's replica, the ingress of its own application → dynamic
   batch queue → the same predictor code on the same device);
 
 and reports Ray Serve's overhead at p50 (serve p50 - in-process p50, in ms and
@@ -280,6 +280,7 @@ class PrivateServe:
         self.url = f"http://127.0.0.1:{args.port}"
         self.startup_s = 0.0
         self.temp_dir = Path("/nonexistent")
+        self.haproxy_dir = Path("/nonexistent")
 
     def __enter__(self) -> PrivateServe:
         # Loopback: Ray on Linux otherwise binds its services to the machine's address (see ray.sh).
@@ -294,19 +295,36 @@ class PrivateServe:
         token.chmod(0o600)
         os.environ.setdefault("RAY_AUTH_MODE", "token")
         os.environ.setdefault("RAY_AUTH_TOKEN_PATH", str(token))
+        from firstmile_inference.serve import applications, ingress_environment
+
+        # Set before ray.init: the node's processes (controller, proxies, replicas) inherit it.
+        # HAProxy's unix sockets go in <dir>/<56-character node id>/ and HAProxy allows 97 bytes
+        # for a socket path: a short folder of its own, not one below temp_dir.
+        self.haproxy_dir = haproxy_dir = Path(f"/tmp/fmhp-{os.getpid()}")
+        haproxy_dir.mkdir(exist_ok=True)
+        for key, value in ingress_environment(self.args.ingress, self.args.port, str(haproxy_dir)).items():
+            os.environ.setdefault(key, value)
         import ray
         from ray import serve
 
-        from firstmile_inference.serve import applications
-
         started = time.perf_counter()
+        try:
+            self._start(ray, serve, applications)
+        except BaseException:
+            self.__exit__()
+            raise
+        self.startup_s = time.perf_counter() - started
+        self.say(f"private Ray + Serve up in {self.startup_s:.1f} s at {self.url}")
+        return self
+
+    def _start(self, ray: Any, serve: Any, applications: Callable[[dict[str, Any]], list[Any]]) -> None:
         ray.init(
             address="local",
             num_cpus=self.args.ray_num_cpus,
             num_gpus=self.args.num_gpus,
             include_dashboard=False,
             object_store_memory=256 * 1024 * 1024,
-            _temp_dir=str(temp_dir),
+            _temp_dir=str(self.temp_dir),
             logging_level=logging.WARNING,
             log_to_driver=False,
         )
@@ -325,9 +343,6 @@ class PrivateServe:
         )
         for spec in specs:  # the model's application and the index
             serve.run(spec.app, name=spec.name, route_prefix=spec.route_prefix)
-        self.startup_s = time.perf_counter() - started
-        self.say(f"private Ray + Serve up in {self.startup_s:.1f} s at {self.url}")
-        return self
 
     def __exit__(self, *exc: object) -> None:
         import ray
@@ -341,6 +356,7 @@ class PrivateServe:
         finally:
             shutdown_ray()
             shutil.rmtree(self.temp_dir, ignore_errors=True)
+            shutil.rmtree(self.haproxy_dir, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- report
@@ -451,6 +467,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     where.add_argument("--url", help="an application already running, e.g. http://127.0.0.1:58200")
     p.add_argument("--train", action="store_true", help="train and promote a path classifier if none is in production")
     p.add_argument("--port", type=int, default=58300, help="HTTP port with --start-ray")
+    p.add_argument(
+        "--ingress",
+        choices=("haproxy", "proxy"),
+        default="haproxy",
+        help="with --start-ray: haproxy (Serve's direct ingress behind HAProxy) or proxy (Serve's Python HTTP proxy)",
+    )
     p.add_argument("--ray-num-cpus", type=int, default=4, help="logical CPUs of the private Ray")
     p.add_argument("--replica-num-cpus", type=float, default=1.0, help="num_cpus of the model replica")
     p.add_argument("--max-batch-size", type=int, default=64, help="with --start-ray")
@@ -521,7 +543,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "batch_wait_timeout_s": batching["batch_wait_timeout_s"],
             "description": (
                 f"one {MODEL} replica on {served_on}, max_batch_size {batching['max_batch_size']}, "
-                f"batch_wait_timeout_s {batching['batch_wait_timeout_s']}, HTTP over loopback straight to the replica"
+                f"batch_wait_timeout_s {batching['batch_wait_timeout_s']}, HTTP over loopback, "
+                + (
+                    f"ingress {args.ingress} (started here)"
+                    if private
+                    else "ingress as the running instance has it (ray.sh: FIRSTMILE_RAY_INGRESS, default haproxy)"
+                )
             ),
         },
         "in_process": [asdict(p) for p in in_process],

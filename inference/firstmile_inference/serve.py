@@ -253,6 +253,48 @@ def _coerce(name: str, raw: Any, default: Any) -> Any:
         raise ValueError(f"application argument {name}: {exc}") from exc
 
 
+# ---- ingress ----
+
+INGRESS_MODES: Final = ("haproxy", "proxy")
+
+
+def ingress_environment(mode: str, http_port: int, state_dir: str) -> dict[str, str]:
+    """The environment of ``ray start`` (every Ray process inherits it) for an ingress mode.
+
+    ``haproxy`` (Serve's direct ingress behind HAProxy, Ray 2.60 feature flags): each
+    application's ingress replica runs its own HTTP server on a port of
+    ``http_port + 10 .. http_port + 39`` (gRPC ``+ 40 .. + 69``) and HAProxy, started by
+    Serve on every node, listens on ``http_port`` and routes by route prefix straight to
+    those ports. A request is then loopback HTTP to HAProxy and to the replica: no Python
+    proxy, and no actor call back from the replica to the proxy for the request body.
+    HAProxy's stats and metrics ports (``http_port + 1``, ``+ 2``) and its files (config,
+    admin socket, server state under ``state_dir``) are set per instance, so several Ray
+    instances on one machine do not share them (Ray's defaults are fixed: 8404, 9101,
+    /tmp/haproxy-serve). Serve puts HAProxy's unix sockets in ``<state_dir>/<56-character
+    node id>/`` and HAProxy allows 97 bytes for a socket path: keep ``state_dir`` under about
+    25 characters. ``proxy`` is Serve's Python HTTP proxy (Ray's default): nothing set.
+    """
+    if mode == "proxy":
+        return {}
+    if mode != "haproxy":
+        raise ValueError(f"ingress must be one of {list(INGRESS_MODES)}, got {mode!r}")
+    return {
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(http_port + 10),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(http_port + 39),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(http_port + 40),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(http_port + 69),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(http_port + 1),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(http_port + 2),
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{state_dir}/haproxy.cfg",
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{state_dir}/admin.sock",
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": state_dir,
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{state_dir}/server-state",
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{state_dir}/metrics.sock",
+    }
+
+
 # ---- problems (RFC 9457) ----
 
 
