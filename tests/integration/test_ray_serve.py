@@ -560,7 +560,6 @@ async def test_a_start_request_is_decided_by_the_model_through_ray_serve(
         body = await _start_user(client, tenant, "through-ray")
     decision = body["decision"]
     assert decision["selected_by"] == "model"
-    assert decision["model_version"] == served.registry.stages("path_classifier").production
     assert decision["fallback"] is None
     async with admin_engine.connect() as conn:
         stored = (
@@ -571,6 +570,11 @@ async def test_a_start_request_is_decided_by_the_model_through_ray_serve(
         ).one()[0]
     assert stored["inference"] == "ray-serve"
     assert stored["latency_ms"] < 10_000
+    # earlier tests may have staged a canary: the user's deterministic slice decides which one answered
+    stages = served.registry.stages("path_classifier")
+    expected = stages.canary if stored["stage"] == "canary" else stages.production
+    assert stored["stage"] in {"production", "canary"}
+    assert decision["model_version"] == expected
 
 
 async def test_with_ray_killed_starts_still_succeed_through_the_fallback(
