@@ -203,7 +203,13 @@ class InProcessClient:
     def _load(self, model: str, version: str) -> None:
         key = (model, version)
         try:
+            import torch
+
             from firstmile_inference.models import load_predictor
+
+            # One intra-op thread: these models are tiny, and in a busy API process OpenMP's extra
+            # threads only spin against the event loop for the same cores.
+            torch.set_num_threads(1)
 
             predictor = load_predictor(self.stages._open().get(model, version), device=self.device)
             with self._lock:
