@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -19,18 +20,21 @@ from firstmile.audit.schemas import checkpoint_out
 from firstmile.audit.service import append
 from firstmile.audit.signing import AuditSigner
 from firstmile.kit.db import authorise_tenant, tenant_transaction
+from firstmile.settings import get_settings
 from tests.conftest import Database, TenantFixture, unaudited_tenant
 
 
 @pytest.fixture
-def env(database: Database, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """The operator's environment; returns the signing key file."""
+def env(database: Database, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """The operator's environment; yields the signing key file."""
     monkeypatch.setenv("FIRSTMILE_DATABASE_URL", database.admin_url)
     monkeypatch.setenv("FIRSTMILE_DATABASE_ADMIN_URL", database.admin_url)
     monkeypatch.setenv("FIRSTMILE_DATA_DIR", str(tmp_path / "data"))
+    get_settings.cache_clear()  # the commands read these, not what an earlier test cached
     key_file = tmp_path / "audit_signing_key"
     key_file.write_text(bytes(range(32)).hex())
-    return key_file
+    yield key_file
+    get_settings.cache_clear()
 
 
 async def _log(app_engine: AsyncEngine, admin_engine: AsyncEngine, count: int) -> TenantFixture:

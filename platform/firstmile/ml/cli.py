@@ -38,16 +38,20 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
-def registry_uri(settings: Settings, given: str | None) -> str:
+def registry_uri(settings: Settings | None, given: str | None) -> str:
+    """``given``, else the configured registry (settings are read only when needed)."""
     from firstmile.ml.inference import default_registry_uri
 
-    return given or default_registry_uri(settings.data_dir, settings.model_registry_uri)
+    if given:
+        return given
+    settings = settings or get_settings()
+    return default_registry_uri(settings.data_dir, settings.model_registry_uri)
 
 
 def _registry(given: str | None) -> Registry:
     from firstmile_inference.registry import Registry
 
-    return Registry(registry_uri(get_settings(), given))
+    return Registry(registry_uri(None, given))
 
 
 def rules_policy(manifest: Path) -> Callable[[Mapping[str, Any]], str]:
@@ -134,7 +138,7 @@ def train_models(
     for name, mv in versions.items():
         stage = f", now {promote}" if promote else " (no stage: `firstmile models promote`)"
         _say(f"registered {name} {mv.version}{stage}")
-    _say(f"done in {time.perf_counter() - began:.1f}s; registry {registry_uri(get_settings(), registry_arg)}")
+    _say(f"done in {time.perf_counter() - began:.1f}s; registry {registry_uri(None, registry_arg)}")
 
 
 @models.command("evaluate")
