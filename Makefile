@@ -8,6 +8,7 @@ STAMP := $(VENV)/.installed
 PG := deploy/local/postgres.sh
 KAFKA := deploy/local/kafka.sh
 REDIS := deploy/local/redis.sh
+KEYCLOAK := deploy/local/keycloak.sh
 RAY := deploy/local/ray.sh
 BENCH_REGISTRY := .firstmile/bench-registry
 BENCH_MODELS := .firstmile/bench-models/registry
@@ -29,12 +30,14 @@ install: $(STAMP) ## Create .venv and install Firstmile with its dev tools (idem
 run: $(STAMP) ## Migrate the embedded PostgreSQL, apply tenants/demo.yaml, print a demo key, serve on 127.0.0.1:8000
 	$(BIN)/firstmile dev
 
-services: ## Install (apt) and start the PostgreSQL, Kafka and Redis the tests use
+services: ## Install (apt) and start the PostgreSQL, Kafka, Redis and Keycloak the tests use
 	@$(PG) start test
 	@$(KAFKA) start test
 	@$(REDIS) start test
+	@$(KEYCLOAK) start test
 
 services-stop: ## Stop the test services
+	@$(KEYCLOAK) stop test
 	@$(REDIS) stop test
 	@$(KAFKA) stop test
 	@$(PG) stop test
@@ -48,19 +51,22 @@ typecheck: $(STAMP) ## mypy --strict on the packages and tests
 
 pytest: $(STAMP) services ## The test suite (PostgreSQL must be running: make services)
 	FIRSTMILE_TEST_ADMIN_URL=$$($(PG) url test) FIRSTMILE_TEST_KAFKA=$$($(KAFKA) url test) \
-	  FIRSTMILE_TEST_REDIS=$$($(REDIS) url test) $(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup
+	  FIRSTMILE_TEST_REDIS=$$($(REDIS) url test) FIRSTMILE_TEST_KEYCLOAK=$$($(KEYCLOAK) url test) \
+	  $(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup
 
 test: $(STAMP) ## Everything the tests need, then ruff, mypy and the whole suite; services stopped at the end
 	@$(PG) start test
 	@$(KAFKA) start test
 	@$(REDIS) start test
+	@$(KEYCLOAK) start test
 	@status=0; \
 	  $(MAKE) --no-print-directory lint typecheck || status=$$?; \
 	  if [ $$status -eq 0 ]; then \
 	    FIRSTMILE_TEST_ADMIN_URL=$$($(PG) url test) FIRSTMILE_TEST_KAFKA=$$($(KAFKA) url test) \
-	      FIRSTMILE_TEST_REDIS=$$($(REDIS) url test) $(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup || status=$$?; \
+	      FIRSTMILE_TEST_REDIS=$$($(REDIS) url test) FIRSTMILE_TEST_KEYCLOAK=$$($(KEYCLOAK) url test) \
+	      $(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup || status=$$?; \
 	  fi; \
-	  $(REDIS) stop test; $(KAFKA) stop test; $(PG) stop test; exit $$status
+	  $(KEYCLOAK) stop test; $(REDIS) stop test; $(KAFKA) stop test; $(PG) stop test; exit $$status
 
 bench: $(STAMP) ## API benchmark (docs/benchmarks.md)
 	@$(PG) start bench
@@ -116,6 +122,7 @@ bench-planner: $(STAMP) ## Path planner: start latency with the model (in-proces
 
 clean: ## Remove the venv and all local state (embedded database included)
 	-$(PG) stop test; $(PG) stop bench; $(KAFKA) stop test; $(KAFKA) stop bench; $(REDIS) stop test; $(REDIS) stop bench
+	-$(KEYCLOAK) stop test; $(KEYCLOAK) stop dev
 	-$(RAY) stop test; $(RAY) stop bench; $(RAY) stop dev
 	-test -x $(BIN)/firstmile && $(BIN)/firstmile embedded stop
 	rm -rf $(VENV) .firstmile .mypy_cache .ruff_cache .pytest_cache
