@@ -223,6 +223,40 @@ class Settings(BaseSettings):
         le=24 * 30,
         description="Users idle for less than this are never asked about (keeps the scan small).",
     )
+    keycloak_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
+        description=(
+            "Public base URL of Keycloak, as it appears in the tokens' iss (http://127.0.0.1:8180). "
+            "Unset: no SSO, the embedded admin login."
+        ),
+    )
+    sso_realm_prefix: str = Field(
+        default="firstmile-",
+        pattern=r"^[a-z][a-z0-9-]{0,30}$",
+        description="A tenant's realm is <prefix><slug>.",
+    )
+    sso_audience: str = Field(
+        default="firstmile-api", min_length=1, description="Audience every accepted access token must carry."
+    )
+    sso_tenant_claim: str = Field(
+        default="firstmile_tenant",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$",
+        description="Claim that names the tenant; must equal the slug of the realm that issued the token.",
+    )
+    sso_leeway_seconds: float = Field(default=10, ge=0, le=300, description="Clock skew allowed on exp, nbf and iat.")
+    sso_jwks_max_age_seconds: float = Field(
+        default=600, ge=1, le=86_400, description="How long a realm's JWKS is used before it is fetched again."
+    )
+    sso_jwks_min_refetch_seconds: float = Field(
+        default=30,
+        ge=0,
+        le=3600,
+        description="An unknown kid refetches the realm's JWKS at most once per this many seconds.",
+    )
+    sso_http_timeout_seconds: float = Field(
+        default=5, gt=0, le=60, description="Timeout of one JWKS fetch from Keycloak."
+    )
     host: str = Field(default="127.0.0.1", description="Bind address of `firstmile serve`.")
     port: int = Field(default=8000, ge=1, le=65535)
     workers: int = Field(default=1, ge=1, le=64, description="Worker processes of `firstmile serve`.")

@@ -1,0 +1,1 @@
+"""Single sign-on: tenant realms in Keycloak, validation of the tokens they issue."""
