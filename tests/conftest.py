@@ -2,9 +2,9 @@
 
 ``make test`` starts PostgreSQL (deploy/local/postgres.sh) and exports
 ``FIRSTMILE_TEST_ADMIN_URL`` (a superuser URL on loopback); likewise Kafka
-(``FIRSTMILE_TEST_KAFKA``) and Redis (``FIRSTMILE_TEST_REDIS``). Each xdist worker
-gets its own database; tests isolate from each other by tenant, which every
-factory takes as a required argument.
+(``FIRSTMILE_TEST_KAFKA``), Redis (``FIRSTMILE_TEST_REDIS``) and Keycloak
+(``FIRSTMILE_TEST_KEYCLOAK``). Each xdist worker gets its own database; tests isolate
+from each other by tenant, which every factory takes as a required argument.
 """
 
 from __future__ import annotations
@@ -153,6 +153,16 @@ def redis_url() -> str:
     url = os.environ.get("FIRSTMILE_TEST_REDIS")
     if not url:
         pytest.exit("FIRSTMILE_TEST_REDIS is not set: run `make test` (it starts Redis)", returncode=2)
+    return url
+
+
+@pytest.fixture(scope="session")
+def keycloak_url() -> str:
+    """The test Keycloak (``deploy/local/keycloak.sh``), as ``http://admin:<password>@127.0.0.1:<port>``
+    (its bootstrap admin); tests make realms of their own and delete them afterwards."""
+    url = os.environ.get("FIRSTMILE_TEST_KEYCLOAK")
+    if not url:
+        pytest.exit("FIRSTMILE_TEST_KEYCLOAK is not set: run `make test` (it starts Keycloak)", returncode=2)
     return url
 
 
