@@ -88,9 +88,10 @@ def tenants() -> None:
     """Tenant manifests: plan, apply, schema."""
 
 
-def _apply(paths: tuple[Path, ...], dry_run: bool) -> None:
+def _apply(paths: tuple[Path, ...], dry_run: bool, prune: bool = False) -> None:
+    from firstmile.sso.provisioning import KeycloakProvisioner, ProvisioningError
     from firstmile.tenancy.manifest import ManifestError, load_manifest
-    from firstmile.tenancy.service import TenancyError, apply_manifest
+    from firstmile.tenancy.service import TenancyError, apply_manifest, record_provisioning
 
     try:
         manifests = [load_manifest(f) for f in _manifest_files(paths)]
@@ -98,6 +99,13 @@ def _apply(paths: tuple[Path, ...], dry_run: bool) -> None:
         raise click.ClickException(str(exc)) from exc
     settings = get_settings()
     urls = _urls(settings)
+    try:
+        provisioner = KeycloakProvisioner.from_settings(settings)
+    except ProvisioningError as exc:
+        raise click.ClickException(str(exc)) from exc
+    verb = "would change" if dry_run else "changed"
+    # deletions only when the arguments are folders: a single file is not the whole set of tenants
+    whole_set = all(path.is_dir() for path in paths)
 
     async def work(engine: Any) -> None:
         for manifest in manifests:
@@ -105,20 +113,58 @@ def _apply(paths: tuple[Path, ...], dry_run: bool) -> None:
                 result = await apply_manifest(engine, manifest, dry_run=dry_run)
             except TenancyError as exc:
                 raise click.ClickException(str(exc)) from exc
-            verb = "would change" if dry_run else "changed"
             if not result.changes:
                 click.echo(f"tenant {result.slug}: up to date")
             for change in result.changes:
                 click.echo(f"tenant {result.slug}: {verb}: {change}")
+            if provisioner is None:
+                continue
+            reconcile = provisioner.plan if dry_run else provisioner.apply
+            try:
+                sso_changes = await asyncio.to_thread(reconcile, manifest)
+            except ProvisioningError as exc:
+                raise click.ClickException(f"tenant {result.slug}: sso: {exc}") from exc
+            if not sso_changes:
+                click.echo(f"tenant {result.slug}: sso: up to date")
+            for sso_change in sso_changes:
+                click.echo(f"tenant {result.slug}: sso: {verb}: {sso_change}")
+            if not dry_run:
+                await record_provisioning(engine, result.slug, [str(c) for c in sso_changes])
+        if provisioner is None:
+            click.echo("sso: provisioning skipped (FIRSTMILE_KEYCLOAK_URL and the Keycloak admin credentials unset)")
+            return
+        if not whole_set:
+            return
+        slugs = {m.tenant.slug for m in manifests}
+        try:
+            deletions = await asyncio.to_thread(provisioner.plan_prune, slugs)
+            if deletions and prune and not dry_run:
+                deletions = await asyncio.to_thread(provisioner.prune, slugs)
+                for deletion in deletions:
+                    slug = deletion.realm[len(provisioner.realm_prefix) :]
+                    click.echo(f"tenant {slug}: sso: changed: {deletion}")
+                    await record_provisioning(engine, slug, [str(deletion)])
+                return
+        except ProvisioningError as exc:
+            raise click.ClickException(f"sso: {exc}") from exc
+        for deletion in deletions:
+            slug = deletion.realm[len(provisioner.realm_prefix) :]
+            note = "would change" if dry_run else "not done without --prune"
+            click.echo(f"tenant {slug}: sso: {note}: {deletion}")
 
     _run(lambda: _with_admin_engine(urls, work))
 
 
 @tenants.command("apply")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-def tenants_apply(paths: tuple[Path, ...]) -> None:
+@click.option(
+    "--prune",
+    is_flag=True,
+    help="Also delete the Keycloak realms of tenants with no manifest (only when PATHS are folders).",
+)
+def tenants_apply(paths: tuple[Path, ...], prune: bool) -> None:
     """Make the platform match the manifests (files or folders of *.yaml)."""
-    _apply(paths, dry_run=False)
+    _apply(paths, dry_run=False, prune=prune)
 
 
 @tenants.command("plan")

@@ -231,6 +231,27 @@ class Settings(BaseSettings):
             "Unset: no SSO, the embedded admin login."
         ),
     )
+    keycloak_admin_user: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Keycloak admin user for `tenants plan|apply` (SSO provisioning). Unset: provisioning skipped.",
+    )
+    keycloak_admin_password_file: Path | None = Field(
+        default=None, description="File holding that admin user's password (e.g. a mounted secret)."
+    )
+    keycloak_admin_realm: str = Field(
+        default="master", min_length=1, description="Realm the provisioning admin user logs in to."
+    )
+    sso_admin_client_id: str = Field(
+        default="firstmile-admin",
+        pattern=r"^[a-z][a-z0-9-]{0,62}$",
+        description="Client id of the admin UI's OIDC client in every tenant realm.",
+    )
+    sso_admin_redirect_uris: str = Field(
+        default="http://127.0.0.1:8000/admin/*",
+        min_length=1,
+        description="Comma-separated redirect URIs of the admin UI's OIDC client (also its web origins).",
+    )
     sso_realm_prefix: str = Field(
         default="firstmile-",
         pattern=r"^[a-z][a-z0-9-]{0,30}$",

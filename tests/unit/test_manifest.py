@@ -61,6 +61,30 @@ def _path(doc: dict[str, Any], key: str) -> dict[str, Any]:
             lambda d: _path(d, "enterprise-rollout")["targeting"][0].update(value=["huge"]),
             "company_size values ['huge']",
         ),
+        (lambda d: d.update(sso={"roles": {"boss": "x"}}), "Input should be 'owner', 'editor', 'analyst' or 'viewer'"),
+        (lambda d: d.update(sso={"group_roles": {"Admins": "root"}}), "Input should be 'owner'"),
+        (lambda d: d.update(sso={"group_roles": {"a/b": "owner"}}), "String should match pattern"),
+        (
+            lambda d: d.update(sso={"saml": {"entity_id": "urn:idp"}}),
+            "saml needs exactly one of metadata_url or metadata_xml",
+        ),
+        (
+            lambda d: d.update(
+                sso={"saml": {"entity_id": "urn:idp", "metadata_url": "https://i/x", "metadata_xml": "<x/>"}}
+            ),
+            "saml needs exactly one of metadata_url or metadata_xml",
+        ),
+        (
+            lambda d: d.update(sso={"saml": {"entity_id": "urn:idp", "metadata_xml": "<html/>"}}),
+            "not SAML metadata",
+        ),
+        (lambda d: d.update(sso={"saml": {"entity_id": "x", "metadata_url": "ftp://i/x"}}), "should match pattern"),
+        (
+            lambda d: d.update(
+                sso={"saml": {"entity_id": "x", "metadata_url": "https://i", "attributes": {"mail": "m"}}}
+            ),
+            "Extra inputs",
+        ),
     ],
 )
 def test_invalid_manifests_are_refused_with_the_reason(change: Any, message: str) -> None:
@@ -92,3 +116,22 @@ def test_content_hash_changes_only_with_content() -> None:
     c = TenantManifest.model_validate(changed)
     assert c.paths[0].content_hash() != a.paths[0].content_hash()
     assert c.paths[1].content_hash() == a.paths[1].content_hash()
+
+
+def test_sso_section_defaults_and_hash() -> None:
+    plain = TenantManifest.model_validate(demo_document())
+    doc = demo_document()
+    doc["sso"] = {
+        "roles": {"viewer": "Looks only."},
+        "group_roles": {"Acme Admins": "owner", "Acme Analysts": "analyst"},
+        "saml": {"metadata_url": "https://idp.acme.example/metadata", "entity_id": "https://idp.acme.example"},
+    }
+    with_sso = TenantManifest.model_validate(doc)
+    assert with_sso.sso is not None and with_sso.sso.saml is not None
+    assert with_sso.sso.saml.attributes.groups == "groups"
+    descriptions = with_sso.sso.role_descriptions()
+    assert list(descriptions) == ["owner", "editor", "analyst", "viewer"] and descriptions["viewer"] == "Looks only."
+    # an unset sso section leaves the hash of existing manifests as it was; a set one changes it
+    assert "sso" not in plain.model_dump(mode="json", exclude_none=True)
+    assert with_sso.content_hash() != plain.content_hash()
+    assert plain.content_hash() == TenantManifest.model_validate(demo_document()).content_hash()

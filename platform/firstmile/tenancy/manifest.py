@@ -204,6 +204,72 @@ class KeysSpec(_Model):
         return self
 
 
+ADMIN_ROLES: tuple[str, ...] = ("owner", "editor", "analyst", "viewer")
+AdminRole = Literal["owner", "editor", "analyst", "viewer"]
+DEFAULT_ROLE_DESCRIPTIONS: dict[str, str] = {
+    "owner": "Everything, including members, roles and SSO settings.",
+    "editor": "Edits paths and settings; no member or SSO administration.",
+    "analyst": "Reads analytics and exports; edits nothing.",
+    "viewer": "Reads dashboards; no exports, edits nothing.",
+}
+GroupName = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[^/\s][^/]*$")]
+AttributeName = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^\S+$")]
+
+
+class SamlAttributes(_Model):
+    """Which SAML assertion attributes carry the user's email, display name and groups."""
+
+    email: AttributeName = Field(default="email", description="Attribute with the email address.")
+    name: AttributeName = Field(default="name", description="Attribute with the display name.")
+    groups: AttributeName = Field(default="groups", description="Attribute with the group names (multi-valued).")
+
+
+class SamlSpec(_Model):
+    """The customer's SAML identity provider, brokered by the tenant's realm."""
+
+    metadata_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^\s/]+(/\S*)?$",
+        description="URL of the IdP's SAML metadata (EntityDescriptor). Exactly one of metadata_url, metadata_xml.",
+    )
+    metadata_xml: str | None = Field(
+        default=None, min_length=1, max_length=200_000, description="The IdP's SAML metadata document itself."
+    )
+    entity_id: str = Field(min_length=1, max_length=1024, description="The IdP's entity id (its EntityDescriptor).")
+    attributes: SamlAttributes = Field(
+        default_factory=SamlAttributes, description="Attribute names for email, name and groups."
+    )
+
+    @model_validator(mode="after")
+    def _one_metadata_source(self) -> SamlSpec:
+        if (self.metadata_url is None) == (self.metadata_xml is None):
+            raise ValueError("saml needs exactly one of metadata_url or metadata_xml")
+        if self.metadata_xml is not None and "EntityDescriptor" not in self.metadata_xml:
+            raise ValueError("saml metadata_xml is not SAML metadata (no EntityDescriptor)")
+        return self
+
+
+class SsoSpec(_Model):
+    """Single sign-on for the tenant's admins: its Keycloak realm, admin roles and IdP (``docs/sso.md``)."""
+
+    roles: dict[AdminRole, Annotated[str, Field(max_length=255)]] = Field(
+        default_factory=dict,
+        description=(
+            "Descriptions of the admin roles owner, editor, analyst and viewer (all four always exist; "
+            "a role left out keeps its default description)."
+        ),
+    )
+    group_roles: dict[GroupName, AdminRole] = Field(
+        default_factory=dict,
+        description="IdP group name -> the admin role its members get (one realm group per entry).",
+    )
+    saml: SamlSpec | None = Field(default=None, description="The customer's SAML IdP. Omitted: no IdP brokered yet.")
+
+    def role_descriptions(self) -> dict[str, str]:
+        """All four admin roles with their descriptions (the manifest's, else the defaults)."""
+        return {role: self.roles.get(role, DEFAULT_ROLE_DESCRIPTIONS[role]) for role in ADMIN_ROLES}  # type: ignore[call-overload]
+
+
 class TenantManifest(_Model):
     """A tenant, declaratively: ``firstmile tenants apply`` makes the platform match it."""
 
@@ -224,6 +290,13 @@ class TenantManifest(_Model):
         description=(
             "Further trait names that hold personal data, encrypted like email, name, first_name, "
             "last_name, phone and company (always PII)."
+        ),
+    )
+    sso: SsoSpec | None = Field(
+        default=None,
+        description=(
+            "Keycloak realm, admin roles and IdP of the tenant. Omitted: the defaults (the four roles, "
+            "no group mappings, no IdP)."
         ),
     )
 
@@ -248,7 +321,7 @@ class TenantManifest(_Model):
 
     def content_hash(self) -> str:
         # Sections added later are left out while unset, so existing manifests keep their hash.
-        unset = {name for name in ("keys", "pii_traits", "planner") if getattr(self, name) is None}
+        unset = {name for name in ("keys", "pii_traits", "planner", "sso") if getattr(self, name) is None}
         canonical = json.dumps(self.model_dump(mode="json", exclude=unset), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 

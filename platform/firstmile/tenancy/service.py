@@ -154,3 +154,18 @@ async def list_keys(engine: AsyncEngine, tenant_slug: str) -> list[repo.KeyRow]:
 async def path_settings(conn: AsyncConnection, tenant_id: TenantId) -> tuple[str, int, tuple[str, ...], str | None]:
     """The tenant's default path, manifest revision, PII trait names and path model, for the onboarding catalog."""
     return await repo.path_settings(conn, tenant_id)
+
+
+async def record_provisioning(engine: AsyncEngine, slug: str, changes: list[str]) -> bool:
+    """Audit SSO provisioning changes made for ``slug`` (one entry); False when the tenant has no row."""
+    if not changes:
+        return False
+    async with engine.begin() as conn:
+        tenant = await repo.tenant_by_slug(conn, slug)
+        if tenant is None:
+            return False
+        await set_tenant(conn, tenant.id)
+        await audit.append(
+            conn, tenant.id, "admin", OPERATOR, f"sso:{slug}", {"action": "sso.provision", "changes": changes}
+        )
+    return True

@@ -1,0 +1,351 @@
+"""SSO provisioning from manifests: each tenant's Keycloak realm, made to match its manifest.
+
+For a manifest with tenant ``acme`` the realm ``<realm_prefix>acme`` (``firstmile-acme``) holds:
+
+- the realm itself, enabled, marked with the attributes ``firstmile.managed=true`` and
+  ``firstmile.tenant=<slug>`` (only realms so marked are ever deleted);
+- the realm roles ``owner``, ``editor``, ``analyst``, ``viewer`` with the manifest's descriptions;
+- the admin UI's OIDC client: public, authorization code only (no implicit flow, no password grant,
+  no service account), PKCE with ``S256`` required, the configured redirect URIs, and two protocol
+  mappers: ``audience`` (adds the platform audience, ``firstmile-api``) and ``tenant`` (the hardcoded
+  claim ``firstmile_tenant=<slug>``), the claims :mod:`firstmile.sso.tokens` insists on;
+- one top-level group per ``sso.group_roles`` entry, named after the IdP group, holding exactly its
+  admin role; groups not in the manifest are removed.
+
+:meth:`KeycloakProvisioner.plan` reads Keycloak and lists the :class:`Change` objects that
+:meth:`KeycloakProvisioner.apply` would carry out; ``apply`` carries them out and returns the same
+list. Both are idempotent: after an apply the plan is empty. Realms of tenants whose manifest is gone
+are listed by :meth:`KeycloakProvisioner.plan_prune` and deleted only by
+:meth:`KeycloakProvisioner.prune` (the CLI's ``--prune``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from keycloak import KeycloakAdmin, KeycloakOpenIDConnection
+from keycloak.exceptions import KeycloakError
+
+from firstmile.settings import Settings
+from firstmile.tenancy.manifest import ADMIN_ROLES, SsoSpec, TenantManifest
+
+MANAGED_ATTRIBUTE = "firstmile.managed"
+TENANT_ATTRIBUTE = "firstmile.tenant"
+AUDIENCE_MAPPER = "audience"
+TENANT_MAPPER = "tenant"
+
+Action = Literal["create", "update", "delete"]
+Kind = Literal["realm", "role", "client", "mapper", "group"]
+
+
+class ProvisioningError(RuntimeError):
+    """Keycloak refused or failed a provisioning call; the message says which."""
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One difference between a manifest and Keycloak, and what apply does about it."""
+
+    action: Action
+    kind: Kind
+    realm: str
+    name: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        where = "" if self.kind == "realm" else f" in realm {self.realm}"
+        detail = f" ({self.detail})" if self.detail else ""
+        return f"{self.action} {self.kind} {self.name}{where}{detail}"
+
+
+def _subset_differs(desired: dict[str, Any], actual: dict[str, Any]) -> list[str]:
+    """Names of the desired keys whose actual value differs (lists compared as sets)."""
+    differ: list[str] = []
+    for key, want in desired.items():
+        have = actual.get(key)
+        if isinstance(want, dict):
+            if not isinstance(have, dict) or any(have.get(k) != v for k, v in want.items()):
+                differ.append(key)
+        elif isinstance(want, list):
+            if not isinstance(have, list) or sorted(map(str, have)) != sorted(map(str, want)):
+                differ.append(key)
+        elif have != want:
+            differ.append(key)
+    return differ
+
+
+class KeycloakProvisioner:
+    """Reconciles tenant realms with manifests through the Keycloak admin API (python-keycloak)."""
+
+    def __init__(
+        self,
+        admin: KeycloakAdmin,
+        *,
+        realm_prefix: str = "firstmile-",
+        audience: str = "firstmile-api",
+        tenant_claim: str = "firstmile_tenant",
+        client_id: str = "firstmile-admin",
+        redirect_uris: Sequence[str] = ("http://127.0.0.1:8000/admin/*",),
+    ) -> None:
+        if not redirect_uris:
+            raise ValueError("the admin client needs at least one redirect URI")
+        self._admin = admin
+        self._home_realm = admin.connection.realm_name or "master"
+        self.realm_prefix = realm_prefix
+        self.audience = audience
+        self.tenant_claim = tenant_claim
+        self.client_id = client_id
+        self.redirect_uris = tuple(redirect_uris)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> KeycloakProvisioner | None:
+        """A provisioner from ``FIRSTMILE_KEYCLOAK_URL`` and the admin credentials; None if any is unset."""
+        if not (settings.keycloak_url and settings.keycloak_admin_user and settings.keycloak_admin_password_file):
+            return None
+        try:
+            password = settings.keycloak_admin_password_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ProvisioningError(f"keycloak_admin_password_file: {exc}") from exc
+        connection = KeycloakOpenIDConnection(
+            server_url=settings.keycloak_url,
+            username=settings.keycloak_admin_user,
+            password=password,
+            realm_name=settings.keycloak_admin_realm,
+            user_realm_name=settings.keycloak_admin_realm,
+            verify=True,
+        )
+        uris = [u.strip() for u in settings.sso_admin_redirect_uris.split(",") if u.strip()]
+        return cls(
+            KeycloakAdmin(connection=connection),
+            realm_prefix=settings.sso_realm_prefix,
+            audience=settings.sso_audience,
+            tenant_claim=settings.sso_tenant_claim,
+            client_id=settings.sso_admin_client_id,
+            redirect_uris=uris,
+        )
+
+    def realm_name(self, slug: str) -> str:
+        return f"{self.realm_prefix}{slug}"
+
+    # -- public operations ---------------------------------------------------------------
+
+    def plan(self, manifest: TenantManifest) -> list[Change]:
+        """What :meth:`apply` would change for ``manifest``; changes nothing."""
+        return self._guarded(lambda: self._reconcile(manifest, execute=False))
+
+    def apply(self, manifest: TenantManifest) -> list[Change]:
+        """Make the tenant's realm match ``manifest``; returns what was changed (empty: nothing)."""
+        return self._guarded(lambda: self._reconcile(manifest, execute=True))
+
+    def plan_prune(self, slugs: set[str]) -> list[Change]:
+        """Deletions of managed realms (of this prefix) whose tenant is not in ``slugs``."""
+        return self._guarded(lambda: self._prune(slugs, execute=False))
+
+    def prune(self, slugs: set[str]) -> list[Change]:
+        """Delete the realms :meth:`plan_prune` lists."""
+        return self._guarded(lambda: self._prune(slugs, execute=True))
+
+    def managed_realms(self) -> dict[str, str]:
+        """Realm name -> tenant slug of every realm this provisioner manages."""
+        found: dict[str, str] = {}
+        for realm in self._admin.get_realms():
+            name = str(realm.get("realm", ""))
+            attributes = realm.get("attributes") or {}
+            if name.startswith(self.realm_prefix) and attributes.get(MANAGED_ATTRIBUTE) == "true":
+                found[name] = str(attributes.get(TENANT_ATTRIBUTE) or name[len(self.realm_prefix) :])
+        return found
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _guarded(self, work: Any) -> list[Change]:
+        try:
+            result: list[Change] = work()
+            return result
+        except KeycloakError as exc:
+            raise ProvisioningError(f"keycloak: {exc}") from exc
+        finally:
+            self._admin.change_current_realm(self._home_realm)
+
+    @contextmanager
+    def _in_realm(self, realm: str) -> Iterator[None]:
+        self._admin.change_current_realm(realm)
+        try:
+            yield
+        finally:
+            self._admin.change_current_realm(self._home_realm)
+
+    def _prune(self, slugs: set[str], *, execute: bool) -> list[Change]:
+        changes: list[Change] = []
+        for realm, slug in sorted(self.managed_realms().items()):
+            if slug in slugs:
+                continue
+            changes.append(Change("delete", "realm", realm, realm, f"tenant {slug} has no manifest"))
+            if execute:
+                self._admin.delete_realm(realm)
+        return changes
+
+    def _reconcile(self, manifest: TenantManifest, *, execute: bool) -> list[Change]:
+        slug = manifest.tenant.slug
+        sso = manifest.sso or SsoSpec()
+        realm = self.realm_name(slug)
+        changes: list[Change] = []
+        desired_realm = {
+            "enabled": True,
+            "displayName": manifest.tenant.name,
+            "attributes": {MANAGED_ATTRIBUTE: "true", TENANT_ATTRIBUTE: slug},
+        }
+        existing = next((r for r in self._admin.get_realms() if r.get("realm") == realm), None)
+        if existing is None:
+            changes.append(Change("create", "realm", realm, realm))
+            if not execute:
+                # nothing below exists yet: everything is a creation
+                changes.extend(Change("create", "role", realm, role) for role in ADMIN_ROLES)
+                changes.append(Change("create", "client", realm, self.client_id))
+                changes.extend(Change("create", "mapper", realm, m) for m in (AUDIENCE_MAPPER, TENANT_MAPPER))
+                changes.extend(
+                    Change("create", "group", realm, group, f"role {role}")
+                    for group, role in sorted(sso.group_roles.items())
+                )
+                return changes
+            self._admin.create_realm({"realm": realm, **desired_realm})
+        else:
+            current = self._admin.get_realm(realm)
+            differ = _subset_differs(desired_realm, current)
+            if differ:
+                changes.append(Change("update", "realm", realm, realm, ", ".join(differ)))
+                if execute:
+                    attributes = {**(current.get("attributes") or {}), **desired_realm["attributes"]}  # type: ignore[dict-item]
+                    self._admin.update_realm(realm, {**desired_realm, "attributes": attributes})
+        with self._in_realm(realm):
+            changes.extend(self._roles(realm, sso, execute))
+            changes.extend(self._client(realm, slug, execute))
+            changes.extend(self._groups(realm, sso, execute))
+        return changes
+
+    def _roles(self, realm: str, sso: SsoSpec, execute: bool) -> list[Change]:
+        changes: list[Change] = []
+        actual = {str(r["name"]): r.get("description") or "" for r in self._admin.get_realm_roles()}
+        for role, description in sso.role_descriptions().items():
+            if role not in actual:
+                changes.append(Change("create", "role", realm, role))
+                if execute:
+                    self._admin.create_realm_role({"name": role, "description": description})
+            elif actual[role] != description:
+                changes.append(Change("update", "role", realm, role, "description"))
+                if execute:
+                    self._admin.update_realm_role(role, {"name": role, "description": description})
+        return changes
+
+    def _desired_client(self) -> dict[str, Any]:
+        return {
+            "clientId": self.client_id,
+            "name": "Firstmile admin UI",
+            "protocol": "openid-connect",
+            "enabled": True,
+            "publicClient": True,
+            "standardFlowEnabled": True,
+            "implicitFlowEnabled": False,
+            "directAccessGrantsEnabled": False,
+            "serviceAccountsEnabled": False,
+            "redirectUris": list(self.redirect_uris),
+            "webOrigins": ["+"],
+            "attributes": {
+                "pkce.code.challenge.method": "S256",
+                "post.logout.redirect.uris": "##".join(self.redirect_uris),
+            },
+        }
+
+    def _desired_mappers(self, slug: str) -> dict[str, dict[str, Any]]:
+        return {
+            AUDIENCE_MAPPER: {
+                "name": AUDIENCE_MAPPER,
+                "protocol": "openid-connect",
+                "protocolMapper": "oidc-audience-mapper",
+                "config": {
+                    "included.custom.audience": self.audience,
+                    "access.token.claim": "true",
+                    "id.token.claim": "false",
+                    "introspection.token.claim": "true",
+                },
+            },
+            TENANT_MAPPER: {
+                "name": TENANT_MAPPER,
+                "protocol": "openid-connect",
+                "protocolMapper": "oidc-hardcoded-claim-mapper",
+                "config": {
+                    "claim.name": self.tenant_claim,
+                    "claim.value": slug,
+                    "jsonType.label": "String",
+                    "access.token.claim": "true",
+                    "id.token.claim": "true",
+                    "userinfo.token.claim": "false",
+                    "introspection.token.claim": "true",
+                },
+            },
+        }
+
+    def _client(self, realm: str, slug: str, execute: bool) -> list[Change]:
+        changes: list[Change] = []
+        desired = self._desired_client()
+        mappers = self._desired_mappers(slug)
+        internal_id = self._admin.get_client_id(self.client_id)
+        if internal_id is None:
+            changes.append(Change("create", "client", realm, self.client_id))
+            changes.extend(Change("create", "mapper", realm, name) for name in mappers)
+            if execute:
+                self._admin.create_client({**desired, "protocolMappers": list(mappers.values())})
+            return changes
+        current = self._admin.get_client(internal_id)
+        differ = _subset_differs(desired, current)
+        if differ:
+            changes.append(Change("update", "client", realm, self.client_id, ", ".join(differ)))
+            if execute:
+                attributes = {**(current.get("attributes") or {}), **desired["attributes"]}
+                self._admin.update_client(internal_id, {**current, **desired, "attributes": attributes})
+        actual = {str(m["name"]): m for m in self._admin.get_mappers_from_client(internal_id)}
+        for name, mapper in mappers.items():
+            have = actual.get(name)
+            if have is None:
+                changes.append(Change("create", "mapper", realm, name))
+                if execute:
+                    self._admin.add_mapper_to_client(internal_id, mapper)
+                continue
+            differ = _subset_differs({"protocolMapper": mapper["protocolMapper"], "config": mapper["config"]}, have)
+            if differ:
+                changes.append(Change("update", "mapper", realm, name, ", ".join(differ)))
+                if execute:
+                    self._admin.update_client_mapper(internal_id, str(have["id"]), {**have, **mapper})
+        return changes
+
+    def _groups(self, realm: str, sso: SsoSpec, execute: bool) -> list[Change]:
+        changes: list[Change] = []
+        actual = {str(g["name"]): str(g["id"]) for g in self._admin.get_groups()}
+        for group, role in sorted(sso.group_roles.items()):
+            group_id = actual.get(group)
+            if group_id is None:
+                changes.append(Change("create", "group", realm, group, f"role {role}"))
+                if execute:
+                    new_id = self._admin.create_group({"name": group})
+                    if new_id is None:
+                        raise ProvisioningError(f"keycloak did not return the id of group {group!r} in {realm}")
+                    self._admin.assign_group_realm_roles(new_id, [self._admin.get_realm_role(role)])
+                continue
+            held = [r for r in self._admin.get_group_realm_roles(group_id) if r.get("name") in ADMIN_ROLES]
+            if [str(r["name"]) for r in held] != [role]:
+                before = ", ".join(sorted(str(r["name"]) for r in held)) or "none"
+                changes.append(Change("update", "group", realm, group, f"role {before} -> {role}"))
+                if execute:
+                    stale = [r for r in held if r.get("name") != role]
+                    if stale:
+                        self._admin.delete_group_realm_roles(group_id, stale)
+                    if not any(r.get("name") == role for r in held):
+                        self._admin.assign_group_realm_roles(group_id, [self._admin.get_realm_role(role)])
+        for group, group_id in sorted(actual.items()):
+            if group not in sso.group_roles:
+                changes.append(Change("delete", "group", realm, group, "not in the manifest"))
+                if execute:
+                    self._admin.delete_group(group_id)
+        return changes
