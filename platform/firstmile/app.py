@@ -54,6 +54,7 @@ from firstmile.security.datakeys import DataKeyService, ManifestProviders
 from firstmile.security.keys import KeyConfig, KeyProviderError
 from firstmile.security.pii import RedactingFilter
 from firstmile.settings import Settings, get_settings
+from firstmile.sso.tokens import TokenValidator
 
 PUBLIC_PATHS = ["^/health", "^/metrics", "^/schema"]
 _access_log = logging.getLogger("firstmile.access")
@@ -163,7 +164,11 @@ def create_app(
             application_name=settings.service_name,
         )
         app.state.engine = engine
-        app.state.key_resolver = KeyResolver(engine, pepper, settings.region, settings.api_key_cache_ttl_seconds)
+        # Client-credentials tokens of the tenants' realms, when there is a Keycloak; else API keys only.
+        tokens = TokenValidator.from_settings(settings) if settings.keycloak_url is not None else None
+        app.state.key_resolver = KeyResolver(
+            engine, pepper, settings.region, settings.api_key_cache_ttl_seconds, tokens=tokens
+        )
         app.state.keyring = DataKeyService.from_config(engine, KeyConfig.from_settings(settings))
         app.state.onboarding.keyring = app.state.keyring
         # Online features: Redis, or in-process (then shared by the in-process consumers below).
@@ -233,6 +238,8 @@ def create_app(
         if background:
             await asyncio.gather(*background, return_exceptions=True)
         await app.state.engine.dispose()
+        if app.state.key_resolver.tokens is not None:
+            await app.state.key_resolver.tokens.aclose()
         await app.state.features.close()
         if inference is None:
             await app.state.inference.close()
@@ -270,8 +277,11 @@ def create_app(
                     "apiKey": SecurityScheme(
                         type="http",
                         scheme="bearer",
-                        bearer_format="fm_…",
-                        description="Tenant API key from `firstmile keys create`",
+                        bearer_format="fm_… or JWT",
+                        description=(
+                            "Tenant API key from `firstmile keys create`, or a client-credentials access token "
+                            "of the tenant's Keycloak realm"
+                        ),
                     ),
                 }
             ),

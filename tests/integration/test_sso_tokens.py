@@ -15,23 +15,18 @@ import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
-from keycloak import KeycloakAdmin, KeycloakOpenID, KeycloakOpenIDConnection
 
 from firstmile.sso.tokens import RealmNaming, TokenError, TokenReason, TokenValidator
+from tests.support.keycloak import AUDIENCE, CLAIM, Server, client_credentials_token
+from tests.support.keycloak import b64 as _b64
+from tests.support.keycloak import client as _client
+from tests.support.keycloak import mappers as _mappers
+from tests.support.keycloak import payload as _payload
+from tests.support.keycloak import server as _server
 
 pytestmark = pytest.mark.xdist_group("keycloak")
-
-AUDIENCE = "firstmile-api"
-CLAIM = "firstmile_tenant"
-
-
-@dataclass(frozen=True)
-class Server:
-    base: str  # http://127.0.0.1:58080, what Keycloak puts into iss for requests made to it
-    admin: KeycloakAdmin
 
 
 @dataclass(frozen=True)
@@ -39,65 +34,6 @@ class Tenant:
     slug: str
     realm: str
     secrets: dict[str, str]  # client id -> secret
-
-
-def _server(url: str) -> Server:
-    parts = urlsplit(url)
-    assert parts.username and parts.password and parts.hostname and parts.port, "expected http://user:pw@host:port"
-    base = f"{parts.scheme}://{parts.hostname}:{parts.port}"
-    connection = KeycloakOpenIDConnection(
-        server_url=base, username=parts.username, password=parts.password, realm_name="master", verify=True
-    )
-    return Server(base, KeycloakAdmin(connection=connection))
-
-
-def _mappers(tenant_claim_value: str, audience: bool) -> list[dict[str, Any]]:
-    mappers: list[dict[str, Any]] = [
-        {
-            "name": "tenant",
-            "protocol": "openid-connect",
-            "protocolMapper": "oidc-hardcoded-claim-mapper",
-            "config": {
-                "claim.name": CLAIM,
-                "claim.value": tenant_claim_value,
-                "jsonType.label": "String",
-                "access.token.claim": "true",
-                "id.token.claim": "false",
-                "userinfo.token.claim": "false",
-                "introspection.token.claim": "true",
-            },
-        }
-    ]
-    if audience:
-        mappers.append(
-            {
-                "name": "audience",
-                "protocol": "openid-connect",
-                "protocolMapper": "oidc-audience-mapper",
-                "config": {
-                    "included.custom.audience": AUDIENCE,
-                    "access.token.claim": "true",
-                    "id.token.claim": "false",
-                    "introspection.token.claim": "true",
-                },
-            }
-        )
-    return mappers
-
-
-def _client(client_id: str, secret: str, mappers: list[dict[str, Any]], **attributes: str) -> dict[str, Any]:
-    return {
-        "clientId": client_id,
-        "protocol": "openid-connect",
-        "publicClient": False,
-        "clientAuthenticatorType": "client-secret",
-        "secret": secret,
-        "serviceAccountsEnabled": True,
-        "standardFlowEnabled": False,
-        "directAccessGrantsEnabled": False,
-        "protocolMappers": mappers,
-        "attributes": attributes,
-    }
 
 
 def _make_tenant(server: Server, slug: str, other_slug: str, naming: RealmNaming) -> Tenant:
@@ -114,7 +50,7 @@ def _make_tenant(server: Server, slug: str, other_slug: str, naming: RealmNaming
     for client_id, mappers in clients.items():
         secret = secrets.token_urlsafe(24)
         attributes = {"access.token.lifespan": "2"} if client_id == "short" else {}
-        server.admin.create_client(_client(client_id, secret, mappers, **attributes))
+        server.admin.create_client(_client(client_id, secret, mappers, attributes=attributes))
         made[client_id] = secret
     server.admin.change_current_realm("master")
     return Tenant(slug, realm, made)
@@ -145,14 +81,7 @@ def realms(keycloak_url: str) -> Iterator[Realms]:
 
 
 def token(realms: Realms, tenant: Tenant, client_id: str = "app", base: str | None = None) -> str:
-    oidc = KeycloakOpenID(
-        server_url=base or realms.server.base,
-        realm_name=tenant.realm,
-        client_id=client_id,
-        client_secret_key=tenant.secrets[client_id],
-    )
-    access: str = oidc.token(grant_type="client_credentials")["access_token"]
-    return access
+    return client_credentials_token(base or realms.server.base, tenant.realm, client_id, tenant.secrets[client_id])
 
 
 def validator(realms: Realms, **kwargs: Any) -> TokenValidator:
@@ -163,16 +92,6 @@ async def refused(v: TokenValidator, access: str, tenant: str | None) -> TokenRe
     with pytest.raises(TokenError) as caught:
         await v.validate(access, tenant)
     return caught.value.reason
-
-
-def _b64(data: dict[str, Any]) -> str:
-    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
-
-
-def _payload(access: str) -> dict[str, Any]:
-    body = access.split(".")[1]
-    decoded: dict[str, Any] = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
-    return decoded
 
 
 async def test_a_token_of_the_tenant_realm_passes(realms: Realms) -> None:

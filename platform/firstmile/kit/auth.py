@@ -1,14 +1,22 @@
-"""Authentication of tenant apps by API key, the typed principal, scope guards.
+"""Authentication of tenant apps by API key or client-credentials token, the typed principal, scope guards.
 
 The middleware resolves ``Authorization: Bearer fm_…`` (or Segment's ``Basic``
 with the key as user name) to a :class:`Principal`
 before any handler runs, so an unknown key is refused before the body is even
 read. The tenant's home region is checked here too: a process serves one region.
+
+A bearer credential shaped like a JWT (three dot-separated parts, not ``fm_``) is an
+access token of the tenant's Keycloak realm (OAuth2 client credentials): the realm
+named by its issuer (``firstmile-<slug>``) picks the tenant, which must exist here
+before any JWKS is fetched; :class:`~firstmile.sso.tokens.TokenValidator` checks it;
+its scopes are the ``scope`` claim's values that are platform scopes. Without
+``FIRSTMILE_KEYCLOAK_URL`` tokens are refused (401 ``invalid-token``).
 """
 
 from __future__ import annotations
 
 import base64
+import logging
 import time
 import uuid
 from collections import OrderedDict
@@ -19,24 +27,52 @@ from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
 from litestar.types import ASGIApp, Guard, Scopes
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from firstmile.kit import telemetry
 from firstmile.kit.db import TenantId, authorise_tenant, retry_transient
 from firstmile.kit.errors import ProblemError
+from firstmile.sso.tokens import TokenError, TokenReason, TokenValidator, parse_unverified
 from firstmile.tenancy import keys as keylib
 from firstmile.tenancy import repository as tenancy_repo
+
+log = logging.getLogger("firstmile.auth")
+
+PLATFORM_SCOPES: frozenset[str] = frozenset(keylib.SCOPES)
 
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is calling: a tenant app holding a key with some scopes."""
+    """Who is calling: a tenant app holding a key, or a client of the tenant's realm holding an
+    access token (``key_id`` None, ``client_id`` its Keycloak client), with some scopes."""
 
     tenant_id: TenantId
     tenant_slug: str
     tenant_revision: int
     scopes: frozenset[str]
-    key_id: uuid.UUID
+    key_id: uuid.UUID | None
+    client_id: str | None = None
+
+    @property
+    def actor(self) -> str:
+        """How audit entries and logs name the caller."""
+        if self.key_id is not None:
+            return f"api_key:{self.key_id}"
+        return f"client:{self.client_id or '?'}"
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedTenant:
+    tenant_id: uuid.UUID
+    tenant_slug: str
+    home_region: str
+    tenant_revision: int
+
+
+_RESOLVE_TENANT = text(
+    "SELECT tenant_id, tenant_slug, home_region, tenant_revision FROM firstmile_resolve_tenant(:slug)"
+)
 
 
 class KeyResolver:
@@ -46,13 +82,23 @@ class KeyResolver:
     so a stream of random keys cannot fill memory.
     """
 
-    def __init__(self, engine: AsyncEngine, pepper: bytes, region: str, ttl: float, max_entries: int = 10_000):
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        pepper: bytes,
+        region: str,
+        ttl: float,
+        max_entries: int = 10_000,
+        tokens: TokenValidator | None = None,
+    ):
         self.engine = engine
         self.pepper = pepper
         self.region = region
         self.ttl = ttl
         self.max_entries = max_entries
+        self.tokens = tokens
         self._cache: OrderedDict[bytes, tuple[float, tenancy_repo.ResolvedKey]] = OrderedDict()
+        self._tenants: OrderedDict[str, tuple[float, ResolvedTenant]] = OrderedDict()
 
     async def _lookup(self, digest: bytes) -> tenancy_repo.ResolvedKey | None:
         if self.ttl > 0:
@@ -90,6 +136,8 @@ class KeyResolver:
         elif scheme.lower() != "bearer":
             token = ""
         if not keylib.looks_like_key(token):
+            if scheme.lower() == "bearer" and token.count(".") == 2:
+                return await self._token_principal(token)
             raise ProblemError(
                 401,
                 "unauthenticated",
@@ -126,6 +174,72 @@ class KeyResolver:
             key_id=resolved.key_id,
         )
 
+    async def _token_principal(self, token: str) -> Principal:
+        """The principal of a client-credentials access token of the tenant's realm, or a 401."""
+        if self.tokens is None:
+            raise _invalid_token("access tokens are not accepted here: no Keycloak is configured; use an API key")
+        try:
+            _, unverified = parse_unverified(token)
+            issuer = unverified.get("iss")
+            slug = self.tokens.naming.tenant_of_issuer(issuer) if isinstance(issuer, str) else None
+            if slug is None:
+                raise TokenError(TokenReason.WRONG_ISSUER, "the issuer is not a tenant realm of this platform")
+            # Only realms of tenants that exist make the validator fetch keys: a made-up realm name
+            # costs one indexed lookup, never a request to Keycloak.
+            tenant = await self._tenant(slug)
+            if tenant is None:
+                raise TokenError(TokenReason.WRONG_TENANT, f"no tenant {slug!r} for the issuing realm")
+            checked = await self.tokens.validate(token, slug)
+        except TokenError as exc:
+            log.info("access token refused: %s", exc.reason.value, extra={"reason": exc.detail})
+            raise _invalid_token(f"the access token is not accepted: {exc.reason.value}", exc.reason) from None
+        if tenant.home_region != self.region:
+            raise ProblemError(
+                421,
+                "wrong-region",
+                f"tenant {tenant.tenant_slug} is homed in {tenant.home_region}; this is {self.region}",
+                home_region=tenant.home_region,
+            )
+        return Principal(
+            tenant_id=authorise_tenant(tenant.tenant_id),
+            tenant_slug=tenant.tenant_slug,
+            tenant_revision=tenant.tenant_revision,
+            scopes=checked.scopes & PLATFORM_SCOPES,
+            key_id=None,
+            client_id=checked.client_id,
+        )
+
+    async def _tenant(self, slug: str) -> ResolvedTenant | None:
+        if self.ttl > 0:
+            hit = self._tenants.get(slug)
+            if hit is not None and hit[0] > time.monotonic():
+                return hit[1]
+
+        async def lookup() -> ResolvedTenant | None:
+            async with self.engine.connect() as conn:
+                await conn.execution_options(isolation_level="AUTOCOMMIT")
+                row = (await conn.execute(_RESOLVE_TENANT, {"slug": slug})).first()
+            return None if row is None else ResolvedTenant(row[0], row[1], row[2], row[3])
+
+        resolved = await retry_transient(lookup)
+        if resolved is not None and self.ttl > 0:  # unknown slugs are not cached: no memory for made-up realms
+            self._tenants[slug] = (time.monotonic() + self.ttl, resolved)
+            self._tenants.move_to_end(slug)
+            while len(self._tenants) > self.max_entries:
+                self._tenants.popitem(last=False)
+        return resolved
+
+
+def _invalid_token(detail: str, reason: TokenReason | None = None) -> ProblemError:
+    extensions = {} if reason is None else {"reason": reason.value}
+    return ProblemError(
+        401,
+        "invalid-token",
+        detail,
+        headers={"WWW-Authenticate": 'Bearer realm="firstmile", error="invalid_token"'},
+        **extensions,
+    )
+
 
 def _basic_user(credentials: str) -> str:
     try:
@@ -158,7 +272,7 @@ class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
         resolver: KeyResolver = connection.app.state.key_resolver
         principal = await resolver.principal(connection.headers.get("authorization"))
         telemetry.tenant_var.set(principal.tenant_slug)
-        return AuthenticationResult(user=principal, auth=principal.key_id)
+        return AuthenticationResult(user=principal, auth=principal.actor)
 
 
 def require_scope(scope: str) -> Guard:
@@ -168,7 +282,7 @@ def require_scope(scope: str) -> Guard:
     async def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
         principal = connection.user
         if not isinstance(principal, Principal) or scope not in principal.scopes:
-            raise ProblemError(403, "forbidden", f"this key lacks the scope {scope}", required_scope=scope)
+            raise ProblemError(403, "forbidden", f"these credentials lack the scope {scope}", required_scope=scope)
 
     guard.__name__ = f"require_scope_{scope.replace(':', '_')}"
     return guard

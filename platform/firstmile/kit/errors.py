@@ -37,6 +37,7 @@ _TITLES: dict[str, str] = {
     "payload-too-large": "Request body is too large",
     "unsupported-media-type": "Request body must be JSON",
     "unauthenticated": "Missing or invalid credentials",
+    "invalid-token": "The access token is not accepted",
     "forbidden": "The credentials do not allow this action",
     "wrong-region": "Tenant is homed in another region",
     "not-found": "Resource not found",

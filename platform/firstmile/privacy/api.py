@@ -24,7 +24,7 @@ def _user_id(value: str) -> str:
 
 
 def _actor(principal: Principal) -> str:
-    return f"api_key:{principal.key_id}"
+    return principal.actor
 
 
 class ErasureResult(msgspec.Struct):
