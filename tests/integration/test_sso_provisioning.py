@@ -21,7 +21,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from firstmile.cli import tenants
 from firstmile.settings import get_settings
-from firstmile.sso.provisioning import MANAGED_ATTRIBUTE, Change, KeycloakProvisioner
+from firstmile.sso.provisioning import (
+    IDP_ALIAS,
+    MANAGED_ATTRIBUTE,
+    Change,
+    KeycloakProvisioner,
+    ProvisioningError,
+    parse_saml_metadata,
+)
 from firstmile.tenancy.manifest import ADMIN_ROLES, DEFAULT_ROLE_DESCRIPTIONS, SsoSpec, TenantManifest
 from tests.conftest import REGION, Database
 from tests.factories import demo_document, manifest_for
@@ -341,3 +348,127 @@ async def test_cli_without_keycloak_says_provisioning_is_skipped(
         get_settings.cache_clear()
     assert code == 0, out
     assert "sso: provisioning skipped" in out and "sso: would change" not in out
+
+
+# -- the customer's SAML IdP: another realm of the same Keycloak plays it -----------------------
+
+
+@pytest.fixture
+def customer_idp(admin: KeycloakAdmin, keycloak_url: str) -> Iterator[tuple[str, str]]:
+    """A realm acting as the customer's SAML IdP; yields (metadata URL, entity id)."""
+    parts = urlsplit(keycloak_url)
+    realm = f"fmidp{secrets.token_hex(3)}"
+    admin.create_realm({"realm": realm, "enabled": True})
+    base = f"{parts.scheme}://{parts.hostname}:{parts.port}/realms/{realm}"
+    try:
+        yield f"{base}/protocol/saml/descriptor", base
+    finally:
+        admin.delete_realm(realm)
+
+
+def _saml_manifest(slug: str, url: str, entity_id: str, group_roles: dict[str, str]) -> TenantManifest:
+    sso = SsoSpec.model_validate(
+        {
+            "group_roles": group_roles,
+            "saml": {"metadata_url": url, "entity_id": entity_id, "attributes": {"groups": "memberOf"}},
+        }
+    )
+    return manifest_for(slug, REGION).model_copy(update={"sso": sso})
+
+
+def test_saml_broker_and_its_mappers_are_provisioned_and_updated(
+    provisioner: KeycloakProvisioner, admin: KeycloakAdmin, customer_idp: tuple[str, str]
+) -> None:
+    url, entity_id = customer_idp
+    slug = _slug()
+    realm = provisioner.realm_name(slug)
+    manifest = _saml_manifest(slug, url, entity_id, {"Admins": "owner"})
+    planned = provisioner.plan(manifest)
+    assert planned[-4:] == [
+        Change("create", "identity-provider", realm, IDP_ALIAS, entity_id),
+        Change("create", "idp-mapper", realm, "email"),
+        Change("create", "idp-mapper", realm, "name"),
+        Change("create", "idp-mapper", realm, "group Admins"),
+    ]
+    assert provisioner.apply(manifest) == planned
+    assert provisioner.plan(manifest) == []
+
+    admin.change_current_realm(realm)
+    idp = admin.get_idp(IDP_ALIAS)
+    assert idp["providerId"] == "saml" and idp["config"]["idpEntityId"] == entity_id
+    assert idp["config"]["wantAssertionsSigned"] == "true" and idp["config"]["validateSignature"] == "true"
+    assert idp["config"]["singleSignOnServiceUrl"] == f"{entity_id}/protocol/saml"
+    mappers = {m["name"]: m for m in admin.get_idp_mappers(IDP_ALIAS)}
+    assert mappers["group Admins"]["identityProviderMapper"] == "saml-role-idp-mapper"
+    assert mappers["group Admins"]["config"]["attribute.name"] == "memberOf"
+    assert mappers["group Admins"]["config"]["role"] == "owner"
+    assert mappers["email"]["config"]["user.attribute"] == "email"
+    admin.change_current_realm("master")
+    # what we give the customer: the SP metadata (entity id = the realm, ACS = the broker endpoint)
+    import httpx
+
+    realm_url = entity_id.rsplit("/realms/", 1)[0] + f"/realms/{realm}"
+    sp = httpx.get(f"{realm_url}/broker/{IDP_ALIAS}/endpoint/descriptor")
+    assert sp.status_code == 200 and f'entityID="{realm_url}"' in sp.text
+    assert 'WantAssertionsSigned="true"' in sp.text and f"{realm_url}/broker/{IDP_ALIAS}/endpoint" in sp.text
+
+    changed = _saml_manifest(slug, url, entity_id, {"Admins": "editor", "Data": "analyst"})
+    planned = provisioner.plan(changed)
+    assert Change("update", "idp-mapper", realm, "group Admins", "config") in planned
+    assert Change("create", "idp-mapper", realm, "group Data") in planned
+    assert provisioner.apply(changed) == planned and provisioner.plan(changed) == []
+    admin.change_current_realm(realm)
+    mappers = {m["name"]: m for m in admin.get_idp_mappers(IDP_ALIAS)}
+    assert mappers["group Admins"]["config"]["role"] == "editor"
+    admin.change_current_realm("master")
+
+    # a mapping dropped removes its mapper; saml dropped removes the broker
+    fewer = _saml_manifest(slug, url, entity_id, {"Admins": "editor"})
+    assert Change("delete", "idp-mapper", realm, "group Data", "not in the manifest") in provisioner.apply(fewer)
+    assert provisioner.plan(fewer) == []
+    without = _manifest(slug, {"Admins": "editor"})
+    assert provisioner.apply(without) == [
+        Change("delete", "identity-provider", realm, IDP_ALIAS, "no saml in the manifest")
+    ]
+    assert provisioner.plan(without) == []
+
+
+def test_saml_metadata_for_another_entity_is_refused_before_anything_changes(
+    provisioner: KeycloakProvisioner, customer_idp: tuple[str, str]
+) -> None:
+    url, _ = customer_idp
+    manifest = _saml_manifest(_slug(), url, "https://someone-else.example/idp", {})
+    with pytest.raises(ProvisioningError, match="the SAML metadata is for entity"):
+        provisioner.plan(manifest)
+
+
+def test_saml_metadata_xml_is_parsed_and_a_doctype_refused(customer_idp: tuple[str, str]) -> None:
+    import httpx
+
+    url, entity_id = customer_idp
+    document = httpx.get(url).text
+    parsed = parse_saml_metadata(document)
+    assert parsed["idpEntityId"] == entity_id
+    assert parsed["singleSignOnServiceUrl"] == f"{entity_id}/protocol/saml"
+    assert len(parsed["signingCertificate"]) > 100
+    with pytest.raises(ProvisioningError, match="DOCTYPE"):
+        parse_saml_metadata('<!DOCTYPE x [<!ENTITY a "b">]>' + document)
+
+
+def test_saml_broker_from_metadata_xml_is_idempotent(
+    provisioner: KeycloakProvisioner, admin: KeycloakAdmin, customer_idp: tuple[str, str]
+) -> None:
+    import httpx
+
+    url, entity_id = customer_idp
+    slug = _slug()
+    sso = SsoSpec.model_validate(
+        {"group_roles": {"Admins": "owner"}, "saml": {"metadata_xml": httpx.get(url).text, "entity_id": entity_id}}
+    )
+    manifest = manifest_for(slug, REGION).model_copy(update={"sso": sso})
+    applied = provisioner.apply(manifest)
+    assert Change("create", "identity-provider", provisioner.realm_name(slug), IDP_ALIAS, entity_id) in applied
+    assert provisioner.plan(manifest) == []
+    admin.change_current_realm(provisioner.realm_name(slug))
+    assert admin.get_idp(IDP_ALIAS)["config"]["singleSignOnServiceUrl"] == f"{entity_id}/protocol/saml"
+    admin.change_current_realm("master")

@@ -21,6 +21,8 @@ are listed by :meth:`KeycloakProvisioner.plan_prune` and deleted only by
 
 from __future__ import annotations
 
+import json
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,7 +32,7 @@ from keycloak import KeycloakAdmin, KeycloakOpenIDConnection
 from keycloak.exceptions import KeycloakError
 
 from firstmile.settings import Settings
-from firstmile.tenancy.manifest import ADMIN_ROLES, SsoSpec, TenantManifest
+from firstmile.tenancy.manifest import ADMIN_ROLES, SamlSpec, SsoSpec, TenantManifest
 
 MANAGED_ATTRIBUTE = "firstmile.managed"
 TENANT_ATTRIBUTE = "firstmile.tenant"
@@ -38,7 +40,23 @@ AUDIENCE_MAPPER = "audience"
 TENANT_MAPPER = "tenant"
 
 Action = Literal["create", "update", "delete"]
-Kind = Literal["realm", "role", "client", "mapper", "group"]
+Kind = Literal["realm", "role", "client", "mapper", "group", "identity-provider", "idp-mapper"]
+IDP_ALIAS = "customer-idp"
+_MD = "{urn:oasis:names:tc:SAML:2.0:metadata}"
+_DS = "{http://www.w3.org/2000/09/xmldsig#}"
+_POST_BINDING = "urn:oasis:names:tc:SAML:2.0:bindings:HTTP-POST"
+# what we insist on whatever the metadata says: signed assertions and responses, signature checked
+SAML_OVERRIDES: dict[str, str] = {
+    "validateSignature": "true",
+    "wantAssertionsSigned": "true",
+    "wantAuthnRequestsSigned": "true",
+    "postBindingResponse": "true",
+    "postBindingAuthnRequest": "true",
+    "nameIDPolicyFormat": "urn:oasis:names:tc:SAML:2.0:nameid-format:persistent",
+    "principalType": "SUBJECT",
+    "syncMode": "FORCE",
+}
+COMPARED_METADATA = ("idpEntityId", "singleSignOnServiceUrl", "signingCertificate")
 
 
 class ProvisioningError(RuntimeError):
@@ -201,6 +219,10 @@ class KeycloakProvisioner:
         if existing is None:
             changes.append(Change("create", "realm", realm, realm))
             if not execute:
+                if sso.saml is not None:
+                    self._metadata(
+                        realm, sso.saml, via=self._home_realm
+                    )  # a bad IdP shows in the plan, not half-way through apply
                 # nothing below exists yet: everything is a creation
                 changes.extend(Change("create", "role", realm, role) for role in ADMIN_ROLES)
                 changes.append(Change("create", "client", realm, self.client_id))
@@ -209,6 +231,11 @@ class KeycloakProvisioner:
                     Change("create", "group", realm, group, f"role {role}")
                     for group, role in sorted(sso.group_roles.items())
                 )
+                if sso.saml is not None:
+                    changes.append(Change("create", "identity-provider", realm, IDP_ALIAS, sso.saml.entity_id))
+                    changes.extend(
+                        Change("create", "idp-mapper", realm, name) for name in self._desired_idp_mappers(sso)
+                    )
                 return changes
             self._admin.create_realm({"realm": realm, **desired_realm})
         else:
@@ -223,6 +250,7 @@ class KeycloakProvisioner:
             changes.extend(self._roles(realm, sso, execute))
             changes.extend(self._client(realm, slug, execute))
             changes.extend(self._groups(realm, sso, execute))
+            changes.extend(self._identity_provider(realm, sso, execute))
         return changes
 
     def _roles(self, realm: str, sso: SsoSpec, execute: bool) -> list[Change]:
@@ -349,3 +377,151 @@ class KeycloakProvisioner:
                 if execute:
                     self._admin.delete_group(group_id)
         return changes
+
+    # -- the customer's SAML IdP -----------------------------------------------------------
+
+    def _metadata(self, realm: str, saml: SamlSpec, via: str | None = None) -> dict[str, str]:
+        """The broker's config from the IdP's metadata (Keycloak fetches a URL itself), checked against the manifest."""
+        if saml.metadata_url is not None:
+            response = self._admin.connection.raw_post(
+                f"admin/realms/{via or realm}/identity-provider/import-config",
+                data=json.dumps({"providerId": "saml", "fromUrl": saml.metadata_url}),
+            )
+            if response.status_code != 200:
+                raise ProvisioningError(
+                    f"{realm}: keycloak could not import the SAML metadata at {saml.metadata_url} "
+                    f"(HTTP {response.status_code})"
+                )
+            config = {str(k): str(v) for k, v in response.json().items()}
+        else:
+            assert saml.metadata_xml is not None
+            config = parse_saml_metadata(saml.metadata_xml)
+        if config.get("idpEntityId") != saml.entity_id:
+            raise ProvisioningError(
+                f"{realm}: the SAML metadata is for entity {config.get('idpEntityId')!r}, "
+                f"the manifest says {saml.entity_id!r}"
+            )
+        if not config.get("singleSignOnServiceUrl") or not config.get("signingCertificate"):
+            raise ProvisioningError(f"{realm}: the SAML metadata names no SSO service URL or no signing certificate")
+        return config
+
+    def _desired_idp_mappers(self, sso: SsoSpec) -> dict[str, dict[str, Any]]:
+        assert sso.saml is not None
+        attributes = sso.saml.attributes
+
+        def mapper(name: str, kind: str, **config: str) -> dict[str, Any]:
+            return {
+                "name": name,
+                "identityProviderAlias": IDP_ALIAS,
+                "identityProviderMapper": kind,
+                "config": {"syncMode": "FORCE", **config},
+            }
+
+        mappers = {
+            "email": mapper(
+                "email",
+                "saml-user-attribute-idp-mapper",
+                **{"attribute.name": attributes.email, "user.attribute": "email"},
+            ),
+            "name": mapper(
+                "name",
+                "saml-user-attribute-idp-mapper",
+                **{"attribute.name": attributes.name, "user.attribute": "firstName"},
+            ),
+        }
+        for group, role in sorted(sso.group_roles.items()):
+            name = f"group {group}"
+            mappers[name] = mapper(
+                name,
+                "saml-role-idp-mapper",
+                **{"attribute.name": attributes.groups, "attribute.value": group, "role": role},
+            )
+        return mappers
+
+    def _identity_provider(self, realm: str, sso: SsoSpec, execute: bool) -> list[Change]:
+        changes: list[Change] = []
+        existing = next((i for i in self._admin.get_idps() if i.get("alias") == IDP_ALIAS), None)
+        if sso.saml is None:
+            if existing is not None:
+                changes.append(Change("delete", "identity-provider", realm, IDP_ALIAS, "no saml in the manifest"))
+                if execute:
+                    self._admin.delete_idp(IDP_ALIAS)
+            return changes
+        metadata = self._metadata(realm, sso.saml)
+        desired: dict[str, Any] = {
+            "alias": IDP_ALIAS,
+            "displayName": "Company login",
+            "providerId": "saml",
+            "enabled": True,
+            "trustEmail": False,
+            "config": {**{k: metadata[k] for k in COMPARED_METADATA}, **SAML_OVERRIDES},
+        }
+        mappers = self._desired_idp_mappers(sso)
+        if existing is None:
+            changes.append(Change("create", "identity-provider", realm, IDP_ALIAS, sso.saml.entity_id))
+            changes.extend(Change("create", "idp-mapper", realm, name) for name in mappers)
+            if execute:
+                self._admin.create_idp({**desired, "config": {**metadata, **desired["config"]}})
+                for payload in mappers.values():
+                    self._admin.add_mapper_to_idp(IDP_ALIAS, payload)
+            return changes
+        differ = _subset_differs(desired, existing)
+        if differ:
+            changes.append(Change("update", "identity-provider", realm, IDP_ALIAS, ", ".join(differ)))
+            if execute:
+                config = {**(existing.get("config") or {}), **metadata, **desired["config"]}
+                self._admin.update_idp(IDP_ALIAS, {**existing, **desired, "config": config})
+        actual = {str(m["name"]): m for m in self._admin.get_idp_mappers(IDP_ALIAS)}
+        for name, payload in mappers.items():
+            have = actual.get(name)
+            if have is None:
+                changes.append(Change("create", "idp-mapper", realm, name))
+                if execute:
+                    self._admin.add_mapper_to_idp(IDP_ALIAS, payload)
+                continue
+            wanted = {"identityProviderMapper": payload["identityProviderMapper"], "config": payload["config"]}
+            differ = _subset_differs(wanted, have)
+            if differ:
+                changes.append(Change("update", "idp-mapper", realm, name, ", ".join(differ)))
+                if execute:
+                    self._admin.update_mapper_in_idp(IDP_ALIAS, str(have["id"]), {**have, **payload})
+        for name, have in sorted(actual.items()):
+            if name not in mappers:
+                changes.append(Change("delete", "idp-mapper", realm, name, "not in the manifest"))
+                if execute:
+                    self._admin.connection.raw_delete(
+                        f"admin/realms/{realm}/identity-provider/instances/{IDP_ALIAS}/mappers/{have['id']}"
+                    )
+        return changes
+
+
+def parse_saml_metadata(document: str) -> dict[str, str]:
+    """The broker settings Keycloak would import from an IdP's metadata: entity id, SSO URL, signing cert.
+
+    A document with a DOCTYPE is refused (no entity declarations: nothing to expand or fetch).
+    """
+    if "<!DOCTYPE" in document.upper():
+        raise ProvisioningError("SAML metadata with a DOCTYPE is refused")
+    try:
+        root = ET.fromstring(document)
+    except ET.ParseError as exc:
+        raise ProvisioningError(f"SAML metadata is not well-formed XML: {exc}") from exc
+    descriptor = root if root.tag == f"{_MD}EntityDescriptor" else root.find(f".//{_MD}EntityDescriptor")
+    if descriptor is None:
+        raise ProvisioningError("SAML metadata has no EntityDescriptor")
+    idp = descriptor.find(f"{_MD}IDPSSODescriptor")
+    if idp is None:
+        raise ProvisioningError("SAML metadata has no IDPSSODescriptor")
+    config = {"idpEntityId": descriptor.get("entityID", "")}
+    for service in idp.findall(f"{_MD}SingleSignOnService"):
+        if service.get("Binding") == _POST_BINDING:
+            config["singleSignOnServiceUrl"] = service.get("Location", "")
+    certificates = [
+        "".join((cert.text or "").split())
+        for key in idp.findall(f"{_MD}KeyDescriptor")
+        if key.get("use") in (None, "signing")
+        for cert in key.findall(f"{_DS}KeyInfo/{_DS}X509Data/{_DS}X509Certificate")
+    ]
+    if certificates:
+        config["signingCertificate"] = ",".join(certificates)
+    return config
