@@ -55,6 +55,7 @@ from firstmile.security.keys import KeyConfig, KeyProviderError
 from firstmile.security.pii import RedactingFilter
 from firstmile.settings import Settings, get_settings
 from firstmile.sso.tokens import TokenValidator
+from firstmile.tenancy.directory import PostgresTenantDirectory
 
 PUBLIC_PATHS = ["^/health", "^/metrics", "^/schema"]
 _access_log = logging.getLogger("firstmile.access")
@@ -166,8 +167,14 @@ def create_app(
         app.state.engine = engine
         # Client-credentials tokens of the tenants' realms, when there is a Keycloak; else API keys only.
         tokens = TokenValidator.from_settings(settings) if settings.keycloak_url is not None else None
+        # The global tenant directory, when there is one: tokens of tenants homed elsewhere get 421.
+        directory = (
+            PostgresTenantDirectory.from_url(settings.directory_url.get_secret_value())
+            if settings.directory_url is not None
+            else None
+        )
         app.state.key_resolver = KeyResolver(
-            engine, pepper, settings.region, settings.api_key_cache_ttl_seconds, tokens=tokens
+            engine, pepper, settings.region, settings.api_key_cache_ttl_seconds, tokens=tokens, directory=directory
         )
         app.state.keyring = DataKeyService.from_config(engine, KeyConfig.from_settings(settings))
         app.state.onboarding.keyring = app.state.keyring
@@ -240,6 +247,8 @@ def create_app(
         await app.state.engine.dispose()
         if app.state.key_resolver.tokens is not None:
             await app.state.key_resolver.tokens.aclose()
+        if app.state.key_resolver.directory is not None:
+            await app.state.key_resolver.directory.aclose()
         await app.state.features.close()
         if inference is None:
             await app.state.inference.close()

@@ -19,6 +19,7 @@ from firstmile.kit.embedded import DatabaseUrls, resolve_database, resolve_peppe
 from firstmile.ml.cli import ensure_demo_models, models, stuck
 from firstmile.security.cli import rotate as rotate_key
 from firstmile.settings import Settings, get_settings
+from firstmile.tenancy.directory import DirectoryEntry, TenantDirectory
 
 T = TypeVar("T")
 
@@ -88,6 +89,15 @@ def tenants() -> None:
     """Tenant manifests: plan, apply, schema."""
 
 
+def _directory(settings: Settings, engine: Any) -> TenantDirectory:
+    """The tenant directory: the global database's (schema ensured) or this region's own tenants."""
+    from firstmile.tenancy.directory import PostgresTenantDirectory, RegionalTenantDirectory
+
+    if settings.directory_url is None:
+        return RegionalTenantDirectory(engine)
+    return PostgresTenantDirectory.from_url(settings.directory_url.get_secret_value())
+
+
 def _apply(paths: tuple[Path, ...], dry_run: bool, prune: bool = False) -> None:
     from firstmile.sso.provisioning import KeycloakProvisioner, ProvisioningError
     from firstmile.tenancy.manifest import ManifestError, load_manifest
@@ -108,6 +118,15 @@ def _apply(paths: tuple[Path, ...], dry_run: bool, prune: bool = False) -> None:
     whole_set = all(path.is_dir() for path in paths)
 
     async def work(engine: Any) -> None:
+        directory = _directory(settings, engine)
+        try:
+            if not dry_run:
+                await directory.ensure_schema()
+            await reconcile_all(engine, directory)
+        finally:
+            await directory.aclose()
+
+    async def reconcile_all(engine: Any, directory: TenantDirectory) -> None:
         for manifest in manifests:
             try:
                 result = await apply_manifest(engine, manifest, dry_run=dry_run)
@@ -117,6 +136,8 @@ def _apply(paths: tuple[Path, ...], dry_run: bool, prune: bool = False) -> None:
                 click.echo(f"tenant {result.slug}: up to date")
             for change in result.changes:
                 click.echo(f"tenant {result.slug}: {verb}: {change}")
+            if not dry_run and await directory.register(result.slug, result.tenant_id, manifest.tenant.home_region):
+                click.echo(f"tenant {result.slug}: directory: home region {manifest.tenant.home_region}")
             if provisioner is None:
                 continue
             reconcile = provisioner.plan if dry_run else provisioner.apply
@@ -172,6 +193,23 @@ def tenants_apply(paths: tuple[Path, ...], prune: bool) -> None:
 def tenants_plan(paths: tuple[Path, ...]) -> None:
     """Print what `tenants apply` would change, changing nothing."""
     _apply(paths, dry_run=True)
+
+
+@tenants.command("directory")
+def tenants_directory() -> None:
+    """List the tenant directory: each tenant's home region."""
+    settings = get_settings()
+    urls = _urls(settings)
+
+    async def work(engine: Any) -> list[DirectoryEntry]:
+        directory = _directory(settings, engine)
+        try:
+            return await directory.list()
+        finally:
+            await directory.aclose()
+
+    for entry in _run(lambda: _with_admin_engine(urls, work)):
+        click.echo(f"{entry.slug}\t{entry.home_region}\t{entry.tenant_id}")
 
 
 @tenants.command("schema")

@@ -51,6 +51,13 @@ class Settings(BaseSettings):
             "application role cannot migrate); embedded mode uses the pgserver superuser."
         ),
     )
+    directory_url: SecretStr | None = Field(
+        default=None,
+        description=(
+            "SQLAlchemy URL of the global tenant directory database (which region is home for which "
+            "tenant; one table, created by `tenants apply`). Unset: this region's own database."
+        ),
+    )
     database_app_role: str = Field(
         default="firstmile_app",
         pattern=r"^[a-z_][a-z0-9_]{0,62}$",

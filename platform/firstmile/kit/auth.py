@@ -36,6 +36,7 @@ from firstmile.kit.errors import ProblemError
 from firstmile.sso.tokens import TokenError, TokenReason, TokenValidator, parse_unverified
 from firstmile.tenancy import keys as keylib
 from firstmile.tenancy import repository as tenancy_repo
+from firstmile.tenancy.directory import TenantDirectory
 
 log = logging.getLogger("firstmile.auth")
 
@@ -90,6 +91,7 @@ class KeyResolver:
         ttl: float,
         max_entries: int = 10_000,
         tokens: TokenValidator | None = None,
+        directory: TenantDirectory | None = None,
     ):
         self.engine = engine
         self.pepper = pepper
@@ -97,6 +99,7 @@ class KeyResolver:
         self.ttl = ttl
         self.max_entries = max_entries
         self.tokens = tokens
+        self.directory = directory
         self._cache: OrderedDict[bytes, tuple[float, tenancy_repo.ResolvedKey]] = OrderedDict()
         self._tenants: OrderedDict[str, tuple[float, ResolvedTenant]] = OrderedDict()
 
@@ -188,6 +191,7 @@ class KeyResolver:
             # costs one indexed lookup, never a request to Keycloak.
             tenant = await self._tenant(slug)
             if tenant is None:
+                await self._refuse_if_homed_elsewhere(slug)
                 raise TokenError(TokenReason.WRONG_TENANT, f"no tenant {slug!r} for the issuing realm")
             checked = await self.tokens.validate(token, slug)
         except TokenError as exc:
@@ -208,6 +212,23 @@ class KeyResolver:
             key_id=None,
             client_id=checked.client_id,
         )
+
+    async def _refuse_if_homed_elsewhere(self, slug: str) -> None:
+        """421 with the directory's home region for a tenant this region's database does not hold.
+
+        Said before the token is checked (no JWKS is fetched for a tenant not held here):
+        it tells a misrouted client where the tenant lives, which the directory makes no secret of.
+        """
+        if self.directory is None:
+            return
+        home = await self.directory.home_region(slug)
+        if home is not None and home != self.region:
+            raise ProblemError(
+                421,
+                "wrong-region",
+                f"tenant {slug} is homed in {home}; this is {self.region}",
+                home_region=home,
+            )
 
     async def _tenant(self, slug: str) -> ResolvedTenant | None:
         if self.ttl > 0:
