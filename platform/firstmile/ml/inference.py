@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import httpx
 
+from firstmile.kit import telemetry
+
 if TYPE_CHECKING:
     from firstmile_inference.predictor import Predictor
     from firstmile_inference.registry import Registry
@@ -333,12 +335,32 @@ class GuardedInference:
         timeout_s: float | None = None,
         count: bool = True,
     ) -> Prediction:
-        """Predict or raise :class:`InferenceError`; ``count=False`` (shadow calls) leaves the breaker alone."""
+        """Predict or raise :class:`InferenceError`; ``count=False`` (shadow calls) leaves the breaker alone.
+
+        Every call, answered or not, is measured in ``firstmile_inference_seconds{model,outcome}``.
+        """
+        began = time.perf_counter()
+        outcome = "ok"
+        try:
+            return await self._predict(model, instances, stage, timeout_s or self.timeout_s, count, began)
+        except InferenceError as exc:
+            outcome = exc.reason
+            raise
+        finally:
+            telemetry.INFERENCE_LATENCY.labels(model, outcome).observe(time.perf_counter() - began)
+
+    async def _predict(
+        self,
+        model: str,
+        instances: Sequence[Mapping[str, Any]],
+        stage: Stage,
+        limit: float,
+        count: bool,
+        began: float,
+    ) -> Prediction:
         breaker = self.breaker(model)
         if count and not breaker.allow():
             raise InferenceError("circuit_open", f"{model}: {breaker.failures} consecutive failures")
-        limit = timeout_s or self.timeout_s
-        began = time.perf_counter()
         try:
             async with asyncio.timeout(limit):
                 result = await self.client.predict(model, instances, stage=stage)

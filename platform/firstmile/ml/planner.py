@@ -121,15 +121,11 @@ class AdaptivePlanner:
         if info is not None and info.shadow is not None:
             shadow_call = asyncio.ensure_future(self.inference.predict(model, [request], stage="shadow", count=False))
         began = time.perf_counter()
-        outcome = "ok"
+        answer: Prediction | InferenceError
         try:
-            prediction = await self.inference.predict(model, [request], stage=stage)
+            answer = await self.inference.predict(model, [request], stage=stage)
         except InferenceError as exc:
-            outcome = exc.reason
-            prediction = None
-            failure = exc
-        finally:
-            telemetry.INFERENCE_LATENCY.labels(model, outcome).observe(time.perf_counter() - began)
+            answer = exc
         latency_ms = round((time.perf_counter() - began) * 1000, 2)
         details: dict[str, Any] = {
             "stage": stage,
@@ -140,9 +136,9 @@ class AdaptivePlanner:
         }
         if shadow_call is not None:
             details["shadow"] = await _shadow_result(shadow_call, info.shadow if info else None)
-        if prediction is None:
-            return self._fallback(by_rules, model, failure.reason, error=failure.detail[:200], **details)
-        chosen = prediction.predictions[0] if prediction.predictions else {}
+        if isinstance(answer, InferenceError):
+            return self._fallback(by_rules, model, answer.reason, error=answer.detail[:200], **details)
+        chosen = answer.predictions[0] if answer.predictions else {}
         path_key = chosen.get("path")
         path = next((p for p in catalog.current if p.key == path_key), None)
         if path is None:
@@ -158,9 +154,9 @@ class AdaptivePlanner:
             rule=None,
             priority=None,
             candidates=len(candidates),
-            planner=f"{model}@{prediction.version}",
+            planner=f"{model}@{answer.version}",
             model=model,
-            model_version=prediction.version,
+            model_version=answer.version,
             confidence=round(confidence, 4),
             details=details,
         )

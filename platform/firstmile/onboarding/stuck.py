@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -199,16 +198,13 @@ class StuckScanner:
     ) -> list[tuple[bool, str, str | None, float | None, str | None]]:
         reason = "not_deployed"
         if self.inference is not None:
-            began = time.perf_counter()
             try:
                 result = await self.inference.predict(STUCK_MODEL, instances, timeout_s=self.timeout_s)
-                telemetry.INFERENCE_LATENCY.labels(STUCK_MODEL, "ok").observe(time.perf_counter() - began)
                 return [
                     (bool(p["stuck"]), STUCK_MODEL, result.version, round(float(p["stuck_probability"]), 4), None)
                     for p in result.predictions
                 ]
             except InferenceError as exc:
-                telemetry.INFERENCE_LATENCY.labels(STUCK_MODEL, exc.reason).observe(time.perf_counter() - began)
                 reason = exc.reason
             except (KeyError, TypeError, ValueError) as exc:
                 reason = "bad_response"
