@@ -249,6 +249,14 @@ class Settings(BaseSettings):
     keycloak_admin_realm: str = Field(
         default="master", min_length=1, description="Realm the provisioning admin user logs in to."
     )
+    public_url: str = Field(
+        default="http://127.0.0.1:8000",
+        pattern=r"^https?://[^/?#]+(/[^?#]*)?$",
+        description=(
+            "Base URL at which browsers (and Keycloak's back-channel logout) reach this region's API: the admin "
+            "UI's OIDC redirect URI is <public_url>/admin/callback."
+        ),
+    )
     sso_admin_client_id: str = Field(
         default="firstmile-admin",
         pattern=r"^[a-z][a-z0-9-]{0,62}$",

@@ -5,6 +5,7 @@ Used by Alembic and by tests that walk the schema; the app imports slices direct
 
 from __future__ import annotations
 
+from firstmile.admin import models as _admin  # noqa: F401
 from firstmile.audit import models as _audit  # noqa: F401
 from firstmile.events import models as _events  # noqa: F401
 from firstmile.kit.db import metadata

@@ -32,6 +32,7 @@ from keycloak import KeycloakAdmin, KeycloakOpenIDConnection
 from keycloak.exceptions import KeycloakError
 
 from firstmile.settings import Settings
+from firstmile.sso.events import REALM_EVENT_TYPES, REALM_EVENTS_EXPIRATION
 from firstmile.tenancy.manifest import ADMIN_ROLES, SamlSpec, SsoSpec, TenantManifest
 
 MANAGED_ATTRIBUTE = "firstmile.managed"
@@ -107,6 +108,7 @@ class KeycloakProvisioner:
         tenant_claim: str = "firstmile_tenant",
         client_id: str = "firstmile-admin",
         redirect_uris: Sequence[str] = ("http://127.0.0.1:8000/admin/*",),
+        backchannel_logout_url: str | None = None,
     ) -> None:
         if not redirect_uris:
             raise ValueError("the admin client needs at least one redirect URI")
@@ -117,6 +119,7 @@ class KeycloakProvisioner:
         self.tenant_claim = tenant_claim
         self.client_id = client_id
         self.redirect_uris = tuple(redirect_uris)
+        self.backchannel_logout_url = backchannel_logout_url
 
     @classmethod
     def from_settings(cls, settings: Settings) -> KeycloakProvisioner | None:
@@ -143,6 +146,7 @@ class KeycloakProvisioner:
             tenant_claim=settings.sso_tenant_claim,
             client_id=settings.sso_admin_client_id,
             redirect_uris=uris,
+            backchannel_logout_url=settings.public_url.rstrip("/") + "/admin/backchannel-logout",
         )
 
     def realm_name(self, slug: str) -> str:
@@ -214,6 +218,11 @@ class KeycloakProvisioner:
             "enabled": True,
             "displayName": manifest.tenant.name,
             "attributes": {MANAGED_ATTRIBUTE: "true", TENANT_ATTRIBUTE: slug},
+            # Keycloak refuses bad SAML responses and failed logins itself: its events are how they
+            # reach the tenant's audit log (firstmile.sso.events)
+            "eventsEnabled": True,
+            "enabledEventTypes": list(REALM_EVENT_TYPES),
+            "eventsExpiration": REALM_EVENTS_EXPIRATION,
         }
         existing = next((r for r in self._admin.get_realms() if r.get("realm") == realm), None)
         if existing is None:
@@ -268,6 +277,15 @@ class KeycloakProvisioner:
         return changes
 
     def _desired_client(self) -> dict[str, Any]:
+        attributes = {
+            "pkce.code.challenge.method": "S256",
+            "post.logout.redirect.uris": "##".join(self.redirect_uris),
+        }
+        if self.backchannel_logout_url is not None:
+            # Keycloak posts a signed logout token here when the admin's realm session ends
+            attributes["backchannel.logout.url"] = self.backchannel_logout_url
+            attributes["backchannel.logout.session.required"] = "true"
+            attributes["backchannel.logout.revoke.offline.tokens"] = "false"
         return {
             "clientId": self.client_id,
             "name": "Firstmile admin UI",
@@ -280,10 +298,8 @@ class KeycloakProvisioner:
             "serviceAccountsEnabled": False,
             "redirectUris": list(self.redirect_uris),
             "webOrigins": ["+"],
-            "attributes": {
-                "pkce.code.challenge.method": "S256",
-                "post.logout.redirect.uris": "##".join(self.redirect_uris),
-            },
+            "frontchannelLogout": False,
+            "attributes": attributes,
         }
 
     def _desired_mappers(self, slug: str) -> dict[str, dict[str, Any]]:

@@ -1,0 +1,1 @@
+"""The admin UI and its API: SSO login, sessions, CSRF, role-based access."""
