@@ -18,12 +18,15 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO_MANIFEST = ROOT / "tenants" / "demo.yaml"
 
 
-def demo_document(*, planner: bool = False) -> dict[str, Any]:
+def demo_document(*, planner: bool = False, sso: bool = False) -> dict[str, Any]:
     """The demo manifest; without its ``planner`` section unless asked, so the rules alone decide
-    (the adaptive planner's tests ask for it)."""
+    (the adaptive planner's tests ask for it), and without its ``sso`` section unless asked, so tests
+    that provision realms name exactly the groups and clients they check (the machine-client tests ask)."""
     doc: dict[str, Any] = yaml.safe_load(DEMO_MANIFEST.read_text(encoding="utf-8"))
     if not planner:
         doc.pop("planner", None)
+    if not sso:
+        doc.pop("sso", None)
     return doc
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from firstmile.tenancy.manifest import ManifestError, TenantManifest, json_schema, load_manifest
+from firstmile.tenancy.keys import SCOPES
+from firstmile.tenancy.manifest import ADMIN_ROLES, ManifestError, TenantManifest, json_schema, load_manifest
 from tests.factories import DEMO_MANIFEST, ROOT, demo_document
 
 
@@ -85,6 +87,42 @@ def _path(doc: dict[str, Any], key: str) -> dict[str, Any]:
             ),
             "Extra inputs",
         ),
+        (
+            lambda d: d.update(sso={"machine_clients": [{"client_id": "app", "scopes": ["admin:everything"]}]}),
+            "unknown scope(s) ['admin:everything']",
+        ),
+        (lambda d: d.update(sso={"machine_clients": [{"client_id": "app", "scopes": []}]}), "at least 1 item"),
+        (
+            lambda d: d.update(
+                sso={"machine_clients": [{"client_id": "app", "scopes": ["events:write", "events:write"]}]}
+            ),
+            "scopes must be unique",
+        ),
+        (
+            lambda d: d.update(sso={"machine_clients": [{"client_id": "Billing Sync", "scopes": ["events:write"]}]}),
+            "String should match pattern",
+        ),
+        (
+            lambda d: d.update(sso={"machine_clients": [{"client_id": "admin-cli", "scopes": ["events:write"]}]}),
+            "built-in Keycloak client",
+        ),
+        (
+            lambda d: d.update(
+                sso={
+                    "machine_clients": [
+                        {"client_id": "app", "scopes": ["events:write"]},
+                        {"client_id": "app", "scopes": ["analytics:read"]},
+                    ]
+                }
+            ),
+            "machine client ids must be unique; repeated: ['app']",
+        ),
+        (
+            lambda d: d.update(
+                sso={"machine_clients": [{"client_id": "app", "scopes": ["events:write"], "secret": "s3cr3t"}]}
+            ),
+            "Extra inputs",
+        ),
     ],
 )
 def test_invalid_manifests_are_refused_with_the_reason(change: Any, message: str) -> None:
@@ -135,3 +173,28 @@ def test_sso_section_defaults_and_hash() -> None:
     assert "sso" not in plain.model_dump(mode="json", exclude_none=True)
     assert with_sso.content_hash() != plain.content_hash()
     assert plain.content_hash() == TenantManifest.model_validate(demo_document()).content_hash()
+
+
+def test_demo_sso_section_and_machine_clients() -> None:
+    demo = load_manifest(DEMO_MANIFEST)
+    assert demo.sso is not None and demo.sso.saml is None  # the saml block is an example, commented out
+    assert set(demo.sso.group_roles.values()) <= set(ADMIN_ROLES)
+    [client] = demo.sso.machine_clients
+    assert set(client.scopes) <= set(SCOPES) and client.description
+    # demo_document() leaves sso out unless asked, like planner
+    assert "sso" not in demo_document() and demo_document(sso=True)["sso"]["machine_clients"]
+
+
+def test_machine_clients_change_the_hash_only_when_set() -> None:
+    doc = demo_document()
+    doc["sso"] = {"group_roles": {"Acme Admins": "owner"}}
+    without = TenantManifest.model_validate(doc)
+    # sso sections written before machine_clients existed keep their revision
+    canonical = without.model_dump(mode="json", exclude={"keys", "planner", "pii_traits"})
+    del canonical["sso"]["machine_clients"]
+    encoded = json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()
+    assert without.content_hash() == hashlib.sha256(encoded).hexdigest()
+    doc["sso"]["machine_clients"] = [{"client_id": "billing-sync", "scopes": ["events:write"]}]
+    with_client = TenantManifest.model_validate(doc)
+    assert with_client.content_hash() != without.content_hash()
+    assert with_client.sso is not None and with_client.sso.machine_clients[0].description == ""

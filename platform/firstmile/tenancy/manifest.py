@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from firstmile.onboarding.rules import Operator
 from firstmile.settings import REGION_PATTERN
+from firstmile.tenancy.keys import SCOPES
 
 SLUG_PATTERN = r"^[a-z][a-z0-9-]{0,62}[a-z0-9]$"
 Slug = Annotated[str, Field(pattern=SLUG_PATTERN, description="Lower-case id: letters, digits, dashes.")]
@@ -249,6 +250,47 @@ class SamlSpec(_Model):
         return self
 
 
+MACHINE_CLIENT_PATTERN = r"^[a-z][a-z0-9._-]{0,62}[a-z0-9]$"
+RESERVED_CLIENT_IDS: tuple[str, ...] = (
+    "account",
+    "account-console",
+    "admin-cli",
+    "broker",
+    "realm-management",
+    "security-admin-console",
+)
+"""Clients every Keycloak realm has; a machine client may not take their names."""
+
+
+class MachineClientSpec(_Model):
+    """A tenant app's OAuth2 client: client-credentials tokens bounded by the given platform scopes."""
+
+    client_id: str = Field(
+        pattern=MACHINE_CLIENT_PATTERN,
+        description="The client's id in the tenant realm: lower-case letters, digits, '.', '_', '-'.",
+    )
+    description: str = Field(default="", max_length=255, description="What the client is for (shown in Keycloak).")
+    scopes: tuple[str, ...] = Field(
+        min_length=1,
+        max_length=len(SCOPES),
+        description=(
+            "Platform scopes the client may request (" + ", ".join(SCOPES) + "); a token carries those it asks for."
+        ),
+        json_schema_extra={"items": {"type": "string", "enum": list(SCOPES)}},  # editors offer the known scopes
+    )
+
+    @model_validator(mode="after")
+    def _known_scopes(self) -> MachineClientSpec:
+        unknown = [s for s in self.scopes if s not in SCOPES]
+        if unknown:
+            raise ValueError(f"machine client {self.client_id}: unknown scope(s) {unknown}; known: {list(SCOPES)}")
+        if len(set(self.scopes)) != len(self.scopes):
+            raise ValueError(f"machine client {self.client_id}: scopes must be unique")
+        if self.client_id in RESERVED_CLIENT_IDS:
+            raise ValueError(f"machine client {self.client_id}: the name of a built-in Keycloak client")
+        return self
+
+
 class SsoSpec(_Model):
     """Single sign-on for the tenant's admins: its Keycloak realm, admin roles and IdP (``docs/sso.md``)."""
 
@@ -264,6 +306,19 @@ class SsoSpec(_Model):
         description="IdP group name -> the admin role its members get (one realm group per entry).",
     )
     saml: SamlSpec | None = Field(default=None, description="The customer's SAML IdP. Omitted: no IdP brokered yet.")
+    machine_clients: tuple[MachineClientSpec, ...] = Field(
+        default=(),
+        max_length=50,
+        description="Confidential OAuth2 clients of the tenant's apps (client-credentials grant only).",
+    )
+
+    @model_validator(mode="after")
+    def _unique_clients(self) -> SsoSpec:
+        ids = [c.client_id for c in self.machine_clients]
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        if repeated:
+            raise ValueError(f"machine client ids must be unique; repeated: {repeated}")
+        return self
 
     def role_descriptions(self) -> dict[str, str]:
         """All four admin roles with their descriptions (the manifest's, else the defaults)."""
@@ -321,7 +376,11 @@ class TenantManifest(_Model):
 
     def content_hash(self) -> str:
         # Sections added later are left out while unset, so existing manifests keep their hash.
-        unset = {name for name in ("keys", "pii_traits", "planner", "sso") if getattr(self, name) is None}
+        unset: dict[str, Any] = {
+            name: True for name in ("keys", "pii_traits", "planner", "sso") if getattr(self, name) is None
+        }
+        if self.sso is not None and not self.sso.machine_clients:
+            unset["sso"] = {"machine_clients": True}  # added to sso later: an sso section without it keeps its hash
         canonical = json.dumps(self.model_dump(mode="json", exclude=unset), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
