@@ -390,9 +390,16 @@ def test_saml_broker_and_its_mappers_are_provisioned_and_updated(
         Change("create", "idp-mapper", realm, "name"),
         Change("create", "idp-mapper", realm, "group Admins"),
     ]
+    # brokered admins are not stopped on Keycloak's "Update Account Information" to type a last name
+    assert Change("update", "realm", realm, realm, "user profile: firstName, lastName optional") in planned
     assert provisioner.apply(manifest) == planned
     assert provisioner.plan(manifest) == []
 
+    profile = {
+        a["name"]: a for a in admin.connection.raw_get(f"admin/realms/{realm}/users/profile").json()["attributes"]
+    }
+    assert "required" not in profile["firstName"] and "required" not in profile["lastName"]
+    assert profile["email"]["required"]  # the rest of the profile is Keycloak's
     admin.change_current_realm(realm)
     idp = admin.get_idp(IDP_ALIAS)
     assert idp["providerId"] == "saml" and idp["config"]["idpEntityId"] == entity_id

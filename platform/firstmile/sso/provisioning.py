@@ -58,6 +58,9 @@ SAML_OVERRIDES: dict[str, str] = {
     "syncMode": "FORCE",
 }
 COMPARED_METADATA = ("idpEntityId", "singleSignOnServiceUrl", "signingCertificate")
+# user-profile attributes a brokered admin is never asked for (see KeycloakProvisioner._user_profile)
+OPTIONAL_PROFILE_ATTRIBUTES = ("firstName", "lastName")
+_OPTIONAL_NAMES_DETAIL = "user profile: firstName, lastName optional"
 
 
 class ProvisioningError(RuntimeError):
@@ -241,6 +244,8 @@ class KeycloakProvisioner:
                     for group, role in sorted(sso.group_roles.items())
                 )
                 if sso.saml is not None:
+                    # a new realm has Keycloak's default profile, which requires both names
+                    changes.append(Change("update", "realm", realm, realm, _OPTIONAL_NAMES_DETAIL))
                     changes.append(Change("create", "identity-provider", realm, IDP_ALIAS, sso.saml.entity_id))
                     changes.extend(
                         Change("create", "idp-mapper", realm, name) for name in self._desired_idp_mappers(sso)
@@ -259,6 +264,7 @@ class KeycloakProvisioner:
             changes.extend(self._roles(realm, sso, execute))
             changes.extend(self._client(realm, slug, execute))
             changes.extend(self._groups(realm, sso, execute))
+            changes.extend(self._user_profile(realm, sso, execute))
             changes.extend(self._identity_provider(realm, sso, execute))
         return changes
 
@@ -393,6 +399,40 @@ class KeycloakProvisioner:
                 if execute:
                     self._admin.delete_group(group_id)
         return changes
+
+    def _user_profile(self, realm: str, sso: SsoSpec, execute: bool) -> list[Change]:
+        """With a SAML IdP, first and last name are optional in the realm's user profile.
+
+        Keycloak 26 requires both of every user by default, and its first broker login stops on an
+        "Update Account Information" page to ask for whatever the IdP did not send. The customer's IdP
+        sends one display name (mapped to firstName) and no last name, so every admin's first login
+        would end on a Keycloak form asking for data we do not use, instead of in the admin UI. Only the
+        ``required`` of these two attributes changes; the rest of the profile stays Keycloak's. A realm
+        without an IdP keeps the defaults (nobody logs in through a broker), and one whose IdP is
+        removed keeps the relaxed profile (harmless: no attribute becomes required behind its back).
+        """
+        if sso.saml is None:
+            return []
+        path = f"admin/realms/{realm}/users/profile"
+        response = self._admin.connection.raw_get(path)
+        if response.status_code != 200:
+            raise ProvisioningError(f"{realm}: keycloak did not return the user profile (HTTP {response.status_code})")
+        profile: dict[str, Any] = response.json()
+        required = [
+            a
+            for a in profile.get("attributes") or []
+            if a.get("name") in OPTIONAL_PROFILE_ATTRIBUTES and a.get("required") is not None
+        ]
+        if not required:
+            return []
+        names = ", ".join(str(a["name"]) for a in required)
+        if execute:
+            for attribute in required:
+                del attribute["required"]
+            response = self._admin.connection.raw_put(path, data=json.dumps(profile))
+            if response.status_code != 200:
+                raise ProvisioningError(f"{realm}: keycloak refused the user profile (HTTP {response.status_code})")
+        return [Change("update", "realm", realm, realm, f"user profile: {names} optional")]
 
     # -- the customer's SAML IdP -----------------------------------------------------------
 
