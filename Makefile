@@ -9,6 +9,7 @@ PG := deploy/local/postgres.sh
 KAFKA := deploy/local/kafka.sh
 REDIS := deploy/local/redis.sh
 KEYCLOAK := deploy/local/keycloak.sh
+CHROMIUM := deploy/local/chromium.sh
 RAY := deploy/local/ray.sh
 BENCH_REGISTRY := .firstmile/bench-registry
 BENCH_MODELS := .firstmile/bench-models/registry
@@ -30,7 +31,8 @@ install: $(STAMP) ## Create .venv and install Firstmile with its dev tools (idem
 run: $(STAMP) ## Migrate the embedded PostgreSQL, apply tenants/demo.yaml, print a demo key, serve on 127.0.0.1:8000
 	$(BIN)/firstmile dev
 
-services: ## Install (apt) and start the PostgreSQL, Kafka, Redis and Keycloak the tests use
+services: ## Install (apt) and start the PostgreSQL, Kafka, Redis and Keycloak the tests use; install Chromium
+	@$(CHROMIUM) install
 	@$(PG) start test
 	@$(KAFKA) start test
 	@$(REDIS) start test
@@ -52,9 +54,11 @@ typecheck: $(STAMP) ## mypy --strict on the packages and tests
 pytest: $(STAMP) services ## The test suite (PostgreSQL must be running: make services)
 	FIRSTMILE_TEST_ADMIN_URL=$$($(PG) url test) FIRSTMILE_TEST_KAFKA=$$($(KAFKA) url test) \
 	  FIRSTMILE_TEST_REDIS=$$($(REDIS) url test) FIRSTMILE_TEST_KEYCLOAK=$$($(KEYCLOAK) url test) \
+	  FIRSTMILE_TEST_CHROMIUM=$$($(CHROMIUM) path) \
 	  $(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup
 
 test: $(STAMP) ## Everything the tests need, then ruff, mypy and the whole suite; services stopped at the end
+	@$(CHROMIUM) install
 	@$(PG) start test
 	@$(KAFKA) start test
 	@$(REDIS) start test
@@ -64,6 +68,7 @@ test: $(STAMP) ## Everything the tests need, then ruff, mypy and the whole suite
 	  if [ $$status -eq 0 ]; then \
 	    FIRSTMILE_TEST_ADMIN_URL=$$($(PG) url test) FIRSTMILE_TEST_KAFKA=$$($(KAFKA) url test) \
 	      FIRSTMILE_TEST_REDIS=$$($(REDIS) url test) FIRSTMILE_TEST_KEYCLOAK=$$($(KEYCLOAK) url test) \
+	      FIRSTMILE_TEST_CHROMIUM=$$($(CHROMIUM) path) \
 	      $(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup || status=$$?; \
 	  fi; \
 	  $(KEYCLOAK) stop test; $(REDIS) stop test; $(KAFKA) stop test; $(PG) stop test; exit $$status

@@ -166,6 +166,25 @@ def keycloak_url() -> str:
     return url
 
 
+@pytest.fixture(scope="session")
+def chromium_path() -> str:
+    """The Chromium the browser tests drive: ``FIRSTMILE_TEST_CHROMIUM``, else ``chromium`` on PATH.
+
+    Debian's package, installed by ``make test``/``make services`` (``deploy/local/chromium.sh``); Playwright
+    launches it with ``executable_path`` and never downloads a browser of its own. Missing, the tests that
+    need it fail rather than skip: a skipped browser test would pass CI without the admin login ever
+    having run.
+    """
+    path = os.environ.get("FIRSTMILE_TEST_CHROMIUM") or shutil.which("chromium")
+    if not path or not os.access(path, os.X_OK):
+        pytest.fail(
+            f"no Chromium to run the browser tests ({path or 'chromium not on PATH'}): "
+            "run deploy/local/chromium.sh install (make test does), or set FIRSTMILE_TEST_CHROMIUM",
+            pytrace=False,
+        )
+    return path
+
+
 @pytest.fixture
 async def redis_region(redis_url: str, worker_id: str) -> AsyncIterator[str]:
     """A region name of this test's own (feature keys are ``fm:<region>:…``); its keys are deleted afterwards."""
