@@ -23,6 +23,10 @@ from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlu
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from firstmile import __version__
+from firstmile.admin.api import LoginController, admin_api_router
+from firstmile.admin.oidc import OidcClient
+from firstmile.admin.service import AdminAuth, SessionPolicy
+from firstmile.admin.sessions import MemorySessionStore, RedisSessionStore, SessionStore
 from firstmile.analytics.api import AnalyticsController
 from firstmile.analytics.factory import LazyStore, open_analytics_store
 from firstmile.analytics.service import AnalyticsService
@@ -56,8 +60,10 @@ from firstmile.security.pii import RedactingFilter
 from firstmile.settings import Settings, get_settings
 from firstmile.sso.tokens import TokenValidator
 from firstmile.tenancy.directory import PostgresTenantDirectory
+from firstmile.web.pages import PagesController
 
 PUBLIC_PATHS = ["^/health", "^/metrics", "^/schema"]
+ADMIN_PATHS = ["^/admin"]  # the admin UI authenticates with its session cookie, not API keys
 _access_log = logging.getLogger("firstmile.access")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,128}$")
 
@@ -176,6 +182,28 @@ def create_app(
         app.state.key_resolver = KeyResolver(
             engine, pepper, settings.region, settings.api_key_cache_ttl_seconds, tokens=tokens, directory=directory
         )
+        # Admin UI sessions: Redis when there is one (every process of the region shares them), else in-process.
+        sessions: SessionStore = (
+            RedisSessionStore.from_url(settings.redis_url.get_secret_value())
+            if settings.redis_url is not None
+            else MemorySessionStore()
+        )
+        app.state.admin = AdminAuth(
+            engine,
+            app.state.key_resolver,
+            sessions,
+            SessionPolicy(
+                lifetime=settings.admin_session_lifetime_seconds,
+                idle=settings.admin_idle_timeout_seconds,
+                secure_cookies=settings.admin_cookie_secure,
+            ),
+            public_url=settings.public_url,
+            region=settings.region,
+            oidc=OidcClient(tokens, settings.sso_admin_client_id, http_timeout=settings.sso_http_timeout_seconds)
+            if tokens is not None
+            else None,
+            pepper=pepper,
+        )
         app.state.keyring = DataKeyService.from_config(engine, KeyConfig.from_settings(settings))
         app.state.onboarding.keyring = app.state.keyring
         # Online features: Redis, or in-process (then shared by the in-process consumers below).
@@ -245,6 +273,9 @@ def create_app(
         if background:
             await asyncio.gather(*background, return_exceptions=True)
         await app.state.engine.dispose()
+        await app.state.admin.store.close()
+        if app.state.admin.oidc is not None:
+            await app.state.admin.oidc.aclose()
         if app.state.key_resolver.tokens is not None:
             await app.state.key_resolver.tokens.aclose()
         if app.state.key_resolver.directory is not None:
@@ -266,11 +297,14 @@ def create_app(
             AnalyticsController,
             AuditController,
             UsersController,
+            LoginController,
+            PagesController,
+            admin_api_router(),
         ],
         state=state,
         on_startup=[on_startup],
         on_shutdown=[on_shutdown],
-        middleware=[DefineMiddleware(ApiKeyMiddleware, exclude=PUBLIC_PATHS)],
+        middleware=[DefineMiddleware(ApiKeyMiddleware, exclude=PUBLIC_PATHS + ADMIN_PATHS)],
         # Server spans cost ~0.3 ms of CPU per request; record them only when they go somewhere.
         plugins=[OpenTelemetryPlugin(OpenTelemetryConfig(tracer_provider=provider, exclude=PUBLIC_PATHS))]
         if settings.otel_exporter != "none"

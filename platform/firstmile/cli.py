@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import click
 from sqlalchemy import text
 
+from firstmile.admin.cli import admin, login_link
 from firstmile.audit.cli import audit
 from firstmile.kit.db import create_engine
 from firstmile.kit.embedded import DatabaseUrls, resolve_database, resolve_pepper
@@ -212,6 +213,23 @@ def tenants_directory() -> None:
         click.echo(f"{entry.slug}\t{entry.home_region}\t{entry.tenant_id}")
 
 
+@tenants.command("client-secret")
+@click.argument("slug")
+@click.argument("client_id")
+def tenants_client_secret(slug: str, client_id: str) -> None:
+    """Print the secret of a tenant's machine client (read from Keycloak; Firstmile keeps no copy)."""
+    from firstmile.sso.provisioning import KeycloakProvisioner, ProvisioningError
+
+    try:
+        provisioner = KeycloakProvisioner.from_settings(get_settings())
+        if provisioner is None:
+            raise click.ClickException("FIRSTMILE_KEYCLOAK_URL and the Keycloak admin credentials are not set")
+        secret = provisioner.client_secret(slug, client_id)
+    except ProvisioningError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(secret)
+
+
 @tenants.command("schema")
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Write to this file instead of stdout.")
 def tenants_schema(output: Path | None) -> None:
@@ -256,6 +274,7 @@ def keys_create(tenant: str, scopes: tuple[str, ...], name: str) -> None:
 
 
 keys.add_command(rotate_key)
+main.add_command(admin)
 main.add_command(audit)
 main.add_command(models)
 main.add_command(stuck)
@@ -312,6 +331,17 @@ def _export_for_workers(urls: DatabaseUrls, pepper: bytes) -> None:
     os.environ["FIRSTMILE_DATABASE_ADMIN_URL"] = urls.admin
     os.environ["FIRSTMILE_API_KEY_PEPPER"] = pepper.decode("utf-8")
     get_settings.cache_clear()
+
+
+def _public_url(settings: Settings, port: int) -> str:
+    """FIRSTMILE_PUBLIC_URL, or the address `dev`/`serve` listens on (exported, so workers agree)."""
+    if "public_url" in settings.model_fields_set:
+        return settings.public_url
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    url = f"http://{host}:{port}"
+    os.environ["FIRSTMILE_PUBLIC_URL"] = url
+    get_settings.cache_clear()
+    return url
 
 
 def _serve(host: str, port: int, workers: int) -> None:
@@ -407,6 +437,13 @@ def dev(manifest: Path, port: int | None) -> None:
         f'-d \'{{"user_id":"u1","traits":{{"persona":"developer"}}}}\' '
         f"http://{settings.host}:{listen_port}/v1/onboarding/start"
     )
+    public_url = _public_url(settings, listen_port)
+    if settings.keycloak_url is None:
+        click.echo(
+            f"Admin UI, one-time login as owner of {spec.tenant.slug} (15 min; "
+            f"`firstmile admin login-link --tenant {spec.tenant.slug}` for another): "
+            f"{login_link(public_url, pepper, spec.tenant.slug)}"
+        )
     click.echo("")
     sys.stdout.flush()
     _export_for_workers(urls, pepper)

@@ -257,6 +257,19 @@ class Settings(BaseSettings):
             "UI's OIDC redirect URI is <public_url>/admin/callback."
         ),
     )
+    admin_session_lifetime_seconds: float = Field(
+        default=8 * 3600, ge=60, le=7 * 86400, description="Absolute lifetime of an admin UI session."
+    )
+    admin_idle_timeout_seconds: float = Field(
+        default=1800, ge=60, le=86400, description="An admin UI session without a request for this long ends."
+    )
+    admin_cookie_secure: bool = Field(
+        default=True,
+        description=(
+            "Admin cookies are Secure and __Host- prefixed (browsers accept them on https and on http://localhost "
+            "or 127.0.0.1). Set false only behind a plain-http test setup on another host."
+        ),
+    )
     sso_admin_client_id: str = Field(
         default="firstmile-admin",
         pattern=r"^[a-z][a-z0-9-]{0,62}$",

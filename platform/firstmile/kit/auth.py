@@ -189,7 +189,7 @@ class KeyResolver:
                 raise TokenError(TokenReason.WRONG_ISSUER, "the issuer is not a tenant realm of this platform")
             # Only realms of tenants that exist make the validator fetch keys: a made-up realm name
             # costs one indexed lookup, never a request to Keycloak.
-            tenant = await self._tenant(slug)
+            tenant = await self.tenant(slug)
             if tenant is None:
                 await self._refuse_if_homed_elsewhere(slug)
                 raise TokenError(TokenReason.WRONG_TENANT, f"no tenant {slug!r} for the issuing realm")
@@ -230,7 +230,8 @@ class KeyResolver:
                 home_region=home,
             )
 
-    async def _tenant(self, slug: str) -> ResolvedTenant | None:
+    async def tenant(self, slug: str) -> ResolvedTenant | None:
+        """The tenant ``slug`` if this region's database holds it (cached like keys; unknown slugs are not)."""
         if self.ttl > 0:
             hit = self._tenants.get(slug)
             if hit is not None and hit[0] > time.monotonic():

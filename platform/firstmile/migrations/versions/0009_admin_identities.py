@@ -7,6 +7,11 @@ the copy of a tenant realm's Keycloak events into the audit log has got (the tim
 the newest copied event and the ids copied at that time, as Keycloak's event times
 are milliseconds and not unique). Both are tenant rows under row-level security.
 
+The admin UI's path editor runs as the application role: it may now add a path
+version (INSERT), retire the current one (UPDATE of ``is_current`` only) and bump
+its tenant's ``revision`` (UPDATE of ``revision, updated_at`` only), always within
+the row-level security of the tenant the request is bound to.
+
 Revision ID: 0009
 Revises: 0008
 Create Date: 2026-11-26
@@ -74,8 +79,13 @@ def upgrade() -> None:
             f"USING (tenant_id = {TENANT_EXPR}) WITH CHECK (tenant_id = {TENANT_EXPR})"
         )
         op.execute(f"CREATE POLICY platform_admin ON {table} TO {ADMIN} USING (true) WITH CHECK (true)")
+    op.execute(f"GRANT INSERT, UPDATE (is_current) ON onboarding_paths TO {app}")
+    op.execute(f"GRANT UPDATE (revision, updated_at) ON tenants TO {app}")
 
 
 def downgrade() -> None:
+    app = _app_role()
+    op.execute(f"REVOKE UPDATE (revision, updated_at) ON tenants FROM {app}")
+    op.execute(f"REVOKE INSERT, UPDATE (is_current) ON onboarding_paths FROM {app}")
     op.drop_table("sso_event_cursors")
     op.drop_table("admin_identities")

@@ -1,0 +1,399 @@
+"""Admin routes: the login flow under ``/admin`` and the session-authenticated API under ``/admin/api``.
+
+Every ``/admin/api`` handler declares the permission it needs in ``opt["permission"]``
+(``"session"``: any signed-in admin); the router's guard refuses handlers that declare
+none (fail closed), checks the role, and checks CSRF on every state-changing method:
+the ``X-CSRF-Token`` header must equal the session's token and a cross-site
+``Origin``/``Sec-Fetch-Site`` is refused. Refusals are audited.
+"""
+
+from __future__ import annotations
+
+import hmac
+import uuid
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+import msgspec
+from litestar import Controller, Request, Response, Router, delete, get, patch, post
+from litestar.connection import ASGIConnection
+from litestar.datastructures import Cookie
+from litestar.handlers.base import BaseRouteHandler
+from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult, DefineMiddleware
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter, URLEncodedBody
+from litestar.response import Redirect
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from firstmile.admin import paths as path_editor
+from firstmile.admin.oidc import LoginError
+from firstmile.admin.rbac import Permission, permissions
+from firstmile.admin.service import STATE_TTL, AdminAuth
+from firstmile.admin.sessions import AdminSession
+from firstmile.audit import repository as audit_repo
+from firstmile.kit import telemetry
+from firstmile.kit.db import authorise_tenant, run_in_tenant_transaction
+from firstmile.kit.errors import ProblemError
+from firstmile.onboarding.api import USER_ID_RE, check_id
+from firstmile.privacy import service as privacy
+from firstmile.sso.tokens import TokenError
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+CSRF_HEADER = "x-csrf-token"
+
+
+def _auth(connection: ASGIConnection[Any, Any, Any, Any]) -> AdminAuth:
+    auth: AdminAuth = connection.app.state.admin
+    return auth
+
+
+def session_cookie(auth: AdminAuth, session_id: str, max_age: int) -> Cookie:
+    return Cookie(
+        key=auth.policy.cookie,
+        value=session_id,
+        path="/",
+        httponly=True,
+        secure=auth.policy.secure_cookies,
+        samesite="lax",  # sent on the top-level redirect back from Keycloak, not on cross-site POSTs
+        max_age=max_age,
+    )
+
+
+def expired_cookie(key: str, secure: bool) -> Cookie:
+    return Cookie(key=key, value="", path="/", httponly=True, secure=secure, samesite="lax", max_age=0)
+
+
+# ---------------------------------------------------------------- authentication and authorisation
+
+
+class AdminSessionMiddleware(AbstractAuthenticationMiddleware):
+    """``request.user`` is the :class:`AdminSession` of the session cookie; no live session is a 401."""
+
+    async def authenticate_request(self, connection: ASGIConnection[Any, Any, Any, Any]) -> AuthenticationResult:
+        auth = _auth(connection)
+        session_id = connection.cookies.get(auth.policy.cookie)
+        session = await auth.session(session_id)
+        if session is None or session_id is None:
+            raise ProblemError(401, "unauthenticated", "sign in to the admin UI first: /admin/signin")
+        telemetry.tenant_var.set(session.tenant_slug)
+        return AuthenticationResult(user=session, auth=session_id)
+
+
+def _same_origin(value: str | None, public_url: str) -> bool:
+    if not value or value == "null":
+        return value is None
+    mine, theirs = urlsplit(public_url), urlsplit(value)
+    return (mine.scheme, mine.netloc) == (theirs.scheme, theirs.netloc)
+
+
+async def check_csrf(connection: ASGIConnection[Any, Any, Any, Any], session: AdminSession, token: str | None) -> None:
+    """The synchroniser token of the session, and no cross-site origin; refusals are audited (403)."""
+    auth = _auth(connection)
+    reason = None
+    if connection.headers.get("sec-fetch-site") == "cross-site":
+        reason = "cross_site_request"
+    elif not _same_origin(connection.headers.get("origin"), auth.public_url):
+        reason = "foreign_origin"
+    elif not token or not hmac.compare_digest(token.encode(), session.csrf_token.encode()):
+        reason = "missing_or_wrong_token"
+    if reason is None:
+        return
+    await auth.record(
+        session.tenant_id,
+        "admin.csrf_refused",
+        f"admin:{session.subject}",
+        f"{connection.scope.get('method', '?')} {connection.url.path}"[:1024],
+        {"reason": reason},
+    )
+    raise ProblemError(403, "csrf-failed", f"the request failed the CSRF check ({reason}); nothing was changed")
+
+
+async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    """Router guard of ``/admin/api``: the declared permission, then CSRF on state-changing methods."""
+    session = connection.user
+    if not isinstance(session, AdminSession):
+        raise ProblemError(401, "unauthenticated", "sign in to the admin UI first: /admin/signin")
+    needed = handler.opt.get("permission")
+    if needed is None:  # fail closed: an endpoint that declares nothing is nobody's
+        raise ProblemError(403, "forbidden", "this endpoint declares no permission")
+    if needed != "session" and Permission(needed) not in permissions(session.roles):
+        await _auth(connection).record(
+            session.tenant_id,
+            "admin.forbidden",
+            f"admin:{session.subject}",
+            f"{connection.scope.get('method', '?')} {connection.url.path}"[:1024],
+            {"permission": str(needed), "roles": list(session.roles)},
+        )
+        raise ProblemError(
+            403,
+            "forbidden",
+            f"your role ({', '.join(session.roles)}) lacks the permission {needed}",
+            required_permission=str(needed),
+        )
+    if connection.scope.get("method") not in SAFE_METHODS:
+        await check_csrf(connection, session, connection.headers.get(CSRF_HEADER))
+
+
+# ---------------------------------------------------------------- the login flow (no session needed)
+
+
+class LoginController(Controller):
+    path = "/admin"
+    tags = ["admin"]
+    include_in_schema = False
+
+    @get("/login", summary="Start an SSO login to a tenant (OIDC code + PKCE)")
+    async def login(
+        self,
+        request: Request[Any, Any, Any],
+        tenant: FromQuery[str],
+        next_: Annotated[str | None, QueryParameter(name="next")] = None,
+    ) -> Redirect:
+        auth = _auth(request)
+        started = await auth.start_login(tenant, next_)
+        cookie = Cookie(
+            key=auth.policy.login_cookie,
+            value=started.browser_secret,
+            path="/",
+            httponly=True,
+            secure=auth.policy.secure_cookies,
+            samesite="lax",
+            max_age=int(STATE_TTL),
+        )
+        return Redirect(started.redirect, status_code=302, cookies=[cookie])
+
+    @get("/callback", summary="Finish an SSO login")
+    async def callback(
+        self,
+        request: Request[Any, Any, Any],
+        state_: Annotated[str | None, QueryParameter(name="state")] = None,
+        code: FromQuery[str | None] = None,
+        error: FromQuery[str | None] = None,
+    ) -> Response[Any]:
+        auth = _auth(request)
+        try:
+            session_id, _, next_path = await auth.finish_login(
+                state=state_,
+                code=code,
+                error=error,
+                browser_secret=request.cookies.get(auth.policy.login_cookie),
+            )
+        except LoginError as exc:
+            raise ProblemError(
+                403 if exc.reason in ("no_role",) else 400,
+                "login-failed",
+                f"the login did not complete: {exc.detail}",
+                reason=exc.reason,
+            ) from None
+        return Redirect(
+            next_path,
+            status_code=303,
+            cookies=[
+                session_cookie(auth, session_id, int(auth.policy.lifetime)),
+                expired_cookie(auth.policy.login_cookie, auth.policy.secure_cookies),
+            ],
+        )
+
+    @post("/logout", summary="End the admin session (and the realm session)", status_code=303)
+    async def logout(
+        self,
+        request: Request[Any, Any, Any],
+        data: URLEncodedBody[dict[str, str]],
+    ) -> Redirect:
+        auth = _auth(request)
+        session_id = request.cookies.get(auth.policy.cookie)
+        session = await auth.session(session_id)
+        if session is None or session_id is None:
+            return Redirect("/admin/signin", status_code=303)
+        await check_csrf(request, session, data.get("csrf_token") or request.headers.get(CSRF_HEADER))
+        target = await auth.logout(session_id, session)
+        return Redirect(
+            target, status_code=303, cookies=[expired_cookie(auth.policy.cookie, auth.policy.secure_cookies)]
+        )
+
+    @post(
+        "/backchannel-logout",
+        summary="OpenID Connect back-channel logout from Keycloak",
+        status_code=200,
+    )
+    async def backchannel_logout(
+        self,
+        request: Request[Any, Any, Any],
+        data: URLEncodedBody[dict[str, str]],
+    ) -> Response[dict[str, Any]]:
+        auth = _auth(request)
+        token = data.get("logout_token")
+        if not token:
+            raise ProblemError(400, "validation-error", "logout_token is required")
+        try:
+            ended = await auth.backchannel_logout(token)
+        except TokenError as exc:
+            raise ProblemError(
+                400, "invalid-logout-token", f"the logout token is refused: {exc.reason.value}"
+            ) from None
+        except LoginError as exc:
+            raise ProblemError(400, "invalid-logout-token", exc.detail, reason=exc.reason) from None
+        return Response({"sessions_ended": ended}, headers={"Cache-Control": "no-store"})
+
+    @post("/bootstrap/redeem", summary="Redeem a one-time bootstrap link (embedded mode)", status_code=303)
+    async def bootstrap(
+        self,
+        request: Request[Any, Any, Any],
+        data: URLEncodedBody[dict[str, str]],
+    ) -> Redirect:
+        auth = _auth(request)
+        try:
+            session_id, _ = await auth.redeem_bootstrap(data.get("token", ""))
+        except LoginError as exc:
+            raise ProblemError(400, "login-failed", exc.detail, reason=exc.reason) from None
+        return Redirect(
+            "/admin/", status_code=303, cookies=[session_cookie(auth, session_id, int(auth.policy.lifetime))]
+        )
+
+
+# ---------------------------------------------------------------- the admin API
+
+
+class MeOut(msgspec.Struct):
+    tenant: dict[str, str]
+    user: dict[str, str]
+    roles: list[str]
+    permissions: list[str]
+    csrf_token: str
+    expires_at: float
+    origin: str
+
+
+class PathEdit(msgspec.Struct, forbid_unknown_fields=True):
+    name: str | None = None
+    description: str | None = None
+    priority: int | None = None
+
+
+def _session(request: Request[Any, Any, Any]) -> AdminSession:
+    session = request.user
+    assert isinstance(session, AdminSession)
+    return session
+
+
+class AdminApiController(Controller):
+    path = "/admin/api"
+    tags = ["admin"]
+    guards = [authorize]
+
+    @get("/me", summary="The signed-in admin, their tenant, roles and CSRF token", opt={"permission": "session"})
+    async def me(self, request: Request[Any, Any, Any]) -> MeOut:
+        session = _session(request)
+        tenant = await _auth(request).tenant(session.tenant_slug)
+        name = await path_editor.tenant_name(request.app.state.engine, authorise_tenant(tenant.tenant_id))
+        return MeOut(
+            tenant={"slug": session.tenant_slug, "name": name, "home_region": tenant.home_region},
+            user={"subject": session.subject, "email": session.email, "name": session.name},
+            roles=list(session.roles),
+            permissions=sorted(str(p) for p in permissions(session.roles)),
+            csrf_token=session.csrf_token,
+            expires_at=session.expires_at,
+            origin=session.origin,
+        )
+
+    @get("/paths", summary="The tenant's current onboarding paths", opt={"permission": Permission.PATHS_READ})
+    async def paths(self, request: Request[Any, Any, Any]) -> list[dict[str, Any]]:
+        session = _session(request)
+        return await path_editor.list_paths(request.app.state.engine, authorise_tenant(_tid(session)))
+
+    @patch(
+        "/paths/{key:str}",
+        summary="Edit a path's name, description or priority (a new version)",
+        opt={"permission": Permission.PATHS_WRITE},
+    )
+    async def edit_path(
+        self, request: Request[Any, Any, Any], key: FromPath[str], data: JSONBody[PathEdit]
+    ) -> dict[str, Any]:
+        session = _session(request)
+        return await path_editor.edit_path(
+            request.app.state.engine,
+            authorise_tenant(_tid(session)),
+            key,
+            {k: v for k, v in msgspec.structs.asdict(data).items() if v is not None},
+            actor=f"admin:{session.subject}",
+        )
+
+    @get(
+        "/users/{user_id:str}/export",
+        summary="Export everything held about an end user",
+        opt={"permission": Permission.USERS_EXPORT},
+    )
+    async def export_user(self, request: Request[Any, Any, Any], user_id: FromPath[str]) -> dict[str, Any]:
+        check_id(user_id, USER_ID_RE, "user_id")
+        session = _session(request)
+        keyring = request.app.state.keyring
+        tenant_id = authorise_tenant(_tid(session))
+
+        async def work(conn: AsyncConnection) -> dict[str, Any] | None:
+            return await privacy.export(conn, keyring, tenant_id, user_id, f"admin:{session.subject}")
+
+        document = await run_in_tenant_transaction(request.app.state.engine, tenant_id, work)
+        if document is None:
+            raise ProblemError(404, "user-not-found", f"nothing is held about user {user_id!r}")
+        return document
+
+    @delete(
+        "/users/{user_id:str}",
+        summary="Erase an end user (crypto-shredding)",
+        status_code=202,
+        opt={"permission": Permission.USERS_ERASE},
+    )
+    async def erase_user(self, request: Request[Any, Any, Any], user_id: FromPath[str]) -> dict[str, Any]:
+        check_id(user_id, USER_ID_RE, "user_id")
+        session = _session(request)
+        keyring = request.app.state.keyring
+        tenant_id = authorise_tenant(_tid(session))
+
+        async def work(conn: AsyncConnection) -> privacy.Erasure | None:
+            return await privacy.erase(conn, keyring, tenant_id, user_id, f"admin:{session.subject}")
+
+        done = await run_in_tenant_transaction(request.app.state.engine, tenant_id, work)
+        if done is None:
+            raise ProblemError(404, "user-not-found", f"nothing is held about user {user_id!r}")
+        return {"user_id": done.user_id, "key_destroyed": done.key_destroyed, "audit_seq": done.audit_seq}
+
+    @get("/audit", summary="The tenant's latest audit entries", opt={"permission": Permission.AUDIT_READ})
+    async def audit(
+        self,
+        request: Request[Any, Any, Any],
+        kind: FromQuery[str | None] = None,
+        limit: FromQuery[int] = 50,
+    ) -> list[dict[str, Any]]:
+        if not 1 <= limit <= 500:
+            raise ProblemError(400, "validation-error", "limit must be in 1..500")
+        session = _session(request)
+        tenant_id = authorise_tenant(_tid(session))
+
+        async def work(conn: AsyncConnection) -> list[dict[str, Any]]:
+            entries = await audit_repo.latest_entries(conn, tenant_id, kind, limit)
+            return [
+                {
+                    "seq": e.seq,
+                    "kind": e.kind,
+                    "actor": e.actor,
+                    "subject": e.subject,
+                    "created_at": e.created_at.isoformat(),
+                    "payload": e.payload,
+                }
+                for e in entries
+            ]
+
+        return await run_in_tenant_transaction(request.app.state.engine, tenant_id, work)
+
+
+def _tid(session: AdminSession) -> uuid.UUID:
+    return uuid.UUID(session.tenant_id)
+
+
+def admin_api_router() -> Router:
+    """``/admin/api`` behind the session middleware (the login routes are outside it)."""
+    return Router(
+        path="/",
+        route_handlers=[AdminApiController],
+        middleware=[DefineMiddleware(AdminSessionMiddleware)],
+        include_in_schema=False,
+    )

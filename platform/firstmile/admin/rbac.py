@@ -1,0 +1,60 @@
+"""Roles of the admin UI and what each may do.
+
+The four roles are a ladder: each has everything of the role below it. Every
+admin API handler names exactly one :class:`Permission` with :func:`requires`;
+a test walks the routes and fails on a handler that names none.
+
+=============== ====== ======= ====== =====
+permission      viewer analyst editor owner
+=============== ====== ======= ====== =====
+paths:read      yes    yes     yes    yes
+analytics:read  yes    yes     yes    yes
+audit:read             yes     yes    yes
+users:export           yes     yes    yes
+paths:write                    yes    yes
+users:erase                           yes
+=============== ====== ======= ====== =====
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+
+from firstmile.tenancy.manifest import ADMIN_ROLES
+
+
+class Permission(enum.StrEnum):
+    PATHS_READ = "paths:read"
+    ANALYTICS_READ = "analytics:read"
+    AUDIT_READ = "audit:read"
+    USERS_EXPORT = "users:export"
+    PATHS_WRITE = "paths:write"
+    USERS_ERASE = "users:erase"
+
+
+_VIEWER = frozenset({Permission.PATHS_READ, Permission.ANALYTICS_READ})
+_ANALYST = _VIEWER | {Permission.AUDIT_READ, Permission.USERS_EXPORT}
+_EDITOR = _ANALYST | {Permission.PATHS_WRITE}
+_OWNER = _EDITOR | {Permission.USERS_ERASE}
+
+GRANTS: dict[str, frozenset[Permission]] = {
+    "viewer": _VIEWER,
+    "analyst": frozenset(_ANALYST),
+    "editor": frozenset(_EDITOR),
+    "owner": frozenset(_OWNER),
+}
+assert set(GRANTS) == set(ADMIN_ROLES)
+
+
+def admin_roles(values: Iterable[object]) -> tuple[str, ...]:
+    """The admin roles among ``values`` (a token's realm roles), highest first; others are ignored."""
+    present = {v for v in values if isinstance(v, str)}
+    return tuple(role for role in ADMIN_ROLES if role in present)
+
+
+def permissions(roles: Iterable[str]) -> frozenset[Permission]:
+    granted: set[Permission] = set()
+    for role in roles:
+        granted |= GRANTS.get(role, frozenset())
+    return frozenset(granted)

@@ -1,0 +1,109 @@
+"""Pages of the admin UI. Data comes from the same services as ``/admin/api``; every page is
+served with a strict Content-Security-Policy (no inline script) and may not be framed."""
+
+from __future__ import annotations
+
+import uuid
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import jinja2
+from litestar import Controller, Request, Response, get
+from litestar.params import FromPath, FromQuery
+from litestar.response import Redirect
+
+from firstmile.admin import paths as path_editor
+from firstmile.admin.oidc import LoginError
+from firstmile.admin.rbac import Permission, permissions
+from firstmile.admin.service import AdminAuth, read_bootstrap_token
+from firstmile.kit.db import authorise_tenant
+from firstmile.kit.errors import ProblemError
+
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+        "form-action 'self' {idp}; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "same-origin",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
+}
+
+
+@cache
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("firstmile.web", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+    )
+
+
+def _auth(request: Request[Any, Any, Any]) -> AdminAuth:
+    auth: AdminAuth = request.app.state.admin
+    return auth
+
+
+def render(request: Request[Any, Any, Any], template: str, status: int = 200, **context: Any) -> Response[str]:
+    context.setdefault("csrf_token", None)
+    html = _environment().get_template(template).render(**context)
+    oidc = _auth(request).oidc
+    idp = oidc.naming.keycloak_url.rstrip("/") if oidc is not None else ""
+    headers = {k: v.format(idp=idp).replace("  ", " ") for k, v in SECURITY_HEADERS.items()}
+    return Response(html, status_code=status, media_type="text/html; charset=utf-8", headers=headers)
+
+
+class PagesController(Controller):
+    path = "/admin"
+    include_in_schema = False
+
+    @get("/", summary="The admin dashboard")
+    async def dashboard(self, request: Request[Any, Any, Any]) -> Response[Any]:
+        auth = _auth(request)
+        session = await auth.session(request.cookies.get(auth.policy.cookie))
+        if session is None:
+            return Redirect("/admin/signin", status_code=303)
+        tenant = await auth.tenant(session.tenant_slug)
+        tenant_id = authorise_tenant(uuid.UUID(session.tenant_id))
+        granted = permissions(session.roles)
+        return render(
+            request,
+            "dashboard.html",
+            session=session,
+            csrf_token=session.csrf_token,
+            tenant_name=await path_editor.tenant_name(request.app.state.engine, tenant_id),
+            home_region=tenant.home_region,
+            permissions=sorted(str(p) for p in granted),
+            paths=await path_editor.list_paths(request.app.state.engine, tenant_id)
+            if Permission.PATHS_READ in granted
+            else [],
+            can_edit=Permission.PATHS_WRITE in granted,
+        )
+
+    @get("/signin", summary="Sign-in page")
+    async def signin(self, request: Request[Any, Any, Any]) -> Response[str]:
+        return render(request, "signin.html", sso=_auth(request).oidc is not None)
+
+    @get("/logged-out", summary="Signed-out page")
+    async def logged_out(self, request: Request[Any, Any, Any]) -> Response[str]:
+        return render(request, "logged_out.html")
+
+    @get("/bootstrap", summary="Confirm a one-time bootstrap link (embedded mode)")
+    async def bootstrap(self, request: Request[Any, Any, Any], token: FromQuery[str]) -> Response[str]:
+        # GET only shows the link's tenant and role; the POST redeems it, so link scanners cannot spend it
+        auth = _auth(request)
+        try:
+            claims = read_bootstrap_token(auth.bootstrap_signing_key, token)
+        except LoginError as exc:
+            raise ProblemError(400, "login-failed", exc.detail, reason=exc.reason) from None
+        return render(request, "bootstrap.html", tenant=claims["t"], role=claims["r"], token=token)
+
+    @get("/static/{name:str}", summary="Admin UI assets")
+    async def static(self, name: FromPath[str]) -> Response[bytes]:
+        types = {"admin.js": "text/javascript; charset=utf-8", "admin.css": "text/css; charset=utf-8"}
+        if name not in types:
+            return Response(b"", status_code=404)
+        body = resources.files("firstmile.web").joinpath(name).read_bytes()
+        return Response(body, media_type=types[name], headers={"Cache-Control": "max-age=300"})
