@@ -33,15 +33,18 @@ from keycloak.exceptions import KeycloakError
 
 from firstmile.settings import Settings
 from firstmile.sso.events import REALM_EVENT_TYPES, REALM_EVENTS_EXPIRATION
-from firstmile.tenancy.manifest import ADMIN_ROLES, SamlSpec, SsoSpec, TenantManifest
+from firstmile.tenancy.keys import SCOPES
+from firstmile.tenancy.manifest import ADMIN_ROLES, MachineClientSpec, SamlSpec, SsoSpec, TenantManifest
 
 MANAGED_ATTRIBUTE = "firstmile.managed"
 TENANT_ATTRIBUTE = "firstmile.tenant"
 AUDIENCE_MAPPER = "audience"
 TENANT_MAPPER = "tenant"
+CLIENT_KIND_ATTRIBUTE = "firstmile.client"
+MACHINE_CLIENT = "machine"
 
 Action = Literal["create", "update", "delete"]
-Kind = Literal["realm", "role", "client", "mapper", "group", "identity-provider", "idp-mapper"]
+Kind = Literal["realm", "role", "client", "mapper", "group", "identity-provider", "idp-mapper", "client-scope"]
 IDP_ALIAS = "customer-idp"
 _MD = "{urn:oasis:names:tc:SAML:2.0:metadata}"
 _DS = "{http://www.w3.org/2000/09/xmldsig#}"
@@ -56,6 +59,9 @@ SAML_OVERRIDES: dict[str, str] = {
     "nameIDPolicyFormat": "urn:oasis:names:tc:SAML:2.0:nameid-format:persistent",
     "principalType": "SUBJECT",
     "syncMode": "FORCE",
+    # Keycloak's SAML conditions check (NotBefore/NotOnOrAfter) tolerates this much clock difference;
+    # pinned so that a larger value set by hand shows as drift (docs/sso.md, SAML response security)
+    "allowedClockSkew": "5",
 }
 COMPARED_METADATA = ("idpEntityId", "singleSignOnServiceUrl", "signingCertificate")
 # user-profile attributes a brokered admin is never asked for (see KeycloakProvisioner._user_profile)
@@ -155,6 +161,11 @@ class KeycloakProvisioner:
     def realm_name(self, slug: str) -> str:
         return f"{self.realm_prefix}{slug}"
 
+    @property
+    def admin(self) -> KeycloakAdmin:
+        """The admin connection; :class:`firstmile.sso.events.KeycloakEventSync` reads the realms' events with it."""
+        return self._admin
+
     # -- public operations ---------------------------------------------------------------
 
     def plan(self, manifest: TenantManifest) -> list[Change]:
@@ -250,6 +261,7 @@ class KeycloakProvisioner:
                     changes.extend(
                         Change("create", "idp-mapper", realm, name) for name in self._desired_idp_mappers(sso)
                     )
+                changes.extend(self._machine_client_creations(realm, sso))
                 return changes
             self._admin.create_realm({"realm": realm, **desired_realm})
         else:
@@ -266,6 +278,7 @@ class KeycloakProvisioner:
             changes.extend(self._groups(realm, sso, execute))
             changes.extend(self._user_profile(realm, sso, execute))
             changes.extend(self._identity_provider(realm, sso, execute))
+            changes.extend(self._machine_clients(realm, slug, sso, execute))
         return changes
 
     def _roles(self, realm: str, sso: SsoSpec, execute: bool) -> list[Change]:
@@ -549,6 +562,204 @@ class KeycloakProvisioner:
                         f"admin/realms/{realm}/identity-provider/instances/{IDP_ALIAS}/mappers/{have['id']}"
                     )
         return changes
+
+    # -- machine clients: client-credentials access for the tenant's apps -------------------
+
+    def client_secret(self, slug: str, client_id: str) -> str:
+        """The current secret of the tenant's machine client ``client_id``, read from Keycloak (never stored here)."""
+        realm = self.realm_name(slug)
+        try:
+            with self._in_realm(realm):
+                found = next((c for c in self._admin.get_clients() if c.get("clientId") == client_id), None)
+                if found is None or not self._is_machine_client(found):
+                    raise ProvisioningError(f"{realm} has no machine client {client_id!r} made by Firstmile")
+                secret = self._admin.get_client_secrets(str(found["id"])).get("value")
+        except KeycloakError as exc:
+            raise ProvisioningError(f"keycloak: {exc}") from exc
+        if not secret:
+            raise ProvisioningError(f"{realm}: keycloak returned no secret for {client_id!r}")
+        return str(secret)
+
+    def _is_machine_client(self, client: dict[str, Any]) -> bool:
+        """Only clients this provisioner made as machine clients are ever changed or deleted by it."""
+        attributes = client.get("attributes") or {}
+        return (
+            client.get("clientId") != self.client_id
+            and attributes.get(MANAGED_ATTRIBUTE) == "true"
+            and attributes.get(CLIENT_KIND_ATTRIBUTE) == MACHINE_CLIENT
+        )
+
+    def _used_scopes(self, realm: str, sso: SsoSpec) -> list[str]:
+        """The platform scopes the manifest's machine clients use, in SCOPES order."""
+        if any(c.client_id == self.client_id for c in sso.machine_clients):
+            raise ProvisioningError(f"{realm}: machine client {self.client_id!r} has the admin UI client's id")
+        used = {scope for c in sso.machine_clients for scope in c.scopes}
+        return [scope for scope in SCOPES if scope in used]
+
+    def _machine_client_creations(self, realm: str, sso: SsoSpec) -> list[Change]:
+        """Everything :meth:`_machine_clients` would create in an empty realm."""
+        changes = [Change("create", "client-scope", realm, scope) for scope in self._used_scopes(realm, sso)]
+        changes.extend(
+            Change("create", "client", realm, c.client_id, _machine_detail(c.scopes)) for c in sso.machine_clients
+        )
+        return changes
+
+    @staticmethod
+    def _desired_client_scope(name: str) -> dict[str, Any]:
+        # include.in.token.scope: the scope's name goes into the token's scope claim, which kit/auth reads
+        return {
+            "name": name,
+            "protocol": "openid-connect",
+            "attributes": {
+                "include.in.token.scope": "true",
+                "display.on.consent.screen": "false",
+                MANAGED_ATTRIBUTE: "true",
+            },
+        }
+
+    def _desired_machine_client(self, spec: MachineClientSpec) -> dict[str, Any]:
+        return {
+            "clientId": spec.client_id,
+            "description": spec.description,
+            "protocol": "openid-connect",
+            "enabled": True,
+            "publicClient": False,
+            "bearerOnly": False,
+            "clientAuthenticatorType": "client-secret",
+            "serviceAccountsEnabled": True,  # the client-credentials grant
+            "standardFlowEnabled": False,
+            "implicitFlowEnabled": False,
+            "directAccessGrantsEnabled": False,
+            "attributes": {
+                MANAGED_ATTRIBUTE: "true",
+                CLIENT_KIND_ATTRIBUTE: MACHINE_CLIENT,
+                "oauth2.device.authorization.grant.enabled": "false",
+                "oidc.ciba.grant.enabled": "false",
+            },
+        }
+
+    def _machine_clients(self, realm: str, slug: str, sso: SsoSpec, execute: bool) -> list[Change]:
+        """Client scopes named like the platform scopes, one confidential client per manifest entry.
+
+        A client's platform scopes are its *optional* client scopes: a token carries those the app asks for
+        (``scope=…``), Keycloak refuses a scope the client was not given (``invalid_scope``). Unmanaged clients
+        are never changed; a managed client scope is deleted once no client holds it.
+        """
+        changes: list[Change] = []
+        used = self._used_scopes(realm, sso)
+        clients = {str(c["clientId"]): c for c in self._admin.get_clients()}
+        for spec in sso.machine_clients:  # before any change: a clash leaves the realm as it was
+            if spec.client_id in clients and not self._is_machine_client(clients[spec.client_id]):
+                raise ProvisioningError(
+                    f"{realm}: client {spec.client_id!r} exists and was not made by Firstmile; "
+                    "rename the machine client in the manifest or remove that client"
+                )
+        scopes = {str(s["name"]): s for s in self._admin.get_client_scopes()}
+        scope_ids = {name: str(s["id"]) for name, s in scopes.items()}
+        for name in used:
+            desired_scope = self._desired_client_scope(name)
+            have_scope = scopes.get(name)
+            if have_scope is None:
+                changes.append(Change("create", "client-scope", realm, name))
+                if execute:
+                    scope_ids[name] = str(self._admin.create_client_scope(desired_scope))
+                continue
+            differ = _subset_differs(desired_scope, have_scope)
+            if differ:
+                changes.append(Change("update", "client-scope", realm, name, ", ".join(differ)))
+                if execute:
+                    attributes = {**(have_scope.get("attributes") or {}), **desired_scope["attributes"]}
+                    self._admin.update_client_scope(
+                        scope_ids[name], {**have_scope, **desired_scope, "attributes": attributes}
+                    )
+        mappers = self._desired_mappers(slug)
+        for spec in sso.machine_clients:
+            desired = self._desired_machine_client(spec)
+            have = clients.get(spec.client_id)
+            if have is None:
+                changes.append(Change("create", "client", realm, spec.client_id, _machine_detail(spec.scopes)))
+                if execute:
+                    # no secret given: Keycloak generates it; Firstmile never sees it unless asked (client_secret)
+                    self._admin.create_client(
+                        {
+                            **desired,
+                            "protocolMappers": list(mappers.values()),
+                            "optionalClientScopes": list(spec.scopes),
+                        }
+                    )
+                continue
+            changes.extend(self._machine_client_update(realm, spec, desired, have, mappers, scope_ids, execute))
+        for client_id, have in sorted(clients.items()):
+            if client_id not in {c.client_id for c in sso.machine_clients} and self._is_machine_client(have):
+                changes.append(Change("delete", "client", realm, client_id, "not in the manifest"))
+                if execute:
+                    self._admin.delete_client(str(have["id"]))
+        # a scope another (unmanaged) client holds stays: deleting it would change that client
+        held = {
+            name
+            for c in clients.values()
+            if not self._is_machine_client(c)
+            for name in (*(c.get("defaultClientScopes") or ()), *(c.get("optionalClientScopes") or ()))
+        }
+        for name, have_scope in sorted(scopes.items()):
+            managed = (have_scope.get("attributes") or {}).get(MANAGED_ATTRIBUTE) == "true"
+            if name in SCOPES and managed and name not in used and name not in held:
+                changes.append(Change("delete", "client-scope", realm, name, "no machine client uses it"))
+                if execute:
+                    self._admin.delete_client_scope(scope_ids[name])
+        return changes
+
+    def _machine_client_update(
+        self,
+        realm: str,
+        spec: MachineClientSpec,
+        desired: dict[str, Any],
+        have: dict[str, Any],
+        mappers: dict[str, dict[str, Any]],
+        scope_ids: dict[str, str],
+        execute: bool,
+    ) -> list[Change]:
+        internal_id = str(have["id"])
+        current = {**have, "description": have.get("description") or ""}  # Keycloak drops an empty description
+        differ = _subset_differs(desired, current)
+        actual_mappers = {str(m["name"]): m for m in self._admin.get_mappers_from_client(internal_id)}
+        mapper_work: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = []
+        for name, mapper in mappers.items():
+            have_mapper = actual_mappers.get(name)
+            wanted = {"protocolMapper": mapper["protocolMapper"], "config": mapper["config"]}
+            if have_mapper is None or _subset_differs(wanted, have_mapper):
+                mapper_work.append((name, mapper, have_mapper))
+                differ.append(f"mapper {name}")
+        optional = {s for s in have.get("optionalClientScopes") or () if s in SCOPES}
+        default = {s for s in have.get("defaultClientScopes") or () if s in SCOPES}
+        want = set(spec.scopes)
+        if optional != want or default:
+            before = ", ".join(s for s in SCOPES if s in optional) or "none"
+            if default:
+                before += " (default " + ", ".join(s for s in SCOPES if s in default) + ")"
+            differ.append(f"scopes {before} -> {', '.join(s for s in SCOPES if s in want)}")
+        if not differ:
+            return []
+        if execute:
+            if _subset_differs(desired, current):
+                attributes = {**(have.get("attributes") or {}), **desired["attributes"]}
+                self._admin.update_client(internal_id, {**have, **desired, "attributes": attributes})
+            for _name, mapper, have_mapper in mapper_work:
+                if have_mapper is None:
+                    self._admin.add_mapper_to_client(internal_id, mapper)
+                else:
+                    self._admin.update_client_mapper(internal_id, str(have_mapper["id"]), {**have_mapper, **mapper})
+            for scope in default:
+                self._admin.delete_client_default_client_scope(internal_id, scope_ids[scope])
+            for scope in optional - want:
+                self._admin.delete_client_optional_client_scope(internal_id, scope_ids[scope])
+            for scope in want - optional:
+                self._admin.add_client_optional_client_scope(internal_id, scope_ids[scope], {})
+        return [Change("update", "client", realm, spec.client_id, ", ".join(differ))]
+
+
+def _machine_detail(scopes: Sequence[str]) -> str:
+    return "machine client, optional scopes " + ", ".join(scopes)
 
 
 def parse_saml_metadata(document: str) -> dict[str, str]:
