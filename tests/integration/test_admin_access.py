@@ -1,0 +1,291 @@
+"""The admin UI without Keycloak: bootstrap links, sessions, role-based access on every admin
+endpoint, CSRF, cookies and tenant isolation (real PostgreSQL; sessions in-process).
+
+Bootstrap links give a session of any role cheaply, so the whole permission matrix runs here;
+the SSO login that gives the same sessions is tested against Keycloak in test_admin_login.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from firstmile.admin.api import AdminApiController
+from firstmile.admin.rbac import GRANTS, Permission
+from firstmile.admin.service import AdminAuth, bootstrap_key, mint_bootstrap_token
+from firstmile.analytics.chdb_store import ChdbStore
+from firstmile.app import create_app
+from tests.conftest import PEPPER, Database, TenantFixture, make_settings, new_tenant
+
+Client = AsyncTestClient[Litestar]
+BASE = "http://testserver.local"
+
+
+@pytest.fixture(scope="module")
+async def admin_app(database: Database, analytics_store: ChdbStore) -> AsyncIterator[Client]:
+    settings = make_settings(public_url=BASE, admin_cookie_secure=False)
+    app = create_app(settings, database.app_url, PEPPER, analytics=analytics_store)
+    async with AsyncTestClient(app=app, base_url=BASE, raise_server_exceptions=False) as api:
+        yield api
+
+
+@pytest.fixture(scope="module")
+async def home(admin_engine: AsyncEngine) -> TenantFixture:
+    return await new_tenant(admin_engine)
+
+
+@pytest.fixture(scope="module")
+async def other(admin_engine: AsyncEngine) -> TenantFixture:
+    return await new_tenant(admin_engine)
+
+
+def _auth(api: Client) -> AdminAuth:
+    auth: AdminAuth = api.app.state.admin
+    return auth
+
+
+async def sign_in(api: Client, slug: str, role: str) -> dict[str, Any]:
+    """A fresh session (cookie jar cleared) through a bootstrap link; /admin/api/me of it."""
+    api.cookies.clear()
+    token = _auth(api).bootstrap_token(slug, role)
+    page = await api.get("/admin/bootstrap", params={"token": token})
+    assert page.status_code == 200 and f"as <strong>{role}</strong>" in page.text
+    redeemed = await api.post("/admin/bootstrap/redeem", data={"token": token}, follow_redirects=False)
+    assert redeemed.status_code == 303, redeemed.text
+    me = await api.get("/admin/api/me")
+    assert me.status_code == 200, me.text
+    body: dict[str, Any] = me.json()
+    return body
+
+
+async def audit_kinds(admin_engine: AsyncEngine, tenant: TenantFixture, kind_prefix: str) -> list[tuple[str, Any]]:
+    async with admin_engine.connect() as conn:
+        rows = await conn.execute(
+            text("SELECT kind, payload FROM audit_entries WHERE tenant_id = :t AND kind LIKE :k ORDER BY seq"),
+            {"t": tenant.id, "k": kind_prefix + "%"},
+        )
+        return [(r[0], r[1]) for r in rows]
+
+
+async def test_a_bootstrap_link_opens_one_session_once_and_is_audited(
+    admin_app: Client, home: TenantFixture, admin_engine: AsyncEngine
+) -> None:
+    me = await sign_in(admin_app, home.slug, "owner")
+    assert me["tenant"]["slug"] == home.slug and me["roles"] == ["owner"] and me["origin"] == "bootstrap"
+    assert set(me["permissions"]) == {str(p) for p in Permission}
+    token = _auth(admin_app).bootstrap_token(home.slug, "viewer")
+    first = await admin_app.post("/admin/bootstrap/redeem", data={"token": token}, follow_redirects=False)
+    assert first.status_code == 303
+    again = await admin_app.post("/admin/bootstrap/redeem", data={"token": token}, follow_redirects=False)
+    assert again.status_code == 400 and again.json()["reason"] == "replayed_bootstrap_link"
+    assert again.headers["content-type"].startswith("application/problem+json")
+    kinds = [k for k, _ in await audit_kinds(admin_engine, home, "admin.login")]
+    assert "admin.login" in kinds and "admin.login_failed" in kinds
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda t: t[:-3] + ("AAA" if not t.endswith("AAA") else "BBB"), "bad_bootstrap_link"),
+        (lambda t: "not-a-token", "bad_bootstrap_link"),
+    ],
+)
+async def test_a_forged_bootstrap_link_is_refused(
+    admin_app: Client, home: TenantFixture, mutate: Any, reason: str
+) -> None:
+    token = mutate(_auth(admin_app).bootstrap_token(home.slug, "owner"))
+    response = await admin_app.post("/admin/bootstrap/redeem", data={"token": token}, follow_redirects=False)
+    assert response.status_code == 400 and response.json()["reason"] == reason
+    assert "set-cookie" not in response.headers
+
+
+async def test_an_expired_or_foreign_bootstrap_link_is_refused(admin_app: Client, home: TenantFixture) -> None:
+    expired = mint_bootstrap_token(bootstrap_key(PEPPER), home.slug, "owner", ttl=-1)
+    response = await admin_app.post("/admin/bootstrap/redeem", data={"token": expired})
+    assert response.status_code == 400 and response.json()["reason"] == "expired_bootstrap_link"
+    foreign = mint_bootstrap_token(bootstrap_key(b"another-installation-pepper"), home.slug, "owner", ttl=60)
+    response = await admin_app.post("/admin/bootstrap/redeem", data={"token": foreign})
+    assert response.status_code == 400 and response.json()["reason"] == "bad_bootstrap_link"
+    unknown = _auth(admin_app).bootstrap_token("t-nobody-here", "owner")
+    response = await admin_app.post("/admin/bootstrap/redeem", data={"token": unknown})
+    assert response.status_code == 404
+
+
+def test_every_admin_api_handler_declares_a_permission() -> None:
+    handlers = [getattr(AdminApiController, name) for name in dir(AdminApiController)]
+    routes = [h for h in handlers if hasattr(h, "opt") and hasattr(h, "http_methods")]
+    assert len(routes) >= 6
+    for handler in routes:
+        declared = handler.opt.get("permission")
+        assert declared == "session" or declared in set(Permission), handler
+
+
+async def _call(api: Client, method: str, url: str, csrf: str, body: Any = None) -> int:
+    headers = {"X-CSRF-Token": csrf}
+    response = await api.request(method, url, json=body, headers=headers)
+    return response.status_code
+
+
+ENDPOINTS: list[tuple[str, str, Permission, Any]] = [
+    ("GET", "/admin/api/paths", Permission.PATHS_READ, None),
+    ("GET", "/admin/api/audit", Permission.AUDIT_READ, None),
+    ("GET", "/admin/api/users/nobody/export", Permission.USERS_EXPORT, None),
+    ("DELETE", "/admin/api/users/nobody", Permission.USERS_ERASE, None),
+    ("PATCH", "/admin/api/paths/no-such-path", Permission.PATHS_WRITE, {"name": "x"}),
+]
+
+
+@pytest.mark.parametrize("role", ["viewer", "analyst", "editor", "owner"])
+async def test_each_role_reaches_exactly_its_permissions(
+    admin_app: Client, home: TenantFixture, admin_engine: AsyncEngine, role: str
+) -> None:
+    me = await sign_in(admin_app, home.slug, role)
+    assert set(me["permissions"]) == {str(p) for p in GRANTS[role]}
+    denied_before = len(await audit_kinds(admin_engine, home, "admin.forbidden"))
+    denied = 0
+    for method, url, permission, body in ENDPOINTS:
+        status = await _call(admin_app, method, url, me["csrf_token"], body)
+        if permission in GRANTS[role]:
+            # allowed: the handler ran (404 for the made-up user and path, 200 for lists)
+            assert status in (200, 404), (role, url, status)
+        else:
+            assert status == 403, (role, url, status)
+            denied += 1
+    assert len(await audit_kinds(admin_engine, home, "admin.forbidden")) == denied_before + denied
+
+
+async def test_an_analyst_cannot_edit_paths_and_a_viewer_cannot_export(admin_app: Client, home: TenantFixture) -> None:
+    analyst = await sign_in(admin_app, home.slug, "analyst")
+    paths = (await admin_app.get("/admin/api/paths")).json()
+    key = paths[0]["key"]
+    refused = await admin_app.patch(
+        f"/admin/api/paths/{key}", json={"name": "Analyst was here"}, headers={"X-CSRF-Token": analyst["csrf_token"]}
+    )
+    assert refused.status_code == 403 and refused.json()["required_permission"] == "paths:write"
+    assert (await admin_app.get("/admin/api/paths")).json() == paths  # nothing changed
+    viewer = await sign_in(admin_app, home.slug, "viewer")
+    assert viewer["roles"] == ["viewer"]
+    export = await admin_app.get("/admin/api/users/u1/export")
+    assert export.status_code == 403 and export.json()["required_permission"] == "users:export"
+
+
+async def test_an_editor_edits_a_path_as_a_new_version_with_csrf_only(
+    admin_app: Client, home: TenantFixture, admin_engine: AsyncEngine
+) -> None:
+    editor = await sign_in(admin_app, home.slug, "editor")
+    before = {p["key"]: p for p in (await admin_app.get("/admin/api/paths")).json()}
+    key = sorted(before)[0]
+    no_token = await admin_app.patch(f"/admin/api/paths/{key}", json={"name": "Renamed"})
+    wrong_token = await admin_app.patch(
+        f"/admin/api/paths/{key}", json={"name": "Renamed"}, headers={"X-CSRF-Token": "guess"}
+    )
+    foreign = await admin_app.patch(
+        f"/admin/api/paths/{key}",
+        json={"name": "Renamed"},
+        headers={"X-CSRF-Token": editor["csrf_token"], "Origin": "https://evil.example"},
+    )
+    for refused in (no_token, wrong_token, foreign):
+        assert refused.status_code == 403 and refused.json()["type"].endswith("/csrf-failed"), refused.text
+    assert {p["key"]: p for p in (await admin_app.get("/admin/api/paths")).json()} == before
+    reasons = [p["reason"] for _, p in await audit_kinds(admin_engine, home, "admin.csrf_refused")]
+    assert reasons[-3:] == ["missing_or_wrong_token", "missing_or_wrong_token", "foreign_origin"]
+
+    bad = await admin_app.patch(
+        f"/admin/api/paths/{key}", json={"priority": -4}, headers={"X-CSRF-Token": editor["csrf_token"]}
+    )
+    assert bad.status_code == 400 and bad.headers["content-type"].startswith("application/problem+json")
+    unknown_field = await admin_app.patch(
+        f"/admin/api/paths/{key}", json={"steps": []}, headers={"X-CSRF-Token": editor["csrf_token"]}
+    )
+    assert unknown_field.status_code == 400
+
+    done = await admin_app.patch(
+        f"/admin/api/paths/{key}",
+        json={"name": "Renamed by an editor"},
+        headers={"X-CSRF-Token": editor["csrf_token"], "Origin": BASE},
+    )
+    assert done.status_code == 200, done.text
+    assert done.json()["version"] == before[key]["version"] + 1 and done.json()["name"] == "Renamed by an editor"
+    edits = await audit_kinds(admin_engine, home, "path.edit")
+    assert edits[-1][1]["after"] == {"name": "Renamed by an editor"}
+    assert edits[-1][1]["before"] == {"name": before[key]["name"]}
+
+
+async def test_a_session_sees_only_its_own_tenant(admin_app: Client, home: TenantFixture, other: TenantFixture) -> None:
+    me = await sign_in(admin_app, other.slug, "editor")
+    renamed = await admin_app.patch(
+        "/admin/api/paths/" + (await admin_app.get("/admin/api/paths")).json()[0]["key"],
+        json={"name": "Only in other"},
+        headers={"X-CSRF-Token": me["csrf_token"]},
+    )
+    assert renamed.status_code == 200
+    await sign_in(admin_app, home.slug, "owner")
+    names = [p["name"] for p in (await admin_app.get("/admin/api/paths")).json()]
+    assert "Only in other" not in names
+    audit = (await admin_app.get("/admin/api/audit", params={"limit": 500})).json()
+    assert all("Only in other" not in str(entry["payload"]) for entry in audit)
+    assert (await admin_app.get("/admin/api/me")).json()["tenant"]["slug"] == home.slug
+
+
+async def test_logout_ends_the_session_and_needs_the_form_token(
+    admin_app: Client, home: TenantFixture, admin_engine: AsyncEngine
+) -> None:
+    me = await sign_in(admin_app, home.slug, "viewer")
+    refused = await admin_app.post("/admin/logout", data={"csrf_token": "nope"}, follow_redirects=False)
+    assert refused.status_code == 403
+    assert (await admin_app.get("/admin/api/me")).status_code == 200
+    out = await admin_app.post("/admin/logout", data={"csrf_token": me["csrf_token"]}, follow_redirects=False)
+    assert out.status_code == 303 and out.headers["location"] == "/admin/logged-out"
+    gone = await admin_app.get("/admin/api/me")
+    assert gone.status_code == 401 and gone.headers["content-type"].startswith("application/problem+json")
+    page = await admin_app.get("/admin/", follow_redirects=False)
+    assert page.status_code == 303 and page.headers["location"] == "/admin/signin"
+    logouts = await audit_kinds(admin_engine, home, "admin.logout")
+    assert logouts[-1][1]["how"] == "user"
+
+
+async def test_the_dashboard_shows_the_tenant_role_and_region_under_a_strict_policy(
+    admin_app: Client, home: TenantFixture
+) -> None:
+    await sign_in(admin_app, home.slug, "analyst")
+    page = await admin_app.get("/admin/")
+    assert page.status_code == 200
+    assert f'data-testid="tenant">{home.slug}<' in page.text and 'data-testid="roles">analyst<' in page.text
+    assert 'data-testid="region">eu-west-1<' in page.text
+    assert 'class="edit-path' not in page.text  # an analyst gets no edit form
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert page.headers["x-frame-options"] == "DENY"
+    assert "<script>" not in page.text  # no inline script: the CSP would block it
+
+
+async def test_without_keycloak_the_sso_login_is_not_offered(admin_app: Client, home: TenantFixture) -> None:
+    response = await admin_app.get("/admin/login", params={"tenant": home.slug}, follow_redirects=False)
+    assert response.status_code == 404 and response.json()["type"].endswith("/sso-not-configured")
+    signin = await admin_app.get("/admin/signin")
+    assert 'data-testid="embedded-signin"' in signin.text
+
+
+async def test_admin_routes_do_not_take_api_keys(admin_app: Client, home: TenantFixture) -> None:
+    admin_app.cookies.clear()
+    response = await admin_app.get("/admin/api/me", headers=home.headers)
+    assert response.status_code == 401
+
+
+async def test_secure_cookies_are_host_prefixed_http_only_and_lax(
+    database: Database, analytics_store: ChdbStore, home: TenantFixture
+) -> None:
+    app = create_app(make_settings(public_url=BASE), database.app_url, PEPPER, analytics=analytics_store)
+    async with AsyncTestClient(app=app, base_url=BASE, raise_server_exceptions=False) as api:
+        token = _auth(api).bootstrap_token(home.slug, "viewer")
+        response = await api.post("/admin/bootstrap/redeem", data={"token": token}, follow_redirects=False)
+    cookie = response.headers["set-cookie"]
+    assert cookie.startswith("__Host-fm_admin=")
+    attributes = {part.strip().split("=")[0].lower() for part in cookie.split(";")[1:]}
+    assert {"secure", "httponly", "path", "samesite"} <= attributes and "domain" not in attributes
+    assert "samesite=lax" in cookie.lower()
