@@ -34,6 +34,8 @@ from firstmile.tenancy.service import apply_manifest, create_key
 from tests.factories import ROOT, manifest_for, recreate_database
 
 REGION = "eu-west-1"
+_TAG = os.environ.get("FIRSTMILE_TEST_DB_TAG", "")
+"""Prefix of this run's database and chdb names, so that two test runs on one server do not share them."""
 PEPPER = b"test-pepper-0123456789abcdef"
 
 
@@ -57,7 +59,7 @@ def database(worker_id: str) -> Database:
     import asyncio
 
     server = make_url(_admin_server_url())
-    name = f"firstmile_test_{worker_id}"
+    name = f"firstmile_test_{_TAG}{worker_id}"
 
     admin_url = recreate_database(server, name)
 
@@ -97,7 +99,7 @@ def events_database(worker_id: str) -> EventsDatabase:
     import asyncio
 
     server = make_url(_admin_server_url())
-    name = f"firstmile_test_{worker_id}_events"
+    name = f"firstmile_test_{_TAG}{worker_id}_events"
     admin_url = recreate_database(server, name)
 
     async def roles() -> None:
@@ -232,7 +234,7 @@ def make_settings(**overrides: object) -> Settings:
 @pytest.fixture(scope="session")
 def analytics_store(worker_id: str) -> Iterator[ChdbStore]:
     """This worker's chdb store (chdb admits one data folder per process); tests isolate by tenant."""
-    path = ROOT / ".firstmile" / "test-chdb" / worker_id
+    path = ROOT / ".firstmile" / "test-chdb" / f"{_TAG}{worker_id}"
     shutil.rmtree(path, ignore_errors=True)
     store = ChdbStore(path)
     store.ensure_schema()
