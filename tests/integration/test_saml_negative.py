@@ -7,6 +7,9 @@ broker ``customer-idp`` with responses the test writes (:mod:`tests.support.saml
 - the positive control first: a correctly signed response goes through first-broker-login to the
   admin client's redirect URI with a code that PKCE redeems for the tenant's token. Without it a
   refusal could just as well mean a broken harness;
+- then each forgery, refused with HTTP 400, no redirect, no code and no new Keycloak user: no
+  signature, the wrong key, XML Signature Wrapping (Somorovsky et al. 2012: XSW1-4, 7, 8), replay,
+  expired conditions or subject confirmation, wrong audience, recipient, destination, InResponseTo;
 - and what Keycloak accepts that is worth knowing: an unsigned Response around a signed assertion,
   and the ACS URL as an audience.
 
@@ -17,8 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -111,6 +115,12 @@ def _finish(http: httpx.Client, answer: httpx.Response, login: saml.Login) -> st
     raise AssertionError("too many redirects")
 
 
+def _last_event(s: Setup) -> tuple[str, str | None, str | None]:
+    """Type, error and reason of the realm's newest event (Keycloak saves them, see REALM_EVENT_TYPES)."""
+    event: dict[str, Any] = s.kc.admin.connection.raw_get(f"admin/realms/{s.realm}/events", max="1").json()[0]
+    return str(event["type"]), event.get("error"), (event.get("details") or {}).get("reason")
+
+
 def _redeem(s: Setup, code: str, login: saml.Login) -> dict[str, Any]:
     token = httpx.post(
         f"{s.kc.base}/realms/{s.realm}/protocol/openid-connect/token",
@@ -125,6 +135,14 @@ def _redeem(s: Setup, code: str, login: saml.Login) -> dict[str, Any]:
     assert token.status_code == 200, token.text
     claims: dict[str, Any] = jwt.decode(token.json()["access_token"], options={"verify_signature": False})
     return claims
+
+
+def _assert_refused(answer: httpx.Response, page: str = "login-error") -> None:
+    """A Keycloak page with HTTP 400 and no redirect (so no code): by default the "We are sorry" error page."""
+    assert answer.status_code == 400, (answer.status_code, answer.headers.get("location"))
+    assert "location" not in answer.headers
+    assert "code=" not in answer.text
+    assert f'data-page-id="{page}"' in answer.text
 
 
 # -- the positive control --------------------------------------------------------------------
@@ -158,3 +176,153 @@ def test_the_acs_url_is_accepted_as_an_audience(setup: Setup, browser: httpx.Cli
     login, request = setup.start(browser)
     answer = saml.post_response(browser, request, setup.signed(request, audience=request.acs_url))
     assert _finish(browser, answer, login) is not None
+
+
+# -- forgeries -------------------------------------------------------------------------------
+
+EVIL = saml.Subject(name_id="mallory", email="mallory@evil.test", name="Mallory", groups=("Admins",))
+WRONG_KEY = saml.signing_key("not-the-idp")
+PAST = timedelta(minutes=2)
+
+
+def _unsigned(s: Setup, r: saml.AuthnRequest) -> etree._Element:
+    return saml.build_response(s.idp, r, EVIL)
+
+
+def _wrong_key(s: Setup, r: saml.AuthnRequest) -> etree._Element:
+    response = saml.build_response(s.idp, r, EVIL)
+    saml.sign(saml.assertion_of(response), WRONG_KEY)
+    return saml.sign(response, WRONG_KEY)
+
+
+def _response_signed_only(s: Setup, r: saml.AuthnRequest) -> etree._Element:
+    return saml.sign(saml.build_response(s.idp, r, EVIL), s.idp.key)
+
+
+def _tampered(s: Setup, r: saml.AuthnRequest) -> etree._Element:
+    """Signed, then the NameID changed: the digest no longer matches."""
+    response = s.fully_signed(r)
+    name_id = response.find(f".//{{{saml.SAML}}}NameID")
+    assert name_id is not None
+    name_id.text = EVIL.name_id
+    return response
+
+
+def _expired(s: Setup, r: saml.AuthnRequest, where: str) -> etree._Element:
+    past = datetime.now(UTC) - PAST
+    if where == "conditions":
+        return s.signed(r, conditions_not_on_or_after=past)
+    return s.signed(r, confirmation_not_on_or_after=past)
+
+
+Forge = Callable[[Setup, saml.AuthnRequest], etree._Element]
+CASES: dict[str, tuple[Forge, str, str | None]] = {
+    # name: (forgery, Keycloak's error, its reason detail)
+    "unsigned response and assertion": (_unsigned, "invalid_signature", None),
+    "signed with the wrong key": (_wrong_key, "invalid_signature", None),
+    "signed, then the subject changed": (_tampered, "invalid_signature", None),
+    "response signed, assertion not": (_response_signed_only, "invalid_signature", None),
+    "XSW1 signed response nested in its signature": (
+        lambda s, r: saml.xsw1(s.fully_signed(r), EVIL),
+        "invalid_signature",
+        None,
+    ),
+    "XSW2 signed response before its detached signature": (
+        lambda s, r: saml.xsw2(s.fully_signed(r), EVIL),
+        "invalid_saml_response",
+        "invalid_saml_document",
+    ),
+    "XSW3 evil assertion before the signed one": (
+        lambda s, r: saml.xsw3(s.signed(r), EVIL),
+        "invalid_signature",
+        None,
+    ),
+    "XSW4 signed assertion inside the evil one": (
+        lambda s, r: saml.xsw4(s.signed(r), EVIL),
+        "invalid_saml_response",
+        "invalid_saml_document",
+    ),
+    "XSW7 signed assertion moved into Extensions": (
+        lambda s, r: saml.xsw7(s.signed(r), EVIL),
+        "invalid_signature",
+        None,
+    ),
+    "XSW8 signed assertion in the evil one's Signature Object": (
+        lambda s, r: saml.xsw8(s.signed(r), EVIL),
+        "invalid_signature",
+        None,
+    ),
+    "Conditions NotOnOrAfter in the past": (
+        lambda s, r: _expired(s, r, "conditions"),
+        "invalid_saml_response",
+        None,
+    ),
+    "SubjectConfirmationData NotOnOrAfter in the past": (
+        lambda s, r: _expired(s, r, "confirmation"),
+        "invalid_saml_response",
+        None,
+    ),
+    "another SP's audience": (
+        lambda s, r: s.signed(r, audience="https://other-sp.example/saml"),
+        "invalid_saml_response",
+        None,
+    ),
+    "another recipient": (
+        lambda s, r: s.signed(r, recipient="https://other-sp.example/saml/acs"),
+        "invalid_saml_response",
+        None,
+    ),
+    "another destination": (
+        lambda s, r: s.signed(r, destination="https://other-sp.example/saml/acs"),
+        "invalid_saml_response",
+        "invalid_destination",
+    ),
+    "an answer to another request": (
+        lambda s, r: s.signed(r, in_response_to="ID_someone-elses-request"),
+        "invalid_saml_response",
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_forged_response_is_refused(case: str, setup: Setup, browser: httpx.Client) -> None:
+    forge, error, reason = CASES[case]
+    users = setup.users()
+    _, request = setup.start(browser)
+    forged = forge(setup, request)
+    answer = saml.post_response(browser, request, forged)
+    _assert_refused(answer)
+    assert setup.users() == users, f"{case}: Keycloak's users changed ({saml.describe(forged)})"
+    assert _last_event(setup) == ("IDENTITY_PROVIDER_RESPONSE_ERROR", error, reason)
+
+
+def test_a_replayed_response_is_refused(setup: Setup) -> None:
+    """The victim's accepted response, posted again: by the victim's browser, by an attacker's browser
+    with the victim's RelayState, and in the attacker's own login. Keycloak binds a response to one
+    authentication session (RelayState, cookie, InResponseTo); that session is used up."""
+    victim = saml.browser()
+    attacker = saml.browser()
+    try:
+        login, request = setup.start(victim)
+        captured = saml.encode(setup.fully_signed(request))
+        assert _finish(victim, saml.post_response(victim, request, captured), login) is not None
+        users = setup.users()
+
+        # the victim's own session has logged in already: an info page, still 400 and no code
+        _assert_refused(saml.post_response(victim, request, captured), page="login-info")
+        assert _last_event(setup) == ("IDENTITY_PROVIDER_LOGIN_ERROR", "already_logged_in", None)
+
+        _assert_refused(saml.post_response(attacker, request, captured))
+        assert _last_event(setup) == ("IDENTITY_PROVIDER_LOGIN_ERROR", "cookie_not_found", None)
+
+        _, own = setup.start(attacker)
+        own_answer = attacker.post(
+            own.acs_url, data={"SAMLResponse": captured, "RelayState": own.relay_state}, follow_redirects=False
+        )
+        _assert_refused(own_answer)
+        assert _last_event(setup) == ("IDENTITY_PROVIDER_RESPONSE_ERROR", "invalid_saml_response", None)
+        assert setup.users() == users
+    finally:
+        victim.close()
+        attacker.close()
