@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import uuid
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,15 @@ def demo_document(*, planner: bool = False, sso: bool = False) -> dict[str, Any]
     if not sso:
         doc.pop("sso", None)
     return doc
+
+
+def provisioned_kek(path: Path) -> Path:
+    """A local KEK file as an operator provisions one (32 random bytes, hex, 0600): with an external
+    database nothing generates it, and ``tenants apply`` needs it to make a new tenant's data key."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(secrets.token_hex(32) + "\n", encoding="utf-8")
+    path.chmod(0o600)
+    return path
 
 
 def manifest_for(slug: str, region: str, document: dict[str, Any] | None = None) -> TenantManifest:

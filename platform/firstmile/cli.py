@@ -99,7 +99,26 @@ def _directory(settings: Settings, engine: Any) -> TenantDirectory:
     return PostgresTenantDirectory.from_url(settings.directory_url.get_secret_value())
 
 
+def _region_topics(settings: Settings, dry_run: bool) -> None:
+    """Plan or create the region's Kafka topics (shared by its tenants); skipped without Kafka."""
+    from firstmile.events.runtime import reconcile_region_topics
+
+    if not settings.kafka_bootstrap_servers:
+        click.echo("kafka: skipped (FIRSTMILE_KAFKA_BOOTSTRAP_SERVERS unset: events are relayed in-process)")
+        return
+    try:
+        created = reconcile_region_topics(settings, execute=not dry_run)
+    except Exception as exc:  # confluent-kafka raises KafkaException or its own errors: say which
+        raise click.ClickException(f"kafka: {type(exc).__name__}: {exc}") from exc
+    for change in created:
+        click.echo(f"kafka: {'would change' if dry_run else 'changed'}: {change}")
+    if not created:
+        click.echo("kafka: up to date")
+
+
 def _apply(paths: tuple[Path, ...], dry_run: bool, prune: bool = False) -> None:
+    from firstmile.security.datakeys import DataKeyService, ManifestProviders
+    from firstmile.security.keys import KeyConfig, KeyProviderError, ProviderRegistry
     from firstmile.sso.provisioning import KeycloakProvisioner, ProvisioningError
     from firstmile.tenancy.manifest import ManifestError, load_manifest
     from firstmile.tenancy.service import TenancyError, apply_manifest, record_provisioning
@@ -120,19 +139,26 @@ def _apply(paths: tuple[Path, ...], dry_run: bool, prune: bool = False) -> None:
 
     async def work(engine: Any) -> None:
         directory = _directory(settings, engine)
+        registry = ProviderRegistry(KeyConfig.from_settings(settings))
         try:
             if not dry_run:
                 await directory.ensure_schema()
-            await reconcile_all(engine, directory)
+            await asyncio.to_thread(_region_topics, settings, dry_run)
+            # nothing cached: this process only creates keys, it encrypts nothing
+            data_keys = DataKeyService(engine, ManifestProviders(registry), ttl_seconds=0)
+            await reconcile_all(engine, directory, data_keys)
         finally:
             await directory.aclose()
+            registry.close()
 
-    async def reconcile_all(engine: Any, directory: TenantDirectory) -> None:
+    async def reconcile_all(engine: Any, directory: TenantDirectory, data_keys: DataKeyService) -> None:
         for manifest in manifests:
             try:
-                result = await apply_manifest(engine, manifest, dry_run=dry_run)
+                result = await apply_manifest(engine, manifest, dry_run=dry_run, data_keys=data_keys)
             except TenancyError as exc:
                 raise click.ClickException(str(exc)) from exc
+            except KeyProviderError as exc:
+                raise click.ClickException(f"tenant {manifest.tenant.slug}: data key: {exc}") from exc
             if not result.changes:
                 click.echo(f"tenant {result.slug}: up to date")
             for change in result.changes:

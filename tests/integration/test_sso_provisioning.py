@@ -31,7 +31,7 @@ from firstmile.sso.provisioning import (
 )
 from firstmile.tenancy.manifest import ADMIN_ROLES, DEFAULT_ROLE_DESCRIPTIONS, SsoSpec, TenantManifest
 from tests.conftest import REGION, Database
-from tests.factories import demo_document, manifest_for
+from tests.factories import demo_document, manifest_for, provisioned_kek
 
 pytestmark = pytest.mark.xdist_group("keycloak")
 
@@ -233,6 +233,7 @@ def cli_env(database: Database, keycloak_url: str, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("FIRSTMILE_DATABASE_URL", database.admin_url)
     monkeypatch.setenv("FIRSTMILE_DATABASE_ADMIN_URL", database.admin_url)
     monkeypatch.setenv("FIRSTMILE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("FIRSTMILE_KEK_FILE", str(provisioned_kek(tmp_path / "kek")))  # apply makes data keys
     monkeypatch.setenv("FIRSTMILE_KEYCLOAK_URL", f"{parts.scheme}://{parts.hostname}:{parts.port}")
     monkeypatch.setenv("FIRSTMILE_KEYCLOAK_ADMIN_USER", str(parts.username))
     monkeypatch.setenv("FIRSTMILE_KEYCLOAK_ADMIN_PASSWORD_FILE", str(password_file))
@@ -339,6 +340,7 @@ async def test_cli_without_keycloak_says_provisioning_is_skipped(
     monkeypatch.setenv("FIRSTMILE_DATABASE_URL", database.admin_url)
     monkeypatch.setenv("FIRSTMILE_DATABASE_ADMIN_URL", database.admin_url)
     monkeypatch.setenv("FIRSTMILE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("FIRSTMILE_KEK_FILE", str(provisioned_kek(tmp_path / "kek")))  # apply makes data keys
     monkeypatch.delenv("FIRSTMILE_KEYCLOAK_URL", raising=False)
     get_settings.cache_clear()
     try:

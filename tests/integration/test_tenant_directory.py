@@ -26,7 +26,7 @@ from firstmile.sso.tokens import RealmNaming
 from firstmile.tenancy import keys as keylib
 from firstmile.tenancy.directory import DirectoryEntry, PostgresTenantDirectory, RegionalTenantDirectory
 from tests.conftest import PEPPER, REGION, Database, make_settings, new_tenant
-from tests.factories import demo_document, recreate_database
+from tests.factories import demo_document, provisioned_kek, recreate_database
 from tests.support.keycloak import client, client_credentials_token, client_scope, mappers, server
 
 
@@ -87,6 +87,7 @@ def cli_env(database: Database, directory_url: str, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("FIRSTMILE_DATABASE_URL", database.admin_url)
     monkeypatch.setenv("FIRSTMILE_DATABASE_ADMIN_URL", database.admin_url)
     monkeypatch.setenv("FIRSTMILE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("FIRSTMILE_KEK_FILE", str(provisioned_kek(tmp_path / "kek")))  # apply makes data keys
     monkeypatch.setenv("FIRSTMILE_DIRECTORY_URL", directory_url)
     monkeypatch.delenv("FIRSTMILE_KEYCLOAK_URL", raising=False)
     get_settings.cache_clear()

@@ -35,22 +35,33 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
 }
 
 
-def ensure_topics(bootstrap: str, topics: dict[str, int], timeout: float = 30.0) -> None:
-    """Create missing topics (name → partitions); existing ones are left alone."""
+def missing_topics(bootstrap: str, topics: dict[str, int], timeout: float = 30.0) -> dict[str, int]:
+    """The topics of ``topics`` (name → partitions) the cluster does not have; creates nothing."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    existing = set(admin.list_topics(timeout=timeout).topics)
+    return {name: n for name, n in topics.items() if name not in existing}
+
+
+def ensure_topics(bootstrap: str, topics: dict[str, int], timeout: float = 30.0) -> list[str]:
+    """Create missing topics (name → partitions); existing ones are left alone. Returns those created here."""
     admin = AdminClient({"bootstrap.servers": bootstrap})
     existing = set(admin.list_topics(timeout=timeout).topics)
     wanted = [
         NewTopic(name, num_partitions=n, replication_factor=-1) for name, n in topics.items() if name not in existing
     ]
+    created: list[str] = []
     if not wanted:
-        return
+        return created
     for name, future in admin.create_topics(wanted, operation_timeout=timeout).items():
         try:
             future.result(timeout)
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise
+            continue  # made by another process in the meantime
+        created.append(name)
         log.info("created topic", extra={"fields": {"topic": name}})
+    return created
 
 
 class KafkaPublisher:

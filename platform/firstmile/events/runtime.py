@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 
 from firstmile.events.bus import Consumer, dead_letter_topic_for, topic_for
-from firstmile.events.kafka import KafkaConsumerRunner, KafkaPublisher, ensure_topics
+from firstmile.events.kafka import KafkaConsumerRunner, KafkaPublisher, ensure_topics, missing_topics
 from firstmile.events.relay import OutboxRelay
 from firstmile.settings import Settings
 
@@ -33,11 +33,31 @@ def _kafka(settings: Settings) -> str:
     return settings.kafka_bootstrap_servers
 
 
-def ensure_region_topics(settings: Settings) -> tuple[str, str]:
-    bootstrap = _kafka(settings)
+def region_topics(settings: Settings) -> dict[str, int]:
+    """The region's topics and their partitions: the events topic and its dead-letter topic.
+
+    Shared by every tenant homed in the region (records are keyed ``<tenant>:<user>``): a tenant has
+    no topic of its own, so ``tenants apply`` ensures these once per run, not per tenant.
+    """
     topic = topic_for(settings.kafka_topic_prefix, settings.region)
     dlq = dead_letter_topic_for(settings.kafka_topic_prefix, settings.region)
-    ensure_topics(bootstrap, {topic: settings.kafka_partitions, dlq: 1})
+    return {topic: settings.kafka_partitions, dlq: 1}
+
+
+def reconcile_region_topics(settings: Settings, *, execute: bool) -> list[str]:
+    """``tenants plan|apply``: the region's missing topics as changes, created when ``execute``."""
+    bootstrap = _kafka(settings)
+    missing = missing_topics(bootstrap, region_topics(settings))
+    if execute and missing:
+        created = set(ensure_topics(bootstrap, missing))
+        missing = {name: n for name, n in missing.items() if name in created}
+    return [f"create topic {name} ({n} partition{'s' if n != 1 else ''})" for name, n in missing.items()]
+
+
+def ensure_region_topics(settings: Settings) -> tuple[str, str]:
+    topics = region_topics(settings)
+    ensure_topics(_kafka(settings), topics)
+    topic, dlq = topics  # the events topic, then its dead-letter topic
     return topic, dlq
 
 

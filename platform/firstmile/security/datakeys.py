@@ -314,6 +314,10 @@ class DataKeyService:
                 version, raw = created
         return self._remember(tenant, version, raw, current=True)
 
+    async def has_tenant_keys(self, conn: AsyncConnection, tenant: TenantId) -> bool:
+        """Whether the tenant has a current data key (what ``tenants plan`` asks; no provider call)."""
+        return (await conn.execute(_CURRENT_TDK, {"t": tenant})).first() is not None
+
     async def ensure_tenant_keys(self, conn: AsyncConnection, tenant: TenantId) -> bool:
         """Create the tenant's provider key, first data key and index key if missing (on ``conn``).
 

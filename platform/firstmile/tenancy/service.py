@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -17,6 +18,9 @@ from firstmile.onboarding.paths import sync_paths
 from firstmile.tenancy import keys as keylib
 from firstmile.tenancy import repository as repo
 from firstmile.tenancy.manifest import TenantManifest
+
+if TYPE_CHECKING:
+    from firstmile.security.datakeys import DataKeyService
 
 OPERATOR = "operator:cli"
 """The actor of audit entries written by operator commands (a person at the CLI, as the schema owner)."""
@@ -37,10 +41,20 @@ class ApplyResult:
         return bool(self.changes)
 
 
-async def apply_manifest(engine: AsyncEngine, manifest: TenantManifest, *, dry_run: bool = False) -> ApplyResult:
+async def apply_manifest(
+    engine: AsyncEngine,
+    manifest: TenantManifest,
+    *,
+    dry_run: bool = False,
+    data_keys: DataKeyService | None = None,
+) -> ApplyResult:
     """Make the database match ``manifest``; idempotent (paths: :func:`sync_paths`).
 
     ``dry_run`` does all the work and rolls it back: the changes are what `plan` prints.
+    With ``data_keys`` (``tenants apply``), the tenant's key-encryption key and first data and index
+    keys are made in the same transaction if it has none (``create data key``), so a provider that is
+    down or misconfigured fails the apply instead of the tenant's first write; a plan only looks
+    (it never calls the provider, which for Vault would create the key).
     """
     spec = manifest.tenant
     manifest_doc = manifest.model_dump(mode="json")
@@ -66,6 +80,8 @@ async def apply_manifest(engine: AsyncEngine, manifest: TenantManifest, *, dry_r
                     )
                 result = ApplyResult(tenant_id, spec.slug)
             result.changes.extend(await sync_paths(conn, tenant_id, manifest.paths))
+            if data_keys is not None:
+                result.changes.extend(await _data_key(conn, tenant_id, manifest, data_keys, dry_run=dry_run))
             # the paths are part of the manifest: any change above also changed its hash
             if existing is not None and existing.manifest_hash != manifest_hash:
                 if existing.name != spec.name:
@@ -90,6 +106,18 @@ async def apply_manifest(engine: AsyncEngine, manifest: TenantManifest, *, dry_r
         else:
             await transaction.commit()
     return result
+
+
+async def _data_key(
+    conn: AsyncConnection, tenant_id: TenantId, manifest: TenantManifest, data_keys: DataKeyService, *, dry_run: bool
+) -> list[str]:
+    """``create data key`` when the tenant has none yet; made here unless ``dry_run``."""
+    if await data_keys.has_tenant_keys(conn, tenant_id):
+        return []
+    if not dry_run and not await data_keys.ensure_tenant_keys(conn, tenant_id):
+        return []  # another apply made it first
+    where = f"keys.provider {manifest.keys.provider}" if manifest.keys is not None else "the platform's key provider"
+    return [f"create data key ({where})"]
 
 
 @dataclass(frozen=True)
