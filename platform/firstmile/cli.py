@@ -20,6 +20,7 @@ from firstmile.kit.embedded import DatabaseUrls, resolve_database, resolve_peppe
 from firstmile.ml.cli import ensure_demo_models, models, stuck
 from firstmile.security.cli import rotate as rotate_key
 from firstmile.settings import Settings, get_settings
+from firstmile.sso.cli import sso
 from firstmile.tenancy.directory import DirectoryEntry, TenantDirectory
 
 T = TypeVar("T")
@@ -304,6 +305,7 @@ main.add_command(admin)
 main.add_command(audit)
 main.add_command(models)
 main.add_command(stuck)
+main.add_command(sso)
 
 
 @keys.command("list")

@@ -306,6 +306,15 @@ class Settings(BaseSettings):
     sso_http_timeout_seconds: float = Field(
         default=5, gt=0, le=60, description="Timeout of one JWKS fetch from Keycloak."
     )
+    sso_event_sync_seconds: float = Field(
+        default=60,
+        ge=0,
+        le=86_400,
+        description=(
+            "How often the API process copies failed logins from the tenant realms' Keycloak events into the "
+            "audit log (0: never; run `firstmile sso sync-events`). Needs the Keycloak admin credentials."
+        ),
+    )
     host: str = Field(default="127.0.0.1", description="Bind address of `firstmile serve`.")
     port: int = Field(default=8000, ge=1, le=65535)
     workers: int = Field(default=1, ge=1, le=64, description="Worker processes of `firstmile serve`.")

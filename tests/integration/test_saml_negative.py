@@ -13,6 +13,8 @@ broker ``customer-idp`` with responses the test writes (:mod:`tests.support.saml
 - and what Keycloak accepts that is worth knowing: an unsigned Response around a signed assertion,
   and the ACS URL as an audience.
 
+After each refusal :class:`KeycloakEventSync` copies the failure into the tenant's audit log as
+``sso.login_failed`` with Keycloak's error; a second run adds nothing, the other tenant gets nothing.
 One realm for the module (provisioning costs seconds), a fresh login (AuthnRequest) per case.
 """
 
@@ -23,17 +25,24 @@ import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import jwt
 import pytest
+from click.testing import CliRunner
 from lxml import etree
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from firstmile.cli import main
+from firstmile.settings import get_settings
+from firstmile.sso.events import LOGIN_FAILED, EventSyncError, KeycloakEventSync
 from firstmile.sso.provisioning import IDP_ALIAS, KeycloakProvisioner
 from firstmile.tenancy.manifest import SsoSpec
-from tests.conftest import TenantFixture, new_tenant
+from tests.conftest import Database, TenantFixture, new_tenant
 from tests.support import saml
 from tests.support.keycloak import Server, server
 
@@ -49,6 +58,8 @@ class Setup:
     provisioner: KeycloakProvisioner
     idp: saml.SamlIdp
     tenant: TenantFixture
+    other: TenantFixture
+    sync: KeycloakEventSync
 
     @property
     def realm(self) -> str:
@@ -80,17 +91,20 @@ def kc(keycloak_url: str) -> Server:
 
 
 @pytest.fixture(scope="module")
-async def setup(kc: Server, admin_engine: AsyncEngine) -> AsyncIterator[Setup]:
+async def setup(kc: Server, admin_engine: AsyncEngine, app_engine: AsyncEngine) -> AsyncIterator[Setup]:
     prefix = f"fms{secrets.token_hex(3)}-"
     provisioner = KeycloakProvisioner(kc.admin, realm_prefix=prefix, redirect_uris=(REDIRECT,))
     idp = saml.make_idp()
     tenant = await new_tenant(admin_engine)
+    other = await new_tenant(admin_engine)
     sso = SsoSpec.model_validate(
         {"group_roles": {"Admins": "owner"}, "saml": {"metadata_xml": idp.metadata_xml(), "entity_id": idp.entity_id}}
     )
     try:
         await asyncio.to_thread(provisioner.apply, tenant.manifest.model_copy(update={"sso": sso}))
-        yield Setup(kc, provisioner, idp, tenant)
+        await asyncio.to_thread(provisioner.apply, other.manifest)  # a realm of its own, no SAML
+        # the test's own prefix: only these two realms are synced here, whatever else runs
+        yield Setup(kc, provisioner, idp, tenant, other, KeycloakEventSync(kc.admin, app_engine, realm_prefix=prefix))
     finally:
         kc.admin.change_current_realm("master")
         for realm in kc.admin.get_realms():
@@ -104,6 +118,15 @@ def browser() -> Iterator[httpx.Client]:
         yield client
 
 
+async def _failures(admin_engine: AsyncEngine, tenant: TenantFixture) -> list[tuple[str, str, dict[str, Any]]]:
+    async with admin_engine.connect() as conn:
+        rows = await conn.execute(
+            text("SELECT actor, subject, payload FROM audit_entries WHERE tenant_id = :t AND kind = :k ORDER BY seq"),
+            {"t": tenant.id, "k": LOGIN_FAILED},
+        )
+        return [(str(r[0]), str(r[1]), dict(r[2])) for r in rows]
+
+
 def _finish(http: httpx.Client, answer: httpx.Response, login: saml.Login) -> str | None:
     """Follow Keycloak's redirects after an accepted response up to the client's redirect URI; the code."""
     for _ in range(10):
@@ -113,12 +136,6 @@ def _finish(http: httpx.Client, answer: httpx.Response, login: saml.Login) -> st
             return saml.code_of(location, login)
         answer = http.get(location, follow_redirects=False)
     raise AssertionError("too many redirects")
-
-
-def _last_event(s: Setup) -> tuple[str, str | None, str | None]:
-    """Type, error and reason of the realm's newest event (Keycloak saves them, see REALM_EVENT_TYPES)."""
-    event: dict[str, Any] = s.kc.admin.connection.raw_get(f"admin/realms/{s.realm}/events", max="1").json()[0]
-    return str(event["type"]), event.get("error"), (event.get("details") or {}).get("reason")
 
 
 def _redeem(s: Setup, code: str, login: saml.Login) -> dict[str, Any]:
@@ -145,10 +162,21 @@ def _assert_refused(answer: httpx.Response, page: str = "login-error") -> None:
     assert f'data-page-id="{page}"' in answer.text
 
 
+def test_the_broker_is_provisioned_with_every_check_keycloak_offers(setup: Setup) -> None:
+    idp = setup.kc.admin.connection.raw_get(f"admin/realms/{setup.realm}/identity-provider/instances/{IDP_ALIAS}")
+    config = idp.json()["config"]
+    assert config["validateSignature"] == "true" and config["wantAssertionsSigned"] == "true"
+    assert config["postBindingResponse"] == "true" and config["allowedClockSkew"] == "5"
+    assert config["signingCertificate"] == setup.idp.key.cert_base64  # pinned from the manifest's metadata
+    assert config.get("useMetadataDescriptorUrl", "false") == "false"
+
+
 # -- the positive control --------------------------------------------------------------------
 
 
-def test_a_correctly_signed_response_logs_in_with_a_code(setup: Setup, browser: httpx.Client) -> None:
+async def test_a_correctly_signed_response_logs_in_with_a_code(
+    setup: Setup, browser: httpx.Client, admin_engine: AsyncEngine
+) -> None:
     subject = saml.Subject(groups=("Admins",))
     login, request = setup.start(browser)
     assert request.acs_url == f"{setup.kc.base}/realms/{setup.realm}/broker/{IDP_ALIAS}/endpoint"
@@ -161,6 +189,10 @@ def test_a_correctly_signed_response_logs_in_with_a_code(setup: Setup, browser: 
     assert claims["firstmile_tenant"] == setup.tenant.slug
     assert "owner" in claims["realm_access"]["roles"]  # the groups attribute went through the mapper
     assert subject.name_id in [u["username"] for u in setup.users()]
+    # a successful login is no failure: nothing for the audit log
+    before = await _failures(admin_engine, setup.tenant)
+    assert await setup.sync.run_once() == 0
+    assert await _failures(admin_engine, setup.tenant) == before
 
 
 def test_an_unsigned_response_around_a_signed_assertion_is_accepted(setup: Setup, browser: httpx.Client) -> None:
@@ -262,6 +294,11 @@ CASES: dict[str, tuple[Forge, str, str | None]] = {
         "invalid_saml_response",
         None,
     ),
+    "issued in the future (NotBefore beyond the skew)": (
+        lambda s, r: s.signed(r, now=datetime.now(UTC) + timedelta(minutes=2)),
+        "invalid_saml_response",
+        None,
+    ),
     "another SP's audience": (
         lambda s, r: s.signed(r, audience="https://other-sp.example/saml"),
         "invalid_saml_response",
@@ -285,19 +322,39 @@ CASES: dict[str, tuple[Forge, str, str | None]] = {
 }
 
 
+async def _one_failure_audited(
+    s: Setup, admin_engine: AsyncEngine, error: str, reason: str | None, event_type: str
+) -> dict[str, Any]:
+    before = await _failures(admin_engine, s.tenant)
+    assert await s.sync.run_once() == 1
+    after = await _failures(admin_engine, s.tenant)
+    assert len(after) == len(before) + 1
+    actor, subject, payload = after[-1]
+    assert actor == f"keycloak:{s.realm}"
+    assert payload["keycloak_event_type"] == event_type
+    assert payload["error"] == error and payload["reason"] == reason
+    assert payload["keycloak_event_id"] and payload["time"].startswith(str(datetime.now(UTC).year))
+    assert subject.startswith(("idp:", "user:", "realm:"))
+    assert not {"ipAddress", "ip_address", "username", "email"} & set(payload)
+    assert EVIL.email not in str(payload) and "127.0.0.1" not in str(payload)
+    return payload
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_a_forged_response_is_refused(case: str, setup: Setup, browser: httpx.Client) -> None:
+async def test_a_forged_response_is_refused_and_audited(
+    case: str, setup: Setup, browser: httpx.Client, admin_engine: AsyncEngine
+) -> None:
     forge, error, reason = CASES[case]
     users = setup.users()
     _, request = setup.start(browser)
     forged = forge(setup, request)
-    answer = saml.post_response(browser, request, forged)
+    answer = await asyncio.to_thread(saml.post_response, browser, request, forged)
     _assert_refused(answer)
     assert setup.users() == users, f"{case}: Keycloak's users changed ({saml.describe(forged)})"
-    assert _last_event(setup) == ("IDENTITY_PROVIDER_RESPONSE_ERROR", error, reason)
+    await _one_failure_audited(setup, admin_engine, error, reason, "IDENTITY_PROVIDER_RESPONSE_ERROR")
 
 
-def test_a_replayed_response_is_refused(setup: Setup) -> None:
+async def test_a_replayed_response_is_refused(setup: Setup, admin_engine: AsyncEngine) -> None:
     """The victim's accepted response, posted again: by the victim's browser, by an attacker's browser
     with the victim's RelayState, and in the attacker's own login. Keycloak binds a response to one
     authentication session (RelayState, cookie, InResponseTo); that session is used up."""
@@ -307,22 +364,135 @@ def test_a_replayed_response_is_refused(setup: Setup) -> None:
         login, request = setup.start(victim)
         captured = saml.encode(setup.fully_signed(request))
         assert _finish(victim, saml.post_response(victim, request, captured), login) is not None
+        await setup.sync.run_once()
         users = setup.users()
 
         # the victim's own session has logged in already: an info page, still 400 and no code
         _assert_refused(saml.post_response(victim, request, captured), page="login-info")
-        assert _last_event(setup) == ("IDENTITY_PROVIDER_LOGIN_ERROR", "already_logged_in", None)
+        await _one_failure_audited(setup, admin_engine, "already_logged_in", None, "IDENTITY_PROVIDER_LOGIN_ERROR")
 
         _assert_refused(saml.post_response(attacker, request, captured))
-        assert _last_event(setup) == ("IDENTITY_PROVIDER_LOGIN_ERROR", "cookie_not_found", None)
+        await _one_failure_audited(setup, admin_engine, "cookie_not_found", None, "IDENTITY_PROVIDER_LOGIN_ERROR")
 
         _, own = setup.start(attacker)
         own_answer = attacker.post(
             own.acs_url, data={"SAMLResponse": captured, "RelayState": own.relay_state}, follow_redirects=False
         )
         _assert_refused(own_answer)
-        assert _last_event(setup) == ("IDENTITY_PROVIDER_RESPONSE_ERROR", "invalid_saml_response", None)
+        await _one_failure_audited(
+            setup, admin_engine, "invalid_saml_response", None, "IDENTITY_PROVIDER_RESPONSE_ERROR"
+        )
         assert setup.users() == users
     finally:
         victim.close()
         attacker.close()
+
+
+# -- the sync itself ---------------------------------------------------------------------------
+
+
+async def _refuse_one(s: Setup, admin_engine: AsyncEngine) -> str:
+    """Post an unsigned response, copy the failure; the copied Keycloak event id."""
+    with saml.browser() as http:
+        _, request = s.start(http)
+        _assert_refused(await asyncio.to_thread(saml.post_response, http, request, _unsigned(s, request)))
+    assert await s.sync.run_once() == 1
+    return str((await _failures(admin_engine, s.tenant))[-1][2]["keycloak_event_id"])
+
+
+async def _cursor(admin_engine: AsyncEngine, s: Setup) -> tuple[int, list[str]]:
+    async with admin_engine.connect() as conn:
+        row = (
+            await conn.execute(
+                text(
+                    "SELECT last_event_time, last_event_ids FROM sso_event_cursors WHERE tenant_id = :t AND realm = :r"
+                ),
+                {"t": s.tenant.id, "r": s.realm},
+            )
+        ).one()
+    return int(row[0]), list(row[1])
+
+
+async def test_a_second_run_writes_nothing_and_the_other_tenant_gets_nothing(
+    setup: Setup, admin_engine: AsyncEngine
+) -> None:
+    await _refuse_one(setup, admin_engine)
+    before = await _failures(admin_engine, setup.tenant)
+    assert await setup.sync.run_once() == 0
+    assert await setup.sync.run_once() == 0
+    assert await _failures(admin_engine, setup.tenant) == before
+    assert await _failures(admin_engine, setup.other) == []
+    time, ids = await _cursor(admin_engine, setup)
+    assert time > 0 and ids
+
+
+async def test_events_of_the_same_millisecond_are_copied_once(setup: Setup, admin_engine: AsyncEngine) -> None:
+    """A cursor at the newest event's millisecond that lacks its id: that event, and only it, is copied again."""
+    event_id = await _refuse_one(setup, admin_engine)
+    time, ids = await _cursor(admin_engine, setup)
+    assert event_id in ids
+    async with admin_engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE sso_event_cursors SET last_event_ids = :ids WHERE tenant_id = :t AND realm = :r"),
+            {"ids": [i for i in ids if i != event_id], "t": setup.tenant.id, "r": setup.realm},
+        )
+    assert await setup.sync.run_once() == 1
+    assert (await _failures(admin_engine, setup.tenant))[-1][2]["keycloak_event_id"] == event_id
+    assert await setup.sync.run_once() == 0
+    assert await _cursor(admin_engine, setup) == (time, ids)
+
+
+async def test_cli_sync_events(
+    setup: Setup,
+    admin_engine: AsyncEngine,
+    database: Database,
+    keycloak_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """`firstmile sso sync-events` as an operator runs it: the app role's database URL, the provisioning admin."""
+    parts = urlsplit(keycloak_url)
+    password_file = tmp_path / "keycloak-admin-password"
+    password_file.write_text(f"{parts.password}\n")
+    with saml.browser() as http:
+        _, request = setup.start(http)
+        _assert_refused(await asyncio.to_thread(saml.post_response, http, request, _unsigned(setup, request)))
+    before = await _failures(admin_engine, setup.tenant)
+    monkeypatch.setenv("FIRSTMILE_DATABASE_URL", database.app_url)
+    monkeypatch.setenv("FIRSTMILE_KEYCLOAK_URL", setup.kc.base)
+    monkeypatch.setenv("FIRSTMILE_KEYCLOAK_ADMIN_USER", str(parts.username))
+    monkeypatch.setenv("FIRSTMILE_KEYCLOAK_ADMIN_PASSWORD_FILE", str(password_file))
+    monkeypatch.setenv("FIRSTMILE_SSO_REALM_PREFIX", setup.provisioner.realm_prefix)
+    get_settings.cache_clear()
+    try:
+        first = await asyncio.to_thread(CliRunner().invoke, main, ["sso", "sync-events"])
+        again = await asyncio.to_thread(CliRunner().invoke, main, ["sso", "sync-events"])
+        monkeypatch.delenv("FIRSTMILE_KEYCLOAK_ADMIN_USER")
+        get_settings.cache_clear()
+        unset = await asyncio.to_thread(CliRunner().invoke, main, ["sso", "sync-events"])
+    finally:
+        get_settings.cache_clear()
+    assert first.exit_code == 0 and "1 failed login(s) audited" in first.output, first.output
+    assert again.exit_code == 0 and "0 failed login(s) audited" in again.output, again.output
+    assert unset.exit_code != 0 and "FIRSTMILE_KEYCLOAK_ADMIN_USER" in unset.output
+    after = await _failures(admin_engine, setup.tenant)
+    assert len(after) == len(before) + 1 and after[-1][2]["error"] == "invalid_signature"
+
+
+async def test_keycloak_unreachable_is_logged_and_retried_not_raised(app_engine: AsyncEngine) -> None:
+    from keycloak import KeycloakAdmin, KeycloakOpenIDConnection
+
+    nowhere = KeycloakAdmin(
+        connection=KeycloakOpenIDConnection(
+            server_url="http://127.0.0.1:9", username="admin", password="x", realm_name="master", timeout=2
+        )
+    )
+    sync = KeycloakEventSync(nowhere, app_engine, realm_prefix="fms-none-")
+    with pytest.raises(EventSyncError):
+        await sync.run_once()
+    stop = asyncio.Event()
+    task = asyncio.create_task(sync.run(stop, interval_s=0.05))
+    await asyncio.sleep(0.3)
+    assert not task.done()  # still trying, not crashed
+    stop.set()
+    await asyncio.wait_for(task, timeout=5)
