@@ -58,6 +58,7 @@ from firstmile.security.datakeys import DataKeyService, ManifestProviders
 from firstmile.security.keys import KeyConfig, KeyProviderError
 from firstmile.security.pii import RedactingFilter
 from firstmile.settings import Settings, get_settings
+from firstmile.sso.events import KeycloakEventSync
 from firstmile.sso.tokens import TokenValidator
 from firstmile.tenancy.directory import PostgresTenantDirectory
 from firstmile.web.pages import PagesController
@@ -237,6 +238,12 @@ def create_app(
             )
             background.append(
                 asyncio.create_task(scanner.run(stop, settings.stuck_scan_interval_seconds), name="stuck-scan")
+            )
+        # Logins Keycloak refused (bad SAML responses, wrong passwords) reach the tenants' audit logs.
+        event_sync = KeycloakEventSync.from_settings(settings, engine) if settings.sso_event_sync_seconds > 0 else None
+        if event_sync is not None:
+            background.append(
+                asyncio.create_task(event_sync.run(stop, settings.sso_event_sync_seconds), name="sso-event-sync")
             )
         background.append(
             asyncio.create_task(

@@ -11,10 +11,12 @@ logout token to Firstmile's endpoint.
 
 from __future__ import annotations
 
+import asyncio
 import html
 import re
 import secrets
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -127,6 +129,7 @@ async def world(
     analytics_store: ChdbStore,
     backchannel: tuple[str, list[dict[str, list[str]]]],
     http: httpx.Client,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[World]:
     srv = server(keycloak_url)
     tenant = await new_tenant(admin_engine)
@@ -136,7 +139,17 @@ async def world(
     )
     provisioner.apply(manifest)
     realm = provisioner.realm_name(tenant.slug)
-    settings = make_settings(keycloak_url=srv.base, public_url=BASE, admin_cookie_secure=False)
+    password_file = tmp_path_factory.mktemp("keycloak") / "admin-password"
+    password_file.write_text(str(urlsplit(keycloak_url).password))
+    settings = make_settings(
+        keycloak_url=srv.base,
+        public_url=BASE,
+        admin_cookie_secure=False,
+        # the API copies Keycloak's failure events into the audit log every second
+        keycloak_admin_user=urlsplit(keycloak_url).username,
+        keycloak_admin_password_file=password_file,
+        sso_event_sync_seconds=1,
+    )
     app = create_app(settings, database.app_url, PEPPER, analytics=analytics_store)
     try:
         async with AsyncTestClient(app=app, base_url=BASE, raise_server_exceptions=False) as api:
@@ -389,3 +402,24 @@ async def test_login_to_an_unknown_tenant_or_with_a_bad_slug_is_refused(world: W
         "/admin/login", params={"tenant": world.tenant.slug, "next": "https://evil.example/"}, follow_redirects=False
     )
     assert redirect.status_code == 302  # the next target is dropped, not followed (checked at the callback)
+
+
+async def test_a_wrong_password_at_the_realm_reaches_the_audit_log_through_the_api(
+    world: World, admin_engine: AsyncEngine
+) -> None:
+    """Keycloak refuses it before Firstmile sees anything: the API's event sync copies its event."""
+    browser = Browser(KeycloakJar(world.http))
+    page = browser.keycloak.get(await start(world))
+    match = _FORM.search(page.text)
+    assert match
+    refused = browser.keycloak.post(html.unescape(match.group(1)), data={"username": "ana", "password": "wrong"})
+    assert refused.status_code == 200 and "location" not in refused.headers  # the form again, no code
+    deadline = time.monotonic() + 20
+    errors: list[str] = []
+    while time.monotonic() < deadline:
+        entries = await audit(admin_engine, world.tenant, "sso.login_failed")
+        errors = [str(p.get("error")) for _, _, p in entries]
+        if "invalid_user_credentials" in errors:
+            break
+        await asyncio.sleep(0.5)
+    assert "invalid_user_credentials" in errors
