@@ -322,11 +322,21 @@ CASES: dict[str, tuple[Forge, str, str | None]] = {
 }
 
 
+async def _sync_until_written(s: Setup, within_s: float = 3.0) -> int:
+    """Run the sync until it writes something (Keycloak may commit an event just after its answer)."""
+    deadline = asyncio.get_running_loop().time() + within_s
+    while True:
+        written = await s.sync.run_once()
+        if written or asyncio.get_running_loop().time() > deadline:
+            return written
+        await asyncio.sleep(0.1)
+
+
 async def _one_failure_audited(
     s: Setup, admin_engine: AsyncEngine, error: str, reason: str | None, event_type: str
 ) -> dict[str, Any]:
     before = await _failures(admin_engine, s.tenant)
-    assert await s.sync.run_once() == 1
+    assert await _sync_until_written(s) == 1
     after = await _failures(admin_engine, s.tenant)
     assert len(after) == len(before) + 1
     actor, subject, payload = after[-1]
@@ -396,7 +406,7 @@ async def _refuse_one(s: Setup, admin_engine: AsyncEngine) -> str:
     with saml.browser() as http:
         _, request = s.start(http)
         _assert_refused(await asyncio.to_thread(saml.post_response, http, request, _unsigned(s, request)))
-    assert await s.sync.run_once() == 1
+    assert await _sync_until_written(s) == 1
     return str((await _failures(admin_engine, s.tenant))[-1][2]["keycloak_event_id"])
 
 
@@ -442,6 +452,11 @@ async def test_events_of_the_same_millisecond_are_copied_once(setup: Setup, admi
     assert await _cursor(admin_engine, setup) == (time, ids)
 
 
+def _newest_event_id(s: Setup) -> str | None:
+    events = s.kc.admin.connection.raw_get(f"admin/realms/{s.realm}/events", max="1").json()
+    return str(events[0]["id"]) if events else None
+
+
 async def test_cli_sync_events(
     setup: Setup,
     admin_engine: AsyncEngine,
@@ -454,9 +469,14 @@ async def test_cli_sync_events(
     parts = urlsplit(keycloak_url)
     password_file = tmp_path / "keycloak-admin-password"
     password_file.write_text(f"{parts.password}\n")
+    newest = _newest_event_id(setup)
     with saml.browser() as http:
         _, request = setup.start(http)
         _assert_refused(await asyncio.to_thread(saml.post_response, http, request, _unsigned(setup, request)))
+    for _ in range(30):  # the CLI runs once: wait until Keycloak has saved the event
+        if _newest_event_id(setup) != newest:
+            break
+        await asyncio.sleep(0.1)
     before = await _failures(admin_engine, setup.tenant)
     monkeypatch.setenv("FIRSTMILE_DATABASE_URL", database.app_url)
     monkeypatch.setenv("FIRSTMILE_KEYCLOAK_URL", setup.kc.base)

@@ -128,7 +128,9 @@ def audit_subject(event: dict[str, Any], realm: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class _Cursor:
+class EventCursor:
+    """How far a realm's events were copied: the newest event time (ms) and the ids copied at that time."""
+
     time: int
     ids: frozenset[str]
 
@@ -136,13 +138,13 @@ class _Cursor:
         at = int(event.get("time") or 0)
         return at > self.time or (at == self.time and str(event.get("id")) not in self.ids)
 
-    def after(self, events: Sequence[dict[str, Any]]) -> _Cursor:
+    def after(self, events: Sequence[dict[str, Any]]) -> EventCursor:
         """The cursor once ``events`` (new ones, any order) are copied."""
         if not events:
             return self
         newest = max(int(e.get("time") or 0) for e in events)
         at_newest = {str(e.get("id")) for e in events if int(e.get("time") or 0) == newest}
-        return _Cursor(newest, (self.ids | at_newest) if newest == self.time else frozenset(at_newest))
+        return EventCursor(newest, (self.ids | at_newest) if newest == self.time else frozenset(at_newest))
 
 
 class KeycloakEventSync:
@@ -267,7 +269,7 @@ class KeycloakEventSync:
         async def copy(conn: AsyncConnection) -> int:
             await conn.execute(_ENSURE_CURSOR, {"tid": tenant_id, "realm": realm})
             row = (await conn.execute(_LOCK_CURSOR, {"tid": tenant_id, "realm": realm})).one()
-            cursor = _Cursor(int(row[0]), frozenset(row[1] or ()))
+            cursor = EventCursor(int(row[0]), frozenset(row[1] or ()))
             new = [e for e in events if cursor.is_new(e)]
             new.sort(key=lambda e: (int(e.get("time") or 0), str(e.get("id"))))
             count = 0
