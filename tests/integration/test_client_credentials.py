@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from firstmile.analytics.chdb_store import ChdbStore
@@ -238,3 +239,35 @@ async def test_without_keycloak_tokens_are_401_and_keys_work(world: World, clien
     assert world.home.tenant is not None
     by_key = await client.post("/v1/onboarding/start", json={"user_id": "cc-5"}, headers=world.home.tenant.headers)
     assert by_key.status_code == 201
+
+
+async def test_each_refused_token_of_a_tenant_realm_is_an_audit_entry(world: World, admin_engine: AsyncEngine) -> None:
+    assert world.home.tenant is not None and world.other.tenant is not None
+
+    async def refusals(tenant_id: object) -> list[dict[str, Any]]:
+        async with admin_engine.connect() as conn:
+            rows = await conn.execute(
+                text(
+                    "SELECT payload FROM audit_entries WHERE tenant_id = :t AND kind = 'auth.token_refused' "
+                    "ORDER BY seq"
+                ),
+                {"t": tenant_id},
+            )
+            return [r[0] for r in rows]
+
+    home_before = len(await refusals(world.home.tenant.id))
+    other_before = len(await refusals(world.other.tenant.id))
+    tampered = with_claims(world.token(world.home, "reader"), scope="onboarding:write users:admin")
+    refused(await world.api.get("/v1/onboarding/cc-audit", headers=bearer(tampered)), "bad_signature")
+    expired = with_claims(world.token(world.home, "reader"), exp=1)
+    refused(await world.api.get("/v1/onboarding/cc-audit", headers=bearer(expired)))
+    liar = world.token(world.other, "liar")  # the other realm's client claiming this tenant
+    refused(await world.api.get("/v1/onboarding/cc-audit", headers=bearer(liar)), "wrong_tenant")
+
+    home = (await refusals(world.home.tenant.id))[home_before:]
+    assert [(p["reason"], p["client_id"]) for p in home] == [("bad_signature", "reader"), ("bad_signature", "reader")]
+    other = (await refusals(world.other.tenant.id))[other_before:]
+    assert [(p["reason"], p["client_id"]) for p in other] == [("wrong_tenant", "liar")]
+    # a valid token writes no refusal
+    assert (await world.api.get("/v1/onboarding/cc-audit", headers=bearer(world.token(world.home)))).status_code == 404
+    assert len(await refusals(world.home.tenant.id)) == home_before + 2

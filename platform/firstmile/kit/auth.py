@@ -28,10 +28,10 @@ from litestar.handlers.base import BaseRouteHandler
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
 from litestar.types import ASGIApp, Guard, Scopes
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from firstmile.kit import telemetry
-from firstmile.kit.db import TenantId, authorise_tenant, retry_transient
+from firstmile.kit.db import TenantId, authorise_tenant, retry_transient, run_in_tenant_transaction
 from firstmile.kit.errors import ProblemError
 from firstmile.sso.tokens import TokenError, TokenReason, TokenValidator, parse_unverified
 from firstmile.tenancy import keys as keylib
@@ -41,6 +41,7 @@ from firstmile.tenancy.directory import TenantDirectory
 log = logging.getLogger("firstmile.auth")
 
 PLATFORM_SCOPES: frozenset[str] = frozenset(keylib.SCOPES)
+REFUSALS_AUDITED_PER_MINUTE = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +103,7 @@ class KeyResolver:
         self.directory = directory
         self._cache: OrderedDict[bytes, tuple[float, tenancy_repo.ResolvedKey]] = OrderedDict()
         self._tenants: OrderedDict[str, tuple[float, ResolvedTenant]] = OrderedDict()
+        self._refusals: dict[str, tuple[float, int, int]] = {}  # slug -> (window start, audited, left out)
 
     async def _lookup(self, digest: bytes) -> tenancy_repo.ResolvedKey | None:
         if self.ttl > 0:
@@ -193,7 +195,11 @@ class KeyResolver:
             if tenant is None:
                 await self._refuse_if_homed_elsewhere(slug)
                 raise TokenError(TokenReason.WRONG_TENANT, f"no tenant {slug!r} for the issuing realm")
-            checked = await self.tokens.validate(token, slug)
+            try:
+                checked = await self.tokens.validate(token, slug)
+            except TokenError as exc:
+                await self._audit_refusal(tenant, exc, unverified)
+                raise
         except TokenError as exc:
             log.info("access token refused: %s", exc.reason.value, extra={"reason": exc.detail})
             raise _invalid_token(f"the access token is not accepted: {exc.reason.value}", exc.reason) from None
@@ -212,6 +218,39 @@ class KeyResolver:
             key_id=None,
             client_id=checked.client_id,
         )
+
+    async def _audit_refusal(self, tenant: ResolvedTenant, exc: TokenError, unverified: dict[str, Any]) -> None:
+        """An ``auth.token_refused`` entry in the tenant's audit log for a token naming its realm.
+
+        At most :data:`REFUSALS_AUDITED_PER_MINUTE` per tenant and minute per process, so a flood of
+        bad tokens cannot flood the log (or hold its per-tenant append lock): the next entry after a
+        full minute counts the ones left out. A failed write is logged, never turns a 401 into a 500.
+        """
+        from firstmile.audit import service as audit  # the audit slice imports this module
+
+        now = time.monotonic()
+        start, count, left_out = self._refusals.get(tenant.tenant_slug, (now, 0, 0))
+        if now - start >= 60:
+            start, count = now, 0
+        if count >= REFUSALS_AUDITED_PER_MINUTE:
+            self._refusals[tenant.tenant_slug] = (start, count, left_out + 1)
+            return
+        self._refusals[tenant.tenant_slug] = (start, count + 1, 0)
+        client = unverified.get("azp", unverified.get("client_id"))
+        payload = {
+            "reason": exc.reason.value,
+            "client_id": client if isinstance(client, str) else None,
+            "not_audited_before": left_out,
+        }
+        tid = authorise_tenant(tenant.tenant_id)
+
+        async def work(conn: AsyncConnection) -> None:
+            await audit.append(conn, tid, "auth.token_refused", "anonymous", "access-token", payload)
+
+        try:
+            await run_in_tenant_transaction(self.engine, tid, work)
+        except Exception:
+            log.exception("could not audit a refused access token")
 
     async def _refuse_if_homed_elsewhere(self, slug: str) -> None:
         """421 with the directory's home region for a tenant this region's database does not hold.
