@@ -244,16 +244,24 @@ def tenants_directory() -> None:
 @click.argument("slug")
 @click.argument("client_id")
 def tenants_client_secret(slug: str, client_id: str) -> None:
-    """Print the secret of a tenant's machine client (read from Keycloak; Firstmile keeps no copy)."""
+    """Print the secret of a tenant's machine client (read from Keycloak; Firstmile keeps no copy; audited)."""
     from firstmile.sso.provisioning import KeycloakProvisioner, ProvisioningError
+    from firstmile.tenancy.service import record_secret_read
 
+    settings = get_settings()
     try:
-        provisioner = KeycloakProvisioner.from_settings(get_settings())
+        provisioner = KeycloakProvisioner.from_settings(settings)
         if provisioner is None:
             raise click.ClickException("FIRSTMILE_KEYCLOAK_URL and the Keycloak admin credentials are not set")
         secret = provisioner.client_secret(slug, client_id)
     except ProvisioningError as exc:
         raise click.ClickException(str(exc)) from exc
+
+    async def audit(engine: Any) -> bool:
+        return await record_secret_read(engine, slug, client_id)
+
+    if not _run(lambda: _with_admin_engine(_urls(settings), audit)):
+        raise click.ClickException(f"no tenant {slug!r} in this region's database: the read cannot be audited")
     click.echo(secret)
 
 

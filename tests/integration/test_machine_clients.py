@@ -20,6 +20,7 @@ from keycloak import KeycloakOpenID
 from keycloak.exceptions import KeycloakPostError
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from firstmile.analytics.chdb_store import ChdbStore
@@ -282,10 +283,13 @@ def test_a_machine_client_never_takes_over_an_unmanaged_client(
 
 
 @pytest.fixture
-def cli_env(keycloak_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+def cli_env(database: Database, keycloak_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     parts = urlsplit(keycloak_url)
     password_file = tmp_path / "keycloak-admin-password"
     password_file.write_text(f"{parts.password}\n")
+    monkeypatch.setenv("FIRSTMILE_DATABASE_URL", database.admin_url)
+    monkeypatch.setenv("FIRSTMILE_DATABASE_ADMIN_URL", database.admin_url)
+    monkeypatch.setenv("FIRSTMILE_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("FIRSTMILE_KEYCLOAK_URL", f"{parts.scheme}://{parts.hostname}:{parts.port}")
     monkeypatch.setenv("FIRSTMILE_KEYCLOAK_ADMIN_USER", str(parts.username))
     monkeypatch.setenv("FIRSTMILE_KEYCLOAK_ADMIN_PASSWORD_FILE", str(password_file))
@@ -296,13 +300,14 @@ def cli_env(keycloak_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
         get_settings.cache_clear()
 
 
-def test_cli_prints_a_machine_clients_secret_and_nothing_else(
-    cli_env: None, srv: Server, provisioner: KeycloakProvisioner, realms: list[str]
+async def test_cli_prints_a_machine_clients_secret_audits_the_read_and_prints_nothing_else(
+    cli_env: None, srv: Server, provisioner: KeycloakProvisioner, realms: list[str], admin_engine: AsyncEngine
 ) -> None:
-    slug = _slug()
+    tenant = await new_tenant(admin_engine)
+    slug = tenant.slug
     realm = provisioner.realm_name(slug)
     realms.append(realm)
-    provisioner.apply(_manifest(slug, ("billing-sync", ["events:write"])))
+    await asyncio.to_thread(provisioner.apply, _manifest(slug, ("billing-sync", ["events:write"])))
     srv.admin.change_current_realm(realm)
     try:
         internal = srv.admin.get_client_id("billing-sync")
@@ -310,9 +315,28 @@ def test_cli_prints_a_machine_clients_secret_and_nothing_else(
         expected = srv.admin.get_client_secrets(internal)["value"]
     finally:
         srv.admin.change_current_realm("master")
-    result = CliRunner().invoke(tenants, ["client-secret", slug, "billing-sync"])
+    result = await asyncio.to_thread(CliRunner().invoke, tenants, ["client-secret", slug, "billing-sync"])
     assert result.exit_code == 0 and result.output == f"{expected}\n"
-    missing = CliRunner().invoke(tenants, ["client-secret", slug, "ghost"])
+    async with admin_engine.connect() as conn:
+        rows = await conn.execute(
+            text(
+                "SELECT e.subject, e.payload::text FROM audit_entries e JOIN tenants t ON t.id = e.tenant_id "
+                "WHERE t.slug = :s AND e.payload->>'action' = 'sso.client_secret.read'"
+            ),
+            {"s": slug},
+        )
+        reads = [(str(target), str(body)) for target, body in rows]
+    assert [target for target, _ in reads] == ["client:billing-sync"]
+    assert expected not in reads[0][1]  # who read which client's secret, never the secret
+
+    missing = await asyncio.to_thread(CliRunner().invoke, tenants, ["client-secret", slug, "ghost"])
     assert missing.exit_code == 1 and "no machine client 'ghost'" in missing.output
-    admin_client = CliRunner().invoke(tenants, ["client-secret", slug, provisioner.client_id])
+    admin_client = await asyncio.to_thread(CliRunner().invoke, tenants, ["client-secret", slug, provisioner.client_id])
     assert admin_client.exit_code == 1
+    # a realm whose tenant has no row in this region: the read cannot be audited, so nothing is printed
+    stray = _slug()
+    realms.append(provisioner.realm_name(stray))
+    await asyncio.to_thread(provisioner.apply, _manifest(stray, ("billing-sync", ["events:write"])))
+    withheld = await asyncio.to_thread(CliRunner().invoke, tenants, ["client-secret", stray, "billing-sync"])
+    assert withheld.exit_code == 1 and "cannot be audited" in withheld.output
+    assert provisioner.client_secret(stray, "billing-sync") not in withheld.output

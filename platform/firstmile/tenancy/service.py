@@ -197,3 +197,19 @@ async def record_provisioning(engine: AsyncEngine, slug: str, changes: list[str]
             conn, tenant.id, "admin", OPERATOR, f"sso:{slug}", {"action": "sso.provision", "changes": changes}
         )
     return True
+
+
+async def record_secret_read(engine: AsyncEngine, slug: str, client_id: str) -> bool:
+    """Audit that an operator read the secret of machine client ``client_id`` (never the secret itself).
+
+    False when the tenant has no row here: the caller then withholds the secret, so no read goes unaudited.
+    """
+    async with engine.begin() as conn:
+        tenant = await repo.tenant_by_slug(conn, slug)
+        if tenant is None:
+            return False
+        await set_tenant(conn, tenant.id)
+        await audit.append(
+            conn, tenant.id, "admin", OPERATOR, f"client:{client_id}", {"action": "sso.client_secret.read"}
+        )
+    return True
