@@ -14,7 +14,9 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
+import httpx
 import pytest
 
 from firstmile.kit.embedded import stop_embedded
@@ -69,24 +71,45 @@ def _dev(data_dir: Path, port: int, models: Path) -> subprocess.Popen[str]:
     )
 
 
-def _wait_for_key(proc: subprocess.Popen[str], port: int) -> str:
+def _wait_for_key(proc: subprocess.Popen[str], port: int) -> tuple[str, str]:
+    """The demo API key and the admin UI's one-time login link `dev` prints, once the server is ready."""
     assert proc.stdout is not None
-    key = ""
+    key = link = ""
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not key:
+    while time.monotonic() < deadline and not (key and link):
         line = proc.stdout.readline()
         if not line and proc.poll() is not None:
             raise AssertionError(f"firstmile dev exited with {proc.returncode}")
         if line.startswith("Demo API key"):
             key = line.rsplit(" ", 1)[-1].strip()
+        if line.startswith("Admin UI, one-time login"):
+            link = line.rsplit(" ", 1)[-1].strip()
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=2) as response:
                 if response.status == 200:
-                    return key
+                    return key, link
         except OSError:
             time.sleep(0.2)
     raise AssertionError("server did not become ready")
+
+
+def _admin_login(link: str) -> dict[str, Any]:
+    """Follow the printed link as a browser would: its page, then the POST that spends it; /admin/api/me."""
+    token = parse_qs(urlsplit(link).query)["token"][0]
+    base = f"{urlsplit(link).scheme}://{urlsplit(link).netloc}"
+    with httpx.Client(base_url=base, follow_redirects=False, timeout=10) as browser:
+        assert browser.get(link).status_code == 200
+        redeemed = browser.post("/admin/bootstrap/redeem", data={"token": token})
+        assert redeemed.status_code == 303, redeemed.text
+        # the cookie is Secure: a browser sends it to http://127.0.0.1, httpx's jar only over https
+        cookie = redeemed.headers["set-cookie"].split(";", 1)[0]
+        me = browser.get("/admin/api/me", headers={"Cookie": cookie})
+        assert me.status_code == 200, me.text
+        again = browser.post("/admin/bootstrap/redeem", data={"token": token})
+        assert again.status_code == 400  # one time only
+        body: dict[str, Any] = me.json()
+        return body
 
 
 def _stop(proc: subprocess.Popen[str]) -> None:
@@ -104,8 +127,11 @@ def test_dev_serves_the_demo_on_the_embedded_database(data_dir: Path, tiny_regis
     port = _free_port()
     proc = _dev(data_dir, port, tiny_registry)
     try:
-        key = _wait_for_key(proc, port)
+        key, link = _wait_for_key(proc, port)
         base = f"http://127.0.0.1:{port}"
+        assert link.startswith(f"{base}/admin/bootstrap?token=")
+        me = _admin_login(link)
+        assert (me["tenant"]["slug"], me["roles"], me["origin"]) == ("demo", ["owner"], "bootstrap")
         # The demo is adaptive: the path model decides (it loads in the background, and until it
         # has, starts are decided by the rules with fallback_reason not_deployed).
         deadline = time.monotonic() + 60
@@ -130,7 +156,7 @@ def test_dev_serves_the_demo_on_the_embedded_database(data_dir: Path, tiny_regis
     port = _free_port()
     proc = _dev(data_dir, port, tiny_registry)
     try:
-        assert _wait_for_key(proc, port) == key
+        assert _wait_for_key(proc, port)[0] == key
         status, state = _call("GET", f"http://127.0.0.1:{port}/v1/onboarding/demo-{user}", key)
         assert status == 200 and state["progress"]["completed_required"] == 1
     finally:
