@@ -85,6 +85,7 @@ class Stack:
     slug: str  # the tenant whose admins log in through the customer's IdP
     other: str  # a second tenant, with no IdP and no account of theirs
     analyst: IdpUser
+    reader: IdpUser  # another fm-analysts member, for the Keycloak-only test: each test has its own sessions
     editor: IdpUser
     log: Path  # the server's output, shown when a test fails
 
@@ -242,6 +243,7 @@ def stack(
     proc: subprocess.Popen[bytes] | None = None
     try:
         analyst = idp.add_user(f"ada-{secrets.token_hex(2)}", "Ada Lovelace", "fm-analysts")
+        reader = idp.add_user(f"alan-{secrets.token_hex(2)}", "Alan Turing", "fm-analysts")
         editor = idp.add_user(f"grace-{secrets.token_hex(2)}", "Grace Hopper", "fm-editors")
         slug, other = f"e2e-{secrets.token_hex(3)}", f"e2e-{secrets.token_hex(3)}"
         folder = root / "tenants"
@@ -261,7 +263,7 @@ def stack(
                 stderr=subprocess.STDOUT,
             )
         _wait_ready(proc, base, log)
-        yield Stack(base, keycloak, idp, prefix, slug, other, analyst, editor, log)
+        yield Stack(base, keycloak, idp, prefix, slug, other, analyst, reader, editor, log)
     finally:
         if proc is not None:
             _stop(proc)
@@ -340,6 +342,16 @@ def _realm_roles_of(stack: Stack, slug: str, email: str) -> set[str]:
         admin.change_current_realm("master")
 
 
+def _realm_sessions(stack: Stack, slug: str, email: str) -> int:
+    """How many Keycloak sessions the brokered user has in the tenant realm."""
+    admin = stack.keycloak.admin
+    admin.change_current_realm(stack.realm(slug))
+    try:
+        return sum(len(admin.get_sessions(u["id"])) for u in admin.get_users({"email": email}))
+    finally:
+        admin.change_current_realm("master")
+
+
 # -- the Keycloak half of the chain, with no Firstmile route involved ----------------------------
 
 
@@ -365,7 +377,7 @@ def test_saml_chain_returns_a_code_whose_token_carries_the_group_role(stack: Sta
         "kc_idp_hint": BROKER_ALIAS,
     }
     page.goto(f"{stack.keycloak.base}/realms/{realm}/protocol/openid-connect/auth?{urlencode(query)}")
-    _sign_in_at_idp(page, stack, stack.analyst)
+    _sign_in_at_idp(page, stack, stack.reader)
     page.wait_for_url(lambda url: url.startswith(f"{redirect_uri}?"))
     params = parse_qs(urlsplit(page.url).query)
     assert params["state"] == [query["state"]] and params["iss"] == [f"{stack.keycloak.base}/realms/{realm}"]
@@ -386,9 +398,9 @@ def test_saml_chain_returns_a_code_whose_token_carries_the_group_role(stack: Sta
     assert access["iss"] == f"{stack.keycloak.base}/realms/{realm}"
     assert access["firstmile_tenant"] == stack.slug and "firstmile-api" in access["aud"]
     assert "analyst" in access["realm_access"]["roles"] and "editor" not in access["realm_access"]["roles"]
-    assert access["email"] == stack.analyst.email and access["given_name"] == "Ada Lovelace"
+    assert access["email"] == stack.reader.email and access["given_name"] == "Alan Turing"
     # the role is the brokered user's own, granted by the group's IdP mapper
-    assert _realm_roles_of(stack, stack.slug, stack.analyst.email) == {"analyst"}
+    assert _realm_roles_of(stack, stack.slug, stack.reader.email) == {"analyst"}
 
 
 # -- the admin UI ----------------------------------------------------------------------------------
@@ -453,9 +465,11 @@ def test_analyst_signs_in_sees_only_their_tenant_cannot_edit_and_signs_out(stack
     me = _fetch(page, "GET", "/admin/api/me")
     assert me["status"] == 200 and me["json"]["tenant"]["slug"] == stack.slug, me
 
+    assert _realm_sessions(stack, stack.slug, stack.analyst.email) == 1
     page.get_by_test_id("logout").click()
     page.wait_for_url(f"{stack.base}/admin/logged-out")
     assert page.get_by_test_id("logged-out").is_visible()
+    assert _realm_sessions(stack, stack.slug, stack.analyst.email) == 0  # Keycloak's session ended too
     gone = _fetch(page, "GET", "/admin/api/me")
     assert gone["status"] == 401 and gone["type"].startswith("application/problem+json"), gone
     page.goto(f"{stack.base}/admin/")
