@@ -181,13 +181,9 @@ class OidcClient:
 
     async def logout_request(self, token: str) -> LogoutRequest:
         """A valid back-channel logout token's request; :class:`TokenError` (never trusted unverified)."""
-        _, unverified = parse_unverified(token)
-        issuer = unverified.get("iss")
-        slug = self.naming.tenant_of_issuer(issuer) if isinstance(issuer, str) else None
-        if slug is None:
-            raise TokenError(TokenReason.WRONG_ISSUER, "the logout token is from no realm of ours")
-        header, _ = parse_unverified(token)
+        header, unverified = parse_unverified(token)
         alg, kid = check_algorithm(header)
+        slug = expected_tenant(self.naming, unverified.get("iss"), None)  # one of our realms, or refused
         key = await self.validator.jwks.key(self.naming.jwks_url(slug), kid, alg)
         try:
             claims: dict[str, Any] = jwt.decode(
