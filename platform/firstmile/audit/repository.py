@@ -167,9 +167,7 @@ async def list_entries(conn: AsyncConnection, tenant_id: uuid.UUID, where: Entry
     return [_entry(r) for r in await conn.execute(text(sql), params)]
 
 
-async def latest_entries(
-    conn: AsyncConnection, tenant_id: uuid.UUID, kind: str | None, limit: int
-) -> list[AuditEntry]:
+async def latest_entries(conn: AsyncConnection, tenant_id: uuid.UUID, kind: str | None, limit: int) -> list[AuditEntry]:
     """The newest ``limit`` entries (of ``kind`` when given), newest first: the admin UI's audit viewer."""
     where = "tenant_id = :tenant" + (" AND kind = :kind" if kind is not None else "")
     sql = f"SELECT {_COLUMNS} FROM audit_entries WHERE {where} ORDER BY seq DESC LIMIT :limit"
