@@ -117,14 +117,19 @@ class CustomerIdp:
         realm = f"fmidp{secrets.token_hex(3)}"
         admin.create_realm({"realm": realm, "enabled": True, "displayName": "Customer corporate login"})
         made = cls(server, realm)
-        with made._in_realm() as kc:
-            # directories carry a display name of their own (displayName in Entra ID, AD, Okta); Keycloak 26
-            # keeps only declared attributes unless unmanaged ones are enabled
-            profile = kc.connection.raw_get(f"admin/realms/{realm}/users/profile").json()
-            profile["unmanagedAttributePolicy"] = "ENABLED"
-            _ok(kc.connection.raw_put(f"admin/realms/{realm}/users/profile", data=json.dumps(profile)), "user profile")
-            for group in groups:
-                kc.create_group({"name": group})
+        try:
+            with made._in_realm() as kc:
+                # directories carry a display name of their own (displayName in Entra ID, AD, Okta); Keycloak 26
+                # keeps only declared attributes unless unmanaged ones are enabled
+                profile = kc.connection.raw_get(f"admin/realms/{realm}/users/profile").json()
+                profile["unmanagedAttributePolicy"] = "ENABLED"
+                put = kc.connection.raw_put(f"admin/realms/{realm}/users/profile", data=json.dumps(profile))
+                _ok(put, "user profile")
+                for group in groups:
+                    kc.create_group({"name": group})
+        except BaseException:
+            made.delete()  # a half-made realm is not left behind
+            raise
         return made
 
     def add_user(self, username: str, display_name: str, *groups: str) -> IdpUser:
