@@ -44,7 +44,7 @@ class StubDirectory:
 
 
 class NoTenantsHere(KeyResolver):
-    async def _tenant(self, slug: str) -> ResolvedTenant | None:
+    async def tenant(self, slug: str) -> ResolvedTenant | None:
         return None
 
 
