@@ -289,3 +289,11 @@ async def test_secure_cookies_are_host_prefixed_http_only_and_lax(
     attributes = {part.strip().split("=")[0].lower() for part in cookie.split(";")[1:]}
     assert {"secure", "httponly", "path", "samesite"} <= attributes and "domain" not in attributes
     assert "samesite=lax" in cookie.lower()
+
+
+async def test_a_tenant_homed_in_another_region_signs_in_there(admin_app: Client, admin_engine: AsyncEngine) -> None:
+    abroad = await new_tenant(admin_engine, region="us-east-1")
+    token = _auth(admin_app).bootstrap_token(abroad.slug, "owner")
+    response = await admin_app.post("/admin/bootstrap/redeem", data={"token": token}, follow_redirects=False)
+    assert response.status_code == 421 and response.json()["home_region"] == "us-east-1"
+    assert "set-cookie" not in response.headers

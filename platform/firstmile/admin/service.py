@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from firstmile.admin.oidc import IDP_HINT, LoginError, OidcClient, new_pkce
 from firstmile.admin.sessions import AdminSession, LoginState, SessionStore, digest
 from firstmile.audit import service as audit
-from firstmile.kit.auth import KeyResolver, ResolvedTenant
+from firstmile.kit.auth import KeyResolver, ResolvedTenant, wrong_region
 from firstmile.kit.db import TenantId, authorise_tenant, run_in_tenant_transaction
 from firstmile.kit.errors import ProblemError
 from firstmile.sso.tokens import TokenError
@@ -114,19 +114,11 @@ class AdminAuth:
         if tenant is None:
             home = await self.resolver.directory.home_region(slug) if self.resolver.directory else None
             if home is not None and home != self.region:
-                raise ProblemError(
-                    421,
-                    "wrong-region",
-                    f"tenant {slug} is homed in {home}; sign in there",
-                    home_region=home,
-                )
+                raise wrong_region(slug, home, self.region, f"tenant {slug} is homed in {home}; sign in there")
             raise ProblemError(404, "tenant-not-found", f"no tenant {slug!r} is served here")
         if tenant.home_region != self.region:
-            raise ProblemError(
-                421,
-                "wrong-region",
-                f"tenant {slug} is homed in {tenant.home_region}; sign in there",
-                home_region=tenant.home_region,
+            raise wrong_region(
+                slug, tenant.home_region, self.region, f"tenant {slug} is homed in {tenant.home_region}; sign in there"
             )
         return tenant
 

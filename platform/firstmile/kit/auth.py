@@ -158,18 +158,13 @@ class KeyResolver:
                 headers={"WWW-Authenticate": 'Bearer realm="firstmile", error="invalid_token"'},
             )
         if resolved.home_region != self.region:
-            raise ProblemError(
-                421,
-                "wrong-region",
-                f"tenant {resolved.tenant_slug} is homed in {resolved.home_region}; this is {self.region}",
-                home_region=resolved.home_region,
-            )
+            raise wrong_region(resolved.tenant_slug, resolved.home_region, self.region)
         if resolved.key_region != self.region:
-            raise ProblemError(
-                421,
-                "wrong-region",
+            raise wrong_region(
+                resolved.tenant_slug,
+                resolved.home_region,
+                self.region,
                 f"this key was issued for {resolved.key_region}; this is {self.region}",
-                home_region=resolved.home_region,
             )
         return Principal(
             tenant_id=authorise_tenant(resolved.tenant_id),
@@ -204,12 +199,7 @@ class KeyResolver:
             log.info("access token refused: %s", exc.reason.value, extra={"reason": exc.detail})
             raise _invalid_token(f"the access token is not accepted: {exc.reason.value}", exc.reason) from None
         if tenant.home_region != self.region:
-            raise ProblemError(
-                421,
-                "wrong-region",
-                f"tenant {tenant.tenant_slug} is homed in {tenant.home_region}; this is {self.region}",
-                home_region=tenant.home_region,
-            )
+            raise wrong_region(tenant.tenant_slug, tenant.home_region, self.region)
         return Principal(
             tenant_id=authorise_tenant(tenant.tenant_id),
             tenant_slug=tenant.tenant_slug,
@@ -262,12 +252,7 @@ class KeyResolver:
             return
         home = await self.directory.home_region(slug)
         if home is not None and home != self.region:
-            raise ProblemError(
-                421,
-                "wrong-region",
-                f"tenant {slug} is homed in {home}; this is {self.region}",
-                home_region=home,
-            )
+            raise wrong_region(slug, home, self.region)
 
     async def tenant(self, slug: str) -> ResolvedTenant | None:
         """The tenant ``slug`` if this region's database holds it (cached like keys; unknown slugs are not)."""
@@ -289,6 +274,13 @@ class KeyResolver:
             while len(self._tenants) > self.max_entries:
                 self._tenants.popitem(last=False)
         return resolved
+
+
+def wrong_region(slug: str, home: str, here: str, detail: str | None = None) -> ProblemError:
+    """The 421 of a tenant homed in another region, naming it (clients and browsers go there)."""
+    return ProblemError(
+        421, "wrong-region", detail or f"tenant {slug} is homed in {home}; this is {here}", home_region=home
+    )
 
 
 def _invalid_token(detail: str, reason: TokenReason | None = None) -> ProblemError:
