@@ -67,8 +67,10 @@ async def _all_text(admin_engine: AsyncEngine, tenant_id: uuid.UUID) -> str:
 
 
 def _leaks(blob: str) -> list[str]:
+    # The phone's subscriber digits, as written and normalised (E.164): long enough not to turn up by
+    # chance in the hashes, UUIDs and base64 of a tenant's rows, as the four digits "7946" once did.
     lowered = blob.lower()
-    return [v for v in (EMAIL.lower(), NAME.lower(), "lovelace", "7946", SHOE) if v in lowered]
+    return [v for v in (EMAIL.lower(), NAME.lower(), "lovelace", "7946 0958", "79460958", SHOE) if v in lowered]
 
 
 async def _start(client: Client, tenant: TenantFixture, user: str = "ada") -> Any:
