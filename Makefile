@@ -15,7 +15,7 @@ BENCH_REGISTRY := .firstmile/bench-registry
 BENCH_MODELS := .firstmile/bench-models/registry
 PYTEST_WORKERS ?= 2
 
-.PHONY: help run install test lint typecheck pytest services services-stop bench bench-security bench-analytics bench-events bench-inference bench-planner clean
+.PHONY: help run install test lint typecheck pytest services services-stop bench bench-security bench-analytics bench-events bench-inference bench-planner bench-admin clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -124,6 +124,19 @@ bench-planner: $(STAMP) ## Path planner: start latency with the model (in-proces
 	  FIRSTMILE_BENCH_ADMIN_URL=$$($(PG) url bench) $(BIN)/firstmile bench planner \
 	    --registry $(abspath $(BENCH_MODELS)) --inference-url $$($(RAY) url bench) \
 	    --output .firstmile/bench/planner.md
+
+bench-admin: $(STAMP) ## Admin UI session auth (in-process, Redis) vs the API key; report in .firstmile/bench/admin.md
+	@pg_port=$$($(PG) url bench | sed -E 's#.*:([0-9]+)/.*#\1#'); \
+	  pg_up=; (exec 3<>/dev/tcp/127.0.0.1/$$pg_port) 2>/dev/null && pg_up=1; \
+	  redis_port=$$($(REDIS) url bench | sed -E 's#.*:([0-9]+)/.*#\1#'); \
+	  redis_up=; (exec 3<>/dev/tcp/127.0.0.1/$$redis_port) 2>/dev/null && redis_up=1; \
+	  cleanup() { [ -n "$$redis_up" ] || $(REDIS) stop bench; [ -n "$$pg_up" ] || $(PG) stop bench; }; \
+	  trap cleanup EXIT; trap 'exit 130' INT TERM; \
+	  set -e; \
+	  $(PG) start bench; \
+	  $(REDIS) start bench; \
+	  FIRSTMILE_BENCH_ADMIN_URL=$$($(PG) url bench) FIRSTMILE_BENCH_REDIS=$$($(REDIS) url bench) \
+	    $(BIN)/firstmile bench admin --output .firstmile/bench/admin.md
 
 clean: ## Remove the venv and all local state (embedded database included)
 	-$(PG) stop test; $(PG) stop bench; $(KAFKA) stop test; $(KAFKA) stop bench; $(REDIS) stop test; $(REDIS) stop bench

@@ -762,6 +762,29 @@ def bench_planner(
         output.write_text(report, encoding="utf-8")
 
 
+@bench.command("admin")
+@click.option("--duration", default=10, show_default=True, type=click.IntRange(1, 120), help="Seconds per run.")
+@click.option("--connections", default=4, show_default=True, type=click.IntRange(1, 64), help="wrk connections.")
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(1, 10), help="Runs of each endpoint.")
+@click.option(
+    "--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Report file (default: stdout)."
+)
+def bench_admin(duration: int, connections: int, rounds: int, output: Path | None) -> None:
+    """Admin UI session authentication (in-process, Redis) vs the API key (bench PostgreSQL and Redis)."""
+    from firstmile.bench import BenchError
+    from firstmile.bench.admin import run_admin_benchmark
+
+    try:
+        report = run_admin_benchmark(duration=duration, connections=connections, rounds=rounds)
+    except BenchError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if output is None:
+        click.echo(report)
+    else:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(report, encoding="utf-8")
+
+
 def _relay_url(settings: Settings, urls: DatabaseUrls) -> str:
     return settings.relay_database_url.get_secret_value() if settings.relay_database_url else urls.admin
 
