@@ -439,7 +439,16 @@ def dev(manifest: Path, port: int | None) -> None:
     pepper = resolve_pepper(settings)
 
     async def setup(engine: Any) -> str:
-        result = await apply_manifest(engine, spec)
+        from firstmile.security.datakeys import DataKeyService, ManifestProviders
+        from firstmile.security.keys import KeyConfig, ProviderRegistry
+
+        # like `tenants apply`: the demo tenant's data keys are made with its rows, not at its first write
+        registry = ProviderRegistry(KeyConfig.from_settings(settings))
+        try:
+            data_keys = DataKeyService(engine, ManifestProviders(registry), ttl_seconds=0)
+            result = await apply_manifest(engine, spec, data_keys=data_keys)
+        finally:
+            registry.close()
         for change in result.changes:
             click.echo(f"tenant {result.slug}: {change}", err=True)
         stored = settings.data_dir / "secrets" / f"{spec.tenant.slug}_api_key"
