@@ -212,6 +212,12 @@ async def test_an_editor_edits_a_path_as_a_new_version_with_csrf_only(
     )
     assert done.status_code == 200, done.text
     assert done.json()["version"] == before[key]["version"] + 1 and done.json()["name"] == "Renamed by an editor"
+    assert all(p["matches_manifest"] for p in before.values())
+    after = {p["key"]: p for p in (await admin_app.get("/admin/api/paths")).json()}
+    assert not after[key]["matches_manifest"]  # the manifest still says otherwise: shown as an edit
+    assert all(p["matches_manifest"] for k, p in after.items() if k != key)
+    page = await admin_app.get("/admin/")
+    assert f'data-testid="edited-{key}"' in page.text and page.text.count('data-testid="edited-') == 1
     edits = await audit_kinds(admin_engine, home, "path.edit")
     assert edits[-1][1]["after"] == {"name": "Renamed by an editor"}
     assert edits[-1][1]["before"] == {"name": before[key]["name"]}

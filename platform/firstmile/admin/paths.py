@@ -34,7 +34,9 @@ async def tenant_name(engine: AsyncEngine, tenant_id: TenantId) -> str:
     return await run_in_tenant_transaction(engine, tenant_id, work)
 
 
-def _summary(key: str, version: int, definition: dict[str, Any]) -> dict[str, Any]:
+def _summary(key: str, version: int, definition: dict[str, Any], manifest_hash: str | None = None) -> dict[str, Any]:
+    """A path for the UI; ``matches_manifest`` is False when its current version is not the one the
+    tenant's applied manifest describes (an edit made here, which the next `tenants apply` replaces)."""
     return {
         "key": key,
         "version": version,
@@ -43,13 +45,26 @@ def _summary(key: str, version: int, definition: dict[str, Any]) -> dict[str, An
         "priority": definition.get("priority", 0),
         "steps": [step.get("id") for step in definition.get("steps", [])],
         "activation_step": definition.get("activation_step"),
+        "matches_manifest": manifest_hash is not None
+        and PathSpec.model_validate(definition).content_hash() == manifest_hash,
     }
+
+
+async def _manifest_hashes(conn: AsyncConnection, tenant_id: TenantId) -> dict[str, str]:
+    """Content hash of each path as the tenant's applied manifest defines it."""
+    manifest = (await conn.execute(select(tenants.c.manifest).where(tenants.c.id == tenant_id))).scalar_one()
+    hashes: dict[str, str] = {}
+    for raw in (manifest or {}).get("paths", []):
+        spec = PathSpec.model_validate(raw)
+        hashes[spec.id] = spec.content_hash()
+    return hashes
 
 
 async def list_paths(engine: AsyncEngine, tenant_id: TenantId) -> list[dict[str, Any]]:
     async def work(conn: AsyncConnection) -> list[dict[str, Any]]:
         rows = await repo.current_path_definitions(conn, tenant_id)
-        return sorted((_summary(k, v, d) for k, v, d in rows), key=lambda p: str(p["key"]))
+        manifest = await _manifest_hashes(conn, tenant_id)
+        return sorted((_summary(k, v, d, manifest.get(k)) for k, v, d in rows), key=lambda p: str(p["key"]))
 
     return await run_in_tenant_transaction(engine, tenant_id, work)
 
@@ -73,8 +88,9 @@ async def edit_path(
             where = ".".join(str(p) for p in first["loc"])
             raise ProblemError(400, "validation-error", f"{first['msg']} (at {where})") from None
         edited = spec.model_dump(mode="json")
+        manifest_hash = (await _manifest_hashes(conn, tenant_id)).get(key)
         if spec.content_hash() == PathSpec.model_validate(definition).content_hash():
-            return _summary(key, version, edited)  # nothing changed: no new version, no audit entry
+            return _summary(key, version, edited, manifest_hash)  # nothing changed: no version, no entry
         latest = (await repo.latest_versions(conn, tenant_id))[key]
         await repo.retire_path(conn, tenant_id, key)
         await repo.insert_path_version(conn, tenant_id, key, latest + 1, edited, spec.content_hash())
@@ -92,6 +108,6 @@ async def edit_path(
             f"path:{key}",
             {"from_version": version, "to_version": latest + 1, "before": before, "after": changes},
         )
-        return _summary(key, latest + 1, edited)
+        return _summary(key, latest + 1, edited, manifest_hash)
 
     return await run_in_tenant_transaction(engine, tenant_id, work)
