@@ -7,6 +7,7 @@ the SSO login that gives the same sessions is tested against Keycloak in test_ad
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -303,3 +304,21 @@ async def test_a_tenant_homed_in_another_region_signs_in_there(admin_app: Client
     response = await admin_app.post("/admin/bootstrap/redeem", data={"token": token}, follow_redirects=False)
     assert response.status_code == 421 and response.json()["home_region"] == "us-east-1"
     assert "set-cookie" not in response.headers
+
+
+async def test_the_audit_page_shows_logins_to_analysts_and_is_refused_to_viewers(
+    admin_app: Client, home: TenantFixture, admin_engine: AsyncEngine
+) -> None:
+    await sign_in(admin_app, home.slug, "analyst")
+    page = await admin_app.get("/admin/audit", params={"kind": "admin.login"})
+    assert page.status_code == 200
+    kinds = set(re.findall(r'<tr data-kind="([^"]+)"', page.text))
+    assert kinds == {"admin.login"}
+    assert 'data-testid="audit-link"' in (await admin_app.get("/admin/")).text
+    assert (await admin_app.get("/admin/audit", params={"kind": "<script>"})).status_code == 400
+    await sign_in(admin_app, home.slug, "viewer")
+    assert 'data-testid="audit-link"' not in (await admin_app.get("/admin/")).text
+    refused = await admin_app.get("/admin/audit")
+    assert refused.status_code == 403 and refused.json()["required_permission"] == "audit:read"
+    forbidden = await audit_kinds(admin_engine, home, "admin.forbidden")
+    assert forbidden[-1][1]["permission"] == "audit:read"

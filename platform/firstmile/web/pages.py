@@ -12,12 +12,15 @@ import jinja2
 from litestar import Controller, Request, Response, get
 from litestar.params import FromPath, FromQuery
 from litestar.response import Redirect
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from firstmile.admin import paths as path_editor
 from firstmile.admin.oidc import LoginError
 from firstmile.admin.rbac import Permission, permissions
 from firstmile.admin.service import AdminAuth, read_bootstrap_token
-from firstmile.kit.db import authorise_tenant
+from firstmile.audit import repository as audit_repo
+from firstmile.audit.service import KIND_PATTERN
+from firstmile.kit.db import authorise_tenant, run_in_tenant_transaction
 from firstmile.kit.errors import ProblemError
 
 SECURITY_HEADERS = {
@@ -81,6 +84,43 @@ class PagesController(Controller):
             else [],
             can_edit=Permission.PATHS_WRITE in granted,
         )
+
+    @get("/audit", summary="The tenant's audit log, newest first (audit:read)")
+    async def audit(self, request: Request[Any, Any, Any], kind: FromQuery[str | None] = None) -> Response[Any]:
+        auth = _auth(request)
+        session = await auth.session(request.cookies.get(auth.policy.cookie))
+        if session is None:
+            return Redirect("/admin/signin", status_code=303)
+        if Permission.AUDIT_READ not in permissions(session.roles):
+            await auth.record(
+                session.tenant_id,
+                "admin.forbidden",
+                f"admin:{session.subject}",
+                "GET /admin/audit",
+                {"permission": str(Permission.AUDIT_READ), "roles": list(session.roles)},
+            )
+            raise ProblemError(
+                403, "forbidden", "your role cannot read the audit log", required_permission="audit:read"
+            )
+        if kind is not None and not KIND_PATTERN.match(kind):
+            raise ProblemError(400, "validation-error", f"kind must match {KIND_PATTERN.pattern}")
+        tenant_id = authorise_tenant(uuid.UUID(session.tenant_id))
+
+        async def work(conn: AsyncConnection) -> list[Any]:
+            return await audit_repo.latest_entries(conn, tenant_id, kind, 200)
+
+        entries = await run_in_tenant_transaction(request.app.state.engine, tenant_id, work)
+        rows = [
+            {
+                "seq": e.seq,
+                "created_at": e.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+                "kind": e.kind,
+                "actor": e.actor,
+                "subject": e.subject,
+            }
+            for e in entries
+        ]
+        return render(request, "audit.html", session=session, entries=rows, kind=kind)
 
     @get("/signin", summary="Sign-in page")
     async def signin(self, request: Request[Any, Any, Any]) -> Response[str]:
