@@ -40,6 +40,7 @@ from firstmile.bench.common import (
     STEP,
     BenchError,
     _log,
+    demo_manifest,
 )
 from firstmile.bench.cpu import CpuUse, _measure
 from firstmile.bench.database import (
@@ -47,11 +48,9 @@ from firstmile.bench.database import (
     _count,
     _execute,
     _fetch_column,
-    _postmaster_pid,
     _provision,
-    _recreate_database,
-    _sqlalchemy_url,
     _uncompleted,
+    fresh_bench_database,
 )
 from firstmile.bench.report import RunFacts, _command, _machine, _pool_description, _report
 from firstmile.bench.rls import _measure_rls
@@ -83,22 +82,11 @@ def run_api_benchmark(duration: int, connections: int, workers: int) -> str:
     machine = _machine()
     threads = max(1, min(connections, int(machine["cores"]) // 2))
     warmup = max(2, min(5, duration // 3))
-    manifest = Path(__file__).resolve().parents[2] / "tenants" / "demo.yaml"
-    if not manifest.exists():
-        manifest = Path.cwd() / "tenants" / "demo.yaml"
+    manifest = demo_manifest()
 
-    admin_dsn = _asyncpg_dsn(admin)
-    bench_admin_url = _sqlalchemy_url(admin, database=BENCH_DB)
-    bench_admin_dsn = _asyncpg_dsn(admin, database=BENCH_DB)
-    app_url = _sqlalchemy_url(admin, database=BENCH_DB, user=APP_ROLE)
-
-    _log(f"recreating database {BENCH_DB}")
-    pg = asyncio.run(_recreate_database(admin_dsn))
-    postmaster = _postmaster_pid(pg.data_directory)
-    _log("migrating")
-    from firstmile.kit.migrate import upgrade
-
-    upgrade(bench_admin_url, APP_ROLE)
+    db = fresh_bench_database(admin)
+    bench_admin_url, bench_admin_dsn, app_url = db.admin_url, db.admin_dsn, db.app_url
+    pg, postmaster = db.server, db.postmaster
     pepper = secrets.token_hex(32)
     _log(f"applying {manifest.name}, creating an API key and the {BYPASS_ROLE} role")
     key, tenant_id = asyncio.run(_provision(bench_admin_url, pepper.encode(), manifest))

@@ -47,9 +47,9 @@ from pathlib import Path
 from typing import Any
 
 from firstmile.bench import _secret
-from firstmile.bench.common import APP_ROLE, BENCH_DB, MARKER, MARKER_BAD, TENANT, BenchError, _log
+from firstmile.bench.common import MARKER, MARKER_BAD, TENANT, BenchError, _log, demo_manifest
 from firstmile.bench.cpu import CpuUse, _measure
-from firstmile.bench.database import ServerInfo, _asyncpg_dsn, _postmaster_pid, _recreate_database, _sqlalchemy_url
+from firstmile.bench.database import ServerInfo, fresh_bench_database
 from firstmile.bench.planner import _loadavg, _provision
 from firstmile.bench.report import _machine, _versions
 from firstmile.bench.servers import Server, _free_port, _http_json, _start_server, _stop_server
@@ -369,24 +369,13 @@ def run_admin_benchmark(*, duration: int = 10, connections: int = 4, rounds: int
     machine = _machine()
     threads = max(1, min(connections, int(machine["cores"]) // 2))
     warmup = max(2, min(5, duration // 3))
-    demo = Path(__file__).resolve().parents[3] / "tenants" / "demo.yaml"
-    if not demo.exists():
-        demo = Path.cwd() / "tenants" / "demo.yaml"
+    demo = demo_manifest()
 
-    admin_dsn = _asyncpg_dsn(admin)
-    bench_admin_url = _sqlalchemy_url(admin, database=BENCH_DB)
-    bench_admin_dsn = _asyncpg_dsn(admin, database=BENCH_DB)
-    app_url = _sqlalchemy_url(admin, database=BENCH_DB, user=APP_ROLE)
     redis_version = asyncio.run(_redis_version(redis_url)) if redis_url else None
-
     _log(f"load average {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f} on {machine['cores']} cores")
-    _log(f"recreating database {BENCH_DB}")
-    pg = asyncio.run(_recreate_database(admin_dsn))
-    postmaster = _postmaster_pid(pg.data_directory)
-    _log("migrating")
-    from firstmile.kit.migrate import upgrade
-
-    upgrade(bench_admin_url, APP_ROLE)
+    db = fresh_bench_database(admin)
+    bench_admin_url, bench_admin_dsn, app_url = db.admin_url, db.admin_dsn, db.app_url
+    pg, postmaster = db.server, db.postmaster
     pepper = secrets.token_hex(32)
     runs: list[AdminRun] = []
     paths = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 BENCH_DB = "firstmile_bench"
 APP_ROLE = "firstmile_app"
@@ -28,3 +29,9 @@ class BenchError(RuntimeError):
 def _log(message: str) -> None:
     sys.stderr.write(f"[bench] {message}\n")
     sys.stderr.flush()
+
+
+def demo_manifest() -> Path:
+    """``tenants/demo.yaml`` of the checkout this package runs from, else of the working directory."""
+    here = Path(__file__).resolve().parents[3] / "tenants" / "demo.yaml"
+    return here if here.exists() else Path.cwd() / "tenants" / "demo.yaml"

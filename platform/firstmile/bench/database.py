@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy.engine import make_url
 
-from firstmile.bench.common import APP_ROLE, BENCH_DB, BYPASS_ROLE, PATH_KEY, STEP, TENANT
+from firstmile.bench.common import APP_ROLE, BENCH_DB, BYPASS_ROLE, PATH_KEY, STEP, TENANT, _log
 
 
 def _url(url: str, driver: str, *, database: str | None = None, user: str | None = None) -> str:
@@ -56,6 +56,35 @@ async def _recreate_database(admin_dsn: str, name: str = BENCH_DB) -> ServerInfo
     finally:
         await conn.close()
     return ServerInfo(version, settings, data_dir)
+
+
+@dataclass(frozen=True)
+class BenchDatabase:
+    """The bench database, freshly recreated and migrated: its URLs and its server."""
+
+    admin_url: str  # SQLAlchemy URL of the superuser on the bench database
+    admin_dsn: str  # the same for asyncpg
+    app_url: str  # SQLAlchemy URL of the application role (what the API servers use)
+    server: ServerInfo
+    postmaster: int | None
+
+
+def fresh_bench_database(admin: str) -> BenchDatabase:
+    """Drop, create and migrate the bench database on the server of ``admin`` (a superuser URL)."""
+    _log(f"recreating database {BENCH_DB}")
+    server = asyncio.run(_recreate_database(_asyncpg_dsn(admin)))
+    _log("migrating")
+    from firstmile.kit.migrate import upgrade
+
+    admin_url = _sqlalchemy_url(admin, database=BENCH_DB)
+    upgrade(admin_url, APP_ROLE)
+    return BenchDatabase(
+        admin_url=admin_url,
+        admin_dsn=_asyncpg_dsn(admin, database=BENCH_DB),
+        app_url=_sqlalchemy_url(admin, database=BENCH_DB, user=APP_ROLE),
+        server=server,
+        postmaster=_postmaster_pid(server.data_directory),
+    )
 
 
 def _postmaster_pid(data_dir: str) -> int | None:

@@ -44,15 +44,9 @@ from typing import Any
 import yaml
 
 from firstmile.bench import _secret
-from firstmile.bench.common import APP_ROLE, BENCH_DB, BenchError, _log
+from firstmile.bench.common import APP_ROLE, BenchError, _log, demo_manifest
 from firstmile.bench.cpu import CpuUse, _measure
-from firstmile.bench.database import (
-    ServerInfo,
-    _asyncpg_dsn,
-    _postmaster_pid,
-    _recreate_database,
-    _sqlalchemy_url,
-)
+from firstmile.bench.database import ServerInfo, fresh_bench_database
 from firstmile.bench.report import _machine, _versions
 from firstmile.bench.servers import Server, _free_port, _http_json, _start_server, _stop_server
 from firstmile.bench.wrk import WrkResult, _ensure_wrk, _new_users_script, _run_wrk
@@ -305,23 +299,12 @@ def run_planner_benchmark(
     machine = _machine()
     threads = max(1, min(low, int(machine["cores"]) // 2))
     warmup = max(2, min(5, duration // 3))
-    demo = Path(__file__).resolve().parents[3] / "tenants" / "demo.yaml"
-    if not demo.exists():
-        demo = Path.cwd() / "tenants" / "demo.yaml"
-
-    admin_dsn = _asyncpg_dsn(admin)
-    bench_admin_url = _sqlalchemy_url(admin, database=BENCH_DB)
-    bench_admin_dsn = _asyncpg_dsn(admin, database=BENCH_DB)
-    app_url = _sqlalchemy_url(admin, database=BENCH_DB, user=APP_ROLE)
+    demo = demo_manifest()
 
     _log(f"load average {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f} on {machine['cores']} cores")
-    _log(f"recreating database {BENCH_DB}")
-    pg = asyncio.run(_recreate_database(admin_dsn))
-    postmaster = _postmaster_pid(pg.data_directory)
-    _log("migrating")
-    from firstmile.kit.migrate import upgrade
-
-    upgrade(bench_admin_url, APP_ROLE)
+    db = fresh_bench_database(admin)
+    bench_admin_url, bench_admin_dsn, app_url = db.admin_url, db.admin_dsn, db.app_url
+    pg, postmaster = db.server, db.postmaster
     pepper = secrets.token_hex(32)
     runs: list[PlannerRun] = []
     model_version = "?"
