@@ -53,14 +53,11 @@ def _admin_server_url() -> str:
     return url
 
 
-@pytest.fixture(scope="session")
-def database(worker_id: str) -> Database:
-    """A freshly migrated database for this worker; the app role can log in."""
+def migrated_database(name: str) -> Database:
+    """Recreate database ``name`` on the test server and migrate it; the app role can log in."""
     import asyncio
 
     server = make_url(_admin_server_url())
-    name = f"firstmile_test_{_TAG}{worker_id}"
-
     admin_url = recreate_database(server, name)
 
     async def allow_login() -> None:
@@ -82,6 +79,12 @@ def database(worker_id: str) -> Database:
             fcntl.flock(lock, fcntl.LOCK_UN)
     app_url = server.set(database=name, username="firstmile_app", password=None).render_as_string(hide_password=False)
     return Database(admin_url=admin_url, app_url=app_url, name=name)
+
+
+@pytest.fixture(scope="session")
+def database(worker_id: str) -> Database:
+    """A freshly migrated database for this worker; the app role can log in."""
+    return migrated_database(f"firstmile_test_{_TAG}{worker_id}")
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,6 @@ Run alone (the services must be up: ``make services``)::
 from __future__ import annotations
 
 import base64
-import fcntl
 import hashlib
 import json
 import os
@@ -44,12 +43,10 @@ import httpx
 import pytest
 import yaml
 from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright
-from sqlalchemy.engine import make_url
 
-from firstmile.kit.migrate import upgrade
 from firstmile.tenancy.manifest import ADMIN_ROLES
-from tests.conftest import _TAG, REGION, _admin_server_url
-from tests.factories import ROOT, demo_document, recreate_database
+from tests.conftest import _TAG, REGION, migrated_database
+from tests.factories import ROOT, demo_document
 from tests.support.customer_idp import BROKER_ALIAS, CustomerIdp, IdpUser
 from tests.support.keycloak import Server, payload, server
 
@@ -99,32 +96,8 @@ class Stack:
 def _own_database(worker_id: str) -> tuple[str, str]:
     """A migrated database for this module alone: the server relays every tenant's outbox, which must not
     reach into the rows other tests of this worker leave in theirs. Returns (admin URL, app URL)."""
-    import asyncio
-
-    from sqlalchemy import text
-    from sqlalchemy.ext.asyncio import create_async_engine
-
-    admin_server = make_url(_admin_server_url())
-    name = f"firstmile_test_{_TAG}{worker_id}_e2e"
-    admin_url = recreate_database(admin_server, name)
-
-    async def allow_login() -> None:
-        engine = create_async_engine(admin_url)
-        async with engine.begin() as conn:
-            await conn.execute(text("ALTER ROLE firstmile_app LOGIN"))
-        await engine.dispose()
-
-    lock_path = ROOT / ".firstmile" / "test-migrate.lock"  # roles are cluster-wide: one migration at a time
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with lock_path.open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            upgrade(admin_url, "firstmile_app")
-            asyncio.run(allow_login())
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    app_url = admin_server.set(database=name, username="firstmile_app", password=None)
-    return admin_url, app_url.render_as_string(hide_password=False)
+    made = migrated_database(f"firstmile_test_{_TAG}{worker_id}_e2e")
+    return made.admin_url, made.app_url
 
 
 def _secret(path: Path) -> Path:
