@@ -79,6 +79,7 @@ async def test_a_bootstrap_link_opens_one_session_once_and_is_audited(
 ) -> None:
     me = await sign_in(admin_app, home.slug, "owner")
     assert me["tenant"]["slug"] == home.slug and me["roles"] == ["owner"] and me["origin"] == "bootstrap"
+    assert (await admin_app.get("/admin/api/me")).headers["cache-control"] == "no-store"  # it holds the CSRF token
     assert set(me["permissions"]) == {str(p) for p in Permission}
     token = _auth(admin_app).bootstrap_token(home.slug, "viewer")
     first = await admin_app.post("/admin/bootstrap/redeem", data={"token": token}, follow_redirects=False)

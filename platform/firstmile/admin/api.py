@@ -389,11 +389,18 @@ def _tid(session: AdminSession) -> uuid.UUID:
     return uuid.UUID(session.tenant_id)
 
 
+async def _no_store(response: Response[Any]) -> Response[Any]:
+    # answers carry the CSRF token and personal data (exports): never kept by a browser or proxy cache
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
 def admin_api_router() -> Router:
     """``/admin/api`` behind the session middleware (the login routes are outside it)."""
     return Router(
         path="/",
         route_handlers=[AdminApiController],
         middleware=[DefineMiddleware(AdminSessionMiddleware)],
+        after_request=_no_store,
         include_in_schema=False,
     )
