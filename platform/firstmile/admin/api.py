@@ -179,7 +179,7 @@ class LoginController(Controller):
             )
         except LoginError as exc:
             raise ProblemError(
-                403 if exc.reason in ("no_role",) else 400,
+                403 if exc.reason == "no_role" else 400,
                 "login-failed",
                 f"the login did not complete: {exc.detail}",
                 reason=exc.reason,

@@ -33,7 +33,7 @@ from firstmile.admin.oidc import IDP_HINT, LoginError, OidcClient, new_pkce
 from firstmile.admin.sessions import AdminSession, LoginState, SessionStore, digest
 from firstmile.audit import service as audit
 from firstmile.kit.auth import KeyResolver, ResolvedTenant, wrong_region
-from firstmile.kit.db import TenantId, authorise_tenant, run_in_tenant_transaction
+from firstmile.kit.db import authorise_tenant, run_in_tenant_transaction
 from firstmile.kit.errors import ProblemError
 from firstmile.sso.tokens import TokenError
 from firstmile.tenancy.manifest import ADMIN_ROLES, SLUG_PATTERN
@@ -430,7 +430,6 @@ __all__ = [
     "LoginError",
     "SessionPolicy",
     "StartedLogin",
-    "TenantId",
     "bootstrap_key",
     "mint_bootstrap_token",
     "read_bootstrap_token",

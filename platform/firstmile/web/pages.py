@@ -23,11 +23,12 @@ from firstmile.audit.service import KIND_PATTERN
 from firstmile.kit.db import authorise_tenant, run_in_tenant_transaction
 from firstmile.kit.errors import ProblemError
 
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+    "form-action {forms}; frame-ancestors 'none'; base-uri 'none'"
+)
+"""Forms post to this origin, and (the logout form's redirect) to Keycloak when SSO is configured."""
 SECURITY_HEADERS = {
-    "Content-Security-Policy": (
-        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
-        "form-action 'self' {idp}; frame-ancestors 'none'; base-uri 'none'"
-    ),
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "same-origin",
     "X-Content-Type-Options": "nosniff",
@@ -53,8 +54,8 @@ def render(request: Request[Any, Any, Any], template: str, status: int = 200, **
     context.setdefault("csrf_token", None)
     html = _environment().get_template(template).render(**context)
     oidc = _auth(request).oidc
-    idp = oidc.naming.keycloak_url.rstrip("/") if oidc is not None else ""
-    headers = {k: v.format(idp=idp).replace("  ", " ") for k, v in SECURITY_HEADERS.items()}
+    forms = "'self'" if oidc is None else f"'self' {oidc.naming.keycloak_url.rstrip('/')}"
+    headers = {**SECURITY_HEADERS, "Content-Security-Policy": CSP.format(forms=forms)}
     return Response(html, status_code=status, media_type="text/html; charset=utf-8", headers=headers)
 
 
