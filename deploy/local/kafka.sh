@@ -52,18 +52,27 @@ case "$cmd" in
         kafka.tools.StorageTool format -t "$(cat /proc/sys/kernel/random/uuid | tr -d - | head -c 22)" \
         -c "$dir/server.properties" >"$dir/logs/format.log" 2>&1
     fi
-    nohup java -Xms256m -Xmx512m -XX:+UseG1GC -Djava.awt.headless=true \
-      -Dlog4j2.configurationFile="$here/kafka/log4j2.yaml" -Dkafka.logs.dir="$dir/logs" \
-      -cp "$libs/*" kafka.Kafka "$dir/server.properties" >"$dir/logs/stdout.log" 2>&1 &
-    echo $! > "$dir/broker.pid"
-    for _ in $(seq 1 120); do
-      if port_open "$port"; then echo "kafka ($name) started on 127.0.0.1:$port" >&2; exit 0; fi
-      if ! kill -0 "$(cat "$dir/broker.pid")" 2>/dev/null; then
-        echo "kafka ($name) exited; see $dir/logs" >&2; tail -n 20 "$dir/logs/stdout.log" >&2 || true; exit 1
+    # Up to three attempts: the ports sit in Linux's ephemeral range (32768-60999), so a client socket of
+    # a busy test run can hold one for a moment and the broker exits at bind; a later attempt gets it.
+    for attempt in 1 2 3; do
+      nohup java -Xms256m -Xmx512m -XX:+UseG1GC -Djava.awt.headless=true \
+        -Dlog4j2.configurationFile="$here/kafka/log4j2.yaml" -Dkafka.logs.dir="$dir/logs" \
+        -cp "$libs/*" kafka.Kafka "$dir/server.properties" >"$dir/logs/stdout.log" 2>&1 &
+      echo $! > "$dir/broker.pid"
+      for _ in $(seq 1 120); do
+        if port_open "$port"; then echo "kafka ($name) started on 127.0.0.1:$port" >&2; exit 0; fi
+        if ! kill -0 "$(cat "$dir/broker.pid")" 2>/dev/null; then break; fi
+        sleep 0.5
+      done
+      if kill -0 "$(cat "$dir/broker.pid")" 2>/dev/null; then
+        echo "kafka ($name) did not open 127.0.0.1:$port in 60 s; see $dir/logs" >&2; exit 1
       fi
-      sleep 0.5
+      echo "kafka ($name) exited during start (attempt $attempt of 3); see $dir/logs" >&2
+      tail -n 20 "$dir/logs/stdout.log" >&2 || true
+      grep -h -E "ERROR|FATAL|Exception" "$dir/logs/server.log" 2>/dev/null | tail -n 5 >&2 || true
+      sleep 1
     done
-    echo "kafka ($name) did not open 127.0.0.1:$port in 60 s; see $dir/logs" >&2; exit 1
+    exit 1
     ;;
   stop)
     pid=$(running_pid)

@@ -63,13 +63,13 @@ def synthetic_paths(tenant: TenantFixture) -> dict[str, SyntheticPath]:
 
 @pytest.fixture(scope="module")
 def flaky(analytics_store: ChdbStore) -> FlakyStore:
-    return FlakyStore(analytics_store, delay=1.0)
+    return FlakyStore(analytics_store, delay=2.5)
 
 
 @pytest.fixture(scope="module")
 async def client(database: Database, flaky: FlakyStore) -> AsyncIterator[Client]:
     """An app of our own: its analytics store can be made slow or failing."""
-    app = create_app(make_settings(analytics_query_timeout_seconds=0.3), database.app_url, PEPPER, analytics=flaky)
+    app = create_app(make_settings(analytics_query_timeout_seconds=1.0), database.app_url, PEPPER, analytics=flaky)
     async with AsyncTestClient(app=app, raise_server_exceptions=False) as c:
         assert isinstance(c.app.state.analytics, AnalyticsService)
         yield c
