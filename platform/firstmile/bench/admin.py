@@ -50,8 +50,8 @@ from firstmile.bench import _secret
 from firstmile.bench.common import MARKER, MARKER_BAD, TENANT, BenchError, _log, demo_manifest
 from firstmile.bench.cpu import CpuUse, _measure
 from firstmile.bench.database import ServerInfo, fresh_bench_database
-from firstmile.bench.planner import _loadavg, _provision
-from firstmile.bench.report import _machine, _versions
+from firstmile.bench.planner import _provision
+from firstmile.bench.report import _loadavg, _machine, _ratio, _run_header, _versions, _wrk_metric
 from firstmile.bench.servers import Server, _free_port, _http_json, _start_server, _stop_server
 from firstmile.bench.wrk import _LUA_COMMON, WrkResult, _ensure_wrk, _lua_str, _run_wrk
 
@@ -467,10 +467,6 @@ def run_admin_benchmark(*, duration: int = 10, connections: int = 4, rounds: int
 # ---------------------------------------------------------------- the report
 
 
-def _ratio(value: float, base: float) -> str:
-    return f"{value / base:.2f}x" if base > 0 and math.isfinite(value) and math.isfinite(base) else "—"
-
-
 def _find(runs: Sequence[AdminRun], store: str, endpoint: str) -> list[AdminRun]:
     return [r for r in runs if r.store == store and r.endpoint == endpoint]
 
@@ -478,12 +474,8 @@ def _find(runs: Sequence[AdminRun], store: str, endpoint: str) -> list[AdminRun]
 METRICS = ("req/s", "p50", "p99")
 
 
-def _metric(run: AdminRun, metric: str) -> float:
-    return run.result.rps if metric == "req/s" else float(getattr(run.result, f"{metric}_ms"))
-
-
 def _median(runs: Sequence[AdminRun], metric: str) -> float:
-    return statistics.median(_metric(r, metric) for r in runs) if runs else math.nan
+    return statistics.median(_wrk_metric(r.result, metric) for r in runs) if runs else math.nan
 
 
 def _fmt(value: float, metric: str) -> str:
@@ -498,19 +490,12 @@ def _server_us(runs: Sequence[AdminRun]) -> float:
 
 
 def _report(f: AdminFacts) -> str:
-    m = f.machine
-    lb, la = f.load_before, f.load_after
     stores = [IN_PROCESS] + ([REDIS] if f.redis is not None else [])
     redis = f"{f.redis} on 127.0.0.1, same machine" if f.redis else "not measured (no FIRSTMILE_BENCH_REDIS)"
     out = [
         "## Admin UI: session authentication vs the API key",
         "",
-        f"- Date: {f.started_at:%Y-%m-%d %H:%M} UTC (run took {f.elapsed_s:.0f} s)",
-        f"- Machine: {m['cores']} cores ({m['cpu']}), {m['memory']} RAM, {m['os']}, Python {m['python']}; "
-        f"load average {lb[0]:.2f} / {lb[1]:.2f} / {lb[2]:.2f} (1 / 5 / 15 min) before the run, "
-        f"{la[0]:.2f} / {la[1]:.2f} / {la[2]:.2f} after",
-        f"- PostgreSQL: {f.pg.settings.get('server_version', '?')} on 127.0.0.1, same machine "
-        f"(fsync {f.pg.settings.get('fsync', '?')}, synchronous_commit {f.pg.settings.get('synchronous_commit', '?')})",
+        *_run_header(f.started_at, f.elapsed_s, f.machine, f.load_before, f.load_after, f.pg),
         f"- Redis: {redis}",
         "- Servers: `firstmile serve --workers 1` (uvicorn), one with sessions in-process"
         + (" and one with `FIRSTMILE_REDIS_URL` (sessions in Redis), both up for the whole run" if f.redis else "")

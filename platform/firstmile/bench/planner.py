@@ -27,7 +27,6 @@ Nothing here runs in the API or in the tests. Loopback only.
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import secrets
 import shlex
@@ -47,7 +46,7 @@ from firstmile.bench import _secret
 from firstmile.bench.common import APP_ROLE, BenchError, _log, demo_manifest
 from firstmile.bench.cpu import CpuUse, _measure
 from firstmile.bench.database import ServerInfo, fresh_bench_database
-from firstmile.bench.report import _machine, _versions
+from firstmile.bench.report import _loadavg, _machine, _ratio, _run_header, _versions, _wrk_metric
 from firstmile.bench.servers import Server, _free_port, _http_json, _start_server, _stop_server
 from firstmile.bench.wrk import WrkResult, _ensure_wrk, _new_users_script, _run_wrk
 
@@ -127,14 +126,6 @@ class PlannerFacts:
     load_after: tuple[float, float, float]
     command: str
     runs: list[PlannerRun] = field(default_factory=list)
-
-
-def _loadavg() -> tuple[float, float, float]:
-    try:
-        one, five, fifteen = Path("/proc/loadavg").read_text(encoding="ascii").split()[:3]
-        return float(one), float(five), float(fifteen)
-    except (OSError, ValueError):
-        return (math.nan, math.nan, math.nan)
 
 
 def _label(selected_by: str | None, reason: str | None) -> str:
@@ -410,10 +401,6 @@ def run_planner_benchmark(
     )
 
 
-def _ratio(value: float, base: float) -> str:
-    return f"{value / base:.2f}x" if base > 0 and math.isfinite(value) else "—"
-
-
 def _ms(value: float | None) -> str:
     return f"{value:.2f}" if value is not None else "—"
 
@@ -422,26 +409,15 @@ def _find(runs: list[PlannerRun], server: str, planner: str, connections: int) -
     return [r for r in runs if r.server == server and r.planner == planner and r.connections == connections]
 
 
-def _metric(run: PlannerRun, metric: str) -> float:
-    return run.result.rps if metric == "req/s" else float(getattr(run.result, f"{metric}_ms"))
-
-
 SHARE_FLOOR = 0.9
 """Below this share of decisions by the model, a "model" run mostly measured its fallback."""
 
 
 def _report(f: PlannerFacts) -> str:
-    m = f.machine
-    lb, la = f.load_before, f.load_after
     out = [
         "## Path planner: start latency with the model vs the rules",
         "",
-        f"- Date: {f.started_at:%Y-%m-%d %H:%M} UTC (run took {f.elapsed_s:.0f} s)",
-        f"- Machine: {m['cores']} cores ({m['cpu']}), {m['memory']} RAM, {m['os']}, Python {m['python']}; "
-        f"load average {lb[0]:.2f} / {lb[1]:.2f} / {lb[2]:.2f} (1 / 5 / 15 min) before the run, "
-        f"{la[0]:.2f} / {la[1]:.2f} / {la[2]:.2f} after",
-        f"- PostgreSQL: {f.pg.settings.get('server_version', '?')} on 127.0.0.1, same machine "
-        f"(fsync {f.pg.settings.get('fsync', '?')}, synchronous_commit {f.pg.settings.get('synchronous_commit', '?')})",
+        *_run_header(f.started_at, f.elapsed_s, f.machine, f.load_before, f.load_after, f.pg),
         f"- Server: `firstmile serve --workers 1` (uvicorn), log level WARNING, stuck scan off; {_versions()}",
         f"- Model: path_classifier {f.model_version} (production) from `{f.registry}`; "
         f"inference timeout {f.inference_timeout_ms} ms"
@@ -498,8 +474,8 @@ def _report(f: PlannerFacts) -> str:
             fallbacks = sum(r.decisions.fallbacks for r in model) / max(1, users)
             flag = "" if share >= SHARE_FLOOR else " ⚠ mostly fallbacks"
             for metric in metrics:
-                b = statistics.median(_metric(r, metric) for r in base)
-                v = statistics.median(_metric(r, metric) for r in model)
+                b = statistics.median(_wrk_metric(r.result, metric) for r in base)
+                v = statistics.median(_wrk_metric(r.result, metric) for r in model)
                 unit = "" if metric == "req/s" else " ms"
                 out.append(
                     f"| {model[0].label}{flag} | {metric} at {connections} connections | {b:,.2f}{unit} "

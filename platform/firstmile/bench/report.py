@@ -223,3 +223,42 @@ def _report(f: RunFacts) -> str:
             "",
         ]
     return "\n".join(out)
+
+
+def _loadavg() -> tuple[float, float, float]:
+    """The 1, 5 and 15 minute load averages (NaN where /proc/loadavg cannot be read)."""
+    try:
+        one, five, fifteen = Path("/proc/loadavg").read_text(encoding="ascii").split()[:3]
+        return float(one), float(five), float(fifteen)
+    except (OSError, ValueError):
+        return (math.nan, math.nan, math.nan)
+
+
+def _ratio(value: float, base: float) -> str:
+    """``value ÷ base`` as ``1.23x``, or a dash when either is missing."""
+    return f"{value / base:.2f}x" if base > 0 and math.isfinite(value) and math.isfinite(base) else "—"
+
+
+def _wrk_metric(result: WrkResult, metric: str) -> float:
+    """``req/s`` or a latency percentile (``p50``, ``p99`` …) of one wrk run, in ms."""
+    return result.rps if metric == "req/s" else float(getattr(result, f"{metric}_ms"))
+
+
+def _run_header(
+    started_at: datetime,
+    elapsed_s: float,
+    machine: dict[str, str],
+    load_before: tuple[float, float, float],
+    load_after: tuple[float, float, float],
+    pg: ServerInfo,
+) -> list[str]:
+    """The date, machine and PostgreSQL lines every benchmark report opens with."""
+    m, lb, la = machine, load_before, load_after
+    return [
+        f"- Date: {started_at:%Y-%m-%d %H:%M} UTC (run took {elapsed_s:.0f} s)",
+        f"- Machine: {m['cores']} cores ({m['cpu']}), {m['memory']} RAM, {m['os']}, Python {m['python']}; "
+        f"load average {lb[0]:.2f} / {lb[1]:.2f} / {lb[2]:.2f} (1 / 5 / 15 min) before the run, "
+        f"{la[0]:.2f} / {la[1]:.2f} / {la[2]:.2f} after",
+        f"- PostgreSQL: {pg.settings.get('server_version', '?')} on 127.0.0.1, same machine "
+        f"(fsync {pg.settings.get('fsync', '?')}, synchronous_commit {pg.settings.get('synchronous_commit', '?')})",
+    ]
