@@ -105,6 +105,16 @@ def _subset_differs(desired: dict[str, Any], actual: dict[str, Any]) -> list[str
     return differ
 
 
+@dataclass(frozen=True)
+class _MapperWork:
+    """A client protocol mapper to create (``have`` None) or update, and what differs."""
+
+    name: str
+    mapper: dict[str, Any]
+    have: dict[str, Any] | None
+    differ: str
+
+
 class KeycloakProvisioner:
     """Reconciles tenant realms with manifests through the Keycloak admin API (python-keycloak)."""
 
@@ -368,20 +378,38 @@ class KeycloakProvisioner:
             if execute:
                 attributes = {**(current.get("attributes") or {}), **desired["attributes"]}
                 self._admin.update_client(internal_id, {**current, **desired, "attributes": attributes})
+        work = self._client_mapper_work(internal_id, mappers)
+        changes.extend(
+            Change("create", "mapper", realm, w.name)
+            if w.have is None
+            else Change("update", "mapper", realm, w.name, w.differ)
+            for w in work
+        )
+        if execute:
+            self._write_client_mappers(internal_id, work)
+        return changes
+
+    def _client_mapper_work(self, internal_id: str, mappers: dict[str, dict[str, Any]]) -> list[_MapperWork]:
+        """The protocol mappers of a client that are missing or differ from ``mappers``."""
         actual = {str(m["name"]): m for m in self._admin.get_mappers_from_client(internal_id)}
+        work: list[_MapperWork] = []
         for name, mapper in mappers.items():
             have = actual.get(name)
-            if have is None:
-                changes.append(Change("create", "mapper", realm, name))
-                if execute:
-                    self._admin.add_mapper_to_client(internal_id, mapper)
-                continue
-            differ = _subset_differs({"protocolMapper": mapper["protocolMapper"], "config": mapper["config"]}, have)
-            if differ:
-                changes.append(Change("update", "mapper", realm, name, ", ".join(differ)))
-                if execute:
-                    self._admin.update_client_mapper(internal_id, str(have["id"]), {**have, **mapper})
-        return changes
+            differ = (
+                _subset_differs({"protocolMapper": mapper["protocolMapper"], "config": mapper["config"]}, have)
+                if have is not None
+                else []
+            )
+            if have is None or differ:
+                work.append(_MapperWork(name, mapper, have, ", ".join(differ)))
+        return work
+
+    def _write_client_mappers(self, internal_id: str, work: list[_MapperWork]) -> None:
+        for w in work:
+            if w.have is None:
+                self._admin.add_mapper_to_client(internal_id, w.mapper)
+            else:
+                self._admin.update_client_mapper(internal_id, str(w.have["id"]), {**w.have, **w.mapper})
 
     def _groups(self, realm: str, sso: SsoSpec, execute: bool) -> list[Change]:
         changes: list[Change] = []
@@ -722,14 +750,8 @@ class KeycloakProvisioner:
         internal_id = str(have["id"])
         current = {**have, "description": have.get("description") or ""}  # Keycloak drops an empty description
         differ = _subset_differs(desired, current)
-        actual_mappers = {str(m["name"]): m for m in self._admin.get_mappers_from_client(internal_id)}
-        mapper_work: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = []
-        for name, mapper in mappers.items():
-            have_mapper = actual_mappers.get(name)
-            wanted = {"protocolMapper": mapper["protocolMapper"], "config": mapper["config"]}
-            if have_mapper is None or _subset_differs(wanted, have_mapper):
-                mapper_work.append((name, mapper, have_mapper))
-                differ.append(f"mapper {name}")
+        mapper_work = self._client_mapper_work(internal_id, mappers)
+        differ.extend(f"mapper {w.name}" for w in mapper_work)
         optional = {s for s in have.get("optionalClientScopes") or () if s in SCOPES}
         default = {s for s in have.get("defaultClientScopes") or () if s in SCOPES}
         want = set(spec.scopes)
@@ -744,11 +766,7 @@ class KeycloakProvisioner:
             if _subset_differs(desired, current):
                 attributes = {**(have.get("attributes") or {}), **desired["attributes"]}
                 self._admin.update_client(internal_id, {**have, **desired, "attributes": attributes})
-            for _name, mapper, have_mapper in mapper_work:
-                if have_mapper is None:
-                    self._admin.add_mapper_to_client(internal_id, mapper)
-                else:
-                    self._admin.update_client_mapper(internal_id, str(have_mapper["id"]), {**have_mapper, **mapper})
+            self._write_client_mappers(internal_id, mapper_work)
             for scope in default:
                 self._admin.delete_client_default_client_scope(internal_id, scope_ids[scope])
             for scope in optional - want:
