@@ -134,7 +134,10 @@ class AdminAuth:
         except Exception:
             log.exception("could not audit %s", kind)
 
-    async def refuse(self, tenant_id: str | uuid.UUID, reason: str, detail: str, **payload: Any) -> None:
+    async def refused(
+        self, tenant_id: str | uuid.UUID, reason: str, detail: str, *, shown: str | None = None, **payload: Any
+    ) -> LoginError:
+        """Audit a refused login as ``admin.login_failed``; the error to raise (message ``shown``, else ``detail``)."""
         await self.record(
             tenant_id,
             "admin.login_failed",
@@ -146,6 +149,7 @@ class AdminAuth:
                 "detail": detail[:500],
             },
         )
+        return LoginError(reason, shown or detail)
 
     # ------------------------------------------------------------ OIDC login
 
@@ -202,27 +206,29 @@ class AdminAuth:
         if login is None:
             raise LoginError("unknown_state", "no login was started with this state, or it expired")
         if replayed:
-            await self.refuse(login.tenant_id, "replayed_state", "this login state was already used")
-            raise LoginError("replayed_state", "this login state was already used")
+            raise await self.refused(login.tenant_id, "replayed_state", "this login state was already used")
         if browser_secret is None or not hmac.compare_digest(digest(browser_secret), login.browser):
-            await self.refuse(login.tenant_id, "browser_mismatch", "the login was started in another browser")
-            raise LoginError("browser_mismatch", "the login was started in another browser")
+            raise await self.refused(login.tenant_id, "browser_mismatch", "the login was started in another browser")
         if error or not code:
-            await self.refuse(login.tenant_id, "idp_error", f"the identity provider answered {error or 'no code'}")
-            raise LoginError("idp_error", f"the identity provider answered {error or 'no code'}")
+            raise await self.refused(
+                login.tenant_id, "idp_error", f"the identity provider answered {error or 'no code'}"
+            )
         try:
             tokens = await self.oidc.exchange(
                 login.tenant_slug, code=code[:4096], verifier=login.verifier, redirect_uri=self.redirect_uri
             )
             identity = await self.oidc.identity(login.tenant_slug, tokens, login.nonce)
         except LoginError as exc:
-            await self.refuse(login.tenant_id, exc.reason, exc.detail)
+            await self.refused(login.tenant_id, exc.reason, exc.detail)
             raise
         if not identity.roles:
-            await self.refuse(
-                login.tenant_id, "no_role", "the user has no admin role in this tenant", subject=identity.subject
+            raise await self.refused(
+                login.tenant_id,
+                "no_role",
+                "the user has no admin role in this tenant",
+                shown="your account has no Firstmile role in this tenant; ask its owner",
+                subject=identity.subject,
             )
-            raise LoginError("no_role", "your account has no Firstmile role in this tenant; ask its owner")
         now = time.time()
         session = AdminSession(
             tenant_id=login.tenant_id,
@@ -366,8 +372,9 @@ class AdminAuth:
         claims = read_bootstrap_token(self.bootstrap_signing_key, token)
         tenant = await self.tenant(claims["t"])
         if not await self.store.claim(f"bootstrap:{claims['n']}", BOOTSTRAP_TTL * 2):
-            await self.refuse(tenant.tenant_id, "replayed_bootstrap_link", "this bootstrap link was already used")
-            raise LoginError("replayed_bootstrap_link", "this bootstrap link was already used")
+            raise await self.refused(
+                tenant.tenant_id, "replayed_bootstrap_link", "this bootstrap link was already used"
+            )
         now = time.time()
         role = str(claims["r"])
         session = AdminSession(
