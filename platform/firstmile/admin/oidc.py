@@ -140,11 +140,15 @@ class OidcClient:
             raise LoginError("bad_token_response", "the token response lacks id_token or access_token")
         return body
 
-    async def _claims(self, token: str, slug: str, audience: str) -> dict[str, Any]:
+    async def _signing_key(self, token: str, slug: str | None) -> tuple[str, jwt.PyJWK, str]:
+        """(tenant, key, algorithm) of a token of one of our realms (``slug``'s, when given), before verifying it."""
         header, unverified = parse_unverified(token)
         alg, kid = check_algorithm(header)
         tenant = expected_tenant(self.naming, unverified.get("iss"), slug)
-        key = await self.validator.jwks.key(self.naming.jwks_url(tenant), kid, alg)
+        return tenant, await self.validator.jwks.key(self.naming.jwks_url(tenant), kid, alg), alg
+
+    async def _claims(self, token: str, slug: str, audience: str) -> dict[str, Any]:
+        tenant, key, alg = await self._signing_key(token, slug)
         return verify(
             token, key, alg, issuer=self.naming.issuer(tenant), audience=audience, leeway=self.validator.leeway
         )
@@ -181,10 +185,7 @@ class OidcClient:
 
     async def logout_request(self, token: str) -> LogoutRequest:
         """A valid back-channel logout token's request; :class:`TokenError` (never trusted unverified)."""
-        header, unverified = parse_unverified(token)
-        alg, kid = check_algorithm(header)
-        slug = expected_tenant(self.naming, unverified.get("iss"), None)  # one of our realms, or refused
-        key = await self.validator.jwks.key(self.naming.jwks_url(slug), kid, alg)
+        slug, key, alg = await self._signing_key(token, None)  # one of our realms, or refused
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
