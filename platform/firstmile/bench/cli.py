@@ -1,0 +1,247 @@
+"""``firstmile bench``: the benchmarks (see docs/benchmarks.md); each writes a markdown report."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from firstmile.settings import get_settings
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks (see docs/benchmarks.md)."""
+
+
+@bench.command("events")
+@click.option(
+    "--messages", default=200_000, show_default=True, help="Outbox rows per relay run (relay vs bare producer)."
+)
+@click.option("--events", default=200_000, show_default=True, help="Events per ingestion and end-to-end run.")
+@click.option(
+    "--relay-batch",
+    "relay_batch_sizes",
+    multiple=True,
+    type=int,
+    default=(2000, 10000),
+    show_default=True,
+    help="Relay batch size to measure (repeat for several).",
+)
+@click.option("--connections", default=4, show_default=True, help="Load generator connections.")
+@click.option("--workers", default=1, show_default=True, help="`firstmile serve` workers in the Kafka runs.")
+@click.option("--freshness", "freshness_samples", default=50, show_default=True, help="Single-event probes per mode.")
+@click.option("--repeat", default=3, show_default=True, help="Rounds of the relay-vs-bare runs.")
+@click.option(
+    "--kafka",
+    default="127.0.0.1:59192",
+    envvar="FIRSTMILE_BENCH_KAFKA",
+    show_default=True,
+    help="Kafka bootstrap servers (deploy/local/kafka.sh start bench).",
+)
+@click.option("--timeout", default=600.0, show_default=True, help="Seconds each measured run may take.")
+@click.option(
+    "--phase",
+    "phases",
+    multiple=True,
+    type=click.Choice(["relay", "kafka", "embedded"]),
+    help="Run only this phase (repeat for several; default: all).",
+)
+@click.option("--output", type=click.Path(path_type=Path), default=None, help="Write the markdown report here.")
+def bench_events(
+    messages: int,
+    events: int,
+    relay_batch_sizes: tuple[int, ...],
+    connections: int,
+    workers: int,
+    freshness_samples: int,
+    repeat: int,
+    kafka: str,
+    timeout: float,
+    phases: tuple[str, ...],
+    output: Path | None,
+) -> None:
+    """Event path: relay vs a bare producer, end-to-end throughput (Kafka, embedded), freshness."""
+    from firstmile.bench import BenchError
+    from firstmile.bench.events import run_events_benchmark
+
+    try:
+        report = run_events_benchmark(
+            messages=messages,
+            events=events,
+            relay_batch_sizes=relay_batch_sizes,
+            connections=connections,
+            workers=workers,
+            freshness_samples=freshness_samples,
+            repeat=repeat,
+            kafka=kafka,
+            timeout=timeout,
+            phases=phases or ("relay", "kafka", "embedded"),
+            argv=sys.argv[1:],
+        )
+    except BenchError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(report)
+    if output:
+        output.write_text(report, encoding="utf-8")
+
+
+@bench.command("analytics")
+@click.option("--events", default=10_000_000, show_default=True, type=click.IntRange(10_000, 100_000_000))
+@click.option("--tenants", default=5, show_default=True, type=click.IntRange(1, 100))
+@click.option("--weeks", default=26, show_default=True, type=click.IntRange(1, 104))
+@click.option("--runs", default=5, show_default=True, type=click.IntRange(1, 100))
+@click.option("--keep", is_flag=True, help="Keep the chdb folder under the data dir.")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path))
+def bench_analytics(events: int, tenants: int, weeks: int, runs: int, keep: bool, output: Path | None) -> None:
+    """Analytics queries over N synthetic events (chdb), against scans in the same run."""
+    from firstmile.bench.analytics import run_analytics_benchmark
+
+    report = run_analytics_benchmark(
+        events=events, tenants=tenants, weeks=weeks, runs=runs, data_dir=get_settings().data_dir, keep=keep
+    )
+    text = report.markdown(f"firstmile bench analytics --events {events}")
+    click.echo(text)
+    if output is not None:
+        output.write_text(text + "\n", encoding="utf-8")
+
+
+def _bench_admin_url() -> str:
+    url = os.environ.get("FIRSTMILE_BENCH_ADMIN_URL")
+    if not url:
+        raise click.ClickException(
+            "FIRSTMILE_BENCH_ADMIN_URL is not set: `make bench-security` starts the bench PostgreSQL and sets it"
+        )
+    return url
+
+
+def _emit(text_: str, output: Path | None) -> None:
+    click.echo(text_)
+    if output is not None:
+        output.write_text(text_ + "\n", encoding="utf-8")
+
+
+@bench.command("audit")
+@click.option("--entries", default=1_000_000, show_default=True, type=click.IntRange(2, 100_000_000))
+@click.option("--appends", default=2000, show_default=True, type=click.IntRange(100, 1_000_000))
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path))
+def bench_audit(entries: int, appends: int, output: Path | None) -> None:
+    """Audit append rate, proof generation and verification at N entries (needs the bench PostgreSQL)."""
+    from firstmile.audit.bench import run_audit_benchmark
+
+    _emit(run_audit_benchmark(_bench_admin_url(), entries=entries, appends=appends), output)
+
+
+@bench.command("crypto")
+@click.option("--records", default=5000, show_default=True, type=click.IntRange(1000, 1_000_000))
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path))
+def bench_crypto(records: int, output: Path | None) -> None:
+    """Field encryption with cached and uncached data keys; provider calls per 1,000 records written."""
+    from firstmile.security.bench import run_crypto_benchmark
+
+    _emit(run_crypto_benchmark(os.environ.get("FIRSTMILE_BENCH_ADMIN_URL"), records=records), output)
+
+
+@bench.command("pii")
+@click.option("--lines", default=1000, show_default=True, type=click.IntRange(10, 1_000_000))
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path))
+def bench_pii(lines: int, output: Path | None) -> None:
+    """PII redaction throughput on log lines, against a single email-regex pass."""
+    from firstmile.security.pii_bench import bench_redaction
+
+    _emit(bench_redaction(n_lines=lines), output)
+
+
+@bench.command("api")
+@click.option("--duration", default=10, show_default=True, help="Seconds per measured run.")
+@click.option("--connections", default=32, show_default=True, help="Concurrent clients.")
+@click.option("--workers", default=2, show_default=True, help="Server worker processes.")
+@click.option("--output", type=click.Path(path_type=Path), default=None, help="Write the markdown report here.")
+def bench_api(duration: int, connections: int, workers: int, output: Path | None) -> None:
+    """API throughput and latency vs a bare Litestar endpoint, and RLS vs BYPASSRLS."""
+    from firstmile.bench import BenchError, run_api_benchmark
+
+    try:
+        report = run_api_benchmark(duration=duration, connections=connections, workers=workers)
+    except BenchError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(report)
+    if output:
+        output.write_text(report, encoding="utf-8")
+
+
+@bench.command("planner")
+@click.option(
+    "--registry",
+    required=True,
+    help="Model registry (file:///dir or a dir) with a production path_classifier (make bench-planner trains one).",
+)
+@click.option(
+    "--inference-url",
+    default=None,
+    help="Ray Serve base URL (deploy/local/ray.sh url bench); without it only the in-process model is measured.",
+)
+@click.option("--duration", default=10, show_default=True, type=click.IntRange(1, 300), help="Seconds per run.")
+@click.option("--low", default=4, show_default=True, type=click.IntRange(1, 1024), help="Connections for latency.")
+@click.option("--high", default=32, show_default=True, type=click.IntRange(1, 1024), help="Connections at saturation.")
+@click.option("--rounds", default=2, show_default=True, type=click.IntRange(1, 10), help="Rules/model pairs per level.")
+@click.option("--timeout", default=900.0, show_default=True, help="Seconds the whole run may take.")
+@click.option(
+    "--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Report file (default: stdout)."
+)
+def bench_planner(
+    registry: str,
+    inference_url: str | None,
+    duration: int,
+    low: int,
+    high: int,
+    rounds: int,
+    timeout: float,
+    output: Path | None,
+) -> None:
+    """Start latency and throughput with the path model (in-process, Ray Serve) vs the rules (bench PostgreSQL)."""
+    from firstmile.bench import BenchError
+    from firstmile.bench.planner import run_planner_benchmark
+
+    try:
+        report = run_planner_benchmark(
+            registry=registry,
+            inference_url=inference_url,
+            duration=duration,
+            low=low,
+            high=high,
+            rounds=rounds,
+            timeout=timeout,
+        )
+    except BenchError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if output is None:
+        click.echo(report)
+    else:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(report, encoding="utf-8")
+
+
+@bench.command("admin")
+@click.option("--duration", default=10, show_default=True, type=click.IntRange(1, 120), help="Seconds per run.")
+@click.option("--connections", default=4, show_default=True, type=click.IntRange(1, 64), help="wrk connections.")
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(1, 10), help="Runs of each endpoint.")
+@click.option(
+    "--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Report file (default: stdout)."
+)
+def bench_admin(duration: int, connections: int, rounds: int, output: Path | None) -> None:
+    """Admin UI session authentication (in-process, Redis) vs the API key (bench PostgreSQL and Redis)."""
+    from firstmile.bench import BenchError
+    from firstmile.bench.admin import run_admin_benchmark
+
+    try:
+        report = run_admin_benchmark(duration=duration, connections=connections, rounds=rounds)
+    except BenchError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if output is None:
+        click.echo(report)
+    else:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(report, encoding="utf-8")
