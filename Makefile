@@ -11,6 +11,7 @@ REDIS := deploy/local/redis.sh
 KEYCLOAK := deploy/local/keycloak.sh
 CHROMIUM := deploy/local/chromium.sh
 RAY := deploy/local/ray.sh
+WRK := deploy/local/wrk.sh
 BENCH_REGISTRY := .firstmile/bench-registry
 BENCH_MODELS := .firstmile/bench-models/registry
 PYTEST_WORKERS ?= 2
@@ -45,10 +46,10 @@ services-stop: ## Stop the test services
 	@$(PG) stop test
 
 lint: $(STAMP) ## ruff check and format check
-	$(BIN)/ruff check platform inference tests
-	$(BIN)/ruff format --check platform inference tests
+	$(BIN)/ruff check platform inference tests benchmarks
+	$(BIN)/ruff format --check platform inference tests benchmarks
 
-typecheck: $(STAMP) ## mypy --strict on the packages and tests
+typecheck: $(STAMP) ## mypy --strict on the packages, benchmarks and tests
 	$(BIN)/mypy
 
 pytest: $(STAMP) services ## The test suite (PostgreSQL must be running: make services)
@@ -74,25 +75,30 @@ test: $(STAMP) ## Everything the tests need, then ruff, mypy and the whole suite
 	  $(KEYCLOAK) stop test; $(REDIS) stop test; $(KAFKA) stop test; $(PG) stop test; exit $$status
 
 bench: $(STAMP) ## API benchmark (docs/benchmarks.md)
+	@$(WRK) install
 	@$(PG) start bench
-	FIRSTMILE_BENCH_ADMIN_URL=$$($(PG) url bench) $(BIN)/firstmile bench api --output docs/benchmarks-latest.md; \
+	FIRSTMILE_BENCH_ADMIN_URL=$$($(PG) url bench) $(BIN)/python -m benchmarks api --output docs/benchmarks-latest.md; \
 	  status=$$?; $(PG) stop bench; exit $$status
 
 bench-security: $(STAMP) ## Crypto, audit (1M entries) and PII redaction benchmarks (docs/benchmarks.md)
 	@$(PG) start bench
-	FIRSTMILE_BENCH_ADMIN_URL=$$($(PG) url bench) $(BIN)/firstmile bench crypto; \
-	  FIRSTMILE_BENCH_ADMIN_URL=$$($(PG) url bench) $(BIN)/firstmile bench audit; \
-	  $(BIN)/firstmile bench pii; status=$$?; $(PG) stop bench; exit $$status
+	@status=0; url=$$($(PG) url bench); \
+	  FIRSTMILE_BENCH_ADMIN_URL=$$url $(BIN)/python -m benchmarks crypto || status=$$?; \
+	  FIRSTMILE_BENCH_ADMIN_URL=$$url $(BIN)/python -m benchmarks audit || status=$$?; \
+	  $(BIN)/python -m benchmarks pii || status=$$?; \
+	  $(PG) stop bench; exit $$status
 
 bench-events: $(STAMP) ## Event path: relay vs bare producer, end to end (Kafka, embedded), freshness
 	@$(PG) start bench
-	@$(KAFKA) start bench
-	FIRSTMILE_BENCH_ADMIN_URL=$$($(PG) url bench) FIRSTMILE_BENCH_KAFKA=$$($(KAFKA) url bench) \
-	  $(BIN)/firstmile bench events --output docs/benchmarks-latest.md; \
-	  status=$$?; $(KAFKA) stop bench; $(PG) stop bench; exit $$status
+	@status=0; $(KAFKA) start bench || status=$$?; \
+	  if [ $$status -eq 0 ]; then \
+	    FIRSTMILE_BENCH_ADMIN_URL=$$($(PG) url bench) FIRSTMILE_BENCH_KAFKA=$$($(KAFKA) url bench) \
+	      $(BIN)/python -m benchmarks events --output docs/benchmarks-latest.md || status=$$?; \
+	  fi; \
+	  $(KAFKA) stop bench; $(PG) stop bench; exit $$status
 
 bench-analytics: $(STAMP) ## Analytics queries over 10M synthetic events (chdb)
-	$(BIN)/firstmile bench analytics
+	$(BIN)/python -m benchmarks analytics
 
 bench-inference: $(STAMP) ## Path classifier in-process vs Ray Serve over HTTP, on CPU (docs/serving.md)
 	@test -f $(BENCH_REGISTRY)/path_classifier/stages.json || \
@@ -102,7 +108,7 @@ bench-inference: $(STAMP) ## Path classifier in-process vs Ray Serve over HTTP, 
 	  $(RAY) deploy bench $(abspath $(BENCH_REGISTRY)) models=path_classifier min_replicas=1 max_replicas=1 \
 	    num_cpus=1 max_batch_size=64 || status=$$?; \
 	  if [ $$status -eq 0 ]; then \
-	    $(BIN)/python -m firstmile_inference.bench --registry $(BENCH_REGISTRY) --num-gpus 0 \
+	    $(BIN)/python -m benchmarks inference --registry $(BENCH_REGISTRY) --num-gpus 0 \
 	      --url $$($(RAY) url bench) --output .firstmile/bench/inference.md || status=$$?; \
 	  fi; \
 	  $(RAY) stop bench; exit $$status
@@ -114,6 +120,7 @@ bench-planner: $(STAMP) ## Path planner: start latency with the model (in-proces
 	  cleanup() { [ -n "$$ray_up" ] || $(RAY) stop bench; [ -n "$$pg_up" ] || $(PG) stop bench; }; \
 	  trap cleanup EXIT; trap 'exit 130' INT TERM; \
 	  set -e; \
+	  $(WRK) install; \
 	  if ! grep -qs '"production": "' $(BENCH_MODELS)/path_classifier/stages.json; then \
 	    $(BIN)/firstmile models train --registry $(BENCH_MODELS) --promote production; \
 	  fi; \
@@ -121,7 +128,7 @@ bench-planner: $(STAMP) ## Path planner: start latency with the model (in-proces
 	  $(RAY) start bench; \
 	  $(RAY) deploy bench $(abspath $(BENCH_MODELS)) models=path_classifier min_replicas=1 max_replicas=1 \
 	    num_cpus=1 max_batch_size=64; \
-	  FIRSTMILE_BENCH_ADMIN_URL=$$($(PG) url bench) $(BIN)/firstmile bench planner \
+	  FIRSTMILE_BENCH_ADMIN_URL=$$($(PG) url bench) $(BIN)/python -m benchmarks planner \
 	    --registry $(abspath $(BENCH_MODELS)) --inference-url $$($(RAY) url bench) \
 	    --output .firstmile/bench/planner.md
 
@@ -133,10 +140,11 @@ bench-admin: $(STAMP) ## Admin UI session auth (in-process, Redis) vs the API ke
 	  cleanup() { [ -n "$$redis_up" ] || $(REDIS) stop bench; [ -n "$$pg_up" ] || $(PG) stop bench; }; \
 	  trap cleanup EXIT; trap 'exit 130' INT TERM; \
 	  set -e; \
+	  $(WRK) install; \
 	  $(PG) start bench; \
 	  $(REDIS) start bench; \
 	  FIRSTMILE_BENCH_ADMIN_URL=$$($(PG) url bench) FIRSTMILE_BENCH_REDIS=$$($(REDIS) url bench) \
-	    $(BIN)/firstmile bench admin --output .firstmile/bench/admin.md
+	    $(BIN)/python -m benchmarks admin --output .firstmile/bench/admin.md
 
 clean: ## Remove the venv and all local state (embedded database included)
 	-$(PG) stop test; $(PG) stop bench; $(KAFKA) stop test; $(KAFKA) stop bench; $(REDIS) stop test; $(REDIS) stop bench

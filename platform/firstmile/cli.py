@@ -15,7 +15,6 @@ from sqlalchemy import text
 
 from firstmile.admin.cli import admin, login_link
 from firstmile.audit.cli import audit
-from firstmile.bench.cli import bench
 from firstmile.kit.db import create_engine
 from firstmile.kit.embedded import DatabaseUrls, resolve_database, resolve_pepper
 from firstmile.ml.cli import ensure_demo_models, models, stuck
@@ -312,7 +311,6 @@ def keys_create(tenant: str, scopes: tuple[str, ...], name: str) -> None:
 keys.add_command(rotate_key)
 main.add_command(admin)
 main.add_command(audit)
-main.add_command(bench)
 main.add_command(models)
 main.add_command(stuck)
 main.add_command(sso)

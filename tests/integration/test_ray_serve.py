@@ -514,7 +514,7 @@ def test_deploy_writes_the_config_it_deployed(served: Served) -> None:
 
 
 def test_bench_summaries() -> None:
-    from firstmile_inference import bench
+    from benchmarks import inference as bench
 
     point = bench.summarise("serve", 4, [0.010, 0.012, 0.011, 0.020], wall_s=0.053)
     assert (point.calls, point.p50_ms, point.instances_per_s) == (4, 11.5, round(16 / 0.053, 1))

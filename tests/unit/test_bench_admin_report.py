@@ -1,4 +1,4 @@
-"""The report of ``firstmile bench admin``: the session cookie parsing and the ratios against the baseline."""
+"""The report of ``python -m benchmarks admin``: the session cookie parsing and the ratios against the baseline."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from firstmile.bench.admin import (
+from benchmarks.admin import (
     BASELINE,
     IN_PROCESS,
     ME,
@@ -18,10 +18,10 @@ from firstmile.bench.admin import (
     _report,
     session_cookie,
 )
-from firstmile.bench.common import BenchError
-from firstmile.bench.cpu import CpuUse
-from firstmile.bench.database import ServerInfo
-from firstmile.bench.wrk import WrkResult
+from benchmarks.common import BenchError
+from benchmarks.cpu import CpuUse
+from benchmarks.database import ServerInfo
+from benchmarks.wrk import WrkResult
 
 
 def _wrk(requests: int, p50: float, p99: float) -> WrkResult:

@@ -1,12 +1,12 @@
-"""The report of ``firstmile bench planner``: decision shares and ratios against the rules."""
+"""The report of ``python -m benchmarks planner``: decision shares and ratios against the rules."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from firstmile.bench.cpu import CpuUse
-from firstmile.bench.database import ServerInfo
-from firstmile.bench.planner import (
+from benchmarks.cpu import CpuUse
+from benchmarks.database import ServerInfo
+from benchmarks.planner import (
     IN_PROCESS,
     RAY_SERVE,
     RULES,
@@ -17,7 +17,7 @@ from firstmile.bench.planner import (
     _report,
     _shares,
 )
-from firstmile.bench.wrk import WrkResult
+from benchmarks.wrk import WrkResult
 
 
 def _wrk(requests: int, p50: float, p95: float, p99: float) -> WrkResult:

@@ -13,6 +13,7 @@ from typing import Any
 import phonenumbers
 import pytest
 
+from benchmarks.pii import bench_redaction
 from firstmile.kit.telemetry import JsonFormatter
 from firstmile.security import pii
 from firstmile.security.pii import (
@@ -36,7 +37,6 @@ from firstmile.security.pii import (
     luhn_valid,
     resolve_overlaps,
 )
-from firstmile.security.pii_bench import bench_redaction
 
 DETECTOR = PiiDetector()
 REDACTOR = Redactor(DETECTOR)

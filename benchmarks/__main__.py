@@ -1,4 +1,7 @@
-"""``firstmile bench``: the benchmarks (see docs/benchmarks.md); each writes a markdown report."""
+"""``python -m benchmarks NAME``: the benchmarks (see benchmarks/README.md and docs/benchmarks.md).
+
+Run from the repository root (``make bench-*`` does); each benchmark writes a markdown report.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +15,11 @@ from firstmile.settings import get_settings
 
 
 @click.group()
-def bench() -> None:
-    """Benchmarks (see docs/benchmarks.md)."""
+def main() -> None:
+    """Firstmile's benchmarks (see benchmarks/README.md and docs/benchmarks.md)."""
 
 
-@bench.command("events")
+@main.command("events")
 @click.option(
     "--messages", default=200_000, show_default=True, help="Outbox rows per relay run (relay vs bare producer)."
 )
@@ -64,8 +67,8 @@ def bench_events(
     output: Path | None,
 ) -> None:
     """Event path: relay vs a bare producer, end-to-end throughput (Kafka, embedded), freshness."""
-    from firstmile.bench import BenchError
-    from firstmile.bench.events import run_events_benchmark
+    from benchmarks.common import BenchError
+    from benchmarks.events import run_events_benchmark
 
     try:
         report = run_events_benchmark(
@@ -88,7 +91,7 @@ def bench_events(
         output.write_text(report, encoding="utf-8")
 
 
-@bench.command("analytics")
+@main.command("analytics")
 @click.option("--events", default=10_000_000, show_default=True, type=click.IntRange(10_000, 100_000_000))
 @click.option("--tenants", default=5, show_default=True, type=click.IntRange(1, 100))
 @click.option("--weeks", default=26, show_default=True, type=click.IntRange(1, 104))
@@ -97,15 +100,28 @@ def bench_events(
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path))
 def bench_analytics(events: int, tenants: int, weeks: int, runs: int, keep: bool, output: Path | None) -> None:
     """Analytics queries over N synthetic events (chdb), against scans in the same run."""
-    from firstmile.bench.analytics import run_analytics_benchmark
+    from benchmarks.analytics import run_analytics_benchmark
 
     report = run_analytics_benchmark(
         events=events, tenants=tenants, weeks=weeks, runs=runs, data_dir=get_settings().data_dir, keep=keep
     )
-    text = report.markdown(f"firstmile bench analytics --events {events}")
+    text = report.markdown(f"python -m benchmarks analytics --events {events}")
     click.echo(text)
     if output is not None:
         output.write_text(text + "\n", encoding="utf-8")
+
+
+@main.command(
+    "inference",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
+    add_help_option=False,
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_inference(args: tuple[str, ...]) -> None:
+    """Path classifier in-process vs Ray Serve over HTTP (its options: python -m benchmarks inference --help)."""
+    from benchmarks.inference import main as run_inference
+
+    raise SystemExit(run_inference(list(args)))
 
 
 def _bench_admin_url() -> str:
@@ -123,45 +139,45 @@ def _emit(text_: str, output: Path | None) -> None:
         output.write_text(text_ + "\n", encoding="utf-8")
 
 
-@bench.command("audit")
+@main.command("audit")
 @click.option("--entries", default=1_000_000, show_default=True, type=click.IntRange(2, 100_000_000))
 @click.option("--appends", default=2000, show_default=True, type=click.IntRange(100, 1_000_000))
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path))
 def bench_audit(entries: int, appends: int, output: Path | None) -> None:
     """Audit append rate, proof generation and verification at N entries (needs the bench PostgreSQL)."""
-    from firstmile.audit.bench import run_audit_benchmark
+    from benchmarks.audit import run_audit_benchmark
 
     _emit(run_audit_benchmark(_bench_admin_url(), entries=entries, appends=appends), output)
 
 
-@bench.command("crypto")
+@main.command("crypto")
 @click.option("--records", default=5000, show_default=True, type=click.IntRange(1000, 1_000_000))
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path))
 def bench_crypto(records: int, output: Path | None) -> None:
     """Field encryption with cached and uncached data keys; provider calls per 1,000 records written."""
-    from firstmile.security.bench import run_crypto_benchmark
+    from benchmarks.crypto import run_crypto_benchmark
 
     _emit(run_crypto_benchmark(os.environ.get("FIRSTMILE_BENCH_ADMIN_URL"), records=records), output)
 
 
-@bench.command("pii")
+@main.command("pii")
 @click.option("--lines", default=1000, show_default=True, type=click.IntRange(10, 1_000_000))
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path))
 def bench_pii(lines: int, output: Path | None) -> None:
     """PII redaction throughput on log lines, against a single email-regex pass."""
-    from firstmile.security.pii_bench import bench_redaction
+    from benchmarks.pii import bench_redaction
 
     _emit(bench_redaction(n_lines=lines), output)
 
 
-@bench.command("api")
+@main.command("api")
 @click.option("--duration", default=10, show_default=True, help="Seconds per measured run.")
 @click.option("--connections", default=32, show_default=True, help="Concurrent clients.")
 @click.option("--workers", default=2, show_default=True, help="Server worker processes.")
 @click.option("--output", type=click.Path(path_type=Path), default=None, help="Write the markdown report here.")
 def bench_api(duration: int, connections: int, workers: int, output: Path | None) -> None:
     """API throughput and latency vs a bare Litestar endpoint, and RLS vs BYPASSRLS."""
-    from firstmile.bench import BenchError, run_api_benchmark
+    from benchmarks.api import BenchError, run_api_benchmark
 
     try:
         report = run_api_benchmark(duration=duration, connections=connections, workers=workers)
@@ -172,7 +188,7 @@ def bench_api(duration: int, connections: int, workers: int, output: Path | None
         output.write_text(report, encoding="utf-8")
 
 
-@bench.command("planner")
+@main.command("planner")
 @click.option(
     "--registry",
     required=True,
@@ -202,8 +218,8 @@ def bench_planner(
     output: Path | None,
 ) -> None:
     """Start latency and throughput with the path model (in-process, Ray Serve) vs the rules (bench PostgreSQL)."""
-    from firstmile.bench import BenchError
-    from firstmile.bench.planner import run_planner_benchmark
+    from benchmarks.common import BenchError
+    from benchmarks.planner import run_planner_benchmark
 
     try:
         report = run_planner_benchmark(
@@ -224,7 +240,7 @@ def bench_planner(
         output.write_text(report, encoding="utf-8")
 
 
-@bench.command("admin")
+@main.command("admin")
 @click.option("--duration", default=10, show_default=True, type=click.IntRange(1, 120), help="Seconds per run.")
 @click.option("--connections", default=4, show_default=True, type=click.IntRange(1, 64), help="wrk connections.")
 @click.option("--rounds", default=3, show_default=True, type=click.IntRange(1, 10), help="Runs of each endpoint.")
@@ -233,8 +249,8 @@ def bench_planner(
 )
 def bench_admin(duration: int, connections: int, rounds: int, output: Path | None) -> None:
     """Admin UI session authentication (in-process, Redis) vs the API key (bench PostgreSQL and Redis)."""
-    from firstmile.bench import BenchError
-    from firstmile.bench.admin import run_admin_benchmark
+    from benchmarks.admin import run_admin_benchmark
+    from benchmarks.common import BenchError
 
     try:
         report = run_admin_benchmark(duration=duration, connections=connections, rounds=rounds)
@@ -245,3 +261,7 @@ def bench_admin(duration: int, connections: int, rounds: int, output: Path | Non
     else:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(report, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main(prog_name="python -m benchmarks")

@@ -12,7 +12,7 @@ from typing import Any
 
 import asyncpg
 
-from firstmile.bench.common import RLS_ROUND, BenchError
+from benchmarks.common import RLS_ROUND, BenchError
 
 
 def _pct(values: Sequence[float], p: float) -> float:

@@ -1,6 +1,6 @@
 """Benchmark: the path classifier in-process against the same model behind Ray Serve's HTTP API.
 
-    python -m firstmile_inference.bench --registry DIR --num-gpus 0|1 --output FILE.md|FILE.json
+    python -m benchmarks inference --registry DIR --num-gpus 0|1 --output FILE.md|FILE.json
         [--start-ray | --url http://127.0.0.1:58200] [--train]
 
 For each batch size (1, 2, 4, ... 64) it measures p50/p95/p99 latency and
@@ -458,7 +458,7 @@ def markdown(report: Mapping[str, Any]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m firstmile_inference.bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks inference", description=__doc__.split("\n")[0])
     p.add_argument("--registry", required=True, type=Path, help="model registry directory")
     p.add_argument("--num-gpus", type=float, default=0, help="0: CPU; 1: the model on cuda in both modes")
     p.add_argument("--output", type=Path, help="write the report here (.md or .json)")
@@ -523,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         batching = described["batching"]
 
     report: dict[str, Any] = {
-        "command": "python -m firstmile_inference.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m benchmarks inference " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": MODEL,
         "version": version,
         "environment": environment(device, args),
@@ -568,7 +568,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     say(markdown(report))
     say(f"written to {args.output}" + (f" and {json_path}" if json_path != args.output else ""))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""``firstmile bench admin``: what the admin UI's session authentication costs a request.
+"""``python -m benchmarks admin``: what the admin UI's session authentication costs a request.
 
 What one run does (``make bench-admin`` starts the PostgreSQL and the Redis it needs):
 
@@ -31,7 +31,6 @@ import json
 import math
 import os
 import secrets
-import shlex
 import statistics
 import sys
 import tempfile
@@ -46,14 +45,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from firstmile.bench import _secret
-from firstmile.bench.common import MARKER, MARKER_BAD, TENANT, BenchError, _log, demo_manifest
-from firstmile.bench.cpu import CpuUse, _measure
-from firstmile.bench.database import ServerInfo, fresh_bench_database
-from firstmile.bench.planner import _provision
-from firstmile.bench.report import _loadavg, _machine, _ratio, _run_header, _versions, _wrk_metric
-from firstmile.bench.servers import Server, _free_port, _http_json, _start_server, _stop_server
-from firstmile.bench.wrk import _LUA_COMMON, WrkResult, _ensure_wrk, _lua_str, _run_wrk
+from benchmarks.common import MARKER, MARKER_BAD, TENANT, BenchError, _log, _secret, demo_manifest
+from benchmarks.cpu import CpuUse, _measure
+from benchmarks.database import ServerInfo, fresh_bench_database
+from benchmarks.planner import _provision
+from benchmarks.report import _cli, _loadavg, _machine, _ratio, _run_header, _versions, _wrk_metric
+from benchmarks.servers import Server, _free_port, _http_json, _start_server, _stop_server
+from benchmarks.wrk import _LUA_COMMON, WrkResult, _find_wrk, _lua_str, _run_wrk
 
 __all__ = ["AdminFacts", "AdminRun", "StepTiming", "run_admin_benchmark", "session_cookie"]
 
@@ -298,11 +296,7 @@ async def _redis_version(url: str) -> str:
 
 
 def _command(duration: int, connections: int, rounds: int) -> str:
-    argv0 = Path(sys.argv[0]).name if sys.argv else ""
-    if argv0 == "firstmile" and len(sys.argv) > 2 and sys.argv[1:3] == ["bench", "admin"]:
-        cli = "firstmile " + shlex.join(sys.argv[1:])
-    else:
-        cli = f"firstmile bench admin --duration {duration} --connections {connections} --rounds {rounds}"
+    cli = _cli("admin", f"--duration {duration} --connections {connections} --rounds {rounds}")
     if os.environ.get("MAKELEVEL"):
         return f"make bench-admin   # runs: FIRSTMILE_BENCH_ADMIN_URL=… FIRSTMILE_BENCH_REDIS=… {cli}"
     return f"FIRSTMILE_BENCH_ADMIN_URL=… FIRSTMILE_BENCH_REDIS=… {cli}"
@@ -365,7 +359,7 @@ def run_admin_benchmark(*, duration: int = 10, connections: int = 4, rounds: int
     if redis_url is None:
         _log("FIRSTMILE_BENCH_REDIS is not set: only the in-process session store is measured")
     began, started_at, load_before = time.monotonic(), datetime.now(UTC), _loadavg()
-    wrk = _ensure_wrk()
+    wrk = _find_wrk()
     machine = _machine()
     threads = max(1, min(connections, int(machine["cores"]) // 2))
     warmup = max(2, min(5, duration // 3))

@@ -1,4 +1,4 @@
-"""``firstmile bench analytics``: the analytics queries over millions of synthetic events, against scans.
+"""``python -m benchmarks analytics``: the analytics queries over millions of synthetic events, against scans.
 
 What one run does:
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from firstmile.bench.common import READY_TIMEOUT_S, STOP_TIMEOUT_S, BenchError, _log
+from benchmarks.common import READY_TIMEOUT_S, STOP_TIMEOUT_S, BenchError, _log
 
 
 def _free_port() -> int:

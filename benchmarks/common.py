@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import sys
 from pathlib import Path
 
@@ -33,5 +34,12 @@ def _log(message: str) -> None:
 
 def demo_manifest() -> Path:
     """``tenants/demo.yaml`` of the checkout this package runs from, else of the working directory."""
-    here = Path(__file__).resolve().parents[3] / "tenants" / "demo.yaml"
+    here = Path(__file__).resolve().parents[1] / "tenants" / "demo.yaml"
     return here if here.exists() else Path.cwd() / "tenants" / "demo.yaml"
+
+
+def _secret(path: Path) -> Path:
+    """32 random bytes, hex, mode 0600: a throwaway key for one benchmark run."""
+    path.touch(mode=0o600)
+    path.write_text(secrets.token_hex(32), encoding="ascii")
+    return path

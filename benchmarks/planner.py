@@ -1,4 +1,4 @@
-"""``firstmile bench planner``: start latency with the path model vs the targeting rules.
+"""``python -m benchmarks planner``: start latency with the path model vs the targeting rules.
 
 What one run does (``make bench-planner`` starts the PostgreSQL and the Ray Serve it needs):
 
@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import shlex
 import statistics
 import sys
 import tempfile
@@ -42,13 +41,12 @@ from typing import Any
 
 import yaml
 
-from firstmile.bench import _secret
-from firstmile.bench.common import APP_ROLE, BenchError, _log, demo_manifest
-from firstmile.bench.cpu import CpuUse, _measure
-from firstmile.bench.database import ServerInfo, fresh_bench_database
-from firstmile.bench.report import _loadavg, _machine, _ratio, _run_header, _versions, _wrk_metric
-from firstmile.bench.servers import Server, _free_port, _http_json, _start_server, _stop_server
-from firstmile.bench.wrk import WrkResult, _ensure_wrk, _new_users_script, _run_wrk
+from benchmarks.common import BenchError, _log, _secret, demo_manifest
+from benchmarks.cpu import CpuUse, _measure
+from benchmarks.database import ServerInfo, fresh_bench_database
+from benchmarks.report import _cli, _loadavg, _machine, _ratio, _run_header, _versions, _wrk_metric
+from benchmarks.servers import Server, _free_port, _http_json, _start_server, _stop_server
+from benchmarks.wrk import WrkResult, _find_wrk, _new_users_script, _run_wrk
 
 __all__ = ["DecisionStats", "PlannerRun", "run_planner_benchmark"]
 
@@ -171,9 +169,7 @@ async def _read_decisions(dsn: str, tenant_id: uuid.UUID, prefix: str) -> Decisi
 
 
 async def _provision(admin_url: str, pepper: bytes, manifests: dict[str, Path]) -> dict[str, tuple[str, uuid.UUID]]:
-    """Let the app role log in; apply each manifest and create an ``onboarding:write`` key for its tenant."""
-    from sqlalchemy import text
-
+    """Apply each manifest and create an ``onboarding:write`` key for its tenant."""
     from firstmile.kit.db import create_engine
     from firstmile.tenancy.manifest import load_manifest
     from firstmile.tenancy.service import apply_manifest, create_key
@@ -181,8 +177,6 @@ async def _provision(admin_url: str, pepper: bytes, manifests: dict[str, Path]) 
     engine = create_engine(admin_url, pool_size=1, max_overflow=0, application_name="firstmile-bench")
     out: dict[str, tuple[str, uuid.UUID]] = {}
     try:
-        async with engine.begin() as conn:
-            await conn.execute(text(f"ALTER ROLE {APP_ROLE} LOGIN"))
         for slug, path in manifests.items():
             applied = await apply_manifest(engine, load_manifest(path))
             created = await create_key(engine, pepper, slug, ["onboarding:write"], "bench-planner")
@@ -245,14 +239,10 @@ class _Clock:
 
 
 def _command(duration: int, low: int, high: int, rounds: int, registry: str, inference_url: str | None) -> str:
-    argv0 = Path(sys.argv[0]).name if sys.argv else ""
-    if argv0 == "firstmile" and len(sys.argv) > 2 and sys.argv[1:3] == ["bench", "planner"]:
-        cli = "firstmile " + shlex.join(sys.argv[1:])
-    else:
-        cli = f"firstmile bench planner --duration {duration} --low {low} --high {high} --rounds {rounds}"
-        cli += f" --registry {registry}"
-        if inference_url:
-            cli += f" --inference-url {inference_url}"
+    options = f"--duration {duration} --low {low} --high {high} --rounds {rounds} --registry {registry}"
+    if inference_url:
+        options += f" --inference-url {inference_url}"
+    cli = _cli("planner", options)
     if os.environ.get("MAKELEVEL"):
         return f"make bench-planner   # runs: FIRSTMILE_BENCH_ADMIN_URL=… {cli}"
     return f"FIRSTMILE_BENCH_ADMIN_URL=… {cli}"
@@ -286,7 +276,7 @@ def run_planner_benchmark(
     registry_uri = registry_path.as_uri()
     clock = _Clock(timeout)
     began, started_at, load_before = time.monotonic(), datetime.now(UTC), _loadavg()
-    wrk = _ensure_wrk()
+    wrk = _find_wrk()
     machine = _machine()
     threads = max(1, min(low, int(machine["cores"]) // 2))
     warmup = max(2, min(5, duration // 3))

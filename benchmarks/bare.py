@@ -1,10 +1,10 @@
-"""The baseline of ``firstmile bench api``: a bare Litestar app with one JSON POST endpoint.
+"""The baseline of ``python -m benchmarks api``: a bare Litestar app with one JSON POST endpoint.
 
 Served exactly like the real API (uvicorn, same worker count, access log off)
 so the ratio start-rps / bare-rps shows what the platform costs on top of the
 framework: auth, middleware, telemetry, validation and PostgreSQL.
 
-    uvicorn firstmile.bench_bare:app --workers 2 --no-access-log
+    uvicorn benchmarks.bare:app --workers 2 --no-access-log   # from the repository root
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``firstmile bench events``: throughput and freshness of the event path, each against a baseline.
+"""``python -m benchmarks events``: throughput and freshness of the event path, each against a baseline.
 
 What one run does (PostgreSQL from ``FIRSTMILE_BENCH_ADMIN_URL``, Kafka from
 ``--kafka``; ``deploy/local/postgres.sh start bench`` and ``deploy/local/kafka.sh
@@ -63,11 +63,11 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import msgspec
 
-from firstmile.bench.common import APP_ROLE, READY_TIMEOUT_S, STOP_TIMEOUT_S, TENANT, BenchError, _log
-from firstmile.bench.cpu import _busy_seconds, _proc_table, _tree
-from firstmile.bench.database import ServerInfo, _asyncpg_dsn, _postmaster_pid, _recreate_database, _sqlalchemy_url
-from firstmile.bench.report import _machine
-from firstmile.bench.servers import Server, _free_port, _start_server, _stop_server
+from benchmarks.common import READY_TIMEOUT_S, STOP_TIMEOUT_S, TENANT, BenchError, _log
+from benchmarks.cpu import _busy_seconds, _proc_table, _tree
+from benchmarks.database import ServerInfo, fresh_bench_database
+from benchmarks.report import _machine
+from benchmarks.servers import Server, _free_port, _start_server, _stop_server
 
 if TYPE_CHECKING:
     from firstmile.analytics.chdb_store import ChdbStore
@@ -278,7 +278,7 @@ class _LoadGen:
             "prefix": prefix,
             "timeout": timeout,
         }
-        argv = [sys.executable, "-c", "from firstmile.bench.events import _loadgen_main; _loadgen_main()"]
+        argv = [sys.executable, "-c", "from benchmarks.events import _loadgen_main; _loadgen_main()"]
         self.log = log
         with log.open("wb") as sink:
             self.proc = subprocess.Popen(
@@ -337,7 +337,7 @@ class _LoadGen:
 
 
 async def _provision(admin_url: str, pepper: bytes, manifest: Path) -> tuple[str, uuid.UUID]:
-    """Let the app role log in, create the relay's login role, apply the manifest, create an events key."""
+    """Create the relay's login role, apply the manifest, create an events key."""
     from sqlalchemy import text
 
     from firstmile.kit.db import create_engine
@@ -347,7 +347,6 @@ async def _provision(admin_url: str, pepper: bytes, manifest: Path) -> tuple[str
     engine = create_engine(admin_url, pool_size=1, max_overflow=0, application_name="firstmile-bench")
     try:
         async with engine.begin() as conn:
-            await conn.execute(text(f"ALTER ROLE {APP_ROLE} LOGIN"))
             await conn.execute(
                 text(
                     f"DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{RELAY_ROLE}') THEN "
@@ -940,7 +939,7 @@ class Facts:
 
 def _repo_root() -> Path:
     here = Path(__file__).resolve()
-    for candidate in (here.parents[3], Path.cwd()):
+    for candidate in (here.parents[1], Path.cwd()):
         if (candidate / "tenants" / "demo.yaml").exists():
             return candidate
     raise BenchError("tenants/demo.yaml not found (run from the repository root)")
@@ -975,8 +974,8 @@ def _code_state(root: Path) -> str:
 
 def _command(argv: Sequence[str] | None) -> str:
     if argv:
-        return "FIRSTMILE_BENCH_ADMIN_URL=… firstmile " + shlex.join(argv)
-    return "FIRSTMILE_BENCH_ADMIN_URL=… firstmile bench events"
+        return "FIRSTMILE_BENCH_ADMIN_URL=… python -m benchmarks " + shlex.join(argv)
+    return "FIRSTMILE_BENCH_ADMIN_URL=… python -m benchmarks events"
 
 
 def _subprocess_env(extra: dict[str, str]) -> dict[str, str]:
@@ -1031,24 +1030,16 @@ def run_events_benchmark(
         _log(f"warning: the machine is already busy ({idle_load:.2f} cores) before the run; the numbers will suffer")
     began, started_at = time.monotonic(), datetime.now(UTC)
     root = _repo_root()
-    admin_dsn = _asyncpg_dsn(admin)
-    db_admin_url = _sqlalchemy_url(admin, database=EVENTS_DB)
-    db_admin_dsn = _asyncpg_dsn(admin, database=EVENTS_DB)
-    app_url = _sqlalchemy_url(admin, database=EVENTS_DB, user=APP_ROLE)
-    relay_url = _sqlalchemy_url(admin, database=EVENTS_DB, user=RELAY_ROLE)
     run_id = secrets.token_hex(3)
     kafka_port = int(kafka.split(",")[0].rsplit(":", 1)[1])
 
-    _log(f"recreating database {EVENTS_DB}")
-    pg = asyncio.run(_recreate_database(admin_dsn, EVENTS_DB))
+    db = fresh_bench_database(admin, EVENTS_DB)
+    pg = db.server
+    db_admin_url, db_admin_dsn, app_url, relay_url = db.admin_url, db.admin_dsn, db.app_url, db.url(RELAY_ROLE)
     roots: dict[str, int | None] = {
-        "PostgreSQL": _postmaster_pid(pg.data_directory),
+        "PostgreSQL": db.postmaster,
         "Kafka broker": _listener_pid(kafka_port),
     }
-    _log("migrating")
-    from firstmile.kit.migrate import upgrade
-
-    upgrade(db_admin_url, APP_ROLE)
     pepper = secrets.token_hex(32)
     _log(f"applying tenants/demo.yaml, creating an events:write key and the {RELAY_ROLE} login role")
     key, tenant_id = asyncio.run(_provision(db_admin_url, pepper.encode(), root / "tenants" / "demo.yaml"))

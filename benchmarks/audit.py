@@ -1,4 +1,4 @@
-"""``firstmile bench audit``: append rate, and proofs at a million entries, each with a baseline.
+"""``python -m benchmarks audit``: append rate, and proofs at a million entries, each with a baseline.
 
 What one run does, on the server of ``admin_url`` (a PostgreSQL superuser URL):
 
@@ -16,8 +16,7 @@ What one run does, on the server of ``admin_url`` (a PostgreSQL superuser URL):
    verified (time and size; baseline: one SHA-256), proofs served through the
    API's code path with a warm cache, and a full ``verify_tenant``.
 
-Returns a markdown report; progress goes to stderr. Nothing here runs in the API
-or in the tests (they call it with a small ``entries``).
+Returns a markdown report; progress goes to stderr. Nothing here runs in the API.
 """
 
 from __future__ import annotations
@@ -35,24 +34,18 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from benchmarks.common import APP_ROLE
+from benchmarks.database import BenchDatabase, fresh_bench_database
+
 BENCH_DB = "firstmile_bench_audit"
-APP_ROLE = "firstmile_app"
 PAYLOAD = {"model": "planner-v3", "confidence": 0.87, "fallback": None, "inputs": {"persona": "developer"}}
 
 
 def _log(message: str) -> None:
     sys.stderr.write(f"[bench audit] {message}\n")
     sys.stderr.flush()
-
-
-def _url(admin_url: str, *, database: str, user: str | None = None) -> str:
-    url = make_url(admin_url).set(drivername="postgresql+asyncpg", database=database)
-    if user is not None:
-        url = url.set(username=user, password=None)
-    return url.render_as_string(hide_password=False)
 
 
 @dataclass
@@ -98,34 +91,16 @@ class Facts:
     seconds: float = 0.0
 
 
-async def _setup(admin_url: str) -> tuple[str, str]:
-    from firstmile.kit.db import create_engine
-    from firstmile.kit.migrate import upgrade
-
-    server = create_engine(_url(admin_url, database="postgres"), pool_size=1, max_overflow=0)
-    try:
-        async with server.connect() as conn:
-            await conn.execution_options(isolation_level="AUTOCOMMIT")
-            await conn.execute(text(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)"))
-            await conn.execute(text(f"CREATE DATABASE {BENCH_DB}"))
-    finally:
-        await server.dispose()
-    admin = _url(admin_url, database=BENCH_DB)
-    await asyncio.to_thread(upgrade, admin, APP_ROLE)
-    engine = create_engine(admin, pool_size=1, max_overflow=0)
-    try:
-        async with engine.begin() as conn:
-            await conn.execute(text(f"ALTER ROLE {APP_ROLE} LOGIN"))
-            await conn.execute(
-                text(
-                    "CREATE TABLE bench_plain_entries (LIKE audit_entries INCLUDING DEFAULTS INCLUDING CONSTRAINTS"
-                    " INCLUDING INDEXES)"
-                )
+async def _plain_table(admin: AsyncEngine) -> None:
+    """The baseline's table: the row shape of ``audit_entries`` (same keys and indexes), no RLS policy."""
+    async with admin.begin() as conn:
+        await conn.execute(
+            text(
+                "CREATE TABLE bench_plain_entries (LIKE audit_entries INCLUDING DEFAULTS INCLUDING CONSTRAINTS"
+                " INCLUDING INDEXES)"
             )
-            await conn.execute(text(f"GRANT SELECT, INSERT ON bench_plain_entries TO {APP_ROLE}"))
-    finally:
-        await engine.dispose()
-    return admin, _url(admin_url, database=BENCH_DB, user=APP_ROLE)
+        )
+        await conn.execute(text(f"GRANT SELECT, INSERT ON bench_plain_entries TO {APP_ROLE}"))
 
 
 async def _new_tenant(admin: AsyncEngine, label: str) -> uuid.UUID:
@@ -243,13 +218,10 @@ _COLUMNS = (
 )  # fmt: skip
 
 
-async def _bulk_load(admin_url: str, tenant: uuid.UUID, count: int, facts: Facts) -> bytes:
+async def _bulk_load(admin_dsn: str, tenant: uuid.UUID, count: int, facts: Facts) -> bytes:
     import asyncpg
 
-    dsn = (
-        make_url(_url(admin_url, database=BENCH_DB)).set(drivername="postgresql").render_as_string(hide_password=False)
-    )
-    conn = await asyncpg.connect(dsn)
+    conn = await asyncpg.connect(admin_dsn)
     leaves = bytearray()
     generating = loading = 0.0
     try:
@@ -302,7 +274,7 @@ async def _async_timed(label: str, runs: Sequence[Callable[[], Awaitable[object]
     return Timing(label, samples)
 
 
-async def _million(admin_url: str, admin: AsyncEngine, app: AsyncEngine, count: int, facts: Facts) -> None:
+async def _million(admin_dsn: str, admin: AsyncEngine, app: AsyncEngine, count: int, facts: Facts) -> None:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from firstmile.audit.merkle import MerkleTree, verify_consistency, verify_inclusion
@@ -313,7 +285,7 @@ async def _million(admin_url: str, admin: AsyncEngine, app: AsyncEngine, count: 
 
     tenant = authorise_tenant(await _new_tenant(admin, "million"))
     _log(f"generating and loading {count} entries")
-    leaves = await _bulk_load(admin_url, tenant, count, facts)
+    leaves = await _bulk_load(admin_dsn, tenant, count, facts)
 
     began = time.perf_counter()
     memory_tree = MerkleTree()
@@ -418,34 +390,26 @@ async def _cold(app: AsyncEngine, tenant: uuid.UUID, cache: object, index: int) 
         await inclusion_proof(conn, tid, index, None, cache)
 
 
-async def _server_facts(engine: AsyncEngine) -> dict[str, str]:
-    async with engine.connect() as conn:
-        facts = {"version": str((await conn.execute(text("SHOW server_version"))).scalar())}
-        for name in ("fsync", "synchronous_commit", "shared_buffers"):
-            facts[name] = str((await conn.execute(text(f"SELECT current_setting('{name}')"))).scalar())
-    return facts
-
-
-async def _run(admin_url: str, entries: int, appends: int) -> Facts:
+async def _run(db: BenchDatabase, entries: int, appends: int) -> Facts:
     from firstmile.kit.db import create_engine
 
-    began = time.perf_counter()
     facts = Facts(entries)
-    _log(f"recreating {BENCH_DB}")
-    admin_db, app_db = await _setup(admin_url)
-    admin = create_engine(admin_db, pool_size=2, max_overflow=0, application_name="firstmile-bench")
-    app = create_engine(app_db, pool_size=4, max_overflow=0, application_name="firstmile-bench")
+    settings = db.server.settings
+    facts.server = {"version": settings["server_version"]} | {
+        name: settings[name] for name in ("fsync", "synchronous_commit", "shared_buffers")
+    }
+    admin = create_engine(db.admin_url, pool_size=2, max_overflow=0, application_name="firstmile-bench")
+    app = create_engine(db.app_url, pool_size=4, max_overflow=0, application_name="firstmile-bench")
     try:
-        facts.server = await _server_facts(admin)
+        await _plain_table(admin)
         for per_txn, workers in ((1, 1), (100, 1), (1, 4)):
             _log(f"append rate: transactions of {per_txn}, {workers} connection(s)")
             facts.appends.append(await _append_rate(app, admin, appends, per_txn, workers))
         facts.hashing = _hash_rates(20_000)
-        await _million(admin_url, admin, app, entries, facts)
+        await _million(db.admin_dsn, admin, app, entries, facts)
     finally:
         await app.dispose()
         await admin.dispose()
-    facts.seconds = time.perf_counter() - began
     return facts
 
 
@@ -520,12 +484,11 @@ def run_audit_benchmark(admin_url: str, *, entries: int = 1_000_000, appends: in
     if entries < 2 or appends < 100:
         raise ValueError("entries must be at least 2 and appends at least 100")
     machine = _machine()
-    facts = asyncio.run(_run(admin_url, entries, appends))
+    began = time.perf_counter()
+    db = fresh_bench_database(admin_url, BENCH_DB)
+    facts = asyncio.run(_run(db, entries, appends))
+    facts.seconds = time.perf_counter() - began
     return _report(facts, machine)
 
 
 __all__ = ["run_audit_benchmark"]
-
-
-if __name__ == "__main__":  # pragma: no cover - manual runs: python -m firstmile.audit.bench URL [ENTRIES]
-    sys.stdout.write(run_audit_benchmark(sys.argv[1], entries=int(sys.argv[2]) if len(sys.argv) > 2 else 1_000_000))

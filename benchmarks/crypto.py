@@ -13,8 +13,8 @@ Measured in one run, on one core:
   cold cache on a new tenant, for both providers.
 
 The Vault stand-in lives in ``tests/support`` (a repository checkout, not the wheel);
-without it the Vault rows are skipped. Run with
-``python -m firstmile.security.bench [postgresql+asyncpg://…superuser URL]``.
+without it the Vault rows are skipped. Run with ``python -m benchmarks crypto`` from the
+repository root (``FIRSTMILE_BENCH_ADMIN_URL``, a superuser URL, adds the provider-calls table).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import os
 import platform
-import sys
 import tempfile
 import time
 import uuid
@@ -32,9 +31,11 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from benchmarks.database import fresh_bench_database
 from firstmile.security.crypto import KIND_TENANT, FieldContext, FieldKey, IndexKey
 from firstmile.security.keys import KeyProvider, LocalKekProvider, VaultSettings, VaultTransitProvider
 
+BENCH_DB = "firstmile_bench_crypto"
 EMAIL = "alice.martin@example-corp.com"
 
 
@@ -166,29 +167,6 @@ async def _records(admin_url: str, provider: KeyProvider, records: int) -> tuple
         await engine.dispose()
 
 
-def _scratch_database(admin_url: str) -> str:
-    from sqlalchemy import text
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.ext.asyncio import create_async_engine
-
-    from firstmile.kit.migrate import upgrade
-
-    server = make_url(admin_url)
-    name = "firstmile_bench_crypto"
-
-    async def recreate() -> None:
-        engine = create_async_engine(server.set(database="postgres"), isolation_level="AUTOCOMMIT")
-        async with engine.connect() as conn:
-            await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            await conn.execute(text(f'CREATE DATABASE "{name}"'))
-        await engine.dispose()
-
-    asyncio.run(recreate())
-    url = server.set(database=name).render_as_string(hide_password=False)
-    upgrade(url)
-    return url
-
-
 def run_crypto_benchmark(admin_url: str | None = None, *, seconds: float = 1.0, records: int = 5000) -> str:
     """The benchmark as a markdown section; ``admin_url`` (a superuser URL) adds the provider-calls table."""
     workdir = Path(tempfile.mkdtemp(prefix="firstmile-bench-kek-"))
@@ -203,7 +181,7 @@ def run_crypto_benchmark(admin_url: str | None = None, *, seconds: float = 1.0, 
         index_rate = _rate(lambda: index.blind_index("email", EMAIL), seconds)
         record_rows: list[tuple[str, int, int, int]] = []
         if admin_url is not None:
-            url = _scratch_database(admin_url)
+            url = fresh_bench_database(admin_url, BENCH_DB).admin_url
             for name, provider in providers.items():
                 setup, calls, millis = asyncio.run(_records(url, provider, records))
                 record_rows.append((name, setup, calls, millis))
@@ -215,7 +193,7 @@ def run_crypto_benchmark(admin_url: str | None = None, *, seconds: float = 1.0, 
     lines = [
         "### Field encryption and key-provider calls",
         "",
-        f"`firstmile.security.bench`, Python {platform.python_version()} on {platform.machine()}, one core, "
+        f"`python -m benchmarks crypto`, Python {platform.python_version()} on {platform.machine()}, one core, "
         f"{seconds:g} s per figure; value: a {len(EMAIL)}-byte email; ratio: baseline ÷ row (1.0 = as fast).",
         "",
         "| operation | encrypt/s | decrypt/s | encrypt ratio | decrypt ratio |",
@@ -246,7 +224,3 @@ def run_crypto_benchmark(admin_url: str | None = None, *, seconds: float = 1.0, 
     else:
         lines.append("Provider calls per 1,000 records: pass a PostgreSQL superuser URL to measure.")
     return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.stdout.write(run_crypto_benchmark(sys.argv[1] if len(sys.argv) > 1 else None))

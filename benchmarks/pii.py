@@ -2,8 +2,7 @@
 
 ``bench_redaction()`` returns a markdown snippet for ``docs/benchmarks.md``.
 The baseline is a single precompiled email regex substitution over the same
-lines: the least any redactor must do. Run it with
-``python -m firstmile.security.pii_bench``.
+lines: the least any redactor must do. Run it with ``python -m benchmarks pii``.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import platform
 import random
 import re
 import statistics
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -148,7 +146,3 @@ def bench_redaction(n_lines: int = 1000, repeats: int = 3, seed: int = 7) -> str
         for index, (label, rate, mean, p99) in enumerate(rows)
     )
     return "\n".join(out) + "\n"
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.stdout.write(bench_redaction())

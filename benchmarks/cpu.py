@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from firstmile.bench.database import _count
-from firstmile.bench.servers import Server
-from firstmile.bench.wrk import WrkResult, _run_wrk
+from benchmarks.database import _count
+from benchmarks.servers import Server
+from benchmarks.wrk import WrkResult, _run_wrk
 
 
 def _proc_table() -> dict[int, tuple[int, float]]:

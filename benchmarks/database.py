@@ -1,4 +1,4 @@
-"""Setting up the benchmark database and reading it back."""
+"""Setting up the benchmarks' databases (one helper for all of them) and reading them back."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy.engine import make_url
 
-from firstmile.bench.common import APP_ROLE, BENCH_DB, BYPASS_ROLE, PATH_KEY, STEP, TENANT, _log
+from benchmarks.common import APP_ROLE, BENCH_DB, BYPASS_ROLE, PATH_KEY, STEP, TENANT, _log
 
 
 def _url(url: str, driver: str, *, database: str | None = None, user: str | None = None) -> str:
@@ -41,14 +41,14 @@ class ServerInfo:
     data_directory: str
 
 
-async def _recreate_database(admin_dsn: str, name: str = BENCH_DB) -> ServerInfo:
+async def _recreate_database(admin_dsn: str, name: str) -> ServerInfo:
     """Drop and create database ``name``; returns the server's version and settings."""
     conn = await asyncpg.connect(admin_dsn)
     try:
         version = str(await conn.fetchval("SELECT version()"))
         settings = {
-            name: str(await conn.fetchval(f"SELECT current_setting('{name}')"))
-            for name in ("server_version", "shared_buffers", "fsync", "synchronous_commit", "max_connections")
+            setting: str(await conn.fetchval(f"SELECT current_setting('{setting}')"))
+            for setting in ("server_version", "shared_buffers", "fsync", "synchronous_commit", "max_connections")
         }
         data_dir = str(await conn.fetchval("SELECT current_setting('data_directory')"))
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -60,28 +60,49 @@ async def _recreate_database(admin_dsn: str, name: str = BENCH_DB) -> ServerInfo
 
 @dataclass(frozen=True)
 class BenchDatabase:
-    """The bench database, freshly recreated and migrated: its URLs and its server."""
+    """A benchmark's database, freshly recreated and migrated: its URLs and its server."""
 
-    admin_url: str  # SQLAlchemy URL of the superuser on the bench database
+    name: str
+    server_url: str  # the superuser URL it was made from (any database of the server)
+    admin_url: str  # SQLAlchemy URL of the superuser on this database
     admin_dsn: str  # the same for asyncpg
-    app_url: str  # SQLAlchemy URL of the application role (what the API servers use)
     server: ServerInfo
     postmaster: int | None
 
+    def url(self, role: str) -> str:
+        """SQLAlchemy URL of login role ``role`` (no password: the bench server trusts loopback) on this database."""
+        return _sqlalchemy_url(self.server_url, database=self.name, user=role)
 
-def fresh_bench_database(admin: str) -> BenchDatabase:
-    """Drop, create and migrate the bench database on the server of ``admin`` (a superuser URL)."""
-    _log(f"recreating database {BENCH_DB}")
-    server = asyncio.run(_recreate_database(_asyncpg_dsn(admin)))
+    def dsn(self, role: str) -> str:
+        """The same for asyncpg."""
+        return _asyncpg_dsn(self.server_url, database=self.name, user=role)
+
+    @property
+    def app_url(self) -> str:
+        """SQLAlchemy URL of the application role (what the API servers use)."""
+        return self.url(APP_ROLE)
+
+
+def fresh_bench_database(admin: str, name: str = BENCH_DB) -> BenchDatabase:
+    """Drop, create and migrate database ``name`` on the server of ``admin`` (a superuser URL).
+
+    The one set-up of every benchmark that uses PostgreSQL: the migrations create the roles and
+    grants, and the application role may log in afterwards (``app_url``).
+    """
+    _log(f"recreating database {name}")
+    server = asyncio.run(_recreate_database(_asyncpg_dsn(admin), name))
     _log("migrating")
     from firstmile.kit.migrate import upgrade
 
-    admin_url = _sqlalchemy_url(admin, database=BENCH_DB)
+    admin_url = _sqlalchemy_url(admin, database=name)
+    admin_dsn = _asyncpg_dsn(admin, database=name)
     upgrade(admin_url, APP_ROLE)
+    asyncio.run(_execute(admin_dsn, f"ALTER ROLE {APP_ROLE} LOGIN"))
     return BenchDatabase(
+        name=name,
+        server_url=admin,
         admin_url=admin_url,
-        admin_dsn=_asyncpg_dsn(admin, database=BENCH_DB),
-        app_url=_sqlalchemy_url(admin, database=BENCH_DB, user=APP_ROLE),
+        admin_dsn=admin_dsn,
         server=server,
         postmaster=_postmaster_pid(server.data_directory),
     )
@@ -95,7 +116,7 @@ def _postmaster_pid(data_dir: str) -> int | None:
 
 
 async def _provision(admin_url: str, pepper: bytes, manifest: Path) -> tuple[str, uuid.UUID]:
-    """Let the app role log in, apply the demo manifest, create a key, create the BYPASSRLS role."""
+    """Apply the demo manifest, create a key, create the BYPASSRLS role."""
     from sqlalchemy import text
 
     from firstmile.kit.db import create_engine
@@ -105,7 +126,6 @@ async def _provision(admin_url: str, pepper: bytes, manifest: Path) -> tuple[str
     engine = create_engine(admin_url, pool_size=1, max_overflow=0, application_name="firstmile-bench")
     try:
         async with engine.begin() as conn:
-            await conn.execute(text(f"ALTER ROLE {APP_ROLE} LOGIN"))
             exists = (await conn.execute(text(f"SELECT 1 FROM pg_roles WHERE rolname = '{BYPASS_ROLE}'"))).first()
             if exists is None:
                 await conn.execute(text(f"CREATE ROLE {BYPASS_ROLE} LOGIN BYPASSRLS"))

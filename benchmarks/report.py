@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from firstmile.bench.common import BYPASS_ROLE, RLS_ROUND, STEP
-from firstmile.bench.cpu import CpuUse
-from firstmile.bench.database import ServerInfo
-from firstmile.bench.rls import RlsResult, _pct
-from firstmile.bench.wrk import WrkResult
+from benchmarks.common import BYPASS_ROLE, RLS_ROUND, STEP
+from benchmarks.cpu import CpuUse
+from benchmarks.database import ServerInfo
+from benchmarks.rls import RlsResult, _pct
+from benchmarks.wrk import WrkResult
 
 
 def _machine() -> dict[str, str]:
@@ -45,12 +45,15 @@ def _machine() -> dict[str, str]:
     }
 
 
+def _cli(name: str, options: str) -> str:
+    """This run as a command: ``python -m benchmarks NAME`` with its arguments, else with ``options``."""
+    if len(sys.argv) > 1 and Path(sys.argv[0]).parent.name == "benchmarks" and sys.argv[1] == name:
+        return "python -m benchmarks " + shlex.join(sys.argv[1:])
+    return f"python -m benchmarks {name} {options}"
+
+
 def _command(duration: int, connections: int, workers: int, tuning: dict[str, str]) -> str:
-    argv0 = Path(sys.argv[0]).name if sys.argv else ""
-    if argv0 == "firstmile" and len(sys.argv) > 2 and sys.argv[1:3] == ["bench", "api"]:
-        cli = "firstmile " + shlex.join(sys.argv[1:])
-    else:
-        cli = f"firstmile bench api --duration {duration} --connections {connections} --workers {workers}"
+    cli = _cli("api", f"--duration {duration} --connections {connections} --workers {workers}")
     env = "".join(f"{k}={v} " for k, v in tuning.items())
     if os.environ.get("MAKELEVEL"):
         return f"{env}make bench   # runs: FIRSTMILE_BENCH_ADMIN_URL=… {cli}"

@@ -1,11 +1,11 @@
-"""``firstmile bench api``: HTTP throughput and latency, and the cost of row-level security.
+"""``python -m benchmarks api``: HTTP throughput and latency, and the cost of row-level security.
 
 What one run does (``make bench`` starts the durable PostgreSQL it needs):
 
 1. Recreates the database ``firstmile_bench`` on the server of
    ``FIRSTMILE_BENCH_ADMIN_URL``, migrates it, applies ``tenants/demo.yaml`` and
    creates an ``onboarding:write`` key, as an operator would.
-2. Serves a bare Litestar app (:mod:`firstmile.bench_bare`) and then the real
+2. Serves a bare Litestar app (:mod:`benchmarks.bare`) and then the real
    API (``firstmile serve --workers N``) as subprocesses, and drives each with
    ``wrk`` through generated Lua scripts: the bare JSON endpoint, then
    ``POST /v1/onboarding/start`` (a new user per request) and
@@ -30,9 +30,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from firstmile.bench.common import (
+from benchmarks.common import (
     APP_ROLE,
-    BENCH_DB,
     BYPASS_ROLE,
     PASS_THROUGH,
     PATH_KEY,
@@ -40,11 +39,11 @@ from firstmile.bench.common import (
     STEP,
     BenchError,
     _log,
+    _secret,
     demo_manifest,
 )
-from firstmile.bench.cpu import CpuUse, _measure
-from firstmile.bench.database import (
-    _asyncpg_dsn,
+from benchmarks.cpu import CpuUse, _measure
+from benchmarks.database import (
     _count,
     _execute,
     _fetch_column,
@@ -52,19 +51,12 @@ from firstmile.bench.database import (
     _uncompleted,
     fresh_bench_database,
 )
-from firstmile.bench.report import RunFacts, _command, _machine, _pool_description, _report
-from firstmile.bench.rls import _measure_rls
-from firstmile.bench.servers import _free_port, _http_json, _start_server, _stop_server
-from firstmile.bench.wrk import _complete_script, _ensure_wrk, _new_users_script, _run_wrk
+from benchmarks.report import RunFacts, _command, _machine, _pool_description, _report
+from benchmarks.rls import _measure_rls
+from benchmarks.servers import _free_port, _http_json, _start_server, _stop_server
+from benchmarks.wrk import _complete_script, _find_wrk, _new_users_script, _run_wrk
 
 __all__ = ["BenchError", "run_api_benchmark"]
-
-
-def _secret(path: Path) -> Path:
-    """32 random bytes, hex, mode 0600: a throwaway key for one benchmark run."""
-    path.touch(mode=0o600)
-    path.write_text(secrets.token_hex(32), encoding="ascii")
-    return path
 
 
 def run_api_benchmark(duration: int, connections: int, workers: int) -> str:
@@ -78,7 +70,7 @@ def run_api_benchmark(duration: int, connections: int, workers: int) -> str:
             "which starts a local durable PostgreSQL (deploy/local/postgres.sh start bench)"
         )
     began, started_at = time.monotonic(), datetime.now(UTC)
-    wrk = _ensure_wrk()
+    wrk = _find_wrk()
     machine = _machine()
     threads = max(1, min(connections, int(machine["cores"]) // 2))
     warmup = max(2, min(5, duration // 3))
@@ -101,7 +93,7 @@ def run_api_benchmark(duration: int, connections: int, workers: int) -> str:
 
         # -- baseline: the bare Litestar app
         port = _free_port()
-        bare_argv = [sys.executable, "-m", "uvicorn", "firstmile.bench_bare:app", "--host", "127.0.0.1"]
+        bare_argv = [sys.executable, "-m", "uvicorn", "benchmarks.bare:app", "--host", "127.0.0.1"]
         bare_argv += ["--port", str(port), "--workers", str(workers), "--log-level", "warning", "--no-access-log"]
         server = _start_server("bare Litestar app", bare_argv, env, port, tmp / "bare.log")
         try:
@@ -201,8 +193,8 @@ def run_api_benchmark(duration: int, connections: int, workers: int) -> str:
         )
     )
     dsns = {
-        "firstmile_app (RLS)": _asyncpg_dsn(admin, database=BENCH_DB, user=APP_ROLE),
-        f"{BYPASS_ROLE} (BYPASSRLS)": _asyncpg_dsn(admin, database=BENCH_DB, user=BYPASS_ROLE),
+        "firstmile_app (RLS)": db.dsn(APP_ROLE),
+        f"{BYPASS_ROLE} (BYPASSRLS)": db.dsn(BYPASS_ROLE),
     }
     try:
         rls = asyncio.run(_measure_rls(dsns, tenant_id, [str(u) for u in users], RLS_ITERATIONS))
