@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +47,7 @@ from firstmile_inference.serve import (
 from tests.conftest import PEPPER, Database, TenantFixture, make_settings
 from tests.factories import ROOT
 from tests.integration.test_adaptive_planner import adaptive_tenant
+from tests.support.inference import RecordingClient
 
 pytestmark = pytest.mark.xdist_group("ray")
 
@@ -557,6 +557,7 @@ async def test_a_start_request_is_decided_by_the_model_through_ray_serve(
     tenant = await adaptive_tenant(admin_engine)
     app = await _ray_app(served, database, analytics_store)
     async with AsyncTestClient(app=app, raise_server_exceptions=False) as client:
+        ray = RecordingClient.install(app)
         body = await _start_user(client, tenant, "through-ray")
     decision = body["decision"]
     assert decision["selected_by"] == "model"
@@ -569,7 +570,8 @@ async def test_a_start_request_is_decided_by_the_model_through_ray_serve(
             )
         ).one()[0]
     assert stored["inference"] == "ray-serve"
-    assert stored["latency_ms"] < 10_000
+    assert isinstance(stored["latency_ms"], int | float)  # recorded; how fast is for benchmarks/
+    assert [(c.model, c.stage, c.outcome) for c in ray.calls] == [("path_classifier", stored["stage"], "answered")]
     # earlier tests may have staged a canary: the user's deterministic slice decides which one answered
     stages = served.registry.stages("path_classifier")
     expected = stages.canary if stored["stage"] == "canary" else stages.production
@@ -583,20 +585,21 @@ async def test_with_ray_killed_starts_still_succeed_through_the_fallback(
     tenant = await adaptive_tenant(admin_engine)
     app = await _ray_app(served, database, analytics_store)
     async with AsyncTestClient(app=app, raise_server_exceptions=False) as client:
+        ray = RecordingClient.install(app)
         assert (await _start_user(client, tenant, "before-kill"))["decision"]["selected_by"] == "model"
         stopped = _ray("stop", "test")  # SIGTERM, then SIGKILL: the whole Ray node goes away
         assert stopped.returncode == 0, stopped.stderr
         reasons = []
         for i in range(7):
-            began = time.perf_counter()
             body = await _start_user(client, tenant, f"after-kill-{i}")
-            took = time.perf_counter() - began
             decision = body["decision"]
             assert (decision["selected_by"], body["path"]["id"]) == ("rules", "developer-quickstart")
             assert decision["fallback"] == "rules"
             assert decision["model"] == "path_classifier"
-            # bounded by the inference timeout (100 ms) plus the request's own work, not by Ray
-            assert took < 5, f"start took {took:.2f} s with Ray down"
             reasons.append(decision["fallback_reason"])
     assert set(reasons[:5]) <= {"unavailable", "timeout"}
     assert reasons[5:] == ["circuit_open", "circuit_open"]
+    # No start waited on Ray: each of the first five calls ended as soon as the connection failed, or was
+    # cancelled by the guard's timeout, and with the breaker open the last two never reached Ray at all.
+    cut_short = ["cancelled" if reason == "timeout" else reason for reason in reasons[:5]]
+    assert ray.outcomes == ["answered", *cut_short]
