@@ -31,6 +31,7 @@ from firstmile.ml.features import FeatureStore, FeatureStoreUnavailable, OnlineF
 from firstmile.tenancy.service import apply_manifest, create_key
 from tests.conftest import PEPPER, REGION, EventsDatabase, TenantFixture, make_settings
 from tests.factories import manifest_for
+from tests.unit import features_contract as contract
 from tests.unit.features_support import at, erased, onboarding, segment, step, track
 
 SCOPES = ["onboarding:write", "events:write", "users:admin"]
@@ -165,6 +166,26 @@ async def test_every_write_sets_the_ttl(redis_store: RedisFeatureStore, redis_ur
     finally:
         await configured.client.delete(configured.key(t, "u2"))
         await configured.close()
+
+
+# ---- the contract (tests/unit/features_contract.py) on Redis: the Lua script and its Python twin agree ----
+
+
+@pytest.mark.parametrize("seed", range(25))
+async def test_lua_and_python_agree_on_random_sequences(redis_store: RedisFeatureStore, seed: int) -> None:
+    await contract.random_sequence(redis_store, seed)
+
+
+async def test_lua_and_python_agree_on_the_boundaries(redis_store: RedisFeatureStore) -> None:
+    await contract.the_boundaries(redis_store)
+
+
+async def test_lua_and_python_agree_on_a_long_history(redis_store: RedisFeatureStore) -> None:
+    await contract.a_long_history(redis_store)
+
+
+async def test_lua_and_python_agree_on_forget(redis_store: RedisFeatureStore) -> None:
+    await contract.forget(redis_store)
 
 
 # ---- the reader against a Redis server of this test's own ----
