@@ -92,7 +92,7 @@ def fresh_bench_database(admin: str, name: str = BENCH_DB) -> BenchDatabase:
     _log(f"recreating database {name}")
     server = asyncio.run(_recreate_database(_asyncpg_dsn(admin), name))
     _log("migrating")
-    from firstmile.kit.migrate import upgrade
+    from firstmile.wiring.migrate import upgrade
 
     admin_url = _sqlalchemy_url(admin, database=name)
     admin_dsn = _asyncpg_dsn(admin, database=name)

@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from firstmile.analytics.chdb_store import ChdbStore
 from firstmile.app import create_app
-from firstmile.kit.migrate import upgrade
+from firstmile.wiring.migrate import upgrade
 from firstmile.settings import Settings
 from firstmile.tenancy.manifest import TenantManifest
 from firstmile.tenancy.service import apply_manifest, create_key

@@ -1,20 +1,19 @@
-"""The regional API: wiring of settings, adapters and slices into one Litestar app.
+"""The regional API: the Litestar app over the wiring's container.
 
-This and :mod:`firstmile.cli` are the only modules that read the environment.
+:func:`create_app` assembles the slices' controllers, the authentication middleware, the
+dependency providers and the exception handlers around one
+:class:`~firstmile.wiring.container.Container`, which builds every service at startup.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
 import uuid
-from datetime import timedelta
-from typing import Any, cast
+from typing import Any
 
 from litestar import Litestar, Request, Response
-from litestar.datastructures import State
 from litestar.enums import ScopeType
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
@@ -24,44 +23,23 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from firstmile import __version__
 from firstmile.admin.api import LoginController, admin_api_router
-from firstmile.admin.oidc import OidcClient
-from firstmile.admin.service import AdminAuth, SessionPolicy
-from firstmile.admin.sessions import MemorySessionStore, RedisSessionStore, SessionStore
 from firstmile.analytics.api import AnalyticsController
-from firstmile.analytics.factory import LazyStore, open_analytics_store
-from firstmile.analytics.service import AnalyticsService
 from firstmile.analytics.store import AnalyticsStore
 from firstmile.audit.api import AuditController
-from firstmile.audit.service import AuditService, Checkpointer
-from firstmile.audit.signing import resolve_signer
+from firstmile.auth.middleware import ApiKeyMiddleware
 from firstmile.events.api import EventsController
-from firstmile.events.bus import Consumer
-from firstmile.events.consumers import AnalyticsSink, AutoCompletion, FeatureHook
-from firstmile.events.dispatch import InProcessPublisher
-from firstmile.events.relay import OutboxRelay
 from firstmile.kit import telemetry
-from firstmile.kit.auth import ApiKeyMiddleware, KeyResolver
-from firstmile.kit.db import create_engine
 from firstmile.kit.errors import exception_handlers, problem_response
 from firstmile.kit.health import HealthController, metrics
-from firstmile.ml.feature_reader import ResilientFeatureReader
-from firstmile.ml.feature_stores import FeatureStoreSink, open_feature_store
-from firstmile.ml.inference import GuardedInference, InProcessClient, StageReader, default_registry_uri, open_inference
-from firstmile.ml.online import PlannerFeatures, StoreActivity
-from firstmile.ml.planner import PATH_MODEL, AdaptivePlanner
+from firstmile.ml.inference import GuardedInference, StageReader
 from firstmile.onboarding.api import OnboardingController
-from firstmile.onboarding.catalog import CatalogCache
-from firstmile.onboarding.service import OnboardingService
-from firstmile.onboarding.stuck import STUCK_MODEL, StuckScanner
 from firstmile.privacy.api import UsersController
-from firstmile.security.datakeys import DataKeyService, ManifestProviders
-from firstmile.security.keys import KeyConfig, KeyProviderError
+from firstmile.security.keys import KeyProviderError
 from firstmile.security.pii import RedactingFilter
 from firstmile.settings import Settings, get_settings
-from firstmile.sso.events import KeycloakEventSync
-from firstmile.sso.tokens import TokenValidator
-from firstmile.tenancy.directory import PostgresTenantDirectory
 from firstmile.web.pages import PagesController
+from firstmile.wiring.container import Container, Overrides
+from firstmile.wiring.providers import dependencies
 
 PUBLIC_PATHS = ["^/health", "^/metrics", "^/schema"]
 ADMIN_PATHS = ["^/admin"]  # the admin UI authenticates with its session cookie, not API keys
@@ -141,7 +119,7 @@ def create_app(
     relay_database_url: str | None = None,
     inference: tuple[GuardedInference, StageReader] | None = None,
 ) -> Litestar:
-    """Build the API for one region; its connection pool opens at startup and closes at shutdown.
+    """Build the API for one region; its services start at startup and stop at shutdown.
 
     ``analytics`` is the analytics store (opened from the settings when omitted).
     With ``relay_database_url`` and no Kafka configured, the process also runs the
@@ -150,151 +128,18 @@ def create_app(
     from the settings when omitted: Ray Serve at ``inference_url``, else in-process).
     """
     # Every log line passes the PII redactor; if it fails, the line says so instead of leaking.
-    telemetry.configure_logging(settings.log_level, settings.log_format, filters=[RedactingFilter()])
-    provider = telemetry.configure_tracing(settings.service_name, settings.otel_exporter, settings.otel_endpoint)
-    signer = resolve_signer(settings)
-    state = State(
-        {
-            "settings": settings,
-            "onboarding": OnboardingService(CatalogCache()),
-            "audit": AuditService.create(signer),
-        }
+    telemetry.configure_logging(
+        settings.telemetry.log_level, settings.telemetry.log_format, filters=[RedactingFilter()]
     )
-    stop = asyncio.Event()
-    background: list[asyncio.Task[None]] = []
-
-    async def on_startup(app: Litestar) -> None:
-        engine = create_engine(
-            database_url,
-            pool_size=settings.database_pool_size,
-            max_overflow=settings.database_max_overflow,
-            statement_timeout_ms=settings.database_statement_timeout_ms,
-            application_name=settings.service_name,
-        )
-        app.state.engine = engine
-        # Client-credentials tokens of the tenants' realms, when there is a Keycloak; else API keys only.
-        tokens = TokenValidator.from_settings(settings) if settings.keycloak_url is not None else None
-        # The global tenant directory, when there is one: tokens of tenants homed elsewhere get 421.
-        directory = (
-            PostgresTenantDirectory.from_url(settings.directory_url.get_secret_value())
-            if settings.directory_url is not None
-            else None
-        )
-        app.state.key_resolver = KeyResolver(
-            engine, pepper, settings.region, settings.api_key_cache_ttl_seconds, tokens=tokens, directory=directory
-        )
-        # Admin UI sessions: Redis when there is one (every process of the region shares them), else in-process.
-        sessions: SessionStore = (
-            RedisSessionStore.from_url(settings.redis_url.get_secret_value())
-            if settings.redis_url is not None
-            else MemorySessionStore()
-        )
-        app.state.admin = AdminAuth(
-            engine,
-            app.state.key_resolver,
-            sessions,
-            SessionPolicy(
-                lifetime=settings.admin_session_lifetime_seconds,
-                idle=settings.admin_idle_timeout_seconds,
-                secure_cookies=settings.admin_cookie_secure,
-            ),
-            public_url=settings.public_url,
-            region=settings.region,
-            oidc=OidcClient(tokens, settings.sso_admin_client_id, http_timeout=settings.sso_http_timeout_seconds)
-            if tokens is not None
-            else None,
-            pepper=pepper,
-        )
-        app.state.keyring = DataKeyService.from_config(engine, KeyConfig.from_settings(settings))
-        app.state.onboarding.keyring = app.state.keyring
-        # Online features: Redis, or in-process (then shared by the in-process consumers below).
-        app.state.features = open_feature_store(settings)
-        app.state.feature_reader = ResilientFeatureReader(
-            app.state.features,
-            timeout_s=settings.feature_store_timeout_ms / 1000,
-            max_staleness_s=settings.feature_max_staleness_seconds,
-        )
-        guarded, stages = inference or open_inference(
-            default_registry_uri(settings.data_dir, settings.model_registry_uri),
-            settings.inference_url,
-            timeout_s=settings.inference_timeout_ms / 1000,
-            failures=settings.inference_breaker_failures,
-            reset_s=settings.inference_breaker_reset_seconds,
-        )
-        app.state.inference = guarded
-        app.state.model_stages = stages
-        app.state.onboarding.planner = AdaptivePlanner(guarded, stages, PlannerFeatures(app.state.feature_reader))
-        if isinstance(guarded.client, InProcessClient):
-            # Load the staged models on a worker thread; until then the planner falls back to the rules.
-            guarded.client.warm([PATH_MODEL, STUCK_MODEL])
-        if settings.stuck_scan_interval_seconds > 0:
-            scanner = StuckScanner(
-                engine,
-                app.state.onboarding.catalogs,
-                guarded,
-                StoreActivity(app.state.features),
-                after=timedelta(hours=settings.stuck_after_hours),
-                min_idle=timedelta(hours=settings.stuck_min_idle_hours),
-            )
-            background.append(
-                asyncio.create_task(scanner.run(stop, settings.stuck_scan_interval_seconds), name="stuck-scan")
-            )
-        # Logins Keycloak refused (bad SAML responses, wrong passwords) reach the tenants' audit logs.
-        event_sync = KeycloakEventSync.from_settings(settings, engine) if settings.sso_event_sync_seconds > 0 else None
-        if event_sync is not None:
-            background.append(
-                asyncio.create_task(event_sync.run(stop, settings.sso_event_sync_seconds), name="sso-event-sync")
-            )
-        background.append(
-            asyncio.create_task(
-                Checkpointer(
-                    engine,
-                    signer,
-                    app.state.audit.cache,
-                    every_entries=settings.audit_checkpoint_every_entries,
-                    every_seconds=settings.audit_checkpoint_every_seconds,
-                ).run(stop),
-                name="audit-checkpointer",
-            )
-        )
-        store = analytics if analytics is not None else LazyStore(lambda: open_analytics_store(settings))
-        app.state.analytics_store = store
-        app.state.analytics = AnalyticsService(store, settings.analytics_query_timeout_seconds)
-        if relay_database_url is not None and settings.kafka_bootstrap_servers is None:
-            consumers: list[Consumer] = [
-                AnalyticsSink(store),
-                AutoCompletion(engine, app.state.onboarding),
-                FeatureHook(FeatureStoreSink(app.state.features)),
-            ]
-            relay = OutboxRelay(
-                relay_database_url,
-                InProcessPublisher(consumers, settings.data_dir / "dead-letters"),
-                batch_size=settings.relay_batch_size,
-                dedupe_window=timedelta(days=settings.event_dedupe_days),
-            )
-            app.state.relay = relay
-            background.append(asyncio.create_task(relay.run(stop), name="outbox-relay"))
-
-    async def on_shutdown(app: Litestar) -> None:
-        stop.set()
-        if background:
-            await asyncio.gather(*background, return_exceptions=True)
-        await app.state.engine.dispose()
-        await app.state.admin.store.close()
-        if app.state.admin.oidc is not None:
-            await app.state.admin.oidc.aclose()
-        if app.state.key_resolver.tokens is not None:
-            await app.state.key_resolver.tokens.aclose()
-        if app.state.key_resolver.directory is not None:
-            await app.state.key_resolver.directory.aclose()
-        await app.state.features.close()
-        if inference is None:
-            await app.state.inference.close()
-        app.state.analytics.close(close_store=False)
-        cast(ManifestProviders, app.state.keyring.providers).registry.close()
-        if analytics is None and getattr(app.state, "analytics_store", None) is not None:
-            await asyncio.to_thread(app.state.analytics_store.close)
-
+    provider = telemetry.configure_tracing(
+        settings.telemetry.service_name, settings.telemetry.otel_exporter, settings.telemetry.otel_endpoint
+    )
+    container = Container(
+        settings,
+        database_url,
+        pepper,
+        Overrides(analytics=analytics, inference=inference, relay_database_url=relay_database_url),
+    )
     app = Litestar(
         route_handlers=[
             HealthController,
@@ -306,18 +151,20 @@ def create_app(
             UsersController,
             LoginController,
             PagesController,
-            admin_api_router(),
+            admin_api_router(container.admin),
         ],
-        state=state,
-        on_startup=[on_startup],
-        on_shutdown=[on_shutdown],
-        middleware=[DefineMiddleware(ApiKeyMiddleware, exclude=PUBLIC_PATHS + ADMIN_PATHS)],
+        dependencies=dependencies(container),
+        on_startup=[container.start],
+        on_shutdown=[container.stop],
+        middleware=[
+            DefineMiddleware(ApiKeyMiddleware, authenticate=container.authenticate, exclude=PUBLIC_PATHS + ADMIN_PATHS)
+        ],
         # Server spans cost ~0.3 ms of CPU per request; record them only when they go somewhere.
         plugins=[OpenTelemetryPlugin(OpenTelemetryConfig(tracer_provider=provider, exclude=PUBLIC_PATHS))]
-        if settings.otel_exporter != "none"
+        if settings.telemetry.otel_exporter != "none"
         else [],
         exception_handlers={**exception_handlers(), KeyProviderError: _on_key_provider_error},
-        request_max_body_size=settings.max_body_bytes,
+        request_max_body_size=settings.server.max_body_bytes,
         openapi_config=OpenAPIConfig(
             title="Firstmile API",
             version=__version__,
@@ -340,6 +187,8 @@ def create_app(
         logging_config=None,  # logging is ours: JSON lines via telemetry.configure_logging
         debug=False,
     )
+    # The container is kept for the process's own lifecycle and for tests; handlers never read it.
+    app.state.container = container
     # Outside Litestar's exception handling, so 401/421 from authentication and 404/405 from
     # routing also carry the request id and are measured with their real status.
     app.asgi_handler = RequestContextMiddleware(app.asgi_handler)
@@ -352,9 +201,10 @@ def app_factory() -> Litestar:
     ``firstmile serve`` resolves the embedded database and pepper first and
     passes them down as ``FIRSTMILE_*`` variables, so every worker agrees.
     """
-    from firstmile.kit.embedded import resolve_database, resolve_pepper
+    from firstmile.wiring.embedded import resolve_database, resolve_pepper
 
     settings = get_settings()
     urls = resolve_database(settings)
-    relay_url = settings.relay_database_url.get_secret_value() if settings.relay_database_url else urls.admin
+    relay = settings.events.relay_database_url
+    relay_url = relay.get_secret_value() if relay is not None else urls.admin
     return create_app(settings, urls.app, resolve_pepper(settings), relay_database_url=relay_url)

@@ -1,31 +1,597 @@
 """One settings tree, loaded once, from ``FIRSTMILE_*`` environment variables.
 
-Nothing here connects to anything or reads a secret file at import time: the
-embedded defaults (the ``pgserver`` database under ``.firstmile/``) are resolved
-by :mod:`firstmile.kit.embedded` when the CLI or the app starts.
+The tree is split per concern: :class:`Settings` has the region and the data folder,
+and one section per part of the platform (``settings.database``, ``settings.sso``, …).
+Every setting keeps the flat environment name it always had: ``FIRSTMILE_DATABASE_POOL_SIZE``
+is ``settings.database.pool_size``, ``FIRSTMILE_SSO_AUDIENCE`` is ``settings.sso.audience``.
+A section field's *alias* is that flat name (without the prefix); ``Settings(database_pool_size=5)``
+works too, which is how tests override one value. ``docs/configuration.md`` lists every name.
+
+This module is part of the wiring: slices never import it. The wiring
+(:mod:`firstmile.wiring`) reads it once and hands each service the values it needs.
+Nothing here connects to anything or reads a secret file: the embedded defaults (the
+``pgserver`` database under ``.firstmile/``) are resolved when the CLI or the app starts.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-REGION_PATTERN = r"^[a-z]{2}(-[a-z]+)+-\d$"
+from firstmile.kit.ids import REGION_PATTERN
+
+ENV_PREFIX = "FIRSTMILE_"
+
+
+class _Section(BaseModel):
+    """A group of settings of one concern; each field's alias is its flat ``FIRSTMILE_*`` name."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_by_name=True, validate_by_alias=True)
+
+
+class DatabaseSettings(_Section):
+    """The region's PostgreSQL (or Aurora) and its connection pool."""
+
+    url: SecretStr | None = Field(
+        validation_alias="database_url",
+        default=None,
+        description=(
+            "SQLAlchemy URL (postgresql+asyncpg://…) the API connects with, as the "
+            "application role (no BYPASSRLS, owns no table). Unset: embedded pgserver."
+        ),
+    )
+    admin_url: SecretStr | None = Field(
+        validation_alias="database_admin_url",
+        default=None,
+        description=(
+            "URL of the role that owns the schema; used by `firstmile migrate`, "
+            "`tenants apply` and `keys`. Must be set with an external database (the "
+            "application role cannot migrate); embedded mode uses the pgserver superuser."
+        ),
+    )
+    app_role: str = Field(
+        validation_alias="database_app_role",
+        default="firstmile_app",
+        pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+        description="Name of the application role the migrations grant privileges to.",
+    )
+    pool_size: int = Field(
+        validation_alias="database_pool_size",
+        default=20,
+        ge=1,
+        le=200,
+        description="Connections each worker keeps open; size it to the requests in flight per worker.",
+    )
+    max_overflow: int = Field(validation_alias="database_max_overflow", default=10, ge=0, le=200)
+    statement_timeout_ms: int = Field(
+        validation_alias="database_statement_timeout_ms",
+        default=5000,
+        ge=10,
+        description="statement_timeout applied to every API session.",
+    )
+
+
+class TenancySettings(_Section):
+    """API keys and the global tenant directory."""
+
+    api_key_pepper: SecretStr | None = Field(
+        validation_alias="api_key_pepper",
+        default=None,
+        description=(
+            "Secret key of the HMAC that API keys are stored under. Unset: generated "
+            "once into <data_dir>/secrets/api_key_pepper (embedded only)."
+        ),
+    )
+    api_key_cache_ttl_seconds: float = Field(
+        validation_alias="api_key_cache_ttl_seconds",
+        default=5.0,
+        ge=0,
+        le=300,
+        description="How long a resolved API key is cached per process; revocation takes effect within it.",
+    )
+    directory_url: SecretStr | None = Field(
+        validation_alias="directory_url",
+        default=None,
+        description=(
+            "SQLAlchemy URL of the global tenant directory database (which region is home for which "
+            "tenant; one table, created by `tenants apply`). Unset: this region's own database."
+        ),
+    )
+
+
+class ServerSettings(_Section):
+    """The HTTP server: where it listens, what it accepts, how it is reached."""
+
+    host: str = Field(validation_alias="host", default="127.0.0.1", description="Bind address of `firstmile serve`.")
+    port: int = Field(validation_alias="port", default=8000, ge=1, le=65535)
+    workers: int = Field(
+        validation_alias="workers", default=1, ge=1, le=64, description="Worker processes of `firstmile serve`."
+    )
+    public_url: str = Field(
+        validation_alias="public_url",
+        default="http://127.0.0.1:8000",
+        pattern=r"^https?://[^/?#]+(/[^?#]*)?$",
+        description=(
+            "Base URL at which browsers (and Keycloak's back-channel logout) reach this region's API: the admin "
+            "UI's OIDC redirect URI is <public_url>/admin/callback."
+        ),
+    )
+    max_body_bytes: int = Field(
+        validation_alias="max_body_bytes",
+        default=64 * 1024,
+        ge=1024,
+        description="Largest request body the onboarding API accepts.",
+    )
+
+
+class TelemetrySettings(_Section):
+    """Logs and traces."""
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", validation_alias="log_level")
+    log_format: Literal["json", "console"] = Field(default="json", validation_alias="log_format")
+    otel_exporter: Literal["none", "console", "otlp"] = Field(
+        validation_alias="otel_exporter",
+        default="none",
+        description="Where traces go: nowhere (spans still made), stdout, or OTLP/HTTP.",
+    )
+    otel_endpoint: str | None = Field(
+        validation_alias="otel_endpoint",
+        default=None,
+        description="OTLP/HTTP endpoint, e.g. http://otel-collector:4318.",
+    )
+    service_name: str = Field(default="firstmile-api", validation_alias="service_name")
+
+
+class EventsSettings(_Section):
+    """Ingestion, the outbox relay and Kafka."""
+
+    dedupe_days: int = Field(
+        validation_alias="event_dedupe_days",
+        default=7,
+        ge=1,
+        le=90,
+        description="How long a Segment messageId is remembered for deduplication.",
+    )
+    kafka_bootstrap_servers: str | None = Field(
+        validation_alias="kafka_bootstrap_servers",
+        default=None,
+        description=(
+            "Kafka bootstrap servers (host:port,…). Unset: embedded mode, the API process relays "
+            "the outbox to the consumers in-process."
+        ),
+    )
+    kafka_topic_prefix: str = Field(
+        validation_alias="kafka_topic_prefix",
+        default="firstmile",
+        pattern=r"^[a-zA-Z0-9._-]{1,100}$",
+        description="Topics are <prefix>.<region>.events and <prefix>.<region>.events.dlq.",
+    )
+    kafka_partitions: int = Field(
+        validation_alias="kafka_partitions", default=12, ge=1, le=1000, description="Partitions of a new events topic."
+    )
+    relay_database_url: SecretStr | None = Field(
+        validation_alias="relay_database_url",
+        default=None,
+        description=(
+            "URL of a login role granted firstmile_relay, for `firstmile relay` (reads and deletes "
+            "all tenants' outbox rows). Unset: FIRSTMILE_DATABASE_ADMIN_URL, or the embedded superuser."
+        ),
+    )
+    relay_batch_size: int = Field(
+        validation_alias="relay_batch_size",
+        default=2000,
+        ge=1,
+        le=50_000,
+        description="Outbox rows published per batch.",
+    )
+
+
+class AnalyticsSettings(_Section):
+    """The analytics store (chdb or ClickHouse) and its queries."""
+
+    backend: Literal["chdb", "clickhouse"] = Field(
+        validation_alias="analytics_backend",
+        default="chdb",
+        description="chdb (the ClickHouse engine in-process) or a ClickHouse server.",
+    )
+    path: Path | None = Field(
+        validation_alias="analytics_path",
+        default=None,
+        description="chdb data folder (one process at a time). Unset: <data_dir>/analytics.",
+    )
+    clickhouse_url: SecretStr | None = Field(
+        validation_alias="clickhouse_url",
+        default=None,
+        description="ClickHouse DSN for clickhouse-connect, e.g. http://user:pass@clickhouse:8123/firstmile.",
+    )
+    clickhouse_policy_role: str = Field(
+        validation_alias="clickhouse_policy_role",
+        default="firstmile_analytics",
+        pattern=r"^([a-zA-Z_][a-zA-Z0-9_]{0,62})?$",
+        description="ClickHouse role the tenant row policy is bound to (the API's role); empty: no policy.",
+    )
+    query_timeout_seconds: float = Field(
+        validation_alias="analytics_query_timeout_seconds",
+        default=5.0,
+        gt=0,
+        le=300,
+        description="An analytics query slower than this answers with the cached result.",
+    )
+
+
+class RedisSettings(_Section):
+    """The region's Redis (online features and admin sessions)."""
+
+    url: SecretStr | None = Field(
+        validation_alias="redis_url",
+        default=None,
+        description="Redis URL (redis://host:6379/0) of the online feature store. Unset: an in-process store.",
+    )
+
+
+class FeatureSettings(_Section):
+    """The online feature store."""
+
+    ttl_days: int = Field(
+        validation_alias="feature_ttl_days",
+        default=90,
+        ge=1,
+        le=3650,
+        description="A user's online features expire this long after their last event.",
+    )
+    timeout_ms: float = Field(
+        validation_alias="feature_store_timeout_ms",
+        default=50,
+        gt=0,
+        le=10_000,
+        description="Timeout of one feature read for a decision.",
+    )
+    max_staleness_seconds: float = Field(
+        validation_alias="feature_max_staleness_seconds",
+        default=300,
+        ge=0,
+        le=86_400,
+        description="When the feature store fails, cached features younger than this are used (marked stale).",
+    )
+
+
+class KeySettings(_Section):
+    """Key providers and the data-key cache."""
+
+    provider: Literal["local", "vault"] = Field(
+        validation_alias="key_provider",
+        default="local",
+        description="Key provider for tenants whose manifest has no keys section.",
+    )
+    kek_file: Path | None = Field(
+        validation_alias="kek_file",
+        default=None,
+        description=(
+            "Local KEK keyring (hex, one version per line, 0600). Unset: <data_dir>/secrets/kek, "
+            "generated only in embedded mode."
+        ),
+    )
+    cache_ttl_seconds: float = Field(
+        validation_alias="data_key_cache_ttl_seconds",
+        default=300.0,
+        ge=0,
+        le=86_400,
+        description="How long an unwrapped tenant data key is cached per process; 0 disables the cache.",
+    )
+    cache_max_uses: int = Field(
+        validation_alias="data_key_cache_max_uses",
+        default=100_000,
+        ge=1,
+        description="Operations with a cached tenant data key before it is unwrapped again.",
+    )
+    vault_addr: str | None = Field(
+        validation_alias="vault_addr", default=None, description="The platform Vault, for key_provider=vault."
+    )
+    vault_namespace: str | None = Field(
+        validation_alias="vault_namespace",
+        default=None,
+        description="Vault Enterprise namespace of the platform Vault.",
+    )
+    vault_mount: str = Field(
+        validation_alias="vault_mount", default="transit", pattern=r"^[A-Za-z0-9_-]{1,64}(/[A-Za-z0-9_-]{1,64}){0,7}$"
+    )
+    vault_role_id: str | None = Field(
+        validation_alias="vault_role_id", default=None, description="AppRole role_id of the platform Vault."
+    )
+    vault_secret_id_file: Path | None = Field(
+        validation_alias="vault_secret_id_file",
+        default=None,
+        description="File holding the AppRole secret_id, read at each login.",
+    )
+    vault_timeout_seconds: float = Field(
+        validation_alias="vault_timeout_seconds",
+        default=5.0,
+        gt=0,
+        le=60,
+        description="Per-request timeout for every Vault call.",
+    )
+
+
+class AuditSettings(_Section):
+    """Signing and checkpointing the audit log."""
+
+    signing_key_file: Path | None = Field(
+        validation_alias="audit_signing_key_file",
+        default=None,
+        description=(
+            "Ed25519 key that signs audit checkpoints (32-byte seed, hex). Unset: "
+            "<data_dir>/secrets/audit_signing_key, generated only in embedded mode."
+        ),
+    )
+    checkpoint_every_entries: int = Field(
+        validation_alias="audit_checkpoint_every_entries",
+        default=1000,
+        ge=1,
+        le=1_000_000,
+        description="Sign a checkpoint after this many unsigned entries.",
+    )
+    checkpoint_every_seconds: float = Field(
+        validation_alias="audit_checkpoint_every_seconds",
+        default=60.0,
+        gt=0,
+        le=86_400,
+        description="…or when the oldest unsigned entry is this old.",
+    )
+
+
+class ModelSettings(_Section):
+    """The model registry and the inference client."""
+
+    registry_uri: str | None = Field(
+        validation_alias="model_registry_uri",
+        default=None,
+        description=(
+            "Model registry (file:///dir or a path) holding the trained models and their stages. "
+            "Unset: <data_dir>/models."
+        ),
+    )
+    inference_url: str | None = Field(
+        validation_alias="inference_url",
+        default=None,
+        description=(
+            "Base URL of the Ray Serve application (http://ray-serve:8100). Unset: the models run "
+            "in-process from the registry (embedded mode)."
+        ),
+    )
+    inference_timeout_ms: float = Field(
+        validation_alias="inference_timeout_ms",
+        default=100,
+        gt=0,
+        le=10_000,
+        description="Hard timeout of one path-planner inference call.",
+    )
+    breaker_failures: int = Field(
+        validation_alias="inference_breaker_failures",
+        default=5,
+        ge=1,
+        le=1000,
+        description="Consecutive inference failures that open the circuit breaker.",
+    )
+    breaker_reset_seconds: float = Field(
+        validation_alias="inference_breaker_reset_seconds",
+        default=30,
+        gt=0,
+        le=3600,
+        description="How long an open breaker sends every call to the fallback.",
+    )
+
+
+class StuckSettings(_Section):
+    """The stuck scan."""
+
+    scan_interval_seconds: float = Field(
+        validation_alias="stuck_scan_interval_seconds",
+        default=300,
+        ge=0,
+        le=86_400,
+        description="How often the API process looks for stuck users (0: never; run `firstmile stuck scan`).",
+    )
+    after_hours: float = Field(
+        validation_alias="stuck_after_hours",
+        default=24,
+        gt=0,
+        le=24 * 90,
+        description="The time-based stuck rule: no activity for this long (used when the stuck detector fails).",
+    )
+    min_idle_hours: float = Field(
+        validation_alias="stuck_min_idle_hours",
+        default=1,
+        ge=0,
+        le=24 * 30,
+        description="Users idle for less than this are never asked about (keeps the scan small).",
+    )
+
+
+class SsoSettings(_Section):
+    """Keycloak: token validation, provisioning and the admin login."""
+
+    keycloak_url: str | None = Field(
+        validation_alias="keycloak_url",
+        default=None,
+        pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
+        description=(
+            "Public base URL of Keycloak, as it appears in the tokens' iss (http://127.0.0.1:8180). "
+            "Unset: no SSO, the embedded admin login."
+        ),
+    )
+    admin_user: str | None = Field(
+        validation_alias="keycloak_admin_user",
+        default=None,
+        min_length=1,
+        description="Keycloak admin user for `tenants plan|apply` (SSO provisioning). Unset: provisioning skipped.",
+    )
+    admin_password_file: Path | None = Field(
+        validation_alias="keycloak_admin_password_file",
+        default=None,
+        description="File holding that admin user's password (e.g. a mounted secret).",
+    )
+    admin_realm: str = Field(
+        validation_alias="keycloak_admin_realm",
+        default="master",
+        min_length=1,
+        description="Realm the provisioning admin user logs in to.",
+    )
+    admin_client_id: str = Field(
+        validation_alias="sso_admin_client_id",
+        default="firstmile-admin",
+        pattern=r"^[a-z][a-z0-9-]{0,62}$",
+        description="Client id of the admin UI's OIDC client in every tenant realm.",
+    )
+    admin_redirect_uris: str = Field(
+        validation_alias="sso_admin_redirect_uris",
+        default="http://127.0.0.1:8000/admin/*",
+        min_length=1,
+        description="Comma-separated redirect URIs of the admin UI's OIDC client (also its web origins).",
+    )
+    realm_prefix: str = Field(
+        validation_alias="sso_realm_prefix",
+        default="firstmile-",
+        pattern=r"^[a-z][a-z0-9-]{0,30}$",
+        description="A tenant's realm is <prefix><slug>.",
+    )
+    audience: str = Field(
+        validation_alias="sso_audience",
+        default="firstmile-api",
+        min_length=1,
+        description="Audience every accepted access token must carry.",
+    )
+    tenant_claim: str = Field(
+        validation_alias="sso_tenant_claim",
+        default="firstmile_tenant",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$",
+        description="Claim that names the tenant; must equal the slug of the realm that issued the token.",
+    )
+    leeway_seconds: float = Field(
+        validation_alias="sso_leeway_seconds",
+        default=10,
+        ge=0,
+        le=300,
+        description="Clock skew allowed on exp, nbf and iat.",
+    )
+    jwks_max_age_seconds: float = Field(
+        validation_alias="sso_jwks_max_age_seconds",
+        default=600,
+        ge=1,
+        le=86_400,
+        description="How long a realm's JWKS is used before it is fetched again.",
+    )
+    jwks_min_refetch_seconds: float = Field(
+        validation_alias="sso_jwks_min_refetch_seconds",
+        default=30,
+        ge=0,
+        le=3600,
+        description="An unknown kid refetches the realm's JWKS at most once per this many seconds.",
+    )
+    http_timeout_seconds: float = Field(
+        validation_alias="sso_http_timeout_seconds",
+        default=5,
+        gt=0,
+        le=60,
+        description="Timeout of one JWKS fetch from Keycloak.",
+    )
+    event_sync_seconds: float = Field(
+        validation_alias="sso_event_sync_seconds",
+        default=60,
+        ge=0,
+        le=86_400,
+        description=(
+            "How often the API process copies failed logins from the tenant realms' Keycloak events into the "
+            "audit log (0: never; run `firstmile sso sync-events`). Needs the Keycloak admin credentials."
+        ),
+    )
+
+
+class AdminSettings(_Section):
+    """Admin UI sessions."""
+
+    session_lifetime_seconds: float = Field(
+        validation_alias="admin_session_lifetime_seconds",
+        default=8 * 3600,
+        ge=60,
+        le=7 * 86400,
+        description="Absolute lifetime of an admin UI session.",
+    )
+    idle_timeout_seconds: float = Field(
+        validation_alias="admin_idle_timeout_seconds",
+        default=1800,
+        ge=60,
+        le=86400,
+        description="An admin UI session without a request for this long ends.",
+    )
+    cookie_secure: bool = Field(
+        validation_alias="admin_cookie_secure",
+        default=True,
+        description=(
+            "Admin cookies are Secure and __Host- prefixed (browsers accept them on https and on http://localhost "
+            "or 127.0.0.1). Set false only behind a plain-http test setup on another host."
+        ),
+    )
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    "database": DatabaseSettings,
+    "tenancy": TenancySettings,
+    "server": ServerSettings,
+    "telemetry": TelemetrySettings,
+    "events": EventsSettings,
+    "analytics": AnalyticsSettings,
+    "redis": RedisSettings,
+    "features": FeatureSettings,
+    "keys": KeySettings,
+    "audit": AuditSettings,
+    "models": ModelSettings,
+    "stuck": StuckSettings,
+    "sso": SsoSettings,
+    "admin": AdminSettings,
+}
+
+
+def _flat_names() -> dict[str, tuple[str, str]]:
+    """``{flat name: (section, field)}`` of every section field."""
+    names: dict[str, tuple[str, str]] = {}
+    for section, model in SECTIONS.items():
+        for field, info in model.model_fields.items():
+            alias = info.validation_alias
+            assert isinstance(alias, str), f"{model.__name__}.{field} needs its flat name as alias"
+            names[alias] = (section, field)
+    return names
+
+
+FLAT_NAMES = _flat_names()
+
+
+class _FlatEnvironment(PydanticBaseSettingsSource):
+    """``FIRSTMILE_<FLAT NAME>`` variables of the section fields (names are case-insensitive)."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # everything is read in __call__
+
+    def __call__(self) -> dict[str, Any]:
+        env = {key.upper(): value for key, value in os.environ.items()}
+        found: dict[str, Any] = {}
+        for flat in FLAT_NAMES:
+            value = env.get(ENV_PREFIX + flat.upper())
+            if value is not None:
+                found[flat] = value
+        return found
 
 
 class Settings(BaseSettings):
     """Every setting of the platform; documented in ``docs/configuration.md``."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="FIRSTMILE_",
-        env_file=None,
-        extra="ignore",
-        frozen=True,
-    )
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=None, extra="ignore", frozen=True)
 
     region: str = Field(
         default="eu-west-1",
@@ -36,296 +602,50 @@ class Settings(BaseSettings):
         default=Path(".firstmile"),
         description="Folder for embedded state: the pgserver cluster, generated secrets.",
     )
-    database_url: SecretStr | None = Field(
-        default=None,
-        description=(
-            "SQLAlchemy URL (postgresql+asyncpg://…) the API connects with, as the "
-            "application role (no BYPASSRLS, owns no table). Unset: embedded pgserver."
-        ),
-    )
-    database_admin_url: SecretStr | None = Field(
-        default=None,
-        description=(
-            "URL of the role that owns the schema; used by `firstmile migrate`, "
-            "`tenants apply` and `keys`. Must be set with an external database (the "
-            "application role cannot migrate); embedded mode uses the pgserver superuser."
-        ),
-    )
-    directory_url: SecretStr | None = Field(
-        default=None,
-        description=(
-            "SQLAlchemy URL of the global tenant directory database (which region is home for which "
-            "tenant; one table, created by `tenants apply`). Unset: this region's own database."
-        ),
-    )
-    database_app_role: str = Field(
-        default="firstmile_app",
-        pattern=r"^[a-z_][a-z0-9_]{0,62}$",
-        description="Name of the application role the migrations grant privileges to.",
-    )
-    database_pool_size: int = Field(
-        default=20,
-        ge=1,
-        le=200,
-        description="Connections each worker keeps open; size it to the requests in flight per worker.",
-    )
-    database_max_overflow: int = Field(default=10, ge=0, le=200)
-    database_statement_timeout_ms: int = Field(
-        default=5000, ge=10, description="statement_timeout applied to every API session."
-    )
-    api_key_pepper: SecretStr | None = Field(
-        default=None,
-        description=(
-            "Secret key of the HMAC that API keys are stored under. Unset: generated "
-            "once into <data_dir>/secrets/api_key_pepper (embedded only)."
-        ),
-    )
-    api_key_cache_ttl_seconds: float = Field(
-        default=5.0,
-        ge=0,
-        le=300,
-        description="How long a resolved API key is cached per process; revocation takes effect within it.",
-    )
-    max_body_bytes: int = Field(
-        default=64 * 1024, ge=1024, description="Largest request body the onboarding API accepts."
-    )
-    event_dedupe_days: int = Field(
-        default=7, ge=1, le=90, description="How long a Segment messageId is remembered for deduplication."
-    )
-    kafka_bootstrap_servers: str | None = Field(
-        default=None,
-        description=(
-            "Kafka bootstrap servers (host:port,…). Unset: embedded mode, the API process relays "
-            "the outbox to the consumers in-process."
-        ),
-    )
-    kafka_topic_prefix: str = Field(
-        default="firstmile",
-        pattern=r"^[a-zA-Z0-9._-]{1,100}$",
-        description="Topics are <prefix>.<region>.events and <prefix>.<region>.events.dlq.",
-    )
-    kafka_partitions: int = Field(default=12, ge=1, le=1000, description="Partitions of a new events topic.")
-    relay_database_url: SecretStr | None = Field(
-        default=None,
-        description=(
-            "URL of a login role granted firstmile_relay, for `firstmile relay` (reads and deletes "
-            "all tenants' outbox rows). Unset: FIRSTMILE_DATABASE_ADMIN_URL, or the embedded superuser."
-        ),
-    )
-    relay_batch_size: int = Field(default=2000, ge=1, le=50_000, description="Outbox rows published per batch.")
-    analytics_backend: Literal["chdb", "clickhouse"] = Field(
-        default="chdb", description="chdb (the ClickHouse engine in-process) or a ClickHouse server."
-    )
-    analytics_path: Path | None = Field(
-        default=None, description="chdb data folder (one process at a time). Unset: <data_dir>/analytics."
-    )
-    clickhouse_url: SecretStr | None = Field(
-        default=None,
-        description="ClickHouse DSN for clickhouse-connect, e.g. http://user:pass@clickhouse:8123/firstmile.",
-    )
-    clickhouse_policy_role: str = Field(
-        default="firstmile_analytics",
-        pattern=r"^([a-zA-Z_][a-zA-Z0-9_]{0,62})?$",
-        description="ClickHouse role the tenant row policy is bound to (the API's role); empty: no policy.",
-    )
-    analytics_query_timeout_seconds: float = Field(
-        default=5.0, gt=0, le=300, description="An analytics query slower than this answers with the cached result."
-    )
-    redis_url: SecretStr | None = Field(
-        default=None,
-        description="Redis URL (redis://host:6379/0) of the online feature store. Unset: an in-process store.",
-    )
-    feature_ttl_days: int = Field(
-        default=90, ge=1, le=3650, description="A user's online features expire this long after their last event."
-    )
-    feature_store_timeout_ms: float = Field(
-        default=50, gt=0, le=10_000, description="Timeout of one feature read for a decision."
-    )
-    feature_max_staleness_seconds: float = Field(
-        default=300,
-        ge=0,
-        le=86_400,
-        description="When the feature store fails, cached features younger than this are used (marked stale).",
-    )
-    key_provider: Literal["local", "vault"] = Field(
-        default="local", description="Key provider for tenants whose manifest has no keys section."
-    )
-    kek_file: Path | None = Field(
-        default=None,
-        description=(
-            "Local KEK keyring (hex, one version per line, 0600). Unset: <data_dir>/secrets/kek, "
-            "generated only in embedded mode."
-        ),
-    )
-    data_key_cache_ttl_seconds: float = Field(
-        default=300.0,
-        ge=0,
-        le=86_400,
-        description="How long an unwrapped tenant data key is cached per process; 0 disables the cache.",
-    )
-    data_key_cache_max_uses: int = Field(
-        default=100_000, ge=1, description="Operations with a cached tenant data key before it is unwrapped again."
-    )
-    vault_addr: str | None = Field(default=None, description="The platform Vault, for key_provider=vault.")
-    vault_namespace: str | None = Field(default=None, description="Vault Enterprise namespace of the platform Vault.")
-    vault_mount: str = Field(default="transit", pattern=r"^[A-Za-z0-9_-]{1,64}(/[A-Za-z0-9_-]{1,64}){0,7}$")
-    vault_role_id: str | None = Field(default=None, description="AppRole role_id of the platform Vault.")
-    vault_secret_id_file: Path | None = Field(
-        default=None, description="File holding the AppRole secret_id, read at each login."
-    )
-    vault_timeout_seconds: float = Field(
-        default=5.0, gt=0, le=60, description="Per-request timeout for every Vault call."
-    )
-    audit_signing_key_file: Path | None = Field(
-        default=None,
-        description=(
-            "Ed25519 key that signs audit checkpoints (32-byte seed, hex). Unset: "
-            "<data_dir>/secrets/audit_signing_key, generated only in embedded mode."
-        ),
-    )
-    audit_checkpoint_every_entries: int = Field(
-        default=1000, ge=1, le=1_000_000, description="Sign a checkpoint after this many unsigned entries."
-    )
-    audit_checkpoint_every_seconds: float = Field(
-        default=60.0, gt=0, le=86_400, description="…or when the oldest unsigned entry is this old."
-    )
-    model_registry_uri: str | None = Field(
-        default=None,
-        description=(
-            "Model registry (file:///dir or a path) holding the trained models and their stages. "
-            "Unset: <data_dir>/models."
-        ),
-    )
-    inference_url: str | None = Field(
-        default=None,
-        description=(
-            "Base URL of the Ray Serve application (http://ray-serve:8100). Unset: the models run "
-            "in-process from the registry (embedded mode)."
-        ),
-    )
-    inference_timeout_ms: float = Field(
-        default=100, gt=0, le=10_000, description="Hard timeout of one path-planner inference call."
-    )
-    inference_breaker_failures: int = Field(
-        default=5, ge=1, le=1000, description="Consecutive inference failures that open the circuit breaker."
-    )
-    inference_breaker_reset_seconds: float = Field(
-        default=30, gt=0, le=3600, description="How long an open breaker sends every call to the fallback."
-    )
-    stuck_scan_interval_seconds: float = Field(
-        default=300,
-        ge=0,
-        le=86_400,
-        description="How often the API process looks for stuck users (0: never; run `firstmile stuck scan`).",
-    )
-    stuck_after_hours: float = Field(
-        default=24,
-        gt=0,
-        le=24 * 90,
-        description="The time-based stuck rule: no activity for this long (used when the stuck detector fails).",
-    )
-    stuck_min_idle_hours: float = Field(
-        default=1,
-        ge=0,
-        le=24 * 30,
-        description="Users idle for less than this are never asked about (keeps the scan small).",
-    )
-    keycloak_url: str | None = Field(
-        default=None,
-        pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
-        description=(
-            "Public base URL of Keycloak, as it appears in the tokens' iss (http://127.0.0.1:8180). "
-            "Unset: no SSO, the embedded admin login."
-        ),
-    )
-    keycloak_admin_user: str | None = Field(
-        default=None,
-        min_length=1,
-        description="Keycloak admin user for `tenants plan|apply` (SSO provisioning). Unset: provisioning skipped.",
-    )
-    keycloak_admin_password_file: Path | None = Field(
-        default=None, description="File holding that admin user's password (e.g. a mounted secret)."
-    )
-    keycloak_admin_realm: str = Field(
-        default="master", min_length=1, description="Realm the provisioning admin user logs in to."
-    )
-    public_url: str = Field(
-        default="http://127.0.0.1:8000",
-        pattern=r"^https?://[^/?#]+(/[^?#]*)?$",
-        description=(
-            "Base URL at which browsers (and Keycloak's back-channel logout) reach this region's API: the admin "
-            "UI's OIDC redirect URI is <public_url>/admin/callback."
-        ),
-    )
-    admin_session_lifetime_seconds: float = Field(
-        default=8 * 3600, ge=60, le=7 * 86400, description="Absolute lifetime of an admin UI session."
-    )
-    admin_idle_timeout_seconds: float = Field(
-        default=1800, ge=60, le=86400, description="An admin UI session without a request for this long ends."
-    )
-    admin_cookie_secure: bool = Field(
-        default=True,
-        description=(
-            "Admin cookies are Secure and __Host- prefixed (browsers accept them on https and on http://localhost "
-            "or 127.0.0.1). Set false only behind a plain-http test setup on another host."
-        ),
-    )
-    sso_admin_client_id: str = Field(
-        default="firstmile-admin",
-        pattern=r"^[a-z][a-z0-9-]{0,62}$",
-        description="Client id of the admin UI's OIDC client in every tenant realm.",
-    )
-    sso_admin_redirect_uris: str = Field(
-        default="http://127.0.0.1:8000/admin/*",
-        min_length=1,
-        description="Comma-separated redirect URIs of the admin UI's OIDC client (also its web origins).",
-    )
-    sso_realm_prefix: str = Field(
-        default="firstmile-",
-        pattern=r"^[a-z][a-z0-9-]{0,30}$",
-        description="A tenant's realm is <prefix><slug>.",
-    )
-    sso_audience: str = Field(
-        default="firstmile-api", min_length=1, description="Audience every accepted access token must carry."
-    )
-    sso_tenant_claim: str = Field(
-        default="firstmile_tenant",
-        pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$",
-        description="Claim that names the tenant; must equal the slug of the realm that issued the token.",
-    )
-    sso_leeway_seconds: float = Field(default=10, ge=0, le=300, description="Clock skew allowed on exp, nbf and iat.")
-    sso_jwks_max_age_seconds: float = Field(
-        default=600, ge=1, le=86_400, description="How long a realm's JWKS is used before it is fetched again."
-    )
-    sso_jwks_min_refetch_seconds: float = Field(
-        default=30,
-        ge=0,
-        le=3600,
-        description="An unknown kid refetches the realm's JWKS at most once per this many seconds.",
-    )
-    sso_http_timeout_seconds: float = Field(
-        default=5, gt=0, le=60, description="Timeout of one JWKS fetch from Keycloak."
-    )
-    sso_event_sync_seconds: float = Field(
-        default=60,
-        ge=0,
-        le=86_400,
-        description=(
-            "How often the API process copies failed logins from the tenant realms' Keycloak events into the "
-            "audit log (0: never; run `firstmile sso sync-events`). Needs the Keycloak admin credentials."
-        ),
-    )
-    host: str = Field(default="127.0.0.1", description="Bind address of `firstmile serve`.")
-    port: int = Field(default=8000, ge=1, le=65535)
-    workers: int = Field(default=1, ge=1, le=64, description="Worker processes of `firstmile serve`.")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    log_format: Literal["json", "console"] = "json"
-    otel_exporter: Literal["none", "console", "otlp"] = Field(
-        default="none",
-        description="Where traces go: nowhere (spans still made), stdout, or OTLP/HTTP.",
-    )
-    otel_endpoint: str | None = Field(default=None, description="OTLP/HTTP endpoint, e.g. http://otel-collector:4318.")
-    service_name: str = "firstmile-api"
+
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    tenancy: TenancySettings = Field(default_factory=TenancySettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    events: EventsSettings = Field(default_factory=EventsSettings)
+    analytics: AnalyticsSettings = Field(default_factory=AnalyticsSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    features: FeatureSettings = Field(default_factory=FeatureSettings)
+    keys: KeySettings = Field(default_factory=KeySettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
+    models: ModelSettings = Field(default_factory=ModelSettings)
+    stuck: StuckSettings = Field(default_factory=StuckSettings)
+    sso: SsoSettings = Field(default_factory=SsoSettings)
+    admin: AdminSettings = Field(default_factory=AdminSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # keyword arguments win over the environment; flat names fill the sections
+        return init_settings, _FlatEnvironment(settings_cls), env_settings
+
+    @model_validator(mode="before")
+    @classmethod
+    def _into_sections(cls, data: Any) -> Any:
+        """Move flat names (``database_pool_size=5``, ``FIRSTMILE_DATABASE_POOL_SIZE``) into their section."""
+        if not isinstance(data, dict):
+            return data
+        result = dict(data)
+        for flat in [k for k in result if k in FLAT_NAMES]:
+            section, field = FLAT_NAMES[flat]
+            current = result.get(section)
+            values = dict(current) if isinstance(current, dict) else {}
+            if isinstance(current, BaseModel):
+                values = current.model_dump()
+            values.setdefault(field, result.pop(flat))
+            result[section] = values
+        return result
 
     @field_validator("data_dir")
     @classmethod
@@ -335,10 +655,23 @@ class Settings(BaseSettings):
     @property
     def embedded(self) -> bool:
         """True when no external database is configured."""
-        return self.database_url is None
+        return self.database.url is None
+
+    def explicitly_set(self, flat: str) -> bool:
+        """Whether the flat setting ``flat`` was given (environment or argument), not defaulted."""
+        section, field = FLAT_NAMES[flat]
+        return field in getattr(self, section).model_fields_set
+
+
+def environment_names() -> Iterator[str]:
+    """Every ``FIRSTMILE_*`` name the settings read."""
+    yield ENV_PREFIX + "REGION"
+    yield ENV_PREFIX + "DATA_DIR"
+    for flat in FLAT_NAMES:
+        yield ENV_PREFIX + flat.upper()
 
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process-wide settings, read from the environment on first use."""
+    """The process-wide settings, read from the environment on first use (by the wiring only)."""
     return Settings()

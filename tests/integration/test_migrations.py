@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic import command
 from sqlalchemy.engine import make_url
 
-from firstmile.kit.migrate import alembic_config, check, upgrade
+from firstmile.wiring.migrate import alembic_config, check, upgrade
 from tests.conftest import Database
 from tests.factories import recreate_database
 

@@ -5,12 +5,17 @@ Every ``/admin/api`` handler declares the permission it needs in ``opt["permissi
 none (fail closed), checks the role, and checks CSRF on every state-changing method:
 the ``X-CSRF-Token`` header must equal the session's token and a cross-site
 ``Origin``/``Sec-Fetch-Site`` is refused. Refusals are audited.
+
+Handlers get :class:`~firstmile.admin.service.AdminAuth` (``admin_auth``), the path editor,
+the privacy and audit services and the session's unit of work (``uow``) by dependency
+injection. The middleware and the guard run before injection, so :func:`admin_api_router`
+hands them the ``AdminAuth`` as a function of the wiring's.
 """
 
 from __future__ import annotations
 
 import hmac
-import uuid
+from collections.abc import Callable
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
@@ -22,28 +27,28 @@ from litestar.handlers.base import BaseRouteHandler
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult, DefineMiddleware
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter, URLEncodedBody
 from litestar.response import Redirect
-from sqlalchemy.ext.asyncio import AsyncConnection
+from litestar.types import ASGIApp, Guard
 
-from firstmile.admin import paths as path_editor
 from firstmile.admin.oidc import LoginError
+from firstmile.admin.paths import PathEditor
 from firstmile.admin.rbac import Permission, permissions
 from firstmile.admin.service import STATE_TTL, AdminAuth
 from firstmile.admin.sessions import AdminSession
-from firstmile.audit import repository as audit_repo
+from firstmile.audit.service import AuditService
 from firstmile.kit import telemetry
-from firstmile.kit.db import authorise_tenant, run_in_tenant_transaction
 from firstmile.kit.errors import ProblemError
-from firstmile.onboarding.api import USER_ID_RE, check_id
-from firstmile.privacy import service as privacy
+from firstmile.kit.ids import check_user_id
+from firstmile.kit.uow import UnitOfWork
+from firstmile.privacy.api import nothing_held
+from firstmile.privacy.service import PrivacyService
 from firstmile.sso.tokens import TokenError
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 CSRF_HEADER = "x-csrf-token"
 
 
-def _auth(connection: ASGIConnection[Any, Any, Any, Any]) -> AdminAuth:
-    auth: AdminAuth = connection.app.state.admin
-    return auth
+AuthSource = Callable[[], AdminAuth]
+"""The wiring's ``AdminAuth``, for the parts that run before dependency injection (middleware, guard)."""
 
 
 def session_cookie(auth: AdminAuth, session_id: str, max_age: int) -> Cookie:
@@ -68,8 +73,12 @@ def expired_cookie(key: str, secure: bool) -> Cookie:
 class AdminSessionMiddleware(AbstractAuthenticationMiddleware):
     """``request.user`` is the :class:`AdminSession` of the session cookie; no live session is a 401."""
 
+    def __init__(self, app: ASGIApp, auth: AuthSource) -> None:
+        super().__init__(app=app)
+        self.auth = auth
+
     async def authenticate_request(self, connection: ASGIConnection[Any, Any, Any, Any]) -> AuthenticationResult:
-        auth = _auth(connection)
+        auth = self.auth()
         session_id = connection.cookies.get(auth.policy.cookie)
         session = await auth.session(session_id)
         if session is None or session_id is None:
@@ -85,9 +94,10 @@ def _same_origin(value: str | None, public_url: str) -> bool:
     return (mine.scheme, mine.netloc) == (theirs.scheme, theirs.netloc)
 
 
-async def check_csrf(connection: ASGIConnection[Any, Any, Any, Any], session: AdminSession, token: str | None) -> None:
+async def check_csrf(
+    auth: AdminAuth, connection: ASGIConnection[Any, Any, Any, Any], session: AdminSession, token: str | None
+) -> None:
     """The synchroniser token of the session, and no cross-site origin; refusals are audited (403)."""
-    auth = _auth(connection)
     reason = None
     if connection.headers.get("sec-fetch-site") == "cross-site":
         reason = "cross_site_request"
@@ -97,8 +107,8 @@ async def check_csrf(connection: ASGIConnection[Any, Any, Any, Any], session: Ad
         reason = "missing_or_wrong_token"
     if reason is None:
         return
-    await auth.record(
-        session.tenant_id,
+    await auth.record_for(
+        session,
         "admin.csrf_refused",
         f"admin:{session.subject}",
         f"{connection.scope.get('method', '?')} {connection.url.path}"[:1024],
@@ -107,8 +117,18 @@ async def check_csrf(connection: ASGIConnection[Any, Any, Any, Any], session: Ad
     raise ProblemError(403, "csrf-failed", f"the request failed the CSRF check ({reason}); nothing was changed")
 
 
-async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
-    """Router guard of ``/admin/api``: the declared permission, then CSRF on state-changing methods."""
+def authorizer(auth: AuthSource) -> Guard:
+    """The router guard of ``/admin/api``: the declared permission, then CSRF on state-changing methods."""
+
+    async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+        await _authorize(auth(), connection, handler)
+
+    return authorize
+
+
+async def _authorize(
+    auth: AdminAuth, connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
+) -> None:
     session = connection.user
     if not isinstance(session, AdminSession):
         raise ProblemError(401, "unauthenticated", "sign in to the admin UI first: /admin/signin")
@@ -116,8 +136,8 @@ async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: Bas
     if needed is None:  # fail closed: an endpoint that declares nothing is nobody's
         raise ProblemError(403, "forbidden", "this endpoint declares no permission")
     if needed != "session" and Permission(needed) not in permissions(session.roles):
-        await _auth(connection).record(
-            session.tenant_id,
+        await auth.record_for(
+            session,
             "admin.forbidden",
             f"admin:{session.subject}",
             f"{connection.scope.get('method', '?')} {connection.url.path}"[:1024],
@@ -130,7 +150,7 @@ async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: Bas
             required_permission=str(needed),
         )
     if connection.scope.get("method") not in SAFE_METHODS:
-        await check_csrf(connection, session, connection.headers.get(CSRF_HEADER))
+        await check_csrf(auth, connection, session, connection.headers.get(CSRF_HEADER))
 
 
 # ---------------------------------------------------------------- the login flow (no session needed)
@@ -145,10 +165,11 @@ class LoginController(Controller):
     async def login(
         self,
         request: Request[Any, Any, Any],
+        admin_auth: AdminAuth,
         tenant: FromQuery[str],
         next_: Annotated[str | None, QueryParameter(name="next")] = None,
     ) -> Redirect:
-        auth = _auth(request)
+        auth = admin_auth
         started = await auth.start_login(tenant, next_)
         cookie = Cookie(
             key=auth.policy.login_cookie,
@@ -165,11 +186,12 @@ class LoginController(Controller):
     async def callback(
         self,
         request: Request[Any, Any, Any],
+        admin_auth: AdminAuth,
         state_: Annotated[str | None, QueryParameter(name="state")] = None,
         code: FromQuery[str | None] = None,
         error: FromQuery[str | None] = None,
     ) -> Response[Any]:
-        auth = _auth(request)
+        auth = admin_auth
         try:
             session_id, _, next_path = await auth.finish_login(
                 state=state_,
@@ -197,14 +219,15 @@ class LoginController(Controller):
     async def logout(
         self,
         request: Request[Any, Any, Any],
+        admin_auth: AdminAuth,
         data: URLEncodedBody[dict[str, str]],
     ) -> Redirect:
-        auth = _auth(request)
+        auth = admin_auth
         session_id = request.cookies.get(auth.policy.cookie)
         session = await auth.session(session_id)
         if session is None or session_id is None:
             return Redirect("/admin/signin", status_code=303)
-        await check_csrf(request, session, data.get("csrf_token") or request.headers.get(CSRF_HEADER))
+        await check_csrf(auth, request, session, data.get("csrf_token") or request.headers.get(CSRF_HEADER))
         target = await auth.logout(session_id, session)
         return Redirect(
             target, status_code=303, cookies=[expired_cookie(auth.policy.cookie, auth.policy.secure_cookies)]
@@ -218,9 +241,10 @@ class LoginController(Controller):
     async def backchannel_logout(
         self,
         request: Request[Any, Any, Any],
+        admin_auth: AdminAuth,
         data: URLEncodedBody[dict[str, str]],
     ) -> Response[dict[str, Any]]:
-        auth = _auth(request)
+        auth = admin_auth
         token = data.get("logout_token")
         if not token:
             raise ProblemError(400, "validation-error", "logout_token is required")
@@ -238,9 +262,10 @@ class LoginController(Controller):
     async def bootstrap(
         self,
         request: Request[Any, Any, Any],
+        admin_auth: AdminAuth,
         data: URLEncodedBody[dict[str, str]],
     ) -> Redirect:
-        auth = _auth(request)
+        auth = admin_auth
         try:
             session_id, _ = await auth.redeem_bootstrap(data.get("token", ""))
         except LoginError as exc:
@@ -278,13 +303,14 @@ def _session(request: Request[Any, Any, Any]) -> AdminSession:
 class AdminApiController(Controller):
     path = "/admin/api"
     tags = ["admin"]
-    guards = [authorize]
 
     @get("/me", summary="The signed-in admin, their tenant, roles and CSRF token", opt={"permission": "session"})
-    async def me(self, request: Request[Any, Any, Any]) -> MeOut:
+    async def me(
+        self, request: Request[Any, Any, Any], admin_auth: AdminAuth, uow: UnitOfWork, path_editor: PathEditor
+    ) -> MeOut:
         session = _session(request)
-        tenant = await _auth(request).tenant(session.tenant_slug)
-        name = await path_editor.tenant_name(request.app.state.engine, authorise_tenant(tenant.tenant_id))
+        tenant = await admin_auth.tenant(session.tenant_slug)
+        name = await uow.run(path_editor.tenant_name)
         return MeOut(
             tenant={"slug": session.tenant_slug, "name": name, "home_region": tenant.home_region},
             user={"subject": session.subject, "email": session.email, "name": session.name},
@@ -296,9 +322,8 @@ class AdminApiController(Controller):
         )
 
     @get("/paths", summary="The tenant's current onboarding paths", opt={"permission": Permission.PATHS_READ})
-    async def paths(self, request: Request[Any, Any, Any]) -> list[dict[str, Any]]:
-        session = _session(request)
-        return await path_editor.list_paths(request.app.state.engine, authorise_tenant(_tid(session)))
+    async def paths(self, uow: UnitOfWork, path_editor: PathEditor) -> list[dict[str, Any]]:
+        return await uow.run(path_editor.list_paths)
 
     @patch(
         "/paths/{key:str}",
@@ -306,34 +331,30 @@ class AdminApiController(Controller):
         opt={"permission": Permission.PATHS_WRITE},
     )
     async def edit_path(
-        self, request: Request[Any, Any, Any], key: FromPath[str], data: JSONBody[PathEdit]
+        self,
+        request: Request[Any, Any, Any],
+        key: FromPath[str],
+        data: JSONBody[PathEdit],
+        uow: UnitOfWork,
+        path_editor: PathEditor,
     ) -> dict[str, Any]:
         session = _session(request)
-        return await path_editor.edit_path(
-            request.app.state.engine,
-            authorise_tenant(_tid(session)),
-            key,
-            {k: v for k, v in msgspec.structs.asdict(data).items() if v is not None},
-            actor=f"admin:{session.subject}",
-        )
+        changes = {k: v for k, v in msgspec.structs.asdict(data).items() if v is not None}
+        return await uow.run(lambda tx: path_editor.edit(tx, key, changes, actor=f"admin:{session.subject}"))
 
     @get(
         "/users/{user_id:str}/export",
         summary="Export everything held about an end user",
         opt={"permission": Permission.USERS_EXPORT},
     )
-    async def export_user(self, request: Request[Any, Any, Any], user_id: FromPath[str]) -> dict[str, Any]:
-        check_id(user_id, USER_ID_RE, "user_id")
+    async def export_user(
+        self, request: Request[Any, Any, Any], user_id: FromPath[str], uow: UnitOfWork, privacy: PrivacyService
+    ) -> dict[str, Any]:
+        check_user_id(user_id)
         session = _session(request)
-        keyring = request.app.state.keyring
-        tenant_id = authorise_tenant(_tid(session))
-
-        async def work(conn: AsyncConnection) -> dict[str, Any] | None:
-            return await privacy.export(conn, keyring, tenant_id, user_id, f"admin:{session.subject}")
-
-        document = await run_in_tenant_transaction(request.app.state.engine, tenant_id, work)
+        document = await privacy.export(uow, user_id, f"admin:{session.subject}")
         if document is None:
-            raise ProblemError(404, "user-not-found", f"nothing is held about user {user_id!r}")
+            raise nothing_held(user_id)
         return document
 
     @delete(
@@ -342,51 +363,38 @@ class AdminApiController(Controller):
         status_code=202,
         opt={"permission": Permission.USERS_ERASE},
     )
-    async def erase_user(self, request: Request[Any, Any, Any], user_id: FromPath[str]) -> dict[str, Any]:
-        check_id(user_id, USER_ID_RE, "user_id")
+    async def erase_user(
+        self, request: Request[Any, Any, Any], user_id: FromPath[str], uow: UnitOfWork, privacy: PrivacyService
+    ) -> dict[str, Any]:
+        check_user_id(user_id)
         session = _session(request)
-        keyring = request.app.state.keyring
-        tenant_id = authorise_tenant(_tid(session))
-
-        async def work(conn: AsyncConnection) -> privacy.Erasure | None:
-            return await privacy.erase(conn, keyring, tenant_id, user_id, f"admin:{session.subject}")
-
-        done = await run_in_tenant_transaction(request.app.state.engine, tenant_id, work)
+        done = await privacy.erase(uow, user_id, f"admin:{session.subject}")
         if done is None:
-            raise ProblemError(404, "user-not-found", f"nothing is held about user {user_id!r}")
+            raise nothing_held(user_id)
         return {"user_id": done.user_id, "key_destroyed": done.key_destroyed, "audit_seq": done.audit_seq}
 
     @get("/audit", summary="The tenant's latest audit entries", opt={"permission": Permission.AUDIT_READ})
     async def audit(
         self,
-        request: Request[Any, Any, Any],
+        uow: UnitOfWork,
+        audit_log: AuditService,
         kind: FromQuery[str | None] = None,
         limit: FromQuery[int] = 50,
     ) -> list[dict[str, Any]]:
         if not 1 <= limit <= 500:
             raise ProblemError(400, "validation-error", "limit must be in 1..500")
-        session = _session(request)
-        tenant_id = authorise_tenant(_tid(session))
-
-        async def work(conn: AsyncConnection) -> list[dict[str, Any]]:
-            entries = await audit_repo.latest_entries(conn, tenant_id, kind, limit)
-            return [
-                {
-                    "seq": e.seq,
-                    "kind": e.kind,
-                    "actor": e.actor,
-                    "subject": e.subject,
-                    "created_at": e.created_at.isoformat(),
-                    "payload": e.payload,
-                }
-                for e in entries
-            ]
-
-        return await run_in_tenant_transaction(request.app.state.engine, tenant_id, work)
-
-
-def _tid(session: AdminSession) -> uuid.UUID:
-    return uuid.UUID(session.tenant_id)
+        entries = await uow.run(lambda tx: audit_log.latest(tx, kind, limit))
+        return [
+            {
+                "seq": e.seq,
+                "kind": e.kind,
+                "actor": e.actor,
+                "subject": e.subject,
+                "created_at": e.created_at.isoformat(),
+                "payload": e.payload,
+            }
+            for e in entries
+        ]
 
 
 async def _no_store(response: Response[Any]) -> Response[Any]:
@@ -395,12 +403,13 @@ async def _no_store(response: Response[Any]) -> Response[Any]:
     return response
 
 
-def admin_api_router() -> Router:
-    """``/admin/api`` behind the session middleware (the login routes are outside it)."""
+def admin_api_router(auth: AuthSource) -> Router:
+    """``/admin/api`` behind the session middleware and the permission guard (the login routes are outside it)."""
     return Router(
         path="/",
         route_handlers=[AdminApiController],
-        middleware=[DefineMiddleware(AdminSessionMiddleware)],
+        middleware=[DefineMiddleware(AdminSessionMiddleware, auth=auth)],
+        guards=[authorizer(auth)],
         after_request=_no_store,
         include_in_schema=False,
     )

@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import click
 
 from firstmile.admin.service import BOOTSTRAP_TTL, bootstrap_key, mint_bootstrap_token
-from firstmile.settings import get_settings
+from firstmile.kit.cli import services
 from firstmile.tenancy.manifest import ADMIN_ROLES
+
+
+class AdminCommandDeps(Protocol):
+    """What ``firstmile admin`` needs from the platform (the wiring provides it)."""
+
+    @property
+    def sso_configured(self) -> bool:
+        """Whether a Keycloak is configured (then admins sign in through SSO, never with links)."""
+        ...
+
+    def public_url(self) -> str:
+        """Where browsers reach this region: ``FIRSTMILE_PUBLIC_URL``, else the address and port it serves on."""
+        ...
+
+    def api_key_pepper(self) -> bytes:
+        """This installation's secret, from which the link signing key is derived."""
+        ...
 
 
 def login_link(public_url: str, pepper: bytes, slug: str, role: str = "owner", ttl: float = BOOTSTRAP_TTL) -> str:
@@ -25,10 +44,12 @@ def admin() -> None:
 @click.option("--role", type=click.Choice(ADMIN_ROLES), default="owner", show_default=True)
 @click.option("--minutes", type=click.IntRange(1, 60), default=15, show_default=True, help="Validity.")
 def login_link_command(slug: str, role: str, minutes: int) -> None:
-    """Print a one-time admin UI login link (only without Keycloak: with SSO, admins log in through it)."""
-    from firstmile.kit.embedded import resolve_pepper
+    """Print a one-time admin UI login link (only without Keycloak: with SSO, admins log in through it).
 
-    settings = get_settings()
-    if settings.keycloak_url is not None:
+    The link points at FIRSTMILE_PUBLIC_URL, else at FIRSTMILE_HOST and FIRSTMILE_PORT (what `firstmile serve`
+    listens on).
+    """
+    deps: AdminCommandDeps = services()
+    if deps.sso_configured:
         raise click.ClickException("FIRSTMILE_KEYCLOAK_URL is set: admins sign in through SSO at /admin/signin")
-    click.echo(login_link(settings.public_url, resolve_pepper(settings), slug, role, minutes * 60.0))
+    click.echo(login_link(deps.public_url(), deps.api_key_pepper(), slug, role, minutes * 60.0))

@@ -27,20 +27,28 @@ from typing import Any
 from urllib.parse import urlencode
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from firstmile.admin.oidc import IDP_HINT, LoginError, OidcClient, new_pkce
 from firstmile.admin.sessions import AdminSession, LoginState, SessionStore, digest
 from firstmile.audit import service as audit
-from firstmile.kit.auth import KeyResolver, ResolvedTenant, wrong_region
-from firstmile.kit.db import authorise_tenant, run_in_tenant_transaction
+from firstmile.auth.resolver import KeyResolver
+from firstmile.kit.auth import wrong_region
+from firstmile.kit.db import TenantTx
 from firstmile.kit.errors import ProblemError
+from firstmile.kit.ids import SLUG_PATTERN
+from firstmile.kit.scope import OperatorContext, TenantId, tenant_of
+from firstmile.kit.uow import UnitOfWork
 from firstmile.sso.tokens import TokenError
-from firstmile.tenancy.manifest import ADMIN_ROLES, SLUG_PATTERN
+from firstmile.tenancy import service as tenancy
+from firstmile.tenancy.manifest import ADMIN_ROLES
+from firstmile.tenancy.service import ResolvedTenant
 
 log = logging.getLogger("firstmile.admin")
 
 STATE_TTL = 600.0
+WORKER = OperatorContext("worker:admin-auth")
+"""Audits what happens before a session exists (refused logins) for the tenant the login named."""
 BOOTSTRAP_TTL = 900.0
 _BOOTSTRAP_CONTEXT = b"firstmile admin bootstrap link v1"
 
@@ -122,15 +130,24 @@ class AdminAuth:
             )
         return tenant
 
+    def unit_of_work(self, session: AdminSession) -> UnitOfWork:
+        """The unit of work of a signed-in admin: bound to the tenant of the session."""
+        return UnitOfWork(self.engine, tenant_of(session))
+
     async def record(self, tenant_id: str | uuid.UUID, kind: str, actor: str, subject: str, payload: Any) -> None:
         """One audit entry in its own transaction; a failure is logged, never hides the outcome it records."""
-        tid = authorise_tenant(uuid.UUID(str(tenant_id)))
+        await self._record(WORKER.tenant(uuid.UUID(str(tenant_id))), kind, actor, subject, payload)
 
-        async def work(conn: AsyncConnection) -> None:
-            await audit.append(conn, tid, kind, actor, subject, payload)
+    async def record_for(self, session: AdminSession, kind: str, actor: str, subject: str, payload: Any) -> None:
+        """:meth:`record` for a signed-in admin's own tenant (refusals of their requests)."""
+        await self._record(tenant_of(session), kind, actor, subject, payload)
+
+    async def _record(self, tenant: TenantId, kind: str, actor: str, subject: str, payload: Any) -> None:
+        async def work(tx: TenantTx) -> None:
+            await audit.append(tx, kind, actor, subject, payload)
 
         try:
-            await run_in_tenant_transaction(self.engine, tid, work)
+            await UnitOfWork(self.engine, tenant).run(work)
         except Exception:
             log.exception("could not audit %s", kind)
 
@@ -182,17 +199,7 @@ class AdminAuth:
         return StartedLogin(url, browser)
 
     async def _has_customer_idp(self, tenant: ResolvedTenant) -> bool:
-        async def work(conn: AsyncConnection) -> bool:
-            row = await conn.execute(
-                text(
-                    "SELECT manifest -> 'sso' -> 'saml' IS NOT NULL AND manifest -> 'sso' -> 'saml' <> 'null' "
-                    "FROM tenants WHERE id = :id"
-                ),
-                {"id": tenant.tenant_id},
-            )
-            return bool(row.scalar())
-
-        return await run_in_tenant_transaction(self.engine, authorise_tenant(tenant.tenant_id), work)
+        return await UnitOfWork(self.engine, WORKER.tenant(tenant.tenant_id)).run(tenancy.has_customer_idp)
 
     async def finish_login(
         self, *, state: str | None, code: str | None, error: str | None, browser_secret: str | None
@@ -250,17 +257,17 @@ class AdminAuth:
     async def _open(self, session: AdminSession) -> str:
         session_id = secrets.token_urlsafe(32)  # a new id at every login: no session fixation
         await self.store.save(session_id, session, self.policy.idle)
-        tid = authorise_tenant(uuid.UUID(session.tenant_id))
         actor = f"admin:{session.subject}"
 
-        async def work(conn: AsyncConnection) -> None:
+        async def work(tx: TenantTx) -> None:
+            tid = tx.tenant
             previous = (
-                await conn.execute(
+                await tx.execute(
                     text("SELECT roles FROM admin_identities WHERE tenant_id = :t AND subject = :s FOR UPDATE"),
                     {"t": tid, "s": session.subject},
                 )
             ).scalar()
-            await conn.execute(
+            await tx.execute(
                 text(
                     "INSERT INTO admin_identities (tenant_id, subject, origin, roles) VALUES (:t, :s, :o, :r) "
                     "ON CONFLICT (tenant_id, subject) DO UPDATE SET roles = EXCLUDED.roles, "
@@ -269,8 +276,7 @@ class AdminAuth:
                 {"t": tid, "s": session.subject, "o": session.origin, "r": list(session.roles)},
             )
             await audit.append(
-                conn,
-                tid,
+                tx,
                 "admin.login",
                 actor,
                 f"session:{digest(session_id)[:16]}",
@@ -278,8 +284,7 @@ class AdminAuth:
             )
             if previous is not None and sorted(previous) != sorted(session.roles):
                 await audit.append(
-                    conn,
-                    tid,
+                    tx,
                     "admin.role_change",
                     "identity-provider" if session.origin == "sso" else "operator:bootstrap",
                     f"admin:{session.subject}",
@@ -287,7 +292,7 @@ class AdminAuth:
                 )
 
         try:
-            await run_in_tenant_transaction(self.engine, tid, work)
+            await self.unit_of_work(session).run(work)
         except BaseException:
             await self.store.delete(session_id)  # no session without its audit entry
             raise

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -39,6 +40,11 @@ class AdminSession:
     expires_at: float
     realm_session: str | None = None  # Keycloak's sid, for back-channel logout
     id_token: str | None = None  # the id_token_hint of RP-initiated logout
+
+    @property
+    def authenticated_tenant(self) -> uuid.UUID:
+        """The tenant this session signed in to: an authenticated principal's tenant."""
+        return uuid.UUID(self.tenant_id)
 
     def dumps(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))

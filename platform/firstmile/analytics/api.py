@@ -16,18 +16,17 @@ from typing import Annotated, Any, TypeVar
 
 from litestar import Controller, Request, get
 from litestar.params import QueryParameter
-from sqlalchemy.exc import NoResultFound
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from firstmile.analytics import schemas
 from firstmile.analytics.queries import Filters
 from firstmile.analytics.service import AnalyticsService, Computed
 from firstmile.kit.auth import Principal, require_scope
-from firstmile.kit.db import TenantId, run_in_tenant_transaction
 from firstmile.kit.errors import ProblemError
-from firstmile.onboarding.catalog import CatalogCache
+from firstmile.kit.ids import SLUG_PATTERN
+from firstmile.kit.scope import TenantId
+from firstmile.kit.uow import UnitOfWork
 from firstmile.onboarding.domain import PathDef
-from firstmile.tenancy.manifest import SLUG_PATTERN
+from firstmile.onboarding.service import OnboardingService
 
 T = TypeVar("T")
 
@@ -192,21 +191,11 @@ def check_query(
     )
 
 
-async def resolve_path(request: Request[Principal, Any, Any], key: str, version: int | None) -> PathDef:
+async def resolve_path(
+    request: Request[Principal, Any, Any], uow: UnitOfWork, onboarding: OnboardingService, key: str, version: int | None
+) -> PathDef:
     """The path definition from PostgreSQL (through the onboarding catalog cache); 404 when unknown."""
-    catalogs: CatalogCache = request.app.state.onboarding.catalogs
-    principal = request.user
-
-    async def work(conn: AsyncConnection) -> PathDef | None:
-        if version is None:
-            catalog = await catalogs.catalog(conn, principal.tenant_id, principal.tenant_revision)
-            return next((p for p in catalog.current if p.key == key), None)
-        try:
-            return await catalogs.version(conn, principal.tenant_id, key, version)
-        except NoResultFound:
-            return None
-
-    path = await run_in_tenant_transaction(request.app.state.engine, principal.tenant_id, work)
+    path = await onboarding.find_path(uow, request.user.tenant_revision, key, version)
     if path is None:
         where = f" version {version}" if version is not None else ""
         raise ProblemError(404, "path-not-found", f"path {key!r}{where} does not exist", path=key)
@@ -219,16 +208,11 @@ def _applied(f: Filters) -> schemas.AppliedFilters:
     )
 
 
-def _service(request: Request[Principal, Any, Any]) -> AnalyticsService:
-    service: AnalyticsService = request.app.state.analytics
-    return service
-
-
 async def _run(
-    request: Request[Principal, Any, Any], name: str, key: Any, compute: Callable[[TenantId], T]
+    uow: UnitOfWork, analytics: AnalyticsService, name: str, key: Any, compute: Callable[[TenantId], T]
 ) -> Computed[T]:
-    tenant = request.user.tenant_id
-    return await _service(request).run(tenant, name, key, lambda: compute(tenant))
+    tenant = uow.tenant
+    return await analytics.run(tenant, name, key, lambda: compute(tenant))
 
 
 class AnalyticsController(Controller):
@@ -240,6 +224,9 @@ class AnalyticsController(Controller):
     async def funnel(
         self,
         request: Request[Principal, Any, Any],
+        uow: UnitOfWork,
+        analytics: AnalyticsService,
+        onboarding: OnboardingService,
         from_: FromQ = None,
         to: ToQ = None,
         path: PathQ = None,
@@ -262,15 +249,15 @@ class AnalyticsController(Controller):
             path_required=True,
         )
         assert q.filters.path_key is not None
-        path_def = await resolve_path(request, q.filters.path_key, q.filters.path_version)
+        path_def = await resolve_path(request, uow, onboarding, q.filters.path_key, q.filters.path_version)
         steps = tuple(s.id for s in path_def.required_steps)
         titles = {s.id: s.title for s in path_def.steps}
-        service = _service(request)
         result = await _run(
-            request,
+            uow,
+            analytics,
             "funnel",
             (q.filters, steps, q.window),
-            lambda tenant: service.queries.funnel(tenant, q.filters, steps, q.window),
+            lambda tenant: analytics.queries.funnel(tenant, q.filters, steps, q.window),
         )
         return schemas.FunnelResponse(
             filters=_applied(q.filters),
@@ -296,6 +283,9 @@ class AnalyticsController(Controller):
     async def dropoff(
         self,
         request: Request[Principal, Any, Any],
+        uow: UnitOfWork,
+        analytics: AnalyticsService,
+        onboarding: OnboardingService,
         from_: FromQ = None,
         to: ToQ = None,
         path: PathQ = None,
@@ -317,15 +307,15 @@ class AnalyticsController(Controller):
             path_required=True,
         )
         assert q.filters.path_key is not None
-        path_def = await resolve_path(request, q.filters.path_key, q.filters.path_version)
+        path_def = await resolve_path(request, uow, onboarding, q.filters.path_key, q.filters.path_version)
         steps = tuple(s.id for s in path_def.required_steps)
         titles = {s.id: s.title for s in path_def.steps}
-        service = _service(request)
         result = await _run(
-            request,
+            uow,
+            analytics,
             "dropoff",
             (q.filters, steps, q.window),
-            lambda tenant: service.queries.dropoff(tenant, q.filters, steps, q.window),
+            lambda tenant: analytics.queries.dropoff(tenant, q.filters, steps, q.window),
         )
         return schemas.DropoffResponse(
             filters=_applied(q.filters),
@@ -351,6 +341,9 @@ class AnalyticsController(Controller):
     async def cohorts(
         self,
         request: Request[Principal, Any, Any],
+        uow: UnitOfWork,
+        analytics: AnalyticsService,
+        onboarding: OnboardingService,
         from_: FromQ = None,
         to: ToQ = None,
         path: PathQ = None,
@@ -372,14 +365,14 @@ class AnalyticsController(Controller):
             path_required=False,
         )
         if q.filters.path_key is not None:
-            await resolve_path(request, q.filters.path_key, q.filters.path_version)
+            await resolve_path(request, uow, onboarding, q.filters.path_key, q.filters.path_version)
         as_of = datetime.combine(datetime.now(UTC).date(), time(), tzinfo=UTC)
-        service = _service(request)
         result = await _run(
-            request,
+            uow,
+            analytics,
             "cohorts",
             (q.filters, q.weeks, as_of),
-            lambda tenant: service.queries.cohorts(tenant, q.filters, q.weeks, as_of),
+            lambda tenant: analytics.queries.cohorts(tenant, q.filters, q.weeks, as_of),
         )
         return schemas.CohortsResponse(
             filters=_applied(q.filters),
@@ -400,6 +393,9 @@ class AnalyticsController(Controller):
     async def time_to_activation(
         self,
         request: Request[Principal, Any, Any],
+        uow: UnitOfWork,
+        analytics: AnalyticsService,
+        onboarding: OnboardingService,
         from_: FromQ = None,
         to: ToQ = None,
         path: PathQ = None,
@@ -419,13 +415,13 @@ class AnalyticsController(Controller):
             path_required=False,
         )
         if q.filters.path_key is not None:
-            await resolve_path(request, q.filters.path_key, q.filters.path_version)
-        service = _service(request)
+            await resolve_path(request, uow, onboarding, q.filters.path_key, q.filters.path_version)
         result = await _run(
-            request,
+            uow,
+            analytics,
             "time-to-activation",
             q.filters,
-            lambda tenant: service.queries.time_to_activation(tenant, q.filters),
+            lambda tenant: analytics.queries.time_to_activation(tenant, q.filters),
         )
         value = result.value
         return schemas.TimeToActivationResponse(
@@ -442,6 +438,9 @@ class AnalyticsController(Controller):
     async def step_completion(
         self,
         request: Request[Principal, Any, Any],
+        uow: UnitOfWork,
+        analytics: AnalyticsService,
+        onboarding: OnboardingService,
         from_: FromQ = None,
         to: ToQ = None,
         path: PathQ = None,
@@ -461,14 +460,14 @@ class AnalyticsController(Controller):
             path_required=True,
         )
         assert q.filters.path_key is not None
-        path_def = await resolve_path(request, q.filters.path_key, q.filters.path_version)
+        path_def = await resolve_path(request, uow, onboarding, q.filters.path_key, q.filters.path_version)
         steps = tuple(s.id for s in path_def.steps)
-        service = _service(request)
         result = await _run(
-            request,
+            uow,
+            analytics,
             "step-completion",
             (q.filters, steps),
-            lambda tenant: service.queries.step_completion(tenant, q.filters, steps),
+            lambda tenant: analytics.queries.step_completion(tenant, q.filters, steps),
         )
         defs = {s.id: s for s in path_def.steps}
         return schemas.StepCompletionResponse(
@@ -493,6 +492,9 @@ class AnalyticsController(Controller):
     async def activation_rate(
         self,
         request: Request[Principal, Any, Any],
+        uow: UnitOfWork,
+        analytics: AnalyticsService,
+        onboarding: OnboardingService,
         from_: FromQ = None,
         to: ToQ = None,
         path: PathQ = None,
@@ -512,13 +514,13 @@ class AnalyticsController(Controller):
             path_required=False,
         )
         if q.filters.path_key is not None:
-            await resolve_path(request, q.filters.path_key, q.filters.path_version)
-        service = _service(request)
+            await resolve_path(request, uow, onboarding, q.filters.path_key, q.filters.path_version)
         result = await _run(
-            request,
+            uow,
+            analytics,
             "activation-rate",
             q.filters,
-            lambda tenant: service.queries.activation_rate(tenant, q.filters),
+            lambda tenant: analytics.queries.activation_rate(tenant, q.filters),
         )
         value = result.value
         return schemas.ActivationRateResponse(

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from firstmile.analytics import sql
+from firstmile.analytics.queries import Query
 from firstmile.analytics.rows import AnalyticsEvent
-from firstmile.analytics.store import AnalyticsStoreError
+from firstmile.analytics.store import AnalyticsStoreError, check_scope
 
 _APPEND_BYTES = 8 * 1024 * 1024
 """Bulk loads stream the encoded rows to the engine in chunks of about this size."""
@@ -112,7 +113,11 @@ class ChdbStore:
             self._insert(rows)
         return len(rows)
 
-    def query(self, statement: str, params: sql.Params) -> list[dict[str, Any]]:
+    def run(self, tenant: uuid.UUID, query: Query) -> list[dict[str, Any]]:
+        check_scope(tenant, query)
+        return self.dangerous_raw_sql(query.sql, query.params)
+
+    def dangerous_raw_sql(self, statement: str, params: sql.Params) -> list[dict[str, Any]]:
         with self._engine.lock:
             return sql.decode_json_each_row(self._run(statement, params))
 

@@ -20,8 +20,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from firstmile.analytics import sql
+from firstmile.analytics.queries import Query
 from firstmile.analytics.rows import AnalyticsEvent
-from firstmile.analytics.store import AnalyticsStoreError
+from firstmile.analytics.store import AnalyticsStoreError, check_scope
 
 _ROLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
@@ -92,7 +93,11 @@ class ClickHouseStore:
             self._insert(rows)
         return len(rows)
 
-    def query(self, statement: str, params: sql.Params) -> list[dict[str, Any]]:
+    def run(self, tenant: uuid.UUID, query: Query) -> list[dict[str, Any]]:
+        check_scope(tenant, query)
+        return self.dangerous_raw_sql(query.sql, query.params)
+
+    def dangerous_raw_sql(self, statement: str, params: sql.Params) -> list[dict[str, Any]]:
         tenant = params.get("tenant")
         try:
             data = self._client.raw_query(
@@ -120,7 +125,7 @@ class ClickHouseStore:
     def _existing(self, tenant_id: uuid.UUID, ids: list[str]) -> set[str]:
         found: set[str] = set()
         for start in range(0, len(ids), sql.LOOKUP_CHUNK):
-            rows = self.query(
+            rows = self.dangerous_raw_sql(
                 sql.EXISTING_EVENT_IDS, {"tenant": str(tenant_id), "ids": ids[start : start + sql.LOOKUP_CHUNK]}
             )
             found.update(str(r["id"]) for r in rows)

@@ -26,7 +26,7 @@ from typing import Any
 from firstmile.analytics.rows import ACTIVATED, STARTED, STEP_COMPLETED
 from firstmile.analytics.sql import TABLE, ParamValue, timestamp
 from firstmile.analytics.store import AnalyticsStore
-from firstmile.kit.db import TenantId
+from firstmile.kit.scope import TenantId
 
 DT = "DateTime64(3, 'UTC')"
 TENANT_FILTER = "tenant_id = {tenant:UUID}"
@@ -59,8 +59,13 @@ class Filters:
 
 @dataclass(frozen=True, slots=True)
 class Query:
-    """One built statement: SQL with ``{name:Type}`` placeholders and its parameter values."""
+    """One built statement of one tenant: SQL with ``{name:Type}`` placeholders and its parameter values.
 
+    Made only by :meth:`_Builder.build`, which checks that every read of the events table
+    carries the tenant filter; the store runs it only for the tenant it was built for.
+    """
+
+    tenant: uuid.UUID
     sql: str
     params: dict[str, ParamValue]
 
@@ -75,6 +80,7 @@ class _Builder:
     def __init__(self, tenant: TenantId) -> None:
         if not isinstance(tenant, uuid.UUID):
             raise TypeError("queries need the tenant id as a UUID (a TenantId)")
+        self.tenant = tenant
         self.params: dict[str, ParamValue] = {"tenant": str(tenant)}
 
     def param(self, name: str, type_: str, value: ParamValue) -> str:
@@ -91,7 +97,7 @@ class _Builder:
         reads = len(_TABLE_WORD.findall(statement))
         if reads == 0 or reads != statement.count(SCOPED_FROM):
             raise UnscopedQueryError("every read of the events table must go through _Builder.events")
-        return Query(statement, dict(self.params))
+        return Query(self.tenant, statement, dict(self.params))
 
     def start_condition(self, f: Filters) -> str:
         """A row is a start of the cohort: an ``onboarding.started`` matching every filter."""
@@ -381,7 +387,7 @@ class AnalyticsQueries:
         self.store = store
 
     def _one(self, query: Query) -> dict[str, Any]:
-        rows = self.store.query(query.sql, query.params)
+        rows = self.store.run(query.tenant, query)
         if len(rows) != 1:
             raise RuntimeError(f"expected one row, got {len(rows)}")
         return rows[0]
@@ -411,7 +417,7 @@ class AnalyticsQueries:
     def cohorts(self, tenant: TenantId, f: Filters, weeks: int, as_of: datetime | None = None) -> Cohorts:
         """``as_of``: leave out the weeks that start after it (they have no data yet)."""
         counts: dict[str, dict[int, int]] = {}
-        for row in self.store.query(*_unpack(build_cohorts(tenant, f, weeks))):
+        for row in self.store.run(tenant, build_cohorts(tenant, f, weeks)):
             counts.setdefault(str(row["cohort_week"]), {})[_int(row["week"])] = _int(row["users"])
         return cohorts_from(counts, weeks, as_of)
 
@@ -439,14 +445,10 @@ class AnalyticsQueries:
                 _int(r["activated"]),
                 ratio(_int(r["activated"]), _int(r["users"])),
             )
-            for r in self.store.query(*_unpack(build_activation_rate(tenant, f, per_path=True)))
+            for r in self.store.run(tenant, build_activation_rate(tenant, f, per_path=True))
         )
         users, activated = _int(overall["users"]), _int(overall["activated"])
         return ActivationRate(users=users, activated=activated, rate=ratio(activated, users), paths=paths)
-
-
-def _unpack(query: Query) -> tuple[str, dict[str, ParamValue]]:
-    return query.sql, query.params
 
 
 def dropoff_from(funnel: Funnel) -> Dropoff:
@@ -489,3 +491,16 @@ def build_user_events(tenant: TenantId, user_id: str, limit: int = 10_000) -> Qu
         + b.events(f"user_id = {user}")
         + f" ORDER BY occurred_at, event_id LIMIT {cap}"
     )
+
+
+def build_event_count(tenant: TenantId) -> Query:
+    """How many rows the tenant has (``firstmile analytics seed`` seeds only an empty tenant)."""
+    b = _Builder(tenant)
+    return b.build("SELECT count() AS n " + b.events("1 = 1"))
+
+
+def build_user_event_count(tenant: TenantId, user_id: str) -> Query:
+    """How many rows one user has (whether analytics holds anything about them)."""
+    b = _Builder(tenant)
+    user = b.param("user", "String", user_id)
+    return b.build("SELECT count() AS n " + b.events(f"user_id = {user}"))

@@ -16,13 +16,13 @@ from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
-from firstmile.analytics.queries import AnalyticsQueries
+from firstmile.analytics.queries import AnalyticsQueries, build_user_event_count, build_user_events
 from firstmile.analytics.rows import AnalyticsEvent
 from firstmile.analytics.store import AnalyticsStore
-from firstmile.kit.db import TenantId
 from firstmile.kit.errors import ProblemError
+from firstmile.kit.scope import TenantId
 
 T = TypeVar("T")
 log = logging.getLogger("firstmile.analytics")
@@ -98,6 +98,41 @@ class AnalyticsService:
             while len(self._cache) > self._cache_entries:
                 self._cache.popitem(last=False)
         return fresh
+
+    async def user_events(self, tenant: TenantId, user_id: str) -> list[dict[str, Any]]:
+        """Every analytics row of one user (the data-subject export), under the same timeout as any query.
+
+        Never answered from the cache: an export must be complete and current, so a query that
+        fails or times out is a 503 ``analytics-unavailable`` and the caller writes nothing.
+        """
+        query = build_user_events(tenant, user_id)
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(
+                loop.run_in_executor(self._pool, self.store.run, tenant, query), self.timeout_seconds
+            )
+        except Exception as exc:  # TimeoutError included
+            reason = "timed out" if isinstance(exc, TimeoutError) else f"failed: {type(exc).__name__}"
+            log.warning("analytics export query %s", reason, extra={"fields": {"tenant": str(tenant)}}, exc_info=exc)
+            raise ProblemError(
+                503,
+                "analytics-unavailable",
+                f"the user's analytics events could not be read ({reason}); nothing was exported, retry later",
+                headers={"Retry-After": str(self.retry_after_seconds)},
+            ) from exc
+
+    async def holds_user(self, tenant: TenantId, user_id: str) -> bool:
+        """Whether the store has any row of the user; ``True`` when it cannot tell (fail safe for erasure)."""
+        query = build_user_event_count(tenant, user_id)
+        loop = asyncio.get_running_loop()
+        try:
+            rows = await asyncio.wait_for(
+                loop.run_in_executor(self._pool, self.store.run, tenant, query), self.timeout_seconds
+            )
+        except Exception as exc:
+            log.warning("analytics user count failed", extra={"fields": {"tenant": str(tenant)}}, exc_info=exc)
+            return True
+        return bool(rows) and int(rows[0]["n"]) > 0
 
     async def insert(self, rows: Sequence[AnalyticsEvent]) -> int:
         """Store rows (deduplicated by event id) on a worker thread: for async callers such as the sink."""

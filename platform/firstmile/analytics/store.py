@@ -9,20 +9,40 @@ server through ``clickhouse-connect``). Both run the statements of
 Every method is synchronous and safe to call from several threads; async callers
 use ``asyncio.to_thread`` (the :class:`~firstmile.analytics.service.AnalyticsService`
 runs queries on its own small thread pool).
+
+Reads fail closed: :meth:`AnalyticsStore.run` takes the tenant and a
+:class:`~firstmile.analytics.queries.Query` built for it (the builder puts the tenant
+filter on every read of the events table) and refuses one built for another tenant.
+The one way around that, :meth:`AnalyticsStore.dangerous_raw_sql`, is named so that a
+reviewer sees it; it is for operators' tools and benchmarks, and no request path calls it
+(``tests/unit/test_architecture.py`` checks).
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from firstmile.analytics.rows import AnalyticsEvent
 from firstmile.analytics.sql import Params
 
+if TYPE_CHECKING:
+    from firstmile.analytics.queries import Query
+
 
 class AnalyticsStoreError(RuntimeError):
     """The store failed to run a statement (engine error, connection lost, timeout)."""
+
+
+class WrongTenantQueryError(AssertionError):
+    """A query built for one tenant was run for another (a bug in the caller)."""
+
+
+def check_scope(tenant: uuid.UUID, query: Query) -> None:
+    """Refuse a query built for another tenant than the one it runs for."""
+    if query.tenant != tenant:
+        raise WrongTenantQueryError("the query was built for another tenant than the one it runs for")
 
 
 @runtime_checkable
@@ -40,8 +60,14 @@ class AnalyticsStore(Protocol):
     def bulk_load(self, rows: Sequence[AnalyticsEvent]) -> int:
         """Insert without the dedupe lookup (benchmarks and seeding a fresh store only)."""
 
-    def query(self, sql: str, params: Params) -> list[dict[str, Any]]:
-        """Run one SELECT with server-side ``{name:Type}`` parameters; rows as dicts of JSON values."""
+    def run(self, tenant: uuid.UUID, query: Query) -> list[dict[str, Any]]:
+        """Run a query built for ``tenant`` (server-side ``{name:Type}`` parameters); rows as dicts of JSON values.
+
+        Raises :class:`WrongTenantQueryError` when the query was built for another tenant.
+        """
+
+    def dangerous_raw_sql(self, sql: str, params: Params) -> list[dict[str, Any]]:
+        """Run any statement as written, with no tenant scoping: operator tools and benchmarks only."""
 
     def erase_user(self, tenant_id: uuid.UUID, user_id: str) -> None:
         """Delete every row of one user of one tenant (GDPR erasure)."""

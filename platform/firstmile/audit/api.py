@@ -1,7 +1,8 @@
 """The audit API (auditors and the admin UI, API key with ``audit:read``).
 
-Every endpoint answers for the caller's tenant only. Needs ``app.state.audit``
-(an :class:`~firstmile.audit.service.AuditService`) and ``app.state.engine``.
+Every endpoint answers for the caller's tenant only: the unit of work (``uow``) is bound
+to the authenticated principal's tenant, and the service (``audit_log``, an
+:class:`~firstmile.audit.service.AuditService`) is injected by the wiring.
 """
 
 from __future__ import annotations
@@ -9,13 +10,11 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, TypeVar
 
-from litestar import Controller, Request, get
+from litestar import Controller, get
 from litestar.params import FromPath, QueryParameter
-from sqlalchemy.ext.asyncio import AsyncConnection
 
-from firstmile.audit import repository as repo
 from firstmile.audit import schemas
 from firstmile.audit.service import (
     KIND_PATTERN,
@@ -23,13 +22,13 @@ from firstmile.audit.service import (
     AuditIntegrityError,
     AuditNotFoundError,
     AuditService,
+    EntryFilter,
     NotCheckpointedError,
-    consistency_proof,
-    inclusion_proof,
 )
-from firstmile.kit.auth import Principal, require_scope
-from firstmile.kit.db import run_in_tenant_transaction
+from firstmile.kit.auth import require_scope
+from firstmile.kit.db import TenantTx
 from firstmile.kit.errors import ProblemError
+from firstmile.kit.uow import UnitOfWork
 
 T = TypeVar("T")
 MAX_LIMIT = 1000
@@ -80,20 +79,15 @@ class _Errors:
         return value
 
 
-async def _read(request: Request[Principal, Any, Any], work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+async def _read(uow: UnitOfWork, work: Callable[[TenantTx], Awaitable[T]]) -> T:
     try:
-        return await run_in_tenant_transaction(request.app.state.engine, request.user.tenant_id, work)
+        return await uow.run(work)
     except AuditNotFoundError as exc:
         raise ProblemError(404, "not-found", str(exc), resource=exc.what) from exc
     except NotCheckpointedError as exc:
         raise ProblemError(409, "not-checkpointed", str(exc)) from exc
     except AuditIntegrityError as exc:
         raise ProblemError(500, "audit-integrity", f"the stored audit log failed a check: {exc}") from exc
-
-
-def _service(request: Request[Principal, Any, Any]) -> AuditService:
-    service: AuditService = request.app.state.audit
-    return service
 
 
 class AuditController(Controller):
@@ -108,7 +102,8 @@ class AuditController(Controller):
     )
     async def entries(
         self,
-        request: Request[Principal, Any, Any],
+        uow: UnitOfWork,
+        audit_log: AuditService,
         kind: Str = None,
         actor: Str = None,
         subject: Str = None,
@@ -120,7 +115,7 @@ class AuditController(Controller):
         errors = _Errors()
         if kind is not None and not KIND_PATTERN.match(kind):
             errors.add("kind", f"must match {KIND_PATTERN.pattern}")
-        where = repo.EntryFilter(
+        where = EntryFilter(
             kind=kind,
             actor=errors.text(actor, "actor"),
             subject=errors.text(subject, "subject"),
@@ -130,8 +125,7 @@ class AuditController(Controller):
         )
         size = errors.integer(limit, "limit", 1, MAX_LIMIT) or DEFAULT_LIMIT
         errors.raise_if_any()
-        tenant = request.user.tenant_id
-        rows = await _read(request, lambda conn: repo.list_entries(conn, tenant, where, size + 1))
+        rows = await _read(uow, lambda tx: audit_log.entries(tx, where, size + 1))
         more = len(rows) > size
         rows = rows[:size]
         return schemas.EntryPage(
@@ -146,7 +140,8 @@ class AuditController(Controller):
     )
     async def proof(
         self,
-        request: Request[Principal, Any, Any],
+        uow: UnitOfWork,
+        audit_log: AuditService,
         seq: FromPath[str],
         tree_size: Annotated[str | None, QueryParameter(description="A checkpoint's tree size")] = None,
     ) -> schemas.InclusionProof:
@@ -157,9 +152,7 @@ class AuditController(Controller):
         path_errors.items.extend(errors.items)
         path_errors.raise_if_any()
         assert index is not None
-        tenant = request.user.tenant_id
-        cache = _service(request).cache
-        found = await _read(request, lambda conn: inclusion_proof(conn, tenant, index, size, cache))
+        found = await _read(uow, lambda tx: audit_log.inclusion_proof(tx, index, size))
         return schemas.InclusionProof(
             leaf_index=index,
             tree_size=found.checkpoint.tree_size,
@@ -173,7 +166,8 @@ class AuditController(Controller):
     @get("/checkpoints", summary="Signed checkpoints", description="In tree-size order, with the region's public key.")
     async def checkpoints(
         self,
-        request: Request[Principal, Any, Any],
+        uow: UnitOfWork,
+        audit_log: AuditService,
         after_size: Annotated[str | None, QueryParameter(description="Only larger tree sizes")] = None,
         limit: Annotated[str | None, QueryParameter(description=f"1..{MAX_LIMIT}, default {DEFAULT_LIMIT}")] = None,
     ) -> schemas.CheckpointPage:
@@ -181,13 +175,10 @@ class AuditController(Controller):
         after = errors.integer(after_size, "after_size", 0)
         size = errors.integer(limit, "limit", 1, MAX_LIMIT) or DEFAULT_LIMIT
         errors.raise_if_any()
-        tenant = request.user.tenant_id
-        rows = await _read(
-            request, lambda conn: repo.list_checkpoints(conn, tenant, -1 if after is None else after, size + 1)
-        )
+        rows = await _read(uow, lambda tx: audit_log.checkpoints(tx, -1 if after is None else after, size + 1))
         more = len(rows) > size
         rows = rows[:size]
-        signer = _service(request).signer
+        signer = audit_log.signer
         return schemas.CheckpointPage(
             checkpoints=[schemas.checkpoint_out(r) for r in rows],
             next_after_size=rows[-1].tree_size if more else None,
@@ -203,7 +194,8 @@ class AuditController(Controller):
     )
     async def consistency(
         self,
-        request: Request[Principal, Any, Any],
+        uow: UnitOfWork,
+        audit_log: AuditService,
         first: Annotated[str | None, QueryParameter(description="The smaller checkpoint tree size")] = None,
         second: Annotated[str | None, QueryParameter(description="The larger checkpoint tree size")] = None,
     ) -> schemas.ConsistencyProof:
@@ -218,9 +210,7 @@ class AuditController(Controller):
             errors.add("first", "must not exceed second")
         errors.raise_if_any()
         assert low is not None and high is not None
-        tenant = request.user.tenant_id
-        cache = _service(request).cache
-        found = await _read(request, lambda conn: consistency_proof(conn, tenant, low, high, cache))
+        found = await _read(uow, lambda tx: audit_log.consistency_proof(tx, low, high))
         return schemas.ConsistencyProof(
             first=low,
             second=high,
@@ -232,5 +222,5 @@ class AuditController(Controller):
         )
 
     @get("/public-key", summary="The region's checkpoint signing public key")
-    async def public_key(self, request: Request[Principal, Any, Any]) -> schemas.PublicKey:
-        return schemas.public_key_out(_service(request).signer)
+    async def public_key(self, audit_log: AuditService) -> schemas.PublicKey:
+        return schemas.public_key_out(audit_log.signer)

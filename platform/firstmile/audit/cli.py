@@ -1,73 +1,52 @@
 """``firstmile audit``: verify a tenant's log, sign a checkpoint now, print the public key.
 
-Registered by :mod:`firstmile.cli` with ``main.add_command(audit)``. Runs as the
-operator (``FIRSTMILE_DATABASE_ADMIN_URL``), whose ``firstmile_admin`` policies
-see every tenant.
+Assembled into ``firstmile`` by :mod:`firstmile.cli`. Runs as the operator
+(``FIRSTMILE_DATABASE_ADMIN_URL``), whose ``firstmile_admin`` policies see every tenant.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
-import uuid
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import Protocol, TypeVar
 
 import click
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-if TYPE_CHECKING:
-    from firstmile.audit.signing import AuditSigner
+from firstmile.audit.signing import AuditSigner
+from firstmile.kit.cli import run, services
+from firstmile.kit.scope import TenantId
 
 T = TypeVar("T")
 
 
-def _admin(work: Callable[[AsyncEngine], Awaitable[T]]) -> T:
-    from firstmile.kit.db import create_engine
-    from firstmile.kit.embedded import resolve_database
-    from firstmile.settings import get_settings
+class AuditCommandDeps(Protocol):
+    """What ``firstmile audit`` needs from the platform (the wiring provides it)."""
 
-    try:
-        urls = resolve_database(get_settings())
-    except Exception as exc:
-        raise click.ClickException(f"database: {exc}") from exc
+    def operator_engine(self) -> AbstractAsyncContextManager[AsyncEngine]:
+        """An engine of the schema owner, whose ``firstmile_admin`` policies see every tenant."""
+        ...
 
-    async def run() -> T:
-        engine = create_engine(urls.admin, pool_size=1, max_overflow=0, application_name="firstmile-cli")
-        try:
-            return await work(engine)
-        finally:
-            await engine.dispose()
+    async def operator_tenant(self, engine: AsyncEngine, name: str) -> TenantId:
+        """The tenant named by slug or id, as an operator scope (a ClickException when there is none)."""
+        ...
 
-    return asyncio.run(run())
+    def audit_signer(self, key_file: Path | None) -> AuditSigner:
+        """``key_file``, else the region's configured signing key (a ClickException when there is none)."""
+        ...
 
 
-async def _tenant_id(engine: AsyncEngine, tenant: str) -> uuid.UUID:
-    """A tenant named by slug or id."""
-    async with engine.connect() as conn:
-        try:
-            by_id = uuid.UUID(tenant)
-        except ValueError:
-            by_id = None
-        row = (
-            await conn.execute(text("SELECT id FROM tenants WHERE slug = :s OR id = :i"), {"s": tenant, "i": by_id})
-        ).first()
-    if row is None:
-        raise click.ClickException(f"no tenant {tenant!r}")
-    return uuid.UUID(str(row[0]))
+def _deps() -> AuditCommandDeps:
+    found: AuditCommandDeps = services()
+    return found
 
 
-def _signer(key_file: Path | None) -> AuditSigner:
-    from firstmile.audit.signing import SigningKeyError, resolve_signer
-    from firstmile.settings import get_settings
-
-    try:
-        return resolve_signer(get_settings(), key_file)
-    except (SigningKeyError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
+async def _with_engine(work: Callable[[AsyncEngine], Awaitable[T]]) -> T:
+    async with _deps().operator_engine() as engine:
+        return await work(engine)
 
 
 _KEY_FILE = click.option(
@@ -126,13 +105,13 @@ def audit_verify(
     except ValueError as exc:
         raise click.ClickException(f"public key: {exc}") from exc
     if not keys:
-        keys.append(_signer(key_file).public_key)
+        keys.append(_deps().audit_signer(key_file).public_key)
 
     def progress(done: int, total: int) -> None:
         click.echo(f"verified {done}/{total} entries", err=True)
 
     async def work(engine: AsyncEngine) -> VerifyReport:
-        tenant_id = await _tenant_id(engine, tenant)
+        tenant_id = await _deps().operator_tenant(engine, tenant)
         known = []
         for path in checkpoint_files:
             try:
@@ -149,7 +128,7 @@ def audit_verify(
             known_checkpoints=known,
         )
 
-    report = _admin(work)
+    report = run(_with_engine(work))
     if as_json:
         first = report.first_bad
         doc = {
@@ -180,17 +159,17 @@ def audit_checkpoint(tenant: str, key_file: Path | None) -> None:
     """Sign a checkpoint over the tenant's whole log now (if it grew since the last one)."""
     from firstmile.audit.repository import CheckpointRow
     from firstmile.audit.service import AuditIntegrityError, create_checkpoint
-    from firstmile.kit.db import authorise_tenant, tenant_transaction
+    from firstmile.kit.db import tenant_transaction
 
-    signer = _signer(key_file)
+    signer = _deps().audit_signer(key_file)
 
     async def work(engine: AsyncEngine) -> CheckpointRow | None:
-        tenant_id = authorise_tenant(await _tenant_id(engine, tenant))
-        async with tenant_transaction(engine, tenant_id) as conn:
-            return await create_checkpoint(conn, tenant_id, signer)
+        tenant_id = await _deps().operator_tenant(engine, tenant)
+        async with tenant_transaction(engine, tenant_id) as tx:
+            return await create_checkpoint(tx, signer)
 
     try:
-        checkpoint = _admin(work)
+        checkpoint = run(_with_engine(work))
     except AuditIntegrityError as exc:
         raise click.ClickException(f"not signed: {exc}") from exc
     if checkpoint is None:
@@ -203,6 +182,6 @@ def audit_checkpoint(tenant: str, key_file: Path | None) -> None:
 @_KEY_FILE
 def audit_public_key(key_file: Path | None) -> None:
     """Print this region's checkpoint public key (PEM) and its key id."""
-    signer = _signer(key_file)
+    signer = _deps().audit_signer(key_file)
     click.echo(signer.public_key_pem, nl=False)
     click.echo(f"key id {signer.key_id}", err=True)

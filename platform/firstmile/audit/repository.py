@@ -1,8 +1,9 @@
 """All SQL of the audit slice.
 
-Every function takes a connection whose transaction is already bound to the
-tenant (``tenant_transaction``) or belongs to the operator (``firstmile_admin``
-policies); every query also filters on ``tenant_id``.
+Every tenant-scoped function takes a :class:`~firstmile.kit.db.TenantTx` (a transaction
+bound to the tenant, opened by a unit of work or by the operator's CLI, whose
+``firstmile_admin`` policies see every tenant); every query also filters on ``tenant_id``.
+Only :func:`pending_tenants` works across tenants, on a plain connection.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from firstmile.audit.canonical import GENESIS, TIMESTAMP_SQL_FORMAT, canonical_entry, loads
+from firstmile.kit.db import TenantTx
 
 _TS = f"to_char({{0}} AT TIME ZONE 'UTC', '{TIMESTAMP_SQL_FORMAT}')"
 
@@ -108,8 +110,7 @@ _APPEND = text(
 
 
 async def append_entry(
-    conn: AsyncConnection,
-    tenant_id: uuid.UUID,
+    tx: TenantTx,
     kind: str,
     actor: str,
     subject: str,
@@ -118,10 +119,10 @@ async def append_entry(
 ) -> tuple[int, datetime, bytes, bytes, bytes]:
     """Insert the next entry of the tenant's chain: (seq, created_at, prev_hash, entry_hash, leaf_hash)."""
     row = (
-        await conn.execute(
+        await tx.execute(
             _APPEND,
             {
-                "tenant": tenant_id,
+                "tenant": tx.tenant,
                 "genesis": GENESIS,
                 "p0": parts[0],
                 "p1": parts[1],
@@ -146,10 +147,10 @@ def _entry(row: Sequence[Any]) -> AuditEntry:
     )  # fmt: skip
 
 
-async def list_entries(conn: AsyncConnection, tenant_id: uuid.UUID, where: EntryFilter, limit: int) -> list[AuditEntry]:
+async def list_entries(tx: TenantTx, where: EntryFilter, limit: int) -> list[AuditEntry]:
     """Entries in seq order matching ``where``, at most ``limit``."""
     clauses = ["tenant_id = :tenant"]
-    params: dict[str, Any] = {"tenant": tenant_id, "limit": limit}
+    params: dict[str, Any] = {"tenant": tx.tenant, "limit": limit}
     for column, value in (("kind", where.kind), ("actor", where.actor), ("subject", where.subject)):
         if value is not None:
             clauses.append(f"{column} = :{column}")
@@ -164,22 +165,22 @@ async def list_entries(conn: AsyncConnection, tenant_id: uuid.UUID, where: Entry
         clauses.append("seq > :after_seq")
         params["after_seq"] = where.after_seq
     sql = f"SELECT {_COLUMNS} FROM audit_entries WHERE {' AND '.join(clauses)} ORDER BY seq LIMIT :limit"
-    return [_entry(r) for r in await conn.execute(text(sql), params)]
+    return [_entry(r) for r in await tx.execute(text(sql), params)]
 
 
-async def latest_entries(conn: AsyncConnection, tenant_id: uuid.UUID, kind: str | None, limit: int) -> list[AuditEntry]:
+async def latest_entries(tx: TenantTx, kind: str | None, limit: int) -> list[AuditEntry]:
     """The newest ``limit`` entries (of ``kind`` when given), newest first: the admin UI's audit viewer."""
     where = "tenant_id = :tenant" + (" AND kind = :kind" if kind is not None else "")
     sql = f"SELECT {_COLUMNS} FROM audit_entries WHERE {where} ORDER BY seq DESC LIMIT :limit"
-    rows = await conn.execute(text(sql), {"tenant": tenant_id, "kind": kind, "limit": limit})
+    rows = await tx.execute(text(sql), {"tenant": tx.tenant, "kind": kind, "limit": limit})
     return [_entry(r) for r in rows]
 
 
 _GET = text(f"SELECT {_COLUMNS} FROM audit_entries WHERE tenant_id = :tenant AND seq = :seq")
 
 
-async def get_entry(conn: AsyncConnection, tenant_id: uuid.UUID, seq: int) -> AuditEntry | None:
-    row = (await conn.execute(_GET, {"tenant": tenant_id, "seq": seq})).first()
+async def get_entry(tx: TenantTx, seq: int) -> AuditEntry | None:
+    row = (await tx.execute(_GET, {"tenant": tx.tenant, "seq": seq})).first()
     return None if row is None else _entry(row)
 
 
@@ -189,12 +190,12 @@ _SCAN_NEXT = text(
 )
 
 
-async def scan_entries(conn: AsyncConnection, tenant_id: uuid.UUID, after: int | None, limit: int) -> list[AuditEntry]:
+async def scan_entries(tx: TenantTx, after: int | None, limit: int) -> list[AuditEntry]:
     """The next ``limit`` stored rows in seq order after ``after`` (all rows, whatever their seq)."""
     if after is None:
-        rows = await conn.execute(_SCAN_FIRST, {"tenant": tenant_id, "limit": limit})
+        rows = await tx.execute(_SCAN_FIRST, {"tenant": tx.tenant, "limit": limit})
     else:
-        rows = await conn.execute(_SCAN_NEXT, {"tenant": tenant_id, "after": after, "limit": limit})
+        rows = await tx.execute(_SCAN_NEXT, {"tenant": tx.tenant, "after": after, "limit": limit})
     return [_entry(r) for r in rows]
 
 
@@ -208,11 +209,11 @@ class LeafGapError(RuntimeError):
     """Stored leaves are not contiguous (an entry is missing or has a malformed leaf hash)."""
 
 
-async def packed_leaves(conn: AsyncConnection, tenant_id: uuid.UUID, start: int, stop: int) -> bytes:
+async def packed_leaves(tx: TenantTx, start: int, stop: int) -> bytes:
     """The stored leaf hashes of entries ``start..stop-1``, back to back; all must exist."""
     if stop <= start:
         return b""
-    count, low, high, packed = (await conn.execute(_LEAVES, {"tenant": tenant_id, "start": start, "stop": stop})).one()
+    count, low, high, packed = (await tx.execute(_LEAVES, {"tenant": tx.tenant, "start": start, "stop": stop})).one()
     data = bytes(packed or b"")
     if count != stop - start or low != start or high != stop - 1 or len(data) != 32 * (stop - start):
         raise LeafGapError(f"entries {start}..{stop - 1} are not all present with 32-byte leaf hashes")
@@ -222,8 +223,8 @@ async def packed_leaves(conn: AsyncConnection, tenant_id: uuid.UUID, start: int,
 _HEAD = text("SELECT seq, entry_hash, prev_hash, updated_at FROM audit_heads WHERE tenant_id = :tenant")
 
 
-async def head(conn: AsyncConnection, tenant_id: uuid.UUID) -> HeadRow | None:
-    row = (await conn.execute(_HEAD, {"tenant": tenant_id})).first()
+async def head(tx: TenantTx) -> HeadRow | None:
+    row = (await tx.execute(_HEAD, {"tenant": tx.tenant})).first()
     return None if row is None else HeadRow(int(row[0]), bytes(row[1]), bytes(row[2]), row[3])
 
 
@@ -244,21 +245,19 @@ _CP_LIST = text(
 )
 
 
-async def latest_checkpoint(conn: AsyncConnection, tenant_id: uuid.UUID) -> CheckpointRow | None:
-    row = (await conn.execute(_LATEST_CP, {"tenant": tenant_id})).first()
+async def latest_checkpoint(tx: TenantTx) -> CheckpointRow | None:
+    row = (await tx.execute(_LATEST_CP, {"tenant": tx.tenant})).first()
     return None if row is None else _checkpoint(row)
 
 
-async def checkpoint_at(conn: AsyncConnection, tenant_id: uuid.UUID, tree_size: int) -> CheckpointRow | None:
-    row = (await conn.execute(_CP_AT, {"tenant": tenant_id, "size": tree_size})).first()
+async def checkpoint_at(tx: TenantTx, tree_size: int) -> CheckpointRow | None:
+    row = (await tx.execute(_CP_AT, {"tenant": tx.tenant, "size": tree_size})).first()
     return None if row is None else _checkpoint(row)
 
 
-async def list_checkpoints(
-    conn: AsyncConnection, tenant_id: uuid.UUID, after_size: int = -1, limit: int | None = None
-) -> list[CheckpointRow]:
-    params = {"tenant": tenant_id, "after": after_size, "limit": limit}
-    return [_checkpoint(r) for r in await conn.execute(_CP_LIST, params)]
+async def list_checkpoints(tx: TenantTx, after_size: int = -1, limit: int | None = None) -> list[CheckpointRow]:
+    params = {"tenant": tx.tenant, "after": after_size, "limit": limit}
+    return [_checkpoint(r) for r in await tx.execute(_CP_LIST, params)]
 
 
 _INSERT_CP = text(
@@ -267,9 +266,9 @@ _INSERT_CP = text(
 )
 
 
-async def insert_checkpoint(conn: AsyncConnection, checkpoint: CheckpointRow) -> bool:
+async def insert_checkpoint(tx: TenantTx, checkpoint: CheckpointRow) -> bool:
     """Store a checkpoint; False if one of that size exists already (another signer was first)."""
-    result = await conn.execute(
+    result = await tx.execute(
         _INSERT_CP,
         {
             "tenant": checkpoint.tenant_id,
@@ -286,9 +285,9 @@ async def insert_checkpoint(conn: AsyncConnection, checkpoint: CheckpointRow) ->
 _LOCK = text("SELECT pg_try_advisory_xact_lock(hashtextextended('firstmile.audit.checkpoint:' || :tenant, 0))")
 
 
-async def try_checkpoint_lock(conn: AsyncConnection, tenant_id: uuid.UUID) -> bool:
+async def try_checkpoint_lock(tx: TenantTx) -> bool:
     """A transaction-scoped lock that keeps two checkpointers off one tenant at a time."""
-    return bool((await conn.execute(_LOCK, {"tenant": str(tenant_id)})).scalar_one())
+    return bool((await tx.execute(_LOCK, {"tenant": str(tx.tenant)})).scalar_one())
 
 
 _PENDING = text("SELECT tenant_id, log_size, checkpoint_size FROM firstmile_audit_pending(:entries, :seconds)")

@@ -1,7 +1,9 @@
 """Appending to the audit log, signed checkpoints and proofs.
 
-:func:`append` runs inside the caller's tenant transaction, so an entry commits
-or rolls back with the change it describes. It never commits.
+:func:`append` runs inside the caller's tenant transaction (a
+:class:`~firstmile.kit.db.TenantTx`), so an entry commits or rolls back with the change it
+describes. It never commits. Other slices write entries only through :func:`append` and
+read them through :class:`AuditService`; the audit tables and repository are this slice's own.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from firstmile.audit import repository as repo
 from firstmile.audit.canonical import (
@@ -32,7 +34,9 @@ from firstmile.audit.canonical import (
 from firstmile.audit.merkle import MerkleTree
 from firstmile.audit.repository import AuditEntry, CheckpointRow
 from firstmile.audit.signing import AuditSigner, checkpoint_body
-from firstmile.kit.db import TenantId, authorise_tenant, run_in_tenant_transaction
+from firstmile.kit.db import TenantTx
+from firstmile.kit.scope import OperatorContext
+from firstmile.kit.uow import UnitOfWork
 
 log = logging.getLogger("firstmile.audit")
 
@@ -69,9 +73,7 @@ def _check_text(name: str, value: str) -> None:
         raise ValueError(f"audit {name} must be a string of at most {MAX_TEXT} characters without NUL")
 
 
-async def append(
-    conn: AsyncConnection, tenant_id: TenantId, kind: str, actor: str, subject: str, payload: Any
-) -> AuditEntry:
+async def append(tx: TenantTx, kind: str, actor: str, subject: str, payload: Any) -> AuditEntry:
     """Append one entry to the tenant's chain in the caller's transaction (one round trip).
 
     Appends of one tenant are serialised by the row lock on its ``audit_heads`` row,
@@ -85,10 +87,10 @@ async def append(
     payload_jcs = jcs(payload, strict=True)
     if len(payload_jcs.encode("utf-8")) > MAX_PAYLOAD_BYTES:
         raise ValueError(f"audit payload exceeds {MAX_PAYLOAD_BYTES} bytes in canonical form")
-    tenant = uuid.UUID(str(tenant_id))
+    tenant = tx.tenant
     parts = canonical_parts(tenant, kind, actor, subject, payload_jcs)
     seq, created_at, prev, stored_entry, stored_leaf = await repo.append_entry(
-        conn, tenant, kind, actor, subject, payload_jcs, parts
+        tx, kind, actor, subject, payload_jcs, parts
     )
     canonical = (parts[0] + format_timestamp(created_at) + parts[1] + str(seq) + parts[2]).encode("utf-8")
     if entry_hash(prev, canonical) != stored_entry or leaf_hash(canonical) != stored_leaf:
@@ -113,8 +115,9 @@ class TreeCache:
         self._trees: OrderedDict[uuid.UUID, MerkleTree] = OrderedDict()
         self._locks: dict[uuid.UUID, asyncio.Lock] = {}
 
-    async def tree(self, conn: AsyncConnection, tenant_id: uuid.UUID, size: int) -> MerkleTree:
+    async def tree(self, tx: TenantTx, size: int) -> MerkleTree:
         """The tenant's tree with at least ``size`` leaves (entries ``0..size-1`` must exist)."""
+        tenant_id: uuid.UUID = tx.tenant
         lock = self._locks.setdefault(tenant_id, asyncio.Lock())
         async with lock:
             tree = self._trees.get(tenant_id)
@@ -125,7 +128,7 @@ class TreeCache:
             while tree.size < size:
                 stop = min(size, tree.size + self.chunk)
                 try:
-                    packed = await repo.packed_leaves(conn, tenant_id, tree.size, stop)
+                    packed = await repo.packed_leaves(tx, tree.size, stop)
                 except repo.LeafGapError as exc:
                     raise AuditIntegrityError(str(exc)) from exc
                 tree.extend_packed(packed)
@@ -144,22 +147,22 @@ class TreeCache:
         self._trees.pop(tenant_id, None)
 
 
-async def _has_written(conn: AsyncConnection) -> bool:
-    return (await conn.execute(text("SELECT pg_current_xact_id_if_assigned() IS NOT NULL"))).scalar_one() is True
+async def _has_written(tx: TenantTx) -> bool:
+    return (await tx.execute(text("SELECT pg_current_xact_id_if_assigned() IS NOT NULL"))).scalar_one() is True
 
 
-async def _check_new_entries(conn: AsyncConnection, tenant_id: uuid.UUID, start: int, size: int) -> None:
+async def _check_new_entries(tx: TenantTx, start: int, size: int) -> None:
     """Recompute the chain of entries ``start..size-1`` before signing over them."""
     if start == 0:
         prev = GENESIS
     else:
-        before = await repo.get_entry(conn, tenant_id, start - 1)
+        before = await repo.get_entry(tx, start - 1)
         if before is None:
             raise AuditIntegrityError(f"entry {start - 1}, the last one checkpointed, is missing")
         prev = before.entry_hash
     expected, after = start, start - 1
     while expected < size:
-        batch = await repo.scan_entries(conn, tenant_id, after, min(SCAN_BATCH, size - expected))
+        batch = await repo.scan_entries(tx, after, min(SCAN_BATCH, size - expected))
         if not batch:
             raise AuditIntegrityError(f"entry {expected} is missing")
         for entry in batch:
@@ -174,8 +177,7 @@ async def _check_new_entries(conn: AsyncConnection, tenant_id: uuid.UUID, start:
 
 
 async def create_checkpoint(
-    conn: AsyncConnection,
-    tenant_id: TenantId,
+    tx: TenantTx,
     signer: AuditSigner,
     cache: TreeCache | None = None,
     *,
@@ -189,39 +191,38 @@ async def create_checkpoint(
     the new entries' chain is recomputed (``check_entries``) and the tree is checked
     against the last signed root; a mismatch raises :class:`AuditIntegrityError`.
     """
-    tenant = uuid.UUID(str(tenant_id))
-    if await _has_written(conn):
+    tenant = tx.tenant
+    if await _has_written(tx):
         raise AuditError("create_checkpoint needs a transaction that has not written")
-    if not await repo.try_checkpoint_lock(conn, tenant):
+    if not await repo.try_checkpoint_lock(tx):
         return None
-    current = await repo.head(conn, tenant)
+    current = await repo.head(tx)
     if current is None:
         return None
     size = current.seq + 1
-    latest = await repo.latest_checkpoint(conn, tenant)
+    latest = await repo.latest_checkpoint(tx)
     if latest is not None and latest.tree_size > size:
         raise AuditIntegrityError(f"the log has {size} entries but checkpoint {latest.tree_size} covers more")
     if latest is not None and latest.tree_size == size:
         return None
     start = 0 if latest is None else latest.tree_size
     if check_entries:
-        await _check_new_entries(conn, tenant, start, size)
-    tree = await (cache or TreeCache()).tree(conn, tenant, size)
+        await _check_new_entries(tx, start, size)
+    tree = await (cache or TreeCache()).tree(tx, size)
     if latest is not None and tree.root(latest.tree_size) != latest.root_hash:
         raise AuditIntegrityError(f"stored entries no longer hash to the root signed at size {latest.tree_size}")
     root = tree.root(size)
     signed_at = datetime.now(UTC)
     body = checkpoint_body(tenant, size, root, signed_at)
     checkpoint = CheckpointRow(tenant, size, root, signed_at, signer.sign(body), signer.key_id)
-    if not await repo.insert_checkpoint(conn, checkpoint):
+    if not await repo.insert_checkpoint(tx, checkpoint):
         return None
     log.info("audit checkpoint signed", extra={"fields": {"tenant": str(tenant), "tree_size": size}})
     return checkpoint
 
 
 async def maybe_checkpoint(
-    conn: AsyncConnection,
-    tenant_id: TenantId,
+    tx: TenantTx,
     signer: AuditSigner,
     cache: TreeCache | None = None,
     *,
@@ -230,29 +231,31 @@ async def maybe_checkpoint(
 ) -> CheckpointRow | None:
     """Checkpoint when ``every_entries`` entries are unsigned, or the oldest unsigned entry is
     ``every_seconds`` old: no entry waits longer than that (plus the polling interval)."""
-    tenant = uuid.UUID(str(tenant_id))
-    current = await repo.head(conn, tenant)
+    current = await repo.head(tx)
     if current is None:
         return None
-    latest = await repo.latest_checkpoint(conn, tenant)
+    latest = await repo.latest_checkpoint(tx)
     signed = latest.tree_size if latest else 0
     unsigned = current.seq + 1 - signed
     if unsigned <= 0:
         return None
     due = unsigned >= every_entries
     if not due:
-        oldest = await repo.get_entry(conn, tenant, signed)
+        oldest = await repo.get_entry(tx, signed)
         due = oldest is not None and datetime.now(UTC) - oldest.created_at >= timedelta(seconds=every_seconds)
-    return await create_checkpoint(conn, tenant_id, signer, cache) if due else None
+    return await create_checkpoint(tx, signer, cache) if due else None
 
 
 class Checkpointer:
     """The background loop that checkpoints every tenant due one (run it in the app's lifespan).
 
     It runs as the application role: ``firstmile_audit_pending`` names the tenants due a
-    checkpoint, and each is checkpointed in its own tenant transaction. Several processes
-    may run one; a per-tenant advisory lock keeps them from signing twice.
+    checkpoint, and each is checkpointed in its own tenant transaction, under the worker's
+    operator context. Several processes may run one; a per-tenant advisory lock keeps them
+    from signing twice.
     """
+
+    context = OperatorContext("worker:audit-checkpointer")
 
     def __init__(
         self,
@@ -277,13 +280,12 @@ class Checkpointer:
             due = await repo.pending_tenants(conn, self.every_entries, self.every_seconds)
         signed: list[CheckpointRow] = []
         for tenant, _, _ in due:
-            tenant_id = authorise_tenant(tenant)
 
-            async def work(conn: AsyncConnection, tenant_id: TenantId = tenant_id) -> CheckpointRow | None:
-                return await create_checkpoint(conn, tenant_id, self.signer, self.cache)
+            async def work(tx: TenantTx) -> CheckpointRow | None:
+                return await create_checkpoint(tx, self.signer, self.cache)
 
             try:
-                checkpoint = await run_in_tenant_transaction(self.engine, tenant_id, work)
+                checkpoint = await UnitOfWork(self.engine, self.context.tenant(tenant)).run(work)
             except AuditIntegrityError as exc:
                 log.error("audit log failed its check; not signing", extra={"fields": {"tenant": str(tenant)}})
                 log.debug("integrity failure", exc_info=exc)
@@ -318,51 +320,52 @@ class ConsistencyProof:
     path: list[bytes]
 
 
-async def inclusion_proof(
-    conn: AsyncConnection, tenant_id: TenantId, seq: int, tree_size: int | None, cache: TreeCache
-) -> InclusionProof:
+async def inclusion_proof(tx: TenantTx, seq: int, tree_size: int | None, cache: TreeCache) -> InclusionProof:
     """The audit path of entry ``seq`` in the checkpoint of ``tree_size`` (default: the latest)."""
-    tenant = uuid.UUID(str(tenant_id))
-    entry = await repo.get_entry(conn, tenant, seq)
+    entry = await repo.get_entry(tx, seq)
     if entry is None:
         raise AuditNotFoundError("entry", f"no audit entry {seq}")
     if tree_size is None:
-        checkpoint = await repo.latest_checkpoint(conn, tenant)
+        checkpoint = await repo.latest_checkpoint(tx)
         if checkpoint is None:
             raise NotCheckpointedError(f"entry {seq} is not in a checkpoint yet")
     else:
-        checkpoint = await repo.checkpoint_at(conn, tenant, tree_size)
+        checkpoint = await repo.checkpoint_at(tx, tree_size)
         if checkpoint is None:
             raise AuditNotFoundError("checkpoint", f"no checkpoint of tree size {tree_size}")
     if seq >= checkpoint.tree_size:
         raise NotCheckpointedError(f"entry {seq} is not in the checkpoint of tree size {checkpoint.tree_size}")
-    tree = await cache.tree(conn, tenant, checkpoint.tree_size)
+    tree = await cache.tree(tx, checkpoint.tree_size)
     if tree.root(checkpoint.tree_size) != checkpoint.root_hash:
         raise AuditIntegrityError(f"stored entries do not hash to the root signed at size {checkpoint.tree_size}")
     return InclusionProof(entry, checkpoint, tree.inclusion_proof(seq, checkpoint.tree_size))
 
 
-async def consistency_proof(
-    conn: AsyncConnection, tenant_id: TenantId, first: int, second: int, cache: TreeCache
-) -> ConsistencyProof:
+async def consistency_proof(tx: TenantTx, first: int, second: int, cache: TreeCache) -> ConsistencyProof:
     """The consistency proof between the checkpoints of sizes ``first`` and ``second``."""
-    tenant = uuid.UUID(str(tenant_id))
     checkpoints = []
     for size in (first, second):
-        checkpoint = await repo.checkpoint_at(conn, tenant, size)
+        checkpoint = await repo.checkpoint_at(tx, size)
         if checkpoint is None:
             raise AuditNotFoundError("checkpoint", f"no checkpoint of tree size {size}")
         checkpoints.append(checkpoint)
-    tree = await cache.tree(conn, tenant, second)
+    tree = await cache.tree(tx, second)
     for checkpoint in checkpoints:
         if tree.root(checkpoint.tree_size) != checkpoint.root_hash:
             raise AuditIntegrityError(f"stored entries do not hash to the root signed at size {checkpoint.tree_size}")
     return ConsistencyProof(checkpoints[0], checkpoints[1], tree.consistency_proof(first, second))
 
 
+EntryFilter = repo.EntryFilter
+
+
 @dataclass
 class AuditService:
-    """What the API needs: the region's signer (for its public key) and the tree cache."""
+    """The audit log as the rest of the platform reads it: entries, proofs, checkpoints and the
+    region's signer (for its public key), with the process's Merkle tree cache.
+
+    Writing is :func:`append`, in the writer's own transaction.
+    """
 
     signer: AuditSigner
     cache: TreeCache
@@ -370,3 +373,30 @@ class AuditService:
     @classmethod
     def create(cls, signer: AuditSigner, max_cached_leaves: int = 4_000_000) -> AuditService:
         return cls(signer, TreeCache(max_cached_leaves))
+
+    async def entries(self, tx: TenantTx, where: EntryFilter, limit: int) -> list[AuditEntry]:
+        """Entries in seq order matching ``where``, at most ``limit``."""
+        return await repo.list_entries(tx, where, limit)
+
+    async def latest(self, tx: TenantTx, kind: str | None, limit: int) -> list[AuditEntry]:
+        """The newest ``limit`` entries (of ``kind`` when given), newest first."""
+        return await latest_entries(tx, kind, limit)
+
+    async def checkpoints(self, tx: TenantTx, after_size: int, limit: int) -> list[CheckpointRow]:
+        return await repo.list_checkpoints(tx, after_size, limit)
+
+    async def inclusion_proof(self, tx: TenantTx, seq: int, tree_size: int | None) -> InclusionProof:
+        return await inclusion_proof(tx, seq, tree_size, self.cache)
+
+    async def consistency_proof(self, tx: TenantTx, first: int, second: int) -> ConsistencyProof:
+        return await consistency_proof(tx, first, second, self.cache)
+
+
+async def latest_entries(tx: TenantTx, kind: str | None, limit: int) -> list[AuditEntry]:
+    """The newest ``limit`` entries (of ``kind`` when given), newest first: the admin UI's viewer."""
+    return await repo.latest_entries(tx, kind, limit)
+
+
+async def entries_about(tx: TenantTx, subject: str, limit: int) -> list[AuditEntry]:
+    """Entries whose subject is ``subject`` (an end user's id, say), in seq order: for exports."""
+    return await repo.list_entries(tx, EntryFilter(subject=subject), limit)

@@ -1,7 +1,7 @@
 """Checkpoint signing: the region's Ed25519 key and the signed checkpoint body.
 
 The key file holds the 32-byte Ed25519 private seed as 64 hex characters (what
-:func:`firstmile.kit.embedded.secret_file` generates for the embedded default,
+:func:`firstmile.kit.secrets.secret_file` generates for the embedded default,
 ``<data_dir>/secrets/audit_signing_key``, mode 0600), or a PKCS#8 PEM private
 key. The key id is the hex SHA-256 of the raw 32-byte public key.
 
@@ -22,16 +22,12 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from firstmile.audit.canonical import format_timestamp
-
-if TYPE_CHECKING:
-    from firstmile.settings import Settings
 
 ORIGIN_PREFIX = "firstmile.dev/audit/"
 ALGORITHM = "Ed25519"
@@ -117,7 +113,7 @@ class AuditSigner:
     @classmethod
     def embedded(cls, data_dir: Path) -> AuditSigner:
         """The embedded default: ``<data_dir>/secrets/audit_signing_key``, generated once (0600)."""
-        from firstmile.kit.embedded import secret_file
+        from firstmile.kit.secrets import secret_file
 
         return cls.from_file(secret_file(data_dir, "audit_signing_key"))
 
@@ -143,12 +139,11 @@ class AuditSigner:
         return self.private_key.sign(body)
 
 
-def resolve_signer(settings: Settings, key_file: Path | None = None) -> AuditSigner:
-    """The region's signer: ``key_file``, else ``FIRSTMILE_AUDIT_SIGNING_KEY_FILE``, else (embedded
-    only) ``<data_dir>/secrets/audit_signing_key``, generated once."""
-    configured = key_file or getattr(settings, "audit_signing_key_file", None)
-    if configured is not None:
-        return AuditSigner.from_file(Path(configured))
-    if settings.database_url is not None:
+def resolve_signer(key_file: Path | None, *, embedded_data_dir: Path | None) -> AuditSigner:
+    """The region's signer: ``key_file`` when one is configured, else (embedded mode only, when
+    ``embedded_data_dir`` is given) ``<data_dir>/secrets/audit_signing_key``, generated once."""
+    if key_file is not None:
+        return AuditSigner.from_file(Path(key_file))
+    if embedded_data_dir is None:
         raise SigningKeyError("FIRSTMILE_AUDIT_SIGNING_KEY_FILE must be set when FIRSTMILE_DATABASE_URL is")
-    return AuditSigner.embedded(settings.data_dir)
+    return AuditSigner.embedded(embedded_data_dir)

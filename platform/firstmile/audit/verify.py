@@ -31,7 +31,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from firstmile.audit import repository as repo
 from firstmile.audit.canonical import (
@@ -44,6 +44,8 @@ from firstmile.audit.canonical import (
 )
 from firstmile.audit.merkle import MerkleTree, verify_consistency, verify_inclusion
 from firstmile.audit.signing import checkpoint_body, key_id, verify_signature
+from firstmile.kit.db import TenantTx, bind_tenant
+from firstmile.kit.scope import TenantId
 
 BATCH = 10_000
 RECENT = 4096
@@ -137,8 +139,7 @@ PLACEHOLDER = bytes(32)
 
 
 async def _scan_chain(
-    conn: AsyncConnection,
-    tenant: uuid.UUID,
+    tx: TenantTx,
     report: VerifyReport,
     total: int,
     fill_up_to: int,
@@ -152,7 +153,7 @@ async def _scan_chain(
     recent: OrderedDict[bytes, int] = OrderedDict()
     rows, next_progress = 0, 0
     while True:
-        batch = await repo.scan_entries(conn, tenant, after, BATCH)
+        batch = await repo.scan_entries(tx, after, BATCH)
         if not batch:
             break
         for entry in batch:
@@ -224,8 +225,7 @@ def _explain_link(entry: repo.AuditEntry, recent: Mapping[bytes, int], report: V
 
 
 async def verify_tenant_in(
-    conn: AsyncConnection,
-    tenant_id: uuid.UUID,
+    tx: TenantTx,
     public_keys: Mapping[str, Ed25519PublicKey],
     *,
     progress: Progress | None = None,
@@ -234,21 +234,19 @@ async def verify_tenant_in(
     seed: int | None = None,
     known_checkpoints: Sequence[repo.CheckpointRow] = (),
 ) -> VerifyReport:
-    """Verify on ``conn`` (which must see the tenant's rows: its tenant transaction or the operator's).
+    """Verify in ``tx`` (the tenant's transaction, as the application role or the operator).
 
     ``known_checkpoints`` are checkpoints kept outside the database (by an auditor, a witness or an
     export): each is verified like a stored one, and one that the database lacks or holds
     differently is a problem in itself.
     """
     began = time.perf_counter()
-    tenant = uuid.UUID(str(tenant_id))
+    tenant = tx.tenant
     report = VerifyReport(tenant)
     total = int(
-        (
-            await conn.execute(text("SELECT count(*) FROM audit_entries WHERE tenant_id = :t"), {"t": tenant})
-        ).scalar_one()
+        (await tx.execute(text("SELECT count(*) FROM audit_entries WHERE tenant_id = :t"), {"t": tenant})).scalar_one()
     )
-    checkpoints = await repo.list_checkpoints(conn, tenant)
+    checkpoints = await repo.list_checkpoints(tx)
     report.checkpoints = len(checkpoints)
     stored = {cp.tree_size: cp for cp in checkpoints}
     for known in known_checkpoints:
@@ -264,10 +262,10 @@ async def verify_tenant_in(
         checkpoints.append(known)
     checkpoints.sort(key=lambda cp: cp.tree_size)
     largest = max((cp.tree_size for cp in checkpoints), default=0)
-    tree, last = await _scan_chain(conn, tenant, report, total, largest, progress)
+    tree, last = await _scan_chain(tx, report, total, largest, progress)
     size = tree.size
 
-    head = await repo.head(conn, tenant)
+    head = await repo.head(tx)
     if head is None and last is not None:
         report.add(Problem(0, "head-missing", "entries exist but the tenant has no head row"))
     elif head is not None and (last is None or head.seq != last.seq or head.entry_hash != last.entry_hash):
@@ -346,7 +344,7 @@ async def verify_tenant_in(
 
 async def verify_tenant(
     engine: AsyncEngine,
-    tenant_id: uuid.UUID,
+    tenant_id: TenantId,
     public_keys: Mapping[str, Ed25519PublicKey] | Iterable[Ed25519PublicKey],
     *,
     progress: Progress | None = None,
@@ -360,12 +358,9 @@ async def verify_tenant(
         conn = await conn.execution_options(isolation_level="REPEATABLE READ")
         async with conn.begin():
             await conn.execute(text("SET TRANSACTION READ ONLY"))
-            await conn.execute(
-                text("SELECT set_config('firstmile.tenant_id', :t, true)"), {"t": str(uuid.UUID(str(tenant_id)))}
-            )
+            tx = await bind_tenant(conn, tenant_id)
             return await verify_tenant_in(
-                conn,
-                tenant_id,
+                tx,
                 keys,
                 progress=progress,
                 proof_samples=proof_samples,

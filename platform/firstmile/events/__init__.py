@@ -1,1 +1,6 @@
-"""Domain events: the transactional outbox (relay and consumers come later)."""
+"""Events: Segment-compatible ingestion, the outbox relay to Kafka (or in-process), topics and dead letters.
+
+Consumers live with the slice whose state they change (``analytics.sink``,
+``onboarding.consumer``, ``ml.consumer``); the outbox table is platform infrastructure
+(:mod:`firstmile.kit.outbox`).
+"""

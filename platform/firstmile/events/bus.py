@@ -13,7 +13,8 @@ import contextlib
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from datetime import UTC, datetime
+from typing import Any, Protocol
 
 from firstmile.events.envelope import Envelope
 
@@ -54,6 +55,23 @@ class DeadLetter:
     envelope: Envelope | None
     raw: bytes
     reason: str
+
+
+class UnprocessableEventError(ValueError):
+    """The event can never be processed (it goes to the dead-letter topic with this reason)."""
+
+
+def parse_timestamp(value: Any, field: str) -> datetime:
+    """An ISO-8601 time with a zone from an event payload, in UTC; :class:`UnprocessableEventError` otherwise."""
+    if not isinstance(value, str):
+        raise UnprocessableEventError(f"{field} is missing or not a string")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise UnprocessableEventError(f"{field} {value[:40]!r} is not ISO-8601") from None
+    if parsed.tzinfo is None:
+        raise UnprocessableEventError(f"{field} has no time zone")
+    return parsed.astimezone(UTC)
 
 
 class Consumer(Protocol):

@@ -21,7 +21,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from firstmile.events.segment import Message
 from firstmile.kit import telemetry
-from firstmile.kit.db import TenantId
+from firstmile.kit.db import TenantTx
+from firstmile.kit.outbox import partition_key
 
 _INGEST = text(
     "WITH e AS ("
@@ -45,9 +46,7 @@ class IngestResult:
     duplicates: int
 
 
-async def ingest(
-    conn: AsyncConnection, tenant_id: TenantId, messages: Sequence[Message], now: datetime
-) -> IngestResult:
+async def ingest(tx: TenantTx, messages: Sequence[Message], now: datetime) -> IngestResult:
     """Write new messages to the outbox; the caller owns the (tenant-bound) transaction."""
     if not messages:
         return IngestResult(0, 0)
@@ -56,14 +55,14 @@ async def ingest(
             "message_id": m.message_id,
             "event_id": str(m.event_id),
             "event_type": m.type,
-            "partition_key": f"{tenant_id}:{m.subject}",
+            "partition_key": partition_key(tx.tenant, m.subject),
             "payload": m.payload,
             "occurred_at": m.timestamp.isoformat(),
             "ord": m.index,
         }
         for m in messages
     ]
-    inserted = (await conn.execute(_INGEST, {"tid": tenant_id, "now": now, "events": rows})).scalar_one()
+    inserted = (await tx.execute(_INGEST, {"tid": tx.tenant, "now": now, "events": rows})).scalar_one()
     telemetry.EVENTS_INGESTED.labels("accepted").inc(inserted)
     telemetry.EVENTS_INGESTED.labels("duplicate").inc(len(messages) - inserted)
     return IngestResult(accepted=int(inserted), duplicates=len(messages) - int(inserted))
@@ -81,5 +80,6 @@ class WebhookTenant:
 
 
 async def resolve_webhook(conn: AsyncConnection, slug: str, source: str) -> WebhookTenant | None:
+    """The tenant and shared secret of an inbound webhook (SECURITY DEFINER resolver; no tenant context)."""
     row = (await conn.execute(_RESOLVE_WEBHOOK, {"s": slug, "k": source})).first()
     return None if row is None else WebhookTenant(row[0], row[1], int(row[2]), row[3])

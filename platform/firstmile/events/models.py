@@ -1,39 +1,22 @@
-"""The transactional outbox: domain events written in the state change's transaction."""
+"""Tables of event ingestion: Segment messageId receipts and inbound webhook secrets.
+
+The outbox itself is platform infrastructure: :mod:`firstmile.kit.outbox`.
+"""
 
 from __future__ import annotations
 
 from sqlalchemy import (
-    BigInteger,
     Column,
     DateTime,
     ForeignKey,
-    Identity,
     Index,
     Table,
     Text,
-    UniqueConstraint,
     func,
-    text,
 )
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import UUID
 
 from firstmile.kit.db import metadata
-
-outbox = Table(
-    "outbox",
-    metadata,
-    Column("id", BigInteger, Identity(always=True), primary_key=True),
-    Column("event_id", UUID(as_uuid=True), nullable=False),
-    Column("tenant_id", UUID(as_uuid=True), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
-    Column("event_type", Text, nullable=False),
-    Column("partition_key", Text, nullable=False),
-    Column("payload", JSONB, nullable=False),
-    Column("occurred_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
-    Column("published_at", DateTime(timezone=True), nullable=True),
-    UniqueConstraint("tenant_id", "event_id"),
-    Index("ix_outbox_unpublished", "id", postgresql_where=text("published_at IS NULL")),
-    Index("ix_outbox_tenant_id_occurred_at", "tenant_id", "occurred_at"),
-)
 
 event_receipts = Table(
     "event_receipts",

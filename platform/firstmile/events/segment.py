@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from firstmile.onboarding.schemas import USER_ID_MAX_LENGTH, USER_ID_PATTERN
+from firstmile.kit.ids import USER_ID_MAX_LENGTH, USER_ID_PATTERN
 
 MAX_MESSAGE_BYTES = 32 * 1024
 MAX_BATCH_BYTES = 500 * 1024

@@ -1,55 +1,33 @@
-"""Authentication of tenant apps by API key or client-credentials token, the typed principal, scope guards.
+"""The typed principal of tenant apps, scope guards, and the 421 of a tenant homed elsewhere.
 
-The middleware resolves ``Authorization: Bearer fm_…`` (or Segment's ``Basic``
-with the key as user name) to a :class:`Principal`
-before any handler runs, so an unknown key is refused before the body is even
-read. The tenant's home region is checked here too: a process serves one region.
-
-A bearer credential shaped like a JWT (three dot-separated parts, not ``fm_``) is an
-access token of the tenant's Keycloak realm (OAuth2 client credentials): the realm
-named by its issuer (``firstmile-<slug>``) picks the tenant, which must exist here
-before any JWKS is fetched; :class:`~firstmile.sso.tokens.TokenValidator` checks it;
-its scopes are the ``scope`` claim's values that are platform scopes. Without
-``FIRSTMILE_KEYCLOAK_URL`` tokens are refused (401 ``invalid-token``).
+Who resolves a credential to a :class:`Principal` is the ``auth`` slice
+(:mod:`firstmile.auth`); this module only defines what every slice's controllers see.
 """
 
 from __future__ import annotations
 
-import base64
-import logging
-import time
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
-from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
-from litestar.types import ASGIApp, Guard, Scopes
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from litestar.types import Guard
 
-from firstmile.kit import telemetry
-from firstmile.kit.db import TenantId, authorise_tenant, retry_transient, run_in_tenant_transaction
 from firstmile.kit.errors import ProblemError
-from firstmile.sso.tokens import TokenError, TokenReason, TokenValidator, parse_unverified
-from firstmile.tenancy import keys as keylib
-from firstmile.tenancy import repository as tenancy_repo
-from firstmile.tenancy.directory import TenantDirectory
-
-log = logging.getLogger("firstmile.auth")
-
-PLATFORM_SCOPES: frozenset[str] = frozenset(keylib.SCOPES)
-REFUSALS_AUDITED_PER_MINUTE = 20
+from firstmile.kit.scope import TenantId, tenant_of
 
 
 @dataclass(frozen=True, slots=True)
 class Principal:
     """Who is calling: a tenant app holding a key, or a client of the tenant's realm holding an
-    access token (``key_id`` None, ``client_id`` its Keycloak client), with some scopes."""
+    access token (``key_id`` None, ``client_id`` its Keycloak client), with some scopes.
 
-    tenant_id: TenantId
+    Made only by the ``auth`` slice after the credential checked out; ``authenticated_tenant``
+    is the tenant that credential belongs to.
+    """
+
+    authenticated_tenant: uuid.UUID
     tenant_slug: str
     tenant_revision: int
     scopes: frozenset[str]
@@ -57,275 +35,16 @@ class Principal:
     client_id: str | None = None
 
     @property
+    def tenant_id(self) -> TenantId:
+        """The authorised tenant scope of this principal."""
+        return tenant_of(self)
+
+    @property
     def actor(self) -> str:
         """How audit entries and logs name the caller."""
         if self.key_id is not None:
             return f"api_key:{self.key_id}"
         return f"client:{self.client_id or '?'}"
-
-
-@dataclass(frozen=True, slots=True)
-class ResolvedTenant:
-    tenant_id: uuid.UUID
-    tenant_slug: str
-    home_region: str
-    tenant_revision: int
-
-
-_RESOLVE_TENANT = text(
-    "SELECT tenant_id, tenant_slug, home_region, tenant_revision FROM firstmile_resolve_tenant(:slug)"
-)
-
-
-class KeyResolver:
-    """Resolves key hashes to principals, with a small per-process TTL cache.
-
-    Revocation takes effect within ``ttl`` seconds. Unknown keys are not cached,
-    so a stream of random keys cannot fill memory.
-    """
-
-    def __init__(
-        self,
-        engine: AsyncEngine,
-        pepper: bytes,
-        region: str,
-        ttl: float,
-        max_entries: int = 10_000,
-        tokens: TokenValidator | None = None,
-        directory: TenantDirectory | None = None,
-    ):
-        self.engine = engine
-        self.pepper = pepper
-        self.region = region
-        self.ttl = ttl
-        self.max_entries = max_entries
-        self.tokens = tokens
-        self.directory = directory
-        self._cache: OrderedDict[bytes, tuple[float, tenancy_repo.ResolvedKey]] = OrderedDict()
-        self._tenants: OrderedDict[str, tuple[float, ResolvedTenant]] = OrderedDict()
-        self._refusals: dict[str, tuple[float, int, int]] = {}  # slug -> (window start, audited, left out)
-
-    async def _lookup(self, digest: bytes) -> tenancy_repo.ResolvedKey | None:
-        if self.ttl > 0:
-            hit = self._cache.get(digest)
-            if hit is not None and hit[0] > time.monotonic():
-                return hit[1]
-
-        async def lookup() -> tenancy_repo.ResolvedKey | None:
-            async with self.engine.connect() as conn:
-                # one statement, read-only: no BEGIN/ROLLBACK round trips around it
-                await conn.execution_options(isolation_level="AUTOCOMMIT")
-                return await tenancy_repo.resolve_key(conn, digest)
-
-        resolved = await retry_transient(lookup)
-        if resolved is not None and self.ttl > 0:
-            self._cache[digest] = (time.monotonic() + self.ttl, resolved)
-            self._cache.move_to_end(digest)
-            while len(self._cache) > self.max_entries:
-                self._cache.popitem(last=False)
-        return resolved
-
-    async def principal(self, authorization: str | None) -> Principal:
-        if not authorization:
-            raise ProblemError(
-                401,
-                "unauthenticated",
-                "send an API key as 'Authorization: Bearer fm_…'",
-                headers={"WWW-Authenticate": 'Bearer realm="firstmile"'},
-            )
-        scheme, _, token = authorization.partition(" ")
-        token = token.strip()
-        if scheme.lower() == "basic":
-            # Segment's convention: the write key is the Basic user name, the password empty.
-            token = _basic_user(token)
-        elif scheme.lower() != "bearer":
-            token = ""
-        if not keylib.looks_like_key(token):
-            if scheme.lower() == "bearer" and token.count(".") == 2:
-                return await self._token_principal(token)
-            raise ProblemError(
-                401,
-                "unauthenticated",
-                "the Authorization header is not a Firstmile API key",
-                headers={"WWW-Authenticate": 'Bearer realm="firstmile", error="invalid_token"'},
-            )
-        resolved = await self._lookup(keylib.hash_key(self.pepper, token))
-        if resolved is None or resolved.revoked:
-            raise ProblemError(
-                401,
-                "unauthenticated",
-                "the API key is unknown or revoked",
-                headers={"WWW-Authenticate": 'Bearer realm="firstmile", error="invalid_token"'},
-            )
-        if resolved.home_region != self.region:
-            raise wrong_region(resolved.tenant_slug, resolved.home_region, self.region)
-        if resolved.key_region != self.region:
-            raise wrong_region(
-                resolved.tenant_slug,
-                resolved.home_region,
-                self.region,
-                f"this key was issued for {resolved.key_region}; this is {self.region}",
-            )
-        return Principal(
-            tenant_id=authorise_tenant(resolved.tenant_id),
-            tenant_slug=resolved.tenant_slug,
-            tenant_revision=resolved.tenant_revision,
-            scopes=frozenset(resolved.scopes),
-            key_id=resolved.key_id,
-        )
-
-    async def _token_principal(self, token: str) -> Principal:
-        """The principal of a client-credentials access token of the tenant's realm, or a 401."""
-        if self.tokens is None:
-            raise _invalid_token("access tokens are not accepted here: no Keycloak is configured; use an API key")
-        try:
-            _, unverified = parse_unverified(token)
-            issuer = unverified.get("iss")
-            slug = self.tokens.naming.tenant_of_issuer(issuer) if isinstance(issuer, str) else None
-            if slug is None:
-                raise TokenError(TokenReason.WRONG_ISSUER, "the issuer is not a tenant realm of this platform")
-            # Only realms of tenants that exist make the validator fetch keys: a made-up realm name
-            # costs one indexed lookup, never a request to Keycloak.
-            tenant = await self.tenant(slug)
-            if tenant is None:
-                await self._refuse_if_homed_elsewhere(slug)
-                raise TokenError(TokenReason.WRONG_TENANT, f"no tenant {slug!r} for the issuing realm")
-            try:
-                checked = await self.tokens.validate(token, slug)
-            except TokenError as exc:
-                await self._audit_refusal(tenant, exc, unverified)
-                raise
-        except TokenError as exc:
-            log.info("access token refused: %s", exc.reason.value, extra={"reason": exc.detail})
-            raise _invalid_token(f"the access token is not accepted: {exc.reason.value}", exc.reason) from None
-        if tenant.home_region != self.region:
-            raise wrong_region(tenant.tenant_slug, tenant.home_region, self.region)
-        return Principal(
-            tenant_id=authorise_tenant(tenant.tenant_id),
-            tenant_slug=tenant.tenant_slug,
-            tenant_revision=tenant.tenant_revision,
-            scopes=checked.scopes & PLATFORM_SCOPES,
-            key_id=None,
-            client_id=checked.client_id,
-        )
-
-    async def _audit_refusal(self, tenant: ResolvedTenant, exc: TokenError, unverified: dict[str, Any]) -> None:
-        """An ``auth.token_refused`` entry in the tenant's audit log for a token naming its realm.
-
-        At most :data:`REFUSALS_AUDITED_PER_MINUTE` per tenant and minute per process, so a flood of
-        bad tokens cannot flood the log (or hold its per-tenant append lock): the next entry after a
-        full minute counts the ones left out. A failed write is logged, never turns a 401 into a 500.
-        """
-        from firstmile.audit import service as audit  # the audit slice imports this module
-
-        now = time.monotonic()
-        start, count, left_out = self._refusals.get(tenant.tenant_slug, (now, 0, 0))
-        if now - start >= 60:
-            start, count = now, 0
-        if count >= REFUSALS_AUDITED_PER_MINUTE:
-            self._refusals[tenant.tenant_slug] = (start, count, left_out + 1)
-            return
-        self._refusals[tenant.tenant_slug] = (start, count + 1, 0)
-        client = unverified.get("azp", unverified.get("client_id"))
-        payload = {
-            "reason": exc.reason.value,
-            "client_id": client if isinstance(client, str) else None,
-            "not_audited_before": left_out,
-        }
-        tid = authorise_tenant(tenant.tenant_id)
-
-        async def work(conn: AsyncConnection) -> None:
-            await audit.append(conn, tid, "auth.token_refused", "anonymous", "access-token", payload)
-
-        try:
-            await run_in_tenant_transaction(self.engine, tid, work)
-        except Exception:
-            log.exception("could not audit a refused access token")
-
-    async def _refuse_if_homed_elsewhere(self, slug: str) -> None:
-        """421 with the directory's home region for a tenant this region's database does not hold.
-
-        Said before the token is checked (no JWKS is fetched for a tenant not held here):
-        it tells a misrouted client where the tenant lives, which the directory makes no secret of.
-        """
-        if self.directory is None:
-            return
-        home = await self.directory.home_region(slug)
-        if home is not None and home != self.region:
-            raise wrong_region(slug, home, self.region)
-
-    async def tenant(self, slug: str) -> ResolvedTenant | None:
-        """The tenant ``slug`` if this region's database holds it (cached like keys; unknown slugs are not)."""
-        if self.ttl > 0:
-            hit = self._tenants.get(slug)
-            if hit is not None and hit[0] > time.monotonic():
-                return hit[1]
-
-        async def lookup() -> ResolvedTenant | None:
-            async with self.engine.connect() as conn:
-                await conn.execution_options(isolation_level="AUTOCOMMIT")
-                row = (await conn.execute(_RESOLVE_TENANT, {"slug": slug})).first()
-            return None if row is None else ResolvedTenant(row[0], row[1], row[2], row[3])
-
-        resolved = await retry_transient(lookup)
-        if resolved is not None and self.ttl > 0:  # unknown slugs are not cached: no memory for made-up realms
-            self._tenants[slug] = (time.monotonic() + self.ttl, resolved)
-            self._tenants.move_to_end(slug)
-            while len(self._tenants) > self.max_entries:
-                self._tenants.popitem(last=False)
-        return resolved
-
-
-def wrong_region(slug: str, home: str, here: str, detail: str | None = None) -> ProblemError:
-    """The 421 of a tenant homed in another region, naming it (clients and browsers go there)."""
-    return ProblemError(
-        421, "wrong-region", detail or f"tenant {slug} is homed in {home}; this is {here}", home_region=home
-    )
-
-
-def _invalid_token(detail: str, reason: TokenReason | None = None) -> ProblemError:
-    extensions = {} if reason is None else {"reason": reason.value}
-    return ProblemError(
-        401,
-        "invalid-token",
-        detail,
-        headers={"WWW-Authenticate": 'Bearer realm="firstmile", error="invalid_token"'},
-        **extensions,
-    )
-
-
-def _basic_user(credentials: str) -> str:
-    try:
-        decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
-    except (ValueError, UnicodeDecodeError):
-        return ""
-    return decoded.partition(":")[0]
-
-
-class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
-    """Authenticates every request outside the excluded (public) paths."""
-
-    def __init__(
-        self,
-        app: ASGIApp,
-        exclude: str | list[str] | None = None,
-        exclude_from_auth_key: str = "exclude_from_auth",
-        exclude_http_methods: list[Any] | None = None,
-        scopes: Scopes | None = None,
-    ) -> None:
-        super().__init__(
-            app=app,
-            exclude=exclude,
-            exclude_from_auth_key=exclude_from_auth_key,
-            exclude_http_methods=exclude_http_methods,
-            scopes=scopes,
-        )
-
-    async def authenticate_request(self, connection: ASGIConnection[Any, Any, Any, Any]) -> AuthenticationResult:
-        resolver: KeyResolver = connection.app.state.key_resolver
-        principal = await resolver.principal(connection.headers.get("authorization"))
-        telemetry.tenant_var.set(principal.tenant_slug)
-        return AuthenticationResult(user=principal, auth=principal.actor)
 
 
 def require_scope(scope: str) -> Guard:
@@ -339,3 +58,13 @@ def require_scope(scope: str) -> Guard:
 
     guard.__name__ = f"require_scope_{scope.replace(':', '_')}"
     return guard
+
+
+def wrong_region(slug: str, home: str, here: str, detail: str | None = None) -> ProblemError:
+    """The 421 of a tenant homed in another region, naming it (clients and browsers go there)."""
+    return ProblemError(
+        421, "wrong-region", detail or f"tenant {slug} is homed in {home}; this is {here}", home_region=home
+    )
+
+
+__all__ = ["Principal", "require_scope", "wrong_region"]

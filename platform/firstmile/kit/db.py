@@ -12,20 +12,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, NewType, TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar, Unpack
 
 import msgspec
-from sqlalchemy import MetaData, text
+from sqlalchemy import CursorResult, Executable, MetaData, text
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.util.typing import TupleAny
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from firstmile.kit import telemetry
+from firstmile.kit.scope import TenantId
 
 T = TypeVar("T")
 log = logging.getLogger("firstmile.db")
-
-TenantId = NewType("TenantId", uuid.UUID)
-"""A tenant id that has been authorised. Minted only by :func:`authorise_tenant`."""
 
 TENANT_SETTING = "firstmile.tenant_id"
 
@@ -42,14 +44,25 @@ metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 _SET_TENANT = text("SELECT set_config('firstmile.tenant_id', :tenant, true)")
 
+Params = Mapping[str, Any] | Sequence[Mapping[str, Any]] | None
 
-def authorise_tenant(tenant_id: uuid.UUID) -> TenantId:
-    """The one place a plain UUID becomes a :data:`TenantId`.
 
-    Called by the authentication guard after an API key resolved to this tenant,
-    and by the operator CLI, which acts on a tenant named on its command line.
+@dataclass(frozen=True, slots=True)
+class TenantTx:
+    """An open transaction in which row-level security sees exactly :attr:`tenant`.
+
+    The only connection type repositories and services accept: it is made by
+    :func:`tenant_transaction` (through a :class:`~firstmile.kit.uow.UnitOfWork` in the
+    API and workers), so the tenant a statement filters on is the tenant the
+    transaction is bound to. Whoever opened it commits; code that receives it never does.
     """
-    return TenantId(tenant_id)
+
+    conn: AsyncConnection
+    tenant: TenantId
+
+    async def execute(self, statement: Executable, parameters: Params = None) -> CursorResult[Unpack[TupleAny]]:
+        """Run one statement in the transaction (``AsyncConnection.execute``)."""
+        return await self.conn.execute(statement, parameters)
 
 
 def create_engine(
@@ -82,17 +95,25 @@ def _json_text(value: Any) -> str:
     return msgspec.json.encode(value).decode()
 
 
-async def set_tenant(conn: AsyncConnection, tenant_id: TenantId) -> None:
-    """Bind the transaction on ``conn`` to ``tenant_id`` (transaction-local)."""
+async def bind_tenant(conn: AsyncConnection, tenant_id: TenantId) -> TenantTx:
+    """Bind the transaction already open on ``conn`` to ``tenant_id`` (transaction-local).
+
+    For the few operator paths that must look something up before they know the tenant
+    (``tenants apply`` finds or creates the tenant by slug in the same transaction).
+    """
     await conn.execute(_SET_TENANT, {"tenant": str(tenant_id)})
+    return TenantTx(conn, tenant_id)
 
 
 @asynccontextmanager
-async def tenant_transaction(engine: AsyncEngine, tenant_id: TenantId) -> AsyncIterator[AsyncConnection]:
+async def tenant_transaction(
+    engine: AsyncEngine, tenant_id: TenantId, *, commit: bool = True
+) -> AsyncIterator[TenantTx]:
     """A transaction in which row-level security sees exactly ``tenant_id``.
 
-    Commits when the block ends normally, rolls back on any exception: services
-    never commit, the owner of the unit of work does.
+    Commits when the block ends normally (rolls back instead with ``commit=False``:
+    a dry run), rolls back on any exception: services never commit, the owner of the
+    unit of work does.
 
     ``BEGIN`` and the tenant setting travel in one simple-protocol round trip on
     the driver connection; SQLAlchemy runs in autocommit mode inside it, so it
@@ -106,14 +127,14 @@ async def tenant_transaction(engine: AsyncEngine, tenant_id: TenantId) -> AsyncI
         assert raw is not None
         await raw.execute(f"BEGIN; SELECT set_config('{TENANT_SETTING}', '{tenant}', true)")
         try:
-            yield conn
+            yield TenantTx(conn, tenant_id)
         except BaseException:
             try:
                 await raw.execute("ROLLBACK")
             except Exception:  # a broken or busy connection must not go back to the pool
                 await conn.invalidate()
             raise
-        await raw.execute("COMMIT")
+        await raw.execute("COMMIT" if commit else "ROLLBACK")
 
 
 _RETRYABLE_SQLSTATES = frozenset({"40001", "40P01", "57P01", "08000", "08003", "08006"})
@@ -142,8 +163,6 @@ async def retry_transient(operation: Callable[[], Awaitable[T]], *, attempts: in
     :class:`DatabaseUnavailableError`, which the API answers with 503. A dead pooled
     connection is invalidated by SQLAlchemy, so the retry gets a fresh one.
     """
-    from firstmile.kit import telemetry
-
     for attempt in range(1, attempts + 1):
         try:
             return await operation()
@@ -159,19 +178,3 @@ async def retry_transient(operation: Callable[[], Awaitable[T]], *, attempts: in
             )
             await asyncio.sleep(base_delay * 2 ** (attempt - 1))
     raise AssertionError("unreachable")  # pragma: no cover
-
-
-async def run_in_tenant_transaction(
-    engine: AsyncEngine, tenant_id: TenantId, work: Callable[[AsyncConnection], Awaitable[T]]
-) -> T:
-    """Run ``work`` in a tenant transaction, retried whole on transient failures.
-
-    ``work`` must be idempotent, as the onboarding writes are (ON CONFLICT DO
-    NOTHING): a commit whose answer was lost may have landed.
-    """
-
-    async def once() -> T:
-        async with tenant_transaction(engine, tenant_id) as conn:
-            return await work(conn)
-
-    return await retry_transient(once)

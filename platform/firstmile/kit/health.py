@@ -5,11 +5,43 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from litestar import Controller, Request, Response, get
+from litestar import Controller, Response, get
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from firstmile.kit.errors import ProblemError
+from firstmile.kit.supervisor import Supervisor
 from firstmile.kit.telemetry import metrics_payload
+
+
+class Readiness:
+    """Whether this process can serve: the database answers and no background task keeps failing."""
+
+    def __init__(self, engine: AsyncEngine, region: str, supervisor: Supervisor | None = None) -> None:
+        self.engine = engine
+        self.region = region
+        self.supervisor = supervisor
+
+    async def check(self) -> dict[str, Any]:
+        """The readiness document; a 503 problem naming what is down otherwise."""
+        checks: dict[str, Any] = {"database": "ok"}
+        try:
+            async with asyncio.timeout(2.0):
+                async with self.engine.connect() as conn:
+                    await conn.execute(text("SELECT 1"))
+        except Exception as exc:
+            raise ProblemError(
+                503, "service-unavailable", f"database: {type(exc).__name__}", checks={"database": "down"}
+            ) from exc
+        if self.supervisor is not None:
+            tasks = {name: state.summary() for name, state in self.supervisor.states().items()}
+            failing = self.supervisor.failing()
+            if tasks:
+                checks["tasks"] = tasks
+            if failing:
+                names = ", ".join(sorted(failing))
+                raise ProblemError(503, "service-unavailable", f"background task failing: {names}", checks=checks)
+        return {"status": "ok", "region": self.region, "checks": checks}
 
 
 class HealthController(Controller):
@@ -20,18 +52,9 @@ class HealthController(Controller):
     async def live(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @get("/ready", summary="The process can serve: the database answers")
-    async def ready(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
-        engine = request.app.state.engine
-        try:
-            async with asyncio.timeout(2.0):
-                async with engine.connect() as conn:
-                    await conn.execute(text("SELECT 1"))
-        except Exception as exc:
-            raise ProblemError(
-                503, "service-unavailable", f"database: {type(exc).__name__}", checks={"database": "down"}
-            ) from exc
-        return {"status": "ok", "region": request.app.state.settings.region, "checks": {"database": "ok"}}
+    @get("/ready", summary="The process can serve: the database answers, no background task keeps failing")
+    async def ready(self, readiness: Readiness) -> dict[str, Any]:
+        return await readiness.check()
 
 
 @get("/metrics", include_in_schema=False, media_type="text/plain; version=0.0.4; charset=utf-8")

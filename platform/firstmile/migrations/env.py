@@ -8,7 +8,7 @@ from alembic import context
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from firstmile.kit.models import metadata
+from firstmile.wiring.schema import metadata
 
 config = context.config
 target_metadata = metadata

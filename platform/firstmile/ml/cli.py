@@ -8,20 +8,21 @@ side of drift). Every command takes ``--registry`` (default
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import click
 
-from firstmile.settings import Settings, get_settings
+from firstmile.kit.cli import run, services
+from firstmile.onboarding.stuck import StuckScanner
 
 if TYPE_CHECKING:
     from firstmile_inference.registry import Registry
@@ -38,20 +39,36 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
-def registry_uri(settings: Settings | None, given: str | None) -> str:
-    """``given``, else the configured registry (settings are read only when needed)."""
-    from firstmile.ml.inference import default_registry_uri
+class ModelCommandDeps(Protocol):
+    """What ``firstmile models`` and ``firstmile stuck`` need from the platform (the wiring provides it)."""
 
-    if given:
-        return given
-    settings = settings or get_settings()
-    return default_registry_uri(settings.data_dir, settings.model_registry_uri)
+    def model_registry_uri(self) -> str:
+        """``FIRSTMILE_MODEL_REGISTRY_URI``, else ``<data_dir>/models``."""
+        ...
+
+    def operator_database_url(self) -> str:
+        """The schema owner's URL (``models drift`` reads every tenant's decisions)."""
+        ...
+
+    def stuck_scanner(self) -> AbstractAsyncContextManager[StuckScanner]:
+        """The region's stuck scanner with its detector and feature store, closed afterwards."""
+        ...
+
+
+def _deps() -> ModelCommandDeps:
+    found: ModelCommandDeps = services()
+    return found
+
+
+def registry_uri(given: str | None) -> str:
+    """``given``, else the configured registry (read only when needed)."""
+    return given or _deps().model_registry_uri()
 
 
 def _registry(given: str | None) -> Registry:
     from firstmile_inference.registry import Registry
 
-    return Registry(registry_uri(None, given))
+    return Registry(registry_uri(given))
 
 
 def rules_policy(manifest: Path) -> Callable[[Mapping[str, Any]], str]:
@@ -138,7 +155,7 @@ def train_models(
     for name, mv in versions.items():
         stage = f", now {promote}" if promote else " (no stage: `firstmile models promote`)"
         _say(f"registered {name} {mv.version}{stage}")
-    _say(f"done in {time.perf_counter() - began:.1f}s; registry {registry_uri(None, registry_arg)}")
+    _say(f"done in {time.perf_counter() - began:.1f}s; registry {registry.root}")
 
 
 @models.command("evaluate")
@@ -257,16 +274,14 @@ def models_drift(
     registry_arg: str | None, tenant: str | None, days: float, outcome_days: float, flag: bool, as_json: bool
 ) -> None:
     """PSI per feature (training vs recent decisions) and live accuracy against outcomes."""
-    from firstmile.cli import _urls
     from firstmile.ml.drift import DriftInputs, assess, load_inputs
 
-    settings = get_settings()
     registry = _registry(registry_arg)
     production = registry.resolve("path_classifier", "production")
     if production is None:
         raise click.ClickException("no production path_classifier to compare against")
-    inputs: DriftInputs = asyncio.run(
-        load_inputs(_urls(settings).admin, tenant, timedelta(days=days), timedelta(days=outcome_days))
+    inputs: DriftInputs = run(
+        load_inputs(_deps().operator_database_url(), tenant, timedelta(days=days), timedelta(days=outcome_days))
     )
     result = assess(production, inputs)
     if flag and result.retrain:
@@ -277,20 +292,19 @@ def models_drift(
         click.echo(result.to_text())
 
 
-def ensure_demo_models(settings: Settings) -> None:
-    """`make run`: with no production models in the registry, train them once (about a minute) so the
-    demo is adaptive from its first request; later runs reuse them."""
+def ensure_demo_models(uri: str) -> None:
+    """`make run`: with no production models in the registry at ``uri``, train them once (about a
+    minute) so the demo is adaptive from its first request; later runs reuse them."""
     try:
         from firstmile_inference.registry import Registry
     except ImportError:
         _say("firstmile_inference is not installed (pip install '.[inference]'): paths are chosen by rules")
         return
-    uri = registry_uri(settings, None)
     registry = Registry(uri)
     if all(registry.resolve(name, "production") is not None for name in MODEL_NAMES):
         return
     _say(f"no production models in {uri}: training them once on simulated onboarding (progress below)")
-    train_models(None, promote="production")
+    train_models(uri, promote="production")
 
 
 @click.group()
@@ -301,44 +315,11 @@ def stuck() -> None:
 @stuck.command("scan")
 def stuck_scan() -> None:
     """Scan every tenant of this region once; flagged users become onboarding.stuck events."""
-    from firstmile.ml.online import StoreActivity
-    from firstmile.onboarding.catalog import CatalogCache
-    from firstmile.onboarding.stuck import StuckScanner
-
-    settings = get_settings()
 
     async def scan() -> list[dict[str, Any]]:
-        from firstmile.cli import _urls
-        from firstmile.kit.db import create_engine
-        from firstmile.ml.feature_stores import open_feature_store
-        from firstmile.ml.inference import InProcessClient, open_inference
-
-        engine = create_engine(_urls(settings).app, pool_size=2, max_overflow=0, application_name="firstmile-stuck")
-        guarded, _ = open_inference(
-            registry_uri(settings, None),
-            settings.inference_url,
-            timeout_s=max(2.0, settings.inference_timeout_ms / 1000),
-            failures=settings.inference_breaker_failures,
-            reset_s=settings.inference_breaker_reset_seconds,
-        )
-        if isinstance(guarded.client, InProcessClient):
-            guarded.client.warm(["stuck_detector"], wait_s=60)
-        features = open_feature_store(settings)
-        try:
-            scanner = StuckScanner(
-                engine,
-                CatalogCache(),
-                guarded,
-                StoreActivity(features),
-                after=timedelta(hours=settings.stuck_after_hours),
-                min_idle=timedelta(hours=settings.stuck_min_idle_hours),
-            )
+        async with _deps().stuck_scanner() as scanner:
             flags = await scanner.run_once()
-            return [dataclasses.asdict(f) for f in flags]
-        finally:
-            await features.close()
-            await guarded.close()
-            await engine.dispose()
+        return [dataclasses.asdict(f) for f in flags]
 
-    for row in asyncio.run(scan()):
+    for row in run(scan()):
         click.echo(json.dumps(row, sort_keys=True, default=str))

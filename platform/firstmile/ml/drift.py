@@ -21,29 +21,15 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
+
+from firstmile.onboarding import service as onboarding
+from firstmile.tenancy import service as tenancy
 
 if TYPE_CHECKING:
     from firstmile_inference.registry import ModelVersion
 
 MIN_OUTCOMES = 50  # fewer labelled decisions than this: no accuracy verdict
-
-_RECENT = text(
-    "SELECT p.decision -> 'features' FROM user_progress p JOIN tenants t ON t.id = p.tenant_id"
-    " WHERE p.decision ->> 'selected_by' = 'model' AND p.decision ->> 'model' = 'path_classifier'"
-    "  AND p.started_at >= now() - make_interval(secs => :window)"
-    "  AND (CAST(:slug AS text) IS NULL OR t.slug = :slug)"
-)
-_OUTCOMES = text(
-    "SELECT (p.decision ->> 'confidence')::float8,"
-    "  p.activated_at IS NOT NULL AND p.activated_at <= p.started_at + make_interval(secs => :outcome)"
-    " FROM user_progress p JOIN tenants t ON t.id = p.tenant_id"
-    " WHERE p.decision ->> 'selected_by' = 'model' AND p.decision ->> 'model' = 'path_classifier'"
-    "  AND p.decision ? 'confidence'"
-    "  AND p.started_at <= now() - make_interval(secs => :outcome)"
-    "  AND (CAST(:slug AS text) IS NULL OR t.slug = :slug)"
-)
 
 
 @dataclass(frozen=True)
@@ -60,16 +46,14 @@ async def load_inputs(
     engine = create_async_engine(admin_url, pool_size=1, max_overflow=0)
     try:
         async with engine.connect() as conn:
-            recent = [
-                dict(r[0])
-                for r in await conn.execute(_RECENT, {"window": window.total_seconds(), "slug": tenant_slug})
-                if isinstance(r[0], dict)
-            ]
-            outcomes = [
-                (float(r[0]), bool(r[1]))
-                for r in await conn.execute(_OUTCOMES, {"outcome": outcome_window.total_seconds(), "slug": tenant_slug})
-                if r[0] is not None
-            ]
+            tenant_id = None
+            if tenant_slug is not None:
+                found = await tenancy.find_tenant(conn, tenant_slug)
+                if found is None:
+                    return DriftInputs([], [], window, outcome_window)
+                tenant_id = found.id
+            recent = await onboarding.recent_model_features(conn, "path_classifier", window, tenant_id)
+            outcomes = await onboarding.model_outcomes(conn, "path_classifier", outcome_window, tenant_id)
     finally:
         await engine.dispose()
     return DriftInputs(recent, outcomes, window, outcome_window)

@@ -18,7 +18,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import cast
 
 from redis.asyncio import Redis
 
@@ -36,7 +36,6 @@ from firstmile.ml.features import (
     feature_events,
     to_ms,
 )
-from firstmile.settings import Settings
 
 log = logging.getLogger("firstmile.features")
 DEFAULT_TTL = timedelta(days=90)
@@ -304,7 +303,7 @@ class InProcessFeatureStore:
 
 
 class FeatureStoreSink:
-    """The :class:`~firstmile.events.consumers.FeatureSink` that feeds a feature store.
+    """The :class:`~firstmile.ml.consumer.FeatureSink` that feeds a feature store.
 
     A store failure propagates: the consumer retries the batch (Kafka) or leaves it
     in the outbox (embedded), and the update rules make the retry harmless.
@@ -315,16 +314,3 @@ class FeatureStoreSink:
 
     async def update(self, events: Sequence[Envelope]) -> None:
         await self.store.apply(events)
-
-
-def open_feature_store(settings: Settings, **options: Any) -> FeatureStore:
-    """Redis when ``FIRSTMILE_REDIS_URL`` is set, else the in-process store (``options`` go to it)."""
-    ttl = timedelta(days=settings.feature_ttl_days)
-    if settings.redis_url is not None:
-        return RedisFeatureStore.from_url(settings.redis_url.get_secret_value(), region=settings.region, ttl=ttl)
-    if settings.kafka_bootstrap_servers is not None or settings.workers > 1:
-        log.warning(
-            "online features are kept in each process, but events reach more than one process (Kafka "
-            "consumers, or one in-process relay per API worker): each sees only its share; set FIRSTMILE_REDIS_URL"
-        )
-    return InProcessFeatureStore(ttl=ttl, **options)

@@ -22,7 +22,6 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import httpx
@@ -83,10 +82,14 @@ class InferenceClient(Protocol):
 
 
 class StageReader:
-    """The registry's stages per model, re-read at most every ``ttl_s`` seconds.
+    """The registry's stages per model, cached and refreshed off the event loop.
 
-    A registry that cannot be read leaves the last known stages in place (or none):
-    the planner then asks for production only.
+    Reading the registry imports it (and torch with it) and reads ``stages.json``: blocking
+    work that must never run on the event loop of a request. :meth:`load` reads on a worker
+    thread (the app awaits it at startup); :meth:`stages`, which the planner calls on the
+    loop, only returns what is cached and, when that is older than ``ttl_s``, starts one
+    refresh on a worker thread. A registry that cannot be read leaves the last known stages
+    in place (or none): the planner then asks for production only.
     """
 
     def __init__(self, registry_uri: str, ttl_s: float = 10.0) -> None:
@@ -94,27 +97,54 @@ class StageReader:
         self.ttl_s = ttl_s
         self._cache: dict[str, tuple[float, StageInfo | None]] = {}
         self._registry: Registry | None = None
+        self._lock = threading.Lock()
+        self._refreshing: set[str] = set()
 
     def _open(self) -> Registry:
-        if self._registry is None:
-            from firstmile_inference.registry import Registry
+        with self._lock:
+            if self._registry is None:
+                from firstmile_inference.registry import Registry
 
-            self._registry = Registry(self.registry_uri)
-        return self._registry
+                self._registry = Registry(self.registry_uri)
+            return self._registry
 
-    def stages(self, model: str) -> StageInfo | None:
-        now = time.monotonic()
+    def read(self, model: str) -> StageInfo | None:
+        """Read the model's stages from the registry now (blocking: call it on a worker thread)."""
         hit = self._cache.get(model)
-        if hit is not None and now - hit[0] < self.ttl_s:
-            return hit[1]
         try:
             s = self._open().stages(model)
             info: StageInfo | None = StageInfo(s.production, s.canary, float(s.canary_weight), s.shadow)
         except Exception as exc:  # an unreadable registry must not fail a request
             log.warning("model registry %s unreadable: %s", self.registry_uri, exc)
             info = hit[1] if hit is not None else None
-        self._cache[model] = (now, info)
+        self._cache[model] = (time.monotonic(), info)
         return info
+
+    async def load(self, models: Sequence[str]) -> dict[str, StageInfo | None]:
+        """Read the stages of ``models`` on a worker thread (startup, before the first request)."""
+        return await asyncio.to_thread(lambda: {model: self.read(model) for model in models})
+
+    def stages(self, model: str) -> StageInfo | None:
+        """The cached stages (non-blocking); a stale entry is refreshed in the background."""
+        hit = self._cache.get(model)
+        if hit is None or time.monotonic() - hit[0] >= self.ttl_s:
+            self._refresh_soon(model)
+        return hit[1] if hit is not None else None
+
+    def _refresh_soon(self, model: str) -> None:
+        with self._lock:
+            if model in self._refreshing:
+                return
+            self._refreshing.add(model)
+
+        def refresh() -> None:
+            try:
+                self.read(model)
+            finally:
+                with self._lock:
+                    self._refreshing.discard(model)
+
+        threading.Thread(target=refresh, name=f"stages-{model}", daemon=True).start()
 
 
 def in_canary(weight: float, *parts: str) -> bool:
@@ -235,7 +265,12 @@ class InProcessClient:
         return None
 
     def warm(self, models: Sequence[str], *, wait_s: float = 0.0) -> bool:
-        """Start loading each model's staged versions; with ``wait_s``, wait until production is loaded."""
+        """Start loading each model's staged versions; with ``wait_s``, wait until production is loaded.
+
+        Blocking (it reads the registry): call it on a worker thread, as :meth:`warm_up` does.
+        """
+        for model in models:
+            self.stages.read(model)
         for model in models:
             for stage in STAGES:
                 version = self._version_for(model, stage)
@@ -247,6 +282,14 @@ class InProcessClient:
             if ready or time.monotonic() >= deadline:
                 return ready
             time.sleep(0.05)
+
+    async def warm_up(self, models: Sequence[str], *, wait_s: float = 60.0) -> bool:
+        """Load each model's staged versions before the first request, off the event loop.
+
+        True when every model with a production version has it loaded within ``wait_s``; a model
+        that fails to load (or a registry that holds none) leaves the planner on its rules.
+        """
+        return await asyncio.to_thread(self.warm, models, wait_s=wait_s)
 
     async def predict(self, model: str, instances: Sequence[Mapping[str, Any]], *, stage: Stage) -> Prediction:
         version = self._version_for(model, stage)
@@ -382,22 +425,3 @@ class GuardedInference:
 
     async def close(self) -> None:
         await self.client.close()
-
-
-def open_inference(
-    registry_uri: str,
-    inference_url: str | None,
-    *,
-    timeout_s: float,
-    failures: int,
-    reset_s: float,
-) -> tuple[GuardedInference, StageReader]:
-    """The configured adapter behind its guard, and the registry's stage reader."""
-    stages = StageReader(registry_uri)
-    client: InferenceClient = RayServeClient(inference_url) if inference_url else InProcessClient(stages)
-    return GuardedInference(client, timeout_s=timeout_s, failures=failures, reset_s=reset_s), stages
-
-
-def default_registry_uri(data_dir: Path, configured: str | None) -> str:
-    """``FIRSTMILE_MODEL_REGISTRY_URI``, or ``<data_dir>/models``."""
-    return configured or str((data_dir / "models").resolve())

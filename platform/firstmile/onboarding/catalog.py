@@ -1,22 +1,23 @@
-"""Per-process cache of each tenant's path definitions, keyed by tenant revision.
+"""Per-process cache of each tenant's path definitions, keyed by tenant revision, bounded.
 
-``firstmile tenants apply`` bumps the tenant's revision whenever a path
-changes; the revision arrives with the resolved API key, so a new revision
-reloads the catalog. Old path versions stay immutable and are loaded on demand
-for users still on them.
+``firstmile tenants apply`` (and the admin path editor) bump the tenant's revision
+whenever a path changes; the revision arrives with the resolved API key, so a new
+revision reloads the catalog. Old path versions stay immutable and are loaded on demand
+for users still on them. Both caches are LRU-bounded (``max_tenants`` catalogs,
+``max_versions`` path versions), so a process serving many tenants keeps a fixed amount.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
-from sqlalchemy.ext.asyncio import AsyncConnection
-
-from firstmile.kit.db import TenantId
+from firstmile.kit.db import TenantTx
+from firstmile.kit.scope import TenantId
 from firstmile.onboarding import repository as repo
 from firstmile.onboarding.domain import PathDef
-from firstmile.onboarding.pii import BUILTIN_PII_TRAITS
-from firstmile.tenancy.service import path_settings
+from firstmile.security.personal_data import BUILTIN_PII_TRAITS
+from firstmile.tenancy import service as tenancy
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,25 +30,38 @@ class PathCatalog:
 
 
 class CatalogCache:
-    """Catalogs and path versions for all tenants this process has served."""
+    """Catalogs and path versions of the tenants this process served lately."""
 
-    def __init__(self) -> None:
-        self._catalogs: dict[TenantId, PathCatalog] = {}
-        self._versions: dict[tuple[TenantId, str, int], PathDef] = {}
+    def __init__(self, *, max_tenants: int = 10_000, max_versions: int = 50_000) -> None:
+        if max_tenants < 1 or max_versions < 1:
+            raise ValueError("the catalog cache needs room for at least one tenant and one version")
+        self.max_tenants = max_tenants
+        self.max_versions = max_versions
+        self._catalogs: OrderedDict[TenantId, PathCatalog] = OrderedDict()
+        self._versions: OrderedDict[tuple[TenantId, str, int], PathDef] = OrderedDict()
 
-    async def catalog(self, conn: AsyncConnection, tenant_id: TenantId, revision: int) -> PathCatalog:
-        cached = self._catalogs.get(tenant_id)
-        if cached is not None and cached.revision >= revision:
-            return cached
-        return await self.reload(conn, tenant_id)
+    def __len__(self) -> int:
+        """How many entries are held (catalogs and versions)."""
+        return len(self._catalogs) + len(self._versions)
 
-    async def reload(self, conn: AsyncConnection, tenant_id: TenantId) -> PathCatalog:
+    def cached(self, tenant_id: TenantId, revision: int) -> PathCatalog | None:
+        """The tenant's catalog if one at least as new as ``revision`` is cached (no database)."""
+        found = self._catalogs.get(tenant_id)
+        if found is None or found.revision < revision:
+            return None
+        self._catalogs.move_to_end(tenant_id)
+        return found
+
+    async def catalog(self, tx: TenantTx, revision: int) -> PathCatalog:
+        return self.cached(tx.tenant, revision) or await self.reload(tx)
+
+    async def reload(self, tx: TenantTx) -> PathCatalog:
         """Read the tenant's current catalog (for callers that do not know the revision)."""
-        default_key, tenant_revision, pii_traits, planner_model = await path_settings(conn, tenant_id)
-        rows = await repo.current_path_definitions(conn, tenant_id)
+        default_key, tenant_revision, pii_traits, planner_model = await tenancy.path_settings(tx)
+        rows = await repo.current_path_definitions(tx)
         current = tuple(PathDef.from_definition(key, version, definition) for key, version, definition in rows)
         for path in current:
-            self._versions[(tenant_id, path.key, path.version)] = path
+            self._remember_version((tx.tenant, path.key, path.version), path)
         catalog = PathCatalog(
             revision=tenant_revision,
             default_key=default_key,
@@ -55,13 +69,24 @@ class CatalogCache:
             pii_traits=BUILTIN_PII_TRAITS | frozenset(pii_traits),
             planner_model=planner_model,
         )
-        self._catalogs[tenant_id] = catalog
+        self._catalogs[tx.tenant] = catalog
+        self._catalogs.move_to_end(tx.tenant)
+        while len(self._catalogs) > self.max_tenants:
+            self._catalogs.popitem(last=False)
         return catalog
 
-    async def version(self, conn: AsyncConnection, tenant_id: TenantId, key: str, version: int) -> PathDef:
-        cached = self._versions.get((tenant_id, key, version))
+    async def version(self, tx: TenantTx, key: str, version: int) -> PathDef:
+        cache_key = (tx.tenant, key, version)
+        cached = self._versions.get(cache_key)
         if cached is not None:
+            self._versions.move_to_end(cache_key)
             return cached
-        path = PathDef.from_definition(key, version, await repo.path_definition(conn, tenant_id, key, version))
-        self._versions[(tenant_id, key, version)] = path
+        path = PathDef.from_definition(key, version, await repo.path_definition(tx, key, version))
+        self._remember_version(cache_key, path)
         return path
+
+    def _remember_version(self, cache_key: tuple[TenantId, str, int], path: PathDef) -> None:
+        self._versions[cache_key] = path
+        self._versions.move_to_end(cache_key)
+        while len(self._versions) > self.max_versions:
+            self._versions.popitem(last=False)

@@ -2,19 +2,26 @@
 
 Targeted paths are tried by descending priority (the manifest forces distinct
 priorities among them, so the choice is deterministic); the first whose
-predicates all hold wins. Nothing matches: the tenant's default path. The ML
-planner of the inference issue slots in ahead of the rules with these as its
-fallback.
+predicates all hold wins. Nothing matches: the tenant's default path.
+
+:class:`PathPlanner` is the port the onboarding service asks; :class:`RulesPlanner`
+is these rules behind it. The ML slice's adaptive planner
+(:class:`firstmile.ml.planner.AdaptivePlanner`) implements the same port with a model
+ahead of the rules; the wiring chooses which one the service gets.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Protocol
 
 from firstmile.onboarding.domain import PathDef
 from firstmile.onboarding.rules import describe, matches
+
+if TYPE_CHECKING:
+    from firstmile.onboarding.catalog import PathCatalog
 
 PLANNER_VERSION = "rules-1"
 
@@ -80,3 +87,20 @@ def plan(paths: Sequence[PathDef], default_key: str, traits: Mapping[str, Any]) 
     if default is None:
         raise LookupError(f"default path {default_key!r} is not among the current paths")
     return Decision(default.key, default.version, "default", None, None, len(targeted))
+
+
+class PathPlanner(Protocol):
+    """Chooses a new user's path; may talk to the network (features, a model), never to the database."""
+
+    async def plan(
+        self, tenant_id: str, user_id: str, catalog: PathCatalog, traits: Mapping[str, Any], now: datetime
+    ) -> Decision: ...
+
+
+class RulesPlanner:
+    """The targeting rules, then the default path: the planner with no model."""
+
+    async def plan(
+        self, tenant_id: str, user_id: str, catalog: PathCatalog, traits: Mapping[str, Any], now: datetime
+    ) -> Decision:
+        return plan(catalog.current, catalog.default_key, traits)

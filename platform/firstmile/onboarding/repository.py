@@ -16,7 +16,8 @@ from sqlalchemy import LargeBinary, Text, bindparam, func, insert, select, text,
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from firstmile.kit.db import TenantId
+from firstmile.kit.db import TenantTx
+from firstmile.kit.outbox import INSERT_FROM_EVENTS, OutboxEvent, partition_key
 from firstmile.onboarding.models import onboarding_paths
 
 
@@ -33,22 +34,6 @@ class ProgressRow:
     completions: dict[str, datetime]
 
 
-@dataclass(frozen=True, slots=True)
-class OutboxEvent:
-    event_type: str
-    payload: dict[str, Any]
-    event_id: uuid.UUID
-
-    def as_json(self) -> dict[str, Any]:
-        return {"event_id": str(self.event_id), "event_type": self.event_type, "payload": self.payload}
-
-
-_OUTBOX_FROM = (
-    "INSERT INTO outbox (event_id, tenant_id, event_type, partition_key, payload, occurred_at) "
-    "SELECT e.event_id, :tid, e.event_type, :pkey, e.payload, :now "
-    "FROM jsonb_to_recordset(:events) AS e(event_id uuid, event_type text, payload jsonb)"
-)
-
 _START = text(
     "WITH u AS ("
     " INSERT INTO end_users (tenant_id, user_id, traits, pii, email_index, created_at, updated_at)"
@@ -59,7 +44,7 @@ _START = text(
     "  decision, started_at, updated_at)"
     " VALUES (:tid, :uid, :path_key, :path_version, 'in_progress', :current_step, :decision, :now, :now)"
     " ON CONFLICT (tenant_id, user_id) DO NOTHING RETURNING 1"
-    "), o AS (" + _OUTBOX_FROM + " WHERE EXISTS (SELECT 1 FROM p) RETURNING 1"
+    "), o AS (" + INSERT_FROM_EVENTS + " WHERE EXISTS (SELECT 1 FROM p) RETURNING 1"
     ") SELECT (SELECT count(*) FROM p), (SELECT count(*) FROM u)"
 ).bindparams(
     bindparam("traits", type_=JSONB),
@@ -88,7 +73,7 @@ _COMPLETE = text(
     " UPDATE user_progress SET current_step = :current_step, status = :status,"
     "  activated_at = coalesce(activated_at, :activated_at), completed_at = :completed_at, updated_at = :now"
     " WHERE tenant_id = :tid AND user_id = :uid AND EXISTS (SELECT 1 FROM c) RETURNING 1"
-    "), o AS (" + _OUTBOX_FROM + " WHERE EXISTS (SELECT 1 FROM c) RETURNING 1"
+    "), o AS (" + INSERT_FROM_EVENTS + " WHERE EXISTS (SELECT 1 FROM c) RETURNING 1"
     ") SELECT count(*) FROM c"
 ).bindparams(bindparam("events", type_=JSONB))
 
@@ -98,8 +83,7 @@ def _parse_ts(value: str) -> datetime:
 
 
 async def insert_start(
-    conn: AsyncConnection,
-    tenant_id: TenantId,
+    tx: TenantTx,
     user_id: str,
     traits: dict[str, Any],
     path_key: str,
@@ -116,10 +100,10 @@ async def insert_start(
     ``traits`` must hold no personal data: that goes encrypted in ``pii``.
     """
     row = (
-        await conn.execute(
+        await tx.execute(
             _START,
             {
-                "tid": tenant_id,
+                "tid": tx.tenant,
                 "uid": user_id,
                 "traits": traits,
                 "pii": pii,
@@ -129,7 +113,7 @@ async def insert_start(
                 "current_step": current_step,
                 "decision": decision,
                 "now": now,
-                "pkey": f"{tenant_id}:{user_id}",
+                "pkey": partition_key(tx.tenant, user_id),
                 "events": [e.as_json() for e in events],
             },
         )
@@ -137,10 +121,8 @@ async def insert_start(
     return bool(row[0])
 
 
-async def get_progress(
-    conn: AsyncConnection, tenant_id: TenantId, user_id: str, *, for_update: bool = False
-) -> ProgressRow | None:
-    row = (await conn.execute(_GET_FOR_UPDATE if for_update else _GET, {"tid": tenant_id, "uid": user_id})).first()
+async def get_progress(tx: TenantTx, user_id: str, *, for_update: bool = False) -> ProgressRow | None:
+    row = (await tx.execute(_GET_FOR_UPDATE if for_update else _GET, {"tid": tx.tenant, "uid": user_id})).first()
     if row is None:
         return None
     completions = {k: _parse_ts(v) for k, v in row[8].items()}
@@ -148,8 +130,7 @@ async def get_progress(
 
 
 async def insert_completion(
-    conn: AsyncConnection,
-    tenant_id: TenantId,
+    tx: TenantTx,
     user_id: str,
     step_id: str,
     path_key: str,
@@ -165,10 +146,10 @@ async def insert_completion(
 ) -> bool:
     """Record one completion, update progress, write events; False if it was already recorded."""
     row = (
-        await conn.execute(
+        await tx.execute(
             _COMPLETE,
             {
-                "tid": tenant_id,
+                "tid": tx.tenant,
                 "uid": user_id,
                 "step_id": step_id,
                 "path_key": path_key,
@@ -180,7 +161,7 @@ async def insert_completion(
                 "status": status,
                 "activated_at": activated_at,
                 "completed_at": completed_at,
-                "pkey": f"{tenant_id}:{user_id}",
+                "pkey": partition_key(tx.tenant, user_id),
                 "events": [e.as_json() for e in events],
             },
         )
@@ -188,34 +169,41 @@ async def insert_completion(
     return bool(row[0])
 
 
-# ---- path versions (written by `tenants apply` through firstmile.onboarding.paths) ----
+# ---- path versions (written by `tenants apply` and the admin path editor, through firstmile.onboarding.paths) ----
+
+_PATH_LOCK = text("SELECT pg_advisory_xact_lock(hashtextextended('firstmile.paths:' || :tenant || ':' || :key, 0))")
 
 
-async def current_path_hashes(conn: AsyncConnection, tenant_id: TenantId) -> dict[str, tuple[int, str]]:
+async def lock_path(tx: TenantTx, key: str) -> None:
+    """Serialise changes to one path of the tenant until ``tx`` ends (concurrent edits queue, in order)."""
+    await tx.execute(_PATH_LOCK, {"tenant": str(tx.tenant), "key": key})
+
+
+async def current_path_hashes(tx: TenantTx) -> dict[str, tuple[int, str]]:
     """``{path_key: (version, content_hash)}`` of the tenant's current paths."""
-    rows = await conn.execute(
+    rows = await tx.execute(
         select(onboarding_paths.c.path_key, onboarding_paths.c.version, onboarding_paths.c.content_hash).where(
-            onboarding_paths.c.tenant_id == tenant_id, onboarding_paths.c.is_current
+            onboarding_paths.c.tenant_id == tx.tenant, onboarding_paths.c.is_current
         )
     )
     return {r[0]: (r[1], r[2]) for r in rows}
 
 
-async def latest_versions(conn: AsyncConnection, tenant_id: TenantId) -> dict[str, int]:
-    rows = await conn.execute(
+async def latest_versions(tx: TenantTx) -> dict[str, int]:
+    rows = await tx.execute(
         select(onboarding_paths.c.path_key, func.max(onboarding_paths.c.version))
-        .where(onboarding_paths.c.tenant_id == tenant_id)
+        .where(onboarding_paths.c.tenant_id == tx.tenant)
         .group_by(onboarding_paths.c.path_key)
     )
     return {r[0]: r[1] for r in rows}
 
 
 async def insert_path_version(
-    conn: AsyncConnection, tenant_id: TenantId, key: str, version: int, definition: dict[str, Any], content_hash: str
+    tx: TenantTx, key: str, version: int, definition: dict[str, Any], content_hash: str
 ) -> None:
-    await conn.execute(
+    await tx.execute(
         insert(onboarding_paths).values(
-            tenant_id=tenant_id,
+            tenant_id=tx.tenant,
             path_key=key,
             version=version,
             definition=definition,
@@ -225,32 +213,32 @@ async def insert_path_version(
     )
 
 
-async def retire_path(conn: AsyncConnection, tenant_id: TenantId, key: str) -> None:
-    await conn.execute(
+async def retire_path(tx: TenantTx, key: str) -> None:
+    await tx.execute(
         update(onboarding_paths)
         .where(
-            onboarding_paths.c.tenant_id == tenant_id, onboarding_paths.c.path_key == key, onboarding_paths.c.is_current
+            onboarding_paths.c.tenant_id == tx.tenant, onboarding_paths.c.path_key == key, onboarding_paths.c.is_current
         )
         .values(is_current=False)
     )
 
 
-async def current_path_definitions(conn: AsyncConnection, tenant_id: TenantId) -> list[tuple[str, int, dict[str, Any]]]:
+async def current_path_definitions(tx: TenantTx) -> list[tuple[str, int, dict[str, Any]]]:
     """``(path_key, version, definition)`` of the tenant's current paths."""
-    rows = await conn.execute(
+    rows = await tx.execute(
         select(onboarding_paths.c.path_key, onboarding_paths.c.version, onboarding_paths.c.definition).where(
-            onboarding_paths.c.tenant_id == tenant_id, onboarding_paths.c.is_current
+            onboarding_paths.c.tenant_id == tx.tenant, onboarding_paths.c.is_current
         )
     )
     return [(r[0], r[1], r[2]) for r in rows]
 
 
-async def path_definition(conn: AsyncConnection, tenant_id: TenantId, key: str, version: int) -> dict[str, Any]:
+async def path_definition(tx: TenantTx, key: str, version: int) -> dict[str, Any]:
     """One stored path version's definition (versions are immutable)."""
     row = (
-        await conn.execute(
+        await tx.execute(
             select(onboarding_paths.c.definition).where(
-                onboarding_paths.c.tenant_id == tenant_id,
+                onboarding_paths.c.tenant_id == tx.tenant,
                 onboarding_paths.c.path_key == key,
                 onboarding_paths.c.version == version,
             )
@@ -258,3 +246,89 @@ async def path_definition(conn: AsyncConnection, tenant_id: TenantId, key: str, 
     ).one()
     definition: dict[str, Any] = row[0]
     return definition
+
+
+# ---- what the onboarding slice holds about one end user (export and erasure, for the privacy slice) ----
+
+_USER = text("SELECT traits, pii, created_at, updated_at FROM end_users WHERE tenant_id = :t AND user_id = :u")
+_PROGRESS = text(
+    "SELECT path_key, path_version, status, current_step, decision, started_at, activated_at, completed_at"
+    " FROM user_progress WHERE tenant_id = :t AND user_id = :u"
+)
+_COMPLETIONS = text(
+    "SELECT step_id, path_key, path_version, completed_at, occurred_at, source FROM step_completions"
+    " WHERE tenant_id = :t AND user_id = :u ORDER BY completed_at"
+)
+_COUNT = text(
+    "SELECT (SELECT count(*) FROM end_users WHERE tenant_id = :t AND user_id = :u),"
+    " (SELECT count(*) FROM user_progress WHERE tenant_id = :t AND user_id = :u),"
+    " (SELECT count(*) FROM step_completions WHERE tenant_id = :t AND user_id = :u)"
+)
+_DELETE = text("DELETE FROM end_users WHERE tenant_id = :t AND user_id = :u")  # progress and completions cascade
+_BY_EMAIL = text("SELECT user_id FROM end_users WHERE tenant_id = :t AND email_index = :i ORDER BY user_id")
+
+
+@dataclass(frozen=True, slots=True)
+class HeldUser:
+    """The onboarding slice's rows about one end user, as stored (personal data still sealed)."""
+
+    profile: tuple[Any, ...] | None  # traits, pii (ciphertext), created_at, updated_at
+    progress: tuple[Any, ...] | None
+    completions: list[tuple[Any, ...]]
+
+
+async def held_user(tx: TenantTx, user_id: str) -> HeldUser:
+    params = {"t": tx.tenant, "u": user_id}
+    row = (await tx.execute(_USER, params)).first()
+    progress = (await tx.execute(_PROGRESS, params)).first()
+    completions = (await tx.execute(_COMPLETIONS, params)).all()
+    return HeldUser(
+        None if row is None else tuple(row),
+        None if progress is None else tuple(progress),
+        [tuple(c) for c in completions],
+    )
+
+
+async def delete_user(tx: TenantTx, user_id: str) -> dict[str, int]:
+    """Delete the user's rows (progress and completions cascade); how many of each there were."""
+    counts = (await tx.execute(_COUNT, {"t": tx.tenant, "u": user_id})).one()
+    if any(counts):
+        await tx.execute(_DELETE, {"t": tx.tenant, "u": user_id})
+    return {"end_users": int(counts[0]), "user_progress": int(counts[1]), "step_completions": int(counts[2])}
+
+
+async def users_by_email_index(tx: TenantTx, index: bytes) -> list[str]:
+    return [r[0] for r in await tx.execute(_BY_EMAIL, {"t": tx.tenant, "i": index})]
+
+
+# ---- operator reads across tenants (``firstmile models drift``, as the schema owner) ----
+
+_MODEL_FEATURES = text(
+    "SELECT p.decision -> 'features' FROM user_progress p"
+    " WHERE p.decision ->> 'selected_by' = 'model' AND p.decision ->> 'model' = :model"
+    "  AND p.started_at >= now() - make_interval(secs => :window)"
+    "  AND (CAST(:tenant AS uuid) IS NULL OR p.tenant_id = :tenant)"
+)
+_MODEL_OUTCOMES = text(
+    "SELECT (p.decision ->> 'confidence')::float8,"
+    "  p.activated_at IS NOT NULL AND p.activated_at <= p.started_at + make_interval(secs => :outcome)"
+    " FROM user_progress p"
+    " WHERE p.decision ->> 'selected_by' = 'model' AND p.decision ->> 'model' = :model"
+    "  AND p.decision ? 'confidence'"
+    "  AND p.started_at <= now() - make_interval(secs => :outcome)"
+    "  AND (CAST(:tenant AS uuid) IS NULL OR p.tenant_id = :tenant)"
+)
+
+
+async def recent_model_features(
+    conn: AsyncConnection, model: str, window_s: float, tenant: uuid.UUID | None
+) -> list[dict[str, Any]]:
+    params = {"model": model, "window": window_s, "tenant": tenant}
+    return [dict(r[0]) for r in await conn.execute(_MODEL_FEATURES, params) if isinstance(r[0], dict)]
+
+
+async def model_outcomes(
+    conn: AsyncConnection, model: str, outcome_s: float, tenant: uuid.UUID | None
+) -> list[tuple[float, bool]]:
+    params = {"model": model, "outcome": outcome_s, "tenant": tenant}
+    return [(float(r[0]), bool(r[1])) for r in await conn.execute(_MODEL_OUTCOMES, params) if r[0] is not None]

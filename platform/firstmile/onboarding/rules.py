@@ -7,10 +7,7 @@ progress evaluator (a step's completion criteria over an event's properties).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
-
-Operator = Literal["eq", "ne", "in", "not_in", "gt", "gte", "lt", "lte", "exists", "contains"]
-OPERATORS: tuple[str, ...] = ("eq", "ne", "in", "not_in", "gt", "gte", "lt", "lte", "exists", "contains")
+from typing import Any
 
 _MISSING = object()
 

@@ -8,8 +8,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
-USER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@+\-]*$"
-USER_ID_MAX_LENGTH = 128
+from firstmile.kit.ids import USER_ID_MAX_LENGTH, USER_ID_PATTERN
 
 UserId = Annotated[
     str,

@@ -1,7 +1,11 @@
 """Onboarding service: start a user on a path, complete steps, read state.
 
-The caller owns the transaction (``conn`` is already bound to the tenant); this
-module never commits.
+Reads and completions run in the caller's :class:`~firstmile.kit.db.TenantTx`. A start
+takes the caller's :class:`~firstmile.kit.uow.UnitOfWork` instead, because it talks to the
+network first: the path planner (online features, the model) and, when the user brings
+personal data, the tenant's key provider. Only then does it open one short transaction
+for the writes (user, progress, outbox event, audit entry), so a transient database retry
+repeats no network call and no lock waits on one. Nothing here commits.
 """
 
 from __future__ import annotations
@@ -15,18 +19,20 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
+from sqlalchemy.exc import NoResultFound
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from firstmile.audit import service as audit
 from firstmile.kit import telemetry
-from firstmile.kit.db import TenantId
+from firstmile.kit.db import TenantTx
 from firstmile.kit.errors import ProblemError
-from firstmile.ml.planner import AdaptivePlanner
-from firstmile.onboarding import domain, planner
+from firstmile.kit.outbox import OutboxEvent
+from firstmile.kit.uow import UnitOfWork
+from firstmile.onboarding import domain
 from firstmile.onboarding import repository as repo
-from firstmile.onboarding.catalog import CatalogCache
+from firstmile.onboarding.catalog import CatalogCache, PathCatalog
 from firstmile.onboarding.domain import PathDef
-from firstmile.onboarding.pii import split_traits, valid_email
+from firstmile.onboarding.planner import Decision, PathPlanner, RulesPlanner
 from firstmile.onboarding.schemas import (
     DecisionRecord,
     OnboardingState,
@@ -35,7 +41,8 @@ from firstmile.onboarding.schemas import (
     StepState,
 )
 from firstmile.security.crypto import FieldContext
-from firstmile.security.datakeys import DataKeyService
+from firstmile.security.datakeys import DataKeyService, TenantKeys
+from firstmile.security.personal_data import split_traits, valid_email
 from firstmile.tenancy.manifest import COMPANY_SIZES, KNOWN_TRAITS
 
 _json = msgspec.json.Encoder()
@@ -73,8 +80,20 @@ class StartOutcome:
     created: bool
 
 
-def _event(event_type: str, payload: dict[str, Any]) -> repo.OutboxEvent:
-    return repo.OutboxEvent(event_type=event_type, payload=payload, event_id=uuid.uuid4())
+@dataclass(frozen=True, slots=True)
+class _Start:
+    """What a start decided before its transaction: the user, their traits and the chosen path."""
+
+    user_id: str
+    plain: dict[str, Any]
+    personal: dict[str, Any]
+    path: PathDef
+    decision: Decision
+    now: datetime
+
+
+def _event(event_type: str, payload: dict[str, Any]) -> OutboxEvent:
+    return OutboxEvent.new(event_type, payload)
 
 
 def render_state(user_id: str, path: PathDef, row: repo.ProgressRow) -> OnboardingState:
@@ -123,41 +142,33 @@ def render_state(user_id: str, path: PathDef, row: repo.ProgressRow) -> Onboardi
 
 
 class OnboardingService:
-    """Start, complete and read, within the caller's tenant-bound transaction.
+    """Start, complete and read onboarding (see the module docstring for who owns the transaction).
 
-    ``keyring`` encrypts personal traits (set by the app at startup); without one,
-    a start that carries personal data is refused rather than stored in clear.
+    ``keyring`` encrypts personal traits; without one, a start that carries personal data is
+    refused rather than stored in clear. ``planner`` chooses paths (the targeting rules when
+    none is given; the wiring gives the ML slice's adaptive planner).
     """
 
     def __init__(
         self,
         catalogs: CatalogCache,
         keyring: DataKeyService | None = None,
-        planner: AdaptivePlanner | None = None,
+        planner: PathPlanner | None = None,
     ) -> None:
         self.catalogs = catalogs
         self.keyring = keyring
-        self.planner = planner
+        self.planner: PathPlanner = planner or RulesPlanner()
 
-    async def _seal(
-        self, conn: AsyncConnection, tenant_id: TenantId, user_id: str, personal: dict[str, Any]
-    ) -> tuple[str | None, bytes | None]:
-        """The personal traits as one ciphertext under the user's key, and the email's blind index."""
-        if not personal:
-            return None, None
-        if self.keyring is None:
-            raise RuntimeError("personal traits need a keyring; none is configured")
-        key = await self.keyring.user_key(conn, tenant_id, user_id, create=True)
-        sealed = key.encrypt(_json.encode(personal), FieldContext(tenant_id, "end_users", "pii", user_id))
-        email = personal.get("email")
-        index = await self.keyring.blind_index(conn, tenant_id, "email", email) if isinstance(email, str) else None
-        return sealed, index
+    async def catalog(self, uow: UnitOfWork, revision: int) -> PathCatalog:
+        """The tenant's current paths: from this process's cache, else one short read."""
+        cached = self.catalogs.cached(uow.tenant, revision)
+        if cached is not None:
+            return cached
+        return await uow.run(lambda tx: self.catalogs.catalog(tx, revision))
 
-    async def start(
-        self, conn: AsyncConnection, tenant_id: TenantId, revision: int, user_id: str, traits: Mapping[str, Any]
-    ) -> StartOutcome:
+    async def start(self, uow: UnitOfWork, revision: int, user_id: str, traits: Mapping[str, Any]) -> StartOutcome:
         clean = validate_traits(traits)
-        catalog = await self.catalogs.catalog(conn, tenant_id, revision)
+        catalog = await self.catalog(uow, revision)
         plain, personal = split_traits(clean, catalog.pii_traits)
         if "email" in personal and not valid_email(personal["email"]):
             raise ProblemError(
@@ -166,19 +177,28 @@ class OnboardingService:
                 "not an email address (at traits.email)",
                 errors=[{"key": "traits.email", "message": "not an email address"}],
             )
+        if personal and self.keyring is None:
+            raise RuntimeError("personal traits need a keyring; none is configured")
         began = time.perf_counter()
         now = datetime.now(UTC)
         with telemetry.tracer.start_as_current_span("path_planner.plan") as span:
-            if self.planner is not None:
-                decision = await self.planner.plan(str(tenant_id), user_id, catalog, clean, now)
-            else:
-                decision = planner.plan(catalog.current, catalog.default_key, clean)
+            decision = await self.planner.plan(str(uow.tenant), user_id, catalog, clean, now)
             span.set_attribute("firstmile.selected_by", decision.selected_by)
             span.set_attribute("firstmile.path", f"{decision.path_key}@{decision.path_version}")
             if decision.fallback_reason is not None:
                 span.set_attribute("firstmile.fallback_reason", decision.fallback_reason)
         telemetry.PATH_SELECTION_LATENCY.labels(decision.selected_by).observe(time.perf_counter() - began)
         path = next(p for p in catalog.current if p.key == decision.path_key)
+        start = _Start(user_id, plain, personal, path, decision, now)
+        if personal:
+            assert self.keyring is not None
+            # the key provider (network) is asked before the transaction opens, never inside it
+            return await self.keyring.run_with_keys(uow, lambda tx, keys: self._write_start(tx, start, keys))
+        return await uow.run(lambda tx: self._write_start(tx, start, None))
+
+    async def _write_start(self, tx: TenantTx, start: _Start, keys: TenantKeys | None) -> StartOutcome:
+        """The start's one transaction: user, progress, event and audit entry (database only)."""
+        path, decision, user_id, now = start.path, start.decision, start.user_id, start.now
         record = decision.as_record() | {"decided_at": now.isoformat()}
         first = domain.evaluate(path, ()).current_step
         event = _event(
@@ -189,15 +209,19 @@ class OnboardingService:
                 "path_version": path.version,
                 "current_step": first,
                 "decision": record,
-                "traits": plain,
+                "traits": start.plain,
             },
         )
-        sealed, email_index = await self._seal(conn, tenant_id, user_id, personal)
+        sealed, email_index = None, None
+        if keys is not None and start.personal:
+            key = await keys.user_key(tx, user_id, create=True)
+            sealed = key.encrypt(_json.encode(start.personal), FieldContext(tx.tenant, "end_users", "pii", user_id))
+            email = start.personal.get("email")
+            email_index = keys.blind_index("email", email) if isinstance(email, str) else None
         created = await repo.insert_start(
-            conn,
-            tenant_id,
+            tx,
             user_id,
-            plain,
+            start.plain,
             path.key,
             path.version,
             first,
@@ -209,16 +233,15 @@ class OnboardingService:
         )
         if created:
             await audit.append(
-                conn,
-                tenant_id,
+                tx,
                 "decision",
                 "path_planner",
                 user_id,
                 {
                     "decision": "path_selection",
                     "inputs": {
-                        "traits": plain,
-                        "personal_traits": sorted(personal),
+                        "traits": start.plain,
+                        "personal_traits": sorted(start.personal),
                         "features": record.get("features"),
                     },
                     "output": {"path_id": path.key, "path_version": path.version},
@@ -235,19 +258,36 @@ class OnboardingService:
             telemetry.ONBOARDING_STARTS.labels(decision.selected_by).inc()
             row = repo.ProgressRow(path.key, path.version, "in_progress", first, record, now, None, None, {})
             return StartOutcome(render_state(user_id, path, row), created=True)
-        return StartOutcome(await self.get(conn, tenant_id, user_id), created=False)
+        return StartOutcome(await self.get(tx, user_id), created=False)
 
-    async def get(self, conn: AsyncConnection, tenant_id: TenantId, user_id: str) -> OnboardingState:
-        row = await repo.get_progress(conn, tenant_id, user_id)
+    async def find_path(self, uow: UnitOfWork, revision: int, key: str, version: int | None) -> PathDef | None:
+        """A current path (``version`` None) or a stored version of one; None when the tenant has no such path."""
+        if version is None:
+            catalog = await self.catalog(uow, revision)
+            return next((p for p in catalog.current if p.key == key), None)
+
+        async def stored(tx: TenantTx) -> PathDef | None:
+            try:
+                return await self.catalogs.version(tx, key, version)
+            except NoResultFound:
+                return None
+
+        return await uow.run(stored)
+
+    async def progress(self, tx: TenantTx, user_id: str) -> repo.ProgressRow | None:
+        """The user's progress as stored, or None before they started."""
+        return await repo.get_progress(tx, user_id)
+
+    async def get(self, tx: TenantTx, user_id: str) -> OnboardingState:
+        row = await repo.get_progress(tx, user_id)
         if row is None:
             raise ProblemError(404, "user-not-found", f"user {user_id!r} has not started onboarding")
-        path = await self.catalogs.version(conn, tenant_id, row.path_key, row.path_version)
+        path = await self.catalogs.version(tx, row.path_key, row.path_version)
         return render_state(user_id, path, row)
 
     async def complete(
         self,
-        conn: AsyncConnection,
-        tenant_id: TenantId,
+        tx: TenantTx,
         user_id: str,
         step_id: str,
         occurred_at: datetime | None = None,
@@ -269,10 +309,10 @@ class OnboardingService:
                     "occurred_at is in the future (at occurred_at)",
                     errors=[{"key": "occurred_at", "message": "in the future"}],
                 )
-        row = await repo.get_progress(conn, tenant_id, user_id, for_update=True)
+        row = await repo.get_progress(tx, user_id, for_update=True)
         if row is None:
             raise ProblemError(404, "user-not-found", f"user {user_id!r} has not started onboarding")
-        path = await self.catalogs.version(conn, tenant_id, row.path_key, row.path_version)
+        path = await self.catalogs.version(tx, row.path_key, row.path_version)
         if path.step(step_id) is None:
             raise ProblemError(
                 404,
@@ -314,8 +354,7 @@ class OnboardingService:
         if completed_now:
             events.append(_event("onboarding.completed", base | {"occurred_at": at}))
         inserted = await repo.insert_completion(
-            conn,
-            tenant_id,
+            tx,
             user_id,
             step_id,
             path.key,
@@ -332,8 +371,7 @@ class OnboardingService:
         if inserted and source != "api":
             # An automated decision (a tracked event completed the step): it goes on the record.
             await audit.append(
-                conn,
-                tenant_id,
+                tx,
                 "decision",
                 "progress_evaluator",
                 user_id,
@@ -362,3 +400,37 @@ class OnboardingService:
             completions,
         )
         return render_state(user_id, path, new_row)
+
+
+# ---- what the slice holds about one end user: for the privacy slice's export and erasure ----
+
+HeldUser = repo.HeldUser
+
+
+async def held_user(tx: TenantTx, user_id: str) -> HeldUser:
+    """The user's profile (personal data still sealed), progress and completions, as stored."""
+    return await repo.held_user(tx, user_id)
+
+
+async def delete_user(tx: TenantTx, user_id: str) -> dict[str, int]:
+    """Delete the user's rows; how many of each table there were."""
+    return await repo.delete_user(tx, user_id)
+
+
+async def users_by_email_index(tx: TenantTx, index: bytes) -> list[str]:
+    """The users whose email has this blind index."""
+    return await repo.users_by_email_index(tx, index)
+
+
+async def recent_model_features(
+    conn: AsyncConnection, model: str, window: timedelta, tenant: uuid.UUID | None = None
+) -> list[dict[str, Any]]:
+    """The features of ``model``'s recent path decisions, across tenants or one (operator read, for drift)."""
+    return await repo.recent_model_features(conn, model, window.total_seconds(), tenant)
+
+
+async def model_outcomes(
+    conn: AsyncConnection, model: str, outcome: timedelta, tenant: uuid.UUID | None = None
+) -> list[tuple[float, bool]]:
+    """(predicted activation, activated within ``outcome``) of ``model``'s decisions old enough to know."""
+    return await repo.model_outcomes(conn, model, outcome.total_seconds(), tenant)

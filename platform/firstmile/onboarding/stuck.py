@@ -1,16 +1,21 @@
 """The progress evaluator's stuck detection: who is stuck, asked on a schedule.
 
 Per tenant with idle users (found through ``firstmile_stuck_tenants``, migration
-0007), one transaction:
+0007), under the ``worker:stuck-scan`` operator context:
 
-1. candidates: in-progress users idle for at least ``min_idle`` (no start or step
-   completion since) and not already flagged on their current step;
-2. their online features (feature store) and progress (step index, time on step);
-3. the stuck detector, in one batch behind the guarded inference client; when it
-   fails (timeout, open breaker, not deployed) the **time-based rule** decides:
-   stuck when the user has shown no activity for ``after`` (default 24 h);
-4. each stuck user: ``stuck_step``/``stuck_at`` set, an ``onboarding.stuck`` event in
-   the outbox (for the nudge executor) and a decision entry in the audit log.
+1. one read: candidates, in-progress users idle for at least ``min_idle`` (no start or step
+   completion since) and not already flagged on their current step, with their paths;
+2. outside any transaction (both talk to the network): their online features
+   (:class:`ActivitySource`) and the :class:`StuckDetector`, in one batch; when the detector
+   fails (timeout, open breaker, not deployed) the **time-based rule** decides: stuck when the
+   user has shown no activity for ``after`` (default 24 h);
+3. one write: each stuck user whose progress has not moved since the read gets
+   ``stuck_step``/``stuck_at``, an ``onboarding.stuck`` event in the outbox (for the nudge
+   executor) and a decision entry in the audit log. A user who completed a step meanwhile,
+   or whom a concurrent scan flagged first, is left alone (the update checks both).
+
+The detector is a port: the ML slice's model-backed one is wired in by the wiring; the
+onboarding slice knows only the time rule.
 """
 
 from __future__ import annotations
@@ -26,18 +31,51 @@ from typing import Any, Protocol
 
 from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from firstmile.audit import service as audit
 from firstmile.kit import telemetry
-from firstmile.kit.db import TenantId, authorise_tenant, run_in_tenant_transaction
-from firstmile.ml.inference import GuardedInference, InferenceError
+from firstmile.kit.db import TenantTx
+from firstmile.kit.scope import OperatorContext, TenantId
+from firstmile.kit.uow import UnitOfWork
 from firstmile.onboarding.catalog import CatalogCache
 
 log = logging.getLogger(__name__)
 
 STUCK_MODEL = "stuck_detector"
 TIME_RULE = "time_rule"
+WORKER = OperatorContext("worker:stuck-scan")
+
+
+class DetectorUnavailableError(Exception):
+    """The stuck detector could not answer; ``reason`` is what the decision records as the fallback cause."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The detector's answer for one user."""
+
+    stuck: bool
+    probability: float
+
+
+@dataclass(frozen=True, slots=True)
+class Verdicts:
+    version: str
+    verdicts: list[Verdict]
+
+
+class StuckDetector(Protocol):
+    """The stuck model behind its guard (``firstmile.ml.stuck.ModelStuckDetector``); network, never the database."""
+
+    async def detect(self, instances: list[dict[str, Any]]) -> Verdicts:
+        """One verdict per instance; :class:`DetectorUnavailableError` when it cannot answer."""
+        ...
+
 
 _TENANTS = text("SELECT tenant_id, candidates FROM firstmile_stuck_tenants(:idle)")
 _CANDIDATES = text(
@@ -45,16 +83,22 @@ _CANDIDATES = text(
     " FROM user_progress"
     " WHERE tenant_id = :tid AND status = 'in_progress' AND updated_at <= :idle_before"
     "  AND stuck_step IS DISTINCT FROM current_step"
-    " ORDER BY updated_at LIMIT :limit FOR UPDATE SKIP LOCKED"
+    " ORDER BY updated_at LIMIT :limit"
 )
+# Flags only users whose progress is as read (same step, same updated_at, not flagged meanwhile),
+# and writes events for exactly those: a user who moved on, or whom another scan flagged, is skipped.
 _FLAG = text(
     "WITH f AS ("
     " UPDATE user_progress p SET stuck_step = x.step, stuck_at = :now"
-    " FROM jsonb_to_recordset(:flags) AS x(user_id text, step text)"
-    " WHERE p.tenant_id = :tid AND p.user_id = x.user_id RETURNING 1"
+    " FROM jsonb_to_recordset(:flags) AS x(user_id text, step text, seen timestamptz)"
+    " WHERE p.tenant_id = :tid AND p.user_id = x.user_id AND p.status = 'in_progress'"
+    "  AND p.current_step = x.step AND p.updated_at = x.seen AND p.stuck_step IS DISTINCT FROM x.step"
+    " RETURNING p.user_id"
     ") INSERT INTO outbox (event_id, tenant_id, event_type, partition_key, payload, occurred_at)"
     " SELECT e.event_id, :tid, 'onboarding.stuck', :tid_text || ':' || (e.payload ->> 'user_id'), e.payload, :now"
     " FROM jsonb_to_recordset(:events) AS e(event_id uuid, payload jsonb)"
+    " JOIN f ON f.user_id = e.payload ->> 'user_id'"
+    " RETURNING payload ->> 'user_id'"
 ).bindparams(bindparam("flags", type_=JSONB), bindparam("events", type_=JSONB))
 
 
@@ -93,41 +137,32 @@ class StuckScanner:
         self,
         engine: AsyncEngine,
         catalogs: CatalogCache,
-        inference: GuardedInference | None,
+        detector: StuckDetector | None,
         activity: ActivitySource | None,
         *,
         after: timedelta = timedelta(hours=24),
         min_idle: timedelta = timedelta(hours=1),
         batch: int = 500,
-        timeout_s: float = 2.0,
     ) -> None:
         self.engine = engine
         self.catalogs = catalogs
-        self.inference = inference
+        self.detector = detector
         self.activity = activity
         self.after = after
         self.min_idle = min_idle
         self.batch = batch
-        self.timeout_s = timeout_s
 
     async def tenants(self) -> list[TenantId]:
         async with self.engine.connect() as conn:
             await conn.execution_options(isolation_level="AUTOCOMMIT")
             rows = (await conn.execute(_TENANTS, {"idle": self.min_idle.total_seconds()})).all()
-        return [authorise_tenant(r[0]) for r in rows]
+        return [WORKER.tenant(r[0]) for r in rows]
 
     async def run_once(self, now: datetime | None = None) -> list[StuckFlag]:
         flagged: list[StuckFlag] = []
         for tenant_id in await self.tenants():
-            at = now or datetime.now(UTC)
-
-            async def work(
-                conn: AsyncConnection, tenant_id: TenantId = tenant_id, at: datetime = at
-            ) -> list[StuckFlag]:
-                return await self.scan_tenant(conn, tenant_id, at)
-
             try:
-                flagged += await run_in_tenant_transaction(self.engine, tenant_id, work)
+                flagged += await self.scan_tenant(UnitOfWork(self.engine, tenant_id), now or datetime.now(UTC))
             except Exception:
                 log.exception("stuck scan failed", extra={"fields": {"tenant": str(tenant_id)}})
         return flagged
@@ -145,39 +180,35 @@ class StuckScanner:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=interval_s)
 
-    async def scan_tenant(self, conn: AsyncConnection, tenant_id: TenantId, now: datetime) -> list[StuckFlag]:
-        rows = (
-            await conn.execute(_CANDIDATES, {"tid": tenant_id, "idle_before": now - self.min_idle, "limit": self.batch})
-        ).all()
-        if not rows:
+    async def scan_tenant(self, uow: UnitOfWork, now: datetime) -> list[StuckFlag]:
+        """One tenant's scan: read, then ask (network), then write (see the module docstring)."""
+        candidates = await uow.run(lambda tx: self._candidates(tx, now))
+        if not candidates:
             return []
         known: dict[str, UserActivity] = {}
         if self.activity is not None:
             try:
-                known = await self.activity.activity(str(tenant_id), [r[0] for r in rows], now)
+                known = await self.activity.activity(str(uow.tenant), [c.user_id for c in candidates], now)
             except Exception as exc:  # the store is down: progress times alone
                 log.warning("feature store unavailable for stuck scan: %s", exc)
         instances: list[dict[str, Any]] = []
         idle_hours: list[float] = []
-        for user_id, path_key, path_version, current_step, updated_at, decided_features in rows:
-            path = await self.catalogs.version(conn, tenant_id, path_key, path_version)
-            required = [s.id for s in path.required_steps]
-            on_step_h = max(0.0, (now - updated_at).total_seconds() / 3600)
-            seen = known.get(user_id)
+        for c in candidates:
+            on_step_h = max(0.0, (now - c.updated_at).total_seconds() / 3600)
+            seen = known.get(c.user_id)
             idle = on_step_h
             if seen is not None and seen.hours_since_last_activity is not None:
                 idle = min(idle, seen.hours_since_last_activity)
             idle_hours.append(idle)
             # The detector was trained on the nine features as they were when onboarding started
             # (what the path decision recorded), plus live progress and activity below.
-            stored = decided_features or (seen.features if seen is not None else {})
-            features = dict(stored)
+            stored = c.decided_features or (seen.features if seen is not None else {})
             instances.append(
-                features
+                dict(stored)
                 | {
-                    "path": path_key,
-                    "step_index": float(required.index(current_step)) if current_step in required else 0.0,
-                    "steps_total": float(len(required)),
+                    "path": c.path_key,
+                    "step_index": float(c.required.index(c.current_step)) if c.current_step in c.required else 0.0,
+                    "steps_total": float(len(c.required)),
                     "hours_since_last_activity": idle,
                     "hours_on_current_step": on_step_h,
                     "events_last_24h": seen.events_last_24h if seen is not None else 0.0,
@@ -185,36 +216,58 @@ class StuckScanner:
             )
         verdicts = await self._detect(instances, idle_hours)
         flags = [
-            StuckFlag(str(tenant_id), row[0], row[1], row[3], by, version, prob, round(idle, 2), reason)
-            for row, idle, (stuck, by, version, prob, reason) in zip(rows, idle_hours, verdicts, strict=True)
+            (
+                c,
+                StuckFlag(
+                    str(uow.tenant), c.user_id, c.path_key, c.current_step, by, version, prob, round(idle, 2), why
+                ),
+            )
+            for c, idle, (stuck, by, version, prob, why) in zip(candidates, idle_hours, verdicts, strict=True)
             if stuck
         ]
-        if flags:
-            await self._record(conn, tenant_id, flags, now)
-        return flags
+        if not flags:
+            return []
+        return await uow.run(lambda tx: self._record(tx, flags, now))
+
+    async def _candidates(self, tx: TenantTx, now: datetime) -> list[_Candidate]:
+        rows = (
+            await tx.execute(_CANDIDATES, {"tid": tx.tenant, "idle_before": now - self.min_idle, "limit": self.batch})
+        ).all()
+        found: list[_Candidate] = []
+        for user_id, path_key, path_version, current_step, updated_at, decided_features in rows:
+            path = await self.catalogs.version(tx, path_key, path_version)
+            found.append(
+                _Candidate(
+                    user_id,
+                    path_key,
+                    current_step,
+                    updated_at,
+                    decided_features or {},
+                    tuple(s.id for s in path.required_steps),
+                )
+            )
+        return found
 
     async def _detect(
         self, instances: list[dict[str, Any]], idle_hours: list[float]
     ) -> list[tuple[bool, str, str | None, float | None, str | None]]:
         reason = "not_deployed"
-        if self.inference is not None:
+        if self.detector is not None:
             try:
-                result = await self.inference.predict(STUCK_MODEL, instances, timeout_s=self.timeout_s)
-                return [
-                    (bool(p["stuck"]), STUCK_MODEL, result.version, round(float(p["stuck_probability"]), 4), None)
-                    for p in result.predictions
-                ]
-            except InferenceError as exc:
+                result = await self.detector.detect(instances)
+                if len(result.verdicts) != len(instances):
+                    raise DetectorUnavailableError("bad_response", "one verdict per user expected")
+                return [(v.stuck, STUCK_MODEL, result.version, round(v.probability, 4), None) for v in result.verdicts]
+            except DetectorUnavailableError as exc:
                 reason = exc.reason
-            except (KeyError, TypeError, ValueError) as exc:
-                reason = "bad_response"
-                log.warning("stuck detector answered badly: %s", exc)
+                if reason == "bad_response":
+                    log.warning("stuck detector answered badly: %s", exc)
         limit = self.after.total_seconds() / 3600
         return [(idle >= limit, TIME_RULE, None, None, reason) for idle in idle_hours]
 
-    async def _record(self, conn: AsyncConnection, tenant_id: TenantId, flags: list[StuckFlag], now: datetime) -> None:
+    async def _record(self, tx: TenantTx, flags: list[tuple[_Candidate, StuckFlag]], now: datetime) -> list[StuckFlag]:
         events = []
-        for f in flags:
+        for _, f in flags:
             payload = {
                 "user_id": f.user_id,
                 "path_id": f.path_id,
@@ -226,20 +279,28 @@ class StuckScanner:
                 "fallback_reason": f.fallback_reason,
             }
             events.append({"event_id": str(uuid.uuid4()), "payload": payload})
-        await conn.execute(
-            _FLAG,
-            {
-                "tid": tenant_id,
-                "tid_text": str(tenant_id),
-                "now": now,
-                "flags": [{"user_id": f.user_id, "step": f.step_id} for f in flags],
-                "events": events,
-            },
-        )
-        for f, event in zip(flags, events, strict=True):
+        flagged = {
+            str(r[0])
+            for r in await tx.execute(
+                _FLAG,
+                {
+                    "tid": tx.tenant,
+                    "tid_text": str(tx.tenant),
+                    "now": now,
+                    "flags": [
+                        {"user_id": c.user_id, "step": c.current_step, "seen": c.updated_at.isoformat()}
+                        for c, _ in flags
+                    ],
+                    "events": events,
+                },
+            )
+        }
+        written: list[StuckFlag] = []
+        for (_, f), event in zip(flags, events, strict=True):
+            if f.user_id not in flagged:
+                continue  # moved on, or flagged by another scan, since the read
             await audit.append(
-                conn,
-                tenant_id,
+                tx,
                 "decision",
                 "progress_evaluator",
                 f.user_id,
@@ -256,3 +317,15 @@ class StuckScanner:
                 },
             )
             telemetry.STUCK_DETECTED.labels(f.detected_by).inc()
+            written.append(f)
+        return written
+
+
+@dataclass(frozen=True, slots=True)
+class _Candidate:
+    user_id: str
+    path_key: str
+    current_step: str
+    updated_at: datetime
+    decided_features: Mapping[str, Any]
+    required: tuple[str, ...]

@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get
 from litestar.params import FromPath, FromQuery
-from sqlalchemy.ext.asyncio import AsyncConnection
 
-from firstmile.analytics.queries import build_user_events
 from firstmile.kit.auth import Principal, require_scope
-from firstmile.kit.db import run_in_tenant_transaction
 from firstmile.kit.errors import ProblemError
-from firstmile.onboarding.api import USER_ID_RE, check_id
-from firstmile.onboarding.pii import valid_email
-from firstmile.privacy import service
-
-
-def _user_id(value: str) -> str:
-    return check_id(value, USER_ID_RE, "user_id")
-
-
-def _actor(principal: Principal) -> str:
-    return principal.actor
+from firstmile.kit.ids import check_user_id
+from firstmile.kit.uow import UnitOfWork
+from firstmile.privacy.service import PrivacyService
+from firstmile.security.personal_data import valid_email
 
 
 class ErasureResult(msgspec.Struct):
@@ -34,6 +23,10 @@ class ErasureResult(msgspec.Struct):
     event_id: str
     audit_seq: int
     downstream: str = "the user.erased event is on its way to analytics and features"
+
+
+def nothing_held(user_id: str) -> ProblemError:
+    return ProblemError(404, "user-not-found", f"nothing is held about user {user_id!r}")
 
 
 class UsersController(Controller):
@@ -48,41 +41,36 @@ class UsersController(Controller):
         description="Destroys the user's key (crypto-shredding), deletes their rows, emits user.erased for "
         "downstream stores, and audits it, in one transaction. 404 when nothing is held about the user.",
     )
-    async def erase(self, request: Request[Principal, Any, Any], user_id: FromPath[str]) -> Response[ErasureResult]:
-        _user_id(user_id)
-        principal = request.user
-        keyring = request.app.state.keyring
-
-        async def work(conn: AsyncConnection) -> service.Erasure | None:
-            return await service.erase(conn, keyring, principal.tenant_id, user_id, _actor(principal))
-
-        done = await run_in_tenant_transaction(request.app.state.engine, principal.tenant_id, work)
+    async def erase(
+        self, request: Request[Principal, Any, Any], user_id: FromPath[str], uow: UnitOfWork, privacy: PrivacyService
+    ) -> Response[ErasureResult]:
+        check_user_id(user_id)
+        done = await privacy.erase(uow, user_id, request.user.actor)
         if done is None:
-            raise ProblemError(404, "user-not-found", f"nothing is held about user {user_id!r}")
+            raise nothing_held(user_id)
         return Response(
             ErasureResult(done.user_id, done.key_destroyed, done.rows_deleted, str(done.event_id), done.audit_seq),
             status_code=202,
         )
 
-    @get("/{user_id:str}/export", summary="Export everything held about a user (GDPR art. 15/20)")
-    async def export(self, request: Request[Principal, Any, Any], user_id: FromPath[str]) -> dict[str, Any]:
-        _user_id(user_id)
-        principal = request.user
-        keyring = request.app.state.keyring
-
-        async def work(conn: AsyncConnection) -> dict[str, Any] | None:
-            return await service.export(conn, keyring, principal.tenant_id, user_id, _actor(principal))
-
-        document = await run_in_tenant_transaction(request.app.state.engine, principal.tenant_id, work)
+    @get(
+        "/{user_id:str}/export",
+        summary="Export everything held about a user (GDPR art. 15/20)",
+        description="The profile with personal data decrypted, onboarding progress, whether a personal-data key "
+        "exists, the audit entries about the user and their analytics events. 404 when nothing is held; 503 "
+        "(nothing exported, not audited) when the analytics store cannot answer in time.",
+    )
+    async def export(
+        self, request: Request[Principal, Any, Any], user_id: FromPath[str], uow: UnitOfWork, privacy: PrivacyService
+    ) -> dict[str, Any]:
+        check_user_id(user_id)
+        document = await privacy.export(uow, user_id, request.user.actor)
         if document is None:
-            raise ProblemError(404, "user-not-found", f"nothing is held about user {user_id!r}")
-        query = build_user_events(principal.tenant_id, user_id)
-        store = request.app.state.analytics_store
-        document["events"] = await asyncio.to_thread(store.query, query.sql, query.params)
+            raise nothing_held(user_id)
         return document
 
     @get("/", summary="Find users by email (keyed blind index; the email is never stored in clear)")
-    async def lookup(self, request: Request[Principal, Any, Any], email: FromQuery[str]) -> dict[str, list[str]]:
+    async def lookup(self, email: FromQuery[str], uow: UnitOfWork, privacy: PrivacyService) -> dict[str, list[str]]:
         if not valid_email(email):
             raise ProblemError(
                 400,
@@ -90,10 +78,4 @@ class UsersController(Controller):
                 "not an email address (at email)",
                 errors=[{"key": "email", "message": "not an email address", "source": "query"}],
             )
-        principal = request.user
-        keyring = request.app.state.keyring
-
-        async def work(conn: AsyncConnection) -> list[str]:
-            return await service.lookup_by_email(conn, keyring, principal.tenant_id, email)
-
-        return {"user_ids": await run_in_tenant_transaction(request.app.state.engine, principal.tenant_id, work)}
+        return {"user_ids": await privacy.lookup_by_email(uow, email)}

@@ -1,9 +1,20 @@
-"""Erasure, export and lookup of one end user, inside the caller's tenant transaction.
+"""Data-subject requests: erasure, export and lookup of one end user, for the API and the admin UI.
 
-Erasure destroys the user's key first (every ciphertext under it, in PostgreSQL,
-in outbox and Kafka payloads, becomes unreadable at once), deletes their rows,
-writes a ``user.erased`` event so downstream consumers (analytics, features)
-forget them, and appends an audit entry, all in one transaction.
+What Firstmile holds about a user is spread over slices, so this slice asks each through its
+public service: the onboarding rows (profile with sealed personal data, progress,
+completions), the user's key (security), the analytics rows (analytics) and the audit
+entries about them (audit). The API (``/v1/users``) and the admin UI (``/admin/api/users``)
+call the same :class:`PrivacyService`, so both export the same document.
+
+No network call happens inside a transaction: the analytics store is asked first (its
+timeout applies; a failed export writes nothing and is not audited), the tenant's key
+provider next when personal data must be decrypted, then one transaction reads, decrypts
+and audits.
+
+Erasure destroys the user's key first (every ciphertext under it, in PostgreSQL, in outbox
+and Kafka payloads, becomes unreadable at once), deletes their rows, writes a
+``user.erased`` event so downstream consumers (analytics, features) forget them, and
+appends an audit entry, all in one transaction.
 """
 
 from __future__ import annotations
@@ -14,38 +25,18 @@ from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
-from sqlalchemy import bindparam, text
-from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.ext.asyncio import AsyncConnection
 
+from firstmile.analytics.service import AnalyticsService
 from firstmile.audit import service as audit
-from firstmile.audit.repository import EntryFilter, list_entries
-from firstmile.kit.db import TenantId
+from firstmile.kit.db import TenantTx
+from firstmile.kit.outbox import USER_ERASED, OutboxEvent, enqueue
+from firstmile.kit.uow import UnitOfWork
+from firstmile.onboarding import service as onboarding
 from firstmile.security.crypto import DecryptionError, FieldContext
-from firstmile.security.datakeys import DataKeyService
+from firstmile.security.datakeys import DataKeyService, TenantKeys, destroy_user_key, has_user_key
 
-ERASED = "user.erased"
-
-_USER = text("SELECT traits, pii, created_at, updated_at FROM end_users WHERE tenant_id = :t AND user_id = :u")
-_PROGRESS = text(
-    "SELECT path_key, path_version, status, current_step, decision, started_at, activated_at, completed_at"
-    " FROM user_progress WHERE tenant_id = :t AND user_id = :u"
-)
-_COMPLETIONS = text(
-    "SELECT step_id, path_key, path_version, completed_at, occurred_at, source FROM step_completions"
-    " WHERE tenant_id = :t AND user_id = :u ORDER BY completed_at"
-)
-_COUNT = text(
-    "SELECT (SELECT count(*) FROM end_users WHERE tenant_id = :t AND user_id = :u),"
-    " (SELECT count(*) FROM user_progress WHERE tenant_id = :t AND user_id = :u),"
-    " (SELECT count(*) FROM step_completions WHERE tenant_id = :t AND user_id = :u)"
-)
-_DELETE = text("DELETE FROM end_users WHERE tenant_id = :t AND user_id = :u")  # progress and completions cascade
-_EVENT = text(
-    "INSERT INTO outbox (event_id, tenant_id, event_type, partition_key, payload, occurred_at)"
-    " VALUES (:e, :t, :type, :k, :p, :now)"
-).bindparams(bindparam("p", type_=JSONB))
-_BY_EMAIL = text("SELECT user_id FROM end_users WHERE tenant_id = :t AND email_index = :i ORDER BY user_id")
+ERASED = USER_ERASED
+MAX_AUDIT_ENTRIES = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,99 +48,119 @@ class Erasure:
     audit_seq: int
 
 
-async def erase(
-    conn: AsyncConnection, keyring: DataKeyService, tenant_id: TenantId, user_id: str, actor: str
-) -> Erasure | None:
-    """Erase one user; None when Firstmile holds nothing about them."""
-    counts = (await conn.execute(_COUNT, {"t": tenant_id, "u": user_id})).one()
-    key_destroyed = await keyring.destroy_user_key(conn, tenant_id, user_id)
-    if not key_destroyed and not any(counts):
-        return None
-    await conn.execute(_DELETE, {"t": tenant_id, "u": user_id})
-    now = datetime.now(UTC)
-    event_id = uuid.uuid4()
-    await conn.execute(
-        _EVENT,
-        {
-            "e": event_id,
-            "t": tenant_id,
-            "type": ERASED,
-            "k": f"{tenant_id}:{user_id}",
-            "p": {"user_id": user_id, "erased_at": now.isoformat()},
-            "now": now,
-        },
-    )
-    deleted = {"end_users": int(counts[0]), "user_progress": int(counts[1]), "step_completions": int(counts[2])}
-    entry = await audit.append(
-        conn,
-        tenant_id,
-        "erasure",
-        actor,
-        user_id,
-        {"key_destroyed": key_destroyed, "rows_deleted": deleted, "event_id": str(event_id)},
-    )
-    return Erasure(user_id, key_destroyed, deleted, event_id, entry.seq)
-
-
 def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
 
 
-async def export(
-    conn: AsyncConnection, keyring: DataKeyService, tenant_id: TenantId, user_id: str, actor: str
-) -> dict[str, Any] | None:
-    """Everything PostgreSQL holds about the user, personal data decrypted; None when nothing."""
-    row = (await conn.execute(_USER, {"t": tenant_id, "u": user_id})).first()
-    progress = (await conn.execute(_PROGRESS, {"t": tenant_id, "u": user_id})).first()
-    completions = (await conn.execute(_COMPLETIONS, {"t": tenant_id, "u": user_id})).all()
-    if row is None and progress is None:
-        return None
-    personal: dict[str, Any] = {}
-    if row is not None and row[1] is not None:
-        key = await keyring.user_key(conn, tenant_id, user_id)
-        try:
-            personal = msgspec.json.decode(key.decrypt(row[1], FieldContext(tenant_id, "end_users", "pii", user_id)))
-        except DecryptionError as exc:  # a tampered row: say so rather than export half a record
-            raise RuntimeError(f"the stored personal data of {user_id!r} does not decrypt: {exc}") from exc
-    entries = await list_entries(conn, tenant_id, EntryFilter(subject=user_id), 1000)
-    document: dict[str, Any] = {
-        "user_id": user_id,
-        "exported_at": datetime.now(UTC).isoformat(),
-        "profile": None
-        if row is None
-        else {"traits": row[0], "personal": personal, "created_at": _iso(row[2]), "updated_at": _iso(row[3])},
-        "onboarding": None
-        if progress is None
-        else {
-            "path_id": progress[0],
-            "path_version": progress[1],
-            "status": progress[2],
-            "current_step": progress[3],
-            "decision": progress[4],
-            "started_at": _iso(progress[5]),
-            "activated_at": _iso(progress[6]),
-            "completed_at": _iso(progress[7]),
-            "completions": [
-                {
-                    "step_id": c[0],
-                    "path_id": c[1],
-                    "path_version": c[2],
-                    "completed_at": _iso(c[3]),
-                    "occurred_at": _iso(c[4]),
-                    "source": c[5],
-                }
-                for c in completions
+class PrivacyService:
+    """Erase, export and look up end users of the unit of work's tenant."""
+
+    def __init__(self, keyring: DataKeyService, analytics: AnalyticsService) -> None:
+        self.keyring = keyring
+        self.analytics = analytics
+
+    async def erase(self, uow: UnitOfWork, user_id: str, actor: str) -> Erasure | None:
+        """Erase one user; None when Firstmile holds nothing about them."""
+        in_analytics = await self.analytics.holds_user(uow.tenant, user_id)
+
+        async def work(tx: TenantTx) -> Erasure | None:
+            key_destroyed = await destroy_user_key(tx, user_id)
+            deleted = await onboarding.delete_user(tx, user_id)
+            if not key_destroyed and not any(deleted.values()) and not in_analytics:
+                return None
+            now = datetime.now(UTC)
+            event = OutboxEvent.new(ERASED, {"user_id": user_id, "erased_at": now.isoformat()})
+            await enqueue(tx, [event], user_id=user_id, now=now)
+            entry = await audit.append(
+                tx,
+                "erasure",
+                actor,
+                user_id,
+                {"key_destroyed": key_destroyed, "rows_deleted": deleted, "event_id": str(event.event_id)},
+            )
+            return Erasure(user_id, key_destroyed, deleted, event.event_id, entry.seq)
+
+        return await uow.run(work)
+
+    async def export(self, uow: UnitOfWork, user_id: str, actor: str) -> dict[str, Any] | None:
+        """Everything held about the user, personal data decrypted; None when nothing is held."""
+        events = await self.analytics.user_events(uow.tenant, user_id)  # 503 here writes nothing
+
+        async def look(tx: TenantTx) -> tuple[onboarding.HeldUser, bool]:
+            return await onboarding.held_user(tx, user_id), await has_user_key(tx, user_id)
+
+        held, keyed = await uow.run(look)
+        if held.profile is None and held.progress is None and not keyed and not events:
+            return None
+
+        async def work(tx: TenantTx, keys: TenantKeys | None) -> dict[str, Any] | None:
+            return await self._document(tx, keys, user_id, actor, events)
+
+        if held.profile is not None and held.profile[1] is not None:  # sealed personal data to decrypt
+            return await self.keyring.run_with_keys(uow, work)
+        return await uow.run(lambda tx: work(tx, None))
+
+    async def _document(
+        self, tx: TenantTx, keys: TenantKeys | None, user_id: str, actor: str, events: list[dict[str, Any]]
+    ) -> dict[str, Any] | None:
+        held = await onboarding.held_user(tx, user_id)
+        keyed = await has_user_key(tx, user_id)
+        if held.profile is None and held.progress is None and not keyed and not events:
+            return None  # erased between the look and now
+        row, progress = held.profile, held.progress
+        personal: dict[str, Any] = {}
+        if row is not None and row[1] is not None:
+            if keys is None:
+                raise RuntimeError("personal data to decrypt, but no keys were fetched")
+            key = await keys.user_key(tx, user_id)
+            try:
+                personal = msgspec.json.decode(
+                    key.decrypt(row[1], FieldContext(tx.tenant, "end_users", "pii", user_id))
+                )
+            except DecryptionError as exc:  # a tampered row: say so rather than export half a record
+                raise RuntimeError(f"the stored personal data of {user_id!r} does not decrypt: {exc}") from exc
+        entries = await audit.entries_about(tx, user_id, MAX_AUDIT_ENTRIES)
+        document: dict[str, Any] = {
+            "user_id": user_id,
+            "exported_at": datetime.now(UTC).isoformat(),
+            "profile": None
+            if row is None
+            else {"traits": row[0], "personal": personal, "created_at": _iso(row[2]), "updated_at": _iso(row[3])},
+            "onboarding": None
+            if progress is None
+            else {
+                "path_id": progress[0],
+                "path_version": progress[1],
+                "status": progress[2],
+                "current_step": progress[3],
+                "decision": progress[4],
+                "started_at": _iso(progress[5]),
+                "activated_at": _iso(progress[6]),
+                "completed_at": _iso(progress[7]),
+                "completions": [
+                    {
+                        "step_id": c[0],
+                        "path_id": c[1],
+                        "path_version": c[2],
+                        "completed_at": _iso(c[3]),
+                        "occurred_at": _iso(c[4]),
+                        "source": c[5],
+                    }
+                    for c in held.completions
+                ],
+            },
+            "personal_data_key": keyed,
+            "decisions": [
+                {"seq": e.seq, "kind": e.kind, "actor": e.actor, "payload": e.payload, "at": _iso(e.created_at)}
+                for e in entries
             ],
-        },
-        "decisions": [
-            {"seq": e.seq, "kind": e.kind, "actor": e.actor, "payload": e.payload, "at": _iso(e.created_at)}
-            for e in entries
-        ],
-    }
-    await audit.append(conn, tenant_id, "admin", actor, user_id, {"action": "users.export"})
-    return document
+            "events": events,
+        }
+        await audit.append(tx, "admin", actor, user_id, {"action": "users.export"})
+        return document
 
-
-async def lookup_by_email(conn: AsyncConnection, keyring: DataKeyService, tenant_id: TenantId, email: str) -> list[str]:
-    index = await keyring.blind_index(conn, tenant_id, "email", email)
-    return [r[0] for r in await conn.execute(_BY_EMAIL, {"t": tenant_id, "i": index})]
+    async def lookup_by_email(self, uow: UnitOfWork, email: str) -> list[str]:
+        """The users whose email is ``email`` (blind index: the email is never stored in clear)."""
+        keys = await self.keyring.keys(uow)
+        index = keys.blind_index("email", email)
+        return await uow.run(lambda tx: onboarding.users_by_email_index(tx, index))

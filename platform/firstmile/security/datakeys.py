@@ -11,17 +11,19 @@ The hierarchy (docs/security.md):
 4. fields are encrypted under the user's key (or the TDK for rows that belong
    to no user) with :class:`firstmile.security.crypto.FieldKey`.
 
-Only step 2 needs the provider, and its plaintext is cached per process for
-``ttl_seconds`` or ``max_uses`` field operations, whichever ends first: one
-provider call per tenant per cache lifetime, however many records are written.
+Only step 2 needs the provider, and that is a network call (Vault over HTTP). It never
+happens inside a database transaction: :meth:`DataKeyService.keys` reads the tenant's
+wrapped keys in a short transaction of its own, unwraps them *outside* it (one provider
+call per key version per cache lifetime: ``ttl_seconds`` or ``max_uses`` field operations,
+whichever ends first) and returns a :class:`TenantKeys`. The caller then opens its
+transaction and does everything else (per-user keys, blind indexes, field encryption)
+with that object: local crypto and SQL only, so a retried transaction repeats no
+provider call. A tenant that has no data key yet (``tenants apply`` makes it) gets one
+the same way: provider first, then a short transaction of its own, so a key that
+encrypted data is never lost to a caller's rollback.
+
 Per-user keys are never cached across transactions, so destroying one
 (crypto-shredding) takes effect at once in every process.
-
-Functions take an :class:`~sqlalchemy.ext.asyncio.AsyncConnection` whose
-transaction is bound to the tenant (:func:`firstmile.kit.db.tenant_transaction`)
-and never commit, with one exception: a tenant's first data key is created and
-committed in its own short transaction on the service's engine, so a key that
-encrypted data can never be lost to the caller's rollback.
 """
 
 from __future__ import annotations
@@ -34,14 +36,17 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, TypeVar, cast
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from firstmile.kit.db import TenantId, tenant_transaction
+from firstmile.audit import service as audit
+from firstmile.kit.db import TenantTx, tenant_transaction
+from firstmile.kit.scope import TenantId
+from firstmile.kit.uow import UnitOfWork
 from firstmile.security.crypto import (
     KEY_BYTES,
     KIND_TENANT,
@@ -63,6 +68,8 @@ from firstmile.security.keys import (
     wrapped_scheme,
     wrapped_version,
 )
+from firstmile.tenancy import service as tenancy
+from firstmile.tenancy.manifest import KeysSpec
 
 log = logging.getLogger("firstmile.datakeys")
 T = TypeVar("T")
@@ -85,7 +92,11 @@ class TenantKeysMissingError(KeyProviderError):
 class ProviderSource(Protocol):
     """Finds the provider of a tenant, and the provider able to unwrap a given wrapped key."""
 
-    async def provider(self, conn: AsyncConnection, tenant: TenantId) -> KeyProvider: ...
+    async def provider(self, tx: TenantTx) -> KeyProvider: ...
+
+    def for_spec(self, spec: KeysSpec | None) -> KeyProvider:
+        """The provider a manifest's ``keys:`` section names (``tenants apply``, before the tenant is stored)."""
+        ...
 
     def for_wrapped(self, current: KeyProvider, wrapped: str) -> KeyProvider: ...
 
@@ -96,7 +107,10 @@ class StaticProviders:
     def __init__(self, provider: KeyProvider) -> None:
         self._provider = provider
 
-    async def provider(self, conn: AsyncConnection, tenant: TenantId) -> KeyProvider:
+    async def provider(self, tx: TenantTx) -> KeyProvider:
+        return self._provider
+
+    def for_spec(self, spec: KeysSpec | None) -> KeyProvider:
         return self._provider
 
     def for_wrapped(self, current: KeyProvider, wrapped: str) -> KeyProvider:
@@ -106,22 +120,18 @@ class StaticProviders:
 class ManifestProviders:
     """The provider named by the tenant's manifest ``keys:`` section, else the platform default.
 
-    Reads ``tenants.manifest -> 'keys'`` (visible to the application role for its own
-    tenant) only when the cache misses. Keys wrapped by the local KEK before a tenant
-    moved to its own Vault stay readable through the local provider until
+    Reads the section through the tenancy slice's service. Keys wrapped by the local KEK
+    before a tenant moved to its own Vault stay readable through the local provider until
     ``firstmile keys rotate`` moves them.
     """
 
     def __init__(self, registry: ProviderRegistry) -> None:
         self.registry = registry
 
-    async def provider(self, conn: AsyncConnection, tenant: TenantId) -> KeyProvider:
-        from firstmile.tenancy.manifest import KeysSpec
+    async def provider(self, tx: TenantTx) -> KeyProvider:
+        return self.registry.get(await tenancy.keys_spec(tx))
 
-        raw = (
-            await conn.execute(text("SELECT manifest -> 'keys' FROM tenants WHERE id = :t"), {"t": tenant})
-        ).scalar_one_or_none()
-        spec = KeysSpec.model_validate(raw) if raw else None
+    def for_spec(self, spec: KeysSpec | None) -> KeyProvider:
         return self.registry.get(spec)
 
     def for_wrapped(self, current: KeyProvider, wrapped: str) -> KeyProvider:
@@ -135,16 +145,12 @@ class ManifestProviders:
 # ---------------------------------------------------------------------------
 # SQL
 
+_ALL_WRAPPED = text(
+    "SELECT purpose, version, wrapped_key, retired_at IS NULL AS current FROM tenant_data_keys WHERE tenant_id = :t"
+)
 _CURRENT_TDK = text(
     "SELECT version, wrapped_key, true AS current FROM tenant_data_keys "
     "WHERE tenant_id = :t AND purpose = 'data' AND retired_at IS NULL"
-)
-_TDK_VERSION = text(
-    "SELECT version, wrapped_key, retired_at IS NULL AS current FROM tenant_data_keys "
-    "WHERE tenant_id = :t AND purpose = 'data' AND version = :v"
-)
-_INDEX_KEY = text(
-    "SELECT wrapped_key FROM tenant_data_keys WHERE tenant_id = :t AND purpose = 'index' AND retired_at IS NULL"
 )
 _INSERT_TDK = text(
     "INSERT INTO tenant_data_keys (tenant_id, purpose, version, wrapped_key, provider_key_version) "
@@ -160,6 +166,7 @@ _USER_KEY_GET_OR_CREATE = text(
     " LIMIT 1"
 )
 _DESTROY_USER_KEY = text("DELETE FROM user_keys WHERE tenant_id = :t AND user_id = :u RETURNING tdk_version")
+_HAS_USER_KEY = text("SELECT 1 FROM user_keys WHERE tenant_id = :t AND user_id = :u")
 
 
 def _user_key_aad(tenant: uuid.UUID, user_id: str, tdk_version: int) -> bytes:
@@ -193,7 +200,7 @@ async def _call(provider: KeyProvider, fn: Callable[..., T], *args: Any) -> T:
 
 
 # ---------------------------------------------------------------------------
-# the service
+# a tenant's unwrapped keys, for one transaction
 
 
 @dataclass(slots=True)
@@ -203,10 +210,122 @@ class _Cached:
     expires: float
 
 
-class DataKeyService:
-    """Tenant data keys (cached), blind-index keys and per-user keys for one process.
+@dataclass(frozen=True, slots=True)
+class _WrappedRow:
+    purpose: str
+    version: int
+    wrapped: str
+    current: bool
 
-    ``ttl_seconds=0`` disables the cache: every operation unwraps through the provider.
+
+@dataclass(slots=True)
+class TenantKeys:
+    """A tenant's data keys, unwrapped before the transaction that uses them.
+
+    Everything here is local crypto and SQL on ``user_keys``: no provider call, so it
+    is safe inside a transaction that may be retried.
+    """
+
+    tenant: TenantId
+    current_version: int
+    _data: dict[int, _Cached]
+    _index: IndexKey | None = field(default=None)
+
+    def data_key(self, version: int | None = None) -> FieldKey:
+        """The current data key (``None``, for encryption) or a given version (for decryption)."""
+        wanted = self.current_version if version is None else version
+        entry = self._data.get(wanted)
+        if entry is None:
+            raise TenantKeysMissingError(f"tenant {self.tenant} has no data key version {wanted}")
+        return entry.key
+
+    def _raw(self, version: int) -> bytes:
+        entry = self._data.get(version)
+        if entry is None:
+            raise TenantKeysMissingError(f"tenant {self.tenant} has no data key version {version}")
+        entry.key.uses += 1
+        return entry.raw
+
+    @property
+    def index_key(self) -> IndexKey:
+        """The tenant's blind-index key (stable across data key and provider rotations)."""
+        if self._index is None:
+            raise TenantKeysMissingError(f"tenant {self.tenant} has a data key but no index key")
+        return self._index
+
+    def blind_index(self, field_name: str, value: str) -> bytes:
+        return self.index_key.blind_index(field_name, value)
+
+    async def user_key(self, tx: TenantTx, user_id: str, *, create: bool = False) -> FieldKey:
+        """The user's field key; ``create=True`` makes one (in ``tx``) if missing.
+
+        Without ``create``, a missing key raises :class:`UserKeyMissingError`: the user's
+        fields are unreadable for good once it has been destroyed.
+        """
+        self._check(tx)
+        if create:
+            fresh = os.urandom(KEY_BYTES)
+            version = self.current_version
+            wrapped = wrap_key(self._raw(version), fresh, _user_key_aad(self.tenant, user_id, version))
+            params = {"t": self.tenant, "u": user_id, "v": version, "w": wrapped}
+            row = (await tx.execute(_USER_KEY_GET_OR_CREATE, params)).first()
+            if row is None:  # a concurrent transaction inserted it after our snapshot was taken
+                row = (await tx.execute(_USER_KEY, {"t": self.tenant, "u": user_id})).first()
+        else:
+            row = (await tx.execute(_USER_KEY, {"t": self.tenant, "u": user_id})).first()
+        if row is None:
+            raise UserKeyMissingError(
+                f"user {user_id!r} has no key: never created, or destroyed by erasure (their fields are unreadable)"
+            )
+        tdk_version, wrapped_user = int(row[0]), bytes(row[1])
+        raw = unwrap_key(self._raw(tdk_version), wrapped_user, _user_key_aad(self.tenant, user_id, tdk_version))
+        return FieldKey(raw, KIND_USER, 0)
+
+    async def encrypt(
+        self, tx: TenantTx, value: str | bytes, context: FieldContext, *, user_id: str | None = None
+    ) -> str:
+        """Encrypt under the user's key (created if missing) or, without ``user_id``, the current TDK."""
+        if context.tenant_id != self.tenant:
+            raise ValueError("context.tenant_id must be the tenant the key belongs to")
+        key = self.data_key() if user_id is None else await self.user_key(tx, user_id, create=True)
+        return key.encrypt(value, context)
+
+    async def decrypt(self, tx: TenantTx, token: str, context: FieldContext, *, user_id: str | None = None) -> bytes:
+        """Decrypt with the key the ciphertext's header names; raises :class:`DecryptionError`."""
+        header = parse_header(token)
+        if header.kind == KIND_USER:
+            if user_id is None:
+                raise DecryptionError("this ciphertext is under a user key: pass user_id")
+            key = await self.user_key(tx, user_id)
+        elif header.kind == KIND_TENANT:
+            key = self.data_key(header.key_version)
+        else:
+            raise DecryptionError(f"unknown key kind {header.kind}")
+        return key.decrypt(token, context)
+
+    def _check(self, tx: TenantTx) -> None:
+        if tx.tenant != self.tenant:
+            raise ValueError("these keys belong to another tenant than the transaction")
+
+
+async def destroy_user_key(tx: TenantTx, user_id: str) -> bool:
+    """Delete the user's wrapped key (crypto-shredding): irrecoverable once committed."""
+    return (await tx.execute(_DESTROY_USER_KEY, {"t": tx.tenant, "u": user_id})).first() is not None
+
+
+async def has_user_key(tx: TenantTx, user_id: str) -> bool:
+    """Whether the user has a key (an export names it; never its value)."""
+    return (await tx.execute(_HAS_USER_KEY, {"t": tx.tenant, "u": user_id})).first() is not None
+
+
+# ---------------------------------------------------------------------------
+# the service
+
+
+class DataKeyService:
+    """Tenant data keys (cached per process) for the API and the workers.
+
+    ``ttl_seconds=0`` disables the cache: every :meth:`keys` unwraps through the provider.
     """
 
     def __init__(
@@ -225,8 +344,9 @@ class DataKeyService:
         self.ttl_seconds = ttl_seconds
         self.max_uses = max_uses
         self._clock = clock
-        self._data: dict[tuple[uuid.UUID, int | None], _Cached] = {}
-        self._index: dict[uuid.UUID, tuple[IndexKey, float]] = {}
+        self._data: dict[tuple[uuid.UUID, int], _Cached] = {}
+        self._index: dict[uuid.UUID, tuple[int, str, IndexKey]] = {}
+        self._sets: dict[uuid.UUID, TenantKeys] = {}
         self._locks: dict[uuid.UUID, asyncio.Lock] = {}
 
     @classmethod
@@ -239,17 +359,17 @@ class DataKeyService:
             max_uses=config.cache_max_uses,
         )
 
-    # -- cache ------------------------------------------------------------
-
     def invalidate(self, tenant: uuid.UUID | None = None) -> None:
         """Forget cached keys (of one tenant, or all)."""
         if tenant is None:
             self._data.clear()
             self._index.clear()
+            self._sets.clear()
             return
         for cache_key in [k for k in self._data if k[0] == tenant]:
             del self._data[cache_key]
         self._index.pop(tenant, None)
+        self._sets.pop(tenant, None)
 
     def _fresh(self, entry: _Cached | None) -> bool:
         return entry is not None and entry.expires > self._clock() and entry.key.uses < self.max_uses
@@ -260,178 +380,92 @@ class DataKeyService:
             lock = self._locks[tenant] = asyncio.Lock()
         return lock
 
-    def _remember(self, tenant: uuid.UUID, version: int, raw: bytes, *, current: bool) -> _Cached:
-        entry = _Cached(FieldKey(raw, KIND_TENANT, version), raw, self._clock() + self.ttl_seconds)
-        if self.ttl_seconds > 0:
-            self._data[(tenant, version)] = entry
-            if current:
-                self._data[(tenant, None)] = entry
-        return entry
+    async def keys(self, uow: UnitOfWork) -> TenantKeys:
+        """The tenant's unwrapped data keys, for a transaction the caller opens afterwards.
 
-    # -- tenant data keys -------------------------------------------------
-
-    async def data_key(self, conn: AsyncConnection, tenant: TenantId, version: int | None = None) -> FieldKey:
-        """The tenant's current data key (``version=None``, for encryption) or a given version."""
-        return (await self._tdk(conn, tenant, version)).key
-
-    async def _tdk(self, conn: AsyncConnection, tenant: TenantId, version: int | None) -> _Cached:
-        entry = self._data.get((tenant, version))
-        if self._fresh(entry):
-            assert entry is not None
-            return entry
-        async with self._lock(tenant):  # one provider call per miss, however many requests wait
-            entry = self._data.get((tenant, version))
-            if self._fresh(entry):
-                assert entry is not None
-                return entry
-            row = (
-                await conn.execute(_CURRENT_TDK if version is None else _TDK_VERSION, {"t": tenant, "v": version})
-            ).first()
-            if row is None:
-                if version is not None:
-                    raise TenantKeysMissingError(f"tenant {tenant} has no data key version {version}")
-                return await self._create_first(conn, tenant)
-            known = self._data.get((tenant, row.version))
-            if known is not None and self._fresh(known):  # cached under its version: now known as current
-                if row.current and self.ttl_seconds > 0:
-                    self._data[(tenant, None)] = known
-                return known
-            current = await self.providers.provider(conn, tenant)
-            provider = self.providers.for_wrapped(current, row.wrapped_key)
-            raw = await _call(provider, provider.unwrap, tenant, row.wrapped_key)
-            return self._remember(tenant, row.version, raw, current=bool(row.current))
-
-    async def _create_first(self, conn: AsyncConnection, tenant: TenantId) -> _Cached:
-        """Create the tenant's first data and index keys, committed on their own before any use."""
-        provider = await self.providers.provider(conn, tenant)
-        async with tenant_transaction(self.engine, tenant) as own:
-            created = await create_tenant_keys(own, tenant, provider)
-            if created is None:  # another process won the race: its row is committed now
-                row = (await own.execute(_CURRENT_TDK, {"t": tenant})).one()
-                raw = await _call(provider, provider.unwrap, tenant, row.wrapped_key)
-                version = row.version
-            else:
-                version, raw = created
-        return self._remember(tenant, version, raw, current=True)
-
-    async def has_tenant_keys(self, conn: AsyncConnection, tenant: TenantId) -> bool:
-        """Whether the tenant has a current data key (what ``tenants plan`` asks; no provider call)."""
-        return (await conn.execute(_CURRENT_TDK, {"t": tenant})).first() is not None
-
-    async def ensure_tenant_keys(self, conn: AsyncConnection, tenant: TenantId) -> bool:
-        """Create the tenant's provider key, first data key and index key if missing (on ``conn``).
-
-        For provisioning (e.g. ``tenants apply``): the caller commits. Nothing is cached.
-        Returns True if keys were created.
+        A short read transaction finds the wrapped keys; the provider unwraps the ones not
+        cached, outside any transaction. A tenant without keys gets them (provider first,
+        then a transaction of their own).
         """
-        if (await conn.execute(_CURRENT_TDK, {"t": tenant})).first() is not None:
-            return False
-        provider = await self.providers.provider(conn, tenant)
-        return await create_tenant_keys(conn, tenant, provider) is not None
+        tenant = uow.tenant
+        known = self._sets.get(tenant)
+        if known is not None and all(self._fresh(entry) for entry in known._data.values()):
+            return known  # nothing to read or unwrap: no round trip at all
+        async with self._lock(tenant):  # one provider call per miss, however many requests wait
+            rows, provider = await uow.run(lambda tx: self._read(tx))
+            if not any(r.purpose == "data" for r in rows):
+                await self._create_first(uow, provider)
+                rows, provider = await uow.run(lambda tx: self._read(tx))
+            data: dict[int, _Cached] = {}
+            current = 0
+            for row in rows:
+                if row.purpose != "data":
+                    continue
+                if row.current:
+                    current = row.version
+                entry = self._data.get((tenant, row.version))
+                if not self._fresh(entry):
+                    origin = self.providers.for_wrapped(provider, row.wrapped)
+                    raw = await _call(origin, origin.unwrap, tenant, row.wrapped)
+                    entry = _Cached(FieldKey(raw, KIND_TENANT, row.version), raw, self._clock() + self.ttl_seconds)
+                    if self.ttl_seconds > 0:
+                        self._data[(tenant, row.version)] = entry
+                assert entry is not None
+                data[row.version] = entry
+            if current == 0:
+                raise TenantKeysMissingError(f"tenant {tenant} has no current data key")
+            keys = TenantKeys(tenant, current, data)
+            index_row = next((r for r in rows if r.purpose == "index" and r.current), None)
+            if index_row is not None:
+                keys._index = self._index_key(keys, index_row)
+            if self.ttl_seconds > 0:
+                self._sets[tenant] = keys
+            return keys
 
-    # -- blind index ------------------------------------------------------
+    async def run_with_keys(self, uow: UnitOfWork, work: Callable[[TenantTx, TenantKeys], Awaitable[T]]) -> T:
+        """``work`` in one transaction of ``uow`` with the tenant's keys, fetched before it opens.
 
-    async def index_key(self, conn: AsyncConnection, tenant: TenantId) -> IndexKey:
-        """The tenant's blind-index key (stable across data key and provider rotations)."""
-        cached = self._index.get(tenant)
-        if cached is not None and cached[1] > self._clock() and cached[0].uses < self.max_uses:
-            return cached[0]
-        wrapped = (await conn.execute(_INDEX_KEY, {"t": tenant})).scalar_one_or_none()
-        if wrapped is None:
-            await self._tdk(conn, tenant, None)  # creates both keys for a new tenant
-            wrapped = (await conn.execute(_INDEX_KEY, {"t": tenant})).scalar_one_or_none()
-            if wrapped is None:
-                raise TenantKeysMissingError(f"tenant {tenant} has a data key but no index key")
-        tdk_version, sealed = _parse_index(wrapped)
-        tdk = await self._tdk(conn, tenant, tdk_version)
-        tdk.key.uses += 1
+        When the transaction meets a key version the cached keys lack (another process
+        rotated the tenant's data key meanwhile), the keys are fetched again and the work
+        runs once more: still no provider call inside a transaction.
+        """
+        keys = await self.keys(uow)
         try:
-            raw = unwrap_key(tdk.raw, sealed, _index_key_aad(tenant, tdk_version))
+            return await uow.run(lambda tx: work(tx, keys))
+        except TenantKeysMissingError:
+            self.invalidate(uow.tenant)
+            keys = await self.keys(uow)
+            return await uow.run(lambda tx: work(tx, keys))
+
+    async def _read(self, tx: TenantTx) -> tuple[list[_WrappedRow], KeyProvider]:
+        rows = [
+            _WrappedRow(r[0], int(r[1]), r[2], bool(r[3])) for r in await tx.execute(_ALL_WRAPPED, {"t": tx.tenant})
+        ]
+        return rows, await self.providers.provider(tx)
+
+    def _index_key(self, keys: TenantKeys, row: _WrappedRow) -> IndexKey:
+        cached = self._index.get(keys.tenant)
+        if cached is not None and cached[0] == row.version and cached[1] == row.wrapped:
+            return cached[2]
+        tdk_version, sealed = _parse_index(row.wrapped)
+        try:
+            raw = unwrap_key(keys._raw(tdk_version), sealed, _index_key_aad(keys.tenant, tdk_version))
         except DecryptionError as exc:
-            raise KeyProviderError(f"index key of tenant {tenant} does not unwrap: tampered or misplaced") from exc
+            raise KeyProviderError(f"index key of tenant {keys.tenant} does not unwrap: tampered or misplaced") from exc
         key = IndexKey(raw)
         if self.ttl_seconds > 0:
-            self._index[tenant] = (key, self._clock() + self.ttl_seconds)
+            self._index[keys.tenant] = (row.version, row.wrapped, key)
         return key
 
-    async def blind_index(self, conn: AsyncConnection, tenant: TenantId, field: str, value: str) -> bytes:
-        return (await self.index_key(conn, tenant)).blind_index(field, value)
+    async def _create_first(self, uow: UnitOfWork, provider: KeyProvider) -> None:
+        """Create the tenant's first data and index keys: the provider first, then their own transaction."""
+        material = await new_tenant_keys(provider, uow.tenant)
+        await uow.run(lambda tx: store_tenant_keys(tx, material))
 
-    # -- per-user keys ----------------------------------------------------
 
-    async def user_key(
-        self, conn: AsyncConnection, tenant: TenantId, user_id: str, *, create: bool = False
-    ) -> FieldKey:
-        """The user's field key; ``create=True`` makes one (in the caller's transaction) if missing.
-
-        Without ``create``, a missing key raises :class:`UserKeyMissingError`: the user's
-        fields are unreadable for good once it has been destroyed.
-        """
-        if create:
-            current = await self._tdk(conn, tenant, None)
-            fresh = os.urandom(KEY_BYTES)
-            wrapped = wrap_key(current.raw, fresh, _user_key_aad(tenant, user_id, current.key.version))
-            current.key.uses += 1
-            params = {"t": tenant, "u": user_id, "v": current.key.version, "w": wrapped}
-            row = (await conn.execute(_USER_KEY_GET_OR_CREATE, params)).first()
-            if row is None:  # a concurrent transaction inserted it after our snapshot was taken
-                row = (await conn.execute(_USER_KEY, {"t": tenant, "u": user_id})).first()
-        else:
-            row = (await conn.execute(_USER_KEY, {"t": tenant, "u": user_id})).first()
-        if row is None:
-            raise UserKeyMissingError(
-                f"user {user_id!r} has no key: never created, or destroyed by erasure (their fields are unreadable)"
-            )
-        tdk_version, wrapped_user = int(row[0]), bytes(row[1])
-        tdk = await self._tdk(conn, tenant, tdk_version)
-        tdk.key.uses += 1
-        raw = unwrap_key(tdk.raw, wrapped_user, _user_key_aad(tenant, user_id, tdk_version))
-        return FieldKey(raw, KIND_USER, 0)
-
-    async def destroy_user_key(self, conn: AsyncConnection, tenant: TenantId, user_id: str) -> bool:
-        """Delete the user's wrapped key (crypto-shredding): irrecoverable once committed."""
-        return (await conn.execute(_DESTROY_USER_KEY, {"t": tenant, "u": user_id})).first() is not None
-
-    # -- convenience ------------------------------------------------------
-
-    async def encrypt(
-        self,
-        conn: AsyncConnection,
-        tenant: TenantId,
-        value: str | bytes,
-        context: FieldContext,
-        *,
-        user_id: str | None = None,
-    ) -> str:
-        """Encrypt under the user's key (created if missing) or, without ``user_id``, the current TDK."""
-        if context.tenant_id != tenant:
-            raise ValueError("context.tenant_id must be the tenant the key belongs to")
-        if user_id is None:
-            key = await self.data_key(conn, tenant)
-        else:
-            key = await self.user_key(conn, tenant, user_id, create=True)
-        return key.encrypt(value, context)
-
-    async def decrypt(
-        self,
-        conn: AsyncConnection,
-        tenant: TenantId,
-        token: str,
-        context: FieldContext,
-        *,
-        user_id: str | None = None,
-    ) -> bytes:
-        """Decrypt with the key the ciphertext's header names; raises :class:`DecryptionError`."""
-        header = parse_header(token)
-        if header.kind == KIND_USER:
-            if user_id is None:
-                raise DecryptionError("this ciphertext is under a user key: pass user_id")
-            key = await self.user_key(conn, tenant, user_id)
-        elif header.kind == KIND_TENANT:
-            key = await self.data_key(conn, tenant, header.key_version)
-        else:
-            raise DecryptionError(f"unknown key kind {header.kind}")
-        return key.decrypt(token, context)
+def as_source(provider: KeyProvider | ProviderSource) -> ProviderSource:
+    """A provider source from a single provider (every tenant) or a source as it is."""
+    return _as_source(provider)
 
 
 def _as_source(provider: KeyProvider | ProviderSource) -> ProviderSource:
@@ -440,28 +474,47 @@ def _as_source(provider: KeyProvider | ProviderSource) -> ProviderSource:
     return StaticProviders(provider)
 
 
-async def create_tenant_keys(
-    conn: AsyncConnection, tenant: TenantId, provider: KeyProvider
-) -> tuple[int, bytes] | None:
-    """Provider key, TDK v1 and index key v1 for a tenant, inserted on ``conn``.
+# ---------------------------------------------------------------------------
+# provisioning (``tenants apply``): provider calls, then SQL
 
-    Returns ``(version, plaintext)`` of the new TDK, or None if the tenant already had one.
-    The provider is called before anything is written: if it is down, nothing is.
-    """
+
+@dataclass(frozen=True, slots=True)
+class NewTenantKeys:
+    """A new tenant's first data key (wrapped by its provider) and index key (wrapped by the data key)."""
+
+    tenant: uuid.UUID
+    data_wrapped: str
+    data_provider_version: int | None
+    index_wrapped: str
+    provider_kind: str
+    plaintext: bytes = field(repr=False)
+
+
+async def new_tenant_keys(provider: KeyProvider, tenant: uuid.UUID) -> NewTenantKeys:
+    """Make the tenant's provider key, data key v1 and index key v1 (network; no database)."""
     await _call(provider, provider.create_key, tenant)
     data_key = await _call(provider, provider.generate_data_key, tenant)
-    inserted = (
-        await conn.execute(
-            _INSERT_TDK,
-            {"t": tenant, "purpose": "data", "v": 1, "w": data_key.wrapped, "pv": data_key.key_version},
-        )
-    ).first()
-    if inserted is None:
-        return None
     index_wrapped = _wrap_index(data_key.plaintext, tenant, 1, os.urandom(KEY_BYTES))
-    await conn.execute(_INSERT_TDK, {"t": tenant, "purpose": "index", "v": 1, "w": index_wrapped, "pv": None})
-    log.info("created tenant data keys", extra={"fields": {"tenant": str(tenant), "provider": provider.kind}})
-    return 1, data_key.plaintext
+    return NewTenantKeys(
+        tenant, data_key.wrapped, data_key.key_version, index_wrapped, provider.kind, data_key.plaintext
+    )
+
+
+async def store_tenant_keys(tx: TenantTx, keys: NewTenantKeys) -> bool:
+    """Insert keys made by :func:`new_tenant_keys`; False if the tenant had a data key already."""
+    if keys.tenant != tx.tenant:
+        raise ValueError("these keys were made for another tenant")
+    params = {"t": tx.tenant, "purpose": "data", "v": 1, "w": keys.data_wrapped, "pv": keys.data_provider_version}
+    if (await tx.execute(_INSERT_TDK, params)).first() is None:
+        return False
+    await tx.execute(_INSERT_TDK, {"t": tx.tenant, "purpose": "index", "v": 1, "w": keys.index_wrapped, "pv": None})
+    log.info("created tenant data keys", extra={"fields": {"tenant": str(tx.tenant), "provider": keys.provider_kind}})
+    return True
+
+
+async def has_tenant_keys(tx: TenantTx) -> bool:
+    """Whether the tenant has a current data key (what ``tenants plan`` asks; no provider call)."""
+    return (await tx.execute(_CURRENT_TDK, {"t": tx.tenant})).first() is not None
 
 
 # ---------------------------------------------------------------------------
@@ -488,20 +541,41 @@ class RotationResult:
 
 _ALL_TDKS = text(
     "SELECT purpose, version, wrapped_key, retired_at IS NULL AS current FROM tenant_data_keys "
-    "WHERE tenant_id = :t ORDER BY purpose, version FOR UPDATE"
+    "WHERE tenant_id = :t ORDER BY purpose, version"
 )
+_LOCK_TDKS = text(_ALL_TDKS.text + " FOR UPDATE")
 _UPDATE_WRAPPED = text(
     "UPDATE tenant_data_keys SET wrapped_key = :w, provider_key_version = :pv "
     "WHERE tenant_id = :t AND purpose = :purpose AND version = :v"
 )
+_RETIRE_DATA = text(
+    "UPDATE tenant_data_keys SET retired_at = now() WHERE tenant_id = :t AND purpose = 'data' AND retired_at IS NULL"
+)
+_COUNT_USER_KEYS = text("SELECT count(*) FROM user_keys WHERE tenant_id = :t")
+
+
+class RotationConflictError(KeyProviderError):
+    """The tenant's keys changed while the rotation talked to the provider; nothing was written."""
+
+
+@dataclass(frozen=True, slots=True)
+class _RotationPlan:
+    """What the rotation will write, computed with the provider before the write transaction."""
+
+    read: tuple[tuple[str, int, str, bool], ...]
+    updates: tuple[tuple[str, int, str], ...]  # (purpose, version, new wrapped key)
+    new_data: tuple[int, str, int | None] | None  # (version, wrapped, provider key version)
+    moved: dict[str, int]
 
 
 async def rotate_tenant(
-    conn: AsyncConnection,
+    engine: AsyncEngine,
     tenant: TenantId,
     providers: ProviderSource | KeyProvider,
     *,
     new_data_key: bool = False,
+    actor: str,
+    subject: str,
 ) -> RotationResult:
     """Rotate the tenant's provider key and rewrap every stored TDK under the new version.
 
@@ -512,102 +586,124 @@ async def rotate_tenant(
     new user keys and tenant-level fields (old versions stay for reading), and the
     index key is rewrapped under it (its value, hence every blind index, is kept).
 
-    Runs in the caller's transaction (the schema owner's, bound to the tenant): all
-    rows change or none do. If the provider fails half-way, the transaction rolls
-    back and the old wrapped keys, still valid, stay.
+    An operator task on ``engine`` (the schema owner's), in three steps so that no
+    provider call happens inside a database transaction: read the wrapped keys; ask the
+    provider for the new wrappings; write them all in one transaction that first checks,
+    under row locks, that the keys are still the ones read (else
+    :class:`RotationConflictError` and nothing changes). If the provider fails half-way,
+    nothing was written and the old wrapped keys, still valid, stay. The ``keys.rotate``
+    audit entry (``actor``, ``subject``) is written in the same transaction.
     """
     source = _as_source(providers)
-    provider = await source.provider(conn, tenant)
-    rows = (await conn.execute(_ALL_TDKS, {"t": tenant})).all()
+    async with tenant_transaction(engine, tenant) as tx:
+        rows = tuple((r[0], int(r[1]), str(r[2]), bool(r[3])) for r in await tx.execute(_ALL_TDKS, {"t": tenant}))
+        provider = await source.provider(tx)
+
     await _call(provider, provider.create_key, tenant)
     new_version = await _call(provider, provider.rotate, tenant)
     info = await _call(provider, provider.key_info, tenant)
 
-    if not any(r.purpose == "data" for r in rows):
-        await create_tenant_keys(conn, tenant, provider)
-        return RotationResult(str(tenant), provider.kind, info.name, new_version, 0, {}, 1, False, False, 0)
+    if not any(purpose == "data" for purpose, _, _, _ in rows):
+        material = await new_tenant_keys(provider, tenant)
+        async with tenant_transaction(engine, tenant) as tx:
+            await store_tenant_keys(tx, material)
+            result = RotationResult(str(tenant), provider.kind, info.name, new_version, 0, {}, 1, False, False, 0)
+            await _audit_rotation(tx, result, actor, subject)
+        return result
 
-    rewrapped = 0
-    moved: dict[str, int] = {}
-    current_wrapped: dict[int, str] = {}
-    for row in rows:
-        if row.purpose != "data":
-            continue
-        if provider.owns(row.wrapped_key):
-            wrapped = await _call(provider, provider.rewrap, tenant, row.wrapped_key)
-        else:
-            origin = source.for_wrapped(provider, row.wrapped_key)
-            if origin is provider:
-                raise KeyProviderError(
-                    f"data key v{row.version} of tenant {tenant} is wrapped by a {wrapped_scheme(row.wrapped_key)!r} "
-                    f"provider this process cannot reach"
-                )
-            plaintext = await _call(origin, origin.unwrap, tenant, row.wrapped_key)
-            wrapped = await _call(provider, provider.wrap, tenant, plaintext)
-            scheme = wrapped_scheme(row.wrapped_key)
-            moved[scheme] = moved.get(scheme, 0) + 1
-        await conn.execute(
-            _UPDATE_WRAPPED,
-            {"w": wrapped, "pv": wrapped_version(wrapped), "t": tenant, "purpose": "data", "v": row.version},
-        )
-        current_wrapped[row.version] = wrapped
-        rewrapped += 1
-
-    current = max(r.version for r in rows if r.purpose == "data" and r.current)
-    index_rewrapped = False
-    if new_data_key:
-        old_raw = await _call(provider, provider.unwrap, tenant, current_wrapped[current])
-        fresh = await _call(provider, provider.generate_data_key, tenant)
-        next_version = max(r.version for r in rows if r.purpose == "data") + 1
-        await conn.execute(
-            text(
-                "UPDATE tenant_data_keys SET retired_at = now() "
-                "WHERE tenant_id = :t AND purpose = 'data' AND retired_at IS NULL"
-            ),
-            {"t": tenant},
-        )
-        await conn.execute(
-            _INSERT_TDK,
-            {"t": tenant, "purpose": "data", "v": next_version, "w": fresh.wrapped, "pv": fresh.key_version},
-        )
-        index_row = next((r for r in rows if r.purpose == "index" and r.current), None)
-        if index_row is not None:
-            tdk_version, sealed = _parse_index(index_row.wrapped_key)
-            tdk_raw = (
-                old_raw
-                if tdk_version == current
-                else await _call(provider, provider.unwrap, tenant, current_wrapped[tdk_version])
+    plan = await _plan_rotation(tenant, rows, provider, source, new_data_key=new_data_key)
+    async with tenant_transaction(engine, tenant) as tx:
+        locked = tuple((r[0], int(r[1]), str(r[2]), bool(r[3])) for r in await tx.execute(_LOCK_TDKS, {"t": tenant}))
+        if locked != rows:
+            raise RotationConflictError(
+                f"the data keys of tenant {tenant} changed during the rotation (another rotation?); run it again"
             )
-            index_raw = unwrap_key(tdk_raw, sealed, _index_key_aad(tenant, tdk_version))
-            await conn.execute(
-                _UPDATE_WRAPPED,
-                {
-                    "w": _wrap_index(fresh.plaintext, tenant, next_version, index_raw),
-                    "pv": None,
-                    "t": tenant,
-                    "purpose": "index",
-                    "v": index_row.version,
-                },
+        for purpose, version, wrapped in plan.updates:
+            params = {"w": wrapped, "t": tenant, "purpose": purpose, "v": version}
+            await tx.execute(_UPDATE_WRAPPED, params | {"pv": wrapped_version(wrapped) if purpose == "data" else None})
+        current = max(v for purpose, v, _, is_current in rows if purpose == "data" and is_current)
+        if plan.new_data is not None:
+            next_version, fresh_wrapped, fresh_pv = plan.new_data
+            await tx.execute(_RETIRE_DATA, {"t": tenant})
+            await tx.execute(
+                _INSERT_TDK, {"t": tenant, "purpose": "data", "v": next_version, "w": fresh_wrapped, "pv": fresh_pv}
             )
-            index_rewrapped = True
-        current = next_version
-
-    user_keys = (
-        await conn.execute(text("SELECT count(*) FROM user_keys WHERE tenant_id = :t"), {"t": tenant})
-    ).scalar_one()
+            current = next_version
+        user_keys = int((await tx.execute(_COUNT_USER_KEYS, {"t": tenant})).scalar_one())
+        result = RotationResult(
+            str(tenant),
+            provider.kind,
+            info.name,
+            new_version,
+            sum(1 for purpose, _, _ in plan.updates if purpose == "data"),
+            plan.moved,
+            current,
+            new_data_key,
+            any(purpose == "index" for purpose, _, _ in plan.updates),
+            user_keys,
+        )
+        await _audit_rotation(tx, result, actor, subject)
     log.info(
         "rotated tenant keys",
-        extra={"fields": {"tenant": str(tenant), "provider_key_version": new_version, "rewrapped": rewrapped}},
+        extra={
+            "fields": {
+                "tenant": str(tenant),
+                "provider_key_version": new_version,
+                "rewrapped": result.data_keys_rewrapped,
+            }
+        },
     )
-    return RotationResult(
-        str(tenant),
-        provider.kind,
-        info.name,
-        new_version,
-        rewrapped,
-        moved,
-        current,
-        new_data_key,
-        index_rewrapped,
-        int(user_keys),
-    )
+    return result
+
+
+async def _plan_rotation(
+    tenant: TenantId,
+    rows: tuple[tuple[str, int, str, bool], ...],
+    provider: KeyProvider,
+    source: ProviderSource,
+    *,
+    new_data_key: bool,
+) -> _RotationPlan:
+    """The provider's part of a rotation: new wrappings for every data key, and a new data key if asked."""
+    updates: list[tuple[str, int, str]] = []
+    moved: dict[str, int] = {}
+    current_wrapped: dict[int, str] = {}
+    for purpose, version, wrapped_key, _ in rows:
+        if purpose != "data":
+            continue
+        if provider.owns(wrapped_key):
+            wrapped = await _call(provider, provider.rewrap, tenant, wrapped_key)
+        else:
+            origin = source.for_wrapped(provider, wrapped_key)
+            if origin is provider:
+                raise KeyProviderError(
+                    f"data key v{version} of tenant {tenant} is wrapped by a {wrapped_scheme(wrapped_key)!r} "
+                    f"provider this process cannot reach"
+                )
+            plaintext = await _call(origin, origin.unwrap, tenant, wrapped_key)
+            wrapped = await _call(provider, provider.wrap, tenant, plaintext)
+            scheme = wrapped_scheme(wrapped_key)
+            moved[scheme] = moved.get(scheme, 0) + 1
+        updates.append(("data", version, wrapped))
+        current_wrapped[version] = wrapped
+    if not new_data_key:
+        return _RotationPlan(rows, tuple(updates), None, moved)
+    current = max(v for purpose, v, _, is_current in rows if purpose == "data" and is_current)
+    old_raw = await _call(provider, provider.unwrap, tenant, current_wrapped[current])
+    fresh = await _call(provider, provider.generate_data_key, tenant)
+    next_version = max(v for purpose, v, _, _ in rows if purpose == "data") + 1
+    index_row = next((r for r in rows if r[0] == "index" and r[3]), None)
+    if index_row is not None:
+        tdk_version, sealed = _parse_index(index_row[2])
+        tdk_raw = (
+            old_raw
+            if tdk_version == current
+            else await _call(provider, provider.unwrap, tenant, current_wrapped[tdk_version])
+        )
+        index_raw = unwrap_key(tdk_raw, sealed, _index_key_aad(tenant, tdk_version))
+        updates.append(("index", index_row[1], _wrap_index(fresh.plaintext, tenant, next_version, index_raw)))
+    return _RotationPlan(rows, tuple(updates), (next_version, fresh.wrapped, fresh.key_version), moved)
+
+
+async def _audit_rotation(tx: TenantTx, result: RotationResult, actor: str, subject: str) -> None:
+    await audit.append(tx, "key", actor, subject, {"action": "keys.rotate", **result.as_dict()})

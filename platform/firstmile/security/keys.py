@@ -39,7 +39,6 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from firstmile.security.crypto import KEY_BYTES, DecryptionError, encode_aad, unwrap_key, wrap_key
 
 if TYPE_CHECKING:
-    from firstmile.settings import Settings
     from firstmile.tenancy.manifest import KeysSpec
 
 log = logging.getLogger("firstmile.keys")
@@ -140,7 +139,7 @@ class KeyProvider(Protocol):
 
 @dataclass(frozen=True)
 class KeyConfig:
-    """Key-management settings. ``from_settings`` reads them from :class:`~firstmile.settings.Settings`."""
+    """Key-management settings (the wiring builds them from ``settings.keys``)."""
 
     data_dir: Path = Path(".firstmile")
     provider: Literal["local", "vault"] = "local"
@@ -158,34 +157,6 @@ class KeyConfig:
     @property
     def kek_path(self) -> Path:
         return self.kek_file if self.kek_file is not None else self.data_dir / "secrets" / "kek"
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> KeyConfig:
-        """Build from settings; fields not in Settings yet fall back to the defaults above."""
-        default = cls()
-
-        def get(name: str, fallback: Any) -> Any:
-            value = getattr(settings, name, None)
-            return fallback if value is None else value
-
-        secret_file = getattr(settings, "vault_secret_id_file", None)
-        kek_file = getattr(settings, "kek_file", None)
-        return cls(
-            data_dir=settings.data_dir,
-            provider=get("key_provider", default.provider),
-            kek_file=Path(kek_file) if kek_file is not None else None,
-            # one host generating its own KEK is fine embedded; with an external database
-            # every API process must share one KEK, so it has to be provisioned.
-            create_kek=settings.embedded,
-            cache_ttl_seconds=float(get("data_key_cache_ttl_seconds", default.cache_ttl_seconds)),
-            cache_max_uses=int(get("data_key_cache_max_uses", default.cache_max_uses)),
-            vault_addr=get("vault_addr", None),
-            vault_namespace=get("vault_namespace", None),
-            vault_mount=get("vault_mount", default.vault_mount),
-            vault_role_id=get("vault_role_id", None),
-            vault_secret_id_file=Path(secret_file) if secret_file is not None else None,
-            vault_timeout_seconds=float(get("vault_timeout_seconds", default.vault_timeout_seconds)),
-        )
 
 
 # ---------------------------------------------------------------------------

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol
 
 import click
 
-from firstmile.settings import get_settings
+from firstmile.kit.cli import run, services
+from firstmile.sso.events import EventSyncError, KeycloakEventSync
+
+
+class SsoCommandDeps(Protocol):
+    """What ``firstmile sso`` needs from the platform (the wiring provides it)."""
+
+    def keycloak_event_sync(self) -> AbstractAsyncContextManager[KeycloakEventSync]:
+        """The failed-login sync on the application role's engine (a ClickException without Keycloak admin)."""
+        ...
 
 
 @click.group()
@@ -21,32 +31,14 @@ def sync_events() -> None:
     The API process does the same every FIRSTMILE_SSO_EVENT_SYNC_SECONDS; running both is safe
     (each realm's cursor is locked while it is copied, and nothing is copied twice).
     """
-    from firstmile.cli import _urls
-    from firstmile.kit.db import create_engine
-    from firstmile.sso.events import EventSyncError, KeycloakEventSync
-    from firstmile.sso.provisioning import ProvisioningError
+    deps: SsoCommandDeps = services()
 
-    settings = get_settings()
-    if not (settings.keycloak_url and settings.keycloak_admin_user and settings.keycloak_admin_password_file):
-        raise click.ClickException(
-            "FIRSTMILE_KEYCLOAK_URL, FIRSTMILE_KEYCLOAK_ADMIN_USER and FIRSTMILE_KEYCLOAK_ADMIN_PASSWORD_FILE "
-            "must all be set"
-        )
-
-    async def run() -> int:
-        engine = create_engine(_urls(settings).app, pool_size=1, max_overflow=0, application_name="firstmile-sso")
-        try:
-            try:
-                sync = KeycloakEventSync.from_settings(settings, engine)
-            except ProvisioningError as exc:
-                raise click.ClickException(str(exc)) from exc
-            assert sync is not None  # the settings were checked above
+    async def once() -> int:
+        async with deps.keycloak_event_sync() as sync:
             try:
                 return await sync.run_once()
             except EventSyncError as exc:
                 raise click.ClickException(str(exc)) from exc
-        finally:
-            await engine.dispose()
 
-    written = asyncio.run(run())
+    written = run(once())
     click.echo(f"sso events: {written} failed login(s) audited")

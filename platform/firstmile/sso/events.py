@@ -33,16 +33,17 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.types import Text
 
 from firstmile.audit import service as audit
-from firstmile.kit.db import TenantId, authorise_tenant, run_in_tenant_transaction
+from firstmile.kit.db import TenantTx
+from firstmile.kit.scope import OperatorContext, TenantId
+from firstmile.kit.uow import UnitOfWork
+from firstmile.tenancy import service as tenancy
 
 if TYPE_CHECKING:
     from keycloak import KeycloakAdmin
-
-    from firstmile.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,6 @@ LOGIN_FAILED = "sso.login_failed"
 
 PAGE_SIZE = 200
 
-_RESOLVE = text("SELECT tenant_id FROM firstmile_resolve_tenant(:slug)")
 _ENSURE_CURSOR = text(
     "INSERT INTO sso_event_cursors (tenant_id, realm, last_event_time) VALUES (:tid, :realm, 0)"
     " ON CONFLICT (tenant_id, realm) DO NOTHING"
@@ -169,18 +169,6 @@ class KeycloakEventSync:
         self.realm_prefix = realm_prefix
         self.page_size = page_size
 
-    @classmethod
-    def from_settings(cls, settings: Settings, engine: AsyncEngine) -> KeycloakEventSync | None:
-        """A sync with the provisioning admin credentials; None when they (or the Keycloak URL) are unset."""
-        from firstmile.sso.provisioning import KeycloakProvisioner
-
-        provisioner = KeycloakProvisioner.from_settings(settings)
-        if provisioner is None:
-            return None
-        return cls(provisioner.admin, engine, realm_prefix=provisioner.realm_prefix)
-
-    # -- Keycloak (blocking, in a thread) --------------------------------------------------
-
     def _managed_realms(self) -> dict[str, str]:
         from firstmile.sso.provisioning import MANAGED_ATTRIBUTE, TENANT_ATTRIBUTE
 
@@ -244,11 +232,13 @@ class KeycloakEventSync:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=interval_s)
 
+    context = OperatorContext("worker:sso-event-sync")
+
     async def _tenant(self, slug: str) -> TenantId | None:
         async with self.engine.connect() as conn:
             await conn.execution_options(isolation_level="AUTOCOMMIT")
-            row = (await conn.execute(_RESOLVE, {"slug": slug})).first()
-        return authorise_tenant(row[0]) if row is not None else None
+            found = await tenancy.resolve_tenant(conn, slug)
+        return self.context.tenant(found.tenant_id) if found is not None else None
 
     async def sync_realm(self, realm: str, slug: str) -> int:
         """Copy one realm's new failure events into its tenant's audit log; entries written."""
@@ -257,18 +247,20 @@ class KeycloakEventSync:
             log.debug("realm without a tenant here", extra={"fields": {"realm": realm}})
             return 0
 
-        async def since(conn: AsyncConnection) -> int:
-            row = (await conn.execute(_READ_CURSOR, {"tid": tenant_id, "realm": realm})).first()
+        uow = UnitOfWork(self.engine, tenant_id)
+
+        async def since(tx: TenantTx) -> int:
+            row = (await tx.execute(_READ_CURSOR, {"tid": tenant_id, "realm": realm})).first()
             return int(row[0]) if row is not None else 0
 
-        start = await run_in_tenant_transaction(self.engine, tenant_id, since)
+        start = await uow.run(since)
         events = await asyncio.to_thread(self._events_since, realm, start)
         if not events:
             return 0
 
-        async def copy(conn: AsyncConnection) -> int:
-            await conn.execute(_ENSURE_CURSOR, {"tid": tenant_id, "realm": realm})
-            row = (await conn.execute(_LOCK_CURSOR, {"tid": tenant_id, "realm": realm})).one()
+        async def copy(tx: TenantTx) -> int:
+            await tx.execute(_ENSURE_CURSOR, {"tid": tenant_id, "realm": realm})
+            row = (await tx.execute(_LOCK_CURSOR, {"tid": tenant_id, "realm": realm})).one()
             cursor = EventCursor(int(row[0]), frozenset(row[1] or ()))
             new = [e for e in events if cursor.is_new(e)]
             new.sort(key=lambda e: (int(e.get("time") or 0), str(e.get("id"))))
@@ -276,8 +268,7 @@ class KeycloakEventSync:
             for event in new:
                 if is_failure(event):
                     await audit.append(
-                        conn,
-                        tenant_id,
+                        tx,
                         LOGIN_FAILED,
                         f"keycloak:{realm}",
                         audit_subject(event, realm),
@@ -286,9 +277,9 @@ class KeycloakEventSync:
                     count += 1
             moved = cursor.after(new)
             if moved != cursor:
-                await conn.execute(
+                await tx.execute(
                     _MOVE_CURSOR, {"tid": tenant_id, "realm": realm, "time": moved.time, "ids": sorted(moved.ids)}
                 )
             return count
 
-        return await run_in_tenant_transaction(self.engine, tenant_id, copy)
+        return await uow.run(copy)

@@ -28,10 +28,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from keycloak import KeycloakAdmin, KeycloakOpenIDConnection
+from keycloak import KeycloakAdmin
 from keycloak.exceptions import KeycloakError
 
-from firstmile.settings import Settings
 from firstmile.sso.events import REALM_EVENT_TYPES, REALM_EVENTS_EXPIRATION
 from firstmile.tenancy.keys import SCOPES
 from firstmile.tenancy.manifest import ADMIN_ROLES, MachineClientSpec, SamlSpec, SsoSpec, TenantManifest
@@ -139,34 +138,6 @@ class KeycloakProvisioner:
         self.client_id = client_id
         self.redirect_uris = tuple(redirect_uris)
         self.backchannel_logout_url = backchannel_logout_url
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> KeycloakProvisioner | None:
-        """A provisioner from ``FIRSTMILE_KEYCLOAK_URL`` and the admin credentials; None if any is unset."""
-        if not (settings.keycloak_url and settings.keycloak_admin_user and settings.keycloak_admin_password_file):
-            return None
-        try:
-            password = settings.keycloak_admin_password_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ProvisioningError(f"keycloak_admin_password_file: {exc}") from exc
-        connection = KeycloakOpenIDConnection(
-            server_url=settings.keycloak_url,
-            username=settings.keycloak_admin_user,
-            password=password,
-            realm_name=settings.keycloak_admin_realm,
-            user_realm_name=settings.keycloak_admin_realm,
-            verify=True,
-        )
-        uris = [u.strip() for u in settings.sso_admin_redirect_uris.split(",") if u.strip()]
-        return cls(
-            KeycloakAdmin(connection=connection),
-            realm_prefix=settings.sso_realm_prefix,
-            audience=settings.sso_audience,
-            tenant_claim=settings.sso_tenant_claim,
-            client_id=settings.sso_admin_client_id,
-            redirect_uris=uris,
-            backchannel_logout_url=settings.public_url.rstrip("/") + "/admin/backchannel-logout",
-        )
 
     def realm_name(self, slug: str) -> str:
         return f"{self.realm_prefix}{slug}"

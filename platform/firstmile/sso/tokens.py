@@ -37,8 +37,7 @@ import httpx
 import jwt
 from jwt.exceptions import PyJWKError
 
-from firstmile.settings import Settings
-from firstmile.tenancy.manifest import SLUG_PATTERN
+from firstmile.kit.ids import SLUG_PATTERN
 
 ALLOWED_ALGORITHMS: frozenset[str] = frozenset({"RS256", "ES256"})
 _SLUG = re.compile(SLUG_PATTERN[1:-1])
@@ -392,20 +391,6 @@ class TokenValidator:
         claims = verify(token, key, alg, issuer=issuer, audience=self.audience, leeway=self.leeway)
         check_claims(claims, tenant_slug=tenant, tenant_claim=self.tenant_claim)
         return validated(claims, tenant_slug=tenant, issuer=issuer, kid=kid)
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> TokenValidator:
-        if settings.keycloak_url is None:
-            raise ValueError("FIRSTMILE_KEYCLOAK_URL is not set")
-        return cls(
-            RealmNaming(settings.keycloak_url, settings.sso_realm_prefix),
-            audience=settings.sso_audience,
-            tenant_claim=settings.sso_tenant_claim,
-            leeway=settings.sso_leeway_seconds,
-            jwks_max_age=settings.sso_jwks_max_age_seconds,
-            jwks_min_refetch=settings.sso_jwks_min_refetch_seconds,
-            http_timeout=settings.sso_http_timeout_seconds,
-        )
 
     async def aclose(self) -> None:
         if self._http is not None:

@@ -15,11 +15,12 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from firstmile.onboarding.rules import Operator
-from firstmile.settings import REGION_PATTERN
+from firstmile.kit.ids import REGION_PATTERN, SLUG_PATTERN
 from firstmile.tenancy.keys import SCOPES
 
-SLUG_PATTERN = r"^[a-z][a-z0-9-]{0,62}[a-z0-9]$"
+Operator = Literal["eq", "ne", "in", "not_in", "gt", "gte", "lt", "lte", "exists", "contains"]
+"""Comparison operators of predicates (targeting rules, completion criteria); evaluated by ``onboarding.rules``."""
+OPERATORS: tuple[str, ...] = ("eq", "ne", "in", "not_in", "gt", "gte", "lt", "lte", "exists", "contains")
 Slug = Annotated[str, Field(pattern=SLUG_PATTERN, description="Lower-case id: letters, digits, dashes.")]
 Scalar = str | int | float | bool
 KNOWN_TRAITS: tuple[str, ...] = ("persona", "signup_source", "company_size", "use_case", "role")

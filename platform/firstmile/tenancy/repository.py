@@ -1,4 +1,9 @@
-"""All SQL of the tenancy slice."""
+"""All SQL of the tenancy slice.
+
+Tenant-scoped functions take a :class:`~firstmile.kit.db.TenantTx`; the few that work across
+tenants (key resolution through the SECURITY DEFINER resolver, the operator's lookup by slug)
+take a plain connection and say so. Other slices call :mod:`firstmile.tenancy.service`.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from typing import Any
 from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from firstmile.kit.db import TenantId
+from firstmile.kit.db import TenantTx
 from firstmile.tenancy.models import api_keys, tenants
 
 
@@ -28,7 +33,7 @@ class ResolvedKey:
 
 @dataclass(frozen=True, slots=True)
 class TenantRow:
-    id: TenantId
+    id: uuid.UUID
     slug: str
     name: str
     home_region: str
@@ -62,12 +67,34 @@ async def resolve_key(conn: AsyncConnection, key_hash: bytes) -> ResolvedKey | N
     return ResolvedKey(row[0], row[1], row[2], row[3], row[4], tuple(row[5]), row[6], row[7])
 
 
+@dataclass(frozen=True, slots=True)
+class ResolvedTenant:
+    """A tenant as authentication sees it (through the SECURITY DEFINER resolver)."""
+
+    tenant_id: uuid.UUID
+    tenant_slug: str
+    home_region: str
+    tenant_revision: int
+
+
+_RESOLVE_TENANT = text(
+    "SELECT tenant_id, tenant_slug, home_region, tenant_revision FROM firstmile_resolve_tenant(:slug)"
+)
+
+
+async def resolve_tenant(conn: AsyncConnection, slug: str) -> ResolvedTenant | None:
+    """A tenant by slug through the SECURITY DEFINER resolver (no tenant context needed)."""
+    row = (await conn.execute(_RESOLVE_TENANT, {"slug": slug})).first()
+    return None if row is None else ResolvedTenant(row[0], row[1], row[2], row[3])
+
+
 async def tenant_by_slug(conn: AsyncConnection, slug: str) -> TenantRow | None:
+    """The tenant of ``slug`` (the operator's lookup, before it knows the tenant; any tenant)."""
     row = (await conn.execute(select(tenants).where(tenants.c.slug == slug))).mappings().first()
     if row is None:
         return None
     return TenantRow(
-        TenantId(row["id"]),
+        row["id"],
         row["slug"],
         row["name"],
         row["home_region"],
@@ -78,17 +105,16 @@ async def tenant_by_slug(conn: AsyncConnection, slug: str) -> TenantRow | None:
 
 
 async def insert_tenant(
-    conn: AsyncConnection,
-    tenant_id: TenantId,
+    tx: TenantTx,
     slug: str,
     name: str,
     region: str,
     manifest: dict[str, Any],
     manifest_hash: str,
 ) -> None:
-    await conn.execute(
+    await tx.execute(
         insert(tenants).values(
-            id=tenant_id,
+            id=tx.tenant,
             slug=slug,
             name=name,
             home_region=region,
@@ -99,12 +125,10 @@ async def insert_tenant(
     )
 
 
-async def update_tenant(
-    conn: AsyncConnection, tenant_id: TenantId, name: str, manifest: dict[str, Any], manifest_hash: str
-) -> None:
-    await conn.execute(
+async def update_tenant(tx: TenantTx, name: str, manifest: dict[str, Any], manifest_hash: str) -> None:
+    await tx.execute(
         update(tenants)
-        .where(tenants.c.id == tenant_id)
+        .where(tenants.c.id == tx.tenant)
         .values(
             name=name,
             manifest=manifest,
@@ -116,8 +140,7 @@ async def update_tenant(
 
 
 async def insert_key(
-    conn: AsyncConnection,
-    tenant_id: TenantId,
+    tx: TenantTx,
     name: str,
     prefix: str,
     key_hash: bytes,
@@ -125,10 +148,10 @@ async def insert_key(
     region: str,
 ) -> uuid.UUID:
     key_id = uuid.uuid4()
-    await conn.execute(
+    await tx.execute(
         insert(api_keys).values(
             id=key_id,
-            tenant_id=tenant_id,
+            tenant_id=tx.tenant,
             name=name,
             prefix=prefix,
             key_hash=key_hash,
@@ -139,8 +162,8 @@ async def insert_key(
     return key_id
 
 
-async def list_keys(conn: AsyncConnection, tenant_id: TenantId) -> list[KeyRow]:
-    rows = await conn.execute(
+async def list_keys(tx: TenantTx) -> list[KeyRow]:
+    rows = await tx.execute(
         select(
             api_keys.c.id,
             api_keys.c.name,
@@ -150,32 +173,58 @@ async def list_keys(conn: AsyncConnection, tenant_id: TenantId) -> list[KeyRow]:
             api_keys.c.created_at,
             api_keys.c.revoked_at,
         )
-        .where(api_keys.c.tenant_id == tenant_id)
+        .where(api_keys.c.tenant_id == tx.tenant)
         .order_by(api_keys.c.created_at)
     )
     return [KeyRow(r[0], r[1], r[2], tuple(r[3]), r[4], r[5], r[6]) for r in rows]
 
 
-async def revoke_key(conn: AsyncConnection, tenant_id: TenantId, key_id: uuid.UUID) -> bool:
-    result = await conn.execute(
+async def revoke_key(tx: TenantTx, key_id: uuid.UUID) -> bool:
+    result = await tx.execute(
         update(api_keys)
-        .where(api_keys.c.tenant_id == tenant_id, api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+        .where(api_keys.c.tenant_id == tx.tenant, api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
         .values(revoked_at=func.now())
     )
     return bool(result.rowcount)
 
 
-async def path_settings(conn: AsyncConnection, tenant_id: TenantId) -> tuple[str, int, tuple[str, ...], str | None]:
+async def path_settings(tx: TenantTx) -> tuple[str, int, tuple[str, ...], str | None]:
     """The tenant's default path key, its revision (bumped by every manifest change), its PII traits and
     the path model its planner asks first (``None``: rules only)."""
     row = (
-        await conn.execute(
+        await tx.execute(
             select(
                 tenants.c.manifest["default_path"].astext,
                 tenants.c.revision,
                 tenants.c.manifest["pii_traits"],
                 tenants.c.manifest["planner"]["model"].astext,
-            ).where(tenants.c.id == tenant_id)
+            ).where(tenants.c.id == tx.tenant)
         )
     ).one()
     return str(row[0]), int(row[1]), tuple(row[2] or ()), row[3]
+
+
+async def tenant_name(tx: TenantTx) -> str:
+    return str((await tx.execute(select(tenants.c.name).where(tenants.c.id == tx.tenant))).scalar_one())
+
+
+async def manifest(tx: TenantTx) -> dict[str, Any]:
+    """The applied manifest (as stored at the last ``tenants apply``)."""
+    found = (await tx.execute(select(tenants.c.manifest).where(tenants.c.id == tx.tenant))).scalar_one()
+    return dict(found or {})
+
+
+async def manifest_section(tx: TenantTx, section: str) -> Any:
+    """One top-level section of the applied manifest (``keys``, ``sso``, …), or None."""
+    return (await tx.execute(select(tenants.c.manifest[section]).where(tenants.c.id == tx.tenant))).scalar_one_or_none()
+
+
+async def bump_revision(tx: TenantTx) -> int:
+    """Add one to the tenant's revision (every process reloads what it cached of the tenant)."""
+    result = await tx.execute(
+        update(tenants)
+        .where(tenants.c.id == tx.tenant)
+        .values(revision=tenants.c.revision + 1, updated_at=func.now())
+        .returning(tenants.c.revision)
+    )
+    return int(result.scalar_one())

@@ -3,7 +3,6 @@ served with a strict Content-Security-Policy (no inline script) and may not be f
 
 from __future__ import annotations
 
-import uuid
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -12,15 +11,13 @@ import jinja2
 from litestar import Controller, Request, Response, get
 from litestar.params import FromPath, FromQuery
 from litestar.response import Redirect
-from sqlalchemy.ext.asyncio import AsyncConnection
 
-from firstmile.admin import paths as path_editor
 from firstmile.admin.oidc import LoginError
+from firstmile.admin.paths import PathEditor
 from firstmile.admin.rbac import Permission, permissions
 from firstmile.admin.service import AdminAuth, read_bootstrap_token
-from firstmile.audit import repository as audit_repo
-from firstmile.audit.service import KIND_PATTERN
-from firstmile.kit.db import authorise_tenant, run_in_tenant_transaction
+from firstmile.audit.service import KIND_PATTERN, AuditService
+from firstmile.kit.db import TenantTx
 from firstmile.kit.errors import ProblemError
 
 CSP = (
@@ -45,18 +42,22 @@ def _environment() -> jinja2.Environment:
     )
 
 
-def _auth(request: Request[Any, Any, Any]) -> AdminAuth:
-    auth: AdminAuth = request.app.state.admin
-    return auth
+STATIC_TYPES = {"admin.js": "text/javascript", "admin.css": "text/css"}  # Litestar adds "; charset=utf-8" to text/*
 
 
-def render(request: Request[Any, Any, Any], template: str, status: int = 200, **context: Any) -> Response[str]:
+@cache
+def _static(name: str) -> bytes:
+    """An asset's bytes, read from the package once per process (never a file read per request)."""
+    return resources.files("firstmile.web").joinpath(name).read_bytes()
+
+
+def render(auth: AdminAuth, template: str, status: int = 200, **context: Any) -> Response[str]:
     context.setdefault("csrf_token", None)
     html = _environment().get_template(template).render(**context)
-    oidc = _auth(request).oidc
+    oidc = auth.oidc
     forms = "'self'" if oidc is None else f"'self' {oidc.naming.keycloak_url.rstrip('/')}"
     headers = {**SECURITY_HEADERS, "Content-Security-Policy": CSP.format(forms=forms)}
-    return Response(html, status_code=status, media_type="text/html; charset=utf-8", headers=headers)
+    return Response(html, status_code=status, media_type="text/html", headers=headers)
 
 
 class PagesController(Controller):
@@ -64,37 +65,48 @@ class PagesController(Controller):
     include_in_schema = False
 
     @get("/", summary="The admin dashboard")
-    async def dashboard(self, request: Request[Any, Any, Any]) -> Response[Any]:
-        auth = _auth(request)
+    async def dashboard(
+        self, request: Request[Any, Any, Any], admin_auth: AdminAuth, path_editor: PathEditor
+    ) -> Response[Any]:
+        auth = admin_auth
         session = await auth.session(request.cookies.get(auth.policy.cookie))
         if session is None:
             return Redirect("/admin/signin", status_code=303)
         tenant = await auth.tenant(session.tenant_slug)
-        tenant_id = authorise_tenant(uuid.UUID(session.tenant_id))
         granted = permissions(session.roles)
+
+        async def read(tx: TenantTx) -> tuple[str, list[dict[str, Any]]]:
+            listed = await path_editor.list_paths(tx) if Permission.PATHS_READ in granted else []
+            return await path_editor.tenant_name(tx), listed
+
+        tenant_name, paths = await auth.unit_of_work(session).run(read)
         return render(
-            request,
+            auth,
             "dashboard.html",
             session=session,
             csrf_token=session.csrf_token,
-            tenant_name=await path_editor.tenant_name(request.app.state.engine, tenant_id),
+            tenant_name=tenant_name,
             home_region=tenant.home_region,
             permissions=sorted(str(p) for p in granted),
-            paths=await path_editor.list_paths(request.app.state.engine, tenant_id)
-            if Permission.PATHS_READ in granted
-            else [],
+            paths=paths,
             can_edit=Permission.PATHS_WRITE in granted,
         )
 
     @get("/audit", summary="The tenant's audit log, newest first (audit:read)")
-    async def audit(self, request: Request[Any, Any, Any], kind: FromQuery[str | None] = None) -> Response[Any]:
-        auth = _auth(request)
+    async def audit(
+        self,
+        request: Request[Any, Any, Any],
+        admin_auth: AdminAuth,
+        audit_log: AuditService,
+        kind: FromQuery[str | None] = None,
+    ) -> Response[Any]:
+        auth = admin_auth
         session = await auth.session(request.cookies.get(auth.policy.cookie))
         if session is None:
             return Redirect("/admin/signin", status_code=303)
         if Permission.AUDIT_READ not in permissions(session.roles):
-            await auth.record(
-                session.tenant_id,
+            await auth.record_for(
+                session,
                 "admin.forbidden",
                 f"admin:{session.subject}",
                 "GET /admin/audit",
@@ -105,12 +117,7 @@ class PagesController(Controller):
             )
         if kind is not None and not KIND_PATTERN.match(kind):
             raise ProblemError(400, "validation-error", f"kind must match {KIND_PATTERN.pattern}")
-        tenant_id = authorise_tenant(uuid.UUID(session.tenant_id))
-
-        async def work(conn: AsyncConnection) -> list[Any]:
-            return await audit_repo.latest_entries(conn, tenant_id, kind, 200)
-
-        entries = await run_in_tenant_transaction(request.app.state.engine, tenant_id, work)
+        entries = await auth.unit_of_work(session).run(lambda tx: audit_log.latest(tx, kind, 200))
         rows = [
             {
                 "seq": e.seq,
@@ -121,30 +128,27 @@ class PagesController(Controller):
             }
             for e in entries
         ]
-        return render(request, "audit.html", session=session, entries=rows, kind=kind)
+        return render(auth, "audit.html", session=session, entries=rows, kind=kind)
 
     @get("/signin", summary="Sign-in page")
-    async def signin(self, request: Request[Any, Any, Any]) -> Response[str]:
-        return render(request, "signin.html", sso=_auth(request).oidc is not None)
+    async def signin(self, admin_auth: AdminAuth) -> Response[str]:
+        return render(admin_auth, "signin.html", sso=admin_auth.oidc is not None)
 
     @get("/logged-out", summary="Signed-out page")
-    async def logged_out(self, request: Request[Any, Any, Any]) -> Response[str]:
-        return render(request, "logged_out.html")
+    async def logged_out(self, admin_auth: AdminAuth) -> Response[str]:
+        return render(admin_auth, "logged_out.html")
 
     @get("/bootstrap", summary="Confirm a one-time bootstrap link (embedded mode)")
-    async def bootstrap(self, request: Request[Any, Any, Any], token: FromQuery[str]) -> Response[str]:
+    async def bootstrap(self, admin_auth: AdminAuth, token: FromQuery[str]) -> Response[str]:
         # GET only shows the link's tenant and role; the POST redeems it, so link scanners cannot spend it
-        auth = _auth(request)
         try:
-            claims = read_bootstrap_token(auth.bootstrap_signing_key, token)
+            claims = read_bootstrap_token(admin_auth.bootstrap_signing_key, token)
         except LoginError as exc:
             raise ProblemError(400, "login-failed", exc.detail, reason=exc.reason) from None
-        return render(request, "bootstrap.html", tenant=claims["t"], role=claims["r"], token=token)
+        return render(admin_auth, "bootstrap.html", tenant=claims["t"], role=claims["r"], token=token)
 
     @get("/static/{name:str}", summary="Admin UI assets")
     async def static(self, name: FromPath[str]) -> Response[bytes]:
-        types = {"admin.js": "text/javascript; charset=utf-8", "admin.css": "text/css; charset=utf-8"}
-        if name not in types:
+        if name not in STATIC_TYPES:
             return Response(b"", status_code=404)
-        body = resources.files("firstmile.web").joinpath(name).read_bytes()
-        return Response(body, media_type=types[name], headers={"Cache-Control": "max-age=300"})
+        return Response(_static(name), media_type=STATIC_TYPES[name], headers={"Cache-Control": "max-age=300"})

@@ -6,10 +6,10 @@ Called by the CLI when no external database is configured, never at import.
 from __future__ import annotations
 
 import logging
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from firstmile.kit.secrets import secret_file
 from firstmile.settings import Settings
 
 log = logging.getLogger("firstmile.embedded")
@@ -25,9 +25,9 @@ class DatabaseUrls:
 
 def resolve_database(settings: Settings) -> DatabaseUrls:
     """The URLs the API and the operator commands use; starts pgserver if embedded."""
-    if settings.database_url is not None:
-        app = settings.database_url.get_secret_value()
-        admin = settings.database_admin_url.get_secret_value() if settings.database_admin_url else app
+    if settings.database.url is not None:
+        app = settings.database.url.get_secret_value()
+        admin = settings.database.admin_url.get_secret_value() if settings.database.admin_url else app
         return DatabaseUrls(app=app, admin=admin, embedded=False)
     import pgserver  # imported lazily: only embedded mode needs it
 
@@ -40,7 +40,7 @@ def resolve_database(settings: Settings) -> DatabaseUrls:
         log.info("created embedded database", extra={"fields": {"dir": str(pg_dir)}})
     host = f"?host={pg_dir}"
     return DatabaseUrls(
-        app=f"postgresql+asyncpg://{settings.database_app_role}@/{EMBEDDED_DB}{host}",
+        app=f"postgresql+asyncpg://{settings.database.app_role}@/{EMBEDDED_DB}{host}",
         admin=f"postgresql+asyncpg://postgres@/{EMBEDDED_DB}{host}",
         embedded=True,
     )
@@ -48,23 +48,12 @@ def resolve_database(settings: Settings) -> DatabaseUrls:
 
 def resolve_pepper(settings: Settings) -> bytes:
     """The API key pepper: configured, or generated once into the data dir (embedded only)."""
-    if settings.api_key_pepper is not None:
-        return settings.api_key_pepper.get_secret_value().encode("utf-8")
-    if settings.database_url is not None:
+    if settings.tenancy.api_key_pepper is not None:
+        return settings.tenancy.api_key_pepper.get_secret_value().encode("utf-8")
+    if settings.database.url is not None:
         raise RuntimeError("FIRSTMILE_API_KEY_PEPPER must be set when FIRSTMILE_DATABASE_URL is")
     path = secret_file(settings.data_dir, "api_key_pepper")
     return path.read_text(encoding="utf-8").strip().encode("utf-8")
-
-
-def secret_file(data_dir: Path, name: str) -> Path:
-    """``<data_dir>/secrets/<name>``, created with 32 random bytes (hex) and mode 0600 if absent."""
-    folder = data_dir / "secrets"
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = folder / name
-    if not path.exists():
-        path.write_text(secrets.token_hex(32), encoding="utf-8")
-        path.chmod(0o600)
-    return path
 
 
 def stop_embedded(data_dir: Path, timeout: float = 30.0) -> bool:

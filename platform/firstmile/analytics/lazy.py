@@ -1,4 +1,4 @@
-"""Opening the configured analytics store (the settings pick the adapter)."""
+"""An analytics store opened on first use."""
 
 from __future__ import annotations
 
@@ -7,28 +7,10 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from firstmile.analytics.queries import Query
 from firstmile.analytics.rows import AnalyticsEvent
 from firstmile.analytics.sql import Params
 from firstmile.analytics.store import AnalyticsStore
-from firstmile.settings import Settings
-
-
-def open_analytics_store(settings: Settings) -> AnalyticsStore:
-    """The configured analytics store: chdb under the data dir, or a ClickHouse server."""
-    if settings.analytics_backend == "clickhouse":
-        if settings.clickhouse_url is None:
-            raise RuntimeError("FIRSTMILE_CLICKHOUSE_URL must be set when FIRSTMILE_ANALYTICS_BACKEND=clickhouse")
-        from firstmile.analytics.clickhouse_store import ClickHouseStore
-
-        store: AnalyticsStore = ClickHouseStore.connect(
-            settings.clickhouse_url.get_secret_value(), policy_role=settings.clickhouse_policy_role or None
-        )
-    else:
-        from firstmile.analytics.chdb_store import ChdbStore
-
-        store = ChdbStore(settings.analytics_path or settings.data_dir / "analytics")
-    store.ensure_schema()
-    return store
 
 
 class LazyStore:
@@ -55,8 +37,11 @@ class LazyStore:
     def bulk_load(self, rows: Sequence[AnalyticsEvent]) -> int:
         return self._get().bulk_load(rows)
 
-    def query(self, sql: str, params: Params) -> list[dict[str, Any]]:
-        return self._get().query(sql, params)
+    def run(self, tenant: uuid.UUID, query: Query) -> list[dict[str, Any]]:
+        return self._get().run(tenant, query)
+
+    def dangerous_raw_sql(self, sql: str, params: Params) -> list[dict[str, Any]]:
+        return self._get().dangerous_raw_sql(sql, params)
 
     def erase_user(self, tenant_id: uuid.UUID, user_id: str) -> None:
         self._get().erase_user(tenant_id, user_id)

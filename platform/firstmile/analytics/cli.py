@@ -1,0 +1,86 @@
+"""``firstmile analytics seed``: synthetic onboarding history for a demo tenant (never for a real one)."""
+
+from __future__ import annotations
+
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from typing import Protocol
+
+import click
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from firstmile.analytics.queries import build_event_count
+from firstmile.analytics.store import AnalyticsStore
+from firstmile.analytics.synthetic import seed_demo
+from firstmile.kit.cli import run, services
+from firstmile.kit.db import tenant_transaction
+from firstmile.kit.scope import OPERATOR_CLI, TenantId
+from firstmile.onboarding.domain import PathDef
+from firstmile.onboarding.paths import current_paths
+from firstmile.tenancy import service as tenancy
+
+
+class AnalyticsCommandDeps(Protocol):
+    """What ``firstmile analytics`` needs from the platform (the wiring provides it)."""
+
+    def operator_engine(self) -> AbstractAsyncContextManager[AsyncEngine]:
+        """An engine of the schema owner."""
+        ...
+
+    def analytics_store(self) -> AbstractContextManager[AnalyticsStore]:
+        """The configured analytics store, closed afterwards."""
+        ...
+
+
+async def tenant_paths(engine: AsyncEngine, slug: str) -> tuple[TenantId, list[PathDef]]:
+    """The tenant's id and current path definitions; a ClickException when there is no such tenant."""
+    async with engine.connect() as conn:
+        found = await tenancy.find_tenant(conn, slug)
+    if found is None:
+        raise click.ClickException(f"no tenant {slug!r}; apply its manifest first (firstmile tenants apply)")
+    tenant = OPERATOR_CLI.tenant(found.id)
+    async with tenant_transaction(engine, tenant) as tx:
+        rows = await current_paths(tx)
+    return tenant, [PathDef.from_definition(k, v, d) for k, v, d in rows]
+
+
+def seed_tenant(
+    store: AnalyticsStore,
+    tenant: TenantId,
+    paths: list[PathDef],
+    slug: str,
+    *,
+    users: int,
+    only_if_empty: bool,
+    seed: int = 7,
+) -> int:
+    """Synthetic history (8 weeks of starts, completions, activations, product events) for one tenant."""
+    if only_if_empty:
+        held = store.run(tenant, build_event_count(tenant))
+        if int(held[0]["n"]) > 0:
+            return 0
+    click.echo(f"seeding synthetic analytics for {slug}: {users} users over 8 weeks …", err=True)
+    inserted = seed_demo(store, tenant, paths, users=users, seed=seed)
+    click.echo(f"seeded {inserted} events", err=True)
+    return inserted
+
+
+@click.group()
+def analytics() -> None:
+    """The analytics store."""
+
+
+@analytics.command("seed")
+@click.option("--tenant", default="demo", show_default=True, help="Tenant slug.")
+@click.option("--users", default=2000, show_default=True, type=click.IntRange(1, 1_000_000))
+@click.option("--seed", default=7, show_default=True, help="Random seed; the same seed adds nothing twice.")
+def analytics_seed(tenant: str, users: int, seed: int) -> None:
+    """Add synthetic onboarding history for a tenant (demo data; never for a real tenant)."""
+    deps: AnalyticsCommandDeps = services()
+
+    async def paths() -> tuple[TenantId, list[PathDef]]:
+        async with deps.operator_engine() as engine:
+            return await tenant_paths(engine, tenant)
+
+    tenant_id, defs = run(paths())
+    with deps.analytics_store() as store:
+        seed_tenant(store, tenant_id, defs, tenant, users=users, only_if_empty=False, seed=seed)

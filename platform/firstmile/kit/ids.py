@@ -1,0 +1,52 @@
+"""Identifier formats every slice shares, and the check of one in a URL path.
+
+They are part of the public contract (docs/api.md): a tenant's user ids, the slugs of
+tenants, paths and steps, and region names. Defined once here, so the manifest schema,
+the wire types and the path-parameter checks cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import re
+
+from firstmile.kit.errors import ProblemError
+
+USER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@+\-]*$"
+"""The tenant's own id for an end user: letters, digits and ``. _ : @ + -``."""
+USER_ID_MAX_LENGTH = 128
+SLUG_PATTERN = r"^[a-z][a-z0-9-]{0,62}[a-z0-9]$"
+"""Lower-case ids of tenants, paths and steps: letters, digits, dashes."""
+REGION_PATTERN = r"^[a-z]{2}(-[a-z]+)+-\d$"
+"""An AWS-style region name (``eu-west-1``)."""
+
+USER_ID_RE = re.compile(USER_ID_PATTERN)
+SLUG_RE = re.compile(SLUG_PATTERN)
+
+
+def check_id(value: str, pattern: re.Pattern[str], name: str) -> str:
+    """A path parameter id, or 400 ``validation-error`` naming it."""
+    if len(value) > USER_ID_MAX_LENGTH or not pattern.match(value):
+        raise ProblemError(
+            400,
+            "validation-error",
+            f"{name} {value[:140]!r} is not a valid id (at {name})",
+            errors=[{"key": name, "message": "invalid id", "source": "path"}],
+        )
+    return value
+
+
+def check_user_id(value: str) -> str:
+    """A ``user_id`` path parameter, or 400."""
+    return check_id(value, USER_ID_RE, "user_id")
+
+
+__all__ = [
+    "REGION_PATTERN",
+    "SLUG_PATTERN",
+    "SLUG_RE",
+    "USER_ID_MAX_LENGTH",
+    "USER_ID_PATTERN",
+    "USER_ID_RE",
+    "check_id",
+    "check_user_id",
+]

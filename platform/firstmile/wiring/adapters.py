@@ -1,0 +1,201 @@
+"""Which adapter serves each port, chosen from the settings: the only place that decides it.
+
+Slices define ports (``AnalyticsStore``, ``FeatureStore``, ``InferenceClient``,
+``SessionStore``, ``KeyProvider``, ``TenantDirectory``) and their adapters; this module
+reads :class:`~firstmile.settings.Settings` and builds the one each deployment uses. The
+embedded defaults (``make run``) are what an unset setting gives.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from firstmile.admin.sessions import MemorySessionStore, RedisSessionStore, SessionStore
+from firstmile.analytics.store import AnalyticsStore
+from firstmile.audit.signing import AuditSigner, resolve_signer
+from firstmile.ml.feature_stores import InProcessFeatureStore, RedisFeatureStore
+from firstmile.ml.features import FeatureStore
+from firstmile.ml.inference import GuardedInference, InferenceClient, InProcessClient, RayServeClient, StageReader
+from firstmile.security.keys import KeyConfig
+from firstmile.settings import Settings
+from firstmile.sso.events import KeycloakEventSync
+from firstmile.sso.provisioning import KeycloakProvisioner, ProvisioningError
+from firstmile.sso.tokens import RealmNaming, TokenValidator
+from firstmile.tenancy.directory import PostgresTenantDirectory, RegionalTenantDirectory, TenantDirectory
+
+log = logging.getLogger("firstmile.wiring")
+
+
+# ---------------------------------------------------------------- analytics
+
+
+def open_analytics_store(settings: Settings) -> AnalyticsStore:
+    """The configured analytics store: chdb under the data dir, or a ClickHouse server."""
+    section = settings.analytics
+    if section.backend == "clickhouse":
+        if section.clickhouse_url is None:
+            raise RuntimeError("FIRSTMILE_CLICKHOUSE_URL must be set when FIRSTMILE_ANALYTICS_BACKEND=clickhouse")
+        from firstmile.analytics.clickhouse_store import ClickHouseStore
+
+        store: AnalyticsStore = ClickHouseStore.connect(
+            section.clickhouse_url.get_secret_value(), policy_role=section.clickhouse_policy_role or None
+        )
+    else:
+        from firstmile.analytics.chdb_store import ChdbStore
+
+        store = ChdbStore(section.path or settings.data_dir / "analytics")
+    store.ensure_schema()
+    return store
+
+
+# ---------------------------------------------------------------- online features and models
+
+
+def open_feature_store(settings: Settings, **options: Any) -> FeatureStore:
+    """Redis when ``FIRSTMILE_REDIS_URL`` is set, else the in-process store (``options`` go to it)."""
+    ttl = timedelta(days=settings.features.ttl_days)
+    if settings.redis.url is not None:
+        return RedisFeatureStore.from_url(settings.redis.url.get_secret_value(), region=settings.region, ttl=ttl)
+    if settings.events.kafka_bootstrap_servers is not None or settings.server.workers > 1:
+        log.warning(
+            "online features are kept in each process, but events reach more than one process (Kafka "
+            "consumers, or one in-process relay per API worker): each sees only its share; set FIRSTMILE_REDIS_URL"
+        )
+    return InProcessFeatureStore(ttl=ttl, **options)
+
+
+def registry_uri(settings: Settings) -> str:
+    """``FIRSTMILE_MODEL_REGISTRY_URI``, or ``<data_dir>/models``."""
+    return settings.models.registry_uri or str((settings.data_dir / "models").resolve())
+
+
+def open_inference(settings: Settings) -> tuple[GuardedInference, StageReader]:
+    """Ray Serve at ``FIRSTMILE_INFERENCE_URL``, else the models in-process; behind their guard."""
+    section = settings.models
+    stages = StageReader(registry_uri(settings))
+    client: InferenceClient = (
+        RayServeClient(section.inference_url) if section.inference_url else InProcessClient(stages)
+    )
+    guarded = GuardedInference(
+        client,
+        timeout_s=section.inference_timeout_ms / 1000,
+        failures=section.breaker_failures,
+        reset_s=section.breaker_reset_seconds,
+    )
+    return guarded, stages
+
+
+# ---------------------------------------------------------------- keys and audit
+
+
+def key_config(settings: Settings) -> KeyConfig:
+    """The key providers' settings (``settings.keys``)."""
+    section = settings.keys
+    return KeyConfig(
+        data_dir=settings.data_dir,
+        provider=section.provider,
+        kek_file=Path(section.kek_file) if section.kek_file is not None else None,
+        # one host generating its own KEK is fine embedded; with an external database
+        # every API process must share one KEK, so it has to be provisioned.
+        create_kek=settings.embedded,
+        cache_ttl_seconds=float(section.cache_ttl_seconds),
+        cache_max_uses=int(section.cache_max_uses),
+        vault_addr=section.vault_addr,
+        vault_namespace=section.vault_namespace,
+        vault_mount=section.vault_mount,
+        vault_role_id=section.vault_role_id,
+        vault_secret_id_file=Path(section.vault_secret_id_file) if section.vault_secret_id_file else None,
+        vault_timeout_seconds=float(section.vault_timeout_seconds),
+    )
+
+
+def audit_signer(settings: Settings, key_file: Path | None = None) -> AuditSigner:
+    """``key_file``, else ``FIRSTMILE_AUDIT_SIGNING_KEY_FILE``, else (embedded only) the generated key."""
+    return resolve_signer(
+        key_file or settings.audit.signing_key_file,
+        embedded_data_dir=settings.data_dir if settings.embedded else None,
+    )
+
+
+# ---------------------------------------------------------------- Keycloak, sessions, the directory
+
+
+def token_validator(settings: Settings) -> TokenValidator | None:
+    """Validation of the tenant realms' access tokens; None without ``FIRSTMILE_KEYCLOAK_URL``."""
+    sso = settings.sso
+    if sso.keycloak_url is None:
+        return None
+    return TokenValidator(
+        RealmNaming(sso.keycloak_url, sso.realm_prefix),
+        audience=sso.audience,
+        tenant_claim=sso.tenant_claim,
+        leeway=sso.leeway_seconds,
+        jwks_max_age=sso.jwks_max_age_seconds,
+        jwks_min_refetch=sso.jwks_min_refetch_seconds,
+        http_timeout=sso.http_timeout_seconds,
+    )
+
+
+def keycloak_provisioner(settings: Settings) -> KeycloakProvisioner | None:
+    """A provisioner from ``FIRSTMILE_KEYCLOAK_URL`` and the admin credentials; None if any is unset."""
+    from keycloak import KeycloakAdmin, KeycloakOpenIDConnection
+
+    sso = settings.sso
+    if not (sso.keycloak_url and sso.admin_user and sso.admin_password_file):
+        return None
+    try:
+        password = sso.admin_password_file.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ProvisioningError(f"keycloak_admin_password_file: {exc}") from exc
+    connection = KeycloakOpenIDConnection(
+        server_url=sso.keycloak_url,
+        username=sso.admin_user,
+        password=password,
+        realm_name=sso.admin_realm,
+        user_realm_name=sso.admin_realm,
+        verify=True,
+    )
+    uris = [u.strip() for u in sso.admin_redirect_uris.split(",") if u.strip()]
+    return KeycloakProvisioner(
+        KeycloakAdmin(connection=connection),
+        realm_prefix=sso.realm_prefix,
+        audience=sso.audience,
+        tenant_claim=sso.tenant_claim,
+        client_id=sso.admin_client_id,
+        redirect_uris=uris,
+        backchannel_logout_url=settings.server.public_url.rstrip("/") + "/admin/backchannel-logout",
+    )
+
+
+def keycloak_event_sync(settings: Settings, engine: AsyncEngine) -> KeycloakEventSync | None:
+    """The failed-login sync with the provisioning admin credentials; None when they are unset."""
+    provisioner = keycloak_provisioner(settings)
+    if provisioner is None:
+        return None
+    return KeycloakEventSync(provisioner.admin, engine, realm_prefix=provisioner.realm_prefix)
+
+
+def session_store(settings: Settings) -> SessionStore:
+    """Admin sessions in Redis (shared by every process of the region), else in this process."""
+    if settings.redis.url is not None:
+        return RedisSessionStore.from_url(settings.redis.url.get_secret_value())
+    return MemorySessionStore()
+
+
+def tenant_directory(settings: Settings, regional_engine: AsyncEngine) -> TenantDirectory:
+    """The global directory database when ``FIRSTMILE_DIRECTORY_URL`` is set, else this region's tenants."""
+    if settings.tenancy.directory_url is None:
+        return RegionalTenantDirectory(regional_engine)
+    return PostgresTenantDirectory.from_url(settings.tenancy.directory_url.get_secret_value())
+
+
+def global_directory(settings: Settings) -> TenantDirectory | None:
+    """The global directory when one is configured (the API's 421 for tenants homed elsewhere)."""
+    if settings.tenancy.directory_url is None:
+        return None
+    return PostgresTenantDirectory.from_url(settings.tenancy.directory_url.get_secret_value())

@@ -1,0 +1,257 @@
+"""The process-level commands: ``serve``, ``dev`` (``make run``), ``migrate``, ``relay``, ``consume``, ``embedded``.
+
+They start or prepare whole processes, so they live with the wiring; every other command
+belongs to its slice's group and only reaches the platform through :class:`OperatorServices`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from firstmile.admin.cli import login_link
+from firstmile.analytics.cli import seed_tenant, tenant_paths
+from firstmile.controlplane.service import apply_manifest
+from firstmile.kit import telemetry
+from firstmile.kit.cli import run, services
+from firstmile.kit.scope import TenantId
+from firstmile.ml.cli import ensure_demo_models
+from firstmile.onboarding.domain import PathDef
+from firstmile.security.keys import LocalKekProvider
+from firstmile.security.pii import RedactingFilter
+from firstmile.settings import Settings, get_settings
+from firstmile.tenancy import keys as keylib
+from firstmile.tenancy import service as tenancy
+from firstmile.tenancy.cli import create_key
+from firstmile.tenancy.manifest import load_manifest
+from firstmile.wiring import adapters
+from firstmile.wiring.embedded import DatabaseUrls, stop_embedded
+from firstmile.wiring.operator import OperatorServices, record_served_url
+from firstmile.wiring.workers import CONSUMER_NAMES, run_consumers, run_relay
+
+DEMO_SCOPES = ["onboarding:write", "events:write", "analytics:read", "users:admin", "audit:read"]
+
+
+def _services() -> OperatorServices:
+    found: OperatorServices = services()
+    return found
+
+
+@click.command()
+def migrate() -> None:
+    """Apply database migrations (idempotent)."""
+    _services().migrate()
+    click.echo("database is at the latest migration")
+
+
+def check_process_model(settings: Settings, workers: int) -> None:
+    """Refuse a process model that would silently split state between workers.
+
+    Without Redis, admin sessions and one-time login links live in each worker (a login made
+    in one is unknown to the others, a link is redeemable once per worker); chdb opens its data
+    folder in one process only. Several workers need both moved out of the process.
+    """
+    if workers <= 1:
+        return
+    missing = []
+    if settings.redis.url is None:
+        missing.append("FIRSTMILE_REDIS_URL (admin sessions and one-time login links are kept per worker without it)")
+    if settings.analytics.backend == "chdb":
+        missing.append("FIRSTMILE_ANALYTICS_BACKEND=clickhouse (chdb opens its data folder in one process only)")
+    if missing:
+        raise click.ClickException(
+            f"{workers} workers need " + " and ".join(missing) + "; run one worker (FIRSTMILE_WORKERS=1) or set them"
+        )
+
+
+def _export_for_workers(settings: Settings, urls: DatabaseUrls, pepper: bytes) -> None:
+    """Pass the resolved embedded database, pepper and key files to worker processes."""
+    if urls.embedded:
+        from firstmile.kit.secrets import secret_file
+
+        if settings.audit.signing_key_file is None:
+            os.environ["FIRSTMILE_AUDIT_SIGNING_KEY_FILE"] = str(secret_file(settings.data_dir, "audit_signing_key"))
+        if settings.keys.kek_file is None:
+            kek = adapters.key_config(settings).kek_path
+            LocalKekProvider(kek, create=True)  # generated once, before workers share it
+            os.environ["FIRSTMILE_KEK_FILE"] = str(kek)
+    os.environ["FIRSTMILE_DATABASE_URL"] = urls.app
+    os.environ["FIRSTMILE_DATABASE_ADMIN_URL"] = urls.admin
+    os.environ["FIRSTMILE_API_KEY_PEPPER"] = pepper.decode("utf-8")
+    get_settings.cache_clear()
+
+
+def _public_url(settings: Settings, port: int) -> str:
+    """FIRSTMILE_PUBLIC_URL, or the address `dev`/`serve` listens on (exported, so workers agree)."""
+    if settings.explicitly_set("public_url"):
+        return settings.server.public_url
+    host = "127.0.0.1" if settings.server.host in ("0.0.0.0", "::") else settings.server.host
+    url = f"http://{host}:{port}"
+    os.environ["FIRSTMILE_PUBLIC_URL"] = url
+    get_settings.cache_clear()
+    return url
+
+
+def _serve(settings: Settings, host: str, port: int, workers: int) -> None:
+    import uvicorn
+
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        import atexit
+        import shutil
+
+        metrics_dir = tempfile.mkdtemp(prefix="firstmile-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        atexit.register(shutil.rmtree, metrics_dir, ignore_errors=True)
+    record_served_url(settings.data_dir, _public_url(settings, port))
+    click.echo(f"serving region {settings.region} on http://{host}:{port} with {workers} worker(s)", err=True)
+    uvicorn.run(
+        "firstmile.app:app_factory",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+    )
+
+
+@click.command()
+@click.option("--host", default=None, help="Bind address (default from FIRSTMILE_HOST).")
+@click.option("--port", default=None, type=int, help="Port (default from FIRSTMILE_PORT).")
+@click.option("--workers", default=None, type=int, help="Worker processes (default from FIRSTMILE_WORKERS).")
+def serve(host: str | None, port: int | None, workers: int | None) -> None:
+    """Serve the API. Embedded mode migrates the embedded database first."""
+    ops = _services()
+    settings = ops.settings
+    count = workers or settings.server.workers
+    check_process_model(settings, count)
+    urls = ops.database_urls
+    if urls.embedded:
+        ops.migrate()
+    _export_for_workers(settings, urls, ops.api_key_pepper())
+    _serve(get_settings(), host or settings.server.host, port or settings.server.port, count)
+
+
+async def _demo_key(ops: OperatorServices, manifest_path: Path) -> tuple[str, str]:
+    """Apply the demo manifest (with its data keys) and return (tenant slug, a valid demo API key)."""
+    spec = load_manifest(manifest_path)
+    settings = ops.settings
+    pepper = ops.api_key_pepper()
+    async with ops.operator_engine() as engine:
+        # like `tenants apply`: the demo tenant's data keys are made with its rows, not at its first write
+        with ops.key_providers() as providers:
+            result = await apply_manifest(engine, spec, key_providers=providers)
+        for change in result.changes:
+            click.echo(f"tenant {result.slug}: {change}", err=True)
+        stored = settings.data_dir / "secrets" / f"{spec.tenant.slug}_api_key"
+        if stored.exists():
+            key = stored.read_text(encoding="utf-8").strip()
+            async with engine.connect() as conn:
+                resolved = await tenancy.resolve_key(conn, keylib.hash_key(pepper, key))
+            if resolved is not None and not resolved.revoked:
+                return spec.tenant.slug, key
+            click.echo("stored demo key is no longer valid here; creating a new one", err=True)
+        created = await create_key(engine, pepper, spec.tenant.slug, DEMO_SCOPES, "demo")
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        stored.write_text(created.key, encoding="utf-8")
+        stored.chmod(0o600)
+        return spec.tenant.slug, created.key
+
+
+@click.command()
+@click.option(
+    "--manifest", default=Path("tenants/demo.yaml"), type=click.Path(exists=True, path_type=Path), show_default=True
+)
+@click.option("--port", default=None, type=int)
+def dev(manifest: Path, port: int | None) -> None:
+    """What `make run` does: migrate, apply the demo manifest, print a demo key, serve."""
+    ops = _services()
+    settings = ops.settings
+    check_process_model(settings, settings.server.workers)
+    ops.migrate()
+    slug, key = run(_demo_key(ops, manifest))
+
+    tenant_id, defs = run(_tenant_paths(ops, slug))
+    with ops.analytics_store() as store:
+        seed_tenant(store, tenant_id, defs, slug, users=2000, only_if_empty=True)
+    ensure_demo_models(ops.model_registry_uri())
+    listen_port = port or settings.server.port
+    host = settings.server.host
+    click.echo("")
+    click.echo(f"Firstmile is starting on http://{host}:{listen_port}  (region {settings.region})")
+    click.echo(f"Demo API key for tenant {slug}: {key}")
+    click.echo(
+        f"Try: curl -s -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' "
+        f'-d \'{{"user_id":"u1","traits":{{"persona":"developer"}}}}\' '
+        f"http://{host}:{listen_port}/v1/onboarding/start"
+    )
+    public_url = _public_url(settings, listen_port)
+    if settings.sso.keycloak_url is None:
+        click.echo(
+            f"Admin UI, one-time login as owner of {slug} (15 min; "
+            f"`firstmile admin login-link --tenant {slug}` for another): "
+            f"{login_link(public_url, ops.api_key_pepper(), slug)}"
+        )
+    click.echo("")
+    sys.stdout.flush()
+    _export_for_workers(settings, ops.database_urls, ops.api_key_pepper())
+    _serve(get_settings(), host, listen_port, settings.server.workers)
+
+
+async def _tenant_paths(ops: OperatorServices, slug: str) -> tuple[TenantId, list[PathDef]]:
+    async with ops.operator_engine() as engine:
+        return await tenant_paths(engine, slug)
+
+
+@click.group()
+def embedded() -> None:
+    """The embedded (pgserver) database of `make run`."""
+
+
+@embedded.command("stop")
+def embedded_stop() -> None:
+    """Stop the embedded PostgreSQL (it keeps running between `make run`s otherwise)."""
+    click.echo("stopped" if stop_embedded(_services().settings.data_dir) else "not running")
+
+
+def _relay_url(ops: OperatorServices) -> str:
+    relay = ops.settings.events.relay_database_url
+    return relay.get_secret_value() if relay is not None else ops.database_urls.admin
+
+
+@click.command()
+def relay() -> None:
+    """Publish the outbox to Kafka (one active relay per region; others wait as standbys)."""
+    ops = _services()
+    settings = ops.settings
+    telemetry.configure_logging(
+        settings.telemetry.log_level, settings.telemetry.log_format, filters=[RedactingFilter()]
+    )
+    try:
+        published = run(run_relay(settings, _relay_url(ops)))
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"relay stopped after publishing {published} events", err=True)
+
+
+@click.command()
+@click.argument("names", nargs=-1, type=click.Choice(list(CONSUMER_NAMES)))
+def consume(names: tuple[str, ...]) -> None:
+    """Run consumer groups of the region's event topic (default: all three)."""
+    ops = _services()
+    settings = ops.settings
+    telemetry.configure_logging(
+        settings.telemetry.log_level, settings.telemetry.log_format, filters=[RedactingFilter()]
+    )
+    try:
+        run(run_consumers(settings, ops.database_urls.app, names or CONSUMER_NAMES))
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+__all__ = ["check_process_model", "consume", "dev", "embedded", "migrate", "relay", "serve"]

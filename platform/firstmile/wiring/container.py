@@ -1,0 +1,246 @@
+"""The API process's services, built once from the settings, started and stopped with the app.
+
+This is the one place that decides which adapter serves each port (through
+:mod:`firstmile.wiring.adapters`) and which service gets which collaborator. Handlers
+receive the services by dependency injection (:mod:`firstmile.wiring.providers`); nothing
+reads them from ``app.state``.
+
+Everything that holds a connection pool, a client or a thread is built in :meth:`Container.start`
+(the app's startup, on the loop that serves it) and released in :meth:`Container.stop`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from firstmile.admin.oidc import OidcClient
+from firstmile.admin.paths import PathEditor
+from firstmile.admin.service import AdminAuth, SessionPolicy
+from firstmile.analytics.lazy import LazyStore
+from firstmile.analytics.service import AnalyticsService
+from firstmile.analytics.sink import AnalyticsSink
+from firstmile.analytics.store import AnalyticsStore
+from firstmile.audit.service import AuditService, Checkpointer
+from firstmile.audit.signing import AuditSigner
+from firstmile.auth.resolver import KeyResolver
+from firstmile.events.bus import Consumer
+from firstmile.events.dispatch import InProcessPublisher
+from firstmile.events.relay import OutboxRelay
+from firstmile.events.service import IngestionService
+from firstmile.kit.auth import Principal
+from firstmile.kit.db import create_engine
+from firstmile.kit.health import Readiness
+from firstmile.kit.supervisor import Supervisor
+from firstmile.ml.consumer import FeatureHook
+from firstmile.ml.feature_reader import ResilientFeatureReader
+from firstmile.ml.feature_stores import FeatureStoreSink
+from firstmile.ml.features import FeatureStore
+from firstmile.ml.inference import GuardedInference, InProcessClient, StageReader
+from firstmile.ml.online import PlannerFeatures, StoreActivity
+from firstmile.ml.planner import PATH_MODEL, AdaptivePlanner
+from firstmile.ml.stuck import ModelStuckDetector
+from firstmile.onboarding.catalog import CatalogCache
+from firstmile.onboarding.consumer import AutoCompletion
+from firstmile.onboarding.service import OnboardingService
+from firstmile.onboarding.stuck import STUCK_MODEL, StuckScanner
+from firstmile.privacy.service import PrivacyService
+from firstmile.security.datakeys import DataKeyService, ManifestProviders
+from firstmile.settings import Settings
+from firstmile.sso.events import KeycloakEventSync
+from firstmile.wiring import adapters
+
+log = logging.getLogger("firstmile.wiring")
+
+WARM_UP_SECONDS = 60.0
+"""How long startup waits for the staged models to load (the planner uses its rules meanwhile)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Overrides:
+    """Adapters a caller brings instead of the configured ones (tests, benchmarks, ``firstmile dev``)."""
+
+    analytics: AnalyticsStore | None = None
+    inference: tuple[GuardedInference, StageReader] | None = None
+    relay_database_url: str | None = None
+
+
+class Container:
+    """Every service of one API process (see the module docstring)."""
+
+    def __init__(
+        self, settings: Settings, database_url: str, pepper: bytes, overrides: Overrides = Overrides()
+    ) -> None:
+        self.settings = settings
+        self.database_url = database_url
+        self.pepper = pepper
+        self.overrides = overrides
+        # what needs no running loop and no connection is made now, so a bad key file fails create_app
+        self.signer: AuditSigner = adapters.audit_signer(settings)
+        self.audit = AuditService.create(self.signer)
+        self.catalogs = CatalogCache()
+        self.path_editor = PathEditor()
+        self._started = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Build the services on the serving loop, warm the models, start the background tasks."""
+        settings = self.settings
+        self.supervisor = Supervisor()
+        self.engine: AsyncEngine = create_engine(
+            self.database_url,
+            pool_size=settings.database.pool_size,
+            max_overflow=settings.database.max_overflow,
+            statement_timeout_ms=settings.database.statement_timeout_ms,
+            application_name=settings.telemetry.service_name,
+        )
+        self.readiness = Readiness(self.engine, settings.region, self.supervisor)
+        # Client-credentials tokens of the tenants' realms, when there is a Keycloak; else API keys only.
+        tokens = adapters.token_validator(settings)
+        # The global tenant directory, when there is one: tokens of tenants homed elsewhere get 421.
+        self.key_resolver = KeyResolver(
+            self.engine,
+            self.pepper,
+            settings.region,
+            settings.tenancy.api_key_cache_ttl_seconds,
+            tokens=tokens,
+            directory=adapters.global_directory(settings),
+        )
+        # Admin UI sessions: Redis when there is one (every process of the region shares them), else in-process.
+        self.admin_auth = AdminAuth(
+            self.engine,
+            self.key_resolver,
+            adapters.session_store(settings),
+            SessionPolicy(
+                lifetime=settings.admin.session_lifetime_seconds,
+                idle=settings.admin.idle_timeout_seconds,
+                secure_cookies=settings.admin.cookie_secure,
+            ),
+            public_url=settings.server.public_url,
+            region=settings.region,
+            oidc=OidcClient(tokens, settings.sso.admin_client_id, http_timeout=settings.sso.http_timeout_seconds)
+            if tokens is not None
+            else None,
+            pepper=self.pepper,
+        )
+        self.keyring = DataKeyService.from_config(self.engine, adapters.key_config(settings))
+        # Online features: Redis, or in-process (then shared by the in-process consumers below).
+        self.features: FeatureStore = adapters.open_feature_store(settings)
+        self.feature_reader = ResilientFeatureReader(
+            self.features,
+            timeout_s=settings.features.timeout_ms / 1000,
+            max_staleness_s=settings.features.max_staleness_seconds,
+        )
+        self.inference, self.stages = self.overrides.inference or adapters.open_inference(settings)
+        self.onboarding = OnboardingService(
+            self.catalogs,
+            self.keyring,
+            AdaptivePlanner(self.inference, self.stages, PlannerFeatures(self.feature_reader)),
+        )
+        self.analytics_store: AnalyticsStore = self.overrides.analytics or LazyStore(
+            lambda: adapters.open_analytics_store(settings)
+        )
+        self.analytics = AnalyticsService(self.analytics_store, settings.analytics.query_timeout_seconds)
+        self.ingestion = IngestionService(self.engine, self.keyring, settings.region)
+        self.privacy = PrivacyService(self.keyring, self.analytics)
+        self._started = True
+        await self._warm_up()
+        self._background()
+        self.supervisor.start()
+
+    async def _warm_up(self) -> None:
+        """Read the model stages and load the staged models off the event loop, before the first request."""
+        models = [PATH_MODEL, STUCK_MODEL]
+        await self.stages.load(models)
+        if isinstance(self.inference.client, InProcessClient):
+            ready = await self.inference.client.warm_up(models, wait_s=WARM_UP_SECONDS)
+            if not ready:
+                log.warning("the staged models did not all load at startup; the planner uses its rules until they do")
+
+    def _background(self) -> None:
+        settings = self.settings
+        supervisor = self.supervisor
+        if settings.stuck.scan_interval_seconds > 0:
+            scanner = StuckScanner(
+                self.engine,
+                self.catalogs,
+                ModelStuckDetector(self.inference, timeout_s=max(2.0, settings.models.inference_timeout_ms / 1000)),
+                StoreActivity(self.features),
+                after=timedelta(hours=settings.stuck.after_hours),
+                min_idle=timedelta(hours=settings.stuck.min_idle_hours),
+            )
+            supervisor.every("stuck-scan", settings.stuck.scan_interval_seconds, scanner.run_once)
+        # Logins Keycloak refused (bad SAML responses, wrong passwords) reach the tenants' audit logs.
+        self.event_sync: KeycloakEventSync | None = (
+            adapters.keycloak_event_sync(settings, self.engine) if settings.sso.event_sync_seconds > 0 else None
+        )
+        if self.event_sync is not None:
+            supervisor.every("sso-event-sync", settings.sso.event_sync_seconds, self.event_sync.run_once)
+        checkpointer = Checkpointer(
+            self.engine,
+            self.signer,
+            self.audit.cache,
+            every_entries=settings.audit.checkpoint_every_entries,
+            every_seconds=settings.audit.checkpoint_every_seconds,
+        )
+        supervisor.every("audit-checkpointer", checkpointer.poll_seconds, checkpointer.run_once)
+        self.relay: OutboxRelay | None = None
+        if self.overrides.relay_database_url is not None and settings.events.kafka_bootstrap_servers is None:
+            # embedded mode: this process relays the outbox to the consumers itself
+            self.relay = OutboxRelay(
+                self.overrides.relay_database_url,
+                InProcessPublisher(self.consumers(), settings.data_dir / "dead-letters"),
+                batch_size=settings.events.relay_batch_size,
+                dedupe_window=timedelta(days=settings.events.dedupe_days),
+            )
+            supervisor.forever("outbox-relay", self.relay.run)
+
+    def consumers(self) -> list[Consumer]:
+        """The event consumers of the slices: analytics sink, progress auto-completion, online features."""
+        return [
+            AnalyticsSink(self.analytics_store),
+            AutoCompletion(self.engine, self.onboarding),
+            FeatureHook(FeatureStoreSink(self.features)),
+        ]
+
+    async def stop(self) -> None:
+        """Stop the background tasks, then release every pool, client and thread."""
+        if not self._started:
+            return
+        self._started = False
+        await self.supervisor.stop()
+        await self.engine.dispose()
+        await self.admin_auth.store.close()
+        if self.admin_auth.oidc is not None:
+            await self.admin_auth.oidc.aclose()
+        if self.key_resolver.tokens is not None:
+            await self.key_resolver.tokens.aclose()
+        if self.key_resolver.directory is not None:
+            await self.key_resolver.directory.aclose()
+        await self.features.close()
+        if self.overrides.inference is None:
+            await self.inference.close()
+        self.analytics.close(close_store=False)
+        providers = self.keyring.providers
+        if isinstance(providers, ManifestProviders):
+            providers.registry.close()
+        if self.overrides.analytics is None:
+            await asyncio.to_thread(self.analytics_store.close)
+
+    # ------------------------------------------------------------------ what the middleware calls
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        """The principal of an ``Authorization`` header (the API key middleware runs before injection)."""
+        return await self.key_resolver.principal(authorization)
+
+    def admin(self) -> AdminAuth:
+        """The admin UI's authentication (its middleware and guard run before injection)."""
+        return self.admin_auth
+
+
+__all__ = ["Container", "Overrides"]

@@ -1,0 +1,107 @@
+"""The long-running event processes: ``firstmile relay`` and ``firstmile consume``.
+
+Wiring, because a consumer process assembles consumers of several slices (the analytics
+sink, progress auto-completion, online features) around the events slice's Kafka runner.
+Both stop cleanly on SIGTERM or SIGINT: the relay after its current batch, a consumer
+before committing a batch it has not finished (so it is redelivered).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from datetime import timedelta
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from firstmile.analytics.sink import AnalyticsSink
+from firstmile.analytics.store import AnalyticsStore
+from firstmile.events.bus import Consumer
+from firstmile.events.kafka import KafkaConsumerRunner, KafkaPublisher
+from firstmile.events.relay import OutboxRelay
+from firstmile.events.topics import StreamConfig, ensure_region_topics, stop_on_signals
+from firstmile.kit.db import create_engine
+from firstmile.ml.consumer import FeatureHook
+from firstmile.ml.feature_stores import FeatureStoreSink
+from firstmile.ml.features import FeatureStore
+from firstmile.onboarding.catalog import CatalogCache
+from firstmile.onboarding.consumer import AutoCompletion
+from firstmile.onboarding.service import OnboardingService
+from firstmile.settings import Settings
+from firstmile.wiring import adapters
+
+log = logging.getLogger("firstmile.events")
+CONSUMER_NAMES: tuple[str, ...] = ("analytics", "progress", "features")
+
+
+def stream_config(settings: Settings) -> StreamConfig:
+    """The region's event stream settings."""
+    events = settings.events
+    return StreamConfig(
+        bootstrap_servers=events.kafka_bootstrap_servers,
+        topic_prefix=events.kafka_topic_prefix,
+        region=settings.region,
+        partitions=events.kafka_partitions,
+        batch_size=events.relay_batch_size,
+    )
+
+
+async def run_relay(settings: Settings, relay_url: str, stop: asyncio.Event | None = None) -> int:
+    """Relay the outbox to Kafka until stopped; returns the number of rows published."""
+    stop = stop or asyncio.Event()
+    stop_on_signals(stop)
+    config = stream_config(settings)
+    topic, _ = await asyncio.to_thread(ensure_region_topics, config)
+    publisher = KafkaPublisher(config.bootstrap, topic)
+    relay = OutboxRelay(
+        relay_url,
+        publisher,
+        batch_size=settings.events.relay_batch_size,
+        dedupe_window=timedelta(days=settings.events.dedupe_days),
+    )
+    try:
+        await relay.run(stop)
+    finally:
+        await publisher.close()
+    return relay.published
+
+
+async def run_consumers(settings: Settings, database_url: str, names: Sequence[str]) -> None:
+    """Run the named consumer groups in this process until stopped."""
+    stop = asyncio.Event()
+    stop_on_signals(stop)
+    config = stream_config(settings)
+    topic, dlq = await asyncio.to_thread(ensure_region_topics, config)
+    engine: AsyncEngine | None = None
+    store: AnalyticsStore | None = None
+    features: FeatureStore | None = None
+    handlers: list[Consumer] = []
+    for name in names:
+        if name == "analytics":
+            store = await asyncio.to_thread(adapters.open_analytics_store, settings)
+            handlers.append(AnalyticsSink(store))
+        elif name == "progress":
+            engine = create_engine(database_url, pool_size=4, max_overflow=0, application_name="firstmile-consumer")
+            handlers.append(AutoCompletion(engine, OnboardingService(CatalogCache())))
+        elif name == "features":
+            features = adapters.open_feature_store(settings)
+            handlers.append(FeatureHook(FeatureStoreSink(features)))
+        else:
+            raise ValueError(f"unknown consumer {name!r}; known: {', '.join(CONSUMER_NAMES)}")
+    runners = [
+        KafkaConsumerRunner(
+            config.bootstrap, topic, dlq, f"{config.group_prefix}.{h.name}", h, batch_size=config.batch_size
+        )
+        for h in handlers
+    ]
+    log.info("consumers running", extra={"fields": {"consumers": list(names), "topic": topic}})
+    try:
+        await asyncio.gather(*(r.run(stop) for r in runners))
+    finally:
+        if engine is not None:
+            await engine.dispose()
+        if store is not None:
+            await asyncio.to_thread(store.close)
+        if features is not None:
+            await features.close()
