@@ -30,7 +30,8 @@ from firstmile.app import create_app
 from firstmile.wiring.migrate import upgrade
 from firstmile.settings import Settings
 from firstmile.tenancy.manifest import TenantManifest
-from firstmile.tenancy.service import apply_manifest, create_key
+from firstmile.controlplane.service import apply_manifest
+from firstmile.tenancy.cli import create_key
 from tests.factories import ROOT, manifest_for, recreate_database
 
 REGION = "eu-west-1"
@@ -285,21 +286,21 @@ async def unaudited_tenant(
 ) -> TenantFixture:
     """A tenant and key written straight through the repository, so its audit chain starts empty
     (``new_tenant`` goes through ``tenants apply`` and ``keys create``, which are audited)."""
-    from firstmile.kit.db import authorise_tenant, set_tenant
+    from firstmile.kit.db import tenant_transaction
+    from firstmile.kit.scope import OPERATOR_CLI
     from firstmile.tenancy import keys as keylib
     from firstmile.tenancy import repository as tenancy_repo
 
     slug = f"t-{secrets.token_hex(5)}"
     manifest = manifest_for(slug, region)
-    tenant_id = authorise_tenant(uuid.uuid4())
+    tenant_id = OPERATOR_CLI.tenant(uuid.uuid4())
     key = keylib.generate_key()
-    async with admin_engine.begin() as conn:
-        await set_tenant(conn, tenant_id)
+    async with tenant_transaction(admin_engine, tenant_id) as tx:
         await tenancy_repo.insert_tenant(
-            conn, tenant_id, slug, slug, region, manifest.model_dump(mode="json"), manifest.content_hash()
+            tx, slug, slug, region, manifest.model_dump(mode="json"), manifest.content_hash()
         )
         await tenancy_repo.insert_key(
-            conn, tenant_id, "test", keylib.display_prefix(key), keylib.hash_key(PEPPER, key), scopes, region
+            tx, "test", keylib.display_prefix(key), keylib.hash_key(PEPPER, key), scopes, region
         )
     return TenantFixture(tenant_id, slug, key, manifest)
 

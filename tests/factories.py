@@ -12,7 +12,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from firstmile.kit.models import TENANT_OWNED_TABLES
+from firstmile.wiring.schema import TENANT_OWNED_TABLES
 from firstmile.tenancy.manifest import TenantManifest
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -151,13 +151,15 @@ def create_app(
             UsersController,
             LoginController,
             PagesController,
-            admin_api_router(container.admin),
+            admin_api_router(container.admin_source()),
         ],
         dependencies=dependencies(container),
         on_startup=[container.start],
         on_shutdown=[container.stop],
         middleware=[
-            DefineMiddleware(ApiKeyMiddleware, authenticate=container.authenticate, exclude=PUBLIC_PATHS + ADMIN_PATHS)
+            DefineMiddleware(
+                ApiKeyMiddleware, authenticate=container.authenticator(), exclude=PUBLIC_PATHS + ADMIN_PATHS
+            )
         ],
         # Server spans cost ~0.3 ms of CPU per request; record them only when they go somewhere.
         plugins=[OpenTelemetryPlugin(OpenTelemetryConfig(tracer_provider=provider, exclude=PUBLIC_PATHS))]

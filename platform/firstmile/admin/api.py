@@ -23,6 +23,7 @@ import msgspec
 from litestar import Controller, Request, Response, Router, delete, get, patch, post
 from litestar.connection import ASGIConnection
 from litestar.datastructures import Cookie
+from litestar.di import NamedDependency
 from litestar.handlers.base import BaseRouteHandler
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult, DefineMiddleware
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter, URLEncodedBody
@@ -165,7 +166,7 @@ class LoginController(Controller):
     async def login(
         self,
         request: Request[Any, Any, Any],
-        admin_auth: AdminAuth,
+        admin_auth: NamedDependency[AdminAuth],
         tenant: FromQuery[str],
         next_: Annotated[str | None, QueryParameter(name="next")] = None,
     ) -> Redirect:
@@ -186,7 +187,7 @@ class LoginController(Controller):
     async def callback(
         self,
         request: Request[Any, Any, Any],
-        admin_auth: AdminAuth,
+        admin_auth: NamedDependency[AdminAuth],
         state_: Annotated[str | None, QueryParameter(name="state")] = None,
         code: FromQuery[str | None] = None,
         error: FromQuery[str | None] = None,
@@ -219,7 +220,7 @@ class LoginController(Controller):
     async def logout(
         self,
         request: Request[Any, Any, Any],
-        admin_auth: AdminAuth,
+        admin_auth: NamedDependency[AdminAuth],
         data: URLEncodedBody[dict[str, str]],
     ) -> Redirect:
         auth = admin_auth
@@ -241,7 +242,7 @@ class LoginController(Controller):
     async def backchannel_logout(
         self,
         request: Request[Any, Any, Any],
-        admin_auth: AdminAuth,
+        admin_auth: NamedDependency[AdminAuth],
         data: URLEncodedBody[dict[str, str]],
     ) -> Response[dict[str, Any]]:
         auth = admin_auth
@@ -262,7 +263,7 @@ class LoginController(Controller):
     async def bootstrap(
         self,
         request: Request[Any, Any, Any],
-        admin_auth: AdminAuth,
+        admin_auth: NamedDependency[AdminAuth],
         data: URLEncodedBody[dict[str, str]],
     ) -> Redirect:
         auth = admin_auth
@@ -306,7 +307,11 @@ class AdminApiController(Controller):
 
     @get("/me", summary="The signed-in admin, their tenant, roles and CSRF token", opt={"permission": "session"})
     async def me(
-        self, request: Request[Any, Any, Any], admin_auth: AdminAuth, uow: UnitOfWork, path_editor: PathEditor
+        self,
+        request: Request[Any, Any, Any],
+        admin_auth: NamedDependency[AdminAuth],
+        uow: NamedDependency[UnitOfWork],
+        path_editor: NamedDependency[PathEditor],
     ) -> MeOut:
         session = _session(request)
         tenant = await admin_auth.tenant(session.tenant_slug)
@@ -322,7 +327,9 @@ class AdminApiController(Controller):
         )
 
     @get("/paths", summary="The tenant's current onboarding paths", opt={"permission": Permission.PATHS_READ})
-    async def paths(self, uow: UnitOfWork, path_editor: PathEditor) -> list[dict[str, Any]]:
+    async def paths(
+        self, uow: NamedDependency[UnitOfWork], path_editor: NamedDependency[PathEditor]
+    ) -> list[dict[str, Any]]:
         return await uow.run(path_editor.list_paths)
 
     @patch(
@@ -335,8 +342,8 @@ class AdminApiController(Controller):
         request: Request[Any, Any, Any],
         key: FromPath[str],
         data: JSONBody[PathEdit],
-        uow: UnitOfWork,
-        path_editor: PathEditor,
+        uow: NamedDependency[UnitOfWork],
+        path_editor: NamedDependency[PathEditor],
     ) -> dict[str, Any]:
         session = _session(request)
         changes = {k: v for k, v in msgspec.structs.asdict(data).items() if v is not None}
@@ -348,7 +355,11 @@ class AdminApiController(Controller):
         opt={"permission": Permission.USERS_EXPORT},
     )
     async def export_user(
-        self, request: Request[Any, Any, Any], user_id: FromPath[str], uow: UnitOfWork, privacy: PrivacyService
+        self,
+        request: Request[Any, Any, Any],
+        user_id: FromPath[str],
+        uow: NamedDependency[UnitOfWork],
+        privacy: NamedDependency[PrivacyService],
     ) -> dict[str, Any]:
         check_user_id(user_id)
         session = _session(request)
@@ -364,7 +375,11 @@ class AdminApiController(Controller):
         opt={"permission": Permission.USERS_ERASE},
     )
     async def erase_user(
-        self, request: Request[Any, Any, Any], user_id: FromPath[str], uow: UnitOfWork, privacy: PrivacyService
+        self,
+        request: Request[Any, Any, Any],
+        user_id: FromPath[str],
+        uow: NamedDependency[UnitOfWork],
+        privacy: NamedDependency[PrivacyService],
     ) -> dict[str, Any]:
         check_user_id(user_id)
         session = _session(request)
@@ -376,8 +391,8 @@ class AdminApiController(Controller):
     @get("/audit", summary="The tenant's latest audit entries", opt={"permission": Permission.AUDIT_READ})
     async def audit(
         self,
-        uow: UnitOfWork,
-        audit_log: AuditService,
+        uow: NamedDependency[UnitOfWork],
+        audit_log: NamedDependency[AuditService],
         kind: FromQuery[str | None] = None,
         limit: FromQuery[int] = 50,
     ) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Annotated, Any, TypeVar
 
 from litestar import Controller, Request, get
+from litestar.di import NamedDependency
 from litestar.params import QueryParameter
 
 from firstmile.analytics import schemas
@@ -192,7 +193,11 @@ def check_query(
 
 
 async def resolve_path(
-    request: Request[Principal, Any, Any], uow: UnitOfWork, onboarding: OnboardingService, key: str, version: int | None
+    request: Request[Principal, Any, Any],
+    uow: NamedDependency[UnitOfWork],
+    onboarding: NamedDependency[OnboardingService],
+    key: str,
+    version: int | None,
 ) -> PathDef:
     """The path definition from PostgreSQL (through the onboarding catalog cache); 404 when unknown."""
     path = await onboarding.find_path(uow, request.user.tenant_revision, key, version)
@@ -209,7 +214,11 @@ def _applied(f: Filters) -> schemas.AppliedFilters:
 
 
 async def _run(
-    uow: UnitOfWork, analytics: AnalyticsService, name: str, key: Any, compute: Callable[[TenantId], T]
+    uow: NamedDependency[UnitOfWork],
+    analytics: NamedDependency[AnalyticsService],
+    name: str,
+    key: Any,
+    compute: Callable[[TenantId], T],
 ) -> Computed[T]:
     tenant = uow.tenant
     return await analytics.run(tenant, name, key, lambda: compute(tenant))
@@ -224,9 +233,9 @@ class AnalyticsController(Controller):
     async def funnel(
         self,
         request: Request[Principal, Any, Any],
-        uow: UnitOfWork,
-        analytics: AnalyticsService,
-        onboarding: OnboardingService,
+        uow: NamedDependency[UnitOfWork],
+        analytics: NamedDependency[AnalyticsService],
+        onboarding: NamedDependency[OnboardingService],
         from_: FromQ = None,
         to: ToQ = None,
         path: PathQ = None,
@@ -283,9 +292,9 @@ class AnalyticsController(Controller):
     async def dropoff(
         self,
         request: Request[Principal, Any, Any],
-        uow: UnitOfWork,
-        analytics: AnalyticsService,
-        onboarding: OnboardingService,
+        uow: NamedDependency[UnitOfWork],
+        analytics: NamedDependency[AnalyticsService],
+        onboarding: NamedDependency[OnboardingService],
         from_: FromQ = None,
         to: ToQ = None,
         path: PathQ = None,
@@ -341,9 +350,9 @@ class AnalyticsController(Controller):
     async def cohorts(
         self,
         request: Request[Principal, Any, Any],
-        uow: UnitOfWork,
-        analytics: AnalyticsService,
-        onboarding: OnboardingService,
+        uow: NamedDependency[UnitOfWork],
+        analytics: NamedDependency[AnalyticsService],
+        onboarding: NamedDependency[OnboardingService],
         from_: FromQ = None,
         to: ToQ = None,
         path: PathQ = None,
@@ -393,9 +402,9 @@ class AnalyticsController(Controller):
     async def time_to_activation(
         self,
         request: Request[Principal, Any, Any],
-        uow: UnitOfWork,
-        analytics: AnalyticsService,
-        onboarding: OnboardingService,
+        uow: NamedDependency[UnitOfWork],
+        analytics: NamedDependency[AnalyticsService],
+        onboarding: NamedDependency[OnboardingService],
         from_: FromQ = None,
         to: ToQ = None,
         path: PathQ = None,
@@ -438,9 +447,9 @@ class AnalyticsController(Controller):
     async def step_completion(
         self,
         request: Request[Principal, Any, Any],
-        uow: UnitOfWork,
-        analytics: AnalyticsService,
-        onboarding: OnboardingService,
+        uow: NamedDependency[UnitOfWork],
+        analytics: NamedDependency[AnalyticsService],
+        onboarding: NamedDependency[OnboardingService],
         from_: FromQ = None,
         to: ToQ = None,
         path: PathQ = None,
@@ -492,9 +501,9 @@ class AnalyticsController(Controller):
     async def activation_rate(
         self,
         request: Request[Principal, Any, Any],
-        uow: UnitOfWork,
-        analytics: AnalyticsService,
-        onboarding: OnboardingService,
+        uow: NamedDependency[UnitOfWork],
+        analytics: NamedDependency[AnalyticsService],
+        onboarding: NamedDependency[OnboardingService],
         from_: FromQ = None,
         to: ToQ = None,
         path: PathQ = None,

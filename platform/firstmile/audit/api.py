@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Annotated, TypeVar
 
 from litestar import Controller, get
+from litestar.di import NamedDependency
 from litestar.params import FromPath, QueryParameter
 
 from firstmile.audit import schemas
@@ -79,7 +80,7 @@ class _Errors:
         return value
 
 
-async def _read(uow: UnitOfWork, work: Callable[[TenantTx], Awaitable[T]]) -> T:
+async def _read(uow: NamedDependency[UnitOfWork], work: Callable[[TenantTx], Awaitable[T]]) -> T:
     try:
         return await uow.run(work)
     except AuditNotFoundError as exc:
@@ -102,8 +103,8 @@ class AuditController(Controller):
     )
     async def entries(
         self,
-        uow: UnitOfWork,
-        audit_log: AuditService,
+        uow: NamedDependency[UnitOfWork],
+        audit_log: NamedDependency[AuditService],
         kind: Str = None,
         actor: Str = None,
         subject: Str = None,
@@ -140,8 +141,8 @@ class AuditController(Controller):
     )
     async def proof(
         self,
-        uow: UnitOfWork,
-        audit_log: AuditService,
+        uow: NamedDependency[UnitOfWork],
+        audit_log: NamedDependency[AuditService],
         seq: FromPath[str],
         tree_size: Annotated[str | None, QueryParameter(description="A checkpoint's tree size")] = None,
     ) -> schemas.InclusionProof:
@@ -166,8 +167,8 @@ class AuditController(Controller):
     @get("/checkpoints", summary="Signed checkpoints", description="In tree-size order, with the region's public key.")
     async def checkpoints(
         self,
-        uow: UnitOfWork,
-        audit_log: AuditService,
+        uow: NamedDependency[UnitOfWork],
+        audit_log: NamedDependency[AuditService],
         after_size: Annotated[str | None, QueryParameter(description="Only larger tree sizes")] = None,
         limit: Annotated[str | None, QueryParameter(description=f"1..{MAX_LIMIT}, default {DEFAULT_LIMIT}")] = None,
     ) -> schemas.CheckpointPage:
@@ -194,8 +195,8 @@ class AuditController(Controller):
     )
     async def consistency(
         self,
-        uow: UnitOfWork,
-        audit_log: AuditService,
+        uow: NamedDependency[UnitOfWork],
+        audit_log: NamedDependency[AuditService],
         first: Annotated[str | None, QueryParameter(description="The smaller checkpoint tree size")] = None,
         second: Annotated[str | None, QueryParameter(description="The larger checkpoint tree size")] = None,
     ) -> schemas.ConsistencyProof:
@@ -222,5 +223,5 @@ class AuditController(Controller):
         )
 
     @get("/public-key", summary="The region's checkpoint signing public key")
-    async def public_key(self, audit_log: AuditService) -> schemas.PublicKey:
+    async def public_key(self, audit_log: NamedDependency[AuditService]) -> schemas.PublicKey:
         return schemas.public_key_out(audit_log.signer)

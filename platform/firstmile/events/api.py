@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 from litestar import Controller, Request, Response, post
+from litestar.di import NamedDependency
 from litestar.params import FromPath
 
 from firstmile.events.segment import MAX_BATCH_BYTES, MAX_BATCH_MESSAGES, MAX_MESSAGE_BYTES
@@ -84,7 +85,10 @@ class EventsController(Controller):
         "endpoint at the path Segment's libraries use.",
     )
     async def batch(
-        self, request: Request[Principal, Any, Any], uow: UnitOfWork, ingestion: IngestionService
+        self,
+        request: Request[Principal, Any, Any],
+        uow: NamedDependency[UnitOfWork],
+        ingestion: NamedDependency[IngestionService],
     ) -> Response[BatchResult]:
         messages = _messages(await _body(request, _BODY_LIMIT))
         result = await ingestion.accept(uow, request.user.tenant_revision, messages)
@@ -100,7 +104,7 @@ class EventsController(Controller):
         "tenant's shared secret (`firstmile webhooks secret --tenant SLUG`).",
     )
     async def segment_webhook(
-        self, request: Request[Any, Any, Any], tenant: FromPath[str], ingestion: IngestionService
+        self, request: Request[Any, Any, Any], tenant: FromPath[str], ingestion: NamedDependency[IngestionService]
     ) -> Response[BatchResult]:
         raw = await _body(request, MAX_MESSAGE_BYTES + 4096)
         unauthorised = ProblemError(

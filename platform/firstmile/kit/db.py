@@ -15,13 +15,13 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar, Unpack
+from typing import Any, TypeVar
 
 import msgspec
 from sqlalchemy import CursorResult, Executable, MetaData, text
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.util.typing import TupleAny
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.util.typing import TupleAny
 
 from firstmile.kit import telemetry
 from firstmile.kit.scope import TenantId
@@ -60,7 +60,7 @@ class TenantTx:
     conn: AsyncConnection
     tenant: TenantId
 
-    async def execute(self, statement: Executable, parameters: Params = None) -> CursorResult[Unpack[TupleAny]]:
+    async def execute(self, statement: Executable, parameters: Params = None) -> CursorResult[*TupleAny]:
         """Run one statement in the transaction (``AsyncConnection.execute``)."""
         return await self.conn.execute(statement, parameters)
 

@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 from litestar import Controller, Response, get
+from litestar.di import NamedDependency
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -53,7 +54,7 @@ class HealthController(Controller):
         return {"status": "ok"}
 
     @get("/ready", summary="The process can serve: the database answers, no background task keeps failing")
-    async def ready(self, readiness: Readiness) -> dict[str, Any]:
+    async def ready(self, readiness: NamedDependency[Readiness]) -> dict[str, Any]:
         return await readiness.check()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, get, post
+from litestar.di import NamedDependency
 from litestar.params import Body, FromPath
 
 from firstmile.kit.auth import Principal, require_scope
@@ -35,14 +36,16 @@ class OnboardingController(Controller):
         self,
         request: Request[Principal, Any, Any],
         data: Annotated[StartRequest, Body(description="The user and their traits")],
-        uow: UnitOfWork,
-        onboarding: OnboardingService,
+        uow: NamedDependency[UnitOfWork],
+        onboarding: NamedDependency[OnboardingService],
     ) -> Response[OnboardingState]:
         outcome = await onboarding.start(uow, request.user.tenant_revision, data.user_id, data.traits)
         return Response(outcome.state, status_code=201 if outcome.created else 200)
 
     @get("/{user_id:str}", summary="A user's onboarding state")
-    async def state(self, user_id: FromPath[str], uow: UnitOfWork, onboarding: OnboardingService) -> OnboardingState:
+    async def state(
+        self, user_id: FromPath[str], uow: NamedDependency[UnitOfWork], onboarding: NamedDependency[OnboardingService]
+    ) -> OnboardingState:
         check_user_id(user_id)
         return await uow.run(lambda tx: onboarding.get(tx, user_id))
 
@@ -56,8 +59,8 @@ class OnboardingController(Controller):
         self,
         user_id: FromPath[str],
         step_id: FromPath[str],
-        uow: UnitOfWork,
-        onboarding: OnboardingService,
+        uow: NamedDependency[UnitOfWork],
+        onboarding: NamedDependency[OnboardingService],
         data: Annotated[CompleteRequest | None, Body(description="Optional: when it happened")] = None,
     ) -> OnboardingState:
         check_user_id(user_id)

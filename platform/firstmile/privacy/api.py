@@ -6,6 +6,7 @@ from typing import Any
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get
+from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery
 
 from firstmile.kit.auth import Principal, require_scope
@@ -42,7 +43,11 @@ class UsersController(Controller):
         "downstream stores, and audits it, in one transaction. 404 when nothing is held about the user.",
     )
     async def erase(
-        self, request: Request[Principal, Any, Any], user_id: FromPath[str], uow: UnitOfWork, privacy: PrivacyService
+        self,
+        request: Request[Principal, Any, Any],
+        user_id: FromPath[str],
+        uow: NamedDependency[UnitOfWork],
+        privacy: NamedDependency[PrivacyService],
     ) -> Response[ErasureResult]:
         check_user_id(user_id)
         done = await privacy.erase(uow, user_id, request.user.actor)
@@ -61,7 +66,11 @@ class UsersController(Controller):
         "(nothing exported, not audited) when the analytics store cannot answer in time.",
     )
     async def export(
-        self, request: Request[Principal, Any, Any], user_id: FromPath[str], uow: UnitOfWork, privacy: PrivacyService
+        self,
+        request: Request[Principal, Any, Any],
+        user_id: FromPath[str],
+        uow: NamedDependency[UnitOfWork],
+        privacy: NamedDependency[PrivacyService],
     ) -> dict[str, Any]:
         check_user_id(user_id)
         document = await privacy.export(uow, user_id, request.user.actor)
@@ -70,7 +79,9 @@ class UsersController(Controller):
         return document
 
     @get("/", summary="Find users by email (keyed blind index; the email is never stored in clear)")
-    async def lookup(self, email: FromQuery[str], uow: UnitOfWork, privacy: PrivacyService) -> dict[str, list[str]]:
+    async def lookup(
+        self, email: FromQuery[str], uow: NamedDependency[UnitOfWork], privacy: NamedDependency[PrivacyService]
+    ) -> dict[str, list[str]]:
         if not valid_email(email):
             raise ProblemError(
                 400,

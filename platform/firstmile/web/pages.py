@@ -9,6 +9,7 @@ from typing import Any
 
 import jinja2
 from litestar import Controller, Request, Response, get
+from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery
 from litestar.response import Redirect
 
@@ -66,7 +67,10 @@ class PagesController(Controller):
 
     @get("/", summary="The admin dashboard")
     async def dashboard(
-        self, request: Request[Any, Any, Any], admin_auth: AdminAuth, path_editor: PathEditor
+        self,
+        request: Request[Any, Any, Any],
+        admin_auth: NamedDependency[AdminAuth],
+        path_editor: NamedDependency[PathEditor],
     ) -> Response[Any]:
         auth = admin_auth
         session = await auth.session(request.cookies.get(auth.policy.cookie))
@@ -96,8 +100,8 @@ class PagesController(Controller):
     async def audit(
         self,
         request: Request[Any, Any, Any],
-        admin_auth: AdminAuth,
-        audit_log: AuditService,
+        admin_auth: NamedDependency[AdminAuth],
+        audit_log: NamedDependency[AuditService],
         kind: FromQuery[str | None] = None,
     ) -> Response[Any]:
         auth = admin_auth
@@ -131,15 +135,15 @@ class PagesController(Controller):
         return render(auth, "audit.html", session=session, entries=rows, kind=kind)
 
     @get("/signin", summary="Sign-in page")
-    async def signin(self, admin_auth: AdminAuth) -> Response[str]:
+    async def signin(self, admin_auth: NamedDependency[AdminAuth]) -> Response[str]:
         return render(admin_auth, "signin.html", sso=admin_auth.oidc is not None)
 
     @get("/logged-out", summary="Signed-out page")
-    async def logged_out(self, admin_auth: AdminAuth) -> Response[str]:
+    async def logged_out(self, admin_auth: NamedDependency[AdminAuth]) -> Response[str]:
         return render(admin_auth, "logged_out.html")
 
     @get("/bootstrap", summary="Confirm a one-time bootstrap link (embedded mode)")
-    async def bootstrap(self, admin_auth: AdminAuth, token: FromQuery[str]) -> Response[str]:
+    async def bootstrap(self, admin_auth: NamedDependency[AdminAuth], token: FromQuery[str]) -> Response[str]:
         # GET only shows the link's tenant and role; the POST redeems it, so link scanners cannot spend it
         try:
             claims = read_bootstrap_token(admin_auth.bootstrap_signing_key, token)

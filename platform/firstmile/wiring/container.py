@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -232,15 +233,26 @@ class Container:
         if self.overrides.analytics is None:
             await asyncio.to_thread(self.analytics_store.close)
 
-    # ------------------------------------------------------------------ what the middleware calls
+    # ------------------------------------------------------------------ what runs before injection
 
-    async def authenticate(self, authorization: str | None) -> Principal:
-        """The principal of an ``Authorization`` header (the API key middleware runs before injection)."""
-        return await self.key_resolver.principal(authorization)
+    # Plain functions, not bound methods: Litestar deep-copies route handlers, routers and their
+    # middleware arguments, and a function is copied as itself while a bound method copies the container.
 
-    def admin(self) -> AdminAuth:
-        """The admin UI's authentication (its middleware and guard run before injection)."""
-        return self.admin_auth
+    def authenticator(self) -> Callable[[str | None], Awaitable[Principal]]:
+        """The principal of an ``Authorization`` header, for the API key middleware."""
+
+        async def authenticate(authorization: str | None) -> Principal:
+            return await self.key_resolver.principal(authorization)
+
+        return authenticate
+
+    def admin_source(self) -> Callable[[], AdminAuth]:
+        """The admin UI's authentication, for its middleware and guard."""
+
+        def admin_auth() -> AdminAuth:
+            return self.admin_auth
+
+        return admin_auth
 
 
 __all__ = ["Container", "Overrides"]
