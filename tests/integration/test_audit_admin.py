@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import uuid
+
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from firstmile.audit.repository import EntryFilter, list_entries
-from firstmile.kit.db import authorise_tenant, tenant_transaction
-from firstmile.tenancy.service import apply_manifest, list_keys, revoke_key
+from firstmile.controlplane.service import apply_manifest
+from firstmile.kit.db import tenant_transaction
+from firstmile.kit.scope import OPERATOR_CLI
+from firstmile.tenancy.cli import list_keys, revoke_key
 from tests.conftest import new_tenant
 
 
-async def _actions(app_engine: AsyncEngine, tenant_id: object) -> list[tuple[str, str, str]]:
-    tid = authorise_tenant(tenant_id)  # type: ignore[arg-type]
-    async with tenant_transaction(app_engine, tid) as conn:
-        entries = await list_entries(conn, tid, EntryFilter(), 100)
+async def _actions(app_engine: AsyncEngine, tenant_id: uuid.UUID) -> list[tuple[str, str, str]]:
+    async with tenant_transaction(app_engine, OPERATOR_CLI.tenant(tenant_id)) as tx:
+        entries = await list_entries(tx, EntryFilter(), 100)
     return [(e.kind, e.actor, e.payload.get("action", "")) for e in entries]
 
 

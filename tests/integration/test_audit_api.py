@@ -7,17 +7,17 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from firstmile.app import create_app
-from firstmile.audit.api import AuditController
 from firstmile.audit.canonical import canonical_entry, leaf_hash, parse_timestamp
 from firstmile.audit.service import AuditService, append, create_checkpoint
 from firstmile.audit.signing import AuditSigner
-from firstmile.kit.db import TenantId, authorise_tenant, tenant_transaction
+from firstmile.kit.db import tenant_transaction
+from firstmile.kit.scope import OPERATOR_CLI, TenantId
 from tests.conftest import PEPPER, Database, TenantFixture, make_settings, unaudited_tenant
 from tests.unit.analytics_support import FlakyStore
 from tests.unit.test_audit_rfc9162 import rfc_verify_consistency, rfc_verify_inclusion
@@ -28,18 +28,14 @@ PROBLEM = "https://firstmile.dev/problems/"
 
 @pytest.fixture(scope="module")
 async def client(database: Database, analytics_store: Any) -> AsyncIterator[Client]:
-    """An app with the audit controller (registered here until the app wires it itself)."""
+    """An app of its own (the audit controller and its service are wired by ``create_app``)."""
     app = create_app(make_settings(), database.app_url, PEPPER, analytics=FlakyStore(analytics_store))
-    if not any(route.path.startswith("/v1/audit") for route in app.routes):
-        app.register(AuditController)
     async with AsyncTestClient(app=app, raise_server_exceptions=False) as c:
-        if not isinstance(getattr(app.state, "audit", None), AuditService):
-            app.state.audit = AuditService.create(AuditSigner(Ed25519PrivateKey.generate()))
         yield c
 
 
 def _signer(client: Client) -> AuditSigner:
-    service: AuditService = client.app.state.audit
+    service: AuditService = client.app.state.container.audit
     return service.signer
 
 
@@ -48,18 +44,17 @@ async def _tenant(admin_engine: AsyncEngine) -> TenantFixture:
 
 
 async def _append(app_engine: AsyncEngine, tenant: TenantFixture, count: int, start: int = 0) -> None:
-    tid = authorise_tenant(tenant.id)
-    async with tenant_transaction(app_engine, tid) as conn:
+    async with tenant_transaction(app_engine, OPERATOR_CLI.tenant(tenant.id)) as tx:
         for i in range(start, start + count):
             kind = ("decision", "admin", "auth")[i % 3]
             payload = {"i": i, "model": "planner-v3", "confidence": i / 100, "fallback": None}
-            await append(conn, tid, kind, f"actor:{i % 2}", f"user:{i % 4}", payload)
+            await append(tx, kind, f"actor:{i % 2}", f"user:{i % 4}", payload)
 
 
 async def _checkpoint(client: Client, app_engine: AsyncEngine, tenant: TenantFixture) -> int:
-    tid: TenantId = authorise_tenant(tenant.id)
-    async with tenant_transaction(app_engine, tid) as conn:
-        cp = await create_checkpoint(conn, tid, _signer(client))
+    tid: TenantId = OPERATOR_CLI.tenant(tenant.id)
+    async with tenant_transaction(app_engine, tid) as tx:
+        cp = await create_checkpoint(tx, _signer(client))
     assert cp is not None
     return cp.tree_size
 

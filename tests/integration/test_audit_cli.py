@@ -15,11 +15,12 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from firstmile.audit import repository as repo
-from firstmile.audit.cli import audit
 from firstmile.audit.schemas import checkpoint_out
 from firstmile.audit.service import append
 from firstmile.audit.signing import AuditSigner
-from firstmile.kit.db import authorise_tenant, tenant_transaction
+from firstmile.cli import main
+from firstmile.kit.db import tenant_transaction
+from firstmile.kit.scope import OPERATOR_CLI
 from firstmile.settings import get_settings
 from tests.conftest import Database, TenantFixture, unaudited_tenant
 
@@ -39,15 +40,15 @@ def env(database: Database, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
 
 async def _log(app_engine: AsyncEngine, admin_engine: AsyncEngine, count: int) -> TenantFixture:
     tenant = await unaudited_tenant(admin_engine)
-    tid = authorise_tenant(tenant.id)
-    async with tenant_transaction(app_engine, tid) as conn:
+    async with tenant_transaction(app_engine, OPERATOR_CLI.tenant(tenant.id)) as tx:
         for i in range(count):
-            await append(conn, tid, "admin", "operator", f"thing:{i}", {"i": i})
+            await append(tx, "admin", "operator", f"thing:{i}", {"i": i})
     return tenant
 
 
 def _invoke(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(audit, list(args))
+    """``firstmile audit ARGS``: through the root command, which puts the operator services on the context."""
+    result = CliRunner().invoke(main, ["audit", *args])
     if result.exception and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result.exit_code, result.stdout, result.stderr
@@ -68,8 +69,8 @@ async def test_checkpoint_verify_and_tamper(env: Path, app_engine: AsyncEngine, 
     code, out, err = await _cli("verify", "--tenant", tenant.slug, "--key-file", str(env))
     assert code == 0, out
     assert "OK" in out and "verified 12/12 entries" in err
-    async with admin_engine.connect() as conn:
-        saved = [msgspec.to_builtins(checkpoint_out(c)) for c in await repo.list_checkpoints(conn, tenant.id)]
+    async with tenant_transaction(admin_engine, OPERATOR_CLI.tenant(tenant.id), commit=False) as tx:
+        saved = [msgspec.to_builtins(checkpoint_out(c)) for c in await repo.list_checkpoints(tx)]
     kept = env.parent / "checkpoints.json"
     kept.write_text(json.dumps({"checkpoints": saved}))
     code, out, _ = await _cli("verify", "--tenant", tenant.slug, "--key-file", str(env), "--checkpoint", str(kept))

@@ -23,7 +23,8 @@ from firstmile.audit.service import (
 )
 from firstmile.audit.signing import AuditSigner, checkpoint_body, verify_signature
 from firstmile.audit.verify import verify_tenant
-from firstmile.kit.db import TenantId, authorise_tenant, tenant_transaction
+from firstmile.kit.db import TenantTx, tenant_transaction
+from firstmile.kit.scope import OPERATOR_CLI, TenantId
 from tests.conftest import Database, unaudited_tenant
 from tests.unit.test_audit_rfc9162 import rfc_mth
 
@@ -31,12 +32,12 @@ SIGNER = AuditSigner(Ed25519PrivateKey.generate())
 
 
 async def _tenant(admin_engine: AsyncEngine) -> TenantId:
-    return authorise_tenant((await unaudited_tenant(admin_engine)).id)
+    return OPERATOR_CLI.tenant((await unaudited_tenant(admin_engine)).id)
 
 
 async def _entries(admin_engine: AsyncEngine, tenant: TenantId) -> list[repo.AuditEntry]:
-    async with admin_engine.connect() as conn:
-        return await repo.scan_entries(conn, tenant, None, 100_000)
+    async with tenant_transaction(admin_engine, tenant, commit=False) as tx:
+        return await repo.scan_entries(tx, None, 100_000)
 
 
 async def test_append_chains_and_recomputes(app_engine: AsyncEngine, admin_engine: AsyncEngine) -> None:
@@ -46,8 +47,8 @@ async def test_append_chains_and_recomputes(app_engine: AsyncEngine, admin_engin
         {"n": 1e21, "small": 1.5e-7, "big": 2.437432259388968e18, "text": '\u20ac\n"q" \U0001f600', "list": []},
         [],
     ]
-    async with tenant_transaction(app_engine, tenant) as conn:
-        made = [await append(conn, tenant, "decision", "agent:planner", f"user:{i}", p) for i, p in enumerate(payloads)]
+    async with tenant_transaction(app_engine, tenant) as tx:
+        made = [await append(tx, "decision", "agent:planner", f"user:{i}", p) for i, p in enumerate(payloads)]
     stored = await _entries(admin_engine, tenant)
     assert [e.seq for e in stored] == [0, 1, 2] == [e.seq for e in made]
     prev = GENESIS
@@ -65,16 +66,16 @@ async def test_append_chains_and_recomputes(app_engine: AsyncEngine, admin_engin
 
 async def test_append_rolls_back_with_the_change(app_engine: AsyncEngine, admin_engine: AsyncEngine) -> None:
     tenant = await _tenant(admin_engine)
-    async with tenant_transaction(app_engine, tenant) as conn:
-        await append(conn, tenant, "admin", "op", "kept", {})
+    async with tenant_transaction(app_engine, tenant) as tx:
+        await append(tx, "admin", "op", "kept", {})
     with pytest.raises(RuntimeError, match="the change failed"):
-        async with tenant_transaction(app_engine, tenant) as conn:
-            await conn.execute(text("INSERT INTO end_users (tenant_id, user_id) VALUES (:t, 'ghost')"), {"t": tenant})
-            await append(conn, tenant, "admin", "op", "ghost", {})
+        async with tenant_transaction(app_engine, tenant) as tx:
+            await tx.execute(text("INSERT INTO end_users (tenant_id, user_id) VALUES (:t, 'ghost')"), {"t": tenant})
+            await append(tx, "admin", "op", "ghost", {})
             raise RuntimeError("the change failed")
-    async with tenant_transaction(app_engine, tenant) as conn:
-        after = await append(conn, tenant, "admin", "op", "next", {})
-        users = (await conn.execute(text("SELECT count(*) FROM end_users WHERE user_id = 'ghost'"))).scalar_one()
+    async with tenant_transaction(app_engine, tenant) as tx:
+        after = await append(tx, "admin", "op", "next", {})
+        users = (await tx.execute(text("SELECT count(*) FROM end_users WHERE user_id = 'ghost'"))).scalar_one()
     assert users == 0
     assert after.seq == 1  # the rolled-back entry left no hole: head and entry went together
     assert [e.subject for e in await _entries(admin_engine, tenant)] == ["kept", "next"]
@@ -82,17 +83,17 @@ async def test_append_rolls_back_with_the_change(app_engine: AsyncEngine, admin_
 
 async def test_invalid_input_is_refused_before_writing(app_engine: AsyncEngine, admin_engine: AsyncEngine) -> None:
     tenant = await _tenant(admin_engine)
-    async with tenant_transaction(app_engine, tenant) as conn:
+    async with tenant_transaction(app_engine, tenant) as tx:
         for kind, actor, payload in (
             ("Bad Kind", "a", {}),
             ("admin", "a\x00", {}),
             ("admin", "a", {"x": float("nan")}),
         ):
             with pytest.raises(ValueError):
-                await append(conn, tenant, kind, actor, "s", payload)
+                await append(tx, kind, actor, "s", payload)
         for number in (2**53, -(2**60)):  # outside I-JSON, even where a double holds it exactly
             with pytest.raises(CanonicalError):
-                await append(conn, tenant, "admin", "a", "s", {"too big": number})
+                await append(tx, "admin", "a", "s", {"too big": number})
     assert await _entries(admin_engine, tenant) == []
 
 
@@ -102,8 +103,8 @@ async def test_concurrent_appends_stay_one_chain(database: Database, admin_engin
     try:
 
         async def one(i: int) -> int:
-            async with tenant_transaction(engine, tenant) as conn:
-                entry = await append(conn, tenant, "auth", f"worker:{i % 7}", f"login:{i}", {"i": i})
+            async with tenant_transaction(engine, tenant) as tx:
+                entry = await append(tx, "auth", f"worker:{i % 7}", f"login:{i}", {"i": i})
                 await asyncio.sleep(0)  # hold the head lock across a scheduling point
                 return entry.seq
 
@@ -121,16 +122,16 @@ async def test_concurrent_appends_stay_one_chain(database: Database, admin_engin
 async def test_tenants_have_separate_chains(app_engine: AsyncEngine, admin_engine: AsyncEngine) -> None:
     one, two = await _tenant(admin_engine), await _tenant(admin_engine)
     for tenant in (one, two, one):
-        async with tenant_transaction(app_engine, tenant) as conn:
-            await append(conn, tenant, "admin", "op", "x", {})
+        async with tenant_transaction(app_engine, tenant) as tx:
+            await append(tx, "admin", "op", "x", {})
     assert [e.seq for e in await _entries(admin_engine, one)] == [0, 1]
     assert [e.seq for e in await _entries(admin_engine, two)] == [0]
-    async with tenant_transaction(app_engine, one) as conn:  # RLS: the other tenant's rows are invisible
-        seen = (await conn.execute(text("SELECT DISTINCT tenant_id FROM audit_entries"))).scalars().all()
+    async with tenant_transaction(app_engine, one) as tx:  # RLS: the other tenant's rows are invisible
+        seen = (await tx.execute(text("SELECT DISTINCT tenant_id FROM audit_entries"))).scalars().all()
         assert set(seen) == {one}
     with pytest.raises(DBAPIError, match="row-level security"):
-        async with tenant_transaction(app_engine, one) as conn:
-            await append(conn, two, "admin", "op", "x", {})
+        async with tenant_transaction(app_engine, one) as tx:  # bound to one, writing as two: only RLS stops it
+            await append(TenantTx(tx.conn, two), "admin", "op", "x", {})
 
 
 @pytest.mark.parametrize("table", ["audit_entries", "audit_checkpoints"])
@@ -138,14 +139,14 @@ async def test_app_role_may_only_select_and_insert(
     table: str, app_engine: AsyncEngine, admin_engine: AsyncEngine
 ) -> None:
     tenant = await _tenant(admin_engine)
-    async with tenant_transaction(app_engine, tenant) as conn:
-        await append(conn, tenant, "admin", "op", "x", {})
-    async with tenant_transaction(app_engine, tenant) as conn:
-        assert await create_checkpoint(conn, tenant, SIGNER) is not None
+    async with tenant_transaction(app_engine, tenant) as tx:
+        await append(tx, "admin", "op", "x", {})
+    async with tenant_transaction(app_engine, tenant) as tx:
+        assert await create_checkpoint(tx, SIGNER) is not None
     for statement in (f"UPDATE {table} SET tenant_id = tenant_id", f"DELETE FROM {table}", f"TRUNCATE {table}"):
         with pytest.raises(DBAPIError, match="permission denied"):
-            async with tenant_transaction(app_engine, tenant) as conn:
-                await conn.execute(text(statement))
+            async with tenant_transaction(app_engine, tenant) as tx:
+                await tx.execute(text(statement))
 
 
 @pytest.mark.parametrize("table", ["audit_entries", "audit_checkpoints"])
@@ -153,10 +154,10 @@ async def test_trigger_refuses_changes_by_the_owner_and_superuser(
     table: str, app_engine: AsyncEngine, admin_engine: AsyncEngine
 ) -> None:
     tenant = await _tenant(admin_engine)
-    async with tenant_transaction(app_engine, tenant) as conn:
-        await append(conn, tenant, "admin", "op", "x", {})
-    async with tenant_transaction(app_engine, tenant) as conn:
-        await create_checkpoint(conn, tenant, SIGNER)
+    async with tenant_transaction(app_engine, tenant) as tx:
+        await append(tx, "admin", "op", "x", {})
+    async with tenant_transaction(app_engine, tenant) as tx:
+        await create_checkpoint(tx, SIGNER)
     async with admin_engine.connect() as conn:
         superuser = (await conn.execute(text("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"))).scalar()
         owner = (
@@ -177,25 +178,25 @@ async def test_trigger_refuses_changes_by_the_owner_and_superuser(
 async def test_checkpoints_sign_the_rfc9162_root(app_engine: AsyncEngine, admin_engine: AsyncEngine) -> None:
     tenant = await _tenant(admin_engine)
     cache = TreeCache()
-    async with tenant_transaction(app_engine, tenant) as conn:
-        assert await create_checkpoint(conn, tenant, SIGNER, cache) is None  # empty log
+    async with tenant_transaction(app_engine, tenant) as tx:
+        assert await create_checkpoint(tx, SIGNER, cache) is None  # empty log
         for i in range(5):
-            await append(conn, tenant, "key", "kms", f"key:{i}", {"version": i})
-    async with tenant_transaction(app_engine, tenant) as conn:
-        first = await create_checkpoint(conn, tenant, SIGNER, cache)
-    async with tenant_transaction(app_engine, tenant) as conn:
-        assert await create_checkpoint(conn, tenant, SIGNER, cache) is None  # nothing new
+            await append(tx, "key", "kms", f"key:{i}", {"version": i})
+    async with tenant_transaction(app_engine, tenant) as tx:
+        first = await create_checkpoint(tx, SIGNER, cache)
+    async with tenant_transaction(app_engine, tenant) as tx:
+        assert await create_checkpoint(tx, SIGNER, cache) is None  # nothing new
         for i in range(6):
-            await append(conn, tenant, "key", "kms", f"key:{i}", {"version": i})
-    async with tenant_transaction(app_engine, tenant) as conn:
-        second = await create_checkpoint(conn, tenant, SIGNER, cache)
+            await append(tx, "key", "kms", f"key:{i}", {"version": i})
+    async with tenant_transaction(app_engine, tenant) as tx:
+        second = await create_checkpoint(tx, SIGNER, cache)
     assert first is not None and second is not None
     assert (first.tree_size, second.tree_size) == (5, 11)
     leaves = [leaf_hash(e.canonical()) for e in await _entries(admin_engine, tenant)]
     assert first.root_hash == rfc_mth(leaves[:5])
     assert second.root_hash == rfc_mth(leaves)
-    async with admin_engine.connect() as conn:
-        stored = await repo.list_checkpoints(conn, tenant)
+    async with tenant_transaction(admin_engine, tenant, commit=False) as tx:
+        stored = await repo.list_checkpoints(tx)
     assert [c.tree_size for c in stored] == [5, 11]
     for cp in stored:
         body = checkpoint_body(tenant, cp.tree_size, cp.root_hash, cp.signed_at)
@@ -206,9 +207,9 @@ async def test_checkpoints_sign_the_rfc9162_root(app_engine: AsyncEngine, admin_
 async def test_checkpoint_refuses_a_transaction_that_wrote(app_engine: AsyncEngine, admin_engine: AsyncEngine) -> None:
     tenant = await _tenant(admin_engine)
     with pytest.raises(AuditError, match="has not written"):
-        async with tenant_transaction(app_engine, tenant) as conn:
-            await append(conn, tenant, "admin", "op", "x", {})
-            await create_checkpoint(conn, tenant, SIGNER)
+        async with tenant_transaction(app_engine, tenant) as tx:
+            await append(tx, "admin", "op", "x", {})
+            await create_checkpoint(tx, SIGNER)
 
 
 async def test_maybe_checkpoint_every_n_entries_or_t_seconds(
@@ -217,13 +218,13 @@ async def test_maybe_checkpoint_every_n_entries_or_t_seconds(
     tenant = await _tenant(admin_engine)
 
     async def add(count: int) -> None:
-        async with tenant_transaction(app_engine, tenant) as conn:
+        async with tenant_transaction(app_engine, tenant) as tx:
             for _ in range(count):
-                await append(conn, tenant, "admin", "op", "x", {})
+                await append(tx, "admin", "op", "x", {})
 
     async def maybe(every_entries: int, every_seconds: float) -> int | None:
-        async with tenant_transaction(app_engine, tenant) as conn:
-            cp = await maybe_checkpoint(conn, tenant, SIGNER, every_entries=every_entries, every_seconds=every_seconds)
+        async with tenant_transaction(app_engine, tenant) as tx:
+            cp = await maybe_checkpoint(tx, SIGNER, every_entries=every_entries, every_seconds=every_seconds)
         return None if cp is None else cp.tree_size
 
     await add(2)
@@ -240,16 +241,16 @@ async def test_maybe_checkpoint_every_n_entries_or_t_seconds(
 
 async def test_checkpointer_loop_signs_due_tenants(app_engine: AsyncEngine, admin_engine: AsyncEngine) -> None:
     tenant = await _tenant(admin_engine)
-    async with tenant_transaction(app_engine, tenant) as conn:
+    async with tenant_transaction(app_engine, tenant) as tx:
         for i in range(3):
-            await append(conn, tenant, "auth", "sso", f"login:{i}", {})
+            await append(tx, "auth", "sso", f"login:{i}", {})
     checkpointer = Checkpointer(app_engine, SIGNER, every_entries=1000, every_seconds=0, poll_seconds=0.01)
     stop = asyncio.Event()
     task = asyncio.create_task(checkpointer.run(stop))
     try:
         for _ in range(500):
-            async with admin_engine.connect() as conn:
-                latest = await repo.latest_checkpoint(conn, tenant)
+            async with tenant_transaction(admin_engine, tenant, commit=False) as tx:
+                latest = await repo.latest_checkpoint(tx)
             if latest is not None:
                 break
             await asyncio.sleep(0.02)
@@ -262,8 +263,8 @@ async def test_checkpointer_loop_signs_due_tenants(app_engine: AsyncEngine, admi
 
 async def test_pending_function_reveals_only_counts(app_engine: AsyncEngine, admin_engine: AsyncEngine) -> None:
     tenant = await _tenant(admin_engine)
-    async with tenant_transaction(app_engine, tenant) as conn:
-        await append(conn, tenant, "admin", "op", "x", {"secret": "s3cr3t"})
+    async with tenant_transaction(app_engine, tenant) as tx:
+        await append(tx, "admin", "op", "x", {"secret": "s3cr3t"})
     async with app_engine.connect() as conn:  # no tenant context
         rows = await repo.pending_tenants(conn, 1, 0)
         assert (uuid.UUID(str(tenant)), 1, 0) in rows

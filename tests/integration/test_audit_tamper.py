@@ -28,7 +28,8 @@ from firstmile.audit.schemas import checkpoint_out
 from firstmile.audit.service import append, create_checkpoint
 from firstmile.audit.signing import AuditSigner
 from firstmile.audit.verify import VerifyReport, load_checkpoints, verify_tenant
-from firstmile.kit.db import TenantId, authorise_tenant, tenant_transaction
+from firstmile.kit.db import bind_tenant, tenant_transaction
+from firstmile.kit.scope import OPERATOR_CLI, TenantId
 from tests.conftest import unaudited_tenant
 
 SIGNER = AuditSigner(Ed25519PrivateKey.generate())
@@ -45,28 +46,28 @@ class Log:
 
 async def _build(app_engine: AsyncEngine, admin_engine: AsyncEngine, seed: int) -> Log:
     rng = random.Random(seed)
-    tenant = authorise_tenant((await unaudited_tenant(admin_engine)).id)
+    tenant = OPERATOR_CLI.tenant((await unaudited_tenant(admin_engine)).id)
     size = rng.randint(24, 48)
     first = rng.randint(4, size // 2)
     second = size - rng.randint(0, 4)  # a few entries may stay unsigned
     kinds = ("decision", "admin", "auth", "key", "erasure")
     written = 0
     for stop in (first, second, size):
-        async with tenant_transaction(app_engine, tenant) as conn:
+        async with tenant_transaction(app_engine, tenant) as tx:
             while written < stop:
                 payload = {"n": written, "score": rng.random(), "note": rng.choice(["a", "ü", "\n", ""])}
-                await append(conn, tenant, rng.choice(kinds), f"actor:{rng.randint(1, 5)}", f"s:{written}", payload)
+                await append(tx, rng.choice(kinds), f"actor:{rng.randint(1, 5)}", f"s:{written}", payload)
                 written += 1
         if stop < size or stop == second:
-            async with tenant_transaction(app_engine, tenant) as conn:
-                await create_checkpoint(conn, tenant, SIGNER)
+            async with tenant_transaction(app_engine, tenant) as tx:
+                await create_checkpoint(tx, SIGNER)
     report = await _verify(admin_engine, tenant)
     assert report.ok, report.summary()
     assert report.latest_checkpoint == second
     return Log(tenant, size, (first, second), random.Random(seed * 7919 + 1))  # the tampering's own stream
 
 
-async def _verify(admin_engine: AsyncEngine, tenant: uuid.UUID) -> VerifyReport:
+async def _verify(admin_engine: AsyncEngine, tenant: TenantId) -> VerifyReport:
     return await verify_tenant(admin_engine, tenant, [SIGNER.public_key], all_proofs=True)
 
 
@@ -80,8 +81,8 @@ async def _as_superuser(admin_engine: AsyncEngine, work: Callable[[AsyncConnecti
         await conn.execute(text("ALTER TABLE audit_checkpoints ENABLE TRIGGER audit_checkpoints_immutable"))
 
 
-async def _row(conn: AsyncConnection, tenant: uuid.UUID, seq: int) -> repo.AuditEntry:
-    entry = await repo.get_entry(conn, tenant, seq)
+async def _row(conn: AsyncConnection, tenant: TenantId, seq: int) -> repo.AuditEntry:
+    entry = await repo.get_entry(await bind_tenant(conn, tenant), seq)
     assert entry is not None
     return entry
 
@@ -221,7 +222,7 @@ async def rewrite(conn: AsyncConnection, log: Log) -> tuple[int, set[str]]:
     k = log.rng.randrange(second)
     t = log.tenant
     prev = (await _row(conn, t, k - 1)).entry_hash if k else bytes(32)
-    rows = await repo.scan_entries(conn, t, k - 1, 10_000)
+    rows = await repo.scan_entries(await bind_tenant(conn, t), k - 1, 10_000)
     await conn.execute(text("DELETE FROM audit_entries WHERE tenant_id = :t AND seq >= :k"), {"t": t, "k": k})
     for row in rows:
         payload = {**row.payload, "n": -1} if row.seq == k else row.payload
@@ -312,8 +313,8 @@ async def test_checkpoints_kept_outside_catch_a_rewrite_that_deleted_them(
     """A superuser who truncates the log *and* deletes its checkpoints and moves the head leaves a
     log that verifies on its own; an auditor's copy of an earlier checkpoint still catches it."""
     log = await _build(app_engine, admin_engine, 123)
-    async with admin_engine.connect() as conn:
-        kept = [checkpoint_out(cp) for cp in await repo.list_checkpoints(conn, log.tenant)]
+    async with tenant_transaction(admin_engine, log.tenant, commit=False) as tx:
+        kept = [checkpoint_out(cp) for cp in await repo.list_checkpoints(tx)]
     saved = json.loads(json.dumps({"checkpoints": [msgspec.to_builtins(c) for c in kept]}))  # as fetched from the API
     k = log.checkpoints[0] - 1
 

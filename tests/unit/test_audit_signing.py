@@ -19,10 +19,10 @@ from firstmile.audit.signing import (
     SigningKeyError,
     checkpoint_body,
     load_public_key,
-    resolve_signer,
     verify_signature,
 )
-from firstmile.settings import Settings
+from firstmile.settings import DatabaseSettings, Settings
+from firstmile.wiring.adapters import audit_signer
 
 
 def test_body_layout() -> None:
@@ -82,10 +82,10 @@ def test_key_files_hex_and_pem(tmp_path: Path) -> None:
 
 def test_resolve_signer(tmp_path: Path) -> None:
     embedded = Settings(data_dir=tmp_path)
-    assert resolve_signer(embedded).key_id == AuditSigner.embedded(tmp_path).key_id
-    external = Settings(data_dir=tmp_path, database_url=SecretStr("postgresql+asyncpg://x@h/db"))
+    assert audit_signer(embedded).key_id == AuditSigner.embedded(tmp_path).key_id
+    external = Settings(data_dir=tmp_path, database=DatabaseSettings(url=SecretStr("postgresql+asyncpg://x@h/db")))
     with pytest.raises(SigningKeyError):
-        resolve_signer(external)
+        audit_signer(external)
     key_file = tmp_path / "k"
     key_file.write_text(bytes(32).hex())
-    assert resolve_signer(external, key_file).key_id == AuditSigner.from_file(key_file).key_id
+    assert audit_signer(external, key_file).key_id == AuditSigner.from_file(key_file).key_id
