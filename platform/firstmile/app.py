@@ -31,6 +31,7 @@ from firstmile.events.api import EventsController
 from firstmile.kit import telemetry
 from firstmile.kit.errors import exception_handlers, problem_response
 from firstmile.kit.health import HealthController, metrics
+from firstmile.kit.openapi import document_problems
 from firstmile.ml.inference import GuardedInference, StageReader
 from firstmile.onboarding.api import OnboardingController
 from firstmile.privacy.api import UsersController
@@ -189,6 +190,8 @@ def create_app(
         logging_config=None,  # logging is ours: JSON lines via telemetry.configure_logging
         debug=False,
     )
+    # Every answer in the OpenAPI document: the problems of each operation, and bodies that refuse unknown fields.
+    document_problems(app, public=PUBLIC_PATHS)
     # The container is kept for the process's own lifecycle and for tests; handlers never read it.
     app.state.container = container
     # Outside Litestar's exception handling, so 401/421 from authentication and 404/405 from

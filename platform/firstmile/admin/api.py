@@ -37,6 +37,7 @@ from firstmile.admin.service import STATE_TTL, AdminAuth
 from firstmile.admin.sessions import AdminSession
 from firstmile.audit.service import AuditService
 from firstmile.kit import telemetry
+from firstmile.kit.auth import is_preflight
 from firstmile.kit.errors import ProblemError
 from firstmile.kit.ids import check_user_id
 from firstmile.kit.uow import UnitOfWork
@@ -130,6 +131,8 @@ def authorizer(auth: AuthSource) -> Guard:
 async def _authorize(
     auth: AdminAuth, connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
 ) -> None:
+    if is_preflight(connection):
+        return
     session = connection.user
     if not isinstance(session, AdminSession):
         raise ProblemError(401, "unauthenticated", "sign in to the admin UI first: /admin/signin")

@@ -42,39 +42,63 @@ _SLUG = re.compile(SLUG_PATTERN)
 _VALUE = re.compile(r"^[^\x00-\x1f\x7f]*$")
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
+# The parameters are strings so that the handler reports every bad one at once (400 with ``errors``);
+# ``schema_extra`` documents what the handler accepts, so the OpenAPI document admits nothing it refuses.
+_MOMENT = {"min_length": 10, "max_length": 64}
+_INTEGER = {"pattern": r"^\s*[+-]?[0-9]{1,10}\s*$"}
+_VALUE_SCHEMA = {"max_length": MAX_VALUE_LENGTH, "pattern": r"^[^\x00-\x1f\x7f]*$"}
+
 FromQ = Annotated[
     str | None,
     QueryParameter(
         name="from",
         description="Start of the range of onboarding starts (inclusive): ISO date (UTC midnight) or datetime "
         "(no offset: UTC). Default: 30 days before `to`.",
+        schema_extra=_MOMENT,
     ),
 ]
 ToQ = Annotated[
     str | None,
     QueryParameter(
         description="End of the range (exclusive): ISO datetime, or ISO date meaning the end of that day (UTC). "
-        "Default: the end of today (UTC). At most 366 days after `from`."
+        "Default: the end of today (UTC). At most 366 days after `from`.",
+        schema_extra=_MOMENT,
     ),
 ]
-PathQ = Annotated[str | None, QueryParameter(description="Path key (id in the manifest).")]
+PathQ = Annotated[
+    str | None,
+    QueryParameter(
+        description="Path key (id in the manifest).", schema_extra={"max_length": 64, "pattern": SLUG_PATTERN}
+    ),
+]
 VersionQ = Annotated[
-    str | None, QueryParameter(description="Only users who started this version of the path (needs `path`).")
+    str | None,
+    QueryParameter(
+        description="Only users who started this version of the path (needs `path`), 1 or more.", schema_extra=_INTEGER
+    ),
 ]
 VariantQ = Annotated[
-    str | None, QueryParameter(description="Only users in this experiment variant (empty: users without one).")
+    str | None,
+    QueryParameter(
+        description="Only users in this experiment variant (empty: users without one).", schema_extra=_VALUE_SCHEMA
+    ),
 ]
-PersonaQ = Annotated[str | None, QueryParameter(description="Only users whose persona at start was this.")]
+PersonaQ = Annotated[
+    str | None, QueryParameter(description="Only users whose persona at start was this.", schema_extra=_VALUE_SCHEMA)
+]
 WindowQ = Annotated[
     str | None,
     QueryParameter(
         description=f"Conversion window in hours from the user's start, 1..{MAX_WINDOW_HOURS} "
-        f"(default {DEFAULT_WINDOW_HOURS})."
+        f"(default {DEFAULT_WINDOW_HOURS}).",
+        schema_extra=_INTEGER,
     ),
 ]
 WeeksQ = Annotated[
     str | None,
-    QueryParameter(description=f"Weeks since signup to report, 0..{MAX_WEEKS} (default {DEFAULT_WEEKS})."),
+    QueryParameter(
+        description=f"Weeks since signup to report, 0..{MAX_WEEKS} (default {DEFAULT_WEEKS}).", schema_extra=_INTEGER
+    ),
 ]
 
 
@@ -224,12 +248,20 @@ async def _run(
     return await analytics.run(tenant, name, key, lambda: compute(tenant))
 
 
+_PROBLEMS = {
+    "problems": {
+        404: "path-not-found: the path (or path version) does not exist",
+        503: "analytics-unavailable: the query failed or timed out and no earlier result is cached",
+    }
+}
+
+
 class AnalyticsController(Controller):
     path = "/v1/analytics"
     tags = ["analytics"]
     guards = [require_scope("analytics:read")]
 
-    @get("/funnel", summary="Funnel of a path")
+    @get("/funnel", summary="Funnel of a path", opt=_PROBLEMS)
     async def funnel(
         self,
         request: Request[Principal, Any, Any],
@@ -288,7 +320,7 @@ class AnalyticsController(Controller):
             computed_at=result.computed_at,
         )
 
-    @get("/dropoff", summary="Drop-off by step of a path")
+    @get("/dropoff", summary="Drop-off by step of a path", opt=_PROBLEMS)
     async def dropoff(
         self,
         request: Request[Principal, Any, Any],
@@ -346,7 +378,7 @@ class AnalyticsController(Controller):
             computed_at=result.computed_at,
         )
 
-    @get("/cohorts", summary="Cohort retention: signup week by weeks since signup")
+    @get("/cohorts", summary="Cohort retention: signup week by weeks since signup", opt=_PROBLEMS)
     async def cohorts(
         self,
         request: Request[Principal, Any, Any],
@@ -398,7 +430,7 @@ class AnalyticsController(Controller):
             computed_at=result.computed_at,
         )
 
-    @get("/time-to-activation", summary="Time to activation, p50 and p90")
+    @get("/time-to-activation", summary="Time to activation, p50 and p90", opt=_PROBLEMS)
     async def time_to_activation(
         self,
         request: Request[Principal, Any, Any],
@@ -443,7 +475,7 @@ class AnalyticsController(Controller):
             computed_at=result.computed_at,
         )
 
-    @get("/step-completion", summary="Completion rate of each step of a path")
+    @get("/step-completion", summary="Completion rate of each step of a path", opt=_PROBLEMS)
     async def step_completion(
         self,
         request: Request[Principal, Any, Any],
@@ -497,7 +529,7 @@ class AnalyticsController(Controller):
             computed_at=result.computed_at,
         )
 
-    @get("/activation-rate", summary="Activation rate, overall and per path")
+    @get("/activation-rate", summary="Activation rate, overall and per path", opt=_PROBLEMS)
     async def activation_rate(
         self,
         request: Request[Principal, Any, Any],

@@ -37,7 +37,9 @@ DEFAULT_LIMIT = 100
 MAX_SEQ = (1 << 63) - 1
 _INT = re.compile(r"^[0-9]{1,19}$")
 
-Str = Annotated[str | None, QueryParameter()]
+Str = Annotated[str | None, QueryParameter(schema_extra={"max_length": MAX_TEXT})]
+KindQ = Annotated[str | None, QueryParameter(schema_extra={"pattern": KIND_PATTERN.pattern})]
+_SEQ = {"pattern": _INT.pattern}
 
 
 class _Errors:
@@ -105,13 +107,22 @@ class AuditController(Controller):
         self,
         uow: NamedDependency[UnitOfWork],
         audit_log: NamedDependency[AuditService],
-        kind: Str = None,
+        kind: KindQ = None,
         actor: Str = None,
         subject: Str = None,
-        from_: Annotated[str | None, QueryParameter(name="from", description="created_at >= (RFC 3339)")] = None,
-        to: Annotated[str | None, QueryParameter(description="created_at < (RFC 3339)")] = None,
-        after_seq: Annotated[str | None, QueryParameter(description="Only entries with a larger seq")] = None,
-        limit: Annotated[str | None, QueryParameter(description=f"1..{MAX_LIMIT}, default {DEFAULT_LIMIT}")] = None,
+        from_: Annotated[
+            str | None,
+            QueryParameter(name="from", description="created_at >= (RFC 3339)", schema_extra={"min_length": 10}),
+        ] = None,
+        to: Annotated[
+            str | None, QueryParameter(description="created_at < (RFC 3339)", schema_extra={"min_length": 10})
+        ] = None,
+        after_seq: Annotated[
+            str | None, QueryParameter(description="Only entries with a larger seq", schema_extra=_SEQ)
+        ] = None,
+        limit: Annotated[
+            str | None, QueryParameter(description=f"1..{MAX_LIMIT}, default {DEFAULT_LIMIT}", schema_extra=_SEQ)
+        ] = None,
     ) -> schemas.EntryPage:
         errors = _Errors()
         if kind is not None and not KIND_PATTERN.match(kind):
@@ -138,13 +149,22 @@ class AuditController(Controller):
         summary="An entry's inclusion proof",
         description="RFC 9162 audit path of the entry in the checkpoint of `tree_size` (default: the latest). "
         "404 for an unknown entry or checkpoint size, 409 when no checkpoint covers the entry yet.",
+        opt={
+            "problems": {
+                404: "not-found: no such entry or checkpoint",
+                409: "not-checkpointed: no signed checkpoint covers the entry yet",
+                500: "audit-integrity: the stored log failed a check",
+            }
+        },
     )
     async def proof(
         self,
         uow: NamedDependency[UnitOfWork],
         audit_log: NamedDependency[AuditService],
         seq: FromPath[str],
-        tree_size: Annotated[str | None, QueryParameter(description="A checkpoint's tree size")] = None,
+        tree_size: Annotated[
+            str | None, QueryParameter(description="A checkpoint's tree size", schema_extra=_SEQ)
+        ] = None,
     ) -> schemas.InclusionProof:
         errors = _Errors()
         size = errors.integer(tree_size, "tree_size", 1)
@@ -169,8 +189,12 @@ class AuditController(Controller):
         self,
         uow: NamedDependency[UnitOfWork],
         audit_log: NamedDependency[AuditService],
-        after_size: Annotated[str | None, QueryParameter(description="Only larger tree sizes")] = None,
-        limit: Annotated[str | None, QueryParameter(description=f"1..{MAX_LIMIT}, default {DEFAULT_LIMIT}")] = None,
+        after_size: Annotated[
+            str | None, QueryParameter(description="Only larger tree sizes", schema_extra=_SEQ)
+        ] = None,
+        limit: Annotated[
+            str | None, QueryParameter(description=f"1..{MAX_LIMIT}, default {DEFAULT_LIMIT}", schema_extra=_SEQ)
+        ] = None,
     ) -> schemas.CheckpointPage:
         errors = _Errors()
         after = errors.integer(after_size, "after_size", 0)
@@ -192,13 +216,23 @@ class AuditController(Controller):
         "/consistency",
         summary="Consistency proof between two checkpoints",
         description="RFC 9162 consistency proof from the checkpoint of size `first` to that of size `second`.",
+        opt={
+            "problems": {
+                404: "not-found: no checkpoint of that size",
+                500: "audit-integrity: the stored log failed a check",
+            }
+        },
     )
     async def consistency(
         self,
         uow: NamedDependency[UnitOfWork],
         audit_log: NamedDependency[AuditService],
-        first: Annotated[str | None, QueryParameter(description="The smaller checkpoint tree size")] = None,
-        second: Annotated[str | None, QueryParameter(description="The larger checkpoint tree size")] = None,
+        first: Annotated[
+            str | None, QueryParameter(description="The smaller checkpoint tree size", schema_extra=_SEQ)
+        ] = None,
+        second: Annotated[
+            str | None, QueryParameter(description="The larger checkpoint tree size", schema_extra=_SEQ)
+        ] = None,
     ) -> schemas.ConsistencyProof:
         errors = _Errors()
         low = errors.integer(first, "first", 1)

@@ -83,6 +83,13 @@ class EventsController(Controller):
         "202 with the number accepted, the duplicates and, per rejected message, its index, field and reason; "
         "400 when no message is valid. Limits: 32 KB a message, 500 KB a batch. `/v1/batch` is the same "
         "endpoint at the path Segment's libraries use.",
+        opt={
+            "problems": {
+                400: "invalid-events (no message valid), validation-error, malformed-json or malformed-body",
+                415: "unsupported-media-type: a Content-Encoding other than gzip",
+                503: "key-provider-unavailable (personal data cannot be sealed) or the database",
+            }
+        },
     )
     async def batch(
         self,
@@ -102,6 +109,13 @@ class EventsController(Controller):
         summary="Segment webhook destination",
         description="One Segment message, signed: `X-Signature` is the hex HMAC-SHA1 of the body under the "
         "tenant's shared secret (`firstmile webhooks secret --tenant SLUG`).",
+        opt={
+            "problems": {
+                401: "invalid-signature: the signature is missing or does not match the tenant's secret",
+                415: "unsupported-media-type: a Content-Encoding other than gzip",
+                421: "wrong-region: the tenant is homed in another region",
+            }
+        },
     )
     async def segment_webhook(
         self, request: Request[Any, Any, Any], tenant: FromPath[str], ingestion: NamedDependency[IngestionService]

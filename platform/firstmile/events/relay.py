@@ -87,6 +87,8 @@ class OutboxRelay:
         self.dedupe_window = dedupe_window
         self.prune_interval = prune_interval
         self.published = 0
+        self.consecutive_failures = 0
+        self.last_error: str | None = None
         self._conn: asyncpg.Connection | None = None
         self._last_prune = 0.0
         self._last_backlog = 0.0
@@ -153,6 +155,14 @@ class OutboxRelay:
         status = await conn.execute(_PRUNE, self.dedupe_window)
         return int(status.split()[-1])
 
+    def health(self) -> tuple[int, str | None]:
+        """How many times in a row the relay failed to reach PostgreSQL or the bus, and the last error.
+
+        The relay retries those failures itself (they are usually brief); the supervisor reads this so
+        that readiness reports a relay that keeps failing.
+        """
+        return self.consecutive_failures, self.last_error
+
     async def run(self, stop: asyncio.Event) -> None:
         """Relay until ``stop`` is set; reconnects with backoff when PostgreSQL or the bus fails."""
         backoff = 0.1
@@ -169,9 +179,12 @@ class OutboxRelay:
                         self._last_prune = time.monotonic()
                         await self.prune_receipts()
                     backoff = 0.1
+                    self.consecutive_failures = 0
                     if not moved:
                         await wait_for_stop(stop, self.idle_interval)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                self.consecutive_failures += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"[:300]
                 log.warning("relay interrupted, retrying", extra={"fields": {"error": repr(exc), "backoff": backoff}})
                 await self._close_conn()
                 await wait_for_stop(stop, backoff)

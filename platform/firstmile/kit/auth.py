@@ -47,11 +47,19 @@ class Principal:
         return f"client:{self.client_id or '?'}"
 
 
+def is_preflight(connection: ASGIConnection[Any, Any, Any, Any]) -> bool:
+    """An ``OPTIONS`` request: it carries no credentials (CORS preflights never do) and reaches only
+    Litestar's own OPTIONS handler, which answers 204 with ``Allow``; guards let it pass."""
+    return connection.scope.get("method") == "OPTIONS"
+
+
 def require_scope(scope: str) -> Guard:
     """A guard that lets the request through only if its key has ``scope``."""
 
     # async on purpose: Litestar runs sync guards in a worker thread on every request
     async def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+        if is_preflight(connection):
+            return
         principal = connection.user
         if not isinstance(principal, Principal) or scope not in principal.scopes:
             raise ProblemError(403, "forbidden", f"these credentials lack the scope {scope}", required_scope=scope)
@@ -67,4 +75,4 @@ def wrong_region(slug: str, home: str, here: str, detail: str | None = None) -> 
     )
 
 
-__all__ = ["Principal", "require_scope", "wrong_region"]
+__all__ = ["Principal", "is_preflight", "require_scope", "wrong_region"]

@@ -156,6 +156,8 @@ def _on_http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[by
         415: "unsupported-media-type",
         503: "service-unavailable",
     }.get(status, "internal-error" if status >= 500 else "bad-request")
+    if status >= 500:
+        log.error("server error", exc_info=exc)
     detail = str(exc.detail) if status < 500 else "The server could not handle this request"
     if status == 413:
         detail = "Request body exceeds the size limit"

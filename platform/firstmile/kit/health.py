@@ -53,7 +53,11 @@ class HealthController(Controller):
     async def live(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @get("/ready", summary="The process can serve: the database answers, no background task keeps failing")
+    @get(
+        "/ready",
+        summary="The process can serve: the database answers, no background task keeps failing",
+        opt={"problems": {503: "service-unavailable: the database is down or a background task keeps failing"}},
+    )
     async def ready(self, readiness: NamedDependency[Readiness]) -> dict[str, Any]:
         return await readiness.check()
 

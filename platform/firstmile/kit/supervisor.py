@@ -46,11 +46,16 @@ class TaskState:
         return f"failing: {self.last_error} ({self.consecutive_failures} in a row)"
 
 
+Probe = Callable[[], tuple[int, str | None]]
+"""What a long-running loop that retries on its own says of itself: failures in a row, and the last error."""
+
+
 @dataclass
 class _Spec:
     name: str
     job: Callable[[asyncio.Event], Awaitable[object]]
     interval_s: float | None  # None: a long-running loop
+    probe: Probe | None = None
     state: TaskState = field(init=False)
 
     def __post_init__(self) -> None:
@@ -86,9 +91,15 @@ class Supervisor:
             raise ValueError(f"{name}: interval_s must be positive")
         self._add(_Spec(name, lambda _stop: job(), interval_s))
 
-    def forever(self, name: str, run: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-        """Keep ``run(stop)`` running until the supervisor stops (it should return soon after ``stop`` is set)."""
-        self._add(_Spec(name, run, None))
+    def forever(
+        self, name: str, run: Callable[[asyncio.Event], Awaitable[None]], *, probe: Probe | None = None
+    ) -> None:
+        """Keep ``run(stop)`` running until the supervisor stops (it should return soon after ``stop`` is set).
+
+        A loop that retries its own failures (the outbox relay reconnecting to PostgreSQL) never
+        raises; ``probe`` is how it tells the supervisor it keeps failing.
+        """
+        self._add(_Spec(name, run, None, probe))
 
     def _add(self, spec: _Spec) -> None:
         if any(s.name == spec.name for s in self._specs):
@@ -125,6 +136,14 @@ class Supervisor:
         self._tasks.clear()
 
     def states(self) -> dict[str, TaskState]:
+        for spec in self._specs:
+            if spec.probe is not None:
+                failures, error = spec.probe()
+                if failures:
+                    spec.state.consecutive_failures = max(spec.state.consecutive_failures, failures)
+                    spec.state.last_error = error
+                elif spec.state.running_since is not None:
+                    spec.state.consecutive_failures = 0
         return {spec.name: spec.state for spec in self._specs}
 
     def failing(self) -> dict[str, TaskState]:
@@ -133,7 +152,7 @@ class Supervisor:
         for spec in self._specs:
             state = spec.state
             up = state.running_since is not None and now - state.running_since >= self.healthy_after_s
-            if spec.interval_s is None and up and state.consecutive_failures:
+            if spec.interval_s is None and spec.probe is None and up and state.consecutive_failures:
                 self._succeeded(state)  # a restarted loop that has stayed up is healthy again
         return {
             name: state for name, state in self.states().items() if state.consecutive_failures >= self.failing_after

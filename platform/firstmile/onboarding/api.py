@@ -31,6 +31,7 @@ class OnboardingController(Controller):
         summary="Start a user's onboarding",
         description="Chooses a path for the user and returns its state: 201 when new, "
         "200 with the existing state when the user already started.",
+        opt={"problems": {503: "key-provider-unavailable (personal traits cannot be sealed) or the database"}},
     )
     async def start(
         self,
@@ -42,7 +43,11 @@ class OnboardingController(Controller):
         outcome = await onboarding.start(uow, request.user.tenant_revision, data.user_id, data.traits)
         return Response(outcome.state, status_code=201 if outcome.created else 200)
 
-    @get("/{user_id:str}", summary="A user's onboarding state")
+    @get(
+        "/{user_id:str}",
+        summary="A user's onboarding state",
+        opt={"problems": {404: "user-not-found: the user has not started onboarding"}},
+    )
     async def state(
         self, user_id: FromPath[str], uow: NamedDependency[UnitOfWork], onboarding: NamedDependency[OnboardingService]
     ) -> OnboardingState:
@@ -54,6 +59,12 @@ class OnboardingController(Controller):
         status_code=200,
         summary="Complete a step",
         description="Idempotent: completing a completed step returns the unchanged state.",
+        opt={
+            "problems": {
+                404: "user-not-found, or step-not-found (not a step of the user's path version)",
+                409: "step-prerequisites-unmet (missing names the steps to complete first)",
+            }
+        },
     )
     async def complete(
         self,

@@ -41,6 +41,7 @@ class UsersController(Controller):
         summary="Erase a user (GDPR art. 17, CCPA)",
         description="Destroys the user's key (crypto-shredding), deletes their rows, emits user.erased for "
         "downstream stores, and audits it, in one transaction. 404 when nothing is held about the user.",
+        opt={"problems": {404: "user-not-found: nothing is held about the user"}},
     )
     async def erase(
         self,
@@ -64,6 +65,12 @@ class UsersController(Controller):
         description="The profile with personal data decrypted, onboarding progress, whether a personal-data key "
         "exists, the audit entries about the user and their analytics events. 404 when nothing is held; 503 "
         "(nothing exported, not audited) when the analytics store cannot answer in time.",
+        opt={
+            "problems": {
+                404: "user-not-found: nothing is held about the user",
+                503: "analytics-unavailable or key-provider-unavailable: nothing was exported",
+            }
+        },
     )
     async def export(
         self,
@@ -78,7 +85,11 @@ class UsersController(Controller):
             raise nothing_held(user_id)
         return document
 
-    @get("/", summary="Find users by email (keyed blind index; the email is never stored in clear)")
+    @get(
+        "/",
+        summary="Find users by email (keyed blind index; the email is never stored in clear)",
+        opt={"problems": {503: "key-provider-unavailable: the blind-index key cannot be unwrapped"}},
+    )
     async def lookup(
         self, email: FromQuery[str], uow: NamedDependency[UnitOfWork], privacy: NamedDependency[PrivacyService]
     ) -> dict[str, list[str]]:

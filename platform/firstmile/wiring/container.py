@@ -199,7 +199,7 @@ class Container:
                 batch_size=settings.events.relay_batch_size,
                 dedupe_window=timedelta(days=settings.events.dedupe_days),
             )
-            supervisor.forever("outbox-relay", self.relay.run)
+            supervisor.forever("outbox-relay", self.relay.run, probe=self.relay.health)
 
     def consumers(self) -> list[Consumer]:
         """The event consumers of the slices: analytics sink, progress auto-completion, online features."""
