@@ -45,9 +45,10 @@ services-stop: ## Stop the test services
 	@$(KAFKA) stop test
 	@$(PG) stop test
 
-lint: $(STAMP) ## ruff check and format check
+lint: $(STAMP) ## ruff check and format check, and the import-linter contracts of the layers (docs/architecture.md)
 	$(BIN)/ruff check platform inference tests benchmarks
 	$(BIN)/ruff format --check platform inference tests benchmarks
+	$(BIN)/lint-imports
 
 typecheck: $(STAMP) ## mypy --strict on the packages, benchmarks and tests
 	$(BIN)/mypy
