@@ -95,16 +95,17 @@ class ClickHouseStore:
 
     def run(self, tenant: uuid.UUID, query: Query) -> list[dict[str, Any]]:
         check_scope(tenant, query)
-        return self.dangerous_raw_sql(query.sql, query.params)
+        # the row policy's setting names the tenant the query is run for, whatever its parameters are called
+        return self._query(query.sql, query.params, str(tenant))
 
     def dangerous_raw_sql(self, statement: str, params: sql.Params) -> list[dict[str, Any]]:
         tenant = params.get("tenant")
+        return self._query(statement, params, tenant if isinstance(tenant, str) else None)
+
+    def _query(self, statement: str, params: sql.Params, tenant: str | None) -> list[dict[str, Any]]:
         try:
             data = self._client.raw_query(
-                statement,
-                parameters=dict(params) or None,
-                settings=self._settings(tenant if isinstance(tenant, str) else None),
-                fmt="JSONEachRow",
+                statement, parameters=dict(params) or None, settings=self._settings(tenant), fmt="JSONEachRow"
             )
         except Exception as exc:
             raise AnalyticsStoreError(f"clickhouse: {exc}") from exc
