@@ -141,7 +141,8 @@ def document_problems(app: Litestar, *, public: Iterable[str]) -> None:
                     statuses[status] = f"{slugs}" + (f" ({general.split(':')[0]})" if status == 503 else "")
                 responses = dict(operation.responses or {})
                 for status, description in sorted(statuses.items()):
-                    responses.setdefault(str(status), _problem(description))
+                    # replaces Litestar's own 400 (a JSON body we never send): every failure is a problem
+                    responses[str(status)] = _problem(description)
                 operation.responses = responses
                 if is_public:
                     operation.security = []

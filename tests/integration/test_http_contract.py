@@ -1,0 +1,148 @@
+"""The HTTP contract as a client sees it: OPTIONS answers, and an OpenAPI document that states every answer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
+
+from tests.conftest import TenantFixture
+
+Client = AsyncTestClient[Litestar]
+PROBLEM_REF = "#/components/schemas/Problem"
+
+# every path that answered OPTIONS with 500 internal-error (and logged nothing)
+GUARDED_PATHS = [
+    "/v1/analytics/funnel",
+    "/v1/analytics/dropoff",
+    "/v1/analytics/cohorts",
+    "/v1/analytics/time-to-activation",
+    "/v1/analytics/step-completion",
+    "/v1/analytics/activation-rate",
+    "/v1/audit/entries",
+    "/v1/audit/entries/1/proof",
+    "/v1/audit/checkpoints",
+    "/v1/audit/consistency",
+    "/v1/audit/public-key",
+    "/v1/onboarding/start",
+    "/v1/onboarding/u-1",
+    "/v1/onboarding/u-1/steps/create-api-key/complete",
+    "/v1/users/u-1",
+    "/v1/users/u-1/export",
+    "/v1/users/",
+    "/admin/api/me",
+]
+
+
+@pytest.mark.parametrize("path", GUARDED_PATHS)
+async def test_options_answers_the_allowed_methods_without_credentials(
+    client: Client, tenant: TenantFixture, path: str
+) -> None:
+    for headers in ({}, tenant.headers):
+        response = await client.options(path, headers=headers)
+        assert response.status_code == 204, (path, response.text)
+        assert "OPTIONS" in response.headers["allow"]
+        assert response.content == b""
+
+
+async def test_a_guarded_path_still_refuses_a_real_method_without_credentials(client: Client) -> None:
+    response = await client.get("/v1/audit/public-key")
+    assert response.status_code == 401
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+@pytest.fixture(scope="module")
+async def openapi(client: Client) -> dict[str, Any]:
+    response = await client.get("/schema/openapi.json")
+    assert response.status_code == 200
+    document: dict[str, Any] = response.json()
+    return document
+
+
+def _operations(document: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    return [
+        (path, method, operation)
+        for path, item in document["paths"].items()
+        for method, operation in item.items()
+        if method in ("get", "post", "put", "patch", "delete")
+    ]
+
+
+def _problem(operation: dict[str, Any], status: int) -> dict[str, Any] | None:
+    response = operation["responses"].get(str(status))
+    if response is None:
+        return None
+    content: dict[str, Any] = response["content"]["application/problem+json"]["schema"]
+    return content
+
+
+async def test_every_operation_declares_its_problem_answers(openapi: dict[str, Any]) -> None:
+    operations = _operations(openapi)
+    assert len(operations) >= 20
+    problem = openapi["components"]["schemas"]["Problem"]
+    assert set(problem["required"]) == {"type", "title", "status", "detail", "instance"}
+    for path, method, operation in operations:
+        assert _problem(operation, 500) == {"$ref": PROBLEM_REF}, (method, path)
+        public = path.startswith(("/health", "/v1/webhooks/"))
+        for status in () if public else (401, 403, 421, 503):
+            assert _problem(operation, status) == {"$ref": PROBLEM_REF}, (method, path, status)
+        if operation.get("parameters") or "requestBody" in operation:
+            assert _problem(operation, 400) == {"$ref": PROBLEM_REF}, (method, path)
+        if public:
+            assert operation["security"] == [], path
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "statuses"),
+    [
+        ("post", "/v1/onboarding/start", {201, 400, 401, 403, 413, 421, 500, 503}),
+        ("get", "/v1/onboarding/{user_id}", {200, 400, 401, 403, 404, 421, 500, 503}),
+        (
+            "post",
+            "/v1/onboarding/{user_id}/steps/{step_id}/complete",
+            {200, 400, 401, 403, 404, 409, 413, 421, 500, 503},
+        ),
+        ("post", "/v1/events", {202, 400, 401, 403, 413, 415, 421, 500, 503}),
+        ("get", "/v1/analytics/funnel", {200, 400, 401, 403, 404, 421, 500, 503}),
+        ("get", "/v1/audit/entries/{seq}/proof", {200, 400, 401, 403, 404, 409, 421, 500, 503}),
+        ("get", "/v1/users/{user_id}/export", {200, 400, 401, 403, 404, 421, 500, 503}),
+        ("get", "/health/ready", {200, 500, 503}),
+    ],
+)
+async def test_the_answers_of_each_operation_are_exactly_what_the_server_sends(
+    openapi: dict[str, Any], method: str, path: str, statuses: set[int]
+) -> None:
+    assert {int(s) for s in openapi["paths"][path][method]["responses"]} == statuses
+
+
+async def test_the_document_admits_no_input_the_server_refuses(
+    openapi: dict[str, Any], client: Client, tenant: TenantFixture
+) -> None:
+    schemas = openapi["components"]["schemas"]
+    # unknown body fields are refused (forbid_unknown_fields), and the schema says so
+    assert schemas["StartRequest"]["additionalProperties"] is False
+    assert schemas["CompleteRequest"]["additionalProperties"] is False
+    refused = await client.post("/v1/onboarding/start", json={"user_id": "a", "admin": True}, headers=tenant.headers)
+    assert refused.status_code == 400
+    # empty from= and a path that is not a slug are refused, and the parameters say so
+    parameters = {p["name"]: p["schema"] for p in openapi["paths"]["/v1/analytics/funnel"]["get"]["parameters"]}
+    assert parameters["from"]["minLength"] >= 1
+    assert parameters["to"]["minLength"] >= 1
+    assert parameters["path"]["pattern"] == "^[a-z][a-z0-9-]{0,62}[a-z0-9]$"
+    assert parameters["window"]["pattern"]
+    assert parameters["variant"]["maxLength"] == 128
+    kind = {p["name"]: p["schema"] for p in openapi["paths"]["/v1/audit/entries"]["get"]["parameters"]}["kind"]
+    assert kind["pattern"]
+
+
+async def test_admin_pages_send_one_charset(client: Client) -> None:
+    for path in ("/admin/signin", "/admin/logged-out", "/admin/static/admin.css", "/admin/static/admin.js"):
+        response = await client.get(path)
+        assert response.status_code == 200, path
+        content_type = response.headers["content-type"]
+        assert content_type.count("charset") == 1, (path, content_type)
+    bootstrap = await client.get("/admin/bootstrap", params={"token": "not-a-token"})
+    assert bootstrap.status_code == 400  # refused, as problem+json
+    assert bootstrap.headers["content-type"] == "application/problem+json"
