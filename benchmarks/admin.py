@@ -45,7 +45,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import MARKER, MARKER_BAD, TENANT, BenchError, _log, _secret, demo_manifest
+from benchmarks.common import MARKER, MARKER_BAD, TENANT, BenchError, _log, _secret, bench_tenant, demo_manifest
 from benchmarks.cpu import CpuUse, _measure
 from benchmarks.database import ServerInfo, fresh_bench_database
 from benchmarks.planner import _provision
@@ -205,15 +205,17 @@ async def _time(n: int, call: Callable[[], Awaitable[Any]]) -> tuple[float, ...]
 async def _time_steps(
     app_url: str, pepper: bytes, key: str, tenant_id: uuid.UUID, redis_url: str | None
 ) -> list[StepTiming]:
-    from firstmile.admin import paths as path_editor
+    from firstmile.admin.paths import PathEditor
     from firstmile.admin.sessions import AdminSession, MemorySessionStore, RedisSessionStore, SessionStore
-    from firstmile.kit.auth import KeyResolver
-    from firstmile.kit.db import authorise_tenant, create_engine, run_in_tenant_transaction
+    from firstmile.auth.resolver import KeyResolver
+    from firstmile.kit.db import create_engine
+    from firstmile.kit.uow import UnitOfWork
     from firstmile.onboarding.catalog import CatalogCache
     from firstmile.onboarding.service import OnboardingService
 
     engine = create_engine(app_url, pool_size=1, max_overflow=0, application_name="firstmile-bench")
-    tid = authorise_tenant(tenant_id)
+    uow = UnitOfWork(engine, bench_tenant(tenant_id))
+    editor = PathEditor()
     now = time.time()
     session = AdminSession(
         tenant_id=str(tenant_id),
@@ -260,20 +262,20 @@ async def _time_steps(
                 "baseline's database work: progress read + cached path version (one tenant transaction)",
                 await _time(
                     DB_STEP_SAMPLES,
-                    lambda: run_in_tenant_transaction(engine, tid, lambda conn: service.get(conn, tid, BENCH_USER)),
+                    lambda: uow.run(lambda tx: service.get(tx, BENCH_USER)),
                 ),
             )
         )
         steps.append(
             StepTiming(
                 "`/me`'s database work: the tenant's name (one tenant transaction)",
-                await _time(DB_STEP_SAMPLES, lambda: path_editor.tenant_name(engine, tid)),
+                await _time(DB_STEP_SAMPLES, lambda: uow.run(editor.tenant_name)),
             )
         )
         steps.append(
             StepTiming(
                 "`/paths`'s database work: current path definitions, summarised (one tenant transaction)",
-                await _time(DB_STEP_SAMPLES, lambda: path_editor.list_paths(engine, tid)),
+                await _time(DB_STEP_SAMPLES, lambda: uow.run(editor.list_paths)),
             )
         )
     finally:

@@ -41,12 +41,13 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import bench_tenant
 from firstmile.analytics import sql
 from firstmile.analytics.chdb_store import ChdbStore
 from firstmile.analytics.queries import AnalyticsQueries, Filters
 from firstmile.analytics.rows import AnalyticsEvent
 from firstmile.analytics.synthetic import SyntheticPath, generate
-from firstmile.kit.db import TenantId
+from firstmile.kit.scope import TenantId
 
 PATHS = (
     SyntheticPath(
@@ -167,8 +168,8 @@ def _time_queries(store: ChdbStore, target: TenantId, everyone: Filters, runs: i
     )
     range_params = {**tenant_param, "date_from": sql.timestamp(everyone.start), "date_to": sql.timestamp(everyone.end)}
     cases: list[tuple[str, Callable[[], Any]]] = [
-        ("baseline: count() of the tenant's rows", partial(store.query, count_sql, tenant_param)),
-        ("baseline: scan of the user ids in the range", partial(store.query, scan_sql, range_params)),
+        ("baseline: count() of the tenant's rows", partial(store.dangerous_raw_sql, count_sql, tenant_param)),
+        ("baseline: scan of the user ids in the range", partial(store.dangerous_raw_sql, scan_sql, range_params)),
         ("funnel", partial(q.funnel, target, f, steps, window)),
         ("drop-off", partial(q.dropoff, target, f, steps, window)),
         ("cohorts (12 weeks)", partial(q.cohorts, target, everyone, 12)),
@@ -189,10 +190,10 @@ def _rebuild_with_key(store: ChdbStore, order_by: str) -> None:
     ddl = sql.CREATE_EVENTS.replace(f"CREATE TABLE IF NOT EXISTS {sql.TABLE}", "CREATE TABLE events_alt").replace(
         f"ORDER BY {main_key}", f"ORDER BY ({order_by})"
     )
-    store.query(ddl, {})
-    store.query(f"INSERT INTO events_alt SELECT * FROM {sql.TABLE}", {})
-    store.query("OPTIMIZE TABLE events_alt FINAL", {})
-    store.query(f"RENAME TABLE {sql.TABLE} TO events_main, events_alt TO {sql.TABLE}", {})
+    store.dangerous_raw_sql(ddl, {})
+    store.dangerous_raw_sql(f"INSERT INTO events_alt SELECT * FROM {sql.TABLE}", {})
+    store.dangerous_raw_sql("OPTIMIZE TABLE events_alt FINAL", {})
+    store.dangerous_raw_sql(f"RENAME TABLE {sql.TABLE} TO events_main, events_alt TO {sql.TABLE}", {})
 
 
 def _time(runs: int, work: Callable[[], Any]) -> list[float]:
@@ -222,11 +223,11 @@ def run_analytics_benchmark(
     data_dir.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="bench-analytics-", dir=data_dir))
     end = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
-    ids = [TenantId(uuid.UUID(int=i + 1, version=4)) for i in range(tenants)]
+    ids = [bench_tenant(uuid.UUID(int=i + 1, version=4)) for i in range(tenants)]
     store = ChdbStore(folder)
     try:
         store.ensure_schema()
-        engine = str(store.query("SELECT version() AS v", {})[0]["v"])
+        engine = str(store.dangerous_raw_sql("SELECT version() AS v", {})[0]["v"])
         _log(f"loading {events:,} events for {tenants} tenants into {folder}")
         generate_s = load_s = 0.0
         loaded = 0
@@ -246,12 +247,12 @@ def run_analytics_benchmark(
                 if loaded % 1_000_000 < BATCH:
                     _log(f"{loaded:,} / {events:,} events (generate {generate_s:.0f} s, load {load_s:.0f} s)")
         began = time.perf_counter()
-        store.query(f"OPTIMIZE TABLE {sql.TABLE} FINAL", {})
+        store.dangerous_raw_sql(f"OPTIMIZE TABLE {sql.TABLE} FINAL", {})
         optimize_s = time.perf_counter() - began
         _log(f"optimized in {optimize_s:.1f} s")
 
         target = ids[0]
-        stats = store.query(
+        stats = store.dangerous_raw_sql(
             f"SELECT count() AS n, uniqExact(user_id) AS users FROM {sql.TABLE} WHERE tenant_id = {{tenant:UUID}}",
             {"tenant": str(target)},
         )[0]
@@ -283,9 +284,9 @@ def run_analytics_benchmark(
             for label, everyone in ranges.items():
                 timings = _time_queries(store, target, everyone, runs, f"{compare_key}: {label}")
                 report.timings[f"Key ({compare_key}), {label}"] = timings
-            store.query(f"RENAME TABLE {sql.TABLE} TO events_compared, events_main TO {sql.TABLE}", {})
+            store.dangerous_raw_sql(f"RENAME TABLE {sql.TABLE} TO events_compared, events_main TO {sql.TABLE}", {})
 
-        fresh_tenant = TenantId(uuid.UUID(int=tenants + 1, version=4))
+        fresh_tenant = bench_tenant(uuid.UUID(int=tenants + 1, version=4))
         fresh = list(_tenant_rows(fresh_tenant, 40_000, weeks, end, seed + 100))
         began = time.perf_counter()
         inserted = processed = 0

@@ -36,7 +36,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from benchmarks.common import APP_ROLE
+from benchmarks.common import APP_ROLE, bench_tenant
 from benchmarks.database import BenchDatabase, fresh_bench_database
 
 BENCH_DB = "firstmile_bench_audit"
@@ -128,10 +128,10 @@ async def _append_rate(
 ) -> tuple[Rate, Rate]:
     from firstmile.audit.canonical import jcs
     from firstmile.audit.service import append
-    from firstmile.kit.db import authorise_tenant, tenant_transaction
+    from firstmile.kit.db import tenant_transaction
 
-    tenant = authorise_tenant(await _new_tenant(admin, "append"))
-    plain_tenant = authorise_tenant(await _new_tenant(admin, "plain"))
+    tenant = bench_tenant(await _new_tenant(admin, "append"))
+    plain_tenant = bench_tenant(await _new_tenant(admin, "plain"))
     payload_text = jcs(PAYLOAD)
     counter = iter(range(10**9))
     dummy = bytes(32)
@@ -139,13 +139,13 @@ async def _append_rate(
 
     async def audited() -> None:
         for _ in range(per_worker):
-            async with tenant_transaction(app, tenant) as conn:
+            async with tenant_transaction(app, tenant) as tx:
                 for _ in range(per_txn):
-                    await append(conn, tenant, "decision", "agent:planner", f"user:{next(counter)}", PAYLOAD)
+                    await append(tx, "decision", "agent:planner", f"user:{next(counter)}", PAYLOAD)
 
     async def plain() -> None:
         for _ in range(per_worker):
-            async with tenant_transaction(app, plain_tenant) as conn:
+            async with tenant_transaction(app, plain_tenant) as tx:
                 for _ in range(per_txn):
                     seq = next(counter)
                     params = {
@@ -155,7 +155,7 @@ async def _append_rate(
                         "payload": payload_text,
                         "h": dummy,
                     }
-                    await conn.execute(_PLAIN, params)
+                    await tx.execute(_PLAIN, params)
 
     total = per_worker * per_txn * workers
     results = []
@@ -281,9 +281,9 @@ async def _million(admin_dsn: str, admin: AsyncEngine, app: AsyncEngine, count: 
     from firstmile.audit.service import TreeCache, create_checkpoint, inclusion_proof
     from firstmile.audit.signing import AuditSigner
     from firstmile.audit.verify import verify_tenant
-    from firstmile.kit.db import authorise_tenant, tenant_transaction
+    from firstmile.kit.db import tenant_transaction
 
-    tenant = authorise_tenant(await _new_tenant(admin, "million"))
+    tenant = bench_tenant(await _new_tenant(admin, "million"))
     _log(f"generating and loading {count} entries")
     leaves = await _bulk_load(admin_dsn, tenant, count, facts)
 
@@ -295,14 +295,14 @@ async def _million(admin_dsn: str, admin: AsyncEngine, app: AsyncEngine, count: 
     signer = AuditSigner(Ed25519PrivateKey.generate())
     cache = TreeCache(max_leaves=2 * count)
     _log("building the tree from the stored leaves and signing a checkpoint")
-    async with tenant_transaction(app, tenant) as conn:
+    async with tenant_transaction(app, tenant) as tx:
         began = time.perf_counter()
-        tree = await cache.tree(conn, tenant, count)
+        tree = await cache.tree(tx, count)
         facts.tree_db_s = time.perf_counter() - began
     assert tree.root() == memory_tree.root()
-    async with tenant_transaction(app, tenant) as conn:
+    async with tenant_transaction(app, tenant) as tx:
         began = time.perf_counter()
-        checkpoint = await create_checkpoint(conn, tenant, signer, cache, check_entries=False)
+        checkpoint = await create_checkpoint(tx, signer, cache, check_entries=False)
         facts.checkpoint_s = time.perf_counter() - began
     assert checkpoint is not None and checkpoint.tree_size == count
 
@@ -348,8 +348,8 @@ async def _million(admin_dsn: str, admin: AsyncEngine, app: AsyncEngine, count: 
         facts.sizes.append((label, min(lengths), max(lengths), statistics.fmean(lengths)))
 
     async def served(i: int) -> None:
-        async with tenant_transaction(app, tenant) as conn:
-            await inclusion_proof(conn, tenant, i, None, cache)
+        async with tenant_transaction(app, tenant) as tx:
+            await inclusion_proof(tx, i, None, cache)
 
     facts.timings.append(
         await _async_timed(
@@ -382,12 +382,11 @@ async def _million(admin_dsn: str, admin: AsyncEngine, app: AsyncEngine, count: 
 
 async def _cold(app: AsyncEngine, tenant: uuid.UUID, cache: object, index: int) -> None:
     from firstmile.audit.service import TreeCache, inclusion_proof
-    from firstmile.kit.db import authorise_tenant, tenant_transaction
+    from firstmile.kit.db import tenant_transaction
 
     assert isinstance(cache, TreeCache)
-    tid = authorise_tenant(tenant)
-    async with tenant_transaction(app, tid) as conn:
-        await inclusion_proof(conn, tid, index, None, cache)
+    async with tenant_transaction(app, bench_tenant(tenant)) as tx:
+        await inclusion_proof(tx, index, None, cache)
 
 
 async def _run(db: BenchDatabase, entries: int, appends: int) -> Facts:

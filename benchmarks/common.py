@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import secrets
 import sys
+import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from firstmile.kit.scope import TenantId
 
 BENCH_DB = "firstmile_bench"
 APP_ROLE = "firstmile_app"
@@ -30,6 +35,17 @@ class BenchError(RuntimeError):
 def _log(message: str) -> None:
     sys.stderr.write(f"[bench] {message}\n")
     sys.stderr.flush()
+
+
+BENCH_ACTOR = "worker:bench"
+"""How the benchmarks act on their own tenants (an operator context: they seed and measure, no principal)."""
+
+
+def bench_tenant(tenant_id: uuid.UUID) -> TenantId:
+    """The scope of a tenant the benchmark made itself (``OperatorContext("worker:bench")``)."""
+    from firstmile.kit.scope import OperatorContext
+
+    return OperatorContext(BENCH_ACTOR).tenant(tenant_id)
 
 
 def demo_manifest() -> Path:

@@ -31,6 +31,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from benchmarks.common import bench_tenant
 from benchmarks.database import fresh_bench_database
 from firstmile.security.crypto import KIND_TENANT, FieldContext, FieldKey, IndexKey
 from firstmile.security.keys import KeyProvider, LocalKekProvider, VaultSettings, VaultTransitProvider
@@ -130,33 +131,37 @@ async def _records(admin_url: str, provider: KeyProvider, records: int) -> tuple
     """
     from sqlalchemy import text
 
-    from firstmile.kit.db import authorise_tenant, create_engine, tenant_transaction
-    from firstmile.security.datakeys import DataKeyService
+    from firstmile.kit.db import create_engine, tenant_transaction
+    from firstmile.kit.uow import UnitOfWork
+    from firstmile.security.datakeys import DataKeyService, new_tenant_keys, store_tenant_keys
 
     engine = create_engine(admin_url, pool_size=2, max_overflow=0, application_name="firstmile-bench")
-    tenant = authorise_tenant(uuid.uuid4())
+    tenant = bench_tenant(uuid.uuid4())
     try:
         before = sum(provider.calls.values())
-        async with tenant_transaction(engine, tenant) as conn:
-            await conn.execute(
+        material = await new_tenant_keys(provider, tenant)  # the provider first, then one transaction
+        async with tenant_transaction(engine, tenant) as tx:
+            await tx.execute(
                 text(
                     "INSERT INTO tenants (id, slug, name, home_region, manifest_hash) "
                     "VALUES (:id, :slug, 'Bench', 'eu-west-1', '-')"
                 ),
                 {"id": tenant, "slug": f"bench-{tenant.hex[:12]}"},
             )
-            await DataKeyService(engine, provider).ensure_tenant_keys(conn, tenant)
+            await store_tenant_keys(tx, material)
         provisioned = sum(provider.calls.values())
         service = DataKeyService(engine, provider, ttl_seconds=300, max_uses=1_000_000)
+        uow = UnitOfWork(engine, tenant)
         start = time.perf_counter()
         batch = 100
         fields = (("email", "{user}@example.com"), ("name", "Alice Martin"), ("phone", "+33612345678"))
         for first in range(0, records, batch):
-            async with tenant_transaction(engine, tenant) as conn:
-                index = await service.index_key(conn, tenant)
+            keys = await service.keys(uow)  # unwrapped before the transaction (cached after the first)
+            async with tenant_transaction(engine, tenant) as tx:
+                index = keys.index_key
                 for n in range(first, min(first + batch, records)):
                     user = f"user-{n:07d}"
-                    key = await service.user_key(conn, tenant, user, create=True)
+                    key = await keys.user_key(tx, user, create=True)
                     for column, value in fields:
                         key.encrypt(value.format(user=user), FieldContext(tenant, "end_users", column, user))
                     index.blind_index("email", f"{user}@example.com")

@@ -119,9 +119,10 @@ async def _provision(admin_url: str, pepper: bytes, manifest: Path) -> tuple[str
     """Apply the demo manifest, create a key, create the BYPASSRLS role."""
     from sqlalchemy import text
 
+    from firstmile.controlplane.service import apply_manifest
     from firstmile.kit.db import create_engine
+    from firstmile.tenancy.cli import create_key
     from firstmile.tenancy.manifest import load_manifest
-    from firstmile.tenancy.service import apply_manifest, create_key
 
     engine = create_engine(admin_url, pool_size=1, max_overflow=0, application_name="firstmile-bench")
     try:

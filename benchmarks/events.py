@@ -340,9 +340,10 @@ async def _provision(admin_url: str, pepper: bytes, manifest: Path) -> tuple[str
     """Create the relay's login role, apply the manifest, create an events key."""
     from sqlalchemy import text
 
+    from firstmile.controlplane.service import apply_manifest
     from firstmile.kit.db import create_engine
+    from firstmile.tenancy.cli import create_key
     from firstmile.tenancy.manifest import load_manifest
-    from firstmile.tenancy.service import apply_manifest, create_key
 
     engine = create_engine(admin_url, pool_size=1, max_overflow=0, application_name="firstmile-bench")
     try:
@@ -645,7 +646,7 @@ class _ConsumerThread:
         self.thread = threading.Thread(target=self._main, name="bench-analytics-consumer", daemon=True)
 
     def _main(self) -> None:
-        from firstmile.events.consumers import AnalyticsSink
+        from firstmile.analytics.sink import AnalyticsSink
         from firstmile.events.kafka import KafkaConsumerRunner
 
         bootstrap, topic, dlq, group, store, batch_size = self.args
@@ -735,7 +736,7 @@ def _post(base: str, key: str, messages: list[dict[str, Any]]) -> tuple[int, dic
 
 
 def _visible(store: ChdbStore, tenant_id: uuid.UUID) -> int:
-    return int(store.query(_COUNT, {"t": str(tenant_id)})[0]["n"])
+    return int(store.dangerous_raw_sql(_COUNT, {"t": str(tenant_id)})[0]["n"])
 
 
 def _warm_up(
@@ -897,7 +898,7 @@ def _freshness(
         if status != 202 or body.get("accepted") != 1:
             raise BenchError(f"{mode}: freshness probe answered {status}: {body}")
         while True:
-            if int(store.query(_ONE, {"t": str(tenant_id), "e": event_id})[0]["n"]):
+            if int(store.dangerous_raw_sql(_ONE, {"t": str(tenant_id), "e": event_id})[0]["n"]):
                 latencies.append(time.monotonic() - began)
                 posts.append(posted - began)
                 break
@@ -1306,13 +1307,13 @@ def _drain(
 def _kafka_phase(ctx: _Ctx) -> None:
     from firstmile.events.bus import dead_letter_topic_for, topic_for
     from firstmile.events.kafka import ensure_topics
-    from firstmile.settings import Settings
+    from firstmile.settings import EventsSettings
 
     facts, tmp = ctx.facts, ctx.tmp
     prefix = f"bench-{ctx.run_id}"
     topic, dlq = topic_for(prefix, REGION), dead_letter_topic_for(prefix, REGION)
     ensure_topics(ctx.kafka, {topic: PARTITIONS, dlq: 1})
-    batch_size = Settings.model_fields["relay_batch_size"].default
+    batch_size = EventsSettings.model_fields["relay_batch_size"].default
     port = _free_port()
     env = _subprocess_env(
         {
@@ -1384,15 +1385,15 @@ def _embedded_phase(ctx: _Ctx) -> None:
     from firstmile.settings import Settings
 
     facts = ctx.facts
-    settings = Settings(
-        region=REGION,
-        data_dir=ctx.tmp / "embedded",
-        log_level="WARNING",
-        kafka_bootstrap_servers=None,
-        otel_exporter="none",
-        audit_signing_key_file=ctx.signing_key,
-        kek_file=ctx.kek_file,
-    )
+    # the flat names (FIRSTMILE_* without the prefix): they win over the environment, as keyword arguments do
+    flat: dict[str, Any] = {
+        "log_level": "WARNING",
+        "kafka_bootstrap_servers": None,
+        "otel_exporter": "none",
+        "audit_signing_key_file": ctx.signing_key,
+        "kek_file": ctx.kek_file,
+    }
+    settings = Settings(region=REGION, data_dir=ctx.tmp / "embedded", **flat)
     pepper = ctx.pepper.encode()
     # the API alone first: no relay_database_url, so no in-process relay
     port = _free_port()

@@ -170,9 +170,10 @@ async def _read_decisions(dsn: str, tenant_id: uuid.UUID, prefix: str) -> Decisi
 
 async def _provision(admin_url: str, pepper: bytes, manifests: dict[str, Path]) -> dict[str, tuple[str, uuid.UUID]]:
     """Apply each manifest and create an ``onboarding:write`` key for its tenant."""
+    from firstmile.controlplane.service import apply_manifest
     from firstmile.kit.db import create_engine
+    from firstmile.tenancy.cli import create_key
     from firstmile.tenancy.manifest import load_manifest
-    from firstmile.tenancy.service import apply_manifest, create_key
 
     engine = create_engine(admin_url, pool_size=1, max_overflow=0, application_name="firstmile-bench")
     out: dict[str, tuple[str, uuid.UUID]] = {}

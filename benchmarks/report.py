@@ -61,11 +61,11 @@ def _command(duration: int, connections: int, workers: int, tuning: dict[str, st
 
 
 def _pool_description(tuning: dict[str, str]) -> str:
-    from firstmile.settings import Settings
+    from firstmile.settings import DatabaseSettings
 
-    fields = Settings.model_fields
-    size = tuning.get("FIRSTMILE_DATABASE_POOL_SIZE", str(fields["database_pool_size"].default))
-    overflow = tuning.get("FIRSTMILE_DATABASE_MAX_OVERFLOW", str(fields["database_max_overflow"].default))
+    fields = DatabaseSettings.model_fields
+    size = tuning.get("FIRSTMILE_DATABASE_POOL_SIZE", str(fields["pool_size"].default))
+    overflow = tuning.get("FIRSTMILE_DATABASE_MAX_OVERFLOW", str(fields["max_overflow"].default))
     source = "from the environment" if tuning else "the defaults"
     return f"{size} + {overflow} overflow ({source})"
 
