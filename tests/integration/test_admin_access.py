@@ -49,7 +49,7 @@ async def other(admin_engine: AsyncEngine) -> TenantFixture:
 
 
 def _auth(api: Client) -> AdminAuth:
-    auth: AdminAuth = api.app.state.admin
+    auth: AdminAuth = api.app.state.container.admin_auth
     return auth
 
 

@@ -121,8 +121,10 @@ class OperatorServices:
     @asynccontextmanager
     async def app_engine(self) -> AsyncIterator[AsyncEngine]:
         """An engine of the application role (what workers run as)."""
-        async with self.operator_engine():
-            pass  # checks (or, embedded, brings) the schema up to date first
+        if self.database_urls.admin != self.database_urls.app:
+            # the application role may not read alembic_version: check with the owner when one is configured
+            async with self.operator_engine():
+                pass  # checks (or, embedded, brings) the schema up to date first
         engine = create_engine(self.database_urls.app, pool_size=2, max_overflow=0, application_name="firstmile-cli")
         try:
             yield engine
