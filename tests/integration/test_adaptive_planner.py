@@ -21,10 +21,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from firstmile.analytics.chdb_store import ChdbStore
 from firstmile.app import create_app
+from firstmile.controlplane.service import apply_manifest
 from firstmile.ml.inference import InProcessClient
+from firstmile.ml.stuck import ModelStuckDetector
 from firstmile.onboarding.catalog import CatalogCache
 from firstmile.onboarding.stuck import StuckScanner
-from firstmile.tenancy.service import apply_manifest, create_key
+from firstmile.tenancy.cli import create_key
 from firstmile_inference.registry import Registry
 from tests.conftest import PEPPER, REGION, Database, TenantFixture, make_settings
 from tests.factories import demo_document, manifest_for
@@ -44,7 +46,7 @@ async def adaptive_tenant(admin_engine: AsyncEngine) -> TenantFixture:
 
 async def running(app: Litestar) -> AsyncIterator[Client]:
     async with AsyncTestClient(app=app, raise_server_exceptions=False) as client:
-        inference = app.state.inference.client
+        inference = app.state.container.inference.client
         assert isinstance(inference, InProcessClient)
         loaded = await asyncio.to_thread(inference.warm, ["path_classifier", "stuck_detector"], wait_s=120)
         assert loaded, "the in-process models did not load"
@@ -195,7 +197,7 @@ async def test_the_stuck_detector_decides_in_the_scan(
         scanner = StuckScanner(
             app_engine,
             CatalogCache(),
-            app.state.inference,
+            ModelStuckDetector(app.state.container.inference),
             None,
             after=timedelta(hours=24),
             min_idle=timedelta(hours=1),

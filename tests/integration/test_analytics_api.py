@@ -20,8 +20,8 @@ from firstmile.analytics.rows import AnalyticsEvent
 from firstmile.analytics.service import AnalyticsService
 from firstmile.analytics.synthetic import SyntheticPath, generate
 from firstmile.app import create_app
-from firstmile.kit.db import TenantId
 from firstmile.kit.errors import ProblemError
+from firstmile.kit.scope import OPERATOR_CLI, TenantId
 from tests.conftest import PEPPER, Database, TenantFixture, make_settings, new_tenant
 from tests.unit import analytics_support as ref
 from tests.unit.analytics_support import FlakyStore
@@ -44,7 +44,7 @@ class Seeded:
 
     @property
     def id(self) -> TenantId:
-        return TenantId(self.tenant.id)
+        return OPERATOR_CLI.tenant(self.tenant.id)
 
 
 def synthetic_paths(tenant: TenantFixture) -> dict[str, SyntheticPath]:
@@ -71,7 +71,7 @@ async def client(database: Database, flaky: FlakyStore) -> AsyncIterator[Client]
     """An app of our own: its analytics store can be made slow or failing."""
     app = create_app(make_settings(analytics_query_timeout_seconds=1.0), database.app_url, PEPPER, analytics=flaky)
     async with AsyncTestClient(app=app, raise_server_exceptions=False) as c:
-        assert isinstance(c.app.state.analytics, AnalyticsService)
+        assert isinstance(c.app.state.container.analytics, AnalyticsService)
         yield c
 
 

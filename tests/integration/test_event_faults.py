@@ -31,8 +31,9 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from firstmile.analytics.chdb_store import ChdbStore
 from firstmile.app import create_app
+from firstmile.controlplane.service import apply_manifest
 from firstmile.events.bus import topic_for
-from firstmile.tenancy.service import apply_manifest, create_key
+from firstmile.tenancy.cli import create_key
 from tests.conftest import PEPPER, REGION, EventsDatabase, make_settings
 from tests.factories import ROOT, manifest_for
 
@@ -90,8 +91,8 @@ def _count_in_chdb(path: Path, tenant_id: uuid.UUID) -> dict[str, Any]:
         "import json, sys, uuid\n"
         "from firstmile.analytics.chdb_store import ChdbStore\n"
         "s = ChdbStore(sys.argv[1])\n"
-        "r = s.query('SELECT count() AS n, uniqExact(event_id) AS u FROM events WHERE tenant_id = {t:UUID}',"
-        " {'t': sys.argv[2]})\n"
+        "r = s.dangerous_raw_sql('SELECT count() AS n, uniqExact(event_id) AS u FROM events"
+        " WHERE tenant_id = {t:UUID}', {'t': sys.argv[2]})\n"
         "print(json.dumps(r[0]))\n"
     )
     out = subprocess.run(

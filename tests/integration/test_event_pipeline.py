@@ -24,17 +24,22 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from firstmile.analytics.chdb_store import ChdbStore
+from firstmile.analytics.sink import AnalyticsSink
 from firstmile.app import create_app
+from firstmile.controlplane.service import apply_manifest
 from firstmile.events.bus import Consumer, dead_letter_topic_for, topic_for
-from firstmile.events.consumers import AnalyticsSink, AutoCompletion, FeatureHook
 from firstmile.events.dispatch import InProcessPublisher
 from firstmile.events.envelope import Envelope
 from firstmile.events.kafka import KafkaConsumerRunner, KafkaPublisher, ensure_topics
 from firstmile.events.relay import OutboxRelay
+from firstmile.events.topics import replay_dead_letters
 from firstmile.kit.db import create_engine
+from firstmile.ml.consumer import FeatureHook
 from firstmile.onboarding.catalog import CatalogCache
+from firstmile.onboarding.consumer import AutoCompletion
 from firstmile.onboarding.service import OnboardingService
-from firstmile.tenancy.service import apply_manifest, create_key
+from firstmile.tenancy.cli import create_key
+from firstmile.wiring.workers import stream_config
 from tests.conftest import PEPPER, REGION, EventsDatabase, TenantFixture, make_settings
 from tests.factories import manifest_for
 
@@ -70,7 +75,7 @@ class Stack:
 
     async def analytics_rows(self, tenant: TenantFixture) -> list[dict[str, Any]]:
         return await asyncio.to_thread(
-            self.store.query,
+            self.store.dangerous_raw_sql,
             "SELECT event_id, event_type, event_name, user_id, step_id, properties FROM events"
             " WHERE tenant_id = {t:UUID} ORDER BY occurred_at, event_id",
             {"t": str(tenant.id)},
@@ -293,13 +298,14 @@ async def test_embedded_mode_relays_in_process(
 
         async def visible() -> bool:
             rows = await asyncio.to_thread(
-                analytics_store.query,
+                analytics_store.dangerous_raw_sql,
                 "SELECT count() AS n FROM events WHERE tenant_id = {t:UUID} AND event_type = 'track'",
                 {"t": str(result.tenant_id)},
             )
             return int(rows[0]["n"]) == 1
 
-        relay: OutboxRelay = app.state.relay
+        relay: OutboxRelay | None = app.state.container.relay
+        assert relay is not None
         assert isinstance(relay.publisher, InProcessPublisher)  # no Kafka: this process relays
 
         async def relayed() -> bool:  # the start's event and the track, by this process's relay
@@ -386,8 +392,6 @@ async def test_the_relay_deletes_only_the_acknowledged_prefix_and_prunes_old_rec
 
 
 async def test_dead_letters_can_be_listed_and_replayed_once(stack: Stack) -> None:
-    from firstmile.events.runtime import replay_dead_letters
-
     tenant = await stack.tenant()
     poison = uuid.uuid4()
     async with stack.admin.begin() as conn:
@@ -404,12 +408,12 @@ async def test_dead_letters_can_be_listed_and_replayed_once(stack: Stack) -> Non
         return [m for m in found if dict(m.headers()).get("event_id") == str(poison).encode()]
 
     assert await asyncio.to_thread(letters), "the unknown event type is dead-lettered by the analytics consumer"
-    settings = make_settings(kafka_bootstrap_servers=stack.bootstrap, kafka_topic_prefix=stack.prefix)
-    listed = await asyncio.to_thread(replay_dead_letters, settings, dry_run=True, idle_seconds=1.0)
+    config = stream_config(make_settings(kafka_bootstrap_servers=stack.bootstrap, kafka_topic_prefix=stack.prefix))
+    listed = await asyncio.to_thread(replay_dead_letters, config, dry_run=True, idle_seconds=1.0)
     mine = [letter["reason"] for letter in listed if letter["event_id"] == str(poison)]
     assert mine == ["analytics: unknown event type 'mystery.event'"]
     before = len(await asyncio.to_thread(read_topic, stack.bootstrap, stack.topic, 10_000, 3.0))
-    replayed = await asyncio.to_thread(replay_dead_letters, settings, dry_run=False, idle_seconds=1.0)
+    replayed = await asyncio.to_thread(replay_dead_letters, config, dry_run=False, idle_seconds=1.0)
     assert [r["reason"] for r in replayed if r["event_id"] == str(poison)] == mine
     after = await asyncio.to_thread(read_topic, stack.bootstrap, stack.topic, before + len(replayed), 10.0)
     assert len(after) == before + len(replayed)  # every letter is back on the events topic, once

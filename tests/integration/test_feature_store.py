@@ -25,10 +25,12 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from firstmile.analytics.chdb_store import ChdbStore
 from firstmile.app import create_app
+from firstmile.controlplane.service import apply_manifest
 from firstmile.ml.feature_reader import FeatureRead, ResilientFeatureReader
-from firstmile.ml.feature_stores import InProcessFeatureStore, RedisFeatureStore, open_feature_store
+from firstmile.ml.feature_stores import InProcessFeatureStore, RedisFeatureStore
 from firstmile.ml.features import FeatureStore, FeatureStoreUnavailable, OnlineFeatures
-from firstmile.tenancy.service import apply_manifest, create_key
+from firstmile.tenancy.cli import create_key
+from firstmile.wiring.adapters import open_feature_store
 from tests.conftest import PEPPER, REGION, EventsDatabase, TenantFixture, make_settings
 from tests.factories import manifest_for
 from tests.unit import features_contract as contract
@@ -290,7 +292,7 @@ async def test_the_reader_falls_back_to_recent_features_when_redis_stops(private
     await store.close()
 
 
-# ---- the embedded app: events reach app.state.features through the in-process relay ----
+# ---- the embedded app: events reach app.state.container.features through the in-process relay ----
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], within: float = 20.0, what: str = "condition") -> None:
@@ -334,7 +336,7 @@ async def test_posted_events_reach_the_apps_feature_store_in_embedded_mode(
     h = tenant.headers
     try:
         async with AsyncTestClient(app=app, raise_server_exceptions=False) as client:
-            features: FeatureStore = app.state.features
+            features: FeatureStore = app.state.container.features
             assert isinstance(features, RedisFeatureStore if backend == "redis" else InProcessFeatureStore)
 
             async def on_app_loop(fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
@@ -367,7 +369,7 @@ async def test_posted_events_reach_the_apps_feature_store_in_embedded_mode(
             await eventually(counted, what="events and the auto-completed step in the feature store")
             f = await get()
             assert f is not None and (f.persona, f.use_case, f.session_count) == ("developer", "reporting", 1)
-            read: FeatureRead = await on_app_loop(app.state.feature_reader.read, tenant.id, "dev-1")
+            read: FeatureRead = await on_app_loop(app.state.container.feature_reader.read, tenant.id, "dev-1")
             model = read.model_features(f.last_seen)
             assert read.source == "fresh" and model is not None and model["user_persona"] == "developer"
 

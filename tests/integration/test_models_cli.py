@@ -16,7 +16,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from firstmile.analytics.chdb_store import ChdbStore
 from firstmile.app import create_app
-from firstmile.ml.cli import DOC_BEGIN, DOC_END, models
+from firstmile.cli import main
+from firstmile.ml.cli import DOC_BEGIN, DOC_END
 from firstmile.settings import get_settings
 from firstmile_inference.registry import Registry
 from tests.conftest import PEPPER, Database, make_settings
@@ -33,7 +34,7 @@ def registry(tiny_registry: Path, tmp_path: Path) -> Path:
 def _invoke(*args: str, env: dict[str, str] | None = None) -> Any:
     get_settings.cache_clear()  # the command reads FIRSTMILE_* from ``env``
     try:
-        return CliRunner().invoke(models, list(args), env=env, catch_exceptions=False)
+        return CliRunner().invoke(main, ["models", *args], env=env, catch_exceptions=False)
     finally:
         get_settings.cache_clear()
 
@@ -59,7 +60,7 @@ def test_promote_keeps_the_order_unless_forced(registry: Path) -> None:
     assert current is not None
     new = reg.register("stuck_detector", weights=current.weights_path.read_bytes(), config=current.config, metrics={})
     skipped = CliRunner().invoke(
-        models, ["promote", "stuck_detector", new.version, "--to", "production", "--registry", str(registry)]
+        main, ["models", "promote", "stuck_detector", new.version, "--to", "production", "--registry", str(registry)]
     )
     assert skipped.exit_code != 0
     assert "canary" in skipped.output or "shadow" in skipped.output

@@ -44,7 +44,7 @@ class RecordingClient:
     @classmethod
     def install(cls, app: Litestar) -> RecordingClient:
         """Wrap the client behind ``app``'s guard (the planner and the stuck scan use that guard)."""
-        guarded: GuardedInference = app.state.inference
+        guarded: GuardedInference = app.state.container.inference
         recording = cls(guarded.client)
         guarded.client = recording
         return recording

@@ -25,6 +25,7 @@ from firstmile.analytics.queries import (
     Funnel,
     FunnelStep,
     PathActivation,
+    Query,
     StepCompletion,
     StepRate,
     TimeToActivation,
@@ -274,13 +275,20 @@ class FlakyStore:
     def bulk_load(self, rows: Sequence[AnalyticsEvent]) -> int:
         return self.inner.bulk_load(rows)
 
-    def query(self, sql: str, params: Params) -> list[dict[str, Any]]:
+    def _fault(self) -> None:
         self.queries += 1
         if self.mode == "slow":
             time.sleep(self.delay)
         elif self.mode == "fail":
             raise AnalyticsStoreError("injected: the engine is down")
-        return self.inner.query(sql, params)
+
+    def run(self, tenant: uuid.UUID, query: Query) -> list[dict[str, Any]]:
+        self._fault()
+        return self.inner.run(tenant, query)
+
+    def dangerous_raw_sql(self, sql: str, params: Params) -> list[dict[str, Any]]:
+        self._fault()
+        return self.inner.dangerous_raw_sql(sql, params)
 
     def erase_user(self, tenant_id: uuid.UUID, user_id: str) -> None:
         self.inner.erase_user(tenant_id, user_id)

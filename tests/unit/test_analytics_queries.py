@@ -26,7 +26,7 @@ from firstmile.analytics.queries import AnalyticsQueries, Filters, UnscopedQuery
 from firstmile.analytics.rows import ACTIVATED, STARTED, STEP_COMPLETED, AnalyticsEvent
 from firstmile.analytics.store import AnalyticsStore
 from firstmile.analytics.synthetic import SyntheticPath, generate
-from firstmile.kit.db import TenantId
+from firstmile.kit.scope import OPERATOR_CLI, TenantId
 from tests.unit import analytics_support as ref
 
 END = datetime(2025, 3, 5, 15, 30, tzinfo=UTC)  # a Wednesday afternoon
@@ -105,7 +105,7 @@ def edge_cases(tenant: uuid.UUID) -> list[AnalyticsEvent]:
 
 @pytest.fixture(scope="module")
 def dataset(analytics_store: ChdbStore) -> Dataset:
-    tenant, other = TenantId(uuid.uuid4()), TenantId(uuid.uuid4())
+    tenant, other = OPERATOR_CLI.tenant(uuid.uuid4()), OPERATOR_CLI.tenant(uuid.uuid4())
     mine = list(generate(tenant, PATHS, users=1200, weeks=10, end=END, seed=11)) + edge_cases(tenant)
     theirs = list(generate(other, PATHS, users=600, weeks=10, end=END, seed=12)) + edge_cases(other)
     assert analytics_store.insert(mine + theirs) == len(mine) + len(theirs)
@@ -258,7 +258,7 @@ def test_another_tenants_rows_never_count(dataset: Dataset, q: AnalyticsQueries)
     theirs = q.funnel(dataset.other, f, DEV_STEPS, timedelta(days=7))
     assert theirs == ref.funnel(dataset.rows, dataset.other, f, DEV_STEPS, timedelta(days=7))
     assert theirs.started != mine.started  # same user ids and paths, different numbers
-    nobody = TenantId(uuid.uuid4())
+    nobody = OPERATOR_CLI.tenant(uuid.uuid4())
     assert q.funnel(nobody, f, DEV_STEPS, timedelta(days=7)).started == 0
     assert q.cohorts(nobody, ALL, 4).cohorts == ()
     assert q.time_to_activation(nobody, ALL) == queries.TimeToActivation(0, 0, None, None)
@@ -285,7 +285,7 @@ def _every_built_statement(tenant: TenantId) -> list[queries.Query]:
 
 
 def test_every_built_statement_filters_on_the_tenant() -> None:
-    tenant = TenantId(uuid.uuid4())
+    tenant = OPERATOR_CLI.tenant(uuid.uuid4())
     for query in _every_built_statement(tenant):
         reads = re.findall(r"\bevents\b", query.sql)
         assert reads, query.sql
@@ -296,7 +296,7 @@ def test_every_built_statement_filters_on_the_tenant() -> None:
 
 
 def test_the_builder_refuses_unscoped_statements() -> None:
-    b = _Builder(TenantId(uuid.uuid4()))
+    b = _Builder(OPERATOR_CLI.tenant(uuid.uuid4()))
     with pytest.raises(UnscopedQueryError):
         b.build("SELECT count() FROM events")
     with pytest.raises(UnscopedQueryError):
@@ -306,7 +306,7 @@ def test_the_builder_refuses_unscoped_statements() -> None:
 
 
 def test_bad_query_arguments_are_refused() -> None:
-    tenant = TenantId(uuid.uuid4())
+    tenant = OPERATOR_CLI.tenant(uuid.uuid4())
     with pytest.raises(ValueError, match="needs a path"):
         queries.build_funnel(tenant, ALL, DEV_STEPS, timedelta(days=1))
     with pytest.raises(ValueError, match="at least one step"):

@@ -13,8 +13,8 @@ from firstmile.analytics.chdb_store import ChdbStore
 from firstmile.analytics.queries import Filters
 from firstmile.analytics.service import AnalyticsService
 from firstmile.analytics.synthetic import SyntheticPath, generate
-from firstmile.kit.db import TenantId
 from firstmile.kit.errors import ProblemError
+from firstmile.kit.scope import OPERATOR_CLI, TenantId
 from tests.unit.analytics_support import FlakyStore
 
 END = datetime(2025, 3, 5, tzinfo=UTC)
@@ -36,7 +36,7 @@ def service(flaky: FlakyStore) -> Iterator[AnalyticsService]:
 
 @pytest.fixture
 def tenant(analytics_store: ChdbStore) -> TenantId:
-    tenant = TenantId(uuid.uuid4())
+    tenant = OPERATOR_CLI.tenant(uuid.uuid4())
     analytics_store.insert(list(generate(tenant, [PATH], users=200, weeks=4, end=END, seed=3)))
     return tenant
 
@@ -80,7 +80,7 @@ async def test_without_a_cached_result_it_is_503_with_retry_after(
 async def test_the_cache_is_per_tenant_query_and_parameters(
     service: AnalyticsService, flaky: FlakyStore, tenant: TenantId
 ) -> None:
-    other = TenantId(uuid.uuid4())
+    other = OPERATOR_CLI.tenant(uuid.uuid4())
     narrow = Filters(END - timedelta(weeks=1), END, path_key="dev")
     await service.run(tenant, "funnel", F, lambda: service.queries.funnel(tenant, F, ("a",), timedelta(days=7)))
     flaky.mode = "fail"
@@ -106,7 +106,7 @@ async def test_the_cache_is_bounded(flaky: FlakyStore, tenant: TenantId) -> None
 
 
 async def test_the_service_inserts_off_the_event_loop(service: AnalyticsService, analytics_store: ChdbStore) -> None:
-    tenant = TenantId(uuid.uuid4())
+    tenant = OPERATOR_CLI.tenant(uuid.uuid4())
     rows = list(generate(tenant, [PATH], users=5, weeks=1, end=END, seed=1))
     assert await service.insert(rows) == len(rows)
     assert await service.insert(rows) == 0

@@ -7,7 +7,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from firstmile.events.consumers import UnprocessableEventError, to_analytics
+from firstmile.analytics.sink import to_analytics
+from firstmile.events.bus import UnprocessableEventError
 from firstmile.events.envelope import Envelope, decode, encode
 from firstmile.events.segment import event_id_for, parse_batch
 

@@ -15,10 +15,10 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from firstmile.events.consumers import FeatureHook
 from firstmile.events.envelope import Envelope
+from firstmile.ml.consumer import FeatureHook
 from firstmile.ml.feature_reader import ResilientFeatureReader
-from firstmile.ml.feature_stores import FeatureStoreSink, InProcessFeatureStore, open_feature_store
+from firstmile.ml.feature_stores import FeatureStoreSink, InProcessFeatureStore
 from firstmile.ml.features import (
     ERASED,
     RECENT_IDS,
@@ -27,6 +27,7 @@ from firstmile.ml.features import (
     feature_event,
 )
 from firstmile.privacy.service import ERASED as PRIVACY_ERASED
+from firstmile.wiring.adapters import open_feature_store
 from firstmile_inference.schema import USER_FEATURES
 from tests.conftest import make_settings
 from tests.unit.features_support import T0, at, erased, onboarding, segment, step, track
