@@ -17,14 +17,15 @@ from click.testing import CliRunner
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from firstmile.cli import tenants
+from firstmile.cli import main
+from firstmile.controlplane.service import apply_manifest
 from firstmile.events.kafka import missing_topics
-from firstmile.events.runtime import reconcile_region_topics, region_topics
-from firstmile.security.datakeys import DataKeyService, ManifestProviders
+from firstmile.events.topics import reconcile_region_topics, region_topics
+from firstmile.security.datakeys import ManifestProviders
 from firstmile.security.keys import KeyConfig, KeyProviderError, LocalKekProvider, ProviderRegistry
 from firstmile.settings import get_settings
 from firstmile.tenancy.manifest import TenantManifest
-from firstmile.tenancy.service import apply_manifest
+from firstmile.wiring.workers import stream_config
 from tests.conftest import REGION, Database, make_settings
 from tests.factories import demo_document, manifest_for, provisioned_kek
 
@@ -49,16 +50,15 @@ async def test_apply_makes_the_tenants_data_key_and_plan_only_says_so(
     admin_engine: AsyncEngine, tmp_path: Path
 ) -> None:
     provider = LocalKekProvider(provisioned_kek(tmp_path / "kek"), create=False)
-    data_keys = DataKeyService(admin_engine, provider, ttl_seconds=0)
     slug = _slug()
     manifest = manifest_for(slug, REGION)
 
-    planned = await apply_manifest(admin_engine, manifest, dry_run=True, data_keys=data_keys)
+    planned = await apply_manifest(admin_engine, manifest, dry_run=True, key_providers=provider)
     assert "create data key (the platform's key provider)" in planned.changes
     assert await _data_keys(admin_engine, slug) == []  # plan wrote nothing (and never asked the provider)
     assert sum(provider.calls.values()) == 0
 
-    applied = await apply_manifest(admin_engine, manifest, data_keys=data_keys)
+    applied = await apply_manifest(admin_engine, manifest, key_providers=provider)
     assert applied.changes == planned.changes
     assert await _data_keys(admin_engine, slug) == [("data", 1), ("index", 1)]
     # the key made at apply is the one the API uses: it unwraps with the same KEK
@@ -71,15 +71,15 @@ async def test_apply_makes_the_tenants_data_key_and_plan_only_says_so(
         ).scalar_one()
     assert len(provider.unwrap(applied.tenant_id, wrapped)) == 32
 
-    again = await apply_manifest(admin_engine, manifest, data_keys=data_keys)
+    again = await apply_manifest(admin_engine, manifest, key_providers=provider)
     assert again.changes == []  # idempotent
-    assert (await apply_manifest(admin_engine, manifest, dry_run=True, data_keys=data_keys)).changes == []
+    assert (await apply_manifest(admin_engine, manifest, dry_run=True, key_providers=provider)).changes == []
 
     # an existing tenant that never had a key (applied before this step existed) gets one at the next apply
     older = _slug()
     await apply_manifest(admin_engine, manifest_for(older, REGION))
     assert await _data_keys(admin_engine, older) == []
-    late = await apply_manifest(admin_engine, manifest_for(older, REGION), data_keys=data_keys)
+    late = await apply_manifest(admin_engine, manifest_for(older, REGION), key_providers=provider)
     assert late.changes == ["create data key (the platform's key provider)"]
 
 
@@ -96,12 +96,12 @@ async def test_a_key_provider_that_cannot_make_the_key_fails_the_apply_and_nothi
     (tmp_path / "secret-id").write_text("not-a-real-secret\n")
     manifest = manifest_for(slug, REGION, doc)
     registry = ProviderRegistry(KeyConfig(data_dir=tmp_path, kek_file=provisioned_kek(tmp_path / "kek")))
-    data_keys = DataKeyService(admin_engine, ManifestProviders(registry), ttl_seconds=0)
+    providers = ManifestProviders(registry)
     try:
-        planned = await apply_manifest(admin_engine, manifest, dry_run=True, data_keys=data_keys)
+        planned = await apply_manifest(admin_engine, manifest, dry_run=True, key_providers=providers)
         assert "create data key (keys.provider vault)" in planned.changes
         with pytest.raises(KeyProviderError):
-            await apply_manifest(admin_engine, manifest, data_keys=data_keys)
+            await apply_manifest(admin_engine, manifest, key_providers=providers)
     finally:
         registry.close()
     async with admin_engine.connect() as conn:
@@ -111,20 +111,21 @@ async def test_a_key_provider_that_cannot_make_the_key_fails_the_apply_and_nothi
 
 def test_region_topics_are_planned_then_created_once(kafka_bootstrap: str) -> None:
     settings = make_settings(kafka_bootstrap_servers=kafka_bootstrap, kafka_topic_prefix=f"fm{secrets.token_hex(4)}")
-    wanted = region_topics(settings)
+    config = stream_config(settings)
+    wanted = region_topics(config)
     events, dlq = wanted
-    assert events == f"{settings.kafka_topic_prefix}.{REGION}.events" and dlq == f"{events}.dlq"
+    assert events == f"{settings.events.kafka_topic_prefix}.{REGION}.events" and dlq == f"{events}.dlq"
 
-    planned = reconcile_region_topics(settings, execute=False)
+    planned = reconcile_region_topics(config, execute=False)
     assert planned == [
-        f"create topic {events} ({settings.kafka_partitions} partitions)",
+        f"create topic {events} ({settings.events.kafka_partitions} partitions)",
         f"create topic {dlq} (1 partition)",
     ]
     assert missing_topics(kafka_bootstrap, wanted) == wanted  # plan created nothing
-    assert reconcile_region_topics(settings, execute=True) == planned
+    assert reconcile_region_topics(config, execute=True) == planned
     assert missing_topics(kafka_bootstrap, wanted) == {}
-    assert reconcile_region_topics(settings, execute=False) == []
-    assert reconcile_region_topics(settings, execute=True) == []
+    assert reconcile_region_topics(config, execute=False) == []
+    assert reconcile_region_topics(config, execute=True) == []
 
 
 @pytest.fixture
@@ -144,7 +145,7 @@ def cli_env(database: Database, monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
 
 
 def _invoke(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(tenants, list(args))
+    result = CliRunner().invoke(main, ["tenants", *args])
     if result.exception and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result.exit_code, result.output

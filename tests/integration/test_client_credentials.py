@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from firstmile.analytics.chdb_store import ChdbStore
 from firstmile.app import create_app
-from firstmile.kit.auth import KeyResolver
+from firstmile.auth.resolver import KeyResolver
 from firstmile.sso.tokens import RealmNaming
 from firstmile.tenancy import keys as keylib
 from tests.conftest import PEPPER, Database, TenantFixture, make_settings, new_tenant
@@ -69,7 +69,7 @@ class World:
 
     @property
     def fetches(self) -> int:
-        resolver: KeyResolver = self.app.state.key_resolver
+        resolver: KeyResolver = self.app.state.container.key_resolver
         assert resolver.tokens is not None
         return resolver.tokens.jwks.fetches
 

@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from firstmile.kit.embedded import stop_embedded
+from firstmile.wiring.embedded import stop_embedded
 from tests.factories import DEMO_MANIFEST, ROOT
 
 pytestmark = pytest.mark.embedded

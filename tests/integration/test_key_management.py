@@ -27,10 +27,23 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from firstmile.kit.db import TenantId, tenant_transaction
-from firstmile.security.cli import KeyRotationError, rotate, rotate_tenant_keys
+from firstmile.cli import main
+from firstmile.controlplane.service import apply_manifest
+from firstmile.kit.db import tenant_transaction
+from firstmile.kit.scope import TenantId
+from firstmile.kit.uow import UnitOfWork
+from firstmile.security.cli import KeyRotationError, rotate_tenant_keys
 from firstmile.security.crypto import DecryptionError, FieldContext
-from firstmile.security.datakeys import DataKeyService, ManifestProviders, UserKeyMissingError
+from firstmile.security.datakeys import (
+    DataKeyService,
+    ManifestProviders,
+    TenantKeys,
+    UserKeyMissingError,
+    destroy_user_key,
+    has_tenant_keys,
+    new_tenant_keys,
+    store_tenant_keys,
+)
 from firstmile.security.keys import (
     KeyConfig,
     KeyProvider,
@@ -45,7 +58,7 @@ from firstmile.security.keys import (
 )
 from firstmile.settings import get_settings
 from firstmile.tenancy.manifest import KeysSpec, TenantManifest
-from firstmile.tenancy.service import apply_manifest
+from firstmile.wiring.adapters import key_config
 from tests.conftest import Database, make_settings
 from tests.factories import db_snapshot, demo_document, manifest_for
 from tests.support.vault_transit import FULL_TRANSIT, VaultTransitStandIn, allowed
@@ -106,10 +119,13 @@ class Keyed:
     registry: ProviderRegistry
     provider: KeyProvider
     service: DataKeyService
-    settings: Any
 
     def ctx(self, column: str, row: str, table: str = "end_users") -> FieldContext:
         return FieldContext(self.id, table, column, row)
+
+    async def keys(self, engine: AsyncEngine, service: DataKeyService | None = None) -> TenantKeys:
+        """The tenant's keys from ``service`` (default: this tenant's), unwrapped before any transaction."""
+        return await (service or self.service).keys(UnitOfWork(engine, self.id))
 
 
 async def _keyed_tenant(
@@ -135,12 +151,11 @@ async def _keyed_tenant(
         }
     manifest = manifest_for(slug, REGION, document)
     tenant = (await apply_manifest(admin_engine, manifest)).tenant_id
-    settings = make_settings(data_dir=tmp_path)
-    config = KeyConfig.from_settings(settings)
+    config = key_config(make_settings(data_dir=tmp_path))
     registry = _registry(config)
     provider = registry.get(manifest.keys)
     service = DataKeyService(app_engine, ManifestProviders(registry), **service_options)
-    return Keyed(kind, tenant, slug, config, registry, provider, service, settings)
+    return Keyed(kind, tenant, slug, config, registry, provider, service)
 
 
 @pytest.fixture(params=["local", "vault"])
@@ -156,6 +171,17 @@ async def keyed(
 
 def _calls(provider: KeyProvider) -> int:
     return sum(provider.calls.values())
+
+
+async def _provision(k: Keyed, engine: AsyncEngine) -> bool:
+    """Create the tenant's provider key, first data key and index key if missing, as `tenants apply` does:
+    the provider first, then the rows in a transaction of their own. True if keys were created."""
+    async with tenant_transaction(engine, k.id) as tx:
+        if await has_tenant_keys(tx):
+            return False
+    material = await new_tenant_keys(k.provider, k.id)
+    async with tenant_transaction(engine, k.id) as tx:
+        return await store_tenant_keys(tx, material)
 
 
 async def _key_rows(admin_engine: AsyncEngine, tenant: uuid.UUID) -> dict[str, list[tuple[Any, ...]]]:
@@ -181,9 +207,10 @@ async def _key_rows(admin_engine: AsyncEngine, tenant: uuid.UUID) -> dict[str, l
 async def _write_users(k: Keyed, engine: AsyncEngine, users: list[str]) -> dict[str, dict[str, str]]:
     """Encrypt email and name of each user under their own key; returns the ciphertexts."""
     out: dict[str, dict[str, str]] = {}
-    async with tenant_transaction(engine, k.id) as conn:
+    keys = await k.keys(engine)
+    async with tenant_transaction(engine, k.id) as tx:
         for user in users:
-            key = await k.service.user_key(conn, k.id, user, create=True)
+            key = await keys.user_key(tx, user, create=True)
             out[user] = {
                 "email": key.encrypt(f"{user}@example.com", k.ctx("email", user)),
                 "name": key.encrypt(f"Name of {user}", k.ctx("name", user)),
@@ -192,8 +219,9 @@ async def _write_users(k: Keyed, engine: AsyncEngine, users: list[str]) -> dict[
 
 
 async def _read_user(k: Keyed, engine: AsyncEngine, user: str, tokens: dict[str, str]) -> dict[str, str]:
-    async with tenant_transaction(engine, k.id) as conn:
-        key = await k.service.user_key(conn, k.id, user)
+    keys = await k.keys(engine)
+    async with tenant_transaction(engine, k.id) as tx:
+        key = await keys.user_key(tx, user)
         return {column: key.decrypt_text(token, k.ctx(column, user)) for column, token in tokens.items()}
 
 
@@ -204,9 +232,10 @@ async def test_fields_round_trip_and_nothing_is_stored_in_plaintext(
     keyed: Keyed, app_engine: AsyncEngine, admin_engine: AsyncEngine
 ) -> None:
     tokens = await _write_users(keyed, app_engine, ["alice", "bob"])
-    async with tenant_transaction(app_engine, keyed.id) as conn:
-        tenant_field = await keyed.service.encrypt(conn, keyed.id, "ACME Corp", keyed.ctx("company", "t", "tenants"))
-        index = await keyed.service.blind_index(conn, keyed.id, "email", " Alice@Example.com")
+    keys = await keyed.keys(app_engine)
+    async with tenant_transaction(app_engine, keyed.id) as tx:
+        tenant_field = await keys.encrypt(tx, "ACME Corp", keyed.ctx("company", "t", "tenants"))
+        index = keys.blind_index("email", " Alice@Example.com")
 
     rows = await _key_rows(admin_engine, keyed.id)
     assert [(r[0], r[1]) for r in rows["data"]] == [("data", 1), ("index", 1)]
@@ -236,15 +265,16 @@ async def test_fields_round_trip_and_nothing_is_stored_in_plaintext(
         "email": "alice@example.com",
         "name": "Name of alice",
     }
-    async with tenant_transaction(app_engine, keyed.id) as conn:
+    fresh_keys = await keyed.keys(app_engine, fresh)
+    async with tenant_transaction(app_engine, keyed.id) as tx:
         ctx = keyed.ctx("company", "t", "tenants")
-        assert await fresh.decrypt(conn, keyed.id, tenant_field, ctx) == b"ACME Corp"
-        assert await fresh.blind_index(conn, keyed.id, "email", "alice@example.com") == index
+        assert await fresh_keys.decrypt(tx, tenant_field, ctx) == b"ACME Corp"
+        assert fresh_keys.blind_index("email", "alice@example.com") == index
         with pytest.raises(DecryptionError, match="failed authentication"):  # wrong row: refused
-            await fresh.decrypt(conn, keyed.id, tenant_field, keyed.ctx("company", "other", "tenants"))
+            await fresh_keys.decrypt(tx, tenant_field, keyed.ctx("company", "other", "tenants"))
         with pytest.raises(DecryptionError, match="pass user_id"):
-            await fresh.decrypt(conn, keyed.id, tokens["bob"]["email"], keyed.ctx("email", "bob"))
-        assert await fresh.decrypt(conn, keyed.id, tokens["bob"]["email"], keyed.ctx("email", "bob"), user_id="bob")
+            await fresh_keys.decrypt(tx, tokens["bob"]["email"], keyed.ctx("email", "bob"))
+        assert await fresh_keys.decrypt(tx, tokens["bob"]["email"], keyed.ctx("email", "bob"), user_id="bob")
 
 
 async def test_tenants_keys_are_isolated(
@@ -255,22 +285,23 @@ async def test_tenants_keys_are_isolated(
         b = await _keyed_tenant(kind, admin_engine, app_engine, vault, tmp_path)
         tokens = await _write_users(a, app_engine, ["same-user"])
         await _write_users(b, app_engine, ["same-user"])
-        async with tenant_transaction(app_engine, a.id) as conn:
-            index_a = await a.service.blind_index(conn, a.id, "email", "x@example.com")
+        keys_a, keys_b = await a.keys(app_engine), await b.keys(app_engine)
+        async with tenant_transaction(app_engine, a.id) as tx:
+            index_a = keys_a.blind_index("email", "x@example.com")
             wrapped_a = (
-                await conn.execute(text("SELECT wrapped_key FROM tenant_data_keys WHERE purpose = 'data'"))
+                await tx.execute(text("SELECT wrapped_key FROM tenant_data_keys WHERE purpose = 'data'"))
             ).scalar_one()
-        async with tenant_transaction(app_engine, b.id) as conn:
-            assert await b.service.blind_index(conn, b.id, "email", "x@example.com") != index_a
+        async with tenant_transaction(app_engine, b.id) as tx:
+            assert keys_b.blind_index("email", "x@example.com") != index_a
             # RLS: tenant b sees only its own key rows, and cannot plant one for tenant a
-            seen = {r[0] for r in await conn.execute(text("SELECT tenant_id FROM tenant_data_keys"))}
+            seen = {r[0] for r in await tx.execute(text("SELECT tenant_id FROM tenant_data_keys"))}
             assert seen == {b.id}
-            key_b = await b.service.user_key(conn, b.id, "same-user")
+            key_b = await keys_b.user_key(tx, "same-user")
             with pytest.raises(DecryptionError):  # a's ciphertext, even claimed for b's row, is not b's
                 key_b.decrypt(tokens["same-user"]["email"], b.ctx("email", "same-user"))
         with pytest.raises(DBAPIError, match="row-level security"):
-            async with tenant_transaction(app_engine, b.id) as conn:
-                await conn.execute(
+            async with tenant_transaction(app_engine, b.id) as tx:
+                await tx.execute(
                     text(
                         "INSERT INTO user_keys (tenant_id, user_id, tdk_version, wrapped_key) VALUES (:a, 'x', 1, '')"
                     ),
@@ -289,8 +320,7 @@ async def test_cache_honours_ttl_and_max_uses(
 ) -> None:
     now = [1000.0]
     k = await _keyed_tenant("vault", admin_engine, app_engine, vault, tmp_path)
-    async with tenant_transaction(app_engine, k.id) as conn:
-        assert await k.service.ensure_tenant_keys(conn, k.id)
+    assert await _provision(k, app_engine)
     service = DataKeyService(
         app_engine, ManifestProviders(k.registry), ttl_seconds=10, max_uses=5, clock=lambda: now[0]
     )
@@ -300,50 +330,48 @@ async def test_cache_honours_ttl_and_max_uses(
         return k.provider.calls["unwrap"]
 
     before = unwraps()
-    async with tenant_transaction(app_engine, k.id) as conn:
-        key = await service.data_key(conn, k.id)
-        assert unwraps() == before + 1
-        assert await service.data_key(conn, k.id) is key  # cached
-        now[0] += 9.9
-        await service.data_key(conn, k.id)
-        assert unwraps() == before + 1
-        now[0] += 0.2  # TTL over: unwrapped again
-        key = await service.data_key(conn, k.id)
-        assert unwraps() == before + 2
-        for n in range(5):  # five uses: the limit
-            key.encrypt("x", k.ctx("email", str(n)))
-        assert await service.data_key(conn, k.id) is not key
-        assert unwraps() == before + 3
-        # concurrent misses share one provider call
-        service.invalidate(k.id)
-        await asyncio.gather(*(service.data_key(conn, k.id) for _ in range(10)))
-        assert unwraps() == before + 4
+    key = (await k.keys(app_engine, service)).data_key()
+    assert unwraps() == before + 1
+    assert (await k.keys(app_engine, service)).data_key() is key  # cached
+    now[0] += 9.9
+    await k.keys(app_engine, service)
+    assert unwraps() == before + 1
+    now[0] += 0.2  # TTL over: unwrapped again
+    key = (await k.keys(app_engine, service)).data_key()
+    assert unwraps() == before + 2
+    for n in range(5):  # five uses: the limit
+        key.encrypt("x", k.ctx("email", str(n)))
+    assert (await k.keys(app_engine, service)).data_key() is not key
+    assert unwraps() == before + 3
+    # concurrent misses share one provider call
+    service.invalidate(k.id)
+    await asyncio.gather(*(k.keys(app_engine, service) for _ in range(10)))
+    assert unwraps() == before + 4
     assert vault.operations["decrypt"] == 4  # the server agrees
 
     uncached = DataKeyService(app_engine, ManifestProviders(k.registry), ttl_seconds=0)
-    async with tenant_transaction(app_engine, k.id) as conn:
-        for _ in range(3):
-            await uncached.data_key(conn, k.id)
+    for _ in range(3):
+        (await k.keys(app_engine, uncached)).data_key()
     assert unwraps() == before + 7
 
 
 async def test_at_most_one_provider_call_per_thousand_records(keyed: Keyed, app_engine: AsyncEngine) -> None:
-    async with tenant_transaction(app_engine, keyed.id) as conn:  # provisioning, as `tenants apply` would
-        await keyed.service.ensure_tenant_keys(conn, keyed.id)
+    await _provision(keyed, app_engine)  # provisioning, as `tenants apply` would
     service = DataKeyService(app_engine, ManifestProviders(keyed.registry))
     before = _calls(keyed.provider)
     for batch in range(10):
-        async with tenant_transaction(app_engine, keyed.id) as conn:
-            index = await service.index_key(conn, keyed.id)
+        keys = await keyed.keys(app_engine, service)
+        async with tenant_transaction(app_engine, keyed.id) as tx:
+            index = keys.index_key
             for n in range(100):
                 user = f"u{batch}-{n}"
-                key = await service.user_key(conn, keyed.id, user, create=True)
+                key = await keys.user_key(tx, user, create=True)
                 for column in ("email", "name", "phone"):
                     key.encrypt(f"{column} of {user}", keyed.ctx(column, user))
                 index.blind_index("email", f"{user}@example.com")
     assert _calls(keyed.provider) - before <= 1  # one unwrap of the data key, logins included
-    async with tenant_transaction(app_engine, keyed.id) as conn:
-        count = (await conn.execute(text("SELECT count(*) FROM user_keys"))).scalar_one()
+    async with tenant_transaction(app_engine, keyed.id) as tx:
+        count = (await tx.execute(text("SELECT count(*) FROM user_keys"))).scalar_one()
     assert count == 1000
 
 
@@ -351,12 +379,13 @@ async def test_rotation_rewraps_without_reencrypting(
     keyed: Keyed, app_engine: AsyncEngine, admin_engine: AsyncEngine, database: Database, vault: VaultTransitStandIn
 ) -> None:
     tokens = await _write_users(keyed, app_engine, ["ann", "ben"])
-    async with tenant_transaction(app_engine, keyed.id) as conn:
-        tenant_field = await keyed.service.encrypt(conn, keyed.id, "plan: gold", keyed.ctx("plan", "t", "tenants"))
-        index_before = await keyed.service.blind_index(conn, keyed.id, "email", "ann@example.com")
+    keys = await keyed.keys(app_engine)
+    async with tenant_transaction(app_engine, keyed.id) as tx:
+        tenant_field = await keys.encrypt(tx, "plan: gold", keyed.ctx("plan", "t", "tenants"))
+        index_before = keys.blind_index("email", "ann@example.com")
     before = await _key_rows(admin_engine, keyed.id)
 
-    result = await rotate_tenant_keys(database.admin_url, keyed.slug, keyed.settings)
+    result = await rotate_tenant_keys(database.admin_url, keyed.slug, keyed.config)
     assert result["provider_key_version"] == 2
     assert result["data_keys_rewrapped"] == 1
     assert result["field_ciphertexts_reencrypted"] == 0
@@ -380,11 +409,10 @@ async def test_rotation_rewraps_without_reencrypting(
         "email": "ann@example.com",
         "name": "Name of ann",
     }
-    async with tenant_transaction(app_engine, keyed.id) as conn:
-        assert await keyed.service.blind_index(conn, keyed.id, "email", "ann@example.com") == index_before
+    assert (await keyed.keys(app_engine)).blind_index("email", "ann@example.com") == index_before
 
     # and a new data key version for new writes: old versions stay readable, blind indexes do not change
-    result = await rotate_tenant_keys(database.admin_url, keyed.slug, keyed.settings, new_data_key=True)
+    result = await rotate_tenant_keys(database.admin_url, keyed.slug, keyed.config, new_data_key=True)
     assert result["provider_key_version"] == 3
     assert (result["data_key_version"], result["data_keys_rewrapped"], result["index_key_rewrapped"]) == (2, 1, True)
     rows = await _key_rows(admin_engine, keyed.id)
@@ -400,10 +428,11 @@ async def test_rotation_rewraps_without_reencrypting(
     }
     assert (await _read_user(keyed, app_engine, "ben", tokens["ben"]))["email"] == "ben@example.com"
     assert (await _read_user(keyed, app_engine, "cid", new_tokens["cid"]))["email"] == "cid@example.com"
-    async with tenant_transaction(app_engine, keyed.id) as conn:
+    keys = await keyed.keys(app_engine, service)
+    async with tenant_transaction(app_engine, keyed.id) as tx:
         ctx = keyed.ctx("plan", "t", "tenants")
-        assert await service.decrypt(conn, keyed.id, tenant_field, ctx) == b"plan: gold"
-        assert await service.blind_index(conn, keyed.id, "email", "ann@example.com") == index_before
+        assert await keys.decrypt(tx, tenant_field, ctx) == b"plan: gold"
+        assert keys.blind_index("email", "ann@example.com") == index_before
 
 
 async def test_rotation_moves_local_keys_into_the_tenants_own_vault(
@@ -425,14 +454,14 @@ async def test_rotation_moves_local_keys_into_the_tenants_own_vault(
     k.service = DataKeyService(app_engine, ManifestProviders(_registry(k.config)))
     assert (await _read_user(k, app_engine, "dee", tokens["dee"]))["email"] == "dee@example.com"
 
-    result = await rotate_tenant_keys(database.admin_url, k.slug, k.settings)
+    result = await rotate_tenant_keys(database.admin_url, k.slug, k.config)
     assert result["provider"] == "vault" and result["data_keys_moved_from"] == {"local": 1}
     rows = await _key_rows(admin_engine, k.id)
     assert rows["data"][0][2].startswith("vault:v2:")
     k.service = DataKeyService(app_engine, ManifestProviders(_registry(k.config)))
     assert (await _read_user(k, app_engine, "dee", tokens["dee"]))["email"] == "dee@example.com"
     with pytest.raises(KeyRotationError, match="no tenant"):
-        await rotate_tenant_keys(database.admin_url, "no-such-tenant", k.settings)
+        await rotate_tenant_keys(database.admin_url, "no-such-tenant", k.config)
 
 
 async def test_provider_down_fails_new_keys_and_writes_nothing(
@@ -460,9 +489,10 @@ async def test_provider_down_fails_new_keys_and_writes_nothing(
         provider = impatient if outage == "slow" else vault_provider
         asked = Counter(provider.calls)
         with pytest.raises(KeyProviderUnavailableError, match=reason):
-            async with tenant_transaction(app_engine, k.id) as conn:
-                await conn.execute(text("INSERT INTO end_users (tenant_id, user_id) VALUES (:t, 'eve')"), {"t": k.id})
-                await k.service.encrypt(conn, k.id, "eve@example.com", k.ctx("email", "eve"), user_id="eve")
+            keys = await k.keys(app_engine)  # the provider is asked before the write's transaction opens
+            async with tenant_transaction(app_engine, k.id) as tx:
+                await tx.execute(text("INSERT INTO end_users (tenant_id, user_id) VALUES (:t, 'eve')"), {"t": k.id})
+                await keys.encrypt(tx, "eve@example.com", k.ctx("email", "eve"), user_id="eve")
         assert set((provider.calls - asked).values()) == {1}, (outage, provider.calls)  # each step tried once
         assert await db_snapshot(admin_engine, k.id) == before, outage  # nothing written, no key, no user
         vault.start()
@@ -477,8 +507,7 @@ async def test_provider_down_fails_new_keys_and_writes_nothing(
     assert (await _read_user(k, app_engine, "fay", tokens["fay"]))["email"] == "fay@example.com"
     cold = DataKeyService(app_engine, ManifestProviders(_registry(k.config)))
     with pytest.raises(KeyProviderUnavailableError, match="unreachable"):
-        async with tenant_transaction(app_engine, k.id) as conn:
-            await cold.data_key(conn, k.id)
+        (await k.keys(app_engine, cold)).data_key()
     vault.start()
 
 
@@ -489,14 +518,12 @@ async def test_missing_vault_capability_is_a_clear_error(
     k = await _keyed_tenant("vault", admin_engine, app_engine, vault, tmp_path, policy=no_datakey)
     before = await db_snapshot(admin_engine, k.id)
     with pytest.raises(KeyProviderPermissionError, match=r"denied generate_data_key on transit/datakey/plaintext/"):
-        async with tenant_transaction(app_engine, k.id) as conn:
-            await k.service.data_key(conn, k.id)
+        (await k.keys(app_engine)).data_key()
     assert await db_snapshot(admin_engine, k.id) == before
 
     # the app policy cannot rewrap: rotation is the operator's
     app = await _keyed_tenant("vault", admin_engine, app_engine, vault, tmp_path, policy=APP_POLICY)
-    async with tenant_transaction(app_engine, app.id) as conn:
-        await app.service.data_key(conn, app.id)
+    (await app.keys(app_engine)).data_key()
     wrapped = (await _key_rows(admin_engine, app.id))["data"][0][2]
     with pytest.raises(KeyProviderPermissionError, match="rewrap"):
         await asyncio.to_thread(app.provider.rewrap, app.id, wrapped)
@@ -551,15 +578,16 @@ async def test_destroying_a_user_key_shreds_only_that_user(
     keyed: Keyed, app_engine: AsyncEngine, admin_engine: AsyncEngine
 ) -> None:
     tokens = await _write_users(keyed, app_engine, ["gil", "hal"])
-    async with tenant_transaction(app_engine, keyed.id) as conn:
-        assert await keyed.service.destroy_user_key(conn, keyed.id, "gil")
-        assert not await keyed.service.destroy_user_key(conn, keyed.id, "nobody")
+    async with tenant_transaction(app_engine, keyed.id) as tx:
+        assert await destroy_user_key(tx, "gil")
+        assert not await destroy_user_key(tx, "nobody")
     with pytest.raises(UserKeyMissingError, match="destroyed by erasure"):
         await _read_user(keyed, app_engine, "gil", tokens["gil"])
     assert (await _read_user(keyed, app_engine, "hal", tokens["hal"]))["name"] == "Name of hal"
     # the erased user signing up again gets a new key, which cannot open the old ciphertexts
-    async with tenant_transaction(app_engine, keyed.id) as conn:
-        key = await keyed.service.user_key(conn, keyed.id, "gil", create=True)
+    keys = await keyed.keys(app_engine)
+    async with tenant_transaction(app_engine, keyed.id) as tx:
+        key = await keys.user_key(tx, "gil", create=True)
         with pytest.raises(DecryptionError):
             key.decrypt(tokens["gil"]["email"], keyed.ctx("email", "gil"))
     # nothing but the wrapped key was needed: the data key and the provider are unchanged
@@ -576,8 +604,8 @@ async def test_application_role_cannot_change_stored_keys(keyed: Keyed, app_engi
     ]
     for statement in refused:
         with pytest.raises(DBAPIError, match="permission denied"):
-            async with tenant_transaction(app_engine, keyed.id) as conn:
-                await conn.execute(text(statement))
+            async with tenant_transaction(app_engine, keyed.id) as tx:
+                await tx.execute(text(statement))
 
 
 async def test_user_key_rows_are_bound_to_their_user(
@@ -672,8 +700,7 @@ async def test_keys_rotate_command(
     admin_engine: AsyncEngine, app_engine: AsyncEngine, vault: VaultTransitStandIn, tmp_path: Path, database: Database
 ) -> None:
     k = await _keyed_tenant("vault", admin_engine, app_engine, vault, tmp_path)
-    async with tenant_transaction(app_engine, k.id) as conn:
-        await k.service.data_key(conn, k.id)
+    (await k.keys(app_engine)).data_key()
     env = {
         "FIRSTMILE_DATABASE_URL": database.app_url,
         "FIRSTMILE_DATABASE_ADMIN_URL": database.admin_url,
@@ -682,8 +709,10 @@ async def test_keys_rotate_command(
     }
     get_settings.cache_clear()
     try:  # the command runs its own event loop: give it a thread
-        done = await asyncio.to_thread(CliRunner().invoke, rotate, ["--tenant", k.slug], env=env)
-        missing = await asyncio.to_thread(CliRunner().invoke, rotate, ["--tenant", "no-such-tenant"], env=env)
+        done = await asyncio.to_thread(CliRunner().invoke, main, ["keys", "rotate", "--tenant", k.slug], env=env)
+        missing = await asyncio.to_thread(
+            CliRunner().invoke, main, ["keys", "rotate", "--tenant", "no-such-tenant"], env=env
+        )
     finally:
         get_settings.cache_clear()
     assert done.exit_code == 0, done.output

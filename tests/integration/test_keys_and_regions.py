@@ -13,10 +13,10 @@ from litestar.testing import AsyncTestClient
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from firstmile.kit.auth import KeyResolver
+from firstmile.auth.resolver import KeyResolver
 from firstmile.kit.errors import ProblemError
 from firstmile.tenancy import keys as keylib
-from firstmile.tenancy.service import create_key, list_keys, revoke_key
+from firstmile.tenancy.cli import create_key, list_keys, revoke_key
 from tests.conftest import PEPPER, REGION, Database, TenantFixture, new_tenant
 from tests.factories import db_snapshot
 

@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from firstmile.analytics.chdb_store import ChdbStore
 from firstmile.app import create_app
-from firstmile.cli import tenants
+from firstmile.cli import main
 from firstmile.settings import get_settings
 from firstmile.sso.provisioning import (
     CLIENT_KIND_ATTRIBUTE,
@@ -315,7 +315,7 @@ async def test_cli_prints_a_machine_clients_secret_audits_the_read_and_prints_no
         expected = srv.admin.get_client_secrets(internal)["value"]
     finally:
         srv.admin.change_current_realm("master")
-    result = await asyncio.to_thread(CliRunner().invoke, tenants, ["client-secret", slug, "billing-sync"])
+    result = await asyncio.to_thread(CliRunner().invoke, main, ["tenants", "client-secret", slug, "billing-sync"])
     assert result.exit_code == 0 and result.output == f"{expected}\n"
     async with admin_engine.connect() as conn:
         rows = await conn.execute(
@@ -329,14 +329,16 @@ async def test_cli_prints_a_machine_clients_secret_audits_the_read_and_prints_no
     assert [target for target, _ in reads] == ["client:billing-sync"]
     assert expected not in reads[0][1]  # who read which client's secret, never the secret
 
-    missing = await asyncio.to_thread(CliRunner().invoke, tenants, ["client-secret", slug, "ghost"])
+    missing = await asyncio.to_thread(CliRunner().invoke, main, ["tenants", "client-secret", slug, "ghost"])
     assert missing.exit_code == 1 and "no machine client 'ghost'" in missing.output
-    admin_client = await asyncio.to_thread(CliRunner().invoke, tenants, ["client-secret", slug, provisioner.client_id])
+    admin_client = await asyncio.to_thread(
+        CliRunner().invoke, main, ["tenants", "client-secret", slug, provisioner.client_id]
+    )
     assert admin_client.exit_code == 1
     # a realm whose tenant has no row in this region: the read cannot be audited, so nothing is printed
     stray = _slug()
     realms.append(provisioner.realm_name(stray))
     await asyncio.to_thread(provisioner.apply, _manifest(stray, ("billing-sync", ["events:write"])))
-    withheld = await asyncio.to_thread(CliRunner().invoke, tenants, ["client-secret", stray, "billing-sync"])
+    withheld = await asyncio.to_thread(CliRunner().invoke, main, ["tenants", "client-secret", stray, "billing-sync"])
     assert withheld.exit_code == 1 and "cannot be audited" in withheld.output
     assert provisioner.client_secret(stray, "billing-sync") not in withheld.output

@@ -10,7 +10,9 @@ from litestar.testing import AsyncTestClient
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from firstmile.tenancy.service import TenancyError, apply_manifest, create_key
+from firstmile.controlplane.service import apply_manifest
+from firstmile.tenancy.cli import create_key
+from firstmile.tenancy.service import TenancyError
 from tests.conftest import PEPPER, REGION
 from tests.factories import db_snapshot, demo_document, manifest_for
 

@@ -19,9 +19,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from firstmile.analytics.chdb_store import ChdbStore
 from firstmile.app import create_app
+from firstmile.controlplane.service import apply_manifest
+from firstmile.kit.db import tenant_transaction
+from firstmile.kit.scope import OPERATOR_CLI
+from firstmile.kit.uow import UnitOfWork
 from firstmile.security.crypto import FieldContext
 from firstmile.security.datakeys import DataKeyService, UserKeyMissingError
-from firstmile.tenancy.service import apply_manifest, create_key
+from firstmile.tenancy.cli import create_key
 from tests.conftest import PEPPER, REGION, EventsDatabase, TenantFixture, make_settings
 from tests.factories import db_snapshot, demo_document, manifest_for
 from tests.support.vault_transit import VaultTransitStandIn
@@ -170,11 +174,12 @@ async def test_erasure_shreds_the_key_deletes_the_rows_and_is_audited(
         ).all()
     assert rows[-1][1] == "user.erased"
     identify = next(r for r in rows if r[1] == "identify")
-    keyring: DataKeyService = app.state.keyring
-    async with app_engine.connect() as conn, conn.begin():
-        await conn.execute(text("SELECT set_config('firstmile.tenant_id', :t, true)"), {"t": str(tenant.id)})
+    keyring: DataKeyService = app.state.container.keyring
+    scope = OPERATOR_CLI.tenant(tenant.id)
+    keys = await keyring.keys(UnitOfWork(app_engine, scope))
+    async with tenant_transaction(app_engine, scope) as tx:
         with pytest.raises(UserKeyMissingError):  # the copy in flight can never be read again
-            key = await keyring.user_key(conn, tenant.id, "ada")  # type: ignore[arg-type]
+            key = await keys.user_key(tx, "ada")
             key.decrypt(identify[2]["pii"], FieldContext(tenant.id, "events", "pii", str(identify[0])))
     assert (await client.get("/v1/users/ada/export", headers=tenant.headers)).status_code == 404
     assert (await client.get("/v1/onboarding/ada", headers=tenant.headers)).status_code == 404
@@ -267,7 +272,7 @@ async def test_erasure_reaches_analytics_through_the_event_stream(
 
     async def rows(user: str) -> int:
         found = await asyncio.to_thread(
-            analytics_store.query,
+            analytics_store.dangerous_raw_sql,
             "SELECT count() AS n FROM events WHERE tenant_id = {t:UUID} AND user_id = {u:String}",
             {"t": str(tenant.id), "u": user},
         )

@@ -19,7 +19,7 @@ from keycloak import KeycloakAdmin, KeycloakOpenIDConnection
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from firstmile.cli import tenants
+from firstmile.cli import main
 from firstmile.settings import get_settings
 from firstmile.sso.provisioning import (
     IDP_ALIAS,
@@ -250,7 +250,7 @@ def cli_env(database: Database, keycloak_url: str, monkeypatch: pytest.MonkeyPat
 
 
 def _invoke(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(tenants, list(args))
+    result = CliRunner().invoke(main, ["tenants", *args])
     if result.exception and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result.exit_code, result.output

@@ -19,8 +19,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from firstmile.analytics.chdb_store import ChdbStore
 from firstmile.app import create_app
-from firstmile.cli import tenants
-from firstmile.kit.auth import KeyResolver
+from firstmile.auth.resolver import KeyResolver
+from firstmile.cli import main
 from firstmile.settings import get_settings
 from firstmile.sso.tokens import RealmNaming
 from firstmile.tenancy import keys as keylib
@@ -98,7 +98,7 @@ def cli_env(database: Database, directory_url: str, monkeypatch: pytest.MonkeyPa
 
 
 def _invoke(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(tenants, list(args))
+    result = CliRunner().invoke(main, ["tenants", *args])
     if result.exception and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result.exit_code, result.output
@@ -172,7 +172,7 @@ async def test_a_token_of_a_tenant_homed_only_elsewhere_gets_421(
                 headers={"Authorization": f"Bearer {tokens[nowhere]}"},
             )
             assert unknown.status_code == 401 and unknown.json()["reason"] == "wrong_tenant"
-            resolver: KeyResolver = app.state.key_resolver
+            resolver: KeyResolver = app.state.container.key_resolver
             assert resolver.tokens is not None and resolver.tokens.jwks.fetches == 0
     finally:
         srv.admin.change_current_realm("master")

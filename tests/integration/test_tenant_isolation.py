@@ -9,10 +9,11 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from firstmile.kit.db import authorise_tenant, set_tenant, tenant_transaction
-from firstmile.kit.models import TENANT_OWNED_TABLES
+from firstmile.kit.db import TenantTx, bind_tenant, tenant_transaction
+from firstmile.kit.scope import OPERATOR_CLI
+from firstmile.wiring.schema import TENANT_OWNED_TABLES
 from tests.conftest import Database, TenantFixture
 from tests.factories import db_snapshot
 
@@ -29,9 +30,9 @@ async def _seed(client: Client, tenant: TenantFixture, user: str) -> None:
     ).status_code == 200
 
 
-async def _visible(conn: AsyncConnection, table: str) -> set[uuid.UUID]:
+async def _visible(tx: TenantTx, table: str) -> set[uuid.UUID]:
     column = "id" if table == "tenants" else "tenant_id"
-    return {r[0] for r in await conn.execute(text(f"SELECT DISTINCT {column} FROM {table}"))}
+    return {r[0] for r in await tx.execute(text(f"SELECT DISTINCT {column} FROM {table}"))}
 
 
 async def test_app_role_sees_only_its_tenant_in_every_table(
@@ -39,10 +40,10 @@ async def test_app_role_sees_only_its_tenant_in_every_table(
 ) -> None:
     await _seed(client, tenant, "mine")
     await _seed(client, other_tenant, "theirs")
-    async with tenant_transaction(app_engine, authorise_tenant(tenant.id)) as conn:
+    async with tenant_transaction(app_engine, OPERATOR_CLI.tenant(tenant.id)) as tx:
         for table in (*TENANT_OWNED_TABLES, "tenants"):
-            assert await _visible(conn, table) <= {tenant.id}, table
-        users = {r[0] for r in await conn.execute(text("SELECT user_id FROM end_users"))}
+            assert await _visible(tx, table) <= {tenant.id}, table
+        users = {r[0] for r in await tx.execute(text("SELECT user_id FROM end_users"))}
     assert users == {"mine"}
 
 
@@ -63,9 +64,9 @@ async def test_pooled_connection_does_not_carry_context(
     await _seed(client, tenant, "pooled")
     engine = create_async_engine(database.app_url, pool_size=1, max_overflow=0)
     try:
-        async with tenant_transaction(engine, authorise_tenant(tenant.id)) as conn:
-            assert (await conn.execute(text("SELECT count(*) FROM end_users"))).scalar_one() == 1
-            pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        async with tenant_transaction(engine, OPERATOR_CLI.tenant(tenant.id)) as tx:
+            assert (await tx.execute(text("SELECT count(*) FROM end_users"))).scalar_one() == 1
+            pid = (await tx.execute(text("SELECT pg_backend_pid()"))).scalar_one()
         async with engine.connect() as conn:  # same physical connection, next checkout
             assert (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one() == pid
             assert (await conn.execute(text("SELECT current_setting('firstmile.tenant_id', true)"))).scalar_one() in (
@@ -75,7 +76,7 @@ async def test_pooled_connection_does_not_carry_context(
             assert (await conn.execute(text("SELECT count(*) FROM end_users"))).scalar_one() == 0
         # a transaction that fails does not leak its context either
         with pytest.raises(RuntimeError):
-            async with tenant_transaction(engine, authorise_tenant(tenant.id)):
+            async with tenant_transaction(engine, OPERATOR_CLI.tenant(tenant.id)):
                 raise RuntimeError("boom")
         async with engine.connect() as conn:
             assert (await conn.execute(text("SELECT count(*) FROM user_progress"))).scalar_one() == 0
@@ -103,16 +104,16 @@ async def test_cannot_write_into_another_tenant(
     ]
     for sql, error in attacks:
         if error is None:
-            async with tenant_transaction(app_engine, authorise_tenant(tenant.id)) as conn:
-                await conn.execute(text(sql), {"other": other_tenant.id})
+            async with tenant_transaction(app_engine, OPERATOR_CLI.tenant(tenant.id)) as tx:
+                await tx.execute(text(sql), {"other": other_tenant.id})
             continue
         with pytest.raises(error, match="row-level security"):
-            async with tenant_transaction(app_engine, authorise_tenant(tenant.id)) as conn:
-                await conn.execute(text(sql), {"other": other_tenant.id})
-    async with tenant_transaction(app_engine, authorise_tenant(tenant.id)) as conn:
-        hit = await conn.execute(text("UPDATE user_progress SET status = 'hacked' WHERE user_id = 'victim'"))
+            async with tenant_transaction(app_engine, OPERATOR_CLI.tenant(tenant.id)) as tx:
+                await tx.execute(text(sql), {"other": other_tenant.id})
+    async with tenant_transaction(app_engine, OPERATOR_CLI.tenant(tenant.id)) as tx:
+        hit = await tx.execute(text("UPDATE user_progress SET status = 'hacked' WHERE user_id = 'victim'"))
         assert hit.rowcount == 0
-        gone = await conn.execute(text("DELETE FROM end_users WHERE user_id = 'victim'"))
+        gone = await tx.execute(text("DELETE FROM end_users WHERE user_id = 'victim'"))
         assert gone.rowcount == 0
     assert await db_snapshot(admin_engine, other_tenant.id) == before
 
@@ -122,8 +123,8 @@ async def test_moving_own_rows_to_another_tenant_is_refused(
 ) -> None:
     await _seed(client, tenant, "mover")
     with pytest.raises(DBAPIError, match="row-level security"):
-        async with tenant_transaction(app_engine, authorise_tenant(tenant.id)) as conn:
-            await conn.execute(text("UPDATE outbox SET tenant_id = :other"), {"other": other_tenant.id})
+        async with tenant_transaction(app_engine, OPERATOR_CLI.tenant(tenant.id)) as tx:
+            await tx.execute(text("UPDATE outbox SET tenant_id = :other"), {"other": other_tenant.id})
 
 
 async def test_app_role_cannot_escape(app_engine: AsyncEngine, tenant: TenantFixture) -> None:
@@ -149,7 +150,7 @@ async def test_app_role_cannot_escape(app_engine: AsyncEngine, tenant: TenantFix
     for statements, message in refused:
         with pytest.raises(DBAPIError, match=message):
             async with app_engine.begin() as conn:
-                await set_tenant(conn, authorise_tenant(tenant.id))
+                await bind_tenant(conn, OPERATOR_CLI.tenant(tenant.id))
                 for statement in statements:
                     await conn.execute(text(statement))
 
@@ -157,11 +158,11 @@ async def test_app_role_cannot_escape(app_engine: AsyncEngine, tenant: TenantFix
 async def test_key_resolver_is_the_only_door_to_other_tenants_keys(
     app_engine: AsyncEngine, tenant: TenantFixture, other_tenant: TenantFixture
 ) -> None:
-    async with tenant_transaction(app_engine, authorise_tenant(tenant.id)) as conn:
-        rows = (await conn.execute(text("SELECT tenant_id FROM api_keys"))).all()
+    async with tenant_transaction(app_engine, OPERATOR_CLI.tenant(tenant.id)) as tx:
+        rows = (await tx.execute(text("SELECT tenant_id FROM api_keys"))).all()
         assert {r[0] for r in rows} == {tenant.id}
         # the resolver takes a hash, never a tenant: nothing to enumerate with
-        none = (await conn.execute(text("SELECT count(*) FROM firstmile_resolve_api_key(''::bytea)"))).scalar_one()
+        none = (await tx.execute(text("SELECT count(*) FROM firstmile_resolve_api_key(''::bytea)"))).scalar_one()
         assert none == 0
 
 
@@ -214,21 +215,21 @@ async def test_failed_unit_of_work_leaves_nothing_and_the_connection_serves_on(
     engine = create_async_engine(database.app_url, pool_size=1, max_overflow=0)
     try:
         with pytest.raises(DBAPIError, match="duplicate key"):
-            async with tenant_transaction(engine, authorise_tenant(tenant.id)) as conn:
-                await conn.execute(
+            async with tenant_transaction(engine, OPERATOR_CLI.tenant(tenant.id)) as tx:
+                await tx.execute(
                     text("INSERT INTO end_users (tenant_id, user_id) VALUES (:t, 'ghost')"), {"t": tenant.id}
                 )
-                await conn.execute(
+                await tx.execute(
                     text("INSERT INTO end_users (tenant_id, user_id) VALUES (:t, 'ghost')"), {"t": tenant.id}
                 )
         with pytest.raises(RuntimeError):
-            async with tenant_transaction(engine, authorise_tenant(tenant.id)) as conn:
-                await conn.execute(
+            async with tenant_transaction(engine, OPERATOR_CLI.tenant(tenant.id)) as tx:
+                await tx.execute(
                     text("INSERT INTO end_users (tenant_id, user_id) VALUES (:t, 'ghost2')"), {"t": tenant.id}
                 )
                 raise RuntimeError("handler failed after writing")
-        async with tenant_transaction(engine, authorise_tenant(tenant.id)) as conn:
-            await conn.execute(text("INSERT INTO end_users (tenant_id, user_id) VALUES (:t, 'kept')"), {"t": tenant.id})
+        async with tenant_transaction(engine, OPERATOR_CLI.tenant(tenant.id)) as tx:
+            await tx.execute(text("INSERT INTO end_users (tenant_id, user_id) VALUES (:t, 'kept')"), {"t": tenant.id})
         async with admin_engine.connect() as conn:
             users = {
                 r[0]

@@ -7,10 +7,11 @@ from typing import Any
 
 import pytest
 
-from firstmile.kit.auth import KeyResolver, ResolvedTenant
+from firstmile.auth.resolver import KeyResolver
 from firstmile.kit.errors import ProblemError
 from firstmile.sso.tokens import RealmNaming, TokenValidator
 from firstmile.tenancy.directory import DirectoryEntry, TenantDirectory
+from firstmile.tenancy.service import ResolvedTenant
 from tests.support.keycloak import b64
 
 NAMING = RealmNaming("http://keycloak.test")
