@@ -23,6 +23,7 @@ from pathlib import Path
 
 import click
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from firstmile.admin.cli import AdminCommandDeps
@@ -95,6 +96,13 @@ class OperatorServices:
         try:
             async with engine.connect() as conn:
                 current = await at_head(conn)
+        except DBAPIError as exc:
+            if getattr(exc.orig, "sqlstate", None) == "42501":  # insufficient_privilege
+                raise click.ClickException(
+                    "this command runs as the schema owner: set FIRSTMILE_DATABASE_ADMIN_URL (the role that ran "
+                    "`firstmile migrate`); the application role of FIRSTMILE_DATABASE_URL may not"
+                ) from exc
+            raise click.ClickException(f"database: {type(exc).__name__}: {exc.orig}") from exc
         except Exception as exc:
             raise click.ClickException(f"database: cannot connect: {type(exc).__name__}: {exc}") from exc
         if current:
