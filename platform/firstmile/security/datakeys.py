@@ -345,7 +345,7 @@ class DataKeyService:
         self.max_uses = max_uses
         self._clock = clock
         self._data: dict[tuple[uuid.UUID, int], _Cached] = {}
-        self._index: dict[uuid.UUID, tuple[int, str, IndexKey]] = {}
+        self._index: dict[uuid.UUID, tuple[int, str, IndexKey, float]] = {}  # version, wrapped, key, expires
         self._sets: dict[uuid.UUID, TenantKeys] = {}
         self._locks: dict[uuid.UUID, asyncio.Lock] = {}
 
@@ -388,10 +388,13 @@ class DataKeyService:
         then a transaction of their own).
         """
         tenant = uow.tenant
-        known = self._sets.get(tenant)
-        if known is not None and all(self._fresh(entry) for entry in known._data.values()):
+        known = self._known(tenant)
+        if known is not None:
             return known  # nothing to read or unwrap: no round trip at all
         async with self._lock(tenant):  # one provider call per miss, however many requests wait
+            known = self._known(tenant)
+            if known is not None:
+                return known  # a request that held the lock before this one fetched them
             rows, provider = await uow.run(lambda tx: self._read(tx))
             if not any(r.purpose == "data" for r in rows):
                 await self._create_first(uow, provider)
@@ -422,6 +425,16 @@ class DataKeyService:
                 self._sets[tenant] = keys
             return keys
 
+    def _known(self, tenant: uuid.UUID) -> TenantKeys | None:
+        """The tenant's cached key set if every key in it (the index key included) is still fresh."""
+        known = self._sets.get(tenant)
+        if known is None or not all(self._fresh(entry) for entry in known._data.values()):
+            return None
+        index = self._index.get(tenant)
+        if known._index is not None and (index is None or index[3] <= self._clock()):
+            return None
+        return known
+
     async def run_with_keys(self, uow: UnitOfWork, work: Callable[[TenantTx, TenantKeys], Awaitable[T]]) -> T:
         """``work`` in one transaction of ``uow`` with the tenant's keys, fetched before it opens.
 
@@ -445,7 +458,7 @@ class DataKeyService:
 
     def _index_key(self, keys: TenantKeys, row: _WrappedRow) -> IndexKey:
         cached = self._index.get(keys.tenant)
-        if cached is not None and cached[0] == row.version and cached[1] == row.wrapped:
+        if cached is not None and cached[0] == row.version and cached[1] == row.wrapped and cached[3] > self._clock():
             return cached[2]
         tdk_version, sealed = _parse_index(row.wrapped)
         try:
@@ -454,7 +467,7 @@ class DataKeyService:
             raise KeyProviderError(f"index key of tenant {keys.tenant} does not unwrap: tampered or misplaced") from exc
         key = IndexKey(raw)
         if self.ttl_seconds > 0:
-            self._index[keys.tenant] = (row.version, row.wrapped, key)
+            self._index[keys.tenant] = (row.version, row.wrapped, key, self._clock() + self.ttl_seconds)
         return key
 
     async def _create_first(self, uow: UnitOfWork, provider: KeyProvider) -> None:
