@@ -137,8 +137,15 @@ async def test_the_document_admits_no_input_the_server_refuses(
     assert kind["pattern"]
 
 
-async def test_admin_pages_send_one_charset(client: Client) -> None:
-    for path in ("/admin/signin", "/admin/logged-out", "/admin/static/admin.css", "/admin/static/admin.js"):
+async def test_admin_pages_send_one_charset(client: Client, tenant: TenantFixture) -> None:
+    token = client.app.state.container.admin_auth.bootstrap_token(tenant.slug, "viewer")
+    for path in (
+        f"/admin/bootstrap?token={token}",  # it said "text/html; charset=utf-8; charset=utf-8"
+        "/admin/signin",
+        "/admin/logged-out",
+        "/admin/static/admin.css",
+        "/admin/static/admin.js",
+    ):
         response = await client.get(path)
         assert response.status_code == 200, path
         content_type = response.headers["content-type"]

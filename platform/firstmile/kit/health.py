@@ -34,15 +34,16 @@ class Readiness:
             raise ProblemError(
                 503, "service-unavailable", f"database: {type(exc).__name__}", checks={"database": "down"}
             ) from exc
+        tasks: dict[str, str] = {}
         if self.supervisor is not None:
             tasks = {name: state.summary() for name, state in self.supervisor.states().items()}
             failing = self.supervisor.failing()
-            if tasks:
-                checks["tasks"] = tasks
             if failing:
                 names = ", ".join(sorted(failing))
-                raise ProblemError(503, "service-unavailable", f"background task failing: {names}", checks=checks)
-        return {"status": "ok", "region": self.region, "checks": checks}
+                raise ProblemError(
+                    503, "service-unavailable", f"background task failing: {names}", checks=checks, tasks=tasks
+                )
+        return {"status": "ok", "region": self.region, "checks": checks, "tasks": tasks}
 
 
 class HealthController(Controller):
