@@ -27,11 +27,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from firstmile.analytics.chdb_store import ChdbStore
 from firstmile.app import create_app
-from firstmile.wiring.migrate import upgrade
-from firstmile.settings import Settings
-from firstmile.tenancy.manifest import TenantManifest
 from firstmile.controlplane.service import apply_manifest
+from firstmile.settings import Settings
 from firstmile.tenancy.cli import create_key
+from firstmile.tenancy.manifest import TenantManifest
+from firstmile.wiring.migrate import upgrade
 from tests.factories import ROOT, manifest_for, recreate_database
 
 REGION = "eu-west-1"

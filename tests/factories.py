@@ -12,8 +12,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from firstmile.wiring.schema import TENANT_OWNED_TABLES
 from firstmile.tenancy.manifest import TenantManifest
+from firstmile.wiring.schema import TENANT_OWNED_TABLES
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_MANIFEST = ROOT / "tenants" / "demo.yaml"
