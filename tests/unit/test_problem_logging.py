@@ -28,7 +28,7 @@ async def bad() -> None:
     raise RuntimeError("a bug")
 
 
-def test_every_internal_error_is_logged_with_itstraceback_of(caplog: pytest.LogCaptureFixture) -> None:
+def test_every_internal_error_is_logged_with_its_traceback(caplog: pytest.LogCaptureFixture) -> None:
     app = Litestar([broken, bad], exception_handlers=exception_handlers(), logging_config=None)
     with TestClient(app) as client, caplog.at_level(logging.ERROR, logger="firstmile.errors"):
         for path in ("/broken", "/bad"):
