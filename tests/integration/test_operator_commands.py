@@ -45,12 +45,17 @@ def test_several_embedded_workers_are_refused_before_anything_starts(environment
     assert not (Path(os.environ["FIRSTMILE_DATA_DIR"]) / "pg").exists()  # no embedded database was started
 
 
-def test_several_workers_are_fine_once_their_state_is_shared() -> None:
+def test_several_workers_are_fine_once_their_state_is_shared(capsys: pytest.CaptureFixture[str]) -> None:
     check_process_model(Settings(), 1)
     shared = Settings(redis_url="redis://127.0.0.1:6379/0", analytics_backend="clickhouse")  # type: ignore[call-arg]
     check_process_model(shared, 4)
     with pytest.raises(Exception, match="FIRSTMILE_ANALYTICS_BACKEND"):
         check_process_model(Settings(redis_url="redis://127.0.0.1:6379/0"), 2)  # type: ignore[call-arg]
+    assert capsys.readouterr().err == ""
+    # with an external database (a deployment serving only the API, a benchmark) it is a warning
+    external = Settings(database_url="postgresql+asyncpg://app@db/firstmile")  # type: ignore[call-arg]
+    check_process_model(external, 2)
+    assert capsys.readouterr().err.startswith("warning: 2 workers need FIRSTMILE_REDIS_URL")
 
 
 @pytest.fixture

@@ -49,11 +49,13 @@ def migrate() -> None:
 
 
 def check_process_model(settings: Settings, workers: int) -> None:
-    """Refuse a process model that would silently split state between workers.
+    """Refuse (embedded mode) or warn about (external database) workers that would silently split state.
 
     Without Redis, admin sessions and one-time login links live in each worker (a login made
     in one is unknown to the others, a link is redeemable once per worker); chdb opens its data
-    folder in one process only. Several workers need both moved out of the process.
+    folder in one process only. Several workers need both moved out of the process. The embedded
+    mode (``make run``) refuses; with an external database (a deployment that may serve only the
+    API, or a benchmark) the same is said as a warning.
     """
     if workers <= 1:
         return
@@ -62,10 +64,12 @@ def check_process_model(settings: Settings, workers: int) -> None:
         missing.append("FIRSTMILE_REDIS_URL (admin sessions and one-time login links are kept per worker without it)")
     if settings.analytics.backend == "chdb":
         missing.append("FIRSTMILE_ANALYTICS_BACKEND=clickhouse (chdb opens its data folder in one process only)")
-    if missing:
-        raise click.ClickException(
-            f"{workers} workers need " + " and ".join(missing) + "; run one worker (FIRSTMILE_WORKERS=1) or set them"
-        )
+    if not missing:
+        return
+    message = f"{workers} workers need " + " and ".join(missing) + "; run one worker (FIRSTMILE_WORKERS=1) or set them"
+    if settings.embedded:
+        raise click.ClickException(message)
+    click.echo(f"warning: {message}", err=True)
 
 
 def _export_for_workers(settings: Settings, urls: DatabaseUrls, pepper: bytes) -> None:
