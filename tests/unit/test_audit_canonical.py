@@ -208,8 +208,17 @@ def test_parts_agree_with_jcs_for_awkward_text() -> None:
 def test_known_answer_is_the_one_documented() -> None:
     tenant = uuid.UUID("9a0f1c2e-3b4d-4e5f-8a6b-7c8d9e0f1a2b")
     at = datetime(2026, 11, 27, 8, 15, 30, 123456, tzinfo=UTC)
-    payload = {"model": "planner-v3", "confidence": 0.87, "inputs": {"persona": "developer"}, "fallback": None}
-    canonical = canonical_entry(tenant, 0, "decision", "agent:planner", "user:u-1", payload, at)
+    payload = {  # the planner's decision as the platform writes it (docs/audit.md, "What is recorded")
+        "decision": "path_selection",
+        "inputs": {"traits": {"persona": "developer"}},
+        "output": {"path_id": "developer-quickstart", "path_version": 1},
+        "model": "path_classifier",
+        "model_version": "1.0.0",
+        "confidence": 0.87,
+        "selected_by": "model",
+        "fallback": None,
+    }
+    canonical = canonical_entry(tenant, 0, "decision", "path_planner", "u-1", payload, at)
     doc = (ROOT / "docs" / "audit.md").read_text(encoding="utf-8")
     assert canonical.decode() in doc
     assert f"entry_hash `{entry_hash(GENESIS, canonical).hex()}`" in doc
