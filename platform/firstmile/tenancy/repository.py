@@ -88,9 +88,10 @@ async def resolve_tenant(conn: AsyncConnection, slug: str) -> ResolvedTenant | N
     return None if row is None else ResolvedTenant(row[0], row[1], row[2], row[3])
 
 
-async def tenant_by_slug(conn: AsyncConnection, slug: str) -> TenantRow | None:
-    """The tenant of ``slug`` (the operator's lookup, before it knows the tenant; any tenant)."""
-    row = (await conn.execute(select(tenants).where(tenants.c.slug == slug))).mappings().first()
+async def tenant_by_slug(conn: AsyncConnection, slug: str, tenant_id: uuid.UUID | None = None) -> TenantRow | None:
+    """The tenant of ``slug`` (or of id ``tenant_id``): the operator's lookup, before it knows the tenant."""
+    where = tenants.c.slug == slug if tenant_id is None else (tenants.c.slug == slug) | (tenants.c.id == tenant_id)
+    row = (await conn.execute(select(tenants).where(where))).mappings().first()
     if row is None:
         return None
     return TenantRow(

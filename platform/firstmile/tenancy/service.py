@@ -33,6 +33,7 @@ __all__ = [
     "create_key",
     "create_tenant",
     "find_tenant",
+    "find_tenant_by_slug_or_id",
     "has_customer_idp",
     "keys_spec",
     "list_keys",
@@ -65,6 +66,15 @@ class CreatedKey:
 async def find_tenant(conn: AsyncConnection, slug: str) -> TenantRow | None:
     """The tenant of ``slug`` (operator commands, as the schema owner)."""
     return await repo.tenant_by_slug(conn, slug)
+
+
+async def find_tenant_by_slug_or_id(conn: AsyncConnection, name: str) -> TenantRow | None:
+    """The tenant named by slug or by id (``firstmile audit --tenant``)."""
+    try:
+        by_id: uuid.UUID | None = uuid.UUID(name)
+    except ValueError:
+        by_id = None
+    return await repo.tenant_by_slug(conn, name, by_id)
 
 
 async def resolve_key(conn: AsyncConnection, key_hash: bytes) -> ResolvedKey | None:

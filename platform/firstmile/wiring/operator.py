@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import timedelta
@@ -49,6 +48,7 @@ from firstmile.settings import Settings, get_settings
 from firstmile.sso.cli import SsoCommandDeps
 from firstmile.sso.events import KeycloakEventSync
 from firstmile.sso.provisioning import KeycloakProvisioner, ProvisioningError
+from firstmile.tenancy import service as tenancy
 from firstmile.tenancy.cli import KeyCommandDeps
 from firstmile.tenancy.directory import TenantDirectory
 from firstmile.wiring import adapters
@@ -141,17 +141,11 @@ class OperatorServices:
 
     async def operator_tenant(self, engine: AsyncEngine, name: str) -> TenantId:
         """A tenant named by slug or id (operator commands)."""
-        try:
-            by_id: uuid.UUID | None = uuid.UUID(name)
-        except ValueError:
-            by_id = None
         async with engine.connect() as conn:
-            row = (
-                await conn.execute(text("SELECT id FROM tenants WHERE slug = :s OR id = :i"), {"s": name, "i": by_id})
-            ).first()
-        if row is None:
+            found = await tenancy.find_tenant_by_slug_or_id(conn, name)
+        if found is None:
             raise click.ClickException(f"no tenant {name!r}")
-        return OPERATOR_CLI.tenant(uuid.UUID(str(row[0])))
+        return OPERATOR_CLI.tenant(found.id)
 
     def tenant_directory(self, engine: AsyncEngine) -> TenantDirectory:
         return adapters.tenant_directory(self.settings, engine)
