@@ -7,8 +7,11 @@ import base64
 import gzip
 import hashlib
 import hmac
+import os
 import secrets
 import socket
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -275,3 +278,46 @@ async def test_the_segment_webhook_accepts_signed_messages_only(
     invalid = await client.post(url, content=bad_message, headers={"X-Signature": signed})
     assert invalid.status_code == 400
     assert invalid.json()["rejected"][0]["field"] == "userId"
+
+
+async def test_the_webhook_secret_command_replaces_the_secret_and_audits_it(
+    database: Database, client: Client, events_tenant: TenantFixture, admin_engine: AsyncEngine
+) -> None:
+    old = await _set_secret(admin_engine, events_tenant.id)
+    env = os.environ | {
+        "FIRSTMILE_DATABASE_URL": database.app_url,
+        "FIRSTMILE_DATABASE_ADMIN_URL": database.admin_url,
+        "FIRSTMILE_API_KEY_PEPPER": PEPPER.decode(),
+    }
+    command = [sys.executable, "-m", "firstmile.cli", "webhooks", "secret", "--tenant"]
+
+    def secret_command(slug: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*command, slug], capture_output=True, text=True, env=env, timeout=60, check=False)
+
+    done = await asyncio.to_thread(secret_command, events_tenant.slug)
+    assert done.returncode == 0, done.stderr
+    new = done.stdout.strip()
+    assert new and new != old and new not in done.stderr
+    assert f"/v1/webhooks/segment/{events_tenant.slug}" in done.stderr
+    url = f"/v1/webhooks/segment/{events_tenant.slug}"
+    body = msgspec.json.encode(track("rotated", "SDK Installed"))
+    stale = await client.post(
+        url, content=body, headers={"X-Signature": hmac.new(old.encode(), body, "sha1").hexdigest()}
+    )
+    assert stale.status_code == 401
+    fresh = await client.post(
+        url, content=body, headers={"X-Signature": hmac.new(new.encode(), body, "sha1").hexdigest()}
+    )
+    assert fresh.status_code == 202, fresh.text
+    async with admin_engine.connect() as conn:
+        entries = (
+            await conn.execute(
+                text("SELECT actor, subject, payload::text FROM audit_entries WHERE tenant_id = :t AND kind = 'admin'"),
+                {"t": events_tenant.id},
+            )
+        ).all()
+    hooks = [e for e in entries if e[1] == "webhook:segment"]  # the others record the tenant and its key
+    assert [e[0] for e in hooks] == ["operator:cli"]
+    assert "webhooks.secret" in hooks[0][2] and new not in hooks[0][2]
+    unknown = await asyncio.to_thread(secret_command, "nobody-here")
+    assert unknown.returncode != 0 and "no tenant 'nobody-here'" in unknown.stderr

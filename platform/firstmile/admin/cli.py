@@ -20,7 +20,11 @@ class AdminCommandDeps(Protocol):
         ...
 
     def public_url(self) -> str:
-        """Where browsers reach this region: ``FIRSTMILE_PUBLIC_URL``, else the address and port it serves on."""
+        """Where browsers reach this region.
+
+        ``FIRSTMILE_PUBLIC_URL``, else the URL a running ``serve`` or ``dev`` recorded in ``<data_dir>/run/serving``,
+        else ``FIRSTMILE_HOST`` and ``FIRSTMILE_PORT``.
+        """
         ...
 
     def api_key_pepper(self) -> bytes:
@@ -46,8 +50,8 @@ def admin() -> None:
 def login_link_command(slug: str, role: str, minutes: int) -> None:
     """Print a one-time admin UI login link (only without Keycloak: with SSO, admins log in through it).
 
-    The link points at FIRSTMILE_PUBLIC_URL, else at FIRSTMILE_HOST and FIRSTMILE_PORT (what `firstmile serve`
-    listens on).
+    The link points at FIRSTMILE_PUBLIC_URL, else at the URL a running `firstmile serve` or `firstmile dev`
+    recorded in <data_dir>/run/serving, else at FIRSTMILE_HOST and FIRSTMILE_PORT.
     """
     deps: AdminCommandDeps = services()
     if deps.sso_configured:

@@ -14,6 +14,7 @@ import click
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from firstmile.audit import service as audit
 from firstmile.events.topics import StreamConfig, replay_dead_letters
 from firstmile.kit.cli import run, services
 from firstmile.kit.db import tenant_transaction
@@ -66,20 +67,24 @@ def webhooks() -> None:
 
 
 async def set_webhook_secret(engine: AsyncEngine, slug: str, secret: str) -> bool:
-    """Store ``secret`` as the tenant's Segment webhook secret; False when there is no such tenant."""
+    """Store ``secret`` as the tenant's Segment webhook secret; False when there is no such tenant.
+
+    The change is audited in the same transaction (``admin`` entry, action ``webhooks.secret``; never the secret).
+    """
     async with engine.connect() as conn:
         found = await tenancy.find_tenant(conn, slug)
     if found is None:
         return False
     async with tenant_transaction(engine, OPERATOR_CLI.tenant(found.id)) as tx:
         await tx.execute(_SET_SECRET, {"t": tx.tenant, "s": secret})
+        await audit.append(tx, "admin", OPERATOR_CLI.actor, "webhook:segment", {"action": "webhooks.secret"})
     return True
 
 
 @webhooks.command("secret")
 @click.option("--tenant", required=True, help="Tenant slug.")
 def webhooks_secret(tenant: str) -> None:
-    """Set a new shared secret for the tenant's Segment webhook and print it once."""
+    """Set a new shared secret for the tenant's Segment webhook and print it once (audited)."""
     deps: EventCommandDeps = services()
     secret = secrets_mod.token_urlsafe(32)
 
