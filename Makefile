@@ -152,4 +152,4 @@ clean: ## Remove the venv and all local state (embedded database included)
 	-$(KEYCLOAK) stop test; $(KEYCLOAK) stop dev
 	-$(RAY) stop test; $(RAY) stop bench; $(RAY) stop dev
 	-test -x $(BIN)/firstmile && $(BIN)/firstmile embedded stop
-	rm -rf $(VENV) .firstmile .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .firstmile .mypy_cache .ruff_cache .pytest_cache .import_linter_cache
