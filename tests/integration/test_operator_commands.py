@@ -70,10 +70,15 @@ def test_a_command_on_a_database_never_migrated_says_to_migrate(
     environment.setenv("FIRSTMILE_DATABASE_URL", empty_database)
     environment.setenv("FIRSTMILE_DATABASE_ADMIN_URL", empty_database)
     environment.setenv("FIRSTMILE_API_KEY_PEPPER", "p" * 32)
-    result = _run("keys", "create", "--tenant", "demo", "--scope", "onboarding:write")
-    assert result.exit_code == 1
-    assert "not migrated to this version of Firstmile: run `firstmile migrate`" in result.output
-    assert "Traceback" not in result.output and "relation" not in result.output
+    # commands on a slice's engine, and those that open their own from the schema owner's URL
+    for command in (
+        ("keys", "create", "--tenant", "demo", "--scope", "onboarding:write"),
+        ("keys", "rotate", "--tenant", "demo"),
+    ):
+        result = _run(*command)
+        assert result.exit_code == 1, command
+        assert "not migrated to this version of Firstmile: run `firstmile migrate`" in result.output
+        assert "Traceback" not in result.output and "relation" not in result.output
 
 
 def test_login_links_point_where_the_server_listens(environment: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ from firstmile.audit.signing import AuditSigner, SigningKeyError
 from firstmile.controlplane.cli import TenantCommandDeps
 from firstmile.events.cli import EventCommandDeps
 from firstmile.events.topics import StreamConfig
+from firstmile.kit.cli import run
 from firstmile.kit.db import create_engine
 from firstmile.kit.scope import OPERATOR_CLI, TenantId
 from firstmile.ml.cli import ModelCommandDeps
@@ -83,6 +84,14 @@ class OperatorServices:
             raise click.ClickException(f"database: {exc}") from exc
 
     def operator_database_url(self) -> str:
+        """The schema owner's URL, for commands that open their own engine; the schema is checked first."""
+
+        async def check() -> None:
+            async with self.operator_engine():
+                pass
+
+        if not self._migrated:
+            run(check())
         return self.database_urls.admin
 
     def migrate(self) -> None:
