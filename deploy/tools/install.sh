@@ -166,6 +166,32 @@ build_python() {
   "$d/venv/bin/hadolint" --version >/dev/null
 }
 
+module_dir() {
+  go mod download -json "$1" | "$(path_of python)/python" -c 'import json, sys; print(json.load(sys.stdin)["Dir"])'
+}
+
+# kubeconform's schemas: Kubernetes' from kubernetes-validate (kubernetes/, see k8s_schemas.py) and the CRDs'
+# converted from the CRD YAML of the operators' Go modules (crds/); the CRD YAML is kept too (crd-yaml/),
+# the dry-run apiserver gets it applied.
+build_schemas() {
+  local d=$1 py kuberay promop kc
+  install_one python
+  py="$(path_of python)/python"
+  "$py" "$here/k8s_schemas.py" "$d/kubernetes" | cut -d' ' -f1 >"$d/kubernetes-version"
+  kuberay=$(module_dir "github.com/ray-project/kuberay/ray-operator@$KUBERAY_VERSION")
+  promop=$(module_dir "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION")
+  kc=$(module_dir "github.com/yannh/kubeconform@$KUBECONFORM_VERSION")
+  mkdir -p "$d/crd-yaml/kuberay" "$d/crd-yaml/prometheus-operator" "$d/crds"
+  cp "$kuberay"/config/crd/bases/*.yaml "$d/crd-yaml/kuberay/"
+  cp "$promop"/example/prometheus-operator-crd/*.yaml "$d/crd-yaml/prometheus-operator/"
+  cp "$kc/scripts/openapi2jsonschema.py" "$d/openapi2jsonschema.py"
+  chmod -R u+w "$d"
+  # DENY_ROOT_ADDITIONAL_PROPERTIES: a misspelt top-level field (`spc:`) fails like it does for built-in kinds.
+  (cd "$d/crds" && DENY_ROOT_ADDITIONAL_PROPERTIES=1 FILENAME_FORMAT='{fullgroup}-{kind}_{version}' \
+    "$py" "$d/openapi2jsonschema.py" "$d"/crd-yaml/*/*.yaml >/dev/null)
+  [ -f "$d/crds/ray.io-rayservice_v1.json" ] && [ -f "$d/crds/monitoring.coreos.com-prometheusrule_v1.json" ]
+}
+
 # One build step under the tool's lock: skipped when installed, timed when built.
 install_one() {
   local tool=$1 d; d=$(dir_of "$tool")
@@ -183,7 +209,8 @@ install_one() {
     rm -rf "$d" && mkdir -p "$d"
     log "$tool $(version_of "$tool"): building into $d"
     local start=$SECONDS
-    "build_${tool//-/_}" "$d"
+    # `go: downloading` lines are the module cache filling up, not news.
+    "build_${tool//-/_}" "$d" 2>&1 | { grep -v '^go: downloading ' || true; } >&2
     local took=$((SECONDS - start))
     echo "$took" >"$d/.build-seconds"
     touch "$d/.installed"
