@@ -21,6 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
+from dotenv import dotenv_values
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -128,6 +129,29 @@ class ServerSettings(_Section):
         default=64 * 1024,
         ge=1024,
         description="Largest request body the onboarding API accepts.",
+    )
+    in_process_schedulers: bool = Field(
+        validation_alias="in_process_schedulers",
+        default=True,
+        description=(
+            "Whether `serve` and `dev` also run the periodic tasks (stuck scan, audit checkpointer, Keycloak "
+            "event sync). Kubernetes sets false on the API pods and runs them in `firstmile scheduler`."
+        ),
+    )
+    probe_host: str = Field(
+        validation_alias="probe_host",
+        default="127.0.0.1",
+        description="Bind address of the probe server of `relay`, `consume` and `scheduler`.",
+    )
+    probe_port: int = Field(
+        validation_alias="probe_port",
+        default=0,
+        ge=0,
+        le=65535,
+        description=(
+            "Port of the probe server of `relay`, `consume` and `scheduler` (/health/live, /health/ready, "
+            "/metrics); 0: none."
+        ),
     )
 
 
@@ -588,6 +612,42 @@ class _FlatEnvironment(PydanticBaseSettingsSource):
         return found
 
 
+ENV_FILE_VARIABLE = ENV_PREFIX + "ENV_FILE"
+"""Names a dotenv file (``KEY=value`` lines) read after the environment: how a Vault Agent hands over secrets."""
+
+
+class _EnvFile(PydanticBaseSettingsSource):
+    """``FIRSTMILE_*`` lines of the file named by ``FIRSTMILE_ENV_FILE``; the process environment wins over it.
+
+    A file that is named but missing or unreadable is an error: the process must not start without
+    the secrets it was promised (Kubernetes restarts it until the Vault Agent has written them).
+    """
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # everything is read in __call__
+
+    def __call__(self) -> dict[str, Any]:
+        path = os.environ.get(ENV_FILE_VARIABLE)
+        if not path:
+            return {}
+        try:
+            with open(path, encoding="utf-8") as handle:
+                values = dotenv_values(stream=handle)
+        except OSError as exc:
+            raise ValueError(f"{ENV_FILE_VARIABLE}={path}: cannot read it: {exc.strerror or exc}") from exc
+        found: dict[str, Any] = {}
+        top = {ENV_PREFIX + name.upper(): name for name in ("region", "data_dir")}
+        for key, value in values.items():
+            if value is None:
+                continue
+            name = key.upper()
+            if name in top:
+                found[top[name]] = value
+            elif name.startswith(ENV_PREFIX) and name[len(ENV_PREFIX) :].lower() in FLAT_NAMES:
+                found[name[len(ENV_PREFIX) :].lower()] = value
+        return found
+
+
 class Settings(BaseSettings):
     """Every setting of the platform; documented in ``docs/configuration.md``."""
 
@@ -627,8 +687,8 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # keyword arguments win over the environment; flat names fill the sections
-        return init_settings, _FlatEnvironment(settings_cls), env_settings
+        # keyword arguments win over the environment, which wins over FIRSTMILE_ENV_FILE; flat names fill the sections
+        return init_settings, _FlatEnvironment(settings_cls), env_settings, _EnvFile(settings_cls)
 
     @model_validator(mode="before")
     @classmethod
@@ -667,6 +727,7 @@ def environment_names() -> Iterator[str]:
     """Every ``FIRSTMILE_*`` name the settings read."""
     yield ENV_PREFIX + "REGION"
     yield ENV_PREFIX + "DATA_DIR"
+    yield ENV_FILE_VARIABLE
     for flat in FLAT_NAMES:
         yield ENV_PREFIX + flat.upper()
 

@@ -20,6 +20,7 @@ from confluent_kafka import Consumer as KafkaConsumer
 from confluent_kafka import Producer
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
+from prometheus_client import REGISTRY
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -419,3 +420,38 @@ async def test_dead_letters_can_be_listed_and_replayed_once(stack: Stack) -> Non
     assert len(after) == before + len(replayed)  # every letter is back on the events topic, once
     # The cause is not fixed, so the analytics consumer dead-letters it again: a new letter,
     # which the next replay would pick up; this one stopped at the letters it started with.
+
+
+async def test_the_relay_reports_how_long_the_oldest_unpublished_event_has_waited(
+    events_database: EventsDatabase,
+) -> None:
+    """The freshness SLO's gauge: the age of the oldest row not yet published, by when it was written
+    (not the event's own timestamp, which a client may send hours old), and 0 once the outbox is empty."""
+    admin = create_async_engine(events_database.admin_url, pool_size=2)
+    slug = f"t-{secrets.token_hex(5)}"
+    tenant_id = (await apply_manifest(admin, manifest_for(slug, REGION))).tenant_id
+    async with admin.begin() as conn:
+        await conn.execute(text("DELETE FROM outbox"))  # this database belongs to the relay tests
+        for waited, occurred in ((90, 86_400), (10, 0)):
+            await conn.execute(
+                text(
+                    "INSERT INTO outbox (event_id, tenant_id, event_type, partition_key, payload, occurred_at,"
+                    " enqueued_at) VALUES (:e, :t, 'track', :k, '{}'::jsonb, now() - make_interval(secs => :o),"
+                    " now() - make_interval(secs => :w))"
+                ),
+                {"e": uuid.uuid4(), "t": tenant_id, "k": f"{tenant_id}:u", "o": occurred, "w": waited},
+            )
+    publisher = _FlakyPublisher(ack=10)
+    relay = OutboxRelay(events_database.relay_url, publisher)
+    gauge = "firstmile_relay_lag_seconds"
+    try:
+        assert await relay.measure_backlog() == 2
+        lag = REGISTRY.get_sample_value(gauge)
+        assert lag is not None and 90 <= lag < 120  # the oldest write, not the day-old event time
+        assert REGISTRY.get_sample_value("firstmile_relay_backlog") == 2
+        assert await relay.run_once() == 2
+        assert await relay.measure_backlog() == 0
+        assert REGISTRY.get_sample_value(gauge) == 0
+    finally:
+        await relay._close_conn()
+        await admin.dispose()

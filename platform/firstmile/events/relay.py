@@ -32,7 +32,10 @@ _FETCH_AFTER = (
     " FROM outbox WHERE id > $1 ORDER BY id LIMIT $2"
 )
 _DELETE = "DELETE FROM outbox WHERE id = ANY($1::bigint[])"
-_BACKLOG = "SELECT count(*) FROM outbox"
+_BACKLOG = (
+    "SELECT count(*), coalesce(extract(epoch FROM now() - (SELECT enqueued_at FROM outbox ORDER BY id LIMIT 1)), 0)"
+    " FROM outbox"
+)
 HEAD_EVERY = 16
 """While batches are full the next one is prefetched past the current one; every HEAD_EVERY
 batches the relay reads from the head again, so a row committed late with a lower id waits
@@ -144,10 +147,13 @@ class OutboxRelay:
         return moved
 
     async def measure_backlog(self) -> int:
-        """Rows waiting in the outbox (the ``firstmile_relay_backlog`` gauge)."""
+        """Rows waiting in the outbox and the age of the oldest (``firstmile_relay_backlog``, ``…_lag_seconds``)."""
         conn = await self._connect()
-        backlog = int(await conn.fetchval(_BACKLOG))
+        row = await conn.fetchrow(_BACKLOG)
+        assert row is not None
+        backlog = int(row[0])
         telemetry.RELAY_BACKLOG.set(backlog)
+        telemetry.RELAY_LAG.set(max(0.0, float(row[1])))
         return backlog
 
     async def prune_receipts(self) -> int:
@@ -171,10 +177,11 @@ class OutboxRelay:
                 if not await self.acquire_leadership(stop):
                     break
                 while not stop.is_set():
-                    moved = await self.run_once()
+                    # measured before publishing, so the gauges keep moving while the bus is down
                     if time.monotonic() - self._last_backlog > 5.0:
                         self._last_backlog = time.monotonic()
                         await self.measure_backlog()
+                    moved = await self.run_once()
                     if time.monotonic() - self._last_prune > self.prune_interval:
                         self._last_prune = time.monotonic()
                         await self.prune_receipts()

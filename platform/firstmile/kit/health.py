@@ -16,24 +16,30 @@ from firstmile.kit.telemetry import metrics_payload
 
 
 class Readiness:
-    """Whether this process can serve: the database answers and no background task keeps failing."""
+    """Whether this process can serve: the database answers and no background task keeps failing.
 
-    def __init__(self, engine: AsyncEngine, region: str, supervisor: Supervisor | None = None) -> None:
+    A worker without a pool of its own (the outbox relay holds one connection, a consumer of
+    analytics none) passes no engine: its readiness is that of its supervised tasks.
+    """
+
+    def __init__(self, engine: AsyncEngine | None, region: str, supervisor: Supervisor | None = None) -> None:
         self.engine = engine
         self.region = region
         self.supervisor = supervisor
 
     async def check(self) -> dict[str, Any]:
         """The readiness document; a 503 problem naming what is down otherwise."""
-        checks: dict[str, Any] = {"database": "ok"}
-        try:
-            async with asyncio.timeout(2.0):
-                async with self.engine.connect() as conn:
-                    await conn.execute(text("SELECT 1"))
-        except Exception as exc:
-            raise ProblemError(
-                503, "service-unavailable", f"database: {type(exc).__name__}", checks={"database": "down"}
-            ) from exc
+        checks: dict[str, Any] = {}
+        if self.engine is not None:
+            try:
+                async with asyncio.timeout(2.0):
+                    async with self.engine.connect() as conn:
+                        await conn.execute(text("SELECT 1"))
+            except Exception as exc:
+                raise ProblemError(
+                    503, "service-unavailable", f"database: {type(exc).__name__}", checks={"database": "down"}
+                ) from exc
+            checks["database"] = "ok"
         tasks: dict[str, str] = {}
         if self.supervisor is not None:
             tasks = {name: state.summary() for name, state in self.supervisor.states().items()}

@@ -45,6 +45,8 @@ outbox = Table(
     Column("payload", JSONB, nullable=False),
     Column("occurred_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("published_at", DateTime(timezone=True), nullable=True),
+    # when the row was written (occurred_at is the event's own time): the relay's freshness gauge
+    Column("enqueued_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     UniqueConstraint("tenant_id", "event_id"),
     Index("ix_outbox_unpublished", "id", postgresql_where=text("published_at IS NULL")),
     Index("ix_outbox_tenant_id_occurred_at", "tenant_id", "occurred_at"),

@@ -56,6 +56,11 @@ RELAY_PUBLISHED = Counter("firstmile_relay_published_total", "Outbox rows acknow
 RELAY_BACKLOG = Gauge(
     "firstmile_relay_backlog", "Outbox rows seen unpublished at the last relay poll.", multiprocess_mode="max"
 )
+RELAY_LAG = Gauge(
+    "firstmile_relay_lag_seconds",
+    "Age of the oldest outbox row not yet published at the last relay poll (0: none); the freshness SLO's measure.",
+    multiprocess_mode="max",
+)
 CONSUMED = Counter(
     "firstmile_events_consumed_total", "Events handled by a consumer, by consumer and outcome.", ["consumer", "outcome"]
 )

@@ -1,4 +1,6 @@
-"""The process-level commands: ``serve``, ``dev`` (``make run``), ``migrate``, ``relay``, ``consume``, ``embedded``.
+"""The process-level commands: ``serve``, ``dev`` (``make run``), ``migrate``, the workers, ``embedded``.
+
+The workers are ``relay``, ``consume`` and ``scheduler`` (:mod:`firstmile.wiring.workers`).
 
 They start or prepare whole processes, so they live with the wiring; every other command
 belongs to its slice's group and only reaches the platform through :class:`OperatorServices`.
@@ -31,7 +33,7 @@ from firstmile.tenancy.manifest import load_manifest
 from firstmile.wiring import adapters
 from firstmile.wiring.embedded import DatabaseUrls, stop_embedded
 from firstmile.wiring.operator import OperatorServices, record_served_url
-from firstmile.wiring.workers import CONSUMER_NAMES, run_consumers, run_relay
+from firstmile.wiring.workers import CONSUMER_NAMES, run_consumers, run_relay, run_scheduler
 
 DEMO_SCOPES = ["onboarding:write", "events:write", "analytics:read", "users:admin", "audit:read"]
 
@@ -258,4 +260,23 @@ def consume(names: tuple[str, ...]) -> None:
         raise click.ClickException(str(exc)) from exc
 
 
-__all__ = ["check_process_model", "consume", "dev", "embedded", "migrate", "relay", "serve"]
+@click.command()
+def scheduler() -> None:
+    """Run the periodic tasks (stuck scan, audit checkpointer, Keycloak event sync) without the API.
+
+    For deployments whose API processes set FIRSTMILE_IN_PROCESS_SCHEDULERS=false (the Helm chart).
+    More than one may run. Serves /health/live, /health/ready and /metrics on FIRSTMILE_PROBE_PORT.
+    """
+    ops = _services()
+    settings = ops.settings
+    telemetry.configure_logging(
+        settings.telemetry.log_level, settings.telemetry.log_format, filters=[RedactingFilter()]
+    )
+    try:
+        run(run_scheduler(settings, ops.database_urls.app, ops.api_key_pepper()))
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo("scheduler stopped", err=True)
+
+
+__all__ = ["check_process_model", "consume", "dev", "embedded", "migrate", "relay", "scheduler", "serve"]

@@ -68,6 +68,8 @@ class Overrides:
     analytics: AnalyticsStore | None = None
     inference: tuple[GuardedInference, StageReader] | None = None
     relay_database_url: str | None = None
+    schedulers: bool | None = None
+    """Run the periodic tasks here (None: as FIRSTMILE_IN_PROCESS_SCHEDULERS says; `firstmile scheduler`: True)."""
 
 
 class Container:
@@ -166,6 +168,25 @@ class Container:
     def _background(self) -> None:
         settings = self.settings
         supervisor = self.supervisor
+        self.event_sync: KeycloakEventSync | None = None
+        schedulers = self.overrides.schedulers
+        if schedulers if schedulers is not None else settings.server.in_process_schedulers:
+            self._periodic()
+        self.relay: OutboxRelay | None = None
+        if self.overrides.relay_database_url is not None and settings.events.kafka_bootstrap_servers is None:
+            # embedded mode: this process relays the outbox to the consumers itself
+            self.relay = OutboxRelay(
+                self.overrides.relay_database_url,
+                InProcessPublisher(self.consumers(), settings.data_dir / "dead-letters"),
+                batch_size=settings.events.relay_batch_size,
+                dedupe_window=timedelta(days=settings.events.dedupe_days),
+            )
+            supervisor.forever("outbox-relay", self.relay.run, probe=self.relay.health)
+
+    def _periodic(self) -> None:
+        """The periodic tasks: in ``serve``/``dev`` (one process), or in ``firstmile scheduler`` (Kubernetes)."""
+        settings = self.settings
+        supervisor = self.supervisor
         if settings.stuck.scan_interval_seconds > 0:
             scanner = StuckScanner(
                 self.engine,
@@ -177,7 +198,7 @@ class Container:
             )
             supervisor.every("stuck-scan", settings.stuck.scan_interval_seconds, scanner.run_once)
         # Logins Keycloak refused (bad SAML responses, wrong passwords) reach the tenants' audit logs.
-        self.event_sync: KeycloakEventSync | None = (
+        self.event_sync = (
             adapters.keycloak_event_sync(settings, self.engine) if settings.sso.event_sync_seconds > 0 else None
         )
         if self.event_sync is not None:
@@ -190,16 +211,6 @@ class Container:
             every_seconds=settings.audit.checkpoint_every_seconds,
         )
         supervisor.every("audit-checkpointer", checkpointer.poll_seconds, checkpointer.run_once)
-        self.relay: OutboxRelay | None = None
-        if self.overrides.relay_database_url is not None and settings.events.kafka_bootstrap_servers is None:
-            # embedded mode: this process relays the outbox to the consumers itself
-            self.relay = OutboxRelay(
-                self.overrides.relay_database_url,
-                InProcessPublisher(self.consumers(), settings.data_dir / "dead-letters"),
-                batch_size=settings.events.relay_batch_size,
-                dedupe_window=timedelta(days=settings.events.dedupe_days),
-            )
-            supervisor.forever("outbox-relay", self.relay.run, probe=self.relay.health)
 
     def consumers(self) -> list[Consumer]:
         """The event consumers of the slices: analytics sink, progress auto-completion, online features."""

@@ -1,9 +1,12 @@
-"""The long-running event processes: ``firstmile relay`` and ``firstmile consume``.
+"""The worker processes: ``firstmile relay``, ``firstmile consume`` and ``firstmile scheduler``.
 
 Wiring, because a consumer process assembles consumers of several slices (the analytics
-sink, progress auto-completion, online features) around the events slice's Kafka runner.
-Both stop cleanly on SIGTERM or SIGINT: the relay after its current batch, a consumer
-before committing a batch it has not finished (so it is redelivered).
+sink, progress auto-completion, online features) around the events slice's Kafka runner,
+and the scheduler runs the periodic tasks of several slices. All stop cleanly on SIGTERM or
+SIGINT: the relay after its current batch, a consumer before committing a batch it has not
+finished (so it is redelivered), the scheduler after the runs in progress. Each serves
+``/health/live``, ``/health/ready`` and ``/metrics`` when ``FIRSTMILE_PROBE_PORT`` is set
+(:mod:`firstmile.wiring.probe`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from firstmile.events.kafka import KafkaConsumerRunner, KafkaPublisher
 from firstmile.events.relay import OutboxRelay
 from firstmile.events.topics import StreamConfig, ensure_region_topics, stop_on_signals
 from firstmile.kit.db import create_engine
+from firstmile.kit.health import Readiness
+from firstmile.kit.supervisor import Supervisor
 from firstmile.ml.consumer import FeatureHook
 from firstmile.ml.feature_stores import FeatureStoreSink
 from firstmile.ml.features import FeatureStore
@@ -30,6 +35,8 @@ from firstmile.onboarding.consumer import AutoCompletion
 from firstmile.onboarding.service import OnboardingService
 from firstmile.settings import Settings
 from firstmile.wiring import adapters
+from firstmile.wiring.container import Container, Overrides
+from firstmile.wiring.probe import probe_server
 
 log = logging.getLogger("firstmile.events")
 CONSUMER_NAMES: tuple[str, ...] = ("analytics", "progress", "features")
@@ -48,7 +55,11 @@ def stream_config(settings: Settings) -> StreamConfig:
 
 
 async def run_relay(settings: Settings, relay_url: str, stop: asyncio.Event | None = None) -> int:
-    """Relay the outbox to Kafka until stopped; returns the number of rows published."""
+    """Relay the outbox to Kafka until stopped; returns the number of rows published.
+
+    The relay runs supervised, so readiness (the probe server, when configured) reports a relay
+    that keeps failing to reach PostgreSQL or Kafka; a standby waiting for the lock is ready.
+    """
     stop = stop or asyncio.Event()
     stop_on_signals(stop)
     config = stream_config(settings)
@@ -60,8 +71,13 @@ async def run_relay(settings: Settings, relay_url: str, stop: asyncio.Event | No
         batch_size=settings.events.relay_batch_size,
         dedupe_window=timedelta(days=settings.events.dedupe_days),
     )
+    supervisor = Supervisor()
+    supervisor.forever("outbox-relay", relay.run, probe=relay.health)
     try:
-        await relay.run(stop)
+        async with probe_server(settings.server, Readiness(None, settings.region, supervisor)):
+            supervisor.start()
+            await stop.wait()
+            await supervisor.stop()
     finally:
         await publisher.close()
     return relay.published
@@ -96,8 +112,11 @@ async def run_consumers(settings: Settings, database_url: str, names: Sequence[s
         for h in handlers
     ]
     log.info("consumers running", extra={"fields": {"consumers": list(names), "topic": topic}})
+    # A consumer that fails ends the process (Kubernetes restarts it, the group rebalances, and the
+    # uncommitted batch is redelivered); readiness is the database's, when a consumer has a pool.
     try:
-        await asyncio.gather(*(r.run(stop) for r in runners))
+        async with probe_server(settings.server, Readiness(engine, settings.region)):
+            await asyncio.gather(*(r.run(stop) for r in runners))
     finally:
         if engine is not None:
             await engine.dispose()
@@ -105,3 +124,26 @@ async def run_consumers(settings: Settings, database_url: str, names: Sequence[s
             await asyncio.to_thread(store.close)
         if features is not None:
             await features.close()
+
+
+async def run_scheduler(
+    settings: Settings, database_url: str, pepper: bytes, stop: asyncio.Event | None = None
+) -> None:
+    """Run the periodic tasks (stuck scan, audit checkpointer, Keycloak event sync) until stopped.
+
+    The same tasks, built by the same container, as ``serve`` runs in-process when
+    ``FIRSTMILE_IN_PROCESS_SCHEDULERS`` is true; here without the API. Several schedulers may
+    run: the checkpointer takes a per-tenant advisory lock, the stuck scan writes a flag only
+    if the user is still where it found them, and the event sync copies each event once.
+    """
+    stop = stop or asyncio.Event()
+    stop_on_signals(stop)
+    container = Container(settings, database_url, pepper, Overrides(schedulers=True))
+    await container.start()
+    try:
+        tasks = sorted(container.supervisor.states())
+        log.info("scheduler running", extra={"fields": {"tasks": tasks}})
+        async with probe_server(settings.server, container.readiness):
+            await stop.wait()
+    finally:
+        await container.stop()
