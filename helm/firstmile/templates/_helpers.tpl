@@ -185,8 +185,13 @@ vault.hashicorp.com/namespace: {{ . | quote }}
 {{- end }}
 vault.hashicorp.com/agent-inject-secret-firstmile.env: {{ $v.secretPath | quote }}
 vault.hashicorp.com/agent-inject-perms-firstmile.env: "0400"
-{{- /* Vault Agent templates (Consul Template syntax), built as strings so Helm leaves them alone. */}}
-{{- $dotenv := printf "{{ with secret %q }}{{ range $k, $v := %s }}{{ $k }}={{ $v }}\n{{ end }}{{ end }}" $v.secretPath $data }}
+{{- /*
+Vault Agent templates (Consul Template syntax), built as strings so Helm leaves them alone. Each field
+becomes KEY='value': inside single quotes FIRSTMILE_ENV_FILE's dotenv parser takes spaces, `#` and
+newlines literally; a backslash and a single quote are escaped for it.
+*/}}
+{{- $dotenv := printf `{{ with secret "%s" }}{{ range $k, $v := %s }}{{ $k }}='{{ printf "%%v" $v | replaceAll "\\" "\\\\" | replaceAll "'" "\\'" }}'
+{{ end }}{{ end }}` $v.secretPath $data }}
 vault.hashicorp.com/agent-inject-template-firstmile.env: {{ $dotenv | quote }}
 {{- range $file, $path := $v.files }}
 vault.hashicorp.com/agent-inject-secret-{{ $file }}: {{ $path | quote }}
