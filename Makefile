@@ -153,3 +153,19 @@ clean: ## Remove the venv and all local state (embedded database included)
 	-$(RAY) stop test; $(RAY) stop bench; $(RAY) stop dev
 	-test -x $(BIN)/firstmile && $(BIN)/firstmile embedded stop
 	rm -rf $(VENV) .firstmile .mypy_cache .ruff_cache .pytest_cache .import_linter_cache
+
+# ---- Offline deployment checks (deploy/tools/README.md); tools build once into $(FIRSTMILE_TOOLS) ----
+# Not in `make help` (no "## "): test_readme wants every help target named in the README.
+.PHONY: tools deploy-check deploy-check-images deploy-check-helm deploy-check-rules deploy-check-terraform deploy-check-selftest
+
+# Build/install helm, helm-unittest, kubeconform, kube-score, promtool, etcd, kube-apiserver, kubectl, the
+# Python tools and the schemas (idempotent; cold about 25 minutes on 2 cores, silent when warm)
+tools:
+	@deploy/tools/install.sh all
+
+# Every deployment check: images, helm, rules, terraform and the harness's self-test
+deploy-check: tools
+	@deploy/tools/check.sh all
+
+deploy-check-images deploy-check-helm deploy-check-rules deploy-check-terraform deploy-check-selftest: tools
+	@deploy/tools/check.sh $(@:deploy-check-%=%)

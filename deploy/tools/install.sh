@@ -115,14 +115,14 @@ build_promtool() {
 build_helm_unittest() {
   local d=$1
   install_one helm
-  mkdir -p "$d/plugin" "$d/plugins"
-  go_build_wrapper helm-unittest "$d/plugin/untt" github.com/helm-unittest/helm-unittest/cmd/helm-unittest \
+  mkdir -p "$d/unittest" "$d/plugins"
+  go_build_wrapper helm-unittest "$d/unittest/untt" github.com/helm-unittest/helm-unittest/cmd/helm-unittest \
     "-s -w -X github.com/helm-unittest/helm-unittest/internal/build.version=${HELM_UNITTEST_VERSION#v}"
   printf '%s\n' 'name: "unittest"' "version: \"${HELM_UNITTEST_VERSION#v}\"" \
     'usage: "unittest for helm charts"' \
     'description: "helm-unittest built from source by deploy/tools/install.sh (no install hook)."' \
-    'ignoreFlags: false' 'command: "$HELM_PLUGIN_DIR/untt"' >"$d/plugin/plugin.yaml"
-  (eval "$(print_env)" && export HELM_PLUGINS="$d/plugins" && "$(path_of helm)" plugin install "$d/plugin" >/dev/null)
+    'ignoreFlags: false' 'command: "$HELM_PLUGIN_DIR/untt"' >"$d/unittest/plugin.yaml"
+  (eval "$(print_env)" && export HELM_PLUGINS="$d/plugins" && "$(path_of helm)" plugin install "$d/unittest" >/dev/null)
   (eval "$(print_env)" && export HELM_PLUGINS="$d/plugins" && "$(path_of helm)" unittest --help >/dev/null)
 }
 
@@ -251,14 +251,16 @@ main() {
     path) [ $# -eq 2 ] || die "usage: $0 path TOOL"; path_of "$2"; return ;;
     env) print_env; return ;;
     list) list_tools; return ;;
-    all) set -- "${ALL_TOOLS[@]}" ;;
   esac
-  local t
-  for t in "$@"; do version_of "$t" >/dev/null; done
+  local tools=() t
   for t in "$@"; do
+    if [ "$t" = all ]; then tools+=("${ALL_TOOLS[@]}"); else tools+=("$t"); fi
+  done
+  for t in "${tools[@]}"; do version_of "$t" >/dev/null; done
+  for t in "${tools[@]}"; do
     case "$t" in python | schemas) ;; *) require_go ;; esac
     install_one "$t"
   done
 }
 
-main "$@"
+main "$@"; exit $?

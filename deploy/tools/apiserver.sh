@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# A throwaway Kubernetes API server (etcd + kube-apiserver, no controllers, no nodes) on 127.0.0.1, for
+# `kubectl apply --dry-run=server`: admission, defaulting and the server's own validation of the chart.
+#   deploy/tools/apiserver.sh start        start it (idempotent) and wait until /readyz is ok
+#   deploy/tools/apiserver.sh stop         stop it and remove its state
+#   deploy/tools/apiserver.sh url          its https URL
+#   deploy/tools/apiserver.sh kubeconfig   the path of a kubeconfig for it (static admin token)
+#   deploy/tools/apiserver.sh status       exit 0 when it is up and ready
+# State (certificates, etcd data, logs, kubeconfig) lives in $FIRSTMILE_APISERVER_STATE
+# (default ${TMPDIR:-/tmp}/firstmile-apiserver-$UID). Both processes run under `timeout`: they stop by
+# themselves after $FIRSTMILE_APISERVER_TTL seconds (default 1800) even if nobody calls stop.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+STATE=${FIRSTMILE_APISERVER_STATE:-${TMPDIR:-/tmp}/firstmile-apiserver-$(id -u)}
+TTL=${FIRSTMILE_APISERVER_TTL:-1800}
+READY_TIMEOUT=${FIRSTMILE_APISERVER_READY_TIMEOUT:-180}
+
+log() { printf '[apiserver] %s\n' "$*" >&2; }
+die() { printf '[apiserver] ERROR: %s\n' "$*" >&2; exit 1; }
+
+alive() { [ -f "$STATE/$1.pid" ] && kill -0 "$(cat "$STATE/$1.pid")" 2>/dev/null; }
+
+url() { echo "https://127.0.0.1:$(cat "$STATE/apiserver.port")"; }
+
+ready() {
+  [ -f "$STATE/apiserver.port" ] && alive apiserver && alive etcd &&
+    curl -sf --max-time 5 --cacert "$STATE/pki/ca.crt" -H "Authorization: Bearer $(cat "$STATE/token")" \
+      "$(url)/readyz" >/dev/null 2>&1
+}
+
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+make_pki() {
+  local pki=$STATE/pki
+  mkdir -p "$pki"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=firstmile-check-ca" \
+    -keyout "$pki/ca.key" -out "$pki/ca.crt" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver" \
+    -keyout "$pki/apiserver.key" -out "$pki/apiserver.csr" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,IP:10.96.0.1\n' \
+    >"$pki/apiserver.ext"
+  openssl x509 -req -in "$pki/apiserver.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
+    -days 2 -extfile "$pki/apiserver.ext" -out "$pki/apiserver.crt" 2>/dev/null
+  # The service-account token signer; nothing here uses tokens it issues, but the server requires one.
+  openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
+  openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
+  openssl rand -hex 24 >"$STATE/token"
+  printf '%s,firstmile-check,firstmile-check,system:masters\n' "$(cat "$STATE/token")" >"$pki/tokens.csv"
+  chmod 600 "$pki"/*.key "$pki/tokens.csv" "$STATE/token"
+}
+
+write_kubeconfig() {
+  cat >"$STATE/kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: firstmile-check
+  cluster:
+    server: $(url)
+    certificate-authority: $STATE/pki/ca.crt
+users:
+- name: firstmile-check
+  user:
+    token: $(cat "$STATE/token")
+contexts:
+- name: firstmile-check
+  context: {cluster: firstmile-check, user: firstmile-check}
+current-context: firstmile-check
+EOF
+  chmod 600 "$STATE/kubeconfig"
+}
+
+stop_processes() {
+  local p
+  for p in apiserver etcd; do
+    if alive "$p"; then kill "$(cat "$STATE/$p.pid")" 2>/dev/null || true; fi
+  done
+  for p in apiserver etcd; do
+    local i
+    for i in $(seq 1 50); do alive "$p" || break; sleep 0.2; done
+    if alive "$p"; then kill -9 "$(cat "$STATE/$p.pid")" 2>/dev/null || true; fi
+  done
+}
+
+start() {
+  if ready; then return 0; fi
+  stop_processes
+  rm -rf "$STATE" && mkdir -p "$STATE" && chmod 700 "$STATE"
+  local etcd apiserver
+  "$here/install.sh" etcd kube-apiserver
+  etcd=$("$here/install.sh" path etcd)
+  apiserver=$("$here/install.sh" path kube-apiserver)
+  make_pki
+  local etcd_port peer_port api_port
+  etcd_port=$(free_port) peer_port=$(free_port) api_port=$(free_port)
+  echo "$api_port" >"$STATE/apiserver.port"
+
+  # Plain HTTP between the two is fine: both listen on loopback only and live for minutes.
+  # --unsafe-no-fsync: the data is thrown away, durability only costs time.
+  setsid timeout "$TTL" "$etcd" --name check --data-dir "$STATE/etcd" \
+    --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+    --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
+    --initial-cluster "check=http://127.0.0.1:$peer_port" --listen-metrics-urls "" \
+    --unsafe-no-fsync --log-level warn >"$STATE/etcd.log" 2>&1 </dev/null &
+  echo $! >"$STATE/etcd.pid"
+
+  local pki=$STATE/pki
+  setsid timeout "$TTL" "$apiserver" \
+    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
+    --etcd-servers "http://127.0.0.1:$etcd_port" \
+    --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
+    --client-ca-file "$pki/ca.crt" --token-auth-file "$pki/tokens.csv" --authorization-mode RBAC \
+    --service-account-issuer https://kubernetes.default.svc.cluster.local \
+    --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
+    --service-cluster-ip-range 10.96.0.0/16 --cert-dir "$pki" --profiling=false \
+    >"$STATE/apiserver.log" 2>&1 </dev/null &
+  echo $! >"$STATE/apiserver.pid"
+  write_kubeconfig
+
+  local waited=0
+  until ready; do
+    if ! alive etcd; then tail -20 "$STATE/etcd.log" >&2; die "etcd exited (log: $STATE/etcd.log)"; fi
+    if ! alive apiserver; then tail -20 "$STATE/apiserver.log" >&2; die "kube-apiserver exited (log: $STATE/apiserver.log)"; fi
+    if [ "$waited" -ge "$READY_TIMEOUT" ]; then
+      tail -20 "$STATE/apiserver.log" >&2
+      stop_processes
+      die "kube-apiserver not ready after ${READY_TIMEOUT}s (log: $STATE/apiserver.log)"
+    fi
+    sleep 1
+    waited=$((waited + 1))
+  done
+  log "ready at $(url) after ${waited}s (stops by itself within ${TTL}s; kubeconfig $STATE/kubeconfig)"
+}
+
+stop() {
+  [ -d "$STATE" ] || return 0
+  stop_processes
+  rm -rf "$STATE"
+}
+
+cmd=${1:-}
+mkdir -p "$(dirname "$STATE")"
+case "$cmd" in
+  start | stop)
+    # One start or stop at a time: two checks starting together share one server.
+    exec 8>"$STATE.lock"
+    flock 8
+    "$cmd"
+    ;;
+  url) ready || die "not running: $0 start"; url ;;
+  kubeconfig) ready || die "not running: $0 start"; echo "$STATE/kubeconfig" ;;
+  status) ready ;;
+  *) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+esac
