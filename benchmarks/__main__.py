@@ -263,5 +263,23 @@ def bench_admin(duration: int, connections: int, rounds: int, output: Path | Non
         output.write_text(report, encoding="utf-8")
 
 
+@main.command("cost")
+@click.option("--prices", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None)
+@click.option("--usage", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None)
+@click.option("--write", is_flag=True, help="Also replace the generated part of docs/cost.md.")
+@click.option("--check", is_flag=True, help="Fail when docs/cost.md's generated part differs from the tables.")
+def bench_cost(prices: Path | None, usage: Path | None, write: bool, check: bool) -> None:
+    """Cost per user, per 1k events and per 1k inferences from deploy/cost/*.yaml (docs/cost.md); measures nothing."""
+    from benchmarks.cost import DOC, PRICES, USAGE, CostModelError, generated_part, run_cost
+
+    try:
+        text = run_cost(prices or PRICES, usage or USAGE, DOC, write=write)
+        if check and generated_part(DOC.read_text(encoding="utf-8")) != text:
+            raise CostModelError("docs/cost.md differs from deploy/cost/*.yaml: run `make cost` and commit the page")
+    except CostModelError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(text, nl=False)
+
+
 if __name__ == "__main__":
     main(prog_name="python -m benchmarks")
