@@ -84,14 +84,30 @@ annotations:
 {{- end -}}
 
 {{/*
-Annotations of a workload object: the common ones, and kube-score's pull-policy check switched off with
-its reason unless the policy is Always. Call with (dict "ctx" $ "pullPolicy" .Values.image.pullPolicy).
+Annotations of a workload object: the common ones, and the checks of kube-score and checkov that the
+chart's choices fail on purpose, each switched off with its reason only when that choice is in force.
+Call with (dict "ctx" $ "image" .Values.image).
 */}}
 {{- define "firstmile.workloadAnnotations" -}}
-{{- $annotations := deepCopy (.ctx.Values.commonAnnotations | default dict) -}}
-{{- if ne .pullPolicy "Always" -}}
+{{- $ctx := .ctx -}}
+{{- $annotations := deepCopy ($ctx.Values.commonAnnotations | default dict) -}}
+{{- $skips := list -}}
+{{- if ne .image.pullPolicy "Always" -}}
 {{- $_ := set $annotations "kube-score/ignore" "container-image-pull-policy" -}}
 {{- $_ := set $annotations "firstmile.io/kube-score-ignore-reason" "Images are pinned by an immutable tag or digest (ECR tag immutability): pulling again gains nothing and would make every pod start depend on the registry. Set image.pullPolicy: Always to check pull credentials on each start." -}}
+{{- $skips = append $skips "CKV_K8S_15=image.pullPolicy IfNotPresent: tags are immutable (see firstmile.io/kube-score-ignore-reason)" -}}
+{{- end -}}
+{{- if not .image.digest -}}
+{{- $skips = append $skips "CKV_K8S_43=image.digest is empty: the image is pinned by its immutable release tag; set image.digest to pin the digest" -}}
+{{- end -}}
+{{- if $ctx.Values.secrets.existingSecret -}}
+{{- $skips = append $skips "CKV_K8S_35=The platform reads its settings from FIRSTMILE_* variables; with vault.enabled they come from a file (FIRSTMILE_ENV_FILE) instead" -}}
+{{- end -}}
+{{- if $ctx.Values.vault.enabled -}}
+{{- $skips = append $skips "CKV_K8S_38=The Vault Agent init container logs in to Vault with the pod's service account token (Kubernetes auth)" -}}
+{{- end -}}
+{{- range $i, $skip := $skips -}}
+{{- $_ := set $annotations (printf "checkov.io/skip%d" (add1 $i)) $skip -}}
 {{- end -}}
 {{- with $annotations }}
 annotations:
@@ -383,7 +399,7 @@ metadata:
   namespace: {{ $ctx.Release.Namespace }}
   labels:
     {{- include "firstmile.componentLabels" $sel | nindent 4 }}
-  {{- include "firstmile.workloadAnnotations" (dict "ctx" $ctx "pullPolicy" $ctx.Values.image.pullPolicy) | nindent 2 }}
+  {{- include "firstmile.workloadAnnotations" (dict "ctx" $ctx "image" $ctx.Values.image) | nindent 2 }}
 spec:
   {{- if not (kindIs "invalid" .replicas) }}
   replicas: {{ .replicas }}
