@@ -124,13 +124,16 @@ The values of a component by its name (consumer -> .Values.consumers).
 {{- end -}}
 
 {{/*
-Service account of a component: (dict "ctx" $ "component" "api").
+Service account of a component: (dict "ctx" $ "component" "api"): <fullname>-api, -relay, -consumers,
+-scheduler, -inference, -migrations.
 */}}
 {{- define "firstmile.serviceAccountName" -}}
 {{- $values := fromYaml (include "firstmile.componentValues" .) -}}
 {{- $sa := $values.serviceAccount -}}
 {{- if $sa.create -}}
-{{- default (printf "%s-%s" (include "firstmile.fullname" .ctx) .component) $sa.name -}}
+{{- /* The names the Terraform region module's IRSA roles trust by default (var.service_accounts). */ -}}
+{{- $suffix := ternary "consumers" .component (eq .component "consumer") -}}
+{{- default (printf "%s-%s" (include "firstmile.fullname" .ctx) $suffix) $sa.name -}}
 {{- else -}}
 {{- default "default" $sa.name -}}
 {{- end -}}
