@@ -242,7 +242,7 @@ which come through envFrom).
 */}}
 {{- define "firstmile.env" -}}
 - name: FIRSTMILE_SERVICE_NAME
-  value: {{ printf "firstmile-%s" .component | quote }}
+  value: {{ (.group | empty | ternary (printf "firstmile-%s" .component) (printf "firstmile-%s-%s" .component .group)) | quote }}
 - name: FIRSTMILE_DATA_DIR
   value: /tmp/firstmile
 - name: HOME
