@@ -1,6 +1,7 @@
-# The Firstmile API/worker image: `pip install .` without the `inference` extra (no torch), run as
-# UID/GID 10001 on a read-only root filesystem. One image for every platform workload; the command
-# picks the role (serve, relay, consume, scheduler, migrate). Built by `make images` (deploy/docker/README.md).
+# The Firstmile API/worker image: the firstmile wheel with pyproject's dependencies, without the
+# `inference` extra (no torch), run as UID/GID 10001 on a read-only root filesystem. One image for
+# every platform workload; the command picks the role (serve, relay, consume, scheduler, migrate).
+# Built by `make images` (deploy/docker/README.md).
 #
 #   docker build -f deploy/docker/api.Dockerfile -t firstmile-api:0.1.0 .                      # local base
 #   docker build -f deploy/docker/api.Dockerfile \
