@@ -36,10 +36,11 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote, urlparse
 
-import torch
+if TYPE_CHECKING:  # torch only to register weights: the API image reads stages without it
+    import torch
 
 STAGES: Final = ("shadow", "canary", "production")
 SUPPORTED_SCHEMES: Final = ("file",)
@@ -200,6 +201,8 @@ class Registry:
         if isinstance(weights, bytes | bytearray):
             blob = bytes(weights)
         else:
+            import torch
+
             buffer = io.BytesIO()
             torch.save({k: v.detach().cpu() for k, v in weights.items()}, buffer)
             blob = buffer.getvalue()

@@ -214,3 +214,32 @@ def test_uris(tmp_path: Path) -> None:
             Registry(bad)
     with pytest.raises(ValueError, match="local path"):
         Registry("file://otherhost/models")
+
+
+_WITHOUT_TORCH = """
+import sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError("No module named 'torch'", name="torch")
+sys.meta_path.insert(0, NoTorch())
+from firstmile_inference.registry import Registry
+registry = Registry(sys.argv[1])
+print(registry.stages("stuck_detector").production, registry.resolve("stuck_detector", "production").version)
+"""
+
+
+def test_the_stages_are_readable_where_torch_is_not_installed(registry: Registry) -> None:
+    """The API image has no torch (it calls Ray Serve); it still reads which versions are staged."""
+    import subprocess
+    import sys
+
+    version = _register(registry)
+    registry.promote("stuck_detector", version, "shadow")
+    registry.promote("stuck_detector", version, "canary")
+    registry.promote("stuck_detector", version, "production")
+    done = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TORCH, str(registry.root)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [version, version]
