@@ -26,7 +26,7 @@ from pathlib import Path
 RUN = re.compile(r'^run "(?P<name>[^"]+)" \{\n(?P<body>.*?)^\}\n', re.M | re.S)
 EXPECT = re.compile(r"^\s*expect_failures\s*=\s*\[var\.(?P<var>[a-z0-9_]+)\]\s*\n", re.M)
 HINT = re.compile(r"^\s*# fails with: (?P<hint>.+?)\s*$", re.M)
-MESSAGE = re.compile(r'error_message\s*=\s*"(?P<text>(?:[^"\\]|\\.)*)"')
+MESSAGE_START = re.compile(r'error_message\s*=\s*"')
 FILE = re.compile(r"^(?P<file>\S+)\.tftest\.hcl\.\.\. in progress$", re.M)
 RESULT = re.compile(r'^\s*run "(?P<name>[^"]+)"\.\.\. (?P<status>pass|fail|skip)', re.M)
 
@@ -35,22 +35,62 @@ def fold(text: str) -> str:
     return " ".join(text.split())
 
 
-def declared_messages(directory: Path, variable: str) -> list[str]:
-    """The error messages of every validation block of `variable "<variable>"` in directory."""
+def template(source: str, start: int) -> tuple[list[str], int]:
+    """The parts of the HCL quoted template that opens at source[start - 1], and its end.
+
+    Literal parts are unescaped strings; an interpolation `${...}` (which may hold quoted strings
+    and braces of its own) is None, standing for whatever it evaluates to.
+    """
+    parts: list[str] = [""]
+    i = start
+    while source[i] != '"':
+        if source.startswith("${", i):
+            depth, i, quoted = 1, i + 2, False
+            while depth:
+                c = source[i]
+                if quoted:
+                    quoted = c != '"' or source[i - 1] == "\\"
+                elif c == '"':
+                    quoted = True
+                elif c == "{":
+                    depth += 1
+                elif c == "}":
+                    depth -= 1
+                i += 1
+            parts += [None, ""]  # type: ignore[list-item]
+        elif source[i] == "\\":
+            parts[-1] += bytes(source[i: i + 2], "utf-8").decode("unicode_escape")
+            i += 2
+        else:
+            parts[-1] += source[i]
+            i += 1
+    return parts, i + 1
+
+
+def pattern(parts: list[str]) -> re.Pattern[str]:
+    """A regex matching the message, interpolations matching any text, whitespace folded."""
+    return re.compile("".join(".+?" if p is None else re.escape(fold(p)) for p in parts))
+
+
+def declared_messages(directory: Path, variable: str) -> list[tuple[str, re.Pattern[str]]]:
+    """(source text, pattern) of the error message of each validation of `variable "<variable>"`."""
     source = "\n".join(p.read_text() for p in sorted(directory.glob("*.tf")))
     start = re.search(rf'^variable "{variable}" \{{', source, re.M)
     if start is None:
         raise SystemExit(f"{directory}: no variable {variable!r}")
-    end = re.search(r'^(variable|output|resource|data|module|locals) ', source[start.end():], re.M)
+    end = re.search(r'^(variable|output|resource|data|module|locals|provider) ', source[start.end():], re.M)
     block = source[start.end(): start.end() + end.start()] if end else source[start.end():]
-    messages = [bytes(m["text"], "utf-8").decode("unicode_escape") for m in MESSAGE.finditer(block)]
+    messages = []
+    for m in MESSAGE_START.finditer(block):
+        parts, stop = template(block, m.end())
+        messages.append((fold(block[m.end(): stop - 1]), pattern(parts)))
     if not messages:
         raise SystemExit(f"{directory}: variable {variable!r} declares no validation")
-    return [fold(m) for m in messages]
+    return messages
 
 
 def check(directory: Path) -> bool:
-    cases: dict[str, list[str]] = {}  # run name -> the one message it must show
+    cases: dict[str, tuple[str, re.Pattern[str]]] = {}  # run name -> the message it must show
     scratch = Path(tempfile.mkdtemp(prefix=".bad-input-", dir=directory))
     try:
         for test_file in sorted((directory / "tests").glob("*.tftest.hcl")):
@@ -64,13 +104,13 @@ def check(directory: Path) -> bool:
                 messages = declared_messages(directory, expect["var"])
                 hint = HINT.search(run["body"])
                 if hint is not None:
-                    messages = [m for m in messages if fold(hint["hint"]) in m]
+                    messages = [m for m in messages if fold(hint["hint"]) in m[0]]
                 if len(messages) != 1:
                     raise SystemExit(
                         f'{directory}: run "{run["name"]}" must name, with "# fails with: <words>", exactly one '
                         f'of the messages of var.{expect["var"]}; it matches {len(messages)}'
                     )
-                cases[run["name"]] = messages
+                cases[run["name"]] = messages[0]
                 body = EXPECT.sub("", run["body"])
                 (scratch / f'{run["name"]}.tftest.hcl').write_text(f'{header}run "{run["name"]}" {{\n{body}}}\n')
         if not cases:
@@ -89,7 +129,7 @@ def check(directory: Path) -> bool:
     # Each case is a file of its own; its run's status and diagnostics come before the next file.
     files = list(FILE.finditer(output))
     ok = True
-    for name, messages in cases.items():
+    for name, (message, expected) in cases.items():
         starts = [f for f in files if Path(f["file"]).name == name]
         if len(starts) != 1:
             print(f"FAIL  {directory} {name}: no output for it:\n{output}")
@@ -101,10 +141,10 @@ def check(directory: Path) -> bool:
         if status is None or status["status"] != "fail":
             print(f"FAIL  {directory} {name}: expected the run to fail, got {status['status'] if status else 'no result'}")
             ok = False
-        elif messages[0] in fold(section):
-            print(f"ok    {directory} {name}: {messages[0]}")
+        elif expected.search(fold(section)):
+            print(f"ok    {directory} {name}: {expected.search(fold(section)).group(0)}")
         else:
-            print(f"FAIL  {directory} {name}: {messages[0]!r} not in:\n{section}")
+            print(f"FAIL  {directory} {name}: the message {message!r} is not in:\n{section}")
             ok = False
     return ok
 

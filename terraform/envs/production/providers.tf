@@ -9,7 +9,7 @@
 ################################################################################
 
 locals {
-  # Keep in step with the aliases below and the blocks in regions.tf.
+  # Keep in step with the aliases below and the blocks in regions.tf (and their line in main.tf).
   supported_regions = ["us-east-1", "us-west-2", "eu-west-1", "eu-central-1"]
 
   default_tags = merge(var.tags, {

@@ -66,8 +66,8 @@ variable "regions" {
   }
 
   validation {
-    condition     = alltrue([for r in keys(var.regions) : contains(["us-east-1", "us-west-2", "eu-west-1", "eu-central-1"], r)])
-    error_message = "regions has a key that is not a region this environment has a provider for: use us-east-1, us-west-2, eu-west-1 or eu-central-1, or add the region's provider and module block first (README.md, \"Adding a region\")."
+    condition     = alltrue([for r in keys(var.regions) : contains(local.supported_regions, r)])
+    error_message = "regions has a key that is not a region this environment has a provider for (${join(", ", local.supported_regions)}): add the region's provider and module block first (README.md, \"Adding a region\")."
   }
 
   validation {
