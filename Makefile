@@ -167,7 +167,8 @@ tools:
 deploy-check: tools
 	@deploy/tools/check.sh all
 
-deploy-check-images deploy-check-helm deploy-check-rules deploy-check-terraform deploy-check-selftest: tools
+# Each part alone; check.sh installs only the tools that part runs
+deploy-check-images deploy-check-helm deploy-check-rules deploy-check-terraform deploy-check-selftest:
 	@deploy/tools/check.sh $(@:deploy-check-%=%)
 
 # ---- The cost model (docs/cost.md): deploy/cost/prices.yaml and usage.yaml, priced by benchmarks/cost.py ----

@@ -73,15 +73,17 @@ EOF
   chmod 600 "$STATE/kubeconfig"
 }
 
+# Each server runs in its own session (setsid), whose id is the recorded pid: killing the group takes
+# `timeout` and the server together. SIGKILL, no graceful shutdown: the state is thrown away anyway, and
+# a kube-apiserver told to stop waits on its storage for a long while.
 stop_processes() {
   local p
   for p in apiserver etcd; do
-    if alive "$p"; then kill "$(cat "$STATE/$p.pid")" 2>/dev/null || true; fi
+    if alive "$p"; then kill -KILL -- "-$(cat "$STATE/$p.pid")" 2>/dev/null || true; fi
   done
   for p in apiserver etcd; do
     local i
-    for i in $(seq 1 50); do alive "$p" || break; sleep 0.2; done
-    if alive "$p"; then kill -9 "$(cat "$STATE/$p.pid")" 2>/dev/null || true; fi
+    for i in $(seq 1 50); do alive "$p" || break; sleep 0.1; done
   done
 }
 
@@ -100,15 +102,18 @@ start() {
 
   # Plain HTTP between the two is fine: both listen on loopback only and live for minutes.
   # --unsafe-no-fsync: the data is thrown away, durability only costs time.
-  setsid timeout "$TTL" "$etcd" --name check --data-dir "$STATE/etcd" \
+  # 8>&-: the servers must not inherit the start/stop lock, or they would hold it for their lifetime.
+  setsid timeout --kill-after 20 "$TTL" "$etcd" --name check --data-dir "$STATE/etcd" \
     --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
     --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
     --initial-cluster "check=http://127.0.0.1:$peer_port" --listen-metrics-urls "" \
-    --unsafe-no-fsync --log-level warn >"$STATE/etcd.log" 2>&1 </dev/null &
+    --unsafe-no-fsync --log-level warn >"$STATE/etcd.log" 2>&1 </dev/null 8>&- &
   echo $! >"$STATE/etcd.pid"
 
   local pki=$STATE/pki
-  setsid timeout "$TTL" "$apiserver" \
+  # --endpoint-reconciler-type none: the reconciler refuses a loopback advertise address, and only keeps
+  # the in-cluster `kubernetes` Service's endpoints, which nothing here uses.
+  setsid timeout --kill-after 20 "$TTL" "$apiserver" \
     --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
     --etcd-servers "http://127.0.0.1:$etcd_port" \
     --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
@@ -116,18 +121,21 @@ start() {
     --service-account-issuer https://kubernetes.default.svc.cluster.local \
     --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
     --service-cluster-ip-range 10.96.0.0/16 --cert-dir "$pki" --profiling=false \
-    >"$STATE/apiserver.log" 2>&1 </dev/null &
+    --endpoint-reconciler-type none \
+    >"$STATE/apiserver.log" 2>&1 </dev/null 8>&- &
   echo $! >"$STATE/apiserver.pid"
   write_kubeconfig
 
-  local waited=0
+  local waited=0 failed=
   until ready; do
-    if ! alive etcd; then tail -20 "$STATE/etcd.log" >&2; die "etcd exited (log: $STATE/etcd.log)"; fi
-    if ! alive apiserver; then tail -20 "$STATE/apiserver.log" >&2; die "kube-apiserver exited (log: $STATE/apiserver.log)"; fi
-    if [ "$waited" -ge "$READY_TIMEOUT" ]; then
-      tail -20 "$STATE/apiserver.log" >&2
+    if ! alive etcd; then failed="etcd exited (log: $STATE/etcd.log)"; fi
+    if ! alive apiserver; then failed="kube-apiserver exited (log: $STATE/apiserver.log)"; fi
+    if [ "$waited" -ge "$READY_TIMEOUT" ]; then failed="kube-apiserver not ready after ${READY_TIMEOUT}s"; fi
+    if [ -n "$failed" ]; then
+      tail -5 "$STATE/etcd.log" "$STATE/apiserver.log" >&2
+      # The other one must not outlive a failed start.
       stop_processes
-      die "kube-apiserver not ready after ${READY_TIMEOUT}s (log: $STATE/apiserver.log)"
+      die "$failed"
     fi
     sleep 1
     waited=$((waited + 1))
@@ -152,6 +160,6 @@ case "$cmd" in
     ;;
   url) ready || die "not running: $0 start"; url ;;
   kubeconfig) ready || die "not running: $0 start"; echo "$STATE/kubeconfig" ;;
-  status) ready ;;
+  status) ready || exit 1 ;;
   *) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac
