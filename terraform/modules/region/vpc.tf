@@ -32,8 +32,10 @@ resource "aws_vpc" "this" {
 # The default security group of a VPC allows all traffic between its members: take every rule
 # away, so that nothing can rely on it by accident.
 resource "aws_default_security_group" "this" {
-  vpc_id = aws_vpc.this.id
-  tags   = merge(local.tags, { Name = "${local.name}-default-deny" })
+  vpc_id  = aws_vpc.this.id
+  ingress = []
+  egress  = []
+  tags    = merge(local.tags, { Name = "${local.name}-default-deny" })
 }
 
 resource "aws_internet_gateway" "this" {

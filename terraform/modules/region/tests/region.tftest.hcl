@@ -294,6 +294,11 @@ run "primary_region" {
   }
 
   assert {
+    condition     = alltrue([for o in aws_s3_bucket_ownership_controls.this : o.rule[0].object_ownership == "BucketOwnerEnforced"])
+    error_message = "Both buckets must have ACLs disabled."
+  }
+
+  assert {
     condition = alltrue([
       for p in [aws_s3_bucket_policy.audit.policy, aws_s3_bucket_policy.logs.policy] : anytrue([
         for s in jsondecode(p).Statement :
@@ -301,6 +306,26 @@ run "primary_region" {
       ])
     ])
     error_message = "Both buckets must refuse requests without TLS."
+  }
+
+  assert {
+    condition = alltrue([
+      for p in [aws_s3_bucket_policy.audit.policy, aws_s3_bucket_policy.logs.policy] : anytrue([
+        for s in jsondecode(p).Statement :
+        s.Effect == "Deny" && s.Principal == "*" && try(s.Condition.NumericLessThan["s3:TlsVersion"], "") == "1.2"
+      ])
+    ])
+    error_message = "Both buckets must refuse TLS below 1.2."
+  }
+
+  assert {
+    condition     = length(aws_default_security_group.this.ingress) == 0 && length(aws_default_security_group.this.egress) == 0
+    error_message = "The VPC's default security group must allow nothing."
+  }
+
+  assert {
+    condition     = strcontains(aws_msk_configuration.this.server_properties, "min.insync.replicas=2") && strcontains(aws_msk_configuration.this.server_properties, "auto.create.topics.enable=false")
+    error_message = "Kafka must acknowledge writes in two zones and create no topic implicitly."
   }
 
   assert {
