@@ -331,6 +331,11 @@ check_terraform() {
     step "terraform validate $name" tf_validate "$d"
     if compgen -G "$d/*.tftest.hcl" >/dev/null || compgen -G "$d/tests/*.tftest.hcl" >/dev/null; then
       step "terraform test $name" terraform_tests "$d"
+      if grep -qs 'expect_failures *= *\[var\.' "$d"/*.tftest.hcl "$d"/tests/*.tftest.hcl; then
+        # Bad input fails with the message its variable declares (terraform test hides it).
+        step "terraform bad input messages $name" \
+          env TF_DATA_DIR="$WORK/tf/$(echo "$d" | tr '/' '_')" python3 "$TERRAFORM/tests/bad_input.py" "$d"
+      fi
     else
       missing "$name/tests/*.tftest.hcl (terraform test with mock_provider)"
     fi
