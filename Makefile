@@ -59,7 +59,10 @@ pytest: $(STAMP) services ## The test suite (PostgreSQL must be running: make se
 	  FIRSTMILE_TEST_CHROMIUM=$$($(CHROMIUM) path) \
 	  $(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup
 
-test: $(STAMP) ## Everything the tests need, then ruff, mypy and the whole suite; services stopped at the end
+test: $(STAMP) ## Everything the tests need, then ruff, mypy, the whole suite and the deployment checks
+	@mkdir -p .firstmile
+	@# The deployment tools build (cold: about 25 min of Go, niced) while the services start and the suite runs
+	@deploy/tools/install.sh all >.firstmile/tools.log 2>&1 & echo $$! >.firstmile/tools.pid
 	@$(CHROMIUM) install
 	@$(PG) start test
 	@$(KAFKA) start test
@@ -73,7 +76,13 @@ test: $(STAMP) ## Everything the tests need, then ruff, mypy and the whole suite
 	      FIRSTMILE_TEST_CHROMIUM=$$($(CHROMIUM) path) \
 	      $(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup || status=$$?; \
 	  fi; \
-	  $(KEYCLOAK) stop test; $(REDIS) stop test; $(KAFKA) stop test; $(PG) stop test; exit $$status
+	  $(KEYCLOAK) stop test; $(REDIS) stop test; $(KAFKA) stop test; $(PG) stop test; \
+	  tools=0; while kill -0 $$(cat .firstmile/tools.pid) 2>/dev/null; do \
+	    [ $$tools -eq 0 ] && echo "waiting for the deployment tools (.firstmile/tools.log)"; tools=1; sleep 5; done; \
+	  if deploy/tools/install.sh all >>.firstmile/tools.log 2>&1; then \
+	    deploy/tools/check.sh all || status=$$?; \
+	  else tail -40 .firstmile/tools.log; echo "the deployment tools did not build (.firstmile/tools.log)"; status=1; fi; \
+	  exit $$status
 
 bench: $(STAMP) ## API benchmark (docs/benchmarks.md)
 	@$(WRK) install
@@ -155,16 +164,14 @@ clean: ## Remove the venv and all local state (embedded database included)
 	rm -rf $(VENV) .firstmile .mypy_cache .ruff_cache .pytest_cache .import_linter_cache
 
 # ---- Offline deployment checks (deploy/tools/README.md); tools build once into $(FIRSTMILE_TOOLS) ----
-# Not in `make help` (no "## "): test_readme wants every help target named in the README.
 .PHONY: tools deploy-check deploy-check-images deploy-check-helm deploy-check-rules deploy-check-terraform deploy-check-selftest
 
-# Build/install helm, helm-unittest, kubeconform, kube-score, promtool, etcd, kube-apiserver, kubectl, the
-# Python tools and the schemas (idempotent; cold about 25 minutes on 2 cores, silent when warm)
-tools:
+# helm, helm-unittest, kubeconform, kube-score, promtool, etcd, kube-apiserver, kubectl, the Python tools and
+# the schemas, into ~/.cache/firstmile-tools
+tools: ## Build the deployment tools once (cold about 25 minutes on 2 cores, silent when warm)
 	@deploy/tools/install.sh all
 
-# Every deployment check: images, helm, rules, terraform and the harness's self-test
-deploy-check: tools
+deploy-check: tools ## Every deployment check offline: hadolint, helm, kubeconform, API server dry-run, kube-score, checkov, promtool, terraform
 	@deploy/tools/check.sh all
 
 # Each part alone; check.sh installs only the tools that part runs
@@ -172,17 +179,13 @@ deploy-check-images deploy-check-helm deploy-check-rules deploy-check-terraform 
 	@deploy/tools/check.sh $(@:deploy-check-%=%)
 
 # ---- The cost model (docs/cost.md): deploy/cost/prices.yaml and usage.yaml, priced by benchmarks/cost.py ----
-# Not in `make help` (no "## "): test_readme wants every help target named in the README.
 .PHONY: cost
 
-# Cost per user, per 1k events and per 1k inferences against the design's targets, written into docs/cost.md
-cost: $(STAMP)
+cost: $(STAMP) ## Cost per user, per 1k events and per 1k inferences against the design's targets (docs/cost.md)
 	$(BIN)/python -m benchmarks cost --write
 
 # ---- Container images (deploy/docker/README.md): firstmile-api and firstmile-inference ----
-# Not in `make help` (no "## "): test_readme wants every help target named in the README.
 .PHONY: images
 
-# Build both images on a debootstrapped Debian base (private dockerd when no engine runs), then smoke-check them
-images:
+images: ## Build both images on a debootstrapped Debian base (private dockerd when no engine runs), smoke-check them
 	@deploy/docker/images.sh

@@ -103,7 +103,9 @@ def check_command_table(text: str) -> list[str]:
 
 def makefile_targets() -> set[str]:
     text = (ROOT / "Makefile").read_text(encoding="utf-8")
-    return set(re.findall(r"^([a-z][a-z0-9-]*):", text, flags=re.MULTILINE))
+    # A rule may name several targets (`a b c: deps`); `:=` is an assignment, not a rule.
+    rules = re.findall(r"^([a-z][a-z0-9 -]*):(?!=)", text, flags=re.MULTILINE)
+    return {target for rule in rules for target in rule.split()}
 
 
 def documented_makefile_targets() -> set[str]:
