@@ -15,11 +15,16 @@ import json
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from firstmile.kit.errors import DependencyUnavailableError
 
 Origin = Literal["sso", "bootstrap"]
 
@@ -186,6 +191,15 @@ class MemorySessionStore:
 _PREFIX = "fm:admin:"
 
 
+@asynccontextmanager
+async def _reachable() -> AsyncIterator[None]:
+    """Redis down or too slow: the request answers 503 (no session can be read or kept without it)."""
+    try:
+        yield
+    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        raise DependencyUnavailableError("the admin session store (Redis)") from exc
+
+
 class RedisSessionStore:
     """Sessions shared by every API process of a region; Redis expires them (idle) besides our checks."""
 
@@ -209,61 +223,68 @@ class RedisSessionStore:
         return keys
 
     async def save(self, session_id: str, session: AdminSession, idle: float) -> None:
-        key = self._session_key(session_id)
-        lifetime = max(1, int(session.expires_at - self._clock()) + 1)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(key, session.dumps(), ex=max(1, min(int(idle), lifetime)))
-            for index in self._index_keys(session):
-                pipe.sadd(index, key)
-                pipe.expire(index, lifetime)
-            await pipe.execute()
+        async with _reachable():
+            key = self._session_key(session_id)
+            lifetime = max(1, int(session.expires_at - self._clock()) + 1)
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.set(key, session.dumps(), ex=max(1, min(int(idle), lifetime)))
+                for index in self._index_keys(session):
+                    pipe.sadd(index, key)
+                    pipe.expire(index, lifetime)
+                await pipe.execute()
 
     async def load(self, session_id: str, idle: float) -> AdminSession | None:
-        key = self._session_key(session_id)
-        raw = await self._redis.getex(key, ex=max(1, int(idle)))
-        if raw is None:
-            return None
-        session = AdminSession.loads(raw)
-        if session.expires_at <= self._clock():
-            await self._redis.delete(key)
-            return None
-        return session
+        async with _reachable():
+            key = self._session_key(session_id)
+            raw = await self._redis.getex(key, ex=max(1, int(idle)))
+            if raw is None:
+                return None
+            session = AdminSession.loads(raw)
+            if session.expires_at <= self._clock():
+                await self._redis.delete(key)
+                return None
+            return session
 
     async def delete(self, session_id: str) -> AdminSession | None:
-        raw = await self._redis.getdel(self._session_key(session_id))
-        return AdminSession.loads(raw) if raw is not None else None
+        async with _reachable():
+            raw = await self._redis.getdel(self._session_key(session_id))
+            return AdminSession.loads(raw) if raw is not None else None
 
     async def end_realm_session(self, tenant_slug: str, sid: str | None, subject: str | None) -> list[AdminSession]:
-        if sid is not None:
-            index = f"{_PREFIX}sid:{tenant_slug}:{digest(sid)}"
-        elif subject is not None:
-            index = f"{_PREFIX}sub:{tenant_slug}:{digest(subject)}"
-        else:
-            return []
-        ended: list[AdminSession] = []
-        for key in await self._redis.smembers(index):
-            raw = await self._redis.getdel(key)
-            if raw is not None:
-                ended.append(AdminSession.loads(raw))
-        await self._redis.delete(index)
-        return ended
+        async with _reachable():
+            if sid is not None:
+                index = f"{_PREFIX}sid:{tenant_slug}:{digest(sid)}"
+            elif subject is not None:
+                index = f"{_PREFIX}sub:{tenant_slug}:{digest(subject)}"
+            else:
+                return []
+            ended: list[AdminSession] = []
+            for key in await self._redis.smembers(index):
+                raw = await self._redis.getdel(key)
+                if raw is not None:
+                    ended.append(AdminSession.loads(raw))
+            await self._redis.delete(index)
+            return ended
 
     async def put_state(self, state: str, login: LoginState, ttl: float) -> None:
-        await self._redis.set(f"{_PREFIX}st:{digest(state)}", login.dumps(), ex=max(1, int(ttl)))
+        async with _reachable():
+            await self._redis.set(f"{_PREFIX}st:{digest(state)}", login.dumps(), ex=max(1, int(ttl)))
 
     async def take_state(self, state: str) -> tuple[LoginState | None, bool]:
-        key = f"{_PREFIX}st:{digest(state)}"
-        spent_key = f"{_PREFIX}st-spent:{digest(state)}"
-        raw = await self._redis.getdel(key)
-        if raw is not None:
-            login = LoginState.loads(raw)
-            await self._redis.set(spent_key, raw, ex=3600)
-            return login, False
-        spent = await self._redis.get(spent_key)
-        return (LoginState.loads(spent), True) if spent is not None else (None, False)
+        async with _reachable():
+            key = f"{_PREFIX}st:{digest(state)}"
+            spent_key = f"{_PREFIX}st-spent:{digest(state)}"
+            raw = await self._redis.getdel(key)
+            if raw is not None:
+                login = LoginState.loads(raw)
+                await self._redis.set(spent_key, raw, ex=3600)
+                return login, False
+            spent = await self._redis.get(spent_key)
+            return (LoginState.loads(spent), True) if spent is not None else (None, False)
 
     async def claim(self, key: str, ttl: float) -> bool:
-        return bool(await self._redis.set(f"{_PREFIX}claim:{digest(key)}", "1", ex=max(1, int(ttl)), nx=True))
+        async with _reachable():
+            return bool(await self._redis.set(f"{_PREFIX}claim:{digest(key)}", "1", ex=max(1, int(ttl)), nx=True))
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -171,6 +171,29 @@ def _on_database_unavailable(request: Request[Any, Any, Any], exc: Exception) ->
     )
 
 
+class DependencyUnavailableError(RuntimeError):
+    """A dependency other than the database (Redis, ...) is down and the request has no fallback: 503.
+
+    Adapters raise it for their connection errors, so a dependency that is down answers like the
+    database does (503 ``service-unavailable`` with ``Retry-After``) instead of a 500.
+    """
+
+    def __init__(self, dependency: str) -> None:
+        super().__init__(f"{dependency} is unavailable")
+        self.dependency = dependency
+
+
+def _on_dependency_unavailable(request: Request[Any, Any, Any], exc: DependencyUnavailableError) -> Response[bytes]:
+    log.error("dependency unavailable: %s", exc.dependency, exc_info=exc)
+    return problem_response(
+        request,
+        503,
+        "service-unavailable",
+        f"{exc.dependency} is unavailable; retry later",
+        headers={"Retry-After": "1"},
+    )
+
+
 def _on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     log.exception("unhandled error", exc_info=exc)
     return problem_response(request, 500, "internal-error", "The server could not handle this request")
@@ -188,6 +211,7 @@ def exception_handlers() -> ExceptionHandlersMap:
         MethodNotAllowedException: _on_http,
         HTTPException: _on_http,
         DatabaseUnavailableError: _on_database_unavailable,
+        DependencyUnavailableError: _on_dependency_unavailable,
         Exception: _on_unexpected,
     }
 
@@ -195,6 +219,7 @@ def exception_handlers() -> ExceptionHandlersMap:
 __all__ = [
     "PROBLEM_BASE",
     "PROBLEM_MEDIA_TYPE",
+    "DependencyUnavailableError",
     "ProblemError",
     "exception_handlers",
     "problem_response",

@@ -73,7 +73,7 @@ DESCRIPTIONS: Mapping[int, str] = {
     415: "unsupported-media-type",
     421: "wrong-region: the tenant is homed in another region (home_region names it)",
     500: "internal-error: a fault of the server (logged with its request id)",
-    503: "service-unavailable: a dependency is down (the database); retry later",
+    503: "service-unavailable: a dependency is down (the database; Redis for admin sessions); retry later",
 }
 
 
