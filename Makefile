@@ -54,7 +54,7 @@ typecheck: $(STAMP) ## mypy --strict on the packages, benchmarks and tests
 	$(BIN)/mypy
 
 pytest: $(STAMP) services ## The test suite (PostgreSQL must be running: make services)
-	FIRSTMILE_TEST_ADMIN_URL=$$($(PG) url test) FIRSTMILE_TEST_KAFKA=$$($(KAFKA) url test) \
+	FIRSTMILE_TEST_ADMIN_URL=$$($(PG) url test) FIRSTMILE_TEST_KAFKA=$$($(KAFKA) url test) FIRSTMILE_TEST_KAFKA_SASL=$$($(KAFKA) sasl-url test) \
 	  FIRSTMILE_TEST_REDIS=$$($(REDIS) url test) FIRSTMILE_TEST_KEYCLOAK=$$($(KEYCLOAK) url test) \
 	  FIRSTMILE_TEST_CHROMIUM=$$($(CHROMIUM) path) \
 	  $(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup
@@ -71,7 +71,7 @@ test: $(STAMP) ## Everything the tests need, then ruff, mypy, the whole suite an
 	@status=0; \
 	  $(MAKE) --no-print-directory lint typecheck || status=$$?; \
 	  if [ $$status -eq 0 ]; then \
-	    FIRSTMILE_TEST_ADMIN_URL=$$($(PG) url test) FIRSTMILE_TEST_KAFKA=$$($(KAFKA) url test) \
+	    FIRSTMILE_TEST_ADMIN_URL=$$($(PG) url test) FIRSTMILE_TEST_KAFKA=$$($(KAFKA) url test) FIRSTMILE_TEST_KAFKA_SASL=$$($(KAFKA) sasl-url test) \
 	      FIRSTMILE_TEST_REDIS=$$($(REDIS) url test) FIRSTMILE_TEST_KEYCLOAK=$$($(KEYCLOAK) url test) \
 	      FIRSTMILE_TEST_CHROMIUM=$$($(CHROMIUM) path) \
 	      $(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup || status=$$?; \

@@ -143,6 +143,15 @@ def kafka_bootstrap() -> str:
 
 
 @pytest.fixture(scope="session")
+def kafka_sasl_bootstrap() -> str:
+    """The test broker's SASL_PLAINTEXT listener (SCRAM-SHA-512; ``deploy/local/kafka.sh sasl-url``)."""
+    bootstrap = os.environ.get("FIRSTMILE_TEST_KAFKA_SASL")
+    if not bootstrap:
+        pytest.exit("FIRSTMILE_TEST_KAFKA_SASL is not set: run `make test` (it starts Kafka)", returncode=2)
+    return bootstrap
+
+
+@pytest.fixture(scope="session")
 def tiny_registry(worker_id: str) -> Path:
     """Small models trained once per worker on 3,000 simulated sessions, all in production (about 10 s)."""
     from firstmile.ml.cli import train_models

@@ -2,7 +2,8 @@
 # A single-node Apache Kafka broker (KRaft) from Maven Central jars, on loopback, under .firstmile/services/.
 #   deploy/local/kafka.sh start [test|bench|fault]   fetch jars once (mvn), format once, start (idempotent)
 #   deploy/local/kafka.sh stop  [test|bench]
-#   deploy/local/kafka.sh url   [test|bench]   print the bootstrap servers
+#   deploy/local/kafka.sh url   [test|bench]   print the bootstrap servers (PLAINTEXT)
+#   deploy/local/kafka.sh sasl-url [test|bench]  print the SASL_PLAINTEXT (SCRAM-SHA-512) listener
 # The jars are cached in .firstmile/services/kafka-libs (and Maven's ~/.m2); the broker needs Java 17+.
 set -euo pipefail
 
@@ -19,6 +20,7 @@ case "$name" in
   *) echo "unknown broker '$name' (test, bench or fault)" >&2; exit 2 ;;
 esac
 controller_port=$((port + 1))
+sasl_port=$((port + 2))
 
 fetch_jars() {
   local want
@@ -41,11 +43,15 @@ case "$cmd" in
   url)
     echo "127.0.0.1:$port"
     ;;
+  sasl-url)
+    echo "127.0.0.1:$sasl_port"
+    ;;
   start)
     if [ -n "$(running_pid)" ]; then echo "kafka ($name) already running on 127.0.0.1:$port" >&2; exit 0; fi
     fetch_jars
     mkdir -p "$dir/logs"
-    sed -e "s:@PORT@:$port:g" -e "s:@CONTROLLER_PORT@:$controller_port:g" -e "s:@DATA@:$dir/data:g" \
+    sed -e "s:@PORT@:$port:g" -e "s:@CONTROLLER_PORT@:$controller_port:g" -e "s:@SASL_PORT@:$sasl_port:g" \
+      -e "s:@DATA@:$dir/data:g" \
       "$here/kafka/server.properties.in" > "$dir/server.properties"
     if [ ! -f "$dir/data/meta.properties" ]; then
       java -cp "$libs/*" -Dlog4j2.configurationFile="$here/kafka/log4j2.yaml" -Dkafka.logs.dir="$dir/logs" \
@@ -85,5 +91,5 @@ case "$cmd" in
     fi
     ;;
   *)
-    echo "usage: $0 start|stop|url [test|bench]" >&2; exit 2 ;;
+    echo "usage: $0 start|stop|url|sasl-url [test|bench|fault]" >&2; exit 2 ;;
 esac

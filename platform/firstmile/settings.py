@@ -191,6 +191,39 @@ class EventsSettings(_Section):
             "the outbox to the consumers in-process."
         ),
     )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        validation_alias="kafka_security_protocol",
+        default="PLAINTEXT",
+        description=(
+            "How the relay, the consumers and the operator commands connect to Kafka: PLAINTEXT (the local "
+            "broker), SSL, SASL_PLAINTEXT or SASL_SSL (Amazon MSK with SCRAM: SASL_SSL on port 9096)."
+        ),
+    )
+    kafka_sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] | None = Field(
+        validation_alias="kafka_sasl_mechanism",
+        default=None,
+        description="The SASL mechanism with a SASL_* protocol (MSK: SCRAM-SHA-512); required with one.",
+    )
+    kafka_sasl_username: str | None = Field(
+        validation_alias="kafka_sasl_username",
+        default=None,
+        min_length=1,
+        description="The SASL user; required with a SASL_* protocol.",
+    )
+    kafka_sasl_password: SecretStr | None = Field(
+        validation_alias="kafka_sasl_password",
+        default=None,
+        description="The SASL password; required with a SASL_* protocol. A secret: never in values or logs.",
+    )
+    kafka_ssl_ca_file: Path | None = Field(
+        validation_alias="kafka_ssl_ca_file",
+        default=None,
+        description=(
+            "PEM bundle of the CAs that sign the brokers' certificates, with SSL or SASL_SSL. Unset: the "
+            "system's (/etc/ssl/certs/ca-certificates.crt when present; MSK's certificates chain to Amazon's "
+            "public roots)."
+        ),
+    )
     kafka_topic_prefix: str = Field(
         validation_alias="kafka_topic_prefix",
         default="firstmile",
@@ -215,6 +248,50 @@ class EventsSettings(_Section):
         le=50_000,
         description="Outbox rows published per batch.",
     )
+
+    @model_validator(mode="after")
+    def _kafka_security_is_whole(self) -> EventsSettings:
+        sasl = self.kafka_security_protocol.startswith("SASL_")
+        if sasl:
+            missing = [
+                name
+                for name, value in (
+                    ("FIRSTMILE_KAFKA_SASL_MECHANISM", self.kafka_sasl_mechanism),
+                    ("FIRSTMILE_KAFKA_SASL_USERNAME", self.kafka_sasl_username),
+                    ("FIRSTMILE_KAFKA_SASL_PASSWORD", self.kafka_sasl_password),
+                )
+                if value is None
+            ]
+            if missing:
+                raise ValueError(
+                    f"FIRSTMILE_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs {', '.join(missing)}"
+                )
+        elif any(
+            v is not None for v in (self.kafka_sasl_mechanism, self.kafka_sasl_username, self.kafka_sasl_password)
+        ):
+            raise ValueError(
+                "FIRSTMILE_KAFKA_SASL_* are set but FIRSTMILE_KAFKA_SECURITY_PROTOCOL is "
+                f"{self.kafka_security_protocol}: set it to SASL_SSL (or SASL_PLAINTEXT)"
+            )
+        if self.kafka_ssl_ca_file is not None and not self.kafka_security_protocol.endswith("SSL"):
+            raise ValueError("FIRSTMILE_KAFKA_SSL_CA_FILE needs FIRSTMILE_KAFKA_SECURITY_PROTOCOL=SSL or SASL_SSL")
+        return self
+
+    def kafka_client_config(self) -> dict[str, str]:
+        """librdkafka's connection properties besides bootstrap.servers (the password included)."""
+        config: dict[str, str] = {"security.protocol": self.kafka_security_protocol}
+        if self.kafka_sasl_mechanism is not None:
+            config["sasl.mechanism"] = self.kafka_sasl_mechanism
+        if self.kafka_sasl_username is not None:
+            config["sasl.username"] = self.kafka_sasl_username
+        if self.kafka_sasl_password is not None:
+            config["sasl.password"] = self.kafka_sasl_password.get_secret_value()
+        if self.kafka_security_protocol.endswith("SSL"):
+            system = Path("/etc/ssl/certs/ca-certificates.crt")
+            ca = self.kafka_ssl_ca_file or (system if system.is_file() else None)
+            if ca is not None:
+                config["ssl.ca.location"] = str(ca)
+        return config
 
 
 class AnalyticsSettings(_Section):

@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,3 +219,83 @@ def test_a_relay_that_publishes_is_ready_and_reports_its_lag(
     code, output = worker.stop()
     assert code == 0, output[-3000:]
     assert "relay stopped after publishing" in output
+
+
+def _scram_user(bootstrap: str) -> tuple[str, str]:
+    """A SCRAM-SHA-512 user made through the broker's PLAINTEXT listener, as MSK's secret association would."""
+    from confluent_kafka.admin import (  # type: ignore[attr-defined]
+        AdminClient,
+        ScramCredentialInfo,
+        ScramMechanism,
+        UserScramCredentialUpsertion,
+    )
+
+    user, password = f"fm-{secrets.token_hex(4)}", secrets.token_urlsafe(24)
+    upsert = UserScramCredentialUpsertion(
+        user, ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, 4096), password.encode()
+    )
+    admin = AdminClient({"bootstrap.servers": bootstrap})  # kept alive until the futures resolve
+    for future in admin.alter_user_scram_credentials([upsert]).values():
+        future.result(10)
+    return user, password
+
+
+def test_a_relay_publishes_over_sasl_scram_and_a_wrong_password_is_refused(
+    events_database: EventsDatabase, kafka_bootstrap: str, kafka_sasl_bootstrap: str, start_worker: object
+) -> None:
+    from confluent_kafka import KafkaException
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from firstmile.events.kafka import missing_topics
+    from tests.integration.test_event_pipeline import read_topic
+
+    user, password = _scram_user(kafka_bootstrap)
+    sasl = {
+        "FIRSTMILE_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+        "FIRSTMILE_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+        "FIRSTMILE_KAFKA_SASL_USERNAME": user,
+    }
+    # Authentication is enforced: the same listener refuses a wrong password.
+    wrong = {"bootstrap.servers": kafka_sasl_bootstrap, "security.protocol": "SASL_PLAINTEXT"}
+    wrong |= {"sasl.mechanism": "SCRAM-SHA-512", "sasl.username": user, "sasl.password": "not-" + password}
+    with pytest.raises(KafkaException):
+        missing_topics(wrong, {"anything": 1}, timeout=5)
+
+    prefix = f"fm-sasl-{secrets.token_hex(4)}"
+    topic = f"{prefix}.{REGION}.events"
+
+    async def outbox_row() -> uuid.UUID:
+        engine = create_async_engine(events_database.admin_url)
+        try:
+            tenant = await new_tenant(engine)
+            event_id = uuid.uuid4()
+            async with engine.begin() as conn:
+                await conn.execute(
+                    text(
+                        "INSERT INTO outbox (event_id, tenant_id, event_type, partition_key, payload)"
+                        " VALUES (:e, :t, 'onboarding.started', :k, '{\"user_id\": \"sasl\"}'::jsonb)"
+                    ),
+                    {"e": event_id, "t": tenant.id, "k": f"{tenant.id}:sasl"},
+                )
+            return event_id
+        finally:
+            await engine.dispose()
+
+    event_id = asyncio.run(outbox_row())
+    worker = start_worker(  # type: ignore[operator]
+        ["relay"],
+        events_database,
+        FIRSTMILE_KAFKA_BOOTSTRAP_SERVERS=kafka_sasl_bootstrap,
+        FIRSTMILE_KAFKA_SASL_PASSWORD=password,
+        FIRSTMILE_KAFKA_TOPIC_PREFIX=prefix,
+        FIRSTMILE_RELAY_DATABASE_URL=events_database.relay_url,
+        **sasl,
+    )
+    assert json.loads(worker.wait_for("/health/ready", 200))["tasks"] == {"outbox-relay": "ok"}
+    # the relay made the region's topics over SASL, then published the row there
+    assert missing_topics(kafka_bootstrap, {topic: 12, f"{topic}.dlq": 1}) == {}
+    published = read_topic(kafka_bootstrap, topic, 1)
+    assert any(str(event_id).encode() in (m.value() or b"") for m in published), [m.value() for m in published]
+    code, output = worker.stop()
+    assert code == 0, output[-3000:]
+    assert password not in output  # the secret never reaches the log

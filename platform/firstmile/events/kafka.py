@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeAlias
 
 from confluent_kafka import Consumer as KafkaConsumer
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -23,6 +23,20 @@ from firstmile.events.bus import Consumer, DeadLetter, Record, wait_for_stop
 from firstmile.kit import telemetry
 
 log = logging.getLogger("firstmile.kafka")
+
+Connection: TypeAlias = str | Mapping[str, str]
+"""Where Kafka is and how to connect: bootstrap servers, or librdkafka's connection properties
+(``bootstrap.servers`` with ``security.protocol``, ``sasl.*``, ``ssl.ca.location``)."""
+
+
+def connection_config(connection: Connection) -> dict[str, Any]:
+    """librdkafka's connection properties of ``connection``."""
+    if isinstance(connection, str):
+        return {"bootstrap.servers": connection}
+    if "bootstrap.servers" not in connection:
+        raise ValueError("a Kafka connection needs bootstrap.servers")
+    return dict(connection)
+
 
 PRODUCER_DEFAULTS: dict[str, Any] = {
     "enable.idempotence": True,
@@ -35,16 +49,16 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
 }
 
 
-def missing_topics(bootstrap: str, topics: dict[str, int], timeout: float = 30.0) -> dict[str, int]:
+def missing_topics(bootstrap: Connection, topics: dict[str, int], timeout: float = 30.0) -> dict[str, int]:
     """The topics of ``topics`` (name → partitions) the cluster does not have; creates nothing."""
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(connection_config(bootstrap))
     existing = set(admin.list_topics(timeout=timeout).topics)
     return {name: n for name, n in topics.items() if name not in existing}
 
 
-def ensure_topics(bootstrap: str, topics: dict[str, int], timeout: float = 30.0) -> list[str]:
+def ensure_topics(bootstrap: Connection, topics: dict[str, int], timeout: float = 30.0) -> list[str]:
     """Create missing topics (name → partitions); existing ones are left alone. Returns those created here."""
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(connection_config(bootstrap))
     existing = set(admin.list_topics(timeout=timeout).topics)
     wanted = [
         NewTopic(name, num_partitions=n, replication_factor=-1) for name, n in topics.items() if name not in existing
@@ -67,9 +81,9 @@ def ensure_topics(bootstrap: str, topics: dict[str, int], timeout: float = 30.0)
 class KafkaPublisher:
     """The relay's publisher: produce a batch, wait for every acknowledgement."""
 
-    def __init__(self, bootstrap: str, topic: str, config: dict[str, Any] | None = None) -> None:
+    def __init__(self, bootstrap: Connection, topic: str, config: dict[str, Any] | None = None) -> None:
         self.topic = topic
-        self.producer = Producer({"bootstrap.servers": bootstrap, **PRODUCER_DEFAULTS, **(config or {})})
+        self.producer = Producer({**connection_config(bootstrap), **PRODUCER_DEFAULTS, **(config or {})})
 
     def _publish(self, records: Sequence[Record]) -> int:
         failed: list[int] = []
@@ -121,7 +135,7 @@ class KafkaConsumerRunner:
 
     def __init__(
         self,
-        bootstrap: str,
+        bootstrap: Connection,
         topic: str,
         dead_letter_topic: str,
         group_id: str,
@@ -138,7 +152,7 @@ class KafkaConsumerRunner:
         self.poll_timeout = poll_timeout
         self.consumer = KafkaConsumer(
             {
-                "bootstrap.servers": bootstrap,
+                **connection_config(bootstrap),
                 "group.id": group_id,
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
@@ -147,7 +161,7 @@ class KafkaConsumerRunner:
                 **(config or {}),
             }
         )
-        self.dead_letters = Producer({"bootstrap.servers": bootstrap, **PRODUCER_DEFAULTS})
+        self.dead_letters = Producer({**connection_config(bootstrap), **PRODUCER_DEFAULTS})
         self.handled = 0
 
     async def run(self, stop: asyncio.Event) -> None:

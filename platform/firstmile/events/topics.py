@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from firstmile.events.bus import dead_letter_topic_for, topic_for
 from firstmile.events.kafka import ensure_topics, missing_topics
@@ -24,12 +24,18 @@ class StreamConfig:
     region: str
     partitions: int = 12
     batch_size: int = 2000
+    client: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # the SASL password is one of them
+    """librdkafka's connection properties besides bootstrap.servers (security.protocol, sasl.*, ssl.*)."""
 
     @property
     def bootstrap(self) -> str:
         if not self.bootstrap_servers:
             raise RuntimeError("FIRSTMILE_KAFKA_BOOTSTRAP_SERVERS is not set (embedded mode relays in the API process)")
         return self.bootstrap_servers
+
+    def connection(self) -> dict[str, str]:
+        """bootstrap.servers and the security properties: what every client of the stream is made with."""
+        return {"bootstrap.servers": self.bootstrap, **dict(self.client)}
 
     @property
     def topic(self) -> str:
@@ -63,15 +69,15 @@ def region_topics(config: StreamConfig) -> dict[str, int]:
 
 def reconcile_region_topics(config: StreamConfig, *, execute: bool) -> list[str]:
     """``tenants plan|apply``: the region's missing topics as changes, created when ``execute``."""
-    missing = missing_topics(config.bootstrap, region_topics(config))
+    missing = missing_topics(config.connection(), region_topics(config))
     if execute and missing:
-        created = set(ensure_topics(config.bootstrap, missing))
+        created = set(ensure_topics(config.connection(), missing))
         missing = {name: n for name, n in missing.items() if name in created}
     return [f"create topic {name} ({n} partition{'s' if n != 1 else ''})" for name, n in missing.items()]
 
 
 def ensure_region_topics(config: StreamConfig) -> tuple[str, str]:
-    ensure_topics(config.bootstrap, region_topics(config))
+    ensure_topics(config.connection(), region_topics(config))
     return config.topic, config.dead_letter_topic
 
 
@@ -82,17 +88,16 @@ def replay_dead_letters(config: StreamConfig, *, dry_run: bool, idle_seconds: fl
 
     from firstmile.events.kafka import PRODUCER_DEFAULTS
 
-    bootstrap = config.bootstrap
     topic, dlq = ensure_region_topics(config)
     consumer = KafkaConsumer(
         {
-            "bootstrap.servers": bootstrap,
+            **config.connection(),
             "group.id": f"{config.group_prefix}.dlq-replay",
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
         }
     )
-    producer = Producer({"bootstrap.servers": bootstrap, **PRODUCER_DEFAULTS})
+    producer = Producer({**config.connection(), **PRODUCER_DEFAULTS})
     replayed: list[dict[str, str]] = []
     # Only the letters there when the replay starts: a letter that fails again is dead-lettered
     # again, and replaying up to a moving end would never stop.

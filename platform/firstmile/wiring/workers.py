@@ -51,6 +51,7 @@ def stream_config(settings: Settings) -> StreamConfig:
         region=settings.region,
         partitions=events.kafka_partitions,
         batch_size=events.relay_batch_size,
+        client=tuple(sorted(events.kafka_client_config().items())),
     )
 
 
@@ -64,7 +65,7 @@ async def run_relay(settings: Settings, relay_url: str, stop: asyncio.Event | No
     stop_on_signals(stop)
     config = stream_config(settings)
     topic, _ = await asyncio.to_thread(ensure_region_topics, config)
-    publisher = KafkaPublisher(config.bootstrap, topic)
+    publisher = KafkaPublisher(config.connection(), topic)
     relay = OutboxRelay(
         relay_url,
         publisher,
@@ -107,7 +108,7 @@ async def run_consumers(settings: Settings, database_url: str, names: Sequence[s
             raise ValueError(f"unknown consumer {name!r}; known: {', '.join(CONSUMER_NAMES)}")
     runners = [
         KafkaConsumerRunner(
-            config.bootstrap, topic, dlq, f"{config.group_prefix}.{h.name}", h, batch_size=config.batch_size
+            config.connection(), topic, dlq, f"{config.group_prefix}.{h.name}", h, batch_size=config.batch_size
         )
         for h in handlers
     ]
