@@ -9,6 +9,7 @@ locals {
     ebs         = "EBS volumes of the EKS nodes"
     aurora      = "Aurora storage, snapshots and Performance Insights of the region's database and the directory member"
     msk         = "MSK broker storage"
+    msk_scram   = "Secrets Manager secret of the MSK SASL/SCRAM user (MSK refuses secrets under the default key)"
     elasticache = "ElastiCache Redis storage and snapshots"
     s3          = "S3 audit checkpoints and archives"
     logs        = "CloudWatch Logs of the region"

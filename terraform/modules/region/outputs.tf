@@ -104,8 +104,18 @@ output "directory_master_secret_arn" {
   value       = one(aws_secretsmanager_secret.directory_master[*].arn)
 }
 
+output "msk_bootstrap_brokers_sasl_scram" {
+  description = "Bootstrap brokers for SASL/SCRAM over TLS, port 9096 (FIRSTMILE_KAFKA_BOOTSTRAP_SERVERS of the platform)."
+  value       = aws_msk_cluster.this.bootstrap_brokers_sasl_scram
+}
+
+output "msk_scram_secret_arn" {
+  description = "Secrets Manager secret holding the platform's SASL/SCRAM user, JSON {\"username\", \"password\"} (FIRSTMILE_KAFKA_SASL_USERNAME, FIRSTMILE_KAFKA_SASL_PASSWORD)."
+  value       = aws_secretsmanager_secret.msk_scram.arn
+}
+
 output "msk_bootstrap_brokers_sasl_iam" {
-  description = "Bootstrap brokers for SASL/IAM over TLS (FIRSTMILE_KAFKA_BOOTSTRAP_SERVERS)."
+  description = "Bootstrap brokers for SASL/IAM over TLS, port 9098 (operators' tools)."
   value       = aws_msk_cluster.this.bootstrap_brokers_sasl_iam
 }
 

@@ -281,12 +281,18 @@ variable "directory_primary_cluster_arn" {
 ################################################################################
 
 variable "msk" {
-  description = "The region's Kafka (MSK, provisioned). One broker per zone per brokers_per_zone; clients authenticate with IAM over TLS (port 9098)."
+  description = <<-EOT
+    The region's Kafka (MSK, provisioned). One broker per zone per brokers_per_zone. The platform
+    authenticates with SASL/SCRAM-SHA-512 over TLS (port 9096) as the user in the secret
+    outputs.msk_scram_secret_arn; operators may also use SASL/IAM over TLS (port 9098). Raise
+    scram_password_version to store a newly generated SCRAM password.
+  EOT
   type = object({
-    kafka_version         = optional(string, "3.8.x")
-    broker_instance_type  = optional(string, "kafka.m7g.large")
-    brokers_per_zone      = optional(number, 1)
-    broker_volume_size_gb = optional(number, 500)
+    kafka_version          = optional(string, "3.8.x")
+    broker_instance_type   = optional(string, "kafka.m7g.large")
+    brokers_per_zone       = optional(number, 1)
+    broker_volume_size_gb  = optional(number, 500)
+    scram_password_version = optional(number, 1)
   })
   default  = {}
   nullable = false
@@ -309,6 +315,11 @@ variable "msk" {
   validation {
     condition     = var.msk.broker_volume_size_gb >= 1 && var.msk.broker_volume_size_gb <= 16384
     error_message = "msk.broker_volume_size_gb must be from 1 to 16384."
+  }
+
+  validation {
+    condition     = var.msk.scram_password_version >= 1 && floor(var.msk.scram_password_version) == var.msk.scram_password_version
+    error_message = "msk.scram_password_version must be a whole number >= 1; raise it to store a newly generated SCRAM password."
   }
 }
 

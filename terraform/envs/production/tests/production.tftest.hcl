@@ -82,6 +82,15 @@ run "production_data" {
     condition     = keys(output.regions) == ["eu-west-1", "us-east-1"]
     error_message = "The outputs must describe every deployed region."
   }
+
+  assert {
+    condition = alltrue([
+      for region, o in output.regions :
+      o.msk_scram_secret_arn == local.region_modules[region].region.msk_scram_secret_arn &&
+      o.msk_bootstrap_brokers_sasl_scram == local.region_modules[region].region.msk_bootstrap_brokers_sasl_scram
+    ])
+    error_message = "Each region's outputs must carry its Kafka SCRAM brokers and secret (the chart's Kafka settings)."
+  }
 }
 
 run "a_new_region_is_one_map_entry" {

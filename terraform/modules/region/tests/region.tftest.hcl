@@ -38,6 +38,18 @@ override_resource {
 
 override_resource {
   override_during = plan
+  target          = aws_kms_key.this["msk_scram"]
+  values          = { arn = "arn:aws:kms:eu-west-1:111122223333:key/msk_scram" }
+}
+
+override_resource {
+  override_during = plan
+  target          = aws_secretsmanager_secret.msk_scram
+  values          = { arn = "arn:aws:secretsmanager:eu-west-1:111122223333:secret:AmazonMSK_firstmile-production_firstmile-mock" }
+}
+
+override_resource {
+  override_during = plan
   target          = aws_kms_key.this["elasticache"]
   values          = { arn = "arn:aws:kms:eu-west-1:111122223333:key/elasticache" }
 }
@@ -270,7 +282,8 @@ run "primary_region" {
     condition = alltrue([
       for r in [
         aws_vpc_security_group_ingress_rule.aurora_from_eks, aws_vpc_security_group_ingress_rule.redis_from_eks,
-        aws_vpc_security_group_ingress_rule.msk_from_eks, aws_vpc_security_group_ingress_rule.msk_exporters_from_eks,
+        aws_vpc_security_group_ingress_rule.msk_from_eks, aws_vpc_security_group_ingress_rule.msk_scram_from_eks,
+        aws_vpc_security_group_ingress_rule.msk_exporters_from_eks,
       ] : r.cidr_ipv4 == null && r.cidr_ipv6 == null && r.referenced_security_group_id == aws_eks_cluster.this.vpc_config[0].cluster_security_group_id
     ])
     error_message = "The data stores must admit the EKS cluster's security group and no address range."
@@ -280,9 +293,47 @@ run "primary_region" {
     condition = (
       aws_msk_cluster.this.broker_node_group_info[0].connectivity_info[0].public_access[0].type == "DISABLED" &&
       aws_msk_cluster.this.client_authentication[0].unauthenticated == false &&
-      aws_msk_cluster.this.client_authentication[0].sasl[0].iam
+      aws_msk_cluster.this.client_authentication[0].sasl[0].scram &&
+      aws_msk_cluster.this.client_authentication[0].sasl[0].iam &&
+      length(aws_msk_cluster.this.client_authentication[0].tls) == 0
     )
-    error_message = "MSK must be private and accept IAM-authenticated clients only."
+    error_message = "MSK must be private and accept SASL/SCRAM (the platform) and SASL/IAM (operators) clients only, none unauthenticated."
+  }
+
+  # --- the platform's Kafka user (SASL/SCRAM) -------------------------------------------------
+
+  assert {
+    condition = (
+      startswith(aws_secretsmanager_secret.msk_scram.name, "AmazonMSK_") &&
+      aws_secretsmanager_secret.msk_scram.kms_key_id == aws_kms_key.this["msk_scram"].arn &&
+      aws_secretsmanager_secret.msk_scram.kms_key_id != aws_kms_key.this["secrets"].arn
+    )
+    error_message = "MSK reads SCRAM users only from secrets named AmazonMSK_* under a customer-managed key: the msk_scram key of this module."
+  }
+
+  assert {
+    condition = (
+      aws_msk_scram_secret_association.this.cluster_arn == aws_msk_cluster.this.arn &&
+      aws_msk_scram_secret_association.this.secret_arn_list == toset([aws_secretsmanager_secret.msk_scram.arn])
+    )
+    error_message = "The SCRAM secret, and only it, must be associated with the region's MSK cluster."
+  }
+
+  assert {
+    condition = (
+      aws_secretsmanager_secret_version.msk_scram.secret_string_wo_version == 1 &&
+      aws_secretsmanager_secret_policy.msk_scram.secret_arn == aws_secretsmanager_secret.msk_scram.arn &&
+      length(jsondecode(aws_secretsmanager_secret_policy.msk_scram.policy).Statement) == 1 &&
+      jsondecode(aws_secretsmanager_secret_policy.msk_scram.policy).Statement[0].Principal == { Service = "kafka.amazonaws.com" } &&
+      lower(jsondecode(aws_secretsmanager_secret_policy.msk_scram.policy).Statement[0].Action) == "secretsmanager:getsecretvalue" &&
+      jsondecode(aws_secretsmanager_secret_policy.msk_scram.policy).Statement[0].Resource == aws_secretsmanager_secret.msk_scram.arn
+    )
+    error_message = "The SCRAM secret's policy must let the Kafka service read that secret and grant nothing else."
+  }
+
+  assert {
+    condition     = output.msk_scram_secret_arn == aws_secretsmanager_secret.msk_scram.arn && output.msk_bootstrap_brokers_sasl_scram == aws_msk_cluster.this.bootstrap_brokers_sasl_scram
+    error_message = "The outputs must give the chart the SCRAM brokers and the secret of the SCRAM user."
   }
 
   assert {
@@ -622,6 +673,15 @@ run "rejects_short_aurora_backups" {
   }
   # fails with: aurora.backup_retention_days
   expect_failures = [var.aurora]
+}
+
+run "rejects_a_scram_password_version_of_zero" {
+  command = plan
+  variables {
+    msk = { scram_password_version = 0 }
+  }
+  # fails with: msk.scram_password_version
+  expect_failures = [var.msk]
 }
 
 run "rejects_redis_without_replicas" {
