@@ -101,7 +101,10 @@ resource "aws_eks_access_policy_association" "admin" {
 }
 
 ################################################################################
-# Core add-ons, managed by EKS. The VPC CNI gets its own IRSA role rather than the node role.
+# Core add-ons, managed by EKS. The VPC CNI gets its own IRSA role rather than the node role,
+# and enforces Kubernetes NetworkPolicies (the chart's default-deny and allow-lists): with
+# enableNetworkPolicy EKS runs the policy controller and the aws-node pods their eBPF agent.
+# Without it the policies are accepted by the API server and enforced by nothing.
 ################################################################################
 
 resource "aws_eks_addon" "vpc_cni" {
@@ -109,6 +112,7 @@ resource "aws_eks_addon" "vpc_cni" {
   addon_name                  = "vpc-cni"
   service_account_role_arn    = aws_iam_role.vpc_cni.arn
   resolve_conflicts_on_update = "OVERWRITE"
+  configuration_values        = jsonencode({ enableNetworkPolicy = "true" })
   tags                        = local.tags
 }
 

@@ -221,6 +221,14 @@ run "primary_region" {
   }
 
   assert {
+    condition = (
+      aws_eks_addon.vpc_cni.addon_name == "vpc-cni" &&
+      jsondecode(aws_eks_addon.vpc_cni.configuration_values).enableNetworkPolicy == "true"
+    )
+    error_message = "The VPC CNI must enforce NetworkPolicies (enableNetworkPolicy), or the chart's policies are enforced by nothing."
+  }
+
+  assert {
     condition = alltrue([
       for lt in aws_launch_template.node : alltrue([
         for b in lt.block_device_mappings : b.ebs[0].encrypted == "true" && b.ebs[0].kms_key_id == aws_kms_key.this["ebs"].arn
