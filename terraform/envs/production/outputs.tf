@@ -19,7 +19,7 @@ output "directory_global_cluster_identifier" {
 }
 
 output "regions" {
-  description = "Per region: what the Helm release of that region needs (cluster, endpoints, secrets, IRSA role ARNs, GPU selector and taint, API target group and URLs)."
+  description = "Per region: what the Helm release of that region needs (cluster, endpoints, secrets, IRSA role ARNs, GPU selector and taint, API target group and URLs, the models volume's EFS file system)."
   value = {
     for region, m in local.region_modules : region => {
       cluster_name                     = m.region.cluster_name
@@ -36,6 +36,7 @@ output "regions" {
       msk_bootstrap_brokers_sasl_iam   = m.region.msk_bootstrap_brokers_sasl_iam
       redis_primary_endpoint           = m.region.redis_primary_endpoint
       redis_auth_secret_arn            = m.region.redis_auth_secret_arn
+      efs_file_system_id               = m.region.efs_file_system_id
       audit_bucket                     = m.region.audit_bucket
     }
   }

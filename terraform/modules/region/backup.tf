@@ -1,8 +1,9 @@
 ################################################################################
-# AWS Backup: daily copies of the region's database and of the directory's primary member into
-# a vault encrypted with the backup key. Unlike Aurora's own automated backups, these recovery
-# points outlive the cluster (a deleted cluster takes its automated backups with it after the
-# retention period) and have their own retention.
+# AWS Backup: daily copies of the region's database and of the directory's primary member (and
+# of the models file system, selected in efs.tf) into a vault encrypted with the backup key.
+# Unlike Aurora's own automated backups, these recovery points outlive the cluster (a deleted
+# cluster takes its automated backups with it after the retention period) and have their own
+# retention.
 ################################################################################
 
 resource "aws_backup_vault" "this" {

@@ -11,6 +11,7 @@ locals {
     msk         = "MSK broker storage"
     msk_scram   = "Secrets Manager secret of the MSK SASL/SCRAM user (MSK refuses secrets under the default key)"
     elasticache = "ElastiCache Redis storage and snapshots"
+    efs         = "EFS file system of the model registry volume"
     s3          = "S3 audit checkpoints and archives"
     logs        = "CloudWatch Logs of the region"
     secrets     = "Secrets Manager secrets of the region (database master users, Redis AUTH token)"

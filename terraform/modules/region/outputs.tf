@@ -144,6 +144,11 @@ output "logs_bucket" {
   value       = aws_s3_bucket.logs.id
 }
 
+output "efs_file_system_id" {
+  description = "EFS file system of the model registry volume: the fileSystemId of the StorageClass (provisioningMode efs-ap) named in the chart's models.persistence.storageClassName."
+  value       = aws_efs_file_system.models.id
+}
+
 output "kms_key_arns" {
   description = "ARN of each customer-managed key, by purpose."
   value       = { for p, k in aws_kms_key.this : p => k.arn }

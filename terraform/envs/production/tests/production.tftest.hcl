@@ -45,6 +45,32 @@ override_data {
   values          = { name = "eu-central-1" }
 }
 
+# Each region's models file system and Kafka SCRAM secret their own IDs, so that the outputs
+# cannot mix them up (with each other or with another secret) unseen.
+override_resource {
+  override_during = plan
+  target          = module.region_eu_west_1["eu-west-1"].module.region.aws_efs_file_system.models
+  values          = { id = "fs-eu-west-1" }
+}
+
+override_resource {
+  override_during = plan
+  target          = module.region_us_east_1["us-east-1"].module.region.aws_efs_file_system.models
+  values          = { id = "fs-us-east-1" }
+}
+
+override_resource {
+  override_during = plan
+  target          = module.region_eu_west_1["eu-west-1"].module.region.aws_secretsmanager_secret.msk_scram
+  values          = { arn = "arn:aws:secretsmanager:eu-west-1:111122223333:secret:AmazonMSK_firstmile-production_firstmile-eu" }
+}
+
+override_resource {
+  override_during = plan
+  target          = module.region_us_east_1["us-east-1"].module.region.aws_secretsmanager_secret.msk_scram
+  values          = { arn = "arn:aws:secretsmanager:us-east-1:111122223333:secret:AmazonMSK_firstmile-production_firstmile-us" }
+}
+
 run "production_data" {
   command = plan
 
@@ -86,10 +112,11 @@ run "production_data" {
   assert {
     condition = alltrue([
       for region, o in output.regions :
-      o.msk_scram_secret_arn == local.region_modules[region].region.msk_scram_secret_arn &&
-      o.msk_bootstrap_brokers_sasl_scram == local.region_modules[region].region.msk_bootstrap_brokers_sasl_scram
+      o.msk_scram_secret_arn == "arn:aws:secretsmanager:${region}:111122223333:secret:AmazonMSK_firstmile-production_firstmile-${substr(region, 0, 2)}" &&
+      o.msk_bootstrap_brokers_sasl_scram == local.region_modules[region].region.msk_bootstrap_brokers_sasl_scram &&
+      o.efs_file_system_id == "fs-${region}"
     ])
-    error_message = "Each region's outputs must carry its Kafka SCRAM brokers and secret (the chart's Kafka settings)."
+    error_message = "Each region's outputs must carry its Kafka SCRAM brokers and secret and its models file system (the chart's Kafka settings and models StorageClass)."
   }
 }
 

@@ -50,6 +50,39 @@ override_resource {
 
 override_resource {
   override_during = plan
+  target          = aws_kms_key.this["efs"]
+  values          = { arn = "arn:aws:kms:eu-west-1:111122223333:key/efs" }
+}
+
+override_resource {
+  override_during = plan
+  target          = aws_efs_file_system.models
+  values = {
+    id  = "fs-models"
+    arn = "arn:aws:elasticfilesystem:eu-west-1:111122223333:file-system/fs-models"
+  }
+}
+
+override_resource {
+  override_during = plan
+  target          = aws_security_group.efs
+  values          = { id = "sg-efs" }
+}
+
+override_resource {
+  override_during = plan
+  target          = aws_backup_plan.this
+  values          = { id = "backup-plan-mock" }
+}
+
+override_resource {
+  override_during = plan
+  target          = aws_iam_role.efs_csi
+  values          = { arn = "arn:aws:iam::111122223333:role/firstmile-production-eu-west-1-efs-csi" }
+}
+
+override_resource {
+  override_during = plan
   target          = aws_kms_key.this["elasticache"]
   values          = { arn = "arn:aws:kms:eu-west-1:111122223333:key/elasticache" }
 }
@@ -390,6 +423,87 @@ run "primary_region" {
   assert {
     condition     = aws_eks_cluster.this.vpc_config[0].endpoint_public_access == false && aws_eks_cluster.this.vpc_config[0].endpoint_private_access
     error_message = "The EKS API endpoint must be private by default."
+  }
+
+  # --- the models volume (EFS) ---------------------------------------------------------------
+
+  assert {
+    condition = (
+      aws_efs_file_system.models.encrypted &&
+      aws_efs_file_system.models.kms_key_id == aws_kms_key.this["efs"].arn
+    )
+    error_message = "The models file system must be encrypted with the region's efs key."
+  }
+
+  assert {
+    condition = (
+      length(aws_efs_mount_target.models) == 3 &&
+      toset([for m in aws_efs_mount_target.models : m.subnet_id]) == toset([for s in aws_subnet.private : s.id]) &&
+      alltrue([for m in aws_efs_mount_target.models : m.security_groups == toset([aws_security_group.efs.id])])
+    )
+    error_message = "The models file system must be reachable only through one mount target in each private subnet, behind its own security group."
+  }
+
+  assert {
+    condition = (
+      aws_vpc_security_group_ingress_rule.efs_from_eks.security_group_id == aws_security_group.efs.id &&
+      aws_vpc_security_group_ingress_rule.efs_from_eks.ip_protocol == "tcp" &&
+      aws_vpc_security_group_ingress_rule.efs_from_eks.from_port == 2049 &&
+      aws_vpc_security_group_ingress_rule.efs_from_eks.to_port == 2049 &&
+      aws_vpc_security_group_ingress_rule.efs_from_eks.referenced_security_group_id == aws_eks_cluster.this.vpc_config[0].cluster_security_group_id &&
+      aws_vpc_security_group_ingress_rule.efs_from_eks.cidr_ipv4 == null &&
+      aws_vpc_security_group_ingress_rule.efs_from_eks.cidr_ipv6 == null &&
+      aws_vpc_security_group_ingress_rule.efs_from_eks.prefix_list_id == null
+    )
+    error_message = "The models file system's security group must admit NFS (2049) from the EKS cluster's security group and nothing else."
+  }
+
+  assert {
+    condition = (
+      anytrue([
+        for st in jsondecode(aws_efs_file_system_policy.models.policy).Statement :
+        st.Effect == "Deny" && st.Action == "*" && try(st.Condition.Bool["aws:SecureTransport"], "") == "false"
+      ]) &&
+      alltrue([
+        for st in jsondecode(aws_efs_file_system_policy.models.policy).Statement :
+        st.Effect == "Deny" || (
+          try(st.Condition.Bool["elasticfilesystem:AccessedViaMountTarget"], "") == "true" &&
+          !contains(flatten([st.Action]), "elasticfilesystem:ClientRootAccess")
+        )
+      ])
+    )
+    error_message = "The models file system must refuse clients without TLS and allow others only through a mount target, never as root."
+  }
+
+  assert {
+    condition     = aws_backup_selection.models.resources == toset([aws_efs_file_system.models.arn]) && aws_backup_selection.models.plan_id == aws_backup_plan.this.id
+    error_message = "AWS Backup must copy the models file system daily into the region's vault."
+  }
+
+  assert {
+    condition = (
+      aws_eks_addon.efs_csi.addon_name == "aws-efs-csi-driver" &&
+      aws_eks_addon.efs_csi.service_account_role_arn == aws_iam_role.efs_csi.arn &&
+      aws_iam_role_policy_attachment.efs_csi.role == aws_iam_role.efs_csi.name &&
+      aws_iam_role_policy_attachment.efs_csi.policy_arn == "arn:aws:iam::aws:policy/service-role/AmazonEFSCSIDriverPolicy"
+    )
+    error_message = "The EFS CSI driver add-on must run with its own IRSA role holding AmazonEFSCSIDriverPolicy."
+  }
+
+  assert {
+    condition = (
+      jsondecode(aws_iam_role.efs_csi.assume_role_policy).Statement[0].Condition.StringEquals["oidc.eks.eu-west-1.amazonaws.com/id/MOCK:sub"] == [
+        "system:serviceaccount:kube-system:efs-csi-controller-sa",
+        "system:serviceaccount:kube-system:efs-csi-node-sa",
+      ] &&
+      length(jsondecode(aws_iam_role.efs_csi.assume_role_policy).Statement) == 1
+    )
+    error_message = "The EFS CSI driver's role must trust exactly the driver's two service accounts in kube-system."
+  }
+
+  assert {
+    condition     = output.efs_file_system_id == aws_efs_file_system.models.id
+    error_message = "The outputs must give the models StorageClass its file system."
   }
 
   # --- Object Lock --------------------------------------------------------------------------

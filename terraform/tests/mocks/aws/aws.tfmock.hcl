@@ -1,8 +1,9 @@
 # Values the mocked AWS provider returns where a test needs a realistic shape rather than the
-# random strings Terraform generates: data sources the modules read, and computed attributes
-# they index into (the EKS OIDC issuer, the RDS-managed secret, the MSK ARN, ACM's validation
-# records). Shared by every module's and environment's tests; per-region values are overridden
-# by address in the environment's tests.
+# random strings Terraform generates: data sources the modules read, computed attributes they
+# index into (the EKS OIDC issuer, the RDS-managed secret, the MSK ARN, ACM's validation
+# records), and IDs that an assertion compares at plan time, where a mocked resource's id is
+# otherwise still unknown (the EFS file system). Shared by every module's and environment's
+# tests; per-region values are overridden by address in the environment's tests.
 
 mock_data "aws_region" {
   defaults = {
@@ -68,6 +69,13 @@ mock_resource "aws_rds_cluster" {
 mock_resource "aws_msk_cluster" {
   defaults = {
     arn = "arn:aws:kafka:eu-west-1:111122223333:cluster/firstmile-production/mock-uuid"
+  }
+}
+
+mock_resource "aws_efs_file_system" {
+  defaults = {
+    id  = "fs-mock"
+    arn = "arn:aws:elasticfilesystem:eu-west-1:111122223333:file-system/fs-mock"
   }
 }
 
