@@ -273,6 +273,35 @@ async def test_scope_is_required(admin_engine: AsyncEngine, client: Client) -> N
     assert await db_snapshot(admin_engine, reader.id) == before
 
 
+async def test_a_read_only_key_reads_state_and_cannot_change_it(
+    admin_engine: AsyncEngine, client: Client, tenant: TenantFixture
+) -> None:
+    from firstmile.tenancy.cli import create_key
+    from tests.conftest import PEPPER, TenantFixture
+
+    assert (await start(client, tenant, "reads")).status_code == 201
+    created = await create_key(admin_engine, PEPPER, tenant.slug, ["onboarding:read"], "checklist")
+    reader = TenantFixture(tenant.id, tenant.slug, created.key, tenant.manifest)
+    state = await client.get("/v1/onboarding/reads", headers=reader.headers)
+    assert state.status_code == 200 and state.json()["user_id"] == "reads"
+
+    before = await db_snapshot(admin_engine, tenant.id)
+    refused = _assert_problem(await start(client, reader, "new-user"), 403, "forbidden")
+    assert refused["required_scope"] == "onboarding:write"
+    refused = _assert_problem(await complete(client, reader, "reads", "create-api-key"), 403, "forbidden")
+    assert refused["required_scope"] == "onboarding:write"
+    assert await db_snapshot(admin_engine, tenant.id) == before
+
+    # a key with neither onboarding scope cannot read: the refusal names the least it needs
+    events_only = await create_key(admin_engine, PEPPER, tenant.slug, ["events:write"], "events")
+    problem = _assert_problem(
+        await client.get("/v1/onboarding/reads", headers={"Authorization": f"Bearer {events_only.key}"}),
+        403,
+        "forbidden",
+    )
+    assert problem["required_scope"] == "onboarding:read"
+
+
 async def test_unknown_route_and_method(client: Client, tenant: TenantFixture) -> None:
     _assert_problem(await client.get("/v1/nothing-here", headers=tenant.headers), 404, "not-found")
     _assert_problem(await client.delete("/v1/onboarding/start", headers=tenant.headers), 405, "method-not-allowed")

@@ -53,15 +53,20 @@ def is_preflight(connection: ASGIConnection[Any, Any, Any, Any]) -> bool:
     return connection.scope.get("method") == "OPTIONS"
 
 
-def require_scope(scope: str) -> Guard:
-    """A guard that lets the request through only if its key has ``scope``."""
+def require_scope(scope: str, *alternatives: str) -> Guard:
+    """A guard that lets the request through only if its key has ``scope`` (or one of ``alternatives``).
+
+    An alternative is a scope that implies this one: ``onboarding:write`` also reads what
+    ``onboarding:read`` reads. A refusal names ``scope``, the least the request needs.
+    """
+    accepted = frozenset((scope, *alternatives))
 
     # async on purpose: Litestar runs sync guards in a worker thread on every request
     async def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
         if is_preflight(connection):
             return
         principal = connection.user
-        if not isinstance(principal, Principal) or scope not in principal.scopes:
+        if not isinstance(principal, Principal) or not accepted & principal.scopes:
             raise ProblemError(403, "forbidden", f"these credentials lack the scope {scope}", required_scope=scope)
 
     guard.__name__ = f"require_scope_{scope.replace(':', '_')}"

@@ -1,4 +1,4 @@
-"""The onboarding API (tenant apps, API key with ``onboarding:write``).
+"""The onboarding API (tenant apps: `onboarding:write` to start and complete, `onboarding:read` or write to read).
 
 Handlers get the caller's unit of work (``uow``, bound to the principal's tenant) and the
 :class:`~firstmile.onboarding.service.OnboardingService` (``onboarding``) by dependency
@@ -23,10 +23,10 @@ from firstmile.onboarding.service import OnboardingService
 class OnboardingController(Controller):
     path = "/v1/onboarding"
     tags = ["onboarding"]
-    guards = [require_scope("onboarding:write")]
 
     @post(
         "/start",
+        guards=[require_scope("onboarding:write")],
         status_code=201,
         summary="Start a user's onboarding",
         description="Chooses a path for the user and returns its state: 201 when new, "
@@ -45,7 +45,9 @@ class OnboardingController(Controller):
 
     @get(
         "/{user_id:str}",
+        guards=[require_scope("onboarding:read", "onboarding:write")],
         summary="A user's onboarding state",
+        description="Needs onboarding:read (a key that only shows a checklist) or onboarding:write.",
         opt={"problems": {404: "user-not-found: the user has not started onboarding"}},
     )
     async def state(
@@ -56,6 +58,7 @@ class OnboardingController(Controller):
 
     @post(
         "/{user_id:str}/steps/{step_id:str}/complete",
+        guards=[require_scope("onboarding:write")],
         status_code=200,
         summary="Complete a step",
         description="Idempotent: completing a completed step returns the unchanged state.",

@@ -7,7 +7,14 @@ import hmac
 import secrets
 
 KEY_PREFIX = "fm_"
-SCOPES: tuple[str, ...] = ("onboarding:write", "events:write", "analytics:read", "users:admin", "audit:read")
+SCOPES: tuple[str, ...] = (
+    "onboarding:write",
+    "onboarding:read",
+    "events:write",
+    "analytics:read",
+    "users:admin",
+    "audit:read",
+)
 
 
 def generate_key() -> str:
