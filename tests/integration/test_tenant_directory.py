@@ -24,7 +24,12 @@ from firstmile.cli import main
 from firstmile.settings import get_settings
 from firstmile.sso.tokens import RealmNaming
 from firstmile.tenancy import keys as keylib
-from firstmile.tenancy.directory import DirectoryEntry, PostgresTenantDirectory, RegionalTenantDirectory
+from firstmile.tenancy.directory import (
+    CachedTenantDirectory,
+    DirectoryEntry,
+    PostgresTenantDirectory,
+    RegionalTenantDirectory,
+)
 from tests.conftest import PEPPER, REGION, Database, make_settings, new_tenant
 from tests.factories import demo_document, provisioned_kek, recreate_database
 from tests.support.keycloak import client, client_credentials_token, client_scope, mappers, server
@@ -60,6 +65,31 @@ async def test_register_list_remove_are_idempotent(directory: PostgresTenantDire
     assert await directory.remove(slug) is False
     assert await directory.home_region(slug) is None
     assert all(entry.slug != slug for entry in await directory.list())
+
+
+async def test_the_cache_remembers_misses_and_answers_for_its_ttl_and_forgets_what_it_changes(
+    directory: PostgresTenantDirectory,
+) -> None:
+    cached = CachedTenantDirectory(directory, ttl=300, max_entries=2)
+    made_up, other = f"d-{secrets.token_hex(4)}", f"d-{secrets.token_hex(4)}"
+    assert await cached.home_region(made_up) is None
+    # registered behind the cache's back (another region's `tenants apply`): the miss is remembered
+    await directory.register(made_up, uuid.uuid4(), "us-east-1")
+    assert await cached.home_region(made_up) is None
+    assert await CachedTenantDirectory(directory, ttl=0).home_region(made_up) == "us-east-1"  # ttl 0: no cache
+    # a change made through the cache drops the entry at once
+    assert await cached.register(made_up, uuid.uuid4(), "eu-central-1") is True
+    assert await cached.home_region(made_up) == "eu-central-1"
+    await directory.register(made_up, uuid.uuid4(), "ap-south-1")
+    assert await cached.home_region(made_up) == "eu-central-1"  # a hit is cached too
+    assert await cached.remove(made_up) is True
+    assert await cached.home_region(made_up) is None
+    # bounded: two more slugs evict the oldest entry, which is then read afresh
+    await directory.register(made_up, uuid.uuid4(), "us-east-1")
+    assert await cached.home_region(other) is None
+    assert await cached.home_region(f"d-{secrets.token_hex(4)}") is None
+    assert await cached.home_region(made_up) == "us-east-1"
+    await directory.remove(made_up)
 
 
 async def test_the_regional_fallback_is_this_regions_tenants(

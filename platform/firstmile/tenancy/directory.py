@@ -12,7 +12,9 @@ which reads this region's own ``tenants`` table (so it knows only this region's 
 
 from __future__ import annotations
 
+import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -129,6 +131,55 @@ class PostgresTenantDirectory:
     async def aclose(self) -> None:
         if self._owns_engine:
             await self.engine.dispose()
+
+
+class CachedTenantDirectory:
+    """A directory that remembers its answers for ``ttl`` seconds, misses included.
+
+    Every request with an unknown tenant (a made-up slug in a token or a login URL) asks the
+    directory, and the directory is one global database for every region: without a cache of
+    misses, a client sending made-up slugs sends one cross-region query per request. Entries are
+    kept in a bounded LRU (``max_entries``), so made-up slugs only evict each other's entries and
+    memory stays bounded. ``register`` and ``remove`` through this object drop the slug's entry; a
+    change made elsewhere is seen within ``ttl``.
+    """
+
+    def __init__(self, inner: TenantDirectory, ttl: float, max_entries: int = 10_000) -> None:
+        self.inner = inner
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._answers: OrderedDict[str, tuple[float, str | None]] = OrderedDict()
+
+    async def ensure_schema(self) -> None:
+        await self.inner.ensure_schema()
+
+    async def home_region(self, slug: str) -> str | None:
+        if self.ttl > 0:
+            hit = self._answers.get(slug)
+            if hit is not None and hit[0] > time.monotonic():
+                self._answers.move_to_end(slug)
+                return hit[1]
+        home = await self.inner.home_region(slug)
+        if self.ttl > 0:
+            self._answers[slug] = (time.monotonic() + self.ttl, home)
+            self._answers.move_to_end(slug)
+            while len(self._answers) > self.max_entries:
+                self._answers.popitem(last=False)
+        return home
+
+    async def register(self, slug: str, tenant_id: uuid.UUID, home_region: str) -> bool:
+        self._answers.pop(slug, None)
+        return await self.inner.register(slug, tenant_id, home_region)
+
+    async def remove(self, slug: str) -> bool:
+        self._answers.pop(slug, None)
+        return await self.inner.remove(slug)
+
+    async def list(self) -> list[DirectoryEntry]:
+        return await self.inner.list()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 class RegionalTenantDirectory:

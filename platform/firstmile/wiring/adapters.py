@@ -26,7 +26,12 @@ from firstmile.settings import Settings
 from firstmile.sso.events import KeycloakEventSync
 from firstmile.sso.provisioning import KeycloakProvisioner, ProvisioningError
 from firstmile.sso.tokens import RealmNaming, TokenValidator
-from firstmile.tenancy.directory import PostgresTenantDirectory, RegionalTenantDirectory, TenantDirectory
+from firstmile.tenancy.directory import (
+    CachedTenantDirectory,
+    PostgresTenantDirectory,
+    RegionalTenantDirectory,
+    TenantDirectory,
+)
 
 log = logging.getLogger("firstmile.wiring")
 
@@ -195,7 +200,12 @@ def tenant_directory(settings: Settings, regional_engine: AsyncEngine) -> Tenant
 
 
 def global_directory(settings: Settings) -> TenantDirectory | None:
-    """The global directory when one is configured (the API's 421 for tenants homed elsewhere)."""
+    """The global directory when one is configured (the API's 421 for tenants homed elsewhere).
+
+    Its answers, misses included, are cached per process as long as resolved API keys are
+    (FIRSTMILE_API_KEY_CACHE_TTL_SECONDS): an unknown slug costs one cross-region query per TTL.
+    """
     if settings.tenancy.directory_url is None:
         return None
-    return PostgresTenantDirectory.from_url(settings.tenancy.directory_url.get_secret_value())
+    directory = PostgresTenantDirectory.from_url(settings.tenancy.directory_url.get_secret_value())
+    return CachedTenantDirectory(directory, ttl=settings.tenancy.api_key_cache_ttl_seconds)
