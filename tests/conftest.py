@@ -33,6 +33,7 @@ from firstmile.tenancy.cli import create_key
 from firstmile.tenancy.manifest import TenantManifest
 from firstmile.wiring.migrate import upgrade
 from tests.factories import ROOT, manifest_for, recreate_database
+from tests.support import figures
 
 REGION = "eu-west-1"
 _TAG = os.environ.get("FIRSTMILE_TEST_DB_TAG", "")
@@ -322,6 +323,21 @@ async def tenant(admin_engine: AsyncEngine) -> TenantFixture:
 @pytest.fixture
 async def other_tenant(admin_engine: AsyncEngine) -> TenantFixture:
     return await new_tenant(admin_engine)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The controller (or the only process) starts the run's harness figures afresh."""
+    if not hasattr(session.config, "workerinput"):
+        figures.clear()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print the reliability harness's figures (tests/support/figures.py) at the end of the run."""
+    lines = figures.summary()
+    if lines:
+        terminalreporter.section("reliability harness")
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 @pytest.hookimpl(trylast=True)
