@@ -16,14 +16,13 @@ from typing import Any
 import msgspec
 from litestar import Controller, Request, Response, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath
 
 from firstmile.events.segment import MAX_BATCH_BYTES, MAX_BATCH_MESSAGES, MAX_MESSAGE_BYTES
 from firstmile.events.service import BatchResult, IngestionService
 from firstmile.kit import telemetry
 from firstmile.kit.auth import Principal, require_scope
 from firstmile.kit.errors import ProblemError
-from firstmile.kit.ids import SLUG_RE
+from firstmile.kit.ids import SLUG_RE, SlugPath
 from firstmile.kit.uow import UnitOfWork
 
 _BODY_LIMIT = MAX_BATCH_BYTES + 4096  # the batch plus its envelope (sentAt, writeKey, context)
@@ -118,7 +117,7 @@ class EventsController(Controller):
         },
     )
     async def segment_webhook(
-        self, request: Request[Any, Any, Any], tenant: FromPath[str], ingestion: NamedDependency[IngestionService]
+        self, request: Request[Any, Any, Any], tenant: SlugPath, ingestion: NamedDependency[IngestionService]
     ) -> Response[BatchResult]:
         raw = await _body(request, MAX_MESSAGE_BYTES + 4096)
         unauthorised = ProblemError(

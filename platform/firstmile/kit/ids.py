@@ -8,6 +8,9 @@ the wire types and the path-parameter checks cannot drift apart.
 from __future__ import annotations
 
 import re
+from typing import Annotated
+
+from litestar.params import PathParameter
 
 from firstmile.kit.errors import ProblemError
 
@@ -21,6 +24,23 @@ REGION_PATTERN = r"^[a-z]{2}(-[a-z]+)+-\d$"
 
 USER_ID_RE = re.compile(USER_ID_PATTERN)
 SLUG_RE = re.compile(SLUG_PATTERN)
+
+# Path parameters of these formats. The handler checks them (``check_id``, for a problem naming the
+# parameter); ``schema_extra`` only documents the check, so the OpenAPI document admits exactly what
+# the handler accepts (the OpenAPI fuzzing, tests/integration/test_api_fuzz.py, holds it to that).
+UserIdPath = Annotated[
+    str,
+    PathParameter(
+        description="The tenant's own id for the user: letters, digits and . _ : @ + -",
+        schema_extra={"min_length": 1, "max_length": USER_ID_MAX_LENGTH, "pattern": USER_ID_PATTERN},
+    ),
+]
+SlugPath = Annotated[
+    str,
+    PathParameter(
+        description="A lower-case id: letters, digits, dashes", schema_extra={"max_length": 64, "pattern": SLUG_PATTERN}
+    ),
+]
 
 
 def check_id(value: str, pattern: re.Pattern[str], name: str) -> str:
@@ -47,6 +67,8 @@ __all__ = [
     "USER_ID_MAX_LENGTH",
     "USER_ID_PATTERN",
     "USER_ID_RE",
+    "SlugPath",
+    "UserIdPath",
     "check_id",
     "check_user_id",
 ]

@@ -11,10 +11,11 @@ from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
-from litestar.params import Body, FromPath
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import Body
 
 from firstmile.kit.auth import Principal, require_scope
-from firstmile.kit.ids import SLUG_RE, check_id, check_user_id
+from firstmile.kit.ids import SLUG_RE, SlugPath, UserIdPath, check_id, check_user_id
 from firstmile.kit.uow import UnitOfWork
 from firstmile.onboarding.schemas import CompleteRequest, OnboardingState, StartRequest
 from firstmile.onboarding.service import OnboardingService
@@ -31,6 +32,13 @@ class OnboardingController(Controller):
         summary="Start a user's onboarding",
         description="Chooses a path for the user and returns its state: 201 when new, "
         "200 with the existing state when the user already started.",
+        responses={
+            200: ResponseSpec(
+                OnboardingState,
+                description="The user had already started: the existing state, unchanged",
+                generate_examples=False,
+            )
+        },
         opt={"problems": {503: "key-provider-unavailable (personal traits cannot be sealed) or the database"}},
     )
     async def start(
@@ -51,7 +59,7 @@ class OnboardingController(Controller):
         opt={"problems": {404: "user-not-found: the user has not started onboarding"}},
     )
     async def state(
-        self, user_id: FromPath[str], uow: NamedDependency[UnitOfWork], onboarding: NamedDependency[OnboardingService]
+        self, user_id: UserIdPath, uow: NamedDependency[UnitOfWork], onboarding: NamedDependency[OnboardingService]
     ) -> OnboardingState:
         check_user_id(user_id)
         return await uow.run(lambda tx: onboarding.get(tx, user_id))
@@ -71,8 +79,8 @@ class OnboardingController(Controller):
     )
     async def complete(
         self,
-        user_id: FromPath[str],
-        step_id: FromPath[str],
+        user_id: UserIdPath,
+        step_id: SlugPath,
         uow: NamedDependency[UnitOfWork],
         onboarding: NamedDependency[OnboardingService],
         data: Annotated[CompleteRequest | None, Body(description="Optional: when it happened")] = None,

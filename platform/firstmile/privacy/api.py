@@ -7,11 +7,11 @@ from typing import Any
 import msgspec
 from litestar import Controller, Request, Response, delete, get
 from litestar.di import NamedDependency
-from litestar.params import FromPath, FromQuery
+from litestar.params import FromQuery
 
 from firstmile.kit.auth import Principal, require_scope
 from firstmile.kit.errors import ProblemError
-from firstmile.kit.ids import check_user_id
+from firstmile.kit.ids import UserIdPath, check_user_id
 from firstmile.kit.uow import UnitOfWork
 from firstmile.privacy.service import PrivacyService
 from firstmile.security.personal_data import valid_email
@@ -46,7 +46,7 @@ class UsersController(Controller):
     async def erase(
         self,
         request: Request[Principal, Any, Any],
-        user_id: FromPath[str],
+        user_id: UserIdPath,
         uow: NamedDependency[UnitOfWork],
         privacy: NamedDependency[PrivacyService],
     ) -> Response[ErasureResult]:
@@ -75,7 +75,7 @@ class UsersController(Controller):
     async def export(
         self,
         request: Request[Principal, Any, Any],
-        user_id: FromPath[str],
+        user_id: UserIdPath,
         uow: NamedDependency[UnitOfWork],
         privacy: NamedDependency[PrivacyService],
     ) -> dict[str, Any]:
