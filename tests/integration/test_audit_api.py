@@ -137,6 +137,9 @@ async def test_entries_filters_and_cursor_pagination(
         ("/consistency", {"second": 3}, "first"),
         ("/consistency", {"first": 5, "second": 3}, "first"),
         ("/checkpoints", {"limit": 5000}, "limit"),
+        # what the OpenAPI document refuses (schemathesis: it admitted tree_size=0 and limit=0, refused here)
+        ("/checkpoints", {"after_size": "5\n"}, "after_size"),
+        ("/entries", {"after_seq": "1" * 19}, "after_seq"),
     ],
 )
 async def test_bad_input_is_a_validation_problem(

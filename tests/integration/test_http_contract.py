@@ -151,6 +151,11 @@ async def test_the_document_admits_no_input_the_server_refuses(
     assert step["pattern"] == "^[a-z][a-z0-9-]{0,62}[a-z0-9]$"
     refused = await client.post("/v1/onboarding/u-1/steps/0/complete", headers=tenant.headers)
     assert refused.status_code == 400
+    # the audit's integers say their bounds (limit 1..1000, tree sizes from 1), as the handlers check them
+    checkpoints = {p["name"]: p["schema"] for p in openapi["paths"]["/v1/audit/checkpoints"]["get"]["parameters"]}
+    assert checkpoints["limit"]["pattern"] == "^0*([1-9][0-9]{0,2}|1000)$"
+    proof = openapi["paths"]["/v1/audit/entries/{seq}/proof"]["get"]["parameters"]
+    assert {p["name"]: p["schema"] for p in proof}["tree_size"]["pattern"] == "^0*[1-9][0-9]*$"
 
 
 async def test_admin_pages_send_one_charset(client: Client, tenant: TenantFixture) -> None:

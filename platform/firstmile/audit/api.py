@@ -14,7 +14,7 @@ from typing import Annotated, TypeVar
 
 from litestar import Controller, get
 from litestar.di import NamedDependency
-from litestar.params import FromPath, QueryParameter
+from litestar.params import PathParameter, QueryParameter
 
 from firstmile.audit import schemas
 from firstmile.audit.service import (
@@ -34,12 +34,16 @@ from firstmile.kit.uow import UnitOfWork
 T = TypeVar("T")
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
-MAX_SEQ = (1 << 63) - 1
-_INT = re.compile(r"^[0-9]{1,19}$")
+_INT = re.compile(r"^[0-9]{1,18}$")
+MAX_SEQ = 10**18 - 1
+"""Sequence numbers and tree sizes are at most 18 digits (every one fits PostgreSQL's bigint)."""
 
 Str = Annotated[str | None, QueryParameter(schema_extra={"max_length": MAX_TEXT})]
 KindQ = Annotated[str | None, QueryParameter(schema_extra={"pattern": KIND_PATTERN.pattern})]
-_SEQ = {"pattern": _INT.pattern}
+# What ``_Errors.integer`` accepts, stated exactly in the OpenAPI document (the fuzzing holds it to that):
+_SEQ = {"pattern": _INT.pattern}  # 0..MAX_SEQ
+_POSITIVE = {"pattern": r"^0*[1-9][0-9]*$", "max_length": 18}  # 1..MAX_SEQ
+_LIMIT = {"pattern": r"^0*([1-9][0-9]{0,2}|1000)$", "max_length": 18}  # 1..MAX_LIMIT
 
 
 class _Errors:
@@ -60,7 +64,7 @@ class _Errors:
     def integer(self, value: str | None, key: str, low: int, high: int = MAX_SEQ) -> int | None:
         if value is None:
             return None
-        if not _INT.match(value) or not low <= int(value) <= high:
+        if not _INT.fullmatch(value) or not low <= int(value) <= high:
             self.add(key, f"must be an integer in {low}..{high}")
             return None
         return int(value)
@@ -121,7 +125,7 @@ class AuditController(Controller):
             str | None, QueryParameter(description="Only entries with a larger seq", schema_extra=_SEQ)
         ] = None,
         limit: Annotated[
-            str | None, QueryParameter(description=f"1..{MAX_LIMIT}, default {DEFAULT_LIMIT}", schema_extra=_SEQ)
+            str | None, QueryParameter(description=f"1..{MAX_LIMIT}, default {DEFAULT_LIMIT}", schema_extra=_LIMIT)
         ] = None,
     ) -> schemas.EntryPage:
         errors = _Errors()
@@ -161,9 +165,9 @@ class AuditController(Controller):
         self,
         uow: NamedDependency[UnitOfWork],
         audit_log: NamedDependency[AuditService],
-        seq: FromPath[str],
+        seq: Annotated[str, PathParameter(description="The entry's seq (0, 1, …)", schema_extra=_SEQ)],
         tree_size: Annotated[
-            str | None, QueryParameter(description="A checkpoint's tree size", schema_extra=_SEQ)
+            str | None, QueryParameter(description="A checkpoint's tree size", schema_extra=_POSITIVE)
         ] = None,
     ) -> schemas.InclusionProof:
         errors = _Errors()
@@ -193,7 +197,7 @@ class AuditController(Controller):
             str | None, QueryParameter(description="Only larger tree sizes", schema_extra=_SEQ)
         ] = None,
         limit: Annotated[
-            str | None, QueryParameter(description=f"1..{MAX_LIMIT}, default {DEFAULT_LIMIT}", schema_extra=_SEQ)
+            str | None, QueryParameter(description=f"1..{MAX_LIMIT}, default {DEFAULT_LIMIT}", schema_extra=_LIMIT)
         ] = None,
     ) -> schemas.CheckpointPage:
         errors = _Errors()
@@ -228,10 +232,10 @@ class AuditController(Controller):
         uow: NamedDependency[UnitOfWork],
         audit_log: NamedDependency[AuditService],
         first: Annotated[
-            str | None, QueryParameter(description="The smaller checkpoint tree size", schema_extra=_SEQ)
+            str | None, QueryParameter(description="The smaller tree size (required)", schema_extra=_POSITIVE)
         ] = None,
         second: Annotated[
-            str | None, QueryParameter(description="The larger checkpoint tree size", schema_extra=_SEQ)
+            str | None, QueryParameter(description="The larger tree size (required)", schema_extra=_POSITIVE)
         ] = None,
     ) -> schemas.ConsistencyProof:
         errors = _Errors()
