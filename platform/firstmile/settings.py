@@ -641,6 +641,101 @@ class AdminSettings(_Section):
     )
 
 
+class GuardrailSettings(_Section):
+    """Rate limits and the abuse detector of the tenant API (the guardrail's request policy)."""
+
+    rate_limit_enabled: bool = Field(
+        validation_alias="rate_limit_enabled",
+        default=True,
+        description=(
+            "Whether requests with an API key or access token are rate-limited (per key and per tenant) and "
+            "watched by the abuse detector. Health, metrics, the schema and the admin UI never are."
+        ),
+    )
+    key_requests: int = Field(
+        validation_alias="rate_limit_key_requests",
+        default=1000,
+        ge=1,
+        le=10_000_000,
+        description="Requests each API key (or machine client) may make per key window (a manifest may set its own).",
+    )
+    key_window_seconds: int = Field(
+        validation_alias="rate_limit_key_window_seconds",
+        default=1,
+        ge=1,
+        le=86_400,
+        description="The per-key window: the quota refills evenly over it and may be spent at once (GCRA).",
+    )
+    tenant_requests: int = Field(
+        validation_alias="rate_limit_tenant_requests",
+        default=5000,
+        ge=1,
+        le=10_000_000,
+        description="Requests all credentials of one tenant together may make per tenant window.",
+    )
+    tenant_window_seconds: int = Field(
+        validation_alias="rate_limit_tenant_window_seconds",
+        default=1,
+        ge=1,
+        le=86_400,
+        description="The per-tenant window.",
+    )
+    redis_timeout_ms: float = Field(
+        validation_alias="rate_limit_redis_timeout_ms",
+        default=100,
+        gt=0,
+        le=10_000,
+        description="Timeout of the limiter's one Redis call per request; past it the request is checked locally.",
+    )
+    fallback_seconds: float = Field(
+        validation_alias="rate_limit_fallback_seconds",
+        default=5,
+        gt=0,
+        le=3600,
+        description="After Redis failed, how long each process limits on its own before it tries Redis again.",
+    )
+    abuse_detection_enabled: bool = Field(
+        validation_alias="abuse_detection_enabled",
+        default=True,
+        description="Whether the abuse detector watches each credential's request rate against its own baseline.",
+    )
+    abuse_factor: float = Field(
+        validation_alias="abuse_factor",
+        default=10,
+        gt=1,
+        le=1000,
+        description="A credential is flagged when its requests of one kind this minute exceed this times its baseline.",
+    )
+    abuse_min_requests_per_minute: int = Field(
+        validation_alias="abuse_min_requests_per_minute",
+        default=300,
+        ge=1,
+        le=10_000_000,
+        description="…and are at least this many (a quiet key doing a few more requests is not abuse).",
+    )
+    abuse_baseline_half_life_minutes: float = Field(
+        validation_alias="abuse_baseline_half_life_minutes",
+        default=60,
+        gt=0,
+        le=10_080,
+        description="Half-life of the baseline: an exponentially weighted moving average of requests per minute.",
+    )
+    abuse_warmup_minutes: int = Field(
+        validation_alias="abuse_warmup_minutes",
+        default=60,
+        ge=0,
+        le=10_080,
+        description="A credential is not flagged until its baseline has this many minutes of history.",
+    )
+    abuse_flag_cooldown_seconds: float = Field(
+        validation_alias="abuse_flag_cooldown_seconds",
+        default=3600,
+        ge=1,
+        le=7 * 86_400,
+        description="A flagged credential is flagged again (another audit entry) at most once per this long.",
+    )
+
+
 SECTIONS: dict[str, type[_Section]] = {
     "database": DatabaseSettings,
     "tenancy": TenancySettings,
@@ -656,6 +751,7 @@ SECTIONS: dict[str, type[_Section]] = {
     "stuck": StuckSettings,
     "sso": SsoSettings,
     "admin": AdminSettings,
+    "guardrail": GuardrailSettings,
 }
 
 
@@ -754,6 +850,7 @@ class Settings(BaseSettings):
     stuck: StuckSettings = Field(default_factory=StuckSettings)
     sso: SsoSettings = Field(default_factory=SsoSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
+    guardrail: GuardrailSettings = Field(default_factory=GuardrailSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -46,6 +46,7 @@ _TITLES: dict[str, str] = {
     "step-prerequisites-unmet": "Step prerequisites are not complete",
     "method-not-allowed": "Method not allowed",
     "conflict": "Conflicting request",
+    "rate-limited": "Too many requests for this credential or tenant",
     "service-unavailable": "A dependency is unavailable",
     "invalid-events": "No message in the batch is valid",
     "invalid-signature": "Webhook signature missing or wrong",

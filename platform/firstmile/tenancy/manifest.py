@@ -206,6 +206,34 @@ class KeysSpec(_Model):
         return self
 
 
+class QuotaSpec(_Model):
+    """One rate limit: ``requests`` per ``window_seconds``, refilled evenly and spendable at once."""
+
+    requests: int = Field(ge=1, le=10_000_000, description="Requests allowed per window (the RateLimit-Policy q).")
+    window_seconds: int = Field(
+        default=1, ge=1, le=86_400, description="The window in whole seconds (the RateLimit-Policy w)."
+    )
+
+
+class LimitsSpec(_Model):
+    """The tenant's API rate limits (``docs/api.md#rate-limits``); a limit left out keeps the platform's default."""
+
+    per_key: QuotaSpec | None = Field(
+        default=None,
+        description=(
+            "Each API key and each machine client on its own. Omitted: FIRSTMILE_RATE_LIMIT_KEY_REQUESTS per "
+            "FIRSTMILE_RATE_LIMIT_KEY_WINDOW_SECONDS."
+        ),
+    )
+    per_tenant: QuotaSpec | None = Field(
+        default=None,
+        description=(
+            "All the tenant's credentials together. Omitted: FIRSTMILE_RATE_LIMIT_TENANT_REQUESTS per "
+            "FIRSTMILE_RATE_LIMIT_TENANT_WINDOW_SECONDS."
+        ),
+    )
+
+
 ADMIN_ROLES: tuple[str, ...] = ("owner", "editor", "analyst", "viewer")
 AdminRole = Literal["owner", "editor", "analyst", "viewer"]
 DEFAULT_ROLE_DESCRIPTIONS: dict[str, str] = {
@@ -355,6 +383,12 @@ class TenantManifest(_Model):
             "no group mappings, no IdP)."
         ),
     )
+    limits: LimitsSpec | None = Field(
+        default=None,
+        description=(
+            "Rate limits of the tenant's API credentials. Omitted: the platform's defaults (FIRSTMILE_RATE_LIMIT_*)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> TenantManifest:
@@ -378,7 +412,7 @@ class TenantManifest(_Model):
     def content_hash(self) -> str:
         # Sections added later are left out while unset, so existing manifests keep their hash.
         unset: dict[str, Any] = {
-            name: True for name in ("keys", "pii_traits", "planner", "sso") if getattr(self, name) is None
+            name: True for name in ("keys", "pii_traits", "planner", "sso", "limits") if getattr(self, name) is None
         }
         if self.sso is not None and not self.sso.machine_clients:
             unset["sso"] = {"machine_clients": True}  # added to sso later: an sso section without it keeps its hash

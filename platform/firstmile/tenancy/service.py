@@ -19,7 +19,7 @@ from firstmile.audit import service as audit
 from firstmile.kit.db import TenantTx
 from firstmile.tenancy import keys as keylib
 from firstmile.tenancy import repository as repo
-from firstmile.tenancy.manifest import KeysSpec, TenantManifest
+from firstmile.tenancy.manifest import KeysSpec, LimitsSpec, TenantManifest
 from firstmile.tenancy.repository import KeyRow, ResolvedKey, ResolvedTenant, TenantRow
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "find_tenant_by_slug_or_id",
     "has_customer_idp",
     "keys_spec",
+    "limits_spec",
     "list_keys",
     "manifest",
     "path_settings",
@@ -108,6 +109,12 @@ async def keys_spec(tx: TenantTx) -> KeysSpec | None:
     """The manifest's ``keys:`` section (which key provider serves the tenant), or None for the platform's."""
     raw = await repo.manifest_section(tx, "keys")
     return KeysSpec.model_validate(raw) if raw else None
+
+
+async def limits_spec(tx: TenantTx) -> LimitsSpec | None:
+    """The manifest's ``limits:`` section (the tenant's API rate limits), or None for the platform's defaults."""
+    raw = await repo.manifest_section(tx, "limits")
+    return LimitsSpec.model_validate(raw) if raw else None
 
 
 async def has_customer_idp(tx: TenantTx) -> bool:
