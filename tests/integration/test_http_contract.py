@@ -151,6 +151,14 @@ async def test_the_document_admits_no_input_the_server_refuses(
     assert step["pattern"] == "^[a-z][a-z0-9-]{0,62}[a-z0-9]$"
     refused = await client.post("/v1/onboarding/u-1/steps/0/complete", headers=tenant.headers)
     assert refused.status_code == 400
+    # the events endpoints read raw bodies and still state them (the document had no body for them)
+    for path in ("/v1/events", "/v1/batch"):
+        body = openapi["paths"][path]["post"]["requestBody"]
+        assert body["required"] is True
+        batch = body["content"]["application/json"]["schema"]
+        assert batch["required"] == ["batch"] and batch["properties"]["batch"]["minItems"] == 1, path
+    webhook = openapi["paths"]["/v1/webhooks/segment/{tenant}"]["post"]["requestBody"]
+    assert webhook["content"]["application/json"]["schema"]["type"] == "object"
     # the audit's integers say their bounds (limit 1..1000, tree sizes from 1), as the handlers check them
     checkpoints = {p["name"]: p["schema"] for p in openapi["paths"]["/v1/audit/checkpoints"]["get"]["parameters"]}
     assert checkpoints["limit"]["pattern"] == "^0*([1-9][0-9]{0,2}|1000)$"

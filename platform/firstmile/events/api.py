@@ -11,11 +11,14 @@ shared secret (``X-Signature``: hex HMAC-SHA1 of the body).
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 from litestar import Controller, Request, Response, post
 from litestar.di import NamedDependency
+from litestar.openapi.spec import OpenAPIMediaType, Operation, RequestBody, Schema
+from litestar.openapi.spec.enums import OpenAPIType
 
 from firstmile.events.segment import MAX_BATCH_BYTES, MAX_BATCH_MESSAGES, MAX_MESSAGE_BYTES
 from firstmile.events.service import BatchResult, IngestionService
@@ -68,6 +71,41 @@ def _messages(raw: bytes) -> list[Any]:
     return batch
 
 
+def _json_body(schema: Schema, description: str) -> RequestBody:
+    return RequestBody(
+        required=True, description=description, content={"application/json": OpenAPIMediaType(schema=schema)}
+    )
+
+
+_MESSAGE = Schema(
+    type=OpenAPIType.OBJECT,
+    description="A Segment track, identify or page message (events.md#ingestion); each is checked on its own",
+)
+_BATCH_BODY = _json_body(
+    Schema(
+        type=OpenAPIType.OBJECT,
+        required=["batch"],
+        properties={"batch": Schema(type=OpenAPIType.ARRAY, min_items=1, max_items=MAX_BATCH_MESSAGES, items=_MESSAGE)},
+    ),
+    "A Segment batch; other members (sentAt, context, writeKey) are ignored. It may be gzip-encoded.",
+)
+_WEBHOOK_BODY = _json_body(_MESSAGE, "One Segment message, as a webhook destination posts it")
+
+
+# The handlers read their raw bodies (gzip, a byte limit, a signature over the bytes), so Litestar
+# sees no ``data`` to document: these operations state the body themselves.
+@dataclass
+class _BatchOperation(Operation):
+    def __post_init__(self) -> None:
+        self.request_body = _BATCH_BODY
+
+
+@dataclass
+class _WebhookOperation(Operation):
+    def __post_init__(self) -> None:
+        self.request_body = _WEBHOOK_BODY
+
+
 class EventsController(Controller):
     path = "/v1"
     tags = ["events"]
@@ -77,6 +115,7 @@ class EventsController(Controller):
         status_code=202,
         guards=[require_scope("events:write")],
         request_max_body_size=_BODY_LIMIT,
+        operation_class=_BatchOperation,
         summary="Ingest a batch of Segment messages",
         description='A Segment batch (`{"batch": [track|identify|page …]}`), deduplicated by messageId. '
         "202 with the number accepted, the duplicates and, per rejected message, its index, field and reason; "
@@ -105,6 +144,7 @@ class EventsController(Controller):
         status_code=202,
         request_max_body_size=MAX_MESSAGE_BYTES + 4096,
         exclude_from_auth=True,
+        operation_class=_WebhookOperation,
         summary="Segment webhook destination",
         description="One Segment message, signed: `X-Signature` is the hex HMAC-SHA1 of the body under the "
         "tenant's shared secret (`firstmile webhooks secret --tenant SLUG`).",
