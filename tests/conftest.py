@@ -350,6 +350,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     workers at once. Do the same renaming where pytest reads it; a no-op where
     xdist's own renaming took effect or without ``--dist loadgroup``.
     """
+    for item in items:
+        # schemathesis (4.32) names each operation's test "<name>[<METHOD> <path>]", but pytest 9
+        # builds a node's id from its callspec, so every operation got the same id and xdist ran one.
+        label = getattr(item, "operation_label", None)
+        if isinstance(item, pytest.Function) and label and not item.nodeid.endswith("]"):
+            item._id = type(item._id).parse(f"{item.nodeid}[{label}]")
     if not getattr(config.option, "loadgroup", False):
         return
     for item in items:
