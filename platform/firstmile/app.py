@@ -28,6 +28,7 @@ from firstmile.analytics.store import AnalyticsStore
 from firstmile.audit.api import AuditController
 from firstmile.auth.middleware import ApiKeyMiddleware
 from firstmile.events.api import EventsController
+from firstmile.guardrail.middleware import RateLimitMiddleware
 from firstmile.kit import telemetry
 from firstmile.kit.errors import exception_handlers, problem_response
 from firstmile.kit.health import HealthController, metrics
@@ -160,7 +161,13 @@ def create_app(
         middleware=[
             DefineMiddleware(
                 ApiKeyMiddleware, authenticate=container.authenticator(), exclude=PUBLIC_PATHS + ADMIN_PATHS
-            )
+            ),
+            # after authentication (it needs the principal): per-key and per-tenant limits, the abuse detector
+            *(
+                [DefineMiddleware(RateLimitMiddleware, admit=container.rate_limit_check())]
+                if settings.guardrail.rate_limit_enabled
+                else []
+            ),
         ],
         # Server spans cost ~0.3 ms of CPU per request; record them only when they go somewhere.
         plugins=[OpenTelemetryPlugin(OpenTelemetryConfig(tracer_provider=provider, exclude=PUBLIC_PATHS))]

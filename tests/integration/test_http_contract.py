@@ -86,8 +86,10 @@ async def test_every_operation_declares_its_problem_answers(openapi: dict[str, A
     for path, method, operation in operations:
         assert _problem(operation, 500) == {"$ref": PROBLEM_REF}, (method, path)
         public = path.startswith(("/health", "/v1/webhooks/"))
-        for status in () if public else (401, 403, 421, 503):
+        for status in () if public else (401, 403, 421, 429, 503):
             assert _problem(operation, status) == {"$ref": PROBLEM_REF}, (method, path, status)
+        if not public:  # a refusal says when to retry and what is left, and the document says so
+            assert set(operation["responses"]["429"]["headers"]) == {"Retry-After", "RateLimit-Policy", "RateLimit"}
         if operation.get("parameters") or "requestBody" in operation:
             assert _problem(operation, 400) == {"$ref": PROBLEM_REF}, (method, path)
         if public:
@@ -98,17 +100,17 @@ async def test_every_operation_declares_its_problem_answers(openapi: dict[str, A
     ("method", "path", "statuses"),
     [
         # 200: the user had already started (schemathesis found it undocumented)
-        ("post", "/v1/onboarding/start", {200, 201, 400, 401, 403, 413, 421, 500, 503}),
-        ("get", "/v1/onboarding/{user_id}", {200, 400, 401, 403, 404, 421, 500, 503}),
+        ("post", "/v1/onboarding/start", {200, 201, 400, 401, 403, 413, 421, 429, 500, 503}),
+        ("get", "/v1/onboarding/{user_id}", {200, 400, 401, 403, 404, 421, 429, 500, 503}),
         (
             "post",
             "/v1/onboarding/{user_id}/steps/{step_id}/complete",
-            {200, 400, 401, 403, 404, 409, 413, 421, 500, 503},
+            {200, 400, 401, 403, 404, 409, 413, 421, 429, 500, 503},
         ),
-        ("post", "/v1/events", {202, 400, 401, 403, 413, 415, 421, 500, 503}),
-        ("get", "/v1/analytics/funnel", {200, 400, 401, 403, 404, 421, 500, 503}),
-        ("get", "/v1/audit/entries/{seq}/proof", {200, 400, 401, 403, 404, 409, 421, 500, 503}),
-        ("get", "/v1/users/{user_id}/export", {200, 400, 401, 403, 404, 421, 500, 503}),
+        ("post", "/v1/events", {202, 400, 401, 403, 413, 415, 421, 429, 500, 503}),
+        ("get", "/v1/analytics/funnel", {200, 400, 401, 403, 404, 421, 429, 500, 503}),
+        ("get", "/v1/audit/entries/{seq}/proof", {200, 400, 401, 403, 404, 409, 421, 429, 500, 503}),
+        ("get", "/v1/users/{user_id}/export", {200, 400, 401, 403, 404, 421, 429, 500, 503}),
         ("get", "/health/ready", {200, 500, 503}),
     ],
 )

@@ -175,8 +175,8 @@ async def test_redis_keys_expire_once_they_no_longer_matter(redis_url: str, redi
         keys = sorted([k.decode() async for k in client.scan_iter(match=f"fm:{redis_region}:rl:*")])
         assert keys == [
             f"fm:{redis_region}:rl:{{t-1}}:d:api_key:a:{START}",
-            f"fm:{redis_region}:rl:{{t-1}}:k:api_key:a",
-            f"fm:{redis_region}:rl:{{t-1}}:t",
+            f"fm:{redis_region}:rl:{{t-1}}:k:api_key:a:3/60",
+            f"fm:{redis_region}:rl:{{t-1}}:t:5/60",
         ]
         assert 0 < await client.pttl(keys[1]) <= 20_001  # the key's TAT: one emission interval ahead
         assert 0 < await client.pttl(keys[2]) <= 12_001

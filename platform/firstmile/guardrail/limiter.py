@@ -91,7 +91,8 @@ class InProcessLimiter:
 
     async def check(self, request: LimitRequest) -> Verdict:
         now = self._clock()
-        partitions = (f"{request.tenant}:k:{request.credential}", f"{request.tenant}:t")
+        key, per_tenant = request.limits.quotas
+        partitions = (f"{request.tenant}:k:{request.credential}:{key.shape}", f"{request.tenant}:t:{per_tenant.shape}")
         verdict, tats = decide(tuple(self._tat(p, now) for p in partitions), now, request.limits)
         if not verdict.admitted:
             return verdict

@@ -57,6 +57,12 @@ class Quota:
         return self.window_ms / self.requests
 
     @property
+    def shape(self) -> str:
+        """``<q>/<w>``: part of the partition's name, so a changed limit starts afresh (a TAT is only
+        meaningful under the emission interval it was counted with)."""
+        return f"{self.requests}/{self.window_seconds}"
+
+    @property
     def slack_ms(self) -> float:
         """How early a request may come: 1 ms (or ``T/2`` if less), so float rounding never refuses the
         ``q``-th request of a burst (times since the epoch in ms carry about 0.0002 ms of rounding)."""

@@ -8,8 +8,9 @@ operation for operation. Without an injected clock the script reads the Redis se
 ``TIME``, so API processes with skewed clocks still share one timeline.
 
 Keys, all of one tenant in one cluster slot (the tenant id is the hash tag):
-``fm:<region>:rl:{<tenant>}:k:<credential>`` and ``…:t`` (TATs, expiring when they fall
-behind), ``…:d:<credential>:<activity>`` (a detector hash, a week after its last request) and
+``fm:<region>:rl:{<tenant>}:k:<credential>:<q>/<w>`` and ``…:t:<q>/<w>`` (TATs, expiring
+when they fall behind; a changed limit is a new key, so it starts with its whole quota),
+``…:d:<credential>:<activity>`` (a detector hash, a week after its last request) and
 ``…:f:<credential>`` (the end of the flag's cooldown). Every time the script compares is a
 value it stored, never a key's expiry, so an injected clock (the tests') is the only clock;
 expiries only reclaim memory once a key can no longer matter.
@@ -139,8 +140,8 @@ class RedisLimiter:
         detector = self.detector or DetectorPolicy(1.0, 1, 1.0, 0, 1.0)
         key, per_tenant = request.limits.quotas
         keys = [
-            f"{tenant}:k:{credential}",
-            f"{tenant}:t",
+            f"{tenant}:k:{credential}:{key.shape}",
+            f"{tenant}:t:{per_tenant.shape}",
             f"{tenant}:d:{credential}:{request.activity or ''}",
             f"{tenant}:f:{credential}",
         ]

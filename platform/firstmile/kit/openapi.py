@@ -8,7 +8,8 @@ shared ``Problem`` schema:
 - every operation: 500 ``internal-error``, and 503 (``service-unavailable`` while the database
   is down; a handler adds its other 503s in ``opt["problems"]``);
 - operations behind the API key: 401 ``unauthenticated``/``invalid-token``, 403 ``forbidden``
-  (the credentials lack the scope), 421 ``wrong-region``;
+  (the credentials lack the scope), 421 ``wrong-region``, 429 ``rate-limited`` (with its
+  ``Retry-After``, ``RateLimit-Policy`` and ``RateLimit`` headers);
 - operations with parameters or a body: 400 ``validation-error`` (and ``malformed-json``);
   with a body: 413 ``payload-too-large``;
 - what one handler adds, declared next to it: ``opt={"problems": {404: "user-not-found", …}}``.
@@ -27,7 +28,15 @@ from typing import Any
 import msgspec
 from litestar import Litestar
 from litestar.handlers import HTTPRouteHandler
-from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, Operation, PathItem, Reference, Schema
+from litestar.openapi.spec import (
+    OpenAPIHeader,
+    OpenAPIMediaType,
+    OpenAPIResponse,
+    Operation,
+    PathItem,
+    Reference,
+    Schema,
+)
 from litestar.openapi.spec.enums import OpenAPIType
 from litestar.routes import HTTPRoute
 
@@ -72,15 +81,32 @@ DESCRIPTIONS: Mapping[int, str] = {
     413: "payload-too-large: the body is over the limit",
     415: "unsupported-media-type",
     421: "wrong-region: the tenant is homed in another region (home_region names it)",
+    429: "rate-limited: the credential's or the tenant's rate limit is spent (violated_policies); see Retry-After",
     500: "internal-error: a fault of the server (logged with its request id)",
     503: "service-unavailable: a dependency is down (the database; Redis for admin sessions); retry later",
 }
 
 
-def _problem(description: str) -> OpenAPIResponse:
+RATE_LIMIT_HEADERS: Mapping[str, OpenAPIHeader | Reference] = {
+    "Retry-After": OpenAPIHeader(
+        description="Seconds until the request would be admitted.", schema=Schema(type=OpenAPIType.INTEGER)
+    ),
+    "RateLimit-Policy": OpenAPIHeader(
+        description='The quota policies (IETF RateLimit header fields): `"key";q=1000;w=1, "tenant";q=5000;w=1`.',
+        schema=Schema(type=OpenAPIType.STRING),
+    ),
+    "RateLimit": OpenAPIHeader(
+        description='What is left of each policy: `"key";r=0;t=1, "tenant";r=4210;t=1`.',
+        schema=Schema(type=OpenAPIType.STRING),
+    ),
+}
+
+
+def _problem(description: str, headers: Mapping[str, OpenAPIHeader | Reference] | None = None) -> OpenAPIResponse:
     return OpenAPIResponse(
         description=description,
         content={PROBLEM_MEDIA_TYPE: OpenAPIMediaType(schema=Reference(ref="#/components/schemas/Problem"))},
+        headers=dict(headers) if headers else None,
     )
 
 
@@ -131,7 +157,7 @@ def document_problems(app: Litestar, *, public: Iterable[str]) -> None:
             for operation in _operations(item, handler.http_methods):
                 statuses: dict[int, str] = {500: DESCRIPTIONS[500]}
                 if not is_public:
-                    statuses |= {s: DESCRIPTIONS[s] for s in (401, 403, 421, 503)}
+                    statuses |= {s: DESCRIPTIONS[s] for s in (401, 403, 421, 429, 503)}
                 if operation.parameters or _has_body(handler):
                     statuses[400] = DESCRIPTIONS[400]
                 if _has_body(handler):
@@ -142,7 +168,7 @@ def document_problems(app: Litestar, *, public: Iterable[str]) -> None:
                 responses = dict(operation.responses or {})
                 for status, description in sorted(statuses.items()):
                     # replaces Litestar's own 400 (a JSON body we never send): every failure is a problem
-                    responses[str(status)] = _problem(description)
+                    responses[str(status)] = _problem(description, RATE_LIMIT_HEADERS if status == 429 else None)
                 operation.responses = responses
                 if is_public:
                     operation.security = []
@@ -152,4 +178,4 @@ def document_problems(app: Litestar, *, public: Iterable[str]) -> None:
                     schema.additional_properties = False
 
 
-__all__ = ["PROBLEM_SCHEMA", "document_problems"]
+__all__ = ["PROBLEM_SCHEMA", "RATE_LIMIT_HEADERS", "document_problems"]

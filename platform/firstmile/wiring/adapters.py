@@ -1,7 +1,7 @@
 """Which adapter serves each port, chosen from the settings: the only place that decides it.
 
 Slices define ports (``AnalyticsStore``, ``FeatureStore``, ``InferenceClient``,
-``SessionStore``, ``KeyProvider``, ``TenantDirectory``) and their adapters; this module
+``SessionStore``, ``KeyProvider``, ``TenantDirectory``, ``RateLimiter``) and their adapters; this module
 reads :class:`~firstmile.settings.Settings` and builds the one each deployment uses. The
 embedded defaults (``make run``) are what an unset setting gives.
 """
@@ -18,6 +18,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from firstmile.admin.sessions import MemorySessionStore, RedisSessionStore, SessionStore
 from firstmile.analytics.store import AnalyticsStore
 from firstmile.audit.signing import AuditSigner, resolve_signer
+from firstmile.guardrail.limiter import InProcessLimiter, RateLimiter
+from firstmile.guardrail.policy import DetectorPolicy, Limits, Quota
 from firstmile.ml.feature_stores import InProcessFeatureStore, RedisFeatureStore
 from firstmile.ml.features import FeatureStore
 from firstmile.ml.inference import GuardedInference, InferenceClient, InProcessClient, RayServeClient, StageReader
@@ -209,3 +211,46 @@ def global_directory(settings: Settings) -> TenantDirectory | None:
         return None
     directory = PostgresTenantDirectory.from_url(settings.tenancy.directory_url.get_secret_value())
     return CachedTenantDirectory(directory, ttl=settings.tenancy.api_key_cache_ttl_seconds)
+
+
+# ---------------------------------------------------------------- rate limits and the abuse detector
+
+
+def rate_limits(settings: Settings) -> Limits:
+    """The platform's default limits (a tenant's manifest may set its own)."""
+    section = settings.guardrail
+    return Limits(
+        Quota("key", section.key_requests, section.key_window_seconds),
+        Quota("tenant", section.tenant_requests, section.tenant_window_seconds),
+    )
+
+
+def abuse_detector(settings: Settings) -> DetectorPolicy | None:
+    """When the abuse detector flags a credential; None when it is switched off."""
+    section = settings.guardrail
+    if not section.abuse_detection_enabled:
+        return None
+    return DetectorPolicy(
+        factor=section.abuse_factor,
+        min_count=section.abuse_min_requests_per_minute,
+        half_life_minutes=section.abuse_baseline_half_life_minutes,
+        warmup_minutes=section.abuse_warmup_minutes,
+        cooldown_ms=section.abuse_flag_cooldown_seconds * 1000,
+    )
+
+
+def rate_limiter(settings: Settings) -> tuple[RateLimiter, RateLimiter | None]:
+    """The limiter and its fallback: Redis (shared by the region's processes) with an in-process limiter for
+    when Redis fails, or, without ``FIRSTMILE_REDIS_URL``, the in-process limiter alone (embedded mode)."""
+    detector = abuse_detector(settings)
+    if settings.redis.url is None:
+        return InProcessLimiter(detector), None
+    from firstmile.guardrail.redis_limiter import RedisLimiter
+
+    limiter = RedisLimiter.from_url(
+        settings.redis.url.get_secret_value(),
+        settings.region,
+        detector,
+        timeout_s=settings.guardrail.redis_timeout_ms / 1000,
+    )
+    return limiter, InProcessLimiter(None)

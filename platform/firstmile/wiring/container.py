@@ -33,6 +33,9 @@ from firstmile.events.bus import Consumer
 from firstmile.events.dispatch import InProcessPublisher
 from firstmile.events.relay import OutboxRelay
 from firstmile.events.service import IngestionService
+from firstmile.guardrail.middleware import Admit
+from firstmile.guardrail.policy import Verdict
+from firstmile.guardrail.service import Guardrail
 from firstmile.kit.auth import Principal
 from firstmile.kit.db import create_engine
 from firstmile.kit.health import Readiness
@@ -131,6 +134,16 @@ class Container:
             else None,
             pepper=self.pepper,
         )
+        # Rate limits and the abuse detector: Redis when there is one (every process shares them), else in-process.
+        limiter, fallback = adapters.rate_limiter(settings)
+        self.guardrail = Guardrail(
+            self.engine,
+            limiter,
+            adapters.rate_limits(settings),
+            detector=adapters.abuse_detector(settings),
+            fallback=fallback,
+            fallback_seconds=settings.guardrail.fallback_seconds,
+        )
         self.keyring = DataKeyService.from_config(self.engine, adapters.key_config(settings))
         # Online features: Redis, or in-process (then shared by the in-process consumers below).
         self.features: FeatureStore = adapters.open_feature_store(settings)
@@ -228,6 +241,7 @@ class Container:
         await self.supervisor.stop()
         await self.engine.dispose()
         await self.admin_auth.store.close()
+        await self.guardrail.limiter.close()
         if self.admin_auth.oidc is not None:
             await self.admin_auth.oidc.aclose()
         if self.key_resolver.tokens is not None:
@@ -256,6 +270,14 @@ class Container:
             return await self.key_resolver.principal(authorization)
 
         return authenticate
+
+    def rate_limit_check(self) -> Admit:
+        """The guardrail's check of one authenticated request, for the rate-limit middleware."""
+
+        async def admit(principal: Principal, activity: str) -> Verdict:
+            return await self.guardrail.admit(principal, activity)
+
+        return admit
 
     def admin_source(self) -> Callable[[], AdminAuth]:
         """The admin UI's authentication, for its middleware and guard."""
