@@ -37,6 +37,7 @@ from benchmarks.common import (
     PATH_KEY,
     RLS_ITERATIONS,
     STEP,
+    UNLIMITED,
     BenchError,
     _log,
     _secret,
@@ -123,6 +124,7 @@ def run_api_benchmark(duration: int, connections: int, workers: int) -> str:
                 "FIRSTMILE_AUDIT_SIGNING_KEY_FILE": str(_secret(tmp / "audit_signing_key")),
                 "FIRSTMILE_KEK_FILE": str(_secret(tmp / "kek")),
             }
+            | UNLIMITED
             | tuning
         )
         if workers > 1:

@@ -24,6 +24,9 @@ READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 PASS_THROUGH = ("FIRSTMILE_DATABASE_POOL_SIZE", "FIRSTMILE_DATABASE_MAX_OVERFLOW")
 """Server settings taken from the environment (to try other pool sizes); all others are fixed."""
+UNLIMITED = {"FIRSTMILE_RATE_LIMIT_KEY_REQUESTS": "10000000", "FIRSTMILE_RATE_LIMIT_TENANT_REQUESTS": "10000000"}
+"""The benchmarks measure capacity from one key of one tenant: the rate limits are checked (their cost is
+measured) but set out of reach, or the default 1,000 a second per key would answer 429."""
 MARKER = "FIRSTMILE_BENCH "
 MARKER_BAD = "FIRSTMILE_BENCH_FIRST_BAD "
 

@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import msgspec
 
-from benchmarks.common import READY_TIMEOUT_S, STOP_TIMEOUT_S, TENANT, BenchError, _log
+from benchmarks.common import READY_TIMEOUT_S, STOP_TIMEOUT_S, TENANT, UNLIMITED, BenchError, _log
 from benchmarks.cpu import _busy_seconds, _proc_table, _tree
 from benchmarks.database import ServerInfo, fresh_bench_database
 from benchmarks.report import _machine
@@ -982,7 +982,7 @@ def _command(argv: Sequence[str] | None) -> str:
 def _subprocess_env(extra: dict[str, str]) -> dict[str, str]:
     """Our environment without any FIRSTMILE_ setting of the caller's, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FIRSTMILE_") and k != "PROMETHEUS_MULTIPROC_DIR"}
-    return env | extra
+    return env | UNLIMITED | extra
 
 
 def run_events_benchmark(

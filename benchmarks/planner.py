@@ -41,7 +41,7 @@ from typing import Any
 
 import yaml
 
-from benchmarks.common import BenchError, _log, _secret, demo_manifest
+from benchmarks.common import UNLIMITED, BenchError, _log, _secret, demo_manifest
 from benchmarks.cpu import CpuUse, _measure
 from benchmarks.database import ServerInfo, fresh_bench_database
 from benchmarks.report import _cli, _loadavg, _machine, _ratio, _run_header, _versions, _wrk_metric
@@ -306,6 +306,7 @@ def run_planner_benchmark(
         }
         if "FIRSTMILE_INFERENCE_TIMEOUT_MS" in os.environ:
             env["FIRSTMILE_INFERENCE_TIMEOUT_MS"] = os.environ["FIRSTMILE_INFERENCE_TIMEOUT_MS"]
+        env |= UNLIMITED
         base_env = env | {
             "FIRSTMILE_DATABASE_URL": app_url,
             "FIRSTMILE_DATABASE_ADMIN_URL": bench_admin_url,
