@@ -130,7 +130,10 @@ async def test_the_document_admits_no_input_the_server_refuses(
     refused = await client.post("/v1/onboarding/start", json={"user_id": "a", "admin": True}, headers=tenant.headers)
     assert refused.status_code == 400
     # empty from= and a path that is not a slug are refused, and the parameters say so
-    parameters = {p["name"]: p["schema"] for p in openapi["paths"]["/v1/analytics/funnel"]["get"]["parameters"]}
+    funnel = openapi["paths"]["/v1/analytics/funnel"]["get"]["parameters"]
+    parameters = {p["name"]: p["schema"] for p in funnel}
+    # the handler refuses a funnel without a path, and the document says it is required (it said optional)
+    assert {p["name"]: p["required"] for p in funnel}["path"] is True
     assert parameters["from"]["minLength"] >= 1
     assert parameters["to"]["minLength"] >= 1
     assert parameters["path"]["pattern"] == "^[a-z][a-z0-9-]{0,62}[a-z0-9]$"
@@ -164,6 +167,8 @@ async def test_the_document_admits_no_input_the_server_refuses(
     # the audit's integers say their bounds (limit 1..1000, tree sizes from 1), as the handlers check them
     checkpoints = {p["name"]: p["schema"] for p in openapi["paths"]["/v1/audit/checkpoints"]["get"]["parameters"]}
     assert checkpoints["limit"]["pattern"] == "^0*([1-9][0-9]{0,2}|1000)$"
+    consistency = openapi["paths"]["/v1/audit/consistency"]["get"]["parameters"]
+    assert {p["name"]: p["required"] for p in consistency} == {"first": True, "second": True}
     proof = openapi["paths"]["/v1/audit/entries/{seq}/proof"]["get"]["parameters"]
     assert {p["name"]: p["schema"] for p in proof}["tree_size"]["pattern"] == "^0*[1-9][0-9]*$"
 

@@ -71,6 +71,16 @@ PathQ = Annotated[
         description="Path key (id in the manifest).", schema_extra={"max_length": 64, "pattern": SLUG_PATTERN}
     ),
 ]
+# Required in the document; the handler still reports its absence with the other faults (the type
+# stays optional, so Litestar does not refuse the request before the handler sees it).
+RequiredPathQ = Annotated[
+    str | None,
+    QueryParameter(
+        description="Path key (id in the manifest).",
+        required=True,
+        schema_extra={"max_length": 64, "pattern": SLUG_PATTERN},
+    ),
+]
 VersionQ = Annotated[
     str | None,
     QueryParameter(
@@ -270,7 +280,7 @@ class AnalyticsController(Controller):
         onboarding: NamedDependency[OnboardingService],
         from_: FromQ = None,
         to: ToQ = None,
-        path: PathQ = None,
+        path: RequiredPathQ = None,
         path_version: VersionQ = None,
         variant: VariantQ = None,
         persona: PersonaQ = None,
@@ -329,7 +339,7 @@ class AnalyticsController(Controller):
         onboarding: NamedDependency[OnboardingService],
         from_: FromQ = None,
         to: ToQ = None,
-        path: PathQ = None,
+        path: RequiredPathQ = None,
         path_version: VersionQ = None,
         variant: VariantQ = None,
         persona: PersonaQ = None,
@@ -484,7 +494,7 @@ class AnalyticsController(Controller):
         onboarding: NamedDependency[OnboardingService],
         from_: FromQ = None,
         to: ToQ = None,
-        path: PathQ = None,
+        path: RequiredPathQ = None,
         path_version: VersionQ = None,
         variant: VariantQ = None,
         persona: PersonaQ = None,

@@ -232,10 +232,10 @@ class AuditController(Controller):
         uow: NamedDependency[UnitOfWork],
         audit_log: NamedDependency[AuditService],
         first: Annotated[
-            str | None, QueryParameter(description="The smaller tree size (required)", schema_extra=_POSITIVE)
+            str | None, QueryParameter(description="The smaller tree size", required=True, schema_extra=_POSITIVE)
         ] = None,
         second: Annotated[
-            str | None, QueryParameter(description="The larger tree size (required)", schema_extra=_POSITIVE)
+            str | None, QueryParameter(description="The larger tree size", required=True, schema_extra=_POSITIVE)
         ] = None,
     ) -> schemas.ConsistencyProof:
         errors = _Errors()
