@@ -31,6 +31,7 @@ from firstmile.guardrail.policy import (
     DETECTOR_TTL_MS,
     AbuseFlag,
     DetectorPolicy,
+    Limits,
     Standing,
     Verdict,
 )
@@ -125,6 +126,7 @@ class RedisLimiter:
         self.detector = detector
         self._clock = clock
         self._check = client.register_script(CHECK_LUA)
+        self._encoded: dict[tuple[Limits, bool], list[bytes]] = {}
 
     @classmethod
     def from_url(
@@ -133,20 +135,14 @@ class RedisLimiter:
         client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         return cls(client, region, detector, clock=clock)
 
-    async def check(self, request: LimitRequest) -> Verdict:
-        tenant = f"{self._prefix}{{{request.tenant}}}"
-        credential = request.credential
-        watch = self.detector is not None and request.activity is not None
+    def _policy_args(self, limits: Limits, watch: bool) -> list[bytes]:
+        """ARGV 2-13 of one tenant's limits, encoded once (the request path encodes only keys and the time)."""
+        cached = self._encoded.get((limits, watch))
+        if cached is not None:
+            return cached
         detector = self.detector or DetectorPolicy(1.0, 1, 1.0, 0, 1.0)
-        key, per_tenant = request.limits.quotas
-        keys = [
-            f"{tenant}:k:{credential}:{key.shape}",
-            f"{tenant}:t:{per_tenant.shape}",
-            f"{tenant}:d:{credential}:{request.activity or ''}",
-            f"{tenant}:f:{credential}",
-        ]
-        args: list[str | int | float] = [
-            repr(self._clock()) if self._clock is not None else "",
+        key, per_tenant = limits.quotas
+        values: list[object] = [
             repr(key.emission_ms),
             repr(key.window_ms),
             repr(per_tenant.emission_ms),
@@ -160,6 +156,25 @@ class RedisLimiter:
             repr(detector.cooldown_ms),
             repr(DETECTOR_TTL_MS),
         ]
+        encoded = [str(v).encode() for v in values]
+        if len(self._encoded) >= 10_000:
+            self._encoded.clear()
+        self._encoded[(limits, watch)] = encoded
+        return encoded
+
+    async def check(self, request: LimitRequest) -> Verdict:
+        tenant = f"{self._prefix}{{{request.tenant}}}"
+        credential = request.credential
+        watch = self.detector is not None and request.activity is not None
+        key, per_tenant = request.limits.quotas
+        keys = [
+            f"{tenant}:k:{credential}:{key.shape}",
+            f"{tenant}:t:{per_tenant.shape}",
+            f"{tenant}:d:{credential}:{request.activity or ''}",
+            f"{tenant}:f:{credential}",
+        ]
+        now = repr(self._clock()).encode() if self._clock is not None else b""
+        args = [now, *self._policy_args(request.limits, watch)]
         try:
             raw = await self._check(keys=keys, args=args)
         except (RedisError, OSError) as exc:  # down, too slow, or refusing: the caller limits locally
