@@ -108,6 +108,7 @@ async def test_each_bad_message_is_rejected_with_its_reason_and_the_rest_accepte
         {"type": "track", "messageId": "m8", "userId": {"id": 1}, "event": "E"},
         {"type": "identify", "messageId": "m9", "userId": "u", "timestamp": "yesterday"},
         "not a message",
+        {"type": "track", "messageId": "m11", "userId": "u\n", "event": "E"},  # was accepted: re.match's $
     ]
     resp = await client.post("/v1/events", json={"batch": batch}, headers=events_tenant.headers)
     assert resp.status_code == 202, resp.text
@@ -124,6 +125,7 @@ async def test_each_bad_message_is_rejected_with_its_reason_and_the_rest_accepte
     assert reasons[8] == ("userId", "userId must be a string, got dict")
     assert reasons[9][0] == "timestamp" and "ISO-8601" in reasons[9][1]
     assert reasons[10][1] == "a message must be an object, got str"
+    assert reasons[11][0] == "userId"
     rows = await stored(admin_engine, events_tenant.id)
     assert [r["payload"]["userId"] for r in rows] == ["ok-user"]
 

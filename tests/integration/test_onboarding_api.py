@@ -159,6 +159,8 @@ BAD_STARTS: list[tuple[str, bytes, str, str]] = [
     ("unknown field", b'{"user_id": "a", "admin": true}', "validation-error", "unknown field `admin`"),
     ("bad user id", b'{"user_id": "a b"}', "validation-error", "user_id"),
     ("empty user id", b'{"user_id": ""}', "validation-error", "user_id"),
+    # Python's $ matched before a final line break: "u-1\n" was stored as a user id
+    ("user id ending in a line break", b'{"user_id": "u-1\\n"}', "validation-error", "user_id"),
     ("known trait type", b'{"user_id": "a", "traits": {"persona": 3}}', "validation-error", "traits.persona"),
     (
         "company size",
@@ -181,6 +183,20 @@ async def test_bad_start_bodies_are_refused(
     )
     problem = _assert_problem(response, 400, slug)
     assert needle in problem["detail"] or needle in str(problem.get("errors")), problem
+    assert await db_snapshot(admin_engine, tenant.id) == before
+
+
+async def test_a_user_id_ending_in_a_line_break_is_refused_in_the_path(
+    client: Client, tenant: TenantFixture, admin_engine: AsyncEngine
+) -> None:
+    assert (await start(client, tenant, "u-1")).status_code == 201
+    before = await db_snapshot(admin_engine, tenant.id)
+    for response in (
+        await client.get("/v1/onboarding/u-1%0A", headers=tenant.headers),
+        await client.post("/v1/onboarding/u-1%0A/steps/complete-profile/complete", headers=tenant.headers),
+        await client.post("/v1/onboarding/u-1/steps/complete-profile%0A/complete", headers=tenant.headers),
+    ):
+        _assert_problem(response, 400, "validation-error")
     assert await db_snapshot(admin_engine, tenant.id) == before
 
 

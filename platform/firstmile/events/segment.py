@@ -77,7 +77,7 @@ def _id(raw: dict[str, Any], key: str) -> str | None:
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise _InvalidError(key, f"{key} must be a string, got {type(value).__name__}")
     text = str(value)
-    if len(text) > USER_ID_MAX_LENGTH or not _USER_ID.match(text):
+    if len(text) > USER_ID_MAX_LENGTH or not _USER_ID.fullmatch(text):
         raise _InvalidError(key, f"{key} must be 1-{USER_ID_MAX_LENGTH} characters of letters, digits and ._:@+-")
     return text
 

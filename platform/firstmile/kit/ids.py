@@ -24,6 +24,10 @@ REGION_PATTERN = r"^[a-z]{2}(-[a-z]+)+-\d$"
 
 USER_ID_RE = re.compile(USER_ID_PATTERN)
 SLUG_RE = re.compile(SLUG_PATTERN)
+# Python's ``$`` also matches before a final line break ("u-1\n" matched USER_ID_PATTERN): checks in
+# Python use ``fullmatch``, and a pattern that a library applies with ``re.search`` (msgspec) is
+# this one, which means the same as USER_ID_PATTERN in JSON Schema (ECMA-262) and in Python.
+USER_ID_PATTERN_STRICT = USER_ID_PATTERN + r"(?!\n)"
 
 # Path parameters of these formats. The handler checks them (``check_id``, for a problem naming the
 # parameter); ``schema_extra`` only documents the check, so the OpenAPI document admits exactly what
@@ -45,7 +49,7 @@ SlugPath = Annotated[
 
 def check_id(value: str, pattern: re.Pattern[str], name: str) -> str:
     """A path parameter id, or 400 ``validation-error`` naming it."""
-    if len(value) > USER_ID_MAX_LENGTH or not pattern.match(value):
+    if len(value) > USER_ID_MAX_LENGTH or not pattern.fullmatch(value):  # match's $ admits a final "\n"
         raise ProblemError(
             400,
             "validation-error",
@@ -66,6 +70,7 @@ __all__ = [
     "SLUG_RE",
     "USER_ID_MAX_LENGTH",
     "USER_ID_PATTERN",
+    "USER_ID_PATTERN_STRICT",
     "USER_ID_RE",
     "SlugPath",
     "UserIdPath",
