@@ -356,6 +356,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         label = getattr(item, "operation_label", None)
         if isinstance(item, pytest.Function) and label and not item.nodeid.endswith("]"):
             item._id = type(item._id).parse(f"{item.nodeid}[{label}]")
+    # ...and in the order of the OpenAPI document, which may list two routes of one controller in either
+    # order from one process to the next: xdist needs every worker to collect the same list.
+    fuzzed = [i for i, item in enumerate(items) if getattr(item, "operation_label", None)]
+    for index, item in zip(fuzzed, sorted((items[i] for i in fuzzed), key=lambda it: it.nodeid), strict=True):
+        items[index] = item
     if not getattr(config.option, "loadgroup", False):
         return
     for item in items:
