@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from firstmile.wiring.embedded import stop_embedded
+from tests.conftest import _TAG
 from tests.factories import DEMO_MANIFEST, ROOT
 
 pytestmark = pytest.mark.embedded
@@ -48,7 +49,7 @@ def _call(method: str, url: str, key: str, body: dict[str, Any] | None = None) -
 def data_dir(worker_id: str) -> Iterator[Path]:
     # pgserver runs PostgreSQL as an unprivileged user when we are root: the folder must be
     # reachable by it, which pytest's 0700 tmp folders are not.
-    path = ROOT / ".firstmile" / f"test-embedded-{worker_id}"
+    path = ROOT / ".firstmile" / f"test-embedded-{_TAG}{worker_id}"  # concurrent runs keep apart by their tag
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     yield path

@@ -38,7 +38,8 @@ from tests.support.keycloak import client, client_credentials_token, client_scop
 @pytest.fixture(scope="module")
 def directory_url(database: Database, worker_id: str) -> str:
     """A second database on the test server, standing in for the global directory."""
-    return recreate_database(make_url(database.admin_url), f"firstmile_directory_{worker_id}")
+    # named after this run's database, so that concurrent runs (FIRSTMILE_TEST_DB_TAG) keep apart
+    return recreate_database(make_url(database.admin_url), f"{database.name}_directory")
 
 
 @pytest.fixture
