@@ -19,13 +19,13 @@ from __future__ import annotations
 import base64
 import logging
 import time
-from collections import OrderedDict
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from firstmile.audit import service as audit
 from firstmile.kit.auth import Principal, wrong_region
+from firstmile.kit.cache import MISS, TtlCache
 from firstmile.kit.db import TenantTx, retry_transient
 from firstmile.kit.errors import ProblemError
 from firstmile.kit.scope import OperatorContext
@@ -70,15 +70,14 @@ class KeyResolver:
         self.max_entries = max_entries
         self.tokens = tokens
         self.directory = directory
-        self._cache: OrderedDict[bytes, tuple[float, ResolvedKey]] = OrderedDict()
-        self._tenants: OrderedDict[str, tuple[float, ResolvedTenant]] = OrderedDict()
+        self._cache: TtlCache[bytes, ResolvedKey] = TtlCache(ttl, max_entries)
+        self._tenants: TtlCache[str, ResolvedTenant] = TtlCache(ttl, max_entries)
         self._refusals: dict[str, tuple[float, int, int]] = {}  # slug -> (window start, audited, left out)
 
     async def _lookup(self, digest: bytes) -> ResolvedKey | None:
-        if self.ttl > 0:
-            hit = self._cache.get(digest)
-            if hit is not None and hit[0] > time.monotonic():
-                return hit[1]
+        hit = self._cache.get(digest)
+        if hit is not MISS:
+            return hit
 
         async def lookup() -> ResolvedKey | None:
             async with self.engine.connect() as conn:
@@ -87,11 +86,8 @@ class KeyResolver:
                 return await tenancy.resolve_key(conn, digest)
 
         resolved = await retry_transient(lookup)
-        if resolved is not None and self.ttl > 0:
-            self._cache[digest] = (time.monotonic() + self.ttl, resolved)
-            self._cache.move_to_end(digest)
-            while len(self._cache) > self.max_entries:
-                self._cache.popitem(last=False)
+        if resolved is not None:
+            self._cache.put(digest, resolved)
         return resolved
 
     async def principal(self, authorization: str | None) -> Principal:
@@ -222,10 +218,9 @@ class KeyResolver:
 
     async def tenant(self, slug: str) -> ResolvedTenant | None:
         """The tenant ``slug`` if this region's database holds it (cached like keys; unknown slugs are not)."""
-        if self.ttl > 0:
-            hit = self._tenants.get(slug)
-            if hit is not None and hit[0] > time.monotonic():
-                return hit[1]
+        hit = self._tenants.get(slug)
+        if hit is not MISS:
+            return hit
 
         async def lookup() -> ResolvedTenant | None:
             async with self.engine.connect() as conn:
@@ -233,11 +228,8 @@ class KeyResolver:
                 return await tenancy.resolve_tenant(conn, slug)
 
         resolved = await retry_transient(lookup)
-        if resolved is not None and self.ttl > 0:  # unknown slugs are not cached: no memory for made-up realms
-            self._tenants[slug] = (time.monotonic() + self.ttl, resolved)
-            self._tenants.move_to_end(slug)
-            while len(self._tenants) > self.max_entries:
-                self._tenants.popitem(last=False)
+        if resolved is not None:  # unknown slugs are not cached: no memory for made-up realms
+            self._tenants.put(slug, resolved)
         return resolved
 
 

@@ -12,15 +12,14 @@ which reads this region's own ``tenants`` table (so it knows only this region's 
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from firstmile.kit.cache import MISS, TtlCache
 from firstmile.kit.db import create_engine, retry_transient
 
 
@@ -146,33 +145,25 @@ class CachedTenantDirectory:
 
     def __init__(self, inner: TenantDirectory, ttl: float, max_entries: int = 10_000) -> None:
         self.inner = inner
-        self.ttl = ttl
-        self.max_entries = max_entries
-        self._answers: OrderedDict[str, tuple[float, str | None]] = OrderedDict()
+        self._answers: TtlCache[str, str | None] = TtlCache(ttl, max_entries)
 
     async def ensure_schema(self) -> None:
         await self.inner.ensure_schema()
 
     async def home_region(self, slug: str) -> str | None:
-        if self.ttl > 0:
-            hit = self._answers.get(slug)
-            if hit is not None and hit[0] > time.monotonic():
-                self._answers.move_to_end(slug)
-                return hit[1]
+        hit = self._answers.get(slug)
+        if hit is not MISS:
+            return hit
         home = await self.inner.home_region(slug)
-        if self.ttl > 0:
-            self._answers[slug] = (time.monotonic() + self.ttl, home)
-            self._answers.move_to_end(slug)
-            while len(self._answers) > self.max_entries:
-                self._answers.popitem(last=False)
+        self._answers.put(slug, home)
         return home
 
     async def register(self, slug: str, tenant_id: uuid.UUID, home_region: str) -> bool:
-        self._answers.pop(slug, None)
+        self._answers.drop(slug)
         return await self.inner.register(slug, tenant_id, home_region)
 
     async def remove(self, slug: str) -> bool:
-        self._answers.pop(slug, None)
+        self._answers.drop(slug)
         return await self.inner.remove(slug)
 
     async def list(self) -> list[DirectoryEntry]:
