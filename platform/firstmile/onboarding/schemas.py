@@ -8,14 +8,14 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
-from firstmile.kit.ids import USER_ID_MAX_LENGTH, USER_ID_PATTERN_STRICT
+from firstmile.kit.ids import USER_ID_MAX_LENGTH, USER_ID_PATTERN
 
 UserId = Annotated[
     str,
     Meta(
         min_length=1,
         max_length=USER_ID_MAX_LENGTH,
-        pattern=USER_ID_PATTERN_STRICT,
+        pattern=USER_ID_PATTERN,
         description="The tenant's own id for the user: letters, digits and . _ : @ + -",
     ),
 ]
