@@ -86,12 +86,16 @@ def _lag(bootstrap: str, topic: str, group: str) -> int:
 
 
 def _count_in_chdb(path: Path, tenant_id: uuid.UUID) -> dict[str, Any]:
-    """Count in a separate process: chdb admits one data folder per process."""
+    """Count in a separate process: chdb admits one data folder per process.
+
+    ``n``: rows once redelivered copies are folded (FINAL; a second, different row for one
+    event would count twice); ``u``: distinct event ids, what the analytics queries count.
+    """
     code = (
         "import json, sys, uuid\n"
         "from firstmile.analytics.chdb_store import ChdbStore\n"
         "s = ChdbStore(sys.argv[1])\n"
-        "r = s.dangerous_raw_sql('SELECT count() AS n, uniqExact(event_id) AS u FROM events"
+        "r = s.dangerous_raw_sql('SELECT count() AS n, uniqExact(event_id) AS u FROM events FINAL"
         " WHERE tenant_id = {t:UUID}', {'t': sys.argv[2]})\n"
         "print(json.dumps(r[0]))\n"
     )

@@ -1,4 +1,4 @@
-"""The analytics store port: both adapters on the real engine (chdb), dedupe, erasure, the shared SQL.
+"""The analytics store port: both adapters on the real engine (chdb), redelivery, erasure, the shared SQL.
 
 The ClickHouse adapter runs here through clickhouse-connect's in-process chdb
 interface, on the same engine as the chdb adapter: the same statements, the same
@@ -20,8 +20,10 @@ from clickhouse_connect.driver.binding import bind_query
 from firstmile.analytics import sql
 from firstmile.analytics.chdb_store import ChdbPathInUseError, ChdbStore
 from firstmile.analytics.clickhouse_store import ClickHouseStore
+from firstmile.analytics.queries import build_event_count
 from firstmile.analytics.rows import AnalyticsEvent
 from firstmile.analytics.store import AnalyticsStore, AnalyticsStoreError
+from firstmile.kit.scope import OPERATOR_CLI
 
 NOW = datetime(2025, 3, 3, 12, 0, 0, 123456, tzinfo=UTC)
 
@@ -107,17 +109,22 @@ def test_rows_round_trip_with_every_column(store: AnalyticsStore) -> None:
     ]
 
 
-def test_redelivery_never_makes_two_rows(store: AnalyticsStore) -> None:
+def events_counted(store: AnalyticsStore, tenant: uuid.UUID) -> int:
+    """What the queries count: each event id once (``queries.build_event_count``)."""
+    return int(store.run(tenant, build_event_count(OPERATOR_CLI.tenant(tenant)))[0]["n"])
+
+
+def test_redelivery_is_counted_once(store: AnalyticsStore) -> None:
     tenant, other = uuid.uuid4(), uuid.uuid4()
     batch = [event(tenant, f"u-{i}") for i in range(50)]
-    assert store.insert(batch + batch[:10]) == 50  # repeats within the batch
-    assert store.insert(batch) == 0  # the whole batch again
+    assert store.insert(batch + batch[:10]) == 50  # repeats within the batch are written once
+    assert store.insert(batch) == 50  # the whole batch again: no lookup, written again
     fresh = [event(tenant, "u-new") for _ in range(5)]
-    assert store.insert(batch[20:30] + fresh) == 5  # a mixed redelivery
+    assert store.insert(batch[20:30] + fresh) == 15  # a mixed redelivery
     # The same event id under another tenant is another event: ids are unique per tenant.
     assert store.insert([AnalyticsEvent(**{**_fields(batch[0]), "tenant_id": other})]) == 1
-    assert count(store, tenant) == 55
-    assert count(store, other) == 1
+    assert events_counted(store, tenant) == 55
+    assert events_counted(store, other) == 1
     assert store.insert([]) == 0
 
 
@@ -125,31 +132,26 @@ def _fields(row: AnalyticsEvent) -> dict[str, Any]:
     return {name: getattr(row, name) for name in sql.COLUMNS}
 
 
-def test_dedupe_spans_lookup_chunks(analytics_store: ChdbStore) -> None:
-    tenant = uuid.uuid4()
-    batch = [event(tenant, f"u-{i}") for i in range(sql.LOOKUP_CHUNK + 7)]
-    assert analytics_store.insert(batch) == len(batch)
-    assert analytics_store.insert(batch[::-1]) == 0
-    assert count(analytics_store, tenant) == len(batch)
-
-
-def test_the_table_folds_duplicates_that_slip_past_the_lookup(analytics_store: ChdbStore) -> None:
-    """bulk_load skips the lookup; ReplacingMergeTree is the backstop (after a merge, or with FINAL)."""
+def test_the_table_folds_redelivered_copies(analytics_store: ChdbStore) -> None:
+    """A redelivered event is a second row until a merge folds it (ReplacingMergeTree, same sorting key)."""
     tenant = uuid.uuid4()
     row = event(tenant)
     # The session's store holds other tests' rows of this month: a background merge between the two
-    # loads and the count would fold the copies early (seen in a full run). Held off while we look.
+    # inserts and the count would fold the copies early (seen in a full run). Held off while we look.
     analytics_store.dangerous_raw_sql("SYSTEM STOP MERGES events", {})
     try:
-        analytics_store.bulk_load([row])
-        analytics_store.bulk_load([row])
+        analytics_store.insert([row])
+        analytics_store.insert([row])
         assert count(analytics_store, tenant) == 2
+        assert events_counted(analytics_store, tenant) == 1
         final = analytics_store.dangerous_raw_sql(
             "SELECT count() AS n FROM events FINAL WHERE tenant_id = {tenant:UUID}", {"tenant": str(tenant)}
         )
         assert final == [{"n": 1}]
     finally:
         analytics_store.dangerous_raw_sql("SYSTEM START MERGES events", {})
+    analytics_store.dangerous_raw_sql("OPTIMIZE TABLE events FINAL", {})
+    assert count(analytics_store, tenant) == 1
 
 
 def test_erase_user_removes_only_that_users_rows(store: AnalyticsStore) -> None:
@@ -260,17 +262,8 @@ def test_clickhouse_adapter_sends_the_shared_sql_and_the_tenant_setting() -> Non
     client.calls.clear()
 
     rows = [event(tenant), event(tenant)]
-    assert store.insert(rows) == 2
-    lookup, insert = client.calls
-    assert lookup == (
-        "raw_query",
-        (sql.EXISTING_EVENT_IDS,),
-        {
-            "parameters": {"tenant": str(tenant), "ids": [str(r.event_id) for r in rows]},
-            "settings": {"SQL_firstmile_tenant": str(tenant)},
-            "fmt": "JSONEachRow",
-        },
-    )
+    assert store.insert(rows + rows[:1]) == 2
+    [insert] = client.calls  # no lookup before the insert
     assert insert == ("raw_insert", ("events", list(sql.COLUMNS), sql.encode_rows(rows)), {"fmt": sql.INSERT_FORMAT})
     client.calls.clear()
 

@@ -79,9 +79,8 @@ def _release(engine: _Engine) -> None:
 class ChdbStore:
     """:class:`~firstmile.analytics.store.AnalyticsStore` on an embedded chdb database at ``path``.
 
-    Thread-safe: one re-entrant lock per data path serialises statements, so the
-    dedupe lookup and the insert that follows it are atomic in this process (the
-    only process that can open the path).
+    Thread-safe: one re-entrant lock per data path serialises statements (this
+    process is the only one that can open the path).
     """
 
     def __init__(self, path: Path | str) -> None:
@@ -99,16 +98,13 @@ class ChdbStore:
     def insert(self, rows: Sequence[AnalyticsEvent]) -> int:
         if not rows:
             return 0
+        unique = sql.unique_rows(rows)
         with self._engine.lock:
-            fresh: list[AnalyticsEvent] = []
-            for tenant_id, batch in sql.unique_new(rows).items():
-                existing = self._existing(tenant_id, [str(r.event_id) for r in batch])
-                fresh.extend(r for r in batch if str(r.event_id) not in existing)
-            self._insert(fresh)
-            return len(fresh)
+            self._insert(unique)
+        return len(unique)
 
     def bulk_load(self, rows: Sequence[AnalyticsEvent]) -> int:
-        """Insert ``rows`` as they are: no dedupe lookup (see the port). For a fresh store only."""
+        """Insert ``rows`` as they are, repeats within them included (see the port)."""
         with self._engine.lock:
             self._insert(rows)
         return len(rows)
@@ -144,14 +140,6 @@ class ChdbStore:
             raise AnalyticsStoreError(str(exc)) from exc
         data: bytes = result.bytes()
         return data
-
-    def _existing(self, tenant_id: uuid.UUID, ids: list[str]) -> set[str]:
-        found: set[str] = set()
-        for start in range(0, len(ids), sql.LOOKUP_CHUNK):
-            chunk = ids[start : start + sql.LOOKUP_CHUNK]
-            rows = sql.decode_json_each_row(self._run(sql.EXISTING_EVENT_IDS, {"tenant": str(tenant_id), "ids": chunk}))
-            found.update(str(r["id"]) for r in rows)
-        return found
 
     def _insert(self, rows: Sequence[AnalyticsEvent]) -> None:
         if not rows:

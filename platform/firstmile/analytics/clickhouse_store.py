@@ -14,7 +14,6 @@ that the query builder puts in every query).
 from __future__ import annotations
 
 import re
-import threading
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -54,7 +53,6 @@ class ClickHouseStore:
         self._client = _connect(client) if isinstance(client, str) else client
         self._policy_role = policy_role
         self._tenant_setting = tenant_setting
-        self._write_lock = threading.Lock()
 
     @classmethod
     def connect(cls, url: str, *, policy_role: str | None = "firstmile_analytics") -> ClickHouseStore:
@@ -78,19 +76,12 @@ class ClickHouseStore:
     def insert(self, rows: Sequence[AnalyticsEvent]) -> int:
         if not rows:
             return 0
-        # The lock makes lookup + insert atomic within this process; across processes the
-        # ReplacingMergeTree engine folds the rare concurrent duplicate away (see docs/analytics.md).
-        with self._write_lock:
-            fresh: list[AnalyticsEvent] = []
-            for tenant_id, batch in sql.unique_new(rows).items():
-                existing = self._existing(tenant_id, [str(r.event_id) for r in batch])
-                fresh.extend(r for r in batch if str(r.event_id) not in existing)
-            self._insert(fresh)
-        return len(fresh)
+        unique = sql.unique_rows(rows)
+        self._insert(unique)
+        return len(unique)
 
     def bulk_load(self, rows: Sequence[AnalyticsEvent]) -> int:
-        with self._write_lock:
-            self._insert(rows)
+        self._insert(rows)
         return len(rows)
 
     def run(self, tenant: uuid.UUID, query: Query) -> list[dict[str, Any]]:
@@ -122,15 +113,6 @@ class ClickHouseStore:
 
     def close(self) -> None:
         self._client.close()
-
-    def _existing(self, tenant_id: uuid.UUID, ids: list[str]) -> set[str]:
-        found: set[str] = set()
-        for start in range(0, len(ids), sql.LOOKUP_CHUNK):
-            rows = self.dangerous_raw_sql(
-                sql.EXISTING_EVENT_IDS, {"tenant": str(tenant_id), "ids": ids[start : start + sql.LOOKUP_CHUNK]}
-            )
-            found.update(str(r["id"]) for r in rows)
-        return found
 
     def _insert(self, rows: Sequence[AnalyticsEvent]) -> None:
         if not rows:

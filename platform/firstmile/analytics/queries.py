@@ -12,6 +12,12 @@ events: a user belongs to it when they have a start that matches the filters
 persona when given), and the earliest such start is the user's start time ``t0``.
 The exact semantics of each query are in docs/analytics.md; the tests check them
 against an independent computation in plain Python over the raw rows.
+
+A redelivered event may be stored twice until a merge folds it (the stores do not look
+before they write; the table is a ``ReplacingMergeTree``), so every query counts an event
+once by construction: the cohort queries aggregate per user with minimum times, "exists"
+tests and unique sets, counts are ``uniqExact(event_id)`` and the export keeps one row per
+event id (``LIMIT 1 BY event_id``).
 """
 
 from __future__ import annotations
@@ -481,7 +487,7 @@ def cohorts_from(counts: dict[str, dict[int, int]], weeks: int, as_of: datetime 
 
 
 def build_user_events(tenant: TenantId, user_id: str, limit: int = 10_000) -> Query:
-    """One user's rows, oldest first (the data-subject export)."""
+    """One user's events, oldest first (the data-subject export); a redelivered event once (``LIMIT 1 BY``)."""
     b = _Builder(tenant)
     user = b.param("user", "String", user_id)
     cap = b.param("limit", "UInt32", limit)
@@ -489,18 +495,18 @@ def build_user_events(tenant: TenantId, user_id: str, limit: int = 10_000) -> Qu
         "SELECT toString(event_id) AS event_id, event_type, event_name, path_key, path_version, step_id,"
         " variant, persona, properties, toString(occurred_at) AS occurred_at "
         + b.events(f"user_id = {user}")
-        + f" ORDER BY occurred_at, event_id LIMIT {cap}"
+        + f" ORDER BY occurred_at, event_id LIMIT 1 BY event_id LIMIT {cap}"
     )
 
 
 def build_event_count(tenant: TenantId) -> Query:
-    """How many rows the tenant has (``firstmile analytics seed`` seeds only an empty tenant)."""
+    """How many events the tenant has, each once (``firstmile analytics seed`` seeds only an empty tenant)."""
     b = _Builder(tenant)
-    return b.build("SELECT count() AS n " + b.events("1 = 1"))
+    return b.build("SELECT uniqExact(event_id) AS n " + b.events("1 = 1"))
 
 
 def build_user_event_count(tenant: TenantId, user_id: str) -> Query:
-    """How many rows one user has (whether analytics holds anything about them)."""
+    """How many events one user has, each once (whether analytics holds anything about them)."""
     b = _Builder(tenant)
     user = b.param("user", "String", user_id)
-    return b.build("SELECT count() AS n " + b.events(f"user_id = {user}"))
+    return b.build("SELECT uniqExact(event_id) AS n " + b.events(f"user_id = {user}"))

@@ -24,7 +24,7 @@ COMPLETED = "onboarding.completed"
 @dataclass(frozen=True, slots=True)
 class AnalyticsEvent:
     tenant_id: uuid.UUID
-    event_id: uuid.UUID  # unique per tenant; the stores never keep two rows with one event_id
+    event_id: uuid.UUID  # unique per tenant; every query counts one event_id once
     event_type: str  # track | identify | page | onboarding.* | user.erased
     event_name: str  # Segment event name for track, page name for page, "" otherwise
     user_id: str

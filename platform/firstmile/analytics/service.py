@@ -135,7 +135,7 @@ class AnalyticsService:
         return bool(rows) and int(rows[0]["n"]) > 0
 
     async def insert(self, rows: Sequence[AnalyticsEvent]) -> int:
-        """Store rows (deduplicated by event id) on a worker thread: for async callers such as the sink."""
+        """Store rows (see the store's ``insert``) on a worker thread: for async callers such as the sink."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, self.store.insert, rows)
 

@@ -1,7 +1,8 @@
 """The analytics sink: the event-stream consumer that fills the analytics store.
 
-Idempotent by event id: the store skips event ids it holds, so at-least-once
-delivery never makes two rows. A ``user.erased`` event removes the user's rows.
+Idempotent by event id without a lookup: a redelivered event is written again, the
+table (``ReplacingMergeTree``) folds the copies at its next merge, and every query
+counts an event once meanwhile. A ``user.erased`` event removes the user's rows.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class AnalyticsStoreLike(Protocol):
 
 
 class AnalyticsSink:
-    """Batched inserts into the analytics store; the store skips event ids it already holds."""
+    """Batched inserts into the analytics store (idempotent by event id: see the module docstring)."""
 
     name = "analytics"
 

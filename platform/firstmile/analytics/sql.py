@@ -1,4 +1,4 @@
-"""The SQL both analytics stores run, byte for byte: DDL, the dedupe lookup, erasure, row encoding.
+"""The SQL both analytics stores run, byte for byte: DDL, inserts, erasure, row encoding.
 
 The chdb adapter (embedded) and the ClickHouse adapter (production) import every
 statement from here, so the engine in tests runs exactly what production runs.
@@ -71,13 +71,6 @@ INSERT_EVENTS = f"{INSERT_EVENTS_PREFIX} FORMAT {INSERT_FORMAT}"
 """The insert both stores send, followed by the rows of :func:`encode_rows` (chdb streams it with
 ``send_insert(INSERT_EVENTS_PREFIX, INSERT_FORMAT)``, clickhouse-connect's ``raw_insert`` builds the
 same statement from :data:`TABLE`, :data:`COLUMNS` and :data:`INSERT_FORMAT`)."""
-
-EXISTING_EVENT_IDS = (
-    f"SELECT DISTINCT toString(event_id) AS id FROM {TABLE} "
-    "WHERE tenant_id = {tenant:UUID} AND event_id IN {ids:Array(UUID)}"
-)
-"""Which of a batch's event ids one tenant already has (the ``ix_event_id`` bloom filter skips most granules).
-The alias is not ``event_id``: ClickHouse resolves aliases in WHERE, so that would compare text with UUIDs."""
 
 ERASE_USER = f"DELETE FROM {TABLE} WHERE tenant_id = {{tenant:UUID}} AND user_id = {{user:String}}"
 """Lightweight delete of one user's rows (GDPR erasure): hidden at once, purged by the next merges."""
@@ -167,21 +160,16 @@ def encode_rows(rows: Iterable[AnalyticsEvent]) -> bytes:
     return _ENCODER.encode_lines([_row(e) for e in rows])
 
 
-def unique_new(rows: Sequence[AnalyticsEvent]) -> dict[uuid.UUID, list[AnalyticsEvent]]:
-    """The batch per tenant with repeated ``(tenant_id, event_id)`` dropped (first occurrence kept)."""
+def unique_rows(rows: Sequence[AnalyticsEvent]) -> list[AnalyticsEvent]:
+    """The batch with repeated ``(tenant_id, event_id)`` dropped (first occurrence kept)."""
     seen: set[tuple[uuid.UUID, uuid.UUID]] = set()
-    by_tenant: dict[uuid.UUID, list[AnalyticsEvent]] = {}
+    unique: list[AnalyticsEvent] = []
     for row in rows:
         key = (row.tenant_id, row.event_id)
-        if key in seen:
-            continue
-        seen.add(key)
-        by_tenant.setdefault(row.tenant_id, []).append(row)
-    return by_tenant
-
-
-LOOKUP_CHUNK = 5_000
-"""Event ids per dedupe lookup: keeps the ``IN`` list (and the query text) bounded."""
+        if key not in seen:
+            seen.add(key)
+            unique.append(row)
+    return unique
 
 
 def decode_json_each_row(data: bytes | str) -> list[dict[str, object]]:

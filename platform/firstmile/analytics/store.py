@@ -51,14 +51,15 @@ class AnalyticsStore(Protocol):
         """Create the ``events`` table (and, on ClickHouse, the row policy) if missing. Idempotent."""
 
     def insert(self, rows: Sequence[AnalyticsEvent]) -> int:
-        """Store the rows not stored yet; returns how many were inserted.
+        """Store the rows, repeats of one ``(tenant_id, event_id)`` within the batch once; returns how many.
 
-        Rows whose ``(tenant_id, event_id)`` is already stored, and repeats within
-        the batch, are skipped: at-least-once redelivery never makes two rows.
+        There is no lookup of what is stored already: a redelivered event is written again,
+        ``ReplacingMergeTree`` folds the copies at its next merge (same sorting key), and every
+        query counts an event once meanwhile (:mod:`firstmile.analytics.queries`).
         """
 
     def bulk_load(self, rows: Sequence[AnalyticsEvent]) -> int:
-        """Insert without the dedupe lookup (benchmarks and seeding a fresh store only)."""
+        """Insert the rows as they are, repeats within the batch included (benchmarks, seeding)."""
 
     def run(self, tenant: uuid.UUID, query: Query) -> list[dict[str, Any]]:
         """Run a query built for ``tenant`` (server-side ``{name:Type}`` parameters); rows as dicts of JSON values.

@@ -223,8 +223,8 @@ def seed_demo(
 ) -> int:
     """Seed ``users`` users' activity over the ``weeks`` weeks before ``end`` (default: now); returns rows inserted.
 
-    Idempotent: ids depend only on the seed and the tenant, and the store skips ids it
-    already holds, so a second run inserts nothing.
+    Idempotent: ids depend only on the seed and the tenant, so a second run writes the same
+    events again, which every query counts once (and the table folds at its next merge).
     """
     moment = _ms(end or datetime.now(UTC))
     events = generate(tenant_id, paths, users=users, weeks=weeks, end=moment, seed=seed)
