@@ -237,9 +237,12 @@ def make_settings(**overrides: object) -> Settings:
         "region": REGION,
         "api_key_cache_ttl_seconds": 0,
         "log_format": "json",
-        # No models unless a test brings its own registry; no background stuck scans.
+        # No models unless a test brings its own registry; no background stuck scans; no background
+        # audit sequencer (tests sequence with `sequenced` when they read the log; the in-process
+        # sequencer has tests of its own).
         "model_registry_uri": str(ROOT / ".firstmile" / "test-no-models"),
         "stuck_scan_interval_seconds": 0,
+        "in_process_sequencer": False,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
@@ -370,3 +373,32 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if groups and item.nodeid.rfind("@") <= item.nodeid.rfind("]"):
             node_id = item._id
             item._id = type(node_id).parse(f"{item.nodeid}@{'_'.join(groups)}")
+
+
+
+async def sequenced(engine: AsyncEngine, tenant_id: uuid.UUID | None = None, *, timeout_s: float = 30.0) -> int:
+    """Sequence queued audit entries now (one tenant's, or every tenant's) and wait until none is left,
+    as the sequencer does within its merge delay: tests read the log right after a write without waiting
+    for the poll. Another sequencer (the test app's) may hold a tenant meanwhile; then this waits for it."""
+    import asyncio
+
+    from firstmile.audit import repository as audit_repo
+    from firstmile.audit.service import Sequencer
+
+    sequencer = Sequencer(engine)
+    wanted = None if tenant_id is None else uuid.UUID(str(tenant_id))
+    placed = 0
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        async with engine.connect() as conn:
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            left = [t for t, _, _ in await audit_repo.queued_tenants(conn) if wanted is None or t == wanted]
+        if not left:
+            return placed
+        if sequencer.failing & set(left):
+            raise AssertionError(f"queued entries of {sorted(map(str, sequencer.failing))} fail their leaf hash")
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"audit entries of {len(left)} tenants still queued after {timeout_s} s")
+        for tenant in left:
+            placed += await sequencer.sequence_tenant(tenant)
+        await asyncio.sleep(0.005)

@@ -2,8 +2,8 @@
 
 Each slice's group lives in its ``cli.py`` and reaches the platform through the
 :class:`~firstmile.wiring.operator.OperatorServices` put on the click context here; the
-process-level commands (``serve``, ``dev``, ``migrate``, ``relay``, ``consume``, ``scheduler``, ``embedded``)
-are the wiring's (:mod:`firstmile.wiring.commands`).
+process-level commands (``serve``, ``dev``, ``migrate``, ``relay``, ``consume``, ``scheduler``, ``sequencer``,
+``embedded``) are the wiring's (:mod:`firstmile.wiring.commands`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from firstmile.ml.cli import models, stuck
 from firstmile.security.cli import rotate
 from firstmile.sso.cli import sso
 from firstmile.tenancy.cli import keys
-from firstmile.wiring.commands import consume, dev, embedded, migrate, relay, scheduler, serve
+from firstmile.wiring.commands import consume, dev, embedded, migrate, relay, scheduler, sequencer, serve
 from firstmile.wiring.operator import OperatorServices
 
 
@@ -39,6 +39,7 @@ for command in (
     relay,
     consume,
     scheduler,
+    sequencer,
     embedded,
     tenants,
     keys,

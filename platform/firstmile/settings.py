@@ -134,8 +134,16 @@ class ServerSettings(_Section):
         validation_alias="in_process_schedulers",
         default=True,
         description=(
-            "Whether `serve` and `dev` also run the periodic tasks (stuck scan, audit checkpointer, Keycloak "
-            "event sync). Kubernetes sets false on the API pods and runs them in `firstmile scheduler`."
+            "Whether `serve` and `dev` also run the periodic tasks (stuck scan, Keycloak event sync). "
+            "Kubernetes sets false on the API pods and runs them in `firstmile scheduler`."
+        ),
+    )
+    in_process_sequencer: bool = Field(
+        validation_alias="in_process_sequencer",
+        default=True,
+        description=(
+            "Whether `serve` and `dev` also run the audit sequencer and checkpointer (docs/audit.md). Kubernetes "
+            "sets false on the API pods and runs them in `firstmile sequencer`."
         ),
     )
     probe_host: str = Field(
@@ -444,6 +452,23 @@ class AuditSettings(_Section):
         gt=0,
         le=86_400,
         description="…or when the oldest unsigned entry is this old.",
+    )
+    sequence_batch: int = Field(
+        validation_alias="audit_sequence_batch",
+        default=1000,
+        ge=1,
+        le=100_000,
+        description="Queued audit entries the sequencer places in one transaction.",
+    )
+    sequence_poll_seconds: float = Field(
+        validation_alias="audit_sequence_poll_seconds",
+        default=0.1,
+        gt=0,
+        le=10,
+        description=(
+            "How often the sequencer looks for queued audit entries; with the batch time it bounds the maximum "
+            "merge delay (docs/audit.md)."
+        ),
     )
 
 

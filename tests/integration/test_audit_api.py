@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,7 +19,7 @@ from firstmile.audit.service import AuditService, append, create_checkpoint
 from firstmile.audit.signing import AuditSigner
 from firstmile.kit.db import tenant_transaction
 from firstmile.kit.scope import OPERATOR_CLI, TenantId
-from tests.conftest import PEPPER, Database, TenantFixture, make_settings, unaudited_tenant
+from tests.conftest import PEPPER, Database, TenantFixture, make_settings, sequenced, unaudited_tenant
 from tests.unit.analytics_support import FlakyStore
 from tests.unit.test_audit_rfc9162 import rfc_verify_consistency, rfc_verify_inclusion
 
@@ -43,12 +44,19 @@ async def _tenant(admin_engine: AsyncEngine) -> TenantFixture:
     return await unaudited_tenant(admin_engine, scopes=("audit:read",))
 
 
-async def _append(app_engine: AsyncEngine, tenant: TenantFixture, count: int, start: int = 0) -> None:
+async def _append(
+    app_engine: AsyncEngine, tenant: TenantFixture, count: int, start: int = 0, *, sequence: bool = True
+) -> list[uuid.UUID]:
+    """Write ``count`` entries; by default also sequence them (as the sequencer does within its merge delay)."""
+    ids = []
     async with tenant_transaction(app_engine, OPERATOR_CLI.tenant(tenant.id)) as tx:
         for i in range(start, start + count):
             kind = ("decision", "admin", "auth")[i % 3]
             payload = {"i": i, "model": "planner-v3", "confidence": i / 100, "fallback": None}
-            await append(tx, kind, f"actor:{i % 2}", f"user:{i % 4}", payload)
+            ids.append((await append(tx, kind, f"actor:{i % 2}", f"user:{i % 4}", payload)).entry_id)
+    if sequence:
+        await sequenced(app_engine, tenant.id)
+    return ids
 
 
 async def _checkpoint(client: Client, app_engine: AsyncEngine, tenant: TenantFixture) -> int:
@@ -65,14 +73,16 @@ async def _get(client: Client, tenant: TenantFixture, path: str, **params: Any) 
 
 
 def _leaf_of(tenant: TenantFixture, entry: dict[str, Any]) -> bytes:
+    """The leaf hash an independent verifier computes from the entry as served (docs/audit.md)."""
     canonical = canonical_entry(
         tenant.id,
-        entry["seq"],
+        entry.get("seq") or 0,
         entry["kind"],
         entry["actor"],
         entry["subject"],
         entry["payload"],
         parse_timestamp(entry["created_at"]),
+        None if entry["id"] is None else uuid.UUID(entry["id"]),
     )
     return leaf_hash(canonical)
 
@@ -132,7 +142,9 @@ async def test_entries_filters_and_cursor_pagination(
         ("/entries", {"after_seq": "x"}, "after_seq"),
         ("/entries", {"from_": "yesterday"}, "from"),
         ("/entries", {"kind": "Not A Kind"}, "kind"),
-        ("/entries/abc/proof", {}, "seq"),
+        ("/entries/abc/proof", {}, "ref"),
+        ("/entries/1e3/proof", {}, "ref"),
+        ("/entries/00000000-0000-0000-0000-00000000000g/proof", {}, "ref"),
         ("/entries/0/proof", {"tree_size": 0}, "tree_size"),
         ("/consistency", {"second": 3}, "first"),
         ("/consistency", {"first": 5, "second": 3}, "first"),
@@ -226,3 +238,31 @@ async def test_checkpoints_and_proofs_verify_independently(
     assert consistency["first_checkpoint"] == by_size[small]
     same = (await _get(client, tenant, "/consistency", first=large, second=large)).json()
     assert same["proof"] == []
+
+
+async def test_a_queued_entry_answers_pending_with_its_leaf_hash_until_it_is_sequenced(
+    client: Client, admin_engine: AsyncEngine, app_engine: AsyncEngine
+) -> None:
+    tenant = await _tenant(admin_engine)
+    await _append(app_engine, tenant, 2)
+    (queued,) = await _append(app_engine, tenant, 1, start=2, sequence=False)
+    response = await _get(client, tenant, f"/entries/{queued}/proof")
+    assert response.status_code == 202, response.text
+    pending = response.json()
+    assert pending["status"] == "pending" and pending["id"] == str(queued)
+    assert bytes.fromhex(pending["leaf_hash"]) == _leaf_of(tenant, pending)  # the leaf it will be, already
+    assert [e["seq"] for e in (await _get(client, tenant, "/entries")).json()["entries"]] == [0, 1]
+    other = await _tenant(admin_engine)  # another tenant's queued entry is not there for this key
+    assert (await _get(client, other, f"/entries/{queued}/proof")).status_code == 404
+    assert (await _get(client, tenant, f"/entries/{uuid.uuid4()}/proof")).status_code == 404
+
+    await sequenced(app_engine, tenant.id)
+    response = await _get(client, tenant, f"/entries/{queued}/proof")
+    assert response.status_code == 409 and response.json()["type"] == PROBLEM + "not-checkpointed"
+    size = await _checkpoint(client, app_engine, tenant)
+    proof = (await _get(client, tenant, f"/entries/{queued}/proof")).json()
+    assert (proof["leaf_index"], proof["tree_size"], proof["leaf_hash"]) == (2, size, pending["leaf_hash"])
+    assert proof["entry"]["id"] == str(queued) and proof["entry"]["sequenced_at"] >= proof["entry"]["created_at"]
+    path = [bytes.fromhex(p) for p in proof["audit_path"]]
+    assert rfc_verify_inclusion(2, size, _leaf_of(tenant, proof["entry"]), path, bytes.fromhex(proof["root_hash"]))
+    assert (await _get(client, tenant, "/entries/2/proof")).json() == proof  # by seq: the same proof

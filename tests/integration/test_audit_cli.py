@@ -22,7 +22,7 @@ from firstmile.cli import main
 from firstmile.kit.db import tenant_transaction
 from firstmile.kit.scope import OPERATOR_CLI
 from firstmile.settings import get_settings
-from tests.conftest import Database, TenantFixture, unaudited_tenant
+from tests.conftest import Database, TenantFixture, sequenced, unaudited_tenant
 
 
 @pytest.fixture
@@ -38,11 +38,15 @@ def env(database: Database, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     get_settings.cache_clear()
 
 
-async def _log(app_engine: AsyncEngine, admin_engine: AsyncEngine, count: int) -> TenantFixture:
+async def _log(
+    app_engine: AsyncEngine, admin_engine: AsyncEngine, count: int, *, sequence: bool = True
+) -> TenantFixture:
     tenant = await unaudited_tenant(admin_engine)
     async with tenant_transaction(app_engine, OPERATOR_CLI.tenant(tenant.id)) as tx:
         for i in range(count):
             await append(tx, "admin", "operator", f"thing:{i}", {"i": i})
+    if sequence:
+        await sequenced(app_engine, tenant.id)
     return tenant
 
 
@@ -110,6 +114,15 @@ async def test_checkpoint_refuses_a_broken_chain(env: Path, app_engine: AsyncEng
     code, _, err = await _cli("checkpoint", "--tenant", tenant.slug, "--key-file", str(env))
     assert code == 1
     assert "not signed: entry 2 is missing" in err
+
+
+async def test_checkpoint_sequences_the_queue_first(
+    env: Path, app_engine: AsyncEngine, admin_engine: AsyncEngine
+) -> None:
+    tenant = await _log(app_engine, admin_engine, 3, sequence=False)
+    code, out, err = await _cli("checkpoint", "--tenant", tenant.slug, "--key-file", str(env))
+    assert code == 0, err
+    assert "sequenced 3 queued entries" in err and out.startswith("checkpoint 3 root ")
 
 
 def test_public_key_and_unknown_tenant(env: Path) -> None:

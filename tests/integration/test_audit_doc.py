@@ -32,7 +32,7 @@ from firstmile.security.cli import rotate_tenant_keys
 from firstmile.settings import Settings
 from firstmile.tenancy.cli import create_key, list_keys, revoke_key
 from firstmile.wiring.adapters import key_config
-from tests.conftest import PEPPER, REGION, Database, make_settings
+from tests.conftest import PEPPER, REGION, Database, make_settings, sequenced
 from tests.factories import ROOT, demo_document, manifest_for
 
 Client = AsyncTestClient[Litestar]
@@ -178,6 +178,7 @@ async def test_every_entry_of_real_flows_is_a_documented_row(
     key_id = (await list_keys(admin_engine, slug))[0].id
     assert await revoke_key(admin_engine, slug, key_id)
 
+    await sequenced(admin_engine, applied.tenant_id)
     async with admin_engine.connect() as conn:
         rows = await conn.execute(
             text("SELECT kind, actor, subject, payload FROM audit_entries WHERE tenant_id = :t ORDER BY seq"),

@@ -1,4 +1,5 @@
-"""The audit log on the real PostgreSQL: appends, transactions, concurrency, privileges, checkpoints."""
+"""The audit log on the real PostgreSQL: the queue and the sequencer, transactions, concurrency, privileges,
+checkpoints."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from firstmile.audit.canonical import GENESIS, CanonicalError, entry_hash, leaf_
 from firstmile.audit.service import (
     AuditError,
     Checkpointer,
+    Sequencer,
     TreeCache,
     append,
     create_checkpoint,
@@ -25,7 +27,7 @@ from firstmile.audit.signing import AuditSigner, checkpoint_body, verify_signatu
 from firstmile.audit.verify import verify_tenant
 from firstmile.kit.db import TenantTx, tenant_transaction
 from firstmile.kit.scope import OPERATOR_CLI, TenantId
-from tests.conftest import Database, unaudited_tenant
+from tests.conftest import Database, sequenced, unaudited_tenant
 from tests.unit.test_audit_rfc9162 import rfc_mth
 
 SIGNER = AuditSigner(Ed25519PrivateKey.generate())
@@ -49,15 +51,20 @@ async def test_append_chains_and_recomputes(app_engine: AsyncEngine, admin_engin
     ]
     async with tenant_transaction(app_engine, tenant) as tx:
         made = [await append(tx, "decision", "agent:planner", f"user:{i}", p) for i, p in enumerate(payloads)]
+    assert all(m.seq is None for m in made)  # queued: a leaf hash, no place yet
+    assert await _entries(admin_engine, tenant) == []
+    assert await sequenced(app_engine, tenant) == 3
     stored = await _entries(admin_engine, tenant)
-    assert [e.seq for e in stored] == [0, 1, 2] == [e.seq for e in made]
+    assert [e.seq for e in stored] == [0, 1, 2]
     prev = GENESIS
-    for entry, returned in zip(stored, made, strict=True):
+    for entry, returned in zip(stored, made, strict=True):  # in the order written
         canonical = entry.canonical()
+        assert entry.entry_id == returned.entry_id
         assert entry.prev_hash == prev
-        assert entry.entry_hash == entry_hash(prev, canonical) == returned.entry_hash
-        assert entry.leaf_hash == leaf_hash(canonical) == returned.leaf_hash
+        assert entry.entry_hash == entry_hash(prev, canonical)
+        assert entry.leaf_hash == leaf_hash(canonical) == returned.leaf_hash  # known when queued
         assert entry.created_at == returned.created_at
+        assert entry.sequenced_at is not None and entry.sequenced_at >= entry.created_at
         prev = entry.entry_hash
     assert stored[1].payload["big"] == 2.437432259388968e18  # jsonb keeps 2437432259388968000; read back as the double
     report = await verify_tenant(admin_engine, tenant, [SIGNER.public_key])
@@ -74,11 +81,11 @@ async def test_append_rolls_back_with_the_change(app_engine: AsyncEngine, admin_
             await append(tx, "admin", "op", "ghost", {})
             raise RuntimeError("the change failed")
     async with tenant_transaction(app_engine, tenant) as tx:
-        after = await append(tx, "admin", "op", "next", {})
+        await append(tx, "admin", "op", "next", {})
         users = (await tx.execute(text("SELECT count(*) FROM end_users WHERE user_id = 'ghost'"))).scalar_one()
     assert users == 0
-    assert after.seq == 1  # the rolled-back entry left no hole: head and entry went together
-    assert [e.subject for e in await _entries(admin_engine, tenant)] == ["kept", "next"]
+    assert await sequenced(app_engine, tenant) == 2  # the rolled-back entry was never queued: no hole
+    assert [(e.seq, e.subject) for e in await _entries(admin_engine, tenant)] == [(0, "kept"), (1, "next")]
 
 
 async def test_invalid_input_is_refused_before_writing(app_engine: AsyncEngine, admin_engine: AsyncEngine) -> None:
@@ -94,26 +101,43 @@ async def test_invalid_input_is_refused_before_writing(app_engine: AsyncEngine, 
         for number in (2**53, -(2**60)):  # outside I-JSON, even where a double holds it exactly
             with pytest.raises(CanonicalError):
                 await append(tx, "admin", "a", "s", {"too big": number})
+    assert await sequenced(app_engine, tenant) == 0
     assert await _entries(admin_engine, tenant) == []
 
 
 async def test_concurrent_appends_stay_one_chain(database: Database, admin_engine: AsyncEngine) -> None:
-    tenant = await _tenant(admin_engine)  # fresh: the first appends also race to create the head row
+    """Writers take no shared lock (each holds its transaction open across a scheduling point) and
+    two sequencers race on the tenant: one chain, every entry exactly once."""
+    tenant = await _tenant(admin_engine)  # fresh: the first sequencers also race to create the head row
     engine = create_async_engine(database.app_url, pool_size=12, max_overflow=0)
     try:
 
-        async def one(i: int) -> int:
+        async def one(i: int) -> uuid.UUID:
             async with tenant_transaction(engine, tenant) as tx:
                 entry = await append(tx, "auth", f"worker:{i % 7}", f"login:{i}", {"i": i})
-                await asyncio.sleep(0)  # hold the head lock across a scheduling point
-                return entry.seq
+                await asyncio.sleep(0)
+                return entry.entry_id
 
-        seqs = await asyncio.gather(*(one(i) for i in range(60)))
+        async def sequencer(stop: asyncio.Event) -> int:
+            placed = 0
+            worker = Sequencer(engine, batch_size=7)
+            while not stop.is_set():
+                placed += await worker.run_once()
+                await asyncio.sleep(0)
+            return placed
+
+        stop = asyncio.Event()
+        racers = [asyncio.create_task(sequencer(stop)) for _ in range(2)]
+        ids = await asyncio.gather(*(one(i) for i in range(60)))
+        await asyncio.sleep(0.05)
+        stop.set()
+        placed = sum(await asyncio.gather(*racers)) + await sequenced(engine, tenant)
     finally:
         await engine.dispose()
-    assert sorted(seqs) == list(range(60))
+    assert placed == 60
     stored = await _entries(admin_engine, tenant)
     assert [e.seq for e in stored] == list(range(60))
+    assert sorted(e.entry_id for e in stored if e.entry_id) == sorted(ids)
     assert {e.payload["i"] for e in stored} == set(range(60))
     report = await verify_tenant(admin_engine, tenant, [SIGNER.public_key])
     assert report.ok, report.summary()
@@ -124,23 +148,28 @@ async def test_tenants_have_separate_chains(app_engine: AsyncEngine, admin_engin
     for tenant in (one, two, one):
         async with tenant_transaction(app_engine, tenant) as tx:
             await append(tx, "admin", "op", "x", {})
+    await sequenced(app_engine)
     assert [e.seq for e in await _entries(admin_engine, one)] == [0, 1]
     assert [e.seq for e in await _entries(admin_engine, two)] == [0]
     async with tenant_transaction(app_engine, one) as tx:  # RLS: the other tenant's rows are invisible
-        seen = (await tx.execute(text("SELECT DISTINCT tenant_id FROM audit_entries"))).scalars().all()
-        assert set(seen) == {one}
+        for table in ("audit_entries", "audit_queue"):
+            seen = (await tx.execute(text(f"SELECT DISTINCT tenant_id FROM {table}"))).scalars().all()
+            assert set(seen) <= {one}
     with pytest.raises(DBAPIError, match="row-level security"):
         async with tenant_transaction(app_engine, one) as tx:  # bound to one, writing as two: only RLS stops it
             await append(TenantTx(tx.conn, two), "admin", "op", "x", {})
 
 
-@pytest.mark.parametrize("table", ["audit_entries", "audit_checkpoints"])
+@pytest.mark.parametrize("table", ["audit_entries", "audit_checkpoints", "audit_queue"])
 async def test_app_role_may_only_select_and_insert(
     table: str, app_engine: AsyncEngine, admin_engine: AsyncEngine
 ) -> None:
     tenant = await _tenant(admin_engine)
     async with tenant_transaction(app_engine, tenant) as tx:
         await append(tx, "admin", "op", "x", {})
+    await sequenced(app_engine, tenant)
+    async with tenant_transaction(app_engine, tenant) as tx:
+        await append(tx, "admin", "op", "still queued", {})
     async with tenant_transaction(app_engine, tenant) as tx:
         assert await create_checkpoint(tx, SIGNER) is not None
     for statement in (f"UPDATE {table} SET tenant_id = tenant_id", f"DELETE FROM {table}", f"TRUNCATE {table}"):
@@ -149,15 +178,25 @@ async def test_app_role_may_only_select_and_insert(
                 await tx.execute(text(statement))
 
 
-@pytest.mark.parametrize("table", ["audit_entries", "audit_checkpoints"])
+@pytest.mark.parametrize(
+    ("table", "refusal"),
+    [
+        ("audit_entries", "append-only"),
+        ("audit_checkpoints", "append-only"),
+        ("audit_queue", "refused"),  # an entry leaves the queue only by being sequenced
+    ],
+)
 async def test_trigger_refuses_changes_by_the_owner_and_superuser(
-    table: str, app_engine: AsyncEngine, admin_engine: AsyncEngine
+    table: str, refusal: str, app_engine: AsyncEngine, admin_engine: AsyncEngine
 ) -> None:
     tenant = await _tenant(admin_engine)
     async with tenant_transaction(app_engine, tenant) as tx:
         await append(tx, "admin", "op", "x", {})
+    await sequenced(app_engine, tenant)
     async with tenant_transaction(app_engine, tenant) as tx:
         await create_checkpoint(tx, SIGNER)
+    async with tenant_transaction(app_engine, tenant) as tx:
+        await append(tx, "admin", "op", "queued", {})
     async with admin_engine.connect() as conn:
         superuser = (await conn.execute(text("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"))).scalar()
         owner = (
@@ -169,10 +208,44 @@ async def test_trigger_refuses_changes_by_the_owner_and_superuser(
         f"DELETE FROM {table} WHERE tenant_id = :t",
         f"TRUNCATE {table}",
     ):
-        with pytest.raises(DBAPIError, match="append-only"):
+        with pytest.raises(DBAPIError, match="append-only" if statement.startswith("TRUNCATE") else refusal):
             async with admin_engine.begin() as conn:
                 await conn.execute(text(statement), {"t": tenant})
     assert len(await _entries(admin_engine, tenant)) == 1
+    async with tenant_transaction(admin_engine, tenant, commit=False) as tx:
+        assert [q.subject for q in await repo.next_queued(tx, 10)] == ["queued"]
+
+
+async def test_the_dequeue_removes_only_what_its_own_transaction_sequenced(
+    app_engine: AsyncEngine, admin_engine: AsyncEngine
+) -> None:
+    """``firstmile_audit_dequeue`` (the sequencer role's only way to delete) refuses queued entries that are
+    not in the log, and entries that an earlier transaction placed there."""
+    tenant = await _tenant(admin_engine)
+    async with tenant_transaction(app_engine, tenant) as tx:
+        queued = await append(tx, "admin", "op", "x", {})
+    params = {"tenant": tenant, "created": [queued.created_at], "ids": [queued.entry_id]}
+    with pytest.raises(DBAPIError, match="only by being sequenced"):
+        async with tenant_transaction(app_engine, tenant) as tx:
+            await tx.execute(repo._DEQUEUE, params)
+    async with tenant_transaction(app_engine, tenant) as tx:  # placed, but the dequeue is left out
+        placed = repo.Placed(queued, 0, GENESIS, entry_hash(GENESIS, queued.canonical()))
+        await tx.execute(
+            repo._SEQUENCE,
+            {
+                "tenant": tenant,
+                "created": [queued.created_at],
+                "ids": [queued.entry_id],
+                "seqs": [0],
+                "prevs": [placed.prev_hash],
+                "hashes": [placed.entry_hash],
+            },
+        )
+    with pytest.raises(DBAPIError, match="only by being sequenced"):
+        async with tenant_transaction(app_engine, tenant) as tx:
+            await tx.execute(repo._DEQUEUE, params)
+    report = await verify_tenant(admin_engine, tenant, [SIGNER.public_key])  # the verifier sees it too
+    assert any(p.reason == "queued-twice" for p in report.problems), report.summary()
 
 
 async def test_checkpoints_sign_the_rfc9162_root(app_engine: AsyncEngine, admin_engine: AsyncEngine) -> None:
@@ -182,12 +255,16 @@ async def test_checkpoints_sign_the_rfc9162_root(app_engine: AsyncEngine, admin_
         assert await create_checkpoint(tx, SIGNER, cache) is None  # empty log
         for i in range(5):
             await append(tx, "key", "kms", f"key:{i}", {"version": i})
+    await sequenced(app_engine, tenant)
     async with tenant_transaction(app_engine, tenant) as tx:
         first = await create_checkpoint(tx, SIGNER, cache)
     async with tenant_transaction(app_engine, tenant) as tx:
         assert await create_checkpoint(tx, SIGNER, cache) is None  # nothing new
         for i in range(6):
             await append(tx, "key", "kms", f"key:{i}", {"version": i})
+    async with tenant_transaction(app_engine, tenant) as tx:
+        assert await create_checkpoint(tx, SIGNER, cache) is None  # queued entries are not in the tree yet
+    await sequenced(app_engine, tenant)
     async with tenant_transaction(app_engine, tenant) as tx:
         second = await create_checkpoint(tx, SIGNER, cache)
     assert first is not None and second is not None
@@ -221,6 +298,7 @@ async def test_maybe_checkpoint_every_n_entries_or_t_seconds(
         async with tenant_transaction(app_engine, tenant) as tx:
             for _ in range(count):
                 await append(tx, "admin", "op", "x", {})
+        await sequenced(app_engine, tenant)
 
     async def maybe(every_entries: int, every_seconds: float) -> int | None:
         async with tenant_transaction(app_engine, tenant) as tx:
@@ -244,6 +322,7 @@ async def test_checkpointer_loop_signs_due_tenants(app_engine: AsyncEngine, admi
     async with tenant_transaction(app_engine, tenant) as tx:
         for i in range(3):
             await append(tx, "auth", "sso", f"login:{i}", {})
+    await sequenced(app_engine, tenant)
     checkpointer = Checkpointer(app_engine, SIGNER, every_entries=1000, every_seconds=0, poll_seconds=0.01)
     stop = asyncio.Event()
     task = asyncio.create_task(checkpointer.run(stop))
@@ -265,6 +344,11 @@ async def test_pending_function_reveals_only_counts(app_engine: AsyncEngine, adm
     tenant = await _tenant(admin_engine)
     async with tenant_transaction(app_engine, tenant) as tx:
         await append(tx, "admin", "op", "x", {"secret": "s3cr3t"})
+    async with app_engine.connect() as conn:  # no tenant context
+        queued = {t: (n, at) for t, n, at in await repo.queued_tenants(conn)}
+        assert queued[uuid.UUID(str(tenant))][0] == 1
+        assert (await conn.execute(text("SELECT count(*) FROM audit_queue"))).scalar_one() == 0
+    await sequenced(app_engine, tenant)
     async with app_engine.connect() as conn:  # no tenant context
         rows = await repo.pending_tenants(conn, 1, 0)
         assert (uuid.UUID(str(tenant)), 1, 0) in rows

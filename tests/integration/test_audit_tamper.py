@@ -30,7 +30,7 @@ from firstmile.audit.signing import AuditSigner
 from firstmile.audit.verify import VerifyReport, load_checkpoints, verify_tenant
 from firstmile.kit.db import bind_tenant, tenant_transaction
 from firstmile.kit.scope import OPERATOR_CLI, TenantId
-from tests.conftest import unaudited_tenant
+from tests.conftest import sequenced, unaudited_tenant
 
 SIGNER = AuditSigner(Ed25519PrivateKey.generate())
 SEEDS = range(3)
@@ -58,6 +58,7 @@ async def _build(app_engine: AsyncEngine, admin_engine: AsyncEngine, seed: int) 
                 payload = {"n": written, "score": rng.random(), "note": rng.choice(["a", "ü", "\n", ""])}
                 await append(tx, rng.choice(kinds), f"actor:{rng.randint(1, 5)}", f"s:{written}", payload)
                 written += 1
+        await sequenced(app_engine, tenant)
         if stop < size or stop == second:
             async with tenant_transaction(app_engine, tenant) as tx:
                 await create_checkpoint(tx, SIGNER)
@@ -91,8 +92,8 @@ async def _insert(conn: AsyncConnection, e: repo.AuditEntry) -> None:
     await conn.execute(
         text(
             "INSERT INTO audit_entries (tenant_id, seq, kind, actor, subject, payload, created_at, prev_hash,"
-            " entry_hash, leaf_hash) VALUES (:t, :seq, :kind, :actor, :subject, CAST(:payload AS jsonb), :at,"
-            " :prev, :hash, :leaf)"
+            " entry_hash, leaf_hash, entry_id) VALUES (:t, :seq, :kind, :actor, :subject, CAST(:payload AS jsonb),"
+            " :at, :prev, :hash, :leaf, :id)"
         ),
         {
             "t": e.tenant_id,
@@ -105,16 +106,18 @@ async def _insert(conn: AsyncConnection, e: repo.AuditEntry) -> None:
             "prev": e.prev_hash,
             "hash": e.entry_hash,
             "leaf": e.leaf_hash,
+            "id": e.entry_id,
         },
     )
 
 
 def _forge(tenant: uuid.UUID, seq: int, prev: bytes, like: repo.AuditEntry, payload: Any) -> repo.AuditEntry:
-    """A self-consistent entry: its hashes are right for its content and its predecessor."""
-    canonical = canonical_entry(tenant, seq, like.kind, like.actor, like.subject, payload, like.created_at)
+    """A self-consistent entry with an id of its own: its hashes are right for its content and its predecessor."""
+    entry_id = uuid.uuid4()
+    canonical = canonical_entry(tenant, seq, like.kind, like.actor, like.subject, payload, like.created_at, entry_id)
     return repo.AuditEntry(
         tenant, seq, like.kind, like.actor, like.subject, payload, like.created_at, prev,
-        entry_hash(prev, canonical), leaf_hash(canonical),
+        entry_hash(prev, canonical), leaf_hash(canonical), entry_id,
     )  # fmt: skip
 
 
@@ -333,3 +336,36 @@ async def test_checkpoints_kept_outside_catch_a_rewrite_that_deleted_them(
     )
     assert report.first_bad_seq == k and report.first_bad is not None and report.first_bad.reason == "truncated"
     assert {p.reason for p in report.problems} >= {"truncated", "checkpoint-missing"}
+
+
+async def test_a_tampered_queued_entry_is_refused_by_the_sequencer_and_reported_by_verify(
+    app_engine: AsyncEngine, admin_engine: AsyncEngine
+) -> None:
+    """A superuser who edits an entry while it waits in the queue: the sequencer recomputes its leaf hash,
+    refuses to place it (the tenant's log stops before it, nothing after it is placed either), and
+    ``audit verify`` names it."""
+    from firstmile.audit.service import Sequencer
+
+    log = await _build(app_engine, admin_engine, 2024)
+    async with tenant_transaction(app_engine, log.tenant) as tx:
+        for i in range(3):
+            await append(tx, "decision", "agent:planner", f"late:{i}", {"i": i})
+
+    async def tamper(conn: AsyncConnection) -> None:
+        await conn.execute(text("ALTER TABLE audit_queue DISABLE TRIGGER audit_queue_guard"))
+        await conn.execute(
+            text("UPDATE audit_queue SET payload = '{\"i\": 99}' WHERE tenant_id = :t AND subject = 'late:1'"),
+            {"t": log.tenant},
+        )
+        await conn.execute(text("ALTER TABLE audit_queue ENABLE TRIGGER audit_queue_guard"))
+
+    await _as_superuser(admin_engine, tamper)
+    report = await _verify(admin_engine, log.tenant)
+    assert [p.reason for p in report.problems] == ["queued-mismatch"], report.summary()
+    assert report.queued == 3
+    sequencer = Sequencer(app_engine, batch_size=1)
+    assert await sequencer.sequence_tenant(uuid.UUID(str(log.tenant))) == 1  # late:0, then it stops at late:1
+    assert sequencer.failing == {uuid.UUID(str(log.tenant))}
+    async with tenant_transaction(admin_engine, log.tenant, commit=False) as tx:
+        assert [q.subject for q in await repo.next_queued(tx, 10)] == ["late:1", "late:2"]
+    assert (await _verify(admin_engine, log.tenant)).first_bad is not None

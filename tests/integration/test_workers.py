@@ -134,7 +134,7 @@ async def test_api_processes_can_leave_the_periodic_tasks_to_the_scheduler(
     database: Database, analytics_store: ChdbStore
 ) -> None:
     app = create_app(
-        make_settings(in_process_schedulers=False, stuck_scan_interval_seconds=60),
+        make_settings(in_process_schedulers=False, in_process_sequencer=False, stuck_scan_interval_seconds=60),
         database.app_url,
         PEPPER,
         analytics=analytics_store,
@@ -142,42 +142,133 @@ async def test_api_processes_can_leave_the_periodic_tasks_to_the_scheduler(
     async with AsyncTestClient(app=app) as client:
         ready = await client.get("/health/ready")
         assert ready.status_code == 200, ready.text
-        assert ready.json()["tasks"] == {}  # no stuck scan, no checkpointer: the scheduler runs them
+        assert ready.json()["tasks"] == {}  # no stuck scan, no sequencer: the scheduler and sequencer run them
 
 
 async def test_the_scheduler_runs_the_periodic_tasks_and_serves_its_probes(
-    database: Database, admin_engine: AsyncEngine, start_worker: object
+    database: Database, start_worker: object
 ) -> None:
-    tenant = await new_tenant(admin_engine)  # its manifest and key are audited: entries to checkpoint
-    async with admin_engine.connect() as conn:
-        before = await conn.scalar(
-            text("SELECT count(*) FROM audit_checkpoints WHERE tenant_id = :t"), {"t": tenant.id}
-        )
-    assert before == 0
     worker = start_worker(  # type: ignore[operator]
-        ["scheduler"],
-        database,
-        FIRSTMILE_AUDIT_CHECKPOINT_EVERY_SECONDS="0.5",
-        FIRSTMILE_STUCK_SCAN_INTERVAL_SECONDS="30",
+        ["scheduler"], database, FIRSTMILE_STUCK_SCAN_INTERVAL_SECONDS="30"
     )
     assert json.loads(worker.wait_for("/health/live", 200)) == {"status": "ok"}
     ready = json.loads(worker.wait_for("/health/ready", 200))
     assert ready["checks"] == {"database": "ok"}
-    assert ready["tasks"] == {"audit-checkpointer": "ok", "stuck-scan": "ok"}
+    assert ready["tasks"] == {"stuck-scan": "ok"}  # the audit log is the sequencer's
     status, metrics = worker.get("/metrics")
     assert status == 200 and "firstmile_stuck_detected_total" in metrics
-    deadline = time.monotonic() + 30
-    signed = 0
-    while time.monotonic() < deadline and not signed:
-        async with admin_engine.connect() as conn:
-            signed = await conn.scalar(
-                text("SELECT count(*) FROM audit_checkpoints WHERE tenant_id = :t"), {"t": tenant.id}
-            )
-        await asyncio.sleep(0.2)
-    assert signed, "the scheduler's checkpointer signed no checkpoint for the tenant's entries"
     code, output = worker.stop()
     assert code == 0, output[-3000:]
     assert "scheduler stopped" in output
+
+
+async def _audit_counts(admin_engine: AsyncEngine, tenant: uuid.UUID) -> tuple[int, int, int]:
+    """(entries queued, entries in the log, checkpoints) of the tenant."""
+    async with admin_engine.connect() as conn:
+        counts = []
+        for table in ("audit_queue", "audit_entries", "audit_checkpoints"):
+            counts.append(
+                int(await conn.scalar(text(f"SELECT count(*) FROM {table} WHERE tenant_id = :t"), {"t": tenant}))
+            )
+    return counts[0], counts[1], counts[2]
+
+
+async def test_the_sequencer_places_queued_entries_signs_checkpoints_and_serves_its_probes(
+    database: Database, admin_engine: AsyncEngine, start_worker: object
+) -> None:
+    tenant = await new_tenant(admin_engine)  # its manifest and key are audited: queued entries
+    queued, placed, signed = await _audit_counts(admin_engine, tenant.id)
+    assert queued >= 2 and placed == 0 and signed == 0
+    worker = start_worker(  # type: ignore[operator]
+        ["sequencer"], database, FIRSTMILE_AUDIT_CHECKPOINT_EVERY_SECONDS="0.5"
+    )
+    assert json.loads(worker.wait_for("/health/live", 200)) == {"status": "ok"}
+    ready = json.loads(worker.wait_for("/health/ready", 200))
+    assert ready["checks"] == {"database": "ok"}
+    assert ready["tasks"] == {"audit-checkpointer": "ok", "audit-sequencer": "ok"}
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (await _audit_counts(admin_engine, tenant.id))[2] == 0:
+        await asyncio.sleep(0.2)
+    assert await _audit_counts(admin_engine, tenant.id) == (0, queued, 1)
+    status, metrics = worker.get("/metrics")
+    assert status == 200
+    assert "firstmile_audit_merge_delay_seconds_count" in metrics
+    assert "firstmile_audit_queue_oldest_seconds" in metrics
+    code, output = worker.stop()
+    assert code == 0, output[-3000:]
+    assert "sequencer stopped" in output
+
+
+async def test_a_sequencer_killed_mid_batch_loses_and_duplicates_nothing(
+    database: Database, admin_engine: AsyncEngine, app_engine: AsyncEngine, start_worker: object
+) -> None:
+    """SIGKILL while the sequencer's batch has inserted its entries and moved the head, and waits to
+    dequeue (a row of its batch is locked by the test): its transaction dies with it, every entry stays
+    queued, and the next sequencer places each exactly once, in one verifiable chain."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from firstmile.audit.service import append
+    from firstmile.audit.verify import verify_tenant
+    from firstmile.kit.db import tenant_transaction
+    from firstmile.kit.scope import OPERATOR_CLI
+    from tests.conftest import sequenced, unaudited_tenant
+
+    fixture = await unaudited_tenant(admin_engine)
+    tenant = OPERATOR_CLI.tenant(fixture.id)
+    for start in range(0, 300, 100):
+        async with tenant_transaction(app_engine, tenant) as tx:
+            for i in range(start, start + 100):
+                await append(tx, "decision", "agent:planner", f"user:{i}", {"i": i})
+    async with admin_engine.connect() as watch, admin_engine.connect() as blocker:
+        # lock the last queued row: the sequencer's batch stops at its dequeue, with its writes done
+        await blocker.execute(
+            text("SELECT entry_id FROM audit_queue WHERE tenant_id = :t ORDER BY created_at DESC LIMIT 1 FOR UPDATE"),
+            {"t": fixture.id},
+        )
+        worker = start_worker(["sequencer"], database)  # type: ignore[operator]
+        deadline = time.monotonic() + 60
+        waiting = 0
+        while time.monotonic() < deadline and not waiting:
+            waiting = int(
+                await watch.scalar(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'firstmile-sequencer' "
+                        "AND wait_event_type = 'Lock' AND backend_xid IS NOT NULL"
+                    )
+                )
+            )
+            await watch.commit()
+            await asyncio.sleep(0.05)
+        assert waiting == 1, "the sequencer never reached its dequeue"
+        assert await _audit_counts(admin_engine, fixture.id) == (300, 0, 0)  # its inserts are uncommitted
+        worker.process.send_signal(signal.SIGKILL)
+        worker.process.wait(timeout=30)
+        await blocker.rollback()
+        deadline = time.monotonic() + 30  # the orphaned backend finds its client gone and rolls back
+        while time.monotonic() < deadline:
+            left = await watch.scalar(
+                text("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'firstmile-sequencer'")
+            )
+            await watch.commit()
+            if not left:
+                break
+            await asyncio.sleep(0.05)
+        assert not left, "the killed sequencer's backend is still there"
+    assert await _audit_counts(admin_engine, fixture.id) == (300, 0, 0)
+    assert await sequenced(app_engine, fixture.id) == 300
+    assert await _audit_counts(admin_engine, fixture.id) == (0, 300, 0)
+    async with admin_engine.connect() as conn:
+        rows = (
+            await conn.execute(
+                text("SELECT seq, (payload->>'i')::int FROM audit_entries WHERE tenant_id = :t ORDER BY seq"),
+                {"t": fixture.id},
+            )
+        ).all()
+    assert [r[0] for r in rows] == list(range(300))
+    assert [r[1] for r in rows] == list(range(300))  # every entry once, in the order written
+    signer_key = Ed25519PrivateKey.generate().public_key()
+    report = await verify_tenant(admin_engine, tenant, [signer_key])
+    assert report.ok, report.summary()
 
 
 def test_a_relay_that_cannot_reach_its_database_is_alive_but_not_ready(

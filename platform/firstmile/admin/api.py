@@ -389,7 +389,11 @@ class AdminApiController(Controller):
         done = await privacy.erase(uow, user_id, f"admin:{session.subject}")
         if done is None:
             raise nothing_held(user_id)
-        return {"user_id": done.user_id, "key_destroyed": done.key_destroyed, "audit_seq": done.audit_seq}
+        return {
+            "user_id": done.user_id,
+            "key_destroyed": done.key_destroyed,
+            "audit_entry_id": str(done.audit_entry_id),
+        }
 
     @get("/audit", summary="The tenant's latest audit entries", opt={"permission": Permission.AUDIT_READ})
     async def audit(

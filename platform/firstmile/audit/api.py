@@ -8,12 +8,14 @@ to the authenticated principal's tenant, and the service (``audit_log``, an
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Annotated, TypeVar
 
-from litestar import Controller, get
+from litestar import Controller, Response, get
 from litestar.di import NamedDependency
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import PathParameter, QueryParameter
 
 from firstmile.audit import schemas
@@ -25,6 +27,7 @@ from firstmile.audit.service import (
     AuditService,
     EntryFilter,
     NotCheckpointedError,
+    PendingError,
 )
 from firstmile.kit.auth import require_scope
 from firstmile.kit.db import TenantTx
@@ -44,6 +47,8 @@ KindQ = Annotated[str | None, QueryParameter(schema_extra={"pattern": KIND_PATTE
 _SEQ = {"pattern": _INT.pattern}  # 0..MAX_SEQ
 _POSITIVE = {"pattern": r"^0*[1-9][0-9]*$", "max_length": 18}  # 1..MAX_SEQ
 _LIMIT = {"pattern": r"^0*([1-9][0-9]{0,2}|1000)$", "max_length": 18}  # 1..MAX_LIMIT
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+_REF = {"pattern": f"{_INT.pattern}|{_UUID.pattern}"}  # a seq, or an entry id
 
 
 class _Errors:
@@ -149,10 +154,17 @@ class AuditController(Controller):
         )
 
     @get(
-        "/entries/{seq:str}/proof",
+        "/entries/{ref:str}/proof",
         summary="An entry's inclusion proof",
-        description="RFC 9162 audit path of the entry in the checkpoint of `tree_size` (default: the latest). "
+        description="RFC 9162 audit path of the entry (by its seq, or by the id it was given when written) in the "
+        "checkpoint of `tree_size` (default: the latest). An entry that is still queued answers 202 with its leaf "
+        "hash (`status: pending`): every entry is sequenced within the maximum merge delay (docs/audit.md). "
         "404 for an unknown entry or checkpoint size, 409 when no checkpoint covers the entry yet.",
+        responses={
+            202: ResponseSpec(
+                schemas.PendingEntry, description="The entry is queued: its leaf hash, no place in the log yet"
+            )
+        },
         opt={
             "problems": {
                 404: "not-found: no such entry or checkpoint",
@@ -165,27 +177,39 @@ class AuditController(Controller):
         self,
         uow: NamedDependency[UnitOfWork],
         audit_log: NamedDependency[AuditService],
-        seq: Annotated[str, PathParameter(description="The entry's seq (0, 1, …)", schema_extra=_SEQ)],
+        ref: Annotated[
+            str, PathParameter(description="The entry's seq (0, 1, …) or its id (a UUID)", schema_extra=_REF)
+        ],
         tree_size: Annotated[
             str | None, QueryParameter(description="A checkpoint's tree size", schema_extra=_POSITIVE)
         ] = None,
-    ) -> schemas.InclusionProof:
+    ) -> Response[schemas.InclusionProof | schemas.PendingEntry]:
         errors = _Errors()
         size = errors.integer(tree_size, "tree_size", 1)
         path_errors = _Errors("path")
-        index = path_errors.integer(seq, "seq", 0)
+        lookup: int | uuid.UUID = 0
+        if _UUID.fullmatch(ref):
+            lookup = uuid.UUID(ref)
+        elif _INT.fullmatch(ref) and int(ref) <= MAX_SEQ:
+            lookup = int(ref)
+        else:
+            path_errors.add("ref", f"must be a seq in 0..{MAX_SEQ} or an entry id (UUID)")
         path_errors.items.extend(errors.items)
         path_errors.raise_if_any()
-        assert index is not None
-        found = await _read(uow, lambda tx: audit_log.inclusion_proof(tx, index, size))
-        return schemas.InclusionProof(
-            leaf_index=index,
-            tree_size=found.checkpoint.tree_size,
-            leaf_hash=found.entry.leaf_hash.hex(),
-            audit_path=[p.hex() for p in found.path],
-            root_hash=found.checkpoint.root_hash.hex(),
-            entry=schemas.entry_out(found.entry),
-            checkpoint=schemas.checkpoint_out(found.checkpoint),
+        try:
+            found = await _read(uow, lambda tx: audit_log.inclusion_proof(tx, lookup, size))
+        except PendingError as exc:
+            return Response(schemas.pending_out(exc.entry), status_code=202)
+        return Response(
+            schemas.InclusionProof(
+                leaf_index=found.entry.seq,
+                tree_size=found.checkpoint.tree_size,
+                leaf_hash=found.entry.leaf_hash.hex(),
+                audit_path=[p.hex() for p in found.path],
+                root_hash=found.checkpoint.root_hash.hex(),
+                entry=schemas.entry_out(found.entry),
+                checkpoint=schemas.checkpoint_out(found.checkpoint),
+            )
         )
 
     @get("/checkpoints", summary="Signed checkpoints", description="In tree-size order, with the region's public key.")

@@ -1,10 +1,17 @@
 """The canonical encoding of an audit entry and the hashes over it (pure, no I/O).
 
 An entry's canonical form is the RFC 8785 JSON Canonicalization (JCS) of the
-object ``{actor, created_at, kind, payload, seq, subject, tenant}``, encoded as
+object ``{actor, created_at, id, kind, payload, subject, tenant}``, encoded as
 UTF-8, where ``created_at`` is RFC 3339 in UTC with exactly six fractional
-digits and ``Z`` (``2026-11-27T10:15:30.123456Z``) and ``tenant`` is the
-tenant's UUID in lower-case hyphenated form. Over it:
+digits and ``Z`` (``2026-11-27T10:15:30.123456Z``), and ``id`` (the entry's
+own UUID, drawn when it is queued) and ``tenant`` are UUIDs in lower-case
+hyphenated form. The form holds no sequence number: an entry's leaf hash is
+known when the writer queues it, before the sequencer gives it its place
+(``seq``) in the log, and the place is bound by the chain and the Merkle tree.
+
+Entries written before the queue existed (version 1, ``id`` unset) have the form
+``{actor, created_at, kind, payload, seq, subject, tenant}`` instead; both forms
+verify for ever. Over either:
 
 * ``entry_hash = SHA-256(prev_hash || canonical)``, with ``prev_hash`` of entry 0
   being 32 zero bytes (:data:`GENESIS`);
@@ -180,10 +187,21 @@ def loads(text: str) -> Any:
     return json.loads(text, parse_int=_parse_int)
 
 
+def canonical_v2(
+    tenant_id: uuid.UUID, entry_id: uuid.UUID, kind: str, actor: str, subject: str, payload_jcs: str, created_at: str
+) -> bytes:
+    """The canonical bytes of a queued entry (version 2), from its payload's JCS text."""
+    return (
+        '{"actor":' + _string(actor) + ',"created_at":"' + created_at + '","id":"' + str(entry_id)
+        + '","kind":' + _string(kind) + ',"payload":' + payload_jcs + ',"subject":' + _string(subject)
+        + ',"tenant":"' + str(tenant_id) + '"}'
+    ).encode("utf-8")  # fmt: skip
+
+
 def canonical_parts(
     tenant_id: uuid.UUID, kind: str, actor: str, subject: str, payload_jcs: str
 ) -> tuple[str, str, str]:
-    """The canonical form around ``created_at`` and ``seq``, which the database fills in.
+    """The version 1 form around ``created_at`` and ``seq``, which the database filled in.
 
     ``canonical = parts[0] + created_at + parts[1] + str(seq) + parts[2]``: the keys of
     the entry object sort as actor, created_at, kind, payload, seq, subject, tenant.
@@ -203,9 +221,13 @@ def canonical_entry(
     subject: str,
     payload: Any,
     created_at: datetime | str,
+    entry_id: uuid.UUID | None = None,
 ) -> bytes:
-    """The canonical bytes of one entry (see the module docstring)."""
+    """The canonical bytes of one entry (see the module docstring): version 2 when it has an
+    ``entry_id`` (``seq`` is then not part of it), version 1 otherwise."""
     stamp = created_at if isinstance(created_at, str) else format_timestamp(created_at)
+    if entry_id is not None:
+        return canonical_v2(tenant_id, entry_id, kind, actor, subject, jcs(payload), stamp)
     head, middle, tail = canonical_parts(tenant_id, kind, actor, subject, jcs(payload))
     return (head + stamp + middle + str(seq) + tail).encode("utf-8")
 

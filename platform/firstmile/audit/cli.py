@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -138,10 +139,17 @@ def audit_verify(
             "checkpoints": report.checkpoints,
             "latest_checkpoint": report.latest_checkpoint,
             "proofs_checked": report.proofs_checked,
+            "queued": report.queued,
             "first_bad_seq": report.first_bad_seq,
             "first_bad_reason": None if first is None else first.reason,
             "problems": [
-                {"seq": p.seq, "checkpoint": p.checkpoint, "reason": p.reason, "detail": p.detail}
+                {
+                    "seq": p.seq,
+                    "checkpoint": p.checkpoint,
+                    "queued": None if p.queued is None else str(p.queued),
+                    "reason": p.reason,
+                    "detail": p.detail,
+                }
                 for p in report.problems
             ],
         }
@@ -156,15 +164,22 @@ def audit_verify(
 @click.option("--tenant", required=True, help="Tenant slug or id.")
 @_KEY_FILE
 def audit_checkpoint(tenant: str, key_file: Path | None) -> None:
-    """Sign a checkpoint over the tenant's whole log now (if it grew since the last one)."""
+    """Sequence the tenant's queued entries, then sign a checkpoint over its whole log now (if it grew
+    since the last one)."""
     from firstmile.audit.repository import CheckpointRow
-    from firstmile.audit.service import AuditIntegrityError, create_checkpoint
+    from firstmile.audit.service import AuditIntegrityError, Sequencer, create_checkpoint
     from firstmile.kit.db import tenant_transaction
 
     signer = _deps().audit_signer(key_file)
 
     async def work(engine: AsyncEngine) -> CheckpointRow | None:
         tenant_id = await _deps().operator_tenant(engine, tenant)
+        sequencer = Sequencer(engine)
+        placed = await sequencer.sequence_tenant(uuid.UUID(str(tenant_id)))
+        if placed:
+            click.echo(f"sequenced {placed} queued entries", err=True)
+        if sequencer.failing:
+            raise AuditIntegrityError("a queued entry no longer matches its leaf hash (see the log)")
         async with tenant_transaction(engine, tenant_id) as tx:
             return await create_checkpoint(tx, signer)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, DateTime, ForeignKey, Index, LargeBinary, Table, Text
+from sqlalchemy import BigInteger, Column, DateTime, ForeignKey, Index, LargeBinary, Table, Text, text
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 
 from firstmile.kit.db import metadata
@@ -20,11 +20,37 @@ audit_entries = Table(
     Column("prev_hash", LargeBinary, nullable=False),
     Column("entry_hash", LargeBinary, nullable=False),
     Column("leaf_hash", LargeBinary, nullable=False),
+    Column("entry_id", UUID(as_uuid=True), nullable=True),
+    Column("sequenced_at", DateTime(timezone=True), nullable=True),
     Index("ix_audit_entries_tenant_id_subject_seq", "tenant_id", "subject", "seq"),
     Index("ix_audit_entries_tenant_id_created_at", "tenant_id", "created_at"),
+    Index(
+        "uq_audit_entries_tenant_id_entry_id",
+        "tenant_id",
+        "entry_id",
+        unique=True,
+        postgresql_where=text("entry_id IS NOT NULL"),
+    ),
 )
 """Append-only (trigger + privileges). ``entry_hash = SHA-256(prev_hash || canonical)``,
-``leaf_hash = SHA-256(0x00 || canonical)``; see :mod:`firstmile.audit.canonical`."""
+``leaf_hash = SHA-256(0x00 || canonical)``; see :mod:`firstmile.audit.canonical`. Entries
+with an ``entry_id`` were queued first (canonical version 2); ``sequenced_at - created_at``
+is their merge delay."""
+
+audit_queue = Table(
+    "audit_queue",
+    metadata,
+    Column("tenant_id", UUID(as_uuid=True), ForeignKey("tenants.id"), primary_key=True),
+    Column("created_at", DateTime(timezone=True), primary_key=True),
+    Column("entry_id", UUID(as_uuid=True), primary_key=True),
+    Column("kind", Text, nullable=False),
+    Column("actor", Text, nullable=False),
+    Column("subject", Text, nullable=False),
+    Column("payload", JSONB, nullable=False),
+    Column("leaf_hash", LargeBinary, nullable=False),
+)
+"""Entries written but not yet sequenced (migration ``0011``): no UPDATE; a DELETE only of
+entries sequenced in the same transaction, through ``firstmile_audit_dequeue``."""
 
 audit_heads = Table(
     "audit_heads",
@@ -35,7 +61,7 @@ audit_heads = Table(
     Column("prev_hash", LargeBinary, nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
-"""Each tenant's last entry (seq and hashes); its row lock serialises appends."""
+"""Each tenant's last sequenced entry (seq and hashes); its row lock serialises the sequencers."""
 
 audit_checkpoints = Table(
     "audit_checkpoints",

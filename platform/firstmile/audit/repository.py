@@ -17,10 +17,8 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from firstmile.audit.canonical import GENESIS, TIMESTAMP_SQL_FORMAT, canonical_entry, loads
+from firstmile.audit.canonical import canonical_entry, loads
 from firstmile.kit.db import TenantTx
-
-_TS = f"to_char({{0}} AT TIME ZONE 'UTC', '{TIMESTAMP_SQL_FORMAT}')"
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,12 +35,16 @@ class AuditEntry:
     prev_hash: bytes
     entry_hash: bytes
     leaf_hash: bytes
+    entry_id: uuid.UUID | None = None
+    """Set for entries that were queued (canonical version 2); None for version 1."""
+    sequenced_at: datetime | None = None
 
     def canonical(self) -> bytes:
         """The canonical bytes recomputed from the content (never read from storage)."""
         return canonical_entry(
-            self.tenant_id, self.seq, self.kind, self.actor, self.subject, self.payload, self.created_at
-        )
+            self.tenant_id, self.seq, self.kind, self.actor, self.subject, self.payload, self.created_at,
+            self.entry_id,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,77 +75,212 @@ class EntryFilter:
     after_seq: int | None = None
 
 
-# The head upsert takes the tenant's head row lock (or creates it) and computes the new entry's
-# hashes from the locked row, so appends are serialised per tenant and chained in one statement.
-# The canonical text is assembled as parts[0] || created_at || parts[1] || seq || parts[2]
-# (canonical.canonical_parts); statement_timestamp() is stable within the statement.
-_APPEND = text(
-    f"""
-    WITH head AS (
-      INSERT INTO audit_heads AS h (tenant_id, seq, entry_hash, prev_hash, updated_at)
-      VALUES (
-        :tenant, 0,
-        sha256(CAST(:genesis AS bytea) || convert_to(
-          CAST(:p0 AS text) || {_TS.format("statement_timestamp()")} || CAST(:p1 AS text) || '0'
-            || CAST(:p2 AS text), 'UTF8')),
-        CAST(:genesis AS bytea), statement_timestamp())
-      ON CONFLICT (tenant_id) DO UPDATE SET
-        seq = h.seq + 1,
-        prev_hash = h.entry_hash,
-        entry_hash = sha256(h.entry_hash || convert_to(
-          CAST(:p0 AS text) || {_TS.format("excluded.updated_at")} || CAST(:p1 AS text) || (h.seq + 1)::text
-            || CAST(:p2 AS text), 'UTF8')),
-        updated_at = excluded.updated_at
-      RETURNING h.seq, h.prev_hash, h.entry_hash, h.updated_at
-    )
-    INSERT INTO audit_entries
-      (tenant_id, seq, kind, actor, subject, payload, created_at, prev_hash, entry_hash, leaf_hash)
-    SELECT :tenant, head.seq, :kind, :actor, :subject, CAST(:payload AS jsonb), head.updated_at,
-           head.prev_hash, head.entry_hash,
-           sha256(decode('00', 'hex') || convert_to(
-             CAST(:p0 AS text) || {_TS.format("head.updated_at")} || CAST(:p1 AS text) || head.seq::text
-               || CAST(:p2 AS text), 'UTF8'))
-    FROM head
-    RETURNING seq, created_at, prev_hash, entry_hash, leaf_hash
-    """
+_QUEUE = text(
+    "INSERT INTO audit_queue (tenant_id, created_at, entry_id, kind, actor, subject, payload, leaf_hash) "
+    "VALUES (:tenant, :created_at, :entry_id, :kind, :actor, :subject, CAST(:payload AS jsonb), :leaf)"
 )
 
 
-async def append_entry(
+async def queue_entry(
     tx: TenantTx,
+    entry_id: uuid.UUID,
+    created_at: datetime,
     kind: str,
     actor: str,
     subject: str,
     payload_jcs: str,
-    parts: tuple[str, str, str],
-) -> tuple[int, datetime, bytes, bytes, bytes]:
-    """Insert the next entry of the tenant's chain: (seq, created_at, prev_hash, entry_hash, leaf_hash)."""
-    row = (
-        await tx.execute(
-            _APPEND,
-            {
-                "tenant": tx.tenant,
-                "genesis": GENESIS,
-                "p0": parts[0],
-                "p1": parts[1],
-                "p2": parts[2],
-                "kind": kind,
-                "actor": actor,
-                "subject": subject,
-                "payload": payload_jcs,
-            },
+    leaf: bytes,
+) -> None:
+    """Queue one entry in the caller's transaction (one round trip, no shared lock)."""
+    await tx.execute(
+        _QUEUE,
+        {
+            "tenant": tx.tenant,
+            "created_at": created_at,
+            "entry_id": entry_id,
+            "kind": kind,
+            "actor": actor,
+            "subject": subject,
+            "payload": payload_jcs,
+            "leaf": leaf,
+        },
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedEntry:
+    """An entry written but not yet sequenced: it has its leaf hash, not yet its place."""
+
+    tenant_id: uuid.UUID
+    entry_id: uuid.UUID
+    kind: str
+    actor: str
+    subject: str
+    payload: Any
+    created_at: datetime
+    leaf_hash: bytes
+    payload_text: str = ""
+    """The payload's JSON text as queued."""
+
+    @property
+    def seq(self) -> None:
+        """No place in the log yet (readers show a queued entry as pending)."""
+        return None
+
+    def canonical(self) -> bytes:
+        return canonical_entry(
+            self.tenant_id, 0, self.kind, self.actor, self.subject, self.payload, self.created_at, self.entry_id
         )
-    ).one()
-    return int(row[0]), row[1], bytes(row[2]), bytes(row[3]), bytes(row[4])
 
 
-_COLUMNS = "tenant_id, seq, kind, actor, subject, payload::text, created_at, prev_hash, entry_hash, leaf_hash"
+_Q_COLUMNS = "tenant_id, entry_id, kind, actor, subject, payload::text, created_at, leaf_hash"
+
+
+def _queued(row: Sequence[Any]) -> QueuedEntry:
+    return QueuedEntry(row[0], row[1], row[2], row[3], row[4], loads(row[5]), row[6], bytes(row[7]), row[5])
+
+
+_Q_NEXT = text(
+    f"SELECT {_Q_COLUMNS} FROM audit_queue WHERE tenant_id = :tenant ORDER BY created_at, entry_id LIMIT :limit"
+)
+_Q_GET = text(f"SELECT {_Q_COLUMNS} FROM audit_queue WHERE tenant_id = :tenant AND entry_id = :entry_id")
+_Q_LATEST = text(
+    f"SELECT {_Q_COLUMNS} FROM audit_queue WHERE tenant_id = :tenant AND (CAST(:kind AS text) IS NULL OR kind = :kind) "
+    "ORDER BY created_at DESC, entry_id DESC LIMIT :limit"
+)
+_Q_ABOUT = text(
+    f"SELECT {_Q_COLUMNS} FROM audit_queue WHERE tenant_id = :tenant AND subject = :subject "
+    "ORDER BY created_at, entry_id LIMIT :limit"
+)
+
+
+async def next_queued(tx: TenantTx, limit: int) -> list[QueuedEntry]:
+    """The oldest ``limit`` queued entries of the tenant (the sequencer's next batch)."""
+    return [_queued(r) for r in await tx.execute(_Q_NEXT, {"tenant": tx.tenant, "limit": limit})]
+
+
+_Q_PAGE = text(
+    f"SELECT {_Q_COLUMNS} FROM audit_queue WHERE tenant_id = :tenant ORDER BY created_at, entry_id "
+    "OFFSET :offset LIMIT :limit"
+)
+
+
+async def next_queued_after(tx: TenantTx, offset: int, limit: int) -> list[QueuedEntry]:
+    """Queued entries in queue order, ``offset`` onwards (one snapshot: for the verifier)."""
+    rows = await tx.execute(_Q_PAGE, {"tenant": tx.tenant, "offset": offset, "limit": limit})
+    return [_queued(r) for r in rows]
+
+
+async def get_queued(tx: TenantTx, entry_id: uuid.UUID) -> QueuedEntry | None:
+    row = (await tx.execute(_Q_GET, {"tenant": tx.tenant, "entry_id": entry_id})).first()
+    return None if row is None else _queued(row)
+
+
+async def latest_queued(tx: TenantTx, kind: str | None, limit: int) -> list[QueuedEntry]:
+    """The newest ``limit`` queued entries (of ``kind`` when given), newest first."""
+    rows = await tx.execute(_Q_LATEST, {"tenant": tx.tenant, "kind": kind, "limit": limit})
+    return [_queued(r) for r in rows]
+
+
+async def queued_about(tx: TenantTx, subject: str, limit: int) -> list[QueuedEntry]:
+    rows = await tx.execute(_Q_ABOUT, {"tenant": tx.tenant, "subject": subject, "limit": limit})
+    return [_queued(r) for r in rows]
+
+
+_HEAD_FOR_UPDATE = text("SELECT seq, entry_hash FROM audit_heads WHERE tenant_id = :tenant FOR UPDATE")
+_SEQUENCE_LOCK = text("SELECT pg_try_advisory_xact_lock(hashtextextended('firstmile.audit.sequencer:' || :tenant, 0))")
+
+# The batch moves from the queue into the log in three statements of one transaction: the
+# entries (their content copied from the queue rows, so it cannot differ from what was
+# hashed), the head, and the dequeue, which the queue's trigger allows only for entries that
+# this transaction inserted.
+_SEQUENCE = text(
+    """
+    INSERT INTO audit_entries
+      (tenant_id, seq, kind, actor, subject, payload, created_at, prev_hash, entry_hash, leaf_hash,
+       entry_id, sequenced_at)
+    SELECT q.tenant_id, u.seq, q.kind, q.actor, q.subject, q.payload, q.created_at, u.prev, u.hash,
+           q.leaf_hash, q.entry_id, clock_timestamp()
+    FROM unnest(CAST(:created AS timestamptz[]), CAST(:ids AS uuid[]), CAST(:seqs AS bigint[]),
+                CAST(:prevs AS bytea[]), CAST(:hashes AS bytea[])) AS u(created_at, entry_id, seq, prev, hash)
+    JOIN audit_queue q ON q.tenant_id = :tenant AND q.created_at = u.created_at AND q.entry_id = u.entry_id
+    """
+)
+_HEAD_UPSERT = text(
+    "INSERT INTO audit_heads AS h (tenant_id, seq, entry_hash, prev_hash, updated_at) "
+    "VALUES (:tenant, :seq, :hash, :prev, clock_timestamp()) "
+    "ON CONFLICT (tenant_id) DO UPDATE SET seq = excluded.seq, entry_hash = excluded.entry_hash, "
+    "prev_hash = excluded.prev_hash, updated_at = excluded.updated_at"
+)
+_DEQUEUE = text("SELECT firstmile_audit_dequeue(:tenant, CAST(:created AS timestamptz[]), CAST(:ids AS uuid[]))")
+
+
+async def try_sequence_lock(tx: TenantTx) -> bool:
+    """A transaction-scoped lock that keeps two sequencers off one tenant at a time."""
+    return bool((await tx.execute(_SEQUENCE_LOCK, {"tenant": str(tx.tenant)})).scalar_one())
+
+
+async def lock_head(tx: TenantTx) -> tuple[int, bytes] | None:
+    """The tenant's head (seq, entry_hash), locked until the transaction ends; None for an empty log."""
+    row = (await tx.execute(_HEAD_FOR_UPDATE, {"tenant": tx.tenant})).first()
+    return None if row is None else (int(row[0]), bytes(row[1]))
+
+
+@dataclass(frozen=True, slots=True)
+class Placed:
+    """A queued entry's place in the log, computed by the sequencer."""
+
+    entry: QueuedEntry
+    seq: int
+    prev_hash: bytes
+    entry_hash: bytes
+
+
+async def sequence_batch(tx: TenantTx, placed: Sequence[Placed]) -> int:
+    """Insert ``placed`` into the log, move the head to the last one and dequeue them; the count."""
+    if not placed:
+        return 0
+    created = [p.entry.created_at for p in placed]
+    ids = [p.entry.entry_id for p in placed]
+    params = {
+        "tenant": tx.tenant,
+        "created": created,
+        "ids": ids,
+        "seqs": [p.seq for p in placed],
+        "prevs": [p.prev_hash for p in placed],
+        "hashes": [p.entry_hash for p in placed],
+    }
+    inserted = (await tx.execute(_SEQUENCE, params)).rowcount
+    if inserted != len(placed):
+        raise RuntimeError(f"sequenced {inserted} of {len(placed)} queued entries")
+    last = placed[-1]
+    await tx.execute(
+        _HEAD_UPSERT, {"tenant": tx.tenant, "seq": last.seq, "hash": last.entry_hash, "prev": last.prev_hash}
+    )
+    removed = int((await tx.execute(_DEQUEUE, {"tenant": tx.tenant, "created": created, "ids": ids})).scalar_one())
+    if removed != len(placed):
+        raise RuntimeError(f"dequeued {removed} of {len(placed)} sequenced entries")
+    return removed
+
+
+_QUEUED_TENANTS = text("SELECT tenant_id, queued, oldest FROM firstmile_audit_queued()")
+
+
+async def queued_tenants(conn: AsyncConnection) -> list[tuple[uuid.UUID, int, datetime]]:
+    """Tenants with queued entries: (tenant, how many, the oldest's created_at); any tenant."""
+    return [(r[0], int(r[1]), r[2]) for r in await conn.execute(_QUEUED_TENANTS)]
+
+
+_COLUMNS = (
+    "tenant_id, seq, kind, actor, subject, payload::text, created_at, prev_hash, entry_hash, leaf_hash, "
+    "entry_id, sequenced_at"
+)
 
 
 def _entry(row: Sequence[Any]) -> AuditEntry:
     return AuditEntry(
         row[0], int(row[1]), row[2], row[3], row[4], loads(row[5]), row[6], bytes(row[7]), bytes(row[8]),
-        bytes(row[9]),
+        bytes(row[9]), row[10], row[11],
     )  # fmt: skip
 
 
@@ -177,10 +314,16 @@ async def latest_entries(tx: TenantTx, kind: str | None, limit: int) -> list[Aud
 
 
 _GET = text(f"SELECT {_COLUMNS} FROM audit_entries WHERE tenant_id = :tenant AND seq = :seq")
+_GET_BY_ID = text(f"SELECT {_COLUMNS} FROM audit_entries WHERE tenant_id = :tenant AND entry_id = :entry_id")
 
 
 async def get_entry(tx: TenantTx, seq: int) -> AuditEntry | None:
     row = (await tx.execute(_GET, {"tenant": tx.tenant, "seq": seq})).first()
+    return None if row is None else _entry(row)
+
+
+async def get_entry_by_id(tx: TenantTx, entry_id: uuid.UUID) -> AuditEntry | None:
+    row = (await tx.execute(_GET_BY_ID, {"tenant": tx.tenant, "entry_id": entry_id})).first()
     return None if row is None else _entry(row)
 
 

@@ -7,12 +7,14 @@ from typing import Any
 import msgspec
 
 from firstmile.audit.canonical import format_timestamp
-from firstmile.audit.repository import AuditEntry, CheckpointRow
+from firstmile.audit.repository import AuditEntry, CheckpointRow, QueuedEntry
 from firstmile.audit.signing import ALGORITHM, AuditSigner, checkpoint_body
 
 
 class Entry(msgspec.Struct, kw_only=True):
     seq: int
+    id: str | None
+    """The id the entry was given when written (a UUID); null for entries written before the queue."""
     kind: str
     actor: str
     subject: str
@@ -22,6 +24,23 @@ class Entry(msgspec.Struct, kw_only=True):
     prev_hash: str
     entry_hash: str
     leaf_hash: str
+    sequenced_at: str | None
+    """When the sequencer placed it in the log (null for entries written before the queue)."""
+
+
+class PendingEntry(msgspec.Struct, kw_only=True):
+    """An entry that is written (committed) but not yet sequenced: no place, no proof yet."""
+
+    status: str
+    """Always ``pending``."""
+    id: str
+    kind: str
+    actor: str
+    subject: str
+    payload: Any
+    created_at: str
+    leaf_hash: str
+    """``SHA-256(0x00 || canonical)``: the leaf that the entry will be in the tree."""
 
 
 class EntryPage(msgspec.Struct, kw_only=True):
@@ -84,6 +103,7 @@ class PublicKey(msgspec.Struct, kw_only=True):
 def entry_out(entry: AuditEntry) -> Entry:
     return Entry(
         seq=entry.seq,
+        id=None if entry.entry_id is None else str(entry.entry_id),
         kind=entry.kind,
         actor=entry.actor,
         subject=entry.subject,
@@ -91,6 +111,20 @@ def entry_out(entry: AuditEntry) -> Entry:
         created_at=format_timestamp(entry.created_at),
         prev_hash=entry.prev_hash.hex(),
         entry_hash=entry.entry_hash.hex(),
+        leaf_hash=entry.leaf_hash.hex(),
+        sequenced_at=None if entry.sequenced_at is None else format_timestamp(entry.sequenced_at),
+    )
+
+
+def pending_out(entry: QueuedEntry) -> PendingEntry:
+    return PendingEntry(
+        status="pending",
+        id=str(entry.entry_id),
+        kind=entry.kind,
+        actor=entry.actor,
+        subject=entry.subject,
+        payload=entry.payload,
+        created_at=format_timestamp(entry.created_at),
         leaf_hash=entry.leaf_hash.hex(),
     )
 

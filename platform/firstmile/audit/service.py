@@ -1,9 +1,13 @@
-"""Appending to the audit log, signed checkpoints and proofs.
+"""Appending to the audit log, sequencing it, signed checkpoints and proofs.
 
 :func:`append` runs inside the caller's tenant transaction (a
 :class:`~firstmile.kit.db.TenantTx`), so an entry commits or rolls back with the change it
-describes. It never commits. Other slices write entries only through :func:`append` and
-read them through :class:`AuditService`; the audit tables and repository are this slice's own.
+describes. It never commits and takes no shared lock: it queues the entry with its leaf
+hash, and the :class:`Sequencer` (its own process in production, a task of ``serve`` in
+embedded mode) gives queued entries their place in the tenant's chain and Merkle tree in
+batches, within the maximum merge delay (docs/audit.md). Other slices write entries only
+through :func:`append` and read them through :class:`AuditService`; the audit tables and
+repository are this slice's own.
 """
 
 from __future__ import annotations
@@ -24,18 +28,18 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from firstmile.audit import repository as repo
 from firstmile.audit.canonical import (
     GENESIS,
-    canonical_parts,
+    canonical_v2,
     entry_hash,
     format_timestamp,
     jcs,
     leaf_hash,
-    loads,
 )
 from firstmile.audit.merkle import MerkleTree
-from firstmile.audit.repository import AuditEntry, CheckpointRow
+from firstmile.audit.repository import AuditEntry, CheckpointRow, Placed, QueuedEntry
 from firstmile.audit.signing import AuditSigner, checkpoint_body
 from firstmile.kit.db import TenantTx
 from firstmile.kit.scope import OperatorContext
+from firstmile.kit.telemetry import AUDIT_MERGE_DELAY, AUDIT_QUEUE_OLDEST, AUDIT_SEQUENCED, AUDIT_SEQUENCER_FAILURES
 from firstmile.kit.uow import UnitOfWork
 
 log = logging.getLogger("firstmile.audit")
@@ -68,17 +72,42 @@ class NotCheckpointedError(AuditError):
     """The entry exists but no checkpoint covers it yet."""
 
 
+class PendingError(AuditError):
+    """The entry is queued: it has its leaf hash but no place in the log (and so no proof) yet."""
+
+    def __init__(self, entry: QueuedEntry) -> None:
+        super().__init__(f"entry {entry.entry_id} is queued and not yet sequenced")
+        self.entry = entry
+
+
 def _check_text(name: str, value: str) -> None:
     if not isinstance(value, str) or len(value) > MAX_TEXT or "\x00" in value:
         raise ValueError(f"audit {name} must be a string of at most {MAX_TEXT} characters without NUL")
 
 
-async def append(tx: TenantTx, kind: str, actor: str, subject: str, payload: Any) -> AuditEntry:
-    """Append one entry to the tenant's chain in the caller's transaction (one round trip).
+class _StrictClock:
+    """UTC now, strictly increasing within the process (by a microsecond when the clock has not moved
+    or went back), so the entries one transaction queues keep their order in the log."""
 
-    Appends of one tenant are serialised by the row lock on its ``audit_heads`` row,
-    held until the caller's transaction ends: keep audited transactions short.
-    Raises :class:`ValueError` for an invalid kind, text or payload.
+    def __init__(self) -> None:
+        self._last = datetime.min.replace(tzinfo=UTC)
+
+    def now(self) -> datetime:
+        moment = datetime.now(UTC)
+        if moment <= self._last:
+            moment = self._last + timedelta(microseconds=1)
+        self._last = moment
+        return moment
+
+
+_clock = _StrictClock()
+
+
+async def append(tx: TenantTx, kind: str, actor: str, subject: str, payload: Any) -> QueuedEntry:
+    """Queue one entry in the caller's transaction (one round trip, no shared lock).
+
+    The entry gets its id, time and leaf hash here; the sequencer gives it its ``seq``
+    after the caller commits. Raises :class:`ValueError` for an invalid kind, text or payload.
     """
     if not isinstance(kind, str) or not KIND_PATTERN.match(kind):
         raise ValueError(f"audit kind {kind!r} must match {KIND_PATTERN.pattern}")
@@ -87,18 +116,148 @@ async def append(tx: TenantTx, kind: str, actor: str, subject: str, payload: Any
     payload_jcs = jcs(payload, strict=True)
     if len(payload_jcs.encode("utf-8")) > MAX_PAYLOAD_BYTES:
         raise ValueError(f"audit payload exceeds {MAX_PAYLOAD_BYTES} bytes in canonical form")
-    tenant = tx.tenant
-    parts = canonical_parts(tenant, kind, actor, subject, payload_jcs)
-    seq, created_at, prev, stored_entry, stored_leaf = await repo.append_entry(
-        tx, kind, actor, subject, payload_jcs, parts
-    )
-    canonical = (parts[0] + format_timestamp(created_at) + parts[1] + str(seq) + parts[2]).encode("utf-8")
-    if entry_hash(prev, canonical) != stored_entry or leaf_hash(canonical) != stored_leaf:
-        # the database and this code disagree on the encoding: fail the caller's transaction
-        raise AuditIntegrityError(f"audit entry {seq}: hashes computed in the database do not match")
-    return AuditEntry(
-        tenant, seq, kind, actor, subject, loads(payload_jcs), created_at, prev, stored_entry, stored_leaf
-    )
+    tenant = uuid.UUID(str(tx.tenant))
+    entry_id = uuid.uuid4()
+    created_at = _clock.now()
+    leaf = leaf_hash(canonical_v2(tenant, entry_id, kind, actor, subject, payload_jcs, format_timestamp(created_at)))
+    await repo.queue_entry(tx, entry_id, created_at, kind, actor, subject, payload_jcs, leaf)
+    return QueuedEntry(tenant, entry_id, kind, actor, subject, payload, created_at, leaf, payload_jcs)
+
+
+async def sequence_next(tx: TenantTx, batch_size: int) -> list[Placed] | None:
+    """Give the tenant's oldest ``batch_size`` queued entries their place in the log, in ``tx``.
+
+    Returns the placed entries (empty when nothing is queued), or None when another sequencer
+    holds the tenant. Each entry's leaf hash is recomputed from the queued content first: a
+    queued row that no longer matches its hash stops the tenant's log there
+    (:class:`AuditIntegrityError`), since it can neither be placed nor removed.
+    """
+    if not await repo.try_sequence_lock(tx):
+        return None
+    head = await repo.lock_head(tx)
+    queued = await repo.next_queued(tx, batch_size)
+    if not queued:
+        return []
+    seq, prev = (head[0] + 1, head[1]) if head is not None else (0, GENESIS)
+    placed: list[Placed] = []
+    for q in queued:
+        canonical = canonical_v2(
+            q.tenant_id, q.entry_id, q.kind, q.actor, q.subject, jcs(q.payload), format_timestamp(q.created_at)
+        )
+        if leaf_hash(canonical) != q.leaf_hash:
+            raise AuditIntegrityError(f"queued entry {q.entry_id}: its content no longer matches its leaf hash")
+        digest = entry_hash(prev, canonical)
+        placed.append(Placed(q, seq, prev, digest))
+        seq, prev = seq + 1, digest
+    await repo.sequence_batch(tx, placed)
+    return placed
+
+
+class Sequencer:
+    """Moves queued entries into their tenants' logs, in batches (run it as a background loop).
+
+    It runs as the application role: ``firstmile_audit_queued`` names the tenants with
+    queued entries, and each tenant is sequenced in transactions of its own, under the
+    worker's operator context, ``batch_size`` entries at a time until its queue is empty.
+    Several sequencers may run (replicas, or one per process in embedded mode): a per-tenant
+    advisory lock and the head row lock give each tenant one sequencer at a time, so the
+    tenant is the shard. A sequencer killed mid-batch loses its transaction and nothing else:
+    the entries stay queued until the next one takes them.
+    """
+
+    context = OperatorContext("worker:audit-sequencer")
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        batch_size: int = 1000,
+        poll_seconds: float = 0.1,
+        concurrency: int = 4,
+    ) -> None:
+        if batch_size < 1 or poll_seconds <= 0 or concurrency < 1:
+            raise ValueError("batch_size >= 1, poll_seconds > 0 and concurrency >= 1")
+        self.engine = engine
+        self.batch_size = batch_size
+        self.poll_seconds = poll_seconds
+        self.concurrency = concurrency
+        self.sequenced = 0
+        """Entries this sequencer has placed since it started."""
+        self.failing: set[uuid.UUID] = set()
+        """Tenants whose last batch failed its integrity check (logged, counted, retried each poll)."""
+
+    async def sequence_tenant(self, tenant: uuid.UUID) -> int:
+        """Sequence everything queued for ``tenant`` now; the count (0 when another sequencer has it)."""
+        uow = UnitOfWork(self.engine, self.context.tenant(tenant))
+        total = 0
+        while True:
+
+            async def work(tx: TenantTx) -> list[Placed] | None:
+                return await sequence_next(tx, self.batch_size)
+
+            try:
+                placed = await uow.run(work)
+            except AuditIntegrityError as exc:
+                AUDIT_SEQUENCER_FAILURES.inc()
+                if tenant not in self.failing:
+                    log.error(
+                        "audit queue failed its check; the tenant's log is not extended",
+                        extra={"fields": {"tenant": str(tenant), "error": str(exc)}},
+                    )
+                self.failing.add(tenant)
+                return total
+            self.failing.discard(tenant)
+            if not placed:
+                return total
+            now = datetime.now(UTC)
+            for p in placed:
+                AUDIT_MERGE_DELAY.observe(max(0.0, (now - p.entry.created_at).total_seconds()))
+            AUDIT_SEQUENCED.inc(len(placed))
+            self.sequenced += len(placed)
+            total += len(placed)
+            if len(placed) < self.batch_size:
+                return total
+
+    async def run_once(self) -> int:
+        """One pass over every tenant with queued entries; the number of entries sequenced."""
+        async with self.engine.connect() as conn:
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            queued = await repo.queued_tenants(conn)
+        now = datetime.now(UTC)
+        oldest = min((at for _, _, at in queued), default=None)
+        AUDIT_QUEUE_OLDEST.set(0.0 if oldest is None else max(0.0, (now - oldest).total_seconds()))
+        if not queued:
+            return 0
+        gate = asyncio.Semaphore(self.concurrency)
+
+        async def one(tenant: uuid.UUID) -> int:
+            async with gate:
+                return await self.sequence_tenant(tenant)
+
+        return sum(await asyncio.gather(*(one(tenant) for tenant, _, _ in queued)))
+
+    async def drain(self, rounds: int = 100) -> int:
+        """Run passes until nothing is queued (or ``rounds`` passes): for tests and ``audit sequence``."""
+        total = 0
+        for _ in range(rounds):
+            async with self.engine.connect() as conn:
+                await conn.execution_options(isolation_level="AUTOCOMMIT")
+                if not await repo.queued_tenants(conn):
+                    return total
+            total += await self.run_once()
+        return total
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Poll every ``poll_seconds`` until ``stop``; failures are logged and retried."""
+        while not stop.is_set():
+            try:
+                await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("audit sequencer failed; retrying")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.poll_seconds)
 
 
 class TreeCache:
@@ -320,11 +479,23 @@ class ConsistencyProof:
     path: list[bytes]
 
 
-async def inclusion_proof(tx: TenantTx, seq: int, tree_size: int | None, cache: TreeCache) -> InclusionProof:
-    """The audit path of entry ``seq`` in the checkpoint of ``tree_size`` (default: the latest)."""
-    entry = await repo.get_entry(tx, seq)
-    if entry is None:
-        raise AuditNotFoundError("entry", f"no audit entry {seq}")
+async def inclusion_proof(
+    tx: TenantTx, ref: int | uuid.UUID, tree_size: int | None, cache: TreeCache
+) -> InclusionProof:
+    """The audit path of an entry (by ``seq``, or by id) in the checkpoint of ``tree_size`` (default:
+    the latest). An entry still queued raises :class:`PendingError`, which carries its leaf hash."""
+    if isinstance(ref, uuid.UUID):
+        entry = await repo.get_entry_by_id(tx, ref)
+        if entry is None:
+            queued = await repo.get_queued(tx, ref)
+            if queued is not None:
+                raise PendingError(queued)
+            raise AuditNotFoundError("entry", f"no audit entry {ref}")
+    else:
+        entry = await repo.get_entry(tx, ref)
+        if entry is None:
+            raise AuditNotFoundError("entry", f"no audit entry {ref}")
+    seq = entry.seq
     if tree_size is None:
         checkpoint = await repo.latest_checkpoint(tx)
         if checkpoint is None:
@@ -378,25 +549,29 @@ class AuditService:
         """Entries in seq order matching ``where``, at most ``limit``."""
         return await repo.list_entries(tx, where, limit)
 
-    async def latest(self, tx: TenantTx, kind: str | None, limit: int) -> list[AuditEntry]:
-        """The newest ``limit`` entries (of ``kind`` when given), newest first."""
+    async def latest(self, tx: TenantTx, kind: str | None, limit: int) -> list[AuditEntry | QueuedEntry]:
+        """The newest ``limit`` entries (of ``kind`` when given), newest first, queued ones first."""
         return await latest_entries(tx, kind, limit)
 
     async def checkpoints(self, tx: TenantTx, after_size: int, limit: int) -> list[CheckpointRow]:
         return await repo.list_checkpoints(tx, after_size, limit)
 
-    async def inclusion_proof(self, tx: TenantTx, seq: int, tree_size: int | None) -> InclusionProof:
-        return await inclusion_proof(tx, seq, tree_size, self.cache)
+    async def inclusion_proof(self, tx: TenantTx, ref: int | uuid.UUID, tree_size: int | None) -> InclusionProof:
+        return await inclusion_proof(tx, ref, tree_size, self.cache)
 
     async def consistency_proof(self, tx: TenantTx, first: int, second: int) -> ConsistencyProof:
         return await consistency_proof(tx, first, second, self.cache)
 
 
-async def latest_entries(tx: TenantTx, kind: str | None, limit: int) -> list[AuditEntry]:
-    """The newest ``limit`` entries (of ``kind`` when given), newest first: the admin UI's viewer."""
-    return await repo.latest_entries(tx, kind, limit)
+async def latest_entries(tx: TenantTx, kind: str | None, limit: int) -> list[AuditEntry | QueuedEntry]:
+    """The newest ``limit`` entries (of ``kind`` when given), newest first, the queued (``seq`` None)
+    before the sequenced: the admin UI's viewer."""
+    queued: list[AuditEntry | QueuedEntry] = list(await repo.latest_queued(tx, kind, limit))
+    return (queued + list(await repo.latest_entries(tx, kind, limit)))[:limit]
 
 
-async def entries_about(tx: TenantTx, subject: str, limit: int) -> list[AuditEntry]:
-    """Entries whose subject is ``subject`` (an end user's id, say), in seq order: for exports."""
-    return await repo.list_entries(tx, EntryFilter(subject=subject), limit)
+async def entries_about(tx: TenantTx, subject: str, limit: int) -> list[AuditEntry | QueuedEntry]:
+    """Entries whose subject is ``subject`` (an end user's id, say), in seq order, then the queued
+    ones (``seq`` None): for exports."""
+    entries: list[AuditEntry | QueuedEntry] = list(await repo.list_entries(tx, EntryFilter(subject=subject), limit))
+    return (entries + list(await repo.queued_about(tx, subject, limit)))[:limit]

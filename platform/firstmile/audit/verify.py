@@ -13,7 +13,9 @@ What is checked, in one REPEATABLE READ snapshot:
 5. a consistency proof between each pair of consecutive checkpoints;
 6. inclusion of every entry in the latest checkpoint: recomputing its root from
    every leaf establishes it for all entries at once, and audit paths are also
-   verified for ``proof_samples`` entries (all with ``all_proofs``).
+   verified for ``proof_samples`` entries (all with ``all_proofs``);
+7. every queued (not yet sequenced) entry: its leaf hash recomputed from its content,
+   and its id not already in the log.
 
 The report names the first bad entry (lowest seq) and why.
 """
@@ -63,9 +65,14 @@ class Problem:
     reason: str
     detail: str
     checkpoint: int | None = None
+    queued: uuid.UUID | None = None
+    """A queued entry the problem concerns."""
 
     def __str__(self) -> str:
-        where = f"entry {self.seq}" if self.seq is not None else f"checkpoint {self.checkpoint}"
+        if self.queued is not None:
+            where = f"queued entry {self.queued}"
+        else:
+            where = f"entry {self.seq}" if self.seq is not None else f"checkpoint {self.checkpoint}"
         return f"{where}: {self.reason}: {self.detail}"
 
 
@@ -76,6 +83,7 @@ class VerifyReport:
     checkpoints: int = 0
     latest_checkpoint: int | None = None
     proofs_checked: int = 0
+    queued: int = 0
     seconds: float = 0.0
     problems: list[Problem] = field(default_factory=list)
     truncated_problems: int = 0
@@ -110,11 +118,11 @@ class VerifyReport:
         lines = [
             f"tenant {self.tenant_id}: {self.entries} entries, {self.checkpoints} checkpoints"
             f" (the latest verified covers {self.latest_checkpoint or 0} entries; {max(self.unsigned, 0)} not covered),"
-            f" {self.proofs_checked} proofs verified, {self.seconds:.2f}s"
+            f" {self.proofs_checked} proofs verified, {self.queued} queued entries checked, {self.seconds:.2f}s"
         ]
         first = self.first_bad
         if first is None:
-            lines.append("OK: chain, signatures, roots, consistency and inclusion verified")
+            lines.append("OK: chain, signatures, roots, consistency, inclusion and the queue verified")
         else:
             if first.seq is not None:
                 lines.append(f"FAILED: first bad entry is seq {first.seq}: {first.reason}: {first.detail}")
@@ -209,8 +217,9 @@ def _explain_link(entry: repo.AuditEntry, recent: Mapping[bytes, int], report: V
     original = linked + 1
     try:
         canonical = canonical_entry(
-            entry.tenant_id, original, entry.kind, entry.actor, entry.subject, entry.payload, entry.created_at
-        )
+            entry.tenant_id, original, entry.kind, entry.actor, entry.subject, entry.payload, entry.created_at,
+            entry.entry_id,
+        )  # fmt: skip
     except (CanonicalError, ValueError):
         return
     if entry_hash(entry.prev_hash, canonical) == entry.entry_hash:
@@ -338,8 +347,36 @@ async def verify_tenant_in(
             report.proofs_checked += 1
             if not verify_inclusion(tree.leaf(index), index, latest.tree_size, path, latest.root_hash):
                 report.add(Problem(index, "not-included", f"not included in checkpoint {latest.tree_size}"))
+    await _check_queue(tx, report)
     report.seconds = time.perf_counter() - began
     return report
+
+
+_QUEUED_IN_LOG = text(
+    "SELECT q.entry_id FROM audit_queue q JOIN audit_entries e ON e.tenant_id = q.tenant_id "
+    "AND e.entry_id = q.entry_id WHERE q.tenant_id = :t"
+)
+
+
+async def _check_queue(tx: TenantTx, report: VerifyReport) -> None:
+    """Queued entries must hash to their leaf hash, and none may be in the log already."""
+    while True:
+        batch = await repo.next_queued_after(tx, report.queued, BATCH)
+        for q in batch:
+            try:
+                leaf = leaf_hash(q.canonical())
+            except (CanonicalError, ValueError) as exc:
+                report.add(Problem(None, "not-canonical", f"content has no canonical form ({exc})", queued=q.entry_id))
+                continue
+            if leaf != q.leaf_hash:
+                report.add(
+                    Problem(None, "queued-mismatch", "its content does not match its leaf hash", queued=q.entry_id)
+                )
+        report.queued += len(batch)
+        if len(batch) < BATCH:
+            break
+    for (entry_id,) in await tx.execute(_QUEUED_IN_LOG, {"t": tx.tenant}):
+        report.add(Problem(None, "queued-twice", "it is queued and also in the log", queued=entry_id))
 
 
 async def verify_tenant(

@@ -75,6 +75,21 @@ INFERENCE_LATENCY = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
 STUCK_DETECTED = Counter("firstmile_stuck_detected_total", "Users flagged stuck, by detector.", ["detected_by"])
+AUDIT_MERGE_DELAY = Histogram(
+    "firstmile_audit_merge_delay_seconds",
+    "Time from an audit entry's creation (in the writer's transaction) to its sequencing into the log.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+AUDIT_SEQUENCED = Counter("firstmile_audit_sequenced_total", "Audit entries the sequencer placed in a log.")
+AUDIT_QUEUE_OLDEST = Gauge(
+    "firstmile_audit_queue_oldest_seconds",
+    "Age of the oldest queued (not yet sequenced) audit entry at the sequencer's last poll (0: none).",
+    multiprocess_mode="max",
+)
+AUDIT_SEQUENCER_FAILURES = Counter(
+    "firstmile_audit_sequencer_integrity_failures_total",
+    "Sequencer batches refused because a queued entry no longer matched its leaf hash.",
+)
 ERRORS = Counter("firstmile_errors_total", "Problem responses sent, by problem type and status.", ["type", "status"])
 
 

@@ -22,7 +22,8 @@ class ErasureResult(msgspec.Struct):
     key_destroyed: bool
     rows_deleted: dict[str, int]
     event_id: str
-    audit_seq: int
+    audit_entry_id: str
+    """The erasure's audit entry (``GET /v1/audit/entries/{id}/proof``; sequenced within the merge delay)."""
     downstream: str = "the user.erased event is on its way to analytics and features"
 
 
@@ -55,7 +56,9 @@ class UsersController(Controller):
         if done is None:
             raise nothing_held(user_id)
         return Response(
-            ErasureResult(done.user_id, done.key_destroyed, done.rows_deleted, str(done.event_id), done.audit_seq),
+            ErasureResult(
+                done.user_id, done.key_destroyed, done.rows_deleted, str(done.event_id), str(done.audit_entry_id)
+            ),
             status_code=202,
         )
 

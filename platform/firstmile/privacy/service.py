@@ -45,7 +45,7 @@ class Erasure:
     key_destroyed: bool
     rows_deleted: dict[str, int]
     event_id: uuid.UUID
-    audit_seq: int
+    audit_entry_id: uuid.UUID
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -78,7 +78,7 @@ class PrivacyService:
                 user_id,
                 {"key_destroyed": key_destroyed, "rows_deleted": deleted, "event_id": str(event.event_id)},
             )
-            return Erasure(user_id, key_destroyed, deleted, event.event_id, entry.seq)
+            return Erasure(user_id, key_destroyed, deleted, event.event_id, entry.entry_id)
 
         return await uow.run(work)
 

@@ -1,6 +1,6 @@
 """The process-level commands: ``serve``, ``dev`` (``make run``), ``migrate``, the workers, ``embedded``.
 
-The workers are ``relay``, ``consume`` and ``scheduler`` (:mod:`firstmile.wiring.workers`).
+The workers are ``relay``, ``consume``, ``scheduler`` and ``sequencer`` (:mod:`firstmile.wiring.workers`).
 
 They start or prepare whole processes, so they live with the wiring; every other command
 belongs to its slice's group and only reaches the platform through :class:`OperatorServices`.
@@ -33,7 +33,7 @@ from firstmile.tenancy.manifest import load_manifest
 from firstmile.wiring import adapters
 from firstmile.wiring.embedded import DatabaseUrls, stop_embedded
 from firstmile.wiring.operator import OperatorServices, record_served_url
-from firstmile.wiring.workers import CONSUMER_NAMES, run_consumers, run_relay, run_scheduler
+from firstmile.wiring.workers import CONSUMER_NAMES, run_consumers, run_relay, run_scheduler, run_sequencer
 
 DEMO_SCOPES = ["onboarding:write", "events:write", "analytics:read", "users:admin", "audit:read"]
 
@@ -262,7 +262,7 @@ def consume(names: tuple[str, ...]) -> None:
 
 @click.command()
 def scheduler() -> None:
-    """Run the periodic tasks (stuck scan, audit checkpointer, Keycloak event sync) without the API.
+    """Run the periodic tasks (stuck scan, Keycloak event sync) without the API.
 
     For deployments whose API processes set FIRSTMILE_IN_PROCESS_SCHEDULERS=false (the Helm chart).
     More than one may run. Serves /health/live, /health/ready and /metrics on FIRSTMILE_PROBE_PORT.
@@ -279,4 +279,26 @@ def scheduler() -> None:
     click.echo("scheduler stopped", err=True)
 
 
-__all__ = ["check_process_model", "consume", "dev", "embedded", "migrate", "relay", "scheduler", "serve"]
+@click.command()
+def sequencer() -> None:
+    """Sequence the audit log's queue into each tenant's chain and sign checkpoints, without the API.
+
+    For deployments whose API processes set FIRSTMILE_IN_PROCESS_SEQUENCER=false (the Helm chart).
+    More than one may run (each tenant is sequenced by one at a time). Serves /health/live,
+    /health/ready and /metrics on FIRSTMILE_PROBE_PORT.
+    """
+    ops = _services()
+    settings = ops.settings
+    telemetry.configure_logging(
+        settings.telemetry.log_level, settings.telemetry.log_format, filters=[RedactingFilter()]
+    )
+    try:
+        run(run_sequencer(settings, ops.database_urls.app))
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo("sequencer stopped", err=True)
+
+
+__all__ = [
+    "check_process_model", "consume", "dev", "embedded", "migrate", "relay", "scheduler", "sequencer", "serve",
+]  # fmt: skip

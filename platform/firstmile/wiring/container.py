@@ -26,7 +26,7 @@ from firstmile.analytics.lazy import LazyStore
 from firstmile.analytics.service import AnalyticsService
 from firstmile.analytics.sink import AnalyticsSink
 from firstmile.analytics.store import AnalyticsStore
-from firstmile.audit.service import AuditService, Checkpointer
+from firstmile.audit.service import AuditService, Checkpointer, Sequencer
 from firstmile.audit.signing import AuditSigner
 from firstmile.auth.resolver import KeyResolver
 from firstmile.events.bus import Consumer
@@ -73,6 +73,9 @@ class Overrides:
     relay_database_url: str | None = None
     schedulers: bool | None = None
     """Run the periodic tasks here (None: as FIRSTMILE_IN_PROCESS_SCHEDULERS says; `firstmile scheduler`: True)."""
+    sequencer: bool | None = None
+    """Run the audit sequencer and checkpointer here (None: as FIRSTMILE_IN_PROCESS_SEQUENCER says;
+    `firstmile sequencer`: True)."""
 
 
 class Container:
@@ -162,7 +165,14 @@ class Container:
             lambda: adapters.open_analytics_store(settings)
         )
         self.analytics = AnalyticsService(self.analytics_store, settings.analytics.query_timeout_seconds)
-        self.ingestion = IngestionService(self.engine, self.keyring, settings.region)
+        # With Kafka, ingestion produces its events itself (the outbox when Kafka fails); else the outbox.
+        self.ingestion = IngestionService(
+            self.engine,
+            self.keyring,
+            settings.region,
+            direct=adapters.direct_publisher(settings),
+            retry_direct_after=settings.events.ingest_kafka_retry_seconds,
+        )
         self.privacy = PrivacyService(self.keyring, self.analytics)
         self._started = True
         await self._warm_up()
@@ -185,6 +195,10 @@ class Container:
         schedulers = self.overrides.schedulers
         if schedulers if schedulers is not None else settings.server.in_process_schedulers:
             self._periodic()
+        sequencer = self.overrides.sequencer
+        self.sequencer: Sequencer | None = None
+        if sequencer if sequencer is not None else settings.server.in_process_sequencer:
+            self._audit_log()
         self.relay: OutboxRelay | None = None
         if self.overrides.relay_database_url is not None and settings.events.kafka_bootstrap_servers is None:
             # embedded mode: this process relays the outbox to the consumers itself
@@ -216,6 +230,15 @@ class Container:
         )
         if self.event_sync is not None:
             supervisor.every("sso-event-sync", settings.sso.event_sync_seconds, self.event_sync.run_once)
+
+    def _audit_log(self) -> None:
+        """The audit sequencer and checkpointer: in ``serve``/``dev``, or in ``firstmile sequencer`` (Kubernetes)."""
+        settings = self.settings
+        supervisor = self.supervisor
+        self.sequencer = Sequencer(
+            self.engine, batch_size=settings.audit.sequence_batch, poll_seconds=settings.audit.sequence_poll_seconds
+        )
+        supervisor.forever("audit-sequencer", self.sequencer.run)
         checkpointer = Checkpointer(
             self.engine,
             self.signer,
@@ -249,6 +272,8 @@ class Container:
         if self.key_resolver.directory is not None:
             await self.key_resolver.directory.aclose()
         await self.features.close()
+        if self.ingestion.direct is not None:
+            await self.ingestion.direct.close()
         if self.overrides.inference is None:
             await self.inference.close()
         self.analytics.close(close_store=False)

@@ -1,4 +1,5 @@
-"""The worker processes: ``firstmile relay``, ``firstmile consume`` and ``firstmile scheduler``.
+"""The worker processes: ``firstmile relay``, ``firstmile consume``, ``firstmile scheduler`` and
+``firstmile sequencer``.
 
 Wiring, because a consumer process assembles consumers of several slices (the analytics
 sink, progress auto-completion, online features) around the events slice's Kafka runner,
@@ -20,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from firstmile.analytics.sink import AnalyticsSink
 from firstmile.analytics.store import AnalyticsStore
+from firstmile.audit.service import Checkpointer, Sequencer, TreeCache
 from firstmile.events.bus import Consumer
 from firstmile.events.kafka import KafkaConsumerRunner, KafkaPublisher
 from firstmile.events.relay import OutboxRelay
@@ -130,16 +132,16 @@ async def run_consumers(settings: Settings, database_url: str, names: Sequence[s
 async def run_scheduler(
     settings: Settings, database_url: str, pepper: bytes, stop: asyncio.Event | None = None
 ) -> None:
-    """Run the periodic tasks (stuck scan, audit checkpointer, Keycloak event sync) until stopped.
+    """Run the periodic tasks (stuck scan, Keycloak event sync) until stopped.
 
     The same tasks, built by the same container, as ``serve`` runs in-process when
     ``FIRSTMILE_IN_PROCESS_SCHEDULERS`` is true; here without the API. Several schedulers may
-    run: the checkpointer takes a per-tenant advisory lock, the stuck scan writes a flag only
+    run: the stuck scan writes a flag only
     if the user is still where it found them, and the event sync copies each event once.
     """
     stop = stop or asyncio.Event()
     stop_on_signals(stop)
-    container = Container(settings, database_url, pepper, Overrides(schedulers=True))
+    container = Container(settings, database_url, pepper, Overrides(schedulers=True, sequencer=False))
     await container.start()
     try:
         tasks = sorted(container.supervisor.states())
@@ -148,3 +150,37 @@ async def run_scheduler(
             await stop.wait()
     finally:
         await container.stop()
+
+
+async def run_sequencer(settings: Settings, database_url: str, stop: asyncio.Event | None = None) -> int:
+    """Sequence the audit log's queue and sign checkpoints until stopped; returns the entries sequenced.
+
+    What ``serve`` runs in-process when ``FIRSTMILE_IN_PROCESS_SEQUENCER`` is true, without the API and
+    without its models. Several may run: a tenant is sequenced by one at a time (advisory lock and head
+    row lock), and a checkpoint of one size is signed once. Stopping waits for the batch in progress;
+    a sequencer killed mid-batch leaves its entries queued for the next one (nothing lost or doubled).
+    """
+    stop = stop or asyncio.Event()
+    stop_on_signals(stop)
+    engine = create_engine(database_url, pool_size=6, max_overflow=0, application_name="firstmile-sequencer")
+    audit = settings.audit
+    sequencer = Sequencer(engine, batch_size=audit.sequence_batch, poll_seconds=audit.sequence_poll_seconds)
+    checkpointer = Checkpointer(
+        engine,
+        adapters.audit_signer(settings),
+        TreeCache(),
+        every_entries=audit.checkpoint_every_entries,
+        every_seconds=audit.checkpoint_every_seconds,
+    )
+    supervisor = Supervisor()
+    supervisor.forever("audit-sequencer", sequencer.run)
+    supervisor.every("audit-checkpointer", checkpointer.poll_seconds, checkpointer.run_once)
+    log.info("sequencer running", extra={"fields": {"batch": audit.sequence_batch}})
+    try:
+        async with probe_server(settings.server, Readiness(engine, settings.region, supervisor)):
+            supervisor.start()
+            await stop.wait()
+            await supervisor.stop()
+    finally:
+        await engine.dispose()
+    return sequencer.sequenced
