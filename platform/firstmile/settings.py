@@ -256,6 +256,31 @@ class EventsSettings(_Section):
         le=50_000,
         description="Outbox rows published per batch.",
     )
+    ingest_delivery: Literal["kafka", "outbox"] = Field(
+        validation_alias="ingest_delivery",
+        default="kafka",
+        description=(
+            "With Kafka: how ingestion makes an accepted event durable before it answers. kafka: the API "
+            "produces it (acks=all) and consumers dedupe by event id; outbox: receipts and outbox rows in "
+            "PostgreSQL, relayed. Without Kafka: always the outbox."
+        ),
+    )
+    ingest_kafka_timeout_ms: int = Field(
+        validation_alias="ingest_kafka_timeout_ms",
+        default=5000,
+        ge=100,
+        le=120_000,
+        description="How long a direct delivery waits for the broker's acknowledgement before the batch goes to "
+        "the outbox instead.",
+    )
+    ingest_kafka_retry_seconds: float = Field(
+        validation_alias="ingest_kafka_retry_seconds",
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="After a failed direct delivery, how long ingestion writes to the outbox before it tries "
+        "Kafka again.",
+    )
 
     @model_validator(mode="after")
     def _kafka_security_is_whole(self) -> EventsSettings:

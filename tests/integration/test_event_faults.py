@@ -1,5 +1,6 @@
 """Fault tests, bounded in time: broker stopped and restarted mid-stream, relay and consumer
-killed with SIGKILL mid-stream and restarted. Afterwards analytics holds every event exactly once.
+killed with SIGKILL mid-stream and restarted, with ingestion through the outbox and with direct
+delivery to Kafka. Afterwards analytics holds every event exactly once.
 
 They run on a broker of their own (``deploy/local/kafka.sh start fault``), so stopping it
 cannot disturb the tests running beside them, and the relay and consumer run as the real
@@ -26,13 +27,15 @@ import pytest
 from confluent_kafka import Consumer as KafkaConsumer
 from confluent_kafka import TopicPartition
 from litestar.testing import AsyncTestClient
+from prometheus_client import REGISTRY
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from firstmile.analytics.chdb_store import ChdbStore
 from firstmile.app import create_app
 from firstmile.controlplane.service import apply_manifest
-from firstmile.events.bus import topic_for
+from firstmile.events.bus import dead_letter_topic_for, topic_for
+from firstmile.events.kafka import ensure_topics
 from firstmile.tenancy.cli import create_key
 from tests.conftest import PEPPER, REGION, EventsDatabase, make_settings
 from tests.factories import ROOT, manifest_for
@@ -106,9 +109,16 @@ def _count_in_chdb(path: Path, tenant_id: uuid.UUID) -> dict[str, Any]:
     return result
 
 
+def _delivered(path: str) -> float:
+    return REGISTRY.get_sample_value("firstmile_events_delivered_total", {"path": path}) or 0.0
+
+
+@pytest.mark.parametrize("delivery", ["outbox", "kafka"])
 async def test_broker_outage_and_killed_processes_lose_and_duplicate_nothing(
-    events_database: EventsDatabase, fault_broker: str, analytics_store: ChdbStore, tmp_path: Path
+    events_database: EventsDatabase, fault_broker: str, analytics_store: ChdbStore, tmp_path: Path, delivery: str
 ) -> None:
+    """outbox: the API writes the outbox, the relay publishes. kafka (FIRSTMILE_INGEST_DELIVERY=kafka): the API
+    produces itself, and while the broker is down its batches go to the outbox, which the relay drains later."""
     prefix = f"fault{secrets.token_hex(4)}"
     work = ROOT / ".firstmile" / "test-faults" / prefix
     work.mkdir(parents=True)
@@ -131,7 +141,18 @@ async def test_broker_outage_and_killed_processes_lose_and_duplicate_nothing(
     slug = f"t-{secrets.token_hex(5)}"
     tenant_id = (await apply_manifest(admin, manifest_for(slug, REGION))).tenant_id
     key = (await create_key(admin, PEPPER, slug, ["events:write"], "test")).key
-    app = create_app(make_settings(), events_database.app_url, PEPPER, analytics=analytics_store)
+    direct = {
+        "kafka_bootstrap_servers": fault_broker,
+        "kafka_topic_prefix": prefix,
+        "ingest_kafka_timeout_ms": 1000,
+        "ingest_kafka_retry_seconds": 1,
+    }
+    await asyncio.to_thread(
+        ensure_topics, fault_broker, {topic_for(prefix, REGION): 3, dead_letter_topic_for(prefix, REGION): 1}
+    )
+    settings = make_settings(**direct) if delivery == "kafka" else make_settings()
+    app = create_app(settings, events_database.app_url, PEPPER, analytics=analytics_store)
+    paths_before = {path: _delivered(path) for path in ("kafka", "outbox")}
     relay = _spawn("relay", env, work / "relay.log")
     consumer = _spawn("consume", env, work / "consumer.log")
     batches, per_batch = 40, 50
@@ -168,6 +189,11 @@ async def test_broker_outage_and_killed_processes_lose_and_duplicate_nothing(
                     consumer = _spawn("consume", env, work / "consumer.log")
                 await asyncio.sleep(0.05)
         assert sent == batches * per_batch
+        paths = {path: _delivered(path) - paths_before[path] for path in ("kafka", "outbox")}
+        if delivery == "kafka":  # some straight to the broker, the outage's batches through the outbox
+            assert paths["kafka"] > 0 and paths["outbox"] > 0 and sum(paths.values()) == sent, paths
+        else:
+            assert paths == {"kafka": 0, "outbox": sent}
 
         deadline = time.monotonic() + 120
         while True:

@@ -34,6 +34,7 @@ from firstmile.events.dispatch import InProcessPublisher
 from firstmile.events.envelope import Envelope
 from firstmile.events.kafka import KafkaConsumerRunner, KafkaPublisher, ensure_topics
 from firstmile.events.relay import OutboxRelay
+from firstmile.events.segment import event_id_for
 from firstmile.events.topics import replay_dead_letters
 from firstmile.kit.db import create_engine
 from firstmile.kit.scope import OPERATOR_CLI
@@ -329,6 +330,105 @@ async def test_embedded_mode_relays_in_process(
         state = (await client.get("/v1/onboarding/e1", headers=headers)).json()
         assert state["path"]["id"] == "generic"
     await admin.dispose()
+
+
+async def _receipts(admin: AsyncEngine, tenant: TenantFixture) -> int:
+    async with admin.connect() as conn:
+        query = text("SELECT count(*) FROM event_receipts WHERE tenant_id = :t")
+        return int((await conn.execute(query, {"t": tenant.id})).scalar_one())
+
+
+def _delivered(path: str) -> float:
+    return REGISTRY.get_sample_value("firstmile_events_delivered_total", {"path": path}) or 0.0
+
+
+async def test_direct_delivery_answers_after_kafka_acknowledged_and_skips_the_outbox(
+    stack: Stack, events_database: EventsDatabase
+) -> None:
+    """FIRSTMILE_INGEST_DELIVERY=kafka (the default with Kafka): the API produces the events itself."""
+    settings = make_settings(kafka_bootstrap_servers=stack.bootstrap, kafka_topic_prefix=stack.prefix)
+    app = create_app(settings, events_database.app_url, PEPPER, analytics=stack.store)
+    tenant = await stack.tenant()
+    users = ["d-0", "d-1", "d-2"]
+    batch = [track(users[i % 3], "Page Viewed", seq=i) for i in range(30)]
+    before = _delivered("kafka")
+    async with AsyncTestClient(app=app, raise_server_exceptions=False) as client:
+        resp = await client.post("/v1/batch", json={"batch": batch}, headers=tenant.headers)
+        assert resp.status_code == 202, resp.text
+        assert resp.json() == {"accepted": 30, "duplicates": 0, "rejected": []}
+        assert _delivered("kafka") - before == 30
+        # on the topic when the answer came: the relay's envelope, key and headers; nothing in PostgreSQL
+        assert await _receipts(stack.admin, tenant) == 0 and await stack.outbox_size(tenant) == 0
+        messages = [
+            m
+            for m in await asyncio.to_thread(read_topic, stack.bootstrap, stack.topic, 30)
+            if dict(m.headers() or [])["tenant_id"] == str(tenant.id).encode()
+        ]
+        assert len(messages) == 30
+        seqs: dict[bytes, list[int]] = {}
+        for m in messages:
+            envelope = msgspec.json.decode(m.value(), type=Envelope)
+            user = envelope.payload["userId"]
+            assert m.key() == f"{tenant.id}:{user}".encode() == envelope.partition_key.encode()
+            assert dict(m.headers() or [])["event_type"] == b"track" and envelope.event_type == "track"
+            assert envelope.event_id == event_id_for(tenant.id, envelope.payload["messageId"])
+            assert envelope.tenant_id == tenant.id
+            seqs.setdefault(m.key(), []).append(envelope.payload["properties"]["seq"])
+        assert all(s == sorted(s) and len(s) == 10 for s in seqs.values())  # each user's order kept
+
+        async def thirty() -> bool:
+            return await stack.events_counted(tenant) == 30
+
+        await eventually(thirty, what="30 events in analytics")
+        # a client's retry of the whole batch is accepted again (no receipts) and counted once downstream
+        again = await client.post("/v1/batch", json={"batch": batch}, headers=tenant.headers)
+        assert again.json() == {"accepted": 30, "duplicates": 0, "rejected": []}
+        marker = await client.post("/v1/batch", json={"batch": [track("d-0", "Marker")]}, headers=tenant.headers)
+        assert marker.status_code == 202
+
+        async def marked() -> bool:
+            return await stack.events_counted(tenant) == 31
+
+        await eventually(marked, what="the marker in analytics")
+        on_topic = await asyncio.to_thread(read_topic, stack.bootstrap, stack.topic, 61)
+        assert len(on_topic) == 61  # the retry's 30 copies are on the stream too
+        await asyncio.sleep(0.5)
+        assert await stack.events_counted(tenant) == 31
+        # These messages carry no timestamp, so each copy has its own receive time: a row the table does not
+        # fold into the first (another sorting key), which the queries still count once, by event id.
+        assert len({r["event_id"] for r in await stack.analytics_rows(tenant)}) == 31
+    assert await _receipts(stack.admin, tenant) == 0
+
+
+async def test_direct_delivery_falls_back_to_the_outbox_when_kafka_does_not_acknowledge(
+    stack: Stack, events_database: EventsDatabase, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing listens where the API produces: the batch is answered 202 from the outbox, which the relay drains;
+    the next batches go straight to the outbox until the retry interval is over."""
+    settings = make_settings(
+        kafka_bootstrap_servers="127.0.0.1:9",
+        kafka_topic_prefix=stack.prefix,
+        ingest_kafka_timeout_ms=300,
+        ingest_kafka_retry_seconds=600,
+    )
+    app = create_app(settings, events_database.app_url, PEPPER, analytics=stack.store)
+    tenant = await stack.tenant()
+    outbox_before = _delivered("outbox")
+    async with AsyncTestClient(app=app, raise_server_exceptions=False) as client:
+        for i in range(3):
+            batch = [track(f"f-{j}", "Clicked", n=i * 10 + j) for j in range(10)]
+            resp = await client.post("/v1/events", json={"batch": batch}, headers=tenant.headers)
+            assert resp.status_code == 202, resp.text
+            assert resp.json()["accepted"] == 10
+    assert _delivered("outbox") - outbox_before == 30
+    assert await _receipts(stack.admin, tenant) == 30  # durable in PostgreSQL before each answer
+    failures = [r for r in caplog.records if r.getMessage().startswith("direct delivery failed")]
+    assert len(failures) == 1  # the later batches did not try the bus again within the retry interval
+
+    async def relayed() -> bool:
+        return await stack.events_counted(tenant) == 30 and await stack.outbox_size(tenant) == 0
+
+    await eventually(relayed, what="the fallback's events relayed to analytics")
 
 
 class _FlakyPublisher:

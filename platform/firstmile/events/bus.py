@@ -2,8 +2,10 @@
 
 The relay hands :class:`Record` batches to a :class:`Publisher` (Kafka, or the
 in-process dispatcher in embedded mode) and deletes a row from the outbox only
-once the publisher acknowledged it. Consumers implement :class:`Consumer`: they
-are idempotent by event id, so at-least-once delivery never double-counts.
+once the publisher acknowledged it. With Kafka, ingestion can skip the outbox and
+hand its events to a :class:`DirectPublisher` (acknowledged before the API answers).
+Consumers implement :class:`Consumer`: they are idempotent by event id, so
+at-least-once delivery never double-counts.
 """
 
 from __future__ import annotations
@@ -43,6 +45,20 @@ class Record:
 class Publisher(Protocol):
     async def publish(self, records: Sequence[Record]) -> int:
         """Deliver ``records`` in order; return how many, from the first, were acknowledged."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class DeliveryError(RuntimeError):
+    """The bus did not acknowledge every record of a direct delivery (some may still arrive: at least once)."""
+
+
+class DirectPublisher(Protocol):
+    """Direct ingestion's port: the API hands accepted events to the bus itself, without the outbox."""
+
+    async def deliver(self, records: Sequence[Record]) -> None:
+        """Return once every record is acknowledged (Kafka: ``acks=all``); :class:`DeliveryError` otherwise."""
         ...
 
     async def close(self) -> None: ...

@@ -1,10 +1,11 @@
-"""Ingestion: Segment messages into the outbox, deduplicated per tenant by ``messageId``.
+"""Ingestion: Segment messages into the outbox, deduplicated per tenant by ``messageId``, or onto the bus.
 
-One statement per batch: receipts are inserted with ``ON CONFLICT DO NOTHING``
+Outbox: one statement per batch: receipts are inserted with ``ON CONFLICT DO NOTHING``
 and only the messages whose receipt is new reach the outbox, in the same
 transaction. A retried batch therefore adds nothing twice, and a message seen
 within the dedupe window (``FIRSTMILE_EVENT_DEDUPE_DAYS``) is reported as a
-duplicate.
+duplicate. Direct ingestion (:func:`records`) publishes the same envelopes without
+either table; downstream consumers dedupe by event id (``uuid5(tenant, messageId)``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from firstmile.events import envelope
+from firstmile.events.bus import Record
 from firstmile.events.segment import Message
 from firstmile.kit import telemetry
 from firstmile.kit.db import TenantTx
@@ -66,6 +69,28 @@ async def ingest(tx: TenantTx, messages: Sequence[Message], now: datetime) -> In
     telemetry.EVENTS_INGESTED.labels("accepted").inc(inserted)
     telemetry.EVENTS_INGESTED.labels("duplicate").inc(len(messages) - inserted)
     return IngestResult(accepted=int(inserted), duplicates=len(messages) - int(inserted))
+
+
+def records(tenant_id: uuid.UUID, messages: Sequence[Message]) -> list[Record]:
+    """The messages as the relay would publish their outbox rows: the same envelope, key and headers.
+
+    Direct ingestion hands these to the bus itself; ``outbox_id`` is 0 (there is no row).
+    """
+    out: list[Record] = []
+    for m in messages:
+        key = partition_key(tenant_id, m.subject)
+        value = envelope.encode(
+            envelope.Envelope(
+                event_id=m.event_id,
+                tenant_id=tenant_id,
+                event_type=m.type,
+                occurred_at=m.timestamp,
+                payload=m.payload,
+                partition_key=key,
+            )
+        )
+        out.append(Record(0, m.event_id, tenant_id, m.type, key, value))
+    return out
 
 
 _RESOLVE_WEBHOOK = text("SELECT tenant_id, home_region, tenant_revision, secret FROM firstmile_resolve_webhook(:s, :k)")

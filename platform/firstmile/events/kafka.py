@@ -1,4 +1,4 @@
-"""Kafka adapter (confluent-kafka): the relay's publisher, consumer groups, the dead-letter topic.
+"""Kafka adapter (confluent-kafka): the relay's and ingestion's publishers, consumer groups, the dead-letter topic.
 
 Producer: idempotent (``enable.idempotence``), ``acks=all``, so retries neither
 duplicate nor reorder a partition; the key is ``<tenant>:<user>``, so a user's
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeAlias
@@ -19,7 +20,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from firstmile.events import envelope as env
-from firstmile.events.bus import Consumer, DeadLetter, Record, wait_for_stop
+from firstmile.events.bus import Consumer, DeadLetter, DeliveryError, Record, wait_for_stop
 from firstmile.kit import telemetry
 
 log = logging.getLogger("firstmile.kafka")
@@ -128,6 +129,105 @@ class KafkaPublisher:
 
     async def close(self) -> None:
         await asyncio.to_thread(self.producer.flush, 10.0)
+
+
+class _Delivery:
+    """The acknowledgements of one direct delivery, counted on the poll thread, resolved on the loop."""
+
+    __slots__ = ("failed", "first_error", "future", "lock", "loop", "pending")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, count: int) -> None:
+        self.loop = loop
+        self.future: asyncio.Future[None] = loop.create_future()
+        self.lock = threading.Lock()
+        self.pending = count + 1  # one more, released once every record is produced
+        self.failed = 0
+        self.first_error: str | None = None
+
+    def report(self, err: KafkaError | None, _msg: Message) -> None:
+        if err is not None:
+            with self.lock:
+                self.failed += 1
+                self.first_error = self.first_error or str(err)
+        self.done_one()
+
+    def done_one(self) -> None:
+        with self.lock:
+            self.pending -= 1
+            last = self.pending == 0
+        if last:
+            self.loop.call_soon_threadsafe(self._resolve)
+
+    def _resolve(self) -> None:
+        if not self.future.done():
+            self.future.set_result(None)
+
+
+class KafkaDirectPublisher:
+    """Direct ingestion's publisher: produce on the event loop, await every ``acks=all`` acknowledgement.
+
+    One idempotent producer per process, shared by concurrent requests; a thread of its own
+    serves the delivery reports (``poll``), so a request awaits only its own records. A record
+    not acknowledged within ``timeout_s`` fails its delivery (``delivery.timeout.ms``), and the
+    caller falls back to the outbox; the broker may still have written it (at least once:
+    consumers dedupe by event id).
+    """
+
+    def __init__(
+        self, bootstrap: Connection, topic: str, *, timeout_s: float = 5.0, config: dict[str, Any] | None = None
+    ) -> None:
+        self.topic = topic
+        self.timeout_s = timeout_s
+        self.producer = Producer(
+            {
+                **connection_config(bootstrap),
+                **PRODUCER_DEFAULTS,
+                "delivery.timeout.ms": max(1, int(timeout_s * 1000)),
+                **(config or {}),
+            }
+        )
+        self._stop = threading.Event()
+        self._poller = threading.Thread(target=self._poll, name="firstmile-ingest-producer", daemon=True)
+        self._poller.start()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.producer.poll(0.1)
+
+    async def deliver(self, records: Sequence[Record]) -> None:
+        if not records:
+            return
+        delivery = _Delivery(asyncio.get_running_loop(), len(records))
+        report = delivery.report
+        produce = self.producer.produce
+        try:
+            for record in records:
+                headers: list[tuple[str, str | bytes | None]] = [
+                    ("event_type", record.event_type.encode()),
+                    ("tenant_id", str(record.tenant_id).encode()),
+                ]
+                while True:
+                    try:
+                        produce(self.topic, record.value, record.key.encode(), on_delivery=report, headers=headers)
+                        break
+                    except BufferError:  # the local queue is full: let the broker catch up
+                        await asyncio.sleep(0.01)
+        except KafkaException as exc:
+            raise DeliveryError(f"produce failed: {exc}") from exc
+        finally:
+            delivery.done_one()  # every record is produced (or never will be)
+        try:
+            await asyncio.wait_for(asyncio.shield(delivery.future), self.timeout_s + 5.0)
+        except TimeoutError:
+            raise DeliveryError(f"no acknowledgement within {self.timeout_s + 5.0:.0f} s") from None
+        if delivery.failed:
+            raise DeliveryError(f"{delivery.failed} of {len(records)} not acknowledged: {delivery.first_error}")
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.producer.flush, self.timeout_s)
+        self._stop.set()
+        await asyncio.to_thread(self._poller.join, 5.0)
+        await asyncio.to_thread(self.producer.close)  # librdkafka stops connecting now, not when collected
 
 
 class KafkaConsumerRunner:

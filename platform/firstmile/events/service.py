@@ -1,10 +1,12 @@
-"""Event ingestion as a service: validate a Segment batch, seal personal data, write the outbox.
+"""Event ingestion as a service: validate a Segment batch, seal personal data, write the outbox or the bus.
 
 The controller (:mod:`firstmile.events.api`) gets an :class:`IngestionService` from the
 wiring and the caller's unit of work. Nothing that talks to the network happens inside the
 write transaction: the tenant's data keys are unwrapped first (only when a message carries
 personal data), then one transaction seals each user's fields under their own key and
 writes receipts and outbox rows; a retry of that transaction repeats no provider call.
+With direct delivery (:class:`IngestionService`) the sealing transaction only reads or
+draws the users' keys, and the batch goes to the bus after it committed.
 """
 
 from __future__ import annotations
@@ -12,16 +14,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
+import logging
+import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import msgspec
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from firstmile.events import ingest as ingestion
+from firstmile.events.bus import DeliveryError, DirectPublisher
 from firstmile.events.segment import Message, parse_batch
 from firstmile.kit import telemetry
 from firstmile.kit.auth import wrong_region
@@ -33,6 +39,8 @@ from firstmile.security.crypto import FieldContext, FieldKey
 from firstmile.security.datakeys import DataKeyService, TenantKeys, UserKeyMissingError
 from firstmile.security.personal_data import BUILTIN_PII_TRAITS, extract_message_pii
 from firstmile.tenancy import service as tenancy
+
+log = logging.getLogger("firstmile.events")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,16 +87,62 @@ async def _seal(tx: TenantTx, keys: TenantKeys, stripped: list[tuple[Message, di
 
 
 class IngestionService:
-    """Segment batches into the outbox for one region."""
+    """Segment batches into the outbox, or straight onto the bus, for one region.
+
+    With a ``direct`` publisher (Kafka configured and ``FIRSTMILE_INGEST_DELIVERY=kafka``), an
+    accepted batch is acknowledged once the broker acknowledged every message (``acks=all``):
+    no receipts and no outbox rows, and consumers dedupe by event id. When a delivery fails,
+    that batch goes to the outbox instead (the relay publishes it later: still nothing lost),
+    and so does every batch for ``retry_direct_after`` seconds; then one batch tries the bus
+    again while the others keep to the outbox, until one succeeds.
+    """
 
     def __init__(
-        self, engine: AsyncEngine, keyring: DataKeyService, region: str, *, cached_tenants: int = 4096
+        self,
+        engine: AsyncEngine,
+        keyring: DataKeyService,
+        region: str,
+        *,
+        cached_tenants: int = 4096,
+        direct: DirectPublisher | None = None,
+        retry_direct_after: float = 10.0,
     ) -> None:
         self.engine = engine
         self.keyring = keyring
         self.region = region
         self._pii: OrderedDict[TenantId, tuple[int, frozenset[str]]] = OrderedDict()
         self._cached_tenants = cached_tenants
+        self.direct = direct
+        self.retry_direct_after = retry_direct_after
+        self._direct_paused_until = 0.0  # 0: the bus is taking deliveries
+        self._probing = False
+
+    def _try_direct(self) -> bool:
+        """Whether this batch goes to the bus: always while it works; after a failure, one probe at a time."""
+        if self.direct is None:
+            return False
+        if not self._direct_paused_until:
+            return True
+        if self._probing or time.monotonic() < self._direct_paused_until:
+            return False
+        self._probing = True
+        return True
+
+    async def _deliver(self, direct: DirectPublisher, tenant: TenantId, messages: list[Message]) -> bool:
+        """Hand the batch to the bus; False (and the bus paused) when it was not all acknowledged."""
+        try:
+            await direct.deliver(ingestion.records(tenant, messages))
+        except DeliveryError as exc:
+            self._direct_paused_until = time.monotonic() + self.retry_direct_after
+            log.warning(
+                "direct delivery failed: the batch goes to the outbox",
+                extra={"fields": {"error": str(exc)[:300], "outbox_for_seconds": self.retry_direct_after}},
+            )
+            return False
+        finally:
+            self._probing = False
+        self._direct_paused_until = 0.0
+        return True
 
     async def _pii_names(self, uow: UnitOfWork, revision: int) -> frozenset[str]:
         """The tenant's personal-data trait names (built-ins and its manifest's), cached per revision."""
@@ -126,11 +180,24 @@ class IngestionService:
         # the key provider (network) is asked before the transaction, and only when there is something to seal
         keys = await self.keyring.keys(uow) if any(found for _, found in stripped) else None
 
-        async def work(tx: TenantTx) -> ingestion.IngestResult:
-            sealed = [m for m, _ in stripped] if keys is None else await _seal(tx, keys, stripped)
-            return await ingestion.ingest(tx, sealed, now)
+        if self.direct is not None and self._try_direct():
+            # the users' keys (drawn here when new) are committed before their ciphertexts leave
+            sealed = [m for m, _ in stripped]
+            if keys is not None:
+                sealed = await uow.run(partial(_seal, keys=keys, stripped=stripped))
+            if await self._deliver(self.direct, uow.tenant, sealed):
+                telemetry.EVENTS_INGESTED.labels("accepted").inc(len(sealed))
+                telemetry.EVENTS_DELIVERED.labels("kafka").inc(len(sealed))
+                return BatchResult(accepted=len(sealed), duplicates=parsed.duplicates_in_batch, rejected=rejected)
+            result = await uow.run(partial(ingestion.ingest, messages=sealed, now=now))
+        else:
 
-        result = await uow.run(work)
+            async def work(tx: TenantTx) -> ingestion.IngestResult:
+                sealed = [m for m, _ in stripped] if keys is None else await _seal(tx, keys, stripped)
+                return await ingestion.ingest(tx, sealed, now)
+
+            result = await uow.run(work)
+        telemetry.EVENTS_DELIVERED.labels("outbox").inc(result.accepted)
         return BatchResult(
             accepted=result.accepted, duplicates=result.duplicates + parsed.duplicates_in_batch, rejected=rejected
         )

@@ -51,6 +51,11 @@ STEP_COMPLETIONS = Counter("firstmile_step_completions_total", "Steps completed 
 ACTIVATIONS = Counter("firstmile_activations_total", "Users who completed their path's activation step.")
 DB_RETRIES = Counter("firstmile_db_retries_total", "Units of work retried after a transient database failure.")
 EVENTS_INGESTED = Counter("firstmile_events_ingested_total", "Segment messages ingested, by outcome.", ["outcome"])
+EVENTS_DELIVERED = Counter(
+    "firstmile_events_delivered_total",
+    "Accepted Segment messages by how they were made durable before the answer: kafka (direct) or outbox.",
+    ["path"],
+)
 EVENTS_REJECTED = Counter("firstmile_events_rejected_total", "Segment messages rejected, by field.", ["field"])
 RELAY_PUBLISHED = Counter("firstmile_relay_published_total", "Outbox rows acknowledged by the event bus.")
 RELAY_BACKLOG = Gauge(

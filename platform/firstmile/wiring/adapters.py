@@ -1,8 +1,8 @@
 """Which adapter serves each port, chosen from the settings: the only place that decides it.
 
 Slices define ports (``AnalyticsStore``, ``FeatureStore``, ``InferenceClient``,
-``SessionStore``, ``KeyProvider``, ``TenantDirectory``, ``RateLimiter``) and their adapters; this module
-reads :class:`~firstmile.settings.Settings` and builds the one each deployment uses. The
+``SessionStore``, ``KeyProvider``, ``TenantDirectory``, ``RateLimiter``, ``DirectPublisher``) and
+their adapters; this module reads :class:`~firstmile.settings.Settings` and builds the one each deployment uses. The
 embedded defaults (``make run``) are what an unset setting gives.
 """
 
@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from firstmile.admin.sessions import MemorySessionStore, RedisSessionStore, SessionStore
 from firstmile.analytics.store import AnalyticsStore
 from firstmile.audit.signing import AuditSigner, resolve_signer
+from firstmile.events.bus import DirectPublisher, topic_for
 from firstmile.guardrail.limiter import InProcessLimiter, RateLimiter
 from firstmile.guardrail.policy import DetectorPolicy, Limits, Quota
 from firstmile.ml.feature_stores import InProcessFeatureStore, RedisFeatureStore
@@ -58,6 +59,23 @@ def open_analytics_store(settings: Settings) -> AnalyticsStore:
         store = ChdbStore(section.path or settings.data_dir / "analytics")
     store.ensure_schema()
     return store
+
+
+# ---------------------------------------------------------------- events
+
+
+def direct_publisher(settings: Settings) -> DirectPublisher | None:
+    """Ingestion's Kafka producer with ``FIRSTMILE_INGEST_DELIVERY=kafka`` (the default) and Kafka set; else None."""
+    events = settings.events
+    if events.kafka_bootstrap_servers is None or events.ingest_delivery != "kafka":
+        return None
+    from firstmile.events.kafka import KafkaDirectPublisher
+
+    return KafkaDirectPublisher(
+        {"bootstrap.servers": events.kafka_bootstrap_servers, **events.kafka_client_config()},
+        topic_for(events.kafka_topic_prefix, settings.region),
+        timeout_s=events.ingest_kafka_timeout_ms / 1000,
+    )
 
 
 # ---------------------------------------------------------------- online features and models
