@@ -49,8 +49,9 @@ def main() -> None:
     "--phase",
     "phases",
     multiple=True,
-    type=click.Choice(["relay", "kafka", "embedded"]),
-    help="Run only this phase (repeat for several; default: all).",
+    type=click.Choice(["relay", "kafka", "direct", "embedded"]),
+    help="Run only this phase (repeat for several; default: all). kafka: ingestion through the outbox; "
+    "direct: the API produces to Kafka.",
 )
 @click.option("--output", type=click.Path(path_type=Path), default=None, help="Write the markdown report here.")
 def bench_events(
@@ -81,7 +82,7 @@ def bench_events(
             repeat=repeat,
             kafka=kafka,
             timeout=timeout,
-            phases=phases or ("relay", "kafka", "embedded"),
+            phases=phases or ("relay", "kafka", "direct", "embedded"),
             argv=sys.argv[1:],
         )
     except BenchError as exc:

@@ -13,15 +13,18 @@ start bench`` start local ones):
    confluent-kafka ``Producer`` (``PRODUCER_DEFAULTS``) to a fresh topic until all
    are acknowledged; then refills the outbox and runs :class:`OutboxRelay` with a
    :class:`KafkaPublisher` until it is empty, once per batch size. msgs/s each.
-3. **Through Kafka**: ``firstmile serve`` and ``firstmile relay`` as
-   subprocesses, the analytics consumer (:class:`KafkaConsumerRunner` +
+3. **Through Kafka**, in two shapes (phases ``kafka``: ``FIRSTMILE_INGEST_DELIVERY=outbox``,
+   the API writes the outbox and the relay publishes it; ``direct``: ``…=kafka``, the API
+   produces each batch itself and answers once it is acknowledged): ``firstmile serve`` and
+   ``firstmile relay`` as subprocesses, the analytics consumer (:class:`KafkaConsumerRunner` +
    :class:`AnalyticsSink` on a :class:`ChdbStore`) in this process; a load
    generator subprocess posts Segment batches of unique-messageId ``track``
    events to ``/v1/batch``. Three runs: *ingestion only* (the API alone, its
    accept rate is the baseline), *backlog drain* (relay and consumer started on
-   what that run left in the outbox), *end to end* (everything running: events
+   what that run left in the outbox or the topic), *end to end* (everything running: events
    over the time from the first POST to the moment all of them can be counted
-   in the analytics store).
+   in the analytics store; then rows and distinct event ids are checked against
+   the accepted count: nothing lost, nothing duplicated).
 4. **Embedded**: the same three runs with ``create_app`` and no Kafka (the API
    alone without ``relay_database_url``, then with it: in-process relay and the
    three consumers), served by uvicorn in a thread of this process.
@@ -96,6 +99,7 @@ CONTEXT: dict[str, Any] = {
 _SEALED_CONTEXT = {k: v for k, v in CONTEXT.items() if k != "ip"}
 _Headers = list[tuple[str, str | bytes | None]]
 _COUNT = "SELECT count() AS n FROM events WHERE tenant_id = {t:UUID}"
+_STORED = "SELECT count() AS n, uniqExact(event_id) AS u FROM events WHERE tenant_id = {t:UUID}"
 _ONE = "SELECT count() AS n FROM events WHERE tenant_id = {t:UUID} AND event_id = {e:UUID}"
 
 
@@ -739,6 +743,12 @@ def _visible(store: ChdbStore, tenant_id: uuid.UUID) -> int:
     return int(store.dangerous_raw_sql(_COUNT, {"t": str(tenant_id)})[0]["n"])
 
 
+def _stored(store: ChdbStore, tenant_id: uuid.UUID) -> tuple[int, int]:
+    """Rows and distinct event ids of the tenant (a redelivered copy is a row until a merge folds it)."""
+    row = store.dangerous_raw_sql(_STORED, {"t": str(tenant_id)})[0]
+    return int(row["n"]), int(row["u"])
+
+
 def _warm_up(
     base: str, key: str, store: ChdbStore, tenant_id: uuid.UUID, prefix: str, check: Callable[[], None]
 ) -> None:
@@ -770,6 +780,10 @@ class EndToEnd:
     cpu: CpuMeter
     timeline: list[tuple[float, int, int]]
     """(seconds since the first POST, outbox rows, analytics rows) about once a second."""
+    rows: int
+    """Rows the run added to analytics, counted once all were there (more than ``expected``: duplicates)."""
+    distinct: int
+    """Distinct event ids the run added (fewer than ``expected``: events lost)."""
 
     @property
     def rate(self) -> float:
@@ -791,6 +805,7 @@ async def _watch(
     conn = await asyncpg.connect(admin_dsn)
     try:
         before = _visible(store, tenant_id)
+        stored_before = _stored(store, tenant_id)
         target = events
         cpu.start()
         gen.go()
@@ -830,6 +845,8 @@ async def _watch(
             await asyncio.sleep(0.05)
     finally:
         await conn.close()
+    await asyncio.sleep(1.0)  # anything more (a duplicate) would arrive now
+    stored = _stored(store, tenant_id)
     load = gen.result
     assert load is not None and visible_at is not None and api_done_at is not None
     first = load.first_send
@@ -843,6 +860,8 @@ async def _watch(
         outbox_empty_to_visible_s=(visible_at - outbox_empty_at) if outbox_empty_at is not None else None,
         cpu=cpu,
         timeline=[(t - first, o, v) for t, o, v in timeline],
+        rows=stored[0] - stored_before[0],
+        distinct=stored[1] - stored_before[1],
     )
 
 
@@ -996,7 +1015,7 @@ def run_events_benchmark(
     repeat: int = 3,
     kafka: str = "127.0.0.1:59192",
     timeout: float = 600.0,
-    phases: Sequence[str] = ("relay", "kafka", "embedded"),
+    phases: Sequence[str] = ("relay", "kafka", "direct", "embedded"),
     argv: Sequence[str] | None = None,
 ) -> str:
     """Run the event-path benchmark against ``FIRSTMILE_BENCH_ADMIN_URL`` and ``kafka``; the markdown report.
@@ -1008,9 +1027,9 @@ def run_events_benchmark(
         raise BenchError(f"events must be ≥ {SEGMENT_BATCH}; messages, connections, workers, samples, repeat ≥ 1")
     if any(not 1 <= size <= 50_000 for size in relay_batch_sizes):
         raise BenchError("relay batch sizes must be between 1 and 50,000 (FIRSTMILE_RELAY_BATCH_SIZE's range)")
-    unknown = set(phases) - {"relay", "kafka", "embedded"}
+    unknown = set(phases) - {"relay", "kafka", "direct", "embedded"}
     if unknown or not phases:
-        raise BenchError(f"phases are relay, kafka and embedded; got {', '.join(sorted(unknown)) or 'none'}")
+        raise BenchError(f"phases are relay, kafka, direct and embedded; got {', '.join(sorted(unknown)) or 'none'}")
     admin = os.environ.get("FIRSTMILE_BENCH_ADMIN_URL")
     if not admin:
         raise BenchError(
@@ -1062,7 +1081,7 @@ def run_events_benchmark(
             _relay_phase(
                 facts, kafka, db_admin_dsn, relay_url, tenant_id, run_id, relay_batch_sizes, repeat, timeout, roots
             )
-        if "kafka" in phases or "embedded" in phases:
+        if {"kafka", "direct", "embedded"} & set(phases):
             _end_to_end_phases(
                 facts,
                 phases,
@@ -1217,7 +1236,9 @@ def _end_to_end_phases(
                 kek_file,
             )
             if "kafka" in phases:
-                _kafka_phase(ctx)
+                _kafka_phase(ctx, "kafka")
+            if "direct" in phases:
+                _kafka_phase(ctx, "direct")
             if "embedded" in phases:
                 _embedded_phase(ctx)
         finally:
@@ -1304,13 +1325,16 @@ def _drain(
     return drain
 
 
-def _kafka_phase(ctx: _Ctx) -> None:
+def _kafka_phase(ctx: _Ctx, mode: str) -> None:
+    """``kafka``: ingestion through the outbox and the relay (FIRSTMILE_INGEST_DELIVERY=outbox); ``direct``: the
+    API produces to Kafka itself (FIRSTMILE_INGEST_DELIVERY=kafka), the relay runs but has nothing to do."""
     from firstmile.events.bus import dead_letter_topic_for, topic_for
     from firstmile.events.kafka import ensure_topics
     from firstmile.settings import EventsSettings
 
-    facts, tmp = ctx.facts, ctx.tmp
-    prefix = f"bench-{ctx.run_id}"
+    facts, tmp = ctx.facts, ctx.tmp / mode
+    tmp.mkdir()
+    prefix = f"bench-{ctx.run_id}-{mode}"
     topic, dlq = topic_for(prefix, REGION), dead_letter_topic_for(prefix, REGION)
     ensure_topics(ctx.kafka, {topic: PARTITIONS, dlq: 1})
     batch_size = EventsSettings.model_fields["relay_batch_size"].default
@@ -1327,6 +1351,7 @@ def _kafka_phase(ctx: _Ctx) -> None:
             "FIRSTMILE_RELAY_DATABASE_URL": ctx.relay_url,
             "FIRSTMILE_AUDIT_SIGNING_KEY_FILE": str(ctx.signing_key),
             "FIRSTMILE_KEK_FILE": str(ctx.kek_file),
+            "FIRSTMILE_INGEST_DELIVERY": "kafka" if mode == "direct" else "outbox",
         }
     )
     servers: list[Server] = []
@@ -1343,14 +1368,14 @@ def _kafka_phase(ctx: _Ctx) -> None:
         api_argv = [sys.executable, "-m", "firstmile.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
         api_argv += ["--workers", str(facts.workers)]
         api_env = env | {"FIRSTMILE_DATA_DIR": str(tmp / "api")}
-        servers.append(_start_server("firstmile API (Kafka mode)", api_argv, api_env, port, tmp / "api.log"))
+        servers.append(_start_server(f"firstmile API ({mode})", api_argv, api_env, port, tmp / "api.log"))
         api_pid = servers[0].proc.pid
         before = _visible(ctx.store, ctx.tenant_id)
         meter = CpuMeter(dict(ctx.roots) | {"API (uvicorn)": api_pid})
-        load = _ingest_only(ctx, "kafka", port, meter)
-        facts.ingest_only["kafka"] = (load, meter)
+        load = _ingest_only(ctx, mode, port, meter)
+        facts.ingest_only[mode] = (load, meter)
 
-        _log("kafka: starting the analytics consumer and the relay on the backlog")
+        _log(f"{mode}: starting the analytics consumer and the relay on the backlog")
         began = time.monotonic()
         consumer = _ConsumerThread(ctx.kafka, topic, dlq, f"{prefix}.{REGION}.analytics", ctx.store, batch_size)
         consumer.start()
@@ -1366,13 +1391,13 @@ def _kafka_phase(ctx: _Ctx) -> None:
             )
         servers.append(Server("firstmile relay", relay_proc, 0, tmp / "relay.log"))
         pipeline = dict(ctx.roots) | {"API (uvicorn)": api_pid, "relay": relay_proc.pid}
-        facts.drain["kafka"] = _drain(ctx, "kafka", before, load.accepted, began, CpuMeter(dict(pipeline)), check)
+        facts.drain[mode] = _drain(ctx, mode, before, load.accepted, began, CpuMeter(dict(pipeline)), check)
 
         base = f"http://127.0.0.1:{port}"
-        _log("kafka: warming up")
-        _warm_up(base, ctx.key, ctx.store, ctx.tenant_id, f"kafka-warm-{ctx.run_id}", check)
-        facts.end_to_end.append(_throughput(ctx, "kafka", port, CpuMeter(dict(pipeline)), check))
-        facts.freshness.append(_freshness("kafka", base, ctx.key, ctx.store, ctx.tenant_id, ctx.samples, check))
+        _log(f"{mode}: warming up")
+        _warm_up(base, ctx.key, ctx.store, ctx.tenant_id, f"{mode}-warm-{ctx.run_id}", check)
+        facts.end_to_end.append(_throughput(ctx, mode, port, CpuMeter(dict(pipeline)), check))
+        facts.freshness.append(_freshness(mode, base, ctx.key, ctx.store, ctx.tenant_id, ctx.samples, check))
     finally:
         for server in reversed(servers):
             _stop_server(server)
@@ -1465,6 +1490,17 @@ def _others(cpu: CpuMeter) -> str:
     return ", ".join(f"`{name}` {seconds / cpu.wall_s:.2f} cores" for name, seconds in cpu.others)
 
 
+def _whole(run: EndToEnd) -> bool:
+    return run.rows == run.distinct == run.expected
+
+
+def _losses(run: EndToEnd) -> str:
+    if _whole(run):
+        return "none lost, none duplicated"
+    lost, extra = run.expected - run.distinct, run.rows - run.distinct
+    return f"**{lost:,} lost, {extra:,} duplicate rows**"
+
+
 def _verdict(ok: bool) -> str:
     return "met" if ok else "**not met**"
 
@@ -1548,16 +1584,26 @@ def _report(f: Facts) -> str:
             *(f"| {label} | {rate:,.0f} | {rate / bare_rate:.1%} | {used} |" for label, _size, rate, used in summary),
             "",
         ]
-    kafka_run = next((r for r in f.end_to_end if r.mode == "kafka"), None)
     for run in f.end_to_end:
         names = ["bench process", "PostgreSQL", "Kafka broker", "load generator"]
-        if run.mode == "kafka":
+        if run.mode in ("kafka", "direct"):
             names = ["API (uvicorn)", "relay", *names]
-            title = "### End to end through Kafka: API → outbox → relay → Kafka → analytics"
+            title = (
+                "### End to end through Kafka, outbox delivery: API → outbox → relay → Kafka → analytics"
+                if run.mode == "kafka"
+                else "### End to end through Kafka, direct delivery: API → Kafka → analytics"
+            )
             where = (
                 f"`firstmile serve --workers {f.workers}` and `firstmile relay` as subprocesses; the analytics "
                 "consumer (`KafkaConsumerRunner` + `AnalyticsSink` on `ChdbStore`, batches of 2,000) in the bench "
-                "process (so its CPU column is the consumer, chdb and the bench's own polling)"
+                "process (so its CPU column is the consumer, chdb and the bench's own polling). "
+                + (
+                    "`FIRSTMILE_INGEST_DELIVERY=outbox`: the API writes receipts and outbox rows, the relay "
+                    "publishes them"
+                    if run.mode == "kafka"
+                    else "`FIRSTMILE_INGEST_DELIVERY=kafka`: the API produces each batch (`acks=all`) and answers "
+                    "once the broker acknowledged it; no receipts, no outbox rows (the relay runs, idle)"
+                )
             )
         else:
             title = "### Embedded end to end: API → outbox → in-process relay → consumers → analytics"
@@ -1605,6 +1651,8 @@ def _report(f: Facts) -> str:
             f"| POST latency p50 / p95 / max | {load.p50_s * 1000:.0f} / {load.p95_s * 1000:.0f} / "
             f"{load.max_s * 1000:.0f} ms |",
             f"| first POST to last answer / to all in analytics | {load.ingest_s:.1f} s / {run.e2e_s:.1f} s |",
+            f"| in analytics: rows / distinct event ids (expected {run.expected:,}) | {run.rows:,} / "
+            f"{run.distinct:,} ({_losses(run)}) |",
             f"| outbox rows at most (sampled each second) | {run.outbox_peak:,} |",
             "| last answer → outbox empty | "
             + (f"{run.api_done_to_outbox_empty_s:.1f} s |" if run.api_done_to_outbox_empty_s is not None else "— |"),
@@ -1678,11 +1726,13 @@ def _report(f: Facts) -> str:
     for _label, size, rate, _used in summary[1:]:
         ratio = rate / summary[0][2]
         out.append(f"| relay (batch {size:,}) ≥ 20% of bare (medians) | {ratio:.1%} | {_verdict(ratio >= 0.2)} |")
-    if kafka_run is not None:
-        out.append(
-            f"| end to end through Kafka ≥ 10,000 events/s | {kafka_run.rate:,.0f} /s | "
-            f"{_verdict(kafka_run.rate >= 10_000)} |"
-        )
+    for run in f.end_to_end:
+        if run.mode in ("kafka", "direct"):
+            how = "outbox" if run.mode == "kafka" else "direct"
+            out.append(
+                f"| end to end through Kafka ({how} delivery) ≥ 10,000 events/s, nothing lost or duplicated | "
+                f"{run.rate:,.0f} /s, {_losses(run)} | {_verdict(run.rate >= 10_000 and _whole(run))} |"
+            )
     for fr in f.freshness:
         limit = 1.0 if fr.mode == "embedded" else 5.0
         out.append(
