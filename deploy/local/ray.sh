@@ -18,6 +18,9 @@
 # +1 client server, +2 dashboard (API server only, no UI), +3/+4 dashboard agent, +5 runtime-env
 # agent, +6 metrics export (Prometheus), +7 node manager, +8 object manager, +20..+99 workers.
 # HTTP (HAProxy, or Serve's proxy with FIRSTMILE_RAY_INGRESS=proxy): test 58100, bench 58200, dev 8100 (8000 is the Firstmile API).
+# Another instance name (lower case, digits, - and _; at most 7 characters) takes its GCS port from FIRSTMILE_RAY_PORT and its
+# HTTP port from FIRSTMILE_RAY_SERVE_PORT, given to every command of it (tests/support/chaos.py does so
+# for the chaos test's own instance: its blocks of 100 and 70 ports must be free).
 #
 # Loopback only: Ray on Linux replaces 127.0.0.1 by the machine's address and listens on all
 # interfaces unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which this script sets for the node and
@@ -54,7 +57,16 @@ case "$name" in
   test) gcs=${FIRSTMILE_TEST_RAY_PORT:-57100}; http=${FIRSTMILE_TEST_SERVE_PORT:-58100} ;;
   bench) gcs=${FIRSTMILE_BENCH_RAY_PORT:-57200}; http=${FIRSTMILE_BENCH_SERVE_PORT:-58200} ;;
   dev) gcs=${FIRSTMILE_DEV_RAY_PORT:-57000}; http=${FIRSTMILE_DEV_SERVE_PORT:-8100} ;;
-  *) echo "unknown instance '$name' (test, bench or dev)" >&2; exit 2 ;;
+  *)
+    # Any other name is an instance of the caller's (the chaos test's), on the ports it chose.
+    # At most 7 characters: HAProxy refuses socket paths over 97 bytes, and Serve puts its sockets at
+    # /tmp/fm-ray-<name>/haproxy/<56 hex>/metrics.sock.
+    if [[ "$name" =~ ^[a-z][a-z0-9_-]{0,6}$ ]] && [ -n "${FIRSTMILE_RAY_PORT:-}" ] && [ -n "${FIRSTMILE_RAY_SERVE_PORT:-}" ]; then
+      gcs=$FIRSTMILE_RAY_PORT; http=$FIRSTMILE_RAY_SERVE_PORT
+    else
+      echo "unknown instance '$name' (test, bench or dev; another name needs FIRSTMILE_RAY_PORT and FIRSTMILE_RAY_SERVE_PORT)" >&2
+      exit 2
+    fi ;;
 esac
 if [ -x "$root/.venv/bin/ray" ]; then bin="$root/.venv/bin"; else bin=$(dirname "$(command -v ray || echo /usr/bin/ray)"); fi
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 RAY_DEDUP_LOGS=0
