@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 from sqlalchemy import text
@@ -9,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from firstmile.app import create_app
 from tests.conftest import PEPPER, Database, TenantFixture, make_settings
+from tests.support.chaos import PostgresCluster, free_ports
 
 Client = AsyncTestClient[Litestar]
 
@@ -60,6 +68,35 @@ async def test_database_outage_is_a_503_problem() -> None:
             "/v1/onboarding/start", json={"user_id": "x"}, headers={"Authorization": "Bearer fm_" + "B" * 43}
         )
     assert response.status_code == 503
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert response.headers["retry-after"] == "1"
+    assert response.json()["type"].endswith("/service-unavailable")
+
+
+@pytest.fixture
+def starting_up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresCluster]:
+    """A PostgreSQL cluster of its own that stays in recovery: it refuses every connection with 57P03,
+    as a cluster does while it replays its WAL after a crash (the chaos test's restart of a killed one)."""
+    folder = Path(tempfile.mkdtemp(prefix="fm-recovering-"))  # short: the cluster's socket lives here
+    os.chmod(folder, 0o755)  # the postgres user runs the cluster below it
+    cluster = PostgresCluster(folder / "pg", free_ports(1)[0])
+    try:
+        cluster.hold_in_recovery()
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+async def test_a_database_still_starting_up_is_a_503_problem(starting_up: PostgresCluster) -> None:
+    """'the database system is starting up' (57P03 cannot_connect_now) is transient: retried, then 503, not 500."""
+    app = create_app(make_settings(), starting_up.url("firstmile_app", "postgres"), PEPPER)
+    async with AsyncTestClient(app=app, raise_server_exceptions=False) as down:
+        response = await down.post(
+            "/v1/onboarding/start", json={"user_id": "x"}, headers={"Authorization": "Bearer fm_" + "B" * 43}
+        )
+    assert response.status_code == 503, response.text
     assert response.headers["content-type"].startswith("application/problem+json")
     assert response.headers["retry-after"] == "1"
     assert response.json()["type"].endswith("/service-unavailable")

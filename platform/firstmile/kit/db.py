@@ -137,8 +137,9 @@ async def tenant_transaction(
         await raw.execute("COMMIT" if commit else "ROLLBACK")
 
 
-_RETRYABLE_SQLSTATES = frozenset({"40001", "40P01", "57P01", "08000", "08003", "08006"})
-"""Serialization failure, deadlock, admin shutdown of the backend, connection exceptions."""
+_RETRYABLE_SQLSTATES = frozenset({"40001", "40P01", "57P01", "57P02", "57P03", "08000", "08003", "08006"})
+"""Serialization failure, deadlock, admin shutdown of the backend, crash shutdown (another backend crashed and the
+server resets), cannot connect now (the server is starting up or recovering after a crash), connection exceptions."""
 
 
 class DatabaseUnavailableError(RuntimeError):
