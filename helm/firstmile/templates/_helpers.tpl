@@ -65,7 +65,7 @@ firstmile.io/consumer-group: {{ . }}
 
 {{/*
 The Prometheus job of a component's targets (the monitors take it from the firstmile.io/job label):
-<fullname>-api, <fullname>-relay, <fullname>-consumer-<group>, <fullname>-scheduler.
+<fullname>-api, <fullname>-relay, <fullname>-consumer-<group>, <fullname>-scheduler, <fullname>-sequencer.
 */}}
 {{- define "firstmile.job" -}}
 {{- $fullname := include "firstmile.fullname" .ctx -}}
@@ -125,7 +125,7 @@ The values of a component by its name (consumer -> .Values.consumers).
 
 {{/*
 Service account of a component: (dict "ctx" $ "component" "api"): <fullname>-api, -relay, -consumers,
--scheduler, -inference, -migrations.
+-scheduler, -sequencer, -inference, -migrations.
 */}}
 {{- define "firstmile.serviceAccountName" -}}
 {{- $values := fromYaml (include "firstmile.componentValues" .) -}}
@@ -262,6 +262,9 @@ which come through envFrom).
 {{- if eq .component "api" }}
 - name: FIRSTMILE_IN_PROCESS_SCHEDULERS
   value: "false"
+{{- /* The sequencer Deployment places the audit entries; without it, the API pods do. */}}
+- name: FIRSTMILE_IN_PROCESS_SEQUENCER
+  value: {{ (not .ctx.Values.sequencer.enabled) | toString | quote }}
 - name: FIRSTMILE_WORKERS
   value: {{ .ctx.Values.api.workers | quote }}
 {{- else if ne .component "migrations" }}
