@@ -28,7 +28,7 @@ from firstmile.onboarding.catalog import CatalogCache
 from firstmile.onboarding.stuck import StuckScanner
 from firstmile.tenancy.cli import create_key
 from firstmile_inference.registry import Registry
-from tests.conftest import PEPPER, REGION, Database, TenantFixture, make_settings
+from tests.conftest import PEPPER, REGION, Database, TenantFixture, make_settings, sequenced
 from tests.factories import demo_document, manifest_for
 from tests.support.inference import RecordingClient
 
@@ -104,6 +104,7 @@ async def test_start_is_decided_by_the_model_and_recorded(
         assert stored["feature_source"] in {"fresh", "absent"}
         assert body["path"]["id"] in stored["scores"]
 
+        await sequenced(admin_engine)
         async with admin_engine.connect() as conn:
             audit = (
                 await conn.execute(

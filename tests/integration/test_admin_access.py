@@ -23,7 +23,7 @@ from firstmile.admin.rbac import GRANTS, Permission
 from firstmile.admin.service import AdminAuth, bootstrap_key, mint_bootstrap_token
 from firstmile.analytics.chdb_store import ChdbStore
 from firstmile.app import create_app
-from tests.conftest import PEPPER, Database, TenantFixture, make_settings, new_tenant
+from tests.conftest import PEPPER, Database, TenantFixture, make_settings, new_tenant, sequenced
 
 Client = AsyncTestClient[Litestar]
 BASE = "http://testserver.local"
@@ -68,6 +68,7 @@ async def sign_in(api: Client, slug: str, role: str) -> dict[str, Any]:
 
 
 async def audit_kinds(admin_engine: AsyncEngine, tenant: TenantFixture, kind_prefix: str) -> list[tuple[str, Any]]:
+    await sequenced(admin_engine, tenant.id)
     async with admin_engine.connect() as conn:
         rows = await conn.execute(
             text("SELECT kind, payload FROM audit_entries WHERE tenant_id = :t AND kind LIKE :k ORDER BY seq"),

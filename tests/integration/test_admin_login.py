@@ -37,7 +37,7 @@ from firstmile.analytics.chdb_store import ChdbStore
 from firstmile.app import create_app
 from firstmile.sso.provisioning import KeycloakProvisioner
 from firstmile.tenancy.manifest import SsoSpec, TenantManifest
-from tests.conftest import PEPPER, Database, TenantFixture, make_settings, new_tenant
+from tests.conftest import PEPPER, Database, TenantFixture, make_settings, new_tenant, sequenced
 from tests.support.keycloak import Server, server
 
 pytestmark = pytest.mark.xdist_group("keycloak")
@@ -235,6 +235,7 @@ async def login(world: World, username: str) -> tuple[Browser, httpx.Response]:
 
 
 async def audit(admin_engine: AsyncEngine, tenant: TenantFixture, prefix: str) -> list[tuple[str, str, Any]]:
+    await sequenced(admin_engine, tenant.id)
     async with admin_engine.connect() as conn:
         rows = await conn.execute(
             text("SELECT kind, actor, payload FROM audit_entries WHERE tenant_id = :t AND kind LIKE :k ORDER BY seq"),

@@ -52,7 +52,7 @@ EXACT_OPERATIONS = [
     "/health/ready",
     "/v1/onboarding/{user_id}",
     "/v1/webhooks/segment/{tenant}",
-    "/v1/audit/entries/{seq}/proof",
+    "/v1/audit/entries/{ref}/proof",
     "/v1/audit/checkpoints",
     "/v1/audit/public-key",
     "/v1/users/{user_id}",

@@ -11,10 +11,11 @@ from firstmile.controlplane.service import apply_manifest
 from firstmile.kit.db import tenant_transaction
 from firstmile.kit.scope import OPERATOR_CLI
 from firstmile.tenancy.cli import list_keys, revoke_key
-from tests.conftest import new_tenant
+from tests.conftest import new_tenant, sequenced
 
 
 async def _actions(app_engine: AsyncEngine, tenant_id: uuid.UUID) -> list[tuple[str, str, str]]:
+    await sequenced(app_engine, tenant_id)
     async with tenant_transaction(app_engine, OPERATOR_CLI.tenant(tenant_id)) as tx:
         entries = await list_entries(tx, EntryFilter(), 100)
     return [(e.kind, e.actor, e.payload.get("action", "")) for e in entries]

@@ -122,7 +122,7 @@ async def test_concurrent_appends_stay_one_chain(database: Database, admin_engin
             placed = 0
             worker = Sequencer(engine, batch_size=7)
             while not stop.is_set():
-                placed += await worker.run_once()
+                placed += await worker.sequence_tenant(uuid.UUID(str(tenant)))
                 await asyncio.sleep(0)
             return placed
 
@@ -354,3 +354,32 @@ async def test_pending_function_reveals_only_counts(app_engine: AsyncEngine, adm
         assert (uuid.UUID(str(tenant)), 1, 0) in rows
         assert (uuid.UUID(str(tenant)), 1, 0) not in await repo.pending_tenants(conn, 2, 3600)  # not due yet
         assert (await conn.execute(text("SELECT count(*) FROM audit_entries"))).scalar_one() == 0
+
+
+async def test_one_tenant_that_cannot_be_sequenced_holds_up_no_other(
+    app_engine: AsyncEngine, admin_engine: AsyncEngine
+) -> None:
+    broken, healthy = await _tenant(admin_engine), await _tenant(admin_engine)
+    async with tenant_transaction(app_engine, broken) as tx:
+        queued = await append(tx, "admin", "op", "x", {})
+    async with tenant_transaction(app_engine, broken) as tx:  # an entry placed by hand at seq 0, head not moved
+        await tx.execute(
+            repo._SEQUENCE,
+            {
+                "tenant": broken,
+                "created": [queued.created_at],
+                "ids": [queued.entry_id],
+                "seqs": [0],
+                "prevs": [GENESIS],
+                "hashes": [entry_hash(GENESIS, queued.canonical())],
+            },
+        )
+        await append(tx, "admin", "op", "next", {})
+    async with tenant_transaction(app_engine, healthy) as tx:
+        await append(tx, "admin", "op", "y", {})
+    sequencer = Sequencer(app_engine)
+    for _ in range(3):
+        await sequencer.run_once()
+    assert uuid.UUID(str(broken)) in sequencer.failing
+    assert uuid.UUID(str(healthy)) not in sequencer.failing
+    assert [e.subject for e in await _entries(admin_engine, healthy)] == ["y"]

@@ -27,7 +27,7 @@ from firstmile.app import create_app
 from firstmile.auth.resolver import KeyResolver
 from firstmile.sso.tokens import RealmNaming
 from firstmile.tenancy import keys as keylib
-from tests.conftest import PEPPER, Database, TenantFixture, make_settings, new_tenant
+from tests.conftest import PEPPER, Database, TenantFixture, make_settings, new_tenant, sequenced
 from tests.support.keycloak import (
     Server,
     client,
@@ -245,6 +245,7 @@ async def test_each_refused_token_of_a_tenant_realm_is_an_audit_entry(world: Wor
     assert world.home.tenant is not None and world.other.tenant is not None
 
     async def refusals(tenant_id: object) -> list[dict[str, Any]]:
+        await sequenced(admin_engine)
         async with admin_engine.connect() as conn:
             rows = await conn.execute(
                 text(

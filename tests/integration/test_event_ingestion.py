@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from firstmile.analytics.chdb_store import ChdbStore
 from firstmile.app import create_app
 from firstmile.events.segment import event_id_for
-from tests.conftest import PEPPER, Database, TenantFixture, make_settings, new_tenant
+from tests.conftest import PEPPER, Database, TenantFixture, make_settings, new_tenant, sequenced
 from tests.factories import db_snapshot
 
 Client = AsyncTestClient[Litestar]
@@ -311,6 +311,7 @@ async def test_the_webhook_secret_command_replaces_the_secret_and_audits_it(
         url, content=body, headers={"X-Signature": hmac.new(new.encode(), body, "sha1").hexdigest()}
     )
     assert fresh.status_code == 202, fresh.text
+    await sequenced(admin_engine, events_tenant.id)
     async with admin_engine.connect() as conn:
         entries = (
             await conn.execute(

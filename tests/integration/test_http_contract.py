@@ -109,7 +109,7 @@ async def test_every_operation_declares_its_problem_answers(openapi: dict[str, A
         ),
         ("post", "/v1/events", {202, 400, 401, 403, 413, 415, 421, 429, 500, 503}),
         ("get", "/v1/analytics/funnel", {200, 400, 401, 403, 404, 421, 429, 500, 503}),
-        ("get", "/v1/audit/entries/{seq}/proof", {200, 400, 401, 403, 404, 409, 421, 429, 500, 503}),
+        ("get", "/v1/audit/entries/{ref}/proof", {200, 202, 400, 401, 403, 404, 409, 421, 429, 500, 503}),
         ("get", "/v1/users/{user_id}/export", {200, 400, 401, 403, 404, 421, 429, 500, 503}),
         ("get", "/health/ready", {200, 500, 503}),
     ],
@@ -169,7 +169,7 @@ async def test_the_document_admits_no_input_the_server_refuses(
     assert checkpoints["limit"]["pattern"] == "^0*([1-9][0-9]{0,2}|1000)$"
     consistency = openapi["paths"]["/v1/audit/consistency"]["get"]["parameters"]
     assert {p["name"]: p["required"] for p in consistency} == {"first": True, "second": True}
-    proof = openapi["paths"]["/v1/audit/entries/{seq}/proof"]["get"]["parameters"]
+    proof = openapi["paths"]["/v1/audit/entries/{ref}/proof"]["get"]["parameters"]
     assert {p["name"]: p["schema"] for p in proof}["tree_size"]["pattern"] == "^0*[1-9][0-9]*$"
 
 

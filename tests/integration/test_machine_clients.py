@@ -36,7 +36,7 @@ from firstmile.sso.provisioning import (
 )
 from firstmile.tenancy.keys import SCOPES
 from firstmile.tenancy.manifest import SsoSpec, TenantManifest
-from tests.conftest import PEPPER, REGION, Database, make_settings, new_tenant
+from tests.conftest import PEPPER, REGION, Database, make_settings, new_tenant, sequenced
 from tests.factories import demo_document, manifest_for
 from tests.support.keycloak import AUDIENCE, CLAIM, Server, client, client_scope, mappers, payload, server
 
@@ -317,6 +317,7 @@ async def test_cli_prints_a_machine_clients_secret_audits_the_read_and_prints_no
         srv.admin.change_current_realm("master")
     result = await asyncio.to_thread(CliRunner().invoke, main, ["tenants", "client-secret", slug, "billing-sync"])
     assert result.exit_code == 0 and result.output == f"{expected}\n"
+    await sequenced(admin_engine)
     async with admin_engine.connect() as conn:
         rows = await conn.execute(
             text(

@@ -26,7 +26,7 @@ from firstmile.kit.uow import UnitOfWork
 from firstmile.security.crypto import FieldContext
 from firstmile.security.datakeys import DataKeyService, UserKeyMissingError
 from firstmile.tenancy.cli import create_key
-from tests.conftest import PEPPER, REGION, EventsDatabase, TenantFixture, make_settings
+from tests.conftest import PEPPER, REGION, EventsDatabase, TenantFixture, make_settings, sequenced
 from tests.factories import db_snapshot, demo_document, manifest_for
 from tests.support.vault_transit import VaultTransitStandIn
 
@@ -142,6 +142,7 @@ async def test_lookup_export_and_the_audited_decision(client: Client, admin_engi
     decisions = [d for d in doc["decisions"] if d["kind"] == "decision"]
     assert decisions[0]["payload"]["decision"] == "path_selection"
     assert decisions[0]["payload"]["inputs"]["personal_traits"] == ["email", "name", "phone", "shoe_size"]
+    await sequenced(admin_engine, tenant.id)
     entries = await client.get("/v1/audit/entries", params={"subject": "ada"}, headers=tenant.headers)
     assert [e["kind"] for e in entries.json()["entries"]] == ["decision", "admin"]  # the export is audited too
     bad = await client.get("/v1/users/", params={"email": "not-an-email"}, headers=tenant.headers)
@@ -185,8 +186,11 @@ async def test_erasure_shreds_the_key_deletes_the_rows_and_is_audited(
     assert (await client.get("/v1/onboarding/ada", headers=tenant.headers)).status_code == 404
     found = await client.get("/v1/users/", params={"email": EMAIL}, headers=tenant.headers)
     assert found.json() == {"user_ids": []}
+    pending = await client.get(f"/v1/audit/entries/{body['audit_entry_id']}/proof", headers=tenant.headers)
+    assert pending.status_code == 202 and pending.json()["kind"] == "erasure"  # queued, leaf hash known
+    await sequenced(admin_engine, tenant.id)
     entries = (await client.get("/v1/audit/entries", params={"kind": "erasure"}, headers=tenant.headers)).json()
-    assert [e["subject"] for e in entries["entries"]] == ["ada"]
+    assert [(e["subject"], e["id"]) for e in entries["entries"]] == [("ada", body["audit_entry_id"])]
     again = await client.delete("/v1/users/ada", headers=tenant.headers)
     assert again.status_code == 404
 

@@ -29,7 +29,7 @@ from firstmile.app import create_app
 from firstmile.controlplane.service import apply_manifest
 from firstmile.settings import Settings
 from firstmile.tenancy.cli import create_key
-from tests.conftest import PEPPER, REGION, Database, make_settings
+from tests.conftest import PEPPER, REGION, Database, make_settings, sequenced
 from tests.factories import ROOT, db_snapshot, demo_document, manifest_for
 from tests.integration.test_audit_doc import documented_rows, undocumented
 
@@ -227,6 +227,7 @@ async def eager(database: Database, analytics_store: ChdbStore, redis_url: str) 
 
 
 async def flags(admin_engine: AsyncEngine, tenant: uuid.UUID) -> list[tuple[str, str, str, Any]]:
+    await sequenced(admin_engine, tenant)
     async with admin_engine.connect() as conn:
         rows = await conn.execute(
             text(

@@ -42,7 +42,7 @@ from firstmile.settings import get_settings
 from firstmile.sso.events import LOGIN_FAILED, EventSyncError, KeycloakEventSync
 from firstmile.sso.provisioning import IDP_ALIAS, KeycloakProvisioner
 from firstmile.tenancy.manifest import SsoSpec
-from tests.conftest import Database, TenantFixture, new_tenant
+from tests.conftest import Database, TenantFixture, new_tenant, sequenced
 from tests.support import saml
 from tests.support.keycloak import Server, server
 
@@ -119,6 +119,7 @@ def browser() -> Iterator[httpx.Client]:
 
 
 async def _failures(admin_engine: AsyncEngine, tenant: TenantFixture) -> list[tuple[str, str, dict[str, Any]]]:
+    await sequenced(admin_engine, tenant.id)
     async with admin_engine.connect() as conn:
         rows = await conn.execute(
             text("SELECT actor, subject, payload FROM audit_entries WHERE tenant_id = :t AND kind = :k ORDER BY seq"),

@@ -30,7 +30,7 @@ from firstmile.sso.provisioning import (
     parse_saml_metadata,
 )
 from firstmile.tenancy.manifest import ADMIN_ROLES, DEFAULT_ROLE_DESCRIPTIONS, SsoSpec, TenantManifest
-from tests.conftest import REGION, Database
+from tests.conftest import REGION, Database, sequenced
 from tests.factories import demo_document, manifest_for, provisioned_kek
 
 pytestmark = pytest.mark.xdist_group("keycloak")
@@ -270,6 +270,7 @@ def _write(folder: Path, slug: str, group_roles: dict[str, str]) -> Path:
 
 
 async def _sso_audit(admin_engine: AsyncEngine, slug: str) -> list[list[str]]:
+    await sequenced(admin_engine)
     async with admin_engine.connect() as conn:
         rows = await conn.execute(
             text(

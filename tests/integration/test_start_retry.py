@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from firstmile.onboarding.catalog import PathCatalog
 from firstmile.onboarding.planner import Decision, PathPlanner
-from tests.conftest import TenantFixture
+from tests.conftest import TenantFixture, sequenced
 
 Client = AsyncTestClient[Litestar]
 
@@ -84,6 +84,7 @@ async def test_a_retried_start_asks_the_planner_once(
         onboarding.planner = counting.inner
     assert response.status_code == 201, response.text
     assert counting.calls == ["flaky-1"]  # the transaction ran twice, the planner once
+    await sequenced(admin_engine, tenant.id)
     async with admin_engine.connect() as conn:
         attempts = (await conn.execute(text("SELECT last_value FROM test_flaky_seq"))).scalar_one()
         assert attempts == 4  # two inserts reached the trigger: the refused one and the retried one

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from firstmile.onboarding.catalog import CatalogCache
 from firstmile.onboarding.stuck import StuckScanner
-from tests.conftest import TenantFixture
+from tests.conftest import TenantFixture, sequenced
 
 Client = AsyncTestClient[Litestar]
 
@@ -79,6 +79,7 @@ async def test_time_rule_flags_users_idle_past_the_limit_once_per_step(
     assert events[0]["detected_by"] == "time_rule"
     assert events[0]["hours_since_last_activity"] >= 30
 
+    await sequenced(admin_engine, tenant.id)
     async with admin_engine.connect() as conn:
         row = (
             await conn.execute(

@@ -187,7 +187,7 @@ async def test_the_sequencer_places_queued_entries_signs_checkpoints_and_serves_
     assert ready["checks"] == {"database": "ok"}
     assert ready["tasks"] == {"audit-checkpointer": "ok", "audit-sequencer": "ok"}
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and (await _audit_counts(admin_engine, tenant.id))[2] == 0:
+    while time.monotonic() < deadline and (await _audit_counts(admin_engine, tenant.id))[2] == 0:  # noqa: ASYNC110
         await asyncio.sleep(0.2)
     assert await _audit_counts(admin_engine, tenant.id) == (0, queued, 1)
     status, metrics = worker.get("/metrics")

@@ -184,7 +184,7 @@ class Sequencer:
         self.sequenced = 0
         """Entries this sequencer has placed since it started."""
         self.failing: set[uuid.UUID] = set()
-        """Tenants whose last batch failed its integrity check (logged, counted, retried each poll)."""
+        """Tenants whose last batch failed (an integrity check, or an error): logged once, retried each poll."""
 
     async def sequence_tenant(self, tenant: uuid.UUID) -> int:
         """Sequence everything queued for ``tenant`` now; the count (0 when another sequencer has it)."""
@@ -232,7 +232,13 @@ class Sequencer:
 
         async def one(tenant: uuid.UUID) -> int:
             async with gate:
-                return await self.sequence_tenant(tenant)
+                try:
+                    return await self.sequence_tenant(tenant)
+                except Exception:  # one tenant's failure (its database answer, its data) holds up no other
+                    if tenant not in self.failing:
+                        log.exception("audit sequencer failed for a tenant", extra={"fields": {"tenant": str(tenant)}})
+                    self.failing.add(tenant)
+                    return 0
 
         return sum(await asyncio.gather(*(one(tenant) for tenant, _, _ in queued)))
 
