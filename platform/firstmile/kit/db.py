@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import msgspec
-from sqlalchemy import CursorResult, Executable, MetaData, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import CursorResult, Executable, MetaData, event, text
+from sqlalchemy.exc import DBAPIError, InvalidatePoolError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.util.typing import TupleAny
 
@@ -78,7 +78,7 @@ def create_engine(
     if statement_timeout_ms is not None:
         server_settings["statement_timeout"] = str(statement_timeout_ms)
     connect_args: dict[str, Any] = {"server_settings": server_settings}
-    return create_async_engine(
+    engine = create_async_engine(
         url,
         pool_size=pool_size,
         max_overflow=max_overflow,
@@ -89,6 +89,39 @@ def create_engine(
         json_serializer=_json_text,
         json_deserializer=msgspec.json.decode,
     )
+    event.listen(engine.sync_engine, "checkout", _refuse_closed)
+    return engine
+
+
+def _refuse_closed(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+    """A pooled connection the server has closed is not handed out: the pool drops it and every older one.
+
+    The pool is not pinged before use; but when the server goes away (a restart, a failover, a killed
+    backend) asyncpg learns of each idle connection's end from its socket, so a closed one is known for
+    free. ``tenant_transaction`` sends its ``BEGIN`` on the driver connection, past SQLAlchemy's own
+    disconnect handling, so without this it would fail there ("connection is closed") for every
+    connection the pool still held. Raising ``InvalidatePoolError`` makes the pool discard the
+    connections made before now (the server was restarted: they are all gone) and check out a new one.
+    """
+    driver = getattr(dbapi_connection, "driver_connection", None)
+    if driver is not None and driver.is_closed():
+        raise InvalidatePoolError("the database closed this pooled connection")
+
+
+class ConnectionLostError(ConnectionError):
+    """The connection to the database was lost under a statement sent on the driver connection (transient)."""
+
+
+async def _on_driver(conn: AsyncConnection, raw: Any, statement: str) -> None:
+    """Run ``statement`` on ``conn``'s driver connection; a connection lost meanwhile is invalidated (it does not
+    go back to the pool) and raised as :class:`ConnectionLostError`, which the unit of work retries."""
+    try:
+        await raw.execute(statement)
+    except Exception as exc:
+        if not raw.is_closed():
+            raise
+        await conn.invalidate()
+        raise ConnectionLostError(f"the database connection was lost: {type(exc).__name__}: {exc}") from exc
 
 
 def _json_text(value: Any) -> str:
@@ -125,7 +158,7 @@ async def tenant_transaction(
         await conn.execution_options(isolation_level="AUTOCOMMIT")
         raw = (await conn.get_raw_connection()).driver_connection
         assert raw is not None
-        await raw.execute(f"BEGIN; SELECT set_config('{TENANT_SETTING}', '{tenant}', true)")
+        await _on_driver(conn, raw, f"BEGIN; SELECT set_config('{TENANT_SETTING}', '{tenant}', true)")
         try:
             yield TenantTx(conn, tenant_id)
         except BaseException:
@@ -134,7 +167,7 @@ async def tenant_transaction(
             except Exception:  # a broken or busy connection must not go back to the pool
                 await conn.invalidate()
             raise
-        await raw.execute("COMMIT" if commit else "ROLLBACK")
+        await _on_driver(conn, raw, "COMMIT" if commit else "ROLLBACK")
 
 
 _RETRYABLE_SQLSTATES = frozenset({"40001", "40P01", "57P01", "57P02", "57P03", "08000", "08003", "08006"})
