@@ -10,6 +10,8 @@ import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from firstmile.audit.canonical import (
     GENESIS,
@@ -218,8 +220,66 @@ def test_known_answer_is_the_one_documented() -> None:
         "selected_by": "model",
         "fallback": None,
     }
-    canonical = canonical_entry(tenant, 0, "decision", "path_planner", "u-1", payload, at)
+    entry_id = uuid.UUID("3f1d2c4b-5a69-4e7d-8c0b-1a2b3c4d5e6f")
+    canonical = canonical_entry(tenant, 0, "decision", "path_planner", "u-1", payload, at, entry_id)
+    assert canonical_entry(tenant, 7, "decision", "path_planner", "u-1", payload, at, entry_id) == canonical  # no seq
     doc = (ROOT / "docs" / "audit.md").read_text(encoding="utf-8")
     assert canonical.decode() in doc
     assert f"entry_hash `{entry_hash(GENESIS, canonical).hex()}`" in doc
     assert f"leaf_hash `{leaf_hash(canonical).hex()}`" in doc
+
+
+def _exact(value: object, strict: bool) -> str:
+    """The character-by-character encoder alone (what the fast path must agree with)."""
+    from firstmile.audit.canonical import _encode
+
+    out: list[str] = []
+    _encode(value, out, 0, strict)
+    return "".join(out)
+
+
+_KEYS = st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\x00"), max_size=6) | st.sampled_from(
+    ["a", "B", "\ue000", "\U0001f600", "é", "\u20ac", "aa", "a\U00010000", "a\uffff", "\x7f"]
+)
+_LEAVES = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**60), max_value=2**60)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.sampled_from([1e21, 1e-7, 1.5e-7, 123456789012345680.0, -0.0, 5e-324, 2.0**53, 0.1 + 0.2])
+    | st.text(max_size=8)
+)
+_VALUES = st.recursive(
+    _LEAVES, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_KEYS, inner, max_size=4), max_leaves=24
+)
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(_VALUES, st.booleans())
+def test_the_fast_path_is_exactly_the_jcs_encoder(value: object, strict: bool) -> None:
+    """Every value gets the same text, or the same error, from jcs as from the exact encoder alone: floats
+    in every range, non-BMP keys (whose UTF-16 order differs from code point order), integers past 2**53,
+    NaN, NUL and lone surrogates included."""
+    try:
+        expected: object = _exact(value, strict)
+        expected.encode("utf-8")  # type: ignore[attr-defined]
+    except (CanonicalError, UnicodeEncodeError) as exc:
+        expected = type(exc)
+    try:
+        got: object = jcs(value, strict=strict)
+    except CanonicalError as exc:
+        got = UnicodeEncodeError if "surrogates" in str(exc) else type(exc)
+    assert got == expected
+
+
+def test_the_fast_path_falls_back_for_what_it_does_not_cover() -> None:
+    deep: object = 1
+    for _ in range(70):
+        deep = [deep]
+    with pytest.raises(CanonicalError, match="nesting deeper"):
+        jcs(deep)
+    assert jcs({"\U0001f600": 1, "\ue000": 2}) == '{"\U0001f600":1,"\ue000":2}'  # UTF-16 order, not code points
+    assert jcs((1, 2.5)) == "[1,2.5]"
+    assert jcs({"n": 2**53}) == '{"n":9007199254740992}'
+    with pytest.raises(CanonicalError, match="I-JSON"):
+        jcs({"n": 2**53}, strict=True)

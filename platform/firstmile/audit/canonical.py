@@ -165,15 +165,74 @@ def jcs(value: Any, *, strict: bool = False) -> str:
 
     ``strict`` (what :func:`~firstmile.audit.service.append` uses) also refuses integers outside
     the I-JSON range (RFC 7493), which other JCS implementations refuse too.
+
+    Most payloads take a fast path: one pass that checks the value and sets its floats aside, then
+    the standard library's C encoder (sorted keys, no ASCII escaping: for these values exactly
+    JCS), with each float put back in ECMAScript's form. Anything the fast path does not cover
+    exactly (keys whose UTF-16 order could differ from code point order, integers beyond 2**53,
+    NaN, NUL, other container types, deep nesting) goes through :func:`_encode`, which also
+    produces every error.
     """
-    out: list[str] = []
-    _encode(value, out, 0, strict)
-    text = "".join(out)
+    try:
+        floats: list[str] = []
+        text = _FAST_ENCODER.encode(_prepare(value, 0, floats))
+        if floats:
+            text = _PLACEHOLDER.sub(lambda m: floats[int(m.group(1))], text)
+    except _SlowPathError:
+        out: list[str] = []
+        _encode(value, out, 0, strict)
+        text = "".join(out)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise CanonicalError("strings must be valid Unicode (no lone surrogates)") from exc
     return text
+
+
+class _SlowPathError(Exception):
+    """The value needs the exact encoder (or is refused by it)."""
+
+
+_FAST_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, sort_keys=True, separators=(",", ":"))
+_PLACEHOLDER = re.compile(r'"\\u0000(\d+)\\u0000"')
+_MAX_FAST_INT = 2**53 - 1
+_LAST_BMP_BEFORE_SURROGATES = "\ud7ff"
+
+
+def _prepare(value: Any, depth: int, floats: list[str]) -> Any:
+    """``value`` with each float replaced by a placeholder string (``\\x00<index>\\x00``, which no
+    accepted string can contain), or :class:`_SlowPathError`."""
+    kind = type(value)
+    if kind is str:
+        if "\x00" in value:
+            raise _SlowPathError
+        return value
+    if kind is dict:
+        if depth >= MAX_DEPTH:
+            raise _SlowPathError
+        prepared = {}
+        for key, item in value.items():
+            # code point order is UTF-16 order unless a key has characters past U+D7FF
+            if type(key) is not str or "\x00" in key or (not key.isascii() and max(key) > _LAST_BMP_BEFORE_SURROGATES):
+                raise _SlowPathError
+            prepared[key] = _prepare(item, depth + 1, floats)
+        return prepared
+    if kind is list or kind is tuple:
+        if depth >= MAX_DEPTH:
+            raise _SlowPathError
+        return [_prepare(item, depth + 1, floats) for item in value]
+    if kind is int:
+        if not -_MAX_FAST_INT <= value <= _MAX_FAST_INT:
+            raise _SlowPathError
+        return value
+    if kind is float:
+        if not math.isfinite(value):
+            raise _SlowPathError
+        floats.append(_number(value))
+        return f"\x00{len(floats) - 1}\x00"
+    if value is None or kind is bool:
+        return value
+    raise _SlowPathError
 
 
 def _parse_int(text: str) -> int | float:

@@ -183,6 +183,8 @@ class Sequencer:
         self.concurrency = concurrency
         self.sequenced = 0
         """Entries this sequencer has placed since it started."""
+        self.consecutive_failures = 0
+        self.last_error: str | None = None
         self.failing: set[uuid.UUID] = set()
         """Tenants whose last batch failed (an integrity check, or an error): logged once, retried each poll."""
 
@@ -253,15 +255,25 @@ class Sequencer:
             total += await self.run_once()
         return total
 
+    def health(self) -> tuple[int, str | None]:
+        """How many passes in a row failed (the database unreachable), and the last error: the supervisor
+        reads it, so that readiness reports a sequencer that keeps failing (a tenant whose queue fails its
+        check is not this: the others go on, and the integrity counter says it)."""
+        return self.consecutive_failures, self.last_error
+
     async def run(self, stop: asyncio.Event) -> None:
         """Poll every ``poll_seconds`` until ``stop``; failures are logged and retried."""
         while not stop.is_set():
             try:
                 await self.run_once()
+                self.consecutive_failures, self.last_error = 0, None
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("audit sequencer failed; retrying")
+            except Exception as exc:
+                self.consecutive_failures += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+                if self.consecutive_failures == 1:
+                    log.exception("audit sequencer failed; retrying")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self.poll_seconds)
 

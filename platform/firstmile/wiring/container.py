@@ -238,7 +238,7 @@ class Container:
         self.sequencer = Sequencer(
             self.engine, batch_size=settings.audit.sequence_batch, poll_seconds=settings.audit.sequence_poll_seconds
         )
-        supervisor.forever("audit-sequencer", self.sequencer.run)
+        supervisor.forever("audit-sequencer", self.sequencer.run, probe=self.sequencer.health)
         checkpointer = Checkpointer(
             self.engine,
             self.signer,

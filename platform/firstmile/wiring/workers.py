@@ -173,7 +173,7 @@ async def run_sequencer(settings: Settings, database_url: str, stop: asyncio.Eve
         every_seconds=audit.checkpoint_every_seconds,
     )
     supervisor = Supervisor()
-    supervisor.forever("audit-sequencer", sequencer.run)
+    supervisor.forever("audit-sequencer", sequencer.run, probe=sequencer.health)
     supervisor.every("audit-checkpointer", checkpointer.poll_seconds, checkpointer.run_once)
     log.info("sequencer running", extra={"fields": {"batch": audit.sequence_batch}})
     try:
