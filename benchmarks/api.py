@@ -11,6 +11,11 @@ What one run does (``make bench`` starts the durable PostgreSQL it needs):
    ``POST /v1/onboarding/start`` (a new user per request) and
    ``POST /v1/onboarding/{user}/steps/create-api-key/complete`` (a first
    completion per request, on users started before).
+   Then serves the same build again with the audit append switched off (a
+   ``sitecustomize`` in a temporary folder replaces ``firstmile.audit.service.append``
+   with a no-op in every process of that server, and nowhere else) and measures
+   start on it, and reads the maximum merge delay of the audited start run from the
+   entries' ``sequenced_at - created_at``.
 3. Times the progress read of GET/complete (``_GET`` of the onboarding
    repository) as ``firstmile_app`` through RLS and as a BYPASSRLS role.
 4. Returns a markdown report; progress goes to stderr.
@@ -52,12 +57,107 @@ from benchmarks.database import (
     _uncompleted,
     fresh_bench_database,
 )
-from benchmarks.report import RunFacts, _command, _machine, _pool_description, _report
+from benchmarks.report import MergeDelay, Production, RunFacts, _command, _machine, _pool_description, _report
 from benchmarks.rls import _measure_rls
-from benchmarks.servers import _free_port, _http_json, _start_server, _stop_server
+from benchmarks.servers import Server, _free_port, _http_json, _start_server, _stop_server
 from benchmarks.wrk import _complete_script, _find_wrk, _new_users_script, _run_wrk
 
 __all__ = ["BenchError", "run_api_benchmark"]
+
+_NO_AUDIT_HOOK = """\
+# Written by benchmarks/api.py for one benchmark server: the same build, without the audit append.
+import os
+
+if os.environ.get("FIRSTMILE_BENCH_NO_AUDIT") == "1":
+    import firstmile.audit.service as _audit
+
+    async def _no_append(tx, kind, actor, subject, payload):
+        return None
+
+    _audit.append = _no_append
+"""
+
+
+def _production_start(
+    wrk: str,
+    tmp: Path,
+    app_env: dict[str, str],
+    app_argv: list[str],
+    key: str,
+    tenant_id: object,
+    kafka: str,
+    dsn: str,
+    postmaster: int | None,
+    threads: int,
+    connections: int,
+    duration: int,
+    warmup: int,
+    workers: int,
+) -> Production:
+    """Start measured as deployed: the API with Kafka configured and no in-process relay, consumers, periodic
+    tasks or sequencer; ``firstmile relay``, ``firstmile consume`` and ``firstmile sequencer`` beside it."""
+    env = app_env | {
+        "FIRSTMILE_KAFKA_BOOTSTRAP_SERVERS": kafka,
+        "FIRSTMILE_KAFKA_TOPIC_PREFIX": f"fm-bench-{secrets.token_hex(4)}",
+        "FIRSTMILE_IN_PROCESS_SEQUENCER": "false",
+        "FIRSTMILE_IN_PROCESS_SCHEDULERS": "false",
+    }
+    side: list[Server] = []
+    try:
+        for name, argv in (
+            ("relay", ["relay"]),
+            ("consumers", ["consume"]),
+            ("sequencer", ["sequencer"]),
+        ):
+            probe = _free_port()
+            worker_env = env | {"FIRSTMILE_PROBE_PORT": str(probe), "FIRSTMILE_PROBE_HOST": "127.0.0.1"}
+            command = [sys.executable, "-m", "firstmile.cli", *argv]
+            side.append(_start_server(f"firstmile {name}", command, worker_env, probe, tmp / f"prod-{name}.log"))
+        port = _free_port()
+        argv = [*app_argv[:-4], "--port", str(port), "--workers", str(workers)]
+        server = _start_server("firstmile API (production shape)", argv, env | {"FIRSTMILE_PORT": str(port)}, port,
+                               tmp / "prod-api.log")  # fmt: skip
+        side.append(server)
+        script = _new_users_script(tmp, "prod-warmup", key, "/v1/onboarding/start", "pw-")
+        _log(f"warming up start, production shape ({warmup}s)")
+        _run_wrk(wrk, script, server.base, threads, connections, warmup)
+        script = _new_users_script(tmp, "prod", key, "/v1/onboarding/start", "p-")
+        _log(f"measuring start, production shape ({duration}s, {connections} connections)")
+        result, cpu = _measure(wrk, script, server, threads, connections, duration, db=dsn, postmaster=postmaster)
+        started = _count(dsn, "SELECT count(*) FROM end_users WHERE tenant_id = $1 AND user_id LIKE 'p-%'", tenant_id)
+        merge = _merge_delay(dsn, tenant_id, "p-%", started)
+        return Production(result, cpu, merge)
+    finally:
+        for server in reversed(side):
+            _stop_server(server)
+
+
+def _merge_delay(dsn: str, tenant_id: object, pattern: str, expected: int) -> MergeDelay:
+    """The merge delay (``sequenced_at - created_at``) of the entries about users matching ``pattern``,
+    once all ``expected`` are sequenced (waits up to 60 s for the in-process sequencer)."""
+    deadline = time.monotonic() + 60
+    placed = 0
+    while time.monotonic() < deadline:
+        placed = _count(
+            dsn,
+            "SELECT count(*) FROM audit_entries WHERE tenant_id = $1 AND subject LIKE $2 AND kind = 'decision'",
+            tenant_id,
+            pattern,
+        )
+        if placed >= expected:
+            break
+        time.sleep(0.2)
+    rows = asyncio.run(
+        _fetch_column(
+            dsn,
+            "SELECT extract(epoch FROM sequenced_at - created_at)::float8 FROM audit_entries "
+            "WHERE tenant_id = $1 AND subject LIKE $2 AND kind = 'decision' ORDER BY 1",
+            tenant_id,
+            pattern,
+        )
+    )
+    delays = [float(r) for r in rows]
+    return MergeDelay(expected=expected, sequenced=placed, delays_s=delays)
 
 
 def run_api_benchmark(duration: int, connections: int, workers: int) -> str:
@@ -157,6 +257,7 @@ def run_api_benchmark(duration: int, connections: int, workers: int) -> str:
             started_in_db = _count(
                 bench_admin_dsn, "SELECT count(*) FROM end_users WHERE tenant_id = $1 AND user_id LIKE 's-%'", tenant_id
             )
+            merge = _merge_delay(bench_admin_dsn, tenant_id, "s-%", started_in_db)
 
             pool = _uncompleted(bench_admin_dsn, tenant_id)
             script = _complete_script(tmp, "complete-warmup", key, pool, threads)
@@ -184,6 +285,51 @@ def run_api_benchmark(duration: int, connections: int, workers: int) -> str:
             )
         finally:
             _stop_server(server)
+
+        # -- the same build with the audit append switched off: start only
+        port = _free_port()
+        hook = tmp / "no-audit"
+        hook.mkdir()
+        (hook / "sitecustomize.py").write_text(_NO_AUDIT_HOOK, encoding="utf-8")
+        plain_env = app_env | {
+            "FIRSTMILE_PORT": str(port),
+            "FIRSTMILE_BENCH_NO_AUDIT": "1",
+            "PYTHONPATH": os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH", "")) if p),
+        }
+        plain_argv = [*app_argv[:-4], "--port", str(port), "--workers", str(workers)]
+        server = _start_server("firstmile API without the audit append", plain_argv, plain_env, port, tmp / "plain.log")
+        try:
+            script = _new_users_script(tmp, "plain-warmup", key, "/v1/onboarding/start", "nw-")
+            _log(f"warming up start without the audit append ({warmup}s)")
+            _run_wrk(wrk, script, server.base, threads, connections, warmup)
+            script = _new_users_script(tmp, "plain", key, "/v1/onboarding/start", "n-")
+            _log(f"measuring start without the audit append ({duration}s, {connections} connections)")
+            unaudited, cpu["start without audit"] = _measure(
+                wrk, script, server, threads, connections, duration, db=bench_admin_dsn, postmaster=postmaster
+            )
+            leaked = _count(
+                bench_admin_dsn,
+                "SELECT count(*) FROM audit_entries WHERE tenant_id = $1 AND subject LIKE 'n-%'",
+                tenant_id,
+            ) + _count(
+                bench_admin_dsn,
+                "SELECT count(*) FROM audit_queue WHERE tenant_id = $1 AND subject LIKE 'n-%'",
+                tenant_id,
+            )
+            if leaked:
+                raise BenchError(f"the server without the audit append wrote {leaked} audit entries")
+        finally:
+            _stop_server(server)
+
+        # -- the production shape: API processes alone, relay, consumers and sequencer in their own processes
+        production: Production | None = None
+        kafka = os.environ.get("FIRSTMILE_BENCH_KAFKA")
+        if kafka:
+            production = _production_start(
+                wrk, tmp, app_env, app_argv, key, tenant_id, kafka, bench_admin_dsn, postmaster, threads, connections,
+                duration, warmup, workers,
+            )  # fmt: skip
+            cpu["start, production shape"] = production.cpu
 
     _log(f"timing the progress read through RLS and as {BYPASS_ROLE} ({RLS_ITERATIONS} iterations each)")
     users = asyncio.run(
@@ -216,6 +362,9 @@ def run_api_benchmark(duration: int, connections: int, workers: int) -> str:
             bare=bare,
             start=start,
             complete=complete,
+            unaudited=unaudited,
+            merge=merge,
+            production=production,
             cpu=cpu,
             started_in_db=started_in_db,
             completed_in_db=completed_in_db,

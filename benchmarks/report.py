@@ -102,6 +102,30 @@ def _verdict(ok: bool) -> str:
 
 
 @dataclass(frozen=True)
+class MergeDelay:
+    """How long the audited start run's decisions waited in the audit queue (``sequenced_at - created_at``)."""
+
+    expected: int
+    sequenced: int
+    delays_s: list[float]
+
+    def pct(self, q: float) -> float:
+        if not self.delays_s:
+            return math.nan
+        ordered = sorted(self.delays_s)
+        return ordered[min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+@dataclass(frozen=True)
+class Production:
+    """Start in the production shape: the API alone, relay, consumers and sequencer in processes of their own."""
+
+    start: WrkResult
+    cpu: CpuUse
+    merge: MergeDelay
+
+
+@dataclass(frozen=True)
 class RunFacts:
     started_at: datetime
     duration: int
@@ -114,6 +138,9 @@ class RunFacts:
     bare: WrkResult
     start: WrkResult
     complete: WrkResult
+    unaudited: WrkResult
+    merge: MergeDelay
+    production: Production | None
     cpu: dict[str, CpuUse]
     started_in_db: int
     completed_in_db: int
@@ -125,9 +152,25 @@ class RunFacts:
     pool: str
 
 
+def _production_rows(f: RunFacts) -> list[str]:
+    p = f.production
+    assert p is not None
+    ratio = p.start.rps / f.bare.rps if f.bare.rps else math.nan
+    p99 = p.merge.pct(99)
+    return [
+        f"| production shape: start req/s ÷ bare req/s | {ratio:.1%} | ≥ 25% | {_verdict(ratio >= 0.25)} |",
+        f"| production shape: start p95 | {p.start.p95_ms:.1f} ms | ≤ 25 ms | {_verdict(p.start.p95_ms <= 25)} |",
+        f"| production shape: maximum merge delay (p99, `firstmile sequencer`, {p.merge.sequenced:,} of "
+        f"{p.merge.expected:,}) | {p99 * 1000:.0f} ms (p50 {p.merge.pct(50) * 1000:.0f} ms) | ≤ 1 s | "
+        f"{_verdict(p99 <= 1.0 and p.merge.sequenced >= p.merge.expected)} |",
+    ]
+
+
 def _report(f: RunFacts) -> str:
     ratio = f.start.rps / f.bare.rps if f.bare.rps else math.nan
     complete_ratio = f.complete.rps / f.bare.rps if f.bare.rps else math.nan
+    audit_ratio = f.start.rps / f.unaudited.rps if f.unaudited.rps else math.nan
+    merge_p99 = f.merge.pct(99)
     rls, byp = f.rls.sides["firstmile_app (RLS)"], f.rls.sides[f"{BYPASS_ROLE} (BYPASSRLS)"]
     rls_p95, byp_p95 = _pct(rls.query_s, 95), _pct(byp.query_s, 95)
     rls_ratio = rls_p95 / byp_p95 if byp_p95 else math.nan
@@ -153,6 +196,17 @@ def _report(f: RunFacts) -> str:
         _row("bare Litestar `POST /v1/bare/start` (baseline)", f.bare),
         _row("`POST /v1/onboarding/start` (new user each)", f.start),
         _row(f"`POST /v1/onboarding/{{user}}/steps/{STEP}/complete`", f.complete),
+        _row("`POST /v1/onboarding/start`, the same build without the audit append", f.unaudited),
+        *(
+            [
+                _row(
+                    "`POST /v1/onboarding/start`, production shape (Kafka; relay, consumers, sequencer apart)",
+                    f.production.start,
+                )
+            ]
+            if f.production
+            else []
+        ),
         "",
         "Errors are non-2xx responses plus socket errors and timeouts.",
         f"Users created by the measured start run (counted in the database): {f.started_in_db:,}. "
@@ -162,13 +216,20 @@ def _report(f: RunFacts) -> str:
         f"repeated (idempotent) completions sent: {f.complete.repeats:,}.",
         "",
     ]
-    for name, r in (("bare", f.bare), ("start", f.start), ("complete", f.complete)):
+    for name, r in (("bare", f.bare), ("start", f.start), ("complete", f.complete), ("unaudited", f.unaudited)):
         if r.first_bad:
             out += [f"First non-2xx response of {name}: `{r.first_bad[:300]}`", ""]
     out += [
         "| ratio | value | target | |",
         "|---|---:|---:|---|",
         f"| start req/s ÷ bare req/s | {ratio:.1%} | ≥ 25% | {_verdict(ratio >= 0.25)} |",
+        f"| start req/s ÷ start without the audit append | {audit_ratio:.1%} | ≥ 90% | "
+        f"{_verdict(audit_ratio >= 0.9)} |",
+        f"| maximum merge delay (p99 of the audited start run's decisions, {f.merge.sequenced:,} of "
+        f"{f.merge.expected:,} sequenced) | {merge_p99 * 1000:.0f} ms (p50 {f.merge.pct(50) * 1000:.0f} ms, max "
+        f"{f.merge.pct(100) * 1000:.0f} ms) | ≤ 1 s | "
+        f"{_verdict(merge_p99 <= 1.0 and f.merge.sequenced >= f.merge.expected)} |",
+        *(_production_rows(f) if f.production else ["| production shape | not run (no FIRSTMILE_BENCH_KAFKA) | | |"]),
         f"| complete req/s ÷ bare req/s | {complete_ratio:.1%} | — | |",
         f"| start p95 at {f.connections} connections | {f.start.p95_ms:.1f} ms | ≤ 25 ms | "
         f"{_verdict(f.start.p95_ms <= 25) if f.connections == 32 else '(target is for 32 connections)'} |",
@@ -187,6 +248,8 @@ def _report(f: RunFacts) -> str:
         _cpu_row("bare", f.cpu["bare"], f.bare),
         _cpu_row("start", f.cpu["start"], f.start),
         _cpu_row("complete", f.cpu["complete"], f.complete),
+        _cpu_row("start without audit", f.cpu["start without audit"], f.unaudited),
+        *([_cpu_row("start, production shape", f.production.cpu, f.production.start)] if f.production else []),
         "",
         "### Row-level security: the progress read",
         "",
