@@ -32,6 +32,7 @@ from firstmile.guardrail.middleware import RateLimitMiddleware
 from firstmile.kit import telemetry
 from firstmile.kit.errors import exception_handlers, problem_response
 from firstmile.kit.health import HealthController, metrics
+from firstmile.kit.heap import freeze_startup_heap
 from firstmile.kit.openapi import document_problems
 from firstmile.ml.inference import GuardedInference, StageReader
 from firstmile.onboarding.api import OnboardingController
@@ -219,4 +220,7 @@ def app_factory() -> Litestar:
     urls = resolve_database(settings)
     relay = settings.events.relay_database_url
     relay_url = relay.get_secret_value() if relay is not None else urls.admin
-    return create_app(settings, urls.app, resolve_pepper(settings), relay_database_url=relay_url)
+    app = create_app(settings, urls.app, resolve_pepper(settings), relay_database_url=relay_url)
+    # after the container's start (pools, models, caches): collections skip what startup made
+    app.on_startup.append(freeze_startup_heap)
+    return app

@@ -28,6 +28,7 @@ from firstmile.events.relay import OutboxRelay
 from firstmile.events.topics import StreamConfig, ensure_region_topics, stop_on_signals
 from firstmile.kit.db import create_engine
 from firstmile.kit.health import Readiness
+from firstmile.kit.heap import freeze_startup_heap
 from firstmile.kit.supervisor import Supervisor
 from firstmile.ml.consumer import FeatureHook
 from firstmile.ml.feature_stores import FeatureStoreSink
@@ -115,6 +116,7 @@ async def run_consumers(settings: Settings, database_url: str, names: Sequence[s
         for h in handlers
     ]
     log.info("consumers running", extra={"fields": {"consumers": list(names), "topic": topic}})
+    freeze_startup_heap()  # decoding batches of envelopes makes many dicts: collections skip the startup heap
     # A consumer that fails ends the process (Kubernetes restarts it, the group rebalances, and the
     # uncommitted batch is redelivered); readiness is the database's, when a consumer has a pool.
     try:
