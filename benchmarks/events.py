@@ -31,6 +31,12 @@ start bench`` start local ones):
 5. **Freshness** after each end-to-end run: single-event batches posted one at
    a time, the analytics store polled every 10 ms until the event is there.
 
+Before each measured run of steps 3 and 4 the outbox and the receipts are vacuumed and a
+checkpoint is taken, so PostgreSQL's CPU column holds that run's work (and the autovacuum it
+starts itself) rather than the dead rows of an earlier one. The analytics consumer and the
+in-process API freeze the bench process's heap once started, as ``firstmile consume`` and
+``firstmile serve``/``dev`` do (:mod:`firstmile.kit.heap`).
+
 Returns a markdown report; progress goes to stderr. Every wait has a timeout and
 every process and thread started here is stopped on the way out.
 """
@@ -381,6 +387,24 @@ async def _fill_outbox(dsn: str, tenant_id: uuid.UUID, prefix: str, rows: int) -
         await conn.close()
 
 
+_SETTLE = ("VACUUM (ANALYZE) outbox", "VACUUM (ANALYZE) event_receipts", "CHECKPOINT")
+
+
+def _settle(dsn: str) -> None:
+    """Before a measured run: vacuum what earlier runs left dead in the outbox and receipts, and checkpoint,
+    so PostgreSQL's column holds the run's own work (and the autovacuum it starts), not an earlier run's."""
+
+    async def run() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            for statement in _SETTLE:
+                await conn.execute(statement, timeout=300)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
 async def _scalar(dsn: str, sql: str, *args: Any) -> Any:
     conn = await asyncpg.connect(dsn)
     try:
@@ -652,6 +676,7 @@ class _ConsumerThread:
     def _main(self) -> None:
         from firstmile.analytics.sink import AnalyticsSink
         from firstmile.events.kafka import KafkaConsumerRunner
+        from firstmile.kit.heap import freeze_startup_heap
 
         bootstrap, topic, dlq, group, store, batch_size = self.args
 
@@ -659,6 +684,7 @@ class _ConsumerThread:
             self.loop = asyncio.get_running_loop()
             self.stop_event = asyncio.Event()
             runner = KafkaConsumerRunner(bootstrap, topic, dlq, group, AnalyticsSink(store), batch_size=batch_size)
+            freeze_startup_heap()  # as `firstmile consume` does once its consumers are built
             self.ready.set()
             await runner.run(self.stop_event)
 
@@ -715,6 +741,9 @@ class _InProcessServer:
                 urllib.request.urlopen(f"{self.base}/health/live", timeout=2) as resp,
             ):
                 if resp.status == 200:
+                    from firstmile.kit.heap import freeze_startup_heap
+
+                    freeze_startup_heap()  # as `firstmile dev` and `serve` do after startup (app_factory)
                     return
             time.sleep(0.2)
         raise BenchError(f"the in-process API was not ready within {READY_TIMEOUT_S:.0f}s")
@@ -872,6 +901,7 @@ def _throughput(ctx: _Ctx, mode: str, port: int, cpu: CpuMeter, check: Callable[
     )
     try:
         gen.wait_ready(120)
+        _settle(ctx.db_admin_dsn)
         _log(f"{mode}: end to end, {events:,} events in batches of {SEGMENT_BATCH} over {connections} connections")
         result = asyncio.run(
             _watch(mode, gen, ctx.store, ctx.tenant_id, events, ctx.db_admin_dsn, ctx.timeout, cpu, check)
@@ -1276,6 +1306,7 @@ def _ingest_only(ctx: _Ctx, mode: str, port: int, cpu: CpuMeter) -> LoadResult:
     )
     try:
         gen.wait_ready(120)
+        _settle(ctx.db_admin_dsn)
         _log(f"{mode}: ingestion only, {events:,} events in batches of {SEGMENT_BATCH} over {connections} connections")
         cpu.start()
         gen.go()
@@ -1375,6 +1406,7 @@ def _kafka_phase(ctx: _Ctx, mode: str) -> None:
         load = _ingest_only(ctx, mode, port, meter)
         facts.ingest_only[mode] = (load, meter)
 
+        _settle(ctx.db_admin_dsn)
         _log(f"{mode}: starting the analytics consumer and the relay on the backlog")
         began = time.monotonic()
         consumer = _ConsumerThread(ctx.kafka, topic, dlq, f"{prefix}.{REGION}.analytics", ctx.store, batch_size)
@@ -1441,6 +1473,7 @@ def _embedded_phase(ctx: _Ctx) -> None:
             raise BenchError("the in-process API stopped")
 
     try:
+        _settle(ctx.db_admin_dsn)
         _log("embedded: starting the API with its in-process relay on the backlog")
         began = time.monotonic()
         server.start()
