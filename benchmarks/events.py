@@ -1653,7 +1653,7 @@ def _report(f: Facts) -> str:
             title,
             "",
             f"{where}. Load: {load.events:,} unique `track` events of {USERS:,} users (a Segment `context` with "
-            f"`ip`, which ingestion seals under the user's key) in {load.requests:,} `POST /v1/batch` of "
+            f"`ip`, which ingestion drops: data minimisation) in {load.requests:,} `POST /v1/batch` of "
             f"{SEGMENT_BATCH} ({load.body_bytes / max(1, load.requests) / 1024:.0f} KB each) over "
             f"{f.connections} keep-alive connections from a load generator subprocess. Three runs in this order: "
             "**ingestion only** (the API alone, nothing relays or consumes: its accept rate is the baseline), "
