@@ -7,6 +7,8 @@ database of its own (it drains every tenant's outbox).
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import secrets
 import time
 import uuid
@@ -397,7 +399,26 @@ async def test_direct_delivery_answers_after_kafka_acknowledged_and_skips_the_ou
         # These messages carry no timestamp, so each copy has its own receive time: a row the table does not
         # fold into the first (another sorting key), which the queries still count once, by event id.
         assert len({r["event_id"] for r in await stack.analytics_rows(tenant)}) == 31
+        # the Segment webhook takes the same path
+        secret = secrets.token_urlsafe(24)
+        async with stack.admin.begin() as conn:
+            await conn.execute(
+                text("INSERT INTO webhook_secrets (tenant_id, source, secret) VALUES (:t, 'segment', :s)"),
+                {"t": tenant.id, "s": secret},
+            )
+        body = msgspec.json.encode(track("d-1", "Hooked"))
+        signature = hmac.new(secret.encode(), body, hashlib.sha1).hexdigest()
+        hooked = await client.post(
+            f"/v1/webhooks/segment/{tenant.slug}", content=body, headers={"X-Signature": signature}
+        )
+        assert hooked.status_code == 202 and hooked.json()["accepted"] == 1, hooked.text
+
+        async def hooked_in() -> bool:
+            return await stack.events_counted(tenant) == 32
+
+        await eventually(hooked_in, what="the webhook's event in analytics")
     assert await _receipts(stack.admin, tenant) == 0
+    assert _delivered("kafka") - before == 30 + 30 + 1 + 1
 
 
 async def test_direct_delivery_falls_back_to_the_outbox_when_kafka_does_not_acknowledge(
