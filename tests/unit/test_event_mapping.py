@@ -94,6 +94,19 @@ def test_event_ids_are_stable_per_tenant_and_message() -> None:
     assert event_id_for(TENANT, "m1") != event_id_for(other, "m1")
 
 
+@pytest.mark.parametrize("message_id", ["m1", "", "ünïcødé-✓", "x" * 128, "a:b@c.d+e-f_g", "\u0000\n\t"])
+def test_event_ids_are_rfc_4122_name_based_ids(message_id: str) -> None:
+    """uuid5(tenant, messageId): ids stored before ingestion computed them itself stay the same."""
+    for tenant in (TENANT, uuid.UUID(int=0), uuid.UUID(int=2**128 - 1), uuid.uuid4()):
+        assert event_id_for(tenant, message_id) == uuid.uuid5(tenant, message_id)
+        assert event_id_for(tenant, message_id).version == 5
+    [message] = parse_batch(
+        TENANT, [{"type": "track", "messageId": message_id or "m", "userId": "u", "event": "E"}], NOW
+    ).messages
+    assert message.event_id == uuid.uuid5(TENANT, message_id or "m")
+    assert message.payload["receivedAt"] == NOW.isoformat()
+
+
 def test_a_repeated_message_id_in_one_batch_is_kept_once() -> None:
     msg = {"type": "track", "messageId": "m", "userId": "u", "event": "E"}
     parsed = parse_batch(TENANT, [msg, dict(msg), {**msg, "messageId": "n"}], NOW)

@@ -7,6 +7,7 @@ follow Segment's HTTP tracking API: 32 KB a message, 500 KB a batch.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import uuid
 from dataclasses import dataclass
@@ -65,9 +66,23 @@ class _InvalidError(Exception):
         self.reason = reason
 
 
+_UUID5_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_UUID5_SET = (0x5000 << 64) | (0x8000 << 48)  # version 5, RFC 4122 variant
+
+
+def _uuid5(namespace: bytes, name: str) -> uuid.UUID:
+    """``uuid.uuid5`` for a namespace given as its 16 bytes: the same id at half the cost, which counts on
+    ingestion's path (once per message)."""
+    digest = int.from_bytes(hashlib.sha1(namespace + name.encode(), usedforsecurity=False).digest()[:16])
+    return uuid.UUID(int=(digest & _UUID5_CLEAR) | _UUID5_SET)
+
+
 def event_id_for(tenant_id: uuid.UUID, message_id: str) -> uuid.UUID:
-    """The event id of a Segment message: stable per tenant and messageId, so redelivery dedupes everywhere."""
-    return uuid.uuid5(tenant_id, message_id)
+    """The event id of a Segment message: stable per tenant and messageId, so redelivery dedupes everywhere.
+
+    ``uuid5(tenant_id, messageId)``, RFC 4122's name-based SHA-1 UUID with the tenant as namespace.
+    """
+    return _uuid5(tenant_id.bytes, message_id)
 
 
 def _id(raw: dict[str, Any], key: str) -> str | None:
@@ -108,7 +123,7 @@ def _timestamp(raw: dict[str, Any], now: datetime) -> datetime:
     return parsed.astimezone(UTC)
 
 
-def _message(tenant_id: uuid.UUID, index: int, raw: Any, now: datetime) -> Message:
+def _message(namespace: bytes, index: int, raw: Any, now: datetime, received: str) -> Message:
     if not isinstance(raw, dict):
         raise _InvalidError("", f"a message must be an object, got {type(raw).__name__}")
     size = len(_encoder.encode(raw))
@@ -148,7 +163,7 @@ def _message(tenant_id: uuid.UUID, index: int, raw: Any, now: datetime) -> Messa
         "userId": user_id,
         "anonymousId": anonymous_id,
         "timestamp": timestamp.isoformat(),
-        "receivedAt": now.isoformat(),
+        "receivedAt": received,
         "context": context,
     }
     if kind == "track":
@@ -161,7 +176,7 @@ def _message(tenant_id: uuid.UUID, index: int, raw: Any, now: datetime) -> Messa
         index=index,
         type=kind,
         message_id=message_id,
-        event_id=event_id_for(tenant_id, message_id),
+        event_id=_uuid5(namespace, message_id),
         user_id=user_id,
         anonymous_id=anonymous_id,
         event=event,
@@ -183,9 +198,10 @@ def parse_batch(tenant_id: uuid.UUID, messages: list[Any], now: datetime) -> Par
     rejected: list[Rejection] = []
     seen: set[str] = set()
     duplicates = 0
+    namespace, received = tenant_id.bytes, now.isoformat()  # once per batch
     for index, raw in enumerate(messages):
         try:
-            message = _message(tenant_id, index, raw, now)
+            message = _message(namespace, index, raw, now, received)
         except _InvalidError as bad:
             mid = raw.get("messageId") if isinstance(raw, dict) else None
             rejected.append(Rejection(index, mid if isinstance(mid, str) else None, bad.field, bad.reason))
