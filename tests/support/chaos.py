@@ -143,6 +143,10 @@ class Spawned:
         return self.proc is not None and self.proc.poll() is None
 
     @property
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    @property
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
@@ -382,6 +386,9 @@ class RayServe:
         self.models = list(models)
         self.env = {**os.environ, "FIRSTMILE_RAY_PORT": str(self.gcs), "FIRSTMILE_RAY_SERVE_PORT": str(self.http)}
         self.env.pop("FIRSTMILE_RAY_INGRESS", None)
+        # Serve gives a starting proxy 3 readiness checks of 5 s, then kills it; on a busy 2-core machine its
+        # actor takes longer than that to import, and the deploy failed (the controller reads this at start).
+        self.env["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] = "30"
         self.folder = ROOT / ".firstmile" / "services" / f"ray-{self.name}"
 
     @property
@@ -395,8 +402,9 @@ class RayServe:
         if done.returncode != 0:
             raise ServiceError(f"ray.sh {' '.join(args)} exited {done.returncode}:\n{done.stdout}{done.stderr}")
 
-    def start(self) -> None:
+    def _start(self, before_deploy: Callable[[], object]) -> None:
         self._ray("start", self.name)
+        before_deploy()
         args = [f"models={','.join(self.models)}", "min_replicas=1", "max_replicas=1", "health_check_period_s=2"]
         self._ray("deploy", self.name, f"file://{self.registry}", *args)
 
@@ -431,10 +439,25 @@ class RayServe:
             return False
         return response.status_code == 200
 
+    def start(self, before_deploy: Callable[[], object] = lambda: None) -> None:
+        """Start the node, call ``before_deploy`` (the registry must be ready by its end) and deploy; once more
+        from scratch if that failed (on a busy machine Serve may give up on its proxy while it starts)."""
+        try:
+            self._start(before_deploy)
+        except ServiceError as first:
+            self.stop()
+            try:
+                self._start(before_deploy)
+            except ServiceError as second:
+                raise ServiceError(f"{first}\n\nand again:\n{second}") from second
+
     def stop(self) -> None:
         with contextlib.suppress(Exception):
             self._ray("stop", self.name, timeout=60)
-        shutil.rmtree(self.folder, ignore_errors=True)  # ray.sh's state of this instance, and Ray's temp folder
+
+    def forget(self) -> None:
+        """Remove ray.sh's state of this instance and Ray's temporary folder, logs included."""
+        shutil.rmtree(self.folder, ignore_errors=True)
         shutil.rmtree(f"/tmp/fm-ray-{self.name}", ignore_errors=True)
 
 
