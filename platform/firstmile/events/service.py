@@ -117,16 +117,17 @@ class IngestionService:
         self._direct_paused_until = 0.0  # 0: the bus is taking deliveries
         self._probing = False
 
-    def _try_direct(self) -> bool:
-        """Whether this batch goes to the bus: always while it works; after a failure, one probe at a time."""
+    def _try_direct(self) -> tuple[bool, bool]:
+        """Whether this batch goes to the bus (always while it works; after a failure, one probe at a time),
+        and whether it is that probe."""
         if self.direct is None:
-            return False
+            return False, False
         if not self._direct_paused_until:
-            return True
+            return True, False
         if self._probing or time.monotonic() < self._direct_paused_until:
-            return False
+            return False, False
         self._probing = True
-        return True
+        return True, True
 
     async def _deliver(self, direct: DirectPublisher, tenant: TenantId, messages: list[Message]) -> bool:
         """Hand the batch to the bus; False (and the bus paused) when it was not all acknowledged."""
@@ -139,8 +140,6 @@ class IngestionService:
                 extra={"fields": {"error": str(exc)[:300], "outbox_for_seconds": self.retry_direct_after}},
             )
             return False
-        finally:
-            self._probing = False
         self._direct_paused_until = 0.0
         return True
 
@@ -180,12 +179,18 @@ class IngestionService:
         # the key provider (network) is asked before the transaction, and only when there is something to seal
         keys = await self.keyring.keys(uow) if any(found for _, found in stripped) else None
 
-        if self.direct is not None and self._try_direct():
-            # the users' keys (drawn here when new) are committed before their ciphertexts leave
-            sealed = [m for m, _ in stripped]
-            if keys is not None:
-                sealed = await uow.run(partial(_seal, keys=keys, stripped=stripped))
-            if await self._deliver(self.direct, uow.tenant, sealed):
+        direct, probe = self._try_direct()
+        if self.direct is not None and direct:
+            try:
+                # the users' keys (drawn here when new) are committed before their ciphertexts leave
+                sealed = [m for m, _ in stripped]
+                if keys is not None:
+                    sealed = await uow.run(partial(_seal, keys=keys, stripped=stripped))
+                delivered = await self._deliver(self.direct, uow.tenant, sealed)
+            finally:  # a probe that ended any way (the database failing, the client gone) lets the next one try
+                if probe:
+                    self._probing = False
+            if delivered:
                 telemetry.EVENTS_INGESTED.labels("accepted").inc(len(sealed))
                 telemetry.EVENTS_DELIVERED.labels("kafka").inc(len(sealed))
                 return BatchResult(accepted=len(sealed), duplicates=parsed.duplicates_in_batch, rejected=rejected)
