@@ -1,13 +1,16 @@
 """Reliability harness: the chaos test (issue 14, item 5b).
 
-The platform runs in its production shape, each part its own process: ``firstmile serve`` (the API),
-``firstmile relay`` and ``firstmile consume analytics progress features``, on a PostgreSQL cluster, a
-Redis, a Kafka broker and a Ray Serve node of this test's own (``tests/support/chaos.py``: the suite's
-shared ``test`` instances are never touched). A few clients drive onboarding journeys through the API
-the whole time (start a user, complete the step the answer names, send a batch of Segment events, one
-of which completes the next step through the event stream) while the test kills with SIGKILL, in turn,
-and restarts each of: PostgreSQL, Redis, the Kafka broker, the relay, the consumers and the Ray Serve
-model replica. A client retries a refused write after its ``Retry-After``, as the API tells it to.
+The platform runs in its production shape, each part its own process: ``firstmile serve`` (the API, with
+``FIRSTMILE_IN_PROCESS_SEQUENCER=false``), ``firstmile relay``, ``firstmile consume analytics progress
+features`` and ``firstmile sequencer``, on a PostgreSQL cluster, a Redis, a Kafka broker and a Ray Serve
+node of this test's own (``tests/support/chaos.py``: the suite's shared ``test`` instances are never
+touched). A few clients drive onboarding journeys through the API the whole time (start a user, complete
+the step the answer names, send a batch of Segment events, one of which completes the next step through
+the event stream) while the test kills with SIGKILL, in turn, and restarts each of: PostgreSQL, Redis,
+the Kafka broker, the relay, the consumers, the audit log's sequencer and the Ray Serve model replica
+(Serve's controller restarts that one). A client retries a refused write after its ``Retry-After``, as
+the API tells it to. A worker that ends on its own meanwhile is restarted, as Kubernetes would, and named
+in the figures.
 
 Afterwards, with everything drained:
 
@@ -109,12 +112,12 @@ TICK = "Chaos Tick"
 
 # ------------------------------------------------------------------------------------ the platform
 
-_BEGAN = time.monotonic()
+_BEGAN = [time.monotonic()]
 
 
 def _log(message: str) -> None:
-    """A line with the time since the module was imported: shown with a failure (pytest -s shows it live)."""
-    print(f"[chaos {time.monotonic() - _BEGAN:6.1f} s] {message}", flush=True)
+    """A line with the time since the platform began to start: shown with a failure (``pytest -s``: live)."""
+    print(f"[chaos {time.monotonic() - _BEGAN[0]:6.1f} s] {message}", flush=True)
 
 
 @dataclass
@@ -198,6 +201,7 @@ async def _ready(process: Spawned, url: str, within: float = 120) -> None:
 
 @pytest.fixture(scope="module")
 async def platform(request: pytest.FixtureRequest, worker_id: str) -> AsyncIterator[Platform]:
+    _BEGAN[0] = time.monotonic()
     tag = os.environ.get("FIRSTMILE_TEST_DB_TAG", "")
     work = Path(tempfile.mkdtemp(prefix=f"fm-chaos-{tag}{worker_id}-"))  # short: PostgreSQL's socket lives here
     os.chmod(work, 0o755)  # the postgres user runs the cluster below it
@@ -385,7 +389,6 @@ class Load:
     """Acknowledged Segment messages: messageId -> user."""
     by_event: dict[tuple[str, str], uuid.UUID] = field(default_factory=dict)
     """Steps an acknowledged event should complete through the stream: (user, step) -> event id."""
-    sent: int = 0
     gave_up: int = 0
     counter: int = 0
 
@@ -408,7 +411,6 @@ class Load:
         deadline = time.monotonic() + RETRY_FOR_S
         while True:
             phase = self.phase
-            self.sent += 1
             try:
                 response = await client.request(method, path, json=body)
             except httpx.TimeoutException:
@@ -431,7 +433,9 @@ class Load:
             if not documented:
                 self._violation(phase, str(status), f"{op} {method} {path}: {status} {response.text[:400]}")
                 return None
-            if time.monotonic() > deadline or self.stopping:
+            if self.stopping:  # the end of the run: this write stays unacknowledged (checked: at most once)
+                return None
+            if time.monotonic() > deadline:
                 self.gave_up += 1
                 return None
             await asyncio.sleep(min(float(retry_after), 1.0))
@@ -802,6 +806,9 @@ async def _check_database(platform: Platform, load: Load, engine: AsyncEngine) -
         if audit[(user, "path_selection", "")] != 1:
             wrong.append(f"start of {user}: {audit[(user, 'path_selection', '')]} path_selection audit entries")
     wrong += [f"{user} in user_progress, never started" for user in sorted(set(progress) - load.attempted)]
+    for user in load.attempted - set(load.started):  # not acknowledged (the run ended): there at most once
+        if audit[(user, "path_selection", "")] > 1:
+            wrong.append(f"unacknowledged start of {user}: {audit[(user, 'path_selection', '')]} audit entries")
     for user, step in load.completed:
         count, _ = completions.get((user, step), (0, ""))
         if count != 1:
