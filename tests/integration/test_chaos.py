@@ -88,8 +88,8 @@ pytestmark = pytest.mark.xdist_group("ray")
 
 CLIENTS = 4
 """Journeys in flight at once."""
-PAUSE_S = 0.1
-"""Each client's pause between two journeys: bounded load on a shared 2-core machine."""
+PAUSE_S = 0.25
+"""Each client's pause between two journeys: bounded load on a shared 2-core machine (the restarts need CPU too)."""
 CLIENT_TIMEOUT_S = 10.0
 """An answer must come within this; none is a hang, a failure of the test."""
 RETRY_FOR_S = 60.0
@@ -155,7 +155,11 @@ class Platform:
         assert self.api.running, f"the API process ended\n{self.logs()}"
         for process in self.processes():
             if process.name not in self.held_down and not process.running:
-                _log(f"{process.name} ended on its own ({phase}; exit status {process.returncode}): restarted")
+                last = [line for line in process.tail(4000).splitlines() if line.strip()][-3:]
+                _log(
+                    f"{process.name} ended on its own ({phase}; exit status {process.returncode}): restarted; "
+                    + " | ".join(last)
+                )
                 self.restarted[f"{process.name} ended on its own ({phase})"] += 1
                 process.start()
 
@@ -380,6 +384,8 @@ class Load:
     answers: Counter[tuple[str, str]] = field(default_factory=Counter)
     """(phase, answer) -> count; an answer is the status, or a failure's name."""
     violations: list[str] = field(default_factory=list)
+    slowest: dict[str, float] = field(default_factory=dict)
+    """phase -> the longest a request of it waited for its answer (seconds; a figure, never asserted)"""
     started: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Acknowledged starts: user -> {path, phase, selected_by, fallback, fallback_reason, at}."""
     attempted: set[str] = field(default_factory=set)
@@ -411,8 +417,10 @@ class Load:
         deadline = time.monotonic() + RETRY_FOR_S
         while True:
             phase = self.phase
+            sent = time.monotonic()
             try:
                 response = await client.request(method, path, json=body)
+                self.slowest[phase] = max(self.slowest.get(phase, 0.0), time.monotonic() - sent)
             except httpx.TimeoutException:
                 self._violation(phase, "timeout", f"{op}: no answer within {CLIENT_TIMEOUT_S:.0f} s")
                 return None
@@ -704,8 +712,12 @@ async def test_killed_dependencies_lose_nothing_and_the_api_answers_only_documen
             took = await _wait(f"recovery from the {fault.name} fault", partial(fault.recovered, restarted),
                                RECOVERY_S, platform)  # fmt: skip
             down = {a: n for (p, a), n in load.answers.items() if p.startswith(f"{fault.name} ")}
+            slowest = max((v for p, v in load.slowest.items() if p.startswith(f"{fault.name} ")), default=0.0)
             _log(f"{fault.name} recovered in {took:.1f} s")
-            outages[fault.name] = ", ".join(f"{a} x{n}" for a, n in sorted(down.items())) + f"; back in {took:.0f} s"
+            outages[fault.name] = (
+                ", ".join(f"{a} x{n}" for a, n in sorted(down.items()))
+                + f"; slowest answer {slowest:.1f} s; back in {took:.0f} s"
+            )
             if fault.name == "redis":
                 after = await _api_metric(platform, "firstmile_rate_limit_fallbacks_total")
                 assert after > fallbacks, "the rate limiter never fell back to the process while Redis was down"

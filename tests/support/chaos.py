@@ -318,6 +318,9 @@ class KafkaBroker:
             ("@DATA@", folder / "data"),
         ):
             template = template.replace(marker, str(value))
+        # Killed, the broker is registered with the (combined) controller until its session times out, and the
+        # restarted one is fenced until then: 2 s instead of 9 s (a restart took 12.6 s here, 4.6 s with this).
+        template += "\nbroker.session.timeout.ms=2000\nbroker.heartbeat.interval.ms=500\n"
         self.properties = folder / "server.properties"
         self.properties.write_text(template, encoding="utf-8")
         java = ["java", "-cp", f"{KAFKA_LIBS}/*", f"-Dlog4j2.configurationFile={KAFKA_DIR / 'log4j2.yaml'}"]
