@@ -773,6 +773,13 @@ async def test_killed_dependencies_lose_nothing_and_the_api_answers_only_documen
             "writes checked": checked,
             "violations": len(load.violations),
             "redelivered copies in analytics": copies,
+            "starts decided while ray serve was down": ", ".join(
+                f"{reason or 'model'} x{n}"
+                for reason, n in sorted(
+                    Counter(s["fallback_reason"] for s in load.started.values() if s["phase"] in ray_phases).items(),
+                    key=lambda item: str(item[0]),
+                )
+            ),
             **dict(sorted(platform.restarted.items())),
             **{f"{name} outage": summary for name, summary in outages.items()},
             "seconds": str(round(time.monotonic() - began)),
