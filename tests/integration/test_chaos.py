@@ -382,7 +382,7 @@ class Load:
     paused: bool = False
     """Clients start no journey while set."""
     answers: Counter[tuple[str, str]] = field(default_factory=Counter)
-    """(phase, answer) -> count; an answer is the status, or a failure's name."""
+    """(phase, "<op> <answer>") -> count; op is start, complete or events, the answer a status or a failure's name."""
     violations: list[str] = field(default_factory=list)
     slowest: dict[str, float] = field(default_factory=dict)
     """phase -> the longest a request of it waited for its answer (seconds; a figure, never asserted)"""
@@ -422,13 +422,13 @@ class Load:
                 response = await client.request(method, path, json=body)
                 self.slowest[phase] = max(self.slowest.get(phase, 0.0), time.monotonic() - sent)
             except httpx.TimeoutException:
-                self._violation(phase, "timeout", f"{op}: no answer within {CLIENT_TIMEOUT_S:.0f} s")
+                self._violation(phase, f"{op} timeout", f"{op}: no answer within {CLIENT_TIMEOUT_S:.0f} s")
                 return None
             except httpx.TransportError as exc:
-                self._violation(phase, "transport", f"{op}: {type(exc).__name__}: {exc}")
+                self._violation(phase, f"{op} transport", f"{op}: {type(exc).__name__}: {exc}")
                 return None
             status = response.status_code
-            self.answers[(phase, str(status))] += 1
+            self.answers[(phase, f"{op} {status}")] += 1
             if status in ok:
                 return response.json()
             retry_after = response.headers.get("retry-after", "")
@@ -439,7 +439,7 @@ class Load:
                 and response.json().get("status") == status
             )
             if not documented:
-                self._violation(phase, str(status), f"{op} {method} {path}: {status} {response.text[:400]}")
+                self._violation(phase, f"{op} {status}", f"{op} {method} {path}: {status} {response.text[:400]}")
                 return None
             if self.stopping:  # the end of the run: this write stays unacknowledged (checked: at most once)
                 return None
@@ -742,7 +742,7 @@ async def test_killed_dependencies_lose_nothing_and_the_api_answers_only_documen
             if s["phase"] in ray_phases and s["fallback_reason"] in ("unavailable", "timeout", "circuit_open")
         ]
         assert fell_back, "no start fell back to the rules while Ray Serve was down"
-        pg_refusals = sum(n for (p, a), n in load.answers.items() if p.startswith("postgres ") and a == "503")
+        pg_refusals = sum(n for (p, a), n in load.answers.items() if p.startswith("postgres ") and a.endswith(" 503"))
         assert pg_refusals > 0, "the API never answered 503 while PostgreSQL was down: was it killed?"
 
         await _drain(platform, engine)
