@@ -711,7 +711,10 @@ async def test_killed_dependencies_lose_nothing_and_the_api_answers_only_documen
             load.phase = f"{fault.name} back"
             took = await _wait(f"recovery from the {fault.name} fault", partial(fault.recovered, restarted),
                                RECOVERY_S, platform)  # fmt: skip
-            down = {a: n for (p, a), n in load.answers.items() if p.startswith(f"{fault.name} ")}
+            down = Counter[str]()
+            for (p, a), n in load.answers.items():
+                if p.startswith(f"{fault.name} "):  # down, restarting and back
+                    down[a] += n
             slowest = max((v for p, v in load.slowest.items() if p.startswith(f"{fault.name} ")), default=0.0)
             _log(f"{fault.name} recovered in {took:.1f} s")
             outages[fault.name] = (
