@@ -14,10 +14,12 @@
 #   deploy/local/ray.sh url    [test|bench|dev]   print the HTTP base URL of the application
 #   deploy/local/ray.sh stop   [test|bench|dev]   stop this instance only (idempotent)
 #
-# Ports: each instance owns a block of 100 from its GCS port (test 57100, bench 57200, dev 57000):
+# Ports: each instance owns a block of 100 from its GCS port (test 64100, bench 57200, dev 57000):
 # +1 client server, +2 dashboard (API server only, no UI), +3/+4 dashboard agent, +5 runtime-env
 # agent, +6 metrics export (Prometheus), +7 node manager, +8 object manager, +20..+99 workers.
-# HTTP (HAProxy, or Serve's proxy with FIRSTMILE_RAY_INGRESS=proxy): test 58100, bench 58200, dev 8100 (8000 is the Firstmile API).
+# HTTP (HAProxy, or Serve's proxy with FIRSTMILE_RAY_INGRESS=proxy): test 64300, bench 58200, dev 8100 (8000 is the Firstmile API).
+# The test instance sits above the ephemeral range (32768-60999 here): it starts in the middle of a suite that opens
+# thousands of client sockets, one of which took its dashboard agent's port once (57104, "Address already in use").
 # Another instance name (lower case, digits, - and _; at most 7 characters) takes its GCS port from FIRSTMILE_RAY_PORT and its
 # HTTP port from FIRSTMILE_RAY_SERVE_PORT, given to every command of it (tests/support/chaos.py does so
 # for the chaos test's own instance: its blocks of 100 and 70 ports must be free).
@@ -54,7 +56,7 @@ root=$(cd "$here/../.." && pwd)
 dir="$root/.firstmile/services/ray-$name"
 tmp="/tmp/fm-ray-$name"
 case "$name" in
-  test) gcs=${FIRSTMILE_TEST_RAY_PORT:-57100}; http=${FIRSTMILE_TEST_SERVE_PORT:-58100} ;;
+  test) gcs=${FIRSTMILE_TEST_RAY_PORT:-64100}; http=${FIRSTMILE_TEST_SERVE_PORT:-64300} ;;
   bench) gcs=${FIRSTMILE_BENCH_RAY_PORT:-57200}; http=${FIRSTMILE_BENCH_SERVE_PORT:-58200} ;;
   dev) gcs=${FIRSTMILE_DEV_RAY_PORT:-57000}; http=${FIRSTMILE_DEV_SERVE_PORT:-8100} ;;
   *)

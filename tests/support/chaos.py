@@ -38,8 +38,9 @@ RAY_SH = ROOT / "deploy" / "local" / "ray.sh"
 KAFKA_DIR = ROOT / "deploy" / "local" / "kafka"
 KAFKA_LIBS = ROOT / ".firstmile" / "services" / "kafka-libs"
 
-PORT_LOW, PORT_HIGH = 61000, 65500
-"""Where the chaos test's ports come from: above the ephemeral range, below the top of the port space."""
+PORT_LOW, PORT_HIGH = 61000, 64000
+"""Where the chaos test's ports come from: above the ephemeral range, below the Ray test instance's blocks
+(deploy/local/ray.sh: 64100 and 64300)."""
 
 _given: set[int] = set()
 
