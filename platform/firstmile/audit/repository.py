@@ -119,8 +119,6 @@ class QueuedEntry:
     payload: Any
     created_at: datetime
     leaf_hash: bytes
-    payload_text: str = ""
-    """The payload's JSON text as queued."""
 
     @property
     def seq(self) -> None:
@@ -137,11 +135,12 @@ _Q_COLUMNS = "tenant_id, entry_id, kind, actor, subject, payload::text, created_
 
 
 def _queued(row: Sequence[Any]) -> QueuedEntry:
-    return QueuedEntry(row[0], row[1], row[2], row[3], row[4], loads(row[5]), row[6], bytes(row[7]), row[5])
+    return QueuedEntry(row[0], row[1], row[2], row[3], row[4], loads(row[5]), row[6], bytes(row[7]))
 
 
 _Q_NEXT = text(
-    f"SELECT {_Q_COLUMNS} FROM audit_queue WHERE tenant_id = :tenant ORDER BY created_at, entry_id LIMIT :limit"
+    f"SELECT {_Q_COLUMNS} FROM audit_queue WHERE tenant_id = :tenant ORDER BY created_at, entry_id "
+    "OFFSET :offset LIMIT :limit"
 )
 _Q_GET = text(f"SELECT {_Q_COLUMNS} FROM audit_queue WHERE tenant_id = :tenant AND entry_id = :entry_id")
 _Q_LATEST = text(
@@ -154,20 +153,10 @@ _Q_ABOUT = text(
 )
 
 
-async def next_queued(tx: TenantTx, limit: int) -> list[QueuedEntry]:
-    """The oldest ``limit`` queued entries of the tenant (the sequencer's next batch)."""
-    return [_queued(r) for r in await tx.execute(_Q_NEXT, {"tenant": tx.tenant, "limit": limit})]
-
-
-_Q_PAGE = text(
-    f"SELECT {_Q_COLUMNS} FROM audit_queue WHERE tenant_id = :tenant ORDER BY created_at, entry_id "
-    "OFFSET :offset LIMIT :limit"
-)
-
-
-async def next_queued_after(tx: TenantTx, offset: int, limit: int) -> list[QueuedEntry]:
-    """Queued entries in queue order, ``offset`` onwards (one snapshot: for the verifier)."""
-    rows = await tx.execute(_Q_PAGE, {"tenant": tx.tenant, "offset": offset, "limit": limit})
+async def next_queued(tx: TenantTx, limit: int, offset: int = 0) -> list[QueuedEntry]:
+    """The tenant's queued entries in queue order, ``offset`` onwards, at most ``limit``: the oldest are the
+    sequencer's next batch; the verifier pages through them in one snapshot."""
+    rows = await tx.execute(_Q_NEXT, {"tenant": tx.tenant, "limit": limit, "offset": offset})
     return [_queued(r) for r in rows]
 
 

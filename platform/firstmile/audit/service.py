@@ -121,7 +121,7 @@ async def append(tx: TenantTx, kind: str, actor: str, subject: str, payload: Any
     created_at = _clock.now()
     leaf = leaf_hash(canonical_v2(tenant, entry_id, kind, actor, subject, payload_jcs, format_timestamp(created_at)))
     await repo.queue_entry(tx, entry_id, created_at, kind, actor, subject, payload_jcs, leaf)
-    return QueuedEntry(tenant, entry_id, kind, actor, subject, payload, created_at, leaf, payload_jcs)
+    return QueuedEntry(tenant, entry_id, kind, actor, subject, payload, created_at, leaf)
 
 
 async def sequence_next(tx: TenantTx, batch_size: int) -> list[Placed] | None:
@@ -243,17 +243,6 @@ class Sequencer:
                     return 0
 
         return sum(await asyncio.gather(*(one(tenant) for tenant, _, _ in queued)))
-
-    async def drain(self, rounds: int = 100) -> int:
-        """Run passes until nothing is queued (or ``rounds`` passes): for tests and ``audit sequence``."""
-        total = 0
-        for _ in range(rounds):
-            async with self.engine.connect() as conn:
-                await conn.execution_options(isolation_level="AUTOCOMMIT")
-                if not await repo.queued_tenants(conn):
-                    return total
-            total += await self.run_once()
-        return total
 
     def health(self) -> tuple[int, str | None]:
         """How many passes in a row failed (the database unreachable), and the last error: the supervisor

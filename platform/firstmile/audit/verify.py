@@ -361,7 +361,7 @@ _QUEUED_IN_LOG = text(
 async def _check_queue(tx: TenantTx, report: VerifyReport) -> None:
     """Queued entries must hash to their leaf hash, and none may be in the log already."""
     while True:
-        batch = await repo.next_queued_after(tx, report.queued, BATCH)
+        batch = await repo.next_queued(tx, BATCH, report.queued)
         for q in batch:
             try:
                 leaf = leaf_hash(q.canonical())
