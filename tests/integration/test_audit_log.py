@@ -216,6 +216,54 @@ async def test_trigger_refuses_changes_by_the_owner_and_superuser(
         assert [q.subject for q in await repo.next_queued(tx, 10)] == ["queued"]
 
 
+async def test_the_queue_holds_the_hashed_text_and_still_takes_rows_in_jsonb_form(
+    app_engine: AsyncEngine, admin_engine: AsyncEngine
+) -> None:
+    """The queue keeps the exact JCS text its writer hashed (migration 0012), so the sequencer checks a leaf
+    without parsing; a row in ``jsonb``'s text form (queued before 0012, or by an older writer during a rolling
+    upgrade) is canonicalised from its parsed payload, sequenced and verified all the same."""
+    tenant = await _tenant(admin_engine)
+    payload = {"b": [1, 2.5], "a": {"z": None, "y": "\u20ac"}}
+    async with tenant_transaction(app_engine, tenant) as tx:
+        current = await append(tx, "admin", "op", "current", payload)
+        legacy = await append(tx, "admin", "op", "legacy", payload)
+    async with tenant_transaction(admin_engine, tenant) as tx:
+        rows = dict(
+            (
+                await tx.execute(text("SELECT subject, payload FROM audit_queue WHERE tenant_id = :t"), {"t": tenant})
+            ).all()
+        )
+        assert rows["current"] == '{"a":{"y":"\u20ac","z":null},"b":[1,2.5]}'  # JCS, as hashed
+        # the older writer's form: what ``CAST(:payload AS jsonb)`` stored before 0012 (trigger off to set it up)
+        await tx.execute(text("ALTER TABLE audit_queue DISABLE TRIGGER audit_queue_guard"))
+        await tx.execute(
+            text(
+                "UPDATE audit_queue SET payload = CAST(CAST(payload AS jsonb) AS text) "
+                "WHERE tenant_id = :t AND subject = 'legacy'"
+            ),
+            {"t": tenant},
+        )
+        await tx.execute(text("ALTER TABLE audit_queue ENABLE TRIGGER audit_queue_guard"))
+        stored = (
+            await tx.execute(
+                text("SELECT payload FROM audit_queue WHERE tenant_id = :t AND subject = 'legacy'"), {"t": tenant}
+            )
+        ).scalar_one()
+    assert stored == '{"a": {"y": "\u20ac", "z": null}, "b": [1, 2.5]}'  # not JCS: spaces, jsonb's own form
+    async with tenant_transaction(admin_engine, tenant, commit=False) as tx:
+        queued = {q.subject: q for q in await repo.next_queued(tx, 10)}
+    assert queued["current"].checked_canonical() == queued["current"].canonical_stored()
+    assert leaf_hash(queued["legacy"].canonical_stored()) != legacy.leaf_hash  # its text alone no longer matches
+    assert queued["legacy"].checked_canonical() is not None  # from the parsed payload
+    assert queued["legacy"].payload == payload
+    assert await sequenced(app_engine, tenant) == 2
+    logged = {e.subject: e for e in await _entries(admin_engine, tenant)}
+    assert logged["legacy"].payload == logged["current"].payload == payload
+    assert logged["legacy"].leaf_hash == legacy.leaf_hash and logged["current"].leaf_hash == current.leaf_hash
+    report = await verify_tenant(admin_engine, tenant, [SIGNER.public_key])
+    assert report.ok, report.summary()
+
+
 async def test_the_dequeue_removes_only_what_its_own_transaction_sequenced(
     app_engine: AsyncEngine, admin_engine: AsyncEngine
 ) -> None:

@@ -46,11 +46,12 @@ audit_queue = Table(
     Column("kind", Text, nullable=False),
     Column("actor", Text, nullable=False),
     Column("subject", Text, nullable=False),
-    Column("payload", JSONB, nullable=False),
+    Column("payload", Text, nullable=False),
     Column("leaf_hash", LargeBinary, nullable=False),
 )
 """Entries written but not yet sequenced (migration ``0011``): no UPDATE; a DELETE only of
-entries sequenced in the same transaction, through ``firstmile_audit_dequeue``."""
+entries sequenced in the same transaction, through ``firstmile_audit_dequeue``. ``payload`` is
+the JCS text the writer hashed (migration ``0012``); it becomes ``jsonb`` in ``audit_entries``."""
 
 audit_heads = Table(
     "audit_heads",

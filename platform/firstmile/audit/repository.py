@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from firstmile.audit.canonical import canonical_entry, loads
+from firstmile.audit.canonical import canonical_entry, canonical_v2, format_timestamp, leaf_hash, loads
 from firstmile.kit.db import TenantTx
 
 
@@ -77,7 +77,7 @@ class EntryFilter:
 
 _QUEUE = text(
     "INSERT INTO audit_queue (tenant_id, created_at, entry_id, kind, actor, subject, payload, leaf_hash) "
-    "VALUES (:tenant, :created_at, :entry_id, :kind, :actor, :subject, CAST(:payload AS jsonb), :leaf)"
+    "VALUES (:tenant, :created_at, :entry_id, :kind, :actor, :subject, :payload, :leaf)"
 )
 
 
@@ -109,14 +109,20 @@ async def queue_entry(
 
 @dataclass(frozen=True, slots=True)
 class QueuedEntry:
-    """An entry written but not yet sequenced: it has its leaf hash, not yet its place."""
+    """An entry written but not yet sequenced: it has its leaf hash, not yet its place.
+
+    ``payload_jcs`` is the payload as the queue holds it: the exact JCS text its writer hashed
+    (migration ``0012``), so the sequencer checks the leaf hash without parsing the payload.
+    Rows queued before that migration, or by a writer of an earlier release during a rolling
+    upgrade, hold ``jsonb``'s text form instead; :meth:`canonical_candidates` covers both.
+    """
 
     tenant_id: uuid.UUID
     entry_id: uuid.UUID
     kind: str
     actor: str
     subject: str
-    payload: Any
+    payload_jcs: str
     created_at: datetime
     leaf_hash: bytes
 
@@ -125,17 +131,44 @@ class QueuedEntry:
         """No place in the log yet (readers show a queued entry as pending)."""
         return None
 
+    @property
+    def payload(self) -> Any:
+        """The payload, parsed (for readers; the hot path never needs it)."""
+        return loads(self.payload_jcs)
+
     def canonical(self) -> bytes:
+        """The canonical bytes recomputed from the parsed content (what the log will verify)."""
         return canonical_entry(
             self.tenant_id, 0, self.kind, self.actor, self.subject, self.payload, self.created_at, self.entry_id
         )
 
+    def canonical_stored(self) -> bytes:
+        """The canonical bytes over the payload text exactly as queued (no parsing)."""
+        return canonical_v2(
+            self.tenant_id, self.entry_id, self.kind, self.actor, self.subject, self.payload_jcs,
+            format_timestamp(self.created_at),
+        )  # fmt: skip
 
-_Q_COLUMNS = "tenant_id, entry_id, kind, actor, subject, payload::text, created_at, leaf_hash"
+    def checked_canonical(self) -> bytes | None:
+        """The canonical bytes when they match the leaf hash, else None (the row was tampered with).
+
+        One hash over the stored text and no parsing for every entry this release queues; a row
+        that holds ``jsonb``'s text form (queued before migration 0012) is canonicalised from its
+        parsed payload. Raises :class:`~firstmile.audit.canonical.CanonicalError` (a ``ValueError``)
+        when the stored payload has no canonical form at all.
+        """
+        canonical = self.canonical_stored()
+        if leaf_hash(canonical) == self.leaf_hash:
+            return canonical
+        canonical = self.canonical()
+        return canonical if leaf_hash(canonical) == self.leaf_hash else None
+
+
+_Q_COLUMNS = "tenant_id, entry_id, kind, actor, subject, payload, created_at, leaf_hash"
 
 
 def _queued(row: Sequence[Any]) -> QueuedEntry:
-    return QueuedEntry(row[0], row[1], row[2], row[3], row[4], loads(row[5]), row[6], bytes(row[7]))
+    return QueuedEntry(row[0], row[1], row[2], row[3], row[4], row[5], row[6], bytes(row[7]))
 
 
 _Q_NEXT = text(
@@ -188,7 +221,7 @@ _SEQUENCE = text(
     INSERT INTO audit_entries
       (tenant_id, seq, kind, actor, subject, payload, created_at, prev_hash, entry_hash, leaf_hash,
        entry_id, sequenced_at)
-    SELECT q.tenant_id, u.seq, q.kind, q.actor, q.subject, q.payload, q.created_at, u.prev, u.hash,
+    SELECT q.tenant_id, u.seq, q.kind, q.actor, q.subject, CAST(q.payload AS jsonb), q.created_at, u.prev, u.hash,
            q.leaf_hash, q.entry_id, clock_timestamp()
     FROM unnest(CAST(:created AS timestamptz[]), CAST(:ids AS uuid[]), CAST(:seqs AS bigint[]),
                 CAST(:prevs AS bytea[]), CAST(:hashes AS bytea[])) AS u(created_at, entry_id, seq, prev, hash)

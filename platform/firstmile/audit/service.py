@@ -121,7 +121,7 @@ async def append(tx: TenantTx, kind: str, actor: str, subject: str, payload: Any
     created_at = _clock.now()
     leaf = leaf_hash(canonical_v2(tenant, entry_id, kind, actor, subject, payload_jcs, format_timestamp(created_at)))
     await repo.queue_entry(tx, entry_id, created_at, kind, actor, subject, payload_jcs, leaf)
-    return QueuedEntry(tenant, entry_id, kind, actor, subject, payload, created_at, leaf)
+    return QueuedEntry(tenant, entry_id, kind, actor, subject, payload_jcs, created_at, leaf)
 
 
 async def sequence_next(tx: TenantTx, batch_size: int) -> list[Placed] | None:
@@ -141,10 +141,8 @@ async def sequence_next(tx: TenantTx, batch_size: int) -> list[Placed] | None:
     seq, prev = (head[0] + 1, head[1]) if head is not None else (0, GENESIS)
     placed: list[Placed] = []
     for q in queued:
-        canonical = canonical_v2(
-            q.tenant_id, q.entry_id, q.kind, q.actor, q.subject, jcs(q.payload), format_timestamp(q.created_at)
-        )
-        if leaf_hash(canonical) != q.leaf_hash:
+        canonical = q.checked_canonical()
+        if canonical is None:
             raise AuditIntegrityError(f"queued entry {q.entry_id}: its content no longer matches its leaf hash")
         digest = entry_hash(prev, canonical)
         placed.append(Placed(q, seq, prev, digest))

@@ -364,11 +364,11 @@ async def _check_queue(tx: TenantTx, report: VerifyReport) -> None:
         batch = await repo.next_queued(tx, BATCH, report.queued)
         for q in batch:
             try:
-                leaf = leaf_hash(q.canonical())
+                canonical = q.checked_canonical()
             except (CanonicalError, ValueError) as exc:
                 report.add(Problem(None, "not-canonical", f"content has no canonical form ({exc})", queued=q.entry_id))
                 continue
-            if leaf != q.leaf_hash:
+            if canonical is None:
                 report.add(
                     Problem(None, "queued-mismatch", "its content does not match its leaf hash", queued=q.entry_id)
                 )
