@@ -35,6 +35,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from benchmarks.ceiling import run_ceiling
 from benchmarks.common import (
     APP_ROLE,
     BYPASS_ROLE,
@@ -208,6 +209,9 @@ def run_api_benchmark(duration: int, connections: int, workers: int) -> str:
         finally:
             _stop_server(server)
 
+        # -- the ceiling: the start's own transaction through pgbench, no application at all
+        ceiling = run_ceiling(db.dsn(APP_ROLE), tenant_id, postmaster, connections, duration)
+
         # -- the real API
         port = _free_port()
         app_env = (
@@ -365,6 +369,7 @@ def run_api_benchmark(duration: int, connections: int, workers: int) -> str:
             unaudited=unaudited,
             merge=merge,
             production=production,
+            ceiling=ceiling,
             cpu=cpu,
             started_in_db=started_in_db,
             completed_in_db=completed_in_db,

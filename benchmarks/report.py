@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from benchmarks.ceiling import Ceiling
 from benchmarks.common import BYPASS_ROLE, RLS_ROUND, STEP
 from benchmarks.cpu import CpuUse
 from benchmarks.database import ServerInfo
@@ -141,6 +142,7 @@ class RunFacts:
     unaudited: WrkResult
     merge: MergeDelay
     production: Production | None
+    ceiling: Ceiling
     cpu: dict[str, CpuUse]
     started_in_db: int
     completed_in_db: int
@@ -163,6 +165,34 @@ def _production_rows(f: RunFacts) -> list[str]:
         f"| production shape: maximum merge delay (p99, `firstmile sequencer`, {p.merge.sequenced:,} of "
         f"{p.merge.expected:,}) | {p99 * 1000:.0f} ms (p50 {p.merge.pct(50) * 1000:.0f} ms) | ≤ 1 s | "
         f"{_verdict(p99 <= 1.0 and p.merge.sequenced >= p.merge.expected)} |",
+    ]
+
+
+def _ceiling_section(f: RunFacts) -> list[str]:
+    """The start's own transaction through pgbench, and what it says about the targets."""
+    c = f.ceiling
+    target = 0.25 * f.bare.rps
+    cores = float(f.machine["cores"])
+    pg_only = cores * 1e6 / c.postgres_us if c.postgres_us > 0 else math.nan
+    return [
+        "### What PostgreSQL alone can do: the start's transaction through pgbench",
+        "",
+        "The start's write transaction as the API sends it (`set_config`, `_START` of the onboarding repository, "
+        "`_QUEUE` of the audit repository, prepared, as `firstmile_app` through row-level security), driven by "
+        f"pgbench on {f.connections} connections for {f.duration} s with no application at all "
+        "(`benchmarks/ceiling.py`). The relay's delete of the outbox row and the sequencer's move of the entry "
+        "come on top of it in the real system, so no build of the API can do better than this on this machine.",
+        "",
+        "| measure | value |",
+        "|---|---:|",
+        f"| transactions/s | {c.tps:,.0f} ({c.transactions:,} committed, {c.failed:,} failed) |",
+        f"| latency p50 / p95 | {c.p50_ms:.1f} ms / {c.p95_ms:.1f} ms |",
+        f"| PostgreSQL CPU per transaction | {c.postgres_us:,.0f} µs (pgbench {c.pgbench_us:,.0f} µs) |",
+        f"| starts/s if {cores:.0f} cores did nothing but PostgreSQL's share of a start | {pg_only:,.0f} |",
+        f"| the start target, 25% of bare | {target:,.0f} req/s: {c.tps / target:.0%} of it is reached by "
+        "PostgreSQL alone |",
+        f"| transactions/s ÷ bare req/s | {c.tps / f.bare.rps if f.bare.rps else math.nan:.1%} |",
+        "",
     ]
 
 
@@ -234,6 +264,7 @@ def _report(f: RunFacts) -> str:
         f"| start p95 at {f.connections} connections | {f.start.p95_ms:.1f} ms | ≤ 25 ms | "
         f"{_verdict(f.start.p95_ms <= 25) if f.connections == 32 else '(target is for 32 connections)'} |",
         "",
+        *_ceiling_section(f),
         "### Where the CPU went (during each measured run)",
         "",
         "Cores busy on average (whole machine, then by process tree: the uvicorn processes, the PostgreSQL "
