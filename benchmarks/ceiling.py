@@ -12,6 +12,10 @@ It is a ceiling, not a model: the relay's publish and delete of the outbox row a
 sequencer's move of the queued entry come on top of it in the real system, and pgbench's
 own CPU is far below an HTTP stack's. So no build of the API can start more users per
 second on this machine than this run commits, nor answer faster at the same concurrency.
+
+The queued audit entries it writes carry a made-up leaf hash (pgbench cannot hash), which a
+sequencer refuses as tampered, stopping that tenant's log: run it where no sequencer runs
+(``benchmarks api`` runs it last, on its own database that the next run recreates).
 """
 
 from __future__ import annotations
