@@ -102,8 +102,8 @@ def pgbench_script() -> str:
             r"\set n random(1, 1000000000000)",
             "BEGIN;",
             "SELECT set_config('firstmile.tenant_id', :tid, true);",
-            _pgbench_sql(onboarding_repo._START.text, _START_VALUES) + ";",
-            _pgbench_sql(audit_repo._QUEUE.text, _QUEUE_VALUES) + ";",
+            _pgbench_sql(onboarding_repo._START.named, _START_VALUES) + ";",
+            _pgbench_sql(audit_repo._QUEUE.named, _QUEUE_VALUES) + ";",
             "COMMIT;",
             "",
         ]

@@ -18,7 +18,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from firstmile.audit.canonical import canonical_entry, canonical_v2, format_timestamp, leaf_hash, loads
-from firstmile.kit.db import TenantTx
+from firstmile.kit.db import DriverStatement, TenantTx
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,10 +75,11 @@ class EntryFilter:
     after_seq: int | None = None
 
 
-_QUEUE = text(
+_QUEUE = DriverStatement.of(
     "INSERT INTO audit_queue (tenant_id, created_at, entry_id, kind, actor, subject, payload, leaf_hash) "
     "VALUES (:tenant, :created_at, :entry_id, :kind, :actor, :subject, :payload, :leaf)"
 )
+"""On the driver connection: every audited request sends it."""
 
 
 async def queue_entry(
@@ -92,7 +93,7 @@ async def queue_entry(
     leaf: bytes,
 ) -> None:
     """Queue one entry in the caller's transaction (one round trip, no shared lock)."""
-    await tx.execute(
+    await tx.fetch_driver(
         _QUEUE,
         {
             "tenant": tx.tenant,
