@@ -58,12 +58,24 @@ from benchmarks.database import (
     _uncompleted,
     fresh_bench_database,
 )
-from benchmarks.report import MergeDelay, Production, RunFacts, _command, _machine, _pool_description, _report
+from benchmarks.report import (
+    AuditPair,
+    MergeDelay,
+    Production,
+    RunFacts,
+    _command,
+    _machine,
+    _pool_description,
+    _report,
+)
 from benchmarks.rls import _measure_rls
 from benchmarks.servers import Server, _free_port, _http_json, _start_server, _stop_server
-from benchmarks.wrk import _complete_script, _find_wrk, _new_users_script, _run_wrk
+from benchmarks.wrk import WrkResult, _complete_script, _find_wrk, _new_users_script, _run_wrk
 
 __all__ = ["BenchError", "run_api_benchmark"]
+
+AUDIT_PAIRS = 3
+"""Interleaved pairs of start runs with and without the audit append (each half the measured duration)."""
 
 _NO_AUDIT_HOOK = """\
 # Written by benchmarks/api.py for one benchmark server: the same build, without the audit append.
@@ -159,6 +171,47 @@ def _merge_delay(dsn: str, tenant_id: object, pattern: str, expected: int) -> Me
     )
     delays = [float(r) for r in rows]
     return MergeDelay(expected=expected, sequenced=placed, delays_s=delays)
+
+
+def _audit_pairs(
+    wrk: str,
+    tmp: Path,
+    audited_env: dict[str, str],
+    plain_env: dict[str, str],
+    app_argv: list[str],
+    key: str,
+    dsn: str,
+    postmaster: int | None,
+    threads: int,
+    connections: int,
+    seconds: int,
+    workers: int,
+    rounds: int,
+) -> list[AuditPair]:
+    """Start with and without the audit append, alternately, ``rounds`` times: each pair's two runs are
+    next to each other in time, so what drifts over a run (the tables growing, autovacuum, how uvicorn's
+    workers happened to share the connections) falls on both sides of a pair, not on one build."""
+    pairs: list[AuditPair] = []
+    for i in range(1, rounds + 1):
+        measured: dict[bool, tuple[WrkResult, CpuUse]] = {}
+        for audited in (True, False):
+            port = _free_port()
+            env = (audited_env if audited else plain_env) | {"FIRSTMILE_PORT": str(port)}
+            argv = [*app_argv[:-4], "--port", str(port), "--workers", str(workers)]
+            label = "audited" if audited else "no-audit"
+            server = _start_server(f"firstmile API ({label}, pair {i})", argv, env, port, tmp / f"pair-{label}-{i}.log")
+            try:
+                warm = _new_users_script(tmp, f"pair-{label}-{i}-w", key, "/v1/onboarding/start", f"p{i}{label[0]}w-")
+                _run_wrk(wrk, warm, server.base, threads, connections, 2)
+                script = _new_users_script(tmp, f"pair-{label}-{i}", key, "/v1/onboarding/start", f"p{i}{label[0]}-")
+                _log(f"pair {i}/{rounds}: measuring start, {label} ({seconds}s)")
+                measured[audited] = _measure(
+                    wrk, script, server, threads, connections, seconds, db=dsn, postmaster=postmaster
+                )
+            finally:
+                _stop_server(server)
+        pairs.append(AuditPair(*measured[True], *measured[False]))
+    return pairs
 
 
 def run_api_benchmark(duration: int, connections: int, workers: int) -> str:
@@ -322,6 +375,12 @@ def run_api_benchmark(duration: int, connections: int, workers: int) -> str:
         finally:
             _stop_server(server)
 
+        # -- the audit append's price, measured in interleaved pairs
+        audit_pairs = _audit_pairs(
+            wrk, tmp, app_env, plain_env, app_argv, key, bench_admin_dsn, postmaster, threads, connections,
+            max(3, duration // 2), workers, AUDIT_PAIRS,
+        )  # fmt: skip
+
         # -- the production shape: API processes alone, relay, consumers and sequencer in their own processes
         production: Production | None = None
         kafka = os.environ.get("FIRSTMILE_BENCH_KAFKA")
@@ -369,6 +428,7 @@ def run_api_benchmark(duration: int, connections: int, workers: int) -> str:
             unaudited=unaudited,
             merge=merge,
             production=production,
+            audit_pairs=audit_pairs,
             ceiling=ceiling,
             cpu=cpu,
             started_in_db=started_in_db,
