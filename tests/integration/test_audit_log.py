@@ -230,7 +230,7 @@ async def test_the_queue_holds_the_hashed_text_and_still_takes_rows_in_jsonb_for
         current = await append(tx, "admin", "op", "current", payload)
         legacy = await append(tx, "admin", "op", "legacy", payload)
     async with tenant_transaction(admin_engine, tenant) as tx:
-        rows = dict(
+        rows: dict[str, str] = dict(
             (
                 await tx.execute(text("SELECT subject, payload FROM audit_queue WHERE tenant_id = :t"), {"t": tenant})
             ).all()
