@@ -24,10 +24,10 @@ from firstmile.nudges.channels import (
     OutboundMessage,
     Receipt,
 )
+from firstmile.nudges.message_ids import domain_of, message_id
 
 _RATE = re.compile(r"rate|limit|too many|throttl", re.IGNORECASE)
 _BAD_ADDRESS = frozenset({550, 551, 553})
-_KEY = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
 class SmtpChannel:
@@ -57,7 +57,7 @@ class SmtpChannel:
         self.starttls = starttls
         self.timeout_s = timeout_s
         self.rate_limit_retry_seconds = rate_limit_retry_seconds
-        self.domain = message_id_domain or sender.rpartition("@")[2] or "firstmile.invalid"
+        self.domain = message_id_domain or domain_of(sender)
         self._name = name
 
     @property
@@ -66,9 +66,7 @@ class SmtpChannel:
 
     def message_id(self, idempotency_key: str) -> str:
         """The ``Message-ID`` of every attempt of one send."""
-        if not _KEY.match(idempotency_key):
-            raise ValueError("an idempotency key is 1-128 letters, digits, '.', '_' or '-'")
-        return f"<{idempotency_key}@{self.domain}>"
+        return message_id(idempotency_key, self.domain)
 
     def build(self, message: OutboundMessage) -> EmailMessage:
         """The MIME message this adapter sends for ``message``."""
