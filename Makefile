@@ -10,6 +10,7 @@ KAFKA := deploy/local/kafka.sh
 REDIS := deploy/local/redis.sh
 KEYCLOAK := deploy/local/keycloak.sh
 CHROMIUM := deploy/local/chromium.sh
+MAILPIT := deploy/local/mailpit.sh
 RAY := deploy/local/ray.sh
 WRK := deploy/local/wrk.sh
 BENCH_REGISTRY := .firstmile/bench-registry
@@ -32,14 +33,16 @@ install: $(STAMP) ## Create .venv and install Firstmile with its dev tools (idem
 run: $(STAMP) ## Migrate the embedded PostgreSQL, apply tenants/demo.yaml, print a demo key, serve on 127.0.0.1:8000
 	$(BIN)/firstmile dev
 
-services: ## Install (apt) and start the PostgreSQL, Kafka, Redis and Keycloak the tests use; install Chromium
+services: ## Install (apt) and start the PostgreSQL, Kafka, Redis, Keycloak and Mailpit the tests use; install Chromium
 	@$(CHROMIUM) install
 	@$(PG) start test
 	@$(KAFKA) start test
 	@$(REDIS) start test
 	@$(KEYCLOAK) start test
+	@$(MAILPIT) start test
 
 services-stop: ## Stop the test services
+	@$(MAILPIT) stop test
 	@$(KEYCLOAK) stop test
 	@$(REDIS) stop test
 	@$(KAFKA) stop test
@@ -56,7 +59,8 @@ typecheck: $(STAMP) ## mypy --strict on the packages, benchmarks and tests
 pytest: $(STAMP) services ## The test suite (PostgreSQL must be running: make services)
 	FIRSTMILE_TEST_ADMIN_URL=$$($(PG) url test) FIRSTMILE_TEST_KAFKA=$$($(KAFKA) url test) FIRSTMILE_TEST_KAFKA_SASL=$$($(KAFKA) sasl-url test) \
 	  FIRSTMILE_TEST_REDIS=$$($(REDIS) url test) FIRSTMILE_TEST_KEYCLOAK=$$($(KEYCLOAK) url test) \
-	  FIRSTMILE_TEST_CHROMIUM=$$($(CHROMIUM) path) \
+	  FIRSTMILE_TEST_CHROMIUM=$$($(CHROMIUM) path) FIRSTMILE_TEST_MAILPIT_SMTP=$$($(MAILPIT) url test) \
+	  FIRSTMILE_TEST_MAILPIT_API=$$($(MAILPIT) api test) \
 	  $(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup
 
 test: $(STAMP) ## Everything the tests need, then ruff, mypy, the whole suite and the deployment checks
@@ -68,15 +72,17 @@ test: $(STAMP) ## Everything the tests need, then ruff, mypy, the whole suite an
 	@$(KAFKA) start test
 	@$(REDIS) start test
 	@$(KEYCLOAK) start test
+	@$(MAILPIT) start test
 	@status=0; \
 	  $(MAKE) --no-print-directory lint typecheck || status=$$?; \
 	  if [ $$status -eq 0 ]; then \
 	    FIRSTMILE_TEST_ADMIN_URL=$$($(PG) url test) FIRSTMILE_TEST_KAFKA=$$($(KAFKA) url test) FIRSTMILE_TEST_KAFKA_SASL=$$($(KAFKA) sasl-url test) \
 	      FIRSTMILE_TEST_REDIS=$$($(REDIS) url test) FIRSTMILE_TEST_KEYCLOAK=$$($(KEYCLOAK) url test) \
-	      FIRSTMILE_TEST_CHROMIUM=$$($(CHROMIUM) path) \
+	      FIRSTMILE_TEST_CHROMIUM=$$($(CHROMIUM) path) FIRSTMILE_TEST_MAILPIT_SMTP=$$($(MAILPIT) url test) \
+	      FIRSTMILE_TEST_MAILPIT_API=$$($(MAILPIT) api test) \
 	      $(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup || status=$$?; \
 	  fi; \
-	  $(KEYCLOAK) stop test; $(REDIS) stop test; $(KAFKA) stop test; $(PG) stop test; \
+	  $(MAILPIT) stop test; $(KEYCLOAK) stop test; $(REDIS) stop test; $(KAFKA) stop test; $(PG) stop test; \
 	  tools=0; while kill -0 $$(cat .firstmile/tools.pid) 2>/dev/null; do \
 	    [ $$tools -eq 0 ] && echo "waiting for the deployment tools (.firstmile/tools.log)"; tools=1; sleep 5; done; \
 	  if deploy/tools/install.sh all >>.firstmile/tools.log 2>&1; then \

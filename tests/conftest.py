@@ -17,6 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from litestar import Litestar
@@ -170,6 +171,26 @@ def redis_url() -> str:
     if not url:
         pytest.exit("FIRSTMILE_TEST_REDIS is not set: run `make test` (it starts Redis)", returncode=2)
     return url
+
+
+@dataclass(frozen=True)
+class Mailpit:
+    """The test Mailpit (``deploy/local/mailpit.sh``): a real SMTP server and its HTTP API."""
+
+    smtp_host: str
+    smtp_port: int
+    api: str
+
+
+@pytest.fixture(scope="session")
+def mailpit() -> Mailpit:
+    """Tests that use it are in the xdist group ``mailpit`` (its chaos switch is global); each sends to
+    recipients of its own and finds its mail by them."""
+    smtp, api = os.environ.get("FIRSTMILE_TEST_MAILPIT_SMTP"), os.environ.get("FIRSTMILE_TEST_MAILPIT_API")
+    if not smtp or not api:
+        pytest.exit("FIRSTMILE_TEST_MAILPIT_SMTP/_API are not set: run `make test` (it starts Mailpit)", returncode=2)
+    parsed = urlsplit(smtp)
+    return Mailpit(parsed.hostname or "127.0.0.1", parsed.port or 25, api.rstrip("/"))
 
 
 @pytest.fixture(scope="session")
