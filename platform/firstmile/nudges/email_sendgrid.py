@@ -30,13 +30,19 @@ Answers (SendGrid's Mail Send reference, "Responses", and "Rate Limits" of the v
   (with the same ``Message-ID``).
 * Any other 4xx (400 bad request, 401/403 a bad or unauthorised key, 413 too large):
   :class:`~firstmile.nudges.channels.ChannelRejectedError` with ``suppress=False`` (a malformed
-  request or our account's problem, not the address's).
+  request or our account's problem, not the address's), except a 400 whose every error names a
+  recipient's address (``field`` ``personalizations.<i>.to.<j>.email``, as SendGrid's "Mail Send
+  Errors" reference names them): the address is malformed, so ``suppress=True``, as the port's
+  contract asks of a refused address. Deliveries that fail later (bounces, blocks) come through
+  the Event Webhook, not here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import http.client
+import json
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -53,12 +59,15 @@ from firstmile.nudges.channels import (
     Receipt,
 )
 from firstmile.nudges.message_ids import domain_of, message_id
+from firstmile.nudges.webhooks import CUSTOM_ARG_PREFIX
 
 SENDGRID_API = "https://api.sendgrid.com"
-SEND_ARG = "firstmile_send"
+SEND_ARG = f"{CUSTOM_ARG_PREFIX}send"
 """The custom argument that carries the send's idempotency key."""
-TENANT_ARG = "firstmile_tenant"
+TENANT_ARG = f"{CUSTOM_ARG_PREFIX}tenant"
 """The custom argument that carries the tenant's id."""
+
+_RECIPIENT_FIELD = re.compile(r"^personalizations\.\d+\.to\.\d+\.email$")
 
 # The headers SendGrid's v3 Mail Send refuses in ``headers`` (the library's ``Header`` docstring).
 _RESERVED = frozenset(
@@ -122,11 +131,9 @@ class SendGridChannel:
         """The JSON body of ``POST /v3/mail/send`` for ``message``."""
         if message.channel != "email":
             raise ValueError(f"an e-mail adapter cannot send a {message.channel} message")
-        mail = Mail(
-            from_email=Email(self.sender, self.sender_name),
-            to_emails=To(message.to),
-            subject=message.subject or "",
-        )
+        recipient = To()
+        recipient.email = message.to  # as given: To(address) would read "Name <address>" out of it
+        mail = Mail(from_email=Email(self.sender, self.sender_name), to_emails=recipient, subject=message.subject or "")
         # The v3 API wants text/plain before text/html.
         mail.content = Content("text/plain", message.body)
         if message.html is not None:
@@ -171,7 +178,7 @@ class SendGridChannel:
             return ChannelRateLimitedError(self.provider, detail, self._retry_after(headers))
         if status >= 500:
             return ChannelUnavailableError(self.provider, detail)
-        return ChannelRejectedError(self.provider, detail, suppress=False)
+        return ChannelRejectedError(self.provider, detail, suppress=status == 400 and _bad_recipient(text))
 
     def _retry_after(self, headers: Mapping[str, str] | None) -> float:
         reset = (headers or {}).get("X-RateLimit-Reset")
@@ -179,6 +186,17 @@ class SendGridChannel:
             return max(0.0, float(reset) - self._clock()) if reset else self.rate_limit_retry_seconds
         except ValueError:
             return self.rate_limit_retry_seconds
+
+
+def _bad_recipient(text: str) -> bool:
+    """Whether a 400's errors all name a recipient's address (and there is at least one)."""
+    try:
+        errors = json.loads(text).get("errors")
+    except (ValueError, AttributeError):
+        return False
+    if not isinstance(errors, list) or not errors:
+        return False
+    return all(isinstance(e, dict) and _RECIPIENT_FIELD.match(str(e.get("field"))) for e in errors)
 
 
 def _text(body: bytes | str | None) -> str:

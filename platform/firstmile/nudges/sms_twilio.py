@@ -62,7 +62,7 @@ _NO_TWILIO_ENVIRONMENT = {"FIRSTMILE_TWILIO": "settings are explicit"}
 
 def e164(number: str) -> str | None:
     """``number`` when it is written in E.164 and is a valid number, else None."""
-    if not number.startswith("+") or not number[1:].isdigit() or len(number) > 16:
+    if not number.startswith("+") or not number[1:].isascii() or not number[1:].isdigit() or len(number) > 16:
         return None
     try:
         parsed = phonenumbers.parse(number, None)
@@ -151,6 +151,11 @@ class TwilioChannel:
     @property
     def provider(self) -> str:
         return self._name
+
+    def close(self) -> None:
+        """Close the HTTP client's pooled connections."""
+        if self._http.session is not None:
+            self._http.session.close()
 
     def callback_url(self, message: OutboundMessage) -> str | None:
         """The status callback URL for ``message``: the configured one, with the send and the tenant."""
