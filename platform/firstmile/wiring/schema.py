@@ -11,6 +11,7 @@ from firstmile.audit import models as _audit  # noqa: F401
 from firstmile.events import models as _events  # noqa: F401
 from firstmile.kit import outbox as _outbox  # noqa: F401
 from firstmile.kit.db import metadata
+from firstmile.nudges import models as _nudges  # noqa: F401
 from firstmile.onboarding import models as _onboarding  # noqa: F401
 from firstmile.security import models as _security  # noqa: F401
 from firstmile.sso import models as _sso  # noqa: F401

@@ -1,0 +1,343 @@
+"""The nudge executor: decide on a trigger (policy, bandit, content) and deliver the sends.
+
+**Deciding** (:meth:`NudgeExecutor.on_stuck`, for an ``onboarding.stuck`` event): in one
+transaction, read what the policy needs (the user's traits and time zone, consents,
+suppressions, the nudges already sent or scheduled), evaluate the policy for every configured
+channel, let the bandit choose among the arms (template variant and channel) whose channel the
+policy allows, render the chosen template, and write the send (``scheduled`` at the policy's
+``send_at``) and a ``decision`` entry in the audit log with its inputs, candidates, verdicts and
+choice. When no channel is allowed the send is written ``denied`` with the reasons: either way
+the trigger has fired (one nudge per user, step and trigger). A redelivered event finds the send
+already there and changes nothing.
+
+**Delivering** (:meth:`DeliveryWorker.run_once`, a supervised loop): for every tenant with sends
+due, claim a batch (``sending`` until a lease runs out, ``FOR UPDATE SKIP LOCKED``) and commit;
+then, outside any transaction, read the address (the user's e-mail is sealed: decrypted with the
+tenant's keys) and hand the message to the channel with the send's id as idempotency key; then
+record the outcome with a ``nudge.sent`` event. A worker killed between the claim and the record
+leaves the send claimed; when the lease runs out another pass takes it again: nothing is lost,
+and the message goes twice only if the provider had accepted it before the kill (the same
+idempotency key and ``Message-ID`` let the receiver drop it). Unavailable channels retry with
+exponential backoff and full jitter, then give up (``dead``); a rate limit defers to the
+provider's window; a rejection is final, and suppresses the address when the provider says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgspec
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from firstmile.audit import service as audit
+from firstmile.kit.db import TenantTx
+from firstmile.kit.outbox import OutboxEvent, enqueue
+from firstmile.kit.scope import OperatorContext, TenantId
+from firstmile.kit.uow import UnitOfWork
+from firstmile.nudges import repository as repo
+from firstmile.nudges.bandit import ArmStats, ThompsonSampler
+from firstmile.nudges.channels import (
+    Channel,
+    ChannelRateLimitedError,
+    ChannelRejectedError,
+    ChannelUnavailableError,
+    OutboundMessage,
+)
+from firstmile.nudges.content import STUCK_VARIANTS
+from firstmile.nudges.policy import Audience, NudgePolicy, PolicyError, Verdict, evaluate
+from firstmile.nudges.templates import TemplateProblemError, render
+from firstmile.onboarding import service as onboarding
+from firstmile.security.crypto import FieldContext
+from firstmile.security.datakeys import DataKeyService, TenantKeys
+from firstmile.tenancy import service as tenancy
+
+log = logging.getLogger("firstmile.nudges")
+
+DECIDER = OperatorContext("worker:nudges")
+DELIVERY = OperatorContext("worker:nudge-delivery")
+BANDIT_VERSION = "thompson-beta-1"
+STUCK_CATEGORY = "onboarding"
+
+
+@dataclass(frozen=True, slots=True)
+class Decided:
+    """What :meth:`NudgeExecutor.on_stuck` did."""
+
+    send_id: uuid.UUID | None
+    """None when the trigger had fired before (nothing written)."""
+    status: str
+    """``scheduled`` or ``denied`` (or ``skipped``: the user is no longer stuck on that step)."""
+    arm: str | None = None
+    send_at: datetime | None = None
+
+
+class NudgeExecutor:
+    """Decides nudges (see the module docstring); ``channels`` are the configured ones, by channel name."""
+
+    def __init__(
+        self,
+        onboarding_service: onboarding.OnboardingService,
+        channels: Sequence[str],
+        policy: NudgePolicy | None = None,
+        sampler: ThompsonSampler | None = None,
+        default_time_zone: str = "UTC",
+    ) -> None:
+        self.onboarding = onboarding_service
+        self.channels = tuple(channels)
+        self.policy = policy or NudgePolicy()
+        self.sampler = sampler or ThompsonSampler()
+        self.default_time_zone = default_time_zone
+
+    async def on_stuck(self, tx: TenantTx, user_id: str, step_id: str, now: datetime) -> Decided:
+        """Decide the nudge for a user flagged stuck on ``step_id`` (one transaction: the caller's)."""
+        progress = await self.onboarding.progress(tx, user_id)
+        if progress is None or progress.status != "in_progress" or progress.current_step != step_id:
+            return Decided(None, "skipped")
+        path = await self.onboarding.catalogs.version(tx, progress.path_key, progress.path_version)
+        step = path.step(step_id)
+        if step is None:
+            return Decided(None, "skipped")
+        held = await onboarding.held_user(tx, user_id)
+        traits: Mapping[str, Any] = (held.profile[0] if held.profile is not None else None) or {}
+        segment = str(traits.get("persona") or "default")
+        time_zone = str(traits.get("timezone") or self.default_time_zone)
+        consents = await repo.consents(tx, user_id)
+        suppressed = await repo.suppressed_channels(tx, user_id)
+        sent = await repo.budget_times(tx, user_id, now - timedelta(days=3))
+        verdicts: dict[str, Verdict] = {}
+        for channel in self.channels:
+            audience = Audience(time_zone, consents, suppressed=channel in suppressed)
+            try:
+                verdicts[channel] = evaluate(self.policy, audience, channel, STUCK_CATEGORY, now, sent)
+            except PolicyError as exc:  # a trait with an unknown time zone: the user's own data, not a bug
+                verdicts[channel] = Verdict(False, None, (f"policy-error: {exc}",), {"policy": "deny"})
+        allowed = [c for c in self.channels if verdicts[c].allowed]
+        arms = [f"{variant}|{channel}|policy" for variant in STUCK_VARIANTS for channel in allowed]
+        trigger_key = f"stuck:{step_id}"
+        send_id = uuid.uuid4()
+        base: dict[str, Any] = {
+            "trigger": "onboarding.stuck",
+            "trigger_key": trigger_key,
+            "segment": segment,
+            "time_zone": time_zone,
+            "policy": {
+                c: {"allowed": v.allowed, "send_at": v.send_at.isoformat() if v.send_at else None,
+                    "reasons": list(v.reasons), "checks": dict(v.checks)}
+                for c, v in verdicts.items()
+            },
+        }  # fmt: skip
+        if not arms:
+            reasons = sorted({r for v in verdicts.values() for r in v.reasons})
+            created = await repo.insert_send(
+                tx, send_id, user_id, trigger_key, "none", "none", segment, "denied", now, None, "",
+                None, base | {"reasons": reasons},
+            )  # fmt: skip
+            if created:
+                await self._audit(tx, user_id, step_id, send_id, base, None, None)
+            return Decided(send_id if created else None, "denied")
+        stats = await repo.arm_stats(tx, segment)
+        choice = self.sampler.choose([ArmStats(a, *stats.get(a, (0, 0))) for a in arms])
+        variant, channel, _ = choice.arm.split("|")
+        template = STUCK_VARIANTS[variant][channel]
+        context = {
+            "step": {"title": step.title, "description": step.description or ""},
+            "path": {"name": path.name},
+            "tenant": {"name": await tenancy.tenant_name(tx)},
+        }
+        try:
+            subject = render(template.subject, context).text if template.subject else None
+            body = render(template.body, context).text
+            html = render(template.html, context, html=True).text if template.html else None
+        except TemplateProblemError as exc:
+            raise ValueError(f"nudge template {variant}/{channel} does not render: {exc}") from exc
+        send_at = verdicts[channel].send_at or now
+        decision = base | {
+            "arm": choice.arm,
+            "channel": channel,
+            "variant": variant,
+            "bandit": {
+                "version": BANDIT_VERSION,
+                "samples": {k: round(v, 6) for k, v in choice.samples.items()},
+                "posterior_means": {k: round(v, 6) for k, v in choice.posterior_means.items()},
+            },
+        }
+        created = await repo.insert_send(
+            tx, send_id, user_id, trigger_key, channel, choice.arm, segment, "scheduled", send_at, subject, body, html,
+            decision,
+        )  # fmt: skip
+        if not created:
+            return Decided(None, "scheduled")
+        await self._audit(tx, user_id, step_id, send_id, base, choice.arm, send_at)
+        return Decided(send_id, "scheduled", choice.arm, send_at)
+
+    async def _audit(
+        self,
+        tx: TenantTx,
+        user_id: str,
+        step_id: str,
+        send_id: uuid.UUID,
+        base: Mapping[str, Any],
+        arm: str | None,
+        send_at: datetime | None,
+    ) -> None:
+        await audit.append(
+            tx,
+            "decision",
+            "nudge_executor",
+            user_id,
+            {
+                "decision": "nudge",
+                "inputs": {"trigger": base["trigger"], "step_id": step_id, "segment": base["segment"],
+                           "time_zone": base["time_zone"]},
+                "candidates": [f"{v}|{c}" for v in STUCK_VARIANTS for c in self.channels],
+                "policy": base["policy"],
+                "output": {"send_id": str(send_id), "arm": arm,
+                           "send_at": send_at.isoformat() if send_at else None},
+                "model": "nudge_bandit",
+                "model_version": BANDIT_VERSION,
+                "confidence": None,
+                "fallback": None,
+            },
+        )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryOutcome:
+    send_id: uuid.UUID
+    status: str
+    detail: str | None = None
+
+
+class AddressMissingError(Exception):
+    """The user has no address on the send's channel (no e-mail given, for instance)."""
+
+
+class DeliveryWorker:
+    """Sends what is due (see the module docstring)."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        channels: Mapping[str, Channel],
+        keyring: DataKeyService | None,
+        *,
+        batch: int = 100,
+        lease: timedelta = timedelta(minutes=2),
+        max_attempts: int = 6,
+        backoff_base: timedelta = timedelta(seconds=30),
+        backoff_cap: timedelta = timedelta(hours=1),
+        rng: random.Random | None = None,
+        worker: OperatorContext | None = None,
+    ) -> None:
+        self.engine = engine
+        self.channels = dict(channels)
+        self.keyring = keyring
+        self.batch = batch
+        self.lease = lease
+        self.max_attempts = max_attempts
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.rng = rng or random.SystemRandom()
+        self.worker = worker or DELIVERY
+
+    def backoff(self, attempt: int) -> timedelta:
+        """Exponential backoff with full jitter: uniform in [0, min(cap, base·2^(attempt-1))]."""
+        ceiling = min(self.backoff_cap.total_seconds(), self.backoff_base.total_seconds() * 2 ** max(0, attempt - 1))
+        return timedelta(seconds=self.rng.uniform(0, ceiling))
+
+    async def run_once(self, now: datetime | None = None) -> list[DeliveryOutcome]:
+        """One pass over every tenant with sends due; the outcomes, in order."""
+        async with self.engine.connect() as conn:
+            tenants = await repo.due_tenants(conn)
+        outcomes: list[DeliveryOutcome] = []
+        for tenant_id, _ in tenants:
+            outcomes += await self.deliver_tenant(self.worker.tenant(tenant_id), now)
+        return outcomes
+
+    async def deliver_tenant(self, tenant: TenantId, now: datetime | None = None) -> list[DeliveryOutcome]:
+        uow = UnitOfWork(self.engine, tenant)
+        at = now or datetime.now(UTC)
+        claimed = await uow.run(lambda tx: repo.claim_due(tx, at, at + self.lease, self.batch))
+        return [await self._deliver(uow, send) for send in claimed]
+
+    async def _address(self, uow: UnitOfWork, send: repo.SendRow) -> str:
+        if send.channel == "in_app":
+            return send.user_id
+        if send.channel != "email":
+            raise AddressMissingError(f"no address source for the {send.channel} channel yet")
+        if self.keyring is None:
+            raise AddressMissingError("personal data cannot be read: no keyring configured")
+
+        async def read(tx: TenantTx, keys: TenantKeys) -> str | None:
+            held = await onboarding.held_user(tx, send.user_id)
+            if held.profile is None or held.profile[1] is None:
+                return None
+            key = await keys.user_key(tx, send.user_id)
+            personal = msgspec.json.decode(key.decrypt(held.profile[1], FieldContext(tx.tenant, "end_users", "pii",
+                                                                                      send.user_id)))  # fmt: skip
+            email = personal.get("email") if isinstance(personal, dict) else None
+            return email if isinstance(email, str) else None
+
+        email = await self.keyring.run_with_keys(uow, read)
+        if email is None:
+            raise AddressMissingError("the user gave no e-mail address")
+        return email
+
+    async def _deliver(self, uow: UnitOfWork, send: repo.SendRow) -> DeliveryOutcome:
+        channel = self.channels.get(send.channel)
+        try:
+            if channel is None:
+                raise AddressMissingError(f"the {send.channel} channel is not configured")
+            address = await self._address(uow, send)
+            receipt = await channel.send(
+                OutboundMessage(send.channel, address, send.body, send.send_id.hex, subject=send.subject,
+                                html=send.html, tenant=str(uow.tenant))
+            )  # fmt: skip
+        except ChannelRateLimitedError as exc:
+            error, later = str(exc), datetime.now(UTC) + timedelta(seconds=exc.retry_after)
+            await uow.run(lambda tx: repo.finish(tx, send.send_id, "scheduled", error=error, send_at=later))
+            return DeliveryOutcome(send.send_id, "deferred", error)
+        except ChannelUnavailableError as exc:
+            error = str(exc)
+            if send.attempts >= self.max_attempts:
+                await uow.run(lambda tx: self._failed(tx, send, "dead", error))
+                return DeliveryOutcome(send.send_id, "dead", error)
+            later = datetime.now(UTC) + self.backoff(send.attempts)
+            await uow.run(lambda tx: repo.finish(tx, send.send_id, "scheduled", error=error, send_at=later))
+            return DeliveryOutcome(send.send_id, "retrying", error)
+        except (ChannelRejectedError, AddressMissingError) as exc:
+            error, suppress = str(exc), isinstance(exc, ChannelRejectedError) and exc.suppress
+            await uow.run(lambda tx: self._failed(tx, send, "rejected", error, suppress=suppress))
+            return DeliveryOutcome(send.send_id, "rejected", error)
+        await uow.run(lambda tx: self._sent(tx, send, receipt.provider, receipt.provider_message_id))
+        return DeliveryOutcome(send.send_id, "sent")
+
+    async def _sent(self, tx: TenantTx, send: repo.SendRow, provider: str, message_id: str | None) -> None:
+        if not await repo.finish(tx, send.send_id, "sent", provider=provider, message_id=message_id):
+            return  # another worker took it over after the lease ran out and recorded it
+        now = datetime.now(UTC)
+        event = OutboxEvent.new(
+            "nudge.sent",
+            {"user_id": send.user_id, "send_id": str(send.send_id), "channel": send.channel, "arm": send.arm,
+             "trigger": send.trigger_key, "provider": provider, "attempts": send.attempts},
+        )  # fmt: skip
+        await enqueue(tx, [event], user_id=send.user_id, now=now)
+
+    async def _failed(self, tx: TenantTx, send: repo.SendRow, status: str, error: str, suppress: bool = False) -> None:
+        if not await repo.finish(tx, send.send_id, status, error=error[:500]):
+            return
+        if suppress:
+            await repo.suppress(tx, send.user_id, send.channel, "rejected: " + error[:200])
+        now = datetime.now(UTC)
+        event = OutboxEvent.new(
+            "nudge.failed",
+            {"user_id": send.user_id, "send_id": str(send.send_id), "channel": send.channel, "status": status,
+             "error": error[:200], "suppressed": suppress},
+        )  # fmt: skip
+        await enqueue(tx, [event], user_id=send.user_id, now=now)

@@ -1,0 +1,271 @@
+"""The nudge executor on the real stack: stuck → decision → send → the mail in Mailpit.
+
+The chain as it runs in the platform, each part real: a user started through the API with a sealed
+e-mail address, the stuck scan (time rule) writing ``onboarding.stuck`` to the outbox, the trigger
+consumer deciding from that event (policy, bandit, template, audit), and the delivery worker
+decrypting the address and sending through SMTP to Mailpit.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from firstmile.events.envelope import Envelope
+from firstmile.kit.db import tenant_transaction
+from firstmile.kit.scope import OperatorContext
+from firstmile.nudges import repository as repo
+from firstmile.nudges.bandit import ThompsonSampler
+from firstmile.nudges.channels import Channel, OutboundMessage, Receipt
+from firstmile.nudges.consumer import NudgeTriggers
+from firstmile.nudges.email_smtp import SmtpChannel
+from firstmile.nudges.policy import NudgePolicy
+from firstmile.nudges.service import DeliveryWorker, NudgeExecutor
+from firstmile.onboarding.catalog import CatalogCache
+from firstmile.onboarding.service import OnboardingService
+from firstmile.onboarding.stuck import StuckScanner
+from firstmile.security.datakeys import DataKeyService
+from tests.conftest import Mailpit, TenantFixture, sequenced
+
+pytestmark = pytest.mark.xdist_group("mailpit")
+
+Client = AsyncTestClient[Litestar]
+OPS = OperatorContext("worker:test-nudges")
+ANYTIME = NudgePolicy(quiet_start=None, quiet_end=None)
+
+
+def _executor(channels: list[str], policy: NudgePolicy = ANYTIME) -> NudgeExecutor:
+    return NudgeExecutor(OnboardingService(CatalogCache()), channels, policy, ThompsonSampler(random.Random(3)))
+
+
+def _worker(app_engine: AsyncEngine, app: Litestar, channel: Channel) -> DeliveryWorker:
+    keyring: DataKeyService = app.state.container.keyring
+    return DeliveryWorker(app_engine, {channel.channel: channel}, keyring, rng=random.Random(5))
+
+
+async def _stuck(
+    client: Client, tenant: TenantFixture, admin_engine: AsyncEngine, app_engine: AsyncEngine, email: str | None
+) -> tuple[str, Envelope]:
+    """Start a user, leave them idle two hours, run the stuck scan; the onboarding.stuck event it wrote."""
+    user_id = f"n-{uuid.uuid4().hex[:10]}"
+    traits: dict[str, Any] = {"persona": "developer"} | ({"email": email} if email else {})
+    r = await client.post("/v1/onboarding/start", json={"user_id": user_id, "traits": traits}, headers=tenant.headers)
+    assert r.status_code == 201, r.text
+    async with admin_engine.begin() as conn:
+        await conn.execute(
+            text(
+                "UPDATE user_progress SET updated_at = now() - interval '2 hours' WHERE tenant_id = :t AND user_id = :u"
+            ),
+            {"t": tenant.id, "u": user_id},
+        )
+    scanner = StuckScanner(
+        app_engine, CatalogCache(), None, None, after=timedelta(hours=1), min_idle=timedelta(hours=1)
+    )
+    await scanner.run_once()
+    [row] = await _rows(
+        admin_engine,
+        "SELECT event_id, occurred_at, payload FROM outbox WHERE tenant_id = :t"
+        " AND event_type = 'onboarding.stuck' AND payload->>'user_id' = :u",
+        t=tenant.id,
+        u=user_id,
+    )
+    return user_id, Envelope(row[0], tenant.id, "onboarding.stuck", row[1], dict(row[2]))
+
+
+async def _rows(admin_engine: AsyncEngine, sql: str, **params: Any) -> list[Any]:
+    async with admin_engine.connect() as conn:
+        return list(await conn.execute(text(sql), params))
+
+
+async def _mail(mailpit: Mailpit, address: str) -> list[dict[str, Any]]:
+    async with httpx.AsyncClient(base_url=mailpit.api, timeout=10) as http:
+        found = (await http.get("/api/v1/search", params={"query": f"to:{address}"})).raise_for_status().json()
+        return [(await http.get(f"/api/v1/message/{m['ID']}")).raise_for_status().json() for m in found["messages"]]
+
+
+async def _sends(app_engine: AsyncEngine, tenant: TenantFixture, user_id: str) -> list[repo.SendRow]:
+    async with tenant_transaction(app_engine, OPS.tenant(tenant.id), commit=False) as tx:
+        return await repo.sends_for(tx, user_id)
+
+
+async def test_a_stuck_user_is_nudged_by_email_and_the_mail_is_in_mailpit(
+    client: Client,
+    app: Litestar,
+    tenant: TenantFixture,
+    admin_engine: AsyncEngine,
+    app_engine: AsyncEngine,
+    mailpit: Mailpit,
+) -> None:
+    address = f"ada-{uuid.uuid4().hex[:8]}@example.test"
+    user_id, event = await _stuck(client, tenant, admin_engine, app_engine, address)
+    triggers = NudgeTriggers(app_engine, _executor(["email"]))
+    assert await triggers.handle([event]) == [] and triggers.decided == 1
+    assert await triggers.handle([event]) == [] and triggers.decided == 1  # redelivered: nothing new
+    [send] = await _sends(app_engine, tenant, user_id)
+    assert (
+        send.status == "scheduled"
+        and send.channel == "email"
+        and send.trigger_key == f"stuck:{event.payload['step_id']}"
+    )
+    assert address not in send.body and address not in str(send.decision)  # no personal data at rest in the send
+    channel = SmtpChannel(mailpit.smtp_host, mailpit.smtp_port, "nudges@firstmile.test")
+    outcomes = await _worker(app_engine, app, channel).deliver_tenant(OPS.tenant(tenant.id))
+    assert [o.status for o in outcomes] == ["sent"]
+    [mail] = await _mail(mailpit, address)
+    assert mail["MessageID"] == f"{send.send_id.hex}@firstmile.test" and mail["Subject"] == send.subject
+    assert "Create an API key" in mail["Subject"] + mail["Text"]  # the step the user is stuck on
+    [done] = await _sends(app_engine, tenant, user_id)
+    assert done.status == "sent" and done.provider == "smtp" and done.attempts == 1
+    assert await _worker(app_engine, app, channel).deliver_tenant(OPS.tenant(tenant.id)) == []  # nothing due now
+    sent_events = [
+        r[0]
+        for r in await _rows(
+            admin_engine,
+            "SELECT payload FROM outbox WHERE tenant_id = :t AND event_type = 'nudge.sent'"
+            " AND payload->>'user_id' = :u",
+            t=tenant.id,
+            u=user_id,
+        )
+    ]
+    assert [e["send_id"] for e in sent_events] == [str(send.send_id)]
+    await sequenced(app_engine, tenant.id)
+    [(entry,)] = await _rows(
+        admin_engine,
+        "SELECT payload FROM audit_entries WHERE tenant_id = :t AND subject = :u AND actor = 'nudge_executor'",
+        t=tenant.id,
+        u=user_id,
+    )
+    assert entry["output"]["send_id"] == str(send.send_id) and entry["output"]["arm"] == send.arm
+    assert entry["policy"]["email"]["allowed"] is True and entry["model_version"] == "thompson-beta-1"
+
+
+async def test_the_daily_budget_defers_and_quiet_hours_and_consent_are_in_the_decision(
+    client: Client, tenant: TenantFixture, admin_engine: AsyncEngine, app_engine: AsyncEngine
+) -> None:
+    user_id, event = await _stuck(client, tenant, admin_engine, app_engine, None)
+    executor = _executor(["email", "in_app"])
+    async with tenant_transaction(app_engine, OPS.tenant(tenant.id)) as tx:
+        first = await executor.on_stuck(tx, user_id, event.payload["step_id"], datetime.now(UTC))
+        # the same user stuck again (another trigger key) the same day: the one-a-day budget defers it
+        await tx.execute(
+            text("UPDATE nudge_sends SET trigger_key = 'stuck:earlier' WHERE tenant_id = :t AND user_id = :u"),
+            {"t": tenant.id, "u": user_id},
+        )
+        second = await executor.on_stuck(tx, user_id, event.payload["step_id"], datetime.now(UTC))
+    assert first.status == second.status == "scheduled"
+    assert first.send_at is not None and second.send_at is not None
+    assert second.send_at.date() > first.send_at.date()  # the next calendar day (UTC: the user has no time zone)
+    [_, later] = await _sends(app_engine, tenant, user_id)
+    assert "fatigue-cap" in later.decision["policy"][later.channel]["reasons"]
+
+    withdrawn_user, withdrawn = await _stuck(client, tenant, admin_engine, app_engine, None)
+    async with tenant_transaction(app_engine, OPS.tenant(tenant.id)) as tx:
+        for channel in ("email", "in_app"):
+            await repo.set_consent(tx, withdrawn_user, channel, "onboarding", False, "unsubscribe-link")
+        denied = await executor.on_stuck(tx, withdrawn_user, withdrawn.payload["step_id"], datetime.now(UTC))
+    assert denied.status == "denied"
+    [row] = await _sends(app_engine, tenant, withdrawn_user)
+    assert row.status == "denied" and row.decision["reasons"] == ["unsubscribed"]
+
+
+class _AcceptedThenCrash:
+    """A channel whose provider accepts the message, after which the worker dies before recording it."""
+
+    channel = "email"
+    provider = "smtp"
+
+    def __init__(self, inner: Channel) -> None:
+        self.inner = inner
+
+    async def send(self, message: OutboundMessage) -> Receipt:
+        await self.inner.send(message)
+        raise SystemExit("killed after the provider accepted")
+
+
+async def test_a_worker_dying_mid_send_loses_nothing_and_duplicates_only_inside_the_window(
+    client: Client,
+    app: Litestar,
+    tenant: TenantFixture,
+    admin_engine: AsyncEngine,
+    app_engine: AsyncEngine,
+    mailpit: Mailpit,
+) -> None:
+    smtp = SmtpChannel(mailpit.smtp_host, mailpit.smtp_port, "nudges@firstmile.test")
+    triggers = NudgeTriggers(app_engine, _executor(["email"]))
+    scope = OPS.tenant(tenant.id)
+    # 1. killed after the claim, before the provider saw anything: the lease runs out, the next pass sends once
+    before = f"before-{uuid.uuid4().hex[:8]}@example.test"
+    user, event = await _stuck(client, tenant, admin_engine, app_engine, before)
+    await triggers.handle([event])
+    now = datetime.now(UTC)
+    async with tenant_transaction(app_engine, scope) as tx:
+        [claimed] = [s for s in await repo.claim_due(tx, now, now + timedelta(minutes=2), 100) if s.user_id == user]
+    worker = _worker(app_engine, app, smtp)
+    assert [o for o in await worker.deliver_tenant(scope, now) if o.send_id == claimed.send_id] == []  # still leased
+    outcomes = await worker.deliver_tenant(scope, now + timedelta(minutes=3))
+    assert [o.status for o in outcomes if o.send_id == claimed.send_id] == ["sent"]
+    assert len(await _mail(mailpit, before)) == 1
+    # 2. killed after the provider accepted: sent again after the lease, with the same Message-ID (the window)
+    after = f"after-{uuid.uuid4().hex[:8]}@example.test"
+    user2, event2 = await _stuck(client, tenant, admin_engine, app_engine, after)
+    await triggers.handle([event2])
+    with pytest.raises(SystemExit):
+        await _worker(app_engine, app, _AcceptedThenCrash(smtp)).deliver_tenant(scope)
+    [send2] = await _sends(app_engine, tenant, user2)
+    assert send2.status == "sending"
+    outcomes = await worker.deliver_tenant(scope, datetime.now(UTC) + timedelta(minutes=3))
+    assert [o.status for o in outcomes if o.send_id == send2.send_id] == ["sent"]
+    copies = await _mail(mailpit, after)
+    assert len(copies) == 2 and {m["MessageID"] for m in copies} == {f"{send2.send_id.hex}@firstmile.test"}
+    [done] = await _sends(app_engine, tenant, user2)
+    assert done.status == "sent" and done.attempts == 2
+
+
+async def test_an_unreachable_server_retries_with_backoff_then_gives_up_and_a_refusal_suppresses(
+    client: Client,
+    app: Litestar,
+    tenant: TenantFixture,
+    admin_engine: AsyncEngine,
+    app_engine: AsyncEngine,
+    mailpit: Mailpit,
+) -> None:
+    scope = OPS.tenant(tenant.id)
+    triggers = NudgeTriggers(app_engine, _executor(["email"]))
+    user, event = await _stuck(client, tenant, admin_engine, app_engine, f"r-{uuid.uuid4().hex[:8]}@example.test")
+    await triggers.handle([event])
+    down = SmtpChannel("127.0.0.1", 9, "nudges@firstmile.test", timeout_s=2)  # the discard port: nothing listens
+    worker = _worker(app_engine, app, down)
+    worker.max_attempts = 2
+    at = datetime.now(UTC)
+    first = [o for o in await worker.deliver_tenant(scope, at) if o.send_id]
+    [retry] = await _sends(app_engine, tenant, user)
+    assert [o.status for o in first] == ["retrying"] and retry.status == "scheduled" and retry.send_at > at
+    assert retry.send_at <= datetime.now(UTC) + worker.backoff_base  # full jitter: at most base·2^0 away
+    second = await worker.deliver_tenant(scope, retry.send_at + timedelta(seconds=1))
+    assert [o.status for o in second] == ["dead"]
+    [dead] = await _sends(app_engine, tenant, user)
+    assert dead.status == "dead" and dead.attempts == 2 and dead.last_error
+
+    refused, event2 = await _stuck(client, tenant, admin_engine, app_engine, f"x-{uuid.uuid4().hex[:8]}@example.test")
+    await triggers.handle([event2])
+    async with httpx.AsyncClient(base_url=mailpit.api, timeout=10) as http:
+        (await http.put("/api/v1/chaos", json={"Recipient": {"ErrorCode": 550, "Probability": 100}})).raise_for_status()
+        try:
+            smtp = SmtpChannel(mailpit.smtp_host, mailpit.smtp_port, "nudges@firstmile.test")
+            outcomes = await _worker(app_engine, app, smtp).deliver_tenant(scope)
+        finally:
+            (
+                await http.put("/api/v1/chaos", json={"Recipient": {"ErrorCode": 451, "Probability": 0}})
+            ).raise_for_status()
+    assert [o.status for o in outcomes] == ["rejected"]
+    async with tenant_transaction(app_engine, scope, commit=False) as tx:
+        assert await repo.suppressed_channels(tx, refused) == {"email"}
