@@ -30,8 +30,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## Create .venv and install Firstmile with its dev tools (idempotent)
 
-run: $(STAMP) ## Migrate the embedded PostgreSQL, apply tenants/demo.yaml, print a demo key, serve on 127.0.0.1:8000
-	$(BIN)/firstmile dev
+run: $(STAMP) ## Migrate the embedded PostgreSQL, apply tenants/demo.yaml, print a demo key, serve on 127.0.0.1:8000 (nudge e-mail to a local Mailpit)
+	@$(MAILPIT) start run && echo "nudge e-mails: $$($(MAILPIT) api run) (Mailpit)" || echo "Mailpit did not start: no e-mail nudges"
+	FIRSTMILE_NUDGE_SMTP_URL=$${FIRSTMILE_NUDGE_SMTP_URL:-$$($(MAILPIT) url run)} $(BIN)/firstmile dev
 
 services: ## Install (apt) and start the PostgreSQL, Kafka, Redis, Keycloak and Mailpit the tests use; install Chromium
 	@$(CHROMIUM) install

@@ -556,12 +556,69 @@ class StuckSettings(_Section):
         le=24 * 90,
         description="The time-based stuck rule: no activity for this long (used when the stuck detector fails).",
     )
+    detector: Literal["model", "time_rule"] = Field(
+        validation_alias="stuck_detector",
+        default="model",
+        description="Who decides that a user is stuck: the stuck_detector model (the time rule when it cannot "
+        "answer), or the time rule alone.",
+    )
     min_idle_hours: float = Field(
         validation_alias="stuck_min_idle_hours",
         default=1,
         ge=0,
         le=24 * 30,
         description="Users idle for less than this are never asked about (keeps the scan small).",
+    )
+
+
+class NudgeSettings(_Section):
+    """The nudge executor (docs/nudges.md): which channels it may use, the e-mail relay, the policy defaults."""
+
+    smtp_url: SecretStr | None = Field(
+        validation_alias="nudge_smtp_url",
+        default=None,
+        description="The SMTP relay for e-mail nudges, `smtp://[user:password@]host:port` (STARTTLS when the "
+        "server offers it). Unset: no e-mail channel, and with no channel at all nothing is decided or sent.",
+    )
+    email_from: str = Field(
+        validation_alias="nudge_email_from",
+        default="Firstmile <nudges@firstmile.invalid>",
+        min_length=3,
+        max_length=320,
+        description="The From of nudge e-mails; its domain also names every Message-ID.",
+    )
+    delivery_interval_seconds: float = Field(
+        validation_alias="nudge_delivery_interval_seconds",
+        default=5,
+        ge=0,
+        le=3600,
+        description="How often the API process sends the nudges that are due (0: never in this process).",
+    )
+    max_attempts: int = Field(
+        validation_alias="nudge_max_attempts",
+        default=6,
+        ge=1,
+        le=50,
+        description="Attempts of one send over unavailable channels before it is given up (dead).",
+    )
+    daily_cap: int = Field(
+        validation_alias="nudge_daily_cap",
+        default=1,
+        ge=0,
+        le=20,
+        description="Nudges per user per calendar day in the user's time zone, every channel together.",
+    )
+    quiet_hours: str = Field(
+        validation_alias="nudge_quiet_hours",
+        default="21:00-08:00",
+        pattern=r"^(|([01][0-9]|2[0-3]):[0-5][0-9]-([01][0-9]|2[0-3]):[0-5][0-9])$",
+        description="Local quiet hours `HH:MM-HH:MM` (may span midnight; empty: none): nudges wait for their end.",
+    )
+    default_time_zone: str = Field(
+        validation_alias="nudge_default_time_zone",
+        default="UTC",
+        max_length=64,
+        description="The time zone of a user whose traits name none (`timezone` trait, an IANA name).",
     )
 
 
@@ -799,6 +856,7 @@ SECTIONS: dict[str, type[_Section]] = {
     "audit": AuditSettings,
     "models": ModelSettings,
     "stuck": StuckSettings,
+    "nudges": NudgeSettings,
     "sso": SsoSettings,
     "admin": AdminSettings,
     "guardrail": GuardrailSettings,
@@ -898,6 +956,7 @@ class Settings(BaseSettings):
     audit: AuditSettings = Field(default_factory=AuditSettings)
     models: ModelSettings = Field(default_factory=ModelSettings)
     stuck: StuckSettings = Field(default_factory=StuckSettings)
+    nudges: NudgeSettings = Field(default_factory=NudgeSettings)
     sso: SsoSettings = Field(default_factory=SsoSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
     guardrail: GuardrailSettings = Field(default_factory=GuardrailSettings)

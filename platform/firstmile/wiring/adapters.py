@@ -9,9 +9,10 @@ embedded defaults (``make run``) are what an unset setting gives.
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from datetime import time, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -24,6 +25,9 @@ from firstmile.guardrail.policy import DetectorPolicy, Limits, Quota
 from firstmile.ml.feature_stores import InProcessFeatureStore, RedisFeatureStore
 from firstmile.ml.features import FeatureStore
 from firstmile.ml.inference import GuardedInference, InferenceClient, InProcessClient, RayServeClient, StageReader
+from firstmile.nudges.channels import Channel
+from firstmile.nudges.email_smtp import SmtpChannel
+from firstmile.nudges.policy import NudgePolicy
 from firstmile.security.keys import KeyConfig
 from firstmile.settings import Settings
 from firstmile.sso.events import KeycloakEventSync
@@ -272,3 +276,27 @@ def rate_limiter(settings: Settings) -> tuple[RateLimiter, RateLimiter | None]:
         timeout_s=settings.guardrail.redis_timeout_ms / 1000,
     )
     return limiter, InProcessLimiter(None)
+
+
+def nudge_channels(settings: Settings) -> dict[str, Channel]:
+    """The nudge channels the settings configure, by channel name (e-mail over SMTP for now)."""
+    channels: dict[str, Channel] = {}
+    if settings.nudges.smtp_url is not None:
+        url = urlsplit(settings.nudges.smtp_url.get_secret_value())
+        if url.scheme != "smtp" or not url.hostname:
+            raise ValueError("FIRSTMILE_NUDGE_SMTP_URL must look like smtp://[user:password@]host:port")
+        channels["email"] = SmtpChannel(
+            url.hostname,
+            url.port or 25,
+            settings.nudges.email_from,
+            username=unquote(url.username) if url.username else None,
+            password=unquote(url.password) if url.password else None,
+        )
+    return channels
+
+
+def nudge_policy(settings: Settings) -> NudgePolicy:
+    """The default nudge policy from the settings (a tenant's manifest will refine it)."""
+    quiet = settings.nudges.quiet_hours
+    start, end = (time.fromisoformat(p) for p in quiet.split("-")) if quiet else (None, None)
+    return NudgePolicy(daily_cap=settings.nudges.daily_cap, quiet_start=start, quiet_end=end)

@@ -48,6 +48,8 @@ from firstmile.ml.inference import GuardedInference, InProcessClient, StageReade
 from firstmile.ml.online import PlannerFeatures, StoreActivity
 from firstmile.ml.planner import PATH_MODEL, AdaptivePlanner
 from firstmile.ml.stuck import ModelStuckDetector
+from firstmile.nudges.consumer import NudgeTriggers
+from firstmile.nudges.service import DeliveryWorker, NudgeExecutor
 from firstmile.onboarding.catalog import CatalogCache
 from firstmile.onboarding.consumer import AutoCompletion
 from firstmile.onboarding.service import OnboardingService
@@ -193,6 +195,18 @@ class Container:
         supervisor = self.supervisor
         self.event_sync: KeycloakEventSync | None = None
         schedulers = self.overrides.schedulers
+        # Nudges: decided on onboarding.stuck by the consumers below, sent by a periodic task, when a channel is set.
+        self.nudge_channels = adapters.nudge_channels(settings)
+        self.nudges: NudgeExecutor | None = (
+            NudgeExecutor(
+                self.onboarding,
+                list(self.nudge_channels),
+                adapters.nudge_policy(settings),
+                default_time_zone=settings.nudges.default_time_zone,
+            )
+            if self.nudge_channels
+            else None
+        )
         if schedulers if schedulers is not None else settings.server.in_process_schedulers:
             self._periodic()
         sequencer = self.overrides.sequencer
@@ -218,7 +232,9 @@ class Container:
             scanner = StuckScanner(
                 self.engine,
                 self.catalogs,
-                ModelStuckDetector(self.inference, timeout_s=max(2.0, settings.models.inference_timeout_ms / 1000)),
+                ModelStuckDetector(self.inference, timeout_s=max(2.0, settings.models.inference_timeout_ms / 1000))
+                if settings.stuck.detector == "model"
+                else None,
                 StoreActivity(self.features),
                 after=timedelta(hours=settings.stuck.after_hours),
                 min_idle=timedelta(hours=settings.stuck.min_idle_hours),
@@ -230,6 +246,11 @@ class Container:
         )
         if self.event_sync is not None:
             supervisor.every("sso-event-sync", settings.sso.event_sync_seconds, self.event_sync.run_once)
+        if self.nudge_channels and settings.nudges.delivery_interval_seconds > 0:
+            delivery = DeliveryWorker(
+                self.engine, self.nudge_channels, self.keyring, max_attempts=settings.nudges.max_attempts
+            )
+            supervisor.every("nudge-delivery", settings.nudges.delivery_interval_seconds, delivery.run_once)
 
     def _audit_log(self) -> None:
         """The audit sequencer and checkpointer: in ``serve``/``dev``, or in ``firstmile sequencer`` (Kubernetes)."""
@@ -249,12 +270,16 @@ class Container:
         supervisor.every("audit-checkpointer", checkpointer.poll_seconds, checkpointer.run_once)
 
     def consumers(self) -> list[Consumer]:
-        """The event consumers of the slices: analytics sink, progress auto-completion, online features."""
-        return [
+        """The event consumers of the slices: analytics sink, progress auto-completion, online features, and the
+        nudge triggers when a nudge channel is configured."""
+        consumers: list[Consumer] = [
             AnalyticsSink(self.analytics_store),
             AutoCompletion(self.engine, self.onboarding),
             FeatureHook(FeatureStoreSink(self.features)),
         ]
+        if self.nudges is not None:
+            consumers.append(NudgeTriggers(self.engine, self.nudges))
+        return consumers
 
     async def stop(self) -> None:
         """Stop the background tasks, then release every pool, client and thread."""

@@ -241,7 +241,9 @@ class OperatorServices:
                 yield StuckScanner(
                     engine,
                     CatalogCache(),
-                    ModelStuckDetector(guarded, timeout_s=max(2.0, settings.models.inference_timeout_ms / 1000)),
+                    ModelStuckDetector(guarded, timeout_s=max(2.0, settings.models.inference_timeout_ms / 1000))
+                    if settings.stuck.detector == "model"
+                    else None,
                     StoreActivity(features),
                     after=timedelta(hours=settings.stuck.after_hours),
                     min_idle=timedelta(hours=settings.stuck.min_idle_hours),

@@ -37,7 +37,7 @@ def _app_role() -> str:
     return role
 
 
-def _tenant(table: str) -> list[sa.SchemaItem]:
+def _tenant(table: str) -> list[sa.Column[object] | sa.ForeignKeyConstraint]:
     return [
         sa.Column("tenant_id", postgresql.UUID(as_uuid=True), nullable=False),
         sa.ForeignKeyConstraint(
