@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from firstmile.events.envelope import Envelope
 from firstmile.kit.db import tenant_transaction
 from firstmile.kit.scope import OperatorContext
+from firstmile.kit.uow import UnitOfWork
 from firstmile.nudges import repository as repo
 from firstmile.nudges.bandit import ThompsonSampler
 from firstmile.nudges.channels import Channel, OutboundMessage, Receipt
@@ -146,6 +147,10 @@ async def test_a_stuck_user_is_nudged_by_email_and_the_mail_is_in_mailpit(
     )
     assert entry["output"]["send_id"] == str(send.send_id) and entry["output"]["arm"] == send.arm
     assert entry["policy"]["email"]["allowed"] is True and entry["model_version"] == "thompson-beta-1"
+    # an erasure takes the user's nudges with the rest of what is held about them
+    erased = await app.state.container.privacy.erase(UnitOfWork(app_engine, OPS.tenant(tenant.id)), user_id, "test")
+    assert erased is not None and erased.rows_deleted["nudge_sends"] == 1
+    assert await _sends(app_engine, tenant, user_id) == []
 
 
 async def test_the_daily_budget_defers_and_quiet_hours_and_consent_are_in_the_decision(

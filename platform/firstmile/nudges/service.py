@@ -341,3 +341,8 @@ class DeliveryWorker:
              "error": error[:200], "suppressed": suppress},
         )  # fmt: skip
         await enqueue(tx, [event], user_id=send.user_id, now=now)
+
+
+async def delete_user(tx: TenantTx, user_id: str) -> dict[str, int]:
+    """Delete the user's nudges, consents and suppressions (an erasure); how many rows of each table."""
+    return await repo.delete_user(tx, user_id)

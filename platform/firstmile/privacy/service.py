@@ -31,6 +31,7 @@ from firstmile.audit import service as audit
 from firstmile.kit.db import TenantTx
 from firstmile.kit.outbox import USER_ERASED, OutboxEvent, enqueue
 from firstmile.kit.uow import UnitOfWork
+from firstmile.nudges import service as nudges
 from firstmile.onboarding import service as onboarding
 from firstmile.security.crypto import DecryptionError, FieldContext
 from firstmile.security.datakeys import DataKeyService, TenantKeys, destroy_user_key, has_user_key
@@ -65,7 +66,7 @@ class PrivacyService:
 
         async def work(tx: TenantTx) -> Erasure | None:
             key_destroyed = await destroy_user_key(tx, user_id)
-            deleted = await onboarding.delete_user(tx, user_id)
+            deleted = await onboarding.delete_user(tx, user_id) | await nudges.delete_user(tx, user_id)
             if not key_destroyed and not any(deleted.values()) and not in_analytics:
                 return None
             now = datetime.now(UTC)
