@@ -35,6 +35,7 @@ from firstmile.kit.health import HealthController, metrics
 from firstmile.kit.heap import freeze_startup_heap
 from firstmile.kit.openapi import document_problems
 from firstmile.ml.inference import GuardedInference, StageReader
+from firstmile.nudges.api import NudgeLinksController
 from firstmile.onboarding.api import OnboardingController
 from firstmile.privacy.api import UsersController
 from firstmile.security.keys import KeyProviderError
@@ -152,6 +153,7 @@ def create_app(
             AnalyticsController,
             AuditController,
             UsersController,
+            NudgeLinksController,
             LoginController,
             PagesController,
             admin_api_router(container.admin_source()),

@@ -614,6 +614,14 @@ class NudgeSettings(_Section):
         pattern=r"^(|([01][0-9]|2[0-3]):[0-5][0-9]-([01][0-9]|2[0-3]):[0-5][0-9])$",
         description="Local quiet hours `HH:MM-HH:MM` (may span midnight; empty: none): nudges wait for their end.",
     )
+    outcome_window_hours: float = Field(
+        validation_alias="nudge_outcome_window_hours",
+        default=72,
+        gt=0,
+        le=24 * 30,
+        description="A nudge converts when its step is completed within this long after it was sent; the bandit "
+        "counts a sent nudge with neither a click nor a conversion in this window as a failure.",
+    )
     default_time_zone: str = Field(
         validation_alias="nudge_default_time_zone",
         default="UTC",

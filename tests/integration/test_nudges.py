@@ -29,6 +29,7 @@ from firstmile.nudges.bandit import ThompsonSampler
 from firstmile.nudges.channels import Channel, OutboundMessage, Receipt
 from firstmile.nudges.consumer import NudgeTriggers
 from firstmile.nudges.email_smtp import SmtpChannel
+from firstmile.nudges.links import LinkSigner
 from firstmile.nudges.policy import NudgePolicy
 from firstmile.nudges.service import DeliveryWorker, NudgeExecutor
 from firstmile.onboarding.catalog import CatalogCache
@@ -42,6 +43,7 @@ pytestmark = pytest.mark.xdist_group("mailpit")
 Client = AsyncTestClient[Litestar]
 OPS = OperatorContext("worker:test-nudges")
 ANYTIME = NudgePolicy(quiet_start=None, quiet_end=None)
+WINDOW = timedelta(hours=72)
 
 
 def _executor(channels: list[str], policy: NudgePolicy = ANYTIME) -> NudgeExecutor:
@@ -108,7 +110,7 @@ async def test_a_stuck_user_is_nudged_by_email_and_the_mail_is_in_mailpit(
 ) -> None:
     address = f"ada-{uuid.uuid4().hex[:8]}@example.test"
     user_id, event = await _stuck(client, tenant, admin_engine, app_engine, address)
-    triggers = NudgeTriggers(app_engine, _executor(["email"]))
+    triggers = NudgeTriggers(app_engine, _executor(["email"]), WINDOW)
     assert await triggers.handle([event]) == [] and triggers.decided == 1
     assert await triggers.handle([event]) == [] and triggers.decided == 1  # redelivered: nothing new
     [send] = await _sends(app_engine, tenant, user_id)
@@ -205,7 +207,7 @@ async def test_a_worker_dying_mid_send_loses_nothing_and_duplicates_only_inside_
     mailpit: Mailpit,
 ) -> None:
     smtp = SmtpChannel(mailpit.smtp_host, mailpit.smtp_port, "nudges@firstmile.test")
-    triggers = NudgeTriggers(app_engine, _executor(["email"]))
+    triggers = NudgeTriggers(app_engine, _executor(["email"]), WINDOW)
     scope = OPS.tenant(tenant.id)
     # 1. killed after the claim, before the provider saw anything: the lease runs out, the next pass sends once
     before = f"before-{uuid.uuid4().hex[:8]}@example.test"
@@ -244,7 +246,7 @@ async def test_an_unreachable_server_retries_with_backoff_then_gives_up_and_a_re
     mailpit: Mailpit,
 ) -> None:
     scope = OPS.tenant(tenant.id)
-    triggers = NudgeTriggers(app_engine, _executor(["email"]))
+    triggers = NudgeTriggers(app_engine, _executor(["email"]), WINDOW)
     user, event = await _stuck(client, tenant, admin_engine, app_engine, f"r-{uuid.uuid4().hex[:8]}@example.test")
     await triggers.handle([event])
     down = SmtpChannel("127.0.0.1", 9, "nudges@firstmile.test", timeout_s=2)  # the discard port: nothing listens
@@ -274,3 +276,114 @@ async def test_an_unreachable_server_retries_with_backoff_then_gives_up_and_a_re
     assert [o.status for o in outcomes] == ["rejected"]
     async with tenant_transaction(app_engine, scope, commit=False) as tx:
         assert await repo.suppressed_channels(tx, refused) == {"email"}
+
+
+async def test_the_loop_closes_a_click_a_conversion_an_unsubscribe_and_the_bandit_counts_each_send_once(
+    client: Client,
+    app: Litestar,
+    tenant: TenantFixture,
+    admin_engine: AsyncEngine,
+    app_engine: AsyncEngine,
+    mailpit: Mailpit,
+) -> None:
+    links: LinkSigner = app.state.container.link_signer
+    executor = NudgeExecutor(
+        OnboardingService(CatalogCache()), ["email"], ANYTIME, ThompsonSampler(random.Random(3)),
+        links=links, public_url="https://firstmile.example",
+    )  # fmt: skip
+    triggers = NudgeTriggers(app_engine, executor, WINDOW)
+    smtp = SmtpChannel(mailpit.smtp_host, mailpit.smtp_port, "nudges@firstmile.test")
+    worker = DeliveryWorker(
+        app_engine, {"email": smtp}, app.state.container.keyring, links=links, public_url="https://firstmile.example"
+    )
+    scope = OPS.tenant(tenant.id)
+    address = f"loop-{uuid.uuid4().hex[:8]}@example.test"
+    user_id, event = await _stuck(client, tenant, admin_engine, app_engine, address)
+    await triggers.handle([event])
+    await worker.deliver_tenant(scope)
+    [send] = await _sends(app_engine, tenant, user_id)
+    [mail] = await _mail(mailpit, address)
+    click_url = next(w for w in mail["Text"].split() if w.startswith("https://firstmile.example/v1/nudges/l/"))
+    async with httpx.AsyncClient(base_url=mailpit.api, timeout=10) as http:
+        headers = (await http.get(f"/api/v1/message/{mail['ID']}/headers")).raise_for_status().json()
+    unsubscribe_url = headers["List-Unsubscribe"][0].strip("<>")
+    assert headers["List-Unsubscribe-Post"] == ["List-Unsubscribe=One-Click"]
+
+    # the tracked link: the first click counts (a nudge.clicked event, the bandit's success), the second does not
+    path = click_url.removeprefix("https://firstmile.example")
+    for _ in range(2):
+        r = await client.get(path)
+        assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+    forged = await client.get(path[:-4] + ("AAAA" if not path.endswith("AAAA") else "BBBB"))
+    assert forged.status_code == 404 and forged.json()["type"].endswith("/link-not-found")
+    async with tenant_transaction(app_engine, scope, commit=False) as tx:
+        assert await repo.arm_stats(tx, send.segment) == {send.arm: (1, 0)}
+    # completing the nudged step converts the nudge (once), and the send is not counted again
+    step = event.payload["step_id"]
+    r = await client.post(f"/v1/onboarding/{user_id}/steps/{step}/complete", headers=tenant.headers)
+    assert r.status_code == 200, r.text
+    completed = await _rows(
+        admin_engine,
+        "SELECT event_id, occurred_at, payload FROM outbox WHERE tenant_id = :t"
+        " AND event_type = 'onboarding.step_completed' AND payload->>'user_id' = :u",
+        t=tenant.id,
+        u=user_id,
+    )
+    envelopes = [Envelope(r[0], tenant.id, "onboarding.step_completed", r[1], dict(r[2])) for r in completed]
+    await triggers.handle(envelopes + envelopes)  # redelivered too
+    assert triggers.converted == 1
+    kinds = [
+        r[0]
+        for r in await _rows(
+            admin_engine,
+            "SELECT event_type FROM outbox WHERE tenant_id = :t AND payload->>'send_id' = :s ORDER BY id",
+            t=tenant.id,
+            s=str(send.send_id),
+        )
+    ]
+    assert kinds == ["nudge.sent", "nudge.clicked", "nudge.converted"]
+    async with tenant_transaction(app_engine, scope, commit=False) as tx:
+        assert await repo.arm_stats(tx, send.segment) == {send.arm: (1, 0)}  # counted once
+    # the one-click unsubscribe (RFC 8058): a GET only shows the page; the POST withdraws consent, audited
+    path = unsubscribe_url.removeprefix("https://firstmile.example")
+    page = await client.get(path)
+    assert page.status_code == 200 and "<form" in page.text
+    async with tenant_transaction(app_engine, scope, commit=False) as tx:
+        assert await repo.consents(tx, user_id) == {}
+    for _ in range(2):
+        r = await client.post(path, content=b"List-Unsubscribe=One-Click",
+                              headers={"content-type": "application/x-www-form-urlencoded"})  # fmt: skip
+        assert r.status_code == 200
+    async with tenant_transaction(app_engine, scope, commit=False) as tx:
+        assert await repo.consents(tx, user_id) == {("email", "onboarding"): False}
+    assert (await client.post(path.replace("/u/", "/l/"))).status_code in (404, 405)  # a link has one purpose
+    await sequenced(app_engine, tenant.id)
+    [(consent,)] = await _rows(
+        admin_engine,
+        "SELECT payload FROM audit_entries WHERE tenant_id = :t AND subject = :u AND kind = 'consent'",
+        t=tenant.id,
+        u=user_id,
+    )
+    assert consent["granted"] is False and consent["send_id"] == str(send.send_id)
+
+
+async def test_a_sent_nudge_without_an_outcome_in_its_window_is_counted_as_a_failure(
+    client: Client,
+    app: Litestar,
+    tenant: TenantFixture,
+    admin_engine: AsyncEngine,
+    app_engine: AsyncEngine,
+    mailpit: Mailpit,
+) -> None:
+    triggers = NudgeTriggers(app_engine, _executor(["email"]), WINDOW)
+    smtp = SmtpChannel(mailpit.smtp_host, mailpit.smtp_port, "nudges@firstmile.test")
+    user_id, event = await _stuck(client, tenant, admin_engine, app_engine, f"q-{uuid.uuid4().hex[:8]}@example.test")
+    await triggers.handle([event])
+    worker = _worker(app_engine, app, smtp)
+    await worker.deliver_tenant(OPS.tenant(tenant.id))
+    [send] = await _sends(app_engine, tenant, user_id)
+    async with tenant_transaction(app_engine, OPS.tenant(tenant.id), commit=False) as tx:
+        assert send.arm not in await repo.arm_stats(tx, send.segment)  # the window is still open
+    await worker.deliver_tenant(OPS.tenant(tenant.id), datetime.now(UTC) + worker.outcome_window + timedelta(minutes=1))
+    async with tenant_transaction(app_engine, OPS.tenant(tenant.id), commit=False) as tx:
+        assert (await repo.arm_stats(tx, send.segment))[send.arm][1] >= 1

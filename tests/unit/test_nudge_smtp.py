@@ -42,3 +42,10 @@ def test_4xx_replies_are_transient_and_those_about_rate_are_a_rate_limit(code: i
     assert type(error) is kind
     if isinstance(error, ChannelRateLimitedError):
         assert error.retry_after == 90
+
+
+def test_a_long_list_unsubscribe_url_stays_a_url_on_the_wire() -> None:
+    url = "https://firstmile.example/v1/nudges/u/" + "A" * 66
+    mail = CHANNEL.build(OutboundMessage("email", "a@example.test", "x", "k", headers={"List-Unsubscribe": f"<{url}>"}))
+    raw = mail.as_bytes(policy=mail.policy)
+    assert f"List-Unsubscribe: <{url}>".encode() in raw  # not RFC 2047 encoded words, which no client reads as a URL

@@ -43,6 +43,7 @@ _TITLES: dict[str, str] = {
     "not-found": "Resource not found",
     "user-not-found": "End user not found",
     "step-not-found": "Step not found on the user's path",
+    "link-not-found": "Not a link of a nudge sent here",
     "step-prerequisites-unmet": "Step prerequisites are not complete",
     "method-not-allowed": "Method not allowed",
     "conflict": "Conflicting request",

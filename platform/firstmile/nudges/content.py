@@ -2,8 +2,9 @@
 
 A variant is one wording; with a channel and a send time it makes an arm of the bandit
 (``variant|channel|timing``). The templates see ``step`` (``title``, ``description``), ``path``
-(``name``) and ``tenant`` (``name``), never personal data: a rendered body is stored with the
-send, and the address is read (decrypted) only when it goes out.
+(``name``), ``tenant`` (``name``) and ``link`` (the tracked link; empty when links are off), never
+personal data: a rendered body is stored with the send, and the address is read (decrypted) only
+when it goes out.
 """
 
 from __future__ import annotations
@@ -22,23 +23,26 @@ STUCK_VARIANTS: dict[str, dict[str, Template]] = {
     "short": {
         "email": Template(
             subject="Your next step: {{ step.title }}",
-            body="You're one step away in {{ path.name }}: {{ step.title }}.\n\n{{ step.description }}\n",
+            body="You're one step away in {{ path.name }}: {{ step.title }}.\n\n{{ step.description }}\n"
+            "{% if link %}\nContinue: {{ link }}\n{% endif %}",
             html="<p>You're one step away in {{ path.name }}: <strong>{{ step.title }}</strong>.</p>"
-            "<p>{{ step.description }}</p>",
+            '<p>{{ step.description }}</p>{% if link %}<p><a href="{{ link }}">Continue</a></p>{% endif %}',
         ),
-        "sms": Template(None, "{{ tenant.name }}: next up, {{ step.title }}. Reply STOP to opt out."),
+        "sms": Template(None, "{{ tenant.name }}: next up, {{ step.title }}. {{ link }} Reply STOP to opt out."),
         "push": Template("{{ step.title }}", "Pick up where you left off in {{ path.name }}."),
         "in_app": Template("{{ step.title }}", "Pick up where you left off: {{ step.title }}."),
     },
     "benefit": {
         "email": Template(
             subject="{{ step.title }} takes a couple of minutes",
-            body='Finishing "{{ step.title }}" unlocks the rest of {{ path.name }}.\n\n{{ step.description }}\n',
+            body='Finishing "{{ step.title }}" unlocks the rest of {{ path.name }}.\n\n{{ step.description }}\n'
+            "{% if link %}\nContinue: {{ link }}\n{% endif %}",
             html="<p>Finishing <strong>{{ step.title }}</strong> unlocks the rest of {{ path.name }}.</p>"
-            "<p>{{ step.description }}</p>",
+            '<p>{{ step.description }}</p>{% if link %}<p><a href="{{ link }}">Continue</a></p>{% endif %}',
         ),
         "sms": Template(
-            None, "{{ tenant.name }}: {{ step.title }} unlocks the rest of your setup. Reply STOP to opt out."
+            None,
+            "{{ tenant.name }}: {{ step.title }} unlocks the rest of your setup. {{ link }} Reply STOP to opt out.",
         ),
         "push": Template("Almost there", "{{ step.title }} unlocks the rest of {{ path.name }}."),
         "in_app": Template("Almost there", "{{ step.title }} unlocks the rest of {{ path.name }}."),

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import re
+from email import policy
 from email.message import EmailMessage
-from email.utils import formatdate
+from email.utils import formatdate, parseaddr
 
 import aiosmtplib
 
@@ -26,6 +27,9 @@ from firstmile.nudges.channels import (
 )
 from firstmile.nudges.message_ids import domain_of, message_id
 
+_POLICY = policy.SMTP.clone(max_line_length=998)
+"""RFC 5322's line limit: with the default 78, a long header without spaces (a List-Unsubscribe URL) is
+turned into RFC 2047 encoded words, which no mail client reads as a URL."""
 _RATE = re.compile(r"rate|limit|too many|throttl", re.IGNORECASE)
 _BAD_ADDRESS = frozenset({550, 551, 553})
 
@@ -72,7 +76,7 @@ class SmtpChannel:
         """The MIME message this adapter sends for ``message``."""
         if message.channel != "email":
             raise ValueError(f"an e-mail adapter cannot send a {message.channel} message")
-        mail = EmailMessage()
+        mail = EmailMessage(policy=_POLICY)
         mail["From"] = self.sender
         mail["To"] = message.to
         mail["Subject"] = message.subject or ""
@@ -90,7 +94,9 @@ class SmtpChannel:
         try:
             async with asyncio.timeout(self.timeout_s):
                 await aiosmtplib.send(
-                    mail,
+                    mail.as_bytes(policy=_POLICY),  # flattened here: aiosmtplib's own policy folds at 78
+                    sender=parseaddr(self.sender)[1],
+                    recipients=[message.to],
                     hostname=self.host,
                     port=self.port,
                     username=self.username,

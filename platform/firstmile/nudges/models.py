@@ -44,6 +44,9 @@ nudge_sends = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("sent_at", DateTime(timezone=True), nullable=True),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("clicked_at", DateTime(timezone=True), nullable=True),
+    Column("converted_at", DateTime(timezone=True), nullable=True),
+    Column("rewarded_at", DateTime(timezone=True), nullable=True),
     PrimaryKeyConstraint("tenant_id", "send_id"),
     UniqueConstraint("tenant_id", "user_id", "trigger_key"),
     Index(
@@ -53,6 +56,12 @@ nudge_sends = Table(
         postgresql_where=text("status IN ('scheduled', 'sending')"),
     ),
     Index("ix_nudge_sends_tenant_id_user_id_sent_at", "tenant_id", "user_id", "sent_at"),
+    Index(
+        "ix_nudge_sends_tenant_id_unrewarded",
+        "tenant_id",
+        "sent_at",
+        postgresql_where=text("status = 'sent' AND rewarded_at IS NULL"),
+    ),
 )
 """One nudge: the decision (arm, policy verdict) and its send. ``trigger_key`` (``stuck:<step>``) is unique
 per user, so a trigger fires once. ``status``: scheduled, sending (claimed until ``claimed_until``), sent,

@@ -209,6 +209,47 @@ async def sends_for(tx: TenantTx, user_id: str) -> list[SendRow]:
     return [_row(r) for r in await tx.execute(_FOR_USER, {"t": tx.tenant, "u": user_id})]
 
 
+_CLICK = text(
+    f"UPDATE nudge_sends SET clicked_at = now(), updated_at = now()"
+    f" WHERE tenant_id = :t AND send_id = :s AND status = 'sent' AND clicked_at IS NULL RETURNING {_COLUMNS}"
+)
+_CONVERT = text(
+    f"UPDATE nudge_sends SET converted_at = now(), updated_at = now()"
+    f" WHERE tenant_id = :t AND user_id = :u AND trigger_key = :k AND status = 'sent' AND converted_at IS NULL"
+    f" AND sent_at >= :since RETURNING {_COLUMNS}"
+)
+_REWARDED = text(
+    "UPDATE nudge_sends SET rewarded_at = now() WHERE tenant_id = :t AND send_id = :s AND rewarded_at IS NULL"
+    " RETURNING 1"
+)
+_UNREWARDED = text(
+    f"SELECT {_COLUMNS} FROM nudge_sends WHERE tenant_id = :t AND status = 'sent' AND rewarded_at IS NULL"
+    f" AND sent_at < :before ORDER BY sent_at LIMIT :limit FOR UPDATE SKIP LOCKED"
+)
+
+
+async def record_click(tx: TenantTx, send_id: uuid.UUID) -> SendRow | None:
+    """The send at its first click (None: not a sent nudge, or clicked before)."""
+    row = (await tx.execute(_CLICK, {"t": tx.tenant, "s": send_id})).first()
+    return None if row is None else _row(row)
+
+
+async def record_conversion(tx: TenantTx, user_id: str, trigger_key: str, since: datetime) -> SendRow | None:
+    """The nudge sent since ``since`` for ``trigger_key`` whose step the user has just completed (once)."""
+    row = (await tx.execute(_CONVERT, {"t": tx.tenant, "u": user_id, "k": trigger_key, "since": since})).first()
+    return None if row is None else _row(row)
+
+
+async def mark_rewarded(tx: TenantTx, send_id: uuid.UUID) -> bool:
+    """True the first time only: the bandit counts a send once."""
+    return (await tx.execute(_REWARDED, {"t": tx.tenant, "s": send_id})).first() is not None
+
+
+async def unrewarded_before(tx: TenantTx, before: datetime, limit: int) -> list[SendRow]:
+    """Sent nudges not counted yet whose outcome window closed (sent before ``before``)."""
+    return [_row(r) for r in await tx.execute(_UNREWARDED, {"t": tx.tenant, "before": before, "limit": limit})]
+
+
 _DUE_TENANTS = text("SELECT tenant_id, due FROM firstmile_nudges_due()")
 
 

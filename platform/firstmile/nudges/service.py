@@ -38,7 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from firstmile.audit import service as audit
 from firstmile.kit.db import TenantTx
 from firstmile.kit.outbox import OutboxEvent, enqueue
-from firstmile.kit.scope import OperatorContext, TenantId
+from firstmile.kit.scope import OperatorContext, TenantId, tenant_of
 from firstmile.kit.uow import UnitOfWork
 from firstmile.nudges import repository as repo
 from firstmile.nudges.bandit import ArmStats, ThompsonSampler
@@ -50,6 +50,7 @@ from firstmile.nudges.channels import (
     OutboundMessage,
 )
 from firstmile.nudges.content import STUCK_VARIANTS
+from firstmile.nudges.links import CLICK, UNSUBSCRIBE, BadLinkError, LinkPrincipal, LinkSigner
 from firstmile.nudges.policy import Audience, NudgePolicy, PolicyError, Verdict, evaluate
 from firstmile.nudges.templates import TemplateProblemError, render
 from firstmile.onboarding import service as onboarding
@@ -87,8 +88,12 @@ class NudgeExecutor:
         policy: NudgePolicy | None = None,
         sampler: ThompsonSampler | None = None,
         default_time_zone: str = "UTC",
+        links: LinkSigner | None = None,
+        public_url: str = "http://127.0.0.1:8000",
     ) -> None:
         self.onboarding = onboarding_service
+        self.links = links
+        self.public_url = public_url.rstrip("/")
         self.channels = tuple(channels)
         self.policy = policy or NudgePolicy()
         self.sampler = sampler or ThompsonSampler()
@@ -145,7 +150,9 @@ class NudgeExecutor:
         choice = self.sampler.choose([ArmStats(a, *stats.get(a, (0, 0))) for a in arms])
         variant, channel, _ = choice.arm.split("|")
         template = STUCK_VARIANTS[variant][channel]
+        link = f"{self.public_url}/v1/nudges/l/{self.links.token(tx.tenant, send_id, CLICK)}" if self.links else ""
         context = {
+            "link": link,
             "step": {"title": step.title, "description": step.description or ""},
             "path": {"name": path.name},
             "tenant": {"name": await tenancy.tenant_name(tx)},
@@ -234,7 +241,13 @@ class DeliveryWorker:
         backoff_cap: timedelta = timedelta(hours=1),
         rng: random.Random | None = None,
         worker: OperatorContext | None = None,
+        links: LinkSigner | None = None,
+        public_url: str = "http://127.0.0.1:8000",
+        outcome_window: timedelta = timedelta(hours=72),
     ) -> None:
+        self.links = links
+        self.public_url = public_url.rstrip("/")
+        self.outcome_window = outcome_window
         self.engine = engine
         self.channels = dict(channels)
         self.keyring = keyring
@@ -264,7 +277,9 @@ class DeliveryWorker:
         uow = UnitOfWork(self.engine, tenant)
         at = now or datetime.now(UTC)
         claimed = await uow.run(lambda tx: repo.claim_due(tx, at, at + self.lease, self.batch))
-        return [await self._deliver(uow, send) for send in claimed]
+        outcomes = [await self._deliver(uow, send) for send in claimed]
+        await uow.run(lambda tx: close_out(tx, at - self.outcome_window, self.batch))
+        return outcomes
 
     async def _address(self, uow: UnitOfWork, send: repo.SendRow) -> str:
         if send.channel == "in_app":
@@ -295,9 +310,16 @@ class DeliveryWorker:
             if channel is None:
                 raise AddressMissingError(f"the {send.channel} channel is not configured")
             address = await self._address(uow, send)
+            headers: dict[str, str] = {}
+            if self.links is not None and send.channel == "email":  # RFC 8058 one-click unsubscribe
+                token = self.links.token(uow.tenant, send.send_id, UNSUBSCRIBE)
+                headers = {
+                    "List-Unsubscribe": f"<{self.public_url}/v1/nudges/u/{token}>",
+                    "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+                }
             receipt = await channel.send(
                 OutboundMessage(send.channel, address, send.body, send.send_id.hex, subject=send.subject,
-                                html=send.html, tenant=str(uow.tenant))
+                                html=send.html, headers=headers, tenant=str(uow.tenant))
             )  # fmt: skip
         except ChannelRateLimitedError as exc:
             error, later = str(exc), datetime.now(UTC) + timedelta(seconds=exc.retry_after)
@@ -346,3 +368,89 @@ class DeliveryWorker:
 async def delete_user(tx: TenantTx, user_id: str) -> dict[str, int]:
     """Delete the user's nudges, consents and suppressions (an erasure); how many rows of each table."""
     return await repo.delete_user(tx, user_id)
+
+
+# ---- outcomes: clicks, conversions, unsubscribes, and the bandit's rewards ----
+
+
+async def _reward(tx: TenantTx, send: repo.SendRow, success: bool) -> None:
+    if await repo.mark_rewarded(tx, send.send_id):
+        await repo.reward(tx, send.segment, send.arm, success)
+
+
+def _outcome_event(kind: str, send: repo.SendRow, **extra: Any) -> OutboxEvent:
+    payload = {"user_id": send.user_id, "send_id": str(send.send_id), "channel": send.channel, "arm": send.arm,
+               "trigger": send.trigger_key} | extra  # fmt: skip
+    return OutboxEvent.new(kind, payload)
+
+
+async def close_out(tx: TenantTx, before: datetime, limit: int) -> int:
+    """Count as failures the sent nudges whose outcome window closed with neither a click nor a conversion."""
+    expired = await repo.unrewarded_before(tx, before, limit)
+    for send in expired:
+        await _reward(tx, send, False)
+    return len(expired)
+
+
+async def record_conversion(tx: TenantTx, user_id: str, step_id: str, now: datetime, window: timedelta) -> bool:
+    """The user completed ``step_id``: a nudge sent for it within ``window`` converted (once)."""
+    send = await repo.record_conversion(tx, user_id, f"stuck:{step_id}", now - window)
+    if send is None:
+        return False
+    await _reward(tx, send, True)
+    await enqueue(tx, [_outcome_event("nudge.converted", send, step_id=step_id)], user_id=user_id, now=now)
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class LinkOutcome:
+    send_id: uuid.UUID
+    first: bool
+    """Whether this request changed anything (the first click; an unsubscribe that withdrew consent)."""
+
+
+class NudgeLinks:
+    """What the signed links in a nudge do: a click, and the one-click unsubscribe."""
+
+    def __init__(self, engine: AsyncEngine, signer: LinkSigner) -> None:
+        self.engine = engine
+        self.signer = signer
+
+    def _uow(self, token: str, purpose: bytes) -> tuple[UnitOfWork, uuid.UUID]:
+        target = self.signer.check(token, purpose)  # BadLinkError: forged, malformed or of another purpose
+        return UnitOfWork(self.engine, tenant_of(LinkPrincipal(target))), target.send_id
+
+    async def click(self, token: str) -> LinkOutcome:
+        uow, send_id = self._uow(token, CLICK)
+
+        async def work(tx: TenantTx) -> LinkOutcome:
+            send = await repo.record_click(tx, send_id)
+            if send is None:
+                if await repo.get_send(tx, send_id) is None:
+                    raise BadLinkError("this nudge no longer exists")
+                return LinkOutcome(send_id, False)
+            await _reward(tx, send, True)
+            await enqueue(tx, [_outcome_event("nudge.clicked", send)], user_id=send.user_id, now=datetime.now(UTC))
+            return LinkOutcome(send_id, True)
+
+        return await uow.run(work)
+
+    async def unsubscribe(self, token: str) -> LinkOutcome:
+        uow, send_id = self._uow(token, UNSUBSCRIBE)
+
+        async def work(tx: TenantTx) -> LinkOutcome:
+            send = await repo.get_send(tx, send_id)
+            if send is None:
+                raise BadLinkError("this nudge no longer exists")
+            changed = await repo.set_consent(tx, send.user_id, send.channel, STUCK_CATEGORY, False, "one-click")
+            if changed:
+                await audit.append(
+                    tx, "consent", "end_user", send.user_id,
+                    {"channel": send.channel, "category": STUCK_CATEGORY, "granted": False,
+                     "source": "one-click unsubscribe (RFC 8058)", "send_id": str(send.send_id)},
+                )  # fmt: skip
+                event = _outcome_event("nudge.unsubscribed", send, category=STUCK_CATEGORY)
+                await enqueue(tx, [event], user_id=send.user_id, now=datetime.now(UTC))
+            return LinkOutcome(send_id, changed)
+
+        return await uow.run(work)

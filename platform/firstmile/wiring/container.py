@@ -49,7 +49,8 @@ from firstmile.ml.online import PlannerFeatures, StoreActivity
 from firstmile.ml.planner import PATH_MODEL, AdaptivePlanner
 from firstmile.ml.stuck import ModelStuckDetector
 from firstmile.nudges.consumer import NudgeTriggers
-from firstmile.nudges.service import DeliveryWorker, NudgeExecutor
+from firstmile.nudges.links import LinkSigner
+from firstmile.nudges.service import DeliveryWorker, NudgeExecutor, NudgeLinks
 from firstmile.onboarding.catalog import CatalogCache
 from firstmile.onboarding.consumer import AutoCompletion
 from firstmile.onboarding.service import OnboardingService
@@ -95,6 +96,7 @@ class Container:
         self.audit = AuditService.create(self.signer)
         self.catalogs = CatalogCache()
         self.path_editor = PathEditor()
+        self.link_signer = LinkSigner(pepper)
         self._started = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -111,6 +113,7 @@ class Container:
             application_name=settings.telemetry.service_name,
         )
         self.readiness = Readiness(self.engine, settings.region, self.supervisor)
+        self.nudge_links = NudgeLinks(self.engine, self.link_signer)
         # Client-credentials tokens of the tenants' realms, when there is a Keycloak; else API keys only.
         tokens = adapters.token_validator(settings)
         # The global tenant directory, when there is one: tokens of tenants homed elsewhere get 421.
@@ -203,6 +206,8 @@ class Container:
                 list(self.nudge_channels),
                 adapters.nudge_policy(settings),
                 default_time_zone=settings.nudges.default_time_zone,
+                links=self.link_signer,
+                public_url=settings.server.public_url,
             )
             if self.nudge_channels
             else None
@@ -248,7 +253,13 @@ class Container:
             supervisor.every("sso-event-sync", settings.sso.event_sync_seconds, self.event_sync.run_once)
         if self.nudge_channels and settings.nudges.delivery_interval_seconds > 0:
             delivery = DeliveryWorker(
-                self.engine, self.nudge_channels, self.keyring, max_attempts=settings.nudges.max_attempts
+                self.engine,
+                self.nudge_channels,
+                self.keyring,
+                max_attempts=settings.nudges.max_attempts,
+                links=self.link_signer,
+                public_url=settings.server.public_url,
+                outcome_window=timedelta(hours=settings.nudges.outcome_window_hours),
             )
             supervisor.every("nudge-delivery", settings.nudges.delivery_interval_seconds, delivery.run_once)
 
@@ -278,7 +289,9 @@ class Container:
             FeatureHook(FeatureStoreSink(self.features)),
         ]
         if self.nudges is not None:
-            consumers.append(NudgeTriggers(self.engine, self.nudges))
+            consumers.append(
+                NudgeTriggers(self.engine, self.nudges, timedelta(hours=self.settings.nudges.outcome_window_hours))
+            )
         return consumers
 
     async def stop(self) -> None:
