@@ -17,6 +17,7 @@ import httpx
 import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
+from prometheus_client import REGISTRY
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -84,6 +85,11 @@ async def _stuck(
     return user_id, Envelope(row[0], tenant.id, "onboarding.stuck", row[1], dict(row[2]))
 
 
+def _sent_metric() -> float:
+    """``firstmile_nudge_sends_total{channel="email", outcome="sent"}`` in this process."""
+    return float(REGISTRY.get_sample_value("firstmile_nudge_sends_total", {"channel": "email", "outcome": "sent"}) or 0)
+
+
 async def _rows(admin_engine: AsyncEngine, sql: str, **params: Any) -> list[Any]:
     async with admin_engine.connect() as conn:
         return list(await conn.execute(text(sql), params))
@@ -121,8 +127,9 @@ async def test_a_stuck_user_is_nudged_by_email_and_the_mail_is_in_mailpit(
     )
     assert address not in send.body and address not in str(send.decision)  # no personal data at rest in the send
     channel = SmtpChannel(mailpit.smtp_host, mailpit.smtp_port, "nudges@firstmile.test")
+    sends_before = _sent_metric()
     outcomes = await _worker(app_engine, app, channel).deliver_tenant(OPS.tenant(tenant.id))
-    assert [o.status for o in outcomes] == ["sent"]
+    assert [o.status for o in outcomes] == ["sent"] and _sent_metric() == sends_before + 1
     [mail] = await _mail(mailpit, address)
     assert mail["MessageID"] == f"{send.send_id.hex}@firstmile.test" and mail["Subject"] == send.subject
     assert "Create an API key" in mail["Subject"] + mail["Text"]  # the step the user is stuck on

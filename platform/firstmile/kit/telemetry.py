@@ -79,6 +79,17 @@ INFERENCE_LATENCY = Histogram(
     ["model", "outcome"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
+NUDGE_DECISIONS = Counter(
+    "firstmile_nudge_decisions_total", "Nudge decisions, by outcome (scheduled or denied).", ["outcome"]
+)
+NUDGE_SENDS = Counter(
+    "firstmile_nudge_sends_total",
+    "Nudge send attempts, by channel and outcome (sent, retrying, deferred, dead, rejected).",
+    ["channel", "outcome"],
+)
+NUDGE_OUTCOMES = Counter(
+    "firstmile_nudge_outcomes_total", "What users did with sent nudges (clicked, converted, unsubscribed).", ["kind"]
+)
 STUCK_DETECTED = Counter("firstmile_stuck_detected_total", "Users flagged stuck, by detector.", ["detected_by"])
 AUDIT_MERGE_DELAY = Histogram(
     "firstmile_audit_merge_delay_seconds",

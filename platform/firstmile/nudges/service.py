@@ -36,6 +36,7 @@ import msgspec
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from firstmile.audit import service as audit
+from firstmile.kit import telemetry
 from firstmile.kit.db import TenantTx
 from firstmile.kit.outbox import OutboxEvent, enqueue
 from firstmile.kit.scope import OperatorContext, TenantId, tenant_of
@@ -145,6 +146,7 @@ class NudgeExecutor:
             )  # fmt: skip
             if created:
                 await self._audit(tx, user_id, step_id, send_id, base, None, None)
+                telemetry.NUDGE_DECISIONS.labels("denied").inc()
             return Decided(send_id if created else None, "denied")
         stats = await repo.arm_stats(tx, segment)
         choice = self.sampler.choose([ArmStats(a, *stats.get(a, (0, 0))) for a in arms])
@@ -181,6 +183,7 @@ class NudgeExecutor:
         if not created:
             return Decided(None, "scheduled")
         await self._audit(tx, user_id, step_id, send_id, base, choice.arm, send_at)
+        telemetry.NUDGE_DECISIONS.labels("scheduled").inc()
         return Decided(send_id, "scheduled", choice.arm, send_at)
 
     async def _audit(
@@ -278,6 +281,8 @@ class DeliveryWorker:
         at = now or datetime.now(UTC)
         claimed = await uow.run(lambda tx: repo.claim_due(tx, at, at + self.lease, self.batch))
         outcomes = [await self._deliver(uow, send) for send in claimed]
+        for send, outcome in zip(claimed, outcomes, strict=True):
+            telemetry.NUDGE_SENDS.labels(send.channel, outcome.status).inc()
         await uow.run(lambda tx: close_out(tx, at - self.outcome_window, self.batch))
         return outcomes
 
@@ -399,6 +404,7 @@ async def record_conversion(tx: TenantTx, user_id: str, step_id: str, now: datet
         return False
     await _reward(tx, send, True)
     await enqueue(tx, [_outcome_event("nudge.converted", send, step_id=step_id)], user_id=user_id, now=now)
+    telemetry.NUDGE_OUTCOMES.labels("converted").inc()
     return True
 
 
@@ -431,6 +437,7 @@ class NudgeLinks:
                 return LinkOutcome(send_id, False)
             await _reward(tx, send, True)
             await enqueue(tx, [_outcome_event("nudge.clicked", send)], user_id=send.user_id, now=datetime.now(UTC))
+            telemetry.NUDGE_OUTCOMES.labels("clicked").inc()
             return LinkOutcome(send_id, True)
 
         return await uow.run(work)
@@ -451,6 +458,7 @@ class NudgeLinks:
                 )  # fmt: skip
                 event = _outcome_event("nudge.unsubscribed", send, category=STUCK_CATEGORY)
                 await enqueue(tx, [event], user_id=send.user_id, now=datetime.now(UTC))
+                telemetry.NUDGE_OUTCOMES.labels("unsubscribed").inc()
             return LinkOutcome(send_id, changed)
 
         return await uow.run(work)
