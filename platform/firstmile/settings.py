@@ -622,6 +622,14 @@ class NudgeSettings(_Section):
         description="A nudge converts when its step is completed within this long after it was sent; the bandit "
         "counts a sent nudge with neither a click nor a conversion in this window as a failure.",
     )
+    policy_timeout_seconds: float = Field(
+        validation_alias="nudge_policy_timeout_seconds",
+        default=0.5,
+        gt=0,
+        le=30,
+        description="How long each read of a nudge policy's inputs (consents, suppressions, the budget) may take; "
+        "past it the nudge is denied (`policy-timeout`), as the design's guardrail rule says.",
+    )
     default_time_zone: str = Field(
         validation_alias="nudge_default_time_zone",
         default="UTC",

@@ -191,6 +191,39 @@ async def test_the_daily_budget_defers_and_quiet_hours_and_consent_are_in_the_de
     assert row.status == "denied" and row.decision["reasons"] == ["unsubscribed"]
 
 
+async def test_a_policy_check_that_times_out_denies_and_the_transaction_goes_on(
+    client: Client, tenant: TenantFixture, admin_engine: AsyncEngine, app_engine: AsyncEngine
+) -> None:
+    user_id, event = await _stuck(client, tenant, admin_engine, app_engine, None)
+    executor = NudgeExecutor(
+        OnboardingService(CatalogCache()), ["email"], ANYTIME, ThompsonSampler(random.Random(3)), policy_timeout=0.2
+    )
+    async with admin_engine.connect() as blocker:  # a migration holding the consents table: the read waits
+        await blocker.execute(text("LOCK TABLE nudge_consents IN ACCESS EXCLUSIVE MODE"))
+        async with tenant_transaction(app_engine, OPS.tenant(tenant.id)) as tx:
+            decided = await executor.on_stuck(tx, user_id, event.payload["step_id"], datetime.now(UTC))
+        await blocker.rollback()
+    assert decided.status == "denied"
+    [row] = await _sends(app_engine, tenant, user_id)  # written after the timeout, in the same transaction
+    assert row.status == "denied" and row.decision["reasons"] == ["policy-timeout"]
+    assert row.decision["policy"]["email"]["checks"] == {"policy": "timeout"}
+    await sequenced(app_engine, tenant.id)
+    [(entry,)] = await _rows(
+        admin_engine,
+        "SELECT payload FROM audit_entries WHERE tenant_id = :t AND subject = :u AND actor = 'nudge_executor'",
+        t=tenant.id,
+        u=user_id,
+    )
+    assert entry["policy"]["email"]["reasons"] == ["policy-timeout"] and entry["output"]["arm"] is None
+    # with nothing in the way, the same executor decides normally (the timeout setting did not stay behind)
+    other_user, other = await _stuck(client, tenant, admin_engine, app_engine, None)
+    async with tenant_transaction(app_engine, OPS.tenant(tenant.id)) as tx:
+        assert (await executor.on_stuck(tx, other_user, other.payload["step_id"], datetime.now(UTC))).status == (
+            "scheduled"
+        )
+        assert (await tx.execute(text("SELECT current_setting('statement_timeout')"))).scalar_one() != "200ms"
+
+
 class _AcceptedThenCrash:
     """A channel whose provider accepts the message, after which the worker dies before recording it."""
 

@@ -230,6 +230,37 @@ _RETRYABLE_SQLSTATES = frozenset({"40001", "40P01", "57P01", "57P02", "57P03", "
 server resets), cannot connect now (the server is starting up or recovering after a crash), connection exceptions."""
 
 
+class StatementDeadlineError(TimeoutError):
+    """A statement run under :func:`statement_deadline` ran past it (PostgreSQL cancelled it: ``57014``)."""
+
+
+_GET_TIMEOUT = text("SELECT current_setting('statement_timeout')")
+_SET_TIMEOUT = text("SELECT set_config('statement_timeout', :value, true)")
+
+
+@asynccontextmanager
+async def statement_deadline(tx: TenantTx, seconds: float) -> AsyncIterator[None]:
+    """Run the block's statements under PostgreSQL's ``statement_timeout`` of ``seconds``, in a savepoint.
+
+    For reads a decision may not wait for (a lock held by a migration, a slow plan): a statement past
+    the deadline is cancelled by the server, the savepoint rolls back (with the timeout setting), the
+    transaction stays usable, and :class:`StatementDeadlineError` is raised for the caller's fallback.
+    Each statement gets the whole deadline (it is PostgreSQL's per-statement limit); keep the block to
+    a few statements. Other errors pass through unchanged.
+    """
+    try:
+        async with tx.conn.begin_nested():  # an error rolls the savepoint back, the timeout setting with it
+            previous = (await tx.execute(_GET_TIMEOUT)).scalar_one()
+            await tx.execute(_SET_TIMEOUT, {"value": f"{max(1, round(seconds * 1000))}ms"})
+            yield
+            await tx.execute(_SET_TIMEOUT, {"value": previous})
+    except Exception as exc:
+        origin = exc.orig if isinstance(exc, DBAPIError) else exc  # SQLAlchemy's, or asyncpg's from fetch_driver
+        if getattr(origin, "sqlstate", None) == "57014":
+            raise StatementDeadlineError(f"a statement ran past its deadline of {seconds:g} s") from exc
+        raise
+
+
 class DatabaseUnavailableError(RuntimeError):
     """The database kept failing transiently through every retry."""
 

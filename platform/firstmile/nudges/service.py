@@ -37,7 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from firstmile.audit import service as audit
 from firstmile.kit import telemetry
-from firstmile.kit.db import TenantTx
+from firstmile.kit.db import StatementDeadlineError, TenantTx, statement_deadline
 from firstmile.kit.outbox import OutboxEvent, enqueue
 from firstmile.kit.scope import OperatorContext, TenantId, tenant_of
 from firstmile.kit.uow import UnitOfWork
@@ -91,8 +91,11 @@ class NudgeExecutor:
         default_time_zone: str = "UTC",
         links: LinkSigner | None = None,
         public_url: str = "http://127.0.0.1:8000",
+        policy_timeout: float = 0.5,
     ) -> None:
         self.onboarding = onboarding_service
+        self.policy_timeout = policy_timeout
+        """Seconds each read of the policy's inputs may take; past it the decision is denied (``policy-timeout``)."""
         self.links = links
         self.public_url = public_url.rstrip("/")
         self.channels = tuple(channels)
@@ -109,20 +112,28 @@ class NudgeExecutor:
         step = path.step(step_id)
         if step is None:
             return Decided(None, "skipped")
-        held = await onboarding.held_user(tx, user_id)
-        traits: Mapping[str, Any] = (held.profile[0] if held.profile is not None else None) or {}
-        segment = str(traits.get("persona") or "default")
-        time_zone = str(traits.get("timezone") or self.default_time_zone)
-        consents = await repo.consents(tx, user_id)
-        suppressed = await repo.suppressed_channels(tx, user_id)
-        sent = await repo.budget_times(tx, user_id, now - timedelta(days=3))
         verdicts: dict[str, Verdict] = {}
-        for channel in self.channels:
-            audience = Audience(time_zone, consents, suppressed=channel in suppressed)
-            try:
-                verdicts[channel] = evaluate(self.policy, audience, channel, STUCK_CATEGORY, now, sent)
-            except PolicyError as exc:  # a trait with an unknown time zone: the user's own data, not a bug
-                verdicts[channel] = Verdict(False, None, (f"policy-error: {exc}",), {"policy": "deny"})
+        segment, time_zone = "default", self.default_time_zone
+        try:  # the design's rule: a policy check that times out denies
+            async with statement_deadline(tx, self.policy_timeout):
+                held = await onboarding.held_user(tx, user_id)
+                consents = await repo.consents(tx, user_id)
+                suppressed = await repo.suppressed_channels(tx, user_id)
+                sent = await repo.budget_times(tx, user_id, now - timedelta(days=3))
+        except StatementDeadlineError as exc:
+            log.warning("nudge policy inputs timed out, denying: %s", exc)
+            for channel in self.channels:
+                verdicts[channel] = Verdict(False, None, ("policy-timeout",), {"policy": "timeout"})
+        else:
+            traits: Mapping[str, Any] = (held.profile[0] if held.profile is not None else None) or {}
+            segment = str(traits.get("persona") or "default")
+            time_zone = str(traits.get("timezone") or self.default_time_zone)
+            for channel in self.channels:
+                audience = Audience(time_zone, consents, suppressed=channel in suppressed)
+                try:
+                    verdicts[channel] = evaluate(self.policy, audience, channel, STUCK_CATEGORY, now, sent)
+                except PolicyError as exc:  # a trait with an unknown time zone: the user's own data, not a bug
+                    verdicts[channel] = Verdict(False, None, (f"policy-error: {exc}",), {"policy": "deny"})
         allowed = [c for c in self.channels if verdicts[c].allowed]
         arms = [f"{variant}|{channel}|policy" for variant in STUCK_VARIANTS for channel in allowed]
         trigger_key = f"stuck:{step_id}"

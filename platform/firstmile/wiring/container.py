@@ -206,6 +206,7 @@ class Container:
                 list(self.nudge_channels),
                 adapters.nudge_policy(settings),
                 default_time_zone=settings.nudges.default_time_zone,
+                policy_timeout=settings.nudges.policy_timeout_seconds,
                 links=self.link_signer,
                 public_url=settings.server.public_url,
             )
