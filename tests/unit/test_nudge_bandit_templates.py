@@ -7,7 +7,7 @@ import random
 import pytest
 
 from firstmile.nudges.bandit import ArmStats, ThompsonSampler
-from firstmile.nudges.templates import TemplateProblemError, check, render
+from firstmile.kit.templates import TemplateProblemError, check, render
 
 TRUE_RATES = {"welcome-v1|email|morning": 0.04, "welcome-v2|email|morning": 0.12, "checklist|in_app|now": 0.07}
 

@@ -1,4 +1,4 @@
-"""The built-in nudge content: template variants per trigger and channel (until the manifest's ``nudges:`` section).
+"""Nudge content: the built-in wordings, and the choice among a tenant's (the manifest's ``nudges.templates``).
 
 A variant is one wording; with a channel and a send time it makes an arm of the bandit
 (``variant|channel|timing``). The templates see ``step`` (``title``, ``description``), ``path``
@@ -9,7 +9,13 @@ when it goes out.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
+
+from firstmile.tenancy.manifest import NudgeTemplateSpec
+
+DEFAULT_LOCALE = "en"
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,3 +55,61 @@ STUCK_VARIANTS: dict[str, dict[str, Template]] = {
     },
 }
 """Variants for ``onboarding.stuck``, by variant then channel."""
+
+
+@dataclass(frozen=True, slots=True)
+class Wording:
+    """One template a decision may choose: a variant on a channel, from the manifest or built in."""
+
+    variant: str
+    channel: str
+    template: Template
+    source: str
+    """``manifest`` or ``builtin``."""
+    persona: str = "*"
+    locale: str = DEFAULT_LOCALE
+    version: int | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """What the audit entry and the send record of the content."""
+        return {"source": self.source, "variant": self.variant, "channel": self.channel, "persona": self.persona,
+                "locale": self.locale, "version": self.version}  # fmt: skip
+
+
+def language_of(value: object) -> str:
+    """The language of a ``locale`` trait (``de-AT`` and ``de_AT`` give ``de``); the default when unusable."""
+    if not isinstance(value, str):
+        return DEFAULT_LOCALE
+    language = value.replace("_", "-").split("-", 1)[0].lower()
+    return language if 2 <= len(language) <= 3 and language.isalpha() and language.isascii() else DEFAULT_LOCALE
+
+
+def wordings(templates: Iterable[NudgeTemplateSpec], trigger: str, persona: str, locale: str) -> list[Wording]:
+    """The wordings a decision for ``trigger`` may choose among, for a user of ``persona`` speaking ``locale``.
+
+    Of the manifest's templates for the trigger: the user's language if any template has it, else the
+    default (``en``); within it, the templates for the user's persona if any, else those for any persona
+    (``*``); of each variant and channel, the highest version. No manifest template for the trigger in
+    either language: the built-in wordings (English).
+    """
+    mine = [t for t in templates if t.trigger == trigger and t.persona in (persona, "*")]
+    for language in dict.fromkeys((locale, DEFAULT_LOCALE)):
+        spoken = [t for t in mine if t.locale == language]
+        if not spoken:
+            continue
+        exact = [t for t in spoken if t.persona == persona]
+        best: dict[tuple[str, str], NudgeTemplateSpec] = {}
+        for t in exact or spoken:
+            held = best.get((t.variant, t.channel))
+            if held is None or t.version > held.version:
+                best[(t.variant, t.channel)] = t
+        return [
+            Wording(t.variant, t.channel, Template(t.subject, t.body, t.html), "manifest", t.persona, t.locale,
+                    t.version)
+            for t in sorted(best.values(), key=lambda t: (t.variant, t.channel))
+        ]  # fmt: skip
+    return [
+        Wording(variant, channel, template, "builtin")
+        for variant, by_channel in STUCK_VARIANTS.items()
+        for channel, template in by_channel.items()
+    ]

@@ -215,7 +215,8 @@ _CLICK = text(
 )
 _CONVERT = text(
     f"UPDATE nudge_sends SET converted_at = now(), updated_at = now()"
-    f" WHERE tenant_id = :t AND user_id = :u AND trigger_key = :k AND status = 'sent' AND converted_at IS NULL"
+    f" WHERE tenant_id = :t AND user_id = :u AND split_part(trigger_key, ':', 2) = :step AND status = 'sent'"
+    f" AND converted_at IS NULL"
     f" AND sent_at >= :since RETURNING {_COLUMNS}"
 )
 _REWARDED = text(
@@ -234,10 +235,10 @@ async def record_click(tx: TenantTx, send_id: uuid.UUID) -> SendRow | None:
     return None if row is None else _row(row)
 
 
-async def record_conversion(tx: TenantTx, user_id: str, trigger_key: str, since: datetime) -> SendRow | None:
-    """The nudge sent since ``since`` for ``trigger_key`` whose step the user has just completed (once)."""
-    row = (await tx.execute(_CONVERT, {"t": tx.tenant, "u": user_id, "k": trigger_key, "since": since})).first()
-    return None if row is None else _row(row)
+async def record_conversion(tx: TenantTx, user_id: str, step_id: str, since: datetime) -> list[SendRow]:
+    """The nudges about ``step_id`` (trigger key ``<trigger>:<step>``) sent since ``since``, now converted (once)."""
+    return [_row(r) for r in await tx.execute(_CONVERT, {"t": tx.tenant, "u": user_id, "step": step_id,
+                                                          "since": since})]  # fmt: skip
 
 
 async def mark_rewarded(tx: TenantTx, send_id: uuid.UUID) -> bool:

@@ -40,6 +40,7 @@ from firstmile.kit import telemetry
 from firstmile.kit.db import StatementDeadlineError, TenantTx, statement_deadline
 from firstmile.kit.outbox import OutboxEvent, enqueue
 from firstmile.kit.scope import OperatorContext, TenantId, tenant_of
+from firstmile.kit.templates import TemplateProblemError, render
 from firstmile.kit.uow import UnitOfWork
 from firstmile.nudges import repository as repo
 from firstmile.nudges.bandit import ArmStats, ThompsonSampler
@@ -50,10 +51,10 @@ from firstmile.nudges.channels import (
     ChannelUnavailableError,
     OutboundMessage,
 )
-from firstmile.nudges.content import STUCK_VARIANTS
+from firstmile.nudges.config import TenantNudges, tenant_nudges
+from firstmile.nudges.content import DEFAULT_LOCALE, language_of, wordings
 from firstmile.nudges.links import CLICK, UNSUBSCRIBE, BadLinkError, LinkPrincipal, LinkSigner
 from firstmile.nudges.policy import Audience, NudgePolicy, PolicyError, Verdict, evaluate
-from firstmile.nudges.templates import TemplateProblemError, render
 from firstmile.onboarding import service as onboarding
 from firstmile.security.crypto import FieldContext
 from firstmile.security.datakeys import DataKeyService, TenantKeys
@@ -65,6 +66,7 @@ DECIDER = OperatorContext("worker:nudges")
 DELIVERY = OperatorContext("worker:nudge-delivery")
 BANDIT_VERSION = "thompson-beta-1"
 STUCK_CATEGORY = "onboarding"
+STUCK_TRIGGER = "stuck"
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,15 +107,49 @@ class NudgeExecutor:
 
     async def on_stuck(self, tx: TenantTx, user_id: str, step_id: str, now: datetime) -> Decided:
         """Decide the nudge for a user flagged stuck on ``step_id`` (one transaction: the caller's)."""
+        return await self.on_trigger(tx, user_id, STUCK_TRIGGER, step_id, now)
+
+    async def tenant_setup(self, tx: TenantTx) -> TenantNudges:
+        """The tenant's nudge configuration: the manifest's ``nudges:`` section over the platform's defaults."""
+        return tenant_nudges(await tenancy.nudges_spec(tx), self.policy, self.channels, self.default_time_zone)
+
+    async def on_trigger(
+        self, tx: TenantTx, user_id: str, trigger: str, step_id: str | None, now: datetime,
+        setup: TenantNudges | None = None,
+    ) -> Decided:  # fmt: skip
+        """Decide the nudge for ``trigger`` (``stuck`` or a trigger of the manifest) for a user (the caller's
+        transaction). ``step_id``: the step it is about (``stuck``, ``step_idle``); None for the others, which
+        are about the user's current step (``event_missing``) or the activation step (``activated``)."""
+        setup = setup or await self.tenant_setup(tx)
+        if not setup.enabled or not setup.channels:
+            return Decided(None, "off")
+        kind = "stuck" if trigger == STUCK_TRIGGER else None
+        declared = next((t for t in setup.triggers if t.id == trigger), None)
+        if declared is not None:
+            kind = declared.when
+        if kind is None:
+            return Decided(None, "skipped")  # a trigger the manifest no longer declares
         progress = await self.onboarding.progress(tx, user_id)
-        if progress is None or progress.status != "in_progress" or progress.current_step != step_id:
+        if progress is None or (declared is not None and declared.path != progress.path_key):
             return Decided(None, "skipped")
+        if kind in ("stuck", "step_idle"):
+            if progress.status != "in_progress" or progress.current_step != step_id:
+                return Decided(None, "skipped")
+            trigger_key = f"{trigger}:{step_id}"
+        elif kind == "event_missing":
+            if progress.status != "in_progress":
+                return Decided(None, "skipped")
+            step_id, trigger_key = progress.current_step, f"{trigger}:-"
+        else:  # activated
+            if progress.activated_at is None:
+                return Decided(None, "skipped")
+            step_id, trigger_key = None, f"{trigger}:-"
         path = await self.onboarding.catalogs.version(tx, progress.path_key, progress.path_version)
-        step = path.step(step_id)
+        step = path.step(step_id or path.activation_step)
         if step is None:
             return Decided(None, "skipped")
         verdicts: dict[str, Verdict] = {}
-        segment, time_zone = "default", self.default_time_zone
+        segment, time_zone, locale = "default", setup.default_time_zone, DEFAULT_LOCALE
         try:  # the design's rule: a policy check that times out denies
             async with statement_deadline(tx, self.policy_timeout):
                 held = await onboarding.held_user(tx, user_id)
@@ -122,27 +158,31 @@ class NudgeExecutor:
                 sent = await repo.budget_times(tx, user_id, now - timedelta(days=3))
         except StatementDeadlineError as exc:
             log.warning("nudge policy inputs timed out, denying: %s", exc)
-            for channel in self.channels:
+            for channel in setup.channels:
                 verdicts[channel] = Verdict(False, None, ("policy-timeout",), {"policy": "timeout"})
         else:
             traits: Mapping[str, Any] = (held.profile[0] if held.profile is not None else None) or {}
             segment = str(traits.get("persona") or "default")
-            time_zone = str(traits.get("timezone") or self.default_time_zone)
-            for channel in self.channels:
+            time_zone = str(traits.get("timezone") or setup.default_time_zone)
+            locale = language_of(traits.get("locale"))
+            for channel in setup.channels:
                 audience = Audience(time_zone, consents, suppressed=channel in suppressed)
                 try:
-                    verdicts[channel] = evaluate(self.policy, audience, channel, STUCK_CATEGORY, now, sent)
+                    verdicts[channel] = evaluate(setup.policy, audience, channel, STUCK_CATEGORY, now, sent)
                 except PolicyError as exc:  # a trait with an unknown time zone: the user's own data, not a bug
                     verdicts[channel] = Verdict(False, None, (f"policy-error: {exc}",), {"policy": "deny"})
-        allowed = [c for c in self.channels if verdicts[c].allowed]
-        arms = [f"{variant}|{channel}|policy" for variant in STUCK_VARIANTS for channel in allowed]
-        trigger_key = f"stuck:{step_id}"
+        offer = [w for w in wordings(setup.templates, trigger, segment, locale) if w.channel in verdicts]
+        candidates = [f"{w.variant}|{w.channel}" for w in offer]
+        arms = {f"{w.variant}|{w.channel}|policy": w for w in offer if verdicts[w.channel].allowed}
         send_id = uuid.uuid4()
         base: dict[str, Any] = {
-            "trigger": "onboarding.stuck",
+            "trigger": "onboarding.stuck" if kind == "stuck" else f"manifest:{trigger}",
             "trigger_key": trigger_key,
+            "step_id": step.id,
             "segment": segment,
             "time_zone": time_zone,
+            "locale": locale,
+            "candidates": candidates,
             "policy": {
                 c: {"allowed": v.allowed, "send_at": v.send_at.isoformat() if v.send_at else None,
                     "reasons": list(v.reasons), "checks": dict(v.checks)}
@@ -150,37 +190,39 @@ class NudgeExecutor:
             },
         }  # fmt: skip
         if not arms:
-            reasons = sorted({r for v in verdicts.values() for r in v.reasons})
+            reasons = sorted({r for v in verdicts.values() for r in v.reasons}) or ["no-wording"]
             created = await repo.insert_send(
                 tx, send_id, user_id, trigger_key, "none", "none", segment, "denied", now, None, "",
                 None, base | {"reasons": reasons},
             )  # fmt: skip
             if created:
-                await self._audit(tx, user_id, step_id, send_id, base, None, None)
+                await self._audit(tx, user_id, base, send_id, None, None)
                 telemetry.NUDGE_DECISIONS.labels("denied").inc()
             return Decided(send_id if created else None, "denied")
         stats = await repo.arm_stats(tx, segment)
         choice = self.sampler.choose([ArmStats(a, *stats.get(a, (0, 0))) for a in arms])
-        variant, channel, _ = choice.arm.split("|")
-        template = STUCK_VARIANTS[variant][channel]
+        wording = arms[choice.arm]
         link = f"{self.public_url}/v1/nudges/l/{self.links.token(tx.tenant, send_id, CLICK)}" if self.links else ""
         context = {
             "link": link,
             "step": {"title": step.title, "description": step.description or ""},
             "path": {"name": path.name},
             "tenant": {"name": await tenancy.tenant_name(tx)},
+            "persona": segment,
         }
+        template = wording.template
         try:
             subject = render(template.subject, context).text if template.subject else None
             body = render(template.body, context).text
             html = render(template.html, context, html=True).text if template.html else None
         except TemplateProblemError as exc:
-            raise ValueError(f"nudge template {variant}/{channel} does not render: {exc}") from exc
-        send_at = verdicts[channel].send_at or now
+            raise ValueError(f"nudge template {wording.variant}/{wording.channel} does not render: {exc}") from exc
+        send_at = verdicts[wording.channel].send_at or now
         decision = base | {
             "arm": choice.arm,
-            "channel": channel,
-            "variant": variant,
+            "channel": wording.channel,
+            "variant": wording.variant,
+            "content": wording.describe(),
             "bandit": {
                 "version": BANDIT_VERSION,
                 "samples": {k: round(v, 6) for k, v in choice.samples.items()},
@@ -188,12 +230,12 @@ class NudgeExecutor:
             },
         }
         created = await repo.insert_send(
-            tx, send_id, user_id, trigger_key, channel, choice.arm, segment, "scheduled", send_at, subject, body, html,
-            decision,
+            tx, send_id, user_id, trigger_key, wording.channel, choice.arm, segment, "scheduled", send_at, subject,
+            body, html, decision,
         )  # fmt: skip
         if not created:
             return Decided(None, "scheduled")
-        await self._audit(tx, user_id, step_id, send_id, base, choice.arm, send_at)
+        await self._audit(tx, user_id, base, send_id, choice.arm, send_at, wording.describe())
         telemetry.NUDGE_DECISIONS.labels("scheduled").inc()
         return Decided(send_id, "scheduled", choice.arm, send_at)
 
@@ -201,11 +243,11 @@ class NudgeExecutor:
         self,
         tx: TenantTx,
         user_id: str,
-        step_id: str,
-        send_id: uuid.UUID,
         base: Mapping[str, Any],
+        send_id: uuid.UUID,
         arm: str | None,
         send_at: datetime | None,
+        content: Mapping[str, Any] | None = None,
     ) -> None:
         await audit.append(
             tx,
@@ -214,12 +256,12 @@ class NudgeExecutor:
             user_id,
             {
                 "decision": "nudge",
-                "inputs": {"trigger": base["trigger"], "step_id": step_id, "segment": base["segment"],
-                           "time_zone": base["time_zone"]},
-                "candidates": [f"{v}|{c}" for v in STUCK_VARIANTS for c in self.channels],
+                "inputs": {"trigger": base["trigger"], "trigger_key": base["trigger_key"], "step_id": base["step_id"],
+                           "segment": base["segment"], "time_zone": base["time_zone"], "locale": base["locale"]},
+                "candidates": base["candidates"],
                 "policy": base["policy"],
                 "output": {"send_id": str(send_id), "arm": arm,
-                           "send_at": send_at.isoformat() if send_at else None},
+                           "send_at": send_at.isoformat() if send_at else None, "content": content},
                 "model": "nudge_bandit",
                 "model_version": BANDIT_VERSION,
                 "confidence": None,
@@ -409,14 +451,15 @@ async def close_out(tx: TenantTx, before: datetime, limit: int) -> int:
 
 
 async def record_conversion(tx: TenantTx, user_id: str, step_id: str, now: datetime, window: timedelta) -> bool:
-    """The user completed ``step_id``: a nudge sent for it within ``window`` converted (once)."""
-    send = await repo.record_conversion(tx, user_id, f"stuck:{step_id}", now - window)
-    if send is None:
-        return False
-    await _reward(tx, send, True)
-    await enqueue(tx, [_outcome_event("nudge.converted", send, step_id=step_id)], user_id=user_id, now=now)
-    telemetry.NUDGE_OUTCOMES.labels("converted").inc()
-    return True
+    """The user completed ``step_id``: the nudges about it sent within ``window`` converted (each once)."""
+    sends = await repo.record_conversion(tx, user_id, step_id, now - window)
+    for send in sends:
+        await _reward(tx, send, True)
+        telemetry.NUDGE_OUTCOMES.labels("converted").inc()
+    if sends:
+        events = [_outcome_event("nudge.converted", send, step_id=step_id) for send in sends]
+        await enqueue(tx, events, user_id=user_id, now=now)
+    return bool(sends)
 
 
 @dataclass(frozen=True, slots=True)

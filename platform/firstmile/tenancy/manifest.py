@@ -11,11 +11,13 @@ import hashlib
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 from firstmile.kit.ids import REGION_PATTERN, SLUG_PATTERN
+from firstmile.kit.templates import TemplateProblemError, render
 from firstmile.tenancy.keys import SCOPES
 
 Operator = Literal["eq", "ne", "in", "not_in", "gt", "gte", "lt", "lte", "exists", "contains"]
@@ -234,6 +236,158 @@ class LimitsSpec(_Model):
     )
 
 
+NUDGE_CHANNELS: tuple[str, ...] = ("email", "sms", "in_app", "push")
+NudgeChannel = Literal["email", "sms", "in_app", "push"]
+STUCK_TRIGGER = "stuck"
+"""The trigger name of ``onboarding.stuck`` (the stuck scan) in ``nudges.templates``."""
+TEMPLATE_SAMPLE: dict[str, Any] = {
+    "link": "https://firstmile.invalid/v1/nudges/l/sample",
+    "step": {"title": "Create an API key", "description": "Keys live under Settings."},
+    "path": {"name": "Developer onboarding"},
+    "tenant": {"name": "Acme"},
+    "persona": "developer",
+}
+"""The variables a nudge template may use, with sample values: the manifest's templates must render with them."""
+_TEMPLATE_LIMITS = {"sms": 1600, "push": 500, "in_app": 2000}
+Duration = Annotated[
+    str,
+    Field(pattern=r"^[1-9][0-9]{0,4}(m|h|d)$", description="A duration: a number and a unit, m, h or d (`90m`, `2h`)."),
+]
+
+
+def duration_seconds(value: str) -> int:
+    """The seconds of a manifest duration (``90m``, ``2h``, ``3d``)."""
+    return int(value[:-1]) * {"m": 60, "h": 3600, "d": 86_400}[value[-1]]
+
+
+class QuietHoursSpec(_Model):
+    """Local quiet hours (the user's time zone); the window may span midnight."""
+
+    start: str = Field(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$", description="`HH:MM`, local.")
+    end: str = Field(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$", description="`HH:MM`, local.")
+
+
+class NudgePolicySpec(_Model):
+    """The tenant's nudge policy; a field left out keeps the platform's default (FIRSTMILE_NUDGE_*)."""
+
+    daily_cap: int | None = Field(
+        default=None, ge=0, le=20, description="Nudges per user per local calendar day, every channel together."
+    )
+    quiet_hours: QuietHoursSpec | Literal["none"] | None = Field(
+        default=None, description="Local quiet hours, or `none`. Omitted: FIRSTMILE_NUDGE_QUIET_HOURS."
+    )
+    max_delay_hours: float | None = Field(
+        default=None, ge=0, le=24 * 14, description="A nudge deferred longer than this is dropped."
+    )
+    default_time_zone: str | None = Field(
+        default=None, max_length=64, description="IANA time zone of users whose `timezone` trait is missing."
+    )
+
+    @model_validator(mode="after")
+    def _known_zone(self) -> NudgePolicySpec:
+        if self.default_time_zone is not None:
+            try:
+                ZoneInfo(self.default_time_zone)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"unknown time zone {self.default_time_zone!r} (an IANA name)") from None
+        return self
+
+
+class NudgeTriggerSpec(_Model):
+    """A trigger declared on a path: it fires once per user (and step), then the policy and the bandit decide."""
+
+    id: Slug
+    path: Slug = Field(description="The path whose users it watches.")
+    when: Literal["step_idle", "event_missing", "activated"] = Field(
+        description="`step_idle`: the user sits on `step` for `after`; `event_missing`: `event` not seen within "
+        "`after` of the start; `activated`: the user reached the path's activation step."
+    )
+    step: Slug | None = Field(default=None, description="For `step_idle`: the step (a step of `path`).")
+    event: str | None = Field(
+        default=None, min_length=1, max_length=200, description="For `event_missing`: the tracked event's name."
+    )
+    after: Duration | None = Field(default=None, description="For `step_idle` and `event_missing`.")
+
+    @model_validator(mode="after")
+    def _fields_fit(self) -> NudgeTriggerSpec:
+        needs = {"step_idle": {"step", "after"}, "event_missing": {"event", "after"}, "activated": set[str]()}
+        given = {name for name in ("step", "event", "after") if getattr(self, name) is not None}
+        if given != needs[self.when]:
+            wanted = ", ".join(sorted(needs[self.when])) or "none of step, event, after"
+            raise ValueError(f"trigger {self.id}: when {self.when} takes {wanted}")
+        return self
+
+
+class NudgeTemplateSpec(_Model):
+    """One wording of a nudge for one channel; several variants of a trigger compete in the bandit."""
+
+    trigger: str = Field(
+        default=STUCK_TRIGGER, min_length=1, max_length=63, description="`stuck` or the id of a declared trigger."
+    )
+    persona: str = Field(default="*", min_length=1, max_length=64, description="The persona it is for; `*`: any.")
+    locale: str = Field(default="en", pattern=r"^[a-z]{2,3}$", description="Language (ISO 639), e.g. `en`, `de`.")
+    variant: Slug = Field(description="The wording's name; with the channel, an arm of the bandit.")
+    version: int = Field(default=1, ge=1, le=100_000, description="The highest version of a template is sent.")
+    channel: NudgeChannel
+    subject: str | None = Field(
+        default=None, max_length=2000, description="E-mail subject, push or in-app title (required for e-mail)."
+    )
+    body: str = Field(min_length=1, max_length=20_000, description="The text (Jinja2, sandboxed, strict).")
+    html: str | None = Field(default=None, max_length=20_000, description="E-mail only: the HTML part.")
+
+    @model_validator(mode="after")
+    def _renders(self, info: ValidationInfo) -> NudgeTemplateSpec:
+        if self.channel == "email" and self.subject is None:
+            raise ValueError(f"template {self.variant}/{self.channel}: e-mail needs a subject")
+        if self.html is not None and self.channel != "email":
+            raise ValueError(f"template {self.variant}/{self.channel}: only e-mail has an html part")
+        if isinstance(info.context, dict) and info.context.get("stored"):
+            return self  # read back from the database: it rendered when the manifest was applied
+        for part, source, html in (("subject", self.subject, False), ("body", self.body, False),
+                                   ("html", self.html, True)):  # fmt: skip
+            if source is None:
+                continue
+            try:
+                text = render(source, TEMPLATE_SAMPLE, html=html).text
+            except TemplateProblemError as exc:
+                raise ValueError(f"template {self.variant}/{self.channel} {part}: {exc}") from None
+            limit = _TEMPLATE_LIMITS.get(self.channel)
+            if part == "body" and limit is not None and len(text) > limit:
+                raise ValueError(f"template {self.variant}/{self.channel}: renders to {len(text)} characters, "
+                                 f"more than the {limit} a {self.channel} message takes")  # fmt: skip
+        return self
+
+
+class NudgesSpec(_Model):
+    """The tenant's nudges: channels, policy, triggers declared per path, and templates (docs/nudges.md)."""
+
+    enabled: bool = Field(default=True, description="False: no nudge is decided or sent for this tenant.")
+    channels: tuple[NudgeChannel, ...] | None = Field(
+        default=None, description="Channels the tenant allows (of those the platform has). Omitted: all of them."
+    )
+    policy: NudgePolicySpec | None = None
+    triggers: tuple[NudgeTriggerSpec, ...] = Field(default=(), max_length=100)
+    templates: tuple[NudgeTemplateSpec, ...] = Field(
+        default=(), max_length=500, description="Omitted for a trigger: the built-in wordings."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> NudgesSpec:
+        ids = [t.id for t in self.triggers]
+        if len(set(ids)) != len(ids) or STUCK_TRIGGER in ids:
+            raise ValueError(f"nudges: trigger ids must be unique and not {STUCK_TRIGGER!r}")
+        keys = [(t.trigger, t.persona, t.locale, t.variant, t.channel, t.version) for t in self.templates]
+        repeated = sorted({"/".join(map(str, k)) for k in keys if keys.count(k) > 1})
+        if repeated:
+            raise ValueError(f"nudges: templates repeated (trigger/persona/locale/variant/channel/version): {repeated}")
+        unknown = sorted({t.trigger for t in self.templates} - {STUCK_TRIGGER, *ids})
+        if unknown:
+            raise ValueError(f"nudges: templates name unknown triggers {unknown}")
+        if self.channels is not None and len(set(self.channels)) != len(self.channels):
+            raise ValueError("nudges: channels repeated")
+        return self
+
+
 ADMIN_ROLES: tuple[str, ...] = ("owner", "editor", "analyst", "viewer")
 AdminRole = Literal["owner", "editor", "analyst", "viewer"]
 DEFAULT_ROLE_DESCRIPTIONS: dict[str, str] = {
@@ -389,6 +543,11 @@ class TenantManifest(_Model):
             "Rate limits of the tenant's API credentials. Omitted: the platform's defaults (FIRSTMILE_RATE_LIMIT_*)."
         ),
     )
+    nudges: NudgesSpec | None = Field(
+        default=None,
+        description="Nudges: channels, policy, triggers per path and templates. Omitted: the platform's defaults "
+        "(FIRSTMILE_NUDGE_*), the stuck trigger and the built-in wordings.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> TenantManifest:
@@ -407,12 +566,20 @@ class TenantManifest(_Model):
             raise ValueError(
                 f"targeted paths need distinct priorities so the choice is deterministic; repeated: {clashes}"
             )
+        for trigger in self.nudges.triggers if self.nudges is not None else ():
+            path = next((p for p in self.paths if p.id == trigger.path), None)
+            if path is None:
+                raise ValueError(f"nudges: trigger {trigger.id} names unknown path {trigger.path}")
+            if trigger.step is not None and trigger.step not in {s.id for s in path.steps}:
+                raise ValueError(f"nudges: trigger {trigger.id}: {trigger.step} is not a step of path {path.id}")
         return self
 
     def content_hash(self) -> str:
         # Sections added later are left out while unset, so existing manifests keep their hash.
         unset: dict[str, Any] = {
-            name: True for name in ("keys", "pii_traits", "planner", "sso", "limits") if getattr(self, name) is None
+            name: True
+            for name in ("keys", "pii_traits", "planner", "sso", "limits", "nudges")
+            if getattr(self, name) is None
         }
         if self.sso is not None and not self.sso.machine_clients:
             unset["sso"] = {"machine_clients": True}  # added to sso later: an sso section without it keeps its hash
@@ -424,10 +591,28 @@ class ManifestError(ValueError):
     """A manifest file that cannot be read or does not validate; the message says where."""
 
 
+def _position(root: yaml.Node | None, loc: tuple[int | str, ...]) -> tuple[int, int] | None:
+    """The 1-based line and column of the deepest node of ``loc`` found in the YAML tree."""
+    node, found = root, root
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == str(part)), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+            node = node.value[part]
+        else:
+            node = None
+        if node is None:
+            break
+        found = node
+    return None if found is None else (found.start_mark.line + 1, found.start_mark.column + 1)
+
+
 def load_manifest(path: Path) -> TenantManifest:
-    """Read and validate one manifest file."""
+    """Read and validate one manifest file; a :class:`ManifestError` names the line and column of each error."""
     try:
-        raw: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        raw: Any = yaml.safe_load(text)
+        tree = yaml.compose(text, Loader=yaml.SafeLoader)
     except (OSError, yaml.YAMLError) as exc:
         raise ManifestError(f"{path}: {exc}") from exc
     try:
@@ -435,8 +620,16 @@ def load_manifest(path: Path) -> TenantManifest:
     except ValidationError as exc:
         lines = [f"{path}: invalid manifest"]
         for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            lines.append(f"  {where}: {err['msg']}")
+            loc = tuple(p for p in err["loc"] if isinstance(p, int | str))
+            # pydantic adds the member's tag to a union's loc (quiet_hours.QuietHoursSpec.start): drop it
+            while True:
+                names = [i for i, p in enumerate(loc) if isinstance(p, str) and (p[:1].isupper() or "[" in p)]
+                if not names:
+                    break
+                loc = loc[: names[0]] + loc[names[0] + 1 :]
+            where = ".".join(str(p) for p in loc) or "(top level)"
+            at = _position(tree, loc)
+            lines.append(f"  {path}:{at[0]}:{at[1]}: {where}: {err['msg']}" if at else f"  {where}: {err['msg']}")
         raise ManifestError("\n".join(lines)) from exc
 
 

@@ -19,7 +19,7 @@ from firstmile.audit import service as audit
 from firstmile.kit.db import TenantTx
 from firstmile.tenancy import keys as keylib
 from firstmile.tenancy import repository as repo
-from firstmile.tenancy.manifest import KeysSpec, LimitsSpec, TenantManifest
+from firstmile.tenancy.manifest import KeysSpec, LimitsSpec, NudgesSpec, TenantManifest
 from firstmile.tenancy.repository import KeyRow, ResolvedKey, ResolvedTenant, TenantRow
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "limits_spec",
     "list_keys",
     "manifest",
+    "nudges_spec",
     "path_settings",
     "resolve_key",
     "resolve_tenant",
@@ -115,6 +116,13 @@ async def limits_spec(tx: TenantTx) -> LimitsSpec | None:
     """The manifest's ``limits:`` section (the tenant's API rate limits), or None for the platform's defaults."""
     raw = await repo.manifest_section(tx, "limits")
     return LimitsSpec.model_validate(raw) if raw else None
+
+
+async def nudges_spec(tx: TenantTx) -> NudgesSpec | None:
+    """The manifest's ``nudges:`` section, or None for the platform's defaults (its templates are not rendered
+    again: they were when the manifest was applied)."""
+    raw = await repo.manifest_section(tx, "nudges")
+    return NudgesSpec.model_validate(raw, context={"stored": True}) if raw else None
 
 
 async def has_customer_idp(tx: TenantTx) -> bool:
