@@ -17,7 +17,7 @@ BENCH_REGISTRY := .firstmile/bench-registry
 BENCH_MODELS := .firstmile/bench-models/registry
 PYTEST_WORKERS ?= 2
 
-.PHONY: help run install test lint typecheck pytest services services-stop bench bench-security bench-analytics bench-events bench-inference bench-planner bench-admin clean
+.PHONY: help run install test lint typecheck pytest services services-stop bench bench-security bench-analytics bench-events bench-inference bench-planner bench-admin bench-nudges clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -32,7 +32,8 @@ install: $(STAMP) ## Create .venv and install Firstmile with its dev tools (idem
 
 run: $(STAMP) ## Migrate the embedded PostgreSQL, apply tenants/demo.yaml, print a demo key, serve on 127.0.0.1:8000 (nudge e-mail to a local Mailpit)
 	@$(MAILPIT) start run && echo "nudge e-mails: $$($(MAILPIT) api run) (Mailpit)" || echo "Mailpit did not start: no e-mail nudges"
-	FIRSTMILE_NUDGE_SMTP_URL=$${FIRSTMILE_NUDGE_SMTP_URL:-$$($(MAILPIT) url run)} $(BIN)/firstmile dev
+	FIRSTMILE_NUDGE_SMTP_URL=$${FIRSTMILE_NUDGE_SMTP_URL:-$$($(MAILPIT) url run)} \
+	  FIRSTMILE_NUDGE_IN_APP=$${FIRSTMILE_NUDGE_IN_APP:-off} $(BIN)/firstmile dev
 
 services: ## Install (apt) and start the PostgreSQL, Kafka, Redis, Keycloak and Mailpit the tests use; install Chromium
 	@$(CHROMIUM) install
@@ -171,6 +172,20 @@ bench-admin: $(STAMP) ## Admin UI session auth (in-process, Redis) vs the API ke
 	  $(REDIS) start bench; \
 	  FIRSTMILE_BENCH_ADMIN_URL=$$($(PG) url bench) FIRSTMILE_BENCH_REDIS=$$($(REDIS) url bench) \
 	    $(BIN)/python -m benchmarks admin --output .firstmile/bench/admin.md
+
+bench-nudges: $(STAMP) ## Nudge decisions per second and stuck -> delivered into Mailpit; report in .firstmile/bench/nudges.md
+	@pg_port=$$($(PG) url bench | sed -E 's#.*:([0-9]+)/.*#\1#'); \
+	  pg_up=; (exec 3<>/dev/tcp/127.0.0.1/$$pg_port) 2>/dev/null && pg_up=1; \
+	  mp_port=$$($(MAILPIT) api bench | sed -E 's#.*:([0-9]+).*#\1#'); \
+	  mailpit_up=; (exec 3<>/dev/tcp/127.0.0.1/$$mp_port) 2>/dev/null && mailpit_up=1; \
+	  cleanup() { [ -n "$$mailpit_up" ] || $(MAILPIT) stop bench; [ -n "$$pg_up" ] || $(PG) stop bench; }; \
+	  trap cleanup EXIT; trap 'exit 130' INT TERM; \
+	  set -e; \
+	  $(PG) start bench; \
+	  $(MAILPIT) start bench; \
+	  FIRSTMILE_BENCH_ADMIN_URL=$$($(PG) url bench) FIRSTMILE_BENCH_MAILPIT_SMTP=$$($(MAILPIT) url bench) \
+	    FIRSTMILE_BENCH_MAILPIT_API=$$($(MAILPIT) api bench) \
+	    $(BIN)/python -m benchmarks nudges --output .firstmile/bench/nudges.md
 
 clean: ## Remove the venv and all local state (embedded database included)
 	-$(PG) stop test; $(PG) stop bench; $(KAFKA) stop test; $(KAFKA) stop bench; $(REDIS) stop test; $(REDIS) stop bench

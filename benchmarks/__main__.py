@@ -264,6 +264,38 @@ def bench_admin(duration: int, connections: int, rounds: int, output: Path | Non
         output.write_text(report, encoding="utf-8")
 
 
+@main.command("nudges")
+@click.option("--decisions", default=2000, show_default=True, type=click.IntRange(10, 100_000), help="Per round.")
+@click.option(
+    "--concurrency", multiple=True, type=click.IntRange(1, 64), default=(1, 16), show_default=True,
+    help="Decisions in flight at once (repeat for several rounds).",
+)  # fmt: skip
+@click.option("--chain", default=100, show_default=True, type=click.IntRange(5, 5000), help="Stuck → delivered users.")
+@click.option("--rounds", default=20_000, show_default=True, type=click.IntRange(100, 10_000_000), help="Core loops.")
+@click.option("--admin", envvar="FIRSTMILE_BENCH_ADMIN_URL", required=True, help="The bench PostgreSQL (superuser).")
+@click.option("--smtp", envvar="FIRSTMILE_BENCH_MAILPIT_SMTP", required=True, help="Mailpit's SMTP URL.")
+@click.option("--api", envvar="FIRSTMILE_BENCH_MAILPIT_API", required=True, help="Mailpit's HTTP API base URL.")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Report file.")
+def bench_nudges(
+    decisions: int, concurrency: tuple[int, ...], chain: int, rounds: int, admin: str, smtp: str, api: str,
+    output: Path | None,
+) -> None:  # fmt: skip
+    """Nudge decisions per second and stuck → delivered into Mailpit, each against a baseline (docs/benchmarks.md)."""
+    from benchmarks.common import BenchError
+    from benchmarks.nudges import run_nudges_benchmark
+
+    try:
+        report = run_nudges_benchmark(
+            admin, smtp, api, decisions=decisions, concurrency=concurrency, chain=chain, rounds=rounds
+        )
+    except BenchError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(report)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(report, encoding="utf-8")
+
+
 @main.command("cost")
 @click.option("--prices", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None)
 @click.option("--usage", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None)

@@ -622,6 +622,14 @@ class NudgeSettings(_Section):
         description="A nudge converts when its step is completed within this long after it was sent; the bandit "
         "counts a sent nudge with neither a click nor a conversion in this window as a failure.",
     )
+    trigger_scan_seconds: float = Field(
+        validation_alias="nudge_trigger_scan_seconds",
+        default=60,
+        ge=0,
+        le=86_400,
+        description="How often the scheduler fires the manifest's step_idle and event_missing nudge triggers "
+        "(0: never in this process).",
+    )
     policy_timeout_seconds: float = Field(
         validation_alias="nudge_policy_timeout_seconds",
         default=0.5,
@@ -636,6 +644,59 @@ class NudgeSettings(_Section):
         max_length=64,
         description="The time zone of a user whose traits name none (`timezone` trait, an IANA name).",
     )
+    llm_base_url: str = Field(
+        validation_alias="nudge_llm_base_url",
+        default="",
+        max_length=2000,
+        pattern=r"^(|https?://[^\s/?#@]+(/[^\s?#]*)?)$",
+        description="API root of an OpenAI-compatible Chat Completions server for the optional LLM personalisation "
+        "of nudge content (e.g. `https://api.openai.com/v1`; no credentials in it). Empty: off, every nudge uses "
+        "its static template.",
+    )
+    llm_model: str = Field(
+        validation_alias="nudge_llm_model",
+        default="",
+        max_length=200,
+        description="The model the personalisation asks; required when FIRSTMILE_NUDGE_LLM_BASE_URL is set.",
+    )
+    llm_timeout_seconds: float = Field(
+        validation_alias="nudge_llm_timeout_seconds",
+        default=2,
+        gt=0,
+        le=30,
+        description="How long one personalisation may take; past it the static template is used.",
+    )
+    llm_api_key: SecretStr | None = Field(
+        validation_alias="nudge_llm_api_key",
+        default=None,
+        description="The bearer token for the personalisation server. A secret: never in values or logs.",
+    )
+    in_app: Literal["auto", "on", "off"] = Field(
+        validation_alias="nudge_in_app",
+        default="auto",
+        description="The in-app channel (stored messages, a pull endpoint and a live stream): `auto` offers it "
+        "whenever another channel runs the nudges, `on` also alone, `off` never.",
+    )
+    stream_seconds: float = Field(
+        validation_alias="nudge_stream_seconds",
+        default=300,
+        ge=1,
+        le=3600,
+        description="How long one in-app message stream stays open; then it ends and the client reconnects.",
+    )
+    stream_heartbeat_seconds: float = Field(
+        validation_alias="nudge_stream_heartbeat_seconds",
+        default=15,
+        gt=0,
+        le=300,
+        description="A comment on an idle in-app message stream this often, so proxies keep it open.",
+    )
+
+    @model_validator(mode="after")
+    def _llm_is_whole(self) -> NudgeSettings:
+        if self.llm_base_url and not self.llm_model.strip():
+            raise ValueError("FIRSTMILE_NUDGE_LLM_BASE_URL is set: name the model in FIRSTMILE_NUDGE_LLM_MODEL")
+        return self
 
 
 class SsoSettings(_Section):

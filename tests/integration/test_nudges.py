@@ -30,7 +30,8 @@ from firstmile.nudges.bandit import ThompsonSampler
 from firstmile.nudges.channels import Channel, OutboundMessage, Receipt
 from firstmile.nudges.consumer import NudgeTriggers
 from firstmile.nudges.email_smtp import SmtpChannel
-from firstmile.nudges.links import LinkSigner
+from firstmile.nudges.links import CLICK, LinkSigner
+from firstmile.nudges.personalise import Personaliser
 from firstmile.nudges.policy import NudgePolicy
 from firstmile.nudges.service import DeliveryWorker, NudgeExecutor
 from firstmile.onboarding.catalog import CatalogCache
@@ -38,6 +39,7 @@ from firstmile.onboarding.service import OnboardingService
 from firstmile.onboarding.stuck import StuckScanner
 from firstmile.security.datakeys import DataKeyService
 from tests.conftest import Mailpit, TenantFixture, sequenced
+from tests.support.openai_standin import ChatStandIn
 
 pytestmark = pytest.mark.xdist_group("mailpit")
 
@@ -222,6 +224,44 @@ async def test_a_policy_check_that_times_out_denies_and_the_transaction_goes_on(
             "scheduled"
         )
         assert (await tx.execute(text("SELECT current_setting('statement_timeout')"))).scalar_one() != "200ms"
+
+
+async def test_an_llm_rewrite_is_sent_in_place_of_the_template_and_recorded(
+    client: Client,
+    app: Litestar,
+    tenant: TenantFixture,
+    admin_engine: AsyncEngine,
+    app_engine: AsyncEngine,
+    mailpit: Mailpit,
+) -> None:
+    address = f"lin-{uuid.uuid4().hex[:8]}@example.test"
+    user_id, event = await _stuck(client, tenant, admin_engine, app_engine, address)
+    links = app.state.container.link_signer
+    executor = NudgeExecutor(OnboardingService(CatalogCache()), ["email"], ANYTIME, ThompsonSampler(random.Random(3)),
+                             links=links)  # fmt: skip
+    await NudgeTriggers(app_engine, executor, WINDOW).handle([event])
+    keyring: DataKeyService = app.state.container.keyring
+    channel = SmtpChannel(mailpit.smtp_host, mailpit.smtp_port, "nudges@firstmile.test")
+    with ChatStandIn(api_key="sk-test") as llm:
+        llm.reply_json(
+            {"subject": "Create an API key: live in two minutes",
+             "body": "Create an API key and you will see live data in the dashboard. Start here: {link}"}
+        )  # fmt: skip
+        personaliser = Personaliser(llm.base_url, "writer-1", timeout_s=2.0, api_key="sk-test")
+        worker = DeliveryWorker(app_engine, {"email": channel}, keyring, links=links, personaliser=personaliser)
+        try:
+            assert [o.status for o in await worker.deliver_tenant(OPS.tenant(tenant.id))] == ["sent"]
+        finally:
+            await personaliser.aclose()
+        prompts = llm.bodies()
+    [send] = await _sends(app_engine, tenant, user_id)
+    assert send.decision["personalisation"] == {"path": "llm", "reason": None, "model": "writer-1"}
+    assert send.subject == "Create an API key: live in two minutes" and send.html is None  # what was sent
+    [mail] = await _mail(mailpit, address)
+    assert mail["Subject"] == send.subject and "you will see live data in the dashboard" in mail["Text"]
+    token = links.token(tenant.id, send.send_id, CLICK)
+    assert f"/v1/nudges/l/{token}" in mail["Text"]  # the signed link put back where the model kept its marker
+    assert address not in prompts and token not in prompts  # neither the address nor the link left for the LLM
 
 
 class _AcceptedThenCrash:

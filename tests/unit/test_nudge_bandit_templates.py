@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from firstmile.nudges.bandit import ArmStats, ThompsonSampler
 from firstmile.kit.templates import TemplateProblemError, check, render
+from firstmile.nudges.bandit import ArmStats, ThompsonSampler
 
 TRUE_RATES = {"welcome-v1|email|morning": 0.04, "welcome-v2|email|morning": 0.12, "checklist|in_app|now": 0.07}
 

@@ -108,7 +108,9 @@ def test_the_user_gets_their_language_and_persona_else_the_fallbacks() -> None:
     assert {w.template.body for w in wordings(templates, "stuck", "analyst", "en")} == {"any en"}
     assert {w.template.body for w in wordings(templates, "stuck", "developer", "de")} == {"alle de"}
     assert {w.template.body for w in wordings(templates, "stuck", "developer", "fr")} == {"dev en v2"}
-    builtin = wordings(templates, "ghost", "developer", "en")  # no template for the trigger: the built-ins
+    assert {w.template.body for w in wordings(templates, "ghost", "developer", "en")} == {"dev en v2"}  # stuck's
+    assert {w.template.body for w in wordings(templates, "other", "developer", "en")} == {"other trigger"}
+    builtin = wordings(templates[4:], "ghost", "developer", "en")  # no template of its own nor stuck's: built-ins
     assert {w.source for w in builtin} == {"builtin"} and {w.channel for w in builtin} == set(CHANNELS)
     assert wordings(templates, "stuck", "developer", "en")[0].describe() == {
         "source": "manifest", "variant": "alpha", "channel": "in_app", "persona": "developer", "locale": "en",

@@ -234,7 +234,10 @@ class StatementDeadlineError(TimeoutError):
     """A statement run under :func:`statement_deadline` ran past it (PostgreSQL cancelled it: ``57014``)."""
 
 
-_GET_TIMEOUT = text("SELECT current_setting('statement_timeout')")
+_SWAP_TIMEOUT = text(
+    "WITH previous AS MATERIALIZED (SELECT current_setting('statement_timeout') AS value)"
+    " SELECT previous.value, set_config('statement_timeout', :value, true) FROM previous"
+)  # the previous value is read before the new one is set: the CTE is materialized first
 _SET_TIMEOUT = text("SELECT set_config('statement_timeout', :value, true)")
 
 
@@ -250,8 +253,8 @@ async def statement_deadline(tx: TenantTx, seconds: float) -> AsyncIterator[None
     """
     try:
         async with tx.conn.begin_nested():  # an error rolls the savepoint back, the timeout setting with it
-            previous = (await tx.execute(_GET_TIMEOUT)).scalar_one()
-            await tx.execute(_SET_TIMEOUT, {"value": f"{max(1, round(seconds * 1000))}ms"})
+            swapped = await tx.execute(_SWAP_TIMEOUT, {"value": f"{max(1, round(seconds * 1000))}ms"})
+            previous = swapped.one()[0]
             yield
             await tx.execute(_SET_TIMEOUT, {"value": previous})
     except Exception as exc:

@@ -88,7 +88,9 @@ NUDGE_SENDS = Counter(
     ["channel", "outcome"],
 )
 NUDGE_OUTCOMES = Counter(
-    "firstmile_nudge_outcomes_total", "What users did with sent nudges (clicked, converted, unsubscribed).", ["kind"]
+    "firstmile_nudge_outcomes_total",
+    "What users did with sent nudges (clicked, converted, unsubscribed, opened).",
+    ["kind"],
 )
 STUCK_DETECTED = Counter("firstmile_stuck_detected_total", "Users flagged stuck, by detector.", ["detected_by"])
 AUDIT_MERGE_DELAY = Histogram(

@@ -5,20 +5,34 @@ shows a confirmation page whose button posts to ``POST /v1/nudges/u/{token}``, t
 one-click unsubscribe that mail clients call from the ``List-Unsubscribe-Post`` header (a GET never
 unsubscribes: mail scanners follow links). A link that was not issued here, or not for that, is
 a 404 problem.
+
+``/v1/users/{user_id}/messages`` are the user's in-app messages (a tenant API key:
+``onboarding:read`` or ``onboarding:write`` to read, ``onboarding:write`` to mark seen or
+dismissed): the list, the live stream (Server-Sent Events) and the two marks (nudges/inapp.py).
 """
 
 from __future__ import annotations
 
+import re
+import uuid
+from collections.abc import AsyncIterator
 from html import escape
 from typing import Annotated, Any
 
-from litestar import Controller, Request, Response, get, route
+import msgspec
+from litestar import Controller, Request, Response, get, post, route
 from litestar.di import NamedDependency
 from litestar.enums import HttpMethod
-from litestar.params import PathParameter
+from litestar.params import PathParameter, QueryParameter
+from litestar.response import ServerSentEvent, ServerSentEventMessage
 
+from firstmile.kit.auth import require_scope
 from firstmile.kit.errors import ProblemError
+from firstmile.kit.ids import UserIdPath, check_id, check_user_id
+from firstmile.kit.uow import UnitOfWork
+from firstmile.nudges.inapp import OPEN, InAppInbox
 from firstmile.nudges.links import UNSUBSCRIBE, BadLinkError
+from firstmile.nudges.schemas import InAppMessage, InAppMessageList
 from firstmile.nudges.service import NudgeLinks
 
 _PAGE = (
@@ -91,3 +105,112 @@ class NudgeLinksController(Controller):
             )
             return _page("Unsubscribe", form)
         return _page("Unsubscribed", "<p>You will not get these messages on this channel any more.</p>")
+
+
+# ---- in-app messages (tenant API) ----
+
+_UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+_UUID_RE = re.compile(_UUID_PATTERN)
+SendIdPath = Annotated[
+    str,
+    PathParameter(
+        description="The message's `send_id` (a UUID)",
+        schema_extra={"pattern": _UUID_PATTERN, "min_length": 36, "max_length": 36},
+    ),
+]
+MessageLimit = Annotated[int, QueryParameter(description="At most this many messages, 1 to 100", ge=1, le=100)]
+_READ = [require_scope("onboarding:read", "onboarding:write")]
+_WRITE = [require_scope("onboarding:write")]
+_NO_USER = {404: "user-not-found: the user is not known here"}
+_NO_MESSAGE = {404: "message-not-found: not a delivered in-app message of this user"}
+
+
+def _send_id(value: str) -> uuid.UUID:
+    return uuid.UUID(check_id(value, _UUID_RE, "send_id"))
+
+
+async def _events(items: AsyncIterator[InAppMessage | str], retry_ms: int) -> AsyncIterator[ServerSentEventMessage]:
+    async for item in items:
+        if isinstance(item, str):  # a comment: the opening one tells the client how long to wait before reconnecting
+            yield ServerSentEventMessage(data=None, comment=item, retry=retry_ms if item == OPEN else None)
+        else:
+            yield ServerSentEventMessage(data=msgspec.json.encode(item).decode(), id=str(item.send_id))
+
+
+class InAppMessagesController(Controller):
+    path = "/v1/users/{user_id:str}/messages"
+    tags = ["messages"]
+
+    @get(
+        guards=_READ,
+        summary="A user's in-app messages",
+        description="The in-app nudges delivered to the user and not dismissed, newest first (`send_id`, "
+        "`subject`, `body`, `sent_at`, `seen_at`). Needs onboarding:read or onboarding:write.",
+        opt={"problems": _NO_USER},
+    )
+    async def messages(
+        self,
+        user_id: UserIdPath,
+        uow: NamedDependency[UnitOfWork],
+        inbox: NamedDependency[InAppInbox],
+        limit: MessageLimit = 50,
+    ) -> InAppMessageList:
+        check_user_id(user_id)
+        return await uow.run(lambda tx: inbox.messages(tx, user_id, limit))
+
+    @get(
+        "/stream",
+        guards=_READ,
+        summary="A user's in-app messages, live (Server-Sent Events)",
+        description="`text/event-stream`: first the messages not yet seen nor dismissed (oldest first), then a "
+        "`: open` comment (with `retry`), then each new message as it is delivered (`id:` the send_id, `data:` "
+        "the message as JSON), each at most once per stream; `: keep-alive` comments while idle. The server ends "
+        "the stream after FIRSTMILE_NUDGE_STREAM_SECONDS (an EventSource reconnects by itself). Needs "
+        "onboarding:read or onboarding:write.",
+        media_type="text/event-stream",
+        opt={"problems": _NO_USER},
+    )
+    async def stream(
+        self, user_id: UserIdPath, uow: NamedDependency[UnitOfWork], inbox: NamedDependency[InAppInbox]
+    ) -> ServerSentEvent:
+        check_user_id(user_id)
+        await uow.run(lambda tx: inbox.check_user(tx, user_id))
+        return ServerSentEvent(_events(inbox.stream(uow, user_id), inbox.retry_ms))
+
+    @post(
+        "/{send_id:str}/seen",
+        guards=_WRITE,
+        status_code=204,
+        summary="Mark an in-app message seen",
+        description="The app showed the message: the first time records `seen_at` and a `nudge.opened` event; "
+        "idempotent. Needs onboarding:write.",
+        opt={"problems": _NO_MESSAGE},
+    )
+    async def seen(
+        self,
+        user_id: UserIdPath,
+        send_id: SendIdPath,
+        uow: NamedDependency[UnitOfWork],
+        inbox: NamedDependency[InAppInbox],
+    ) -> None:
+        check_user_id(user_id)
+        await inbox.seen(uow, user_id, _send_id(send_id))
+
+    @post(
+        "/{send_id:str}/dismiss",
+        guards=_WRITE,
+        status_code=204,
+        summary="Dismiss an in-app message",
+        description="The user dismissed the message: it leaves the list and the stream; idempotent. Needs "
+        "onboarding:write.",
+        opt={"problems": _NO_MESSAGE},
+    )
+    async def dismiss(
+        self,
+        user_id: UserIdPath,
+        send_id: SendIdPath,
+        uow: NamedDependency[UnitOfWork],
+        inbox: NamedDependency[InAppInbox],
+    ) -> None:
+        check_user_id(user_id)
+        await inbox.dismiss(uow, user_id, _send_id(send_id))

@@ -20,6 +20,8 @@ class TenantNudges:
     default_time_zone: str
     triggers: tuple[NudgeTriggerSpec, ...] = ()
     templates: tuple[NudgeTemplateSpec, ...] = ()
+    tenant_name: str = ""
+    """The tenant's display name (``tenant.name`` in the templates)."""
 
 
 def _clock(value: str) -> time:

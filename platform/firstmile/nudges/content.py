@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import product
 from typing import Any
 
 from firstmile.tenancy.manifest import NudgeTemplateSpec
 
 DEFAULT_LOCALE = "en"
+STUCK = "stuck"
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,12 +91,13 @@ def wordings(templates: Iterable[NudgeTemplateSpec], trigger: str, persona: str,
 
     Of the manifest's templates for the trigger: the user's language if any template has it, else the
     default (``en``); within it, the templates for the user's persona if any, else those for any persona
-    (``*``); of each variant and channel, the highest version. No manifest template for the trigger in
-    either language: the built-in wordings (English).
+    (``*``); of each variant and channel, the highest version. No template for the trigger in either
+    language: the same for the manifest's ``stuck`` templates (a declared trigger without wordings of its
+    own reads like a stuck nudge); none of those either: the built-in wordings (English).
     """
-    mine = [t for t in templates if t.trigger == trigger and t.persona in (persona, "*")]
-    for language in dict.fromkeys((locale, DEFAULT_LOCALE)):
-        spoken = [t for t in mine if t.locale == language]
+    templates = tuple(templates)
+    for wanted, language in product(dict.fromkeys((trigger, STUCK)), dict.fromkeys((locale, DEFAULT_LOCALE))):
+        spoken = [t for t in templates if t.trigger == wanted and t.persona in (persona, "*") and t.locale == language]
         if not spoken:
             continue
         exact = [t for t in spoken if t.persona == persona]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -93,6 +94,30 @@ _SENT_TIMES = text(
 async def budget_times(tx: TenantTx, user_id: str, since: datetime) -> list[datetime]:
     """When the user's nudges since ``since`` went or will go (sent, or still scheduled): the budget's input."""
     return [r[0] for r in await tx.execute(_SENT_TIMES, {"t": tx.tenant, "u": user_id, "since": since})]
+
+
+_POLICY_INPUTS = text(
+    "SELECT"
+    " (SELECT coalesce(jsonb_agg(jsonb_build_array(channel, category, granted)), '[]'::jsonb) FROM nudge_consents"
+    "  WHERE tenant_id = :t AND user_id = :u),"
+    " (SELECT coalesce(array_agg(channel), '{}') FROM nudge_suppressions WHERE tenant_id = :t AND user_id = :u),"
+    " (SELECT coalesce(array_agg(coalesce(sent_at, send_at)), '{}') FROM nudge_sends WHERE tenant_id = :t"
+    "  AND user_id = :u AND status IN ('scheduled', 'sending', 'sent') AND coalesce(sent_at, send_at) >= :since)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyInputs:
+    consents: dict[tuple[str, str], bool]
+    suppressed: set[str]
+    sent: list[datetime]
+
+
+async def policy_inputs(tx: TenantTx, user_id: str, since: datetime) -> PolicyInputs:
+    """What the policy reads about the user, in one statement: consents, suppressed channels, and when the
+    nudges since ``since`` went or will go (:func:`consents`, :func:`suppressed_channels`, :func:`budget_times`)."""
+    row = (await tx.execute(_POLICY_INPUTS, {"t": tx.tenant, "u": user_id, "since": since})).one()
+    return PolicyInputs({(c[0], c[1]): bool(c[2]) for c in row[0]}, set(row[1]), list(row[2]))
 
 
 _CONSENTS = text("SELECT channel, category, granted FROM nudge_consents WHERE tenant_id = :t AND user_id = :u")
@@ -251,6 +276,41 @@ async def unrewarded_before(tx: TenantTx, before: datetime, limit: int) -> list[
     return [_row(r) for r in await tx.execute(_UNREWARDED, {"t": tx.tenant, "before": before, "limit": limit})]
 
 
+_FIRED = text("SELECT user_id FROM nudge_sends WHERE tenant_id = :t AND trigger_key = :k AND user_id = ANY(:users)")
+_TRIGGER_TENANTS = text("SELECT tenant_id FROM firstmile_nudge_trigger_tenants()")
+_CONTENT = text(
+    "UPDATE nudge_sends SET decision = decision || jsonb_build_object('personalisation', CAST(:record AS jsonb)),"
+    " updated_at = now() WHERE tenant_id = :t AND send_id = :s"
+)
+_CONTENT_REWRITTEN = text(
+    "UPDATE nudge_sends SET decision = decision || jsonb_build_object('personalisation', CAST(:record AS jsonb)),"
+    " subject = :subject, body = :body, html = NULL, updated_at = now() WHERE tenant_id = :t AND send_id = :s"
+)
+
+
+async def fired_users(tx: TenantTx, trigger_key: str, user_ids: Sequence[str]) -> set[str]:
+    """Which of ``user_ids`` the trigger ``trigger_key`` has fired for (decided, denied or satisfied)."""
+    if not user_ids:
+        return set()
+    return {r[0] for r in await tx.execute(_FIRED, {"t": tx.tenant, "k": trigger_key, "users": list(user_ids)})}
+
+
+async def trigger_tenants(conn: AsyncConnection) -> list[uuid.UUID]:
+    """Tenants whose manifest declares scanned nudge triggers (through the SECURITY DEFINER function of 0016)."""
+    return [r[0] for r in await conn.execute(_TRIGGER_TENANTS)]
+
+
+async def record_content(
+    tx: TenantTx, send_id: uuid.UUID, record: Mapping[str, Any], rewritten: tuple[str | None, str] | None
+) -> None:
+    """Keep how the sent content was made (``decision.personalisation``) and, for an LLM rewrite, the text sent."""
+    params: dict[str, Any] = {"t": tx.tenant, "s": send_id, "record": json.dumps(dict(record))}
+    if rewritten is None:
+        await tx.execute(_CONTENT, params)
+    else:
+        await tx.execute(_CONTENT_REWRITTEN, params | {"subject": rewritten[0], "body": rewritten[1]})
+
+
 _DUE_TENANTS = text("SELECT tenant_id, due FROM firstmile_nudges_due()")
 
 
@@ -271,3 +331,88 @@ async def delete_user(tx: TenantTx, user_id: str) -> dict[str, int]:
         table: int((await tx.execute(sql, {"t": tx.tenant, "u": user_id})).rowcount)
         for table, sql in _DELETE_USER.items()
     }
+
+
+# ---- in-app messages: the in-app send is the stored message (migration 0015) ----
+
+IN_APP_NOTIFY_CHANNEL = "firstmile_inapp"
+"""The PostgreSQL ``NOTIFY`` channel of delivered in-app messages; the payload is
+``{"tenant": <uuid>, "user": <user id>, "send": <uuid>}`` (no personal data, well under the 8000-byte limit)."""
+
+
+@dataclass(frozen=True, slots=True)
+class InAppRow:
+    send_id: uuid.UUID
+    user_id: str
+    arm: str
+    trigger_key: str
+    subject: str | None
+    body: str
+    sent_at: datetime
+    seen_at: datetime | None
+    dismissed_at: datetime | None
+
+
+_IN_APP_COLUMNS = "send_id, user_id, arm, trigger_key, subject, body, sent_at, seen_at, dismissed_at"
+_IN_APP_SHOWN = "channel = 'in_app' AND status = 'sent' AND dismissed_at IS NULL"
+_IN_APP_LIST = text(
+    f"SELECT {_IN_APP_COLUMNS} FROM nudge_sends WHERE tenant_id = :t AND user_id = :u AND {_IN_APP_SHOWN}"
+    f" AND (NOT :unseen OR seen_at IS NULL) ORDER BY sent_at DESC, send_id LIMIT :limit"
+)
+_IN_APP_BY_IDS = text(
+    f"SELECT {_IN_APP_COLUMNS} FROM nudge_sends WHERE tenant_id = :t AND user_id = :u AND {_IN_APP_SHOWN}"
+    f" AND seen_at IS NULL AND send_id = ANY(:ids) ORDER BY sent_at, send_id"
+)
+_IN_APP_GET = text(
+    f"SELECT {_IN_APP_COLUMNS} FROM nudge_sends WHERE tenant_id = :t AND user_id = :u AND send_id = :s"
+    f" AND channel = 'in_app' AND status = 'sent'"
+)
+_IN_APP_SEEN = text(
+    f"UPDATE nudge_sends SET seen_at = now(), updated_at = now() WHERE tenant_id = :t AND user_id = :u"
+    f" AND send_id = :s AND channel = 'in_app' AND status = 'sent' AND seen_at IS NULL RETURNING {_IN_APP_COLUMNS}"
+)
+_IN_APP_DISMISS = text(
+    "UPDATE nudge_sends SET dismissed_at = now(), updated_at = now() WHERE tenant_id = :t AND user_id = :u"
+    " AND send_id = :s AND channel = 'in_app' AND status = 'sent' AND dismissed_at IS NULL RETURNING 1"
+)
+_NOTIFY = text("SELECT pg_notify(:channel, :payload)")
+
+
+def _in_app(r: Sequence[Any]) -> InAppRow:
+    return InAppRow(*r)
+
+
+async def in_app_messages(tx: TenantTx, user_id: str, limit: int, *, unseen: bool = False) -> list[InAppRow]:
+    """The user's delivered in-app messages not dismissed (``unseen``: not seen either), newest first."""
+    params = {"t": tx.tenant, "u": user_id, "limit": limit, "unseen": unseen}
+    return [_in_app(r) for r in await tx.execute(_IN_APP_LIST, params)]
+
+
+async def in_app_by_ids(tx: TenantTx, user_id: str, send_ids: Sequence[uuid.UUID]) -> list[InAppRow]:
+    """Those of ``send_ids`` that are the user's delivered in-app messages, neither seen nor dismissed, oldest first."""
+    params = {"t": tx.tenant, "u": user_id, "ids": list(send_ids)}
+    return [_in_app(r) for r in await tx.execute(_IN_APP_BY_IDS, params)]
+
+
+async def get_in_app(tx: TenantTx, user_id: str, send_id: uuid.UUID) -> InAppRow | None:
+    """The user's delivered in-app message ``send_id`` (dismissed or not)."""
+    row = (await tx.execute(_IN_APP_GET, {"t": tx.tenant, "u": user_id, "s": send_id})).first()
+    return None if row is None else _in_app(row)
+
+
+async def mark_seen(tx: TenantTx, user_id: str, send_id: uuid.UUID) -> InAppRow | None:
+    """The message at the first time it is seen (None: not the user's delivered in-app message, or seen before)."""
+    row = (await tx.execute(_IN_APP_SEEN, {"t": tx.tenant, "u": user_id, "s": send_id})).first()
+    return None if row is None else _in_app(row)
+
+
+async def mark_dismissed(tx: TenantTx, user_id: str, send_id: uuid.UUID) -> bool:
+    """True the first time the message is dismissed."""
+    return (await tx.execute(_IN_APP_DISMISS, {"t": tx.tenant, "u": user_id, "s": send_id})).first() is not None
+
+
+async def notify_in_app(tx: TenantTx, user_id: str, send_id: uuid.UUID) -> None:
+    """Tell the live listeners (:class:`~firstmile.nudges.inapp.InAppHub`) of a delivered in-app message; PostgreSQL
+    delivers the notification when ``tx`` commits, and never if it rolls back."""
+    payload = json.dumps({"tenant": str(tx.tenant), "user": user_id, "send": str(send_id)}, separators=(",", ":"))
+    await tx.execute(_NOTIFY, {"channel": IN_APP_NOTIFY_CHANNEL, "payload": payload})

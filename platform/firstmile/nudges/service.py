@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -54,6 +56,7 @@ from firstmile.nudges.channels import (
 from firstmile.nudges.config import TenantNudges, tenant_nudges
 from firstmile.nudges.content import DEFAULT_LOCALE, language_of, wordings
 from firstmile.nudges.links import CLICK, UNSUBSCRIBE, BadLinkError, LinkPrincipal, LinkSigner
+from firstmile.nudges.personalise import AllowedContext, Personalised, Personaliser, StaticMessage
 from firstmile.nudges.policy import Audience, NudgePolicy, PolicyError, Verdict, evaluate
 from firstmile.onboarding import service as onboarding
 from firstmile.security.crypto import FieldContext
@@ -94,8 +97,11 @@ class NudgeExecutor:
         links: LinkSigner | None = None,
         public_url: str = "http://127.0.0.1:8000",
         policy_timeout: float = 0.5,
+        setup_ttl: float = 0.0,
     ) -> None:
         self.onboarding = onboarding_service
+        self.setup_ttl = setup_ttl
+        self._setups: OrderedDict[TenantId, tuple[float, TenantNudges]] = OrderedDict()
         self.policy_timeout = policy_timeout
         """Seconds each read of the policy's inputs may take; past it the decision is denied (``policy-timeout``)."""
         self.links = links
@@ -110,8 +116,18 @@ class NudgeExecutor:
         return await self.on_trigger(tx, user_id, STUCK_TRIGGER, step_id, now)
 
     async def tenant_setup(self, tx: TenantTx) -> TenantNudges:
-        """The tenant's nudge configuration: the manifest's ``nudges:`` section over the platform's defaults."""
-        return tenant_nudges(await tenancy.nudges_spec(tx), self.policy, self.channels, self.default_time_zone)
+        """The tenant's nudge configuration: the manifest's ``nudges:`` section over the platform's defaults, and
+        the tenant's name; cached for ``setup_ttl`` seconds (a manifest change applies within that long)."""
+        cached = self._setups.get(tx.tenant)
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < self.setup_ttl:
+            return cached[1]
+        setup = tenant_nudges(await tenancy.nudges_spec(tx), self.policy, self.channels, self.default_time_zone)
+        setup = replace(setup, tenant_name=await tenancy.tenant_name(tx))
+        self._setups[tx.tenant] = (now, setup)
+        if len(self._setups) > 10_000:
+            self._setups.popitem(last=False)
+        return setup
 
     async def on_trigger(
         self, tx: TenantTx, user_id: str, trigger: str, step_id: str | None, now: datetime,
@@ -152,23 +168,21 @@ class NudgeExecutor:
         segment, time_zone, locale = "default", setup.default_time_zone, DEFAULT_LOCALE
         try:  # the design's rule: a policy check that times out denies
             async with statement_deadline(tx, self.policy_timeout):
-                held = await onboarding.held_user(tx, user_id)
-                consents = await repo.consents(tx, user_id)
-                suppressed = await repo.suppressed_channels(tx, user_id)
-                sent = await repo.budget_times(tx, user_id, now - timedelta(days=3))
+                traits_row = await onboarding.user_traits(tx, user_id)
+                inputs = await repo.policy_inputs(tx, user_id, now - timedelta(days=3))
         except StatementDeadlineError as exc:
             log.warning("nudge policy inputs timed out, denying: %s", exc)
             for channel in setup.channels:
                 verdicts[channel] = Verdict(False, None, ("policy-timeout",), {"policy": "timeout"})
         else:
-            traits: Mapping[str, Any] = (held.profile[0] if held.profile is not None else None) or {}
+            traits: Mapping[str, Any] = traits_row or {}
             segment = str(traits.get("persona") or "default")
             time_zone = str(traits.get("timezone") or setup.default_time_zone)
             locale = language_of(traits.get("locale"))
             for channel in setup.channels:
-                audience = Audience(time_zone, consents, suppressed=channel in suppressed)
+                audience = Audience(time_zone, inputs.consents, suppressed=channel in inputs.suppressed)
                 try:
-                    verdicts[channel] = evaluate(setup.policy, audience, channel, STUCK_CATEGORY, now, sent)
+                    verdicts[channel] = evaluate(setup.policy, audience, channel, STUCK_CATEGORY, now, inputs.sent)
                 except PolicyError as exc:  # a trait with an unknown time zone: the user's own data, not a bug
                     verdicts[channel] = Verdict(False, None, (f"policy-error: {exc}",), {"policy": "deny"})
         offer = [w for w in wordings(setup.templates, trigger, segment, locale) if w.channel in verdicts]
@@ -207,7 +221,7 @@ class NudgeExecutor:
             "link": link,
             "step": {"title": step.title, "description": step.description or ""},
             "path": {"name": path.name},
-            "tenant": {"name": await tenancy.tenant_name(tx)},
+            "tenant": {"name": setup.tenant_name},
             "persona": segment,
         }
         template = wording.template
@@ -219,6 +233,13 @@ class NudgeExecutor:
             raise ValueError(f"nudge template {wording.variant}/{wording.channel} does not render: {exc}") from exc
         send_at = verdicts[wording.channel].send_at or now
         decision = base | {
+            "context": {
+                "step_title": step.title,
+                "step_description": step.description or "",
+                "path_name": path.name,
+                "tenant_name": setup.tenant_name,
+                "persona": segment,
+            },  # what a rewrite may name
             "arm": choice.arm,
             "channel": wording.channel,
             "variant": wording.variant,
@@ -300,7 +321,9 @@ class DeliveryWorker:
         links: LinkSigner | None = None,
         public_url: str = "http://127.0.0.1:8000",
         outcome_window: timedelta = timedelta(hours=72),
+        personaliser: Personaliser | None = None,
     ) -> None:
+        self.personaliser = personaliser
         self.links = links
         self.public_url = public_url.rstrip("/")
         self.outcome_window = outcome_window
@@ -375,9 +398,11 @@ class DeliveryWorker:
                     "List-Unsubscribe": f"<{self.public_url}/v1/nudges/u/{token}>",
                     "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
                 }
+            content = await self._personalise(uow, send)
+            html = send.html if content.path == "static" else None  # a rewrite has no HTML part: text only
             receipt = await channel.send(
-                OutboundMessage(send.channel, address, send.body, send.send_id.hex, subject=send.subject,
-                                html=send.html, headers=headers, tenant=str(uow.tenant))
+                OutboundMessage(send.channel, address, content.body, send.send_id.hex, subject=content.subject,
+                                html=html, headers=headers, tenant=str(uow.tenant))
             )  # fmt: skip
         except ChannelRateLimitedError as exc:
             error, later = str(exc), datetime.now(UTC) + timedelta(seconds=exc.retry_after)
@@ -395,19 +420,44 @@ class DeliveryWorker:
             error, suppress = str(exc), isinstance(exc, ChannelRejectedError) and exc.suppress
             await uow.run(lambda tx: self._failed(tx, send, "rejected", error, suppress=suppress))
             return DeliveryOutcome(send.send_id, "rejected", error)
-        await uow.run(lambda tx: self._sent(tx, send, receipt.provider, receipt.provider_message_id))
+        await uow.run(lambda tx: self._sent(tx, send, receipt.provider, receipt.provider_message_id, content))
         return DeliveryOutcome(send.send_id, "sent")
 
-    async def _sent(self, tx: TenantTx, send: repo.SendRow, provider: str, message_id: str | None) -> None:
+    async def _personalise(self, uow: UnitOfWork, send: repo.SendRow) -> Personalised:
+        """The content to send: the LLM's checked rewrite when personalisation is on and it passes, else the
+        stored static message (the design's rule: any failure or timeout sends the template)."""
+        static = StaticMessage(send.subject, send.body)
+        if self.personaliser is None or not self.personaliser.enabled:
+            return Personalised(send.subject, send.body, "static", "off")
+        about: Mapping[str, Any] = send.decision.get("context") or {}
+        link = ""
+        if self.links is not None:
+            link = f"{self.public_url}/v1/nudges/l/{self.links.token(uow.tenant, send.send_id, CLICK)}"
+        context = AllowedContext(
+            step_title=str(about.get("step_title", "")), path_name=str(about.get("path_name", "")),
+            tenant_name=str(about.get("tenant_name", "")), link=link, persona=str(about.get("persona", "")),
+            extra=(str(about.get("step_description", "")),),
+        )  # fmt: skip
+        locale = str(send.decision.get("locale", "en"))
+        return await self.personaliser.personalise(static, send.channel, locale, context)
+
+    async def _sent(
+        self, tx: TenantTx, send: repo.SendRow, provider: str, message_id: str | None, content: Personalised
+    ) -> None:
         if not await repo.finish(tx, send.send_id, "sent", provider=provider, message_id=message_id):
             return  # another worker took it over after the lease ran out and recorded it
+        await repo.record_content(tx, send.send_id, content.record(), (content.subject, content.body)
+                                  if content.path == "llm" else None)  # fmt: skip
         now = datetime.now(UTC)
         event = OutboxEvent.new(
             "nudge.sent",
             {"user_id": send.user_id, "send_id": str(send.send_id), "channel": send.channel, "arm": send.arm,
-             "trigger": send.trigger_key, "provider": provider, "attempts": send.attempts},
+             "trigger": send.trigger_key, "provider": provider, "attempts": send.attempts,
+             "content_path": content.path},
         )  # fmt: skip
         await enqueue(tx, [event], user_id=send.user_id, now=now)
+        if send.channel == "in_app":  # the in-app streams learn of it when this commits (nudges/inapp.py)
+            await repo.notify_in_app(tx, send.user_id, send.send_id)
 
     async def _failed(self, tx: TenantTx, send: repo.SendRow, status: str, error: str, suppress: bool = False) -> None:
         if not await repo.finish(tx, send.send_id, status, error=error[:500]):
@@ -421,6 +471,15 @@ class DeliveryWorker:
              "error": error[:200], "suppressed": suppress},
         )  # fmt: skip
         await enqueue(tx, [event], user_id=send.user_id, now=now)
+
+
+async def satisfy(tx: TenantTx, user_id: str, trigger_key: str, event: str, path_key: str) -> bool:
+    """The event an ``event_missing`` trigger waits for arrived: record it as the trigger's outcome (status
+    ``satisfied``, nothing to send), so the trigger never fires for the user; False when it already had."""
+    return await repo.insert_send(
+        tx, uuid.uuid4(), user_id, trigger_key, "none", "none", "default", "satisfied", datetime.now(UTC), None, "",
+        None, {"trigger_key": trigger_key, "satisfied_by": event, "path": path_key},
+    )  # fmt: skip
 
 
 async def delete_user(tx: TenantTx, user_id: str) -> dict[str, int]:

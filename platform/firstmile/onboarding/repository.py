@@ -270,6 +270,14 @@ class HeldUser:
     completions: list[tuple[Any, ...]]
 
 
+_TRAITS = text("SELECT traits FROM end_users WHERE tenant_id = :t AND user_id = :u")
+
+
+async def user_traits(tx: TenantTx, user_id: str) -> dict[str, Any] | None:
+    row = (await tx.execute(_TRAITS, {"t": tx.tenant, "u": user_id})).first()
+    return None if row is None else dict(row[0] or {})
+
+
 async def held_user(tx: TenantTx, user_id: str) -> HeldUser:
     params = {"t": tx.tenant, "u": user_id}
     row = (await tx.execute(_USER, params)).first()
@@ -292,6 +300,30 @@ async def delete_user(tx: TenantTx, user_id: str) -> dict[str, int]:
 
 async def users_by_email_index(tx: TenantTx, index: bytes) -> list[str]:
     return [r[0] for r in await tx.execute(_BY_EMAIL, {"t": tx.tenant, "i": index})]
+
+
+_ON_STEP_SINCE = text(
+    "SELECT user_id FROM user_progress WHERE tenant_id = :t AND path_key = :path AND status = 'in_progress'"
+    " AND current_step = :step AND updated_at <= :before AND user_id > :after ORDER BY user_id LIMIT :limit"
+)
+_STARTED_BEFORE = text(
+    "SELECT user_id FROM user_progress WHERE tenant_id = :t AND path_key = :path AND status = 'in_progress'"
+    " AND started_at <= :before AND user_id > :after ORDER BY user_id LIMIT :limit"
+)
+
+
+async def users_on_step_since(
+    tx: TenantTx, path_key: str, step_id: str, before: datetime, after: str, limit: int
+) -> list[str]:
+    """In-progress users of ``path_key`` on ``step_id`` with no progress since ``before``, by id after ``after``."""
+    params = {"t": tx.tenant, "path": path_key, "step": step_id, "before": before, "after": after, "limit": limit}
+    return [r[0] for r in await tx.execute(_ON_STEP_SINCE, params)]
+
+
+async def users_started_before(tx: TenantTx, path_key: str, before: datetime, after: str, limit: int) -> list[str]:
+    """In-progress users of ``path_key`` who started before ``before``; by user id, after ``after``."""
+    params = {"t": tx.tenant, "path": path_key, "before": before, "after": after, "limit": limit}
+    return [r[0] for r in await tx.execute(_STARTED_BEFORE, params)]
 
 
 # ---- operator reads across tenants (``firstmile models drift``, as the schema owner) ----

@@ -407,6 +407,11 @@ class OnboardingService:
 HeldUser = repo.HeldUser
 
 
+async def user_traits(tx: TenantTx, user_id: str) -> dict[str, Any] | None:
+    """The user's traits (no personal data: that is sealed apart), or None for an unknown user."""
+    return await repo.user_traits(tx, user_id)
+
+
 async def held_user(tx: TenantTx, user_id: str) -> HeldUser:
     """The user's profile (personal data still sealed), progress and completions, as stored."""
     return await repo.held_user(tx, user_id)
@@ -415,6 +420,21 @@ async def held_user(tx: TenantTx, user_id: str) -> HeldUser:
 async def delete_user(tx: TenantTx, user_id: str) -> dict[str, int]:
     """Delete the user's rows; how many of each table there were."""
     return await repo.delete_user(tx, user_id)
+
+
+async def users_on_step_since(
+    tx: TenantTx, path_key: str, step_id: str, before: datetime, after: str = "", limit: int = 500
+) -> list[str]:
+    """In-progress users of ``path_key`` still on ``step_id`` with no progress since ``before`` (a page, by user id
+    after ``after``): who a ``step_idle`` nudge trigger is for."""
+    return await repo.users_on_step_since(tx, path_key, step_id, before, after, limit)
+
+
+async def users_started_before(
+    tx: TenantTx, path_key: str, before: datetime, after: str = "", limit: int = 500
+) -> list[str]:
+    """In-progress users of ``path_key`` who started before ``before`` (a page, by user id after ``after``)."""
+    return await repo.users_started_before(tx, path_key, before, after, limit)
 
 
 async def users_by_email_index(tx: TenantTx, index: bytes) -> list[str]:

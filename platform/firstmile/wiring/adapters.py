@@ -27,6 +27,7 @@ from firstmile.ml.features import FeatureStore
 from firstmile.ml.inference import GuardedInference, InferenceClient, InProcessClient, RayServeClient, StageReader
 from firstmile.nudges.channels import Channel
 from firstmile.nudges.email_smtp import SmtpChannel
+from firstmile.nudges.inapp import InAppChannel
 from firstmile.nudges.policy import NudgePolicy
 from firstmile.security.keys import KeyConfig
 from firstmile.settings import Settings
@@ -279,7 +280,8 @@ def rate_limiter(settings: Settings) -> tuple[RateLimiter, RateLimiter | None]:
 
 
 def nudge_channels(settings: Settings) -> dict[str, Channel]:
-    """The nudge channels the settings configure, by channel name (e-mail over SMTP for now)."""
+    """The nudge channels the settings configure, by channel name: e-mail over SMTP, and in-app (stored; on with
+    another channel unless FIRSTMILE_NUDGE_IN_APP says otherwise)."""
     channels: dict[str, Channel] = {}
     if settings.nudges.smtp_url is not None:
         url = urlsplit(settings.nudges.smtp_url.get_secret_value())
@@ -292,6 +294,9 @@ def nudge_channels(settings: Settings) -> dict[str, Channel]:
             username=unquote(url.username) if url.username else None,
             password=unquote(url.password) if url.password else None,
         )
+    in_app = settings.nudges.in_app
+    if in_app == "on" or (in_app == "auto" and channels):
+        channels["in_app"] = InAppChannel()
     return channels
 
 

@@ -31,7 +31,7 @@ from firstmile.audit.signing import AuditSigner
 from firstmile.auth.resolver import KeyResolver
 from firstmile.events.bus import Consumer
 from firstmile.events.dispatch import InProcessPublisher
-from firstmile.events.relay import OutboxRelay
+from firstmile.events.relay import OutboxRelay, asyncpg_dsn
 from firstmile.events.service import IngestionService
 from firstmile.guardrail.middleware import Admit
 from firstmile.guardrail.policy import Verdict
@@ -49,8 +49,11 @@ from firstmile.ml.online import PlannerFeatures, StoreActivity
 from firstmile.ml.planner import PATH_MODEL, AdaptivePlanner
 from firstmile.ml.stuck import ModelStuckDetector
 from firstmile.nudges.consumer import NudgeTriggers
+from firstmile.nudges.inapp import InAppHub, InAppInbox
 from firstmile.nudges.links import LinkSigner
+from firstmile.nudges.personalise import Personaliser
 from firstmile.nudges.service import DeliveryWorker, NudgeExecutor, NudgeLinks
+from firstmile.nudges.triggers import TriggerScanner
 from firstmile.onboarding.catalog import CatalogCache
 from firstmile.onboarding.consumer import AutoCompletion
 from firstmile.onboarding.service import OnboardingService
@@ -197,6 +200,7 @@ class Container:
         settings = self.settings
         supervisor = self.supervisor
         self.event_sync: KeycloakEventSync | None = None
+        self.personaliser: Personaliser | None = None  # the delivery worker's, where this process runs it
         schedulers = self.overrides.schedulers
         # Nudges: decided on onboarding.stuck by the consumers below, sent by a periodic task, when a channel is set.
         self.nudge_channels = adapters.nudge_channels(settings)
@@ -207,12 +211,22 @@ class Container:
                 adapters.nudge_policy(settings),
                 default_time_zone=settings.nudges.default_time_zone,
                 policy_timeout=settings.nudges.policy_timeout_seconds,
+                setup_ttl=30.0,
                 links=self.link_signer,
                 public_url=settings.server.public_url,
             )
             if self.nudge_channels
             else None
         )
+        # In-app messages: one LISTEN connection per process (opened by the first stream) when the channel is on.
+        self.inapp_hub = InAppHub(asyncpg_dsn(self.database_url)) if "in_app" in self.nudge_channels else None
+        self.inbox = InAppInbox(
+            self.inapp_hub,
+            heartbeat_s=settings.nudges.stream_heartbeat_seconds,
+            stream_s=settings.nudges.stream_seconds,
+        )
+        if self.inapp_hub is not None:
+            supervisor.forever("in-app-listener", self.inapp_hub.run, probe=self.inapp_hub.health)
         if schedulers if schedulers is not None else settings.server.in_process_schedulers:
             self._periodic()
         sequencer = self.overrides.sequencer
@@ -252,6 +266,9 @@ class Container:
         )
         if self.event_sync is not None:
             supervisor.every("sso-event-sync", settings.sso.event_sync_seconds, self.event_sync.run_once)
+        nudge = settings.nudges
+        key = nudge.llm_api_key.get_secret_value() if nudge.llm_api_key is not None else None
+        self.personaliser = Personaliser(nudge.llm_base_url, nudge.llm_model, nudge.llm_timeout_seconds, key)
         if self.nudge_channels and settings.nudges.delivery_interval_seconds > 0:
             delivery = DeliveryWorker(
                 self.engine,
@@ -261,8 +278,12 @@ class Container:
                 links=self.link_signer,
                 public_url=settings.server.public_url,
                 outcome_window=timedelta(hours=settings.nudges.outcome_window_hours),
+                personaliser=self.personaliser,
             )
             supervisor.every("nudge-delivery", settings.nudges.delivery_interval_seconds, delivery.run_once)
+        if self.nudges is not None and settings.nudges.trigger_scan_seconds > 0:
+            triggers = TriggerScanner(self.engine, self.nudges)
+            supervisor.every("nudge-triggers", settings.nudges.trigger_scan_seconds, triggers.run_once)
 
     def _audit_log(self) -> None:
         """The audit sequencer and checkpointer: in ``serve``/``dev``, or in ``firstmile sequencer`` (Kubernetes)."""
@@ -311,6 +332,8 @@ class Container:
         if self.key_resolver.directory is not None:
             await self.key_resolver.directory.aclose()
         await self.features.close()
+        if self.personaliser is not None:
+            await self.personaliser.aclose()
         if self.ingestion.direct is not None:
             await self.ingestion.direct.close()
         if self.overrides.inference is None:

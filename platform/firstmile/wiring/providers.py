@@ -52,6 +52,7 @@ def dependencies(container: Container) -> dict[str, Provide]:
         "path_editor": "path_editor",
         "readiness": "readiness",
         "nudge_links": "nudge_links",
+        "inbox": "inbox",
     }
     provided = {name: _service(container, attribute) for name, attribute in services.items()}
     provided["uow"] = Provide(_unit_of_work(container), sync_to_thread=False)
