@@ -539,6 +539,34 @@ class AnalyticsController(Controller):
             computed_at=result.computed_at,
         )
 
+    @get("/nudges", summary="Nudge send, open and conversion rates", opt=_PROBLEMS)
+    async def nudges(
+        self,
+        uow: NamedDependency[UnitOfWork],
+        analytics: NamedDependency[AnalyticsService],
+        from_: FromQ = None,
+        to: ToQ = None,
+    ) -> schemas.NudgeRatesResponse:
+        """The design's nudge metrics over the range: **send rate**, the users flagged stuck in the range who were
+        sent a nudge at or after their flag, over those flagged; per channel, of the nudges sent in the range, the
+        **open rate** (opened: in-app messages the app showed; e-mail opens are not tracked), click rate and
+        **conversion rate** (the nudged step completed within the outcome window), each over the nudges sent."""
+        q = check_query(
+            from_=from_, to=to, path=None, path_version=None, variant=None, persona=None, path_required=False
+        )
+        result = await _run(uow, analytics, "nudges", q.filters, lambda t: analytics.queries.nudge_rates(t, q.filters))
+        v = result.value
+        channels = [
+            schemas.NudgeChannelOut(c.channel, c.sent, c.opened, c.clicked, c.converted, c.unsubscribed, c.open_rate,
+                                    c.click_rate, c.conversion_rate)
+            for c in v.channels
+        ]  # fmt: skip
+        return schemas.NudgeRatesResponse(
+            filters=_applied(q.filters), stuck=v.stuck, nudged=v.nudged, send_rate=v.send_rate, sent=v.sent,
+            opened=v.opened, converted=v.converted, open_rate=v.open_rate, conversion_rate=v.conversion_rate,
+            channels=channels, stale=result.stale, computed_at=result.computed_at,
+        )  # fmt: skip
+
     @get("/activation-rate", summary="Activation rate, overall and per path", opt=_PROBLEMS)
     async def activation_rate(
         self,

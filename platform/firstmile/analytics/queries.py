@@ -29,7 +29,17 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from firstmile.analytics.rows import ACTIVATED, STARTED, STEP_COMPLETED
+from firstmile.analytics.rows import (
+    ACTIVATED,
+    NUDGE_CLICKED,
+    NUDGE_CONVERTED,
+    NUDGE_OPENED,
+    NUDGE_SENT,
+    NUDGE_UNSUBSCRIBED,
+    STARTED,
+    STEP_COMPLETED,
+    STUCK,
+)
 from firstmile.analytics.sql import TABLE, ParamValue, timestamp
 from firstmile.analytics.store import AnalyticsStore
 from firstmile.kit.scope import TenantId
@@ -223,6 +233,43 @@ class PathActivation:
 
 
 @dataclass(frozen=True, slots=True)
+class NudgeChannel:
+    channel: str
+    sent: int
+    opened: int
+    clicked: int
+    converted: int
+    unsubscribed: int
+
+    @property
+    def open_rate(self) -> float | None:
+        return ratio(self.opened, self.sent)
+
+    @property
+    def click_rate(self) -> float | None:
+        return ratio(self.clicked, self.sent)
+
+    @property
+    def conversion_rate(self) -> float | None:
+        return ratio(self.converted, self.sent)
+
+
+@dataclass(frozen=True, slots=True)
+class NudgeRates:
+    """The design's nudge metrics: send rate (stuck users who were nudged), open and conversion rates."""
+
+    stuck: int
+    nudged: int
+    send_rate: float | None
+    sent: int
+    opened: int
+    converted: int
+    open_rate: float | None
+    conversion_rate: float | None
+    channels: tuple[NudgeChannel, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class ActivationRate:
     users: int
     activated: int
@@ -373,6 +420,50 @@ FROM (
     return b.build(statement)
 
 
+def build_nudge_channels(tenant: TenantId, f: Filters) -> Query:
+    """Per channel: the nudges sent in the range, and how many of those were opened, clicked, converted or led to an
+    unsubscribe (at any time after, up to now). A send is counted by its ``send_id``, once."""
+    b = _Builder(tenant)
+    sent = f"event_type = '{NUDGE_SENT}'"
+    until = b.param("date_to", DT, timestamp(f.end))
+    kinds = _types(NUDGE_SENT, NUDGE_OPENED, NUDGE_CLICKED, NUDGE_CONVERTED, NUDGE_UNSUBSCRIBED)
+    statement = f"""
+SELECT channel, count() AS sent, countIf(opened) AS opened, countIf(clicked) AS clicked,
+    countIf(converted) AS converted, countIf(unsubscribed) AS unsubscribed
+FROM (
+    SELECT JSONExtractString(properties, 'send_id') AS send_id,
+        anyIf(JSONExtractString(properties, 'channel'), {sent}) AS channel,
+        minIf(occurred_at, {sent}) AS sent_at,
+        countIf(event_type = '{NUDGE_OPENED}') > 0 AS opened,
+        countIf(event_type = '{NUDGE_CLICKED}') > 0 AS clicked,
+        countIf(event_type = '{NUDGE_CONVERTED}') > 0 AS converted,
+        countIf(event_type = '{NUDGE_UNSUBSCRIBED}') > 0 AS unsubscribed
+    {b.events(b.scan(f, kinds, path=False))}
+    GROUP BY send_id
+    HAVING countIf({sent}) > 0 AND sent_at < {until}
+)
+GROUP BY channel
+ORDER BY channel""".strip()
+    return b.build(statement)
+
+
+def build_nudge_reach(tenant: TenantId, f: Filters) -> Query:
+    """Users flagged stuck in the range, and how many of them were sent a nudge at or after their first flag."""
+    b = _Builder(tenant)
+    until = b.param("date_to", DT, timestamp(f.end))
+    flagged = f"event_type = '{STUCK}' AND occurred_at < {until}"
+    statement = f"""
+SELECT count() AS stuck, countIf(nudged) AS nudged
+FROM (
+    SELECT user_id, minIf(occurred_at, {flagged}) AS t0,
+        arrayExists(x -> x >= t0, groupArrayIf(occurred_at, event_type = '{NUDGE_SENT}')) AS nudged
+    {b.events(b.scan(f, _types(STUCK, NUDGE_SENT), path=False))}
+    GROUP BY user_id
+    HAVING countIf({flagged}) > 0
+)""".strip()
+    return b.build(statement)
+
+
 def monday(moment: datetime) -> date:
     """The Monday (UTC) of the week holding ``moment``: ClickHouse's ``toMonday``."""
     day = moment.astimezone(UTC).date()
@@ -442,6 +533,10 @@ class AnalyticsQueries:
         )
         return StepCompletion(started=started, steps=rates)
 
+    def nudge_rates(self, tenant: TenantId, f: Filters) -> NudgeRates:
+        return nudge_rates_from(self._one(build_nudge_reach(tenant, f)), self.store.run(tenant,
+                                build_nudge_channels(tenant, f)))  # fmt: skip
+
     def activation_rate(self, tenant: TenantId, f: Filters) -> ActivationRate:
         overall = self._one(build_activation_rate(tenant, f, per_path=False))
         paths = tuple(
@@ -455,6 +550,20 @@ class AnalyticsQueries:
         )
         users, activated = _int(overall["users"]), _int(overall["activated"])
         return ActivationRate(users=users, activated=activated, rate=ratio(activated, users), paths=paths)
+
+
+def nudge_rates_from(reach: dict[str, Any], rows: Sequence[dict[str, Any]]) -> NudgeRates:
+    channels = tuple(
+        NudgeChannel(str(r["channel"]), _int(r["sent"]), _int(r["opened"]), _int(r["clicked"]), _int(r["converted"]),
+                     _int(r["unsubscribed"]))
+        for r in rows
+    )  # fmt: skip
+    stuck, nudged = _int(reach["stuck"]), _int(reach["nudged"])
+    sent = sum(c.sent for c in channels)
+    opened = sum(c.opened for c in channels)
+    converted = sum(c.converted for c in channels)
+    return NudgeRates(stuck, nudged, ratio(nudged, stuck), sent, opened, converted, ratio(opened, sent),
+                      ratio(converted, sent), channels)  # fmt: skip
 
 
 def dropoff_from(funnel: Funnel) -> Dropoff:

@@ -18,6 +18,14 @@ from datetime import datetime
 STARTED = "onboarding.started"
 STEP_COMPLETED = "onboarding.step_completed"
 ACTIVATED = "onboarding.activated"
+STUCK = "onboarding.stuck"
+NUDGE_SENT = "nudge.sent"
+NUDGE_OPENED = "nudge.opened"
+NUDGE_CLICKED = "nudge.clicked"
+NUDGE_CONVERTED = "nudge.converted"
+NUDGE_UNSUBSCRIBED = "nudge.unsubscribed"
+NUDGE_PROPERTIES = ("send_id", "channel", "trigger", "provider", "status", "content_path", "category", "step_id")
+"""What a ``nudge.*`` row keeps of its event in ``properties`` (no personal data: ids, names of channels)."""
 COMPLETED = "onboarding.completed"
 
 

@@ -119,3 +119,32 @@ class ActivationRateResponse(msgspec.Struct):
     paths: list[PathActivationOut]
     stale: bool
     computed_at: datetime
+
+
+class NudgeChannelOut(msgspec.Struct):
+    channel: str
+    sent: int
+    opened: int
+    clicked: int
+    converted: int
+    unsubscribed: int
+    open_rate: float | None
+    click_rate: float | None
+    conversion_rate: float | None
+
+
+class NudgeRatesResponse(msgspec.Struct):
+    """The design's nudge metrics over the range (docs/nudges.md#metrics)."""
+
+    filters: AppliedFilters
+    stuck: int
+    nudged: int
+    send_rate: float | None
+    sent: int
+    opened: int
+    converted: int
+    open_rate: float | None
+    conversion_rate: float | None
+    channels: list[NudgeChannelOut]
+    stale: bool
+    computed_at: datetime

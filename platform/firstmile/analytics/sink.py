@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from firstmile.analytics.rows import AnalyticsEvent
+from firstmile.analytics.rows import NUDGE_PROPERTIES, AnalyticsEvent
 from firstmile.events.bus import DeadLetter, UnprocessableEventError, parse_timestamp
 from firstmile.events.envelope import Envelope
 from firstmile.kit.outbox import USER_ERASED
@@ -69,6 +69,22 @@ def to_analytics(event: Envelope) -> AnalyticsEvent:
             properties=_json.encode(
                 {"selected_by": decision["selected_by"]} if "selected_by" in decision else {}
             ).decode(),
+        )
+    if kind.startswith("nudge."):  # the nudge executor's outcomes: nudge.sent, .opened, .clicked, .converted, …
+        user_id = p.get("user_id")
+        if not isinstance(user_id, str) or not isinstance(p.get("send_id"), str):
+            raise UnprocessableEventError(f"{kind} needs user_id and send_id")
+        step = str(p.get("trigger") or "").partition(":")[2]
+        return AnalyticsEvent(
+            **base,
+            event_name="",
+            user_id=user_id,
+            anonymous_id="",
+            occurred_at=received,
+            received_at=received,
+            step_id="" if step == "-" else step,
+            variant=str(p.get("arm") or ""),
+            properties=_json.encode({k: p[k] for k in NUDGE_PROPERTIES if k in p}).decode(),
         )
     raise UnprocessableEventError(f"unknown event type {kind!r}")
 
