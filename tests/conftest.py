@@ -35,6 +35,7 @@ from firstmile.tenancy.manifest import TenantManifest
 from firstmile.wiring.migrate import upgrade
 from tests.factories import ROOT, manifest_for, recreate_database
 from tests.support import figures
+from tests.support.workers import workers
 
 REGION = "eu-west-1"
 _TAG = os.environ.get("FIRSTMILE_TEST_DB_TAG", "")
@@ -337,6 +338,12 @@ async def unaudited_tenant(
             tx, "test", keylib.display_prefix(key), keylib.hash_key(PEPPER, key), scopes, region
         )
     return TenantFixture(tenant_id, slug, key, manifest)
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[object]:
+    """Start `firstmile <command>` as Kubernetes runs it (``tests/support/workers.py``); killed at the end."""
+    yield from workers(tmp_path, PEPPER, REGION)
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ from firstmile.kit.health import HealthController, metrics
 from firstmile.kit.heap import freeze_startup_heap
 from firstmile.kit.openapi import document_problems
 from firstmile.ml.inference import GuardedInference, StageReader
-from firstmile.nudges.api import InAppMessagesController, NudgeLinksController
+from firstmile.nudges.api import InAppMessagesController, NudgeLinksController, NudgeWebhooksController
 from firstmile.onboarding.api import OnboardingController
 from firstmile.privacy.api import UsersController
 from firstmile.security.keys import KeyProviderError
@@ -154,6 +154,7 @@ def create_app(
             AuditController,
             UsersController,
             NudgeLinksController,
+            NudgeWebhooksController,
             InAppMessagesController,
             LoginController,
             PagesController,

@@ -580,6 +580,50 @@ class NudgeSettings(_Section):
         description="The SMTP relay for e-mail nudges, `smtp://[user:password@]host:port` (STARTTLS when the "
         "server offers it). Unset: no e-mail channel, and with no channel at all nothing is decided or sent.",
     )
+    sendgrid_api_key: SecretStr | None = Field(
+        validation_alias="nudge_sendgrid_api_key",
+        default=None,
+        description="A SendGrid API key (Mail Send): e-mail nudges through SendGrid's v3 API, as the backup of the "
+        "SMTP relay when both are set, else on its own.",
+    )
+    sendgrid_base_url: str = Field(
+        validation_alias="nudge_sendgrid_base_url",
+        default="https://api.sendgrid.com",
+        pattern=r"^https?://[^\s/?#@]+(/[^\s?#]*)?$",
+        description="SendGrid's API root (its EU subuser region: https://api.eu.sendgrid.com).",
+    )
+    sendgrid_webhook_key: str | None = Field(
+        validation_alias="nudge_sendgrid_webhook_key",
+        default=None,
+        max_length=400,
+        description="The verification key of SendGrid's Signed Event Webhook (base64, as its console shows it); "
+        "unset: POST /v1/nudges/webhooks/sendgrid refuses every request.",
+    )
+    twilio_account_sid: str | None = Field(
+        validation_alias="nudge_twilio_account_sid",
+        default=None,
+        pattern=r"^AC[0-9a-f]{32}$",
+        description="The Twilio account SID (AC…): SMS nudges through Twilio's Messages API, to the user's `phone` "
+        "trait (sealed, read at send time). Needs FIRSTMILE_NUDGE_TWILIO_AUTH_TOKEN and FIRSTMILE_NUDGE_SMS_FROM.",
+    )
+    twilio_auth_token: SecretStr | None = Field(
+        validation_alias="nudge_twilio_auth_token",
+        default=None,
+        description="The Twilio account's auth token: authenticates the sends and checks its signed status "
+        "callbacks (POST /v1/nudges/webhooks/twilio).",
+    )
+    sms_from: str | None = Field(
+        validation_alias="nudge_sms_from",
+        default=None,
+        pattern=r"^\+[1-9][0-9]{6,14}$",
+        description="The sending number of SMS nudges (E.164).",
+    )
+    twilio_base_url: str | None = Field(
+        validation_alias="nudge_twilio_base_url",
+        default=None,
+        pattern=r"^https?://[^\s/?#@]+(/[^\s?#]*)?$",
+        description="Another root for Twilio's API than https://api.twilio.com (a regional edge, a test server).",
+    )
     email_from: str = Field(
         validation_alias="nudge_email_from",
         default="Firstmile <nudges@firstmile.invalid>",
@@ -696,6 +740,12 @@ class NudgeSettings(_Section):
     def _llm_is_whole(self) -> NudgeSettings:
         if self.llm_base_url and not self.llm_model.strip():
             raise ValueError("FIRSTMILE_NUDGE_LLM_BASE_URL is set: name the model in FIRSTMILE_NUDGE_LLM_MODEL")
+        twilio = (self.twilio_account_sid, self.twilio_auth_token, self.sms_from)
+        if any(v is not None for v in twilio) and any(v is None for v in twilio):
+            raise ValueError(
+                "SMS nudges need all of FIRSTMILE_NUDGE_TWILIO_ACCOUNT_SID, FIRSTMILE_NUDGE_TWILIO_AUTH_TOKEN and "
+                "FIRSTMILE_NUDGE_SMS_FROM"
+            )
         return self
 
 

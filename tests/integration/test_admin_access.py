@@ -8,7 +8,9 @@ the SSO login that gives the same sessions is tested against Keycloak in test_ad
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -23,6 +25,13 @@ from firstmile.admin.rbac import GRANTS, Permission
 from firstmile.admin.service import AdminAuth, bootstrap_key, mint_bootstrap_token
 from firstmile.analytics.chdb_store import ChdbStore
 from firstmile.app import create_app
+from firstmile.kit.db import tenant_transaction
+from firstmile.kit.scope import OperatorContext
+from firstmile.nudges.bandit import ThompsonSampler
+from firstmile.nudges.policy import NudgePolicy
+from firstmile.nudges.service import NudgeExecutor
+from firstmile.onboarding.catalog import CatalogCache
+from firstmile.onboarding.service import OnboardingService
 from tests.conftest import PEPPER, Database, TenantFixture, make_settings, new_tenant, sequenced
 
 Client = AsyncTestClient[Litestar]
@@ -332,3 +341,33 @@ async def test_the_audit_page_shows_logins_to_analysts_and_is_refused_to_viewers
     assert refused.status_code == 403 and refused.json()["required_permission"] == "audit:read"
     forbidden = await audit_kinds(admin_engine, home, "admin.forbidden")
     assert forbidden[-1][1]["permission"] == "audit:read"
+
+
+async def test_the_nudge_page_shows_a_users_decisions_and_previews_the_wordings_to_analysts(
+    admin_app: Client, home: TenantFixture, app_engine: AsyncEngine
+) -> None:
+    user_id = f"nl-{uuid.uuid4().hex[:8]}"
+    started = await admin_app.post(
+        "/v1/onboarding/start", json={"user_id": user_id, "traits": {"persona": "developer"}}, headers=home.headers
+    )
+    assert started.status_code == 201, started.text
+    anytime = NudgePolicy(quiet_start=None, quiet_end=None)
+    executor = NudgeExecutor(OnboardingService(CatalogCache()), ["email", "in_app"], anytime, ThompsonSampler())
+    async with tenant_transaction(app_engine, OperatorContext("worker:test-admin").tenant(home.id)) as tx:
+        decided = await executor.on_stuck(tx, user_id, "create-api-key", datetime.now(UTC))
+    assert decided.status == "scheduled" and decided.arm is not None
+    await sign_in(admin_app, home.slug, "analyst")
+    assert 'data-testid="nudges-link"' in (await admin_app.get("/admin/")).text
+    page = await admin_app.get("/admin/nudges", params={"user": user_id, "persona": "developer", "locale": "de"})
+    assert page.status_code == 200, page.text
+    assert re.findall(r'<tr data-status="([^"]+)"', page.text) == ["scheduled"]
+    assert decided.arm.split("|")[1] + " · " + decided.arm in page.text  # channel and arm
+    assert "email: allowed" in page.text and "stuck:create-api-key" in page.text
+    # the preview: the manifest's developer wording in German, rendered with the tenant's name
+    assert "zwei Minuten, dann sind Sie live" in page.text and f"Tenant {home.slug}" in page.text
+    assert (await admin_app.get("/admin/nudges", params={"locale": "<b>"})).status_code == 400
+    empty = await admin_app.get("/admin/nudges", params={"user": "nobody-here"})
+    assert 'data-testid="nudge-log-empty"' in empty.text
+    await sign_in(admin_app, home.slug, "viewer")
+    refused = await admin_app.get("/admin/nudges", params={"user": user_id})
+    assert refused.status_code == 403 and refused.json()["required_permission"] == "audit:read"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,10 +22,13 @@ from prometheus_client import REGISTRY
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from firstmile.analytics.chdb_store import ChdbStore
+from firstmile.app import create_app
 from firstmile.events.envelope import Envelope
 from firstmile.kit.db import tenant_transaction
 from firstmile.kit.scope import OperatorContext
 from firstmile.kit.uow import UnitOfWork
+from firstmile.ml.nudge_prior import ModelResponsePrior
 from firstmile.nudges import repository as repo
 from firstmile.nudges.bandit import ThompsonSampler
 from firstmile.nudges.channels import Channel, OutboundMessage, Receipt
@@ -38,7 +42,7 @@ from firstmile.onboarding.catalog import CatalogCache
 from firstmile.onboarding.service import OnboardingService
 from firstmile.onboarding.stuck import StuckScanner
 from firstmile.security.datakeys import DataKeyService
-from tests.conftest import Mailpit, TenantFixture, sequenced
+from tests.conftest import PEPPER, Database, Mailpit, TenantFixture, make_settings, sequenced
 from tests.support.openai_standin import ChatStandIn
 
 pytestmark = pytest.mark.xdist_group("mailpit")
@@ -262,6 +266,63 @@ async def test_an_llm_rewrite_is_sent_in_place_of_the_template_and_recorded(
     token = links.token(tenant.id, send.send_id, CLICK)
     assert f"/v1/nudges/l/{token}" in mail["Text"]  # the signed link put back where the model kept its marker
     assert address not in prompts and token not in prompts  # neither the address nor the link left for the LLM
+
+
+async def _started_envelope(admin_engine: AsyncEngine, tenant: TenantFixture, user_id: str) -> Envelope:
+    [row] = await _rows(
+        admin_engine,
+        "SELECT event_id, occurred_at, payload FROM outbox WHERE tenant_id = :t"
+        " AND event_type = 'onboarding.started' AND payload->>'user_id' = :u",
+        t=tenant.id,
+        u=user_id,
+    )
+    return Envelope(row[0], tenant.id, "onboarding.started", row[1], dict(row[2]))
+
+
+async def test_the_response_model_is_the_bandits_prior_and_without_it_the_prior_is_uniform(
+    database: Database,
+    analytics_store: ChdbStore,
+    tenant: TenantFixture,
+    admin_engine: AsyncEngine,
+    app_engine: AsyncEngine,
+    tiny_registry: Path,
+) -> None:
+    app = create_app(make_settings(model_registry_uri=str(tiny_registry)), database.app_url, PEPPER,
+                     analytics=analytics_store)  # fmt: skip
+    async with AsyncTestClient(app=app) as client:
+        container = app.state.container
+        user_id, stuck = await _stuck(client, tenant, admin_engine, app_engine, None)
+        await container.features.apply([await _started_envelope(admin_engine, tenant, user_id)])
+        prior = ModelResponsePrior(container.inference, container.feature_reader, timeout_s=5.0)
+        now = datetime.now(UTC)
+        predicted = await prior.predict(str(tenant.id), user_id, ["email", "in_app"], now)
+        assert predicted.fallback is None and predicted.version is not None
+        assert set(predicted.probabilities) == {"email", "in_app"}
+        assert all(0.0 < p < 1.0 for p in predicted.probabilities.values())
+        triggers = NudgeTriggers(app_engine, _executor(["email", "in_app"]), WINDOW, prior=prior)
+        assert await triggers.handle([stuck]) == []
+        [send] = await _sends(app_engine, tenant, user_id)
+        recorded = send.decision["prior"]
+        assert recorded["model"] == "nudge_response_predictor" and recorded["version"] == predicted.version
+        assert recorded["fallback"] is None and set(recorded["probabilities"]) == {"email", "in_app"}
+        # the arms' Beta priors come from the predictions: Beta(1 + 10p, 1 + 10(1 - p)), mean (1 + 10p) / 12
+        chosen_channel = send.arm.split("|")[1]
+        mean = send.decision["bandit"]["posterior_means"][send.arm]
+        assert mean == pytest.approx((1 + 10 * recorded["probabilities"][chosen_channel]) / 12, abs=1e-5)
+        # a user the feature store knows nothing of: no prior, uniform Beta(1, 1), and the decision is made
+        stranger, stranger_stuck = await _stuck(client, tenant, admin_engine, app_engine, None)
+        assert await triggers.handle([stranger_stuck]) == []
+        [other] = await _sends(app_engine, tenant, stranger)
+        assert other.status == "scheduled" and other.decision["prior"]["fallback"] == "no_features"
+        assert other.decision["bandit"]["posterior_means"][other.arm] == pytest.approx(0.5)
+    await sequenced(app_engine, tenant.id)  # the decision's audit entry names the prior it used
+    [(entry,)] = await _rows(
+        admin_engine,
+        "SELECT payload FROM audit_entries WHERE tenant_id = :t AND subject = :u AND actor = 'nudge_executor'",
+        t=tenant.id,
+        u=user_id,
+    )
+    assert entry["prior"]["version"] == predicted.version
 
 
 class _AcceptedThenCrash:

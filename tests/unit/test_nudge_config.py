@@ -103,16 +103,25 @@ def test_the_user_gets_their_language_and_persona_else_the_fallbacks() -> None:
         _template(variant="beta", persona="*", locale="de", body="alle de"),
         _template(variant="gamma", trigger="other", body="other trigger"),
     ]
-    chosen = {(w.variant, w.template.body) for w in wordings(templates, "stuck", "developer", "en")}
-    assert chosen == {("alpha", "dev en v2")}  # the persona's own, highest version; not the '*' one
-    assert {w.template.body for w in wordings(templates, "stuck", "analyst", "en")} == {"any en"}
-    assert {w.template.body for w in wordings(templates, "stuck", "developer", "de")} == {"alle de"}
-    assert {w.template.body for w in wordings(templates, "stuck", "developer", "fr")} == {"dev en v2"}
-    assert {w.template.body for w in wordings(templates, "ghost", "developer", "en")} == {"dev en v2"}  # stuck's
-    assert {w.template.body for w in wordings(templates, "other", "developer", "en")} == {"other trigger"}
+
+    def in_app(trigger: str, persona: str, locale: str) -> set[tuple[str, str]]:
+        return {(w.variant, w.template.body) for w in wordings(templates, trigger, persona, locale)
+                if w.channel == "in_app"}  # fmt: skip
+
+    assert in_app("stuck", "developer", "en") == {("alpha", "dev en v2")}  # the persona's own, highest version
+    assert in_app("stuck", "analyst", "en") == {("alpha", "any en")}
+    assert in_app("stuck", "developer", "de") == {("beta", "alle de")}
+    assert in_app("stuck", "developer", "fr") == {("alpha", "dev en v2")}
+    assert in_app("ghost", "developer", "en") == {("alpha", "dev en v2")}  # a trigger without its own: stuck's
+    assert in_app("other", "developer", "en") == {("gamma", "other trigger")}
+    # channel by channel: e-mail has no manifest wording here, so it gets the built-ins, all the others too
+    other_channels = [w for w in wordings(templates, "stuck", "developer", "en") if w.channel != "in_app"]
+    assert {w.source for w in other_channels} == {"builtin"} and {w.channel for w in other_channels} == {
+        "email", "sms", "push"}  # fmt: skip
     builtin = wordings(templates[4:], "ghost", "developer", "en")  # no template of its own nor stuck's: built-ins
     assert {w.source for w in builtin} == {"builtin"} and {w.channel for w in builtin} == set(CHANNELS)
-    assert wordings(templates, "stuck", "developer", "en")[0].describe() == {
+    first = next(w for w in wordings(templates, "stuck", "developer", "en") if w.channel == "in_app")
+    assert first.describe() == {
         "source": "manifest", "variant": "alpha", "channel": "in_app", "persona": "developer", "locale": "en",
         "version": 2,
     }  # fmt: skip

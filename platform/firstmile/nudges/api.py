@@ -13,6 +13,7 @@ dismissed): the list, the live stream (Server-Sent Events) and the two marks (nu
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -33,7 +34,10 @@ from firstmile.kit.uow import UnitOfWork
 from firstmile.nudges.inapp import OPEN, InAppInbox
 from firstmile.nudges.links import UNSUBSCRIBE, BadLinkError
 from firstmile.nudges.schemas import InAppMessage, InAppMessageList
-from firstmile.nudges.service import NudgeLinks
+from firstmile.nudges.service import NudgeLinks, NudgeWebhooks
+from firstmile.nudges.webhooks import SENDGRID_SIGNATURE, SENDGRID_TIMESTAMP, TWILIO_SIGNATURE, WebhookRefusedError
+
+log = logging.getLogger("firstmile.nudges.webhooks")
 
 _PAGE = (
     '<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
@@ -214,3 +218,63 @@ class InAppMessagesController(Controller):
     ) -> None:
         check_user_id(user_id)
         await inbox.dismiss(uow, user_id, _send_id(send_id))
+
+
+_WEBHOOK = {
+    "exclude_from_auth": True,
+    "problems": {
+        400: "webhook-malformed: the body is not SendGrid's event array",
+        401: "webhook-refused: the signature does not hold, or the request is stale (signed over 5 minutes from now)",
+        409: "webhook-replayed: this signed request was received before",
+    },
+}
+_REFUSED = {"malformed": (400, "webhook-malformed"), "bad-signature": (401, "webhook-refused"),
+            "stale": (401, "webhook-refused"), "replayed": (409, "webhook-replayed")}  # fmt: skip
+
+
+class NudgeWebhooksController(Controller):
+    """The providers' delivery reports (public: the provider's signature is the credential)."""
+
+    path = "/v1/nudges/webhooks"
+    tags = ["nudges"]
+    opt = _WEBHOOK
+
+    @post(
+        "/sendgrid",
+        status_code=204,
+        summary="SendGrid's Signed Event Webhook",
+        description="Delivery reports of e-mail nudges sent through SendGrid: delivered, open, click, bounce, "
+        "dropped, spamreport, unsubscribe. Verified with FIRSTMILE_NUDGE_SENDGRID_WEBHOOK_KEY (ECDSA over the "
+        "timestamp header and the body); a replay is refused. Events about mail that is not a nudge are ignored.",
+        opt=_WEBHOOK,
+    )
+    async def sendgrid(self, request: Request[Any, Any, Any], nudge_webhooks: NamedDependency[NudgeWebhooks]) -> None:
+        body = await request.body()
+        signature = request.headers.get(SENDGRID_SIGNATURE, "")
+        timestamp = request.headers.get(SENDGRID_TIMESTAMP, "")
+        try:
+            await nudge_webhooks.sendgrid(body, signature, timestamp)
+        except WebhookRefusedError as exc:
+            status, kind = _REFUSED[exc.reason]
+            log.warning("nudge webhook refused", extra={"fields": {"provider": "sendgrid", "reason": exc.reason}})
+            raise ProblemError(status, kind, str(exc)) from exc
+
+    @post(
+        "/twilio",
+        status_code=204,
+        summary="Twilio's signed SMS status callback",
+        description="The status of an SMS nudge (delivered, undelivered, failed, read), posted by Twilio to the "
+        "StatusCallback the send named. Verified with the account's auth token (X-Twilio-Signature over the full "
+        "URL and the form); a replay is refused.",
+        opt=_WEBHOOK,
+    )
+    async def twilio(self, request: Request[Any, Any, Any], nudge_webhooks: NamedDependency[NudgeWebhooks]) -> None:
+        body = await request.body()
+        query = request.url.query
+        requested = request.url.path + (f"?{query}" if query else "")
+        try:
+            await nudge_webhooks.twilio(requested, body, request.headers.get(TWILIO_SIGNATURE, ""))
+        except WebhookRefusedError as exc:
+            status, kind = _REFUSED[exc.reason]
+            log.warning("nudge webhook refused", extra={"fields": {"provider": "twilio", "reason": exc.reason}})
+            raise ProblemError(status, kind, str(exc)) from exc

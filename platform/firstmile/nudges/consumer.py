@@ -23,6 +23,7 @@ from firstmile.events.envelope import Envelope
 from firstmile.kit.db import TenantTx, is_transient
 from firstmile.kit.scope import TenantId
 from firstmile.kit.uow import UnitOfWork
+from firstmile.ml.nudge_prior import ModelResponsePrior, ResponsePrior
 from firstmile.nudges.service import DECIDER, NudgeExecutor, record_conversion, satisfy
 from firstmile.nudges.triggers import trigger_key
 from firstmile.tenancy.manifest import NudgeTriggerSpec
@@ -34,8 +35,14 @@ class NudgeTriggers:
     name = "nudges"
 
     def __init__(
-        self, engine: AsyncEngine, executor: NudgeExecutor, outcome_window: timedelta, setup_ttl: float = 30.0
+        self,
+        engine: AsyncEngine,
+        executor: NudgeExecutor,
+        outcome_window: timedelta,
+        setup_ttl: float = 30.0,
+        prior: ModelResponsePrior | None = None,
     ) -> None:
+        self.prior = prior
         self.engine = engine
         self.executor = executor
         self.outcome_window = outcome_window
@@ -44,6 +51,16 @@ class NudgeTriggers:
         self.satisfied = 0
         self.setup_ttl = setup_ttl
         self._setups: OrderedDict[TenantId, tuple[float, tuple[NudgeTriggerSpec, ...]]] = OrderedDict()
+
+    async def _prior(self, event: Envelope, user_id: str, now: datetime) -> ResponsePrior | None:
+        """The response model's predictions for the user on each channel; None without a model, a fallback on
+        any failure (the decision then starts every arm from a uniform prior)."""
+        if self.prior is None:
+            return None
+        try:
+            return await self.prior.predict(str(event.tenant_id), user_id, self.executor.channels, now)
+        except Exception as exc:  # the prior is an aid: a failure never stops the decision
+            return ResponsePrior(fallback=f"error: {type(exc).__name__}")
 
     async def _triggers(self, uow: UnitOfWork) -> tuple[NudgeTriggerSpec, ...]:
         """The tenant's declared triggers (cached for ``setup_ttl`` seconds: most events match none)."""
@@ -114,9 +131,11 @@ class NudgeTriggers:
                 dead.append(DeadLetter(event, b"", "nudges: onboarding.stuck without user_id and step_id"))
                 continue
             uow = UnitOfWork(self.engine, DECIDER.tenant(event.tenant_id))
+            now = datetime.now(UTC)
+            prior = await self._prior(event, user_id, now)  # a network call: before the transaction
             try:
-                decided = await uow.run(partial(self.executor.on_stuck, user_id=user_id, step_id=step_id,
-                                                now=datetime.now(UTC)))  # fmt: skip
+                decided = await uow.run(partial(self.executor.on_stuck, user_id=user_id, step_id=step_id, now=now,
+                                                prior=prior))  # fmt: skip
             except Exception as exc:
                 if is_transient(exc) or not isinstance(exc, ValueError):
                     raise  # the batch is retried

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from itertools import product
 from typing import Any
 
+from firstmile.tenancy.manifest import NUDGE_CHANNELS as CHANNELS
 from firstmile.tenancy.manifest import NudgeTemplateSpec
 
 DEFAULT_LOCALE = "en"
@@ -89,30 +89,34 @@ def language_of(value: object) -> str:
 def wordings(templates: Iterable[NudgeTemplateSpec], trigger: str, persona: str, locale: str) -> list[Wording]:
     """The wordings a decision for ``trigger`` may choose among, for a user of ``persona`` speaking ``locale``.
 
-    Of the manifest's templates for the trigger: the user's language if any template has it, else the
-    default (``en``); within it, the templates for the user's persona if any, else those for any persona
-    (``*``); of each variant and channel, the highest version. No template for the trigger in either
-    language: the same for the manifest's ``stuck`` templates (a declared trigger without wordings of its
-    own reads like a stuck nudge); none of those either: the built-in wordings (English).
+    Channel by channel, the first of these that has templates for the channel: the manifest's templates
+    for the trigger in the user's language, for the user's persona, then for any persona (``*``); the
+    same in the default language (``en``); the same again for the manifest's ``stuck`` templates (a
+    declared trigger without wordings of its own reads like a stuck nudge); and last the built-in
+    wordings (English). Of each variant, the highest version. So a tenant that wrote e-mail wordings
+    only still nudges in-app and by SMS, in the built-in words.
     """
     templates = tuple(templates)
-    for wanted, language in product(dict.fromkeys((trigger, STUCK)), dict.fromkeys((locale, DEFAULT_LOCALE))):
-        spoken = [t for t in templates if t.trigger == wanted and t.persona in (persona, "*") and t.locale == language]
-        if not spoken:
+    levels = [
+        [t for t in templates if t.trigger == wanted and t.locale == language and t.persona == who]
+        for wanted in dict.fromkeys((trigger, STUCK))
+        for language in dict.fromkeys((locale, DEFAULT_LOCALE))
+        for who in dict.fromkeys((persona, "*"))
+    ]
+    chosen: list[Wording] = []
+    for channel in CHANNELS:
+        level = next((found for found in ([t for t in lv if t.channel == channel] for lv in levels) if found), None)
+        if level is None:
+            chosen += [Wording(variant, channel, by_channel[channel], "builtin")
+                       for variant, by_channel in STUCK_VARIANTS.items() if channel in by_channel]  # fmt: skip
             continue
-        exact = [t for t in spoken if t.persona == persona]
-        best: dict[tuple[str, str], NudgeTemplateSpec] = {}
-        for t in exact or spoken:
-            held = best.get((t.variant, t.channel))
-            if held is None or t.version > held.version:
-                best[(t.variant, t.channel)] = t
-        return [
+        best: dict[str, NudgeTemplateSpec] = {}
+        for t in level:
+            if t.variant not in best or t.version > best[t.variant].version:
+                best[t.variant] = t
+        chosen += [
             Wording(t.variant, t.channel, Template(t.subject, t.body, t.html), "manifest", t.persona, t.locale,
                     t.version)
-            for t in sorted(best.values(), key=lambda t: (t.variant, t.channel))
+            for t in sorted(best.values(), key=lambda t: t.variant)
         ]  # fmt: skip
-    return [
-        Wording(variant, channel, template, "builtin")
-        for variant, by_channel in STUCK_VARIANTS.items()
-        for channel, template in by_channel.items()
-    ]
+    return chosen

@@ -1,4 +1,4 @@
-"""Tables of the nudges slice (migrations ``0013`` to ``0015``). ``tenant_id`` leads every key and index."""
+"""Tables of the nudges slice (migrations ``0013`` to ``0017``). ``tenant_id`` leads every key and index."""
 
 from __future__ import annotations
 
@@ -47,6 +47,8 @@ nudge_sends = Table(
     Column("clicked_at", DateTime(timezone=True), nullable=True),
     Column("converted_at", DateTime(timezone=True), nullable=True),
     Column("rewarded_at", DateTime(timezone=True), nullable=True),
+    Column("delivery_status", Text, nullable=True),
+    Column("delivery_at", DateTime(timezone=True), nullable=True),
     Column("seen_at", DateTime(timezone=True), nullable=True),
     Column("dismissed_at", DateTime(timezone=True), nullable=True),
     PrimaryKeyConstraint("tenant_id", "send_id"),
@@ -69,7 +71,8 @@ nudge_sends = Table(
 per user, so a trigger fires once. ``status``: scheduled, sending (claimed until ``claimed_until``), sent,
 retrying (back to scheduled with a later ``send_at``), dead (gave up), rejected. The body holds no
 personal data: the address is read (and decrypted) at send time. An in-app nudge's row is the stored
-message itself: ``seen_at`` and ``dismissed_at`` (migration ``0015``) are what the app reported."""
+message itself: ``seen_at`` and ``dismissed_at`` (migration ``0015``) are what the app reported;
+``delivery_status`` and ``delivery_at`` (``0017``) what the provider's webhook last reported."""
 
 nudge_arm_stats = Table(
     "nudge_arm_stats",

@@ -230,6 +230,30 @@ async def get_send(tx: TenantTx, send_id: uuid.UUID) -> SendRow | None:
     return None if row is None else _row(row)
 
 
+@dataclass(frozen=True, slots=True)
+class LogRow:
+    """A send as the admin's nudge log shows it: the send, and what became of it."""
+
+    send: SendRow
+    created_at: datetime
+    clicked_at: datetime | None
+    converted_at: datetime | None
+    delivery_status: str | None
+
+
+_LOG = text(
+    f"SELECT {_COLUMNS}, created_at, clicked_at, converted_at, delivery_status FROM nudge_sends"
+    f" WHERE tenant_id = :t AND user_id = :u ORDER BY created_at DESC, send_id LIMIT :limit"
+)
+
+
+async def log_for(tx: TenantTx, user_id: str, limit: int) -> list[LogRow]:
+    """The user's nudges, newest first."""
+    n = len(_COLUMNS.split(","))
+    return [LogRow(_row(r[:n]), *r[n:]) for r in await tx.execute(_LOG, {"t": tx.tenant, "u": user_id,
+                                                                         "limit": limit})]  # fmt: skip
+
+
 async def sends_for(tx: TenantTx, user_id: str) -> list[SendRow]:
     return [_row(r) for r in await tx.execute(_FOR_USER, {"t": tx.tenant, "u": user_id})]
 
@@ -274,6 +298,19 @@ async def mark_rewarded(tx: TenantTx, send_id: uuid.UUID) -> bool:
 async def unrewarded_before(tx: TenantTx, before: datetime, limit: int) -> list[SendRow]:
     """Sent nudges not counted yet whose outcome window closed (sent before ``before``)."""
     return [_row(r) for r in await tx.execute(_UNREWARDED, {"t": tx.tenant, "before": before, "limit": limit})]
+
+
+_DELIVERY = text(
+    "UPDATE nudge_sends SET delivery_status = :status, delivery_at = :at, updated_at = now()"
+    " WHERE tenant_id = :t AND send_id = :s AND status = 'sent'"
+    " AND (delivery_at IS NULL OR delivery_at <= :at) AND delivery_status IS DISTINCT FROM :status RETURNING 1"
+)
+
+
+async def set_delivery(tx: TenantTx, send_id: uuid.UUID, status: str, at: datetime) -> bool:
+    """Record what the provider reported about a sent nudge; False when it changes nothing (the same status again,
+    or an older event than the one recorded)."""
+    return (await tx.execute(_DELIVERY, {"t": tx.tenant, "s": send_id, "status": status, "at": at})).first() is not None
 
 
 _FIRED = text("SELECT user_id FROM nudge_sends WHERE tenant_id = :t AND trigger_key = :k AND user_id = ANY(:users)")

@@ -32,6 +32,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -44,6 +45,7 @@ from firstmile.kit.outbox import OutboxEvent, enqueue
 from firstmile.kit.scope import OperatorContext, TenantId, tenant_of
 from firstmile.kit.templates import TemplateProblemError, render
 from firstmile.kit.uow import UnitOfWork
+from firstmile.ml.nudge_prior import NUDGE_MODEL, ResponsePrior
 from firstmile.nudges import repository as repo
 from firstmile.nudges.bandit import ArmStats, ThompsonSampler
 from firstmile.nudges.channels import (
@@ -54,14 +56,23 @@ from firstmile.nudges.channels import (
     OutboundMessage,
 )
 from firstmile.nudges.config import TenantNudges, tenant_nudges
-from firstmile.nudges.content import DEFAULT_LOCALE, language_of, wordings
+from firstmile.nudges.content import DEFAULT_LOCALE, Wording, language_of, wordings
 from firstmile.nudges.links import CLICK, UNSUBSCRIBE, BadLinkError, LinkPrincipal, LinkSigner
 from firstmile.nudges.personalise import AllowedContext, Personalised, Personaliser, StaticMessage
 from firstmile.nudges.policy import Audience, NudgePolicy, PolicyError, Verdict, evaluate
+from firstmile.nudges.webhooks import (
+    MemoryReplayGuard,
+    ReplayGuard,
+    WebhookRefusedError,
+    sendgrid_public_key,
+    verify_sendgrid,
+    verify_twilio,
+)
 from firstmile.onboarding import service as onboarding
 from firstmile.security.crypto import FieldContext
 from firstmile.security.datakeys import DataKeyService, TenantKeys
 from firstmile.tenancy import service as tenancy
+from firstmile.tenancy.manifest import TEMPLATE_SAMPLE
 
 log = logging.getLogger("firstmile.nudges")
 
@@ -111,9 +122,12 @@ class NudgeExecutor:
         self.sampler = sampler or ThompsonSampler()
         self.default_time_zone = default_time_zone
 
-    async def on_stuck(self, tx: TenantTx, user_id: str, step_id: str, now: datetime) -> Decided:
-        """Decide the nudge for a user flagged stuck on ``step_id`` (one transaction: the caller's)."""
-        return await self.on_trigger(tx, user_id, STUCK_TRIGGER, step_id, now)
+    async def on_stuck(
+        self, tx: TenantTx, user_id: str, step_id: str, now: datetime, prior: ResponsePrior | None = None
+    ) -> Decided:
+        """Decide the nudge for a user flagged stuck on ``step_id`` (one transaction: the caller's); ``prior``: the
+        response model's predictions, asked before the transaction (``ml.nudge_prior.ModelResponsePrior``)."""
+        return await self.on_trigger(tx, user_id, STUCK_TRIGGER, step_id, now, prior=prior)
 
     async def tenant_setup(self, tx: TenantTx) -> TenantNudges:
         """The tenant's nudge configuration: the manifest's ``nudges:`` section over the platform's defaults, and
@@ -131,7 +145,7 @@ class NudgeExecutor:
 
     async def on_trigger(
         self, tx: TenantTx, user_id: str, trigger: str, step_id: str | None, now: datetime,
-        setup: TenantNudges | None = None,
+        setup: TenantNudges | None = None, prior: ResponsePrior | None = None,
     ) -> Decided:  # fmt: skip
         """Decide the nudge for ``trigger`` (``stuck`` or a trigger of the manifest) for a user (the caller's
         transaction). ``step_id``: the step it is about (``stuck``, ``step_idle``); None for the others, which
@@ -214,7 +228,11 @@ class NudgeExecutor:
                 telemetry.NUDGE_DECISIONS.labels("denied").inc()
             return Decided(send_id if created else None, "denied")
         stats = await repo.arm_stats(tx, segment)
-        choice = self.sampler.choose([ArmStats(a, *stats.get(a, (0, 0))) for a in arms])
+        prior = prior or ResponsePrior(fallback="not_asked")
+        predicted = {a: prior.probabilities[w.channel] for a, w in arms.items() if w.channel in prior.probabilities}
+        choice = self.sampler.choose([ArmStats(a, *stats.get(a, (0, 0))) for a in arms], predicted)
+        base["prior"] = {"model": NUDGE_MODEL, "version": prior.version, "fallback": prior.fallback,
+                         "probabilities": {c: round(p, 6) for c, p in prior.probabilities.items()}}  # fmt: skip
         wording = arms[choice.arm]
         link = f"{self.public_url}/v1/nudges/l/{self.links.token(tx.tenant, send_id, CLICK)}" if self.links else ""
         context = {
@@ -281,6 +299,7 @@ class NudgeExecutor:
                            "segment": base["segment"], "time_zone": base["time_zone"], "locale": base["locale"]},
                 "candidates": base["candidates"],
                 "policy": base["policy"],
+                "prior": base.get("prior"),
                 "output": {"send_id": str(send_id), "arm": arm,
                            "send_at": send_at.isoformat() if send_at else None, "content": content},
                 "model": "nudge_bandit",
@@ -296,6 +315,10 @@ class DeliveryOutcome:
     send_id: uuid.UUID
     status: str
     detail: str | None = None
+
+
+_ADDRESS_FIELDS = {"email": "email", "sms": "phone"}
+"""Which field of the user's sealed personal data is the address on a channel (read only at send time)."""
 
 
 class AddressMissingError(Exception):
@@ -365,7 +388,8 @@ class DeliveryWorker:
     async def _address(self, uow: UnitOfWork, send: repo.SendRow) -> str:
         if send.channel == "in_app":
             return send.user_id
-        if send.channel != "email":
+        field = _ADDRESS_FIELDS.get(send.channel)
+        if field is None:
             raise AddressMissingError(f"no address source for the {send.channel} channel yet")
         if self.keyring is None:
             raise AddressMissingError("personal data cannot be read: no keyring configured")
@@ -377,13 +401,13 @@ class DeliveryWorker:
             key = await keys.user_key(tx, send.user_id)
             personal = msgspec.json.decode(key.decrypt(held.profile[1], FieldContext(tx.tenant, "end_users", "pii",
                                                                                       send.user_id)))  # fmt: skip
-            email = personal.get("email") if isinstance(personal, dict) else None
-            return email if isinstance(email, str) else None
+            found = personal.get(field) if isinstance(personal, dict) else None
+            return found if isinstance(found, str) else None
 
-        email = await self.keyring.run_with_keys(uow, read)
-        if email is None:
-            raise AddressMissingError("the user gave no e-mail address")
-        return email
+        address = await self.keyring.run_with_keys(uow, read)
+        if address is None:
+            raise AddressMissingError(f"the user gave no {field} for the {send.channel} channel")
+        return address
 
     async def _deliver(self, uow: UnitOfWork, send: repo.SendRow) -> DeliveryOutcome:
         channel = self.channels.get(send.channel)
@@ -521,6 +545,22 @@ async def record_conversion(tx: TenantTx, user_id: str, step_id: str, now: datet
     return bool(sends)
 
 
+async def withdraw(tx: TenantTx, send: repo.SendRow, source: str, described: str) -> bool:
+    """The user withdrew consent for the send's channel (an unsubscribe): recorded, audited as ``consent``, and a
+    ``nudge.unsubscribed`` event; False when it was withdrawn already."""
+    if not await repo.set_consent(tx, send.user_id, send.channel, STUCK_CATEGORY, False, source):
+        return False
+    await audit.append(
+        tx, "consent", "end_user", send.user_id,
+        {"channel": send.channel, "category": STUCK_CATEGORY, "granted": False, "source": described,
+         "send_id": str(send.send_id)},
+    )  # fmt: skip
+    event = _outcome_event("nudge.unsubscribed", send, category=STUCK_CATEGORY)
+    await enqueue(tx, [event], user_id=send.user_id, now=datetime.now(UTC))
+    telemetry.NUDGE_OUTCOMES.labels("unsubscribed").inc()
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class LinkOutcome:
     send_id: uuid.UUID
@@ -562,16 +602,160 @@ class NudgeLinks:
             send = await repo.get_send(tx, send_id)
             if send is None:
                 raise BadLinkError("this nudge no longer exists")
-            changed = await repo.set_consent(tx, send.user_id, send.channel, STUCK_CATEGORY, False, "one-click")
-            if changed:
-                await audit.append(
-                    tx, "consent", "end_user", send.user_id,
-                    {"channel": send.channel, "category": STUCK_CATEGORY, "granted": False,
-                     "source": "one-click unsubscribe (RFC 8058)", "send_id": str(send.send_id)},
-                )  # fmt: skip
-                event = _outcome_event("nudge.unsubscribed", send, category=STUCK_CATEGORY)
-                await enqueue(tx, [event], user_id=send.user_id, now=datetime.now(UTC))
-                telemetry.NUDGE_OUTCOMES.labels("unsubscribed").inc()
+            changed = await withdraw(tx, send, "one-click", "one-click unsubscribe (RFC 8058)")
             return LinkOutcome(send_id, changed)
 
         return await uow.run(work)
+
+
+# ---- what the providers report: the SendGrid Event Webhook ----
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookPrincipal:
+    """A provider's verified webhook event: it acts for the tenant named in the event's signed custom arguments."""
+
+    tenant_id: uuid.UUID
+
+    @property
+    def authenticated_tenant(self) -> uuid.UUID:
+        return self.tenant_id
+
+
+_WEBHOOK_EVENTS = {"delivered": "nudge.delivered", "opened": "nudge.opened", "bounced": "nudge.bounced",
+                   "complained": "nudge.complained", "failed": "nudge.failed_delivery"}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryReport:
+    """One provider report about one send, whatever the provider: what :meth:`NudgeWebhooks.apply` takes."""
+
+    send_id: uuid.UUID
+    status: str
+    """One of ``webhooks.STATUSES``."""
+    at: datetime
+    provider_event: str
+    reason: str | None = None
+
+
+class NudgeWebhooks:
+    """Applies the providers' delivery reports to the sends (see docs/nudges.md#delivery-reports)."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        sendgrid_key: str | None,
+        guard: ReplayGuard | None = None,
+        *,
+        twilio_auth_token: str | None = None,
+        public_url: str = "http://127.0.0.1:8000",
+    ) -> None:
+        self.engine = engine
+        self.sendgrid_key = sendgrid_public_key(sendgrid_key) if sendgrid_key else None
+        self.twilio_auth_token = twilio_auth_token
+        self.public_url = public_url.rstrip("/")
+        self.guard = guard or MemoryReplayGuard()
+
+    async def sendgrid(self, body: bytes, signature: str, timestamp: str) -> int:
+        """Verify and apply one Event Webhook request; how many events changed a send.
+        :class:`WebhookRefusedError` when it is not believed (nothing applied)."""
+        if self.sendgrid_key is None:
+            raise WebhookRefusedError("bad-signature", "no SendGrid verification key is configured")
+        batch = verify_sendgrid(body, signature, timestamp, self.sendgrid_key, guard=self.guard)
+        by_tenant: dict[uuid.UUID, list[DeliveryReport]] = {}
+        for event in batch.events:
+            try:
+                tenant, send_id = uuid.UUID(event.tenant or ""), uuid.UUID(event.send or "")
+            except ValueError:
+                continue  # not one of ours (another application's mail on the same account)
+            if event.status is None:
+                continue
+            at = datetime.fromtimestamp(event.timestamp, UTC) if event.timestamp else datetime.now(UTC)
+            report = DeliveryReport(send_id, event.status, at, event.event, event.reason)
+            by_tenant.setdefault(tenant, []).append(report)
+        applied = 0
+        for tenant, reports in by_tenant.items():
+            applied += await self.apply(tenant, reports)
+        return applied
+
+    async def twilio(self, path_and_query: str, body: bytes, signature: str) -> int:
+        """Verify and apply one Twilio status callback (``path_and_query``: what Twilio requested, on our public
+        URL); 1 when it changed the send. :class:`WebhookRefusedError` when it is not believed."""
+        if self.twilio_auth_token is None:
+            raise WebhookRefusedError("bad-signature", "no Twilio auth token is configured")
+        callback = verify_twilio(self.public_url + path_and_query, body, signature, self.twilio_auth_token,
+                                 guard=self.guard)  # fmt: skip
+        try:
+            tenant, send_id = uuid.UUID(callback.tenant or ""), uuid.UUID(callback.send or "")
+        except ValueError:
+            raise WebhookRefusedError("malformed", "the callback URL names no send of ours") from None
+        if callback.status is None:
+            return 0
+        reason = f"Twilio error {callback.error_code}" if callback.error_code else None
+        report = DeliveryReport(send_id, callback.status, datetime.now(UTC), callback.message_status, reason)
+        return await self.apply(tenant, [report])
+
+    async def apply(self, tenant: uuid.UUID, reports: Sequence[DeliveryReport]) -> int:
+        """Apply a tenant's reports in one transaction (acting for the tenant the provider's signature vouches
+        for); how many changed a send."""
+        uow = UnitOfWork(self.engine, tenant_of(WebhookPrincipal(tenant)))
+        return await uow.run(partial(self._apply, reports=reports))
+
+    async def _apply(self, tx: TenantTx, reports: Sequence[DeliveryReport]) -> int:
+        changed = 0
+        for report in reports:
+            status, at, send = report.status, report.at, await repo.get_send(tx, report.send_id)
+            if send is None:
+                continue
+            if status == "clicked":  # the provider's own click tracking: the same as our tracked link
+                clicked = await repo.record_click(tx, send.send_id)
+                if clicked is not None:
+                    await _reward(tx, clicked, True)
+                    await enqueue(tx, [_outcome_event("nudge.clicked", clicked, source="provider")],
+                                  user_id=send.user_id, now=at)  # fmt: skip
+                    telemetry.NUDGE_OUTCOMES.labels("clicked").inc()
+                    changed += 1
+                continue
+            if status == "unsubscribed":
+                changed += await withdraw(tx, send, "provider", f"provider unsubscribe ({report.provider_event})")
+                continue
+            if not await repo.set_delivery(tx, send.send_id, status, at):
+                continue  # the same report again, or one older than what is recorded
+            if status in ("bounced", "complained"):  # the address is not to be used again
+                await repo.suppress(tx, send.user_id, send.channel, f"{status}: {(report.reason or '')[:200]}")
+            event = _outcome_event(_WEBHOOK_EVENTS[status], send, provider_event=report.provider_event)
+            await enqueue(tx, [event], user_id=send.user_id, now=at)
+            if status == "opened":
+                telemetry.NUDGE_OUTCOMES.labels("opened").inc()
+            changed += 1
+        return changed
+
+
+# ---- what the admin UI shows: the nudge log of a user, and a preview of the tenant's wordings ----
+
+
+async def nudge_log(tx: TenantTx, user_id: str, limit: int = 100) -> list[repo.LogRow]:
+    """The user's nudges, newest first: each decision with its verdicts, content and delivery."""
+    return await repo.log_for(tx, user_id, limit)
+
+
+@dataclass(frozen=True, slots=True)
+class Preview:
+    wording: Wording
+    subject: str | None
+    body: str
+    html: str | None
+
+
+async def preview(tx: TenantTx, trigger: str, persona: str, locale: str) -> list[Preview]:
+    """The wordings a user of ``persona`` speaking ``locale`` would get for ``trigger``, rendered with sample values
+    (the tenant's name, a sample step and link): what the manifest's templates look like in a message."""
+    spec = await tenancy.nudges_spec(tx)
+    context = dict(TEMPLATE_SAMPLE) | {"tenant": {"name": await tenancy.tenant_name(tx)}, "persona": persona}
+    out: list[Preview] = []
+    for wording in wordings(spec.templates if spec is not None else (), trigger, persona, locale):
+        t = wording.template
+        subject = render(t.subject, context).text if t.subject else None
+        html = render(t.html, context, html=True).text if t.html else None
+        out.append(Preview(wording, subject, render(t.body, context).text, html))
+    return out

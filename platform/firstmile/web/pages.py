@@ -3,6 +3,7 @@ served with a strict Content-Security-Policy (no inline script) and may not be f
 
 from __future__ import annotations
 
+import re
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -17,9 +18,11 @@ from firstmile.admin.oidc import LoginError
 from firstmile.admin.paths import PathEditor
 from firstmile.admin.rbac import Permission, permissions
 from firstmile.admin.service import AdminAuth, read_bootstrap_token
+from firstmile.admin.sessions import AdminSession
 from firstmile.audit.service import KIND_PATTERN, AuditService
 from firstmile.kit.db import TenantTx
 from firstmile.kit.errors import ProblemError
+from firstmile.nudges import service as nudges
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
@@ -43,6 +46,10 @@ def _environment() -> jinja2.Environment:
     )
 
 
+_USER = re.compile(r"^[^\x00-\x1f\x7f]{1,255}$")
+_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+_PERSONA = re.compile(r"^(\*|[A-Za-z0-9_-]{1,64})$")
+_LOCALE = re.compile(r"^[a-z]{2,3}$")
 STATIC_TYPES = {"admin.js": "text/javascript", "admin.css": "text/css"}  # Litestar adds "; charset=utf-8" to text/*
 
 
@@ -59,6 +66,51 @@ def render(auth: AdminAuth, template: str, status: int = 200, **context: Any) ->
     forms = "'self'" if oidc is None else f"'self' {oidc.naming.keycloak_url.rstrip('/')}"
     headers = {**SECURITY_HEADERS, "Content-Security-Policy": CSP.format(forms=forms)}
     return Response(html, status_code=status, media_type="text/html", headers=headers)
+
+
+async def _session_with(
+    auth: AdminAuth, request: Request[Any, Any, Any], permission: Permission, route: str, what: str
+) -> AdminSession | None:
+    """The signed-in session (None: not signed in); a ``403`` (audited as ``admin.forbidden``) when its roles lack
+    ``permission``."""
+    session = await auth.session(request.cookies.get(auth.policy.cookie))
+    if session is not None and permission not in permissions(session.roles):
+        await auth.record_for(
+            session,
+            "admin.forbidden",
+            f"admin:{session.subject}",
+            route,
+            {"permission": str(permission), "roles": list(session.roles)},
+        )
+        raise ProblemError(403, "forbidden", f"your role cannot read {what}", required_permission=str(permission))
+    return session
+
+
+def _log_row(r: Any) -> dict[str, Any]:
+    """One nudge of the log as the page shows it (``r``: a ``nudges.repository.LogRow``)."""
+    decision = r.send.decision
+    prior = decision.get("prior") or {}
+    verdicts = {}
+    for channel, v in (decision.get("policy") or {}).items():
+        reasons = f" ({', '.join(v['reasons'])})" if v.get("reasons") else ""
+        verdicts[channel] = ("allowed" if v.get("allowed") else "denied") + reasons
+    return {
+        "created_at": r.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+        "trigger": r.send.trigger_key,
+        "channel": r.send.channel,
+        "arm": r.send.arm,
+        "status": r.send.status,
+        "send_at": r.send.send_at.strftime("%Y-%m-%d %H:%M"),
+        "verdicts": verdicts,
+        "content": decision.get("content") or {},
+        "written_by": (decision.get("personalisation") or {}).get("path", "static"),
+        "prior": prior.get("version") or prior.get("fallback"),
+        "delivery": r.delivery_status or "",
+        "clicked": r.clicked_at is not None,
+        "converted": r.converted_at is not None,
+        "subject": r.send.subject or "",
+        "body": r.send.body,
+    }
 
 
 class PagesController(Controller):
@@ -105,20 +157,9 @@ class PagesController(Controller):
         kind: FromQuery[str | None] = None,
     ) -> Response[Any]:
         auth = admin_auth
-        session = await auth.session(request.cookies.get(auth.policy.cookie))
+        session = await _session_with(auth, request, Permission.AUDIT_READ, "GET /admin/audit", "the audit log")
         if session is None:
             return Redirect("/admin/signin", status_code=303)
-        if Permission.AUDIT_READ not in permissions(session.roles):
-            await auth.record_for(
-                session,
-                "admin.forbidden",
-                f"admin:{session.subject}",
-                "GET /admin/audit",
-                {"permission": str(Permission.AUDIT_READ), "roles": list(session.roles)},
-            )
-            raise ProblemError(
-                403, "forbidden", "your role cannot read the audit log", required_permission="audit:read"
-            )
         if kind is not None and not KIND_PATTERN.match(kind):
             raise ProblemError(400, "validation-error", f"kind must match {KIND_PATTERN.pattern}")
         entries = await auth.unit_of_work(session).run(lambda tx: audit_log.latest(tx, kind, 200))
@@ -133,6 +174,44 @@ class PagesController(Controller):
             for e in entries
         ]
         return render(auth, "audit.html", session=session, entries=rows, kind=kind)
+
+    @get("/nudges", summary="The nudge log of a user and a preview of the tenant's wordings (audit:read)")
+    async def nudges(
+        self,
+        request: Request[Any, Any, Any],
+        admin_auth: NamedDependency[AdminAuth],
+        user: FromQuery[str | None] = None,
+        trigger: FromQuery[str] = "stuck",
+        persona: FromQuery[str] = "*",
+        locale: FromQuery[str] = "en",
+    ) -> Response[Any]:
+        auth = admin_auth
+        session = await _session_with(auth, request, Permission.AUDIT_READ, "GET /admin/nudges", "the nudge log")
+        if session is None:
+            return Redirect("/admin/signin", status_code=303)
+        problems = [
+            f"{name} {why}"
+            for name, value, pattern, why in (
+                ("user", user or "x", _USER, "must be 1 to 255 printable characters"),
+                ("trigger", trigger, _NAME, "must be `stuck` or a trigger id"),
+                ("persona", persona, _PERSONA, "must be `*` or a persona (letters, digits, - and _)"),
+                ("locale", locale, _LOCALE, "must be a language code such as en or de"),
+            )
+            if not pattern.match(value)
+        ]
+        if problems:
+            raise ProblemError(400, "validation-error", "; ".join(problems))
+
+        async def read(tx: TenantTx) -> tuple[list[Any], list[nudges.Preview]]:
+            log = await nudges.nudge_log(tx, user) if user else []
+            return log, await nudges.preview(tx, trigger, persona, locale)
+
+        log, previews = await auth.unit_of_work(session).run(read)
+        rows = [_log_row(r) for r in log]
+        return render(
+            auth, "nudges.html", session=session, user=user or "", rows=rows, previews=previews, trigger=trigger,
+            persona=persona, locale=locale,
+        )  # fmt: skip
 
     @get("/signin", summary="Sign-in page")
     async def signin(self, admin_auth: NamedDependency[AdminAuth]) -> Response[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from datetime import time, timedelta
+from email.utils import parseaddr
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -25,10 +26,12 @@ from firstmile.guardrail.policy import DetectorPolicy, Limits, Quota
 from firstmile.ml.feature_stores import InProcessFeatureStore, RedisFeatureStore
 from firstmile.ml.features import FeatureStore
 from firstmile.ml.inference import GuardedInference, InferenceClient, InProcessClient, RayServeClient, StageReader
-from firstmile.nudges.channels import Channel
+from firstmile.nudges.channels import Channel, FailoverChannel
+from firstmile.nudges.email_sendgrid import SendGridChannel
 from firstmile.nudges.email_smtp import SmtpChannel
 from firstmile.nudges.inapp import InAppChannel
 from firstmile.nudges.policy import NudgePolicy
+from firstmile.nudges.sms_twilio import TwilioChannel
 from firstmile.security.keys import KeyConfig
 from firstmile.settings import Settings
 from firstmile.sso.events import KeycloakEventSync
@@ -280,8 +283,9 @@ def rate_limiter(settings: Settings) -> tuple[RateLimiter, RateLimiter | None]:
 
 
 def nudge_channels(settings: Settings) -> dict[str, Channel]:
-    """The nudge channels the settings configure, by channel name: e-mail over SMTP, and in-app (stored; on with
-    another channel unless FIRSTMILE_NUDGE_IN_APP says otherwise)."""
+    """The nudge channels the settings configure, by channel name: e-mail over SMTP, SendGrid, or SMTP failing over
+    to SendGrid; SMS through Twilio; and in-app (stored; on with another channel unless FIRSTMILE_NUDGE_IN_APP says
+    otherwise)."""
     channels: dict[str, Channel] = {}
     if settings.nudges.smtp_url is not None:
         url = urlsplit(settings.nudges.smtp_url.get_secret_value())
@@ -293,6 +297,24 @@ def nudge_channels(settings: Settings) -> dict[str, Channel]:
             settings.nudges.email_from,
             username=unquote(url.username) if url.username else None,
             password=unquote(url.password) if url.password else None,
+        )
+    if settings.nudges.sendgrid_api_key is not None:  # the backup of the relay (failover on timeouts and 5xx)
+        sendgrid = SendGridChannel(
+            settings.nudges.sendgrid_api_key.get_secret_value(),
+            parseaddr(settings.nudges.email_from)[1] or settings.nudges.email_from,
+            sender_name=parseaddr(settings.nudges.email_from)[0] or None,
+            base_url=settings.nudges.sendgrid_base_url,
+        )
+        smtp = channels.get("email")
+        channels["email"] = FailoverChannel(smtp, sendgrid) if smtp is not None else sendgrid
+    n = settings.nudges
+    if n.twilio_account_sid is not None and n.twilio_auth_token is not None and n.sms_from is not None:
+        channels["sms"] = TwilioChannel(
+            n.twilio_account_sid,
+            n.twilio_auth_token.get_secret_value(),
+            from_number=n.sms_from,
+            status_callback=settings.server.public_url.rstrip("/") + "/v1/nudges/webhooks/twilio",
+            base_url=n.twilio_base_url,
         )
     in_app = settings.nudges.in_app
     if in_app == "on" or (in_app == "auto" and channels):

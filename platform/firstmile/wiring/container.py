@@ -45,6 +45,7 @@ from firstmile.ml.feature_reader import ResilientFeatureReader
 from firstmile.ml.feature_stores import FeatureStoreSink
 from firstmile.ml.features import FeatureStore
 from firstmile.ml.inference import GuardedInference, InProcessClient, StageReader
+from firstmile.ml.nudge_prior import NUDGE_MODEL, ModelResponsePrior
 from firstmile.ml.online import PlannerFeatures, StoreActivity
 from firstmile.ml.planner import PATH_MODEL, AdaptivePlanner
 from firstmile.ml.stuck import ModelStuckDetector
@@ -52,7 +53,7 @@ from firstmile.nudges.consumer import NudgeTriggers
 from firstmile.nudges.inapp import InAppHub, InAppInbox
 from firstmile.nudges.links import LinkSigner
 from firstmile.nudges.personalise import Personaliser
-from firstmile.nudges.service import DeliveryWorker, NudgeExecutor, NudgeLinks
+from firstmile.nudges.service import DeliveryWorker, NudgeExecutor, NudgeLinks, NudgeWebhooks
 from firstmile.nudges.triggers import TriggerScanner
 from firstmile.onboarding.catalog import CatalogCache
 from firstmile.onboarding.consumer import AutoCompletion
@@ -117,6 +118,13 @@ class Container:
         )
         self.readiness = Readiness(self.engine, settings.region, self.supervisor)
         self.nudge_links = NudgeLinks(self.engine, self.link_signer)
+        token = settings.nudges.twilio_auth_token
+        self.nudge_webhooks = NudgeWebhooks(
+            self.engine,
+            settings.nudges.sendgrid_webhook_key,
+            twilio_auth_token=token.get_secret_value() if token is not None else None,
+            public_url=settings.server.public_url,
+        )
         # Client-credentials tokens of the tenants' realms, when there is a Keycloak; else API keys only.
         tokens = adapters.token_validator(settings)
         # The global tenant directory, when there is one: tokens of tenants homed elsewhere get 421.
@@ -189,7 +197,7 @@ class Container:
 
     async def _warm_up(self) -> None:
         """Read the model stages and load the staged models off the event loop, before the first request."""
-        models = [PATH_MODEL, STUCK_MODEL]
+        models = [PATH_MODEL, STUCK_MODEL, NUDGE_MODEL]  # the nudge model: the prior of the nudge bandit
         await self.stages.load(models)
         if isinstance(self.inference.client, InProcessClient):
             ready = await self.inference.client.warm_up(models, wait_s=WARM_UP_SECONDS)
@@ -311,9 +319,9 @@ class Container:
             FeatureHook(FeatureStoreSink(self.features)),
         ]
         if self.nudges is not None:
-            consumers.append(
-                NudgeTriggers(self.engine, self.nudges, timedelta(hours=self.settings.nudges.outcome_window_hours))
-            )
+            prior = ModelResponsePrior(self.inference, self.feature_reader)
+            window = timedelta(hours=self.settings.nudges.outcome_window_hours)
+            consumers.append(NudgeTriggers(self.engine, self.nudges, window, prior=prior))
         return consumers
 
     async def stop(self) -> None:

@@ -52,6 +52,7 @@ def dependencies(container: Container) -> dict[str, Provide]:
         "path_editor": "path_editor",
         "readiness": "readiness",
         "nudge_links": "nudge_links",
+        "nudge_webhooks": "nudge_webhooks",
         "inbox": "inbox",
     }
     provided = {name: _service(container, attribute) for name, attribute in services.items()}
