@@ -35,7 +35,12 @@ from firstmile.kit.health import HealthController, metrics
 from firstmile.kit.heap import freeze_startup_heap
 from firstmile.kit.openapi import document_problems
 from firstmile.ml.inference import GuardedInference, StageReader
-from firstmile.nudges.api import InAppMessagesController, NudgeLinksController, NudgeWebhooksController
+from firstmile.nudges.api import (
+    InAppMessagesController,
+    NudgeLinksController,
+    NudgeWebhooksController,
+    PushSubscriptionsController,
+)
 from firstmile.onboarding.api import OnboardingController
 from firstmile.privacy.api import UsersController
 from firstmile.security.keys import KeyProviderError
@@ -156,6 +161,7 @@ def create_app(
             NudgeLinksController,
             NudgeWebhooksController,
             InAppMessagesController,
+            PushSubscriptionsController,
             LoginController,
             PagesController,
             admin_api_router(container.admin_source()),

@@ -624,6 +624,19 @@ class NudgeSettings(_Section):
         pattern=r"^https?://[^\s/?#@]+(/[^\s?#]*)?$",
         description="Another root for Twilio's API than https://api.twilio.com (a regional edge, a test server).",
     )
+    vapid_private_key_file: Path | None = Field(
+        validation_alias="nudge_vapid_private_key_file",
+        default=None,
+        description="File holding the VAPID private key of web push (P-256: PEM, or base64url of the raw key as "
+        "web-push tools print it); set, push is a channel, to the subscriptions the users' browsers give "
+        "(POST /v1/users/{user_id}/push-subscriptions).",
+    )
+    vapid_subject: str = Field(
+        validation_alias="nudge_vapid_subject",
+        default="mailto:nudges@firstmile.invalid",
+        pattern=r"^(mailto:\S+@\S+|https://\S+)$",
+        description="The VAPID contact (`sub`) push services may write to: a mailto: or https: URL.",
+    )
     email_from: str = Field(
         validation_alias="nudge_email_from",
         default="Firstmile <nudges@firstmile.invalid>",

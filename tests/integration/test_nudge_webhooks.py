@@ -229,3 +229,37 @@ async def test_an_sms_nudge_goes_to_the_sealed_phone_and_a_signed_status_callbac
         assert await repo.suppressed_channels(tx, user_id) == {"sms"}
     [(status,)] = await _rows(admin_engine, "SELECT delivery_status FROM nudge_sends WHERE send_id = :s", s=send_id)
     assert status == "bounced"
+
+
+async def test_a_provider_rate_limit_defers_the_send_to_its_window_without_counting_an_attempt(
+    database: Database, analytics_store: ChdbStore, tenant: TenantFixture, app_engine: AsyncEngine
+) -> None:
+    with SendGridStandIn(SG_KEY) as sendgrid:
+        settings = make_settings(nudge_sendgrid_api_key=SG_KEY, nudge_sendgrid_base_url=sendgrid.url,
+                                 nudge_in_app="off", nudge_delivery_interval_seconds=0)  # fmt: skip
+        channels = adapters.nudge_channels(settings)
+        app = create_app(settings, database.app_url, PEPPER, analytics=analytics_store)
+        async with AsyncTestClient(app=app) as client:
+            address = f"rl-{uuid.uuid4().hex[:8]}@example.test"
+            user_id = f"rl-{uuid.uuid4().hex[:10]}"
+            traits = {"persona": "developer", "email": address}
+            r = await client.post(
+                "/v1/onboarding/start", headers=tenant.headers, json={"user_id": user_id, "traits": traits}
+            )
+            assert r.status_code == 201, r.text
+            executor = NudgeExecutor(OnboardingService(CatalogCache()), ["email"], ANYTIME,
+                                     ThompsonSampler(random.Random(2)))  # fmt: skip
+            async with tenant_transaction(app_engine, OPS.tenant(tenant.id)) as tx:
+                await executor.on_stuck(tx, user_id, "create-api-key", datetime.now(UTC))
+            worker = DeliveryWorker(app_engine, channels, app.state.container.keyring)
+            reset = {"X-RateLimit-Reset": str(int(time.time()) + 120)}  # SendGrid's window: when it resets
+            sendgrid.respond(429, reset, {"errors": [{"message": "too many requests"}]})
+            before = datetime.now(UTC)
+            [outcome] = await worker.deliver_tenant(OPS.tenant(tenant.id))
+            assert outcome.status == "deferred"
+            async with tenant_transaction(app_engine, OPS.tenant(tenant.id), commit=False) as tx:
+                [send] = await repo.sends_for(tx, user_id)
+            assert send.status == "scheduled" and send.attempts == 0  # the rate limit is not a failed attempt
+            assert 110 <= (send.send_at - before).total_seconds() <= 130  # the provider's window, not a backoff
+            assert await worker.deliver_tenant(OPS.tenant(tenant.id)) == []  # not due before then
+            assert sendgrid.received(address) == []

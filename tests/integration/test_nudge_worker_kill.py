@@ -92,7 +92,7 @@ async def _killed_at_hold(worker: Worker, relay: SmtpRelay) -> str:
 
 
 async def test_a_scheduler_killed_mid_batch_loses_no_nudge_and_duplicates_only_inside_the_window(
-    kill_database: Database, start_worker: Any, mailpit: Mailpit, tmp_path: Path
+    kill_database: Database, start_worker: Any, mailpit: Mailpit, analytics_store: ChdbStore, tmp_path: Path
 ) -> None:
     db = kill_database
     data_dir = tmp_path / "data"
@@ -103,16 +103,14 @@ async def test_a_scheduler_killed_mid_batch_loses_no_nudge_and_duplicates_only_i
         await admin.dispose()
     domain = f"kill-{uuid.uuid4().hex[:8]}.test"
     users = [f"k{i}-{uuid.uuid4().hex[:6]}" for i in range(USERS)]
-    store = ChdbStore(tmp_path / "chdb")
-    store.ensure_schema()
-    app = create_app(make_settings(data_dir=data_dir), db.app_url, PEPPER, analytics=store)
+    # the worker's chdb store: chdb allows one data path per process
+    app = create_app(make_settings(data_dir=data_dir), db.app_url, PEPPER, analytics=analytics_store)
     async with AsyncTestClient(app=app) as client:
         for user in users:
             traits = {"persona": "developer", "email": f"{user}@{domain}"}
             r = await client.post("/v1/onboarding/start", json={"user_id": user, "traits": traits},
                                   headers=tenant.headers)  # fmt: skip
             assert r.status_code == 201, r.text
-    store.close()
     engine = create_engine(db.app_url, pool_size=2, max_overflow=0, application_name="test-nudge-kill")
     executor = NudgeExecutor(OnboardingService(CatalogCache()), ["email"], NudgePolicy(quiet_start=None,
                              quiet_end=None), ThompsonSampler(random.Random(4)))  # fmt: skip

@@ -21,10 +21,10 @@ from html import escape
 from typing import Annotated, Any
 
 import msgspec
-from litestar import Controller, Request, Response, get, post, route
+from litestar import Controller, Request, Response, delete, get, post, route
 from litestar.di import NamedDependency
 from litestar.enums import HttpMethod
-from litestar.params import PathParameter, QueryParameter
+from litestar.params import Body, PathParameter, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from firstmile.kit.auth import require_scope
@@ -33,8 +33,15 @@ from firstmile.kit.ids import UserIdPath, check_id, check_user_id
 from firstmile.kit.uow import UnitOfWork
 from firstmile.nudges.inapp import OPEN, InAppInbox
 from firstmile.nudges.links import UNSUBSCRIBE, BadLinkError
-from firstmile.nudges.schemas import InAppMessage, InAppMessageList
-from firstmile.nudges.service import NudgeLinks, NudgeWebhooks
+from firstmile.nudges.schemas import InAppMessage, InAppMessageList, PushSubscriptionIn, PushSubscriptionOut
+from firstmile.nudges.service import (
+    InvalidSubscriptionError,
+    NudgeLinks,
+    NudgeWebhooks,
+    PushNotConfiguredError,
+    PushSubscriptions,
+    UnknownUserError,
+)
 from firstmile.nudges.webhooks import SENDGRID_SIGNATURE, SENDGRID_TIMESTAMP, TWILIO_SIGNATURE, WebhookRefusedError
 
 log = logging.getLogger("firstmile.nudges.webhooks")
@@ -278,3 +285,70 @@ class NudgeWebhooksController(Controller):
             status, kind = _REFUSED[exc.reason]
             log.warning("nudge webhook refused", extra={"fields": {"provider": "twilio", "reason": exc.reason}})
             raise ProblemError(status, kind, str(exc)) from exc
+
+
+_HASH_PATTERN = "^[0-9a-f]{64}$"
+_HASH_RE = re.compile(_HASH_PATTERN)
+SubscriptionIdPath = Annotated[
+    str,
+    PathParameter(
+        description="The subscription's id (as POST answered it)",
+        schema_extra={"pattern": _HASH_PATTERN, "min_length": 64, "max_length": 64},
+    ),
+]
+_PUSH_PROBLEMS = {
+    400: "invalid-subscription: not a push subscription this platform can send to (endpoint, keys)",
+    404: "user-not-found: the user is not known here",
+    409: "push-not-configured: web push is off (no VAPID key)",
+}
+
+
+class PushSubscriptionsController(Controller):
+    """Where a user's push nudges go: their browser's push subscription (sealed under the user's key)."""
+
+    path = "/v1/users/{user_id:str}/push-subscriptions"
+    tags = ["messages"]
+
+    @post(
+        guards=_WRITE,
+        status_code=201,
+        summary="Add a browser push subscription of the user",
+        description="The `PushSubscription.toJSON()` of the user's browser (endpoint and keys); the newest is where "
+        "push nudges go. Stored sealed under the user's key and erased with the user. Answers its "
+        "`subscription_id` (the SHA-256 of the endpoint), the same for the same endpoint. Needs onboarding:write.",
+        opt={"problems": _PUSH_PROBLEMS},
+    )
+    async def add(
+        self,
+        user_id: UserIdPath,
+        data: Annotated[PushSubscriptionIn, Body(description="The browser's PushSubscription.toJSON()")],
+        uow: NamedDependency[UnitOfWork],
+        push_subscriptions: NamedDependency[PushSubscriptions],
+    ) -> PushSubscriptionOut:
+        check_user_id(user_id)
+        subscription = {"endpoint": data.endpoint, "keys": {"p256dh": data.keys.p256dh, "auth": data.keys.auth}}
+        try:
+            return PushSubscriptionOut(await push_subscriptions.add(uow, user_id, subscription))
+        except InvalidSubscriptionError as exc:
+            raise ProblemError(400, "invalid-subscription", str(exc)) from exc
+        except UnknownUserError as exc:
+            raise ProblemError(404, "user-not-found", f"user {user_id!r} is not known here") from exc
+        except PushNotConfiguredError as exc:
+            raise ProblemError(409, "push-not-configured", str(exc)) from exc
+
+    @delete(
+        "/{subscription_id:str}",
+        guards=_WRITE,
+        status_code=204,
+        summary="Forget a push subscription of the user",
+        description="The browser unsubscribed: no push nudge goes there any more. Idempotent. Needs onboarding:write.",
+    )
+    async def drop(
+        self,
+        user_id: UserIdPath,
+        subscription_id: SubscriptionIdPath,
+        uow: NamedDependency[UnitOfWork],
+        push_subscriptions: NamedDependency[PushSubscriptions],
+    ) -> None:
+        check_user_id(user_id)
+        await push_subscriptions.drop(uow, user_id, check_id(subscription_id, _HASH_RE, "subscription_id"))

@@ -1,4 +1,4 @@
-"""Tables of the nudges slice (migrations ``0013`` to ``0017``). ``tenant_id`` leads every key and index."""
+"""Tables of the nudges slice (migrations ``0013`` to ``0018``). ``tenant_id`` leads every key and index."""
 
 from __future__ import annotations
 
@@ -111,3 +111,16 @@ nudge_suppressions = Table(
     PrimaryKeyConstraint("tenant_id", "user_id", "channel"),
 )
 """A user's address on a channel that bounced hard or complained: never sent to again."""
+
+nudge_push_subscriptions = Table(
+    "nudge_push_subscriptions",
+    metadata,
+    Column("tenant_id", UUID(as_uuid=True), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("user_id", Text, nullable=False),
+    Column("endpoint_hash", Text, nullable=False),
+    Column("sealed", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("tenant_id", "user_id", "endpoint_hash"),
+)
+"""A user's browser push subscriptions (migration ``0018``): sealed under the user's key, keyed by the endpoint's
+SHA-256; the newest is where a push nudge goes."""

@@ -197,7 +197,8 @@ async def claim_due(tx: TenantTx, now: datetime, until: datetime, limit: int) ->
 _FINISH = text(
     "UPDATE nudge_sends SET status = :status, provider = :provider, provider_message_id = :message_id,"
     " sent_at = CASE WHEN :status = 'sent' THEN now() ELSE sent_at END, last_error = :error,"
-    " send_at = coalesce(:send_at, send_at), claimed_until = NULL, updated_at = now()"
+    " send_at = coalesce(:send_at, send_at), claimed_until = NULL, updated_at = now(),"
+    " attempts = attempts - CASE WHEN :refund THEN 1 ELSE 0 END"
     " WHERE tenant_id = :t AND send_id = :send_id AND status = 'sending' RETURNING 1"
 )
 
@@ -211,12 +212,14 @@ async def finish(
     message_id: str | None = None,
     error: str | None = None,
     send_at: datetime | None = None,
+    refund: bool = False,
 ) -> bool:
     """Record the outcome of a claimed send (sent, scheduled again for a retry, dead, rejected); False when the
-    send was not claimed any more (another worker took it after the claim ran out)."""
+    send was not claimed any more (another worker took it after the claim ran out). ``refund``: the claim's
+    attempt does not count (a provider's rate limit is not a failure of the send)."""
     params = {
         "t": tx.tenant, "send_id": send_id, "status": status, "provider": provider, "message_id": message_id,
-        "error": error, "send_at": send_at,
+        "error": error, "send_at": send_at, "refund": refund,
     }  # fmt: skip
     return (await tx.execute(_FINISH, params)).first() is not None
 
@@ -360,6 +363,7 @@ _DELETE_USER = {
     "nudge_sends": text("DELETE FROM nudge_sends WHERE tenant_id = :t AND user_id = :u"),
     "nudge_consents": text("DELETE FROM nudge_consents WHERE tenant_id = :t AND user_id = :u"),
     "nudge_suppressions": text("DELETE FROM nudge_suppressions WHERE tenant_id = :t AND user_id = :u"),
+    "nudge_push_subscriptions": text("DELETE FROM nudge_push_subscriptions WHERE tenant_id = :t AND user_id = :u"),
 }
 
 
@@ -453,3 +457,36 @@ async def notify_in_app(tx: TenantTx, user_id: str, send_id: uuid.UUID) -> None:
     delivers the notification when ``tx`` commits, and never if it rolls back."""
     payload = json.dumps({"tenant": str(tx.tenant), "user": user_id, "send": str(send_id)}, separators=(",", ":"))
     await tx.execute(_NOTIFY, {"channel": IN_APP_NOTIFY_CHANNEL, "payload": payload})
+
+
+# ---- web push subscriptions (sealed under the user's key; migration 0018) ----
+
+_ADD_PUSH = text(
+    "INSERT INTO nudge_push_subscriptions (tenant_id, user_id, endpoint_hash, sealed) VALUES (:t, :u, :h, :sealed)"
+    " ON CONFLICT (tenant_id, user_id, endpoint_hash) DO UPDATE SET sealed = excluded.sealed, created_at = now()"
+)
+_PUSH = text(
+    "SELECT sealed FROM nudge_push_subscriptions WHERE tenant_id = :t AND user_id = :u"
+    " ORDER BY created_at DESC, endpoint_hash LIMIT 1"
+)
+_DROP_PUSH = text(
+    "DELETE FROM nudge_push_subscriptions WHERE tenant_id = :t AND user_id = :u AND endpoint_hash = :h RETURNING 1"
+)
+_UNSUPPRESS = text("DELETE FROM nudge_suppressions WHERE tenant_id = :t AND user_id = :u AND channel = :channel")
+
+
+async def add_push_subscription(tx: TenantTx, user_id: str, endpoint_hash: str, sealed: str) -> None:
+    """Keep a subscription (the same endpoint again replaces it, and becomes the newest); lifts a push suppression
+    (a new subscription is a new address)."""
+    await tx.execute(_ADD_PUSH, {"t": tx.tenant, "u": user_id, "h": endpoint_hash, "sealed": sealed})
+    await tx.execute(_UNSUPPRESS, {"t": tx.tenant, "u": user_id, "channel": "push"})
+
+
+async def newest_push_subscription(tx: TenantTx, user_id: str) -> str | None:
+    """The sealed newest subscription of the user, or None."""
+    row = (await tx.execute(_PUSH, {"t": tx.tenant, "u": user_id})).first()
+    return None if row is None else str(row[0])
+
+
+async def drop_push_subscription(tx: TenantTx, user_id: str, endpoint_hash: str) -> bool:
+    return (await tx.execute(_DROP_PUSH, {"t": tx.tenant, "u": user_id, "h": endpoint_hash})).first() is not None

@@ -1,4 +1,4 @@
-"""Wire types of the nudges slice's tenant API (the in-app messages)."""
+"""Wire types of the nudges slice's tenant API (the in-app messages, push subscriptions)."""
 
 from __future__ import annotations
 
@@ -27,3 +27,23 @@ class InAppMessageList(msgspec.Struct):
 
     user_id: str
     messages: list[InAppMessage]
+
+
+class PushKeys(msgspec.Struct, forbid_unknown_fields=True):
+    p256dh: str = msgspec.field(name="p256dh")
+    """The browser's P-256 public key, uncompressed, base64url (65 octets)."""
+    auth: str
+    """The authentication secret, base64url (16 octets)."""
+
+
+class PushSubscriptionIn(msgspec.Struct, forbid_unknown_fields=True, rename="camel"):
+    """A browser's ``PushSubscription`` as its ``toJSON()`` gives it."""
+
+    endpoint: str
+    keys: PushKeys
+    expiration_time: int | None = None
+
+
+class PushSubscriptionOut(msgspec.Struct):
+    subscription_id: str
+    """The SHA-256 of the endpoint (hex): ``DELETE …/push-subscriptions/{subscription_id}`` forgets it."""

@@ -24,6 +24,8 @@ provider's window; a rejection is final, and suppresses the address when the pro
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import random
 import time
@@ -60,6 +62,7 @@ from firstmile.nudges.content import DEFAULT_LOCALE, Wording, language_of, wordi
 from firstmile.nudges.links import CLICK, UNSUBSCRIBE, BadLinkError, LinkPrincipal, LinkSigner
 from firstmile.nudges.personalise import AllowedContext, Personalised, Personaliser, StaticMessage
 from firstmile.nudges.policy import Audience, NudgePolicy, PolicyError, Verdict, evaluate
+from firstmile.nudges.push_webpush import WebPushChannel
 from firstmile.nudges.webhooks import (
     MemoryReplayGuard,
     ReplayGuard,
@@ -317,6 +320,64 @@ class DeliveryOutcome:
     detail: str | None = None
 
 
+def _push_context(tenant: uuid.UUID, user_id: str) -> FieldContext:
+    return FieldContext(tenant, "nudge_push_subscriptions", "subscription", user_id)
+
+
+async def _push_subscription(tx: TenantTx, keys: TenantKeys, user_id: str) -> str | None:
+    """The user's newest push subscription (JSON), decrypted; None when they have none."""
+    sealed = await repo.newest_push_subscription(tx, user_id)
+    if sealed is None:
+        return None
+    key = await keys.user_key(tx, user_id)
+    return key.decrypt(sealed, _push_context(tx.tenant, user_id)).decode()
+
+
+class PushNotConfiguredError(Exception):
+    """Web push is not configured (no VAPID key): there is nowhere to send a subscription's nudges."""
+
+
+class InvalidSubscriptionError(ValueError):
+    """Not a browser push subscription this platform can send to; the message says why."""
+
+
+class UnknownUserError(LookupError):
+    """The tenant holds no such user."""
+
+
+class PushSubscriptions:
+    """A user's browser push subscriptions: checked, sealed under the user's key, the newest used for push nudges."""
+
+    def __init__(self, keyring: DataKeyService, channel: WebPushChannel | None) -> None:
+        self.keyring = keyring
+        self.channel = channel
+
+    async def add(self, uow: UnitOfWork, user_id: str, subscription: Mapping[str, Any]) -> str:
+        """Check, seal and keep ``subscription``; its id (the SHA-256 of its endpoint, hex)."""
+        if self.channel is None:
+            raise PushNotConfiguredError("web push is not configured (FIRSTMILE_NUDGE_VAPID_PRIVATE_KEY_FILE)")
+        try:
+            checked = self.channel.subscription(json.dumps(dict(subscription)))
+        except ChannelRejectedError as exc:
+            raise InvalidSubscriptionError(exc.detail) from exc
+        text = json.dumps(checked.info(), separators=(",", ":"))
+        endpoint_hash = hashlib.sha256(checked.endpoint.encode()).hexdigest()
+
+        async def work(tx: TenantTx, keys: TenantKeys) -> None:
+            if await onboarding.user_traits(tx, user_id) is None:
+                raise UnknownUserError(user_id)
+            key = await keys.user_key(tx, user_id, create=True)
+            sealed = key.encrypt(text, _push_context(tx.tenant, user_id))
+            await repo.add_push_subscription(tx, user_id, endpoint_hash, sealed)
+
+        await self.keyring.run_with_keys(uow, work)
+        return endpoint_hash
+
+    async def drop(self, uow: UnitOfWork, user_id: str, subscription_id: str) -> bool:
+        """Forget one of the user's subscriptions (the browser unsubscribed); whether it was there."""
+        return await uow.run(lambda tx: repo.drop_push_subscription(tx, user_id, subscription_id))
+
+
 _ADDRESS_FIELDS = {"email": "email", "sms": "phone"}
 """Which field of the user's sealed personal data is the address on a channel (read only at send time)."""
 
@@ -389,10 +450,15 @@ class DeliveryWorker:
         if send.channel == "in_app":
             return send.user_id
         field = _ADDRESS_FIELDS.get(send.channel)
-        if field is None:
+        if field is None and send.channel != "push":
             raise AddressMissingError(f"no address source for the {send.channel} channel yet")
         if self.keyring is None:
             raise AddressMissingError("personal data cannot be read: no keyring configured")
+        if send.channel == "push":
+            subscription = await self.keyring.run_with_keys(uow, partial(_push_subscription, user_id=send.user_id))
+            if subscription is None:
+                raise AddressMissingError("the user has no push subscription")
+            return subscription
 
         async def read(tx: TenantTx, keys: TenantKeys) -> str | None:
             held = await onboarding.held_user(tx, send.user_id)
@@ -430,7 +496,9 @@ class DeliveryWorker:
             )  # fmt: skip
         except ChannelRateLimitedError as exc:
             error, later = str(exc), datetime.now(UTC) + timedelta(seconds=exc.retry_after)
-            await uow.run(lambda tx: repo.finish(tx, send.send_id, "scheduled", error=error, send_at=later))
+            await uow.run(
+                lambda tx: repo.finish(tx, send.send_id, "scheduled", error=error, send_at=later, refund=True)
+            )
             return DeliveryOutcome(send.send_id, "deferred", error)
         except ChannelUnavailableError as exc:
             error = str(exc)

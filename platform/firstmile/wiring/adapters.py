@@ -31,6 +31,7 @@ from firstmile.nudges.email_sendgrid import SendGridChannel
 from firstmile.nudges.email_smtp import SmtpChannel
 from firstmile.nudges.inapp import InAppChannel
 from firstmile.nudges.policy import NudgePolicy
+from firstmile.nudges.push_webpush import WebPushChannel
 from firstmile.nudges.sms_twilio import TwilioChannel
 from firstmile.security.keys import KeyConfig
 from firstmile.settings import Settings
@@ -283,9 +284,9 @@ def rate_limiter(settings: Settings) -> tuple[RateLimiter, RateLimiter | None]:
 
 
 def nudge_channels(settings: Settings) -> dict[str, Channel]:
-    """The nudge channels the settings configure, by channel name: e-mail over SMTP, SendGrid, or SMTP failing over
-    to SendGrid; SMS through Twilio; and in-app (stored; on with another channel unless FIRSTMILE_NUDGE_IN_APP says
-    otherwise)."""
+    """The nudge channels the settings configure, by channel name: e-mail over SMTP, SendGrid, or SMTP failing
+    over to SendGrid; SMS through Twilio; web push with VAPID; and in-app (stored; on with another channel
+    unless FIRSTMILE_NUDGE_IN_APP says otherwise)."""
     channels: dict[str, Channel] = {}
     if settings.nudges.smtp_url is not None:
         url = urlsplit(settings.nudges.smtp_url.get_secret_value())
@@ -316,6 +317,9 @@ def nudge_channels(settings: Settings) -> dict[str, Channel]:
             status_callback=settings.server.public_url.rstrip("/") + "/v1/nudges/webhooks/twilio",
             base_url=n.twilio_base_url,
         )
+    if n.vapid_private_key_file is not None:
+        key = n.vapid_private_key_file.read_text(encoding="ascii")
+        channels["push"] = WebPushChannel(key, n.vapid_subject)
     in_app = settings.nudges.in_app
     if in_app == "on" or (in_app == "auto" and channels):
         channels["in_app"] = InAppChannel()

@@ -53,7 +53,8 @@ from firstmile.nudges.consumer import NudgeTriggers
 from firstmile.nudges.inapp import InAppHub, InAppInbox
 from firstmile.nudges.links import LinkSigner
 from firstmile.nudges.personalise import Personaliser
-from firstmile.nudges.service import DeliveryWorker, NudgeExecutor, NudgeLinks, NudgeWebhooks
+from firstmile.nudges.push_webpush import WebPushChannel
+from firstmile.nudges.service import DeliveryWorker, NudgeExecutor, NudgeLinks, NudgeWebhooks, PushSubscriptions
 from firstmile.nudges.triggers import TriggerScanner
 from firstmile.onboarding.catalog import CatalogCache
 from firstmile.onboarding.consumer import AutoCompletion
@@ -212,6 +213,8 @@ class Container:
         schedulers = self.overrides.schedulers
         # Nudges: decided on onboarding.stuck by the consumers below, sent by a periodic task, when a channel is set.
         self.nudge_channels = adapters.nudge_channels(settings)
+        push = self.nudge_channels.get("push")
+        self.push_subscriptions = PushSubscriptions(self.keyring, push if isinstance(push, WebPushChannel) else None)
         self.nudges: NudgeExecutor | None = (
             NudgeExecutor(
                 self.onboarding,

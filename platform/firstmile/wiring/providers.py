@@ -53,6 +53,7 @@ def dependencies(container: Container) -> dict[str, Provide]:
         "readiness": "readiness",
         "nudge_links": "nudge_links",
         "nudge_webhooks": "nudge_webhooks",
+        "push_subscriptions": "push_subscriptions",
         "inbox": "inbox",
     }
     provided = {name: _service(container, attribute) for name, attribute in services.items()}
