@@ -36,6 +36,7 @@ from firstmile.kit.heap import freeze_startup_heap
 from firstmile.kit.openapi import document_problems
 from firstmile.ml.inference import GuardedInference, StageReader
 from firstmile.nudges.api import (
+    ConsentsController,
     InAppMessagesController,
     NudgeLinksController,
     NudgeWebhooksController,
@@ -162,6 +163,7 @@ def create_app(
             NudgeWebhooksController,
             InAppMessagesController,
             PushSubscriptionsController,
+            ConsentsController,
             LoginController,
             PagesController,
             admin_api_router(container.admin_source()),

@@ -325,6 +325,48 @@ async def test_the_response_model_is_the_bandits_prior_and_without_it_the_prior_
     assert entry["prior"]["version"] == predicted.version
 
 
+async def test_the_tenants_app_records_consent_and_the_policy_reads_it(
+    client: Client, tenant: TenantFixture, admin_engine: AsyncEngine, app_engine: AsyncEngine
+) -> None:
+    user_id, event = await _stuck(client, tenant, admin_engine, app_engine, None)
+    base = f"/v1/users/{user_id}/consents"
+    granted = await client.put(f"{base}/email/product", json={"granted": True, "source": "preference-centre"},
+                               headers=tenant.headers)  # fmt: skip
+    assert granted.status_code == 204, granted.text
+    again = await client.put(f"{base}/email/product", json={"granted": True}, headers=tenant.headers)
+    assert again.status_code == 204  # idempotent: no second audit entry
+    declined = await client.put(f"{base}/email/onboarding", json={"granted": False}, headers=tenant.headers)
+    assert declined.status_code == 204
+    listed = (await client.get(base, headers=tenant.headers)).json()
+    assert listed == {"user_id": user_id, "consents": [
+        {"channel": "email", "category": "onboarding", "granted": False},
+        {"channel": "email", "category": "product", "granted": True},
+    ]}  # fmt: skip
+    for bad in (f"{base}/fax/onboarding", f"{base}/email/Not%20A%20Category"):
+        refused = await client.put(bad, json={"granted": True}, headers=tenant.headers)
+        assert refused.status_code == 400 and refused.headers["content-type"].startswith("application/problem+json")
+    assert (
+        await client.put(f"{base}/email/onboarding", json={"granted": "yes"}, headers=tenant.headers)
+    ).status_code == 400
+    unknown = await client.put("/v1/users/never-started/consents/email/onboarding", json={"granted": True},
+                               headers=tenant.headers)  # fmt: skip
+    assert unknown.status_code == 404
+    async with tenant_transaction(app_engine, OPS.tenant(tenant.id)) as tx:
+        decided = await _executor(["email"]).on_stuck(tx, user_id, event.payload["step_id"], datetime.now(UTC))
+    assert decided.status == "denied"  # the user declined onboarding e-mail
+    [row] = await _sends(app_engine, tenant, user_id)
+    assert row.decision["reasons"] == ["unsubscribed"]
+    await sequenced(app_engine, tenant.id)
+    entries = await _rows(
+        admin_engine,
+        "SELECT payload FROM audit_entries WHERE tenant_id = :t AND subject = :u AND kind = 'consent' ORDER BY seq",
+        t=tenant.id,
+        u=user_id,
+    )
+    assert [(e[0]["category"], e[0]["granted"], e[0]["source"]) for e in entries] == [
+        ("product", True, "preference-centre"), ("onboarding", False, "api")]  # fmt: skip
+
+
 class _AcceptedThenCrash:
     """A channel whose provider accepts the message, after which the worker dies before recording it."""
 

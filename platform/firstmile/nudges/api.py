@@ -21,7 +21,7 @@ from html import escape
 from typing import Annotated, Any
 
 import msgspec
-from litestar import Controller, Request, Response, delete, get, post, route
+from litestar import Controller, Request, Response, delete, get, post, put, route
 from litestar.di import NamedDependency
 from litestar.enums import HttpMethod
 from litestar.params import Body, PathParameter, QueryParameter
@@ -33,7 +33,15 @@ from firstmile.kit.ids import UserIdPath, check_id, check_user_id
 from firstmile.kit.uow import UnitOfWork
 from firstmile.nudges.inapp import OPEN, InAppInbox
 from firstmile.nudges.links import UNSUBSCRIBE, BadLinkError
-from firstmile.nudges.schemas import InAppMessage, InAppMessageList, PushSubscriptionIn, PushSubscriptionOut
+from firstmile.nudges.schemas import (
+    ConsentIn,
+    ConsentList,
+    ConsentOut,
+    InAppMessage,
+    InAppMessageList,
+    PushSubscriptionIn,
+    PushSubscriptionOut,
+)
 from firstmile.nudges.service import (
     InvalidSubscriptionError,
     NudgeLinks,
@@ -41,6 +49,8 @@ from firstmile.nudges.service import (
     PushNotConfiguredError,
     PushSubscriptions,
     UnknownUserError,
+    consents,
+    set_consent,
 )
 from firstmile.nudges.webhooks import SENDGRID_SIGNATURE, SENDGRID_TIMESTAMP, TWILIO_SIGNATURE, WebhookRefusedError
 
@@ -352,3 +362,67 @@ class PushSubscriptionsController(Controller):
     ) -> None:
         check_user_id(user_id)
         await push_subscriptions.drop(uow, user_id, check_id(subscription_id, _HASH_RE, "subscription_id"))
+
+
+_CHANNEL_PATTERN = "^(email|sms|in_app|push)$"
+_CATEGORY_PATTERN = "^[a-z][a-z0-9_-]{0,62}$"
+_CHANNEL_RE, _CATEGORY_RE = re.compile(_CHANNEL_PATTERN), re.compile(_CATEGORY_PATTERN)
+ChannelPath = Annotated[
+    str, PathParameter(description="email, sms, in_app or push", schema_extra={"pattern": _CHANNEL_PATTERN})
+]
+CategoryPath = Annotated[
+    str,
+    PathParameter(
+        description="The nudges' category (`onboarding` for stuck and path nudges)",
+        schema_extra={"pattern": _CATEGORY_PATTERN, "min_length": 1, "max_length": 63},
+    ),
+]
+
+
+class ConsentsController(Controller):
+    """The user's consent per channel and category: what the policy reads before any nudge (audited)."""
+
+    path = "/v1/users/{user_id:str}/consents"
+    tags = ["messages"]
+
+    @get(
+        guards=_READ,
+        summary="A user's recorded consents",
+        description="Each channel and category the user answered (granted or not, an unsubscribe included). "
+        "Needs onboarding:read or onboarding:write.",
+        opt={"problems": _NO_USER},
+    )
+    async def list_consents(self, user_id: UserIdPath, uow: NamedDependency[UnitOfWork]) -> ConsentList:
+        check_user_id(user_id)
+        try:
+            found = await uow.run(lambda tx: consents(tx, user_id))
+        except UnknownUserError as exc:
+            raise ProblemError(404, "user-not-found", f"user {user_id!r} is not known here") from exc
+        return ConsentList(user_id, [ConsentOut(c.channel, c.category, c.granted) for c in found])
+
+    @put(
+        "/{channel:str}/{category:str}",
+        guards=_WRITE,
+        status_code=204,
+        summary="Record a user's consent for a channel and category",
+        description='`{"granted": true|false, "source": "…"}`: the user\'s answer, as the tenant\'s app '
+        "has it (a preference centre, a sign-up checkbox). A change is a `consent` entry in the audit log; the "
+        "next nudge's policy reads it. Idempotent. Needs onboarding:write.",
+        opt={"problems": _NO_USER},
+    )
+    async def set_user_consent(
+        self,
+        user_id: UserIdPath,
+        channel: ChannelPath,
+        category: CategoryPath,
+        data: Annotated[ConsentIn, Body(description="The user's answer")],
+        uow: NamedDependency[UnitOfWork],
+    ) -> None:
+        check_user_id(user_id)
+        check_id(channel, _CHANNEL_RE, "channel")
+        check_id(category, _CATEGORY_RE, "category")
+        source = data.source.strip()[:64] or "api"
+        try:
+            await uow.run(lambda tx: set_consent(tx, user_id, channel, category, data.granted, source))
+        except UnknownUserError as exc:
+            raise ProblemError(404, "user-not-found", f"user {user_id!r} is not known here") from exc

@@ -47,3 +47,21 @@ class PushSubscriptionIn(msgspec.Struct, forbid_unknown_fields=True, rename="cam
 class PushSubscriptionOut(msgspec.Struct):
     subscription_id: str
     """The SHA-256 of the endpoint (hex): ``DELETE …/push-subscriptions/{subscription_id}`` forgets it."""
+
+
+class ConsentIn(msgspec.Struct, forbid_unknown_fields=True):
+    granted: bool
+    """True: the user agreed to nudges of this category on this channel; false: they declined."""
+    source: str = msgspec.field(default="api")
+    """Where the answer came from (``preference-centre``, ``signup-form``…), kept with it and in the audit log."""
+
+
+class ConsentOut(msgspec.Struct):
+    channel: str
+    category: str
+    granted: bool
+
+
+class ConsentList(msgspec.Struct):
+    user_id: str
+    consents: list[ConsentOut]

@@ -613,6 +613,37 @@ async def record_conversion(tx: TenantTx, user_id: str, step_id: str, now: datet
     return bool(sends)
 
 
+@dataclass(frozen=True, slots=True)
+class Consent:
+    channel: str
+    category: str
+    granted: bool
+
+
+async def set_consent(tx: TenantTx, user_id: str, channel: str, category: str, granted: bool, source: str) -> bool:
+    """Record the user's consent for a channel and category, as the tenant's app reports it (a preference centre,
+    a sign-up checkbox); audited as ``consent`` when it changes. False when it was so already. The user must be
+    known (:class:`UnknownUserError`)."""
+    if await onboarding.user_traits(tx, user_id) is None:
+        raise UnknownUserError(user_id)
+    if not await repo.set_consent(tx, user_id, channel, category, granted, source):
+        return False
+    await audit.append(
+        tx, "consent", "end_user", user_id,
+        {"channel": channel, "category": category, "granted": granted, "source": source},
+    )  # fmt: skip
+    return True
+
+
+async def consents(tx: TenantTx, user_id: str) -> list[Consent]:
+    """The user's recorded consents (a category the policy sends by default and the user never answered is not
+    listed); :class:`UnknownUserError` for an unknown user."""
+    if await onboarding.user_traits(tx, user_id) is None:
+        raise UnknownUserError(user_id)
+    found = await repo.consents(tx, user_id)
+    return [Consent(channel, category, granted) for (channel, category), granted in sorted(found.items())]
+
+
 async def withdraw(tx: TenantTx, send: repo.SendRow, source: str, described: str) -> bool:
     """The user withdrew consent for the send's channel (an unsubscribe): recorded, audited as ``consent``, and a
     ``nudge.unsubscribed`` event; False when it was withdrawn already."""
