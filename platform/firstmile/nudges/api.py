@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from html import escape
 from typing import Annotated, Any
 
@@ -249,6 +249,16 @@ _REFUSED = {"malformed": (400, "webhook-malformed"), "bad-signature": (401, "web
             "stale": (401, "webhook-refused"), "replayed": (409, "webhook-replayed")}  # fmt: skip
 
 
+async def _believed(provider: str, applying: Awaitable[int]) -> None:
+    """Apply a provider's webhook; a request that is not believed is logged and answered with its problem."""
+    try:
+        await applying
+    except WebhookRefusedError as exc:
+        status, kind = _REFUSED[exc.reason]
+        log.warning("nudge webhook refused", extra={"fields": {"provider": provider, "reason": exc.reason}})
+        raise ProblemError(status, kind, str(exc)) from exc
+
+
 class NudgeWebhooksController(Controller):
     """The providers' delivery reports (public: the provider's signature is the credential)."""
 
@@ -269,12 +279,7 @@ class NudgeWebhooksController(Controller):
         body = await request.body()
         signature = request.headers.get(SENDGRID_SIGNATURE, "")
         timestamp = request.headers.get(SENDGRID_TIMESTAMP, "")
-        try:
-            await nudge_webhooks.sendgrid(body, signature, timestamp)
-        except WebhookRefusedError as exc:
-            status, kind = _REFUSED[exc.reason]
-            log.warning("nudge webhook refused", extra={"fields": {"provider": "sendgrid", "reason": exc.reason}})
-            raise ProblemError(status, kind, str(exc)) from exc
+        await _believed("sendgrid", nudge_webhooks.sendgrid(body, signature, timestamp))
 
     @post(
         "/twilio",
@@ -289,12 +294,7 @@ class NudgeWebhooksController(Controller):
         body = await request.body()
         query = request.url.query
         requested = request.url.path + (f"?{query}" if query else "")
-        try:
-            await nudge_webhooks.twilio(requested, body, request.headers.get(TWILIO_SIGNATURE, ""))
-        except WebhookRefusedError as exc:
-            status, kind = _REFUSED[exc.reason]
-            log.warning("nudge webhook refused", extra={"fields": {"provider": "twilio", "reason": exc.reason}})
-            raise ProblemError(status, kind, str(exc)) from exc
+        await _believed("twilio", nudge_webhooks.twilio(requested, body, request.headers.get(TWILIO_SIGNATURE, "")))
 
 
 _HASH_PATTERN = "^[0-9a-f]{64}$"
@@ -306,6 +306,12 @@ SubscriptionIdPath = Annotated[
         schema_extra={"pattern": _HASH_PATTERN, "min_length": 64, "max_length": 64},
     ),
 ]
+
+
+def _no_such_user(user_id: str) -> ProblemError:
+    return ProblemError(404, "user-not-found", f"user {user_id!r} is not known here")
+
+
 _PUSH_PROBLEMS = {
     400: "invalid-subscription: not a push subscription this platform can send to (endpoint, keys)",
     404: "user-not-found: the user is not known here",
@@ -342,7 +348,7 @@ class PushSubscriptionsController(Controller):
         except InvalidSubscriptionError as exc:
             raise ProblemError(400, "invalid-subscription", str(exc)) from exc
         except UnknownUserError as exc:
-            raise ProblemError(404, "user-not-found", f"user {user_id!r} is not known here") from exc
+            raise _no_such_user(user_id) from exc
         except PushNotConfiguredError as exc:
             raise ProblemError(409, "push-not-configured", str(exc)) from exc
 
@@ -397,7 +403,7 @@ class ConsentsController(Controller):
         try:
             found = await uow.run(lambda tx: consents(tx, user_id))
         except UnknownUserError as exc:
-            raise ProblemError(404, "user-not-found", f"user {user_id!r} is not known here") from exc
+            raise _no_such_user(user_id) from exc
         return ConsentList(user_id, [ConsentOut(c.channel, c.category, c.granted) for c in found])
 
     @put(
@@ -425,4 +431,4 @@ class ConsentsController(Controller):
         try:
             await uow.run(lambda tx: set_consent(tx, user_id, channel, category, data.granted, source))
         except UnknownUserError as exc:
-            raise ProblemError(404, "user-not-found", f"user {user_id!r} is not known here") from exc
+            raise _no_such_user(user_id) from exc
