@@ -75,6 +75,8 @@ async def test_a_push_nudge_reaches_the_browser_that_subscribed_and_a_gone_subsc
             bad = subscription | {"keys": {"p256dh": "AAAA", "auth": subscription["keys"]["auth"]}}
             refused = await client.post(path, json=bad, headers=tenant.headers)
             assert refused.status_code == 400 and refused.json()["type"].endswith("invalid-subscription")
+            coerced = await client.post(path, json=subscription | {"expirationTime": "5"}, headers=tenant.headers)
+            assert coerced.status_code == 400 and coerced.json()["errors"][0]["key"] == "expirationTime", coerced.text
             unknown = await client.post("/v1/users/nobody-at-all/push-subscriptions", json=subscription,
                                         headers=tenant.headers)  # fmt: skip
             assert unknown.status_code == 404

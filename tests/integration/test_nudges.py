@@ -337,6 +337,12 @@ async def test_the_tenants_app_records_consent_and_the_policy_reads_it(
     assert again.status_code == 204  # idempotent: no second audit entry
     declined = await client.put(f"{base}/email/onboarding", json={"granted": False}, headers=tenant.headers)
     assert declined.status_code == 204
+    for coercible in ("true", 1, "1"):  # Litestar alone would read each of these as True
+        refused = await client.put(f"{base}/email/onboarding", json={"granted": coercible}, headers=tenant.headers)
+        assert refused.status_code == 400, (coercible, refused.text)
+        got = "str" if isinstance(coercible, str) else "int"
+        assert refused.json()["errors"] == [{"key": "granted", "message": f"Expected `bool`, got `{got}`",
+                                             "source": "body"}]  # fmt: skip
     listed = (await client.get(base, headers=tenant.headers)).json()
     assert listed == {"user_id": user_id, "consents": [
         {"channel": "email", "category": "onboarding", "granted": False},

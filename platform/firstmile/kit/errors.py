@@ -8,7 +8,7 @@ went wrong with this request.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from litestar import Request, Response
@@ -30,6 +30,7 @@ PROBLEM_BASE = "https://firstmile.dev/problems/"
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 
 log = logging.getLogger("firstmile.errors")
+T = TypeVar("T")
 
 _TITLES: dict[str, str] = {
     "validation-error": "Request body or parameters are invalid",
@@ -129,6 +130,27 @@ def _first_message(detail: str, errors: list[Any]) -> str:
     return detail
 
 
+def strict_body(raw: bytes, struct: type[T]) -> T:
+    """``raw`` decoded as ``struct`` with JSON's own types, or 400 ``validation-error``.
+
+    Litestar converts a handler's ``data`` leniently (msgspec ``strict=False``), so ``"true"`` or ``1``
+    passes as a boolean and ``"5"`` as an integer, which the OpenAPI document says is refused. A handler
+    whose body has typed non-string fields decodes the same bytes again with this before acting on them.
+    """
+    try:
+        return msgspec.json.decode(raw, type=struct, strict=True)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        text, _, where = message.partition(" - at `")
+        key = where.rstrip("`").removeprefix("$.").removeprefix("$") or ""
+        detail = f"{text} (at {key})" if key else text
+        raise ProblemError(
+            400, "validation-error", detail, errors=[{"key": key, "message": text, "source": "body"}]
+        ) from exc
+    except msgspec.DecodeError as exc:
+        raise ProblemError(400, "malformed-json", f"Request body is not valid JSON: {exc}") from exc
+
+
 def _on_serialization(request: Request[Any, Any, Any], exc: SerializationException) -> Response[bytes]:
     return problem_response(request, 400, "malformed-json", str(exc) or "Request body is not valid JSON")
 
@@ -225,4 +247,5 @@ __all__ = [
     "ProblemError",
     "exception_handlers",
     "problem_response",
+    "strict_body",
 ]

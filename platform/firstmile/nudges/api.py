@@ -28,7 +28,7 @@ from litestar.params import Body, PathParameter, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from firstmile.kit.auth import require_scope
-from firstmile.kit.errors import ProblemError
+from firstmile.kit.errors import ProblemError, strict_body
 from firstmile.kit.ids import UserIdPath, check_id, check_user_id
 from firstmile.kit.uow import UnitOfWork
 from firstmile.nudges.inapp import OPEN, InAppInbox
@@ -340,8 +340,10 @@ class PushSubscriptionsController(Controller):
         data: Annotated[PushSubscriptionIn, Body(description="The browser's PushSubscription.toJSON()")],
         uow: NamedDependency[UnitOfWork],
         push_subscriptions: NamedDependency[PushSubscriptions],
+        request: Request[Any, Any, Any],
     ) -> PushSubscriptionOut:
         check_user_id(user_id)
+        data = strict_body(await request.body(), PushSubscriptionIn)  # "5" is not an expirationTime
         subscription = {"endpoint": data.endpoint, "keys": {"p256dh": data.keys.p256dh, "auth": data.keys.auth}}
         try:
             return PushSubscriptionOut(await push_subscriptions.add(uow, user_id, subscription))
@@ -423,8 +425,10 @@ class ConsentsController(Controller):
         category: CategoryPath,
         data: Annotated[ConsentIn, Body(description="The user's answer")],
         uow: NamedDependency[UnitOfWork],
+        request: Request[Any, Any, Any],
     ) -> None:
         check_user_id(user_id)
+        data = strict_body(await request.body(), ConsentIn)  # "true" or 1 is not a boolean
         check_id(channel, _CHANNEL_RE, "channel")
         check_id(category, _CATEGORY_RE, "category")
         source = data.source.strip()[:64] or "api"
