@@ -224,6 +224,10 @@ async def test_an_editor_edits_a_path_as_a_new_version_with_csrf_only(
         f"/admin/api/paths/{key}", json={"steps": []}, headers={"X-CSRF-Token": editor["csrf_token"]}
     )
     assert unknown_field.status_code == 400
+    coerced = await admin_app.patch(
+        f"/admin/api/paths/{key}", json={"priority": "5"}, headers={"X-CSRF-Token": editor["csrf_token"]}
+    )
+    assert coerced.status_code == 400 and coerced.json()["errors"][0]["key"] == "priority", coerced.text
 
     done = await admin_app.patch(
         f"/admin/api/paths/{key}",

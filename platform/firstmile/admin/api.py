@@ -38,7 +38,7 @@ from firstmile.admin.sessions import AdminSession
 from firstmile.audit.service import AuditService
 from firstmile.kit import telemetry
 from firstmile.kit.auth import is_preflight
-from firstmile.kit.errors import ProblemError
+from firstmile.kit.errors import ProblemError, strict_body
 from firstmile.kit.ids import check_user_id
 from firstmile.kit.uow import UnitOfWork
 from firstmile.privacy.api import nothing_held
@@ -349,6 +349,7 @@ class AdminApiController(Controller):
         path_editor: NamedDependency[PathEditor],
     ) -> dict[str, Any]:
         session = _session(request)
+        data = strict_body(await request.body(), PathEdit)  # "5" is not a priority
         changes = {k: v for k, v in msgspec.structs.asdict(data).items() if v is not None}
         return await uow.run(lambda tx: path_editor.edit(tx, key, changes, actor=f"admin:{session.subject}"))
 
