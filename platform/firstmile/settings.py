@@ -624,6 +624,48 @@ class NudgeSettings(_Section):
         pattern=r"^https?://[^\s/?#@]+(/[^\s?#]*)?$",
         description="Another root for Twilio's API than https://api.twilio.com (a regional edge, a test server).",
     )
+    vonage_api_key: str | None = Field(
+        validation_alias="nudge_vonage_api_key",
+        default=None,
+        pattern=r"^[0-9A-Za-z]{1,32}$",
+        description="A Vonage API key: SMS nudges through Vonage's SMS API, as Twilio's backup when both are set "
+        "(failover on timeouts and 5xx), else on its own. Needs FIRSTMILE_NUDGE_VONAGE_API_SECRET.",
+    )
+    vonage_api_secret: SecretStr | None = Field(
+        validation_alias="nudge_vonage_api_secret",
+        default=None,
+        description="The Vonage account's API secret (HTTP basic authentication of the sends).",
+    )
+    vonage_signature_secret: SecretStr | None = Field(
+        validation_alias="nudge_vonage_signature_secret",
+        default=None,
+        description="The Vonage account's signature secret: signs the sends instead of basic authentication, and "
+        "checks its signed delivery receipts (/v1/nudges/webhooks/vonage); unset, every receipt is refused.",
+    )
+    vonage_signature_method: Literal["md5", "sha1", "sha256", "sha512"] = Field(
+        validation_alias="nudge_vonage_signature_method",
+        default="sha256",
+        description="The HMAC of Vonage's signatures, as the account is set (its dashboard's 'SHA-256 HMAC'…).",
+    )
+    vonage_from: str | None = Field(
+        validation_alias="nudge_vonage_from",
+        default=None,
+        pattern=r"^(\+?[1-9][0-9]{6,14}|[A-Za-z0-9 ]{1,11})$",
+        description="The sender of SMS nudges sent through Vonage: a number (E.164) or an alphanumeric sender id "
+        "of up to 11 characters, where the destination's carriers allow one. Unset: FIRSTMILE_NUDGE_SMS_FROM.",
+    )
+    vonage_rest_host: str = Field(
+        validation_alias="nudge_vonage_rest_host",
+        default="rest.nexmo.com",
+        pattern=r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$",
+        description="The host of Vonage's SMS API (HTTPS); another for a regional endpoint or a test server.",
+    )
+    vonage_ca_bundle: Path | None = Field(
+        validation_alias="nudge_vonage_ca_bundle",
+        default=None,
+        description="A PEM file of the CAs that Vonage's TLS certificate is checked against instead of the "
+        "system's (an egress proxy that inspects TLS).",
+    )
     vapid_private_key_file: Path | None = Field(
         validation_alias="nudge_vapid_private_key_file",
         default=None,
@@ -753,11 +795,20 @@ class NudgeSettings(_Section):
     def _llm_is_whole(self) -> NudgeSettings:
         if self.llm_base_url and not self.llm_model.strip():
             raise ValueError("FIRSTMILE_NUDGE_LLM_BASE_URL is set: name the model in FIRSTMILE_NUDGE_LLM_MODEL")
-        twilio = (self.twilio_account_sid, self.twilio_auth_token, self.sms_from)
-        if any(v is not None for v in twilio) and any(v is None for v in twilio):
+        twilio = (self.twilio_account_sid, self.twilio_auth_token)
+        if (any(v is not None for v in twilio) and any(v is None for v in twilio)) or (
+            self.twilio_account_sid is not None and self.sms_from is None
+        ):
             raise ValueError(
-                "SMS nudges need all of FIRSTMILE_NUDGE_TWILIO_ACCOUNT_SID, FIRSTMILE_NUDGE_TWILIO_AUTH_TOKEN and "
-                "FIRSTMILE_NUDGE_SMS_FROM"
+                "SMS nudges through Twilio need all of FIRSTMILE_NUDGE_TWILIO_ACCOUNT_SID, "
+                "FIRSTMILE_NUDGE_TWILIO_AUTH_TOKEN and FIRSTMILE_NUDGE_SMS_FROM"
+            )
+        if (self.vonage_api_key is None) != (self.vonage_api_secret is None) or (
+            self.vonage_api_key is not None and self.vonage_from is None and self.sms_from is None
+        ):
+            raise ValueError(
+                "SMS nudges through Vonage need FIRSTMILE_NUDGE_VONAGE_API_KEY, FIRSTMILE_NUDGE_VONAGE_API_SECRET "
+                "and a sender (FIRSTMILE_NUDGE_VONAGE_FROM or FIRSTMILE_NUDGE_SMS_FROM)"
             )
         return self
 

@@ -7,6 +7,7 @@ import random
 import secrets
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,10 +16,13 @@ from litestar.testing import AsyncTestClient
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from firstmile.analytics.chdb_store import ChdbStore
+from firstmile.app import create_app
 from firstmile.controlplane.service import apply_manifest
 from firstmile.events.envelope import Envelope
 from firstmile.kit.db import tenant_transaction
 from firstmile.kit.scope import OperatorContext
+from firstmile.ml.nudge_prior import ModelResponsePrior
 from firstmile.nudges import repository as repo
 from firstmile.nudges.bandit import ThompsonSampler
 from firstmile.nudges.consumer import NudgeTriggers
@@ -28,8 +32,9 @@ from firstmile.nudges.triggers import TriggerScanner
 from firstmile.onboarding.catalog import CatalogCache
 from firstmile.onboarding.service import OnboardingService
 from firstmile.tenancy.cli import create_key
-from tests.conftest import PEPPER, REGION, TenantFixture
+from tests.conftest import PEPPER, REGION, Database, TenantFixture, make_settings
 from tests.factories import demo_document, manifest_for
+from tests.support.nudges import started_envelope
 
 Client = AsyncTestClient[Litestar]
 OPS = OperatorContext("worker:test-nudge-triggers")
@@ -170,3 +175,35 @@ async def test_activated_fires_once_on_the_activation_event(
     assert await consumer.handle([activated]) == [] and consumer.decided == 1  # redelivered: fires once
     [send] = [s for s in await _sends(app_engine, tenant, user_id) if s.trigger_key == "welcome:-"]
     assert send.channel == "in_app" and send.body.startswith("Send your first event done")
+
+
+async def test_the_scan_asks_the_response_model_about_each_user_due_and_a_stranger_still_gets_nudged(
+    database: Database,
+    analytics_store: ChdbStore,
+    tenant: TenantFixture,
+    admin_engine: AsyncEngine,
+    app_engine: AsyncEngine,
+    tiny_registry: Path,
+) -> None:
+    app = create_app(make_settings(model_registry_uri=str(tiny_registry)), database.app_url, PEPPER,
+                     analytics=analytics_store)  # fmt: skip
+    async with AsyncTestClient(app=app) as client:
+        container = app.state.container
+        known = await _start(client, tenant, admin_engine, days_ago=4)
+        stranger = await _start(client, tenant, admin_engine, days_ago=4)
+        await container.features.apply([await started_envelope(admin_engine, tenant, known)])
+        prior = ModelResponsePrior(container.inference, container.feature_reader, timeout_s=5.0)
+        scanner = TriggerScanner(app_engine, _executor(), prior=prior)
+        fired = await scanner.scan_tenant(OPS.tenant(tenant.id), datetime.now(UTC))
+    missing = {f.user_id: f.decided.status for f in fired if f.trigger == "no-first-event"}
+    assert missing[known] == "scheduled" and missing[stranger] == "scheduled"
+    [send] = await _sends(app_engine, tenant, known)
+    recorded = send.decision["prior"]
+    assert recorded["fallback"] is None and recorded["version"] is not None
+    assert set(recorded["probabilities"]) == {"email", "in_app"}
+    # the chosen arm's Beta prior came from the prediction: mean (1 + 10p) / 12 before any reward
+    mean = send.decision["bandit"]["posterior_means"][send.arm]
+    assert mean == pytest.approx((1 + 10 * recorded["probabilities"][send.channel]) / 12, abs=1e-5)
+    [other] = await _sends(app_engine, tenant, stranger)  # no features: a uniform prior, and still a decision
+    assert other.decision["prior"]["fallback"] == "no_features"
+    assert other.decision["bandit"]["posterior_means"][other.arm] == pytest.approx(0.5)

@@ -1,4 +1,5 @@
-"""E-mail through SendGrid as the relay's backup, SMS through Twilio, and the providers' signed delivery reports.
+"""E-mail through SendGrid as the relay's backup, SMS through Twilio and Vonage as its backup, and the providers'
+signed delivery reports.
 
 The platform's own wiring (``adapters.nudge_channels``) with the SMTP relay down fails over to SendGrid's
 v3 API (a local stand-in speaking it, through the official client); the Event Webhook, signed with a P-256
@@ -40,7 +41,8 @@ from firstmile.onboarding.catalog import CatalogCache
 from firstmile.onboarding.service import OnboardingService
 from firstmile.wiring import adapters
 from tests.conftest import PEPPER, Database, TenantFixture, make_settings
-from tests.support.saas_standins import SendGridStandIn, TwilioStandIn
+from tests.support.saas_standins import SendGridStandIn, TwilioStandIn, VonageStandIn
+from tests.support.tls import loopback_tls
 
 OPS = OperatorContext("worker:test-nudge-webhooks")
 ANYTIME = NudgePolicy(quiet_start=None, quiet_end=None, daily_cap=5)
@@ -263,3 +265,99 @@ async def test_a_provider_rate_limit_defers_the_send_to_its_window_without_count
             assert 110 <= (send.send_at - before).total_seconds() <= 130  # the provider's window, not a backoff
             assert await worker.deliver_tenant(OPS.tenant(tenant.id)) == []  # not due before then
             assert sendgrid.received(address) == []
+
+
+def _vonage_sig(params: dict[str, str], secret: str) -> str:
+    """Vonage's sig as its "Signed webhooks" page describes it (HMAC-SHA256 here; not with our helper)."""
+    signed = "".join(f"&{k}={v.replace('&', '_').replace('=', '_')}" for k, v in sorted(params.items()))
+    return hmac.new(secret.encode(), signed.encode(), hashlib.sha256).hexdigest()
+
+
+async def test_twilio_down_fails_over_to_vonage_whose_signed_receipts_report_delivery_and_a_dead_number(
+    database: Database,
+    analytics_store: ChdbStore,
+    tenant: TenantFixture,
+    admin_engine: AsyncEngine,
+    app_engine: AsyncEngine,
+) -> None:
+    sid, token, key, secret, signing = "AC" + "2" * 32, "tw-token", "ab12cd34", "vn-secret", "vn-signing-secret"
+    tls = loopback_tls()
+    with TwilioStandIn(sid, token) as twilio, VonageStandIn(tls.server_context, key, secret, signing) as vonage:
+        settings = make_settings(
+            public_url="http://testserver.local",
+            nudge_twilio_account_sid=sid,
+            nudge_twilio_auth_token=token,
+            nudge_sms_from="+15005550006",
+            nudge_twilio_base_url=twilio.url,
+            nudge_vonage_api_key=key,
+            nudge_vonage_api_secret=secret,
+            nudge_vonage_signature_secret=signing,
+            nudge_vonage_from="Firstmile",
+            nudge_vonage_rest_host=vonage.host,
+            nudge_vonage_ca_bundle=tls.ca_file,
+            nudge_in_app="off",
+            nudge_delivery_interval_seconds=0,
+        )
+        channels = adapters.nudge_channels(settings)
+        assert channels["sms"].provider == "twilio+vonage"
+        app = create_app(settings, database.app_url, PEPPER, analytics=analytics_store)
+        async with AsyncTestClient(app=app, base_url="http://testserver.local") as client:
+            executor = NudgeExecutor(OnboardingService(CatalogCache()), ["sms"], ANYTIME,
+                                     ThompsonSampler(random.Random(2)))  # fmt: skip
+            worker = DeliveryWorker(app_engine, channels, app.state.container.keyring)
+            sent: dict[str, tuple[str, uuid.UUID]] = {}
+            for phone in ("+447911123457", "+447911123458"):
+                user_id = f"vn-{uuid.uuid4().hex[:10]}"
+                traits = {"persona": "developer", "phone": phone}
+                r = await client.post("/v1/onboarding/start", headers=tenant.headers,
+                                      json={"user_id": user_id, "traits": traits})  # fmt: skip
+                assert r.status_code == 201, r.text
+                async with tenant_transaction(app_engine, OPS.tenant(tenant.id)) as tx:
+                    decided = await executor.on_stuck(tx, user_id, "create-api-key", datetime.now(UTC))
+                assert decided.send_id is not None
+                twilio.respond(500, {}, {"code": 20500, "message": "Internal Server Error", "status": 500})
+                assert [o.status for o in await worker.deliver_tenant(OPS.tenant(tenant.id))] == ["sent"]
+                [sms] = vonage.received(phone)
+                assert sms.form["from"] == "Firstmile" and "sig" in sms.form  # signed, not basic auth
+                assert sms.form["callback"] == "http://testserver.local/v1/nudges/webhooks/vonage"
+                assert sms.form["client-ref"] == f"{tenant.id}:{decided.send_id.hex}"
+                sent[phone] = (sms.message_id, decided.send_id)
+                async with tenant_transaction(app_engine, OPS.tenant(tenant.id), commit=False) as tx:
+                    [stored] = await repo.sends_for(tx, user_id)
+                assert stored.provider == "vonage" and stored.provider_message_id == sms.message_id
+            assert twilio.accepted == []
+
+            def receipt(phone: str, status: str, code: str) -> dict[str, str]:
+                message_id, send_id = sent[phone]
+                params = {"msisdn": phone[1:], "to": "Firstmile", "messageId": message_id, "status": status,
+                          "err-code": code, "client-ref": f"{tenant.id}:{send_id.hex}", "api-key": key,
+                          "message-timestamp": "2026-12-07 12:00:00", "timestamp": str(int(time.time())),
+                          "nonce": uuid.uuid4().hex}  # fmt: skip
+                return params | {"sig": _vonage_sig(params, signing)}
+
+            # Vonage's three ways of sending a receipt: a GET query, a POST form, a POST JSON object
+            first, second = "+447911123457", "+447911123458"
+            delivered = receipt(first, "delivered", "0")
+            assert (await client.get("/v1/nudges/webhooks/vonage", params=delivered)).status_code == 204
+            assert (await client.get("/v1/nudges/webhooks/vonage", params=delivered)).status_code == 409  # replayed
+            forged = delivered | {"nonce": "another", "status": "failed", "err-code": "9"}
+            refused = await client.post("/v1/nudges/webhooks/vonage", data=forged)
+            assert refused.status_code == 401 and refused.json()["type"].endswith("webhook-refused")
+            dead = receipt(second, "failed", "9")  # illegal number
+            answer = await client.post("/v1/nudges/webhooks/vonage", json=dead)
+            assert answer.status_code == 204, answer.text
+            foreign = receipt(second, "delivered", "0") | {"client-ref": "another-app-ref"}
+            foreign["sig"] = _vonage_sig({k: v for k, v in foreign.items() if k != "sig"}, signing)
+            assert (await client.post("/v1/nudges/webhooks/vonage", data=foreign)).status_code == 400
+    statuses = dict(
+        await _rows(
+            admin_engine,
+            "SELECT send_id, delivery_status FROM nudge_sends WHERE send_id = ANY(:s)",
+            s=[send_id for _, send_id in sent.values()],
+        )
+    )
+    assert statuses == {sent[first][1]: "delivered", sent[second][1]: "bounced"}
+    async with tenant_transaction(app_engine, OPS.tenant(tenant.id), commit=False) as tx:
+        [(second_user,)] = await tx.execute(text("SELECT user_id FROM nudge_sends WHERE send_id = :s"),
+                                            {"s": sent[second][1]})  # fmt: skip
+        assert await repo.suppressed_channels(tx, second_user) == {"sms"}

@@ -43,6 +43,7 @@ from firstmile.onboarding.service import OnboardingService
 from firstmile.onboarding.stuck import StuckScanner
 from firstmile.security.datakeys import DataKeyService
 from tests.conftest import PEPPER, Database, Mailpit, TenantFixture, make_settings, sequenced
+from tests.support.nudges import started_envelope
 from tests.support.openai_standin import ChatStandIn
 
 pytestmark = pytest.mark.xdist_group("mailpit")
@@ -268,17 +269,6 @@ async def test_an_llm_rewrite_is_sent_in_place_of_the_template_and_recorded(
     assert address not in prompts and token not in prompts  # neither the address nor the link left for the LLM
 
 
-async def _started_envelope(admin_engine: AsyncEngine, tenant: TenantFixture, user_id: str) -> Envelope:
-    [row] = await _rows(
-        admin_engine,
-        "SELECT event_id, occurred_at, payload FROM outbox WHERE tenant_id = :t"
-        " AND event_type = 'onboarding.started' AND payload->>'user_id' = :u",
-        t=tenant.id,
-        u=user_id,
-    )
-    return Envelope(row[0], tenant.id, "onboarding.started", row[1], dict(row[2]))
-
-
 async def test_the_response_model_is_the_bandits_prior_and_without_it_the_prior_is_uniform(
     database: Database,
     analytics_store: ChdbStore,
@@ -292,7 +282,7 @@ async def test_the_response_model_is_the_bandits_prior_and_without_it_the_prior_
     async with AsyncTestClient(app=app) as client:
         container = app.state.container
         user_id, stuck = await _stuck(client, tenant, admin_engine, app_engine, None)
-        await container.features.apply([await _started_envelope(admin_engine, tenant, user_id)])
+        await container.features.apply([await started_envelope(admin_engine, tenant, user_id)])
         prior = ModelResponsePrior(container.inference, container.feature_reader, timeout_s=5.0)
         now = datetime.now(UTC)
         predicted = await prior.predict(str(tenant.id), user_id, ["email", "in_app"], now)

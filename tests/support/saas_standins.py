@@ -1,4 +1,5 @@
-"""Stand-ins for SendGrid's v3 Mail Send API and Twilio's Messages API, over real HTTP on 127.0.0.1.
+"""Stand-ins for SendGrid's v3 Mail Send API, Twilio's Messages API and Vonage's SMS API, over real HTTP
+(HTTPS for Vonage) on 127.0.0.1.
 
 SendGrid and Twilio are SaaS that cannot run here, so the adapters' tests drive the vendors' official
 client libraries against these: one ``http.server`` in a thread per stand-in, on an ephemeral port,
@@ -39,7 +40,9 @@ import base64
 import json
 import re
 import secrets
+import ssl
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from email.utils import formatdate
@@ -47,6 +50,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
+
+from firstmile.nudges.webhooks import vonage_signature  # the unit tests hold it to Vonage's official signer
 
 _EMAIL = re.compile(r"^[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+$")
 _E164 = re.compile(r"^\+[1-9][0-9]{1,14}$")
@@ -94,7 +99,7 @@ class StandIn:
 
     name = "standin"
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.requests: list[Recorded] = []
         self._answers: deque[Answer] = deque()
         self._lock = threading.Lock()
@@ -121,13 +126,22 @@ class StandIn:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
+        self._scheme = "http"
+        if tls is not None:  # HTTPS: each accepted connection does its handshake
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
+            self._scheme = "https"
         # a short poll interval: stopping waits for the loop's next poll (0.5 s by default)
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), name=self.name, daemon=True)
 
     @property
-    def url(self) -> str:
+    def host(self) -> str:
+        """``127.0.0.1:<port>``."""
         host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        return f"{host!s}:{port}"
+
+    @property
+    def url(self) -> str:
+        return f"{self._scheme}://{self.host}"
 
     def respond(self, status: int, headers: dict[str, str] | None = None, body: bytes | str | object = b"") -> None:
         """The next request gets this answer instead of the documented one (a dict or list body is sent as JSON)."""
@@ -322,3 +336,74 @@ def twilio_error(status: int, code: int, message: str, headers: dict[str, str] |
         "status": status,
     }
     return json_answer(status, payload, headers)
+
+
+@dataclass(frozen=True)
+class AcceptedVonageSms:
+    """A message Vonage accepted: its message id and the form fields."""
+
+    message_id: str
+    form: dict[str, str]
+
+
+class VonageStandIn(StandIn):
+    """Vonage's SMS API (``POST /sms/json``) for one account, over HTTPS (its client speaks nothing else).
+
+    As Vonage's SMS API reference documents it: a form body with ``api_key`` and ``api_secret``, or HTTP
+    basic auth with them, or ``api_key`` with ``timestamp`` and ``sig`` signed with the account's
+    signature secret (checked within 5 minutes of now). Each message answers ``200`` with
+    ``{"message-count": "1", "messages": [{…, "status": "0", "message-id": …}]}``; a failure is a message
+    with a non-zero ``status`` and its ``error-text`` (2 missing parameter, 3 invalid parameter such as a
+    ``to`` that is not a number, 4 invalid credentials, 14 invalid signature). Other paths are ``404``.
+    """
+
+    name = "vonage-standin"
+
+    def __init__(
+        self,
+        tls: ssl.SSLContext,
+        api_key: str = "a1b2c3d4",
+        api_secret: str = "vonage-secret",
+        signature_secret: str | None = None,
+        signature_method: str = "sha256",
+    ) -> None:
+        super().__init__(tls)
+        self.api_key = api_key
+        self.api_secret = api_secret
+        self.signature_secret = signature_secret
+        self.signature_method = signature_method
+        self.accepted: list[AcceptedVonageSms] = []
+
+    def received(self, number: str) -> list[AcceptedVonageSms]:
+        return [m for m in self.accepted if m.form.get("to") == number.removeprefix("+")]
+
+    def answer(self, request: Recorded) -> Answer:
+        if request.method != "POST" or request.path != "/sms/json":
+            return Answer(404, {"Content-Type": "text/plain"}, b"Not Found")
+        form = {name: values[-1] for name, values in request.form().items()}
+        to = form.get("to", "")
+        if self.signature_secret is not None and "sig" in form:
+            signed = vonage_signature(form, self.signature_secret, self.signature_method)
+            fresh = form.get("timestamp", "").isdigit() and abs(time.time() - int(form["timestamp"])) <= 300
+            if form.get("api_key") != self.api_key or not fresh or form["sig"] != signed:
+                return _vonage_message(to, 14, "Invalid Signature")
+        elif request.basic_auth() != (self.api_key, self.api_secret) and (
+            form.get("api_key"), form.get("api_secret")) != (self.api_key, self.api_secret):  # fmt: skip
+            return _vonage_message(to, 4, "Bad Credentials")
+        if not form.get("from") or not to or not form.get("text"):
+            return _vonage_message(to, 2, "Missing from, to or text")
+        if not to.isdigit():
+            return _vonage_message(to, 3, f"Invalid to address: {to}")
+        message_id = secrets.token_hex(8).upper()
+        with self._lock:
+            self.accepted.append(AcceptedVonageSms(message_id, form))
+        return json_answer(200, {"message-count": "1", "messages": [{
+            "to": to, "message-id": message_id, "status": "0", "remaining-balance": "3.14159265",
+            "message-price": "0.03330000", "network": "12345", "client-ref": form.get("client-ref", ""),
+        }]})  # fmt: skip
+
+
+def _vonage_message(to: str, status: int, error_text: str) -> Answer:
+    """A Vonage SMS API answer for one message that was not sent (HTTP 200, as Vonage answers it)."""
+    return json_answer(200, {"message-count": "1", "messages": [{"to": to, "status": str(status),
+                                                                   "error-text": error_text}]})  # fmt: skip

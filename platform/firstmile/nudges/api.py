@@ -19,6 +19,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable
 from html import escape
 from typing import Annotated, Any
+from urllib.parse import parse_qs, parse_qsl
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, post, put, route
@@ -240,7 +241,7 @@ class InAppMessagesController(Controller):
 _WEBHOOK = {
     "exclude_from_auth": True,
     "problems": {
-        400: "webhook-malformed: the body is not SendGrid's event array",
+        400: "webhook-malformed: the body is not the provider's format, or names no send of ours",
         401: "webhook-refused: the signature does not hold, or the request is stale (signed over 5 minutes from now)",
         409: "webhook-replayed: this signed request was received before",
     },
@@ -295,6 +296,37 @@ class NudgeWebhooksController(Controller):
         query = request.url.query
         requested = request.url.path + (f"?{query}" if query else "")
         await _believed("twilio", nudge_webhooks.twilio(requested, body, request.headers.get(TWILIO_SIGNATURE, "")))
+
+    @route(
+        "/vonage",
+        http_method=[HttpMethod.GET, HttpMethod.POST],
+        status_code=204,
+        summary="Vonage's signed SMS delivery receipt",
+        description="The status of an SMS nudge sent through Vonage (delivered, failed, rejected, expired), sent "
+        "by Vonage to the callback the send named, as a GET query, a POST form or a POST JSON object (the "
+        "account's choice). Verified with FIRSTMILE_NUDGE_VONAGE_SIGNATURE_SECRET (sig over every parameter, and "
+        "timestamp within 5 minutes of now); a replay is refused.",
+        opt=_WEBHOOK,
+    )
+    async def vonage(self, request: Request[Any, Any, Any], nudge_webhooks: NamedDependency[NudgeWebhooks]) -> None:
+        await _believed("vonage", nudge_webhooks.vonage(await _vonage_params(request)))
+
+
+async def _vonage_params(request: Request[Any, Any, Any]) -> dict[str, str]:
+    """A delivery receipt's parameters, as Vonage sent them: the query (GET), a form or a JSON object (POST)."""
+    if request.method == "GET":
+        return {name: values[-1] for name, values in parse_qs(request.url.query, keep_blank_values=True).items()}
+    body = await request.body()
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        return dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
+    try:
+        parsed = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        raise ProblemError(400, "webhook-malformed", "the body is not JSON") from None
+    if not isinstance(parsed, dict) or not all(isinstance(v, str | int) and not isinstance(v, bool)
+                                               for v in parsed.values()):  # fmt: skip
+        raise ProblemError(400, "webhook-malformed", "the body is not an object of parameters")
+    return {str(name): str(value) for name, value in parsed.items()}
 
 
 _HASH_PATTERN = "^[0-9a-f]{64}$"

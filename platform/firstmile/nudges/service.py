@@ -70,6 +70,7 @@ from firstmile.nudges.webhooks import (
     sendgrid_public_key,
     verify_sendgrid,
     verify_twilio,
+    verify_vonage,
 )
 from firstmile.onboarding import service as onboarding
 from firstmile.security.crypto import FieldContext
@@ -747,11 +748,15 @@ class NudgeWebhooks:
         guard: ReplayGuard | None = None,
         *,
         twilio_auth_token: str | None = None,
+        vonage_signature_secret: str | None = None,
+        vonage_signature_method: str = "sha256",
         public_url: str = "http://127.0.0.1:8000",
     ) -> None:
         self.engine = engine
         self.sendgrid_key = sendgrid_public_key(sendgrid_key) if sendgrid_key else None
         self.twilio_auth_token = twilio_auth_token
+        self.vonage_signature_secret = vonage_signature_secret
+        self.vonage_signature_method = vonage_signature_method
         self.public_url = public_url.rstrip("/")
         self.guard = guard or MemoryReplayGuard()
 
@@ -784,15 +789,31 @@ class NudgeWebhooks:
             raise WebhookRefusedError("bad-signature", "no Twilio auth token is configured")
         callback = verify_twilio(self.public_url + path_and_query, body, signature, self.twilio_auth_token,
                                  guard=self.guard)  # fmt: skip
-        try:
-            tenant, send_id = uuid.UUID(callback.tenant or ""), uuid.UUID(callback.send or "")
-        except ValueError:
-            raise WebhookRefusedError("malformed", "the callback URL names no send of ours") from None
-        if callback.status is None:
-            return 0
         reason = f"Twilio error {callback.error_code}" if callback.error_code else None
-        report = DeliveryReport(send_id, callback.status, datetime.now(UTC), callback.message_status, reason)
-        return await self.apply(tenant, [report])
+        return await self._one(callback.tenant, callback.send, callback.status, callback.message_status, reason,
+                               "the callback URL")  # fmt: skip
+
+    async def vonage(self, params: Mapping[str, str]) -> int:
+        """Verify and apply one Vonage delivery receipt (its parameters, from the query, form or JSON body);
+        1 when it changed the send. :class:`WebhookRefusedError` when it is not believed."""
+        if self.vonage_signature_secret is None:
+            raise WebhookRefusedError("bad-signature", "no Vonage signature secret is configured")
+        receipt = verify_vonage(params, self.vonage_signature_secret, self.vonage_signature_method, guard=self.guard)
+        reason = f"Vonage err-code {receipt.error_code}" if receipt.error_code else None
+        return await self._one(receipt.tenant, receipt.send, receipt.status, receipt.message_status, reason,
+                               "the receipt's client-ref")  # fmt: skip
+
+    async def _one(
+        self, tenant: str | None, send: str | None, status: str | None, event: str, reason: str | None, where: str
+    ) -> int:
+        """Apply one SMS provider's report about the send ``where`` names; 400 when it names none of ours."""
+        try:
+            tenant_id, send_id = uuid.UUID(tenant or ""), uuid.UUID(send or "")
+        except ValueError:
+            raise WebhookRefusedError("malformed", f"{where} names no send of ours") from None
+        if status is None:
+            return 0
+        return await self.apply(tenant_id, [DeliveryReport(send_id, status, datetime.now(UTC), event, reason)])
 
     async def apply(self, tenant: uuid.UUID, reports: Sequence[DeliveryReport]) -> int:
         """Apply a tenant's reports in one transaction (acting for the tenant the provider's signature vouches

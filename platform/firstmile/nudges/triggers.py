@@ -8,15 +8,19 @@
   ``onboarding.activated``.
 
 :class:`TriggerScanner` runs on a schedule under ``worker:nudge-triggers``: per tenant whose
-manifest declares scanned triggers (``firstmile_nudge_trigger_tenants``, migration 0016), one
-transaction reads the tenant's nudge setup, pages through each trigger's candidates (users by id,
-:data:`PAGE` at a time, at most :data:`PAGES` pages a pass), drops those the trigger already fired
-for, and decides each of the others with :meth:`NudgeExecutor.on_trigger`. The unique trigger key
-per user makes a trigger fire once even when two scans overlap.
+manifest declares scanned triggers (``firstmile_nudge_trigger_tenants``, migration 0016), a read-only
+transaction reads the tenant's nudge setup and pages through each trigger's candidates (users by id,
+:data:`PAGE` at a time, at most :data:`PAGES` pages a pass), dropping those the trigger already fired
+for. The response model is then asked about each user due, outside any transaction (a network call;
+:data:`PRIOR_CONCURRENCY` at a time), as the consumer asks it for ``onboarding.stuck``; a failure is
+no prior, never a missed nudge. Last, one transaction decides each of them with
+:meth:`NudgeExecutor.on_trigger`. The unique trigger key per user makes a trigger fire once even when
+two scans overlap.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,7 +31,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from firstmile.kit.db import TenantTx
 from firstmile.kit.scope import OperatorContext, TenantId
 from firstmile.kit.uow import UnitOfWork
+from firstmile.ml.nudge_prior import ModelResponsePrior, ResponsePrior
 from firstmile.nudges import repository as repo
+from firstmile.nudges.config import TenantNudges
 from firstmile.nudges.service import Decided, NudgeExecutor
 from firstmile.onboarding import service as onboarding
 from firstmile.tenancy.manifest import NudgeTriggerSpec, duration_seconds
@@ -39,6 +45,8 @@ PAGE = 500
 """Candidates read at a time."""
 PAGES = 20
 """Pages of one trigger per pass (10,000 candidates); the rest wait for the next pass."""
+PRIOR_CONCURRENCY = 16
+"""Questions to the response model in flight at once during a scan."""
 
 
 def trigger_key(trigger: NudgeTriggerSpec) -> str:
@@ -56,10 +64,18 @@ class Fired:
 class TriggerScanner:
     """Fires the scanned triggers (see the module docstring)."""
 
-    def __init__(self, engine: AsyncEngine, executor: NudgeExecutor, worker: OperatorContext | None = None) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        executor: NudgeExecutor,
+        worker: OperatorContext | None = None,
+        *,
+        prior: ModelResponsePrior | None = None,
+    ) -> None:
         self.engine = engine
         self.executor = executor
         self.worker = worker or SCANNER
+        self.prior = prior
 
     async def tenants(self) -> list[TenantId]:
         async with self.engine.connect() as conn:
@@ -78,19 +94,51 @@ class TriggerScanner:
         return fired
 
     async def scan_tenant(self, tenant: TenantId, now: datetime) -> list[Fired]:
-        async def work(tx: TenantTx) -> list[Fired]:
+        uow = UnitOfWork(self.engine, tenant)
+
+        async def find(tx: TenantTx) -> tuple[TenantNudges, list[tuple[NudgeTriggerSpec, str]]]:
             setup = await self.executor.tenant_setup(tx)
             if not setup.enabled or not setup.channels:
-                return []
+                return setup, []
+            return setup, [
+                (trigger, user_id)
+                for trigger in setup.triggers
+                if trigger.when in ("step_idle", "event_missing")
+                for user_id in await self._due(tx, trigger, now)
+            ]
+
+        setup, due = await uow.run(find)
+        if not due:
+            return []
+        priors = await self._priors(str(tenant), sorted({user_id for _, user_id in due}), now)
+
+        async def decide(tx: TenantTx) -> list[Fired]:
             fired: list[Fired] = []
-            for trigger in setup.triggers:
-                if trigger.when in ("step_idle", "event_missing"):
-                    for user_id in await self._due(tx, trigger, now):
-                        decided = await self.executor.on_trigger(tx, user_id, trigger.id, trigger.step, now, setup)
-                        fired.append(Fired(trigger.id, user_id, decided))
+            for trigger, user_id in due:
+                decided = await self.executor.on_trigger(
+                    tx, user_id, trigger.id, trigger.step, now, setup, prior=priors.get(user_id)
+                )
+                fired.append(Fired(trigger.id, user_id, decided))
             return fired
 
-        return await UnitOfWork(self.engine, tenant).run(work)
+        return await uow.run(decide)
+
+    async def _priors(self, tenant_id: str, user_ids: Sequence[str], now: datetime) -> dict[str, ResponsePrior]:
+        """The response model's prior for each user (a failure is a prior with its reason, as the consumer's)."""
+        prior = self.prior
+        if prior is None:
+            return {}
+        gate = asyncio.Semaphore(PRIOR_CONCURRENCY)
+        channels = self.executor.channels
+
+        async def one(user_id: str) -> ResponsePrior:
+            async with gate:
+                try:
+                    return await prior.predict(tenant_id, user_id, channels, now)
+                except Exception as exc:  # the prior is an aid: a failure never stops the decision
+                    return ResponsePrior(fallback=f"error: {type(exc).__name__}")
+
+        return dict(zip(user_ids, await asyncio.gather(*(one(u) for u in user_ids)), strict=True))
 
     async def _due(self, tx: TenantTx, trigger: NudgeTriggerSpec, now: datetime) -> list[str]:
         """The users ``trigger`` is due for and has not fired for yet."""

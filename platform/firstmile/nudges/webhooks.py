@@ -1,4 +1,5 @@
-"""Status webhooks, verified and parsed, with no I/O: SendGrid's Signed Event Webhook, Twilio's status callbacks.
+"""Status webhooks, verified and parsed, with no I/O: SendGrid's Signed Event Webhook, Twilio's status
+callbacks, Vonage's signed delivery receipts.
 
 A webhook is believed only when its signature holds and it has not been seen before; anything else
 is a :class:`WebhookRefusedError` whose ``reason`` says why (``bad-signature``, ``stale``,
@@ -19,6 +20,14 @@ value, sorted by name. The URL is checked as given and with the scheme's default
 removed (Twilio signs either form; the official ``RequestValidator`` accepts both). A status
 callback is a :class:`TwilioStatus`; the send's idempotency key and the tenant come from the
 callback URL's query, where the adapter put them.
+
+**Vonage** (its "Signed webhooks" for the SMS API): a delivery receipt's parameters (a GET query, a
+POST form or a POST JSON object) carry ``sig``, the hex HMAC (MD5, SHA-1, SHA-256 or SHA-512, as the
+account is set) keyed with the account's signature secret, of ``&name=value`` for every other
+parameter in name order, where ``&`` and ``=`` inside a value are written ``_``; and ``timestamp``,
+the Unix time of signing: more than ``tolerance_s`` away from now is ``stale``. A receipt is a
+:class:`VonageReceipt`; the tenant and the send come from its ``client-ref`` (``{tenant}:{send}``),
+which the adapter set.
 
 **Replays.** Each verified request is offered to a :class:`ReplayGuard` under a key derived from
 the signed content (not from the signature bytes: an ECDSA signature can be rewritten into another
@@ -87,6 +96,13 @@ _TWILIO = {"delivered": "delivered", "read": "opened", "undelivered": "failed", 
 _TWILIO_BAD_NUMBER = frozenset({30005, 30006, 21211, 21614})
 _TWILIO_STOPPED = 21610
 _DEFAULT_PORTS = {"https": 443, "http": 80}
+# Vonage: a delivery receipt's status -> status. Its err-code 3 (absent subscriber, permanent) and 9
+# (illegal number) condemn the number; 4 (call barred by user: the recipient asked not to get messages
+# from this sender) is an unsubscribe; other codes (2 absent for now, 8 network error…) are failures.
+_VONAGE = {"delivered": "delivered", "failed": "failed", "rejected": "failed", "expired": "failed"}
+_VONAGE_BAD_NUMBER = frozenset({3, 9})
+_VONAGE_STOPPED = 4
+_VONAGE_DIGESTS = {"md5": hashlib.md5, "sha1": hashlib.sha1, "sha256": hashlib.sha256, "sha512": hashlib.sha512}
 
 
 class WebhookRefusedError(ValueError):
@@ -200,6 +216,30 @@ class TwilioStatus:
             if self.error_code == _TWILIO_STOPPED:
                 return "unsubscribed"
         return _TWILIO.get(self.message_status)
+
+
+@dataclass(frozen=True, slots=True)
+class VonageReceipt:
+    """A verified Vonage delivery receipt."""
+
+    message_id: str
+    message_status: str
+    error_code: int | None
+    msisdn: str | None
+    send: str | None
+    """The idempotency key of the send (from ``client-ref``)."""
+    tenant: str | None
+    replay_key: str
+
+    @property
+    def status(self) -> str | None:
+        """The Firstmile delivery status this receipt reports, or None (``accepted``, ``buffered``, ``unknown``)."""
+        if self.message_status in ("failed", "rejected", "expired"):
+            if self.error_code in _VONAGE_BAD_NUMBER:
+                return "bounced"
+            if self.error_code == _VONAGE_STOPPED:
+                return "unsubscribed"
+        return _VONAGE.get(self.message_status)
 
 
 def sendgrid_public_key(verification_key: str) -> ec.EllipticCurvePublicKey:
@@ -349,3 +389,58 @@ def _twilio_urls(url: str) -> tuple[str, str | None]:
     bare = parts.netloc.rsplit(":", 1)[0] if parts.port is not None else parts.netloc
     without = urlunsplit((parts.scheme, bare, parts.path, parts.query, parts.fragment))
     return without, urlunsplit((parts.scheme, f"{bare}:{default}", parts.path, parts.query, parts.fragment))
+
+
+def vonage_signature(params: Mapping[str, str], secret: str, method: str = "sha256") -> str:
+    """The ``sig`` of Vonage's signed requests and webhooks over ``params`` (``sig`` itself left out)."""
+    digest = _VONAGE_DIGESTS.get(method)
+    if digest is None:
+        raise ValueError(f"unknown Vonage signature method {method!r}")
+    signed = "".join(
+        f"&{name}={value.replace('&', '_').replace('=', '_')}"
+        for name, value in sorted(params.items())
+        if name != "sig"
+    )
+    return hmac.new(secret.encode(), signed.encode(), digest).hexdigest()
+
+
+def verify_vonage(
+    params: Mapping[str, str],
+    signature_secret: str,
+    method: str = "sha256",
+    *,
+    now: float | None = None,
+    tolerance_s: float = 300.0,
+    guard: ReplayGuard | None = None,
+) -> VonageReceipt:
+    """Verify a Vonage delivery receipt (its parameters, however they came) and parse it."""
+    signature = params.get("sig", "")
+    expected = vonage_signature(params, signature_secret, method)
+    if not signature or not hmac.compare_digest(expected, signature.lower()):
+        raise WebhookRefusedError("bad-signature", "sig does not match the parameters")
+    stamp = params.get("timestamp", "")
+    if not stamp.isascii() or not stamp.isdigit():
+        raise WebhookRefusedError("malformed", "a signed receipt carries its Unix timestamp")
+    current = time.time() if now is None else now
+    if abs(current - int(stamp)) > tolerance_s:
+        raise WebhookRefusedError("stale", f"signed {current - int(stamp):.0f} s from now (tolerance {tolerance_s} s)")
+    message_id, status = params.get("messageId"), params.get("status")
+    if not message_id or not status:
+        raise WebhookRefusedError("malformed", "messageId and status are required")
+    code = params.get("err-code") or ""
+    if code and (not code.isascii() or not code.isdigit()):
+        raise WebhookRefusedError("malformed", "err-code is not a number")
+    signed = "".join(f"&{k}={v}" for k, v in sorted(params.items()) if k != "sig")
+    replay_key = "vonage:" + hashlib.sha256(signed.encode()).hexdigest()
+    if guard is not None and not guard.first_seen(replay_key, 2 * tolerance_s):
+        raise WebhookRefusedError("replayed", "this signed receipt was already received")
+    tenant, _, send = (params.get("client-ref") or "").rpartition(":")
+    return VonageReceipt(
+        message_id=message_id,
+        message_status=status,
+        error_code=int(code) if code else None,
+        msisdn=params.get("msisdn"),
+        send=send or None,
+        tenant=tenant or None,
+        replay_key=replay_key,
+    )

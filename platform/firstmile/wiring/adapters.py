@@ -33,6 +33,7 @@ from firstmile.nudges.inapp import InAppChannel
 from firstmile.nudges.policy import NudgePolicy
 from firstmile.nudges.push_webpush import WebPushChannel
 from firstmile.nudges.sms_twilio import TwilioChannel
+from firstmile.nudges.sms_vonage import VONAGE_CALLBACK_MAX, VonageChannel
 from firstmile.security.keys import KeyConfig
 from firstmile.settings import Settings
 from firstmile.sso.events import KeycloakEventSync
@@ -285,8 +286,8 @@ def rate_limiter(settings: Settings) -> tuple[RateLimiter, RateLimiter | None]:
 
 def nudge_channels(settings: Settings) -> dict[str, Channel]:
     """The nudge channels the settings configure, by channel name: e-mail over SMTP, SendGrid, or SMTP failing
-    over to SendGrid; SMS through Twilio; web push with VAPID; and in-app (stored; on with another channel
-    unless FIRSTMILE_NUDGE_IN_APP says otherwise)."""
+    over to SendGrid; SMS through Twilio, Vonage, or Twilio failing over to Vonage; web push with VAPID; and
+    in-app (stored; on with another channel unless FIRSTMILE_NUDGE_IN_APP says otherwise)."""
     channels: dict[str, Channel] = {}
     if settings.nudges.smtp_url is not None:
         url = urlsplit(settings.nudges.smtp_url.get_secret_value())
@@ -317,6 +318,22 @@ def nudge_channels(settings: Settings) -> dict[str, Channel]:
             status_callback=settings.server.public_url.rstrip("/") + "/v1/nudges/webhooks/twilio",
             base_url=n.twilio_base_url,
         )
+    if n.vonage_api_key is not None and n.vonage_api_secret is not None:  # Twilio's backup, or the only one
+        callback = settings.server.public_url.rstrip("/") + "/v1/nudges/webhooks/vonage"
+        signature = n.vonage_signature_secret
+        vonage = VonageChannel(
+            n.vonage_api_key,
+            n.vonage_api_secret.get_secret_value(),
+            from_=n.vonage_from or n.sms_from or "",
+            signature_secret=signature.get_secret_value() if signature is not None else None,
+            signature_method=n.vonage_signature_method,
+            # Vonage takes at most 100 characters; a longer one leaves the account's default receipt URL
+            callback=callback if len(callback) <= VONAGE_CALLBACK_MAX else None,
+            rest_host=n.vonage_rest_host,
+            ca_bundle=str(n.vonage_ca_bundle) if n.vonage_ca_bundle is not None else None,
+        )
+        twilio = channels.get("sms")
+        channels["sms"] = FailoverChannel(twilio, vonage) if twilio is not None else vonage
     if n.vapid_private_key_file is not None:
         key = n.vapid_private_key_file.read_text(encoding="ascii")
         channels["push"] = WebPushChannel(key, n.vapid_subject)

@@ -119,11 +119,13 @@ class Container:
         )
         self.readiness = Readiness(self.engine, settings.region, self.supervisor)
         self.nudge_links = NudgeLinks(self.engine, self.link_signer)
-        token = settings.nudges.twilio_auth_token
+        token, vonage = settings.nudges.twilio_auth_token, settings.nudges.vonage_signature_secret
         self.nudge_webhooks = NudgeWebhooks(
             self.engine,
             settings.nudges.sendgrid_webhook_key,
             twilio_auth_token=token.get_secret_value() if token is not None else None,
+            vonage_signature_secret=vonage.get_secret_value() if vonage is not None else None,
+            vonage_signature_method=settings.nudges.vonage_signature_method,
             public_url=settings.server.public_url,
         )
         # Client-credentials tokens of the tenants' realms, when there is a Keycloak; else API keys only.
@@ -293,7 +295,9 @@ class Container:
             )
             supervisor.every("nudge-delivery", settings.nudges.delivery_interval_seconds, delivery.run_once)
         if self.nudges is not None and settings.nudges.trigger_scan_seconds > 0:
-            triggers = TriggerScanner(self.engine, self.nudges)
+            triggers = TriggerScanner(
+                self.engine, self.nudges, prior=ModelResponsePrior(self.inference, self.feature_reader)
+            )
             supervisor.every("nudge-triggers", settings.nudges.trigger_scan_seconds, triggers.run_once)
 
     def _audit_log(self) -> None:
