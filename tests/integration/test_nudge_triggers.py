@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import secrets
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from firstmile.nudges import repository as repo
 from firstmile.nudges.bandit import ThompsonSampler
 from firstmile.nudges.consumer import NudgeTriggers
 from firstmile.nudges.policy import NudgePolicy
-from firstmile.nudges.service import NudgeExecutor
+from firstmile.nudges.service import NudgeExecutor, withdraw
 from firstmile.nudges.triggers import TriggerScanner
 from firstmile.onboarding.catalog import CatalogCache
 from firstmile.onboarding.service import OnboardingService
@@ -136,20 +137,64 @@ async def test_event_missing_fires_after_the_window_unless_the_event_came(
         assert await repo.budget_times(tx, sender, datetime(2000, 1, 1, tzinfo=UTC)) == []  # not a nudge
 
 
-@pytest.fixture
-async def activated_tenant(admin_engine: AsyncEngine) -> TenantFixture:
-    """A tenant whose manifest adds an ``activated`` trigger (with its own wording) to the demo's."""
+async def _tenant_with(admin_engine: AsyncEngine, change: Callable[[dict[str, Any]], None]) -> TenantFixture:
+    """A tenant whose manifest is the demo's with ``change`` made to its ``nudges:`` section."""
     doc: dict[str, Any] = demo_document()
-    doc["nudges"]["triggers"].append({"id": "welcome", "path": "developer-quickstart", "when": "activated"})
-    doc["nudges"]["templates"].append(
-        {"trigger": "welcome", "variant": "next", "channel": "in_app", "subject": "You're live",
-         "body": "{{ step.title }} done: see what {{ tenant.name }} can do next."}
-    )  # fmt: skip
+    change(doc["nudges"])
     slug = f"t-{secrets.token_hex(5)}"
     manifest = manifest_for(slug, REGION, doc)
     result = await apply_manifest(admin_engine, manifest)
     created = await create_key(admin_engine, PEPPER, slug, ["onboarding:write"], "test")
     return TenantFixture(result.tenant_id, slug, created.key, manifest)
+
+
+@pytest.fixture
+async def activated_tenant(admin_engine: AsyncEngine) -> TenantFixture:
+    """A tenant whose manifest adds an ``activated`` trigger (with its own wording) to the demo's."""
+
+    def welcome(nudges: dict[str, Any]) -> None:
+        nudges["triggers"].append({"id": "welcome", "path": "developer-quickstart", "when": "activated"})
+        nudges["templates"].append(
+            {"trigger": "welcome", "variant": "next", "channel": "in_app", "subject": "You're live",
+             "body": "{{ step.title }} done: see what {{ tenant.name }} can do next."}
+        )  # fmt: skip
+
+    return await _tenant_with(admin_engine, welcome)
+
+
+async def test_a_trigger_of_another_category_needs_a_grant_and_an_unsubscribe_withdraws_that_category(
+    client: Client, admin_engine: AsyncEngine, app_engine: AsyncEngine
+) -> None:
+    def product(nudges: dict[str, Any]) -> None:
+        [idle] = [t for t in nudges["triggers"] if t["id"] == "sdk-idle"]
+        idle["category"] = "product"
+
+    tenant = await _tenant_with(admin_engine, product)
+    users = []
+    for _ in range(2):  # both sit on install-sdk for a day
+        user_id = await _start(client, tenant, admin_engine, days_ago=0)
+        await _complete(client, tenant, user_id, "create-api-key")
+        async with admin_engine.begin() as conn:
+            await conn.execute(
+                text("UPDATE user_progress SET updated_at = now() - interval '25 hours' WHERE tenant_id = :t"
+                     " AND user_id = :u"), {"t": tenant.id, "u": user_id},
+            )  # fmt: skip
+        users.append(user_id)
+    never_asked, agreed = users
+    granted = await client.put(f"/v1/users/{agreed}/consents/email/product", json={"granted": True},
+                               headers=tenant.headers)  # fmt: skip
+    assert granted.status_code == 204, granted.text
+    fired = await TriggerScanner(app_engine, _executor()).scan_tenant(OPS.tenant(tenant.id), datetime.now(UTC))
+    assert {f.user_id: f.decided.status for f in fired if f.trigger == "sdk-idle"} == {
+        never_asked: "denied", agreed: "scheduled"}  # fmt: skip
+    [denied] = await _sends(app_engine, tenant, never_asked)
+    assert denied.decision["category"] == "product" and denied.decision["reasons"] == ["no-consent"]
+    [send] = await _sends(app_engine, tenant, agreed)
+    assert send.channel == "email" and send.decision["category"] == "product"  # in-app was never granted
+    async with tenant_transaction(app_engine, OPS.tenant(tenant.id)) as tx:
+        assert await withdraw(tx, send, "link", "one-click unsubscribe")
+    listed = (await client.get(f"/v1/users/{agreed}/consents", headers=tenant.headers)).json()["consents"]
+    assert listed == [{"channel": "email", "category": "product", "granted": False}]  # onboarding untouched
 
 
 async def test_activated_fires_once_on_the_activation_event(

@@ -73,6 +73,8 @@ def _with_nudges(change: Any) -> dict[str, Any]:
         (lambda n: n["policy"].update(default_time_zone="Mars/Olympus"), "unknown time zone 'Mars/Olympus'"),
         (lambda n: n["policy"].update(daily_cap=21), "less than or equal to 20"),
         (lambda n: n.update(channels=["email", "email"]), "channels repeated"),
+        (lambda n: n["triggers"][0].update(category="Product News"), "String should match pattern"),
+        (lambda n: n["policy"].update(default_categories=["onboarding", "x" * 64]), "String should match pattern"),
     ],
 )
 def test_an_invalid_nudges_section_is_refused_with_the_reason(change: Any, message: str) -> None:
@@ -150,6 +152,18 @@ def test_the_tenant_policy_overrides_the_platform_field_by_field() -> None:
     shaped = tenant_nudges(hours, PLATFORM, CHANNELS, "UTC").policy
     assert (shaped.quiet_start, shaped.quiet_end, shaped.max_delay) == (time(22, 30), time(7, 15), timedelta(hours=6))
     assert tenant_nudges(NudgesSpec(enabled=False), PLATFORM, CHANNELS, "UTC").enabled is False
+    assert shaped.default_categories == PLATFORM.default_categories == frozenset({"onboarding"})
+    opted = NudgesSpec.model_validate({"policy": {"default_categories": ["onboarding", "product"]}})
+    assert tenant_nudges(opted, PLATFORM, CHANNELS, "UTC").policy.default_categories == {"onboarding", "product"}
+    none = NudgesSpec.model_validate({"policy": {"default_categories": []}})  # every category needs a grant
+    assert tenant_nudges(none, PLATFORM, CHANNELS, "UTC").policy.default_categories == frozenset()
+
+
+def test_a_trigger_is_in_the_onboarding_category_unless_it_names_another() -> None:
+    doc = demo_document()
+    doc["nudges"]["triggers"][0]["category"] = "product"
+    triggers = TenantManifest.model_validate(doc).nudges.triggers  # type: ignore[union-attr]
+    assert [t.category for t in triggers] == ["product"] + ["onboarding"] * (len(triggers) - 1)
 
 
 def test_a_stored_section_is_read_back_without_rendering_again() -> None:

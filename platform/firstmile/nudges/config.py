@@ -48,6 +48,8 @@ def tenant_nudges(
             )
         if given.max_delay_hours is not None:
             policy = replace(policy, max_delay=timedelta(hours=given.max_delay_hours))
+        if given.default_categories is not None:
+            policy = replace(policy, default_categories=frozenset(given.default_categories))
         zone = given.default_time_zone or zone
     allowed = channels if spec.channels is None else tuple(c for c in channels if c in spec.channels)
     return TenantNudges(spec.enabled, allowed, policy, zone, spec.triggers, spec.templates)

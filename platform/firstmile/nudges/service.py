@@ -163,6 +163,7 @@ class NudgeExecutor:
             kind = declared.when
         if kind is None:
             return Decided(None, "skipped")  # a trigger the manifest no longer declares
+        category = declared.category if declared is not None else STUCK_CATEGORY
         progress = await self.onboarding.progress(tx, user_id)
         if progress is None or (declared is not None and declared.path != progress.path_key):
             return Decided(None, "skipped")
@@ -200,7 +201,7 @@ class NudgeExecutor:
             for channel in setup.channels:
                 audience = Audience(time_zone, inputs.consents, suppressed=channel in inputs.suppressed)
                 try:
-                    verdicts[channel] = evaluate(setup.policy, audience, channel, STUCK_CATEGORY, now, inputs.sent)
+                    verdicts[channel] = evaluate(setup.policy, audience, channel, category, now, inputs.sent)
                 except PolicyError as exc:  # a trait with an unknown time zone: the user's own data, not a bug
                     verdicts[channel] = Verdict(False, None, (f"policy-error: {exc}",), {"policy": "deny"})
         offer = [w for w in wordings(setup.templates, trigger, segment, locale) if w.channel in verdicts]
@@ -210,6 +211,7 @@ class NudgeExecutor:
         base: dict[str, Any] = {
             "trigger": "onboarding.stuck" if kind == "stuck" else f"manifest:{trigger}",
             "trigger_key": trigger_key,
+            "category": category,
             "step_id": step.id,
             "segment": segment,
             "time_zone": time_zone,
@@ -648,14 +650,15 @@ async def consents(tx: TenantTx, user_id: str) -> list[Consent]:
 async def withdraw(tx: TenantTx, send: repo.SendRow, source: str, described: str) -> bool:
     """The user withdrew consent for the send's channel (an unsubscribe): recorded, audited as ``consent``, and a
     ``nudge.unsubscribed`` event; False when it was withdrawn already."""
-    if not await repo.set_consent(tx, send.user_id, send.channel, STUCK_CATEGORY, False, source):
+    category = str(send.decision.get("category") or STUCK_CATEGORY)  # decisions before categories: onboarding
+    if not await repo.set_consent(tx, send.user_id, send.channel, category, False, source):
         return False
     await audit.append(
         tx, "consent", "end_user", send.user_id,
-        {"channel": send.channel, "category": STUCK_CATEGORY, "granted": False, "source": described,
+        {"channel": send.channel, "category": category, "granted": False, "source": described,
          "send_id": str(send.send_id)},
     )  # fmt: skip
-    event = _outcome_event("nudge.unsubscribed", send, category=STUCK_CATEGORY)
+    event = _outcome_event("nudge.unsubscribed", send, category=category)
     await enqueue(tx, [event], user_id=send.user_id, now=datetime.now(UTC))
     telemetry.NUDGE_OUTCOMES.labels("unsubscribed").inc()
     return True

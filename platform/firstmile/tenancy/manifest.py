@@ -267,6 +267,10 @@ class QuietHoursSpec(_Model):
     end: str = Field(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$", description="`HH:MM`, local.")
 
 
+NudgeCategory = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="A consent category.")]
+"""What a user consents to per channel (``onboarding``, ``product``…): the same ids as the consent API's."""
+
+
 class NudgePolicySpec(_Model):
     """The tenant's nudge policy; a field left out keeps the platform's default (FIRSTMILE_NUDGE_*)."""
 
@@ -281,6 +285,12 @@ class NudgePolicySpec(_Model):
     )
     default_time_zone: str | None = Field(
         default=None, max_length=64, description="IANA time zone of users whose `timezone` trait is missing."
+    )
+    default_categories: tuple[NudgeCategory, ...] | None = Field(
+        default=None,
+        max_length=20,
+        description="Categories sent to users who never answered for them (a decline still denies). Omitted: "
+        "`onboarding` only; every other category needs the user's grant.",
     )
 
     @model_validator(mode="after")
@@ -307,6 +317,11 @@ class NudgeTriggerSpec(_Model):
         default=None, min_length=1, max_length=200, description="For `event_missing`: the tracked event's name."
     )
     after: Duration | None = Field(default=None, description="For `step_idle` and `event_missing`.")
+    category: NudgeCategory = Field(
+        default="onboarding",
+        description="The consent category of its nudges: the user's consent for it on each channel is checked, "
+        "and an unsubscribe from one of them withdraws it.",
+    )
 
     @model_validator(mode="after")
     def _fields_fit(self) -> NudgeTriggerSpec:
