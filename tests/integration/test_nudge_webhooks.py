@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
@@ -41,23 +40,13 @@ from firstmile.onboarding.catalog import CatalogCache
 from firstmile.onboarding.service import OnboardingService
 from firstmile.wiring import adapters
 from tests.conftest import PEPPER, Database, TenantFixture, make_settings
+from tests.support.nudges import sendgrid_headers, verification_key
 from tests.support.saas_standins import SendGridStandIn, TwilioStandIn, VonageStandIn
 from tests.support.tls import loopback_tls
 
 OPS = OperatorContext("worker:test-nudge-webhooks")
 ANYTIME = NudgePolicy(quiet_start=None, quiet_end=None, daily_cap=5)
 SG_KEY = "SG.test-key"
-
-
-def _sign(private: ec.EllipticCurvePrivateKey, body: bytes, at: int) -> dict[str, str]:
-    signature = private.sign(str(at).encode() + body, ec.ECDSA(hashes.SHA256()))
-    return {SENDGRID_SIGNATURE: base64.b64encode(signature).decode(), SENDGRID_TIMESTAMP: str(at),
-            "Content-Type": "application/json"}  # fmt: skip
-
-
-def _verification_key(private: ec.EllipticCurvePrivateKey) -> str:
-    der = private.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return base64.b64encode(der).decode()
 
 
 async def _rows(admin_engine: AsyncEngine, sql: str, **params: Any) -> list[Any]:
@@ -79,7 +68,7 @@ async def test_the_relay_fails_over_to_sendgrid_and_its_webhook_reports_delivery
             nudge_smtp_url="smtp://127.0.0.1:9",  # the discard port: the relay is down
             nudge_sendgrid_api_key=SG_KEY,
             nudge_sendgrid_base_url=sendgrid.url,
-            nudge_sendgrid_webhook_key=_verification_key(private),
+            nudge_sendgrid_webhook_key=verification_key(private),
             nudge_email_from="Acme <nudges@acme.test>",
             nudge_in_app="off",
             nudge_delivery_interval_seconds=0,
@@ -124,7 +113,7 @@ async def test_the_relay_fails_over_to_sendgrid_and_its_webhook_reports_delivery
                 {"email": "someone@else.test", "event": "delivered", "timestamp": now},  # not a nudge: ignored
             ]
             body = json.dumps(events).encode()
-            headers = _sign(private, body, now)
+            headers = sendgrid_headers(private, body, now)
             answer = await client.post("/v1/nudges/webhooks/sendgrid", content=body, headers=headers)
             assert answer.status_code == 204, answer.text
             replayed = await client.post("/v1/nudges/webhooks/sendgrid", content=body, headers=headers)
@@ -132,11 +121,11 @@ async def test_the_relay_fails_over_to_sendgrid_and_its_webhook_reports_delivery
             forged = body.replace(b'"bounce"', b'"delivered"')
             refused = await client.post("/v1/nudges/webhooks/sendgrid", content=forged, headers=headers)
             assert refused.status_code == 401 and refused.headers["content-type"].startswith("application/problem+json")
-            stale = _sign(private, b"[]", now - 3600)
+            stale = sendgrid_headers(private, b"[]", now - 3600)
             assert (await client.post("/v1/nudges/webhooks/sendgrid", content=b"[]", headers=stale)).status_code == 401
             garbage = b'{"not": "an array"}'
             malformed = await client.post("/v1/nudges/webhooks/sendgrid", content=garbage,
-                                          headers=_sign(private, garbage, now))  # fmt: skip
+                                          headers=sendgrid_headers(private, garbage, now))  # fmt: skip
             assert malformed.status_code == 400
             # the bounce suppressed the address: the next nudge for the user is denied on e-mail
             async with tenant_transaction(app_engine, OPS.tenant(tenant.id)) as tx:

@@ -63,9 +63,10 @@ from firstmile.nudges.links import CLICK, UNSUBSCRIBE, BadLinkError, LinkPrincip
 from firstmile.nudges.personalise import AllowedContext, Personalised, Personaliser, StaticMessage
 from firstmile.nudges.policy import Audience, NudgePolicy, PolicyError, Verdict, evaluate
 from firstmile.nudges.push_webpush import WebPushChannel
+from firstmile.nudges.replay import LocalReplayGuard, SharedReplayGuard
 from firstmile.nudges.webhooks import (
-    MemoryReplayGuard,
-    ReplayGuard,
+    TOLERANCE_S,
+    TWILIO_REPLAY_TTL_S,
     WebhookRefusedError,
     sendgrid_public_key,
     verify_sendgrid,
@@ -748,7 +749,7 @@ class NudgeWebhooks:
         self,
         engine: AsyncEngine,
         sendgrid_key: str | None,
-        guard: ReplayGuard | None = None,
+        guard: SharedReplayGuard | None = None,
         *,
         twilio_auth_token: str | None = None,
         vonage_signature_secret: str | None = None,
@@ -761,14 +762,15 @@ class NudgeWebhooks:
         self.vonage_signature_secret = vonage_signature_secret
         self.vonage_signature_method = vonage_signature_method
         self.public_url = public_url.rstrip("/")
-        self.guard = guard or MemoryReplayGuard()
+        self.guard = guard or LocalReplayGuard()
 
     async def sendgrid(self, body: bytes, signature: str, timestamp: str) -> int:
         """Verify and apply one Event Webhook request; how many events changed a send.
         :class:`WebhookRefusedError` when it is not believed (nothing applied)."""
         if self.sendgrid_key is None:
             raise WebhookRefusedError("bad-signature", "no SendGrid verification key is configured")
-        batch = verify_sendgrid(body, signature, timestamp, self.sendgrid_key, guard=self.guard)
+        batch = verify_sendgrid(body, signature, timestamp, self.sendgrid_key)
+        await self._first_time(batch.replay_key, 2 * TOLERANCE_S)
         by_tenant: dict[uuid.UUID, list[DeliveryReport]] = {}
         for event in batch.events:
             try:
@@ -790,8 +792,8 @@ class NudgeWebhooks:
         URL); 1 when it changed the send. :class:`WebhookRefusedError` when it is not believed."""
         if self.twilio_auth_token is None:
             raise WebhookRefusedError("bad-signature", "no Twilio auth token is configured")
-        callback = verify_twilio(self.public_url + path_and_query, body, signature, self.twilio_auth_token,
-                                 guard=self.guard)  # fmt: skip
+        callback = verify_twilio(self.public_url + path_and_query, body, signature, self.twilio_auth_token)
+        await self._first_time(callback.replay_key, TWILIO_REPLAY_TTL_S)
         reason = f"Twilio error {callback.error_code}" if callback.error_code else None
         return await self._one(callback.tenant, callback.send, callback.status, callback.message_status, reason,
                                "the callback URL")  # fmt: skip
@@ -801,10 +803,16 @@ class NudgeWebhooks:
         1 when it changed the send. :class:`WebhookRefusedError` when it is not believed."""
         if self.vonage_signature_secret is None:
             raise WebhookRefusedError("bad-signature", "no Vonage signature secret is configured")
-        receipt = verify_vonage(params, self.vonage_signature_secret, self.vonage_signature_method, guard=self.guard)
+        receipt = verify_vonage(params, self.vonage_signature_secret, self.vonage_signature_method)
+        await self._first_time(receipt.replay_key, 2 * TOLERANCE_S)
         reason = f"Vonage err-code {receipt.error_code}" if receipt.error_code else None
         return await self._one(receipt.tenant, receipt.send, receipt.status, receipt.message_status, reason,
                                "the receipt's client-ref")  # fmt: skip
+
+    async def _first_time(self, replay_key: str, ttl_s: float) -> None:
+        """``replayed`` when a request with this key was acted on before, by this process or another."""
+        if not await self.guard.first_seen(replay_key, ttl_s):
+            raise WebhookRefusedError("replayed", "this signed request was already received")
 
     async def _one(
         self, tenant: str | None, send: str | None, status: str | None, event: str, reason: str | None, where: str

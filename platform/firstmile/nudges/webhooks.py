@@ -76,6 +76,11 @@ CUSTOM_ARG_PREFIX = "firstmile_"
 
 Reason = Literal["bad-signature", "stale", "replayed", "malformed"]
 
+TOLERANCE_S = 300.0
+"""How far from now a signed timestamp may be (SendGrid's, Vonage's); its keys are remembered twice that long."""
+TWILIO_REPLAY_TTL_S = 7 * 24 * 3600.0
+"""How long a Twilio callback (no timestamp) is remembered."""
+
 # SendGrid: event -> status. A bounce of type "blocked" is temporary (SendGrid's event reference:
 # the receiving server refused the message, not the address), so it is a failure, not a bounce.
 _SENDGRID = {
@@ -260,7 +265,7 @@ def verify_sendgrid(
     public_key: ec.EllipticCurvePublicKey | str,
     *,
     now: float | None = None,
-    tolerance_s: float = 300.0,
+    tolerance_s: float = TOLERANCE_S,
     guard: ReplayGuard | None = None,
 ) -> WebhookBatch:
     """Verify a SendGrid Event Webhook request and parse its events; :class:`WebhookRefusedError` if not believed."""
@@ -335,7 +340,7 @@ def verify_twilio(
     auth_token: str,
     *,
     guard: ReplayGuard | None = None,
-    replay_ttl_s: float = 7 * 24 * 3600.0,
+    replay_ttl_s: float = TWILIO_REPLAY_TTL_S,
 ) -> TwilioStatus:
     """Verify a Twilio status callback to ``url`` (the full URL Twilio requested) and parse it."""
     text = body.decode() if isinstance(body, bytes) else body
@@ -410,7 +415,7 @@ def verify_vonage(
     method: str = "sha256",
     *,
     now: float | None = None,
-    tolerance_s: float = 300.0,
+    tolerance_s: float = TOLERANCE_S,
     guard: ReplayGuard | None = None,
 ) -> VonageReceipt:
     """Verify a Vonage delivery receipt (its parameters, however they came) and parse it."""

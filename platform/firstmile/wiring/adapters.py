@@ -32,6 +32,7 @@ from firstmile.nudges.email_smtp import SmtpChannel
 from firstmile.nudges.inapp import InAppChannel
 from firstmile.nudges.policy import NudgePolicy
 from firstmile.nudges.push_webpush import WebPushChannel
+from firstmile.nudges.replay import LocalReplayGuard, RedisReplayGuard, SharedReplayGuard
 from firstmile.nudges.sms_twilio import TwilioChannel
 from firstmile.nudges.sms_vonage import VONAGE_CALLBACK_MAX, VonageChannel
 from firstmile.security.keys import KeyConfig
@@ -341,6 +342,14 @@ def nudge_channels(settings: Settings) -> dict[str, Channel]:
     if in_app == "on" or (in_app == "auto" and channels):
         channels["in_app"] = InAppChannel()
     return channels
+
+
+def webhook_replay_guard(settings: Settings) -> SharedReplayGuard:
+    """Where the API processes remember the providers' webhook requests: the region's Redis when there is one
+    (every replica refuses a replay), else this process's memory."""
+    if settings.redis.url is None:
+        return LocalReplayGuard()
+    return RedisReplayGuard.from_url(settings.redis.url.get_secret_value(), settings.region)
 
 
 def nudge_policy(settings: Settings) -> NudgePolicy:

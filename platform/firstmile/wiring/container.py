@@ -54,6 +54,7 @@ from firstmile.nudges.inapp import InAppHub, InAppInbox
 from firstmile.nudges.links import LinkSigner
 from firstmile.nudges.personalise import Personaliser
 from firstmile.nudges.push_webpush import WebPushChannel
+from firstmile.nudges.replay import RedisReplayGuard
 from firstmile.nudges.service import DeliveryWorker, NudgeExecutor, NudgeLinks, NudgeWebhooks, PushSubscriptions
 from firstmile.nudges.triggers import TriggerScanner
 from firstmile.onboarding.catalog import CatalogCache
@@ -123,6 +124,7 @@ class Container:
         self.nudge_webhooks = NudgeWebhooks(
             self.engine,
             settings.nudges.sendgrid_webhook_key,
+            adapters.webhook_replay_guard(settings),
             twilio_auth_token=token.get_secret_value() if token is not None else None,
             vonage_signature_secret=vonage.get_secret_value() if vonage is not None else None,
             vonage_signature_method=settings.nudges.vonage_signature_method,
@@ -340,6 +342,8 @@ class Container:
         await self.engine.dispose()
         await self.admin_auth.store.close()
         await self.guardrail.limiter.close()
+        if isinstance(self.nudge_webhooks.guard, RedisReplayGuard):
+            await self.nudge_webhooks.guard.close()
         if self.admin_auth.oidc is not None:
             await self.admin_auth.oidc.aclose()
         if self.key_resolver.tokens is not None:
