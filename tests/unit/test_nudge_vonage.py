@@ -199,6 +199,27 @@ async def test_twilio_down_fails_over_to_vonage_with_the_same_send(vonage: Vonag
         backup.close()
 
 
+async def test_the_port_contract_holds(vonage: VonageStandIn, tls: LoopbackTls) -> None:
+    """The port contract's checks that a SaaS stand-in can serve (as for SendGrid and Twilio): Vonage's
+    message id is new for every request, so what every attempt of one send shares is ``client-ref``."""
+    channel = _channel(vonage, tls)
+    assert (channel.channel, channel.provider) == ("sms", "vonage")
+    receipt = await channel.send(_sms(key="contract-1", to="+14155550123"))  # received once, with its receipt
+    [sms] = vonage.received("+14155550123")
+    assert sms.message_id == receipt.provider_message_id and sms.form["text"] == "Next: invite a teammate"
+    await channel.send(_sms(key="contract-1", to="+14155550123"))  # every attempt: the same client-ref
+    await channel.send(_sms(key="contract-2", to="+14155550123"))
+    refs = [m.form["client-ref"] for m in vonage.received("+14155550123")]
+    assert refs[0] == refs[1] != refs[2]
+    vonage.respond(200, {}, {"message-count": "1", "messages": [{"status": "7", "error-text": "Number barred"}]})
+    with pytest.raises(ChannelRejectedError) as refused:  # a refused address: rejected, to be suppressed
+        await channel.send(_sms(to=TO))
+    assert refused.value.suppress and vonage.received(TO) == []
+    with pytest.raises(ValueError, match="cannot send a email"):
+        await channel.send(OutboundMessage("email", "ada@example.test", "x", "k"))
+    channel.close()
+
+
 def test_the_channel_refuses_settings_vonage_would_refuse() -> None:
     with pytest.raises(ValueError, match="100"):
         VonageChannel(KEY, SECRET, from_=FROM, callback="https://firstmile.test/" + "x" * 100)
