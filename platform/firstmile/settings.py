@@ -813,6 +813,19 @@ class NudgeSettings(_Section):
         return self
 
 
+class ExperimentSettings(_Section):
+    """The experiment orchestrator (docs/experiments.md)."""
+
+    allocation_timeout_ms: float = Field(
+        validation_alias="experiment_allocation_timeout_ms",
+        default=50,
+        gt=0,
+        le=1000,
+        description="How long a start waits for the tenant's running experiments (read once per tenant revision); "
+        "past it the user gets the planner's path (control) and no exposure.",
+    )
+
+
 class SsoSettings(_Section):
     """Keycloak: token validation, provisioning and the admin login."""
 
@@ -1048,6 +1061,7 @@ SECTIONS: dict[str, type[_Section]] = {
     "models": ModelSettings,
     "stuck": StuckSettings,
     "nudges": NudgeSettings,
+    "experiments": ExperimentSettings,
     "sso": SsoSettings,
     "admin": AdminSettings,
     "guardrail": GuardrailSettings,
@@ -1148,6 +1162,7 @@ class Settings(BaseSettings):
     models: ModelSettings = Field(default_factory=ModelSettings)
     stuck: StuckSettings = Field(default_factory=StuckSettings)
     nudges: NudgeSettings = Field(default_factory=NudgeSettings)
+    experiments: ExperimentSettings = Field(default_factory=ExperimentSettings)
     sso: SsoSettings = Field(default_factory=SsoSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
     guardrail: GuardrailSettings = Field(default_factory=GuardrailSettings)

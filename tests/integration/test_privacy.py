@@ -166,6 +166,7 @@ async def test_erasure_shreds_the_key_deletes_the_rows_and_is_audited(
     assert body["rows_deleted"] == {
         "end_users": 1, "user_progress": 1, "step_completions": 0,
         "nudge_sends": 0, "nudge_consents": 0, "nudge_suppressions": 0, "nudge_push_subscriptions": 0,
+        "experiment_exposures": 0,
     }  # fmt: skip
     async with admin_engine.connect() as conn:
         users = await conn.execute(text("SELECT count(*) FROM end_users WHERE tenant_id = :t"), {"t": tenant.id})

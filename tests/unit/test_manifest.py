@@ -190,8 +190,12 @@ def test_machine_clients_change_the_hash_only_when_set() -> None:
     doc["sso"] = {"group_roles": {"Acme Admins": "owner"}}
     without = TenantManifest.model_validate(doc)
     # sso sections written before machine_clients existed keep their revision
-    canonical = without.model_dump(mode="json", exclude={"keys", "planner", "pii_traits", "limits"})
+    canonical = without.model_dump(mode="json", exclude={"keys", "planner", "pii_traits", "limits", "experiments"})
     del canonical["sso"]["machine_clients"]
+    # and so do nudges sections written before consent categories existed
+    del canonical["nudges"]["policy"]["default_categories"]
+    for trigger in canonical["nudges"]["triggers"]:
+        assert trigger.pop("category") == "onboarding"
     encoded = json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()
     assert without.content_hash() == hashlib.sha256(encoded).hexdigest()
     doc["sso"]["machine_clients"] = [{"client_id": "billing-sync", "scopes": ["events:write"]}]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from firstmile.audit import service as audit
+from firstmile.experiments import service as experiments
 from firstmile.kit.db import tenant_transaction
 from firstmile.kit.scope import OPERATOR_CLI, TenantId
 from firstmile.onboarding.paths import sync_paths
@@ -90,6 +91,10 @@ async def apply_manifest(
             await tenancy.create_tenant(tx, manifest)
             result.changes.append(f"create tenant {spec.slug} in {spec.home_region}")
         result.changes.extend(await sync_paths(tx, manifest.paths))
+        try:
+            result.changes.extend(await experiments.sync_manifest(tx, manifest.experiments, OPERATOR))
+        except experiments.ExperimentError as exc:  # a running experiment's allocation may not change
+            raise TenancyError(exc.detail) from exc
         if needs_keys and (material is None or await store_tenant_keys(tx, material)):
             where = (
                 f"keys.provider {manifest.keys.provider}"

@@ -79,6 +79,20 @@ INFERENCE_LATENCY = Histogram(
     ["model", "outcome"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
+EXPERIMENT_EXPOSURES = Counter(
+    "firstmile_experiment_exposures_total", "First exposures of users to experiments, by variant.", ["variant"]
+)
+EXPERIMENT_ALLOCATION_FALLBACKS = Counter(
+    "firstmile_experiment_allocation_fallbacks_total",
+    "Starts whose experiment allocation failed or timed out and got control (the planner's path), by error.",
+    ["error"],
+)
+EXPERIMENT_ALLOCATION_CONSISTENCY = Counter(
+    "firstmile_experiment_reallocations_total",
+    "Allocations of an already exposed user computed again (a repeated start, another process or region), by "
+    "whether they agree with the recorded exposure; experiment_allocation_consistency = agree / all.",
+    ["outcome"],
+)
 NUDGE_DECISIONS = Counter(
     "firstmile_nudge_decisions_total", "Nudge decisions, by outcome (scheduled or denied).", ["outcome"]
 )

@@ -30,6 +30,7 @@ from firstmile.kit.outbox import OutboxEvent
 from firstmile.kit.uow import UnitOfWork
 from firstmile.onboarding import domain
 from firstmile.onboarding import repository as repo
+from firstmile.onboarding.assignment import Assignment, ExperimentAssigner
 from firstmile.onboarding.catalog import CatalogCache, PathCatalog
 from firstmile.onboarding.domain import PathDef
 from firstmile.onboarding.planner import Decision, PathPlanner, RulesPlanner
@@ -90,6 +91,7 @@ class _Start:
     path: PathDef
     decision: Decision
     now: datetime
+    assignment: Assignment | None = None
 
 
 def _event(event_type: str, payload: dict[str, Any]) -> OutboxEvent:
@@ -154,10 +156,12 @@ class OnboardingService:
         catalogs: CatalogCache,
         keyring: DataKeyService | None = None,
         planner: PathPlanner | None = None,
+        experiments: ExperimentAssigner | None = None,
     ) -> None:
         self.catalogs = catalogs
         self.keyring = keyring
         self.planner: PathPlanner = planner or RulesPlanner()
+        self.experiments = experiments
 
     async def catalog(self, uow: UnitOfWork, revision: int) -> PathCatalog:
         """The tenant's current paths: from this process's cache, else one short read."""
@@ -181,20 +185,44 @@ class OnboardingService:
             raise RuntimeError("personal traits need a keyring; none is configured")
         began = time.perf_counter()
         now = datetime.now(UTC)
+        experiment = await self._experiment_path(uow, revision, catalog, user_id, clean)
         with telemetry.tracer.start_as_current_span("path_planner.plan") as span:
-            decision = await self.planner.plan(str(uow.tenant), user_id, catalog, clean, now)
+            if experiment is not None:  # the orchestrator first: an experiment's variant decides the path
+                assignment, path = experiment
+                decision = Decision(path.key, path.version, "experiment", None, None, 0,
+                                    details={"experiment": assignment.as_record()})  # fmt: skip
+            else:
+                assignment = None
+                decision = await self.planner.plan(str(uow.tenant), user_id, catalog, clean, now)
+                path = next(p for p in catalog.current if p.key == decision.path_key)
             span.set_attribute("firstmile.selected_by", decision.selected_by)
             span.set_attribute("firstmile.path", f"{decision.path_key}@{decision.path_version}")
             if decision.fallback_reason is not None:
                 span.set_attribute("firstmile.fallback_reason", decision.fallback_reason)
         telemetry.PATH_SELECTION_LATENCY.labels(decision.selected_by).observe(time.perf_counter() - began)
-        path = next(p for p in catalog.current if p.key == decision.path_key)
-        start = _Start(user_id, plain, personal, path, decision, now)
+        start = _Start(user_id, plain, personal, path, decision, now, assignment)
         if personal:
             assert self.keyring is not None
             # the key provider (network) is asked before the transaction opens, never inside it
             return await self.keyring.run_with_keys(uow, lambda tx, keys: self._write_start(tx, start, keys))
         return await uow.run(lambda tx: self._write_start(tx, start, None))
+
+    async def _experiment_path(
+        self, uow: UnitOfWork, revision: int, catalog: PathCatalog, user_id: str, traits: Mapping[str, Any]
+    ) -> tuple[Assignment, PathDef] | None:
+        """The experiment variant's path for this user, or None (no experiment, or control by failure)."""
+        if self.experiments is None:
+            return None
+        assignment = await self.experiments.assign(uow, revision, user_id, traits)
+        if assignment is None:
+            return None
+        current = next((p for p in catalog.current if p.key == assignment.path_key), None)
+        if current is None:
+            return None  # the variant's path is gone from the catalog: the planner's path (control)
+        if assignment.path_version is None or assignment.path_version == current.version:
+            return assignment, current
+        pinned = await self.find_path(uow, revision, assignment.path_key, assignment.path_version)
+        return (assignment, pinned) if pinned is not None else None
 
     async def _write_start(self, tx: TenantTx, start: _Start, keys: TenantKeys | None) -> StartOutcome:
         """The start's one transaction: user, progress, event and audit entry (database only)."""
@@ -232,6 +260,8 @@ class OnboardingService:
             email_index=email_index,
         )
         if created:
+            if start.assignment is not None and self.experiments is not None:
+                await self.experiments.record(tx, user_id, start.assignment, now)
             await audit.append(
                 tx,
                 "decision",
@@ -253,11 +283,14 @@ class OnboardingService:
                     "fallback_reason": decision.fallback_reason,
                     "shadow": record.get("shadow"),
                     "event_id": str(event.event_id),
-                },
+                }
+                | ({"experiment": record["experiment"]} if "experiment" in record else {}),
             )
             telemetry.ONBOARDING_STARTS.labels(decision.selected_by).inc()
             row = repo.ProgressRow(path.key, path.version, "in_progress", first, record, now, None, None, {})
             return StartOutcome(render_state(user_id, path, row), created=True)
+        if start.assignment is not None and self.experiments is not None:
+            await self.experiments.recheck(tx, user_id, start.assignment)
         return StartOutcome(await self.get(tx, user_id), created=False)
 
     async def find_path(self, uow: UnitOfWork, revision: int, key: str, version: int | None) -> PathDef | None:

@@ -28,6 +28,7 @@ import msgspec
 
 from firstmile.analytics.service import AnalyticsService
 from firstmile.audit import service as audit
+from firstmile.experiments import service as experiments
 from firstmile.kit.db import TenantTx
 from firstmile.kit.outbox import USER_ERASED, OutboxEvent, enqueue
 from firstmile.kit.uow import UnitOfWork
@@ -66,7 +67,11 @@ class PrivacyService:
 
         async def work(tx: TenantTx) -> Erasure | None:
             key_destroyed = await destroy_user_key(tx, user_id)
-            deleted = await onboarding.delete_user(tx, user_id) | await nudges.delete_user(tx, user_id)
+            deleted = (
+                await onboarding.delete_user(tx, user_id)
+                | await nudges.delete_user(tx, user_id)
+                | await experiments.delete_user(tx, user_id)
+            )
             if not key_destroyed and not any(deleted.values()) and not in_analytics:
                 return None
             now = datetime.now(UTC)

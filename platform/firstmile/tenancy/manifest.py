@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from itertools import pairwise
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -523,6 +524,109 @@ class SsoSpec(_Model):
         return {role: self.roles.get(role, DEFAULT_ROLE_DESCRIPTIONS[role]) for role in ADMIN_ROLES}  # type: ignore[call-overload]
 
 
+class ExperimentVariantSpec(_Model):
+    """One arm of a path experiment: the path (and optionally a stored version of it) its users start on."""
+
+    name: Slug
+    path: Slug = Field(description="The path this variant's users start on (one of the manifest's paths).")
+    version: int | None = Field(
+        default=None, ge=1, description="A stored version of the path to pin. Omitted: the path's current version."
+    )
+    weight: float = Field(default=1.0, gt=0, le=1000, description="Relative share of the experiment's traffic.")
+
+
+class ExperimentLayerSpec(_Model):
+    """Mutually exclusive experiments share a layer, each owning a range of it: a user is in at most one."""
+
+    name: Slug
+    range: tuple[float, float] = Field(
+        default=(0.0, 100.0), description="`[start, end)` in percent of the layer's users; ranges may not overlap."
+    )
+
+    @model_validator(mode="after")
+    def _range_fits(self) -> ExperimentLayerSpec:
+        start, end = self.range
+        if not 0.0 <= start < end <= 100.0:
+            raise ValueError(f"layer {self.name}: range must satisfy 0 <= start < end <= 100")
+        return self
+
+
+class ExperimentThresholdsSpec(_Model):
+    """When a winner is declared (docs/experiments.md#statistics)."""
+
+    chance_to_beat: float = Field(default=0.95, ge=0.5, lt=1.0, description="Chance to beat control, at least.")
+    expected_loss: float = Field(default=0.001, ge=0.0, le=0.1, description="Expected loss of the winner, at most.")
+    alpha: float = Field(default=0.05, gt=0.0, le=0.2, description="Error rate of the sequential test.")
+
+
+class ExperimentSpec(_Model):
+    """A path experiment: users the allocation admits start on one of its variants' paths."""
+
+    id: Slug
+    description: str = Field(default="", max_length=2000)
+    seed: str | None = Field(
+        default=None, min_length=1, max_length=128, description="Salt of the allocation hash. Omitted: the id."
+    )
+    control: Slug = Field(description="The variant the others are compared with (usually today's path).")
+    variants: tuple[ExperimentVariantSpec, ...] = Field(min_length=2, max_length=10)
+    traffic_percent: float = Field(default=100.0, ge=0.0, le=100.0, description="Share of eligible users admitted.")
+    layer: ExperimentLayerSpec | None = Field(default=None, description="Omitted: a layer of its own.")
+    targeting: tuple[Predicate, ...] = Field(default=(), max_length=20, description="Who is eligible (all must hold).")
+    metric: str = Field(
+        default="activation",
+        pattern=r"^(activation|step:[a-z0-9][a-z0-9-]{0,62})$",
+        description="The primary metric: `activation`, or `step:<id>` (that step completed).",
+    )
+    guardrails: tuple[Literal["stuck_rate", "nudge_unsubscribes"], ...] = Field(
+        default=("stuck_rate",), description="Metrics that can veto a winner when a variant makes them worse."
+    )
+    planned_days: int = Field(default=14, ge=1, le=180, description="Planned duration; then extended or concluded.")
+    max_extensions: int = Field(default=2, ge=0, le=10, description="Extensions of `planned_days` without a verdict.")
+    thresholds: ExperimentThresholdsSpec = Field(default_factory=ExperimentThresholdsSpec)
+
+    @model_validator(mode="after")
+    def _variants_fit(self) -> ExperimentSpec:
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"experiment {self.id}: variant names must be unique")
+        if self.control not in names:
+            raise ValueError(f"experiment {self.id}: control {self.control} is not one of its variants")
+        return self
+
+    @property
+    def allocation_seed(self) -> str:
+        return self.seed or self.id
+
+
+class ExperimentsSpec(_Model):
+    """The tenant's experiments (docs/experiments.md); their lifecycle (approve, start, stop) is in the admin API."""
+
+    holdout_percent: float = Field(
+        default=0.0, ge=0.0, le=50.0, description="Share of users kept out of every experiment (a global holdout)."
+    )
+    experiments: tuple[ExperimentSpec, ...] = Field(default=(), max_length=100)
+
+    @model_validator(mode="after")
+    def _exclusive(self) -> ExperimentsSpec:
+        ids = [e.id for e in self.experiments]
+        if len(set(ids)) != len(ids):
+            raise ValueError("experiments: ids must be unique")
+        by_layer: dict[str, list[ExperimentSpec]] = {}
+        for experiment in self.experiments:
+            if experiment.layer is not None:
+                by_layer.setdefault(experiment.layer.name, []).append(experiment)
+        for layer, members in by_layer.items():
+            ordered = sorted(members, key=lambda e: e.layer.range if e.layer else (0.0, 0.0))
+            for first, second in pairwise(ordered):
+                assert first.layer is not None and second.layer is not None
+                if second.layer.range[0] < first.layer.range[1]:
+                    raise ValueError(
+                        f"experiments: {first.id} and {second.id} overlap in layer {layer} "
+                        f"({list(first.layer.range)} and {list(second.layer.range)}): a user could be in both"
+                    )
+        return self
+
+
 class TenantManifest(_Model):
     """A tenant, declaratively: ``firstmile tenants apply`` makes the platform match it."""
 
@@ -563,6 +667,9 @@ class TenantManifest(_Model):
         description="Nudges: channels, policy, triggers per path and templates. Omitted: the platform's defaults "
         "(FIRSTMILE_NUDGE_*), the stuck trigger and the built-in wordings.",
     )
+    experiments: ExperimentsSpec | None = Field(
+        default=None, description="Experiments on path variants (docs/experiments.md). Omitted: none."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> TenantManifest:
@@ -587,17 +694,36 @@ class TenantManifest(_Model):
                 raise ValueError(f"nudges: trigger {trigger.id} names unknown path {trigger.path}")
             if trigger.step is not None and trigger.step not in {s.id for s in path.steps}:
                 raise ValueError(f"nudges: trigger {trigger.id}: {trigger.step} is not a step of path {path.id}")
+        paths = {p.id: p for p in self.paths}
+        for experiment in self.experiments.experiments if self.experiments is not None else ():
+            for variant in experiment.variants:
+                if variant.path not in paths:
+                    raise ValueError(f"experiments: {experiment.id}: variant {variant.name} names unknown path "
+                                     f"{variant.path}")  # fmt: skip
+            step = experiment.metric.removeprefix("step:")
+            if experiment.metric != "activation" and not any(step in {s.id for s in paths[v.path].steps}
+                                                             for v in experiment.variants):  # fmt: skip
+                raise ValueError(f"experiments: {experiment.id}: metric {experiment.metric} names no step of its paths")
         return self
 
     def content_hash(self) -> str:
         # Sections added later are left out while unset, so existing manifests keep their hash.
         unset: dict[str, Any] = {
             name: True
-            for name in ("keys", "pii_traits", "planner", "sso", "limits", "nudges")
+            for name in ("keys", "pii_traits", "planner", "sso", "limits", "nudges", "experiments")
             if getattr(self, name) is None
         }
         if self.sso is not None and not self.sso.machine_clients:
             unset["sso"] = {"machine_clients": True}  # added to sso later: an sso section without it keeps its hash
+        if self.nudges is not None:  # fields added to nudges later: left at their defaults, the hash stays
+            later: dict[str, Any] = {}
+            if self.nudges.policy is not None and self.nudges.policy.default_categories is None:
+                later["policy"] = {"default_categories": True}
+            defaults = {i: {"category": True} for i, t in enumerate(self.nudges.triggers) if t.category == "onboarding"}
+            if defaults:
+                later["triggers"] = defaults
+            if later:
+                unset["nudges"] = later
         canonical = json.dumps(self.model_dump(mode="json", exclude=unset), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 

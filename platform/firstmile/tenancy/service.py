@@ -19,7 +19,7 @@ from firstmile.audit import service as audit
 from firstmile.kit.db import TenantTx
 from firstmile.tenancy import keys as keylib
 from firstmile.tenancy import repository as repo
-from firstmile.tenancy.manifest import KeysSpec, LimitsSpec, NudgesSpec, TenantManifest
+from firstmile.tenancy.manifest import ExperimentsSpec, KeysSpec, LimitsSpec, NudgesSpec, TenantManifest
 from firstmile.tenancy.repository import KeyRow, ResolvedKey, ResolvedTenant, TenantRow
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "bump_revision",
     "create_key",
     "create_tenant",
+    "experiments_spec",
     "find_tenant",
     "find_tenant_by_slug_or_id",
     "has_customer_idp",
@@ -123,6 +124,12 @@ async def nudges_spec(tx: TenantTx) -> NudgesSpec | None:
     again: they were when the manifest was applied)."""
     raw = await repo.manifest_section(tx, "nudges")
     return NudgesSpec.model_validate(raw, context={"stored": True}) if raw else None
+
+
+async def experiments_spec(tx: TenantTx) -> ExperimentsSpec | None:
+    """The manifest's ``experiments:`` section, or None when it declares no experiments."""
+    raw = await repo.manifest_section(tx, "experiments")
+    return ExperimentsSpec.model_validate(raw) if raw else None
 
 
 async def has_customer_idp(tx: TenantTx) -> bool:

@@ -33,6 +33,7 @@ from firstmile.events.bus import Consumer
 from firstmile.events.dispatch import InProcessPublisher
 from firstmile.events.relay import OutboxRelay, asyncpg_dsn
 from firstmile.events.service import IngestionService
+from firstmile.experiments.service import ExperimentOrchestrator
 from firstmile.guardrail.middleware import Admit
 from firstmile.guardrail.policy import Verdict
 from firstmile.guardrail.service import Guardrail
@@ -177,10 +178,12 @@ class Container:
             max_staleness_s=settings.features.max_staleness_seconds,
         )
         self.inference, self.stages = self.overrides.inference or adapters.open_inference(settings)
+        self.experiments = ExperimentOrchestrator(timeout_s=settings.experiments.allocation_timeout_ms / 1000)
         self.onboarding = OnboardingService(
             self.catalogs,
             self.keyring,
             AdaptivePlanner(self.inference, self.stages, PlannerFeatures(self.feature_reader)),
+            self.experiments,
         )
         self.analytics_store: AnalyticsStore = self.overrides.analytics or LazyStore(
             lambda: adapters.open_analytics_store(settings)

@@ -1,0 +1,162 @@
+"""Path experiments on the real stack: the manifest declares, the lifecycle runs, starts are allocated first by
+the orchestrator, each exposure is recorded once, and a failing allocation gives control."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
+from prometheus_client import REGISTRY
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from firstmile.controlplane.service import apply_manifest
+from firstmile.experiments import service as experiments
+from firstmile.experiments.allocation import allocate
+from firstmile.kit.db import tenant_transaction
+from firstmile.kit.scope import OperatorContext
+from firstmile.tenancy.cli import create_key
+from firstmile.tenancy.manifest import ExperimentsSpec
+from firstmile.tenancy.service import TenancyError
+from tests.conftest import PEPPER, REGION, TenantFixture, sequenced
+from tests.factories import demo_document, manifest_for
+
+Client = AsyncTestClient[Litestar]
+OPS = OperatorContext("operator:test-experiments")
+EXPERIMENT_ID = "quickstart-vs-analytics"
+VARIANTS: list[dict[str, Any]] = [{"name": "quickstart", "path": "developer-quickstart"},
+                                  {"name": "analytics", "path": "product-analytics"}]  # fmt: skip
+EXPERIMENT: dict[str, Any] = {
+    "id": EXPERIMENT_ID,
+    "control": "quickstart",
+    "variants": VARIANTS,
+    "targeting": [{"field": "persona", "op": "eq", "value": "developer"}],
+    "traffic_percent": 100,
+}  # fmt: skip
+
+
+def _document(**changes: Any) -> dict[str, Any]:
+    doc = demo_document()
+    doc["experiments"] = {"experiments": [EXPERIMENT | changes]}
+    return doc
+
+
+async def _tenant(admin_engine: AsyncEngine) -> TenantFixture:
+    slug = f"x-{secrets.token_hex(5)}"
+    manifest = manifest_for(slug, REGION, _document())
+    result = await apply_manifest(admin_engine, manifest)
+    created = await create_key(admin_engine, PEPPER, slug, ["onboarding:write"], "test")
+    return TenantFixture(result.tenant_id, slug, created.key, manifest)
+
+
+async def _start(client: Client, tenant: TenantFixture, user_id: str, persona: str = "developer") -> dict[str, Any]:
+    r = await client.post("/v1/onboarding/start", headers=tenant.headers,
+                          json={"user_id": user_id, "traits": {"persona": persona}})  # fmt: skip
+    assert r.status_code in (200, 201), r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+async def _rows(admin_engine: AsyncEngine, sql: str, **params: Any) -> list[Any]:
+    async with admin_engine.connect() as conn:
+        return list(await conn.execute(text(sql), params))
+
+
+def _metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_a_running_experiment_allocates_starts_and_records_each_exposure_once(
+    client: Client, admin_engine: AsyncEngine, app_engine: AsyncEngine
+) -> None:
+    tenant = await _tenant(admin_engine)
+    [(status,)] = await _rows(admin_engine, "SELECT status FROM experiments WHERE tenant_id = :t", t=tenant.id)
+    assert status == "draft"
+    before = await _start(client, tenant, "early-dev")  # a draft allocates no one: the planner decides
+    assert before["path"]["id"] == "developer-quickstart"
+
+    async with tenant_transaction(app_engine, OPS.tenant(tenant.id)) as tx:
+        with pytest.raises(experiments.ExperimentError, match="only when approved"):
+            await experiments.start(tx, EXPERIMENT_ID, "admin:editor", datetime.now(UTC))
+    async with tenant_transaction(app_engine, OPS.tenant(tenant.id)) as tx:
+        approved = await experiments.approve(tx, EXPERIMENT_ID, "admin:owner")
+        running = await experiments.start(tx, EXPERIMENT_ID, "admin:editor", datetime.now(UTC))
+    assert approved.approved_by == "admin:owner" and running.status == "running"
+    assert running.planned_end_at is not None and running.started_at is not None
+    assert (running.planned_end_at - running.started_at).days == 14
+
+    spec = ExperimentsSpec.model_validate({"experiments": [EXPERIMENT]}).experiments[0]
+    expected = {}
+    for i in range(40):
+        user_id = f"dev-{i}"
+        outcome = allocate(experiments.to_allocation(spec), user_id, {"persona": "developer"})
+        assert outcome.allocation is not None
+        expected[user_id] = outcome.allocation.variant
+    paths = {"quickstart": "developer-quickstart", "analytics": "product-analytics"}
+    for user_id, variant in expected.items():
+        state = await _start(client, tenant, user_id)
+        assert state["path"]["id"] == paths[variant], (user_id, variant)
+    assert set(expected.values()) == {"quickstart", "analytics"}
+    await _start(client, tenant, "mk-1", persona="marketer")  # targeting: not in the experiment
+    [(planned,)] = await _rows(admin_engine, "SELECT decision FROM user_progress WHERE tenant_id = :t"
+                                             " AND user_id = 'mk-1'", t=tenant.id)  # fmt: skip
+    assert planned["selected_by"] != "experiment" and "experiment" not in planned
+
+    exposures = await _rows(admin_engine, "SELECT user_id, variant, inputs FROM experiment_exposures"
+                                          " WHERE tenant_id = :t ORDER BY user_id", t=tenant.id)  # fmt: skip
+    assert {u: v for u, v, _ in exposures} == expected  # early-dev and the marketer: none
+    assert all(inputs["hash"] == "sha256" and inputs["seed"] == EXPERIMENT_ID for _, _, inputs in exposures)
+    [(decision,)] = await _rows(admin_engine, "SELECT decision FROM user_progress WHERE tenant_id = :t"
+                                              " AND user_id = 'dev-0'", t=tenant.id)  # fmt: skip
+    assert decision["selected_by"] == "experiment"
+    assert decision["experiment"]["id"] == EXPERIMENT_ID and decision["experiment"]["variant"] == expected["dev-0"]
+    events = await _rows(admin_engine, "SELECT payload FROM outbox WHERE tenant_id = :t"
+                                       " AND event_type = 'experiment.exposed'", t=tenant.id)  # fmt: skip
+    assert sorted(p["user_id"] for (p,) in events) == sorted(expected)
+
+    agree = _metric("firstmile_experiment_reallocations_total", outcome="agree")
+    again = await _start(client, tenant, "dev-0")  # a repeated start: the same path, no second exposure
+    assert again["path"]["id"] == paths[expected["dev-0"]]
+    assert _metric("firstmile_experiment_reallocations_total", outcome="agree") == agree + 1
+    assert len(await _rows(admin_engine, "SELECT 1 FROM experiment_exposures WHERE tenant_id = :t",
+                           t=tenant.id)) == len(expected)  # fmt: skip
+
+    await sequenced(app_engine, tenant.id)  # the start's audit entry names the experiment and the hash inputs
+    [(entry,)] = await _rows(admin_engine, "SELECT payload FROM audit_entries WHERE tenant_id = :t"
+                                           " AND subject = 'dev-0' AND kind = 'decision'", t=tenant.id)  # fmt: skip
+    assert entry["selected_by"] == "experiment" and entry["experiment"]["inputs"]["hash"] == "sha256"
+    lifecycle = await _rows(admin_engine, "SELECT actor, payload->>'action' FROM audit_entries WHERE tenant_id = :t"
+                                          " AND kind = 'experiment' ORDER BY seq", t=tenant.id)  # fmt: skip
+    assert [tuple(r) for r in lifecycle] == [
+        ("operator:cli", "draft"), ("admin:owner", "approved"), ("admin:editor", "running")]  # fmt: skip
+
+
+async def test_a_running_experiment_keeps_its_allocation_and_a_failure_gives_control(
+    client: Client, admin_engine: AsyncEngine, app_engine: AsyncEngine
+) -> None:
+    tenant = await _tenant(admin_engine)
+    async with tenant_transaction(app_engine, OPS.tenant(tenant.id)) as tx:
+        await experiments.approve(tx, EXPERIMENT_ID, "admin:owner")
+        await experiments.start(tx, EXPERIMENT_ID, "admin:owner", datetime.now(UTC))
+    slug = tenant.manifest.tenant.slug
+    moved = manifest_for(slug, REGION, _document(variants=[*VARIANTS,
+                                                           {"name": "admin", "path": "workspace-admin"}]))  # fmt: skip
+    with pytest.raises(TenancyError, match="its variants can no longer change"):
+        await apply_manifest(admin_engine, moved)
+    wider = await apply_manifest(admin_engine, manifest_for(slug, REGION, _document(traffic_percent=50)))
+    assert "experiment quickstart-vs-analytics: definition updated (running)" in wider.changes
+
+    # a definition that no longer parses: allocation fails, the start gets the planner's path, no exposure
+    async with admin_engine.begin() as conn:
+        await conn.execute(text("UPDATE experiments SET definition = '{\"id\": 1}'::jsonb WHERE tenant_id = :t"),
+                           {"t": tenant.id})  # fmt: skip
+        await conn.execute(text("UPDATE tenants SET revision = revision + 1 WHERE id = :t"), {"t": tenant.id})
+    fallbacks = _metric("firstmile_experiment_allocation_fallbacks_total", error="ValidationError")
+    state = await _start(client, tenant, f"dev-{secrets.token_hex(3)}")
+    assert state["path"]["id"] == "developer-quickstart"  # the rules' path for a developer: control
+    assert _metric("firstmile_experiment_allocation_fallbacks_total", error="ValidationError") == fallbacks + 1
+    assert await _rows(admin_engine, "SELECT 1 FROM experiment_exposures WHERE tenant_id = :t", t=tenant.id) == []

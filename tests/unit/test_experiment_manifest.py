@@ -1,0 +1,68 @@
+"""The manifest's ``experiments:`` section: what it accepts and what it refuses, with the reason."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from firstmile.tenancy.manifest import TenantManifest
+from tests.factories import demo_document
+
+VARIANTS: list[dict[str, Any]] = [{"name": "quickstart", "path": "developer-quickstart"},
+                                  {"name": "analytics", "path": "product-analytics", "weight": 2}]  # fmt: skip
+BASE: dict[str, Any] = {"id": "first-path", "control": "quickstart",
+        "variants": VARIANTS}  # fmt: skip
+
+
+def _with(*experiments: dict[str, Any], holdout: float = 0.0) -> dict[str, Any]:
+    doc = demo_document()
+    doc["experiments"] = {"holdout_percent": holdout, "experiments": list(experiments)}
+    return doc
+
+
+def test_an_experiment_gets_its_defaults() -> None:
+    manifest = TenantManifest.model_validate(_with(BASE, holdout=5))
+    assert manifest.experiments is not None and manifest.experiments.holdout_percent == 5
+    [spec] = manifest.experiments.experiments
+    assert (spec.allocation_seed, spec.traffic_percent, spec.metric, spec.planned_days) == (
+        "first-path",
+        100,
+        "activation",
+        14,
+    )
+    assert spec.thresholds.chance_to_beat == 0.95 and spec.guardrails == ("stuck_rate",)
+    salted = TenantManifest.model_validate(_with({**BASE, "seed": "salt-1"})).experiments
+    assert salted is not None and salted.experiments[0].allocation_seed == "salt-1"
+
+
+@pytest.mark.parametrize(
+    ("experiments", "message"),
+    [
+        ([{**BASE, "variants": [VARIANTS[0], {"name": "no", "path": "nowhere"}]}], "names unknown path nowhere"),
+        ([{**BASE, "control": "ghost"}], "control ghost is not one of its variants"),
+        ([{**BASE, "variants": [VARIANTS[0], VARIANTS[0]]}], "variant names must be unique"),
+        ([{**BASE, "variants": [VARIANTS[0]]}], "at least 2 items"),
+        ([{**BASE, "traffic_percent": 101}], "less than or equal to 100"),
+        ([{**BASE, "traffic_percent": -1}], "greater than or equal to 0"),
+        ([{**BASE, "metric": "step:no-such-step"}], "names no step of its paths"),
+        ([BASE, BASE], "ids must be unique"),
+        ([{**BASE, "layer": {"name": "first", "range": [0, 60]}},
+          {**BASE, "id": "other", "layer": {"name": "first", "range": [50, 100]}}], "overlap in layer first"),
+        ([{**BASE, "layer": {"name": "first", "range": [60, 40]}}], "0 <= start < end <= 100"),
+        ([{**BASE, "variants": [{**VARIANTS[0], "weight": 0}, VARIANTS[1]]}], "greater than 0"),
+    ],
+)  # fmt: skip
+def test_a_bad_experiment_is_refused_with_the_reason(experiments: list[dict[str, Any]], message: str) -> None:
+    with pytest.raises(ValidationError) as refused:
+        TenantManifest.model_validate(_with(*experiments))
+    assert message in str(refused.value)
+
+
+def test_experiments_in_one_layer_with_disjoint_ranges_are_accepted() -> None:
+    first = {**BASE, "layer": {"name": "first", "range": [0, 50]}}
+    second = {**BASE, "id": "other", "layer": {"name": "first", "range": [50, 100]}, "metric": "step:create-api-key"}
+    manifest = TenantManifest.model_validate(_with(first, second))
+    assert manifest.experiments is not None
+    assert [e.id for e in manifest.experiments.experiments] == ["first-path", "other"]
