@@ -31,6 +31,7 @@ from typing import Any
 
 from firstmile.analytics.rows import (
     ACTIVATED,
+    EXPOSED,
     NUDGE_CLICKED,
     NUDGE_CONVERTED,
     NUDGE_OPENED,
@@ -464,6 +465,67 @@ FROM (
     return b.build(statement)
 
 
+@dataclass(frozen=True, slots=True)
+class ExperimentArm:
+    """One variant of an experiment: its exposed users and what they did after their exposure."""
+
+    variant: str
+    users: int
+    converted: int
+    """Users who reached the primary metric (activation, or the metric's step) at or after exposure."""
+    activated: int
+    seconds_to_activation_mean: float | None
+    seconds_to_activation_variance: float | None
+    steps_mean: float
+    steps_variance: float | None
+    stuck: int
+    unsubscribed: int
+
+
+def build_experiment(tenant: TenantId, experiment_id: str, step_id: str | None, since: datetime) -> Query:
+    """Per variant of ``experiment_id``: users exposed since ``since`` and what they did after their exposure:
+    the primary metric (activation, or ``step_id`` completed), activation and its delay, steps completed (distinct
+    events: a redelivered copy not yet merged away counts once), flagged stuck, a nudge unsubscribe."""
+    b = _Builder(tenant)
+    exposed = f"event_type = '{EXPOSED}' AND event_name = {b.param('experiment', 'String', experiment_id)}"
+    goal = (
+        f"event_type = '{ACTIVATED}'"
+        if step_id is None
+        else f"event_type = '{STEP_COMPLETED}' AND step_id = {b.param('step', 'String', step_id)}"
+    )
+    after = "arrayFilter(x -> x >= t0, groupArrayIf(occurred_at, {}))"
+    kinds = _types(EXPOSED, ACTIVATED, STEP_COMPLETED, STUCK, NUDGE_UNSUBSCRIBED)
+    statement = f"""
+SELECT variant, count() AS users, countIf(converted) AS n_converted, countIf(activated) AS n_activated,
+    avgIf(tta_s, activated) AS tta_mean, varSampIf(tta_s, activated) AS tta_var,
+    avg(steps) AS steps_mean, varSamp(steps) AS steps_var, countIf(stuck) AS n_stuck,
+    countIf(unsubscribed) AS n_unsubscribed
+FROM (
+    SELECT user_id, anyIf(variant, {exposed}) AS variant, minIf(occurred_at, {exposed}) AS t0,
+        length({after.format(goal)}) > 0 AS converted,
+        {after.format(f"event_type = '{ACTIVATED}'")} AS activations,
+        length(activations) > 0 AS activated,
+        if(activated, dateDiff('millisecond', t0, arrayMin(activations)) / 1000.0, 0.0) AS tta_s,
+        toFloat64(length(arrayDistinct(arrayMap(x -> x.2, arrayFilter(x -> x.1 >= t0,
+            groupArrayIf((occurred_at, event_id), event_type = '{STEP_COMPLETED}')))))) AS steps,
+        length({after.format(f"event_type = '{STUCK}'")}) > 0 AS stuck,
+        length({after.format(f"event_type = '{NUDGE_UNSUBSCRIBED}'")}) > 0 AS unsubscribed
+    {b.events(kinds + f" AND occurred_at >= {b.param('since', DT, timestamp(since))}")}
+    GROUP BY user_id
+    HAVING countIf({exposed}) > 0
+)
+GROUP BY variant
+ORDER BY variant""".strip()
+    return b.build(statement)
+
+
+def _float(value: Any) -> float | None:
+    if value is None:
+        return None
+    number = float(value)
+    return None if number != number else number  # NaN: no rows to average
+
+
 def monday(moment: datetime) -> date:
     """The Monday (UTC) of the week holding ``moment``: ClickHouse's ``toMonday``."""
     day = moment.astimezone(UTC).date()
@@ -536,6 +598,26 @@ class AnalyticsQueries:
     def nudge_rates(self, tenant: TenantId, f: Filters) -> NudgeRates:
         return nudge_rates_from(self._one(build_nudge_reach(tenant, f)), self.store.run(tenant,
                                 build_nudge_channels(tenant, f)))  # fmt: skip
+
+    def experiment(
+        self, tenant: TenantId, experiment_id: str, step_id: str | None, since: datetime
+    ) -> tuple[ExperimentArm, ...]:
+        """Per variant: exposures and outcomes after them (:func:`build_experiment`)."""
+        return tuple(
+            ExperimentArm(
+                variant=str(r["variant"]),
+                users=_int(r["users"]),
+                converted=_int(r["n_converted"]),
+                activated=_int(r["n_activated"]),
+                seconds_to_activation_mean=_float(r["tta_mean"]) if _int(r["n_activated"]) else None,
+                seconds_to_activation_variance=_float(r["tta_var"]) if _int(r["n_activated"]) > 1 else None,
+                steps_mean=_float(r["steps_mean"]) or 0.0,
+                steps_variance=_float(r["steps_var"]) if _int(r["users"]) > 1 else None,
+                stuck=_int(r["n_stuck"]),
+                unsubscribed=_int(r["n_unsubscribed"]),
+            )
+            for r in self.store.run(tenant, build_experiment(tenant, experiment_id, step_id, since))
+        )
 
     def activation_rate(self, tenant: TenantId, f: Filters) -> ActivationRate:
         overall = self._one(build_activation_rate(tenant, f, per_path=False))

@@ -24,6 +24,8 @@ NUDGE_OPENED = "nudge.opened"
 NUDGE_CLICKED = "nudge.clicked"
 NUDGE_CONVERTED = "nudge.converted"
 NUDGE_UNSUBSCRIBED = "nudge.unsubscribed"
+EXPOSED = "experiment.exposed"
+"""A user's first exposure to an experiment: ``event_name`` holds the experiment's id, ``variant`` the variant."""
 NUDGE_PROPERTIES = ("send_id", "channel", "trigger", "provider", "status", "content_path", "category", "step_id")
 """What a ``nudge.*`` row keeps of its event in ``properties`` (no personal data: ids, names of channels)."""
 COMPLETED = "onboarding.completed"

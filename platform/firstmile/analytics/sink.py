@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from firstmile.analytics.rows import NUDGE_PROPERTIES, AnalyticsEvent
+from firstmile.analytics.rows import EXPOSED, NUDGE_PROPERTIES, AnalyticsEvent
 from firstmile.events.bus import DeadLetter, UnprocessableEventError, parse_timestamp
 from firstmile.events.envelope import Envelope
 from firstmile.kit.outbox import USER_ERASED
@@ -85,6 +85,21 @@ def to_analytics(event: Envelope) -> AnalyticsEvent:
             step_id="" if step == "-" else step,
             variant=str(p.get("arm") or ""),
             properties=_json.encode({k: p[k] for k in NUDGE_PROPERTIES if k in p}).decode(),
+        )
+    if kind == EXPOSED:
+        user_id, experiment, variant = p.get("user_id"), p.get("experiment_id"), p.get("variant")
+        if not isinstance(user_id, str) or not isinstance(experiment, str) or not isinstance(variant, str):
+            raise UnprocessableEventError(f"{kind} needs user_id, experiment_id and variant")
+        return AnalyticsEvent(
+            **base,
+            event_name=experiment,
+            user_id=user_id,
+            anonymous_id="",
+            occurred_at=received,
+            received_at=received,
+            path_key=str(p.get("path_id") or ""),
+            variant=variant,
+            properties="{}",
         )
     raise UnprocessableEventError(f"unknown event type {kind!r}")
 
