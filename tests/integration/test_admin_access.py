@@ -21,6 +21,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from firstmile.admin.api import AdminApiController
+from firstmile.admin.experiments_api import ExperimentsAdminController
 from firstmile.admin.rbac import GRANTS, Permission
 from firstmile.admin.service import AdminAuth, bootstrap_key, mint_bootstrap_token
 from firstmile.analytics.chdb_store import ChdbStore
@@ -132,9 +133,10 @@ async def test_an_expired_or_foreign_bootstrap_link_is_refused(admin_app: Client
 
 
 def test_every_admin_api_handler_declares_a_permission() -> None:
-    handlers = [getattr(AdminApiController, name) for name in dir(AdminApiController)]
+    controllers = (AdminApiController, ExperimentsAdminController)
+    handlers = [getattr(c, name) for c in controllers for name in dir(c)]
     routes = [h for h in handlers if hasattr(h, "opt") and hasattr(h, "http_methods")]
-    assert len(routes) >= 6
+    assert len(routes) >= 11
     for handler in routes:
         declared = handler.opt.get("permission")
         assert declared == "session" or declared in set(Permission), handler
@@ -153,6 +155,32 @@ ENDPOINTS: list[tuple[str, str, Permission, Any, int, str | None]] = [
     ("GET", "/admin/api/users/nobody/export", Permission.USERS_EXPORT, None, 404, "user-not-found"),
     ("DELETE", "/admin/api/users/nobody", Permission.USERS_ERASE, None, 404, "user-not-found"),
     ("PATCH", "/admin/api/paths/no-such-path", Permission.PATHS_WRITE, {"name": "x"}, 404, "path-not-found"),
+    ("GET", "/admin/api/experiments", Permission.EXPERIMENTS_READ, None, 200, None),
+    ("POST", "/admin/api/experiments", Permission.EXPERIMENTS_WRITE, {}, 400, "validation-error"),
+    (
+        "POST",
+        "/admin/api/experiments/no-such-one/start",
+        Permission.EXPERIMENTS_WRITE,
+        None,
+        404,
+        "experiment-not-found",
+    ),
+    (
+        "POST",
+        "/admin/api/experiments/no-such-one/stop",
+        Permission.EXPERIMENTS_WRITE,
+        None,
+        404,
+        "experiment-not-found",
+    ),
+    (
+        "POST",
+        "/admin/api/experiments/no-such-one/approve",
+        Permission.EXPERIMENTS_APPROVE,
+        None,
+        404,
+        "experiment-not-found",
+    ),
 ]
 
 
@@ -375,3 +403,42 @@ async def test_the_nudge_page_shows_a_users_decisions_and_previews_the_wordings_
     await sign_in(admin_app, home.slug, "viewer")
     refused = await admin_app.get("/admin/nudges", params={"user": user_id})
     assert refused.status_code == 403 and refused.json()["required_permission"] == "audit:read"
+
+
+async def test_an_editor_drafts_and_starts_an_experiment_that_only_an_owner_approves(
+    admin_app: Client, home: TenantFixture, admin_engine: AsyncEngine
+) -> None:
+    experiment = {"id": f"exp-{uuid.uuid4().hex[:8]}", "control": "quickstart",
+                  "variants": [{"name": "quickstart", "path": "developer-quickstart"},
+                               {"name": "analytics", "path": "product-analytics"}]}  # fmt: skip
+    editor = await sign_in(admin_app, home.slug, "editor")
+    ghost = experiment | {"variants": [experiment["variants"][0], {"name": "ghost", "path": "no-such-path"}]}
+    refused = await _call(admin_app, "POST", "/admin/api/experiments", editor["csrf_token"], ghost)
+    assert refused.status_code == 400 and "no-such-path" in refused.json()["detail"], refused.text
+    bad = await _call(admin_app, "POST", "/admin/api/experiments", editor["csrf_token"],
+                      experiment | {"traffic_percent": 150})  # fmt: skip
+    assert bad.status_code == 400 and bad.json()["errors"][0]["key"] == "traffic_percent"
+    drafted = await _call(admin_app, "POST", "/admin/api/experiments", editor["csrf_token"], experiment)
+    assert drafted.status_code == 201 and drafted.json()["status"] == "draft", drafted.text
+    base = f"/admin/api/experiments/{experiment['id']}"
+    early = await _call(admin_app, "POST", f"{base}/start", editor["csrf_token"])
+    assert early.status_code == 409 and early.json()["type"] == PROBLEMS + "experiment-state"
+    own = await _call(admin_app, "POST", f"{base}/approve", editor["csrf_token"])
+    assert own.status_code == 403 and own.json()["required_permission"] == "experiments:approve"
+    owner = await sign_in(admin_app, home.slug, "owner")
+    approved = await _call(admin_app, "POST", f"{base}/approve", owner["csrf_token"])
+    assert approved.status_code == 200 and approved.json()["approved_by"] == f"admin:{owner['user']['subject']}"
+    again = await _call(admin_app, "POST", f"{base}/approve", owner["csrf_token"])
+    assert again.status_code == 409
+    editor = await sign_in(admin_app, home.slug, "editor")
+    started = await _call(admin_app, "POST", f"{base}/start", editor["csrf_token"])
+    assert started.status_code == 200 and started.json()["status"] == "running"
+    redraft = await _call(admin_app, "POST", "/admin/api/experiments", editor["csrf_token"], experiment)
+    assert redraft.status_code == 409  # it left draft: its definition is fixed
+    listed = {e["id"]: e for e in (await admin_app.get("/admin/api/experiments")).json()}
+    assert listed[experiment["id"]]["status"] == "running"
+    stopped = await _call(admin_app, "POST", f"{base}/stop", editor["csrf_token"])
+    assert stopped.status_code == 200 and stopped.json()["stopped_at"] is not None
+    actions = [(p["action"]) for k, p in await audit_kinds(admin_engine, home, "experiment")
+               if k == "experiment"]  # fmt: skip
+    assert actions[-4:] == ["draft", "approved", "running", "stopped"]

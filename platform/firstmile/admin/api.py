@@ -30,6 +30,7 @@ from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter, URLEn
 from litestar.response import Redirect
 from litestar.types import ASGIApp, Guard
 
+from firstmile.admin.experiments_api import ExperimentsAdminController
 from firstmile.admin.oidc import LoginError
 from firstmile.admin.paths import PathEditor
 from firstmile.admin.rbac import Permission, permissions
@@ -430,7 +431,7 @@ def admin_api_router(auth: AuthSource) -> Router:
     """``/admin/api`` behind the session middleware and the permission guard (the login routes are outside it)."""
     return Router(
         path="/",
-        route_handlers=[AdminApiController],
+        route_handlers=[AdminApiController, ExperimentsAdminController],
         middleware=[DefineMiddleware(AdminSessionMiddleware, auth=auth)],
         guards=[authorizer(auth)],
         after_request=_no_store,

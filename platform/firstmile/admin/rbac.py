@@ -31,12 +31,15 @@ class Permission(enum.StrEnum):
     USERS_EXPORT = "users:export"
     PATHS_WRITE = "paths:write"
     USERS_ERASE = "users:erase"
+    EXPERIMENTS_READ = "experiments:read"
+    EXPERIMENTS_WRITE = "experiments:write"
+    EXPERIMENTS_APPROVE = "experiments:approve"
 
 
-_VIEWER = frozenset({Permission.PATHS_READ, Permission.ANALYTICS_READ})
+_VIEWER = frozenset({Permission.PATHS_READ, Permission.ANALYTICS_READ, Permission.EXPERIMENTS_READ})
 _ANALYST = _VIEWER | {Permission.AUDIT_READ, Permission.USERS_EXPORT}
-_EDITOR = _ANALYST | {Permission.PATHS_WRITE}
-_OWNER = _EDITOR | {Permission.USERS_ERASE}
+_EDITOR = _ANALYST | {Permission.PATHS_WRITE, Permission.EXPERIMENTS_WRITE}
+_OWNER = _EDITOR | {Permission.USERS_ERASE, Permission.EXPERIMENTS_APPROVE}
 
 GRANTS: dict[str, frozenset[Permission]] = {
     "viewer": _VIEWER,

@@ -43,6 +43,8 @@ from firstmile.tenancy import service as tenancy
 from firstmile.tenancy.manifest import ExperimentSpec, ExperimentsSpec
 
 log = logging.getLogger("firstmile.experiments")
+ExperimentRow = repo.ExperimentRow
+"""An experiment as stored: its definition, status, who approved and started it, its verdict."""
 
 STATUSES = ("draft", "approved", "running", "stopped", "concluded")
 _FIXED = ("seed", "control", "variants", "layer", "metric")
@@ -191,6 +193,22 @@ async def sync_manifest(tx: TenantTx, spec: ExperimentsSpec | None, actor: str) 
     return changes
 
 
+async def draft(tx: TenantTx, spec: ExperimentSpec, actor: str) -> repo.ExperimentRow:
+    """An experiment drafted in the admin UI (an editor), or a draft redrafted; 409 once it left draft."""
+    definition = _definition(spec)
+    existing = await repo.get(tx, spec.id, for_update=True)
+    if existing is not None and existing.status != "draft":
+        raise ExperimentError(409, "experiment-state", f"experiment {spec.id} is {existing.status}, not a draft")
+    if existing is None:
+        await repo.insert_draft(tx, spec.id, definition)
+    else:
+        await repo.set_definition(tx, spec.id, definition)
+    await audit.append(tx, "experiment", actor, spec.id, {"action": "draft", "definition": definition})
+    row = await repo.get(tx, spec.id)
+    assert row is not None
+    return row
+
+
 async def _transition(
     tx: TenantTx, experiment_id: str, allowed: Sequence[str], to: str, actor: str, **values: Any
 ) -> repo.ExperimentRow:
@@ -256,10 +274,12 @@ __all__ = [
     "STATUSES",
     "ExperimentError",
     "ExperimentOrchestrator",
+    "ExperimentRow",
     "Running",
     "approve",
     "conclude",
     "delete_user",
+    "draft",
     "experiments",
     "exposure_counts",
     "load_running",

@@ -1,0 +1,126 @@
+"""The experiment manager's API under ``/admin/api/experiments`` (behind the admin session and its guard).
+
+Roles as elsewhere: everyone signed in sees experiments (``experiments:read``); an editor drafts, starts
+and stops them (``experiments:write``); an owner approves them (``experiments:approve``). Every change is
+an ``experiment`` audit entry naming the admin; a change the lifecycle does not allow (start without
+approval, approve twice, …) is ``409 experiment-state`` and changes nothing.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from litestar import Controller, Request, get, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath
+from pydantic import ValidationError
+
+from firstmile.admin.rbac import Permission
+from firstmile.admin.sessions import AdminSession
+from firstmile.experiments import service as experiments
+from firstmile.experiments.service import ExperimentRow
+from firstmile.kit.db import TenantTx
+from firstmile.kit.errors import ProblemError
+from firstmile.kit.ids import SLUG_RE, check_id
+from firstmile.kit.uow import UnitOfWork
+from firstmile.onboarding import paths
+from firstmile.tenancy.manifest import ExperimentSpec
+
+
+def _actor(request: Request[Any, Any, Any]) -> str:
+    session = request.user
+    assert isinstance(session, AdminSession)
+    return f"admin:{session.subject}"
+
+
+def _out(row: ExperimentRow, counts: dict[str, int] | None = None) -> dict[str, Any]:
+    def iso(value: datetime | None) -> str | None:
+        return value.isoformat() if value is not None else None
+
+    return {
+        "id": row.id,
+        "status": row.status,
+        "definition": dict(row.definition),
+        "approved_by": row.approved_by,
+        "started_by": row.started_by,
+        "started_at": iso(row.started_at),
+        "planned_end_at": iso(row.planned_end_at),
+        "extensions": row.extensions,
+        "stopped_at": iso(row.stopped_at),
+        "concluded_at": iso(row.concluded_at),
+        "verdict": dict(row.verdict) if row.verdict is not None else None,
+        "exposures": counts or {},
+    }
+
+
+async def _change(uow: UnitOfWork, work: Any) -> dict[str, Any]:
+    try:
+        row: ExperimentRow = await uow.run(work)
+    except experiments.ExperimentError as exc:
+        raise ProblemError(exc.status, exc.slug, exc.detail) from exc
+    return _out(row)
+
+
+class ExperimentsAdminController(Controller):
+    path = "/admin/api/experiments"
+    tags = ["admin"]
+
+    @get(
+        summary="The tenant's experiments, their status and exposures", opt={"permission": Permission.EXPERIMENTS_READ}
+    )
+    async def list_experiments(self, uow: NamedDependency[UnitOfWork]) -> list[dict[str, Any]]:
+        async def work(tx: TenantTx) -> list[dict[str, Any]]:
+            rows = await experiments.experiments(tx)
+            return [_out(r, await experiments.exposure_counts(tx, r.id)) for r in rows]
+
+        return await uow.run(work)
+
+    @post(summary="Draft an experiment", status_code=201, opt={"permission": Permission.EXPERIMENTS_WRITE})
+    async def draft(self, request: Request[Any, Any, Any], uow: NamedDependency[UnitOfWork]) -> dict[str, Any]:
+        try:
+            spec = ExperimentSpec.model_validate_json(await request.body())
+        except ValidationError as exc:
+            errors = [{"key": ".".join(str(p) for p in e["loc"]), "message": e["msg"], "source": "body"}
+                      for e in exc.errors()]  # fmt: skip
+            first = errors[0] if errors else {"key": "", "message": "invalid"}
+            raise ProblemError(400, "validation-error", f"{first['message']} (at {first['key']})",
+                               errors=errors) from None  # fmt: skip
+        actor = _actor(request)
+
+        async def work(tx: TenantTx) -> ExperimentRow:
+            known = {key for key, _, _ in await paths.current_paths(tx)}
+            unknown = sorted({v.path for v in spec.variants} - known)
+            if unknown:
+                raise experiments.ExperimentError(400, "validation-error",
+                                                  f"variants name unknown paths {unknown} (at variants)")  # fmt: skip
+            return await experiments.draft(tx, spec, actor)
+
+        return await _change(uow, work)
+
+    @post("/{experiment_id:str}/approve", summary="Approve a draft (owner)", status_code=200,
+          opt={"permission": Permission.EXPERIMENTS_APPROVE})  # fmt: skip
+    async def approve(
+        self, request: Request[Any, Any, Any], experiment_id: FromPath[str], uow: NamedDependency[UnitOfWork]
+    ) -> dict[str, Any]:
+        check_id(experiment_id, SLUG_RE, "experiment_id")
+        actor = _actor(request)
+        return await _change(uow, lambda tx: experiments.approve(tx, experiment_id, actor))
+
+    @post("/{experiment_id:str}/start", summary="Start an approved experiment", status_code=200,
+          opt={"permission": Permission.EXPERIMENTS_WRITE})  # fmt: skip
+    async def start(
+        self, request: Request[Any, Any, Any], experiment_id: FromPath[str], uow: NamedDependency[UnitOfWork]
+    ) -> dict[str, Any]:
+        check_id(experiment_id, SLUG_RE, "experiment_id")
+        actor, now = _actor(request), datetime.now(UTC)
+        return await _change(uow, lambda tx: experiments.start(tx, experiment_id, actor, now))
+
+    @post("/{experiment_id:str}/stop", summary="Stop a running experiment", status_code=200,
+          opt={"permission": Permission.EXPERIMENTS_WRITE})  # fmt: skip
+    async def stop(
+        self, request: Request[Any, Any, Any], experiment_id: FromPath[str], uow: NamedDependency[UnitOfWork]
+    ) -> dict[str, Any]:
+        check_id(experiment_id, SLUG_RE, "experiment_id")
+        actor, now = _actor(request), datetime.now(UTC)
+        return await _change(uow, lambda tx: experiments.stop(tx, experiment_id, actor, now))
