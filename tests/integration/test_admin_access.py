@@ -7,10 +7,11 @@ the SSO login that gives the same sessions is tested against Keycloak in test_ad
 
 from __future__ import annotations
 
+import random
 import re
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -25,6 +26,7 @@ from firstmile.admin.experiments_api import ExperimentsAdminController
 from firstmile.admin.rbac import GRANTS, Permission
 from firstmile.admin.service import AdminAuth, bootstrap_key, mint_bootstrap_token
 from firstmile.analytics.chdb_store import ChdbStore
+from firstmile.analytics.rows import ACTIVATED, EXPOSED, AnalyticsEvent
 from firstmile.app import create_app
 from firstmile.kit.db import tenant_transaction
 from firstmile.kit.scope import OperatorContext
@@ -56,6 +58,12 @@ async def home(admin_engine: AsyncEngine) -> TenantFixture:
 @pytest.fixture(scope="module")
 async def other(admin_engine: AsyncEngine) -> TenantFixture:
     return await new_tenant(admin_engine)
+
+
+def _fact(tenant: uuid.UUID, kind: str, user: str, at: datetime, **fields: str) -> AnalyticsEvent:
+    return AnalyticsEvent(tenant_id=tenant, event_id=uuid.uuid4(), event_type=kind, event_name=fields.get("name", ""),
+                          user_id=user, anonymous_id="", occurred_at=at, received_at=at,
+                          variant=fields.get("variant", ""))  # fmt: skip
 
 
 def _auth(api: Client) -> AdminAuth:
@@ -157,31 +165,12 @@ ENDPOINTS: list[tuple[str, str, Permission, Any, int, str | None]] = [
     ("PATCH", "/admin/api/paths/no-such-path", Permission.PATHS_WRITE, {"name": "x"}, 404, "path-not-found"),
     ("GET", "/admin/api/experiments", Permission.EXPERIMENTS_READ, None, 200, None),
     ("POST", "/admin/api/experiments", Permission.EXPERIMENTS_WRITE, {}, 400, "validation-error"),
-    (
-        "POST",
-        "/admin/api/experiments/no-such-one/start",
-        Permission.EXPERIMENTS_WRITE,
-        None,
-        404,
-        "experiment-not-found",
-    ),
-    (
-        "POST",
-        "/admin/api/experiments/no-such-one/stop",
-        Permission.EXPERIMENTS_WRITE,
-        None,
-        404,
-        "experiment-not-found",
-    ),
-    (
-        "POST",
-        "/admin/api/experiments/no-such-one/approve",
-        Permission.EXPERIMENTS_APPROVE,
-        None,
-        404,
-        "experiment-not-found",
-    ),
-]
+    *[(method, f"/admin/api/experiments/no-such-one{tail}", permission, None, 404, "experiment-not-found")
+      for method, tail, permission in [
+          ("POST", "/start", Permission.EXPERIMENTS_WRITE), ("POST", "/stop", Permission.EXPERIMENTS_WRITE),
+          ("POST", "/approve", Permission.EXPERIMENTS_APPROVE), ("GET", "/results", Permission.EXPERIMENTS_READ),
+          ("POST", "/declare", Permission.EXPERIMENTS_WRITE), ("POST", "/promote", Permission.EXPERIMENTS_APPROVE)]],
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("role", ["viewer", "analyst", "editor", "owner"])
@@ -442,3 +431,60 @@ async def test_an_editor_drafts_and_starts_an_experiment_that_only_an_owner_appr
     actions = [(p["action"]) for k, p in await audit_kinds(admin_engine, home, "experiment")
                if k == "experiment"]  # fmt: skip
     assert actions[-4:] == ["draft", "approved", "running", "stopped"]
+
+
+async def test_a_winner_found_by_the_analysis_is_declared_and_promoted_to_the_controls_path(
+    admin_app: Client, home: TenantFixture, admin_engine: AsyncEngine, analytics_store: ChdbStore
+) -> None:
+    experiment_id = f"win-{uuid.uuid4().hex[:8]}"
+    experiment = {"id": experiment_id, "control": "quickstart", "planned_days": 14,
+                  "variants": [{"name": "quickstart", "path": "developer-quickstart"},
+                               {"name": "analytics", "path": "product-analytics"}]}  # fmt: skip
+    base = f"/admin/api/experiments/{experiment_id}"
+    editor = await sign_in(admin_app, home.slug, "editor")
+    drafted = await _call(admin_app, "POST", "/admin/api/experiments", editor["csrf_token"], experiment)
+    assert drafted.status_code == 201
+    owner = await sign_in(admin_app, home.slug, "owner")
+    assert (await _call(admin_app, "POST", f"{base}/approve", owner["csrf_token"])).status_code == 200
+    assert (await _call(admin_app, "POST", f"{base}/start", owner["csrf_token"])).status_code == 200
+    early = (await admin_app.get(f"{base}/results")).json()  # no exposures yet: nothing to judge
+    assert early["verdict"]["kind"] in ("deferred", "no_winner_yet"), early
+    refused = await _call(admin_app, "POST", f"{base}/declare", owner["csrf_token"])
+    assert refused.status_code == 409 and refused.json()["type"] == PROBLEMS + "no-verdict"
+    assert (await _call(admin_app, "POST", f"{base}/promote", owner["csrf_token"])).status_code == 409
+
+    # exposures and activations as the analytics store receives them: the variant activates clearly more
+    now = datetime.now(UTC)
+    rng = random.Random(5)
+    rows = []
+    for i in range(4000):
+        variant = "analytics" if i % 2 else "quickstart"
+        user, at = f"{experiment_id}-u{i}", now + timedelta(seconds=rng.uniform(1, 600))
+        rows.append(_fact(home.id, EXPOSED, user, at, name=experiment_id, variant=variant))
+        if rng.random() < (0.48 if variant == "analytics" else 0.30):
+            rows.append(_fact(home.id, ACTIVATED, user, at + timedelta(minutes=30)))
+    analytics_store.insert(rows)
+    result = (await admin_app.get(f"{base}/results")).json()
+    assert result["verdict"]["kind"] == "winner" and result["verdict"]["variant"] == "analytics", result
+    assert result["srm"]["mismatch"] is False and result["review"]["action"] == "stop"
+    arms = {a["variant"]: a for a in result["arms"]}
+    assert arms["quickstart"]["users"] == arms["analytics"]["users"] == 2000
+    assert arms["analytics"]["chance_to_beat_control"] > 0.99 and arms["analytics"]["sequential_p"] < 0.05
+    editor = await sign_in(admin_app, home.slug, "editor")
+    declared = await _call(admin_app, "POST", f"{base}/declare", editor["csrf_token"])
+    assert declared.status_code == 200 and declared.json()["status"] == "concluded", declared.text
+    assert declared.json()["verdict"]["variant"] == "analytics"
+    not_owner = await _call(admin_app, "POST", f"{base}/promote", editor["csrf_token"])
+    assert not_owner.status_code == 403 and not_owner.json()["required_permission"] == "experiments:approve"
+    before = {p["key"]: p for p in (await admin_app.get("/admin/api/paths")).json()}
+    owner = await sign_in(admin_app, home.slug, "owner")
+    promoted = await _call(admin_app, "POST", f"{base}/promote", owner["csrf_token"])
+    assert promoted.status_code == 200, promoted.text
+    done = promoted.json()["verdict"]["promoted"]
+    assert done["path"] == "developer-quickstart"
+    assert done["to_version"] == before["developer-quickstart"]["version"] + 1
+    after = {p["key"]: p for p in (await admin_app.get("/admin/api/paths")).json()}
+    assert after["developer-quickstart"]["version"] == done["to_version"]
+    assert (await _call(admin_app, "POST", f"{base}/promote", owner["csrf_token"])).status_code == 409  # once
+    actions = [p["action"] for k, p in await audit_kinds(admin_engine, home, "experiment") if k == "experiment"]
+    assert actions[-3:] == ["running", "concluded", "promoted"]

@@ -18,7 +18,9 @@ from pydantic import ValidationError
 
 from firstmile.admin.rbac import Permission
 from firstmile.admin.sessions import AdminSession
+from firstmile.analytics.service import AnalyticsService
 from firstmile.experiments import service as experiments
+from firstmile.experiments.analysis import analyse
 from firstmile.experiments.service import ExperimentRow
 from firstmile.kit.db import TenantTx
 from firstmile.kit.errors import ProblemError
@@ -124,3 +126,46 @@ class ExperimentsAdminController(Controller):
         check_id(experiment_id, SLUG_RE, "experiment_id")
         actor, now = _actor(request), datetime.now(UTC)
         return await _change(uow, lambda tx: experiments.stop(tx, experiment_id, actor, now))
+
+    @get("/{experiment_id:str}/results", summary="An experiment's results and the verdict of this look",
+         opt={"permission": Permission.EXPERIMENTS_READ})  # fmt: skip
+    async def results(
+        self, experiment_id: FromPath[str], uow: NamedDependency[UnitOfWork],
+        analytics: NamedDependency[AnalyticsService],
+    ) -> dict[str, Any]:  # fmt: skip
+        row = await _existing(uow, experiment_id)
+        return (await analyse(analytics, uow.tenant, row, datetime.now(UTC))).as_dict()
+
+    @post("/{experiment_id:str}/declare", summary="Conclude with the winner the analysis found", status_code=200,
+          opt={"permission": Permission.EXPERIMENTS_WRITE})  # fmt: skip
+    async def declare(
+        self, request: Request[Any, Any, Any], experiment_id: FromPath[str], uow: NamedDependency[UnitOfWork],
+        analytics: NamedDependency[AnalyticsService],
+    ) -> dict[str, Any]:  # fmt: skip
+        row = await _existing(uow, experiment_id)
+        now, actor = datetime.now(UTC), _actor(request)
+        result = await analyse(analytics, uow.tenant, row, now)
+        verdict = result.verdict | {"arms": result.arms, "srm": result.srm, "computed_at": result.computed_at}
+        return await _change(uow, lambda tx: experiments.declare(tx, experiment_id, actor, now, verdict))
+
+    @post("/{experiment_id:str}/promote", summary="Make the declared winner the control audience's path (owner)",
+          status_code=200, opt={"permission": Permission.EXPERIMENTS_APPROVE})  # fmt: skip
+    async def promote(
+        self, request: Request[Any, Any, Any], experiment_id: FromPath[str], uow: NamedDependency[UnitOfWork]
+    ) -> dict[str, Any]:
+        check_id(experiment_id, SLUG_RE, "experiment_id")
+        actor = _actor(request)
+        return await _change(uow, lambda tx: experiments.promote(tx, experiment_id, actor))
+
+
+async def _existing(uow: UnitOfWork, experiment_id: str) -> ExperimentRow:
+    check_id(experiment_id, SLUG_RE, "experiment_id")
+
+    async def work(tx: TenantTx) -> ExperimentRow | None:
+        found = [r for r in await experiments.experiments(tx) if r.id == experiment_id]
+        return found[0] if found else None
+
+    row = await uow.run(work)
+    if row is None:
+        raise ProblemError(404, "experiment-not-found", f"no experiment {experiment_id!r}")
+    return row

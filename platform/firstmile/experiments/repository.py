@@ -93,6 +93,14 @@ async def transition(tx: TenantTx, experiment_id: str, allowed_from: Sequence[st
     return result.first() is not None
 
 
+async def set_verdict(tx: TenantTx, experiment_id: str, verdict: Mapping[str, Any]) -> None:
+    await tx.execute(
+        update(experiments)
+        .where(experiments.c.tenant_id == tx.tenant, experiments.c.id == experiment_id)
+        .values(verdict=dict(verdict), updated_at=func.now())
+    )
+
+
 async def running(tx: TenantTx) -> list[ExperimentRow]:
     rows = await tx.execute(
         select(*_COLUMNS)

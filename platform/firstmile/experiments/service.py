@@ -38,6 +38,7 @@ from firstmile.kit.db import TenantTx
 from firstmile.kit.outbox import OutboxEvent, enqueue
 from firstmile.kit.scope import TenantId
 from firstmile.kit.uow import UnitOfWork
+from firstmile.onboarding import paths
 from firstmile.onboarding.assignment import Assignment
 from firstmile.tenancy import service as tenancy
 from firstmile.tenancy.manifest import ExperimentSpec, ExperimentsSpec
@@ -255,6 +256,45 @@ async def conclude(
                              verdict=dict(verdict))  # fmt: skip
 
 
+async def declare(
+    tx: TenantTx, experiment_id: str, actor: str, now: datetime, verdict: Mapping[str, Any]
+) -> repo.ExperimentRow:
+    """Conclude the experiment with a winner ``verdict`` (the current analysis's); 409 without one."""
+    if verdict.get("kind") != "winner" or not verdict.get("variant"):
+        raise ExperimentError(409, "no-verdict",
+                              f"experiment {experiment_id} has no winner to declare (the analysis says "
+                              f"{verdict.get('kind')}: {'; '.join(verdict.get('reasons') or [])})")  # fmt: skip
+    return await conclude(tx, experiment_id, actor, now, verdict)
+
+
+async def promote(tx: TenantTx, experiment_id: str, actor: str) -> repo.ExperimentRow:
+    """Make the declared winner the path of the control's audience, in one audited action: a new version of the
+    control's path with the winner's steps (users already on a version stay there). 409 without a winner."""
+    row = await repo.get(tx, experiment_id, for_update=True)
+    if row is None:
+        raise ExperimentError(404, "experiment-not-found", f"no experiment {experiment_id!r}")
+    verdict = dict(row.verdict or {})
+    if row.status != "concluded" or verdict.get("kind") != "winner":
+        raise ExperimentError(409, "no-verdict", f"experiment {experiment_id} is {row.status} without a declared "
+                                                 "winner: declare one first")  # fmt: skip
+    if verdict.get("promoted"):
+        raise ExperimentError(409, "experiment-state", f"experiment {experiment_id} was promoted already")
+    spec = ExperimentSpec.model_validate(row.definition)
+    control = next(v for v in spec.variants if v.name == spec.control)
+    winner = next(v for v in spec.variants if v.name == verdict["variant"])
+    if winner.path == control.path:
+        raise ExperimentError(409, "experiment-state", "the winner starts users on the control's path already")
+    edit = await paths.adopt_path(tx, control.path, winner.path)
+    promoted = {"path": control.path, "from_version": edit.from_version, "to_version": edit.to_version,
+                "steps_of": winner.path, "by": actor}  # fmt: skip
+    await repo.set_verdict(tx, experiment_id, verdict | {"promoted": promoted})
+    await audit.append(tx, "experiment", actor, experiment_id, {"action": "promoted"} | promoted)
+    await tenancy.bump_revision(tx)
+    updated = await repo.get(tx, experiment_id)
+    assert updated is not None
+    return updated
+
+
 async def experiments(tx: TenantTx) -> list[repo.ExperimentRow]:
     """Every experiment of the tenant with its status."""
     return await repo.all_experiments(tx)
@@ -278,11 +318,13 @@ __all__ = [
     "Running",
     "approve",
     "conclude",
+    "declare",
     "delete_user",
     "draft",
     "experiments",
     "exposure_counts",
     "load_running",
+    "promote",
     "start",
     "stop",
     "sync_manifest",

@@ -98,3 +98,25 @@ async def edit_path(tx: TenantTx, key: str, changes: Mapping[str, Any]) -> PathE
     await repo.retire_path(tx, key)
     await repo.insert_path_version(tx, key, latest + 1, edited, spec.content_hash())
     return PathEdit(key, version, latest + 1, definition, edited)
+
+
+async def adopt_path(tx: TenantTx, key: str, source_key: str) -> PathEdit:
+    """A new version of path ``key`` that starts users on the steps of path ``source_key`` (its name, description,
+    steps and activation step), keeping ``key``'s id, targeting and priority: an experiment's winning path
+    promoted to the audience of its control. 404 for an unknown path; no version when nothing would change."""
+    await repo.lock_path(tx, key)
+    current = {k: (v, d) for k, v, d in await repo.current_path_definitions(tx)}
+    for name in (key, source_key):
+        if name not in current:
+            raise ProblemError(404, "path-not-found", f"the tenant has no current path {name!r}")
+    version, definition = current[key]
+    source = current[source_key][1]
+    taken: dict[str, Any] = {f: source[f] for f in ("name", "description", "steps", "activation_step") if f in source}
+    adopted: dict[str, Any] = {**definition, **taken}
+    spec = PathSpec.model_validate(adopted)
+    if spec.content_hash() == PathSpec.model_validate(definition).content_hash():
+        return PathEdit(key, version, version, definition, definition)
+    latest = (await repo.latest_versions(tx))[key]
+    await repo.retire_path(tx, key)
+    await repo.insert_path_version(tx, key, latest + 1, spec.model_dump(mode="json"), spec.content_hash())
+    return PathEdit(key, version, latest + 1, definition, spec.model_dump(mode="json"))
