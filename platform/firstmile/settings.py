@@ -824,6 +824,14 @@ class ExperimentSettings(_Section):
         description="How long a start waits for the tenant's running experiments (read once per tenant revision); "
         "past it the user gets the planner's path (control) and no exposure.",
     )
+    review_seconds: float = Field(
+        validation_alias="experiment_review_seconds",
+        default=3600,
+        ge=0,
+        le=86_400,
+        description="How often the scheduler reviews running experiments (extends or concludes those past their "
+        "planned end without a winner, raises SRM alerts); 0: never.",
+    )
 
 
 class SsoSettings(_Section):

@@ -3,8 +3,10 @@ the orchestrator, each exposure is recorded once, and a failing allocation gives
 
 from __future__ import annotations
 
+import random
 import secrets
-from datetime import UTC, datetime
+import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -14,9 +16,13 @@ from prometheus_client import REGISTRY
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from firstmile.analytics.chdb_store import ChdbStore
+from firstmile.analytics.rows import ACTIVATED, EXPOSED, AnalyticsEvent
+from firstmile.analytics.service import AnalyticsService
 from firstmile.controlplane.service import apply_manifest
 from firstmile.experiments import service as experiments
 from firstmile.experiments.allocation import allocate
+from firstmile.experiments.review import ExperimentReviewer
 from firstmile.kit.db import tenant_transaction
 from firstmile.kit.scope import OperatorContext
 from firstmile.tenancy.cli import create_key
@@ -160,3 +166,61 @@ async def test_a_running_experiment_keeps_its_allocation_and_a_failure_gives_con
     assert state["path"]["id"] == "developer-quickstart"  # the rules' path for a developer: control
     assert _metric("firstmile_experiment_allocation_fallbacks_total", error="ValidationError") == fallbacks + 1
     assert await _rows(admin_engine, "SELECT 1 FROM experiment_exposures WHERE tenant_id = :t", t=tenant.id) == []
+
+
+def _exposures(tenant: TenantFixture, counts: dict[str, tuple[int, float]], at: datetime) -> list[AnalyticsEvent]:
+    """Exposures of ``counts[variant][0]`` users per variant, of whom the share ``counts[variant][1]`` activate."""
+    rng = random.Random(3)
+    rows = []
+    for variant, (users, rate) in counts.items():
+        for i in range(users):
+            user = f"{variant}-{i}"
+            rows.append(AnalyticsEvent(tenant_id=tenant.id, event_id=uuid.uuid4(), event_type=EXPOSED,
+                                       event_name=EXPERIMENT_ID, user_id=user, anonymous_id="", occurred_at=at,
+                                       received_at=at, variant=variant))  # fmt: skip
+            if rng.random() < rate:
+                later = at + timedelta(hours=1)
+                rows.append(AnalyticsEvent(tenant_id=tenant.id, event_id=uuid.uuid4(), event_type=ACTIVATED,
+                                           event_name="", user_id=user, anonymous_id="", occurred_at=later,
+                                           received_at=later))  # fmt: skip
+    return rows
+
+
+async def test_the_review_extends_an_experiment_without_a_winner_then_concludes_it_and_alerts_on_srm(
+    admin_engine: AsyncEngine, app_engine: AsyncEngine, analytics_store: ChdbStore
+) -> None:
+    flat, skewed = await _tenant(admin_engine), await _tenant(admin_engine)
+    began = datetime.now(UTC) - timedelta(days=20)  # planned for 14 days: over since 6 days
+    for tenant in (flat, skewed):
+        async with tenant_transaction(app_engine, OPS.tenant(tenant.id)) as tx:
+            await experiments.approve(tx, EXPERIMENT_ID, "admin:owner")
+            await experiments.start(tx, EXPERIMENT_ID, "admin:owner", began)
+    analytics_store.insert(_exposures(flat, {"quickstart": (800, 0.3), "analytics": (800, 0.3)}, began))
+    analytics_store.insert(_exposures(skewed, {"quickstart": (900, 0.3), "analytics": (700, 0.3)}, began))
+    reviewer = ExperimentReviewer(app_engine, AnalyticsService(analytics_store))
+    assert {OPS.tenant(flat.id), OPS.tenant(skewed.id)} <= {OPS.tenant(t) for t in await reviewer.tenants()}
+
+    async def look(tenant: TenantFixture, now: datetime) -> tuple[str, str]:
+        [reviewed] = await reviewer.review_tenant(OPS.tenant(tenant.id), now)
+        return reviewed.action, reviewed.verdict
+
+    now = datetime.now(UTC)
+    assert await look(flat, now) == ("extend", "no_winner_yet")  # past the end, no winner: one more week
+    assert await look(flat, now) == ("continue", "no_winner_yet")  # the new end is a day away
+    assert await look(flat, now + timedelta(days=8)) == ("extend", "no_winner_yet")
+    assert await look(flat, now + timedelta(days=15)) == ("conclude", "no_winner_yet")  # 2 extensions: the limit
+    async with tenant_transaction(app_engine, OPS.tenant(flat.id), commit=False) as tx:
+        [row] = await experiments.experiments(tx)
+    assert row.status == "concluded" and row.extensions == 2 and row.verdict is not None
+    assert row.verdict["kind"] == "inconclusive"
+    assert await reviewer.review_tenant(OPS.tenant(flat.id), now) == []  # concluded: allocation ended
+
+    assert await look(skewed, now) == ("srm_alert", "srm")  # 900 vs 700 on a 50/50 split
+    assert await look(skewed, now) == ("srm_alert", "srm")
+    await sequenced(app_engine, skewed.id)
+    alerts = await _rows(admin_engine, "SELECT payload FROM audit_entries WHERE tenant_id = :t AND kind = 'experiment'"
+                                       " AND payload->>'action' = 'srm_alert'", t=skewed.id)  # fmt: skip
+    assert len(alerts) == 1 and alerts[0][0]["srm"]["mismatch"] is True  # one alert a day
+    async with tenant_transaction(app_engine, OPS.tenant(skewed.id), commit=False) as tx:
+        [still] = await experiments.experiments(tx)
+    assert still.status == "running"  # an SRM is a bug to fix: no verdict, but the experiment is not ended

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from firstmile.experiments.models import experiment_exposures, experiments
 from firstmile.kit.db import TenantTx
@@ -101,6 +103,22 @@ async def set_verdict(tx: TenantTx, experiment_id: str, verdict: Mapping[str, An
     )
 
 
+async def extend(tx: TenantTx, experiment_id: str, extensions: int, until: datetime) -> bool:
+    """One more extension of a running experiment that has had ``extensions``; False when that changed meanwhile."""
+    result = await tx.execute(
+        update(experiments)
+        .where(
+            experiments.c.tenant_id == tx.tenant,
+            experiments.c.id == experiment_id,
+            experiments.c.status == "running",
+            experiments.c.extensions == extensions,
+        )
+        .values(extensions=extensions + 1, planned_end_at=until, updated_at=func.now())
+        .returning(experiments.c.id)
+    )
+    return result.first() is not None
+
+
 async def running(tx: TenantTx) -> list[ExperimentRow]:
     rows = await tx.execute(
         select(*_COLUMNS)
@@ -161,3 +179,8 @@ async def delete_user(tx: TenantTx, user_id: str) -> dict[str, int]:
         )
     )
     return {"experiment_exposures": int(result.rowcount or 0)}
+
+
+async def running_tenants(conn: AsyncConnection) -> list[uuid.UUID]:
+    """Tenants with a running experiment (through the SECURITY DEFINER function of migration 0019)."""
+    return [r[0] for r in await conn.execute(text("SELECT tenant_id FROM firstmile_running_experiment_tenants()"))]

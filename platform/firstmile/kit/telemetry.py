@@ -93,6 +93,11 @@ EXPERIMENT_ALLOCATION_CONSISTENCY = Counter(
     "whether they agree with the recorded exposure; experiment_allocation_consistency = agree / all.",
     ["outcome"],
 )
+EXPERIMENT_REVIEWS = Counter(
+    "firstmile_experiment_reviews_total",
+    "Scheduled looks at running experiments, by what came of them (continue, deferred, srm_alert, extend, conclude).",
+    ["action"],
+)
 NUDGE_DECISIONS = Counter(
     "firstmile_nudge_decisions_total", "Nudge decisions, by outcome (scheduled or denied).", ["outcome"]
 )

@@ -33,6 +33,7 @@ from firstmile.events.bus import Consumer
 from firstmile.events.dispatch import InProcessPublisher
 from firstmile.events.relay import OutboxRelay, asyncpg_dsn
 from firstmile.events.service import IngestionService
+from firstmile.experiments.review import ExperimentReviewer
 from firstmile.experiments.service import ExperimentOrchestrator
 from firstmile.guardrail.middleware import Admit
 from firstmile.guardrail.policy import Verdict
@@ -299,6 +300,9 @@ class Container:
                 personaliser=self.personaliser,
             )
             supervisor.every("nudge-delivery", settings.nudges.delivery_interval_seconds, delivery.run_once)
+        if settings.experiments.review_seconds > 0:
+            reviewer = ExperimentReviewer(self.engine, self.analytics)
+            supervisor.every("experiment-review", settings.experiments.review_seconds, reviewer.run_once)
         if self.nudges is not None and settings.nudges.trigger_scan_seconds > 0:
             triggers = TriggerScanner(
                 self.engine, self.nudges, prior=ModelResponsePrior(self.inference, self.feature_reader)

@@ -10,7 +10,10 @@ hash inputs that gave it. The primary key makes the exposure happen once; it is 
 transaction. No foreign key to ``experiments``: an experiment is never deleted while it has exposures, and
 the start's insert stays one index probe.
 
-Tenant-owned with forced row-level security, like every table.
+Tenant-owned with forced row-level security, like every table. The scheduled review finds the tenants
+with running experiments through the SECURITY DEFINER function ``firstmile_running_experiment_tenants``,
+owned by ``firstmile_progress_scheduler`` (migration 0007), which may read only the ``tenant_id`` and
+``status`` columns of ``experiments``.
 
 Revision ID: 0019
 Revises: 0018
@@ -31,6 +34,7 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 ADMIN = "firstmile_admin"
+SCHEDULER = "firstmile_progress_scheduler"
 TENANT_EXPR = "(SELECT nullif(current_setting('firstmile.tenant_id', true), '')::uuid)"
 TABLES = ("experiments", "experiment_exposures")
 
@@ -90,8 +94,27 @@ def upgrade() -> None:
             f"USING (tenant_id = {TENANT_EXPR}) WITH CHECK (tenant_id = {TENANT_EXPR})"
         )
         op.execute(f"CREATE POLICY platform_admin ON {table} TO {ADMIN} USING (true) WITH CHECK (true)")
+    op.execute(f"GRANT SELECT (tenant_id, status) ON experiments TO {SCHEDULER}")
+    op.execute(f"CREATE POLICY experiment_review_scheduler ON experiments FOR SELECT TO {SCHEDULER} USING (true)")
+    op.execute(
+        """
+        CREATE FUNCTION firstmile_running_experiment_tenants()
+        RETURNS TABLE (tenant_id uuid)
+        LANGUAGE sql STABLE SECURITY DEFINER
+        SET search_path = pg_catalog, public
+        AS $$
+          SELECT DISTINCT e.tenant_id FROM public.experiments e WHERE e.status = 'running'
+        $$
+        """
+    )
+    op.execute(f"GRANT CREATE ON SCHEMA public TO {SCHEDULER}")
+    op.execute(f"ALTER FUNCTION firstmile_running_experiment_tenants() OWNER TO {SCHEDULER}")
+    op.execute(f"REVOKE CREATE ON SCHEMA public FROM {SCHEDULER}")
+    op.execute("REVOKE ALL ON FUNCTION firstmile_running_experiment_tenants() FROM PUBLIC")
+    op.execute(f"GRANT EXECUTE ON FUNCTION firstmile_running_experiment_tenants() TO {app}, {ADMIN}")
 
 
 def downgrade() -> None:
+    op.execute("DROP FUNCTION IF EXISTS firstmile_running_experiment_tenants()")
     op.drop_table("experiment_exposures")
     op.drop_table("experiments")
