@@ -16,6 +16,7 @@ from firstmile.experiments.allocation import (
     allocate_all,
     in_holdout,
     overlapping,
+    pair,
     unit,
 )
 
@@ -39,9 +40,12 @@ def _variants(experiment: Experiment) -> dict[str, str]:
 
 def test_the_draw_is_a_fixed_function_of_its_inputs() -> None:
     # A change of formula would move every user of every running experiment: these values are the contract.
-    assert unit("checklist-order-2026", "variant", "user-1") == 0.9834557591408059
-    assert unit("checklist-order-2026", "traffic", "user-1") == 0.6845590183318685
+    assert pair("checklist-order-2026", "user-1") == (0.6160352999194788, 0.044107954353476087)  # traffic, variant
+    assert unit("first", "layer", "user-1") == 0.47096687545151167
     assert unit("a", "b", "c") != unit("a", "b", "d") and 0.0 <= unit("", "", "") < 1.0
+    [allocation] = allocate_all([_experiment(traffic_percent=62.0)], "user-1", {})  # 0.616 < 0.62: admitted
+    assert allocation.variant == "control" and allocation.inputs["variant_u"] == round(0.044107954353476087, 12)
+    assert allocate(_experiment(traffic_percent=61.0), "user-1", {}).reason == "traffic"
 
 
 def _in_another_process(experiment: Experiment) -> dict[str, str]:

@@ -2,8 +2,10 @@
 
 A user's place in an experiment is a function of the experiment's seed and the user's id only, so every
 process in every region computes the same variant with nothing to look up. Each decision is made of
-independent uniform draws in ``[0, 1)``, each the first 8 bytes of ``SHA-256("<salt>:<purpose>:<user_id>")``
-read as a big-endian integer over 2**64 (:func:`unit`):
+independent uniform draws in ``[0, 1)``: 8 bytes of a SHA-256 digest read as a big-endian integer over
+2**64. The holdout and the layer draw ``SHA-256("<salt>:<purpose>:<user_id>")`` (:func:`unit`); an
+experiment's traffic and variant draws are the first and the second 8 bytes of one digest,
+``SHA-256("<seed>:<user_id>")`` (:func:`pair`: disjoint bits of a cryptographic hash are independent):
 
 1. **Holdout** (tenant-wide, salt ``holdout:<tenant seed>``): a user with ``u < holdout_percent / 100`` is in
    no experiment at all; the global holdout measures the effect of experimenting itself.
@@ -11,9 +13,8 @@ read as a big-endian integer over 2**64 (:func:`unit`):
    owns a range ``[start, end)`` of percent, and the manifest refuses overlapping ranges, so a user lands in at
    most one experiment of a layer. An experiment without a layer is alone in a layer of its own (0-100).
 3. **Targeting**: the experiment's predicates over the user's traits (as a path's targeting).
-4. **Traffic** (salt = the experiment's seed, purpose ``traffic``): in when ``u < traffic_percent / 100``.
-5. **Variant** (salt = the experiment's seed, purpose ``variant``): the variant whose cumulative weight
-   interval contains ``u``.
+4. **Traffic** (the first draw of the experiment's seed): in when ``u < traffic_percent / 100``.
+5. **Variant** (the second draw): the variant whose cumulative weight interval contains ``u``.
 
 The variant draw does not depend on the traffic draw, so raising the traffic only adds users and never
 moves one; lowering it removes users from the experiment without moving the others (and an exposure
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from firstmile.onboarding.rules import matches
@@ -37,6 +38,12 @@ def unit(salt: str, purpose: str, user_id: str) -> float:
     """A uniform draw in ``[0, 1)`` that is a pure function of its arguments (SHA-256, first 8 bytes)."""
     digest = hashlib.sha256(f"{salt}:{purpose}:{user_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / SCALE
+
+
+def pair(seed: str, user_id: str) -> tuple[float, float]:
+    """Two independent uniform draws in ``[0, 1)``: bytes 0-7 and 8-15 of ``SHA-256("<seed>:<user_id>")``."""
+    digest = hashlib.sha256(f"{seed}:{user_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / SCALE, int.from_bytes(digest[8:16], "big") / SCALE
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +74,8 @@ class Experiment:
     layer_range: tuple[float, float] = (0.0, 100.0)
     """``[start, end)`` in percent of the layer."""
     targeting: tuple[Rule, ...] = ()
+    bounds: tuple[float, ...] = field(init=False, repr=False, compare=False)
+    """The variants' cumulative shares (computed)."""
 
     def __post_init__(self) -> None:
         if not self.variants:
@@ -78,6 +87,11 @@ class Experiment:
         start, end = self.layer_range
         if not 0.0 <= start < end <= 100.0:
             raise ValueError(f"experiment {self.id}: the layer range must satisfy 0 <= start < end <= 100")
+        total, running, bounds = sum(v.weight for v in self.variants), 0.0, []
+        for variant in self.variants:
+            running += variant.weight / total
+            bounds.append(running)
+        object.__setattr__(self, "bounds", tuple(bounds))
 
     @property
     def layer_name(self) -> str:
@@ -102,24 +116,30 @@ class Outcome:
     allocation: Allocation | None = None
 
 
-def allocate(experiment: Experiment, user_id: str, traits: Mapping[str, Any]) -> Outcome:
-    """The user's place in ``experiment`` (the holdout is the caller's: :func:`in_holdout`)."""
+def allocate(
+    experiment: Experiment, user_id: str, traits: Mapping[str, Any], layers: dict[str, float] | None = None
+) -> Outcome:
+    """The user's place in ``experiment`` (the holdout is the caller's: :func:`in_holdout`). ``layers``: the
+    user's layer draws already made (by layer name), shared by the experiments of one layer."""
     start, end = experiment.layer_range
-    whole = start == 0.0 and end == 100.0  # alone in its layer: no draw needed
-    layer_u = None if whole else unit(experiment.layer_name, "layer", user_id)
-    if layer_u is not None and not start / 100.0 <= layer_u < end / 100.0:
-        return Outcome("layer")
-    if not all(matches(rule.field, rule.op, rule.value, traits) for rule in experiment.targeting):
+    layer_u = None
+    if start != 0.0 or end != 100.0:  # alone in its layer, or owning all of it: no draw needed
+        name = experiment.layer_name
+        layer_u = layers.get(name) if layers is not None else None
+        if layer_u is None:
+            layer_u = unit(name, "layer", user_id)
+            if layers is not None:
+                layers[name] = layer_u
+        if not start / 100.0 <= layer_u < end / 100.0:
+            return Outcome("layer")
+    if experiment.targeting and not all(matches(r.field, r.op, r.value, traits) for r in experiment.targeting):
         return Outcome("targeting")
-    traffic_u = unit(experiment.seed, "traffic", user_id)
+    traffic_u, variant_u = pair(experiment.seed, user_id)
     if traffic_u >= experiment.traffic_percent / 100.0:
         return Outcome("traffic")
-    variant_u = unit(experiment.seed, "variant", user_id)
-    total = sum(v.weight for v in experiment.variants)
-    cumulative, chosen = 0.0, experiment.variants[-1]
-    for variant in experiment.variants:
-        cumulative += variant.weight / total
-        if variant_u < cumulative:
+    chosen = experiment.variants[-1]
+    for variant, bound in zip(experiment.variants, experiment.bounds, strict=True):
+        if variant_u < bound:
             chosen = variant
             break
     inputs = {
@@ -146,8 +166,9 @@ def allocate_all(
     if in_holdout(tenant_seed, holdout_percent, user_id):
         return []
     found: list[Allocation] = []
+    layers: dict[str, float] = {}
     for experiment in experiments:
-        outcome = allocate(experiment, user_id, traits)
+        outcome = allocate(experiment, user_id, traits, layers)
         if outcome.allocation is not None:
             found.append(outcome.allocation)
     return found
