@@ -17,7 +17,7 @@ BENCH_REGISTRY := .firstmile/bench-registry
 BENCH_MODELS := .firstmile/bench-models/registry
 PYTEST_WORKERS ?= 2
 
-.PHONY: help run install test lint typecheck pytest services services-stop bench bench-security bench-analytics bench-events bench-inference bench-planner bench-admin bench-nudges clean
+.PHONY: help run install test lint typecheck pytest services services-stop bench bench-security bench-analytics bench-events bench-inference bench-planner bench-admin bench-nudges bench-experiments clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -126,6 +126,10 @@ bench-events: $(STAMP) ## Event path: relay vs bare producer, end to end (Kafka,
 
 bench-analytics: $(STAMP) ## Analytics queries over 10M synthetic events (chdb)
 	$(BIN)/python -m benchmarks analytics
+
+bench-experiments: $(STAMP) ## Experiment allocations per second, and the analysis over 10M exposures (chdb)
+	@mkdir -p .firstmile/bench
+	$(BIN)/python -m benchmarks experiments --output .firstmile/bench/experiments.md
 
 bench-inference: $(STAMP) ## Path classifier in-process vs Ray Serve over HTTP, on CPU (docs/serving.md)
 	@test -f $(BENCH_REGISTRY)/path_classifier/stages.json || \

@@ -112,6 +112,22 @@ def bench_analytics(events: int, tenants: int, weeks: int, runs: int, keep: bool
         output.write_text(text + "\n", encoding="utf-8")
 
 
+@main.command("experiments")
+@click.option("--users", default=200_000, show_default=True, type=click.IntRange(1_000, 10_000_000))
+@click.option("--exposures", default=10_000_000, show_default=True, type=click.IntRange(1_000, 100_000_000))
+@click.option("--runs", default=5, show_default=True, type=click.IntRange(1, 100))
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path))
+def bench_experiments(users: int, exposures: int, runs: int, output: Path | None) -> None:
+    """Allocations per second against hashing alone; the analysis query over N exposures against a scan (chdb)."""
+    from benchmarks.experiments import run_experiments_benchmark
+
+    report = run_experiments_benchmark(users=users, exposures=exposures, runs=runs, data_dir=get_settings().data_dir)
+    text = report.markdown(f"python -m benchmarks experiments --users {users} --exposures {exposures}")
+    click.echo(text)
+    if output is not None:
+        output.write_text(text + "\n", encoding="utf-8")
+
+
 @main.command(
     "inference",
     context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},

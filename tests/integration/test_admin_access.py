@@ -488,3 +488,34 @@ async def test_a_winner_found_by_the_analysis_is_declared_and_promoted_to_the_co
     assert (await _call(admin_app, "POST", f"{base}/promote", owner["csrf_token"])).status_code == 409  # once
     actions = [p["action"] for k, p in await audit_kinds(admin_engine, home, "experiment") if k == "experiment"]
     assert actions[-3:] == ["running", "concluded", "promoted"]
+
+
+async def test_the_experiment_manager_pages_show_each_role_its_actions_and_the_result(
+    admin_app: Client, home: TenantFixture
+) -> None:
+    experiment_id = f"page-{uuid.uuid4().hex[:8]}"
+    editor = await sign_in(admin_app, home.slug, "editor")
+    draft = {"id": experiment_id, "control": "quickstart",
+             "variants": [{"name": "quickstart", "path": "developer-quickstart"},
+                          {"name": "analytics", "path": "product-analytics"}]}  # fmt: skip
+    assert (await _call(admin_app, "POST", "/admin/api/experiments", editor["csrf_token"], draft)).status_code == 201
+    page = await admin_app.get("/admin/experiments")
+    assert page.status_code == 200 and f'data-experiment="{experiment_id}" data-status="draft"' in page.text
+    assert 'class="draft-experiment"' in page.text  # an editor drafts
+    assert f'data-action="approve" data-experiment="{experiment_id}"' not in page.text  # but does not approve
+    owner = await sign_in(admin_app, home.slug, "owner")
+    page = await admin_app.get("/admin/experiments")
+    assert f'data-action="approve" data-experiment="{experiment_id}"' in page.text
+    assert (await _call(admin_app, "POST", f"/admin/api/experiments/{experiment_id}/approve",
+                        owner["csrf_token"])).status_code == 200  # fmt: skip
+    viewer = await sign_in(admin_app, home.slug, "viewer")
+    assert viewer["roles"] == ["viewer"]
+    page = await admin_app.get("/admin/experiments")
+    assert 'data-status="approved"' in page.text and "data-action=" not in page.text  # a viewer only looks
+    assert 'class="draft-experiment"' not in page.text
+    result = await admin_app.get(f"/admin/experiments/{experiment_id}")
+    assert result.status_code == 200 and 'data-testid="verdict">deferred<' in result.text  # not started
+    assert (await admin_app.get("/admin/experiments/no-such-one")).status_code == 404
+    assert (await admin_app.get("/admin/experiments/Bad%20Id")).status_code == 400
+    dashboard = await admin_app.get("/admin/")
+    assert 'data-testid="experiments-link"' in dashboard.text

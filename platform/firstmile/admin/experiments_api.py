@@ -36,7 +36,9 @@ def _actor(request: Request[Any, Any, Any]) -> str:
     return f"admin:{session.subject}"
 
 
-def _out(row: ExperimentRow, counts: dict[str, int] | None = None) -> dict[str, Any]:
+def experiment_view(row: ExperimentRow, counts: dict[str, int] | None = None) -> dict[str, Any]:
+    """An experiment as the API and the experiment manager's pages show it."""
+
     def iso(value: datetime | None) -> str | None:
         return value.isoformat() if value is not None else None
 
@@ -61,7 +63,7 @@ async def _change(uow: UnitOfWork, work: Any) -> dict[str, Any]:
         row: ExperimentRow = await uow.run(work)
     except experiments.ExperimentError as exc:
         raise ProblemError(exc.status, exc.slug, exc.detail) from exc
-    return _out(row)
+    return experiment_view(row)
 
 
 class ExperimentsAdminController(Controller):
@@ -74,7 +76,7 @@ class ExperimentsAdminController(Controller):
     async def list_experiments(self, uow: NamedDependency[UnitOfWork]) -> list[dict[str, Any]]:
         async def work(tx: TenantTx) -> list[dict[str, Any]]:
             rows = await experiments.experiments(tx)
-            return [_out(r, await experiments.exposure_counts(tx, r.id)) for r in rows]
+            return [experiment_view(r, await experiments.exposure_counts(tx, r.id)) for r in rows]
 
         return await uow.run(work)
 

@@ -485,7 +485,9 @@ class ExperimentArm:
 def build_experiment(tenant: TenantId, experiment_id: str, step_id: str | None, since: datetime) -> Query:
     """Per variant of ``experiment_id``: users exposed since ``since`` and what they did after their exposure:
     the primary metric (activation, or ``step_id`` completed), activation and its delay, steps completed (distinct
-    events: a redelivered copy not yet merged away counts once), flagged stuck, a nudge unsubscribe."""
+    events: a redelivered copy not yet merged away counts once), flagged stuck, a nudge unsubscribe. "Some event
+    at or after the exposure" is ``max(time) >= t0``: one aggregate, no array; arrays only where the events after
+    ``t0`` must be picked out (the first activation after it, the steps)."""
     b = _Builder(tenant)
     exposed = f"event_type = '{EXPOSED}' AND event_name = {b.param('experiment', 'String', experiment_id)}"
     goal = (
@@ -502,14 +504,14 @@ SELECT variant, count() AS users, countIf(converted) AS n_converted, countIf(act
     countIf(unsubscribed) AS n_unsubscribed
 FROM (
     SELECT user_id, anyIf(variant, {exposed}) AS variant, minIf(occurred_at, {exposed}) AS t0,
-        length({after.format(goal)}) > 0 AS converted,
-        {after.format(f"event_type = '{ACTIVATED}'")} AS activations,
-        length(activations) > 0 AS activated,
-        if(activated, dateDiff('millisecond', t0, arrayMin(activations)) / 1000.0, 0.0) AS tta_s,
-        toFloat64(length(arrayDistinct(arrayMap(x -> x.2, arrayFilter(x -> x.1 >= t0,
-            groupArrayIf((occurred_at, event_id), event_type = '{STEP_COMPLETED}')))))) AS steps,
-        length({after.format(f"event_type = '{STUCK}'")}) > 0 AS stuck,
-        length({after.format(f"event_type = '{NUDGE_UNSUBSCRIBED}'")}) > 0 AS unsubscribed
+        maxIf(occurred_at, {goal}) >= t0 AS converted,
+        maxIf(occurred_at, event_type = '{ACTIVATED}') >= t0 AS activated,
+        if(activated, dateDiff('millisecond', t0, arrayMin({after.format(f"event_type = '{ACTIVATED}'")})) / 1000.0,
+           0.0) AS tta_s,
+        toFloat64(arrayCount(x -> x.1 >= t0,
+            arrayDistinct(groupArrayIf((occurred_at, event_id), event_type = '{STEP_COMPLETED}')))) AS steps,
+        maxIf(occurred_at, event_type = '{STUCK}') >= t0 AS stuck,
+        maxIf(occurred_at, event_type = '{NUDGE_UNSUBSCRIBED}') >= t0 AS unsubscribed
     {b.events(kinds + f" AND occurred_at >= {b.param('since', DT, timestamp(since))}")}
     GROUP BY user_id
     HAVING countIf({exposed}) > 0

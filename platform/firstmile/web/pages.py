@@ -4,6 +4,7 @@ served with a strict Content-Security-Policy (no inline script) and may not be f
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -14,15 +15,21 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery
 from litestar.response import Redirect
 
+from firstmile.admin.experiments_api import experiment_view
 from firstmile.admin.oidc import LoginError
 from firstmile.admin.paths import PathEditor
 from firstmile.admin.rbac import Permission, permissions
 from firstmile.admin.service import AdminAuth, read_bootstrap_token
 from firstmile.admin.sessions import AdminSession
+from firstmile.analytics.service import AnalyticsService
 from firstmile.audit.service import KIND_PATTERN, AuditService
+from firstmile.experiments import service as experiments
+from firstmile.experiments.analysis import analyse
 from firstmile.kit.db import TenantTx
 from firstmile.kit.errors import ProblemError
+from firstmile.kit.ids import SLUG_RE, check_id
 from firstmile.nudges import service as nudges
+from firstmile.onboarding import paths
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
@@ -211,6 +218,55 @@ class PagesController(Controller):
         return render(
             auth, "nudges.html", session=session, user=user or "", rows=rows, previews=previews, trigger=trigger,
             persona=persona, locale=locale,
+        )  # fmt: skip
+
+    @get("/experiments", summary="The experiment manager: the tenant's experiments and their lifecycle")
+    async def experiments_page(
+        self, request: Request[Any, Any, Any], admin_auth: NamedDependency[AdminAuth]
+    ) -> Response[Any]:
+        auth = admin_auth
+        session = await _session_with(auth, request, Permission.EXPERIMENTS_READ, "GET /admin/experiments",
+                                      "the experiments")  # fmt: skip
+        if session is None:
+            return Redirect("/admin/signin", status_code=303)
+        granted = permissions(session.roles)
+
+        async def read(tx: TenantTx) -> tuple[list[dict[str, Any]], list[str]]:
+            rows = await experiments.experiments(tx)
+            listed = [experiment_view(r, await experiments.exposure_counts(tx, r.id)) for r in rows]
+            return listed, sorted(key for key, _, _ in await paths.current_paths(tx))
+
+        listed, path_keys = await auth.unit_of_work(session).run(read)
+        return render(
+            auth, "experiments.html", session=session, csrf_token=session.csrf_token, experiments=listed,
+            paths=path_keys, can_write=Permission.EXPERIMENTS_WRITE in granted,
+            can_approve=Permission.EXPERIMENTS_APPROVE in granted,
+        )  # fmt: skip
+
+    @get("/experiments/{experiment_id:str}", summary="An experiment's result page")
+    async def experiment_page(
+        self,
+        request: Request[Any, Any, Any],
+        experiment_id: FromPath[str],
+        admin_auth: NamedDependency[AdminAuth],
+        analytics: NamedDependency[AnalyticsService],
+    ) -> Response[Any]:
+        auth = admin_auth
+        session = await _session_with(auth, request, Permission.EXPERIMENTS_READ, "GET /admin/experiments/{id}",
+                                      "the experiments")  # fmt: skip
+        if session is None:
+            return Redirect("/admin/signin", status_code=303)
+        check_id(experiment_id, SLUG_RE, "experiment_id")
+        granted = permissions(session.roles)
+        uow = auth.unit_of_work(session)
+        rows = [r for r in await uow.run(experiments.experiments) if r.id == experiment_id]
+        if not rows:
+            raise ProblemError(404, "experiment-not-found", f"no experiment {experiment_id!r}")
+        result = await analyse(analytics, uow.tenant, rows[0], datetime.now(UTC))
+        return render(
+            auth, "experiment.html", session=session, csrf_token=session.csrf_token,
+            experiment=experiment_view(rows[0]), result=result.as_dict(),
+            can_write=Permission.EXPERIMENTS_WRITE in granted, can_approve=Permission.EXPERIMENTS_APPROVE in granted,
         )  # fmt: skip
 
     @get("/signin", summary="Sign-in page")
