@@ -259,11 +259,12 @@ def make_settings(**overrides: object) -> Settings:
         "region": REGION,
         "api_key_cache_ttl_seconds": 0,
         "log_format": "json",
-        # No models unless a test brings its own registry; no background stuck scans; no background
-        # audit sequencer (tests sequence with `sequenced` when they read the log; the in-process
-        # sequencer has tests of its own).
+        # No models unless a test brings its own registry; no background stuck scans or experiment
+        # reviews; no background audit sequencer (tests sequence with `sequenced` when they read the log;
+        # the in-process sequencer and the review have tests of their own).
         "model_registry_uri": str(ROOT / ".firstmile" / "test-no-models"),
         "stuck_scan_interval_seconds": 0,
+        "experiment_review_seconds": 0,
         "in_process_sequencer": False,
     }
     values.update(overrides)

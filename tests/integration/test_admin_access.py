@@ -474,6 +474,8 @@ async def test_a_winner_found_by_the_analysis_is_declared_and_promoted_to_the_co
     declared = await _call(admin_app, "POST", f"{base}/declare", editor["csrf_token"])
     assert declared.status_code == 200 and declared.json()["status"] == "concluded", declared.text
     assert declared.json()["verdict"]["variant"] == "analytics"
+    concluded_page = await admin_app.get(f"/admin/experiments/{experiment_id}")
+    assert concluded_page.status_code == 200 and 'data-testid="status">concluded<' in concluded_page.text
     not_owner = await _call(admin_app, "POST", f"{base}/promote", editor["csrf_token"])
     assert not_owner.status_code == 403 and not_owner.json()["required_permission"] == "experiments:approve"
     before = {p["key"]: p for p in (await admin_app.get("/admin/api/paths")).json()}

@@ -22,6 +22,8 @@ from firstmile.analytics.service import AnalyticsService
 from firstmile.controlplane.service import apply_manifest
 from firstmile.experiments import service as experiments
 from firstmile.experiments.allocation import allocate
+from firstmile.experiments.analysis import analyse
+from firstmile.experiments.demo import DEMO_EXPERIMENT, seed_demo_results, start_demo_experiment
 from firstmile.experiments.review import ExperimentReviewer
 from firstmile.kit.db import tenant_transaction
 from firstmile.kit.scope import OperatorContext
@@ -224,3 +226,22 @@ async def test_the_review_extends_an_experiment_without_a_winner_then_concludes_
     async with tenant_transaction(app_engine, OPS.tenant(skewed.id), commit=False) as tx:
         [still] = await experiments.experiments(tx)
     assert still.status == "running"  # an SRM is a bug to fix: no verdict, but the experiment is not ended
+
+
+async def test_make_runs_demo_experiment_starts_once_and_its_synthetic_results_give_a_verdict(
+    admin_engine: AsyncEngine, app_engine: AsyncEngine, analytics_store: ChdbStore
+) -> None:
+    slug = f"x-{secrets.token_hex(5)}"
+    applied = await apply_manifest(admin_engine, manifest_for(slug, REGION))  # the demo manifest, no experiments
+    scope = OperatorContext("operator:demo").tenant(applied.tenant_id)
+    async with tenant_transaction(app_engine, scope) as tx:
+        began = await start_demo_experiment(tx, datetime.now(UTC))
+    assert began is not None
+    async with tenant_transaction(app_engine, scope) as tx:
+        assert await start_demo_experiment(tx, datetime.now(UTC)) is None  # once
+        [row] = await experiments.experiments(tx)
+    assert (row.id, row.status, row.started_by) == (DEMO_EXPERIMENT, "running", "operator:demo")
+    assert seed_demo_results(analytics_store, applied.tenant_id, began) > 3000
+    result = await analyse(AnalyticsService(analytics_store), scope, row, datetime.now(UTC))
+    assert result.verdict["kind"] == "winner" and result.verdict["variant"] == "analytics", result.verdict
+    assert result.srm is not None and result.srm["mismatch"] is False

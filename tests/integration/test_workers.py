@@ -47,7 +47,7 @@ async def test_the_scheduler_runs_the_periodic_tasks_and_serves_its_probes(
     assert json.loads(worker.wait_for("/health/live", 200)) == {"status": "ok"}
     ready = json.loads(worker.wait_for("/health/ready", 200))
     assert ready["checks"] == {"database": "ok"}
-    assert ready["tasks"] == {"stuck-scan": "ok"}  # the audit log is the sequencer's
+    assert ready["tasks"] == {"stuck-scan": "ok", "experiment-review": "ok"}  # the audit log is the sequencer's
     status, metrics = worker.get("/metrics")
     assert status == 200 and "firstmile_stuck_detected_total" in metrics
     code, output = worker.stop()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
@@ -18,9 +19,11 @@ import click
 from firstmile.admin.cli import login_link
 from firstmile.analytics.cli import seed_tenant, tenant_paths
 from firstmile.controlplane.service import apply_manifest
+from firstmile.experiments.demo import DEMO_EXPERIMENT, seed_demo_results, start_demo_experiment
 from firstmile.kit import telemetry
 from firstmile.kit.cli import run, services
-from firstmile.kit.scope import TenantId
+from firstmile.kit.db import tenant_transaction
+from firstmile.kit.scope import OperatorContext, TenantId
 from firstmile.ml.cli import ensure_demo_models
 from firstmile.onboarding.domain import PathDef
 from firstmile.security.keys import LocalKekProvider
@@ -169,6 +172,9 @@ async def _demo_key(ops: OperatorServices, manifest_path: Path) -> tuple[str, st
         return spec.tenant.slug, created.key
 
 
+OPERATOR_DEMO = OperatorContext("operator:demo")
+
+
 @click.command()
 @click.option(
     "--manifest", default=Path("tenants/demo.yaml"), type=click.Path(exists=True, path_type=Path), show_default=True
@@ -183,8 +189,12 @@ def dev(manifest: Path, port: int | None) -> None:
     slug, key = run(_demo_key(ops, manifest))
 
     tenant_id, defs = run(_tenant_paths(ops, slug))
+    began = run(_demo_experiment(ops, tenant_id))
     with ops.analytics_store() as store:
         seed_tenant(store, tenant_id, defs, slug, users=2000, only_if_empty=True)
+        if began is not None:  # just started: its synthetic results, so its result page has a verdict
+            seed_demo_results(store, tenant_id, began)
+            click.echo(f"demo experiment {DEMO_EXPERIMENT}: running, with synthetic results", err=True)
     ensure_demo_models(ops.model_registry_uri())
     listen_port = port or settings.server.port
     host = settings.server.host
@@ -207,6 +217,12 @@ def dev(manifest: Path, port: int | None) -> None:
     sys.stdout.flush()
     _export_for_workers(settings, ops.database_urls, ops.api_key_pepper())
     _serve(get_settings(), host, listen_port, settings.server.workers)
+
+
+async def _demo_experiment(ops: OperatorServices, tenant_id: TenantId) -> datetime | None:
+    """Start the demo tenant's demo experiment (docs/experiments.md); None when it exists already."""
+    async with ops.operator_engine() as engine, tenant_transaction(engine, OPERATOR_DEMO.tenant(tenant_id)) as tx:
+        return await start_demo_experiment(tx, datetime.now(UTC))
 
 
 async def _tenant_paths(ops: OperatorServices, slug: str) -> tuple[TenantId, list[PathDef]]:
