@@ -27,7 +27,9 @@ from firstmile.admin.rbac import GRANTS, Permission
 from firstmile.admin.service import AdminAuth, bootstrap_key, mint_bootstrap_token
 from firstmile.analytics.chdb_store import ChdbStore
 from firstmile.analytics.rows import ACTIVATED, EXPOSED, AnalyticsEvent
+from firstmile.analytics.service import AnalyticsService
 from firstmile.app import create_app
+from firstmile.experiments.review import ExperimentReviewer
 from firstmile.kit.db import tenant_transaction
 from firstmile.kit.scope import OperatorContext
 from firstmile.nudges.bandit import ThompsonSampler
@@ -434,7 +436,11 @@ async def test_an_editor_drafts_and_starts_an_experiment_that_only_an_owner_appr
 
 
 async def test_a_winner_found_by_the_analysis_is_declared_and_promoted_to_the_controls_path(
-    admin_app: Client, home: TenantFixture, admin_engine: AsyncEngine, analytics_store: ChdbStore
+    admin_app: Client,
+    home: TenantFixture,
+    admin_engine: AsyncEngine,
+    app_engine: AsyncEngine,
+    analytics_store: ChdbStore,
 ) -> None:
     experiment_id = f"win-{uuid.uuid4().hex[:8]}"
     experiment = {"id": experiment_id, "control": "quickstart", "planned_days": 14,
@@ -470,6 +476,13 @@ async def test_a_winner_found_by_the_analysis_is_declared_and_promoted_to_the_co
     arms = {a["variant"]: a for a in result["arms"]}
     assert arms["quickstart"]["users"] == arms["analytics"]["users"] == 2000
     assert arms["analytics"]["chance_to_beat_control"] > 0.99 and arms["analytics"]["sequential_p"] < 0.05
+    # the scheduled review keeps the day's look for the page
+    reviewed = await ExperimentReviewer(app_engine, AnalyticsService(analytics_store)).review_tenant(
+        OperatorContext("worker:test-review").tenant(home.id), datetime.now(UTC))  # fmt: skip
+    assert [(r.experiment_id, r.action, r.verdict) for r in reviewed if r.experiment_id == experiment_id] == [
+        (experiment_id, "continue", "winner")]  # fmt: skip
+    page = await admin_app.get(f"{base.replace('/api', '')}")
+    assert page.status_code == 200 and 'data-testid="history"' in page.text and '<tr data-day="0">' in page.text
     editor = await sign_in(admin_app, home.slug, "editor")
     declared = await _call(admin_app, "POST", f"{base}/declare", editor["csrf_token"])
     assert declared.status_code == 200 and declared.json()["status"] == "concluded", declared.text

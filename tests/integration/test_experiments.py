@@ -214,6 +214,12 @@ async def test_the_review_extends_an_experiment_without_a_winner_then_concludes_
     async with tenant_transaction(app_engine, OPS.tenant(flat.id), commit=False) as tx:
         [row] = await experiments.experiments(tx)
     assert row.status == "concluded" and row.extensions == 2 and row.verdict is not None
+    async with tenant_transaction(app_engine, OPS.tenant(flat.id), commit=False) as tx:
+        looks = await experiments.history(tx, EXPERIMENT_ID)
+    days = (now - began).days
+    assert [(day, look["action"]) for day, look in looks] == [
+        (days, "extend"), (days + 8, "extend"), (days + 15, "conclude")]  # fmt: skip  # the first look of a day
+    assert {a["variant"] for a in looks[0][1]["arms"]} == {"quickstart", "analytics"}
     assert row.verdict["kind"] == "inconclusive"
     assert await reviewer.review_tenant(OPS.tenant(flat.id), now) == []  # concluded: allocation ended
 

@@ -1,4 +1,4 @@
-"""Tables of the experiments slice (migration ``0019``). ``tenant_id`` leads every key and index."""
+"""Tables of the experiments slice (migrations ``0019`` and ``0020``). ``tenant_id`` leads every key and index."""
 
 from __future__ import annotations
 
@@ -53,3 +53,15 @@ experiment_exposures = Table(
     Index("ix_experiment_exposures_user", "tenant_id", "user_id"),
 )
 """A user's one exposure to an experiment: the variant and the hash inputs that gave it."""
+
+experiment_looks = Table(
+    "experiment_looks",
+    metadata,
+    Column("tenant_id", UUID(as_uuid=True), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("experiment_id", Text, nullable=False),
+    Column("day", Integer, nullable=False),
+    Column("looked_at", DateTime(timezone=True), nullable=False),
+    Column("look", JSONB, nullable=False),
+    PrimaryKeyConstraint("tenant_id", "experiment_id", "day"),
+)
+"""The scheduled review's look at an experiment, one per day: the result page's history."""

@@ -12,7 +12,7 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from firstmile.experiments.models import experiment_exposures, experiments
+from firstmile.experiments.models import experiment_exposures, experiment_looks, experiments
 from firstmile.kit.db import TenantTx
 
 
@@ -184,3 +184,24 @@ async def delete_user(tx: TenantTx, user_id: str) -> dict[str, int]:
 async def running_tenants(conn: AsyncConnection) -> list[uuid.UUID]:
     """Tenants with a running experiment (through the SECURITY DEFINER function of migration 0019)."""
     return [r[0] for r in await conn.execute(text("SELECT tenant_id FROM firstmile_running_experiment_tenants()"))]
+
+
+async def record_look(tx: TenantTx, *, experiment_id: str, day: int, at: datetime, look: Mapping[str, Any]) -> bool:
+    """The day's look at the experiment; False when the day has one already (the first look of a day stays)."""
+    result = await tx.execute(
+        insert(experiment_looks)
+        .values(tenant_id=tx.tenant, experiment_id=experiment_id, day=day, looked_at=at, look=dict(look))
+        .on_conflict_do_nothing()
+        .returning(experiment_looks.c.day)
+    )
+    return result.first() is not None
+
+
+async def looks(tx: TenantTx, experiment_id: str) -> list[tuple[int, Mapping[str, Any]]]:
+    """The experiment's daily looks, oldest first."""
+    rows = await tx.execute(
+        select(experiment_looks.c.day, experiment_looks.c.look)
+        .where(experiment_looks.c.tenant_id == tx.tenant, experiment_looks.c.experiment_id == experiment_id)
+        .order_by(experiment_looks.c.day)
+    )
+    return [(int(day), look) for day, look in rows]

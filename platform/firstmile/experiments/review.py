@@ -13,6 +13,9 @@ analyses each running experiment (:func:`~firstmile.experiments.analysis.analyse
   fewer than the experiment's ``max_extensions`` were granted; then concluded ``inconclusive`` (audited),
   which ends the allocation.
 * a ``winner`` waits for an editor to declare it (the result page shows it); ``vetoed`` likewise.
+
+Every look that is not deferred is kept, the first of each day (``experiment_looks``, migration 0020): the
+result page's history of the chance to beat control.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from firstmile.tenancy.manifest import ExperimentSpec
 log = logging.getLogger("firstmile.experiments")
 
 REVIEWER = OperatorContext("worker:experiment-review")
+_LOOK_FIELDS = ("variant", "users", "converted", "rate", "chance_to_beat_control", "expected_loss")
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +113,10 @@ class ExperimentReviewer:
                         *result.verdict.get("reasons", []),
                         f"no winner by the planned end after {row.extensions} extension(s)"]}  # fmt: skip
                     await uow.run(partial(self._conclude, experiment_id=row.id, now=now, verdict=verdict))
+            if kind != "deferred":  # the day's look, for the result page's history
+                look = {"arms": [{k: a.get(k) for k in _LOOK_FIELDS} for a in result.arms], "verdict": kind,
+                        "action": action}  # fmt: skip
+                await uow.run(partial(repo.record_look, experiment_id=row.id, day=result.day, at=now, look=look))
             telemetry.EXPERIMENT_REVIEWS.labels(action).inc()
             out.append(Reviewed(tenant, row.id, action, kind))
         return out

@@ -305,6 +305,11 @@ async def delete_user(tx: TenantTx, user_id: str) -> dict[str, int]:
     return await repo.delete_user(tx, user_id)
 
 
+async def history(tx: TenantTx, experiment_id: str) -> list[tuple[int, Mapping[str, Any]]]:
+    """The scheduled review's daily looks at the experiment, oldest first (day, look)."""
+    return await repo.looks(tx, experiment_id)
+
+
 async def exposure_counts(tx: TenantTx, experiment_id: str) -> dict[str, int]:
     """Exposures per variant."""
     return await repo.exposure_counts(tx, experiment_id)
@@ -323,6 +328,7 @@ __all__ = [
     "draft",
     "experiments",
     "exposure_counts",
+    "history",
     "load_running",
     "promote",
     "start",
