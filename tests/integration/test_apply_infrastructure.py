@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -123,6 +124,10 @@ def test_region_topics_are_planned_then_created_once(kafka_bootstrap: str) -> No
     ]
     assert missing_topics(kafka_bootstrap, wanted) == wanted  # plan created nothing
     assert reconcile_region_topics(config, execute=True) == planned
+    # KRaft publishes a new topic to the broker's metadata a moment after CreateTopics answers: wait for it
+    deadline = time.monotonic() + 15
+    while missing_topics(kafka_bootstrap, wanted) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert missing_topics(kafka_bootstrap, wanted) == {}
     assert reconcile_region_topics(config, execute=False) == []
     assert reconcile_region_topics(config, execute=True) == []

@@ -28,6 +28,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 from firstmile.audit import service as audit
@@ -91,12 +92,30 @@ class ExperimentOrchestrator:
         self.timeout_s = timeout_s
         self.cache_size = cache_size
         self._running: OrderedDict[TenantId, tuple[int, Running]] = OrderedDict()
+        self._loading: dict[tuple[TenantId, int], asyncio.Future[Running]] = {}
 
     async def running(self, uow: UnitOfWork, revision: int) -> Running:
-        """The tenant's running experiments at ``revision``: this process's copy, else one short read."""
+        """The tenant's running experiments at ``revision``: this process's copy, else one short read.
+
+        Concurrent starts of a tenant share one read, and a read that outlasts the caller's timeout goes on
+        in the background and fills the cache, so the starts after it are allocated."""
         cached = self._running.get(uow.tenant)
         if cached is not None and cached[0] == revision:
             return cached[1]
+        key = (uow.tenant, revision)
+        task = self._loading.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._load(uow, revision))
+            self._loading[key] = task
+            task.add_done_callback(partial(self._loaded, key))
+        return await asyncio.shield(task)
+
+    def _loaded(self, key: tuple[TenantId, int], task: asyncio.Future[Running]) -> None:
+        self._loading.pop(key, None)
+        if not task.cancelled() and task.exception() is not None:  # retrieved here: the caller may be gone
+            log.warning("reading the running experiments failed: %s", task.exception())
+
+    async def _load(self, uow: UnitOfWork, revision: int) -> Running:
         found = await uow.run(load_running)
         self._running[uow.tenant] = (revision, found)
         self._running.move_to_end(uow.tenant)
