@@ -407,7 +407,14 @@ class RayServe:
             raise ServiceError(f"ray.sh {' '.join(args)} exited {done.returncode}:\n{done.stdout}{done.stderr}")
 
     def _start(self, before_deploy: Callable[[], object]) -> None:
-        self._ray("start", self.name)
+        try:
+            self._ray("start", self.name)
+        except ServiceError as failed:
+            # On a busy 2-core machine the raylet or the GCS can miss Ray's own startup deadline ("timed out
+            # during startup"; ray.sh has stopped what began): once more, as an operator would.
+            if "timed out during startup" not in str(failed):
+                raise
+            self._ray("start", self.name)
         before_deploy()
         args = [f"models={','.join(self.models)}", "min_replicas=1", "max_replicas=1", "health_check_period_s=2"]
         self._ray("deploy", self.name, f"file://{self.registry}", *args)
