@@ -16,6 +16,12 @@ BASE: dict[str, Any] = {"id": "first-path", "control": "quickstart",
         "variants": VARIANTS}  # fmt: skip
 
 
+NUDGE_VARIANTS: list[dict[str, Any]] = [{"name": "bandit"}, {"name": "benefit-email", "template": "benefit",
+                                                               "channel": "email"}]  # fmt: skip
+NUDGE: dict[str, Any] = {"id": "nudge-wording", "kind": "nudge", "trigger": "stuck", "control": "bandit",
+                         "variants": NUDGE_VARIANTS}  # fmt: skip
+
+
 def _with(*experiments: dict[str, Any], holdout: float = 0.0) -> dict[str, Any]:
     doc = demo_document()
     doc["experiments"] = {"holdout_percent": holdout, "experiments": list(experiments)}
@@ -52,6 +58,15 @@ def test_an_experiment_gets_its_defaults() -> None:
           {**BASE, "id": "other", "layer": {"name": "first", "range": [50, 100]}}], "overlap in layer first"),
         ([{**BASE, "layer": {"name": "first", "range": [60, 40]}}], "0 <= start < end <= 100"),
         ([{**BASE, "variants": [{**VARIANTS[0], "weight": 0}, VARIANTS[1]]}], "greater than 0"),
+        ([{**BASE, "variants": [VARIANTS[0], {"name": "pathless"}]}],
+         "every variant of a path experiment names a path"),
+        ([{**BASE, "trigger": "stuck"}], "trigger, template and channel are for nudge experiments"),
+        ([{**NUDGE, "variants": [{"name": "bandit", "path": "developer-quickstart"}, NUDGE_VARIANTS[1]]}],
+         "the variants of a nudge experiment name no path"),
+        ([{**NUDGE, "variants": [*NUDGE_VARIANTS, {**NUDGE_VARIANTS[1], "name": "again"}]}],
+         "two variants use the same template and channel"),
+        ([{**NUDGE, "trigger": "no-such-trigger"}], "trigger no-such-trigger is not `stuck`"),
+        ([{**NUDGE, "variants": [NUDGE_VARIANTS[0], {"name": "fax", "channel": "fax"}]}], "Input should be 'email'"),
     ],
 )  # fmt: skip
 def test_a_bad_experiment_is_refused_with_the_reason(experiments: list[dict[str, Any]], message: str) -> None:
@@ -66,3 +81,17 @@ def test_experiments_in_one_layer_with_disjoint_ranges_are_accepted() -> None:
     manifest = TenantManifest.model_validate(_with(first, second))
     assert manifest.experiments is not None
     assert [e.id for e in manifest.experiments.experiments] == ["first-path", "other"]
+
+
+def test_a_nudge_experiment_names_templates_or_channels_and_leaves_a_path_experiments_hash_alone() -> None:
+    manifest = TenantManifest.model_validate(_with(BASE, {**NUDGE, "metric": "step:create-api-key"}))
+    assert manifest.experiments is not None
+    path, nudge = manifest.experiments.experiments
+    assert (path.kind, nudge.kind, nudge.trigger) == ("path", "nudge", "stuck")
+    assert [(v.template, v.channel) for v in nudge.variants] == [(None, None), ("benefit", "email")]
+    # a manifest written before nudge experiments keeps its hash (the fields added since are left out while
+    # unset): the hash the manifest code of commit d536ce6 gave this document; an explicit `kind: path` is the same
+    before = TenantManifest.model_validate(_with(BASE)).content_hash()
+    assert before == "5039f76170cb58f747fdbc3275a8b59d51eb8e5be8a72405873a7c9d7717794d"
+    assert TenantManifest.model_validate(_with({**BASE, "kind": "path"})).content_hash() == before
+    assert TenantManifest.model_validate(_with(BASE, NUDGE)).content_hash() != before

@@ -26,7 +26,6 @@ from firstmile.kit.db import TenantTx
 from firstmile.kit.errors import ProblemError
 from firstmile.kit.ids import SLUG_RE, check_id
 from firstmile.kit.uow import UnitOfWork
-from firstmile.onboarding import paths
 from firstmile.tenancy.manifest import ExperimentSpec
 
 
@@ -92,15 +91,7 @@ class ExperimentsAdminController(Controller):
                                errors=errors) from None  # fmt: skip
         actor = _actor(request)
 
-        async def work(tx: TenantTx) -> ExperimentRow:
-            known = {key for key, _, _ in await paths.current_paths(tx)}
-            unknown = sorted({v.path for v in spec.variants} - known)
-            if unknown:
-                raise experiments.ExperimentError(400, "validation-error",
-                                                  f"variants name unknown paths {unknown} (at variants)")  # fmt: skip
-            return await experiments.draft(tx, spec, actor)
-
-        return await _change(uow, work)
+        return await _change(uow, lambda tx: experiments.draft(tx, spec, actor))
 
     @post("/{experiment_id:str}/approve", summary="Approve a draft (owner)", status_code=200,
           opt={"permission": Permission.EXPERIMENTS_APPROVE})  # fmt: skip

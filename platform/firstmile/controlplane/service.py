@@ -92,7 +92,7 @@ async def apply_manifest(
             result.changes.append(f"create tenant {spec.slug} in {spec.home_region}")
         result.changes.extend(await sync_paths(tx, manifest.paths))
         try:
-            result.changes.extend(await experiments.sync_manifest(tx, manifest.experiments, OPERATOR))
+            result.changes.extend(await experiments.sync_manifest(tx, manifest.experiments, OPERATOR, manifest.nudges))
         except experiments.ExperimentError as exc:  # a running experiment's allocation may not change
             raise TenancyError(exc.detail) from exc
         if needs_keys and (material is None or await store_tenant_keys(tx, material)):

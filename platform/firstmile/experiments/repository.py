@@ -148,6 +148,18 @@ async def insert_exposure(
     return result.first() is not None
 
 
+async def user_exposures(tx: TenantTx, user_id: str, experiment_ids: list[str]) -> dict[str, str]:
+    """The variants the user was exposed to, of ``experiment_ids``, by experiment."""
+    rows = await tx.execute(
+        select(experiment_exposures.c.experiment_id, experiment_exposures.c.variant).where(
+            experiment_exposures.c.tenant_id == tx.tenant,
+            experiment_exposures.c.experiment_id.in_(experiment_ids),
+            experiment_exposures.c.user_id == user_id,
+        )
+    )
+    return {str(r[0]): str(r[1]) for r in rows}
+
+
 async def exposure(tx: TenantTx, experiment_id: str, user_id: str) -> str | None:
     """The variant the user was exposed to, or None."""
     row = (

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
@@ -35,14 +35,16 @@ from firstmile.audit import service as audit
 from firstmile.experiments import repository as repo
 from firstmile.experiments.allocation import Experiment, Rule, Variant, allocate_all
 from firstmile.kit import telemetry
-from firstmile.kit.db import TenantTx
+from firstmile.kit.db import TenantTx, statement_deadline
 from firstmile.kit.outbox import OutboxEvent, enqueue
 from firstmile.kit.scope import TenantId
 from firstmile.kit.uow import UnitOfWork
+from firstmile.nudges.assignment import NudgeAssignment, NudgeVariant
+from firstmile.nudges.content import variant_names
 from firstmile.onboarding import paths
 from firstmile.onboarding.assignment import Assignment
 from firstmile.tenancy import service as tenancy
-from firstmile.tenancy.manifest import ExperimentSpec, ExperimentsSpec
+from firstmile.tenancy.manifest import ExperimentSpec, ExperimentsSpec, NudgesSpec
 
 log = logging.getLogger("firstmile.experiments")
 ExperimentRow = repo.ExperimentRow
@@ -65,11 +67,17 @@ class ExperimentError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Running:
-    """The tenant's running path experiments, ready to allocate with."""
+    """The tenant's running experiments, ready to allocate with: path experiments, and nudge experiments."""
 
     experiments: tuple[tuple[ExperimentSpec, Experiment], ...]
     holdout_percent: float
     tenant_seed: str
+    nudges: tuple[tuple[ExperimentSpec, Experiment], ...] = ()
+
+
+def nudge_variants(spec: ExperimentSpec) -> tuple[NudgeVariant, ...]:
+    """The variants of a nudge experiment as the nudge executor applies them."""
+    return tuple(NudgeVariant(v.name, v.template, v.channel) for v in spec.variants)
 
 
 def to_allocation(spec: ExperimentSpec) -> Experiment:
@@ -88,8 +96,11 @@ def to_allocation(spec: ExperimentSpec) -> Experiment:
 class ExperimentOrchestrator:
     """Allocates starting users to running path experiments and records their exposures (module docstring)."""
 
-    def __init__(self, *, timeout_s: float = 0.05, cache_size: int = 10_000) -> None:
+    def __init__(self, *, timeout_s: float = 0.05, cache_size: int = 10_000, nudge_timeout_s: float = 0.5) -> None:
         self.timeout_s = timeout_s
+        self.nudge_timeout_s = nudge_timeout_s
+        """A nudge decision's reads (in its transaction, under a statement timeout): decisions run in the
+        background, so they may wait longer than a start."""
         self.cache_size = cache_size
         self._running: OrderedDict[TenantId, tuple[int, Running]] = OrderedDict()
         self._loading: dict[tuple[TenantId, int], asyncio.Future[Running]] = {}
@@ -116,9 +127,11 @@ class ExperimentOrchestrator:
             log.warning("reading the running experiments failed: %s", task.exception())
 
     async def _load(self, uow: UnitOfWork, revision: int) -> Running:
-        found = await uow.run(load_running)
-        self._running[uow.tenant] = (revision, found)
-        self._running.move_to_end(uow.tenant)
+        return self._keep(uow.tenant, revision, await uow.run(load_running))
+
+    def _keep(self, tenant: TenantId, revision: int, found: Running) -> Running:
+        self._running[tenant] = (revision, found)
+        self._running.move_to_end(tenant)
         while len(self._running) > self.cache_size:
             self._running.popitem(last=False)
         return found
@@ -142,16 +155,62 @@ class ExperimentOrchestrator:
             return None
         allocation = found[0]  # path experiments: the first by id (layers keep experiments apart)
         variant = next(v for v in specs[allocation.experiment].variants if v.name == allocation.variant)
+        assert variant.path is not None  # the manifest requires a path of every path experiment's variant
         return Assignment(allocation.experiment, allocation.variant, variant.path, variant.version, allocation.inputs)
 
     async def record(self, tx: TenantTx, user_id: str, assignment: Assignment, now: datetime) -> None:
-        if not await repo.insert_exposure(tx, assignment.experiment, user_id, assignment.variant, now,
-                                          assignment.inputs):  # fmt: skip
-            return
-        payload = {"user_id": user_id, "experiment_id": assignment.experiment, "variant": assignment.variant,
-                   "path_id": assignment.path_key, "inputs": dict(assignment.inputs)}  # fmt: skip
-        await enqueue(tx, [OutboxEvent.new("experiment.exposed", payload)], user_id=user_id, now=now)
-        telemetry.EXPERIMENT_EXPOSURES.labels(assignment.variant).inc()
+        await _expose(tx, user_id, assignment.experiment, assignment.variant, now, assignment.inputs,
+                      {"kind": "path", "path_id": assignment.path_key})  # fmt: skip
+
+    async def assign_nudge(
+        self, tx: TenantTx, user_id: str, traits: Mapping[str, Any], trigger: str
+    ) -> NudgeAssignment | None:
+        """The user's variant of a running nudge experiment covering ``trigger``: the recorded one when the user
+        was exposed before (a later traffic change moves no one), else a fresh allocation; None when none admits
+        the user, and on any failure (the decision is then the bandit's alone: the control experience)."""
+        try:
+            async with statement_deadline(tx, self.nudge_timeout_s):
+                revision = await tenancy.revision(tx)
+                cached = self._running.get(tx.tenant)
+                running = cached[1] if cached is not None and cached[0] == revision else self._keep(
+                    tx.tenant, revision, await load_running(tx))  # fmt: skip
+                covering = [(s, e) for s, e in running.nudges if s.trigger in (None, trigger)]
+                if not covering:
+                    return None
+                recorded = await repo.user_exposures(tx, user_id, [s.id for s, _ in covering])
+            found = allocate_all([e for _, e in covering], user_id, traits, tenant_seed=running.tenant_seed,
+                                 holdout_percent=running.holdout_percent)  # fmt: skip
+        except Exception as exc:  # allocation must never fail a decision: the bandit's choice instead
+            log.warning("nudge experiment allocation failed, control: %s", exc,
+                        extra={"fields": {"tenant": str(tx.tenant)}})  # fmt: skip
+            telemetry.EXPERIMENT_ALLOCATION_FALLBACKS.labels(type(exc).__name__).inc()
+            return None
+        allocated = {a.experiment: a for a in found}
+        for spec, _ in covering:
+            variant = recorded.get(spec.id)
+            if variant is None:
+                continue
+            again = allocated.get(spec.id)
+            if again is not None:  # the consistency metric: does this process allocate as the first one did?
+                telemetry.EXPERIMENT_ALLOCATION_CONSISTENCY.labels("agree" if again.variant == variant else
+                                                                   "disagree").inc()  # fmt: skip
+            variants = nudge_variants(spec)
+            mine = next((v for v in variants if v.name == variant), None)
+            if mine is not None:
+                return NudgeAssignment(spec.id, mine, variants, exposed=True)
+        if not found:
+            return None
+        first = found[0]  # at most one per layer; of several layers, the first by id
+        spec = next(s for s, _ in covering if s.id == first.experiment)
+        variants = nudge_variants(spec)
+        mine = next(v for v in variants if v.name == first.variant)
+        return NudgeAssignment(spec.id, mine, variants, exposed=False, inputs=first.inputs)
+
+    async def record_nudge(
+        self, tx: TenantTx, user_id: str, assignment: NudgeAssignment, now: datetime, send_id: str
+    ) -> None:
+        await _expose(tx, user_id, assignment.experiment, assignment.variant.name, now, assignment.inputs,
+                      {"kind": "nudge", "send_id": send_id})  # fmt: skip
 
     async def recheck(self, tx: TenantTx, user_id: str, assignment: Assignment) -> None:
         recorded = await repo.exposure(tx, assignment.experiment, user_id)
@@ -160,16 +219,31 @@ class ExperimentOrchestrator:
             telemetry.EXPERIMENT_ALLOCATION_CONSISTENCY.labels(outcome).inc()
 
 
+async def _expose(
+    tx: TenantTx, user_id: str, experiment: str, variant: str, now: datetime, inputs: Mapping[str, Any],
+    extra: Mapping[str, Any],
+) -> None:  # fmt: skip
+    """One exposure row per user and experiment (a repeat writes nothing) and its ``experiment.exposed`` event."""
+    if not await repo.insert_exposure(tx, experiment, user_id, variant, now, inputs):
+        return
+    payload = {"user_id": user_id, "experiment_id": experiment, "variant": variant, "inputs": dict(inputs)} | dict(
+        extra
+    )
+    await enqueue(tx, [OutboxEvent.new("experiment.exposed", payload)], user_id=user_id, now=now)
+    telemetry.EXPERIMENT_EXPOSURES.labels(variant).inc()
+
+
 async def load_running(tx: TenantTx) -> Running:
     """The tenant's running experiments with the manifest's holdout (a short read of two rows' worth)."""
     spec = await tenancy.experiments_spec(tx)
     rows = await repo.running(tx)
-    experiments = []
+    paths_: list[tuple[ExperimentSpec, Experiment]] = []
+    nudges: list[tuple[ExperimentSpec, Experiment]] = []
     for row in rows:
         entry = ExperimentSpec.model_validate(row.definition)
-        experiments.append((entry, to_allocation(entry)))
+        (paths_ if entry.kind == "path" else nudges).append((entry, to_allocation(entry)))
     holdout = spec.holdout_percent if spec is not None else 0.0
-    return Running(tuple(experiments), holdout, str(tx.tenant))
+    return Running(tuple(paths_), holdout, str(tx.tenant), tuple(nudges))
 
 
 # ---- lifecycle -----------------------------------------------------------------------------------------------
@@ -179,15 +253,37 @@ def _definition(spec: ExperimentSpec) -> dict[str, Any]:
     return spec.model_dump(mode="json")
 
 
-async def sync_manifest(tx: TenantTx, spec: ExperimentsSpec | None, actor: str) -> list[str]:
+def check_definition(spec: ExperimentSpec, known_paths: Collection[str] | None, nudges: NudgesSpec | None) -> None:
+    """Refuse (400) variants that name a path or a nudge template variant the tenant does not have
+    (``known_paths`` None: the paths were checked already, as the manifest's validation does)."""
+    unknown = sorted({v.path for v in spec.variants if v.path is not None} - set(known_paths or ()))
+    if known_paths is not None and unknown:
+        raise ExperimentError(400, "validation-error", f"variants name unknown paths {unknown} (at variants)")
+    templates = variant_names(nudges.templates if nudges is not None else ())
+    unknown = sorted({v.template for v in spec.variants if v.template is not None} - templates)
+    if unknown:
+        raise ExperimentError(400, "validation-error", f"experiment {spec.id}: variants name unknown nudge "
+                              f"templates {unknown} (at variants); known: {sorted(templates)}")  # fmt: skip
+
+
+def _stored(row: repo.ExperimentRow) -> dict[str, Any]:
+    """A stored definition as the current model writes it (fields added since then at their defaults)."""
+    return _definition(ExperimentSpec.model_validate(row.definition))
+
+
+async def sync_manifest(
+    tx: TenantTx, spec: ExperimentsSpec | None, actor: str, nudges: NudgesSpec | None = None
+) -> list[str]:
     """Create a draft for each experiment the manifest declares, update drafts; what changed, one line each.
 
     An experiment that left draft keeps its seed, control, variants, layer and metric: a manifest that
     changes them is refused (:class:`ExperimentError`, 409), and nothing of the manifest is applied. Its
-    traffic, targeting, thresholds and plan may change (raising the traffic moves no one).
+    traffic, targeting, thresholds and plan may change (raising the traffic moves no one). ``nudges``: the
+    manifest's nudges section, whose templates a nudge experiment's variants may name (400 otherwise).
     """
     changes: list[str] = []
     for entry in spec.experiments if spec is not None else ():
+        check_definition(entry, None, nudges)
         definition = _definition(entry)
         existing = await repo.get(tx, entry.id, for_update=True)
         if existing is None:
@@ -195,10 +291,11 @@ async def sync_manifest(tx: TenantTx, spec: ExperimentsSpec | None, actor: str) 
             await audit.append(tx, "experiment", actor, entry.id, {"action": "draft", "definition": definition})
             changes.append(f"experiment {entry.id}: draft")
             continue
-        if dict(existing.definition) == definition:
+        stored = _stored(existing)
+        if stored == definition:
             continue
         if existing.status != "draft":
-            fixed = [k for k in _FIXED if existing.definition.get(k) != definition.get(k)]
+            fixed = [k for k in _FIXED if stored.get(k) != definition.get(k)]
             if fixed:
                 raise ExperimentError(
                     409, "experiment-fixed",
@@ -214,7 +311,14 @@ async def sync_manifest(tx: TenantTx, spec: ExperimentsSpec | None, actor: str) 
 
 
 async def draft(tx: TenantTx, spec: ExperimentSpec, actor: str) -> repo.ExperimentRow:
-    """An experiment drafted in the admin UI (an editor), or a draft redrafted; 409 once it left draft."""
+    """An experiment drafted in the admin UI (an editor), or a draft redrafted; 409 once it left draft, 400 when
+    a variant names a path or a nudge template the tenant does not have."""
+    check_definition(spec, {key for key, _, _ in await paths.current_paths(tx)}, await tenancy.nudges_spec(tx))
+    if spec.trigger is not None and spec.trigger != "stuck":
+        nudges = await tenancy.nudges_spec(tx)
+        if spec.trigger not in {t.id for t in (nudges.triggers if nudges is not None else ())}:
+            raise ExperimentError(400, "validation-error", f"trigger {spec.trigger} is not `stuck` nor one of the "
+                                  "manifest's nudges.triggers (at trigger)")  # fmt: skip
     definition = _definition(spec)
     existing = await repo.get(tx, spec.id, for_update=True)
     if existing is not None and existing.status != "draft":
@@ -299,8 +403,12 @@ async def promote(tx: TenantTx, experiment_id: str, actor: str) -> repo.Experime
     if verdict.get("promoted"):
         raise ExperimentError(409, "experiment-state", f"experiment {experiment_id} was promoted already")
     spec = ExperimentSpec.model_validate(row.definition)
+    if spec.kind != "path":
+        raise ExperimentError(409, "experiment-kind", f"experiment {experiment_id} is a nudge experiment: promotion "
+                              "makes a path; apply its winner by editing the manifest's nudge templates")  # fmt: skip
     control = next(v for v in spec.variants if v.name == spec.control)
     winner = next(v for v in spec.variants if v.name == verdict["variant"])
+    assert control.path is not None and winner.path is not None
     if winner.path == control.path:
         raise ExperimentError(409, "experiment-state", "the winner starts users on the control's path already")
     edit = await paths.adopt_path(tx, control.path, winner.path)
@@ -341,6 +449,7 @@ __all__ = [
     "ExperimentRow",
     "Running",
     "approve",
+    "check_definition",
     "conclude",
     "declare",
     "delete_user",

@@ -86,6 +86,12 @@ def language_of(value: object) -> str:
     return language if 2 <= len(language) <= 3 and language.isalpha() and language.isascii() else DEFAULT_LOCALE
 
 
+def variant_names(templates: Iterable[NudgeTemplateSpec]) -> frozenset[str]:
+    """Every template variant a decision may offer: the manifest's and the built-in ones (which a channel without
+    manifest wordings falls back to); what a nudge experiment's variant may name."""
+    return frozenset(STUCK_VARIANTS) | {t.variant for t in templates}
+
+
 def wordings(templates: Iterable[NudgeTemplateSpec], trigger: str, persona: str, locale: str) -> list[Wording]:
     """The wordings a decision for ``trigger`` may choose among, for a user of ``persona`` speaking ``locale``.
 

@@ -49,6 +49,7 @@ from firstmile.kit.templates import TemplateProblemError, render
 from firstmile.kit.uow import UnitOfWork
 from firstmile.ml.nudge_prior import NUDGE_MODEL, ResponsePrior
 from firstmile.nudges import repository as repo
+from firstmile.nudges.assignment import NudgeAssignment, NudgeExperimentAssigner, NudgeVariant
 from firstmile.nudges.bandit import ArmStats, ThompsonSampler
 from firstmile.nudges.channels import (
     Channel,
@@ -100,6 +101,16 @@ class Decided:
     send_at: datetime | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class InExperiment:
+    """A decision inside a nudge experiment: the user's variant and the arms the bandit may choose from."""
+
+    assignment: NudgeAssignment
+    arms: dict[str, Wording]
+    honoured: bool
+    """False: an exposed user's variant has no allowed arm this time, so every allowed arm is offered."""
+
+
 class NudgeExecutor:
     """Decides nudges (see the module docstring); ``channels`` are the configured ones, by channel name."""
 
@@ -114,8 +125,11 @@ class NudgeExecutor:
         public_url: str = "http://127.0.0.1:8000",
         policy_timeout: float = 0.5,
         setup_ttl: float = 0.0,
+        experiments: NudgeExperimentAssigner | None = None,
     ) -> None:
         self.onboarding = onboarding_service
+        self.experiments = experiments
+        """Asked at each decision for the user's variant of a running nudge experiment (None: no experiments)."""
         self.setup_ttl = setup_ttl
         self._setups: OrderedDict[TenantId, tuple[float, TenantNudges]] = OrderedDict()
         self.policy_timeout = policy_timeout
@@ -186,6 +200,7 @@ class NudgeExecutor:
             return Decided(None, "skipped")
         verdicts: dict[str, Verdict] = {}
         segment, time_zone, locale = "default", setup.default_time_zone, DEFAULT_LOCALE
+        traits: Mapping[str, Any] = {}
         try:  # the design's rule: a policy check that times out denies
             async with statement_deadline(tx, self.policy_timeout):
                 traits_row = await onboarding.user_traits(tx, user_id)
@@ -195,7 +210,7 @@ class NudgeExecutor:
             for channel in setup.channels:
                 verdicts[channel] = Verdict(False, None, ("policy-timeout",), {"policy": "timeout"})
         else:
-            traits: Mapping[str, Any] = traits_row or {}
+            traits = traits_row or {}
             segment = str(traits.get("persona") or "default")
             time_zone = str(traits.get("timezone") or setup.default_time_zone)
             locale = language_of(traits.get("locale"))
@@ -234,6 +249,10 @@ class NudgeExecutor:
                 await self._audit(tx, user_id, base, send_id, None, None)
                 telemetry.NUDGE_DECISIONS.labels("denied").inc()
             return Decided(send_id if created else None, "denied")
+        chosen = await self._experiment(tx, user_id, traits, trigger, arms)
+        if chosen is not None:  # a nudge experiment's variant narrows the bandit's arms
+            base["experiment"] = chosen.assignment.as_record(chosen.honoured)
+            arms = chosen.arms
         stats = await repo.arm_stats(tx, segment)
         prior = prior or ResponsePrior(fallback="not_asked")
         predicted = {a: prior.probabilities[w.channel] for a, w in arms.items() if w.channel in prior.probabilities}
@@ -281,9 +300,30 @@ class NudgeExecutor:
         )  # fmt: skip
         if not created:
             return Decided(None, "scheduled")
+        if chosen is not None and not chosen.assignment.exposed and self.experiments is not None:
+            await self.experiments.record_nudge(tx, user_id, chosen.assignment, now, str(send_id))
         await self._audit(tx, user_id, base, send_id, choice.arm, send_at, wording.describe())
         telemetry.NUDGE_DECISIONS.labels("scheduled").inc()
         return Decided(send_id, "scheduled", choice.arm, send_at)
+
+    async def _experiment(
+        self, tx: TenantTx, user_id: str, traits: Mapping[str, Any], trigger: str, arms: dict[str, Wording]
+    ) -> InExperiment | None:
+        """The user's variant of a running nudge experiment and the arms it admits (module docstring of
+        :mod:`firstmile.nudges.assignment`), or None: no experiment, or not every variant is possible now."""
+        if self.experiments is None:
+            return None
+        assignment = await self.experiments.assign_nudge(tx, user_id, traits, trigger)
+        if assignment is None:
+            return None
+
+        def admitted(variant: NudgeVariant) -> dict[str, Wording]:
+            return {a: w for a, w in arms.items() if variant.admits(w.variant, w.channel)}
+
+        if not assignment.exposed and not all(admitted(v) for v in assignment.variants):
+            return None  # some variant has no arm the policy allows for this user now: not exposed at this decision
+        mine = admitted(assignment.variant)
+        return InExperiment(assignment, mine or arms, bool(mine))
 
     async def _audit(
         self,
@@ -307,6 +347,7 @@ class NudgeExecutor:
                 "candidates": base["candidates"],
                 "policy": base["policy"],
                 "prior": base.get("prior"),
+                "experiment": base.get("experiment"),
                 "output": {"send_id": str(send_id), "arm": arm,
                            "send_at": send_at.isoformat() if send_at else None, "content": content},
                 "model": "nudge_bandit",

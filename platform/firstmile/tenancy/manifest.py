@@ -525,13 +525,21 @@ class SsoSpec(_Model):
 
 
 class ExperimentVariantSpec(_Model):
-    """One arm of a path experiment: the path (and optionally a stored version of it) its users start on."""
+    """One arm of an experiment. Of a path experiment: the path (and optionally a stored version of it) its users
+    start on. Of a nudge experiment: the template variant and/or channel its users' nudges use (neither: the
+    bandit's own choice, the usual control)."""
 
     name: Slug
-    path: Slug = Field(description="The path this variant's users start on (one of the manifest's paths).")
+    path: Slug | None = Field(
+        default=None, description="Path experiments: the path this variant's users start on (one of the manifest's)."
+    )
     version: int | None = Field(
         default=None, ge=1, description="A stored version of the path to pin. Omitted: the path's current version."
     )
+    template: Slug | None = Field(
+        default=None, description="Nudge experiments: the template variant (a wording's `variant`) its nudges use."
+    )
+    channel: NudgeChannel | None = Field(default=None, description="Nudge experiments: the channel its nudges use.")
     weight: float = Field(default=1.0, gt=0, le=1000, description="Relative share of the experiment's traffic.")
 
 
@@ -560,9 +568,16 @@ class ExperimentThresholdsSpec(_Model):
 
 
 class ExperimentSpec(_Model):
-    """A path experiment: users the allocation admits start on one of its variants' paths."""
+    """An experiment. ``kind: path``: users the allocation admits start on one of its variants' paths.
+    ``kind: nudge``: their nudges (of ``trigger``, or of every trigger) use the variant's template or channel."""
 
     id: Slug
+    kind: Literal["path", "nudge"] = Field(default="path", description="What the variants change: the path or nudges.")
+    trigger: Slug | None = Field(
+        default=None,
+        description="Nudge experiments: the trigger whose nudges it covers (`stuck` or a declared id). "
+        "Omitted: every trigger.",
+    )
     description: str = Field(default="", max_length=2000)
     seed: str | None = Field(
         default=None, min_length=1, max_length=128, description="Salt of the allocation hash. Omitted: the id."
@@ -591,6 +606,18 @@ class ExperimentSpec(_Model):
             raise ValueError(f"experiment {self.id}: variant names must be unique")
         if self.control not in names:
             raise ValueError(f"experiment {self.id}: control {self.control} is not one of its variants")
+        if self.kind == "path":
+            missing = [v.name for v in self.variants if v.path is None]
+            if missing:
+                raise ValueError(f"experiment {self.id}: every variant of a path experiment names a path ({missing})")
+            if self.trigger is not None or any(v.template or v.channel for v in self.variants):
+                raise ValueError(f"experiment {self.id}: trigger, template and channel are for nudge experiments")
+        else:
+            if any(v.path is not None or v.version is not None for v in self.variants):
+                raise ValueError(f"experiment {self.id}: the variants of a nudge experiment name no path")
+            arms = [(v.template, v.channel) for v in self.variants]
+            if len(set(arms)) != len(arms):
+                raise ValueError(f"experiment {self.id}: two variants use the same template and channel")
         return self
 
     @property
@@ -695,14 +722,18 @@ class TenantManifest(_Model):
             if trigger.step is not None and trigger.step not in {s.id for s in path.steps}:
                 raise ValueError(f"nudges: trigger {trigger.id}: {trigger.step} is not a step of path {path.id}")
         paths = {p.id: p for p in self.paths}
+        triggers = {"stuck"} | {t.id for t in (self.nudges.triggers if self.nudges is not None else ())}
         for experiment in self.experiments.experiments if self.experiments is not None else ():
             for variant in experiment.variants:
-                if variant.path not in paths:
+                if variant.path is not None and variant.path not in paths:
                     raise ValueError(f"experiments: {experiment.id}: variant {variant.name} names unknown path "
                                      f"{variant.path}")  # fmt: skip
+            if experiment.trigger is not None and experiment.trigger not in triggers:
+                raise ValueError(f"experiments: {experiment.id}: trigger {experiment.trigger} is not `stuck` nor "
+                                 "one of nudges.triggers")  # fmt: skip
             step = experiment.metric.removeprefix("step:")
-            if experiment.metric != "activation" and not any(step in {s.id for s in paths[v.path].steps}
-                                                             for v in experiment.variants):  # fmt: skip
+            scope = [paths[v.path] for v in experiment.variants if v.path is not None] or list(paths.values())
+            if experiment.metric != "activation" and not any(step in {s.id for s in p.steps} for p in scope):
                 raise ValueError(f"experiments: {experiment.id}: metric {experiment.metric} names no step of its paths")
         return self
 
@@ -724,6 +755,18 @@ class TenantManifest(_Model):
                 later["triggers"] = defaults
             if later:
                 unset["nudges"] = later
+        if self.experiments is not None:  # fields added to experiments later (nudge experiments): unset, same hash
+            added = {
+                i: {
+                    "kind": True,
+                    "trigger": True,
+                    "variants": {j: {"template": True, "channel": True} for j in range(len(e.variants))},
+                }
+                for i, e in enumerate(self.experiments.experiments)
+                if e.kind == "path" and e.trigger is None
+            }
+            if added:
+                unset["experiments"] = {"experiments": added}
         canonical = json.dumps(self.model_dump(mode="json", exclude=unset), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -189,6 +189,11 @@ async def revoke_key(tx: TenantTx, key_id: uuid.UUID) -> bool:
     return bool(result.rowcount)
 
 
+async def revision(tx: TenantTx) -> int:
+    """The tenant's revision (bumped by every manifest change and experiment lifecycle change)."""
+    return int((await tx.execute(select(tenants.c.revision).where(tenants.c.id == tx.tenant))).scalar_one())
+
+
 async def path_settings(tx: TenantTx) -> tuple[str, int, tuple[str, ...], str | None]:
     """The tenant's default path key, its revision (bumped by every manifest change), its PII traits and
     the path model its planner asks first (``None``: rules only)."""

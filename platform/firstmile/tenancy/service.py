@@ -44,6 +44,7 @@ __all__ = [
     "path_settings",
     "resolve_key",
     "resolve_tenant",
+    "revision",
     "revoke_key",
     "tenant_name",
     "update_tenant",
@@ -96,6 +97,11 @@ async def resolve_tenant(conn: AsyncConnection, slug: str) -> ResolvedTenant | N
 async def path_settings(tx: TenantTx) -> tuple[str, int, tuple[str, ...], str | None]:
     """The tenant's default path, manifest revision, PII trait names and path model, for the onboarding catalog."""
     return await repo.path_settings(tx)
+
+
+async def revision(tx: TenantTx) -> int:
+    """The tenant's revision: what a process compares with the one its cache was read at."""
+    return await repo.revision(tx)
 
 
 async def tenant_name(tx: TenantTx) -> str:

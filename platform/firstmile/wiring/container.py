@@ -233,6 +233,7 @@ class Container:
                 setup_ttl=30.0,
                 links=self.link_signer,
                 public_url=settings.server.public_url,
+                experiments=self.experiments,
             )
             if self.nudge_channels
             else None
