@@ -29,6 +29,7 @@ from firstmile.analytics.chdb_store import ChdbStore
 from firstmile.analytics.rows import ACTIVATED, EXPOSED, AnalyticsEvent
 from firstmile.analytics.service import AnalyticsService
 from firstmile.app import create_app
+from firstmile.experiments import service as experiments
 from firstmile.experiments.review import ExperimentReviewer
 from firstmile.kit.db import tenant_transaction
 from firstmile.kit.scope import OperatorContext
@@ -534,3 +535,41 @@ async def test_the_experiment_manager_pages_show_each_role_its_actions_and_the_r
     assert (await admin_app.get("/admin/experiments/Bad%20Id")).status_code == 400
     dashboard = await admin_app.get("/admin/")
     assert 'data-testid="experiments-link"' in dashboard.text
+
+
+async def test_a_nudge_experiment_is_drafted_in_the_admin_api_shown_by_its_arms_and_never_promoted(
+    admin_app: Client, home: TenantFixture, app_engine: AsyncEngine
+) -> None:
+    experiment_id = f"nudge-{uuid.uuid4().hex[:8]}"
+    editor = await sign_in(admin_app, home.slug, "editor")
+    variants = [{"name": "bandit"}, {"name": "in-app", "channel": "in_app"},
+                {"name": "benefit-mail", "template": "benefit", "channel": "email"}]  # fmt: skip
+    draft: dict[str, Any] = {"id": experiment_id, "kind": "nudge", "trigger": "stuck", "control": "bandit",
+                             "variants": variants}  # fmt: skip
+    unknown = draft | {"variants": [{"name": "bandit"}, {"name": "ghost", "template": "no-such-wording"}]}
+    refused = await _call(admin_app, "POST", "/admin/api/experiments", editor["csrf_token"], unknown)
+    assert refused.status_code == 400 and refused.headers["content-type"].startswith("application/problem+json")
+    assert "unknown nudge templates ['no-such-wording']" in refused.json()["detail"]
+    pathful = draft | {"variants": [{"name": "bandit", "path": "developer-quickstart"}, {"name": "in-app"}]}
+    assert (await _call(admin_app, "POST", "/admin/api/experiments", editor["csrf_token"],
+                        pathful)).status_code == 400  # fmt: skip
+    assert experiment_id not in {e["id"] for e in (await admin_app.get("/admin/api/experiments")).json()}
+
+    drafted = await _call(admin_app, "POST", "/admin/api/experiments", editor["csrf_token"], draft)
+    assert drafted.status_code == 201, drafted.text
+    assert drafted.json()["definition"]["kind"] == "nudge"
+    page = await admin_app.get("/admin/experiments")
+    row = page.text[page.text.index(f'data-experiment="{experiment_id}"') :]
+    row = row[: row.index("</tr>")]
+    assert "nudges of stuck" in row and "the bandit's choice" in row and "by in_app" in row
+    assert "wording <code>benefit</code> by email" in row
+    async with tenant_transaction(app_engine, OperatorContext("operator:test").tenant(home.id)) as tx:
+        await experiments.approve(tx, experiment_id, "admin:owner")
+        await experiments.start(tx, experiment_id, "admin:owner", datetime.now(UTC))
+        await experiments.conclude(tx, experiment_id, "admin:owner", datetime.now(UTC),
+                                   {"kind": "winner", "variant": "in-app"})  # fmt: skip
+    owner = await sign_in(admin_app, home.slug, "owner")
+    page = await admin_app.get(f"/admin/experiments/{experiment_id}")
+    assert page.status_code == 200 and f'data-action="promote" data-experiment="{experiment_id}"' not in page.text
+    promoted = await _call(admin_app, "POST", f"/admin/api/experiments/{experiment_id}/promote", owner["csrf_token"])
+    assert promoted.status_code == 409 and "is a nudge experiment" in promoted.json()["detail"]
