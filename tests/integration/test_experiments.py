@@ -24,6 +24,7 @@ from firstmile.experiments import service as experiments
 from firstmile.experiments.allocation import allocate
 from firstmile.experiments.analysis import analyse
 from firstmile.experiments.demo import DEMO_EXPERIMENT, seed_demo_results, start_demo_experiment
+from firstmile.experiments.orchestrator import to_allocation
 from firstmile.experiments.review import ExperimentReviewer
 from firstmile.kit.db import tenant_transaction
 from firstmile.kit.scope import OperatorContext
@@ -101,7 +102,7 @@ async def test_a_running_experiment_allocates_starts_and_records_each_exposure_o
     expected = {}
     for i in range(40):
         user_id = f"dev-{i}"
-        outcome = allocate(experiments.to_allocation(spec), user_id, {"persona": "developer"})
+        outcome = allocate(to_allocation(spec), user_id, {"persona": "developer"})
         assert outcome.allocation is not None
         expected[user_id] = outcome.allocation.variant
     paths = {"quickstart": "developer-quickstart", "analytics": "product-analytics"}

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from firstmile.controlplane.service import apply_manifest
 from firstmile.experiments import service as experiments
 from firstmile.experiments.allocation import allocate
+from firstmile.experiments.orchestrator import ExperimentOrchestrator, to_allocation
 from firstmile.kit.db import tenant_transaction
 from firstmile.kit.scope import OperatorContext
 from firstmile.nudges.bandit import ThompsonSampler
@@ -63,7 +64,7 @@ async def _tenant(admin_engine: AsyncEngine) -> TenantFixture:
 
 
 def _executor() -> NudgeExecutor:
-    orchestrator = experiments.ExperimentOrchestrator()
+    orchestrator = ExperimentOrchestrator()
     return NudgeExecutor(OnboardingService(CatalogCache()), ["email", "in_app"], ANYTIME,
                          ThompsonSampler(random.Random(3)), experiments=orchestrator)  # fmt: skip
 
@@ -92,7 +93,7 @@ def _expected(user_ids: list[str], **changes: Any) -> dict[str, str | None]:
     spec = ExperimentsSpec.model_validate({"experiments": [EXPERIMENT | changes]}).experiments[0]
     out: dict[str, str | None] = {}
     for user_id in user_ids:
-        outcome = allocate(experiments.to_allocation(spec), user_id, {"persona": "developer"})
+        outcome = allocate(to_allocation(spec), user_id, {"persona": "developer"})
         out[user_id] = outcome.allocation.variant if outcome.allocation is not None else None
     return out
 

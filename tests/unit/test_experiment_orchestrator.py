@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from firstmile.experiments.service import ExperimentOrchestrator, Running, to_allocation
+from firstmile.experiments.orchestrator import ExperimentOrchestrator, Running, to_allocation
 from firstmile.kit.scope import OPERATOR_CLI
 from firstmile.tenancy.manifest import ExperimentSpec
 

@@ -8,6 +8,7 @@ approval, approve twice, …) is ``409 experiment-state`` and changes nothing.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -65,6 +66,17 @@ async def _change(uow: UnitOfWork, work: Any) -> dict[str, Any]:
     return experiment_view(row)
 
 
+Action = Callable[[TenantTx, str, datetime], Awaitable[ExperimentRow]]
+"""A lifecycle change of one experiment: given the transaction, the acting admin and the time."""
+
+
+async def _act(request: Request[Any, Any, Any], uow: UnitOfWork, experiment_id: str, action: Action) -> dict[str, Any]:
+    """Check the id, then run ``action`` as the signed-in admin; an :class:`ExperimentError` becomes its problem."""
+    check_id(experiment_id, SLUG_RE, "experiment_id")
+    actor, now = _actor(request), datetime.now(UTC)
+    return await _change(uow, lambda tx: action(tx, actor, now))
+
+
 class ExperimentsAdminController(Controller):
     path = "/admin/api/experiments"
     tags = ["admin"]
@@ -98,27 +110,27 @@ class ExperimentsAdminController(Controller):
     async def approve(
         self, request: Request[Any, Any, Any], experiment_id: FromPath[str], uow: NamedDependency[UnitOfWork]
     ) -> dict[str, Any]:
-        check_id(experiment_id, SLUG_RE, "experiment_id")
-        actor = _actor(request)
-        return await _change(uow, lambda tx: experiments.approve(tx, experiment_id, actor))
+        return await _act(
+            request, uow, experiment_id, lambda tx, actor, _: experiments.approve(tx, experiment_id, actor)
+        )
 
     @post("/{experiment_id:str}/start", summary="Start an approved experiment", status_code=200,
           opt={"permission": Permission.EXPERIMENTS_WRITE})  # fmt: skip
     async def start(
         self, request: Request[Any, Any, Any], experiment_id: FromPath[str], uow: NamedDependency[UnitOfWork]
     ) -> dict[str, Any]:
-        check_id(experiment_id, SLUG_RE, "experiment_id")
-        actor, now = _actor(request), datetime.now(UTC)
-        return await _change(uow, lambda tx: experiments.start(tx, experiment_id, actor, now))
+        return await _act(
+            request, uow, experiment_id, lambda tx, actor, now: experiments.start(tx, experiment_id, actor, now)
+        )
 
     @post("/{experiment_id:str}/stop", summary="Stop a running experiment", status_code=200,
           opt={"permission": Permission.EXPERIMENTS_WRITE})  # fmt: skip
     async def stop(
         self, request: Request[Any, Any, Any], experiment_id: FromPath[str], uow: NamedDependency[UnitOfWork]
     ) -> dict[str, Any]:
-        check_id(experiment_id, SLUG_RE, "experiment_id")
-        actor, now = _actor(request), datetime.now(UTC)
-        return await _change(uow, lambda tx: experiments.stop(tx, experiment_id, actor, now))
+        return await _act(
+            request, uow, experiment_id, lambda tx, actor, now: experiments.stop(tx, experiment_id, actor, now)
+        )
 
     @get("/{experiment_id:str}/results", summary="An experiment's results and the verdict of this look",
          opt={"permission": Permission.EXPERIMENTS_READ})  # fmt: skip
@@ -146,19 +158,14 @@ class ExperimentsAdminController(Controller):
     async def promote(
         self, request: Request[Any, Any, Any], experiment_id: FromPath[str], uow: NamedDependency[UnitOfWork]
     ) -> dict[str, Any]:
-        check_id(experiment_id, SLUG_RE, "experiment_id")
-        actor = _actor(request)
-        return await _change(uow, lambda tx: experiments.promote(tx, experiment_id, actor))
+        return await _act(
+            request, uow, experiment_id, lambda tx, actor, _: experiments.promote(tx, experiment_id, actor)
+        )
 
 
 async def _existing(uow: UnitOfWork, experiment_id: str) -> ExperimentRow:
     check_id(experiment_id, SLUG_RE, "experiment_id")
-
-    async def work(tx: TenantTx) -> ExperimentRow | None:
-        found = [r for r in await experiments.experiments(tx) if r.id == experiment_id]
-        return found[0] if found else None
-
-    row = await uow.run(work)
+    row = await uow.run(lambda tx: experiments.experiment(tx, experiment_id))
     if row is None:
         raise ProblemError(404, "experiment-not-found", f"no experiment {experiment_id!r}")
     return row

@@ -1,7 +1,7 @@
 """The port through which a nudge decision asks the experiment orchestrator for the user's nudge variant.
 
 The experiments slice sits above nudges, so nudges names what it needs here and the wiring gives it the
-orchestrator (:class:`firstmile.experiments.service.ExperimentOrchestrator`). A variant of a nudge experiment
+orchestrator (:class:`firstmile.experiments.orchestrator.ExperimentOrchestrator`). A variant of a nudge experiment
 fixes the template variant, the channel, or both; the bandit then chooses among the arms the variant admits.
 An assigner must never raise: when allocation fails it answers None and the decision is the bandit's alone.
 

@@ -1,7 +1,7 @@
 """The port through which a start asks the experiment orchestrator first (the design's planner flow).
 
 The experiments slice sits above onboarding, so onboarding names what it needs here and the wiring gives it
-the orchestrator (:class:`firstmile.experiments.service.ExperimentOrchestrator`). An assigner must answer
+the orchestrator (:class:`firstmile.experiments.orchestrator.ExperimentOrchestrator`). An assigner must answer
 quickly and never raise: when allocation fails or times out it answers None, and the user gets what they
 would have got without experiments, the planner's path (the design's rule: allocation fails → control).
 """

@@ -260,17 +260,17 @@ class PagesController(Controller):
         granted = permissions(session.roles)
         uow = auth.unit_of_work(session)
 
-        async def read(tx: TenantTx) -> tuple[list[Any], list[tuple[int, Any]]]:
-            found = [r for r in await experiments.experiments(tx) if r.id == experiment_id]
-            return found, await experiments.history(tx, experiment_id) if found else []
+        async def read(tx: TenantTx) -> tuple[Any, list[tuple[int, Any]]]:
+            found = await experiments.experiment(tx, experiment_id)
+            return found, await experiments.history(tx, experiment_id) if found is not None else []
 
-        rows, looks = await uow.run(read)
-        if not rows:
+        row, looks = await uow.run(read)
+        if row is None:
             raise ProblemError(404, "experiment-not-found", f"no experiment {experiment_id!r}")
-        result = await analyse(analytics, uow.tenant, rows[0], datetime.now(UTC))
+        result = await analyse(analytics, uow.tenant, row, datetime.now(UTC))
         return render(
             auth, "experiment.html", session=session, csrf_token=session.csrf_token,
-            experiment=experiment_view(rows[0]), result=result.as_dict(), history=looks,
+            experiment=experiment_view(row), result=result.as_dict(), history=looks,
             can_write=Permission.EXPERIMENTS_WRITE in granted, can_approve=Permission.EXPERIMENTS_APPROVE in granted,
         )  # fmt: skip
 

@@ -33,8 +33,8 @@ from firstmile.events.bus import Consumer
 from firstmile.events.dispatch import InProcessPublisher
 from firstmile.events.relay import OutboxRelay, asyncpg_dsn
 from firstmile.events.service import IngestionService
+from firstmile.experiments.orchestrator import ExperimentOrchestrator
 from firstmile.experiments.review import ExperimentReviewer
-from firstmile.experiments.service import ExperimentOrchestrator
 from firstmile.guardrail.middleware import Admit
 from firstmile.guardrail.policy import Verdict
 from firstmile.guardrail.service import Guardrail
