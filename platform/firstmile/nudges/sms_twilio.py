@@ -37,7 +37,6 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
-import phonenumbers
 from twilio.base.exceptions import TwilioRestException, TwilioServiceException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.http.response import Response
@@ -50,6 +49,7 @@ from firstmile.nudges.channels import (
     OutboundMessage,
     Receipt,
 )
+from firstmile.nudges.phones import e164
 
 BAD_NUMBER_CODES = frozenset({21211, 21614, 21610})
 """Twilio error codes that condemn the number itself: invalid, not a mobile, unsubscribed (STOP)."""
@@ -58,21 +58,6 @@ BAD_NUMBER_CODES = frozenset({21211, 21614, 21610})
 # environment mapping it is given, and from os.environ when that mapping is empty: this adapter's
 # settings are explicit, so it is given a mapping that holds none of them.
 _NO_TWILIO_ENVIRONMENT = {"FIRSTMILE_TWILIO": "settings are explicit"}
-
-
-def e164(number: str) -> str | None:
-    """``number`` when it is written in E.164 and is a valid number, else None."""
-    if not number.startswith("+") or not number[1:].isascii() or not number[1:].isdigit() or len(number) > 16:
-        return None
-    try:
-        parsed = phonenumbers.parse(number, None)
-    except phonenumbers.NumberParseException:
-        return None
-    if not phonenumbers.is_valid_number(parsed):
-        return None
-    if phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164) != number:
-        return None
-    return number
 
 
 class _HttpClient(TwilioHttpClient):

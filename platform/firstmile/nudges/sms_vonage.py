@@ -55,7 +55,7 @@ from firstmile.nudges.channels import (
     OutboundMessage,
     Receipt,
 )
-from firstmile.nudges.sms_twilio import e164
+from firstmile.nudges.phones import e164
 
 SIGNATURE_METHODS = ("md5", "sha1", "sha256", "sha512")
 """The HMAC digests of Vonage's signed requests and webhooks (its dashboard's "MD5 HMAC" … "SHA-512 HMAC")."""
