@@ -37,7 +37,7 @@ from firstmile.audit.canonical import (
 from firstmile.audit.merkle import MerkleTree
 from firstmile.audit.repository import AuditEntry, CheckpointRow, Placed, QueuedEntry
 from firstmile.audit.signing import AuditSigner, checkpoint_body
-from firstmile.kit.db import TenantTx
+from firstmile.kit.db import TenantTx, across_tenants
 from firstmile.kit.scope import OperatorContext
 from firstmile.kit.telemetry import AUDIT_MERGE_DELAY, AUDIT_QUEUE_OLDEST, AUDIT_SEQUENCED, AUDIT_SEQUENCER_FAILURES
 from firstmile.kit.uow import UnitOfWork
@@ -220,9 +220,7 @@ class Sequencer:
 
     async def run_once(self) -> int:
         """One pass over every tenant with queued entries; the number of entries sequenced."""
-        async with self.engine.connect() as conn:
-            await conn.execution_options(isolation_level="AUTOCOMMIT")
-            queued = await repo.queued_tenants(conn)
+        queued = await across_tenants(self.engine, repo.queued_tenants)
         now = datetime.now(UTC)
         oldest = min((at for _, _, at in queued), default=None)
         AUDIT_QUEUE_OLDEST.set(0.0 if oldest is None else max(0.0, (now - oldest).total_seconds()))
@@ -439,9 +437,9 @@ class Checkpointer:
         self.poll_seconds = poll_seconds if poll_seconds is not None else min(every_seconds, 5.0)
 
     async def run_once(self) -> list[CheckpointRow]:
-        async with self.engine.connect() as conn:
-            await conn.execution_options(isolation_level="AUTOCOMMIT")
-            due = await repo.pending_tenants(conn, self.every_entries, self.every_seconds)
+        due = await across_tenants(
+            self.engine, lambda conn: repo.pending_tenants(conn, self.every_entries, self.every_seconds)
+        )
         signed: list[CheckpointRow] = []
         for tenant, _, _ in due:
 

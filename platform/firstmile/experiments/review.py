@@ -32,7 +32,7 @@ from firstmile.audit import service as audit
 from firstmile.experiments import repository as repo
 from firstmile.experiments.analysis import analyse
 from firstmile.kit import telemetry
-from firstmile.kit.db import TenantTx
+from firstmile.kit.db import TenantTx, across_tenants
 from firstmile.kit.scope import OperatorContext, TenantId
 from firstmile.kit.uow import UnitOfWork
 from firstmile.tenancy import service as tenancy
@@ -71,9 +71,7 @@ class ExperimentReviewer:
         self._alerted: set[tuple[TenantId, str, str]] = set()
 
     async def tenants(self) -> list[TenantId]:
-        async with self.engine.connect() as conn:
-            await conn.execution_options(isolation_level="AUTOCOMMIT")
-            return [self.worker.tenant(t) for t in await repo.running_tenants(conn)]
+        return [self.worker.tenant(t) for t in await across_tenants(self.engine, repo.running_tenants)]
 
     async def run_once(self, now: datetime | None = None) -> list[Reviewed]:
         reviewed: list[Reviewed] = []

@@ -241,6 +241,14 @@ _SWAP_TIMEOUT = text(
 _SET_TIMEOUT = text("SELECT set_config('statement_timeout', :value, true)")
 
 
+async def across_tenants(engine: AsyncEngine, read: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+    """Run ``read`` on a connection outside any tenant transaction (autocommit, no tenant setting): the
+    cross-tenant lookups of a worker, through SECURITY DEFINER functions, of which tenants have work for it."""
+    async with engine.connect() as conn:
+        await conn.execution_options(isolation_level="AUTOCOMMIT")
+        return await read(conn)
+
+
 @asynccontextmanager
 async def statement_deadline(tx: TenantTx, seconds: float) -> AsyncIterator[None]:
     """Run the block's statements under PostgreSQL's ``statement_timeout`` of ``seconds``, in a savepoint.

@@ -28,7 +28,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from firstmile.kit.db import TenantTx
+from firstmile.kit.db import TenantTx, across_tenants
 from firstmile.kit.scope import OperatorContext, TenantId
 from firstmile.kit.uow import UnitOfWork
 from firstmile.ml.nudge_prior import ModelResponsePrior, ResponsePrior
@@ -78,9 +78,7 @@ class TriggerScanner:
         self.prior = prior
 
     async def tenants(self) -> list[TenantId]:
-        async with self.engine.connect() as conn:
-            await conn.execution_options(isolation_level="AUTOCOMMIT")
-            return [self.worker.tenant(t) for t in await repo.trigger_tenants(conn)]
+        return [self.worker.tenant(t) for t in await across_tenants(self.engine, repo.trigger_tenants)]
 
     async def run_once(self, now: datetime | None = None) -> list[Fired]:
         fired: list[Fired] = []

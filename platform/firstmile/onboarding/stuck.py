@@ -29,13 +29,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import bindparam, text
+from sqlalchemy import Row, bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from firstmile.audit import service as audit
 from firstmile.kit import telemetry
-from firstmile.kit.db import TenantTx
+from firstmile.kit.db import TenantTx, across_tenants
 from firstmile.kit.scope import OperatorContext, TenantId
 from firstmile.kit.uow import UnitOfWork
 from firstmile.onboarding.catalog import CatalogCache
@@ -153,10 +153,10 @@ class StuckScanner:
         self.batch = batch
 
     async def tenants(self) -> list[TenantId]:
-        async with self.engine.connect() as conn:
-            await conn.execution_options(isolation_level="AUTOCOMMIT")
-            rows = (await conn.execute(_TENANTS, {"idle": self.min_idle.total_seconds()})).all()
-        return [WORKER.tenant(r[0]) for r in rows]
+        async def read(conn: AsyncConnection) -> Sequence[Row[Any]]:
+            return (await conn.execute(_TENANTS, {"idle": self.min_idle.total_seconds()})).all()
+
+        return [WORKER.tenant(r[0]) for r in await across_tenants(self.engine, read)]
 
     async def run_once(self, now: datetime | None = None) -> list[StuckFlag]:
         flagged: list[StuckFlag] = []
