@@ -8,58 +8,28 @@ Exposures and activations are written to the analytics store as the analytics si
 
 from __future__ import annotations
 
-import asyncio
 import random
 import secrets
-import threading
 import uuid
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
-from sqlalchemy.ext.asyncio import create_async_engine
+from playwright.sync_api import Browser, expect
 
-from firstmile.admin.cli import login_link
 from firstmile.analytics.chdb_store import ChdbStore
 from firstmile.analytics.rows import ACTIVATED, EXPOSED, AnalyticsEvent
 from firstmile.app import create_app
-from firstmile.controlplane.service import apply_manifest
-from firstmile.tenancy.service import find_tenant
-from tests.conftest import PEPPER, REGION, Database, make_settings
-from tests.factories import manifest_for
+from tests.conftest import PEPPER, Database, make_settings
+from tests.support.browser import WAIT_MS, applied_tenant, chromium, sign_in, tenant_id
 from tests.support.serving import free_port, served
 
-BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-dev-shm-usage"]
-WAIT_MS = 15_000
-T = TypeVar("T")
 expect.set_options(timeout=WAIT_MS)  # a result page runs the analysis: allow for a busy machine
-
-
-def _run(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run ``work`` to its end on a loop of its own, in a thread (the test's thread may have one running)."""
-    done: list[T] = []
-    thread = threading.Thread(target=lambda: done.append(asyncio.run(work())))
-    thread.start()
-    thread.join(60)
-    assert done, "the database work did not finish"
-    return done[0]
 
 
 @pytest.fixture(scope="module")
 def slug(database: Database) -> str:
-    name = f"xb-{secrets.token_hex(4)}"
-
-    async def apply() -> None:
-        engine = create_async_engine(database.admin_url, pool_size=1)
-        try:
-            await apply_manifest(engine, manifest_for(name, REGION))
-        finally:
-            await engine.dispose()
-
-    _run(apply)
-    return name
+    return applied_tenant(database, "xb")
 
 
 @pytest.fixture(scope="module")
@@ -73,19 +43,8 @@ def base(database: Database, analytics_store: ChdbStore) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def browser(chromium_path: str) -> Iterator[Browser]:
-    with sync_playwright() as driver:
-        launched = driver.chromium.launch(executable_path=chromium_path, headless=True, args=BROWSER_ARGS)
-        try:
-            yield launched
-        finally:
-            launched.close()
-
-
-def _sign_in(page: Page, base: str, slug: str, role: str) -> None:
-    page.context.clear_cookies()
-    page.goto(login_link(base, PEPPER, slug, role))
-    page.get_by_test_id("bootstrap-continue").click()
-    expect(page.get_by_test_id("roles")).to_have_text(role, timeout=WAIT_MS)
+    with chromium(chromium_path) as launched:
+        yield launched
 
 
 def test_an_experiment_goes_from_draft_to_promotion_in_the_browser(
@@ -95,7 +54,7 @@ def test_an_experiment_goes_from_draft_to_promotion_in_the_browser(
     page = browser.new_page()
     page.set_default_timeout(WAIT_MS)
 
-    _sign_in(page, base, slug, "editor")
+    sign_in(page, base, slug, "editor")
     page.get_by_test_id("experiments-link").click()
     expect(page.get_by_test_id("experiments-empty")).to_be_visible()
     form = page.get_by_test_id("draft-form")
@@ -108,12 +67,12 @@ def test_an_experiment_goes_from_draft_to_promotion_in_the_browser(
     expect(page.get_by_test_id(f"status-{experiment_id}")).to_have_text("draft")
     assert page.locator(f'button[data-action="approve"][data-experiment="{experiment_id}"]').count() == 0
 
-    _sign_in(page, base, slug, "owner")
+    sign_in(page, base, slug, "owner")
     page.goto(f"{base}/admin/experiments")
     page.locator(f'button[data-action="approve"][data-experiment="{experiment_id}"]').click()
     expect(page.get_by_test_id(f"status-{experiment_id}")).to_have_text("approved")
 
-    _sign_in(page, base, slug, "editor")
+    sign_in(page, base, slug, "editor")
     page.goto(f"{base}/admin/experiments")
     page.locator(f'button[data-action="start"][data-experiment="{experiment_id}"]').click()
     expect(page.get_by_test_id(f"status-{experiment_id}")).to_have_text("running")
@@ -123,18 +82,18 @@ def test_an_experiment_goes_from_draft_to_promotion_in_the_browser(
     expect(page.get_by_test_id("status-line")).to_contain_text("Not done: experiment")
 
     # the users the experiment exposed, and their activations, as the analytics sink writes them
-    tenant_id = _tenant_id(database, slug)
+    tenant = tenant_id(database, slug)
     rng, now, rows = random.Random(7), datetime.now(UTC), []
     for i in range(3000):
         variant = "analytics" if i % 2 else "quickstart"
         at = now + timedelta(seconds=rng.uniform(1, 300))
         user = f"{experiment_id}-{i}"
-        rows.append(AnalyticsEvent(tenant_id=tenant_id, event_id=uuid.uuid4(), event_type=EXPOSED,
+        rows.append(AnalyticsEvent(tenant_id=tenant, event_id=uuid.uuid4(), event_type=EXPOSED,
                                    event_name=experiment_id, user_id=user, anonymous_id="", occurred_at=at,
                                    received_at=at, variant=variant))  # fmt: skip
         if rng.random() < (0.5 if variant == "analytics" else 0.3):
             done = at + timedelta(minutes=20)
-            rows.append(AnalyticsEvent(tenant_id=tenant_id, event_id=uuid.uuid4(), event_type=ACTIVATED,
+            rows.append(AnalyticsEvent(tenant_id=tenant, event_id=uuid.uuid4(), event_type=ACTIVATED,
                                        event_name="", user_id=user, anonymous_id="", occurred_at=done,
                                        received_at=done))  # fmt: skip
     analytics_store.insert(rows)
@@ -147,7 +106,7 @@ def test_an_experiment_goes_from_draft_to_promotion_in_the_browser(
     expect(page.get_by_test_id("status")).to_have_text("concluded")
     assert page.get_by_role("button", name="Promote").count() == 0  # an editor cannot promote
 
-    _sign_in(page, base, slug, "owner")
+    sign_in(page, base, slug, "owner")
     page.goto(f"{base}/admin/experiments/{experiment_id}")
     page.get_by_role("button", name="Promote").click()
     expect(page.get_by_test_id("promoted")).to_contain_text("developer-quickstart")
@@ -155,17 +114,3 @@ def test_an_experiment_goes_from_draft_to_promotion_in_the_browser(
     page.goto(f"{base}/admin/")
     expect(page.locator('li[data-path="developer-quickstart"]')).to_contain_text("v2")
     page.close()
-
-
-def _tenant_id(database: Database, slug: str) -> uuid.UUID:
-    async def find() -> uuid.UUID:
-        engine = create_async_engine(database.admin_url, pool_size=1)
-        try:
-            async with engine.connect() as conn:
-                found = await find_tenant(conn, slug)
-            assert found is not None
-            return found.id
-        finally:
-            await engine.dispose()
-
-    return _run(find)

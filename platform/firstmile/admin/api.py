@@ -36,7 +36,10 @@ from firstmile.admin.paths import PathEditor
 from firstmile.admin.rbac import Permission, permissions
 from firstmile.admin.service import STATE_TTL, AdminAuth
 from firstmile.admin.sessions import AdminSession
-from firstmile.audit.service import AuditService
+from firstmile.audit import schemas
+from firstmile.audit.api import read_log
+from firstmile.audit.service import KIND_PATTERN, MAX_TEXT, AuditService
+from firstmile.audit.signing import ALGORITHM
 from firstmile.kit import telemetry
 from firstmile.kit.auth import is_preflight
 from firstmile.kit.errors import ProblemError, strict_body
@@ -403,11 +406,13 @@ class AdminApiController(Controller):
         uow: NamedDependency[UnitOfWork],
         audit_log: NamedDependency[AuditService],
         kind: FromQuery[str | None] = None,
+        subject: FromQuery[str | None] = None,
         limit: FromQuery[int] = 50,
     ) -> list[dict[str, Any]]:
         if not 1 <= limit <= 500:
             raise ProblemError(400, "validation-error", "limit must be in 1..500")
-        entries = await uow.run(lambda tx: audit_log.latest(tx, kind, limit))
+        check_audit_filter(kind, subject)
+        entries = await uow.run(lambda tx: audit_log.latest(tx, kind, limit, subject))
         return [
             {
                 "seq": e.seq,
@@ -419,6 +424,40 @@ class AdminApiController(Controller):
             }
             for e in entries
         ]
+
+    @get(
+        "/audit/{seq:str}/proof",
+        summary="What the audit viewer verifies in the browser: an entry, its inclusion proof, the signed checkpoint",
+        opt={"permission": Permission.AUDIT_READ},
+    )
+    async def audit_proof(
+        self, seq: FromPath[str], uow: NamedDependency[UnitOfWork], audit_log: NamedDependency[AuditService]
+    ) -> dict[str, Any]:
+        if not seq.isascii() or not seq.isdigit() or len(seq) > 18:
+            raise ProblemError(400, "validation-error", "seq must be an entry's sequence number (0, 1, …)")
+        found = await read_log(uow, lambda tx: audit_log.inclusion_proof(tx, int(seq), None))
+        signer = audit_log.signer
+        return {
+            "tenant": str(uow.tenant),
+            "entry": msgspec.to_builtins(schemas.entry_out(found.entry)),
+            "leaf_index": found.entry.seq,
+            "leaf_hash": found.entry.leaf_hash.hex(),
+            "tree_size": found.checkpoint.tree_size,
+            "audit_path": [p.hex() for p in found.path],
+            "root_hash": found.checkpoint.root_hash.hex(),
+            "checkpoint": msgspec.to_builtins(schemas.checkpoint_out(found.checkpoint)),
+            "algorithm": ALGORITHM,
+            "key_id": signer.key_id,
+            "public_key": signer.public_key_raw.hex(),
+        }
+
+
+def check_audit_filter(kind: str | None, subject: str | None) -> None:
+    """A 400 for a kind or subject the log cannot hold (the audit viewer's filters)."""
+    if kind is not None and not KIND_PATTERN.match(kind):
+        raise ProblemError(400, "validation-error", f"kind must match {KIND_PATTERN.pattern}")
+    if subject is not None and not 1 <= len(subject) <= MAX_TEXT:
+        raise ProblemError(400, "validation-error", f"subject must be 1..{MAX_TEXT} characters")
 
 
 async def _no_store(response: Response[Any]) -> Response[Any]:

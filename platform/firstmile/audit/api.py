@@ -91,7 +91,8 @@ class _Errors:
         return value
 
 
-async def _read(uow: NamedDependency[UnitOfWork], work: Callable[[TenantTx], Awaitable[T]]) -> T:
+async def read_log(uow: NamedDependency[UnitOfWork], work: Callable[[TenantTx], Awaitable[T]]) -> T:
+    """Run ``work`` on the log; its errors as the API answers them (404, 409 not-checkpointed, 500 integrity)."""
     try:
         return await uow.run(work)
     except AuditNotFoundError as exc:
@@ -146,7 +147,7 @@ class AuditController(Controller):
         )
         size = errors.integer(limit, "limit", 1, MAX_LIMIT) or DEFAULT_LIMIT
         errors.raise_if_any()
-        rows = await _read(uow, lambda tx: audit_log.entries(tx, where, size + 1))
+        rows = await read_log(uow, lambda tx: audit_log.entries(tx, where, size + 1))
         more = len(rows) > size
         rows = rows[:size]
         return schemas.EntryPage(
@@ -197,7 +198,7 @@ class AuditController(Controller):
         path_errors.items.extend(errors.items)
         path_errors.raise_if_any()
         try:
-            found = await _read(uow, lambda tx: audit_log.inclusion_proof(tx, lookup, size))
+            found = await read_log(uow, lambda tx: audit_log.inclusion_proof(tx, lookup, size))
         except PendingError as exc:
             return Response(schemas.pending_out(exc.entry), status_code=202)
         return Response(
@@ -228,7 +229,7 @@ class AuditController(Controller):
         after = errors.integer(after_size, "after_size", 0)
         size = errors.integer(limit, "limit", 1, MAX_LIMIT) or DEFAULT_LIMIT
         errors.raise_if_any()
-        rows = await _read(uow, lambda tx: audit_log.checkpoints(tx, -1 if after is None else after, size + 1))
+        rows = await read_log(uow, lambda tx: audit_log.checkpoints(tx, -1 if after is None else after, size + 1))
         more = len(rows) > size
         rows = rows[:size]
         signer = audit_log.signer
@@ -273,7 +274,7 @@ class AuditController(Controller):
             errors.add("first", "must not exceed second")
         errors.raise_if_any()
         assert low is not None and high is not None
-        found = await _read(uow, lambda tx: audit_log.consistency_proof(tx, low, high))
+        found = await read_log(uow, lambda tx: audit_log.consistency_proof(tx, low, high))
         return schemas.ConsistencyProof(
             first=low,
             second=high,

@@ -179,7 +179,7 @@ _Q_NEXT = text(
 _Q_GET = text(f"SELECT {_Q_COLUMNS} FROM audit_queue WHERE tenant_id = :tenant AND entry_id = :entry_id")
 _Q_LATEST = text(
     f"SELECT {_Q_COLUMNS} FROM audit_queue WHERE tenant_id = :tenant AND (CAST(:kind AS text) IS NULL OR kind = :kind) "
-    "ORDER BY created_at DESC, entry_id DESC LIMIT :limit"
+    "AND (CAST(:subject AS text) IS NULL OR subject = :subject) ORDER BY created_at DESC, entry_id DESC LIMIT :limit"
 )
 _Q_ABOUT = text(
     f"SELECT {_Q_COLUMNS} FROM audit_queue WHERE tenant_id = :tenant AND subject = :subject "
@@ -199,9 +199,9 @@ async def get_queued(tx: TenantTx, entry_id: uuid.UUID) -> QueuedEntry | None:
     return None if row is None else _queued(row)
 
 
-async def latest_queued(tx: TenantTx, kind: str | None, limit: int) -> list[QueuedEntry]:
-    """The newest ``limit`` queued entries (of ``kind`` when given), newest first."""
-    rows = await tx.execute(_Q_LATEST, {"tenant": tx.tenant, "kind": kind, "limit": limit})
+async def latest_queued(tx: TenantTx, kind: str | None, limit: int, subject: str | None = None) -> list[QueuedEntry]:
+    """The newest ``limit`` queued entries (of ``kind``, about ``subject``, when given), newest first."""
+    rows = await tx.execute(_Q_LATEST, {"tenant": tx.tenant, "kind": kind, "subject": subject, "limit": limit})
     return [_queued(r) for r in rows]
 
 
@@ -328,11 +328,13 @@ async def list_entries(tx: TenantTx, where: EntryFilter, limit: int) -> list[Aud
     return [_entry(r) for r in await tx.execute(text(sql), params)]
 
 
-async def latest_entries(tx: TenantTx, kind: str | None, limit: int) -> list[AuditEntry]:
-    """The newest ``limit`` entries (of ``kind`` when given), newest first: the admin UI's audit viewer."""
+async def latest_entries(tx: TenantTx, kind: str | None, limit: int, subject: str | None = None) -> list[AuditEntry]:
+    """The newest ``limit`` entries (of ``kind``, about ``subject``, when given), newest first: the admin UI's
+    audit viewer."""
     where = "tenant_id = :tenant" + (" AND kind = :kind" if kind is not None else "")
+    where += " AND subject = :subject" if subject is not None else ""
     sql = f"SELECT {_COLUMNS} FROM audit_entries WHERE {where} ORDER BY seq DESC LIMIT :limit"
-    rows = await tx.execute(text(sql), {"tenant": tx.tenant, "kind": kind, "limit": limit})
+    rows = await tx.execute(text(sql), {"tenant": tx.tenant, "kind": kind, "subject": subject, "limit": limit})
     return [_entry(r) for r in rows]
 
 

@@ -552,9 +552,12 @@ class AuditService:
         """Entries in seq order matching ``where``, at most ``limit``."""
         return await repo.list_entries(tx, where, limit)
 
-    async def latest(self, tx: TenantTx, kind: str | None, limit: int) -> list[AuditEntry | QueuedEntry]:
-        """The newest ``limit`` entries (of ``kind`` when given), newest first, queued ones first."""
-        return await latest_entries(tx, kind, limit)
+    async def latest(
+        self, tx: TenantTx, kind: str | None, limit: int, subject: str | None = None
+    ) -> list[AuditEntry | QueuedEntry]:
+        """The newest ``limit`` entries (of ``kind``, about ``subject``, when given), newest first, queued ones
+        first."""
+        return await latest_entries(tx, kind, limit, subject)
 
     async def checkpoints(self, tx: TenantTx, after_size: int, limit: int) -> list[CheckpointRow]:
         return await repo.list_checkpoints(tx, after_size, limit)
@@ -566,11 +569,13 @@ class AuditService:
         return await consistency_proof(tx, first, second, self.cache)
 
 
-async def latest_entries(tx: TenantTx, kind: str | None, limit: int) -> list[AuditEntry | QueuedEntry]:
-    """The newest ``limit`` entries (of ``kind`` when given), newest first, the queued (``seq`` None)
-    before the sequenced: the admin UI's viewer."""
-    queued: list[AuditEntry | QueuedEntry] = list(await repo.latest_queued(tx, kind, limit))
-    return (queued + list(await repo.latest_entries(tx, kind, limit)))[:limit]
+async def latest_entries(
+    tx: TenantTx, kind: str | None, limit: int, subject: str | None = None
+) -> list[AuditEntry | QueuedEntry]:
+    """The newest ``limit`` entries (of ``kind``, about ``subject``, when given), newest first, the queued
+    (``seq`` None) before the sequenced: the admin UI's viewer."""
+    queued: list[AuditEntry | QueuedEntry] = list(await repo.latest_queued(tx, kind, limit, subject))
+    return (queued + list(await repo.latest_entries(tx, kind, limit, subject)))[:limit]
 
 
 async def entries_about(tx: TenantTx, subject: str, limit: int) -> list[AuditEntry | QueuedEntry]:

@@ -3,6 +3,7 @@ served with a strict Content-Security-Policy (no inline script) and may not be f
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import UTC, datetime
 from functools import cache
@@ -15,6 +16,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery
 from litestar.response import Redirect
 
+from firstmile.admin.api import check_audit_filter
 from firstmile.admin.experiments_api import experiment_view
 from firstmile.admin.oidc import LoginError
 from firstmile.admin.paths import PathEditor
@@ -22,7 +24,7 @@ from firstmile.admin.rbac import Permission, permissions
 from firstmile.admin.service import AdminAuth, read_bootstrap_token
 from firstmile.admin.sessions import AdminSession
 from firstmile.analytics.service import AnalyticsService
-from firstmile.audit.service import KIND_PATTERN, AuditService
+from firstmile.audit.service import AuditService
 from firstmile.experiments import service as experiments
 from firstmile.experiments.analysis import analyse
 from firstmile.kit.db import TenantTx
@@ -57,7 +59,11 @@ _USER = re.compile(r"^[^\x00-\x1f\x7f]{1,255}$")
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 _PERSONA = re.compile(r"^(\*|[A-Za-z0-9_-]{1,64})$")
 _LOCALE = re.compile(r"^[a-z]{2,3}$")
-STATIC_TYPES = {"admin.js": "text/javascript", "admin.css": "text/css"}  # Litestar adds "; charset=utf-8" to text/*
+STATIC_TYPES = {
+    "admin.js": "text/javascript",
+    "audit-verify.js": "text/javascript",
+    "admin.css": "text/css",
+}  # Litestar adds "; charset=utf-8" to text/*
 
 
 @cache
@@ -162,14 +168,15 @@ class PagesController(Controller):
         admin_auth: NamedDependency[AdminAuth],
         audit_log: NamedDependency[AuditService],
         kind: FromQuery[str | None] = None,
+        subject: FromQuery[str | None] = None,
     ) -> Response[Any]:
         auth = admin_auth
         session = await _session_with(auth, request, Permission.AUDIT_READ, "GET /admin/audit", "the audit log")
         if session is None:
             return Redirect("/admin/signin", status_code=303)
-        if kind is not None and not KIND_PATTERN.match(kind):
-            raise ProblemError(400, "validation-error", f"kind must match {KIND_PATTERN.pattern}")
-        entries = await auth.unit_of_work(session).run(lambda tx: audit_log.latest(tx, kind, 200))
+        kind, subject = kind or None, subject or None  # an empty field of the form: no filter
+        check_audit_filter(kind, subject)
+        entries = await auth.unit_of_work(session).run(lambda tx: audit_log.latest(tx, kind, 200, subject))
         rows = [
             {
                 "seq": e.seq,
@@ -177,10 +184,11 @@ class PagesController(Controller):
                 "kind": e.kind,
                 "actor": e.actor,
                 "subject": e.subject,
+                "payload": json.dumps(e.payload, indent=2, sort_keys=True, ensure_ascii=False),
             }
             for e in entries
         ]
-        return render(auth, "audit.html", session=session, entries=rows, kind=kind)
+        return render(auth, "audit.html", session=session, entries=rows, kind=kind, subject=subject)
 
     @get("/nudges", summary="The nudge log of a user and a preview of the tenant's wordings (audit:read)")
     async def nudges(
