@@ -37,6 +37,7 @@ run: $(STAMP) ## Migrate the embedded PostgreSQL, apply tenants/demo.yaml, print
 
 services: ## Install (apt) and start the PostgreSQL, Kafka, Redis, Keycloak and Mailpit the tests use; install Chromium
 	@$(CHROMIUM) install
+	@$(CHROMIUM) axe >/dev/null
 	@$(PG) start test
 	@$(KAFKA) start test
 	@$(REDIS) start test
@@ -61,7 +62,7 @@ typecheck: $(STAMP) ## mypy --strict on the packages, benchmarks and tests
 pytest: $(STAMP) services ## The test suite (PostgreSQL must be running: make services)
 	FIRSTMILE_TEST_ADMIN_URL=$$($(PG) url test) FIRSTMILE_TEST_KAFKA=$$($(KAFKA) url test) FIRSTMILE_TEST_KAFKA_SASL=$$($(KAFKA) sasl-url test) \
 	  FIRSTMILE_TEST_REDIS=$$($(REDIS) url test) FIRSTMILE_TEST_KEYCLOAK=$$($(KEYCLOAK) url test) \
-	  FIRSTMILE_TEST_CHROMIUM=$$($(CHROMIUM) path) FIRSTMILE_TEST_MAILPIT_SMTP=$$($(MAILPIT) url test) \
+	  FIRSTMILE_TEST_CHROMIUM=$$($(CHROMIUM) path) FIRSTMILE_TEST_AXE=$$($(CHROMIUM) axe) FIRSTMILE_TEST_MAILPIT_SMTP=$$($(MAILPIT) url test) \
 	  FIRSTMILE_TEST_MAILPIT_API=$$($(MAILPIT) api test) \
 	  $(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup
 
@@ -70,6 +71,7 @@ test: $(STAMP) ## Everything the tests need, then ruff, mypy, the whole suite an
 	@# The deployment tools build (cold: about 25 min of Go, niced) while the services start and the suite runs
 	@deploy/tools/install.sh all >.firstmile/tools.log 2>&1 & echo $$! >.firstmile/tools.pid
 	@$(CHROMIUM) install
+	@$(CHROMIUM) axe >/dev/null
 	@$(PG) start test
 	@$(KAFKA) start test
 	@$(REDIS) start test
@@ -80,7 +82,7 @@ test: $(STAMP) ## Everything the tests need, then ruff, mypy, the whole suite an
 	  if [ $$status -eq 0 ]; then \
 	    FIRSTMILE_TEST_ADMIN_URL=$$($(PG) url test) FIRSTMILE_TEST_KAFKA=$$($(KAFKA) url test) FIRSTMILE_TEST_KAFKA_SASL=$$($(KAFKA) sasl-url test) \
 	      FIRSTMILE_TEST_REDIS=$$($(REDIS) url test) FIRSTMILE_TEST_KEYCLOAK=$$($(KEYCLOAK) url test) \
-	      FIRSTMILE_TEST_CHROMIUM=$$($(CHROMIUM) path) FIRSTMILE_TEST_MAILPIT_SMTP=$$($(MAILPIT) url test) \
+	      FIRSTMILE_TEST_CHROMIUM=$$($(CHROMIUM) path) FIRSTMILE_TEST_AXE=$$($(CHROMIUM) axe) FIRSTMILE_TEST_MAILPIT_SMTP=$$($(MAILPIT) url test) \
 	      FIRSTMILE_TEST_MAILPIT_API=$$($(MAILPIT) api test) \
 	      $(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup || status=$$?; \
 	  fi; \

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
+from playwright.sync_api import Browser
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -202,6 +203,26 @@ def keycloak_url() -> str:
     if not url:
         pytest.exit("FIRSTMILE_TEST_KEYCLOAK is not set: run `make test` (it starts Keycloak)", returncode=2)
     return url
+
+
+@pytest.fixture(scope="module")
+def browser(chromium_path: str) -> Iterator[Browser]:
+    """Debian's Chromium under Playwright, one per test module (``tests.support.browser.chromium``)."""
+    from tests.support.browser import chromium
+
+    with chromium(chromium_path) as launched:
+        yield launched
+
+
+@pytest.fixture(scope="session")
+def axe_script() -> str:
+    """axe-core's ``axe.min.js`` (npm, pinned), which the browser tests inject to check each page's accessibility:
+    ``FIRSTMILE_TEST_AXE``, set by ``make test`` from ``deploy/local/chromium.sh axe``. Missing, the tests fail."""
+    path = os.environ.get("FIRSTMILE_TEST_AXE", "")
+    if not path or not os.path.isfile(path):
+        pytest.fail(f"no axe-core ({path or 'FIRSTMILE_TEST_AXE unset'}): run deploy/local/chromium.sh axe "
+                    "(make test does) and set FIRSTMILE_TEST_AXE to what it prints", pytrace=False)  # fmt: skip
+    return path
 
 
 @pytest.fixture(scope="session")

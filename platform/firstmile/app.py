@@ -47,6 +47,7 @@ from firstmile.privacy.api import UsersController
 from firstmile.security.keys import KeyProviderError
 from firstmile.security.pii import RedactingFilter
 from firstmile.settings import Settings, get_settings
+from firstmile.web.errors import for_people
 from firstmile.web.pages import PagesController
 from firstmile.wiring.container import Container, Overrides
 from firstmile.wiring.providers import dependencies
@@ -186,7 +187,7 @@ def create_app(
         plugins=[OpenTelemetryPlugin(OpenTelemetryConfig(tracer_provider=provider, exclude=PUBLIC_PATHS))]
         if settings.telemetry.otel_exporter != "none"
         else [],
-        exception_handlers={**exception_handlers(), KeyProviderError: _on_key_provider_error},
+        exception_handlers=for_people({**exception_handlers(), KeyProviderError: _on_key_provider_error}),
         request_max_body_size=settings.server.max_body_bytes,
         openapi_config=OpenAPIConfig(
             title="Firstmile API",

@@ -15,13 +15,11 @@ from playwright.sync_api import Browser, Page, Route, expect
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from firstmile.analytics.chdb_store import ChdbStore
-from firstmile.app import create_app
 from firstmile.audit.service import append, create_checkpoint
 from firstmile.kit.db import tenant_transaction
 from firstmile.kit.scope import OPERATOR_CLI
-from tests.conftest import PEPPER, Database, make_settings, sequenced
-from tests.support.browser import WAIT_MS, applied_tenant, chromium, run_async, sign_in, tenant_id
-from tests.support.serving import free_port, served
+from tests.conftest import Database, sequenced
+from tests.support.browser import WAIT_MS, applied_tenant, run_async, served_admin, sign_in, tenant_id
 
 SCREENSHOTS = Path(".firstmile/artifacts/screenshots")
 SUBJECT = "user-audit-7"
@@ -39,18 +37,8 @@ def slug(database: Database) -> str:
 
 @pytest.fixture(scope="module")
 def served_app(database: Database, analytics_store: ChdbStore) -> Iterator[tuple[str, Litestar]]:
-    port = free_port()
-    settings = make_settings(public_url=f"http://127.0.0.1:{port}", admin_cookie_secure=False,
-                             in_process_schedulers=False)  # fmt: skip
-    app = create_app(settings, database.app_url, PEPPER, analytics=analytics_store)
-    with served(app, port) as url:
-        yield url, app
-
-
-@pytest.fixture(scope="module")
-def browser(chromium_path: str) -> Iterator[Browser]:
-    with chromium(chromium_path) as launched:
-        yield launched
+    with served_admin(database, analytics_store) as served:
+        yield served
 
 
 def _write(database: Database, app: Litestar, slug: str, payloads: list[dict[str, Any]], checkpoint: bool) -> None:

@@ -19,10 +19,8 @@ from playwright.sync_api import Browser, expect
 
 from firstmile.analytics.chdb_store import ChdbStore
 from firstmile.analytics.rows import ACTIVATED, EXPOSED, AnalyticsEvent
-from firstmile.app import create_app
-from tests.conftest import PEPPER, Database, make_settings
-from tests.support.browser import WAIT_MS, applied_tenant, chromium, sign_in, tenant_id
-from tests.support.serving import free_port, served
+from tests.conftest import Database
+from tests.support.browser import WAIT_MS, applied_tenant, served_admin, sign_in, tenant_id
 
 expect.set_options(timeout=WAIT_MS)  # a result page runs the analysis: allow for a busy machine
 
@@ -34,17 +32,8 @@ def slug(database: Database) -> str:
 
 @pytest.fixture(scope="module")
 def base(database: Database, analytics_store: ChdbStore) -> Iterator[str]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    settings = make_settings(public_url=url, admin_cookie_secure=False, in_process_schedulers=False)
-    with served(create_app(settings, database.app_url, PEPPER, analytics=analytics_store), port) as served_url:
-        yield served_url
-
-
-@pytest.fixture(scope="module")
-def browser(chromium_path: str) -> Iterator[Browser]:
-    with chromium(chromium_path) as launched:
-        yield launched
+    with served_admin(database, analytics_store) as (url, _):
+        yield url
 
 
 def test_an_experiment_goes_from_draft_to_promotion_in_the_browser(

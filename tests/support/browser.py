@@ -9,19 +9,26 @@ import threading
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
+from litestar import Litestar
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from firstmile.admin.cli import login_link
+from firstmile.analytics.chdb_store import ChdbStore
+from firstmile.app import create_app
 from firstmile.controlplane.service import apply_manifest
 from firstmile.tenancy.service import find_tenant
-from tests.conftest import PEPPER, REGION, Database
+from tests.conftest import PEPPER, REGION, Database, make_settings
 from tests.factories import manifest_for
+from tests.support.serving import free_port, served
 
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-dev-shm-usage"]
 WAIT_MS = 15_000
+SCREENSHOTS = Path(".firstmile/artifacts/screenshots")
+"""Where the browser tests save their screenshots (CI keeps ``.firstmile/artifacts`` as the run's artifacts)."""
 T = TypeVar("T")
 
 
@@ -91,3 +98,41 @@ def tenant_id(database: Database, slug: str) -> uuid.UUID:
             await engine.dispose()
 
     return run_async(find)
+
+
+def serious_violations(page: Page, axe_script: str) -> list[str]:
+    """axe-core's serious and critical findings on the page as it is (WCAG 2.1 A and AA rules), one line each.
+    The page's context must bypass its CSP (``bypass_csp=True``): axe is injected as a script of its own."""
+    if not page.evaluate("typeof window.axe !== 'undefined'"):
+        page.add_script_tag(path=axe_script)
+    found = page.evaluate(
+        "async () => (await axe.run(document, {runOnly: {type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21aa']}}))"
+        ".violations.filter(v => v.impact === 'serious' || v.impact === 'critical')"
+        ".map(v => `${v.id} (${v.impact}): ${v.nodes.map(n => n.target.join(' ')).join(', ')}`)"
+    )
+    return [str(line) for line in found]
+
+
+def screenshots(page: Page, name: str, folder: Path = SCREENSHOTS) -> int:
+    """Full-page screenshots at 1280 and 390 px wide (``<name>-desktop.png``, ``<name>-390.png``); the page's
+    scroll width at 390 px (more than 390: the page scrolls sideways)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    page.set_viewport_size({"width": 1280, "height": 900})
+    page.screenshot(path=str(folder / f"{name}-desktop.png"), full_page=True)
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.screenshot(path=str(folder / f"{name}-390.png"), full_page=True)
+    width = int(page.evaluate("document.documentElement.scrollWidth"))
+    page.set_viewport_size({"width": 1280, "height": 900})
+    return width
+
+
+@contextmanager
+def served_admin(database: Database, analytics: ChdbStore) -> Iterator[tuple[str, Litestar]]:
+    """The app on a loopback port for a browser (the test database and chdb store; no background schedulers):
+    its base URL and the app (whose container holds, e.g., the audit signer once started)."""
+    port = free_port()
+    settings = make_settings(public_url=f"http://127.0.0.1:{port}", admin_cookie_secure=False,
+                             in_process_schedulers=False)  # fmt: skip
+    app = create_app(settings, database.app_url, PEPPER, analytics=analytics)
+    with served(app, port) as url:
+        yield url, app

@@ -63,6 +63,7 @@ STATIC_TYPES = {
     "admin.js": "text/javascript",
     "audit-verify.js": "text/javascript",
     "admin.css": "text/css",
+    "favicon.svg": "image/svg+xml",
 }  # Litestar adds "; charset=utf-8" to text/*
 
 
@@ -72,10 +73,23 @@ def _static(name: str) -> bytes:
     return resources.files("firstmile.web").joinpath(name).read_bytes()
 
 
-def render(auth: AdminAuth, template: str, status: int = 200, **context: Any) -> Response[str]:
+SECTIONS = {"dashboard.html": "dashboard", "experiments.html": "experiments", "experiment.html": "experiments",
+            "nudges.html": "nudges", "audit.html": "audit"}  # fmt: skip
+"""The navigation entry each page belongs to (marked ``aria-current``)."""
+
+
+def page_html(template: str, context: dict[str, Any]) -> str:
+    """A page in the shell of ``base.html``: the navigation the session's roles may use, sign-out, the section."""
+    session = context.setdefault("session", None)
     context.setdefault("csrf_token", None)
-    html = _environment().get_template(template).render(**context)
-    oidc = auth.oidc
+    context.setdefault("section", SECTIONS.get(template))
+    context["nav_permissions"] = {str(p) for p in permissions(session.roles)} if session is not None else set()
+    return _environment().get_template(template).render(**context)
+
+
+def render(auth: AdminAuth | None, template: str, status: int = 200, **context: Any) -> Response[str]:
+    html = page_html(template, context)
+    oidc = auth.oidc if auth is not None else None
     forms = "'self'" if oidc is None else f"'self' {oidc.naming.keycloak_url.rstrip('/')}"
     headers = {**SECURITY_HEADERS, "Content-Security-Policy": CSP.format(forms=forms)}
     return Response(html, status_code=status, media_type="text/html", headers=headers)
