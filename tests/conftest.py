@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
-from playwright.sync_api import Browser
+from playwright.sync_api import Browser, Page
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -212,6 +212,16 @@ def browser(chromium_path: str) -> Iterator[Browser]:
 
     with chromium(chromium_path) as launched:
         yield launched
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    """A page of its own browser context (cookies apart) that lets axe-core in past the page's CSP."""
+    context = browser.new_context(bypass_csp=True)
+    opened = context.new_page()
+    opened.set_default_timeout(15_000)
+    yield opened
+    context.close()
 
 
 @pytest.fixture(scope="session")

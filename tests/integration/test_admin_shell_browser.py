@@ -9,13 +9,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from playwright.sync_api import Browser, Page, expect
+from playwright.sync_api import Page, expect
 
 from firstmile.admin.cli import login_link
 from firstmile.analytics.chdb_store import ChdbStore
 from tests.conftest import PEPPER, Database
 from tests.support.browser import (
-    WAIT_MS,
     applied_tenant,
     screenshots,
     serious_violations,
@@ -23,8 +22,8 @@ from tests.support.browser import (
     sign_in,
 )
 
-PAGES = {"dashboard": "/admin/", "experiments": "/admin/experiments", "nudges": "/admin/nudges",
-         "audit": "/admin/audit"}  # fmt: skip
+PAGES = {"dashboard": "/admin/", "experiments": "/admin/experiments", "users": "/admin/users",
+         "nudges": "/admin/nudges", "audit": "/admin/audit"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -36,15 +35,6 @@ def slug(database: Database) -> str:
 def base(database: Database, analytics_store: ChdbStore) -> Iterator[str]:
     with served_admin(database, analytics_store) as (url, _):
         yield url
-
-
-@pytest.fixture
-def page(browser: Browser) -> Iterator[Page]:
-    context = browser.new_context(bypass_csp=True)  # axe-core is injected as a script of its own
-    opened = context.new_page()
-    opened.set_default_timeout(WAIT_MS)
-    yield opened
-    context.close()
 
 
 def test_every_page_has_the_shell_fits_a_phone_and_passes_axe(

@@ -183,6 +183,16 @@ async def exposure_counts(tx: TenantTx, experiment_id: str) -> dict[str, int]:
     return {str(variant): int(count) for variant, count in rows}
 
 
+async def exposures_of(tx: TenantTx, user_id: str) -> list[tuple[str, str, datetime]]:
+    """The user's exposures, oldest first: (experiment, variant, exposed at)."""
+    rows = await tx.execute(
+        select(experiment_exposures.c.experiment_id, experiment_exposures.c.variant, experiment_exposures.c.exposed_at)
+        .where(experiment_exposures.c.tenant_id == tx.tenant, experiment_exposures.c.user_id == user_id)
+        .order_by(experiment_exposures.c.exposed_at, experiment_exposures.c.experiment_id)
+    )
+    return [(str(r[0]), str(r[1]), r[2]) for r in rows]
+
+
 async def delete_user(tx: TenantTx, user_id: str) -> dict[str, int]:
     """Delete the user's exposures (an erasure); how many rows."""
     result = await tx.execute(

@@ -227,6 +227,11 @@ async def experiments(tx: TenantTx) -> list[repo.ExperimentRow]:
     return await repo.all_experiments(tx)
 
 
+async def user_exposures(tx: TenantTx, user_id: str) -> list[tuple[str, str, datetime]]:
+    """The experiments the user was exposed to, oldest first: (experiment, variant, exposed at)."""
+    return await repo.exposures_of(tx, user_id)
+
+
 async def delete_user(tx: TenantTx, user_id: str) -> dict[str, int]:
     """Delete the user's exposures (an erasure); how many rows."""
     return await repo.delete_user(tx, user_id)
@@ -260,4 +265,5 @@ __all__ = [
     "start",
     "stop",
     "sync_manifest",
+    "user_exposures",
 ]

@@ -165,6 +165,38 @@ class PrivacyService:
         await audit.append(tx, "admin", actor, user_id, {"action": "users.export"})
         return document
 
+    async def overview(self, uow: UnitOfWork, user_id: str, actor: str) -> dict[str, Any] | None:
+        """What the admin UI's users page shows of one user, without their personal data (nothing is decrypted:
+        the traits the manifest does not call personal, and the names of the sealed ones): the path and progress,
+        the planner's decision and its reasons, the nudges and what became of them, the experiment exposures.
+        Audited as a view (``users.view``); None when nothing is held."""
+
+        async def work(tx: TenantTx) -> dict[str, Any] | None:
+            held = await onboarding.held_user(tx, user_id)
+            sends = await nudges.nudge_log(tx, user_id)
+            exposed = await experiments.user_exposures(tx, user_id)
+            if held.profile is None and held.progress is None and not sends and not exposed:
+                return None
+            await audit.append(tx, "admin", actor, user_id, {"action": "users.view"})
+            progress = held.progress
+            return {
+                "user_id": user_id,
+                "traits": dict(held.profile[0] or {}) if held.profile is not None else None,
+                "personal_data": held.profile is not None and held.profile[1] is not None,
+                "created_at": _iso(held.profile[2]) if held.profile is not None else None,
+                "onboarding": None if progress is None else {
+                    "path_id": progress[0], "path_version": progress[1], "status": progress[2],
+                    "current_step": progress[3], "decision": progress[4], "started_at": _iso(progress[5]),
+                    "activated_at": _iso(progress[6]), "completed_at": _iso(progress[7]),
+                    "completions": [{"step_id": c[0], "completed_at": _iso(c[3]), "source": c[5]}
+                                    for c in held.completions],
+                },
+                "nudges": sends,
+                "exposures": [{"experiment": e, "variant": v, "exposed_at": _iso(at)} for e, v, at in exposed],
+            }  # fmt: skip
+
+        return await uow.run(work)
+
     async def lookup_by_email(self, uow: UnitOfWork, email: str) -> list[str]:
         """The users whose email is ``email`` (blind index: the email is never stored in clear)."""
         keys = await self.keyring.keys(uow)

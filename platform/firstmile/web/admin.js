@@ -72,3 +72,25 @@ document.addEventListener("submit", async (event) => {
     say(`Not saved: ${answer.detail}`);
   }
 });
+
+// The users page: erase after the admin confirms (DELETE /admin/api/users/<id>, crypto-shredding).
+document.addEventListener("click", async (event) => {
+  const button = event.target.closest("button[data-erase]");
+  if (!button) return;
+  const id = button.dataset.erase;
+  if (!window.confirm(`Erase ${id}? Their key is destroyed and their rows deleted; this cannot be undone.`)) return;
+  button.disabled = true;
+  const response = await fetch(`/admin/api/users/${encodeURIComponent(id)}`, {
+    method: "DELETE",
+    headers: { "X-CSRF-Token": csrf() },
+    credentials: "same-origin",
+  });
+  const answer = await response.json();
+  if (response.ok) {
+    say(`Erased ${answer.user_id}: key destroyed, audit entry ${answer.audit_entry_id}.`);
+    document.querySelector('[data-testid="end-user"]')?.remove();
+  } else {
+    say(`Not erased: ${answer.detail}`);
+    button.disabled = false;
+  }
+});

@@ -29,9 +29,10 @@ from firstmile.experiments import service as experiments
 from firstmile.experiments.analysis import analyse
 from firstmile.kit.db import TenantTx
 from firstmile.kit.errors import ProblemError
-from firstmile.kit.ids import SLUG_RE, check_id
+from firstmile.kit.ids import SLUG_RE, check_id, check_user_id
 from firstmile.nudges import service as nudges
 from firstmile.onboarding import paths
+from firstmile.privacy.service import PrivacyService
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
@@ -74,7 +75,7 @@ def _static(name: str) -> bytes:
 
 
 SECTIONS = {"dashboard.html": "dashboard", "experiments.html": "experiments", "experiment.html": "experiments",
-            "nudges.html": "nudges", "audit.html": "audit"}  # fmt: skip
+            "nudges.html": "nudges", "audit.html": "audit", "users.html": "users"}  # fmt: skip
 """The navigation entry each page belongs to (marked ``aria-current``)."""
 
 
@@ -240,6 +241,38 @@ class PagesController(Controller):
         return render(
             auth, "nudges.html", session=session, user=user or "", rows=rows, previews=previews, trigger=trigger,
             persona=persona, locale=locale,
+        )  # fmt: skip
+
+    @get("/users", summary="Look up an end user by id or e-mail: path, progress, decision, nudges, exposures")
+    async def users(
+        self,
+        request: Request[Any, Any, Any],
+        admin_auth: NamedDependency[AdminAuth],
+        privacy: NamedDependency[PrivacyService],
+        q: FromQuery[str | None] = None,
+    ) -> Response[Any]:
+        auth = admin_auth
+        session = await _session_with(auth, request, Permission.USERS_EXPORT, "GET /admin/users", "end users")
+        if session is None:
+            return Redirect("/admin/signin", status_code=303)
+        q = (q or "").strip()
+        uow, actor = auth.unit_of_work(session), f"admin:{session.subject}"
+        matches: list[str] = []
+        user: dict[str, Any] | None = None
+        if "@" in q:  # an e-mail: found through its blind index, never stored or shown in clear
+            if len(q) > 320:
+                raise ProblemError(400, "validation-error", "an e-mail address has at most 320 characters")
+            matches = await privacy.lookup_by_email(uow, q)
+        elif q:
+            matches = [check_user_id(q)]
+        if len(matches) == 1:
+            user = await privacy.overview(uow, matches[0], actor)
+            if user is not None:
+                user = user | {"nudges": [_log_row(r) for r in user["nudges"]]}
+        granted = permissions(session.roles)
+        return render(
+            auth, "users.html", session=session, csrf_token=session.csrf_token, q=q, matches=matches, user=user,
+            can_erase=Permission.USERS_ERASE in granted,
         )  # fmt: skip
 
     @get("/experiments", summary="The experiment manager: the tenant's experiments and their lifecycle")
