@@ -573,3 +573,46 @@ async def test_a_nudge_experiment_is_drafted_in_the_admin_api_shown_by_its_arms_
     assert page.status_code == 200 and f'data-action="promote" data-experiment="{experiment_id}"' not in page.text
     promoted = await _call(admin_app, "POST", f"/admin/api/experiments/{experiment_id}/promote", owner["csrf_token"])
     assert promoted.status_code == 409 and "is a nudge experiment" in promoted.json()["detail"]
+
+
+async def test_the_path_editor_api_validates_every_field_versions_diffs_and_reverts(
+    admin_app: Client, home: TenantFixture, admin_engine: AsyncEngine
+) -> None:
+    editor = await sign_in(admin_app, home.slug, "editor")
+    csrf = {"X-CSRF-Token": editor["csrf_token"]}
+    key = "marketing-campaigns"  # a path no other test of the module edits
+    current = (await admin_app.get(f"/admin/api/paths/{key}/versions")).json()
+    start = current[0]["version"]
+    steps = (await admin_app.get(f"/admin/api/paths/{key}/versions/{start}")).json()["definition"]["steps"]
+    broken = [dict(s) for s in steps]
+    broken[1]["title"] = ""
+    broken[3]["prerequisites"] = ["no-such-step"]
+    refused = await admin_app.post(f"/admin/api/paths/{key}/validate", json={"steps": broken}, headers=csrf)
+    assert refused.status_code == 400 and refused.headers["content-type"].startswith("application/problem+json")
+    keys = [e["key"] for e in refused.json()["errors"]]
+    assert "steps.1.title" in keys, refused.json()
+    published = await admin_app.patch(f"/admin/api/paths/{key}", json={"steps": broken}, headers=csrf)
+    assert published.status_code == 400
+    assert (await admin_app.get(f"/admin/api/paths/{key}/versions")).json() == current  # nothing published
+
+    renamed = [dict(s) for s in steps]
+    renamed[0]["title"] = "Connect your warehouse first"
+    checked = await admin_app.post(f"/admin/api/paths/{key}/validate", json={"steps": renamed}, headers=csrf)
+    assert checked.status_code == 200 and checked.json()["preview"][0]["title"] == "Connect your warehouse first"
+    assert checked.json()["preview"][0]["available"] and not checked.json()["preview"][1]["available"]
+    done = await admin_app.patch(f"/admin/api/paths/{key}", json={"steps": renamed, "targeting": []}, headers=csrf)
+    assert done.status_code == 200 and done.json()["version"] == start + 1, done.text
+    diff = (await admin_app.get(f"/admin/api/paths/{key}/diff", params={"from": start, "to": start + 1})).json()
+    assert diff["steps_changed"] == [{"id": steps[0]["id"], "fields": {"title": {
+        "from": steps[0]["title"], "to": "Connect your warehouse first"}}}]  # fmt: skip
+    assert "targeting" in diff["fields"] and not diff["order_changed"]
+    assert (await admin_app.get(f"/admin/api/paths/{key}/diff", params={"from": 99, "to": 1})).status_code == 404
+    reverted = await admin_app.post(f"/admin/api/paths/{key}/revert", json={"version": start}, headers=csrf)
+    assert reverted.status_code == 200 and reverted.json()["version"] == start + 2
+    assert reverted.json()["matches_manifest"]  # the manifest's definition again
+    again = await admin_app.post(f"/admin/api/paths/{key}/revert", json={"version": start + 2}, headers=csrf)
+    assert again.json()["version"] == start + 2  # the current version already: no new one
+    bad = await admin_app.post(f"/admin/api/paths/{key}/revert", json={"version": "1"}, headers=csrf)
+    assert bad.status_code == 400
+    kinds = [k for k, _ in await audit_kinds(admin_engine, home, "path.revert")]
+    assert kinds.count("path.revert") >= 1

@@ -43,7 +43,7 @@ from firstmile.audit.signing import ALGORITHM
 from firstmile.kit import telemetry
 from firstmile.kit.auth import is_preflight
 from firstmile.kit.errors import ProblemError, strict_body
-from firstmile.kit.ids import check_user_id
+from firstmile.kit.ids import SLUG_RE, check_id, check_user_id
 from firstmile.kit.uow import UnitOfWork
 from firstmile.privacy.api import nothing_held
 from firstmile.privacy.service import PrivacyService
@@ -297,9 +297,23 @@ class MeOut(msgspec.Struct):
 
 
 class PathEdit(msgspec.Struct, forbid_unknown_fields=True):
+    """What an edit changes (omitted: kept); the shapes inside targeting and steps are the manifest's, checked
+    by its rules (``PathSpec``)."""
+
     name: str | None = None
     description: str | None = None
     priority: int | None = None
+    targeting: list[dict[str, Any]] | None = None
+    activation_step: str | None = None
+    steps: list[dict[str, Any]] | None = None
+
+
+class PathRevert(msgspec.Struct, forbid_unknown_fields=True):
+    version: int
+
+
+def _changes(data: PathEdit) -> dict[str, Any]:
+    return {k: v for k, v in msgspec.structs.asdict(data).items() if v is not None}
 
 
 def _session(request: Request[Any, Any, Any]) -> AdminSession:
@@ -341,7 +355,7 @@ class AdminApiController(Controller):
 
     @patch(
         "/paths/{key:str}",
-        summary="Edit a path's name, description or priority (a new version)",
+        summary="Edit a path: any of its fields but the id (a new version; 400 with every error at its field)",
         opt={"permission": Permission.PATHS_WRITE},
     )
     async def edit_path(
@@ -354,8 +368,63 @@ class AdminApiController(Controller):
     ) -> dict[str, Any]:
         session = _session(request)
         data = strict_body(await request.body(), PathEdit)  # "5" is not a priority
-        changes = {k: v for k, v in msgspec.structs.asdict(data).items() if v is not None}
+        changes = _changes(data)
         return await uow.run(lambda tx: path_editor.edit(tx, key, changes, actor=f"admin:{session.subject}"))
+
+    @post(
+        "/paths/{key:str}/validate",
+        summary="Check an edit without publishing it; the checklist a new user would see",
+        status_code=200,
+        opt={"permission": Permission.PATHS_WRITE},
+    )
+    async def validate_path(
+        self,
+        request: Request[Any, Any, Any],
+        key: FromPath[str],
+        data: JSONBody[PathEdit],
+        uow: NamedDependency[UnitOfWork],
+        path_editor: NamedDependency[PathEditor],
+    ) -> dict[str, Any]:
+        changes = _changes(strict_body(await request.body(), PathEdit))
+        return await uow.run(lambda tx: path_editor.validate(tx, key, changes))
+
+    @get("/paths/{key:str}/versions", summary="A path's versions, newest first",
+         opt={"permission": Permission.PATHS_READ})  # fmt: skip
+    async def path_versions(
+        self, key: FromPath[str], uow: NamedDependency[UnitOfWork], path_editor: NamedDependency[PathEditor]
+    ) -> list[dict[str, Any]]:
+        check_id(key, SLUG_RE, "key")
+        return await uow.run(lambda tx: path_editor.versions(tx, key))
+
+    @get("/paths/{key:str}/versions/{version:int}", summary="One stored version of a path",
+         opt={"permission": Permission.PATHS_READ})  # fmt: skip
+    async def path_version(
+        self, key: FromPath[str], version: FromPath[int], uow: NamedDependency[UnitOfWork],
+        path_editor: NamedDependency[PathEditor],
+    ) -> dict[str, Any]:  # fmt: skip
+        check_id(key, SLUG_RE, "key")
+        return await uow.run(lambda tx: path_editor.definition(tx, key, version))
+
+    @get("/paths/{key:str}/diff", summary="What changed between two versions of a path",
+         opt={"permission": Permission.PATHS_READ})  # fmt: skip
+    async def path_diff(
+        self, key: FromPath[str], uow: NamedDependency[UnitOfWork], path_editor: NamedDependency[PathEditor],
+        first: Annotated[int, QueryParameter(name="from", ge=1)],
+        second: Annotated[int, QueryParameter(name="to", ge=1)],
+    ) -> dict[str, Any]:  # fmt: skip
+        check_id(key, SLUG_RE, "key")
+        return await uow.run(lambda tx: path_editor.diff(tx, key, first, second))
+
+    @post("/paths/{key:str}/revert", summary="Publish an earlier version's definition as a new version",
+          status_code=200, opt={"permission": Permission.PATHS_WRITE})  # fmt: skip
+    async def revert_path(
+        self, request: Request[Any, Any, Any], key: FromPath[str], data: JSONBody[PathRevert],
+        uow: NamedDependency[UnitOfWork], path_editor: NamedDependency[PathEditor],
+    ) -> dict[str, Any]:  # fmt: skip
+        check_id(key, SLUG_RE, "key")
+        session = _session(request)
+        version = strict_body(await request.body(), PathRevert).version
+        return await uow.run(lambda tx: path_editor.revert(tx, key, version, actor=f"admin:{session.subject}"))
 
     @get(
         "/users/{user_id:str}/export",

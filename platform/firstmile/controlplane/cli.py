@@ -11,7 +11,13 @@ from typing import Protocol
 import click
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from firstmile.controlplane.service import apply_manifest, record_provisioning, record_secret_read
+from firstmile.controlplane.service import (
+    UiEdits,
+    apply_manifest,
+    export_manifest,
+    record_provisioning,
+    record_secret_read,
+)
 from firstmile.events.topics import StreamConfig, reconcile_region_topics
 from firstmile.kit.cli import run, services
 from firstmile.security.datakeys import ProviderSource
@@ -83,7 +89,7 @@ def _region_topics(config: StreamConfig, dry_run: bool) -> None:
         click.echo("kafka: up to date")
 
 
-def _apply(paths: tuple[Path, ...], dry_run: bool, prune: bool = False) -> None:
+def _apply(paths: tuple[Path, ...], dry_run: bool, prune: bool = False, ui_edits: UiEdits = "refuse") -> None:
     try:
         manifests = [load_manifest(f) for f in _manifest_files(paths)]
     except ManifestError as exc:
@@ -104,7 +110,8 @@ def _apply(paths: tuple[Path, ...], dry_run: bool, prune: bool = False) -> None:
                     if not dry_run:
                         await directory.ensure_schema()
                     await asyncio.to_thread(_region_topics, deps.stream_config(), dry_run)
-                    await _reconcile_all(engine, directory, providers, provisioner, manifests, dry_run=dry_run)
+                    await _reconcile_all(engine, directory, providers, provisioner, manifests, dry_run=dry_run,
+                                         ui_edits=ui_edits)  # fmt: skip
                     if provisioner is not None and whole_set:
                         await _prune(engine, provisioner, {m.tenant.slug for m in manifests}, dry_run, prune)
             finally:
@@ -121,11 +128,12 @@ async def _reconcile_all(
     manifests: list[TenantManifest],
     *,
     dry_run: bool,
+    ui_edits: UiEdits = "refuse",
 ) -> None:
     verb = "would change" if dry_run else "changed"
     for manifest in manifests:
         try:
-            result = await apply_manifest(engine, manifest, dry_run=dry_run, key_providers=providers)
+            result = await apply_manifest(engine, manifest, dry_run=dry_run, key_providers=providers, ui_edits=ui_edits)
         except TenancyError as exc:
             raise click.ClickException(str(exc)) from exc
         except KeyProviderError as exc:
@@ -180,9 +188,36 @@ async def _prune(
     is_flag=True,
     help="Also delete the Keycloak realms of tenants with no manifest (only when PATHS are folders).",
 )
-def tenants_apply(paths: tuple[Path, ...], prune: bool) -> None:
+@click.option(
+    "--overwrite-ui-edits",
+    is_flag=True,
+    help="Replace paths edited in the admin UI with the manifest's (refused without it; `tenants export` first).",
+)
+def tenants_apply(paths: tuple[Path, ...], prune: bool, overwrite_ui_edits: bool) -> None:
     """Make the platform match the manifests (files or folders of *.yaml)."""
-    _apply(paths, dry_run=False, prune=prune)
+    _apply(paths, dry_run=False, prune=prune, ui_edits="overwrite" if overwrite_ui_edits else "refuse")
+
+
+@tenants.command("export")
+@click.argument("slug")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write here (default: stdout).")
+def tenants_export(slug: str, output: Path | None) -> None:
+    """Write the tenant's manifest with its current paths (the admin UI's edits included) as YAML."""
+    deps = _deps()
+
+    async def work() -> str:
+        async with deps.operator_engine() as engine:
+            try:
+                return await export_manifest(engine, slug)
+            except TenancyError as exc:
+                raise click.ClickException(str(exc)) from exc
+
+    text = run(work())
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.write_text(text, encoding="utf-8")
+        click.echo(f"tenant {slug}: manifest written to {output}", err=True)
 
 
 @tenants.command("plan")

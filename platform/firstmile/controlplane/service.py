@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Literal
 
+import yaml
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from firstmile.audit import service as audit
 from firstmile.experiments import service as experiments
 from firstmile.kit.db import tenant_transaction
 from firstmile.kit.scope import OPERATOR_CLI, TenantId
-from firstmile.onboarding.paths import sync_paths
+from firstmile.onboarding.paths import current_paths, edited_here, sync_paths
 from firstmile.security.datakeys import (
     NewTenantKeys,
     ProviderSource,
@@ -28,13 +31,17 @@ from firstmile.security.datakeys import (
 )
 from firstmile.security.keys import KeyProvider
 from firstmile.tenancy import service as tenancy
-from firstmile.tenancy.manifest import TenantManifest
+from firstmile.tenancy.manifest import PathSpec, TenantManifest
 from firstmile.tenancy.service import TenancyError
 
 OPERATOR = OPERATOR_CLI.actor
 """The actor of audit entries written by operator commands (a person at the CLI, as the schema owner)."""
 
 __all__ = ["OPERATOR", "ApplyResult", "TenancyError", "apply_manifest", "record_provisioning", "record_secret_read"]
+
+
+UiEdits = Literal["refuse", "overwrite", "keep"]
+"""What `tenants apply` does with paths edited in the admin UI that the manifest would replace."""
 
 
 @dataclass
@@ -54,6 +61,7 @@ async def apply_manifest(
     *,
     dry_run: bool = False,
     key_providers: KeyProvider | ProviderSource | None = None,
+    ui_edits: UiEdits = "refuse",
 ) -> ApplyResult:
     """Make the database match ``manifest``; idempotent (paths: :func:`~firstmile.onboarding.paths.sync_paths`).
 
@@ -62,6 +70,11 @@ async def apply_manifest(
     first data and index keys (``create data key``): made by the provider first, stored in the
     apply's transaction. A plan only looks (it never calls the provider, which for Vault would
     create the key).
+
+    ``ui_edits``: what to do with a path whose current version was made outside the manifest (the admin path
+    editor, a revert, an experiment's promotion) when the manifest would replace it: ``refuse`` (the default:
+    :class:`TenancyError` naming the paths; a plan lists them and goes on), ``overwrite``, or ``keep`` them as
+    they are and apply the rest (``make run`` re-applying the demo manifest).
     """
     spec = manifest.tenant
     async with engine.connect() as conn:
@@ -90,7 +103,26 @@ async def apply_manifest(
         if existing is None:
             await tenancy.create_tenant(tx, manifest)
             result.changes.append(f"create tenant {spec.slug} in {spec.home_region}")
-        result.changes.extend(await sync_paths(tx, manifest.paths))
+        edited: dict[str, int] = {}
+        if existing is not None:
+            applied = [PathSpec.model_validate(p) for p in (await tenancy.manifest(tx)).get("paths", [])]
+            edited = await edited_here(tx, applied, manifest.paths)
+        for key, version in edited.items():
+            if ui_edits == "refuse" and dry_run:
+                result.changes.append(f"path {key}: version {version} was edited in the admin UI and this manifest "
+                                      "would replace it: apply refuses (firstmile tenants export writes the current "
+                                      "paths to a manifest; --overwrite-ui-edits replaces them)")  # fmt: skip
+            elif ui_edits == "overwrite":
+                result.changes.append(f"path {key}: replaces version {version}, edited in the admin UI")
+            elif ui_edits == "keep":
+                result.changes.append(f"path {key}: keeps version {version}, edited in the admin UI")
+        if edited and ui_edits == "refuse" and not dry_run:
+            listed = ", ".join(f"{k} (version {v})" for k, v in edited.items())
+            raise TenancyError(f"tenant {spec.slug}: paths edited in the admin UI would be replaced: {listed}. Write "
+                               f"them into the manifest with `firstmile tenants export {spec.slug}`, or apply with "
+                               "--overwrite-ui-edits")  # fmt: skip
+        keep = frozenset(edited) if ui_edits == "keep" else frozenset()
+        result.changes.extend(await sync_paths(tx, manifest.paths, keep))
         try:
             result.changes.extend(await experiments.sync_manifest(tx, manifest.experiments, OPERATOR, manifest.nudges))
         except experiments.ExperimentError as exc:  # a running experiment's allocation may not change
@@ -144,3 +176,21 @@ async def _operator_entry(engine: AsyncEngine, slug: str, subject: str, payload:
     async with tenant_transaction(engine, OPERATOR_CLI.tenant(found.id)) as tx:
         await audit.append(tx, "admin", OPERATOR, subject, payload)
     return True
+
+
+async def export_manifest(engine: AsyncEngine, slug: str) -> str:
+    """The tenant's applied manifest with its paths as they are now (edits made in the admin UI, reverts and
+    promotions included), as YAML; applying it changes no path. :class:`TenancyError` for an unknown tenant."""
+    async with engine.connect() as conn:
+        found = await tenancy.find_tenant(conn, slug)
+    if found is None:
+        raise TenancyError(f"no tenant {slug!r}")
+    async with tenant_transaction(engine, OPERATOR_CLI.tenant(found.id), commit=False) as tx:
+        document = dict(await tenancy.manifest(tx))
+        current = {key: definition for key, _, definition in await current_paths(tx)}
+    order = [p["id"] for p in document.get("paths", []) if p.get("id") in current]
+    order += sorted(set(current) - set(order))
+    document["paths"] = [{"id": key, **{k: v for k, v in current[key].items() if k != "id"}} for key in order]
+    TenantManifest.model_validate(document)  # what is written applies
+    header = f"# tenant {slug}: exported {datetime.now(UTC).isoformat(timespec='seconds')} with its current paths\n"
+    return header + yaml.safe_dump(document, sort_keys=False, allow_unicode=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -21,18 +22,52 @@ from firstmile.kit.errors import ProblemError
 from firstmile.onboarding import repository as repo
 from firstmile.tenancy.manifest import PathSpec
 
-EDITABLE = ("name", "description", "priority")
-"""What the admin path editor may change: display and selection fields, never the steps."""
+EDITABLE = ("name", "description", "priority", "targeting", "activation_step", "steps")
+"""What the admin path editor may change: everything but the path's id."""
 
 
-async def sync_paths(tx: TenantTx, paths: Sequence[PathSpec]) -> list[str]:
-    """Make the tenant's current paths match ``paths``; returns what changed, in words."""
-    changes: list[str] = []
-    wanted = {p.id: p for p in paths}
+class PathInvalidError(ProblemError):
+    """A path edit that breaks the manifest's rules: 400 with every error, each at its field (``steps.2.title``)."""
+
+    def __init__(self, errors: list[dict[str, str]]) -> None:
+        first = errors[0]
+        super().__init__(400, "validation-error", f"{first['message']} (at {first['key']})", errors=errors)
+        self.errors = errors
+
+
+def validated(key: str, definition: Mapping[str, Any]) -> PathSpec:
+    """``definition`` as a path of id ``key`` under the manifest's rules, or :class:`PathInvalidError`."""
+    try:
+        return PathSpec.model_validate({**definition, "id": key})
+    except ValidationError as exc:
+        errors = [
+            {"key": ".".join(str(p) for p in e["loc"]) or "path",
+             "message": e["msg"].removeprefix("Value error, "), "source": "body"}
+            for e in exc.errors()
+        ]  # fmt: skip
+        raise PathInvalidError(errors) from None
+
+
+async def edited_here(tx: TenantTx, applied: Sequence[PathSpec], wanted: Sequence[PathSpec]) -> dict[str, int]:
+    """Current versions made outside the manifest (the admin path editor, a revert, an experiment's promotion) that
+    a manifest of ``wanted`` paths would replace or retire, by path key: their current version. ``applied``: the
+    paths of the manifest applied last (what `tenants apply` made)."""
     current = await repo.current_path_hashes(tx)
+    made = {p.id: p.content_hash() for p in applied}
+    asked = {p.id: p.content_hash() for p in wanted}
+    return {key: version for key, (version, digest) in sorted(current.items())
+            if made.get(key) != digest and asked.get(key) != digest}  # fmt: skip
+
+
+async def sync_paths(tx: TenantTx, paths: Sequence[PathSpec], keep: frozenset[str] = frozenset()) -> list[str]:
+    """Make the tenant's current paths match ``paths``; returns what changed, in words. Paths in ``keep`` stay as
+    they are (edits made in the admin UI that the caller chose to keep)."""
+    changes: list[str] = []
+    wanted = {p.id: p for p in paths if p.id not in keep}
+    current = {k: v for k, v in (await repo.current_path_hashes(tx)).items() if k not in keep}
     for key in sorted(set(wanted) | set(current)):
         await repo.lock_path(tx, key)
-    current = await repo.current_path_hashes(tx)  # as of the locks
+    current = {k: v for k, v in (await repo.current_path_hashes(tx)).items() if k not in keep}  # as of the locks
     latest = await repo.latest_versions(tx)
     for key, path in wanted.items():
         digest = path.content_hash()
@@ -85,12 +120,7 @@ async def edit_path(tx: TenantTx, key: str, changes: Mapping[str, Any]) -> PathE
     if key not in current:
         raise ProblemError(404, "path-not-found", f"the tenant has no current path {key!r}")
     version, definition = current[key]
-    try:
-        spec = PathSpec.model_validate({**definition, **changes})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ProblemError(400, "validation-error", f"{first['msg']} (at {where})") from None
+    spec = validated(key, {**definition, **changes})
     edited = spec.model_dump(mode="json")
     if spec.content_hash() == PathSpec.model_validate(definition).content_hash():
         return PathEdit(key, version, version, definition, edited)  # nothing changed: no version
@@ -120,3 +150,58 @@ async def adopt_path(tx: TenantTx, key: str, source_key: str) -> PathEdit:
     await repo.retire_path(tx, key)
     await repo.insert_path_version(tx, key, latest + 1, spec.model_dump(mode="json"), spec.content_hash())
     return PathEdit(key, version, latest + 1, definition, spec.model_dump(mode="json"))
+
+
+@dataclass(frozen=True, slots=True)
+class PathVersion:
+    """One stored version of a path."""
+
+    version: int
+    current: bool
+    created_at: datetime
+    content_hash: str
+
+
+async def versions(tx: TenantTx, key: str) -> list[PathVersion]:
+    """Every version of path ``key``, newest first (404 when the tenant never had it)."""
+    found = [PathVersion(*row) for row in await repo.path_versions(tx, key)]
+    if not found:
+        raise ProblemError(404, "path-not-found", f"the tenant has no path {key!r}")
+    return found
+
+
+async def definition_of(tx: TenantTx, key: str, version: int) -> dict[str, Any]:
+    """The definition of one stored version (404 when there is none)."""
+    if version not in {v.version for v in await versions(tx, key)}:
+        raise ProblemError(404, "path-version-not-found", f"path {key!r} has no version {version}")
+    return await repo.path_definition(tx, key, version)
+
+
+async def revert_path(tx: TenantTx, key: str, version: int) -> PathEdit:
+    """Make the definition of an earlier ``version`` current again, as a new version (numbers are never reused;
+    users stay pinned to theirs). 404 for an unknown path or version; no version when it is current already."""
+    earlier = await definition_of(tx, key, version)
+    return await edit_path(tx, key, {f: earlier[f] for f in EDITABLE if f in earlier})
+
+
+def diff(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
+    """What changed from one definition to another: the path's own fields, steps added and removed, steps changed
+    (field by field), and whether the order of the steps both have changed."""
+    fields = {f: {"from": before.get(f), "to": after.get(f)} for f in EDITABLE if f != "steps"
+              and before.get(f) != after.get(f)}  # fmt: skip
+    old = {s["id"]: s for s in before.get("steps", [])}
+    new = {s["id"]: s for s in after.get("steps", [])}
+    changed = [
+        {"id": sid, "fields": {f: {"from": old[sid].get(f), "to": new[sid].get(f)}
+                               for f in sorted(set(old[sid]) | set(new[sid])) if old[sid].get(f) != new[sid].get(f)}}
+        for sid in new if sid in old and old[sid] != new[sid]
+    ]  # fmt: skip
+    kept_old = [s for s in old if s in new]
+    kept_new = [s for s in new if s in old]
+    return {
+        "fields": fields,
+        "steps_added": [s for s in new if s not in old],
+        "steps_removed": [s for s in old if s not in new],
+        "steps_changed": changed,
+        "order_changed": kept_old != kept_new,
+    }

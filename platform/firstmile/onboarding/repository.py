@@ -226,6 +226,17 @@ async def current_path_definitions(tx: TenantTx) -> list[tuple[str, int, dict[st
     return [(r[0], r[1], r[2]) for r in rows]
 
 
+async def path_versions(tx: TenantTx, key: str) -> list[tuple[int, bool, datetime, str]]:
+    """Every stored version of path ``key``, newest first: (version, is current, created at, content hash)."""
+    rows = await tx.execute(
+        select(onboarding_paths.c.version, onboarding_paths.c.is_current, onboarding_paths.c.created_at,
+               onboarding_paths.c.content_hash)
+        .where(onboarding_paths.c.tenant_id == tx.tenant, onboarding_paths.c.path_key == key)
+        .order_by(onboarding_paths.c.version.desc())
+    )  # fmt: skip
+    return [(int(r[0]), bool(r[1]), r[2], str(r[3])) for r in rows]
+
+
 async def path_definition(tx: TenantTx, key: str, version: int) -> dict[str, Any]:
     """One stored path version's definition (versions are immutable)."""
     row = (

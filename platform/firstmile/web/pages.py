@@ -8,7 +8,7 @@ import re
 from datetime import UTC, datetime
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, get_args
 
 import jinja2
 from litestar import Controller, Request, Response, get
@@ -20,6 +20,7 @@ from firstmile.admin.api import check_audit_filter
 from firstmile.admin.experiments_api import experiment_view
 from firstmile.admin.oidc import LoginError
 from firstmile.admin.paths import PathEditor
+from firstmile.admin.paths import preview as path_preview
 from firstmile.admin.rbac import Permission, permissions
 from firstmile.admin.service import AdminAuth, read_bootstrap_token
 from firstmile.admin.sessions import AdminSession
@@ -33,6 +34,7 @@ from firstmile.kit.ids import SLUG_RE, check_id, check_user_id
 from firstmile.nudges import service as nudges
 from firstmile.onboarding import paths
 from firstmile.privacy.service import PrivacyService
+from firstmile.tenancy.manifest import Operator
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
@@ -63,6 +65,7 @@ _LOCALE = re.compile(r"^[a-z]{2,3}$")
 STATIC_TYPES = {
     "admin.js": "text/javascript",
     "audit-verify.js": "text/javascript",
+    "path-editor.js": "text/javascript",
     "admin.css": "text/css",
     "favicon.svg": "image/svg+xml",
 }  # Litestar adds "; charset=utf-8" to text/*
@@ -74,8 +77,12 @@ def _static(name: str) -> bytes:
     return resources.files("firstmile.web").joinpath(name).read_bytes()
 
 
-SECTIONS = {"dashboard.html": "dashboard", "experiments.html": "experiments", "experiment.html": "experiments",
-            "nudges.html": "nudges", "audit.html": "audit", "users.html": "users"}  # fmt: skip
+OPERATORS = get_args(Operator)
+"""The predicate operators the editor offers (the manifest's)."""
+
+SECTIONS = {"dashboard.html": "dashboard", "path.html": "dashboard", "experiments.html": "experiments",
+            "experiment.html": "experiments", "nudges.html": "nudges", "audit.html": "audit",
+            "users.html": "users"}  # fmt: skip
 """The navigation entry each page belongs to (marked ``aria-current``)."""
 
 
@@ -175,6 +182,33 @@ class PagesController(Controller):
             paths=paths,
             can_edit=Permission.PATHS_WRITE in granted,
         )
+
+    @get("/paths/{key:str}", summary="The path editor: a path's steps and targeting, preview, versions, revert")
+    async def path_page(
+        self,
+        request: Request[Any, Any, Any],
+        key: FromPath[str],
+        admin_auth: NamedDependency[AdminAuth],
+        path_editor: NamedDependency[PathEditor],
+    ) -> Response[Any]:
+        auth = admin_auth
+        session = await _session_with(auth, request, Permission.PATHS_READ, "GET /admin/paths/{key}", "paths")
+        if session is None:
+            return Redirect("/admin/signin", status_code=303)
+        check_id(key, SLUG_RE, "key")
+
+        async def read(tx: TenantTx) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+            current = await path_editor.definition(tx, key)
+            return current, await path_editor.versions(tx, key)
+
+        current, versions = await auth.unit_of_work(session).run(read)
+        definition = current["definition"]
+        return render(
+            auth, "path.html", session=session, csrf_token=session.csrf_token, key=key, version=current["version"],
+            definition=definition, versions=versions,
+            preview=path_preview(definition), can_edit=Permission.PATHS_WRITE in permissions(session.roles),
+            operators=OPERATORS,
+        )  # fmt: skip
 
     @get("/audit", summary="The tenant's audit log, newest first (audit:read)")
     async def audit(

@@ -154,7 +154,7 @@ async def _demo_key(ops: OperatorServices, manifest_path: Path) -> tuple[str, st
     async with ops.operator_engine() as engine:
         # like `tenants apply`: the demo tenant's data keys are made with its rows, not at its first write
         with ops.key_providers() as providers:
-            result = await apply_manifest(engine, spec, key_providers=providers)
+            result = await apply_manifest(engine, spec, key_providers=providers, ui_edits="keep")
         for change in result.changes:
             click.echo(f"tenant {result.slug}: {change}", err=True)
         stored = settings.data_dir / "secrets" / f"{spec.tenant.slug}_api_key"
