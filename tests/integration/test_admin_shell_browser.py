@@ -22,8 +22,8 @@ from tests.support.browser import (
     sign_in,
 )
 
-PAGES = {"dashboard": "/admin/", "experiments": "/admin/experiments", "users": "/admin/users",
-         "nudges": "/admin/nudges", "audit": "/admin/audit"}  # fmt: skip
+PAGES = {"dashboard": "/admin/", "analytics": "/admin/analytics", "experiments": "/admin/experiments",
+         "users": "/admin/users", "nudges": "/admin/nudges", "audit": "/admin/audit"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,7 @@ from firstmile.admin.paths import PathEditor
 from firstmile.admin.rbac import Permission, permissions
 from firstmile.admin.service import STATE_TTL, AdminAuth
 from firstmile.admin.sessions import AdminSession
+from firstmile.analytics.api import AnalyticsController
 from firstmile.audit import schemas
 from firstmile.audit.api import read_log
 from firstmile.audit.service import KIND_PATTERN, MAX_TEXT, AuditService
@@ -535,11 +536,20 @@ async def _no_store(response: Response[Any]) -> Response[Any]:
     return response
 
 
+class AdminAnalyticsController(AnalyticsController):
+    """The analytics API's handlers for the admin UI's dashboard: behind the admin session (``analytics:read``)
+    instead of an API key; same parameters, same answers."""
+
+    path = "/admin/api/analytics"
+    guards = []
+    opt = {"permission": Permission.ANALYTICS_READ}
+
+
 def admin_api_router(auth: AuthSource) -> Router:
     """``/admin/api`` behind the session middleware and the permission guard (the login routes are outside it)."""
     return Router(
         path="/",
-        route_handlers=[AdminApiController, ExperimentsAdminController],
+        route_handlers=[AdminApiController, ExperimentsAdminController, AdminAnalyticsController],
         middleware=[DefineMiddleware(AdminSessionMiddleware, auth=auth)],
         guards=[authorizer(auth)],
         after_request=_no_store,

@@ -28,6 +28,7 @@ from firstmile.kit.scope import TenantId
 from firstmile.kit.uow import UnitOfWork
 from firstmile.onboarding.domain import PathDef
 from firstmile.onboarding.service import OnboardingService
+from firstmile.tenancy import service as tenancy
 
 T = TypeVar("T")
 
@@ -233,8 +234,11 @@ async def resolve_path(
     key: str,
     version: int | None,
 ) -> PathDef:
-    """The path definition from PostgreSQL (through the onboarding catalog cache); 404 when unknown."""
-    path = await onboarding.find_path(uow, request.user.tenant_revision, key, version)
+    """The path definition from PostgreSQL (through the onboarding catalog cache); 404 when unknown. An API key's
+    principal carries the tenant's revision; an admin session does not, so it is read."""
+    known: int | None = getattr(request.user, "tenant_revision", None)
+    revision = known if known is not None else await uow.run(tenancy.revision)
+    path = await onboarding.find_path(uow, revision, key, version)
     if path is None:
         where = f" version {version}" if version is not None else ""
         raise ProblemError(404, "path-not-found", f"path {key!r}{where} does not exist", path=key)

@@ -66,6 +66,7 @@ STATIC_TYPES = {
     "admin.js": "text/javascript",
     "audit-verify.js": "text/javascript",
     "path-editor.js": "text/javascript",
+    "analytics.bundle.js": "text/javascript",
     "admin.css": "text/css",
     "favicon.svg": "image/svg+xml",
 }  # Litestar adds "; charset=utf-8" to text/*
@@ -82,7 +83,7 @@ OPERATORS = get_args(Operator)
 
 SECTIONS = {"dashboard.html": "dashboard", "path.html": "dashboard", "experiments.html": "experiments",
             "experiment.html": "experiments", "nudges.html": "nudges", "audit.html": "audit",
-            "users.html": "users"}  # fmt: skip
+            "users.html": "users", "analytics.html": "analytics"}  # fmt: skip
 """The navigation entry each page belongs to (marked ``aria-current``)."""
 
 
@@ -209,6 +210,22 @@ class PagesController(Controller):
             preview=path_preview(definition), can_edit=Permission.PATHS_WRITE in permissions(session.roles),
             operators=OPERATORS,
         )  # fmt: skip
+
+    @get("/analytics", summary="The analytics dashboard: funnel, drop-off, cohorts, activation (analytics:read)")
+    async def analytics_page(
+        self,
+        request: Request[Any, Any, Any],
+        admin_auth: NamedDependency[AdminAuth],
+        path_editor: NamedDependency[PathEditor],
+    ) -> Response[Any]:
+        auth = admin_auth
+        session = await _session_with(auth, request, Permission.ANALYTICS_READ, "GET /admin/analytics", "analytics")
+        if session is None:
+            return Redirect("/admin/signin", status_code=303)
+        listed = await auth.unit_of_work(session).run(path_editor.list_paths)
+        query = dict(request.query_params)
+        return render(auth, "analytics.html", session=session, paths=listed, query=query,
+                      path=query.get("path") or (listed[0]["key"] if listed else ""))  # fmt: skip
 
     @get("/audit", summary="The tenant's audit log, newest first (audit:read)")
     async def audit(
