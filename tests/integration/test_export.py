@@ -139,6 +139,9 @@ class BrokenAnalytics:
     def erase_user(self, tenant_id: uuid.UUID, user_id: str) -> None:
         return None
 
+    def rebuild_experiment_users(self, tenant: uuid.UUID | None = None) -> int:
+        return 0
+
     def close(self) -> None:
         return None
 

@@ -293,5 +293,8 @@ class FlakyStore:
     def erase_user(self, tenant_id: uuid.UUID, user_id: str) -> None:
         self.inner.erase_user(tenant_id, user_id)
 
+    def rebuild_experiment_users(self, tenant: uuid.UUID | None = None) -> int:
+        return self.inner.rebuild_experiment_users(tenant)
+
     def close(self) -> None:
         """The inner store belongs to the test session."""

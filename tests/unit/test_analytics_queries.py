@@ -349,6 +349,25 @@ def test_the_builder_refuses_unscoped_statements() -> None:
         _Builder("not-a-uuid")  # type: ignore[arg-type]
 
 
+def test_the_experiment_analysis_reads_experiment_users_scoped_and_merged() -> None:
+    tenant = OPERATOR_CLI.tenant(uuid.uuid4())
+    for step in (None, "invite"):
+        query = queries.build_experiment(tenant, "e-1", step, END)
+        assert not re.findall(r"\bevents\b", query.sql), "the analysis never regroups the events"
+        reads = re.findall(r"\bexperiment_users\b", query.sql)
+        assert reads, query.sql
+        assert query.sql.count("FROM experiment_users FINAL WHERE tenant_id = {tenant:UUID} AND (") == len(reads)
+        assert query.tenant == tenant and query.params["tenant"] == str(tenant)
+        assert set(re.findall(r"\{(\w+):", query.sql)) == set(query.params)
+    b = _Builder(tenant)
+    with pytest.raises(UnscopedQueryError):
+        b.build("SELECT count() FROM experiment_users FINAL")
+    with pytest.raises(UnscopedQueryError):
+        b.build(f"SELECT count() {b.experiment_users('1')} UNION ALL SELECT count() FROM experiment_users")
+    with pytest.raises(UnscopedQueryError):
+        b.build(f"SELECT count() {b.experiment_users('1')} UNION ALL SELECT count() FROM events")
+
+
 def test_bad_query_arguments_are_refused() -> None:
     tenant = OPERATOR_CLI.tenant(uuid.uuid4())
     with pytest.raises(ValueError, match="needs a path"):

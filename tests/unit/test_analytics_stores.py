@@ -226,17 +226,24 @@ def test_parameter_encoding_matches_clickhouse_connect(value: sql.ParamValue) ->
 
 
 class RecordingClient:
-    """Stands in for a ClickHouse server's client, only to see what the adapter sends it."""
+    """Stands in for a ClickHouse server's client, only to see what the adapter sends it.
 
-    def __init__(self) -> None:
+    ``answers``: what a query returns (``JSONEachRow`` bytes) by its statement; nothing for the others.
+    ``failing``: statements whose ``command`` raises, as a server refusing them would."""
+
+    def __init__(self, answers: dict[str, bytes] | None = None, failing: tuple[str, ...] = ()) -> None:
         self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+        self.answers = answers or {}
+        self.failing = failing
 
     def command(self, *args: Any, **kwargs: Any) -> None:
         self.calls.append(("command", args, kwargs))
+        if args[0] in self.failing:
+            raise RuntimeError("Code: 115. DB::Exception: Unknown setting 'SQL_firstmile_tenant'")
 
     def raw_query(self, *args: Any, **kwargs: Any) -> bytes:
         self.calls.append(("raw_query", args, kwargs))
-        return b""
+        return self.answers.get(args[0], b"")
 
     def raw_insert(self, *args: Any, **kwargs: Any) -> None:
         self.calls.append(("raw_insert", args, kwargs))
@@ -245,35 +252,86 @@ class RecordingClient:
         self.calls.append(("close", (), {}))
 
 
+def _policy(table: str) -> tuple[str, tuple[str], dict[str, Any]]:
+    return (
+        "command",
+        (
+            f"CREATE ROW POLICY IF NOT EXISTS tenant_isolation ON {table} "
+            "USING tenant_id = toUUID(getSetting('SQL_firstmile_tenant')) TO firstmile_analytics",
+        ),
+        {},
+    )
+
+
+def _query(statement: str, params: dict[str, Any] | None, tenant: str | None) -> tuple[str, tuple[str], dict[str, Any]]:
+    settings = None if tenant is None else {"SQL_firstmile_tenant": tenant}
+    return ("raw_query", (statement,), {"parameters": params, "settings": settings, "fmt": "JSONEachRow"})
+
+
 def test_clickhouse_adapter_sends_the_shared_sql_and_the_tenant_setting() -> None:
     client = RecordingClient()
     store = ClickHouseStore(client, policy_role="firstmile_analytics")
     tenant = uuid.uuid4()
     store.ensure_schema()
-    assert client.calls[: len(sql.DDL)] == [("command", (ddl,), {}) for ddl in sql.DDL]
-    assert client.calls[len(sql.DDL)] == (
-        "command",
-        (
-            "CREATE ROW POLICY IF NOT EXISTS tenant_isolation ON events "
-            "USING tenant_id = toUUID(getSetting('SQL_firstmile_tenant')) TO firstmile_analytics",
-        ),
-        {},
-    )
+    assert client.calls[0] == _query(sql.EXPERIMENT_USERS_EXISTS, None, None)  # no answer: taken as there
+    assert client.calls[1 : 1 + len(sql.DDL)] == [("command", (ddl,), {}) for ddl in sql.DDL]
+    # the same policy on both tables that hold tenants' rows
+    assert client.calls[1 + len(sql.DDL) :] == [_policy("events"), _policy("experiment_users")]
     client.calls.clear()
 
     rows = [event(tenant), event(tenant)]
     assert store.insert(rows + rows[:1]) == 2
-    [insert] = client.calls  # no lookup before the insert
+    [insert] = client.calls  # no lookup before the insert, and nothing to fold
     assert insert == ("raw_insert", ("events", list(sql.COLUMNS), sql.encode_rows(rows)), {"fmt": sql.INSERT_FORMAT})
+    client.calls.clear()
+
+    exposure = event(tenant, "u-2", event_type="experiment.exposed", event_name="e-1", variant="tour")
+    outcome = event(tenant, "u-2", at=NOW + timedelta(hours=1), event_type="onboarding.activated", event_name="")
+    assert store.insert([exposure, outcome]) == 2
+    events_insert, lookup, fold = client.calls
+    assert events_insert[1][0] == "events"
+    # the fold's one lookup of the batch's tenant carries the tenant setting
+    assert lookup == _query(sql.LOOKUP_EXPOSURES, {"tenant": str(tenant), "users": ["u-2"]}, str(tenant))
+    assert fold[:2] == ("raw_insert", ("experiment_users", list(sql.EXPERIMENT_USERS_COLUMNS), fold[1][2]))
+    assert fold[1][2].count(b"\n") == 1  # one row: the exposure and the activation folded together
     client.calls.clear()
 
     store.dangerous_raw_sql("SELECT 1 FROM events WHERE tenant_id = {tenant:UUID}", {"tenant": str(tenant)})
     assert client.calls[0][2]["settings"] == {"SQL_firstmile_tenant": str(tenant)}
     store.erase_user(tenant, "u-1")
-    assert client.calls[1] == (
-        "command",
-        (sql.ERASE_USER,),
-        {"parameters": {"tenant": str(tenant), "user": "u-1"}, "settings": {"SQL_firstmile_tenant": str(tenant)}},
-    )
+    assert client.calls[1:] == [
+        (
+            "command",
+            (statement,),
+            {"parameters": {"tenant": str(tenant), "user": "u-1"}, "settings": {"SQL_firstmile_tenant": str(tenant)}},
+        )
+        for statement in (sql.ERASE_USER, sql.ERASE_EXPERIMENT_USER)
+    ]
+    client.calls.clear()
+    store.rebuild_experiment_users(tenant)
+    assert client.calls == [
+        (
+            "command",
+            (sql.REBUILD_EXPERIMENT_USERS,),
+            {"parameters": {"tenant": str(tenant)}, "settings": {"SQL_firstmile_tenant": str(tenant)}},
+        ),
+        _query(sql.count_experiment_users(tenant), {"tenant": str(tenant)}, str(tenant)),
+    ]
     with pytest.raises(ValueError, match="invalid ClickHouse role"):
         ClickHouseStore(client, policy_role="x; DROP TABLE events")
+
+
+@pytest.mark.parametrize("refused", [False, True])
+def test_clickhouse_adapter_rebuilds_experiment_users_on_upgrade(
+    refused: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Created over stored events: rebuilt for every tenant; where the row policy refuses that, a warning."""
+    answers = {sql.EXPERIMENT_USERS_EXISTS: b'{"result":0}\n', sql.EVENTS_PRESENT: b'{"n":1}\n'}
+    client = RecordingClient(answers, failing=(sql.REBUILD_ALL_EXPERIMENT_USERS,) if refused else ())
+    ClickHouseStore(client, policy_role="firstmile_analytics").ensure_schema()
+    rebuilt = [c for c in client.calls if c[1][0] == sql.REBUILD_ALL_EXPERIMENT_USERS]
+    assert rebuilt == [("command", (sql.REBUILD_ALL_EXPERIMENT_USERS,), {"parameters": None, "settings": None})]
+    assert ("rebuild-experiments" in caplog.text) is refused
+    client = RecordingClient({sql.EXPERIMENT_USERS_EXISTS: b'{"result":1}\n', sql.EVENTS_PRESENT: b'{"n":1}\n'})
+    ClickHouseStore(client, policy_role=None).ensure_schema()
+    assert not [c for c in client.calls if c[1][0] == sql.REBUILD_ALL_EXPERIMENT_USERS]  # there already: not again

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from firstmile.analytics import sql
+from firstmile.analytics import experiment_users, sql
 from firstmile.analytics.queries import Query
 from firstmile.analytics.rows import AnalyticsEvent
 from firstmile.analytics.store import AnalyticsStoreError, check_scope
+
+_T = TypeVar("_T")
 
 _APPEND_BYTES = 8 * 1024 * 1024
 """Bulk loads stream the encoded rows to the engine in chunks of about this size."""
@@ -92,8 +94,11 @@ class ChdbStore:
 
     def ensure_schema(self) -> None:
         with self._engine.lock:
+            created = not sql.scalar(self.dangerous_raw_sql(sql.EXPERIMENT_USERS_EXISTS, {}), default=1)
             for statement in sql.DDL:
                 self._run(statement, {})
+            if created and sql.scalar(self.dangerous_raw_sql(sql.EVENTS_PRESENT, {}), default=0):
+                self.rebuild_experiment_users()  # an upgrade: the events are there, their fold is not
 
     def insert(self, rows: Sequence[AnalyticsEvent]) -> int:
         if not rows:
@@ -101,13 +106,21 @@ class ChdbStore:
         unique = sql.unique_rows(rows)
         with self._engine.lock:
             self._insert(unique)
+            self._fold(unique)
         return len(unique)
 
     def bulk_load(self, rows: Sequence[AnalyticsEvent]) -> int:
         """Insert ``rows`` as they are, repeats within them included (see the port)."""
         with self._engine.lock:
             self._insert(rows)
+            self._fold(rows)
         return len(rows)
+
+    def rebuild_experiment_users(self, tenant: uuid.UUID | None = None) -> int:
+        statement, params = sql.rebuild_statement(tenant)
+        with self._engine.lock:
+            self._run(statement, params)
+            return sql.scalar(self.dangerous_raw_sql(sql.count_experiment_users(tenant), params), default=0)
 
     def run(self, tenant: uuid.UUID, query: Query) -> list[dict[str, Any]]:
         check_scope(tenant, query)
@@ -119,7 +132,8 @@ class ChdbStore:
 
     def erase_user(self, tenant_id: uuid.UUID, user_id: str) -> None:
         with self._engine.lock:
-            self._run(sql.ERASE_USER, {"tenant": str(tenant_id), "user": user_id})
+            for statement in sql.ERASE_STATEMENTS:
+                self._run(statement, {"tenant": str(tenant_id), "user": user_id})
 
     def close(self) -> None:
         if not self._closed:
@@ -142,13 +156,26 @@ class ChdbStore:
         return data
 
     def _insert(self, rows: Sequence[AnalyticsEvent]) -> None:
+        """The rows into ``events`` alone (``insert`` without the fold: the benchmark's baseline)."""
+        self._stream(sql.INSERT_EVENTS_PREFIX, rows, sql.encode_rows, 256)
+
+    def _fold(self, rows: Sequence[AnalyticsEvent]) -> None:
+        folded = experiment_users.fold(rows, self._exposures)
+        self._stream(sql.INSERT_EXPERIMENT_USERS_PREFIX, folded, experiment_users.encode, 128)
+
+    def _exposures(self, tenant: uuid.UUID, users: list[str]) -> list[dict[str, Any]]:
+        return self.dangerous_raw_sql(sql.LOOKUP_EXPOSURES, {"tenant": str(tenant), "users": users})
+
+    def _stream(self, prefix: str, rows: Sequence[_T], encode: Callable[[Sequence[_T]], bytes], size: int) -> None:
+        """Send ``rows`` to ``INSERT … FORMAT JSONCompactEachRow`` in chunks of about :data:`_APPEND_BYTES`
+        (``size``: about how many bytes a row encodes to)."""
         if not rows:
             return
-        step = max(1, _APPEND_BYTES // 256)  # ~256 bytes a row
+        step = max(1, _APPEND_BYTES // size)
         try:
-            with self._session().send_insert(sql.INSERT_EVENTS_PREFIX, sql.INSERT_FORMAT) as inserter:
+            with self._session().send_insert(prefix, sql.INSERT_FORMAT) as inserter:
                 for start in range(0, len(rows), step):
-                    inserter.append(sql.encode_rows(rows[start : start + step]))
+                    inserter.append(encode(rows[start : start + step]))
                 inserter.finish()
         except RuntimeError as exc:
             raise AnalyticsStoreError(str(exc)) from exc

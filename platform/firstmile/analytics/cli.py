@@ -1,7 +1,10 @@
-"""``firstmile analytics seed``: synthetic onboarding history for a demo tenant (never for a real one)."""
+"""``firstmile analytics``: ``seed`` (synthetic onboarding history for a demo tenant, never for a real one) and
+``rebuild-experiments`` (recompute ``experiment_users`` from the stored events)."""
 
 from __future__ import annotations
 
+import time
+import uuid
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import Protocol
 
@@ -9,7 +12,7 @@ import click
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from firstmile.analytics.queries import build_event_count
-from firstmile.analytics.store import AnalyticsStore
+from firstmile.analytics.store import AnalyticsStore, AnalyticsStoreError
 from firstmile.analytics.synthetic import seed_demo
 from firstmile.kit.cli import run, services
 from firstmile.kit.db import tenant_transaction
@@ -64,6 +67,25 @@ def seed_tenant(
     return inserted
 
 
+def rebuild_experiments(store: AnalyticsStore, tenant: uuid.UUID | None) -> int:
+    """Recompute ``experiment_users`` from the events of one tenant or every tenant; progress on stderr."""
+    scope = f"tenant {tenant}" if tenant is not None else "every tenant"
+    click.echo(f"rebuilding experiment_users from the events of {scope} …", err=True)
+    began = time.perf_counter()
+    try:
+        pairs = store.rebuild_experiment_users(tenant)
+    except AnalyticsStoreError as exc:
+        hint = (
+            ""
+            if tenant is not None
+            else " (on ClickHouse, every tenant at once needs a user the row policy does not bind; or rebuild one "
+            "tenant at a time with --tenant)"
+        )
+        raise click.ClickException(f"{exc}{hint}") from exc
+    click.echo(f"rebuilt in {time.perf_counter() - began:.1f} s: {pairs:,} exposed (experiment, user) pairs", err=True)
+    return pairs
+
+
 @click.group()
 def analytics() -> None:
     """The analytics store."""
@@ -84,3 +106,15 @@ def analytics_seed(tenant: str, users: int, seed: int) -> None:
     tenant_id, defs = run(paths())
     with deps.analytics_store() as store:
         seed_tenant(store, tenant_id, defs, tenant, users=users, only_if_empty=False, seed=seed)
+
+
+@analytics.command("rebuild-experiments")
+@click.option("--tenant", type=click.UUID, default=None, help="Tenant id (default: every tenant).")
+def analytics_rebuild_experiments(tenant: uuid.UUID | None) -> None:
+    """Recompute what the experiment analysis reads (experiment_users) from the stored events; idempotent.
+
+    For an upgrade that could not rebuild on its own (a row policy on ClickHouse), or after an outcome was
+    inserted before its user's exposure (docs/analytics.md, "Experiment users")."""
+    deps: AnalyticsCommandDeps = services()
+    with deps.analytics_store() as store:
+        rebuild_experiments(store, tenant)

@@ -4,24 +4,28 @@ Runs the statements of :mod:`firstmile.analytics.sql` unchanged (the ones the
 chdb adapter runs), sends rows in the same ``JSONCompactEachRow`` bytes, and
 reads results in the same ``JSONEachRow`` format through the same parser.
 
-On top of the tenant filter every query carries, a row policy
-(:data:`firstmile.analytics.sql.ROW_POLICY`) limits the connecting role to the
-tenant named in the custom setting ``SQL_firstmile_tenant``, which this adapter
-sends with every tenant-scoped statement (taken from the ``tenant`` parameter
-that the query builder puts in every query).
+On top of the tenant filter every query carries, a row policy on each table
+(:data:`firstmile.analytics.sql.ROW_POLICIES`: ``events`` and ``experiment_users``)
+limits the connecting role to the tenant named in the custom setting
+``SQL_firstmile_tenant``, which this adapter sends with every tenant-scoped statement
+(taken from the ``tenant`` parameter that the query builder puts in every query; the
+fold's lookup and a one-tenant rebuild send it too).
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from firstmile.analytics import sql
+from firstmile.analytics import experiment_users, sql
 from firstmile.analytics.queries import Query
 from firstmile.analytics.rows import AnalyticsEvent
 from firstmile.analytics.store import AnalyticsStoreError, check_scope
+
+log = logging.getLogger("firstmile.analytics")
 
 _ROLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
@@ -65,24 +69,48 @@ class ClickHouseStore:
         return {sql.TENANT_SETTING: tenant}
 
     def ensure_schema(self) -> None:
+        created = not sql.scalar(self._query(sql.EXPERIMENT_USERS_EXISTS, {}, None), default=1)
         try:
             for statement in sql.DDL:
                 self._client.command(statement)
             if self._policy_role is not None:
-                self._client.command(sql.ROW_POLICY.format(role=self._policy_role))
+                for policy in sql.ROW_POLICIES:
+                    self._client.command(policy.format(role=self._policy_role))
         except Exception as exc:
             raise AnalyticsStoreError(f"clickhouse: {exc}") from exc
+        if created and sql.scalar(self._query(sql.EVENTS_PRESENT, {}, None), default=0):
+            # An upgrade: fold the events already stored. Across tenants, which the row policy forbids to a role
+            # it binds: then the operator runs `firstmile analytics rebuild-experiments` (docs/analytics.md).
+            try:
+                self.rebuild_experiment_users()
+            except AnalyticsStoreError as exc:
+                log.warning(
+                    "experiment_users was created over existing events but not rebuilt (%s); the experiment "
+                    "analysis misses earlier exposures until `firstmile analytics rebuild-experiments` runs",
+                    exc,
+                )
 
     def insert(self, rows: Sequence[AnalyticsEvent]) -> int:
         if not rows:
             return 0
         unique = sql.unique_rows(rows)
         self._insert(unique)
+        self._fold(unique)
         return len(unique)
 
     def bulk_load(self, rows: Sequence[AnalyticsEvent]) -> int:
         self._insert(rows)
+        self._fold(rows)
         return len(rows)
+
+    def rebuild_experiment_users(self, tenant: uuid.UUID | None = None) -> int:
+        statement, params = sql.rebuild_statement(tenant)
+        scope = None if tenant is None else str(tenant)
+        try:
+            self._client.command(statement, parameters=params or None, settings=self._settings(scope))
+        except Exception as exc:
+            raise AnalyticsStoreError(f"clickhouse: {exc}") from exc
+        return sql.scalar(self._query(sql.count_experiment_users(tenant), params, scope), default=0)
 
     def run(self, tenant: uuid.UUID, query: Query) -> list[dict[str, Any]]:
         check_scope(tenant, query)
@@ -105,9 +133,10 @@ class ClickHouseStore:
     def erase_user(self, tenant_id: uuid.UUID, user_id: str) -> None:
         tenant = str(tenant_id)
         try:
-            self._client.command(
-                sql.ERASE_USER, parameters={"tenant": tenant, "user": user_id}, settings=self._settings(tenant)
-            )
+            for statement in sql.ERASE_STATEMENTS:
+                self._client.command(
+                    statement, parameters={"tenant": tenant, "user": user_id}, settings=self._settings(tenant)
+                )
         except Exception as exc:
             raise AnalyticsStoreError(f"clickhouse: {exc}") from exc
 
@@ -121,3 +150,21 @@ class ClickHouseStore:
             self._client.raw_insert(sql.TABLE, list(sql.COLUMNS), sql.encode_rows(rows), fmt=sql.INSERT_FORMAT)
         except Exception as exc:
             raise AnalyticsStoreError(f"clickhouse: {exc}") from exc
+
+    def _fold(self, rows: Sequence[AnalyticsEvent]) -> None:
+        folded = experiment_users.fold(rows, self._exposures)
+        if not folded:
+            return
+        try:
+            self._client.raw_insert(
+                sql.EXPERIMENT_USERS,
+                list(sql.EXPERIMENT_USERS_COLUMNS),
+                experiment_users.encode(folded),
+                fmt=sql.INSERT_FORMAT,
+            )
+        except Exception as exc:
+            raise AnalyticsStoreError(f"clickhouse: {exc}") from exc
+
+    def _exposures(self, tenant: uuid.UUID, users: list[str]) -> list[dict[str, Any]]:
+        scope = str(tenant)
+        return self._query(sql.LOOKUP_EXPOSURES, {"tenant": scope, "users": users}, scope)

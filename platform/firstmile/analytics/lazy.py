@@ -46,6 +46,9 @@ class LazyStore:
     def erase_user(self, tenant_id: uuid.UUID, user_id: str) -> None:
         self._get().erase_user(tenant_id, user_id)
 
+    def rebuild_experiment_users(self, tenant: uuid.UUID | None = None) -> int:
+        return self._get().rebuild_experiment_users(tenant)
+
     def close(self) -> None:
         with self._lock:
             if self._store is not None:

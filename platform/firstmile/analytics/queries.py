@@ -1,9 +1,11 @@
-"""The analytics queries: funnel, drop-off, cohort retention, time to activation, step completion, activation rate.
+"""The analytics queries: funnel, drop-off, cohort retention, time to activation, step completion, activation rate,
+the experiment analysis.
 
 Tenant-scoped by construction: SQL is built only through :class:`_Builder`, whose
 one way to name the ``events`` table (:meth:`_Builder.events`) writes
 ``tenant_id = {tenant:UUID}`` in front of every condition, and whose
-:meth:`_Builder.build` refuses a statement that reads ``events`` any other way.
+:meth:`_Builder.build` refuses a statement that reads ``events`` any other way; the
+same holds for ``experiment_users`` (:meth:`_Builder.experiment_users`).
 Every public function takes the :data:`~firstmile.kit.db.TenantId` first.
 
 The cohort of users a query looks at is defined by their ``onboarding.started``
@@ -31,7 +33,6 @@ from typing import Any
 
 from firstmile.analytics.rows import (
     ACTIVATED,
-    EXPOSED,
     NUDGE_CLICKED,
     NUDGE_CONVERTED,
     NUDGE_OPENED,
@@ -41,7 +42,7 @@ from firstmile.analytics.rows import (
     STEP_COMPLETED,
     STUCK,
 )
-from firstmile.analytics.sql import TABLE, ParamValue, timestamp
+from firstmile.analytics.sql import EXPERIMENT_USERS, TABLE, ParamValue, timestamp
 from firstmile.analytics.store import AnalyticsStore
 from firstmile.kit.scope import TenantId
 
@@ -49,8 +50,11 @@ DT = "DateTime64(3, 'UTC')"
 TENANT_FILTER = "tenant_id = {tenant:UUID}"
 SCOPED_FROM = f"FROM {TABLE} WHERE {TENANT_FILTER} AND "
 """How every built statement reads the events table (the unit tests check every statement for it)."""
+SCOPED_EXPERIMENT_USERS = f"FROM {EXPERIMENT_USERS} FINAL WHERE {TENANT_FILTER} AND "
+"""How a built statement reads ``experiment_users``: merged (``FINAL``), the tenant filter first."""
 
 _TABLE_WORD = re.compile(rf"\b{TABLE}\b")
+_EXPERIMENT_USERS_WORD = re.compile(rf"\b{EXPERIMENT_USERS}\b")
 
 MEDIAN = 0.5
 P90 = 0.9
@@ -88,7 +92,7 @@ class Query:
 
 
 class UnscopedQueryError(AssertionError):
-    """A statement reads the events table without the tenant filter (a bug in this module)."""
+    """A statement reads the events (or experiment_users) table without the tenant filter (a bug in this module)."""
 
 
 class _Builder:
@@ -110,10 +114,20 @@ class _Builder:
         """``FROM events WHERE tenant_id = {tenant:UUID} AND (where)``: the tenant filter comes first, always."""
         return f"{SCOPED_FROM}({where})"
 
+    def experiment_users(self, where: str) -> str:
+        """``FROM experiment_users FINAL WHERE tenant_id = {tenant:UUID} AND (where)``: merged, the tenant first.
+
+        ``where`` may hold conditions on the sorting key only: the rest of a ``FINAL`` row is known after the
+        merge, so filter it in an enclosing query."""
+        return f"{SCOPED_EXPERIMENT_USERS}({where})"
+
     def build(self, statement: str) -> Query:
         reads = len(_TABLE_WORD.findall(statement))
-        if reads == 0 or reads != statement.count(SCOPED_FROM):
+        folded = len(_EXPERIMENT_USERS_WORD.findall(statement))
+        if reads + folded == 0 or reads != statement.count(SCOPED_FROM):
             raise UnscopedQueryError("every read of the events table must go through _Builder.events")
+        if folded != statement.count(SCOPED_EXPERIMENT_USERS):
+            raise UnscopedQueryError("every read of experiment_users must go through _Builder.experiment_users")
         return Query(self.tenant, statement, dict(self.params))
 
     def start_condition(self, f: Filters) -> str:
@@ -483,39 +497,34 @@ class ExperimentArm:
 
 
 def build_experiment(tenant: TenantId, experiment_id: str, step_id: str | None, since: datetime) -> Query:
-    """Per variant of ``experiment_id``: users exposed since ``since`` and what they did after their exposure:
-    the primary metric (activation, or ``step_id`` completed), activation and its delay, steps completed (distinct
-    events: a redelivered copy not yet merged away counts once), flagged stuck, a nudge unsubscribe. "Some event
-    at or after the exposure" is ``max(time) >= t0``: one aggregate, no array; arrays only where the events after
-    ``t0`` must be picked out (the first activation after it, the steps)."""
+    """Per variant of ``experiment_id``: the users whose first exposure is at or after ``since``, and what they did
+    after it: the primary metric (activation, or ``step_id`` completed), activation and its delay, the steps
+    completed, flagged stuck, a nudge unsubscribe.
+
+    Reads ``experiment_users`` (one row per exposed user, folded from the events on insert:
+    :mod:`firstmile.analytics.experiment_users`) merged with ``FINAL``, never the events: regrouping the tenant's
+    events by user cost 7 s over 10 million exposures (docs/benchmarks.md, issue 16). "Steps" are the distinct step
+    ids completed at or after the exposure (before the fold: distinct step events, so a step completed twice
+    counted twice). The exposure is the user's first of the experiment: a user first exposed before ``since`` is
+    left out even when exposed again after it. The outcomes are compared with the exposure once more here (they
+    were folded only at or after it), so the answer holds whichever parts the merge has joined."""
     b = _Builder(tenant)
-    exposed = f"event_type = '{EXPOSED}' AND event_name = {b.param('experiment', 'String', experiment_id)}"
-    goal = (
-        f"event_type = '{ACTIVATED}'"
-        if step_id is None
-        else f"event_type = '{STEP_COMPLETED}' AND step_id = {b.param('step', 'String', step_id)}"
-    )
-    after = "arrayFilter(x -> x >= t0, groupArrayIf(occurred_at, {}))"
-    kinds = _types(EXPOSED, ACTIVATED, STEP_COMPLETED, STUCK, NUDGE_UNSUBSCRIBED)
+    experiment = b.param("experiment", "String", experiment_id)
+    converted = "activated" if step_id is None else f"has(steps, {b.param('step', 'String', step_id)})"
     statement = f"""
 SELECT variant, count() AS users, countIf(converted) AS n_converted, countIf(activated) AS n_activated,
     avgIf(tta_s, activated) AS tta_mean, varSampIf(tta_s, activated) AS tta_var,
-    avg(steps) AS steps_mean, varSamp(steps) AS steps_var, countIf(stuck) AS n_stuck,
+    avg(n_steps) AS steps_mean, varSamp(n_steps) AS steps_var, countIf(stuck) AS n_stuck,
     countIf(unsubscribed) AS n_unsubscribed
 FROM (
-    SELECT user_id, anyIf(variant, {exposed}) AS variant, minIf(occurred_at, {exposed}) AS t0,
-        maxIf(occurred_at, {goal}) >= t0 AS converted,
-        maxIf(occurred_at, event_type = '{ACTIVATED}') >= t0 AS activated,
-        if(activated, dateDiff('millisecond', t0, arrayMin({after.format(f"event_type = '{ACTIVATED}'")})) / 1000.0,
-           0.0) AS tta_s,
-        toFloat64(arrayCount(x -> x.1 >= t0,
-            arrayDistinct(groupArrayIf((occurred_at, event_id), event_type = '{STEP_COMPLETED}')))) AS steps,
-        maxIf(occurred_at, event_type = '{STUCK}') >= t0 AS stuck,
-        maxIf(occurred_at, event_type = '{NUDGE_UNSUBSCRIBED}') >= t0 AS unsubscribed
-    {b.events(kinds + f" AND occurred_at >= {b.param('since', DT, timestamp(since))}")}
-    GROUP BY user_id
-    HAVING countIf({exposed}) > 0
+    SELECT variant, exposed_at AS t0, ifNull(activated_at >= t0, false) AS activated, {converted} AS converted,
+        if(activated, dateDiff('millisecond', assumeNotNull(t0), assumeNotNull(activated_at)) / 1000.0, 0.0) AS tta_s,
+        toFloat64(length(steps)) AS n_steps,
+        ifNull(stuck_at >= t0, false) AS stuck,
+        ifNull(unsubscribed_at >= t0, false) AS unsubscribed
+    {b.experiment_users(f"experiment_id = {experiment}")}
 )
+WHERE t0 >= {b.param("since", DT, timestamp(since))}
 GROUP BY variant
 ORDER BY variant""".strip()
     return b.build(statement)

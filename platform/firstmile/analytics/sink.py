@@ -2,7 +2,10 @@
 
 Idempotent by event id without a lookup: a redelivered event is written again, the
 table (``ReplacingMergeTree``) folds the copies at its next merge, and every query
-counts an event once meanwhile. A ``user.erased`` event removes the user's rows.
+counts an event once meanwhile. The store's ``insert`` also folds exposures and outcomes
+into ``experiment_users`` (:mod:`firstmile.analytics.experiment_users`), idempotently, and
+relies on the order the stream keeps per user (an exposure before that user's later
+outcomes). A ``user.erased`` event removes the user's rows, from both tables.
 """
 
 from __future__ import annotations

@@ -15,7 +15,14 @@ from datetime import UTC, datetime
 
 import msgspec
 
-from firstmile.analytics.rows import AnalyticsEvent
+from firstmile.analytics.rows import (
+    ACTIVATED,
+    EXPOSED,
+    NUDGE_UNSUBSCRIBED,
+    STEP_COMPLETED,
+    STUCK,
+    AnalyticsEvent,
+)
 
 TABLE = "events"
 
@@ -63,7 +70,46 @@ ORDER BY (tenant_id, event_type, occurred_at, user_id, event_id)
 """.strip()
 """The events table. Why this key: docs/analytics.md, "Schema"."""
 
-DDL: tuple[str, ...] = (CREATE_EVENTS,)
+EXPERIMENT_USERS = "experiment_users"
+
+EXPERIMENT_USERS_COLUMNS: tuple[str, ...] = (
+    "tenant_id",
+    "experiment_id",
+    "user_id",
+    "variant",
+    "exposed_at",
+    "activated_at",
+    "steps",
+    "stuck_at",
+    "unsubscribed_at",
+)
+"""The ``experiment_users`` columns, in the order :mod:`firstmile.analytics.experiment_users` encodes rows."""
+
+_AT = "Nullable(DateTime64(3, 'UTC'))"
+
+CREATE_EXPERIMENT_USERS = f"""
+CREATE TABLE IF NOT EXISTS {EXPERIMENT_USERS}
+(
+    tenant_id UUID,
+    experiment_id LowCardinality(String),
+    user_id String,
+    variant SimpleAggregateFunction(max, LowCardinality(String)),
+    exposed_at SimpleAggregateFunction(min, {_AT}),
+    activated_at SimpleAggregateFunction(min, {_AT}),
+    steps SimpleAggregateFunction(groupUniqArrayArray, Array(String)),
+    stuck_at SimpleAggregateFunction(max, {_AT}),
+    unsubscribed_at SimpleAggregateFunction(max, {_AT})
+)
+ENGINE = AggregatingMergeTree
+ORDER BY (tenant_id, experiment_id, user_id)
+""".strip()
+"""One row per (tenant, experiment, exposed user), folded from ``events`` on insert: what the experiment analysis
+reads (``FINAL``) instead of regrouping the tenant's events by user. Every column is an idempotent aggregate (min,
+max, set union), so a row folded twice (a redelivered event) changes nothing. ``variant`` is ``max``, not ``any``:
+the rows folded from outcomes carry an empty variant, and ``max`` keeps the exposure's whichever part merges first.
+Why, the fold and its ordering assumption: :mod:`firstmile.analytics.experiment_users`, docs/analytics.md."""
+
+DDL: tuple[str, ...] = (CREATE_EVENTS, CREATE_EXPERIMENT_USERS)
 
 INSERT_FORMAT = "JSONCompactEachRow"
 INSERT_EVENTS_PREFIX = f"INSERT INTO {TABLE} ({', '.join(COLUMNS)})"
@@ -72,19 +118,105 @@ INSERT_EVENTS = f"{INSERT_EVENTS_PREFIX} FORMAT {INSERT_FORMAT}"
 ``send_insert(INSERT_EVENTS_PREFIX, INSERT_FORMAT)``, clickhouse-connect's ``raw_insert`` builds the
 same statement from :data:`TABLE`, :data:`COLUMNS` and :data:`INSERT_FORMAT`)."""
 
+INSERT_EXPERIMENT_USERS_PREFIX = f"INSERT INTO {EXPERIMENT_USERS} ({', '.join(EXPERIMENT_USERS_COLUMNS)})"
+INSERT_EXPERIMENT_USERS = f"{INSERT_EXPERIMENT_USERS_PREFIX} FORMAT {INSERT_FORMAT}"
+
 ERASE_USER = f"DELETE FROM {TABLE} WHERE tenant_id = {{tenant:UUID}} AND user_id = {{user:String}}"
 """Lightweight delete of one user's rows (GDPR erasure): hidden at once, purged by the next merges."""
+
+ERASE_EXPERIMENT_USER = (
+    f"DELETE FROM {EXPERIMENT_USERS} WHERE tenant_id = {{tenant:UUID}} AND user_id = {{user:String}}"
+)
+"""The same for the user's rows of ``experiment_users`` (erasure runs both)."""
+
+ERASE_STATEMENTS: tuple[str, ...] = (ERASE_USER, ERASE_EXPERIMENT_USER)
+
+LOOKUP_EXPOSURES = (
+    f"SELECT experiment_id, user_id, toString(assumeNotNull(min(exposed_at))) AS first_exposed FROM {EXPERIMENT_USERS} "
+    "WHERE tenant_id = {tenant:UUID} AND user_id IN {users:Array(String)} AND exposed_at IS NOT NULL "
+    "GROUP BY experiment_id, user_id"
+)
+"""The stored exposures of some users of one tenant (the fold's one lookup per tenant and batch): the earliest
+exposure per experiment, as ``YYYY-MM-DD hh:mm:ss.fff`` text (:func:`timestamp`'s form)."""
+
+EXPERIMENT_USERS_EXISTS = f"EXISTS TABLE {EXPERIMENT_USERS}"
+EVENTS_PRESENT = f"SELECT count() AS n FROM (SELECT 1 FROM {TABLE} LIMIT 1)"
+"""``ensure_schema``: was ``experiment_users`` there before, and are there events to rebuild it from."""
+
+
+def rebuild_experiment_users(*, tenant: bool) -> str:
+    """``INSERT … SELECT`` of ``experiment_users`` from ``events``: for one tenant (``{tenant:UUID}``) or all.
+
+    Per user, the logic of the analysis before the fold: per experiment the exposure ``t0`` (the fold keeps the
+    earliest), the first activation at or after it, the distinct steps completed at or after it, the latest
+    stuck flag and unsubscribe at or after it. One row per exposure event (an experiment exposed twice gives two
+    rows, whose aggregates fold into the earliest exposure's answers), so running it again, or over rows the
+    sink already folded, changes nothing.
+    """
+    scope = "tenant_id = {tenant:UUID} AND " if tenant else ""
+    kinds = ", ".join(f"'{k}'" for k in (EXPOSED, ACTIVATED, STEP_COMPLETED, STUCK, NUDGE_UNSUBSCRIBED))
+    return f"""
+INSERT INTO {EXPERIMENT_USERS} ({", ".join(EXPERIMENT_USERS_COLUMNS)})
+SELECT tenant_id, exposure.1, user_id, exposure.2, exposure.3 AS t0,
+    arrayFirstOrNull(x -> x >= t0, activations),
+    arrayDistinct(arrayMap(s -> s.2, arrayFilter(s -> s.1 >= t0, completions))),
+    if(stuck_last >= t0, stuck_last, NULL),
+    if(unsubscribed_last >= t0, unsubscribed_last, NULL)
+FROM (
+    SELECT tenant_id, user_id,
+        arrayDistinct(groupArrayIf((toString(event_name), toString(variant), occurred_at),
+            event_type = '{EXPOSED}')) AS exposures,
+        arraySort(groupArrayIf(occurred_at, event_type = '{ACTIVATED}')) AS activations,
+        groupArrayIf((occurred_at, toString(step_id)), event_type = '{STEP_COMPLETED}') AS completions,
+        maxIfOrNull(occurred_at, event_type = '{STUCK}') AS stuck_last,
+        maxIfOrNull(occurred_at, event_type = '{NUDGE_UNSUBSCRIBED}') AS unsubscribed_last
+    FROM {TABLE}
+    WHERE {scope}event_type IN ({kinds})
+    GROUP BY tenant_id, user_id
+    HAVING countIf(event_type = '{EXPOSED}') > 0
+)
+ARRAY JOIN exposures AS exposure""".strip()
+
+
+REBUILD_EXPERIMENT_USERS = rebuild_experiment_users(tenant=True)
+REBUILD_ALL_EXPERIMENT_USERS = rebuild_experiment_users(tenant=False)
+
+
+def rebuild_statement(tenant: uuid.UUID | None) -> tuple[str, dict[str, ParamValue]]:
+    """The rebuild of one tenant (with its ``tenant`` parameter), or of every tenant (``None``)."""
+    if tenant is None:
+        return REBUILD_ALL_EXPERIMENT_USERS, {}
+    return REBUILD_EXPERIMENT_USERS, {"tenant": str(tenant)}
+
+
+def count_experiment_users(tenant: uuid.UUID | None) -> str:
+    """How many exposed (tenant, experiment, user) the table holds for one tenant (``{tenant:UUID}``) or all: what
+    ``rebuild_experiment_users`` reports."""
+    scope = "tenant_id = {tenant:UUID} AND " if tenant is not None else ""
+    return (
+        f"SELECT count() AS n FROM (SELECT DISTINCT tenant_id, experiment_id, user_id FROM {EXPERIMENT_USERS} "
+        f"WHERE {scope}exposed_at IS NOT NULL)"
+    )
+
 
 TENANT_SETTING = "SQL_firstmile_tenant"
 """Custom setting (ClickHouse's default ``custom_settings_prefixes`` is ``SQL_``) carrying the tenant of a
 query to the row policy; the ClickHouse adapter sends it with every tenant-scoped statement."""
 
-ROW_POLICY = (
-    f"CREATE ROW POLICY IF NOT EXISTS tenant_isolation ON {TABLE} "
-    f"USING tenant_id = toUUID(getSetting('{TENANT_SETTING}')) TO {{role}}"
-)
+
+def _row_policy(table: str) -> str:
+    return (
+        f"CREATE ROW POLICY IF NOT EXISTS tenant_isolation ON {table} "
+        f"USING tenant_id = toUUID(getSetting('{TENANT_SETTING}')) TO {{role}}"
+    )
+
+
+ROW_POLICY = _row_policy(TABLE)
 """The second wall on ClickHouse (``{role}``: the role the API and the sink connect as). A statement
 without the setting fails (``getSetting`` of an unknown setting) instead of seeing every tenant."""
+
+ROW_POLICIES: tuple[str, ...] = (ROW_POLICY, _row_policy(EXPERIMENT_USERS))
+"""The same policy on every table that holds tenants' rows: ``events`` and ``experiment_users``."""
 
 COUNT_TENANT = f"SELECT count() AS events FROM {TABLE} WHERE tenant_id = {{tenant:UUID}}"
 
@@ -170,6 +302,14 @@ def unique_rows(rows: Sequence[AnalyticsEvent]) -> list[AnalyticsEvent]:
             seen.add(key)
             unique.append(row)
     return unique
+
+
+def scalar(rows: Sequence[Mapping[str, object]], *, default: int) -> int:
+    """The one value of a one-row, one-column answer as an integer; ``default`` when there is no row."""
+    if not rows:
+        return default
+    [value] = rows[0].values()
+    return int(str(value))
 
 
 def decode_json_each_row(data: bytes | str) -> list[dict[str, object]]:

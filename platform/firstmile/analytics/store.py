@@ -48,7 +48,10 @@ def check_scope(tenant: uuid.UUID, query: Query) -> None:
 @runtime_checkable
 class AnalyticsStore(Protocol):
     def ensure_schema(self) -> None:
-        """Create the ``events`` table (and, on ClickHouse, the row policy) if missing. Idempotent."""
+        """Create the ``events`` and ``experiment_users`` tables (and, on ClickHouse, the row policies) if missing.
+        Idempotent. When it creates ``experiment_users`` over stored events (an upgrade), it rebuilds it from them
+        (:meth:`rebuild_experiment_users` for every tenant; on ClickHouse, where the row policy forbids that to the
+        connecting role, it logs a warning instead: run ``firstmile analytics rebuild-experiments``)."""
 
     def insert(self, rows: Sequence[AnalyticsEvent]) -> int:
         """Store the rows, repeats of one ``(tenant_id, event_id)`` within the batch once; returns how many.
@@ -56,10 +59,21 @@ class AnalyticsStore(Protocol):
         There is no lookup of what is stored already: a redelivered event is written again,
         ``ReplacingMergeTree`` folds the copies at its next merge (same sorting key), and every
         query counts an event once meanwhile (:mod:`firstmile.analytics.queries`).
+
+        Exposures and the outcomes of exposed users are also folded into ``experiment_users``
+        (:mod:`firstmile.analytics.experiment_users`): one lookup per tenant of the batch when it
+        holds outcomes (of the users' stored exposures), none otherwise; idempotent as well.
         """
 
     def bulk_load(self, rows: Sequence[AnalyticsEvent]) -> int:
-        """Insert the rows as they are, repeats within the batch included (benchmarks, seeding)."""
+        """Insert the rows as they are, repeats within the batch included (benchmarks, seeding); folded as by
+        :meth:`insert`."""
+
+    def rebuild_experiment_users(self, tenant: uuid.UUID | None = None) -> int:
+        """(Re)compute ``experiment_users`` from ``events`` for one tenant, or every tenant (``None``): an upgrade,
+        or a repair after an outcome overtook its exposure. Idempotent (the table's aggregates fold the rows it
+        writes into what is there). Returns how many exposed (experiment, user) pairs the scope holds afterwards.
+        On ClickHouse, every tenant at once needs a user the row policy does not bind."""
 
     def run(self, tenant: uuid.UUID, query: Query) -> list[dict[str, Any]]:
         """Run a query built for ``tenant`` (server-side ``{name:Type}`` parameters); rows as dicts of JSON values.
@@ -71,7 +85,7 @@ class AnalyticsStore(Protocol):
         """Run any statement as written, with no tenant scoping: operator tools and benchmarks only."""
 
     def erase_user(self, tenant_id: uuid.UUID, user_id: str) -> None:
-        """Delete every row of one user of one tenant (GDPR erasure)."""
+        """Delete every row of one user of one tenant (GDPR erasure), in ``events`` and ``experiment_users``."""
 
     def close(self) -> None:
         """Release the engine or connection; the store is unusable afterwards."""
