@@ -104,13 +104,23 @@ def render(auth: AdminAuth | None, template: str, status: int = 200, **context: 
     return Response(html, status_code=status, media_type="text/html", headers=headers)
 
 
+class SignInFirstError(Exception):
+    """A page asked for without a session: the controller answers with a redirect to the sign-in page."""
+
+
+def _to_sign_in(request: Request[Any, Any, Any], exc: SignInFirstError) -> Response[Any]:
+    return Redirect("/admin/signin", status_code=303)
+
+
 async def _session_with(
     auth: AdminAuth, request: Request[Any, Any, Any], permission: Permission, route: str, what: str
-) -> AdminSession | None:
-    """The signed-in session (None: not signed in); a ``403`` (audited as ``admin.forbidden``) when its roles lack
-    ``permission``."""
+) -> AdminSession:
+    """The signed-in session; :class:`SignInFirstError` (a 303 to the sign-in page) without one, and a ``403``
+    (audited as ``admin.forbidden``) when its roles lack ``permission``."""
     session = await auth.session(request.cookies.get(auth.policy.cookie))
-    if session is not None and permission not in permissions(session.roles):
+    if session is None:
+        raise SignInFirstError
+    if permission not in permissions(session.roles):
         await auth.record_for(
             session,
             "admin.forbidden",
@@ -151,6 +161,7 @@ def _log_row(r: Any) -> dict[str, Any]:
 
 class PagesController(Controller):
     path = "/admin"
+    exception_handlers = {SignInFirstError: _to_sign_in}
     include_in_schema = False
 
     @get("/", summary="The admin dashboard")
@@ -194,8 +205,6 @@ class PagesController(Controller):
     ) -> Response[Any]:
         auth = admin_auth
         session = await _session_with(auth, request, Permission.PATHS_READ, "GET /admin/paths/{key}", "paths")
-        if session is None:
-            return Redirect("/admin/signin", status_code=303)
         check_id(key, SLUG_RE, "key")
 
         async def read(tx: TenantTx) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -220,8 +229,6 @@ class PagesController(Controller):
     ) -> Response[Any]:
         auth = admin_auth
         session = await _session_with(auth, request, Permission.ANALYTICS_READ, "GET /admin/analytics", "analytics")
-        if session is None:
-            return Redirect("/admin/signin", status_code=303)
         listed = await auth.unit_of_work(session).run(path_editor.list_paths)
         query = dict(request.query_params)
         return render(auth, "analytics.html", session=session, paths=listed, query=query,
@@ -238,8 +245,6 @@ class PagesController(Controller):
     ) -> Response[Any]:
         auth = admin_auth
         session = await _session_with(auth, request, Permission.AUDIT_READ, "GET /admin/audit", "the audit log")
-        if session is None:
-            return Redirect("/admin/signin", status_code=303)
         kind, subject = kind or None, subject or None  # an empty field of the form: no filter
         check_audit_filter(kind, subject)
         entries = await auth.unit_of_work(session).run(lambda tx: audit_log.latest(tx, kind, 200, subject))
@@ -268,8 +273,6 @@ class PagesController(Controller):
     ) -> Response[Any]:
         auth = admin_auth
         session = await _session_with(auth, request, Permission.AUDIT_READ, "GET /admin/nudges", "the nudge log")
-        if session is None:
-            return Redirect("/admin/signin", status_code=303)
         problems = [
             f"{name} {why}"
             for name, value, pattern, why in (
@@ -304,8 +307,6 @@ class PagesController(Controller):
     ) -> Response[Any]:
         auth = admin_auth
         session = await _session_with(auth, request, Permission.USERS_EXPORT, "GET /admin/users", "end users")
-        if session is None:
-            return Redirect("/admin/signin", status_code=303)
         q = (q or "").strip()
         uow, actor = auth.unit_of_work(session), f"admin:{session.subject}"
         matches: list[str] = []
@@ -333,8 +334,6 @@ class PagesController(Controller):
         auth = admin_auth
         session = await _session_with(auth, request, Permission.EXPERIMENTS_READ, "GET /admin/experiments",
                                       "the experiments")  # fmt: skip
-        if session is None:
-            return Redirect("/admin/signin", status_code=303)
         granted = permissions(session.roles)
 
         async def read(tx: TenantTx) -> tuple[list[dict[str, Any]], list[str]]:
@@ -360,8 +359,6 @@ class PagesController(Controller):
         auth = admin_auth
         session = await _session_with(auth, request, Permission.EXPERIMENTS_READ, "GET /admin/experiments/{id}",
                                       "the experiments")  # fmt: skip
-        if session is None:
-            return Redirect("/admin/signin", status_code=303)
         check_id(experiment_id, SLUG_RE, "experiment_id")
         granted = permissions(session.roles)
         uow = auth.unit_of_work(session)
