@@ -27,6 +27,8 @@ from firstmile.analytics.api import AnalyticsController
 from firstmile.analytics.store import AnalyticsStore
 from firstmile.audit.api import AuditController
 from firstmile.auth.middleware import ApiKeyMiddleware
+from firstmile.embed.api import EmbedController, EmbedScriptController
+from firstmile.embed.cors import EmbedCorsMiddleware
 from firstmile.events.api import EventsController
 from firstmile.guardrail.middleware import RateLimitMiddleware
 from firstmile.kit import telemetry
@@ -52,7 +54,7 @@ from firstmile.web.pages import PagesController
 from firstmile.wiring.container import Container, Overrides
 from firstmile.wiring.providers import dependencies
 
-PUBLIC_PATHS = ["^/health", "^/metrics", "^/schema"]
+PUBLIC_PATHS = ["^/health", "^/metrics", "^/schema", "^/embed/v1/"]
 ADMIN_PATHS = ["^/admin"]  # the admin UI authenticates with its session cookie, not API keys
 _access_log = logging.getLogger("firstmile.access")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,128}$")
@@ -163,6 +165,8 @@ def create_app(
             NudgeLinksController,
             NudgeWebhooksController,
             InAppMessagesController,
+            EmbedController,
+            EmbedScriptController,
             PushSubscriptionsController,
             ConsentsController,
             LoginController,
@@ -217,7 +221,7 @@ def create_app(
     app.state.container = container
     # Outside Litestar's exception handling, so 401/421 from authentication and 404/405 from
     # routing also carry the request id and are measured with their real status.
-    app.asgi_handler = RequestContextMiddleware(app.asgi_handler)
+    app.asgi_handler = RequestContextMiddleware(EmbedCorsMiddleware(app.asgi_handler))
     return app
 
 

@@ -97,6 +97,16 @@ class TenancySettings(_Section):
         le=300,
         description="How long a resolved API key is cached per process; revocation takes effect within it.",
     )
+    embed_identity_max_seconds: int = Field(
+        validation_alias="embed_identity_max_seconds",
+        default=3600,
+        ge=60,
+        le=86_400,
+        description=(
+            "The longest an embed identity token may live (exp - iat): a longer one is refused "
+            "(docs/embed.md). The SDK asks the tenant's backend for a new one before it expires."
+        ),
+    )
     directory_url: SecretStr | None = Field(
         validation_alias="directory_url",
         default=None,
@@ -998,6 +1008,23 @@ class GuardrailSettings(_Section):
         ge=1,
         le=86_400,
         description="The per-tenant window.",
+    )
+    embed_user_requests: int = Field(
+        validation_alias="rate_limit_embed_user_requests",
+        default=120,
+        ge=1,
+        le=1_000_000,
+        description=(
+            "Requests each browser user of a publishable key (the embed SDK) may make per embed window, in place "
+            "of the per-key quota; they count against the tenant's quota too."
+        ),
+    )
+    embed_user_window_seconds: int = Field(
+        validation_alias="rate_limit_embed_user_window_seconds",
+        default=60,
+        ge=1,
+        le=86_400,
+        description="The per-user window of publishable-key requests.",
     )
     redis_timeout_ms: float = Field(
         validation_alias="rate_limit_redis_timeout_ms",

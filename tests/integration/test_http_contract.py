@@ -85,7 +85,7 @@ async def test_every_operation_declares_its_problem_answers(openapi: dict[str, A
     assert set(problem["required"]) == {"type", "title", "status", "detail", "instance"}
     for path, method, operation in operations:
         assert _problem(operation, 500) == {"$ref": PROBLEM_REF}, (method, path)
-        public = path.startswith(("/health", "/v1/webhooks/", "/v1/nudges/"))  # the nudge links sign themselves
+        public = path.startswith(("/health", "/v1/webhooks/", "/v1/nudges/", "/embed/v1/"))  # links sign themselves
         for status in () if public else (401, 403, 421, 429, 503):
             assert _problem(operation, status) == {"$ref": PROBLEM_REF}, (method, path, status)
         if not public:  # a refusal says when to retry and what is left, and the document says so

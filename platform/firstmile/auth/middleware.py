@@ -8,6 +8,7 @@ so the middleware holds no service of its own.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from litestar.connection import ASGIConnection
@@ -17,8 +18,23 @@ from litestar.types import ASGIApp, Method, Scopes
 from firstmile.kit import telemetry
 from firstmile.kit.auth import Principal
 
-Authenticate = Callable[[str | None], Awaitable[Principal]]
-"""Resolves an ``Authorization`` header to a principal, or raises a 401/421 problem."""
+IDENTITY_HEADER = "x-firstmile-identity"
+"""The embed SDK's identity token (docs/embed.md): which user a publishable key speaks for."""
+
+
+@dataclass(frozen=True, slots=True)
+class Presented:
+    """The credentials a request presents: its ``Authorization``, and what tells a browser's request apart."""
+
+    authorization: str | None
+    origin: str | None = None
+    identity: str | None = None
+    browser: bool = False
+    """``Origin`` or a ``Sec-Fetch-Site`` header is present: only browsers send those on their own."""
+
+
+Authenticate = Callable[[Presented], Awaitable[Principal]]
+"""Resolves a request's credentials to a principal, or raises a 401/403/421 problem."""
 
 
 class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
@@ -43,9 +59,17 @@ class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
         self.authenticate = authenticate
 
     async def authenticate_request(self, connection: ASGIConnection[Any, Any, Any, Any]) -> AuthenticationResult:
-        principal = await self.authenticate(connection.headers.get("authorization"))
+        headers = connection.headers
+        origin = headers.get("origin")
+        presented = Presented(
+            headers.get("authorization"),
+            origin,
+            headers.get(IDENTITY_HEADER),
+            origin is not None or "sec-fetch-site" in headers,
+        )
+        principal = await self.authenticate(presented)
         telemetry.tenant_var.set(principal.tenant_slug)
         return AuthenticationResult(user=principal, auth=principal.actor)
 
 
-__all__ = ["ApiKeyMiddleware", "Authenticate"]
+__all__ = ["IDENTITY_HEADER", "ApiKeyMiddleware", "Authenticate", "Presented"]

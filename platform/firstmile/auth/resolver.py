@@ -19,11 +19,13 @@ from __future__ import annotations
 import base64
 import logging
 import time
-from typing import Any
+import uuid
+from typing import Any, Never
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from firstmile.audit import service as audit
+from firstmile.auth.identity import IdentityError, verify_identity
 from firstmile.kit.auth import Principal, wrong_region
 from firstmile.kit.cache import MISS, TtlCache
 from firstmile.kit.db import TenantTx, retry_transient
@@ -43,7 +45,8 @@ REFUSALS_AUDITED_PER_MINUTE = 20
 
 
 _REFUSALS = OperatorContext("worker:auth")
-"""Refused tokens are audited for the tenant their issuer names, which authenticated nothing."""
+"""Refused credentials are audited for the tenant they name (a token's issuer, a known key), which
+authenticated nothing."""
 
 
 class KeyResolver:
@@ -62,6 +65,7 @@ class KeyResolver:
         max_entries: int = 10_000,
         tokens: TokenValidator | None = None,
         directory: TenantDirectory | None = None,
+        identity_max_seconds: int = 3600,
     ):
         self.engine = engine
         self.pepper = pepper
@@ -70,6 +74,7 @@ class KeyResolver:
         self.max_entries = max_entries
         self.tokens = tokens
         self.directory = directory
+        self.identity_max_seconds = identity_max_seconds
         self._cache: TtlCache[bytes, ResolvedKey] = TtlCache(ttl, max_entries)
         self._tenants: TtlCache[str, ResolvedTenant] = TtlCache(ttl, max_entries)
         self._refusals: dict[str, tuple[float, int, int]] = {}  # slug -> (window start, audited, left out)
@@ -90,7 +95,21 @@ class KeyResolver:
             self._cache.put(digest, resolved)
         return resolved
 
-    async def principal(self, authorization: str | None) -> Principal:
+    async def principal(
+        self,
+        authorization: str | None,
+        *,
+        origin: str | None = None,
+        identity: str | None = None,
+        browser: bool = False,
+    ) -> Principal:
+        """The principal of a request's credential, or a 401/403/421 problem.
+
+        ``origin`` is the request's ``Origin`` header, ``identity`` its ``X-Firstmile-Identity`` (the embed SDK's
+        identity token), ``browser`` whether a browser sent it (``Origin`` or ``Sec-Fetch-*`` present): a secret
+        ``fm_`` key is refused from a browser; a publishable ``fmpk_`` key is accepted only from one of its
+        origins and with a valid identity token, and then speaks for that one user.
+        """
         if not authorization:
             raise ProblemError(
                 401,
@@ -105,6 +124,8 @@ class KeyResolver:
             token = _basic_user(token)
         elif scheme.lower() != "bearer":
             token = ""
+        if scheme.lower() == "bearer" and keylib.looks_like_publishable(token):
+            return await self._publishable_principal(token, origin, identity)
         if not keylib.looks_like_key(token):
             if scheme.lower() == "bearer" and token.count(".") == 2:
                 return await self._token_principal(token)
@@ -124,13 +145,13 @@ class KeyResolver:
             )
         if resolved.home_region != self.region:
             raise wrong_region(resolved.tenant_slug, resolved.home_region, self.region)
-        if resolved.key_region != self.region:
-            raise wrong_region(
-                resolved.tenant_slug,
-                resolved.home_region,
-                self.region,
-                f"this key was issued for {resolved.key_region}; this is {self.region}",
-            )
+        self._check_region(resolved)
+        if browser:
+            await self._refused(
+                resolved, "secret-key-in-browser", {"origin": origin},
+                ProblemError(403, "secret-key-in-browser", "a secret fm_ key is never accepted from a browser: a web "
+                             "page uses a publishable fmpk_ key with an identity token (docs/embed.md)"),
+            )  # fmt: skip
         return Principal(
             authenticated_tenant=resolved.tenant_id,
             tenant_slug=resolved.tenant_slug,
@@ -138,6 +159,66 @@ class KeyResolver:
             scopes=frozenset(resolved.scopes),
             key_id=resolved.key_id,
         )
+
+    def _check_region(self, resolved: ResolvedKey) -> None:
+        if resolved.key_region != self.region:
+            raise wrong_region(
+                resolved.tenant_slug,
+                resolved.home_region,
+                self.region,
+                f"this key was issued for {resolved.key_region}; this is {self.region}",
+            )
+
+    async def _publishable_principal(self, token: str, origin: str | None, identity: str | None) -> Principal:
+        """A publishable key's principal: one of its origins, and the user its identity token names."""
+        resolved = await self._lookup(keylib.hash_key(self.pepper, token))
+        if resolved is None or resolved.revoked or resolved.kind != "publishable":
+            raise ProblemError(
+                401,
+                "unauthenticated",
+                "the publishable key is unknown or revoked",
+                headers={"WWW-Authenticate": 'Bearer realm="firstmile", error="invalid_token"'},
+            )
+        if resolved.home_region != self.region:
+            raise wrong_region(resolved.tenant_slug, resolved.home_region, self.region)
+        self._check_region(resolved)
+        if origin is None or origin not in resolved.origins:
+            shown = "no Origin header" if origin is None else f"the origin {origin!r}"
+            await self._refused(
+                resolved, "origin-not-allowed", {"origin": origin},
+                ProblemError(403, "origin-not-allowed", f"this publishable key may not be used from {shown}; "
+                             "the tenant lists its origins when it creates the key"),
+            )  # fmt: skip
+        try:
+            verified = verify_identity(
+                identity, keylib.identity_secret(self.pepper, resolved.key_id), max_lifetime_s=self.identity_max_seconds
+            )
+        except IdentityError as exc:
+            await self._refused(
+                resolved, "invalid-identity", {"origin": origin, "identity": exc.reason.value},
+                ProblemError(401, "invalid-identity", exc.detail, reason=exc.reason.value,
+                             headers={"WWW-Authenticate": 'FirstmileIdentity realm="firstmile"'}),
+            )  # fmt: skip
+        return Principal(
+            authenticated_tenant=resolved.tenant_id,
+            tenant_slug=resolved.tenant_slug,
+            tenant_revision=resolved.tenant_revision,
+            scopes=frozenset((keylib.EMBED_SCOPE,)),
+            key_id=resolved.key_id,
+            kind="publishable",
+            user_id=verified.user_id,
+        )
+
+    async def _refused(
+        self, resolved: ResolvedKey, reason: str, payload: dict[str, Any], problem: ProblemError
+    ) -> Never:
+        """Audit a refused use of a known key (``auth.key_refused``, rate-limited), then raise ``problem``."""
+        log.info("key refused: %s", reason, extra={"fields": {"key_id": str(resolved.key_id), "reason": reason}})
+        await self._audit_limited(
+            resolved.tenant_id, resolved.tenant_slug, "auth.key_refused", f"api_key:{resolved.key_id}",
+            {"reason": reason, **payload},
+        )  # fmt: skip
+        raise problem
 
     async def _token_principal(self, token: str) -> Principal:
         """The principal of a client-credentials access token of the tenant's realm, or a 401."""
@@ -175,34 +256,38 @@ class KeyResolver:
         )
 
     async def _audit_refusal(self, tenant: ResolvedTenant, exc: TokenError, unverified: dict[str, Any]) -> None:
-        """An ``auth.token_refused`` entry in the tenant's audit log for a token naming its realm.
+        """An ``auth.token_refused`` entry in the tenant's audit log for a token naming its realm."""
+        client = unverified.get("azp", unverified.get("client_id"))
+        payload = {"reason": exc.reason.value, "client_id": client if isinstance(client, str) else None}
+        await self._audit_limited(tenant.tenant_id, tenant.tenant_slug, "auth.token_refused", "access-token", payload)
 
-        At most :data:`REFUSALS_AUDITED_PER_MINUTE` per tenant and minute per process, so a flood of
-        bad tokens cannot flood the log (or hold its per-tenant append lock): the next entry after a
-        full minute counts the ones left out. A failed write is logged, never turns a 401 into a 500.
+    async def _audit_limited(
+        self, tenant_id: uuid.UUID, slug: str, kind: str, subject: str, payload: dict[str, Any]
+    ) -> None:
+        """A refusal's entry in the tenant's audit log, actor ``anonymous``.
+
+        At most :data:`REFUSALS_AUDITED_PER_MINUTE` per tenant and minute per process, so a flood of bad
+        credentials cannot flood the log (or hold its per-tenant append lock): the next entry after a full
+        minute counts the ones left out (``not_audited_before``). A failed write is logged, never turns the
+        refusal into a 500.
         """
         now = time.monotonic()
-        start, count, left_out = self._refusals.get(tenant.tenant_slug, (now, 0, 0))
+        start, count, left_out = self._refusals.get(slug, (now, 0, 0))
         if now - start >= 60:
             start, count = now, 0
         if count >= REFUSALS_AUDITED_PER_MINUTE:
-            self._refusals[tenant.tenant_slug] = (start, count, left_out + 1)
+            self._refusals[slug] = (start, count, left_out + 1)
             return
-        self._refusals[tenant.tenant_slug] = (start, count + 1, 0)
-        client = unverified.get("azp", unverified.get("client_id"))
-        payload = {
-            "reason": exc.reason.value,
-            "client_id": client if isinstance(client, str) else None,
-            "not_audited_before": left_out,
-        }
+        self._refusals[slug] = (start, count + 1, 0)
+        entry = {**payload, "not_audited_before": left_out}
 
         async def work(tx: TenantTx) -> None:
-            await audit.append(tx, "auth.token_refused", "anonymous", "access-token", payload)
+            await audit.append(tx, kind, "anonymous", subject, entry)
 
         try:
-            await UnitOfWork(self.engine, _REFUSALS.tenant(tenant.tenant_id)).run(work)
+            await UnitOfWork(self.engine, _REFUSALS.tenant(tenant_id)).run(work)
         except Exception:
-            log.exception("could not audit a refused access token")
+            log.exception("could not audit a refused credential")
 
     async def _refuse_if_homed_elsewhere(self, slug: str) -> None:
         """421 with the directory's home region for a tenant this region's database does not hold.

@@ -11,6 +11,7 @@ It also prunes Segment ``messageId`` receipts older than the dedupe window.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from datetime import timedelta
@@ -20,6 +21,7 @@ import msgspec
 
 from firstmile.events.bus import Publisher, Record, wait_for_stop
 from firstmile.kit import telemetry
+from firstmile.kit.outbox import PROGRESS_EVENT_PREFIX, PROGRESS_NOTIFY_CHANNEL
 
 log = logging.getLogger("firstmile.relay")
 LOCK_KEY = 0x46_4D_52_4C  # "FMRL"
@@ -40,6 +42,9 @@ HEAD_EVERY = 16
 """While batches are full the next one is prefetched past the current one; every HEAD_EVERY
 batches the relay reads from the head again, so a row committed late with a lower id waits
 at most that long."""
+_ANNOUNCE = "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p"
+ANNOUNCE_BYTES = 7000
+"""A notification's payload stays under PostgreSQL's 8,000-byte limit."""
 _PRUNE = "DELETE FROM event_receipts WHERE received_at < now() - $1::interval"
 _str = msgspec.json.Encoder()
 
@@ -82,6 +87,7 @@ class OutboxRelay:
         idle_interval: float = 0.05,
         dedupe_window: timedelta = timedelta(days=7),
         prune_interval: float = 300.0,
+        announce: bool = True,
     ) -> None:
         self.dsn = asyncpg_dsn(dsn)
         self.publisher = publisher
@@ -89,6 +95,7 @@ class OutboxRelay:
         self.idle_interval = idle_interval
         self.dedupe_window = dedupe_window
         self.prune_interval = prune_interval
+        self.announce = announce
         self.published = 0
         self.consecutive_failures = 0
         self.last_error: str | None = None
@@ -138,6 +145,8 @@ class OutboxRelay:
                 following = await prefetch if prefetch is not None else None
             if acked:
                 await conn.execute(_DELETE, [r.outbox_id for r in records[:acked]])
+                if self.announce:
+                    await self._announce(conn, rows[:acked])
                 telemetry.RELAY_PUBLISHED.inc(acked)
                 self.published += acked
                 moved += acked
@@ -145,6 +154,27 @@ class OutboxRelay:
                 break
             rows = following if following is not None else await conn.fetch(_FETCH, self.batch_size)
         return moved
+
+    async def _announce(self, conn: asyncpg.Connection, rows: list[asyncpg.Record]) -> None:
+        """Notify the users whose progress this batch published (``kit.outbox.PROGRESS_NOTIFY_CHANNEL``).
+
+        After the batch left the outbox, so a listener that re-reads finds the state the events describe. A lost
+        notification only delays a live view until its next periodic read; it is never needed for correctness.
+        """
+        keys = sorted({r[4] for r in rows if r[3].startswith(PROGRESS_EVENT_PREFIX)})
+        if not keys:
+            return
+        payloads: list[str] = []
+        chunk: list[str] = []
+        size = 2
+        for key in keys:
+            if chunk and size + len(key.encode()) + 4 > ANNOUNCE_BYTES:
+                payloads.append(json.dumps(chunk))
+                chunk, size = [], 2
+            chunk.append(key)
+            size += len(key.encode()) + 4
+        payloads.append(json.dumps(chunk))
+        await conn.execute(_ANNOUNCE, PROGRESS_NOTIFY_CHANNEL, payloads)
 
     async def measure_backlog(self) -> int:
         """Rows waiting in the outbox and the age of the oldest (``firstmile_relay_backlog``, ``…_lag_seconds``)."""

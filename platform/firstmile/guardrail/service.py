@@ -83,6 +83,7 @@ class Guardrail:
         fallback_seconds: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
         max_tenants: int = 10_000,
+        per_embed_user: Quota | None = None,
     ) -> None:
         self.engine = engine
         self.limiter = limiter
@@ -90,6 +91,8 @@ class Guardrail:
         self.detector = detector
         self.fallback = fallback
         self.fallback_seconds = fallback_seconds
+        self.per_embed_user = per_embed_user or Quota("user", 120, 60)
+        """A publishable key's quota per user (a browser), in place of the per-key quota; the tenant's still applies."""
         self._clock = clock
         self.max_tenants = max_tenants
         self._limits: OrderedDict[uuid.UUID, tuple[int, Limits]] = OrderedDict()
@@ -98,7 +101,9 @@ class Guardrail:
     async def admit(self, principal: Principal, activity: str) -> Verdict:
         """Check one request of ``principal`` (``activity``: its method and route, ``POST /v1/…``)."""
         limits = await self.limits(principal)
-        request = LimitRequest(str(principal.authenticated_tenant), principal.actor, limits, activity)
+        if principal.user_id is not None:
+            limits = Limits(self.per_embed_user, limits.per_tenant)
+        request = LimitRequest(str(principal.authenticated_tenant), principal.rate_partition, limits, activity)
         verdict = await self._check(request)
         if verdict.flag is not None:
             await self._flag(principal, verdict.flag)

@@ -6,6 +6,7 @@ Who resolves a credential to a :class:`Principal` is the ``auth`` slice
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,10 @@ class Principal:
     scopes: frozenset[str]
     key_id: uuid.UUID | None
     client_id: str | None = None
+    kind: str = "secret"
+    """``secret`` (an ``fm_`` key or an access token) or ``publishable`` (an ``fmpk_`` key from a browser)."""
+    user_id: str | None = None
+    """A publishable key's user, proven by the identity token: the only user it may read or act for."""
 
     @property
     def tenant_id(self) -> TenantId:
@@ -45,6 +50,14 @@ class Principal:
         if self.key_id is not None:
             return f"api_key:{self.key_id}"
         return f"client:{self.client_id or '?'}"
+
+    @property
+    def rate_partition(self) -> str:
+        """Whose quota a request spends: the credential's, and a publishable key's per user (a hash of the id)."""
+        if self.user_id is None:
+            return self.actor
+        digest = hashlib.sha256(self.user_id.encode("utf-8")).hexdigest()[:24]
+        return f"{self.actor}:user:{digest}"
 
 
 def is_preflight(connection: ASGIConnection[Any, Any, Any, Any]) -> bool:

@@ -26,7 +26,11 @@ SLUG_PATTERN = r"^[a-z][a-z0-9-]{0,62}[a-z0-9]$"
 REGION_PATTERN = r"^[a-z]{2}(-[a-z]+)+-\d$"
 """An AWS-style region name (``eu-west-1``)."""
 
+UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+"""A UUID as text (ids Firstmile makes: a message's ``send_id``)."""
+
 USER_ID_RE = re.compile(USER_ID_PATTERN)
+UUID_RE = re.compile(UUID_PATTERN)
 SLUG_RE = re.compile(SLUG_PATTERN)
 
 # Path parameters of these formats. The handler checks them (``check_id``, for a problem naming the
@@ -71,6 +75,8 @@ __all__ = [
     "USER_ID_MAX_LENGTH",
     "USER_ID_PATTERN",
     "USER_ID_RE",
+    "UUID_PATTERN",
+    "UUID_RE",
     "SlugPath",
     "UserIdPath",
     "check_id",

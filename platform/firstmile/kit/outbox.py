@@ -72,6 +72,13 @@ class OutboxEvent:
         return {"event_id": str(self.event_id), "event_type": self.event_type, "payload": dict(self.payload)}
 
 
+PROGRESS_NOTIFY_CHANNEL = "firstmile_progress"
+"""The relay announces on it, after each published batch, the partition keys (``tenant:user``) of the batch's
+events whose type starts with :data:`PROGRESS_EVENT_PREFIX`: a JSON list of keys per notification. Live views
+(the embed SDK's checklist) listen and re-read those users' state, off the request path."""
+PROGRESS_EVENT_PREFIX = "onboarding."
+
+
 def partition_key(tenant_id: uuid.UUID, user_id: str) -> str:
     """The Kafka key of a user's events: one tenant's user stays on one partition, in order."""
     return f"{tenant_id}:{user_id}"
@@ -106,4 +113,13 @@ async def enqueue(tx: TenantTx, events: Sequence[OutboxEvent], *, user_id: str, 
     )
 
 
-__all__ = ["INSERT_FROM_EVENTS", "USER_ERASED", "OutboxEvent", "enqueue", "outbox", "partition_key"]
+__all__ = [
+    "INSERT_FROM_EVENTS",
+    "PROGRESS_EVENT_PREFIX",
+    "PROGRESS_NOTIFY_CHANNEL",
+    "USER_ERASED",
+    "OutboxEvent",
+    "enqueue",
+    "outbox",
+    "partition_key",
+]

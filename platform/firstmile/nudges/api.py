@@ -30,9 +30,9 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from firstmile.kit.auth import require_scope
 from firstmile.kit.errors import ProblemError, strict_body
-from firstmile.kit.ids import UserIdPath, check_id, check_user_id
+from firstmile.kit.ids import UUID_PATTERN, UUID_RE, UserIdPath, check_id, check_user_id
 from firstmile.kit.uow import UnitOfWork
-from firstmile.nudges.inapp import OPEN, InAppInbox
+from firstmile.nudges.inapp import OPEN, InAppInbox, Watched
 from firstmile.nudges.links import UNSUBSCRIBE, BadLinkError
 from firstmile.nudges.schemas import (
     ConsentIn,
@@ -131,13 +131,11 @@ class NudgeLinksController(Controller):
 
 # ---- in-app messages (tenant API) ----
 
-_UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
-_UUID_RE = re.compile(_UUID_PATTERN)
 SendIdPath = Annotated[
     str,
     PathParameter(
         description="The message's `send_id` (a UUID)",
-        schema_extra={"pattern": _UUID_PATTERN, "min_length": 36, "max_length": 36},
+        schema_extra={"pattern": UUID_PATTERN, "min_length": 36, "max_length": 36},
     ),
 ]
 MessageLimit = Annotated[int, QueryParameter(description="At most this many messages, 1 to 100", ge=1, le=100)]
@@ -148,11 +146,15 @@ _NO_MESSAGE = {404: "message-not-found: not a delivered in-app message of this u
 
 
 def _send_id(value: str) -> uuid.UUID:
-    return uuid.UUID(check_id(value, _UUID_RE, "send_id"))
+    return uuid.UUID(check_id(value, UUID_RE, "send_id"))
 
 
-async def _events(items: AsyncIterator[InAppMessage | str], retry_ms: int) -> AsyncIterator[ServerSentEventMessage]:
+async def _events(
+    items: AsyncIterator[InAppMessage | str | Watched], retry_ms: int
+) -> AsyncIterator[ServerSentEventMessage]:
     async for item in items:
+        if isinstance(item, Watched):  # only streams given a watch yield these
+            continue
         if isinstance(item, str):  # a comment: the opening one tells the client how long to wait before reconnecting
             yield ServerSentEventMessage(data=None, comment=item, retry=retry_ms if item == OPEN else None)
         else:

@@ -29,7 +29,7 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
@@ -40,7 +40,7 @@ import asyncpg
 from firstmile.kit import telemetry
 from firstmile.kit.db import DatabaseUnavailableError, TenantTx
 from firstmile.kit.errors import ProblemError
-from firstmile.kit.outbox import OutboxEvent, enqueue
+from firstmile.kit.outbox import PROGRESS_NOTIFY_CHANNEL, OutboxEvent, enqueue
 from firstmile.kit.uow import UnitOfWork
 from firstmile.nudges import repository as repo
 from firstmile.nudges.channels import ChannelRejectedError, OutboundMessage, Receipt
@@ -90,17 +90,19 @@ def parse_notice(payload: str) -> Notice | None:
 
 @dataclass(frozen=True, slots=True)
 class Wake:
-    """What woke a subscription: the sends announced since, or a resync (the ids are unknown), or the end."""
+    """What woke a subscription: the sends announced since, or a resync (the ids are unknown), or the end;
+    ``progress``: the relay announced new onboarding events of the user (``kit.outbox.PROGRESS_NOTIFY_CHANNEL``)."""
 
     send_ids: tuple[uuid.UUID, ...] = ()
     resync: bool = False
     closed: bool = False
+    progress: bool = False
 
 
 class Subscription:
     """One stream's interest in one user's messages; a context manager that unsubscribes on exit."""
 
-    __slots__ = ("_closed", "_hub", "_ids", "_limit", "_resync", "_wake", "key")
+    __slots__ = ("_closed", "_hub", "_ids", "_limit", "_progress", "_resync", "_wake", "key")
 
     def __init__(self, hub: InAppHub, key: tuple[uuid.UUID, str], limit: int) -> None:
         self._hub = hub
@@ -109,6 +111,7 @@ class Subscription:
         self._ids: list[uuid.UUID] = []
         self._resync = False
         self._closed = False
+        self._progress = False
         self._wake = asyncio.Event()
 
     def push(self, send_id: uuid.UUID) -> None:
@@ -116,6 +119,10 @@ class Subscription:
             self.resync()
             return
         self._ids.append(send_id)
+        self._wake.set()
+
+    def progressed(self) -> None:
+        self._progress = True
         self._wake.set()
 
     def resync(self) -> None:
@@ -135,9 +142,10 @@ class Subscription:
             if not self._wake.is_set():
                 return None
         self._wake.clear()
-        wake = Wake(tuple(self._ids), self._resync, self._closed)
+        wake = Wake(tuple(self._ids), self._resync, self._closed, self._progress)
         self._ids = []
         self._resync = False
+        self._progress = False
         return wake
 
     def __enter__(self) -> Subscription:
@@ -208,6 +216,27 @@ class InAppHub:
             subscription.push(notice.send_id)
         return len(found)
 
+    def deliver_progress(self, payload: str) -> int:
+        """Fan the relay's announcement (a JSON list of ``tenant:user`` keys) out; how many subscriptions it reached."""
+        try:
+            keys = json.loads(payload)
+            if not isinstance(keys, list):
+                raise TypeError("not a list")
+        except (ValueError, TypeError):
+            log.warning("malformed progress notification ignored", extra={"fields": {"payload": payload[:200]}})
+            return 0
+        reached = 0
+        for key in keys:
+            tenant, _, user = str(key).partition(":")
+            try:
+                found = self._subscriptions.get((uuid.UUID(tenant), user), set())
+            except ValueError:
+                continue
+            for subscription in found:
+                subscription.progressed()
+                reached += 1
+        return reached
+
     def resync_all(self) -> None:
         """Every subscription reads the database again (after a reconnect: what was sent meanwhile)."""
         for found in self._subscriptions.values():
@@ -227,6 +256,9 @@ class InAppHub:
 
     def _on_notification(self, _conn: Any, _pid: int, _channel: str, payload: object) -> None:
         self.deliver(str(payload))
+
+    def _on_progress(self, _conn: Any, _pid: int, _channel: str, payload: object) -> None:
+        self.deliver_progress(str(payload))
 
     async def run(self, stop: asyncio.Event) -> None:
         """Listen until ``stop`` is set (see the class docstring)."""
@@ -260,6 +292,7 @@ class InAppHub:
         conn.add_termination_listener(lambda _c: lost.set())
         try:
             await conn.add_listener(repo.IN_APP_NOTIFY_CHANNEL, self._on_notification)
+            await conn.add_listener(PROGRESS_NOTIFY_CHANNEL, self._on_progress)
             self.listening = True
             self.connects += 1
             self.consecutive_failures = 0
@@ -311,6 +344,16 @@ async def _known(tx: TenantTx, user_id: str) -> bool:
     held = await onboarding.held_user(tx, user_id)
     return held.profile is not None or held.progress is not None
 
+
+@dataclass(frozen=True, slots=True)
+class Watched:
+    """A new value of the state a stream watches (see :meth:`InAppInbox.stream`)."""
+
+    value: Any
+
+
+Watch = Callable[[TenantTx], Awaitable[object]]
+"""A read of a user's state in the user's tenant transaction (its value is compared with ``==``)."""
 
 OPEN = "open"
 """The comment a stream starts with (after the pending messages): from here on, it is live."""
@@ -387,11 +430,33 @@ class InAppInbox:
             return []
         return await uow.run(lambda tx: repo.in_app_by_ids(tx, user_id, send_ids))
 
-    async def stream(self, uow: UnitOfWork, user_id: str) -> AsyncIterator[InAppMessage | str]:
-        """The live stream: messages, and comments (:data:`OPEN`, then :data:`HEARTBEAT`) between them."""
+    async def stream(
+        self, uow: UnitOfWork, user_id: str, watch: Watch | None = None
+    ) -> AsyncIterator[InAppMessage | str | Watched]:
+        """The live stream: messages, and comments (:data:`OPEN`, then :data:`HEARTBEAT`) between them.
+
+        With ``watch`` (a read of some state of the user, the embed SDK's checklist), the stream also yields
+        :class:`Watched` with its value first, and again whenever it changed: read again when the relay
+        announces the user's progress, after a resync, and at every heartbeat (so a lost notification
+        delays a change by one heartbeat at most).
+        """
         subscription = self.hub.subscribe(uow.tenant, user_id) if self.hub is not None else None
         sent: set[uuid.UUID] = set()
+        last: list[object] = []
+
+        async def changed() -> Watched | None:
+            assert watch is not None
+            value = await uow.run(watch)
+            if last and last[0] == value:
+                return None
+            last[:] = [value]
+            return Watched(value)
+
         try:
+            if watch is not None:
+                first = await changed()
+                assert first is not None
+                yield first
             pending = await uow.run(lambda tx: repo.in_app_messages(tx, user_id, self.backlog, unseen=True))
             for row in reversed(pending):  # oldest first, as they came
                 sent.add(row.send_id)
@@ -405,10 +470,14 @@ class InAppInbox:
                 wake = await subscription.next(min(self.heartbeat_s, left))
                 if wake is None:
                     if deadline - loop.time() > 0:
+                        if watch is not None and (update := await changed()) is not None:
+                            yield update
                         yield HEARTBEAT
                     continue
                 if wake.closed:
                     return
+                if watch is not None and (wake.progress or wake.resync) and (update := await changed()) is not None:
+                    yield update
                 if wake.resync:
                     rows = list(reversed(await uow.run(
                         lambda tx: repo.in_app_messages(tx, user_id, self.backlog, unseen=True)
@@ -436,5 +505,7 @@ __all__ = [
     "Notice",
     "Subscription",
     "Wake",
+    "Watch",
+    "Watched",
     "parse_notice",
 ]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import secrets
+import uuid
+from urllib.parse import urlsplit
 
 KEY_PREFIX = "fm_"
 SCOPES: tuple[str, ...] = (
@@ -47,3 +50,66 @@ def validate_scopes(scopes: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     if not scopes:
         raise ValueError(f"at least one scope is needed; known: {list(SCOPES)}")
     return tuple(dict.fromkeys(scopes))
+
+
+# ---- publishable keys (the embed SDK's; docs/embed.md) ------------------------------------------------------
+
+PUBLISHABLE_PREFIX = "fmpk_"
+EMBED_SCOPE = "embed"
+"""The one scope of a publishable key: the embed API (one user's own checklist and in-app messages)."""
+IDENTITY_SECRET_PREFIX = "fmid_"
+MAX_ORIGINS = 20
+_LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+_IDENTITY_CONTEXT = b"firstmile/embed-identity/v1\x00"
+
+
+def generate_publishable_key() -> str:
+    """A new publishable key: ``fmpk_`` and 32 URL-safe characters (192 bits; it is public, not a secret)."""
+    return PUBLISHABLE_PREFIX + secrets.token_urlsafe(24)
+
+
+def looks_like_publishable(value: str) -> bool:
+    return value.startswith(PUBLISHABLE_PREFIX) and 20 <= len(value) <= 100
+
+
+def identity_secret(pepper: bytes, key_id: uuid.UUID) -> str:
+    """The secret the tenant's backend signs identity tokens for the publishable key ``key_id`` with.
+
+    Derived, never stored: HMAC-SHA256 under the server's pepper of a fixed context and the key id, so it
+    is as safe as the pepper, can be shown again by an operator (``firstmile keys identity-secret``), and
+    changes only with a new key. Its 256 bits are the HS256 key, as its URL-safe base64 text.
+    """
+    digest = hmac.new(pepper, _IDENTITY_CONTEXT + key_id.bytes, hashlib.sha256).digest()
+    return IDENTITY_SECRET_PREFIX + base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def normalise_origin(value: str) -> str:
+    """A web origin as browsers send it (``https://app.example.com``, ``http://localhost:3000``), or ValueError.
+
+    ``https`` always; ``http`` only for loopback hosts (development). No path, query, user or wildcard.
+    """
+    parsed = urlsplit(value.strip())
+    host = (parsed.hostname or "").lower()
+    if parsed.scheme not in ("https", "http") or not host or "*" in value:
+        raise ValueError(f"{value!r} is not an origin: write scheme://host[:port], e.g. https://app.example.com")
+    if parsed.path not in ("", "/") or parsed.query or parsed.fragment or parsed.username or parsed.password:
+        raise ValueError(f"{value!r} is not an origin: no path, query, fragment or credentials")
+    shown = f"[{host}]" if ":" in host else host
+    if parsed.scheme == "http" and shown not in _LOOPBACK_HOSTS:
+        raise ValueError(f"{value!r}: http is allowed only for localhost, 127.0.0.1 and [::1]; use https")
+    try:
+        port = parsed.port
+    except ValueError as exc:
+        raise ValueError(f"{value!r}: the port is not a number from 0 to 65535") from exc
+    default = 443 if parsed.scheme == "https" else 80
+    return f"{parsed.scheme}://{shown}" + (f":{port}" if port not in (None, default) else "")
+
+
+def validate_origins(origins: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """The origins of a publishable key, normalised and deduplicated; at least one, at most MAX_ORIGINS."""
+    if not origins:
+        raise ValueError("a publishable key needs at least one origin (--origin https://app.example.com)")
+    valid = tuple(dict.fromkeys(normalise_origin(o) for o in origins))
+    if len(valid) > MAX_ORIGINS:
+        raise ValueError(f"at most {MAX_ORIGINS} origins per key; got {len(valid)}")
+    return valid

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     ARRAY,
+    CheckConstraint,
     Column,
     DateTime,
     ForeignKey,
@@ -46,7 +47,12 @@ api_keys = Table(
     Column("region", Text, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("revoked_at", DateTime(timezone=True), nullable=True),
+    # secret (fm_, server to server) or publishable (fmpk_, the embed SDK's: docs/embed.md)
+    Column("kind", Text, nullable=False, server_default="secret"),
+    # the web origins a publishable key may be used from (https://app.example.com); empty for secret keys
+    Column("origins", ARRAY(Text), nullable=False, server_default=text("'{}'::text[]")),
     UniqueConstraint("tenant_id", "key_hash"),
+    CheckConstraint("kind IN ('secret', 'publishable')", name="kind"),
     Index("ix_api_keys_key_hash", "key_hash"),
     Index("ix_api_keys_tenant_id_created_at", "tenant_id", "created_at"),
 )

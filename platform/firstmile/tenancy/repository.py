@@ -29,6 +29,8 @@ class ResolvedKey:
     scopes: tuple[str, ...]
     key_region: str
     revoked: bool
+    kind: str = "secret"
+    origins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,10 +53,12 @@ class KeyRow:
     region: str
     created_at: datetime
     revoked_at: datetime | None
+    kind: str = "secret"
+    origins: tuple[str, ...] = ()
 
 
 _RESOLVE = text(
-    "SELECT key_id, tenant_id, tenant_slug, home_region, tenant_revision, scopes, key_region, revoked "
+    "SELECT key_id, tenant_id, tenant_slug, home_region, tenant_revision, scopes, key_region, revoked, kind, origins "
     "FROM firstmile_resolve_api_key(:h)"
 )
 
@@ -64,7 +68,7 @@ async def resolve_key(conn: AsyncConnection, key_hash: bytes) -> ResolvedKey | N
     row = (await conn.execute(_RESOLVE, {"h": key_hash})).first()
     if row is None:
         return None
-    return ResolvedKey(row[0], row[1], row[2], row[3], row[4], tuple(row[5]), row[6], row[7])
+    return ResolvedKey(row[0], row[1], row[2], row[3], row[4], tuple(row[5]), row[6], row[7], row[8], tuple(row[9]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,8 +151,12 @@ async def insert_key(
     key_hash: bytes,
     scopes: tuple[str, ...],
     region: str,
+    *,
+    kind: str = "secret",
+    origins: tuple[str, ...] = (),
+    key_id: uuid.UUID | None = None,
 ) -> uuid.UUID:
-    key_id = uuid.uuid4()
+    key_id = key_id or uuid.uuid4()
     await tx.execute(
         insert(api_keys).values(
             id=key_id,
@@ -158,6 +166,8 @@ async def insert_key(
             key_hash=key_hash,
             scopes=list(scopes),
             region=region,
+            kind=kind,
+            origins=list(origins),
         )
     )
     return key_id
@@ -173,11 +183,13 @@ async def list_keys(tx: TenantTx) -> list[KeyRow]:
             api_keys.c.region,
             api_keys.c.created_at,
             api_keys.c.revoked_at,
+            api_keys.c.kind,
+            api_keys.c.origins,
         )
         .where(api_keys.c.tenant_id == tx.tenant)
         .order_by(api_keys.c.created_at)
     )
-    return [KeyRow(r[0], r[1], r[2], tuple(r[3]), r[4], r[5], r[6]) for r in rows]
+    return [KeyRow(r[0], r[1], r[2], tuple(r[3]), r[4], r[5], r[6], r[7], tuple(r[8])) for r in rows]
 
 
 async def revoke_key(tx: TenantTx, key_id: uuid.UUID) -> bool:

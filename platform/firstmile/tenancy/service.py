@@ -31,6 +31,7 @@ __all__ = [
     "TenantRow",
     "bump_revision",
     "create_key",
+    "create_publishable_key",
     "create_tenant",
     "experiments_spec",
     "find_tenant",
@@ -62,6 +63,9 @@ class CreatedKey:
     tenant_slug: str
     scopes: tuple[str, ...]
     region: str
+    origins: tuple[str, ...] = ()
+    identity_secret: str | None = None
+    """A publishable key's identity secret (the tenant's backend signs identity tokens with it)."""
 
 
 # ---------------------------------------------------------------- before a tenant is known
@@ -185,6 +189,34 @@ async def create_key(
         {"action": "keys.create", "name": name, "scopes": list(valid), "region": tenant.home_region},
     )
     return CreatedKey(key, key_id, tenant.slug, valid, tenant.home_region)
+
+
+async def create_publishable_key(
+    tx: TenantTx, tenant: TenantRow, pepper: bytes, origins: list[str], name: str, *, actor: str
+) -> CreatedKey:
+    """A publishable key (the embed SDK's, ``docs/embed.md``) for ``origins``, audited; returned once with the
+    identity secret the tenant's backend signs identity tokens with."""
+    try:
+        valid = keylib.validate_origins(origins)
+    except ValueError as exc:
+        raise TenancyError(str(exc)) from exc
+    key = keylib.generate_publishable_key()
+    key_id = uuid.uuid4()
+    scopes = (keylib.EMBED_SCOPE,)
+    await repo.insert_key(
+        tx, name, keylib.display_prefix(key), keylib.hash_key(pepper, key), scopes, tenant.home_region,
+        kind="publishable", origins=valid, key_id=key_id,
+    )  # fmt: skip
+    await audit.append(
+        tx,
+        "admin",
+        actor,
+        f"api_key:{key_id}",
+        {"action": "keys.create", "kind": "publishable", "name": name, "origins": list(valid),
+         "region": tenant.home_region},
+    )  # fmt: skip
+    secret = keylib.identity_secret(pepper, key_id)
+    return CreatedKey(key, key_id, tenant.slug, scopes, tenant.home_region, valid, secret)
 
 
 async def revoke_key(tx: TenantTx, key_id: uuid.UUID, *, actor: str) -> bool:

@@ -254,6 +254,12 @@ def rate_limits(settings: Settings) -> Limits:
     )
 
 
+def embed_user_quota(settings: Settings) -> Quota:
+    """The quota of each browser user of a publishable key (the embed SDK)."""
+    section = settings.guardrail
+    return Quota("user", section.embed_user_requests, section.embed_user_window_seconds)
+
+
 def abuse_detector(settings: Settings) -> DetectorPolicy | None:
     """When the abuse detector flags a credential; None when it is switched off."""
     section = settings.guardrail

@@ -28,7 +28,9 @@ from firstmile.analytics.sink import AnalyticsSink
 from firstmile.analytics.store import AnalyticsStore
 from firstmile.audit.service import AuditService, Checkpointer, Sequencer
 from firstmile.audit.signing import AuditSigner
+from firstmile.auth.middleware import Presented
 from firstmile.auth.resolver import KeyResolver
+from firstmile.embed.service import EmbedService
 from firstmile.events.bus import Consumer
 from firstmile.events.dispatch import InProcessPublisher
 from firstmile.events.relay import OutboxRelay, asyncpg_dsn
@@ -142,6 +144,7 @@ class Container:
             settings.tenancy.api_key_cache_ttl_seconds,
             tokens=tokens,
             directory=adapters.global_directory(settings),
+            identity_max_seconds=settings.tenancy.embed_identity_max_seconds,
         )
         # Admin UI sessions: Redis when there is one (every process of the region shares them), else in-process.
         self.admin_auth = AdminAuth(
@@ -169,6 +172,7 @@ class Container:
             detector=adapters.abuse_detector(settings),
             fallback=fallback,
             fallback_seconds=settings.guardrail.fallback_seconds,
+            per_embed_user=adapters.embed_user_quota(settings),
         )
         self.keyring = DataKeyService.from_config(self.engine, adapters.key_config(settings))
         # Online features: Redis, or in-process (then shared by the in-process consumers below).
@@ -238,15 +242,24 @@ class Container:
             if self.nudge_channels
             else None
         )
-        # In-app messages: one LISTEN connection per process (opened by the first stream) when the channel is on.
-        self.inapp_hub = InAppHub(asyncpg_dsn(self.database_url)) if "in_app" in self.nudge_channels else None
+        # Live streams: one LISTEN connection per process, opened by the first stream (in-app messages when the
+        # channel is on; the relay's progress announcements for the embed SDK's checklist always).
+        self.live_hub = InAppHub(asyncpg_dsn(self.database_url))
+        self.inapp_hub = self.live_hub if "in_app" in self.nudge_channels else None
         self.inbox = InAppInbox(
             self.inapp_hub,
             heartbeat_s=settings.nudges.stream_heartbeat_seconds,
             stream_s=settings.nudges.stream_seconds,
         )
-        if self.inapp_hub is not None:
-            supervisor.forever("in-app-listener", self.inapp_hub.run, probe=self.inapp_hub.health)
+        self.embed = EmbedService(
+            self.onboarding,
+            InAppInbox(
+                self.live_hub,
+                heartbeat_s=settings.nudges.stream_heartbeat_seconds,
+                stream_s=settings.nudges.stream_seconds,
+            ),
+        )
+        supervisor.forever("live-listener", self.live_hub.run, probe=self.live_hub.health)
         if schedulers if schedulers is not None else settings.server.in_process_schedulers:
             self._periodic()
         sequencer = self.overrides.sequencer
@@ -377,11 +390,13 @@ class Container:
     # Plain functions, not bound methods: Litestar deep-copies route handlers, routers and their
     # middleware arguments, and a function is copied as itself while a bound method copies the container.
 
-    def authenticator(self) -> Callable[[str | None], Awaitable[Principal]]:
-        """The principal of an ``Authorization`` header, for the API key middleware."""
+    def authenticator(self) -> Callable[[Presented], Awaitable[Principal]]:
+        """The principal of a request's credentials, for the API key middleware."""
 
-        async def authenticate(authorization: str | None) -> Principal:
-            return await self.key_resolver.principal(authorization)
+        async def authenticate(p: Presented) -> Principal:
+            return await self.key_resolver.principal(
+                p.authorization, origin=p.origin, identity=p.identity, browser=p.browser
+            )
 
         return authenticate
 

@@ -55,6 +55,7 @@ def dependencies(container: Container) -> dict[str, Provide]:
         "nudge_webhooks": "nudge_webhooks",
         "push_subscriptions": "push_subscriptions",
         "inbox": "inbox",
+        "embed": "embed",
     }
     provided = {name: _service(container, attribute) for name, attribute in services.items()}
     provided["uow"] = Provide(_unit_of_work(container), sync_to_thread=False)
