@@ -6,6 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 WEB_BUNDLE := platform/firstmile/web/analytics.bundle.js
+EMBED_BUNDLE := platform/firstmile/embed/firstmile.js
 PG := deploy/local/postgres.sh
 KAFKA := deploy/local/kafka.sh
 REDIS := deploy/local/redis.sh
@@ -18,7 +19,7 @@ BENCH_REGISTRY := .firstmile/bench-registry
 BENCH_MODELS := .firstmile/bench-models/registry
 PYTEST_WORKERS ?= 2
 
-.PHONY: help run install web test lint typecheck pytest services services-stop bench bench-security bench-analytics bench-events bench-inference bench-planner bench-admin bench-nudges bench-experiments clean
+.PHONY: help run install web test lint typecheck sdk-test pytest services services-stop bench bench-security bench-analytics bench-events bench-inference bench-planner bench-admin bench-nudges bench-experiments clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -34,11 +35,14 @@ $(WEB_BUNDLE): web/package.json web/package-lock.json $(wildcard web/src/*.js)
 	web/node_modules/.bin/esbuild web/src/analytics.js --bundle --minify --format=esm --target=es2020 \
 	  --legal-comments=eof --log-level=warning --outfile=$(WEB_BUNDLE)
 
-web: $(WEB_BUNDLE) ## Build the admin UI's bundled front-end code (Chart.js from npm, esbuild) when its sources changed
+$(EMBED_BUNDLE): sdk/embed/package.json sdk/embed/package-lock.json sdk/embed/tsconfig.json $(wildcard sdk/embed/src/*.ts) $(wildcard sdk/embed/scripts/*.mjs)
+	cd sdk/embed && npm ci --no-audit --no-fund --silent && npm run --silent build
 
-install: $(STAMP) $(WEB_BUNDLE) ## Create .venv and install Firstmile with its dev tools, build the admin UI's bundle (idempotent)
+web: $(WEB_BUNDLE) $(EMBED_BUNDLE) ## Build the admin UI bundle (Chart.js from npm) and the embed SDK (sdk/embed, TypeScript) with esbuild when their sources changed
 
-run: $(STAMP) $(WEB_BUNDLE) ## Migrate the embedded PostgreSQL, apply tenants/demo.yaml, print a demo key, serve on 127.0.0.1:8000 (nudge e-mail to a local Mailpit)
+install: $(STAMP) $(WEB_BUNDLE) $(EMBED_BUNDLE) ## Create .venv and install Firstmile with its dev tools, build the admin UI's bundle (idempotent)
+
+run: $(STAMP) $(WEB_BUNDLE) $(EMBED_BUNDLE) ## Migrate the embedded PostgreSQL, apply tenants/demo.yaml, print a demo key, serve on 127.0.0.1:8000 (nudge e-mail to a local Mailpit)
 	@$(MAILPIT) start run && echo "nudge e-mails: $$($(MAILPIT) api run) (Mailpit)" || echo "Mailpit did not start: no e-mail nudges"
 	FIRSTMILE_NUDGE_SMTP_URL=$${FIRSTMILE_NUDGE_SMTP_URL:-$$($(MAILPIT) url run)} \
 	  FIRSTMILE_NUDGE_IN_APP=$${FIRSTMILE_NUDGE_IN_APP:-off} $(BIN)/firstmile dev
@@ -67,14 +71,17 @@ lint: $(STAMP) ## ruff check and format check, and the import-linter contracts o
 typecheck: $(STAMP) ## mypy --strict on the packages, benchmarks and tests
 	$(BIN)/mypy
 
-pytest: $(STAMP) $(WEB_BUNDLE) services ## The test suite (PostgreSQL must be running: make services)
+sdk-test: $(EMBED_BUNDLE) ## The embed SDK's own checks (sdk/embed): tsc --noEmit, its vitest unit tests, the bundle size budget
+	cd sdk/embed && npm run --silent typecheck && npm test --silent && npm run --silent size
+
+pytest: $(STAMP) $(WEB_BUNDLE) $(EMBED_BUNDLE) services ## The test suite (PostgreSQL must be running: make services)
 	FIRSTMILE_TEST_ADMIN_URL=$$($(PG) url test) FIRSTMILE_TEST_KAFKA=$$($(KAFKA) url test) FIRSTMILE_TEST_KAFKA_SASL=$$($(KAFKA) sasl-url test) \
 	  FIRSTMILE_TEST_REDIS=$$($(REDIS) url test) FIRSTMILE_TEST_KEYCLOAK=$$($(KEYCLOAK) url test) \
 	  FIRSTMILE_TEST_CHROMIUM=$$($(CHROMIUM) path) FIRSTMILE_TEST_AXE=$$($(CHROMIUM) axe) FIRSTMILE_TEST_MAILPIT_SMTP=$$($(MAILPIT) url test) \
 	  FIRSTMILE_TEST_MAILPIT_API=$$($(MAILPIT) api test) \
 	  $(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup
 
-test: $(STAMP) $(WEB_BUNDLE) ## Everything the tests need, then ruff, mypy, the whole suite and the deployment checks
+test: $(STAMP) $(WEB_BUNDLE) $(EMBED_BUNDLE) ## Everything the tests need, then ruff, mypy, the whole suite and the deployment checks
 	@mkdir -p .firstmile
 	@# The deployment tools build (cold: about 25 min of Go, niced) while the services start and the suite runs
 	@deploy/tools/install.sh all >.firstmile/tools.log 2>&1 & echo $$! >.firstmile/tools.pid
@@ -86,7 +93,7 @@ test: $(STAMP) $(WEB_BUNDLE) ## Everything the tests need, then ruff, mypy, the 
 	@$(KEYCLOAK) start test
 	@$(MAILPIT) start test
 	@status=0; \
-	  $(MAKE) --no-print-directory lint typecheck || status=$$?; \
+	  $(MAKE) --no-print-directory lint typecheck sdk-test || status=$$?; \
 	  if [ $$status -eq 0 ]; then \
 	    FIRSTMILE_TEST_ADMIN_URL=$$($(PG) url test) FIRSTMILE_TEST_KAFKA=$$($(KAFKA) url test) FIRSTMILE_TEST_KAFKA_SASL=$$($(KAFKA) sasl-url test) \
 	      FIRSTMILE_TEST_REDIS=$$($(REDIS) url test) FIRSTMILE_TEST_KEYCLOAK=$$($(KEYCLOAK) url test) \
@@ -232,5 +239,5 @@ cost: $(STAMP) ## Cost per user, per 1k events and per 1k inferences against the
 # ---- Container images (deploy/docker/README.md): firstmile-api and firstmile-inference ----
 .PHONY: images
 
-images: $(WEB_BUNDLE) ## Build both images on a debootstrapped Debian base (private dockerd when no engine runs), smoke-check them
+images: $(WEB_BUNDLE) $(EMBED_BUNDLE) ## Build both images on a debootstrapped Debian base (private dockerd when no engine runs), smoke-check them
 	@deploy/docker/images.sh

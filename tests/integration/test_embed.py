@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -22,7 +20,6 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-import uvicorn
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -33,6 +30,7 @@ from firstmile.tenancy import keys as keylib
 from firstmile.tenancy.cli import create_key, create_publishable_key, revoke_key
 from tests.conftest import PEPPER, REGION, EventsDatabase, make_settings, sequenced
 from tests.factories import manifest_for
+from tests.support.serving import served
 
 ORIGIN = "http://localhost:5173"
 PATIENCE_S = 30.0
@@ -67,12 +65,6 @@ class World:
         return {"Authorization": f"Bearer {self.secret}"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def world(events_database: EventsDatabase, analytics_store: ChdbStore) -> Iterator[World]:
     slug = f"emb-{uuid.uuid4().hex[:8]}"
@@ -89,7 +81,6 @@ def world(events_database: EventsDatabase, analytics_store: ChdbStore) -> Iterat
 
     tenant_id, secret, publishable = asyncio.run(setup())
     assert publishable.identity_secret is not None
-    port = _free_port()
     settings = make_settings(
         in_process_schedulers=False,
         nudge_stream_heartbeat_seconds=0.5,
@@ -104,26 +95,17 @@ def world(events_database: EventsDatabase, analytics_store: ChdbStore) -> Iterat
         analytics=analytics_store,
         relay_database_url=events_database.relay_url,
     )
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(400):
-        if server.started:
-            break
-        threading.Event().wait(0.05)
-    assert server.started, "uvicorn did not start"
-    yield World(
-        f"http://127.0.0.1:{port}",
-        events_database.admin_url,
-        tenant_id,
-        slug,
-        secret,
-        publishable.key,
-        publishable.key_id,
-        publishable.identity_secret,
-    )
-    server.should_exit = True
-    thread.join(10)
+    with served(app) as base:
+        yield World(
+            base,
+            events_database.admin_url,
+            tenant_id,
+            slug,
+            secret,
+            publishable.key,
+            publishable.key_id,
+            publishable.identity_secret,
+        )
 
 
 @pytest.fixture
@@ -391,3 +373,11 @@ async def test_the_stream_sends_the_checklist_and_again_when_a_step_is_completed
         assert {s["id"]: s["status"] for s in second["steps"]} == _expected_statuses(done.json())
         assert {s["id"]: s["status"] for s in second["steps"]}[step] == "completed"
         assert second["progress"] == done.json()["progress"]
+
+
+async def test_the_sdk_bundle_is_served_to_any_page(world: World, http: httpx.AsyncClient) -> None:
+    r = await http.get("/embed/v1/firstmile.js")
+    assert r.status_code == 200, "the SDK bundle is built by `make web` before the tests"
+    assert r.headers["content-type"].startswith("text/javascript")
+    assert r.headers["cross-origin-resource-policy"] == "cross-origin"
+    assert b"firstmile" in r.content.lower()

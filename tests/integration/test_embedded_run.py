@@ -57,13 +57,22 @@ def data_dir(worker_id: str) -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _dev(data_dir: Path, port: int, models: Path) -> subprocess.Popen[str]:
+def _dev(data_dir: Path, port: int, models: Path, demo_host_port: int = 0) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FIRSTMILE_")}
     env |= {"FIRSTMILE_DATA_DIR": str(data_dir), "FIRSTMILE_PORT": str(port), "FIRSTMILE_LOG_LEVEL": "WARNING"}
     # Already-trained models: `dev` trains the full set only when the registry has none in production.
     env["FIRSTMILE_MODEL_REGISTRY_URI"] = str(models)
     return subprocess.Popen(
-        [sys.executable, "-m", "firstmile.cli", "dev", "--manifest", str(DEMO_MANIFEST)],
+        [
+            sys.executable,
+            "-m",
+            "firstmile.cli",
+            "dev",
+            "--manifest",
+            str(DEMO_MANIFEST),
+            "--demo-host-port",
+            str(demo_host_port),
+        ],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -72,12 +81,14 @@ def _dev(data_dir: Path, port: int, models: Path) -> subprocess.Popen[str]:
     )
 
 
-def _wait_for_key(proc: subprocess.Popen[str], port: int) -> tuple[str, str]:
-    """The demo API key and the admin UI's one-time login link `dev` prints, once the server is ready."""
+def _wait_for_key(proc: subprocess.Popen[str], port: int, *, demo_host: bool = False) -> tuple[str, str]:
+    """The demo API key and the admin UI's one-time login link `dev` prints, once the server is ready
+    (with ``demo_host``, also once it printed the embed SDK's demo page, kept in ``PRINTED``)."""
     assert proc.stdout is not None
     key = link = ""
+    demo = not demo_host
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (key and link):
+    while time.monotonic() < deadline and not (key and link and demo):
         line = proc.stdout.readline()
         if not line and proc.poll() is not None:
             raise AssertionError(f"firstmile dev exited with {proc.returncode}")
@@ -85,6 +96,9 @@ def _wait_for_key(proc: subprocess.Popen[str], port: int) -> tuple[str, str]:
             key = line.rsplit(" ", 1)[-1].strip()
         if line.startswith("Admin UI, one-time login"):
             link = line.rsplit(" ", 1)[-1].strip()
+        if line.startswith("Embed SDK demo"):
+            PRINTED["embed"] = line.rsplit(" ", 1)[-1].strip()
+            demo = True
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=2) as response:
@@ -93,6 +107,27 @@ def _wait_for_key(proc: subprocess.Popen[str], port: int) -> tuple[str, str]:
         except OSError:
             time.sleep(0.2)
     raise AssertionError("server did not become ready")
+
+
+PRINTED: dict[str, str] = {}
+
+
+def _embed_demo(page_url: str, api: str) -> None:
+    """The printed demo host page: one script tag of this API's SDK with a publishable key, and its backend's
+    identity token for demo-user, which the embed API accepts from the page's origin."""
+    with httpx.Client(timeout=10) as http:
+        page = http.get(page_url)
+        assert page.status_code == 200, page.text
+        assert f'src="{api}/embed/v1/firstmile.js"' in page.text
+        key = page.text.split('data-key="', 1)[1].split('"', 1)[0]
+        assert key.startswith("fmpk_")
+        token = http.get(page_url.rstrip("/") + "/identity").json()["token"]
+        origin = page_url.rstrip("/")
+        headers = {"Authorization": f"Bearer {key}", "X-Firstmile-Identity": token, "Origin": origin}
+        checklist = http.get(f"{api}/v1/embed/checklist", headers=headers)
+        assert checklist.status_code == 200, checklist.text
+        assert checklist.json()["user_id"] == "demo-user"
+        assert http.get(f"{api}/embed/v1/firstmile.js").status_code == 200
 
 
 def _admin_login(link: str) -> dict[str, Any]:
@@ -125,12 +160,14 @@ def _stop(proc: subprocess.Popen[str]) -> None:
 
 
 def test_dev_serves_the_demo_on_the_embedded_database(data_dir: Path, tiny_registry: Path) -> None:
-    port = _free_port()
-    proc = _dev(data_dir, port, tiny_registry)
+    port, host_port = _free_port(), _free_port()
+    proc = _dev(data_dir, port, tiny_registry, host_port)
     try:
-        key, link = _wait_for_key(proc, port)
+        key, link = _wait_for_key(proc, port, demo_host=True)
         base = f"http://127.0.0.1:{port}"
         assert link.startswith(f"{base}/admin/bootstrap?token=")
+        assert PRINTED["embed"] == f"http://127.0.0.1:{host_port}/"
+        _embed_demo(PRINTED["embed"], base)
         me = _admin_login(link)
         assert (me["tenant"]["slug"], me["roles"], me["origin"]) == ("demo", ["owner"], "bootstrap")
         # The demo is adaptive: the path model decides (it loads in the background, and until it

@@ -185,7 +185,7 @@ class EmbedScriptController(Controller):
             raise ProblemError(404, "not-found", "this build has no embed SDK bundle: run `make web`")
         headers = {"Cache-Control": "public, max-age=300", "Cross-Origin-Resource-Policy": "cross-origin",
                    "X-Content-Type-Options": "nosniff"}  # fmt: skip
-        return Response(body, media_type="text/javascript", headers=headers)
+        return Response(body, media_type="text/javascript; charset=utf-8", headers=headers)
 
 
 __all__ = ["EmbedController", "EmbedScriptController"]

@@ -19,6 +19,7 @@ import click
 from firstmile.admin.cli import login_link
 from firstmile.analytics.cli import seed_tenant, tenant_paths
 from firstmile.controlplane.service import apply_manifest
+from firstmile.embed.demo import DemoHost
 from firstmile.experiments.demo import DEMO_EXPERIMENT, seed_demo_results, start_demo_experiment
 from firstmile.kit import telemetry
 from firstmile.kit.cli import run, services
@@ -31,7 +32,7 @@ from firstmile.security.pii import RedactingFilter
 from firstmile.settings import Settings, get_settings
 from firstmile.tenancy import keys as keylib
 from firstmile.tenancy import service as tenancy
-from firstmile.tenancy.cli import create_key
+from firstmile.tenancy.cli import create_key, create_publishable_key
 from firstmile.tenancy.manifest import load_manifest
 from firstmile.wiring import adapters
 from firstmile.wiring.embedded import DatabaseUrls, stop_embedded
@@ -172,6 +173,36 @@ async def _demo_key(ops: OperatorServices, manifest_path: Path) -> tuple[str, st
         return spec.tenant.slug, created.key
 
 
+async def _demo_publishable_key(ops: OperatorServices, slug: str, origins: list[str]) -> tuple[str, str]:
+    """A publishable key of the demo tenant for the demo host's ``origins``, kept between runs; (key, secret)."""
+    pepper = ops.api_key_pepper()
+    stored = ops.settings.data_dir / "secrets" / f"{slug}_publishable_key"
+    async with ops.operator_engine() as engine:
+        if stored.exists():
+            key = stored.read_text(encoding="utf-8").strip()
+            async with engine.connect() as conn:
+                resolved = await tenancy.resolve_key(conn, keylib.hash_key(pepper, key))
+            if resolved is not None and not resolved.revoked and set(origins) <= set(resolved.origins):
+                return key, keylib.identity_secret(pepper, resolved.key_id)
+        created = await create_publishable_key(engine, pepper, slug, origins, "demo-host")
+    stored.parent.mkdir(parents=True, exist_ok=True)
+    stored.write_text(created.key, encoding="utf-8")
+    stored.chmod(0o600)
+    assert created.identity_secret is not None
+    return created.key, created.identity_secret
+
+
+def _demo_host(ops: OperatorServices, slug: str, key: str, api_url: str, port: int) -> DemoHost | None:
+    """The embed SDK's demo host page on ``port`` (docs/embed.md), or None if the port is taken."""
+    origins = [f"http://127.0.0.1:{port}", f"http://localhost:{port}"]
+    publishable, secret = run(_demo_publishable_key(ops, slug, origins))
+    try:
+        return DemoHost(api_url, key, publishable, secret, port=port).start()
+    except OSError as exc:
+        click.echo(f"embed demo host page not started: port {port}: {exc}", err=True)
+        return None
+
+
 OPERATOR_DEMO = OperatorContext("operator:demo")
 
 
@@ -180,8 +211,14 @@ OPERATOR_DEMO = OperatorContext("operator:demo")
     "--manifest", default=Path("tenants/demo.yaml"), type=click.Path(exists=True, path_type=Path), show_default=True
 )
 @click.option("--port", default=None, type=int)
-def dev(manifest: Path, port: int | None) -> None:
-    """What `make run` does: migrate, apply the demo manifest, print a demo key, serve."""
+@click.option(
+    "--demo-host-port",
+    default=None,
+    type=int,
+    help="Port of the embed SDK's demo host page (default: the API's port + 1; 0: no demo host).",
+)
+def dev(manifest: Path, port: int | None, demo_host_port: int | None) -> None:
+    """What `make run` does: migrate, apply the demo manifest, print a demo key, serve (and the embed demo page)."""
     ops = _services()
     settings = ops.settings
     check_process_model(settings, settings.server.workers)
@@ -213,6 +250,11 @@ def dev(manifest: Path, port: int | None) -> None:
             f"`firstmile admin login-link --tenant {slug}` for another): "
             f"{login_link(public_url, ops.api_key_pepper(), slug)}"
         )
+    host_port = listen_port + 1 if demo_host_port is None else demo_host_port
+    if host_port:
+        demo_host = _demo_host(ops, slug, key, f"http://127.0.0.1:{listen_port}", host_port)
+        if demo_host is not None:
+            click.echo(f"Embed SDK demo (a tenant's page with the live checklist of demo-user): {demo_host.url}/")
     click.echo("")
     sys.stdout.flush()
     _export_for_workers(settings, ops.database_urls, ops.api_key_pepper())
