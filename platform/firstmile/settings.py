@@ -368,6 +368,65 @@ class AnalyticsSettings(_Section):
         le=300,
         description="An analytics query slower than this answers with the cached result.",
     )
+    dropoff_alert_seconds: float = Field(
+        validation_alias="dropoff_alert_seconds",
+        default=3600,
+        ge=0,
+        le=86_400,
+        description="How often the scheduler checks every tenant's drop-off by step against its baseline and "
+        "delivers the alerts (docs/alerts.md); 0: never.",
+    )
+    dropoff_alert_recent_days: int = Field(
+        validation_alias="dropoff_alert_recent_days",
+        default=7,
+        ge=1,
+        le=90,
+        description="The recent window: the onboarding starts of this many days before the check.",
+    )
+    dropoff_alert_baseline_days: int = Field(
+        validation_alias="dropoff_alert_baseline_days",
+        default=28,
+        ge=1,
+        le=365,
+        description="The baseline window: the starts of this many days before the recent window.",
+    )
+    dropoff_alert_conversion_hours: int = Field(
+        validation_alias="dropoff_alert_conversion_hours",
+        default=24,
+        ge=1,
+        le=720,
+        description="The conversion window of the drop-off query; the recent window ends this long before the "
+        "check, so every user counted had all of it.",
+    )
+    dropoff_alert_min_users: int = Field(
+        validation_alias="dropoff_alert_min_users",
+        default=50,
+        ge=5,
+        le=1_000_000,
+        description="A step is tested only when both windows have at least this many users at the step before.",
+    )
+    dropoff_alert_min_shift: float = Field(
+        validation_alias="dropoff_alert_min_shift",
+        default=0.05,
+        ge=0,
+        lt=1,
+        description="The smallest absolute change of a step's drop-off share that alerts (0.05: 5 points).",
+    )
+    dropoff_alert_significance: float = Field(
+        validation_alias="dropoff_alert_significance",
+        default=0.01,
+        gt=0,
+        le=0.2,
+        description="The two-sided significance level of the two-proportion z-test, shared by a path's tested "
+        "steps (Bonferroni).",
+    )
+    dropoff_alert_webhook_timeout_seconds: float = Field(
+        validation_alias="dropoff_alert_webhook_timeout_seconds",
+        default=10.0,
+        gt=0,
+        le=60,
+        description="How long an alert webhook may take to answer; past it the delivery is retried at the next run.",
+    )
 
 
 class RedisSettings(_Section):

@@ -193,6 +193,13 @@ async def test_cohorts_time_to_activation_step_completion_activation_rate(client
         tta.p50_seconds,
         tta.p90_seconds,
     )
+    assert body["histogram"] == [
+        {"label": b.label, "from_seconds": b.from_seconds, "to_seconds": b.to_seconds, "users": b.users}
+        for b in tta.histogram
+    ]
+    assert sum(b["users"] for b in body["histogram"]) == body["activated"] > 0
+    assert (body["histogram"][0]["from_seconds"], body["histogram"][0]["to_seconds"]) == (0, 3600)
+    assert body["histogram"][-1]["to_seconds"] is None
 
     path = seeded.paths[DEV]
     response = await get(client, seeded.tenant, "step-completion", from_=FROM, to=TO, path=DEV)
@@ -211,6 +218,23 @@ async def test_cohorts_time_to_activation_step_completion_activation_rate(client
     assert body["paths"] == [
         {"path": p.path_key, "users": p.users, "activated": p.activated, "rate": p.rate} for p in ar.paths
     ]
+    assert body["weeks"] == [
+        {"cohort_week": w.cohort_week, "users": w.users, "activated": w.activated, "rate": w.rate} for w in ar.weeks
+    ]
+    assert body["weeks"][0]["cohort_week"] == (FROM - timedelta(days=FROM.weekday())).isoformat()
+    assert body["weeks"][-1]["cohort_week"] == (TO - timedelta(days=TO.weekday())).isoformat()
+    assert sum(w["users"] for w in body["weeks"]) == body["users"]
+
+    # the filters apply to the new fields too: the persona's histogram and weeks are the reference's for it
+    persona = Filters(RANGE.start, RANGE.end, path_key=DEV, variant="treatment", persona="developer")
+    params = {"from_": FROM, "to": TO, "path": DEV, "variant": "treatment", "persona": "developer"}
+    narrow = (await get(client, seeded.tenant, "time-to-activation", **params)).json()
+    want = ref.time_to_activation(seeded.rows, seeded.id, persona)
+    assert [b["users"] for b in narrow["histogram"]] == [b.users for b in want.histogram]
+    assert narrow["activated"] < tta.activated
+    narrow = (await get(client, seeded.tenant, "activation-rate", **params)).json()
+    want_weeks = ref.activation_rate(seeded.rows, seeded.id, persona).weeks
+    assert [(w["users"], w["activated"]) for w in narrow["weeks"]] == [(w.users, w.activated) for w in want_weeks]
 
 
 @pytest.mark.parametrize(

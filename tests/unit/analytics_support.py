@@ -15,6 +15,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from firstmile.analytics.queries import (
+    ActivationBucket,
     ActivationRate,
     Cohort,
     Cohorts,
@@ -29,6 +30,7 @@ from firstmile.analytics.queries import (
     StepCompletion,
     StepRate,
     TimeToActivation,
+    WeekActivation,
 )
 from firstmile.analytics.rows import AnalyticsEvent
 from firstmile.analytics.sql import Params
@@ -195,6 +197,33 @@ def cohorts(
     return Cohorts(weeks=weeks, cohorts=tuple(out))
 
 
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
+TTA_BUCKETS = (  # docs/analytics.md: label, from (inclusive), to (exclusive), in milliseconds
+    ("< 1 h", 0, HOUR_MS),
+    ("1-6 h", HOUR_MS, 6 * HOUR_MS),
+    ("6-24 h", 6 * HOUR_MS, DAY_MS),
+    ("1-3 d", DAY_MS, 3 * DAY_MS),
+    ("3-7 d", 3 * DAY_MS, 7 * DAY_MS),
+    ("7-14 d", 7 * DAY_MS, 14 * DAY_MS),
+    ("14-30 d", 14 * DAY_MS, 30 * DAY_MS),
+    ("≥ 30 d", 30 * DAY_MS, None),
+)
+
+
+def histogram(durations_ms: Sequence[int]) -> tuple[ActivationBucket, ...]:
+    """The time-to-activation histogram of these durations, bucket by bucket."""
+    return tuple(
+        ActivationBucket(
+            label,
+            low // 1000,
+            None if high is None else high // 1000,
+            sum(1 for d in durations_ms if low <= d and (high is None or d < high)),
+        )
+        for label, low, high in TTA_BUCKETS
+    )
+
+
 def time_to_activation(rows: Sequence[AnalyticsEvent], tenant: uuid.UUID, f: Filters) -> TimeToActivation:
     mine = _mine(rows, tenant)
     t0 = starts(mine, f)
@@ -208,12 +237,13 @@ def time_to_activation(rows: Sequence[AnalyticsEvent], tenant: uuid.UUID, f: Fil
         if after:
             durations.append(_ms_between(start, min(after)))
     if not durations:
-        return TimeToActivation(len(t0), 0, None, None)
+        return TimeToActivation(len(t0), 0, None, None, histogram(()))
     return TimeToActivation(
         users=len(t0),
         activated=len(durations),
         p50_seconds=quantile_exact(durations, 0.5) / 1000,
         p90_seconds=quantile_exact(durations, 0.9) / 1000,
+        histogram=histogram(durations),
     )
 
 
@@ -249,11 +279,23 @@ def activation_rate(rows: Sequence[AnalyticsEvent], tenant: uuid.UUID, f: Filter
         users = starts(mine, per_path)
         n = activated(users, key)
         paths.append(PathActivation(key, len(users), n, n / len(users) if users else None))
+    by_week: dict[date, list[str]] = defaultdict(list)
+    for user, start in overall.items():
+        by_week[_monday(start)].append(user)
+    first, last = _monday(f.start), _monday(f.end - timedelta(milliseconds=1))
+    weeks = []
+    week = first
+    while week <= last:
+        members = by_week.get(week, [])
+        n = activated({u: overall[u] for u in members}, f.path_key)
+        weeks.append(WeekActivation(week.isoformat(), len(members), n, n / len(members) if members else None))
+        week += timedelta(weeks=1)
     return ActivationRate(
         users=len(overall),
         activated=n_overall,
         rate=n_overall / len(overall) if overall else None,
         paths=tuple(paths),
+        weeks=tuple(weeks),
     )
 
 

@@ -239,8 +239,10 @@ def test_edge_cases_count_as_documented(dataset: Dataset, q: AnalyticsQueries) -
         assert q.funnel(dataset.tenant, f, DEV_STEPS, week) == ref.funnel(
             dataset.rows, dataset.tenant, f, DEV_STEPS, week
         )
-    # edge-2 activated an hour before its start (ignored) and at 3 h: 10800 s
-    assert ref.time_to_activation(edges, dataset.tenant, day) == queries.TimeToActivation(5, 1, 10800.0, 10800.0)
+    # edge-2 activated an hour before its start (ignored) and at 3 h: 10800 s, in the 1-6 h bucket
+    got = ref.time_to_activation(edges, dataset.tenant, day)
+    assert (got.users, got.activated, got.p50_seconds, got.p90_seconds) == (5, 1, 10800.0, 10800.0)
+    assert [b.users for b in got.histogram] == [0, 1, 0, 0, 0, 0, 0, 0]
 
 
 def test_range_bounds_are_inclusive_exclusive(dataset: Dataset, q: AnalyticsQueries) -> None:
@@ -261,9 +263,13 @@ def test_another_tenants_rows_never_count(dataset: Dataset, q: AnalyticsQueries)
     nobody = OPERATOR_CLI.tenant(uuid.uuid4())
     assert q.funnel(nobody, f, DEV_STEPS, timedelta(days=7)).started == 0
     assert q.cohorts(nobody, ALL, 4).cohorts == ()
-    assert q.time_to_activation(nobody, ALL) == queries.TimeToActivation(0, 0, None, None)
+    nothing = q.time_to_activation(nobody, ALL)
+    assert (nothing.users, nothing.activated, nothing.p50_seconds, nothing.p90_seconds) == (0, 0, None, None)
+    assert len(nothing.histogram) == 8 and {b.users for b in nothing.histogram} == {0}
     assert q.step_completion(nobody, f, DEV.steps).steps[0] == queries.StepRate("key", 0, None)
-    assert q.activation_rate(nobody, ALL) == queries.ActivationRate(0, 0, None, ())
+    rate = q.activation_rate(nobody, ALL)
+    assert (rate.users, rate.activated, rate.rate, rate.paths) == (0, 0, None, ())
+    assert len(rate.weeks) == 11 and {(w.users, w.activated, w.rate) for w in rate.weeks} == {(0, 0, None)}
 
 
 def _every_answer(q: AnalyticsQueries, tenant: TenantId, user: str) -> list[Any]:
@@ -324,6 +330,7 @@ def _every_built_statement(tenant: TenantId) -> list[queries.Query]:
             queries.build_step_completion(tenant, with_path, DEV.steps),
             queries.build_activation_rate(tenant, f, per_path=False),
             queries.build_activation_rate(tenant, f, per_path=True),
+            queries.build_activation_rate(tenant, f, per_week=True),
         ]
     return built
 
@@ -380,3 +387,139 @@ def test_bad_query_arguments_are_refused() -> None:
         Filters(END, BEGIN)
     with pytest.raises(ValueError, match="timezone-aware"):
         Filters(datetime(2025, 1, 1), END)  # noqa: DTZ001
+
+
+# -- the time-to-activation histogram and activation by signup week, counted by hand ----------------
+
+MS = timedelta(milliseconds=1)
+H = timedelta(hours=1)
+D = timedelta(days=1)
+TUE = datetime(2025, 1, 7, 10, 0, tzinfo=UTC)  # week of Monday 2025-01-06
+WED = datetime(2025, 1, 15, 8, 0, tzinfo=UTC)  # week of 2025-01-13
+SUNDAY_LAST_MS = datetime(2025, 1, 20, tzinfo=UTC) - MS  # still the week of 2025-01-13
+MONDAY = datetime(2025, 1, 20, tzinfo=UTC)  # the week of 2025-01-20 begins
+TUE_LATE = datetime(2025, 1, 28, 9, 0, tzinfo=UTC)  # week of 2025-01-27
+HAND = Filters(datetime(2025, 1, 1, tzinfo=UTC), datetime(2025, 1, 29, tzinfo=UTC))  # Wednesday to Wednesday
+BUCKETS = ["< 1 h", "1-6 h", "6-24 h", "1-3 d", "3-7 d", "7-14 d", "14-30 d", "≥ 30 d"]
+
+
+def hand_made(tenant: uuid.UUID) -> tuple[list[AnalyticsEvent], AnalyticsEvent]:
+    """Users activated at each bucket's bounds (in milliseconds), spread over the range's signup weeks; the second
+    value is an activation to redeliver. Defaults: path dev, variant control, persona developer."""
+    rows: list[AnalyticsEvent] = []
+
+    def user(name: str, t0: datetime, *delays: timedelta, **fields: Any) -> None:
+        rows.append(_fact(tenant, STARTED, name, t0, **fields))
+        rows.extend(_fact(tenant, ACTIVATED, name, t0 + d, "event", **fields) for d in delays)
+
+    treatment = {"variant": "treatment"}
+    user("b-00", TUE, timedelta(0), **treatment)  # < 1 h: at the start instant
+    user("b-01", TUE, H - MS, **treatment)  # < 1 h
+    user("b-02", TUE, H, **treatment)  # 1-6 h: the lower bound is inclusive
+    user("b-03", TUE, 6 * H - MS)  # 1-6 h
+    user("b-04", TUE, 6 * H)  # 6-24 h
+    user("b-05", TUE, D)  # 1-3 d
+    user("b-06", WED, 3 * D - MS)  # 1-3 d
+    user("b-07", WED, 3 * D)  # 3-7 d
+    user("b-08", WED, 7 * D)  # 7-14 d
+    user("b-09", WED, 14 * D)  # 14-30 d
+    user("b-10", WED, 30 * D - MS)  # 14-30 d
+    user("b-11", SUNDAY_LAST_MS, 30 * D)  # ≥ 30 d; signup week 2025-01-13
+    user("b-12", MONDAY, 90 * D)  # ≥ 30 d, long after the range; signup week 2025-01-20
+    user("b-13", HAND.start, -H)  # the range's first instant; activated only before the start: not activated
+    user("b-14", MONDAY)  # never activated
+    user("b-15", MONDAY, -H, 2 * D, 5 * H)  # the earliest activation at or after the start: 5 h
+    user("b-16", MONDAY)  # activated on another path only, at 2 h
+    rows.append(_fact(tenant, ACTIVATED, "b-16", MONDAY + 2 * H, "report", path_key="analyst", path_version=1))
+    user("b-17", TUE_LATE, 10 * D, persona="analyst")  # 7-14 d
+    user("b-18", TUE_LATE)  # < 1 h, redelivered
+    again = _fact(tenant, ACTIVATED, "b-18", TUE_LATE + 20 * timedelta(minutes=1), "event")
+    rows.append(again)
+    user("x-early", HAND.start - MS, H)  # started before the range
+    user("x-late", HAND.end, H)  # started at the range's end (exclusive)
+    return rows, again
+
+
+@pytest.fixture(scope="module")
+def hand(analytics_store: ChdbStore) -> TenantId:
+    tenant, other = OPERATOR_CLI.tenant(uuid.uuid4()), OPERATOR_CLI.tenant(uuid.uuid4())
+    rows, again = hand_made(tenant)
+    theirs = [  # the same users in another tenant, every one activated 40 days after the start
+        replace(r, tenant_id=other, event_id=uuid.uuid4(), occurred_at=r.occurred_at + (40 * D if r.event_type ==
+                ACTIVATED else timedelta(0)))
+        for r in rows
+    ]  # fmt: skip
+    analytics_store.insert(rows + theirs)
+    analytics_store.insert([again])  # redelivered: stored twice, counted once
+    return tenant
+
+
+@pytest.mark.parametrize(
+    ("f", "users", "counts"),
+    [
+        (HAND, 19, [3, 4, 1, 2, 1, 2, 2, 2]),
+        (replace(HAND, path_key="dev"), 19, [3, 3, 1, 2, 1, 2, 2, 2]),  # b-16's activation is on another path
+        (replace(HAND, persona="developer"), 18, [3, 4, 1, 2, 1, 1, 2, 2]),  # b-17 is an analyst
+        (replace(HAND, variant="treatment"), 3, [2, 1, 0, 0, 0, 0, 0, 0]),
+        (replace(HAND, path_key="dev", path_version=1), 0, [0] * 8),
+        (replace(HAND, start=WED, end=MONDAY), 6, [0, 0, 0, 1, 1, 1, 2, 1]),  # b-06 … b-11
+    ],
+    ids=["everything", "path", "persona", "variant", "no-such-version", "narrow-range"],
+)
+def test_the_time_to_activation_histogram_counts_each_user_in_its_bucket(
+    hand: TenantId, q: AnalyticsQueries, f: Filters, users: int, counts: list[int]
+) -> None:
+    got = q.time_to_activation(hand, f)
+    assert got.users == users
+    assert [b.label for b in got.histogram] == BUCKETS
+    assert [b.users for b in got.histogram] == counts
+    assert got.activated == sum(counts)
+    bounds = [(b.from_seconds, b.to_seconds) for b in got.histogram]
+    assert bounds == [(0, 3600), (3600, 21600), (21600, 86400), (86400, 259200), (259200, 604800),
+                      (604800, 1209600), (1209600, 2592000), (2592000, None)]  # fmt: skip
+    assert got == ref.time_to_activation(hand_made(hand)[0], hand, f)  # the reference agrees on the same users
+
+
+@pytest.mark.parametrize(
+    ("f", "weeks"),
+    [
+        (HAND, [("2024-12-30", 1, 0), ("2025-01-06", 6, 6), ("2025-01-13", 6, 6), ("2025-01-20", 4, 3),
+                ("2025-01-27", 2, 2)]),
+        (replace(HAND, path_key="dev"), [("2024-12-30", 1, 0), ("2025-01-06", 6, 6), ("2025-01-13", 6, 6),
+                                         ("2025-01-20", 4, 2), ("2025-01-27", 2, 2)]),
+        (replace(HAND, persona="developer"), [("2024-12-30", 1, 0), ("2025-01-06", 6, 6), ("2025-01-13", 6, 6),
+                                              ("2025-01-20", 4, 3), ("2025-01-27", 1, 1)]),
+        (replace(HAND, variant="treatment"), [("2024-12-30", 0, 0), ("2025-01-06", 3, 3), ("2025-01-13", 0, 0),
+                                              ("2025-01-20", 0, 0), ("2025-01-27", 0, 0)]),
+        (replace(HAND, start=SUNDAY_LAST_MS, end=MONDAY + MS), [("2025-01-13", 1, 1), ("2025-01-20", 4, 3)]),
+    ],
+    ids=["everything", "path", "persona", "variant", "week-boundary"],
+)  # fmt: skip
+def test_the_activation_rate_per_signup_week(
+    hand: TenantId, q: AnalyticsQueries, f: Filters, weeks: list[tuple[str, int, int]]
+) -> None:
+    got = q.activation_rate(hand, f)
+    assert [(w.cohort_week, w.users, w.activated) for w in got.weeks] == weeks
+    assert [w.rate for w in got.weeks] == [a / u if u else None for _, u, a in weeks]
+    assert (got.users, got.activated) == (sum(u for _, u, _ in weeks), sum(a for _, _, a in weeks))
+    assert got == ref.activation_rate(hand_made(hand)[0], hand, f)
+    cohorts = q.cohorts(hand, f, 0)  # the same signup weeks as the cohorts
+    assert [(c.cohort_week, c.users) for c in cohorts.cohorts] == [(w, u) for w, u, _ in weeks if u]
+
+
+@pytest.mark.parametrize("name", list(FILTERS))
+def test_the_histogram_and_the_weeks_add_up(dataset: Dataset, q: AnalyticsQueries, name: str) -> None:
+    f = FILTERS[name]
+    tta = q.time_to_activation(dataset.tenant, f)
+    assert sum(b.users for b in tta.histogram) == tta.activated
+    rate = q.activation_rate(dataset.tenant, f)
+    assert sum(w.users for w in rate.weeks) == rate.users == tta.users
+    assert sum(w.activated for w in rate.weeks) == rate.activated
+    if name == "everything":
+        assert sum(1 for b in tta.histogram if b.users) >= 3  # the synthetic delays spread over the buckets
+        assert len(rate.weeks) == 11 and all(w.users for w in rate.weeks)
+
+
+def test_activation_by_week_and_by_path_are_separate_questions() -> None:
+    with pytest.raises(ValueError, match="not both"):
+        queries.build_activation_rate(OPERATOR_CLI.tenant(uuid.uuid4()), ALL, per_path=True, per_week=True)

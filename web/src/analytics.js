@@ -2,9 +2,12 @@
 // handlers as /v1/analytics, behind the admin session), and draws each answer as a chart (Chart.js, bundled by
 // esbuild at build time: no CDN) next to a table of the same numbers, with when it was computed and whether the
 // answer is a stale one (the query failed and the last result was served).
-import { BarController, BarElement, CategoryScale, Chart, Legend, LinearScale, Tooltip } from "chart.js";
+import {
+  BarController, BarElement, CategoryScale, Chart, Legend, LineController, LineElement, LinearScale, PointElement, Tooltip,
+} from "chart.js";
 
-Chart.register(BarController, BarElement, CategoryScale, LinearScale, Tooltip, Legend);
+Chart.register(BarController, BarElement, CategoryScale, LinearScale, LineController, LineElement, PointElement, Tooltip,
+  Legend);
 
 const form = document.querySelector("form.analytics-filter");
 const charts = new Map();
@@ -78,6 +81,37 @@ function bars(name, labels, values, label, max) {
   charts.set(name, chart);
 }
 
+function line(name, labels, values, label, max) { // a percentage over time
+  charts.get(name)?.destroy();
+  const canvas = section(name).querySelector("canvas");
+  const chart = new Chart(canvas, {
+    type: "line",
+    data: { labels, datasets: [{ label, data: values, borderColor: "#1f6feb", backgroundColor: "#1f6feb", spanGaps: false }] },
+    options: { animation: false, responsive: true, maintainAspectRatio: false,
+      scales: { y: { beginAtZero: true, ...(max ? { max } : {}), ticks: { callback: (v) => `${v}%` } } },
+      plugins: { legend: { display: false } } },
+  });
+  charts.set(name, chart);
+}
+
+function failed(name, body) {
+  problem(name, body);
+  section(name).querySelector("[data-summary]").textContent = "";
+  section(name).querySelector("[data-empty]").hidden = true;
+}
+
+function empty(name, text) {
+  const box = section(name);
+  box.querySelector("[data-problem]").textContent = "";
+  box.querySelector("tbody").replaceChildren();
+  box.querySelector("[data-summary]").textContent = "";
+  const note = box.querySelector("[data-empty]");
+  note.textContent = text;
+  note.hidden = false;
+  charts.get(name)?.destroy();
+  charts.delete(name);
+}
+
 async function funnel(params) {
   const { ok, body } = await ask("funnel", params);
   if (!ok) return problem("funnel", body);
@@ -127,7 +161,10 @@ async function cohorts(params) {
 }
 
 async function activation(params) {
+  // one pair of answers for three sections: the rate per path, its weeks, and the time to activation's histogram
   const [rate, tta] = await Promise.all([ask("activation-rate", params), ask("time-to-activation", params)]);
+  histogram(tta);
+  weeks(rate);
   if (!rate.ok) return problem("activation", rate.body);
   fresh("activation", rate.body);
   const t = tta.ok ? tta.body : { p50_seconds: null, p90_seconds: null };
@@ -136,6 +173,35 @@ async function activation(params) {
     `p50 ${duration(t.p50_seconds)}, p90 ${duration(t.p90_seconds)}`;
   rows("activation", rate.body.paths.map((p) => [p.path, p.users, p.activated, percent(p.rate)]));
   bars("activation", rate.body.paths.map((p) => p.path), rate.body.paths.map((p) => (p.rate ?? 0) * 100), "% activated", 100);
+}
+
+function histogram({ ok, body }) {
+  const name = "time-to-activation";
+  if (!ok) return failed(name, body);
+  fresh(name, body);
+  if (body.activated === 0) return empty(name, "No user activated in this range.");
+  const buckets = body.histogram;
+  const top = buckets.reduce((best, b) => (b.users > best.users ? b : best), buckets[0]);
+  section(name).querySelector("[data-summary]").textContent = `${body.activated} of ${body.users} users activated; ` +
+    `most of them in ${top.label} (${top.users} users); p50 ${duration(body.p50_seconds)}, p90 ${duration(body.p90_seconds)}`;
+  rows(name, buckets.map((b) => [b.label, b.users, percent(b.users / body.activated)]));
+  bars(name, buckets.map((b) => b.label), buckets.map((b) => b.users), "activated users");
+}
+
+function weeks({ ok, body }) {
+  const name = "activation-weeks";
+  if (!ok) return failed(name, body);
+  fresh(name, body);
+  if (body.users === 0) return empty(name, "No user in this range.");
+  const started = body.weeks.filter((w) => w.rate !== null);
+  const low = started.reduce((a, w) => (w.rate < a.rate ? w : a), started[0]);
+  const high = started.reduce((a, w) => (w.rate > a.rate ? w : a), started[0]);
+  section(name).querySelector("[data-summary]").textContent = `${body.weeks.length} signup weeks from ` +
+    `${body.weeks[0].cohort_week}: lowest ${percent(low.rate)} (week of ${low.cohort_week}), highest ` +
+    `${percent(high.rate)} (week of ${high.cohort_week}); overall ${percent(body.rate)}`;
+  rows(name, body.weeks.map((w) => [w.cohort_week, w.users, w.activated, percent(w.rate)]));
+  line(name, body.weeks.map((w) => w.cohort_week), body.weeks.map((w) => (w.rate === null ? null : w.rate * 100)),
+    "% activated", 100);
 }
 
 async function refresh() {

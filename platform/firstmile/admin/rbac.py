@@ -4,16 +4,17 @@ The four roles are a ladder: each has everything of the role below it. Every
 admin API handler names exactly one :class:`Permission` with :func:`requires`;
 a test walks the routes and fails on a handler that names none.
 
-=============== ====== ======= ====== =====
-permission      viewer analyst editor owner
-=============== ====== ======= ====== =====
-paths:read      yes    yes     yes    yes
-analytics:read  yes    yes     yes    yes
-audit:read             yes     yes    yes
-users:export           yes     yes    yes
-paths:write                    yes    yes
-users:erase                           yes
-=============== ====== ======= ====== =====
+================== ====== ======= ====== =====
+permission         viewer analyst editor owner
+================== ====== ======= ====== =====
+paths:read         yes    yes     yes    yes
+analytics:read     yes    yes     yes    yes
+audit:read                yes     yes    yes
+users:export              yes     yes    yes
+alerts:acknowledge        yes     yes    yes
+paths:write                       yes    yes
+users:erase                              yes
+================== ====== ======= ====== =====
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ class Permission(enum.StrEnum):
     EXPERIMENTS_READ = "experiments:read"
     EXPERIMENTS_WRITE = "experiments:write"
     EXPERIMENTS_APPROVE = "experiments:approve"
+    ALERTS_ACKNOWLEDGE = "alerts:acknowledge"
 
 
 _VIEWER = frozenset({Permission.PATHS_READ, Permission.ANALYTICS_READ, Permission.EXPERIMENTS_READ})
-_ANALYST = _VIEWER | {Permission.AUDIT_READ, Permission.USERS_EXPORT}
+_ANALYST = _VIEWER | {Permission.AUDIT_READ, Permission.USERS_EXPORT, Permission.ALERTS_ACKNOWLEDGE}
 _EDITOR = _ANALYST | {Permission.PATHS_WRITE, Permission.EXPERIMENTS_WRITE}
 _OWNER = _EDITOR | {Permission.USERS_ERASE, Permission.EXPERIMENTS_APPROVE}
 

@@ -444,7 +444,7 @@ class AnalyticsController(Controller):
             computed_at=result.computed_at,
         )
 
-    @get("/time-to-activation", summary="Time to activation, p50 and p90", opt=_PROBLEMS)
+    @get("/time-to-activation", summary="Time to activation: p50, p90 and a histogram", opt=_PROBLEMS)
     async def time_to_activation(
         self,
         request: Request[Principal, Any, Any],
@@ -459,7 +459,9 @@ class AnalyticsController(Controller):
         persona: PersonaQ = None,
     ) -> schemas.TimeToActivationResponse:
         """Seconds from each user's start to their first activation at or after it (on the path, when
-        given); exact quantiles (the element at index floor(q * n) of the sorted times)."""
+        given); exact quantiles (the element at index floor(q * n) of the sorted times), and a histogram of the
+        activated users over fixed buckets (< 1 h, 1-6 h, 6-24 h, 1-3 d, 3-7 d, 7-14 d, 14-30 d, ≥ 30 d; each
+        lower bound inclusive, upper bound exclusive, in seconds) whose counts sum to `activated`."""
         q = check_query(
             from_=from_,
             to=to,
@@ -485,6 +487,9 @@ class AnalyticsController(Controller):
             activated=value.activated,
             p50_seconds=value.p50_seconds,
             p90_seconds=value.p90_seconds,
+            histogram=[
+                schemas.ActivationBucketOut(b.label, b.from_seconds, b.to_seconds, b.users) for b in value.histogram
+            ],
             stale=result.stale,
             computed_at=result.computed_at,
         )
@@ -571,7 +576,7 @@ class AnalyticsController(Controller):
             channels=channels, stale=result.stale, computed_at=result.computed_at,
         )  # fmt: skip
 
-    @get("/activation-rate", summary="Activation rate, overall and per path", opt=_PROBLEMS)
+    @get("/activation-rate", summary="Activation rate, overall, per path and per signup week", opt=_PROBLEMS)
     async def activation_rate(
         self,
         request: Request[Principal, Any, Any],
@@ -586,7 +591,9 @@ class AnalyticsController(Controller):
         persona: PersonaQ = None,
     ) -> schemas.ActivationRateResponse:
         """Users who activated at or after their start over the users who started: overall (each user
-        once) and per path of their start."""
+        once), per path of their start, and per signup week (the Monday, UTC, of the user's start, as the cohorts
+        count it): every week that overlaps the range, oldest first, a week with no start at 0 users and a null
+        rate; the weeks sum to the overall numbers."""
         q = check_query(
             from_=from_,
             to=to,
@@ -612,6 +619,7 @@ class AnalyticsController(Controller):
             activated=value.activated,
             rate=value.rate,
             paths=[schemas.PathActivationOut(p.path_key, p.users, p.activated, p.rate) for p in value.paths],
+            weeks=[schemas.ActivationWeekOut(w.cohort_week, w.users, w.activated, w.rate) for w in value.weeks],
             stale=result.stale,
             computed_at=result.computed_at,
         )

@@ -1,16 +1,20 @@
-"""``firstmile analytics``: ``seed`` (synthetic onboarding history for a demo tenant, never for a real one) and
-``rebuild-experiments`` (recompute ``experiment_users`` from the stored events)."""
+"""``firstmile analytics``: ``seed`` (synthetic onboarding history for a demo tenant, never for a real one),
+``rebuild-experiments`` (recompute ``experiment_users`` from the stored events) and ``check-dropoff`` (the drop-off
+alerts' check, once)."""
 
 from __future__ import annotations
 
 import time
 import uuid
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from datetime import UTC, datetime
 from typing import Protocol
 
 import click
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from firstmile.analytics.alerting import DropoffWatch, TenantCheck
+from firstmile.analytics.alerts import windows
 from firstmile.analytics.queries import build_event_count
 from firstmile.analytics.store import AnalyticsStore, AnalyticsStoreError
 from firstmile.analytics.synthetic import seed_demo
@@ -31,6 +35,11 @@ class AnalyticsCommandDeps(Protocol):
 
     def analytics_store(self) -> AbstractContextManager[AnalyticsStore]:
         """The configured analytics store, closed afterwards."""
+        ...
+
+    def dropoff_watch(self) -> AbstractAsyncContextManager[DropoffWatch]:
+        """The drop-off check as the scheduler runs it (the application role, the configured store and e-mail
+        channel), closed afterwards."""
         ...
 
 
@@ -118,3 +127,71 @@ def analytics_rebuild_experiments(tenant: uuid.UUID | None) -> None:
     deps: AnalyticsCommandDeps = services()
     with deps.analytics_store() as store:
         rebuild_experiments(store, tenant)
+
+
+def report(check: TenantCheck, name: str) -> None:
+    """One tenant's check on stderr: each path version, each alert raised, the deliveries."""
+    if check.outcome != "checked":
+        click.echo(f"{name}: {check.outcome}: {check.reason}", err=True)
+    for path in check.paths:
+        alerting = [s for s in path.shifts if s.alert]
+        click.echo(
+            f"{name}: {path.path_key} v{path.path_version}: {path.started_recent} recent starts, "
+            f"{path.started_baseline} baseline; {len(alerting)} step(s) shifted",
+            err=True,
+        )
+    for alert in check.raised:
+        click.echo(
+            f"{name}: ALERT {alert.path_key} v{alert.path_version} step {alert.step_id}: drop-off {alert.direction} "
+            f"from {alert.baseline_rate:.1%} to {alert.recent_rate:.1%} (p = {alert.p_value:.2g})",
+            err=True,
+        )
+    if check.delivered or check.failed_deliveries:
+        click.echo(
+            f"{name}: {check.delivered} delivered, {check.failed_deliveries} failed (retried next run)", err=True
+        )
+
+
+@analytics.command("check-dropoff")
+@click.option("--tenant", default=None, help="Tenant slug (default: every tenant whose alerts are enabled).")
+def analytics_check_dropoff(tenant: str | None) -> None:
+    """Check each step's drop-off against its baseline once, store and deliver the alerts (docs/alerts.md).
+
+    What the scheduler does every FIRSTMILE_DROPOFF_ALERT_SECONDS; exit status 1 when a tenant could not be checked
+    (the analytics store failed: nothing was stored for it)."""
+    deps: AnalyticsCommandDeps = services()
+
+    async def check() -> list[tuple[str, TenantCheck]]:
+        async with deps.dropoff_watch() as watch:
+            now = datetime.now(UTC)
+            w = windows(now, watch.rule)
+            click.echo(
+                f"recent window: starts {w.recent_start:%Y-%m-%d %H:%M} to {w.recent_end:%Y-%m-%d %H:%M} UTC; "
+                f"baseline: {w.baseline_start:%Y-%m-%d %H:%M} to {w.recent_start:%Y-%m-%d %H:%M} UTC",
+                err=True,
+            )
+            if tenant is not None:
+                async with deps.operator_engine() as engine, engine.connect() as conn:
+                    found = await tenancy.find_tenant(conn, tenant)
+                if found is None:
+                    raise click.ClickException(
+                        f"no tenant {tenant!r}; apply its manifest first (firstmile tenants apply)"
+                    )
+                named = [(tenant, OPERATOR_CLI.tenant(found.id))]
+            else:
+                named = [(str(t), t) for t in await watch.tenants()]
+                click.echo(f"checking {len(named)} tenant(s) …", err=True)
+            done: list[tuple[str, TenantCheck]] = []
+            for name, tenant_id in named:
+                result = await watch.check_tenant(tenant_id, now)
+                shown = result.slug or name
+                report(result, shown)
+                done.append((shown, result))
+            return done
+
+    checks = run(check())
+    raised = sum(len(c.raised) for _, c in checks)
+    unchecked = [name for name, c in checks if c.outcome != "checked"]
+    click.echo(f"{len(checks) - len(unchecked)} of {len(checks)} tenant(s) checked, {raised} alert(s) raised")
+    if unchecked:
+        raise click.ClickException(f"not checked: {', '.join(unchecked)} (see above; the next run tries again)")

@@ -219,11 +219,40 @@ class Cohorts:
 
 
 @dataclass(frozen=True, slots=True)
+class ActivationBucket:
+    """Activated users whose time from start to activation is in ``[from_seconds, to_seconds)`` (``to_seconds``
+    ``None``: no upper bound)."""
+
+    label: str
+    from_seconds: int
+    to_seconds: int | None
+    users: int
+
+
+HOUR = 3600
+DAY = 24 * HOUR
+TIME_TO_ACTIVATION_BUCKETS: tuple[tuple[str, int, int | None], ...] = (
+    ("< 1 h", 0, HOUR),
+    ("1-6 h", HOUR, 6 * HOUR),
+    ("6-24 h", 6 * HOUR, DAY),
+    ("1-3 d", DAY, 3 * DAY),
+    ("3-7 d", 3 * DAY, 7 * DAY),
+    ("7-14 d", 7 * DAY, 14 * DAY),
+    ("14-30 d", 14 * DAY, 30 * DAY),
+    ("≥ 30 d", 30 * DAY, None),
+)
+"""The time-to-activation histogram's fixed buckets, roughly log-spaced: ``(label, from, to)`` in seconds, each
+lower bound inclusive and upper bound exclusive, together covering every time (docs/analytics.md)."""
+
+
+@dataclass(frozen=True, slots=True)
 class TimeToActivation:
     users: int
     activated: int
     p50_seconds: float | None
     p90_seconds: float | None
+    histogram: tuple[ActivationBucket, ...]
+    """One entry per :data:`TIME_TO_ACTIVATION_BUCKETS`, in order; the counts sum to ``activated``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,11 +314,25 @@ class NudgeRates:
 
 
 @dataclass(frozen=True, slots=True)
+class WeekActivation:
+    """The users whose start ``t0`` falls in the signup week beginning ``cohort_week`` (a Monday, UTC: the cohorts'
+    week), and how many of them activated at or after it."""
+
+    cohort_week: str
+    users: int
+    activated: int
+    rate: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class ActivationRate:
     users: int
     activated: int
     rate: float | None
     paths: tuple[PathActivation, ...]
+    weeks: tuple[WeekActivation, ...]
+    """Every signup week that overlaps the range, oldest first (a week nobody started in: 0 users, rate ``None``);
+    the users and activations sum to the overall ones."""
 
 
 def ratio(part: int, whole: int) -> float | None:
@@ -369,14 +412,22 @@ ORDER BY cohort_week, week""".strip()
 
 
 def build_time_to_activation(tenant: TenantId, f: Filters) -> Query:
-    """Per user: ``t0`` and the earliest ``onboarding.activated`` at or after it (on the path, when one is given)."""
+    """Per user: ``t0`` and the earliest ``onboarding.activated`` at or after it (on the path, when one is given);
+    the quantiles of the times to activation and their count in each of :data:`TIME_TO_ACTIVATION_BUCKETS`
+    (``bucket_0`` …)."""
     b = _Builder(tenant)
     start = b.start_condition(f)
+    buckets = "".join(
+        f",\n    countIf(ta IS NOT NULL AND ms >= {low * 1000}"
+        + (f" AND ms < {high * 1000}" if high is not None else "")
+        + f") AS bucket_{i}"
+        for i, (_, low, high) in enumerate(TIME_TO_ACTIVATION_BUCKETS)
+    )
     statement = f"""
 SELECT count() AS users, countIf(ta IS NOT NULL) AS activated,
-    quantilesExactIf({MEDIAN}, {P90})(dateDiff('millisecond', t0, assumeNotNull(ta)), ta IS NOT NULL) AS quantiles_ms
+    quantilesExactIf({MEDIAN}, {P90})(ms, ta IS NOT NULL) AS quantiles_ms{buckets}
 FROM (
-    SELECT t0, arrayFirstOrNull(x -> x >= t0, acts) AS ta
+    SELECT t0, arrayFirstOrNull(x -> x >= t0, acts) AS ta, dateDiff('millisecond', t0, assumeNotNull(ta)) AS ms
     FROM (
         SELECT user_id, minIf(occurred_at, {start}) AS t0,
             arraySort(groupArrayIf(occurred_at, event_type = '{ACTIVATED}')) AS acts
@@ -416,13 +467,18 @@ FROM (
     return b.build(statement)
 
 
-def build_activation_rate(tenant: TenantId, f: Filters, *, per_path: bool) -> Query:
-    """Users of the cohort (per path: per path of their start) with an activation at or after ``t0``."""
+def build_activation_rate(tenant: TenantId, f: Filters, *, per_path: bool = False, per_week: bool = False) -> Query:
+    """Users of the cohort (per path: per path of their start; per week: per signup week, the Monday (UTC) of their
+    ``t0`` as ``cohort_week``, as the cohorts count it) with an activation at or after ``t0``."""
+    if per_path and per_week:
+        raise ValueError("activation rate: per path or per week, not both")
     b = _Builder(tenant)
     start = b.start_condition(f)
     group = "path_key, user_id" if per_path else "user_id"
-    outer = "path_key, " if per_path else ""
+    outer = "path_key, " if per_path else "toString(toMonday(t0)) AS cohort_week, " if per_week else ""
     tail = "\nGROUP BY path_key\nORDER BY path_key" if per_path else ""
+    if per_week:
+        tail = "\nGROUP BY cohort_week\nORDER BY cohort_week"
     statement = f"""
 SELECT {outer}count() AS users, countIf(activated) AS activated
 FROM (
@@ -595,7 +651,13 @@ class AnalyticsQueries:
         row = self._one(build_time_to_activation(tenant, f))
         activated = _int(row["activated"])
         q = [_int(v) / 1000 for v in row["quantiles_ms"]] if activated else [None, None]
-        return TimeToActivation(users=_int(row["users"]), activated=activated, p50_seconds=q[0], p90_seconds=q[1])
+        histogram = tuple(
+            ActivationBucket(label, low, high, _int(row[f"bucket_{i}"]))
+            for i, (label, low, high) in enumerate(TIME_TO_ACTIVATION_BUCKETS)
+        )
+        return TimeToActivation(
+            users=_int(row["users"]), activated=activated, p50_seconds=q[0], p90_seconds=q[1], histogram=histogram
+        )
 
     def step_completion(self, tenant: TenantId, f: Filters, steps: Sequence[str]) -> StepCompletion:
         row = self._one(build_step_completion(tenant, f, steps))
@@ -631,7 +693,13 @@ class AnalyticsQueries:
         )
 
     def activation_rate(self, tenant: TenantId, f: Filters) -> ActivationRate:
-        overall = self._one(build_activation_rate(tenant, f, per_path=False))
+        """Overall, per path and per signup week; the overall numbers are the weeks' sums (each user has one
+        ``t0``, so one week: the same count as :func:`build_activation_rate` overall, one query fewer)."""
+        by_week = {
+            str(r["cohort_week"]): (_int(r["users"]), _int(r["activated"]))
+            for r in self.store.run(tenant, build_activation_rate(tenant, f, per_week=True))
+        }
+        weeks = activation_weeks_from(by_week, f)
         paths = tuple(
             PathActivation(
                 str(r["path_key"]),
@@ -641,8 +709,20 @@ class AnalyticsQueries:
             )
             for r in self.store.run(tenant, build_activation_rate(tenant, f, per_path=True))
         )
-        users, activated = _int(overall["users"]), _int(overall["activated"])
-        return ActivationRate(users=users, activated=activated, rate=ratio(activated, users), paths=paths)
+        users, activated = sum(w.users for w in weeks), sum(w.activated for w in weeks)
+        return ActivationRate(users=users, activated=activated, rate=ratio(activated, users), paths=paths, weeks=weeks)
+
+
+def activation_weeks_from(by_week: dict[str, tuple[int, int]], f: Filters) -> tuple[WeekActivation, ...]:
+    """Every signup week (Monday, UTC) from the range's first to the week of its last instant, with
+    ``{cohort_week: (users, activated)}`` where there were starts, zeros elsewhere."""
+    first, last = monday(f.start), monday(f.end - timedelta(milliseconds=1))
+    span = {(first + timedelta(weeks=i)).isoformat() for i in range((last - first).days // 7 + 1)}
+    out: list[WeekActivation] = []
+    for week in sorted(span | set(by_week)):
+        users, activated = by_week.get(week, (0, 0))
+        out.append(WeekActivation(week, users, activated, ratio(activated, users)))
+    return tuple(out)
 
 
 def nudge_rates_from(reach: dict[str, Any], rows: Sequence[dict[str, Any]]) -> NudgeRates:

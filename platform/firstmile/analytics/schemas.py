@@ -77,12 +77,23 @@ class CohortsResponse(msgspec.Struct):
     computed_at: datetime
 
 
+class ActivationBucketOut(msgspec.Struct):
+    """Activated users whose time to activation is at least ``from_seconds`` and less than ``to_seconds``
+    (``null``: no upper bound)."""
+
+    label: str
+    from_seconds: int
+    to_seconds: int | None
+    users: int
+
+
 class TimeToActivationResponse(msgspec.Struct):
     filters: AppliedFilters
     users: int
     activated: int
     p50_seconds: float | None
     p90_seconds: float | None
+    histogram: list[ActivationBucketOut]
     stale: bool
     computed_at: datetime
 
@@ -111,12 +122,22 @@ class PathActivationOut(msgspec.Struct):
     rate: float | None
 
 
+class ActivationWeekOut(msgspec.Struct):
+    """The users who started in the signup week beginning ``cohort_week`` (a Monday, UTC) and how many activated."""
+
+    cohort_week: str
+    users: int
+    activated: int
+    rate: float | None
+
+
 class ActivationRateResponse(msgspec.Struct):
     filters: AppliedFilters
     users: int
     activated: int
     rate: float | None
     paths: list[PathActivationOut]
+    weeks: list[ActivationWeekOut]
     stale: bool
     computed_at: datetime
 

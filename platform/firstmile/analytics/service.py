@@ -37,6 +37,10 @@ class Computed(Generic[T]):
     stale: bool = False
 
 
+class AnalyticsUnavailableError(RuntimeError):
+    """A query failed or timed out and the caller wants no cached answer (the drop-off check)."""
+
+
 class AnalyticsService:
     """Queries on ``store`` with a per-query timeout and an in-memory cache of last good results.
 
@@ -98,6 +102,16 @@ class AnalyticsService:
             while len(self._cache) > self._cache_entries:
                 self._cache.popitem(last=False)
         return fresh
+
+    async def fresh(self, tenant: TenantId, name: str, compute: Callable[[], T]) -> T:
+        """Run ``compute`` (a query of ``tenant``) on a worker thread under the timeout, never answered from the
+        cache nor cached: :class:`AnalyticsUnavailableError` when it fails or times out (logged by the caller)."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(loop.run_in_executor(self._pool, compute), self.timeout_seconds)
+        except Exception as exc:  # TimeoutError included
+            reason = "timed out" if isinstance(exc, TimeoutError) else f"failed: {type(exc).__name__}: {exc}"
+            raise AnalyticsUnavailableError(f"the {name} query of tenant {tenant} {reason}") from exc
 
     async def user_events(self, tenant: TenantId, user_id: str) -> list[dict[str, Any]]:
         """Every analytics row of one user (the data-subject export), under the same timeout as any query.

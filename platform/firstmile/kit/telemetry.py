@@ -98,6 +98,18 @@ EXPERIMENT_REVIEWS = Counter(
     "Scheduled looks at running experiments, by what came of them (continue, deferred, srm_alert, extend, conclude).",
     ["action"],
 )
+DROPOFF_CHECKS = Counter(
+    "firstmile_dropoff_checks_total",
+    "Scheduled drop-off checks of a tenant, by outcome (checked; skipped: the analytics store failed or timed out; "
+    "failed: any other error).",
+    ["outcome"],
+)
+DROPOFF_ALERTS = Counter("firstmile_dropoff_alerts_total", "Drop-off alerts raised, by direction.", ["direction"])
+ALERT_DELIVERIES = Counter(
+    "firstmile_alert_deliveries_total",
+    "Drop-off alert deliveries attempted, by channel (email, webhook) and outcome (delivered, failed).",
+    ["channel", "outcome"],
+)
 NUDGE_DECISIONS = Counter(
     "firstmile_nudge_decisions_total", "Nudge decisions, by outcome (scheduled or denied).", ["outcome"]
 )

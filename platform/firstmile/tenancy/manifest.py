@@ -654,6 +654,53 @@ class ExperimentsSpec(_Model):
         return self
 
 
+ALERT_EMAIL_PATTERN = r"^[^@\s<>,;]{1,64}@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$"
+ENV_NAME_PATTERN = r"^[A-Z_][A-Z0-9_]{0,127}$"
+
+
+class AlertWebhookSpec(_Model):
+    """Where drop-off alerts are posted: a JSON body signed as Standard Webhooks sign it (HMAC-SHA256 of
+    ``<webhook-id>.<webhook-timestamp>.<body>``, docs/alerts.md). The secret stays out of the manifest."""
+
+    url: str = Field(
+        pattern=r"^https?://[^\s/?#]+(/[^\s]*)?$",
+        max_length=2048,
+        description="The endpoint that receives a POST per alert (https in production).",
+    )
+    secret_env: str | None = Field(
+        default=None,
+        pattern=ENV_NAME_PATTERN,
+        description="Name of the environment variable (of the scheduler) that holds the signing secret "
+        "(`whsec_<base64>`, or any string).",
+    )
+    secret_file: str | None = Field(
+        default=None, min_length=1, max_length=1024, description="Path of a file that holds the signing secret."
+    )
+
+    @model_validator(mode="after")
+    def _one_secret_source(self) -> AlertWebhookSpec:
+        if (self.secret_env is None) == (self.secret_file is None):
+            raise ValueError("alerts.webhook needs exactly one of secret_env or secret_file (never the secret itself)")
+        return self
+
+
+class AlertsSpec(_Model):
+    """Drop-off alerts (docs/alerts.md): raised by the scheduled check and shown on the analytics dashboard with or
+    without this section; here, where else they go."""
+
+    enabled: bool = Field(default=True, description="False: the tenant's drop-off is not checked.")
+    email: tuple[Annotated[str, Field(pattern=ALERT_EMAIL_PATTERN, max_length=254)], ...] = Field(
+        default=(), max_length=20, description="Addresses that get an e-mail per alert."
+    )
+    webhook: AlertWebhookSpec | None = Field(default=None, description="An endpoint that gets a signed POST per alert.")
+
+    @model_validator(mode="after")
+    def _unique(self) -> AlertsSpec:
+        if len({e.lower() for e in self.email}) != len(self.email):
+            raise ValueError("alerts.email: addresses repeated")
+        return self
+
+
 class TenantManifest(_Model):
     """A tenant, declaratively: ``firstmile tenants apply`` makes the platform match it."""
 
@@ -696,6 +743,11 @@ class TenantManifest(_Model):
     )
     experiments: ExperimentsSpec | None = Field(
         default=None, description="Experiments on path variants (docs/experiments.md). Omitted: none."
+    )
+    alerts: AlertsSpec | None = Field(
+        default=None,
+        description="Drop-off alerts: where they are sent (docs/alerts.md). Omitted: shown on the analytics "
+        "dashboard only.",
     )
 
     @model_validator(mode="after")
@@ -741,7 +793,7 @@ class TenantManifest(_Model):
         # Sections added later are left out while unset, so existing manifests keep their hash.
         unset: dict[str, Any] = {
             name: True
-            for name in ("keys", "pii_traits", "planner", "sso", "limits", "nudges", "experiments")
+            for name in ("keys", "pii_traits", "planner", "sso", "limits", "nudges", "experiments", "alerts")
             if getattr(self, name) is None
         }
         if self.sso is not None and not self.sso.machine_clients:

@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from datetime import UTC, datetime
 from functools import cache
 from importlib import resources
 from typing import Any, get_args
 
 import jinja2
-from litestar import Controller, Request, Response, get
+from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath, FromQuery
+from litestar.params import FromPath, FromQuery, URLEncodedBody
 from litestar.response import Redirect
 
-from firstmile.admin.api import check_audit_filter
+from firstmile.admin.api import check_audit_filter, check_csrf
 from firstmile.admin.experiments_api import experiment_view
 from firstmile.admin.oidc import LoginError
 from firstmile.admin.paths import PathEditor
@@ -24,6 +25,8 @@ from firstmile.admin.paths import preview as path_preview
 from firstmile.admin.rbac import Permission, permissions
 from firstmile.admin.service import AdminAuth, read_bootstrap_token
 from firstmile.admin.sessions import AdminSession
+from firstmile.analytics import alerting
+from firstmile.analytics.alerts import Alert
 from firstmile.analytics.service import AnalyticsService
 from firstmile.audit.service import AuditService
 from firstmile.experiments import service as experiments
@@ -113,10 +116,10 @@ def _to_sign_in(request: Request[Any, Any, Any], exc: SignInFirstError) -> Respo
 
 
 async def _session_with(
-    auth: AdminAuth, request: Request[Any, Any, Any], permission: Permission, route: str, what: str
+    auth: AdminAuth, request: Request[Any, Any, Any], permission: Permission, route: str, what: str, verb: str = "read"
 ) -> AdminSession:
     """The signed-in session; :class:`SignInFirstError` (a 303 to the sign-in page) without one, and a ``403``
-    (audited as ``admin.forbidden``) when its roles lack ``permission``."""
+    (audited as ``admin.forbidden``) when its roles lack ``permission`` ("your role cannot ``verb`` ``what``")."""
     session = await auth.session(request.cookies.get(auth.policy.cookie))
     if session is None:
         raise SignInFirstError
@@ -128,7 +131,7 @@ async def _session_with(
             route,
             {"permission": str(permission), "roles": list(session.roles)},
         )
-        raise ProblemError(403, "forbidden", f"your role cannot read {what}", required_permission=str(permission))
+        raise ProblemError(403, "forbidden", f"your role cannot {verb} {what}", required_permission=str(permission))
     return session
 
 
@@ -229,10 +232,42 @@ class PagesController(Controller):
     ) -> Response[Any]:
         auth = admin_auth
         session = await _session_with(auth, request, Permission.ANALYTICS_READ, "GET /admin/analytics", "analytics")
-        listed = await auth.unit_of_work(session).run(path_editor.list_paths)
+
+        async def read(tx: TenantTx) -> tuple[list[dict[str, Any]], list[Alert]]:
+            return await path_editor.list_paths(tx), await alerting.open_alerts(tx)
+
+        listed, alerts = await auth.unit_of_work(session).run(read)
         query = dict(request.query_params)
-        return render(auth, "analytics.html", session=session, paths=listed, query=query,
-                      path=query.get("path") or (listed[0]["key"] if listed else ""))  # fmt: skip
+        return render(auth, "analytics.html", session=session, csrf_token=session.csrf_token, paths=listed,
+                      query=query, path=query.get("path") or (listed[0]["key"] if listed else ""), alerts=alerts,
+                      can_acknowledge=Permission.ALERTS_ACKNOWLEDGE in permissions(session.roles))  # fmt: skip
+
+    @post(
+        "/analytics/alerts/{alert_id:str}/acknowledge",
+        summary="Acknowledge (dismiss) a drop-off alert (alerts:acknowledge; the form's CSRF token; audited)",
+        status_code=303,
+    )
+    async def acknowledge_alert(
+        self,
+        request: Request[Any, Any, Any],
+        alert_id: FromPath[str],
+        admin_auth: NamedDependency[AdminAuth],
+        data: URLEncodedBody[dict[str, str]],
+    ) -> Redirect:
+        auth = admin_auth
+        route = "POST /admin/analytics/alerts/{alert_id}/acknowledge"
+        session = await _session_with(auth, request, Permission.ALERTS_ACKNOWLEDGE, route, "alerts", "acknowledge")
+        await check_csrf(auth, request, session, data.get("csrf_token"))
+        try:
+            alert = uuid.UUID(alert_id)
+        except ValueError:
+            raise ProblemError(400, "validation-error", "alert_id must be an alert's id (a UUID)") from None
+        actor, now = f"admin:{session.subject}", datetime.now(UTC)
+        try:
+            await auth.unit_of_work(session).run(lambda tx: alerting.acknowledge(tx, alert, actor, now))
+        except alerting.AlertNotFoundError:
+            raise ProblemError(404, "alert-not-found", "no open alert of your tenant has this id") from None
+        return Redirect("/admin/analytics", status_code=303)
 
     @get("/audit", summary="The tenant's audit log, newest first (audit:read)")
     async def audit(

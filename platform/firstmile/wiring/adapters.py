@@ -18,6 +18,7 @@ from urllib.parse import unquote, urlsplit
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from firstmile.admin.sessions import MemorySessionStore, RedisSessionStore, SessionStore
+from firstmile.analytics.alerts import AlertRule
 from firstmile.analytics.store import AnalyticsStore
 from firstmile.audit.signing import AuditSigner, resolve_signer
 from firstmile.events.bus import DirectPublisher, topic_for
@@ -26,7 +27,7 @@ from firstmile.guardrail.policy import DetectorPolicy, Limits, Quota
 from firstmile.ml.feature_stores import InProcessFeatureStore, RedisFeatureStore
 from firstmile.ml.features import FeatureStore
 from firstmile.ml.inference import GuardedInference, InferenceClient, InProcessClient, RayServeClient, StageReader
-from firstmile.nudges.channels import Channel, FailoverChannel
+from firstmile.nudges.channels import Channel, FailoverChannel, OutboundMessage
 from firstmile.nudges.email_sendgrid import SendGridChannel
 from firstmile.nudges.email_smtp import SmtpChannel
 from firstmile.nudges.inapp import InAppChannel
@@ -70,6 +71,37 @@ def open_analytics_store(settings: Settings) -> AnalyticsStore:
         store = ChdbStore(section.path or settings.data_dir / "analytics")
     store.ensure_schema()
     return store
+
+
+def dropoff_rule(settings: Settings) -> AlertRule:
+    """When a step's drop-off shift is an alert (``FIRSTMILE_DROPOFF_ALERT_*``)."""
+    a = settings.analytics
+    return AlertRule(
+        recent=timedelta(days=a.dropoff_alert_recent_days),
+        baseline=timedelta(days=a.dropoff_alert_baseline_days),
+        conversion_window=timedelta(hours=a.dropoff_alert_conversion_hours),
+        min_users=a.dropoff_alert_min_users,
+        min_shift=a.dropoff_alert_min_shift,
+        significance=a.dropoff_alert_significance,
+    )
+
+
+class ChannelMailer:
+    """The analytics slice's ``AlertMailer`` over the platform's e-mail channel (the nudges' SMTP relay, SendGrid,
+    or the one failing over to the other): the drop-off alerts go out the way nudge e-mails do."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+
+    async def send_alert(self, to: str, subject: str, body: str, idempotency_key: str) -> None:
+        message = OutboundMessage(channel="email", to=to, body=body, idempotency_key=idempotency_key, subject=subject)
+        await self.channel.send(message)
+
+
+def alert_mailer(channels: dict[str, Channel]) -> ChannelMailer | None:
+    """The e-mail channel for alerts, when the settings configure one (``FIRSTMILE_NUDGE_SMTP_URL``, SendGrid)."""
+    email = channels.get("email")
+    return ChannelMailer(email) if email is not None else None
 
 
 # ---------------------------------------------------------------- events

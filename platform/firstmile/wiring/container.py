@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from firstmile.admin.oidc import OidcClient
 from firstmile.admin.paths import PathEditor
 from firstmile.admin.service import AdminAuth, SessionPolicy
+from firstmile.analytics.alerting import DropoffWatch
 from firstmile.analytics.lazy import LazyStore
 from firstmile.analytics.service import AnalyticsService
 from firstmile.analytics.sink import AnalyticsSink
@@ -317,6 +318,18 @@ class Container:
         if settings.experiments.review_seconds > 0:
             reviewer = ExperimentReviewer(self.engine, self.analytics)
             supervisor.every("experiment-review", settings.experiments.review_seconds, reviewer.run_once)
+        # Drop-off alerts: each step's drop-off against its baseline; alerts stored, then mailed and posted.
+        if settings.analytics.dropoff_alert_seconds > 0:
+            watch = DropoffWatch(
+                self.engine,
+                self.analytics,
+                self.onboarding,
+                adapters.dropoff_rule(settings),
+                mailer=adapters.alert_mailer(self.nudge_channels),
+                public_url=settings.server.public_url,
+                webhook_timeout_s=settings.analytics.dropoff_alert_webhook_timeout_seconds,
+            )
+            supervisor.every("dropoff-alerts", settings.analytics.dropoff_alert_seconds, watch.run_once)
         if self.nudges is not None and settings.nudges.trigger_scan_seconds > 0:
             triggers = TriggerScanner(
                 self.engine, self.nudges, prior=ModelResponsePrior(self.inference, self.feature_reader)

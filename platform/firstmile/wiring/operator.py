@@ -26,7 +26,10 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from firstmile.admin.cli import AdminCommandDeps
+from firstmile.analytics.alerting import DropoffWatch
 from firstmile.analytics.cli import AnalyticsCommandDeps
+from firstmile.analytics.lazy import LazyStore
+from firstmile.analytics.service import AnalyticsService
 from firstmile.analytics.store import AnalyticsStore
 from firstmile.audit.cli import AuditCommandDeps
 from firstmile.audit.signing import AuditSigner, SigningKeyError
@@ -41,6 +44,7 @@ from firstmile.ml.inference import InProcessClient
 from firstmile.ml.online import StoreActivity
 from firstmile.ml.stuck import ModelStuckDetector
 from firstmile.onboarding.catalog import CatalogCache
+from firstmile.onboarding.service import OnboardingService
 from firstmile.onboarding.stuck import StuckScanner
 from firstmile.security.cli import KeyCommandDeps as RotateCommandDeps
 from firstmile.security.datakeys import ManifestProviders, ProviderSource
@@ -225,6 +229,26 @@ class OperatorServices:
             yield store
         finally:
             store.close()
+
+    @asynccontextmanager
+    async def dropoff_watch(self) -> AsyncIterator[DropoffWatch]:
+        settings = self.settings
+        analytics = AnalyticsService(
+            LazyStore(lambda: adapters.open_analytics_store(settings)), settings.analytics.query_timeout_seconds
+        )
+        try:
+            async with self.app_engine() as engine:
+                yield DropoffWatch(
+                    engine,
+                    analytics,
+                    OnboardingService(CatalogCache()),
+                    adapters.dropoff_rule(settings),
+                    mailer=adapters.alert_mailer(adapters.nudge_channels(settings)),
+                    public_url=self.public_url(),
+                    webhook_timeout_s=settings.analytics.dropoff_alert_webhook_timeout_seconds,
+                )
+        finally:
+            analytics.close()
 
     def model_registry_uri(self) -> str:
         return adapters.registry_uri(self.settings)
