@@ -50,7 +50,8 @@ async def test_a_healthy_process_is_ready_and_lists_its_tasks(database: Database
         response = await client.get("/health/ready")
         assert response.status_code == 200, response.text
         assert response.json()["checks"] == {"database": "ok"}
-        assert response.json()["tasks"] == {"audit-checkpointer": "ok", "audit-sequencer": "ok"}
+        # the live streams' LISTEN connection (in-app messages, the embed checklist) is always supervised
+        assert response.json()["tasks"] == {"audit-checkpointer": "ok", "audit-sequencer": "ok", "live-listener": "ok"}
 
 
 async def test_embedded_mode_sequences_a_decision_without_help(
