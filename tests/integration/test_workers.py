@@ -35,7 +35,8 @@ async def test_api_processes_can_leave_the_periodic_tasks_to_the_scheduler(
     async with AsyncTestClient(app=app) as client:
         ready = await client.get("/health/ready")
         assert ready.status_code == 200, ready.text
-        assert ready.json()["tasks"] == {}  # no stuck scan, no sequencer: the scheduler and sequencer run them
+        # no stuck scan, no sequencer: the scheduler and sequencer run them; only the live streams' listener
+        assert ready.json()["tasks"] == {"live-listener": "ok"}
 
 
 async def test_the_scheduler_runs_the_periodic_tasks_and_serves_its_probes(
@@ -47,7 +48,10 @@ async def test_the_scheduler_runs_the_periodic_tasks_and_serves_its_probes(
     assert json.loads(worker.wait_for("/health/live", 200)) == {"status": "ok"}
     ready = json.loads(worker.wait_for("/health/ready", 200))
     assert ready["checks"] == {"database": "ok"}
-    assert ready["tasks"] == {"stuck-scan": "ok", "experiment-review": "ok"}  # the audit log is the sequencer's
+    # the audit log is the sequencer's; no live-listener: the scheduler streams nothing
+    assert ready["tasks"] == {
+        "stuck-scan": "ok", "experiment-review": "ok", "dropoff-alerts": "ok", "destination-delivery": "ok"
+    }  # fmt: skip
     status, metrics = worker.get("/metrics")
     assert status == 200 and "firstmile_stuck_detected_total" in metrics
     code, output = worker.stop()

@@ -90,6 +90,8 @@ class Overrides:
     sequencer: bool | None = None
     """Run the audit sequencer and checkpointer here (None: as FIRSTMILE_IN_PROCESS_SEQUENCER says;
     `firstmile sequencer`: True)."""
+    serves_api: bool = True
+    """This process answers API requests (False: `firstmile scheduler`, which streams nothing)."""
 
 
 class Container:
@@ -260,7 +262,8 @@ class Container:
                 stream_s=settings.nudges.stream_seconds,
             ),
         )
-        supervisor.forever("live-listener", self.live_hub.run, probe=self.live_hub.health)
+        if self.overrides.serves_api or self.inapp_hub is not None:
+            supervisor.forever("live-listener", self.live_hub.run, probe=self.live_hub.health)
         if schedulers if schedulers is not None else settings.server.in_process_schedulers:
             self._periodic()
         sequencer = self.overrides.sequencer

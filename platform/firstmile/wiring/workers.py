@@ -143,7 +143,7 @@ async def run_scheduler(
     """
     stop = stop or asyncio.Event()
     stop_on_signals(stop)
-    container = Container(settings, database_url, pepper, Overrides(schedulers=True, sequencer=False))
+    container = Container(settings, database_url, pepper, Overrides(schedulers=True, sequencer=False, serves_api=False))
     await container.start()
     try:
         tasks = sorted(container.supervisor.states())
