@@ -7,6 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 WEB_BUNDLE := platform/firstmile/web/analytics.bundle.js
 EMBED_BUNDLE := platform/firstmile/embed/firstmile.js
+TRACKING_CLIENTS := tests/clients/node_modules/.installed
 PG := deploy/local/postgres.sh
 KAFKA := deploy/local/kafka.sh
 REDIS := deploy/local/redis.sh
@@ -19,7 +20,7 @@ BENCH_REGISTRY := .firstmile/bench-registry
 BENCH_MODELS := .firstmile/bench-models/registry
 PYTEST_WORKERS ?= 2
 
-.PHONY: help run install web test lint typecheck sdk-test pytest services services-stop bench bench-security bench-analytics bench-events bench-inference bench-planner bench-admin bench-nudges bench-experiments clean
+.PHONY: help run install web tracking-clients test lint typecheck sdk-test pytest services services-stop bench bench-security bench-analytics bench-events bench-inference bench-planner bench-admin bench-nudges bench-experiments clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -37,6 +38,14 @@ $(WEB_BUNDLE): web/package.json web/package-lock.json $(wildcard web/src/*.js)
 
 $(EMBED_BUNDLE): sdk/embed/package.json sdk/embed/package-lock.json sdk/embed/tsconfig.json $(wildcard sdk/embed/src/*.ts) $(wildcard sdk/embed/scripts/*.mjs)
 	cd sdk/embed && npm ci --no-audit --no-fund --silent && npm run --silent build
+
+# The official Node.js tracking libraries (Segment's, RudderStack's) that tests/integration/test_tracking_clients.py
+# drives against the ingestion API: installed from the committed lock when it changed
+$(TRACKING_CLIENTS): tests/clients/package.json tests/clients/package-lock.json
+	cd tests/clients && npm ci --no-audit --no-fund --silent
+	@touch $(TRACKING_CLIENTS)
+
+tracking-clients: $(TRACKING_CLIENTS) ## Install the Node.js tracking libraries the tests drive (tests/clients, npm ci from its lock)
 
 web: $(WEB_BUNDLE) $(EMBED_BUNDLE) ## Build the admin UI bundle (Chart.js from npm) and the embed SDK (sdk/embed, TypeScript) with esbuild when their sources changed
 
@@ -74,14 +83,14 @@ typecheck: $(STAMP) ## mypy --strict on the packages, benchmarks and tests
 sdk-test: $(EMBED_BUNDLE) ## The embed SDK's own checks (sdk/embed): tsc --noEmit, its vitest unit tests, the bundle size budget
 	cd sdk/embed && npm run --silent typecheck && npm test --silent && npm run --silent size
 
-pytest: $(STAMP) $(WEB_BUNDLE) $(EMBED_BUNDLE) services ## The test suite (PostgreSQL must be running: make services)
+pytest: $(STAMP) $(WEB_BUNDLE) $(EMBED_BUNDLE) $(TRACKING_CLIENTS) services ## The test suite (PostgreSQL must be running: make services)
 	FIRSTMILE_TEST_ADMIN_URL=$$($(PG) url test) FIRSTMILE_TEST_KAFKA=$$($(KAFKA) url test) FIRSTMILE_TEST_KAFKA_SASL=$$($(KAFKA) sasl-url test) \
 	  FIRSTMILE_TEST_REDIS=$$($(REDIS) url test) FIRSTMILE_TEST_KEYCLOAK=$$($(KEYCLOAK) url test) \
 	  FIRSTMILE_TEST_CHROMIUM=$$($(CHROMIUM) path) FIRSTMILE_TEST_AXE=$$($(CHROMIUM) axe) FIRSTMILE_TEST_MAILPIT_SMTP=$$($(MAILPIT) url test) \
 	  FIRSTMILE_TEST_MAILPIT_API=$$($(MAILPIT) api test) \
 	  $(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup
 
-test: $(STAMP) $(WEB_BUNDLE) $(EMBED_BUNDLE) ## Everything the tests need, then ruff, mypy, the whole suite and the deployment checks
+test: $(STAMP) $(WEB_BUNDLE) $(EMBED_BUNDLE) $(TRACKING_CLIENTS) ## Everything the tests need, then ruff, mypy, the whole suite and the deployment checks
 	@mkdir -p .firstmile
 	@# The deployment tools build (cold: about 25 min of Go, niced) while the services start and the suite runs
 	@deploy/tools/install.sh all >.firstmile/tools.log 2>&1 & echo $$! >.firstmile/tools.pid

@@ -787,7 +787,7 @@ def _warm_up(
     for start in range(0, WARMUP_EVENTS, SEGMENT_BATCH):
         batch = [_segment_event(prefix, i, stamp) for i in range(start, start + SEGMENT_BATCH)]
         status, body = _post(base, key, batch)
-        if status != 202 or body.get("accepted") != SEGMENT_BATCH:
+        if status != 200 or body.get("accepted") != SEGMENT_BATCH:
             raise BenchError(f"warm-up batch answered {status}: {body}")
     deadline = time.monotonic() + WARMUP_TIMEOUT_S
     while _visible(store, tenant_id) - before < WARMUP_EVENTS:
@@ -944,7 +944,7 @@ def _freshness(
         began = time.monotonic()
         status, body = _post(base, key, [message])
         posted = time.monotonic()
-        if status != 202 or body.get("accepted") != 1:
+        if status != 200 or body.get("accepted") != 1:
             raise BenchError(f"{mode}: freshness probe answered {status}: {body}")
         while True:
             if int(store.dangerous_raw_sql(_ONE, {"t": str(tenant_id), "e": event_id})[0]["n"]):

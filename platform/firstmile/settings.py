@@ -291,6 +291,15 @@ class EventsSettings(_Section):
         description="After a failed direct delivery, how long ingestion writes to the outbox before it tries "
         "Kafka again.",
     )
+    ingest_max_batch_bytes: int = Field(
+        validation_alias="ingest_max_batch_bytes",
+        default=5 * 1024 * 1024,
+        ge=64 * 1024,
+        le=64 * 1024 * 1024,
+        description="Largest batch `POST /v1/batch` and `/v1/events` accept: the request body's bytes after gzip "
+        "decoding (and the gzip body's own). 5 MiB takes the largest batch of every official Segment and "
+        "RudderStack library (RudderStack's Python library sends up to 4 MiB and one message more).",
+    )
 
     @model_validator(mode="after")
     def _kafka_security_is_whole(self) -> EventsSettings:

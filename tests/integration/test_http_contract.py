@@ -108,6 +108,10 @@ async def test_every_operation_declares_its_problem_answers(openapi: dict[str, A
             {200, 400, 401, 403, 404, 409, 413, 421, 429, 500, 503},
         ),
         ("post", "/v1/events", {202, 400, 401, 403, 413, 415, 421, 429, 500, 503}),
+        # Segment's tracking API answers 200 (RudderStack's library takes nothing else for a success)
+        ("post", "/v1/batch", {200, 400, 401, 403, 413, 415, 421, 429, 500, 503}),
+        ("post", "/v1/track", {200, 400, 401, 403, 413, 415, 421, 429, 500, 503}),
+        ("post", "/v1/alias", {200, 400, 401, 403, 413, 415, 421, 429, 500, 503}),
         ("get", "/v1/analytics/funnel", {200, 400, 401, 403, 404, 421, 429, 500, 503}),
         ("get", "/v1/audit/entries/{ref}/proof", {200, 202, 400, 401, 403, 404, 409, 421, 429, 500, 503}),
         ("get", "/v1/users/{user_id}/export", {200, 400, 401, 403, 404, 421, 429, 500, 503}),
@@ -162,6 +166,9 @@ async def test_the_document_admits_no_input_the_server_refuses(
         assert body["required"] is True
         batch = body["content"]["application/json"]["schema"]
         assert batch["required"] == ["batch"] and batch["properties"]["batch"]["minItems"] == 1, path
+    for call in ("track", "identify", "page", "screen", "group", "alias"):  # Segment's single calls
+        single = openapi["paths"][f"/v1/{call}"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert single["required"] == ["messageId"] and single["properties"]["type"]["enum"] == [call]
     webhook = openapi["paths"]["/v1/webhooks/segment/{tenant}"]["post"]["requestBody"]
     assert webhook["content"]["application/json"]["schema"]["type"] == "object"
     # the audit's integers say their bounds (limit 1..1000, tree sizes from 1), as the handlers check them

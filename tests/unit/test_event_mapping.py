@@ -38,6 +38,22 @@ def test_a_track_event_keeps_name_time_and_properties() -> None:
     assert row.properties == '{"kind":"bar"}'
 
 
+@pytest.mark.parametrize(
+    ("kind", "payload", "name", "properties"),
+    [
+        ("screen", {"name": "Home", "properties": {"tab": "a"}}, "Home", '{"tab":"a"}'),
+        ("group", {"groupId": "g1", "traits": {"plan": "pro"}}, "", '{"plan":"pro","groupId":"g1"}'),
+        ("alias", {"previousId": "anon-1"}, "", '{"previousId":"anon-1"}'),
+        ("identify", {"traits": {"plan": "pro"}}, "", '{"plan":"pro"}'),
+    ],
+)
+def test_the_other_segment_calls_are_rows_too(
+    kind: str, payload: dict[str, object], name: str, properties: str
+) -> None:
+    row = to_analytics(envelope(kind, {"userId": "u", "timestamp": NOW.isoformat(), **payload}))
+    assert (row.event_type, row.event_name, row.user_id, row.properties) == (kind, name, "u", properties)
+
+
 def test_onboarding_facts_carry_the_path_persona_and_variant() -> None:
     row = to_analytics(
         envelope(

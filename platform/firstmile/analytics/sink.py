@@ -27,26 +27,48 @@ _json = msgspec.json.Encoder()
 _ts = parse_timestamp
 
 
+SEGMENT_TYPES = ("track", "page", "screen", "identify", "group", "alias")
+"""The Segment Spec's calls ingestion stores (docs/events.md)."""
+
+
+def _segment_name(kind: str, p: dict[str, Any]) -> str:
+    """``event`` of a track, ``name`` of a page or screen; the other calls have none."""
+    if kind == "track":
+        return str(p.get("event") or "")
+    return str(p.get("name") or "") if kind in ("page", "screen") else ""
+
+
+def _segment_properties(kind: str, p: dict[str, Any]) -> dict[str, Any]:
+    """What the analytics row keeps as properties: an identify's traits, a group's traits and ``groupId``, an
+    alias's ``previousId``, the properties of the others."""
+    if kind == "identify":
+        return dict(p.get("traits") or {})
+    if kind == "group":
+        return {**(p.get("traits") or {}), "groupId": p.get("groupId")}
+    if kind == "alias":
+        return {"previousId": p.get("previousId")}
+    return dict(p.get("properties") or {})
+
+
 def to_analytics(event: Envelope) -> AnalyticsEvent:
     """The analytics row of one event; :class:`UnprocessableEventError` when its payload lacks what it needs."""
     p = event.payload
     received = event.occurred_at.astimezone(UTC)
     kind = event.event_type
     base: dict[str, Any] = {"tenant_id": event.tenant_id, "event_id": event.event_id, "event_type": kind}
-    if kind in ("track", "page", "identify"):
+    if kind in SEGMENT_TYPES:
         user_id = p.get("userId") or ""
         anonymous_id = p.get("anonymousId") or ""
         if not user_id and not anonymous_id:
             raise UnprocessableEventError(f"{kind} without userId or anonymousId")
-        props = p.get("traits") if kind == "identify" else p.get("properties")
         return AnalyticsEvent(
             **base,
-            event_name=str(p.get("event") if kind == "track" else p.get("name") or "") if kind != "identify" else "",
+            event_name=_segment_name(kind, p),
             user_id=str(user_id),
             anonymous_id=str(anonymous_id),
             occurred_at=_ts(p.get("timestamp"), "timestamp"),
             received_at=_ts(p.get("receivedAt"), "receivedAt") if "receivedAt" in p else received,
-            properties=_json.encode(props or {}).decode(),
+            properties=_json.encode(_segment_properties(kind, p)).decode(),
         )
     if kind.startswith("onboarding."):
         user_id = p.get("user_id")

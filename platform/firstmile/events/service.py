@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from firstmile.events import ingest as ingestion
 from firstmile.events.bus import DeliveryError, DirectPublisher
-from firstmile.events.segment import Message, parse_batch
+from firstmile.events.segment import DEFAULT_MAX_BATCH_BYTES, Message, parse_batch
 from firstmile.kit import telemetry
 from firstmile.kit.auth import wrong_region
 from firstmile.kit.db import TenantTx, retry_transient
@@ -56,6 +56,17 @@ class BatchResult(msgspec.Struct):
     accepted: int
     duplicates: int
     rejected: list[dict[str, Any]]
+
+
+class TrackingResult(BatchResult):
+    """The answer of the Segment-compatible paths: Segment's tracking API answers ``200 {"success": true}``, and
+    the counts come along."""
+
+    success: bool = True
+
+    @classmethod
+    def of(cls, result: BatchResult) -> TrackingResult:
+        return cls(accepted=result.accepted, duplicates=result.duplicates, rejected=result.rejected)
 
 
 def _stripped(message: Message, pii_names: frozenset[str]) -> tuple[Message, dict[str, Any]]:
@@ -106,6 +117,7 @@ class IngestionService:
         cached_tenants: int = 4096,
         direct: DirectPublisher | None = None,
         retry_direct_after: float = 10.0,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
     ) -> None:
         self.engine = engine
         self.keyring = keyring
@@ -114,6 +126,7 @@ class IngestionService:
         self._cached_tenants = cached_tenants
         self.direct = direct
         self.retry_direct_after = retry_direct_after
+        self.max_batch_bytes = max_batch_bytes  # FIRSTMILE_INGEST_MAX_BATCH_BYTES: the controller enforces it
         self._direct_paused_until = 0.0  # 0: the bus is taking deliveries
         self._probing = False
 
@@ -157,11 +170,20 @@ class IngestionService:
         return found
 
     async def accept(
-        self, uow: UnitOfWork, revision: int, messages: list[Any], *, all_or_nothing: bool = False
+        self,
+        uow: UnitOfWork,
+        revision: int,
+        messages: list[Any],
+        *,
+        all_or_nothing: bool = False,
+        sent_at: datetime | None = None,
     ) -> BatchResult:
-        """Validate and store a batch: its counts, or 400 when nothing in it is valid."""
+        """Validate and store a batch: its counts, or 400 when nothing in it is valid.
+
+        ``sent_at``: the batch's ``sentAt``, which corrects the client's clock (:mod:`firstmile.events.segment`).
+        """
         now = datetime.now(UTC)
-        parsed = parse_batch(uow.tenant, messages, now)
+        parsed = parse_batch(uow.tenant, messages, now, sent_at)
         for rejection in parsed.rejected:
             telemetry.EVENTS_REJECTED.labels(rejection.field or "message").inc()
         rejected = [r.as_json() for r in parsed.rejected]
@@ -234,4 +256,4 @@ async def _pii_settings(tx: TenantTx) -> tuple[int, frozenset[str]]:
     return revision, frozenset(pii_traits)
 
 
-__all__ = ["BatchResult", "IngestionService", "WebhookSender"]
+__all__ = ["BatchResult", "IngestionService", "TrackingResult", "WebhookSender"]

@@ -204,6 +204,7 @@ class Container:
             settings.region,
             direct=adapters.direct_publisher(settings),
             retry_direct_after=settings.events.ingest_kafka_retry_seconds,
+            max_batch_bytes=settings.events.ingest_max_batch_bytes,
         )
         self.privacy = PrivacyService(self.keyring, self.analytics)
         self._started = True
