@@ -14,6 +14,7 @@ from firstmile.admin.cli import admin
 from firstmile.analytics.cli import analytics
 from firstmile.audit.cli import audit
 from firstmile.controlplane.cli import tenants
+from firstmile.destinations.cli import destinations
 from firstmile.events.cli import events, webhooks
 from firstmile.ml.cli import models, stuck
 from firstmile.security.cli import rotate
@@ -46,6 +47,7 @@ for command in (
     admin,
     analytics,
     audit,
+    destinations,
     events,
     webhooks,
     models,

@@ -912,6 +912,86 @@ class ExperimentSettings(_Section):
     )
 
 
+class DestinationSettings(_Section):
+    """The delivery of the tenants' lifecycle events to their destinations (docs/destinations.md)."""
+
+    poll_seconds: float = Field(
+        validation_alias="destination_poll_seconds",
+        default=2.0,
+        ge=0,
+        le=3600,
+        description="How often the scheduler's delivery worker looks for events due at the tenants' destinations; "
+        "0: it does not run here.",
+    )
+    timeout_seconds: float = Field(
+        validation_alias="destination_timeout_seconds",
+        default=10.0,
+        gt=0,
+        le=120,
+        description="How long a destination's API may take to answer one request; past it the events are retried.",
+    )
+    lease_seconds: float = Field(
+        validation_alias="destination_lease_seconds",
+        default=300,
+        ge=10,
+        le=3600,
+        description="How long a worker holds the batch it claimed: a worker that dies leaves its batch to another "
+        "after this (sent again, with the same idempotency keys). Longer than a batch takes to send.",
+    )
+    max_attempts: int = Field(
+        validation_alias="destination_max_attempts",
+        default=15,
+        ge=1,
+        le=100,
+        description="Attempts of an event before it is dead-lettered (`firstmile destinations replay` sends it again).",
+    )
+    backoff_base_seconds: float = Field(
+        validation_alias="destination_backoff_base_seconds",
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="The first retry's wait; each further one doubles it (with jitter), up to the cap.",
+    )
+    backoff_cap_seconds: float = Field(
+        validation_alias="destination_backoff_cap_seconds",
+        default=3600.0,
+        gt=0,
+        le=86_400,
+        description="The longest wait between two attempts of an event (a `Retry-After` too).",
+    )
+    disable_after_hours: float = Field(
+        validation_alias="destination_disable_after_hours",
+        default=24.0,
+        gt=0,
+        le=24 * 30,
+        description="A destination every attempt of which failed for this long is disabled (audited) until "
+        "`firstmile destinations enable`.",
+    )
+    retention_days: float = Field(
+        validation_alias="destination_retention_days",
+        default=7.0,
+        gt=0,
+        le=90,
+        description="How long delivered and dead events are kept (a redelivered event within it is not queued "
+        "again; dead letters can be replayed within it).",
+    )
+    rotation_hours: float = Field(
+        validation_alias="destination_rotation_hours",
+        default=24.0,
+        gt=0,
+        le=24 * 30,
+        description="How long the credentials replaced by `firstmile destinations credentials set --rotate` stay "
+        "valid (a webhook is signed with both secrets meanwhile).",
+    )
+    concurrency: int = Field(
+        validation_alias="destination_concurrency",
+        default=16,
+        ge=1,
+        le=256,
+        description="Destinations a worker delivers to at the same time (each destination one batch at a time).",
+    )
+
+
 class SsoSettings(_Section):
     """Keycloak: token validation, provisioning and the admin login."""
 
@@ -1165,6 +1245,7 @@ SECTIONS: dict[str, type[_Section]] = {
     "stuck": StuckSettings,
     "nudges": NudgeSettings,
     "experiments": ExperimentSettings,
+    "destinations": DestinationSettings,
     "sso": SsoSettings,
     "admin": AdminSettings,
     "guardrail": GuardrailSettings,
@@ -1266,6 +1347,7 @@ class Settings(BaseSettings):
     stuck: StuckSettings = Field(default_factory=StuckSettings)
     nudges: NudgeSettings = Field(default_factory=NudgeSettings)
     experiments: ExperimentSettings = Field(default_factory=ExperimentSettings)
+    destinations: DestinationSettings = Field(default_factory=DestinationSettings)
     sso: SsoSettings = Field(default_factory=SsoSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
     guardrail: GuardrailSettings = Field(default_factory=GuardrailSettings)

@@ -142,6 +142,8 @@ async def _reconcile_all(
             click.echo(f"tenant {result.slug}: up to date")
         for change in result.changes:
             click.echo(f"tenant {result.slug}: {verb}: {change}")
+        for note in result.notes:
+            click.echo(f"tenant {result.slug}: note: {note}")
         if not dry_run and await directory.register(result.slug, result.tenant_id, manifest.tenant.home_region):
             click.echo(f"tenant {result.slug}: directory: home region {manifest.tenant.home_region}")
         if provisioner is None:

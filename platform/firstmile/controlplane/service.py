@@ -17,6 +17,7 @@ import yaml
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from firstmile.audit import service as audit
+from firstmile.destinations import service as destinations
 from firstmile.experiments import service as experiments
 from firstmile.kit.db import tenant_transaction
 from firstmile.kit.scope import OPERATOR_CLI, TenantId
@@ -49,6 +50,8 @@ class ApplyResult:
     tenant_id: TenantId
     slug: str
     changes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """What a plan points out without it being a change (a destination with no credentials yet)."""
 
     @property
     def changed(self) -> bool:
@@ -134,6 +137,10 @@ async def apply_manifest(
                 else "the platform's key provider"
             )
             result.changes.append(f"create data key ({where})")
+        before = await tenancy.manifest(tx) if existing is not None else {}
+        changed, notes = await destinations.sync_manifest(tx, before, manifest, actor=OPERATOR, dry_run=dry_run)
+        result.changes.extend(changed)
+        result.notes.extend(notes)
         manifest_hash = manifest.content_hash()
         # the paths are part of the manifest: any change above also changed its hash
         if existing is not None and existing.manifest_hash != manifest_hash:

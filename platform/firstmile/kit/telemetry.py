@@ -123,6 +123,40 @@ NUDGE_OUTCOMES = Counter(
     "What users did with sent nudges (clicked, converted, unsubscribed, opened).",
     ["kind"],
 )
+DESTINATION_QUEUED = Counter(
+    "firstmile_destination_queued_total",
+    "Lifecycle events and erasures queued for the tenants' destinations, by destination kind.",
+    ["kind"],
+)
+DESTINATION_SENT = Counter(
+    "firstmile_destination_sent_total", "Events a destination acknowledged, by destination kind.", ["kind"]
+)
+DESTINATION_FAILED = Counter(
+    "firstmile_destination_failed_total",
+    "Delivery attempts that failed and will be retried (a 5xx, 429, timeout), by destination kind.",
+    ["kind"],
+)
+DESTINATION_DEAD = Counter(
+    "firstmile_destination_dead_total",
+    "Events dead-lettered (refused for good, or out of attempts), by destination kind.",
+    ["kind"],
+)
+DESTINATION_LAG = Gauge(
+    "firstmile_destination_lag_seconds",
+    "Age of the oldest event waiting at any destination of a kind, at the delivery worker's last poll (0: none).",
+    ["kind"],
+    multiprocess_mode="max",
+)
+DESTINATION_DISABLED = Counter(
+    "firstmile_destination_disabled_total",
+    "Destinations disabled automatically after every attempt failed for too long, by destination kind.",
+    ["kind"],
+)
+DESTINATION_ERASURES = Counter(
+    "firstmile_destination_erasures_total",
+    "User erasures forwarded to destinations, by destination kind and outcome (done, unsupported, failed).",
+    ["kind", "outcome"],
+)
 STUCK_DETECTED = Counter("firstmile_stuck_detected_total", "Users flagged stuck, by detector.", ["detected_by"])
 AUDIT_MERGE_DELAY = Histogram(
     "firstmile_audit_merge_delay_seconds",

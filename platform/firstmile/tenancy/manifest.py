@@ -12,6 +12,7 @@ import json
 from itertools import pairwise
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -701,6 +702,132 @@ class AlertsSpec(_Model):
         return self
 
 
+DESTINATION_KINDS: tuple[str, ...] = ("segment", "mixpanel", "amplitude", "intercom", "webhook")
+DestinationKind = Literal["segment", "mixpanel", "amplitude", "intercom", "webhook"]
+LIFECYCLE_EVENTS: tuple[str, ...] = (
+    "onboarding.started",
+    "onboarding.step_completed",
+    "onboarding.activated",
+    "onboarding.completed",
+    "onboarding.stuck",
+    "nudge.sent",
+    "nudge.opened",
+    "nudge.clicked",
+    "nudge.converted",
+    "nudge.unsubscribed",
+    "experiment.exposed",
+)
+"""The lifecycle events a destination may receive (docs/destinations.md)."""
+LifecycleEvent = Literal[
+    "onboarding.started",
+    "onboarding.step_completed",
+    "onboarding.activated",
+    "onboarding.completed",
+    "onboarding.stuck",
+    "nudge.sent",
+    "nudge.opened",
+    "nudge.clicked",
+    "nudge.converted",
+    "nudge.unsubscribed",
+    "experiment.exposed",
+]
+DESTINATION_REGIONS: dict[str, tuple[str, ...]] = {
+    "segment": ("us", "eu"),
+    "mixpanel": ("us", "eu", "in"),
+    "amplitude": ("us", "eu"),
+    "intercom": ("us", "eu", "au"),
+    "webhook": (),
+}
+"""The data residency regions each vendor serves (its API host per region: docs/destinations.md)."""
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+TraitName = Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$", description="A trait name.")]
+
+
+def _endpoint_problem(url: str) -> str | None:
+    """Why ``url`` may not receive a tenant's events: https only, except on this host (a local receiver)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        return "is not a URL"
+    if parts.scheme not in ("https", "http") or not host:
+        return "must be an https:// URL"
+    if parts.username or parts.password:
+        return "must not carry credentials (set them with `firstmile destinations credentials set`)"
+    if parts.scheme == "http" and host not in _LOOPBACK_HOSTS:
+        return "must be https (plain http only to 127.0.0.1, ::1 or localhost)"
+    return None
+
+
+class DestinationSpec(_Model):
+    """One destination of the tenant's lifecycle events (docs/destinations.md). Its credentials never appear here:
+    ``firstmile destinations credentials set`` stores them encrypted with the tenant's data key."""
+
+    name: Slug = Field(description="The destination's name, unique in the manifest (the CLI's `--name`).")
+    kind: DestinationKind = Field(description="Which tool receives the events: a vendor, or a signed webhook.")
+    enabled: bool = Field(default=True, description="False: nothing is queued for it (queued events wait).")
+    events: tuple[LifecycleEvent, ...] | None = Field(
+        default=None, min_length=1, description="The lifecycle events it receives. Omitted: all of them."
+    )
+    traits: tuple[TraitName, ...] | None = Field(
+        default=None,
+        max_length=100,
+        description="The user traits its `identify` carries (an allow-list). Omitted: every trait except personal "
+        "data (email, name, first_name, last_name, phone, company and the manifest's `pii_traits`); a personal "
+        "trait is sent only when listed here.",
+    )
+    url: str | None = Field(
+        default=None,
+        max_length=2048,
+        description="`webhook`: the endpoint that receives a signed POST per event (https; http only to loopback).",
+    )
+    region: str | None = Field(
+        default=None,
+        description="A vendor's data residency region: segment us|eu, mixpanel us|eu|in, amplitude us|eu, "
+        "intercom us|eu|au. Omitted: us.",
+    )
+    host: str | None = Field(
+        default=None,
+        max_length=2048,
+        description="A vendor's API base URL instead of the region's (a proxy; https, or http to loopback).",
+    )
+    max_batch: int | None = Field(
+        default=None, ge=1, le=1000, description="Events per call at most. Omitted: the vendor's own limit."
+    )
+    max_wait_seconds: float = Field(
+        default=0,
+        ge=0,
+        le=3600,
+        description="How long due events may wait for a fuller batch (a call once `max_batch` are due or the "
+        "oldest waited this long). 0: at once.",
+    )
+
+    @model_validator(mode="after")
+    def _fields_fit_kind(self) -> DestinationSpec:
+        where = f"destinations: {self.name}"
+        if self.kind == "webhook":
+            if self.url is None:
+                raise ValueError(f"{where}: a webhook needs url")
+            problem = _endpoint_problem(self.url)
+            if problem is not None:
+                raise ValueError(f"{where}: url {problem}")
+            if self.region is not None or self.host is not None:
+                raise ValueError(f"{where}: region and host are for vendors; a webhook has url")
+            return self
+        if self.url is not None:
+            raise ValueError(f"{where}: url is for webhooks; a vendor takes region or host")
+        if self.region is not None and self.region not in DESTINATION_REGIONS[self.kind]:
+            raise ValueError(f"{where}: region {self.region!r} is not one of {list(DESTINATION_REGIONS[self.kind])}")
+        if self.host is not None:
+            problem = _endpoint_problem(self.host)
+            if problem is not None:
+                raise ValueError(f"{where}: host {problem}")
+        return self
+
+    def receives(self, event_type: str) -> bool:
+        return self.events is None or event_type in self.events
+
+
 class TenantManifest(_Model):
     """A tenant, declaratively: ``firstmile tenants apply`` makes the platform match it."""
 
@@ -749,6 +876,12 @@ class TenantManifest(_Model):
         description="Drop-off alerts: where they are sent (docs/alerts.md). Omitted: shown on the analytics "
         "dashboard only.",
     )
+    destinations: tuple[DestinationSpec, ...] | None = Field(
+        default=None,
+        max_length=20,
+        description="Where the tenant's onboarding lifecycle is delivered: Segment, Mixpanel, Amplitude, Intercom "
+        "or signed webhooks (docs/destinations.md). Omitted: nowhere.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> TenantManifest:
@@ -787,15 +920,14 @@ class TenantManifest(_Model):
             scope = [paths[v.path] for v in experiment.variants if v.path is not None] or list(paths.values())
             if experiment.metric != "activation" and not any(step in {s.id for s in p.steps} for p in scope):
                 raise ValueError(f"experiments: {experiment.id}: metric {experiment.metric} names no step of its paths")
+        names = [d.name for d in self.destinations or ()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"destinations: names repeated: {sorted({n for n in names if names.count(n) > 1})}")
         return self
 
     def content_hash(self) -> str:
         # Sections added later are left out while unset, so existing manifests keep their hash.
-        unset: dict[str, Any] = {
-            name: True
-            for name in ("keys", "pii_traits", "planner", "sso", "limits", "nudges", "experiments", "alerts")
-            if getattr(self, name) is None
-        }
+        unset: dict[str, Any] = {name: True for name in _LATER_SECTIONS if getattr(self, name) is None}
         if self.sso is not None and not self.sso.machine_clients:
             unset["sso"] = {"machine_clients": True}  # added to sso later: an sso section without it keeps its hash
         if self.nudges is not None:  # fields added to nudges later: left at their defaults, the hash stays
@@ -821,6 +953,10 @@ class TenantManifest(_Model):
                 unset["experiments"] = {"experiments": added}
         canonical = json.dumps(self.model_dump(mode="json", exclude=unset), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+_LATER_SECTIONS = ("keys", "pii_traits", "planner", "sso", "limits", "nudges", "experiments", "alerts", "destinations")
+"""Sections added after the first manifests: left out of the hash while unset."""
 
 
 class ManifestError(ValueError):

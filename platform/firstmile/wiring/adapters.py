@@ -21,6 +21,9 @@ from firstmile.admin.sessions import MemorySessionStore, RedisSessionStore, Sess
 from firstmile.analytics.alerts import AlertRule
 from firstmile.analytics.store import AnalyticsStore
 from firstmile.audit.signing import AuditSigner, resolve_signer
+from firstmile.destinations.policy import RetryPolicy
+from firstmile.destinations.registry import OfficialAdapters
+from firstmile.destinations.worker import DestinationDelivery
 from firstmile.events.bus import DirectPublisher, topic_for
 from firstmile.guardrail.limiter import InProcessLimiter, RateLimiter
 from firstmile.guardrail.policy import DetectorPolicy, Limits, Quota
@@ -36,6 +39,7 @@ from firstmile.nudges.push_webpush import WebPushChannel
 from firstmile.nudges.replay import LocalReplayGuard, RedisReplayGuard, SharedReplayGuard
 from firstmile.nudges.sms_twilio import TwilioChannel
 from firstmile.nudges.sms_vonage import VONAGE_CALLBACK_MAX, VonageChannel
+from firstmile.security.datakeys import DataKeyService
 from firstmile.security.keys import KeyConfig
 from firstmile.settings import Settings
 from firstmile.sso.events import KeycloakEventSync
@@ -102,6 +106,27 @@ def alert_mailer(channels: dict[str, Channel]) -> ChannelMailer | None:
     """The e-mail channel for alerts, when the settings configure one (``FIRSTMILE_NUDGE_SMTP_URL``, SendGrid)."""
     email = channels.get("email")
     return ChannelMailer(email) if email is not None else None
+
+
+# ---------------------------------------------------------------- destinations
+
+
+def destination_delivery(settings: Settings, engine: AsyncEngine, keyring: DataKeyService) -> DestinationDelivery:
+    """The destinations' delivery worker: the vendors' official clients and the webhook sender
+    (``FIRSTMILE_DESTINATION_*``)."""
+    d = settings.destinations
+    return DestinationDelivery(
+        engine,
+        keyring,
+        OfficialAdapters(timeout_s=d.timeout_seconds),
+        policy=RetryPolicy(d.backoff_base_seconds, max(d.backoff_cap_seconds, d.backoff_base_seconds), d.max_attempts),
+        lease=timedelta(seconds=d.lease_seconds),
+        poll_s=d.poll_seconds or 2.0,
+        disable_after=timedelta(hours=d.disable_after_hours),
+        retention=timedelta(days=d.retention_days),
+        concurrency=d.concurrency,
+        call_timeout_s=d.lease_seconds / 2,  # a batch is sent and recorded well within its lease
+    )
 
 
 # ---------------------------------------------------------------- events

@@ -31,6 +31,8 @@ from firstmile.audit.service import AuditService, Checkpointer, Sequencer
 from firstmile.audit.signing import AuditSigner
 from firstmile.auth.middleware import Presented
 from firstmile.auth.resolver import KeyResolver
+from firstmile.destinations.consumer import DestinationFeed
+from firstmile.destinations.worker import DestinationDelivery
 from firstmile.embed.service import EmbedService
 from firstmile.events.bus import Consumer
 from firstmile.events.dispatch import InProcessPublisher
@@ -225,6 +227,7 @@ class Container:
         settings = self.settings
         supervisor = self.supervisor
         self.event_sync: KeycloakEventSync | None = None
+        self.destination_delivery: DestinationDelivery | None = None
         self.personaliser: Personaliser | None = None  # the delivery worker's, where this process runs it
         schedulers = self.overrides.schedulers
         # Nudges: decided on onboarding.stuck by the consumers below, sent by a periodic task, when a channel is set.
@@ -319,6 +322,11 @@ class Container:
                 personaliser=self.personaliser,
             )
             supervisor.every("nudge-delivery", settings.nudges.delivery_interval_seconds, delivery.run_once)
+        # Destinations: the queued lifecycle events sent to each tenant's tools, one task per destination.
+        if settings.destinations.poll_seconds > 0:
+            self.destination_delivery = adapters.destination_delivery(settings, self.engine, self.keyring)
+            worker = self.destination_delivery
+            supervisor.forever("destination-delivery", worker.run, probe=worker.health)
         if settings.experiments.review_seconds > 0:
             reviewer = ExperimentReviewer(self.engine, self.analytics)
             supervisor.every("experiment-review", settings.experiments.review_seconds, reviewer.run_once)
@@ -358,12 +366,13 @@ class Container:
         supervisor.every("audit-checkpointer", checkpointer.poll_seconds, checkpointer.run_once)
 
     def consumers(self) -> list[Consumer]:
-        """The event consumers of the slices: analytics sink, progress auto-completion, online features, and the
-        nudge triggers when a nudge channel is configured."""
+        """The event consumers of the slices: analytics sink, progress auto-completion, online features, the
+        destinations' queue, and the nudge triggers when a nudge channel is configured."""
         consumers: list[Consumer] = [
             AnalyticsSink(self.analytics_store),
             AutoCompletion(self.engine, self.onboarding),
             FeatureHook(FeatureStoreSink(self.features)),
+            DestinationFeed(self.engine, self.keyring),
         ]
         if self.nudges is not None:
             prior = ModelResponsePrior(self.inference, self.feature_reader)

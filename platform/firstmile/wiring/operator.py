@@ -34,6 +34,8 @@ from firstmile.analytics.store import AnalyticsStore
 from firstmile.audit.cli import AuditCommandDeps
 from firstmile.audit.signing import AuditSigner, SigningKeyError
 from firstmile.controlplane.cli import TenantCommandDeps
+from firstmile.destinations.cli import DestinationCommandDeps
+from firstmile.destinations.worker import DestinationDelivery
 from firstmile.events.cli import EventCommandDeps
 from firstmile.events.topics import StreamConfig
 from firstmile.kit.cli import run
@@ -47,7 +49,7 @@ from firstmile.onboarding.catalog import CatalogCache
 from firstmile.onboarding.service import OnboardingService
 from firstmile.onboarding.stuck import StuckScanner
 from firstmile.security.cli import KeyCommandDeps as RotateCommandDeps
-from firstmile.security.datakeys import ManifestProviders, ProviderSource
+from firstmile.security.datakeys import DataKeyService, ManifestProviders, ProviderSource
 from firstmile.security.keys import KeyConfig, ProviderRegistry
 from firstmile.settings import Settings, get_settings
 from firstmile.sso.cli import SsoCommandDeps
@@ -250,6 +252,26 @@ class OperatorServices:
         finally:
             analytics.close()
 
+    @asynccontextmanager
+    async def destination_delivery(self) -> AsyncIterator[DestinationDelivery]:
+        settings = self.settings
+        async with self.operator_engine() as engine:
+            registry = ProviderRegistry(self.key_config())
+            keyring = DataKeyService(
+                engine,
+                ManifestProviders(registry),
+                ttl_seconds=0,  # a command: nothing to keep between calls
+            )
+            delivery = adapters.destination_delivery(settings, engine, keyring)
+            try:
+                yield delivery
+            finally:
+                await delivery.close()
+                registry.close()
+
+    def destination_rotation(self) -> timedelta:
+        return timedelta(hours=self.settings.destinations.rotation_hours)
+
     def model_registry_uri(self) -> str:
         return adapters.registry_uri(self.settings)
 
@@ -333,13 +355,14 @@ def _conforms(services: OperatorServices) -> None:
         AdminCommandDeps,
         AnalyticsCommandDeps,
         AuditCommandDeps,
+        DestinationCommandDeps,
         EventCommandDeps,
         KeyCommandDeps,
         ModelCommandDeps,
         RotateCommandDeps,
         SsoCommandDeps,
         TenantCommandDeps,
-    ] = (services, services, services, services, services, services, services, services, services)
+    ] = (services, services, services, services, services, services, services, services, services, services)
     del needs
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from firstmile.admin import models as _admin  # noqa: F401
 from firstmile.analytics import models as _analytics  # noqa: F401
 from firstmile.audit import models as _audit  # noqa: F401
+from firstmile.destinations import models as _destinations  # noqa: F401
 from firstmile.events import models as _events  # noqa: F401
 from firstmile.experiments import models as _experiments  # noqa: F401
 from firstmile.kit import outbox as _outbox  # noqa: F401

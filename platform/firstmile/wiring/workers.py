@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from firstmile.analytics.sink import AnalyticsSink
 from firstmile.analytics.store import AnalyticsStore
 from firstmile.audit.service import Checkpointer, Sequencer, TreeCache
+from firstmile.destinations.consumer import DestinationFeed
 from firstmile.events.bus import Consumer
 from firstmile.events.kafka import KafkaConsumerRunner, KafkaPublisher
 from firstmile.events.relay import OutboxRelay
@@ -36,13 +37,14 @@ from firstmile.ml.features import FeatureStore
 from firstmile.onboarding.catalog import CatalogCache
 from firstmile.onboarding.consumer import AutoCompletion
 from firstmile.onboarding.service import OnboardingService
+from firstmile.security.datakeys import DataKeyService, ManifestProviders
 from firstmile.settings import Settings
 from firstmile.wiring import adapters
 from firstmile.wiring.container import Container, Overrides
 from firstmile.wiring.probe import probe_server
 
 log = logging.getLogger("firstmile.events")
-CONSUMER_NAMES: tuple[str, ...] = ("analytics", "progress", "features")
+CONSUMER_NAMES: tuple[str, ...] = ("analytics", "progress", "features", "destinations")
 
 
 def stream_config(settings: Settings) -> StreamConfig:
@@ -96,17 +98,28 @@ async def run_consumers(settings: Settings, database_url: str, names: Sequence[s
     engine: AsyncEngine | None = None
     store: AnalyticsStore | None = None
     features: FeatureStore | None = None
+    keyring: DataKeyService | None = None
     handlers: list[Consumer] = []
+
+    def database() -> AsyncEngine:
+        nonlocal engine
+        if engine is None:
+            engine = create_engine(database_url, pool_size=4, max_overflow=0, application_name="firstmile-consumer")
+        return engine
+
     for name in names:
         if name == "analytics":
             store = await asyncio.to_thread(adapters.open_analytics_store, settings)
             handlers.append(AnalyticsSink(store))
         elif name == "progress":
-            engine = create_engine(database_url, pool_size=4, max_overflow=0, application_name="firstmile-consumer")
-            handlers.append(AutoCompletion(engine, OnboardingService(CatalogCache())))
+            handlers.append(AutoCompletion(database(), OnboardingService(CatalogCache())))
         elif name == "features":
             features = adapters.open_feature_store(settings)
             handlers.append(FeatureHook(FeatureStoreSink(features)))
+        elif name == "destinations":
+            # the tenants' data keys: personal traits a destination's allow-list names are queued sealed
+            keyring = DataKeyService.from_config(database(), adapters.key_config(settings))
+            handlers.append(DestinationFeed(database(), keyring))
         else:
             raise ValueError(f"unknown consumer {name!r}; known: {', '.join(CONSUMER_NAMES)}")
     runners = [
@@ -129,6 +142,8 @@ async def run_consumers(settings: Settings, database_url: str, names: Sequence[s
             await asyncio.to_thread(store.close)
         if features is not None:
             await features.close()
+        if keyring is not None and isinstance(keyring.providers, ManifestProviders):
+            keyring.providers.registry.close()
 
 
 async def run_scheduler(
