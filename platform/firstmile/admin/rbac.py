@@ -12,7 +12,9 @@ analytics:read     yes    yes     yes    yes
 audit:read                yes     yes    yes
 users:export              yes     yes    yes
 alerts:acknowledge        yes     yes    yes
+destinations:read         yes     yes    yes
 paths:write                       yes    yes
+destinations:manage               yes    yes
 users:erase                              yes
 ================== ====== ======= ====== =====
 """
@@ -36,11 +38,16 @@ class Permission(enum.StrEnum):
     EXPERIMENTS_WRITE = "experiments:write"
     EXPERIMENTS_APPROVE = "experiments:approve"
     ALERTS_ACKNOWLEDGE = "alerts:acknowledge"
+    DESTINATIONS_READ = "destinations:read"
+    """The destinations page: state, queue, lag, the vendors' error answers (docs/admin-ui.md#destinations)."""
+    DESTINATIONS_MANAGE = "destinations:manage"
+    """Enable, disable and replay a destination's dead letters from the admin UI."""
 
 
 _VIEWER = frozenset({Permission.PATHS_READ, Permission.ANALYTICS_READ, Permission.EXPERIMENTS_READ})
-_ANALYST = _VIEWER | {Permission.AUDIT_READ, Permission.USERS_EXPORT, Permission.ALERTS_ACKNOWLEDGE}
-_EDITOR = _ANALYST | {Permission.PATHS_WRITE, Permission.EXPERIMENTS_WRITE}
+_ANALYST = _VIEWER | {Permission.AUDIT_READ, Permission.USERS_EXPORT, Permission.ALERTS_ACKNOWLEDGE,
+                      Permission.DESTINATIONS_READ}  # fmt: skip
+_EDITOR = _ANALYST | {Permission.PATHS_WRITE, Permission.EXPERIMENTS_WRITE, Permission.DESTINATIONS_MANAGE}
 _OWNER = _EDITOR | {Permission.USERS_ERASE, Permission.EXPERIMENTS_APPROVE}
 
 GRANTS: dict[str, frozenset[Permission]] = {

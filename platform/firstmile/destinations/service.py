@@ -294,6 +294,25 @@ async def status(tx: TenantTx, now: datetime | None = None, *, last_errors: int 
     return result
 
 
+@dataclass(frozen=True, slots=True)
+class DisabledBy:
+    """Who disabled a destination, from its latest ``destination.disabled`` audit entry."""
+
+    actor: str
+    automatic: bool
+    at: datetime
+
+
+async def disabled_by(tx: TenantTx, name: str, *, look_back: int = 50) -> DisabledBy | None:
+    """Who disabled the destination last (an operator, an admin, or the worker after sustained failure), read from
+    the audit log (the newest of its last ``look_back`` entries); None when no entry says (the log purged)."""
+    for entry in await audit.latest_entries(tx, AUDIT_KIND, look_back, f"destination:{name}"):
+        payload = entry.payload if isinstance(entry.payload, dict) else {}
+        if payload.get("action") == "destination.disabled":
+            return DisabledBy(entry.actor, bool(payload.get("automatic")), entry.created_at)
+    return None
+
+
 async def queued(tx: TenantTx, name: str) -> list[dict[str, Any]]:
     """Every row of a destination's queue, oldest first (for operators and tests)."""
     return await repo.rows(tx, name)
@@ -305,8 +324,10 @@ __all__ = [
     "CredentialsSet",
     "DestinationError",
     "DestinationStatus",
+    "DisabledBy",
     "TenantDestinations",
     "disable",
+    "disabled_by",
     "enable",
     "queued",
     "read_credentials",

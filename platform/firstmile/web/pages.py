@@ -29,6 +29,7 @@ from firstmile.analytics import alerting
 from firstmile.analytics.alerts import Alert
 from firstmile.analytics.service import AnalyticsService
 from firstmile.audit.service import AuditService
+from firstmile.destinations import service as destinations
 from firstmile.experiments import service as experiments
 from firstmile.experiments.analysis import analyse
 from firstmile.kit.db import TenantTx
@@ -86,7 +87,7 @@ OPERATORS = get_args(Operator)
 
 SECTIONS = {"dashboard.html": "dashboard", "path.html": "dashboard", "experiments.html": "experiments",
             "experiment.html": "experiments", "nudges.html": "nudges", "audit.html": "audit",
-            "users.html": "users", "analytics.html": "analytics"}  # fmt: skip
+            "users.html": "users", "analytics.html": "analytics", "destinations.html": "destinations"}  # fmt: skip
 """The navigation entry each page belongs to (marked ``aria-current``)."""
 
 
@@ -160,6 +161,79 @@ def _log_row(r: Any) -> dict[str, Any]:
         "subject": r.send.subject or "",
         "body": r.send.body,
     }
+
+
+def _when(value: datetime | None) -> str | None:
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if value is not None else None
+
+
+def _lag(seconds: float | None) -> str:
+    """The age of a destination's oldest pending event, for people ("none" when nothing waits)."""
+    if seconds is None:
+        return "none"
+    if seconds < 120:
+        return f"{max(seconds, 0):.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h" if seconds < 172800 else f"{seconds / 86400:.1f} d"
+
+
+def _destination_row(found: destinations.DestinationStatus, by: destinations.DisabledBy | None) -> dict[str, Any]:
+    """One destination as the page shows it (the numbers are the service's, as ``destinations status`` prints)."""
+    if not found.enabled:
+        state, why = "disabled", "turned off in the tenant's manifest (enabled: false): nothing is queued for it"
+    elif found.disabled_at is not None:
+        who = "" if by is None else " automatically, after sustained failure," if by.automatic else f" by {by.actor}"
+        state, why = "disabled", f"disabled{who} at {_when(found.disabled_at)} UTC"
+    elif found.credentials_version is None:
+        state, why = "no credentials", "no credentials stored: nothing is sent until an operator sets them"
+    elif found.failing_since is not None:
+        state, why = "failing", f"every attempt has failed since {_when(found.failing_since)} UTC"
+    else:
+        state, why = "ok", "delivering"
+    return {
+        "name": found.name, "kind": found.kind, "state": state, "why": why,
+        "reason": found.disabled_reason if found.disabled_at is not None else None,
+        "disabled": found.disabled_at is not None, "automatic": by is not None and by.automatic,
+        "pending": found.pending, "due": found.due, "dead": found.dead, "delivered": found.delivered,
+        "lag": _lag(found.oldest_pending_age_s),
+        "lag_seconds": "" if found.oldest_pending_age_s is None else f"{found.oldest_pending_age_s:.0f}",
+        "last_success": _when(found.last_success_at), "last_error": found.last_error,
+        "last_error_at": _when(found.last_error_at),
+        "errors": [{"event": d.name, "kind": d.kind, "status": d.status, "attempts": d.attempts, "error": d.error,
+                    "at": _when(d.at), "event_id": str(d.event_id)} for d in found.dead_letters],
+    }  # fmt: skip
+
+
+_DONE = {"enabled": "{name} is enabled: what waited is delivered in order.",
+         "not-disabled": "{name} was not disabled: nothing changed.",
+         "disabled": "{name} is disabled: its events keep queueing until it is enabled.",
+         "already-disabled": "{name} was disabled already: nothing changed.",
+         "replayed": "{events} dead letters of {name} are queued again."}  # fmt: skip
+"""What the page says after an action (the redirect's ``done``; anything else is not shown)."""
+
+
+def _notice(done: str | None, name: str | None, events: str | None) -> str | None:
+    if done not in _DONE or name is None or not SLUG_RE.fullmatch(name):
+        return None
+    count = events if events is not None and events.isdigit() and len(events) < 10 else "0"
+    return _DONE[done].format(name=name, events=count)
+
+
+async def _manage_destination(
+    auth: AdminAuth, request: Request[Any, Any, Any], name: str, action: str, csrf_token: str | None
+) -> tuple[AdminSession, str]:
+    """The session allowed to ``action`` the destination (``destinations:manage``, the form's CSRF token, a valid
+    name: each refusal is a problem, the first two audited), and the actor its audit entry names."""
+    route = f"POST /admin/destinations/{{name}}/{action}"
+    session = await _session_with(auth, request, Permission.DESTINATIONS_MANAGE, route, "destinations", action)
+    await check_csrf(auth, request, session, csrf_token)
+    check_id(name, SLUG_RE, "name")
+    return session, f"admin:{session.subject}"
+
+
+def _no_destination(name: str) -> ProblemError:
+    return ProblemError(404, "destination-not-found", f"your tenant's manifest has no destination {name!r}")
 
 
 class PagesController(Controller):
@@ -268,6 +342,90 @@ class PagesController(Controller):
         except alerting.AlertNotFoundError:
             raise ProblemError(404, "alert-not-found", "no open alert of your tenant has this id") from None
         return Redirect("/admin/analytics", status_code=303)
+
+    @get("/destinations", summary="The tenant's destinations: state, queue, lag, last errors (destinations:read)")
+    async def destinations_page(
+        self,
+        request: Request[Any, Any, Any],
+        admin_auth: NamedDependency[AdminAuth],
+        done: FromQuery[str | None] = None,
+        name: FromQuery[str | None] = None,
+        events: FromQuery[str | None] = None,
+    ) -> Response[Any]:
+        auth = admin_auth
+        session = await _session_with(auth, request, Permission.DESTINATIONS_READ, "GET /admin/destinations",
+                                      "the destinations")  # fmt: skip
+
+        async def read(tx: TenantTx) -> list[dict[str, Any]]:
+            found = await destinations.status(tx, datetime.now(UTC), last_errors=5)
+            return [
+                _destination_row(f, await destinations.disabled_by(tx, f.name) if f.disabled_at else None)
+                for f in found
+            ]
+
+        rows = await auth.unit_of_work(session).run(read)
+        return render(
+            auth, "destinations.html", session=session, csrf_token=session.csrf_token, destinations=rows,
+            can_manage=Permission.DESTINATIONS_MANAGE in permissions(session.roles),
+            notice=_notice(done, name, events),
+        )  # fmt: skip
+
+    @post("/destinations/{name:str}/enable", status_code=303,
+          summary="Turn a disabled destination back on (destinations:manage; CSRF; audited)")  # fmt: skip
+    async def enable_destination(
+        self,
+        request: Request[Any, Any, Any],
+        name: FromPath[str],
+        admin_auth: NamedDependency[AdminAuth],
+        data: URLEncodedBody[dict[str, str]],
+    ) -> Redirect:
+        session, actor = await _manage_destination(admin_auth, request, name, "enable", data.get("csrf_token"))
+        try:
+            changed = await admin_auth.unit_of_work(session).run(lambda tx: destinations.enable(tx, name, actor))
+        except destinations.DestinationError:
+            raise _no_destination(name) from None
+        return Redirect(f"/admin/destinations?done={'enabled' if changed else 'not-disabled'}&name={name}",
+                        status_code=303)  # fmt: skip
+
+    @post("/destinations/{name:str}/disable", status_code=303,
+          summary="Stop delivering to a destination, with a reason (destinations:manage; CSRF; audited)")  # fmt: skip
+    async def disable_destination(
+        self,
+        request: Request[Any, Any, Any],
+        name: FromPath[str],
+        admin_auth: NamedDependency[AdminAuth],
+        data: URLEncodedBody[dict[str, str]],
+    ) -> Redirect:
+        session, actor = await _manage_destination(admin_auth, request, name, "disable", data.get("csrf_token"))
+        reason = " ".join((data.get("reason") or "").split())
+        if not reason or len(reason) > 500:
+            raise ProblemError(400, "validation-error", "reason: say why the destination is disabled (1 to 500 "
+                               "characters)", errors=[{"key": "reason", "message": "1 to 500 characters",
+                                                       "source": "body"}])  # fmt: skip
+        try:
+            changed = await admin_auth.unit_of_work(session).run(
+                lambda tx: destinations.disable(tx, name, reason, actor)
+            )
+        except destinations.DestinationError:
+            raise _no_destination(name) from None
+        return Redirect(f"/admin/destinations?done={'disabled' if changed else 'already-disabled'}&name={name}",
+                        status_code=303)  # fmt: skip
+
+    @post("/destinations/{name:str}/replay", status_code=303,
+          summary="Queue a destination's dead letters again (destinations:manage; CSRF; audited)")  # fmt: skip
+    async def replay_destination(
+        self,
+        request: Request[Any, Any, Any],
+        name: FromPath[str],
+        admin_auth: NamedDependency[AdminAuth],
+        data: URLEncodedBody[dict[str, str]],
+    ) -> Redirect:
+        session, actor = await _manage_destination(admin_auth, request, name, "replay", data.get("csrf_token"))
+        try:
+            moved = await admin_auth.unit_of_work(session).run(lambda tx: destinations.replay(tx, name, None, actor))
+        except destinations.DestinationError:
+            raise _no_destination(name) from None
+        return Redirect(f"/admin/destinations?done=replayed&name={name}&events={moved}", status_code=303)
 
     @get("/audit", summary="The tenant's audit log, newest first (audit:read)")
     async def audit(
