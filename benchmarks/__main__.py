@@ -312,6 +312,30 @@ def bench_nudges(
         output.write_text(report, encoding="utf-8")
 
 
+@main.command("destinations")
+@click.option("--events", default=10_000, show_default=True, type=click.IntRange(100, 1_000_000), help="Per type, run.")
+@click.option(
+    "--kind", "kinds", multiple=True, type=click.Choice(["segment", "mixpanel", "amplitude", "intercom", "webhook"]),
+    help="Measure only this destination type (repeat for several; default: all).",
+)  # fmt: skip
+@click.option("--rounds", default=1, show_default=True, type=click.IntRange(1, 10), help="Runs per type (best kept).")
+@click.option("--admin", envvar="FIRSTMILE_BENCH_ADMIN_URL", required=True, help="The bench PostgreSQL (superuser).")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Report file.")
+def bench_destinations(events: int, kinds: tuple[str, ...], rounds: int, admin: str, output: Path | None) -> None:
+    """Events delivered per second per destination type (queue + worker) vs the bare official client (loopback)."""
+    from benchmarks.common import BenchError
+    from benchmarks.destinations import KINDS, run_destinations_benchmark
+
+    try:
+        report = run_destinations_benchmark(admin, events=events, kinds=kinds or KINDS, rounds=rounds)
+    except BenchError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(report)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(report, encoding="utf-8")
+
+
 @main.command("cost")
 @click.option("--prices", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None)
 @click.option("--usage", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None)

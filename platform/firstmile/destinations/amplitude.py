@@ -53,6 +53,10 @@ from firstmile.destinations.vendor import epoch_ms, profile_of, properties_of, s
 
 AMPLITUDE_MAX_BATCH = 100
 """Events per request (Amplitude takes up to 2,000 and 1 MB; the SDK's default is 200)."""
+AMPLITUDE_CALL_BATCH = 500
+"""Events one :meth:`deliver` takes (the worker's batch): the SDK's flush splits them into requests of
+``AMPLITUDE_MAX_BATCH`` (its ``flush_queue_size``), sent by its worker threads; one claim and one record in
+PostgreSQL then serve several requests (``make bench-destinations``)."""
 THROTTLE_PAUSE_S = 30.0
 """How long Amplitude asks a throttled user or device to wait after a ``429``."""
 REQUESTER = "firstmile"
@@ -120,7 +124,7 @@ class AmplitudeDestination:
 
     @property
     def max_batch(self) -> int:
-        return AMPLITUDE_MAX_BATCH
+        return AMPLITUDE_CALL_BATCH
 
     def event(self, event: OutboundEvent) -> BaseEvent | None:
         """The SDK event of ``event`` (``None`` for an identify with nothing to set)."""
@@ -281,4 +285,4 @@ def _outcome(result: _Result | None, timeout_s: float) -> Outcome:
     return Retry(f"Amplitude {code}: {message}")
 
 
-__all__ = ["AMPLITUDE_MAX_BATCH", "REQUESTER", "THROTTLE_PAUSE_S", "AmplitudeDestination"]
+__all__ = ["AMPLITUDE_CALL_BATCH", "AMPLITUDE_MAX_BATCH", "REQUESTER", "THROTTLE_PAUSE_S", "AmplitudeDestination"]

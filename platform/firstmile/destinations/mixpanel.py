@@ -64,6 +64,10 @@ from firstmile.destinations.vendor import (
 
 MIXPANEL_MAX_BATCH = 50
 """Messages per request: the library's ``BufferedConsumer`` sends at most 50 (Mixpanel takes up to 2,000)."""
+MIXPANEL_CALL_BATCH = 1000
+"""Events one :meth:`deliver` takes (the worker's batch), sent in requests of at most ``MIXPANEL_MAX_BATCH`` each: one
+claim and one record in PostgreSQL then serve several requests (``make bench-destinations``: at one request
+per batch, the worker's two transactions, not the vendor, set the rate)."""
 TRACK_WINDOW = timedelta(days=5)
 """How old an event ``/track`` still keeps."""
 TRACK_MARGIN = timedelta(hours=1)
@@ -155,7 +159,7 @@ class MixpanelDestination:
 
     @property
     def max_batch(self) -> int:
-        return MIXPANEL_MAX_BATCH
+        return MIXPANEL_CALL_BATCH
 
     def message(self, event: OutboundEvent, now: datetime | None = None) -> tuple[str, str] | None:
         """``(endpoint, JSON message)`` of ``event`` as the library builds it; ``None`` for an event ``/track``
@@ -260,4 +264,4 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-__all__ = ["MIXPANEL_MAX_BATCH", "RESERVED_PROFILE", "TRACK_WINDOW", "MixpanelDestination"]
+__all__ = ["MIXPANEL_CALL_BATCH", "MIXPANEL_MAX_BATCH", "RESERVED_PROFILE", "TRACK_WINDOW", "MixpanelDestination"]

@@ -95,8 +95,9 @@ _CLAIM = text(
     "    WHERE e.tenant_id = :t AND e.destination = :d AND e.user_id = q.user_id AND e.status = 'pending'"
     "     AND e.id < q.id AND (e.next_attempt_at > :now OR e.claimed_until > :now))"
     "  ORDER BY q.id LIMIT :limit FOR UPDATE OF q SKIP LOCKED)"
+    # ``= ANY(ARRAY(...))``, not a join with ``c``: a prepared statement's generic plan hashed the whole table for it
     " UPDATE destination_queue u SET claim_id = :claim, claimed_until = :until, attempts = u.attempts + 1"
-    " FROM c WHERE u.tenant_id = :t AND u.id = c.id"
+    " WHERE u.tenant_id = :t AND u.id = ANY(ARRAY(SELECT id FROM c))"
     f" RETURNING {', '.join('u.' + c.strip() for c in _COLUMNS.split(','))}"
 )
 

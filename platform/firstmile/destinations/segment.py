@@ -58,6 +58,10 @@ from firstmile.destinations.vendor import (
 
 SEGMENT_MAX_BATCH = 100
 """Messages per request: Segment's libraries send 100 (``upload_size``), well within 500 KB of small events."""
+SEGMENT_CALL_BATCH = 1000
+"""Events one :meth:`deliver` takes (the worker's batch), sent in requests of at most ``SEGMENT_MAX_BATCH`` each: one
+claim and one record in PostgreSQL then serve several requests (``make bench-destinations``: at one request
+per batch, the worker's two transactions, not the vendor, set the rate)."""
 REGULATION_TYPE = "SUPPRESS_WITH_DELETE"
 """Delete the user's data and drop whatever still arrives for them (Segment's Public API regulation types)."""
 
@@ -92,7 +96,7 @@ class SegmentDestination:
 
     @property
     def max_batch(self) -> int:
-        return SEGMENT_MAX_BATCH
+        return SEGMENT_CALL_BATCH
 
     def message(self, event: OutboundEvent) -> dict[str, Any]:
         """The Tracking API message of ``event``, as the library builds it (raises for one over 32 KB)."""
@@ -200,4 +204,4 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-__all__ = ["MAX_MSG_SIZE", "REGULATION_TYPE", "SEGMENT_MAX_BATCH", "SegmentDestination"]
+__all__ = ["MAX_MSG_SIZE", "REGULATION_TYPE", "SEGMENT_CALL_BATCH", "SEGMENT_MAX_BATCH", "SegmentDestination"]

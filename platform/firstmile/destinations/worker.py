@@ -18,8 +18,8 @@ its own: a slow or failing destination never holds back another, nor the tenant'
    reason, for that event only; a transient failure (:class:`~firstmile.destinations.port.Retry`) → pending
    again after the vendor's ``Retry-After`` or the backoff of :class:`~firstmile.destinations.policy.RetryPolicy`
    (and the user's later rows wait behind it), ``dead`` once its attempts are spent;
-4. repeats while rows are due (at most ``max_batches`` batches, then the next poll), and stops early when a whole
-   batch failed (the destination is down: its rows wait for their next attempt).
+4. repeats while rows are due (at most ``max_batches`` batches, then the next poll: at once while rows are still
+   due), and stops early when a whole batch failed (the destination is down: its rows wait for their next attempt).
 
 Delivered means the vendor acknowledged; a worker killed between the vendor's acknowledgement and the record sends
 the batch again after the lease, with the same idempotency keys (the vendor, or the webhook's receiver, counts it
@@ -62,7 +62,6 @@ from firstmile.destinations.port import (
 )
 from firstmile.destinations.registry import AdapterFactory, Credentials
 from firstmile.destinations.service import AUDIT_KIND, read_credentials, tenant_destinations
-from firstmile.events.bus import wait_for_stop
 from firstmile.kit import telemetry
 from firstmile.kit.db import TenantTx, across_tenants
 from firstmile.kit.scope import OperatorContext, TenantId
@@ -100,6 +99,8 @@ class DestinationPass:
     """Why nothing was sent (not in the manifest, disabled, no credentials, waiting for a fuller batch)."""
     disabled: bool = False
     """This pass disabled the destination (every attempt failed for too long)."""
+    more: bool = False
+    """The pass stopped at ``max_batches`` with rows still due: the loop polls again at once."""
     errors: list[str] = field(default_factory=list)
 
 
@@ -110,6 +111,17 @@ class ProbeAnswer:
     kind: str
     outcome: str
     detail: str
+
+
+async def _either(first: asyncio.Event, second: asyncio.Event, seconds: float) -> None:
+    """Wait up to ``seconds`` for either event to be set."""
+    waiters = {asyncio.ensure_future(first.wait()), asyncio.ensure_future(second.wait())}
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
 
 
 def _reason(outcome: Outcome) -> str:
@@ -161,6 +173,7 @@ class DestinationDelivery:
         self._kinds: dict[tuple[uuid.UUID, str], str] = {}
         self._lag_kinds: set[str] = set()
         self._last_purge = float("-inf")
+        self._wake = asyncio.Event()
         self._failures = 0
         self._last_error: str | None = None
 
@@ -181,7 +194,7 @@ class DestinationDelivery:
                     self._failures += 1
                     self._last_error = f"{type(exc).__name__}: {exc}"[:500]
                     log.warning("destination delivery poll failed: %s", self._last_error)
-                if await wait_for_stop(stop, self.poll_s):
+                if await self._pause(stop):
                     break
         finally:
             pending = list(self._in_flight.values())
@@ -191,6 +204,14 @@ class DestinationDelivery:
                     task.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
             await self.close()
+
+    async def _pause(self, stop: asyncio.Event) -> bool:
+        """Wait for the next poll: ``poll_s``, or less when a pass left rows due (a backlog is delivered without
+        the pause); True when ``stop`` was set."""
+        if not self._wake.is_set():
+            await _either(stop, self._wake, self.poll_s)
+        self._wake.clear()
+        return stop.is_set()
 
     async def run_once(self) -> list[DestinationPass]:
         """One poll, waiting for every delivery it starts (tests, ``firstmile destinations deliver``)."""
@@ -216,8 +237,10 @@ class DestinationDelivery:
             return []
         return [p for p in await asyncio.gather(*started) if p is not None]
 
-    def _landed(self, key: tuple[uuid.UUID, str], _task: asyncio.Task[DestinationPass | None]) -> None:
+    def _landed(self, key: tuple[uuid.UUID, str], task: asyncio.Task[DestinationPass | None]) -> None:
         self._in_flight.pop(key, None)
+        if not task.cancelled() and task.exception() is None and (found := task.result()) is not None and found.more:
+            self._wake.set()
 
     async def _guarded(self, due: repo.Due) -> DestinationPass | None:
         async with self._gate:
@@ -344,6 +367,8 @@ class DestinationDelivery:
             outcome = await self._batch(uow, keys, spec, name, adapter, limit, done)
             if outcome != "sent":
                 break
+        else:
+            done.more = True
         return done
 
     async def _claim(
