@@ -28,6 +28,7 @@ from typing import Any
 import msgspec
 from litestar import Controller, Request, Response, post
 from litestar.di import NamedDependency
+from litestar.handlers import HTTPRouteHandler
 from litestar.openapi.spec import OpenAPIMediaType, Operation, RequestBody, Schema
 from litestar.openapi.spec.enums import OpenAPIType
 from litestar.types import ExceptionHandlersMap
@@ -273,6 +274,34 @@ def _single_description(kind: str) -> str:
     )
 
 
+def _single_call(kind: str) -> HTTPRouteHandler:
+    """The handler of one of Segment's single calls (``POST /v1/<kind>``): one message, its ``type`` implied by the
+    path, accepted all or nothing; the same answers as ``/v1/batch``. One factory for the six calls, which differ
+    only in ``kind``; each still is an operation of its own in the OpenAPI document."""
+
+    async def handler(
+        self: Controller,
+        request: Request[Principal, Any, Any],
+        uow: NamedDependency[UnitOfWork],
+        ingestion: NamedDependency[IngestionService],
+    ) -> TrackingResult:
+        message = _parse_single(await read_body(request, MAX_MESSAGE_BYTES, f"the {kind} message"), kind)
+        result = await ingestion.accept(uow, request.user.tenant_revision, [message], all_or_nothing=True)
+        return TrackingResult.of(result)
+
+    handler.__name__ = handler.__qualname__ = kind  # the operation's id, as when each was written out
+    return post(
+        f"/{kind}",
+        status_code=200,
+        guards=[require_scope("events:write")],
+        request_max_body_size=None,  # read_body bounds it: 32 KB, gzip-decoded too
+        operation_class=_single_operation(kind),
+        summary=f"Segment's {kind} call",
+        description=_single_description(kind),
+        opt={"problems": _SINGLE_PROBLEMS},
+    )(handler)
+
+
 class EventsController(Controller):
     path = "/v1"
     tags = ["events"]
@@ -321,120 +350,12 @@ class EventsController(Controller):
     ) -> TrackingResult:
         return TrackingResult.of(await self._batch(request, uow, ingestion))
 
-    async def _single(
-        self, kind: str, request: Request[Principal, Any, Any], uow: UnitOfWork, ingestion: IngestionService
-    ) -> TrackingResult:
-        message = _parse_single(await read_body(request, MAX_MESSAGE_BYTES, f"the {kind} message"), kind)
-        result = await ingestion.accept(uow, request.user.tenant_revision, [message], all_or_nothing=True)
-        return TrackingResult.of(result)
-
-    @post(
-        "/track",
-        status_code=200,
-        guards=[require_scope("events:write")],
-        request_max_body_size=None,  # read_body bounds it: 32 KB, gzip-decoded too
-        operation_class=_single_operation("track"),
-        summary="Segment's track call",
-        description=_single_description("track"),
-        opt={"problems": _SINGLE_PROBLEMS},
-    )
-    async def track(
-        self,
-        request: Request[Principal, Any, Any],
-        uow: NamedDependency[UnitOfWork],
-        ingestion: NamedDependency[IngestionService],
-    ) -> TrackingResult:
-        return await self._single("track", request, uow, ingestion)
-
-    @post(
-        "/identify",
-        status_code=200,
-        guards=[require_scope("events:write")],
-        request_max_body_size=None,
-        operation_class=_single_operation("identify"),
-        summary="Segment's identify call",
-        description=_single_description("identify"),
-        opt={"problems": _SINGLE_PROBLEMS},
-    )
-    async def identify(
-        self,
-        request: Request[Principal, Any, Any],
-        uow: NamedDependency[UnitOfWork],
-        ingestion: NamedDependency[IngestionService],
-    ) -> TrackingResult:
-        return await self._single("identify", request, uow, ingestion)
-
-    @post(
-        "/page",
-        status_code=200,
-        guards=[require_scope("events:write")],
-        request_max_body_size=None,
-        operation_class=_single_operation("page"),
-        summary="Segment's page call",
-        description=_single_description("page"),
-        opt={"problems": _SINGLE_PROBLEMS},
-    )
-    async def page(
-        self,
-        request: Request[Principal, Any, Any],
-        uow: NamedDependency[UnitOfWork],
-        ingestion: NamedDependency[IngestionService],
-    ) -> TrackingResult:
-        return await self._single("page", request, uow, ingestion)
-
-    @post(
-        "/screen",
-        status_code=200,
-        guards=[require_scope("events:write")],
-        request_max_body_size=None,
-        operation_class=_single_operation("screen"),
-        summary="Segment's screen call",
-        description=_single_description("screen"),
-        opt={"problems": _SINGLE_PROBLEMS},
-    )
-    async def screen(
-        self,
-        request: Request[Principal, Any, Any],
-        uow: NamedDependency[UnitOfWork],
-        ingestion: NamedDependency[IngestionService],
-    ) -> TrackingResult:
-        return await self._single("screen", request, uow, ingestion)
-
-    @post(
-        "/group",
-        status_code=200,
-        guards=[require_scope("events:write")],
-        request_max_body_size=None,
-        operation_class=_single_operation("group"),
-        summary="Segment's group call",
-        description=_single_description("group"),
-        opt={"problems": _SINGLE_PROBLEMS},
-    )
-    async def group(
-        self,
-        request: Request[Principal, Any, Any],
-        uow: NamedDependency[UnitOfWork],
-        ingestion: NamedDependency[IngestionService],
-    ) -> TrackingResult:
-        return await self._single("group", request, uow, ingestion)
-
-    @post(
-        "/alias",
-        status_code=200,
-        guards=[require_scope("events:write")],
-        request_max_body_size=None,
-        operation_class=_single_operation("alias"),
-        summary="Segment's alias call",
-        description=_single_description("alias"),
-        opt={"problems": _SINGLE_PROBLEMS},
-    )
-    async def alias(
-        self,
-        request: Request[Principal, Any, Any],
-        uow: NamedDependency[UnitOfWork],
-        ingestion: NamedDependency[IngestionService],
-    ) -> TrackingResult:
-        return await self._single("alias", request, uow, ingestion)
+    track = _single_call("track")
+    identify = _single_call("identify")
+    page = _single_call("page")
+    screen = _single_call("screen")
+    group = _single_call("group")
+    alias = _single_call("alias")
 
     @post(
         "/webhooks/segment/{tenant:str}",

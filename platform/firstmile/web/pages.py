@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from functools import cache
 from importlib import resources
-from typing import Any, get_args
+from typing import Any, TypeVar, get_args
 
 import jinja2
 from litestar import Controller, Request, Response, get, post
@@ -220,20 +221,31 @@ def _notice(done: str | None, name: str | None, events: str | None) -> str | Non
     return _DONE[done].format(name=name, events=count)
 
 
+T = TypeVar("T")
+
+
 async def _manage_destination(
-    auth: AdminAuth, request: Request[Any, Any, Any], name: str, action: str, csrf_token: str | None
-) -> tuple[AdminSession, str]:
-    """The session allowed to ``action`` the destination (``destinations:manage``, the form's CSRF token, a valid
-    name: each refusal is a problem, the first two audited), and the actor its audit entry names."""
+    auth: AdminAuth,
+    request: Request[Any, Any, Any],
+    name: str,
+    action: str,
+    csrf_token: str | None,
+    work: Callable[[TenantTx, str], Awaitable[T]],
+) -> T:
+    """``work(tx, actor)`` on the destination ``name`` for a session allowed to ``action`` it
+    (``destinations:manage``, the form's CSRF token, a valid name: each refusal is a problem, the first two
+    audited); a name the manifest lacks is 404 ``destination-not-found``."""
     route = f"POST /admin/destinations/{{name}}/{action}"
     session = await _session_with(auth, request, Permission.DESTINATIONS_MANAGE, route, "destinations", action)
     await check_csrf(auth, request, session, csrf_token)
     check_id(name, SLUG_RE, "name")
-    return session, f"admin:{session.subject}"
-
-
-def _no_destination(name: str) -> ProblemError:
-    return ProblemError(404, "destination-not-found", f"your tenant's manifest has no destination {name!r}")
+    actor = f"admin:{session.subject}"
+    try:
+        return await auth.unit_of_work(session).run(lambda tx: work(tx, actor))
+    except destinations.DestinationError:
+        raise ProblemError(
+            404, "destination-not-found", f"your tenant's manifest has no destination {name!r}"
+        ) from None
 
 
 class PagesController(Controller):
@@ -379,11 +391,10 @@ class PagesController(Controller):
         admin_auth: NamedDependency[AdminAuth],
         data: URLEncodedBody[dict[str, str]],
     ) -> Redirect:
-        session, actor = await _manage_destination(admin_auth, request, name, "enable", data.get("csrf_token"))
-        try:
-            changed = await admin_auth.unit_of_work(session).run(lambda tx: destinations.enable(tx, name, actor))
-        except destinations.DestinationError:
-            raise _no_destination(name) from None
+        changed = await _manage_destination(
+            admin_auth, request, name, "enable", data.get("csrf_token"),
+            lambda tx, actor: destinations.enable(tx, name, actor),
+        )  # fmt: skip
         return Redirect(f"/admin/destinations?done={'enabled' if changed else 'not-disabled'}&name={name}",
                         status_code=303)  # fmt: skip
 
@@ -396,18 +407,16 @@ class PagesController(Controller):
         admin_auth: NamedDependency[AdminAuth],
         data: URLEncodedBody[dict[str, str]],
     ) -> Redirect:
-        session, actor = await _manage_destination(admin_auth, request, name, "disable", data.get("csrf_token"))
         reason = " ".join((data.get("reason") or "").split())
-        if not reason or len(reason) > 500:
-            raise ProblemError(400, "validation-error", "reason: say why the destination is disabled (1 to 500 "
-                               "characters)", errors=[{"key": "reason", "message": "1 to 500 characters",
-                                                       "source": "body"}])  # fmt: skip
-        try:
-            changed = await admin_auth.unit_of_work(session).run(
-                lambda tx: destinations.disable(tx, name, reason, actor)
-            )
-        except destinations.DestinationError:
-            raise _no_destination(name) from None
+
+        async def disable(tx: TenantTx, actor: str) -> bool:
+            if not reason or len(reason) > 500:  # checked after the session's permission and CSRF token
+                raise ProblemError(400, "validation-error", "reason: say why the destination is disabled (1 to 500 "
+                                   "characters)", errors=[{"key": "reason", "message": "1 to 500 characters",
+                                                           "source": "body"}])  # fmt: skip
+            return await destinations.disable(tx, name, reason, actor)
+
+        changed = await _manage_destination(admin_auth, request, name, "disable", data.get("csrf_token"), disable)
         return Redirect(f"/admin/destinations?done={'disabled' if changed else 'already-disabled'}&name={name}",
                         status_code=303)  # fmt: skip
 
@@ -420,11 +429,10 @@ class PagesController(Controller):
         admin_auth: NamedDependency[AdminAuth],
         data: URLEncodedBody[dict[str, str]],
     ) -> Redirect:
-        session, actor = await _manage_destination(admin_auth, request, name, "replay", data.get("csrf_token"))
-        try:
-            moved = await admin_auth.unit_of_work(session).run(lambda tx: destinations.replay(tx, name, None, actor))
-        except destinations.DestinationError:
-            raise _no_destination(name) from None
+        moved = await _manage_destination(
+            admin_auth, request, name, "replay", data.get("csrf_token"),
+            lambda tx, actor: destinations.replay(tx, name, None, actor),
+        )  # fmt: skip
         return Redirect(f"/admin/destinations?done=replayed&name={name}&events={moved}", status_code=303)
 
     @get("/audit", summary="The tenant's audit log, newest first (audit:read)")
