@@ -171,6 +171,16 @@ class ServerSettings(_Section):
             "/metrics); 0: none."
         ),
     )
+    shutdown_timeout_seconds: float = Field(
+        validation_alias="shutdown_timeout_seconds",
+        default=25.0,
+        gt=0,
+        le=3600,
+        description=(
+            "How long `relay`, `consume`, `scheduler` and `sequencer` may take to stop after SIGTERM or SIGINT; "
+            "past it, the process writes every thread's stack to stderr and exits with status 1."
+        ),
+    )
 
 
 class TelemetrySettings(_Section):

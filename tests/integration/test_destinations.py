@@ -319,6 +319,37 @@ async def test_a_failing_destination_holds_back_neither_another_destination_nor_
         assert status["nowhere"].due == 0
 
 
+async def test_stopping_cancels_a_delivery_stuck_past_the_grace_and_keeps_its_events(stack: Stack) -> None:
+    """SIGTERM while a vendor holds a request: the loop ends within its grace, not the call's timeout, and the
+    events stay queued under their claim, to be delivered again when the lease ends."""
+    secret = new_webhook_secret()
+    with WebhookReceiver(secret) as stuck:
+        tenant = await stack.tenant([hook("stuck", stuck.url)])
+        await stack.credentials(tenant, "stuck", {"secret": secret})
+        await stack.start(tenant, "u1")
+        await stack.feed(tenant)
+        stuck.hang()
+        worker = DestinationDelivery(
+            stack.app, stack.keyring, OfficialAdapters(timeout_s=60), poll_s=0.05, stop_grace_s=0.5, skip_s=0
+        )
+        stop = asyncio.Event()
+        loop = asyncio.create_task(worker.run(stop))
+        await until(lambda: _requested(stuck), what="the stuck request")
+        began = time.monotonic()
+        stop.set()
+        await asyncio.wait_for(loop, 10)
+        assert time.monotonic() - began < 5  # the grace (0.5 s), not the call's 60 s timeout
+        rows = await stack.queue(tenant, "stuck")
+        # claimed once (the claim counts the attempt), no result recorded: pending until the lease ends
+        assert rows and all(r["status"] == "pending" and r["attempts"] == 1 and r["last_error"] is None
+                            for r in rows)  # fmt: skip
+        assert not worker._in_flight and not worker._adapters  # cancelled, and the adapters closed
+
+
+async def _requested(receiver: WebhookReceiver) -> bool:
+    return bool(receiver.requests)
+
+
 async def test_an_outage_then_recovery_delivers_everything_once_and_in_order_per_user(stack: Stack) -> None:
     secret = new_webhook_secret()
     with WebhookReceiver(secret) as receiver:

@@ -78,7 +78,8 @@ class Worker:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-                pytest.fail("the worker did not stop within 30 s of SIGTERM")
+                self.handle.flush()
+                pytest.fail(f"the worker did not stop within 30 s of SIGTERM:\n{self.log.read_text()[-6000:]}")
         self.handle.close()
         return self.process.returncode, self.log.read_text()
 

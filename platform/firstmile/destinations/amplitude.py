@@ -227,11 +227,20 @@ class AmplitudeDestination:
         )
 
     async def close(self) -> None:
-        """Stop the SDK without waiting for a request in flight (every batch was awaited or timed out)."""
+        """Stop the SDK now, without a last flush: every batch was awaited or timed out, and what the SDK
+        still holds (an event it re-queued after a ``429`` or a split ``413``) is in the delivery queue, which
+        sends it again. The SDK's consumer thread is not a daemon: left with events to wait for, it would keep
+        the process from exiting; emptied and woken, it ends at once."""
         self._client.configuration.opt_out = True
-        threading.Thread(target=self._client.shutdown, name="amplitude-shutdown", daemon=True).start()
-        with self._provider.storage.lock:  # wake the SDK's timer thread, so that it ends now
-            self._provider.storage.lock.notify_all()
+        storage = self._provider.storage
+        workers = storage.workers  # set when the client was built
+        if workers is not None:
+            workers.is_active = False
+        storage.pull_all()
+        with storage.lock:  # wake the SDK's consumer thread, so that it sees the empty buffer and ends
+            storage.lock.notify_all()
+        if workers is not None:
+            workers.threads_pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _acceptable(properties: dict[str, Any]) -> dict[str, Any]:

@@ -147,6 +147,7 @@ class DestinationDelivery:
         call_timeout_s: float = 60.0,
         skip_s: float = 10.0,
         purge_every_s: float = 600.0,
+        stop_grace_s: float = 5.0,
         rng: random.Random | None = None,
         clock: Callable[[], datetime] | None = None,
         worker: OperatorContext | None = None,
@@ -163,6 +164,7 @@ class DestinationDelivery:
         self.call_timeout_s = call_timeout_s
         self.skip_s = skip_s
         self.purge_every_s = purge_every_s
+        self.stop_grace_s = stop_grace_s
         self.rng = rng or random.SystemRandom()
         self.clock = clock or (lambda: datetime.now(UTC))
         self.worker = worker or DELIVERY
@@ -184,7 +186,7 @@ class DestinationDelivery:
         return self._failures, self._last_error
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Deliver until ``stop`` is set (the supervised loop); then wait for the tasks in flight, up to the lease."""
+        """Deliver until ``stop`` is set (the supervised loop); then :meth:`_drain` the deliveries in flight."""
         try:
             while not stop.is_set():
                 try:
@@ -197,12 +199,23 @@ class DestinationDelivery:
                 if await self._pause(stop):
                     break
         finally:
-            pending = list(self._in_flight.values())
+            await self._drain()
+
+    async def _drain(self) -> None:
+        """Wait up to ``stop_grace_s`` for the deliveries in flight, cancel the rest, close the adapters.
+
+        A cancelled delivery loses nothing: its rows stay claimed until the lease ends and are delivered
+        again (at least once, each with its idempotency key). Cancellation of this wait itself (the
+        supervisor's own deadline) still cancels them and closes the adapters.
+        """
+        pending = [task for task in self._in_flight.values() if not task.done()]
+        try:
             if pending:
-                _, late = await asyncio.wait(pending, timeout=min(30.0, self.lease.total_seconds()))
-                for task in late:
-                    task.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
+                await asyncio.wait(pending, timeout=self.stop_grace_s)
+        finally:
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
             await self.close()
 
     async def _pause(self, stop: asyncio.Event) -> bool:

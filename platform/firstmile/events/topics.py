@@ -8,7 +8,9 @@ several slices.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import signal
+import sys
 from dataclasses import dataclass, field
 
 from firstmile.events.bus import dead_letter_topic_for, topic_for
@@ -51,11 +53,23 @@ class StreamConfig:
         return f"{self.topic_prefix}.{self.region}"
 
 
-def stop_on_signals(stop: asyncio.Event) -> None:
-    """Set ``stop`` on SIGTERM or SIGINT (a relay or consumer then ends cleanly)."""
+def stop_on_signals(stop: asyncio.Event, *, timeout_s: float | None = None) -> None:
+    """Set ``stop`` on SIGTERM or SIGINT (a relay or consumer then ends cleanly).
+
+    With ``timeout_s`` (``FIRSTMILE_SHUTDOWN_TIMEOUT_SECONDS``), the signal also arms a watchdog: a process
+    still running ``timeout_s`` later writes every thread's stack to stderr and exits with status 1
+    (:func:`faulthandler.dump_traceback_later`, a C thread that needs neither the event loop nor the GIL to be
+    free), so that a shutdown stuck on a call that never returns is both ended and explained.
+    """
     loop = asyncio.get_running_loop()
+
+    def stopping() -> None:
+        if timeout_s is not None and not stop.is_set():
+            faulthandler.dump_traceback_later(timeout_s, exit=True, file=sys.stderr)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stopping)
 
 
 def region_topics(config: StreamConfig) -> dict[str, int]:

@@ -67,7 +67,7 @@ async def run_relay(settings: Settings, relay_url: str, stop: asyncio.Event | No
     that keeps failing to reach PostgreSQL or Kafka; a standby waiting for the lock is ready.
     """
     stop = stop or asyncio.Event()
-    stop_on_signals(stop)
+    stop_on_signals(stop, timeout_s=settings.server.shutdown_timeout_seconds)
     config = stream_config(settings)
     topic, _ = await asyncio.to_thread(ensure_region_topics, config)
     publisher = KafkaPublisher(config.connection(), topic)
@@ -92,7 +92,7 @@ async def run_relay(settings: Settings, relay_url: str, stop: asyncio.Event | No
 async def run_consumers(settings: Settings, database_url: str, names: Sequence[str]) -> None:
     """Run the named consumer groups in this process until stopped."""
     stop = asyncio.Event()
-    stop_on_signals(stop)
+    stop_on_signals(stop, timeout_s=settings.server.shutdown_timeout_seconds)
     config = stream_config(settings)
     topic, dlq = await asyncio.to_thread(ensure_region_topics, config)
     engine: AsyncEngine | None = None
@@ -157,7 +157,7 @@ async def run_scheduler(
     if the user is still where it found them, and the event sync copies each event once.
     """
     stop = stop or asyncio.Event()
-    stop_on_signals(stop)
+    stop_on_signals(stop, timeout_s=settings.server.shutdown_timeout_seconds)
     container = Container(settings, database_url, pepper, Overrides(schedulers=True, sequencer=False, serves_api=False))
     await container.start()
     try:
@@ -178,7 +178,7 @@ async def run_sequencer(settings: Settings, database_url: str, stop: asyncio.Eve
     a sequencer killed mid-batch leaves its entries queued for the next one (nothing lost or doubled).
     """
     stop = stop or asyncio.Event()
-    stop_on_signals(stop)
+    stop_on_signals(stop, timeout_s=settings.server.shutdown_timeout_seconds)
     engine = create_engine(database_url, pool_size=6, max_overflow=0, application_name="firstmile-sequencer")
     audit = settings.audit
     sequencer = Sequencer(engine, batch_size=audit.sequence_batch, poll_seconds=audit.sequence_poll_seconds)
