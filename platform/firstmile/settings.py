@@ -922,6 +922,40 @@ class ExperimentSettings(_Section):
     )
 
 
+class ReviewSettings(_Section):
+    """Human in the loop: the review queue (docs/review.md)."""
+
+    confidence_threshold: float = Field(
+        validation_alias="review_confidence_threshold",
+        default=0.6,
+        ge=0,
+        le=1,
+        description="A model's path decision below this confidence may be sampled for a person's review.",
+    )
+    sample_rate: float = Field(
+        validation_alias="review_sample_rate",
+        default=0.1,
+        ge=0,
+        le=1,
+        description="The share of the low-confidence model decisions that go to the review queue; 0: none.",
+    )
+    queue_check_seconds: float = Field(
+        validation_alias="review_queue_check_seconds",
+        default=60.0,
+        ge=0,
+        le=86400,
+        description="How often the scheduler measures the review queues (queue length, the oldest item's age) and "
+        "notifies reviewers of a queue past its threshold; 0: it does not run here.",
+    )
+    queue_alert_threshold: int = Field(
+        validation_alias="review_queue_alert_threshold",
+        default=50,
+        ge=1,
+        le=1_000_000,
+        description="Pending reviews of a tenant past which its reviewers are notified (once per crossing).",
+    )
+
+
 class DestinationSettings(_Section):
     """The delivery of the tenants' lifecycle events to their destinations (docs/destinations.md)."""
 
@@ -1358,6 +1392,7 @@ class Settings(BaseSettings):
     nudges: NudgeSettings = Field(default_factory=NudgeSettings)
     experiments: ExperimentSettings = Field(default_factory=ExperimentSettings)
     destinations: DestinationSettings = Field(default_factory=DestinationSettings)
+    reviews: ReviewSettings = Field(default_factory=ReviewSettings)
     sso: SsoSettings = Field(default_factory=SsoSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
     guardrail: GuardrailSettings = Field(default_factory=GuardrailSettings)

@@ -1,21 +1,26 @@
 """Per-process cache of each tenant's path definitions, keyed by tenant revision, bounded.
 
 ``firstmile tenants apply`` (and the admin path editor) bump the tenant's revision
-whenever a path changes; the revision arrives with the resolved API key, so a new
-revision reloads the catalog. Old path versions stay immutable and are loaded on demand
-for users still on them. Both caches are LRU-bounded (``max_tenants`` catalogs,
-``max_versions`` path versions), so a process serving many tenants keeps a fixed amount.
+whenever a path changes (so does a segment pin, which the catalog holds); the revision
+arrives with the resolved API key, so a new revision reloads the catalog. Old path
+versions stay immutable and are loaded on demand for users still on them. Both caches
+are LRU-bounded (``max_tenants`` catalogs, ``max_versions`` path versions),
+so a process serving many tenants keeps a fixed amount.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 
 from firstmile.kit.db import TenantTx
 from firstmile.kit.scope import TenantId
 from firstmile.onboarding import repository as repo
 from firstmile.onboarding.domain import PathDef
+from firstmile.onboarding.review import Pin, pins_of
 from firstmile.security.personal_data import BUILTIN_PII_TRAITS
 from firstmile.tenancy import service as tenancy
 
@@ -27,6 +32,11 @@ class PathCatalog:
     current: tuple[PathDef, ...]
     pii_traits: frozenset[str] = frozenset()
     planner_model: str | None = None  # the registry model the planner asks first; None: rules only
+    pins: tuple[Pin, ...] = ()  # segment pins in force when loaded, newest first (docs/review.md)
+
+    def pin_for(self, traits: Mapping[str, Any], now: datetime) -> Pin | None:
+        """The newest segment pin that applies to a user with ``traits`` at ``now``."""
+        return next((p for p in self.pins if p.applies(traits, now)), None)
 
 
 class CatalogCache:
@@ -59,6 +69,7 @@ class CatalogCache:
         """Read the tenant's current catalog (for callers that do not know the revision)."""
         default_key, tenant_revision, pii_traits, planner_model = await tenancy.path_settings(tx)
         rows = await repo.current_path_definitions(tx)
+        pins = pins_of(await repo.active_pins(tx, datetime.now(UTC)))
         current = tuple(PathDef.from_definition(key, version, definition) for key, version, definition in rows)
         for path in current:
             self._remember_version((tx.tenant, path.key, path.version), path)
@@ -68,6 +79,7 @@ class CatalogCache:
             current=current,
             pii_traits=BUILTIN_PII_TRAITS | frozenset(pii_traits),
             planner_model=planner_model,
+            pins=pins,
         )
         self._catalogs[tx.tenant] = catalog
         self._catalogs.move_to_end(tx.tenant)

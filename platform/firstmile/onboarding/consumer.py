@@ -1,6 +1,7 @@
 """Progress auto-completion: the event-stream consumer that completes steps from tracked events.
 
-A tracked event that meets a step's completion criteria completes the step. Only
+A tracked event that meets a step's completion criteria completes the step; one that has the step's event
+name and meets only some of its property criteria goes to a person's review (docs/review.md). Only
 ``track`` events with a ``userId`` of a user who started onboarding count; steps whose
 prerequisites are not met yet are left for a later event. A completion is idempotent,
 so a redelivered event changes nothing. The consumer acts on rows that already carry
@@ -12,6 +13,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -22,22 +24,29 @@ from firstmile.kit.db import TenantTx, is_transient
 from firstmile.kit.errors import ProblemError
 from firstmile.kit.scope import OperatorContext, TenantId
 from firstmile.kit.uow import UnitOfWork
-from firstmile.onboarding.rules import matches
+from firstmile.onboarding.review import criteria_met
 from firstmile.onboarding.service import OnboardingService
 
 WORKER = OperatorContext("worker:progress")
 
 
-def _completing_steps(path_steps: Sequence[Any], event_name: str, properties: Mapping[str, Any]) -> list[str]:
+def _completing_steps(
+    path_steps: Sequence[Any], event_name: str, properties: Mapping[str, Any]
+) -> tuple[list[str], dict[str, tuple[int, int]]]:
+    """The steps the event completes, and those it matches only partly: the event's name, and some but not all
+    of the property criteria (step id: criteria met, criteria in all), which go to a person's review."""
     found: list[str] = []
+    partial: dict[str, tuple[int, int]] = {}
     for step in path_steps:
         criteria = step.completion
         if criteria.get("event") != event_name:
             continue
-        where = criteria.get("where") or ()
-        if all(matches(w["field"], w.get("op", "eq"), w.get("value"), properties) for w in where):
+        met, total = criteria_met(criteria, properties)
+        if met == total:
             found.append(step.id)
-    return found
+        elif met > 0:
+            partial[step.id] = (met, total)
+    return found, partial
 
 
 class AutoCompletion:
@@ -82,7 +91,15 @@ class AutoCompletion:
                 return 0
             path = await self.service.catalogs.version(tx, progress.path_key, progress.path_version)
             done = 0
-            for step_id in _completing_steps(path.steps, name, properties):
+            completing, partial = _completing_steps(path.steps, name, properties)
+            for step_id, (met, total) in partial.items():
+                if step_id not in progress.completions:
+                    details = {"event": name, "criteria_met": met, "criteria": total, "properties": properties}
+                    await self.service.review_completion(
+                        tx, user_id, step_id, reason="partial_match", source=f"event:{event.event_id}",
+                        occurred_at=occurred_at or datetime.now(UTC), details=details,
+                    )  # fmt: skip
+            for step_id in completing:
                 if step_id in progress.completions:
                     continue
                 try:

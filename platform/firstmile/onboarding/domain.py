@@ -19,6 +19,7 @@ class StepDef:
     optional: bool
     prerequisites: tuple[str, ...]
     completion: Mapping[str, Any]
+    validation: str = "auto"  # "review": a person confirms each completion (the review queue)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +60,7 @@ class PathDef:
                     optional=bool(raw.get("optional", False)),
                     prerequisites=tuple(pre),
                     completion=raw["completion"],
+                    validation=str(raw.get("validation", "auto")),
                 )
             )
             if not raw.get("optional", False):

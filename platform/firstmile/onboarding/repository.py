@@ -8,7 +8,7 @@ events are written together or not at all.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -32,6 +32,8 @@ class ProgressRow:
     activated_at: datetime | None
     completed_at: datetime | None
     completions: dict[str, datetime]
+    reviews: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per step, its latest completion review: ``id``, ``status``, ``reason``, ``note`` (the review queue)."""
 
 
 _START = DriverStatement.of(
@@ -53,7 +55,12 @@ _GET = text(
     "SELECT p.path_key, p.path_version, p.status, p.current_step, p.decision, p.started_at,"
     " p.activated_at, p.completed_at,"
     " coalesce((SELECT jsonb_object_agg(c.step_id, c.completed_at) FROM step_completions c"
-    "   WHERE c.tenant_id = p.tenant_id AND c.user_id = p.user_id), '{}'::jsonb)"
+    "   WHERE c.tenant_id = p.tenant_id AND c.user_id = p.user_id), '{}'::jsonb),"
+    " coalesce((SELECT jsonb_object_agg(r.step_id, jsonb_build_object("
+    "    'id', r.id, 'status', r.status, 'reason', r.reason, 'note', r.note))"
+    "   FROM (SELECT DISTINCT ON (step_id) step_id, id, status, reason, note FROM onboarding_reviews"
+    "     WHERE tenant_id = p.tenant_id AND user_id = p.user_id AND step_id IS NOT NULL"
+    "     ORDER BY step_id, id DESC) r), '{}'::jsonb)"
     " FROM user_progress p WHERE p.tenant_id = :tid AND p.user_id = :uid"
 )
 _GET_FOR_UPDATE = text(_GET.text + " FOR UPDATE OF p")
@@ -119,7 +126,7 @@ async def get_progress(tx: TenantTx, user_id: str, *, for_update: bool = False) 
     if row is None:
         return None
     completions = {k: _parse_ts(v) for k, v in row[8].items()}
-    return ProgressRow(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], completions)
+    return ProgressRow(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], completions, dict(row[9]))
 
 
 async def insert_completion(
@@ -368,3 +375,283 @@ async def model_outcomes(
 ) -> list[tuple[float, bool]]:
     params = {"model": model, "outcome": outcome_s, "tenant": tenant}
     return [(float(r[0]), bool(r[1])) for r in await conn.execute(_MODEL_OUTCOMES, params) if r[0] is not None]
+
+
+# ---- the review queue and path overrides (docs/review.md) ----
+
+REVIEW_COLUMNS = (
+    "id, kind, reason, user_id, path_key, path_version, step_id, source, occurred_at, details, status,"
+    " better_path, note, decided_by, decided_at, created_at"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ReviewRow:
+    id: int
+    kind: str
+    reason: str
+    user_id: str
+    path_key: str
+    path_version: int
+    step_id: str | None
+    source: str
+    occurred_at: datetime
+    details: dict[str, Any]
+    status: str
+    better_path: str | None
+    note: str | None
+    decided_by: str | None
+    decided_at: datetime | None
+    created_at: datetime
+
+
+_INSERT_REVIEW = text(
+    "INSERT INTO onboarding_reviews (tenant_id, kind, reason, user_id, path_key, path_version, step_id, source,"
+    " occurred_at, details, created_at)"
+    " VALUES (:t, :kind, :reason, :uid, :path_key, :path_version, :step_id, :source, :occurred_at, :details, :now)"
+    " ON CONFLICT (tenant_id, user_id, step_id) WHERE status = 'pending' AND step_id IS NOT NULL DO NOTHING"
+    " RETURNING " + REVIEW_COLUMNS
+).bindparams(bindparam("details", type_=JSONB))
+_PENDING_OF_STEP = text(
+    "SELECT " + REVIEW_COLUMNS + " FROM onboarding_reviews"
+    " WHERE tenant_id = :t AND user_id = :uid AND step_id = :step_id AND status = 'pending'"
+)
+_REVIEW = text("SELECT " + REVIEW_COLUMNS + " FROM onboarding_reviews WHERE tenant_id = :t AND id = :id")
+_REVIEW_FOR_UPDATE = text(_REVIEW.text + " FOR UPDATE")
+_DECIDE_REVIEW = text(
+    "UPDATE onboarding_reviews SET status = :status, note = :note, better_path = :better_path,"
+    " decided_by = :by, decided_at = :now WHERE tenant_id = :t AND id = :id AND status = 'pending'"
+    " RETURNING " + REVIEW_COLUMNS
+)
+
+
+def _review(row: Any) -> ReviewRow:
+    values: list[Any] = list(row)
+    values[9] = dict(values[9])
+    return ReviewRow(*values)
+
+
+async def insert_review(
+    tx: TenantTx,
+    *,
+    kind: str,
+    reason: str,
+    user_id: str,
+    path_key: str,
+    path_version: int,
+    step_id: str | None,
+    source: str,
+    occurred_at: datetime,
+    details: dict[str, Any],
+    now: datetime,
+) -> tuple[ReviewRow, bool]:
+    """Queue a review; with a pending one for the same user and step already, that one and False."""
+    params = {
+        "t": tx.tenant, "kind": kind, "reason": reason, "uid": user_id, "path_key": path_key,
+        "path_version": path_version, "step_id": step_id, "source": source, "occurred_at": occurred_at,
+        "details": details, "now": now,
+    }  # fmt: skip
+    row = (await tx.execute(_INSERT_REVIEW, params)).first()
+    if row is not None:
+        return _review(row), True
+    existing = (await tx.execute(_PENDING_OF_STEP, {"t": tx.tenant, "uid": user_id, "step_id": step_id})).one()
+    return _review(existing), False
+
+
+async def get_review(tx: TenantTx, review_id: int, *, for_update: bool = False) -> ReviewRow | None:
+    row = (await tx.execute(_REVIEW_FOR_UPDATE if for_update else _REVIEW, {"t": tx.tenant, "id": review_id})).first()
+    return None if row is None else _review(row)
+
+
+async def decide_review(
+    tx: TenantTx, review_id: int, status: str, note: str | None, better_path: str | None, by: str, now: datetime
+) -> ReviewRow | None:
+    """Record the decision of a pending review; None when it is no longer pending."""
+    params = {"t": tx.tenant, "id": review_id, "status": status, "note": note, "better_path": better_path,
+              "by": by, "now": now}  # fmt: skip
+    row = (await tx.execute(_DECIDE_REVIEW, params)).first()
+    return None if row is None else _review(row)
+
+
+async def list_reviews(
+    tx: TenantTx,
+    *,
+    status: str | None,
+    kind: str | None,
+    path_key: str | None,
+    step_id: str | None,
+    created_before: datetime | None,
+    before_id: int | None,
+    limit: int,
+) -> list[ReviewRow]:
+    """Reviews newest first (by id), filtered; ``before_id`` pages."""
+    query = text(
+        "SELECT " + REVIEW_COLUMNS + " FROM onboarding_reviews WHERE tenant_id = :t"
+        " AND (CAST(:status AS text) IS NULL OR status = :status)"
+        " AND (CAST(:kind AS text) IS NULL OR kind = :kind)"
+        " AND (CAST(:path AS text) IS NULL OR path_key = :path)"
+        " AND (CAST(:step AS text) IS NULL OR step_id = :step)"
+        " AND (CAST(:created_before AS timestamptz) IS NULL OR created_at <= :created_before)"
+        " AND (CAST(:before_id AS bigint) IS NULL OR id < :before_id)"
+        " ORDER BY id DESC LIMIT :limit"
+    )
+    params = {"t": tx.tenant, "status": status, "kind": kind, "path": path_key, "step": step_id,
+              "created_before": created_before, "before_id": before_id, "limit": limit}  # fmt: skip
+    return [_review(r) for r in await tx.execute(query, params)]
+
+
+_QUEUE_SUMMARY = text(
+    "SELECT kind, count(*), min(created_at) FROM onboarding_reviews WHERE tenant_id = :t AND status = 'pending'"
+    " GROUP BY kind"
+)
+
+
+async def queue_summary(tx: TenantTx) -> dict[str, tuple[int, datetime]]:
+    """Per kind, the pending reviews and the creation time of the oldest."""
+    return {r[0]: (int(r[1]), r[2]) for r in await tx.execute(_QUEUE_SUMMARY, {"t": tx.tenant})}
+
+
+async def review_queues(conn: AsyncConnection) -> list[tuple[uuid.UUID, str, int, datetime]]:
+    """Across tenants (``firstmile_review_queues``): tenant, kind, pending reviews, the oldest's creation time."""
+    rows = await conn.execute(text("SELECT tenant_id, kind, pending, oldest FROM firstmile_review_queues()"))
+    return [(r[0], r[1], int(r[2]), r[3]) for r in rows]
+
+
+_DECISION_LABELS = text(
+    "SELECT r.user_id, r.path_key, r.path_version, r.status, r.better_path, r.details, r.decided_at"
+    " FROM onboarding_reviews r"
+    " WHERE r.kind = 'decision' AND r.status IN ('right', 'wrong') AND r.details ->> 'model' = :model"
+    "  AND r.decided_at >= now() - make_interval(secs => :window)"
+    "  AND (CAST(:tenant AS uuid) IS NULL OR r.tenant_id = :tenant)"
+    " ORDER BY r.decided_at"
+)
+
+
+async def decision_labels(
+    conn: AsyncConnection, model: str, window_s: float, tenant: uuid.UUID | None
+) -> list[dict[str, Any]]:
+    """Reviewed decisions of ``model`` (operator read): the features, the path chosen, and the reviewer's verdict."""
+    rows = await conn.execute(_DECISION_LABELS, {"model": model, "window": window_s, "tenant": tenant})
+    return [
+        {
+            "user_id": r[0], "path_id": r[1], "path_version": r[2], "verdict": r[3], "better_path": r[4],
+            "features": dict(r[5]).get("features"), "confidence": dict(r[5]).get("confidence"), "decided_at": r[6],
+        }
+        for r in rows
+    ]  # fmt: skip
+
+
+# overrides
+
+OVERRIDE_COLUMNS = (
+    "id, user_id, segment, path_key, forced, reason, created_by, created_at, expires_at, revoked_at, revoked_by"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class OverrideRow:
+    id: int
+    user_id: str | None
+    segment: list[dict[str, Any]] | None
+    path_key: str
+    forced: bool
+    reason: str | None
+    created_by: str
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    revoked_by: str | None
+
+
+_INSERT_OVERRIDE = text(
+    "INSERT INTO onboarding_overrides (tenant_id, user_id, segment, path_key, forced, reason, created_by,"
+    " created_at, expires_at) VALUES (:t, :uid, :segment, :path_key, :forced, :reason, :by, :now, :expires_at)"
+    " RETURNING " + OVERRIDE_COLUMNS
+).bindparams(bindparam("segment", type_=JSONB))
+_ACTIVE_PINS = text(
+    "SELECT " + OVERRIDE_COLUMNS + " FROM onboarding_overrides WHERE tenant_id = :t AND segment IS NOT NULL"
+    " AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > :now) ORDER BY id DESC"
+)
+_OVERRIDES = text(
+    "SELECT " + OVERRIDE_COLUMNS + " FROM onboarding_overrides WHERE tenant_id = :t"
+    " AND (CAST(:active AS boolean) IS NOT TRUE OR (revoked_at IS NULL AND (expires_at IS NULL OR expires_at > :now)))"
+    " ORDER BY id DESC LIMIT :limit"
+)
+_REVOKE_OVERRIDE = text(
+    "UPDATE onboarding_overrides SET revoked_at = :now, revoked_by = :by"
+    " WHERE tenant_id = :t AND id = :id AND revoked_at IS NULL RETURNING " + OVERRIDE_COLUMNS
+)
+
+
+def _override(row: Any) -> OverrideRow:
+    return OverrideRow(*row)
+
+
+async def insert_override(
+    tx: TenantTx,
+    *,
+    user_id: str | None,
+    segment: list[dict[str, Any]] | None,
+    path_key: str,
+    forced: bool,
+    reason: str | None,
+    by: str,
+    now: datetime,
+    expires_at: datetime | None,
+) -> OverrideRow:
+    params = {"t": tx.tenant, "uid": user_id, "segment": segment, "path_key": path_key, "forced": forced,
+              "reason": reason, "by": by, "now": now, "expires_at": expires_at}  # fmt: skip
+    return _override((await tx.execute(_INSERT_OVERRIDE, params)).one())
+
+
+async def active_pins(tx: TenantTx, now: datetime) -> list[OverrideRow]:
+    """Segment pins in force at ``now``, newest first."""
+    return [_override(r) for r in await tx.execute(_ACTIVE_PINS, {"t": tx.tenant, "now": now})]
+
+
+async def list_overrides(tx: TenantTx, *, active: bool, now: datetime, limit: int) -> list[OverrideRow]:
+    params = {"t": tx.tenant, "active": active, "now": now, "limit": limit}
+    return [_override(r) for r in await tx.execute(_OVERRIDES, params)]
+
+
+async def revoke_override(tx: TenantTx, override_id: int, by: str, now: datetime) -> OverrideRow | None:
+    row = (await tx.execute(_REVOKE_OVERRIDE, {"t": tx.tenant, "id": override_id, "by": by, "now": now})).first()
+    return None if row is None else _override(row)
+
+
+_SWITCH_PATH = text(
+    "WITH d AS ("
+    " DELETE FROM step_completions WHERE tenant_id = :t AND user_id = :uid AND NOT (step_id = ANY(:keep))"
+    " RETURNING 1"
+    "), u AS ("
+    " UPDATE user_progress SET path_key = :path_key, path_version = :path_version, decision = :decision,"
+    "  current_step = :current_step, status = :status, completed_at = :completed_at, updated_at = :now"
+    " WHERE tenant_id = :t AND user_id = :uid RETURNING 1"
+    "), o AS (" + INSERT_FROM_EVENTS + " RETURNING 1"
+    ") SELECT (SELECT count(*) FROM d), (SELECT count(*) FROM u)"
+).bindparams(bindparam("decision", type_=JSONB), bindparam("events", type_=JSONB))
+
+
+async def switch_path(
+    tx: TenantTx,
+    user_id: str,
+    *,
+    path_key: str,
+    path_version: int,
+    keep: list[str],
+    decision: dict[str, Any],
+    current_step: str | None,
+    status: str,
+    completed_at: datetime | None,
+    now: datetime,
+    events: list[OutboxEvent],
+) -> int:
+    """Move a started user to another path version, keeping the completions of ``keep``; how many were dropped."""
+    params = {
+        "t": tx.tenant, "tid": tx.tenant, "uid": user_id, "keep": keep, "path_key": path_key,
+        "path_version": path_version, "decision": decision, "current_step": current_step, "status": status,
+        "completed_at": completed_at, "now": now, "pkey": partition_key(tx.tenant, user_id),
+        "events": [e.as_json() for e in events],
+    }  # fmt: skip
+    row = (await tx.execute(_SWITCH_PATH, params)).one()
+    return int(row[0])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta
@@ -42,6 +42,15 @@ class PathRef(msgspec.Struct):
     activation_step: str
 
 
+class StepReview(msgspec.Struct):
+    """The latest review of a completion of this step (docs/review.md)."""
+
+    id: int
+    status: str  # pending | approved | rejected
+    reason: str
+    note: str | None = None
+
+
 class StepState(msgspec.Struct):
     id: str
     title: str
@@ -51,6 +60,10 @@ class StepState(msgspec.Struct):
     completed: bool
     completed_at: datetime | None
     available: bool
+    pending_review: bool = False
+    """A completion waits for a person's review: the checklist can say so."""
+    review: StepReview | None = None
+    validation: str = "auto"
 
 
 class ProgressSummary(msgspec.Struct):
@@ -75,6 +88,18 @@ class DecisionRecord(msgspec.Struct):
     model_version: str | None = None
     confidence: float | None = None
     fallback_reason: str | None = None
+    override: dict[str, Any] | None = None
+    """For ``selected_by: human``: the override (its id, who set it, forced, the reason)."""
+    shadow: dict[str, Any] | None = None
+    """What the planner (or a model in shadow) chose besides the path taken."""
+
+
+class OverrideRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Set a started user's path by hand (docs/review.md)."""
+
+    path_id: str
+    force: bool = False
+    reason: str | None = None
 
 
 class OnboardingState(msgspec.Struct):

@@ -10,11 +10,12 @@ repeats no network call and no lock waits on one. Nothing here commits.
 
 from __future__ import annotations
 
+import random
 import re
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -28,22 +29,25 @@ from firstmile.kit.db import TenantTx
 from firstmile.kit.errors import ProblemError
 from firstmile.kit.outbox import OutboxEvent
 from firstmile.kit.uow import UnitOfWork
-from firstmile.onboarding import domain
+from firstmile.onboarding import domain, review
 from firstmile.onboarding import repository as repo
 from firstmile.onboarding.assignment import Assignment, ExperimentAssigner
 from firstmile.onboarding.catalog import CatalogCache, PathCatalog
 from firstmile.onboarding.domain import PathDef
 from firstmile.onboarding.planner import Decision, PathPlanner, RulesPlanner
+from firstmile.onboarding.review import ReviewRow, ReviewSampling
 from firstmile.onboarding.schemas import (
     DecisionRecord,
     OnboardingState,
     PathRef,
     ProgressSummary,
+    StepReview,
     StepState,
 )
 from firstmile.security.crypto import FieldContext
 from firstmile.security.datakeys import DataKeyService, TenantKeys
 from firstmile.security.personal_data import split_traits, valid_email
+from firstmile.tenancy import service as tenancy
 from firstmile.tenancy.manifest import COMPANY_SIZES, KNOWN_TRAITS
 
 _json = msgspec.json.Encoder()
@@ -102,6 +106,7 @@ def render_state(user_id: str, path: PathDef, row: repo.ProgressRow) -> Onboardi
     """The API view of a user's progress."""
     done = row.completions
     progress = domain.evaluate(path, done)
+    reviews = row.reviews
     steps = [
         StepState(
             id=s.id,
@@ -112,6 +117,9 @@ def render_state(user_id: str, path: PathDef, row: repo.ProgressRow) -> Onboardi
             completed=s.id in done,
             completed_at=done.get(s.id),
             available=domain.is_available(s, done),
+            pending_review=s.id not in done and reviews.get(s.id, {}).get("status") == "pending",
+            review=_step_review(reviews.get(s.id)),
+            validation=s.validation,
         )
         for s in path.steps
     ]
@@ -139,8 +147,16 @@ def render_state(user_id: str, path: PathDef, row: repo.ProgressRow) -> Onboardi
             model_version=d.get("model_version"),
             confidence=d.get("confidence"),
             fallback_reason=d.get("fallback_reason"),
+            override=d.get("override"),
+            shadow=d.get("shadow"),
         ),
     )
+
+
+def _step_review(found: Mapping[str, Any] | None) -> StepReview | None:
+    if not found:
+        return None
+    return StepReview(int(found["id"]), str(found["status"]), str(found["reason"]), found.get("note"))
 
 
 class OnboardingService:
@@ -157,11 +173,15 @@ class OnboardingService:
         keyring: DataKeyService | None = None,
         planner: PathPlanner | None = None,
         experiments: ExperimentAssigner | None = None,
+        sampling: ReviewSampling | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.catalogs = catalogs
         self.keyring = keyring
         self.planner: PathPlanner = planner or RulesPlanner()
         self.experiments = experiments
+        self.sampling = sampling or ReviewSampling(rate=0.0)
+        self._rng = rng or random.Random()
 
     async def catalog(self, uow: UnitOfWork, revision: int) -> PathCatalog:
         """The tenant's current paths: from this process's cache, else one short read."""
@@ -194,6 +214,7 @@ class OnboardingService:
             else:
                 assignment = None
                 decision = await self.planner.plan(str(uow.tenant), user_id, catalog, clean, now)
+                decision = _pinned(catalog, decision, clean, now)
                 path = next(p for p in catalog.current if p.key == decision.path_key)
             span.set_attribute("firstmile.selected_by", decision.selected_by)
             span.set_attribute("firstmile.path", f"{decision.path_key}@{decision.path_version}")
@@ -286,6 +307,14 @@ class OnboardingService:
                 }
                 | ({"experiment": record["experiment"]} if "experiment" in record else {}),
             )
+            if self._sampled(decision):
+                await review.queue(
+                    tx, kind="decision", reason="low_confidence", user_id=user_id, path=path, step_id=None,
+                    source="path_planner", occurred_at=now, now=now,
+                    details={"model": decision.model, "model_version": decision.model_version,
+                             "confidence": decision.confidence, "features": record.get("features"),
+                             "scores": record.get("scores"), "threshold": self.sampling.threshold},
+                )  # fmt: skip
             telemetry.ONBOARDING_STARTS.labels(decision.selected_by).inc()
             row = repo.ProgressRow(path.key, path.version, "in_progress", first, record, now, None, None, {})
             return StartOutcome(render_state(user_id, path, row), created=True)
@@ -346,7 +375,16 @@ class OnboardingService:
         if row is None:
             raise ProblemError(404, "user-not-found", f"user {user_id!r} has not started onboarding")
         path = await self.catalogs.version(tx, row.path_key, row.path_version)
-        if path.step(step_id) is None:
+        reviewed = source.startswith("review:")
+        step = path.step(step_id)
+        if step is None and not reviewed:
+            current = await self._current_version(tx, path.key)
+            if current is not None and current.version != path.version and current.step(step_id) is not None:
+                details = {"user_version": path.version, "current_version": current.version}
+                return await self._to_review(
+                    tx, row, path, user_id, step_id, "path_version_changed", source, occurred_at or now, details
+                )
+        if step is None:
             raise ProblemError(
                 404,
                 "step-not-found",
@@ -362,6 +400,17 @@ class OnboardingService:
             raise ProblemError(
                 409, "step-prerequisites-unmet", f"step {step_id!r} needs {', '.join(missing)} first", missing=missing
             )
+        if not reviewed and step.validation == "review":
+            return await self._to_review(tx, row, path, user_id, step_id, "review_step", source, occurred_at or now, {})
+        if (
+            not reviewed
+            and source == "api"
+            and occurred_at is not None
+            and occurred_at < row.started_at - MAX_CLOCK_SKEW
+        ):
+            on_record = {"started_at": row.started_at.isoformat()}
+            return await self._to_review(tx, row, path, user_id, step_id, "contradicts_record", source, occurred_at,
+                                         on_record)  # fmt: skip
         completions = {**row.completions, step_id: now}
         progress = domain.evaluate(path, completions)
         activated_now = step_id == path.activation_step and row.activated_at is None
@@ -434,6 +483,278 @@ class OnboardingService:
         )
         return render_state(user_id, path, new_row)
 
+    # ------------------------------------------------------------------ human in the loop (docs/review.md)
+
+    async def _current_version(self, tx: TenantTx, key: str) -> PathDef | None:
+        catalog = self.catalogs.cached(tx.tenant, 0) or await self.catalogs.reload(tx)
+        return next((p for p in catalog.current if p.key == key), None)
+
+    async def _to_review(
+        self,
+        tx: TenantTx,
+        row: repo.ProgressRow,
+        path: PathDef,
+        user_id: str,
+        step_id: str,
+        reason: str,
+        source: str,
+        occurred_at: datetime,
+        details: Mapping[str, Any],
+    ) -> OnboardingState:
+        """Queue a completion for review instead of completing it; the user's state, showing it pending."""
+        kind = "step" if reason == "review_step" else "ambiguous"
+        await review.queue(
+            tx, kind=kind, reason=reason, user_id=user_id, path=path, step_id=step_id, source=source,
+            occurred_at=occurred_at, details=details, now=datetime.now(UTC),
+        )  # fmt: skip
+        return await self.get(tx, user_id)
+
+    async def review_completion(
+        self,
+        tx: TenantTx,
+        user_id: str,
+        step_id: str,
+        *,
+        reason: str,
+        source: str,
+        occurred_at: datetime,
+        details: Mapping[str, Any],
+    ) -> ReviewRow | None:
+        """Queue a completion the caller could not decide (the progress consumer's partial matches); None when
+        the user has no such open step."""
+        row = await repo.get_progress(tx, user_id, for_update=True)
+        if row is None or step_id in row.completions:
+            return None
+        path = await self.catalogs.version(tx, row.path_key, row.path_version)
+        if path.step(step_id) is None:
+            return None
+        kind = "step" if reason == "review_step" else "ambiguous"
+        return await review.queue(
+            tx, kind=kind, reason=reason, user_id=user_id, path=path, step_id=step_id, source=source,
+            occurred_at=occurred_at, details=details, now=datetime.now(UTC),
+        )  # fmt: skip
+
+    async def decide_review(
+        self,
+        tx: TenantTx,
+        review_id: int,
+        decision: str,
+        *,
+        reviewer: str,
+        note: str | None = None,
+        better_path: str | None = None,
+    ) -> ReviewRow:
+        """Decide a pending review: approval completes the step at the time the completion happened (moving
+        the user to the path's current version first when that was the ambiguity); rejection leaves it open.
+        409 when it was decided already, 404 when the tenant has no such review."""
+        now = datetime.now(UTC)
+        found = await review.get(tx, review_id, for_update=True)
+        if better_path is not None:
+            if found.kind != "decision":
+                raise ProblemError(400, "validation-error", "better_path is for decision reviews (at better_path)",
+                                   errors=[{"key": "better_path", "message": "only for decision reviews"}])  # fmt: skip
+            if await self._current_version(tx, better_path) is None:
+                raise ProblemError(400, "validation-error", f"no current path {better_path!r} (at better_path)",
+                                   errors=[{"key": "better_path", "message": "not a current path"}])  # fmt: skip
+        decided = await review.record_decision(
+            tx, found, decision, note=note, better_path=better_path, reviewer=reviewer, now=now
+        )
+        if decided.status == "approved" and found.step_id is not None:
+            if found.reason == "path_version_changed":
+                await self._move_to_current(tx, found.user_id, found.path_key, reviewer, now)
+            await self.complete(tx, found.user_id, found.step_id, found.occurred_at, source=f"review:{found.id}")
+        return decided
+
+    async def _move_to_current(self, tx: TenantTx, user_id: str, key: str, actor: str, now: datetime) -> None:
+        row = await repo.get_progress(tx, user_id, for_update=True)
+        current = await self._current_version(tx, key)
+        if row is None or current is None or (row.path_key, row.path_version) == (current.key, current.version):
+            return
+        decision = row.decision | {"migrated": {"from_version": row.path_version, "by": actor, "at": now.isoformat()}}
+        await self._switch(tx, user_id, row, current, decision, now)
+
+    async def _switch(
+        self, tx: TenantTx, user_id: str, row: repo.ProgressRow, target: PathDef, decision: dict[str, Any],
+        now: datetime,
+    ) -> None:  # fmt: skip
+        keep = [s.id for s in target.steps if s.id in row.completions]
+        progress = domain.evaluate(target, keep)
+        completed_at = (row.completed_at or now) if progress.status == "completed" else None
+        event = _event(
+            "onboarding.path_changed",
+            {
+                "user_id": user_id,
+                "path_id": target.key,
+                "path_version": target.version,
+                "previous": {"path_id": row.path_key, "path_version": row.path_version},
+                "current_step": progress.current_step,
+                "decision": decision,
+            },
+        )
+        await repo.switch_path(
+            tx, user_id, path_key=target.key, path_version=target.version, keep=keep, decision=decision,
+            current_step=progress.current_step, status=progress.status, completed_at=completed_at, now=now,
+            events=[event],
+        )  # fmt: skip
+
+    async def override_user(
+        self,
+        uow: UnitOfWork,
+        revision: int,
+        user_id: str,
+        path_key: str,
+        *,
+        actor: str,
+        force: bool = False,
+        reason: str | None = None,
+    ) -> OnboardingState:
+        """Set a started user's path by hand (``selected_by: human``), the planner's choice recorded as the
+        shadow; a path the user is not eligible for is refused (409) unless forced with a reason."""
+        if force and not (reason or "").strip():
+            raise ProblemError(400, "validation-error", "a forced override needs a reason (at reason)",
+                               errors=[{"key": "reason", "message": "required when force is true"}])  # fmt: skip
+        catalog = await self.catalog(uow, revision)
+        target = next((p for p in catalog.current if p.key == path_key), None)
+        if target is None:
+            raise ProblemError(404, "path-not-found", f"the tenant has no current path {path_key!r}")
+
+        async def read(tx: TenantTx) -> dict[str, Any]:
+            if await repo.get_progress(tx, user_id) is None:
+                raise ProblemError(404, "user-not-found", f"user {user_id!r} has not started onboarding")
+            return await repo.user_traits(tx, user_id) or {}
+
+        traits = await uow.run(read)
+        if not force and not review.eligible(target, traits):
+            raise ProblemError(
+                409,
+                "path-not-eligible",
+                f"user {user_id!r} is not eligible for path {path_key!r} (its targeting does not hold); "
+                "force it with a reason",
+                targeting=[dict(r) for r in target.targeting],
+            )
+        now = datetime.now(UTC)
+        shadow = await self.planner.plan(str(uow.tenant), user_id, catalog, traits, now)  # network: before the tx
+
+        async def write(tx: TenantTx) -> OnboardingState:
+            row = await repo.get_progress(tx, user_id, for_update=True)
+            if row is None:
+                raise ProblemError(404, "user-not-found", f"user {user_id!r} has not started onboarding")
+            made = await repo.insert_override(
+                tx, user_id=user_id, segment=None, path_key=path_key, forced=force, reason=reason, by=actor,
+                now=now, expires_at=None,
+            )  # fmt: skip
+            override = {"override_id": made.id, "by": actor, "forced": force, "reason": reason}
+            decision = _human_record(target, override, shadow, now)
+            await self._switch(tx, user_id, row, target, decision, now)
+            await _audit_human(tx, actor, user_id, target, override, shadow, row)
+            return await self.get(tx, user_id)
+
+        return await uow.run(write)
+
+    async def pin_segment(
+        self,
+        tx: TenantTx,
+        segment: list[dict[str, Any]],
+        path_key: str,
+        *,
+        actor: str,
+        expires_at: datetime | None,
+        force: bool = False,
+        reason: str | None = None,
+    ) -> review.OverrideRow:
+        """Pin the users of ``segment`` (predicates over traits) who start from now on to ``path_key``, until
+        ``expires_at``. Unless forced, a user the path's targeting does not admit is left to the planner."""
+        now = datetime.now(UTC)
+        if force and not (reason or "").strip():
+            raise ProblemError(400, "validation-error", "a forced pin needs a reason (at reason)",
+                               errors=[{"key": "reason", "message": "required when force is true"}])  # fmt: skip
+        if not segment:
+            raise ProblemError(400, "validation-error", "a segment needs at least one predicate (at segment)",
+                               errors=[{"key": "segment", "message": "at least one predicate"}])  # fmt: skip
+        if expires_at is not None and expires_at <= now:
+            raise ProblemError(400, "validation-error", "expires_at is in the past (at expires_at)",
+                               errors=[{"key": "expires_at", "message": "in the past"}])  # fmt: skip
+        if await self._current_version(tx, path_key) is None:
+            raise ProblemError(404, "path-not-found", f"the tenant has no current path {path_key!r}")
+        made = await repo.insert_override(
+            tx, user_id=None, segment=segment, path_key=path_key, forced=force, reason=reason, by=actor, now=now,
+            expires_at=expires_at,
+        )  # fmt: skip
+        await audit.append(tx, "review", actor, f"override:{made.id}", {
+            "override": "pinned", "override_id": made.id, "segment": segment, "path_id": path_key,
+            "forced": force, "reason": reason, "expires_at": None if expires_at is None else expires_at.isoformat(),
+        })  # fmt: skip
+        await tenancy.bump_revision(tx)  # the catalogs (which hold the pins) reload
+        return made
+
+    async def revoke_override(self, tx: TenantTx, override_id: int, *, actor: str) -> review.OverrideRow:
+        """End an override (a pin stops applying to new starts); 404 when there is none in force."""
+        revoked = await repo.revoke_override(tx, override_id, actor, datetime.now(UTC))
+        if revoked is None:
+            raise ProblemError(404, "override-not-found", f"no override {override_id} in force")
+        payload = {"override": "revoked", "override_id": override_id, "path_id": revoked.path_key}
+        await audit.append(tx, "review", actor, f"override:{override_id}", payload)
+        if revoked.segment is not None:
+            await tenancy.bump_revision(tx)
+        return revoked
+
+    def _sampled(self, decision: Decision) -> bool:
+        """A model decision below the confidence threshold, drawn at the sample rate: it goes to review."""
+        sampling = self.sampling
+        if decision.selected_by != "model" or decision.confidence is None or sampling.rate <= 0:
+            return False
+        return decision.confidence < sampling.threshold and self._rng.random() < sampling.rate
+
+
+def _pinned(catalog: PathCatalog, decision: Decision, traits: Mapping[str, Any], now: datetime) -> Decision:
+    """The decision of a segment pin that applies (the planner's own kept as its shadow), else ``decision``."""
+    pin = catalog.pin_for(traits, now)
+    if pin is None:
+        return decision
+    path = next((p for p in catalog.current if p.key == pin.path_key), None)
+    if path is None:
+        return decision
+    if not pin.forced and not review.eligible(path, traits):
+        skipped = {"override_id": pin.id, "reason": "not_eligible"}
+        return replace(decision, details={**decision.details, "override_skipped": skipped})
+    return Decision(path.key, path.version, "human", None, None, 0, planner="override",
+                    details={"override": pin.as_record(), "shadow": decision.as_record()})  # fmt: skip
+
+
+def _human_record(target: PathDef, override: dict[str, Any], shadow: Decision, now: datetime) -> dict[str, Any]:
+    return {
+        "selected_by": "human",
+        "rule": None,
+        "priority": None,
+        "candidates_evaluated": 0,
+        "planner": "override",
+        "fallback": None,
+        "decided_at": now.isoformat(),
+        "override": override,
+        "shadow": shadow.as_record(),
+    }
+
+
+async def _audit_human(
+    tx: TenantTx, actor: str, user_id: str, target: PathDef, override: dict[str, Any], shadow: Decision,
+    previous: repo.ProgressRow,
+) -> None:  # fmt: skip
+    await audit.append(
+        tx,
+        "decision",
+        actor,
+        user_id,
+        {
+            "decision": "path_selection",
+            "selected_by": "human",
+            "output": {"path_id": target.key, "path_version": target.version},
+            "previous": {"path_id": previous.path_key, "path_version": previous.path_version},
+            "override": override,
+            "shadow": {"path_id": shadow.path_key, "path_version": shadow.path_version,
+                       "selected_by": shadow.selected_by, "model": shadow.model, "confidence": shadow.confidence},
+        },
+    )  # fmt: skip
+
 
 # ---- what the slice holds about one end user: for the privacy slice's export and erasure ----
 
@@ -448,6 +769,14 @@ async def user_traits(tx: TenantTx, user_id: str) -> dict[str, Any] | None:
 async def held_user(tx: TenantTx, user_id: str) -> HeldUser:
     """The user's profile (personal data still sealed), progress and completions, as stored."""
     return await repo.held_user(tx, user_id)
+
+
+async def decision_labels(
+    conn: AsyncConnection, model: str, window: timedelta, tenant: uuid.UUID | None = None
+) -> list[dict[str, Any]]:
+    """Reviewed low-confidence decisions of ``model`` (operator read): features, chosen path, the verdict, the
+    better path a reviewer named. Labels for training, counted in the drift report."""
+    return await repo.decision_labels(conn, model, window.total_seconds(), tenant)
 
 
 async def delete_user(tx: TenantTx, user_id: str) -> dict[str, int]:

@@ -77,6 +77,14 @@ class Step(_Model):
         ),
     )
     completion: Completion
+    validation: Literal["auto", "review"] = Field(
+        default="auto",
+        description=(
+            "auto: a completion (a tracked event meeting the criteria, or the API) completes the step at once. "
+            "review: a person confirms each completion first (a signed contract, a security review): it waits "
+            "in the review queue, and approval completes the step at the original time (docs/review.md)."
+        ),
+    )
 
 
 class PathSpec(_Model):
@@ -120,7 +128,11 @@ class PathSpec(_Model):
 
     def content_hash(self) -> str:
         """Stable hash of the definition: equal hashes mean the same version."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        dumped = self.model_dump(mode="json")
+        for step in dumped["steps"]:
+            if step.get("validation") == "auto":
+                del step["validation"]  # the default, as before the field existed: stored paths keep their hash
+        canonical = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 

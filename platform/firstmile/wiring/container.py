@@ -66,6 +66,7 @@ from firstmile.nudges.service import DeliveryWorker, NudgeExecutor, NudgeLinks, 
 from firstmile.nudges.triggers import TriggerScanner
 from firstmile.onboarding.catalog import CatalogCache
 from firstmile.onboarding.consumer import AutoCompletion
+from firstmile.onboarding.review import ReviewSampling
 from firstmile.onboarding.service import OnboardingService
 from firstmile.onboarding.stuck import STUCK_MODEL, StuckScanner
 from firstmile.privacy.service import PrivacyService
@@ -194,6 +195,7 @@ class Container:
             self.keyring,
             AdaptivePlanner(self.inference, self.stages, PlannerFeatures(self.feature_reader)),
             self.experiments,
+            ReviewSampling(settings.reviews.confidence_threshold, settings.reviews.sample_rate),
         )
         self.analytics_store: AnalyticsStore = self.overrides.analytics or LazyStore(
             lambda: adapters.open_analytics_store(settings)
