@@ -7,7 +7,7 @@ from typing import Literal
 
 import msgspec
 
-StepStatus = Literal["completed", "available", "locked"]
+StepStatus = Literal["completed", "pending_review", "available", "locked"]
 
 
 class ChecklistPath(msgspec.Struct):
@@ -28,7 +28,8 @@ class ChecklistStep(msgspec.Struct):
     description: str
     optional: bool
     status: StepStatus
-    """``completed``; ``available`` (its prerequisites are done); ``locked`` (``waiting_for`` names what is not)."""
+    """``completed``; ``pending_review`` (a completion waits for a person's review, docs/review.md); ``available``
+    (its prerequisites are done); ``locked`` (``waiting_for`` names what is not)."""
     completed_at: datetime | None
     waiting_for: list[str]
     """The prerequisites not completed yet, in the path's order."""

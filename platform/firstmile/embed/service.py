@@ -19,7 +19,15 @@ def checklist_of(state: OnboardingState) -> Checklist:
     done = {s.id for s in state.steps if s.completed}
     steps = []
     for step in state.steps:
-        status: StepStatus = "completed" if step.completed else "available" if step.available else "locked"
+        status: StepStatus = (
+            "completed"
+            if step.completed
+            else "pending_review"
+            if step.pending_review
+            else "available"
+            if step.available
+            else "locked"
+        )
         waiting = [p for p in step.prerequisites if p not in done]
         steps.append(
             ChecklistStep(step.id, step.title, step.description, step.optional, status, step.completed_at, waiting)

@@ -91,8 +91,8 @@ function progressText(checklist: Checklist): string {
   return `${done} of ${checklist.steps.length} done`;
 }
 
-const STATUS_LABEL = { completed: "Completed", available: "Available", locked: "Locked" } as const;
-const STATUS_ICON = { completed: "✓", available: "○", locked: "○" } as const;
+const STATUS_LABEL = { completed: "Completed", pending_review: "Waiting for review", available: "Available", locked: "Locked" } as const;
+const STATUS_ICON = { completed: "✓", pending_review: "◔", available: "○", locked: "○" } as const;
 
 function stepItem(step: ChecklistStep, current: boolean, titles: Map<string, string>): HTMLElement {
   const waiting = step.status === "locked" && step.waiting_for.length > 0
@@ -120,6 +120,7 @@ function stepItem(step: ChecklistStep, current: boolean, titles: Map<string, str
         h("span", { class: "sr-only" }, `${current ? "Current step" : STATUS_LABEL[step.status]}: `),
         h("span", { class: "step-title", "data-fm": "step-title" }, step.title),
         step.optional ? h("span", { class: "tag", "data-fm": "optional" }, "optional") : null,
+        step.status === "pending_review" ? h("span", { class: "tag", "data-fm": "review" }, "waiting for review") : null,
       ),
       step.description ? h("p", { class: "desc muted", "data-fm": "step-description" }, step.description) : null,
       waiting,

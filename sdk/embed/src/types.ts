@@ -1,6 +1,6 @@
 /** The embed API's wire types (`GET /v1/embed/checklist`, `GET /v1/embed/messages`, the stream's events). */
 
-export type StepStatus = "completed" | "available" | "locked";
+export type StepStatus = "completed" | "pending_review" | "available" | "locked";
 
 export interface ChecklistStep {
   id: string;

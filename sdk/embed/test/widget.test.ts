@@ -98,6 +98,16 @@ describe("loading", () => {
 });
 
 describe("the checklist", () => {
+  test("a step whose completion waits for a person's review says so", async () => {
+    serve(checklist({ steps: [step("profile", "completed"), step("contract", "pending_review"), step("tour", "locked", { waiting_for: ["contract"] })] }));
+    const host = await start();
+    const steps = $$(host, '[data-fm="step"]');
+    expect(steps.map((s) => s.dataset["status"])).toEqual(["completed", "pending_review", "locked"]);
+    expect(steps[1]!.querySelector('[data-fm="review"]')?.textContent).toBe("waiting for review");
+    expect(steps[0]!.querySelector('[data-fm="review"]')).toBeNull();
+    expect(steps[2]!.querySelector(".sr-only")?.textContent).toBe("Locked: ");
+  });
+
   test("each step with its status, the current one highlighted, locked ones saying what they wait for", async () => {
     serve(
       checklist({
