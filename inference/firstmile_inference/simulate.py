@@ -480,6 +480,25 @@ def demo_rules_policy(traits: Mapping[str, Any]) -> str:
     return "generic"
 
 
+def demo_eligible(traits: Mapping[str, Any]) -> tuple[str, ...]:
+    """The paths of ``tenants/demo.yaml`` the platform's exploration may choose for a user: those whose targeting
+    holds, and the default path ``generic`` (``firstmile.onboarding.planner.eligible_paths``), in catalog order.
+
+    Reads the same traits as :func:`demo_rules_policy`, whose choice is always among them.
+    """
+    persona = traits.get("persona", traits.get("user_persona"))
+    holds = {
+        "enterprise-rollout": traits.get("company_size") in ("201-1000", "1001+") and traits.get("role") == "it_admin",
+        "developer-quickstart": persona == "developer",
+        "analyst-reports": persona == "analyst",
+        "workspace-admin": persona == "admin",
+        "marketing-campaigns": traits.get("use_case") == "marketing",
+        "product-analytics": traits.get("use_case") == "product_analytics",
+        "generic": True,
+    }
+    return tuple(key for key in DEMO_CATALOG.keys if holds[key])
+
+
 # ---------------------------------------------------------------- dataset
 _EPISODE_KINDS: Final = ("smooth", "pause", "recover", "struggle", "silent")
 

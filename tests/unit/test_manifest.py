@@ -204,3 +204,41 @@ def test_machine_clients_change_the_hash_only_when_set() -> None:
     with_client = TenantManifest.model_validate(doc)
     assert with_client.content_hash() != without.content_hash()
     assert with_client.sso is not None and with_client.sso.machine_clients[0].description == ""
+
+
+def test_planner_exploration_is_bounded_and_leaves_existing_hashes_alone(tmp_path: Path) -> None:
+    with_planner = demo_document(planner=True)
+    before = TenantManifest.model_validate(with_planner)
+    assert before.planner is not None and before.planner.exploration is None
+    # a planner section written before exploration existed keeps its hash (its revision)
+    canonical = before.model_dump(
+        mode="json", exclude={"keys", "pii_traits", "sso", "limits", "experiments", "alerts", "destinations"}
+    )
+    assert canonical["planner"].pop("exploration") is None
+    del canonical["nudges"]["policy"]["default_categories"]
+    for trigger in canonical["nudges"]["triggers"]:
+        trigger.pop("category")
+    encoded = json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()
+    assert before.content_hash() == hashlib.sha256(encoded).hexdigest()
+    # setting it changes the hash; epsilon 0 to 0.5, epsilon_greedy only
+    with_planner["planner"]["exploration"] = {"epsilon": 0.1}
+    exploring = TenantManifest.model_validate(with_planner)
+    assert exploring.planner is not None and exploring.planner.exploration is not None
+    assert (exploring.planner.exploration.policy, exploring.planner.exploration.epsilon) == ("epsilon_greedy", 0.1)
+    assert exploring.content_hash() != before.content_hash()
+    rules_only = TenantManifest.model_validate(_mutated(lambda d: d.update(planner={"model": None,
+                                                       "exploration": {"epsilon": 0.5}})))  # fmt: skip
+    assert rules_only.planner is not None and rules_only.planner.model is None
+    for bad, message in (
+        ({"epsilon": 0.6}, "less than or equal to 0.5"),
+        ({"epsilon": -0.1}, "greater than or equal to 0"),
+        ({"policy": "thompson", "epsilon": 0.1}, "epsilon_greedy"),
+        ({"epsilon": 0.1, "share": 0.2}, "Extra inputs are not permitted"),
+    ):
+        path = tmp_path / "m.yaml"
+        doc = demo_document(planner=True)
+        doc["planner"]["exploration"] = bad
+        path.write_text(json.dumps(doc))
+        with pytest.raises(ManifestError, match=message) as err:
+            load_manifest(path)
+        assert "planner.exploration" in str(err.value)

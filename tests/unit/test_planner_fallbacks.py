@@ -7,8 +7,11 @@ and in-process adapters are exercised in tests/integration/test_ml_*.py).
 from __future__ import annotations
 
 import asyncio
+import random
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -104,9 +107,9 @@ PRODUCTION = StageInfo("1.0.0", None, 0.0, None)
 
 
 def planner(client: FakeClient, *, stages: StageInfo | None = PRODUCTION, features: Features | None = None,
-            timeout_s: float = 0.1) -> AdaptivePlanner:  # fmt: skip
+            timeout_s: float = 0.1, rng: random.Random | None = None) -> AdaptivePlanner:  # fmt: skip
     guarded = GuardedInference(client, timeout_s=timeout_s, failures=3, reset_s=60)
-    return AdaptivePlanner(guarded, FixedStages(stages), features or Features())  # type: ignore[arg-type]
+    return AdaptivePlanner(guarded, FixedStages(stages), features or Features(), rng)  # type: ignore[arg-type]
 
 
 async def test_model_decides_and_the_record_says_so() -> None:
@@ -267,3 +270,50 @@ async def test_an_answer_computed_past_the_timeout_is_discarded() -> None:
         "t", "u", CATALOG, {"persona": "developer"}, NOW
     )
     assert (fast.selected_by, fast.fallback_reason) == ("model", None)
+
+
+# ---- exploration around the model's choice (docs/models.md#exploration-and-propensities)
+
+
+async def test_model_decisions_without_exploration_have_propensity_one() -> None:
+    p = planner(FakeClient("analyst-reports"), timeout_s=10)
+    decision = await p.plan("t", "u", CATALOG, {"persona": "developer"}, NOW)
+    assert decision.selected_by == "model"
+    assert (decision.details["propensity"], decision.details["exploration"]) == (1.0, None)
+    fallback = await planner(FakeClient(fail="down")).plan("t", "u", CATALOG, {"persona": "developer"}, NOW)
+    assert (fallback.selected_by, fallback.details["propensity"]) == ("rules", 1.0)
+
+
+async def test_exploration_around_the_model_records_the_propensity_of_the_path_taken() -> None:
+    epsilon, n = 0.4, 1500
+    exploring = replace(CATALOG, exploration=epsilon)
+    p = planner(FakeClient("analyst-reports"), rng=random.Random(11), timeout_s=10)  # no timeouts on a busy box
+    # the model chooses analyst-reports for a developer: outside targeting, yet the greedy choice stays eligible
+    decisions = [await p.plan("t", f"u{i}", exploring, {"persona": "developer"}, NOW) for i in range(n)]
+    greedy, other = 1 - epsilon + epsilon / 3, epsilon / 3
+    expected = {"analyst-reports": greedy, "developer-quickstart": other, "generic": other}
+    counts = Counter(d.path_key for d in decisions)
+    for key, share in expected.items():
+        assert counts[key] / n == pytest.approx(share, abs=3.5 * (share * (1 - share) / n) ** 0.5), key
+    for d in decisions:
+        record = d.as_record()
+        assert record["propensity"] == pytest.approx(expected[d.path_key])
+        assert record["exploration"]["eligible"] == ["developer-quickstart", "analyst-reports", "generic"]
+        assert record["exploration"]["greedy"] == "analyst-reports"
+        assert (record["model"], record["model_version"]) == ("path_classifier", "1.0.0")
+        assert record["features"]["user_persona"] == "developer"  # what the model saw stays on the record
+        if d.path_key == "analyst-reports":
+            assert (d.selected_by, d.confidence) == ("model", 0.8)
+        else:  # not the model's choice: never counted as a model decision (drift, review sampling)
+            assert (d.selected_by, d.confidence, record["fallback"]) == ("exploration", None, None)
+            assert record["exploration"]["explored"]
+
+
+async def test_exploration_after_a_model_failure_explores_around_the_rules() -> None:
+    exploring = replace(CATALOG, exploration=0.5)
+    p = planner(FakeClient(fail="down"), rng=random.Random(5))
+    decisions = [await p.plan("t", f"u{i}", exploring, {"persona": "analyst"}, NOW) for i in range(60)]
+    assert {d.fallback_reason for d in decisions} == {"unavailable", "circuit_open"}
+    taken = {(d.path_key, d.selected_by, round(d.details["propensity"], 4)) for d in decisions}
+    assert taken == {("analyst-reports", "rules", 0.75), ("generic", "exploration", 0.25)}
+    assert all(d.as_record()["fallback"] == "rules" for d in decisions)  # the model's failure is still said

@@ -252,7 +252,7 @@ class IngestionService:
 
 
 async def _pii_settings(tx: TenantTx) -> tuple[int, frozenset[str]]:
-    _, revision, pii_traits, _ = await tenancy.path_settings(tx)
+    _, revision, pii_traits, _, _ = await tenancy.path_settings(tx)
     return revision, frozenset(pii_traits)
 
 

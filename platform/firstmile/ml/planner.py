@@ -13,6 +13,10 @@ Recovery, as the seed design and ARCHITECTURE.md §4 state it, in code:
    the tenant does not have → the rules, with the reason on the record;
 4. no targeting rule matches → the tenant's default path.
 
+Then the tenant's exploration (manifest ``planner.exploration``, epsilon-greedy over the
+user's eligible paths, :func:`firstmile.onboarding.planner.explore`) may take another
+eligible path; every decision records its ``propensity`` either way.
+
 Canary: a deterministic slice of users (by tenant and user id) is served by the
 canary version. Shadow: the shadow version is asked concurrently, its answer is
 recorded beside production's and never reaches the user.
@@ -21,6 +25,7 @@ recorded beside production's and never reaches the user.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -90,14 +95,23 @@ class AdaptivePlanner:
         inference: GuardedInference | None,
         stages: StageReader | None,
         features: FeatureReader | None,
+        rng: random.Random | None = None,
     ) -> None:
         self.inference = inference
         self.stages = stages
         self.features = features
+        self.rng = rng or random.Random()  # the exploration draws; tests pass a seeded one
 
     async def plan(
         self, tenant_id: str, user_id: str, catalog: PathCatalog, traits: Mapping[str, Any], now: datetime
     ) -> rules.Decision:
+        greedy = await self._greedy(tenant_id, user_id, catalog, traits, now)
+        return rules.explore(greedy, catalog.current, catalog.default_key, traits, catalog.exploration, self.rng)
+
+    async def _greedy(
+        self, tenant_id: str, user_id: str, catalog: PathCatalog, traits: Mapping[str, Any], now: datetime
+    ) -> rules.Decision:
+        """The planner's own choice (model → rules → default path), before exploration."""
         by_rules = rules.plan(catalog.current, catalog.default_key, traits)
         model = catalog.planner_model
         if model is None:

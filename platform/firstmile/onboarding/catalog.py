@@ -32,6 +32,7 @@ class PathCatalog:
     current: tuple[PathDef, ...]
     pii_traits: frozenset[str] = frozenset()
     planner_model: str | None = None  # the registry model the planner asks first; None: rules only
+    exploration: float = 0.0  # the planner's epsilon-greedy exploration share (manifest planner.exploration)
     pins: tuple[Pin, ...] = ()  # segment pins in force when loaded, newest first (docs/review.md)
 
     def pin_for(self, traits: Mapping[str, Any], now: datetime) -> Pin | None:
@@ -67,7 +68,7 @@ class CatalogCache:
 
     async def reload(self, tx: TenantTx) -> PathCatalog:
         """Read the tenant's current catalog (for callers that do not know the revision)."""
-        default_key, tenant_revision, pii_traits, planner_model = await tenancy.path_settings(tx)
+        default_key, tenant_revision, pii_traits, planner_model, exploration = await tenancy.path_settings(tx)
         rows = await repo.current_path_definitions(tx)
         pins = pins_of(await repo.active_pins(tx, datetime.now(UTC)))
         current = tuple(PathDef.from_definition(key, version, definition) for key, version, definition in rows)
@@ -79,6 +80,7 @@ class CatalogCache:
             current=current,
             pii_traits=BUILTIN_PII_TRAITS | frozenset(pii_traits),
             planner_model=planner_model,
+            exploration=exploration,
             pins=pins,
         )
         self._catalogs[tx.tenant] = catalog

@@ -176,6 +176,26 @@ class AppRoleSpec(_Model):
         return self
 
 
+MAX_EXPLORATION = 0.5
+"""The largest exploration share a tenant may set: at least half of its users get the planner's choice."""
+
+
+class ExplorationSpec(_Model):
+    """Explicit, bounded exploration of the path planner (docs/models.md#exploration-and-propensities)."""
+
+    policy: Literal["epsilon_greedy"] = Field(
+        default="epsilon_greedy",
+        description="epsilon_greedy: with probability epsilon, a path drawn uniformly from the user's eligible paths "
+        "(those whose targeting holds, the default path and the planner's own choice) instead of the choice.",
+    )
+    epsilon: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=MAX_EXPLORATION,
+        description="The share of decisions that explore, 0 to 0.5; 0: off. Each decision records its propensity.",
+    )
+
+
 class PlannerSpec(_Model):
     """How the path planner chooses: a registered model first (rules and the default path as fallbacks)."""
 
@@ -185,6 +205,10 @@ class PlannerSpec(_Model):
             "Registry name of the path model to ask first; null: the targeting rules alone decide. "
             "The model's answer is limited to this manifest's paths."
         ),
+    )
+    exploration: ExplorationSpec | None = Field(
+        default=None,
+        description="Exploration over the eligible paths, recorded with each decision. Omitted: none (epsilon 0).",
     )
 
 
@@ -942,6 +966,8 @@ class TenantManifest(_Model):
         unset: dict[str, Any] = {name: True for name in _LATER_SECTIONS if getattr(self, name) is None}
         if self.sso is not None and not self.sso.machine_clients:
             unset["sso"] = {"machine_clients": True}  # added to sso later: an sso section without it keeps its hash
+        if self.planner is not None and self.planner.exploration is None:
+            unset["planner"] = {"exploration": True}  # added to planner later: unset, the hash stays
         if self.nudges is not None:  # fields added to nudges later: left at their defaults, the hash stays
             later: dict[str, Any] = {}
             if self.nudges.policy is not None and self.nudges.policy.default_categories is None:

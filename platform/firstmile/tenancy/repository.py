@@ -206,9 +206,9 @@ async def revision(tx: TenantTx) -> int:
     return int((await tx.execute(select(tenants.c.revision).where(tenants.c.id == tx.tenant))).scalar_one())
 
 
-async def path_settings(tx: TenantTx) -> tuple[str, int, tuple[str, ...], str | None]:
-    """The tenant's default path key, its revision (bumped by every manifest change), its PII traits and
-    the path model its planner asks first (``None``: rules only)."""
+async def path_settings(tx: TenantTx) -> tuple[str, int, tuple[str, ...], str | None, float]:
+    """The tenant's default path key, its revision (bumped by every manifest change), its PII traits,
+    the path model its planner asks first (``None``: rules only) and its planner's exploration share."""
     row = (
         await tx.execute(
             select(
@@ -216,10 +216,11 @@ async def path_settings(tx: TenantTx) -> tuple[str, int, tuple[str, ...], str | 
                 tenants.c.revision,
                 tenants.c.manifest["pii_traits"],
                 tenants.c.manifest["planner"]["model"].astext,
+                tenants.c.manifest["planner"]["exploration"]["epsilon"].astext,
             ).where(tenants.c.id == tx.tenant)
         )
     ).one()
-    return str(row[0]), int(row[1]), tuple(row[2] or ()), row[3]
+    return str(row[0]), int(row[1]), tuple(row[2] or ()), row[3], float(row[4] or 0.0)
 
 
 async def tenant_name(tx: TenantTx) -> str:

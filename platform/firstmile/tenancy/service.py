@@ -98,8 +98,9 @@ async def resolve_tenant(conn: AsyncConnection, slug: str) -> ResolvedTenant | N
 # ---------------------------------------------------------------- a tenant's own settings
 
 
-async def path_settings(tx: TenantTx) -> tuple[str, int, tuple[str, ...], str | None]:
-    """The tenant's default path, manifest revision, PII trait names and path model, for the onboarding catalog."""
+async def path_settings(tx: TenantTx) -> tuple[str, int, tuple[str, ...], str | None, float]:
+    """The tenant's default path, manifest revision, PII trait names, path model and exploration share (epsilon),
+    for the onboarding catalog."""
     return await repo.path_settings(tx)
 
 
