@@ -297,6 +297,7 @@ def make_settings(**overrides: object) -> Settings:
         "stuck_scan_interval_seconds": 0,
         "experiment_review_seconds": 0,
         "dropoff_alert_seconds": 0,  # the drop-off check has tests of its own (test_dropoff_alerts.py)
+        "review_queue_check_seconds": 0,  # the review queue's check has tests of its own (test_review_queue_watch.py)
         "destination_poll_seconds": 0,  # the destinations' delivery worker has tests of its own (test_destinations*)
         # a busy CI machine may need more than the 50 ms default for a tenant's first read of its running
         # experiments (a start past it gets control); tests/unit/test_experiment_orchestrator.py tests that

@@ -45,6 +45,7 @@ from firstmile.nudges.api import (
     PushSubscriptionsController,
 )
 from firstmile.onboarding.api import OnboardingController
+from firstmile.onboarding.review_api import OverrideController, ReviewController
 from firstmile.privacy.api import UsersController
 from firstmile.security.keys import KeyProviderError
 from firstmile.security.pii import RedactingFilter
@@ -158,6 +159,8 @@ def create_app(
             HealthController,
             metrics,
             OnboardingController,
+            ReviewController,
+            OverrideController,
             EventsController,
             AnalyticsController,
             AuditController,

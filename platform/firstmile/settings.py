@@ -1290,6 +1290,7 @@ SECTIONS: dict[str, type[_Section]] = {
     "nudges": NudgeSettings,
     "experiments": ExperimentSettings,
     "destinations": DestinationSettings,
+    "reviews": ReviewSettings,
     "sso": SsoSettings,
     "admin": AdminSettings,
     "guardrail": GuardrailSettings,

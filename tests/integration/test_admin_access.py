@@ -173,6 +173,12 @@ ENDPOINTS: list[tuple[str, str, Permission, Any, int, str | None]] = [
           ("POST", "/start", Permission.EXPERIMENTS_WRITE), ("POST", "/stop", Permission.EXPERIMENTS_WRITE),
           ("POST", "/approve", Permission.EXPERIMENTS_APPROVE), ("GET", "/results", Permission.EXPERIMENTS_READ),
           ("POST", "/declare", Permission.EXPERIMENTS_WRITE), ("POST", "/promote", Permission.EXPERIMENTS_APPROVE)]],
+    ("GET", "/admin/api/reviews", Permission.REVIEWS_READ, None, 200, None),
+    ("GET", "/admin/api/reviews/999999", Permission.REVIEWS_READ, None, 404, "review-not-found"),
+    ("POST", "/admin/api/reviews/999999/decide", Permission.REVIEWS_DECIDE, {"decision": "approve"}, 404,
+     "review-not-found"),
+    ("GET", "/admin/api/overrides", Permission.REVIEWS_READ, None, 200, None),
+    ("POST", "/admin/api/overrides/999999/revoke", Permission.OVERRIDES_MANAGE, None, 404, "override-not-found"),
 ]  # fmt: skip
 
 

@@ -23,7 +23,8 @@ from tests.support.browser import (
 )
 
 PAGES = {"dashboard": "/admin/", "analytics": "/admin/analytics", "experiments": "/admin/experiments",
-         "users": "/admin/users", "nudges": "/admin/nudges", "audit": "/admin/audit"}  # fmt: skip
+         "users": "/admin/users", "reviews": "/admin/reviews", "nudges": "/admin/nudges",
+         "audit": "/admin/audit"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,14 @@ GUARDED_PATHS = [
     "/v1/users/u-1",
     "/v1/users/u-1/export",
     "/v1/users/",
+    "/v1/onboarding/u-1/path",
+    "/v1/reviews",
+    "/v1/reviews/1",
+    "/v1/reviews/1/decision",
+    "/v1/reviews/decisions",
+    "/v1/overrides",
+    "/v1/overrides/pins",
+    "/v1/overrides/1",
     "/admin/api/me",
 ]
 
@@ -105,8 +113,14 @@ async def test_every_operation_declares_its_problem_answers(openapi: dict[str, A
         (
             "post",
             "/v1/onboarding/{user_id}/steps/{step_id}/complete",
-            {200, 400, 401, 403, 404, 409, 413, 421, 429, 500, 503},
+            {200, 202, 400, 401, 403, 404, 409, 413, 421, 429, 500, 503},  # 202: the completion waits for a review
         ),
+        ("put", "/v1/onboarding/{user_id}/path", {200, 400, 401, 403, 404, 409, 413, 421, 429, 500, 503}),
+        ("get", "/v1/reviews", {200, 400, 401, 403, 421, 429, 500, 503}),
+        ("post", "/v1/reviews/{review_id}/decision", {200, 400, 401, 403, 404, 409, 413, 421, 429, 500, 503}),
+        ("post", "/v1/reviews/decisions", {200, 400, 401, 403, 404, 409, 413, 421, 429, 500, 503}),
+        ("post", "/v1/overrides/pins", {201, 400, 401, 403, 404, 413, 421, 429, 500, 503}),
+        ("delete", "/v1/overrides/{override_id}", {200, 400, 401, 403, 404, 421, 429, 500, 503}),
         ("post", "/v1/events", {202, 400, 401, 403, 413, 415, 421, 429, 500, 503}),
         # Segment's tracking API answers 200 (RudderStack's library takes nothing else for a success)
         ("post", "/v1/batch", {200, 400, 401, 403, 413, 415, 421, 429, 500, 503}),

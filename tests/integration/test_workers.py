@@ -50,10 +50,17 @@ async def test_the_scheduler_runs_the_periodic_tasks_and_serves_its_probes(
     assert ready["checks"] == {"database": "ok"}
     # the audit log is the sequencer's; no live-listener: the scheduler streams nothing
     assert ready["tasks"] == {
-        "stuck-scan": "ok", "experiment-review": "ok", "dropoff-alerts": "ok", "destination-delivery": "ok"
+        "stuck-scan": "ok", "experiment-review": "ok", "dropoff-alerts": "ok", "review-queue": "ok",
+        "destination-delivery": "ok",
     }  # fmt: skip
     status, metrics = worker.get("/metrics")
     assert status == 200 and "firstmile_stuck_detected_total" in metrics
+    for _ in range(100):  # the review queue's first check sets its gauges
+        if 'firstmile_review_queue_length{kind="step"}' in metrics:
+            break
+        await asyncio.sleep(0.1)
+        metrics = worker.get("/metrics")[1]
+    assert 'firstmile_review_queue_length{kind="step"}' in metrics
     code, output = worker.stop()
     assert code == 0, output[-3000:]
     assert "scheduler stopped" in output

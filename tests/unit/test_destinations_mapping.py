@@ -145,6 +145,23 @@ def test_properties_are_the_listed_scalars_and_the_events_own_time() -> None:
     assert unsub.properties == {"send_id": "s", "channel": "email", "arm": "a", "trigger": "stuck", "category": "x"}
 
 
+def test_review_events_carry_no_note_nor_reviewer_and_have_their_own_time() -> None:
+    payload = {"review_id": 7, "kind": "step", "reason": "review_step", "status": "rejected", "user_id": "u-1",
+               "path_id": "dev", "path_version": 2, "step_id": "sign-contract", "occurred_at": "2026-11-01T08:00:00Z",
+               "decided_by": "admin:jane@acme.example", "note": "Jane: the contract is unsigned",
+               "better_path": None}  # fmt: skip
+    [track] = outbound(spec(), TENANT, uuid.uuid4(), "onboarding.review_decided", payload, AT)
+    assert track.name == "Onboarding Review Decided"
+    assert track.properties == {"review_id": 7, "kind": "step", "reason": "review_step", "status": "rejected",
+                                "path_id": "dev", "path_version": 2, "step_id": "sign-contract"}  # fmt: skip
+    assert track.occurred_at == AT  # the decision's time, not the reviewed completion's
+    changed = {"user_id": "u-1", "path_id": "generic", "path_version": 3, "current_step": "tour",
+               "previous": {"path_id": "dev", "path_version": 2}, "decision": {"selected_by": "human"}}  # fmt: skip
+    [track] = outbound(spec(), TENANT, uuid.uuid4(), "onboarding.path_changed", changed, AT)
+    assert track.properties == {"path_id": "generic", "path_version": 3, "current_step": "tour", "selected_by": "human",
+                                "previous_path_id": "dev", "previous_path_version": 2}  # fmt: skip
+
+
 def test_a_destination_gets_only_the_events_it_takes_and_only_about_a_user() -> None:
     only = spec(events=["onboarding.activated"])
     assert outbound(only, TENANT, uuid.uuid4(), "onboarding.step_completed", {"user_id": "u"}, AT) == []

@@ -34,6 +34,7 @@ from firstmile.admin.experiments_api import ExperimentsAdminController
 from firstmile.admin.oidc import LoginError
 from firstmile.admin.paths import PathEditor
 from firstmile.admin.rbac import Permission, permissions
+from firstmile.admin.reviews_api import OverridesAdminController, ReviewsAdminController
 from firstmile.admin.service import STATE_TTL, AdminAuth
 from firstmile.admin.sessions import AdminSession
 from firstmile.analytics.api import AnalyticsController
@@ -549,7 +550,13 @@ def admin_api_router(auth: AuthSource) -> Router:
     """``/admin/api`` behind the session middleware and the permission guard (the login routes are outside it)."""
     return Router(
         path="/",
-        route_handlers=[AdminApiController, ExperimentsAdminController, AdminAnalyticsController],
+        route_handlers=[
+            AdminApiController,
+            ExperimentsAdminController,
+            AdminAnalyticsController,
+            ReviewsAdminController,
+            OverridesAdminController,
+        ],
         middleware=[DefineMiddleware(AdminSessionMiddleware, auth=auth)],
         guards=[authorizer(auth)],
         after_request=_no_store,

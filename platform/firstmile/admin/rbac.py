@@ -13,8 +13,11 @@ audit:read                yes     yes    yes
 users:export              yes     yes    yes
 alerts:acknowledge        yes     yes    yes
 destinations:read         yes     yes    yes
+reviews:read              yes     yes    yes
 paths:write                       yes    yes
 destinations:manage               yes    yes
+reviews:decide                    yes    yes
+overrides:manage                  yes    yes
 users:erase                              yes
 ================== ====== ======= ====== =====
 """
@@ -42,12 +45,20 @@ class Permission(enum.StrEnum):
     """The destinations page: state, queue, lag, the vendors' error answers (docs/admin-ui.md#destinations)."""
     DESTINATIONS_MANAGE = "destinations:manage"
     """Enable, disable and replay a destination's dead letters from the admin UI."""
+    REVIEWS_READ = "reviews:read"
+    """The review queue and the segment pins in force, read-only (docs/admin-ui.md#the-review-queue). Not the
+    viewer's: a review holds a user's id and what their events carried, as the audit log does."""
+    REVIEWS_DECIDE = "reviews:decide"
+    """Approve or reject a completion, judge a model's decision right or wrong (docs/review.md)."""
+    OVERRIDES_MANAGE = "overrides:manage"
+    """Revoke a segment pin (a manual path override) from the admin UI."""
 
 
 _VIEWER = frozenset({Permission.PATHS_READ, Permission.ANALYTICS_READ, Permission.EXPERIMENTS_READ})
 _ANALYST = _VIEWER | {Permission.AUDIT_READ, Permission.USERS_EXPORT, Permission.ALERTS_ACKNOWLEDGE,
-                      Permission.DESTINATIONS_READ}  # fmt: skip
-_EDITOR = _ANALYST | {Permission.PATHS_WRITE, Permission.EXPERIMENTS_WRITE, Permission.DESTINATIONS_MANAGE}
+                      Permission.DESTINATIONS_READ, Permission.REVIEWS_READ}  # fmt: skip
+_EDITOR = _ANALYST | {Permission.PATHS_WRITE, Permission.EXPERIMENTS_WRITE, Permission.DESTINATIONS_MANAGE,
+                      Permission.REVIEWS_DECIDE, Permission.OVERRIDES_MANAGE}  # fmt: skip
 _OWNER = _EDITOR | {Permission.USERS_ERASE, Permission.EXPERIMENTS_APPROVE}
 
 GRANTS: dict[str, frozenset[Permission]] = {

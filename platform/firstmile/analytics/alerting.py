@@ -15,7 +15,8 @@
    webhook of the ``alerts:`` section, and records each target's outcome afterwards: **stored first, marked
    delivered after**, so a failed delivery is retried at the next run and a crash between the two repeats a
    delivery rather than losing one (the e-mail's ``Message-ID`` and the webhook's ``webhook-id`` are the alert's id,
-   for the receiver to deduplicate).
+   for the receiver to deduplicate). The sending is :class:`Notifier`'s, which the review queue's notification
+   (:mod:`firstmile.analytics.review_watch`) shares.
 
 **The design's rule, "if anomaly detection fails, skip the alert".** When a query of the tenant fails or times out
 (the store down, a slow merge), the tenant's check stores nothing this run: it is logged at warning level and
@@ -167,13 +168,11 @@ class DropoffWatch:
         self.analytics = analytics
         self.onboarding = onboarding
         self.rule = rule or AlertRule()
-        self.mailer = mailer
         self.public_url = public_url
-        self.webhook_timeout_s = webhook_timeout_s
         self.max_deliveries = max_deliveries
         self.worker = worker or WATCHER
-        self.environ = environ if environ is not None else os.environ
         self.clock = clock or (lambda: datetime.now(UTC))
+        self.notifier = Notifier(mailer, webhook_timeout_s=webhook_timeout_s, environ=environ, clock=self.clock)
 
     async def tenants(self) -> list[TenantId]:
         return [self.worker.tenant(t) for t in await across_tenants(self.engine, repo.alert_tenants)]
@@ -287,49 +286,121 @@ class DropoffWatch:
         where = targets(spec)
         delivered = failed = 0
         for alert, record in pending:
-            outcomes: dict[str, dict[str, Any]] = {}
-            for target in where:
-                before = record.get(target.key) or {}
-                if before.get("status") == "delivered":
-                    continue
-                attempts = int(before.get("attempts", 0)) + 1
-                try:
-                    await self._send(target, alert, spec, name, slug)
-                except Exception as exc:
-                    failed += 1
-                    telemetry.ALERT_DELIVERIES.labels(target.channel, "failed").inc()
-                    reason = str(exc) if isinstance(exc, DeliveryError) else f"{type(exc).__name__}: {exc}"
-                    log.warning(
-                        "drop-off alert not delivered to a %s target (attempt %d): %s", target.channel, attempts,
-                        reason, extra={"fields": {"tenant": str(uow.tenant), "alert": str(alert.id)}},
-                    )  # fmt: skip
-                    outcomes[target.key] = {"status": "failed", "attempts": attempts, "at": now.isoformat(),
-                                            "error": reason[:500]}  # fmt: skip
-                else:
-                    delivered += 1
-                    telemetry.ALERT_DELIVERIES.labels(target.channel, "delivered").inc()
-                    outcomes[target.key] = {"status": "delivered", "attempts": attempts, "at": now.isoformat()}
-            merged = {**record, **outcomes}
-            complete = all((merged.get(t.key) or {}).get("status") == "delivered" for t in where)
-            save = partial(repo.record_delivery, alert_id=alert.id, outcomes=outcomes, complete=complete, at=now)
+            url = dashboard_url(self.public_url, alert.path_key)
+            notice = Notice(
+                alert.id,
+                email_subject(alert, name),
+                email_body(alert, name, url),
+                webhook_payload(alert, slug, url),
+                f"alert-{alert.id.hex}",
+            )
+            fields = {"tenant": str(uow.tenant), "alert": str(alert.id)}
+            sent = await self.notifier.deliver(where, spec, notice, record, now, what="drop-off alert", fields=fields)
+            delivered, failed = delivered + sent.delivered, failed + sent.failed
+            save = partial(
+                repo.record_delivery, alert_id=alert.id, outcomes=sent.outcomes, complete=sent.complete, at=now
+            )
             await uow.run(save)
         return delivered, failed
 
-    async def _send(self, target: Target, alert: Alert, spec: AlertsSpec | None, name: str, slug: str) -> None:
-        url = dashboard_url(self.public_url, alert.path_key)
+
+# ---------------------------------------------------------------------- delivery, shared with the review queue's
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """One message for a tenant's ``alerts:`` targets: the e-mail's subject and text, the webhook's JSON payload."""
+
+    id: uuid.UUID
+    """The webhook's ``webhook-id``, for the receiver to deduplicate."""
+    subject: str
+    body: str
+    payload: Mapping[str, Any]
+    idempotency_key: str
+    """The e-mail's idempotency key (its ``Message-ID``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """What one notice's delivery did: each target's outcome (the ``delivery`` record's entries), whether every
+    target has it now, and how many sends went through or failed."""
+
+    outcomes: dict[str, dict[str, Any]]
+    complete: bool
+    delivered: int
+    failed: int
+
+
+class Notifier:
+    """Sends notices to a tenant's ``alerts:`` targets: an e-mail through the :class:`AlertMailer`, a POST signed the
+    Standard Webhooks way to the webhook. The drop-off alerts and the review queue's notification go out through it."""
+
+    def __init__(
+        self,
+        mailer: AlertMailer | None,
+        *,
+        webhook_timeout_s: float = 10.0,
+        environ: Mapping[str, str] | None = None,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        self.mailer = mailer
+        self.webhook_timeout_s = webhook_timeout_s
+        self.environ = environ if environ is not None else os.environ
+        self.clock = clock or (lambda: datetime.now(UTC))
+
+    async def deliver(
+        self,
+        where: list[Target],
+        spec: AlertsSpec | None,
+        notice: Notice,
+        record: Mapping[str, Any],
+        now: datetime,
+        *,
+        what: str,
+        fields: Mapping[str, str],
+    ) -> Delivery:
+        """Send ``notice`` to each target of ``where`` that ``record`` (the earlier outcomes) does not show delivered;
+        a failure is logged as a warning and counted, never raised."""
+        outcomes: dict[str, dict[str, Any]] = {}
+        delivered = failed = 0
+        for target in where:
+            before = record.get(target.key) or {}
+            if before.get("status") == "delivered":
+                continue
+            attempts = int(before.get("attempts", 0)) + 1
+            try:
+                await self.send(target, spec, notice)
+            except Exception as exc:
+                failed += 1
+                telemetry.ALERT_DELIVERIES.labels(target.channel, "failed").inc()
+                reason = str(exc) if isinstance(exc, DeliveryError) else f"{type(exc).__name__}: {exc}"
+                log.warning(
+                    "%s not delivered to a %s target (attempt %d): %s", what, target.channel, attempts, reason,
+                    extra={"fields": dict(fields)},
+                )  # fmt: skip
+                outcomes[target.key] = {"status": "failed", "attempts": attempts, "at": now.isoformat(),
+                                        "error": reason[:500]}  # fmt: skip
+            else:
+                delivered += 1
+                telemetry.ALERT_DELIVERIES.labels(target.channel, "delivered").inc()
+                outcomes[target.key] = {"status": "delivered", "attempts": attempts, "at": now.isoformat()}
+        merged = {**record, **outcomes}
+        complete = all((merged.get(t.key) or {}).get("status") == "delivered" for t in where)
+        return Delivery(outcomes, complete, delivered, failed)
+
+    async def send(self, target: Target, spec: AlertsSpec | None, notice: Notice) -> None:
+        """Send ``notice`` to one target; :class:`DeliveryError` (or the mailer's error) when it did not take it."""
         if target.channel == "email":
             if self.mailer is None:
                 raise DeliveryError(
                     "no e-mail channel is configured (FIRSTMILE_NUDGE_SMTP_URL or FIRSTMILE_NUDGE_SENDGRID_API_KEY)"
                 )
-            await self.mailer.send_alert(
-                target.address, email_subject(alert, name), email_body(alert, name, url), f"alert-{alert.id.hex}"
-            )
+            await self.mailer.send_alert(target.address, notice.subject, notice.body, notice.idempotency_key)
             return
         assert spec is not None and spec.webhook is not None
-        body = webhook_body(webhook_payload(alert, slug, url))
+        body = webhook_body(notice.payload)
         timestamp = int(self.clock().timestamp())
-        message_id = str(alert.id)
+        message_id = str(notice.id)
         headers = {
             "content-type": "application/json",
             "user-agent": "Firstmile-Alerts/1",

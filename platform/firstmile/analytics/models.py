@@ -1,5 +1,5 @@
-"""Tables of the analytics slice in PostgreSQL (migration ``0022``); the events themselves are in the analytics
-store. ``tenant_id`` leads every key and index."""
+"""Tables of the analytics slice in PostgreSQL (migrations ``0022`` and ``0025``); the events themselves are in the
+analytics store. ``tenant_id`` leads every key and index."""
 
 from __future__ import annotations
 
@@ -59,3 +59,24 @@ step and recent window (``window_end``): a check run twice in one window, or by 
 ``delivery`` holds each target's outcome (``{"email:ops@acme.example": {"status": "delivered", "attempts": 1, …}}``);
 ``delivered_at`` is set once every target has it (NULL: the next check retries). Acknowledged by an analyst in
 the admin UI (``acknowledged_at``, ``acknowledged_by``)."""
+
+review_queue_alerts = Table(
+    "review_queue_alerts",
+    metadata,
+    Column("tenant_id", UUID(as_uuid=True), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("id", UUID(as_uuid=True), nullable=False),
+    Column("pending", Integer, nullable=False),
+    Column("threshold", Integer, nullable=False),
+    Column("by_kind", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("oldest_at", DateTime(timezone=True), nullable=True),
+    Column("crossed_at", DateTime(timezone=True), nullable=False),
+    Column("delivery", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("delivered_at", DateTime(timezone=True), nullable=True),
+    Column("cleared_at", DateTime(timezone=True), nullable=True),
+    PrimaryKeyConstraint("tenant_id", "id"),
+    Index("uq_review_queue_alerts_open", "tenant_id", unique=True, postgresql_where=text("cleared_at IS NULL")),
+)
+"""One crossing of a tenant's review queue past ``FIRSTMILE_REVIEW_QUEUE_ALERT_THRESHOLD`` (docs/review.md): the
+pending reviews when it crossed (``pending``, per kind in ``by_kind``), the notification's ``delivery`` record as in
+``analytics_alerts``. At most one is open (``cleared_at`` NULL) per tenant: while it is, the reviewers are not
+notified again; the check clears it when the queue drops back to the threshold, which re-arms the notification."""

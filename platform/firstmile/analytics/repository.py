@@ -1,9 +1,10 @@
-"""All SQL of the analytics slice in PostgreSQL (its table: ``analytics_alerts``)."""
+"""All SQL of the analytics slice in PostgreSQL (its tables: ``analytics_alerts``, ``review_queue_alerts``)."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -13,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from firstmile.analytics.alerts import Alert
 from firstmile.analytics.models import analytics_alerts as t
+from firstmile.analytics.models import review_queue_alerts as rq
 from firstmile.kit.db import TenantTx
 
 _COLUMNS = (
@@ -123,3 +125,111 @@ async def acknowledge(tx: TenantTx, alert_id: uuid.UUID, actor: str, at: datetim
         .returning(t.c.id)
     )
     return result.first() is not None
+
+
+# ---------------------------------------------------------------------- the review queue's notifications
+
+
+@dataclass(frozen=True, slots=True)
+class QueueCrossing:
+    """A crossing of the tenant's review queue past its threshold (``review_queue_alerts``)."""
+
+    id: uuid.UUID
+    pending: int
+    threshold: int
+    by_kind: dict[str, int]
+    oldest_at: datetime | None
+    crossed_at: datetime
+    delivery: dict[str, Any]
+    delivered_at: datetime | None
+    cleared_at: datetime | None
+
+
+_CROSSING = (
+    rq.c.id,
+    rq.c.pending,
+    rq.c.threshold,
+    rq.c.by_kind,
+    rq.c.oldest_at,
+    rq.c.crossed_at,
+    rq.c.delivery,
+    rq.c.delivered_at,
+    rq.c.cleared_at,
+)
+
+
+def _crossing(row: Any) -> QueueCrossing:
+    values = list(row)
+    values[3], values[6] = dict(values[3]), dict(values[6])
+    return QueueCrossing(*values)
+
+
+async def review_alerted_tenants(conn: AsyncConnection) -> list[uuid.UUID]:
+    """Tenants with an open crossing (the SECURITY DEFINER function of migration 0025)."""
+    return [r[0] for r in await conn.execute(text("SELECT tenant_id FROM firstmile_review_queue_alerted()"))]
+
+
+async def open_crossing(tx: TenantTx, *, for_update: bool = False) -> QueueCrossing | None:
+    """The tenant's open crossing, or None (the notification is armed)."""
+    query = select(*_CROSSING).where(rq.c.tenant_id == tx.tenant, rq.c.cleared_at.is_(None))
+    row = (await tx.execute(query.with_for_update() if for_update else query)).first()
+    return None if row is None else _crossing(row)
+
+
+async def open_new_crossing(
+    tx: TenantTx,
+    crossing_id: uuid.UUID,
+    *,
+    pending: int,
+    threshold: int,
+    by_kind: Mapping[str, int],
+    oldest_at: datetime | None,
+    at: datetime,
+    delivered: bool,
+) -> QueueCrossing | None:
+    """Store a crossing unless one is open already (the partial unique index); None then. ``delivered``: nowhere to
+    send it (``delivered_at`` set at once)."""
+    stored = await tx.execute(
+        insert(rq)
+        .values(
+            tenant_id=tx.tenant,
+            id=crossing_id,
+            pending=pending,
+            threshold=threshold,
+            by_kind=dict(by_kind),
+            oldest_at=oldest_at,
+            crossed_at=at,
+            delivered_at=at if delivered else None,
+        )
+        .on_conflict_do_nothing()
+        .returning(*_CROSSING)
+    )
+    row = stored.first()
+    return None if row is None else _crossing(row)
+
+
+async def clear_crossing(tx: TenantTx, at: datetime) -> QueueCrossing | None:
+    """Close the tenant's open crossing (the queue is back at or below its threshold); None when none was open."""
+    row = (
+        await tx.execute(
+            update(rq)
+            .where(rq.c.tenant_id == tx.tenant, rq.c.cleared_at.is_(None))
+            .values(cleared_at=at)
+            .returning(*_CROSSING)
+        )
+    ).first()
+    return None if row is None else _crossing(row)
+
+
+async def record_crossing_delivery(
+    tx: TenantTx, crossing_id: uuid.UUID, outcomes: Mapping[str, Mapping[str, Any]], *, complete: bool, at: datetime
+) -> None:
+    """Merge the targets' ``outcomes`` into the crossing's delivery record; ``complete``: every target has it."""
+    await tx.execute(
+        update(rq)
+        .where(rq.c.tenant_id == tx.tenant, rq.c.id == crossing_id)
+        .values(
+            delivery=rq.c.delivery.op("||")(literal(dict(outcomes), type_=JSONB)),
+            delivered_at=at if complete else None,
+        )
+    )

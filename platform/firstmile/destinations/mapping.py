@@ -30,6 +30,9 @@ TRACK_NAMES: dict[str, str] = {
     "nudge.converted": "Nudge Converted",
     "nudge.unsubscribed": "Nudge Unsubscribed",
     "experiment.exposed": "Experiment Exposed",
+    "onboarding.review_created": "Onboarding Review Created",
+    "onboarding.review_decided": "Onboarding Review Decided",
+    "onboarding.path_changed": "Onboarding Path Changed",
 }
 """The ``track`` name each lifecycle event has at a destination."""
 assert set(TRACK_NAMES) == set(LIFECYCLE_EVENTS)
@@ -42,6 +45,7 @@ TEST_EVENT = "Destination Test"
 """The ``track`` name of the event ``firstmile destinations test`` sends."""
 
 _NUDGE = ("send_id", "channel", "arm", "trigger")
+_REVIEW = ("review_id", "kind", "reason", "status", "path_id", "path_version", "step_id")
 PROPERTIES: dict[str, tuple[str, ...]] = {
     "onboarding.started": ("path_id", "path_version", "current_step"),
     "onboarding.step_completed": ("path_id", "path_version", "step_id", "current_step", "source"),
@@ -54,8 +58,15 @@ PROPERTIES: dict[str, tuple[str, ...]] = {
     "nudge.converted": (*_NUDGE, "step_id"),
     "nudge.unsubscribed": (*_NUDGE, "category"),
     "experiment.exposed": ("experiment_id", "variant", "kind"),
+    "onboarding.review_created": _REVIEW,
+    "onboarding.review_decided": (*_REVIEW, "better_path"),
+    "onboarding.path_changed": ("path_id", "path_version", "current_step"),
 }
-"""The payload fields each event's ``track`` carries as properties (none holds personal data)."""
+"""The payload fields each event's ``track`` carries as properties (none holds personal data). A review's
+``note`` and ``decided_by`` never leave, not even to a webhook: the note is a reviewer's free text and the reviewer
+a person's account, either may name someone; the tenant reads both with ``GET /v1/reviews/{review_id}``."""
+OWN_TIME = frozenset({"onboarding.review_created", "onboarding.review_decided"})
+"""Events whose payload ``occurred_at`` is another moment's (the reviewed completion's): their time is the event's."""
 assert set(PROPERTIES) == set(LIFECYCLE_EVENTS)
 
 
@@ -73,10 +84,15 @@ def properties_of(event_type: str, payload: Mapping[str, Any]) -> dict[str, Any]
         value = payload.get(name)
         if isinstance(value, str | int | float | bool):
             found[name] = value
-    if event_type == "onboarding.started":
+    if event_type in ("onboarding.started", "onboarding.path_changed"):
         decision = payload.get("decision")
         if isinstance(decision, Mapping) and isinstance(decision.get("selected_by"), str):
             found["selected_by"] = decision["selected_by"]
+    previous = payload.get("previous")
+    if event_type == "onboarding.path_changed" and isinstance(previous, Mapping):
+        for name in ("path_id", "path_version"):
+            if isinstance(previous.get(name), str | int):
+                found[f"previous_{name}"] = previous[name]
     return found
 
 
@@ -136,7 +152,7 @@ def outbound(
     user_id = payload.get("user_id")
     if not isinstance(user_id, str) or not user_id:
         return []
-    when = occurred_at(payload, at)
+    when = at if event_type in OWN_TIME else occurred_at(payload, at)
     found: list[OutboundEvent] = []
     if event_type == "onboarding.started":
         plain = payload.get("traits")
@@ -160,6 +176,7 @@ def probe_event(tenant_id: uuid.UUID, now: datetime) -> OutboundEvent:
 __all__ = [
     "EVENT_TYPES",
     "IDENTIFY",
+    "OWN_TIME",
     "PROPERTIES",
     "TEST_EVENT",
     "TRACK_NAMES",

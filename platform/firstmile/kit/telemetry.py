@@ -107,8 +107,29 @@ DROPOFF_CHECKS = Counter(
 DROPOFF_ALERTS = Counter("firstmile_dropoff_alerts_total", "Drop-off alerts raised, by direction.", ["direction"])
 ALERT_DELIVERIES = Counter(
     "firstmile_alert_deliveries_total",
-    "Drop-off alert deliveries attempted, by channel (email, webhook) and outcome (delivered, failed).",
+    "Deliveries of drop-off alerts and review-queue notifications attempted, by channel (email, webhook) and "
+    "outcome (delivered, failed).",
     ["channel", "outcome"],
+)
+REVIEW_QUEUE_LENGTH = Gauge(
+    "firstmile_review_queue_length",
+    "Pending reviews of every tenant, by kind (step, ambiguous, decision), at the scheduler's last queue check.",
+    ["kind"],
+    multiprocess_mode="max",
+)
+REVIEW_QUEUE_OLDEST = Gauge(
+    "firstmile_review_queue_oldest_seconds",
+    "Age of the oldest pending review of any tenant, by kind, at the scheduler's last queue check (0: none).",
+    ["kind"],
+    multiprocess_mode="max",
+)
+REVIEWS_CREATED = Counter(
+    "firstmile_reviews_created_total", "Reviews queued for a person, by kind and reason.", ["kind", "reason"]
+)
+REVIEWS_DECIDED = Counter(
+    "firstmile_reviews_decided_total",
+    "Reviews decided, by kind and status (approved, rejected, right, wrong).",
+    ["kind", "status"],
 )
 NUDGE_DECISIONS = Counter(
     "firstmile_nudge_decisions_total", "Nudge decisions, by outcome (scheduled or denied).", ["outcome"]

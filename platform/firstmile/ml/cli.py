@@ -1,4 +1,4 @@
-"""``firstmile models train|evaluate|promote|list|drift`` and ``firstmile stuck scan``.
+"""``firstmile models train|evaluate|promote|list|drift|labels`` and ``firstmile stuck scan``.
 
 Training and evaluation run :mod:`firstmile_inference` on simulated onboarding
 (the platform only adds its real rules planner as the baseline and the database
@@ -47,7 +47,7 @@ class ModelCommandDeps(Protocol):
         ...
 
     def operator_database_url(self) -> str:
-        """The schema owner's URL (``models drift`` reads every tenant's decisions)."""
+        """The schema owner's URL (``models drift`` and ``models labels`` read every tenant's decisions)."""
         ...
 
     def stuck_scanner(self) -> AbstractAsyncContextManager[StuckScanner]:
@@ -290,6 +290,46 @@ def models_drift(
         click.echo(json.dumps(result.to_json(), indent=2, sort_keys=True))
     else:
         click.echo(result.to_text())
+
+
+@models.command("labels")
+@click.option(
+    "--model", type=click.Choice(["path_classifier"]), default="path_classifier", show_default=True,
+    help="The model whose reviewed decisions to export (reviewers judge the path model's decisions).",
+)  # fmt: skip
+@click.option("--tenant", default=None, help="Only this tenant's reviews (slug).")
+@click.option(
+    "--days", type=click.FloatRange(0.01, 3650), default=90.0, show_default=True, help="Reviews decided within."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print only JSON: the summary and every label.")
+def models_labels(model: str, tenant: str | None, days: float, as_json: bool) -> None:
+    """Export the reviewed low-confidence decisions as labels (features, chosen path, verdict, corrected target).
+
+    Training runs on simulated onboarding and does not read them (docs/review.md)."""
+    from firstmile.ml.labels import UnknownTenantError, load_labels, review_summary
+
+    try:
+        labels = run(load_labels(_deps().operator_database_url(), model, timedelta(days=days), tenant))
+    except UnknownTenantError as exc:
+        raise click.ClickException(f"no tenant {exc.args[0]!r} (firstmile tenants directory lists them)") from exc
+    summary = review_summary(labels)
+    if as_json:
+        report = {"model": model, "tenant": tenant, "days": days, "summary": summary,
+                  "labels": [label.to_json() for label in labels]}  # fmt: skip
+        click.echo(json.dumps(report, indent=2, sort_keys=True))
+        return
+    accuracy = summary["reviewer_accuracy"]
+    click.echo(
+        f"{model}: {summary['reviewed']} reviewed decisions in the last {days:g} days, {summary['right']} right, "
+        f"{summary['wrong']} wrong" + (f" (reviewer accuracy {accuracy:.3f})" if accuracy is not None else "")
+    )
+    for label in labels:
+        target = label.target or "-"
+        confidence = f"{label.confidence:.3f}" if label.confidence is not None else "-"
+        click.echo(
+            f"{label.decided_at:%Y-%m-%d %H:%M}  {label.chosen_path}@{label.path_version:<3} {confidence:>6}  "
+            f"{label.verdict:5}  target {target}"
+        )
 
 
 def ensure_demo_models(uri: str) -> None:

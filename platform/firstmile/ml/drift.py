@@ -10,7 +10,12 @@ activation probability of the chosen path. ``firstmile models drift`` reads:
   known (activated within that window or not) → live accuracy of the predicted
   activation (confidence ≥ 0.5) against what happened, compared with the
   version's ``activation_accuracy`` measured on unseen simulated sessions at
-  training time. A relative drop above 5% flags the version for retraining.
+  training time. A relative drop above 5% flags the version for retraining;
+- **reviews**: the model's low-confidence decisions that reviewers judged in the last
+  ``--days`` (docs/review.md): how many were right, wrong, the share right
+  (``reviewer_accuracy``) and the better paths named (:mod:`firstmile.ml.labels`).
+  Reported, never a retraining verdict on their own: they are a sample of the
+  decisions the model was least sure of.
 
 Runs as the schema owner (``FIRSTMILE_DATABASE_ADMIN_URL``), across tenants or one.
 """
@@ -23,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from firstmile.ml.labels import Label, labels_of, review_summary
 from firstmile.onboarding import service as onboarding
 from firstmile.tenancy import service as tenancy
 
@@ -38,6 +44,7 @@ class DriftInputs:
     outcomes: list[tuple[float, bool]]  # (predicted activation probability, activated)
     window: timedelta
     outcome_window: timedelta
+    labels: list[Label] = field(default_factory=list)  # reviewed decisions of the recent window
 
 
 async def load_inputs(
@@ -54,9 +61,10 @@ async def load_inputs(
                 tenant_id = found.id
             recent = await onboarding.recent_model_features(conn, "path_classifier", window, tenant_id)
             outcomes = await onboarding.model_outcomes(conn, "path_classifier", outcome_window, tenant_id)
+            labels = labels_of(await onboarding.decision_labels(conn, "path_classifier", window, tenant_id))
     finally:
         await engine.dispose()
-    return DriftInputs(recent, outcomes, window, outcome_window)
+    return DriftInputs(recent, outcomes, window, outcome_window, labels)
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,7 @@ class DriftResult:
     retrain: bool
     reason: str
     notes: list[str] = field(default_factory=list)
+    reviews: dict[str, Any] = field(default_factory=lambda: review_summary(()))
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -83,6 +92,13 @@ class DriftResult:
             lines.append(
                 f"  live accuracy {self.live_accuracy:.3f} on {self.outcomes} outcomes vs reference "
                 f"{self.reference_accuracy:.3f} (relative drop {100 * (self.relative_drop or 0):.1f}%)"
+            )
+        reviews = self.reviews
+        if reviews.get("reviewed"):
+            better = ", ".join(f"{path} {n}" for path, n in reviews["better_paths"].items()) or "none"
+            lines.append(
+                f"  reviews: {reviews['reviewed']} reviewed, {reviews['right']} right, {reviews['wrong']} wrong "
+                f"(reviewer accuracy {reviews['reviewer_accuracy']:.3f}); better paths named: {better}"
             )
         lines.extend(f"  note: {n}" for n in self.notes)
         lines.append(f"  retrain: {'YES - ' + self.reason if self.retrain else 'no'}")
@@ -119,6 +135,8 @@ def assess(model: ModelVersion, inputs: DriftInputs) -> DriftResult:
             notes.append("this version records no activation_accuracy: no accuracy verdict")
     else:
         notes.append(f"{len(inputs.outcomes)} decisions with known outcomes (< {MIN_OUTCOMES}): no accuracy verdict")
+    if not inputs.labels:
+        notes.append(f"no reviewed decisions in the last {inputs.window}")
     significant = [f["name"] for f in features if f["level"] == "significant"]
     if significant:
         notes.append(f"significant feature shift (PSI > 0.25): {', '.join(significant)}")
@@ -134,4 +152,5 @@ def assess(model: ModelVersion, inputs: DriftInputs) -> DriftResult:
         retrain=retrain,
         reason=reason,
         notes=notes,
+        reviews=review_summary(inputs.labels),
     )

@@ -567,7 +567,7 @@ _INSERT_OVERRIDE = text(
     "INSERT INTO onboarding_overrides (tenant_id, user_id, segment, path_key, forced, reason, created_by,"
     " created_at, expires_at) VALUES (:t, :uid, :segment, :path_key, :forced, :reason, :by, :now, :expires_at)"
     " RETURNING " + OVERRIDE_COLUMNS
-).bindparams(bindparam("segment", type_=JSONB))
+).bindparams(bindparam("segment", type_=JSONB(none_as_null=True)))  # None: SQL NULL (a user override)
 _ACTIVE_PINS = text(
     "SELECT " + OVERRIDE_COLUMNS + " FROM onboarding_overrides WHERE tenant_id = :t AND segment IS NOT NULL"
     " AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > :now) ORDER BY id DESC"

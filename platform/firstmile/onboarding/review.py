@@ -29,12 +29,16 @@ Pure rules here, and the functions the service and the controllers call; all SQL
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy.ext.asyncio import AsyncConnection
+
 from firstmile.audit import service as audit
+from firstmile.kit import telemetry
 from firstmile.kit.db import TenantTx
 from firstmile.kit.errors import ProblemError
 from firstmile.kit.outbox import OutboxEvent, enqueue
@@ -154,6 +158,7 @@ async def queue(
         step_id=step_id, source=source, occurred_at=occurred_at, details=dict(details), now=now,
     )  # fmt: skip
     if created:
+        telemetry.REVIEWS_CREATED.labels(kind, reason).inc()
         await audit.append(
             tx,
             "review",
@@ -217,6 +222,7 @@ async def record_decision(
         },
     )
     await enqueue(tx, [_event("onboarding.review_decided", decided)], user_id=review.user_id, now=now)
+    telemetry.REVIEWS_DECIDED.labels(review.kind, status).inc()
     return decided
 
 
@@ -251,6 +257,18 @@ async def queue_summary(tx: TenantTx) -> dict[str, tuple[int, datetime]]:
     return await repo.queue_summary(tx)
 
 
+async def review_queues(conn: AsyncConnection) -> list[tuple[uuid.UUID, str, int, datetime]]:
+    """Every tenant's pending reviews (a worker's cross-tenant read, ``kit.db.across_tenants``): tenant, kind,
+    how many, and when the oldest was created. Tenants with none are not listed."""
+    return await repo.review_queues(conn)
+
+
+async def overrides(tx: TenantTx, *, active: bool, now: datetime, limit: int = 100) -> list[OverrideRow]:
+    """The tenant's overrides, newest first: only those in force at ``now`` (not revoked, not expired) when
+    ``active``, else every one."""
+    return await repo.list_overrides(tx, active=active, now=now, limit=limit)
+
+
 def pins_of(rows: Sequence[OverrideRow]) -> tuple[Pin, ...]:
     return tuple(
         Pin(r.id, tuple(r.segment or ()), r.path_key, r.forced, r.reason, r.created_by, r.expires_at) for r in rows
@@ -270,9 +288,11 @@ __all__ = [
     "eligible",
     "get",
     "listing",
+    "overrides",
     "pins_of",
     "queue",
     "queue_summary",
     "record_decision",
+    "review_queues",
     "status_of",
 ]

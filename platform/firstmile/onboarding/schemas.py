@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
 
-from firstmile.kit.ids import USER_ID_MAX_LENGTH, USER_ID_PATTERN
+from firstmile.kit.ids import SLUG_PATTERN, USER_ID_MAX_LENGTH, USER_ID_PATTERN
+
+MAX_REASON = 1000
+"""The longest reason of an override and note of a review decision (characters)."""
+MAX_ID = 2**63 - 1
+"""Review and override ids are PostgreSQL bigints."""
+MAX_BULK = 100
+"""The most reviews one bulk decision decides."""
+MAX_PREDICATES = 20
+"""The most predicates of a segment pin."""
 
 UserId = Annotated[
     str,
@@ -20,6 +29,8 @@ UserId = Annotated[
     ),
 ]
 TraitValue = str | int | float | bool | None
+PathId = Annotated[str, Meta(min_length=2, max_length=64, pattern=SLUG_PATTERN, description="A path's id")]
+Reason = Annotated[str, Meta(min_length=1, max_length=MAX_REASON, description="Why (free text, audited)")]
 
 
 class StartRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -97,9 +108,10 @@ class DecisionRecord(msgspec.Struct):
 class OverrideRequest(msgspec.Struct, forbid_unknown_fields=True):
     """Set a started user's path by hand (docs/review.md)."""
 
-    path_id: str
+    path_id: PathId
     force: bool = False
-    reason: str | None = None
+    """Set a path whose targeting the user does not meet (``reason`` then required)."""
+    reason: Reason | None = None
 
 
 class OnboardingState(msgspec.Struct):
@@ -114,3 +126,110 @@ class OnboardingState(msgspec.Struct):
     progress: ProgressSummary
     steps: list[StepState]
     decision: DecisionRecord
+
+
+# ---- the review queue and overrides (docs/review.md, docs/api.md#reviews) ----
+
+ReviewDecision = Literal["approve", "reject", "right", "wrong"]
+"""``approve`` or ``reject`` a completion (a ``step`` or ``ambiguous`` review); ``right`` or ``wrong`` for a
+model's decision (a ``decision`` review)."""
+ReviewId = Annotated[int, Meta(ge=1, le=MAX_ID, description="A review's id")]
+Note = Annotated[str, Meta(max_length=MAX_REASON, description="The reviewer's note (free text)")]
+
+
+class ReviewOut(msgspec.Struct):
+    """One item of the review queue."""
+
+    id: int
+    kind: str
+    """``step`` (a ``validation: review`` step), ``ambiguous`` (a completion that could not be decided) or
+    ``decision`` (a sampled low-confidence path decision)."""
+    reason: str
+    """``review_step``, ``partial_match``, ``path_version_changed``, ``contradicts_record`` or ``low_confidence``."""
+    status: str
+    """``pending``; then ``approved`` or ``rejected`` (a completion), ``right`` or ``wrong`` (a decision)."""
+    user_id: str
+    path_id: str
+    path_version: int
+    step_id: str | None
+    source: str
+    """Where the completion came from: ``api``, ``event:<event id>``, or ``path_planner`` for a decision."""
+    occurred_at: datetime
+    """When the completion happened (approval completes the step at this time), or when the path was chosen."""
+    details: dict[str, Any]
+    """What the reviewer needs: the criteria met, the versions, the time on record, the model's confidence."""
+    created_at: datetime
+    note: str | None = None
+    better_path: str | None = None
+    decided_by: str | None = None
+    decided_at: datetime | None = None
+
+
+class ReviewPage(msgspec.Struct):
+    """Reviews, newest first; ``next_before``: pass it as ``before`` for the next page (null: no more)."""
+
+    reviews: list[ReviewOut]
+    next_before: int | None = None
+
+
+class DecisionRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Decide one review."""
+
+    decision: ReviewDecision
+    note: Note | None = None
+    better_path: PathId | None = None
+    """A ``decision`` review judged wrong: the path the user should have had (a current path)."""
+
+
+class BulkDecision(msgspec.Struct, forbid_unknown_fields=True):
+    id: ReviewId
+    decision: ReviewDecision
+    note: Note | None = None
+
+
+class BulkDecisionRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Decide up to 100 reviews at once: all of them, or (any refused) none."""
+
+    decisions: Annotated[list[BulkDecision], Meta(min_length=1, max_length=MAX_BULK)]
+
+
+class DecidedReviews(msgspec.Struct):
+    reviews: list[ReviewOut]
+
+
+Predicate = dict[str, Any]
+
+
+class SegmentPinRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Pin the users of a segment who start from now on to a path (docs/review.md)."""
+
+    segment: Annotated[list[Predicate], Meta(min_length=1, max_length=MAX_PREDICATES)]
+    """Predicates over the user's traits, as a path's ``targeting``: ``{field, op, value}``, all must hold."""
+    path_id: PathId
+    expires_at: datetime | None = None
+    """When the pin stops applying (RFC 3339 with a time zone, in the future); null: until revoked."""
+    force: bool = False
+    """Apply it also to users the path's targeting does not admit (``reason`` then required)."""
+    reason: Reason | None = None
+
+
+class OverrideOut(msgspec.Struct):
+    """A manual override: of one user's path (``user_id``), or a segment pin (``segment``)."""
+
+    id: int
+    path_id: str
+    forced: bool
+    created_by: str
+    created_at: datetime
+    active: bool
+    """In force: not revoked, not expired."""
+    user_id: str | None = None
+    segment: list[dict[str, Any]] | None = None
+    reason: str | None = None
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+    revoked_by: str | None = None
+
+
+class OverrideList(msgspec.Struct):
+    overrides: list[OverrideOut]

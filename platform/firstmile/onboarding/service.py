@@ -486,7 +486,8 @@ class OnboardingService:
     # ------------------------------------------------------------------ human in the loop (docs/review.md)
 
     async def _current_version(self, tx: TenantTx, key: str) -> PathDef | None:
-        catalog = self.catalogs.cached(tx.tenant, 0) or await self.catalogs.reload(tx)
+        # the tenant's revision first: a catalog this process cached before a manifest added a version is stale
+        catalog = await self.catalogs.catalog(tx, await tenancy.revision(tx))
         return next((p for p in catalog.current if p.key == key), None)
 
     async def _to_review(
@@ -718,7 +719,12 @@ def _pinned(catalog: PathCatalog, decision: Decision, traits: Mapping[str, Any],
         skipped = {"override_id": pin.id, "reason": "not_eligible"}
         return replace(decision, details={**decision.details, "override_skipped": skipped})
     return Decision(path.key, path.version, "human", None, None, 0, planner="override",
-                    details={"override": pin.as_record(), "shadow": decision.as_record()})  # fmt: skip
+                    details={"override": pin.as_record(), "shadow": _shadow(decision)})  # fmt: skip
+
+
+def _shadow(decision: Decision) -> dict[str, Any]:
+    """The planner's own decision, kept beside a person's: which path it chose, and how."""
+    return {"path_id": decision.path_key, "path_version": decision.path_version} | decision.as_record()
 
 
 def _human_record(target: PathDef, override: dict[str, Any], shadow: Decision, now: datetime) -> dict[str, Any]:
@@ -731,7 +737,7 @@ def _human_record(target: PathDef, override: dict[str, Any], shadow: Decision, n
         "fallback": None,
         "decided_at": now.isoformat(),
         "override": override,
-        "shadow": shadow.as_record(),
+        "shadow": _shadow(shadow),
     }
 
 

@@ -17,6 +17,8 @@ SCOPES: tuple[str, ...] = (
     "analytics:read",
     "users:admin",
     "audit:read",
+    "reviews:read",
+    "reviews:write",
 )
 
 

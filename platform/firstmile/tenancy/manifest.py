@@ -752,6 +752,9 @@ LIFECYCLE_EVENTS: tuple[str, ...] = (
     "nudge.converted",
     "nudge.unsubscribed",
     "experiment.exposed",
+    "onboarding.review_created",
+    "onboarding.review_decided",
+    "onboarding.path_changed",
 )
 """The lifecycle events a destination may receive (docs/destinations.md)."""
 LifecycleEvent = Literal[
@@ -766,6 +769,9 @@ LifecycleEvent = Literal[
     "nudge.converted",
     "nudge.unsubscribed",
     "experiment.exposed",
+    "onboarding.review_created",
+    "onboarding.review_decided",
+    "onboarding.path_changed",
 ]
 DESTINATION_REGIONS: dict[str, tuple[str, ...]] = {
     "segment": ("us", "eu"),

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from functools import cache
 from importlib import resources
 from typing import Any, TypeVar, get_args
+from urllib.parse import urlencode
 
 import jinja2
 from litestar import Controller, Request, Response, get, post
@@ -24,6 +25,9 @@ from firstmile.admin.oidc import LoginError
 from firstmile.admin.paths import PathEditor
 from firstmile.admin.paths import preview as path_preview
 from firstmile.admin.rbac import Permission, permissions
+from firstmile.admin.reviews_api import STATUSES as REVIEW_STATUSES
+from firstmile.admin.reviews_api import age as review_age
+from firstmile.admin.reviews_api import find_reviews, pin_view, pins_and_paths, review_filter, review_view
 from firstmile.admin.service import AdminAuth, read_bootstrap_token
 from firstmile.admin.sessions import AdminSession
 from firstmile.analytics import alerting
@@ -37,7 +41,8 @@ from firstmile.kit.db import TenantTx
 from firstmile.kit.errors import ProblemError
 from firstmile.kit.ids import SLUG_RE, check_id, check_user_id
 from firstmile.nudges import service as nudges
-from firstmile.onboarding import paths
+from firstmile.onboarding import paths, review
+from firstmile.onboarding.review import OverrideRow, ReviewRow
 from firstmile.privacy.service import PrivacyService
 from firstmile.tenancy.manifest import Operator
 
@@ -71,6 +76,7 @@ STATIC_TYPES = {
     "admin.js": "text/javascript",
     "audit-verify.js": "text/javascript",
     "path-editor.js": "text/javascript",
+    "reviews.js": "text/javascript",
     "analytics.bundle.js": "text/javascript",
     "admin.css": "text/css",
     "favicon.svg": "image/svg+xml",
@@ -88,7 +94,8 @@ OPERATORS = get_args(Operator)
 
 SECTIONS = {"dashboard.html": "dashboard", "path.html": "dashboard", "experiments.html": "experiments",
             "experiment.html": "experiments", "nudges.html": "nudges", "audit.html": "audit",
-            "users.html": "users", "analytics.html": "analytics", "destinations.html": "destinations"}  # fmt: skip
+            "users.html": "users", "analytics.html": "analytics", "destinations.html": "destinations",
+            "reviews.html": "reviews"}  # fmt: skip
 """The navigation entry each page belongs to (marked ``aria-current``)."""
 
 
@@ -204,6 +211,15 @@ def _destination_row(found: destinations.DestinationStatus, by: destinations.Dis
         "errors": [{"event": d.name, "kind": d.kind, "status": d.status, "attempts": d.attempts, "error": d.error,
                     "at": _when(d.at), "event_id": str(d.event_id)} for d in found.dead_letters],
     }  # fmt: skip
+
+
+def _review_row(row: ReviewRow, now: datetime) -> dict[str, Any]:
+    """One review as the queue page shows it: the API's view, with its times and details for people."""
+    return review_view(row, now) | {
+        "occurred": _when(row.occurred_at),
+        "decided": _when(row.decided_at),
+        "details_json": json.dumps(row.details, indent=2, sort_keys=True, ensure_ascii=False),
+    }
 
 
 _DONE = {"enabled": "{name} is enabled: what waited is delivered in order.",
@@ -434,6 +450,51 @@ class PagesController(Controller):
             lambda tx, actor: destinations.replay(tx, name, None, actor),
         )  # fmt: skip
         return Redirect(f"/admin/destinations?done=replayed&name={name}&events={moved}", status_code=303)
+
+    @get("/reviews", summary="The review queue: filters, decisions, bulk decisions, the pins in force (reviews:read)")
+    async def reviews_page(
+        self,
+        request: Request[Any, Any, Any],
+        admin_auth: NamedDependency[AdminAuth],
+        status: FromQuery[str | None] = None,
+        kind: FromQuery[str | None] = None,
+        path: FromQuery[str | None] = None,
+        step: FromQuery[str | None] = None,
+        older_than: FromQuery[str | None] = None,
+        before_id: FromQuery[str | None] = None,
+    ) -> Response[Any]:
+        auth = admin_auth
+        session = await _session_with(auth, request, Permission.REVIEWS_READ, "GET /admin/reviews",
+                                      "the review queue")  # fmt: skip
+        wanted = review_filter(status=status, kind=kind, path=path, step=step, older_than=older_than,
+                               before_id=before_id)  # fmt: skip
+        now = datetime.now(UTC)
+
+        async def read(
+            tx: TenantTx,
+        ) -> tuple[list[ReviewRow], list[OverrideRow], list[str], dict[str, tuple[int, datetime]]]:
+            rows = await find_reviews(tx, wanted, now)
+            pins, keys = await pins_and_paths(tx, now)
+            return rows, pins, keys, await review.queue_summary(tx)
+
+        rows, pins, keys, summary = await auth.unit_of_work(session).run(read)
+        granted = permissions(session.roles)
+        oldest = min((at for _, at in summary.values()), default=None)
+        query = wanted.as_query()
+        next_page = None
+        if len(rows) == wanted.limit:
+            next_page = "/admin/reviews?" + urlencode(query | {"before_id": str(rows[-1].id)})
+        can_decide = Permission.REVIEWS_DECIDE in granted
+        listed = [_review_row(r, now) for r in rows]
+        return render(
+            auth, "reviews.html", session=session, csrf_token=session.csrf_token, reviews=listed, filter=wanted,
+            filtered=bool(query) or wanted.before_id is not None, statuses=REVIEW_STATUSES, kinds=review.KINDS,
+            path_choices=sorted(set(keys) | ({wanted.path} if wanted.path else set())), next_page=next_page,
+            pins=[pin_view(p) | {"expires": _when(p.expires_at)} for p in pins], summary=summary,
+            oldest=None if oldest is None else review_age((now - oldest).total_seconds()),
+            can_decide=can_decide, can_revoke=Permission.OVERRIDES_MANAGE in granted,
+            selectable=any(r.status == "pending" and r.kind != "decision" for r in rows),
+        )  # fmt: skip
 
     @get("/audit", summary="The tenant's audit log, newest first (audit:read)")
     async def audit(

@@ -39,7 +39,9 @@ from firstmile.wiring.embedded import DatabaseUrls, stop_embedded
 from firstmile.wiring.operator import OperatorServices, record_served_url
 from firstmile.wiring.workers import CONSUMER_NAMES, run_consumers, run_relay, run_scheduler, run_sequencer
 
-DEMO_SCOPES = ["onboarding:write", "events:write", "analytics:read", "users:admin", "audit:read"]
+DEMO_SCOPES = [
+    "onboarding:write", "events:write", "analytics:read", "users:admin", "audit:read", "reviews:read", "reviews:write",
+]  # fmt: skip
 
 
 def _services() -> OperatorServices:

@@ -24,6 +24,7 @@ from firstmile.admin.paths import PathEditor
 from firstmile.admin.service import AdminAuth, SessionPolicy
 from firstmile.analytics.alerting import DropoffWatch
 from firstmile.analytics.lazy import LazyStore
+from firstmile.analytics.review_watch import ReviewQueueWatch
 from firstmile.analytics.service import AnalyticsService
 from firstmile.analytics.sink import AnalyticsSink
 from firstmile.analytics.store import AnalyticsStore
@@ -344,6 +345,16 @@ class Container:
                 webhook_timeout_s=settings.analytics.dropoff_alert_webhook_timeout_seconds,
             )
             supervisor.every("dropoff-alerts", settings.analytics.dropoff_alert_seconds, watch.run_once)
+        # The review queue: its length and oldest item's age to Prometheus; reviewers notified past the threshold.
+        if settings.reviews.queue_check_seconds > 0:
+            queue_watch = ReviewQueueWatch(
+                self.engine,
+                threshold=settings.reviews.queue_alert_threshold,
+                mailer=adapters.alert_mailer(self.nudge_channels),
+                public_url=settings.server.public_url,
+                webhook_timeout_s=settings.analytics.dropoff_alert_webhook_timeout_seconds,
+            )
+            supervisor.every("review-queue", settings.reviews.queue_check_seconds, queue_watch.run_once)
         if self.nudges is not None and settings.nudges.trigger_scan_seconds > 0:
             triggers = TriggerScanner(
                 self.engine, self.nudges, prior=ModelResponsePrior(self.inference, self.feature_reader)
