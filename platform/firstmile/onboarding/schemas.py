@@ -103,6 +103,10 @@ class DecisionRecord(msgspec.Struct):
     """For ``selected_by: human``: the override (its id, who set it, forced, the reason)."""
     shadow: dict[str, Any] | None = None
     """What the planner (or a model in shadow) chose besides the path taken."""
+    propensity: float | None = None
+    """The probability with which the logging policy chose this path (1 without exploration; docs/models.md)."""
+    exploration: dict[str, Any] | None = None
+    """The exploration in force: policy, epsilon, whether this decision explored, the eligible paths."""
 
 
 class OverrideRequest(msgspec.Struct, forbid_unknown_fields=True):

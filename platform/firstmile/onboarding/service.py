@@ -149,6 +149,8 @@ def render_state(user_id: str, path: PathDef, row: repo.ProgressRow) -> Onboardi
             fallback_reason=d.get("fallback_reason"),
             override=d.get("override"),
             shadow=d.get("shadow"),
+            propensity=d.get("propensity"),
+            exploration=d.get("exploration"),
         ),
     )
 
@@ -303,6 +305,8 @@ class OnboardingService:
                     "fallback": record.get("fallback"),
                     "fallback_reason": decision.fallback_reason,
                     "shadow": record.get("shadow"),
+                    "propensity": record.get("propensity"),
+                    "exploration": record.get("exploration"),
                     "event_id": str(event.event_id),
                 }
                 | ({"experiment": record["experiment"]} if "experiment" in record else {}),
