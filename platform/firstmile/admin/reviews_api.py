@@ -294,21 +294,8 @@ class ReviewsAdminController(Controller):
                                         "source": "body"}])  # fmt: skip
         note, reviewer = _note(body.note), _reviewer(request)
 
-        async def work(tx: TenantTx) -> list[ReviewRow]:
-            decided = []
-            for review_id in body.ids:
-                try:
-                    decided.append(await onboarding.decide_review(tx, review_id, body.decision, reviewer=reviewer,
-                                                                  note=note))  # fmt: skip
-                except ProblemError as exc:  # the transaction rolls back: nothing of the batch is decided
-                    raise ProblemError(
-                        exc.status, exc.slug,
-                        f"review {review_id}: {exc.detail}; none of the {len(body.ids)} reviews was decided",
-                        headers=exc.headers, **(exc.extensions | {"review_id": review_id}),
-                    ) from exc  # fmt: skip
-            return decided
-
-        rows = await uow.run(work)
+        decisions = [(review_id, body.decision, note) for review_id in ids]
+        rows = await uow.run(lambda tx: onboarding.decide_reviews(tx, decisions, reviewer=reviewer))
         now = datetime.now(UTC)
         return {"decided": [review_view(r, now) for r in rows]}
 

@@ -17,7 +17,6 @@ from litestar.params import Body, PathParameter, QueryParameter
 from pydantic import ValidationError
 
 from firstmile.kit.auth import Principal, require_scope
-from firstmile.kit.db import TenantTx
 from firstmile.kit.errors import ProblemError, strict_body
 from firstmile.kit.ids import SLUG_PATTERN, SLUG_RE
 from firstmile.kit.uow import UnitOfWork
@@ -88,25 +87,6 @@ def _slug(value: str | None, key: str) -> str | None:
     if value is not None and not SLUG_RE.fullmatch(value):
         raise _invalid(key, "a lower-case id: letters, digits, dashes")
     return value
-
-
-def _in_batch(exc: ProblemError, index: int, review_id: int) -> ProblemError:
-    """A bulk decision's item refused: the item's problem, naming it; nothing of the batch was decided."""
-    extensions = dict(exc.extensions)
-    errors = extensions.pop("errors", None)
-    if isinstance(errors, list):
-        extensions["errors"] = [
-            {**e, "key": f"decisions[{index}].{e.get('key', '')}".rstrip("."), "source": "body"} for e in errors
-        ]
-    return ProblemError(
-        exc.status,
-        exc.slug,
-        f"decisions[{index}] (review {review_id}): {exc.detail}; no review of the batch was decided",
-        headers=exc.headers,
-        **extensions,
-        index=index,
-        review_id=review_id,
-    )
 
 
 class ReviewController(Controller):
@@ -217,18 +197,9 @@ class ReviewController(Controller):
             seen[item.id] = index
         actor = request.user.actor
 
-        async def work(tx: TenantTx) -> list[ReviewRow]:
-            decided: list[ReviewRow] = []
-            for index, item in enumerate(data.decisions):
-                try:
-                    decided.append(
-                        await onboarding.decide_review(tx, item.id, item.decision, reviewer=actor, note=item.note)
-                    )
-                except ProblemError as exc:
-                    raise _in_batch(exc, index, item.id) from exc
-            return decided
-
-        return DecidedReviews([review_out(r) for r in await uow.run(work)])
+        decisions = [(item.id, item.decision, item.note) for item in data.decisions]
+        rows = await uow.run(lambda tx: onboarding.decide_reviews(tx, decisions, reviewer=actor))
+        return DecidedReviews([review_out(r) for r in rows])
 
 
 class OverrideController(Controller):

@@ -14,7 +14,7 @@ import random
 import re
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -568,6 +568,34 @@ class OnboardingService:
             if found.reason == "path_version_changed":
                 await self._move_to_current(tx, found.user_id, found.path_key, reviewer, now)
             await self.complete(tx, found.user_id, found.step_id, found.occurred_at, source=f"review:{found.id}")
+        return decided
+
+    async def decide_reviews(
+        self, tx: TenantTx, decisions: Sequence[tuple[int, str, str | None]], *, reviewer: str
+    ) -> list[ReviewRow]:
+        """Decide several reviews (id, decision, note) in the caller's transaction, all or none: the first that
+        cannot be decided raises its problem, naming its ``index`` and ``review_id``, and the caller's unit of
+        work rolls back the others."""
+        decided: list[ReviewRow] = []
+        for index, (review_id, decision, note) in enumerate(decisions):
+            try:
+                decided.append(await self.decide_review(tx, review_id, decision, reviewer=reviewer, note=note))
+            except ProblemError as exc:
+                extensions = dict(exc.extensions)
+                errors = extensions.pop("errors", None)
+                if isinstance(errors, list):
+                    extensions["errors"] = [
+                        {**e, "key": f"decisions[{index}].{e.get('key', '')}".rstrip("."), "source": "body"}
+                        for e in errors
+                    ]
+                raise ProblemError(
+                    exc.status,
+                    exc.slug,
+                    f"decisions[{index}] (review {review_id}): {exc.detail}; none of the {len(decisions)} reviews "
+                    "was decided",
+                    headers=exc.headers,
+                    **(extensions | {"index": index, "review_id": review_id}),
+                ) from exc
         return decided
 
     async def _move_to_current(self, tx: TenantTx, user_id: str, key: str, actor: str, now: datetime) -> None:
