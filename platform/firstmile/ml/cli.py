@@ -117,11 +117,55 @@ def models() -> None:
     help="Also move the new versions into this stage (forced: skips the order).",
 )
 @click.option("--model", "only", multiple=True, type=click.Choice(MODEL_NAMES), help="Train only these (repeatable).")
+@click.option("--tenant", default=None, help="Train this tenant's own path model on its logged decisions (slug).")
+@click.option("--horizon-days", type=click.FloatRange(0.01, 365), default=14.0, show_default=True,
+              help="--tenant: activated within this many days of the start counts as activated.")  # fmt: skip
+@click.option("--window-days", type=click.FloatRange(0.01, 3650), default=90.0, show_default=True,
+              help="--tenant: decisions started within this many days are read.")  # fmt: skip
+@click.option("--min-decisions", type=click.IntRange(10), default=500, show_default=True,
+              help="--tenant: refuse below this many logged decisions.")  # fmt: skip
+@click.option("--min-per-path", type=click.IntRange(1), default=50, show_default=True,
+              help="--tenant: refuse when an eligible path was taken fewer times.")  # fmt: skip
 def models_train(
-    registry_arg: str | None, sessions: int, seed: int, exploration: float, promote: str | None, only: tuple[str, ...]
-) -> None:
-    """Simulate SESSIONS onboarding sessions, train the models on them and register new versions."""
+    registry_arg: str | None, sessions: int, seed: int, exploration: float, promote: str | None, only: tuple[str, ...],
+    tenant: str | None, horizon_days: float, window_days: float, min_decisions: int, min_per_path: int,
+) -> None:  # fmt: skip
+    """Simulate SESSIONS onboarding sessions, train the models on them and register new versions; with --tenant,
+    train that tenant's own path model on its logged decisions instead (docs/models.md#per-tenant-models)."""
+    if tenant is not None:
+        train_tenant(registry_arg, tenant, timedelta(days=horizon_days), timedelta(days=window_days),
+                     min_decisions=min_decisions, min_per_path=min_per_path, seed=seed)  # fmt: skip
+        return
     train_models(registry_arg, sessions=sessions, seed=seed, exploration=exploration, promote=promote, only=only)
+
+
+def train_tenant(
+    registry_arg: str | None, slug: str, horizon: timedelta, window: timedelta, *, min_decisions: int,
+    min_per_path: int, seed: int,
+) -> None:  # fmt: skip
+    """Read the tenant's logged decisions, refuse what cannot support a model, train in process, register, audit."""
+    from firstmile.ml import tenant_models as tm
+
+    registry = _registry(registry_arg)
+    admin_url = _deps().operator_database_url()
+    began = time.perf_counter()
+    try:
+        data = run(tm.load_tenant_data(admin_url, slug, horizon, window))
+        logged = tm.logged_data(data, min_decisions=min_decisions, min_per_path=min_per_path)
+    except tm.TrainingRefusedError as exc:
+        raise click.ClickException(str(exc)) from exc
+    _say(f"training {slug}'s path model in process on {logged.n} logged decisions ({len(logged.paths)} paths)")
+    mv = tm.register(registry, data, logged, seed=seed)
+    report = tm.report_of(mv)
+    run(tm.audit_model_event(admin_url, data.tenant_id, f"model:{mv.name}@{mv.version}", {
+        "action": "models.train", "model": mv.name, "version": mv.version, "decisions": logged.n,
+        "horizon_days": horizon.total_seconds() / 86_400, "window_days": window.total_seconds() / 86_400,
+        "catalog": mv.config["catalog"], "gate_passed": report["gate_passed"],
+        "dr_low": report["estimates"]["dr"]["low"], "logged_rate": report["logging_policy"]["value"],
+    }))  # fmt: skip
+    _say(tm.report_text(mv.name, mv.version, report))
+    _say(f"registered {mv.name} {mv.version} (no stage: firstmile models promote --tenant {slug} {mv.version} "
+         f"--to shadow|canary|production) in {time.perf_counter() - began:.1f}s")  # fmt: skip
 
 
 def train_models(
@@ -230,12 +274,23 @@ def replace_section(doc: Path, body: str) -> None:
 @click.option("--weight", type=click.FloatRange(0.0, 1.0, min_open=True), default=None, help="Canary share.")
 @click.option("--force", is_flag=True, help="Skip the shadow → canary → production order (rollbacks).")
 @click.option("--registry", "registry_arg", default=None, help="Registry URI (default: the configured one).")
+@click.option("--tenant", default=None, help="Promote this tenant's own path model (slug): behind the off-policy gate.")
 def models_promote(
-    name: str, version: str, stage: str, weight: float | None, force: bool, registry_arg: str | None
-) -> None:
-    """Move VERSION of NAME into a stage: shadow → canary → production."""
+    arguments: tuple[str, ...], stage: str, weight: float | None, force: bool, registry_arg: str | None,
+    tenant: str | None,
+) -> None:  # fmt: skip
+    """Move VERSION of NAME into a stage: shadow → canary → production. With --tenant (NAME omitted), the tenant's
+    own model, into canary or production only when its off-policy report passes the gate."""
     from firstmile_inference.registry import PromotionError
 
+    if tenant is not None:
+        if len(arguments) != 1:
+            raise click.UsageError("with --tenant, give only VERSION: firstmile models promote --tenant SLUG VERSION")
+        promote_tenant(registry_arg, tenant, arguments[0], stage, weight=weight, force=force)
+        return
+    if len(arguments) != 2 or arguments[0] not in MODEL_NAMES:
+        raise click.UsageError(f"give NAME VERSION, NAME one of {', '.join(MODEL_NAMES)} (or --tenant SLUG VERSION)")
+    name, version = arguments
     registry = _registry(registry_arg)
     try:
         stages = registry.promote(name, version, stage, weight=weight, actor="cli", force=force)
@@ -244,12 +299,49 @@ def models_promote(
     click.echo(json.dumps({"model": name, **stages.to_json()}, sort_keys=True))
 
 
+def promote_tenant(
+    registry_arg: str | None, slug: str, version: str, stage: str, *, weight: float | None, force: bool
+) -> None:
+    """The off-policy gate, then the promotion (audited in the tenant's log either way)."""
+    from firstmile.ml import tenant_models as tm
+    from firstmile.ml.planner import tenant_model_name
+    from firstmile_inference.registry import PromotionError
+
+    registry = _registry(registry_arg)
+    name = tenant_model_name(slug)
+    admin_url = _deps().operator_database_url()
+    tenant_id = run(tm.tenant_id_of(admin_url, slug))
+    if tenant_id is None:
+        raise click.ClickException(f"no tenant {slug!r} (firstmile tenants directory lists them)")
+    try:
+        report = tm.report_of(registry.get(name, version))
+    except (KeyError, ValueError) as exc:
+        raise click.ClickException(str(exc).strip("'\"")) from exc
+    text = tm.report_text(name, version, report)
+    gated = stage in ("canary", "production")
+    subject = f"model:{name}@{version}"
+    payload = {"action": "models.promote", "model": name, "version": version, "stage": stage,
+               "gate_passed": report["gate_passed"], "dr_low": report["estimates"]["dr"]["low"],
+               "logged_rate": report["logging_policy"]["value"]}  # fmt: skip
+    if gated and not report["gate_passed"]:
+        run(tm.audit_model_event(admin_url, tenant_id, subject, payload | {"refused": True}))
+        refusal = f"{text}\nrefused: {name} {version} stays out of {stage}; the current model keeps serving"
+        raise click.ClickException(refusal)
+    try:
+        stages = registry.promote(name, version, stage, weight=weight, actor="cli", force=force)
+    except (PromotionError, KeyError, ValueError) as exc:
+        raise click.ClickException(str(exc).strip("'\"")) from exc
+    run(tm.audit_model_event(admin_url, tenant_id, subject, payload | {"refused": False}))
+    _say(text)
+    click.echo(json.dumps({"model": name, **stages.to_json()}, sort_keys=True))
+
+
 @models.command("list")
 @click.option("--registry", "registry_arg", default=None, help="Registry URI (default: the configured one).")
 def models_list(registry_arg: str | None) -> None:
-    """Every registered version with its stage, key metrics and retraining flags."""
+    """Every registered version with its stage, key metrics and retraining flags (tenants' own models after)."""
     registry = _registry(registry_arg)
-    for name in MODEL_NAMES:
+    for name in (*MODEL_NAMES, *(n for n in registry.names() if n not in MODEL_NAMES)):
         stages = registry.stages(name)
         flagged = {f["version"] for f in registry.flags(name)}
         for mv in registry.versions(name):

@@ -38,7 +38,15 @@ from firstmile.ml.inference import GuardedInference, InferenceError, Prediction,
 from firstmile.onboarding import planner as rules
 from firstmile.onboarding.catalog import PathCatalog
 
-__all__ = ["AdaptivePlanner", "FeatureReader", "FeatureReading", "FeatureStoreUnavailable", "model_instance"]
+__all__ = [
+    "AdaptivePlanner",
+    "FeatureReader",
+    "FeatureReading",
+    "FeatureStoreUnavailable",
+    "is_tenant_model",
+    "model_instance",
+    "tenant_model_name",
+]
 
 PATH_MODEL = "path_classifier"
 NUMERIC_FEATURES: tuple[str, ...] = (
@@ -56,6 +64,16 @@ TRAIT_FEATURES: Mapping[str, str] = {
 }
 
 FeatureSourceKind = Literal["fresh", "stale", "absent"]
+
+
+def tenant_model_name(slug: str) -> str:
+    """The registry name of a tenant's own path model (docs/models.md#per-tenant-models)."""
+    return f"tenant-{slug}.{PATH_MODEL}"
+
+
+def is_tenant_model(name: str) -> bool:
+    """Whether ``name`` is a tenant's own path model (trained on its logged decisions)."""
+    return name.startswith("tenant-") and name.endswith(f".{PATH_MODEL}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +144,9 @@ class AdaptivePlanner:
                 return self._fallback(by_rules, model, "feature_store_unavailable", error=str(exc)[:200])
         instance = model_instance(traits, reading)
         candidates = [p.key for p in catalog.current]
+        if is_tenant_model(model):  # a tenant's own model chooses among the eligible paths: the policy its OPE judged
+            eligible = rules.eligible_paths(catalog.current, catalog.default_key, traits, by_rules.path_key)
+            candidates = [p.key for p in eligible]
         request = instance | {"candidates": candidates}
         info = self.stages.stages(model) if self.stages is not None else None
         stage: Stage = "production"

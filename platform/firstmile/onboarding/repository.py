@@ -655,3 +655,41 @@ async def switch_path(
     }  # fmt: skip
     row = (await tx.execute(_SWITCH_PATH, params)).one()
     return int(row[0])
+
+
+# ---- a tenant's logged decisions (``firstmile models train --tenant``, operator read as the schema owner) ----
+
+_LOGGED_DECISIONS = text(
+    "SELECT p.path_key, p.path_version, p.decision -> 'features', (p.decision ->> 'propensity')::float8, e.traits,"
+    "  p.activated_at IS NOT NULL AND p.activated_at <= p.started_at + make_interval(secs => :horizon)"
+    " FROM user_progress p JOIN end_users e ON e.tenant_id = p.tenant_id AND e.user_id = p.user_id"
+    " WHERE p.tenant_id = :tenant AND jsonb_typeof(p.decision -> 'propensity') = 'number'"
+    "  AND p.started_at <= now() - make_interval(secs => :horizon)"
+    "  AND p.started_at >= now() - make_interval(secs => :window)"
+    " ORDER BY p.started_at, p.user_id"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedDecisionRow:
+    """One logged path decision old enough for its outcome: no user id, no personal data (plain traits only)."""
+
+    path_key: str
+    path_version: int
+    features: dict[str, Any] | None  # what the model saw, when a model was asked
+    propensity: float
+    traits: dict[str, Any]
+    activated: bool  # within the horizon
+
+
+async def logged_decisions(
+    conn: AsyncConnection, tenant: uuid.UUID, horizon_s: float, window_s: float
+) -> list[LoggedDecisionRow]:
+    rows = await conn.execute(_LOGGED_DECISIONS, {"tenant": tenant, "horizon": horizon_s, "window": window_s})
+    return [
+        LoggedDecisionRow(
+            r[0], int(r[1]), dict(r[2]) if isinstance(r[2], dict) else None, float(r[3]),
+            dict(r[4]) if isinstance(r[4], dict) else {}, bool(r[5]),
+        )
+        for r in rows
+    ]  # fmt: skip

@@ -854,3 +854,15 @@ async def model_outcomes(
 ) -> list[tuple[float, bool]]:
     """(predicted activation, activated within ``outcome``) of ``model``'s decisions old enough to know."""
     return await repo.model_outcomes(conn, model, outcome.total_seconds(), tenant)
+
+
+LoggedDecision = repo.LoggedDecisionRow
+
+
+async def logged_decisions(
+    conn: AsyncConnection, tenant: uuid.UUID, horizon: timedelta, window: timedelta
+) -> list[LoggedDecision]:
+    """One tenant's path decisions that carry a propensity, started within ``window`` and at least ``horizon`` ago,
+    with the plain traits, the features the model saw (if any) and activation within ``horizon`` (operator read, for
+    ``firstmile models train --tenant``). Never another tenant's rows, never personal data."""
+    return await repo.logged_decisions(conn, tenant, horizon.total_seconds(), window.total_seconds())

@@ -196,14 +196,20 @@ class ExplorationSpec(_Model):
     )
 
 
+TENANT_PLANNER_MODEL_PATTERN = r"^(path_classifier|tenant-[a-z][a-z0-9-]{0,62}[a-z0-9]\.path_classifier)$"
+"""The planner models a manifest may name: the platform's, or a tenant's own (docs/models.md#per-tenant-models)."""
+
+
 class PlannerSpec(_Model):
     """How the path planner chooses: a registered model first (rules and the default path as fallbacks)."""
 
-    model: Literal["path_classifier"] | None = Field(
+    model: str | None = Field(
         default="path_classifier",
+        pattern=TENANT_PLANNER_MODEL_PATTERN,
         description=(
-            "Registry name of the path model to ask first; null: the targeting rules alone decide. "
-            "The model's answer is limited to this manifest's paths."
+            "Registry name of the path model to ask first: path_classifier (the platform's), or the tenant's own "
+            "tenant-<its slug>.path_classifier (firstmile models train --tenant); null: the targeting rules alone "
+            "decide. The model's answer is limited to this manifest's paths."
         ),
     )
     exploration: ExplorationSpec | None = Field(
@@ -933,6 +939,9 @@ class TenantManifest(_Model):
         default = next((p for p in self.paths if p.id == self.default_path), None)
         if default is None:
             raise ValueError(f"default_path {self.default_path} is not one of the paths")
+        own_model = f"tenant-{self.tenant.slug}.path_classifier"
+        if self.planner is not None and self.planner.model not in (None, "path_classifier", own_model):
+            raise ValueError(f"planner.model {self.planner.model}: a tenant may name only its own model, {own_model}")
         if default.targeting:
             raise ValueError(f"default_path {self.default_path} must not have targeting rules")
         targeted = [p for p in self.paths if p.targeting]
