@@ -34,7 +34,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from firstmile_inference.metrics import precision_recall, roc_auc
+from firstmile_inference.metrics import precision_recall, roc_auc, threshold_for_precision
 from firstmile_inference.models import load_predictor
 from firstmile_inference.predictor import Predictor
 from firstmile_inference.registry import Registry
@@ -48,6 +48,7 @@ GOAL_STUCK_PRECISION: Final = 0.92
 GOAL_NUDGE_AUC: Final = 0.76
 TIME_RULE_HOURS: Final = 24.0
 NEAR_TIE: Final = 0.02  # absolute difference in activation probability
+STUCK_DIAGNOSTIC_PRECISION: Final = 0.95  # issue 19's stuck precision goal
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,9 @@ class EvaluationReport:
     nudge_auc: float
     nudge_ceiling_auc: float
     nudge_rows: int
+    # Diagnostic, not an operating point: the highest recall at which the model's precision on this held-out
+    # set reaches STUCK_DIAGNOSTIC_PRECISION, the threshold picked on the held-out set itself (an upper bound).
+    stuck_recall_at_95: float = float("nan")
     train_seconds: dict[str, float] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)  # the path classifier's training record, if known
     commands: tuple[str, ...] = ()
@@ -307,11 +311,17 @@ def evaluate(
         nudge_auc=roc_auc(nudge_scores, heldout.nudge_label),
         nudge_ceiling_auc=roc_auc(heldout.nudge_probability, heldout.nudge_label),
         nudge_rows=len(heldout.nudge_label),
+        stuck_recall_at_95=_best_recall(probability, labels, STUCK_DIAGNOSTIC_PRECISION),
         train_seconds=dict(train_seconds or {}),
         training=dict(training or {}),
         commands=tuple(commands),
         seconds=time.perf_counter() - started,
     )
+
+
+def _best_recall(scores: np.ndarray[Any, Any], labels: np.ndarray[Any, Any], precision: float) -> float:
+    operating = threshold_for_precision(scores, labels, precision)
+    return operating.recall if operating.met else 0.0
 
 
 def load_stage(registry: Registry, stage: str = "production") -> dict[str, Predictor]:
@@ -335,8 +345,20 @@ def evaluate_registry(
     commands: Sequence[str] = (),
     progress: Progress | None = None,
 ) -> EvaluationReport:
-    """Generate a held-out set and evaluate the registry's models at ``stage`` (what the CLI runs)."""
+    """Generate a held-out set and evaluate the registry's models at ``stage`` (what the CLI runs).
+
+    Raises :class:`~firstmile_inference.seed_study.SeedError` when ``seed`` was used for training or tuning.
+    """
+    from firstmile_inference.seed_study import SeedError, refused_heldout_seeds
+
     predictors = load_stage(registry, stage)
+    used: set[int] = set()
+    for name, predictor in predictors.items():
+        recorded = registry.get(name, predictor.version).config.get("training", {})
+        used |= {int(v) for k in ("seed", "data_seed") if isinstance(v := recorded.get(k), int)}
+    refused = refused_heldout_seeds(used)
+    if seed in refused:
+        raise SeedError(f"held-out seed {seed} was used for training or tuning: {refused[seed]}")
     heldout = generate(sessions, seed=seed)
     train_seconds: dict[str, float] = {}
     for name, predictor in predictors.items():
@@ -375,9 +397,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     def say(line: str) -> None:
         sys.stderr.write(line + "\n")
 
-    report = evaluate_registry(
-        Registry(args.registry), sessions=args.sessions, seed=args.seed, stage=args.stage, progress=say
-    )
+    from firstmile_inference.seed_study import SeedError
+
+    try:
+        report = evaluate_registry(
+            Registry(args.registry), sessions=args.sessions, seed=args.seed, stage=args.stage, progress=say
+        )
+    except SeedError as exc:
+        parser.error(str(exc))
     text = report.to_markdown()
     sys.stdout.write(text)
     if args.markdown:

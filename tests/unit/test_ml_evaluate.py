@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from firstmile_inference.evaluate import EvaluationReport, evaluate, margin_summary
 from firstmile_inference.metrics import precision_recall, roc_auc, threshold_for_precision
@@ -83,3 +86,137 @@ def test_evaluation_report() -> None:
     assert report.to_json()["goals"][0]["target"] == 0.89
     with pytest.raises(ValueError, match="missing predictors"):
         evaluate(heldout, {"path_classifier": predictors["path_classifier"]})
+
+
+# ---------------------------------------------------------------- seed-robust evaluation (issue 19)
+def test_a_heldout_seed_used_for_training_or_tuning_is_refused() -> None:
+    from firstmile_inference.seed_study import SeedError, check_heldout_seeds, refused_heldout_seeds
+
+    train = (7, 8, 9, 10, 11)
+    check_heldout_seeds((1007, 1008, 1009), train)  # the defaults pass
+    for bad, reason in ((8, "a training seed"), (555, "tuning"), (556, "tuning"), (9 + 50_000, "check set"),
+                        (10 + 1_000_003, "validation split")):  # fmt: skip
+        with pytest.raises(SeedError, match=f"{bad} .*{reason}"):
+            check_heldout_seeds((1007, bad, 1009), train)
+    refused = refused_heldout_seeds((12, 13, 14, 15, 16))
+    assert 7 in refused and "tuning" in refused[7]  # the simulator's tuning seed, even when not trained on
+    with pytest.raises(SeedError, match="at least 5 distinct training seeds"):
+        check_heldout_seeds((1007, 1008, 1009), (7, 8, 9, 10))
+    with pytest.raises(SeedError, match="at least 3 distinct held-out seeds"):
+        check_heldout_seeds((1007, 1007, 1009), train)
+
+
+def test_the_cli_refuses_a_used_seed_before_writing_anything(tmp_path: Path) -> None:
+    from firstmile.ml.cli import models
+
+    doc = tmp_path / "models.md"
+    result = CliRunner().invoke(
+        models, ["evaluate", "--train-seeds", "7,8,9,10,11", "--heldout-seeds", "1007,7,1009", "--train-sessions",
+                 "1000", "--sessions", "500", "--write-docs", str(doc), "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "7 (a training seed (7), and the simulator's tuning training seed)" in result.stderr
+    assert result.stdout == "" and not doc.exists()
+    tuning = CliRunner().invoke(models, ["evaluate", "--heldout-seeds", "1007,555,1009", "--sessions", "500"])
+    assert tuning.exit_code == 2 and "555 (a simulator tuning evaluation seed)" in tuning.stderr
+    mixed = CliRunner().invoke(models, ["evaluate", "--seed-robust", "--seed", "1007"])
+    assert mixed.exit_code == 2 and "--heldout-seeds" in mixed.stderr
+
+
+def test_spread_is_the_mean_and_sample_sd() -> None:
+    from firstmile_inference.seed_study import Spread
+
+    s = Spread.of([0.9, 0.92, 0.94])
+    assert s.mean == pytest.approx(0.92) and (s.min, s.max, s.n) == (0.9, 0.94, 3)
+    assert s.sd == pytest.approx(0.02)  # n - 1
+    assert Spread.of([0.5]).sd == 0.0
+
+
+def test_seed_study_aggregates_five_training_by_three_heldout_seeds(tmp_path: Path) -> None:
+    from firstmile_inference.seed_study import METRICS, seed_study
+
+    quick = {name: Hyper(epochs=2, batch_size=256) for name in ("path_classifier", "stuck_detector",
+                                                                "nudge_response_predictor")}  # fmt: skip
+    lines: list[str] = []
+    study = seed_study(
+        train_seeds=(21, 22, 23, 24, 25), heldout_seeds=(1101, 1102, 1103), train_sessions=1000, sessions=500,
+        hyper=quick, progress=lines.append, registry_dir=tmp_path / "reg",
+    )  # fmt: skip
+    assert len(study.runs) == 15
+    assert {(r.train_seed, r.heldout_seed) for r in study.runs} == {
+        (s, h) for s in (21, 22, 23, 24, 25) for h in (1101, 1102, 1103)
+    }
+    # every training seed was trained into (and loaded back from) its own registry
+    assert sorted(p.name for p in (tmp_path / "reg").iterdir()) == [f"train-seed-{s}" for s in (21, 22, 23, 24, 25)]
+    acc = [r.metrics["path_accuracy"] for r in study.runs]
+    spread = study.spread("path_accuracy")
+    assert (
+        spread.n == 15
+        and spread.mean == pytest.approx(np.mean(acc))
+        and spread.sd == pytest.approx(np.std(acc, ddof=1))
+    )
+    per_seed = study.by_train_seed("path_accuracy")
+    assert per_seed[21] == pytest.approx(
+        np.mean([r.metrics["path_accuracy"] for r in study.runs if r.train_seed == 21])
+    )
+    assert study.train_seed_spread("path_accuracy").sd == pytest.approx(np.std(list(per_seed.values()), ddof=1))
+    # the oracle's activation rate depends on the held-out set only: no spread across training seeds
+    assert study.train_seed_spread("oracle_activation_rate").sd == pytest.approx(0.0, abs=1e-12)
+    assert study.spread("oracle_activation_rate").sd > 0
+    out = study.to_json()
+    assert set(out["metrics"]) == set(METRICS) and len(out["runs"]) == 15
+    assert out["goals"][0]["name"] == "Path accuracy (mean)"
+    text = study.to_markdown()
+    assert "| Path accuracy, ML planner vs oracle |" in text and "5 training seeds" in text and "= 15 runs" in text
+    assert any("training seed 25" in line for line in lines)
+
+
+def test_evaluate_json_prints_only_json_on_stdout() -> None:
+    from firstmile.ml.cli import models
+
+    result = CliRunner().invoke(
+        models, ["evaluate", "--train-seeds", "31,32,33,34,35", "--heldout-seeds", "1201,1202,1203",
+                 "--train-sessions", "1000", "--sessions", "500", "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    found = json.loads(result.stdout)  # nothing but JSON
+    assert found["train_seeds"] == [31, 32, 33, 34, 35] and len(found["runs"]) == 15
+    assert 0.0 <= found["metrics"]["path_accuracy"]["mean"] <= 1.0
+    assert "training seed 31" in result.stderr  # the progress went to stderr
+
+
+def test_single_run_mode_refuses_the_staged_models_training_seed_and_keeps_stdout_json(tmp_path: Path) -> None:
+    from firstmile.ml.cli import models
+    from firstmile_inference.registry import Registry
+    from firstmile_inference.train import register_all
+
+    quick = {name: Hyper(epochs=1, batch_size=256) for name in ("path_classifier", "stuck_detector",
+                                                                "nudge_response_predictor")}  # fmt: skip
+    register_all(Registry(tmp_path / "reg"), train_all(generate(1000, seed=41), seed=41, hyper=quick),
+                 promote_to="production")  # fmt: skip
+    base = ["evaluate", "--registry", str(tmp_path / "reg"), "--sessions", "500"]
+    refused = CliRunner().invoke(models, [*base, "--seed", "41", "--json"])
+    assert refused.exit_code == 2 and "41 was used for training or tuning" in refused.stderr
+    assert refused.stdout == ""
+    assert CliRunner().invoke(models, [*base, "--seed", "556"]).exit_code == 2  # a simulator tuning seed
+    from firstmile_inference.evaluate import evaluate_registry
+    from firstmile_inference.seed_study import SeedError
+
+    with pytest.raises(SeedError, match="41 was used for training or tuning"):
+        evaluate_registry(Registry(tmp_path / "reg"), sessions=500, seed=41)
+    result = CliRunner().invoke(models, [*base, "--seed", "1301", "--json"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["seed"] == 1301 and report["versions"]["path_classifier"] == "1.0.0"
+    assert "simulating 500 held-out sessions (seed 1301)" in result.stderr
+
+
+def test_full_information_ceiling_refuses_used_seeds_and_beats_the_rules() -> None:
+    from firstmile_inference.ceiling import ceiling_study
+    from firstmile_inference.seed_study import SeedError
+
+    with pytest.raises(SeedError, match="555"):
+        ceiling_study(train_seeds=(51,), heldout_seeds=(555,), train_sessions=1000, sessions=500)
+    found = ceiling_study(train_seeds=(51,), heldout_seeds=(1401,), train_sessions=4000, sessions=1000)
+    assert found["path_accuracy"]["n"] == 1 and 0.65 < found["path_accuracy"]["mean"] <= 1.0
+    assert 0.9 < found["activation_vs_oracle"]["mean"] <= 1.0

@@ -202,36 +202,94 @@ def train_models(
     _say(f"done in {time.perf_counter() - began:.1f}s; registry {registry.root}")
 
 
+def _seed_list(_ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    """``"7,8,9"`` → ``(7, 8, 9)``."""
+    if value is None:
+        return None
+    try:
+        return tuple(int(item.strip()) for item in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integer seeds", param=param) from None
+
+
+def _note(line: str) -> None:
+    """Progress of `models evaluate`: on stderr, so that stdout holds only the report (or only JSON)."""
+    click.echo(line, err=True)
+
+
 @models.command("evaluate")
 @click.option("--registry", "registry_arg", default=None, help="Registry URI (default: the configured one).")
 @click.option("--stage", type=click.Choice(["production", "canary", "shadow"]), default="production", show_default=True)
-@click.option("--sessions", type=click.IntRange(500, 1_000_000), default=10_000, show_default=True)
-@click.option("--seed", type=int, default=1_007, show_default=True, help="Held-out seed (never a training seed).")
+@click.option(
+    "--sessions",
+    type=click.IntRange(500, 1_000_000),
+    default=10_000,
+    show_default=True,
+    help="Held-out sessions (per held-out seed).",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=None,
+    help="Held-out seed of a single run (default 1007; never a training or tuning seed).",
+)
+@click.option(
+    "--seed-robust",
+    is_flag=True,
+    help="Train in process on every --train-seeds, score on every "
+    "--heldout-seeds, report mean ± sd (implied by either option).",
+)
+@click.option("--train-seeds", callback=_seed_list, default=None, help="At least five (default 7,8,9,10,11).")
+@click.option("--heldout-seeds", callback=_seed_list, default=None, help="At least three (default 1007,1008,1009).")
+@click.option(
+    "--train-sessions",
+    type=click.IntRange(1_000, 2_000_000),
+    default=None,
+    help="Simulated training sessions per training seed (default 100000).",
+)
 @click.option("--manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=DEMO_MANIFEST)
 @click.option("--write-docs", type=click.Path(dir_okay=False, path_type=Path), default=None, help="docs/models.md")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print only the report as JSON on stdout (progress: stderr).")
 def models_evaluate(
-    registry_arg: str | None, stage: str, sessions: int, seed: int, manifest: Path, write_docs: Path | None,
-    as_json: bool,
+    registry_arg: str | None, stage: str, sessions: int, seed: int | None, seed_robust: bool,
+    train_seeds: tuple[int, ...] | None, heldout_seeds: tuple[int, ...] | None, train_sessions: int | None,
+    manifest: Path, write_docs: Path | None, as_json: bool,
 ) -> None:  # fmt: skip
-    """Evaluate the staged models on a held-out simulated set against the rules planner and random choice."""
+    """Evaluate the staged models (or, with --seed-robust, models trained on five seeds) on held-out simulated
+    sets against the rules planner and random choice."""
+    if seed_robust or train_seeds is not None or heldout_seeds is not None or train_sessions is not None:
+        if seed is not None:
+            raise click.UsageError(
+                "--seed is the held-out seed of a single run; with --seed-robust use --heldout-seeds"
+            )
+        _evaluate_over_seeds(train_seeds, heldout_seeds, train_sessions, sessions, manifest, write_docs, as_json)
+        return
     from firstmile_inference.evaluate import evaluate
     from firstmile_inference.models import load_predictor
+    from firstmile_inference.seed_study import refused_heldout_seeds
     from firstmile_inference.simulate import generate
 
+    seed = 1_007 if seed is None else seed
     registry = _registry(registry_arg)
-    predictors = {}
+    versions = {}
     for name in MODEL_NAMES:
         mv = registry.resolve(name, stage)
         if mv is None:
             raise click.ClickException(f"no {stage} version of {name}; train and promote first (docs/models.md)")
+        versions[name] = mv
+    used = {int(s) for mv in versions.values() for k in ("seed", "data_seed")
+            if isinstance(s := mv.config.get("training", {}).get(k), int)}  # fmt: skip
+    refused = refused_heldout_seeds(used)
+    if seed in refused:
+        raise click.BadParameter(f"{seed} was used for training or tuning: {refused[seed]}", param_hint="--seed")
+    predictors = {}
+    for name, mv in versions.items():
         predictors[name] = load_predictor(mv, device="cpu")
-        _say(f"{name} {mv.version} ({stage})")
-    _say(f"simulating {sessions} held-out sessions (seed {seed})")
+        _note(f"{name} {mv.version} ({stage})")
+    _note(f"simulating {sessions} held-out sessions (seed {seed})")
     heldout = generate(sessions, seed=seed)
     command = f"firstmile models evaluate --sessions {sessions} --seed {seed} --stage {stage}"
-    trained_by = registry.resolve("path_classifier", stage)
-    training = trained_by.config.get("training", {}) if trained_by is not None else {}
+    training = versions["path_classifier"].config.get("training", {})
     train_command = (
         f"firstmile models train --sessions {training.get('sessions', '?')} --seed {training.get('seed', '?')} "
         f"--exploration {training.get('exploration', '?')} --promote production   # the models evaluated"
@@ -241,11 +299,8 @@ def models_evaluate(
         predictors,
         rules_policy=rules_policy(manifest),
         commands=[train_command, command + (f" --write-docs {write_docs}" if write_docs else "")],
-        train_seconds={
-            n: float(registry.resolve(n, stage).metrics.get("train_seconds", 0.0))  # type: ignore[union-attr]
-            for n in MODEL_NAMES
-        },
-        progress=_say,
+        train_seconds={n: float(mv.metrics.get("train_seconds", 0.0)) for n, mv in versions.items()},
+        progress=_note,
     )
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2, sort_keys=True))
@@ -253,7 +308,39 @@ def models_evaluate(
         click.echo(report.to_markdown())
     if write_docs is not None:
         replace_section(write_docs, report.to_markdown())
-        _say(f"wrote the evaluation into {write_docs}")
+        _note(f"wrote the evaluation into {write_docs}")
+
+
+def _evaluate_over_seeds(
+    train_seeds: tuple[int, ...] | None, heldout_seeds: tuple[int, ...] | None, train_sessions: int | None,
+    sessions: int, manifest: Path, write_docs: Path | None, as_json: bool,
+) -> None:  # fmt: skip
+    """`models evaluate --seed-robust`: refuse a used seed before anything runs, then train, score, aggregate."""
+    from firstmile_inference import seed_study as study_mod
+
+    train = train_seeds if train_seeds is not None else study_mod.DEFAULT_TRAIN_SEEDS
+    heldout = heldout_seeds if heldout_seeds is not None else study_mod.DEFAULT_HELDOUT_SEEDS
+    size = train_sessions if train_sessions is not None else study_mod.DEFAULT_TRAIN_SESSIONS
+    try:
+        study_mod.check_heldout_seeds(heldout, train)
+    except study_mod.SeedError as exc:
+        raise click.BadParameter(str(exc), param_hint="--heldout-seeds / --train-seeds") from exc
+    command = (
+        f"firstmile models evaluate --seed-robust --train-seeds {','.join(map(str, train))} --heldout-seeds "
+        f"{','.join(map(str, heldout))} --train-sessions {size} --sessions {sessions}"
+        + (f" --write-docs {write_docs}" if write_docs else "")
+    )
+    study = study_mod.seed_study(
+        train_seeds=train, heldout_seeds=heldout, train_sessions=size, sessions=sessions,
+        rules_policy=rules_policy(manifest), commands=[command], progress=_note,
+    )  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(study.to_json(), indent=2, sort_keys=True))
+    else:
+        click.echo(study.to_markdown())
+    if write_docs is not None:
+        replace_section(write_docs, study.to_markdown())
+        _note(f"wrote the evaluation into {write_docs}")
 
 
 def replace_section(doc: Path, body: str) -> None:
@@ -268,8 +355,7 @@ def replace_section(doc: Path, body: str) -> None:
 
 
 @models.command("promote")
-@click.argument("name", type=click.Choice(MODEL_NAMES))
-@click.argument("version")
+@click.argument("arguments", nargs=-1, required=True, metavar="[NAME] VERSION")
 @click.option("--to", "stage", type=click.Choice(["shadow", "canary", "production"]), required=True)
 @click.option("--weight", type=click.FloatRange(0.0, 1.0, min_open=True), default=None, help="Canary share.")
 @click.option("--force", is_flag=True, help="Skip the shadow → canary → production order (rollbacks).")

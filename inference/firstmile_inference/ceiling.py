@@ -1,0 +1,150 @@
+"""The path accuracy that the nine features allow: an estimate of the best feature-only policy.
+
+The oracle path is the argmax over paths of ``P(activate | user, path)``, which depends on the latent
+*skill* and *motivation* that no model sees (``simulate``'s docstring). The best policy that sees only the
+features ``x`` picks ``argmax_P E[P(activate | user, P) | x]`` (the Bayes policy); its accuracy against the
+oracle is the ceiling of any model's path accuracy, below 100% wherever the latents change the best path.
+
+It is estimated here by the path classifier's own network trained with *full information*: every training
+user's exact expected activation probability on every path as soft targets (no logging policy, no Bernoulli
+outcome noise), so the only things between it and the Bayes policy are finite data and capacity; its held-out
+accuracy estimates the ceiling from below. Nothing here is tuned on the held-out sets (their seeds go through
+:func:`~firstmile_inference.seed_study.check_heldout_seeds`).
+
+    python -m firstmile_inference.ceiling --train-seeds 7,8,9,10,11 --heldout-seeds 1007,1008,1009
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+import numpy as np
+import torch
+from torch import nn
+
+from firstmile_inference.models import path_classifier as path_model
+from firstmile_inference.seed_study import (
+    DEFAULT_HELDOUT_SEEDS,
+    DEFAULT_TRAIN_SEEDS,
+    DEFAULT_TRAIN_SESSIONS,
+    Spread,
+    check_heldout_seeds,
+    parse_seeds,
+)
+from firstmile_inference.simulate import Dataset, generate
+from firstmile_inference.train import Hyper, _new_net
+
+FULL_INFORMATION_HYPER: Final = Hyper(epochs=8, hidden=(64, 64), weight_decay=0.0)
+
+
+def full_information_policy(
+    train: Dataset, *, seed: int, hyper: Hyper = FULL_INFORMATION_HYPER
+) -> Callable[[Dataset], np.ndarray[Any, np.dtype[np.int64]]]:
+    """Train on every path's exact expected activation; return a function choosing each user's path index."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        columns = train.user_columns()
+        encoder = path_model.make_encoder().fit(columns)
+        x = encoder.encode_columns(columns)
+        y = torch.from_numpy(train.expected.astype(np.float32))
+        net, _ = _new_net(encoder, len(train.path_keys), hyper, seed)
+        generator = torch.Generator().manual_seed(seed)
+        optimiser = torch.optim.Adam(net.parameters(), lr=hyper.lr, weight_decay=hyper.weight_decay)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=hyper.epochs)
+        loss_fn = nn.BCEWithLogitsLoss()
+        for _epoch in range(hyper.epochs):
+            net.train()
+            order = torch.randperm(train.n, generator=generator)
+            for start in range(0, train.n, hyper.batch_size):
+                idx = order[start : start + hyper.batch_size]
+                loss = loss_fn(net.logits(x.rows(idx)), y[idx])
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+            scheduler.step()
+        net.eval()
+    finally:
+        torch.set_num_threads(previous)
+
+    def choose(data: Dataset) -> np.ndarray[Any, np.dtype[np.int64]]:
+        if list(data.path_keys) != list(train.path_keys):
+            raise ValueError("the held-out catalog differs from the training catalog")
+        with torch.inference_mode():
+            logits = net.logits(encoder.encode_columns(data.user_columns()))
+        return np.asarray(logits.argmax(dim=1).numpy(), dtype=np.int64)
+
+    return choose
+
+
+def ceiling_study(
+    *,
+    train_seeds: Sequence[int] = DEFAULT_TRAIN_SEEDS,
+    heldout_seeds: Sequence[int] = DEFAULT_HELDOUT_SEEDS,
+    train_sessions: int = DEFAULT_TRAIN_SESSIONS,
+    sessions: int = 10_000,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Full-information accuracy and activation vs the oracle's, per run and as mean ± sd."""
+    check_heldout_seeds(heldout_seeds, train_seeds, min_train=1, min_heldout=1)
+    say = progress or (lambda _line: None)
+    started = time.perf_counter()
+    heldouts = {h: generate(sessions, seed=h) for h in heldout_seeds}
+    runs: list[dict[str, float]] = []
+    for s in train_seeds:
+        say(f"full-information policy, training seed {s} ({train_sessions} sessions)")
+        choose = full_information_policy(generate(train_sessions, seed=s), seed=s)
+        for h, data in heldouts.items():
+            chosen = choose(data)
+            rows = np.arange(data.n)
+            oracle_rate = float(data.expected.max(axis=1).mean())
+            run = {
+                "train_seed": s,
+                "heldout_seed": h,
+                "path_accuracy": float(np.mean(chosen == data.oracle)),
+                "activation_vs_oracle": float(data.expected[rows, chosen].mean()) / oracle_rate,
+            }
+            runs.append(run)
+            say(f"  held-out {h}: accuracy {run['path_accuracy']:.4f}, activation {run['activation_vs_oracle']:.4f}")
+    return {
+        "train_seeds": list(train_seeds),
+        "heldout_seeds": list(heldout_seeds),
+        "train_sessions": train_sessions,
+        "heldout_sessions": sessions,
+        "path_accuracy": vars(Spread.of([r["path_accuracy"] for r in runs])),
+        "activation_vs_oracle": vars(Spread.of([r["activation_vs_oracle"] for r in runs])),
+        "runs": runs,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m firstmile_inference.ceiling", description=__doc__.split("\n")[0])
+    parser.add_argument("--train-seeds", type=parse_seeds, default=DEFAULT_TRAIN_SEEDS)
+    parser.add_argument("--heldout-seeds", type=parse_seeds, default=DEFAULT_HELDOUT_SEEDS)
+    parser.add_argument("--train-sessions", type=int, default=DEFAULT_TRAIN_SESSIONS)
+    parser.add_argument("--sessions", type=int, default=10_000, help="held-out sessions per held-out seed")
+    args = parser.parse_args(argv)
+
+    def say(line: str) -> None:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    found = ceiling_study(
+        train_seeds=args.train_seeds,
+        heldout_seeds=args.heldout_seeds,
+        train_sessions=args.train_sessions,
+        sessions=args.sessions,
+        progress=say,
+    )
+    sys.stdout.write(json.dumps(found, indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
