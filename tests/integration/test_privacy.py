@@ -164,7 +164,7 @@ async def test_erasure_shreds_the_key_deletes_the_rows_and_is_audited(
     body = erased.json()
     assert body["key_destroyed"] is True
     assert body["rows_deleted"] == {
-        "end_users": 1, "user_progress": 1, "step_completions": 0,
+        "end_users": 1, "user_progress": 1, "step_completions": 0, "onboarding_reviews": 0, "onboarding_overrides": 0,
         "nudge_sends": 0, "nudge_consents": 0, "nudge_suppressions": 0, "nudge_push_subscriptions": 0,
         "experiment_exposures": 0,
     }  # fmt: skip

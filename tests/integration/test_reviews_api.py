@@ -648,3 +648,36 @@ async def test_a_webhook_destination_receives_the_review_events_without_the_note
     assert decided_event["data"]["properties"]["status"] == "rejected"
     raw = json.dumps([d.payload for d in receiver.deliveries])
     assert "unsigned" not in raw and "note" not in raw and tenant.actor not in raw  # no note, no reviewer
+
+
+# ---- what a user's export and erasure cover ----
+
+
+async def test_a_users_export_holds_their_reviews_and_overrides_and_erasure_removes_them(
+    client: Client, admin_engine: AsyncEngine
+) -> None:
+    tenant = await make_tenant(admin_engine, (*ALL, "users:admin"))
+    await start(client, tenant, "ada")
+    assert (await complete(client, tenant, "ada", "create-api-key")).status_code == 202
+    moved = await client.put("/v1/onboarding/ada/path", json={"path_id": "developer-quickstart"},
+                             headers=tenant.headers)  # fmt: skip
+    assert moved.status_code == 200, moved.text
+    exported = await client.get("/v1/users/ada/export", headers=tenant.headers)
+    assert exported.status_code == 200, exported.text
+    onboarding = exported.json()["onboarding"]
+    assert [(r["kind"], r["reason"], r["step_id"], r["status"]) for r in onboarding["reviews"]] == [
+        ("step", "review_step", "create-api-key", "pending")
+    ]
+    assert [(o["path_id"], o["created_by"]) for o in onboarding["overrides"]] == [
+        ("developer-quickstart", tenant.actor)
+    ]
+    erased = await client.delete("/v1/users/ada", headers=tenant.headers)
+    assert erased.status_code == 202, erased.text
+    deleted = erased.json()["rows_deleted"]
+    assert deleted["onboarding_reviews"] == 1 and deleted["onboarding_overrides"] == 1
+    async with admin_engine.connect() as conn:
+        for table in ("onboarding_reviews", "onboarding_overrides"):
+            left = await conn.scalar(
+                text(f"SELECT count(*) FROM {table} WHERE tenant_id = :t AND user_id = 'ada'"), {"t": tenant.id}
+            )
+            assert left == 0, table

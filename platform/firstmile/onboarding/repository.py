@@ -273,9 +273,16 @@ _COMPLETIONS = text(
 _COUNT = text(
     "SELECT (SELECT count(*) FROM end_users WHERE tenant_id = :t AND user_id = :u),"
     " (SELECT count(*) FROM user_progress WHERE tenant_id = :t AND user_id = :u),"
-    " (SELECT count(*) FROM step_completions WHERE tenant_id = :t AND user_id = :u)"
+    " (SELECT count(*) FROM step_completions WHERE tenant_id = :t AND user_id = :u),"
+    " (SELECT count(*) FROM onboarding_reviews WHERE tenant_id = :t AND user_id = :u),"
+    " (SELECT count(*) FROM onboarding_overrides WHERE tenant_id = :t AND user_id = :u)"
 )
-_DELETE = text("DELETE FROM end_users WHERE tenant_id = :t AND user_id = :u")  # progress and completions cascade
+# progress, completions and reviews cascade; a one-user override names the user without a foreign key
+_DELETE = text(
+    "WITH o AS (DELETE FROM onboarding_overrides WHERE tenant_id = :t AND user_id = :u RETURNING 1)"
+    " DELETE FROM end_users WHERE tenant_id = :t AND user_id = :u"
+)
+
 _BY_EMAIL = text("SELECT user_id FROM end_users WHERE tenant_id = :t AND email_index = :i ORDER BY user_id")
 
 
@@ -286,6 +293,8 @@ class HeldUser:
     profile: tuple[Any, ...] | None  # traits, pii (ciphertext), created_at, updated_at
     progress: tuple[Any, ...] | None
     completions: list[tuple[Any, ...]]
+    reviews: list[ReviewRow] = field(default_factory=list)
+    overrides: list[OverrideRow] = field(default_factory=list)
 
 
 _TRAITS = text("SELECT traits FROM end_users WHERE tenant_id = :t AND user_id = :u")
@@ -301,19 +310,27 @@ async def held_user(tx: TenantTx, user_id: str) -> HeldUser:
     row = (await tx.execute(_USER, params)).first()
     progress = (await tx.execute(_PROGRESS, params)).first()
     completions = (await tx.execute(_COMPLETIONS, params)).all()
+    reviews = [_review(r) for r in await tx.execute(_REVIEWS_OF, params)]
+    overrides = [_override(r) for r in await tx.execute(_OVERRIDES_OF, params)]
     return HeldUser(
         None if row is None else tuple(row),
         None if progress is None else tuple(progress),
         [tuple(c) for c in completions],
+        reviews,
+        overrides,
     )
 
 
 async def delete_user(tx: TenantTx, user_id: str) -> dict[str, int]:
-    """Delete the user's rows (progress and completions cascade); how many of each there were."""
+    """Delete the user's rows (progress, completions and reviews cascade; overrides of the user too); how many of
+    each there were."""
     counts = (await tx.execute(_COUNT, {"t": tx.tenant, "u": user_id})).one()
     if any(counts):
         await tx.execute(_DELETE, {"t": tx.tenant, "u": user_id})
-    return {"end_users": int(counts[0]), "user_progress": int(counts[1]), "step_completions": int(counts[2])}
+    return {
+        "end_users": int(counts[0]), "user_progress": int(counts[1]), "step_completions": int(counts[2]),
+        "onboarding_reviews": int(counts[3]), "onboarding_overrides": int(counts[4]),
+    }  # fmt: skip
 
 
 async def users_by_email_index(tx: TenantTx, index: bytes) -> list[str]:
@@ -693,3 +710,11 @@ async def logged_decisions(
         )
         for r in rows
     ]  # fmt: skip
+
+
+_REVIEWS_OF = text(
+    "SELECT " + REVIEW_COLUMNS + " FROM onboarding_reviews WHERE tenant_id = :t AND user_id = :u ORDER BY id"
+)
+_OVERRIDES_OF = text(
+    "SELECT " + OVERRIDE_COLUMNS + " FROM onboarding_overrides WHERE tenant_id = :t AND user_id = :u ORDER BY id"
+)

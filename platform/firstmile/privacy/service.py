@@ -154,6 +154,38 @@ class PrivacyService:
                     }
                     for c in held.completions
                 ],
+                "reviews": [
+                    {
+                        "id": r.id,
+                        "kind": r.kind,
+                        "reason": r.reason,
+                        "status": r.status,
+                        "path_id": r.path_key,
+                        "path_version": r.path_version,
+                        "step_id": r.step_id,
+                        "source": r.source,
+                        "occurred_at": _iso(r.occurred_at),
+                        "details": r.details,
+                        "note": r.note,
+                        "better_path": r.better_path,
+                        "decided_by": r.decided_by,
+                        "decided_at": _iso(r.decided_at),
+                        "created_at": _iso(r.created_at),
+                    }
+                    for r in held.reviews
+                ],
+                "overrides": [
+                    {
+                        "id": o.id,
+                        "path_id": o.path_key,
+                        "forced": o.forced,
+                        "reason": o.reason,
+                        "created_by": o.created_by,
+                        "created_at": _iso(o.created_at),
+                        "revoked_at": _iso(o.revoked_at),
+                    }
+                    for o in held.overrides
+                ],
             },
             "personal_data_key": keyed,
             "decisions": [
