@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from firstmile.admin.api import AdminApiController
 from firstmile.admin.experiments_api import ExperimentsAdminController
+from firstmile.admin.models_api import ModelsAdminController
 from firstmile.admin.rbac import GRANTS, Permission
 from firstmile.admin.service import AdminAuth, bootstrap_key, mint_bootstrap_token
 from firstmile.analytics.chdb_store import ChdbStore
@@ -144,7 +145,7 @@ async def test_an_expired_or_foreign_bootstrap_link_is_refused(admin_app: Client
 
 
 def test_every_admin_api_handler_declares_a_permission() -> None:
-    controllers = (AdminApiController, ExperimentsAdminController)
+    controllers = (AdminApiController, ExperimentsAdminController, ModelsAdminController)
     handlers = [getattr(c, name) for c in controllers for name in dir(c)]
     routes = [h for h in handlers if hasattr(h, "opt") and hasattr(h, "http_methods")]
     assert len(routes) >= 11
@@ -179,6 +180,10 @@ ENDPOINTS: list[tuple[str, str, Permission, Any, int, str | None]] = [
      "review-not-found"),
     ("GET", "/admin/api/overrides", Permission.REVIEWS_READ, None, 200, None),
     ("POST", "/admin/api/overrides/999999/revoke", Permission.OVERRIDES_MANAGE, None, 404, "override-not-found"),
+    ("GET", "/admin/api/models", Permission.MODELS_READ, None, 200, None),
+    ("POST", "/admin/api/models/9.9.9/promote", Permission.MODELS_PROMOTE, {"stage": "shadow"}, 404,
+     "model-version-not-found"),
+    ("POST", "/admin/api/models/9.9.9/rollback", Permission.MODELS_PROMOTE, None, 404, "model-version-not-found"),
 ]  # fmt: skip
 
 

@@ -23,7 +23,7 @@ from tests.support.browser import (
 )
 
 PAGES = {"dashboard": "/admin/", "analytics": "/admin/analytics", "experiments": "/admin/experiments",
-         "users": "/admin/users", "reviews": "/admin/reviews", "nudges": "/admin/nudges",
+         "users": "/admin/users", "reviews": "/admin/reviews", "models": "/admin/models", "nudges": "/admin/nudges",
          "audit": "/admin/audit"}  # fmt: skip
 
 

@@ -31,6 +31,7 @@ from litestar.response import Redirect
 from litestar.types import ASGIApp, Guard
 
 from firstmile.admin.experiments_api import ExperimentsAdminController
+from firstmile.admin.models_api import ModelsAdminController
 from firstmile.admin.oidc import LoginError
 from firstmile.admin.paths import PathEditor
 from firstmile.admin.rbac import Permission, permissions
@@ -556,6 +557,7 @@ def admin_api_router(auth: AuthSource) -> Router:
             AdminAnalyticsController,
             ReviewsAdminController,
             OverridesAdminController,
+            ModelsAdminController,
         ],
         middleware=[DefineMiddleware(AdminSessionMiddleware, auth=auth)],
         guards=[authorizer(auth)],

@@ -14,11 +14,13 @@ users:export              yes     yes    yes
 alerts:acknowledge        yes     yes    yes
 destinations:read         yes     yes    yes
 reviews:read              yes     yes    yes
+models:read               yes     yes    yes
 paths:write                       yes    yes
 destinations:manage               yes    yes
 reviews:decide                    yes    yes
 overrides:manage                  yes    yes
 users:erase                              yes
+models:promote                           yes
 ================== ====== ======= ====== =====
 """
 
@@ -52,14 +54,19 @@ class Permission(enum.StrEnum):
     """Approve or reject a completion, judge a model's decision right or wrong (docs/review.md)."""
     OVERRIDES_MANAGE = "overrides:manage"
     """Revoke a segment pin (a manual path override) from the admin UI."""
+    MODELS_READ = "models:read"
+    """The models page: the shared and the tenant's own path model, versions, stages, off-policy reports, history
+    and retraining flags, read-only (docs/admin-ui.md#models)."""
+    MODELS_PROMOTE = "models:promote"
+    """Promote a version of the tenant's own path model (behind the off-policy gate) and roll back."""
 
 
 _VIEWER = frozenset({Permission.PATHS_READ, Permission.ANALYTICS_READ, Permission.EXPERIMENTS_READ})
 _ANALYST = _VIEWER | {Permission.AUDIT_READ, Permission.USERS_EXPORT, Permission.ALERTS_ACKNOWLEDGE,
-                      Permission.DESTINATIONS_READ, Permission.REVIEWS_READ}  # fmt: skip
+                      Permission.DESTINATIONS_READ, Permission.REVIEWS_READ, Permission.MODELS_READ}  # fmt: skip
 _EDITOR = _ANALYST | {Permission.PATHS_WRITE, Permission.EXPERIMENTS_WRITE, Permission.DESTINATIONS_MANAGE,
                       Permission.REVIEWS_DECIDE, Permission.OVERRIDES_MANAGE}  # fmt: skip
-_OWNER = _EDITOR | {Permission.USERS_ERASE, Permission.EXPERIMENTS_APPROVE}
+_OWNER = _EDITOR | {Permission.USERS_ERASE, Permission.EXPERIMENTS_APPROVE, Permission.MODELS_PROMOTE}
 
 GRANTS: dict[str, frozenset[Permission]] = {
     "viewer": _VIEWER,

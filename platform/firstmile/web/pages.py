@@ -21,6 +21,7 @@ from litestar.response import Redirect
 
 from firstmile.admin.api import check_audit_filter, check_csrf
 from firstmile.admin.experiments_api import experiment_view
+from firstmile.admin.models_api import ModelAdmin
 from firstmile.admin.oidc import LoginError
 from firstmile.admin.paths import PathEditor
 from firstmile.admin.paths import preview as path_preview
@@ -44,6 +45,7 @@ from firstmile.nudges import service as nudges
 from firstmile.onboarding import paths, review
 from firstmile.onboarding.review import OverrideRow, ReviewRow
 from firstmile.privacy.service import PrivacyService
+from firstmile.tenancy import service as tenancy
 from firstmile.tenancy.manifest import Operator
 
 CSP = (
@@ -77,6 +79,7 @@ STATIC_TYPES = {
     "audit-verify.js": "text/javascript",
     "path-editor.js": "text/javascript",
     "reviews.js": "text/javascript",
+    "models.js": "text/javascript",
     "analytics.bundle.js": "text/javascript",
     "admin.css": "text/css",
     "favicon.svg": "image/svg+xml",
@@ -95,7 +98,7 @@ OPERATORS = get_args(Operator)
 SECTIONS = {"dashboard.html": "dashboard", "path.html": "dashboard", "experiments.html": "experiments",
             "experiment.html": "experiments", "nudges.html": "nudges", "audit.html": "audit",
             "users.html": "users", "analytics.html": "analytics", "destinations.html": "destinations",
-            "reviews.html": "reviews"}  # fmt: skip
+            "reviews.html": "reviews", "models.html": "models"}  # fmt: skip
 """The navigation entry each page belongs to (marked ``aria-current``)."""
 
 
@@ -494,6 +497,22 @@ class PagesController(Controller):
             oldest=None if oldest is None else review_age((now - oldest).total_seconds()),
             can_decide=can_decide, can_revoke=Permission.OVERRIDES_MANAGE in granted,
             selectable=any(r.status == "pending" and r.kind != "decision" for r in rows),
+        )  # fmt: skip
+
+    @get("/models", summary="The tenant's path models: versions, stages, off-policy reports, history (models:read)")
+    async def models_page(
+        self, request: Request[Any, Any, Any], admin_auth: NamedDependency[AdminAuth],
+        model_admin: NamedDependency[ModelAdmin],
+    ) -> Response[Any]:  # fmt: skip
+        auth = admin_auth
+        session = await _session_with(auth, request, Permission.MODELS_READ, "GET /admin/models", "the models")
+        settings = await auth.unit_of_work(session).run(tenancy.path_settings)
+        found = await model_admin.overview(session.tenant_slug)
+        return render(
+            auth, "models.html", session=session, csrf_token=session.csrf_token, planner_model=settings[3],
+            exploration=settings[4], shared=found["shared"], own=found["own"],
+            registry_error=found.get("registry_error"),
+            can_promote=Permission.MODELS_PROMOTE in permissions(session.roles),
         )  # fmt: skip
 
     @get("/audit", summary="The tenant's audit log, newest first (audit:read)")

@@ -19,6 +19,7 @@ from datetime import timedelta
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from firstmile.admin.models_api import ModelAdmin
 from firstmile.admin.oidc import OidcClient
 from firstmile.admin.paths import PathEditor
 from firstmile.admin.service import AdminAuth, SessionPolicy
@@ -190,6 +191,7 @@ class Container:
             max_staleness_s=settings.features.max_staleness_seconds,
         )
         self.inference, self.stages = self.overrides.inference or adapters.open_inference(settings)
+        self.model_admin = ModelAdmin(self.stages)  # the admin models page: the planner's registry
         self.experiments = ExperimentOrchestrator(timeout_s=settings.experiments.allocation_timeout_ms / 1000)
         self.onboarding = OnboardingService(
             self.catalogs,

@@ -56,6 +56,7 @@ def dependencies(container: Container) -> dict[str, Provide]:
         "push_subscriptions": "push_subscriptions",
         "inbox": "inbox",
         "embed": "embed",
+        "model_admin": "model_admin",
     }
     provided = {name: _service(container, attribute) for name, attribute in services.items()}
     provided["uow"] = Provide(_unit_of_work(container), sync_to_thread=False)
