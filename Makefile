@@ -20,7 +20,7 @@ BENCH_REGISTRY := .firstmile/bench-registry
 BENCH_MODELS := .firstmile/bench-models/registry
 PYTEST_WORKERS ?= 2
 
-.PHONY: help run install web tracking-clients test lint typecheck sdk-test pytest services services-stop bench bench-security bench-analytics bench-events bench-inference bench-planner bench-admin bench-nudges bench-experiments bench-destinations clean
+.PHONY: help run install web tracking-clients test lint typecheck sdk-test pytest services services-stop bench bench-security bench-analytics bench-events bench-inference bench-planner bench-admin bench-nudges bench-experiments bench-destinations bench-tenant-training clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -226,6 +226,16 @@ bench-destinations: $(STAMP) ## Events/s per destination type (queue + worker) v
 	  $(PG) start bench; \
 	  FIRSTMILE_BENCH_ADMIN_URL=$$($(PG) url bench) \
 	    $(BIN)/python -m benchmarks destinations --output .firstmile/bench/destinations.md
+
+bench-tenant-training: $(STAMP) ## Per-tenant training per 100k logged decisions vs the same training in memory; report in .firstmile/bench/tenant-training.md
+	@pg_port=$$($(PG) url bench | sed -E 's#.*:([0-9]+)/.*#\1#'); \
+	  pg_up=; (exec 3<>/dev/tcp/127.0.0.1/$$pg_port) 2>/dev/null && pg_up=1; \
+	  cleanup() { [ -n "$$pg_up" ] || $(PG) stop bench; }; \
+	  trap cleanup EXIT; trap 'exit 130' INT TERM; \
+	  set -e; \
+	  $(PG) start bench; \
+	  FIRSTMILE_BENCH_ADMIN_URL=$$($(PG) url bench) \
+	    nice -n 10 $(BIN)/python -m benchmarks tenant-training --output .firstmile/bench/tenant-training.md
 
 clean: ## Remove the venv and all local state (embedded database included)
 	-$(PG) stop test; $(PG) stop bench; $(KAFKA) stop test; $(KAFKA) stop bench; $(REDIS) stop test; $(REDIS) stop bench

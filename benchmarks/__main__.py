@@ -336,6 +336,26 @@ def bench_destinations(events: int, kinds: tuple[str, ...], rounds: int, admin: 
         output.write_text(report, encoding="utf-8")
 
 
+@main.command("tenant-training")
+@click.option("--decisions", default=100_000, show_default=True, type=click.IntRange(1_000, 2_000_000))
+@click.option("--admin", envvar="FIRSTMILE_BENCH_ADMIN_URL", required=True, help="The bench PostgreSQL (superuser).")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Report file.")
+def bench_tenant_training(decisions: int, admin: str, output: Path | None) -> None:
+    """`models train --tenant` end to end (read, build, train, report, register) per 100k logged decisions vs the
+    same training in memory."""
+    from benchmarks.common import BenchError
+    from benchmarks.tenant_training import run_tenant_training_benchmark
+
+    try:
+        report = run_tenant_training_benchmark(admin, decisions=decisions)
+    except BenchError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(report)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(report, encoding="utf-8")
+
+
 @main.command("cost")
 @click.option("--prices", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None)
 @click.option("--usage", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None)

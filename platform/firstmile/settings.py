@@ -625,6 +625,16 @@ class ModelSettings(_Section):
         le=3600,
         description="How long an open breaker sends every call to the fallback.",
     )
+    tenant_training_seconds: float = Field(
+        validation_alias="tenant_training_seconds",
+        default=0,
+        ge=0,
+        le=7 * 86_400,
+        description="How often the scheduler looks for tenants whose own path model is due for training "
+        "(planner.training in the manifest: schedule or drift flag), trains, registers the candidate (never "
+        "promotes) and audits each run (0: never; run `firstmile models train --tenant`). Needs the schema "
+        "owner's URL (FIRSTMILE_DATABASE_ADMIN_URL, or embedded mode).",
+    )
 
 
 class StuckSettings(_Section):

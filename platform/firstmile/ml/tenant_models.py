@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from firstmile.audit import service as audit
 from firstmile.kit.db import tenant_transaction
-from firstmile.kit.scope import OPERATOR_CLI
+from firstmile.kit.scope import OPERATOR_CLI, OperatorContext
 from firstmile.ml.planner import NUMERIC_FEATURES, TRAIT_FEATURES, FeatureReading, model_instance, tenant_model_name
 from firstmile.onboarding import service as onboarding
 from firstmile.onboarding.catalog import CatalogCache, PathCatalog
@@ -231,12 +231,19 @@ def report_text(name: str, version: str, report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-async def audit_model_event(admin_url: str, tenant_id: uuid.UUID, subject: str, payload: Mapping[str, Any]) -> None:
-    """Append a ``model`` entry to the tenant's audit log (operator:cli)."""
+async def audit_model_event(
+    admin_url: str,
+    tenant_id: uuid.UUID,
+    subject: str,
+    payload: Mapping[str, Any],
+    *,
+    operator: OperatorContext = OPERATOR_CLI,
+) -> None:
+    """Append a ``model`` entry to the tenant's audit log (``operator``: operator:cli, or the scheduler's worker)."""
     engine = create_async_engine(admin_url, pool_size=1, max_overflow=0)
     try:
-        async with tenant_transaction(engine, OPERATOR_CLI.tenant(tenant_id)) as tx:
-            await audit.append(tx, AUDIT_KIND, OPERATOR_CLI.actor, subject, dict(payload))
+        async with tenant_transaction(engine, operator.tenant(tenant_id)) as tx:
+            await audit.append(tx, AUDIT_KIND, operator.actor, subject, dict(payload))
     finally:
         await engine.dispose()
 

@@ -200,6 +200,18 @@ TENANT_PLANNER_MODEL_PATTERN = r"^(path_classifier|tenant-[a-z][a-z0-9-]{0,62}[a
 """The planner models a manifest may name: the platform's, or a tenant's own (docs/models.md#per-tenant-models)."""
 
 
+class TrainingSpec(_Model):
+    """Scheduled training of the tenant's own path model (docs/models.md#scheduled-training)."""
+
+    schedule_days: float = Field(
+        default=7.0,
+        gt=0,
+        le=365,
+        description="Train again when the tenant's last model (or last attempt) is older than this many days; a drift "
+        "flag on its model trains sooner. The candidate is registered, never promoted.",
+    )
+
+
 class PlannerSpec(_Model):
     """How the path planner chooses: a registered model first (rules and the default path as fallbacks)."""
 
@@ -215,6 +227,11 @@ class PlannerSpec(_Model):
     exploration: ExplorationSpec | None = Field(
         default=None,
         description="Exploration over the eligible paths, recorded with each decision. Omitted: none (epsilon 0).",
+    )
+    training: TrainingSpec | None = Field(
+        default=None,
+        description="Opt in to scheduled training of tenant-<slug>.path_classifier on the tenant's logged decisions "
+        "(the tenant-model-training task, FIRSTMILE_TENANT_TRAINING_SECONDS). Omitted: trained only on request.",
     )
 
 
@@ -981,8 +998,10 @@ class TenantManifest(_Model):
         unset: dict[str, Any] = {name: True for name in _LATER_SECTIONS if getattr(self, name) is None}
         if self.sso is not None and not self.sso.machine_clients:
             unset["sso"] = {"machine_clients": True}  # added to sso later: an sso section without it keeps its hash
-        if self.planner is not None and self.planner.exploration is None:
-            unset["planner"] = {"exploration": True}  # added to planner later: unset, the hash stays
+        if self.planner is not None:  # fields added to planner later: unset, the hash stays
+            later_planner = {name: True for name in ("exploration", "training") if getattr(self.planner, name) is None}
+            if later_planner:
+                unset["planner"] = later_planner
         if self.nudges is not None:  # fields added to nudges later: left at their defaults, the hash stays
             later: dict[str, Any] = {}
             if self.nudges.policy is not None and self.nudges.policy.default_categories is None:

@@ -247,3 +247,16 @@ async def bump_revision(tx: TenantTx) -> int:
         .returning(tenants.c.revision)
     )
     return int(result.scalar_one())
+
+
+_TRAINING_TENANTS = text(
+    "SELECT id, slug, manifest -> 'planner' FROM tenants"
+    " WHERE jsonb_typeof(manifest -> 'planner' -> 'training') = 'object' ORDER BY slug"
+)
+
+
+async def training_tenants(conn: AsyncConnection) -> list[tuple[uuid.UUID, str, dict[str, Any]]]:
+    """Across tenants (as the schema owner): those whose manifest asks for scheduled training, with their
+    ``planner`` section."""
+    rows = (await conn.execute(_TRAINING_TENANTS)).all()
+    return [(r[0], str(r[1]), r[2] if isinstance(r[2], dict) else {}) for r in rows]

@@ -71,6 +71,12 @@ class CreatedKey:
 # ---------------------------------------------------------------- before a tenant is known
 
 
+async def training_tenants(conn: AsyncConnection) -> list[tuple[uuid.UUID, str, dict[str, Any]]]:
+    """The tenants whose manifest opts in to scheduled model training, with their planner settings (an operator
+    read across tenants, as the schema owner)."""
+    return await repo.training_tenants(conn)
+
+
 async def find_tenant(conn: AsyncConnection, slug: str) -> TenantRow | None:
     """The tenant of ``slug`` (operator commands, as the schema owner)."""
     return await repo.tenant_by_slug(conn, slug)

@@ -58,6 +58,7 @@ from firstmile.ml.nudge_prior import NUDGE_MODEL, ModelResponsePrior
 from firstmile.ml.online import PlannerFeatures, StoreActivity
 from firstmile.ml.planner import PATH_MODEL, AdaptivePlanner
 from firstmile.ml.stuck import ModelStuckDetector
+from firstmile.ml.tenant_training import TenantTrainer
 from firstmile.nudges.consumer import NudgeTriggers
 from firstmile.nudges.inapp import InAppHub, InAppInbox
 from firstmile.nudges.links import LinkSigner
@@ -76,6 +77,7 @@ from firstmile.security.datakeys import DataKeyService, ManifestProviders
 from firstmile.settings import Settings
 from firstmile.sso.events import KeycloakEventSync
 from firstmile.wiring import adapters
+from firstmile.wiring.embedded import resolve_database
 
 log = logging.getLogger("firstmile.wiring")
 
@@ -362,6 +364,30 @@ class Container:
                 self.engine, self.nudges, prior=ModelResponsePrior(self.inference, self.feature_reader)
             )
             supervisor.every("nudge-triggers", settings.nudges.trigger_scan_seconds, triggers.run_once)
+        # Per-tenant path models: the opted-in tenants trained when due (schedule or drift), never promoted.
+        if settings.models.tenant_training_seconds > 0:
+            trainer = self._tenant_trainer()
+            if trainer is not None:
+                supervisor.every("tenant-model-training", settings.models.tenant_training_seconds, trainer.run_once)
+
+    def _tenant_trainer(self) -> TenantTrainer | None:
+        """The ``tenant-model-training`` task, when the schema owner's URL and the inference package are at hand."""
+        database = self.settings.database
+        if database.admin_url is not None:
+            admin_url = database.admin_url.get_secret_value()
+        elif database.url is None:  # embedded: the operator commands' own URL
+            admin_url = resolve_database(self.settings).admin
+        else:
+            log.warning(
+                "tenant-model-training not started: it reads as the schema owner (FIRSTMILE_DATABASE_ADMIN_URL)"
+            )
+            return None
+        try:
+            from firstmile_inference.registry import Registry
+        except ImportError:
+            log.warning("tenant-model-training not started: firstmile_inference is not installed")
+            return None
+        return TenantTrainer(admin_url, Registry(adapters.registry_uri(self.settings)))
 
     def _audit_log(self) -> None:
         """The audit sequencer and checkpointer: in ``serve``/``dev``, or in ``firstmile sequencer`` (Kubernetes)."""
