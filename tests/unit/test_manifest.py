@@ -194,6 +194,7 @@ def test_machine_clients_change_the_hash_only_when_set() -> None:
         mode="json", exclude={"keys", "planner", "pii_traits", "limits", "experiments", "alerts", "destinations"}
     )
     del canonical["sso"]["machine_clients"]
+    _drop_auto_validation(canonical)  # steps written before `validation` existed keep theirs too
     # and so do nudges sections written before consent categories existed
     del canonical["nudges"]["policy"]["default_categories"]
     for trigger in canonical["nudges"]["triggers"]:
@@ -216,6 +217,7 @@ def test_planner_exploration_is_bounded_and_leaves_existing_hashes_alone(tmp_pat
     )
     assert canonical["planner"].pop("exploration") is None
     assert canonical["planner"].pop("training") is None  # added later still (scheduled training)
+    _drop_auto_validation(canonical)
     del canonical["nudges"]["policy"]["default_categories"]
     for trigger in canonical["nudges"]["triggers"]:
         trigger.pop("category")
@@ -243,3 +245,23 @@ def test_planner_exploration_is_bounded_and_leaves_existing_hashes_alone(tmp_pat
         with pytest.raises(ManifestError, match=message) as err:
             load_manifest(path)
         assert "planner.exploration" in str(err.value)
+
+
+def _drop_auto_validation(canonical: dict[str, Any]) -> None:
+    """What content_hash leaves out of every path: a step's `validation` at its default (added later)."""
+    for path in canonical["paths"]:
+        for step in path["steps"]:
+            if step.get("validation") == "auto":
+                del step["validation"]
+
+
+def test_a_steps_validation_changes_the_hash_only_when_review() -> None:
+    doc = demo_document()
+    for path in doc["paths"]:
+        for step in path["steps"]:
+            step.pop("validation", None)
+    plain = TenantManifest.model_validate(doc).content_hash()
+    doc["paths"][0]["steps"][0]["validation"] = "auto"
+    assert TenantManifest.model_validate(doc).content_hash() == plain  # the default, written out: same revision
+    doc["paths"][0]["steps"][0]["validation"] = "review"
+    assert TenantManifest.model_validate(doc).content_hash() != plain

@@ -75,6 +75,9 @@ def plain_exclusions(manifest: TenantManifest) -> dict[str, Any]:
     later = {"keys", "pii_traits", "limits", "experiments", "alerts", "destinations", "sso"}
     excluded: dict[str, Any] = {name: True for name in later if getattr(manifest, name) is None}
     excluded["planner"] = {"training": True}
+    auto = {i: {"steps": {j: {"validation": True} for j, s in enumerate(p.steps) if s.validation == "auto"}}
+            for i, p in enumerate(manifest.paths)}  # fmt: skip
+    excluded["paths"] = {i: a for i, a in auto.items() if a["steps"]}
     if manifest.nudges is not None:
         nudges: dict[str, Any] = {}
         if manifest.nudges.policy is not None and manifest.nudges.policy.default_categories is None:

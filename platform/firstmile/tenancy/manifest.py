@@ -998,6 +998,12 @@ class TenantManifest(_Model):
         unset: dict[str, Any] = {name: True for name in _LATER_SECTIONS if getattr(self, name) is None}
         if self.sso is not None and not self.sso.machine_clients:
             unset["sso"] = {"machine_clients": True}  # added to sso later: an sso section without it keeps its hash
+        auto = {  # steps' validation, added later: at its default (auto) it is left out, the hash stays
+            i: {"steps": {j: {"validation": True} for j, s in enumerate(p.steps) if s.validation == "auto"}}
+            for i, p in enumerate(self.paths)
+        }
+        if any(a["steps"] for a in auto.values()):
+            unset["paths"] = {i: a for i, a in auto.items() if a["steps"]}
         if self.planner is not None:  # fields added to planner later: unset, the hash stays
             later_planner = {name: True for name in ("exploration", "training") if getattr(self.planner, name) is None}
             if later_planner:
