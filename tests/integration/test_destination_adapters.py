@@ -18,6 +18,7 @@ A new adapter joins the suite as one more :class:`AdapterCase` in :data:`CASES`.
 from __future__ import annotations
 
 import base64
+import json
 import ssl
 import time
 import uuid
@@ -33,7 +34,7 @@ import pytest
 
 from firstmile.destinations.amplitude import THROTTLE_PAUSE_S, AmplitudeDestination
 from firstmile.destinations.intercom import INTERCOM_API_VERSION, IntercomDestination
-from firstmile.destinations.mixpanel import MixpanelDestination
+from firstmile.destinations.mixpanel import MIXPANEL_MAX_BATCH, MIXPANEL_MAX_BYTES, MixpanelDestination
 from firstmile.destinations.port import (
     Delivered,
     Destination,
@@ -567,6 +568,28 @@ async def test_mixpanel_rejects_an_event_with_too_many_properties_alone() -> Non
     assert sorted(standin.events) == sorted([STARTED_ADA.idempotency_key, STUCK_BOB.idempotency_key])
 
 
+async def test_mixpanel_sends_up_to_2000_events_and_2_mb_in_one_request() -> None:
+    """Mixpanel's documented limits per request ("Track Events": 2,000 events, 2 MB of uncompressed JSON), not the
+    library's ``BufferedConsumer`` 50: 2,000 small events are one request; events of 30 KB go 66 to a request."""
+    small = [replace(STUCK_BOB, event_id=uuid.UUID(int=0xE000 + i), user_id=f"u-{i % 300}") for i in range(2000)]
+    wide = [replace(STUCK_BOB, event_id=uuid.UUID(int=0xF000 + i), properties={"blob": "x" * 30_000})
+            for i in range(70)]  # fmt: skip
+    assert MIXPANEL_MAX_BATCH == 2000 and MIXPANEL_MAX_BYTES == 2_000_000
+    with _mixpanel_vendor() as standin:
+        adapter = _mixpanel_adapter(standin, 10.0)
+        try:
+            assert await adapter.deliver(small) == [Delivered()] * len(small)
+            assert [len(b) for b in standin.payloads("POST", "/track")] == [2000]
+            assert await adapter.deliver(wide) == [Delivered()] * len(wide)
+        finally:
+            await adapter.close()
+    batches = standin.payloads("POST", "/track")[1:]
+    assert [len(b) for b in batches] == [66, 4]
+    assert all(len(json.dumps(b, separators=(",", ":"))) <= MIXPANEL_MAX_BYTES for b in batches)
+    assert [e["properties"]["$insert_id"] for b in batches for e in b] == [e.idempotency_key for e in wide]
+    assert len(standin.events) == len(small) + len(wide)
+
+
 async def test_mixpanel_reads_a_base64_data_form_too() -> None:
     """The stand-in takes ``data`` as Mixpanel documents it (base64 of JSON), not only as the library sends it."""
     with _mixpanel_vendor() as standin:
@@ -594,6 +617,22 @@ async def test_amplitude_rejects_the_events_a_400_names_and_resends_the_rest_onc
     second = standin.payloads("POST", "/2/httpapi")
     assert [e["insert_id"] for e in second[0]["events"]] == [TRACKS[0].idempotency_key, TRACKS[2].idempotency_key]
     assert sorted(standin.events) == sorted([TRACKS[0].idempotency_key, TRACKS[2].idempotency_key])
+
+
+async def test_amplitude_sends_a_call_of_500_events_as_one_request() -> None:
+    """A call is one flush of one request (``flush_queue_size`` 500; Amplitude takes up to 2,000 events), every
+    event's result read from the SDK's callback."""
+    batch = [replace(STUCK_BOB, event_id=uuid.UUID(int=0xE800 + i), user_id=f"u-{i % 50:03d}") for i in range(500)]
+    with AmplitudeStandIn() as standin:
+        adapter = _amplitude_adapter(standin, 10.0)
+        try:
+            assert adapter.max_batch == 500
+            assert await adapter.deliver(batch) == [Delivered()] * len(batch)
+        finally:
+            await adapter.close()
+    [request] = standin.payloads("POST", "/2/httpapi")
+    assert [e["insert_id"] for e in request["events"]] == [e.idempotency_key for e in batch]
+    assert len(standin.events) == len(batch)
 
 
 async def test_amplitude_takes_short_user_ids() -> None:

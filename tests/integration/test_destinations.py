@@ -289,6 +289,73 @@ async def test_a_batch_is_at_most_max_batch_events_oldest_first(stack: Stack) ->
         assert (done.batches, done.sent) == (1, 2)  # the rest (then an empty claim ends the task)
 
 
+async def _claims(stack: Stack, tenant: TenantFixture, name: str) -> list[set[tuple[str, str]]]:
+    """The destination's claims now, oldest first: each one's rows as ``(user, event name)``."""
+    async with stack.admin.connect() as conn:
+        rows = await conn.execute(
+            text("SELECT claim_id, user_id, name FROM destination_queue WHERE tenant_id = :t AND destination = :d"
+                 " AND claim_id IS NOT NULL AND status = 'pending' ORDER BY id"),
+            {"t": tenant.id, "d": name},
+        )  # fmt: skip
+        found: dict[str, set[tuple[str, str]]] = {}
+        for claim_id, user, event in rows:
+            found.setdefault(str(claim_id), set()).add((str(user), str(event)))
+        return list(found.values())
+
+
+async def test_the_next_batch_is_claimed_while_one_is_sent_and_each_users_events_stay_in_order(stack: Stack) -> None:
+    """While a batch is sent the worker records the previous one and claims the next, which may hold later events of
+    the users in flight (sent after them); a user whose event the vendor did not take has their later events held
+    back, unsent; a batch that fails whole stops the pass and gives the batch claimed after it back, its attempt
+    uncounted; in the end every event arrived once, each user's in order."""
+    secret = new_webhook_secret()
+    with WebhookReceiver(secret) as receiver:
+        tenant = await stack.tenant([hook("hooks", receiver.url, max_batch=2)])
+        await stack.credentials(tenant, "hooks", {"secret": secret})
+        users = [f"q{i}" for i in range(5)]
+        for user in users:  # three rows each, queued user after user: a user's rows span two batches of two
+            await stack.start(tenant, user)
+            await stack.complete(tenant, user, STEPS[0])
+        await stack.feed(tenant)
+        receiver.hold(after=1)  # q0's identify is answered; every later request is held until the client's 2 s
+        worker = stack.worker()
+        delivering = asyncio.create_task(worker.deliver_destination(OPS.tenant(tenant.id), "hooks"))
+        identify, started, step = "identify", "Onboarding Started", "Onboarding Step Completed"
+
+        async def claimed(*expected: set[tuple[str, str]]) -> bool:
+            return await _claims(stack, tenant, "hooks") == list(expected)
+
+        # q0's batch in flight (its start held); the next claimed meanwhile: q0's step (sent after q0's batch) first
+        first, ahead = {("q0", identify), ("q0", started)}, {("q0", step), ("q1", identify)}
+        await until(lambda: claimed(first, ahead), what="the next batch claimed while q0's is sent")
+        # q0's start timed out (a retry): q0's step is held back, unsent; q1's identify is sent (held), and the
+        # batch after it claimed meanwhile, without q0
+        await until(lambda: claimed(ahead, {("q1", started), ("q1", step)}), what="the third batch claimed")
+        done = await delivering
+        assert (done.batches, done.sent, done.retried) == (2, 1, 2)  # q1's batch failed whole: the pass stopped
+        rows = {(r["user_id"], r["name"]): r for r in await stack.queue(tenant, "hooks")}
+        assert {k: (r["status"], r["attempts"]) for k, r in rows.items() if k[0] in ("q0", "q1")} == {
+            ("q0", identify): ("done", 1),
+            ("q0", started): ("pending", 1),  # the retry
+            ("q0", step): ("pending", 0),  # held back behind it, unsent: the attempt is not counted
+            ("q1", identify): ("pending", 1),  # the retry of the batch that failed whole
+            ("q1", started): ("pending", 0),  # claimed ahead, given back
+            ("q1", step): ("pending", 0),
+        }
+        assert await _claims(stack, tenant, "hooks") == []
+        assert [d.payload["data"]["user_id"] for d in receiver.deliveries] == ["q0", "q0", "q1"]  # nothing of q0's step
+        receiver.recover()
+
+        async def delivered() -> bool:
+            await worker.deliver_destination(OPS.tenant(tenant.id), "hooks")
+            return {r["status"] for r in await stack.queue(tenant, "hooks")} == {"done"}
+
+        await until(delivered, what="every event delivered")
+    assert len(receiver.unique()) == 3 * len(users)
+    for user in users:
+        assert in_order(receiver, user) == [identify, started, step]
+
+
 async def test_a_failing_destination_holds_back_neither_another_destination_nor_its_other_events(
     stack: Stack,
 ) -> None:
@@ -350,10 +417,14 @@ async def _requested(receiver: WebhookReceiver) -> bool:
     return bool(receiver.requests)
 
 
-async def test_an_outage_then_recovery_delivers_everything_once_and_in_order_per_user(stack: Stack) -> None:
+@pytest.mark.parametrize("batch", [None, 4], ids=["one-batch", "batches-of-4"])
+async def test_an_outage_then_recovery_delivers_everything_once_and_in_order_per_user(
+    stack: Stack, batch: int | None
+) -> None:
+    """In batches of 4 a user's six events span batches, the next claimed while one is sent."""
     secret = new_webhook_secret()
     with WebhookReceiver(secret) as receiver:
-        tenant = await stack.tenant([hook("hooks", receiver.url)])
+        tenant = await stack.tenant([hook("hooks", receiver.url, **({"max_batch": batch} if batch else {}))])
         await stack.credentials(tenant, "hooks", {"secret": secret})
         users = [f"o{i}" for i in range(4)]
         for user in users:

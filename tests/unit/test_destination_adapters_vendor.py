@@ -261,7 +261,7 @@ async def test_each_adapter_names_its_kind_and_batch() -> None:
     ]
     try:
         assert [(a.kind, a.max_batch) for a in adapters] == [
-            ("segment", 1000), ("mixpanel", 1000), ("amplitude", 500), ("intercom", 25)]  # fmt: skip
+            ("segment", 1000), ("mixpanel", 500), ("amplitude", 500), ("intercom", 25)]  # fmt: skip
     finally:
         for adapter in adapters:
             await adapter.close()

@@ -36,8 +36,9 @@ auth with the API key and the secret key, ``{"user_ids": [user], "requester", "i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future as ThreadFuture
 from dataclasses import dataclass
 from typing import Any
@@ -51,12 +52,13 @@ from amplitude.storage import InMemoryStorage, StorageProvider
 from firstmile.destinations.port import Delivered, ErasureOutcome, OutboundEvent, Outcome, Rejected, Retry
 from firstmile.destinations.vendor import epoch_ms, profile_of, properties_of, scalar_text
 
-AMPLITUDE_MAX_BATCH = 100
-"""Events per request (Amplitude takes up to 2,000 and 1 MB; the SDK's default is 200)."""
+AMPLITUDE_MAX_BATCH = 500
+"""Events per request, the SDK's ``flush_queue_size`` (its default is 200; Amplitude takes up to 2,000 events and
+1 MB per request: 500 of the lifecycle events, a few hundred bytes each, stay well within; a ``413`` makes the SDK
+halve its requests)."""
 AMPLITUDE_CALL_BATCH = 500
-"""Events one :meth:`deliver` takes (the worker's batch): the SDK's flush splits them into requests of
-``AMPLITUDE_MAX_BATCH`` (its ``flush_queue_size``), sent by its worker threads; one claim and one record in
-PostgreSQL then serve several requests (``make bench-destinations``)."""
+"""Events one :meth:`deliver` takes (the worker's batch), one request of ``AMPLITUDE_MAX_BATCH``: one flush, sent
+while the delivery worker records the previous batch and claims the next (``worker.py``)."""
 THROTTLE_PAUSE_S = 30.0
 """How long Amplitude asks a throttled user or device to wait after a ``429``."""
 REQUESTER = "firstmile"
@@ -68,6 +70,63 @@ _NOT_RETRIED = "Event reached max retry times"
 class _Result:
     code: int
     message: str
+
+
+class _Round:
+    """The results one flush waits for, by ``insert_id``: recorded by the SDK's threads (its callback), awaited by
+    the event loop, which is woken once when the last one is in or the SDK's requests ended (not once per event)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, keys: Iterable[str] = ()) -> None:
+        self.loop = loop
+        self.missing = set(keys)
+        self.results: dict[str, _Result] = {}
+        self.done = asyncio.Event()
+        self._lock = threading.Lock()
+        self._requests = 0
+
+    def expect(self, keys: Iterable[str]) -> None:
+        """Wait for these keys too (before their events are pushed)."""
+        with self._lock:
+            self.missing.update(keys)
+
+    def record(self, key: str, result: _Result) -> None:
+        """A result from the SDK (in its thread): the first one per key counts."""
+        with self._lock:
+            if key not in self.missing:
+                return
+            self.missing.discard(key)
+            self.results[key] = result
+            last = not self.missing
+        if last:
+            _call_soon(self.loop, self.done.set)
+
+    def watch(self, flushed: list[ThreadFuture[Any]]) -> None:
+        """End the round when the SDK's requests of this flush have ended (at once when it sent none)."""
+        if not flushed:
+            self.end("the SDK sent nothing")
+            return
+        self._requests = len(flushed)
+        for sent in flushed:
+            sent.add_done_callback(self._ended)
+
+    def _ended(self, sent: ThreadFuture[Any]) -> None:
+        """A request's future is done (in the SDK's thread): every result of it was recorded before."""
+        error = None if sent.cancelled() else sent.exception()  # cancelled: the adapter closed
+        with self._lock:
+            self._requests -= 1
+            last = self._requests <= 0
+        if error is not None:
+            self.end(f"{type(error).__name__}: {error}")
+        elif last:
+            self.end("no result (an invalid API key?)")
+
+    def end(self, reason: str) -> None:
+        """The SDK's requests ended: what has no result by now gets none (a dropped connection, an invalid key)."""
+        with self._lock:
+            for key in self.missing:
+                self.results[key] = _Result(0, f"Amplitude's SDK ended the request without a result: {reason}")
+            self.missing.clear()
+        _call_soon(self.loop, self.done.set)
 
 
 class _Provider(StorageProvider):  # type: ignore[misc]  # the SDK is untyped
@@ -102,7 +161,7 @@ class AmplitudeDestination:
         self.deletion_url = deletion_url
         self.timeout_s = timeout_s
         self._provider = _Provider()
-        self._waiting: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Future[_Result]]]] = {}
+        self._waiting: dict[str, list[_Round]] = {}
         self._waiting_lock = threading.Lock()
         self._serial = asyncio.Lock()
         config = Config(
@@ -147,6 +206,18 @@ class AmplitudeDestination:
 
     async def deliver(self, events: Sequence[OutboundEvent]) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(events)
+        async with self._serial:
+            built, results = await self._round(events, None, outcomes)
+            # the valid events of a partly refused request: sent once more, as Amplitude asks
+            again = {i: built[i] for i, r in results.items() if r is not None and _not_retried(r)}
+            if again:
+                results |= (await self._round(events, again, outcomes))[1]  # the SDK sent copies: these are fresh
+        for i, result in results.items():
+            outcomes[i] = _outcome(result, self.timeout_s)
+        return [o if o is not None else Retry("no result from Amplitude's SDK") for o in outcomes]
+
+    def _build(self, events: Sequence[OutboundEvent], outcomes: list[Outcome | None]) -> dict[int, BaseEvent]:
+        """The SDK event of each event to send, by index; ``outcomes`` gets those of the others."""
         built: dict[int, BaseEvent] = {}
         for i, event in enumerate(events):
             if not event.user_id or not event.name:
@@ -157,40 +228,43 @@ class AmplitudeDestination:
                 outcomes[i] = Delivered()  # an identify with nothing to set: nothing to send
             else:
                 built[i] = sdk_event
-        async with self._serial:
-            results = await self._round(events, built)
-            # the valid events of a partly refused request: sent once more, as Amplitude asks
-            again = {i: built[i] for i, r in results.items() if r is not None and _not_retried(r)}
-            if again:
-                results |= await self._round(events, again)  # the SDK sent copies: these are fresh
-        for i, result in results.items():
-            outcomes[i] = _outcome(result, self.timeout_s)
-        return [o if o is not None else Retry("no result from Amplitude's SDK") for o in outcomes]
+        return built
 
-    async def _round(self, events: Sequence[OutboundEvent], built: dict[int, BaseEvent]) -> dict[int, _Result | None]:
-        """Push ``built`` as one flush and wait for each event's result (``None``: none within ``timeout_s``)."""
-        if not built:
-            return {}
-        loop = asyncio.get_running_loop()
-        futures: dict[int, asyncio.Future[_Result]] = {}
-        with self._waiting_lock:
-            for i in built:
-                future: asyncio.Future[_Result] = loop.create_future()
-                futures[i] = future
-                self._waiting.setdefault(events[i].idempotency_key, []).append((loop, future))
+    async def _round(
+        self, events: Sequence[OutboundEvent], built: dict[int, BaseEvent] | None, outcomes: list[Outcome | None]
+    ) -> tuple[dict[int, BaseEvent], dict[int, _Result | None]]:
+        """Push the SDK events (``built``, or built here from ``events``) as one flush and wait for each one's
+        result (``None``: none within ``timeout_s``); the SDK events pushed, and their results."""
+        waiting = _Round(asyncio.get_running_loop(), set())
+        keys: dict[int, str] = {}
+
+        def push() -> tuple[dict[int, BaseEvent], list[ThreadFuture[Any]]]:
+            # in a thread, as the SDK's own work: building the SDK's events, then tracking them, costs CPU that
+            # would otherwise hold the event loop (one thread hop for both)
+            pushed = built if built is not None else self._build(events, outcomes)
+            keys.update((i, events[i].idempotency_key) for i in pushed)
+            waiting.expect(keys.values())
+            with self._waiting_lock:
+                for key in set(keys.values()):
+                    self._waiting.setdefault(key, []).append(waiting)
+            return pushed, self._push(list(pushed.values())) if pushed else []
+
         try:
-            flushed = await asyncio.to_thread(self._push, list(built.values()))
-            for sent in flushed:
-                sent.add_done_callback(lambda done: _call_soon(loop, _fail_unanswered, futures, done))
-            await asyncio.wait(futures.values(), timeout=self.timeout_s)
+            pushed, flushed = await asyncio.to_thread(push)
+            if not pushed:
+                return pushed, {}
+            waiting.watch(flushed)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waiting.done.wait(), self.timeout_s)
         finally:
             with self._waiting_lock:
-                for i, future in futures.items():
-                    waiting = self._waiting.get(events[i].idempotency_key, [])
-                    waiting[:] = [(lp, f) for lp, f in waiting if f is not future]
-                    if not waiting:
-                        self._waiting.pop(events[i].idempotency_key, None)
-        return {i: (f.result() if f.done() and not f.cancelled() else None) for i, f in futures.items()}
+                for key in set(keys.values()):
+                    rounds = self._waiting.get(key, [])
+                    rounds[:] = [r for r in rounds if r is not waiting]
+                    if not rounds:
+                        self._waiting.pop(key, None)
+        found = dict(waiting.results)
+        return pushed, {i: found.get(key) for i, key in keys.items()}
 
     def _push(self, batch: list[BaseEvent]) -> list[ThreadFuture[Any]]:
         """Track ``batch`` and start the SDK's flush, holding its buffer so that its own timer takes none of it."""
@@ -201,11 +275,12 @@ class AmplitudeDestination:
         return [f for f in flushed if isinstance(f, ThreadFuture)]
 
     def _on_result(self, event: BaseEvent, code: int, message: str | None) -> None:
-        """The SDK's callback (in its worker thread): resolve whoever waits for this ``insert_id``."""
+        """The SDK's callback (in its worker thread): record the result for whoever waits for this ``insert_id``."""
+        key = event.insert_id or ""
         with self._waiting_lock:
-            waiting = list(self._waiting.get(event.insert_id or "", []))
-        for loop, future in waiting:
-            _call_soon(loop, _resolve, future, _Result(int(code), message or ""))
+            rounds = list(self._waiting.get(key, ()))
+        for waiting in rounds:
+            waiting.record(key, _Result(int(code), message or ""))
 
     async def erase(self, user_id: str) -> ErasureOutcome:
         if self.secret_key is None:
@@ -245,8 +320,14 @@ class AmplitudeDestination:
 
 def _acceptable(properties: dict[str, Any]) -> dict[str, Any]:
     """Properties the SDK takes: a value it would refuse (a list of lists, a ``None`` in a list) as its JSON
-    text, since the SDK drops a whole property map over one such value."""
-    return {k: v if is_validate_properties(k, v) else scalar_text(v) for k, v in properties.items()}
+    text, since the SDK drops a whole property map over one such value. (A scalar, as lifecycle properties
+    are, is always taken: only nested values need the SDK's check.)"""
+    return {
+        k: v if type(v) in _SCALARS or is_validate_properties(k, v) else scalar_text(v) for k, v in properties.items()
+    }
+
+
+_SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> None:
@@ -255,19 +336,6 @@ def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *
         loop.call_soon_threadsafe(callback, *args)
     except RuntimeError:  # the loop was closed: the call that waited ended long ago
         return
-
-
-def _resolve(future: asyncio.Future[_Result], result: _Result) -> None:
-    if not future.done():
-        future.set_result(result)
-
-
-def _fail_unanswered(futures: dict[int, asyncio.Future[_Result]], sent: ThreadFuture[Any]) -> None:
-    """The SDK's request ended without a result for some events (a dropped connection, an invalid API key)."""
-    error = sent.exception()
-    reason = f"{type(error).__name__}: {error}" if error is not None else "no result (an invalid API key?)"
-    for future in futures.values():
-        _resolve(future, _Result(0, f"Amplitude's SDK ended the request without a result: {reason}"))
 
 
 def _not_retried(result: _Result) -> bool:

@@ -62,12 +62,16 @@ from firstmile.destinations.vendor import (
     retry_after_seconds,
 )
 
-MIXPANEL_MAX_BATCH = 50
-"""Messages per request: the library's ``BufferedConsumer`` sends at most 50 (Mixpanel takes up to 2,000)."""
-MIXPANEL_CALL_BATCH = 1000
-"""Events one :meth:`deliver` takes (the worker's batch), sent in requests of at most ``MIXPANEL_MAX_BATCH`` each: one
-claim and one record in PostgreSQL then serve several requests (``make bench-destinations``: at one request
-per batch, the worker's two transactions, not the vendor, set the rate)."""
+MIXPANEL_MAX_BATCH = 2000
+"""Messages per request: Mixpanel's documented limit for ``/track``, ``/import`` and ``/engage`` ("Track Events",
+"Import Events": 2,000 events per request; "User Profile Limits": 2,000 updates). The library's
+``BufferedConsumer`` sends 50 (its ``max_size`` stops at 50): a round trip for every 50 events."""
+MIXPANEL_MAX_BYTES = 2_000_000
+"""JSON bytes per request at most: Mixpanel's documented 2 MB of uncompressed JSON per request."""
+MIXPANEL_CALL_BATCH = 500
+"""Events one :meth:`deliver` takes (the worker's batch): one request of small events, sent while the delivery
+worker records the previous batch and claims the next (``worker.py``). In ``make bench-destinations`` 500 did at
+least as well as 1,000 or 2,000: PostgreSQL's work per batch then overlaps a shorter send."""
 TRACK_WINDOW = timedelta(days=5)
 """How old an event ``/track`` still keeps."""
 TRACK_MARGIN = timedelta(hours=1)
@@ -152,6 +156,7 @@ class MixpanelDestination:
         session.mount("http://", self._transport)
         self._capture = _Capture()
         self._builder = Mixpanel(project_token, consumer=self._capture)
+        self._building = threading.Lock()
 
     @property
     def kind(self) -> str:
@@ -164,6 +169,10 @@ class MixpanelDestination:
     def message(self, event: OutboundEvent, now: datetime | None = None) -> tuple[str, str] | None:
         """``(endpoint, JSON message)`` of ``event`` as the library builds it; ``None`` for an event ``/track``
         would drop and no API secret to ``/import`` it."""
+        with self._building:  # one message at a time through the library's builder and its capture
+            return self._message(event, now)
+
+    def _message(self, event: OutboundEvent, now: datetime | None) -> tuple[str, str] | None:
         if event.kind == "identify":
             profile = {RESERVED_PROFILE.get(k, k): v for k, v in profile_of(event).items()}
             moment = round(as_utc(event.occurred_at).timestamp(), 3)
@@ -181,7 +190,24 @@ class MixpanelDestination:
         return self._capture.take()
 
     async def deliver(self, events: Sequence[OutboundEvent]) -> list[Outcome]:
-        now = datetime.now(UTC)
+        # the messages are built in a thread, as they are sent: the event loop stays free meanwhile
+        built, decided = await asyncio.to_thread(self._messages, events, datetime.now(UTC))
+        keys = [m[0] if m is not None else None for m in built]
+        sizes = [len(m[1]) + 1 if m is not None else 0 for m in built]  # ASCII JSON (the library's), and a comma
+        groups = groups_by(keys, MIXPANEL_MAX_BATCH, sizes, MIXPANEL_MAX_BYTES)
+
+        async def send(indices: Sequence[int]) -> Answer:
+            endpoint = keys[indices[0]]
+            assert endpoint is not None
+            payload = "[" + ",".join(built[i][1] for i in indices if built[i] is not None) + "]"  # type: ignore[index]
+            return await self._send(endpoint, payload)
+
+        return await deliver_groups(len(events), groups, send, outcomes=decided)
+
+    def _messages(
+        self, events: Sequence[OutboundEvent], now: datetime
+    ) -> tuple[list[tuple[str, str] | None], list[Outcome | None]]:
+        """Each event's message (``None``: not sent) and the outcomes decided already (those not sent)."""
         built: list[tuple[str, str] | None] = []
         decided: list[Outcome | None] = []
         for event in events:
@@ -195,16 +221,7 @@ class MixpanelDestination:
                     " so they go to /import, then replay the dead letters"
                 )
             )
-        keys = [m[0] if m is not None else None for m in built]
-        groups = groups_by(keys, MIXPANEL_MAX_BATCH)
-
-        async def send(indices: Sequence[int]) -> Answer:
-            endpoint = keys[indices[0]]
-            assert endpoint is not None
-            payload = "[" + ",".join(built[i][1] for i in indices if built[i] is not None) + "]"  # type: ignore[index]
-            return await self._send(endpoint, payload)
-
-        return await deliver_groups(len(events), groups, send, outcomes=decided)
+        return built, decided
 
     async def _send(self, endpoint: str, payload: str) -> Answer:
         try:
@@ -232,8 +249,9 @@ class MixpanelDestination:
         return Sent()
 
     async def erase(self, user_id: str) -> ErasureOutcome:
-        self._builder.people_delete(user_id)
-        endpoint, message = self._capture.take()
+        with self._building:
+            self._builder.people_delete(user_id)
+            endpoint, message = self._capture.take()
         answer = await self._send(endpoint, "[" + message + "]")
         if isinstance(answer, Sent):
             return ErasureOutcome(
@@ -264,4 +282,11 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-__all__ = ["MIXPANEL_CALL_BATCH", "MIXPANEL_MAX_BATCH", "RESERVED_PROFILE", "TRACK_WINDOW", "MixpanelDestination"]
+__all__ = [
+    "MIXPANEL_CALL_BATCH",
+    "MIXPANEL_MAX_BATCH",
+    "MIXPANEL_MAX_BYTES",
+    "RESERVED_PROFILE",
+    "TRACK_WINDOW",
+    "MixpanelDestination",
+]

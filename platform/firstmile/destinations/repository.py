@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -12,7 +12,7 @@ from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from firstmile.kit.db import TenantTx
+from firstmile.kit.db import DriverStatement, TenantTx, json_text
 
 # ---------------------------------------------------------------------------------------------------- the queue
 
@@ -82,9 +82,9 @@ async def delete_user(tx: TenantTx, user_id: str) -> int:
     return int((await tx.execute(_DELETE_USER, {"t": tx.tenant, "u": user_id})).rowcount)
 
 
-_LOCK = text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))")
+_LOCK = DriverStatement.of("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))")
 _COLUMNS = "id, event_id, kind, user_id, name, occurred_at, payload, sealed, attempts, created_at"
-_CLAIM = text(
+_CLAIM = DriverStatement.of(
     # the selection is a MATERIALIZED CTE: as an ``IN (subquery)`` the planner may run the LIMIT ... FOR UPDATE
     # subquery again for each row it joins, and claim more than ``limit`` rows
     "WITH c AS MATERIALIZED ("
@@ -102,19 +102,67 @@ _CLAIM = text(
 )
 
 
+_CLAIM_AHEAD = DriverStatement.of(
+    # the claim of the worker's next batch while its current one (claim ``inflight``) is sent, as above but:
+    # - a row of the batch in flight does not hold back its user's later rows: the worker sends its batches one after
+    #   the other, so they follow it; the users of the batch in flight whose rows are not sent (``held``: an earlier
+    #   row of theirs is not final) are left whole, and the worker leaves out of the next batch the users whose row
+    #   the vendor did not take (their later rows wait, as the rule above has them wait);
+    # - among the oldest ``window`` due rows only, still read in ``id`` order and only up to ``limit``: a backlog of
+    #   rows held back is not read whole to find nothing. ``OFFSET 0`` keeps the NOT EXISTS a probe of the user's
+    #   earlier rows per candidate (as an anti-join the planner may join each candidate with every claimed row).
+    "WITH c AS MATERIALIZED ("
+    "  SELECT q.id FROM destination_queue q"
+    "  WHERE q.tenant_id = :t AND q.destination = :d AND q.status = 'pending' AND q.next_attempt_at <= :now"
+    "   AND (q.claimed_until IS NULL OR q.claimed_until <= :now)"
+    "   AND q.id <= (SELECT max(w.id) FROM (SELECT w.id FROM destination_queue w"
+    "    WHERE w.tenant_id = :t AND w.destination = :d AND w.status = 'pending' AND w.next_attempt_at <= :now"
+    "     AND (w.claimed_until IS NULL OR w.claimed_until <= :now) ORDER BY w.id LIMIT :window) w)"
+    "   AND q.user_id <> ALL(CAST(:held AS text[]))"
+    "   AND NOT EXISTS (SELECT 1 FROM destination_queue e"
+    "    WHERE e.tenant_id = :t AND e.destination = :d AND e.user_id = q.user_id AND e.status = 'pending'"
+    "     AND e.id < q.id AND (e.next_attempt_at > :now"
+    "      OR (e.claimed_until > :now AND e.claim_id IS DISTINCT FROM CAST(:inflight AS uuid))) OFFSET 0)"
+    "  ORDER BY q.id LIMIT :limit FOR UPDATE OF q SKIP LOCKED)"
+    " UPDATE destination_queue u SET claim_id = :claim, claimed_until = :until, attempts = u.attempts + 1"
+    " WHERE u.tenant_id = :t AND u.id = ANY(ARRAY(SELECT id FROM c))"
+    f" RETURNING {', '.join('u.' + c.strip() for c in _COLUMNS.split(','))}"
+)
+
+
+def _lock_key(tx: TenantTx, destination: str) -> str:
+    """The advisory lock one claim of a destination holds at a time."""
+    return f"destinations:{tx.tenant}:{destination}"
+
+
 def _queued(r: Any) -> QueuedRow:
     return QueuedRow(int(r[0]), r[1], str(r[2]), str(r[3]), str(r[4]), r[5], dict(r[6]), r[7], int(r[8]), r[9])
 
 
 async def claim(
-    tx: TenantTx, destination: str, now: datetime, until: datetime, claim_id: uuid.UUID, limit: int
-) -> list[QueuedRow]:
+    tx: TenantTx, destination: str, now: datetime, until: datetime, claim_id: uuid.UUID, limit: int,
+    *, window: int | None = None, inflight: uuid.UUID | None = None, held: Collection[str] = (), locked: bool = False,
+) -> list[QueuedRow]:  # fmt: skip
     """Take up to ``limit`` due rows of ``destination`` until ``until``, oldest first: rows whose user has an
     earlier row waiting (a retry) or claimed are left, so each user's rows go out in order. One claim of a
-    destination at a time (a transaction-scoped advisory lock), so two workers never split a user's rows."""
-    await tx.execute(_LOCK, {"key": f"destinations:{tx.tenant}:{destination}"})
-    params = {"t": tx.tenant, "d": destination, "now": now, "until": until, "claim": claim_id, "limit": limit}
-    rows = [_queued(r) for r in await tx.execute(_CLAIM, params)]
+    destination at a time (a transaction-scoped advisory lock), so two workers never split a user's rows.
+
+    ``window``: the claim of the worker's next batch while its batch ``inflight`` (a claim id) is sent: among the
+    oldest ``window`` due rows only, and a row of ``inflight`` holds back no later row of its user unless the user
+    is in ``held`` (then none of the user's rows is taken): the worker sends that batch first, and leaves out of
+    this one the users whose row the vendor did not take. ``locked``: the transaction took the lock already
+    (:func:`finish` with ``lock``)."""
+    # the worker's hottest statements go on the driver connection (TenantTx.fetch_driver): past SQLAlchemy's result
+    # wrapping, whose cost per row counted at a batch of hundreds of rows (``make bench-destinations``)
+    if not locked:
+        await tx.fetch_driver(_LOCK, {"key": _lock_key(tx, destination)})
+    params: dict[str, Any] = {"t": tx.tenant, "d": destination, "now": now, "until": until, "claim": claim_id,
+                              "limit": limit}  # fmt: skip
+    statement = _CLAIM
+    if window is not None:
+        statement = _CLAIM_AHEAD
+        params |= {"window": max(window, limit), "inflight": inflight, "held": sorted(held)}
+    rows = [_queued(r) for r in await tx.fetch_driver(statement, params)]
     return sorted(rows, key=lambda r: r.id)
 
 
@@ -132,22 +180,48 @@ class Result:
     """The claim's attempt does not count (a vendor's rate limit, a row that was not sent)."""
 
 
-_FINISH = text(
+_FINISH_SQL = (
     "UPDATE destination_queue q SET status = r.status, next_attempt_at = coalesce(r.next_at, q.next_attempt_at),"
     " last_error = coalesce(r.error, q.last_error), outcome = coalesce(r.outcome, q.outcome),"
     " attempts = q.attempts - r.refund, claim_id = NULL, claimed_until = NULL,"
     " finished_at = CASE WHEN r.status = 'pending' THEN NULL ELSE now() END"
-    " FROM jsonb_to_recordset(:rows) AS r(id bigint, status text, next_at timestamptz, error text, outcome jsonb,"
-    " refund int)"
+    " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(id bigint, status text, next_at timestamptz, error text,"
+    " outcome jsonb, refund int)"
     " WHERE q.tenant_id = :t AND q.id = r.id AND q.claim_id = :claim"
     " RETURNING q.id"
-).bindparams(bindparam("rows", type_=JSONB))
+)
+_SUCCESS_SQL = (
+    "INSERT INTO destination_state AS s (tenant_id, destination, last_success_at) VALUES (:t, :d, :at)"
+    " ON CONFLICT (tenant_id, destination) DO UPDATE SET failing_since = NULL,"
+    " last_success_at = excluded.last_success_at"
+)
 
 
-async def finish(tx: TenantTx, claim_id: uuid.UUID, results: Sequence[Result]) -> set[int]:
+def _finishing(success: bool, lock: bool) -> DriverStatement:
+    """The finish, with the destination's success recorded and its claim lock taken in the same statement (one
+    round trip instead of three: the delivery worker records a batch and claims the next in one transaction)."""
+    sql = f"WITH f AS ({_FINISH_SQL})"
+    if success:
+        sql += f", s AS ({_SUCCESS_SQL})"
+    sql += " SELECT ARRAY(SELECT id FROM f)"
+    if lock:
+        sql += ", pg_advisory_xact_lock(hashtextextended(:key, 0))"
+    return DriverStatement.of(sql)
+
+
+_FINISH = {(success, lock): _finishing(success, lock) for success in (False, True) for lock in (False, True)}
+
+
+async def finish(
+    tx: TenantTx, claim_id: uuid.UUID, results: Sequence[Result], *, success: tuple[str, datetime] | None = None,
+    lock: str | None = None,
+) -> set[int]:  # fmt: skip
     """Record what became of claimed rows; the ids recorded (a row whose claim ran out and that another worker
-    claimed since is not touched: that worker records it)."""
-    if not results:
+    claimed since is not touched: that worker records it).
+
+    ``success``: also record a success of that destination at that time (its failing streak ends); ``lock``: also
+    take that destination's claim lock, as :func:`claim` does first (then ``claim(..., locked=True)``)."""
+    if not results and success is None and lock is None:
         return set()
     rows = [
         {"id": r.id, "status": r.status, "next_at": r.next_attempt_at.isoformat() if r.next_attempt_at else None,
@@ -155,7 +229,13 @@ async def finish(tx: TenantTx, claim_id: uuid.UUID, results: Sequence[Result]) -
          "refund": int(r.refund)}
         for r in results
     ]  # fmt: skip
-    return {int(r[0]) for r in await tx.execute(_FINISH, {"t": tx.tenant, "claim": claim_id, "rows": rows})}
+    params: dict[str, Any] = {"t": tx.tenant, "claim": claim_id, "rows": json_text(rows)}
+    if success is not None:
+        params["d"], params["at"] = success
+    if lock is not None:
+        params["key"] = _lock_key(tx, lock)
+    [found] = await tx.fetch_driver(_FINISH[success is not None, lock is not None], params)
+    return {int(i) for i in found[0]}
 
 
 _REPLAY = text(
@@ -367,17 +447,6 @@ _STATES = text(
 
 async def states(tx: TenantTx) -> dict[str, StateRow]:
     return {str(r[0]): StateRow(*r[1:]) for r in await tx.execute(_STATES, {"t": tx.tenant})}
-
-
-_SUCCESS = text(
-    "INSERT INTO destination_state AS s (tenant_id, destination, last_success_at) VALUES (:t, :d, :at)"
-    " ON CONFLICT (tenant_id, destination) DO UPDATE SET failing_since = NULL,"
-    " last_success_at = excluded.last_success_at"
-)
-
-
-async def record_success(tx: TenantTx, destination: str, at: datetime) -> None:
-    await tx.execute(_SUCCESS, {"t": tx.tenant, "d": destination, "at": at})
 
 
 _FAILURE = text(

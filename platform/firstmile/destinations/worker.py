@@ -20,6 +20,8 @@ its own: a slow or failing destination never holds back another, nor the tenant'
    (and the user's later rows wait behind it), ``dead`` once its attempts are spent;
 4. repeats while rows are due (at most ``max_batches`` batches, then the next poll: at once while rows are still
    due), and stops early when a whole batch failed (the destination is down: its rows wait for their next attempt).
+   While a batch is sent, one transaction records the previous batch and claims the next: sending and the
+   database's work overlap (:meth:`_batches`, which keeps each user's order with the batch in flight).
 
 Delivered means the vendor acknowledged; a worker killed between the vendor's acknowledgement and the record sends
 the batch again after the lease, with the same idempotency keys (the vendor, or the webhook's receiver, counts it
@@ -72,6 +74,9 @@ from firstmile.tenancy.manifest import DestinationSpec
 
 log = logging.getLogger("firstmile.destinations")
 DELIVERY = OperatorContext("worker:destinations")
+AHEAD_WINDOW = 4
+"""A batch claimed while another is sent is taken among the oldest ``AHEAD_WINDOW`` times a batch of due rows only: a
+backlog whose users are all held back is not read whole to find nothing."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +107,44 @@ class DestinationPass:
     more: bool = False
     """The pass stopped at ``max_batches`` with rows still due: the loop polls again at once."""
     errors: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class _Claimed:
+    """A claimed batch: its rows (and their decrypted personal traits), under one claim id and lease."""
+
+    claim_id: uuid.UUID
+    now: datetime
+    at: float
+    """``time.monotonic()`` of the claim (a batch claimed ahead is sent only while its lease allows)."""
+    rows: list[repo.QueuedRow]
+    personal: dict[int, dict[str, Any] | str]
+
+
+@dataclass(frozen=True, slots=True)
+class _Want:
+    """A claim to make: ``limit`` rows; for the batch claimed ahead, among the oldest ``window`` due rows, while the
+    batch ``inflight`` is sent, none of the users ``held`` (:func:`~firstmile.destinations.repository.claim`)."""
+
+    limit: int
+    window: int | None = None
+    inflight: uuid.UUID | None = None
+    held: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class _Sent:
+    """What became of a sent batch, to be recorded under its claim."""
+
+    claim_id: uuid.UUID
+    results: dict[int, repo.Result]
+    erasures: list[tuple[repo.QueuedRow, ErasureOutcome]]
+    succeeded: bool
+    failing: bool
+    """Every attempt of the batch failed (the destination is down): the pass stops."""
+    first_error: str | None
+    waiting: frozenset[str] = frozenset()
+    """The users with a row of this batch still pending (a retry, or not sent): their later rows wait."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,7 +381,7 @@ class DestinationDelivery:
     async def deliver_destination(self, tenant: TenantId, name: str, due: repo.Due | None = None) -> DestinationPass:
         """Deliver what is due at one destination (see the module docstring)."""
         uow = UnitOfWork(self.engine, tenant)
-        context, keys = await self._context(uow, name)
+        context, _ = await self._context(uow, name)
         spec, key = context.spec, (uuid.UUID(str(tenant)), name)
         done = DestinationPass(tenant, name, spec.kind if spec is not None else "unknown")
         if spec is not None:
@@ -376,22 +419,103 @@ class DestinationDelivery:
         ):
             done.skipped = "waiting for a fuller batch"
             return done
-        for _ in range(self.max_batches):
-            outcome = await self._batch(uow, keys, spec, name, adapter, limit, done)
-            if outcome != "sent":
-                break
-        else:
-            done.more = True
+        await self._batches(uow, spec, name, adapter, limit, done)
         return done
 
-    async def _claim(
-        self, uow: UnitOfWork, name: str, now: datetime, claim_id: uuid.UUID, limit: int
-    ) -> tuple[list[repo.QueuedRow], dict[int, dict[str, Any] | str]]:
-        """Claim a batch, and decrypt the personal traits queued with it (an error text where they do not)."""
+    async def _batches(
+        self, uow: UnitOfWork, spec: DestinationSpec, name: str, adapter: Destination, limit: int,
+        done: DestinationPass,
+    ) -> None:  # fmt: skip
+        """Up to ``max_batches`` batches, sent one at a time, each recorded while the next one is sent.
 
-        async def claim(tx: TenantTx, keys: TenantKeys) -> tuple[list[repo.QueuedRow], dict[int, dict[str, Any] | str]]:
-            rows = await repo.claim(tx, name, now, now + self.lease, claim_id, limit)
+        Two lanes: the vendor's, where the batches are sent one after the other, and the database's, where one
+        transaction records the previous batch and claims the next one while the current one is sent. That claim
+        keeps the per-user rule of :func:`~firstmile.destinations.repository.claim` (as for another worker) but
+        for the batch in flight: its rows do not hold back their users' later rows, which are sent after them,
+        in the next batch; the users of the batch in flight whose rows are not sent are left out of that claim,
+        and the users whose row the vendor did not take have their rows in the next batch held back, unsent
+        (``waiting``). When that claim finds nothing the pass goes on one batch at a time, each recorded together
+        with the next claim; a batch that failed whole stops the pass and gives the batch claimed after it back
+        (its attempt uncounted).
+        """
+        current = await self._settle(uow, spec, name, done, claim=_Want(limit))
+        waiting: frozenset[str] = frozenset()  # users of the current batch whose rows are not sent
+        sending: asyncio.Task[_Sent] | None = None
+        previous: _Sent | None = None  # sent, recorded while the current batch is sent
+        ahead = True  # claim the next batch while one is sent (off once such a claim found nothing)
+        sent_batches = 0
+        try:
+            while current.rows:
+                sent_batches += 1
+                done.batches += 1
+                sending = asyncio.create_task(self._send_claimed(uow.tenant, adapter, current, waiting))
+                following: _Claimed | None = None
+                if ahead and sent_batches < self.max_batches and len(current.rows) >= limit:
+                    want = _Want(limit, AHEAD_WINDOW * limit, current.claim_id, waiting)
+                    following = await self._settle(uow, spec, name, done, sent=previous, claim=want)
+                    if not following.rows:
+                        ahead, following = False, None
+                elif previous is not None:
+                    await self._settle(uow, spec, name, done, sent=previous)
+                previous = None
+                sent = await sending
+                sending = None
+                if not sent.failing and following is not None and self._fresh(following):
+                    # sent next, without the users whose row was not taken; recorded while it is sent
+                    previous, current, waiting = sent, following, sent.waiting
+                    continue
+                last = sent.failing or sent_batches >= self.max_batches
+                # not sent ahead (the destination is down, or its lease is too short by now): given back
+                current = await self._settle(
+                    uow, spec, name, done, sent=sent, give_back=following, claim=None if last else _Want(limit)
+                )
+                waiting = frozenset()
+                if sent.failing:
+                    break
+                if last:
+                    done.more = True
+                    break
+        finally:
+            if sending is not None and not sending.done():  # cancelled (the loop's stop): its rows keep their lease
+                sending.cancel()
+                await asyncio.gather(sending, return_exceptions=True)
+
+    def _fresh(self, claimed: _Claimed) -> bool:
+        """Whether a batch claimed ahead can still be sent within its lease (the send may take ``call_timeout_s``)."""
+        return time.monotonic() - claimed.at + self.call_timeout_s < self.lease.total_seconds()
+
+    async def _settle(
+        self, uow: UnitOfWork, spec: DestinationSpec, name: str, done: DestinationPass, *, sent: _Sent | None = None,
+        give_back: _Claimed | None = None, claim: _Want | None = None,
+    ) -> _Claimed:  # fmt: skip
+        """One transaction of the database's lane: record a sent batch (:meth:`_record`), give back a batch claimed
+        ahead and not sent (pending again at once, its attempt uncounted), then claim the next batch (``claim``:
+        how many, and for a batch claimed ahead the window, the claim in flight and the users held back:
+        :func:`~firstmile.destinations.repository.claim`) and decrypt the personal traits queued with it (an error
+        text where they do not decrypt)."""
+        now = self.clock()
+        claim_id = uuid.uuid4()
+        at = time.monotonic()
+        disabled: list[bool] = []
+
+        async def work(tx: TenantTx, keys: TenantKeys) -> tuple[set[int], _Claimed]:
+            disabled.clear()
+            # the claim's lock is taken by the last finish before it, in the same statement (a round trip less)
+            recorded: set[int] = set()
+            if sent is not None:
+                lock = name if claim is not None and give_back is None else None
+                recorded = await self._record(tx, spec, name, sent, disabled, lock)
+            if give_back is not None:
+                back = [
+                    repo.Result(r.id, "pending", next_attempt_at=give_back.now, refund=True) for r in give_back.rows
+                ]
+                await repo.finish(tx, give_back.claim_id, back, lock=name if claim is not None else None)
+            rows: list[repo.QueuedRow] = []
             personal: dict[int, dict[str, Any] | str] = {}
+            if claim is not None:
+                locked = sent is not None or give_back is not None
+                rows = await repo.claim(tx, name, now, now + self.lease, claim_id, claim.limit, window=claim.window,
+                                        inflight=claim.inflight, held=claim.held, locked=locked)  # fmt: skip
             for row in rows:
                 if row.sealed is None:
                     continue
@@ -402,9 +526,12 @@ class DestinationDelivery:
                     personal[row.id] = found if isinstance(found, dict) else {}
                 except DecryptionError as exc:
                     personal[row.id] = f"the user's personal traits cannot be read (erased?): {exc}"
-            return rows, personal
+            return recorded, _Claimed(claim_id, now, at, rows, personal)
 
-        return await self.keyring.run_with_keys(uow, claim)
+        recorded, claimed = await self.keyring.run_with_keys(uow, work)
+        if sent is not None:
+            self._count(uow, spec, name, sent, recorded, bool(disabled), done)
+        return claimed
 
     async def _erase(self, adapter: Destination, user_id: str) -> ErasureOutcome:
         try:
@@ -431,28 +558,20 @@ class DestinationDelivery:
         wait = self.policy.delay(row.attempts, self.rng, after_s)
         return repo.Result(row.id, "pending", next_attempt_at=now + timedelta(seconds=wait), error=reason)
 
-    async def _batch(
-        self,
-        uow: UnitOfWork,
-        keys: TenantKeys,
-        spec: DestinationSpec,
-        name: str,
-        adapter: Destination,
-        limit: int,
-        done: DestinationPass,
-    ) -> str:
-        """One claimed batch: sent, recorded. ``empty`` (nothing due), ``sent``, or ``failing`` (all failed)."""
-        now = self.clock()
-        claim_id = uuid.uuid4()
-        rows, personal = await self._claim(uow, name, now, claim_id, limit)
-        if not rows:
-            return "empty"
-        done.batches += 1
+    async def _send_claimed(
+        self, tenant: uuid.UUID, adapter: Destination, claimed: _Claimed, waiting: frozenset[str] = frozenset()
+    ) -> _Sent:
+        """Send a claimed batch (its erasures, then its events), outside any transaction; what became of each row.
+        The rows of the users in ``waiting`` (a row of theirs in the previous batch is not final) are not sent."""
+        now, rows, personal = claimed.now, claimed.rows, claimed.personal
         results: dict[int, repo.Result] = {}
         erasures: list[tuple[repo.QueuedRow, ErasureOutcome]] = []
-        held: set[str] = set()
+        held: set[str] = set(waiting)
         deadline = time.monotonic() + self.call_timeout_s  # erasures are sent one by one: within the lease
         for row in (r for r in rows if r.kind == ERASE):
+            if row.user_id in held:  # an earlier row of the user waits: this one waits behind it, unsent
+                results[row.id] = repo.Result(row.id, "pending", next_attempt_at=now, refund=True)
+                continue
             if time.monotonic() > deadline:  # the rest of the batch's erasures wait for the next claim
                 results[row.id] = repo.Result(row.id, "pending", next_attempt_at=now, refund=True)
                 held.add(row.user_id)
@@ -466,13 +585,13 @@ class DestinationDelivery:
                 held.add(row.user_id)
         sending: list[repo.QueuedRow] = []
         for row in (r for r in rows if r.kind != ERASE):
-            if row.user_id in held:  # the user's erasure waits: their later events wait behind it, unsent
+            if row.user_id in held:  # an earlier row of the user waits (an erasure, a retry): this one, unsent
                 results[row.id] = repo.Result(row.id, "pending", next_attempt_at=now, refund=True)
             elif isinstance(personal.get(row.id), str):
                 results[row.id] = repo.Result(row.id, "dead", error=str(personal[row.id]))
             else:
                 sending.append(row)
-        events = [self._event(uow.tenant, row, personal.get(row.id)) for row in sending]
+        events = [self._event(tenant, row, personal.get(row.id)) for row in sending]
         outcomes = await self._send(adapter, events)
         for row, outcome in zip(sending, outcomes, strict=True):
             if isinstance(outcome, Delivered):
@@ -490,58 +609,70 @@ class DestinationDelivery:
         first_error = next((_reason(o) for o in outcomes if not isinstance(o, Delivered)), None) or next(
             (a.detail for _, a in erasures if a.supported and not a.done), None
         )
-        disabled_now = False
+        waits = frozenset(r.user_id for r in rows if results[r.id].status == "pending")
+        return _Sent(claimed.claim_id, results, erasures, succeeded, failing, first_error, waits)
 
-        async def record(tx: TenantTx) -> set[int]:
-            nonlocal disabled_now
-            recorded = await repo.finish(tx, claim_id, list(results.values()))
-            at = self.clock()
-            if succeeded:
-                await repo.record_success(tx, name, at)
-            if first_error is not None:
-                since, disabled_at = await repo.record_failure(tx, name, first_error, at, failing=failing)
-                if failing and since is not None and disabled_at is None and at - since >= self.disable_after:
-                    reason = f"every attempt failed since {since.isoformat(timespec='seconds')}: {first_error}"
-                    if await repo.disable(tx, name, reason, at):
-                        disabled_now = True
-                        await audit.append(tx, AUDIT_KIND, self.worker.actor, f"destination:{name}", {
-                            "action": "destination.disabled", "destination": name, "kind": spec.kind,
-                            "automatic": True, "failing_since": since.isoformat(), "reason": reason[:500]})  # fmt: skip
-            for row, answer in erasures:
-                if row.id in recorded and results[row.id].status == "done":
-                    await audit.append(tx, "erasure", self.worker.actor, row.user_id, {
-                        "action": "destination.erasure", "destination": name, "kind": spec.kind,
-                        "supported": answer.supported, "done": answer.done, "detail": answer.detail[:500]})  # fmt: skip
-            return recorded
+    async def _record(
+        self, tx: TenantTx, spec: DestinationSpec, name: str, sent: _Sent, disabled: list[bool], lock: str | None
+    ) -> set[int]:
+        """Record what became of a sent batch under its claim, and the destination's state (the module docstring);
+        the ids recorded. ``disabled`` gets an entry when this disabled the destination; ``lock``: take that
+        destination's claim lock too (:func:`~firstmile.destinations.repository.finish`)."""
+        results, first_error, failing = sent.results, sent.first_error, sent.failing
+        at = self.clock()
+        success = (name, at) if sent.succeeded else None
+        recorded = await repo.finish(tx, sent.claim_id, list(results.values()), success=success, lock=lock)
+        if first_error is not None:
+            since, disabled_at = await repo.record_failure(tx, name, first_error, at, failing=failing)
+            if failing and since is not None and disabled_at is None and at - since >= self.disable_after:
+                reason = f"every attempt failed since {since.isoformat(timespec='seconds')}: {first_error}"
+                if await repo.disable(tx, name, reason, at):
+                    disabled.append(True)
+                    await audit.append(tx, AUDIT_KIND, self.worker.actor, f"destination:{name}", {
+                        "action": "destination.disabled", "destination": name, "kind": spec.kind,
+                        "automatic": True, "failing_since": since.isoformat(), "reason": reason[:500]})  # fmt: skip
+        for row, answer in sent.erasures:
+            if row.id in recorded and results[row.id].status == "done":
+                await audit.append(tx, "erasure", self.worker.actor, row.user_id, {
+                    "action": "destination.erasure", "destination": name, "kind": spec.kind,
+                    "supported": answer.supported, "done": answer.done, "detail": answer.detail[:500]})  # fmt: skip
+        return recorded
 
-        recorded = await uow.run(record)
-        for result in (r for r in results.values() if r.id in recorded):
+    def _count(
+        self, uow: UnitOfWork, spec: DestinationSpec, name: str, sent: _Sent, recorded: set[int], disabled: bool,
+        done: DestinationPass,
+    ) -> None:  # fmt: skip
+        """A recorded batch in the pass's counts, the metrics and the log."""
+        sent_n = dead = retried = 0
+        for result in (r for r in sent.results.values() if r.id in recorded):
             if result.status == "done" and result.outcome is None:
-                done.sent += 1
-                telemetry.DESTINATION_SENT.labels(spec.kind).inc()
+                sent_n += 1
             elif result.status == "done":
                 done.erased += 1
             elif result.status == "dead":
-                done.dead += 1
-                telemetry.DESTINATION_DEAD.labels(spec.kind).inc()
+                dead += 1
             elif not result.refund:
-                done.retried += 1
-                telemetry.DESTINATION_FAILED.labels(spec.kind).inc()
-        for row, answer in erasures:
+                retried += 1
+        done.sent += sent_n
+        done.dead += dead
+        done.retried += retried
+        for metric, count in ((telemetry.DESTINATION_SENT, sent_n), (telemetry.DESTINATION_DEAD, dead),
+                              (telemetry.DESTINATION_FAILED, retried)):  # fmt: skip
+            if count:
+                metric.labels(spec.kind).inc(count)
+        for row, answer in sent.erasures:
             if row.id in recorded:
                 label = "done" if answer.done else "unsupported" if not answer.supported else "failed"
                 telemetry.DESTINATION_ERASURES.labels(spec.kind, label).inc()
-        if first_error is not None:
-            done.errors.append(first_error)
-        if disabled_now:
+        if sent.first_error is not None:
+            done.errors.append(sent.first_error)
+        if disabled:
             done.disabled = True
             telemetry.DESTINATION_DISABLED.labels(spec.kind).inc()
             log.warning(
                 "destination disabled after sustained failure",
-                extra={"fields": {"tenant": str(uow.tenant), "destination": name, "error": first_error}},
+                extra={"fields": {"tenant": str(uow.tenant), "destination": name, "error": sent.first_error}},
             )
-            return "failing"
-        return "failing" if failing else "sent"
 
     @staticmethod
     def _event(tenant: uuid.UUID, row: repo.QueuedRow, personal: dict[str, Any] | str | None) -> OutboundEvent:
