@@ -21,6 +21,7 @@ from tests.factories import manifest_for
 from tests.support.browser import (
     SCREENSHOTS,
     applied_tenant,
+    assert_keyboard_reachable,
     run_async,
     screenshots,
     serious_violations,
@@ -141,6 +142,7 @@ def test_the_dashboard_shows_the_api_numbers_as_charts_and_tables(
     assert screenshots(page, "analytics") <= 390
     for name in ("time-to-activation", "activation-weeks"):
         page.locator(f'[data-section="{name}"]').screenshot(path=str(SCREENSHOTS / f"analytics-{name}.png"))
+    assert_keyboard_reachable(page)
 
     # a filter: the page and the API agree again
     page.get_by_test_id("analytics-filter").locator("input[name=persona]").fill("developer")

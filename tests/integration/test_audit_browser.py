@@ -19,7 +19,15 @@ from firstmile.audit.service import append, create_checkpoint
 from firstmile.kit.db import tenant_transaction
 from firstmile.kit.scope import OPERATOR_CLI
 from tests.conftest import Database, sequenced
-from tests.support.browser import WAIT_MS, applied_tenant, run_async, served_admin, sign_in, tenant_id
+from tests.support.browser import (
+    WAIT_MS,
+    applied_tenant,
+    assert_keyboard_reachable,
+    run_async,
+    served_admin,
+    sign_in,
+    tenant_id,
+)
 
 SCREENSHOTS = Path(".firstmile/artifacts/screenshots")
 SUBJECT = "user-audit-7"
@@ -113,6 +121,7 @@ def test_the_audit_viewer_searches_and_verifies_proofs_in_the_browser_and_flags_
     page.screenshot(path=str(SCREENSHOTS / "audit-390.png"), full_page=True)
     assert page.evaluate("document.documentElement.scrollWidth") <= 390  # the table scrolls, not the page
     page.set_viewport_size({"width": 1280, "height": 900})
+    assert_keyboard_reachable(page)
 
     proof = "**/admin/api/audit/*/proof"
     altered = {"payload": lambda b: b["entry"]["payload"].update(confidence=0.99),

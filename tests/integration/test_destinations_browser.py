@@ -17,7 +17,15 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from firstmile.analytics.chdb_store import ChdbStore
 from firstmile.destinations import service
 from tests.conftest import Database
-from tests.support.browser import applied_tenant, run_async, screenshots, serious_violations, served_admin, sign_in
+from tests.support.browser import (
+    applied_tenant,
+    assert_keyboard_reachable,
+    run_async,
+    screenshots,
+    serious_violations,
+    served_admin,
+    sign_in,
+)
 from tests.support.destinations_pipeline import Pipeline, delivered_pending_dead, webhook_tenant
 from tests.support.webhook_receiver import WebhookReceiver
 
@@ -94,6 +102,7 @@ def test_the_page_shows_the_services_numbers_and_an_editor_replays_a_dead_letter
     assert dead.error == "the endpoint answered 422: unknown event type"
     assert serious_violations(page, axe_script) == []
     assert screenshots(page, "destinations") <= 390
+    assert_keyboard_reachable(page)
 
     # the editor replays the dead letter, by keyboard
     button = section.get_by_role("button", name="Replay 1 dead letter of hooks")
@@ -127,3 +136,4 @@ def test_the_empty_state_says_how_to_add_a_destination(base: str, page: Page, da
     expect(empty).to_contain_text("docs/destinations.md")
     assert serious_violations(page, axe_script) == []
     assert screenshots(page, "destinations-empty") <= 390
+    assert_keyboard_reachable(page)

@@ -21,6 +21,7 @@ from firstmile.onboarding.service import OnboardingService
 from tests.conftest import Database
 from tests.support.browser import (
     applied_tenant,
+    assert_keyboard_reachable,
     run_async,
     screenshots,
     serious_violations,
@@ -99,6 +100,7 @@ def test_the_dashboard_shows_open_alerts_and_an_analyst_acknowledges_one(
     )
     assert serious_violations(page, axe_script) == []
     assert screenshots(page, "analytics-alerts") <= 390
+    assert_keyboard_reachable(page)
 
     # a viewer sees the alert, and no button
     sign_in(page, base, slug, "viewer")

@@ -37,7 +37,7 @@ from firstmile.onboarding.service import OnboardingService
 from firstmile.tenancy.cli import create_key, create_publishable_key
 from tests.conftest import PEPPER, REGION, EventsDatabase, make_settings, sequenced
 from tests.factories import manifest_for
-from tests.support.browser import WAIT_MS, run_async, screenshots, serious_violations
+from tests.support.browser import WAIT_MS, assert_keyboard_reachable, run_async, screenshots, serious_violations
 from tests.support.serving import free_port, served
 
 OPS = OperatorContext("worker:test-embed-browser")
@@ -138,6 +138,7 @@ def test_the_demo_page_shows_the_checklist_and_follows_a_step_completed_through_
     assert page.evaluate("document.styleSheets.length") == 1
     assert serious_violations(page, axe_script) == []
     assert screenshots(page, "embed-demo") <= 390
+    assert_keyboard_reachable(page)
 
     page.evaluate("window.__same_page = true")
     step = state["current_step"]
@@ -177,6 +178,7 @@ def test_an_in_app_message_appears_live_and_is_dismissed_by_keyboard(page: Page,
     expect(page.locator('[data-fm="message-body"]')).not_to_be_empty()
     assert serious_violations(page, axe_script) == []
     screenshots(page, "embed-demo-message")
+    assert_keyboard_reachable(page)  # the page's button, the widget's (in its shadow root) and the message's
 
     dismiss = page.locator('[data-fm="dismiss"]')
     for _ in range(10):  # Tab from the page's own button reaches the widget's Dismiss
@@ -219,6 +221,7 @@ def test_a_page_whose_backend_signs_with_the_wrong_secret_shows_the_error_and_is
     assert refused and set(refused) == {401}, refused
     assert serious_violations(page, axe_script) == []
     screenshots(page, "embed-demo-refused")
+    assert_keyboard_reachable(page)
 
     async def audited() -> list[dict[str, object]]:
         engine = create_async_engine(live.admin_url, pool_size=1)

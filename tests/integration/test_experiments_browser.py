@@ -20,7 +20,7 @@ from playwright.sync_api import Browser, expect
 from firstmile.analytics.chdb_store import ChdbStore
 from firstmile.analytics.rows import ACTIVATED, EXPOSED, AnalyticsEvent
 from tests.conftest import Database
-from tests.support.browser import WAIT_MS, applied_tenant, served_admin, sign_in, tenant_id
+from tests.support.browser import WAIT_MS, applied_tenant, assert_keyboard_reachable, served_admin, sign_in, tenant_id
 
 expect.set_options(timeout=WAIT_MS)  # a result page runs the analysis: allow for a busy machine
 
@@ -55,6 +55,7 @@ def test_an_experiment_goes_from_draft_to_promotion_in_the_browser(
     form.get_by_role("button", name="Save the draft").click()
     expect(page.get_by_test_id(f"status-{experiment_id}")).to_have_text("draft")
     assert page.locator(f'button[data-action="approve"][data-experiment="{experiment_id}"]').count() == 0
+    assert_keyboard_reachable(page)
 
     sign_in(page, base, slug, "owner")
     page.goto(f"{base}/admin/experiments")
@@ -91,6 +92,7 @@ def test_an_experiment_goes_from_draft_to_promotion_in_the_browser(
     expect(page.get_by_test_id("verdict-variant")).to_have_text("analytics")
     expect(page.get_by_test_id("arms").locator('tr[data-variant="analytics"]')).to_contain_text("1500")
     expect(page.get_by_test_id("srm")).to_contain_text("as configured")
+    assert_keyboard_reachable(page)
     page.get_by_role("button", name="Declare the winner").click()
     expect(page.get_by_test_id("status")).to_have_text("concluded")
     assert page.get_by_role("button", name="Promote").count() == 0  # an editor cannot promote

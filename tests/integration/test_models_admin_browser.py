@@ -17,7 +17,14 @@ from firstmile.ml.planner import tenant_model_name
 from firstmile_inference.registry import Registry
 from tests.conftest import PEPPER, Database, make_settings
 from tests.integration.test_models_admin import register_tenant_model
-from tests.support.browser import WAIT_MS, applied_tenant, screenshots, serious_violations, sign_in
+from tests.support.browser import (
+    WAIT_MS,
+    applied_tenant,
+    assert_keyboard_reachable,
+    screenshots,
+    serious_violations,
+    sign_in,
+)
 from tests.support.serving import free_port, served
 
 
@@ -59,6 +66,7 @@ def test_an_owner_reads_the_report_is_refused_by_the_gate_and_promotes(
     expect(page.get_by_test_id("shared-production")).to_have_text("1.0.0")
     assert serious_violations(page, axe_script) == []
     assert screenshots(page, "models-owner") <= 390
+    assert_keyboard_reachable(page)
 
     failing.get_by_test_id("stage").select_option("canary")
     failing.get_by_test_id("force").check()
@@ -86,3 +94,4 @@ def test_an_owner_reads_the_report_is_refused_by_the_gate_and_promotes(
     assert page.get_by_test_id("promote").count() == 0 and page.get_by_test_id("rollback").count() == 0
     assert serious_violations(page, axe_script) == []
     assert screenshots(page, "models-analyst") <= 390
+    assert_keyboard_reachable(page)

@@ -13,7 +13,15 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from firstmile.analytics.chdb_store import ChdbStore
 from firstmile.tenancy.cli import create_key
 from tests.conftest import PEPPER, Database
-from tests.support.browser import applied_tenant, run_async, screenshots, serious_violations, served_admin, sign_in
+from tests.support.browser import (
+    applied_tenant,
+    assert_keyboard_reachable,
+    run_async,
+    screenshots,
+    serious_violations,
+    served_admin,
+    sign_in,
+)
 
 PATH = "developer-quickstart"
 
@@ -58,6 +66,7 @@ def test_an_editor_validates_previews_publishes_compares_and_reverts_a_path(
     expect(editor).to_be_visible()
     assert serious_violations(page, axe_script) == []
     assert screenshots(page, "path-editor") <= 390
+    assert_keyboard_reachable(page)
 
     # an invalid edit: the activation step made optional; the error shows at the step, nothing is published
     activation = page.get_by_test_id("steps").locator("li[data-step]").nth(2)
@@ -68,6 +77,11 @@ def test_an_editor_validates_previews_publishes_compares_and_reverts_a_path(
     page.get_by_test_id("publish").click()
     expect(page.get_by_test_id("status")).to_contain_text("Not published")
     assert page.get_by_test_id("versions").locator("tbody tr").count() == 1
+    title = page.get_by_test_id("steps").locator("li[data-step]").nth(1).locator('[data-field="title"]')
+    title.fill("")  # a blank title is marked at its field, and the marked field still shows the focus
+    page.get_by_role("button", name="Check and preview").click()
+    expect(title).to_have_attribute("aria-invalid", "true")
+    assert_keyboard_reachable(page)
 
     # a valid edit: the step back to required, a new title, the live view moved before the first event
     activation.locator('[data-field="optional"]').uncheck()

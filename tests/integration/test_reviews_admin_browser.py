@@ -22,7 +22,14 @@ from firstmile.kit.db import tenant_transaction
 from firstmile.onboarding import review
 from firstmile.onboarding.service import OnboardingService
 from tests.conftest import Database
-from tests.support.browser import run_async, screenshots, serious_violations, served_admin, sign_in
+from tests.support.browser import (
+    assert_keyboard_reachable,
+    run_async,
+    screenshots,
+    serious_violations,
+    served_admin,
+    sign_in,
+)
 from tests.support.reviews import TEST_OPERATOR, ReviewTenant, completion, queued, review_tenant, stored_review
 
 
@@ -104,6 +111,7 @@ def test_an_editor_filters_approves_rejects_and_bulk_approves_and_an_analyst_onl
     expect(pin).to_contain_text("marketing-campaigns")
     assert serious_violations(page, axe_script) == []
     assert screenshots(page, "reviews") <= 390
+    assert_keyboard_reachable(page)
 
     # filters: the developers' step reviews of one path and step
     page.get_by_label("Kind", exact=True).select_option("step")
@@ -193,6 +201,7 @@ def test_an_editor_filters_approves_rejects_and_bulk_approves_and_an_analyst_onl
         expect(page.get_by_test_id(control)).to_have_count(0)
     assert serious_violations(page, axe_script) == []
     assert screenshots(page, "reviews-analyst") <= 390
+    assert_keyboard_reachable(page)
     token = page.locator('meta[name="csrf-token"]').get_attribute("content") or ""
     refused = page.request.post(f"{base}/admin/api/reviews/{ids['u-f']}/decide", data={"decision": "approve"},
                                 headers={"X-CSRF-Token": token})  # fmt: skip

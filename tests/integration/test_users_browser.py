@@ -16,6 +16,7 @@ from firstmile.tenancy.cli import create_key
 from tests.conftest import PEPPER, Database
 from tests.support.browser import (
     applied_tenant,
+    assert_keyboard_reachable,
     run_async,
     screenshots,
     serious_violations,
@@ -97,6 +98,7 @@ def test_a_user_is_found_by_id_or_email_shown_without_personal_data_exported_and
     assert page.get_by_test_id("erase").count() == 0  # an analyst exports but does not erase
     assert serious_violations(page, axe_script) == []
     assert screenshots(page, "users") <= 390
+    assert_keyboard_reachable(page)
     exported = page.request.get(f"{base}{page.get_by_test_id('export').get_attribute('href')}")
     assert exported.status == 200 and exported.json()["profile"]["personal"]["email"] == EMAIL
 

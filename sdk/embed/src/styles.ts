@@ -1,8 +1,9 @@
 /**
  * The widget's styles, applied inside its shadow root only. Themeable with CSS custom properties set on the
  * element or any ancestor (custom properties inherit into a shadow tree): --fm-font, --fm-text, --fm-muted,
- * --fm-bg, --fm-accent, --fm-radius, --fm-border (and --fm-highlight, --fm-accent-text). `all: initial` on the
- * host keeps the page's inherited properties (font, colour, line height, letter spacing …) out.
+ * --fm-bg, --fm-accent, --fm-radius, --fm-border (and --fm-highlight, --fm-accent-text, --fm-focus). `all: initial`
+ * on the host keeps the page's inherited properties (font, colour, line height, letter spacing …) out. Every control
+ * shows a focus ring when reached by keyboard (`:focus-visible`), in --fm-focus (the accent unless set).
  */
 
 const font = "var(--fm-font,system-ui,-apple-system,'Segoe UI',Roboto,'Helvetica Neue',Arial,sans-serif)";
@@ -12,6 +13,7 @@ const bg = "var(--fm-bg,#ffffff)";
 const accent = "var(--fm-accent,#2563eb)";
 const radius = "var(--fm-radius,12px)";
 const border = "var(--fm-border,#d1d5db)";
+const focus = `var(--fm-focus,${accent})`;
 
 export const CSS = `
 :host{all:initial;display:block;font-family:${font};font-size:14px;line-height:1.45;color:${text};text-align:start}
@@ -30,7 +32,7 @@ h2{font-size:16px;font-weight:600;line-height:1.3;margin-bottom:8px}
 .muted{color:${muted}}
 button{font:inherit;font-size:13px;color:var(--fm-accent-text,${accent});background:transparent;border:1px solid ${border};border-radius:calc(${radius} / 2);min-height:32px;min-width:32px;padding:4px 12px;cursor:pointer}
 button:hover{border-color:${accent}}
-button:focus-visible,.fm:focus-visible{outline:2px solid ${accent};outline-offset:2px}
+button:focus-visible,.fm:focus-visible{outline:2px solid ${focus};outline-offset:2px}
 .messages{list-style:none;display:grid;gap:8px;margin-bottom:16px}
 .message{border:1px solid ${border};border-left:4px solid ${accent};border-radius:calc(${radius} / 2);padding:10px 12px;display:grid;gap:4px}
 .subject{font-weight:600}

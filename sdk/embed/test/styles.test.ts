@@ -83,7 +83,7 @@ describe("styles", () => {
   });
 
   test("themeable with the documented custom properties", () => {
-    for (const name of ["--fm-font", "--fm-text", "--fm-muted", "--fm-bg", "--fm-accent", "--fm-radius", "--fm-border"]) {
+    for (const name of ["--fm-font", "--fm-text", "--fm-muted", "--fm-bg", "--fm-accent", "--fm-radius", "--fm-border", "--fm-focus"]) {
       expect(CSS).toContain(`var(${name},`);
     }
   });
@@ -96,6 +96,13 @@ describe("styles", () => {
     expect(contrast(fallback("--fm-accent"), bg)).toBeGreaterThanOrEqual(4.5); // the Dismiss button's text
     expect(contrast("#065f46", "#ecfdf5")).toBeGreaterThanOrEqual(4.5); // the "You're all set" banner
     expect(CSS).toContain(".banner{background:#ecfdf5;color:#065f46");
+  });
+
+  test("every control shows a focus ring from the keyboard, 3:1 or better on the panel by default", () => {
+    expect(CSS).toMatch(/(^|[,}])button:focus-visible[,{]/m);
+    const ring = /button:focus-visible[^{]*\{outline:2px solid var\(--fm-focus,var\(--fm-accent,(#[0-9a-f]{6})\)\)/.exec(CSS);
+    expect(ring).not.toBeNull();
+    expect(contrast(ring![1]!, fallback("--fm-bg"))).toBeGreaterThanOrEqual(3);
   });
 
   test("the page's own rules do not restyle the content of the shadow root", async () => {
