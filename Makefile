@@ -227,14 +227,17 @@ bench-destinations: $(STAMP) ## Events/s per destination type (queue + worker) v
 	  FIRSTMILE_BENCH_ADMIN_URL=$$($(PG) url bench) \
 	    $(BIN)/python -m benchmarks destinations --output .firstmile/bench/destinations.md
 
-bench-tenant-training: $(STAMP) ## Per-tenant training per 100k logged decisions vs the same training in memory; report in .firstmile/bench/tenant-training.md
+bench-tenant-training: $(STAMP) ## Per-tenant training per 100k logged decisions in process and on Ray vs the same training in memory; report in .firstmile/bench/tenant-training.md
 	@pg_port=$$($(PG) url bench | sed -E 's#.*:([0-9]+)/.*#\1#'); \
 	  pg_up=; (exec 3<>/dev/tcp/127.0.0.1/$$pg_port) 2>/dev/null && pg_up=1; \
-	  cleanup() { [ -n "$$pg_up" ] || $(PG) stop bench; }; \
+	  ray_up=; $(RAY) status bench >/dev/null 2>&1 && ray_up=1; \
+	  cleanup() { [ -n "$$ray_up" ] || $(RAY) stop bench; [ -n "$$pg_up" ] || $(PG) stop bench; }; \
 	  trap cleanup EXIT; trap 'exit 130' INT TERM; \
 	  set -e; \
 	  $(PG) start bench; \
-	  FIRSTMILE_BENCH_ADMIN_URL=$$($(PG) url bench) \
+	  $(RAY) start bench; \
+	  FIRSTMILE_BENCH_ADMIN_URL=$$($(PG) url bench) FIRSTMILE_BENCH_RAY_ADDRESS=127.0.0.1:$${FIRSTMILE_BENCH_RAY_PORT:-57200} \
+	    RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$(CURDIR)/.firstmile/services/ray-bench/auth_token \
 	    nice -n 10 $(BIN)/python -m benchmarks tenant-training --output .firstmile/bench/tenant-training.md
 
 clean: ## Remove the venv and all local state (embedded database included)

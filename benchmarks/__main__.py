@@ -340,14 +340,16 @@ def bench_destinations(events: int, kinds: tuple[str, ...], rounds: int, admin: 
 @click.option("--decisions", default=100_000, show_default=True, type=click.IntRange(1_000, 2_000_000))
 @click.option("--admin", envvar="FIRSTMILE_BENCH_ADMIN_URL", required=True, help="The bench PostgreSQL (superuser).")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Report file.")
-def bench_tenant_training(decisions: int, admin: str, output: Path | None) -> None:
+@click.option("--ray", "ray_address", envvar="FIRSTMILE_BENCH_RAY_ADDRESS", default=None,
+              help="Also train on this Ray cluster (deploy/local/ray.sh start bench: 127.0.0.1:57200).")  # fmt: skip
+def bench_tenant_training(decisions: int, admin: str, output: Path | None, ray_address: str | None) -> None:
     """`models train --tenant` end to end (read, build, train, report, register) per 100k logged decisions vs the
-    same training in memory."""
+    same training in memory; with --ray, training as a Ray task too."""
     from benchmarks.common import BenchError
     from benchmarks.tenant_training import run_tenant_training_benchmark
 
     try:
-        report = run_tenant_training_benchmark(admin, decisions=decisions)
+        report = run_tenant_training_benchmark(admin, decisions=decisions, ray_address=ray_address)
     except BenchError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(report)

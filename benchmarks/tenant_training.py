@@ -17,6 +17,12 @@ Measured:
   decisions held in memory (:class:`~firstmile_inference.tenant.LoggedData` built from the simulator's arrays,
   no database, no registry), so the ratio end to end / baseline is what the platform adds around training.
 
+With ``ray_address`` (``--ray``; ``make bench-tenant-training`` starts the bench instance of ``deploy/local/ray.sh``
+and passes its GCS address), the same run also measures training **on Ray**
+(:func:`firstmile_inference.ray_train.train_on_ray`: the driver child process, its connection, the task on a worker,
+the result back) on the same in-memory decisions against the same baseline, and the end-to-end task again with
+``FIRSTMILE_TRAINING_RAY_ADDRESS`` (a second registry); it checks the Ray task's weights equal the baseline's.
+
 Torch runs on one thread (as the scheduler's worker thread does), warmed up by one untimed epoch first.
 """
 
@@ -207,7 +213,43 @@ def _timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
     return result, time.perf_counter() - began
 
 
-def run_tenant_training_benchmark(admin: str, *, decisions: int = 100_000) -> str:
+@dataclass(frozen=True)
+class OnRay:
+    """The Ray measurements of one run."""
+
+    address: str
+    task_s: float  # train_on_ray on the in-memory decisions: driver, connect, task, result back
+    end_to_end_s: float  # the tenant-model-training task with the Ray address
+    identical: bool  # the task's weights equal the in-memory baseline's (same seed)
+
+
+def _on_ray(address: str, db_url: str, slug: str, baseline: Any, reference: Any) -> OnRay:
+    import torch
+
+    from firstmile.ml.tenant_models import RayTraining
+    from firstmile.ml.tenant_training import TenantTrainer
+    from firstmile_inference.ray_train import RayTrainingError, train_on_ray
+    from firstmile_inference.registry import Registry
+
+    _log(f"on Ray ({address}): the same training as a Ray task")
+    try:
+        trained, task_s = _timed(train_on_ray, address, baseline, seed=7)
+    except RayTrainingError as exc:
+        raise BenchError(str(exc)) from exc
+    identical = trained.state_dict.keys() == reference.state_dict.keys() and all(
+        torch.equal(trained.state_dict[k], reference.state_dict[k]) for k in reference.state_dict
+    )
+    with tempfile.TemporaryDirectory(prefix="firstmile-bench-training-ray-") as tmp:
+        trainer = TenantTrainer(db_url, Registry(Path(tmp) / "models"), ray=RayTraining(address))
+        _log("on Ray: the tenant-model-training task end to end")
+        runs, end_to_end_s = _timed(asyncio.run, trainer.run_once())
+    run = next((r for r in runs if r.slug == slug), None)
+    if run is None or run.outcome != "registered":
+        raise BenchError(f"the training task on Ray did not register a model: {runs}")
+    return OnRay(address, task_s, end_to_end_s, identical)
+
+
+def run_tenant_training_benchmark(admin: str, *, decisions: int = 100_000, ray_address: str | None = None) -> str:
     """Run the benchmark (see the module docstring); the markdown report."""
     import torch
 
@@ -231,7 +273,7 @@ def run_tenant_training_benchmark(admin: str, *, decisions: int = 100_000) -> st
 
     baseline = in_memory(logged_rows)
     _log("baseline (before): the same model on the same decisions in memory")
-    _, baseline_before = _timed(train_logged, baseline, seed=7)
+    reference, baseline_before = _timed(train_logged, baseline, seed=7)
 
     with tempfile.TemporaryDirectory(prefix="firstmile-bench-training-") as tmp:
         registry = Registry(Path(tmp) / "models")
@@ -254,6 +296,10 @@ def run_tenant_training_benchmark(admin: str, *, decisions: int = 100_000) -> st
     rows = np.sort(np.random.default_rng(0).permutation(logged.n)[:n_eval]).astype(np.int64)
     q = np.random.default_rng(1).random((logged.n, len(logged.paths)))[rows]
     _, ope_s = _timed(off_policy_report, logged, rows, q)
+
+    on_ray: OnRay | None = None
+    if ray_address is not None:
+        on_ray = _on_ray(ray_address, db.admin_url, slug, baseline, reference)
 
     _log("baseline (after): the same model on the same decisions in memory")
     trained, baseline_after = _timed(train_logged, baseline, seed=7)
@@ -282,6 +328,16 @@ def run_tenant_training_benchmark(admin: str, *, decisions: int = 100_000) -> st
         f"{ope_s * per_100k:.2f} | {ope_s / baseline_s:.3f}x |",
         f"| baseline: the same training on the same decisions in memory (mean of two) | {baseline_s:.1f} | "
         f"{baseline_s * per_100k:.1f} | 1.00x |",
+    ]
+    if on_ray is not None:
+        lines += [
+            f"| **on Ray**: the same training as a Ray task (driver, connect, task, result back) | "
+            f"{on_ray.task_s:.1f} | {on_ray.task_s * per_100k:.1f} | **{on_ray.task_s / baseline_s:.2f}x** |",
+            f"| on Ray: end to end (`tenant-model-training` with `FIRSTMILE_TRAINING_RAY_ADDRESS`) | "
+            f"{on_ray.end_to_end_s:.1f} | {on_ray.end_to_end_s * per_100k:.1f} | "
+            f"{on_ray.end_to_end_s / baseline_s:.2f}x |",
+        ]
+    lines += [
         "",
         f"The baseline is the mean of two runs, one before the end-to-end run and one after ({baseline_before:.1f} s "
         f"and {baseline_after:.1f} s): the machine is shared, so its load drifts.",
@@ -293,4 +349,11 @@ def run_tenant_training_benchmark(admin: str, *, decisions: int = 100_000) -> st
         f"the baseline's DR {trained.metrics['ope']['estimates']['dr']['value']:.3f}.",
         "",
     ]
+    if on_ray is not None:
+        lines += [
+            f"On Ray: the GCS at {on_ray.address} (`deploy/local/ray.sh start bench`, a node on this machine, one CPU "
+            f"for the task); the Ray task's weights are {'identical to' if on_ray.identical else 'NOT the same as'} "
+            "the in-memory baseline's (same seed).",
+            "",
+        ]
     return "\n".join(lines)

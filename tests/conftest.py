@@ -160,7 +160,7 @@ def tiny_registry(worker_id: str) -> Path:
     """Small models trained once per worker on 3,000 simulated sessions, all in production (about 10 s)."""
     from firstmile.ml.cli import train_models
 
-    root = ROOT / ".firstmile" / "test-models" / worker_id
+    root = ROOT / ".firstmile" / "test-models" / f"{os.environ.get('FIRSTMILE_TEST_DB_TAG', '')}{worker_id}"
     shutil.rmtree(root, ignore_errors=True)
     train_models(str(root), sessions=3_000, seed=11, promote="production")  # as `firstmile models train` does
     return root

@@ -54,6 +54,17 @@ class Hyper:
     hidden: tuple[int, ...] = (64, 64)
     val_fraction: float = 0.1
 
+    def record(self, seconds: float) -> dict[str, Any]:
+        """What a version's ``config.training`` records of these hyper-parameters and the run's time."""
+        return {
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "seconds": round(seconds, 2),
+            "torch": torch.__version__,
+        }
+
 
 DEFAULT_HYPER: Final = {
     "path_classifier": Hyper(epochs=8, hidden=(32, 32), weight_decay=5e-4),
@@ -175,12 +186,7 @@ def _config(name: str, encoder: Encoder, net_config: dict[str, Any], hyper: Hype
             "exploration": data.exploration,
             "train_rows": rows[0],
             "val_rows": rows[1],
-            "epochs": hyper.epochs,
-            "batch_size": hyper.batch_size,
-            "lr": hyper.lr,
-            "weight_decay": hyper.weight_decay,
-            "seconds": round(seconds, 2),
-            "torch": torch.__version__,
+            **hyper.record(seconds),
         },
     }
 

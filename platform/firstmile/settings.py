@@ -635,6 +635,35 @@ class ModelSettings(_Section):
         "promotes) and audits each run (0: never; run `firstmile models train --tenant`). Needs the schema "
         "owner's URL (FIRSTMILE_DATABASE_ADMIN_URL, or embedded mode).",
     )
+    training_ray_address: str | None = Field(
+        validation_alias="training_ray_address",
+        default=None,
+        pattern=r"^(ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*):[0-9]{1,5}$",
+        description="The Ray cluster a tenant's path model trains on (`models train --tenant` and the scheduler's "
+        "tenant-model-training task): ray://host:port (Ray Client) or host:port (the GCS, from a node of the "
+        "cluster); no credentials (Ray reads RAY_AUTH_TOKEN). Unset: in process. An unreachable cluster or a "
+        "failed task refuses the run; it never falls back to in process.",
+    )
+    training_ray_timeout_seconds: float = Field(
+        validation_alias="training_ray_timeout_seconds",
+        default=3600,
+        gt=0,
+        le=86_400,
+        description="How long a training task on Ray may take, waiting for a free CPU included; past it the task "
+        "is cancelled and the run refused.",
+    )
+
+    @field_validator("training_ray_address", mode="before")
+    @classmethod
+    def _no_ray_address(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("training_ray_address")
+    @classmethod
+    def _ray_port(cls, value: str | None) -> str | None:
+        if value is not None and not 0 < int(value.rsplit(":", 1)[1]) < 65_536:
+            raise ValueError(f"{value!r}: the port is out of range")
+        return value
 
 
 class StuckSettings(_Section):

@@ -182,6 +182,15 @@ the stuck detector in the scheduler.
 {{- if and .ctx.Values.models.persistence.enabled (has .component (list "api" "scheduler")) -}}true{{- end -}}
 {{- end -}}
 
+{{- /* The scheduler trains tenant models on the chart's Ray cluster, through the head's Ray Client port. */ -}}
+{{- define "firstmile.trainsOnRay" -}}
+{{- if and .ctx.Values.inference.enabled (dig "training" "enabled" false .ctx.Values.inference) (eq .component "scheduler") -}}true{{- end -}}
+{{- end -}}
+
+{{- define "firstmile.trainingRayAddress" -}}
+{{- printf "ray://%s-head-svc:10001" (include "firstmile.inferenceName" .) -}}
+{{- end -}}
+
 {{- define "firstmile.callsInference" -}}
 {{- if and .ctx.Values.inference.enabled (has .component (list "api" "scheduler")) -}}true{{- end -}}
 {{- end -}}
@@ -258,6 +267,10 @@ which come through envFrom).
 {{- if include "firstmile.readsModels" . }}
 - name: FIRSTMILE_MODEL_REGISTRY_URI
   value: file:///var/lib/firstmile/models
+{{- end }}
+{{- if include "firstmile.trainsOnRay" . }}
+- name: FIRSTMILE_TRAINING_RAY_ADDRESS
+  value: {{ include "firstmile.trainingRayAddress" .ctx | quote }}
 {{- end }}
 {{- if eq .component "api" }}
 - name: FIRSTMILE_IN_PROCESS_SCHEDULERS

@@ -3,9 +3,10 @@ page (``/admin/models``) calls (docs/admin-ui.md#models).
 
 For the signed-in tenant: the path models its planner may use, the platform's shared ``path_classifier`` and the
 tenant's own ``tenant-<slug>.path_classifier`` (docs/models.md#per-tenant-models), each with its versions, their
-metrics, the stages (canary weight included), the stage history and the retraining flags ``models drift`` wrote;
-each tenant version with its off-policy report (IPS, SNIPS and DR with their intervals and effective sample sizes,
-the logged activation rate, whether it passes the gate).
+metrics, the stages (canary weight included), the stage history and the retraining flags ``models drift`` wrote,
+and for the tenant's own model the last drift check's report (``drift``: PSI per feature, live calibration,
+verdict, when; :mod:`firstmile.ml.drift`); each tenant version with its off-policy report (IPS, SNIPS and DR with
+their intervals and effective sample sizes, the logged activation rate, whether it passes the gate).
 
 Roles (``admin/rbac.py``): the analyst and up read (``models:read``); the owner promotes the tenant's own versions
 and rolls back (``models:promote``). The shared models are read-only here: a tenant never stages the platform's
@@ -39,7 +40,7 @@ from firstmile.audit import service as audit
 from firstmile.kit.db import TenantTx
 from firstmile.kit.errors import ProblemError, strict_body
 from firstmile.kit.uow import UnitOfWork
-from firstmile.ml import tenant_models
+from firstmile.ml import drift, tenant_models
 from firstmile.ml.inference import StageReader
 from firstmile.ml.planner import PATH_MODEL, tenant_model_name
 from firstmile.tenancy import service as tenancy
@@ -128,6 +129,7 @@ class ModelAdmin:
             "versions": versions,
             "history": list(reversed(registry.history(name)))[:MAX_HISTORY],
             "flags": list(reversed(flags)),
+            "drift": drift.last_report(registry, name) if scope == "tenant" else None,
         }
 
     def read(self, slug: str) -> dict[str, Any]:

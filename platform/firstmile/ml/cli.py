@@ -25,6 +25,8 @@ from firstmile.kit.cli import run, services
 from firstmile.onboarding.stuck import StuckScanner
 
 if TYPE_CHECKING:
+    from firstmile.ml.drift import DriftResult, TenantDriftResult
+    from firstmile.ml.tenant_models import RayTraining
     from firstmile_inference.registry import Registry
     from firstmile_inference.simulate import Dataset
 
@@ -52,6 +54,10 @@ class ModelCommandDeps(Protocol):
 
     def stuck_scanner(self) -> AbstractAsyncContextManager[StuckScanner]:
         """The region's stuck scanner with its detector and feature store, closed afterwards."""
+        ...
+
+    def training_ray(self) -> tuple[str | None, float]:
+        """``FIRSTMILE_TRAINING_RAY_ADDRESS`` (None: in process) and ``FIRSTMILE_TRAINING_RAY_TIMEOUT_SECONDS``."""
         ...
 
 
@@ -126,25 +132,70 @@ def models() -> None:
               help="--tenant: refuse below this many logged decisions.")  # fmt: skip
 @click.option("--min-per-path", type=click.IntRange(1), default=50, show_default=True,
               help="--tenant: refuse when an eligible path was taken fewer times.")  # fmt: skip
+@click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
+              help="--tenant: train as a Ray task on this cluster (ray://host:port, or host:port from a node of it); "
+                   "default: FIRSTMILE_TRAINING_RAY_ADDRESS.")  # fmt: skip
+@click.option("--in-process", is_flag=True, default=False,
+              help="--tenant: train in this process even when FIRSTMILE_TRAINING_RAY_ADDRESS is set.")  # fmt: skip
+@click.option("--shared", is_flag=True, default=False,
+              help="Train the shared warm-start model on the pooled decisions of the tenants that opt in "
+                   "(planner.training.warm_start: shared), on features that carry no tenant data.")  # fmt: skip
+@click.option("--min-tenants", type=click.IntRange(2), default=3, show_default=True,
+              help="--shared: refuse with fewer contributing tenants.")  # fmt: skip
+@click.option("--min-tenant-decisions", type=click.IntRange(1), default=200, show_default=True,
+              help="--shared: an opted-in tenant contributes only with this many logged decisions.")  # fmt: skip
 def models_train(
     registry_arg: str | None, sessions: int, seed: int, exploration: float, promote: str | None, only: tuple[str, ...],
     tenant: str | None, horizon_days: float, window_days: float, min_decisions: int, min_per_path: int,
+    ray_address: str | None, in_process: bool, shared: bool, min_tenants: int, min_tenant_decisions: int,
 ) -> None:  # fmt: skip
     """Simulate SESSIONS onboarding sessions, train the models on them and register new versions; with --tenant,
-    train that tenant's own path model on its logged decisions instead (docs/models.md#per-tenant-models)."""
+    train that tenant's own path model on its logged decisions instead (docs/models.md#per-tenant-models), on Ray
+    where configured (--ray, FIRSTMILE_TRAINING_RAY_ADDRESS), in process otherwise."""
+    if tenant is None and (ray_address is not None or in_process):
+        raise click.UsageError("--ray and --in-process choose where a tenant's model trains: they need --tenant")
+    if shared:
+        if tenant is not None:
+            raise click.UsageError("--shared trains the model shared across tenants: give it without --tenant")
+        train_shared(registry_arg, timedelta(days=horizon_days), timedelta(days=window_days), seed=seed,
+                     min_tenants=min_tenants, min_tenant_decisions=min_tenant_decisions)  # fmt: skip
+        return
     if tenant is not None:
+        ray = ray_training(ray_address, in_process)
         train_tenant(registry_arg, tenant, timedelta(days=horizon_days), timedelta(days=window_days),
-                     min_decisions=min_decisions, min_per_path=min_per_path, seed=seed)  # fmt: skip
+                     min_decisions=min_decisions, min_per_path=min_per_path, seed=seed, ray=ray)  # fmt: skip
         return
     train_models(registry_arg, sessions=sessions, seed=seed, exploration=exploration, promote=promote, only=only)
 
 
+def ray_training(address: str | None, in_process: bool) -> RayTraining | None:
+    """Where ``models train --tenant`` trains: ``--in-process``, else on ``--ray ADDRESS``, else on
+    ``FIRSTMILE_TRAINING_RAY_ADDRESS`` when set (with ``FIRSTMILE_TRAINING_RAY_TIMEOUT_SECONDS``), else in process."""
+    from firstmile.ml.tenant_models import RayTraining
+    from firstmile_inference.ray_train import check_address
+
+    if in_process and address is not None:
+        raise click.UsageError("--ray and --in-process exclude each other")
+    if in_process:
+        return None
+    configured, timeout_s = _deps().training_ray()
+    if address is None:
+        return None if configured is None else RayTraining(check_address(configured), timeout_s)
+    try:
+        return RayTraining(check_address(address), timeout_s)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--ray") from exc
+
+
 def train_tenant(
     registry_arg: str | None, slug: str, horizon: timedelta, window: timedelta, *, min_decisions: int,
-    min_per_path: int, seed: int,
+    min_per_path: int, seed: int, ray: RayTraining | None = None,
 ) -> None:  # fmt: skip
-    """Read the tenant's logged decisions, refuse what cannot support a model, train in process, register, audit."""
+    """Read the tenant's logged decisions, refuse what cannot support a model, train (in process, or as a Ray task
+    with ``ray``), register, audit. A Ray cluster that cannot be reached or a task that fails is refused (audited,
+    nothing registered), never trained in process instead."""
     from firstmile.ml import tenant_models as tm
+    from firstmile.ml.planner import tenant_model_name
 
     registry = _registry(registry_arg)
     admin_url = _deps().operator_database_url()
@@ -154,18 +205,64 @@ def train_tenant(
         logged = tm.logged_data(data, min_decisions=min_decisions, min_per_path=min_per_path)
     except tm.TrainingRefusedError as exc:
         raise click.ClickException(str(exc)) from exc
-    _say(f"training {slug}'s path model in process on {logged.n} logged decisions ({len(logged.paths)} paths)")
-    mv = tm.register(registry, data, logged, seed=seed)
+    where = "in process" if ray is None else f"as a Ray task on {ray.address}"
+    _say(f"training {slug}'s path model {where} on {logged.n} logged decisions ({len(logged.paths)} paths)")
+    span = {"horizon_days": horizon.total_seconds() / 86_400, "window_days": window.total_seconds() / 86_400}
+    try:
+        mv = tm.register(registry, data, logged, seed=seed, ray=ray)
+    except tm.TrainingRefusedError as exc:  # the Ray cluster: unreachable, or the task failed
+        run(tm.audit_model_event(admin_url, data.tenant_id, f"model:{tenant_model_name(slug)}", {
+            "action": "models.train", "model": tenant_model_name(slug), "refused": True, "reason": str(exc),
+            "decisions": logged.n, **span, **tm.where_trained(ray),
+        }))  # fmt: skip
+        raise click.ClickException(str(exc)) from exc
     report = tm.report_of(mv)
     run(tm.audit_model_event(admin_url, data.tenant_id, f"model:{mv.name}@{mv.version}", {
         "action": "models.train", "model": mv.name, "version": mv.version, "decisions": logged.n,
-        "horizon_days": horizon.total_seconds() / 86_400, "window_days": window.total_seconds() / 86_400,
+        **span, **tm.where_trained(ray),
         "catalog": mv.config["catalog"], "gate_passed": report["gate_passed"],
         "dr_low": report["estimates"]["dr"]["low"], "logged_rate": report["logging_policy"]["value"],
+        "warm_start": mv.config.get("warm_start"),
     }))  # fmt: skip
+    warm = mv.config.get("warm_start")
+    if warm:
+        _say(f"started from the shared warm-start model {warm['model']} {warm['version']} (its trunk; the paths' "
+             "outputs learned from this tenant's decisions)")  # fmt: skip
+    elif data.warm_start:
+        _say(f"{slug} opted in to the shared warm-start model, but none is registered (firstmile models train "
+             "--shared): trained cold")  # fmt: skip
     _say(tm.report_text(mv.name, mv.version, report))
     _say(f"registered {mv.name} {mv.version} (no stage: firstmile models promote --tenant {slug} {mv.version} "
          f"--to shadow|canary|production) in {time.perf_counter() - began:.1f}s")  # fmt: skip
+
+
+def train_shared(
+    registry_arg: str | None, horizon: timedelta, window: timedelta, *, seed: int, min_tenants: int,
+    min_tenant_decisions: int,
+) -> None:  # fmt: skip
+    """Read the opted-in tenants' decisions, refuse too few tenants or decisions, train the shared warm-start model
+    in process, register it (no stage), audit the run in each contributing tenant's log."""
+    from firstmile.ml import shared_model as sm
+    from firstmile.ml import tenant_models as tm
+
+    registry = _registry(registry_arg)
+    admin_url = _deps().operator_database_url()
+    began = time.perf_counter()
+    try:
+        data = run(sm.load_shared_data(admin_url, horizon, window))
+        pairs = sm.shares(data, min_tenants=min_tenants, min_tenant_decisions=min_tenant_decisions)
+    except tm.TrainingRefusedError as exc:
+        raise click.ClickException(str(exc)) from exc
+    _say(f"training the shared warm-start model in process on the decisions of {len(pairs)} tenants "
+         f"({sum(share.n for _, share in pairs)} decisions before the cap)")  # fmt: skip
+    mv = sm.register_shared(registry, data, pairs, seed=seed)
+    run(sm.audit_contributors(admin_url, mv, pairs))
+    contributors = mv.config["contributors"]
+    _say(f"registered {mv.name} {mv.version}: {contributors['tenants']} tenants, decisions "
+         f"{', '.join(map(str, contributors['decisions']))} (at most {contributors['cap_per_tenant']} each), "
+         f"validation AUC {mv.metrics['val_auc'] or float('nan'):.3f}; the opted-in tenants' next "
+         f"`models train --tenant` starts from it (its production version once promoted, else the latest) "
+         f"in {time.perf_counter() - began:.1f}s")  # fmt: skip
 
 
 def train_models(
@@ -374,8 +471,12 @@ def models_promote(
             raise click.UsageError("with --tenant, give only VERSION: firstmile models promote --tenant SLUG VERSION")
         promote_tenant(registry_arg, tenant, arguments[0], stage, weight=weight, force=force)
         return
-    if len(arguments) != 2 or arguments[0] not in MODEL_NAMES:
-        raise click.UsageError(f"give NAME VERSION, NAME one of {', '.join(MODEL_NAMES)} (or --tenant SLUG VERSION)")
+    from firstmile.ml.tenant_models import SHARED_MODEL  # the shared warm-start model: its production version serves
+
+    if len(arguments) != 2 or arguments[0] not in (*MODEL_NAMES, SHARED_MODEL):
+        raise click.UsageError(
+            f"give NAME VERSION, NAME one of {', '.join((*MODEL_NAMES, SHARED_MODEL))} (or --tenant SLUG VERSION)"
+        )
     name, version = arguments
     registry = _registry(registry_arg)
     try:
@@ -425,7 +526,10 @@ def promote_tenant(
 @models.command("list")
 @click.option("--registry", "registry_arg", default=None, help="Registry URI (default: the configured one).")
 def models_list(registry_arg: str | None) -> None:
-    """Every registered version with its stage, key metrics and retraining flags (tenants' own models after)."""
+    """Every registered version with its stage, key metrics and retraining flags (tenants' own models after, with
+    the fingerprint of the path catalog each was trained on)."""
+    from firstmile.onboarding.catalog import catalog_fingerprint
+
     registry = _registry(registry_arg)
     for name in (*MODEL_NAMES, *(n for n in registry.names() if n not in MODEL_NAMES)):
         stages = registry.stages(name)
@@ -435,39 +539,65 @@ def models_list(registry_arg: str | None) -> None:
             shown = {k: v for k, v in mv.metrics.items() if isinstance(v, float) and k != "train_seconds"}
             metrics = " ".join(f"{k}={v:.3f}" for k, v in sorted(shown.items()))
             flag = "  RETRAIN" if mv.version in flagged else ""
-            click.echo(f"{name:26} {mv.version:8} {stage:10} {metrics}{flag}")
+            recorded = mv.config.get("catalog")  # a tenant version's path catalog, as a short fingerprint
+            catalog = f"  catalog={catalog_fingerprint(recorded)}" if isinstance(recorded, dict) else ""
+            click.echo(f"{name:26} {mv.version:8} {stage:10} {metrics}{catalog}{flag}")
 
 
 @models.command("drift")
 @click.option("--registry", "registry_arg", default=None, help="Registry URI (default: the configured one).")
-@click.option("--tenant", default=None, help="Only this tenant's decisions (slug).")
+@click.option(
+    "--tenant", default=None,
+    help="Only this tenant's decisions (slug); when its own model decides its starts, that model is checked.",
+)  # fmt: skip
 @click.option("--days", type=click.FloatRange(0.01, 365), default=7.0, show_default=True, help="Recent window.")
 @click.option(
-    "--outcome-days", type=click.FloatRange(0.0, 365), default=14.0, show_default=True,
-    help="Decisions at least this old count for live accuracy (activated within it or not).",
+    "--outcome-days", type=click.FloatRange(0.0, 365), default=None,
+    help="Decisions at least this old count for live accuracy (activated within it or not). Default: 14; a "
+    "tenant's own model: its training horizon.",
 )  # fmt: skip
 @click.option("--flag/--no-flag", default=True, show_default=True, help="Flag the model for retraining on a drop.")
 @click.option("--json", "as_json", is_flag=True)
 def models_drift(
-    registry_arg: str | None, tenant: str | None, days: float, outcome_days: float, flag: bool, as_json: bool
+    registry_arg: str | None, tenant: str | None, days: float, outcome_days: float | None, flag: bool, as_json: bool
 ) -> None:
-    """PSI per feature (training vs recent decisions) and live accuracy against outcomes."""
-    from firstmile.ml.drift import DriftInputs, assess, load_inputs
+    """PSI per feature (training vs recent decisions) and live accuracy against outcomes.
+
+    With --tenant, when the tenant's latest start decided by a model was decided by its own model, that model's
+    production version is checked instead (calibration against its held-out figures; audited in its log)."""
+    from firstmile.ml.drift import NoProductionVersionError
 
     registry = _registry(registry_arg)
-    production = registry.resolve("path_classifier", "production")
-    if production is None:
-        raise click.ClickException("no production path_classifier to compare against")
-    inputs: DriftInputs = run(
-        load_inputs(_deps().operator_database_url(), tenant, timedelta(days=days), timedelta(days=outcome_days))
-    )
-    result = assess(production, inputs)
-    if flag and result.retrain:
-        registry.flag("path_classifier", production.version, result.reason)
+    admin_url = _deps().operator_database_url()
+    try:
+        result = run(_drift(registry, admin_url, tenant, timedelta(days=days), outcome_days, flag))
+    except NoProductionVersionError as exc:
+        raise click.ClickException(str(exc)) from exc
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2, sort_keys=True))
     else:
         click.echo(result.to_text())
+
+
+async def _drift(
+    registry: Registry, admin_url: str, tenant: str | None, window: timedelta, outcome_days: float | None, flag: bool
+) -> DriftResult | TenantDriftResult:
+    """The tenant's own model's check when it decides the tenant's starts, else the shared path_classifier's."""
+    from firstmile.ml.drift import assess, load_inputs, tenant_drift
+
+    horizon = None if outcome_days is None else timedelta(days=outcome_days)
+    if tenant is not None:
+        own = await tenant_drift(admin_url, registry, tenant, window=window, horizon=horizon, flag=flag)
+        if own is not None:
+            return own
+    production = registry.resolve("path_classifier", "production")
+    if production is None:
+        raise click.ClickException("no production path_classifier to compare against")
+    inputs = await load_inputs(admin_url, tenant, window, timedelta(days=14) if horizon is None else horizon)
+    result = assess(production, inputs)
+    if flag and result.retrain:
+        registry.flag("path_classifier", production.version, result.reason)
+    return result
 
 
 @models.command("labels")

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import httpx
 
 from firstmile.kit import telemetry
+from firstmile.onboarding.catalog import catalog_fingerprint
 
 if TYPE_CHECKING:
     from firstmile_inference.predictor import Predictor
@@ -66,6 +67,8 @@ class StageInfo:
     canary: str | None
     canary_weight: float
     shadow: str | None
+    catalogs: Mapping[str, str] = field(default_factory=dict)
+    """Staged version → the fingerprint of the path catalog it was trained on (tenant models record one)."""
 
 
 class InferenceClient(Protocol):
@@ -99,6 +102,7 @@ class StageReader:
         self._registry: Registry | None = None
         self._lock = threading.Lock()
         self._refreshing: set[str] = set()
+        self._catalogs: dict[tuple[str, str], str | None] = {}  # (model, version) → its catalog's fingerprint
 
     def _open(self) -> Registry:
         with self._lock:
@@ -113,12 +117,22 @@ class StageReader:
         hit = self._cache.get(model)
         try:
             s = self._open().stages(model)
-            info: StageInfo | None = StageInfo(s.production, s.canary, float(s.canary_weight), s.shadow)
+            staged = [v for v in (s.production, s.canary, s.shadow) if v is not None]
+            catalogs = {v: c for v in staged if (c := self._catalog_of(model, v)) is not None}
+            info: StageInfo | None = StageInfo(s.production, s.canary, float(s.canary_weight), s.shadow, catalogs)
         except Exception as exc:  # an unreadable registry must not fail a request
             log.warning("model registry %s unreadable: %s", self.registry_uri, exc)
             info = hit[1] if hit is not None else None
         self._cache[model] = (time.monotonic(), info)
         return info
+
+    def _catalog_of(self, model: str, version: str) -> str | None:
+        """The fingerprint of the catalog ``version`` recorded (``config.catalog``), read once per version."""
+        key = (model, version)
+        if key not in self._catalogs:
+            recorded = self._open().get(model, version).config.get("catalog")
+            self._catalogs[key] = catalog_fingerprint(recorded) if isinstance(recorded, Mapping) else None
+        return self._catalogs[key]
 
     async def load(self, models: Sequence[str]) -> dict[str, StageInfo | None]:
         """Read the stages of ``models`` on a worker thread (startup, before the first request)."""

@@ -13,6 +13,10 @@ Recovery, as the seed design and ARCHITECTURE.md §4 state it, in code:
    the tenant does not have → the rules, with the reason on the record;
 4. no targeting rule matches → the tenant's default path.
 
+A tenant's own model (``tenant-<slug>.path_classifier``, or ``planner.model: own``) is asked only when the
+version that would answer was trained on the tenant's current path catalog (``catalog_changed`` otherwise) and,
+for ``own``, once it has a production version (``no_own_model`` until then): docs/models.md#the-automatic-switch.
+
 Then the tenant's exploration (manifest ``planner.exploration``, epsilon-greedy over the
 user's eligible paths, :func:`firstmile.onboarding.planner.explore`) may take another
 eligible path; every decision records its ``propensity`` either way.
@@ -34,9 +38,18 @@ from typing import Any, Literal, Protocol
 
 from firstmile.kit import telemetry
 from firstmile.ml.features import FeatureStoreUnavailable
-from firstmile.ml.inference import GuardedInference, InferenceError, Prediction, Stage, StageReader, in_canary
+from firstmile.ml.inference import (
+    GuardedInference,
+    InferenceError,
+    Prediction,
+    Stage,
+    StageInfo,
+    StageReader,
+    in_canary,
+)
 from firstmile.onboarding import planner as rules
 from firstmile.onboarding.catalog import PathCatalog
+from firstmile.tenancy.manifest import own_model_name
 
 __all__ = [
     "AdaptivePlanner",
@@ -68,7 +81,7 @@ FeatureSourceKind = Literal["fresh", "stale", "absent"]
 
 def tenant_model_name(slug: str) -> str:
     """The registry name of a tenant's own path model (docs/models.md#per-tenant-models)."""
-    return f"tenant-{slug}.{PATH_MODEL}"
+    return own_model_name(slug)
 
 
 def is_tenant_model(name: str) -> bool:
@@ -136,6 +149,14 @@ class AdaptivePlanner:
             return by_rules
         if self.inference is None:
             return self._fallback(by_rules, model, "not_deployed")
+        info = self.stages.stages(model) if self.stages is not None else None
+        stage: Stage = "production"
+        if info is not None and info.canary is not None and in_canary(info.canary_weight, tenant_id, user_id):
+            stage = "canary"
+        if is_tenant_model(model):  # asked only once it has a version trained on the tenant's current catalog
+            gap = _tenant_model_gap(model, catalog, info, stage)
+            if gap is not None:
+                return self._fallback(by_rules, model, gap[0], **gap[1])
         reading: FeatureReading | None = None
         if self.features is not None:
             try:
@@ -148,12 +169,8 @@ class AdaptivePlanner:
             eligible = rules.eligible_paths(catalog.current, catalog.default_key, traits, by_rules.path_key)
             candidates = [p.key for p in eligible]
         request = instance | {"candidates": candidates}
-        info = self.stages.stages(model) if self.stages is not None else None
-        stage: Stage = "production"
-        if info is not None and info.canary is not None and in_canary(info.canary_weight, tenant_id, user_id):
-            stage = "canary"
         shadow_call = None
-        if info is not None and info.shadow is not None:
+        if info is not None and info.shadow is not None and not _catalog_differs(model, catalog, info, info.shadow):
             shadow_call = asyncio.ensure_future(self.inference.predict(model, [request], stage="shadow", count=False))
         began = time.perf_counter()
         answer: Prediction | InferenceError
@@ -200,6 +217,33 @@ class AdaptivePlanner:
     def _fallback(decision: rules.Decision, model: str, reason: str, **details: Any) -> rules.Decision:
         telemetry.PLANNER_FALLBACKS.labels(reason).inc()
         return decision.after_model_failure(model, reason, **details)
+
+
+def _catalog_differs(model: str, catalog: PathCatalog, info: StageInfo, version: str) -> bool:
+    """Whether ``version`` of a tenant model was trained on another catalog than the tenant's current one (a path
+    added, removed or at another version). Both fingerprints are computed once (per model version read, per catalog
+    revision): this is a string comparison."""
+    recorded = info.catalogs.get(version)
+    return is_tenant_model(model) and recorded is not None and recorded != catalog.fingerprint
+
+
+def _tenant_model_gap(
+    model: str, catalog: PathCatalog, info: StageInfo | None, stage: Stage
+) -> tuple[str, dict[str, Any]] | None:
+    """Why the tenant model must not be asked (the fallback reason and what the record adds), or None.
+
+    ``not_deployed``: its stages are not read yet; ``no_own_model``: ``planner.model: own`` and no production
+    version yet; ``catalog_changed``: the version that would answer was trained on another path catalog.
+    """
+    if info is None:
+        return "not_deployed", {"error": f"the stages of {model} are not read yet"}
+    if catalog.own_model and info.production is None:
+        return "no_own_model", {}
+    version = info.canary if stage == "canary" else info.production
+    if version is not None and _catalog_differs(model, catalog, info, version):
+        found = {"model_version": version, "trained_on": info.catalogs.get(version), "current": catalog.fingerprint}
+        return "catalog_changed", {"stage": stage, "catalog": found}
+    return None
 
 
 async def _shadow_result(call: asyncio.Future[Prediction], version: str | None) -> dict[str, Any]:

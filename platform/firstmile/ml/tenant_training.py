@@ -4,11 +4,20 @@ Every ``FIRSTMILE_TENANT_TRAINING_SECONDS`` the scheduler looks at the tenants w
 (``planner.training: {schedule_days: N}``) and, for each one that is *due* (:func:`due`), runs what
 ``firstmile models train --tenant SLUG`` runs: read its logged decisions, refuse what cannot support a model,
 train in a worker thread (so the scheduler's loop keeps serving its other tasks), register the candidate
-``tenant-<slug>.path_classifier`` with its off-policy report. It never promotes: promotion stays manual and
-behind the off-policy gate (``firstmile models promote --tenant``). Each run is audited in the tenant's log
+``tenant-<slug>.path_classifier`` with its off-policy report. It promotes only a tenant that asks for it
+(``planner.training.auto_promote: true``), and only a candidate that passed the off-policy gate, straight to
+production (audited ``models.promote`` with ``"auto": true``); otherwise promotion stays manual and behind the
+same gate (``firstmile models promote --tenant``). Each run is audited in the tenant's log
 (kind ``model``, ``"action": "models.train"``, ``"trigger"``), a refusal too (``"refused": true`` and the
 reason; the current model keeps serving). One tenant's failure is logged and the others go on; a tenant is
-never trained twice at once by one process. Training runs in process (Ray is not wired for it).
+never trained twice at once by one process. Training runs in process, or as a Ray task on the cluster at
+``FIRSTMILE_TRAINING_RAY_ADDRESS`` (``ray``: :class:`~firstmile.ml.tenant_models.RayTraining`); a cluster that
+cannot be reached or a task that fails is a refusal naming the address (audited; no fallback to in process).
+
+Before deciding who is due, a pass checks the drift of each opted-in tenant's own model that its planner serves
+and that has a production version (:meth:`TenantTrainer.check_drift`, one query per tenant, audited
+``models.drift``): a verdict of drift flags the version, so the tenant is due now (``trigger: drift``); a failing
+check is logged and skipped, and the tenant keeps its schedule.
 
 It reads as the schema owner (as the CLI does), so it needs the owner's URL: docs/models.md#scheduled-training.
 """
@@ -16,6 +25,7 @@ It reads as the schema owner (as the CLI does), so it needs the owner's URL: doc
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from collections.abc import Iterable, Mapping
@@ -26,9 +36,11 @@ from typing import TYPE_CHECKING, Any, Final
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from firstmile.kit.scope import OperatorContext
+from firstmile.ml import drift
 from firstmile.ml import tenant_models as tm
 from firstmile.ml.planner import tenant_model_name
 from firstmile.tenancy import service as tenancy
+from firstmile.tenancy.manifest import OWN_MODEL
 
 if TYPE_CHECKING:
     from firstmile_inference.registry import Registry
@@ -46,6 +58,7 @@ class OptedIn:
     slug: str
     schedule: timedelta
     serving_model: str | None  # planner.model: the model its drift flags are read from, besides its own
+    auto_promote: bool = False  # planner.training.auto_promote: a candidate that passes the gate goes to production
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +70,8 @@ class TrainingRun:
     outcome: str  # not_due | registered | refused | failed | running
     version: str | None = None
     reason: str | None = None
+    promoted: bool = False  # auto_promote: the candidate passed the off-policy gate and went to production
+    drift: str | None = None  # the drift check of its own production model: drift | stable | insufficient | failed
 
 
 def _parse(stamp: object) -> datetime | None:
@@ -117,9 +132,14 @@ async def opted_in(admin_url: str) -> list[OptedIn]:
         training = planner.get("training") or {}
         days = training.get("schedule_days", 7.0)
         model = planner.get("model", "path_classifier")
+        if model == OWN_MODEL:
+            model = tenant_model_name(str(slug))
         found.append(
-            OptedIn(tenant_id, str(slug), timedelta(days=float(days)), model if isinstance(model, str) else None)
-        )
+            OptedIn(
+                tenant_id, str(slug), timedelta(days=float(days)), model if isinstance(model, str) else None,
+                auto_promote=training.get("auto_promote") is True,
+            )
+        )  # fmt: skip
     return found
 
 
@@ -138,8 +158,11 @@ class TenantTrainer:
         seed: int = 7,
         epochs: int | None = None,
         worker: OperatorContext = TRAINER,
+        ray: tm.RayTraining | None = None,
+        drift_window: timedelta = drift.DEFAULT_WINDOW,
     ) -> None:
         self.admin_url = admin_url
+        self.drift_window = drift_window  # the recent window of the drift check of a tenant's own model
         self.registry = registry
         self.horizon = horizon
         self.window = window
@@ -148,6 +171,7 @@ class TenantTrainer:
         self.seed = seed
         self.epochs = epochs
         self.worker = worker
+        self.ray = ray  # None: in process
         self._attempted: dict[str, datetime] = {}
         self._threads: dict[str, asyncio.Future[tuple[Any, int]]] = {}  # each tenant's last training thread
 
@@ -165,7 +189,8 @@ class TenantTrainer:
         )
 
     async def run_once(self, now: datetime | None = None) -> list[TrainingRun]:
-        """One pass over the opted-in tenants; each due one is trained (or refused), audited, never promoted."""
+        """One pass over the opted-in tenants; each due one is trained (or refused) and audited, and promoted only
+        with ``auto_promote`` and a passed gate."""
         runs: list[TrainingRun] = []
         for tenant in await opted_in(self.admin_url):
             at = now or datetime.now(UTC)
@@ -180,16 +205,42 @@ class TenantTrainer:
         pending = self._threads.get(tenant.slug)
         if pending is not None and not pending.done():  # still training (its pass was cancelled): never twice at once
             return TrainingRun(tenant.slug, None, "running")
+        verdict = await self.check_drift(tenant)  # before deciding: a drift flag makes it due now
         trigger = self.trigger(tenant, now)
         if trigger is None:
-            return TrainingRun(tenant.slug, None, "not_due")
+            return TrainingRun(tenant.slug, None, "not_due", drift=verdict)
         self._attempted[tenant.slug] = now
-        return await self._train(tenant, trigger)
+        return dataclasses.replace(await self._train(tenant, trigger), drift=verdict)
+
+    async def check_drift(self, tenant: OptedIn) -> str | None:
+        """The drift check of the tenant's own model when its planner serves it and it has a production version
+        (:func:`firstmile.ml.drift.check_tenant_model`: one query, flagged on drift, audited); its verdict, None when
+        not checked. A failing check is logged and skipped: the tenant keeps its schedule."""
+        own = tenant_model_name(tenant.slug)
+        if tenant.serving_model != own:
+            return None
+        try:
+            result = await drift.check_tenant_model(
+                self.admin_url, self.registry, tenant.tenant_id, tenant.slug, window=self.drift_window,
+                operator=self.worker, scheduled=True,
+            )  # fmt: skip
+        except Exception:
+            log.exception("tenant model drift check failed", extra={"fields": {"tenant": tenant.slug}})
+            return "failed"
+        if result is None:
+            return None
+        if result.retrain:
+            log.warning(
+                "tenant model drift", extra={"fields": {"tenant": tenant.slug, "version": result.version,
+                                                        "reason": result.reason, "flagged": result.flagged}},
+            )  # fmt: skip
+        return result.verdict
 
     async def _train(self, tenant: OptedIn, trigger: str) -> TrainingRun:
         base: dict[str, Any] = {
             "action": "models.train", "trigger": trigger, "scheduled": True, "model": tenant_model_name(tenant.slug),
             "horizon_days": self.horizon.total_seconds() / 86_400, "window_days": self.window.total_seconds() / 86_400,
+            **tm.where_trained(self.ray),
         }  # fmt: skip
         try:
             data = await tm.load_tenant_data(self.admin_url, tenant.slug, self.horizon, self.window)
@@ -215,11 +266,33 @@ class TenantTrainer:
             "tenant model registered",
             extra={"fields": {"tenant": tenant.slug, "version": mv.version, "trigger": trigger}},
         )
-        return TrainingRun(tenant.slug, trigger, "registered", version=mv.version)
+        promoted = tenant.auto_promote and await self._auto_promote(tenant, mv.name, mv.version, report)
+        return TrainingRun(tenant.slug, trigger, "registered", version=mv.version, promoted=promoted)
+
+    async def _auto_promote(self, tenant: OptedIn, name: str, version: str, report: Mapping[str, Any]) -> bool:
+        """``planner.training.auto_promote``: the candidate just registered goes straight to production when it
+        passed the off-policy gate, and only then; either way a ``models.promote`` entry with ``auto: true``. A
+        refusal leaves the stages as they were: the current model keeps serving."""
+        payload: dict[str, Any] = {
+            "action": "models.promote", "model": name, "version": version, "stage": "production", "auto": True,
+            "scheduled": True, **tm.gate_figures(report),
+        }  # fmt: skip
+        subject = f"model:{name}@{version}"
+        if not report["gate_passed"]:
+            await self._audit(tenant, subject, payload | {"refused": True})
+            log.info("tenant model not promoted: the off-policy gate failed", extra={"fields": {
+                "tenant": tenant.slug, "version": version}})  # fmt: skip
+            return False
+        previous = self.registry.stages(name).production
+        # forced: the stage order (shadow → canary) is what the gate stands for here; the history says who and when
+        await asyncio.to_thread(self.registry.promote, name, version, "production", actor=self.worker.actor, force=True)
+        await self._audit(tenant, subject, payload | {"refused": False, "previous": previous})
+        log.info("tenant model promoted", extra={"fields": {"tenant": tenant.slug, "version": version}})
+        return True
 
     def _fit(self, data: tm.TenantData) -> tuple[Any, int]:
         logged = tm.logged_data(data, min_decisions=self.min_decisions, min_per_path=self.min_per_path)
-        return tm.register(self.registry, data, logged, seed=self.seed, epochs=self.epochs), logged.n
+        return tm.register(self.registry, data, logged, seed=self.seed, epochs=self.epochs, ray=self.ray), logged.n
 
     async def _audit(self, tenant: OptedIn, subject: str, payload: Mapping[str, Any]) -> None:
         await tm.audit_model_event(self.admin_url, tenant.tenant_id, subject, payload, operator=self.worker)

@@ -10,9 +10,11 @@ so a process serving many tenants keeps a fixed amount.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,6 +25,17 @@ from firstmile.onboarding.domain import PathDef
 from firstmile.onboarding.review import Pin, pins_of
 from firstmile.security.personal_data import BUILTIN_PII_TRAITS
 from firstmile.tenancy import service as tenancy
+from firstmile.tenancy.manifest import OWN_MODEL, own_model_name
+
+
+def catalog_fingerprint(versions: Mapping[str, int]) -> str:
+    """A short, stable fingerprint of a path catalog (path key → version): equal fingerprints, the same catalog.
+
+    A tenant model records the catalog it was trained on (``config.catalog``); the planner asks it only while the
+    tenant's current catalog has the same fingerprint (docs/models.md#serving-keyed-by-the-path-catalog).
+    """
+    canonical = json.dumps({str(k): int(v) for k, v in versions.items()}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +47,11 @@ class PathCatalog:
     planner_model: str | None = None  # the registry model the planner asks first; None: rules only
     exploration: float = 0.0  # the planner's epsilon-greedy exploration share (manifest planner.exploration)
     pins: tuple[Pin, ...] = ()  # segment pins in force when loaded, newest first (docs/review.md)
+    own_model: bool = False  # planner.model: own (planner_model is then the tenant's own; rules until it has one)
+    fingerprint: str = field(init=False, default="")  # catalog_fingerprint of the current paths, once per revision
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fingerprint", catalog_fingerprint({p.key: p.version for p in self.current}))
 
     def pin_for(self, traits: Mapping[str, Any], now: datetime) -> Pin | None:
         """The newest segment pin that applies to a user with ``traits`` at ``now``."""
@@ -74,6 +92,9 @@ class CatalogCache:
         current = tuple(PathDef.from_definition(key, version, definition) for key, version, definition in rows)
         for path in current:
             self._remember_version((tx.tenant, path.key, path.version), path)
+        own = planner_model == OWN_MODEL
+        if own:  # planner.model: own names the tenant's own model (its slug: read once per revision)
+            planner_model = own_model_name(str((await tenancy.manifest(tx))["tenant"]["slug"]))
         catalog = PathCatalog(
             revision=tenant_revision,
             default_key=default_key,
@@ -82,6 +103,7 @@ class CatalogCache:
             planner_model=planner_model,
             exploration=exploration,
             pins=pins,
+            own_model=own,
         )
         self._catalogs[tx.tenant] = catalog
         self._catalogs.move_to_end(tx.tenant)

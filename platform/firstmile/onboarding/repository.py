@@ -394,6 +394,45 @@ async def model_outcomes(
     return [(float(r[0]), bool(r[1])) for r in await conn.execute(_MODEL_OUTCOMES, params) if r[0] is not None]
 
 
+# One tenant's model decisions for the drift check of its own model (firstmile.ml.drift): those of the recent window
+# (their features) and those of one version at least the horizon old (its predicted activation, the outcome).
+_TENANT_MODEL_DECISIONS = text(
+    "SELECT p.decision -> 'features', (p.decision ->> 'confidence')::float8,"
+    "  p.started_at >= now() - make_interval(secs => :window),"
+    "  p.decision ->> 'model_version' = :version AND p.started_at <= now() - make_interval(secs => :horizon),"
+    "  p.activated_at IS NOT NULL AND p.activated_at <= p.started_at + make_interval(secs => :horizon)"
+    " FROM user_progress p"
+    " WHERE p.tenant_id = :tenant AND p.decision ->> 'selected_by' = 'model' AND p.decision ->> 'model' = :model"
+    "  AND (p.started_at >= now() - make_interval(secs => :window)"
+    "   OR (p.decision ->> 'model_version' = :version AND p.started_at <= now() - make_interval(secs => :horizon)))"
+)
+_LATEST_MODEL = text(
+    "SELECT p.decision ->> 'model' FROM user_progress p"
+    " WHERE p.tenant_id = :tenant AND p.decision ->> 'selected_by' = 'model'"
+    "  AND p.started_at >= now() - make_interval(secs => :window)"
+    " ORDER BY p.started_at DESC LIMIT 1"
+)
+
+
+async def tenant_model_decisions(
+    conn: AsyncConnection, tenant: uuid.UUID, model: str, version: str, window_s: float, horizon_s: float
+) -> tuple[list[dict[str, Any]], list[tuple[float, bool]]]:
+    params = {"tenant": tenant, "model": model, "version": version, "window": window_s, "horizon": horizon_s}
+    recent: list[dict[str, Any]] = []
+    outcomes: list[tuple[float, bool]] = []
+    for features, confidence, is_recent, matured, activated in await conn.execute(_TENANT_MODEL_DECISIONS, params):
+        if is_recent and isinstance(features, dict):
+            recent.append(dict(features))
+        if matured and confidence is not None:
+            outcomes.append((float(confidence), bool(activated)))
+    return recent, outcomes
+
+
+async def latest_model(conn: AsyncConnection, tenant: uuid.UUID, window_s: float) -> str | None:
+    row = (await conn.execute(_LATEST_MODEL, {"tenant": tenant, "window": window_s})).first()
+    return None if row is None or row[0] is None else str(row[0])
+
+
 # ---- the review queue and path overrides (docs/review.md) ----
 
 REVIEW_COLUMNS = (

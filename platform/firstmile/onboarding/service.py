@@ -856,6 +856,22 @@ async def model_outcomes(
     return await repo.model_outcomes(conn, model, outcome.total_seconds(), tenant)
 
 
+async def tenant_model_decisions(
+    conn: AsyncConnection, tenant: uuid.UUID, model: str, version: str, window: timedelta, horizon: timedelta
+) -> tuple[list[dict[str, Any]], list[tuple[float, bool]]]:
+    """One tenant's decisions by ``model``, in one query (operator read, for the drift check of a tenant's own
+    model): the features of those of the last ``window``, and (predicted activation, activated within ``horizon``)
+    of those by ``version`` at least ``horizon`` old."""
+    return await repo.tenant_model_decisions(
+        conn, tenant, model, version, window.total_seconds(), horizon.total_seconds()
+    )
+
+
+async def latest_model(conn: AsyncConnection, tenant: uuid.UUID, window: timedelta) -> str | None:
+    """The model that decided the tenant's latest start decided by a model within ``window`` (operator read)."""
+    return await repo.latest_model(conn, tenant, window.total_seconds())
+
+
 LoggedDecision = repo.LoggedDecisionRow
 
 

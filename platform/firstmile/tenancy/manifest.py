@@ -196,8 +196,16 @@ class ExplorationSpec(_Model):
     )
 
 
-TENANT_PLANNER_MODEL_PATTERN = r"^(path_classifier|tenant-[a-z][a-z0-9-]{0,62}[a-z0-9]\.path_classifier)$"
-"""The planner models a manifest may name: the platform's, or a tenant's own (docs/models.md#per-tenant-models)."""
+TENANT_PLANNER_MODEL_PATTERN = r"^(own|path_classifier|tenant-[a-z][a-z0-9-]{0,62}[a-z0-9]\.path_classifier)$"
+"""The planner models a manifest may name: the platform's, a tenant's own, or ``own`` (its own model once it has a
+production version, the rules until then: docs/models.md#the-automatic-switch)."""
+OWN_MODEL = "own"
+"""``planner.model: own``: the tenant's own model when it has a production version, the targeting rules until then."""
+
+
+def own_model_name(slug: str) -> str:
+    """The registry name of the tenant's own path model, ``tenant-<slug>.path_classifier``."""
+    return f"tenant-{slug}.path_classifier"
 
 
 class TrainingSpec(_Model):
@@ -208,8 +216,26 @@ class TrainingSpec(_Model):
         gt=0,
         le=365,
         description="Train again when the tenant's last model (or last attempt) is older than this many days; a drift "
-        "flag on its model trains sooner. The candidate is registered, never promoted.",
+        "flag on its model trains sooner. The candidate is registered, promoted only with auto_promote.",
     )
+    warm_start: Literal["shared"] | bool | None = Field(
+        default=None,
+        description="shared (or true): opt in to the shared warm-start model (firstmile models train --shared): the "
+        "tenant's decisions feed it, reduced to the features that carry no tenant data, and its own model starts "
+        "from it. Omitted or false: neither (docs/models.md#shared-warm-start-model).",
+    )
+
+    auto_promote: bool = Field(
+        default=False,
+        description="true: a candidate the tenant-model-training task just registered goes straight to production "
+        "when it passes the off-policy gate (and only then), audited as models.promote with auto: true. false: "
+        "registered with no stage; an operator promotes it (docs/models.md#the-automatic-switch).",
+    )
+
+    @property
+    def shares_warm_start(self) -> bool:
+        """Whether the tenant opted in to the shared warm-start model."""
+        return self.warm_start == "shared" or self.warm_start is True
 
 
 class PlannerSpec(_Model):
@@ -220,8 +246,9 @@ class PlannerSpec(_Model):
         pattern=TENANT_PLANNER_MODEL_PATTERN,
         description=(
             "Registry name of the path model to ask first: path_classifier (the platform's), or the tenant's own "
-            "tenant-<its slug>.path_classifier (firstmile models train --tenant); null: the targeting rules alone "
-            "decide. The model's answer is limited to this manifest's paths."
+            "tenant-<its slug>.path_classifier (firstmile models train --tenant); own: the tenant's own model once "
+            "it has a production version, the targeting rules until then (fallback_reason no_own_model); null: the "
+            "targeting rules alone decide. The model's answer is limited to this manifest's paths."
         ),
     )
     exploration: ExplorationSpec | None = Field(
@@ -956,8 +983,8 @@ class TenantManifest(_Model):
         default = next((p for p in self.paths if p.id == self.default_path), None)
         if default is None:
             raise ValueError(f"default_path {self.default_path} is not one of the paths")
-        own_model = f"tenant-{self.tenant.slug}.path_classifier"
-        if self.planner is not None and self.planner.model not in (None, "path_classifier", own_model):
+        own_model = own_model_name(self.tenant.slug)
+        if self.planner is not None and self.planner.model not in (None, "path_classifier", OWN_MODEL, own_model):
             raise ValueError(f"planner.model {self.planner.model}: a tenant may name only its own model, {own_model}")
         if default.targeting:
             raise ValueError(f"default_path {self.default_path} must not have targeting rules")
@@ -1005,7 +1032,13 @@ class TenantManifest(_Model):
         if any(a["steps"] for a in auto.values()):
             unset["paths"] = {i: a for i, a in auto.items() if a["steps"]}
         if self.planner is not None:  # fields added to planner later: unset, the hash stays
-            later_planner = {name: True for name in ("exploration", "training") if getattr(self.planner, name) is None}
+            later_planner: dict[str, Any] = {
+                name: True for name in ("exploration", "training") if getattr(self.planner, name) is None
+            }
+            if self.planner.training is not None and self.planner.training.warm_start is None:
+                later_planner["training"] = {"warm_start": True}  # added to training later: unset, the hash stays
+            if self.planner.training is not None and not self.planner.training.auto_promote:
+                later_planner["training"] = later_planner.get("training", {}) | {"auto_promote": True}  # at default
             if later_planner:
                 unset["planner"] = later_planner
         if self.nudges is not None:  # fields added to nudges later: left at their defaults, the hash stays

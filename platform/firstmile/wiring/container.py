@@ -387,7 +387,13 @@ class Container:
         except ImportError:
             log.warning("tenant-model-training not started: firstmile_inference is not installed")
             return None
-        return TenantTrainer(admin_url, Registry(adapters.registry_uri(self.settings)))
+        from firstmile.ml.tenant_models import RayTraining
+
+        models = self.settings.models  # on Ray where configured (FIRSTMILE_TRAINING_RAY_ADDRESS), else in process
+        ray = None if models.training_ray_address is None else RayTraining(
+            models.training_ray_address, models.training_ray_timeout_seconds
+        )  # fmt: skip
+        return TenantTrainer(admin_url, Registry(adapters.registry_uri(self.settings)), ray=ray)
 
     def _audit_log(self) -> None:
         """The audit sequencer and checkpointer: in ``serve``/``dev``, or in ``firstmile sequencer`` (Kubernetes)."""

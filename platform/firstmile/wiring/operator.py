@@ -275,6 +275,10 @@ class OperatorServices:
     def model_registry_uri(self) -> str:
         return adapters.registry_uri(self.settings)
 
+    def training_ray(self) -> tuple[str | None, float]:
+        models = self.settings.models
+        return models.training_ray_address, models.training_ray_timeout_seconds
+
     @asynccontextmanager
     async def stuck_scanner(self) -> AsyncIterator[StuckScanner]:
         settings = self.settings
