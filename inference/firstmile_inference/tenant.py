@@ -39,12 +39,16 @@ from firstmile_inference.train import CONFIG_FORMAT, Hyper, TrainedModel, _fit, 
 if TYPE_CHECKING:
     from firstmile_inference.warm_start import WarmStart
 
-__all__ = ["TENANT_HYPER", "CurrentModel", "LoggedData", "train_logged"]
+__all__ = ["TENANT_HYPER", "CurrentModel", "LoggedData", "NoOverlapError", "train_logged"]
 
 TENANT_HYPER: Final = Hyper(epochs=30, batch_size=64, hidden=(32, 32), weight_decay=5e-4, val_fraction=0.3)
 """Small logged datasets (hundreds to a few hundred thousand rows): more passes and smaller batches than the
 simulator's 50K sessions; ``val_fraction`` is the evaluation share the off-policy report is computed on."""
 LEVEL: Final = 0.95
+
+
+class NoOverlapError(ValueError):
+    """The candidate chose none of the paths logged for its held-out decisions: no estimate can be made of it."""
 
 
 @dataclass(frozen=True)
@@ -185,6 +189,11 @@ def off_policy_report(
     eligible = data.eligible[rows]
     target = ope.policy_probabilities(q, eligible)
     a, r, p = data.actions[rows], data.rewards[rows], data.propensities[rows]
+    if not np.any(target[np.arange(rows.size), a] > 0):
+        raise NoOverlapError(
+            f"the candidate chose none of the paths logged for its {rows.size} held-out decisions, so the off-policy "
+            "estimators have nothing to weigh: log more decisions (or more exploration) and train again"
+        )
     estimates = ope.evaluate_policy(a, r, p, target, q, level=LEVEL)
     logged = _observed(r)
     dr = estimates["dr"]

@@ -112,6 +112,10 @@ async def test_an_owner_stages_a_passing_version_and_rolls_back_and_the_gate_ref
     reports = {v["version"]: v["ope"] for v in own["versions"]}
     assert reports["1.0.0"]["gate_passed"] is True and reports["1.1.0"]["gate_passed"] is False
     assert reports["1.0.0"]["dr_low"] > reports["1.0.0"]["logged_rate"]
+    # no own model in production yet: the bar is the logging policy's observed rate, said in words for the page
+    assert reports["1.0.0"]["gate_against"] == "logging_policy" and reports["1.0.0"]["current_version"] is None
+    assert reports["1.0.0"]["gate_threshold"] == reports["1.0.0"]["logged_rate"]
+    assert reports["1.0.0"]["gate_bar"] == "the logged activation rate"
     assert set(reports["1.0.0"]["estimates"]) == {"ips", "snips", "dr"}
     assert "effective_sample_size" in reports["1.0.0"]["estimates"]["dr"] and "gate:" in reports["1.0.0"]["text"]
     page = await api.get("/admin/models")
@@ -188,6 +192,7 @@ async def test_an_owner_stages_a_passing_version_and_rolls_back_and_the_gate_ref
         ("models.rollback", good, "production", False),
     ]
     assert entries[3]["gate_passed"] is False and entries[3]["subject"] == f"model:{name}@{noise}"
+    assert entries[3]["gate_against"] in ("logging_policy", "current_model") and "gate_threshold" in entries[3]
     assert await _model_audit(admin_engine, other) == []
 
 

@@ -231,11 +231,17 @@ async def test_a_tenant_learns_from_its_own_decisions_behind_the_off_policy_gate
 
     # every run audited in the tenant's own log
     entries = await _model_audit(admin_engine, good)
-    assert [(e["action"], e.get("stage")) for e in entries] == [
-        ("models.train", None), ("models.promote", "shadow"), ("models.promote", "canary"),
-        ("models.promote", "production"),
+    assert [(e["action"], e.get("stage"), e.get("refused", False)) for e in entries] == [
+        ("models.train", None, True), ("models.train", None, False), ("models.promote", "shadow", False),
+        ("models.promote", "canary", False), ("models.promote", "production", False),
     ]  # fmt: skip
-    assert entries[0]["actor"] == "operator:cli" and entries[0]["subject"] == f"model:{name}@1.0.0"
-    assert entries[0]["decisions"] == 300 and entries[0]["gate_passed"] is True
+    # the refusal too: nothing registered, the gap named, the subject the model without a version
+    assert entries[0]["subject"] == f"model:{name}" and "at least 500" in entries[0]["reason"]
+    assert entries[1]["actor"] == "operator:cli" and entries[1]["subject"] == f"model:{name}@1.0.0"
+    assert entries[1]["decisions"] == 300 and entries[1]["gate_passed"] is True
+    assert entries[1]["gate_against"] == "logging_policy" and entries[1]["current_version"] is None
+    assert entries[4]["gate_threshold"] == entries[4]["logged_rate"]
+    thin_refusals = [e["reason"] for e in await _model_audit(admin_engine, thin)]
+    assert len(thin_refusals) == 2 and "company_size" in thin_refusals[0] and "generic@1" in thin_refusals[1]
     refusals = [e for e in await _model_audit(admin_engine, noise) if e["action"] == "models.promote"]
     assert [(e["stage"], e["refused"]) for e in refusals] == [("shadow", False), ("canary", True)]

@@ -99,3 +99,22 @@ def test_the_gate_passes_a_better_policy_and_refuses_one_no_better() -> None:
     same = train_logged(logged_data(_data(_rows(300, "noise", seed=5)), min_decisions=100, min_per_path=10), seed=7)
     assert not same.metrics["ope"]["gate_passed"]
     assert "it fails" in report_text("tenant-acme.path_classifier", "1.0.0", same.metrics["ope"])
+
+
+def test_a_candidate_that_never_chose_a_logged_path_is_refused_with_the_gap() -> None:
+    from firstmile_inference.tenant import LoggedData, NoOverlapError, off_policy_report
+
+    n = 6
+    data = LoggedData(
+        features=[{} for _ in range(n)],
+        actions=np.zeros(n, dtype=np.int64),  # every held-out decision took path a
+        rewards=np.array([1.0, 0.0, 1.0, 0.0, 0.0, 1.0]),
+        propensities=np.full(n, 0.9),
+        eligible=np.ones((n, 2), dtype=np.bool_),
+        paths=("a", "b"),
+    )
+    q = np.tile([0.2, 0.8], (n, 1))  # the candidate always takes b
+    with pytest.raises(NoOverlapError, match="chose none of the paths logged for its 6 held-out decisions"):
+        off_policy_report(data, np.arange(n, dtype=np.int64), q)
+    q[2] = [0.9, 0.1]  # one decision where it agrees: an estimate exists
+    assert off_policy_report(data, np.arange(n, dtype=np.int64), q)["evaluation_decisions"] == n

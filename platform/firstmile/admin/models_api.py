@@ -78,9 +78,15 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
 def report_view(name: str, version: str, report: dict[str, Any]) -> dict[str, Any]:
     """An off-policy report as the API answers it and the page shows it: the stored report, the gate's two
     numbers, and the text ``models promote`` prints."""
+    figures = tenant_models.gate_figures(report)
+    bar = (
+        f"the current model {figures['current_version']}'s DR estimate"
+        if figures["gate_against"] == "current_model"
+        else "the logged activation rate"
+    )
     return report | {
-        "dr_low": report["estimates"]["dr"]["low"],
-        "logged_rate": report["logging_policy"]["value"],
+        **{k: figures[k] for k in ("dr_low", "logged_rate", "gate_against", "gate_threshold", "current_version")},
+        "gate_bar": bar,  # what the candidate's lower bound had to beat, in words
         "text": tenant_models.report_text(name, version, report),
     }
 
@@ -244,8 +250,7 @@ async def stage_version(
     report = report_view(found.name, version, found.report)
     subject = f"model:{found.name}@{version}"
     payload = {"action": action, "model": found.name, "version": version, "stage": stage,
-               "gate_passed": report["gate_passed"], "dr_low": report["dr_low"],
-               "logged_rate": report["logged_rate"], "force": force, "weight": weight}  # fmt: skip
+               **tenant_models.gate_figures(found.report), "force": force, "weight": weight}  # fmt: skip
     if stage in GATED and not report["gate_passed"]:
 
         async def refused(tx: TenantTx) -> None:
@@ -255,7 +260,7 @@ async def stage_version(
         raise ProblemError(
             409, "model-gate-failed",
             f"{found.name} {version} stays out of {stage}: its DR lower bound {report['dr_low']:.3f} does not beat "
-            f"the logged activation rate {report['logged_rate']:.3f}; the current model keeps serving",
+            f"{report['gate_bar']} {report['gate_threshold']:.3f}; the current model keeps serving",
             model=found.name, version=version, stage=stage, report=report,
         )  # fmt: skip
 

@@ -202,26 +202,32 @@ def train_tenant(
     began = time.perf_counter()
     try:
         data = run(tm.load_tenant_data(admin_url, slug, horizon, window))
-        logged = tm.logged_data(data, min_decisions=min_decisions, min_per_path=min_per_path)
-    except tm.TrainingRefusedError as exc:
+    except tm.TrainingRefusedError as exc:  # no such tenant: no log to write to
         raise click.ClickException(str(exc)) from exc
-    where = "in process" if ray is None else f"as a Ray task on {ray.address}"
-    _say(f"training {slug}'s path model {where} on {logged.n} logged decisions ({len(logged.paths)} paths)")
     span = {"horizon_days": horizon.total_seconds() / 86_400, "window_days": window.total_seconds() / 86_400}
-    try:
-        mv = tm.register(registry, data, logged, seed=seed, ray=ray)
-    except tm.TrainingRefusedError as exc:  # the Ray cluster: unreachable, or the task failed
+
+    def refused(exc: Exception, **figures: Any) -> click.ClickException:
+        """Every refusal of a known tenant's training is audited in its log (nothing registered), then said."""
         run(tm.audit_model_event(admin_url, data.tenant_id, f"model:{tenant_model_name(slug)}", {
             "action": "models.train", "model": tenant_model_name(slug), "refused": True, "reason": str(exc),
-            "decisions": logged.n, **span, **tm.where_trained(ray),
+            **figures, **span, **tm.where_trained(ray),
         }))  # fmt: skip
-        raise click.ClickException(str(exc)) from exc
+        return click.ClickException(str(exc))
+
+    try:
+        logged = tm.logged_data(data, min_decisions=min_decisions, min_per_path=min_per_path)
+    except tm.TrainingRefusedError as exc:  # too little data, a catalog change, a feature missing from the logs
+        raise refused(exc) from exc
+    where = "in process" if ray is None else f"as a Ray task on {ray.address}"
+    _say(f"training {slug}'s path model {where} on {logged.n} logged decisions ({len(logged.paths)} paths)")
+    try:
+        mv = tm.register(registry, data, logged, seed=seed, ray=ray)
+    except tm.TrainingRefusedError as exc:  # no overlap to evaluate; the Ray cluster unreachable, or its task failed
+        raise refused(exc, decisions=logged.n) from exc
     report = tm.report_of(mv)
     run(tm.audit_model_event(admin_url, data.tenant_id, f"model:{mv.name}@{mv.version}", {
         "action": "models.train", "model": mv.name, "version": mv.version, "decisions": logged.n,
-        **span, **tm.where_trained(ray),
-        "catalog": mv.config["catalog"], "gate_passed": report["gate_passed"],
-        "dr_low": report["estimates"]["dr"]["low"], "logged_rate": report["logging_policy"]["value"],
+        **span, **tm.where_trained(ray), "catalog": mv.config["catalog"], **tm.gate_figures(report),
         "warm_start": mv.config.get("warm_start"),
     }))  # fmt: skip
     warm = mv.config.get("warm_start")
@@ -508,8 +514,7 @@ def promote_tenant(
     gated = stage in ("canary", "production")
     subject = f"model:{name}@{version}"
     payload = {"action": "models.promote", "model": name, "version": version, "stage": stage,
-               "gate_passed": report["gate_passed"], "dr_low": report["estimates"]["dr"]["low"],
-               "logged_rate": report["logging_policy"]["value"]}  # fmt: skip
+               **tm.gate_figures(report)}  # fmt: skip
     if gated and not report["gate_passed"]:
         run(tm.audit_model_event(admin_url, tenant_id, subject, payload | {"refused": True}))
         refusal = f"{text}\nrefused: {name} {version} stays out of {stage}; the current model keeps serving"

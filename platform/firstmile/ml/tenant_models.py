@@ -199,12 +199,15 @@ def register(
     :class:`TrainingRefusedError` naming the address: nothing is registered, no fallback to in process."""
     import dataclasses
 
-    from firstmile_inference.tenant import TENANT_HYPER, train_logged
+    from firstmile_inference.tenant import TENANT_HYPER, NoOverlapError, train_logged
 
     hyper = TENANT_HYPER if epochs is None else dataclasses.replace(TENANT_HYPER, epochs=epochs)
     kwargs: dict[str, Any] = {"seed": seed, "hyper": hyper, "current": current_model(registry, data, logged)}
     kwargs["warm_start"] = shared_warm_start(registry) if data.warm_start else None
-    trained = train_logged(logged, **kwargs) if ray is None else ray.train(logged, **kwargs)
+    try:
+        trained = train_logged(logged, **kwargs) if ray is None else ray.train(logged, **kwargs)
+    except NoOverlapError as exc:
+        raise TrainingRefusedError(str(exc)) from exc
     trained.config["training"] |= where_trained(ray)
     trained.config["tenant"] = {"id": str(data.tenant_id), "slug": data.slug}
     trained.config["catalog"] = {p.key: p.version for p in data.catalog.current}

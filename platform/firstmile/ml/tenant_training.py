@@ -259,8 +259,7 @@ class TenantTrainer:
         report = tm.report_of(mv)
         await self._audit(tenant, f"model:{mv.name}@{mv.version}", base | {
             "refused": False, "version": mv.version, "decisions": logged_n, "catalog": mv.config["catalog"],
-            "gate_passed": report["gate_passed"], "dr_low": report["estimates"]["dr"]["low"],
-            "logged_rate": report["logging_policy"]["value"],
+            **tm.gate_figures(report), "warm_start": mv.config.get("warm_start"),
         })  # fmt: skip
         log.info(
             "tenant model registered",
