@@ -12,11 +12,17 @@ accuracy estimates the ceiling from below. Nothing here is tuned on the held-out
 :func:`~firstmile_inference.seed_study.check_heldout_seeds`).
 
     python -m firstmile_inference.ceiling --train-seeds 7,8,9,10,11 --heldout-seeds 1007,1008,1009
+
+``--ensemble K`` measures instead what averaging ``K`` path classifiers of the production recipe
+(:func:`~firstmile_inference.train.train_path_classifier`, the same data and validation split, ``K``
+initialisation seeds) gives on the same held-out sets: whether the training seed's spread, the larger part of
+the gap to the goal, averages out.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -123,19 +129,77 @@ def ceiling_study(
     }
 
 
+def ensemble_study(
+    members: int,
+    *,
+    train_seeds: Sequence[int] = DEFAULT_TRAIN_SEEDS,
+    heldout_seeds: Sequence[int] = DEFAULT_HELDOUT_SEEDS,
+    train_sessions: int = DEFAULT_TRAIN_SESSIONS,
+    sessions: int = 10_000,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Path accuracy of the mean of ``members`` production-recipe classifiers per training seed, beside the single
+    classifier the production recipe trains (member 0, the training seed itself), per run and as mean ± sd."""
+    from firstmile_inference.models import build_predictor
+    from firstmile_inference.train import train_path_classifier
+
+    if members < 2:
+        raise ValueError(f"an ensemble needs at least 2 members, not {members}")
+    check_heldout_seeds(heldout_seeds, train_seeds, min_train=1, min_heldout=1)
+    say = progress or (lambda _line: None)
+    started = time.perf_counter()
+    heldouts = {h: generate(sessions, seed=h) for h in heldout_seeds}
+    runs: list[dict[str, float]] = []
+    for s in train_seeds:
+        data = generate(train_sessions, seed=s)
+        nets = []
+        for k in range(members):  # member 0 is what `models train` registers; the others differ in their init seed
+            trained = train_path_classifier(data, seed=s if k == 0 else s * 1_000 + k)
+            nets.append(build_predictor(path_model.NAME, str(k), trained.config, trained.state_dict))
+            say(f"training seed {s}: member {k + 1} of {members} trained")
+        for h, held in heldouts.items():
+            columns = held.user_columns()
+            with torch.inference_mode():
+                probs = [torch.sigmoid(n.network.logits(n.encoder.encode_columns(columns))).numpy() for n in nets]
+            run = {
+                "train_seed": s,
+                "heldout_seed": h,
+                "single_path_accuracy": float(np.mean(probs[0].argmax(axis=1) == held.oracle)),
+                "path_accuracy": float(np.mean(np.mean(probs, axis=0).argmax(axis=1) == held.oracle)),
+            }
+            runs.append(run)
+            say(f"  held-out {h}: single {run['single_path_accuracy']:.4f}, ensemble {run['path_accuracy']:.4f}")
+    per_seed = [float(np.mean([r["path_accuracy"] for r in runs if r["train_seed"] == s])) for s in train_seeds]
+    return {
+        "members": members,
+        "train_seeds": list(train_seeds),
+        "heldout_seeds": list(heldout_seeds),
+        "train_sessions": train_sessions,
+        "heldout_sessions": sessions,
+        "path_accuracy": vars(Spread.of([r["path_accuracy"] for r in runs])),
+        "training_seed_sd": vars(Spread.of(per_seed))["sd"],
+        "single_path_accuracy": vars(Spread.of([r["single_path_accuracy"] for r in runs])),
+        "runs": runs,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m firstmile_inference.ceiling", description=__doc__.split("\n")[0])
     parser.add_argument("--train-seeds", type=parse_seeds, default=DEFAULT_TRAIN_SEEDS)
     parser.add_argument("--heldout-seeds", type=parse_seeds, default=DEFAULT_HELDOUT_SEEDS)
     parser.add_argument("--train-sessions", type=int, default=DEFAULT_TRAIN_SESSIONS)
     parser.add_argument("--sessions", type=int, default=10_000, help="held-out sessions per held-out seed")
+    parser.add_argument("--ensemble", type=int, default=0, metavar="K",
+                        help="measure the mean of K production-recipe path classifiers instead")  # fmt: skip
     args = parser.parse_args(argv)
 
     def say(line: str) -> None:
         sys.stderr.write(line + "\n")
         sys.stderr.flush()
 
-    found = ceiling_study(
+    study = ceiling_study if not args.ensemble else functools.partial(ensemble_study, args.ensemble)
+    found = study(
         train_seeds=args.train_seeds,
         heldout_seeds=args.heldout_seeds,
         train_sessions=args.train_sessions,

@@ -220,3 +220,18 @@ def test_full_information_ceiling_refuses_used_seeds_and_beats_the_rules() -> No
     found = ceiling_study(train_seeds=(51,), heldout_seeds=(1401,), train_sessions=4000, sessions=1000)
     assert found["path_accuracy"]["n"] == 1 and 0.65 < found["path_accuracy"]["mean"] <= 1.0
     assert 0.9 < found["activation_vs_oracle"]["mean"] <= 1.0
+
+
+def test_the_ensemble_study_averages_members_on_unused_seeds_only() -> None:
+    from firstmile_inference.ceiling import ensemble_study
+    from firstmile_inference.seed_study import SeedError
+
+    with pytest.raises(ValueError, match="at least 2 members"):
+        ensemble_study(1, train_seeds=(52,), heldout_seeds=(1402,))
+    with pytest.raises(SeedError, match="555"):
+        ensemble_study(2, train_seeds=(52,), heldout_seeds=(555,), train_sessions=1000, sessions=500)
+    found = ensemble_study(2, train_seeds=(52, 53), heldout_seeds=(1402,), train_sessions=20_000, sessions=800)
+    assert [(r["train_seed"], r["heldout_seed"]) for r in found["runs"]] == [(52, 1402), (53, 1402)]
+    for run in found["runs"]:
+        assert 0.5 < run["single_path_accuracy"] <= 1.0 and 0.5 < run["path_accuracy"] <= 1.0
+    assert found["members"] == 2 and found["path_accuracy"]["n"] == 2 and found["training_seed_sd"] >= 0
