@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from firstmile.analytics.chdb_store import ChdbStore
 from firstmile.app import create_app
 from firstmile.ml.planner import model_instance, tenant_model_name
 from firstmile_inference.registry import Registry
-from tests.conftest import PEPPER, Database, TenantFixture, make_settings, new_tenant, sequenced
+from tests.conftest import PEPPER, Database, make_settings, new_tenant
 from tests.integration.test_admin_access import BASE, PROBLEMS, sign_in
+from tests.integration.test_tenant_models import _model_audit
 
 Client = AsyncTestClient[Litestar]
 PATHS = ("developer-quickstart", "marketing-campaigns", "generic")
@@ -74,18 +74,6 @@ async def api(database: Database, analytics_store: ChdbStore, model_registry: Pa
 
 async def _post(api: Client, url: str, csrf: str, body: Any = None) -> Any:
     return await api.post(url, json=body, headers={"X-CSRF-Token": csrf})
-
-
-async def _model_audit(admin_engine: AsyncEngine, tenant: TenantFixture) -> list[dict[str, Any]]:
-    await sequenced(admin_engine, tenant.id)
-    async with admin_engine.connect() as conn:
-        rows = await conn.execute(
-            text(
-                "SELECT actor, subject, payload FROM audit_entries WHERE tenant_id = :t AND kind = 'model' ORDER BY seq"
-            ),
-            {"t": tenant.id},
-        )
-        return [{"actor": r[0], "subject": r[1], **r[2]} for r in rows]
 
 
 async def test_an_owner_stages_a_passing_version_and_rolls_back_and_the_gate_refuses_a_failing_one(

@@ -3,36 +3,10 @@
 // (application/problem+json) is shown as a sentence, the off-policy report of a gate refusal with it; after a
 // change the page reloads to show the new stages and history, and says what was done.
 
-import { explain } from "./reviews.js";
+import { call } from "./admin-api.js";
 
 const status = document.querySelector('[data-testid="status"]');
 const DONE_KEY = "firstmile-models-done";
-
-function csrf() {
-  return document.querySelector('meta[name="csrf-token"]').content;
-}
-
-async function call(url, body) {
-  let response;
-  try {
-    response = await fetch(url, {
-      method: "POST",
-      headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf() },
-      body: body === undefined ? undefined : JSON.stringify(body),
-      credentials: "same-origin",
-    });
-  } catch (error) {
-    return { ok: false, message: `The request did not reach the server (${error.message}); nothing was changed.` };
-  }
-  let answer = null;
-  try {
-    answer = await response.json();
-  } catch {
-    answer = null;
-  }
-  if (response.ok) return { ok: true, answer };
-  return { ok: false, answer, message: explain(response.status, answer, response.statusText || "The server refused") };
-}
 
 function say(text, problem) {
   status.textContent = text;

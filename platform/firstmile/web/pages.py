@@ -78,6 +78,7 @@ STATIC_TYPES = {
     "admin.js": "text/javascript",
     "audit-verify.js": "text/javascript",
     "path-editor.js": "text/javascript",
+    "admin-api.js": "text/javascript",
     "reviews.js": "text/javascript",
     "models.js": "text/javascript",
     "analytics.bundle.js": "text/javascript",

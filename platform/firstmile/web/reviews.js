@@ -2,49 +2,10 @@
 // (POST /admin/api/reviews/bulk: all or none) and revokes a segment pin (POST /admin/api/overrides/<id>/revoke),
 // with the session's CSRF token. A refusal (application/problem+json) is shown as a sentence, never as JSON.
 
+import { call } from "./admin-api.js";
+
 const status = document.querySelector('[data-testid="status"]');
 const DONE = { approved: "Approved", rejected: "Rejected", right: "Marked right", wrong: "Marked wrong" };
-
-function csrf() {
-  return document.querySelector('meta[name="csrf-token"]').content;
-}
-
-// A problem document as people read it: its title and detail, each field's message the detail does not already
-// say, what to do after a lost session, and the request id of a server error.
-export function explain(code, answer, fallback) {
-  if (!answer || typeof answer !== "object" || !answer.detail) return `${fallback} (HTTP ${code}).`;
-  const detail = String(answer.detail);
-  const fields = (Array.isArray(answer.errors) ? answer.errors : [])
-    .filter((e) => e && e.message && !detail.includes(e.message))
-    .map((e) => `${e.key || "request"}: ${e.message}`);
-  let text = `${answer.title ? `${answer.title}: ` : ""}${detail}${fields.length ? ` (${fields.join("; ")})` : ""}`;
-  if (!/[.!?]$/.test(text)) text += ".";
-  if (code === 401) text += " Sign in again: /admin/signin.";
-  if (code >= 500 && answer.request_id) text += ` Request id ${answer.request_id}.`;
-  return text;
-}
-
-async function call(url, body) {
-  let response;
-  try {
-    response = await fetch(url, {
-      method: "POST",
-      headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf() },
-      body: body === undefined ? undefined : JSON.stringify(body),
-      credentials: "same-origin",
-    });
-  } catch (error) {
-    return { ok: false, message: `The request did not reach the server (${error.message}); nothing was changed.` };
-  }
-  let answer = null;
-  try {
-    answer = await response.json();
-  } catch {
-    answer = null;
-  }
-  if (response.ok) return { ok: true, answer };
-  return { ok: false, message: explain(response.status, answer, response.statusText || "The server refused") };
-}
 
 function say(text, problem) {
   status.textContent = text;
