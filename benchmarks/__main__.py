@@ -107,9 +107,7 @@ def bench_analytics(events: int, tenants: int, weeks: int, runs: int, keep: bool
         events=events, tenants=tenants, weeks=weeks, runs=runs, data_dir=get_settings().data_dir, keep=keep
     )
     text = report.markdown(f"python -m benchmarks analytics --events {events}")
-    click.echo(text)
-    if output is not None:
-        output.write_text(text + "\n", encoding="utf-8")
+    _emit(text, output)
 
 
 @main.command("experiments")
@@ -123,9 +121,7 @@ def bench_experiments(users: int, exposures: int, runs: int, output: Path | None
 
     report = run_experiments_benchmark(users=users, exposures=exposures, runs=runs, data_dir=get_settings().data_dir)
     text = report.markdown(f"python -m benchmarks experiments --users {users} --exposures {exposures}")
-    click.echo(text)
-    if output is not None:
-        output.write_text(text + "\n", encoding="utf-8")
+    _emit(text, output)
 
 
 @main.command(
@@ -151,9 +147,8 @@ def _bench_admin_url() -> str:
 
 
 def _emit(text_: str, output: Path | None) -> None:
-    click.echo(text_)
-    if output is not None:
-        output.write_text(text_ + "\n", encoding="utf-8")
+    """A report on stdout, and in ``output`` when given (its folder made)."""
+    _emit(text_, output)
 
 
 @main.command("audit")
@@ -306,10 +301,7 @@ def bench_nudges(
         )
     except BenchError as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(report)
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(report, encoding="utf-8")
+    _emit(report, output)
 
 
 @main.command("destinations")
@@ -330,10 +322,7 @@ def bench_destinations(events: int, kinds: tuple[str, ...], rounds: int, admin: 
         report = run_destinations_benchmark(admin, events=events, kinds=kinds or KINDS, rounds=rounds)
     except BenchError as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(report)
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(report, encoding="utf-8")
+    _emit(report, output)
 
 
 @main.command("tenant-training")
@@ -352,10 +341,7 @@ def bench_tenant_training(decisions: int, admin: str, output: Path | None, ray_a
         report = run_tenant_training_benchmark(admin, decisions=decisions, ray_address=ray_address)
     except BenchError as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(report)
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(report, encoding="utf-8")
+    _emit(report, output)
 
 
 @main.command("cost")
