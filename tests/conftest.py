@@ -302,6 +302,9 @@ def make_settings(**overrides: object) -> Settings:
         # a busy CI machine may need more than the 50 ms default for a tenant's first read of its running
         # experiments (a start past it gets control); tests/unit/test_experiment_orchestrator.py tests that
         "experiment_allocation_timeout_ms": 1000,
+        # likewise a model's answer: past the 100 ms default on a loaded machine the rules decide and a test that
+        # asserts the model's decision fails; the timeout's fallback has tests of its own (test_adaptive_planner)
+        "inference_timeout_ms": 2000,
         "in_process_sequencer": False,
     }
     values.update(overrides)

@@ -16,7 +16,7 @@ dir="$root/.firstmile/services/kafka-$name"
 case "$name" in
   test) port=${FIRSTMILE_TEST_KAFKA_PORT:-59092} ;;
   bench) port=${FIRSTMILE_BENCH_KAFKA_PORT:-59192} ;;
-  fault) port=${FIRSTMILE_FAULT_KAFKA_PORT:-59292} ;;  # the fault tests stop and restart this one
+  fault) port=${FIRSTMILE_FAULT_KAFKA_PORT:-29292} ;;  # restarted mid-run: below the ephemeral range (see below)
   *) echo "unknown broker '$name' (test, bench or fault)" >&2; exit 2 ;;
 esac
 controller_port=$((port + 1))
@@ -24,7 +24,8 @@ sasl_port=$((port + 2))
 
 fetch_jars() {
   local want
-  want=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$here/kafka/pom.xml")
+  # the Kafka version and the pom's digest: a changed pom (another logging jar) fetches again
+  want="$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$here/kafka/pom.xml") $(sha256sum "$here/kafka/pom.xml" | cut -c1-12)"
   if [ -f "$libs/.complete" ] && [ "$(cat "$libs/.complete")" = "$want" ]; then return; fi
   command -v mvn >/dev/null || { echo "mvn is needed to fetch Kafka (apt-get install maven)" >&2; exit 1; }
   echo "fetching Apache Kafka $want and its dependencies from Maven Central" >&2
@@ -58,8 +59,10 @@ case "$cmd" in
         kafka.tools.StorageTool format -t "$(cat /proc/sys/kernel/random/uuid | tr -d - | head -c 22)" \
         -c "$dir/server.properties" >"$dir/logs/format.log" 2>&1
     fi
-    # Up to three attempts: the ports sit in Linux's ephemeral range (32768-60999), so a client socket of
-    # a busy test run can hold one for a moment and the broker exits at bind; a later attempt gets it.
+    # Up to three attempts: the test and bench ports sit in Linux's ephemeral range (32768-60999), so a client
+    # socket of a busy test run can hold one for a moment and the broker exits at bind; a later attempt gets it.
+    # The fault broker, restarted mid-run, is below the range: a long-lived connection held its port once for
+    # all three attempts.
     for attempt in 1 2 3; do
       nohup java -Xms256m -Xmx512m -XX:+UseG1GC -Djava.awt.headless=true \
         -Dlog4j2.configurationFile="$here/kafka/log4j2.yaml" -Dkafka.logs.dir="$dir/logs" \

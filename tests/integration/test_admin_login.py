@@ -21,7 +21,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from http.cookies import SimpleCookie
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -39,6 +39,7 @@ from firstmile.sso.provisioning import KeycloakProvisioner
 from firstmile.tenancy.manifest import SsoSpec, TenantManifest
 from tests.conftest import PEPPER, Database, TenantFixture, make_settings, new_tenant, sequenced
 from tests.support.keycloak import Server, server
+from tests.support.loopback_http import LoopbackHTTPServer
 
 pytestmark = pytest.mark.xdist_group("keycloak")
 
@@ -66,7 +67,7 @@ def backchannel() -> Iterator[tuple[str, list[dict[str, list[str]]]]]:
     """A loopback listener standing where Keycloak posts back-channel logout tokens."""
     bodies: list[dict[str, list[str]]] = []
     handler = type("Capture", (_Capture,), {"bodies": bodies})
-    listener = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    listener = LoopbackHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=listener.serve_forever, daemon=True)
     thread.start()
     try:

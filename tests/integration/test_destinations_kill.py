@@ -117,7 +117,10 @@ async def test_a_worker_killed_mid_batch_loses_nothing_and_the_receiver_counts_e
         env = {
             "FIRSTMILE_KEK_FILE": str(kek),  # the key the tenant's data key (and so the webhook secret) is under
             "FIRSTMILE_DESTINATION_POLL_SECONDS": "0.2",
-            "FIRSTMILE_DESTINATION_LEASE_SECONDS": "10",
+            # generous, so that a slow machine neither lets the lease run out nor times out a held request (either
+            # releases a claim: a row received, then pending and unclaimed at the kill) before the kill
+            "FIRSTMILE_DESTINATION_LEASE_SECONDS": "120",
+            "FIRSTMILE_DESTINATION_TIMEOUT_SECONDS": "90",
             "FIRSTMILE_STUCK_SCAN_INTERVAL_SECONDS": "0",
             "FIRSTMILE_EXPERIMENT_REVIEW_SECONDS": "0",
             "FIRSTMILE_DROPOFF_ALERT_SECONDS": "0",
@@ -139,7 +142,8 @@ async def test_a_worker_killed_mid_batch_loses_nothing_and_the_receiver_counts_e
         assert {s for _, s, _ in after_kill} == {"pending"}  # received in part, recorded not at all
         claimed = {event for event, _, held in after_kill if held}
         # the whole first batch waits for its lease, and the second, claimed while the first was sent
-        assert received_first <= claimed and len(claimed) == 40
+        why = (after_kill, received_first, first.log.read_text()[-3000:])
+        assert received_first <= claimed and len(claimed) == 40, why
 
         # 2. the lease runs out; a second scheduler sends everything
         await _expire_leases(db.admin_url)

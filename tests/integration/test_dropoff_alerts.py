@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import httpx
@@ -42,6 +42,7 @@ from firstmile.wiring.adapters import ChannelMailer
 from tests.conftest import PEPPER, REGION, Database, Mailpit, make_settings, sequenced
 from tests.factories import demo_document, manifest_for
 from tests.support.dropoff import BASELINE, PATH, SHIFTED, STEPS, seed
+from tests.support.loopback_http import LoopbackHTTPServer
 from tests.support.serving import free_port
 
 pytestmark = pytest.mark.xdist_group("mailpit")
@@ -81,7 +82,7 @@ def hook() -> Iterator[Hook]:
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server = LoopbackHTTPServer(("127.0.0.1", port), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield state

@@ -42,7 +42,7 @@ from tests.factories import ROOT, manifest_for
 
 KAFKA_SH = ROOT / "deploy" / "local" / "kafka.sh"
 FIRSTMILE = Path(sys.executable).with_name("firstmile")
-FAULT_BROKER = f"127.0.0.1:{os.environ.get('FIRSTMILE_FAULT_KAFKA_PORT', '59292')}"
+FAULT_BROKER = f"127.0.0.1:{os.environ.get('FIRSTMILE_FAULT_KAFKA_PORT', '29292')}"
 
 
 @pytest.fixture(scope="module")

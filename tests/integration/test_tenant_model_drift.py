@@ -86,7 +86,7 @@ async def _starts(client: Client, tenant: TenantFixture, prefix: str, n: int, pe
     """``n`` starts, every one decided by the tenant's own model (it loads on first use: the rules decide meanwhile,
     those warm-up starts are not the model's decisions)."""
     name = tenant_model_name(tenant.slug)
-    for attempt in range(60):
+    for attempt in range(240):  # up to two minutes: loading a model on a loaded machine is slow
         decision = await _start(client, tenant, f"warm-{prefix}{attempt}", attempt, persona)
         if decision["selected_by"] == "model":
             break

@@ -204,7 +204,7 @@ async def test_a_tenant_learns_from_its_own_decisions_behind_the_off_policy_gate
             manifest_for(noise.slug, REGION, _document({"model": name}))
         await apply_manifest(admin_engine, manifest_for(good.slug, REGION, _document({"model": name})))
         decisions = []
-        for i in range(5):
+        for i in range(240):  # the tenant's model loads on first use (the rules decide meanwhile): up to two minutes
             r = await client.post(
                 "/v1/onboarding/start",
                 json={"user_id": f"new-{i}", "traits": {"persona": "developer", "use_case": "marketing",
@@ -213,16 +213,17 @@ async def test_a_tenant_learns_from_its_own_decisions_behind_the_off_policy_gate
             )  # fmt: skip
             assert r.status_code == 201, r.text
             decisions.append(r.json())
-            if r.json()["decision"]["selected_by"] != "model":  # the tenant's model loads on first use
-                await asyncio.sleep(0.5)
-        last = decisions[-1]
+            if r.json()["decision"]["selected_by"] == "model":
+                break
+            await asyncio.sleep(0.5)
+        last, last_user = decisions[-1], f"new-{len(decisions) - 1}"
         assert last["decision"]["selected_by"] == "model" and last["decision"]["model"] == name, last
         assert last["path"]["id"] == "generic"
         async with admin_engine.connect() as conn:
             stored = (
                 await conn.execute(
-                    text("SELECT decision FROM user_progress WHERE tenant_id = :t AND user_id = 'new-4'"),
-                    {"t": good.id},
+                    text("SELECT decision FROM user_progress WHERE tenant_id = :t AND user_id = :u"),
+                    {"t": good.id, "u": last_user},
                 )
             ).one()[0]
         # asked for the eligible paths only: the policy its off-policy report evaluated

@@ -24,8 +24,10 @@ import secrets
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from types import TracebackType
+
+from tests.support.loopback_http import LoopbackHTTPServer
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ class PushServiceStandIn:
             def log_message(self, format: str, *args: object) -> None:  # keep test output clean
                 return
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = LoopbackHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, name="push-standin", daemon=True

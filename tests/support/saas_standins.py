@@ -46,12 +46,13 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from email.utils import formatdate
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 from firstmile.nudges.webhooks import vonage_signature  # the unit tests hold it to Vonage's official signer
+from tests.support.loopback_http import LoopbackHTTPServer
 
 _EMAIL = re.compile(r"^[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+$")
 _E164 = re.compile(r"^\+[1-9][0-9]{1,14}$")
@@ -124,7 +125,7 @@ class StandIn:
             def log_message(self, format: str, *args: object) -> None:  # keep test output clean
                 return
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = LoopbackHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._scheme = "http"
         if tls is not None:  # HTTPS: each accepted connection does its handshake

@@ -39,11 +39,13 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from tests.support.loopback_http import LoopbackHTTPServer
 
 Policy = dict[str, set[str]]
 """Path glob (relative to /v1/, in the token's namespace) -> capabilities."""
@@ -170,7 +172,7 @@ class VaultTransitStandIn:
         self.sealed = False
         self.latency = 0.0
         self._lock = threading.RLock()
-        self._server: ThreadingHTTPServer | None = None
+        self._server: LoopbackHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._port = 0
         self._connections: set[socket.socket] = set()
@@ -193,7 +195,7 @@ class VaultTransitStandIn:
         class Handler(_Handler):
             server_state = standin
 
-        server = ThreadingHTTPServer(("127.0.0.1", self._port), Handler, bind_and_activate=False)
+        server = LoopbackHTTPServer(("127.0.0.1", self._port), Handler, bind_and_activate=False)
         server.allow_reuse_address = True
         server.daemon_threads = True
         server.server_bind()

@@ -28,6 +28,7 @@ on either way.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import uuid
@@ -177,9 +178,17 @@ class DropoffWatch:
     async def tenants(self) -> list[TenantId]:
         return [self.worker.tenant(t) for t in await across_tenants(self.engine, repo.alert_tenants)]
 
-    async def run_once(self, now: datetime | None = None) -> list[TenantCheck]:
-        """Check every tenant (see the module docstring); never raises for one tenant's failure."""
-        return [await self.check_tenant(tenant, now) for tenant in await self.tenants()]
+    async def run_once(self, now: datetime | None = None, stop: asyncio.Event | None = None) -> list[TenantCheck]:
+        """Check every tenant (see the module docstring); never raises for one tenant's failure.
+
+        ``stop``: once set, no further tenant is checked (a process stopping waits for one tenant's check, not for
+        every tenant's; the next run checks them all again)."""
+        checks: list[TenantCheck] = []
+        for tenant in await self.tenants():
+            if stop is not None and stop.is_set():
+                break
+            checks.append(await self.check_tenant(tenant, now))
+        return checks
 
     async def check_tenant(self, tenant: TenantId, now: datetime | None = None) -> TenantCheck:
         """Check one tenant and deliver its pending alerts; every failure is logged, counted and returned."""

@@ -348,7 +348,11 @@ class Container:
                 public_url=settings.server.public_url,
                 webhook_timeout_s=settings.analytics.dropoff_alert_webhook_timeout_seconds,
             )
-            supervisor.every("dropoff-alerts", settings.analytics.dropoff_alert_seconds, watch.run_once)
+            supervisor.every(
+                "dropoff-alerts",
+                settings.analytics.dropoff_alert_seconds,
+                lambda: watch.run_once(stop=supervisor.stopping),
+            )
         # The review queue: its length and oldest item's age to Prometheus; reviewers notified past the threshold.
         if settings.reviews.queue_check_seconds > 0:
             queue_watch = ReviewQueueWatch(
