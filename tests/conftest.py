@@ -305,6 +305,9 @@ def make_settings(**overrides: object) -> Settings:
         # likewise a model's answer: past the 100 ms default on a loaded machine the rules decide and a test that
         # asserts the model's decision fails; the timeout's fallback has tests of its own (test_adaptive_planner)
         "inference_timeout_ms": 2000,
+        # and an analytics query (the 5 s default answered 503 once on a loaded CI run; the timeout's fallback to
+        # the cache is tested with its own setting in test_analytics_api)
+        "analytics_query_timeout_seconds": 30,
         "in_process_sequencer": False,
     }
     values.update(overrides)
