@@ -17,14 +17,16 @@ accuracy estimates the ceiling from below. Nothing here is tuned on the held-out
 (:func:`~firstmile_inference.train.train_path_classifier`, the same data and validation split, ``K``
 initialisation seeds) gives on the same held-out sets: whether the training seed's spread, the larger part of
 the gap to the goal, averages out.
+
+``--recipe NAME`` measures one learning recipe of :mod:`firstmile_inference.recipe_study` (compared there on
+validation splits only) on the same held-out sets, beside the production recipe trained on the same data: the
+once-at-the-end check of the best candidate.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import json
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final
@@ -41,6 +43,9 @@ from firstmile_inference.seed_study import (
     Spread,
     check_heldout_seeds,
     parse_seeds,
+    print_json,
+    say_on_stderr,
+    training_seed_sd,
 )
 from firstmile_inference.simulate import Dataset, generate
 from firstmile_inference.train import Hyper, _new_net
@@ -169,7 +174,6 @@ def ensemble_study(
             }
             runs.append(run)
             say(f"  held-out {h}: single {run['single_path_accuracy']:.4f}, ensemble {run['path_accuracy']:.4f}")
-    per_seed = [float(np.mean([r["path_accuracy"] for r in runs if r["train_seed"] == s])) for s in train_seeds]
     return {
         "members": members,
         "train_seeds": list(train_seeds),
@@ -177,8 +181,61 @@ def ensemble_study(
         "train_sessions": train_sessions,
         "heldout_sessions": sessions,
         "path_accuracy": vars(Spread.of([r["path_accuracy"] for r in runs])),
-        "training_seed_sd": vars(Spread.of(per_seed))["sd"],
+        "training_seed_sd": training_seed_sd(runs, "path_accuracy", train_seeds),
         "single_path_accuracy": vars(Spread.of([r["single_path_accuracy"] for r in runs])),
+        "runs": runs,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def recipe_heldout_study(
+    recipe: str,
+    *,
+    train_seeds: Sequence[int] = DEFAULT_TRAIN_SEEDS,
+    heldout_seeds: Sequence[int] = DEFAULT_HELDOUT_SEEDS,
+    train_sessions: int = DEFAULT_TRAIN_SESSIONS,
+    sessions: int = 10_000,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Held-out path accuracy of ``recipe`` (:data:`~firstmile_inference.recipe_study.RECIPES`) and of the
+    production recipe fitted to the same data, per run and as mean ± sd (with the training-seed sd)."""
+    from firstmile_inference.recipe_study import fit_recipe, logging_propensities
+
+    check_heldout_seeds(heldout_seeds, train_seeds, min_train=1, min_heldout=1)
+    say = progress or (lambda _line: None)
+    started = time.perf_counter()
+    heldouts = {h: generate(sessions, seed=h) for h in heldout_seeds}
+    runs: list[dict[str, float]] = []
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for s in train_seeds:
+            data = generate(train_sessions, seed=s)
+            prop = logging_propensities(data)
+            fitted = {name: fit_recipe(data, name, seed=s, propensities=prop) for name in (recipe, "production")}
+            say(f"training seed {s}: {recipe} and production fitted")
+            for h, held in heldouts.items():
+                chosen = {name: f.probabilities(held).argmax(axis=1) for name, f in fitted.items()}
+                run = {
+                    "train_seed": s,
+                    "heldout_seed": h,
+                    "path_accuracy": float(np.mean(chosen[recipe] == held.oracle)),
+                    "production_path_accuracy": float(np.mean(chosen["production"] == held.oracle)),
+                }
+                runs.append(run)
+                say(f"  held-out {h}: {recipe} {run['path_accuracy']:.4f}, production "
+                    f"{run['production_path_accuracy']:.4f}")  # fmt: skip
+    finally:
+        torch.set_num_threads(previous)
+    return {
+        "recipe": recipe,
+        "train_seeds": list(train_seeds),
+        "heldout_seeds": list(heldout_seeds),
+        "train_sessions": train_sessions,
+        "heldout_sessions": sessions,
+        "path_accuracy": vars(Spread.of([r["path_accuracy"] for r in runs])),
+        "training_seed_sd": training_seed_sd(runs, "path_accuracy", train_seeds),
+        "production_path_accuracy": vars(Spread.of([r["production_path_accuracy"] for r in runs])),
         "runs": runs,
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -192,21 +249,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=10_000, help="held-out sessions per held-out seed")
     parser.add_argument("--ensemble", type=int, default=0, metavar="K",
                         help="measure the mean of K production-recipe path classifiers instead")  # fmt: skip
+    parser.add_argument("--recipe", metavar="NAME",
+                        help="measure a recipe of firstmile_inference.recipe_study instead")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.recipe is not None and args.ensemble:
+        parser.error("--recipe and --ensemble measure different things: give one")
 
-    def say(line: str) -> None:
-        sys.stderr.write(line + "\n")
-        sys.stderr.flush()
+    study: Callable[..., dict[str, Any]] = ceiling_study
+    if args.ensemble:
+        study = functools.partial(ensemble_study, args.ensemble)
+    elif args.recipe is not None:
+        from firstmile_inference.recipe_study import RECIPES
 
-    study = ceiling_study if not args.ensemble else functools.partial(ensemble_study, args.ensemble)
+        if args.recipe not in RECIPES:
+            parser.error(f"unknown recipe {args.recipe!r}: expected one of {', '.join(RECIPES)}")
+        study = functools.partial(recipe_heldout_study, args.recipe)
     found = study(
         train_seeds=args.train_seeds,
         heldout_seeds=args.heldout_seeds,
         train_sessions=args.train_sessions,
         sessions=args.sessions,
-        progress=say,
+        progress=say_on_stderr,
     )
-    sys.stdout.write(json.dumps(found, indent=2, sort_keys=True) + "\n")
+    print_json(found)
     return 0
 
 

@@ -366,6 +366,23 @@ def seed_study(
     )
 
 
+def say_on_stderr(line: str) -> None:
+    """The studies' progress: one line on stderr (stdout carries only their JSON)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def print_json(found: Mapping[str, Any]) -> None:
+    """A study's result, the only thing on stdout."""
+    sys.stdout.write(json.dumps(found, indent=2, sort_keys=True) + "\n")
+
+
+def training_seed_sd(runs: Sequence[Mapping[str, Any]], key: str, train_seeds: Sequence[int]) -> float:
+    """The standard deviation of the per-training-seed means of ``key`` (each over its held-out runs)."""
+    per_seed = [float(np.mean([r[key] for r in runs if r["train_seed"] == s])) for s in train_seeds]
+    return Spread.of(per_seed).sd
+
+
 def parse_seeds(text: str) -> tuple[int, ...]:
     """``"7,8,9"`` → ``(7, 8, 9)``; a ValueError names the bad item."""
     out: list[int] = []
@@ -393,16 +410,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SeedError as exc:
         parser.error(str(exc))
 
-    def say(line: str) -> None:
-        sys.stderr.write(line + "\n")
-        sys.stderr.flush()
-
     study = seed_study(
         train_seeds=args.train_seeds,
         heldout_seeds=args.heldout_seeds,
         train_sessions=args.train_sessions,
         sessions=args.sessions,
-        progress=say,
+        progress=say_on_stderr,
     )
     sys.stdout.write(json.dumps(study.to_json(), indent=2, sort_keys=True) + "\n" if args.json else study.to_markdown())
     return 0

@@ -541,6 +541,9 @@ class Dataset:
     nudge_numeric: FloatArray  # (r, 3): hour_of_day, nudges_sent, hours_since_last_activity
     nudge_probability: FloatArray
     nudge_label: BoolArray
+    # kept by `generate` for analysis (feature_ceiling), not saved: a loaded dataset has None
+    stuck_time: FloatArray | None = field(default=None, repr=False, compare=False)  # hours from the start
+    timeline: Timeline | None = field(default=None, repr=False, compare=False)
 
     STUCK_NUMERIC: ClassVar[tuple[str, ...]] = (
         "step_index",
@@ -741,13 +744,16 @@ def generate(
     catalog: Catalog = DEMO_CATALOG,
     exploration: float = 0.4,
     rules_policy: Policy | None = None,
+    *,
+    keep_timeline: bool = False,
 ) -> Dataset:
     """Draw ``n_sessions`` onboarding sessions (one user each) from the model of the module docstring.
 
     ``rules_policy`` is the non-exploring part of the logging policy (default
     :func:`demo_rules_policy`; a returned key outside ``catalog`` becomes the
     catalog's default path only for the built-in policy, a custom one must
-    return catalog keys).
+    return catalog keys). ``keep_timeline``: keep every session's timeline and each snapshot's time on the
+    dataset (:mod:`~firstmile_inference.feature_ceiling` needs them; off by default, they are large).
     """
     if n_sessions < 1:
         raise ValueError("n_sessions must be positive")
@@ -875,17 +881,23 @@ def generate(
         nudge_numeric=nudges[2],
         nudge_probability=nudges[3],
         nudge_label=nudges[4],
+        stuck_time=snaps[4] if keep_timeline else None,
+        timeline=timeline if keep_timeline else None,
     )
 
 
 @dataclass
-class _Timeline:
+class Timeline:
+    """What happened after the start, per session (kept on :attr:`Dataset.timeline` by :func:`generate`)."""
+
     activated: BoolArray
     events: list[FloatArray]  # per session: sorted activity times (hours from the start)
     step_starts: list[list[float]]  # per session: start time of each reached step
     completions: list[list[float]]  # per session: completion time of each completed step
     kinds: list[list[str]]  # per session: episode kind of each reached step
     local_start_hour: FloatArray
+    committed: BoolArray  # per session: whether the user committed (drawn with probability ``motivation``)
+    fail_at: IntArray  # per session: the step an uncommitted user gives up at (the step count when committed)
 
 
 def _simulate_sessions(
@@ -896,7 +908,7 @@ def _simulate_sessions(
     motivation: FloatArray,
     numeric: FloatArray,
     skill: FloatArray,
-) -> _Timeline:
+) -> Timeline:
     n = len(assigned)
     committed = rng.random(n) < motivation
     engagement = numeric[:, 0]
@@ -907,6 +919,7 @@ def _simulate_sessions(
     starts: list[list[float]] = []
     completions: list[list[float]] = []
     kinds: list[list[str]] = []
+    fail_ats = np.zeros(n, dtype=np.int64)
     # pre-draw per-session uniforms: enough for every step's completion draw
     max_steps = max(len(p.steps) for p in catalog.paths)
     u_complete = rng.random((n, max_steps))
@@ -916,6 +929,7 @@ def _simulate_sessions(
         probs = step_probs[int(assigned[i])][i]
         # uncommitted users give up at a uniform step up to the activation step
         fail_at = len(spec.steps) if committed[i] else int(rng.integers(0, spec.activation_index + 1))
+        fail_ats[i] = fail_at
         low_eng = float(np.clip((60.0 - engagement[i]) / 60.0, 0.0, 1.0))
         t = 0.0
         ev: list[float] = []
@@ -968,13 +982,14 @@ def _simulate_sessions(
         starts.append(st)
         completions.append(co)
         kinds.append(ki)
-    return _Timeline(activated, events, starts, completions, kinds, local_start)
+    return Timeline(activated, events, starts, completions, kinds, local_start, committed, fail_ats)
 
 
 def _snapshots(
-    rng: np.random.Generator, tl: _Timeline, catalog: Catalog, assigned: IntArray
-) -> tuple[IntArray, FloatArray, NDArray[np.str_], BoolArray]:
+    rng: np.random.Generator, tl: Timeline, catalog: Catalog, assigned: IntArray
+) -> tuple[IntArray, FloatArray, NDArray[np.str_], BoolArray, FloatArray]:
     sessions: list[int] = []
+    times: list[float] = []
     rows: list[tuple[float, float, float, float, float]] = []
     episodes: list[str] = []
     labels: list[bool] = []
@@ -998,6 +1013,7 @@ def _snapshots(
             recent = n_before - int(np.searchsorted(ev, t - 24.0, side="right"))
             next_progress = co[k] if k < len(co) else math.inf
             sessions.append(i)
+            times.append(t)
             rows.append((float(k), float(total), t - last, t - step_start, float(recent)))
             episodes.append(tl.kinds[i][k])
             labels.append(next_progress - t > STUCK_HORIZON_H)
@@ -1006,6 +1022,7 @@ def _snapshots(
         np.asarray(rows, dtype=np.float64).reshape(-1, 5),
         np.asarray(episodes, dtype=np.str_),
         np.asarray(labels, dtype=np.bool_),
+        np.asarray(times, dtype=np.float64),
     )
 
 
@@ -1022,7 +1039,7 @@ def _timing(channel: str, hour: float) -> float:
 
 
 def _nudges(
-    rng: np.random.Generator, tl: _Timeline, persona: NDArray[np.str_], numeric: FloatArray, motivation: FloatArray
+    rng: np.random.Generator, tl: Timeline, persona: NDArray[np.str_], numeric: FloatArray, motivation: FloatArray
 ) -> tuple[IntArray, NDArray[np.str_], FloatArray, FloatArray, BoolArray]:
     sessions: list[int] = []
     channels: list[str] = []
