@@ -93,6 +93,46 @@ def full_information_policy(
     return choose
 
 
+Scorer = Callable[[Dataset], dict[str, float]]
+"""One trained policy (or several) scoring a held-out set: its metrics."""
+
+
+def _heldout_study(
+    fit: Callable[[int, Dataset], Scorer],
+    metrics: Sequence[str],
+    *,
+    train_seeds: Sequence[int],
+    heldout_seeds: Sequence[int],
+    train_sessions: int,
+    sessions: int,
+    progress: Callable[[str], None] | None,
+) -> dict[str, Any]:
+    """The skeleton of every study here: refuse a held-out seed used for training, simulate the held-out sets once,
+    ``fit`` each training seed's data, score every held-out set; each metric as mean ± sd over the runs, with the
+    training-seed sd of the path accuracy, the runs themselves and the time taken."""
+    check_heldout_seeds(heldout_seeds, train_seeds, min_train=1, min_heldout=1)
+    say = progress or (lambda _line: None)
+    started = time.perf_counter()
+    heldouts = {h: generate(sessions, seed=h) for h in heldout_seeds}
+    runs: list[dict[str, float]] = []
+    for s in train_seeds:
+        score = fit(s, generate(train_sessions, seed=s))
+        for h, held in heldouts.items():
+            run: dict[str, float] = {"train_seed": s, "heldout_seed": h, **score(held)}
+            runs.append(run)
+            say(f"  held-out {h}: " + ", ".join(f"{m} {run[m]:.4f}" for m in metrics))
+    return {
+        "train_seeds": list(train_seeds),
+        "heldout_seeds": list(heldout_seeds),
+        "train_sessions": train_sessions,
+        "heldout_sessions": sessions,
+        **{m: vars(Spread.of([r[m] for r in runs])) for m in metrics},
+        "training_seed_sd": training_seed_sd(runs, "path_accuracy", train_seeds),
+        "runs": runs,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
 def ceiling_study(
     *,
     train_seeds: Sequence[int] = DEFAULT_TRAIN_SEEDS,
@@ -102,36 +142,26 @@ def ceiling_study(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Full-information accuracy and activation vs the oracle's, per run and as mean ± sd."""
-    check_heldout_seeds(heldout_seeds, train_seeds, min_train=1, min_heldout=1)
     say = progress or (lambda _line: None)
-    started = time.perf_counter()
-    heldouts = {h: generate(sessions, seed=h) for h in heldout_seeds}
-    runs: list[dict[str, float]] = []
-    for s in train_seeds:
-        say(f"full-information policy, training seed {s} ({train_sessions} sessions)")
-        choose = full_information_policy(generate(train_sessions, seed=s), seed=s)
-        for h, data in heldouts.items():
-            chosen = choose(data)
-            rows = np.arange(data.n)
-            oracle_rate = float(data.expected.max(axis=1).mean())
-            run = {
-                "train_seed": s,
-                "heldout_seed": h,
-                "path_accuracy": float(np.mean(chosen == data.oracle)),
-                "activation_vs_oracle": float(data.expected[rows, chosen].mean()) / oracle_rate,
+
+    def fit(seed: int, train: Dataset) -> Scorer:
+        say(f"full-information policy, training seed {seed} ({train_sessions} sessions)")
+        choose = full_information_policy(train, seed=seed)
+
+        def score(held: Dataset) -> dict[str, float]:
+            chosen = choose(held)
+            oracle_rate = float(held.expected.max(axis=1).mean())
+            return {
+                "path_accuracy": float(np.mean(chosen == held.oracle)),
+                "activation_vs_oracle": float(held.expected[np.arange(held.n), chosen].mean()) / oracle_rate,
             }
-            runs.append(run)
-            say(f"  held-out {h}: accuracy {run['path_accuracy']:.4f}, activation {run['activation_vs_oracle']:.4f}")
-    return {
-        "train_seeds": list(train_seeds),
-        "heldout_seeds": list(heldout_seeds),
-        "train_sessions": train_sessions,
-        "heldout_sessions": sessions,
-        "path_accuracy": vars(Spread.of([r["path_accuracy"] for r in runs])),
-        "activation_vs_oracle": vars(Spread.of([r["activation_vs_oracle"] for r in runs])),
-        "runs": runs,
-        "seconds": round(time.perf_counter() - started, 1),
-    }
+
+        return score
+
+    return _heldout_study(
+        fit, ("path_accuracy", "activation_vs_oracle"), train_seeds=train_seeds, heldout_seeds=heldout_seeds,
+        train_sessions=train_sessions, sessions=sessions, progress=progress,
+    )  # fmt: skip
 
 
 def ensemble_study(
@@ -150,42 +180,31 @@ def ensemble_study(
 
     if members < 2:
         raise ValueError(f"an ensemble needs at least 2 members, not {members}")
-    check_heldout_seeds(heldout_seeds, train_seeds, min_train=1, min_heldout=1)
     say = progress or (lambda _line: None)
-    started = time.perf_counter()
-    heldouts = {h: generate(sessions, seed=h) for h in heldout_seeds}
-    runs: list[dict[str, float]] = []
-    for s in train_seeds:
-        data = generate(train_sessions, seed=s)
+
+    def fit(seed: int, train: Dataset) -> Scorer:
         nets = []
         for k in range(members):  # member 0 is what `models train` registers; the others differ in their init seed
-            trained = train_path_classifier(data, seed=s if k == 0 else s * 1_000 + k)
+            trained = train_path_classifier(train, seed=seed if k == 0 else seed * 1_000 + k)
             nets.append(build_predictor(path_model.NAME, str(k), trained.config, trained.state_dict))
-            say(f"training seed {s}: member {k + 1} of {members} trained")
-        for h, held in heldouts.items():
+            say(f"training seed {seed}: member {k + 1} of {members} trained")
+
+        def score(held: Dataset) -> dict[str, float]:
             columns = held.user_columns()
             with torch.inference_mode():
                 probs = [torch.sigmoid(n.network.logits(n.encoder.encode_columns(columns))).numpy() for n in nets]
-            run = {
-                "train_seed": s,
-                "heldout_seed": h,
-                "single_path_accuracy": float(np.mean(probs[0].argmax(axis=1) == held.oracle)),
+            return {
                 "path_accuracy": float(np.mean(np.mean(probs, axis=0).argmax(axis=1) == held.oracle)),
+                "single_path_accuracy": float(np.mean(probs[0].argmax(axis=1) == held.oracle)),
             }
-            runs.append(run)
-            say(f"  held-out {h}: single {run['single_path_accuracy']:.4f}, ensemble {run['path_accuracy']:.4f}")
-    return {
-        "members": members,
-        "train_seeds": list(train_seeds),
-        "heldout_seeds": list(heldout_seeds),
-        "train_sessions": train_sessions,
-        "heldout_sessions": sessions,
-        "path_accuracy": vars(Spread.of([r["path_accuracy"] for r in runs])),
-        "training_seed_sd": training_seed_sd(runs, "path_accuracy", train_seeds),
-        "single_path_accuracy": vars(Spread.of([r["single_path_accuracy"] for r in runs])),
-        "runs": runs,
-        "seconds": round(time.perf_counter() - started, 1),
-    }
+
+        return score
+
+    found = _heldout_study(
+        fit, ("path_accuracy", "single_path_accuracy"), train_seeds=train_seeds, heldout_seeds=heldout_seeds,
+        train_sessions=train_sessions, sessions=sessions, progress=progress,
+    )  # fmt: skip
+    return {"members": members, **found}
 
 
 def recipe_heldout_study(
@@ -201,44 +220,32 @@ def recipe_heldout_study(
     production recipe fitted to the same data, per run and as mean ± sd (with the training-seed sd)."""
     from firstmile_inference.recipe_study import fit_recipe, logging_propensities
 
-    check_heldout_seeds(heldout_seeds, train_seeds, min_train=1, min_heldout=1)
     say = progress or (lambda _line: None)
-    started = time.perf_counter()
-    heldouts = {h: generate(sessions, seed=h) for h in heldout_seeds}
-    runs: list[dict[str, float]] = []
+
+    def fit(seed: int, train: Dataset) -> Scorer:
+        prop = logging_propensities(train)
+        fitted = {name: fit_recipe(train, name, seed=seed, propensities=prop) for name in (recipe, "production")}
+        say(f"training seed {seed}: {recipe} and production fitted")
+
+        def score(held: Dataset) -> dict[str, float]:
+            chosen = {name: f.probabilities(held).argmax(axis=1) for name, f in fitted.items()}
+            return {
+                "path_accuracy": float(np.mean(chosen[recipe] == held.oracle)),
+                "production_path_accuracy": float(np.mean(chosen["production"] == held.oracle)),
+            }
+
+        return score
+
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for s in train_seeds:
-            data = generate(train_sessions, seed=s)
-            prop = logging_propensities(data)
-            fitted = {name: fit_recipe(data, name, seed=s, propensities=prop) for name in (recipe, "production")}
-            say(f"training seed {s}: {recipe} and production fitted")
-            for h, held in heldouts.items():
-                chosen = {name: f.probabilities(held).argmax(axis=1) for name, f in fitted.items()}
-                run = {
-                    "train_seed": s,
-                    "heldout_seed": h,
-                    "path_accuracy": float(np.mean(chosen[recipe] == held.oracle)),
-                    "production_path_accuracy": float(np.mean(chosen["production"] == held.oracle)),
-                }
-                runs.append(run)
-                say(f"  held-out {h}: {recipe} {run['path_accuracy']:.4f}, production "
-                    f"{run['production_path_accuracy']:.4f}")  # fmt: skip
+        found = _heldout_study(
+            fit, ("path_accuracy", "production_path_accuracy"), train_seeds=train_seeds, heldout_seeds=heldout_seeds,
+            train_sessions=train_sessions, sessions=sessions, progress=progress,
+        )  # fmt: skip
     finally:
         torch.set_num_threads(previous)
-    return {
-        "recipe": recipe,
-        "train_seeds": list(train_seeds),
-        "heldout_seeds": list(heldout_seeds),
-        "train_sessions": train_sessions,
-        "heldout_sessions": sessions,
-        "path_accuracy": vars(Spread.of([r["path_accuracy"] for r in runs])),
-        "training_seed_sd": training_seed_sd(runs, "path_accuracy", train_seeds),
-        "production_path_accuracy": vars(Spread.of([r["production_path_accuracy"] for r in runs])),
-        "runs": runs,
-        "seconds": round(time.perf_counter() - started, 1),
-    }
+    return {"recipe": recipe, **found}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

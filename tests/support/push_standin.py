@@ -72,7 +72,6 @@ class PushServiceStandIn:
                 return
 
         self._server = LoopbackHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, name="push-standin", daemon=True
         )

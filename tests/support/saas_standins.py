@@ -126,7 +126,6 @@ class StandIn:
                 return
 
         self._server = LoopbackHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
         self._scheme = "http"
         if tls is not None:  # HTTPS: each accepted connection does its handshake
             self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)

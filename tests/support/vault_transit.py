@@ -197,7 +197,6 @@ class VaultTransitStandIn:
 
         server = LoopbackHTTPServer(("127.0.0.1", self._port), Handler, bind_and_activate=False)
         server.allow_reuse_address = True
-        server.daemon_threads = True
         server.server_bind()
         server.server_activate()
         self._port = server.server_address[1]
