@@ -68,6 +68,7 @@ from firstmile_inference.train import (
     Hyper,
     _new_net,
     _split_sessions,
+    simulate_training_set,
     train_nudge_response_predictor,
     train_stuck_detector,
 )
@@ -500,19 +501,22 @@ def full_information_stuck_detector(
 
 
 def label_trained_stuck_detector(data: Dataset, *, seed: int) -> _Detector:
-    """The production recipe (:func:`~firstmile_inference.train.train_stuck_detector`), with the same two rules."""
-    trained = train_stuck_detector(data, seed=seed)
+    """The production recipe (:func:`~firstmile_inference.train.train_stuck_detector` on
+    :func:`~firstmile_inference.train.simulate_training_set`: ``data``'s sessions, with more snapshots each),
+    with the same two rules."""
+    training = simulate_training_set(data.n, seed=data.seed, exploration=data.exploration)
+    trained = train_stuck_detector(training, seed=seed)
     predictor = trained.predictor()
     hyper = DEFAULT_HYPER["stuck_detector"]
-    is_val = _split_sessions(data.n, hyper.val_fraction, seed)[data.stuck_session]
+    is_val = _split_sessions(training.n, hyper.val_fraction, seed)[training.stuck_session]
     val_rows = np.flatnonzero(is_val)
 
     def score(held: Dataset) -> FloatArray:
         probs = predictor.probabilities(predictor.encoder.encode_columns(held.stuck_columns()))
         return np.asarray(probs[:, 0].double().numpy(), dtype=np.float64)
 
-    val_scores = score(data)[val_rows]
-    stored, at_95 = _thresholds(val_scores, data.stuck_label[val_rows])
+    val_scores = score(training)[val_rows]
+    stored, at_95 = _thresholds(val_scores, training.stuck_label[val_rows])
     return _Detector(score, stored, at_95)
 
 

@@ -1,11 +1,12 @@
 """Seed-robust evaluation: every metric of :func:`~firstmile_inference.evaluate.evaluate` as mean ± standard
 deviation over several training seeds x several held-out seeds (issue 19, "figures that hold").
 
-For each training seed ``s`` the three models are trained in process on ``generate(train_sessions, seed=s)``
-(model selection on that set's own validation split only, see :mod:`firstmile_inference.train`), registered
-into a temporary registry and loaded back as the platform loads them; each is then scored on every held-out
-set ``generate(sessions, seed=h)``. A held-out seed that was used for training or tuning is refused before
-anything runs (:func:`check_heldout_seeds`).
+For each training seed ``s`` the three models are trained in process on
+``train.simulate_training_set(train_sessions, seed=s)`` (eight stuck snapshots per session; model selection
+on that set's own validation split only, see :mod:`firstmile_inference.train`), registered into a temporary
+registry and loaded back as the platform loads them; each is then scored on every held-out set
+``generate(sessions, seed=h)`` (two snapshots per session). A held-out seed that was used for training or
+tuning is refused before anything runs (:func:`check_heldout_seeds`).
 
 Command line (what ``firstmile models evaluate --seed-robust`` wraps, with the platform's rules planner)::
 
@@ -30,7 +31,7 @@ import numpy as np
 from firstmile_inference.evaluate import EvaluationReport, Progress, evaluate, load_stage
 from firstmile_inference.registry import Registry
 from firstmile_inference.simulate import Dataset, Policy, generate
-from firstmile_inference.train import Hyper, register_all, train_all
+from firstmile_inference.train import Hyper, register_all, simulate_training_set, train_all
 
 DEFAULT_TRAIN_SEEDS: Final = (7, 8, 9, 10, 11)
 DEFAULT_HELDOUT_SEEDS: Final = (1007, 1008, 1009)
@@ -336,7 +337,7 @@ def seed_study(
         for k, s in enumerate(train_seeds, 1):
             t0 = time.perf_counter()
             say(f"[{k}/{len(train_seeds)}] training seed {s}: simulating {train_sessions} sessions")
-            data = generate(train_sessions, seed=s, exploration=exploration)
+            data = simulate_training_set(train_sessions, seed=s, exploration=exploration)
             trained = train_all(data, seed=s, hyper=hyper)
             registry = Registry(root / f"train-seed-{s}")
             register_all(registry, trained, promote_to="production", actor="seed-study")

@@ -114,7 +114,10 @@ features, the path, the current step's index, the number of required steps,
 hours since the last activity (the start of the current step counts as
 activity), hours on the current step and events in the last 24 h. The label
 *stuck now* is: the user's next step completion is more than 48 h away
-(``STUCK_HORIZON_H``), or never, absent intervention.
+(``STUCK_HORIZON_H``), or never, absent intervention. A training set may take
+more snapshots of each session (``generate(snapshots_per_session=...)``): the
+label is a function of the session's time line, and more snapshots show more
+of it; held-out sets keep two.
 
 Nudges
 ------
@@ -188,6 +191,7 @@ LATE_WEIGHT: Final = 0.35
 STUCK_HORIZON_H: Final = 48.0
 SNAPSHOT_WINDOW_H: Final = 168.0
 SNAPSHOTS_PER_SESSION: Final = 2
+_MORE_SNAPSHOTS_STREAM: Final = 0x5A4F  # the second word of the seed of snapshots beyond the first two
 
 PERSONA_SHARES: Final = {
     "developer": 0.24,
@@ -746,6 +750,7 @@ def generate(
     rules_policy: Policy | None = None,
     *,
     keep_timeline: bool = False,
+    snapshots_per_session: int = SNAPSHOTS_PER_SESSION,
 ) -> Dataset:
     """Draw ``n_sessions`` onboarding sessions (one user each) from the model of the module docstring.
 
@@ -754,9 +759,15 @@ def generate(
     catalog's default path only for the built-in policy, a custom one must
     return catalog keys). ``keep_timeline``: keep every session's timeline and each snapshot's time on the
     dataset (:mod:`~firstmile_inference.feature_ceiling` needs them; off by default, they are large).
+    ``snapshots_per_session``: stuck snapshots taken per session. The first ``SNAPSHOTS_PER_SESSION`` (2)
+    are the default draw; more come from a stream of their own (seeded by ``seed``), drawn last, so every
+    other array, and those first snapshots, are the same as without them. A training set takes more
+    (:data:`firstmile_inference.train.TRAINING_SNAPSHOTS`); held-out sets keep the two.
     """
     if n_sessions < 1:
         raise ValueError("n_sessions must be positive")
+    if snapshots_per_session < SNAPSHOTS_PER_SESSION:
+        raise ValueError(f"snapshots_per_session must be at least {SNAPSHOTS_PER_SESSION}")
     if not 0.0 <= exploration <= 1.0:
         raise ValueError("exploration must be within [0, 1]")
     rng = np.random.default_rng(seed)
@@ -852,9 +863,25 @@ def generate(
     activated = timeline.activated
 
     # ---- stuck snapshots
-    snaps = _snapshots(rng, timeline, catalog, assigned)
+    snaps = _snapshots(rng, timeline, catalog, assigned, SNAPSHOTS_PER_SESSION)
     # ---- nudges
     nudges = _nudges(rng, timeline, persona, numeric, motivation)
+    # ---- more snapshots, from their own stream (nothing above changes)
+    if snapshots_per_session > SNAPSHOTS_PER_SESSION:
+        more = _snapshots(
+            np.random.default_rng([seed, _MORE_SNAPSHOTS_STREAM]),
+            timeline,
+            catalog,
+            assigned,
+            snapshots_per_session - SNAPSHOTS_PER_SESSION,
+        )
+        snaps = (
+            np.concatenate([snaps[0], more[0]]),
+            np.concatenate([snaps[1], more[1]]),
+            np.concatenate([snaps[2], more[2]]),
+            np.concatenate([snaps[3], more[3]]),
+            np.concatenate([snaps[4], more[4]]),
+        )
 
     return Dataset(
         seed=seed,
@@ -986,7 +1013,7 @@ def _simulate_sessions(
 
 
 def _snapshots(
-    rng: np.random.Generator, tl: Timeline, catalog: Catalog, assigned: IntArray
+    rng: np.random.Generator, tl: Timeline, catalog: Catalog, assigned: IntArray, per_session: int
 ) -> tuple[IntArray, FloatArray, NDArray[np.str_], BoolArray, FloatArray]:
     sessions: list[int] = []
     times: list[float] = []
@@ -1002,7 +1029,7 @@ def _snapshots(
         if end <= 0.25:
             continue
         ev = tl.events[i]
-        for t in np.sort(rng.uniform(0.25, end, SNAPSHOTS_PER_SESSION)).tolist():
+        for t in np.sort(rng.uniform(0.25, end, per_session)).tolist():
             k = int(np.searchsorted(np.asarray(co), t, side="right"))  # steps completed by t
             if k >= total:
                 continue

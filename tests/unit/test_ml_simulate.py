@@ -48,6 +48,23 @@ def test_same_seed_gives_identical_data() -> None:
         assert np.array_equal(value, getattr(b, name)), name
 
 
+def test_more_snapshots_add_rows_and_change_nothing_else() -> None:
+    base, more = generate(600, seed=5), generate(600, seed=5, snapshots_per_session=8)
+    m = len(base.stuck_label)
+    assert 4 * m - 50 <= len(more.stuck_label) <= 4 * m  # a session whose path is done by 15 min has none
+    for name, value in _arrays(base).items():
+        other = getattr(more, name)
+        if name.startswith("stuck_"):
+            assert np.array_equal(value, other[:m]), name  # the first two per session are the default draw
+        else:
+            assert np.array_equal(value, other), name
+    assert np.bincount(more.stuck_session[m:]).max() <= 6  # six more per session at most
+    # the extra snapshots follow the same label model: the stuck share is close to the default draw's
+    assert abs(more.stuck_label[m:].mean() - base.stuck_label.mean()) < 0.05
+    with pytest.raises(ValueError, match="at least 2"):
+        generate(10, seed=5, snapshots_per_session=1)
+
+
 def test_different_seeds_differ() -> None:
     a, b = generate(600, seed=5), generate(600, seed=6)
     assert not np.array_equal(a.numeric, b.numeric)

@@ -282,12 +282,12 @@ def train_models(
 ) -> None:
     """Simulate, train, measure the activation accuracy on unseen sessions, register (and stage)."""
     from firstmile_inference.simulate import generate
-    from firstmile_inference.train import register_all, train_all
+    from firstmile_inference.train import register_all, simulate_training_set, train_all
 
     registry = _registry(registry_arg)
     began = time.perf_counter()
     _say(f"simulating {sessions} sessions (seed {seed}, exploration {exploration})")
-    data = generate(sessions, seed=seed, exploration=exploration)
+    data = simulate_training_set(sessions, seed=seed, exploration=exploration)
     _say(f"simulated in {time.perf_counter() - began:.1f}s")
     trained = train_all(data, seed=seed, progress=_say, models=tuple(only) or MODEL_NAMES)
     if "path_classifier" in trained:
