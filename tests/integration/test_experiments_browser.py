@@ -69,7 +69,9 @@ def test_an_experiment_goes_from_draft_to_promotion_in_the_browser(
     page.get_by_test_id(f"result-{experiment_id}").click()
     expect(page.get_by_test_id("verdict")).not_to_have_text("winner")
     page.get_by_role("button", name="Declare the winner").click()  # no verdict yet: refused, said why
-    expect(page.get_by_test_id("status-line")).to_contain_text("Not done: experiment")
+    expect(page.get_by_test_id("status-line")).to_contain_text("Not done: ")  # the problem as a sentence:
+    expect(page.get_by_test_id("status-line")).to_contain_text(f"experiment {experiment_id} has no winner to declare")
+    expect(page.get_by_test_id("status-line")).not_to_contain_text("{")  # never as JSON
 
     # the users the experiment exposed, and their activations, as the analytics sink writes them
     tenant = tenant_id(database, slug)

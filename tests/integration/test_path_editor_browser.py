@@ -133,3 +133,26 @@ def test_a_viewer_reads_the_editor_but_cannot_publish(base: str, slug: str, page
     assert refused.status in (401, 403)
     missing = page.goto(f"{base}/admin/paths/no-such-path")
     assert missing is not None and missing.status == 404
+
+
+def test_a_call_without_a_problem_answer_is_said_as_a_sentence(base: str, slug: str, page: Page) -> None:
+    """A proxy's HTML error page, or a request that never reached the server: the editor says so in a sentence
+    (admin-api.js), where it used to fail on the JSON it expected and say nothing; nothing is published."""
+    sign_in(page, base, slug, "editor")
+    page.goto(f"{base}/admin/paths/{PATH}")
+    versions = page.get_by_test_id("versions").locator("tbody tr").count()
+    status = page.get_by_test_id("status")
+    page.route("**/validate", lambda route: route.fulfill(status=502, content_type="text/html",
+                                                            body="<html><h1>502 Bad Gateway</h1></html>"))  # fmt: skip
+    page.get_by_role("button", name="Check and preview").click()
+    expect(status).to_contain_text("Not valid: ")
+    expect(status).to_contain_text("(HTTP 502).")
+    expect(status).not_to_contain_text("<")
+    page.route(f"**/admin/api/paths/{PATH}", lambda route: route.abort("connectionrefused"))
+    page.get_by_test_id("publish").click()
+    expect(status).to_contain_text("Not published: The request did not reach the server")
+    expect(status).to_contain_text("nothing was changed.")
+    page.unroute("**/validate")
+    page.unroute(f"**/admin/api/paths/{PATH}")
+    page.reload()
+    expect(page.get_by_test_id("versions").locator("tbody tr")).to_have_count(versions)

@@ -1,4 +1,4 @@
-// What the admin pages' scripts share: a POST to the admin API with the session's CSRF token, and a refusal
+// What the admin pages' scripts share: a call to the admin API with the session's CSRF token, and a refusal
 // (application/problem+json) turned into a sentence for people, never shown as JSON.
 
 export function csrf() {
@@ -20,11 +20,12 @@ export function explain(code, answer, fallback) {
   return text;
 }
 
-export async function call(url, body) {
+// `method` defaults to POST. The answer: { ok, answer (the parsed JSON, or null), message (a refusal's sentence) }.
+export async function call(url, body, method = "POST") {
   let response;
   try {
     response = await fetch(url, {
-      method: "POST",
+      method,
       headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf() },
       body: body === undefined ? undefined : JSON.stringify(body),
       credentials: "same-origin",

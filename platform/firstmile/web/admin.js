@@ -1,39 +1,22 @@
-// Path edits from the dashboard: PATCH /admin/api/paths/<key> with the session's CSRF token.
+// Every admin page: path edits from the dashboard, the experiment manager's actions and the users page's erase,
+// each through admin-api.js (the session's CSRF token; a refusal, or no answer at all, said as a sentence).
+import { call } from "./admin-api.js";
+
+// Path edits from the dashboard: PATCH /admin/api/paths/<key>.
 document.addEventListener("submit", async (event) => {
   const form = event.target.closest("form.edit-path");
   if (!form) return;
   event.preventDefault();
-  const token = document.querySelector('meta[name="csrf-token"]').content;
   const status = document.querySelector('[data-testid="status"]');
-  const response = await fetch(`/admin/api/paths/${encodeURIComponent(form.dataset.key)}`, {
-    method: "PATCH",
-    headers: { "Content-Type": "application/json", "X-CSRF-Token": token },
-    body: JSON.stringify({ name: form.elements.name.value }),
-    credentials: "same-origin",
-  });
-  const body = await response.json();
-  status.textContent = response.ok ? `Saved: version ${body.version}` : `Not saved: ${body.detail}`;
+  const { ok, answer, message } = await call(
+    `/admin/api/paths/${encodeURIComponent(form.dataset.key)}`, { name: form.elements.name.value }, "PATCH");
+  status.textContent = ok ? `Saved: version ${answer.version}` : `Not saved: ${message}`;
 });
 
-// The experiment manager: lifecycle buttons and the draft form call /admin/api/experiments with the CSRF token.
-function csrf() {
-  return document.querySelector('meta[name="csrf-token"]').content;
-}
-
+// The experiment manager: lifecycle buttons and the draft form call /admin/api/experiments.
 function say(text) {
   const status = document.querySelector('[data-testid="status"][role="status"], [data-testid="status-line"]');
   if (status) status.textContent = text;
-}
-
-async function post(url, body) {
-  const response = await fetch(url, {
-    method: "POST",
-    headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf() },
-    body: body === undefined ? undefined : JSON.stringify(body),
-    credentials: "same-origin",
-  });
-  const answer = await response.json();
-  return { ok: response.ok, answer };
 }
 
 document.addEventListener("click", async (event) => {
@@ -41,11 +24,11 @@ document.addEventListener("click", async (event) => {
   if (!button) return;
   button.disabled = true;
   const id = encodeURIComponent(button.dataset.experiment);
-  const { ok, answer } = await post(`/admin/api/experiments/${id}/${button.dataset.action}`);
+  const { ok, message } = await call(`/admin/api/experiments/${id}/${button.dataset.action}`);
   if (ok) {
     window.location.reload();
   } else {
-    say(`Not done: ${answer.detail}`);
+    say(`Not done: ${message}`);
     button.disabled = false;
   }
 });
@@ -65,11 +48,11 @@ document.addEventListener("submit", async (event) => {
     traffic_percent: Number(f.traffic_percent.value),
     planned_days: Number(f.planned_days.value),
   };
-  const { ok, answer } = await post("/admin/api/experiments", draft);
+  const { ok, message } = await call("/admin/api/experiments", draft);
   if (ok) {
     window.location.reload();
   } else {
-    say(`Not saved: ${answer.detail}`);
+    say(`Not saved: ${message}`);
   }
 });
 
@@ -80,17 +63,12 @@ document.addEventListener("click", async (event) => {
   const id = button.dataset.erase;
   if (!window.confirm(`Erase ${id}? Their key is destroyed and their rows deleted; this cannot be undone.`)) return;
   button.disabled = true;
-  const response = await fetch(`/admin/api/users/${encodeURIComponent(id)}`, {
-    method: "DELETE",
-    headers: { "X-CSRF-Token": csrf() },
-    credentials: "same-origin",
-  });
-  const answer = await response.json();
-  if (response.ok) {
+  const { ok, answer, message } = await call(`/admin/api/users/${encodeURIComponent(id)}`, undefined, "DELETE");
+  if (ok) {
     say(`Erased ${answer.user_id}: key destroyed, audit entry ${answer.audit_entry_id}.`);
     document.querySelector('[data-testid="end-user"]')?.remove();
   } else {
-    say(`Not erased: ${answer.detail}`);
+    say(`Not erased: ${message}`);
     button.disabled = false;
   }
 });

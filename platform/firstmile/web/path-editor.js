@@ -1,24 +1,13 @@
 // The path editor: reads the form into the manifest's shape of a path, asks the server to check it (the manifest's
 // own rules) and to preview the checklist, publishes it as a new version, compares versions and reverts.
 
+import { call } from "./admin-api.js";
+
 const form = document.querySelector("form.path-editor");
 const key = form.dataset.key;
 const api = `/admin/api/paths/${encodeURIComponent(key)}`;
 const status = document.querySelector('[data-testid="status"]');
 
-function csrf() {
-  return document.querySelector('meta[name="csrf-token"]').content;
-}
-
-async function call(method, url, body) {
-  const response = await fetch(url, {
-    method,
-    headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf() },
-    body: body === undefined ? undefined : JSON.stringify(body),
-    credentials: "same-origin",
-  });
-  return { ok: response.ok, answer: await response.json() };
-}
 
 function value(text, op) {
   const raw = text.trim();
@@ -125,27 +114,27 @@ function refreshActivation() {
 }
 
 async function check() {
-  const { ok, answer } = await call("POST", `${api}/validate`, collect());
+  const { ok, answer, message } = await call(`${api}/validate`, collect());
   if (ok) {
     clearErrors();
     showPreview(answer.preview);
     status.textContent = "Valid: the preview shows what a new user would see.";
   } else {
-    showErrors(answer.errors || [{ key: "path", message: answer.detail }]);
-    status.textContent = `Not valid: ${answer.detail}`;
+    showErrors(answer?.errors || [{ key: "path", message }]);
+    status.textContent = `Not valid: ${message}`;
   }
   return ok;
 }
 
 form.addEventListener("submit", async (event) => {
   event.preventDefault();
-  const { ok, answer } = await call("PATCH", api, collect());
+  const { ok, answer, message } = await call(api, collect(), "PATCH");
   if (ok) {
     status.textContent = `Published version ${answer.version}.`;
     window.location.reload();
   } else {
-    showErrors(answer.errors || [{ key: "path", message: answer.detail }]);
-    status.textContent = `Not published: ${answer.detail}`;
+    showErrors(answer?.errors || [{ key: "path", message }]);
+    status.textContent = `Not published: ${message}`;
   }
 });
 
@@ -184,16 +173,17 @@ document.addEventListener("click", async (event) => {
   } else if (button.matches("[data-remove-predicate]")) {
     button.closest("[data-predicate]").remove();
   } else if (button.matches("[data-compare]")) {
-    const { ok, answer } = await call("GET", `${api}/diff?from=${button.dataset.compare}&to=${form.dataset.version}`);
-    showDiff(ok ? answer : null, ok ? "" : answer.detail);
+    const { ok, answer, message } = await call(
+      `${api}/diff?from=${button.dataset.compare}&to=${form.dataset.version}`, undefined, "GET");
+    showDiff(ok ? answer : null, ok ? "" : message);
   } else if (button.matches("[data-revert]")) {
     if (!window.confirm(`Publish version ${button.dataset.revert}'s definition as a new version?`)) return;
-    const { ok, answer } = await call("POST", `${api}/revert`, { version: Number(button.dataset.revert) });
+    const { ok, answer, message } = await call(`${api}/revert`, { version: Number(button.dataset.revert) });
     if (ok) {
       status.textContent = `Reverted: version ${answer.version} has version ${button.dataset.revert}'s definition.`;
       window.location.reload();
     } else {
-      status.textContent = `Not reverted: ${answer.detail}`;
+      status.textContent = `Not reverted: ${message}`;
     }
   }
 });
