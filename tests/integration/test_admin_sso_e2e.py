@@ -168,8 +168,11 @@ def _firstmile(env: dict[str, str], *args: str, timeout: float = 120) -> str:
     return done.stdout + done.stderr
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], base: str, log: Path, timeout: float = 60) -> None:
+def _wait_ready(proc: subprocess.Popen[bytes], base: str, log: Path, timeout: float = 180) -> None:
+    """Until ``/health/ready`` answers 200. Generous: on a cold CI machine the first start (imports, the app's
+    startup) shares two cores with Keycloak's first boot and the deployment tools' Go builds."""
     deadline = time.monotonic() + timeout
+    last = "no answer yet"
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"firstmile serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
@@ -177,9 +180,13 @@ def _wait_ready(proc: subprocess.Popen[bytes], base: str, log: Path, timeout: fl
             with urllib.request.urlopen(f"{base}/health/ready", timeout=2) as response:
                 if response.status == 200:
                     return
-        except (OSError, urllib.error.HTTPError):
+        except urllib.error.HTTPError as exc:
+            last = f"HTTP {exc.code}: {exc.read()[:500]!r}"
             time.sleep(0.2)
-    raise AssertionError(f"firstmile serve was not ready in {timeout:.0f} s:\n{log.read_text()[-4000:]}")
+        except OSError as exc:
+            last = f"{type(exc).__name__}: {exc}"
+            time.sleep(0.2)
+    raise AssertionError(f"firstmile serve was not ready in {timeout:.0f} s (last: {last}):\n{log.read_text()[-4000:]}")
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
