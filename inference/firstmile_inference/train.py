@@ -4,9 +4,11 @@
 and the nudge response predictor; ``register_all(registry, trained)`` stores
 them as new versions. Training is deterministic under ``seed`` (weights
 initialisation, validation split and batch order; the thread count is set for
-the duration of the call). Each model keeps 10% of the sessions aside for
-validation (its metrics and the stuck detector's threshold come from there)
-and records the reference feature distributions of its training rows for drift.
+the duration of the call). Each model keeps a share of the sessions aside for
+validation (``Hyper.val_fraction``: 10%, 20% for the stuck detector; its metrics
+and the stuck detector's threshold come from there) and records the reference
+feature distributions of its training rows for drift. The training set comes
+from :func:`simulate_training_set` (eight stuck snapshots per session).
 
 Command line (what ``firstmile models train`` wraps)::
 
