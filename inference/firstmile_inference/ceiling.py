@@ -41,8 +41,8 @@ from firstmile_inference.seed_study import (
     DEFAULT_TRAIN_SEEDS,
     DEFAULT_TRAIN_SESSIONS,
     Spread,
+    add_seed_arguments,
     check_heldout_seeds,
-    parse_seeds,
     print_json,
     say_on_stderr,
     training_seed_sd,
@@ -250,10 +250,7 @@ def recipe_heldout_study(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m firstmile_inference.ceiling", description=__doc__.split("\n")[0])
-    parser.add_argument("--train-seeds", type=parse_seeds, default=DEFAULT_TRAIN_SEEDS)
-    parser.add_argument("--heldout-seeds", type=parse_seeds, default=DEFAULT_HELDOUT_SEEDS)
-    parser.add_argument("--train-sessions", type=int, default=DEFAULT_TRAIN_SESSIONS)
-    parser.add_argument("--sessions", type=int, default=10_000, help="held-out sessions per held-out seed")
+    add_seed_arguments(parser)
     parser.add_argument("--ensemble", type=int, default=0, metavar="K",
                         help="measure the mean of K production-recipe path classifiers instead")  # fmt: skip
     parser.add_argument("--recipe", metavar="NAME",

@@ -57,8 +57,8 @@ from firstmile_inference.seed_study import (
     TODAY_STUCK_RECALL,
     SeedError,
     Spread,
+    add_seed_arguments,
     check_heldout_seeds,
-    parse_seeds,
     print_json,
     say_on_stderr,
 )
@@ -650,10 +650,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m firstmile_inference.feature_ceiling", description=(__doc__ or "").split("\n")[0]
     )
-    parser.add_argument("--train-seeds", type=parse_seeds, default=DEFAULT_TRAIN_SEEDS)
-    parser.add_argument("--heldout-seeds", type=parse_seeds, default=DEFAULT_HELDOUT_SEEDS)
-    parser.add_argument("--train-sessions", type=int, default=DEFAULT_TRAIN_SESSIONS)
-    parser.add_argument("--sessions", type=int, default=10_000, help="held-out sessions per held-out seed")
+    add_seed_arguments(parser)
     parser.add_argument(
         "--samples", type=int, default=DEFAULT_SAMPLES, help="draws per episode kind of the stuck probability"
     )

@@ -396,14 +396,19 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m firstmile_inference.seed_study", description=__doc__.split("\n")[0]
-    )
+def add_seed_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every held-out study takes: --train-seeds, --heldout-seeds, --train-sessions, --sessions."""
     parser.add_argument("--train-seeds", type=parse_seeds, default=DEFAULT_TRAIN_SEEDS)
     parser.add_argument("--heldout-seeds", type=parse_seeds, default=DEFAULT_HELDOUT_SEEDS)
     parser.add_argument("--train-sessions", type=int, default=DEFAULT_TRAIN_SESSIONS)
     parser.add_argument("--sessions", type=int, default=10_000, help="held-out sessions per held-out seed")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m firstmile_inference.seed_study", description=__doc__.split("\n")[0]
+    )
+    add_seed_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print JSON (only) on stdout")
     args = parser.parse_args(argv)
     try:
