@@ -11,12 +11,14 @@ encoder fitted on the training rows) and scored on that validation split only:
 * ``val_path_accuracy``: agreement with the simulator's oracle path on the validation users. It reads the
   simulator's truth, so it is a diagnostic for this study, never something a recipe selects on.
 
-Recipes (:data:`RECIPES`): the production recipe, inverse-propensity weighting of the logged rows, a shared
-base with shrunk per-path output weights, epoch selection by the validation DR estimate, decoupled weight
-decay, more epochs, a structured reward model ``logit P(act | x, path) = base(x) + delta_path(x)`` with
-``delta_path`` linear in the features (and persona x company-size cells), and two diagnostics that train on
-the simulator's truth to split the gap (``noise_free``: the logged path's exact expected activation instead
-of the Bernoulli outcome; ``full_feedback``: a Bernoulli outcome on every path for every user).
+Recipes (:data:`RECIPES`): the production recipe (16 epochs) and the one before it (``epochs8``, from which
+the other variants were measured), inverse-propensity weighting of the logged rows, a shared base with shrunk
+per-path output weights, epoch selection by the validation DR estimate, decoupled weight decay, a structured
+reward model ``logit P(act | x, path) = base(x) + delta_path(x)`` with ``delta_path`` linear in the features
+(and persona x company-size cells), averages of the weights over the last epochs or steps (``swa``, ``ema``),
+distillation of five fits into one network, and two diagnostics that train on the simulator's truth to split
+the gap (``noise_free``: the logged path's exact expected activation instead of the Bernoulli outcome;
+``full_feedback``: a Bernoulli outcome on every path for every user).
 
 No held-out seed is touched: a training seed among the evaluation's held-out seeds (default 1007, 1008, 1009)
 is refused (:func:`~firstmile_inference.seed_study.check_heldout_seeds`). ``python -m
@@ -37,6 +39,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from firstmile_inference.features import Encoded, Encoder
 from firstmile_inference.models import path_classifier as path_model
@@ -60,6 +63,8 @@ Weighting = Literal["none", "ipw", "sqrt_ipw"]
 Target = Literal["logged", "noise_free", "full_feedback"]
 DEFAULT_TRAIN_SEEDS: Final = (8, 9, 10)
 PRODUCTION: Final = DEFAULT_HYPER["path_classifier"]
+BEFORE: Final = Hyper(epochs=8, hidden=(32, 32), weight_decay=5e-4)
+"""The production recipe before the 16-epoch selection; the variants below were measured against it."""
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,7 @@ class Recipe:
     """How a path classifier is fitted to logged data (``Hyper`` plus what the production recipe does not do)."""
 
     description: str
-    hyper: Hyper = PRODUCTION
+    hyper: Hyper = BEFORE
     weighting: Weighting = "none"  # row weights 1 / (K * propensity) (ipw) or their square root, mean 1
     head_shrinkage: float = 0.0  # L2 on each output's weights minus the mean output's: shared base, small deltas
     decoupled_decay: bool = False  # AdamW instead of Adam's L2 term
@@ -76,10 +81,18 @@ class Recipe:
     delta_l2: float = 1e-4
     target: Target = "logged"  # noise_free and full_feedback read the simulator's truth: diagnostics only
     diagnostic: bool = False
+    average: Literal["none", "epochs", "ema"] = "none"  # keep an average of the weights instead of the last ones
+    average_from: int = 1  # "epochs": the uniform mean of the end-of-epoch weights from this epoch on
+    ema_decay: float = 0.998  # "ema": per-step exponential moving average of the weights
+    distill: int = 0  # > 0: fit this many epochs8 teachers (init seeds differ), learn their mean on every path
+    step_targets: float = 0.0  # > 0: also learn each reached step's completion on the logged path, this weight
 
 
 RECIPES: Final[dict[str, Recipe]] = {
-    "production": Recipe("the production recipe: 32 x 32, Adam, weight decay 5e-4, 8 epochs, last epoch"),
+    "production": Recipe(
+        "the production recipe: 32 x 32, Adam, weight decay 5e-4, 16 epochs, last epoch", hyper=PRODUCTION
+    ),
+    "epochs8": Recipe("the production recipe before this study's selection: 8 epochs"),
     "ipw": Recipe("rows weighted by 1 / (K x logging propensity)", weighting="ipw"),
     "sqrt_ipw": Recipe("rows weighted by the square root of the IPW weight", weighting="sqrt_ipw"),
     "base_delta": Recipe("shared base, per-path output weights shrunk to their mean (1e-3)", head_shrinkage=1e-3),
@@ -89,17 +102,41 @@ RECIPES: Final[dict[str, Recipe]] = {
         hyper=Hyper(epochs=8, hidden=(32, 32), weight_decay=0.1),
         decoupled_decay=True,
     ),
-    "epochs16": Recipe("16 epochs", hyper=Hyper(epochs=16, hidden=(32, 32), weight_decay=5e-4)),
     "structured": Recipe(
         "base(x) (32 x 32 MLP) + per-path deltas linear in the features and persona x size",
         hyper=Hyper(epochs=8, hidden=(32, 32), weight_decay=0.0),
         structured=True,
     ),
+    "swa": Recipe(
+        "16 epochs, the uniform mean of the weights at the end of epochs 9 to 16",
+        hyper=Hyper(epochs=16, hidden=(32, 32), weight_decay=5e-4),
+        average="epochs",
+        average_from=9,
+    ),
+    "ema": Recipe(
+        "16 epochs, a per-step moving average of the weights (decay 0.998)",
+        hyper=Hyper(epochs=16, hidden=(32, 32), weight_decay=5e-4),
+        average="ema",
+    ),
+    "distilled": Recipe(
+        "the 8-epoch network fitted to the mean of 5 8-epoch fits on every path (distillation)", distill=5
+    ),
+    "step_targets": Recipe(
+        "16 epochs; a second head learns each reached step's completion on the logged path (weight 1), dropped after",
+        hyper=PRODUCTION,
+        step_targets=1.0,
+    ),
     "noise_free": Recipe(
-        "diagnostic: the logged path's exact expected activation as the target", target="noise_free", diagnostic=True
+        "diagnostic: the logged path's exact expected activation as the target",
+        hyper=PRODUCTION,
+        target="noise_free",
+        diagnostic=True,
     ),
     "full_feedback": Recipe(
-        "diagnostic: a Bernoulli outcome on every path for every user", target="full_feedback", diagnostic=True
+        "diagnostic: a Bernoulli outcome on every path for every user",
+        hyper=PRODUCTION,
+        target="full_feedback",
+        diagnostic=True,
     ),
 }
 
@@ -192,9 +229,13 @@ def _row_weights(weighting: Weighting, propensities: FloatArray, paths: int) -> 
     return torch.from_numpy((w / w.mean()).astype(np.float32))
 
 
-def fit_recipe(data: Dataset, name: str, *, seed: int, propensities: FloatArray | None = None) -> Fitted:
-    """Fit recipe ``name`` on ``data``'s training rows (the production split under ``seed``)."""
+def fit_recipe(
+    data: Dataset, name: str, *, seed: int, propensities: FloatArray | None = None, init_seed: int | None = None
+) -> Fitted:
+    """Fit recipe ``name`` on ``data``'s training rows (the production split under ``seed``; the initial weights
+    and batch order under ``init_seed``, by default ``seed``)."""
     recipe = RECIPES[name]
+    init = seed if init_seed is None else init_seed
     hyper = recipe.hyper
     prop = logging_propensities(data) if propensities is None else propensities
     val_mask = _split_sessions(data.n, hyper.val_fraction, seed)
@@ -204,10 +245,11 @@ def fit_recipe(data: Dataset, name: str, *, seed: int, propensities: FloatArray 
     x = encoder.encode_columns(columns)
     paths = len(data.path_keys)
     if recipe.structured:
-        torch.manual_seed(seed)
+        torch.manual_seed(init)
         net: TabularNet | StructuredNet = StructuredNet(encoder.cardinalities, encoder.numeric_width, paths, hyper)
     else:
-        net, _ = _new_net(encoder, paths, hyper, seed)
+        steps = max(len(p.steps) for p in data.catalog.paths) if recipe.step_targets else 0
+        net, _ = _new_net(encoder, paths * (1 + steps), hyper, init)
     t_idx = torch.from_numpy(train_rows)
     xt, xv = x.rows(t_idx), x.rows(torch.from_numpy(val_rows))
     actions = torch.from_numpy(data.assigned[train_rows])
@@ -219,11 +261,21 @@ def fit_recipe(data: Dataset, name: str, *, seed: int, propensities: FloatArray 
     if recipe.target == "full_feedback":
         draws = np.random.default_rng(seed + 99).random((len(train_rows), paths)) < data.expected[train_rows]
         full = torch.from_numpy(draws.astype(np.float32))
+    if recipe.distill:
+        teachers = [
+            fit_recipe(data, "epochs8", seed=seed, propensities=prop, init_seed=init * 1_000 + k)
+            for k in range(recipe.distill)
+        ]
+        with torch.inference_mode():
+            soft = torch.stack([torch.sigmoid(t.network.logits(xt)) for t in teachers]).mean(0)
+        full = soft.detach().clone()
+    step_reached, step_done = _step_outcomes(data, train_rows) if recipe.step_targets else (None, None)
     weights = _row_weights(recipe.weighting, prop[train_rows], paths)
     optimiser_cls = torch.optim.AdamW if recipe.decoupled_decay else torch.optim.Adam
     optimiser = optimiser_cls(net.parameters(), lr=hyper.lr, weight_decay=hyper.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=hyper.epochs)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(init)
+    averaged = _averaged(net, recipe)
     val_a = data.assigned[val_rows]
     val_r = data.activated[val_rows].astype(np.float64)
     oracle = data.oracle[val_rows]
@@ -234,12 +286,19 @@ def fit_recipe(data: Dataset, name: str, *, seed: int, propensities: FloatArray 
         for start in range(0, len(order), hyper.batch_size):
             idx = order[start : start + hyper.batch_size]
             logits = net.logits(xt.rows(idx))
+            aux = logits[:, paths:]
+            logits = logits[:, :paths]
             if full is not None:
                 loss = nn.functional.binary_cross_entropy_with_logits(logits, full[idx])
             else:
                 picked = logits.gather(1, actions[idx][:, None])[:, 0]
                 per_row = nn.functional.binary_cross_entropy_with_logits(picked, yt[idx], reduction="none")
                 loss = (per_row * weights[idx]).mean()
+            if step_reached is not None and step_done is not None:
+                per_step = aux.view(len(idx), paths, -1)[torch.arange(len(idx)), actions[idx]]
+                mask = step_reached[idx]
+                step_loss = nn.functional.binary_cross_entropy_with_logits(per_step, step_done[idx], reduction="none")
+                loss = loss + recipe.step_targets * (step_loss * mask).sum() / mask.sum().clamp(min=1.0)
             if recipe.head_shrinkage > 0 and isinstance(net, TabularNet):
                 last = net.mlp[-1]
                 assert isinstance(last, nn.Linear)
@@ -250,10 +309,18 @@ def fit_recipe(data: Dataset, name: str, *, seed: int, propensities: FloatArray 
             optimiser.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             optimiser.step()
+            if averaged is not None and recipe.average == "ema":
+                averaged.update_parameters(net)
         scheduler.step()
-        net.eval()
+        if averaged is not None and recipe.average == "epochs" and epoch >= recipe.average_from:
+            averaged.update_parameters(net)
+        scored = net
+        if averaged is not None and (recipe.average == "ema" or epoch >= recipe.average_from):
+            assert isinstance(averaged.module, TabularNet | StructuredNet)
+            scored = averaged.module
+        scored.eval()
         with torch.inference_mode():
-            val_logits = net.logits(xv)
+            val_logits = scored.logits(xv)[:, :paths]
         q = np.asarray(torch.sigmoid(val_logits).numpy(), dtype=np.float64)
         picked_val = val_logits[torch.arange(len(val_rows)), torch.from_numpy(val_a)]
         figures = {
@@ -265,12 +332,48 @@ def fit_recipe(data: Dataset, name: str, *, seed: int, propensities: FloatArray 
         }
         key = figures["val_dr"] if recipe.select == "dr" else float(epoch)
         if best is None or key > best[0]:
-            state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            state = {k: v.detach().clone() for k, v in scored.state_dict().items()}
             best = (key, epoch, state, figures)
     assert best is not None
     net.load_state_dict(best[2])
+    if recipe.step_targets and isinstance(net, TabularNet):
+        net = _main_head(net, encoder, paths, hyper)
     net.eval()
     return Fitted(name, encoder, net, best[3], best[1])
+
+
+def _step_outcomes(data: Dataset, rows: IntArray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: which steps of its logged path it reached, and which of those it completed (``generate``'s
+    time line: a session completes steps in order and stops at the first one it fails)."""
+    if data.timeline is None:
+        raise ValueError("step targets need the time line that generate keeps")
+    steps = max(len(p.steps) for p in data.catalog.paths)
+    reached = np.zeros((len(rows), steps), dtype=np.float32)
+    done = np.zeros((len(rows), steps), dtype=np.float32)
+    for j, i in enumerate(rows.tolist()):
+        reached[j, : len(data.timeline.step_starts[i])] = 1.0
+        done[j, : len(data.timeline.completions[i])] = 1.0
+    return torch.from_numpy(reached), torch.from_numpy(done)
+
+
+def _main_head(net: TabularNet, encoder: Encoder, paths: int, hyper: Hyper) -> TabularNet:
+    """The registered form: the same network with only its first ``paths`` outputs (the step head dropped)."""
+    kept, _ = _new_net(encoder, paths, hyper, 0)
+    state = net.state_dict()
+    last = max(k for k in state if k.endswith(".weight") and k.startswith("mlp."))
+    bias = last.replace(".weight", ".bias")
+    state[last], state[bias] = state[last][:paths], state[bias][:paths]
+    kept.load_state_dict(state)
+    return kept
+
+
+def _averaged(net: TabularNet | StructuredNet, recipe: Recipe) -> AveragedModel | None:
+    if recipe.average == "none":
+        return None
+    if recipe.average == "ema":
+        ema = get_ema_multi_avg_fn(recipe.ema_decay)  # type: ignore[no-untyped-call]
+        return AveragedModel(net, multi_avg_fn=ema, use_buffers=True)
+    return AveragedModel(net, use_buffers=True)
 
 
 def recipe_study(
@@ -293,9 +396,10 @@ def recipe_study(
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     runs: dict[str, list[dict[str, float]]] = {r: [] for r in recipes}
+    timeline = any(RECIPES[r].step_targets for r in recipes)
     try:
         for s in train_seeds:
-            data = generate(sessions, seed=s, exploration=exploration)
+            data = generate(sessions, seed=s, exploration=exploration, keep_timeline=timeline)
             prop = logging_propensities(data)
             for name in recipes:
                 t0 = time.perf_counter()

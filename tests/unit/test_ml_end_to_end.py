@@ -50,7 +50,8 @@ def test_command_line_entry_points(tmp_path: Path, capsys: pytest.CaptureFixture
         train.main(["--registry", str(tmp_path), "--sessions", "1200", "--seed", "4", "--promote", "production"]) == 0
     )
     out = capsys.readouterr().out
-    assert "path_classifier epoch 8/8 loss" in out and "registered stuck_detector 1.0.0" in out
+    epochs = train.DEFAULT_HYPER["path_classifier"].epochs
+    assert f"path_classifier epoch {epochs}/{epochs} loss" in out and "registered stuck_detector 1.0.0" in out
     assert Registry(tmp_path).stages("nudge_response_predictor").production == "1.0.0"
     report = tmp_path / "report.md"
     assert (

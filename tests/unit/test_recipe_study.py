@@ -6,8 +6,10 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from firstmile_inference import ceiling, recipe_study
+from firstmile_inference.models.network import TabularNet
 from firstmile_inference.seed_study import SeedError
 from firstmile_inference.simulate import generate
 from firstmile_inference.train import train_path_classifier
@@ -105,3 +107,44 @@ def test_the_ceiling_command_refuses_an_unknown_recipe_or_two_studies(capsys: py
             ceiling.main(argv)
         assert exit_info.value.code == 2
     assert capsys.readouterr().out == ""
+
+
+def test_weight_averaging_keeps_the_registered_network_form_and_averages() -> None:
+    data = generate(1_500, seed=5)
+    last = recipe_study.fit_recipe(data, "production", seed=5)
+    averaged = recipe_study.fit_recipe(data, "swa", seed=5)
+    assert recipe_study.RECIPES["swa"].hyper == recipe_study.RECIPES["production"].hyper  # only the averaging differs
+    assert type(averaged.network) is type(last.network)
+    assert averaged.chosen_epoch == last.chosen_epoch == recipe_study.PRODUCTION.epochs
+    mine, theirs = averaged.network.state_dict(), last.network.state_dict()
+    assert mine.keys() == theirs.keys()
+    assert any(not torch.equal(mine[k], theirs[k]) for k in mine)  # the mean of epochs 9-16, not the last
+
+
+def test_distillation_fits_one_network_to_its_teachers_on_every_path() -> None:
+    data = generate(1_500, seed=6)
+    student = recipe_study.fit_recipe(data, "distilled", seed=6)
+    assert isinstance(student.network, TabularNet)
+    q = student.probabilities(data)
+    assert q.shape == (data.n, len(data.path_keys))
+    teachers = [recipe_study.fit_recipe(data, "epochs8", seed=6, init_seed=6_000 + k) for k in range(5)]
+    target = np.mean([t.probabilities(data) for t in teachers], axis=0)
+    independent = recipe_study.fit_recipe(data, "epochs8", seed=6).probabilities(data)  # not one of the teachers
+    # the student learnt the teachers' mean on every path: closer to it than a network fitted on its own
+    assert np.abs(q - target).mean() < 0.5 * np.abs(independent - target).mean()
+
+
+def test_step_targets_learn_from_the_logged_steps_and_register_only_the_activation_head() -> None:
+    data = generate(1_500, seed=7, keep_timeline=True)
+    fitted = recipe_study.fit_recipe(data, "step_targets", seed=7)
+    assert isinstance(fitted.network, TabularNet)
+    assert fitted.probabilities(data).shape == (data.n, len(data.path_keys))  # the step head is gone
+    rows = np.arange(data.n)
+    reached, done = recipe_study._step_outcomes(data, rows)
+    assert torch.all(done <= reached)  # a completed step was reached
+    # a session that activated completed every step up to its path's activation step
+    activation_step = np.array([data.catalog.paths[a].activation_index for a in data.assigned])
+    completed = done.sum(dim=1).numpy()
+    assert np.array_equal(completed > activation_step, data.activated)
+    with pytest.raises(ValueError, match="time line"):
+        recipe_study.fit_recipe(generate(300, seed=7), "step_targets", seed=7)
