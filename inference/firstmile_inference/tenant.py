@@ -180,6 +180,10 @@ def _path_counts(data: LoggedData, chosen: NDArray[np.int64]) -> dict[str, int]:
     return {data.paths[k]: int(c) for k, c in enumerate(np.bincount(chosen, minlength=len(data.paths)))}
 
 
+def _counted(data: LoggedData, chosen: NDArray[np.int64]) -> str:
+    return ", ".join(f"{path} {count}" for path, count in _path_counts(data, chosen).items() if count)
+
+
 def off_policy_report(
     data: LoggedData, rows: NDArray[np.int64], q: NDArray[np.float64], current: CurrentModel | None = None
 ) -> dict[str, Any]:
@@ -190,9 +194,11 @@ def off_policy_report(
     target = ope.policy_probabilities(q, eligible)
     a, r, p = data.actions[rows], data.rewards[rows], data.propensities[rows]
     if not np.any(target[np.arange(rows.size), a] > 0):
+        chosen = np.argmax(np.where(eligible, q, -np.inf), axis=1)
         raise NoOverlapError(
             f"the candidate chose none of the paths logged for its {rows.size} held-out decisions, so the off-policy "
-            "estimators have nothing to weigh: log more decisions (or more exploration) and train again"
+            "estimators have nothing to weigh: log more decisions (or more exploration) and train again (logged: "
+            f"{_counted(data, a)}; the candidate chose: {_counted(data, chosen)})"
         )
     estimates = ope.evaluate_policy(a, r, p, target, q, level=LEVEL)
     logged = _observed(r)

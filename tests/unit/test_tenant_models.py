@@ -114,7 +114,8 @@ def test_a_candidate_that_never_chose_a_logged_path_is_refused_with_the_gap() ->
         paths=("a", "b"),
     )
     q = np.tile([0.2, 0.8], (n, 1))  # the candidate always takes b
-    with pytest.raises(NoOverlapError, match="chose none of the paths logged for its 6 held-out decisions"):
+    with pytest.raises(NoOverlapError, match="chose none of the paths logged for its 6 held-out decisions") as refused:
         off_policy_report(data, np.arange(n, dtype=np.int64), q)
+    assert str(refused.value).endswith("(logged: a 6; the candidate chose: b 6)")  # what to look at next
     q[2] = [0.9, 0.1]  # one decision where it agrees: an estimate exists
     assert off_policy_report(data, np.arange(n, dtype=np.int64), q)["evaluation_decisions"] == n
