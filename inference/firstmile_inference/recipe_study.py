@@ -360,9 +360,9 @@ def _main_head(net: TabularNet, encoder: Encoder, paths: int, hyper: Hyper) -> T
     """The registered form: the same network with only its first ``paths`` outputs (the step head dropped)."""
     kept, _ = _new_net(encoder, paths, hyper, 0)
     state = net.state_dict()
-    last = max(k for k in state if k.endswith(".weight") and k.startswith("mlp."))
-    bias = last.replace(".weight", ".bias")
-    state[last], state[bias] = state[last][:paths], state[bias][:paths]
+    last = f"mlp.{len(net.mlp) - 1}"  # the output layer
+    for key in (f"{last}.weight", f"{last}.bias"):
+        state[key] = state[key][:paths]
     kept.load_state_dict(state)
     return kept
 
