@@ -106,17 +106,19 @@ def _heldout_study(
     train_sessions: int,
     sessions: int,
     progress: Callable[[str], None] | None,
+    keep_timeline: bool = False,
 ) -> dict[str, Any]:
     """The skeleton of every study here: refuse a held-out seed used for training, simulate the held-out sets once,
-    ``fit`` each training seed's data, score every held-out set; each metric as mean ± sd over the runs, with the
-    training-seed sd of the path accuracy, the runs themselves and the time taken."""
+    ``fit`` each training seed's data (with its time line when ``keep_timeline``), score every held-out set; each
+    metric as mean ± sd over the runs, with the training-seed sd of the path accuracy, the runs themselves and the
+    time taken."""
     check_heldout_seeds(heldout_seeds, train_seeds, min_train=1, min_heldout=1)
     say = progress or (lambda _line: None)
     started = time.perf_counter()
     heldouts = {h: generate(sessions, seed=h) for h in heldout_seeds}
     runs: list[dict[str, float]] = []
     for s in train_seeds:
-        score = fit(s, generate(train_sessions, seed=s))
+        score = fit(s, generate(train_sessions, seed=s, keep_timeline=keep_timeline))
         for h, held in heldouts.items():
             run: dict[str, float] = {"train_seed": s, "heldout_seed": h, **score(held)}
             runs.append(run)
@@ -218,7 +220,7 @@ def recipe_heldout_study(
 ) -> dict[str, Any]:
     """Held-out path accuracy of ``recipe`` (:data:`~firstmile_inference.recipe_study.RECIPES`) and of the
     production recipe fitted to the same data, per run and as mean ± sd (with the training-seed sd)."""
-    from firstmile_inference.recipe_study import fit_recipe, logging_propensities
+    from firstmile_inference.recipe_study import RECIPES, fit_recipe, logging_propensities
 
     say = progress or (lambda _line: None)
 
@@ -242,6 +244,7 @@ def recipe_heldout_study(
         found = _heldout_study(
             fit, ("path_accuracy", "production_path_accuracy"), train_seeds=train_seeds, heldout_seeds=heldout_seeds,
             train_sessions=train_sessions, sessions=sessions, progress=progress,
+            keep_timeline=RECIPES[recipe].needs_timeline,
         )  # fmt: skip
     finally:
         torch.set_num_threads(previous)

@@ -87,6 +87,11 @@ class Recipe:
     distill: int = 0  # > 0: fit this many epochs8 teachers (init seeds differ), learn their mean on every path
     step_targets: float = 0.0  # > 0: also learn each reached step's completion on the logged path, this weight
 
+    @property
+    def needs_timeline(self) -> bool:
+        """Whether its training set must keep the simulated time line (``generate(keep_timeline=True)``)."""
+        return self.step_targets > 0
+
 
 RECIPES: Final[dict[str, Recipe]] = {
     "production": Recipe(
@@ -396,7 +401,7 @@ def recipe_study(
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     runs: dict[str, list[dict[str, float]]] = {r: [] for r in recipes}
-    timeline = any(RECIPES[r].step_targets for r in recipes)
+    timeline = any(RECIPES[r].needs_timeline for r in recipes)
     try:
         for s in train_seeds:
             data = generate(sessions, seed=s, exploration=exploration, keep_timeline=timeline)

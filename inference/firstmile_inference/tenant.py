@@ -192,9 +192,9 @@ def off_policy_report(
     estimator and reward model ``q``): the candidate's DR lower bound must beat the larger of the two."""
     eligible = data.eligible[rows]
     target = ope.policy_probabilities(q, eligible)
+    chosen = np.argmax(np.where(eligible, q, -np.inf), axis=1)
     a, r, p = data.actions[rows], data.rewards[rows], data.propensities[rows]
     if not np.any(target[np.arange(rows.size), a] > 0):
-        chosen = np.argmax(np.where(eligible, q, -np.inf), axis=1)
         raise NoOverlapError(
             f"the candidate chose none of the paths logged for its {rows.size} held-out decisions, so the off-policy "
             "estimators have nothing to weigh: log more decisions (or more exploration) and train again (logged: "
@@ -203,7 +203,6 @@ def off_policy_report(
     estimates = ope.evaluate_policy(a, r, p, target, q, level=LEVEL)
     logged = _observed(r)
     dr = estimates["dr"]
-    chosen = np.argmax(np.where(eligible, q, -np.inf), axis=1)
     threshold, against, current_report = float(logged["value"]), "logging_policy", None
     if current is not None:
         scores = np.asarray(current.scores, dtype=np.float64)[rows]

@@ -182,10 +182,9 @@ def _wait_ready(proc: subprocess.Popen[bytes], base: str, log: Path, timeout: fl
                     return
         except urllib.error.HTTPError as exc:
             last = f"HTTP {exc.code}: {exc.read()[:500]!r}"
-            time.sleep(0.2)
         except OSError as exc:
             last = f"{type(exc).__name__}: {exc}"
-            time.sleep(0.2)
+        time.sleep(0.2)
     raise AssertionError(f"firstmile serve was not ready in {timeout:.0f} s (last: {last}):\n{log.read_text()[-4000:]}")
 
 

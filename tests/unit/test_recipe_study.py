@@ -89,11 +89,12 @@ def test_logging_propensities_are_the_simulated_logging_policy() -> None:
         assert estimate["snips"] == pytest.approx(float(data.expected[:, j].mean()), abs=0.04)
 
 
-def test_the_held_out_check_of_a_recipe_reports_it_beside_production() -> None:
+@pytest.mark.parametrize("recipe", ["structured", "step_targets"])  # step_targets: its training set keeps the time line
+def test_the_held_out_check_of_a_recipe_reports_it_beside_production(recipe: str) -> None:
     found = ceiling.recipe_heldout_study(
-        "structured", train_seeds=(3,), heldout_seeds=(1007,), train_sessions=1500, sessions=400
+        recipe, train_seeds=(3,), heldout_seeds=(1007,), train_sessions=1500, sessions=400
     )
-    assert found["recipe"] == "structured"
+    assert found["recipe"] == recipe
     assert set(found["path_accuracy"]) == SPREAD_KEYS
     assert set(found["production_path_accuracy"]) == SPREAD_KEYS
     assert [(r["train_seed"], r["heldout_seed"]) for r in found["runs"]] == [(3, 1007)]

@@ -8,7 +8,6 @@ const key = form.dataset.key;
 const api = `/admin/api/paths/${encodeURIComponent(key)}`;
 const status = document.querySelector('[data-testid="status"]');
 
-
 function value(text, op) {
   const raw = text.trim();
   if (op === "exists") return raw !== "false";
